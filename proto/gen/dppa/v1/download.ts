@@ -25,34 +25,45 @@ export const protobufPackage = "dppa.v1";
 
 export const protobufFileName = "dppa/v1/download.proto";
 
+/** Which job's merged checkpoint to list. */
 export interface ListFilesRequest {
+  /** Id of the job (Job.id); its checkpoint exists once the job is MERGED. */
   jobId: string;
 }
 
+/** One file of the merged checkpoint. */
 export interface MergedFile {
   /** Path relative to the checkpoint folder, e.g. "model-00001-of-00002.safetensors". */
   path: string;
+  /** Size of the file in bytes. */
   size: bigint;
   /** Lower-case hex SHA-256 of the whole file. */
   sha256: string;
 }
 
+/** The files that make up the merged checkpoint. */
 export interface ListFilesResponse {
+  /** Every file of the checkpoint; download each one to get the whole checkpoint. */
   files: MergedFile[];
 }
 
+/** Which file to download, and from which byte. */
 export interface DownloadRequest {
+  /** Id of the job (Job.id). */
   jobId: string;
   /** A path from ListFiles. */
   path: string;
-  /** Byte offset to start from (to resume). */
+  /** Byte offset to start from (to resume); 0 downloads the whole file. */
   offset: bigint;
 }
 
+/** A piece of a file; pieces arrive in order, from the requested offset to the end of the file. */
 export interface FileChunk {
+  /** The file the chunk belongs to, as in the request. */
   path: string;
   /** Byte offset of `data` in the file. */
   offset: bigint;
+  /** The file's bytes from `offset` on (length = number of bytes in this chunk). */
   data: Buffer;
   /** CRC-32C of `data`. */
   crc32c: number;
@@ -532,6 +543,10 @@ export const FileChunk: MessageFns<FileChunk> = {
   },
 };
 
+/**
+ * Serves the merged checkpoint of a MERGED job. Admin token, or a party token
+ * of the job when its `MergeOptions.parties_may_download` is true.
+ */
 export type DownloadServiceService = typeof DownloadServiceService;
 export const DownloadServiceService = {
   /** Files of the merged checkpoint with their sizes and digests. */

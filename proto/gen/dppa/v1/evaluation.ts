@@ -24,6 +24,7 @@ export const protobufFileName = "dppa/v1/evaluation.proto";
 
 /** What the party is asked to evaluate. */
 export enum CandidateKind {
+  /** CANDIDATE_KIND_UNSPECIFIED - Zero value; never sent by the server. */
   CANDIDATE_KIND_UNSPECIFIED = 0,
   /** CANDIDATE_KIND_DENSE_FINETUNED - The party's dense fine-tuned model (the reference of the Domain-Ratio), once per search. */
   CANDIDATE_KIND_DENSE_FINETUNED = 1,
@@ -64,9 +65,11 @@ export function candidateKindToJSON(object: CandidateKind): string {
   }
 }
 
+/** A candidate model for the party to build and score (server → party). */
 export interface EvaluationRequest {
   /** Echoed in the answer. */
   requestId: string;
+  /** Dense reference or amplified candidate; says which fields below apply. */
   kind: CandidateKind;
   /** One factor per partition, partition 1 first (AMPLIFIED only). */
   factors: number[];
@@ -74,11 +77,15 @@ export interface EvaluationRequest {
   outsideFactor: number;
 }
 
+/** First message from the party: which job and party the stream is for. */
 export interface EvaluationHello {
+  /** Id of the job (Job.id) whose factor search this is. */
   jobId: string;
+  /** The caller's party name; must be the party the token was issued for. */
   party: string;
 }
 
+/** The party's answer to one EvaluationRequest. */
 export interface EvaluationResult {
   /** The request answered. */
   requestId: string;
@@ -93,8 +100,13 @@ export interface EvaluationResult_ScoresEntry {
   value: number;
 }
 
+/** One message from the party on the Evaluate stream (party → server). */
 export interface EvaluationReply {
-  hello?: EvaluationHello | undefined;
+  /** Must come first, exactly once. */
+  hello?:
+    | EvaluationHello
+    | undefined;
+  /** One per EvaluationRequest received, after the hello. */
   result?: EvaluationResult | undefined;
 }
 
@@ -635,6 +647,10 @@ export const EvaluationReply: MessageFns<EvaluationReply> = {
   },
 };
 
+/**
+ * Lets the server have a party score candidate factors on its own data, for
+ * the DPA search of jobs whose evaluator is REMOTE (party token).
+ */
 export type EvaluationServiceService = typeof EvaluationServiceService;
 export const EvaluationServiceService = {
   /**

@@ -27,6 +27,7 @@ export const protobufFileName = "dppa/v1/jobs.proto";
 
 /** Life cycle: COLLECTING → (DPA) → MERGING → MERGED, or FAILED from any state. */
 export enum JobState {
+  /** JOB_STATE_UNSPECIFIED - Zero value; no job is ever in this state. */
   JOB_STATE_UNSPECIFIED = 0,
   /** JOB_STATE_COLLECTING - Waiting for every party's upload. */
   JOB_STATE_COLLECTING = 1,
@@ -90,6 +91,7 @@ export function jobStateToJSON(object: JobState): string {
 
 /** How DPA progresses through the partitions. */
 export enum SearchMethod {
+  /** SEARCH_METHOD_UNSPECIFIED - Not set: use the default, PROGRESSIVE. */
   SEARCH_METHOD_UNSPECIFIED = 0,
   /** SEARCH_METHOD_PROGRESSIVE - Method 1: partition 1 alone first, then add partitions one by one. */
   SEARCH_METHOD_PROGRESSIVE = 1,
@@ -132,6 +134,7 @@ export function searchMethodToJSON(object: SearchMethod): string {
 
 /** How one factor is tuned. */
 export enum Tuner {
+  /** TUNER_UNSPECIFIED - Not set: use the default, GREEDY. */
   TUNER_UNSPECIFIED = 0,
   /** TUNER_GREEDY - Climb from `start` in steps of `step` while the score improves (the default). */
   TUNER_GREEDY = 1,
@@ -174,6 +177,7 @@ export function tunerToJSON(object: Tuner): string {
 
 /** Where a party's candidates are scored. */
 export enum EvaluatorKind {
+  /** EVALUATOR_KIND_UNSPECIFIED - Not set: use the default, REMOTE. */
   EVALUATOR_KIND_UNSPECIFIED = 0,
   /** EVALUATOR_KIND_REMOTE - On the party's machine, over EvaluationService (federated; the default). */
   EVALUATOR_KIND_REMOTE = 1,
@@ -227,7 +231,9 @@ export interface FixedFactors_PerPartyEntry {
   value: FactorList | undefined;
 }
 
+/** The factors of one party. */
 export interface FactorList {
+  /** One factor per partition, partition 1 first. */
   factors: number[];
 }
 
@@ -259,6 +265,7 @@ export interface OnnxEvaluator_PartyFinetunedEntry {
   value: string;
 }
 
+/** Validation data of one party, one file per task. */
 export interface TaskFiles {
   /** Task name → JSONL path. */
   tasks: { [key: string]: string };
@@ -325,6 +332,7 @@ export interface DpaConfig {
   scaleOutsideByMax: boolean;
 }
 
+/** How the parties' deltas are combined: W = W_base + Σ_i c_i Σ_p f_ip Δ_ip. */
 export interface MergeOptions {
   /** Per-party weight c_i (default 1 for every party). */
   weights: { [key: string]: number };
@@ -339,6 +347,7 @@ export interface MergeOptions_WeightsEntry {
   value: number;
 }
 
+/** Settings of a new job (admin token). */
 export interface CreateJobRequest {
   /** Folder of the base checkpoint on the server's disk. */
   basePath: string;
@@ -348,7 +357,11 @@ export interface CreateJobRequest {
   rate: number;
   /** Pruning method every party must use: "dp" (default), "magnitude", "owl", "dare". */
   method: string;
-  dpa: DpaConfig | undefined;
+  /** Amplification: how the per-partition factors are obtained. */
+  dpa:
+    | DpaConfig
+    | undefined;
+  /** Merge settings; unset takes every default (weights 1, no sign election, no party download). */
   merge:
     | MergeOptions
     | undefined;
@@ -356,11 +369,16 @@ export interface CreateJobRequest {
   label: string;
 }
 
+/** The new job and its party tokens. */
 export interface CreateJobResponse {
+  /** The new job, in state COLLECTING. */
   job:
     | Job
     | undefined;
-  /** Party name → bearer token. */
+  /**
+   * Party name → bearer token, for that party's `authorization: Bearer <token>` metadata.
+   * Returned only here: store them and hand each to its party.
+   */
   tokens: { [key: string]: string };
 }
 
@@ -369,39 +387,54 @@ export interface CreateJobResponse_TokensEntry {
   value: string;
 }
 
+/** Which job to return. */
 export interface GetJobRequest {
+  /** Id of the job (Job.id). */
   jobId: string;
 }
 
+/** No parameters: every job is listed. */
 export interface ListJobsRequest {
 }
 
+/** Every job on the server. */
 export interface ListJobsResponse {
+  /** Every job, newest first. */
   jobs: Job[];
 }
 
+/** Which job to watch, and from which event. */
 export interface WatchJobRequest {
+  /** Id of the job (Job.id). */
   jobId: string;
   /** Only events with a larger sequence number (0: from the start). */
   afterSeq: bigint;
 }
 
+/** Which job to cancel, and why. */
 export interface CancelJobRequest {
+  /** Id of the job (Job.id); it must not be MERGED yet. */
   jobId: string;
+  /** Why the job is cancelled; becomes the job's `failure_reason`. */
   reason: string;
 }
 
 /** One scored candidate of a DPA search. */
 export interface Evaluation {
+  /** The party whose search this is. */
   party: string;
   /** Sequence number within the party's search, from 1. */
   seq: number;
-  /** DENSE_FINETUNED reference or AMPLIFIED candidate. */
+  /** True for the DENSE_FINETUNED reference, false for an AMPLIFIED candidate. */
   denseReference: boolean;
+  /** Factors of the candidate, partition 1 first; empty for the dense reference. */
   factors: number[];
   /** Score per task. */
   scores: { [key: string]: number };
-  /** Geometric mean over tasks of score / dense score, as a fraction (1.0 = 100%). */
+  /**
+   * Geometric mean over tasks of score / dense score, as a fraction (1.0 = 100%;
+   * 1.0 for the dense reference itself).
+   */
   domainRatio: number;
 }
 
@@ -410,12 +443,17 @@ export interface Evaluation_ScoresEntry {
   value: number;
 }
 
+/** Progress of one party of a job. */
 export interface PartyStatus {
+  /** Party name, as given at job creation. */
   name: string;
-  /** Tensors received completely / expected. */
+  /** Tensors received completely. */
   tensorsReceived: number;
+  /** Tensors the party must send; 0 until its delta header has arrived. */
   tensorsExpected: number;
+  /** Bytes of chunk payload received from the party. */
   bytesReceived: bigint;
+  /** True once every expected tensor has been received. */
   uploadComplete: boolean;
   /** Factors in force for the merge, once known (partition 1 first). */
   factors: number[];
@@ -423,85 +461,156 @@ export interface PartyStatus {
   factorsFinal: boolean;
 }
 
+/** A merge job: its settings as created and its progress so far. */
 export interface Job {
+  /** Server-assigned id, passed as `job_id` in every other request. */
   id: string;
+  /** Human-readable label from CreateJobRequest; empty if none was given. */
   label: string;
+  /** Where the job is in its life cycle. */
   state: JobState;
+  /** Folder of the base checkpoint on the server's disk. */
   basePath: string;
+  /**
+   * Fingerprint of the base checkpoint; each party's delta must carry the same
+   * one in `DeltaHeader.base_fingerprint`.
+   */
   baseFingerprint: string;
+  /** Target pruning rate every party must use, in [0, 1). */
   rate: number;
+  /** Pruning method every party must use (see CreateJobRequest.method). */
   method: string;
-  dpa: DpaConfig | undefined;
-  merge: MergeOptions | undefined;
+  /** Amplification settings, as given at creation. */
+  dpa:
+    | DpaConfig
+    | undefined;
+  /** Merge settings, as given at creation. */
+  merge:
+    | MergeOptions
+    | undefined;
+  /** One status per party of the job. */
   parties: PartyStatus[];
   /** Every evaluation of every party's search, in order. */
   evaluations: Evaluation[];
   /** Set when FAILED. */
   failureReason: string;
-  /** RFC 3339 times. */
+  /** RFC 3339 time the job was created. */
   createdAt: string;
+  /** RFC 3339 time of the job's last change. */
   updatedAt: string;
 }
 
+/** A party connected to the job for the first time. */
 export interface PartyJoined {
+  /** Party name. */
   party: string;
 }
 
+/** A party's upload advanced; the same counts as in its PartyStatus. */
 export interface UploadProgress {
+  /** Party name. */
   party: string;
+  /** Tensors received completely so far. */
   tensorsReceived: number;
+  /** Tensors the party must send; 0 until its delta header has arrived. */
   tensorsExpected: number;
+  /** Bytes of chunk payload received from the party so far. */
   bytesReceived: bigint;
 }
 
+/** A party's upload is complete: every expected tensor has been received. */
 export interface UploadComplete {
+  /** Party name. */
   party: string;
 }
 
+/** The job moved from one state to another. */
 export interface StateChanged {
+  /** State before the change. */
   from: JobState;
+  /** State after the change (the job's state from now on). */
   to: JobState;
 }
 
+/** A candidate of a DPA search was scored. */
 export interface EvaluationDone {
+  /** The scored candidate, as appended to `Job.evaluations`. */
   evaluation: Evaluation | undefined;
 }
 
+/** A party's factor search finished; these factors will be used in the merge. */
 export interface FactorsChosen {
+  /** Party name. */
   party: string;
+  /** The chosen factors, one per partition, partition 1 first. */
   factors: number[];
+  /** Domain-Ratio of the chosen factors, as a fraction (1.0 = the dense fine-tuned model). */
   domainRatio: number;
 }
 
+/** The merge advanced. */
 export interface MergeProgress {
+  /** Tensors of the merged checkpoint written so far. */
   tensorsDone: number;
+  /** Tensors of the merged checkpoint in all. */
   tensorsTotal: number;
 }
 
+/** The merged checkpoint is written and ready for download. */
 export interface Merged {
-  /** Files of the merged checkpoint. */
+  /** Files of the merged checkpoint (paths as in DownloadService.ListFiles). */
   files: string[];
+  /** Time spent merging, in seconds. */
   seconds: number;
 }
 
+/** The job failed (or was cancelled); no further events follow. */
 export interface Failed {
+  /** Why; the same text as `Job.failure_reason`. */
   reason: string;
 }
 
+/** One event of a job, as streamed by WatchJob. */
 export interface JobEvent {
+  /** Id of the job the event belongs to. */
   jobId: string;
   /** Increasing from 1 within a job. */
   seq: bigint;
   /** RFC 3339 time. */
   time: string;
-  partyJoined?: PartyJoined | undefined;
-  uploadProgress?: UploadProgress | undefined;
-  uploadComplete?: UploadComplete | undefined;
-  stateChanged?: StateChanged | undefined;
-  evaluationDone?: EvaluationDone | undefined;
-  factorsChosen?: FactorsChosen | undefined;
-  mergeProgress?: MergeProgress | undefined;
-  merged?: Merged | undefined;
+  /** A party connected for the first time. */
+  partyJoined?:
+    | PartyJoined
+    | undefined;
+  /** A party's upload advanced. */
+  uploadProgress?:
+    | UploadProgress
+    | undefined;
+  /** A party's upload is complete. */
+  uploadComplete?:
+    | UploadComplete
+    | undefined;
+  /** The job changed state. */
+  stateChanged?:
+    | StateChanged
+    | undefined;
+  /** A search candidate was scored. */
+  evaluationDone?:
+    | EvaluationDone
+    | undefined;
+  /** A party's factors are final. */
+  factorsChosen?:
+    | FactorsChosen
+    | undefined;
+  /** The merge advanced. */
+  mergeProgress?:
+    | MergeProgress
+    | undefined;
+  /** The merged checkpoint is ready. */
+  merged?:
+    | Merged
+    | undefined;
+  /** The job failed. */
   failed?: Failed | undefined;
 }
 
@@ -4844,6 +4953,10 @@ export const JobEvent: MessageFns<JobEvent> = {
   },
 };
 
+/**
+ * Creates, inspects, watches and cancels merge jobs (see the file comment for
+ * which token each RPC needs).
+ */
 export type JobServiceService = typeof JobServiceService;
 export const JobServiceService = {
   /** Creates a job and returns one token per party (shown once, never again). */
@@ -4877,7 +4990,7 @@ export const JobServiceService = {
     responseDeserialize: (value: Buffer): ListJobsResponse => ListJobsResponse.decode(value),
   },
   /**
-   * Events of a job from `after_seq` on: past events first, then live ones,
+   * Events of a job after `after_seq`: past events first, then live ones,
    * until the job ends (merged or failed) or the caller cancels.
    */
   watchJob: {
@@ -4909,7 +5022,7 @@ export interface JobServiceServer extends UntypedServiceImplementation {
   /** Every job, newest first. */
   listJobs: handleUnaryCall<ListJobsRequest, ListJobsResponse>;
   /**
-   * Events of a job from `after_seq` on: past events first, then live ones,
+   * Events of a job after `after_seq`: past events first, then live ones,
    * until the job ends (merged or failed) or the caller cancels.
    */
   watchJob: handleServerStreamingCall<WatchJobRequest, JobEvent>;
@@ -4964,7 +5077,7 @@ export interface JobServiceClient extends Client {
     callback: (error: ServiceError | null, response: ListJobsResponse) => void,
   ): ClientUnaryCall;
   /**
-   * Events of a job from `after_seq` on: past events first, then live ones,
+   * Events of a job after `after_seq`: past events first, then live ones,
    * until the job ends (merged or failed) or the caller cancels.
    */
   watchJob(request: WatchJobRequest, options?: Partial<CallOptions>): ClientReadableStream<JobEvent>;

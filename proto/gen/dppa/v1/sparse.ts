@@ -13,6 +13,7 @@ export const protobufFileName = "dppa/v1/sparse.proto";
 
 /** Precision in which kept delta values are carried. */
 export enum ValueDtype {
+  /** VALUE_DTYPE_UNSPECIFIED - Not set: use the default, BF16. */
   VALUE_DTYPE_UNSPECIFIED = 0,
   /** VALUE_DTYPE_BF16 - bfloat16, round-to-nearest-even from fp32 (the default). */
   VALUE_DTYPE_BF16 = 1,
@@ -62,6 +63,7 @@ export function valueDtypeToJSON(object: ValueDtype): string {
 
 /** How the flat positions of a chunk's entries are coded. */
 export enum PositionCoding {
+  /** POSITION_CODING_UNSPECIFIED - Not set; not a valid coding: every chunk says GOLOMB or RANGE. */
   POSITION_CODING_UNSPECIFIED = 0,
   /** POSITION_CODING_GOLOMB - Gaps between successive positions, Golomb-coded with parameter `golomb_m`. */
   POSITION_CODING_GOLOMB = 1,
@@ -104,6 +106,7 @@ export function positionCodingToJSON(object: PositionCoding): string {
 
 /** What kind of tensor a planned tensor is. */
 export enum TensorKind {
+  /** TENSOR_KIND_UNSPECIFIED - Not set; not a valid kind: every planned tensor is LINEAR or OUTSIDE. */
   TENSOR_KIND_UNSPECIFIED = 0,
   /** TENSOR_KIND_LINEAR - A 2-D `*.weight` tensor inside a model layer: pruned with a per-layer rate and partitioned. */
   TENSOR_KIND_LINEAR = 1,
@@ -244,9 +247,19 @@ export interface TensorEnd {
 
 /** One record of a delta stream: a header, then per tensor a begin, its chunks and an end. */
 export interface DeltaRecord {
-  header?: DeltaHeader | undefined;
-  tensorBegin?: TensorBegin | undefined;
-  chunk?: SparseChunk | undefined;
+  /** First record of the delta, exactly once. */
+  header?:
+    | DeltaHeader
+    | undefined;
+  /** Opens a tensor; its chunks and its end follow. */
+  tensorBegin?:
+    | TensorBegin
+    | undefined;
+  /** Kept entries of the tensor opened last. */
+  chunk?:
+    | SparseChunk
+    | undefined;
+  /** Closes the tensor opened last. */
   tensorEnd?: TensorEnd | undefined;
 }
 

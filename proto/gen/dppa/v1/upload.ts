@@ -26,6 +26,7 @@ export const protobufPackage = "dppa.v1";
 
 export const protobufFileName = "dppa/v1/upload.proto";
 
+/** Which upload to describe. */
 export interface GetUploadStateRequest {
   /** Job the upload belongs to. */
   jobId: string;
@@ -35,7 +36,9 @@ export interface GetUploadStateRequest {
 
 /** The server's view of one party's upload. */
 export interface UploadState {
+  /** Job the upload belongs to. */
   jobId: string;
+  /** Party the upload comes from. */
   party: string;
   /** Names of tensors received completely, in the order they arrived. */
   tensorsReceived: string[];
@@ -51,10 +54,13 @@ export interface UploadState {
 
 /** First message of an upload stream. */
 export interface UploadOpen {
+  /** Job the upload belongs to (Job.id). */
   jobId: string;
+  /** Party name, as given when the job was created; must be the party the token was issued for. */
   party: string;
 }
 
+/** One message of an upload stream. */
 export interface UploadRequest {
   /** Must come first, exactly once. */
   open?:
@@ -529,6 +535,7 @@ export const UploadRequest: MessageFns<UploadRequest> = {
   },
 };
 
+/** Receives a party's pruned delta, resumable tensor by tensor (party token). */
 export type UploadServiceService = typeof UploadServiceService;
 export const UploadServiceService = {
   /**

@@ -1,0 +1,21 @@
+/** The shape of one `dppa` sub-command. */
+export interface Command {
+  /** As typed: `prune`, `job create`. */
+  name: string;
+  /** One line for `dppa --help`. */
+  summary: string;
+  /** The full `--help` text. */
+  help: string;
+  /** Runs the command; resolves to the exit code. Throws for failures (turned into codes in one place). */
+  run(argv: string[]): Promise<number>;
+}
+
+/** Writes one line to stdout. */
+export function out(line: string): void {
+  process.stdout.write(`${line}\n`);
+}
+
+/** Writes one line to stderr. */
+export function note(line: string): void {
+  process.stderr.write(`${line}\n`);
+}

@@ -1,0 +1,55 @@
+import { writeFile } from 'node:fs/promises';
+import { parse } from '../args.js';
+import { out, type Command } from '../command.js';
+import { EXIT, UsageError } from '../exit-codes.js';
+import { formatBytes } from '../progress.js';
+import { inspectDelta } from '../../inspect.js';
+import { ratePlotSvg } from '../../rate-plot.js';
+
+const help = `Usage: dppa inspect FILE.dppa [--json] [--plot FILE.svg]
+
+Reads a pruned delta, checking every chunk, and shows its header, the pruning
+rate of every tensor, the entries kept per partition and the sizes.
+
+  --json         print the summary as JSON
+  --plot FILE    write an SVG chart of the pruning rate of each linear layer by model layer
+  -h, --help     this text
+
+Exit codes: 0 ok, 2 bad command line, 3 malformed or damaged file.
+`;
+
+export const inspectCommand: Command = {
+  name: 'inspect',
+  summary: 'show what a .dppa file holds (rates, kept counts, sizes); plot the rates',
+  help,
+  async run(argv) {
+    const { values: v, positionals } = parse(argv, { json: { type: 'boolean' }, plot: { type: 'string' }, help: { type: 'boolean', short: 'h' } }, true);
+    if (v.help === true) {
+      out(help);
+      return EXIT.ok;
+    }
+    if (positionals.length !== 1) throw new UsageError(`expected one .dppa file, got ${positionals.length}`);
+    const summary = await inspectDelta(positionals[0]!);
+    if (v.plot !== undefined) await writeFile(v.plot, ratePlotSvg(summary));
+    if (v.json === true) {
+      out(JSON.stringify(summary));
+      return EXIT.ok;
+    }
+    const sent = summary.tensors.filter((t) => t.sent);
+    const kept = sent.reduce((a, t) => a + t.keptPerPartition.reduce((x, y) => x + y, 0), 0);
+    const numel = summary.tensors.reduce((a, t) => a + t.numel, 0);
+    out(`file         ${summary.file} (${formatBytes(summary.fileBytes)})`);
+    out(`base         ${summary.baseFingerprint}`);
+    out(`method       ${summary.method}, target rate ${summary.rate}, levels ${summary.levels.join(', ')}`);
+    out(`options      ${Object.entries(summary.options).map(([k, x]) => `${k}=${x}`).join(' ')}`);
+    out(`values       ${summary.valueDtype}; kept ${kept} of ${numel} entries (${((100 * kept) / Math.max(1, numel)).toFixed(2)}%), ${(summary.fileBytes / Math.max(1, kept)).toFixed(2)} bytes per kept entry`);
+    out('');
+    out(`${'tensor'.padEnd(48)} ${'layer'.padStart(5)} ${'rate'.padStart(7)} ${'kept per partition'.padEnd(28)} ${'size'.padStart(9)}`);
+    for (const t of summary.tensors) {
+      const parts = t.sent ? t.keptPerPartition.map((k, p) => `${p}:${k}`).filter((_, p) => p > 0 || t.kind === 'outside').join(' ') : 'not sent';
+      out(`${t.name.padEnd(48)} ${String(t.layer).padStart(5)} ${t.levelRates.at(-1)!.toFixed(4).padStart(7)} ${parts.padEnd(28)} ${formatBytes(t.bytes).padStart(9)}`);
+    }
+    if (v.plot !== undefined) out(`\nwrote ${v.plot}`);
+    return EXIT.ok;
+  },
+};

@@ -1,0 +1,59 @@
+/**
+ * `dppa`: the client's command line. `dppa serve` is the server's and is
+ * dispatched by bin/dppa.js before this module loads.
+ */
+import { realpathSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { applyCommand } from './commands/apply.js';
+import { inspectCommand } from './commands/inspect.js';
+import { pruneCommand } from './commands/prune.js';
+import type { Command } from './command.js';
+import { describeFailure, EXIT } from './exit-codes.js';
+
+const commands: Command[] = [pruneCommand, applyCommand, inspectCommand];
+
+function usage(): string {
+  const width = Math.max(...commands.map((c) => c.name.length)) + 2;
+  return [
+    'Usage: dppa <command> [options]',
+    '',
+    'Federated merging of fine-tuned LLMs with DPPA (Dynamic Pruning Partition Amplification).',
+    '',
+    'Commands:',
+    ...commands.map((c) => `  ${c.name.padEnd(width)}${c.summary}`),
+    `  ${'serve'.padEnd(width)}run the aggregation server (dppa serve --help)`,
+    '',
+    'Run `dppa <command> --help` for the options of a command.',
+    'Exit codes: 0 ok, 1 unexpected failure, 2 bad command line, 3 bad input data, 4 server error, 130 interrupted.',
+  ].join('\n');
+}
+
+/** Runs the command line `argv` (without node and script) and resolves to the exit code. */
+export async function main(argv: string[]): Promise<number> {
+  const [first] = argv;
+  if (first === undefined || first === '-h' || first === '--help' || first === 'help') {
+    process.stdout.write(`${usage()}\n`);
+    return first === undefined ? EXIT.usage : EXIT.ok;
+  }
+  // Longest match first, so that two-word commands ("job create") win over one-word ones.
+  const command = commands
+    .filter((c) => argv.slice(0, c.name.split(' ').length).join(' ') === c.name)
+    .sort((a, b) => b.name.length - a.name.length)[0];
+  if (command === undefined) {
+    process.stderr.write(`dppa: unknown command ${JSON.stringify(first)}\n\n${usage()}\n`);
+    return EXIT.usage;
+  }
+  try {
+    return await command.run(argv.slice(command.name.split(' ').length));
+  } catch (err) {
+    const { code, message } = describeFailure(err);
+    process.stderr.write(`dppa ${command.name}: ${message}\n`);
+    if (code === EXIT.usage) process.stderr.write(`(see dppa ${command.name} --help)\n`);
+    return code;
+  }
+}
+
+// Run directly (`node --import tsx client/cli/main.ts …`, as the tests do).
+if (process.argv[1] !== undefined && realpathSync(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  process.exitCode = await main(process.argv.slice(2));
+}

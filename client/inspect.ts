@@ -1,0 +1,98 @@
+/** Summary of a `.dppa` file: its header, and per tensor its rates, kept counts and size. */
+import { stat } from 'node:fs/promises';
+import { FormatError } from '../proto/errors.js';
+import { TensorKind, ValueDtype } from '../proto/gen/dppa/v1/sparse.js';
+import { readDeltaFile, TensorAssembler } from '../proto/sparse/index.js';
+
+/** One tensor of a delta as {@link inspectDelta} reports it. */
+export interface TensorSummary {
+  name: string;
+  kind: 'linear' | 'outside';
+  /** Model layer, -1 when none. */
+  layer: number;
+  shape: number[];
+  numel: number;
+  /** Pruning rate at each level; the last is the target's. */
+  levelRates: number[];
+  /** False when the tensor was not sent (outside policy `skip`). */
+  sent: boolean;
+  /** Kept entries per partition, index 0 for partition 0 (outside tensors). */
+  keptPerPartition: number[];
+  /** Bytes of chunk payload (positions and values). */
+  bytes: number;
+}
+
+/** What a `.dppa` file holds. */
+export interface DeltaSummary {
+  file: string;
+  fileBytes: number;
+  baseFingerprint: string;
+  method: string;
+  rate: number;
+  levels: number[];
+  options: Record<string, string>;
+  valueDtype: string;
+  producer: string;
+  tensors: TensorSummary[];
+}
+
+const DTYPE_NAMES: Record<number, string> = {
+  [ValueDtype.VALUE_DTYPE_BF16]: 'bf16',
+  [ValueDtype.VALUE_DTYPE_F16]: 'f16',
+  [ValueDtype.VALUE_DTYPE_F32]: 'f32',
+};
+
+/**
+ * Reads a whole `.dppa` file, checking every chunk, and summarises it.
+ * @throws FormatError / ChecksumError / TruncatedError naming the file and tensor.
+ */
+export async function inspectDelta(file: string, opts: { signal?: AbortSignal } = {}): Promise<DeltaSummary> {
+  const records = readDeltaFile(file, opts);
+  const first = await records.next();
+  const header = first.done === true ? undefined : first.value.header;
+  if (header === undefined) throw new FormatError('the first record is not a header', { file });
+  const tensors = new Map<string, TensorSummary>(
+    header.tensors.map((t) => [
+      t.name,
+      {
+        name: t.name,
+        kind: t.kind === TensorKind.TENSOR_KIND_LINEAR ? 'linear' : 'outside',
+        layer: t.layer,
+        shape: t.shape.map(Number),
+        numel: t.shape.reduce((a, d) => a * Number(d), 1),
+        levelRates: t.levelRates,
+        sent: t.sent,
+        keptPerPartition: [],
+        bytes: 0,
+      },
+    ]),
+  );
+  let assembler: TensorAssembler | undefined;
+  let current: TensorSummary | undefined;
+  for await (const record of records) {
+    if (record.tensorBegin !== undefined) {
+      current = tensors.get(record.tensorBegin.name);
+      if (current === undefined) throw new FormatError('tensor is not in the header', { file, tensor: record.tensorBegin.name });
+      assembler = new TensorAssembler({ file, collect: false });
+    }
+    if (assembler === undefined || current === undefined) throw new FormatError('a record comes before any tensor begins', { file });
+    assembler.push(record);
+    if (record.chunk !== undefined) current.bytes += record.chunk.positions.length + record.chunk.values.length;
+    if (assembler.complete) {
+      current.keptPerPartition = assembler.result().keptPerPartition;
+      assembler = undefined;
+    }
+  }
+  return {
+    file,
+    fileBytes: (await stat(file)).size,
+    baseFingerprint: header.baseFingerprint,
+    method: header.method,
+    rate: header.rate,
+    levels: header.levels,
+    options: header.options,
+    valueDtype: DTYPE_NAMES[header.valueDtype] ?? `unknown (${header.valueDtype})`,
+    producer: header.producer,
+    tensors: [...tensors.values()],
+  };
+}

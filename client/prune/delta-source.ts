@@ -1,0 +1,112 @@
+/**
+ * The delta `Δ = F − B` of a fine-tuned checkpoint against its base, one
+ * tensor at a time, in fp32 whatever the storage dtype (spec "Terms").
+ */
+import { Checkpoint, type TensorInfo } from '../../proto/safetensors/index.js';
+
+/** What to do when the fine-tuned model has more rows than the base (a resized vocabulary). */
+export type VocabMismatch = 'error' | 'truncate';
+
+/** Base and fine-tuned checkpoints do not match; lists every difference. */
+export class CheckpointMismatchError extends Error {
+  override name = 'CheckpointMismatchError';
+  readonly problems: readonly string[];
+  constructor(base: string, finetuned: string, problems: readonly string[]) {
+    const shown = problems.slice(0, 20).map((p) => `  - ${p}`);
+    if (problems.length > 20) shown.push(`  … and ${problems.length - 20} more`);
+    super(`${finetuned} does not match its base ${base}:\n${shown.join('\n')}`);
+    this.problems = problems;
+  }
+}
+
+/** One tensor of the delta: its base description and how many leading elements of the fine-tuned tensor to read. */
+export interface DeltaTensor {
+  info: TensorInfo;
+  /** Set when the fine-tuned tensor has extra rows that `truncate` drops. */
+  truncatedFrom?: readonly number[];
+}
+
+/**
+ * Pairs a base and a fine-tuned checkpoint tensor by tensor.
+ * Open with {@link DeltaSource.open}; close when done.
+ */
+export class DeltaSource {
+  private constructor(
+    readonly base: Checkpoint,
+    readonly finetuned: Checkpoint,
+    /** Tensors in the base's layout order. */
+    readonly tensors: readonly DeltaTensor[],
+  ) {}
+
+  /**
+   * Opens both checkpoints and checks that they hold the same tensors with the same shapes.
+   * With `vocabMismatch: 'truncate'`, a fine-tuned tensor with more rows than the base
+   * (same other dimensions) is compared on the base's rows only.
+   * @throws CheckpointMismatchError listing missing and extra tensors and shape differences.
+   * @throws FormatError / UnsupportedDtypeError from reading either checkpoint.
+   */
+  static async open(basePath: string, finetunedPath: string, opts: { vocabMismatch?: VocabMismatch } = {}): Promise<DeltaSource> {
+    const base = await Checkpoint.open(basePath);
+    let finetuned: Checkpoint | undefined;
+    try {
+      finetuned = await Checkpoint.open(finetunedPath);
+      const tensors = pairTensors(base, finetuned, opts.vocabMismatch ?? 'error', basePath, finetunedPath);
+      return new DeltaSource(base, finetuned, tensors);
+    } catch (err) {
+      await finetuned?.close();
+      await base.close();
+      throw err;
+    }
+  }
+
+  /** Reads `F − B` of one tensor as fp32 (exact: both inputs are widened first). */
+  async readDelta(t: DeltaTensor, signal?: AbortSignal): Promise<Float32Array> {
+    const opts = signal === undefined ? {} : { signal };
+    const [b, f] = await Promise.all([
+      this.base.readF32(t.info.name, opts),
+      t.truncatedFrom === undefined
+        ? this.finetuned.readF32(t.info.name, opts)
+        : this.finetuned.readRangeF32(t.info.name, 0, t.info.numel),
+    ]);
+    for (let i = 0; i < f.length; i++) f[i] = f[i]! - b[i]!;
+    return f;
+  }
+
+  /** Closes both checkpoints. */
+  async close(): Promise<void> {
+    await Promise.all([this.base.close(), this.finetuned.close()]);
+  }
+}
+
+function pairTensors(base: Checkpoint, ft: Checkpoint, vocab: VocabMismatch, basePath: string, ftPath: string): DeltaTensor[] {
+  const problems: string[] = [];
+  const out: DeltaTensor[] = [];
+  for (const info of base.tensors()) {
+    if (!ft.has(info.name)) {
+      problems.push(`missing in the fine-tuned model: ${info.name}`);
+      continue;
+    }
+    const other = ft.info(info.name);
+    if (sameShape(info.shape, other.shape)) {
+      out.push({ info });
+    } else if (vocab === 'truncate' && extraRowsOnly(info.shape, other.shape)) {
+      out.push({ info, truncatedFrom: other.shape });
+    } else {
+      const hint = extraRowsOnly(info.shape, other.shape) ? ' (a resized vocabulary? --vocab-mismatch truncate compares the base rows only)' : '';
+      problems.push(`shape of ${info.name}: base [${info.shape.join(', ')}], fine-tuned [${other.shape.join(', ')}]${hint}`);
+    }
+  }
+  for (const info of ft.tensors()) {
+    if (!base.has(info.name)) problems.push(`not in the base model: ${info.name}`);
+  }
+  if (problems.length > 0) throw new CheckpointMismatchError(basePath, ftPath, problems);
+  return out;
+}
+
+function sameShape(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((d, i) => d === b[i]);
+}
+
+function extraRowsOnly(base: readonly number[], ft: readonly number[]): boolean {
+  return base.length >= 1 && base.length === ft.length && ft[0]! > base[0]! && base.every((d, i) => i === 0 || d === ft[i]);
+}

@@ -1,0 +1,80 @@
+/**
+ * The work done on one tensor's delta, the same whether it runs in a worker
+ * thread or inline: significance statistics, outlier totals at a given
+ * threshold, and the pruning itself into partitioned sparse records.
+ */
+import type { DeltaRecord } from '../../proto/gen/dppa/v1/sparse.js';
+import type { ValueDtype } from '../../proto/gen/dppa/v1/sparse.js';
+import { tensorRecords, type PartitionEntries } from '../../proto/sparse/index.js';
+import { darePartitions, type DareRescale } from './dare.js';
+import { selectPartitions } from './select.js';
+import { magnitudeTotals, outliersAbove, outlierThreshold, type MagnitudeTotals, type OutlierTotals } from './significance.js';
+
+/** Significance statistics of one linear layer's delta. */
+export interface TensorStats {
+  totals: MagnitudeTotals;
+  /** Outliers at `N_linear · mean(|Δ|)` of the tensor itself. */
+  linearOutliers: OutlierTotals;
+}
+
+/** How to prune one tensor. */
+export type PruneSpec =
+  /** Linear layer: top-k by magnitude at each level; partitions 1..P. */
+  | { kind: 'topk'; keep: number[] }
+  /** Linear layer under DARE: random drop per level; partitions 1..P. */
+  | { kind: 'dare'; levels: number[]; seed: number; rescale: DareRescale }
+  /** Outside tensor kept whole: partition 0. */
+  | { kind: 'dense' }
+  /** Outside tensor pruned by magnitude at the target rate: partition 0. */
+  | { kind: 'outside-topk'; keep: number };
+
+/** The records of one pruned tensor and its kept counts per partition (index 0: outside). */
+export interface PrunedTensor {
+  name: string;
+  records: DeltaRecord[];
+  keptPerPartition: number[];
+}
+
+/** Statistics for the significance pass. */
+export function tensorStats(delta: Float32Array, linearFactor: number): TensorStats {
+  const totals = magnitudeTotals(delta);
+  return { totals, linearOutliers: outliersAbove(delta, outlierThreshold(totals, linearFactor)) };
+}
+
+/** Prunes one tensor's delta and encodes it as records (begin, chunks, end). */
+export function pruneTensor(
+  name: string,
+  shape: readonly number[],
+  delta: Float32Array,
+  spec: PruneSpec,
+  valueDtype: ValueDtype,
+): PrunedTensor {
+  let partitions: PartitionEntries[];
+  let first: number;
+  switch (spec.kind) {
+    case 'topk':
+      partitions = selectPartitions(delta, spec.keep, name);
+      first = 1;
+      break;
+    case 'dare':
+      partitions = darePartitions(delta, spec.levels, { seed: spec.seed, tensor: name, rescale: spec.rescale });
+      first = 1;
+      break;
+    case 'dense': {
+      const positions = new Float64Array(delta.length);
+      for (let i = 0; i < positions.length; i++) positions[i] = i;
+      partitions = [{ positions, values: delta }];
+      first = 0;
+      break;
+    }
+    case 'outside-topk':
+      partitions = selectPartitions(delta, [spec.keep], name);
+      first = 0;
+      break;
+  }
+  // Index p of the list is partition p; linear layers have nothing in partition 0.
+  const all = first === 1 ? [{ positions: new Float64Array(0), values: new Float32Array(0) }, ...partitions] : partitions;
+  const records = [...tensorRecords(name, shape, all, { valueDtype })];
+  const keptPerPartition = all.map((p) => p.positions.length);
+  return { name, records, keptPerPartition };
+}

@@ -1,0 +1,29 @@
+/**
+ * Adds scaled sparse entries into a dense fp32 accumulator: the one operation
+ * both `dppa apply` and the server's merge perform.
+ */
+
+/**
+ * `acc[positions[i]] += scale · values[i]`, each sum rounded once to fp32 (the
+ * product and sum are formed in float64 and stored into the Float32Array), so
+ * that the result is the same wherever it is computed.
+ */
+export function addScaled(acc: Float32Array, positions: Float64Array, values: Float32Array, scale: number): void {
+  for (let i = 0; i < positions.length; i++) {
+    const p = positions[i]!;
+    acc[p] = acc[p]! + scale * values[i]!;
+  }
+}
+
+/**
+ * The factor of partition `p` for a party: `factors[p − 1]` for partitions
+ * 1..P, and for partition 0 (outside tensors) 1, or the largest factor when
+ * `outsideByMax` (the released code's behaviour).
+ * @throws RangeError if `p` has no factor.
+ */
+export function partitionFactor(factors: readonly number[], p: number, outsideByMax: boolean): number {
+  if (p === 0) return outsideByMax && factors.length > 0 ? Math.max(...factors) : 1;
+  const f = factors[p - 1];
+  if (f === undefined) throw new RangeError(`no amplification factor for partition ${p} (${factors.length} given)`);
+  return f;
+}

@@ -1,0 +1,258 @@
+/**
+ * Encoding and decoding of sparse chunks: the kept entries of one tensor and
+ * one partition, split into pieces that are each checksummed and decodable
+ * alone, so a receiver can verify and apply them as they arrive and a resumed
+ * upload loses at most one chunk.
+ *
+ * Only the kept entries are ever materialised: nothing here allocates in
+ * proportion to the tensor's size, which may exceed 2^32 elements.
+ */
+import { PositionCoding, ValueDtype, type SparseChunk } from '../gen/dppa/v1/sparse.js';
+import { ChecksumError, FormatError, TruncatedError } from '../errors.js';
+import { chunkChecksum } from './chunk-checksum.js';
+import { decodeGaps, encodeGaps, golombParameter, MAX_GOLOMB_M } from './golomb.js';
+import { DEFAULT_VALUE_DTYPE, decodeValues, encodeValues, storageDtype, valueSize } from './value-dtype.js';
+
+/** Entries per chunk when not given: about 0.5 MiB of BF16 values plus their positions. */
+export const DEFAULT_MAX_CHUNK_ENTRIES = 262144;
+
+/** Options of {@link encodeChunks}. */
+export interface EncodeChunksOptions {
+  /** Precision of the stored values. @default ValueDtype.VALUE_DTYPE_BF16 */
+  valueDtype?: ValueDtype | undefined;
+  /** Most entries in one chunk. @default {@link DEFAULT_MAX_CHUNK_ENTRIES} */
+  maxChunkEntries?: number | undefined;
+  /** `index` of the first chunk produced (chunk indices run across a tensor's partitions). @default 0 */
+  firstIndex?: number | undefined;
+  /** Number of elements of the tensor; when given, every position must be below it. @default no check */
+  numel?: number | undefined;
+}
+
+/**
+ * Splits the kept entries of one partition of a tensor into chunks.
+ *
+ * A chunk whose positions form one contiguous run is stored as a range
+ * (no position bytes); any other is Golomb-coded with a parameter fitted to
+ * the chunk's own density. Chunks are produced lazily so that a caller
+ * streaming them out holds one at a time.
+ *
+ * @param tensor - Tensor name.
+ * @param partition - Partition of every entry (0 outside, 1..P inside linear layers).
+ * @param positions - Flat row-major positions: integers, strictly increasing, below 2^53.
+ * @param values - One value per position.
+ * @param opts - See {@link EncodeChunksOptions}.
+ * @returns A generator of chunks with indices `firstIndex`, `firstIndex + 1`, …; none when there is no entry.
+ * @throws FormatError (naming the tensor) when positions and values differ in length, or a position
+ *   is not an integer, not increasing, not below 2^53 or not below `numel`. Thrown by the
+ *   generator's first step, before any chunk.
+ * @throws RangeError for an invalid partition, value dtype, chunk size or first index
+ *   (also from the first step).
+ */
+export function* encodeChunks(
+  tensor: string,
+  partition: number,
+  positions: Float64Array,
+  values: Float32Array,
+  opts: EncodeChunksOptions = {},
+): Generator<SparseChunk, void, undefined> {
+  // UNSPECIFIED means the default; chunks always say which precision they carry.
+  const valueDtype =
+    opts.valueDtype === undefined || opts.valueDtype === ValueDtype.VALUE_DTYPE_UNSPECIFIED
+      ? DEFAULT_VALUE_DTYPE
+      : opts.valueDtype;
+  const maxEntries = opts.maxChunkEntries ?? DEFAULT_MAX_CHUNK_ENTRIES;
+  const firstIndex = opts.firstIndex ?? 0;
+  const dtype = storageDtype(valueDtype);
+  if (dtype === undefined) throw new RangeError(`tensor "${tensor}": value dtype ${valueDtype} is not BF16, F16 or F32`);
+  checkUint32('partition', partition, tensor);
+  checkUint32('firstIndex', firstIndex, tensor);
+  if (!Number.isInteger(maxEntries) || maxEntries < 1 || maxEntries > 0xffffffff) {
+    throw new RangeError(`tensor "${tensor}": maxChunkEntries must be a positive 32-bit integer, got ${maxEntries}`);
+  }
+  checkPositions(tensor, positions, values.length, opts.numel);
+
+  const n = positions.length;
+  if (firstIndex + Math.ceil(n / maxEntries) - 1 > 0xffffffff) {
+    throw new RangeError(`tensor "${tensor}": chunk indices would exceed 2^32 − 1`);
+  }
+  for (let start = 0, index = firstIndex; start < n; start += maxEntries, index++) {
+    const end = Math.min(start + maxEntries, n);
+    const count = end - start;
+    const first = positions[start]!;
+    const span = positions[end - 1]! - first + 1;
+    const isRun = span === count;
+    const golombM = isRun ? 0 : golombParameter(count, span);
+    const chunk: SparseChunk = {
+      tensor,
+      partition,
+      index,
+      firstPosition: BigInt(first),
+      count,
+      positionCoding: isRun ? PositionCoding.POSITION_CODING_RANGE : PositionCoding.POSITION_CODING_GOLOMB,
+      golombM,
+      positions: isRun ? Buffer.alloc(0) : asBuffer(encodeGaps(positions, start, end, golombM)),
+      valueDtype,
+      values: encodeValues(values.subarray(start, end), dtype),
+      crc32c: 0,
+    };
+    chunk.crc32c = chunkChecksum(chunk);
+    yield chunk;
+  }
+}
+
+function checkUint32(what: string, v: number, tensor: string): void {
+  if (!Number.isInteger(v) || v < 0 || v > 0xffffffff) {
+    throw new RangeError(`tensor "${tensor}": ${what} must be an unsigned 32-bit integer, got ${v}`);
+  }
+}
+
+/** One pass over all positions, so the coders can assume valid input and stay branch-light. */
+function checkPositions(tensor: string, positions: Float64Array, valueCount: number, numel: number | undefined): void {
+  const n = positions.length;
+  if (n !== valueCount) {
+    throw new FormatError(`${n} positions but ${valueCount} values`, { tensor });
+  }
+  if (n === 0) return;
+  const first = positions[0]!;
+  if (!(first >= 0) || !Number.isInteger(first)) {
+    throw new FormatError(`position 0 is ${first}, not a non-negative integer`, { tensor });
+  }
+  let prev = first;
+  for (let i = 1; i < n; i++) {
+    const cur = positions[i]!;
+    const d = cur - prev;
+    // Differences of integers below 2^53 are exact, so integrality of every
+    // difference and of the first position makes every position an integer.
+    if (!(d >= 1) || d !== Math.floor(d)) {
+      throw new FormatError(`positions must be strictly increasing integers: entry ${i} is ${cur} after ${prev}`, {
+        tensor,
+      });
+    }
+    prev = cur;
+  }
+  if (prev > Number.MAX_SAFE_INTEGER) {
+    throw new FormatError(`position ${prev} is not below 2^53`, { tensor });
+  }
+  if (numel !== undefined && prev >= numel) {
+    throw new FormatError(`position ${prev} is outside the tensor (${numel} elements)`, { tensor });
+  }
+}
+
+function asBuffer(bytes: Uint8Array): Buffer {
+  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+/** Where a chunk being decoded comes from, for error messages and bounds. */
+export interface DecodeChunkContext {
+  /** File the chunk was read from, named in errors. @default none */
+  file?: string | undefined;
+  /** Number of elements of the tensor; every position must be below it. @default no check */
+  numel?: number | undefined;
+}
+
+/** The entries of one chunk. */
+export interface DecodedChunk {
+  /** Tensor name from the chunk. */
+  tensor: string;
+  /** Chunk index within its tensor. */
+  index: number;
+  /** Partition of every entry. */
+  partition: number;
+  /** Flat positions, strictly increasing. */
+  positions: Float64Array;
+  /** Values widened to F32 (exact for every stored precision). */
+  values: Float32Array;
+}
+
+/**
+ * Verifies and decodes one chunk.
+ *
+ * The checksum is verified before anything else is interpreted, so damaged
+ * bytes surface as a ChecksumError rather than as a misleading format error.
+ *
+ * @param chunk - The chunk as received.
+ * @param ctx - File name for errors and the tensor's element count for bounds.
+ * @returns Positions and values, in new arrays (never views of the chunk).
+ * @throws ChecksumError when the chunk's CRC-32C does not match its content.
+ * @throws TruncatedError when the position bit stream ends before `count − 1` gaps.
+ * @throws FormatError when `count` is 0, the value bytes are not `count` values of
+ *   the chunk's dtype, the coding or Golomb parameter is invalid, the bit stream
+ *   has data after the last gap, or a position is at or beyond 2^53 or `numel`.
+ *   Every error names the tensor, the chunk index and, if given, the file.
+ */
+export function decodeChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}): DecodedChunk {
+  const where = { file: ctx.file, tensor: chunk.tensor };
+  const label = `chunk ${chunk.index}`;
+  const crc = chunkChecksum(chunk);
+  if (crc !== chunk.crc32c) {
+    throw new ChecksumError(`${label}: CRC-32C mismatch (stored ${hex(chunk.crc32c)}, computed ${hex(crc)})`, where);
+  }
+  const count = chunk.count;
+  if (count < 1) throw new FormatError(`${label}: count is 0`, where);
+  const dtype = storageDtype(chunk.valueDtype);
+  if (dtype === undefined) throw new FormatError(`${label}: unknown value dtype ${chunk.valueDtype}`, where);
+  const expectedBytes = count * valueSize(dtype);
+  // Checked before allocating `count` positions, so a forged count cannot allocate more than the chunk carries.
+  if (chunk.values.length !== expectedBytes) {
+    throw new FormatError(
+      `${label}: ${chunk.values.length} value bytes, expected ${expectedBytes} (${count} × ${dtype})`,
+      where,
+    );
+  }
+  if (chunk.firstPosition > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new FormatError(`${label}: first position ${chunk.firstPosition} is not below 2^53`, where);
+  }
+  const positions = decodePositions(chunk, label, where);
+  const last = positions[count - 1]!;
+  if (last > Number.MAX_SAFE_INTEGER) {
+    throw new FormatError(`${label}: position ${last} is not below 2^53`, where);
+  }
+  if (ctx.numel !== undefined && last >= ctx.numel) {
+    throw new FormatError(`${label}: position ${last} is outside the tensor (${ctx.numel} elements)`, where);
+  }
+  return {
+    tensor: chunk.tensor,
+    index: chunk.index,
+    partition: chunk.partition,
+    positions,
+    values: decodeValues(chunk.values, dtype, count),
+  };
+}
+
+function decodePositions(chunk: SparseChunk, label: string, where: { file: string | undefined; tensor: string }): Float64Array {
+  const out = new Float64Array(chunk.count);
+  const first = Number(chunk.firstPosition);
+  switch (chunk.positionCoding) {
+    case PositionCoding.POSITION_CODING_RANGE: {
+      if (chunk.positions.length !== 0 || chunk.golombM !== 0) {
+        throw new FormatError(`${label}: a RANGE chunk must have no position bytes and golomb_m 0`, where);
+      }
+      for (let i = 0; i < out.length; i++) out[i] = first + i;
+      return out;
+    }
+    case PositionCoding.POSITION_CODING_GOLOMB: {
+      const m = chunk.golombM;
+      if (m < 1 || m > MAX_GOLOMB_M) {
+        throw new FormatError(`${label}: golomb_m ${m} is outside 1..2^31`, where);
+      }
+      out[0] = first;
+      const status = decodeGaps(chunk.positions, m, out);
+      if (status === 'truncated') {
+        throw new TruncatedError(
+          `${label}: position bit stream (${chunk.positions.length} bytes) ends before ${chunk.count - 1} gaps`,
+          where,
+        );
+      }
+      if (status === 'trailing-data') {
+        throw new FormatError(`${label}: position bit stream has data after its ${chunk.count - 1} gaps`, where);
+      }
+      return out;
+    }
+    default:
+      throw new FormatError(`${label}: unknown position coding ${chunk.positionCoding}`, where);
+  }
+}
+
+function hex(v: number): string {
+  return `0x${v.toString(16).padStart(8, '0')}`;
+}

@@ -1,0 +1,25 @@
+/**
+ * Sparse delta format: position coding, chunk codec, tensor record sequences
+ * and the `.dppa` file container. Layout of every byte: docs/formats.md.
+ */
+export { crc32c } from './crc32c.js';
+export { golombParameter, MAX_GOLOMB_M } from './golomb.js';
+export { chunkChecksum, foldChunkCrc } from './chunk-checksum.js';
+export {
+  DEFAULT_MAX_CHUNK_ENTRIES,
+  decodeChunk,
+  encodeChunks,
+  type DecodeChunkContext,
+  type DecodedChunk,
+  type EncodeChunksOptions,
+} from './chunk-codec.js';
+export { DEFAULT_VALUE_DTYPE } from './value-dtype.js';
+export { shapeNumel, tensorRecords, type PartitionEntries, type TensorRecordOptions } from './tensor-records.js';
+export {
+  assembleTensor,
+  TensorAssembler,
+  type AssembledTensor,
+  type TensorAssemblerOptions,
+} from './tensor-assembler.js';
+export * from './delta-file.js';
+export { addScaled, partitionFactor } from './add-scaled.js';
