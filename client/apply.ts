@@ -7,7 +7,7 @@ import { stat } from 'node:fs/promises';
 import { FormatError } from '../proto/errors.js';
 import { baseFingerprint } from '../proto/fingerprint.js';
 import { Checkpoint, CheckpointWriter } from '../proto/safetensors/index.js';
-import { addScaled, partitionFactor, readDeltaFile, TensorAssembler } from '../proto/sparse/index.js';
+import { addScaled, partitionFactor, readDeltaFile, readDeltaHeader, TensorAssembler } from '../proto/sparse/index.js';
 import type { DeltaHeader } from '../proto/gen/dppa/v1/sparse.js';
 
 /** Options of {@link applyDelta}. */
@@ -51,10 +51,8 @@ export interface ApplyReport {
 export async function applyDelta(opts: ApplyOptions): Promise<ApplyReport> {
   const base = await Checkpoint.open(opts.base);
   try {
-    const records = readDeltaFile(opts.delta, opts.signal === undefined ? {} : { signal: opts.signal });
-    const first = await records.next();
-    const header = first.done === true ? undefined : first.value.header;
-    if (header === undefined) throw new FormatError('the first record is not a header', { file: opts.delta });
+    const readOpts = opts.signal === undefined ? {} : { signal: opts.signal };
+    const header = await readDeltaHeader(opts.delta, readOpts);
     const factors = opts.factors ?? header.levels.map(() => 1);
     checkFactors(factors, header, opts.delta);
     const fp = await baseFingerprint(base);
@@ -73,8 +71,9 @@ export async function applyDelta(opts: ApplyOptions): Promise<ApplyReport> {
       const changed = new Set<string>();
       let acc: Float32Array | undefined;
       let assembler: TensorAssembler | undefined;
-      for await (const record of records) {
+      for await (const record of readDeltaFile(opts.delta, readOpts)) {
         opts.signal?.throwIfAborted();
+        if (record.header !== undefined) continue;
         if (record.tensorBegin !== undefined) {
           const name = record.tensorBegin.name;
           if (!base.has(name)) throw new FormatError('the delta names a tensor the base does not have', { file: opts.delta, tensor: name });

@@ -2,7 +2,7 @@
 import { stat } from 'node:fs/promises';
 import { FormatError } from '../proto/errors.js';
 import { TensorKind, ValueDtype } from '../proto/gen/dppa/v1/sparse.js';
-import { readDeltaFile, TensorAssembler } from '../proto/sparse/index.js';
+import { readDeltaFile, readDeltaHeader, TensorAssembler } from '../proto/sparse/index.js';
 
 /** One tensor of a delta as {@link inspectDelta} reports it. */
 export interface TensorSummary {
@@ -47,10 +47,7 @@ const DTYPE_NAMES: Record<number, string> = {
  * @throws FormatError / ChecksumError / TruncatedError naming the file and tensor.
  */
 export async function inspectDelta(file: string, opts: { signal?: AbortSignal } = {}): Promise<DeltaSummary> {
-  const records = readDeltaFile(file, opts);
-  const first = await records.next();
-  const header = first.done === true ? undefined : first.value.header;
-  if (header === undefined) throw new FormatError('the first record is not a header', { file });
+  const header = await readDeltaHeader(file, opts);
   const tensors = new Map<string, TensorSummary>(
     header.tensors.map((t) => [
       t.name,
@@ -69,7 +66,8 @@ export async function inspectDelta(file: string, opts: { signal?: AbortSignal } 
   );
   let assembler: TensorAssembler | undefined;
   let current: TensorSummary | undefined;
-  for await (const record of records) {
+  for await (const record of readDeltaFile(file, opts)) {
+    if (record.header !== undefined) continue;
     if (record.tensorBegin !== undefined) {
       current = tensors.get(record.tensorBegin.name);
       if (current === undefined) throw new FormatError('tensor is not in the header', { file, tensor: record.tensorBegin.name });

@@ -4,8 +4,11 @@ import { UsageError } from './exit-codes.js';
 
 type Options = NonNullable<ParseArgsConfig['options']>;
 
+/** What {@link parse} returns: parseArgs' own result type for these options. */
+export type Parsed<O extends Options> = ReturnType<typeof parseArgs<{ args: string[]; options: O; allowPositionals: boolean; strict: true }>>;
+
 /** Parses `argv` strictly; unknown flags and missing values become a UsageError. */
-export function parse<O extends Options>(argv: string[], options: O, positionals = false) {
+export function parse<O extends Options>(argv: string[], options: O, positionals = false): Parsed<O> {
   try {
     return parseArgs({ args: argv, options, allowPositionals: positionals, strict: true });
   } catch (err) {

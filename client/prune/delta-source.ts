@@ -19,7 +19,7 @@ export class CheckpointMismatchError extends Error {
   }
 }
 
-/** One tensor of the delta: its base description and how many leading elements of the fine-tuned tensor to read. */
+/** One tensor of the delta: its base description; the fine-tuned tensor's first `numel` elements are read. */
 export interface DeltaTensor {
   info: TensorInfo;
   /** Set when the fine-tuned tensor has extra rows that `truncate` drops. */
@@ -59,16 +59,27 @@ export class DeltaSource {
     }
   }
 
-  /** Reads `F − B` of one tensor as fp32 (exact: both inputs are widened first). */
+  // Reused across tensors: a fresh array per tensor costs page faults that make
+  // reading several times slower. Both grow to the largest tensor read.
+  private baseScratch = new Float32Array(0);
+  private deltaScratch = new Float32Array(0);
+
+  /**
+   * Reads `F − B` of one tensor as fp32 (exact: both inputs are widened first).
+   * The result is a view of a buffer this source reuses: valid until the next call.
+   */
   async readDelta(t: DeltaTensor, signal?: AbortSignal): Promise<Float32Array> {
+    const n = t.info.numel;
+    if (this.deltaScratch.length < n) {
+      this.baseScratch = new Float32Array(n);
+      this.deltaScratch = new Float32Array(n);
+    }
     const opts = signal === undefined ? {} : { signal };
     const [b, f] = await Promise.all([
-      this.base.readF32(t.info.name, opts),
-      t.truncatedFrom === undefined
-        ? this.finetuned.readF32(t.info.name, opts)
-        : this.finetuned.readRangeF32(t.info.name, 0, t.info.numel),
+      this.base.readF32(t.info.name, { ...opts, into: this.baseScratch }),
+      this.finetuned.readRangeF32(t.info.name, 0, n, { ...opts, into: this.deltaScratch }),
     ]);
-    for (let i = 0; i < f.length; i++) f[i] = f[i]! - b[i]!;
+    for (let i = 0; i < n; i++) f[i] = f[i]! - b[i]!;
     return f;
   }
 
