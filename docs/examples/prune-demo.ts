@@ -20,7 +20,7 @@ for (const method of ['dp', 'magnitude'] as const) {
   const out = join(dir, `ft1-${method}.dppa`);
   const started = Date.now();
   const report = await pruneToFile({ base, finetuned: finetuned[0]!, rate: 0.9, method, out });
-  const linear = report.tensors.filter((t) => t.name.includes('layers.'));
+  const linear = report.tensors.filter((t) => t.shape.length === 2 && t.name.includes('layers.'));
   const rates = linear.map((t) => t.rate);
   console.log(
     `2/4 ${method.padEnd(9)} at 0.9: ${linear.length} linear layers, rates ${Math.min(...rates).toFixed(4)}..${Math.max(...rates).toFixed(4)}, ` +
