@@ -1,20 +1,9 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
+import { uniform } from './fixtures/synthetic-model.js';
 import { selectPartitions } from '../client/prune/select.js';
 import { darePartitions } from '../client/prune/dare.js';
 import { keptCount } from '../client/prune/rates.js';
-
-/** A seeded generator for test data (mulberry32). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Reference: full sort by |x| descending, ties by lower index. */
 function referenceTopK(delta: Float32Array, k: number): number[] {
@@ -24,7 +13,7 @@ function referenceTopK(delta: Float32Array, k: number): number[] {
 }
 
 function randomDelta(n: number, seed: number, ties = false): Float32Array {
-  const r = rng(seed);
+  const r = uniform(seed);
   const d = new Float32Array(n);
   for (let i = 0; i < n; i++) {
     // With ties: few distinct magnitudes and some zeros, so the cut falls inside a run of equals.

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
+import { uniform } from './fixtures/synthetic-model.js';
 import { ChecksumError, FormatError, TruncatedError } from '../proto/errors.js';
 import { PositionCoding, ValueDtype, type DeltaRecord, type SparseChunk } from '../proto/gen/dppa/v1/sparse.js';
 import { decodeToF32, encodeFromF32, type Dtype } from '../proto/safetensors/dtype.js';
@@ -16,18 +17,6 @@ import {
   tensorRecords,
   type PartitionEntries,
 } from '../proto/sparse/index.js';
-
-/** Deterministic PRNG (mulberry32), so a failure reproduces. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Positions of a Bernoulli(density) mask over `n` positions starting at `offset`. */
 function randomMask(n: number, density: number, rand: () => number, offset = 0): Float64Array {
@@ -94,7 +83,7 @@ void describe('crc32c', () => {
   });
 
   void it('continues from a seed exactly as over the concatenation, at every split', () => {
-    const rand = rng(1);
+    const rand = uniform(1);
     const data = Uint8Array.from({ length: 77 }, () => Math.floor(rand() * 256));
     const whole = crc32c(data);
     for (let cut = 0; cut <= data.length; cut++) {
@@ -121,7 +110,7 @@ void describe('encodeChunks / decodeChunk', () => {
   for (const density of [1e-4, 0.01, 0.1, 0.5, 1.0]) {
     for (const [valueDtype, dtype] of DTYPES) {
       void it(`round-trips a random mask at density ${density} in ${dtype}`, () => {
-        const rand = rng(Math.round(density * 1e6) + valueDtype);
+        const rand = uniform(Math.round(density * 1e6) + valueDtype);
         const positions = randomMask(200_000, density, rand, 12345);
         const values = randomValues(positions.length, rand);
         const chunks = [...encodeChunks('w', 2, positions, values, { valueDtype, maxChunkEntries: 40_000 })];
@@ -191,7 +180,7 @@ void describe('encodeChunks / decodeChunk', () => {
   });
 
   void it('splits at maxChunkEntries boundaries into chunks decodable alone', () => {
-    const rand = rng(7);
+    const rand = uniform(7);
     const positions = randomMask(100_000, 0.2, rand);
     const values = randomValues(positions.length, rand);
     const max = 1000;
@@ -242,7 +231,7 @@ void describe('encodeChunks / decodeChunk', () => {
   });
 
   void it(`meets 0.6 bytes per kept position at 10% density (1M positions), per-chunk overhead included`, () => {
-    const rand = rng(10);
+    const rand = uniform(10);
     const positions = randomMask(10_000_000, 0.1, rand);
     let bytes = 0;
     for (const c of encodeChunks('t', 1, positions, new Float32Array(positions.length))) {
@@ -273,7 +262,7 @@ void describe('encodeChunks / decodeChunk', () => {
   });
 
   void describe('decodeChunk checks', () => {
-    const rand = rng(3);
+    const rand = uniform(3);
     const positions = randomMask(50_000, 0.05, rand);
     const values = randomValues(positions.length, rand);
     const [chunk] = [...encodeChunks('layer.0.q', 2, positions, values, { firstIndex: 3 })];
@@ -349,7 +338,7 @@ void describe('encodeChunks / decodeChunk', () => {
 });
 
 void describe('tensor records', () => {
-  const rand = rng(11);
+  const rand = uniform(11);
   const shape = [300, 400];
   const partitions: PartitionEntries[] = [
     { positions: new Float64Array(0), values: new Float32Array(0) },

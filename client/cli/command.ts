@@ -1,3 +1,5 @@
+import { ProgressLine } from './progress.js';
+
 /** The shape of one `dppa` sub-command. */
 export interface Command {
   /** As typed: `prune`, `job create`. */
@@ -18,4 +20,21 @@ export function out(line: string): void {
 /** Writes one line to stderr. */
 export function note(line: string): void {
   process.stderr.write(`${line}\n`);
+}
+
+/**
+ * Runs a long command with Ctrl-C turned into an AbortSignal and a progress
+ * line that is cleared however the command ends.
+ */
+export async function cancellable<T>(work: (signal: AbortSignal, progress: ProgressLine) => Promise<T>): Promise<T> {
+  const progress = new ProgressLine();
+  const controller = new AbortController();
+  const onSigint = (): void => controller.abort();
+  process.once('SIGINT', onSigint);
+  try {
+    return await work(controller.signal, progress);
+  } finally {
+    progress.done();
+    process.off('SIGINT', onSigint);
+  }
 }

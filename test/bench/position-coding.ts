@@ -19,26 +19,15 @@
 import { decodeChunk, DEFAULT_MAX_CHUNK_ENTRIES, encodeChunks } from '../../proto/sparse/index.js';
 import { decodeGaps, encodeGaps, golombParameter } from '../../proto/sparse/golomb.js';
 import type { SparseChunk } from '../../proto/gen/dppa/v1/sparse.js';
+import { uniform } from '../fixtures/synthetic-model.js';
 
 const N = 10_000_000;
 const DENSITIES = [0.01, 0.1, 0.3];
 const WARMUP = 2;
 const ROUNDS = 5;
 
-/** Deterministic PRNG (mulberry32), so runs are comparable. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 function randomMask(n: number, density: number, seed: number): Float64Array {
-  const rand = rng(seed);
+  const rand = uniform(seed);
   const out = new Float64Array(Math.ceil(n * density * 1.1) + 64);
   let k = 0;
   for (let i = 0; i < n; i++) if (rand() < density) out[k++] = i;

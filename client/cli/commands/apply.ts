@@ -1,7 +1,6 @@
 import { defined, num, numList, parse, required } from '../args.js';
-import { out, type Command } from '../command.js';
+import { cancellable, out, type Command } from '../command.js';
 import { EXIT } from '../exit-codes.js';
-import { ProgressLine } from '../progress.js';
 import { applyDelta } from '../../apply.js';
 
 const help = `Usage: dppa apply --base DIR --delta FILE.dppa --out DIR [options]
@@ -43,11 +42,7 @@ export const applyCommand: Command = {
       out(help);
       return EXIT.ok;
     }
-    const progress = new ProgressLine();
-    const controller = new AbortController();
-    const onSigint = (): void => controller.abort();
-    process.once('SIGINT', onSigint);
-    try {
+    return cancellable(async (signal, progress) => {
       const report = await applyDelta({
         base: required(v.base, 'base'),
         delta: required(v.delta, 'delta'),
@@ -58,16 +53,13 @@ export const applyCommand: Command = {
           outsideByMax: v['outside-by-max'],
           overwrite: v.overwrite,
         }),
-        signal: controller.signal,
+        signal,
         onProgress: (p) => progress.update('apply', p.tensorsDone, p.tensorsTotal, p.tensor, 'count'),
       });
       progress.done();
       if (v.json === true) out(JSON.stringify(report));
       else out(`wrote ${report.out}: ${report.tensorsChanged} tensors changed, ${report.tensorsCopied} copied, factors ${report.factors.join(', ')}, scale ${report.scale}`);
       return EXIT.ok;
-    } finally {
-      progress.done();
-      process.off('SIGINT', onSigint);
-    }
+    });
   },
 };

@@ -1,8 +1,7 @@
 import { writeFile } from 'node:fs/promises';
 import { defined, parse, num, numList, oneOf, required } from '../args.js';
-import { note, out, type Command } from '../command.js';
+import { cancellable, note, out, type Command } from '../command.js';
 import { EXIT } from '../exit-codes.js';
-import { ProgressLine } from '../progress.js';
 import { pruneToFile } from '../../prune/prune-to-file.js';
 
 const help = `Usage: dppa prune --base DIR --finetuned DIR --rate R --out FILE.dppa [options]
@@ -72,11 +71,7 @@ export const pruneCommand: Command = {
       out(help);
       return EXIT.ok;
     }
-    const progress = new ProgressLine();
-    const controller = new AbortController();
-    const onSigint = (): void => controller.abort();
-    process.once('SIGINT', onSigint);
-    try {
+    return cancellable(async (signal, progress) => {
       const report = await pruneToFile({
         base: required(v.base, 'base'),
         finetuned: required(v.finetuned, 'finetuned'),
@@ -97,7 +92,7 @@ export const pruneCommand: Command = {
           vocabMismatch: oneOf(v['vocab-mismatch'], 'vocab-mismatch', ['error', 'truncate'] as const),
           workers: num(v.workers, 'workers', { min: 1, integer: true }),
         }),
-        signal: controller.signal,
+        signal,
         onProgress: (p) => progress.update(p.phase === 'prune' ? 'prune       ' : 'significance', p.bytesDone, p.bytesTotal, p.tensor),
       });
       progress.done();
@@ -113,9 +108,6 @@ export const pruneCommand: Command = {
       for (const t of report.truncated) note(`note: ${t}: fine-tuned tensor has extra rows; compared on the base's rows only (--vocab-mismatch truncate)`);
       for (const t of report.droppedWhole) note(`note: ${t}: pruning rate reached 1 at the target level; the layer's delta is dropped whole`);
       return EXIT.ok;
-    } finally {
-      progress.done();
-      process.off('SIGINT', onSigint);
-    }
+    });
   },
 };
