@@ -1,0 +1,184 @@
+/**
+ * The server's options: one {@link ServerOptions} object, resolved once by
+ * {@link withDefaults}. This is the only module that reads the environment.
+ */
+import { readFile } from 'node:fs/promises';
+import { isIP } from 'node:net';
+import { resolve } from 'node:path';
+import { ConfigError } from './errors.js';
+import { createLogger, type Logger } from './log.js';
+import { defaultMergeWorkers } from './merge/merger.js';
+
+/** TLS files of the gRPC listener. */
+export interface TlsOptions {
+  /** PEM certificate chain of the server. */
+  certFile: string;
+  /** PEM private key of the server. */
+  keyFile: string;
+  /** PEM CA bundle; when given, clients must present a certificate it signed (mutual TLS). @default none */
+  clientCaFile?: string;
+}
+
+/** Options of {@link DppaServer}. */
+export interface ServerOptions {
+  /** Admin bearer token (CreateJob, ListJobs, CancelJob, downloads). Required: the server refuses to start without one. */
+  adminToken: string;
+  /** Folder of the server's state: jobs, uploads, merged checkpoints. @default './dppa-data' */
+  dataDir?: string;
+  /** Interface the gRPC and metrics listeners bind to. @default '127.0.0.1' */
+  grpcHost?: string;
+  /** gRPC port; 0 picks a free one (read it back from `DppaServer.grpcPort`). @default 50051 */
+  grpcPort?: number;
+  /** Port of the Prometheus endpoint `/metrics`; 0 picks a free one. @default 9464 */
+  metricsPort?: number;
+  /** Serve gRPC over TLS. Plaintext is only allowed on a loopback host unless `insecure` is set. @default none */
+  tls?: TlsOptions;
+  /** Allow plaintext gRPC on a non-loopback host. @default false */
+  insecure?: boolean;
+  /** Most bytes of delta one party may upload to one job. @default 4 × the job's base checkpoint size */
+  maxUploadBytes?: number;
+  /** Largest gRPC message accepted; larger ones get RESOURCE_EXHAUSTED. @default 8 MiB */
+  maxMessageBytes?: number;
+  /** How long a graceful stop lets in-flight calls finish before cutting them off. @default 10000 */
+  shutdownGraceMs?: number;
+  /** Worker threads of a merge; 0 merges in the main thread. @default min(2, available cores) */
+  mergeWorkers?: number;
+  /** Where the server logs. @default JSON lines on stderr at level info */
+  logger?: Logger;
+}
+
+/** {@link ServerOptions} with every default filled in. */
+export interface ResolvedServerOptions {
+  adminToken: string;
+  dataDir: string;
+  grpcHost: string;
+  grpcPort: number;
+  metricsPort: number;
+  tls: TlsOptions | undefined;
+  insecure: boolean;
+  /** Undefined: 4 × the base checkpoint size, decided per job. */
+  maxUploadBytes: number | undefined;
+  maxMessageBytes: number;
+  shutdownGraceMs: number;
+  mergeWorkers: number;
+  logger: Logger;
+}
+
+/** Shortest admin token accepted: 16 characters keep guessing out of reach for any sane token alphabet. */
+const MIN_ADMIN_TOKEN_LENGTH = 16;
+
+/**
+ * Fills in defaults and checks every option.
+ * @throws ConfigError naming the option that is missing or wrong.
+ */
+export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
+  const r: ResolvedServerOptions = {
+    adminToken: opts.adminToken,
+    dataDir: resolve(opts.dataDir ?? './dppa-data'),
+    grpcHost: opts.grpcHost ?? '127.0.0.1',
+    grpcPort: opts.grpcPort ?? 50051,
+    metricsPort: opts.metricsPort ?? 9464,
+    tls: opts.tls,
+    insecure: opts.insecure ?? false,
+    maxUploadBytes: opts.maxUploadBytes,
+    maxMessageBytes: opts.maxMessageBytes ?? 8 * 1024 * 1024,
+    shutdownGraceMs: opts.shutdownGraceMs ?? 10_000,
+    mergeWorkers: opts.mergeWorkers ?? defaultMergeWorkers(),
+    logger: opts.logger ?? createLogger(),
+  };
+  if (typeof r.adminToken !== 'string' || r.adminToken.trim() === '') {
+    throw new ConfigError('adminToken: an admin token is required (set DPPA_ADMIN_TOKEN or pass --admin-token-file)');
+  }
+  if (r.adminToken.length < MIN_ADMIN_TOKEN_LENGTH) {
+    throw new ConfigError(`adminToken: must be at least ${MIN_ADMIN_TOKEN_LENGTH} characters, got ${r.adminToken.length}`);
+  }
+  if (r.grpcHost === '') throw new ConfigError('grpcHost: must not be empty');
+  checkPort('grpcPort', r.grpcPort);
+  checkPort('metricsPort', r.metricsPort);
+  if (r.maxUploadBytes !== undefined) checkPositiveInteger('maxUploadBytes', r.maxUploadBytes);
+  checkPositiveInteger('maxMessageBytes', r.maxMessageBytes);
+  if (!Number.isSafeInteger(r.shutdownGraceMs) || r.shutdownGraceMs < 0) {
+    throw new ConfigError(`shutdownGraceMs: must be a non-negative integer, got ${r.shutdownGraceMs}`);
+  }
+  if (!Number.isSafeInteger(r.mergeWorkers) || r.mergeWorkers < 0) throw new ConfigError(`mergeWorkers: must be a non-negative integer, got ${r.mergeWorkers}`);
+  if (r.tls !== undefined && (r.tls.certFile === '' || r.tls.keyFile === '')) {
+    throw new ConfigError('tls: certFile and keyFile are both required');
+  }
+  if (r.tls === undefined && !r.insecure && !isLoopback(r.grpcHost)) {
+    throw new ConfigError(
+      `grpcHost: ${r.grpcHost} is not a loopback address, so plaintext gRPC would be exposed: configure tls (--tls-cert, --tls-key) or set insecure (--insecure)`,
+    );
+  }
+  return r;
+}
+
+function checkPort(name: string, port: number): void {
+  if (!Number.isInteger(port) || port < 0 || port > 65535) throw new ConfigError(`${name}: must be an integer in [0, 65535], got ${port}`);
+}
+
+function checkPositiveInteger(name: string, v: number): void {
+  if (!Number.isSafeInteger(v) || v < 1) throw new ConfigError(`${name}: must be a positive integer, got ${v}`);
+}
+
+/** True for `localhost` and loopback IP addresses, the only hosts where plaintext stays on the machine. */
+export function isLoopback(host: string): boolean {
+  const h = host.startsWith('[') && host.endsWith(']') ? host.slice(1, -1) : host;
+  if (h === 'localhost') return true;
+  if (isIP(h) === 4) return h.startsWith('127.');
+  if (isIP(h) === 6) return h === '::1' || /^::ffff:127\./i.test(h);
+  return false;
+}
+
+/** The `dppa serve` flags, as parsed by the command line (strings, not yet checked). */
+export interface ServeFlags {
+  data?: string | undefined;
+  grpcHost?: string | undefined;
+  grpcPort?: string | undefined;
+  metricsPort?: string | undefined;
+  adminTokenFile?: string | undefined;
+  tlsCert?: string | undefined;
+  tlsKey?: string | undefined;
+  tlsClientCa?: string | undefined;
+  insecure?: boolean | undefined;
+  maxUploadBytes?: string | undefined;
+}
+
+/**
+ * Builds server options from `dppa serve` flags and the environment: the admin
+ * token comes from `--admin-token-file` (first line, trimmed) or else from
+ * `DPPA_ADMIN_TOKEN`.
+ * @param env The environment. @default process.env
+ * @throws ConfigError naming the flag that is wrong or missing.
+ */
+export async function optionsFromFlags(flags: ServeFlags, env: NodeJS.ProcessEnv = process.env): Promise<ServerOptions> {
+  let adminToken = env.DPPA_ADMIN_TOKEN ?? '';
+  if (flags.adminTokenFile !== undefined) {
+    try {
+      adminToken = (await readFile(flags.adminTokenFile, 'utf8')).split(/\r?\n/)[0]!.trim();
+    } catch (cause) {
+      throw new ConfigError(`--admin-token-file: cannot read ${flags.adminTokenFile}: ${(cause as Error).message}`, { cause });
+    }
+  }
+  if (adminToken === '') {
+    throw new ConfigError('no admin token: set DPPA_ADMIN_TOKEN or pass --admin-token-file FILE (refusing to start an unprotected server)');
+  }
+  if ((flags.tlsCert === undefined) !== (flags.tlsKey === undefined)) throw new ConfigError('--tls-cert and --tls-key go together');
+  if (flags.tlsClientCa !== undefined && flags.tlsCert === undefined) throw new ConfigError('--tls-client-ca needs --tls-cert and --tls-key');
+  const opts: ServerOptions = { adminToken };
+  if (flags.data !== undefined) opts.dataDir = flags.data;
+  if (flags.grpcHost !== undefined) opts.grpcHost = flags.grpcHost;
+  if (flags.grpcPort !== undefined) opts.grpcPort = intFlag('grpc-port', flags.grpcPort);
+  if (flags.metricsPort !== undefined) opts.metricsPort = intFlag('metrics-port', flags.metricsPort);
+  if (flags.maxUploadBytes !== undefined) opts.maxUploadBytes = intFlag('max-upload-bytes', flags.maxUploadBytes);
+  if (flags.insecure === true) opts.insecure = true;
+  if (flags.tlsCert !== undefined && flags.tlsKey !== undefined) {
+    opts.tls = { certFile: flags.tlsCert, keyFile: flags.tlsKey, ...(flags.tlsClientCa === undefined ? {} : { clientCaFile: flags.tlsClientCa }) };
+  }
+  return opts;
+}
+
+function intFlag(flag: string, value: string): number {
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isSafeInteger(n) || n < 0) throw new ConfigError(`--${flag}: expected a non-negative integer, got ${JSON.stringify(value)}`);
+  return n;
+}

@@ -1,0 +1,94 @@
+/**
+ * Creating a job: checking its settings, opening its base checkpoint to
+ * fingerprint it, issuing party tokens and storing it.
+ */
+import { randomBytes } from 'node:crypto';
+import { resolve } from 'node:path';
+import { FormatError } from '../../proto/errors.js';
+import { baseFingerprint } from '../../proto/fingerprint.js';
+import { JobState, type CreateJobRequest } from '../../proto/gen/dppa/v1/jobs.js';
+import { Checkpoint } from '../../proto/safetensors/index.js';
+import { InvalidArgumentError } from '../errors.js';
+import { newPartyToken } from '../tokens.js';
+import type { Spool } from '../uploads/spool.js';
+import type { JobEvents } from './job-events.js';
+import { checkJobSettings } from './job-spec.js';
+import type { JobStore, StoredJob } from './job-store.js';
+
+/** Default per-party upload cap as a multiple of the base checkpoint's size: a dense fp32 delta of a bf16 base is 2×. */
+const DEFAULT_UPLOAD_CAP_FACTOR = 4;
+
+/** Where a new job goes. */
+export interface CreateJobDeps {
+  store: JobStore;
+  events: JobEvents;
+  spool: Spool;
+  /** Per-party upload cap; undefined for {@link DEFAULT_UPLOAD_CAP_FACTOR} × the base size. */
+  maxUploadBytes: number | undefined;
+}
+
+/**
+ * Creates a job in state COLLECTING.
+ * @returns The job and each party's token (never stored in clear).
+ * @throws InvalidArgumentError naming the field at fault, including a base_path that is not a readable checkpoint.
+ * @throws UnimplementedError for settings this server does not offer yet.
+ */
+export async function createJob(
+  deps: CreateJobDeps,
+  req: CreateJobRequest,
+  signal: AbortSignal,
+): Promise<{ job: StoredJob; tokens: Record<string, string> }> {
+  const settings = checkJobSettings(req);
+  const basePath = resolve(settings.basePath);
+  const base = await openBase(basePath);
+  let fingerprint: string;
+  let baseBytes = 0;
+  try {
+    fingerprint = await baseFingerprint(base, { signal });
+    for (const t of base.tensors()) baseBytes += t.byteLength;
+  } finally {
+    await base.close();
+  }
+  const tokens: Record<string, string> = {};
+  const now = new Date().toISOString();
+  const job: StoredJob = {
+    id: randomBytes(9).toString('base64url'),
+    label: settings.label,
+    state: JobState.JOB_STATE_COLLECTING,
+    basePath,
+    baseFingerprint: fingerprint,
+    baseBytes,
+    rate: settings.rate,
+    method: settings.method,
+    dpa: settings.dpa,
+    merge: settings.merge,
+    parties: settings.parties.map((name) => {
+      const { token, sha256 } = newPartyToken();
+      tokens[name] = token;
+      return { name, tokenSha256: sha256, joined: false };
+    }),
+    maxUploadBytes: deps.maxUploadBytes ?? Math.max(1, DEFAULT_UPLOAD_CAP_FACTOR * baseBytes),
+    failureReason: '',
+    createdAt: now,
+    updatedAt: now,
+    merged: undefined,
+  };
+  signal.throwIfAborted();
+  await deps.store.create(job);
+  await deps.events.load(job.id, deps.store.dir(job.id));
+  deps.spool.addJob(job);
+  return { job, tokens };
+}
+
+async function openBase(basePath: string): Promise<Checkpoint> {
+  try {
+    return await Checkpoint.open(basePath);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') throw new InvalidArgumentError(`base_path: ${basePath} does not exist on the server`, { cause: err });
+    if (err instanceof FormatError || code === 'EACCES' || code === 'EISDIR' || code === 'ENOTDIR') {
+      throw new InvalidArgumentError(`base_path: ${basePath} is not a readable checkpoint: ${(err as Error).message}`, { cause: err });
+    }
+    throw err;
+  }
+}

@@ -1,0 +1,159 @@
+/**
+ * The event log of each job: `jobs/<id>/events.jsonl`, one `JobEvent` (proto
+ * JSON) per line, kept in memory too so that WatchJob can replay it, and the
+ * live subscriptions of watchers.
+ *
+ * Progress events are not fsynced one by one (they are many and cheap to
+ * lose); a crash may drop the last few lines, and a torn last line is ignored
+ * when the log is read back.
+ */
+import { open, readFile, type FileHandle } from 'node:fs/promises';
+import { join } from 'node:path';
+import { JobEvent } from '../../proto/gen/dppa/v1/jobs.js';
+import type { Logger } from '../log.js';
+
+/** An event before the log gives it its job, number and time. */
+export type EventBody = Omit<Partial<JobEvent>, 'jobId' | 'seq' | 'time'>;
+
+interface JobLog {
+  events: JobEvent[];
+  file: FileHandle;
+  /** The last append; the next one is written after it. */
+  tail: Promise<void>;
+  listeners: Set<(e: JobEvent) => void>;
+}
+
+/** True for the events after which nothing more happens to a job. */
+export function isFinalEvent(e: JobEvent): boolean {
+  return e.merged !== undefined || e.failed !== undefined;
+}
+
+/** Event logs of every job of a store. */
+export class JobEvents {
+  private readonly logs = new Map<string, JobLog>();
+
+  constructor(private readonly log: Logger) {}
+
+  /** Opens (or creates) the log of a job in `dir` and reads back its events. */
+  async load(jobId: string, dir: string): Promise<void> {
+    const path = join(dir, 'events.jsonl');
+    const events: JobEvent[] = [];
+    let text = '';
+    try {
+      text = await readFile(path, 'utf8');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    }
+    const lines = text.split('\n');
+    for (const [i, line] of lines.entries()) {
+      if (line === '') continue;
+      try {
+        events.push(JobEvent.fromJSON(JSON.parse(line)));
+      } catch (err) {
+        // Only the last line can be torn by a crash; anything else is damage worth a word.
+        if (i < lines.length - 1 && lines.slice(i + 1).some((l) => l !== '')) this.log.warn('skipping a damaged event line', { path, line: i + 1, err });
+      }
+    }
+    const file = await open(path, 'a');
+    this.logs.set(jobId, { events, file, tail: Promise.resolve(), listeners: new Set() });
+  }
+
+  private job(jobId: string): JobLog {
+    const l = this.logs.get(jobId);
+    if (l === undefined) throw new Error(`no event log loaded for job ${jobId}`);
+    return l;
+  }
+
+  /** Sequence number of the job's last event; 0 if none. */
+  lastSeq(jobId: string): bigint {
+    return this.job(jobId).events.at(-1)?.seq ?? 0n;
+  }
+
+  /**
+   * Numbers, records and publishes an event. Resolves once it is written to
+   * the log file (watchers see it at once).
+   */
+  async append(jobId: string, body: EventBody): Promise<JobEvent> {
+    const l = this.job(jobId);
+    const event = JobEvent.fromPartial({ ...body, jobId, seq: this.lastSeq(jobId) + 1n, time: new Date().toISOString() });
+    l.events.push(event);
+    for (const listener of l.listeners) listener(event);
+    const line = `${JSON.stringify(JobEvent.toJSON(event))}\n`;
+    const final = isFinalEvent(event);
+    l.tail = l.tail.then(async () => {
+      await l.file.appendFile(line);
+      if (final) await l.file.sync();
+    });
+    // A failed append is logged, not thrown: the event was delivered and the job's state lives in job.json.
+    l.tail = l.tail.catch((err: unknown) => this.log.error('cannot append to the event log', { jobId, err }));
+    await l.tail;
+    return event;
+  }
+
+  /**
+   * The job's events after `afterSeq`: the recorded ones, then live ones as
+   * they happen. Ends after a `merged` or `failed` event (or at once if one is
+   * already recorded at or before `afterSeq`), or when `signal` aborts, which
+   * throws its reason. The subscription is removed however the iteration ends.
+   */
+  async *watch(jobId: string, afterSeq: bigint, signal: AbortSignal): AsyncGenerator<JobEvent, void, undefined> {
+    const l = this.job(jobId);
+    const queue: JobEvent[] = [];
+    let wake: (() => void) | undefined;
+    const listener = (e: JobEvent): void => {
+      queue.push(e);
+      wake?.();
+    };
+    const onAbort = (): void => wake?.();
+    // Subscribe before replaying, so that nothing published meanwhile is missed.
+    l.listeners.add(listener);
+    signal.addEventListener('abort', onAbort);
+    try {
+      let last = afterSeq;
+      for (const e of l.events) {
+        if (e.seq <= afterSeq) {
+          if (isFinalEvent(e)) return;
+          continue;
+        }
+        signal.throwIfAborted();
+        yield e;
+        last = e.seq;
+        if (isFinalEvent(e)) return;
+      }
+      for (;;) {
+        signal.throwIfAborted();
+        const e = queue.shift();
+        if (e === undefined) {
+          await new Promise<void>((r) => (wake = r));
+          wake = undefined;
+          continue;
+        }
+        if (e.seq <= last) continue;
+        yield e;
+        last = e.seq;
+        if (isFinalEvent(e)) return;
+      }
+    } finally {
+      l.listeners.delete(listener);
+      signal.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /** Number of live subscriptions over all jobs (tests check that none leak). */
+  get watcherCount(): number {
+    let n = 0;
+    for (const l of this.logs.values()) n += l.listeners.size;
+    return n;
+  }
+
+  /** Waits for pending writes and closes every log file. */
+  async close(): Promise<void> {
+    const logs = [...this.logs.values()];
+    this.logs.clear();
+    await Promise.all(logs.map(async (l) => {
+      await l.tail;
+      await l.file.close();
+    }));
+  }
+}
+

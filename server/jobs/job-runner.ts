@@ -1,0 +1,180 @@
+/**
+ * Drives jobs through their life cycle once uploads are in:
+ * COLLECTING → (DPA) → MERGING → MERGED, or FAILED.
+ *
+ * The DPA state is where a factor search plugs in: a job whose factors need
+ * a search goes COLLECTING → DPA, the search records the factors, then
+ * DPA → MERGING. Jobs created today always have their factors up front
+ * (DPA off or fixed; a search is refused at creation), so they go straight
+ * to MERGING.
+ *
+ * A merge runs under an AbortController: stopping the server aborts it and
+ * leaves the job MERGING (it merges again at the next start: the output is
+ * only ever renamed into place when complete); cancelling the job aborts it
+ * and fails the job.
+ */
+import { join } from 'node:path';
+import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
+import { UnavailableError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { Metrics } from '../metrics.js';
+import { mergeCheckpoint, type MergeParty } from '../merge/merger.js';
+import type { Spool } from '../uploads/spool.js';
+import type { JobEvents } from './job-events.js';
+import { fixedFactors, partyWeight } from './job-spec.js';
+import { isTerminal, stateName, type JobStore, type StoredJob } from './job-store.js';
+
+/** Shortest interval between two merge_progress events (the last one is always sent). */
+const PROGRESS_INTERVAL_MS = 250;
+
+/** Why a merge was aborted: the job was cancelled (it fails) rather than the server stopping (it stays MERGING). */
+class JobCancelled extends Error {
+  override name = 'JobCancelled';
+}
+
+/** Dependencies of {@link JobRunner}. */
+export interface JobRunnerDeps {
+  store: JobStore;
+  events: JobEvents;
+  spool: Spool;
+  metrics: Metrics;
+  log: Logger;
+  /** Worker threads of each merge (0: the main thread). */
+  mergeWorkers: number;
+}
+
+/** Moves jobs along; one instance per server. */
+export class JobRunner {
+  private readonly running = new Map<string, { controller: AbortController; done: Promise<void> }>();
+  /** Jobs poked while their run was in progress: looked at again when it ends. */
+  private readonly again = new Set<string>();
+  private stopped = false;
+
+  constructor(private readonly deps: JobRunnerDeps) {}
+
+  /** Picks up where the last run stopped: jobs whose uploads are all in, and jobs that were merging. */
+  resume(): void {
+    for (const job of this.deps.store.list()) if (!isTerminal(job.state)) this.poke(job.id);
+  }
+
+  /** Moves a job on if it can go further (called when a party's upload completes). Never throws: failures fail the job. */
+  poke(jobId: string): void {
+    if (this.stopped) return;
+    if (this.running.has(jobId)) {
+      this.again.add(jobId);
+      return;
+    }
+    const controller = new AbortController();
+    const done = this.advance(jobId, controller.signal)
+      .catch((err: unknown) => this.deps.log.error('job runner failed', { jobId, err }))
+      .finally(() => {
+        this.running.delete(jobId);
+        if (this.again.delete(jobId) && !controller.signal.aborted) this.poke(jobId);
+      });
+    this.running.set(jobId, { controller, done });
+  }
+
+  /**
+   * Fails a job that has not merged: aborts its merge if one runs, then
+   * records the reason.
+   * @returns The job as failed, or unchanged if it had already ended.
+   */
+  async cancel(jobId: string, reason: string): Promise<StoredJob> {
+    const run = this.running.get(jobId);
+    if (run !== undefined) {
+      run.controller.abort(new JobCancelled(reason));
+      await run.done;
+    }
+    const job = this.deps.store.get(jobId);
+    if (isTerminal(job.state)) return job;
+    return this.fail(jobId, reason);
+  }
+
+  /** Aborts every merge in progress and waits for them to clean up; their jobs stay MERGING. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    const runs = [...this.running.values()];
+    for (const r of runs) r.controller.abort(new UnavailableError('server is shutting down'));
+    await Promise.all(runs.map((r) => r.done));
+  }
+
+  /** True when every party's upload is complete. */
+  private allUploaded(job: StoredJob): boolean {
+    return job.parties.every((p) => this.deps.spool.party(job.id, p.name).complete);
+  }
+
+  private async advance(jobId: string, signal: AbortSignal): Promise<void> {
+    let job = this.deps.store.get(jobId);
+    if (job.state === JobState.JOB_STATE_COLLECTING && this.allUploaded(job)) {
+      // The factor search plugs in here: a job that needs one goes to DPA instead.
+      job = await this.transition(jobId, JobState.JOB_STATE_MERGING);
+    }
+    if (job.state === JobState.JOB_STATE_DPA) {
+      await this.fail(jobId, 'the job is in DPA but this server has no factor search; recreate it with DPA off or fixed factors');
+      return;
+    }
+    if (job.state === JobState.JOB_STATE_MERGING) await this.merge(job, signal);
+  }
+
+  private async merge(job: StoredJob, signal: AbortSignal): Promise<void> {
+    const { events, metrics, log } = this.deps;
+    const started = performance.now();
+    let lastProgress = 0;
+    try {
+      const result = await mergeCheckpoint({
+        basePath: job.basePath,
+        outDir: join(this.deps.store.dir(job.id), 'merged'),
+        parties: job.parties.map((p) => this.mergeParty(job, p.name)),
+        outsideByMax: job.dpa.scaleOutsideByMax,
+        workers: this.deps.mergeWorkers,
+        signal,
+        onProgress: (p) => {
+          metrics.mergeTensors.inc();
+          metrics.mergeBytes.inc(p.tensorBytes);
+          const now = performance.now();
+          if (p.tensorsDone < p.tensorsTotal && now - lastProgress < PROGRESS_INTERVAL_MS) return;
+          lastProgress = now;
+          void events.append(job.id, { mergeProgress: { tensorsDone: p.tensorsDone, tensorsTotal: p.tensorsTotal } });
+        },
+      });
+      const seconds = (performance.now() - started) / 1000;
+      metrics.mergeDuration.observe(seconds);
+      await this.transition(job.id, JobState.JOB_STATE_MERGED, (j) => (j.merged = { files: result.files, seconds }));
+      await events.append(job.id, { merged: { files: result.files.map((f) => f.path), seconds } });
+      log.info('job merged', { jobId: job.id, seconds, tensorsMerged: result.tensorsMerged, tensorsCopied: result.tensorsCopied });
+    } catch (err) {
+      if (signal.aborted) {
+        // Cancelled: cancel() records the failure. Shutting down: stays MERGING, merged again at the next start.
+        log.info('merge aborted', { jobId: job.id, reason: String(signal.reason) });
+        return;
+      }
+      log.error('merge failed', { jobId: job.id, err });
+      await this.fail(job.id, `merge failed: ${err instanceof Error ? err.message : String(err)}`);
+    }
+  }
+
+  private mergeParty(job: StoredJob, name: string): MergeParty {
+    const spool = this.deps.spool.party(job.id, name);
+    const factors = fixedFactors(job, name, spool.header?.levels.length);
+    if (factors === undefined) throw new Error(`party ${name} has no factors`);
+    return { name, weight: partyWeight(job, name), factors, tensors: new Map([...spool.held.values()].map((t) => [t.name, t.file])) };
+  }
+
+  /** Changes a job's state, records it and announces it. */
+  private async transition(jobId: string, to: JobState, change?: (job: StoredJob) => void): Promise<StoredJob> {
+    const from = this.deps.store.get(jobId).state;
+    const job = await this.deps.store.update(jobId, (j) => {
+      j.state = to;
+      change?.(j);
+    });
+    await this.deps.events.append(jobId, { stateChanged: { from, to } });
+    this.deps.log.info('job state changed', { jobId, from: stateName(from), to: stateName(to) });
+    return job;
+  }
+
+  private async fail(jobId: string, reason: string): Promise<StoredJob> {
+    const job = await this.transition(jobId, JobState.JOB_STATE_FAILED, (j) => (j.failureReason = reason));
+    await this.deps.events.append(jobId, { failed: { reason } });
+    return job;
+  }
+}

@@ -1,0 +1,95 @@
+/**
+ * What a job asks for: validation of CreateJobRequest settings, and the
+ * amplification factors and weights each party's delta is merged with.
+ */
+import type { CreateJobRequest, DpaConfig, MergeOptions } from '../../proto/gen/dppa/v1/jobs.js';
+import { InvalidArgumentError, UnimplementedError } from '../errors.js';
+import type { StoredJob } from './job-store.js';
+
+/** Pruning methods a job may require. */
+export const METHODS = ['dp', 'magnitude', 'owl', 'dare'] as const;
+
+const PARTY_NAME = /^[A-Za-z0-9_-]{1,64}$/;
+const MAX_LABEL_LENGTH = 256;
+
+/** The checked settings of a new job (everything but the base checkpoint, checked by opening it). */
+export interface JobSettings {
+  basePath: string;
+  parties: string[];
+  rate: number;
+  method: string;
+  dpa: DpaConfig;
+  merge: MergeOptions;
+  label: string;
+}
+
+/**
+ * Checks a CreateJobRequest and fills in defaults.
+ * @throws InvalidArgumentError naming the field at fault.
+ * @throws UnimplementedError for a DPA search or sign election, which this server does not offer yet.
+ */
+export function checkJobSettings(req: CreateJobRequest): JobSettings {
+  if (req.basePath.trim() === '') throw new InvalidArgumentError('base_path: required');
+  if (req.parties.length === 0) throw new InvalidArgumentError('parties: at least one party is required');
+  const seen = new Set<string>();
+  for (const p of req.parties) {
+    if (!PARTY_NAME.test(p)) throw new InvalidArgumentError(`parties: ${JSON.stringify(p)} is not 1-64 letters, digits, '-' or '_'`);
+    if (seen.has(p)) throw new InvalidArgumentError(`parties: ${JSON.stringify(p)} appears twice`);
+    seen.add(p);
+  }
+  if (!(req.rate >= 0 && req.rate < 1)) throw new InvalidArgumentError(`rate: must be in [0, 1), got ${req.rate}`);
+  const method = req.method === '' ? 'dp' : req.method;
+  if (!(METHODS as readonly string[]).includes(method)) {
+    throw new InvalidArgumentError(`method: expected one of ${METHODS.join(', ')}, got ${JSON.stringify(req.method)}`);
+  }
+  if (req.label.length > MAX_LABEL_LENGTH) throw new InvalidArgumentError(`label: at most ${MAX_LABEL_LENGTH} characters`);
+  const dpa: DpaConfig = req.dpa ?? { scaleOutsideByMax: false };
+  checkDpa(dpa, req.parties);
+  const merge: MergeOptions = req.merge ?? { weights: {}, signElection: false, partiesMayDownload: false };
+  for (const [party, w] of Object.entries(merge.weights)) {
+    if (!seen.has(party)) throw new InvalidArgumentError(`merge.weights: ${JSON.stringify(party)} is not a party of the job`);
+    if (!Number.isFinite(w)) throw new InvalidArgumentError(`merge.weights[${party}]: must be a finite number, got ${w}`);
+  }
+  if (merge.signElection) throw new UnimplementedError('merge.sign_election: TIES sign election is not available yet');
+  return { basePath: req.basePath, parties: [...req.parties], rate: req.rate, method, dpa, merge, label: req.label };
+}
+
+function checkDpa(dpa: DpaConfig, parties: readonly string[]): void {
+  if (dpa.search !== undefined) throw new UnimplementedError('DPA search is not available yet');
+  const fixed = dpa.fixed;
+  if (fixed === undefined) return;
+  checkFactorList('dpa.fixed.factors', fixed.factors);
+  for (const [party, list] of Object.entries(fixed.perParty)) {
+    if (!parties.includes(party)) throw new InvalidArgumentError(`dpa.fixed.per_party: ${JSON.stringify(party)} is not a party of the job`);
+    checkFactorList(`dpa.fixed.per_party[${party}]`, list.factors);
+  }
+  for (const party of parties) {
+    if ((fixed.perParty[party]?.factors ?? fixed.factors).length === 0) {
+      throw new InvalidArgumentError(`dpa.fixed: no factors for party ${party} (give dpa.fixed.factors or dpa.fixed.per_party[${party}])`);
+    }
+  }
+}
+
+function checkFactorList(field: string, factors: readonly number[]): void {
+  for (const f of factors) {
+    if (!(Number.isFinite(f) && f >= 0)) throw new InvalidArgumentError(`${field}: factors must be finite and ≥ 0, got ${f}`);
+  }
+}
+
+/**
+ * The amplification factors of a party, partition 1 first, when they do not
+ * need a search: all 1 when DPA is off (one per partition level), the fixed
+ * ones otherwise. Undefined while the number of partitions is unknown (DPA
+ * off and no header yet).
+ * @param partitions - Partitions of the party's delta (its header's levels), if known.
+ */
+export function fixedFactors(job: StoredJob, party: string, partitions: number | undefined): number[] | undefined {
+  const fixed = job.dpa.fixed;
+  if (fixed !== undefined) return fixed.perParty[party]?.factors ?? fixed.factors;
+  return partitions === undefined ? undefined : new Array<number>(partitions).fill(1);
+}
+
+/** Weight c_i of a party's delta in the merge. */
+export function partyWeight(job: StoredJob, party: string): number {
+  return job.merge.weights[party] ?? 1;
+}

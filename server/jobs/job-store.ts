@@ -1,0 +1,193 @@
+/**
+ * Jobs on disk: one `jobs/<id>/job.json` per job, rewritten atomically on
+ * every change, and the in-memory copy every request reads.
+ *
+ * `job.json` holds a job's settings, state and merge result. Upload progress
+ * is not in it: the spool folders are the truth for that (uploads/spool.ts).
+ */
+import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import {
+  DpaConfig,
+  JobState,
+  jobStateFromJSON,
+  jobStateToJSON,
+  MergeOptions,
+} from '../../proto/gen/dppa/v1/jobs.js';
+import { NotFoundError } from '../errors.js';
+import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
+import type { Logger } from '../log.js';
+
+/** Version of the `job.json` layout; bump when a field changes meaning. */
+const STORE_VERSION = 1;
+
+/** A party of a job as stored: its token only as a hash. */
+export interface StoredParty {
+  /** Party name, as given at creation. */
+  name: string;
+  /** Lower-case hex SHA-256 of the party's bearer token. */
+  tokenSha256: string;
+  /** True once the party has opened an upload (its `party_joined` event was sent). */
+  joined: boolean;
+}
+
+/** One file of a merged checkpoint. */
+export interface MergedFileInfo {
+  /** Bare file name inside the merged folder. */
+  path: string;
+  size: number;
+  /** Lower-case hex SHA-256 of the whole file. */
+  sha256: string;
+}
+
+/** Everything the server keeps about a job except upload progress. */
+export interface StoredJob {
+  id: string;
+  label: string;
+  state: JobState;
+  /** Absolute path of the base checkpoint. */
+  basePath: string;
+  baseFingerprint: string;
+  /** Bytes of tensor data in the base checkpoint. */
+  baseBytes: number;
+  rate: number;
+  method: string;
+  dpa: DpaConfig;
+  merge: MergeOptions;
+  parties: StoredParty[];
+  /** Upload cap per party, fixed at creation. */
+  maxUploadBytes: number;
+  failureReason: string;
+  /** RFC 3339. */
+  createdAt: string;
+  /** RFC 3339. */
+  updatedAt: string;
+  /** Set once MERGED. */
+  merged: { files: MergedFileInfo[]; seconds: number } | undefined;
+}
+
+/** What `job.json` contains. */
+interface JobFile extends Omit<StoredJob, 'state' | 'dpa' | 'merge'> {
+  version: number;
+  state: string;
+  dpa: unknown;
+  merge: unknown;
+}
+
+function toFile(job: StoredJob): JobFile {
+  return { version: STORE_VERSION, ...job, state: jobStateToJSON(job.state), dpa: DpaConfig.toJSON(job.dpa), merge: MergeOptions.toJSON(job.merge) };
+}
+
+function fromFile(file: JobFile, path: string): StoredJob {
+  if (file.version !== STORE_VERSION) throw new Error(`${path}: job file version ${file.version}, this server reads ${STORE_VERSION}`);
+  const rest: Partial<Pick<JobFile, 'version'>> & Omit<JobFile, 'version'> = { ...file };
+  delete rest.version;
+  return { ...rest, state: jobStateFromJSON(file.state), dpa: DpaConfig.fromJSON(file.dpa), merge: MergeOptions.fromJSON(file.merge) };
+}
+
+/** True for states no job leaves. */
+export function isTerminal(state: JobState): boolean {
+  return state === JobState.JOB_STATE_MERGED || state === JobState.JOB_STATE_FAILED;
+}
+
+/** The jobs of one data folder. */
+export class JobStore {
+  private readonly jobs = new Map<string, StoredJob>();
+  /** Per job, the last write; the next one starts after it so renames land in order. */
+  private readonly writes = new Map<string, Promise<void>>();
+
+  private constructor(
+    /** `<data>/jobs`. */
+    readonly root: string,
+  ) {}
+
+  /**
+   * Loads every job of `<dataDir>/jobs`, removing temporary files a crash left.
+   * A job folder whose `job.json` cannot be read is skipped with an error
+   * logged, so that one damaged job does not keep the server down.
+   */
+  static async open(dataDir: string, log: Logger): Promise<JobStore> {
+    const store = new JobStore(join(dataDir, 'jobs'));
+    await mkdir(store.root, { recursive: true });
+    for (const entry of await readdir(store.root, { withFileTypes: true })) {
+      if (!entry.isDirectory()) continue;
+      const dir = join(store.root, entry.name);
+      for (const name of await readdir(dir)) {
+        if (name.startsWith(`job.json${TEMP_MARK}`)) await rm(join(dir, name), { force: true });
+      }
+      const path = join(dir, 'job.json');
+      try {
+        const job = fromFile(JSON.parse(await readFile(path, 'utf8')) as JobFile, path);
+        store.jobs.set(job.id, job);
+      } catch (err) {
+        log.error('skipping a job whose job.json cannot be read', { path, err });
+      }
+    }
+    return store;
+  }
+
+  /** Folder of a job's files. */
+  dir(id: string): string {
+    return join(this.root, id);
+  }
+
+  /**
+   * The job with this id.
+   * @throws NotFoundError if there is none.
+   */
+  get(id: string): StoredJob {
+    const job = this.jobs.get(id);
+    if (job === undefined) throw new NotFoundError(`no job ${JSON.stringify(id)}`);
+    return job;
+  }
+
+  /** Every job, newest first. */
+  list(): StoredJob[] {
+    return [...this.jobs.values()].sort((a, b) => (a.createdAt < b.createdAt ? 1 : a.createdAt > b.createdAt ? -1 : a.id < b.id ? 1 : -1));
+  }
+
+  /** Number of jobs per state name (`COLLECTING`, …), every state present. */
+  countByState(): Record<string, number> {
+    const counts: Record<string, number> = {};
+    for (const s of [JobState.JOB_STATE_COLLECTING, JobState.JOB_STATE_DPA, JobState.JOB_STATE_MERGING, JobState.JOB_STATE_MERGED, JobState.JOB_STATE_FAILED]) {
+      counts[stateName(s)] = 0;
+    }
+    for (const job of this.jobs.values()) counts[stateName(job.state)] = (counts[stateName(job.state)] ?? 0) + 1;
+    return counts;
+  }
+
+  /** Creates the job's folder and `job.json`. */
+  async create(job: StoredJob): Promise<StoredJob> {
+    await mkdir(this.dir(job.id), { recursive: true });
+    this.jobs.set(job.id, job);
+    await this.persist(job);
+    return job;
+  }
+
+  /**
+   * Changes a job and writes it out; `updatedAt` is set.
+   * @param change - Mutates the job in place.
+   * @throws NotFoundError if there is no such job; Error from the file system.
+   */
+  async update(id: string, change: (job: StoredJob) => void): Promise<StoredJob> {
+    const job = this.get(id);
+    change(job);
+    job.updatedAt = new Date().toISOString();
+    await this.persist(job);
+    return job;
+  }
+
+  private persist(job: StoredJob): Promise<void> {
+    // Serialised per job: the JSON is taken when the write starts, so the last write carries the last state.
+    const write = (this.writes.get(job.id) ?? Promise.resolve()).then(() =>
+      writeFileDurably(join(this.dir(job.id), 'job.json'), `${JSON.stringify(toFile(job), null, 2)}\n`),
+    );
+    this.writes.set(job.id, write.catch(() => undefined));
+    return write;
+  }
+}
+
+/** `COLLECTING`, `MERGED`, …: the state without its enum prefix, for messages and metric labels. */
+export function stateName(state: JobState): string {
+  return jobStateToJSON(state).replace(/^JOB_STATE_/, '');
+}

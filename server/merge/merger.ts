@@ -1,0 +1,172 @@
+/**
+ * The merge: `W = W_base + Σ_i c_i · Σ_p f_ip · Δ_i|p`, tensor by tensor in
+ * the base's layout (spec "Merge").
+ *
+ * Each tensor is accumulated in fp32 from the base, the parties' spooled
+ * entries are added in the job's party order (so the result does not depend
+ * on timing), and it is written in the base's dtype (bf16 rounded to nearest
+ * even). Tensors no party sent are copied byte for byte. The output appears
+ * under its final name only when complete (CheckpointWriter).
+ *
+ * The additions run on worker threads (tensor-merge.ts, merge-runner.ts);
+ * this thread reads raw tensors and writes. Memory: per worker one fp32
+ * buffer of the largest tensor plus one encoded tensor, whatever the model's
+ * size.
+ */
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { readdir, stat } from 'node:fs/promises';
+import { availableParallelism } from 'node:os';
+import { join } from 'node:path';
+import { FormatError } from '../../proto/errors.js';
+import { Checkpoint, CheckpointWriter } from '../../proto/safetensors/index.js';
+import type { MergedFileInfo } from '../jobs/job-store.js';
+import { inlineRunner, type MergeRunner, workerRunner } from './merge-runner.js';
+
+/** One party's contribution. */
+export interface MergeParty {
+  name: string;
+  /** Weight c_i of the party's delta. */
+  weight: number;
+  /** Amplification factor per partition, partition 1 first. */
+  factors: readonly number[];
+  /** Spool file (a one-tensor `.dppa` file) of every tensor the party sent, by tensor name. */
+  tensors: ReadonlyMap<string, string>;
+}
+
+/** Progress after each tensor written. */
+export interface MergeProgressInfo {
+  tensorsDone: number;
+  tensorsTotal: number;
+  /** Bytes of the base tensor just done. */
+  tensorBytes: number;
+}
+
+/** Options of {@link mergeCheckpoint}. */
+export interface MergeInput {
+  /** Base checkpoint folder (or file). */
+  basePath: string;
+  /** Output folder; replaced when the merge completes, untouched if it fails. */
+  outDir: string;
+  /** Parties in the order their deltas are added. */
+  parties: readonly MergeParty[];
+  /** Scale partition 0 (outside tensors) by the party's largest factor instead of 1. */
+  outsideByMax: boolean;
+  /** Worker threads doing the additions; 0 does them in this thread (one tensor added while another is read or written). @default min(2, available cores) */
+  workers?: number;
+  /** Stops the merge; the temporary output is removed and the signal's reason thrown. */
+  signal?: AbortSignal;
+  /** Called after each tensor written. */
+  onProgress?: (p: MergeProgressInfo) => void;
+}
+
+/** What a merge produced. */
+export interface MergeResult {
+  /** Every file of the output folder with its size and SHA-256. */
+  files: MergedFileInfo[];
+  /** Tensors that received entries from at least one party. */
+  tensorsMerged: number;
+  /** Tensors copied from the base unchanged. */
+  tensorsCopied: number;
+}
+
+/** Default number of merge worker threads. */
+export function defaultMergeWorkers(): number {
+  return Math.min(2, availableParallelism());
+}
+
+/**
+ * Writes the merged checkpoint.
+ * @throws FormatError naming the spool file and tensor if a spooled tensor is damaged or does not fit the base.
+ * @throws The signal's reason when aborted; Error from the file system.
+ */
+export async function mergeCheckpoint(input: MergeInput): Promise<MergeResult> {
+  const { signal } = input;
+  signal?.throwIfAborted();
+  const readOpts = signal === undefined ? {} : { signal };
+  const base = await Checkpoint.open(input.basePath);
+  try {
+    for (const p of input.parties) {
+      for (const [name, file] of p.tensors) {
+        if (!base.has(name)) throw new FormatError(`party ${p.name} sent a tensor the base does not have`, { file, tensor: name });
+      }
+    }
+    const isDir = (await stat(input.basePath)).isDirectory();
+    const writer = await CheckpointWriter.create(input.outDir, base.layout, {
+      ...(isDir ? { copyExtraFilesFrom: input.basePath } : {}),
+      overwrite: true,
+    });
+    const workers = input.workers ?? defaultMergeWorkers();
+    const runner: MergeRunner = workers === 0 ? inlineRunner(base) : workerRunner(input.basePath, workers);
+    // Workers do not see the signal: stopping them is what aborts the tensors they are on.
+    const stop = (): void => void runner.close();
+    signal?.addEventListener('abort', stop);
+    try {
+      const tensors = base.tensors();
+      let merged = 0;
+      let done = 0;
+      const one = async (name: string): Promise<void> => {
+        signal?.throwIfAborted();
+        const info = base.info(name);
+        const contributions = input.parties.flatMap((p) => {
+          const file = p.tensors.get(name);
+          return file === undefined ? [] : [{ file, weight: p.weight, factors: [...p.factors] }];
+        });
+        if (contributions.length === 0) {
+          await writer.writeTensor(name, await base.readRaw(name, readOpts));
+        } else {
+          merged++;
+          await writer.writeTensor(name, await runner.run({ name, contributions, outsideByMax: input.outsideByMax }, info.numel, signal));
+        }
+        input.onProgress?.({ tensorsDone: ++done, tensorsTotal: tensors.length, tensorBytes: info.byteLength });
+      };
+      // One lane more than the runner has, so that this thread copies and writes while every worker adds.
+      await inWindow(tensors.map((t) => t.name), runner.width + 1, one);
+      signal?.throwIfAborted();
+      await writer.commit();
+      return { files: await describeFiles(input.outDir), tensorsMerged: merged, tensorsCopied: tensors.length - merged };
+    } catch (err) {
+      throw signal?.aborted === true ? signal.reason : err;
+    } finally {
+      signal?.removeEventListener('abort', stop);
+      await runner.close();
+      await writer.abort();
+    }
+  } finally {
+    await base.close();
+  }
+}
+
+/** Runs `fn` over `items` with at most `width` calls pending; the first failure stops new calls and is thrown once all pending ones settled. */
+async function inWindow<T>(items: readonly T[], width: number, fn: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  let failure: { err: unknown } | undefined;
+  const lane = async (): Promise<void> => {
+    while (failure === undefined && next < items.length) {
+      try {
+        await fn(items[next++]!);
+      } catch (err) {
+        failure ??= { err };
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: width }, lane));
+  if (failure !== undefined) throw failure.err;
+}
+
+/** Size and SHA-256 of every file of a folder (a checkpoint folder is flat). */
+async function describeFiles(dir: string): Promise<MergedFileInfo[]> {
+  const files: MergedFileInfo[] = [];
+  for (const entry of (await readdir(dir, { withFileTypes: true })).sort((a, b) => (a.name < b.name ? -1 : 1))) {
+    if (!entry.isFile()) continue;
+    const path = join(dir, entry.name);
+    const hash = createHash('sha256');
+    let size = 0;
+    for await (const chunk of createReadStream(path)) {
+      hash.update(chunk as Buffer);
+      size += (chunk as Buffer).length;
+    }
+    files.push({ path: entry.name, size, sha256: hash.digest('hex') });
+  }
+  return files;
+}

@@ -1,0 +1,59 @@
+/**
+ * The merge of one tensor: `base + Σ_i c_i · Σ_p f_ip · Δ_i|p` accumulated in
+ * fp32, then encoded in the base's dtype. The one implementation both the
+ * worker threads and the inline runner call.
+ */
+import { FormatError } from '../../proto/errors.js';
+import { type Checkpoint, encodeFromF32 } from '../../proto/safetensors/index.js';
+import { addScaled, partitionFactor, readDeltaFile, TensorAssembler } from '../../proto/sparse/index.js';
+
+/** One party's entries of a tensor. */
+export interface Contribution {
+  /** Spool file: a one-tensor `.dppa` file. */
+  file: string;
+  /** Weight c_i of the party's delta. */
+  weight: number;
+  /** Amplification factor per partition, partition 1 first. */
+  factors: readonly number[];
+}
+
+/** What to merge for one tensor; plain data, so that it can be posted to a worker. */
+export interface TensorTask {
+  name: string;
+  /** In the order they are added (the job's party order). */
+  contributions: Contribution[];
+  /** Scale partition 0 (outside tensors) by the party's largest factor instead of 1. */
+  outsideByMax: boolean;
+}
+
+/**
+ * Merges one tensor.
+ * @param buffer - Reused fp32 accumulator; must hold the tensor's elements.
+ * @returns The merged tensor in the base's dtype (bf16/f16 rounded to nearest even), in new memory.
+ * @throws FormatError naming the spool file and tensor if a spooled tensor is damaged or is another tensor.
+ */
+export async function mergeTensor(base: Checkpoint, task: TensorTask, buffer: Float32Array, signal?: AbortSignal): Promise<Uint8Array> {
+  const opts = signal === undefined ? {} : { signal };
+  const acc = await base.readF32(task.name, { into: buffer, ...opts });
+  for (const c of task.contributions) await addSpooled(acc, task.name, c, task.outsideByMax, opts);
+  const bytes = encodeFromF32(acc, base.info(task.name).dtype);
+  // An F32 base encodes to a view of the accumulator, which the next tensor overwrites.
+  return bytes.buffer === buffer.buffer ? bytes.slice() : bytes;
+}
+
+/** Adds `c_i · f_p · Δ|p` of one spooled tensor into `acc`, chunk by chunk, checking every record again. */
+async function addSpooled(acc: Float32Array, name: string, c: Contribution, outsideByMax: boolean, opts: { signal?: AbortSignal }): Promise<void> {
+  const { file } = c;
+  let assembler: TensorAssembler | undefined;
+  for await (const record of readDeltaFile(file, opts)) {
+    if (record.header !== undefined) {
+      const planned = record.header.tensors;
+      if (planned.length !== 1 || planned[0]!.name !== name) throw new FormatError('spool file does not hold this tensor', { file, tensor: name });
+      assembler = new TensorAssembler({ file, collect: false });
+      continue;
+    }
+    const chunk = assembler!.push(record);
+    if (chunk !== undefined) addScaled(acc, chunk.positions, chunk.values, c.weight * partitionFactor(c.factors, chunk.partition, outsideByMax));
+  }
+  if (assembler?.complete !== true) throw new FormatError('spool file ends before the tensor end', { file, tensor: name });
+}

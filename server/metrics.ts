@@ -1,0 +1,134 @@
+/**
+ * Prometheus metrics of the server, in a registry of its own (never the
+ * global one, so that several servers in one process, as in tests, do not
+ * collide), and the HTTP endpoint that serves them.
+ *
+ * Labels take values from fixed sets only (RPC method, status code, job
+ * state): never a party, job or tensor name.
+ */
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+
+/** Reads values that live elsewhere at scrape time. */
+export interface MetricsSources {
+  /** Number of jobs per state name. */
+  jobsByState(): Record<string, number>;
+  /** Bytes of upload spool on disk. */
+  spoolBytes(): number;
+}
+
+/** Every metric the server exports. */
+export class Metrics {
+  /** The registry the metrics live in; `metrics()` renders it. */
+  readonly registry = new Registry();
+  readonly rpcRequests = new Counter({
+    name: 'dppa_rpc_requests_total',
+    help: 'gRPC calls finished, by method and status code.',
+    labelNames: ['method', 'code'] as const,
+    registers: [this.registry],
+  });
+  readonly rpcDuration = new Histogram({
+    name: 'dppa_rpc_duration_seconds',
+    help: 'Duration of gRPC calls, by method (streams: until their status is sent).',
+    labelNames: ['method'] as const,
+    buckets: [0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10, 60, 300, 1800],
+    registers: [this.registry],
+  });
+  readonly uploadBytes = new Counter({
+    name: 'dppa_upload_bytes_total',
+    help: 'Bytes of delta chunk payload received from parties.',
+    registers: [this.registry],
+  });
+  readonly uploadTensors = new Counter({
+    name: 'dppa_upload_tensors_total',
+    help: 'Tensors received completely and spooled.',
+    registers: [this.registry],
+  });
+  readonly uploadsActive = new Gauge({
+    name: 'dppa_uploads_active',
+    help: 'Upload streams open now.',
+    registers: [this.registry],
+  });
+  readonly mergeDuration = new Histogram({
+    name: 'dppa_merge_duration_seconds',
+    help: 'Duration of completed merges.',
+    buckets: [1, 5, 15, 60, 300, 900, 1800, 3600, 7200],
+    registers: [this.registry],
+  });
+  readonly mergeBytes = new Counter({
+    name: 'dppa_merge_bytes_total',
+    help: 'Bytes of base checkpoint tensors merged (rate() gives merge throughput).',
+    registers: [this.registry],
+  });
+  readonly mergeTensors = new Counter({
+    name: 'dppa_merge_tensors_total',
+    help: 'Tensors of merged checkpoints written.',
+    registers: [this.registry],
+  });
+
+  /** @param sources - Read at every scrape for the gauges of jobs and spool. */
+  constructor(sources: MetricsSources) {
+    new Gauge({
+      name: 'dppa_jobs',
+      help: 'Jobs known to the server, by state.',
+      labelNames: ['state'] as const,
+      registers: [this.registry],
+      collect() {
+        this.reset();
+        for (const [state, n] of Object.entries(sources.jobsByState())) this.set({ state }, n);
+      },
+    });
+    new Gauge({
+      name: 'dppa_spool_bytes',
+      help: 'Bytes of uploaded deltas spooled on disk.',
+      registers: [this.registry],
+      collect() {
+        this.set(sources.spoolBytes());
+      },
+    });
+    collectDefaultMetrics({ register: this.registry });
+  }
+}
+
+/** The `/metrics` HTTP listener. */
+export class MetricsServer {
+  private readonly http: Server;
+
+  /** @param registry - What `/metrics` renders. */
+  constructor(registry: Registry) {
+    this.http = createServer((req, res) => {
+      if (req.method !== 'GET' || (req.url ?? '').split('?')[0] !== '/metrics') {
+        res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics\n');
+        return;
+      }
+      registry.metrics().then(
+        (body) => res.writeHead(200, { 'content-type': registry.contentType }).end(body),
+        (err: unknown) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`metrics collection failed: ${String(err)}\n`),
+      );
+    });
+  }
+
+  /**
+   * Starts listening.
+   * @returns The port bound (useful when `port` is 0).
+   */
+  async listen(host: string, port: number): Promise<number> {
+    await new Promise<void>((resolveListen, reject) => {
+      this.http.once('error', reject);
+      this.http.listen(port, host, () => {
+        this.http.off('error', reject);
+        resolveListen();
+      });
+    });
+    return (this.http.address() as AddressInfo).port;
+  }
+
+  /** Stops listening and closes open connections (scrapers keep them alive). */
+  async close(): Promise<void> {
+    if (!this.http.listening) return;
+    const closed = new Promise<void>((r) => this.http.close(() => r()));
+    this.http.closeAllConnections();
+    await closed;
+  }
+}

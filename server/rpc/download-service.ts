@@ -1,0 +1,69 @@
+/**
+ * DownloadService: the merged checkpoint of a MERGED job, file by file, in
+ * checksummed chunks of at most 1 MiB, from any offset (to resume).
+ * Only files recorded in the job can be named, so no path reaches the disk
+ * unchecked.
+ */
+import { open } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Metadata } from '@grpc/grpc-js';
+import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
+import type { DownloadServiceServer } from '../../proto/gen/dppa/v1/download.js';
+import { crc32c } from '../../proto/sparse/index.js';
+import { FailedPreconditionError, NotFoundError, OutOfRangeError, PermissionDeniedError } from '../errors.js';
+import { stateName, type JobStore, type MergedFileInfo, type StoredJob } from '../jobs/job-store.js';
+import type { Authenticator } from './auth.js';
+import type { RpcWrapper } from './handler.js';
+
+/** Largest `data` of one FileChunk. */
+export const DOWNLOAD_CHUNK_BYTES = 1024 * 1024;
+
+/** What the download service needs. */
+export interface DownloadServiceDeps {
+  store: JobStore;
+  auth: Authenticator;
+}
+
+/** The DownloadService implementation. */
+export function downloadService(deps: DownloadServiceDeps, rpc: RpcWrapper): DownloadServiceServer {
+  /** The merged job, if the caller may download it. */
+  const mergedJob = (metadata: Metadata, jobId: string): StoredJob & { merged: { files: MergedFileInfo[] } } => {
+    const caller = deps.auth.requireJobAccess(metadata, jobId);
+    const job = deps.store.get(jobId);
+    if (caller.kind === 'party' && !job.merge.partiesMayDownload) {
+      throw new PermissionDeniedError(`job ${jobId} does not let parties download the merged checkpoint (merge.parties_may_download)`);
+    }
+    if (job.state !== JobState.JOB_STATE_MERGED || job.merged === undefined) {
+      throw new FailedPreconditionError(`job ${jobId} is ${stateName(job.state)}: the merged checkpoint exists once it is MERGED`);
+    }
+    return job as StoredJob & { merged: { files: MergedFileInfo[] } };
+  };
+
+  return {
+    listFiles: rpc.unary('DownloadService/ListFiles', (req, ctx) => {
+      const job = mergedJob(ctx.metadata, req.jobId);
+      return Promise.resolve({ files: job.merged.files.map((f) => ({ path: f.path, size: BigInt(f.size), sha256: f.sha256 })) });
+    }),
+    download: rpc.serverStream('DownloadService/Download', async (req, send, ctx) => {
+      const job = mergedJob(ctx.metadata, req.jobId);
+      const file = job.merged.files.find((f) => f.path === req.path);
+      if (file === undefined) throw new NotFoundError(`job ${req.jobId} has no file ${JSON.stringify(req.path)} (ListFiles names them)`);
+      if (req.offset > BigInt(file.size)) throw new OutOfRangeError(`offset ${req.offset} is past the end of ${file.path} (${file.size} bytes)`);
+      const fh = await open(join(deps.store.dir(job.id), 'merged', file.path), 'r');
+      try {
+        for (let offset = Number(req.offset); offset < file.size; ) {
+          ctx.signal.throwIfAborted();
+          // A fresh buffer per chunk: the transport may still hold the previous one.
+          const data = Buffer.allocUnsafe(Math.min(DOWNLOAD_CHUNK_BYTES, file.size - offset));
+          const { bytesRead } = await fh.read(data, 0, data.length, offset);
+          if (bytesRead === 0) throw new Error(`${file.path} is shorter on disk than the ${file.size} bytes recorded`);
+          const chunk = data.subarray(0, bytesRead);
+          await send({ path: file.path, offset: BigInt(offset), data: chunk, crc32c: crc32c(chunk) });
+          offset += bytesRead;
+        }
+      } finally {
+        await fh.close();
+      }
+    }),
+  };
+}

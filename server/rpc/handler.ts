@@ -1,0 +1,160 @@
+/**
+ * The one wrapper every RPC handler goes through: it links the call's
+ * cancellation, its deadline and the server's shutdown into one AbortSignal
+ * passed down, maps whatever the handler throws to a status (status.ts), and
+ * records the call's metrics. Handlers are plain async functions.
+ */
+import { once } from 'node:events';
+import {
+  status as Code,
+  type handleClientStreamingCall,
+  type handleServerStreamingCall,
+  type handleUnaryCall,
+  type Metadata,
+  type ServerUnaryCall,
+  type ServerWritableStream,
+} from '@grpc/grpc-js';
+import { CancelledError, DeadlineExceededError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { Metrics } from '../metrics.js';
+import { codeName, toStatus, type RpcStatus } from './status.js';
+
+/** What a handler gets besides its request. */
+export interface CallContext {
+  /** Aborted (with a CancelledError, DeadlineExceededError or UnavailableError reason) when the call should stop. */
+  signal: AbortSignal;
+  /** The request metadata (carries `authorization`). */
+  metadata: Metadata;
+}
+
+/** Signals of the server's shutdown, in its two steps. */
+export interface ShutdownSignals {
+  /** Aborted when a graceful stop begins: streams that never end by themselves (watchers) end then. */
+  draining: AbortSignal;
+  /** Aborted when calls must stop: at once for a hard stop, after the grace period for a graceful one. */
+  closing: AbortSignal;
+}
+
+/** What every kind of call has (grpc-js does not export its own name for it). */
+type SurfaceCall = Pick<ServerUnaryCall<unknown, unknown>, 'getDeadline' | 'metadata' | 'cancelled'> & NodeJS.EventEmitter;
+
+/** Sends one message of a server stream, waiting for `drain` when the transport is full. */
+export type Send<T> = (message: T) => Promise<void>;
+
+/** Builds grpc-js handlers from async functions. */
+export class RpcWrapper {
+  /** Handlers still running, so that a stop can wait for their cleanup (spool files, event appends). */
+  private readonly inFlight = new Set<Promise<void>>();
+
+  constructor(
+    private readonly metrics: Metrics,
+    private readonly log: Logger,
+    private readonly shutdown: ShutdownSignals,
+  ) {}
+
+  /** A unary handler. `method` is the metric label, e.g. `JobService/CreateJob`. */
+  unary<Req, Res>(method: string, fn: (request: Req, ctx: CallContext) => Promise<Res>): handleUnaryCall<Req, Res> {
+    return (call, callback) => {
+      void this.run(method, call, 'closing', async (ctx) => callback(null, await fn(call.request, ctx)), (st) => callback(statusError(st)));
+    };
+  }
+
+  /** A client-streaming handler; the requests are read with `for await`, which pulls one message at a time. */
+  clientStream<Req, Res>(method: string, fn: (requests: AsyncIterable<Req>, ctx: CallContext) => Promise<Res>): handleClientStreamingCall<Req, Res> {
+    return (call, callback) => {
+      void this.run(method, call, 'closing', async (ctx) => callback(null, await fn(call, ctx)), (st) => callback(statusError(st)));
+    };
+  }
+
+  /**
+   * A server-streaming handler. The stream is ended when `fn` resolves.
+   * @param endless - The stream only ends when the caller leaves (watchers): end it as soon as a graceful stop begins.
+   */
+  serverStream<Req, Res>(
+    method: string,
+    fn: (request: Req, send: Send<Res>, ctx: CallContext) => Promise<void>,
+    endless = false,
+  ): handleServerStreamingCall<Req, Res> {
+    return (call) => {
+      void this.run(
+        method,
+        call,
+        endless ? 'draining' : 'closing',
+        async (ctx) => {
+          await fn(call.request, (m) => send(call, m, ctx.signal), ctx);
+          call.end();
+        },
+        (st) => call.emit('error', statusError(st)),
+      );
+    };
+  }
+
+  /** Resolves once every handler started so far has finished, cleanup included. */
+  async idle(): Promise<void> {
+    while (this.inFlight.size > 0) await Promise.all([...this.inFlight]);
+  }
+
+  private run(
+    method: string,
+    call: SurfaceCall,
+    stopOn: keyof ShutdownSignals,
+    body: (ctx: CallContext) => Promise<void>,
+    fail: (st: RpcStatus) => void,
+  ): Promise<void> {
+    const running = this.runTracked(method, call, stopOn, body, fail).finally(() => this.inFlight.delete(running));
+    this.inFlight.add(running);
+    return running;
+  }
+
+  private async runTracked(
+    method: string,
+    call: SurfaceCall,
+    stopOn: keyof ShutdownSignals,
+    body: (ctx: CallContext) => Promise<void>,
+    fail: (st: RpcStatus) => void,
+  ): Promise<void> {
+    const endTimer = this.metrics.rpcDuration.startTimer({ method });
+    const controller = new AbortController();
+    const abort = (reason: Error): void => {
+      if (!controller.signal.aborted) controller.abort(reason);
+    };
+    const onCancel = (): void => abort(new CancelledError('the caller cancelled the call'));
+    const shutdown = this.shutdown[stopOn];
+    const onShutdown = (): void => abort(shutdown.reason as Error);
+    call.on('cancelled', onCancel);
+    shutdown.addEventListener('abort', onShutdown);
+    if (shutdown.aborted) onShutdown();
+    const deadline = call.getDeadline();
+    const ms = (deadline instanceof Date ? deadline.getTime() : deadline) - Date.now();
+    const timer = Number.isFinite(ms) ? setTimeout(() => abort(new DeadlineExceededError('deadline exceeded')), Math.max(0, ms)) : undefined;
+    let code = Code.OK;
+    try {
+      await body({ signal: controller.signal, metadata: call.metadata });
+    } catch (thrown) {
+      // Once the call is aborted, whatever the handler threw on the way out is a consequence of that.
+      const st = toStatus(controller.signal.aborted ? controller.signal.reason : thrown, this.log);
+      code = st.code;
+      if (!call.cancelled) fail(st);
+    } finally {
+      clearTimeout(timer);
+      call.off('cancelled', onCancel);
+      shutdown.removeEventListener('abort', onShutdown);
+      endTimer();
+      this.metrics.rpcRequests.inc({ method, code: codeName(code) });
+    }
+  }
+}
+
+function statusError(st: RpcStatus): Error & RpcStatus {
+  return Object.assign(new Error(st.details), st);
+}
+
+async function send<T>(call: ServerWritableStream<unknown, T>, message: T, signal: AbortSignal): Promise<void> {
+  signal.throwIfAborted();
+  if (call.write(message)) return;
+  try {
+    await once(call, 'drain', { signal });
+  } catch (err) {
+    throw signal.aborted ? signal.reason : err;
+  }
+}

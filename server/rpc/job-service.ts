@@ -1,0 +1,62 @@
+/**
+ * JobService: thin handlers that check the caller, call the job modules and
+ * encode the answer.
+ */
+import { JobState, type JobServiceServer } from '../../proto/gen/dppa/v1/jobs.js';
+import { FailedPreconditionError } from '../errors.js';
+import { createJob } from '../jobs/create-job.js';
+import type { JobEvents } from '../jobs/job-events.js';
+import type { JobRunner } from '../jobs/job-runner.js';
+import type { JobStore } from '../jobs/job-store.js';
+import type { Spool } from '../uploads/spool.js';
+import type { Authenticator } from './auth.js';
+import type { RpcWrapper } from './handler.js';
+import { jobView } from './job-view.js';
+
+/** What the job service needs. */
+export interface JobServiceDeps {
+  store: JobStore;
+  events: JobEvents;
+  spool: Spool;
+  runner: JobRunner;
+  auth: Authenticator;
+  /** Per-party upload cap of new jobs; undefined for the default multiple of the base size. */
+  maxUploadBytes: number | undefined;
+}
+
+/** The JobService implementation. */
+export function jobService(deps: JobServiceDeps, rpc: RpcWrapper): JobServiceServer {
+  const { store, events, spool, runner, auth } = deps;
+  return {
+    createJob: rpc.unary('JobService/CreateJob', async (req, ctx) => {
+      auth.requireAdmin(ctx.metadata);
+      const { job, tokens } = await createJob(deps, req, ctx.signal);
+      return { job: jobView(job, spool), tokens };
+    }),
+    getJob: rpc.unary('JobService/GetJob', (req, ctx) => {
+      auth.requireJobAccess(ctx.metadata, req.jobId);
+      return Promise.resolve(jobView(store.get(req.jobId), spool));
+    }),
+    listJobs: rpc.unary('JobService/ListJobs', (_req, ctx) => {
+      auth.requireAdmin(ctx.metadata);
+      return Promise.resolve({ jobs: store.list().map((j) => jobView(j, spool)) });
+    }),
+    watchJob: rpc.serverStream(
+      'JobService/WatchJob',
+      async (req, send, ctx) => {
+        auth.requireJobAccess(ctx.metadata, req.jobId);
+        store.get(req.jobId);
+        for await (const event of events.watch(req.jobId, req.afterSeq, ctx.signal)) await send(event);
+      },
+      true,
+    ),
+    cancelJob: rpc.unary('JobService/CancelJob', async (req, ctx) => {
+      auth.requireAdmin(ctx.metadata);
+      if (store.get(req.jobId).state === JobState.JOB_STATE_MERGED) {
+        throw new FailedPreconditionError(`job ${req.jobId} has already merged; there is nothing to cancel`);
+      }
+      const reason = req.reason.trim() === '' ? 'cancelled by the admin' : req.reason;
+      return jobView(await runner.cancel(req.jobId, reason), spool);
+    }),
+  };
+}

@@ -1,0 +1,41 @@
+/**
+ * A stored job as the API shows it: settings, state, and each party's
+ * progress read from its spool.
+ */
+import type { Job, PartyStatus } from '../../proto/gen/dppa/v1/jobs.js';
+import { fixedFactors } from '../jobs/job-spec.js';
+import type { StoredJob } from '../jobs/job-store.js';
+import type { Spool } from '../uploads/spool.js';
+
+/** The `Job` message of a stored job. */
+export function jobView(job: StoredJob, spool: Spool): Job {
+  return {
+    id: job.id,
+    label: job.label,
+    state: job.state,
+    basePath: job.basePath,
+    baseFingerprint: job.baseFingerprint,
+    rate: job.rate,
+    method: job.method,
+    dpa: job.dpa,
+    merge: job.merge,
+    parties: job.parties.map((p): PartyStatus => {
+      const s = spool.party(job.id, p.name);
+      const factors = fixedFactors(job, p.name, s.header?.levels.length);
+      return {
+        name: p.name,
+        tensorsReceived: s.held.size,
+        tensorsExpected: s.expected,
+        bytesReceived: BigInt(s.heldBytes),
+        uploadComplete: s.complete,
+        factors: factors ?? [],
+        // No job searches its factors yet: they are final as soon as they are known.
+        factorsFinal: true,
+      };
+    }),
+    evaluations: [],
+    failureReason: job.failureReason,
+    createdAt: job.createdAt,
+    updatedAt: job.updatedAt,
+  };
+}

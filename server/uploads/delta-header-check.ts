@@ -1,0 +1,76 @@
+/**
+ * Checks a party's DeltaHeader against its job and the job's base checkpoint
+ * before any tensor of it is accepted.
+ */
+import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
+import type { DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
+import { DELTA_FORMAT_VERSION } from '../../proto/sparse/index.js';
+import { FailedPreconditionError, InvalidArgumentError } from '../errors.js';
+import { fixedFactors } from '../jobs/job-spec.js';
+import { stateName, type StoredJob } from '../jobs/job-store.js';
+
+/** Tolerance when comparing the last partition level with the job's rate (both decoded from the same decimal). */
+const LEVEL_EPSILON = 1e-12;
+
+/** @throws FailedPreconditionError unless the job still takes uploads. */
+export function requireCollecting(job: StoredJob): void {
+  if (job.state !== JobState.JOB_STATE_COLLECTING) {
+    throw new FailedPreconditionError(`job ${job.id} is ${stateName(job.state)}: it no longer takes uploads`);
+  }
+}
+
+/**
+ * Checks that a header fits the job: same base, method and rate; partition
+ * levels decreasing and ending at the rate; as many partitions as the job's
+ * fixed factors; every planned tensor present in the base with the same shape.
+ * @param baseShapes - Shape of every tensor of the job's base checkpoint.
+ * @throws FailedPreconditionError when the delta was made for another base, method, rate or factor count.
+ * @throws InvalidArgumentError when the header is malformed or plans a tensor the base lacks or shapes differently.
+ */
+export function checkDeltaHeader(job: StoredJob, party: string, header: DeltaHeader, baseShapes: ReadonlyMap<string, readonly number[]>): void {
+  if (header.formatVersion !== DELTA_FORMAT_VERSION) {
+    throw new InvalidArgumentError(`DeltaHeader format_version is ${header.formatVersion}, this server reads ${DELTA_FORMAT_VERSION}`);
+  }
+  if (header.baseFingerprint !== job.baseFingerprint) {
+    throw new FailedPreconditionError(
+      `the delta was made against base ${header.baseFingerprint || '(none)'}, but job ${job.id} merges into base ${job.baseFingerprint}`,
+    );
+  }
+  if (header.method !== job.method) {
+    throw new FailedPreconditionError(`the delta was pruned with method ${JSON.stringify(header.method)}, job ${job.id} requires ${JSON.stringify(job.method)}`);
+  }
+  if (header.rate !== job.rate) throw new FailedPreconditionError(`the delta was pruned at rate ${header.rate}, job ${job.id} requires ${job.rate}`);
+  checkLevels(header.levels, header.rate);
+  const factors = fixedFactors(job, party, header.levels.length)!;
+  if (factors.length !== header.levels.length) {
+    throw new FailedPreconditionError(
+      `job ${job.id} fixes ${factors.length} amplification factor(s) for party ${party}, but the delta has ${header.levels.length} partition(s) (levels ${header.levels.join(', ')})`,
+    );
+  }
+  const names = new Set<string>();
+  for (const t of header.tensors) {
+    if (names.has(t.name)) throw new InvalidArgumentError(`tensor "${t.name}" is planned twice in the header`);
+    names.add(t.name);
+    const expected = baseShapes.get(t.name);
+    if (expected === undefined) throw new InvalidArgumentError(`tensor "${t.name}" is not in the base checkpoint`);
+    if (!sameShape(t.shape, expected)) {
+      throw new InvalidArgumentError(`tensor "${t.name}": shape [${t.shape.join(', ')}] in the delta, the base has [${expected.join(', ')}]`);
+    }
+  }
+}
+
+function checkLevels(levels: readonly number[], rate: number): void {
+  if (levels.length === 0) throw new InvalidArgumentError('DeltaHeader levels: at least one partition level is needed');
+  levels.forEach((l, i) => {
+    if (!(l >= 0 && l < 1)) throw new InvalidArgumentError(`DeltaHeader levels: ${l} is outside [0, 1)`);
+    if (i > 0 && !(l < levels[i - 1]!)) throw new InvalidArgumentError(`DeltaHeader levels: must decrease, but ${levels[i - 1]} is followed by ${l}`);
+  });
+  if (Math.abs(levels.at(-1)! - rate) > LEVEL_EPSILON) {
+    throw new InvalidArgumentError(`DeltaHeader levels: the last level must be the rate ${rate}, got ${levels.at(-1)}`);
+  }
+}
+
+/** True if a wire shape (bigint dimensions) equals a checkpoint shape. */
+export function sameShape(shape: readonly bigint[], expected: readonly number[]): boolean {
+  return shape.length === expected.length && shape.every((d, i) => d === BigInt(expected[i]!));
+}

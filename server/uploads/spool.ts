@@ -1,0 +1,193 @@
+/**
+ * Uploads on disk, per job and party: `jobs/<id>/uploads/<party>/`
+ *
+ * - `header.json`: the party's DeltaHeader (proto JSON), written atomically
+ *   when its first header is accepted;
+ * - `<n>.dppa`: tensor `n` of the header's plan, once received completely: a
+ *   one-tensor `.dppa` file (a header planning just that tensor, its records,
+ *   the end marker), readable by every `.dppa` tool.
+ *
+ * A tensor is written under a temporary name while its records arrive and
+ * renamed to `<n>.dppa` only after its end record validated, so a crash never
+ * leaves a partial tensor under a final name; temporary files are deleted when
+ * the server starts. The files are the truth about what a party has sent.
+ */
+import { mkdir, readdir, readFile, rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { DeltaHeader, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
+import { DeltaFileWriter } from '../../proto/sparse/index.js';
+import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
+import type { JobStore, StoredJob } from '../jobs/job-store.js';
+import type { Logger } from '../log.js';
+
+const TENSOR_FILE = /^(\d+)\.dppa$/;
+const HEADER_FILE = 'header.json';
+
+/** A tensor held in the spool. */
+export interface HeldTensor {
+  name: string;
+  /** Index in the header's `tensors`. */
+  index: number;
+  /** Size of its spool file. */
+  bytes: number;
+  /** Path of its spool file. */
+  file: string;
+}
+
+/** The spooled upload of one party of one job. */
+export class PartySpool {
+  /** The accepted header, once one arrived. */
+  header: DeltaHeader | undefined;
+  /** Tensors held, in the order they arrived (after a restart: in plan order). */
+  readonly held = new Map<string, HeldTensor>();
+  /** True while an upload stream of this party is open: one at a time. */
+  uploading = false;
+  /** Chunk payload bytes of the tensor being received, not yet in a spool file. */
+  pendingBytes = 0;
+  private plan = new Map<string, number>();
+
+  constructor(
+    /** The party's spool folder. */
+    readonly dir: string,
+  ) {}
+
+  /** Bytes of the party's spool files. */
+  get heldBytes(): number {
+    let n = 0;
+    for (const t of this.held.values()) n += t.bytes;
+    return n;
+  }
+
+  /** Tensors the party must send: those planned as sent; 0 before a header. */
+  get expected(): number {
+    return this.plan.size;
+  }
+
+  /** True once a header arrived and every tensor it plans as sent is held. */
+  get complete(): boolean {
+    return this.header !== undefined && this.held.size === this.plan.size;
+  }
+
+  /** Index in the header of a tensor planned as sent, or undefined. */
+  planIndex(name: string): number | undefined {
+    return this.plan.get(name);
+  }
+
+  /** Sets the header in memory (after it was stored or read back). */
+  private useHeader(header: DeltaHeader): void {
+    this.header = header;
+    this.plan = new Map();
+    header.tensors.forEach((t, i) => {
+      if (t.sent) this.plan.set(t.name, i);
+    });
+  }
+
+  /** Stores a newly accepted header. The caller has checked that no tensor of another header is held. */
+  async saveHeader(header: DeltaHeader): Promise<void> {
+    await mkdir(this.dir, { recursive: true });
+    await writeFileDurably(join(this.dir, HEADER_FILE), `${JSON.stringify(DeltaHeader.toJSON(header))}\n`);
+    this.useHeader(header);
+  }
+
+  /**
+   * Starts the spool file of a planned tensor; write its begin, chunks and
+   * end, then {@link PartySpool.commit} or `abort()` the writer.
+   */
+  async startTensor(plan: TensorPlan, index: number): Promise<DeltaFileWriter> {
+    const h = this.header!;
+    await mkdir(this.dir, { recursive: true });
+    const writer = await DeltaFileWriter.create(join(this.dir, `${index}.dppa`));
+    try {
+      await writer.write({
+        header: { ...h, options: {}, tensors: [plan], producer: 'dppa-federated server spool' },
+      });
+    } catch (err) {
+      await writer.abort();
+      throw err;
+    }
+    return writer;
+  }
+
+  /** Closes a tensor's spool file (fsync, rename into place) and counts it as held. */
+  async commit(name: string, index: number, writer: DeltaFileWriter): Promise<HeldTensor> {
+    await writer.close();
+    const held: HeldTensor = { name, index, bytes: (await stat(writer.path)).size, file: writer.path };
+    this.held.set(name, held);
+    return held;
+  }
+
+  /**
+   * Reads back what a previous run left: the header and every complete tensor
+   * file; temporary files (tensors cut off mid-way) and files that do not fit
+   * the header are deleted.
+   */
+  async recover(log: Logger): Promise<void> {
+    let names: string[];
+    try {
+      names = await readdir(this.dir);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw err;
+    }
+    for (const name of names.filter((n) => n.includes(TEMP_MARK))) await rm(join(this.dir, name), { force: true });
+    if (names.includes(HEADER_FILE)) {
+      this.useHeader(DeltaHeader.fromJSON(JSON.parse(await readFile(join(this.dir, HEADER_FILE), 'utf8'))));
+    }
+    const found: { index: number; file: string }[] = [];
+    for (const name of names) {
+      const m = TENSOR_FILE.exec(name);
+      if (m !== null) found.push({ index: Number(m[1]), file: join(this.dir, name) });
+    }
+    for (const { index, file } of found.sort((a, b) => a.index - b.index)) {
+      const plan = this.header?.tensors[index];
+      if (plan === undefined || !plan.sent) {
+        log.warn('deleting a spooled tensor that the stored header does not plan', { file });
+        await rm(file, { force: true });
+        continue;
+      }
+      this.held.set(plan.name, { name: plan.name, index, bytes: (await stat(file)).size, file });
+    }
+  }
+}
+
+/** The spools of every party of every job. */
+export class Spool {
+  private readonly parties = new Map<string, PartySpool>();
+
+  private constructor(private readonly store: JobStore) {}
+
+  /** Recovers the spool of every job in the store. */
+  static async open(store: JobStore, log: Logger): Promise<Spool> {
+    const spool = new Spool(store);
+    for (const job of store.list()) {
+      spool.addJob(job);
+      for (const p of job.parties) await spool.party(job.id, p.name).recover(log);
+    }
+    return spool;
+  }
+
+  /** Registers the (empty) spools of a new job's parties. */
+  addJob(job: StoredJob): void {
+    for (const p of job.parties) {
+      this.parties.set(key(job.id, p.name), new PartySpool(join(this.store.dir(job.id), 'uploads', p.name)));
+    }
+  }
+
+  /** The spool of one party; the party must belong to the job. */
+  party(jobId: string, party: string): PartySpool {
+    const s = this.parties.get(key(jobId, party));
+    if (s === undefined) throw new Error(`no spool for party ${party} of job ${jobId}`);
+    return s;
+  }
+
+  /** Bytes on disk over all spools, with tensors being received. */
+  totalBytes(): number {
+    let n = 0;
+    for (const s of this.parties.values()) n += s.heldBytes + s.pendingBytes;
+    return n;
+  }
+}
+
+function key(jobId: string, party: string): string {
+  return `${jobId}/${party}`;
+}

@@ -1,0 +1,286 @@
+/**
+ * Receiving one upload stream: an UploadOpen, a DeltaHeader, then per tensor
+ * its begin, chunks and end. Every record is checked as it arrives
+ * (TensorAssembler) and written straight to the party's spool, so memory
+ * holds one record whatever the model's size, and the stream is read only as
+ * fast as the disk takes it.
+ *
+ * A bad record fails the call and changes nothing: the tensor it belongs to is
+ * discarded (its temporary spool file removed), tensors completed before it
+ * stay.
+ */
+import type { DeltaFileWriter } from '../../proto/sparse/index.js';
+import { TensorAssembler } from '../../proto/sparse/index.js';
+import { DeltaHeader, type DeltaRecord, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
+import type { UploadRequest, UploadState } from '../../proto/gen/dppa/v1/upload.js';
+import { Checkpoint } from '../../proto/safetensors/index.js';
+import {
+  AlreadyExistsError,
+  FailedPreconditionError,
+  InvalidArgumentError,
+  ResourceExhaustedError,
+} from '../errors.js';
+import type { JobEvents } from '../jobs/job-events.js';
+import type { JobRunner } from '../jobs/job-runner.js';
+import type { JobStore, StoredJob } from '../jobs/job-store.js';
+import type { Metrics } from '../metrics.js';
+import type { Authenticator } from '../rpc/auth.js';
+import type { CallContext } from '../rpc/handler.js';
+import { checkDeltaHeader, requireCollecting, sameShape } from './delta-header-check.js';
+import type { PartySpool, Spool } from './spool.js';
+
+/** Shortest interval between two upload_progress events of a party (the one completing the upload is always sent). */
+const PROGRESS_INTERVAL_MS = 250;
+
+/** What an upload needs from the server. */
+export interface UploadDeps {
+  store: JobStore;
+  events: JobEvents;
+  spool: Spool;
+  runner: JobRunner;
+  metrics: Metrics;
+  auth: Authenticator;
+}
+
+/** The state of a party's upload, as UploadService returns it. */
+export function uploadState(jobId: string, party: string, spool: PartySpool): UploadState {
+  return {
+    jobId,
+    party,
+    tensorsReceived: [...spool.held.keys()],
+    tensorsExpected: spool.expected,
+    bytesReceived: BigInt(spool.heldBytes),
+    complete: spool.complete,
+    baseFingerprint: spool.header?.baseFingerprint ?? '',
+  };
+}
+
+/**
+ * Receives one upload stream.
+ * @returns The party's upload state after the stream.
+ * @throws InvalidArgumentError, FailedPreconditionError, ResourceExhaustedError, PermissionDeniedError,
+ *   UnauthenticatedError, AlreadyExistsError, FormatError, ChecksumError as the records dictate.
+ */
+export async function receiveUpload(deps: UploadDeps, requests: AsyncIterable<UploadRequest>, ctx: CallContext): Promise<UploadState> {
+  let session: UploadSession | undefined;
+  try {
+    for await (const req of requests) {
+      if (session === undefined) session = await UploadSession.open(deps, req, ctx);
+      else await session.take(req);
+    }
+    if (session === undefined) throw new InvalidArgumentError('empty upload stream: send an UploadOpen first');
+    return session.finish();
+  } finally {
+    await session?.close();
+  }
+}
+
+/** The tensor whose records are arriving. */
+interface OpenTensor {
+  name: string;
+  index: number;
+  assembler: TensorAssembler;
+  /** Undefined when the tensor is already held: its records are checked and dropped. */
+  writer: DeltaFileWriter | undefined;
+  /** Chunk payload bytes spooled so far. */
+  payload: number;
+}
+
+class UploadSession {
+  private header: DeltaHeader | undefined;
+  private tensor: OpenTensor | undefined;
+  private lastProgress = 0;
+
+  private constructor(
+    private readonly deps: UploadDeps,
+    private readonly job: StoredJob,
+    private readonly party: string,
+    private readonly spool: PartySpool,
+  ) {}
+
+  static async open(deps: UploadDeps, req: UploadRequest, ctx: CallContext): Promise<UploadSession> {
+    if (req.open === undefined) throw new InvalidArgumentError('the first message of an upload must be an UploadOpen');
+    const { jobId, party } = req.open;
+    deps.auth.requireParty(ctx.metadata, jobId, party);
+    const job = deps.store.get(jobId);
+    requireCollecting(job);
+    const spool = deps.spool.party(jobId, party);
+    if (spool.uploading) throw new AlreadyExistsError(`an upload of party ${party} to job ${jobId} is already in progress; retry once it ended`);
+    spool.uploading = true;
+    deps.metrics.uploadsActive.inc();
+    const session = new UploadSession(deps, job, party, spool);
+    const stored = job.parties.find((p) => p.name === party)!;
+    if (!stored.joined) {
+      try {
+        await deps.store.update(jobId, () => (stored.joined = true));
+        await deps.events.append(jobId, { partyJoined: { party } });
+      } catch (err) {
+        await session.close();
+        throw err;
+      }
+    }
+    return session;
+  }
+
+  async take(req: UploadRequest): Promise<void> {
+    if (req.open !== undefined) throw new InvalidArgumentError('UploadOpen must be the first message only');
+    const record = req.record;
+    if (record === undefined) throw new InvalidArgumentError('an upload message must carry an UploadOpen or a DeltaRecord');
+    const set = [record.header, record.tensorBegin, record.chunk, record.tensorEnd].filter((f) => f !== undefined).length;
+    if (set !== 1) throw new InvalidArgumentError(`a DeltaRecord must have exactly one of header/tensor_begin/chunk/tensor_end set, got ${set}`);
+    if (record.header !== undefined) {
+      if (this.header !== undefined) throw new InvalidArgumentError('a second DeltaHeader in one upload stream');
+      await this.acceptHeader(record.header);
+      return;
+    }
+    if (this.header === undefined) throw new InvalidArgumentError('the delta records must start with a DeltaHeader');
+    if (record.tensorBegin !== undefined) {
+      if (this.tensor !== undefined) {
+        throw new InvalidArgumentError(`tensor "${record.tensorBegin.name}" begins before tensor "${this.tensor.name}" ended`);
+      }
+      this.tensor = await this.begin(record);
+      return;
+    }
+    const t = this.tensor;
+    if (t === undefined) throw new InvalidArgumentError(`a ${record.chunk !== undefined ? 'chunk' : 'tensor end'} outside a tensor`);
+    if (record.chunk !== undefined) await this.chunk(t, record);
+    else await this.end(t, record);
+  }
+
+  private async acceptHeader(header: DeltaHeader): Promise<void> {
+    const job = this.current();
+    checkDeltaHeader(job, this.party, header, await baseShapes(job.basePath));
+    const stored = this.spool.header;
+    const fresh = stored === undefined || canonical(stored) !== canonical(header);
+    if (fresh) {
+      // A different header is a different delta: only acceptable while nothing of the first one is held.
+      if (this.spool.held.size > 0) {
+        throw new FailedPreconditionError(
+          `the header differs from the one party ${this.party}'s upload started with (${this.spool.held.size} tensor(s) already held): resume with the same delta`,
+        );
+      }
+      await this.spool.saveHeader(header);
+    }
+    this.header = header;
+    await this.progress(true);
+    // A delta that plans no tensor as sent is complete with its header alone.
+    if (fresh && this.spool.complete) await this.completed();
+  }
+
+  private async begin(record: DeltaRecord): Promise<OpenTensor> {
+    const { name, shape } = record.tensorBegin!;
+    this.current();
+    const index = this.spool.planIndex(name);
+    if (index === undefined) throw new InvalidArgumentError(`tensor "${name}" is not planned as sent in the delta's header`);
+    const plan: TensorPlan = this.header!.tensors[index]!;
+    if (!sameShape(shape, plan.shape.map(Number))) {
+      throw new InvalidArgumentError(`tensor "${name}": shape [${shape.join(', ')}] in its begin record, the base has [${plan.shape.join(', ')}]`);
+    }
+    const assembler = new TensorAssembler({ collect: false });
+    assembler.push(record);
+    if (this.spool.held.has(name)) return { name, index, assembler, writer: undefined, payload: 0 };
+    const writer = await this.spool.startTensor(plan, index);
+    // Open before the first write, so that close() discards the file if that write fails.
+    this.tensor = { name, index, assembler, writer, payload: 0 };
+    await writer.write(record);
+    return this.tensor;
+  }
+
+  private async chunk(t: OpenTensor, record: DeltaRecord): Promise<void> {
+    const decoded = t.assembler.push(record)!;
+    const partitions = this.header!.levels.length;
+    if (decoded.partition > partitions) {
+      throw new InvalidArgumentError(`tensor "${t.name}", chunk ${decoded.index}: partition ${decoded.partition}, but the delta has ${partitions} partition(s)`);
+    }
+    const payload = record.chunk!.positions.length + record.chunk!.values.length;
+    this.deps.metrics.uploadBytes.inc(payload);
+    if (t.writer === undefined) return;
+    t.payload += payload;
+    this.spool.pendingBytes += payload;
+    const limit = this.job.maxUploadBytes;
+    if (this.spool.heldBytes + this.spool.pendingBytes > limit) {
+      throw new ResourceExhaustedError(`party ${this.party}'s upload to job ${this.job.id} would exceed its limit of ${limit} bytes (at tensor "${t.name}")`);
+    }
+    await t.writer.write(record);
+  }
+
+  private async end(t: OpenTensor, record: DeltaRecord): Promise<void> {
+    t.assembler.push(record);
+    this.tensor = undefined;
+    if (t.writer === undefined) return;
+    try {
+      requireCollecting(this.current());
+      await t.writer.write(record);
+      await this.spool.commit(t.name, t.index, t.writer);
+    } catch (err) {
+      await t.writer.abort();
+      throw err;
+    } finally {
+      this.spool.pendingBytes -= t.payload;
+    }
+    this.deps.metrics.uploadTensors.inc();
+    await this.progress(this.spool.complete);
+    if (this.spool.complete) await this.completed();
+  }
+
+  private async progress(force: boolean): Promise<void> {
+    const now = performance.now();
+    if (!force && now - this.lastProgress < PROGRESS_INTERVAL_MS) return;
+    this.lastProgress = now;
+    const s = this.spool;
+    await this.deps.events.append(this.job.id, {
+      uploadProgress: { party: this.party, tensorsReceived: s.held.size, tensorsExpected: s.expected, bytesReceived: BigInt(s.heldBytes) },
+    });
+  }
+
+  private async completed(): Promise<void> {
+    await this.deps.events.append(this.job.id, { uploadComplete: { party: this.party } });
+    this.deps.runner.poke(this.job.id);
+  }
+
+  /** The job as it is now, which must still be collecting (it may have been cancelled or moved on during the stream). */
+  private current(): StoredJob {
+    const job = this.deps.store.get(this.job.id);
+    requireCollecting(job);
+    return job;
+  }
+
+  finish(): UploadState {
+    if (this.tensor !== undefined) throw new InvalidArgumentError(`the stream ended inside tensor "${this.tensor.name}" (no tensor end)`);
+    return uploadState(this.job.id, this.party, this.spool);
+  }
+
+  /** Discards a tensor left open (error, cancellation, stream cut) and releases the party's upload slot. */
+  async close(): Promise<void> {
+    const t = this.tensor;
+    this.tensor = undefined;
+    if (t?.writer !== undefined) {
+      this.spool.pendingBytes -= t.payload;
+      await t.writer.abort();
+    }
+    this.spool.uploading = false;
+    this.deps.metrics.uploadsActive.dec();
+  }
+}
+
+/** Shapes of every tensor of a checkpoint (only its headers are read). */
+async function baseShapes(basePath: string): Promise<Map<string, readonly number[]>> {
+  const base = await Checkpoint.open(basePath);
+  try {
+    return new Map(base.tensors().map((t) => [t.name, t.shape]));
+  } finally {
+    await base.close();
+  }
+}
+
+/** A header as canonical JSON (object keys sorted), for comparing a resumed upload's header with the stored one. */
+function canonical(header: DeltaHeader): string {
+  const sortKeys = (v: unknown): unknown => {
+    if (Array.isArray(v)) return v.map(sortKeys);
+    if (v !== null && typeof v === 'object') {
+      return Object.fromEntries(Object.entries(v as Record<string, unknown>).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([k, x]) => [k, sortKeys(x)]));
+    }
+    return v;
+  };
+  return JSON.stringify(sortKeys(DeltaHeader.toJSON(header)));
+}

@@ -1,0 +1,231 @@
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { type ClientDuplexStream, credentials, loadPackageDefinition, type ServiceClientConstructor, status } from '@grpc/grpc-js';
+import { loadSync } from '@grpc/proto-loader';
+import { JobState, type CreateJobResponse, type Job } from '../proto/gen/dppa/v1/jobs.js';
+import type { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
+import { HealthCheckResponse_ServingStatus } from '../proto/gen/grpc/health/v1/health.js';
+import { Checkpoint } from '../proto/safetensors/index.js';
+import { assembleTensor, crc32c } from '../proto/sparse/index.js';
+import { roundBf16 } from './fixtures/reference.js';
+import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
+import {
+  ADMIN, auth, call, downloadChunks, pruneRecords, rejectsWith, startHarness, upload, uploadMessages, watchAll, type Harness,
+} from './fixtures/grpc-harness.js';
+
+let dir: string;
+let base: string;
+let fts: string[];
+let h: Harness;
+/** Records of each party's delta, as uploaded. */
+const deltas = new Map<string, DeltaRecord[]>();
+const FACTORS = { math: [1.5, 0.75], law: [2, 1] };
+const WEIGHTS = { math: 1, law: 0.5 };
+
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'dppa-server-merge-'));
+  // Sharded, so that the output must mirror a multi-file layout and index.
+  const fam = await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 21, finetunes: 2, shardBytes: 8000 });
+  base = fam.base;
+  fts = fam.finetuned;
+  deltas.set('math', await pruneRecords({ base, finetuned: fts[0]!, rate: 0.8 }));
+  deltas.set('law', await pruneRecords({ base, finetuned: fts[1]!, rate: 0.8 }));
+  h = await startHarness(join(dir, 'data'));
+});
+after(async () => {
+  await h.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+/** Creates the test's job (math and law, fixed factors, weights); `extra` overrides request fields. */
+function create(token: string, parties = ['math', 'law'], extra: object = {}): Promise<CreateJobResponse> {
+  const two = parties.length === 2;
+  return call(h.jobs, 'createJob', {
+    basePath: base, parties, rate: 0.8, method: 'dp', label: 'test',
+    dpa: two ? { fixed: { factors: [1, 1], perParty: { math: { factors: FACTORS.math }, law: { factors: FACTORS.law } } }, scaleOutsideByMax: false } : undefined,
+    merge: two ? { weights: WEIGHTS, signElection: false, partiesMayDownload: true } : undefined,
+    ...extra,
+  }, token);
+}
+
+/** base + Σ_i c_i f_ip Δ_ip in fp32, parties in job order, rounded to bf16: computed here from the decoded records. */
+async function expectedBf16(name: string): Promise<Uint16Array> {
+  const b = await Checkpoint.open(base);
+  const acc = Float32Array.from(await b.readF32(name));
+  await b.close();
+  for (const party of ['math', 'law'] as const) {
+    const records = deltas.get(party)!;
+    const start = records.findIndex((r) => r.tensorBegin?.name === name);
+    if (start < 0) continue;
+    const end = records.findIndex((r, i) => i > start && r.tensorEnd !== undefined);
+    const t = assembleTensor(records.slice(start, end + 1));
+    t.partitions.forEach((entries, p) => {
+      const scale = WEIGHTS[party] * (p === 0 ? 1 : FACTORS[party][p - 1]!);
+      entries.positions.forEach((pos, i) => (acc[pos] = acc[pos]! + scale * entries.values[i]!));
+    });
+  }
+  return Uint16Array.from(acc, (x) => new Uint32Array(new Float32Array([roundBf16(x)]).buffer)[0]! >>> 16);
+}
+
+describe('aggregation server: job, uploads, merge, download', () => {
+  let job: Job;
+  let tokens: Record<string, string>;
+
+  it('creates a job for the admin only', async () => {
+    await rejectsWith(create('not-a-token'), status.UNAUTHENTICATED, /unknown token/);
+    const r = await create(ADMIN);
+    job = r.job!;
+    tokens = r.tokens;
+    assert.equal(job.state, JobState.JOB_STATE_COLLECTING);
+    assert.match(job.baseFingerprint, /^fp1:sha256:[0-9a-f]{64}$/);
+    assert.deepEqual(Object.keys(tokens).sort(), ['law', 'math']);
+    assert.match(tokens.math!, /^[A-Za-z0-9_-]{43}$/);
+    // A party token is not an admin token.
+    await rejectsWith(create(tokens.math!), status.PERMISSION_DENIED);
+    await rejectsWith(call(h.jobs, 'listJobs', {}, tokens.math!), status.PERMISSION_DENIED);
+    const listed = await call(h.jobs, 'listJobs', {}, ADMIN);
+    assert.deepEqual(listed.jobs.map((j) => j.id), [job.id]);
+  });
+
+  it('rejects bad job settings with the field named', async () => {
+    await rejectsWith(create(ADMIN, ['math', 'math']), status.INVALID_ARGUMENT, /parties: "math" appears twice/);
+    await rejectsWith(create(ADMIN, ['no/slash']), status.INVALID_ARGUMENT, /parties/);
+    await rejectsWith(create(ADMIN, ['math'], { rate: 1 }), status.INVALID_ARGUMENT, /rate/);
+    await rejectsWith(create(ADMIN, ['math'], { basePath: join(dir, 'nowhere') }), status.INVALID_ARGUMENT, /base_path: .* does not exist/);
+    await rejectsWith(create(ADMIN, ['math'], { dpa: { search: { method: 0, tuner: 0, start: 0, step: 0, upper: 0, lower: 0, budget: 0, downward: false, evaluator: 0, onnx: undefined, partyEvaluator: {}, partyTimeoutSeconds: 0 }, scaleOutsideByMax: false } }), status.UNIMPLEMENTED, /DPA search is not available yet/);
+    await rejectsWith(create(ADMIN, ['math'], { merge: { weights: {}, signElection: true, partiesMayDownload: false } }), status.UNIMPLEMENTED);
+    assert.equal((await call(h.jobs, 'listJobs', {}, ADMIN)).jobs.length, 1, 'no job was created');
+  });
+
+  it('takes both uploads, merges, and the result equals an independent fp32 computation', async () => {
+    const watched = watchAll(h.jobs, tokens.math!, job.id);
+    const [math, law] = await Promise.all([
+      upload(h.uploads, tokens.math!, uploadMessages(job.id, 'math', deltas.get('math')!)),
+      upload(h.uploads, tokens.law!, uploadMessages(job.id, 'law', deltas.get('law')!)),
+    ]);
+    assert.equal(math.complete, true);
+    assert.equal(law.complete, true);
+    assert.equal(math.tensorsExpected, math.tensorsReceived.length);
+    const events = await watched;
+    const kinds = events.map((e) => Object.keys(e).find((k) => !['jobId', 'seq', 'time'].includes(k) && e[k as keyof typeof e] !== undefined));
+    assert.deepEqual(events.map((e) => e.seq), events.map((_e, i) => BigInt(i + 1)), 'seq counts from 1');
+    for (const k of ['partyJoined', 'uploadProgress', 'uploadComplete', 'stateChanged', 'mergeProgress', 'merged']) assert.ok(kinds.includes(k), k);
+    assert.equal(kinds.at(-1), 'merged');
+    const merged = await call(h.jobs, 'getJob', { jobId: job.id }, tokens.law!);
+    assert.equal(merged.state, JobState.JOB_STATE_MERGED);
+    assert.deepEqual(merged.parties.map((p) => [p.name, p.uploadComplete, p.factors]), [['math', true, FACTORS.math], ['law', true, FACTORS.law]]);
+
+    const out = await Checkpoint.open(join(dir, 'data', 'jobs', job.id, 'merged'));
+    const b = await Checkpoint.open(base);
+    try {
+      assert.deepEqual(out.layout.files.map((f) => f.fileName), b.layout.files.map((f) => f.fileName));
+      assert.ok(b.layout.files.length > 1, 'the fixture is sharded');
+      for (const info of b.tensors()) {
+        const got = await out.readRaw(info.name);
+        assert.deepEqual(new Uint16Array(got.buffer, got.byteOffset, got.length / 2), await expectedBf16(info.name), info.name);
+      }
+    } finally {
+      await Promise.all([out.close(), b.close()]);
+    }
+    const names = await readdir(join(dir, 'data', 'jobs', job.id, 'merged'));
+    assert.ok(names.includes('config.json') && names.includes('tokenizer.json') && names.includes('model.safetensors.index.json'));
+  });
+
+  it('lists files and downloads them, resuming from an offset, with matching CRC-32C and SHA-256', async () => {
+    const { files } = await call(h.downloads, 'listFiles', { jobId: job.id }, tokens.math!);
+    assert.ok(files.length >= 4);
+    for (const f of files) {
+      const whole = await downloadChunks(h.downloads, ADMIN, job.id, f.path);
+      for (const c of whole) {
+        assert.ok(c.data.length <= 1024 * 1024);
+        assert.equal(c.crc32c, crc32c(c.data));
+      }
+      const bytes = Buffer.concat(whole.map((c) => c.data));
+      assert.equal(BigInt(bytes.length), f.size);
+      assert.equal(createHash('sha256').update(bytes).digest('hex'), f.sha256);
+      const from = f.size / 3n;
+      const rest = await downloadChunks(h.downloads, tokens.law!, job.id, f.path, from);
+      assert.equal(rest[0]?.offset ?? f.size, from);
+      assert.deepEqual(Buffer.concat([bytes.subarray(0, Number(from)), ...rest.map((c) => c.data)]), bytes);
+    }
+    await rejectsWith(downloadChunks(h.downloads, ADMIN, job.id, '../job.json'), status.NOT_FOUND);
+    await rejectsWith(downloadChunks(h.downloads, ADMIN, job.id, files[0]!.path, files[0]!.size + 1n), status.OUT_OF_RANGE);
+  });
+
+  it('refuses downloads before the merge and to parties of a job that does not allow them', async () => {
+    const other = await call(h.jobs, 'createJob', { basePath: base, parties: ['solo'], rate: 0.8, method: '', label: '', dpa: undefined, merge: undefined }, ADMIN);
+    await rejectsWith(call(h.downloads, 'listFiles', { jobId: other.job!.id }, ADMIN), status.FAILED_PRECONDITION, /COLLECTING/);
+    await rejectsWith(call(h.downloads, 'listFiles', { jobId: other.job!.id }, other.tokens.solo!), status.PERMISSION_DENIED, /parties_may_download/);
+    await rejectsWith(call(h.jobs, 'getJob', { jobId: job.id }, other.tokens.solo!), status.PERMISSION_DENIED);
+    const cancelled = await call(h.jobs, 'cancelJob', { jobId: other.job!.id, reason: 'testing cancel' }, ADMIN);
+    assert.equal(cancelled.state, JobState.JOB_STATE_FAILED);
+    assert.equal(cancelled.failureReason, 'testing cancel');
+    const events = await watchAll(h.jobs, ADMIN, other.job!.id);
+    assert.deepEqual(events.at(-1)?.failed, { reason: 'testing cancel' });
+    await rejectsWith(call(h.jobs, 'cancelJob', { jobId: job.id, reason: '' }, ADMIN), status.FAILED_PRECONDITION, /already merged/);
+    // A watch the caller cancels releases its subscription too.
+    const open = await create(ADMIN);
+    const live = h.jobs.watchJob({ jobId: open.job!.id, afterSeq: 0n }, auth(ADMIN));
+    live.on('error', () => undefined);
+    for (let i = 0; i < 100 && h.server.events.watcherCount === 0; i++) await new Promise((r) => setTimeout(r, 10));
+    assert.equal(h.server.events.watcherCount, 1);
+    live.cancel();
+    for (let i = 0; i < 100 && h.server.events.watcherCount > 0; i++) await new Promise((r) => setTimeout(r, 10));
+    assert.equal(h.server.events.watcherCount, 0, 'no watcher left subscribed');
+  });
+
+  it('describes its services through server reflection, as grpcurl uses it', async () => {
+    const root = new URL('../node_modules/@grpc/reflection/build/proto/', import.meta.url).pathname;
+    const pkg = loadSync(`${root}grpc/reflection/v1/reflection.proto`, { includeDirs: [root] });
+    const Reflection = (loadPackageDefinition(pkg) as unknown as { grpc: { reflection: { v1: { ServerReflection: ServiceClientConstructor } } } }).grpc.reflection.v1.ServerReflection;
+    const client = new Reflection(h.address, credentials.createInsecure());
+    try {
+      const services = await new Promise<string[]>((resolve, reject) => {
+        const stream = (client as unknown as { serverReflectionInfo(): ClientDuplexStream<object, { listServicesResponse?: { service: { name: string }[] } }> }).serverReflectionInfo();
+        stream.on('data', (r: { listServicesResponse?: { service: { name: string }[] } }) => {
+          resolve(r.listServicesResponse?.service.map((s) => s.name) ?? []);
+          stream.end();
+        });
+        stream.on('error', reject);
+        stream.write({ listServices: '' });
+      });
+      for (const s of ['dppa.v1.JobService', 'dppa.v1.UploadService', 'dppa.v1.DownloadService', 'grpc.health.v1.Health']) assert.ok(services.includes(s), s);
+    } finally {
+      client.close();
+    }
+  });
+
+  it('answers health checks and serves metrics that moved', async () => {
+    const check = (service: string): Promise<{ status: HealthCheckResponse_ServingStatus }> =>
+      new Promise((resolve, reject) => h.health.check({ service }, (err, res) => (err === null ? resolve(res) : reject(err))));
+    assert.equal((await check('')).status, HealthCheckResponse_ServingStatus.SERVING);
+    assert.equal((await check('dppa.v1.UploadService')).status, HealthCheckResponse_ServingStatus.SERVING);
+    await rejectsWith(check('no.such.Service'), status.NOT_FOUND);
+
+    const res = await fetch(`http://127.0.0.1:${h.server.metricsPort}/metrics`);
+    assert.equal(res.status, 200);
+    const text = await res.text();
+    const samples = new Map<string, number>();
+    for (const line of text.split('\n')) {
+      if (line === '' || line.startsWith('#')) continue;
+      const m = /^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?) (-?[0-9.e+-]+|NaN|\+Inf|-Inf)$/.exec(line);
+      assert.ok(m !== null, `not an exposition line: ${line}`);
+      samples.set(m[1]!, Number(m[2]));
+    }
+    assert.ok(samples.get('dppa_upload_tensors_total')! > 0);
+    assert.ok(samples.get('dppa_upload_bytes_total')! > 0);
+    assert.ok(samples.get('dppa_merge_tensors_total')! > 0);
+    assert.ok(samples.get('dppa_merge_bytes_total')! > 0);
+    assert.equal(samples.get('dppa_jobs{state="MERGED"}'), 1);
+    assert.equal(samples.get('dppa_uploads_active'), 0);
+    assert.ok(samples.get('dppa_rpc_requests_total{method="UploadService/Upload",code="OK"}')! >= 2);
+    assert.ok(samples.get('dppa_rpc_requests_total{method="JobService/CreateJob",code="PERMISSION_DENIED"}')! >= 1);
+    assert.ok(samples.get('dppa_merge_duration_seconds_count')! >= 1);
+    assert.ok(samples.has('process_cpu_user_seconds_total'));
+    assert.ok([...samples.keys()].every((k) => !k.includes('party') && !k.includes('tensor=')), 'no per-party or per-tensor labels');
+  });
+});

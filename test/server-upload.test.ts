@@ -1,0 +1,218 @@
+import assert from 'node:assert/strict';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { status } from '@grpc/grpc-js';
+import { JobState } from '../proto/gen/dppa/v1/jobs.js';
+import { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
+import type { UploadRequest, UploadState } from '../proto/gen/dppa/v1/upload.js';
+import { encodeChunks, tensorRecords } from '../proto/sparse/index.js';
+import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
+import {
+  ADMIN, auth, call, pruneRecords, rejectsWith, startHarness, upload, uploadMessages, watchAll, type Harness,
+} from './fixtures/grpc-harness.js';
+
+let dir: string;
+let base: string;
+let records: DeltaRecord[];
+let otherBaseRecords: DeltaRecord[];
+let h: Harness;
+let jobId: string;
+let tokens: Record<string, string>;
+
+/** A deep copy of the records, to damage one without touching the others. */
+function copy(rs: readonly DeltaRecord[]): DeltaRecord[] {
+  return rs.map((r) => DeltaRecord.decode(DeltaRecord.encode(r).finish()));
+}
+
+/** Indices of the records of the k-th tensor (0-based): its begin up to its end. */
+function tensorSpan(rs: readonly DeltaRecord[], k: number): [number, number] {
+  const begins = rs.flatMap((r, i) => (r.tensorBegin !== undefined ? [i] : []));
+  const start = begins[k]!;
+  return [start, rs.findIndex((r, i) => i > start && r.tensorEnd !== undefined)];
+}
+
+const header = (): DeltaRecord => copy([records[0]!])[0]!;
+const tensor = (k: number, rs = records): DeltaRecord[] => {
+  const [s, e] = tensorSpan(rs, k);
+  return rs.slice(s, e + 1);
+};
+
+function state(party = 'a'): Promise<UploadState> {
+  return call(h.uploads, 'getUploadState', { jobId, party }, tokens[party]!);
+}
+
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'dppa-server-upload-'));
+  const fam = await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 5 });
+  const other = await writeLlamaFamily(join(dir, 'other'), { shape: TINY, seed: 6 });
+  base = fam.base;
+  records = await pruneRecords({ base, finetuned: fam.finetuned[0]!, rate: 0.9, method: 'magnitude' });
+  otherBaseRecords = await pruneRecords({ base: other.base, finetuned: other.finetuned[0]!, rate: 0.9, method: 'magnitude' });
+  h = await startHarness(join(dir, 'data'));
+  const r = await call(h.jobs, 'createJob', { basePath: base, parties: ['a', 'b'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined }, ADMIN);
+  jobId = r.job!.id;
+  tokens = r.tokens;
+  // Party a holds its header and first two tensors: the state every bad call below must leave as it is.
+  await upload(h.uploads, tokens.a!, uploadMessages(jobId, 'a', [header(), ...tensor(0), ...tensor(1)]));
+});
+after(async () => {
+  await h.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+describe('uploads: every bad input gets its status and changes nothing', () => {
+  let before: UploadState;
+  const unchanged = async (): Promise<void> => {
+    assert.deepEqual(await state(), before);
+    const files = await readdir(join(dir, 'data', 'jobs', jobId, 'uploads', 'a'));
+    assert.deepEqual(files.filter((f) => f.includes('.tmp-')), [], 'no temporary spool file left');
+    assert.equal(files.filter((f) => f.endsWith('.dppa')).length, 2);
+  };
+  const open = (party = 'a'): UploadRequest => ({ open: { jobId, party } });
+
+  it('holds the first two tensors', async () => {
+    before = await state();
+    assert.equal(before.tensorsReceived.length, 2);
+    assert.ok(before.tensorsExpected > 2);
+    assert.equal(before.complete, false);
+    assert.ok(before.bytesReceived > 0n);
+  });
+
+  it('UNAUTHENTICATED without a token or with an unknown one', async () => {
+    await rejectsWith(new Promise((resolve, reject) => {
+      const s = h.uploads.upload((err, res) => (err === null ? resolve(res) : reject(err)));
+      s.write(open());
+      s.end();
+    }), status.UNAUTHENTICATED, /missing credentials/);
+    await rejectsWith(upload(h.uploads, 'forged', [open(), { record: header() }]), status.UNAUTHENTICATED);
+    await unchanged();
+  });
+
+  it("PERMISSION_DENIED with another party's token or another job's", async () => {
+    await rejectsWith(upload(h.uploads, tokens.b!, [open('a'), { record: header() }, ...tensor(2).map((record) => ({ record }))]), status.PERMISSION_DENIED);
+    await rejectsWith(call(h.uploads, 'getUploadState', { jobId, party: 'a' }, tokens.b!), status.PERMISSION_DENIED);
+    await rejectsWith(call(h.uploads, 'getUploadState', { jobId, party: 'a' }, ADMIN), status.PERMISSION_DENIED);
+    const other = await call(h.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined }, ADMIN);
+    await rejectsWith(upload(h.uploads, other.tokens.a!, [open('a'), { record: header() }]), status.PERMISSION_DENIED);
+    await unchanged();
+  });
+
+  it('FAILED_PRECONDITION for a delta made against another base, naming both fingerprints', async () => {
+    const hdr = header();
+    const err = await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: otherBaseRecords[0]! }]), status.FAILED_PRECONDITION);
+    assert.ok(err.details.includes(otherBaseRecords[0]!.header!.baseFingerprint) && err.details.includes(hdr.header!.baseFingerprint), err.details);
+    hdr.header!.method = 'dp';
+    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: hdr }]), status.FAILED_PRECONDITION, /method "dp".*requires "magnitude"/);
+    await unchanged();
+  });
+
+  it('INVALID_ARGUMENT for an unknown tensor or a wrong shape, naming the tensor and the expected shape', async () => {
+    const unknown = header();
+    unknown.header!.tensors.push({ ...unknown.header!.tensors[0]!, name: 'model.bogus.weight' });
+    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: unknown }]), status.INVALID_ARGUMENT, /model\.bogus\.weight.*not in the base/);
+    const shaped = header();
+    shaped.header!.tensors[0]!.shape = [7n, 7n];
+    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: shaped }]), status.INVALID_ARGUMENT, /model\.embed_tokens\.weight.*\[7, 7\].*base has \[40, 32\]/);
+    const levels = header();
+    levels.header!.levels = [0.9, 0.95];
+    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: levels }]), status.INVALID_ARGUMENT, /levels: must decrease/);
+    // A begin whose shape differs from the plan.
+    const [begin, ...rest] = copy(tensor(2));
+    begin!.tensorBegin!.shape = [1n];
+    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: header() }, { record: begin! }, ...rest.map((record) => ({ record }))]), status.INVALID_ARGUMENT, /shape \[1\].*base has/);
+    await unchanged();
+  });
+
+  it('DATA_LOSS for a damaged chunk, naming the tensor and the chunk; the partial tensor is discarded', async () => {
+    const bad = copy(tensor(2));
+    const chunk = bad.find((r) => r.chunk !== undefined)!.chunk!;
+    chunk.values[0] = chunk.values[0]! ^ 0xff;
+    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: header() }, ...bad.map((record) => ({ record }))]), status.DATA_LOSS, new RegExp(`${chunk.tensor.replaceAll('.', '\\.')}.*chunk 0: CRC-32C mismatch`));
+    await unchanged();
+  });
+
+  it('INVALID_ARGUMENT for a position outside the tensor, a broken record order, a stream cut inside a tensor', async () => {
+    const [begin, , ...others] = tensor(2);
+    const name = begin!.tensorBegin!.name;
+    const numel = begin!.tensorBegin!.shape.reduce((a, b) => a * b, 1n);
+    const outside = [...encodeChunks(name, 1, Float64Array.of(Number(numel)), Float32Array.of(0.5))].map((c) => ({ chunk: c }));
+    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: header() }, { record: begin! }, ...outside.map((record) => ({ record })), ...others.map((record) => ({ record }))]), status.INVALID_ARGUMENT, /outside the tensor/);
+    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: header() }, ...tensor(2).slice(0, -1).map((record) => ({ record }))]), status.INVALID_ARGUMENT, /ended inside tensor/);
+    await rejectsWith(upload(h.uploads, tokens.a!, [open(), ...tensor(2).map((record) => ({ record }))]), status.INVALID_ARGUMENT, /start with a DeltaHeader/);
+    await rejectsWith(upload(h.uploads, tokens.a!, [{ record: header() }]), status.INVALID_ARGUMENT, /first message .* UploadOpen/);
+    // A tensor the header does not plan (a complete, valid record sequence of its own).
+    const unplanned = [...tensorRecords('model.extra.weight', [4], [{ positions: Float64Array.of(1), values: Float32Array.of(0.25) }])];
+    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: header() }, ...unplanned.map((record) => ({ record }))]), status.INVALID_ARGUMENT, /model\.extra\.weight.*not planned/);
+    await unchanged();
+  });
+
+  it('RESOURCE_EXHAUSTED for a message over 8 MiB', async () => {
+    const [begin] = tensor(2);
+    const huge: DeltaRecord = { chunk: { ...tensor(2)[1]!.chunk!, values: Buffer.alloc(9 * 1024 * 1024) } };
+    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: header() }, { record: begin! }, { record: huge }]), status.RESOURCE_EXHAUSTED);
+    // The server notices the cut stream asynchronously; wait for it to release the party's upload slot.
+    for (let i = 0; i < 50 && (await uploadsActive()) !== 0; i++) await new Promise((r) => setTimeout(r, 20));
+    await unchanged();
+  });
+
+  it('ALREADY_EXISTS for a second stream of the same party while one is open', async () => {
+    let stream: ReturnType<typeof h.uploads.upload> | undefined;
+    const first = new Promise<UploadState>((resolve, reject) => {
+      stream = h.uploads.upload(auth(tokens.a!), (err, res) => (err === null ? resolve(res) : reject(err)));
+    });
+    stream!.write(open());
+    for (let i = 0; i < 50 && (await uploadsActive()) !== 1; i++) await new Promise((r) => setTimeout(r, 20));
+    await rejectsWith(upload(h.uploads, tokens.a!, [open()]), status.ALREADY_EXISTS, /already in progress/);
+    stream!.end();
+    assert.deepEqual(await first, before);
+    await unchanged();
+  });
+
+  it('accepts and ignores tensors already held, resumes, and refuses uploads once the job is closed', async () => {
+    const held = new Set(before.tensorsReceived);
+    const again = await upload(h.uploads, tokens.a!, uploadMessages(jobId, 'a', [header(), ...tensor(0), ...tensor(1)]));
+    assert.deepEqual(again, before);
+    // Resume: only the tensors the server does not hold.
+    const missing = records.filter((r, i) => {
+      if (r.header !== undefined) return true;
+      const begins = records.slice(0, i + 1).filter((x) => x.tensorBegin !== undefined);
+      return !held.has(begins.at(-1)!.tensorBegin!.name);
+    });
+    const done = await upload(h.uploads, tokens.a!, uploadMessages(jobId, 'a', missing));
+    assert.equal(done.complete, true);
+    assert.equal(done.tensorsReceived.length, done.tensorsExpected);
+    assert.deepEqual(done.tensorsReceived.slice(0, 2), before.tensorsReceived);
+    // A complete party re-sending is still fine while the job collects.
+    await upload(h.uploads, tokens.a!, uploadMessages(jobId, 'a', [header(), ...tensor(3)]));
+    const cancelled = await call(h.jobs, 'cancelJob', { jobId, reason: 'closing the test job' }, ADMIN);
+    assert.equal(cancelled.state, JobState.JOB_STATE_FAILED);
+    await rejectsWith(upload(h.uploads, tokens.b!, uploadMessages(jobId, 'b', [header(), ...tensor(0)])), status.FAILED_PRECONDITION, /FAILED: it no longer takes uploads/);
+    assert.equal((await state('b')).tensorsReceived.length, 0);
+    const events = await watchAll(h.jobs, ADMIN, jobId);
+    assert.equal(events.filter((e) => e.partyJoined?.party === 'a').length, 1);
+    assert.equal(events.filter((e) => e.uploadComplete?.party === 'a').length, 1, 'a re-sent header does not complete the upload twice');
+  });
+});
+
+/** Current value of dppa_uploads_active, scraped. */
+async function uploadsActive(): Promise<number> {
+  const text = await (await fetch(`http://127.0.0.1:${h.server.metricsPort}/metrics`)).text();
+  return Number(/^dppa_uploads_active (\S+)$/m.exec(text)?.[1]);
+}
+
+describe('uploads: the per-party byte cap', () => {
+  it('RESOURCE_EXHAUSTED once a party would hold more than --max-upload-bytes', async () => {
+    const small = await startHarness(join(dir, 'capped'), { maxUploadBytes: 2000 });
+    try {
+      const r = await call(small.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined }, ADMIN);
+      await rejectsWith(upload(small.uploads, r.tokens.a!, uploadMessages(r.job!.id, 'a', records)), status.RESOURCE_EXHAUSTED, /limit of 2000 bytes/);
+      const s = await call(small.uploads, 'getUploadState', { jobId: r.job!.id, party: 'a' }, r.tokens.a!);
+      assert.ok(s.bytesReceived <= 2000n);
+      assert.equal(s.complete, false);
+    } finally {
+      await small.close();
+    }
+  });
+});
