@@ -1,6 +1,7 @@
 /**
  * The client SDK of dppa-federated: prune a fine-tuned delta (DP and the
- * baselines), write and read `.dppa` files, apply a delta to its base.
+ * baselines), write and read `.dppa` files, apply a delta to its base, and
+ * talk to an aggregation server ({@link DppaClient}: jobs, uploads, downloads).
  *
  * This is the package's one public entry; everything else under client/ is internal.
  * @packageDocumentation
@@ -19,3 +20,19 @@ export { inspectDelta } from './inspect.js';
 export type { DeltaSummary, TensorSummary } from './inspect.js';
 export { ratePlotSvg } from './rate-plot.js';
 export { FormatError, ChecksumError, TruncatedError, UnsupportedDtypeError } from '../proto/errors.js';
+export { DppaClient } from './sdk/client.js';
+export type { DppaClientOptions, TlsOptions, PemSource } from './sdk/connection.js';
+export { isLoopbackHost } from './sdk/connection.js';
+export type { CallOptions } from './sdk/call.js';
+export type { RetryOptions } from './sdk/retry.js';
+export { DEFAULT_RETRY } from './sdk/retry.js';
+export { jobStateName } from './sdk/jobs.js';
+export type { CreateJobOptions, CreateJobResult, JobStateName, WatchJobOptions } from './sdk/jobs.js';
+export type { PushOptions, PushFromCheckpoints, PushFromFile, PushPruneOptions, PushProgress, PushCallOptions } from './sdk/push.js';
+export type { PullOptions, PullProgress, PullCallOptions, PullResult, PulledFile } from './sdk/pull.js';
+export { DppaRpcError, DeltaMismatchError, JobStateError, UploadIncompleteError, DownloadError } from './sdk/errors.js';
+export { JobState, SearchMethod, Tuner, EvaluatorKind } from '../proto/gen/dppa/v1/jobs.js';
+export type { Job, JobEvent, PartyStatus, Evaluation, DpaConfig, FixedFactors, SearchConfig, MergeOptions } from '../proto/gen/dppa/v1/jobs.js';
+export type { UploadState } from '../proto/gen/dppa/v1/upload.js';
+export type { MergedFile } from '../proto/gen/dppa/v1/download.js';
+export { status as GrpcStatus } from '@grpc/grpc-js';

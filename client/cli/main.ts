@@ -6,11 +6,36 @@ import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { applyCommand } from './commands/apply.js';
 import { inspectCommand } from './commands/inspect.js';
+import { jobCancelCommand } from './commands/job-cancel.js';
+import { jobCreateCommand } from './commands/job-create.js';
+import { jobListCommand } from './commands/job-list.js';
+import { jobStatusCommand } from './commands/job-status.js';
+import { jobWatchCommand } from './commands/job-watch.js';
 import { pruneCommand } from './commands/prune.js';
+import { pullCommand } from './commands/pull.js';
+import { pushCommand } from './commands/push.js';
 import type { Command } from './command.js';
 import { describeFailure, EXIT } from './exit-codes.js';
 
-const commands: Command[] = [pruneCommand, applyCommand, inspectCommand];
+const commands: Command[] = [
+  pruneCommand,
+  applyCommand,
+  inspectCommand,
+  jobCreateCommand,
+  jobStatusCommand,
+  jobListCommand,
+  jobWatchCommand,
+  jobCancelCommand,
+  pushCommand,
+  pullCommand,
+];
+
+/** `dppa job` alone, or with an unknown sub-command: the job commands. */
+function groupUsage(group: string): string {
+  const members = commands.filter((c) => c.name.startsWith(`${group} `));
+  const width = Math.max(...members.map((c) => c.name.length)) + 2;
+  return [`Usage: dppa ${group} <command> [options]`, '', 'Commands:', ...members.map((c) => `  ${c.name.padEnd(width)}${c.summary}`), '', `Run \`dppa ${group} <command> --help\` for the options of a command.`].join('\n');
+}
 
 function usage(): string {
   const width = Math.max(...commands.map((c) => c.name.length)) + 2;
@@ -39,6 +64,12 @@ export async function main(argv: string[]): Promise<number> {
   const command = commands
     .filter((c) => argv.slice(0, c.name.split(' ').length).join(' ') === c.name)
     .sort((a, b) => b.name.length - a.name.length)[0];
+  if (command === undefined && commands.some((c) => c.name.startsWith(`${first} `))) {
+    const help = argv[1] === '-h' || argv[1] === '--help';
+    if (help) process.stdout.write(`${groupUsage(first)}\n`);
+    else process.stderr.write(`dppa: ${argv[1] === undefined ? `${first}: which command?` : `unknown command ${JSON.stringify(`${first} ${argv[1]}`)}`}\n\n${groupUsage(first)}\n`);
+    return help ? EXIT.ok : EXIT.usage;
+  }
   if (command === undefined) {
     process.stderr.write(`dppa: unknown command ${JSON.stringify(first)}\n\n${usage()}\n`);
     return EXIT.usage;

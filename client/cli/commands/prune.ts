@@ -1,5 +1,6 @@
 import { writeFile } from 'node:fs/promises';
-import { defined, parse, num, numList, oneOf, required } from '../args.js';
+import { num, parse, required } from '../args.js';
+import { pruneFlags, pruneSettings } from '../prune-flags.js';
 import { cancellable, note, out, type Command } from '../command.js';
 import { EXIT } from '../exit-codes.js';
 import { pruneToFile } from '../../prune/prune-to-file.js';
@@ -50,20 +51,8 @@ export const pruneCommand: Command = {
       finetuned: { type: 'string' },
       rate: { type: 'string' },
       out: { type: 'string' },
-      method: { type: 'string' },
-      levels: { type: 'string' },
-      outside: { type: 'string' },
-      significance: { type: 'string' },
-      lambda: { type: 'string' },
-      'layer-outlier-factor': { type: 'string' },
-      'linear-outlier-factor': { type: 'string' },
-      'layer-pattern': { type: 'string' },
-      seed: { type: 'string' },
-      'dare-rescale': { type: 'string' },
-      'value-dtype': { type: 'string' },
-      'vocab-mismatch': { type: 'string' },
+      ...pruneFlags,
       report: { type: 'string' },
-      workers: { type: 'string' },
       json: { type: 'boolean' },
       help: { type: 'boolean', short: 'h' },
     });
@@ -77,21 +66,7 @@ export const pruneCommand: Command = {
         finetuned: required(v.finetuned, 'finetuned'),
         out: required(v.out, 'out'),
         rate: num(required(v.rate, 'rate'), 'rate', { min: 0, below: 1 })!,
-        ...defined({
-          method: oneOf(v.method, 'method', ['dp', 'magnitude', 'owl', 'dare'] as const),
-          levels: numList(v.levels, 'levels'),
-          outside: oneOf(v.outside, 'outside', ['dense', 'magnitude', 'skip'] as const),
-          significance: oneOf(v.significance, 'significance', ['magnitude', 'count'] as const),
-          lambda: num(v.lambda, 'lambda', { min: 0, max: 1 }),
-          layerOutlierFactor: num(v['layer-outlier-factor'], 'layer-outlier-factor', { min: 0 }),
-          linearOutlierFactor: num(v['linear-outlier-factor'], 'linear-outlier-factor', { min: 0 }),
-          layerPattern: v['layer-pattern'],
-          seed: num(v.seed, 'seed', { integer: true }),
-          dareRescale: oneOf(v['dare-rescale'], 'dare-rescale', ['inverse', 'l1'] as const),
-          valueDtype: oneOf(v['value-dtype'], 'value-dtype', ['bf16', 'f16', 'f32'] as const),
-          vocabMismatch: oneOf(v['vocab-mismatch'], 'vocab-mismatch', ['error', 'truncate'] as const),
-          workers: num(v.workers, 'workers', { min: 1, integer: true }),
-        }),
+        ...pruneSettings(v),
         signal,
         onProgress: (p) => progress.update(p.phase === 'prune' ? 'prune       ' : 'significance', p.bytesDone, p.bytesTotal, p.tensor),
       });

@@ -1,0 +1,139 @@
+/**
+ * Parsing of `dppa job create`'s richer flags into the proto messages:
+ * `--parties`, `--dpa` (DpaConfig) and `--weights` (MergeOptions.weights).
+ */
+import { SearchMethod, Tuner, type DeepPartial, type DpaConfig, type SearchConfig } from '../../proto/gen/dppa/v1/jobs.js';
+import { UsageError } from './exit-codes.js';
+
+const PARTY_NAME = /^[A-Za-z0-9_-]{1,64}$/;
+
+/** `--parties a,b,c`: names of letters, digits, '-', '_' (at most 64), no repeats. */
+export function parseParties(value: string | undefined): string[] {
+  if (value === undefined || value.trim() === '') throw new UsageError('--parties is required (e.g. --parties math,law,code)');
+  const parties = value.split(',').map((p) => p.trim());
+  const seen = new Set<string>();
+  for (const p of parties) {
+    if (!PARTY_NAME.test(p)) throw new UsageError(`--parties: ${JSON.stringify(p)} is not a party name (letters, digits, '-', '_', at most 64)`);
+    if (seen.has(p)) throw new UsageError(`--parties: ${p} is given twice`);
+    seen.add(p);
+  }
+  return parties;
+}
+
+function factor(text: string, flag: string): number {
+  const n = Number(text);
+  if (text.trim() === '' || !Number.isFinite(n) || n < 0) throw new UsageError(`--${flag}: expected a number ≥ 0, got ${JSON.stringify(text)}`);
+  return n;
+}
+
+function factorList(text: string, what: string): number[] {
+  if (text.trim() === '') throw new UsageError(`--dpa: no factors ${what}`);
+  return text.split(',').map((f) => factor(f, 'dpa'));
+}
+
+function party(name: string, parties: readonly string[], flag: string): string {
+  if (!parties.includes(name)) throw new UsageError(`--${flag}: ${JSON.stringify(name)} is not one of --parties (${parties.join(', ')})`);
+  return name;
+}
+
+const SEARCH_KEYS = ['method', 'tuner', 'start', 'step', 'upper', 'lower', 'budget', 'downward', 'party-timeout'] as const;
+
+function searchConfig(spec: string): DeepPartial<SearchConfig> {
+  const s: DeepPartial<SearchConfig> = {};
+  if (spec === '') return s;
+  for (const pair of spec.split(',')) {
+    const eq = pair.indexOf('=');
+    const key = eq < 0 ? pair : pair.slice(0, eq);
+    const value = eq < 0 ? '' : pair.slice(eq + 1);
+    const number = (o: { integer?: boolean } = {}): number => {
+      const n = Number(value);
+      if (value === '' || !Number.isFinite(n) || n < 0 || (o.integer === true && !Number.isInteger(n))) {
+        throw new UsageError(`--dpa: search ${key}: expected ${o.integer === true ? 'an integer' : 'a number'} ≥ 0, got ${JSON.stringify(value)}`);
+      }
+      return n;
+    };
+    switch (key as (typeof SEARCH_KEYS)[number]) {
+      case 'method':
+        if (value !== 'progressive' && value !== 'whole') throw new UsageError(`--dpa: search method: expected progressive or whole, got ${JSON.stringify(value)}`);
+        s.method = value === 'whole' ? SearchMethod.SEARCH_METHOD_WHOLE : SearchMethod.SEARCH_METHOD_PROGRESSIVE;
+        break;
+      case 'tuner':
+        if (value !== 'greedy' && value !== 'golden') throw new UsageError(`--dpa: search tuner: expected greedy or golden, got ${JSON.stringify(value)}`);
+        s.tuner = value === 'golden' ? Tuner.TUNER_GOLDEN : Tuner.TUNER_GREEDY;
+        break;
+      case 'start':
+        s.start = number();
+        break;
+      case 'step':
+        s.step = number();
+        break;
+      case 'upper':
+        s.upper = number();
+        break;
+      case 'lower':
+        s.lower = number();
+        break;
+      case 'budget':
+        s.budget = number({ integer: true });
+        break;
+      case 'downward':
+        if (value !== '' && value !== 'true' && value !== 'false') throw new UsageError(`--dpa: search downward: expected true or false, got ${JSON.stringify(value)}`);
+        s.downward = value !== 'false';
+        break;
+      case 'party-timeout':
+        s.partyTimeoutSeconds = number({ integer: true });
+        break;
+      default:
+        throw new UsageError(`--dpa: unknown search setting ${JSON.stringify(key)} (known: ${SEARCH_KEYS.join(', ')})`);
+    }
+  }
+  return s;
+}
+
+/**
+ * `--dpa`:
+ * - `off` (the default): every factor 1, DP alone;
+ * - `fixed:F1,F2,…`: the same factors for every party, partition 1 first;
+ * - `fixed:a=F1,F2;b=F1,F2` (optionally with a leading `F1,F2;` for the others): per party;
+ * - `search` or `search:method=whole,tuner=golden,start=1.8,step=0.1,upper=10,lower=0,budget=12,downward,party-timeout=600`.
+ */
+export function parseDpa(value: string | undefined, parties: readonly string[]): DeepPartial<DpaConfig> {
+  if (value === undefined || value === 'off') return { off: true };
+  const colon = value.indexOf(':');
+  const mode = colon < 0 ? value : value.slice(0, colon);
+  const spec = colon < 0 ? '' : value.slice(colon + 1);
+  if (mode === 'search') return { search: searchConfig(spec) };
+  if (mode !== 'fixed') throw new UsageError(`--dpa: expected off, fixed:F1,F2,…, fixed:a=F1,F2;b=…, or search[:…], got ${JSON.stringify(value)}`);
+  let factors: number[] = [];
+  const perParty: Record<string, { factors: number[] }> = {};
+  for (const part of spec.split(';')) {
+    const eq = part.indexOf('=');
+    if (eq < 0) {
+      if (factors.length > 0) throw new UsageError('--dpa: the default factors (without a party name) are given twice');
+      factors = factorList(part, 'for every party');
+    } else {
+      const name = party(part.slice(0, eq).trim(), parties, 'dpa');
+      if (name in perParty) throw new UsageError(`--dpa: factors for ${name} are given twice`);
+      perParty[name] = { factors: factorList(part.slice(eq + 1), `for ${name}`) };
+    }
+  }
+  if (factors.length === 0) {
+    const missing = parties.filter((p) => !(p in perParty));
+    if (missing.length > 0) throw new UsageError(`--dpa: no factors for ${missing.join(', ')} (give them, or default factors before the first ';')`);
+  }
+  return { fixed: { factors, perParty } };
+}
+
+/** `--weights a=1,b=0.5`: per-party weights c_i (parties not named keep 1). */
+export function parseWeights(value: string | undefined, parties: readonly string[]): Record<string, number> {
+  const weights: Record<string, number> = {};
+  if (value === undefined) return weights;
+  for (const pair of value.split(',')) {
+    const eq = pair.indexOf('=');
+    if (eq < 0) throw new UsageError(`--weights: expected party=weight, got ${JSON.stringify(pair)}`);
+    const name = party(pair.slice(0, eq).trim(), parties, 'weights');
+    if (name in weights) throw new UsageError(`--weights: ${name} is given twice`);
+    weights[name] = factor(pair.slice(eq + 1), 'weights');
+  }
+  return weights;
+}

@@ -1,0 +1,184 @@
+/**
+ * How jobs and job events are printed: as JSON (stable field names, states
+ * and enums as lower-case words, 64-bit counts as numbers) and as text.
+ */
+import {
+  evaluatorKindToJSON,
+  searchMethodToJSON,
+  tunerToJSON,
+  type DpaConfig,
+  type Evaluation,
+  type Job,
+  type JobEvent,
+  type MergeOptions,
+} from '../../proto/gen/dppa/v1/jobs.js';
+import { jobStateName } from '../sdk/jobs.js';
+import { formatBytes } from './progress.js';
+
+/** `SEARCH_METHOD_WHOLE` → `whole`; the zero value → `default`. */
+function word(json: string, prefix: string): string {
+  const w = json.startsWith(prefix) ? json.slice(prefix.length).toLowerCase() : json.toLowerCase();
+  return w === 'unspecified' ? 'default' : w;
+}
+
+/** DpaConfig as JSON: `{ mode: 'off' | 'fixed' | 'search' | 'unset', … }`. */
+export function dpaJson(dpa: DpaConfig | undefined): Record<string, unknown> {
+  if (dpa === undefined) return { mode: 'unset' };
+  const common = { scaleOutsideByMax: dpa.scaleOutsideByMax };
+  if (dpa.off !== undefined) return { mode: 'off', ...common };
+  if (dpa.fixed !== undefined) {
+    const perParty = Object.fromEntries(Object.entries(dpa.fixed.perParty).map(([p, l]) => [p, l.factors]));
+    return { mode: 'fixed', factors: dpa.fixed.factors, perParty, ...common };
+  }
+  if (dpa.search !== undefined) {
+    const s = dpa.search;
+    return {
+      mode: 'search',
+      method: word(searchMethodToJSON(s.method), 'SEARCH_METHOD_'),
+      tuner: word(tunerToJSON(s.tuner), 'TUNER_'),
+      start: s.start,
+      step: s.step,
+      upper: s.upper,
+      lower: s.lower,
+      budget: s.budget,
+      downward: s.downward,
+      evaluator: word(evaluatorKindToJSON(s.evaluator), 'EVALUATOR_KIND_'),
+      partyTimeoutSeconds: s.partyTimeoutSeconds,
+      ...common,
+    };
+  }
+  return { mode: 'unset', ...common };
+}
+
+function mergeJson(m: MergeOptions | undefined): Record<string, unknown> {
+  return { weights: { ...m?.weights }, signElection: m?.signElection ?? false, partiesMayDownload: m?.partiesMayDownload ?? false };
+}
+
+function evaluationJson(e: Evaluation): Record<string, unknown> {
+  return { party: e.party, seq: e.seq, denseReference: e.denseReference, factors: e.factors, scores: { ...e.scores }, domainRatio: e.domainRatio };
+}
+
+/** A job as JSON, as `dppa job status --json` prints it. */
+export function jobJson(job: Job): Record<string, unknown> {
+  return {
+    jobId: job.id,
+    label: job.label,
+    state: jobStateName(job.state),
+    basePath: job.basePath,
+    baseFingerprint: job.baseFingerprint,
+    rate: job.rate,
+    method: job.method,
+    dpa: dpaJson(job.dpa),
+    merge: mergeJson(job.merge),
+    parties: job.parties.map((p) => ({
+      name: p.name,
+      tensorsReceived: p.tensorsReceived,
+      tensorsExpected: p.tensorsExpected,
+      bytesReceived: Number(p.bytesReceived),
+      uploadComplete: p.uploadComplete,
+      factors: p.factors,
+      factorsFinal: p.factorsFinal,
+    })),
+    evaluations: job.evaluations.map(evaluationJson),
+    failureReason: job.failureReason === '' ? null : job.failureReason,
+    createdAt: job.createdAt,
+    updatedAt: job.updatedAt,
+  };
+}
+
+function factors(f: readonly number[]): string {
+  return f.length === 0 ? '-' : f.join(', ');
+}
+
+function dpaText(dpa: DpaConfig | undefined): string {
+  const j = dpaJson(dpa);
+  if (dpa?.fixed !== undefined) {
+    const per = Object.entries(dpa.fixed.perParty).map(([p, l]) => `${p}: ${factors(l.factors)}`);
+    return ['fixed', dpa.fixed.factors.length > 0 ? factors(dpa.fixed.factors) : '', ...per].filter(Boolean).join('; ');
+  }
+  if (dpa?.search !== undefined) return `search (${String(j.method)}, ${String(j.tuner)}, evaluator ${String(j.evaluator)})`;
+  return String(j.mode);
+}
+
+/** A job as text, as `dppa job status` prints it. */
+export function jobText(job: Job): string {
+  const lines = [
+    `job ${job.id}  ${jobStateName(job.state)}${job.label === '' ? '' : `  "${job.label}"`}`,
+    `  base        ${job.basePath}${job.baseFingerprint === '' ? '' : `  (fingerprint ${job.baseFingerprint.slice(0, 16)}…)`}`,
+    `  pruning     ${job.method === '' ? 'dp' : job.method} at rate ${job.rate}`,
+    `  dpa         ${dpaText(job.dpa)}`,
+  ];
+  const weights = Object.entries(job.merge?.weights ?? {}).map(([p, w]) => `${p}=${w}`);
+  lines.push(
+    `  merge       weights ${weights.length === 0 ? 'all 1' : weights.join(', ')}; sign election ${job.merge?.signElection === true ? 'on' : 'off'}; ` +
+      `parties may download: ${job.merge?.partiesMayDownload === true ? 'yes' : 'no'}`,
+  );
+  if (job.createdAt !== '') lines.push(`  created     ${job.createdAt}${job.updatedAt === '' ? '' : `, updated ${job.updatedAt}`}`);
+  lines.push('  parties');
+  const width = Math.max(0, ...job.parties.map((p) => p.name.length));
+  for (const p of job.parties) {
+    const upload = p.uploadComplete ? 'complete' : p.tensorsExpected === 0 ? 'waiting' : 'uploading';
+    const f = p.factors.length === 0 ? '' : `  factors ${factors(p.factors)}${p.factorsFinal ? ' (final)' : ''}`;
+    lines.push(`    ${p.name.padEnd(width)}  ${p.tensorsReceived}/${p.tensorsExpected} tensors  ${formatBytes(Number(p.bytesReceived))}  ${upload}${f}`);
+  }
+  if (job.evaluations.length > 0) {
+    lines.push(`  evaluations ${job.evaluations.length}`);
+    for (const e of job.evaluations) lines.push(`    ${evaluationText(e)}`);
+  }
+  if (job.failureReason !== '') lines.push(`  failure     ${job.failureReason}`);
+  return lines.join('\n');
+}
+
+function evaluationText(e: Evaluation): string {
+  const what = e.denseReference ? 'dense reference' : `factors ${factors(e.factors)}`;
+  return `${e.party} #${e.seq}: ${what}, domain ratio ${(100 * e.domainRatio).toFixed(2)}%`;
+}
+
+/** The kind of an event: the name of the field that is set. */
+export function eventType(ev: JobEvent): string {
+  for (const k of ['partyJoined', 'uploadProgress', 'uploadComplete', 'stateChanged', 'evaluationDone', 'factorsChosen', 'mergeProgress', 'merged', 'failed'] as const) {
+    if (ev[k] !== undefined) return k;
+  }
+  return 'unknown';
+}
+
+/** An event as one JSON object: `{ jobId, seq, time, type, …fields of the event }`. */
+export function eventJson(ev: JobEvent): Record<string, unknown> {
+  const head = { jobId: ev.jobId, seq: Number(ev.seq), time: ev.time, type: eventType(ev) };
+  if (ev.partyJoined !== undefined) return { ...head, party: ev.partyJoined.party };
+  if (ev.uploadProgress !== undefined) {
+    const u = ev.uploadProgress;
+    return { ...head, party: u.party, tensorsReceived: u.tensorsReceived, tensorsExpected: u.tensorsExpected, bytesReceived: Number(u.bytesReceived) };
+  }
+  if (ev.uploadComplete !== undefined) return { ...head, party: ev.uploadComplete.party };
+  if (ev.stateChanged !== undefined) return { ...head, from: jobStateName(ev.stateChanged.from), to: jobStateName(ev.stateChanged.to) };
+  if (ev.evaluationDone !== undefined) return { ...head, evaluation: ev.evaluationDone.evaluation === undefined ? null : evaluationJson(ev.evaluationDone.evaluation) };
+  if (ev.factorsChosen !== undefined) return { ...head, party: ev.factorsChosen.party, factors: ev.factorsChosen.factors, domainRatio: ev.factorsChosen.domainRatio };
+  if (ev.mergeProgress !== undefined) return { ...head, tensorsDone: ev.mergeProgress.tensorsDone, tensorsTotal: ev.mergeProgress.tensorsTotal };
+  if (ev.merged !== undefined) return { ...head, files: ev.merged.files, seconds: ev.merged.seconds };
+  if (ev.failed !== undefined) return { ...head, reason: ev.failed.reason };
+  return head;
+}
+
+/** An event as one line of text. */
+export function eventText(ev: JobEvent): string {
+  const what = ((): string => {
+    if (ev.partyJoined !== undefined) return `party ${ev.partyJoined.party} joined`;
+    if (ev.uploadProgress !== undefined) {
+      const u = ev.uploadProgress;
+      return `upload ${u.party}: ${u.tensorsReceived}/${u.tensorsExpected} tensors, ${formatBytes(Number(u.bytesReceived))}`;
+    }
+    if (ev.uploadComplete !== undefined) return `upload ${ev.uploadComplete.party}: complete`;
+    if (ev.stateChanged !== undefined) return `state ${jobStateName(ev.stateChanged.from)} → ${jobStateName(ev.stateChanged.to)}`;
+    if (ev.evaluationDone !== undefined) return ev.evaluationDone.evaluation === undefined ? 'evaluation' : `evaluation ${evaluationText(ev.evaluationDone.evaluation)}`;
+    if (ev.factorsChosen !== undefined) {
+      const f = ev.factorsChosen;
+      return `factors ${f.party}: ${factors(f.factors)} (domain ratio ${(100 * f.domainRatio).toFixed(2)}%)`;
+    }
+    if (ev.mergeProgress !== undefined) return `merge ${ev.mergeProgress.tensorsDone}/${ev.mergeProgress.tensorsTotal} tensors`;
+    if (ev.merged !== undefined) return `merged: ${ev.merged.files.length} files in ${ev.merged.seconds.toFixed(1)} s`;
+    if (ev.failed !== undefined) return `failed: ${ev.failed.reason}`;
+    return 'unknown event';
+  })();
+  return `${ev.time === '' ? '' : `${ev.time} `}#${ev.seq} ${what}`;
+}

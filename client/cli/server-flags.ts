@@ -1,0 +1,163 @@
+/**
+ * What every command that talks to a server shares: the connection flags,
+ * where the token comes from, Ctrl-C, and closing the client.
+ */
+import { readFileSync } from 'node:fs';
+import { DppaClient } from '../sdk/client.js';
+import { isLoopbackHost, parseAddress, type DppaClientOptions, type TlsOptions } from '../sdk/connection.js';
+import { num, required } from './args.js';
+import { cancellable } from './command.js';
+import { UsageError } from './exit-codes.js';
+import type { ProgressLine } from './progress.js';
+
+/** Connection flags (parseArgs options). */
+export const serverFlags = {
+  server: { type: 'string' },
+  tls: { type: 'boolean' },
+  'tls-ca': { type: 'string' },
+  'tls-cert': { type: 'string' },
+  'tls-key': { type: 'string' },
+  'tls-server-name': { type: 'string' },
+  insecure: { type: 'boolean' },
+  'timeout-ms': { type: 'string' },
+} as const;
+
+/** The admin token's flag. */
+export const adminTokenFlags = { 'admin-token-file': { type: 'string' } } as const;
+
+/** A party token's flags. */
+export const partyTokenFlags = { token: { type: 'string' }, 'token-file': { type: 'string' } } as const;
+
+/** Values of the flags above, as parseArgs returns them. */
+export interface ServerFlagValues {
+  server?: string | undefined;
+  tls?: boolean | undefined;
+  'tls-ca'?: string | undefined;
+  'tls-cert'?: string | undefined;
+  'tls-key'?: string | undefined;
+  'tls-server-name'?: string | undefined;
+  insecure?: boolean | undefined;
+  'timeout-ms'?: string | undefined;
+  'admin-token-file'?: string | undefined;
+  token?: string | undefined;
+  'token-file'?: string | undefined;
+}
+
+/** The help section of the connection flags. */
+export const SERVER_HELP = `Connection:
+  --server HOST:PORT       the aggregation server (required; [::1]:PORT for IPv6)
+  --tls                    use TLS, trusting the CAs Node trusts (implied by the --tls-* flags)
+  --tls-ca FILE            PEM of the CA that signed the server's certificate
+  --tls-cert FILE          client certificate (PEM), for servers that require mutual TLS
+  --tls-key FILE           private key of --tls-cert (PEM)
+  --tls-server-name NAME   name to check the server's certificate against (default: the host)
+  --insecure               allow plaintext to a server that is not on this machine (the token
+                           and data then cross the network unencrypted; loopback needs no flag)
+  --timeout-ms N           time limit of each request, default 30000 (a push, pull or watch as a
+                           whole has none; interrupt it with Ctrl-C)`;
+
+/** The help lines of the admin token. */
+export const ADMIN_TOKEN_HELP = `  --admin-token-file FILE  file holding the admin token (default: $DPPA_ADMIN_TOKEN)`;
+
+/** The help lines of a party token. */
+export const PARTY_TOKEN_HELP = `  --token T                the party's token from \`dppa job create\` (default: $DPPA_TOKEN)
+  --token-file FILE        file holding the party's token`;
+
+function tokenFile(path: string, flag: string): string {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (err) {
+    throw new UsageError(`--${flag}: cannot read ${path}: ${(err as Error).message}`, { cause: err });
+  }
+  const token = text.trim();
+  if (token === '') throw new UsageError(`--${flag}: ${path} is empty`);
+  return token;
+}
+
+function env(name: string): string | undefined {
+  const v = process.env[name]?.trim();
+  return v === undefined || v === '' ? undefined : v;
+}
+
+/** The admin token: --admin-token-file, else $DPPA_ADMIN_TOKEN. */
+export function adminToken(v: ServerFlagValues): string {
+  if (v['admin-token-file'] !== undefined) return tokenFile(v['admin-token-file'], 'admin-token-file');
+  const t = env('DPPA_ADMIN_TOKEN');
+  if (t === undefined) throw new UsageError('no admin token: set DPPA_ADMIN_TOKEN or pass --admin-token-file FILE');
+  return t;
+}
+
+/** A party token: --token, else --token-file, else $DPPA_TOKEN. */
+export function partyToken(v: ServerFlagValues): string {
+  if (v.token !== undefined && v['token-file'] !== undefined) throw new UsageError('--token and --token-file: give one');
+  if (v.token !== undefined) return required(v.token, 'token');
+  if (v['token-file'] !== undefined) return tokenFile(v['token-file'], 'token-file');
+  const t = env('DPPA_TOKEN');
+  if (t === undefined) throw new UsageError("no token: pass --token (the party's token from `dppa job create`) or set DPPA_TOKEN");
+  return t;
+}
+
+/**
+ * A party or admin token, explicit flags first: --token, --token-file,
+ * --admin-token-file, then $DPPA_ADMIN_TOKEN, then $DPPA_TOKEN.
+ */
+export function anyToken(v: ServerFlagValues): string {
+  if (v.token !== undefined || v['token-file'] !== undefined) {
+    if (v['admin-token-file'] !== undefined) throw new UsageError('--token and --admin-token-file: give one');
+    return partyToken(v);
+  }
+  if (v['admin-token-file'] !== undefined) return adminToken(v);
+  const t = env('DPPA_ADMIN_TOKEN') ?? env('DPPA_TOKEN');
+  if (t === undefined) throw new UsageError('no token: pass --token or --admin-token-file, or set DPPA_TOKEN or DPPA_ADMIN_TOKEN');
+  return t;
+}
+
+/** Client options from the connection flags. */
+export function clientOptions(v: ServerFlagValues, token: string): DppaClientOptions {
+  const address = required(v.server, 'server');
+  let host: string;
+  try {
+    host = parseAddress(address).host;
+  } catch (err) {
+    throw new UsageError(`--server: ${(err as Error).message.replace(/^address: /, '')}`, { cause: err });
+  }
+  const wantsTls = v.tls === true || v['tls-ca'] !== undefined || v['tls-cert'] !== undefined || v['tls-key'] !== undefined || v['tls-server-name'] !== undefined;
+  if (!wantsTls && v.insecure !== true && !isLoopbackHost(host)) {
+    throw new UsageError(`refusing plaintext to ${address}, which is not this machine: pass --tls (or --tls-ca FILE), or --insecure to send the token unencrypted`);
+  }
+  if ((v['tls-cert'] === undefined) !== (v['tls-key'] === undefined)) throw new UsageError('--tls-cert and --tls-key: give both or neither');
+  const tls: TlsOptions = {};
+  if (v['tls-ca'] !== undefined) tls.ca = v['tls-ca'];
+  if (v['tls-cert'] !== undefined) tls.cert = v['tls-cert'];
+  if (v['tls-key'] !== undefined) tls.key = v['tls-key'];
+  if (v['tls-server-name'] !== undefined) tls.serverName = v['tls-server-name'];
+  const o: DppaClientOptions = { address, token };
+  if (wantsTls) o.tls = tls;
+  if (v.insecure === true) o.insecure = true;
+  const timeoutMs = num(v['timeout-ms'], 'timeout-ms', { min: 1, integer: true });
+  if (timeoutMs !== undefined) o.timeoutMs = timeoutMs;
+  return o;
+}
+
+/**
+ * Runs `fn` with a client of the server, a signal that Ctrl-C aborts and a
+ * progress line (see {@link cancellable}); closes the client after.
+ */
+export async function withClient<T>(options: DppaClientOptions, fn: (client: DppaClient, signal: AbortSignal, progress: ProgressLine) => Promise<T>): Promise<T> {
+  let client: DppaClient;
+  try {
+    client = new DppaClient(options);
+  } catch (err) {
+    // The SDK names its options (tls.ca: …); say it with the flags the user typed.
+    if (!(err instanceof RangeError)) throw err;
+    const flags: Record<string, string> = { 'tls.ca': '--tls-ca', 'tls.cert': '--tls-cert', 'tls.key': '--tls-key', timeoutMs: '--timeout-ms', token: 'the token', address: '--server' };
+    const message = err.message.replace(/^([\w.]+):/, (m, name: string) => `${flags[name] ?? name}:`);
+    throw new UsageError(message, { cause: err });
+  }
+  try {
+    return await cancellable((signal, progress) => fn(client, signal, progress));
+  } finally {
+    client.close();
+  }
+}

@@ -1,0 +1,267 @@
+/**
+ * Download of a merged checkpoint, file by file, into `OUT.tmp-JOB/`: each
+ * chunk checked against its CRC-32C, each file against its SHA-256, resumed
+ * from the bytes on disk after a dropped stream (or a new run), and renamed to
+ * `OUT` only once every file is complete and verified.
+ */
+import { createHash, type Hash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { lstat, mkdir, open, readdir, rename, rm, stat, truncate } from 'node:fs/promises';
+import { dirname, join, resolve, sep } from 'node:path';
+import { crc32c } from '../../proto/sparse/index.js';
+import { CallScope, inScope, readStream, type CallOptions } from './call.js';
+import type { Connection } from './connection.js';
+import { DownloadError, DppaRpcError } from './errors.js';
+import { Backoff, isTransient } from './retry.js';
+
+/** What {@link DppaClient.pull} downloads, and where. */
+export interface PullOptions {
+  /** Id of a merged job. */
+  jobId: string;
+  /**
+   * Folder to create with the merged checkpoint; must not exist. Files are
+   * assembled in `OUT.tmp-JOB` beside it, kept after a failure so that running
+   * the same pull again resumes.
+   */
+  out: string;
+}
+
+/** Progress of a pull. */
+export interface PullProgress {
+  /** The file being downloaded, as listed by the server. */
+  file: string;
+  /** Files complete and verified. */
+  filesDone: number;
+  /** Files of the checkpoint. */
+  filesTotal: number;
+  /** Bytes on disk, of every file (those resumed from an earlier run included). */
+  bytesDone: number;
+  /** Bytes of the whole checkpoint. */
+  bytesTotal: number;
+  /** Download attempt of the current file, from 1; above 1 after a dropped stream. */
+  attempt: number;
+}
+
+/** Call options of {@link DppaClient.pull}. */
+export interface PullCallOptions extends CallOptions {
+  /** Called after every chunk written and every file verified. @default none */
+  onProgress?: ((p: PullProgress) => void) | undefined;
+}
+
+/** One file of a pulled checkpoint. */
+export interface PulledFile {
+  /** Path relative to the checkpoint folder. */
+  path: string;
+  /** Size in bytes. */
+  size: number;
+  /** Lower-case hex SHA-256, checked. */
+  sha256: string;
+}
+
+/** What {@link DppaClient.pull} did. */
+export interface PullResult {
+  /** The folder written (`PullOptions.out`). */
+  out: string;
+  /** Every file of the checkpoint. */
+  files: PulledFile[];
+  /** Bytes received from the server by this pull. */
+  bytesDownloaded: number;
+  /** Bytes found on disk from an earlier, interrupted pull and kept. */
+  bytesResumed: number;
+}
+
+/** A chunk whose bytes do not match its CRC: damaged in transit, fetched again. */
+class CorruptChunkError extends Error {
+  override name = 'CorruptChunkError';
+}
+
+/** The stream ended (status OK) before the end of the file: resumed like a drop. */
+class ShortStreamError extends Error {
+  override name = 'ShortStreamError';
+}
+
+/** Rejects paths that would leave the output folder or that mean different files on different systems. */
+function checkPath(p: string): string {
+  const parts = p.split('/');
+  if (p === '' || p.startsWith('/') || /[\\\0]/.test(p) || /^[A-Za-z]:/.test(p) || parts.some((s) => s === '' || s === '.' || s === '..')) {
+    throw new DownloadError(p, 'unsafe path in the file list: a merged file must be a relative path inside the checkpoint folder');
+  }
+  return p;
+}
+
+function listedFile(f: { path: string; size: bigint; sha256: string }): PulledFile {
+  const path = checkPath(f.path);
+  if (f.size > BigInt(Number.MAX_SAFE_INTEGER)) throw new DownloadError(path, `listed size ${f.size} is too large`);
+  const sha256 = f.sha256.toLowerCase();
+  if (!/^[0-9a-f]{64}$/.test(sha256)) throw new DownloadError(path, `listed SHA-256 ${JSON.stringify(f.sha256)} is not 64 hex digits`);
+  return { path, size: Number(f.size), sha256 };
+}
+
+async function sizeOnDisk(path: string): Promise<number> {
+  try {
+    return (await stat(path)).size;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 0;
+    throw err;
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await lstat(path);
+    return true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    throw err;
+  }
+}
+
+/** SHA-256 state over the first `size` bytes of a file already on disk. */
+async function hashPrefix(path: string, size: number, signal: AbortSignal): Promise<Hash> {
+  const hash = createHash('sha256');
+  if (size === 0) return hash;
+  for await (const chunk of createReadStream(path, { start: 0, end: size - 1, signal })) hash.update(chunk as Buffer);
+  return hash;
+}
+
+/** Removes files of an earlier run that are not in the list, so that `out` holds exactly the checkpoint. */
+async function removeStrays(dir: string, keep: ReadonlySet<string>): Promise<void> {
+  for (const rel of await readdir(dir, { recursive: true })) {
+    const path = join(dir, rel);
+    if ((await lstat(path)).isDirectory()) continue;
+    if (!keep.has(rel.split(sep).join('/'))) await rm(path, { force: true });
+  }
+}
+
+/** Makes a rename durable where the platform allows syncing a directory. */
+async function syncDir(path: string): Promise<void> {
+  try {
+    const fh = await open(path, 'r');
+    try {
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+  } catch {
+    // Not every platform can open or sync a directory; the rename itself has happened.
+  }
+}
+
+interface Transfer {
+  conn: Connection;
+  jobId: string;
+  scope: CallScope;
+  bytesDone: number;
+  bytesDownloaded: number;
+  report(file: string, attempt: number): void;
+}
+
+/** Downloads one file into `local`, resuming from what is on disk; verifies it. */
+async function downloadFile(t: Transfer, file: PulledFile, local: string): Promise<void> {
+  const { conn, scope } = t;
+  const backoff = new Backoff(conn.options.retry);
+  await mkdir(dirname(local), { recursive: true });
+  let size = await sizeOnDisk(local);
+  if (size > file.size) {
+    await truncate(local, 0);
+    size = 0;
+  }
+  t.bytesDone += size;
+  let hash: Hash | undefined;
+  let restarted = false;
+  for (let attempt = 1; ; attempt++) {
+    scope.check();
+    // The hash must cover exactly the bytes on disk before more are appended.
+    hash ??= await hashPrefix(local, size, scope.signal);
+    if (size === file.size) {
+      const digest = hash.digest('hex');
+      if (digest === file.sha256) return;
+      // A stale or damaged file from an earlier run: start it over once; a second mismatch is the server's.
+      await rm(local, { force: true });
+      t.bytesDone -= size;
+      if (restarted) throw new DownloadError(file.path, `SHA-256 is ${digest}, the server listed ${file.sha256}; the file was removed`);
+      restarted = true;
+      size = 0;
+      hash = undefined;
+      continue;
+    }
+    t.report(file.path, attempt);
+    const fh = await open(local, 'a');
+    try {
+      const call = conn.downloads.download({ jobId: t.jobId, path: file.path, offset: BigInt(size) }, conn.metadata(), {});
+      for await (const chunk of readStream(call, scope.signal)) {
+        if (chunk.path !== file.path) throw new DownloadError(file.path, `the server sent a chunk of ${JSON.stringify(chunk.path)} instead`);
+        if (chunk.offset !== BigInt(size)) throw new DownloadError(file.path, `chunk at byte ${chunk.offset}, expected byte ${size}`);
+        if (size + chunk.data.length > file.size) throw new DownloadError(file.path, `more than the ${file.size} bytes listed`);
+        if (crc32c(chunk.data) !== chunk.crc32c) throw new CorruptChunkError(`${file.path}: chunk at byte ${size} does not match its CRC-32C`);
+        await fh.write(chunk.data);
+        hash.update(chunk.data);
+        size += chunk.data.length;
+        t.bytesDone += chunk.data.length;
+        t.bytesDownloaded += chunk.data.length;
+        backoff.reset();
+        t.report(file.path, attempt);
+      }
+      if (size !== file.size) throw new ShortStreamError(`${file.path}: stream ended at byte ${size} of ${file.size}`);
+      await fh.sync();
+    } catch (err) {
+      const e = DppaRpcError.from(scope.reason(err), 'Download');
+      if (scope.signal.aborted || !(isTransient(e) || e instanceof CorruptChunkError || e instanceof ShortStreamError)) throw e;
+      try {
+        await backoff.failed(e, scope.signal);
+      } catch (last) {
+        throw last instanceof CorruptChunkError || last instanceof ShortStreamError ? new DownloadError(file.path, last.message, { cause: last }) : last;
+      }
+      // What reached the disk before the failure stays; the next attempt asks for the rest.
+      const onDisk = await sizeOnDisk(local);
+      if (onDisk !== size) {
+        await truncate(local, size);
+      }
+    } finally {
+      await fh.close();
+    }
+  }
+}
+
+/**
+ * Downloads a merged checkpoint (see {@link DppaClient.pull}).
+ * @throws RangeError when `out` exists; DownloadError, DppaRpcError, the signal's reason.
+ */
+export async function pull(conn: Connection, o: PullOptions, call: PullCallOptions = {}): Promise<PullResult> {
+  const scope = new CallScope('Download', call);
+  try {
+    if (o.out === '') throw new RangeError('out: required');
+    if (await exists(o.out)) throw new RangeError(`out: ${o.out} already exists; pull creates a new folder and never writes into one`);
+    const list = await inScope(conn, 'ListFiles', conn.downloads.listFiles.bind(conn.downloads), { jobId: o.jobId }, scope, true);
+    const files = list.files.map(listedFile);
+    const names = new Set(files.map((f) => f.path));
+    if (names.size !== files.length) throw new DownloadError(o.out, 'the server listed a file twice');
+    if (files.length === 0) throw new DownloadError(o.out, `job ${o.jobId} has no merged files`);
+    const tmp = `${resolve(o.out)}.tmp-${o.jobId.replace(/[^A-Za-z0-9_-]/g, '_')}`;
+    await mkdir(tmp, { recursive: true });
+    await removeStrays(tmp, names);
+    const bytesTotal = files.reduce((a, f) => a + f.size, 0);
+    let filesDone = 0;
+    const t: Transfer = {
+      conn,
+      jobId: o.jobId,
+      scope,
+      bytesDone: 0,
+      bytesDownloaded: 0,
+      report: (file, attempt) => call.onProgress?.({ file, filesDone, filesTotal: files.length, bytesDone: t.bytesDone, bytesTotal, attempt }),
+    };
+    for (const file of files) {
+      await downloadFile(t, file, join(tmp, ...file.path.split('/')));
+      filesDone++;
+      t.report(file.path, 1);
+    }
+    await rename(tmp, o.out);
+    await syncDir(dirname(resolve(o.out)));
+    // Every byte of the checkpoint not received by this run was on disk already (and verified).
+    return { out: o.out, files, bytesDownloaded: t.bytesDownloaded, bytesResumed: Math.max(0, bytesTotal - t.bytesDownloaded) };
+  } catch (err) {
+    throw scope.reason(err);
+  } finally {
+    scope.dispose();
+  }
+}

@@ -1,0 +1,299 @@
+/**
+ * Upload of one party's pruned delta: pruned on the fly from the two
+ * checkpoints (pruning the next tensors while earlier ones are on the wire) or
+ * read from a `.dppa` file; resumable tensor by tensor after a dropped stream.
+ */
+import type { ClientWritableStream } from '@grpc/grpc-js';
+import { JobState, type Job } from '../../proto/gen/dppa/v1/jobs.js';
+import type { DeltaHeader, DeltaRecord } from '../../proto/gen/dppa/v1/sparse.js';
+import type { UploadRequest, UploadState } from '../../proto/gen/dppa/v1/upload.js';
+import { readDeltaFile, readDeltaHeader } from '../../proto/sparse/index.js';
+import { openPrune, type PruneMethod, type PruneOptions } from '../prune/pruner.js';
+import { CallScope, inScope, type CallOptions } from './call.js';
+import type { Connection } from './connection.js';
+import { DeltaMismatchError, DppaRpcError, JobStateError, UploadIncompleteError } from './errors.js';
+import { jobStateName } from './jobs.js';
+import { Backoff, isTransient } from './retry.js';
+
+/** Pruning settings a push passes to the pruner (see {@link PruneOptions}); the job fixes rate and method. */
+export type PushPruneOptions = Omit<PruneOptions, 'base' | 'finetuned' | 'rate' | 'method' | 'signal' | 'onProgress'>;
+
+/** Push a delta pruned on the fly from the party's two checkpoints. */
+export interface PushFromCheckpoints extends PushPruneOptions {
+  /** Id of the job. */
+  jobId: string;
+  /** This party's name in the job (the token must be this party's). */
+  party: string;
+  /** Folder of the base checkpoint (the same base as the job's). */
+  base: string;
+  /** Folder of the party's fine-tuned checkpoint. */
+  finetuned: string;
+  /** Pruning rate; must equal the job's. @default the job's rate */
+  rate?: number;
+  /** Pruning method; must equal the job's. @default the job's method */
+  method?: PruneMethod;
+  delta?: never;
+}
+
+/** Push a delta already pruned into a `.dppa` file (`dppa prune`). */
+export interface PushFromFile {
+  /** Id of the job. */
+  jobId: string;
+  /** This party's name in the job (the token must be this party's). */
+  party: string;
+  /** The `.dppa` file; its rate, method and base fingerprint must match the job's. */
+  delta: string;
+  base?: never;
+  finetuned?: never;
+}
+
+/** What {@link DppaClient.push} uploads. */
+export type PushOptions = PushFromCheckpoints | PushFromFile;
+
+/** Progress of a push. */
+export interface PushProgress {
+  /** `prepare`: the significance pass of DP/OWL, before any upload; `upload`: records on the wire. */
+  phase: 'prepare' | 'upload';
+  /** The tensor last processed (prepare) or last sent completely (upload; empty before the first). */
+  tensor: string;
+  /** Tensors done: significance pass (prepare), or held by the server plus sent since (upload). */
+  tensorsDone: number;
+  /** Tensors in all for the phase. */
+  tensorsTotal: number;
+  /** Chunk payload bytes (positions and values) sent by this push so far, every attempt counted. */
+  bytesSent: number;
+  /** Upload attempt, from 1; above 1 after a dropped stream. */
+  attempt: number;
+}
+
+/** Call options of {@link DppaClient.push}. */
+export interface PushCallOptions extends CallOptions {
+  /** Called as the push advances (at most once per tensor). @default none */
+  onProgress?: ((p: PushProgress) => void) | undefined;
+}
+
+/** Where the records come from. */
+interface RecordSource {
+  header: DeltaHeader;
+  records(skip: ReadonlySet<string>): AsyncGenerator<DeltaRecord, void, undefined>;
+  close(): Promise<void>;
+}
+
+const METHODS: readonly string[] = ['dp', 'magnitude', 'owl', 'dare'] satisfies PruneMethod[];
+
+function sameRate(a: number, b: number): boolean {
+  return Math.abs(a - b) <= 1e-12;
+}
+
+function jobMethod(job: Job): string {
+  return job.method === '' ? 'dp' : job.method;
+}
+
+/** Checks a delta's header against the job before anything is sent. */
+function checkHeader(header: DeltaHeader, job: Job, what: string): void {
+  if (job.baseFingerprint !== '' && header.baseFingerprint !== job.baseFingerprint) {
+    throw new DeltaMismatchError(
+      'baseFingerprint',
+      job.baseFingerprint,
+      header.baseFingerprint,
+      `${what} was made against another base than job ${job.id}'s (${job.basePath}): fingerprint ${header.baseFingerprint}, the job's is ${job.baseFingerprint}`,
+    );
+  }
+  if (!sameRate(header.rate, job.rate)) {
+    throw new DeltaMismatchError('rate', String(job.rate), String(header.rate), `${what} is pruned at rate ${header.rate}; job ${job.id} requires ${job.rate}`);
+  }
+  if (header.method !== jobMethod(job)) {
+    throw new DeltaMismatchError('method', jobMethod(job), header.method, `${what} is pruned with ${header.method}; job ${job.id} requires ${jobMethod(job)}`);
+  }
+}
+
+/** The records of a `.dppa` file, without the tensors in `skip`. */
+async function* skipTensors(records: AsyncIterable<DeltaRecord>, skip: ReadonlySet<string>): AsyncGenerator<DeltaRecord, void, undefined> {
+  let skipping = false;
+  for await (const record of records) {
+    if (record.tensorBegin !== undefined) skipping = skip.has(record.tensorBegin.name);
+    if (!skipping) yield record;
+    if (record.tensorEnd !== undefined) skipping = false;
+  }
+}
+
+async function openSource(o: PushOptions, job: Job, signal: AbortSignal, report: (p: PushProgress) => void): Promise<RecordSource> {
+  if (o.delta !== undefined) {
+    const path = o.delta;
+    const header = await readDeltaHeader(path, { signal });
+    checkHeader(header, job, path);
+    return { header, records: (skip) => skipTensors(readDeltaFile(path, { signal }), skip), close: () => Promise.resolve() };
+  }
+  const { rate, method } = o;
+  if (!METHODS.includes(jobMethod(job))) {
+    throw new DeltaMismatchError('method', jobMethod(job), '', `job ${job.id} requires the method ${JSON.stringify(job.method)}, which this client does not know`);
+  }
+  if (rate !== undefined && !sameRate(rate, job.rate)) {
+    throw new DeltaMismatchError('rate', String(job.rate), String(rate), `rate ${rate} was asked for; job ${job.id} requires ${job.rate}`);
+  }
+  if (method !== undefined && method !== jobMethod(job)) {
+    throw new DeltaMismatchError('method', jobMethod(job), method, `method ${method} was asked for; job ${job.id} requires ${jobMethod(job)}`);
+  }
+  const session = await openPrune({
+    // The pruner takes its own options from these and ignores jobId and party.
+    ...o,
+    rate: job.rate,
+    method: jobMethod(job) as PruneMethod,
+    signal,
+    onProgress: (p) => {
+      if (p.phase === 'significance') report({ phase: 'prepare', tensor: p.tensor, tensorsDone: p.tensorsDone, tensorsTotal: p.tensorsTotal, bytesSent: 0, attempt: 1 });
+    },
+  });
+  try {
+    checkHeader(session.header, job, `the delta of ${o.finetuned}`);
+  } catch (err) {
+    await session.close();
+    throw err;
+  }
+  return { header: session.header, records: (skip) => session.records(skip), close: () => session.close() };
+}
+
+function ignore(): void {}
+
+/**
+ * One Upload stream, written with backpressure: `write()` waits for 'drain'
+ * when grpc-js's buffer is full, and stops as soon as the call has ended.
+ */
+class UploadStream {
+  readonly result: Promise<UploadState>;
+  private readonly call: ClientWritableStream<UploadRequest>;
+  private ended = false;
+  private wake: (() => void) | undefined;
+  private readonly onAbort = (): void => this.call.cancel();
+
+  constructor(
+    conn: Connection,
+    private readonly signal: AbortSignal,
+  ) {
+    let resolve!: (s: UploadState) => void;
+    let reject!: (e: unknown) => void;
+    this.result = new Promise<UploadState>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    // Awaited by finish(); an early failure must not count as unhandled while records are still being written.
+    this.result.catch(ignore);
+    this.call = conn.uploads.upload(conn.metadata(), {}, (err, res) => {
+      this.ended = true;
+      this.wake?.();
+      if (err !== null) reject(err);
+      else resolve(res);
+    });
+    this.call.on('drain', () => this.wake?.());
+    this.call.on('error', ignore);
+    signal.addEventListener('abort', this.onAbort, { once: true });
+  }
+
+  /** Sends one message; false once the call has ended (its result says how). */
+  async write(message: UploadRequest): Promise<boolean> {
+    if (this.ended) return false;
+    if (!this.call.write(message)) {
+      await new Promise<void>((resolve) => {
+        this.wake = resolve;
+      });
+      this.wake = undefined;
+    }
+    return !this.ended;
+  }
+
+  /** Half-closes the stream and waits for the server's answer. */
+  async finish(): Promise<UploadState> {
+    if (!this.ended) this.call.end();
+    return this.result;
+  }
+
+  /** Cancels the call (no-op once it has ended) and drops the abort listener. */
+  close(): void {
+    this.signal.removeEventListener('abort', this.onAbort);
+    this.call.cancel();
+  }
+}
+
+/**
+ * Uploads a party's delta (see {@link DppaClient.push}).
+ * @throws DeltaMismatchError, JobStateError, UploadIncompleteError, DppaRpcError,
+ *   FormatError/CheckpointMismatchError from the delta or checkpoints, the signal's reason.
+ */
+export async function push(conn: Connection, o: PushOptions, call: PushCallOptions = {}): Promise<UploadState> {
+  const scope = new CallScope('Upload', call);
+  const report = (p: PushProgress): void => call.onProgress?.(p);
+  let source: RecordSource | undefined;
+  try {
+    const uploadState = (): Promise<UploadState> =>
+      inScope(conn, 'GetUploadState', conn.uploads.getUploadState.bind(conn.uploads), { jobId: o.jobId, party: o.party }, scope, true);
+    const job = await inScope(conn, 'GetJob', conn.jobs.getJob.bind(conn.jobs), { jobId: o.jobId }, scope, true);
+    let state = await uploadState();
+    if (state.complete) return state;
+    if (job.state !== JobState.JOB_STATE_COLLECTING) {
+      const why = job.state === JobState.JOB_STATE_FAILED ? `failed (${job.failureReason})` : `${jobStateName(job.state)}, past collecting`;
+      throw new JobStateError(
+        job.id,
+        jobStateName(job.state),
+        `job ${job.id} is ${why}: it accepts no more uploads, and holds ${state.tensorsReceived.length} of party "${o.party}"'s tensors`,
+      );
+    }
+    source = await openSource(o, job, scope.signal, report);
+    const { header } = source;
+    if (state.baseFingerprint !== '' && state.baseFingerprint !== header.baseFingerprint) {
+      throw new DeltaMismatchError(
+        'baseFingerprint',
+        state.baseFingerprint,
+        header.baseFingerprint,
+        `the server holds part of an upload of party "${o.party}" made against another base (fingerprint ${state.baseFingerprint}) than this delta's (${header.baseFingerprint})`,
+      );
+    }
+    const tensorsTotal = header.tensors.filter((t) => t.sent).length;
+    const backoff = new Backoff(conn.options.retry);
+    let bytesSent = 0;
+    for (let attempt = 1; ; attempt++) {
+      if (attempt > 1) {
+        const before = state.tensorsReceived.length;
+        state = await uploadState();
+        if (state.complete) return state;
+        // Count only failures in a row that made no progress: a long upload may be interrupted many times.
+        if (state.tensorsReceived.length > before) backoff.reset();
+      }
+      const held = new Set(state.tensorsReceived);
+      let tensorsDone = held.size;
+      let tensor = '';
+      report({ phase: 'upload', tensor, tensorsDone, tensorsTotal, bytesSent, attempt });
+      const stream = new UploadStream(conn, scope.signal);
+      try {
+        // A false write means the call has ended: finish() then says how.
+        if (await stream.write({ open: { jobId: o.jobId, party: o.party } })) {
+          for await (const record of source.records(held)) {
+            if (!(await stream.write({ record }))) break;
+            if (record.chunk !== undefined) bytesSent += record.chunk.positions.length + record.chunk.values.length;
+            if (record.tensorEnd !== undefined) {
+              tensor = record.tensorEnd.name;
+              tensorsDone++;
+              report({ phase: 'upload', tensor, tensorsDone, tensorsTotal, bytesSent, attempt });
+            }
+          }
+        }
+        const result = await stream.finish();
+        if (result.complete) return result;
+        // Every record went through and the server answered OK: ask once more before calling it incomplete.
+        const again = await uploadState();
+        if (again.complete) return again;
+        throw new UploadIncompleteError(again);
+      } catch (err) {
+        const e = DppaRpcError.from(scope.reason(err), 'Upload');
+        if (scope.signal.aborted || !isTransient(e)) throw e;
+        await backoff.failed(e, scope.signal);
+      } finally {
+        stream.close();
+      }
+    }
+  } catch (err) {
+    throw scope.reason(err);
+  } finally {
+    await source?.close();
+    scope.dispose();
+  }
+}
