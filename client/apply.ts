@@ -24,6 +24,8 @@ export interface ApplyOptions {
   scale?: number;
   /** Scale outside tensors by the largest factor (the released code) instead of 1. @default false */
   outsideByMax?: boolean;
+  /** Factor of outside tensors (partition 0), as a DPA evaluation request gives it; overrides `outsideByMax`. @default 1 (or the largest factor with `outsideByMax`) */
+  outsideFactor?: number;
   /** Replace `out` if it exists. @default false */
   overwrite?: boolean;
   /** Cancels between tensors; nothing is left at `out`. */
@@ -46,7 +48,7 @@ export interface ApplyReport {
 /**
  * Applies a pruned (and amplified) delta to its base.
  * @throws FormatError if the delta is malformed, made against another base, or names a tensor the base lacks.
- * @throws RangeError if the factors do not match the delta's partitions.
+ * @throws RangeError if the factors do not match the delta's partitions, or a factor is not finite.
  */
 export async function applyDelta(opts: ApplyOptions): Promise<ApplyReport> {
   const base = await Checkpoint.open(opts.base);
@@ -55,6 +57,9 @@ export async function applyDelta(opts: ApplyOptions): Promise<ApplyReport> {
     const header = await readDeltaHeader(opts.delta, readOpts);
     const factors = opts.factors ?? header.levels.map(() => 1);
     checkFactors(factors, header, opts.delta);
+    if (opts.outsideFactor !== undefined && !Number.isFinite(opts.outsideFactor)) throw new RangeError(`outsideFactor: ${opts.outsideFactor} is not a finite number`);
+    const factorOf = (partition: number): number =>
+      partition === 0 && opts.outsideFactor !== undefined ? opts.outsideFactor : partitionFactor(factors, partition, opts.outsideByMax ?? false);
     const fp = await baseFingerprint(base);
     if (fp !== header.baseFingerprint) {
       throw new FormatError(`the delta was made against another base (its fingerprint ${header.baseFingerprint}, ${opts.base} has ${fp})`, { file: opts.delta });
@@ -88,7 +93,7 @@ export async function applyDelta(opts: ApplyOptions): Promise<ApplyReport> {
         }
         if (assembler === undefined || acc === undefined) throw new FormatError('a record comes before any tensor begins', { file: opts.delta });
         const chunk = assembler.push(record);
-        if (chunk !== undefined) addScaled(acc, chunk.positions, chunk.values, scale * partitionFactor(factors, chunk.partition, opts.outsideByMax ?? false));
+        if (chunk !== undefined) addScaled(acc, chunk.positions, chunk.values, scale * factorOf(chunk.partition));
         if (assembler.complete) {
           const name = assembler.name!;
           await writer.writeTensorF32(name, acc);

@@ -1,7 +1,8 @@
 /**
  * The client SDK of dppa-federated: prune a fine-tuned delta (DP and the
  * baselines), write and read `.dppa` files, apply a delta to its base, and
- * talk to an aggregation server ({@link DppaClient}: jobs, uploads, downloads).
+ * talk to an aggregation server ({@link DppaClient}: jobs, uploads, evaluations
+ * for the DPA search, downloads).
  *
  * This is the package's one public entry; everything else under client/ is internal.
  * @packageDocumentation
@@ -30,9 +31,10 @@ export { jobStateName } from './sdk/jobs.js';
 export type { CreateJobOptions, CreateJobResult, JobStateName, WatchJobOptions } from './sdk/jobs.js';
 export type { PushOptions, PushFromCheckpoints, PushFromFile, PushPruneOptions, PushProgress, PushCallOptions } from './sdk/push.js';
 export type { PullOptions, PullProgress, PullCallOptions, PullResult, PulledFile } from './sdk/pull.js';
-export { DppaRpcError, DeltaMismatchError, JobStateError, UploadIncompleteError, DownloadError } from './sdk/errors.js';
+export type { EvaluateOptions, EvaluateCallOptions, EvaluateResult, EvaluateEvent, EvaluateFn, EvaluationCandidate } from './sdk/evaluate.js';
+export { DppaRpcError, DeltaMismatchError, JobStateError, UploadIncompleteError, DownloadError, EvaluationError } from './sdk/errors.js';
 export { JobState, SearchMethod, Tuner, EvaluatorKind } from '../proto/gen/dppa/v1/jobs.js';
-export type { Job, JobEvent, PartyStatus, Evaluation, DpaConfig, FixedFactors, SearchConfig, MergeOptions } from '../proto/gen/dppa/v1/jobs.js';
+export type { Job, JobEvent, PartyStatus, Evaluation, DpaConfig, FixedFactors, SearchConfig, OnnxEvaluator, MergeOptions } from '../proto/gen/dppa/v1/jobs.js';
 export type { UploadState } from '../proto/gen/dppa/v1/upload.js';
 export type { MergedFile } from '../proto/gen/dppa/v1/download.js';
 export { status as GrpcStatus } from '@grpc/grpc-js';

@@ -13,8 +13,9 @@ import { DppaServer } from './server.js';
 
 const HELP = `Usage: dppa serve [options]
 
-Runs the DPPA aggregation server: jobs, party uploads, merge, downloads (gRPC),
-and Prometheus metrics (HTTP).
+Runs the DPPA aggregation server: jobs, party uploads, the DPA factor search
+(with the parties' evaluations or an ONNX model), merge, downloads (gRPC), and
+Prometheus metrics (HTTP).
 
 Options:
   --data DIR               state folder: jobs, uploads, merged checkpoints (default ./dppa-data)
@@ -28,6 +29,10 @@ Options:
   --insecure               allow plaintext gRPC on a non-loopback host
   --max-upload-bytes N     most bytes one party may upload to one job
                            (default 4 × the job's base checkpoint size)
+  --nats URL               also publish every job event to NATS JetStream on
+                           dppa.jobs.<job>.<event> (docs/events.md); the server does not
+                           start while NATS is unreachable (default: DPPA_NATS_URL, else none)
+  --nats-creds F           NATS credentials file (user JWT and NKey seed)
   -h, --help               show this help
 
 Plaintext gRPC is only allowed on a loopback host unless --insecure is given.
@@ -59,6 +64,8 @@ export async function main(argv: string[]): Promise<number> {
         'tls-client-ca': { type: 'string' },
         insecure: { type: 'boolean' },
         'max-upload-bytes': { type: 'string' },
+        nats: { type: 'string' },
+        'nats-creds': { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
     });
@@ -77,6 +84,8 @@ export async function main(argv: string[]): Promise<number> {
       tlsClientCa: values['tls-client-ca'],
       insecure: values.insecure,
       maxUploadBytes: values['max-upload-bytes'],
+      nats: values.nats,
+      natsCreds: values['nats-creds'],
     };
     server = new DppaServer(await optionsFromFlags(flags));
   } catch (err) {

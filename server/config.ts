@@ -19,6 +19,14 @@ export interface TlsOptions {
   clientCaFile?: string;
 }
 
+/** Where the server publishes job events: a NATS server with JetStream (docs/events.md). */
+export interface NatsOptions {
+  /** Server URL, `nats://HOST:PORT` or `tls://HOST:PORT` (`HOST:PORT` means `nats://`); several, comma-separated, for a cluster. */
+  url: string;
+  /** NATS credentials file (user JWT and NKey seed, as `nsc` writes it). @default none: connect without credentials */
+  credsFile?: string;
+}
+
 /** Options of {@link DppaServer}. */
 export interface ServerOptions {
   /** Admin bearer token (CreateJob, ListJobs, CancelJob, downloads). Required: the server refuses to start without one. */
@@ -43,6 +51,13 @@ export interface ServerOptions {
   shutdownGraceMs?: number;
   /** Worker threads of a merge; 0 merges in the main thread. @default min(2, available cores) */
   mergeWorkers?: number;
+  /**
+   * Also publish every job event to NATS JetStream (docs/events.md). The
+   * server then refuses to start while NATS cannot be reached; once started, it
+   * keeps working without NATS and publishes what it missed when NATS returns.
+   * @default none: events are kept in the data folder and streamed by WatchJob only
+   */
+  nats?: NatsOptions;
   /** Where the server logs. @default JSON lines on stderr at level info */
   logger?: Logger;
 }
@@ -61,6 +76,7 @@ export interface ResolvedServerOptions {
   maxMessageBytes: number;
   shutdownGraceMs: number;
   mergeWorkers: number;
+  nats: NatsOptions | undefined;
   logger: Logger;
 }
 
@@ -84,6 +100,7 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
     maxMessageBytes: opts.maxMessageBytes ?? 8 * 1024 * 1024,
     shutdownGraceMs: opts.shutdownGraceMs ?? 10_000,
     mergeWorkers: opts.mergeWorkers ?? defaultMergeWorkers(),
+    nats: opts.nats,
     logger: opts.logger ?? createLogger(),
   };
   if (typeof r.adminToken !== 'string' || r.adminToken.trim() === '') {
@@ -101,6 +118,7 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
     throw new ConfigError(`shutdownGraceMs: must be a non-negative integer, got ${r.shutdownGraceMs}`);
   }
   if (!Number.isSafeInteger(r.mergeWorkers) || r.mergeWorkers < 0) throw new ConfigError(`mergeWorkers: must be a non-negative integer, got ${r.mergeWorkers}`);
+  if (r.nats !== undefined) checkNats(r.nats);
   if (r.tls !== undefined && (r.tls.certFile === '' || r.tls.keyFile === '')) {
     throw new ConfigError('tls: certFile and keyFile are both required');
   }
@@ -118,6 +136,26 @@ function checkPort(name: string, port: number): void {
 
 function checkPositiveInteger(name: string, v: number): void {
   if (!Number.isSafeInteger(v) || v < 1) throw new ConfigError(`${name}: must be a positive integer, got ${v}`);
+}
+
+function checkNats(nats: NatsOptions): void {
+  if (typeof nats.url !== 'string' || nats.url.trim() === '') throw new ConfigError('nats.url: must not be empty');
+  for (const server of natsServers(nats.url)) {
+    let url: URL;
+    try {
+      url = new URL(server.includes('://') ? server : `nats://${server}`);
+    } catch (cause) {
+      throw new ConfigError(`nats.url: ${JSON.stringify(server)} is not a URL`, { cause });
+    }
+    if (url.protocol !== 'nats:' && url.protocol !== 'tls:') throw new ConfigError(`nats.url: ${JSON.stringify(server)}: expected nats:// or tls://`);
+    if (url.hostname === '') throw new ConfigError(`nats.url: ${JSON.stringify(server)} names no host`);
+  }
+  if (nats.credsFile === '') throw new ConfigError('nats.credsFile: must not be empty');
+}
+
+/** The servers of a NATS URL option: comma-separated, blanks ignored. */
+export function natsServers(url: string): string[] {
+  return url.split(',').map((u) => u.trim()).filter((u) => u !== '');
 }
 
 /** True for `localhost` and loopback IP addresses, the only hosts where plaintext stays on the machine. */
@@ -141,12 +179,14 @@ export interface ServeFlags {
   tlsClientCa?: string | undefined;
   insecure?: boolean | undefined;
   maxUploadBytes?: string | undefined;
+  nats?: string | undefined;
+  natsCreds?: string | undefined;
 }
 
 /**
  * Builds server options from `dppa serve` flags and the environment: the admin
  * token comes from `--admin-token-file` (first line, trimmed) or else from
- * `DPPA_ADMIN_TOKEN`.
+ * `DPPA_ADMIN_TOKEN`; the NATS URL from `--nats` or else `DPPA_NATS_URL`.
  * @param env The environment. @default process.env
  * @throws ConfigError naming the flag that is wrong or missing.
  */
@@ -171,6 +211,9 @@ export async function optionsFromFlags(flags: ServeFlags, env: NodeJS.ProcessEnv
   if (flags.metricsPort !== undefined) opts.metricsPort = intFlag('metrics-port', flags.metricsPort);
   if (flags.maxUploadBytes !== undefined) opts.maxUploadBytes = intFlag('max-upload-bytes', flags.maxUploadBytes);
   if (flags.insecure === true) opts.insecure = true;
+  const natsUrl = flags.nats ?? (env.DPPA_NATS_URL === '' ? undefined : env.DPPA_NATS_URL);
+  if (flags.natsCreds !== undefined && natsUrl === undefined) throw new ConfigError('--nats-creds needs --nats URL (or DPPA_NATS_URL)');
+  if (natsUrl !== undefined) opts.nats = { url: natsUrl, ...(flags.natsCreds === undefined ? {} : { credsFile: flags.natsCreds }) };
   if (flags.tlsCert !== undefined && flags.tlsKey !== undefined) {
     opts.tls = { certFile: flags.tlsCert, keyFile: flags.tlsKey, ...(flags.tlsClientCa === undefined ? {} : { clientCaFile: flags.tlsClientCa }) };
   }

@@ -4,7 +4,7 @@
  * collide), and the HTTP endpoint that serves them.
  *
  * Labels take values from fixed sets only (RPC method, status code, job
- * state): never a party, job or tensor name.
+ * state, evaluator kind): never a party, job or tensor name.
  */
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -66,6 +66,19 @@ export class Metrics {
     help: 'Tensors of merged checkpoints written.',
     registers: [this.registry],
   });
+  readonly dpaEvaluations = new Counter({
+    name: 'dppa_dpa_evaluations_total',
+    help: 'Candidates of DPA factor searches scored and recorded (dense references included), by evaluator (remote or onnx).',
+    labelNames: ['evaluator'] as const,
+    registers: [this.registry],
+  });
+  readonly dpaEvaluationDuration = new Histogram({
+    name: 'dppa_dpa_evaluation_seconds',
+    help: 'Time from asking for a candidate\'s scores to having them (remote: waiting for the party included), by evaluator.',
+    labelNames: ['evaluator'] as const,
+    buckets: [0.01, 0.1, 1, 10, 60, 300, 900, 3600, 14400],
+    registers: [this.registry],
+  });
 
   /** @param sources - Read at every scrape for the gauges of jobs and spool. */
   constructor(sources: MetricsSources) {
@@ -88,6 +101,40 @@ export class Metrics {
       },
     });
     collectDefaultMetrics({ register: this.registry });
+  }
+}
+
+/**
+ * Metrics of the NATS event publisher, in the server's registry; registered
+ * only when the server publishes events to NATS (`--nats`).
+ */
+export class NatsMetrics {
+  readonly published: Counter;
+  readonly publishErrors: Counter;
+
+  /**
+   * @param registry - The server's registry ({@link Metrics.registry}).
+   * @param pending - Read at every scrape: events recorded but not yet acknowledged by JetStream.
+   */
+  constructor(registry: Registry, pending: () => number) {
+    this.published = new Counter({
+      name: 'dppa_nats_published_total',
+      help: 'Job events published to NATS JetStream and acknowledged (a repeat JetStream dropped as a duplicate counts once).',
+      registers: [registry],
+    });
+    this.publishErrors = new Counter({
+      name: 'dppa_nats_publish_errors_total',
+      help: 'Publishes of job events to NATS that failed (they are retried).',
+      registers: [registry],
+    });
+    new Gauge({
+      name: 'dppa_nats_outbox_pending',
+      help: 'Job events recorded but not yet published to NATS.',
+      registers: [registry],
+      collect() {
+        this.set(pending());
+      },
+    });
   }
 }
 

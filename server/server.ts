@@ -7,17 +7,21 @@ import { readFile, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Server, ServerCredentials } from '@grpc/grpc-js';
 import { DownloadServiceService } from '../proto/gen/dppa/v1/download.js';
+import { EvaluationServiceService } from '../proto/gen/dppa/v1/evaluation.js';
 import { JobServiceService } from '../proto/gen/dppa/v1/jobs.js';
 import { UploadServiceService } from '../proto/gen/dppa/v1/upload.js';
 import { HealthService } from '../proto/gen/grpc/health/v1/health.js';
 import { withDefaults, type ResolvedServerOptions, type ServerOptions } from './config.js';
+import { RemoteEvaluators } from './dpa/remote-evaluators.js';
 import { UnavailableError } from './errors.js';
 import { JobEvents } from './jobs/job-events.js';
 import { JobRunner } from './jobs/job-runner.js';
 import { JobStore } from './jobs/job-store.js';
 import { Metrics, MetricsServer } from './metrics.js';
+import { NatsEventPublisher } from './nats/event-publisher.js';
 import { Authenticator } from './rpc/auth.js';
 import { downloadService } from './rpc/download-service.js';
+import { evaluationService } from './rpc/evaluation-service.js';
 import { RpcWrapper } from './rpc/handler.js';
 import { healthService, HealthState } from './rpc/health-service.js';
 import { jobService } from './rpc/job-service.js';
@@ -31,7 +35,8 @@ export interface StopOptions {
    * Let in-flight calls finish (up to `shutdownGraceMs`) before cutting them
    * off; otherwise cut them off at once. Either way new calls are refused,
    * a running merge is aborted (its job merges again at the next start) and
-   * nothing half-written is left under a final name.
+   * nothing half-written is left under a final name; a factor search is
+   * stopped and resumes from its recorded evaluations at the next start.
    * @default true
    */
   graceful?: boolean;
@@ -42,6 +47,7 @@ const SERVICE_NAMES = [
   'dppa.v1.JobService',
   'dppa.v1.UploadService',
   'dppa.v1.DownloadService',
+  'dppa.v1.EvaluationService',
   'grpc.health.v1.Health',
 ];
 
@@ -53,6 +59,8 @@ interface Running {
   store: JobStore;
   events: JobEvents;
   runner: JobRunner;
+  broker: RemoteEvaluators;
+  publisher: NatsEventPublisher | undefined;
   rpc: RpcWrapper;
   health: HealthState;
   draining: AbortController;
@@ -90,6 +98,11 @@ export class DppaServer {
     return this.state().events;
   }
 
+  /** The parties' evaluation streams and requests (tests check that none leak). @throws Error before `start()`. */
+  get evaluators(): RemoteEvaluators {
+    return this.state().broker;
+  }
+
   private state(): Running {
     if (this.running === undefined) throw new Error('the server is not running');
     return this.running;
@@ -97,9 +110,10 @@ export class DppaServer {
 
   /**
    * Recovers the data folder (jobs, complete uploads; partial ones are
-   * deleted), binds both listeners and resumes jobs that were merging or
+   * deleted), binds both listeners and resumes jobs that were searching, merging or
    * whose uploads are all in.
    * @throws Error if a port cannot be bound or the data folder cannot be read.
+   * @throws NatsUnavailableError naming the URL if `nats` is set and NATS cannot be reached.
    */
   async start(): Promise<void> {
     if (this.running !== undefined) throw new Error('the server is already running');
@@ -113,7 +127,20 @@ export class DppaServer {
     }
     const spool = await Spool.open(store, log);
     const metrics = new Metrics({ jobsByState: () => store.countByState(), spoolBytes: () => spool.totalBytes() });
-    const runner = new JobRunner({ store, events, spool, metrics, log, mergeWorkers: o.mergeWorkers });
+    let publisher: NatsEventPublisher | undefined;
+    if (o.nats !== undefined) {
+      // Before any listener: a server that should publish events but cannot reach NATS does not start.
+      try {
+        publisher = await NatsEventPublisher.start({
+          ...o.nats, events, jobIds: store.list().map((j) => j.id), jobDir: (id) => store.dir(id), registry: metrics.registry, log,
+        });
+      } catch (err) {
+        await events.close();
+        throw err;
+      }
+    }
+    const broker = new RemoteEvaluators();
+    const runner = new JobRunner({ store, events, spool, metrics, log, mergeWorkers: o.mergeWorkers, broker });
     const auth = new Authenticator(o.adminToken, store);
     const health = new HealthState(SERVICE_NAMES);
     const draining = new AbortController();
@@ -127,6 +154,7 @@ export class DppaServer {
     grpc.addService(JobServiceService, jobService({ store, events, spool, runner, auth, maxUploadBytes: o.maxUploadBytes }, rpc));
     grpc.addService(UploadServiceService, uploadService({ store, events, spool, runner, metrics, auth }, rpc));
     grpc.addService(DownloadServiceService, downloadService({ store, auth }, rpc));
+    grpc.addService(EvaluationServiceService, evaluationService({ store, broker, auth }, rpc));
     grpc.addService(HealthService, healthService(health, rpc));
     addReflection(grpc);
 
@@ -139,10 +167,11 @@ export class DppaServer {
     } catch (err) {
       grpc.forceShutdown();
       await metricsServer.close();
+      await publisher?.stop();
       await events.close();
       throw err;
     }
-    this.running = { grpc, grpcPort, metricsServer, metricsPort, store, events, runner, rpc, health, draining, closing };
+    this.running = { grpc, grpcPort, metricsServer, metricsPort, store, events, runner, broker, publisher, rpc, health, draining, closing };
     runner.resume();
     log.info('server started', { dataDir: o.dataDir, grpc: `${o.grpcHost}:${grpcPort}`, metricsPort, jobs: store.list().length });
   }
@@ -172,7 +201,7 @@ export class DppaServer {
       if (!r.closing.signal.aborted) r.closing.abort(new UnavailableError('the server is shutting down'));
     };
     if (!graceful) cutOff();
-    // A merge can take many minutes: it is aborted at once and redone at the next start.
+    // A merge can take many minutes: it is aborted at once and redone at the next start; a search resumes from its record.
     const merges = r.runner.stop();
     await new Promise<void>((resolve) => {
       const timer = setTimeout(() => {
@@ -189,6 +218,8 @@ export class DppaServer {
     // Handlers of calls cut off may still be discarding a partial tensor or appending an event.
     await r.rpc.idle();
     await merges;
+    // No event is appended any more: publish what is pending while NATS is there (the rest goes out at the next start).
+    await r.publisher?.stop({ flushMs: graceful ? Math.min(this.opts.shutdownGraceMs, 5000) : 0 });
     await r.metricsServer.close();
     await r.events.close();
     log.info('server stopped');

@@ -53,7 +53,7 @@ async function withServer(opts: FakeServerOptions, fn: (s: FakeDppaServer) => Pr
 }
 
 const admin = { DPPA_ADMIN_TOKEN: 'admin-token' };
-const COMMANDS = ['job create', 'job status', 'job list', 'job watch', 'job cancel', 'push', 'pull'];
+const COMMANDS = ['job create', 'job status', 'job list', 'job watch', 'job cancel', 'push', 'evaluate', 'pull'];
 
 let dir: string;
 let deltaFile: string;

@@ -6,10 +6,12 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { UsageError } from '../client/cli/exit-codes.js';
-import { parseDpa, parseParties, parseWeights } from '../client/cli/job-flags.js';
+import { execFileSync } from 'node:child_process';
+import { parseScores, shellQuote } from '../client/cli/eval-command.js';
+import { parseDpa, parseEvaluator, parseParties, parseWeights } from '../client/cli/job-flags.js';
 import { eventJson, eventText, jobJson } from '../client/cli/job-view.js';
 import { createJobRequest, jobStateName } from '../client/sdk/jobs.js';
-import { DpaConfig, Job, JobState, SearchMethod, Tuner } from '../proto/gen/dppa/v1/jobs.js';
+import { DpaConfig, EvaluatorKind, Job, JobState, SearchMethod, Tuner } from '../proto/gen/dppa/v1/jobs.js';
 
 const parties = ['a', 'b', 'c'];
 
@@ -66,6 +68,69 @@ describe('--dpa', () => {
   });
 });
 
+describe('evaluator flags of --dpa search', () => {
+  it('parse into SearchConfig fields', () => {
+    assert.deepEqual(parseEvaluator({}, parties, true), {});
+    assert.deepEqual(parseEvaluator({ evaluator: 'remote' }, parties, true), { evaluator: EvaluatorKind.EVALUATOR_KIND_REMOTE });
+    const s = parseEvaluator(
+      {
+        evaluator: 'onnx',
+        'party-evaluator': 'c=remote',
+        'onnx-model': '/m.onnx',
+        'onnx-tokenizer': '/tok.json',
+        'onnx-tasks': ['a:gsm=/a/gsm.jsonl,a:arith=/a/ar.jsonl', 'b:bar=/b/bar.jsonl'],
+        'onnx-finetuned': ['a=/ft/a,b=/ft/b'],
+        'ort-provider': 'cuda',
+        metric: 'log_likelihood',
+      },
+      parties,
+      true,
+    );
+    assert.deepEqual(s, {
+      evaluator: EvaluatorKind.EVALUATOR_KIND_ONNX,
+      partyEvaluator: { c: EvaluatorKind.EVALUATOR_KIND_REMOTE },
+      onnx: {
+        modelPath: '/m.onnx',
+        tokenizerPath: '/tok.json',
+        provider: 'cuda',
+        metric: 'log_likelihood',
+        partyTasks: { a: { tasks: { gsm: '/a/gsm.jsonl', arith: '/a/ar.jsonl' } }, b: { tasks: { bar: '/b/bar.jsonl' } } },
+        partyFinetuned: { a: '/ft/a', b: '/ft/b' },
+      },
+    });
+  });
+
+  it('names what is wrong', () => {
+    usage(() => parseEvaluator({ evaluator: 'onnx' }, parties, false), /^--evaluator: only with --dpa search/);
+    usage(() => parseEvaluator({ evaluator: 'gpu' }, parties, true), /^--evaluator: expected remote or onnx, got "gpu"/);
+    usage(() => parseEvaluator({ 'party-evaluator': 'z=onnx' }, parties, true), /^--party-evaluator: "z" is not one of --parties/);
+    usage(() => parseEvaluator({ 'onnx-tasks': ['a=/x.jsonl'] }, parties, true), /^--onnx-tasks: expected party:task=FILE, got "a=\/x.jsonl"/);
+    usage(() => parseEvaluator({ 'onnx-tasks': ['a:t=/x,a:t=/y'] }, parties, true), /^--onnx-tasks: task t of a is given twice/);
+    usage(() => parseEvaluator({ 'onnx-finetuned': ['a'] }, parties, true), /^--onnx-finetuned: expected party=DIR, got "a"/);
+    usage(() => parseEvaluator({ 'ort-provider': 'tpu' }, parties, true), /^--ort-provider: expected cpu or cuda/);
+    usage(() => parseEvaluator({ metric: 'bleu' }, parties, true), /^--metric: expected exact_match or log_likelihood/);
+  });
+});
+
+describe('--eval-cmd', () => {
+  it('quotes the model folder for the shell', () => {
+    for (const path of ['/plain/dir', "/it's here/a b", '/$HOME/`x`/"q"/\\n']) {
+      assert.equal(execFileSync('sh', ['-c', `printf %s ${shellQuote(path)}`], { encoding: 'utf8' }), path);
+    }
+  });
+
+  it('takes the last line of the output as JSON scores, or says why not', () => {
+    assert.deepEqual(parseScores('loading...\n|table|\n{"gsm": 0.5, "arith": 1}\n\n'), { gsm: 0.5, arith: 1 });
+    const bad = (out: string, why: RegExp): void => assert.throws(() => parseScores(out), (e: unknown) => e instanceof Error && e.message.startsWith("the last line of the evaluation command's output must be a JSON object") && why.test(e.message), why.source);
+    bad('', /it printed nothing/);
+    bad('{"a": 1}\ndone', /it is "done"/);
+    bad('[1, 2]', /they are not an object \{ "task": number \}: "\[1, 2\]"$/);
+    bad('{}', /they name no task: "\{\}"$/);
+    bad('{"a": "high"}', /the score of "a" is "high", not a finite number/);
+    bad('{"a": null}', /the score of "a" is null, not a finite number/);
+  });
+});
+
 describe('--weights', () => {
   it('parses party=weight pairs into MergeOptions.weights', () => {
     assert.deepEqual(parseWeights('a=1,b=0.5', parties), { a: 1, b: 0.5 });
@@ -98,6 +163,8 @@ describe('createJobRequest', () => {
       [{ basePath: '/b', parties, rate: 0.9, dpa: { off: true, search: {} } }, /^dpa: set exactly one of off, fixed, search \(2 set\)/],
       [{ basePath: '/b', parties, rate: 0.9, dpa: { scaleOutsideByMax: true } }, /^dpa: set exactly one/],
       [{ basePath: '/b', parties, rate: 0.9, merge: { weights: { z: 1 } } }, /^merge\.weights: "z" is not a party/],
+      [{ basePath: '/b', parties, rate: 0.9, dpa: { search: { partyEvaluator: { z: 1 } } } }, /^dpa\.search\.partyEvaluator: "z" is not a party/],
+      [{ basePath: '/b', parties, rate: 0.9, dpa: { search: { onnx: { partyTasks: { z: {} } } } } }, /^dpa\.search\.onnx\.partyTasks: "z" is not a party/],
     ];
     for (const [o, message] of bad) assert.throws(() => createJobRequest(o), (e: unknown) => e instanceof RangeError && message.test(e.message), message.source);
   });

@@ -96,7 +96,9 @@ describe('aggregation server: job, uploads, merge, download', () => {
     await rejectsWith(create(ADMIN, ['no/slash']), status.INVALID_ARGUMENT, /parties/);
     await rejectsWith(create(ADMIN, ['math'], { rate: 1 }), status.INVALID_ARGUMENT, /rate/);
     await rejectsWith(create(ADMIN, ['math'], { basePath: join(dir, 'nowhere') }), status.INVALID_ARGUMENT, /base_path: .* does not exist/);
-    await rejectsWith(create(ADMIN, ['math'], { dpa: { search: { method: 0, tuner: 0, start: 0, step: 0, upper: 0, lower: 0, budget: 0, downward: false, evaluator: 0, onnx: undefined, partyEvaluator: {}, partyTimeoutSeconds: 0 }, scaleOutsideByMax: false } }), status.UNIMPLEMENTED, /DPA search is not available yet/);
+    const search = { method: 0, tuner: 0, start: 0, step: 0, upper: 0, lower: 0, budget: 0, downward: false, evaluator: 0, onnx: undefined, partyEvaluator: {}, partyTimeoutSeconds: 0 };
+    await rejectsWith(create(ADMIN, ['math'], { dpa: { search: { ...search, partyEvaluator: { nobody: 1 } }, scaleOutsideByMax: false } }), status.INVALID_ARGUMENT, /^dpa\.search\.party_evaluator: "nobody" is not a party of the job$/);
+    await rejectsWith(create(ADMIN, ['math'], { dpa: { search: { ...search, evaluator: 2 }, scaleOutsideByMax: false } }), status.INVALID_ARGUMENT, /^dpa\.search\.onnx: required, since the evaluator of math is ONNX$/);
     await rejectsWith(create(ADMIN, ['math'], { merge: { weights: {}, signElection: true, partiesMayDownload: false } }), status.UNIMPLEMENTED);
     assert.equal((await call(h.jobs, 'listJobs', {}, ADMIN)).jobs.length, 1, 'no job was created');
   });

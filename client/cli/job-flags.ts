@@ -1,8 +1,10 @@
 /**
  * Parsing of `dppa job create`'s richer flags into the proto messages:
- * `--parties`, `--dpa` (DpaConfig) and `--weights` (MergeOptions.weights).
+ * `--parties`, `--dpa` (DpaConfig), the evaluator flags of a search
+ * (SearchConfig.evaluator, party_evaluator, onnx) and `--weights`
+ * (MergeOptions.weights).
  */
-import { SearchMethod, Tuner, type DeepPartial, type DpaConfig, type SearchConfig } from '../../proto/gen/dppa/v1/jobs.js';
+import { EvaluatorKind, SearchMethod, Tuner, type DeepPartial, type DpaConfig, type OnnxEvaluator, type SearchConfig } from '../../proto/gen/dppa/v1/jobs.js';
 import { UsageError } from './exit-codes.js';
 
 const PARTY_NAME = /^[A-Za-z0-9_-]{1,64}$/;
@@ -122,6 +124,105 @@ export function parseDpa(value: string | undefined, parties: readonly string[]):
     if (missing.length > 0) throw new UsageError(`--dpa: no factors for ${missing.join(', ')} (give them, or default factors before the first ';')`);
   }
   return { fixed: { factors, perParty } };
+}
+
+/** parseArgs options of the evaluator flags of a search. */
+export const evaluatorFlags = {
+  evaluator: { type: 'string' },
+  'party-evaluator': { type: 'string' },
+  'onnx-model': { type: 'string' },
+  'onnx-tokenizer': { type: 'string' },
+  'onnx-name-map': { type: 'string' },
+  'onnx-tasks': { type: 'string', multiple: true },
+  'onnx-finetuned': { type: 'string', multiple: true },
+  'ort-provider': { type: 'string' },
+  metric: { type: 'string' },
+} as const;
+
+/** Values of {@link evaluatorFlags}, as parseArgs returns them. */
+export interface EvaluatorFlagValues {
+  evaluator?: string | undefined;
+  'party-evaluator'?: string | undefined;
+  'onnx-model'?: string | undefined;
+  'onnx-tokenizer'?: string | undefined;
+  'onnx-name-map'?: string | undefined;
+  'onnx-tasks'?: string[] | undefined;
+  'onnx-finetuned'?: string[] | undefined;
+  'ort-provider'?: string | undefined;
+  metric?: string | undefined;
+}
+
+function evaluatorKind(word: string, flag: string): EvaluatorKind {
+  if (word === 'remote') return EvaluatorKind.EVALUATOR_KIND_REMOTE;
+  if (word === 'onnx') return EvaluatorKind.EVALUATOR_KIND_ONNX;
+  throw new UsageError(`--${flag}: expected remote or onnx, got ${JSON.stringify(word)}`);
+}
+
+/** Splits `a=x,b=y` (or several such flags) into pairs, the key checked as a party. */
+function partyPairs(values: readonly string[], parties: readonly string[], flag: string, what: string): [string, string][] {
+  const pairs: [string, string][] = [];
+  for (const item of values.flatMap((v) => v.split(','))) {
+    const eq = item.indexOf('=');
+    if (eq < 0) throw new UsageError(`--${flag}: expected ${what}, got ${JSON.stringify(item)}`);
+    pairs.push([party(item.slice(0, eq).trim(), parties, flag), item.slice(eq + 1)]);
+  }
+  return pairs;
+}
+
+/**
+ * The evaluator flags of `--dpa search`, into SearchConfig fields:
+ * - `--evaluator remote|onnx` (default remote: each party scores on its own machine);
+ * - `--party-evaluator a=onnx,b=remote`: per-party overrides;
+ * - ONNX settings: `--onnx-model FILE`, `--onnx-tokenizer FILE`, `--onnx-name-map FILE`,
+ *   `--onnx-tasks party:task=FILE,…` and `--onnx-finetuned party=DIR,…` (each may be repeated),
+ *   `--ort-provider cpu|cuda`, `--metric exact_match|log_likelihood`.
+ * @returns The fields to merge into the search settings (empty when no flag was given).
+ * @throws UsageError when a flag is malformed, names an unknown party, or is given without `--dpa search`.
+ */
+export function parseEvaluator(v: EvaluatorFlagValues, parties: readonly string[], searching: boolean): DeepPartial<SearchConfig> {
+  const given = (Object.keys(evaluatorFlags) as (keyof EvaluatorFlagValues)[]).filter((k) => v[k] !== undefined);
+  if (given.length === 0) return {};
+  if (!searching) throw new UsageError(`${given.map((k) => `--${k}`).join(', ')}: only with --dpa search`);
+  const s: DeepPartial<SearchConfig> = {};
+  if (v.evaluator !== undefined) s.evaluator = evaluatorKind(v.evaluator, 'evaluator');
+  if (v['party-evaluator'] !== undefined) {
+    s.partyEvaluator = Object.fromEntries(partyPairs([v['party-evaluator']], parties, 'party-evaluator', 'party=remote|onnx').map(([p, k]) => [p, evaluatorKind(k, 'party-evaluator')]));
+  }
+  const onnx: DeepPartial<OnnxEvaluator> = {};
+  if (v['onnx-model'] !== undefined) onnx.modelPath = v['onnx-model'];
+  if (v['onnx-tokenizer'] !== undefined) onnx.tokenizerPath = v['onnx-tokenizer'];
+  if (v['onnx-name-map'] !== undefined) onnx.nameMapPath = v['onnx-name-map'];
+  if (v['ort-provider'] !== undefined) {
+    if (v['ort-provider'] !== 'cpu' && v['ort-provider'] !== 'cuda') throw new UsageError(`--ort-provider: expected cpu or cuda, got ${JSON.stringify(v['ort-provider'])}`);
+    onnx.provider = v['ort-provider'];
+  }
+  if (v.metric !== undefined) {
+    if (v.metric !== 'exact_match' && v.metric !== 'log_likelihood') throw new UsageError(`--metric: expected exact_match or log_likelihood, got ${JSON.stringify(v.metric)}`);
+    onnx.metric = v.metric;
+  }
+  if (v['onnx-tasks'] !== undefined) {
+    const tasks: Record<string, { tasks: Record<string, string> }> = {};
+    for (const item of v['onnx-tasks'].flatMap((t) => t.split(','))) {
+      const m = /^([^:=]+):([^=]+)=(.+)$/.exec(item);
+      if (m === null) throw new UsageError(`--onnx-tasks: expected party:task=FILE, got ${JSON.stringify(item)}`);
+      const p = party(m[1]!.trim(), parties, 'onnx-tasks');
+      const task = m[2]!.trim();
+      const entry = (tasks[p] ??= { tasks: {} });
+      if (task in entry.tasks) throw new UsageError(`--onnx-tasks: task ${task} of ${p} is given twice`);
+      entry.tasks[task] = m[3]!;
+    }
+    onnx.partyTasks = tasks;
+  }
+  if (v['onnx-finetuned'] !== undefined) {
+    const finetuned: Record<string, string> = {};
+    for (const [p, path] of partyPairs(v['onnx-finetuned'], parties, 'onnx-finetuned', 'party=DIR')) {
+      if (p in finetuned) throw new UsageError(`--onnx-finetuned: ${p} is given twice`);
+      finetuned[p] = path;
+    }
+    onnx.partyFinetuned = finetuned;
+  }
+  if (Object.keys(onnx).length > 0) s.onnx = onnx;
+  return s;
 }
 
 /** `--weights a=1,b=0.5`: per-party weights c_i (parties not named keep 1). */

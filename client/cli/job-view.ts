@@ -123,10 +123,27 @@ export function jobText(job: Job): string {
   }
   if (job.evaluations.length > 0) {
     lines.push(`  evaluations ${job.evaluations.length}`);
-    for (const e of job.evaluations) lines.push(`    ${evaluationText(e)}`);
+    lines.push(...evaluationTable(job.evaluations).map((l) => `    ${l}`));
   }
   if (job.failureReason !== '') lines.push(`  failure     ${job.failureReason}`);
   return lines.join('\n');
+}
+
+/** The evaluations as an aligned table: party, seq, candidate, Domain-Ratio, per-task scores. */
+function evaluationTable(evaluations: readonly Evaluation[]): string[] {
+  const rows = [
+    ['party', '#', 'candidate', 'domain ratio', 'scores'],
+    ...evaluations.map((e) => [
+      e.party,
+      String(e.seq),
+      e.denseReference ? 'dense reference' : factors(e.factors),
+      `${(100 * e.domainRatio).toFixed(2)}%`,
+      Object.entries(e.scores).map(([t, s]) => `${t}=${Number(s.toPrecision(6))}`).join(' '),
+    ]),
+  ];
+  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
+  // Numbers right-aligned, words left-aligned; the last column is not padded.
+  return rows.map((r) => r.map((cell, c) => (c === r.length - 1 ? cell : c === 1 || c === 3 ? cell.padStart(widths[c]!) : cell.padEnd(widths[c]!))).join('  '));
 }
 
 function evaluationText(e: Evaluation): string {

@@ -5,6 +5,7 @@
 import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { applyCommand } from './commands/apply.js';
+import { evaluateCommand } from './commands/evaluate.js';
 import { inspectCommand } from './commands/inspect.js';
 import { jobCancelCommand } from './commands/job-cancel.js';
 import { jobCreateCommand } from './commands/job-create.js';
@@ -27,6 +28,7 @@ const commands: Command[] = [
   jobWatchCommand,
   jobCancelCommand,
   pushCommand,
+  evaluateCommand,
   pullCommand,
 ];
 
@@ -49,7 +51,7 @@ function usage(): string {
     `  ${'serve'.padEnd(width)}run the aggregation server (dppa serve --help)`,
     '',
     'Run `dppa <command> --help` for the options of a command.',
-    'Exit codes: 0 ok, 1 unexpected failure, 2 bad command line, 3 bad input data, 4 server error, 130 interrupted.',
+    'Exit codes: 0 ok, 1 unexpected failure, 2 bad command line, 3 bad input data, 4 server error, 5 evaluation command failed, 130 interrupted.',
   ].join('\n');
 }
 

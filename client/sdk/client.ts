@@ -4,6 +4,7 @@ import type { MergedFile } from '../../proto/gen/dppa/v1/download.js';
 import type { UploadState } from '../../proto/gen/dppa/v1/upload.js';
 import { unary, type CallOptions } from './call.js';
 import { Connection, type DppaClientOptions } from './connection.js';
+import { evaluate, type EvaluateCallOptions, type EvaluateOptions, type EvaluateResult } from './evaluate.js';
 import { cancelJob, createJob, getJob, listJobs, watchJob, type CreateJobOptions, type CreateJobResult, type WatchJobOptions } from './jobs.js';
 import { pull, type PullCallOptions, type PullOptions, type PullResult } from './pull.js';
 import { push, type PushCallOptions, type PushOptions } from './push.js';
@@ -109,6 +110,26 @@ export class DppaClient {
    */
   push(options: PushOptions, opts?: PushCallOptions): Promise<UploadState> {
     return push(this.conn, options, opts);
+  }
+
+  /**
+   * Serves this party's evaluation requests of a job whose DPA search uses the
+   * remote evaluator (the party's token). For each request it builds the
+   * candidate (the dense reference is `finetuned` as it is; an amplified
+   * candidate is `base` + the amplified `delta`, written to
+   * `workDir/candidate`), calls `evaluate` and answers with its scores. It may
+   * be started before the job leaves COLLECTING; it waits for requests. After
+   * a dropped stream it reconnects with backoff, without limit (the server's
+   * `party_timeout_seconds` decides how long the search waits), and a result the
+   * server did not receive is sent again rather than computed again.
+   * @returns When the party's search is over (the server ends the stream).
+   * @throws EvaluationError when building or scoring a candidate failed (the server was told and fails the job),
+   *   DppaRpcError (FAILED_PRECONDITION when the job failed or does not search with this party's evaluations),
+   *   DeltaMismatchError or FormatError when `delta` does not fit the job (checked before anything is evaluated),
+   *   RangeError for bad options, the signal's reason.
+   */
+  evaluate(options: EvaluateOptions, opts?: EvaluateCallOptions): Promise<EvaluateResult> {
+    return evaluate(this.conn, options, opts);
   }
 
   /**

@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs';
 import { BlockList, isIP } from 'node:net';
 import { Channel, credentials, Metadata, type ChannelCredentials, type ChannelOptions } from '@grpc/grpc-js';
 import { DownloadServiceClient } from '../../proto/gen/dppa/v1/download.js';
+import { EvaluationServiceClient } from '../../proto/gen/dppa/v1/evaluation.js';
 import { JobServiceClient } from '../../proto/gen/dppa/v1/jobs.js';
 import { UploadServiceClient } from '../../proto/gen/dppa/v1/upload.js';
 import { retryWithDefaults, type RetryOptions } from './retry.js';
@@ -144,6 +145,7 @@ export class Connection {
   readonly jobs: JobServiceClient;
   readonly uploads: UploadServiceClient;
   readonly downloads: DownloadServiceClient;
+  readonly evaluations: EvaluationServiceClient;
   private readonly channel: Channel;
   private closed = false;
 
@@ -165,6 +167,7 @@ export class Connection {
     this.jobs = new JobServiceClient(o.address, creds, shared);
     this.uploads = new UploadServiceClient(o.address, creds, shared);
     this.downloads = new DownloadServiceClient(o.address, creds, shared);
+    this.evaluations = new EvaluationServiceClient(o.address, creds, shared);
   }
 
   /** Fresh metadata carrying the token (grpc-js may modify the object it is given). */

@@ -4,6 +4,7 @@
  */
 import { Metadata, status as Status, type ServiceError } from '@grpc/grpc-js';
 import type { UploadState } from '../../proto/gen/dppa/v1/upload.js';
+import type { EvaluationCandidate } from './evaluate.js';
 
 /** The name of a gRPC status code, e.g. `NOT_FOUND`. */
 export function statusName(code: number): string {
@@ -129,5 +130,21 @@ export class DownloadError extends Error {
   constructor(file: string, message: string, opts: ErrorOptions = {}) {
     super(`${file}: ${message}`, opts);
     this.file = file;
+  }
+}
+
+/**
+ * The party's evaluation of a DPA candidate failed (building it, or the
+ * `evaluate` callback). The message was sent to the server, which fails the
+ * job with it.
+ */
+export class EvaluationError extends Error {
+  override name = 'EvaluationError';
+  /** The candidate that could not be evaluated. */
+  readonly candidate: EvaluationCandidate;
+
+  constructor(candidate: EvaluationCandidate, message: string, opts: ErrorOptions = {}) {
+    super(message, opts);
+    this.candidate = candidate;
   }
 }

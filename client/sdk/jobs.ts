@@ -91,8 +91,16 @@ export function createJobRequest(o: CreateJobOptions): CreateJobRequest {
   for (const name of Object.keys(merge.weights)) {
     if (!seen.has(name)) throw new RangeError(`merge.weights: ${JSON.stringify(name)} is not a party of the job`);
   }
-  for (const name of Object.keys(dpa.fixed?.perParty ?? {})) {
-    if (!seen.has(name)) throw new RangeError(`dpa.fixed.perParty: ${JSON.stringify(name)} is not a party of the job`);
+  const perParty: [string, Record<string, unknown> | undefined][] = [
+    ['dpa.fixed.perParty', dpa.fixed?.perParty],
+    ['dpa.search.partyEvaluator', dpa.search?.partyEvaluator],
+    ['dpa.search.onnx.partyTasks', dpa.search?.onnx?.partyTasks],
+    ['dpa.search.onnx.partyFinetuned', dpa.search?.onnx?.partyFinetuned],
+  ];
+  for (const [field, map] of perParty) {
+    for (const name of Object.keys(map ?? {})) {
+      if (!seen.has(name)) throw new RangeError(`${field}: ${JSON.stringify(name)} is not a party of the job`);
+    }
   }
   return CreateJobRequest.fromPartial({
     basePath: o.basePath,

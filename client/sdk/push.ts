@@ -3,12 +3,15 @@
  * checkpoints (pruning the next tensors while earlier ones are on the wire) or
  * read from a `.dppa` file; resumable tensor by tensor after a dropped stream.
  */
+import { mkdir } from 'node:fs/promises';
+import { dirname } from 'node:path';
 import type { ClientWritableStream } from '@grpc/grpc-js';
 import { JobState, type Job } from '../../proto/gen/dppa/v1/jobs.js';
 import type { DeltaHeader, DeltaRecord } from '../../proto/gen/dppa/v1/sparse.js';
 import type { UploadRequest, UploadState } from '../../proto/gen/dppa/v1/upload.js';
 import { readDeltaFile, readDeltaHeader } from '../../proto/sparse/index.js';
-import { openPrune, type PruneMethod, type PruneOptions } from '../prune/pruner.js';
+import { pruneToFile } from '../prune/prune-to-file.js';
+import { openPrune, type PruneMethod, type PruneOptions, type PruneProgress } from '../prune/pruner.js';
 import { CallScope, inScope, type CallOptions } from './call.js';
 import type { Connection } from './connection.js';
 import { DeltaMismatchError, DppaRpcError, JobStateError, UploadIncompleteError } from './errors.js';
@@ -32,6 +35,15 @@ export interface PushFromCheckpoints extends PushPruneOptions {
   rate?: number;
   /** Pruning method; must equal the job's. @default the job's method */
   method?: PruneMethod;
+  /**
+   * Keep the pruned delta in this `.dppa` file, so that a DPA search evaluates
+   * the very delta that was uploaded ({@link DppaClient.evaluate}). The delta is
+   * then pruned into the file first and uploaded from it. A file already there
+   * that fits the job (base, rate, method) is uploaded as it is, so a push run
+   * again does not prune again; any other file there is replaced.
+   * @default none: pruned on the fly, nothing kept
+   */
+  keepDelta?: string;
   delta?: never;
 }
 
@@ -45,6 +57,7 @@ export interface PushFromFile {
   delta: string;
   base?: never;
   finetuned?: never;
+  keepDelta?: never;
 }
 
 /** What {@link DppaClient.push} uploads. */
@@ -52,7 +65,7 @@ export type PushOptions = PushFromCheckpoints | PushFromFile;
 
 /** Progress of a push. */
 export interface PushProgress {
-  /** `prepare`: the significance pass of DP/OWL, before any upload; `upload`: records on the wire. */
+  /** `prepare`: work before any upload (the significance pass of DP/OWL; with `keepDelta`, the whole pruning); `upload`: records on the wire. */
   phase: 'prepare' | 'upload';
   /** The tensor last processed (prepare) or last sent completely (upload; empty before the first). */
   tensor: string;
@@ -89,8 +102,8 @@ function jobMethod(job: Job): string {
   return job.method === '' ? 'dp' : job.method;
 }
 
-/** Checks a delta's header against the job before anything is sent. */
-function checkHeader(header: DeltaHeader, job: Job, what: string): void {
+/** Checks a delta's header against the job before anything is sent (or evaluated). @internal */
+export function checkHeader(header: DeltaHeader, job: Job, what: string): void {
   if (job.baseFingerprint !== '' && header.baseFingerprint !== job.baseFingerprint) {
     throw new DeltaMismatchError(
       'baseFingerprint',
@@ -117,13 +130,29 @@ async function* skipTensors(records: AsyncIterable<DeltaRecord>, skip: ReadonlyS
   }
 }
 
-async function openSource(o: PushOptions, job: Job, signal: AbortSignal, report: (p: PushProgress) => void): Promise<RecordSource> {
-  if (o.delta !== undefined) {
-    const path = o.delta;
-    const header = await readDeltaHeader(path, { signal });
-    checkHeader(header, job, path);
-    return { header, records: (skip) => skipTensors(readDeltaFile(path, { signal }), skip), close: () => Promise.resolve() };
+async function fileSource(path: string, job: Job, signal: AbortSignal): Promise<RecordSource> {
+  const header = await readDeltaHeader(path, { signal });
+  checkHeader(header, job, path);
+  return { header, records: (skip) => skipTensors(readDeltaFile(path, { signal }), skip), close: () => Promise.resolve() };
+}
+
+/** The file of `keepDelta`: reused when it fits the job, else pruned anew. */
+async function keptDelta(o: PushFromCheckpoints & { keepDelta: string }, job: Job, signal: AbortSignal, onProgress: (p: PruneProgress) => void): Promise<string> {
+  const path = o.keepDelta;
+  try {
+    checkHeader(await readDeltaHeader(path, { signal }), job, path);
+    return path;
+  } catch (err) {
+    // Missing, damaged or made for another job: pruned anew below (the writer replaces it only once complete).
+    if (signal.aborted) throw err;
   }
+  await mkdir(dirname(path), { recursive: true });
+  await pruneToFile({ ...o, rate: job.rate, method: jobMethod(job) as PruneMethod, out: path, signal, onProgress });
+  return path;
+}
+
+async function openSource(o: PushOptions, job: Job, signal: AbortSignal, report: (p: PushProgress) => void): Promise<RecordSource> {
+  if (o.delta !== undefined) return fileSource(o.delta, job, signal);
   const { rate, method } = o;
   if (!METHODS.includes(jobMethod(job))) {
     throw new DeltaMismatchError('method', jobMethod(job), '', `job ${job.id} requires the method ${JSON.stringify(job.method)}, which this client does not know`);
@@ -134,14 +163,16 @@ async function openSource(o: PushOptions, job: Job, signal: AbortSignal, report:
   if (method !== undefined && method !== jobMethod(job)) {
     throw new DeltaMismatchError('method', jobMethod(job), method, `method ${method} was asked for; job ${job.id} requires ${jobMethod(job)}`);
   }
+  const prepare = (p: PruneProgress): void => report({ phase: 'prepare', tensor: p.tensor, tensorsDone: p.tensorsDone, tensorsTotal: p.tensorsTotal, bytesSent: 0, attempt: 1 });
+  if (o.keepDelta !== undefined) return fileSource(await keptDelta({ ...o, keepDelta: o.keepDelta }, job, signal, prepare), job, signal);
   const session = await openPrune({
-    // The pruner takes its own options from these and ignores jobId and party.
+    // The pruner takes its own options from these and ignores jobId, party and keepDelta.
     ...o,
     rate: job.rate,
     method: jobMethod(job) as PruneMethod,
     signal,
     onProgress: (p) => {
-      if (p.phase === 'significance') report({ phase: 'prepare', tensor: p.tensor, tensorsDone: p.tensorsDone, tensorsTotal: p.tensorsTotal, bytesSent: 0, attempt: 1 });
+      if (p.phase === 'significance') prepare(p);
     },
   });
   try {
@@ -228,7 +259,11 @@ export async function push(conn: Connection, o: PushOptions, call: PushCallOptio
       inScope(conn, 'GetUploadState', conn.uploads.getUploadState.bind(conn.uploads), { jobId: o.jobId, party: o.party }, scope, true);
     const job = await inScope(conn, 'GetJob', conn.jobs.getJob.bind(conn.jobs), { jobId: o.jobId }, scope, true);
     let state = await uploadState();
-    if (state.complete) return state;
+    if (state.complete) {
+      // Nothing to send, but the caller may evaluate the kept delta next: it must exist.
+      if (o.delta === undefined && o.keepDelta !== undefined) await keptDelta({ ...o, keepDelta: o.keepDelta }, job, scope.signal, ignore);
+      return state;
+    }
     if (job.state !== JobState.JOB_STATE_COLLECTING) {
       const why = job.state === JobState.JOB_STATE_FAILED ? `failed (${job.failureReason})` : `${jobStateName(job.state)}, past collecting`;
       throw new JobStateError(

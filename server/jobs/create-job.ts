@@ -1,6 +1,7 @@
 /**
- * Creating a job: checking its settings, opening its base checkpoint to
- * fingerprint it, issuing party tokens and storing it.
+ * Creating a job: checking its settings (and the files of a server-side
+ * evaluator), opening its base checkpoint to fingerprint it, issuing party
+ * tokens and storing it.
  */
 import { randomBytes } from 'node:crypto';
 import { resolve } from 'node:path';
@@ -8,6 +9,7 @@ import { FormatError } from '../../proto/errors.js';
 import { baseFingerprint } from '../../proto/fingerprint.js';
 import { JobState, type CreateJobRequest } from '../../proto/gen/dppa/v1/jobs.js';
 import { Checkpoint } from '../../proto/safetensors/index.js';
+import { resolveOnnxFiles } from '../dpa/search-spec.js';
 import { InvalidArgumentError } from '../errors.js';
 import { newPartyToken } from '../tokens.js';
 import type { Spool } from '../uploads/spool.js';
@@ -30,7 +32,8 @@ export interface CreateJobDeps {
 /**
  * Creates a job in state COLLECTING.
  * @returns The job and each party's token (never stored in clear).
- * @throws InvalidArgumentError naming the field at fault, including a base_path that is not a readable checkpoint.
+ * @throws InvalidArgumentError naming the field at fault, including a base_path that is not a readable checkpoint
+ *   and ONNX evaluator files that do not exist.
  * @throws UnimplementedError for settings this server does not offer yet.
  */
 export async function createJob(
@@ -39,6 +42,7 @@ export async function createJob(
   signal: AbortSignal,
 ): Promise<{ job: StoredJob; tokens: Record<string, string> }> {
   const settings = checkJobSettings(req);
+  if (settings.dpa.search !== undefined) settings.dpa = { ...settings.dpa, search: await resolveOnnxFiles(settings.dpa.search, settings.parties) };
   const basePath = resolve(settings.basePath);
   const base = await openBase(basePath);
   let fingerprint: string;
@@ -67,6 +71,7 @@ export async function createJob(
       tokens[name] = token;
       return { name, tokenSha256: sha256, joined: false };
     }),
+    evaluations: [],
     maxUploadBytes: deps.maxUploadBytes ?? Math.max(1, DEFAULT_UPLOAD_CAP_FACTOR * baseBytes),
     failureReason: '',
     createdAt: now,

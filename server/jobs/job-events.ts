@@ -31,6 +31,8 @@ export function isFinalEvent(e: JobEvent): boolean {
 /** Event logs of every job of a store. */
 export class JobEvents {
   private readonly logs = new Map<string, JobLog>();
+  /** Called with every event once it is in the log file (see {@link onAppended}). */
+  private readonly appended = new Set<(e: JobEvent) => void>();
 
   constructor(private readonly log: Logger) {}
 
@@ -87,7 +89,33 @@ export class JobEvents {
     // A failed append is logged, not thrown: the event was delivered and the job's state lives in job.json.
     l.tail = l.tail.catch((err: unknown) => this.log.error('cannot append to the event log', { jobId, err }));
     await l.tail;
+    for (const listener of this.appended) listener(event);
     return event;
+  }
+
+  /**
+   * Calls `listener` with every event of every job once it is written to the
+   * job's log file, in order within a job (the NATS outbox only publishes what
+   * a restart would read back). It must not throw or block.
+   * @returns A function that removes the listener.
+   */
+  onAppended(listener: (e: JobEvent) => void): () => void {
+    this.appended.add(listener);
+    return () => this.appended.delete(listener);
+  }
+
+  /** Up to `max` recorded events of a job with a sequence number above `afterSeq`, in order. */
+  recorded(jobId: string, afterSeq: bigint, max: number): JobEvent[] {
+    const events = this.job(jobId).events;
+    // Sequence numbers increase along the array (a damaged line may leave a gap): binary search the first one after `afterSeq`.
+    let lo = 0;
+    let hi = events.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (events[mid]!.seq <= afterSeq) lo = mid + 1;
+      else hi = mid;
+    }
+    return events.slice(lo, lo + max);
   }
 
   /**

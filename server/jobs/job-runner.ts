@@ -2,32 +2,33 @@
  * Drives jobs through their life cycle once uploads are in:
  * COLLECTING → (DPA) → MERGING → MERGED, or FAILED.
  *
- * The DPA state is where a factor search plugs in: a job whose factors need
- * a search goes COLLECTING → DPA, the search records the factors, then
- * DPA → MERGING. Jobs created today always have their factors up front
- * (DPA off or fixed; a search is refused at creation), so they go straight
- * to MERGING.
+ * A job whose factors are searched goes COLLECTING → DPA, where every party's
+ * factor search runs (dpa/job-search.ts) and records the chosen factors, then
+ * DPA → MERGING. Jobs with DPA off or fixed factors go straight to MERGING.
  *
- * A merge runs under an AbortController: stopping the server aborts it and
- * leaves the job MERGING (it merges again at the next start: the output is
- * only ever renamed into place when complete); cancelling the job aborts it
- * and fails the job.
+ * Searches and merges run under an AbortController: stopping the server
+ * aborts them and leaves the job where it was (DPA or MERGING), to carry on at
+ * the next start (a search from its recorded evaluations, a merge from the
+ * beginning: its output is only ever renamed into place when complete);
+ * cancelling the job aborts them and fails the job.
  */
 import { join } from 'node:path';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
-import { UnavailableError } from '../errors.js';
+import { searchJob } from '../dpa/job-search.js';
+import type { RemoteEvaluators } from '../dpa/remote-evaluators.js';
+import { FailedPreconditionError, UnavailableError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { mergeCheckpoint, type MergeParty } from '../merge/merger.js';
 import type { Spool } from '../uploads/spool.js';
 import type { JobEvents } from './job-events.js';
-import { fixedFactors, partyWeight } from './job-spec.js';
+import { partyFactors, partyWeight, searchesFactors } from './job-spec.js';
 import { isTerminal, stateName, type JobStore, type StoredJob } from './job-store.js';
 
 /** Shortest interval between two merge_progress events (the last one is always sent). */
 const PROGRESS_INTERVAL_MS = 250;
 
-/** Why a merge was aborted: the job was cancelled (it fails) rather than the server stopping (it stays MERGING). */
+/** Why a search or merge was aborted: the job was cancelled (it fails) rather than the server stopping (it stays where it was). */
 class JobCancelled extends Error {
   override name = 'JobCancelled';
 }
@@ -41,6 +42,8 @@ export interface JobRunnerDeps {
   log: Logger;
   /** Worker threads of each merge (0: the main thread). */
   mergeWorkers: number;
+  /** Evaluation requests to the parties whose evaluator is remote. */
+  broker: RemoteEvaluators;
 }
 
 /** Moves jobs along; one instance per server. */
@@ -52,7 +55,7 @@ export class JobRunner {
 
   constructor(private readonly deps: JobRunnerDeps) {}
 
-  /** Picks up where the last run stopped: jobs whose uploads are all in, and jobs that were merging. */
+  /** Picks up where the last run stopped: jobs whose uploads are all in, and jobs that were searching or merging. */
   resume(): void {
     for (const job of this.deps.store.list()) if (!isTerminal(job.state)) this.poke(job.id);
   }
@@ -75,8 +78,8 @@ export class JobRunner {
   }
 
   /**
-   * Fails a job that has not merged: aborts its merge if one runs, then
-   * records the reason.
+   * Fails a job that has not merged: aborts its search or merge if one runs,
+   * then records the reason.
    * @returns The job as failed, or unchanged if it had already ended.
    */
   async cancel(jobId: string, reason: string): Promise<StoredJob> {
@@ -90,7 +93,7 @@ export class JobRunner {
     return this.fail(jobId, reason);
   }
 
-  /** Aborts every merge in progress and waits for them to clean up; their jobs stay MERGING. */
+  /** Aborts every search and merge in progress and waits for them to clean up; their jobs stay DPA or MERGING. */
   async stop(): Promise<void> {
     this.stopped = true;
     const runs = [...this.running.values()];
@@ -106,14 +109,31 @@ export class JobRunner {
   private async advance(jobId: string, signal: AbortSignal): Promise<void> {
     let job = this.deps.store.get(jobId);
     if (job.state === JobState.JOB_STATE_COLLECTING && this.allUploaded(job)) {
-      // The factor search plugs in here: a job that needs one goes to DPA instead.
-      job = await this.transition(jobId, JobState.JOB_STATE_MERGING);
+      job = await this.transition(jobId, searchesFactors(job) ? JobState.JOB_STATE_DPA : JobState.JOB_STATE_MERGING);
     }
     if (job.state === JobState.JOB_STATE_DPA) {
-      await this.fail(jobId, 'the job is in DPA but this server has no factor search; recreate it with DPA off or fixed factors');
-      return;
+      if (!(await this.search(job, signal))) return;
+      job = await this.transition(jobId, JobState.JOB_STATE_MERGING);
     }
     if (job.state === JobState.JOB_STATE_MERGING) await this.merge(job, signal);
+  }
+
+  /** Runs the job's factor searches; false when they were stopped or failed (the job failed then). */
+  private async search(job: StoredJob, signal: AbortSignal): Promise<boolean> {
+    const { log } = this.deps;
+    try {
+      await searchJob(this.deps, job.id, signal);
+      return true;
+    } catch (err) {
+      if (signal.aborted) {
+        // Cancelled: cancel() records the failure. Shutting down: stays DPA, resumed at the next start.
+        log.info('DPA search stopped', { jobId: job.id, reason: String(signal.reason) });
+        return false;
+      }
+      log.error('DPA search failed', { jobId: job.id, err });
+      await this.fail(job.id, `DPA search failed: ${err instanceof Error ? err.message : String(err)}`);
+      return false;
+    }
   }
 
   private async merge(job: StoredJob, signal: AbortSignal): Promise<void> {
@@ -155,7 +175,7 @@ export class JobRunner {
 
   private mergeParty(job: StoredJob, name: string): MergeParty {
     const spool = this.deps.spool.party(job.id, name);
-    const factors = fixedFactors(job, name, spool.header?.levels.length);
+    const factors = partyFactors(job, name, spool.header?.levels.length);
     if (factors === undefined) throw new Error(`party ${name} has no factors`);
     return { name, weight: partyWeight(job, name), factors, tensors: new Map([...spool.held.values()].map((t) => [t.name, t.file])) };
   }
@@ -175,6 +195,8 @@ export class JobRunner {
   private async fail(jobId: string, reason: string): Promise<StoredJob> {
     const job = await this.transition(jobId, JobState.JOB_STATE_FAILED, (j) => (j.failureReason = reason));
     await this.deps.events.append(jobId, { failed: { reason } });
+    // Parties waiting on an evaluation stream learn why nothing more will come.
+    this.deps.broker.endJob(jobId, new FailedPreconditionError(`job ${jobId} failed: ${reason}`));
     return job;
   }
 }

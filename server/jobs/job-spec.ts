@@ -3,6 +3,7 @@
  * amplification factors and weights each party's delta is merged with.
  */
 import type { CreateJobRequest, DpaConfig, MergeOptions } from '../../proto/gen/dppa/v1/jobs.js';
+import { checkSearch } from '../dpa/search-spec.js';
 import { InvalidArgumentError, UnimplementedError } from '../errors.js';
 import type { StoredJob } from './job-store.js';
 
@@ -24,9 +25,10 @@ export interface JobSettings {
 }
 
 /**
- * Checks a CreateJobRequest and fills in defaults.
+ * Checks a CreateJobRequest and fills in defaults (the files of an ONNX
+ * evaluator are checked by create-job.ts).
  * @throws InvalidArgumentError naming the field at fault.
- * @throws UnimplementedError for a DPA search or sign election, which this server does not offer yet.
+ * @throws UnimplementedError for sign election, which this server does not offer yet.
  */
 export function checkJobSettings(req: CreateJobRequest): JobSettings {
   if (req.basePath.trim() === '') throw new InvalidArgumentError('base_path: required');
@@ -55,7 +57,7 @@ export function checkJobSettings(req: CreateJobRequest): JobSettings {
 }
 
 function checkDpa(dpa: DpaConfig, parties: readonly string[]): void {
-  if (dpa.search !== undefined) throw new UnimplementedError('DPA search is not available yet');
+  if (dpa.search !== undefined) checkSearch(dpa.search, parties);
   const fixed = dpa.fixed;
   if (fixed === undefined) return;
   checkFactorList('dpa.fixed.factors', fixed.factors);
@@ -76,14 +78,20 @@ function checkFactorList(field: string, factors: readonly number[]): void {
   }
 }
 
+/** True when the job's factors are searched (it goes through the DPA state). */
+export function searchesFactors(job: StoredJob): boolean {
+  return job.dpa.search !== undefined;
+}
+
 /**
- * The amplification factors of a party, partition 1 first, when they do not
- * need a search: all 1 when DPA is off (one per partition level), the fixed
- * ones otherwise. Undefined while the number of partitions is unknown (DPA
- * off and no header yet).
+ * The amplification factors of a party, partition 1 first: the ones its
+ * search chose, the fixed ones, or all 1 when DPA is off (one per partition
+ * level). Undefined while not known: the search has not finished, or DPA is
+ * off and no header has arrived.
  * @param partitions - Partitions of the party's delta (its header's levels), if known.
  */
-export function fixedFactors(job: StoredJob, party: string, partitions: number | undefined): number[] | undefined {
+export function partyFactors(job: StoredJob, party: string, partitions: number | undefined): number[] | undefined {
+  if (searchesFactors(job)) return job.parties.find((p) => p.name === party)?.chosen?.factors;
   const fixed = job.dpa.fixed;
   if (fixed !== undefined) return fixed.perParty[party]?.factors ?? fixed.factors;
   return partitions === undefined ? undefined : new Array<number>(partitions).fill(1);

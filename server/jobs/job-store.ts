@@ -2,13 +2,15 @@
  * Jobs on disk: one `jobs/<id>/job.json` per job, rewritten atomically on
  * every change, and the in-memory copy every request reads.
  *
- * `job.json` holds a job's settings, state and merge result. Upload progress
- * is not in it: the spool folders are the truth for that (uploads/spool.ts).
+ * `job.json` holds a job's settings, state, the DPA search's evaluations and
+ * chosen factors, and the merge result. Upload progress is not in it: the
+ * spool folders are the truth for that (uploads/spool.ts).
  */
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
   DpaConfig,
+  Evaluation,
   JobState,
   jobStateFromJSON,
   jobStateToJSON,
@@ -29,6 +31,16 @@ export interface StoredParty {
   tokenSha256: string;
   /** True once the party has opened an upload (its `party_joined` event was sent). */
   joined: boolean;
+  /** Set once the party's DPA factor search has finished: the factors the merge uses. */
+  chosen?: ChosenFactors;
+}
+
+/** The outcome of a party's factor search. */
+export interface ChosenFactors {
+  /** One factor per partition, partition 1 first. */
+  factors: number[];
+  /** Domain-Ratio of these factors, as a fraction. */
+  domainRatio: number;
 }
 
 /** One file of a merged checkpoint. */
@@ -55,6 +67,8 @@ export interface StoredJob {
   dpa: DpaConfig;
   merge: MergeOptions;
   parties: StoredParty[];
+  /** Every evaluation of the DPA search, in the order they were recorded (parties interleaved). */
+  evaluations: Evaluation[];
   /** Upload cap per party, fixed at creation. */
   maxUploadBytes: number;
   failureReason: string;
@@ -67,22 +81,37 @@ export interface StoredJob {
 }
 
 /** What `job.json` contains. */
-interface JobFile extends Omit<StoredJob, 'state' | 'dpa' | 'merge'> {
+interface JobFile extends Omit<StoredJob, 'state' | 'dpa' | 'merge' | 'evaluations'> {
   version: number;
   state: string;
   dpa: unknown;
   merge: unknown;
+  /** Absent in files written before the factor search existed. */
+  evaluations?: unknown[];
 }
 
 function toFile(job: StoredJob): JobFile {
-  return { version: STORE_VERSION, ...job, state: jobStateToJSON(job.state), dpa: DpaConfig.toJSON(job.dpa), merge: MergeOptions.toJSON(job.merge) };
+  return {
+    version: STORE_VERSION,
+    ...job,
+    state: jobStateToJSON(job.state),
+    dpa: DpaConfig.toJSON(job.dpa),
+    merge: MergeOptions.toJSON(job.merge),
+    evaluations: job.evaluations.map((e) => Evaluation.toJSON(e)),
+  };
 }
 
 function fromFile(file: JobFile, path: string): StoredJob {
   if (file.version !== STORE_VERSION) throw new Error(`${path}: job file version ${file.version}, this server reads ${STORE_VERSION}`);
   const rest: Partial<Pick<JobFile, 'version'>> & Omit<JobFile, 'version'> = { ...file };
   delete rest.version;
-  return { ...rest, state: jobStateFromJSON(file.state), dpa: DpaConfig.fromJSON(file.dpa), merge: MergeOptions.fromJSON(file.merge) };
+  return {
+    ...rest,
+    state: jobStateFromJSON(file.state),
+    dpa: DpaConfig.fromJSON(file.dpa),
+    merge: MergeOptions.fromJSON(file.merge),
+    evaluations: (file.evaluations ?? []).map((e) => Evaluation.fromJSON(e)),
+  };
 }
 
 /** True for states no job leaves. */

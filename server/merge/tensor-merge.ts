@@ -1,7 +1,7 @@
 /**
  * The merge of one tensor: `base + Σ_i c_i · Σ_p f_ip · Δ_i|p` accumulated in
- * fp32, then encoded in the base's dtype. The one implementation both the
- * worker threads and the inline runner call.
+ * fp32, then encoded in the base's dtype. The one implementation the worker
+ * threads, the inline runner and the DPA search's ONNX evaluator call.
  */
 import { FormatError } from '../../proto/errors.js';
 import { type Checkpoint, encodeFromF32 } from '../../proto/safetensors/index.js';
@@ -33,12 +33,25 @@ export interface TensorTask {
  * @throws FormatError naming the spool file and tensor if a spooled tensor is damaged or is another tensor.
  */
 export async function mergeTensor(base: Checkpoint, task: TensorTask, buffer: Float32Array, signal?: AbortSignal): Promise<Uint8Array> {
-  const opts = signal === undefined ? {} : { signal };
-  const acc = await base.readF32(task.name, { into: buffer, ...opts });
-  for (const c of task.contributions) await addSpooled(acc, task.name, c, task.outsideByMax, opts);
+  const acc = await accumulateTensor(base, task, buffer, signal);
   const bytes = encodeFromF32(acc, base.info(task.name).dtype);
   // An F32 base encodes to a view of the accumulator, which the next tensor overwrites.
   return bytes.buffer === buffer.buffer ? bytes.slice() : bytes;
+}
+
+/**
+ * `base + Σ_i c_i · Σ_p f_ip · Δ_i|p` of one tensor in fp32, before it is
+ * encoded: the merge encodes it, the ONNX evaluator of the DPA search feeds it
+ * to a model.
+ * @param buffer - Reused fp32 accumulator; must hold the tensor's elements.
+ * @returns A view of `buffer` holding the tensor.
+ * @throws As {@link mergeTensor}.
+ */
+export async function accumulateTensor(base: Checkpoint, task: TensorTask, buffer: Float32Array, signal?: AbortSignal): Promise<Float32Array> {
+  const opts = signal === undefined ? {} : { signal };
+  const acc = await base.readF32(task.name, { into: buffer, ...opts });
+  for (const c of task.contributions) await addSpooled(acc, task.name, c, task.outsideByMax, opts);
+  return acc;
 }
 
 /** Adds `c_i · f_p · Δ|p` of one spooled tensor into `acc`, chunk by chunk, checking every record again. */

@@ -7,6 +7,7 @@
 import { once } from 'node:events';
 import {
   status as Code,
+  type handleBidiStreamingCall,
   type handleClientStreamingCall,
   type handleServerStreamingCall,
   type handleUnaryCall,
@@ -89,6 +90,30 @@ export class RpcWrapper {
     };
   }
 
+  /**
+   * A bidirectional handler: the caller's messages are read from `requests`,
+   * answers go out through `send`. The stream is ended when `fn` resolves.
+   * @param endless - The stream only ends when the caller leaves or the handler decides: end it as soon as a graceful stop begins.
+   */
+  bidiStream<Req, Res>(
+    method: string,
+    fn: (requests: AsyncIterable<Req>, send: Send<Res>, ctx: CallContext) => Promise<void>,
+    endless = false,
+  ): handleBidiStreamingCall<Req, Res> {
+    return (call) => {
+      void this.run(
+        method,
+        call,
+        endless ? 'draining' : 'closing',
+        async (ctx) => {
+          await fn(call, (m) => send(call, m, ctx.signal), ctx);
+          call.end();
+        },
+        (st) => call.emit('error', statusError(st)),
+      );
+    };
+  }
+
   /** Resolves once every handler started so far has finished, cleanup included. */
   async idle(): Promise<void> {
     while (this.inFlight.size > 0) await Promise.all([...this.inFlight]);
@@ -149,7 +174,10 @@ function statusError(st: RpcStatus): Error & RpcStatus {
   return Object.assign(new Error(st.details), st);
 }
 
-async function send<T>(call: ServerWritableStream<unknown, T>, message: T, signal: AbortSignal): Promise<void> {
+/** The writing side of a server or bidirectional stream. */
+type Writable<T> = Pick<ServerWritableStream<unknown, T>, 'write'> & NodeJS.EventEmitter;
+
+async function send<T>(call: Writable<T>, message: T, signal: AbortSignal): Promise<void> {
   signal.throwIfAborted();
   if (call.write(message)) return;
   try {

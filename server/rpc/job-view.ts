@@ -3,7 +3,7 @@
  * progress read from its spool.
  */
 import type { Job, PartyStatus } from '../../proto/gen/dppa/v1/jobs.js';
-import { fixedFactors } from '../jobs/job-spec.js';
+import { partyFactors, searchesFactors } from '../jobs/job-spec.js';
 import type { StoredJob } from '../jobs/job-store.js';
 import type { Spool } from '../uploads/spool.js';
 
@@ -21,7 +21,7 @@ export function jobView(job: StoredJob, spool: Spool): Job {
     merge: job.merge,
     parties: job.parties.map((p): PartyStatus => {
       const s = spool.party(job.id, p.name);
-      const factors = fixedFactors(job, p.name, s.header?.levels.length);
+      const factors = partyFactors(job, p.name, s.header?.levels.length);
       return {
         name: p.name,
         tensorsReceived: s.held.size,
@@ -29,11 +29,11 @@ export function jobView(job: StoredJob, spool: Spool): Job {
         bytesReceived: BigInt(s.heldBytes),
         uploadComplete: s.complete,
         factors: factors ?? [],
-        // No job searches its factors yet: they are final as soon as they are known.
-        factorsFinal: true,
+        // Fixed factors (and DPA off) are final as soon as they are known; searched ones once chosen.
+        factorsFinal: !searchesFactors(job) || p.chosen !== undefined,
       };
     }),
-    evaluations: [],
+    evaluations: job.evaluations,
     failureReason: job.failureReason,
     createdAt: job.createdAt,
     updatedAt: job.updatedAt,

@@ -10,11 +10,12 @@ import type { Server } from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
 import { ReflectionService } from '@grpc/reflection';
 
-/** The .proto files of the services this server runs (EvaluationService is not served yet), relative to the proto folder. */
+/** The .proto files of the services this server runs, relative to the proto folder. */
 const PROTO_FILES = [
   'dppa/v1/jobs.proto',
   'dppa/v1/upload.proto',
   'dppa/v1/download.proto',
+  'dppa/v1/evaluation.proto',
   'dppa/v1/sparse.proto',
   'grpc/health/v1/health.proto',
 ];

@@ -6,7 +6,7 @@ import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import type { DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
 import { DELTA_FORMAT_VERSION } from '../../proto/sparse/index.js';
 import { FailedPreconditionError, InvalidArgumentError } from '../errors.js';
-import { fixedFactors } from '../jobs/job-spec.js';
+import { partyFactors } from '../jobs/job-spec.js';
 import { stateName, type StoredJob } from '../jobs/job-store.js';
 
 /** Tolerance when comparing the last partition level with the job's rate (both decoded from the same decimal). */
@@ -41,8 +41,9 @@ export function checkDeltaHeader(job: StoredJob, party: string, header: DeltaHea
   }
   if (header.rate !== job.rate) throw new FailedPreconditionError(`the delta was pruned at rate ${header.rate}, job ${job.id} requires ${job.rate}`);
   checkLevels(header.levels, header.rate);
-  const factors = fixedFactors(job, party, header.levels.length)!;
-  if (factors.length !== header.levels.length) {
+  // Off and search fit any number of partitions; fixed factors fit only their own number.
+  const factors = job.dpa.fixed === undefined ? undefined : partyFactors(job, party, header.levels.length)!;
+  if (factors !== undefined && factors.length !== header.levels.length) {
     throw new FailedPreconditionError(
       `job ${job.id} fixes ${factors.length} amplification factor(s) for party ${party}, but the delta has ${header.levels.length} partition(s) (levels ${header.levels.join(', ')})`,
     );

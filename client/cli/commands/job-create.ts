@@ -1,7 +1,7 @@
 import { parse, num, oneOf, required } from '../args.js';
 import { out, type Command } from '../command.js';
 import { EXIT } from '../exit-codes.js';
-import { parseDpa, parseParties, parseWeights } from '../job-flags.js';
+import { evaluatorFlags, parseDpa, parseEvaluator, parseParties, parseWeights } from '../job-flags.js';
 import { ADMIN_TOKEN_HELP, SERVER_HELP, adminToken, adminTokenFlags, clientOptions, serverFlags, withClient } from '../server-flags.js';
 import type { CreateJobOptions } from '../../sdk/jobs.js';
 
@@ -24,12 +24,25 @@ Job:
                              search[:K=V,...]         factors searched per party; settings:
                                                       method=progressive|whole, tuner=greedy|golden,
                                                       start, step, upper, lower, budget, downward,
-                                                      party-timeout (seconds)
+                                                      party-timeout (seconds a search waits for a
+                                                      disconnected party, default 600)
   --scale-outside-by-max   scale outside tensors by the party's largest factor (default 1)
   --weights a=1,b=0.5      per-party merge weights (parties not named keep 1)
   --sign-election          TIES-style sign election per entry before summing
   --parties-may-download   let parties download the merged checkpoint with their own token
   --label TEXT             a label for people
+
+Evaluator of --dpa search (see docs/dpa.md):
+  --evaluator remote|onnx  where candidates are scored: remote (default) on each party's machine
+                           (dppa push --eval-cmd, dppa evaluate); onnx on the server
+  --party-evaluator a=onnx,b=remote   per-party overrides
+  --onnx-model FILE        ONNX model on the server whose initializers carry the checkpoint's names
+  --onnx-tokenizer FILE    tokenizer description (JSON) for text tasks
+  --onnx-name-map FILE     JSON { "checkpoint tensor": "initializer" } when the names differ
+  --onnx-tasks P:T=FILE,...   validation tasks of party P (JSONL on the server); repeatable
+  --onnx-finetuned P=DIR,...  party P's dense fine-tuned checkpoint on the server; repeatable
+  --ort-provider cpu|cuda  ONNX Runtime execution provider (default cpu)
+  --metric M               exact_match (default) or log_likelihood
 
 ${SERVER_HELP}
 ${ADMIN_TOKEN_HELP}
@@ -60,6 +73,7 @@ export const jobCreateCommand: Command = {
       'sign-election': { type: 'boolean' },
       'parties-may-download': { type: 'boolean' },
       label: { type: 'string' },
+      ...evaluatorFlags,
       json: { type: 'boolean' },
       help: { type: 'boolean', short: 'h' },
     });
@@ -68,12 +82,15 @@ export const jobCreateCommand: Command = {
       return EXIT.ok;
     }
     const parties = parseParties(v.parties);
+    const dpa = parseDpa(v.dpa, parties);
+    const evaluator = parseEvaluator(v, parties, dpa.search !== undefined);
+    if (dpa.search !== undefined) dpa.search = { ...dpa.search, ...evaluator };
     const request: CreateJobOptions = {
       basePath: required(v.base, 'base'),
       parties,
       rate: num(required(v.rate, 'rate'), 'rate', { min: 0, below: 1 })!,
       method: oneOf(v.method, 'method', ['dp', 'magnitude', 'owl', 'dare'] as const) ?? 'dp',
-      dpa: { ...parseDpa(v.dpa, parties), scaleOutsideByMax: v['scale-outside-by-max'] === true },
+      dpa: { ...dpa, scaleOutsideByMax: v['scale-outside-by-max'] === true },
       merge: { weights: parseWeights(v.weights, parties), signElection: v['sign-election'] === true, partiesMayDownload: v['parties-may-download'] === true },
     };
     if (v.label !== undefined) request.label = v.label;

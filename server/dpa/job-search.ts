@@ -1,0 +1,145 @@
+/**
+ * The DPA state of a job: the factor search of every party, run in parallel
+ * (spec "DPA"; docs/dpa.md).
+ *
+ * Each party's search first measures the dense fine-tuned model's scores (the
+ * reference of its Domain-Ratio), then runs `searchFactors` over the partitions
+ * of its delta with score = Domain-Ratio of the candidate. Every evaluation is
+ * appended to the job and written to `job.json` before the search goes on, then
+ * announced (`evaluation_done`) and counted. A search that starts again (after
+ * a restart) runs from the beginning with the recorded evaluations answering
+ * the candidates they cover (`memoised`): the search is deterministic, so it
+ * asks for the same candidates and none is evaluated twice. The chosen factors
+ * go to the party's status with a `factors_chosen` event.
+ */
+import type { Evaluation } from '../../proto/gen/dppa/v1/jobs.js';
+import type { JobEvents } from '../jobs/job-events.js';
+import type { JobStore, StoredJob } from '../jobs/job-store.js';
+import type { Logger } from '../log.js';
+import type { Metrics } from '../metrics.js';
+import type { Spool } from '../uploads/spool.js';
+import { domainRatio, factorKey, memoised, searchFactors } from './factor-search.js';
+import { OnnxCandidates } from './onnx-candidates.js';
+import { PartyEvaluationError, PartyTimeoutError, type Candidate, type RemoteEvaluators, type Scores } from './remote-evaluators.js';
+import { evaluatorOf, partyTimeoutSeconds, searchOptions, type EvaluatorName } from './search-spec.js';
+
+/** What the searches of a job need. */
+export interface JobSearchDeps {
+  store: JobStore;
+  events: JobEvents;
+  spool: Spool;
+  metrics: Metrics;
+  log: Logger;
+  /** Requests to the parties whose evaluator is remote. */
+  broker: RemoteEvaluators;
+}
+
+/** A search failed for a reason that fails the job; the message says which party and why. */
+export class SearchFailedError extends Error {
+  override name = 'SearchFailedError';
+}
+
+/**
+ * Runs the search of every party of a job in state DPA that has no chosen
+ * factors yet, in parallel. The first failure stops the others.
+ * @returns Once every party has chosen factors.
+ * @throws SearchFailedError (the job fails with its message); the signal's reason when aborted.
+ */
+export async function searchJob(deps: JobSearchDeps, jobId: string, signal: AbortSignal): Promise<void> {
+  const job = deps.store.get(jobId);
+  const search = job.dpa.search!;
+  const todo = job.parties.filter((p) => p.chosen === undefined).map((p) => p.name);
+  const onnx = todo.some((p) => evaluatorOf(search, p) === 'onnx') ? await openOnnx(job) : undefined;
+  // One failure aborts every other party's search, with that failure as the reason.
+  const controller = new AbortController();
+  const forward = (): void => controller.abort(signal.reason);
+  signal.addEventListener('abort', forward, { once: true });
+  if (signal.aborted) forward();
+  try {
+    await Promise.allSettled(
+      todo.map((party) =>
+        searchParty(deps, job, party, onnx, controller.signal).catch((err: unknown) => {
+          if (!controller.signal.aborted) controller.abort(failure(party, err));
+        }),
+      ),
+    );
+    signal.throwIfAborted();
+    if (controller.signal.aborted) throw controller.signal.reason;
+  } finally {
+    signal.removeEventListener('abort', forward);
+    await onnx?.close();
+  }
+}
+
+async function openOnnx(job: StoredJob): Promise<OnnxCandidates> {
+  try {
+    return await OnnxCandidates.open(job, job.dpa.search!);
+  } catch (err) {
+    throw new SearchFailedError(`the ONNX evaluator cannot start: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+  }
+}
+
+function failure(party: string, err: unknown): SearchFailedError {
+  if (err instanceof SearchFailedError) return err;
+  // These already name the party.
+  if (err instanceof PartyTimeoutError || err instanceof PartyEvaluationError) return new SearchFailedError(err.message, { cause: err });
+  return new SearchFailedError(`party ${party}: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+}
+
+async function searchParty(deps: JobSearchDeps, job: StoredJob, party: string, onnx: OnnxCandidates | undefined, signal: AbortSignal): Promise<void> {
+  const { store, events, metrics, log, broker } = deps;
+  const search = job.dpa.search!;
+  const spool = deps.spool.party(job.id, party);
+  const partitions = spool.header!.levels.length;
+  const evaluator: EvaluatorName = evaluatorOf(search, party);
+  const evaluate = async (candidate: Candidate, tasks: readonly string[] | undefined): Promise<Scores> => {
+    const done = metrics.dpaEvaluationDuration.startTimer({ evaluator });
+    const scores =
+      evaluator === 'remote'
+        ? await broker.request(job.id, party, candidate, { timeoutSeconds: partyTimeoutSeconds(search), tasks, signal })
+        : await onnx!.score(party, spool, candidate, signal);
+    done();
+    return scores;
+  };
+  const record = async (e: Omit<Evaluation, 'party' | 'seq'>): Promise<void> => {
+    let evaluation: Evaluation | undefined;
+    await store.update(job.id, (j) => {
+      evaluation = { party, seq: j.evaluations.filter((x) => x.party === party).length + 1, ...e };
+      j.evaluations.push(evaluation);
+    });
+    metrics.dpaEvaluations.inc({ evaluator });
+    await events.append(job.id, { evaluationDone: { evaluation: evaluation! } });
+  };
+  const recorded = (): Evaluation[] => store.get(job.id).evaluations.filter((e) => e.party === party);
+
+  let dense = recorded().find((e) => e.denseReference)?.scores;
+  if (dense === undefined) {
+    const scores = await evaluate({ kind: 'dense', factors: [], outsideFactor: 1 }, undefined);
+    // Fails here, before any candidate, when no task can give a ratio (every dense score 0).
+    const ratio = domainRatio(scores, scores);
+    await record({ denseReference: true, factors: [], scores, domainRatio: ratio });
+    dense = scores;
+  }
+  const reference = dense;
+  const tasks = Object.keys(reference);
+  const known = new Map(recorded().filter((e) => !e.denseReference).map((e) => [factorKey(e.factors), e.domainRatio]));
+  const score = memoised(
+    known,
+    async (factors) => {
+      const outsideFactor = job.dpa.scaleOutsideByMax ? Math.max(...factors) : 1;
+      const scores = await evaluate({ kind: 'amplified', factors, outsideFactor }, tasks);
+      const ratio = domainRatio(scores, reference);
+      // Recorded here rather than through memoised's callback, which sees the ratio but not the per-task scores.
+      await record({ denseReference: false, factors, scores, domainRatio: ratio });
+      return ratio;
+    },
+    () => undefined,
+  );
+  const result = await searchFactors(searchOptions(search, partitions), score, signal);
+  await store.update(job.id, (j) => {
+    j.parties.find((p) => p.name === party)!.chosen = { factors: result.factors, domainRatio: result.score };
+  });
+  await events.append(job.id, { factorsChosen: { party, factors: result.factors, domainRatio: result.score } });
+  broker.endParty(job.id, party);
+  log.info('factors chosen', { jobId: job.id, party, factors: result.factors, domainRatio: result.score, evaluations: recorded().length });
+}

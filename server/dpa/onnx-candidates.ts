@@ -1,0 +1,115 @@
+/**
+ * Candidates of a job's DPA search scored on the server with the ONNX
+ * evaluator (docs/onnx-evaluator.md), for the parties whose evaluator is ONNX.
+ *
+ * An amplified candidate's weights are `base + Σ_p f_p · Δ_p` of the party's
+ * spooled delta, tensor by tensor, with the merge's own tensor code (weight 1),
+ * rounded to the base's dtype as a merged checkpoint holds them; the dense
+ * reference's weights are read from the party's fine-tuned checkpoint. Both are
+ * read one tensor at a time with awaits in between, so the event loop is only
+ * held by ONNX Runtime's forward passes.
+ */
+import { decodeToF32, encodeFromF32 } from '../../proto/safetensors/dtype.js';
+import { Checkpoint } from '../../proto/safetensors/index.js';
+import type { OnnxEvaluator as OnnxSettings, SearchConfig } from '../../proto/gen/dppa/v1/jobs.js';
+import type { StoredJob } from '../jobs/job-store.js';
+import { accumulateTensor } from '../merge/tensor-merge.js';
+import type { PartySpool } from '../uploads/spool.js';
+import type { Metric } from './onnx/causal-lm-scorer.js';
+import type { LoadedTask, OnnxEvaluator, WeightSource } from './onnx/index.js';
+import type { Candidate, Scores } from './remote-evaluators.js';
+import { onnxMetric } from './search-spec.js';
+
+/** The ONNX evaluator of one job, shared by its parties (evaluations run one at a time). */
+export class OnnxCandidates {
+  private readonly tasks = new Map<string, Promise<LoadedTask[]>>();
+
+  private constructor(
+    private readonly settings: OnnxSettings,
+    private readonly evaluator: OnnxEvaluator,
+    private readonly base: Checkpoint,
+    private readonly outsideByMax: boolean,
+  ) {}
+
+  /**
+   * Opens the job's base checkpoint and its ONNX model.
+   * @throws OnnxEvaluatorError subclasses for a model, tokenizer or provider problem; Error from the file system.
+   */
+  static async open(job: StoredJob, search: SearchConfig): Promise<OnnxCandidates> {
+    const settings = search.onnx!;
+    // Loaded here rather than at the top: ONNX Runtime is a native library only these jobs need.
+    const { OnnxEvaluator } = await import('./onnx/index.js');
+    const base = await Checkpoint.open(job.basePath);
+    try {
+      const evaluator = await OnnxEvaluator.create({
+        modelPath: settings.modelPath,
+        checkpointShapes: Object.fromEntries(base.tensors().map((t) => [t.name, t.shape])),
+        ...(settings.nameMapPath === '' ? {} : { nameMap: settings.nameMapPath }),
+        ...(settings.tokenizerPath === '' ? {} : { tokenizerPath: settings.tokenizerPath }),
+        ...(settings.provider === '' ? {} : { provider: settings.provider as 'cpu' | 'cuda' }),
+      });
+      return new OnnxCandidates(settings, evaluator, base, job.dpa.scaleOutsideByMax);
+    } catch (err) {
+      await base.close();
+      throw err;
+    }
+  }
+
+  /**
+   * Scores a candidate of a party on the party's task files. With the
+   * `log_likelihood` metric a task's score is `exp(mean log-likelihood)` (the
+   * geometric mean of the answer tokens' probabilities), so that it is
+   * positive and the Domain-Ratio's quotients mean "how much of the dense
+   * model's likelihood is kept".
+   * @throws OnnxEvaluatorError subclasses, FormatError for a damaged spool file, the signal's reason.
+   */
+  async score(party: string, spool: PartySpool, candidate: Candidate, signal: AbortSignal): Promise<Scores> {
+    const tasks = await this.partyTasks(party);
+    const metric: Metric = onnxMetric(this.settings);
+    let weights: WeightSource;
+    let close = (): Promise<void> => Promise.resolve();
+    if (candidate.kind === 'dense') {
+      const finetuned = await Checkpoint.open(this.settings.partyFinetuned[party]!);
+      weights = (name) => finetuned.readF32(name, { signal });
+      close = () => finetuned.close();
+    } else {
+      weights = this.amplified(spool, candidate.factors, signal);
+    }
+    try {
+      const scores = await this.evaluator.evaluate(weights, tasks, metric, signal);
+      return metric === 'log_likelihood' ? Object.fromEntries(Object.entries(scores).map(([t, s]) => [t, Math.exp(s)])) : scores;
+    } finally {
+      await close();
+    }
+  }
+
+  /** Closes the model's session and the base checkpoint. */
+  async close(): Promise<void> {
+    await this.evaluator.close();
+    await this.base.close();
+  }
+
+  private partyTasks(party: string): Promise<LoadedTask[]> {
+    let loaded = this.tasks.get(party);
+    if (loaded === undefined) {
+      const specs = Object.entries(this.settings.partyTasks[party]?.tasks ?? {}).map(([name, file]) => ({ name, file }));
+      loaded = this.evaluator.loadTasks(specs);
+      this.tasks.set(party, loaded);
+    }
+    return loaded;
+  }
+
+  /** The candidate's tensors: base + amplified delta where the party sent the tensor, the base elsewhere. */
+  private amplified(spool: PartySpool, factors: readonly number[], signal: AbortSignal): WeightSource {
+    const files = new Map([...spool.held.values()].map((t) => [t.name, t.file]));
+    return async (name) => {
+      const info = this.base.info(name);
+      const file = files.get(name);
+      // A new array per tensor: the evaluator holds every weight of the candidate until its forward passes.
+      const values = new Float32Array(info.numel);
+      if (file === undefined) return this.base.readF32(name, { into: values, signal });
+      const sum = await accumulateTensor(this.base, { name, contributions: [{ file, weight: 1, factors }], outsideByMax: this.outsideByMax }, values, signal);
+      return info.dtype === 'F32' ? sum : decodeToF32(encodeFromF32(sum, info.dtype), info.dtype, sum);
+    };
+  }
+}
