@@ -76,8 +76,14 @@ export async function main(argv: string[]): Promise<number> {
     process.stderr.write(`dppa: unknown command ${JSON.stringify(first)}\n\n${usage()}\n`);
     return EXIT.usage;
   }
+  const rest = argv.slice(command.name.split(' ').length);
+  // Every command takes -h/--help; handled here once rather than in each command.
+  if (rest.includes('-h') || rest.includes('--help')) {
+    process.stdout.write(command.help.endsWith('\n') ? command.help : `${command.help}\n`);
+    return EXIT.ok;
+  }
   try {
-    return await command.run(argv.slice(command.name.split(' ').length));
+    return await command.run(rest);
   } catch (err) {
     const { code, message } = describeFailure(err);
     process.stderr.write(`dppa ${command.name}: ${message}\n`);

@@ -36,12 +36,7 @@ export const applyCommand: Command = {
       'outside-by-max': { type: 'boolean' },
       overwrite: { type: 'boolean' },
       json: { type: 'boolean' },
-      help: { type: 'boolean', short: 'h' },
     });
-    if (v.help === true) {
-      out(help);
-      return EXIT.ok;
-    }
     return cancellable(async (signal, progress) => {
       const report = await applyDelta({
         base: required(v.base, 'base'),

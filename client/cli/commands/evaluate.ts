@@ -56,12 +56,7 @@ export const evaluateCommand: Command = {
       delta: { type: 'string' },
       ...evalFlags,
       json: { type: 'boolean' },
-      help: { type: 'boolean', short: 'h' },
     });
-    if (v.help === true) {
-      out(help);
-      return EXIT.ok;
-    }
     const jobId = required(v.job, 'job');
     const party = required(v.party, 'party');
     const workDir = resolve(v['work-dir'] ?? defaultWorkDir(jobId, party));

@@ -23,11 +23,7 @@ export const inspectCommand: Command = {
   summary: 'show what a .dppa file holds (rates, kept counts, sizes); plot the rates',
   help,
   async run(argv) {
-    const { values: v, positionals } = parse(argv, { json: { type: 'boolean' }, plot: { type: 'string' }, help: { type: 'boolean', short: 'h' } }, true);
-    if (v.help === true) {
-      out(help);
-      return EXIT.ok;
-    }
+    const { values: v, positionals } = parse(argv, { json: { type: 'boolean' }, plot: { type: 'string' } }, true);
     if (positionals.length !== 1) throw new UsageError(`expected one .dppa file, got ${positionals.length}`);
     const summary = await inspectDelta(positionals[0]!);
     if (v.plot !== undefined) await writeFile(v.plot, ratePlotSvg(summary));

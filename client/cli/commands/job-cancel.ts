@@ -36,12 +36,7 @@ export const jobCancelCommand: Command = {
       job: { type: 'string' },
       reason: { type: 'string' },
       json: { type: 'boolean' },
-      help: { type: 'boolean', short: 'h' },
     });
-    if (v.help === true) {
-      out(help);
-      return EXIT.ok;
-    }
     const jobId = required(v.job, 'job');
     return withClient(clientOptions(v, adminToken(v)), async (client, signal) => {
       const job = await client.cancelJob(jobId, v.reason ?? 'cancelled by the administrator', { signal });

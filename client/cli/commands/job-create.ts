@@ -75,12 +75,7 @@ export const jobCreateCommand: Command = {
       label: { type: 'string' },
       ...evaluatorFlags,
       json: { type: 'boolean' },
-      help: { type: 'boolean', short: 'h' },
     });
-    if (v.help === true) {
-      out(help);
-      return EXIT.ok;
-    }
     const parties = parseParties(v.parties);
     const dpa = parseDpa(v.dpa, parties);
     const evaluator = parseEvaluator(v, parties, dpa.search !== undefined);

@@ -25,11 +25,7 @@ export const jobListCommand: Command = {
   summary: 'list every job on the server',
   help,
   async run(argv) {
-    const { values: v } = parse(argv, { ...serverFlags, ...adminTokenFlags, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } });
-    if (v.help === true) {
-      out(help);
-      return EXIT.ok;
-    }
+    const { values: v } = parse(argv, { ...serverFlags, ...adminTokenFlags, json: { type: 'boolean' } });
     return withClient(clientOptions(v, adminToken(v)), async (client, signal) => {
       const jobs = await client.listJobs({ signal });
       if (v.json === true) {

@@ -39,12 +39,7 @@ export const jobStatusCommand: Command = {
       ...partyTokenFlags,
       job: { type: 'string' },
       json: { type: 'boolean' },
-      help: { type: 'boolean', short: 'h' },
     });
-    if (v.help === true) {
-      out(help);
-      return EXIT.ok;
-    }
     const jobId = required(v.job, 'job');
     return withClient(clientOptions(v, anyToken(v)), async (client, signal) => {
       const job = await client.getJob(jobId, { signal });

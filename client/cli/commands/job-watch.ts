@@ -44,12 +44,7 @@ export const jobWatchCommand: Command = {
       job: { type: 'string' },
       'after-seq': { type: 'string' },
       json: { type: 'boolean' },
-      help: { type: 'boolean', short: 'h' },
     });
-    if (v.help === true) {
-      out(help);
-      return EXIT.ok;
-    }
     const jobId = required(v.job, 'job');
     let afterSeq = 0n;
     if (v['after-seq'] !== undefined) {

@@ -54,12 +54,7 @@ export const pruneCommand: Command = {
       ...pruneFlags,
       report: { type: 'string' },
       json: { type: 'boolean' },
-      help: { type: 'boolean', short: 'h' },
     });
-    if (v.help === true) {
-      out(help);
-      return EXIT.ok;
-    }
     return cancellable(async (signal, progress) => {
       const report = await pruneToFile({
         base: required(v.base, 'base'),

@@ -44,12 +44,7 @@ export const pullCommand: Command = {
       job: { type: 'string' },
       out: { type: 'string' },
       json: { type: 'boolean' },
-      help: { type: 'boolean', short: 'h' },
     });
-    if (v.help === true) {
-      out(help);
-      return EXIT.ok;
-    }
     const jobId = required(v.job, 'job');
     const dir = resolve(required(v.out, 'out'));
     return withClient(clientOptions(v, anyToken(v)), async (client, signal, progress) => {

@@ -79,12 +79,7 @@ export const pushCommand: Command = {
       ...pruneFlags,
       ...evalFlags,
       json: { type: 'boolean' },
-      help: { type: 'boolean', short: 'h' },
     });
-    if (v.help === true) {
-      out(help);
-      return EXIT.ok;
-    }
     const jobId = required(v.job, 'job');
     const party = required(v.party, 'party');
     const command = v['eval-cmd'];
