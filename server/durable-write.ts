@@ -6,6 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import { open, rename, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+import { syncFolder } from '../proto/fs-sync.js';
 
 /** Suffix of temporary files written by {@link writeFileDurably}; a crash can leave some behind, removed at start. */
 export const TEMP_MARK = '.tmp-';
@@ -30,16 +31,3 @@ export async function writeFileDurably(path: string, data: string | Uint8Array):
   await syncFolder(dirname(path));
 }
 
-/** fsyncs a folder so that renames in it survive a power cut. Best effort: some file systems refuse it. */
-export async function syncFolder(path: string): Promise<void> {
-  try {
-    const fh = await open(path, 'r');
-    try {
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-  } catch {
-    // The rename happened; only its durability across a power cut is weaker.
-  }
-}

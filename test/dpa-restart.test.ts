@@ -6,7 +6,6 @@
  */
 import assert from 'node:assert/strict';
 import { readFile, mkdtemp, rm } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -14,6 +13,7 @@ import { DppaClient, JobState, pruneToFile, type EvaluateFn, type EvaluationCand
 import { assertMerged } from './fixtures/expected-merge.js';
 import { ADMIN, startHarness, type Harness } from './fixtures/grpc-harness.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
+import { freePort } from './fixtures/free-port.js';
 
 let dir: string;
 let data: string;
@@ -22,16 +22,6 @@ let finetuned: string;
 let delta: string;
 let port: number;
 let h: Harness | undefined;
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const { port: p } = s.address() as { port: number };
-      s.close(() => resolve(p));
-    });
-    s.on('error', reject);
-  });
-}
 
 before(async () => {
   dir = await mkdtemp(join(tmpdir(), 'dppa-dpa-restart-'));

@@ -4,7 +4,6 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -12,6 +11,7 @@ import { DppaClient, JobState, pruneToFile } from '../client/index.js';
 import { Checkpoint } from '../proto/safetensors/index.js';
 import { readDeltaTensors } from '../proto/sparse/index.js';
 import { writeLlamaFamily } from './fixtures/synthetic-model.js';
+import { freePort } from './fixtures/free-port.js';
 
 const ADMIN = 'e2e-admin-token-0123456789abcdef';
 const root = new URL('..', import.meta.url).pathname;
@@ -25,16 +25,6 @@ let base: string;
 let finetuned: string[];
 let port: number;
 let server: ChildProcess | undefined;
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const { port: p } = s.address() as { port: number };
-      s.close(() => resolve(p));
-    });
-    s.on('error', reject);
-  });
-}
 
 /** Starts `dppa serve` on the fixed port and resolves once it listens. */
 function startServer(): Promise<ChildProcess> {

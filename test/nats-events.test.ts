@@ -13,7 +13,8 @@ import { ConfigError } from '../server/errors.js';
 import { createLogger } from '../server/log.js';
 import { DppaServer } from '../server/server.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
-import { freePort, startNatsServer, type NatsServer } from './fixtures/nats-server.js';
+import { freePort } from './fixtures/free-port.js';
+import { startNatsServer, type NatsServer } from './fixtures/nats-server.js';
 import {
   ADMIN, call, pruneRecords, startHarness, upload, uploadMessages, watchAll, type Harness,
 } from './fixtures/grpc-harness.js';

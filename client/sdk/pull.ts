@@ -13,6 +13,7 @@ import { CallScope, inScope, readStream, type CallOptions } from './call.js';
 import type { Connection } from './connection.js';
 import { DownloadError, DppaRpcError } from './errors.js';
 import { Backoff, isTransient } from './retry.js';
+import { syncFolder } from '../../proto/fs-sync.js';
 
 /** What {@link DppaClient.pull} downloads, and where. */
 export interface PullOptions {
@@ -133,20 +134,6 @@ async function removeStrays(dir: string, keep: ReadonlySet<string>): Promise<voi
   }
 }
 
-/** Makes a rename durable where the platform allows syncing a directory. */
-async function syncDir(path: string): Promise<void> {
-  try {
-    const fh = await open(path, 'r');
-    try {
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-  } catch {
-    // Not every platform can open or sync a directory; the rename itself has happened.
-  }
-}
-
 interface Transfer {
   conn: Connection;
   jobId: string;
@@ -256,7 +243,7 @@ export async function pull(conn: Connection, o: PullOptions, call: PullCallOptio
       t.report(file.path, 1);
     }
     await rename(tmp, o.out);
-    await syncDir(dirname(resolve(o.out)));
+    await syncFolder(dirname(resolve(o.out)));
     // Every byte of the checkpoint not received by this run was on disk already (and verified).
     return { out: o.out, files, bytesDownloaded: t.bytesDownloaded, bytesResumed: Math.max(0, bytesTotal - t.bytesDownloaded) };
   } catch (err) {

@@ -8,6 +8,7 @@ import { open, rename, rm, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { DeltaRecord } from '../gen/dppa/v1/sparse.js';
 import { FormatError } from '../errors.js';
+import { syncFolder } from '../fs-sync.js';
 import {
   checkRecordPlace,
   DEFAULT_MAX_RECORD_BYTES,
@@ -187,16 +188,3 @@ export class DeltaFileWriter {
   }
 }
 
-/** Makes a rename durable; best effort, since some file systems refuse to fsync a folder. */
-async function syncFolder(path: string): Promise<void> {
-  try {
-    const fh = await open(path, 'r');
-    try {
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-  } catch {
-    // The file is complete and in place; only its durability across a power cut is weaker.
-  }
-}
