@@ -7,7 +7,7 @@ import { stat } from 'node:fs/promises';
 import { FormatError } from '../proto/errors.js';
 import { baseFingerprint } from '../proto/fingerprint.js';
 import { Checkpoint, CheckpointWriter } from '../proto/safetensors/index.js';
-import { addScaled, partitionFactor, readDeltaFile, readDeltaHeader, TensorAssembler } from '../proto/sparse/index.js';
+import { addChunkScaled, partitionFactor, readDeltaFile, readDeltaHeader, TensorAssembler } from '../proto/sparse/index.js';
 import type { DeltaHeader } from '../proto/gen/dppa/v1/sparse.js';
 
 /** Options of {@link applyDelta}. */
@@ -89,11 +89,11 @@ export async function applyDelta(opts: ApplyOptions): Promise<ApplyReport> {
           }
           if (changed.has(name)) throw new FormatError('tensor appears twice in the delta', { file: opts.delta, tensor: name });
           acc = await base.readF32(name);
-          assembler = new TensorAssembler({ file: opts.delta, collect: false });
+          assembler = new TensorAssembler({ file: opts.delta, entries: 'stream' });
         }
         if (assembler === undefined || acc === undefined) throw new FormatError('a record comes before any tensor begins', { file: opts.delta });
         const chunk = assembler.push(record);
-        if (chunk !== undefined) addScaled(acc, chunk.positions, chunk.values, scale * factorOf(chunk.partition));
+        if (chunk !== undefined) addChunkScaled(acc, chunk, scale * factorOf(chunk.partition));
         if (assembler.complete) {
           const name = assembler.name!;
           await writer.writeTensorF32(name, acc);

@@ -33,6 +33,11 @@ Options:
                            dppa.jobs.<job>.<event> (docs/events.md); the server does not
                            start while NATS is unreachable (default: DPPA_NATS_URL, else none)
   --nats-creds F           NATS credentials file (user JWT and NKey seed)
+  --cluster                run as one replica of a cluster on --nats (docs/scale-out.md):
+                           jobs, events, merge and search tasks shared on JetStream; --data must
+                           be the same shared folder on every replica (default: DPPA_CLUSTER)
+  --task-ack-wait-ms N     with --cluster: a task of a replica that died goes to another
+                           one after N ms without news (default 30000)
   -h, --help               show this help
 
 Plaintext gRPC is only allowed on a loopback host unless --insecure is given.
@@ -66,6 +71,8 @@ export async function main(argv: string[]): Promise<number> {
         'max-upload-bytes': { type: 'string' },
         nats: { type: 'string' },
         'nats-creds': { type: 'string' },
+        cluster: { type: 'boolean' },
+        'task-ack-wait-ms': { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
     });
@@ -86,6 +93,8 @@ export async function main(argv: string[]): Promise<number> {
       maxUploadBytes: values['max-upload-bytes'],
       nats: values.nats,
       natsCreds: values['nats-creds'],
+      cluster: values.cluster,
+      taskAckWaitMs: values['task-ack-wait-ms'],
     };
     server = new DppaServer(await optionsFromFlags(flags));
   } catch (err) {

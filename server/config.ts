@@ -58,6 +58,22 @@ export interface ServerOptions {
    * @default none: events are kept in the data folder and streamed by WatchJob only
    */
   nats?: NatsOptions;
+  /**
+   * Run as one replica of a cluster sharing `nats` (docs/scale-out.md): jobs
+   * in a JetStream KV bucket, events in the JetStream stream, merges split
+   * into tasks on a work queue; `dataDir` must be the same shared folder on
+   * every replica. Needs `nats`. Jobs whose DPA search uses the remote evaluator are refused.
+   * @default false: one server, everything in its data folder
+   */
+  cluster?: boolean;
+  /**
+   * With `cluster`: how long a task a replica took may go unacknowledged
+   * before another replica gets it (a replica killed mid-task costs this
+   * long); replicas at work say so every third of it. The replica started
+   * last sets it for all.
+   * @default 30000
+   */
+  taskAckWaitMs?: number;
   /** Where the server logs. @default JSON lines on stderr at level info */
   logger?: Logger;
 }
@@ -77,6 +93,8 @@ export interface ResolvedServerOptions {
   shutdownGraceMs: number;
   mergeWorkers: number;
   nats: NatsOptions | undefined;
+  cluster: boolean;
+  taskAckWaitMs: number;
   logger: Logger;
 }
 
@@ -101,6 +119,8 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
     shutdownGraceMs: opts.shutdownGraceMs ?? 10_000,
     mergeWorkers: opts.mergeWorkers ?? defaultMergeWorkers(),
     nats: opts.nats,
+    cluster: opts.cluster ?? false,
+    taskAckWaitMs: opts.taskAckWaitMs ?? 30_000,
     logger: opts.logger ?? createLogger(),
   };
   if (typeof r.adminToken !== 'string' || r.adminToken.trim() === '') {
@@ -119,6 +139,8 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
   }
   if (!Number.isSafeInteger(r.mergeWorkers) || r.mergeWorkers < 0) throw new ConfigError(`mergeWorkers: must be a non-negative integer, got ${r.mergeWorkers}`);
   if (r.nats !== undefined) checkNats(r.nats);
+  if (!Number.isSafeInteger(r.taskAckWaitMs) || r.taskAckWaitMs < 1000) throw new ConfigError(`taskAckWaitMs: must be an integer of at least 1000, got ${r.taskAckWaitMs}`);
+  if (r.cluster && r.nats === undefined) throw new ConfigError('cluster: needs nats (--nats URL or DPPA_NATS_URL): the replicas share their state on NATS JetStream');
   if (r.tls !== undefined && (r.tls.certFile === '' || r.tls.keyFile === '')) {
     throw new ConfigError('tls: certFile and keyFile are both required');
   }
@@ -181,12 +203,15 @@ export interface ServeFlags {
   maxUploadBytes?: string | undefined;
   nats?: string | undefined;
   natsCreds?: string | undefined;
+  cluster?: boolean | undefined;
+  taskAckWaitMs?: string | undefined;
 }
 
 /**
  * Builds server options from `dppa serve` flags and the environment: the admin
  * token comes from `--admin-token-file` (first line, trimmed) or else from
- * `DPPA_ADMIN_TOKEN`; the NATS URL from `--nats` or else `DPPA_NATS_URL`.
+ * `DPPA_ADMIN_TOKEN`; the NATS URL from `--nats` or else `DPPA_NATS_URL`;
+ * cluster mode from `--cluster` or else `DPPA_CLUSTER` (`1`/`true`).
  * @param env The environment. @default process.env
  * @throws ConfigError naming the flag that is wrong or missing.
  */
@@ -214,10 +239,26 @@ export async function optionsFromFlags(flags: ServeFlags, env: NodeJS.ProcessEnv
   const natsUrl = flags.nats ?? (env.DPPA_NATS_URL === '' ? undefined : env.DPPA_NATS_URL);
   if (flags.natsCreds !== undefined && natsUrl === undefined) throw new ConfigError('--nats-creds needs --nats URL (or DPPA_NATS_URL)');
   if (natsUrl !== undefined) opts.nats = { url: natsUrl, ...(flags.natsCreds === undefined ? {} : { credsFile: flags.natsCreds }) };
+  if (flags.cluster === true || envFlag('DPPA_CLUSTER', env.DPPA_CLUSTER)) {
+    if (natsUrl === undefined) throw new ConfigError('--cluster needs --nats URL (or DPPA_NATS_URL)');
+    opts.cluster = true;
+  }
+  if (flags.taskAckWaitMs !== undefined) {
+    if (opts.cluster !== true) throw new ConfigError('--task-ack-wait-ms needs --cluster');
+    opts.taskAckWaitMs = intFlag('task-ack-wait-ms', flags.taskAckWaitMs);
+  }
   if (flags.tlsCert !== undefined && flags.tlsKey !== undefined) {
     opts.tls = { certFile: flags.tlsCert, keyFile: flags.tlsKey, ...(flags.tlsClientCa === undefined ? {} : { clientCaFile: flags.tlsClientCa }) };
   }
   return opts;
+}
+
+/** A boolean environment variable: unset, empty, `0` or `false` is off; `1` or `true` is on. */
+function envFlag(name: string, value: string | undefined): boolean {
+  const v = (value ?? '').trim().toLowerCase();
+  if (v === '' || v === '0' || v === 'false') return false;
+  if (v === '1' || v === 'true') return true;
+  throw new ConfigError(`${name}: expected 1, true, 0 or false, got ${JSON.stringify(value)}`);
 }
 
 function intFlag(flag: string, value: string): number {

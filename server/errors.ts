@@ -67,3 +67,12 @@ export class CancelledError extends Error {
 export class DeadlineExceededError extends Error {
   override name = 'DeadlineExceededError';
 }
+
+/**
+ * NATS cannot be reached, or refuses what the server needs (JetStream, a
+ * stream, a bucket): at start the server does not start; during a call it
+ * fails with UNAVAILABLE, and retrying once NATS is back works.
+ */
+export class NatsUnavailableError extends Error {
+  override name = 'NatsUnavailableError';
+}

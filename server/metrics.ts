@@ -138,6 +138,35 @@ export class NatsMetrics {
   }
 }
 
+/**
+ * Metrics of a replica's share of the cluster's tasks (`--cluster`), in the
+ * server's registry. With `dppa_merge_tensors_total` and
+ * `dppa_merge_bytes_total` (which count the tensors this replica merged),
+ * they show how the work spreads over the replicas.
+ */
+export class ClusterMetrics {
+  /** Tasks finished by this replica, by kind (`plan`, `tensor`, `commit`) and outcome (`done`, `retried`). */
+  readonly tasks: Counter<'kind' | 'outcome'>;
+  readonly taskDuration: Histogram<'kind'>;
+
+  /** @param registry - The server's registry ({@link Metrics.registry}). */
+  constructor(registry: Registry) {
+    this.tasks = new Counter({
+      name: 'dppa_cluster_tasks_total',
+      help: 'Cluster tasks this replica finished, by kind (plan, tensor, commit) and outcome (done; retried: handed back to the queue after a failure).',
+      labelNames: ['kind', 'outcome'] as const,
+      registers: [registry],
+    });
+    this.taskDuration = new Histogram({
+      name: 'dppa_cluster_task_seconds',
+      help: 'Duration of the cluster tasks this replica finished, by kind.',
+      labelNames: ['kind'] as const,
+      buckets: [0.001, 0.01, 0.05, 0.25, 1, 5, 30, 120],
+      registers: [registry],
+    });
+  }
+}
+
 /** The `/metrics` HTTP listener. */
 export class MetricsServer {
   private readonly http: Server;

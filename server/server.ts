@@ -2,6 +2,11 @@
  * The aggregation server: gRPC services, the job runner and the metrics
  * endpoint, over one data folder. Usable in-process (tests) and from
  * `dppa serve` (cli.ts).
+ *
+ * Embedded (the default), jobs and events live in the data folder. With
+ * `cluster`, the server is one replica of several sharing NATS JetStream
+ * (cluster/): jobs in a KV bucket, events in the events stream, merges as
+ * tasks on a work queue, and the data folder shared between replicas.
  */
 import { readFile, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -9,15 +14,19 @@ import { Server, ServerCredentials } from '@grpc/grpc-js';
 import { DownloadServiceService } from '../proto/gen/dppa/v1/download.js';
 import { EvaluationServiceService } from '../proto/gen/dppa/v1/evaluation.js';
 import { JobServiceService } from '../proto/gen/dppa/v1/jobs.js';
-import { UploadServiceService } from '../proto/gen/dppa/v1/upload.js';
+import { UploadServiceKeepingRecords } from './uploads/received-record.js';
 import { HealthService } from '../proto/gen/grpc/health/v1/health.js';
+import { Cluster } from './cluster/cluster.js';
+import { MergeTasks } from './cluster/merge-tasks.js';
+import { SearchTasks } from './cluster/search-tasks.js';
+import { TaskQueue, type TaskHandler } from './cluster/task-queue.js';
 import { withDefaults, type ResolvedServerOptions, type ServerOptions } from './config.js';
 import { RemoteEvaluators } from './dpa/remote-evaluators.js';
 import { UnavailableError } from './errors.js';
-import { JobEvents } from './jobs/job-events.js';
+import { FileJobEvents, type JobEvents } from './jobs/job-events.js';
 import { JobRunner } from './jobs/job-runner.js';
-import { JobStore } from './jobs/job-store.js';
-import { Metrics, MetricsServer } from './metrics.js';
+import { LocalJobStore, type JobStore } from './jobs/job-store.js';
+import { ClusterMetrics, Metrics, MetricsServer } from './metrics.js';
 import { NatsEventPublisher } from './nats/event-publisher.js';
 import { Authenticator } from './rpc/auth.js';
 import { downloadService } from './rpc/download-service.js';
@@ -61,6 +70,8 @@ interface Running {
   runner: JobRunner;
   broker: RemoteEvaluators;
   publisher: NatsEventPublisher | undefined;
+  /** With `cluster`: the shared state and this replica's task lanes (merge tasks, and one search at a time). */
+  cluster: { cluster: Cluster; queues: TaskQueue[]; merge: MergeTasks } | undefined;
   rpc: RpcWrapper;
   health: HealthState;
   draining: AbortController;
@@ -119,20 +130,33 @@ export class DppaServer {
     if (this.running !== undefined) throw new Error('the server is already running');
     const o = this.opts;
     const log = o.logger;
-    const store = await JobStore.open(o.dataDir, log);
-    const events = new JobEvents(log);
-    for (const job of store.list()) {
-      await removeStaleOutputs(store.dir(job.id));
-      await events.load(job.id, store.dir(job.id));
+    let cluster: Cluster | undefined;
+    let store: JobStore;
+    let events: JobEvents;
+    let fileEvents: FileJobEvents | undefined;
+    if (o.cluster) {
+      // Before any listener: a replica that cannot reach the shared state does not start.
+      cluster = await Cluster.join({ nats: o.nats!, dataDir: o.dataDir, taskAckWaitMs: o.taskAckWaitMs, log });
+      store = cluster.store;
+      events = cluster.events;
+    } else {
+      const local = await LocalJobStore.open(o.dataDir, log);
+      fileEvents = new FileJobEvents(log);
+      for (const job of local.list()) {
+        await removeStaleOutputs(local.dir(job.id));
+        await fileEvents.load(job.id, local.dir(job.id));
+      }
+      store = local;
+      events = fileEvents;
     }
-    const spool = await Spool.open(store, log);
+    const spool = await Spool.open({ store, log, shared: o.cluster });
     const metrics = new Metrics({ jobsByState: () => store.countByState(), spoolBytes: () => spool.totalBytes() });
     let publisher: NatsEventPublisher | undefined;
-    if (o.nats !== undefined) {
+    if (o.nats !== undefined && fileEvents !== undefined) {
       // Before any listener: a server that should publish events but cannot reach NATS does not start.
       try {
         publisher = await NatsEventPublisher.start({
-          ...o.nats, events, jobIds: store.list().map((j) => j.id), jobDir: (id) => store.dir(id), registry: metrics.registry, log,
+          ...o.nats, events: fileEvents, jobIds: store.list().map((j) => j.id), jobDir: (id) => store.dir(id), registry: metrics.registry, log,
         });
       } catch (err) {
         await events.close();
@@ -140,7 +164,24 @@ export class DppaServer {
       }
     }
     const broker = new RemoteEvaluators();
-    const runner = new JobRunner({ store, events, spool, metrics, log, mergeWorkers: o.mergeWorkers, broker });
+    let replica: Running['cluster'];
+    let search: SearchTasks | undefined;
+    if (cluster !== undefined) {
+      const c = cluster;
+      const clusterMetrics = new ClusterMetrics(metrics.registry);
+      const handle: TaskHandler = (task, signal) => (task.kind === 'search' ? search!.handle(task, signal) : merge.handle(task, signal));
+      const queue = (group: 'merge' | 'search', lanes: number): TaskQueue =>
+        new TaskQueue({ js: c.js, jsm: c.jsm, group, lanes, ackWaitMs: o.taskAckWaitMs, handle, metrics: clusterMetrics, log });
+      // One search at a time per replica, so that the parties' searches spread over the replicas.
+      const queues = [queue('merge', MergeTasks.lanes(o.mergeWorkers)), queue('search', 1)];
+      const merge = new MergeTasks({ store, events, spool, kv: c.kv, queue: () => queues[0]!, metrics, log, mergeWorkers: o.mergeWorkers });
+      search = new SearchTasks({ store, events, spool, metrics, log, broker, queue: () => queues[1]!, merge });
+      replica = { cluster: c, queues, merge };
+    }
+    const runner = new JobRunner({
+      store, events, spool, metrics, log, mergeWorkers: o.mergeWorkers, broker,
+      ...(replica === undefined || search === undefined ? {} : { distributed: { search, merge: replica.merge } }),
+    });
     const auth = new Authenticator(o.adminToken, store);
     const health = new HealthState(SERVICE_NAMES);
     const draining = new AbortController();
@@ -151,8 +192,8 @@ export class DppaServer {
       'grpc.max_receive_message_length': o.maxMessageBytes,
       'grpc.max_send_message_length': o.maxMessageBytes,
     });
-    grpc.addService(JobServiceService, jobService({ store, events, spool, runner, auth, maxUploadBytes: o.maxUploadBytes }, rpc));
-    grpc.addService(UploadServiceService, uploadService({ store, events, spool, runner, metrics, auth }, rpc));
+    grpc.addService(JobServiceService, jobService({ store, events, spool, runner, auth, maxUploadBytes: o.maxUploadBytes, clustered: o.cluster }, rpc));
+    grpc.addService(UploadServiceKeepingRecords, uploadService({ store, events, spool, runner, metrics, auth }, rpc));
     grpc.addService(DownloadServiceService, downloadService({ store, auth }, rpc));
     grpc.addService(EvaluationServiceService, evaluationService({ store, broker, auth }, rpc));
     grpc.addService(HealthService, healthService(health, rpc));
@@ -169,9 +210,12 @@ export class DppaServer {
       await metricsServer.close();
       await publisher?.stop();
       await events.close();
+      await replica?.merge.close();
+      await cluster?.leave();
       throw err;
     }
-    this.running = { grpc, grpcPort, metricsServer, metricsPort, store, events, runner, broker, publisher, rpc, health, draining, closing };
+    this.running = { grpc, grpcPort, metricsServer, metricsPort, store, events, runner, broker, publisher, cluster: replica, rpc, health, draining, closing };
+    for (const q of replica?.queues ?? []) q.start();
     runner.resume();
     log.info('server started', { dataDir: o.dataDir, grpc: `${o.grpcHost}:${grpcPort}`, metricsPort, jobs: store.list().length });
   }
@@ -218,10 +262,15 @@ export class DppaServer {
     // Handlers of calls cut off may still be discarding a partial tensor or appending an event.
     await r.rpc.idle();
     await merges;
+    // Tasks in progress go back to the queue for the other replicas: stopping the merge threads cuts the tensors short.
+    const lanes = Promise.all((r.cluster?.queues ?? []).map((q) => q.stop()));
+    await r.cluster?.merge.close();
+    await lanes;
     // No event is appended any more: publish what is pending while NATS is there (the rest goes out at the next start).
     await r.publisher?.stop({ flushMs: graceful ? Math.min(this.opts.shutdownGraceMs, 5000) : 0 });
     await r.metricsServer.close();
     await r.events.close();
+    await r.cluster?.cluster.leave();
     log.info('server stopped');
   }
 }

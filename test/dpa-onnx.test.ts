@@ -17,38 +17,12 @@ import { applyDelta, DppaClient, DppaRpcError, EvaluatorKind, JobState, pruneToF
 import { EvaluationServiceClient } from '../proto/gen/dppa/v1/evaluation.js';
 import { Checkpoint } from '../proto/safetensors/index.js';
 import { OnnxEvaluator } from '../server/dpa/onnx/index.js';
-import { onnx, type INodeProto, type ITensorProto, type IValueInfoProto } from '../server/dpa/onnx/onnx-schema.js';
 import { assertMerged } from './fixtures/expected-merge.js';
 import { ADMIN, auth, startHarness, type Harness } from './fixtures/grpc-harness.js';
 import { TINY, uniform, writeLlamaFamily } from './fixtures/synthetic-model.js';
+import { tinyLm } from './fixtures/tiny-lm.js';
 
-const T = onnx.TensorProto.DataType;
 const V = TINY.vocab;
-const D = TINY.hidden;
-
-function valueInfo(name: string, elemType: number, dims: (number | string)[]): IValueInfoProto {
-  return { name, type: { tensorType: { elemType, shape: { dim: dims.map((d) => (typeof d === 'string' ? { dimParam: d } : { dimValue: d })) } } } };
-}
-
-/** logits = 8 · cumsum(E[ids]) · LMᵀ, with E and LM named as the checkpoint's embedding and lm_head. */
-function tinyLm(): Uint8Array {
-  const zeros = (n: number): Uint8Array => new Uint8Array(n * 4);
-  const inits: ITensorProto[] = [
-    { name: 'model.embed_tokens.weight', dataType: T.FLOAT, dims: [V, D], rawData: zeros(V * D) },
-    { name: 'lm_head.weight', dataType: T.FLOAT, dims: [V, D], rawData: zeros(V * D) },
-    { name: 'axis', dataType: T.INT64, dims: [], rawData: new Uint8Array(BigInt64Array.of(1n).buffer) },
-    { name: 'scale', dataType: T.FLOAT, dims: [], rawData: new Uint8Array(Float32Array.of(8).buffer) },
-  ];
-  const nodes: INodeProto[] = [
-    { opType: 'Gather', input: ['model.embed_tokens.weight', 'input_ids'], output: ['emb'] },
-    { opType: 'CumSum', input: ['emb', 'axis'], output: ['ctx'] },
-    { opType: 'Transpose', input: ['lm_head.weight'], output: ['lmt'], attribute: [{ name: 'perm', type: onnx.AttributeProto.AttributeType.INTS, ints: [1, 0] }] },
-    { opType: 'MatMul', input: ['ctx', 'lmt'], output: ['z'] },
-    { opType: 'Mul', input: ['z', 'scale'], output: ['logits'] },
-  ];
-  const graph = { name: 'tiny-lm', node: nodes, initializer: inits, input: [valueInfo('input_ids', T.INT64, ['batch', 'seq'])], output: [valueInfo('logits', T.FLOAT, ['batch', 'seq', V])] };
-  return onnx.ModelProto.encode({ irVersion: 8, producerName: 'dpa-onnx.test', opsetImport: [{ domain: '', version: 17 }], graph }).finish();
-}
 
 let dir: string;
 let base: string;
@@ -62,7 +36,7 @@ before(async () => {
   dir = await mkdtemp(join(tmpdir(), 'dppa-dpa-onnx-'));
   ({ base, finetuned: fts } = await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 5, finetunes: 2, deltaScale: 0.05 }));
   modelPath = join(dir, 'tiny-lm.onnx');
-  await writeFile(modelPath, tinyLm());
+  await writeFile(modelPath, tinyLm(V, TINY.hidden));
   const r = uniform(77);
   const ids = (n: number): number[] => Array.from({ length: n }, () => Math.floor(r() * V));
   tasks = { copy: join(dir, 'copy.jsonl'), next: join(dir, 'next.jsonl') };

@@ -13,6 +13,7 @@ import { ServerCredentials, status } from '@grpc/grpc-js';
 import { DppaClient, DppaRpcError } from '../client/index.js';
 import { isLoopbackHost, parseAddress, withDefaults } from '../client/sdk/connection.js';
 import { FakeDppaServer } from './fixtures/fake-dppa-server.js';
+import { haveOpenssl } from './fixtures/openssl.js';
 
 let dir: string;
 before(async () => {
@@ -77,15 +78,6 @@ describe('address and transport policy', () => {
     await assert.rejects(client.getJob('x'), /is closed/);
   });
 });
-
-function haveOpenssl(): boolean {
-  try {
-    execFileSync('openssl', ['version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 describe('TLS', { skip: haveOpenssl() ? false : 'openssl is not installed' }, () => {
   it('connects with tls.ca (path or bytes) and serverName, and a plaintext client cannot', async () => {

@@ -10,7 +10,7 @@ import { JobState, type CreateJobResponse, type Job } from '../proto/gen/dppa/v1
 import type { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import { HealthCheckResponse_ServingStatus } from '../proto/gen/grpc/health/v1/health.js';
 import { Checkpoint } from '../proto/safetensors/index.js';
-import { assembleTensor, crc32c } from '../proto/sparse/index.js';
+import { assembleTensor, chunkChecksum, crc32c, foldChunkCrc } from '../proto/sparse/index.js';
 import { roundBf16 } from './fixtures/reference.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import {
@@ -135,6 +135,28 @@ describe('aggregation server: job, uploads, merge, download', () => {
     }
     const names = await readdir(join(dir, 'data', 'jobs', job.id, 'merged'));
     assert.ok(names.includes('config.json') && names.includes('tokenizer.json') && names.includes('model.safetensors.index.json'));
+  });
+
+  it('takes a chunk whose position stream is malformed under a valid CRC, and fails the merge naming party and tensor', async () => {
+    const r = await create(ADMIN, ['math']);
+    const records = structuredClone(deltas.get('math')!);
+    const at = records.findIndex((rec) => rec.chunk !== undefined && rec.chunk.positions.length > 0);
+    const chunk = records[at]!.chunk!;
+    // Bytes after the last gap: only decoding every position tells, which the receiver does not do.
+    chunk.positions = Buffer.concat([chunk.positions, Buffer.of(0xff)]);
+    chunk.crc32c = chunkChecksum(chunk);
+    const end = records.findIndex((rec, i) => i > at && rec.tensorEnd !== undefined);
+    let begin = at;
+    while (records[begin]!.tensorBegin === undefined) begin--;
+    let list = 0;
+    for (let i = begin + 1; i < end; i++) list = foldChunkCrc(list, records[i]!.chunk!.crc32c);
+    records[end]!.tensorEnd!.crc32c = list;
+    const state = await upload(h.uploads, r.tokens.math!, uploadMessages(r.job!.id, 'math', records));
+    assert.equal(state.complete, true);
+    const events = await watchAll(h.jobs, ADMIN, r.job!.id);
+    const failed = events.at(-1)?.failed;
+    assert.ok(failed !== undefined, 'the job failed');
+    assert.match(failed.reason, new RegExp(`merge failed: .*math.*${chunk.tensor.replaceAll('.', '\\.')}.*data after`));
   });
 
   it('lists files and downloads them, resuming from an offset, with matching CRC-32C and SHA-256', async () => {

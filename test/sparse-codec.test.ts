@@ -4,8 +4,12 @@ import { uniform } from './fixtures/synthetic-model.js';
 import { ChecksumError, FormatError, TruncatedError } from '../proto/errors.js';
 import { PositionCoding, ValueDtype, type DeltaRecord, type SparseChunk } from '../proto/gen/dppa/v1/sparse.js';
 import { decodeToF32, encodeFromF32, type Dtype } from '../proto/safetensors/dtype.js';
+import { decodeGaps, encodeGaps } from '../proto/sparse/golomb.js';
 import {
+  addChunkScaled,
+  addScaled,
   assembleTensor,
+  checkChunk,
   chunkChecksum,
   crc32c,
   decodeChunk,
@@ -104,6 +108,32 @@ void describe('golombParameter', () => {
     assert.equal(golombParameter(5, 5), 1);
     assert.equal(golombParameter(2, 2 ** 52), MAX_GOLOMB_M);
   });
+});
+
+void describe('Golomb gap decoding', () => {
+  // Every decoding path: the 16-bit lookup table (b ≤ 12) with codewords too long for it, no table
+  // (12 < b ≤ 25), and remainders read in two parts (b > 25); m = 1, powers of two (no short remainders).
+  const params = [1, 2, 3, 7, 8, 9, 69, 4095, 4096, 4097, 2 ** 13 + 5, 2 ** 24, 2 ** 24 + 1, 2 ** 25 + 3, 2 ** 30];
+  for (const m of params) {
+    void it(`round-trips gaps around m = ${m} with rare long ones, and sees a cut or padded stream`, () => {
+      const rand = uniform(m);
+      const positions = new Float64Array(3000);
+      positions[0] = Math.floor(rand() * 1000);
+      for (let i = 1; i < positions.length; i++) {
+        // Mostly a geometric-ish gap of about m; one in 50 about 40·m, whose unary part outgrows any table.
+        const scale = rand() < 0.02 ? 40 * m : m;
+        positions[i] = positions[i - 1]! + 1 + Math.floor(-Math.log(1 - rand()) * scale);
+      }
+      const bytes = encodeGaps(positions, 0, positions.length, m);
+      const out = new Float64Array(positions.length);
+      out[0] = positions[0]!;
+      assert.equal(decodeGaps(bytes, m, out), 'ok');
+      assert.deepEqual(out, positions);
+      assert.equal(decodeGaps(bytes.subarray(0, bytes.length - 1), m, out), 'truncated');
+      assert.equal(decodeGaps(Uint8Array.of(...bytes, 0), m, out), 'trailing-data');
+      assert.equal(decodeGaps(Uint8Array.of(...bytes, 0x80), m, out), 'trailing-data');
+    });
+  }
 });
 
 void describe('encodeChunks / decodeChunk', () => {
@@ -301,7 +331,7 @@ void describe('encodeChunks / decodeChunk', () => {
     void it('reports a truncated position stream with a valid checksum as TruncatedError', () => {
       for (const cut of [0, 1, c.positions.length >> 1, c.positions.length - 1]) {
         const truncated = resealed(c, { positions: c.positions.subarray(0, cut) });
-        assertError(() => decodeChunk(truncated), TruncatedError, 'layer.0.q', /ends before/);
+        assertError(() => decodeChunk(truncated), TruncatedError, 'layer.0.q', /ends before|too short/);
       }
     });
 
@@ -390,13 +420,75 @@ void describe('tensor records', () => {
     }
   });
 
-  void it('streams chunks without collecting them when asked', () => {
-    const a = new TensorAssembler({ collect: false });
-    let entries = 0;
-    for (const r of records) entries += a.push(r)?.positions.length ?? 0;
+  void it('streams chunks in reused arrays without collecting them when asked', () => {
+    const a = new TensorAssembler({ entries: 'stream' });
+    const got = partitions.map(() => ({ positions: [] as number[], values: [] as number[] }));
+    let previous: Float64Array | undefined;
+    let reused = false;
+    for (const r of records) {
+      const c = a.push(r);
+      if (c === undefined) continue;
+      got[c.partition]!.positions.push(...c.positions);
+      got[c.partition]!.values.push(...c.values);
+      reused ||= previous !== undefined && previous.buffer === c.positions.buffer;
+      previous = c.positions;
+    }
     assert.ok(a.complete);
-    assert.equal(entries, partitions.reduce((s, p) => s + p.positions.length, 0));
+    assert.ok(reused, 'later chunks are decoded into the same memory');
+    for (const [p, entries] of partitions.entries()) {
+      assert.deepEqual(got[p]!.positions, [...entries.positions]);
+      assert.deepEqual(got[p]!.values, [...entries.values]);
+    }
     assert.equal(a.result().partitions[2]!.positions.length, 0);
+  });
+
+  void it('adds RANGE chunks as runs, and still gives their positions when read', () => {
+    const dense = { positions: Float64Array.from({ length: 2500 }, (_, i) => 700 + i), values: Float32Array.from({ length: 2500 }, (_, i) => i / 64) };
+    const sparse = { positions: Float64Array.of(3, 9, 40), values: Float32Array.of(1, 2, 3) };
+    const rs = [...tensorRecords('d', [100, 40], [dense, sparse], { maxChunkEntries: 1000, valueDtype: ValueDtype.VALUE_DTYPE_F32 })];
+    const viaRuns = new Float32Array(4000).fill(0.5);
+    const viaPositions = new Float32Array(4000).fill(0.5);
+    const a = new TensorAssembler({ entries: 'stream' });
+    let ranges = 0;
+    for (const r of rs) {
+      const c = a.push(r);
+      if (c === undefined) continue;
+      if (c.range) ranges++;
+      addChunkScaled(viaRuns, c, 1.5);
+      addScaled(viaPositions, c.positions, c.values, 1.5);
+    }
+    assert.equal(ranges, 3, 'the dense partition travels as three RANGE chunks');
+    assert.ok(a.complete);
+    assert.deepEqual(viaRuns, viaPositions);
+    assert.equal(viaRuns[700], 0.5 + 1.5 * 0);
+    assert.equal(viaRuns[3199], 0.5 + 1.5 * (2499 / 64));
+    assert.equal(viaRuns[699], 0.5);
+  });
+
+  void it('checks chunks without decoding positions, leaving a malformed bit stream to the decoder', () => {
+    const a = new TensorAssembler({ entries: 'check' });
+    for (const r of records) assert.equal(a.push(r), undefined);
+    assert.deepEqual(
+      a.result().keptPerPartition,
+      partitions.map((p) => p.positions.length),
+    );
+    // A bit stream padded with extra bytes, re-checksummed: only a decoder can tell.
+    const chunk = records.find((r) => r.chunk !== undefined && r.chunk.positions.length > 0)!.chunk!;
+    const padded = { ...chunk, positions: Buffer.concat([chunk.positions, Buffer.from([0xff, 0xff])]) };
+    padded.crc32c = chunkChecksum(padded);
+    assert.equal(checkChunk(padded).count, chunk.count);
+    assert.throws(() => decodeChunk(padded), /data after its/);
+    // Too short to hold count − 1 gaps is seen without decoding.
+    const cut = { ...chunk, positions: chunk.positions.subarray(0, 2) };
+    cut.crc32c = chunkChecksum(cut);
+    assert.throws(() => checkChunk(cut), (e: unknown) => e instanceof TruncatedError && /too short/.test(e.message));
+  });
+
+  void it('rejects a chunk above the partition limit', () => {
+    const a = new TensorAssembler({ entries: 'check', maxPartition: 1 });
+    assert.throws(() => {
+      for (const r of records) a.push(r);
+    }, /partition 2, but there are 1 partition/);
   });
 
   void it('describes an empty tensor with a begin and an end saying 0', () => {

@@ -1,88 +1,158 @@
 /**
- * `npm run demo`: the whole federated merge on the embedded default, on one machine, no outside service.
+ * `npm run demo`: the whole federated merge on the embedded model family (test/fixtures/family, a tiny trained
+ * LLaMA-architecture base and its math, finance and law fine-tunes; docs/model-family.md), on one machine, with no
+ * outside service, then DPPA beside its baselines:
  *
- * 1. generates a small LLaMA-shaped base and three fine-tunes ("math", "finance", "law");
- * 2. starts an aggregation server in this process (data under dppa-demo/server-data);
- * 3. creates a job (DP at 90%, fixed amplification factors);
- * 4. runs the three parties as separate `dppa push` processes, each pruning its own delta and uploading it;
- * 5. watches the job merge, pulls the merged checkpoint and checks its digests;
- * 6. prints what crossed the wire against what a dense exchange would have sent.
+ * 1. scores the three fine-tunes on their test splits (the denominators of every Domain-Ratio);
+ * 2. starts an aggregation server in this process;
+ * 3. creates a job: DP at rate 0.9, DPA factors searched on the server with the ONNX evaluator on each party's
+ *    validation split;
+ * 4. runs the three parties as separate `dppa push` processes, each pruning its own delta and uploading it over gRPC;
+ * 5. follows the search and the merge, pulls the merged checkpoint;
+ * 6. builds the baselines locally with the SDK, without the server: DARE and magnitude at 0.9, and the plain sum
+ *    of the dense deltas;
+ * 7. scores every merged model on the test splits and prints each domain's Domain-Ratio.
  *
- *   npm run demo [-- OUT_DIR]
+ *   npm run demo [-- OUT_DIR]        (default dppa-demo/, which git ignores)
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { rm, stat } from 'node:fs/promises';
+import { mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { DppaClient, JobState, jobStateName } from '../../client/index.js';
+import { DppaClient, EvaluatorKind, JobState, jobStateName, pruneToFile } from '../../client/index.js';
 import { createLogger } from '../../server/log.js';
 import { DppaServer } from '../../server/server.js';
-import { writeLlamaFamily } from '../../test/fixtures/synthetic-model.js';
+import {
+  DOMAIN_NAMES, FAMILY, FamilyScorer, denseDelta, domainRatioPercent, domainTaskFiles, fmt, memberDir,
+  mergeWeights, readSparseDelta, readWeights, domainRatioTable, type Domain, type TaskScores, type Weights,
+} from './family-lab.js';
 
 const dir = process.argv[2] ?? 'dppa-demo';
 const root = new URL('../..', import.meta.url).pathname;
-const parties = ['math', 'finance', 'law'];
-const step = (n: number, text: string): void => console.log(`[${n}/6] ${text}`);
+const RATE = 0.9;
+const started = Date.now();
+const clock = (): string => `${((Date.now() - started) / 1000).toFixed(1).padStart(5)} s`;
+const step = (n: number, text: string): void => console.log(`[${n}/7 ${clock()}] ${text}`);
+const pct = (x: number): string => `${(100 * x).toFixed(1)}%`;
 
 await rm(dir, { recursive: true, force: true });
-step(1, `generating a base and three fine-tunes (6 layers, hidden 256, bf16) in ${dir}/`);
-const { base, finetuned } = await writeLlamaFamily(join(dir, 'models'), { shape: { layers: 6, hidden: 256, intermediate: 688, vocab: 2048 }, seed: 7, finetunes: 3 });
+await mkdir(dir, { recursive: true });
+const base = memberDir('base');
+const scorer = await FamilyScorer.open('test');
+const baseWeights = await readWeights(base);
+const finetuned = new Map<Domain, Weights>();
+const reference = new Map<Domain, TaskScores>();
+for (const d of DOMAIN_NAMES) {
+  finetuned.set(d, await readWeights(memberDir(d)));
+  reference.set(d, await scorer.score(finetuned.get(d)!, d));
+}
+step(1, `model family in ${FAMILY}: each fine-tune's test accuracy (the denominators of its Domain-Ratio)`);
+for (const [d, s] of reference) console.log(`      ${d.padEnd(8)} ${Object.entries(s).map(([t, a]) => `${t} ${pct(a)}`).join(', ')}`);
 
 const adminToken = randomBytes(24).toString('base64url');
 const server = new DppaServer({ adminToken, dataDir: join(dir, 'server-data'), grpcPort: 0, metricsPort: 0, logger: createLogger({ level: 'warn' }) });
 await server.start();
 const address = `127.0.0.1:${server.grpcPort}`;
-step(2, `aggregation server on ${address}, metrics on http://127.0.0.1:${server.metricsPort}/metrics`);
+step(2, `aggregation server on ${address} (data in ${dir}/server-data)`);
 
 const admin = new DppaClient({ address, token: adminToken });
+let dppa: Weights;
+const chosen = new Map<string, number[]>();
 try {
   const { job, tokens } = await admin.createJob({
     basePath: base,
-    parties,
-    rate: 0.9,
+    parties: DOMAIN_NAMES,
+    rate: RATE,
     method: 'dp',
-    dpa: { fixed: { factors: [1.5], perParty: {} }, scaleOutsideByMax: false },
+    dpa: {
+      search: {
+        evaluator: EvaluatorKind.EVALUATOR_KIND_ONNX,
+        onnx: {
+          modelPath: join(FAMILY, 'model.onnx'),
+          tokenizerPath: join(base, 'tokenizer.json'),
+          partyTasks: Object.fromEntries(DOMAIN_NAMES.map((d) => [d, { tasks: domainTaskFiles(d, 'validation') }])),
+          partyFinetuned: Object.fromEntries(DOMAIN_NAMES.map((d) => [d, memberDir(d)])),
+          metric: 'exact_match',
+        },
+      },
+    },
     label: 'demo',
   });
-  step(3, `job ${job.id}: DP at rate 0.9, amplification factor 1.5, parties ${parties.join(', ')}`);
+  step(3, `job ${job.id}: DP at rate ${RATE}, DPA search with the ONNX evaluator on the validation splits`);
 
-  step(4, 'three parties prune and push their deltas, each in its own process');
-  const started = Date.now();
-  await Promise.all(
-    parties.map(
-      (party, i) =>
-        new Promise<void>((resolve, reject) => {
-          const child = spawn(
-            process.execPath,
-            ['--import', 'tsx', join(root, 'client/cli/main.ts'), 'push', '--server', address, '--job', job.id, '--party', party, '--base', base, '--finetuned', finetuned[i]!, '--workers', '1', '--json'],
-            { env: { ...process.env, DPPA_TOKEN: tokens[party] }, stdio: ['ignore', 'pipe', 'inherit'] },
-          );
-          child.once('exit', (code) => {
-            if (code !== 0) return reject(new Error(`dppa push for ${party} exited with ${code}`));
-            console.log(`      ${party.padEnd(8)} uploaded (${((Date.now() - started) / 1000).toFixed(1)} s)`);
-            resolve();
-          });
-        }),
-    ),
-  );
+  step(4, 'the three parties prune (DP) and push their deltas, each in its own `dppa push` process');
+  await Promise.all(DOMAIN_NAMES.map((party) => push(job.id, party, tokens[party]!)));
 
+  step(5, 'the server searches each party\'s factors (Domain-Ratio on validation), then merges');
   for await (const e of admin.watchJob(job.id)) {
+    const ev = e.evaluationDone?.evaluation;
+    if (ev !== undefined) {
+      const what = ev.denseReference ? 'dense fine-tune (reference)' : `factors [${ev.factors.join(', ')}]`;
+      console.log(`      ${ev.party.padEnd(8)} #${String(ev.seq).padEnd(3)} ${what.padEnd(28)} Domain-Ratio ${fmt(100 * ev.domainRatio)}`);
+    }
+    if (e.factorsChosen !== undefined) {
+      chosen.set(e.factorsChosen.party, e.factorsChosen.factors);
+      console.log(`      ${e.factorsChosen.party.padEnd(8)} chose [${e.factorsChosen.factors.join(', ')}] (validation Domain-Ratio ${fmt(100 * e.factorsChosen.domainRatio)})`);
+    }
     if (e.stateChanged !== undefined) console.log(`      job ${jobStateName(e.stateChanged.from)} → ${jobStateName(e.stateChanged.to)}`);
-    if (e.merged !== undefined) console.log(`      merged in ${e.merged.seconds.toFixed(2)} s: ${e.merged.files.join(', ')}`);
+    if (e.merged !== undefined) console.log(`      merged in ${e.merged.seconds.toFixed(2)} s`);
     if (e.failed !== undefined) throw new Error(`the job failed: ${e.failed.reason}`);
   }
   const final = await admin.getJob(job.id);
   if (final.state !== JobState.JOB_STATE_MERGED) throw new Error(`the job ended ${jobStateName(final.state)}: ${final.failureReason}`);
-
   const out = join(dir, 'merged');
   const pulled = await admin.pull({ jobId: job.id, out });
-  step(5, `pulled the merged checkpoint into ${out}/ (${pulled.files.length} files, SHA-256 checked)`);
-
-  const uploaded = final.parties.reduce((a, p) => a + Number(p.bytesReceived), 0);
-  const dense = (await stat(join(base, 'model.safetensors'))).size * parties.length;
-  step(6, `the parties sent ${(uploaded / 1e6).toFixed(1)} MB in all, against ${(dense / 1e6).toFixed(1)} MB for their dense fine-tuned weights (${(dense / uploaded).toFixed(1)}× less)`);
-  console.log('\nNext: npx dppa serve --help, npx dppa push --help; docs/server.md and docs/sdk.md.');
+  dppa = await readWeights(out);
+  console.log(`      pulled the merged checkpoint into ${out}/ (${pulled.files.length} files, SHA-256 checked)`);
 } finally {
   admin.close();
   await server.stop();
+}
+
+step(6, `baselines built locally with the SDK (no server): DARE and magnitude at ${RATE}, the sum of the dense deltas`);
+const merged = new Map<string, Weights>([['DPPA', dppa]]);
+for (const method of ['dare', 'magnitude'] as const) {
+  const deltas = await Promise.all(DOMAIN_NAMES.map(async (d) => {
+    const file = join(dir, `${d}-${method}.dppa`);
+    await pruneToFile({ base, finetuned: memberDir(d), rate: RATE, method, out: file, workers: 1 });
+    return { delta: await readSparseDelta(file) };
+  }));
+  merged.set(method === 'dare' ? 'DARE' : 'magnitude', mergeWeights(baseWeights, deltas));
+}
+merged.set('dense sum', mergeWeights(baseWeights, DOMAIN_NAMES.map((d) => ({ delta: denseDelta(baseWeights, finetuned.get(d)!) }))));
+
+step(7, 'every merged model scored on the test splits');
+const ratios = new Map<string, Record<Domain, number>>();
+for (const [name, weights] of merged) {
+  const scores = await scorer.scoreAll(weights);
+  ratios.set(name, Object.fromEntries(DOMAIN_NAMES.map((d) => [d, domainRatioPercent(scores[d], reference.get(d)!)])) as Record<Domain, number>);
+  console.log(`      ${name.padEnd(10)} ${DOMAIN_NAMES.map((d) => `${d} ${Object.values(scores[d]).map(pct).join('/')}`).join(', ')}`);
+}
+await scorer.close();
+
+console.log(`\nDomain-Ratio (%) of the three-domain merge at pruning rate ${RATE}, test splits (100 = the domain's own fine-tune):\n`);
+console.log(domainRatioTable(ratios));
+console.log(`\nDPPA factors chosen on validation: ${[...chosen].map(([p, f]) => `${p} [${f.join(', ')}]`).join(', ')}.`);
+console.log('On this tiny family every merge keeps little of each domain (its fine-tunes rewrite the same few weights);');
+console.log('docs/results.md has the paper\'s tables for every method and rate on it (npm run repro), and says why.');
+console.log(`Done in ${clock().trim()}.`);
+
+/** Runs `dppa push` for one party in its own process; prints its last line. */
+function push(jobId: string, party: Domain, token: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(
+      process.execPath,
+      ['--import', 'tsx', join(root, 'client/cli/main.ts'), 'push', '--server', address, '--job', jobId, '--party', party, '--base', base, '--finetuned', memberDir(party), '--rate', String(RATE), '--workers', '1'],
+      { env: { ...process.env, DPPA_TOKEN: token }, stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    let output = '';
+    child.stdout.on('data', (b: Buffer) => (output += b.toString()));
+    child.stderr.on('data', (b: Buffer) => (output += b.toString()));
+    child.once('error', reject);
+    child.once('exit', (code) => {
+      if (code !== 0) return reject(new Error(`dppa push for ${party} exited with ${code}:\n${output}`));
+      console.log(`      ${party.padEnd(8)} ${output.trim().split('\n').at(-1)} (${clock().trim()})`);
+      resolve();
+    });
+  });
 }

@@ -13,5 +13,6 @@ export {
 } from './layout.js';
 export { DEFAULT_MAX_HEADER_BYTES } from './header.js';
 export { Checkpoint, type OpenCheckpointOptions, type ReadOptions, type ReadF32Options } from './reader.js';
-export { CheckpointWriter, type CreateWriterOptions } from './writer.js';
+export { CheckpointWriter, type CreateWriterOptions, type TensorSlot } from './writer.js';
+export { SharedCheckpointWriter, type LayOutOptions } from './shared-writer.js';
 export { writeCheckpoint, planLayout, type TensorData, type WriteCheckpointOptions } from './write-checkpoint.js';

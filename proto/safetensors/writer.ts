@@ -28,13 +28,117 @@ export interface CreateWriterOptions {
   overwrite?: boolean;
 }
 
-interface Planned extends LayoutTensor {
-  /** Final path, for messages. */
+/** Where one tensor of a layout lands: its weight file and byte range. */
+export interface TensorSlot extends LayoutTensor {
+  /** Bare name of its weight file, e.g. `model.safetensors`. */
+  fileName: string;
+  /** Final path of its weight file, for messages. */
   file: string;
-  fh: FileHandle;
+  /** Absolute byte offset of its first data byte in the file. */
   position: number;
   byteLength: number;
   numel: number;
+}
+
+/** One weight file of a layout as planned: its header bytes and its full size. */
+export interface PlannedFile {
+  fileName: string;
+  header: Uint8Array;
+  /** Header plus data bytes. */
+  size: number;
+}
+
+/**
+ * Plans a layout's weight files: each file's header and size, and each
+ * tensor's byte range, before any data exists.
+ * @param outDir Absolute destination folder (names files in messages).
+ * @throws FormatError / UnsupportedDtypeError if the layout is invalid.
+ */
+export function planLayoutFiles(outDir: string, layout: CheckpointLayout): { files: PlannedFile[]; slots: Map<string, TensorSlot> } {
+  validateLayout(layout, outDir);
+  const files: PlannedFile[] = [];
+  const slots = new Map<string, TensorSlot>();
+  for (const f of layout.files) {
+    const file = join(outDir, f.fileName);
+    const header = buildHeader(file, f.metadata, f.tensors);
+    files.push({ fileName: f.fileName, header: header.bytes, size: header.bytes.byteLength + header.dataSize });
+    f.tensors.forEach((t, i) => {
+      const byteLength = (i + 1 < f.tensors.length ? header.offsets[i + 1]! : header.dataSize) - header.offsets[i]!;
+      const numel = t.shape.reduce((a, b) => a * b, 1);
+      slots.set(t.name, { ...t, fileName: f.fileName, file, position: header.bytes.byteLength + header.offsets[i]!, byteLength, numel });
+    });
+  }
+  return { files, slots };
+}
+
+/**
+ * Creates a layout's weight files in `dir`: each with its header written and
+ * its size set, so that tensors can land anywhere in any order.
+ * @returns The open files, by file name; the caller closes them.
+ */
+export async function createLayoutFiles(dir: string, files: readonly PlannedFile[]): Promise<Map<string, FileHandle>> {
+  const handles = new Map<string, FileHandle>();
+  try {
+    for (const f of files) {
+      const fh = await open(join(dir, f.fileName), 'wx');
+      handles.set(f.fileName, fh);
+      await writeAllAt(fh, f.header, 0);
+      await fh.truncate(f.size);
+    }
+  } catch (err) {
+    await Promise.allSettled([...handles.values()].map((h) => h.close()));
+    throw err;
+  }
+  return handles;
+}
+
+/** The shard index of a sharded layout (`metadata.total_size` set from the slots). */
+export function shardIndexJson(layout: CheckpointLayout, slots: ReadonlyMap<string, TensorSlot>): string {
+  const weightMap = layout.files
+    .flatMap((f) => f.tensors.map((t): [string, string] => [t.name, f.fileName]))
+    .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+  let totalSize = 0;
+  for (const p of slots.values()) totalSize += p.byteLength;
+  const metadata = { ...layout.indexMetadata, total_size: totalSize };
+  // fromEntries defines own properties, so a tensor named "__proto__" survives.
+  return `${JSON.stringify({ metadata, weight_map: Object.fromEntries(weightMap) }, null, 2)}\n`;
+}
+
+/** fsyncs every file of a flat folder, then the folder. */
+export async function syncFiles(dir: string): Promise<void> {
+  for (const name of await readdir(dir)) await syncPath(join(dir, name));
+  await syncPath(dir);
+}
+
+/**
+ * Renames a finished temporary folder to `outDir`, moving an old one aside
+ * first when `overwrite` is set; `outDir` is never partial.
+ * @throws Error with code EEXIST if `outDir` exists and `overwrite` is not set.
+ */
+export async function publishFolder(tmpDir: string, outDir: string, overwrite: boolean): Promise<void> {
+  const parent = dirname(outDir);
+  if (!(await exists(outDir))) {
+    await rename(tmpDir, outDir);
+    await syncPath(parent);
+    return;
+  }
+  if (!overwrite) throw alreadyExists(outDir);
+  // No portable atomic directory swap exists; this leaves outDir missing
+  // (never partial) for the instant between the two renames.
+  const old = `${outDir}.old-${randomBytes(6).toString('hex')}`;
+  await rename(outDir, old);
+  try {
+    await rename(tmpDir, outDir);
+  } catch (err) {
+    await rename(old, outDir);
+    throw err;
+  }
+  await syncPath(parent);
+  await rm(old, { recursive: true, force: true });
+}
+
+interface Planned extends TensorSlot {
+  fh: FileHandle;
 }
 
 function alreadyExists(path: string): Error {
@@ -74,35 +178,23 @@ export class CheckpointWriter {
    */
   static async create(outDir: string, layout: CheckpointLayout, opts: CreateWriterOptions = {}): Promise<CheckpointWriter> {
     const out = resolve(outDir);
-    validateLayout(layout, out);
+    const { files, slots } = planLayoutFiles(out, layout);
     if (opts.overwrite !== true && (await exists(out))) throw alreadyExists(out);
     await mkdir(dirname(out), { recursive: true });
     const tmp = `${out}.tmp-${randomBytes(6).toString('hex')}`;
     await mkdir(tmp);
     const planned = new Map<string, Planned>();
-    const handles: FileHandle[] = [];
+    let handles = new Map<string, FileHandle>();
     try {
-      for (const f of layout.files) {
-        const file = join(out, f.fileName);
-        const header = buildHeader(file, f.metadata, f.tensors);
-        const fh = await open(join(tmp, f.fileName), 'wx');
-        handles.push(fh);
-        await writeAllAt(fh, header.bytes, 0);
-        // Setting the size up front lets tensors land anywhere in any order.
-        await fh.truncate(header.bytes.byteLength + header.dataSize);
-        f.tensors.forEach((t, i) => {
-          const byteLength = (i + 1 < f.tensors.length ? header.offsets[i + 1]! : header.dataSize) - header.offsets[i]!;
-          const numel = t.shape.reduce((a, b) => a * b, 1);
-          planned.set(t.name, { ...t, file, fh, position: header.bytes.byteLength + header.offsets[i]!, byteLength, numel });
-        });
-      }
+      handles = await createLayoutFiles(tmp, files);
+      for (const [name, slot] of slots) planned.set(name, { ...slot, fh: handles.get(slot.fileName)! });
       if (opts.copyExtraFilesFrom !== undefined) await copyExtraFiles(opts.copyExtraFilesFrom, tmp);
     } catch (err) {
-      await Promise.allSettled(handles.map((h) => h.close()));
+      await Promise.allSettled([...handles.values()].map((h) => h.close()));
       await rm(tmp, { recursive: true, force: true });
       throw err;
     }
-    return new CheckpointWriter(out, tmp, layout, opts.overwrite === true, planned, handles);
+    return new CheckpointWriter(out, tmp, layout, opts.overwrite === true, planned, [...handles.values()]);
   }
 
   private plan(name: string): Planned {
@@ -171,51 +263,16 @@ export class CheckpointWriter {
           file: missing[0]!.file, tensor: missing[0]!.name,
         });
       }
-      if (this.layout.sharded) await writeFile(join(this.tmpDir, INDEX_FILE_NAME), this.indexJson());
+      if (this.layout.sharded) await writeFile(join(this.tmpDir, INDEX_FILE_NAME), shardIndexJson(this.layout, this.planned));
       await Promise.all(this.handles.map((h) => h.sync()));
       await this.closeHandles();
-      for (const name of await readdir(this.tmpDir)) await syncPath(join(this.tmpDir, name));
-      await syncPath(this.tmpDir);
-      await this.publish();
+      await syncFiles(this.tmpDir);
+      await publishFolder(this.tmpDir, this.outDir, this.overwrite);
       this.state = 'done';
     } catch (err) {
       await this.discard();
       throw err;
     }
-  }
-
-  private indexJson(): string {
-    const weightMap = this.layout.files
-      .flatMap((f) => f.tensors.map((t): [string, string] => [t.name, f.fileName]))
-      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
-    let totalSize = 0;
-    for (const p of this.planned.values()) totalSize += p.byteLength;
-    const metadata = { ...this.layout.indexMetadata, total_size: totalSize };
-    // fromEntries defines own properties, so a tensor named "__proto__" survives.
-    return `${JSON.stringify({ metadata, weight_map: Object.fromEntries(weightMap) }, null, 2)}\n`;
-  }
-
-  /** Renames the finished folder into place, moving an old one aside first when overwriting. */
-  private async publish(): Promise<void> {
-    const parent = dirname(this.outDir);
-    if (!(await exists(this.outDir))) {
-      await rename(this.tmpDir, this.outDir);
-      await syncPath(parent);
-      return;
-    }
-    if (!this.overwrite) throw alreadyExists(this.outDir);
-    // No portable atomic directory swap exists; this leaves outDir missing
-    // (never partial) for the instant between the two renames.
-    const old = `${this.outDir}.old-${randomBytes(6).toString('hex')}`;
-    await rename(this.outDir, old);
-    try {
-      await rename(this.tmpDir, this.outDir);
-    } catch (err) {
-      await rename(old, this.outDir);
-      throw err;
-    }
-    await syncPath(parent);
-    await rm(old, { recursive: true, force: true });
   }
 
   private async closeHandles(): Promise<void> {

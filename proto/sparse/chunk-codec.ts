@@ -10,7 +10,7 @@
 import { PositionCoding, ValueDtype, type SparseChunk } from '../gen/dppa/v1/sparse.js';
 import { ChecksumError, FormatError, TruncatedError } from '../errors.js';
 import { chunkChecksum } from './chunk-checksum.js';
-import { decodeGaps, encodeGaps, golombParameter, MAX_GOLOMB_M } from './golomb.js';
+import { decodeGaps, encodeGaps, golombParameter, MAX_GOLOMB_M, minGapBits } from './golomb.js';
 import { DEFAULT_VALUE_DTYPE, decodeValues, encodeValues, storageDtype, valueSize } from './value-dtype.js';
 
 /** Entries per chunk when not given: about 0.5 MiB of BF16 values plus their positions. */
@@ -150,37 +150,61 @@ export interface DecodeChunkContext {
   numel?: number | undefined;
 }
 
-/** The entries of one chunk. */
-export interface DecodedChunk {
+/** What {@link checkChunk} establishes about a chunk without decoding its positions. */
+export interface CheckedChunk {
   /** Tensor name from the chunk. */
   tensor: string;
   /** Chunk index within its tensor. */
   index: number;
   /** Partition of every entry. */
   partition: number;
+  /** Number of entries. */
+  count: number;
+  /** First position. */
+  firstPosition: number;
+  /**
+   * Smallest possible last position, `firstPosition + count − 1`: exact for a
+   * RANGE chunk, a lower bound for a Golomb-coded one until it is decoded.
+   */
+  lastPositionAtLeast: number;
+  /** Whether the positions are `firstPosition … firstPosition + count − 1` (a RANGE chunk; `lastPositionAtLeast` is then exact). */
+  range: boolean;
+}
+
+/** The entries of one chunk. */
+export interface DecodedChunk extends CheckedChunk {
   /** Flat positions, strictly increasing. */
   positions: Float64Array;
   /** Values widened to F32 (exact for every stored precision). */
   values: Float32Array;
 }
 
+/** Reusable arrays for {@link decodeChunk}; grown as needed. */
+export interface DecodeScratch {
+  positions: Float64Array;
+  values: Float32Array;
+}
+
 /**
- * Verifies and decodes one chunk.
+ * Checks a chunk without decoding its positions: the checksum first (so
+ * damaged bytes surface as a ChecksumError rather than as a misleading format
+ * error), then the count, the value bytes, the coding and its parameter, the
+ * length of the position bit stream against the fewest bits `count − 1` gaps
+ * take, and the first (and least possible last) position against 2^53 and
+ * `numel`. What remains unchecked until {@link decodeChunk} is that the bit
+ * stream holds exactly `count − 1` gaps and that the last position is in range.
  *
- * The checksum is verified before anything else is interpreted, so damaged
- * bytes surface as a ChecksumError rather than as a misleading format error.
+ * Costs a CRC-32C pass over the chunk's bytes and nothing per entry.
  *
  * @param chunk - The chunk as received.
  * @param ctx - File name for errors and the tensor's element count for bounds.
- * @returns Positions and values, in new arrays (never views of the chunk).
  * @throws ChecksumError when the chunk's CRC-32C does not match its content.
- * @throws TruncatedError when the position bit stream ends before `count − 1` gaps.
- * @throws FormatError when `count` is 0, the value bytes are not `count` values of
- *   the chunk's dtype, the coding or Golomb parameter is invalid, the bit stream
- *   has data after the last gap, or a position is at or beyond 2^53 or `numel`.
- *   Every error names the tensor, the chunk index and, if given, the file.
+ * @throws TruncatedError when the position bit stream is shorter than `count − 1` gaps can be.
+ * @throws FormatError when `count` is 0, the value bytes are not `count` values of the
+ *   chunk's dtype, the coding or Golomb parameter is invalid, or a position is at or
+ *   beyond 2^53 or `numel`. Every error names the tensor, the chunk index and, if given, the file.
  */
-export function decodeChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}): DecodedChunk {
+export function checkChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}): CheckedChunk {
   const where = { file: ctx.file, tensor: chunk.tensor };
   const label = `chunk ${chunk.index}`;
   const crc = chunkChecksum(chunk);
@@ -192,17 +216,94 @@ export function decodeChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}): D
   const dtype = storageDtype(chunk.valueDtype);
   if (dtype === undefined) throw new FormatError(`${label}: unknown value dtype ${chunk.valueDtype}`, where);
   const expectedBytes = count * valueSize(dtype);
-  // Checked before allocating `count` positions, so a forged count cannot allocate more than the chunk carries.
+  // Checked before anything allocates `count` entries, so a forged count cannot allocate more than the chunk carries.
   if (chunk.values.length !== expectedBytes) {
     throw new FormatError(
       `${label}: ${chunk.values.length} value bytes, expected ${expectedBytes} (${count} × ${dtype})`,
       where,
     );
   }
-  if (chunk.firstPosition > BigInt(Number.MAX_SAFE_INTEGER)) {
-    throw new FormatError(`${label}: first position ${chunk.firstPosition} is not below 2^53`, where);
+  checkCoding(chunk, label, where);
+  const first = Number(chunk.firstPosition);
+  const lastAtLeast = first + count - 1;
+  if (chunk.firstPosition > BigInt(Number.MAX_SAFE_INTEGER) || lastAtLeast > Number.MAX_SAFE_INTEGER) {
+    throw new FormatError(`${label}: positions from ${chunk.firstPosition} (${count} entries) are not below 2^53`, where);
   }
-  const positions = decodePositions(chunk, label, where);
+  if (ctx.numel !== undefined && lastAtLeast >= ctx.numel) {
+    throw new FormatError(`${label}: position ${lastAtLeast} is outside the tensor (${ctx.numel} elements)`, where);
+  }
+  const range = chunk.positionCoding === PositionCoding.POSITION_CODING_RANGE;
+  return { tensor: chunk.tensor, index: chunk.index, partition: chunk.partition, count, firstPosition: first, lastPositionAtLeast: lastAtLeast, range };
+}
+
+function checkCoding(chunk: SparseChunk, label: string, where: { file: string | undefined; tensor: string }): void {
+  switch (chunk.positionCoding) {
+    case PositionCoding.POSITION_CODING_RANGE:
+      if (chunk.positions.length !== 0 || chunk.golombM !== 0) {
+        throw new FormatError(`${label}: a RANGE chunk must have no position bytes and golomb_m 0`, where);
+      }
+      return;
+    case PositionCoding.POSITION_CODING_GOLOMB: {
+      const m = chunk.golombM;
+      if (m < 1 || m > MAX_GOLOMB_M) {
+        throw new FormatError(`${label}: golomb_m ${m} is outside 1..2^31`, where);
+      }
+      const leastBytes = Math.ceil(((chunk.count - 1) * minGapBits(m)) / 8);
+      if (chunk.positions.length < leastBytes) {
+        throw new TruncatedError(
+          `${label}: position bit stream (${chunk.positions.length} bytes) is too short for ${chunk.count - 1} gaps (at least ${leastBytes} bytes)`,
+          where,
+        );
+      }
+      return;
+    }
+    default:
+      throw new FormatError(`${label}: unknown position coding ${chunk.positionCoding}`, where);
+  }
+}
+
+/**
+ * Verifies and decodes one chunk: {@link checkChunk}, then every position.
+ *
+ * @param chunk - The chunk as received.
+ * @param ctx - File name for errors and the tensor's element count for bounds.
+ * @param scratch - Arrays to decode into, grown when too small; the result's arrays are
+ *   then views of them, valid until their next use. The positions of a RANGE chunk are then
+ *   written only if read (they are implied by `firstPosition` and `count`, and filling them
+ *   cost as much as adding the entries): a consumer can use {@link addChunkScaled}, or
+ *   `range` and `firstPosition`, without ever touching them. @default new arrays (never views of the chunk)
+ * @returns Positions and values.
+ * @throws As {@link checkChunk}; TruncatedError when the position bit stream ends before
+ *   `count − 1` gaps; FormatError when it has data after the last gap, or the last position
+ *   is at or beyond 2^53 or `numel`.
+ */
+export function decodeChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}, scratch?: DecodeScratch): DecodedChunk {
+  const checked = checkChunk(chunk, ctx);
+  const where = { file: ctx.file, tensor: chunk.tensor };
+  const label = `chunk ${chunk.index}`;
+  const { count } = checked;
+  if (scratch !== undefined && scratch.positions.length < count) {
+    scratch.positions = new Float64Array(count);
+    scratch.values = new Float32Array(count);
+  }
+  const values = scratch === undefined ? new Float32Array(count) : scratch.values.subarray(0, count);
+  decodeValues(chunk.values, storageDtype(chunk.valueDtype)!, values);
+  if (checked.range && scratch !== undefined) {
+    // checkChunk has bounded the last position already.
+    const { firstPosition } = checked;
+    const into = scratch.positions;
+    let filled: Float64Array | undefined;
+    return {
+      ...checked,
+      values,
+      get positions(): Float64Array {
+        filled ??= fillRange(into.subarray(0, count), firstPosition);
+        return filled;
+      },
+    };
+  }
+  const positions = scratch === undefined ? new Float64Array(count) : scratch.positions.subarray(0, count);
+  decodePositions(chunk, checked.firstPosition, positions, label, where);
   const last = positions[count - 1]!;
   if (last > Number.MAX_SAFE_INTEGER) {
     throw new FormatError(`${label}: position ${last} is not below 2^53`, where);
@@ -210,47 +311,31 @@ export function decodeChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}): D
   if (ctx.numel !== undefined && last >= ctx.numel) {
     throw new FormatError(`${label}: position ${last} is outside the tensor (${ctx.numel} elements)`, where);
   }
-  return {
-    tensor: chunk.tensor,
-    index: chunk.index,
-    partition: chunk.partition,
-    positions,
-    values: decodeValues(chunk.values, dtype, count),
-  };
+  return { ...checked, positions, values };
 }
 
-function decodePositions(chunk: SparseChunk, label: string, where: { file: string | undefined; tensor: string }): Float64Array {
-  const out = new Float64Array(chunk.count);
-  const first = Number(chunk.firstPosition);
-  switch (chunk.positionCoding) {
-    case PositionCoding.POSITION_CODING_RANGE: {
-      if (chunk.positions.length !== 0 || chunk.golombM !== 0) {
-        throw new FormatError(`${label}: a RANGE chunk must have no position bytes and golomb_m 0`, where);
-      }
-      for (let i = 0; i < out.length; i++) out[i] = first + i;
-      return out;
-    }
-    case PositionCoding.POSITION_CODING_GOLOMB: {
-      const m = chunk.golombM;
-      if (m < 1 || m > MAX_GOLOMB_M) {
-        throw new FormatError(`${label}: golomb_m ${m} is outside 1..2^31`, where);
-      }
-      out[0] = first;
-      const status = decodeGaps(chunk.positions, m, out);
-      if (status === 'truncated') {
-        throw new TruncatedError(
-          `${label}: position bit stream (${chunk.positions.length} bytes) ends before ${chunk.count - 1} gaps`,
-          where,
-        );
-      }
-      if (status === 'trailing-data') {
-        throw new FormatError(`${label}: position bit stream has data after its ${chunk.count - 1} gaps`, where);
-      }
-      return out;
-    }
-    default:
-      throw new FormatError(`${label}: unknown position coding ${chunk.positionCoding}`, where);
+/** Decodes the positions of a chunk {@link checkChunk} accepted into `out` (exactly `count` long). */
+function decodePositions(chunk: SparseChunk, first: number, out: Float64Array, label: string, where: { file: string | undefined; tensor: string }): void {
+  if (chunk.positionCoding === PositionCoding.POSITION_CODING_RANGE) {
+    fillRange(out, first);
+    return;
   }
+  out[0] = first;
+  const status = decodeGaps(chunk.positions, chunk.golombM, out);
+  if (status === 'truncated') {
+    throw new TruncatedError(
+      `${label}: position bit stream (${chunk.positions.length} bytes) ends before ${chunk.count - 1} gaps`,
+      where,
+    );
+  }
+  if (status === 'trailing-data') {
+    throw new FormatError(`${label}: position bit stream has data after its ${chunk.count - 1} gaps`, where);
+  }
+}
+
+function fillRange(out: Float64Array, first: number): Float64Array {
+  for (let i = 0; i < out.length; i++) out[i] = first + i;
+  return out;
 }
 
 function hex(v: number): string {

@@ -85,15 +85,17 @@ export class DeltaFileWriter {
    * writer usable; an I/O failure aborts the writer.
    *
    * @param record - Exactly one of header / tensorBegin / chunk / tensorEnd set; the first record a header.
+   * @param encoded - The record's protobuf encoding when the caller has it (a record as received),
+   *   written as it is instead of encoding `record` again; it must decode to `record`.
    * @throws FormatError (naming the file and tensor) when the record breaks a container rule or
    *   encodes to more than `maxRecordBytes`.
    * @throws Error when the writer is closed or aborted, or from the file system.
    */
-  async write(record: DeltaRecord): Promise<void> {
+  async write(record: DeltaRecord, encoded?: Uint8Array): Promise<void> {
     this.assertOpen();
     const where = { file: this.path, tensor: recordTensor(record) ?? this.tensor };
     checkRecordPlace(record, this.records, where);
-    const bytes = DeltaRecord.encode(record).finish();
+    const bytes = encoded ?? DeltaRecord.encode(record).finish();
     if (bytes.length > this.maxRecordBytes) {
       throw new FormatError(`record ${this.records} encodes to ${bytes.length} bytes, over the ${this.maxRecordBytes}-byte limit`, where);
     }
@@ -169,14 +171,14 @@ export class DeltaFileWriter {
   private flush(): Promise<void> {
     const run = this.flushing.then(async () => {
       if (this.failure !== undefined) throw this.failure;
-      const data = Buffer.concat(this.pending);
+      const data = this.pending;
+      const total = this.pendingBytes;
       this.pending = [];
       this.pendingBytes = 0;
       if (this.fh === undefined) return;
-      for (let done = 0; done < data.length; ) {
-        const { bytesWritten } = await this.fh.write(data, done, data.length - done, null);
-        done += bytesWritten;
-      }
+      // writev: the records go out as they are, without being copied into one buffer first.
+      const { bytesWritten } = await this.fh.writev(data);
+      if (bytesWritten < total) await writeRest(this.fh, data, bytesWritten);
     });
     this.flushing = run.catch((err: unknown) => {
       this.failure ??= err instanceof Error ? err : new Error(String(err));
@@ -188,3 +190,12 @@ export class DeltaFileWriter {
   }
 }
 
+
+/** Writes what a short writev left, from byte `skip` of the concatenated buffers on. */
+async function writeRest(fh: FileHandle, buffers: readonly Uint8Array[], skip: number): Promise<void> {
+  const rest = Buffer.concat(buffers).subarray(skip);
+  for (let done = 0; done < rest.length; ) {
+    const { bytesWritten } = await fh.write(rest, done, rest.length - done, null);
+    done += bytesWritten;
+  }
+}

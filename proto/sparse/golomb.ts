@@ -12,6 +12,7 @@
  * operations; only the remainder, below m ≤ 2^31, goes through int32 code.
  */
 import { BitReader, BitWriter } from './bit-io.js';
+import { decodeGapsFast, FAST_MAX_REMAINDER_BITS } from './golomb-fast.js';
 
 /**
  * Largest Golomb parameter used or accepted. Keeps remainders within 31 bits;
@@ -40,6 +41,16 @@ export function golombParameter(count: number, span: number): number {
 function remainderCode(m: number): { b: number; u: number } {
   const b = m === 1 ? 0 : 32 - Math.clz32(m - 1);
   return { b, u: 2 ** b - m };
+}
+
+/**
+ * The fewest bits one gap takes: the zero ending its unary part plus the
+ * shorter remainder code, b − 1 bits (none when m = 1).
+ *
+ * @param m - Golomb parameter.
+ */
+export function minGapBits(m: number): number {
+  return Math.max(remainderCode(m).b, 1);
 }
 
 /**
@@ -117,8 +128,10 @@ export type GapDecodeStatus = 'ok' | 'truncated' | 'trailing-data';
  * @param out - Receives the positions; `out[0]` must hold the first position.
  */
 export function decodeGaps(bytes: Uint8Array, m: number, out: Float64Array): GapDecodeStatus {
-  const reader = new BitReader(bytes);
   const { b, u } = remainderCode(m);
+  if (b <= FAST_MAX_REMAINDER_BITS) return decodeGapsFast(bytes, m, out);
+  // Parameters above 2^25 (chunks sparser than about one entry in 2·10^7 positions): remainders read in two parts.
+  const reader = new BitReader(bytes);
   let pos = out[0]!;
   for (let i = 1; i < out.length; i++) {
     const q = reader.readUnary();

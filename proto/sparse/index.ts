@@ -6,11 +6,14 @@ export { crc32c } from './crc32c.js';
 export { golombParameter, MAX_GOLOMB_M } from './golomb.js';
 export { chunkChecksum, foldChunkCrc } from './chunk-checksum.js';
 export {
+  checkChunk,
   DEFAULT_MAX_CHUNK_ENTRIES,
   decodeChunk,
   encodeChunks,
+  type CheckedChunk,
   type DecodeChunkContext,
   type DecodedChunk,
+  type DecodeScratch,
   type EncodeChunksOptions,
 } from './chunk-codec.js';
 export { DEFAULT_VALUE_DTYPE } from './value-dtype.js';
@@ -22,4 +25,4 @@ export {
   type TensorAssemblerOptions,
 } from './tensor-assembler.js';
 export * from './delta-file.js';
-export { addScaled, partitionFactor } from './add-scaled.js';
+export { addChunkScaled, addScaled, partitionFactor } from './add-scaled.js';

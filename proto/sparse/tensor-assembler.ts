@@ -6,7 +6,7 @@
 import type { DeltaRecord, SparseChunk, TensorBegin, TensorEnd } from '../gen/dppa/v1/sparse.js';
 import { FormatError } from '../errors.js';
 import { foldChunkCrc } from './chunk-checksum.js';
-import { decodeChunk, type DecodedChunk } from './chunk-codec.js';
+import { checkChunk, decodeChunk, type CheckedChunk, type DecodedChunk, type DecodeScratch } from './chunk-codec.js';
 import { recordKind, shapeNumel, type PartitionEntries } from './tensor-records.js';
 
 /** A tensor whose records were all received and checked. */
@@ -21,7 +21,7 @@ export interface AssembledTensor {
   keptPerPartition: number[];
   /**
    * Entries by partition, index p for partition p, positions ascending.
-   * Empty arrays when the assembler was created with `collect: false`.
+   * Empty arrays unless the assembler was created with `entries: 'collect'`.
    */
   partitions: PartitionEntries[];
 }
@@ -31,25 +31,36 @@ export interface TensorAssemblerOptions {
   /** File the records come from, named in errors. @default none */
   file?: string | undefined;
   /**
-   * Keep decoded entries to return them from {@link TensorAssembler.result}. Turn off when
-   * the caller consumes the chunks {@link TensorAssembler.push} returns as they come.
-   * @default true
+   * What becomes of the chunks' entries:
+   * - `collect`: decoded and kept, for {@link TensorAssembler.result};
+   * - `stream`: decoded and returned by {@link TensorAssembler.push} in arrays the
+   *   assembler reuses (valid until the next push), for a caller that consumes them at once;
+   * - `check`: not decoded. Each chunk is checked as {@link checkChunk} does (checksum,
+   *   structure, first position), not position by position, which makes receiving a
+   *   tensor cost about a CRC pass. Whoever decodes the chunks later checks the rest.
+   * @default 'collect'
    */
-  collect?: boolean | undefined;
+  entries?: 'collect' | 'stream' | 'check' | undefined;
+  /** Highest partition a chunk may have. @default no limit */
+  maxPartition?: number | undefined;
 }
 
 /**
  * Checks and decodes the records of one tensor, in the order they arrive.
  *
  * Enforces: a begin first; chunks with indices 0, 1, 2, … naming the same
- * tensor, partitions non-decreasing and positions ascending within a
- * partition, each chunk valid on its own ({@link decodeChunk}); an end whose
- * name, chunk count, entries per partition and CRC match what was received.
- * Nothing may follow the end.
+ * tensor, partitions non-decreasing (and at most `maxPartition`) and positions
+ * ascending within a partition, each chunk valid on its own
+ * ({@link decodeChunk}); an end whose name, chunk count, entries per partition
+ * and CRC match what was received. Nothing may follow the end. With
+ * `entries: 'check'` positions are known only as far as {@link checkChunk}
+ * tells: chunks must then start after the least possible end of the previous.
  */
 export class TensorAssembler {
   private readonly file: string | undefined;
-  private readonly collect: boolean;
+  private readonly entries: 'collect' | 'stream' | 'check';
+  private readonly maxPartition: number;
+  private readonly scratch: DecodeScratch | undefined;
   private begin: TensorBegin | undefined;
   private numel = Infinity;
   private nextIndex = 0;
@@ -61,10 +72,12 @@ export class TensorAssembler {
   private readonly received = new Map<number, DecodedChunk[]>();
   private assembled: AssembledTensor | undefined;
 
-  /** @param opts - File name for errors, and whether to collect entries. */
+  /** @param opts - File name for errors, what to do with entries, partition limit. */
   constructor(opts: TensorAssemblerOptions = {}) {
     this.file = opts.file;
-    this.collect = opts.collect ?? true;
+    this.entries = opts.entries ?? 'collect';
+    this.maxPartition = opts.maxPartition ?? Infinity;
+    this.scratch = this.entries === 'stream' ? { positions: new Float64Array(0), values: new Float32Array(0) } : undefined;
   }
 
   /** Name from the begin record, once it arrived. */
@@ -81,7 +94,7 @@ export class TensorAssembler {
    * Takes the next record of the tensor.
    *
    * @param record - A `tensorBegin`, `chunk` or `tensorEnd` record.
-   * @returns The decoded entries for a chunk record; undefined for begin and end.
+   * @returns The decoded entries for a chunk record (unless `entries` is `check`); undefined for begin and end.
    * @throws FormatError (naming the tensor and file) when the record is out of place or does
    *   not match; ChecksumError / TruncatedError / FormatError from {@link decodeChunk}.
    */
@@ -119,7 +132,7 @@ export class TensorAssembler {
     return this.assembled;
   }
 
-  private takeChunk(chunk: SparseChunk): DecodedChunk {
+  private takeChunk(chunk: SparseChunk): DecodedChunk | undefined {
     const name = this.begin!.name;
     if (chunk.tensor !== name) {
       throw this.error(`chunk ${chunk.index} names tensor "${chunk.tensor}"`);
@@ -127,25 +140,29 @@ export class TensorAssembler {
     if (chunk.index !== this.nextIndex) {
       throw this.error(`chunk ${chunk.index} out of order: expected chunk ${this.nextIndex}`);
     }
-    const decoded = decodeChunk(chunk, { file: this.file, numel: this.numel });
-    const first = decoded.positions[0]!;
-    if (decoded.partition < this.lastPartition) {
-      throw this.error(`chunk ${chunk.index} is in partition ${decoded.partition} after partition ${this.lastPartition}`);
+    const ctx = { file: this.file, numel: this.numel };
+    const decoded = this.entries === 'check' ? undefined : decodeChunk(chunk, ctx, this.scratch);
+    const c: CheckedChunk = decoded ?? checkChunk(chunk, ctx);
+    if (c.partition > this.maxPartition) {
+      throw this.error(`chunk ${chunk.index} is in partition ${c.partition}, but there are ${this.maxPartition} partition(s)`);
     }
-    if (decoded.partition === this.lastPartition && first <= this.lastPosition) {
+    if (c.partition < this.lastPartition) {
+      throw this.error(`chunk ${chunk.index} is in partition ${c.partition} after partition ${this.lastPartition}`);
+    }
+    if (c.partition === this.lastPartition && c.firstPosition <= this.lastPosition) {
       throw this.error(
-        `chunk ${chunk.index} starts at position ${first}, not after ${this.lastPosition} where the previous chunk of partition ${decoded.partition} ended`,
+        `chunk ${chunk.index} starts at position ${c.firstPosition}, not after ${this.lastPosition} where the previous chunk of partition ${c.partition} ended`,
       );
     }
-    this.lastPartition = decoded.partition;
-    this.lastPosition = decoded.positions[decoded.positions.length - 1]!;
+    this.lastPartition = c.partition;
+    this.lastPosition = decoded === undefined || c.range ? c.lastPositionAtLeast : decoded.positions[c.count - 1]!;
     this.crc = foldChunkCrc(this.crc, chunk.crc32c);
     this.nextIndex++;
-    this.counts.set(decoded.partition, (this.counts.get(decoded.partition) ?? 0) + decoded.positions.length);
-    if (this.collect) {
-      const list = this.received.get(decoded.partition);
-      if (list === undefined) this.received.set(decoded.partition, [decoded]);
-      else list.push(decoded);
+    this.counts.set(c.partition, (this.counts.get(c.partition) ?? 0) + c.count);
+    if (this.entries === 'collect') {
+      const list = this.received.get(c.partition);
+      if (list === undefined) this.received.set(c.partition, [decoded!]);
+      else list.push(decoded!);
     }
     return decoded;
   }
@@ -173,7 +190,7 @@ export class TensorAssembler {
       throw this.error(`tensor end CRC-32C 0x${end.crc32c.toString(16)} does not match the chunks received (0x${this.crc.toString(16)})`);
     }
     const partitions: PartitionEntries[] = [];
-    for (let p = 0; p < parts; p++) partitions.push(concat(this.received.get(p) ?? [], this.collect ? kept[p]! : 0));
+    for (let p = 0; p < parts; p++) partitions.push(concat(this.received.get(p) ?? [], this.entries === 'collect' ? kept[p]! : 0));
     this.received.clear();
     this.assembled = { name, shape: this.begin!.shape, chunkCount: this.nextIndex, keptPerPartition: kept, partitions };
   }

@@ -52,12 +52,12 @@ export function encodeValues(values: Float32Array, dtype: Dtype): Buffer {
 }
 
 /**
- * Decodes little-endian values of `dtype` into a new array (never a view of `bytes`).
+ * Decodes little-endian values of `dtype` into `dst` (never a view of `bytes`).
  *
- * @param bytes - Exactly `count · valueSize(dtype)` bytes.
+ * @param bytes - Exactly `dst.length · valueSize(dtype)` bytes.
  * @param dtype - Storage dtype.
- * @param count - Number of values.
+ * @param dst - Receives the values.
  */
-export function decodeValues(bytes: Uint8Array, dtype: Dtype, count: number): Float32Array {
-  return decodeToF32(bytes, dtype, new Float32Array(count));
+export function decodeValues(bytes: Uint8Array, dtype: Dtype, dst: Float32Array): void {
+  decodeToF32(bytes, dtype, dst);
 }

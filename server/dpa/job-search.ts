@@ -71,6 +71,24 @@ export async function searchJob(deps: JobSearchDeps, jobId: string, signal: Abor
   }
 }
 
+/**
+ * Runs (or resumes, from its recorded evaluations) the search of one party
+ * of a job in state DPA: on a cluster, each party's search is a task of its
+ * own (cluster/search-tasks.ts).
+ * @throws SearchFailedError (the job fails with its message; its cause says why); the signal's reason when aborted.
+ */
+export async function searchPartyFactors(deps: JobSearchDeps, jobId: string, party: string, signal: AbortSignal): Promise<void> {
+  const job = deps.store.get(jobId);
+  const onnx = evaluatorOf(job.dpa.search!, party) === 'onnx' ? await openOnnx(job) : undefined;
+  try {
+    await searchParty(deps, job, party, onnx, signal);
+  } catch (err) {
+    throw signal.aborted ? signal.reason : failure(party, err);
+  } finally {
+    await onnx?.close();
+  }
+}
+
 async function openOnnx(job: StoredJob): Promise<OnnxCandidates> {
   try {
     return await OnnxCandidates.open(job, job.dpa.search!);

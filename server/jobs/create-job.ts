@@ -9,8 +9,8 @@ import { FormatError } from '../../proto/errors.js';
 import { baseFingerprint } from '../../proto/fingerprint.js';
 import { JobState, type CreateJobRequest } from '../../proto/gen/dppa/v1/jobs.js';
 import { Checkpoint } from '../../proto/safetensors/index.js';
-import { resolveOnnxFiles } from '../dpa/search-spec.js';
-import { InvalidArgumentError } from '../errors.js';
+import { evaluatorOf, resolveOnnxFiles } from '../dpa/search-spec.js';
+import { InvalidArgumentError, UnimplementedError } from '../errors.js';
 import { newPartyToken } from '../tokens.js';
 import type { Spool } from '../uploads/spool.js';
 import type { JobEvents } from './job-events.js';
@@ -27,6 +27,8 @@ export interface CreateJobDeps {
   spool: Spool;
   /** Per-party upload cap; undefined for {@link DEFAULT_UPLOAD_CAP_FACTOR} × the base size. */
   maxUploadBytes: number | undefined;
+  /** The server is a replica of a cluster, where the DPA factor search runs with the ONNX evaluator only. */
+  clustered: boolean;
 }
 
 /**
@@ -42,6 +44,13 @@ export async function createJob(
   signal: AbortSignal,
 ): Promise<{ job: StoredJob; tokens: Record<string, string> }> {
   const settings = checkJobSettings(req);
+  const search = settings.dpa.search;
+  const remote = search === undefined ? undefined : settings.parties.find((p) => evaluatorOf(search, p) === 'remote');
+  if (deps.clustered && remote !== undefined) {
+    throw new UnimplementedError(
+      `dpa.search: party ${remote}: the remote evaluator is not available on a cluster (--cluster) yet; use the onnx evaluator, or an embedded server`,
+    );
+  }
   if (settings.dpa.search !== undefined) settings.dpa = { ...settings.dpa, search: await resolveOnnxFiles(settings.dpa.search, settings.parties) };
   const basePath = resolve(settings.basePath);
   const base = await openBase(basePath);

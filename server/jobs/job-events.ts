@@ -1,7 +1,10 @@
 /**
- * The event log of each job: `jobs/<id>/events.jsonl`, one `JobEvent` (proto
- * JSON) per line, kept in memory too so that WatchJob can replay it, and the
- * live subscriptions of watchers.
+ * Job events: the {@link JobEvents} interface the rest of the server uses,
+ * and its embedded implementation, {@link FileJobEvents}: the event log of
+ * each job in `jobs/<id>/events.jsonl`, one `JobEvent` (proto JSON) per line,
+ * kept in memory too so that WatchJob can replay it, and the live
+ * subscriptions of watchers. (With `--cluster`, cluster/stream-job-events.ts
+ * keeps them in the JetStream stream instead, shared by every replica.)
  *
  * Progress events are not fsynced one by one (they are many and cheap to
  * lose); a crash may drop the last few lines, and a torn last line is ignored
@@ -28,8 +31,30 @@ export function isFinalEvent(e: JobEvent): boolean {
   return e.merged !== undefined || e.failed !== undefined;
 }
 
-/** Event logs of every job of a store. */
-export class JobEvents {
+/** The events of every job: numbering and recording them, replaying and following them. */
+export interface JobEvents {
+  /** Opens (or creates) the log of a job whose folder is `dir`. */
+  load(jobId: string, dir: string): Promise<void>;
+  /**
+   * Numbers (`seq` from 1, one more than the job's last), records and
+   * announces an event; resolves once it is recorded.
+   */
+  append(jobId: string, body: EventBody): Promise<JobEvent>;
+  /**
+   * The job's events after `afterSeq`: the recorded ones, then live ones as
+   * they happen. Ends after a `merged` or `failed` event (or at once if one is
+   * already recorded at or before `afterSeq`), or when `signal` aborts, which
+   * throws its reason.
+   */
+  watch(jobId: string, afterSeq: bigint, signal: AbortSignal): AsyncGenerator<JobEvent, void, undefined>;
+  /** Number of live subscriptions over all jobs (tests check that none leak). */
+  readonly watcherCount: number;
+  /** Waits for pending writes and releases what the logs hold open. */
+  close(): Promise<void>;
+}
+
+/** Event logs of every job of a data folder (the embedded default). */
+export class FileJobEvents implements JobEvents {
   private readonly logs = new Map<string, JobLog>();
   /** Called with every event once it is in the log file (see {@link onAppended}). */
   private readonly appended = new Set<(e: JobEvent) => void>();

@@ -11,22 +11,40 @@
  * the next start (a search from its recorded evaluations, a merge from the
  * beginning: its output is only ever renamed into place when complete);
  * cancelling the job aborts them and fails the job.
+ *
+ * With `--cluster` ({@link JobRunnerDeps.distributed}) searches and merges
+ * do not run here: the runner asks for them, and the replicas' tasks carry
+ * them out and move the job on (DPA → MERGING → MERGED). Every move is checked against the state the
+ * job is in, so when two replicas try the same one, one wins and the other
+ * leaves the job alone; and the runner looks at every unfinished job again
+ * every few seconds, so that a move missed while NATS was away happens once
+ * it is back.
  */
 import { join } from 'node:path';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import { searchJob } from '../dpa/job-search.js';
 import type { RemoteEvaluators } from '../dpa/remote-evaluators.js';
-import { FailedPreconditionError, UnavailableError } from '../errors.js';
+import { FailedPreconditionError, NatsUnavailableError, UnavailableError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { mergeCheckpoint, type MergeParty } from '../merge/merger.js';
 import type { Spool } from '../uploads/spool.js';
 import type { JobEvents } from './job-events.js';
 import { partyFactors, partyWeight, searchesFactors } from './job-spec.js';
-import { isTerminal, stateName, type JobStore, type StoredJob } from './job-store.js';
+import { isTerminal, type JobStore, type StoredJob } from './job-store.js';
+import { failJob, StateConflictError, transitionJob } from './job-transitions.js';
 
 /** Shortest interval between two merge_progress events (the last one is always sent). */
-const PROGRESS_INTERVAL_MS = 250;
+export const PROGRESS_INTERVAL_MS = 250;
+
+/** With a distributed merge: how often every unfinished job is looked at again. */
+const SWEEP_INTERVAL_MS = 5000;
+
+/** A step of a job run as tasks shared by the replicas (cluster/): the runner only asks for it. */
+export interface DistributedStep {
+  /** Makes sure the step of the job is under way on some replica; idempotent. @throws NatsUnavailableError while NATS is away. */
+  request(jobId: string): Promise<void>;
+}
 
 /** Why a search or merge was aborted: the job was cancelled (it fails) rather than the server stopping (it stays where it was). */
 class JobCancelled extends Error {
@@ -44,6 +62,8 @@ export interface JobRunnerDeps {
   mergeWorkers: number;
   /** Evaluation requests to the parties whose evaluator is remote. */
   broker: RemoteEvaluators;
+  /** Set with `--cluster`: searches and merges are tasks of the replicas instead of running in this process. @default none */
+  distributed?: { search: DistributedStep; merge: DistributedStep };
 }
 
 /** Moves jobs along; one instance per server. */
@@ -52,12 +72,22 @@ export class JobRunner {
   /** Jobs poked while their run was in progress: looked at again when it ends. */
   private readonly again = new Set<string>();
   private stopped = false;
+  private sweep: NodeJS.Timeout | undefined;
 
   constructor(private readonly deps: JobRunnerDeps) {}
 
-  /** Picks up where the last run stopped: jobs whose uploads are all in, and jobs that were searching or merging. */
+  /**
+   * Picks up where the last run stopped: jobs whose uploads are all in, and
+   * jobs that were searching or merging. With a distributed merge, does so
+   * again every few seconds until stopped.
+   */
   resume(): void {
     for (const job of this.deps.store.list()) if (!isTerminal(job.state)) this.poke(job.id);
+    if (this.deps.distributed !== undefined && this.sweep === undefined && !this.stopped) {
+      this.sweep = setInterval(() => {
+        for (const job of this.deps.store.list()) if (!isTerminal(job.state)) this.poke(job.id);
+      }, SWEEP_INTERVAL_MS).unref();
+    }
   }
 
   /** Moves a job on if it can go further (called when a party's upload completes). Never throws: failures fail the job. */
@@ -69,7 +99,12 @@ export class JobRunner {
     }
     const controller = new AbortController();
     const done = this.advance(jobId, controller.signal)
-      .catch((err: unknown) => this.deps.log.error('job runner failed', { jobId, err }))
+      .catch((err: unknown) => {
+        // Another replica moved the job first; or NATS is away and the next sweep tries again.
+        if (err instanceof StateConflictError) return;
+        if (err instanceof NatsUnavailableError) this.deps.log.warn('job runner waits for NATS', { jobId, err: err.message });
+        else this.deps.log.error('job runner failed', { jobId, err });
+      })
       .finally(() => {
         this.running.delete(jobId);
         if (this.again.delete(jobId) && !controller.signal.aborted) this.poke(jobId);
@@ -96,26 +131,32 @@ export class JobRunner {
   /** Aborts every search and merge in progress and waits for them to clean up; their jobs stay DPA or MERGING. */
   async stop(): Promise<void> {
     this.stopped = true;
+    clearInterval(this.sweep);
     const runs = [...this.running.values()];
     for (const r of runs) r.controller.abort(new UnavailableError('server is shutting down'));
     await Promise.all(runs.map((r) => r.done));
   }
 
-  /** True when every party's upload is complete. */
-  private allUploaded(job: StoredJob): boolean {
+  /** True when every party's upload is complete (spools shared by replicas are read again first). */
+  private async allUploaded(job: StoredJob): Promise<boolean> {
+    await this.deps.spool.refreshJob(job.id);
     return job.parties.every((p) => this.deps.spool.party(job.id, p.name).complete);
   }
 
   private async advance(jobId: string, signal: AbortSignal): Promise<void> {
     let job = this.deps.store.get(jobId);
-    if (job.state === JobState.JOB_STATE_COLLECTING && this.allUploaded(job)) {
-      job = await this.transition(jobId, searchesFactors(job) ? JobState.JOB_STATE_DPA : JobState.JOB_STATE_MERGING);
+    if (job.state === JobState.JOB_STATE_COLLECTING && (await this.allUploaded(job))) {
+      job = await this.transition(jobId, JobState.JOB_STATE_COLLECTING, searchesFactors(job) ? JobState.JOB_STATE_DPA : JobState.JOB_STATE_MERGING);
     }
     if (job.state === JobState.JOB_STATE_DPA) {
+      // Distributed: the last party's search task moves the job to MERGING.
+      if (this.deps.distributed !== undefined) return this.deps.distributed.search.request(jobId);
       if (!(await this.search(job, signal))) return;
-      job = await this.transition(jobId, JobState.JOB_STATE_MERGING);
+      job = await this.transition(jobId, JobState.JOB_STATE_DPA, JobState.JOB_STATE_MERGING);
     }
-    if (job.state === JobState.JOB_STATE_MERGING) await this.merge(job, signal);
+    if (job.state !== JobState.JOB_STATE_MERGING) return;
+    if (this.deps.distributed !== undefined) await this.deps.distributed.merge.request(jobId);
+    else await this.merge(job, signal);
   }
 
   /** Runs the job's factor searches; false when they were stopped or failed (the job failed then). */
@@ -144,7 +185,7 @@ export class JobRunner {
       const result = await mergeCheckpoint({
         basePath: job.basePath,
         outDir: join(this.deps.store.dir(job.id), 'merged'),
-        parties: job.parties.map((p) => this.mergeParty(job, p.name)),
+        parties: mergeParties(job, this.deps.spool),
         outsideByMax: job.dpa.scaleOutsideByMax,
         workers: this.deps.mergeWorkers,
         signal,
@@ -159,7 +200,7 @@ export class JobRunner {
       });
       const seconds = (performance.now() - started) / 1000;
       metrics.mergeDuration.observe(seconds);
-      await this.transition(job.id, JobState.JOB_STATE_MERGED, (j) => (j.merged = { files: result.files, seconds }));
+      await this.transition(job.id, JobState.JOB_STATE_MERGING, JobState.JOB_STATE_MERGED, (j) => (j.merged = { files: result.files, seconds }));
       await events.append(job.id, { merged: { files: result.files.map((f) => f.path), seconds } });
       log.info('job merged', { jobId: job.id, seconds, tensorsMerged: result.tensorsMerged, tensorsCopied: result.tensorsCopied });
     } catch (err) {
@@ -173,30 +214,25 @@ export class JobRunner {
     }
   }
 
-  private mergeParty(job: StoredJob, name: string): MergeParty {
-    const spool = this.deps.spool.party(job.id, name);
-    const factors = partyFactors(job, name, spool.header?.levels.length);
-    if (factors === undefined) throw new Error(`party ${name} has no factors`);
-    return { name, weight: partyWeight(job, name), factors, tensors: new Map([...spool.held.values()].map((t) => [t.name, t.file])) };
-  }
-
-  /** Changes a job's state, records it and announces it. */
-  private async transition(jobId: string, to: JobState, change?: (job: StoredJob) => void): Promise<StoredJob> {
-    const from = this.deps.store.get(jobId).state;
-    const job = await this.deps.store.update(jobId, (j) => {
-      j.state = to;
-      change?.(j);
-    });
-    await this.deps.events.append(jobId, { stateChanged: { from, to } });
-    this.deps.log.info('job state changed', { jobId, from: stateName(from), to: stateName(to) });
-    return job;
+  /** Changes a job's state from `from`, records it and announces it. @throws StateConflictError if it is no longer in `from`. */
+  private transition(jobId: string, from: JobState, to: JobState, change?: (job: StoredJob) => void): Promise<StoredJob> {
+    return transitionJob(this.deps, jobId, to, { from, ...(change === undefined ? {} : { change }) });
   }
 
   private async fail(jobId: string, reason: string): Promise<StoredJob> {
-    const job = await this.transition(jobId, JobState.JOB_STATE_FAILED, (j) => (j.failureReason = reason));
-    await this.deps.events.append(jobId, { failed: { reason } });
+    const job = await failJob(this.deps, jobId, reason);
     // Parties waiting on an evaluation stream learn why nothing more will come.
     this.deps.broker.endJob(jobId, new FailedPreconditionError(`job ${jobId} failed: ${reason}`));
     return job;
   }
+}
+
+/** The parties of a job as the merge takes them: in the job's order, with weight, factors and spooled tensors. */
+export function mergeParties(job: StoredJob, spool: Spool): MergeParty[] {
+  return job.parties.map(({ name }) => {
+    const s = spool.party(job.id, name);
+    const factors = partyFactors(job, name, s.header?.levels.length);
+    if (factors === undefined) throw new Error(`party ${name} has no factors`);
+    return { name, weight: partyWeight(job, name), factors, tensors: new Map([...s.held.values()].map((t) => [t.name, t.file])) };
+  });
 }

@@ -1,6 +1,9 @@
 /**
- * Jobs on disk: one `jobs/<id>/job.json` per job, rewritten atomically on
- * every change, and the in-memory copy every request reads.
+ * Where jobs are kept: the {@link JobStore} interface the rest of the server
+ * uses, and its embedded implementation, {@link LocalJobStore}: one
+ * `jobs/<id>/job.json` per job, rewritten atomically on every change, and the
+ * in-memory copy every request reads. (With `--cluster`, cluster/kv-job-store.ts
+ * keeps them in a JetStream KV bucket instead.)
  *
  * `job.json` holds a job's settings, state, the DPA search's evaluations and
  * chosen factors, and the merge result. Upload progress is not in it: the
@@ -90,6 +93,20 @@ interface JobFile extends Omit<StoredJob, 'state' | 'dpa' | 'merge' | 'evaluatio
   evaluations?: unknown[];
 }
 
+/** A job as the JSON object `job.json` (or a KV entry) holds. */
+export function encodeJob(job: StoredJob): string {
+  return `${JSON.stringify(toFile(job), null, 2)}\n`;
+}
+
+/**
+ * Reads a job back from {@link encodeJob}'s text.
+ * @param where - Names the file or key in errors.
+ * @throws Error if the text is not a job of this layout version.
+ */
+export function decodeJob(text: string, where: string): StoredJob {
+  return fromFile(JSON.parse(text) as JobFile, where);
+}
+
 function toFile(job: StoredJob): JobFile {
   return {
     version: STORE_VERSION,
@@ -119,41 +136,46 @@ export function isTerminal(state: JobState): boolean {
   return state === JobState.JOB_STATE_MERGED || state === JobState.JOB_STATE_FAILED;
 }
 
-/** The jobs of one data folder. */
-export class JobStore {
-  private readonly jobs = new Map<string, StoredJob>();
-  /** Per job, the last write; the next one starts after it so renames land in order. */
-  private readonly writes = new Map<string, Promise<void>>();
+/**
+ * The jobs the server knows. Reads are synchronous (from memory); changes
+ * are written through before they resolve.
+ */
+export interface JobStore {
+  /** Folder of a job's files (uploads, merged checkpoint) in the data folder. */
+  dir(id: string): string;
+  /**
+   * The job with this id.
+   * @throws NotFoundError if there is none.
+   */
+  get(id: string): StoredJob;
+  /** Every job, newest first. */
+  list(): StoredJob[];
+  /** Number of jobs per state name (`COLLECTING`, …), every state present. */
+  countByState(): Record<string, number>;
+  /** Stores a new job. */
+  create(job: StoredJob): Promise<StoredJob>;
+  /**
+   * Changes a job and writes it out; `updatedAt` is set. `change` may run
+   * more than once (a store shared by replicas retries on a concurrent
+   * change, with the job as it then is), so it must only mutate its argument
+   * and may throw to give up.
+   * @throws NotFoundError if there is no such job; what `change` throws; Error from the storage.
+   */
+  update(id: string, change: (job: StoredJob) => void): Promise<StoredJob>;
+}
 
-  private constructor(
+/**
+ * What both stores share: the jobs in memory, answering every read, and the
+ * job folders under `<data>/jobs`. Subclasses say how changes are stored.
+ */
+export abstract class MemoryJobStore implements JobStore {
+  /** The jobs, by id; the objects callers hold stay current. */
+  protected readonly jobs = new Map<string, StoredJob>();
+
+  protected constructor(
     /** `<data>/jobs`. */
     readonly root: string,
   ) {}
-
-  /**
-   * Loads every job of `<dataDir>/jobs`, removing temporary files a crash left.
-   * A job folder whose `job.json` cannot be read is skipped with an error
-   * logged, so that one damaged job does not keep the server down.
-   */
-  static async open(dataDir: string, log: Logger): Promise<JobStore> {
-    const store = new JobStore(join(dataDir, 'jobs'));
-    await mkdir(store.root, { recursive: true });
-    for (const entry of await readdir(store.root, { withFileTypes: true })) {
-      if (!entry.isDirectory()) continue;
-      const dir = join(store.root, entry.name);
-      for (const name of await readdir(dir)) {
-        if (name.startsWith(`job.json${TEMP_MARK}`)) await rm(join(dir, name), { force: true });
-      }
-      const path = join(dir, 'job.json');
-      try {
-        const job = fromFile(JSON.parse(await readFile(path, 'utf8')) as JobFile, path);
-        store.jobs.set(job.id, job);
-      } catch (err) {
-        log.error('skipping a job whose job.json cannot be read', { path, err });
-      }
-    }
-    return store;
-  }
 
   /** Folder of a job's files. */
   dir(id: string): string {
@@ -170,7 +192,7 @@ export class JobStore {
     return job;
   }
 
-  /** Every job, newest first. */
+  /** Every job, newest first (ties by id). */
   list(): StoredJob[] {
     return [...this.jobs.values()].sort((a, b) => (a.createdAt < b.createdAt ? 1 : a.createdAt > b.createdAt ? -1 : a.id < b.id ? 1 : -1));
   }
@@ -183,6 +205,40 @@ export class JobStore {
     }
     for (const job of this.jobs.values()) counts[stateName(job.state)] = (counts[stateName(job.state)] ?? 0) + 1;
     return counts;
+  }
+
+  abstract create(job: StoredJob): Promise<StoredJob>;
+  abstract update(id: string, change: (job: StoredJob) => void): Promise<StoredJob>;
+}
+
+/** The jobs of one data folder (the embedded default). */
+export class LocalJobStore extends MemoryJobStore {
+  /** Per job, the last write; the next one starts after it so renames land in order. */
+  private readonly writes = new Map<string, Promise<void>>();
+
+  /**
+   * Loads every job of `<dataDir>/jobs`, removing temporary files a crash left.
+   * A job folder whose `job.json` cannot be read is skipped with an error
+   * logged, so that one damaged job does not keep the server down.
+   */
+  static async open(dataDir: string, log: Logger): Promise<LocalJobStore> {
+    const store = new LocalJobStore(join(dataDir, 'jobs'));
+    await mkdir(store.root, { recursive: true });
+    for (const entry of await readdir(store.root, { withFileTypes: true })) {
+      if (!entry.isDirectory()) continue;
+      const dir = join(store.root, entry.name);
+      for (const name of await readdir(dir)) {
+        if (name.startsWith(`job.json${TEMP_MARK}`)) await rm(join(dir, name), { force: true });
+      }
+      const path = join(dir, 'job.json');
+      try {
+        const job = decodeJob(await readFile(path, 'utf8'), path);
+        store.jobs.set(job.id, job);
+      } catch (err) {
+        log.error('skipping a job whose job.json cannot be read', { path, err });
+      }
+    }
+    return store;
   }
 
   /** Creates the job's folder and `job.json`. */
@@ -209,7 +265,7 @@ export class JobStore {
   private persist(job: StoredJob): Promise<void> {
     // Serialised per job: the JSON is taken when the write starts, so the last write carries the last state.
     const write = (this.writes.get(job.id) ?? Promise.resolve()).then(() =>
-      writeFileDurably(join(this.dir(job.id), 'job.json'), `${JSON.stringify(toFile(job), null, 2)}\n`),
+      writeFileDurably(join(this.dir(job.id), 'job.json'), encodeJob(job)),
     );
     this.writes.set(job.id, write.catch(() => undefined));
     return write;

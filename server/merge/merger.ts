@@ -155,7 +155,7 @@ async function inWindow<T>(items: readonly T[], width: number, fn: (item: T) => 
 }
 
 /** Size and SHA-256 of every file of a folder (a checkpoint folder is flat). */
-async function describeFiles(dir: string): Promise<MergedFileInfo[]> {
+export async function describeFiles(dir: string): Promise<MergedFileInfo[]> {
   const files: MergedFileInfo[] = [];
   for (const entry of (await readdir(dir, { withFileTypes: true })).sort((a, b) => (a.name < b.name ? -1 : 1))) {
     if (!entry.isFile()) continue;

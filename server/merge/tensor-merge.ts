@@ -5,7 +5,7 @@
  */
 import { FormatError } from '../../proto/errors.js';
 import { type Checkpoint, encodeFromF32 } from '../../proto/safetensors/index.js';
-import { addScaled, partitionFactor, readDeltaFile, TensorAssembler } from '../../proto/sparse/index.js';
+import { addChunkScaled, partitionFactor, readDeltaFile, TensorAssembler } from '../../proto/sparse/index.js';
 
 /** One party's entries of a tensor. */
 export interface Contribution {
@@ -62,11 +62,11 @@ async function addSpooled(acc: Float32Array, name: string, c: Contribution, outs
     if (record.header !== undefined) {
       const planned = record.header.tensors;
       if (planned.length !== 1 || planned[0]!.name !== name) throw new FormatError('spool file does not hold this tensor', { file, tensor: name });
-      assembler = new TensorAssembler({ file, collect: false });
+      assembler = new TensorAssembler({ file, entries: 'stream' });
       continue;
     }
     const chunk = assembler!.push(record);
-    if (chunk !== undefined) addScaled(acc, chunk.positions, chunk.values, c.weight * partitionFactor(c.factors, chunk.partition, outsideByMax));
+    if (chunk !== undefined) addChunkScaled(acc, chunk, c.weight * partitionFactor(c.factors, chunk.partition, outsideByMax));
   }
   if (assembler?.complete !== true) throw new FormatError('spool file ends before the tensor end', { file, tensor: name });
 }

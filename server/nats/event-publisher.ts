@@ -37,28 +37,24 @@ import {
   type JetStreamManager,
   type StreamInfo,
 } from '@nats-io/jetstream';
-import { connect, credsAuthenticator, nanos, type NatsConnection } from '@nats-io/transport-node';
+import { nanos, type NatsConnection } from '@nats-io/transport-node';
 import type { Registry } from 'prom-client';
 import { JobEvent } from '../../proto/gen/dppa/v1/jobs.js';
-import { natsServers, type NatsOptions } from '../config.js';
+import type { NatsOptions } from '../config.js';
+import { connectNats, describeNatsError } from './connection.js';
 import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
-import { ConfigError } from '../errors.js';
-import { isFinalEvent, type JobEvents } from '../jobs/job-events.js';
+import { NatsUnavailableError } from '../errors.js';
+import { isFinalEvent, type FileJobEvents } from '../jobs/job-events.js';
 import type { Logger } from '../log.js';
 import { NatsMetrics } from '../metrics.js';
 import {
   EVENTS_STREAM, EVENTS_STREAM_LIMITS, EVENTS_STREAM_SUBJECTS, eventKind, eventMsgId, eventSubject, jobSubjects, seqOfMsgId,
 } from './subjects.js';
 
-/** NATS cannot be reached, or refuses what the server needs (JetStream, the events stream). */
-export class NatsUnavailableError extends Error {
-  override name = 'NatsUnavailableError';
-}
-
 /** Options of {@link NatsEventPublisher.start}. */
 export interface NatsEventPublisherOptions extends NatsOptions {
   /** The event logs; the publisher listens to their appends and reads events from them. */
-  events: JobEvents;
+  events: FileJobEvents;
   /** Ids of the jobs whose logs are loaded: their events not yet published are published first. */
   jobIds: readonly string[];
   /** Folder of a job, where its `nats-published.json` lives. */
@@ -74,8 +70,6 @@ export interface PublisherStopOptions {
   flushMs?: number;
 }
 
-/** How long the first connection may take. */
-const CONNECT_TIMEOUT_MS = 5000;
 /** How long a publish waits for JetStream's acknowledgement before it counts as failed (and is retried). */
 const PUBLISH_TIMEOUT_MS = 5000;
 /** Retry backoff after a failed publish: doubles from the first value up to the second, ±20 % jitter. */
@@ -153,28 +147,7 @@ export class NatsEventPublisher {
       // Events may have been published after the cursor was last saved: ask the stream before publishing them again.
       cursors.push({ jobId, published, written, saved, savedAt: 0, reconcile: published < written });
     }
-    let creds: Uint8Array | undefined;
-    if (opts.credsFile !== undefined) {
-      try {
-        creds = await readFile(opts.credsFile);
-      } catch (cause) {
-        throw new ConfigError(`nats.credsFile: cannot read ${opts.credsFile}: ${(cause as Error).message}`, { cause });
-      }
-    }
-    let nc: NatsConnection;
-    try {
-      nc = await connect({
-        servers: natsServers(opts.url),
-        name: 'dppa-server',
-        timeout: CONNECT_TIMEOUT_MS,
-        // Once connected, never give up: the outbox waits for NATS however long it is away.
-        maxReconnectAttempts: -1,
-        reconnectTimeWait: 1000,
-        ...(creds === undefined ? {} : { authenticator: credsAuthenticator(creds) }),
-      });
-    } catch (cause) {
-      throw new NatsUnavailableError(`cannot connect to NATS at ${opts.url}: ${describe(cause)}`, { cause });
-    }
+    const nc = await connectNats(opts, 'dppa-server');
     let jsm: JetStreamManager;
     try {
       jsm = await jetstreamManager(nc, { timeout: PUBLISH_TIMEOUT_MS });
@@ -182,7 +155,7 @@ export class NatsEventPublisher {
     } catch (cause) {
       await nc.close();
       throw new NatsUnavailableError(
-        `NATS at ${opts.url} cannot hold the job events in stream ${EVENTS_STREAM} (JetStream must be enabled: nats-server -js, or jetstream {} in its config): ${describe(cause)}`,
+        `NATS at ${opts.url} cannot hold the job events in stream ${EVENTS_STREAM} (JetStream must be enabled: nats-server -js, or jetstream {} in its config): ${describeNatsError(cause)}`,
         { cause },
       );
     }
@@ -431,7 +404,8 @@ export class NatsEventPublisher {
 }
 
 /** Creates the events stream, or updates its subjects and limits, keeping what an operator set otherwise (replicas, placement…). */
-async function ensureStream(jsm: JetStreamManager): Promise<void> {
+/** Creates the events stream, or updates its subjects and limits (subjects.ts) when they differ. */
+export async function ensureStream(jsm: JetStreamManager): Promise<void> {
   const limits = {
     max_age: nanos(EVENTS_STREAM_LIMITS.maxAgeMs),
     max_bytes: EVENTS_STREAM_LIMITS.maxBytes,
@@ -487,10 +461,4 @@ async function loadCursor(jobDir: string, log: Logger): Promise<bigint> {
   }
   log.warn('ignoring a damaged NATS cursor file; the stream will be asked instead', { path });
   return 0n;
-}
-
-function describe(err: unknown): string {
-  if (!(err instanceof Error)) return String(err);
-  // nats.js wraps socket errors ("connection refused") around the system error (ECONNREFUSED…): show both.
-  return err.cause instanceof Error && err.cause.message !== err.message ? `${err.message} (${err.cause.message})` : err.message;
 }

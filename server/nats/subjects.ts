@@ -79,3 +79,84 @@ export function seqOfMsgId(jobId: string, msgId: string): bigint | undefined {
   const rest = msgId.slice(prefix.length);
   return /^[0-9]+$/.test(rest) ? BigInt(rest) : undefined;
 }
+
+// --- Scale-out (`--cluster`, docs/scale-out.md): what the replicas share. ---
+
+/**
+ * KV bucket shared by the replicas: every job (`job.<jobId>`, the same JSON as
+ * `job.json`), each job's last event number (`seq.<jobId>`) and the progress
+ * of its merge (`merge.<jobId>`). Every change is an update against the
+ * revision read, retried on a conflict.
+ */
+export const JOBS_BUCKET = 'dppa_jobs';
+
+/** KV key of a job. */
+export function jobKey(jobId: string): string {
+  return `job.${jobId}`;
+}
+
+/** KV keys of every job, for watching them. */
+export const JOB_KEYS = 'job.>';
+
+/** KV key of a job's last event number. */
+export function eventSeqKey(jobId: string): string {
+  return `seq.${jobId}`;
+}
+
+/** KV key of a job's merge progress: which tensors are written. */
+export function mergeKey(jobId: string): string {
+  return `merge.${jobId}`;
+}
+
+/**
+ * Work-queue stream of the replicas' tasks (retention `workqueue`: a task is
+ * removed once acknowledged), in two groups each pulled through its own
+ * consumer: `merge` (plan, tensor, commit) and `search` (one DPA factor search
+ * per party).
+ */
+export const TASKS_STREAM = 'DPPA_TASKS';
+
+/** First tokens of every task subject. */
+export const TASK_SUBJECT_PREFIX = 'dppa.tasks';
+
+/** Subjects of {@link TASKS_STREAM}. */
+export const TASKS_STREAM_SUBJECTS = `${TASK_SUBJECT_PREFIX}.>`;
+
+/** Kinds of task: lay out a job's merge output, merge one tensor, commit the merged checkpoint; search a party's factors. */
+export type TaskKind = 'plan' | 'tensor' | 'commit' | 'search';
+
+/** The two groups of tasks, each with its durable pull consumer (filtered on `dppa.tasks.<group>.>`) shared by every replica. */
+export const TASK_GROUPS = {
+  merge: { consumer: 'dppa-workers', kinds: ['plan', 'tensor', 'commit'] },
+  search: { consumer: 'dppa-searchers', kinds: ['search'] },
+} as const satisfies Record<string, { consumer: string; kinds: readonly TaskKind[] }>;
+
+/** A group of tasks. */
+export type TaskGroup = keyof typeof TASK_GROUPS;
+
+/** The group a kind of task belongs to. */
+export function taskGroup(kind: TaskKind): TaskGroup {
+  return kind === 'search' ? 'search' : 'merge';
+}
+
+/** Subjects a group's consumer pulls: `dppa.tasks.<group>.>`. */
+export function taskGroupSubjects(group: TaskGroup): string {
+  return `${TASK_SUBJECT_PREFIX}.${group}.>`;
+}
+
+/** `dppa.tasks.<group>.<jobId>.<kind>`: the subject of a task. */
+export function taskSubject(jobId: string, kind: TaskKind): string {
+  return `${TASK_SUBJECT_PREFIX}.${taskGroup(kind)}.${jobId}.${kind}`;
+}
+
+/**
+ * Settings of {@link TASKS_STREAM} and its consumers, set when the server
+ * creates or updates them at start (with the ack wait of the `taskAckWaitMs`
+ * option).
+ */
+export const TASKS_LIMITS = {
+  /** Tasks delivered and not yet acknowledged, over every replica. */
+  maxAckPending: 256,
+  /** A task published again with the same `Nats-Msg-Id` within this window is dropped: 10 minutes. */
+  duplicateWindowMs: 10 * 60 * 1000,
+} as const;

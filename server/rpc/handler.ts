@@ -76,18 +76,7 @@ export class RpcWrapper {
     fn: (request: Req, send: Send<Res>, ctx: CallContext) => Promise<void>,
     endless = false,
   ): handleServerStreamingCall<Req, Res> {
-    return (call) => {
-      void this.run(
-        method,
-        call,
-        endless ? 'draining' : 'closing',
-        async (ctx) => {
-          await fn(call.request, (m) => send(call, m, ctx.signal), ctx);
-          call.end();
-        },
-        (st) => call.emit('error', statusError(st)),
-      );
-    };
+    return (call) => this.streamOut(method, call, endless, (send, ctx) => fn(call.request, send, ctx));
   }
 
   /**
@@ -100,18 +89,26 @@ export class RpcWrapper {
     fn: (requests: AsyncIterable<Req>, send: Send<Res>, ctx: CallContext) => Promise<void>,
     endless = false,
   ): handleBidiStreamingCall<Req, Res> {
-    return (call) => {
-      void this.run(
-        method,
-        call,
-        endless ? 'draining' : 'closing',
-        async (ctx) => {
-          await fn(call, (m) => send(call, m, ctx.signal), ctx);
-          call.end();
-        },
-        (st) => call.emit('error', statusError(st)),
-      );
-    };
+    return (call) => this.streamOut(method, call, endless, (send, ctx) => fn(call, send, ctx));
+  }
+
+  /** Runs a handler that answers with a stream, ended when `fn` resolves. */
+  private streamOut<Res>(
+    method: string,
+    call: Writable<Res> & SurfaceCall & { end(): void },
+    endless: boolean,
+    fn: (send: Send<Res>, ctx: CallContext) => Promise<void>,
+  ): void {
+    void this.run(
+      method,
+      call,
+      endless ? 'draining' : 'closing',
+      async (ctx) => {
+        await fn((m) => send(call, m, ctx.signal), ctx);
+        call.end();
+      },
+      (st) => call.emit('error', statusError(st)),
+    );
   }
 
   /** Resolves once every handler started so far has finished, cleanup included. */

@@ -22,6 +22,8 @@ export interface JobServiceDeps {
   auth: Authenticator;
   /** Per-party upload cap of new jobs; undefined for the default multiple of the base size. */
   maxUploadBytes: number | undefined;
+  /** The server is a replica of a cluster (jobs whose search uses the remote evaluator are refused). */
+  clustered: boolean;
 }
 
 /** The JobService implementation. */
@@ -33,13 +35,17 @@ export function jobService(deps: JobServiceDeps, rpc: RpcWrapper): JobServiceSer
       const { job, tokens } = await createJob(deps, req, ctx.signal);
       return { job: jobView(job, spool), tokens };
     }),
-    getJob: rpc.unary('JobService/GetJob', (req, ctx) => {
+    getJob: rpc.unary('JobService/GetJob', async (req, ctx) => {
       auth.requireJobAccess(ctx.metadata, req.jobId);
-      return Promise.resolve(jobView(store.get(req.jobId), spool));
+      const job = store.get(req.jobId);
+      await spool.refreshJob(job.id);
+      return jobView(job, spool);
     }),
-    listJobs: rpc.unary('JobService/ListJobs', (_req, ctx) => {
+    listJobs: rpc.unary('JobService/ListJobs', async (_req, ctx) => {
       auth.requireAdmin(ctx.metadata);
-      return Promise.resolve({ jobs: store.list().map((j) => jobView(j, spool)) });
+      const jobs = store.list();
+      for (const j of jobs) await spool.refreshJob(j.id);
+      return { jobs: jobs.map((j) => jobView(j, spool)) };
     }),
     watchJob: rpc.serverStream(
       'JobService/WatchJob',

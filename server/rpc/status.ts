@@ -13,6 +13,7 @@ import {
   DeadlineExceededError,
   FailedPreconditionError,
   InvalidArgumentError,
+  NatsUnavailableError,
   NotFoundError,
   OutOfRangeError,
   PermissionDeniedError,
@@ -41,6 +42,8 @@ const CODES: [new (...args: never[]) => Error, Code][] = [
   [OutOfRangeError, Code.OUT_OF_RANGE],
   [UnimplementedError, Code.UNIMPLEMENTED],
   [UnavailableError, Code.UNAVAILABLE],
+  // With --cluster, calls that need NATS while it is away: retry later.
+  [NatsUnavailableError, Code.UNAVAILABLE],
   [CancelledError, Code.CANCELLED],
   [DeadlineExceededError, Code.DEADLINE_EXCEEDED],
   // Damaged bytes from a caller: the checksum says so. Any other malformed input is the caller's argument.

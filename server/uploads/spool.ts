@@ -11,6 +11,12 @@
  * renamed to `<n>.dppa` only after its end record validated, so a crash never
  * leaves a partial tensor under a final name; temporary files are deleted when
  * the server starts. The files are the truth about what a party has sent.
+ *
+ * With `--cluster` the data folder is shared by the replicas (`shared`): a
+ * party's tensors may arrive on any of them, so a spool is read again from
+ * its folder (`refreshJob`) before it is relied on, and a replica that starts
+ * leaves other replicas' temporary files alone, deleting only those untouched
+ * for {@link STALE_TEMP_MS}.
  */
 import { mkdir, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -21,6 +27,8 @@ import type { JobStore, StoredJob } from '../jobs/job-store.js';
 import type { Logger } from '../log.js';
 
 const TENSOR_FILE = /^(\d+)\.dppa$/;
+/** With a shared folder, a temporary file untouched this long was left by a replica that died: deleted at start. */
+const STALE_TEMP_MS = 10 * 60 * 1000;
 const HEADER_FILE = 'header.json';
 
 /** A tensor held in the spool. */
@@ -121,16 +129,27 @@ export class PartySpool {
    * file; temporary files (tensors cut off mid-way) and files that do not fit
    * the header are deleted.
    */
-  async recover(log: Logger): Promise<void> {
-    let names: string[];
-    try {
-      names = await readdir(this.dir);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
-      throw err;
+  async recover(log: Logger, shared = false): Promise<void> {
+    const names = await filesIn(this.dir);
+    for (const name of names.filter((n) => n.includes(TEMP_MARK))) {
+      // Another replica may be writing it right now.
+      if (shared && Date.now() - (await stat(join(this.dir, name)).catch(() => ({ mtimeMs: 0 }))).mtimeMs < STALE_TEMP_MS) continue;
+      await rm(join(this.dir, name), { force: true });
     }
-    for (const name of names.filter((n) => n.includes(TEMP_MARK))) await rm(join(this.dir, name), { force: true });
-    if (names.includes(HEADER_FILE)) {
+    await this.readBack(names, log);
+  }
+
+  /**
+   * Reads again what other replicas added to a shared folder: the header and
+   * complete tensors not yet known here. Never deletes anything.
+   */
+  async refresh(log: Logger): Promise<void> {
+    const names = await filesIn(this.dir);
+    await this.readBack(names.filter((n) => !n.includes(TEMP_MARK)), log, false);
+  }
+
+  private async readBack(names: string[], log: Logger, prune = true): Promise<void> {
+    if (names.includes(HEADER_FILE) && (prune || this.header === undefined)) {
       this.useHeader(DeltaHeader.fromJSON(JSON.parse(await readFile(join(this.dir, HEADER_FILE), 'utf8'))));
     }
     const found: { index: number; file: string }[] = [];
@@ -141,40 +160,68 @@ export class PartySpool {
     for (const { index, file } of found.sort((a, b) => a.index - b.index)) {
       const plan = this.header?.tensors[index];
       if (plan === undefined || !plan.sent) {
+        if (!prune) continue;
         log.warn('deleting a spooled tensor that the stored header does not plan', { file });
         await rm(file, { force: true });
         continue;
       }
-      this.held.set(plan.name, { name: plan.name, index, bytes: (await stat(file)).size, file });
+      if (!this.held.has(plan.name)) this.held.set(plan.name, { name: plan.name, index, bytes: (await stat(file)).size, file });
     }
   }
+}
+
+/** Options of {@link Spool.open}. */
+export interface SpoolOptions {
+  store: JobStore;
+  log: Logger;
+  /** The data folder is shared by replicas (`--cluster`). @default false */
+  shared?: boolean;
 }
 
 /** The spools of every party of every job. */
 export class Spool {
   private readonly parties = new Map<string, PartySpool>();
 
-  private constructor(private readonly store: JobStore) {}
+  private constructor(
+    private readonly store: JobStore,
+    private readonly log: Logger,
+    private readonly shared: boolean,
+  ) {}
 
   /** Recovers the spool of every job in the store. */
-  static async open(store: JobStore, log: Logger): Promise<Spool> {
-    const spool = new Spool(store);
-    for (const job of store.list()) {
+  static async open(opts: SpoolOptions): Promise<Spool> {
+    const spool = new Spool(opts.store, opts.log, opts.shared ?? false);
+    for (const job of opts.store.list()) {
       spool.addJob(job);
-      for (const p of job.parties) await spool.party(job.id, p.name).recover(log);
+      for (const p of job.parties) await spool.party(job.id, p.name).recover(opts.log, spool.shared);
     }
     return spool;
+  }
+
+  /**
+   * With a shared folder, reads the job's spools again (what other replicas
+   * received); does nothing otherwise, where this process received everything.
+   */
+  async refreshJob(jobId: string, party?: string): Promise<void> {
+    if (!this.shared) return;
+    const job = this.store.get(jobId);
+    for (const p of job.parties) if (party === undefined || p.name === party) await this.party(jobId, p.name).refresh(this.log);
   }
 
   /** Registers the (empty) spools of a new job's parties. */
   addJob(job: StoredJob): void {
     for (const p of job.parties) {
-      this.parties.set(key(job.id, p.name), new PartySpool(join(this.store.dir(job.id), 'uploads', p.name)));
+      if (!this.parties.has(key(job.id, p.name))) this.parties.set(key(job.id, p.name), new PartySpool(join(this.store.dir(job.id), 'uploads', p.name)));
     }
   }
 
   /** The spool of one party; the party must belong to the job. */
   party(jobId: string, party: string): PartySpool {
+    // With replicas, a job created on another one is first met here.
+    if (this.shared && !this.parties.has(key(jobId, party))) {
+      const job = this.store.list().find((j) => j.id === jobId);
+      if (job !== undefined) this.addJob(job);
+    }
     const s = this.parties.get(key(jobId, party));
     if (s === undefined) throw new Error(`no spool for party ${party} of job ${jobId}`);
     return s;
@@ -185,6 +232,16 @@ export class Spool {
     let n = 0;
     for (const s of this.parties.values()) n += s.heldBytes + s.pendingBytes;
     return n;
+  }
+}
+
+/** Names in a folder; none when it does not exist (a party that has sent nothing). */
+async function filesIn(dir: string): Promise<string[]> {
+  try {
+    return await readdir(dir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw err;
   }
 }
 

@@ -3,7 +3,11 @@
  * its begin, chunks and end. Every record is checked as it arrives
  * (TensorAssembler) and written straight to the party's spool, so memory
  * holds one record whatever the model's size, and the stream is read only as
- * fast as the disk takes it.
+ * fast as the disk takes it. Chunks are checked without decoding their
+ * positions (`entries: 'check'`: checksum, structure, bounds of the first
+ * position), which keeps the receiving thread near the network's speed; the
+ * merge and the DPA search decode every position and check the rest, failing
+ * the job with an error naming the party's spool file and tensor.
  *
  * A bad record fails the call and changes nothing: the tensor it belongs to is
  * discarded (its temporary spool file removed), tensors completed before it
@@ -27,6 +31,7 @@ import type { Metrics } from '../metrics.js';
 import type { Authenticator } from '../rpc/auth.js';
 import type { CallContext } from '../rpc/handler.js';
 import { checkDeltaHeader, requireCollecting, sameShape } from './delta-header-check.js';
+import { receivedEncoding } from './received-record.js';
 import type { PartySpool, Spool } from './spool.js';
 
 /** Shortest interval between two upload_progress events of a party (the one completing the upload is always sent). */
@@ -112,7 +117,7 @@ class UploadSession {
     const stored = job.parties.find((p) => p.name === party)!;
     if (!stored.joined) {
       try {
-        await deps.store.update(jobId, () => (stored.joined = true));
+        await deps.store.update(jobId, (j) => (j.parties.find((p) => p.name === party)!.joined = true));
         await deps.events.append(jobId, { partyJoined: { party } });
       } catch (err) {
         await session.close();
@@ -176,7 +181,7 @@ class UploadSession {
     if (!sameShape(shape, plan.shape.map(Number))) {
       throw new InvalidArgumentError(`tensor "${name}": shape [${shape.join(', ')}] in its begin record, the base has [${plan.shape.join(', ')}]`);
     }
-    const assembler = new TensorAssembler({ collect: false });
+    const assembler = new TensorAssembler({ entries: 'check', maxPartition: this.header!.levels.length });
     assembler.push(record);
     if (this.spool.held.has(name)) return { name, index, assembler, writer: undefined, payload: 0 };
     const writer = await this.spool.startTensor(plan, index);
@@ -187,11 +192,7 @@ class UploadSession {
   }
 
   private async chunk(t: OpenTensor, record: DeltaRecord): Promise<void> {
-    const decoded = t.assembler.push(record)!;
-    const partitions = this.header!.levels.length;
-    if (decoded.partition > partitions) {
-      throw new InvalidArgumentError(`tensor "${t.name}", chunk ${decoded.index}: partition ${decoded.partition}, but the delta has ${partitions} partition(s)`);
-    }
+    t.assembler.push(record);
     const payload = record.chunk!.positions.length + record.chunk!.values.length;
     this.deps.metrics.uploadBytes.inc(payload);
     if (t.writer === undefined) return;
@@ -201,7 +202,7 @@ class UploadSession {
     if (this.spool.heldBytes + this.spool.pendingBytes > limit) {
       throw new ResourceExhaustedError(`party ${this.party}'s upload to job ${this.job.id} would exceed its limit of ${limit} bytes (at tensor "${t.name}")`);
     }
-    await t.writer.write(record);
+    await t.writer.write(record, receivedEncoding(record));
   }
 
   private async end(t: OpenTensor, record: DeltaRecord): Promise<void> {

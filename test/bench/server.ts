@@ -31,14 +31,14 @@
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, readFileSync, statSync, statfsSync } from 'node:fs';
-import { mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { readFileSync, statSync } from 'node:fs';
+import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
-import { CheckpointWriter, planLayout } from '../../proto/safetensors/index.js';
 import { measureProcess, median } from './measure.js';
+import { folderBytes, generateTinyLlama, tinyLlama } from './tinyllama-inputs.js';
 
 const { values } = parseArgs({
   options: {
@@ -56,7 +56,6 @@ if (!Number.isInteger(LAYERS) || LAYERS < 1) throw new RangeError(`--layers: exp
 
 const root = new URL('../..', import.meta.url).pathname;
 const benchDir = join(root, '.bench', 'server');
-const inputs = join(benchDir, `tinyllama-${LAYERS}l`);
 const runDir = join(benchDir, 'run');
 const profDir = join(benchDir, 'prof');
 const PARTIES = ['math', 'law', 'finance'] as const;
@@ -64,164 +63,14 @@ const RATE = '0.9';
 const benchStart = performance.now();
 
 // ---------------------------------------------------------------------------
-// The model: TinyLlama-1.1B shapes, generated with a cheap PRNG.
+// The model: TinyLlama-1.1B shapes, generated with a cheap PRNG (tinyllama-inputs.ts).
 
-const SHAPE = { layers: LAYERS, hidden: 2048, intermediate: 5632, vocab: 32000, heads: 32, kvHeads: 4 };
-const KV = (SHAPE.hidden / SHAPE.heads) * SHAPE.kvHeads;
-
-interface TensorSpec {
-  name: string;
-  shape: number[];
-  layer: number;
-}
-
-function tinyLlamaTensors(): TensorSpec[] {
-  const { hidden: h, intermediate: m, vocab: v } = SHAPE;
-  const t: TensorSpec[] = [{ name: 'model.embed_tokens.weight', shape: [v, h], layer: -1 }];
-  for (let l = 0; l < SHAPE.layers; l++) {
-    const p = `model.layers.${l}.`;
-    t.push(
-      { name: `${p}self_attn.q_proj.weight`, shape: [h, h], layer: l },
-      { name: `${p}self_attn.k_proj.weight`, shape: [KV, h], layer: l },
-      { name: `${p}self_attn.v_proj.weight`, shape: [KV, h], layer: l },
-      { name: `${p}self_attn.o_proj.weight`, shape: [h, h], layer: l },
-      { name: `${p}mlp.gate_proj.weight`, shape: [m, h], layer: l },
-      { name: `${p}mlp.up_proj.weight`, shape: [m, h], layer: l },
-      { name: `${p}mlp.down_proj.weight`, shape: [h, m], layer: l },
-      { name: `${p}input_layernorm.weight`, shape: [h], layer: l },
-      { name: `${p}post_attention_layernorm.weight`, shape: [h], layer: l },
-    );
-  }
-  t.push({ name: 'model.norm.weight', shape: [h], layer: -1 }, { name: 'lm_head.weight', shape: [v, h], layer: -1 });
-  return t;
-}
-
-const TENSORS = tinyLlamaTensors();
-const PARAMS = TENSORS.reduce((a, t) => a + t.shape.reduce((x, y) => x * y, 1), 0);
-const CHECKPOINTS = ['base', 'ft1', 'ft2', 'ft3'];
-const GEN_VERSION = 1;
-const genMarker = join(inputs, 'generated.json');
-const genSpec = JSON.stringify({ version: GEN_VERSION, shape: SHAPE, dtype: 'BF16', shardBytes: 1e9 });
-
-/** Rounds fp32 values (as their bits) to bf16 bits, nearest even. */
-function toBf16(bits: Uint32Array, m: number, out: Uint16Array, at: number): void {
-  for (let i = 0; i < m; i++) {
-    const u = bits[i]!;
-    out[at + i] = (u + 0x7fff + ((u >>> 16) & 1)) >>> 16;
-  }
-}
-
-/**
- * One tensor of the base and of the three fine-tunes at once, in bf16:
- * base values triangular in ±0.05 (norms 1); each fine-tune adds a
- * triangular delta of ±0.004 with outliers (×8..16) whose share varies with
- * layer, projection and party, so that DP gives the layers different rates.
- * One xorshift32 draw per base entry and two per fine-tuned entry.
- */
-function generateTensor(t: TensorSpec, index: number): Uint16Array[] {
-  const n = t.shape.reduce((a, b) => a * b, 1);
-  const outs = CHECKPOINTS.map(() => new Uint16Array(n));
-  const CH = 1 << 16;
-  const base = new Float32Array(CH);
-  const baseBits = new Uint32Array(base.buffer);
-  const ft = new Float32Array(CH);
-  const ftBits = new Uint32Array(ft.buffer);
-  let x = (0x9e3779b9 ^ Math.imul(index + 1, 0x85ebca6b)) | 0 || 1;
-  const dense = t.shape.length === 1;
-  const thresholds = [1, 2, 3].map((k) => {
-    const share = t.layer < 0 ? 0.001 : 0.002 + 0.004 * ((t.layer * 7 + t.name.length + k) % 5);
-    return Math.floor(share * 4294967296);
-  });
-  const outlier = 8 + (Math.max(0, t.layer) % 3) * 4;
-  for (let off = 0; off < n; off += CH) {
-    const m = Math.min(CH, n - off);
-    if (dense) {
-      base.fill(1, 0, m);
-    } else {
-      for (let i = 0; i < m; i++) {
-        x ^= x << 13;
-        x ^= x >>> 17;
-        x ^= x << 5;
-        base[i] = ((x & 0xffff) + ((x >>> 16) & 0xffff) - 65535) * (0.05 / 65536);
-      }
-    }
-    toBf16(baseBits, m, outs[0]!, off);
-    for (let k = 0; k < 3; k++) {
-      const thr = thresholds[k]!;
-      for (let i = 0; i < m; i++) {
-        x ^= x << 13;
-        x ^= x >>> 17;
-        x ^= x << 5;
-        const d = ((x & 0xffff) + ((x >>> 16) & 0xffff) - 65535) * (0.004 / 65536);
-        x ^= x << 13;
-        x ^= x >>> 17;
-        x ^= x << 5;
-        ft[i] = base[i]! + (x >>> 0 < thr ? d * outlier : d);
-      }
-      toBf16(ftBits, m, outs[k + 1]!, off);
-    }
-  }
-  return outs;
-}
-
-async function generate(): Promise<number | undefined> {
-  if (existsSync(genMarker) && readFileSync(genMarker, 'utf8') === genSpec) return undefined;
-  const need = 4 * PARAMS * 2 * 1.05;
-  const free = freeBytes(benchDir);
-  if (free < need + 6e9) throw new Error(`not enough disk space in ${benchDir}: ${(free / 1e9).toFixed(1)} GB free, need about ${((need + 6e9) / 1e9).toFixed(1)} GB`);
-  console.log(`generating ${inputs}: base + 3 fine-tunes, ${(PARAMS / 1e9).toFixed(2)}B parameters each, bf16 (${((4 * PARAMS * 2) / 1e9).toFixed(1)} GB) …`);
-  const t0 = performance.now();
-  await rm(inputs, { recursive: true, force: true });
-  await mkdir(inputs, { recursive: true });
-  const layout = planLayout(TENSORS.map((t) => ({ name: t.name, dtype: 'BF16' as const, shape: t.shape })), { shardBytes: 1e9 });
-  const writers = await Promise.all(CHECKPOINTS.map((c) => CheckpointWriter.create(join(inputs, c), layout)));
-  try {
-    // Writes of one tensor overlap the generation of the next.
-    let pending: Promise<void>[] = [];
-    for (const [i, t] of TENSORS.entries()) {
-      const data = generateTensor(t, i);
-      await Promise.all(pending);
-      pending = writers.map((w, k) => w.writeTensor(t.name, new Uint8Array(data[k]!.buffer)));
-    }
-    await Promise.all(pending);
-    for (const w of writers) await w.commit();
-  } finally {
-    for (const w of writers) await w.abort();
-  }
-  const config = {
-    architectures: ['LlamaForCausalLM'],
-    model_type: 'llama',
-    hidden_size: SHAPE.hidden,
-    intermediate_size: SHAPE.intermediate,
-    num_hidden_layers: SHAPE.layers,
-    num_attention_heads: SHAPE.heads,
-    num_key_value_heads: SHAPE.kvHeads,
-    vocab_size: SHAPE.vocab,
-    torch_dtype: 'bfloat16',
-  };
-  for (const c of CHECKPOINTS) {
-    await writeFile(join(inputs, c, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
-    await writeFile(join(inputs, c, 'tokenizer.json'), '{"model": {"type": "synthetic"}}\n');
-  }
-  await writeFile(genMarker, genSpec);
-  return (performance.now() - t0) / 1000;
-}
+const model = tinyLlama(LAYERS);
+const { shape: SHAPE, kvDim: KV, params: PARAMS } = model;
+const generate = (): Promise<number | undefined> => generateTinyLlama(model);
 
 // ---------------------------------------------------------------------------
 // Processes.
-
-function freeBytes(dir: string): number {
-  let d = dir;
-  while (!existsSync(d)) d = join(d, '..');
-  const s = statfsSync(d);
-  return s.bavail * s.bsize;
-}
-
-async function folderBytes(dir: string): Promise<number> {
-  let n = 0;
-  for (const f of await readdir(dir)) n += (await stat(join(dir, f))).size;
-  return n;
-}
 
 /** What the python3 wrapper reports about the process it ran. */
 interface Measured {
@@ -301,9 +150,11 @@ async function scrape(port: number): Promise<Map<string, number>> {
 const load = (): string => loadavg().map((x) => x.toFixed(2)).join(' ');
 
 // ---------------------------------------------------------------------------
-// Raw TCP loopback: one receiver process, one sender process per file.
+// The references for the upload: the same bytes over raw TCP loopback, and as
+// the messages of a bare grpc-js client-streaming call whose server discards
+// them (grpc-js's own cost). One receiver process, one sender process per file.
 
-const RECEIVER = `
+const RAW_RECEIVER = `
 const net = require('node:net');
 const want = Number(process.argv[1]);
 let got = 0, ended = 0;
@@ -313,34 +164,75 @@ const srv = net.createServer((s) => {
 });
 srv.listen(0, '127.0.0.1', () => process.stdout.write('port ' + srv.address().port + '\\n'));`;
 
-const SENDER = `
+const RAW_SENDER = `
 const fs = require('node:fs'), net = require('node:net');
 const s = net.connect(Number(process.argv[1]), '127.0.0.1', () => fs.createReadStream(process.argv[2], { highWaterMark: 1 << 20 }).pipe(s));`;
 
-async function rawCopy(files: string[], bytes: number): Promise<number> {
-  const receiver = spawn(process.execPath, ['-e', RECEIVER, String(files.length)], { stdio: ['ignore', 'pipe', 'inherit'] });
+/** A generic bytes-in, bytes-out client-streaming method, as the upload is. */
+const GRPC_METHOD = `{ up: { path: '/bench.Sink/Up', requestStream: true, responseStream: false,
+  requestSerialize: (b) => b, requestDeserialize: (b) => b, responseSerialize: (b) => b, responseDeserialize: (b) => b } }`;
+
+const GRPC_RECEIVER = `
+const grpc = require('@grpc/grpc-js');
+const want = Number(process.argv[1]);
+let got = 0, ended = 0;
+const srv = new grpc.Server({ 'grpc.max_receive_message_length': 16 << 20 });
+srv.addService(${GRPC_METHOD}, { up: (call, cb) => {
+  call.on('data', (b) => { got += b.length; });
+  call.on('end', () => { cb(null, Buffer.alloc(0)); if (++ended === want) process.stdout.write('done ' + got + '\\n'); });
+} });
+srv.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, port) => process.stdout.write('port ' + port + '\\n'));`;
+
+/** Sends the file in messages of about the size of a sparse chunk record (700 kB), with backpressure. */
+const GRPC_SENDER = `
+const fs = require('node:fs'), grpc = require('@grpc/grpc-js');
+const Client = grpc.makeGenericClientConstructor(${GRPC_METHOD});
+const c = new Client('127.0.0.1:' + process.argv[1], grpc.credentials.createInsecure(), { 'grpc.max_send_message_length': 16 << 20 });
+const call = c.up((e) => { if (e) { console.error(e); process.exit(1); } process.exit(0); });
+(async () => {
+  for await (const b of fs.createReadStream(process.argv[2], { highWaterMark: 700000 })) {
+    if (!call.write(b)) await new Promise((r) => call.once('drain', r));
+  }
+  call.end();
+})();`;
+
+/**
+ * Seconds from the receiver's start to its report that every sender's bytes
+ * arrived. The receiver is stopped only once every sender has exited (a grpc-js
+ * sender waits for its call's answer).
+ */
+async function copyOver(receiverScript: string, senderScript: string, files: string[], bytes: number, what: string): Promise<number> {
+  const receiver = spawn(process.execPath, ['-e', receiverScript, String(files.length)], { cwd: root, stdio: ['ignore', 'pipe', 'inherit'] });
+  const senders: Promise<void>[] = [];
   let t0 = 0;
   try {
     return await new Promise<number>((resolve, reject) => {
       receiver.on('error', reject);
-      receiver.on('exit', (code) => code !== 0 && reject(new Error(`raw TCP receiver exited with ${code}`)));
+      receiver.on('exit', (code) => code !== 0 && reject(new Error(`${what} receiver exited with ${code}`)));
       lines(receiver.stdout, (line) => {
-        const [what, value] = line.split(' ');
-        if (what === 'port') {
+        const [kind, value] = line.split(' ');
+        if (kind === 'port') {
           t0 = performance.now();
           for (const f of files) {
-            spawn(process.execPath, ['-e', SENDER, value!, f], { stdio: 'inherit' })
-              .on('error', reject)
-              .on('exit', (code) => code !== 0 && reject(new Error(`raw TCP sender of ${f} exited with ${code}`)));
+            const sender = spawn(process.execPath, ['-e', senderScript, value!, f], { cwd: root, stdio: 'inherit' });
+            senders.push(
+              new Promise<void>((done) => {
+                sender.on('error', reject).on('exit', (code) => {
+                  if (code !== 0) reject(new Error(`${what} sender of ${f} exited with ${code}`));
+                  done();
+                });
+              }),
+            );
           }
-        } else if (what === 'done') {
+        } else if (kind === 'done') {
           const dt = (performance.now() - t0) / 1000;
-          if (Number(value) !== bytes) reject(new Error(`raw TCP copy received ${value} bytes of ${bytes}`));
+          if (Number(value) !== bytes) reject(new Error(`${what} received ${value} bytes of ${bytes}`));
           resolve(dt);
         }
       });
     });
   } finally {
+    await Promise.all(senders);
     if (receiver.exitCode === null) receiver.kill();
   }
 }
@@ -380,6 +272,7 @@ async function summarizeProfiles(dir: string): Promise<void> {
 const loadAtStart = load();
 console.log(`load average at start: ${loadAtStart} (2 cores: above 2 means other work competes)`);
 const generated = await generate();
+const { dir: inputs } = model;
 const base = join(inputs, 'base');
 const baseBytes = await folderBytes(base);
 console.log(generated === undefined ? `reusing ${inputs}` : `generated in ${generated.toFixed(1)} s`);
@@ -404,11 +297,14 @@ try {
   }
   const deltaBytes = deltas.reduce((a, f) => a + statSync(f).size, 0);
 
-  // 2. Raw TCP loopback copy of the same bytes.
+  // 2. Raw TCP loopback copy of the same bytes, and the same bytes through a bare grpc-js call.
   const raws: number[] = [];
+  const grpcs: number[] = [];
   for (let i = 0; i < runs; i++) {
-    raws.push(await rawCopy(deltas, deltaBytes));
+    raws.push(await copyOver(RAW_RECEIVER, RAW_SENDER, deltas, deltaBytes, 'raw TCP'));
     console.log(`raw TCP copy ${i + 1}/${runs}: ${raws.at(-1)!.toFixed(2)} s (${(deltaBytes / 1e6 / raws.at(-1)!).toFixed(0)} MB/s)`);
+    grpcs.push(await copyOver(GRPC_RECEIVER, GRPC_SENDER, deltas, deltaBytes, 'bare grpc-js'));
+    console.log(`bare grpc-js copy ${i + 1}/${runs}: ${grpcs.at(-1)!.toFixed(2)} s (${(deltaBytes / 1e6 / grpcs.at(-1)!).toFixed(0)} MB/s)`);
   }
 
   // 3. The server, with its whole life measured.
@@ -505,6 +401,7 @@ try {
 
   // The figures.
   const raw = median(raws);
+  const bare = median(grpcs);
   const cp = median(cps);
   const cpSync = median(cps.map((c, i) => c + syncs[i]!));
   const uploadRatio = raw / uploadSeconds;
@@ -521,6 +418,7 @@ try {
   const rows: string[][] = [
     ['measure', 'seconds', 'MB/s', 'reference', 'ref seconds', 'ref MB/s', 'ratio', 'goal', 'status'],
     ['upload, 3 concurrent `dppa push`', uploadSeconds.toFixed(2), mb(deltaBytes, uploadSeconds), 'raw TCP loopback copy', raw.toFixed(2), mb(deltaBytes, raw), `${(100 * uploadRatio).toFixed(1)}%`, '≥ 50%', yes(uploadRatio >= 0.5)],
+    ['', '', '', 'bare grpc-js call, bytes discarded', bare.toFixed(2), mb(deltaBytes, bare), `${((100 * bare) / uploadSeconds).toFixed(1)}% (it: ${((100 * raw) / bare).toFixed(1)}% of raw)`, '', ''],
     ['merge (last upload → merged)', mergeSeconds.toFixed(2), mb(baseBytes, mergeSeconds), '`cp -r` of the base', cp.toFixed(2), mb(baseBytes, cp), `${mergeRatio.toFixed(2)}×`, '≤ 2×', yes(mergeRatio <= 2)],
     ['', '', '', '`cp -r` + sync of the copy', cpSync.toFixed(2), mb(baseBytes, cpSync), `${(mergeSeconds / cpSync).toFixed(2)}×`, '', ''],
     ['server peak RSS (whole life)', '', '', '', '', '', `${serverRun.maxRssMiB.toFixed(0)} MiB`, '< 1024 MiB', yes(serverRun.maxRssMiB < 1024)],

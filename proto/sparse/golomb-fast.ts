@@ -1,0 +1,125 @@
+/**
+ * The fast Golomb gap decoder, for parameters up to 2^24: the next 16 bits of
+ * the stream look up a whole codeword (its gap and length) in a table built
+ * once per parameter, which replaces counting the unary part and reading the
+ * remainder; a codeword longer than 16 bits (a rare long gap) is read bit by
+ * bit. About 2–3× the speed of reading every codeword bit by bit, which the
+ * merge spends most of its decoding time on. Same contract as `decodeGaps`.
+ */
+import type { GapDecodeStatus } from './golomb.js';
+
+/** Largest remainder width b = ⌈log2 m⌉ this decoder handles: the bit-by-bit path reads b − 1 ≤ 24 bits at once. */
+export const FAST_MAX_REMAINDER_BITS = 25;
+
+/** Bits a table lookup sees. */
+const PEEK = 16;
+/** Largest b with a lookup table: beyond it too few codewords fit in 16 bits to pay for the table. */
+const TABLE_MAX_REMAINDER_BITS = 12;
+/** Tables kept per thread (256 KiB each), most recently built last. */
+const CACHED_TABLES = 16;
+const tables = new Map<number, Int32Array>();
+
+/**
+ * Decodes `out.length − 1` gaps into `out[1..]`, from `out[0]` on.
+ * @param bytes - The bit stream.
+ * @param m - Golomb parameter; its b = ⌈log2 m⌉ must not exceed {@link FAST_MAX_REMAINDER_BITS}.
+ * @param out - Receives the positions; `out[0]` must hold the first position.
+ */
+export function decodeGapsFast(bytes: Uint8Array, m: number, out: Float64Array): GapDecodeStatus {
+  const b = m === 1 ? 0 : 32 - Math.clz32(m - 1);
+  const u = 2 ** b - m;
+  const table = b <= TABLE_MAX_REMAINDER_BITS ? tableFor(m, b, u) : undefined;
+  const n = bytes.length;
+  // The next `bits` bits of the stream, left-aligned in `acc`; zeros beyond its end, as a truncated stream reads.
+  let acc = 0;
+  let bits = 0;
+  let at = 0;
+  let pos = out[0]!;
+  for (let i = 1; i < out.length; i++) {
+    while (bits <= 24) {
+      acc |= (at < n ? bytes[at]! : 0) << (24 - bits);
+      at++;
+      bits += 8;
+    }
+    const entry = table === undefined ? 0 : table[acc >>> (32 - PEEK)]!;
+    if (entry !== 0) {
+      const length = entry & 31;
+      pos += entry >>> 5;
+      acc <<= length;
+      bits -= length;
+      out[i] = pos;
+      continue;
+    }
+    let q = 0;
+    for (;;) {
+      while (bits <= 24) {
+        acc |= (at < n ? bytes[at]! : 0) << (24 - bits);
+        at++;
+        bits += 8;
+      }
+      const ones = Math.clz32(~acc);
+      if (ones < bits) {
+        // Two shifts: a shift by 32 would be a shift by 0 in JavaScript.
+        acc = (acc << ones) << 1;
+        bits -= ones + 1;
+        q += ones;
+        break;
+      }
+      q += bits;
+      acc = 0;
+      bits = 0;
+    }
+    let r = 0;
+    if (b > 0) {
+      while (bits <= 24) {
+        acc |= (at < n ? bytes[at]! : 0) << (24 - bits);
+        at++;
+        bits += 8;
+      }
+      const k = b - 1;
+      if (k > 0) {
+        r = acc >>> (32 - k);
+        acc <<= k;
+        bits -= k;
+      }
+      if (r >= u) {
+        r = r * 2 + (acc >>> 31) - u;
+        acc <<= 1;
+        bits -= 1;
+      }
+    }
+    pos += q * m + r + 1;
+    out[i] = pos;
+  }
+  const consumed = at * 8 - bits;
+  if (consumed > n * 8) return 'truncated';
+  if (n * 8 - consumed >= 8 || (bits > 0 && acc !== 0)) return 'trailing-data';
+  for (let j = at; j < n; j++) if (bytes[j] !== 0) return 'trailing-data';
+  return 'ok';
+}
+
+/**
+ * The lookup table of parameter m: for every 16-bit window that starts with a
+ * whole codeword, `gap << 5 | length`; 0 where the codeword is longer.
+ */
+function tableFor(m: number, b: number, u: number): Int32Array {
+  const cached = tables.get(m);
+  if (cached !== undefined) return cached;
+  const t = new Int32Array(1 << PEEK);
+  for (let q = 0; q + 1 + Math.max(b - 1, 0) <= PEEK; q++) {
+    const unary = ((1 << q) - 1) << 1;
+    for (let r = 0; r < m; r++) {
+      // Truncated binary: the first u remainders take b − 1 bits, the others b bits (as r + u).
+      const short = r < u || b === 0;
+      const width = b === 0 ? 0 : short ? b - 1 : b;
+      const length = q + 1 + width;
+      if (length > PEEK) break;
+      const code = (unary << width) | (short ? r : r + u);
+      const from = code << (PEEK - length);
+      t.fill(((q * m + r + 1) << 5) | length, from, from + (1 << (PEEK - length)));
+    }
+  }
+  if (tables.size >= CACHED_TABLES) tables.delete(tables.keys().next().value!);
+  tables.set(m, t);
+  return t;
+}

@@ -1,0 +1,312 @@
+/**
+ * The merge with `--cluster`: split into tasks on the replicas' work queue
+ * (task-queue.ts), so that every replica merges tensors of the same job.
+ *
+ * 1. `plan` (one per job; any replica may queue it, JetStream drops repeats):
+ *    creates the job's merge record in the KV bucket (`merge.<jobId>`: the
+ *    number of tensors and a bitmap of those written), lays the output out in
+ *    the shared data folder (`merged.cluster-tmp`: every weight file with its
+ *    header and size, the shard index, the extra files), then queues one
+ *    `tensor` task per tensor not yet written, unless some are still queued.
+ * 2. `tensor`: merges one tensor (`mergeTensor`, on this replica's merge
+ *    threads; tensors no party sent are copied), writes it at its offset and
+ *    flushes it to disk, then sets its bit in the record (an update against
+ *    the revision read). The task is acknowledged after that, so a replica
+ *    killed on the way leaves the task to another one, which writes the same
+ *    bytes again. Whoever sets the last bit queues the `commit`.
+ * 3. `commit`: renames the output into place (`merged/`), records each file's
+ *    SHA-256 and moves the job MERGING → MERGED. That move is checked against
+ *    the job's revision, so however often the commit runs, the job merges
+ *    once and announces it once.
+ *
+ * The merged bytes are those of the embedded merge: the same per-tensor
+ * merge, the same layout, the same extra files.
+ */
+import { stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { KV } from '@nats-io/kv';
+import { FormatError } from '../../proto/errors.js';
+import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
+import { Checkpoint, SharedCheckpointWriter } from '../../proto/safetensors/index.js';
+import type { JobEvents } from '../jobs/job-events.js';
+import { mergeParties, PROGRESS_INTERVAL_MS, type DistributedStep } from '../jobs/job-runner.js';
+import type { JobStore, StoredJob } from '../jobs/job-store.js';
+import { failJob, StateConflictError, transitionJob } from '../jobs/job-transitions.js';
+import type { Logger } from '../log.js';
+import { describeFiles, type MergeParty } from '../merge/merger.js';
+import { inlineRunner, workerRunner, type MergeRunner } from '../merge/merge-runner.js';
+import type { Metrics } from '../metrics.js';
+import { mergeKey } from '../nats/subjects.js';
+import type { Spool } from '../uploads/spool.js';
+import { isRevisionConflict, MAX_CONFLICT_RETRIES, natsCall } from './nats-calls.js';
+import type { Task, TaskQueue } from './task-queue.js';
+
+/** Folder of a job's merge output while replicas write it, next to `merged/`. */
+const WORK_DIR = 'merged.cluster-tmp';
+
+/** How often a replica closes what it holds open for jobs that are no longer merging (their merge threads and buffers). */
+const RELEASE_INTERVAL_MS = 5000;
+
+/** What `merge.<jobId>` holds. */
+interface MergeRecord {
+  tensorsTotal: number;
+  /** Bitmap of the tensors written (bit i: tensor i of the base), base64. */
+  written: string;
+  /** RFC 3339: when the plan ran first, for the merge's duration. */
+  startedAt: string;
+}
+
+/** A job being merged on this replica: its base, merge threads and output. */
+interface JobContext {
+  base: Checkpoint;
+  runner: MergeRunner;
+  writer: SharedCheckpointWriter;
+  parties: MergeParty[];
+  outsideByMax: boolean;
+}
+
+/** Options of {@link MergeTasks}. */
+export interface MergeTasksOptions {
+  store: JobStore;
+  events: JobEvents;
+  spool: Spool;
+  /** The jobs bucket, holding each job's merge record. */
+  kv: KV;
+  /** Where tasks are queued; set before any task runs (the queue's handler is {@link MergeTasks.handle}). */
+  queue: () => TaskQueue;
+  metrics: Metrics;
+  log: Logger;
+  /** Merge threads of this replica (0: this thread). */
+  mergeWorkers: number;
+}
+
+/** The merge's tasks: asking for a merge, and carrying out plan, tensor and commit tasks. */
+export class MergeTasks implements DistributedStep {
+  private readonly contexts = new Map<string, Promise<JobContext>>();
+  private readonly lastProgress = new Map<string, number>();
+  /** Another replica may have committed the job: this one learns it from the store, not from a task. */
+  private readonly releaser = setInterval(() => void this.releaseFinished(), RELEASE_INTERVAL_MS).unref();
+
+  constructor(private readonly opts: MergeTasksOptions) {}
+
+  /** Tasks of one replica that can run at once: one per merge thread, and one more that reads and writes. */
+  static lanes(mergeWorkers: number): number {
+    return Math.max(1, mergeWorkers) + 1;
+  }
+
+  /** Queues the job's plan task (repeats within the queue's duplicate window are dropped). */
+  async request(jobId: string): Promise<void> {
+    await this.opts.queue().publish({ kind: 'plan', jobId }, `${jobId}.plan`);
+  }
+
+  /** Carries out one task. Tasks of jobs that are no longer merging are dropped. */
+  async handle(task: Task, signal: AbortSignal): Promise<void> {
+    const job = this.opts.store.get(task.jobId);
+    if (job.state !== JobState.JOB_STATE_MERGING) {
+      await this.release(task.jobId);
+      return;
+    }
+    try {
+      if (task.kind === 'plan') await this.plan(job);
+      else if (task.kind === 'tensor') await this.tensor(job, task.tensor!, signal);
+      else await this.commit(job);
+    } catch (err) {
+      if (!(err instanceof FormatError) || signal.aborted) throw err;
+      // Damaged or mismatched input: every replica would fail alike, so the job fails (once) and the task is done.
+      this.opts.log.error('merge failed', { jobId: job.id, err });
+      await failJob(this.opts, job.id, `merge failed: ${err.message}`).catch((e: unknown) => {
+        if (!(e instanceof StateConflictError)) throw e;
+      });
+      await this.release(job.id);
+    }
+  }
+
+  private outDir(jobId: string): string {
+    return join(this.opts.store.dir(jobId), 'merged');
+  }
+
+  private workDir(jobId: string): string {
+    return join(this.opts.store.dir(jobId), WORK_DIR);
+  }
+
+  private async plan(job: StoredJob): Promise<void> {
+    const base = await Checkpoint.open(job.basePath);
+    let tensors: string[];
+    try {
+      tensors = base.tensors().map((t) => t.name);
+      const isDir = (await stat(job.basePath)).isDirectory();
+      const record = await this.record(job.id, tensors.length);
+      if (countWritten(record) === record.tensorsTotal) {
+        await this.queueCommit(job.id);
+        return;
+      }
+      await SharedCheckpointWriter.layOut(this.workDir(job.id), this.outDir(job.id), base.layout, isDir ? { copyExtraFilesFrom: job.basePath } : {});
+      // Tasks still queued (or being worked on) will finish the job: queueing them again would only repeat work.
+      if ((await this.opts.queue().queued(job.id, 'tensor')) > 0) return;
+      const written = bitmap(record);
+      for (const [index, name] of tensors.entries()) {
+        if (!isSet(written, index)) await this.opts.queue().publish({ kind: 'tensor', jobId: job.id, tensor: { name, index } }, `${job.id}.tensor.${index}`);
+      }
+    } finally {
+      await base.close();
+    }
+  }
+
+  private async tensor(job: StoredJob, tensor: { name: string; index: number }, signal: AbortSignal): Promise<void> {
+    const record = await this.record(job.id);
+    if (isSet(bitmap(record), tensor.index)) return;
+    const ctx = await this.context(job);
+    const info = ctx.base.info(tensor.name);
+    const contributions = ctx.parties.flatMap((p) => {
+      const file = p.tensors.get(tensor.name);
+      return file === undefined ? [] : [{ file, weight: p.weight, factors: [...p.factors] }];
+    });
+    const bytes = contributions.length === 0
+      ? await ctx.base.readRaw(tensor.name, { signal })
+      : await ctx.runner.run({ name: tensor.name, contributions, outsideByMax: ctx.outsideByMax }, info.numel, signal);
+    signal.throwIfAborted();
+    await ctx.writer.writeTensor(tensor.name, bytes);
+    this.opts.metrics.mergeTensors.inc();
+    this.opts.metrics.mergeBytes.inc(info.byteLength);
+    const written = await this.markWritten(job.id, tensor.index);
+    const total = record.tensorsTotal;
+    const now = performance.now();
+    if (written === total || now - (this.lastProgress.get(job.id) ?? 0) >= PROGRESS_INTERVAL_MS) {
+      this.lastProgress.set(job.id, now);
+      await this.opts.events.append(job.id, { mergeProgress: { tensorsDone: written, tensorsTotal: total } });
+    }
+    if (written === total) await this.queueCommit(job.id);
+  }
+
+  private async commit(job: StoredJob): Promise<void> {
+    const record = await this.record(job.id);
+    if (countWritten(record) !== record.tensorsTotal) return;
+    await this.release(job.id);
+    await SharedCheckpointWriter.commit(this.workDir(job.id), this.outDir(job.id));
+    const files = await describeFiles(this.outDir(job.id));
+    const seconds = (Date.now() - Date.parse(record.startedAt)) / 1000;
+    try {
+      await transitionJob(this.opts, job.id, JobState.JOB_STATE_MERGED, {
+        from: JobState.JOB_STATE_MERGING,
+        change: (j) => (j.merged = { files, seconds }),
+      });
+    } catch (err) {
+      // Another replica committed first.
+      if (err instanceof StateConflictError) return;
+      throw err;
+    }
+    this.opts.metrics.mergeDuration.observe(seconds);
+    await this.opts.events.append(job.id, { merged: { files: files.map((f) => f.path), seconds } });
+    this.opts.log.info('job merged', { jobId: job.id, seconds, tensors: record.tensorsTotal });
+  }
+
+  private queueCommit(jobId: string): Promise<void> {
+    return this.opts.queue().publish({ kind: 'commit', jobId }, `${jobId}.commit`);
+  }
+
+  /** The job's merge record; created (nothing written yet) when `tensorsTotal` is given and there is none. */
+  private async record(jobId: string, tensorsTotal?: number): Promise<MergeRecord> {
+    const { kv } = this.opts;
+    const key = mergeKey(jobId);
+    for (let attempt = 1; ; attempt++) {
+      const entry = await natsCall('reading a merge record', () => kv.get(key));
+      if (entry?.operation === 'PUT') return entry.json<MergeRecord>();
+      if (tensorsTotal === undefined) throw new Error(`job ${jobId} has no merge record: its plan has not run`);
+      const record: MergeRecord = { tensorsTotal, written: Buffer.alloc(Math.ceil(tensorsTotal / 8)).toString('base64'), startedAt: new Date().toISOString() };
+      try {
+        await natsCall('creating a merge record', () => kv.create(key, JSON.stringify(record)));
+        return record;
+      } catch (err) {
+        if (!isRevisionConflict(err) || attempt >= MAX_CONFLICT_RETRIES) throw err;
+      }
+    }
+  }
+
+  /** Sets a tensor's bit in the job's record. @returns How many tensors are written now. */
+  private async markWritten(jobId: string, index: number): Promise<number> {
+    const { kv } = this.opts;
+    const key = mergeKey(jobId);
+    for (let attempt = 1; ; attempt++) {
+      const entry = await natsCall('reading a merge record', () => kv.get(key));
+      if (entry?.operation !== 'PUT') throw new Error(`job ${jobId} has no merge record`);
+      const record = entry.json<MergeRecord>();
+      const written = bitmap(record);
+      if (isSet(written, index)) return countWritten(record);
+      written[index >> 3]! |= 1 << (index & 7);
+      record.written = Buffer.from(written).toString('base64');
+      try {
+        await natsCall('updating a merge record', () => kv.update(key, JSON.stringify(record), entry.revision));
+        return countWritten(record);
+      } catch (err) {
+        if (!isRevisionConflict(err) || attempt >= MAX_CONFLICT_RETRIES) throw err;
+      }
+    }
+  }
+
+  /** Opens (once) what this replica needs to merge the job's tensors. */
+  private context(job: StoredJob): Promise<JobContext> {
+    let ctx = this.contexts.get(job.id);
+    if (ctx === undefined) {
+      ctx = this.openContext(job);
+      this.contexts.set(job.id, ctx);
+      void ctx.catch(() => this.contexts.delete(job.id));
+    }
+    return ctx;
+  }
+
+  private async openContext(job: StoredJob): Promise<JobContext> {
+    // Uploads landed on every replica: read the spools again (they no longer change once the job merges).
+    await this.opts.spool.refreshJob(job.id);
+    const parties = mergeParties(job, this.opts.spool);
+    const base = await Checkpoint.open(job.basePath);
+    try {
+      const writer = await SharedCheckpointWriter.open(this.workDir(job.id), this.outDir(job.id), base.layout);
+      const { mergeWorkers } = this.opts;
+      const runner = mergeWorkers === 0 ? inlineRunner(base) : workerRunner(job.basePath, mergeWorkers);
+      return { base, runner, writer, parties, outsideByMax: job.dpa.scaleOutsideByMax };
+    } catch (err) {
+      await base.close();
+      throw err;
+    }
+  }
+
+  /** Closes what this replica holds open for a job. */
+  private async release(jobId: string): Promise<void> {
+    const ctx = this.contexts.get(jobId);
+    this.contexts.delete(jobId);
+    this.lastProgress.delete(jobId);
+    if (ctx === undefined) return;
+    const c = await ctx.catch(() => undefined);
+    if (c === undefined) return;
+    await c.runner.close();
+    await c.writer.close();
+    await c.base.close();
+  }
+
+  private async releaseFinished(): Promise<void> {
+    for (const id of [...this.contexts.keys()]) {
+      const state = this.opts.store.list().find((j) => j.id === id)?.state;
+      if (state !== JobState.JOB_STATE_MERGING) await this.release(id).catch((err: unknown) => this.opts.log.warn('cannot close a merge', { jobId: id, err }));
+    }
+  }
+
+  /** Closes everything held for every job (after the queue stopped). */
+  async close(): Promise<void> {
+    clearInterval(this.releaser);
+    await Promise.all([...this.contexts.keys()].map((id) => this.release(id)));
+  }
+}
+
+function bitmap(record: MergeRecord): Uint8Array {
+  return new Uint8Array(Buffer.from(record.written, 'base64'));
+}
+
+function isSet(bits: Uint8Array, index: number): boolean {
+  return ((bits[index >> 3] ?? 0) & (1 << (index & 7))) !== 0;
+}
+
+function countWritten(record: MergeRecord): number {
+  let n = 0;
+  for (const byte of bitmap(record)) for (let b = byte; b !== 0; b &= b - 1) n++;
+  return n;
+}

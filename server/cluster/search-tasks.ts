@@ -1,0 +1,85 @@
+/**
+ * The DPA factor search with `--cluster`: one `search` task per party on the
+ * search queue (task-queue.ts, consumer `dppa-searchers`), from which each
+ * replica takes one task at a time, so that the searches of different parties
+ * run on different replicas.
+ *
+ * A search records every evaluation in the job (the KV bucket) before it goes
+ * on, so a search task that runs again (its replica died, or NATS went away)
+ * resumes from the recorded evaluations, repeating none (dpa/job-search.ts).
+ * The task is acknowledged once the party's factors are chosen; the replica
+ * that finds every party's factors chosen moves the job DPA → MERGING (against
+ * the job's revision) and asks for the merge.
+ *
+ * Only the server-side (ONNX) evaluator runs on a cluster: a remote
+ * evaluator's party would have to reach the replica running its search.
+ */
+import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
+import { searchPartyFactors, SearchFailedError, type JobSearchDeps } from '../dpa/job-search.js';
+import { NatsUnavailableError } from '../errors.js';
+import type { DistributedStep } from '../jobs/job-runner.js';
+import { failJob, StateConflictError, transitionJob } from '../jobs/job-transitions.js';
+import type { Task, TaskQueue } from './task-queue.js';
+
+/** Options of {@link SearchTasks}: what a search needs (its `broker` stays unused: no remote evaluator on a cluster), and the queues. */
+export interface SearchTasksOptions extends JobSearchDeps {
+  /** Where search tasks are queued. */
+  queue: () => TaskQueue;
+  /** Asked for once the job merges. */
+  merge: DistributedStep;
+}
+
+/** The searches' tasks: asking for them, and carrying them out. */
+export class SearchTasks implements DistributedStep {
+  constructor(private readonly opts: SearchTasksOptions) {}
+
+  /**
+   * Queues a search task for every party of a DPA job without chosen
+   * factors, unless search tasks of the job are still queued (they will
+   * finish the job; JetStream also drops a repeated task within its window).
+   */
+  async request(jobId: string): Promise<void> {
+    const job = this.opts.store.get(jobId);
+    const queue = this.opts.queue();
+    if ((await queue.queued(jobId, 'search')) > 0) return;
+    for (const p of job.parties) {
+      if (p.chosen === undefined) await queue.publish({ kind: 'search', jobId, party: p.name }, `${jobId}.search.${p.name}`);
+    }
+    // Every party chosen (the move to MERGING was missed): make it now.
+    if (job.parties.every((p) => p.chosen !== undefined)) await this.toMerging(jobId);
+  }
+
+  /** Runs one party's search (or resumes it), then moves the job on if it was the last. */
+  async handle(task: Task, signal: AbortSignal): Promise<void> {
+    const { store } = this.opts;
+    const job = store.get(task.jobId);
+    if (job.state !== JobState.JOB_STATE_DPA) return;
+    const party = task.party!;
+    if (job.parties.find((p) => p.name === party)?.chosen === undefined) {
+      await this.opts.spool.refreshJob(job.id, party);
+      try {
+        await searchPartyFactors(this.opts, job.id, party, signal);
+      } catch (err) {
+        // NATS away while recording: the task comes back and the search resumes from what was recorded.
+        if (signal.aborted || !(err instanceof SearchFailedError) || err.cause instanceof NatsUnavailableError) throw err;
+        this.opts.log.error('DPA search failed', { jobId: job.id, party, err });
+        await failJob(this.opts, job.id, `DPA search failed: ${err.message}`).catch((e: unknown) => {
+          if (!(e instanceof StateConflictError)) throw e;
+        });
+        return;
+      }
+    }
+    if (store.get(job.id).parties.every((p) => p.chosen !== undefined)) await this.toMerging(job.id);
+  }
+
+  private async toMerging(jobId: string): Promise<void> {
+    try {
+      await transitionJob(this.opts, jobId, JobState.JOB_STATE_MERGING, { from: JobState.JOB_STATE_DPA });
+    } catch (err) {
+      // Another replica moved it first (and asked for the merge).
+      if (err instanceof StateConflictError) return;
+      throw err;
+    }
+    await this.opts.merge.request(jobId);
+  }
+}

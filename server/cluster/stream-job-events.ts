@@ -1,0 +1,112 @@
+/**
+ * Job events with `--cluster`: the JetStream stream of job events
+ * (`DPPA_EVENTS`, docs/events.md) is the log itself, shared by every
+ * replica, so that WatchJob on any replica sees what every replica recorded.
+ *
+ * Each event's number comes from the job's counter in the KV bucket
+ * (`seq.<jobId>`, incremented against its revision), so numbers stay unique
+ * per job whichever replica appends (a replica dying between numbering and
+ * publishing leaves a gap); the event is then
+ * published with `Nats-Msg-Id: <jobId>-<seq>` and awaited. Two replicas
+ * appending at the same instant may store their events in the stream in the
+ * other order than their numbers; watchers deliver stream order and skip
+ * numbers already delivered. Appending needs NATS: while it is away an append
+ * fails with NatsUnavailableError, and the work that wanted it is retried.
+ */
+import type { JetStreamClient } from '@nats-io/jetstream';
+import type { KV } from '@nats-io/kv';
+import { JobEvent } from '../../proto/gen/dppa/v1/jobs.js';
+import { isFinalEvent, type EventBody, type JobEvents } from '../jobs/job-events.js';
+import { EVENTS_STREAM, eventKind, eventMsgId, eventSeqKey, eventSubject, jobSubjects } from '../nats/subjects.js';
+import { isRevisionConflict, MAX_CONFLICT_RETRIES, natsCall } from './nats-calls.js';
+
+/** Options of {@link StreamJobEvents}. */
+export interface StreamJobEventsOptions {
+  js: JetStreamClient;
+  /** The jobs bucket, holding each job's event counter. */
+  kv: KV;
+}
+
+/** Messages a watcher's consumer buffers. */
+const WATCH_BUFFER = 256;
+
+/** The events of every job, in the shared stream. */
+export class StreamJobEvents implements JobEvents {
+  private watchers = 0;
+
+  constructor(private readonly opts: StreamJobEventsOptions) {}
+
+  /** Nothing to open: the stream holds every job's events. */
+  load(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  /** @throws NatsUnavailableError while NATS is away. */
+  async append(jobId: string, body: EventBody): Promise<JobEvent> {
+    const seq = await this.nextSeq(jobId);
+    const event = JobEvent.fromPartial({ ...body, jobId, seq, time: new Date().toISOString() });
+    const kind = eventKind(event);
+    if (kind === undefined) throw new Error('an event must have exactly one kind');
+    await natsCall('publishing a job event', () =>
+      this.opts.js.publish(eventSubject(jobId, kind), JSON.stringify(JobEvent.toJSON(event)), { msgID: eventMsgId(jobId, seq) }),
+    );
+    return event;
+  }
+
+  /** The job's next event number, taken from its counter. */
+  private async nextSeq(jobId: string): Promise<bigint> {
+    const key = eventSeqKey(jobId);
+    const { kv } = this.opts;
+    for (let attempt = 1; ; attempt++) {
+      const entry = await natsCall('reading an event counter', () => kv.get(key));
+      const last = entry?.operation === 'PUT' ? BigInt(entry.string()) : 0n;
+      const next = last + 1n;
+      try {
+        if (entry === null) await natsCall('creating an event counter', () => kv.create(key, String(next)));
+        else await natsCall('updating an event counter', () => kv.update(key, String(next), entry.revision));
+        return next;
+      } catch (err) {
+        if (!isRevisionConflict(err) || attempt >= MAX_CONFLICT_RETRIES) throw err;
+      }
+    }
+  }
+
+  /** @throws NatsUnavailableError if NATS is away when the watch starts (it then follows NATS through outages). */
+  async *watch(jobId: string, afterSeq: bigint, signal: AbortSignal): AsyncGenerator<JobEvent, void, undefined> {
+    signal.throwIfAborted();
+    // An ordered consumer: replays the job's subjects from the start, recreates itself after an outage.
+    const consumer = await natsCall('watching job events', () => this.opts.js.consumers.get(EVENTS_STREAM, { filter_subjects: jobSubjects(jobId) }));
+    const messages = await natsCall('watching job events', () => consumer.consume({ max_messages: WATCH_BUFFER }));
+    const onAbort = (): void => void messages.close();
+    signal.addEventListener('abort', onAbort);
+    this.watchers++;
+    const delivered = new Set<bigint>();
+    try {
+      for await (const m of messages) {
+        const e = JobEvent.fromJSON(m.json());
+        if (e.seq <= afterSeq) {
+          if (isFinalEvent(e)) return;
+          continue;
+        }
+        if (delivered.has(e.seq)) continue;
+        delivered.add(e.seq);
+        yield e;
+        if (isFinalEvent(e)) return;
+      }
+      signal.throwIfAborted();
+    } finally {
+      this.watchers--;
+      signal.removeEventListener('abort', onAbort);
+      await messages.close();
+    }
+  }
+
+  get watcherCount(): number {
+    return this.watchers;
+  }
+
+  /** Nothing to flush: every append was acknowledged by JetStream before it resolved. */
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
+}
