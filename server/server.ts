@@ -149,7 +149,15 @@ export class DppaServer {
       store = local;
       events = fileEvents;
     }
-    const spool = await Spool.open({ store, log, shared: o.cluster });
+    let spool: Spool;
+    try {
+      spool = await Spool.open({ store, log, shared: o.cluster });
+    } catch (err) {
+      // A replica that cannot read the shared folder must not keep its NATS connection (and the process) alive.
+      await events.close();
+      await cluster?.leave();
+      throw err;
+    }
     const metrics = new Metrics({ jobsByState: () => store.countByState(), spoolBytes: () => spool.totalBytes() });
     let publisher: NatsEventPublisher | undefined;
     if (o.nats !== undefined && fileEvents !== undefined) {

@@ -137,8 +137,11 @@ describe('three replicas on one NATS and one shared folder', () => {
       assert.equal(all.filter((x) => x.stateChanged?.to === JobState.JOB_STATE_MERGING).length, 1, 'MERGING once');
       assert.equal(all.filter((x) => x.stateChanged?.to === JobState.JOB_STATE_MERGED).length, 1, 'MERGED once');
       for (const p of family.parties) assert.equal(all.filter((x) => x.uploadComplete?.party === p.name).length, 1, `${p.name} completed once`);
+      // Unique and increasing, not gapless: A was SIGKILLed, and a replica dying between numbering an event and
+      // publishing it leaves a gap (docs/scale-out.md).
       const seqs = all.map((x) => Number(x.seq)).sort((x, y) => x - y);
-      assert.deepEqual(seqs, Array.from({ length: seqs.length }, (_, i) => i + 1), 'event numbers are unique and gapless across replicas');
+      assert.ok(seqs[0]! >= 1, `event numbers start at 1 or later: ${seqs[0]}`);
+      for (let i = 1; i < seqs.length; i++) assert.ok(seqs[i]! > seqs[i - 1]!, `event number ${seqs[i]} is used once across replicas`);
 
       // The survivors merged the rest between them (a tensor A was writing when it died is written again).
       const done = await Promise.all([d, e].map((r) => metricValue(r.metricsPort, 'dppa_cluster_tasks_total{kind="tensor",outcome="done"}')));

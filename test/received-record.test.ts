@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
+import { DeltaRecord, SparseChunk } from '../proto/gen/dppa/v1/sparse.js';
 import { UploadRequest } from '../proto/gen/dppa/v1/upload.js';
 import { encodeChunks } from '../proto/sparse/index.js';
 import { receivedEncoding, UploadServiceKeepingRecords } from '../server/uploads/received-record.js';
@@ -30,4 +30,22 @@ void describe('received record bytes', () => {
     const open = deserialize(Buffer.from(UploadRequest.encode({ open: { jobId: 'j', party: 'p' } }).finish()));
     assert.equal(open.record, undefined);
   });
+
+  void it('keeps nothing when the record carries bytes its fields do not account for (unknown fields)', () => {
+    // Field 15 of SparseChunk, unknown to this version: 64 KiB that decoding skips but raw bytes would keep.
+    const extra = Buffer.concat([Buffer.of(0x7a, 0x80, 0x80, 0x04), Buffer.alloc(65536, 1)]);
+    const chunkBytes = Buffer.concat([Buffer.from(SparseChunk.encode(chunk).finish()), extra]);
+    const recordBytes = Buffer.concat([Buffer.of(0x1a), varint(chunkBytes.length), chunkBytes]);
+    const message = Buffer.concat([Buffer.of(0x12), varint(recordBytes.length), recordBytes]);
+    const req = deserialize(message);
+    assert.deepEqual(req.record?.chunk, DeltaRecord.decode(DeltaRecord.encode(record).finish()).chunk, 'the unknown field is skipped');
+    assert.equal(receivedEncoding(req.record!), undefined);
+  });
 });
+
+function varint(n: number): Buffer {
+  const out: number[] = [];
+  for (; n >= 0x80; n = Math.floor(n / 128)) out.push((n & 0x7f) | 0x80);
+  out.push(n);
+  return Buffer.from(out);
+}

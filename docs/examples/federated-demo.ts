@@ -17,8 +17,10 @@
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, rm } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { DppaClient, EvaluatorKind, JobState, jobStateName, pruneToFile } from '../../client/index.js';
 import { createLogger } from '../../server/log.js';
 import { DppaServer } from '../../server/server.js';
@@ -28,15 +30,22 @@ import {
 } from './family-lab.js';
 
 const dir = process.argv[2] ?? 'dppa-demo';
-const root = new URL('../..', import.meta.url).pathname;
+const root = fileURLToPath(new URL('../..', import.meta.url));
 const RATE = 0.9;
 const started = Date.now();
 const clock = (): string => `${((Date.now() - started) / 1000).toFixed(1).padStart(5)} s`;
 const step = (n: number, text: string): void => console.log(`[${n}/7 ${clock()}] ${text}`);
 const pct = (x: number): string => `${(100 * x).toFixed(1)}%`;
 
+// Only a folder this demo made (or none) is replaced: OUT_DIR may be any path the user typed.
+const MARKER = '.dppa-demo';
+if ((await readdir(dir).catch(() => [])).some((f) => f !== MARKER) && !existsSync(join(dir, MARKER))) {
+  console.error(`${dir} exists and was not made by this demo; give another folder: npm run demo -- OUT_DIR`);
+  process.exit(2);
+}
 await rm(dir, { recursive: true, force: true });
 await mkdir(dir, { recursive: true });
+await writeFile(join(dir, MARKER), 'made by npm run demo; the next run replaces this folder\n');
 const base = memberDir('base');
 const scorer = await FamilyScorer.open('test');
 const baseWeights = await readWeights(base);

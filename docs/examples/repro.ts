@@ -18,7 +18,7 @@
  *   npm run repro [-- --out docs/results.md --svg docs/results-rate.svg]
  */
 import { execFileSync } from 'node:child_process';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rename, rm, writeFile } from 'node:fs/promises';
 import { availableParallelism, cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -169,8 +169,11 @@ try {
 
   const seconds = (Date.now() - started) / 1000;
   const md = report({ single, merges, percentiles, searches, refTest, baseRatio, seconds, evaluations: { validation: val.evaluations, test: test.evaluations } });
-  await writeFile(args.out, md);
-  await writeFile(args.svg, ratePlotSvg(single));
+  // Written beside and renamed, so that a run cut short leaves the previous files whole.
+  await writeFile(`${args.out}.tmp`, md);
+  await writeFile(`${args.svg}.tmp`, ratePlotSvg(single));
+  await rename(`${args.out}.tmp`, args.out);
+  await rename(`${args.svg}.tmp`, args.svg);
   progress(`wrote ${args.out} and ${args.svg} (${val.evaluations} validation and ${test.evaluations} test evaluations)`);
 } finally {
   await val.close();

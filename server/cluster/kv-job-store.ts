@@ -12,6 +12,7 @@
  */
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { KV } from '@nats-io/kv';
 import { KvWatchInclude } from '@nats-io/kv';
 import { NotFoundError } from '../errors.js';
@@ -19,6 +20,9 @@ import { decodeJob, encodeJob, MemoryJobStore, type StoredJob } from '../jobs/jo
 import type { Logger } from '../log.js';
 import { JOB_KEYS, JOBS_BUCKET, jobKey } from '../nats/subjects.js';
 import { isRevisionConflict, MAX_CONFLICT_RETRIES, natsCall } from './nats-calls.js';
+
+/** How long a watch that ended waits before it starts again. */
+const RECONNECT_WAIT_MS = 1000;
 
 /** Options of {@link KvJobStore.open}. */
 export interface KvJobStoreOptions {
@@ -35,6 +39,9 @@ export class KvJobStore extends MemoryJobStore {
   private readonly revisions = new Map<string, number>();
   private stopWatch: (() => void) | undefined;
   private watching: Promise<void> = Promise.resolve();
+  private closed = false;
+  /** Number of the current watch: only its end starts another. */
+  private generation = 0;
 
   private constructor(private readonly opts: KvJobStoreOptions) {
     super(join(opts.dataDir, 'jobs'));
@@ -47,21 +54,78 @@ export class KvJobStore extends MemoryJobStore {
   static async open(opts: KvJobStoreOptions): Promise<KvJobStore> {
     const store = new KvJobStore(opts);
     await mkdir(store.root, { recursive: true });
-    // Updates first, then the snapshot: nothing written in between is missed, and revisions keep the newest.
-    const updates = await natsCall('watching the jobs bucket', () => opts.kv.watch({ key: JOB_KEYS, include: KvWatchInclude.UpdatesOnly }));
-    store.stopWatch = () => updates.stop();
-    store.watching = (async () => {
-      for await (const e of updates) {
-        if (e.operation === 'PUT') store.take(e.string(), e.key, e.revision);
-      }
-    })().catch((err: unknown) => opts.log.error('the watch on the jobs bucket ended', { err }));
-    const keys: string[] = [];
-    for await (const k of await natsCall('listing jobs', () => opts.kv.keys(JOB_KEYS))) keys.push(k);
-    for (const k of keys) {
-      const e = await natsCall('reading a job', () => opts.kv.get(k));
-      if (e?.operation === 'PUT') store.take(e.string(), k, e.revision);
-    }
+    await store.watch();
     return store;
+  }
+
+  /**
+   * Starts the watch on the bucket, then loads every job in it (updates
+   * first, then the snapshot: nothing written in between is missed, and
+   * revisions keep the newest). A watch that ends before close() is started
+   * again, snapshot included, so the copy does not silently go stale.
+   */
+  private async watch(): Promise<void> {
+    const { kv, log } = this.opts;
+    const updates = await natsCall('watching the jobs bucket', () => kv.watch({ key: JOB_KEYS, include: KvWatchInclude.UpdatesOnly }));
+    if (this.closed) {
+      updates.stop();
+      return;
+    }
+    const generation = ++this.generation;
+    this.stopWatch = () => updates.stop();
+    this.watching = (async () => {
+      for await (const e of updates) {
+        if (e.operation === 'PUT') this.take(e.string(), e.key, e.revision);
+      }
+    })().then(
+      () => this.rewatch(generation, undefined),
+      (err: unknown) => this.rewatch(generation, err),
+    );
+    try {
+      const keys: string[] = [];
+      for await (const k of await natsCall('listing jobs', () => kv.keys(JOB_KEYS))) keys.push(k);
+      for (const k of keys) {
+        const e = await natsCall('reading a job', () => kv.get(k));
+        if (e?.operation === 'PUT') this.take(e.string(), k, e.revision);
+      }
+    } catch (err) {
+      // No snapshot: this watch is given up (without starting another), the caller tries again.
+      if (generation === this.generation) this.generation++;
+      updates.stop();
+      throw err;
+    }
+    log.debug('watching the jobs bucket', { jobs: this.jobs.size });
+  }
+
+  /** The watch ended: unless closing (or it was given up), starts it again (every second until NATS lets it). */
+  private rewatch(generation: number, err: unknown): void {
+    if (this.closed || generation !== this.generation) return;
+    this.opts.log.error('the watch on the jobs bucket ended; starting it again', { err });
+    void (async () => {
+      while (!this.closed) {
+        await sleep(RECONNECT_WAIT_MS);
+        if (this.closed) return;
+        try {
+          await this.watch();
+          this.opts.log.info('watching the jobs bucket again');
+          return;
+        } catch (e) {
+          this.opts.log.warn('cannot watch the jobs bucket yet', { err: e });
+        }
+      }
+    })();
+  }
+
+  /**
+   * The job as the bucket holds it now (this replica's copy may lag by
+   * milliseconds, or more if its watch was interrupted); the copy is updated.
+   * @throws NatsUnavailableError if NATS is away; NotFoundError.
+   */
+  async fresh(id: string): Promise<StoredJob> {
+    const key = jobKey(id);
+    const entry = await natsCall('reading a job', () => this.opts.kv.get(key));
+    if (entry === null || entry.operation !== 'PUT') throw new NotFoundError(`no job ${JSON.stringify(id)}`);
+    return this.take(entry.string(), key, entry.revision) ?? decodeJob(entry.string(), `${JOBS_BUCKET}:${key}`);
   }
 
   /** Puts a job read from the bucket in memory unless a newer revision is there; keeps the object callers hold. */
@@ -112,6 +176,7 @@ export class KvJobStore extends MemoryJobStore {
 
   /** Stops watching the bucket. */
   async close(): Promise<void> {
+    this.closed = true;
     this.stopWatch?.();
     await this.watching;
   }

@@ -7,17 +7,24 @@
  *    number of tensors and a bitmap of those written), lays the output out in
  *    the shared data folder (`merged.cluster-tmp`: every weight file with its
  *    header and size, the shard index, the extra files), then queues one
- *    `tensor` task per tensor not yet written, unless some are still queued.
+ *    `tensor` task per tensor not yet written, each with its own `Nats-Msg-Id`
+ *    (a plan that runs again after failing midway queues the rest; repeats
+ *    within the duplicate window are dropped, later ones find their bit set).
  * 2. `tensor`: merges one tensor (`mergeTensor`, on this replica's merge
  *    threads; tensors no party sent are copied), writes it at its offset and
  *    flushes it to disk, then sets its bit in the record (an update against
  *    the revision read). The task is acknowledged after that, so a replica
  *    killed on the way leaves the task to another one, which writes the same
- *    bytes again. Whoever sets the last bit queues the `commit`.
+ *    bytes again. Whoever sets the last bit queues the `commit`, and so does
+ *    a tensor task that runs again and finds every bit set (the first may
+ *    have failed to queue it).
  * 3. `commit`: renames the output into place (`merged/`), records each file's
  *    SHA-256 and moves the job MERGING → MERGED. That move is checked against
  *    the job's revision, so however often the commit runs, the job merges
- *    once and announces it once.
+ *    once and `merged` is published at most once by the commit that moved
+ *    it. If that commit fails between the move and the publish (NATS away,
+ *    replica killed), the commit task runs again, finds the job MERGED and
+ *    the stream without its `merged` event, and publishes it then.
  *
  * The merged bytes are those of the embedded merge: the same per-tensor
  * merge, the same layout, the same extra files.
@@ -28,9 +35,10 @@ import type { KV } from '@nats-io/kv';
 import { FormatError } from '../../proto/errors.js';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import { Checkpoint, SharedCheckpointWriter } from '../../proto/safetensors/index.js';
+import { UnavailableError } from '../errors.js';
 import type { JobEvents } from '../jobs/job-events.js';
 import { mergeParties, PROGRESS_INTERVAL_MS, type DistributedStep } from '../jobs/job-runner.js';
-import type { JobStore, StoredJob } from '../jobs/job-store.js';
+import { isTerminal, stateName, type JobStore, type StoredJob } from '../jobs/job-store.js';
 import { failJob, StateConflictError, transitionJob } from '../jobs/job-transitions.js';
 import type { Logger } from '../log.js';
 import { describeFiles, type MergeParty } from '../merge/merger.js';
@@ -39,13 +47,20 @@ import type { Metrics } from '../metrics.js';
 import { mergeKey } from '../nats/subjects.js';
 import type { Spool } from '../uploads/spool.js';
 import { isRevisionConflict, MAX_CONFLICT_RETRIES, natsCall } from './nats-calls.js';
-import type { Task, TaskQueue } from './task-queue.js';
+import { TaskNotReadyError, type Task, type TaskQueue } from './task-queue.js';
 
 /** Folder of a job's merge output while replicas write it, next to `merged/`. */
 const WORK_DIR = 'merged.cluster-tmp';
 
 /** How often a replica closes what it holds open for jobs that are no longer merging (their merge threads and buffers). */
 const RELEASE_INTERVAL_MS = 5000;
+
+/**
+ * A job that ended less than this long ago may still be publishing its final
+ * event: a commit task that finds the event missing waits this long before
+ * publishing it itself.
+ */
+const FINAL_EVENT_GRACE_MS = 3000;
 
 /** What `merge.<jobId>` holds. */
 interface MergeRecord {
@@ -83,6 +98,7 @@ export interface MergeTasksOptions {
 /** The merge's tasks: asking for a merge, and carrying out plan, tensor and commit tasks. */
 export class MergeTasks implements DistributedStep {
   private readonly contexts = new Map<string, Promise<JobContext>>();
+  private closed = false;
   private readonly lastProgress = new Map<string, number>();
   /** Another replica may have committed the job: this one learns it from the store, not from a task. */
   private readonly releaser = setInterval(() => void this.releaseFinished(), RELEASE_INTERVAL_MS).unref();
@@ -99,12 +115,23 @@ export class MergeTasks implements DistributedStep {
     await this.opts.queue().publish({ kind: 'plan', jobId }, `${jobId}.plan`);
   }
 
-  /** Carries out one task. Tasks of jobs that are no longer merging are dropped. */
+  /**
+   * Carries out one task. Tasks of jobs that have ended are dropped (a commit
+   * task first publishes the job's final event if the stream lacks it); a
+   * task of a job this replica's copy shows as not yet merging is checked
+   * against the bucket and handed back if the bucket agrees.
+   */
   async handle(task: Task, signal: AbortSignal): Promise<void> {
-    const job = this.opts.store.get(task.jobId);
-    if (job.state !== JobState.JOB_STATE_MERGING) {
+    let job = this.opts.store.get(task.jobId);
+    if (!isTerminal(job.state) && job.state !== JobState.JOB_STATE_MERGING) job = (await this.opts.store.fresh?.(task.jobId)) ?? job;
+    if (isTerminal(job.state)) {
       await this.release(task.jobId);
+      if (task.kind === 'commit') await this.announceEnd(job);
       return;
+    }
+    if (job.state !== JobState.JOB_STATE_MERGING) {
+      // Tasks are queued once the job is MERGING: the bucket will say so.
+      throw new TaskNotReadyError(`job ${job.id} is ${stateName(job.state)} here, not yet MERGING`);
     }
     try {
       if (task.kind === 'plan') await this.plan(job);
@@ -119,6 +146,27 @@ export class MergeTasks implements DistributedStep {
       });
       await this.release(job.id);
     }
+  }
+
+  /**
+   * Publishes the final event of an ended job if the stream lacks it: the
+   * replica that moved the job died or lost NATS between the move and the
+   * publish. A job that ended moments ago is given time to publish it first.
+   */
+  private async announceEnd(job: StoredJob): Promise<void> {
+    const { events, log } = this.opts;
+    if (events.hasFinalEvent === undefined || (await events.hasFinalEvent(job.id))) return;
+    if (Date.now() - Date.parse(job.updatedAt) < FINAL_EVENT_GRACE_MS) {
+      throw new TaskNotReadyError(`job ${job.id} ended moments ago; its final event may still be on its way`, FINAL_EVENT_GRACE_MS);
+    }
+    if (job.state === JobState.JOB_STATE_MERGED && job.merged !== undefined) {
+      await events.append(job.id, { merged: { files: job.merged.files.map((f) => f.path), seconds: job.merged.seconds } });
+    } else if (job.state === JobState.JOB_STATE_FAILED) {
+      await events.append(job.id, { failed: { reason: job.failureReason } });
+    } else {
+      return;
+    }
+    log.warn('published the final event a replica had left out', { jobId: job.id, state: stateName(job.state) });
   }
 
   private outDir(jobId: string): string {
@@ -141,8 +189,8 @@ export class MergeTasks implements DistributedStep {
         return;
       }
       await SharedCheckpointWriter.layOut(this.workDir(job.id), this.outDir(job.id), base.layout, isDir ? { copyExtraFilesFrom: job.basePath } : {});
-      // Tasks still queued (or being worked on) will finish the job: queueing them again would only repeat work.
-      if ((await this.opts.queue().queued(job.id, 'tensor')) > 0) return;
+      // Every unwritten tensor, even if some are still queued: a plan that failed midway left others unqueued.
+      // Each has its own msgId, so JetStream drops those queued within its duplicate window.
       const written = bitmap(record);
       for (const [index, name] of tensors.entries()) {
         if (!isSet(written, index)) await this.opts.queue().publish({ kind: 'tensor', jobId: job.id, tensor: { name, index } }, `${job.id}.tensor.${index}`);
@@ -154,7 +202,11 @@ export class MergeTasks implements DistributedStep {
 
   private async tensor(job: StoredJob, tensor: { name: string; index: number }, signal: AbortSignal): Promise<void> {
     const record = await this.record(job.id);
-    if (isSet(bitmap(record), tensor.index)) return;
+    if (isSet(bitmap(record), tensor.index)) {
+      // Run again: the first run may have set the last bit and failed to queue the commit (dropped if queued).
+      if (countWritten(record) === record.tensorsTotal) await this.queueCommit(job.id);
+      return;
+    }
     const ctx = await this.context(job);
     const info = ctx.base.info(tensor.name);
     const contributions = ctx.parties.flatMap((p) => {
@@ -245,6 +297,8 @@ export class MergeTasks implements DistributedStep {
 
   /** Opens (once) what this replica needs to merge the job's tensors. */
   private context(job: StoredJob): Promise<JobContext> {
+    // After close() nothing may open merge threads again: they would keep the process alive.
+    if (this.closed) return Promise.reject(new UnavailableError('the replica is stopping'));
     let ctx = this.contexts.get(job.id);
     if (ctx === undefined) {
       ctx = this.openContext(job);
@@ -292,6 +346,7 @@ export class MergeTasks implements DistributedStep {
 
   /** Closes everything held for every job (after the queue stopped). */
   async close(): Promise<void> {
+    this.closed = true;
     clearInterval(this.releaser);
     await Promise.all([...this.contexts.keys()].map((id) => this.release(id)));
   }

@@ -11,9 +11,16 @@ import { describeNatsError } from '../nats/connection.js';
 /** Attempts of a read-modify-write before a conflict is given up on (many replicas changing one key at once). */
 export const MAX_CONFLICT_RETRIES = 100;
 
-/** True when a KV update or create failed because the key changed since it was read (or exists). */
+/**
+ * True when a KV update or create failed because the key changed since it was
+ * read (or exists). A clustered JetStream may answer 10164 ("wrong last
+ * sequence: unknown") instead of 10071, and @nats-io/kv treats both as a conflict.
+ */
 export function isRevisionConflict(err: unknown): boolean {
-  return err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamWrongLastSequence;
+  return (
+    err instanceof JetStreamApiError &&
+    (err.code === JetStreamApiCodes.StreamWrongLastSequence || err.code === JetStreamApiCodes.StreamWrongLastSequenceUnknown)
+  );
 }
 
 /**

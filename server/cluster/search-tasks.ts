@@ -19,7 +19,7 @@ import { searchPartyFactors, SearchFailedError, type JobSearchDeps } from '../dp
 import { NatsUnavailableError } from '../errors.js';
 import type { DistributedStep } from '../jobs/job-runner.js';
 import { failJob, StateConflictError, transitionJob } from '../jobs/job-transitions.js';
-import type { Task, TaskQueue } from './task-queue.js';
+import { TaskNotReadyError, type Task, type TaskQueue } from './task-queue.js';
 
 /** Options of {@link SearchTasks}: what a search needs (its `broker` stays unused: no remote evaluator on a cluster), and the queues. */
 export interface SearchTasksOptions extends JobSearchDeps {
@@ -35,15 +35,18 @@ export class SearchTasks implements DistributedStep {
 
   /**
    * Queues a search task for every party of a DPA job without chosen
-   * factors, unless search tasks of the job are still queued (they will
-   * finish the job; JetStream also drops a repeated task within its window).
+   * factors, unless there are as many search tasks of the job queued as such
+   * parties (they will finish the job). Each party's task has its own
+   * `Nats-Msg-Id`, so JetStream drops one queued within its window; a request
+   * that failed midway queues the rest when it runs again.
    */
   async request(jobId: string): Promise<void> {
     const job = this.opts.store.get(jobId);
     const queue = this.opts.queue();
-    if ((await queue.queued(jobId, 'search')) > 0) return;
-    for (const p of job.parties) {
-      if (p.chosen === undefined) await queue.publish({ kind: 'search', jobId, party: p.name }, `${jobId}.search.${p.name}`);
+    const unchosen = job.parties.filter((p) => p.chosen === undefined);
+    // Not simply "any queued": a request that failed midway left some parties without a task.
+    if (unchosen.length > 0 && (await queue.queued(jobId, 'search')) < unchosen.length) {
+      for (const p of unchosen) await queue.publish({ kind: 'search', jobId, party: p.name }, `${jobId}.search.${p.name}`);
     }
     // Every party chosen (the move to MERGING was missed): make it now.
     if (job.parties.every((p) => p.chosen !== undefined)) await this.toMerging(jobId);
@@ -52,7 +55,10 @@ export class SearchTasks implements DistributedStep {
   /** Runs one party's search (or resumes it), then moves the job on if it was the last. */
   async handle(task: Task, signal: AbortSignal): Promise<void> {
     const { store } = this.opts;
-    const job = store.get(task.jobId);
+    let job = store.get(task.jobId);
+    // This replica's copy may lag the bucket: only a job past its search (merging or ended) drops the task.
+    if (job.state === JobState.JOB_STATE_COLLECTING) job = (await store.fresh?.(task.jobId)) ?? job;
+    if (job.state === JobState.JOB_STATE_COLLECTING) throw new TaskNotReadyError(`job ${job.id} is COLLECTING here, not yet DPA`);
     if (job.state !== JobState.JOB_STATE_DPA) return;
     const party = task.party!;
     if (job.parties.find((p) => p.name === party)?.chosen === undefined) {

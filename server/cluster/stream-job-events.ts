@@ -12,8 +12,15 @@
  * other order than their numbers; watchers deliver stream order and skip
  * numbers already delivered. Appending needs NATS: while it is away an append
  * fails with NatsUnavailableError, and the work that wanted it is retried.
+ *
+ * A job's state and its final event are two writes: the state (KV) first,
+ * then the event. A replica dying or NATS going away in between leaves a job
+ * MERGED or FAILED without its `merged`/`failed` event until a commit task
+ * that runs again publishes it ({@link StreamJobEvents.hasFinalEvent});
+ * meanwhile (and in any case) a watch also ends once the job has ended and
+ * the stream holds no event of it that the watch has not seen.
  */
-import type { JetStreamClient } from '@nats-io/jetstream';
+import type { JetStreamClient, JetStreamManager } from '@nats-io/jetstream';
 import type { KV } from '@nats-io/kv';
 import { JobEvent } from '../../proto/gen/dppa/v1/jobs.js';
 import { isFinalEvent, type EventBody, type JobEvents } from '../jobs/job-events.js';
@@ -23,12 +30,19 @@ import { isRevisionConflict, MAX_CONFLICT_RETRIES, natsCall } from './nats-calls
 /** Options of {@link StreamJobEvents}. */
 export interface StreamJobEventsOptions {
   js: JetStreamClient;
+  jsm: JetStreamManager;
   /** The jobs bucket, holding each job's event counter. */
   kv: KV;
+  /** True once the job is MERGED or FAILED (in the store): a watch of it may end without a final event. */
+  finished: (jobId: string) => boolean;
+  /** How often an idle watch checks whether its job has ended. @default 1000 */
+  idleCheckMs?: number;
 }
 
 /** Messages a watcher's consumer buffers. */
 const WATCH_BUFFER = 256;
+/** Idle checks in a row that must find the job ended and every event of it seen before a watch without a final event ends. */
+const SETTLE_CHECKS = 2;
 
 /** The events of every job, in the shared stream. */
 export class StreamJobEvents implements JobEvents {
@@ -81,8 +95,37 @@ export class StreamJobEvents implements JobEvents {
     signal.addEventListener('abort', onAbort);
     this.watchers++;
     const delivered = new Set<bigint>();
+    // A job that ended without its final event (lost between its KV write and its publish) would hold the watch
+    // forever: once the job has ended and the stream holds nothing more of it, for a few checks in a row, it ends.
+    let received = 0;
+    let receivedAtCheck = -1;
+    let quiet = 0;
+    let checking = false;
+    let settled = false;
+    const check = async (): Promise<void> => {
+      if (received !== receivedAtCheck || !this.opts.finished(jobId)) {
+        receivedAtCheck = received;
+        quiet = 0;
+        return;
+      }
+      if ((await this.eventCount(jobId)) > received) {
+        quiet = 0;
+        return;
+      }
+      if (++quiet >= SETTLE_CHECKS && received === receivedAtCheck) {
+        settled = true;
+        await messages.close();
+      }
+    };
+    const idle = setInterval(() => {
+      if (checking) return;
+      checking = true;
+      // NATS away: the next check tries again.
+      check().catch(() => undefined).finally(() => (checking = false));
+    }, this.opts.idleCheckMs ?? 1000);
     try {
       for await (const m of messages) {
+        received++;
         const e = JobEvent.fromJSON(m.json());
         if (e.seq <= afterSeq) {
           if (isFinalEvent(e)) return;
@@ -93,12 +136,34 @@ export class StreamJobEvents implements JobEvents {
         yield e;
         if (isFinalEvent(e)) return;
       }
+      if (settled) return;
       signal.throwIfAborted();
     } finally {
+      clearInterval(idle);
       this.watchers--;
       signal.removeEventListener('abort', onAbort);
       await messages.close();
     }
+  }
+
+  /** Events of the job in the stream. @throws NatsUnavailableError while NATS is away. */
+  private async eventCount(jobId: string): Promise<number> {
+    const subjects = await this.subjectCounts(jobId);
+    return Object.values(subjects).reduce((n, c) => n + c, 0);
+  }
+
+  private async subjectCounts(jobId: string): Promise<Record<string, number>> {
+    const info = await natsCall('counting job events', () => this.opts.jsm.streams.info(EVENTS_STREAM, { subjects_filter: jobSubjects(jobId) }));
+    return info.state.subjects ?? {};
+  }
+
+  /**
+   * True when the stream holds a `merged` or `failed` event of the job.
+   * @throws NatsUnavailableError while NATS is away.
+   */
+  async hasFinalEvent(jobId: string): Promise<boolean> {
+    const subjects = await this.subjectCounts(jobId);
+    return (subjects[eventSubject(jobId, 'merged')] ?? 0) + (subjects[eventSubject(jobId, 'failed')] ?? 0) > 0;
   }
 
   get watcherCount(): number {

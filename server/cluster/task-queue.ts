@@ -51,7 +51,11 @@ export interface TaskQueueOptions {
   group: TaskGroup;
   /** Tasks this replica works on at once. */
   lanes: number;
-  /** The consumer's ack wait: a task in progress says `working()` every third of it. */
+  /**
+   * The ack wait this replica set on the consumer at start. A task in
+   * progress says `working()` every third of the consumer's actual ack wait,
+   * read from the consumer (the last replica to start set it); this one until then.
+   */
   ackWaitMs: number;
   handle: TaskHandler;
   metrics: ClusterMetrics;
@@ -64,6 +68,21 @@ const PULL_EXPIRES_MS = 2000;
 const RETRY_DELAY_MS = 1000;
 /** A lane that cannot reach NATS tries again after this long. */
 const RECONNECT_WAIT_MS = 1000;
+/** The consumer's settings (its ack wait, which a replica starting later may change) are read again this often. */
+const CONSUMER_REFRESH_MS = 30_000;
+
+/**
+ * Thrown by a handler whose task cannot run yet (e.g. this replica's copy of
+ * the job lags the bucket): the task is handed back and comes back after
+ * `delayMs`, logged as information rather than as a failure.
+ */
+export class TaskNotReadyError extends Error {
+  override name = 'TaskNotReadyError';
+
+  constructor(message: string, readonly delayMs = 2000) {
+    super(message);
+  }
+}
 
 /**
  * Creates the tasks stream and the consumer of each group, or updates the consumers' settings.
@@ -107,10 +126,16 @@ export class TaskQueue {
   private readonly stopping = new AbortController();
   private lanes: Promise<void>[] = [];
   private consumer: Consumer | undefined;
+  /** A third of the consumer's ack wait, as read when the consumer was fetched. */
+  private heartbeatMs: number;
+  /** When the consumer was fetched (performance.now()). */
+  private fetchedAt = 0;
   /** True while NATS cannot be reached: logged once per outage. */
   private away = false;
 
-  constructor(private readonly opts: TaskQueueOptions) {}
+  constructor(private readonly opts: TaskQueueOptions) {
+    this.heartbeatMs = opts.ackWaitMs / 3;
+  }
 
   /** Starts pulling tasks. */
   start(): void {
@@ -141,12 +166,14 @@ export class TaskQueue {
     while (!signal.aborted) {
       let m: JsMsg | null;
       try {
-        this.consumer ??= await this.opts.js.consumers.get(TASKS_STREAM, TASK_GROUPS[this.opts.group].consumer);
+        if (this.consumer === undefined || performance.now() - this.fetchedAt > CONSUMER_REFRESH_MS) this.consumer = await this.fetchConsumer();
         m = await this.consumer.next({ expires: PULL_EXPIRES_MS });
         if (this.away) this.opts.log.info('pulling tasks again', { group: this.opts.group });
         this.away = false;
       } catch (err) {
         if (signal.aborted) return;
+        // Fetched again (with its settings) once NATS is back.
+        this.consumer = undefined;
         if (!this.away) this.opts.log.warn('cannot pull tasks; retrying until NATS is back', { group: this.opts.group, err: describeNatsError(err) });
         this.away = true;
         await sleep(RECONNECT_WAIT_MS).catch(() => undefined);
@@ -154,6 +181,24 @@ export class TaskQueue {
       }
       if (m !== null) await this.run(m, signal);
     }
+  }
+
+  /**
+   * The group's consumer; the heartbeat follows its actual ack wait, which
+   * the last replica to start set (possibly another `--task-ack-wait-ms`).
+   */
+  private async fetchConsumer(): Promise<Consumer> {
+    const consumer = await this.opts.js.consumers.get(TASKS_STREAM, TASK_GROUPS[this.opts.group].consumer);
+    const ackWaitNanos = (await consumer.info(true)).config.ack_wait;
+    this.fetchedAt = performance.now();
+    if (ackWaitNanos !== undefined && ackWaitNanos > 0) {
+      const ackWaitMs = ackWaitNanos / 1e6;
+      if (ackWaitMs / 3 !== this.heartbeatMs && ackWaitMs !== this.opts.ackWaitMs) {
+        this.opts.log.info('the task consumer has another ack wait than this replica set; following it', { group: this.opts.group, ackWaitMs, ours: this.opts.ackWaitMs });
+      }
+      this.heartbeatMs = ackWaitMs / 3;
+    }
+    return consumer;
   }
 
   private async run(m: JsMsg, signal: AbortSignal): Promise<void> {
@@ -172,7 +217,7 @@ export class TaskQueue {
     }
     const { metrics, log } = this.opts;
     const started = performance.now();
-    const heartbeat = setInterval(() => m.working(), this.opts.ackWaitMs / 3);
+    const heartbeat = setInterval(() => m.working(), this.heartbeatMs);
     try {
       await this.opts.handle(task, signal);
       // Acknowledged for sure, or the task comes back (and is redone: handlers are idempotent).
@@ -186,6 +231,11 @@ export class TaskQueue {
         return;
       }
       const fields = { kind: task.kind, jobId: task.jobId, tensor: task.tensor?.name, party: task.party, delivered: m.info.deliveryCount };
+      if (err instanceof TaskNotReadyError) {
+        log.info('task handed back: not ready yet', { ...fields, reason: err.message });
+        m.nak(err.delayMs);
+        return;
+      }
       if (err instanceof NatsUnavailableError) log.warn('task handed back: NATS is unavailable', { ...fields, err: err.message });
       else log.error('task failed; handed back', { ...fields, err });
       m.nak(RETRY_DELAY_MS);

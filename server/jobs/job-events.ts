@@ -47,6 +47,12 @@ export interface JobEvents {
    * throws its reason.
    */
   watch(jobId: string, afterSeq: bigint, signal: AbortSignal): AsyncGenerator<JobEvent, void, undefined>;
+  /**
+   * Logs that can miss a final event (the cluster's stream: the job's state
+   * is written before its event is published): whether the job's `merged`
+   * or `failed` event is in the log. Absent when the log cannot miss it.
+   */
+  hasFinalEvent?(jobId: string): Promise<boolean>;
   /** Number of live subscriptions over all jobs (tests check that none leak). */
   readonly watcherCount: number;
   /** Waits for pending writes and releases what the logs hold open. */

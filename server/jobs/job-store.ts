@@ -162,6 +162,11 @@ export interface JobStore {
    * @throws NotFoundError if there is no such job; what `change` throws; Error from the storage.
    */
   update(id: string, change: (job: StoredJob) => void): Promise<StoredJob>;
+  /**
+   * Stores whose copy in memory may lag the truth (the cluster's KV bucket):
+   * the job as stored now, the copy updated. Absent when `get` is the truth.
+   */
+  fresh?(id: string): Promise<StoredJob>;
 }
 
 /**

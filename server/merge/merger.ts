@@ -19,7 +19,7 @@ import { readdir, stat } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { FormatError } from '../../proto/errors.js';
-import { Checkpoint, CheckpointWriter } from '../../proto/safetensors/index.js';
+import { Checkpoint, CheckpointWriter, type CheckpointLayout } from '../../proto/safetensors/index.js';
 import type { MergedFileInfo } from '../jobs/job-store.js';
 import { inlineRunner, type MergeRunner, workerRunner } from './merge-runner.js';
 
@@ -103,6 +103,7 @@ export async function mergeCheckpoint(input: MergeInput): Promise<MergeResult> {
     signal?.addEventListener('abort', stop);
     try {
       const tensors = base.tensors();
+      const hashes = new WeightFileHashes(base.layout, writer.tmpDir);
       let merged = 0;
       let done = 0;
       const one = async (name: string): Promise<void> => {
@@ -118,13 +119,15 @@ export async function mergeCheckpoint(input: MergeInput): Promise<MergeResult> {
           merged++;
           await writer.writeTensor(name, await runner.run({ name, contributions, outsideByMax: input.outsideByMax }, info.numel, signal));
         }
+        hashes.written(name);
         input.onProgress?.({ tensorsDone: ++done, tensorsTotal: tensors.length, tensorBytes: info.byteLength });
       };
       // One lane more than the runner has, so that this thread copies and writes while every worker adds.
       await inWindow(tensors.map((t) => t.name), runner.width + 1, one);
       signal?.throwIfAborted();
+      const known = await hashes.all();
       await writer.commit();
-      return { files: await describeFiles(input.outDir), tensorsMerged: merged, tensorsCopied: tensors.length - merged };
+      return { files: await describeFiles(input.outDir, known), tensorsMerged: merged, tensorsCopied: tensors.length - merged };
     } catch (err) {
       throw signal?.aborted === true ? signal.reason : err;
     } finally {
@@ -154,19 +157,64 @@ async function inWindow<T>(items: readonly T[], width: number, fn: (item: T) => 
   if (failure !== undefined) throw failure.err;
 }
 
-/** Size and SHA-256 of every file of a folder (a checkpoint folder is flat). */
-export async function describeFiles(dir: string): Promise<MergedFileInfo[]> {
+/**
+ * Size and SHA-256 of every file of a folder (a checkpoint folder is flat).
+ * @param known - Files already described (by name), not read again.
+ */
+export async function describeFiles(dir: string, known: ReadonlyMap<string, MergedFileInfo> = new Map()): Promise<MergedFileInfo[]> {
   const files: MergedFileInfo[] = [];
   for (const entry of (await readdir(dir, { withFileTypes: true })).sort((a, b) => (a.name < b.name ? -1 : 1))) {
     if (!entry.isFile()) continue;
-    const path = join(dir, entry.name);
-    const hash = createHash('sha256');
-    let size = 0;
-    for await (const chunk of createReadStream(path)) {
-      hash.update(chunk as Buffer);
-      size += (chunk as Buffer).length;
-    }
-    files.push({ path: entry.name, size, sha256: hash.digest('hex') });
+    files.push(known.get(entry.name) ?? (await describeFile(join(dir, entry.name), entry.name)));
   }
   return files;
+}
+
+async function describeFile(path: string, name: string): Promise<MergedFileInfo> {
+  const hash = createHash('sha256');
+  let size = 0;
+  for await (const chunk of createReadStream(path)) {
+    hash.update(chunk as Buffer);
+    size += (chunk as Buffer).length;
+  }
+  return { path: name, size, sha256: hash.digest('hex') };
+}
+
+/**
+ * The SHA-256 of each weight file of the output, read back as soon as its last
+ * tensor is written, while the merge goes on with the next file's tensors
+ * (tensors are merged in file order): only the last file is hashed after the
+ * last tensor, instead of every file.
+ */
+class WeightFileHashes {
+  private readonly left = new Map<string, number>();
+  private readonly fileOf = new Map<string, string>();
+  private readonly hashing = new Map<string, Promise<MergedFileInfo>>();
+
+  constructor(
+    layout: CheckpointLayout,
+    private readonly dir: string,
+  ) {
+    for (const f of layout.files) {
+      this.left.set(f.fileName, f.tensors.length);
+      for (const t of f.tensors) this.fileOf.set(t.name, f.fileName);
+    }
+  }
+
+  /** Notes that a tensor is written; starts hashing its file once the file is complete. */
+  written(tensor: string): void {
+    const file = this.fileOf.get(tensor)!;
+    const left = this.left.get(file)! - 1;
+    this.left.set(file, left);
+    if (left > 0) return;
+    const p = describeFile(join(this.dir, file), file);
+    // Awaited by all(); until then a failure must not surface as an unhandled rejection.
+    p.catch(() => undefined);
+    this.hashing.set(file, p);
+  }
+
+  /** The files described so far, by name. */
+  async all(): Promise<Map<string, MergedFileInfo>> {
+    return new Map(await Promise.all([...this.hashing].map(async ([name, p]) => [name, await p] as const)));
+  }
 }

@@ -2,7 +2,10 @@
  * The bytes of each uploaded DeltaRecord as the party encoded them, so that the
  * spool writes a received chunk as it came instead of encoding it again
  * (which, with the copy and the garbage it makes, cost the receiving thread
- * about as much as checking the chunk's CRC).
+ * about as much as checking the chunk's CRC). The bytes kept are a view of
+ * the message grpc-js hands over, memory that nothing reuses (Node allocates
+ * every network read anew), so they stay valid while the spool buffers them;
+ * the merge checks every chunk's CRC-32C again when it reads the spool.
  */
 import type { DeltaRecord } from '../../proto/gen/dppa/v1/sparse.js';
 import { UploadRequest, UploadServiceService } from '../../proto/gen/dppa/v1/upload.js';
@@ -25,13 +28,23 @@ export const UploadServiceKeepingRecords: typeof UploadServiceService = {
   },
 };
 
+/** Bytes a chunk record's encoding may hold beyond its positions, values and name: tags, lengths and numbers. */
+const CHUNK_FIELDS_BYTES = 64;
+
 /**
- * The bytes a record was received as.
- * @returns Its encoding, or undefined when it was not received through {@link UploadServiceKeepingRecords}
- *   or its message held more than the record (then it must be encoded again).
+ * The bytes a chunk record was received as, when they hold nothing but the
+ * chunk: unknown fields, which decoding skips, would otherwise reach the disk
+ * without counting against the party's upload limit.
+ * @returns Its encoding, or undefined when the record is not a chunk, was not received through
+ *   {@link UploadServiceKeepingRecords}, its message held more than the record, or it carries
+ *   more bytes than its fields account for (then it must be encoded again).
  */
 export function receivedEncoding(record: DeltaRecord): Uint8Array | undefined {
-  return encodings.get(record);
+  const bytes = encodings.get(record);
+  const chunk = record.chunk;
+  if (bytes === undefined || chunk === undefined) return undefined;
+  const fields = chunk.positions.length + chunk.values.length + Buffer.byteLength(chunk.tensor) + CHUNK_FIELDS_BYTES;
+  return bytes.byteLength <= fields ? bytes : undefined;
 }
 
 /**

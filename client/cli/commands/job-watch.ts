@@ -2,6 +2,7 @@ import { parse, required } from '../args.js';
 import { note, out, type Command } from '../command.js';
 import { EXIT, UsageError } from '../exit-codes.js';
 import { eventJson, eventText } from '../job-view.js';
+import { JobState } from '../../../proto/gen/dppa/v1/jobs.js';
 import { ADMIN_TOKEN_HELP, PARTY_TOKEN_HELP, SERVER_HELP, adminTokenFlags, anyToken, clientOptions, partyTokenFlags, serverFlags, withClient } from '../server-flags.js';
 
 const help = `Usage: dppa job watch --server HOST:PORT --job ID [--after-seq N] [--json]
@@ -53,9 +54,16 @@ export const jobWatchCommand: Command = {
     }
     return withClient(clientOptions(v, anyToken(v)), async (client, signal) => {
       let failure: string | undefined;
+      let final = false;
       for await (const ev of client.watchJob(jobId, { afterSeq, signal })) {
         out(v.json === true ? JSON.stringify(eventJson(ev)) : eventText(ev));
         if (ev.failed !== undefined) failure = ev.failed.reason;
+        if (ev.failed !== undefined || ev.merged !== undefined) final = true;
+      }
+      if (!final) {
+        // A cluster ends the stream of a job that ended without its final event (lost in an outage): ask the job.
+        const job = await client.getJob(jobId, { signal });
+        if (job.state === JobState.JOB_STATE_FAILED) failure = job.failureReason;
       }
       if (failure !== undefined) {
         note(`dppa job watch: job ${jobId} failed: ${failure}`);
