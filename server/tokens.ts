@@ -6,8 +6,20 @@ import { createHash, randomBytes } from 'node:crypto';
 
 /** A new party token and the hash to store. */
 export function newPartyToken(): { token: string; sha256: string } {
-  const token = randomBytes(32).toString('base64url');
+  const token = randomId(32);
   return { token, sha256: hashToken(token) };
+}
+
+/**
+ * `bytes` random bytes as base64url, drawn again while the text starts with
+ * `-`: command-line parsers take `--token -x…` or `--job -x…` for an option
+ * (one id in 64 would otherwise need `--token=-x…`).
+ */
+export function randomId(bytes: number): string {
+  for (;;) {
+    const id = randomBytes(bytes).toString('base64url');
+    if (!id.startsWith('-')) return id;
+  }
 }
 
 /** Lower-case hex SHA-256 of a token. */

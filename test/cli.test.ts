@@ -5,13 +5,14 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
+import { CHILD_LIMITS } from './fixtures/child-limits.js';
 
 const main = new URL('../client/cli/main.ts', import.meta.url).pathname;
 
 /** Runs the CLI as a separate process, as a user would. */
 function dppa(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
-    execFile(process.execPath, ['--import', 'tsx', main, ...args], (err, stdout, stderr) => {
+    execFile(process.execPath, ['--import', 'tsx', main, ...args], CHILD_LIMITS, (err, stdout, stderr) => {
       resolve({ code: err === null ? 0 : typeof err.code === 'number' ? err.code : 1, stdout, stderr });
     });
   });

@@ -15,6 +15,7 @@ import { applyDelta, DppaClient, pruneToFile } from '../client/index.js';
 import { assertMerged } from './fixtures/expected-merge.js';
 import { ADMIN, startHarness, type Harness } from './fixtures/grpc-harness.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
+import { CHILD_LIMITS } from './fixtures/child-limits.js';
 
 const root = new URL('..', import.meta.url).pathname;
 const main = join(root, 'client/cli/main.ts');
@@ -29,7 +30,7 @@ interface Run {
 function dppa(args: string[], env: Record<string, string> = {}): Promise<Run> {
   const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('DPPA_') && !k.startsWith('LM_EVAL_')));
   return new Promise((resolve) => {
-    execFile(process.execPath, ['--import', 'tsx', main, ...args], { cwd: root, env: { ...clean, ...env }, maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) => {
+    execFile(process.execPath, ['--import', 'tsx', main, ...args], { cwd: root, env: { ...clean, ...env }, maxBuffer: 16 * 1024 * 1024, ...CHILD_LIMITS }, (err, stdout, stderr) => {
       resolve({ code: err === null ? 0 : typeof err.code === 'number' ? err.code : 1, stdout, stderr });
     });
   });

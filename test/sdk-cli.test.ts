@@ -24,6 +24,7 @@ import { pruneToFile } from '../client/index.js';
 import { JobState, type JobEvent } from '../proto/gen/dppa/v1/jobs.js';
 import { FakeDppaServer, type FakeServerOptions } from './fixtures/fake-dppa-server.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
+import { CHILD_LIMITS } from './fixtures/child-limits.js';
 
 const main = new URL('../client/cli/main.ts', import.meta.url).pathname;
 
@@ -37,7 +38,7 @@ interface Run {
 function dppa(args: string[], env: Record<string, string> = {}): Promise<Run> {
   const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('DPPA_')));
   return new Promise((resolve) => {
-    execFile(process.execPath, ['--import', 'tsx', main, ...args], { env: { ...clean, ...env } }, (err, stdout, stderr) => {
+    execFile(process.execPath, ['--import', 'tsx', main, ...args], { env: { ...clean, ...env }, ...CHILD_LIMITS }, (err, stdout, stderr) => {
       resolve({ code: err === null ? 0 : typeof err.code === 'number' ? err.code : 1, stdout, stderr });
     });
   });

@@ -3,7 +3,6 @@
  * evaluator), opening its base checkpoint to fingerprint it, issuing party
  * tokens and storing it.
  */
-import { randomBytes } from 'node:crypto';
 import { resolve } from 'node:path';
 import { FormatError } from '../../proto/errors.js';
 import { baseFingerprint } from '../../proto/fingerprint.js';
@@ -11,7 +10,7 @@ import { JobState, type CreateJobRequest } from '../../proto/gen/dppa/v1/jobs.js
 import { Checkpoint } from '../../proto/safetensors/index.js';
 import { evaluatorOf, resolveOnnxFiles } from '../dpa/search-spec.js';
 import { InvalidArgumentError, UnimplementedError } from '../errors.js';
-import { newPartyToken } from '../tokens.js';
+import { newPartyToken, randomId } from '../tokens.js';
 import type { Spool } from '../uploads/spool.js';
 import type { JobEvents } from './job-events.js';
 import { checkJobSettings } from './job-spec.js';
@@ -65,7 +64,7 @@ export async function createJob(
   const tokens: Record<string, string> = {};
   const now = new Date().toISOString();
   const job: StoredJob = {
-    id: randomBytes(9).toString('base64url'),
+    id: randomId(9),
     label: settings.label,
     state: JobState.JOB_STATE_COLLECTING,
     basePath,
