@@ -22,12 +22,13 @@ const tables = new Map<number, Int32Array>();
 /**
  * Decodes `out.length − 1` gaps into `out[1..]`, from `out[0]` on.
  * @param bytes - The bit stream.
- * @param m - Golomb parameter; its b = ⌈log2 m⌉ must not exceed {@link FAST_MAX_REMAINDER_BITS}.
+ * @param m - Golomb parameter.
+ * @param code - Its remainder code as `decodeGaps` computes it: b = ⌈log2 m⌉, at most
+ *   {@link FAST_MAX_REMAINDER_BITS}, and u = 2^b − m.
  * @param out - Receives the positions; `out[0]` must hold the first position.
  */
-export function decodeGapsFast(bytes: Uint8Array, m: number, out: Float64Array): GapDecodeStatus {
-  const b = m === 1 ? 0 : 32 - Math.clz32(m - 1);
-  const u = 2 ** b - m;
+export function decodeGapsFast(bytes: Uint8Array, m: number, code: { b: number; u: number }, out: Float64Array): GapDecodeStatus {
+  const { b, u } = code;
   const table = b <= TABLE_MAX_REMAINDER_BITS ? tableFor(m, b, u) : undefined;
   const n = bytes.length;
   // The next `bits` bits of the stream, left-aligned in `acc`; zeros beyond its end, as a truncated stream reads.
@@ -36,6 +37,8 @@ export function decodeGapsFast(bytes: Uint8Array, m: number, out: Float64Array):
   let at = 0;
   let pos = out[0]!;
   for (let i = 1; i < out.length; i++) {
+    // The refill is written out at each of its three places: a helper closing over these
+    // locals would make V8 keep them in a context object, which costs most of the gain.
     while (bits <= 24) {
       acc |= (at < n ? bytes[at]! : 0) << (24 - bits);
       at++;

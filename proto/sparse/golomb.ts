@@ -129,7 +129,7 @@ export type GapDecodeStatus = 'ok' | 'truncated' | 'trailing-data';
  */
 export function decodeGaps(bytes: Uint8Array, m: number, out: Float64Array): GapDecodeStatus {
   const { b, u } = remainderCode(m);
-  if (b <= FAST_MAX_REMAINDER_BITS) return decodeGapsFast(bytes, m, out);
+  if (b <= FAST_MAX_REMAINDER_BITS) return decodeGapsFast(bytes, m, { b, u }, out);
   // Parameters above 2^25 (chunks sparser than about one entry in 2·10^7 positions): remainders read in two parts.
   const reader = new BitReader(bytes);
   let pos = out[0]!;
