@@ -8,6 +8,7 @@ import { resolve } from 'node:path';
 import { ConfigError } from './errors.js';
 import { createLogger, type Logger } from './log.js';
 import { defaultMergeWorkers } from './merge/merger.js';
+import { DEFAULT_HTTP2_WINDOW, MAX_HTTP2_WINDOW } from './rpc/receive-window.js';
 
 /** TLS files of the gRPC listener. */
 export interface TlsOptions {
@@ -47,6 +48,14 @@ export interface ServerOptions {
   maxUploadBytes?: number;
   /** Largest gRPC message accepted; larger ones get RESOURCE_EXHAUSTED. @default 8 MiB */
   maxMessageBytes?: number;
+  /**
+   * HTTP/2 receive window of each connection and each of its streams: how many
+   * bytes a client may send before it waits for the server to read them. The
+   * protocol's default, 64 KiB, halves upload throughput (docs/performance.md);
+   * a connection buffers at most this much for a call the server holds back.
+   * @default 4 MiB
+   */
+  receiveWindowBytes?: number;
   /** How long a graceful stop lets in-flight calls finish before cutting them off. @default 10000 */
   shutdownGraceMs?: number;
   /** Worker threads of a merge; 0 merges in the main thread. @default min(2, available cores) */
@@ -90,6 +99,7 @@ export interface ResolvedServerOptions {
   /** Undefined: 4 × the base checkpoint size, decided per job. */
   maxUploadBytes: number | undefined;
   maxMessageBytes: number;
+  receiveWindowBytes: number;
   shutdownGraceMs: number;
   mergeWorkers: number;
   nats: NatsOptions | undefined;
@@ -116,6 +126,7 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
     insecure: opts.insecure ?? false,
     maxUploadBytes: opts.maxUploadBytes,
     maxMessageBytes: opts.maxMessageBytes ?? 8 * 1024 * 1024,
+    receiveWindowBytes: opts.receiveWindowBytes ?? 4 * 1024 * 1024,
     shutdownGraceMs: opts.shutdownGraceMs ?? 10_000,
     mergeWorkers: opts.mergeWorkers ?? defaultMergeWorkers(),
     nats: opts.nats,
@@ -134,6 +145,9 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
   checkPort('metricsPort', r.metricsPort);
   if (r.maxUploadBytes !== undefined) checkPositiveInteger('maxUploadBytes', r.maxUploadBytes);
   checkPositiveInteger('maxMessageBytes', r.maxMessageBytes);
+  if (!Number.isSafeInteger(r.receiveWindowBytes) || r.receiveWindowBytes < DEFAULT_HTTP2_WINDOW || r.receiveWindowBytes > MAX_HTTP2_WINDOW) {
+    throw new ConfigError(`receiveWindowBytes: must be an integer from ${DEFAULT_HTTP2_WINDOW} to ${MAX_HTTP2_WINDOW} (HTTP/2's limits), got ${r.receiveWindowBytes}`);
+  }
   if (!Number.isSafeInteger(r.shutdownGraceMs) || r.shutdownGraceMs < 0) {
     throw new ConfigError(`shutdownGraceMs: must be a non-negative integer, got ${r.shutdownGraceMs}`);
   }

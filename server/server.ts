@@ -34,6 +34,7 @@ import { evaluationService } from './rpc/evaluation-service.js';
 import { RpcWrapper } from './rpc/handler.js';
 import { healthService, HealthState } from './rpc/health-service.js';
 import { jobService } from './rpc/job-service.js';
+import { widenReceiveWindow } from './rpc/receive-window.js';
 import { addReflection } from './rpc/reflection.js';
 import { uploadService } from './rpc/upload-service.js';
 import { Spool } from './uploads/spool.js';
@@ -212,6 +213,7 @@ export class DppaServer {
     let metricsPort: number;
     try {
       grpcPort = await bind(grpc, o.grpcHost, o.grpcPort, await credentials(o));
+      widenReceiveWindow(grpc, o.receiveWindowBytes, log);
       metricsPort = await metricsServer.listen(o.grpcHost, o.metricsPort);
     } catch (err) {
       grpc.forceShutdown();

@@ -270,6 +270,18 @@ void describe('decodeToF32 / encodeFromF32', () => {
     assert.equal(dst32[0], 1);
   });
 
+  void it('encodes into the start of a caller-provided block, as into new memory', () => {
+    for (const dtype of ['F32', 'F16', 'BF16'] as const) {
+      const block = new Uint8Array(values.length * 4 + 16).fill(0xab);
+      const into = encodeFromF32(values, dtype, block);
+      assert.equal(into.buffer, block.buffer, dtype);
+      assert.equal(into.byteOffset, 0, dtype);
+      assert.deepEqual([...into], [...encodeFromF32(values, dtype).slice()], dtype);
+      assert.equal(block[into.byteLength], 0xab, `${dtype}: nothing written past the result`);
+    }
+    assert.throws(() => encodeFromF32(values, 'BF16', new Uint8Array(values.length * 2 - 1)), RangeError);
+  });
+
   void it('rejects lengths that are not whole elements and short destinations', () => {
     assert.throws(() => decodeToF32(new Uint8Array(3), 'F16'), RangeError);
     assert.throws(() => decodeToF32(new Uint8Array(6), 'F32'), RangeError);

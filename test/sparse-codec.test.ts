@@ -97,6 +97,25 @@ void describe('crc32c', () => {
     for (const b of data) byteByByte = crc32c(Uint8Array.of(b), byteByByte);
     assert.equal(byteByByte, whole);
   });
+
+  void it('equals a bit-at-a-time reference at every memory alignment and length', () => {
+    const reference = (bytes: Uint8Array): number => {
+      let c = ~0;
+      for (const b of bytes) {
+        c ^= b;
+        for (let k = 0; k < 8; k++) c = c & 1 ? (c >>> 1) ^ 0x82f63b78 : c >>> 1;
+      }
+      return ~c >>> 0;
+    };
+    const rand = uniform(2);
+    const memory = Uint8Array.from({ length: 4096 + 8 }, () => Math.floor(rand() * 256));
+    for (let offset = 0; offset < 8; offset++) {
+      for (const length of [0, 1, 3, 4, 5, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 4096]) {
+        const view = memory.subarray(offset, offset + length);
+        assert.equal(crc32c(view), reference(view), `offset ${offset}, length ${length}`);
+      }
+    }
+  });
 });
 
 void describe('golombParameter', () => {

@@ -159,6 +159,8 @@ export class Connection {
       'grpc.max_receive_message_length': o.maxMessageBytes,
       // Our own retries resume transfers where they stopped; grpc-js's would replay a whole stream.
       'grpc.enable_retries': 0,
+      // Downloads: HTTP/2's default 64 KiB receive window makes the server wait for the client every 64 KiB.
+      'grpc-node.flow_control_window': 4 * 1024 * 1024,
       ...(o.tls?.serverName !== undefined ? { 'grpc.ssl_target_name_override': o.tls.serverName, 'grpc.default_authority': o.tls.serverName } : {}),
     };
     this.channel = new Channel(o.address, creds, channelOptions);

@@ -273,13 +273,25 @@ export function decodeToF32(bytes: Uint8Array, dtype: Dtype, dst?: Float32Array)
 /**
  * Encodes F32 values as little-endian tensor bytes of `dtype`.
  *
- * For F32 the result is a view over the memory of `values` (no copy).
+ * Without `dst`, for F32 the result is a view over the memory of `values` (no copy).
  * @param values The values to encode.
  * @param dtype The element type to produce; BF16 and F16 round to nearest, ties to even.
+ * @param dst Where to write (its start must be 2-byte aligned for BF16/F16); the result is then
+ *   its first bytes. Reusing one spares a fresh tensor-sized allocation and its page faults.
+ *   @default new memory (F32: a view of `values`)
  * @returns `values.length * bytesPerElement(dtype)` bytes.
+ * @throws RangeError if `dst` is too short.
  */
-export function encodeFromF32(values: Float32Array, dtype: Dtype): Uint8Array {
-  if (dtype === 'F32') return new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
-  const halves = dtype === 'BF16' ? f32ToBf16(values) : f32ToF16(values);
+export function encodeFromF32(values: Float32Array, dtype: Dtype, dst?: Uint8Array): Uint8Array {
+  const byteLength = values.length * bytesPerElement(dtype);
+  if (dst !== undefined && dst.byteLength < byteLength) throw new RangeError(`destination holds ${dst.byteLength} bytes, ${byteLength} needed`);
+  if (dtype === 'F32') {
+    const view = new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
+    if (dst === undefined) return view;
+    dst.set(view);
+    return dst.subarray(0, byteLength);
+  }
+  const into = dst === undefined ? undefined : new Uint16Array(dst.buffer, dst.byteOffset, values.length);
+  const halves = dtype === 'BF16' ? f32ToBf16(values, into) : f32ToF16(values, into);
   return new Uint8Array(halves.buffer, halves.byteOffset, halves.byteLength);
 }

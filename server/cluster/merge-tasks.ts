@@ -213,11 +213,15 @@ export class MergeTasks implements DistributedStep {
       const file = p.tensors.get(tensor.name);
       return file === undefined ? [] : [{ file, weight: p.weight, factors: [...p.factors] }];
     });
-    const bytes = contributions.length === 0
-      ? await ctx.base.readRaw(tensor.name, { signal })
+    const result = contributions.length === 0
+      ? { bytes: await ctx.base.readRaw(tensor.name, { signal }), release: () => undefined }
       : await ctx.runner.run({ name: tensor.name, contributions, outsideByMax: ctx.outsideByMax }, info.numel, signal);
-    signal.throwIfAborted();
-    await ctx.writer.writeTensor(tensor.name, bytes);
+    try {
+      signal.throwIfAborted();
+      await ctx.writer.writeTensor(tensor.name, result.bytes);
+    } finally {
+      result.release();
+    }
     this.opts.metrics.mergeTensors.inc();
     this.opts.metrics.mergeBytes.inc(info.byteLength);
     const written = await this.markWritten(job.id, tensor.index);

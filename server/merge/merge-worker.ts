@@ -1,26 +1,36 @@
 /** Worker thread entry of the merge: opens the base once, then merges one tensor per message. */
 import { parentPort, workerData } from 'node:worker_threads';
 import { Checkpoint } from '../../proto/safetensors/index.js';
-import type { WorkerReply } from './merge-runner.js';
-import { mergeTensor, type TensorTask } from './tensor-merge.js';
+import { OutputPool, type WorkerReply, type WorkerRequest } from './merge-runner.js';
+import { mergeTensor } from './tensor-merge.js';
 
 const port = parentPort!;
 const baseReady = Checkpoint.open(workerData as string);
 let buffer = new Float32Array(0);
+const outputs = new OutputPool();
 
-port.on('message', ({ task, numel }: { task: TensorTask; numel: number }) => {
+port.on('message', (msg: WorkerRequest) => {
+  if ('reuse' in msg) {
+    outputs.give(msg.reuse);
+    return;
+  }
+  const { task, numel } = msg;
+  const out = outputs.take();
   baseReady
     .then((base) => {
       if (buffer.length < numel) buffer = new Float32Array(numel);
-      return mergeTensor(base, task, buffer);
+      return mergeTensor(base, task, buffer, undefined, out);
     })
     .then(
       (bytes) => {
-        // The result is fresh memory of its own: hand it over instead of copying it.
-        const owned = bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength ? bytes : bytes.slice();
-        port.postMessage({ ok: true, bytes: owned } satisfies WorkerReply, [owned.buffer as ArrayBuffer]);
+        // Handed over, not copied: either the reused block or fresh memory of the result's own.
+        if (out !== undefined && bytes.buffer !== out.buffer) outputs.give(out.buffer as ArrayBuffer);
+        const owned = bytes.byteOffset === 0 ? bytes : bytes.slice();
+        const reply: WorkerReply = { ok: true, buffer: owned.buffer as ArrayBuffer, byteLength: owned.byteLength };
+        port.postMessage(reply, [reply.buffer]);
       },
       (err: unknown) => {
+        if (out !== undefined) outputs.give(out.buffer as ArrayBuffer);
         const e = err instanceof Error ? err : new Error(String(err));
         port.postMessage({ ok: false, name: e.name, message: e.message } satisfies WorkerReply);
       },

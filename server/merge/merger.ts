@@ -117,7 +117,12 @@ export async function mergeCheckpoint(input: MergeInput): Promise<MergeResult> {
           await writer.writeTensor(name, await base.readRaw(name, readOpts));
         } else {
           merged++;
-          await writer.writeTensor(name, await runner.run({ name, contributions, outsideByMax: input.outsideByMax }, info.numel, signal));
+          const result = await runner.run({ name, contributions, outsideByMax: input.outsideByMax }, info.numel, signal);
+          try {
+            await writer.writeTensor(name, result.bytes);
+          } finally {
+            result.release();
+          }
         }
         hashes.written(name);
         input.onProgress?.({ tensorsDone: ++done, tensorsTotal: tensors.length, tensorBytes: info.byteLength });

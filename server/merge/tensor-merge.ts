@@ -4,7 +4,7 @@
  * threads, the inline runner and the DPA search's ONNX evaluator call.
  */
 import { FormatError } from '../../proto/errors.js';
-import { type Checkpoint, encodeFromF32 } from '../../proto/safetensors/index.js';
+import { bytesPerElement, type Checkpoint, encodeFromF32 } from '../../proto/safetensors/index.js';
 import { addChunkScaled, partitionFactor, readDeltaFile, TensorAssembler } from '../../proto/sparse/index.js';
 
 /** One party's entries of a tensor. */
@@ -29,12 +29,16 @@ export interface TensorTask {
 /**
  * Merges one tensor.
  * @param buffer - Reused fp32 accumulator; must hold the tensor's elements.
- * @returns The merged tensor in the base's dtype (bf16/f16 rounded to nearest even), in new memory.
+ * @param out - Reused output memory, used if it holds the result (2-byte aligned). @default new memory
+ * @returns The merged tensor in the base's dtype (bf16/f16 rounded to nearest even): the start of
+ *   `out` when it was used, otherwise new memory (never a view of `buffer`).
  * @throws FormatError naming the spool file and tensor if a spooled tensor is damaged or is another tensor.
  */
-export async function mergeTensor(base: Checkpoint, task: TensorTask, buffer: Float32Array, signal?: AbortSignal): Promise<Uint8Array> {
+export async function mergeTensor(base: Checkpoint, task: TensorTask, buffer: Float32Array, signal?: AbortSignal, out?: Uint8Array): Promise<Uint8Array> {
   const acc = await accumulateTensor(base, task, buffer, signal);
-  const bytes = encodeFromF32(acc, base.info(task.name).dtype);
+  const dtype = base.info(task.name).dtype;
+  const fits = out !== undefined && out.byteLength >= acc.length * bytesPerElement(dtype);
+  const bytes = encodeFromF32(acc, dtype, fits ? out : undefined);
   // An F32 base encodes to a view of the accumulator, which the next tensor overwrites.
   return bytes.buffer === buffer.buffer ? bytes.slice() : bytes;
 }

@@ -21,11 +21,12 @@
  * server's data folder, copies) go to .bench/server/run/ and are deleted at the
  * end.
  *
- *   npm run bench:server [-- --runs 3 --clean --keep --cpu-prof --layers 22]
+ *   npm run bench:server [-- --runs 3 --clean --keep --reuse-deltas --cpu-prof --layers 22]
  *
  *   --runs N     repetitions of the raw TCP copy and of the cp (median; default 3)
  *   --clean      also delete the generated checkpoints at the end
  *   --keep       keep the run outputs (deltas, server data with the merged checkpoint)
+ *   --reuse-deltas  upload the deltas a --keep run left instead of pruning again (for trying server changes)
  *   --cpu-prof   run the server with --cpu-prof (profiles in .bench/server/prof/) and print its hottest functions
  *   --layers N   fewer layers for a quick try (default 22: TinyLlama)
  */
@@ -46,6 +47,7 @@ const { values } = parseArgs({
     layers: { type: 'string', default: '22' },
     clean: { type: 'boolean' },
     keep: { type: 'boolean' },
+    'reuse-deltas': { type: 'boolean' },
     'cpu-prof': { type: 'boolean' },
   },
 });
@@ -181,7 +183,11 @@ srv.addService(${GRPC_METHOD}, { up: (call, cb) => {
   call.on('data', (b) => { got += b.length; });
   call.on('end', () => { cb(null, Buffer.alloc(0)); if (++ended === want) process.stdout.write('done ' + got + '\\n'); });
 } });
-srv.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, port) => process.stdout.write('port ' + port + '\\n'));`;
+srv.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, port) => {
+  // The receive window dppa serve sets (server/rpc/receive-window.ts), so that the two compare like for like.
+  for (const h of srv.http2Servers.keys()) h.on('session', (s) => { s.settings({ initialWindowSize: 4 << 20 }); s.setLocalWindowSize(4 << 20); });
+  process.stdout.write('port ' + port + '\\n');
+});`;
 
 /** Sends the file in messages of about the size of a sparse chunk record (700 kB), with backpressure. */
 const GRPC_SENDER = `
@@ -280,9 +286,15 @@ console.log(generated === undefined ? `reusing ${inputs}` : `generated in ${gene
 console.log('building dist/ …');
 execFileSync('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: root, stdio: 'inherit' });
 
-await rm(runDir, { recursive: true, force: true });
-await mkdir(runDir, { recursive: true });
 const deltas = PARTIES.map((p) => join(runDir, `${p}.dppa`));
+const reuse = values['reuse-deltas'] === true;
+if (reuse) {
+  for (const f of deltas) if (!statSync(f, { throwIfNoEntry: false })?.isFile()) throw new Error(`--reuse-deltas: ${f} is missing (run once with --keep)`);
+  await rm(join(runDir, 'data'), { recursive: true, force: true });
+} else {
+  await rm(runDir, { recursive: true, force: true });
+  await mkdir(runDir, { recursive: true });
+}
 const adminToken = randomBytes(24).toString('base64url');
 const adminEnv = { ...process.env, DPPA_ADMIN_TOKEN: adminToken };
 let server: { child: ChildProcess; done: Promise<Measured> } | undefined;
@@ -291,6 +303,7 @@ try {
   // 1. Prune the three fine-tunes (not part of the upload timing).
   const prunes: { seconds: number; maxRssMiB: number }[] = [];
   for (const [i, p] of PARTIES.entries()) {
+    if (reuse) break;
     const r = measureProcess(process.execPath, ['bin/dppa.js', 'prune', '--base', base, '--finetuned', join(inputs, `ft${i + 1}`), '--rate', RATE, '--method', 'dp', '--out', deltas[i]!, '--workers', '2'], { cwd: root });
     prunes.push(r);
     console.log(`prune ${p.padEnd(7)} ${r.seconds.toFixed(1)} s, peak RSS ${r.maxRssMiB.toFixed(0)} MiB, ${(statSync(deltas[i]!).size / 1e6).toFixed(0)} MB`);
@@ -414,11 +427,11 @@ try {
   console.log(`\nServer benchmark: TinyLlama-1.1B shapes (${SHAPE.layers} layers, hidden ${SHAPE.hidden}, intermediate ${SHAPE.intermediate}, vocab ${SHAPE.vocab}, k/v ${KV}×${SHAPE.hidden}),`);
   console.log(`${(PARAMS / 1e9).toFixed(3)}B parameters, bf16, base ${(baseBytes / 1e9).toFixed(2)} GB in ${(await readdir(base)).filter((f) => f.endsWith('.safetensors')).length} shards;`);
   console.log(`3 parties, DP at rate ${RATE} (outside tensors dense), DPA off; .dppa files ${deltas.map((f) => (statSync(f).size / 1e6).toFixed(0)).join(' + ')} = ${(deltaBytes / 1e6).toFixed(0)} MB`);
-  console.log(`prune (before the upload, 2 workers each): ${prunes.map((p) => p.seconds.toFixed(1)).join(', ')} s; peak RSS ${Math.max(...prunes.map((p) => p.maxRssMiB)).toFixed(0)} MiB\n`);
+  console.log(reuse ? 'prune: deltas of an earlier run reused\n' : `prune (before the upload, 2 workers each): ${prunes.map((p) => p.seconds.toFixed(1)).join(', ')} s; peak RSS ${Math.max(...prunes.map((p) => p.maxRssMiB)).toFixed(0)} MiB\n`);
   const rows: string[][] = [
     ['measure', 'seconds', 'MB/s', 'reference', 'ref seconds', 'ref MB/s', 'ratio', 'goal', 'status'],
     ['upload, 3 concurrent `dppa push`', uploadSeconds.toFixed(2), mb(deltaBytes, uploadSeconds), 'raw TCP loopback copy', raw.toFixed(2), mb(deltaBytes, raw), `${(100 * uploadRatio).toFixed(1)}%`, '≥ 50%', yes(uploadRatio >= 0.5)],
-    ['', '', '', 'bare grpc-js call, bytes discarded', bare.toFixed(2), mb(deltaBytes, bare), `${((100 * bare) / uploadSeconds).toFixed(1)}% (it: ${((100 * raw) / bare).toFixed(1)}% of raw)`, '', ''],
+    ['', '', '', 'bare grpc-js call, 4 MiB window, bytes discarded', bare.toFixed(2), mb(deltaBytes, bare), `${((100 * bare) / uploadSeconds).toFixed(1)}% (it: ${((100 * raw) / bare).toFixed(1)}% of raw)`, '', ''],
     ['merge (last upload → merged)', mergeSeconds.toFixed(2), mb(baseBytes, mergeSeconds), '`cp -r` of the base', cp.toFixed(2), mb(baseBytes, cp), `${mergeRatio.toFixed(2)}×`, '≤ 2×', yes(mergeRatio <= 2)],
     ['', '', '', '`cp -r` + sync of the copy', cpSync.toFixed(2), mb(baseBytes, cpSync), `${(mergeSeconds / cpSync).toFixed(2)}×`, '', ''],
     ['server peak RSS (whole life)', '', '', '', '', '', `${serverRun.maxRssMiB.toFixed(0)} MiB`, '< 1024 MiB', yes(serverRun.maxRssMiB < 1024)],
