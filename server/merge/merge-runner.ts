@@ -25,25 +25,24 @@ export interface MergeRunner {
 }
 
 /**
- * Output memory handed back after use. Filling fresh memory for every merged
- * tensor cost its page faults (about a quarter of the fp32 → bf16 narrowing)
- * and the garbage collector's time; two blocks per thread cover the tensor
- * being filled and the one being written.
+ * Output memory handed back after use: filling fresh memory for every merged
+ * tensor cost its page faults and the garbage collector's time. One block is
+ * kept: while a thread fills one, the block it filled before is being written
+ * and comes back after, so memory stays at two blocks per thread.
  */
 export class OutputPool {
-  private readonly free: ArrayBuffer[] = [];
+  private kept: ArrayBuffer | undefined;
 
-  /** The largest block kept, if any. */
+  /** The block kept, if any; it is no longer kept. */
   take(): Uint8Array | undefined {
-    const b = this.free.pop();
+    const b = this.kept;
+    this.kept = undefined;
     return b === undefined ? undefined : new Uint8Array(b);
   }
 
-  /** Keeps a block for later, dropping the smallest beyond two. */
+  /** Keeps the larger of `block` and the block kept. */
   give(block: ArrayBuffer): void {
-    this.free.push(block);
-    this.free.sort((a, b) => a.byteLength - b.byteLength);
-    if (this.free.length > 2) this.free.shift();
+    if (this.kept === undefined || block.byteLength >= this.kept.byteLength) this.kept = block;
   }
 }
 

@@ -28,15 +28,15 @@ export const MAX_HTTP2_WINDOW = 2 ** 31 - 1;
 /**
  * Gives every connection the server accepts from now on a receive window of
  * `bytes`, for the connection and for each of its streams. Call it after the
- * server is bound.
- * @returns Whether the window could be set (false: grpc-js internals changed; logged as a warning).
+ * server is bound. If grpc-js internals changed, it logs a warning and
+ * leaves the default window.
  */
-export function widenReceiveWindow(server: Server, bytes: number, log: Logger): boolean {
-  if (bytes <= DEFAULT_HTTP2_WINDOW) return true;
+export function widenReceiveWindow(server: Server, bytes: number, log: Logger): void {
+  if (bytes <= DEFAULT_HTTP2_WINDOW) return;
   const servers = (server as unknown as { http2Servers?: unknown }).http2Servers;
   if (!(servers instanceof Map) || servers.size === 0) {
     log.warn('cannot set the HTTP/2 receive window (grpc-js internals changed): uploads keep the 64 KiB window', { bytes });
-    return false;
+    return;
   }
   const widen = (session: ServerHttp2Session): void => {
     try {
@@ -48,5 +48,4 @@ export function widenReceiveWindow(server: Server, bytes: number, log: Logger): 
     }
   };
   for (const http2Server of servers.keys() as IterableIterator<Http2Server>) http2Server.on('session', widen);
-  return true;
 }
