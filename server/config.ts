@@ -51,7 +51,7 @@ export interface ServerOptions {
   /**
    * HTTP/2 receive window of each connection and each of its streams: how many
    * bytes a client may send before it waits for the server to read them. The
-   * protocol's default, 64 KiB, halves upload throughput (docs/performance.md);
+   * protocol's default, 64 KiB, halved a bare grpc-js upload here (docs/performance.md);
    * a connection buffers at most this much for a call the server holds back.
    * @default 4 MiB
    */
