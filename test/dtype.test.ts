@@ -245,6 +245,9 @@ void describe('decodeToF32 / encodeFromF32', () => {
       const view = shifted.subarray(1);
       assert.equal(view.byteOffset % 2, 1);
       assert.deepEqual(bitsOf(decodeToF32(view, dtype)), bitsOf(decodeToF32(enc.slice(), dtype)), dtype);
+      // A Buffer too (a protobuf bytes field decoded from a received message): its own slice() makes no copy.
+      const buffer = Buffer.from(shifted.buffer, 1, enc.byteLength);
+      assert.deepEqual(bitsOf(decodeToF32(buffer, dtype)), bitsOf(decodeToF32(enc.slice(), dtype)), `${dtype} from a Buffer`);
     }
   });
 

@@ -241,7 +241,8 @@ function aligned(bytes: Uint8Array, size: 2 | 4): Uint8Array {
   if (bytes.byteLength % size !== 0) {
     throw new RangeError(`${bytes.byteLength} bytes is not a whole number of ${size}-byte elements`);
   }
-  return bytes.byteOffset % size === 0 ? bytes : bytes.slice();
+  // Uint8Array's slice copies; a Buffer's own slice() would return a view, as misaligned as before.
+  return bytes.byteOffset % size === 0 ? bytes : Uint8Array.prototype.slice.call(bytes);
 }
 
 /**

@@ -85,7 +85,9 @@ export async function* readDeltaFile(path: string, opts: ReadDeltaOptions = {}):
       }
       let record: DeltaRecord;
       try {
-        record = DeltaRecord.decode(payload);
+        // Decoded from a copy: the record's bytes fields are views of what it is decoded from,
+        // and the source reuses its buffer for the next records.
+        record = DeltaRecord.decode(new Uint8Array(payload));
       } catch (cause) {
         throw new FormatError(`record ${ordinal} at byte ${at} is not a valid DeltaRecord`, { file: path, tensor, cause });
       }

@@ -64,7 +64,7 @@ export interface FileChunk {
   /** Byte offset of `data` in the file. */
   offset: bigint;
   /** The file's bytes from `offset` on (length = number of bytes in this chunk). */
-  data: Buffer;
+  data: Uint8Array;
   /** CRC-32C of `data`. */
   crc32c: number;
 }
@@ -424,7 +424,7 @@ export const DownloadRequest: MessageFns<DownloadRequest> = {
 };
 
 function createBaseFileChunk(): FileChunk {
-  return { path: "", offset: 0n, data: Buffer.alloc(0), crc32c: 0 };
+  return { path: "", offset: 0n, data: new Uint8Array(0), crc32c: 0 };
 }
 
 export const FileChunk: MessageFns<FileChunk> = {
@@ -481,7 +481,7 @@ export const FileChunk: MessageFns<FileChunk> = {
               break;
             }
 
-            message.data = Buffer.from(reader.bytes());
+            message.data = reader.bytes();
             continue;
           }
           case 4: {
@@ -508,7 +508,7 @@ export const FileChunk: MessageFns<FileChunk> = {
     return {
       path: isSet(object.path) ? globalThis.String(object.path) : "",
       offset: isSet(object.offset) ? BigInt(object.offset) : 0n,
-      data: isSet(object.data) ? Buffer.from(bytesFromBase64(object.data)) : Buffer.alloc(0),
+      data: isSet(object.data) ? bytesFromBase64(object.data) : new Uint8Array(0),
       crc32c: isSet(object.crc32c) ? globalThis.Number(object.crc32c) : 0,
     };
   },
@@ -537,7 +537,7 @@ export const FileChunk: MessageFns<FileChunk> = {
     const message = createBaseFileChunk();
     message.path = object.path ?? "";
     message.offset = (object.offset !== undefined && object.offset !== null) ? BigInt(object.offset) : 0n;
-    message.data = object.data ?? Buffer.alloc(0);
+    message.data = object.data ?? new Uint8Array(0);
     message.crc32c = object.crc32c ?? 0;
     return message;
   },
@@ -614,11 +614,28 @@ export const DownloadServiceClient = makeGenericClientConstructor(
 };
 
 function bytesFromBase64(b64: string): Uint8Array {
-  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+  if ((globalThis as any).Buffer) {
+    return Uint8Array.from((globalThis as any).Buffer.from(b64, "base64"));
+  } else {
+    const bin = globalThis.atob(b64);
+    const arr = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; ++i) {
+      arr[i] = bin.charCodeAt(i);
+    }
+    return arr;
+  }
 }
 
 function base64FromBytes(arr: Uint8Array): string {
-  return globalThis.Buffer.from(arr).toString("base64");
+  if ((globalThis as any).Buffer) {
+    return (globalThis as any).Buffer.from(arr).toString("base64");
+  } else {
+    const bin: string[] = [];
+    arr.forEach((byte) => {
+      bin.push(globalThis.String.fromCharCode(byte));
+    });
+    return globalThis.btoa(bin.join(""));
+  }
 }
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | bigint | undefined;

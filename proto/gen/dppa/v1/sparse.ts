@@ -170,11 +170,11 @@ export interface SparseChunk {
   /** Golomb parameter m >= 1 for POSITION_CODING_GOLOMB; 0 otherwise. */
   golombM: number;
   /** The coded gaps (bit stream, most significant bit first, zero-padded to a byte). */
-  positions: Buffer;
+  positions: Uint8Array;
   /** Precision of `values`. */
   valueDtype: ValueDtype;
   /** `count` values, little-endian, in position order. */
-  values: Buffer;
+  values: Uint8Array;
   /** CRC-32C over the chunk: see docs/formats.md ("Chunk checksum") for the exact bytes covered. */
   crc32c: number;
 }
@@ -272,9 +272,9 @@ function createBaseSparseChunk(): SparseChunk {
     count: 0,
     positionCoding: 0,
     golombM: 0,
-    positions: Buffer.alloc(0),
+    positions: new Uint8Array(0),
     valueDtype: 0,
-    values: Buffer.alloc(0),
+    values: new Uint8Array(0),
     crc32c: 0,
   };
 }
@@ -394,7 +394,7 @@ export const SparseChunk: MessageFns<SparseChunk> = {
               break;
             }
 
-            message.positions = Buffer.from(reader.bytes());
+            message.positions = reader.bytes();
             continue;
           }
           case 9: {
@@ -410,7 +410,7 @@ export const SparseChunk: MessageFns<SparseChunk> = {
               break;
             }
 
-            message.values = Buffer.from(reader.bytes());
+            message.values = reader.bytes();
             continue;
           }
           case 11: {
@@ -454,13 +454,13 @@ export const SparseChunk: MessageFns<SparseChunk> = {
         : isSet(object.golomb_m)
         ? globalThis.Number(object.golomb_m)
         : 0,
-      positions: isSet(object.positions) ? Buffer.from(bytesFromBase64(object.positions)) : Buffer.alloc(0),
+      positions: isSet(object.positions) ? bytesFromBase64(object.positions) : new Uint8Array(0),
       valueDtype: isSet(object.valueDtype)
         ? valueDtypeFromJSON(object.valueDtype)
         : isSet(object.value_dtype)
         ? valueDtypeFromJSON(object.value_dtype)
         : 0,
-      values: isSet(object.values) ? Buffer.from(bytesFromBase64(object.values)) : Buffer.alloc(0),
+      values: isSet(object.values) ? bytesFromBase64(object.values) : new Uint8Array(0),
       crc32c: isSet(object.crc32c) ? globalThis.Number(object.crc32c) : 0,
     };
   },
@@ -517,9 +517,9 @@ export const SparseChunk: MessageFns<SparseChunk> = {
     message.count = object.count ?? 0;
     message.positionCoding = object.positionCoding ?? 0;
     message.golombM = object.golombM ?? 0;
-    message.positions = object.positions ?? Buffer.alloc(0);
+    message.positions = object.positions ?? new Uint8Array(0);
     message.valueDtype = object.valueDtype ?? 0;
-    message.values = object.values ?? Buffer.alloc(0);
+    message.values = object.values ?? new Uint8Array(0);
     message.crc32c = object.crc32c ?? 0;
     return message;
   },
@@ -1437,11 +1437,28 @@ export const DeltaRecord: MessageFns<DeltaRecord> = {
 };
 
 function bytesFromBase64(b64: string): Uint8Array {
-  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+  if ((globalThis as any).Buffer) {
+    return Uint8Array.from((globalThis as any).Buffer.from(b64, "base64"));
+  } else {
+    const bin = globalThis.atob(b64);
+    const arr = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; ++i) {
+      arr[i] = bin.charCodeAt(i);
+    }
+    return arr;
+  }
 }
 
 function base64FromBytes(arr: Uint8Array): string {
-  return globalThis.Buffer.from(arr).toString("base64");
+  if ((globalThis as any).Buffer) {
+    return (globalThis as any).Buffer.from(arr).toString("base64");
+  } else {
+    const bin: string[] = [];
+    arr.forEach((byte) => {
+      bin.push(globalThis.String.fromCharCode(byte));
+    });
+    return globalThis.btoa(bin.join(""));
+  }
 }
 
 function floatToJson(value: number | null | undefined): number | string | null | undefined {
