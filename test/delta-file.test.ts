@@ -5,9 +5,14 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { FormatError, TruncatedError } from '../proto/errors.js';
 import { DeltaHeader, DeltaRecord, TensorKind, ValueDtype } from '../proto/gen/dppa/v1/sparse.js';
+import { serializeUploadRequest } from '../client/sdk/upload-client.js';
+import { UploadRequest } from '../proto/gen/dppa/v1/upload.js';
 import {
   DELTA_FILE_MAGIC,
   DeltaFileWriter,
+  encodeChunks,
+  encodeSoleField,
+  encodingOf,
   readDeltaFile,
   readDeltaHeader,
   readDeltaTensors,
@@ -326,5 +331,36 @@ void describe('DeltaFileWriter', () => {
     assert.ok((await stat(p)).isDirectory());
     assert.deepEqual(await readdir(sub), ['taken.dppa']);
     await assert.rejects(writer.write({ header }), /aborted/);
+  });
+});
+
+void describe('records read from a file, uploaded as read', () => {
+  void it('are sent as the bytes they were read as, the same bytes encoding them gives', async () => {
+    const path = join(dir, 'upload-as-read.dppa');
+    await writeDelta(path, allRecords());
+    let count = 0;
+    for await (const record of readDeltaFile(path)) {
+      assert.ok(encodingOf(record) !== undefined, 'the reader remembers each record\'s bytes');
+      const sent = serializeUploadRequest({ record });
+      assert.deepEqual(sent, Buffer.from(UploadRequest.encode({ record }).finish()), `record ${count}`);
+      assert.deepEqual(UploadRequest.decode(sent).record, DeltaRecord.decode(Buffer.from(DeltaRecord.encode(record).finish())));
+      count++;
+    }
+    assert.equal(count, allRecords().length);
+  });
+
+  void it('encodes anything else as usual, and lengths of every varint size alike', () => {
+    const open = { open: { jobId: 'j', party: 'p' } };
+    assert.deepEqual(serializeUploadRequest(open), Buffer.from(UploadRequest.encode(open).finish()));
+    const fresh: DeltaRecord = { header };
+    assert.equal(encodingOf(fresh), undefined);
+    assert.deepEqual(serializeUploadRequest({ record: fresh }), Buffer.from(UploadRequest.encode({ record: fresh }).finish()));
+    // Records whose encodings take 1-, 2- and 3-byte varint lengths, laid out as the generated code lays them out.
+    for (const n of [10, 1000, 30000]) {
+      const [chunk] = [...encodeChunks('w', 1, Float64Array.from({ length: n }, (_, i) => 2 * i), new Float32Array(n).fill(0.5), { valueDtype: ValueDtype.VALUE_DTYPE_F32 })];
+      const record: DeltaRecord = { chunk: chunk! };
+      const bytes = DeltaRecord.encode(record).finish();
+      assert.deepEqual(encodeSoleField(2, bytes), Buffer.from(UploadRequest.encode({ record }).finish()), `${bytes.length}-byte record`);
+    }
   });
 });

@@ -9,7 +9,8 @@ import { Channel, credentials, Metadata, type ChannelCredentials, type ChannelOp
 import { DownloadServiceClient } from '../../proto/gen/dppa/v1/download.js';
 import { EvaluationServiceClient } from '../../proto/gen/dppa/v1/evaluation.js';
 import { JobServiceClient } from '../../proto/gen/dppa/v1/jobs.js';
-import { UploadServiceClient } from '../../proto/gen/dppa/v1/upload.js';
+import type { UploadServiceClient } from '../../proto/gen/dppa/v1/upload.js';
+import { UploadClientSendingRecords } from './upload-client.js';
 import { retryWithDefaults, type RetryOptions } from './retry.js';
 
 /** A PEM file: its path, or its contents. */
@@ -167,7 +168,7 @@ export class Connection {
     // One channel (one HTTP/2 connection) for every service.
     const shared = { channelOverride: this.channel };
     this.jobs = new JobServiceClient(o.address, creds, shared);
-    this.uploads = new UploadServiceClient(o.address, creds, shared);
+    this.uploads = new UploadClientSendingRecords(o.address, creds, shared);
     this.downloads = new DownloadServiceClient(o.address, creds, shared);
     this.evaluations = new EvaluationServiceClient(o.address, creds, shared);
   }

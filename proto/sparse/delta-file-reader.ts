@@ -6,6 +6,7 @@ import { open } from 'node:fs/promises';
 import { DeltaRecord, type DeltaHeader } from '../gen/dppa/v1/sparse.js';
 import { FormatError, TruncatedError } from '../errors.js';
 import { ByteSource } from './byte-source.js';
+import { rememberEncoding } from './record-encoding.js';
 import {
   checkRecordPlace,
   DEFAULT_MAX_RECORD_BYTES,
@@ -84,15 +85,17 @@ export async function* readDeltaFile(path: string, opts: ReadDeltaOptions = {}):
         );
       }
       let record: DeltaRecord;
+      // Decoded from a copy: the record's bytes fields are views of what it is decoded from,
+      // and the source reuses its buffer for the next records.
+      const own = new Uint8Array(payload);
       try {
-        // Decoded from a copy: the record's bytes fields are views of what it is decoded from,
-        // and the source reuses its buffer for the next records.
-        record = DeltaRecord.decode(new Uint8Array(payload));
+        record = DeltaRecord.decode(own);
       } catch (cause) {
         throw new FormatError(`record ${ordinal} at byte ${at} is not a valid DeltaRecord`, { file: path, tensor, cause });
       }
       checkRecordPlace(record, ordinal, { file: path, tensor: recordTensor(record) ?? tensor });
       tensor = tensorAfter(tensor, record);
+      rememberEncoding(record, own);
       yield record;
     }
   } finally {

@@ -9,8 +9,7 @@
  */
 import type { DeltaRecord } from '../../proto/gen/dppa/v1/sparse.js';
 import { UploadRequest, UploadServiceService } from '../../proto/gen/dppa/v1/upload.js';
-
-const encodings = new WeakMap<DeltaRecord, Uint8Array>();
+import { encodingOf, rememberEncoding } from '../../proto/sparse/index.js';
 
 /** UploadService's definition whose Upload deserializer also remembers each record's own bytes. */
 export const UploadServiceKeepingRecords: typeof UploadServiceService = {
@@ -21,7 +20,7 @@ export const UploadServiceKeepingRecords: typeof UploadServiceService = {
       const req = UploadRequest.decode(buf);
       if (req.record !== undefined) {
         const bytes = soleRecordField(buf);
-        if (bytes !== undefined) encodings.set(req.record, bytes);
+        if (bytes !== undefined) rememberEncoding(req.record, bytes);
       }
       return req;
     },
@@ -40,7 +39,7 @@ const CHUNK_FIELDS_BYTES = 64;
  *   more bytes than its fields account for (then it must be encoded again).
  */
 export function receivedEncoding(record: DeltaRecord): Uint8Array | undefined {
-  const bytes = encodings.get(record);
+  const bytes = encodingOf(record);
   const chunk = record.chunk;
   if (bytes === undefined || chunk === undefined) return undefined;
   const fields = chunk.positions.length + chunk.values.length + Buffer.byteLength(chunk.tensor) + CHUNK_FIELDS_BYTES;
