@@ -24,11 +24,14 @@ export interface MergeRunner {
   close(): Promise<void>;
 }
 
+/** Largest output block kept for reuse: the few larger tensors (embeddings) get fresh memory, so that a kept block never holds one for the rest of the merge. */
+const MAX_KEPT_BYTES = 64 * 1024 * 1024;
+
 /**
  * Output memory handed back after use: filling fresh memory for every merged
- * tensor cost its page faults and the garbage collector's time. One block is
- * kept: while a thread fills one, the block it filled before is being written
- * and comes back after, so memory stays at two blocks per thread.
+ * tensor cost its page faults and the garbage collector's time. One block of
+ * at most {@link MAX_KEPT_BYTES} is kept: while a thread fills one, the block
+ * it filled before is being written and comes back after.
  */
 export class OutputPool {
   private kept: ArrayBuffer | undefined;
@@ -40,8 +43,9 @@ export class OutputPool {
     return b === undefined ? undefined : new Uint8Array(b);
   }
 
-  /** Keeps the larger of `block` and the block kept. */
+  /** Keeps the larger of `block` and the block kept, unless it is over {@link MAX_KEPT_BYTES}. */
   give(block: ArrayBuffer): void {
+    if (block.byteLength > MAX_KEPT_BYTES) return;
     if (this.kept === undefined || block.byteLength >= this.kept.byteLength) this.kept = block;
   }
 }
