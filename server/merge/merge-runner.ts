@@ -37,7 +37,7 @@ export class OutputPool {
   private kept: ArrayBuffer | undefined;
 
   /** The block kept, if any; it is no longer kept. */
-  take(): Uint8Array | undefined {
+  private take(): Uint8Array | undefined {
     const b = this.kept;
     this.kept = undefined;
     return b === undefined ? undefined : new Uint8Array(b);
@@ -47,6 +47,21 @@ export class OutputPool {
   give(block: ArrayBuffer): void {
     if (block.byteLength > MAX_KEPT_BYTES) return;
     if (this.kept === undefined || block.byteLength >= this.kept.byteLength) this.kept = block;
+  }
+
+  /**
+   * Runs `fill` on the block kept (if any); the block comes back here at once
+   * unless the result is in it (give the result's memory back once written).
+   */
+  async fillWith(fill: (out: Uint8Array | undefined) => Promise<Uint8Array>): Promise<Uint8Array> {
+    const out = this.take();
+    let bytes: Uint8Array | undefined;
+    try {
+      bytes = await fill(out);
+      return bytes;
+    } finally {
+      if (out !== undefined && bytes?.buffer !== out.buffer) this.give(out.buffer as ArrayBuffer);
+    }
   }
 }
 
@@ -59,15 +74,9 @@ export function inlineRunner(base: Checkpoint): MergeRunner {
     run: async (task, numel, signal) => {
       let buffer = free.pop();
       if (buffer === undefined || buffer.length < numel) buffer = new Float32Array(numel);
-      const out = outputs.take();
       try {
-        const bytes = await mergeTensor(base, task, buffer, signal, out);
-        // An output block too small for this tensor goes back now; the one holding the result once written.
-        if (out !== undefined && bytes.buffer !== out.buffer) outputs.give(out.buffer as ArrayBuffer);
+        const bytes = await outputs.fillWith((out) => mergeTensor(base, task, buffer, signal, out));
         return { bytes, release: () => outputs.give(bytes.buffer as ArrayBuffer) };
-      } catch (err) {
-        if (out !== undefined) outputs.give(out.buffer as ArrayBuffer);
-        throw err;
       } finally {
         free.push(buffer);
       }

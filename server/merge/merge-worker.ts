@@ -15,22 +15,19 @@ port.on('message', (msg: WorkerRequest) => {
     return;
   }
   const { task, numel } = msg;
-  const out = outputs.take();
   baseReady
     .then((base) => {
       if (buffer.length < numel) buffer = new Float32Array(numel);
-      return mergeTensor(base, task, buffer, undefined, out);
+      return outputs.fillWith((out) => mergeTensor(base, task, buffer, undefined, out));
     })
     .then(
       (bytes) => {
         // Handed over, not copied: either the reused block or fresh memory of the result's own.
-        if (out !== undefined && bytes.buffer !== out.buffer) outputs.give(out.buffer as ArrayBuffer);
         const owned = bytes.byteOffset === 0 ? bytes : bytes.slice();
         const reply: WorkerReply = { ok: true, buffer: owned.buffer as ArrayBuffer, byteLength: owned.byteLength };
         port.postMessage(reply, [reply.buffer]);
       },
       (err: unknown) => {
-        if (out !== undefined) outputs.give(out.buffer as ArrayBuffer);
         const e = err instanceof Error ? err : new Error(String(err));
         port.postMessage({ ok: false, name: e.name, message: e.message } satisfies WorkerReply);
       },

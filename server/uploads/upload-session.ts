@@ -5,9 +5,10 @@
  * holds one record whatever the model's size, and the stream is read only as
  * fast as the disk takes it. A completed tensor's file is closed (fsync,
  * rename into place) while the next tensors arrive, a few at a time; the
- * upload's state is reported only once every one of them is closed. Chunks are checked without decoding their
- * positions (`entries: 'check'`: checksum, structure, bounds of the first
- * position), which keeps the receiving thread near the network's speed; the
+ * upload's state is reported only once every one of them is closed. Chunks
+ * are checked without decoding their positions (`entries: 'check'`:
+ * checksum, structure, bounds of the first position), which keeps the
+ * receiving thread near the network's speed; the
  * merge and the DPA search decode every position and check the rest, failing
  * the job with an error naming the party's spool file and tensor.
  *
