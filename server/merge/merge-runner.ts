@@ -1,8 +1,8 @@
 /**
  * Where tensor merges run: on worker threads (the merge is CPU-bound:
  * position decoding, the scaled adds and the bf16 conversions), or inline in
- * this thread. Either way each tensor in flight has one reused fp32 buffer,
- * and the result is the same.
+ * this thread. Either way each tensor in flight has one fp32 buffer, reused
+ * for the next tensor unless it is an embedding's, and the result is the same.
  */
 import { Worker } from 'node:worker_threads';
 import { FormatError } from '../../proto/errors.js';
@@ -24,8 +24,29 @@ export interface MergeRunner {
   close(): Promise<void>;
 }
 
-/** Largest output block kept for reuse: the few larger tensors (embeddings) get fresh memory, so that a kept block never holds one for the rest of the merge. */
+/**
+ * Largest accumulator or output block a thread keeps for the next tensor: the
+ * few larger tensors (embeddings) get fresh memory, dropped once used, so
+ * that threads which each merged one do not each hold it to the end.
+ */
 const MAX_KEPT_BYTES = 64 * 1024 * 1024;
+
+/** A thread's fp32 accumulators, reused from tensor to tensor up to {@link MAX_KEPT_BYTES}. */
+export class AccumulatorPool {
+  private readonly free: Float32Array[] = [];
+
+  /** Runs `use` on an accumulator of at least `numel` elements, then takes it back. */
+  async with<T>(numel: number, use: (acc: Float32Array) => Promise<T>): Promise<T> {
+    const kept = this.free.pop();
+    const acc = kept !== undefined && kept.length >= numel ? kept : new Float32Array(numel);
+    try {
+      return await use(acc);
+    } finally {
+      const keep = acc.byteLength <= MAX_KEPT_BYTES ? acc : kept;
+      if (keep !== undefined) this.free.push(keep);
+    }
+  }
+}
 
 /**
  * Output memory handed back after use: filling fresh memory for every merged
@@ -67,19 +88,13 @@ export class OutputPool {
 
 /** Merges in this thread on an open base (the caller keeps one more tensor in flight, so that its I/O overlaps these additions). */
 export function inlineRunner(base: Checkpoint): MergeRunner {
-  const free: Float32Array[] = [];
+  const accumulators = new AccumulatorPool();
   const outputs = new OutputPool();
   return {
     width: 1,
     run: async (task, numel, signal) => {
-      let buffer = free.pop();
-      if (buffer === undefined || buffer.length < numel) buffer = new Float32Array(numel);
-      try {
-        const bytes = await outputs.fillWith((out) => mergeTensor(base, task, buffer, signal, out));
-        return { bytes, release: () => outputs.give(bytes.buffer as ArrayBuffer) };
-      } finally {
-        free.push(buffer);
-      }
+      const bytes = await accumulators.with(numel, (acc) => outputs.fillWith((out) => mergeTensor(base, task, acc, signal, out)));
+      return { bytes, release: () => outputs.give(bytes.buffer as ArrayBuffer) };
     },
     close: () => Promise.resolve(),
   };

@@ -1,12 +1,12 @@
 /** Worker thread entry of the merge: opens the base once, then merges one tensor per message. */
 import { parentPort, workerData } from 'node:worker_threads';
 import { Checkpoint } from '../../proto/safetensors/index.js';
-import { OutputPool, type WorkerReply, type WorkerRequest } from './merge-runner.js';
+import { AccumulatorPool, OutputPool, type WorkerReply, type WorkerRequest } from './merge-runner.js';
 import { mergeTensor } from './tensor-merge.js';
 
 const port = parentPort!;
 const baseReady = Checkpoint.open(workerData as string);
-let buffer = new Float32Array(0);
+const accumulators = new AccumulatorPool();
 const outputs = new OutputPool();
 
 port.on('message', (msg: WorkerRequest) => {
@@ -16,10 +16,7 @@ port.on('message', (msg: WorkerRequest) => {
   }
   const { task, numel } = msg;
   baseReady
-    .then((base) => {
-      if (buffer.length < numel) buffer = new Float32Array(numel);
-      return outputs.fillWith((out) => mergeTensor(base, task, buffer, undefined, out));
-    })
+    .then((base) => accumulators.with(numel, (acc) => outputs.fillWith((out) => mergeTensor(base, task, acc, undefined, out))))
     .then(
       (bytes) => {
         // Handed over, not copied: either the reused block or fresh memory of the result's own.
