@@ -13,6 +13,8 @@ import {
   encodeChunks,
   encodeSoleField,
   encodingOf,
+  rememberEncoding,
+  SOLE_FIELD_HEADROOM,
   readDeltaFile,
   readDeltaHeader,
   readDeltaTensors,
@@ -343,6 +345,7 @@ void describe('records read from a file, uploaded as read', () => {
       assert.ok(encodingOf(record) !== undefined, 'the reader remembers each record\'s bytes');
       const sent = serializeUploadRequest({ record });
       assert.deepEqual(sent, Buffer.from(UploadRequest.encode({ record }).finish()), `record ${count}`);
+      assert.equal(sent.buffer, encodingOf(record)!.buffer, 'sent from the memory the record was read into');
       assert.deepEqual(UploadRequest.decode(sent).record, DeltaRecord.decode(Buffer.from(DeltaRecord.encode(record).finish())));
       count++;
     }
@@ -355,12 +358,23 @@ void describe('records read from a file, uploaded as read', () => {
     const fresh: DeltaRecord = { header };
     assert.equal(encodingOf(fresh), undefined);
     assert.deepEqual(serializeUploadRequest({ record: fresh }), Buffer.from(UploadRequest.encode({ record: fresh }).finish()));
-    // Records whose encodings take 1-, 2- and 3-byte varint lengths, laid out as the generated code lays them out.
+    // Records whose encodings take 1-, 2- and 3-byte varint lengths, laid out as the generated code lays them out,
+    // remembered without headroom (copied) and with it (prefixed in place).
     for (const n of [10, 1000, 30000]) {
       const [chunk] = [...encodeChunks('w', 1, Float64Array.from({ length: n }, (_, i) => 2 * i), new Float32Array(n).fill(0.5), { valueDtype: ValueDtype.VALUE_DTYPE_F32 })];
-      const record: DeltaRecord = { chunk: chunk! };
-      const bytes = DeltaRecord.encode(record).finish();
-      assert.deepEqual(encodeSoleField(2, bytes), Buffer.from(UploadRequest.encode({ record }).finish()), `${bytes.length}-byte record`);
+      const expected = Buffer.from(UploadRequest.encode({ record: { chunk: chunk! } }).finish());
+      const bytes = DeltaRecord.encode({ chunk: chunk! }).finish();
+      const copied: DeltaRecord = { chunk: chunk! };
+      rememberEncoding(copied, bytes);
+      assert.deepEqual(encodeSoleField(2, copied), expected, `${bytes.length}-byte record, copied`);
+      const mem = new Uint8Array(SOLE_FIELD_HEADROOM + bytes.length).fill(0xee);
+      mem.set(bytes, SOLE_FIELD_HEADROOM);
+      const inPlace: DeltaRecord = { chunk: chunk! };
+      rememberEncoding(inPlace, mem.subarray(SOLE_FIELD_HEADROOM), SOLE_FIELD_HEADROOM);
+      const sent = encodeSoleField(2, inPlace)!;
+      assert.deepEqual(sent, expected, `${bytes.length}-byte record, prefixed in place`);
+      assert.equal(sent.buffer, mem.buffer, 'no copy');
     }
+    assert.equal(encodeSoleField(2, fresh), undefined);
   });
 });

@@ -6,15 +6,15 @@
  */
 import { makeGenericClientConstructor } from '@grpc/grpc-js';
 import { UploadRequest, type UploadServiceClient, UploadServiceService } from '../../proto/gen/dppa/v1/upload.js';
-import { encodeSoleField, encodingOf } from '../../proto/sparse/index.js';
+import { encodeSoleField } from '../../proto/sparse/index.js';
 
 /** Field number of `record` in UploadRequest. */
 const RECORD_FIELD = 2;
 
 /** An UploadRequest as grpc-js sends it. */
 export function serializeUploadRequest(req: UploadRequest): Buffer {
-  const bytes = req.open === undefined && req.record !== undefined ? encodingOf(req.record) : undefined;
-  return bytes === undefined ? Buffer.from(UploadRequest.encode(req).finish()) : encodeSoleField(RECORD_FIELD, bytes);
+  const sole = req.open === undefined && req.record !== undefined ? encodeSoleField(RECORD_FIELD, req.record) : undefined;
+  return sole ?? Buffer.from(UploadRequest.encode(req).finish());
 }
 
 /** UploadServiceClient whose Upload sends remembered record bytes (see the module's comment). */

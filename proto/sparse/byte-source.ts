@@ -47,7 +47,7 @@ export class ByteSource {
    */
   async take(n: number): Promise<Uint8Array | undefined> {
     if (this.end - this.start < n) {
-      if (n > this.buf.length) return this.takeLarge(n);
+      if (n > this.buf.length) return this.takeOwn(n);
       if (!(await this.fill(n))) {
         this.short = this.end - this.start;
         return undefined;
@@ -73,11 +73,23 @@ export class ByteSource {
     return this.end >= n;
   }
 
-  /** A piece larger than the buffer gets its own allocation, read straight from the file. */
-  private async takeLarge(n: number): Promise<Uint8Array | undefined> {
-    const out = Buffer.allocUnsafe(n);
-    let have = this.buf.copy(out, 0, this.start, this.end);
-    this.start = this.end = 0;
+  /**
+   * The next `n` bytes in memory of their own, which later calls leave
+   * alone: the part already buffered is copied there, the rest is read
+   * straight into it (so a large piece is copied once, by the kernel).
+   *
+   * @param n - Byte count.
+   * @param headroom - Spare bytes left before them in their ArrayBuffer, for the caller to
+   *   put a prefix there without copying them. @default 0
+   * @returns The bytes, a view starting `headroom` bytes into an ArrayBuffer of
+   *   `headroom + n` bytes; or undefined when the file ends first (see {@link ByteSource.available}).
+   */
+  async takeOwn(n: number, headroom = 0): Promise<Uint8Array | undefined> {
+    const mem = Buffer.allocUnsafeSlow(headroom + n);
+    const out = new Uint8Array(mem.buffer, mem.byteOffset + headroom, n);
+    let have = Math.min(n, this.end - this.start);
+    out.set(this.buf.subarray(this.start, this.start + have));
+    this.start += have;
     while (have < n && !this.eof) {
       const { bytesRead } = await this.fh.read(out, have, n - have, this.filePos);
       if (bytesRead === 0) this.eof = true;

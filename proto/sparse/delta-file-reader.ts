@@ -6,7 +6,7 @@ import { open } from 'node:fs/promises';
 import { DeltaRecord, type DeltaHeader } from '../gen/dppa/v1/sparse.js';
 import { FormatError, TruncatedError } from '../errors.js';
 import { ByteSource } from './byte-source.js';
-import { rememberEncoding } from './record-encoding.js';
+import { rememberEncoding, SOLE_FIELD_HEADROOM } from './record-encoding.js';
 import {
   checkRecordPlace,
   DEFAULT_MAX_RECORD_BYTES,
@@ -77,17 +77,16 @@ export async function* readDeltaFile(path: string, opts: ReadDeltaOptions = {}):
           tensor,
         });
       }
-      const payload = await src.take(length);
-      if (payload === undefined) {
+      // In memory of its own: the record's bytes fields are views of what it is decoded from, and the
+      // source reuses its buffer for the next records. With room before it to send it as an UploadRequest.
+      const own = await src.takeOwn(length, SOLE_FIELD_HEADROOM);
+      if (own === undefined) {
         throw new TruncatedError(
           `record ${ordinal} at byte ${at} is cut off: ${src.available} of its ${length} bytes present`,
           { file: path, tensor },
         );
       }
       let record: DeltaRecord;
-      // Decoded from a copy: the record's bytes fields are views of what it is decoded from,
-      // and the source reuses its buffer for the next records.
-      const own = new Uint8Array(payload);
       try {
         record = DeltaRecord.decode(own);
       } catch (cause) {
@@ -95,7 +94,7 @@ export async function* readDeltaFile(path: string, opts: ReadDeltaOptions = {}):
       }
       checkRecordPlace(record, ordinal, { file: path, tensor: recordTensor(record) ?? tensor });
       tensor = tensorAfter(tensor, record);
-      rememberEncoding(record, own);
+      rememberEncoding(record, own, SOLE_FIELD_HEADROOM);
       yield record;
     }
   } finally {

@@ -26,4 +26,4 @@ export {
 } from './tensor-assembler.js';
 export * from './delta-file.js';
 export { addChunkScaled, addScaled, partitionFactor } from './add-scaled.js';
-export { encodeSoleField, encodingOf, rememberEncoding } from './record-encoding.js';
+export { encodeSoleField, encodingOf, rememberEncoding, SOLE_FIELD_HEADROOM } from './record-encoding.js';
