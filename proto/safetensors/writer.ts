@@ -153,6 +153,10 @@ function alreadyExists(path: string): Error {
 export class CheckpointWriter {
   private readonly written = new Set<string>();
   private readonly inflight = new Set<Promise<void>>();
+  /** Tensors not yet written, per weight file. */
+  private readonly unwritten = new Map<FileHandle, number>();
+  /** fsyncs of the weight files whose every tensor is written, started at once so that the disk works while the rest is computed. */
+  private readonly syncs: Promise<void>[] = [];
   private state: 'open' | 'committing' | 'done' = 'open';
 
   private constructor(
@@ -165,7 +169,9 @@ export class CheckpointWriter {
     private readonly overwrite: boolean,
     private readonly planned: Map<string, Planned>,
     private readonly handles: FileHandle[],
-  ) {}
+  ) {
+    for (const p of planned.values()) this.unwritten.set(p.fh, (this.unwritten.get(p.fh) ?? 0) + 1);
+  }
 
   /**
    * Validates the layout, creates the temporary folder with every weight
@@ -228,6 +234,14 @@ export class CheckpointWriter {
     } finally {
       this.inflight.delete(write);
     }
+    const left = this.unwritten.get(p.fh)! - 1;
+    this.unwritten.set(p.fh, left);
+    if (left === 0) {
+      const sync = p.fh.sync();
+      // Awaited by commit(); until then a failure must not surface as an unhandled rejection.
+      sync.catch(() => undefined);
+      this.syncs.push(sync);
+    }
   }
 
   /**
@@ -264,6 +278,7 @@ export class CheckpointWriter {
         });
       }
       if (this.layout.sharded) await writeFile(join(this.tmpDir, INDEX_FILE_NAME), shardIndexJson(this.layout, this.planned));
+      await Promise.all(this.syncs);
       await Promise.all(this.handles.map((h) => h.sync()));
       await this.closeHandles();
       await syncFiles(this.tmpDir);
@@ -282,7 +297,7 @@ export class CheckpointWriter {
 
   private async discard(): Promise<void> {
     this.state = 'done';
-    await Promise.allSettled([...this.inflight]);
+    await Promise.allSettled([...this.inflight, ...this.syncs]);
     await this.closeHandles();
     await rm(this.tmpDir, { recursive: true, force: true });
   }

@@ -11,7 +11,11 @@
  * its peak RSS and CPU time. In the same run it measures the references the
  * goals are set against: a raw TCP loopback copy of the same bytes (three
  * node sender processes streaming the three .dppa files to one receiver
- * process, concurrently) and `cp -r` of the base checkpoint folder.
+ * process, concurrently) and `cp -r` of the base checkpoint folder. Beside
+ * them, the floors of Node itself on this machine: the same bytes through a
+ * bare grpc-js call, and a Node copy of the base through memory with fsync
+ * (the I/O any merge in Node does, without the merge: `cp` copies inside the
+ * kernel).
  *
  * Goals (printed, never enforced): upload ≥ 50% of raw loopback throughput,
  * merge ≤ 2× the `cp -r`, server peak RSS < 1 GiB.
@@ -201,6 +205,23 @@ const call = c.up((e) => { if (e) { console.error(e); process.exit(1); } process
   }
   call.end();
 })();`;
+
+// ---------------------------------------------------------------------------
+// The reference for the merge beside `cp -r`: the base copied file by file
+// through a 16 MiB buffer in a Node process, then fsynced.
+
+const NODE_COPY = `
+const fs = require('node:fs'), path = require('node:path');
+const [from, to] = process.argv.slice(1);
+fs.mkdirSync(to);
+const buf = Buffer.allocUnsafeSlow(16 << 20);
+for (const f of fs.readdirSync(from)) {
+  const a = fs.openSync(path.join(from, f), 'r'), b = fs.openSync(path.join(to, f), 'w');
+  for (let pos = 0, n; (n = fs.readSync(a, buf, 0, buf.length, pos)) > 0; pos += n) fs.writeSync(b, buf, 0, n, pos);
+  fs.fsyncSync(b);
+  fs.closeSync(a);
+  fs.closeSync(b);
+}`;
 
 /**
  * Seconds from the receiver's start to its report that every sender's bytes
@@ -400,16 +421,19 @@ try {
   server = undefined;
   await writeFile(join(runDir, 'server.log'), log);
 
-  // 8. cp -r of the base checkpoint (then its fsync, which the merge also does), same disk.
+  // 8. cp -r of the base checkpoint (then its fsync, which the merge also does), and the Node copy; same disk.
   const cps: number[] = [];
   const syncs: number[] = [];
+  const nodeCopies: number[] = [];
   for (let i = 0; i < runs; i++) {
     const copy = join(runDir, 'cp-copy');
     cps.push(measureProcess('cp', ['-r', base, copy]).seconds);
     const files = (await readdir(copy)).map((f) => join(copy, f));
     syncs.push(measureProcess('sync', files).seconds);
     await rm(copy, { recursive: true, force: true });
-    console.log(`cp -r ${i + 1}/${runs}: ${cps.at(-1)!.toFixed(2)} s, then sync of the copy ${syncs.at(-1)!.toFixed(2)} s`);
+    nodeCopies.push(measureProcess(process.execPath, ['-e', NODE_COPY, base, copy]).seconds);
+    await rm(copy, { recursive: true, force: true });
+    console.log(`cp -r ${i + 1}/${runs}: ${cps.at(-1)!.toFixed(2)} s, then sync of the copy ${syncs.at(-1)!.toFixed(2)} s; Node copy with fsync ${nodeCopies.at(-1)!.toFixed(2)} s`);
   }
 
   // The figures.
@@ -417,6 +441,7 @@ try {
   const bare = median(grpcs);
   const cp = median(cps);
   const cpSync = median(cps.map((c, i) => c + syncs[i]!));
+  const nodeCopy = median(nodeCopies);
   const uploadRatio = raw / uploadSeconds;
   const mergeRatio = mergeSeconds / cp;
   const cpu = (m: Map<string, number>): number => m.get('process_cpu_seconds_total') ?? Number.NaN;
@@ -434,6 +459,7 @@ try {
     ['', '', '', 'bare grpc-js call, 4 MiB window, bytes discarded', bare.toFixed(2), mb(deltaBytes, bare), `${((100 * bare) / uploadSeconds).toFixed(1)}% (it: ${((100 * raw) / bare).toFixed(1)}% of raw)`, '', ''],
     ['merge (last upload → merged)', mergeSeconds.toFixed(2), mb(baseBytes, mergeSeconds), '`cp -r` of the base', cp.toFixed(2), mb(baseBytes, cp), `${mergeRatio.toFixed(2)}×`, '≤ 2×', yes(mergeRatio <= 2)],
     ['', '', '', '`cp -r` + sync of the copy', cpSync.toFixed(2), mb(baseBytes, cpSync), `${(mergeSeconds / cpSync).toFixed(2)}×`, '', ''],
+    ['', '', '', 'Node copy through memory + fsync, no merge work', nodeCopy.toFixed(2), mb(baseBytes, nodeCopy), `${(mergeSeconds / nodeCopy).toFixed(2)}× (it: ${(nodeCopy / cp).toFixed(2)}× cp)`, '', ''],
     ['server peak RSS (whole life)', '', '', '', '', '', `${serverRun.maxRssMiB.toFixed(0)} MiB`, '< 1024 MiB', yes(serverRun.maxRssMiB < 1024)],
   ];
   const widths = rows[0]!.map((_, j) => Math.max(...rows.map((r) => r[j]!.length)));
