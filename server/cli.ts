@@ -29,6 +29,8 @@ Options:
   --insecure               allow plaintext gRPC on a non-loopback host
   --max-upload-bytes N     most bytes one party may upload to one job
                            (default 4 × the job's base checkpoint size)
+  --keep-uploads           keep the parties' uploaded tensors once their job has merged
+                           (default: deleted then; the merged checkpoint stays)
   --nats URL               also publish every job event to NATS JetStream on
                            dppa.jobs.<job>.<event> (docs/events.md); the server does not
                            start while NATS is unreachable (default: DPPA_NATS_URL, else none)
@@ -69,6 +71,7 @@ export async function main(argv: string[]): Promise<number> {
         'tls-client-ca': { type: 'string' },
         insecure: { type: 'boolean' },
         'max-upload-bytes': { type: 'string' },
+        'keep-uploads': { type: 'boolean' },
         nats: { type: 'string' },
         'nats-creds': { type: 'string' },
         cluster: { type: 'boolean' },
@@ -91,6 +94,7 @@ export async function main(argv: string[]): Promise<number> {
       tlsClientCa: values['tls-client-ca'],
       insecure: values.insecure,
       maxUploadBytes: values['max-upload-bytes'],
+      keepUploads: values['keep-uploads'],
       nats: values.nats,
       natsCreds: values['nats-creds'],
       cluster: values.cluster,

@@ -61,6 +61,13 @@ export interface ServerOptions {
   /** Worker threads of a merge; 0 merges in the main thread. @default min(2, available cores) */
   mergeWorkers?: number;
   /**
+   * Keep the parties' uploaded tensors once their job has merged (to merge
+   * them again by hand, or to look into them). By default they are deleted
+   * then: only the merged checkpoint is needed from that point.
+   * @default false
+   */
+  keepUploads?: boolean;
+  /**
    * Also publish every job event to NATS JetStream (docs/events.md). The
    * server then refuses to start while NATS cannot be reached; once started, it
    * keeps working without NATS and publishes what it missed when NATS returns.
@@ -102,6 +109,7 @@ export interface ResolvedServerOptions {
   receiveWindowBytes: number;
   shutdownGraceMs: number;
   mergeWorkers: number;
+  keepUploads: boolean;
   nats: NatsOptions | undefined;
   cluster: boolean;
   taskAckWaitMs: number;
@@ -129,6 +137,7 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
     receiveWindowBytes: opts.receiveWindowBytes ?? 4 * 1024 * 1024,
     shutdownGraceMs: opts.shutdownGraceMs ?? 10_000,
     mergeWorkers: opts.mergeWorkers ?? defaultMergeWorkers(),
+    keepUploads: opts.keepUploads ?? false,
     nats: opts.nats,
     cluster: opts.cluster ?? false,
     taskAckWaitMs: opts.taskAckWaitMs ?? 30_000,
@@ -215,6 +224,7 @@ export interface ServeFlags {
   tlsClientCa?: string | undefined;
   insecure?: boolean | undefined;
   maxUploadBytes?: string | undefined;
+  keepUploads?: boolean | undefined;
   nats?: string | undefined;
   natsCreds?: string | undefined;
   cluster?: boolean | undefined;
@@ -250,6 +260,7 @@ export async function optionsFromFlags(flags: ServeFlags, env: NodeJS.ProcessEnv
   if (flags.metricsPort !== undefined) opts.metricsPort = intFlag('metrics-port', flags.metricsPort);
   if (flags.maxUploadBytes !== undefined) opts.maxUploadBytes = intFlag('max-upload-bytes', flags.maxUploadBytes);
   if (flags.insecure === true) opts.insecure = true;
+  if (flags.keepUploads === true) opts.keepUploads = true;
   const natsUrl = flags.nats ?? (env.DPPA_NATS_URL === '' ? undefined : env.DPPA_NATS_URL);
   if (flags.natsCreds !== undefined && natsUrl === undefined) throw new ConfigError('--nats-creds needs --nats URL (or DPPA_NATS_URL)');
   if (natsUrl !== undefined) opts.nats = { url: natsUrl, ...(flags.natsCreds === undefined ? {} : { credsFile: flags.natsCreds }) };

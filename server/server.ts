@@ -152,7 +152,7 @@ export class DppaServer {
     }
     let spool: Spool;
     try {
-      spool = await Spool.open({ store, log, shared: o.cluster });
+      spool = await Spool.open({ store, log, shared: o.cluster, keepUploads: o.keepUploads });
     } catch (err) {
       // A replica that cannot read the shared folder must not keep its NATS connection (and the process) alive.
       await events.close();

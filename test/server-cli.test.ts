@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { credentials } from '@grpc/grpc-js';
 import type { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
-import { JobServiceClient } from '../proto/gen/dppa/v1/jobs.js';
+import { JobServiceClient, JobState } from '../proto/gen/dppa/v1/jobs.js';
 import { UploadServiceClient } from '../proto/gen/dppa/v1/upload.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import { ADMIN, auth, call, pruneRecords, upload, uploadMessages } from './fixtures/grpc-harness.js';
@@ -99,7 +99,7 @@ describe('dppa serve', () => {
     uploads.close();
     assert.ok((await readdir(spool)).some((f) => f.includes('.tmp-')), 'the kill left a partial tensor behind');
 
-    s = await serve(args);
+    s = await serve([...args, '--keep-uploads']);
     jobs = new JobServiceClient(s.grpc, credentials.createInsecure());
     uploads = new UploadServiceClient(s.grpc, credentials.createInsecure());
     try {
@@ -108,6 +108,11 @@ describe('dppa serve', () => {
       assert.deepEqual((await readdir(spool)).sort(), ['0.dppa', 'header.json']);
       const metrics = await (await fetch(s.metrics)).text();
       assert.match(metrics, /^dppa_jobs\{state="COLLECTING"\} 1$/m);
+      // The rest (the tensor held is sent again, harmlessly); with --keep-uploads the merge leaves the tensors in place.
+      const done = await upload(uploads, r.tokens.a!, uploadMessages(jobId, 'a', records));
+      for (let i = 0; i < 250 && (await call(jobs, 'getJob', { jobId }, ADMIN)).state !== JobState.JOB_STATE_MERGED; i++) await new Promise((res) => setTimeout(res, 20));
+      assert.equal((await call(jobs, 'getJob', { jobId }, ADMIN)).state, JobState.JOB_STATE_MERGED);
+      assert.equal((await readdir(spool)).filter((f) => f.endsWith('.dppa')).length, done.tensorsExpected);
     } finally {
       jobs.close();
       uploads.close();

@@ -135,6 +135,16 @@ describe('aggregation server: job, uploads, merge, download', () => {
     }
     const names = await readdir(join(dir, 'data', 'jobs', job.id, 'merged'));
     assert.ok(names.includes('config.json') && names.includes('tokenizer.json') && names.includes('model.safetensors.index.json'));
+
+    // Once merged, the uploaded tensors are deleted (the header and a list of them stay), and the job
+    // shows what each party sent as before.
+    const spool = join(dir, 'data', 'jobs', job.id, 'uploads', 'math');
+    for (let i = 0; i < 100 && (await readdir(spool)).some((f) => f.endsWith('.dppa')); i++) await new Promise((r) => setTimeout(r, 20));
+    assert.deepEqual((await readdir(spool)).sort(), ['discarded.json', 'header.json']);
+    assert.deepEqual(merged.parties.map((p) => p.tensorsReceived), [math.tensorsReceived.length, law.tensorsReceived.length]);
+    assert.ok(merged.parties.every((p) => p.bytesReceived > 0n));
+    assert.deepEqual(await call(h.jobs, 'getJob', { jobId: job.id }, tokens.law!), merged);
+    assert.match(await (await fetch(`http://127.0.0.1:${h.server.metricsPort}/metrics`)).text(), /^dppa_spool_bytes 0$/m);
   });
 
   it('takes a chunk whose position stream is malformed under a valid CRC, and fails the merge naming party and tensor', async () => {
@@ -251,5 +261,16 @@ describe('aggregation server: job, uploads, merge, download', () => {
     assert.ok(samples.get('dppa_merge_duration_seconds_count')! >= 1);
     assert.ok(samples.has('process_cpu_user_seconds_total'));
     assert.ok([...samples.keys()].every((k) => !k.includes('party') && !k.includes('tensor=')), 'no per-party or per-tensor labels');
+  });
+
+  it('shows a merged job and its uploads the same after a restart, the uploaded tensors deleted', async () => {
+    const shown = await call(h.jobs, 'getJob', { jobId: job.id }, ADMIN);
+    const state = await call(h.uploads, 'getUploadState', { jobId: job.id, party: 'math' }, tokens.math!);
+    assert.ok(state.complete && state.tensorsReceived.length > 0);
+    await h.close();
+    h = await startHarness(join(dir, 'data'));
+    assert.deepEqual(await call(h.jobs, 'getJob', { jobId: job.id }, ADMIN), shown);
+    assert.deepEqual(await call(h.uploads, 'getUploadState', { jobId: job.id, party: 'math' }, tokens.math!), state);
+    assert.deepEqual((await readdir(join(dir, 'data', 'jobs', job.id, 'uploads', 'math'))).sort(), ['discarded.json', 'header.json']);
   });
 });

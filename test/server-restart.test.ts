@@ -44,7 +44,8 @@ before(async () => {
   const fam = await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 8 });
   base = fam.base;
   records = await pruneRecords({ base: fam.base, finetuned: fam.finetuned[0]!, rate: 0.8 });
-  h = await startHarness(data, { shutdownGraceMs: 300 });
+  // Uploads kept after the merge: the tests below merge them again.
+  h = await startHarness(data, { shutdownGraceMs: 300, keepUploads: true });
   const r = await call(h.jobs, 'createJob', { basePath: fam.base, parties: ['a', 'b'], rate: 0.8, method: 'dp', label: '', dpa: undefined, merge: undefined }, ADMIN);
   jobId = r.job!.id;
   tokens = r.tokens;
@@ -86,7 +87,8 @@ describe('restart', () => {
     await writeFile(join(spoolDir, 'header.json.tmp-deadbeef'), '{');
     await mkdir(join(data, 'jobs', jobId, 'merged.tmp-deadbeef'));
 
-    h = await startHarness(data, { shutdownGraceMs: 300 });
+    // Uploads kept after the merge: the tests below merge them again.
+  h = await startHarness(data, { shutdownGraceMs: 300, keepUploads: true });
     const s = await call(h.uploads, 'getUploadState', { jobId, party: 'a' }, tokens.a!);
     assert.equal(s.tensorsReceived.length, 2);
     assert.equal(s.complete, false);
@@ -121,7 +123,7 @@ describe('restart', () => {
     await writeFile(join(jobDir, 'events.jsonl'), `${lines.join('\n')}\n`);
     const lastSeq = kept.at(-1)!.seq;
 
-    h = await startHarness(data);
+    h = await startHarness(data, { keepUploads: true });
     const again = await watchAll(h.jobs, ADMIN, jobId, lastSeq);
     assert.equal(again[0]?.seq, lastSeq + 1n, 'numbering goes on from the log');
     assert.ok(again.some((e: JobEvent) => e.stateChanged?.to === JobState.JOB_STATE_MERGED));

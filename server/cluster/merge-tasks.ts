@@ -254,6 +254,7 @@ export class MergeTasks implements DistributedStep {
     this.opts.metrics.mergeDuration.observe(seconds);
     await this.opts.events.append(job.id, { merged: { files: files.map((f) => f.path), seconds } });
     this.opts.log.info('job merged', { jobId: job.id, seconds, tensors: record.tensorsTotal });
+    await this.opts.spool.discardJob(job.id);
   }
 
   private queueCommit(jobId: string): Promise<void> {

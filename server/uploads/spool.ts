@@ -5,7 +5,10 @@
  *   when its first header is accepted;
  * - `<n>.dppa`: tensor `n` of the header's plan, once received completely: a
  *   one-tensor `.dppa` file (a header planning just that tensor, its records,
- *   the end marker), readable by every `.dppa` tool.
+ *   the end marker), readable by every `.dppa` tool;
+ * - `discarded.json`: once the job has merged, the tensors that were held
+ *   (name, index, size), written before their files are deleted: the job
+ *   still shows what each party uploaded, and the disk gets its space back.
  *
  * A tensor is written under a temporary name while its records arrive and
  * renamed to `<n>.dppa` only after its end record validated, so a crash never
@@ -30,6 +33,7 @@ const TENSOR_FILE = /^(\d+)\.dppa$/;
 /** With a shared folder, a temporary file untouched this long was left by a replica that died: deleted at start. */
 const STALE_TEMP_MS = 10 * 60 * 1000;
 const HEADER_FILE = 'header.json';
+const DISCARDED_FILE = 'discarded.json';
 
 /** A tensor held in the spool. */
 export interface HeldTensor {
@@ -52,6 +56,8 @@ export class PartySpool {
   uploading = false;
   /** Chunk payload bytes of the tensor being received, not yet in a spool file. */
   pendingBytes = 0;
+  /** True once the tensor files were deleted (the job merged): `held` lists what they were. */
+  discarded = false;
   private plan = new Map<string, number>();
 
   constructor(
@@ -64,6 +70,11 @@ export class PartySpool {
     let n = 0;
     for (const t of this.held.values()) n += t.bytes;
     return n;
+  }
+
+  /** Bytes of the party's spool files still on disk. */
+  get diskBytes(): number {
+    return this.discarded ? 0 : this.heldBytes;
   }
 
   /** Tensors the party must send: those planned as sent; 0 before a header. */
@@ -125,6 +136,20 @@ export class PartySpool {
   }
 
   /**
+   * Deletes the tensor files once the job has merged, after recording in
+   * `discarded.json` what they were (so that `held` reads the same after a
+   * restart). The header stays.
+   */
+  async discard(): Promise<void> {
+    if (this.discarded) return;
+    const held = [...this.held.values()].map(({ name, index, bytes }) => ({ name, index, bytes }));
+    await mkdir(this.dir, { recursive: true });
+    await writeFileDurably(join(this.dir, DISCARDED_FILE), `${JSON.stringify(held)}\n`);
+    this.discarded = true;
+    for (const t of this.held.values()) await rm(t.file, { force: true });
+  }
+
+  /**
    * Reads back what a previous run left: the header and every complete tensor
    * file; temporary files (tensors cut off mid-way) and files that do not fit
    * the header are deleted.
@@ -152,6 +177,10 @@ export class PartySpool {
     if (names.includes(HEADER_FILE) && (prune || this.header === undefined)) {
       this.useHeader(DeltaHeader.fromJSON(JSON.parse(await readFile(join(this.dir, HEADER_FILE), 'utf8'))));
     }
+    if (names.includes(DISCARDED_FILE)) {
+      await this.readDiscarded(names, prune);
+      return;
+    }
     const found: { index: number; file: string }[] = [];
     for (const name of names) {
       const m = TENSOR_FILE.exec(name);
@@ -168,6 +197,16 @@ export class PartySpool {
       if (!this.held.has(plan.name)) this.held.set(plan.name, { name: plan.name, index, bytes: (await stat(file)).size, file });
     }
   }
+
+  /** A discarded spool: `held` from `discarded.json`; tensor files a deletion cut short are deleted (when `prune`). */
+  private async readDiscarded(names: string[], prune: boolean): Promise<void> {
+    const list = JSON.parse(await readFile(join(this.dir, DISCARDED_FILE), 'utf8')) as { name: string; index: number; bytes: number }[];
+    this.held.clear();
+    for (const { name, index, bytes } of list) this.held.set(name, { name, index, bytes, file: join(this.dir, `${index}.dppa`) });
+    this.discarded = true;
+    if (!prune) return;
+    for (const name of names.filter((n) => TENSOR_FILE.test(n))) await rm(join(this.dir, name), { force: true });
+  }
 }
 
 /** Options of {@link Spool.open}. */
@@ -176,6 +215,8 @@ export interface SpoolOptions {
   log: Logger;
   /** The data folder is shared by replicas (`--cluster`). @default false */
   shared?: boolean;
+  /** {@link Spool.discardJob} keeps the files (`--keep-uploads`). @default false */
+  keepUploads?: boolean;
 }
 
 /** The spools of every party of every job. */
@@ -186,11 +227,12 @@ export class Spool {
     private readonly store: JobStore,
     private readonly log: Logger,
     private readonly shared: boolean,
+    private readonly keepUploads: boolean,
   ) {}
 
   /** Recovers the spool of every job in the store. */
   static async open(opts: SpoolOptions): Promise<Spool> {
-    const spool = new Spool(opts.store, opts.log, opts.shared ?? false);
+    const spool = new Spool(opts.store, opts.log, opts.shared ?? false, opts.keepUploads ?? false);
     for (const job of opts.store.list()) {
       spool.addJob(job);
       for (const p of job.parties) await spool.party(job.id, p.name).recover(opts.log, spool.shared);
@@ -227,10 +269,32 @@ export class Spool {
     return s;
   }
 
+  /**
+   * Deletes the tensor files of every party of a merged job ({@link PartySpool.discard}),
+   * unless the server keeps uploads. A failure is logged, not thrown: the job
+   * has merged whatever becomes of its uploads.
+   */
+  async discardJob(jobId: string): Promise<void> {
+    if (this.keepUploads) return;
+    const job = this.store.get(jobId);
+    let bytes = 0;
+    for (const p of job.parties) {
+      const s = this.party(jobId, p.name);
+      try {
+        const before = s.diskBytes;
+        await s.discard();
+        bytes += before;
+      } catch (err) {
+        this.log.warn('could not delete the uploads of a merged job', { jobId, party: p.name, dir: s.dir, err });
+      }
+    }
+    this.log.info('uploads of a merged job deleted', { jobId, bytes });
+  }
+
   /** Bytes on disk over all spools, with tensors being received. */
   totalBytes(): number {
     let n = 0;
-    for (const s of this.parties.values()) n += s.heldBytes + s.pendingBytes;
+    for (const s of this.parties.values()) n += s.diskBytes + s.pendingBytes;
     return n;
   }
 }

@@ -17,7 +17,7 @@ const hidden = Number(process.argv[3] ?? 1024);
 const dir = await mkdtemp(join(tmpdir(), 'dppa-bench-merge-'));
 try {
   const fam = await writeLlamaFamily(join(dir, 'family'), { shape: { layers, hidden, intermediate: Math.round(hidden * 2.75), vocab: 8000 }, finetunes: 2 });
-  const h = await startHarness(join(dir, 'data'));
+  const h = await startHarness(join(dir, 'data'), { keepUploads: true });
   try {
     const r = await call(h.jobs, 'createJob', { basePath: fam.base, parties: ['a', 'b'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined }, ADMIN);
     const jobId = r.job!.id;
