@@ -17,13 +17,14 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
-  AckPolicy, DeliverPolicy, JetStreamApiCodes, JetStreamApiError, RetentionPolicy, StorageType,
+  AckPolicy, DeliverPolicy, JetStreamApiCodes, JetStreamApiError, RetentionPolicy,
   type Consumer, type JetStreamClient, type JetStreamManager, type JsMsg,
 } from '@nats-io/jetstream';
 import { nanos } from '@nats-io/transport-node';
 import { NatsUnavailableError, UnavailableError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { ClusterMetrics } from '../metrics.js';
+import { streamInfoOrCreate } from '../nats/streams.js';
 import { describeNatsError } from '../nats/connection.js';
 import {
   TASK_GROUPS, taskGroupSubjects, TASKS_LIMITS, TASKS_STREAM, TASKS_STREAM_SUBJECTS, taskSubject, type TaskGroup, type TaskKind,
@@ -89,19 +90,12 @@ export class TaskNotReadyError extends Error {
  * @param ackWaitMs - A delivered task not acknowledged this long is delivered again.
  */
 export async function ensureTaskQueue(jsm: JetStreamManager, ackWaitMs: number): Promise<void> {
-  try {
-    await jsm.streams.info(TASKS_STREAM);
-  } catch (err) {
-    if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamNotFound)) throw err;
-    await jsm.streams.add({
-      name: TASKS_STREAM,
-      subjects: [TASKS_STREAM_SUBJECTS],
-      retention: RetentionPolicy.Workqueue,
-      storage: StorageType.File,
-      num_replicas: 1,
-      duplicate_window: nanos(TASKS_LIMITS.duplicateWindowMs),
-    });
-  }
+  await streamInfoOrCreate(jsm, {
+    name: TASKS_STREAM,
+    subjects: [TASKS_STREAM_SUBJECTS],
+    retention: RetentionPolicy.Workqueue,
+    duplicate_window: nanos(TASKS_LIMITS.duplicateWindowMs),
+  });
   for (const [group, { consumer: name }] of Object.entries(TASK_GROUPS)) {
     const consumer = {
       durable_name: name,

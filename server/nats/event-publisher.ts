@@ -26,16 +26,12 @@
 import { readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
-  JetStreamApiCodes,
-  JetStreamApiError,
   DiscardPolicy,
   jetstream,
   jetstreamManager,
   RetentionPolicy,
-  StorageType,
   type JetStreamClient,
   type JetStreamManager,
-  type StreamInfo,
 } from '@nats-io/jetstream';
 import { nanos, type NatsConnection } from '@nats-io/transport-node';
 import type { Registry } from 'prom-client';
@@ -47,6 +43,7 @@ import { NatsUnavailableError } from '../errors.js';
 import { isFinalEvent, type FileJobEvents } from '../jobs/job-events.js';
 import type { Logger } from '../log.js';
 import { NatsMetrics } from '../metrics.js';
+import { streamInfoOrCreate } from './streams.js';
 import {
   EVENTS_STREAM, EVENTS_STREAM_LIMITS, EVENTS_STREAM_SUBJECTS, eventKind, eventMsgId, eventSubject, jobSubjects, seqOfMsgId,
 } from './subjects.js';
@@ -403,8 +400,7 @@ export class NatsEventPublisher {
   }
 }
 
-/** Creates the events stream, or updates its subjects and limits, keeping what an operator set otherwise (replicas, placement…). */
-/** Creates the events stream, or updates its subjects and limits (subjects.ts) when they differ. */
+/** Creates the events stream, or updates its subjects and limits (subjects.ts) when they differ, keeping what an operator set otherwise (replicas, placement…). */
 export async function ensureStream(jsm: JetStreamManager): Promise<void> {
   const limits = {
     max_age: nanos(EVENTS_STREAM_LIMITS.maxAgeMs),
@@ -412,21 +408,8 @@ export async function ensureStream(jsm: JetStreamManager): Promise<void> {
     duplicate_window: nanos(EVENTS_STREAM_LIMITS.duplicateWindowMs),
     discard: DiscardPolicy.Old,
   };
-  let existing: StreamInfo;
-  try {
-    existing = await jsm.streams.info(EVENTS_STREAM);
-  } catch (err) {
-    if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.StreamNotFound)) throw err;
-    await jsm.streams.add({
-      name: EVENTS_STREAM,
-      subjects: [EVENTS_STREAM_SUBJECTS],
-      retention: RetentionPolicy.Limits,
-      storage: StorageType.File,
-      num_replicas: 1,
-      ...limits,
-    });
-    return;
-  }
+  const existing = await streamInfoOrCreate(jsm, { name: EVENTS_STREAM, subjects: [EVENTS_STREAM_SUBJECTS], retention: RetentionPolicy.Limits, ...limits });
+  if (existing === undefined) return;
   const subjects = existing.config.subjects ?? [];
   const config = existing.config;
   const same = subjects.includes(EVENTS_STREAM_SUBJECTS)
