@@ -14,8 +14,7 @@
  * size.
  */
 import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
-import { readdir, stat } from 'node:fs/promises';
+import { open, readdir, stat } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { FormatError } from '../../proto/errors.js';
@@ -175,17 +174,21 @@ export async function describeFiles(dir: string, known: ReadonlyMap<string, Merg
   return files;
 }
 
-/** Read size for hashing: 1 MiB reads took a third less time and CPU than the stream's default 64 KiB. */
+/** Read size for hashing: 1 MiB reads took a third less time and CPU than 64 KiB ones. */
 const HASH_READ_BYTES = 1024 * 1024;
 
+/** Size and SHA-256 of a file, read through one buffer (fresh memory per read made work for the garbage collector). */
 async function describeFile(path: string, name: string): Promise<MergedFileInfo> {
   const hash = createHash('sha256');
-  let size = 0;
-  for await (const chunk of createReadStream(path, { highWaterMark: HASH_READ_BYTES })) {
-    hash.update(chunk as Buffer);
-    size += (chunk as Buffer).length;
+  const buf = Buffer.allocUnsafeSlow(HASH_READ_BYTES);
+  const fh = await open(path, 'r');
+  try {
+    let size = 0;
+    for (let n; (n = (await fh.read(buf, 0, buf.length, size)).bytesRead) > 0; size += n) hash.update(buf.subarray(0, n));
+    return { path: name, size, sha256: hash.digest('hex') };
+  } finally {
+    await fh.close();
   }
-  return { path: name, size, sha256: hash.digest('hex') };
 }
 
 /**
