@@ -154,6 +154,19 @@ describe('restart', () => {
   });
 });
 
+describe('restart without --keep-uploads', () => {
+  it('deletes the uploads of a job that merged while they were kept, and shows the job as before', async () => {
+    const shown = await call(h.jobs, 'getJob', { jobId }, ADMIN);
+    assert.equal(shown.state, JobState.JOB_STATE_MERGED);
+    await h.close();
+    h = await startHarness(data);
+    for (const party of ['a', 'b']) {
+      assert.deepEqual((await readdir(join(data, 'jobs', jobId, 'uploads', party))).sort(), ['discarded.json', 'header.json'], party);
+    }
+    assert.deepEqual(await call(h.jobs, 'getJob', { jobId }, ADMIN), shown);
+  });
+});
+
 /** Spool files of a party of the test's job, by tensor name. */
 async function spooled(party: string): Promise<Map<string, string>> {
   const folder = join(data, 'jobs', jobId, 'uploads', party);

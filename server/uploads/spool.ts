@@ -23,6 +23,7 @@
  */
 import { mkdir, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import { DeltaHeader, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
 import { DeltaFileWriter } from '../../proto/sparse/index.js';
 import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
@@ -236,6 +237,8 @@ export class Spool {
     for (const job of opts.store.list()) {
       spool.addJob(job);
       for (const p of job.parties) await spool.party(job.id, p.name).recover(opts.log, spool.shared);
+      // A server stopped between a merge and the deletion of its uploads deletes them now.
+      if (job.state === JobState.JOB_STATE_MERGED) await spool.discardJob(job.id);
     }
     return spool;
   }
@@ -276,16 +279,16 @@ export class Spool {
    */
   async discardJob(jobId: string): Promise<void> {
     if (this.keepUploads) return;
-    const job = this.store.get(jobId);
+    const spools = this.store.get(jobId).parties.map((p) => this.party(jobId, p.name)).filter((s) => !s.discarded);
+    if (spools.length === 0) return;
     let bytes = 0;
-    for (const p of job.parties) {
-      const s = this.party(jobId, p.name);
+    for (const s of spools) {
       try {
         const before = s.diskBytes;
         await s.discard();
         bytes += before;
       } catch (err) {
-        this.log.warn('could not delete the uploads of a merged job', { jobId, party: p.name, dir: s.dir, err });
+        this.log.warn('could not delete the uploads of a merged job', { jobId, dir: s.dir, err });
       }
     }
     this.log.info('uploads of a merged job deleted', { jobId, bytes });
