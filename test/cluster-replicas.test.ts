@@ -3,7 +3,7 @@
 // only replica merging is SIGKILLed mid-merge; two fresh replicas take its tasks over; the merged checkpoint is
 // exactly the independent computation, and the job merged once.
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -133,6 +133,20 @@ describe('three replicas on one NATS and one shared folder', () => {
       for await (const ev of watcher.watchJob(job.id)) all.push(ev);
       const final = await watcher.getJob(job.id);
       assert.equal(final.state, JobState.JOB_STATE_MERGED, final.failureReason);
+      // The uploads are deleted once merged, and both replicas still show them all received.
+      for (const p of family.parties) {
+        assert.deepEqual((await readdir(join(dir, 'data', 'jobs', job.id, 'uploads', p.name))).sort(), ['discarded.json', 'header.json'], p.name);
+      }
+      for (const r of [d, e]) {
+        const viewer = client(r, CLUSTER_ADMIN);
+        try {
+          const seen = await viewer.getJob(job.id);
+          const shown = seen.parties.map((p) => [p.name, p.uploadComplete, p.tensorsReceived, p.tensorsExpected]);
+          assert.ok(seen.parties.every((p) => p.uploadComplete && p.tensorsReceived === p.tensorsExpected && p.tensorsExpected > 0), JSON.stringify(shown));
+        } finally {
+          viewer.close();
+        }
+      }
       assert.equal(all.filter((x) => x.merged !== undefined).length, 1, 'merged announced once');
       assert.equal(all.filter((x) => x.stateChanged?.to === JobState.JOB_STATE_MERGING).length, 1, 'MERGING once');
       assert.equal(all.filter((x) => x.stateChanged?.to === JobState.JOB_STATE_MERGED).length, 1, 'MERGED once');

@@ -87,8 +87,7 @@ describe('restart', () => {
     await writeFile(join(spoolDir, 'header.json.tmp-deadbeef'), '{');
     await mkdir(join(data, 'jobs', jobId, 'merged.tmp-deadbeef'));
 
-    // Uploads kept after the merge: the tests below merge them again.
-  h = await startHarness(data, { shutdownGraceMs: 300, keepUploads: true });
+    h = await startHarness(data, { shutdownGraceMs: 300, keepUploads: true });
     const s = await call(h.uploads, 'getUploadState', { jobId, party: 'a' }, tokens.a!);
     assert.equal(s.tensorsReceived.length, 2);
     assert.equal(s.complete, false);

@@ -126,7 +126,10 @@ export class MergeTasks implements DistributedStep {
     if (!isTerminal(job.state) && job.state !== JobState.JOB_STATE_MERGING) job = (await this.opts.store.fresh?.(task.jobId)) ?? job;
     if (isTerminal(job.state)) {
       await this.release(task.jobId);
-      if (task.kind === 'commit') await this.announceEnd(job);
+      if (task.kind !== 'commit') return;
+      // The replica that committed may have died before deleting the uploads or announcing the end.
+      if (job.state === JobState.JOB_STATE_MERGED) await this.opts.spool.discardJob(job.id);
+      await this.announceEnd(job);
       return;
     }
     if (job.state !== JobState.JOB_STATE_MERGING) {
@@ -252,9 +255,9 @@ export class MergeTasks implements DistributedStep {
       throw err;
     }
     this.opts.metrics.mergeDuration.observe(seconds);
+    await this.opts.spool.discardJob(job.id);
     await this.opts.events.append(job.id, { merged: { files: files.map((f) => f.path), seconds } });
     this.opts.log.info('job merged', { jobId: job.id, seconds, tensors: record.tensorsTotal });
-    await this.opts.spool.discardJob(job.id);
   }
 
   private queueCommit(jobId: string): Promise<void> {

@@ -201,9 +201,10 @@ export class JobRunner {
       const seconds = (performance.now() - started) / 1000;
       metrics.mergeDuration.observe(seconds);
       await this.transition(job.id, JobState.JOB_STATE_MERGING, JobState.JOB_STATE_MERGED, (j) => (j.merged = { files: result.files, seconds }));
+      // Before the event, so that a failure to append it cannot leave the uploads behind.
+      await this.deps.spool.discardJob(job.id);
       await events.append(job.id, { merged: { files: result.files.map((f) => f.path), seconds } });
       log.info('job merged', { jobId: job.id, seconds, tensorsMerged: result.tensorsMerged, tensorsCopied: result.tensorsCopied });
-      await this.deps.spool.discardJob(job.id);
     } catch (err) {
       if (signal.aborted) {
         // Cancelled: cancel() records the failure. Shutting down: stays MERGING, merged again at the next start.

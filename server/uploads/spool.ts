@@ -139,15 +139,20 @@ export class PartySpool {
   /**
    * Deletes the tensor files once the job has merged, after recording in
    * `discarded.json` what they were (so that `held` reads the same after a
-   * restart). The header stays.
+   * restart). The header stays. With a shared folder, read it again first
+   * ({@link PartySpool.refresh}): `held` must list what every replica received.
+   * @returns False, deleting nothing, when what is held here is incomplete: with
+   *   a shared folder, another replica deleting the files at the same moment.
    */
-  async discard(): Promise<void> {
-    if (this.discarded) return;
+  async discard(): Promise<boolean> {
+    if (this.discarded) return false;
+    if (!this.complete) return false;
     const held = [...this.held.values()].map(({ name, index, bytes }) => ({ name, index, bytes }));
     await mkdir(this.dir, { recursive: true });
     await writeFileDurably(join(this.dir, DISCARDED_FILE), `${JSON.stringify(held)}\n`);
+    for (const name of (await filesIn(this.dir)).filter((n) => TENSOR_FILE.test(n))) await rm(join(this.dir, name), { force: true });
     this.discarded = true;
-    for (const t of this.held.values()) await rm(t.file, { force: true });
+    return true;
   }
 
   /**
@@ -195,7 +200,10 @@ export class PartySpool {
         await rm(file, { force: true });
         continue;
       }
-      if (!this.held.has(plan.name)) this.held.set(plan.name, { name: plan.name, index, bytes: (await stat(file)).size, file });
+      if (this.held.has(plan.name)) continue;
+      const bytes = await sizeOf(file);
+      // Gone since the folder was listed: another replica deleted the job's uploads (its discarded.json tells, next time).
+      if (bytes !== undefined) this.held.set(plan.name, { name: plan.name, index, bytes, file });
     }
   }
 
@@ -279,19 +287,27 @@ export class Spool {
    */
   async discardJob(jobId: string): Promise<void> {
     if (this.keepUploads) return;
+    try {
+      await this.refreshJob(jobId);
+    } catch (err) {
+      this.log.warn('could not read the uploads of a merged job again; they are kept', { jobId, err });
+      return;
+    }
     const spools = this.store.get(jobId).parties.map((p) => this.party(jobId, p.name)).filter((s) => !s.discarded);
     if (spools.length === 0) return;
     let bytes = 0;
+    let deleted = 0;
     for (const s of spools) {
       try {
         const before = s.diskBytes;
-        await s.discard();
+        if (!(await s.discard())) continue;
         bytes += before;
+        deleted++;
       } catch (err) {
         this.log.warn('could not delete the uploads of a merged job', { jobId, dir: s.dir, err });
       }
     }
-    this.log.info('uploads of a merged job deleted', { jobId, bytes });
+    if (deleted > 0) this.log.info('uploads of a merged job deleted', { jobId, parties: deleted, bytes });
   }
 
   /** Bytes on disk over all spools, with tensors being received. */
@@ -299,6 +315,16 @@ export class Spool {
     let n = 0;
     for (const s of this.parties.values()) n += s.diskBytes + s.pendingBytes;
     return n;
+  }
+}
+
+/** Size of a file, or undefined when it does not exist. */
+async function sizeOf(file: string): Promise<number | undefined> {
+  try {
+    return (await stat(file)).size;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw err;
   }
 }
 
