@@ -15,6 +15,7 @@ import { ensureTaskQueue, TaskNotReadyError, TaskQueue } from '../server/cluster
 import type { JobStore, StoredJob } from '../server/jobs/job-store.js';
 import { createLogger } from '../server/log.js';
 import { ClusterMetrics } from '../server/metrics.js';
+import type { Spool } from '../server/uploads/spool.js';
 import { ensureStream } from '../server/nats/event-publisher.js';
 import { JOBS_BUCKET } from '../server/nats/subjects.js';
 import { startNatsServer, type NatsServer } from './fixtures/nats-server.js';
@@ -79,11 +80,14 @@ describe('cluster job events', () => {
 });
 
 describe('cluster merge tasks of a job that is not merging', () => {
+  /** Jobs whose uploads the tasks asked the spool to delete. */
+  const discarded: string[] = [];
   /** MergeTasks over a store holding one job (`local` in memory, `stored` in the bucket); what these tasks never touch is left out. */
   function mergeTasks(events: StreamJobEvents, local: Partial<StoredJob>, stored: Partial<StoredJob> = local): MergeTasks {
     const job = (j: Partial<StoredJob>): StoredJob => ({ id: 'j', updatedAt: new Date(0).toISOString(), failureReason: '', merged: undefined, ...j }) as StoredJob;
     const store = { get: () => job(local), fresh: () => Promise.resolve(job(stored)), list: () => [] } as unknown as JobStore;
-    return new MergeTasks({ store, events, kv, log, mergeWorkers: 0, queue: () => assert.fail('no task is queued') } as unknown as MergeTasksOptions);
+    const spool = { discardJob: (id: string) => Promise.resolve(void discarded.push(id)) } as unknown as Spool;
+    return new MergeTasks({ store, events, kv, log, spool, mergeWorkers: 0, queue: () => assert.fail('no task is queued') } as unknown as MergeTasksOptions);
   }
 
   it('publishes a lost `merged` when the commit task runs again, once, and not while it may still be on its way', async () => {
@@ -110,6 +114,7 @@ describe('cluster merge tasks of a job that is not merging', () => {
     const seen = [];
     for await (const e of events.watch(jobId, 0n, AbortSignal.timeout(10_000))) seen.push(e);
     assert.deepEqual(seen.map((e) => e.merged), [undefined, { files: ['model.safetensors'], seconds: 2 }]);
+    assert.ok(discarded.length >= 2 && discarded.every((id) => id === jobId), 'each commit task of the merged job has its uploads deleted (if a replica died before)');
   });
 
   it('hands back a task of a job the replica\'s copy shows not yet merging, unless the bucket says it ended', async () => {
