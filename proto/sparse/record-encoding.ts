@@ -6,6 +6,7 @@
  * uploads the records of a `.dppa` file this way (client/sdk/upload-client.ts).
  * Only for records nothing modifies once decoded: the bytes are not updated.
  */
+import { BinaryWriter, WireType } from '@bufbuild/protobuf/wire';
 import type { DeltaRecord } from '../gen/dppa/v1/sparse.js';
 
 /** Bytes {@link encodeSoleField} puts before a payload: a one-byte tag and a length of up to 5 varint bytes. */
@@ -45,14 +46,7 @@ export function encodeSoleField(field: number, record: DeltaRecord): Buffer | un
   const enc = encodings.get(record);
   if (enc === undefined) return undefined;
   const { bytes, headroom } = enc;
-  const head: number[] = [(field << 3) | 2];
-  for (let n = bytes.byteLength; ; n = Math.floor(n / 128)) {
-    if (n < 128) {
-      head.push(n);
-      break;
-    }
-    head.push((n % 128) | 128);
-  }
+  const head = new BinaryWriter().tag(field, WireType.LengthDelimited).uint32(bytes.byteLength).finish();
   if (head.length <= headroom) {
     const out = Buffer.from(bytes.buffer, bytes.byteOffset - head.length, head.length + bytes.byteLength);
     out.set(head, 0);

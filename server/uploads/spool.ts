@@ -148,9 +148,8 @@ export class PartySpool {
     if (this.discarded) return false;
     if (!this.complete) return false;
     const held = [...this.held.values()].map(({ name, index, bytes }) => ({ name, index, bytes }));
-    await mkdir(this.dir, { recursive: true });
     await writeFileDurably(join(this.dir, DISCARDED_FILE), `${JSON.stringify(held)}\n`);
-    for (const name of (await filesIn(this.dir)).filter((n) => TENSOR_FILE.test(n))) await rm(join(this.dir, name), { force: true });
+    await this.removeTensorFiles(await filesIn(this.dir));
     this.discarded = true;
     return true;
   }
@@ -213,7 +212,11 @@ export class PartySpool {
     this.held.clear();
     for (const { name, index, bytes } of list) this.held.set(name, { name, index, bytes, file: join(this.dir, `${index}.dppa`) });
     this.discarded = true;
-    if (!prune) return;
+    if (prune) await this.removeTensorFiles(names);
+  }
+
+  /** Deletes the tensor files among `names` (files of this folder). */
+  private async removeTensorFiles(names: string[]): Promise<void> {
     for (const name of names.filter((n) => TENSOR_FILE.test(n))) await rm(join(this.dir, name), { force: true });
   }
 }
