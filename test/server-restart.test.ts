@@ -46,7 +46,7 @@ before(async () => {
   records = await pruneRecords({ base: fam.base, finetuned: fam.finetuned[0]!, rate: 0.8 });
   // Uploads kept after the merge: the tests below merge them again.
   h = await startHarness(data, { shutdownGraceMs: 300, keepUploads: true });
-  const r = await call(h.jobs, 'createJob', { basePath: fam.base, parties: ['a', 'b'], rate: 0.8, method: 'dp', label: '', dpa: undefined, merge: undefined }, ADMIN);
+  const r = await call(h.jobs, 'createJob', { basePath: fam.base, parties: ['a', 'b'], rate: 0.8, method: 'dp', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
   jobId = r.job!.id;
   tokens = r.tokens;
 });

@@ -51,7 +51,7 @@ before(async () => {
   records = await pruneRecords({ base, finetuned: fam.finetuned[0]!, rate: 0.9, method: 'magnitude' });
   otherBaseRecords = await pruneRecords({ base: other.base, finetuned: other.finetuned[0]!, rate: 0.9, method: 'magnitude' });
   h = await startHarness(join(dir, 'data'));
-  const r = await call(h.jobs, 'createJob', { basePath: base, parties: ['a', 'b'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined }, ADMIN);
+  const r = await call(h.jobs, 'createJob', { basePath: base, parties: ['a', 'b'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
   jobId = r.job!.id;
   tokens = r.tokens;
   // Party a holds its header and first two tensors: the state every bad call below must leave as it is.
@@ -94,7 +94,7 @@ describe('uploads: every bad input gets its status and changes nothing', () => {
     await rejectsWith(upload(h.uploads, tokens.b!, [open('a'), { record: header() }, ...tensor(2).map((record) => ({ record }))]), status.PERMISSION_DENIED);
     await rejectsWith(call(h.uploads, 'getUploadState', { jobId, party: 'a' }, tokens.b!), status.PERMISSION_DENIED);
     await rejectsWith(call(h.uploads, 'getUploadState', { jobId, party: 'a' }, ADMIN), status.PERMISSION_DENIED);
-    const other = await call(h.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined }, ADMIN);
+    const other = await call(h.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
     await rejectsWith(upload(h.uploads, other.tokens.a!, [open('a'), { record: header() }]), status.PERMISSION_DENIED);
     await unchanged();
   });
@@ -206,7 +206,7 @@ describe('uploads: the per-party byte cap', () => {
   it('RESOURCE_EXHAUSTED once a party would hold more than --max-upload-bytes', async () => {
     const small = await startHarness(join(dir, 'capped'), { maxUploadBytes: 2000 });
     try {
-      const r = await call(small.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined }, ADMIN);
+      const r = await call(small.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
       await rejectsWith(upload(small.uploads, r.tokens.a!, uploadMessages(r.job!.id, 'a', records)), status.RESOURCE_EXHAUSTED, /limit of 2000 bytes/);
       const s = await call(small.uploads, 'getUploadState', { jobId: r.job!.id, party: 'a' }, r.tokens.a!);
       assert.ok(s.bytesReceived <= 2000n);

@@ -70,6 +70,7 @@ export function jobJson(job: Job): Record<string, unknown> {
     method: job.method,
     dpa: dpaJson(job.dpa),
     merge: mergeJson(job.merge),
+    maxAbsValue: job.maxAbsValue,
     parties: job.parties.map((p) => ({
       name: p.name,
       tensorsReceived: p.tensorsReceived,
@@ -105,7 +106,7 @@ export function jobText(job: Job): string {
   const lines = [
     `job ${job.id}  ${jobStateName(job.state)}${job.label === '' ? '' : `  "${job.label}"`}`,
     `  base        ${job.basePath}${job.baseFingerprint === '' ? '' : `  (fingerprint ${job.baseFingerprint.slice(0, 16)}…)`}`,
-    `  pruning     ${job.method === '' ? 'dp' : job.method} at rate ${job.rate}`,
+    `  pruning     ${job.method === '' ? 'dp' : job.method} at rate ${job.rate}${job.maxAbsValue === 0 ? '' : `; values within ±${job.maxAbsValue}`}`,
     `  dpa         ${dpaText(job.dpa)}`,
   ];
   const weights = Object.entries(job.merge?.weights ?? {}).map(([p, w]) => `${p}=${w}`);

@@ -52,6 +52,12 @@ export interface CreateJobOptions {
   merge?: DeepPartial<MergeOptions>;
   /** Human-readable label. @default none */
   label?: string;
+  /**
+   * Largest magnitude an uploaded delta value may have: a tensor holding a larger value,
+   * NaN or ±Inf is refused at upload (docs/server.md says why the default suits real fine-tunes).
+   * @default the server's default, 1000
+   */
+  maxAbsValue?: number;
 }
 
 /** What {@link DppaClient.createJob} returns. */
@@ -84,6 +90,9 @@ export function createJobRequest(o: CreateJobOptions): CreateJobRequest {
     seen.add(p);
   }
   if (!(o.rate >= 0 && o.rate < 1)) throw new RangeError(`rate: must be in [0, 1), got ${o.rate}`);
+  if (o.maxAbsValue !== undefined && !(o.maxAbsValue > 0 && Number.isFinite(o.maxAbsValue))) {
+    throw new RangeError(`maxAbsValue: must be a finite number > 0, got ${o.maxAbsValue}`);
+  }
   const dpa = DpaConfig.fromPartial(o.dpa ?? { off: true });
   const modes = [dpa.off, dpa.fixed, dpa.search].filter((m) => m !== undefined).length;
   if (modes !== 1) throw new RangeError(`dpa: set exactly one of off, fixed, search (${modes} set)`);
@@ -110,6 +119,7 @@ export function createJobRequest(o: CreateJobOptions): CreateJobRequest {
     dpa,
     merge,
     label: o.label ?? '',
+    maxAbsValue: o.maxAbsValue ?? 0,
   });
 }
 

@@ -16,7 +16,8 @@ export {
   type DecodeScratch,
   type EncodeChunksOptions,
 } from './chunk-codec.js';
-export { DEFAULT_VALUE_DTYPE } from './value-dtype.js';
+export { DEFAULT_VALUE_DTYPE, storageDtype } from './value-dtype.js';
+export { firstValueBeyond, magnitudeLimit } from './value-bound.js';
 export { shapeNumel, tensorRecords, type PartitionEntries, type TensorRecordOptions } from './tensor-records.js';
 export {
   assembleTensor,

@@ -81,6 +81,7 @@ export async function createJob(
     }),
     evaluations: [],
     maxUploadBytes: deps.maxUploadBytes ?? Math.max(1, DEFAULT_UPLOAD_CAP_FACTOR * baseBytes),
+    maxAbsValue: settings.maxAbsValue,
     failureReason: '',
     createdAt: now,
     updatedAt: now,

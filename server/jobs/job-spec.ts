@@ -10,6 +10,13 @@ import type { StoredJob } from './job-store.js';
 /** Pruning methods a job may require. */
 export const METHODS = ['dp', 'magnitude', 'owl', 'dare'] as const;
 
+/**
+ * Largest magnitude of an uploaded delta value when a job sets none: real
+ * fine-tunes stay near 1 at most, DARE rescales by up to 100 (drop rate 0.99);
+ * the reasoning is in docs/server.md ("What an upload must satisfy").
+ */
+export const DEFAULT_MAX_ABS_VALUE = 1000;
+
 const PARTY_NAME = /^[A-Za-z0-9_-]{1,64}$/;
 const MAX_LABEL_LENGTH = 256;
 
@@ -22,6 +29,7 @@ export interface JobSettings {
   dpa: DpaConfig;
   merge: MergeOptions;
   label: string;
+  maxAbsValue: number;
 }
 
 /**
@@ -53,7 +61,11 @@ export function checkJobSettings(req: CreateJobRequest): JobSettings {
     if (!Number.isFinite(w)) throw new InvalidArgumentError(`merge.weights[${party}]: must be a finite number, got ${w}`);
   }
   if (merge.signElection) throw new UnimplementedError('merge.sign_election: TIES sign election is not available yet');
-  return { basePath: req.basePath, parties: [...req.parties], rate: req.rate, method, dpa, merge, label: req.label };
+  if (!(req.maxAbsValue >= 0 && Number.isFinite(req.maxAbsValue))) {
+    throw new InvalidArgumentError(`max_abs_value: must be a finite number > 0 (or 0 for the default ${DEFAULT_MAX_ABS_VALUE}), got ${req.maxAbsValue}`);
+  }
+  const maxAbsValue = req.maxAbsValue === 0 ? DEFAULT_MAX_ABS_VALUE : req.maxAbsValue;
+  return { basePath: req.basePath, parties: [...req.parties], rate: req.rate, method, dpa, merge, label: req.label, maxAbsValue };
 }
 
 function checkDpa(dpa: DpaConfig, parties: readonly string[]): void {

@@ -20,6 +20,7 @@ import {
   MergeOptions,
 } from '../../proto/gen/dppa/v1/jobs.js';
 import { NotFoundError } from '../errors.js';
+import { DEFAULT_MAX_ABS_VALUE } from './job-spec.js';
 import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
 import type { Logger } from '../log.js';
 
@@ -74,6 +75,8 @@ export interface StoredJob {
   evaluations: Evaluation[];
   /** Upload cap per party, fixed at creation. */
   maxUploadBytes: number;
+  /** Largest magnitude of an uploaded delta value, fixed at creation. */
+  maxAbsValue: number;
   failureReason: string;
   /** RFC 3339. */
   createdAt: string;
@@ -84,8 +87,10 @@ export interface StoredJob {
 }
 
 /** What `job.json` contains. */
-interface JobFile extends Omit<StoredJob, 'state' | 'dpa' | 'merge' | 'evaluations'> {
+interface JobFile extends Omit<StoredJob, 'state' | 'dpa' | 'merge' | 'evaluations' | 'maxAbsValue'> {
   version: number;
+  /** Absent in files written before uploaded values were bounded: those jobs take the default. */
+  maxAbsValue?: number;
   state: string;
   dpa: unknown;
   merge: unknown;
@@ -128,6 +133,7 @@ function fromFile(file: JobFile, path: string): StoredJob {
     dpa: DpaConfig.fromJSON(file.dpa),
     merge: MergeOptions.fromJSON(file.merge),
     evaluations: (file.evaluations ?? []).map((e) => Evaluation.fromJSON(e)),
+    maxAbsValue: file.maxAbsValue ?? DEFAULT_MAX_ABS_VALUE,
   };
 }
 

@@ -37,5 +37,6 @@ export function jobView(job: StoredJob, spool: Spool): Job {
     failureReason: job.failureReason,
     createdAt: job.createdAt,
     updatedAt: job.updatedAt,
+    maxAbsValue: job.maxAbsValue,
   };
 }

@@ -3,8 +3,8 @@
  * before any tensor of it is accepted.
  */
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
-import type { DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
-import { DELTA_FORMAT_VERSION } from '../../proto/sparse/index.js';
+import { TensorKind, type DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
+import { DELTA_FORMAT_VERSION, storageDtype } from '../../proto/sparse/index.js';
 import { FailedPreconditionError, InvalidArgumentError } from '../errors.js';
 import { partyFactors } from '../jobs/job-spec.js';
 import { stateName, type StoredJob } from '../jobs/job-store.js';
@@ -22,7 +22,8 @@ export function requireCollecting(job: StoredJob): void {
 /**
  * Checks that a header fits the job: same base, method and rate; partition
  * levels decreasing and ending at the rate; as many partitions as the job's
- * fixed factors; every planned tensor present in the base with the same shape.
+ * fixed factors; a known value precision; every planned tensor of a known kind,
+ * with one rate per level, present in the base with the same shape.
  * @param baseShapes - Shape of every tensor of the job's base checkpoint.
  * @throws FailedPreconditionError when the delta was made for another base, method, rate or factor count.
  * @throws InvalidArgumentError when the header is malformed or plans a tensor the base lacks or shapes differently.
@@ -41,6 +42,7 @@ export function checkDeltaHeader(job: StoredJob, party: string, header: DeltaHea
   }
   if (header.rate !== job.rate) throw new FailedPreconditionError(`the delta was pruned at rate ${header.rate}, job ${job.id} requires ${job.rate}`);
   checkLevels(header.levels, header.rate);
+  if (storageDtype(header.valueDtype) === undefined) throw new InvalidArgumentError(`DeltaHeader value_dtype: ${header.valueDtype} is not a known precision`);
   // Off and search fit any number of partitions; fixed factors fit only their own number.
   const factors = job.dpa.fixed === undefined ? undefined : partyFactors(job, party, header.levels.length)!;
   if (factors !== undefined && factors.length !== header.levels.length) {
@@ -52,6 +54,12 @@ export function checkDeltaHeader(job: StoredJob, party: string, header: DeltaHea
   for (const t of header.tensors) {
     if (names.has(t.name)) throw new InvalidArgumentError(`tensor "${t.name}" is planned twice in the header`);
     names.add(t.name);
+    if (t.kind !== TensorKind.TENSOR_KIND_LINEAR && t.kind !== TensorKind.TENSOR_KIND_OUTSIDE) {
+      throw new InvalidArgumentError(`tensor "${t.name}": kind ${t.kind} is not LINEAR or OUTSIDE`);
+    }
+    if (t.levelRates.length !== header.levels.length) {
+      throw new InvalidArgumentError(`tensor "${t.name}": ${t.levelRates.length} level rate(s), the header has ${header.levels.length} level(s)`);
+    }
     const expected = baseShapes.get(t.name);
     if (expected === undefined) throw new InvalidArgumentError(`tensor "${t.name}" is not in the base checkpoint`);
     if (!sameShape(t.shape, expected)) {

@@ -36,6 +36,7 @@ import type { CallContext } from '../rpc/handler.js';
 import { checkDeltaHeader, requireCollecting, sameShape } from './delta-header-check.js';
 import { receivedEncoding } from './received-record.js';
 import type { PartySpool, Spool } from './spool.js';
+import { ContentRules, type TensorCheck } from './tensor-check.js';
 
 /** Shortest interval between two upload_progress events of a party (the one completing the upload is always sent). */
 const PROGRESS_INTERVAL_MS = 250;
@@ -95,6 +96,7 @@ interface OpenTensor {
   name: string;
   index: number;
   assembler: TensorAssembler;
+  check: TensorCheck;
   /** Undefined when the tensor is already held: its records are checked and dropped. */
   writer: DeltaFileWriter | undefined;
   /** Chunk payload bytes spooled so far. */
@@ -103,6 +105,7 @@ interface OpenTensor {
 
 class UploadSession {
   private header: DeltaHeader | undefined;
+  private rules: ContentRules | undefined;
   private tensor: OpenTensor | undefined;
   private lastProgress = 0;
   /** Completed tensors whose spool file is being closed, by name. */
@@ -183,6 +186,7 @@ class UploadSession {
       await this.spool.saveHeader(header);
     }
     this.header = header;
+    this.rules = new ContentRules(header, job.maxAbsValue);
     await this.progress(true);
     // A delta that plans no tensor as sent is complete with its header alone.
     if (fresh && this.spool.complete) await this.completed();
@@ -197,18 +201,19 @@ class UploadSession {
     if (!sameShape(shape, plan.shape.map(Number))) {
       throw new InvalidArgumentError(`tensor "${name}": shape [${shape.join(', ')}] in its begin record, the base has [${plan.shape.join(', ')}]`);
     }
-    const assembler = new TensorAssembler({ entries: 'check', maxPartition: this.header!.levels.length });
+    const assembler = new TensorAssembler({ entries: 'stream', maxPartition: this.header!.levels.length });
     assembler.push(record);
-    if (this.spool.held.has(name) || this.closing.has(name)) return { name, index, assembler, writer: undefined, payload: 0 };
+    const check = this.rules!.tensor(plan);
+    if (this.spool.held.has(name) || this.closing.has(name)) return { name, index, assembler, check, writer: undefined, payload: 0 };
     const writer = await this.spool.startTensor(plan, index);
     // Open before the first write, so that close() discards the file if that write fails.
-    this.tensor = { name, index, assembler, writer, payload: 0 };
+    this.tensor = { name, index, assembler, check, writer, payload: 0 };
     await writer.write(record);
     return this.tensor;
   }
 
   private async chunk(t: OpenTensor, record: DeltaRecord): Promise<void> {
-    t.assembler.push(record);
+    t.check.chunk(record.chunk!, t.assembler.push(record)!);
     const payload = record.chunk!.positions.length + record.chunk!.values.length;
     this.deps.metrics.uploadBytes.inc(payload);
     if (t.writer === undefined) return;
@@ -223,6 +228,7 @@ class UploadSession {
 
   private async end(t: OpenTensor, record: DeltaRecord): Promise<void> {
     t.assembler.push(record);
+    t.check.end(record.tensorEnd!);
     this.tensor = undefined;
     const writer = t.writer;
     if (writer === undefined) return;

@@ -1,6 +1,6 @@
 import { parse, num, oneOf, required } from '../args.js';
 import { out, type Command } from '../command.js';
-import { EXIT } from '../exit-codes.js';
+import { EXIT, UsageError } from '../exit-codes.js';
 import { evaluatorFlags, parseDpa, parseEvaluator, parseParties, parseWeights } from '../job-flags.js';
 import { ADMIN_TOKEN_HELP, SERVER_HELP, adminToken, adminTokenFlags, clientOptions, serverFlags, withClient } from '../server-flags.js';
 import type { CreateJobOptions } from '../../sdk/jobs.js';
@@ -31,6 +31,8 @@ Job:
   --sign-election          TIES-style sign election per entry before summing
   --parties-may-download   let parties download the merged checkpoint with their own token
   --label TEXT             a label for people
+  --max-abs-value V        largest magnitude an uploaded delta value may have (default 1000,
+                           see docs/server.md); a tensor with a larger value, NaN or Inf is refused
 
 Evaluator of --dpa search (see docs/dpa.md):
   --evaluator remote|onnx  where candidates are scored: remote (default) on each party's machine
@@ -73,6 +75,7 @@ export const jobCreateCommand: Command = {
       'sign-election': { type: 'boolean' },
       'parties-may-download': { type: 'boolean' },
       label: { type: 'string' },
+      'max-abs-value': { type: 'string' },
       ...evaluatorFlags,
       json: { type: 'boolean' },
     });
@@ -89,6 +92,9 @@ export const jobCreateCommand: Command = {
       merge: { weights: parseWeights(v.weights, parties), signElection: v['sign-election'] === true, partiesMayDownload: v['parties-may-download'] === true },
     };
     if (v.label !== undefined) request.label = v.label;
+    const maxAbsValue = num(v['max-abs-value'], 'max-abs-value', { min: 0 });
+    if (maxAbsValue === 0) throw new UsageError('--max-abs-value: must be > 0');
+    if (maxAbsValue !== undefined) request.maxAbsValue = maxAbsValue;
     const options = clientOptions(v, adminToken(v));
     return withClient(options, async (client, signal) => {
       const { job, tokens } = await client.createJob(request, { signal });

@@ -20,7 +20,7 @@ ${PARTY_TOKEN_HELP}
 
 Output:
   --json                   one JSON object: { jobId, label, state, basePath, baseFingerprint, rate,
-                           method, dpa, merge, parties, evaluations, failureReason, createdAt,
+                           method, dpa, merge, maxAbsValue, parties, evaluations, failureReason, createdAt,
                            updatedAt }; state is lower-case
   -h, --help               this text
 

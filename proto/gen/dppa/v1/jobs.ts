@@ -367,6 +367,12 @@ export interface CreateJobRequest {
     | undefined;
   /** Optional human-readable label. */
   label: string;
+  /**
+   * Largest magnitude an uploaded delta value may have; 0 takes the default,
+   * 1000 (see docs/server.md). A tensor holding a larger value, NaN or ±Inf is
+   * refused at upload.
+   */
+  maxAbsValue: number;
 }
 
 /** The new job and its party tokens. */
@@ -498,6 +504,8 @@ export interface Job {
   createdAt: string;
   /** RFC 3339 time of the job's last change. */
   updatedAt: string;
+  /** Largest magnitude an uploaded delta value may have (CreateJobRequest.max_abs_value, resolved). */
+  maxAbsValue: number;
 }
 
 /** A party connected to the job for the first time. */
@@ -2293,7 +2301,16 @@ export const MergeOptions_WeightsEntry: MessageFns<MergeOptions_WeightsEntry> = 
 };
 
 function createBaseCreateJobRequest(): CreateJobRequest {
-  return { basePath: "", parties: [], rate: 0, method: "", dpa: undefined, merge: undefined, label: "" };
+  return {
+    basePath: "",
+    parties: [],
+    rate: 0,
+    method: "",
+    dpa: undefined,
+    merge: undefined,
+    label: "",
+    maxAbsValue: 0,
+  };
 }
 
 export const CreateJobRequest: MessageFns<CreateJobRequest> = {
@@ -2318,6 +2335,9 @@ export const CreateJobRequest: MessageFns<CreateJobRequest> = {
     }
     if (message.label !== "") {
       writer.uint32(58).string(message.label);
+    }
+    if (message.maxAbsValue !== 0) {
+      writer.uint32(65).double(message.maxAbsValue);
     }
     return writer;
   },
@@ -2391,6 +2411,14 @@ export const CreateJobRequest: MessageFns<CreateJobRequest> = {
             message.label = reader.string();
             continue;
           }
+          case 8: {
+            if (tag !== 65) {
+              break;
+            }
+
+            message.maxAbsValue = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2416,6 +2444,11 @@ export const CreateJobRequest: MessageFns<CreateJobRequest> = {
       dpa: isSet(object.dpa) ? DpaConfig.fromJSON(object.dpa) : undefined,
       merge: isSet(object.merge) ? MergeOptions.fromJSON(object.merge) : undefined,
       label: isSet(object.label) ? globalThis.String(object.label) : "",
+      maxAbsValue: isSet(object.maxAbsValue)
+        ? globalThis.Number(object.maxAbsValue)
+        : isSet(object.max_abs_value)
+        ? globalThis.Number(object.max_abs_value)
+        : 0,
     };
   },
 
@@ -2442,6 +2475,9 @@ export const CreateJobRequest: MessageFns<CreateJobRequest> = {
     if (message.label !== "") {
       obj.label = message.label;
     }
+    if (message.maxAbsValue !== 0) {
+      obj.maxAbsValue = floatToJson(message.maxAbsValue);
+    }
     return obj;
   },
 
@@ -2459,6 +2495,7 @@ export const CreateJobRequest: MessageFns<CreateJobRequest> = {
       ? MergeOptions.fromPartial(object.merge)
       : undefined;
     message.label = object.label ?? "";
+    message.maxAbsValue = object.maxAbsValue ?? 0;
     return message;
   },
 };
@@ -3556,6 +3593,7 @@ function createBaseJob(): Job {
     failureReason: "",
     createdAt: "",
     updatedAt: "",
+    maxAbsValue: 0,
   };
 }
 
@@ -3602,6 +3640,9 @@ export const Job: MessageFns<Job> = {
     }
     if (message.updatedAt !== "") {
       writer.uint32(114).string(message.updatedAt);
+    }
+    if (message.maxAbsValue !== 0) {
+      writer.uint32(121).double(message.maxAbsValue);
     }
     return writer;
   },
@@ -3731,6 +3772,14 @@ export const Job: MessageFns<Job> = {
             message.updatedAt = reader.string();
             continue;
           }
+          case 15: {
+            if (tag !== 121) {
+              break;
+            }
+
+            message.maxAbsValue = reader.double();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3781,6 +3830,11 @@ export const Job: MessageFns<Job> = {
         : isSet(object.updated_at)
         ? globalThis.String(object.updated_at)
         : "",
+      maxAbsValue: isSet(object.maxAbsValue)
+        ? globalThis.Number(object.maxAbsValue)
+        : isSet(object.max_abs_value)
+        ? globalThis.Number(object.max_abs_value)
+        : 0,
     };
   },
 
@@ -3828,6 +3882,9 @@ export const Job: MessageFns<Job> = {
     if (message.updatedAt !== "") {
       obj.updatedAt = message.updatedAt;
     }
+    if (message.maxAbsValue !== 0) {
+      obj.maxAbsValue = floatToJson(message.maxAbsValue);
+    }
     return obj;
   },
 
@@ -3852,6 +3909,7 @@ export const Job: MessageFns<Job> = {
     message.failureReason = object.failureReason ?? "";
     message.createdAt = object.createdAt ?? "";
     message.updatedAt = object.updatedAt ?? "";
+    message.maxAbsValue = object.maxAbsValue ?? 0;
     return message;
   },
 };

@@ -1,0 +1,55 @@
+/**
+ * Finding a stored value that is not a finite number of bounded magnitude,
+ * on the stored bytes themselves: for each storage dtype the magnitude bits
+ * (all but the sign) of IEEE-style floats order like the magnitudes, and NaN
+ * and ±Inf lie above every finite value, so one integer comparison per value
+ * checks finiteness and bound at once, without widening anything to fp32.
+ */
+import { bytesPerElement, decodeToF32, type Dtype } from '../safetensors/dtype.js';
+
+/** Largest magnitude bit pattern of a finite value: exponent all ones minus one, mantissa all ones. */
+const MAX_FINITE_BITS: Record<Dtype, number> = { F32: 0x7f7fffff, F16: 0x7bff, BF16: 0x7f7f };
+
+/**
+ * Magnitude bits of the largest finite value of `dtype` at most `bound`.
+ * @param bound - Largest magnitude allowed, > 0; Infinity allows every finite value.
+ */
+export function magnitudeLimit(dtype: Dtype, bound: number): number {
+  const size = bytesPerElement(dtype);
+  const bytes = new Uint8Array(size);
+  const view = new DataView(bytes.buffer);
+  const value = (bits: number): number => {
+    if (size === 2) view.setUint16(0, bits, true);
+    else view.setUint32(0, bits, true);
+    return decodeToF32(bytes, dtype)[0]!;
+  };
+  // Binary search of the largest pattern whose value is ≤ bound (patterns 0 … max finite are increasing).
+  let lo = 0;
+  let hi = MAX_FINITE_BITS[dtype];
+  while (lo < hi) {
+    const mid = lo + Math.ceil((hi - lo) / 2);
+    if (value(mid) <= bound) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+/**
+ * The index of the first stored value whose magnitude bits exceed `limit`
+ * (from {@link magnitudeLimit}): NaN, ±Inf or beyond the bound.
+ * @param bytes - Little-endian values of `dtype`, any alignment.
+ * @returns The index, or -1 when every value is within the limit.
+ */
+export function firstValueBeyond(bytes: Uint8Array, dtype: Dtype, limit: number): number {
+  if (dtype === 'F32') {
+    for (let i = 0, at = 0; at < bytes.length; i++, at += 4) {
+      const mag = bytes[at]! | (bytes[at + 1]! << 8) | (bytes[at + 2]! << 16) | ((bytes[at + 3]! & 0x7f) << 24);
+      if (mag > limit) return i;
+    }
+    return -1;
+  }
+  for (let i = 0, at = 0; at < bytes.length; i++, at += 2) {
+    if ((bytes[at]! | ((bytes[at + 1]! & 0x7f) << 8)) > limit) return i;
+  }
+  return -1;
+}

@@ -1,0 +1,110 @@
+/**
+ * What an upload checks of a tensor's content beyond the record structure
+ * that TensorAssembler checks (order, counts, CRCs, positions increasing and
+ * inside the tensor): every value finite and within the job's bound, the
+ * chunks' precision the header's, partitions fitting the tensor's kind, and
+ * no position kept in two partitions.
+ */
+import { FormatError } from '../../proto/errors.js';
+import { TensorKind, type DeltaHeader, type SparseChunk, type TensorEnd, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
+import type { Dtype } from '../../proto/safetensors/index.js';
+import { decodeToF32 } from '../../proto/safetensors/index.js';
+import { firstValueBeyond, magnitudeLimit, shapeNumel, storageDtype, type DecodedChunk } from '../../proto/sparse/index.js';
+
+/** What the checks of one upload's tensors share: the header's precision, the bound, a reusable bit set. */
+export class ContentRules {
+  readonly dtype: Dtype;
+  readonly partitions: number;
+  private readonly limit: number;
+  private seen = new Uint8Array(0);
+
+  /**
+   * @param header - The upload's header, already checked (its value dtype is known).
+   * @param maxAbsValue - Largest magnitude a value may have (the job's `max_abs_value`).
+   */
+  constructor(
+    header: DeltaHeader,
+    readonly maxAbsValue: number,
+  ) {
+    this.dtype = storageDtype(header.valueDtype)!;
+    this.partitions = header.levels.length;
+    this.limit = magnitudeLimit(this.dtype, maxAbsValue);
+  }
+
+  /** A check of one tensor's records, which arrive in order. */
+  tensor(plan: TensorPlan): TensorCheck {
+    const linear = plan.kind === TensorKind.TENSOR_KIND_LINEAR;
+    // Positions of different partitions can only collide in a tensor with several: mark each kept position.
+    let seen: Uint8Array | undefined;
+    if (linear && this.partitions > 1) {
+      const bytes = Math.ceil(shapeNumel(plan.shape) / 8);
+      if (this.seen.length < bytes) this.seen = new Uint8Array(bytes);
+      else this.seen.fill(0, 0, bytes);
+      seen = this.seen;
+    }
+    return new TensorCheck(plan.name, linear, this, this.limit, seen);
+  }
+}
+
+/** The content checks of one tensor; errors name the tensor and chunk. */
+export class TensorCheck {
+  constructor(
+    private readonly name: string,
+    private readonly linear: boolean,
+    private readonly rules: ContentRules,
+    private readonly limit: number,
+    private readonly seen: Uint8Array | undefined,
+  ) {}
+
+  /**
+   * Checks a chunk that TensorAssembler has decoded.
+   * @throws FormatError naming the tensor, the chunk and what is wrong.
+   */
+  chunk(raw: SparseChunk, decoded: DecodedChunk): void {
+    const label = `chunk ${raw.index}`;
+    const dtype = storageDtype(raw.valueDtype);
+    if (dtype !== this.rules.dtype) throw this.error(`${label}: values are ${dtype}, the header says ${this.rules.dtype}`);
+    const p = decoded.partition;
+    if (this.linear ? p === 0 : p !== 0) {
+      const allowed = this.linear ? `1..${this.rules.partitions}` : '0';
+      throw this.error(`${label}: partition ${p}, but a ${this.linear ? 'linear' : 'outside'} tensor's entries are in partition ${allowed}`);
+    }
+    const bad = firstValueBeyond(raw.values, dtype, this.limit);
+    if (bad >= 0) {
+      const size = dtype === 'F32' ? 4 : 2;
+      const value = decodeToF32(raw.values.subarray(bad * size, (bad + 1) * size), dtype)[0]!;
+      throw this.error(
+        `${label}: the value at position ${decoded.positions[bad]} is ${value}; values must be finite with magnitude at most ${this.rules.maxAbsValue} (the job's max_abs_value)`,
+      );
+    }
+    if (this.seen !== undefined) this.mark(label, decoded);
+  }
+
+  /**
+   * Checks the tensor's end record against the tensor's kind: one count per partition.
+   * @throws FormatError when `kept_per_partition` has another length.
+   */
+  end(end: TensorEnd): void {
+    const expected = this.linear ? this.rules.partitions + 1 : 1;
+    if (end.keptPerPartition.length !== expected) {
+      throw this.error(`tensor end lists ${end.keptPerPartition.length} partition count(s), a ${this.linear ? 'linear' : 'outside'} tensor has ${expected}`);
+    }
+  }
+
+  /** Marks a chunk's positions kept; one already marked was kept by an earlier partition. */
+  private mark(label: string, c: DecodedChunk): void {
+    const seen = this.seen!;
+    const { positions } = c;
+    for (let i = 0; i < c.count; i++) {
+      const pos = positions[i]!;
+      const byte = Math.floor(pos / 8);
+      const bit = 1 << (pos % 8);
+      if ((seen[byte]! & bit) !== 0) throw this.error(`${label}: position ${pos} (partition ${c.partition}) is also kept in an earlier partition`);
+      seen[byte] = seen[byte]! | bit;
+    }
+  }
+
+  private error(message: string): FormatError {
+    return new FormatError(message, { tensor: this.name });
+  }
+}
