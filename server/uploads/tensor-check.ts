@@ -67,7 +67,7 @@ export class TensorCheck {
     const p = decoded.partition;
     if (this.linear ? p === 0 : p !== 0) {
       const allowed = this.linear ? `1..${this.rules.partitions}` : '0';
-      throw this.error(`${label}: partition ${p}, but a ${this.linear ? 'linear' : 'outside'} tensor's entries are in partition ${allowed}`);
+      throw this.error(`${label}: partition ${p}, but ${this.linear ? 'a linear' : 'an outside'} tensor's entries are in partition ${allowed}`);
     }
     const bad = firstValueBeyond(raw.values, dtype, this.limit);
     if (bad >= 0) {
@@ -87,7 +87,7 @@ export class TensorCheck {
   end(end: TensorEnd): void {
     const expected = this.linear ? this.rules.partitions + 1 : 1;
     if (end.keptPerPartition.length !== expected) {
-      throw this.error(`tensor end lists ${end.keptPerPartition.length} partition count(s), a ${this.linear ? 'linear' : 'outside'} tensor has ${expected}`);
+      throw this.error(`tensor end lists ${end.keptPerPartition.length} partition count(s), ${this.linear ? 'a linear' : 'an outside'} tensor has ${expected}`);
     }
   }
 
