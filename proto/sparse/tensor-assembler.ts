@@ -6,7 +6,7 @@
 import type { DeltaRecord, SparseChunk, TensorBegin, TensorEnd } from '../gen/dppa/v1/sparse.js';
 import { FormatError } from '../errors.js';
 import { foldChunkCrc } from './chunk-checksum.js';
-import { checkChunk, decodeChunk, type CheckedChunk, type DecodedChunk, type DecodeScratch } from './chunk-codec.js';
+import { decodeChunk, type DecodedChunk, type DecodeScratch } from './chunk-codec.js';
 import { recordKind, shapeNumel, type PartitionEntries } from './tensor-records.js';
 
 /** A tensor whose records were all received and checked. */
@@ -34,13 +34,10 @@ export interface TensorAssemblerOptions {
    * What becomes of the chunks' entries:
    * - `collect`: decoded and kept, for {@link TensorAssembler.result};
    * - `stream`: decoded and returned by {@link TensorAssembler.push} in arrays the
-   *   assembler reuses (valid until the next push), for a caller that consumes them at once;
-   * - `check`: not decoded. Each chunk is checked as {@link checkChunk} does (checksum,
-   *   structure, first position), not position by position, which makes receiving a
-   *   tensor cost about a CRC pass. Whoever decodes the chunks later checks the rest.
+   *   assembler reuses (valid until the next push), for a caller that consumes them at once.
    * @default 'collect'
    */
-  entries?: 'collect' | 'stream' | 'check' | undefined;
+  entries?: 'collect' | 'stream' | undefined;
   /** Highest partition a chunk may have. @default no limit */
   maxPartition?: number | undefined;
 }
@@ -52,13 +49,11 @@ export interface TensorAssemblerOptions {
  * tensor, partitions non-decreasing (and at most `maxPartition`) and positions
  * ascending within a partition, each chunk valid on its own
  * ({@link decodeChunk}); an end whose name, chunk count, entries per partition
- * and CRC match what was received. Nothing may follow the end. With
- * `entries: 'check'` positions are known only as far as {@link checkChunk}
- * tells: chunks must then start after the least possible end of the previous.
+ * and CRC match what was received. Nothing may follow the end.
  */
 export class TensorAssembler {
   private readonly file: string | undefined;
-  private readonly entries: 'collect' | 'stream' | 'check';
+  private readonly entries: 'collect' | 'stream';
   private readonly maxPartition: number;
   private readonly scratch: DecodeScratch | undefined;
   private begin: TensorBegin | undefined;
@@ -94,7 +89,7 @@ export class TensorAssembler {
    * Takes the next record of the tensor.
    *
    * @param record - A `tensorBegin`, `chunk` or `tensorEnd` record.
-   * @returns The decoded entries for a chunk record (unless `entries` is `check`); undefined for begin and end.
+   * @returns The decoded entries for a chunk record; undefined for begin and end.
    * @throws FormatError (naming the tensor and file) when the record is out of place or does
    *   not match; ChecksumError / TruncatedError / FormatError from {@link decodeChunk}.
    */
@@ -132,7 +127,7 @@ export class TensorAssembler {
     return this.assembled;
   }
 
-  private takeChunk(chunk: SparseChunk): DecodedChunk | undefined {
+  private takeChunk(chunk: SparseChunk): DecodedChunk {
     const name = this.begin!.name;
     if (chunk.tensor !== name) {
       throw this.error(`chunk ${chunk.index} names tensor "${chunk.tensor}"`);
@@ -141,8 +136,7 @@ export class TensorAssembler {
       throw this.error(`chunk ${chunk.index} out of order: expected chunk ${this.nextIndex}`);
     }
     const ctx = { file: this.file, numel: this.numel };
-    const decoded = this.entries === 'check' ? undefined : decodeChunk(chunk, ctx, this.scratch);
-    const c: CheckedChunk = decoded ?? checkChunk(chunk, ctx);
+    const c = decodeChunk(chunk, ctx, this.scratch);
     if (c.partition > this.maxPartition) {
       throw this.error(`chunk ${chunk.index} is in partition ${c.partition}, but there are ${this.maxPartition} partition(s)`);
     }
@@ -155,16 +149,17 @@ export class TensorAssembler {
       );
     }
     this.lastPartition = c.partition;
-    this.lastPosition = decoded === undefined || c.range ? c.lastPositionAtLeast : decoded.positions[c.count - 1]!;
+    // A RANGE chunk's end is exact without its positions, which the assembler may leave unwritten.
+    this.lastPosition = c.range ? c.lastPositionAtLeast : c.positions[c.count - 1]!;
     this.crc = foldChunkCrc(this.crc, chunk.crc32c);
     this.nextIndex++;
     this.counts.set(c.partition, (this.counts.get(c.partition) ?? 0) + c.count);
     if (this.entries === 'collect') {
       const list = this.received.get(c.partition);
-      if (list === undefined) this.received.set(c.partition, [decoded!]);
-      else list.push(decoded!);
+      if (list === undefined) this.received.set(c.partition, [c]);
+      else list.push(c);
     }
-    return decoded;
+    return c;
   }
 
   private takeEnd(end: TensorEnd): void {

@@ -5,12 +5,11 @@
  * holds one record whatever the model's size, and the stream is read only as
  * fast as the disk takes it. A completed tensor's file is closed (fsync,
  * rename into place) while the next tensors arrive, a few at a time; the
- * upload's state is reported only once every one of them is closed. Chunks
- * are checked without decoding their positions (`entries: 'check'`:
- * checksum, structure, bounds of the first position), which keeps the
- * receiving thread near the network's speed; the
- * merge and the DPA search decode every position and check the rest, failing
- * the job with an error naming the party's spool file and tensor.
+ * upload's state is reported only once every one of them is closed. Each
+ * chunk is decoded as it arrives (TensorAssembler in `stream` mode, into
+ * reused arrays) and its content checked (tensor-check.ts: values within the
+ * job's bound, no position in two partitions), so that a tensor is accepted
+ * only if the merge can take it as it is; docs/server.md lists every rule.
  *
  * A bad record fails the call and changes nothing: the tensor it belongs to is
  * discarded (its temporary spool file removed), tensors completed before it
