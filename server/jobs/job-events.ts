@@ -15,6 +15,9 @@ import { join } from 'node:path';
 import { JobEvent } from '../../proto/gen/dppa/v1/jobs.js';
 import type { Logger } from '../log.js';
 
+/** Name of a job's event log in its folder. */
+export const EVENTS_FILE = 'events.jsonl';
+
 /** An event before the log gives it its job, number and time. */
 export type EventBody = Omit<Partial<JobEvent>, 'jobId' | 'seq' | 'time'>;
 
@@ -35,6 +38,8 @@ export function isFinalEvent(e: JobEvent): boolean {
 export interface JobEvents {
   /** Opens (or creates) the log of a job whose folder is `dir`. */
   load(jobId: string, dir: string): Promise<void>;
+  /** Closes the log of a job whose creation failed (its folder is deleted next); nothing if none is loaded. */
+  unload(jobId: string): Promise<void>;
   /**
    * Numbers (`seq` from 1, one more than the job's last), records and
    * announces an event; resolves once it is recorded.
@@ -69,7 +74,7 @@ export class FileJobEvents implements JobEvents {
 
   /** Opens (or creates) the log of a job in `dir` and reads back its events. */
   async load(jobId: string, dir: string): Promise<void> {
-    const path = join(dir, 'events.jsonl');
+    const path = join(dir, EVENTS_FILE);
     const events: JobEvent[] = [];
     let text = '';
     try {
@@ -89,6 +94,15 @@ export class FileJobEvents implements JobEvents {
     }
     const file = await open(path, 'a');
     this.logs.set(jobId, { events, file, tail: Promise.resolve(), listeners: new Set() });
+  }
+
+  /** Closes the log of a job whose creation failed; nothing if none is loaded. */
+  async unload(jobId: string): Promise<void> {
+    const l = this.logs.get(jobId);
+    if (l === undefined) return;
+    this.logs.delete(jobId);
+    await l.tail;
+    await l.file.close();
   }
 
   private job(jobId: string): JobLog {

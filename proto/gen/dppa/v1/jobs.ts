@@ -419,6 +419,29 @@ export interface CancelJobRequest {
   reason: string;
 }
 
+/** Which job to resume. */
+export interface ResumeJobRequest {
+  /** Id of the job (Job.id). */
+  jobId: string;
+}
+
+/**
+ * Why a job cannot go on for now: the server's storage failed (its disk is
+ * full, an I/O error) while the job moved on or merged. Nothing of the failed
+ * step is kept; the job is tried again automatically with backoff (a merge
+ * once the disk has room for its output), or at once by ResumeJob.
+ */
+export interface Pause {
+  /** What failed, e.g. "no space left on the server's disk (ENOSPC); retry once space is freed". */
+  reason: string;
+  /** Attempts that failed in a row. */
+  attempts: number;
+  /** RFC 3339 time of the first of them. */
+  since: string;
+  /** RFC 3339 time of the next automatic attempt; empty while an attempt runs. */
+  nextAttemptAt: string;
+}
+
 /** One scored candidate of a DPA search. */
 export interface Evaluation {
   /** The party whose search this is. */
@@ -498,6 +521,8 @@ export interface Job {
   createdAt: string;
   /** RFC 3339 time of the job's last change. */
   updatedAt: string;
+  /** Set while the job is paused by a storage failure (it keeps its state). */
+  pause: Pause | undefined;
 }
 
 /** A party connected to the job for the first time. */
@@ -611,7 +636,11 @@ export interface JobEvent {
     | Merged
     | undefined;
   /** The job failed. */
-  failed?: Failed | undefined;
+  failed?:
+    | Failed
+    | undefined;
+  /** A storage failure paused the job; it is tried again later. */
+  paused?: Pause | undefined;
 }
 
 function createBaseFixedFactors(): FixedFactors {
@@ -3040,6 +3069,200 @@ export const CancelJobRequest: MessageFns<CancelJobRequest> = {
   },
 };
 
+function createBaseResumeJobRequest(): ResumeJobRequest {
+  return { jobId: "" };
+}
+
+export const ResumeJobRequest: MessageFns<ResumeJobRequest> = {
+  encode(message: ResumeJobRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.jobId !== "") {
+      writer.uint32(10).string(message.jobId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ResumeJobRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseResumeJobRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.jobId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ResumeJobRequest {
+    return {
+      jobId: isSet(object.jobId)
+        ? globalThis.String(object.jobId)
+        : isSet(object.job_id)
+        ? globalThis.String(object.job_id)
+        : "",
+    };
+  },
+
+  toJSON(message: ResumeJobRequest): unknown {
+    const obj: any = {};
+    if (message.jobId !== "") {
+      obj.jobId = message.jobId;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ResumeJobRequest>): ResumeJobRequest {
+    return ResumeJobRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ResumeJobRequest>): ResumeJobRequest {
+    const message = createBaseResumeJobRequest();
+    message.jobId = object.jobId ?? "";
+    return message;
+  },
+};
+
+function createBasePause(): Pause {
+  return { reason: "", attempts: 0, since: "", nextAttemptAt: "" };
+}
+
+export const Pause: MessageFns<Pause> = {
+  encode(message: Pause, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.reason !== "") {
+      writer.uint32(10).string(message.reason);
+    }
+    if (message.attempts !== 0) {
+      writer.uint32(16).uint32(message.attempts);
+    }
+    if (message.since !== "") {
+      writer.uint32(26).string(message.since);
+    }
+    if (message.nextAttemptAt !== "") {
+      writer.uint32(34).string(message.nextAttemptAt);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Pause {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePause();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.attempts = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.since = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.nextAttemptAt = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Pause {
+    return {
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+      attempts: isSet(object.attempts) ? globalThis.Number(object.attempts) : 0,
+      since: isSet(object.since) ? globalThis.String(object.since) : "",
+      nextAttemptAt: isSet(object.nextAttemptAt)
+        ? globalThis.String(object.nextAttemptAt)
+        : isSet(object.next_attempt_at)
+        ? globalThis.String(object.next_attempt_at)
+        : "",
+    };
+  },
+
+  toJSON(message: Pause): unknown {
+    const obj: any = {};
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    if (message.attempts !== 0) {
+      obj.attempts = Math.round(message.attempts);
+    }
+    if (message.since !== "") {
+      obj.since = message.since;
+    }
+    if (message.nextAttemptAt !== "") {
+      obj.nextAttemptAt = message.nextAttemptAt;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Pause>): Pause {
+    return Pause.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Pause>): Pause {
+    const message = createBasePause();
+    message.reason = object.reason ?? "";
+    message.attempts = object.attempts ?? 0;
+    message.since = object.since ?? "";
+    message.nextAttemptAt = object.nextAttemptAt ?? "";
+    return message;
+  },
+};
+
 function createBaseEvaluation(): Evaluation {
   return { party: "", seq: 0, denseReference: false, factors: [], scores: {}, domainRatio: 0 };
 }
@@ -3556,6 +3779,7 @@ function createBaseJob(): Job {
     failureReason: "",
     createdAt: "",
     updatedAt: "",
+    pause: undefined,
   };
 }
 
@@ -3602,6 +3826,9 @@ export const Job: MessageFns<Job> = {
     }
     if (message.updatedAt !== "") {
       writer.uint32(114).string(message.updatedAt);
+    }
+    if (message.pause !== undefined) {
+      Pause.encode(message.pause, writer.uint32(122).fork()).join();
     }
     return writer;
   },
@@ -3731,6 +3958,14 @@ export const Job: MessageFns<Job> = {
             message.updatedAt = reader.string();
             continue;
           }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.pause = Pause.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3781,6 +4016,7 @@ export const Job: MessageFns<Job> = {
         : isSet(object.updated_at)
         ? globalThis.String(object.updated_at)
         : "",
+      pause: isSet(object.pause) ? Pause.fromJSON(object.pause) : undefined,
     };
   },
 
@@ -3828,6 +4064,9 @@ export const Job: MessageFns<Job> = {
     if (message.updatedAt !== "") {
       obj.updatedAt = message.updatedAt;
     }
+    if (message.pause !== undefined) {
+      obj.pause = Pause.toJSON(message.pause);
+    }
     return obj;
   },
 
@@ -3852,6 +4091,7 @@ export const Job: MessageFns<Job> = {
     message.failureReason = object.failureReason ?? "";
     message.createdAt = object.createdAt ?? "";
     message.updatedAt = object.updatedAt ?? "";
+    message.pause = (object.pause !== undefined && object.pause !== null) ? Pause.fromPartial(object.pause) : undefined;
     return message;
   },
 };
@@ -4656,6 +4896,7 @@ function createBaseJobEvent(): JobEvent {
     mergeProgress: undefined,
     merged: undefined,
     failed: undefined,
+    paused: undefined,
   };
 }
 
@@ -4699,6 +4940,9 @@ export const JobEvent: MessageFns<JobEvent> = {
     }
     if (message.failed !== undefined) {
       Failed.encode(message.failed, writer.uint32(146).fork()).join();
+    }
+    if (message.paused !== undefined) {
+      Pause.encode(message.paused, writer.uint32(154).fork()).join();
     }
     return writer;
   },
@@ -4812,6 +5056,14 @@ export const JobEvent: MessageFns<JobEvent> = {
             message.failed = Failed.decode(reader, reader.uint32());
             continue;
           }
+          case 19: {
+            if (tag !== 154) {
+              break;
+            }
+
+            message.paused = Pause.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4870,6 +5122,7 @@ export const JobEvent: MessageFns<JobEvent> = {
         : undefined,
       merged: isSet(object.merged) ? Merged.fromJSON(object.merged) : undefined,
       failed: isSet(object.failed) ? Failed.fromJSON(object.failed) : undefined,
+      paused: isSet(object.paused) ? Pause.fromJSON(object.paused) : undefined,
     };
   },
 
@@ -4911,6 +5164,9 @@ export const JobEvent: MessageFns<JobEvent> = {
     if (message.failed !== undefined) {
       obj.failed = Failed.toJSON(message.failed);
     }
+    if (message.paused !== undefined) {
+      obj.paused = Pause.toJSON(message.paused);
+    }
     return obj;
   },
 
@@ -4948,6 +5204,9 @@ export const JobEvent: MessageFns<JobEvent> = {
       : undefined;
     message.failed = (object.failed !== undefined && object.failed !== null)
       ? Failed.fromPartial(object.failed)
+      : undefined;
+    message.paused = (object.paused !== undefined && object.paused !== null)
+      ? Pause.fromPartial(object.paused)
       : undefined;
     return message;
   },
@@ -5012,6 +5271,20 @@ export const JobServiceService = {
     responseSerialize: (value: Job): Buffer => Buffer.from(Job.encode(value).finish()),
     responseDeserialize: (value: Buffer): Job => Job.decode(value),
   },
+  /**
+   * Tries a job paused by a storage failure (`Job.pause`) again at once,
+   * instead of at its next automatic attempt; a job that is not paused and
+   * has not ended is looked at again. FAILED_PRECONDITION once it has ended.
+   */
+  resumeJob: {
+    path: "/dppa.v1.JobService/ResumeJob" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ResumeJobRequest): Buffer => Buffer.from(ResumeJobRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ResumeJobRequest => ResumeJobRequest.decode(value),
+    responseSerialize: (value: Job): Buffer => Buffer.from(Job.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Job => Job.decode(value),
+  },
 } as const;
 
 export interface JobServiceServer extends UntypedServiceImplementation {
@@ -5028,6 +5301,12 @@ export interface JobServiceServer extends UntypedServiceImplementation {
   watchJob: handleServerStreamingCall<WatchJobRequest, JobEvent>;
   /** Fails a job that has not merged yet, with the reason given. */
   cancelJob: handleUnaryCall<CancelJobRequest, Job>;
+  /**
+   * Tries a job paused by a storage failure (`Job.pause`) again at once,
+   * instead of at its next automatic attempt; a job that is not paused and
+   * has not ended is looked at again. FAILED_PRECONDITION once it has ended.
+   */
+  resumeJob: handleUnaryCall<ResumeJobRequest, Job>;
 }
 
 export interface JobServiceClient extends Client {
@@ -5095,6 +5374,23 @@ export interface JobServiceClient extends Client {
   ): ClientUnaryCall;
   cancelJob(
     request: CancelJobRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Job) => void,
+  ): ClientUnaryCall;
+  /**
+   * Tries a job paused by a storage failure (`Job.pause`) again at once,
+   * instead of at its next automatic attempt; a job that is not paused and
+   * has not ended is looked at again. FAILED_PRECONDITION once it has ended.
+   */
+  resumeJob(request: ResumeJobRequest, callback: (error: ServiceError | null, response: Job) => void): ClientUnaryCall;
+  resumeJob(
+    request: ResumeJobRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Job) => void,
+  ): ClientUnaryCall;
+  resumeJob(
+    request: ResumeJobRequest,
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: Job) => void,
