@@ -9,7 +9,7 @@ import { mkdir, mkdtemp, readdir, readFile, rm, statfs, writeFile } from 'node:f
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { status } from '@grpc/grpc-js';
+import { type ServiceError, status } from '@grpc/grpc-js';
 import { JobState, type JobEvent, type JobServiceClient } from '../proto/gen/dppa/v1/jobs.js';
 import type { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import { mergeCheckpoint, type MergeResult } from '../server/merge/merger.js';
@@ -69,8 +69,8 @@ function nextEvent(jobs: JobServiceClient, jobId: string, match: (e: JobEvent) =
       resolve(e);
       stream.cancel();
     });
-    stream.on('error', (err: { code?: number }) => {
-      if (err.code !== status.CANCELLED) reject(err as Error);
+    stream.on('error', (err: ServiceError) => {
+      if (err.code !== status.CANCELLED) reject(err);
     });
     stream.on('end', () => reject(new Error('the watch ended without the event')));
   });
