@@ -5,13 +5,14 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdir, mkdtemp, readdir, readFile, rm, statfs, writeFile } from 'node:fs/promises';
+import { appendFile, mkdir, mkdtemp, readdir, readFile, rm, statfs, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { type ServiceError, status } from '@grpc/grpc-js';
 import { JobState, type JobEvent, type JobServiceClient } from '../proto/gen/dppa/v1/jobs.js';
 import type { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
+import { FileJobEvents } from '../server/jobs/job-events.js';
 import { mergeCheckpoint, type MergeResult } from '../server/merge/merger.js';
 import { createLogger } from '../server/log.js';
 import { toStatus } from '../server/rpc/status.js';
@@ -206,7 +207,7 @@ describe('a full disk', { skip: mounted ? false : 'mounting a tmpfs needs root' 
   });
 });
 
-describe('storage errors at the gRPC boundary', () => {
+describe('storage errors, without a mount', () => {
   const log = createLogger({ level: 'silent' });
   const fsError = (code: string): Error => Object.assign(new Error(`${code}: something failed, open '/srv/dppa/jobs/x/job.json'`), { code });
 
@@ -216,6 +217,27 @@ describe('storage errors at the gRPC boundary', () => {
       assert.equal(st.code, expected, code);
       assert.match(st.details, new RegExp(`\\(${code}\\)`));
       assert.doesNotMatch(st.details, /\/srv\/dppa/);
+    }
+  });
+
+  it('an event log whose last line was cut short takes new events on lines of their own', async () => {
+    const folder = await mkdtemp(join(tmpdir(), 'dppa-torn-events-'));
+    try {
+      const first = new FileJobEvents(log);
+      await first.load('j', folder);
+      await first.append('j', { partyJoined: { party: 'a' } });
+      await first.close();
+      await appendFile(join(folder, 'events.jsonl'), '{"jobId":"j","seq":"2","partyJo');
+      const second = new FileJobEvents(log);
+      await second.load('j', folder);
+      await second.append('j', { partyJoined: { party: 'b' } });
+      await second.close();
+      const third = new FileJobEvents(log);
+      await third.load('j', folder);
+      assert.deepEqual(third.recorded('j', 0n, 10).map((e) => [e.seq, e.partyJoined?.party]), [[1n, 'a'], [2n, 'b']]);
+      await third.close();
+    } finally {
+      await rm(folder, { recursive: true, force: true });
     }
   });
 

@@ -7,8 +7,9 @@
  * keeps them in the JetStream stream instead, shared by every replica.)
  *
  * Progress events are not fsynced one by one (they are many and cheap to
- * lose); a crash may drop the last few lines, and a torn last line is ignored
- * when the log is read back.
+ * lose); a crash may drop the last few lines, and a torn last line is dropped
+ * when the log is read back (an append cut short by a full disk is taken back
+ * at once).
  */
 import { open, readFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -24,6 +25,8 @@ export type EventBody = Omit<Partial<JobEvent>, 'jobId' | 'seq' | 'time'>;
 interface JobLog {
   events: JobEvent[];
   file: FileHandle;
+  /** Bytes of whole lines in the file: where the next event goes. */
+  bytes: number;
   /** The last append; the next one is written after it. */
   tail: Promise<void>;
   listeners: Set<(e: JobEvent) => void>;
@@ -92,8 +95,16 @@ export class FileJobEvents implements JobEvents {
         if (i < lines.length - 1 && lines.slice(i + 1).some((l) => l !== '')) this.log.warn('skipping a damaged event line', { path, line: i + 1, err });
       }
     }
+    const bytes = Buffer.byteLength(text.slice(0, text.lastIndexOf('\n') + 1));
     const file = await open(path, 'a');
-    this.logs.set(jobId, { events, file, tail: Promise.resolve(), listeners: new Set() });
+    try {
+      // A last line cut short (a crash) is dropped: the next event starts a line of its own.
+      if (bytes < Buffer.byteLength(text)) await file.truncate(bytes);
+    } catch (err) {
+      await file.close();
+      throw err;
+    }
+    this.logs.set(jobId, { events, file, bytes, tail: Promise.resolve(), listeners: new Set() });
   }
 
   /** Closes the log of a job whose creation failed; nothing if none is loaded. */
@@ -128,7 +139,14 @@ export class FileJobEvents implements JobEvents {
     const line = `${JSON.stringify(JobEvent.toJSON(event))}\n`;
     const final = isFinalEvent(event);
     l.tail = l.tail.then(async () => {
-      await l.file.appendFile(line);
+      try {
+        await l.file.appendFile(line);
+      } catch (err) {
+        // Part of the line may be written (a full disk): take it back, so that the next event starts a line of its own.
+        await l.file.truncate(l.bytes).catch(() => undefined);
+        throw err;
+      }
+      l.bytes += Buffer.byteLength(line);
       if (final) await l.file.sync();
     });
     // A failed append is logged, not thrown: the event was delivered and the job's state lives in job.json.
