@@ -6,6 +6,7 @@ import { readFile } from 'node:fs/promises';
 import { isIP } from 'node:net';
 import { resolve } from 'node:path';
 import { ConfigError } from './errors.js';
+import { DEFAULT_STORAGE_RETRY_MS } from './jobs/storage-pauses.js';
 import { createLogger, type Logger } from './log.js';
 import { defaultMergeWorkers } from './merge/merger.js';
 import { DEFAULT_HTTP2_WINDOW, MAX_HTTP2_WINDOW } from './rpc/receive-window.js';
@@ -90,6 +91,13 @@ export interface ServerOptions {
    * @default 30000
    */
   taskAckWaitMs?: number;
+  /**
+   * First wait before a job paused by a storage failure (a full disk, an I/O
+   * error) is tried again; it doubles after each failure, up to 5 minutes. A
+   * merge is only tried again once the disk has room for its output.
+   * @default 5000
+   */
+  storageRetryMs?: number;
   /** Where the server logs. @default JSON lines on stderr at level info */
   logger?: Logger;
 }
@@ -113,6 +121,7 @@ export interface ResolvedServerOptions {
   nats: NatsOptions | undefined;
   cluster: boolean;
   taskAckWaitMs: number;
+  storageRetryMs: number;
   logger: Logger;
 }
 
@@ -141,6 +150,7 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
     nats: opts.nats,
     cluster: opts.cluster ?? false,
     taskAckWaitMs: opts.taskAckWaitMs ?? 30_000,
+    storageRetryMs: opts.storageRetryMs ?? DEFAULT_STORAGE_RETRY_MS,
     logger: opts.logger ?? createLogger(),
   };
   if (typeof r.adminToken !== 'string' || r.adminToken.trim() === '') {
@@ -163,6 +173,7 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
   if (!Number.isSafeInteger(r.mergeWorkers) || r.mergeWorkers < 0) throw new ConfigError(`mergeWorkers: must be a non-negative integer, got ${r.mergeWorkers}`);
   if (r.nats !== undefined) checkNats(r.nats);
   if (!Number.isSafeInteger(r.taskAckWaitMs) || r.taskAckWaitMs < 1000) throw new ConfigError(`taskAckWaitMs: must be an integer of at least 1000, got ${r.taskAckWaitMs}`);
+  checkPositiveInteger('storageRetryMs', r.storageRetryMs);
   if (r.cluster && r.nats === undefined) throw new ConfigError('cluster: needs nats (--nats URL or DPPA_NATS_URL): the replicas share their state on NATS JetStream');
   if (r.tls !== undefined && (r.tls.certFile === '' || r.tls.keyFile === '')) {
     throw new ConfigError('tls: certFile and keyFile are both required');

@@ -76,3 +76,40 @@ export class DeadlineExceededError extends Error {
 export class NatsUnavailableError extends Error {
   override name = 'NatsUnavailableError';
 }
+
+/** The disk (or quota) of the data folder is full: RESOURCE_EXHAUSTED, and retrying once the operator freed space works. */
+export class DiskFullError extends ResourceExhaustedError {
+  override name = 'DiskFullError';
+}
+
+/** The data folder's storage failed in a way that may pass (an I/O error, too many open files): UNAVAILABLE, retry later. */
+export class StorageUnavailableError extends UnavailableError {
+  override name = 'StorageUnavailableError';
+}
+
+/** Error codes of the file system meaning "no room": ENOSPC (disk full), EDQUOT (quota reached). */
+const FULL_CODES = new Set(['ENOSPC', 'EDQUOT']);
+
+/**
+ * Error codes of the file system that are no fault of the caller's and may
+ * pass: I/O errors, too many open files, a busy or read-only (remounted after
+ * errors) device, a stale handle of a shared folder.
+ */
+const PASSING_CODES = new Set(['EIO', 'EMFILE', 'ENFILE', 'EAGAIN', 'EBUSY', 'EROFS', 'ESTALE']);
+
+/**
+ * The typed error of a storage failure: `err` (or an error in its `cause`
+ * chain) carries a file system code of {@link FULL_CODES} or
+ * {@link PASSING_CODES}. Its message says what failed without the server's
+ * paths; the original is its cause. Undefined for any other error.
+ */
+export function storageError(err: unknown): DiskFullError | StorageUnavailableError | undefined {
+  if (err instanceof DiskFullError || err instanceof StorageUnavailableError) return err;
+  for (let e: unknown = err, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (typeof code !== 'string') continue;
+    if (FULL_CODES.has(code)) return new DiskFullError(`no space left on the server's disk (${code}); retry once space is freed`, { cause: err });
+    if (PASSING_CODES.has(code)) return new StorageUnavailableError(`the server's storage failed (${code}); retry later`, { cause: err });
+  }
+  return undefined;
+}

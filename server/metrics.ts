@@ -50,6 +50,11 @@ export class Metrics {
     help: 'Upload streams open now.',
     registers: [this.registry],
   });
+  readonly jobsPaused = new Gauge({
+    name: 'dppa_jobs_paused',
+    help: 'Jobs paused by a storage failure (a full disk, an I/O error), waiting to be tried again.',
+    registers: [this.registry],
+  });
   readonly mergeDuration = new Histogram({
     name: 'dppa_merge_duration_seconds',
     help: 'Duration of completed merges.',

@@ -188,7 +188,7 @@ export class DppaServer {
       replica = { cluster: c, queues, merge };
     }
     const runner = new JobRunner({
-      store, events, spool, metrics, log, mergeWorkers: o.mergeWorkers, broker,
+      store, events, spool, metrics, log, mergeWorkers: o.mergeWorkers, broker, storageRetryMs: o.storageRetryMs,
       ...(replica === undefined || search === undefined ? {} : { distributed: { search, merge: replica.merge } }),
     });
     const auth = new Authenticator(o.adminToken, store);

@@ -11,6 +11,7 @@ import {
   type Job,
   type JobEvent,
   type MergeOptions,
+  type Pause,
 } from '../../proto/gen/dppa/v1/jobs.js';
 import { jobStateName } from '../sdk/jobs.js';
 import { formatBytes } from './progress.js';
@@ -82,9 +83,20 @@ export function jobJson(job: Job): Record<string, unknown> {
     })),
     evaluations: job.evaluations.map(evaluationJson),
     failureReason: job.failureReason === '' ? null : job.failureReason,
+    pause: job.pause === undefined ? null : pauseJson(job.pause),
     createdAt: job.createdAt,
     updatedAt: job.updatedAt,
   };
+}
+
+function pauseJson(p: Pause): Record<string, unknown> {
+  return { reason: p.reason, attempts: p.attempts, since: p.since, nextAttemptAt: p.nextAttemptAt === '' ? null : p.nextAttemptAt };
+}
+
+/** A pause as text: the reason, the failed attempts and the next one. */
+export function pauseText(p: Pause): string {
+  const next = p.nextAttemptAt === '' ? 'trying again now' : `next attempt at ${p.nextAttemptAt} (or dppa job resume)`;
+  return `${p.reason}; ${p.attempts} failed attempt${p.attempts === 1 ? '' : 's'} since ${p.since}; ${next}`;
 }
 
 function factors(f: readonly number[]): string {
@@ -126,6 +138,7 @@ export function jobText(job: Job): string {
     lines.push(`  evaluations ${job.evaluations.length}`);
     lines.push(...evaluationTable(job.evaluations).map((l) => `    ${l}`));
   }
+  if (job.pause !== undefined) lines.push(`  paused      ${pauseText(job.pause)}`);
   if (job.failureReason !== '') lines.push(`  failure     ${job.failureReason}`);
   return lines.join('\n');
 }
@@ -154,7 +167,7 @@ function evaluationText(e: Evaluation): string {
 
 /** The kind of an event: the name of the field that is set. */
 export function eventType(ev: JobEvent): string {
-  for (const k of ['partyJoined', 'uploadProgress', 'uploadComplete', 'stateChanged', 'evaluationDone', 'factorsChosen', 'mergeProgress', 'merged', 'failed'] as const) {
+  for (const k of ['partyJoined', 'uploadProgress', 'uploadComplete', 'stateChanged', 'evaluationDone', 'factorsChosen', 'mergeProgress', 'merged', 'failed', 'paused'] as const) {
     if (ev[k] !== undefined) return k;
   }
   return 'unknown';
@@ -175,6 +188,7 @@ export function eventJson(ev: JobEvent): Record<string, unknown> {
   if (ev.mergeProgress !== undefined) return { ...head, tensorsDone: ev.mergeProgress.tensorsDone, tensorsTotal: ev.mergeProgress.tensorsTotal };
   if (ev.merged !== undefined) return { ...head, files: ev.merged.files, seconds: ev.merged.seconds };
   if (ev.failed !== undefined) return { ...head, reason: ev.failed.reason };
+  if (ev.paused !== undefined) return { ...head, ...pauseJson(ev.paused) };
   return head;
 }
 
@@ -196,6 +210,7 @@ export function eventText(ev: JobEvent): string {
     if (ev.mergeProgress !== undefined) return `merge ${ev.mergeProgress.tensorsDone}/${ev.mergeProgress.tensorsTotal} tensors`;
     if (ev.merged !== undefined) return `merged: ${ev.merged.files.length} files in ${ev.merged.seconds.toFixed(1)} s`;
     if (ev.failed !== undefined) return `failed: ${ev.failed.reason}`;
+    if (ev.paused !== undefined) return `paused: ${pauseText(ev.paused)}`;
     return 'unknown event';
   })();
   return `${ev.time === '' ? '' : `${ev.time} `}#${ev.seq} ${what}`;

@@ -10,6 +10,7 @@ import { inspectCommand } from './commands/inspect.js';
 import { jobCancelCommand } from './commands/job-cancel.js';
 import { jobCreateCommand } from './commands/job-create.js';
 import { jobListCommand } from './commands/job-list.js';
+import { jobResumeCommand } from './commands/job-resume.js';
 import { jobStatusCommand } from './commands/job-status.js';
 import { jobWatchCommand } from './commands/job-watch.js';
 import { pruneCommand } from './commands/prune.js';
@@ -27,6 +28,7 @@ const commands: Command[] = [
   jobListCommand,
   jobWatchCommand,
   jobCancelCommand,
+  jobResumeCommand,
   pushCommand,
   evaluateCommand,
   pullCommand,

@@ -5,7 +5,7 @@ import type { UploadState } from '../../proto/gen/dppa/v1/upload.js';
 import { unary, type CallOptions } from './call.js';
 import { Connection, type DppaClientOptions } from './connection.js';
 import { evaluate, type EvaluateCallOptions, type EvaluateOptions, type EvaluateResult } from './evaluate.js';
-import { cancelJob, createJob, getJob, listJobs, watchJob, type CreateJobOptions, type CreateJobResult, type WatchJobOptions } from './jobs.js';
+import { cancelJob, createJob, getJob, listJobs, resumeJob, watchJob, type CreateJobOptions, type CreateJobResult, type WatchJobOptions } from './jobs.js';
 import { pull, type PullCallOptions, type PullOptions, type PullResult } from './pull.js';
 import { push, type PushCallOptions, type PushOptions } from './push.js';
 
@@ -86,6 +86,18 @@ export class DppaClient {
    */
   cancelJob(jobId: string, reason: string, opts?: CallOptions): Promise<Job> {
     return cancelJob(this.conn, jobId, reason, opts);
+  }
+
+  /**
+   * Tries a job paused by a storage failure on the server (`job.pause` set:
+   * its disk was full, say, and has been freed) again at once instead of at
+   * its next automatic attempt (admin token). A job that is not paused and
+   * has not ended is looked at again.
+   * @returns The job as it is then.
+   * @throws DppaRpcError (FAILED_PRECONDITION once the job has merged or failed).
+   */
+  resumeJob(jobId: string, opts?: CallOptions): Promise<Job> {
+    return resumeJob(this.conn, jobId, opts);
   }
 
   /**

@@ -1,4 +1,4 @@
-/** Job calls: create, inspect, list, watch and cancel merge jobs. */
+/** Job calls: create, inspect, list, watch, cancel and resume merge jobs. */
 import { status as Status } from '@grpc/grpc-js';
 import {
   CreateJobRequest,
@@ -145,6 +145,11 @@ export async function listJobs(conn: Connection, opts: CallOptions = {}): Promis
 /** CancelJob (admin token). Not retried: a repeat after a lost answer would fail on the already failed job. */
 export function cancelJob(conn: Connection, jobId: string, reason: string, opts: CallOptions = {}): Promise<Job> {
   return unary(conn, 'CancelJob', conn.jobs.cancelJob.bind(conn.jobs), { jobId, reason }, opts, false);
+}
+
+/** ResumeJob (admin token). Retried: a repeat only asks for the same attempt again. */
+export function resumeJob(conn: Connection, jobId: string, opts: CallOptions = {}): Promise<Job> {
+  return unary(conn, 'ResumeJob', conn.jobs.resumeJob.bind(conn.jobs), { jobId }, opts, true);
 }
 
 /**

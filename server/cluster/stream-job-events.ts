@@ -55,6 +55,11 @@ export class StreamJobEvents implements JobEvents {
     return Promise.resolve();
   }
 
+  /** Nothing to close. */
+  unload(): Promise<void> {
+    return Promise.resolve();
+  }
+
   /** @throws NatsUnavailableError while NATS is away. */
   async append(jobId: string, body: EventBody): Promise<JobEvent> {
     const seq = await this.nextSeq(jobId);

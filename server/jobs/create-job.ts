@@ -3,6 +3,7 @@
  * evaluator), opening its base checkpoint to fingerprint it, issuing party
  * tokens and storing it.
  */
+import { mkdir, rm } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { FormatError } from '../../proto/errors.js';
 import { baseFingerprint } from '../../proto/fingerprint.js';
@@ -36,6 +37,7 @@ export interface CreateJobDeps {
  * @throws InvalidArgumentError naming the field at fault, including a base_path that is not a readable checkpoint
  *   and ONNX evaluator files that do not exist.
  * @throws UnimplementedError for settings this server does not offer yet.
+ * @throws Error from the storage (a full disk: ENOSPC); nothing of the job is left then.
  */
 export async function createJob(
   deps: CreateJobDeps,
@@ -88,8 +90,18 @@ export async function createJob(
     merged: undefined,
   };
   signal.throwIfAborted();
-  await deps.store.create(job);
-  await deps.events.load(job.id, deps.store.dir(job.id));
+  const dir = deps.store.dir(job.id);
+  try {
+    await mkdir(dir, { recursive: true });
+    await deps.events.load(job.id, dir);
+    // Last: the stored job is what makes it exist (a folder without it is removed at the next start).
+    await deps.store.create(job);
+  } catch (err) {
+    // A full disk (RESOURCE_EXHAUSTED) or a failing one (UNAVAILABLE) leaves nothing behind.
+    await deps.events.unload(job.id);
+    await rm(dir, { recursive: true, force: true });
+    throw err;
+  }
   deps.spool.addJob(job);
   return { job, tokens };
 }

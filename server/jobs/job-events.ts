@@ -7,13 +7,17 @@
  * keeps them in the JetStream stream instead, shared by every replica.)
  *
  * Progress events are not fsynced one by one (they are many and cheap to
- * lose); a crash may drop the last few lines, and a torn last line is ignored
- * when the log is read back.
+ * lose); a crash may drop the last few lines, and a torn last line is dropped
+ * when the log is read back (an append cut short by a full disk is taken back
+ * at once).
  */
 import { open, readFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { JobEvent } from '../../proto/gen/dppa/v1/jobs.js';
 import type { Logger } from '../log.js';
+
+/** Name of a job's event log in its folder. */
+export const EVENTS_FILE = 'events.jsonl';
 
 /** An event before the log gives it its job, number and time. */
 export type EventBody = Omit<Partial<JobEvent>, 'jobId' | 'seq' | 'time'>;
@@ -21,6 +25,8 @@ export type EventBody = Omit<Partial<JobEvent>, 'jobId' | 'seq' | 'time'>;
 interface JobLog {
   events: JobEvent[];
   file: FileHandle;
+  /** Bytes of whole lines in the file: where the next event goes. */
+  bytes: number;
   /** The last append; the next one is written after it. */
   tail: Promise<void>;
   listeners: Set<(e: JobEvent) => void>;
@@ -35,6 +41,8 @@ export function isFinalEvent(e: JobEvent): boolean {
 export interface JobEvents {
   /** Opens (or creates) the log of a job whose folder is `dir`. */
   load(jobId: string, dir: string): Promise<void>;
+  /** Closes the log of a job whose creation failed (its folder is deleted next); nothing if none is loaded. */
+  unload(jobId: string): Promise<void>;
   /**
    * Numbers (`seq` from 1, one more than the job's last), records and
    * announces an event; resolves once it is recorded.
@@ -69,7 +77,7 @@ export class FileJobEvents implements JobEvents {
 
   /** Opens (or creates) the log of a job in `dir` and reads back its events. */
   async load(jobId: string, dir: string): Promise<void> {
-    const path = join(dir, 'events.jsonl');
+    const path = join(dir, EVENTS_FILE);
     const events: JobEvent[] = [];
     let text = '';
     try {
@@ -87,8 +95,25 @@ export class FileJobEvents implements JobEvents {
         if (i < lines.length - 1 && lines.slice(i + 1).some((l) => l !== '')) this.log.warn('skipping a damaged event line', { path, line: i + 1, err });
       }
     }
+    const bytes = Buffer.byteLength(text.slice(0, text.lastIndexOf('\n') + 1));
     const file = await open(path, 'a');
-    this.logs.set(jobId, { events, file, tail: Promise.resolve(), listeners: new Set() });
+    try {
+      // A last line cut short (a crash) is dropped: the next event starts a line of its own.
+      if (bytes < Buffer.byteLength(text)) await file.truncate(bytes);
+    } catch (err) {
+      await file.close();
+      throw err;
+    }
+    this.logs.set(jobId, { events, file, bytes, tail: Promise.resolve(), listeners: new Set() });
+  }
+
+  /** Closes the log of a job whose creation failed; nothing if none is loaded. */
+  async unload(jobId: string): Promise<void> {
+    const l = this.logs.get(jobId);
+    if (l === undefined) return;
+    this.logs.delete(jobId);
+    await l.tail;
+    await l.file.close();
   }
 
   private job(jobId: string): JobLog {
@@ -114,7 +139,14 @@ export class FileJobEvents implements JobEvents {
     const line = `${JSON.stringify(JobEvent.toJSON(event))}\n`;
     const final = isFinalEvent(event);
     l.tail = l.tail.then(async () => {
-      await l.file.appendFile(line);
+      try {
+        await l.file.appendFile(line);
+      } catch (err) {
+        // Part of the line may be written (a full disk): take it back, so that the next event starts a line of its own.
+        await l.file.truncate(l.bytes).catch(() => undefined);
+        throw err;
+      }
+      l.bytes += Buffer.byteLength(line);
       if (final) await l.file.sync();
     });
     // A failed append is logged, not thrown: the event was delivered and the job's state lives in job.json.

@@ -12,6 +12,13 @@
  * beginning: its output is only ever renamed into place when complete);
  * cancelling the job aborts them and fails the job.
  *
+ * A storage failure (a full disk, an I/O error) on the way fails nothing: the
+ * job keeps its state, is paused with the reason (shown in `Job.pause`,
+ * announced as a `paused` event) and tried again with backoff, a merge only
+ * once the disk has room for its output (storage-pauses.ts), or at once by
+ * {@link JobRunner.resumeJob}. Nothing of the failed attempt stays: a merge's
+ * output is only renamed into place when complete.
+ *
  * With `--cluster` ({@link JobRunnerDeps.distributed}) searches and merges
  * do not run here: the runner asks for them, and the replicas' tasks carry
  * them out and move the job on (DPA → MERGING → MERGED). Every move is checked against the state the
@@ -20,19 +27,28 @@
  * every few seconds, so that a move missed while NATS was away happens once
  * it is back.
  */
+import { statfs } from 'node:fs/promises';
 import { join } from 'node:path';
-import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
+import { JobState, type Pause } from '../../proto/gen/dppa/v1/jobs.js';
 import { searchJob } from '../dpa/job-search.js';
 import type { RemoteEvaluators } from '../dpa/remote-evaluators.js';
-import { FailedPreconditionError, NatsUnavailableError, UnavailableError } from '../errors.js';
+import {
+  type DiskFullError,
+  FailedPreconditionError,
+  NatsUnavailableError,
+  storageError,
+  type StorageUnavailableError,
+  UnavailableError,
+} from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { mergeCheckpoint, type MergeParty } from '../merge/merger.js';
 import type { Spool } from '../uploads/spool.js';
 import type { JobEvents } from './job-events.js';
 import { partyFactors, partyWeight, searchesFactors } from './job-spec.js';
-import { isTerminal, type JobStore, type StoredJob } from './job-store.js';
+import { isTerminal, stateName, type JobStore, type StoredJob } from './job-store.js';
 import { failJob, StateConflictError, transitionJob } from './job-transitions.js';
+import { DEFAULT_STORAGE_RETRY_MS, StoragePauses } from './storage-pauses.js';
 
 /** Shortest interval between two merge_progress events (the last one is always sent). */
 export const PROGRESS_INTERVAL_MS = 250;
@@ -64,6 +80,8 @@ export interface JobRunnerDeps {
   broker: RemoteEvaluators;
   /** Set with `--cluster`: searches and merges are tasks of the replicas instead of running in this process. @default none */
   distributed?: { search: DistributedStep; merge: DistributedStep };
+  /** First wait before a job paused by a storage failure is tried again; doubles after each failure, up to 5 minutes. @default 5000 */
+  storageRetryMs?: number;
 }
 
 /** Moves jobs along; one instance per server. */
@@ -73,8 +91,15 @@ export class JobRunner {
   private readonly again = new Set<string>();
   private stopped = false;
   private sweep: NodeJS.Timeout | undefined;
+  private readonly pauses: StoragePauses;
 
-  constructor(private readonly deps: JobRunnerDeps) {}
+  constructor(private readonly deps: JobRunnerDeps) {
+    this.pauses = new StoragePauses({
+      initialMs: deps.storageRetryMs ?? DEFAULT_STORAGE_RETRY_MS,
+      retry: (jobId) => this.run(jobId),
+      hasRoom: (jobId) => this.hasRoom(jobId),
+    });
+  }
 
   /**
    * Picks up where the last run stopped: jobs whose uploads are all in, and
@@ -90,8 +115,34 @@ export class JobRunner {
     }
   }
 
-  /** Moves a job on if it can go further (called when a party's upload completes). Never throws: failures fail the job. */
+  /**
+   * Moves a job on if it can go further (called when a party's upload
+   * completes); a job paused by a storage failure waits for its next attempt.
+   * Never throws: failures fail the job, storage failures pause it.
+   */
   poke(jobId: string): void {
+    if (!this.pauses.waiting(jobId)) this.run(jobId);
+  }
+
+  /** The job's pause, while a storage failure holds it up. */
+  pause(jobId: string): Pause | undefined {
+    return this.pauses.get(jobId);
+  }
+
+  /**
+   * ResumeJob: tries a paused job again at once; any other job that has not
+   * ended is looked at again (as at a start).
+   * @returns The job as it is now.
+   * @throws FailedPreconditionError if the job has merged or failed; NotFoundError.
+   */
+  resumeJob(jobId: string): StoredJob {
+    const job = this.deps.store.get(jobId);
+    if (isTerminal(job.state)) throw new FailedPreconditionError(`job ${jobId} is ${stateName(job.state)}: there is nothing to resume`);
+    if (!this.pauses.retryNow(jobId)) this.poke(jobId);
+    return job;
+  }
+
+  private run(jobId: string): void {
     if (this.stopped) return;
     if (this.running.has(jobId)) {
       this.again.add(jobId);
@@ -99,12 +150,17 @@ export class JobRunner {
     }
     const controller = new AbortController();
     const done = this.advance(jobId, controller.signal)
-      .catch((err: unknown) => {
-        // Another replica moved the job first; or NATS is away and the next sweep tries again.
-        if (err instanceof StateConflictError) return;
-        if (err instanceof NatsUnavailableError) this.deps.log.warn('job runner waits for NATS', { jobId, err: err.message });
-        else this.deps.log.error('job runner failed', { jobId, err });
-      })
+      .then(
+        () => this.unpause(jobId),
+        (err: unknown) => {
+          // Another replica moved the job first; or NATS is away and the next sweep tries again.
+          if (err instanceof StateConflictError) return;
+          const storage = storageError(err);
+          if (storage !== undefined && !controller.signal.aborted) this.pauseJob(jobId, storage, err);
+          else if (err instanceof NatsUnavailableError) this.deps.log.warn('job runner waits for NATS', { jobId, err: err.message });
+          else this.deps.log.error('job runner failed', { jobId, err });
+        },
+      )
       .finally(() => {
         this.running.delete(jobId);
         if (this.again.delete(jobId) && !controller.signal.aborted) this.poke(jobId);
@@ -123,6 +179,7 @@ export class JobRunner {
       run.controller.abort(new JobCancelled(reason));
       await run.done;
     }
+    this.unpause(jobId);
     const job = this.deps.store.get(jobId);
     if (isTerminal(job.state)) return job;
     return this.fail(jobId, reason);
@@ -132,9 +189,33 @@ export class JobRunner {
   async stop(): Promise<void> {
     this.stopped = true;
     clearInterval(this.sweep);
+    this.pauses.stop();
     const runs = [...this.running.values()];
     for (const r of runs) r.controller.abort(new UnavailableError('server is shutting down'));
     await Promise.all(runs.map((r) => r.done));
+  }
+
+  /** Records a storage failure: the job waits for its next attempt, with the reason shown and announced. */
+  private pauseJob(jobId: string, storage: DiskFullError | StorageUnavailableError, err: unknown): void {
+    const { log, events, metrics } = this.deps;
+    const pause = this.pauses.add(jobId, storage);
+    metrics.jobsPaused.set(this.pauses.size);
+    log.warn('job paused by a storage failure', { jobId, attempts: pause.attempts, nextAttemptAt: pause.nextAttemptAt, err });
+    events.append(jobId, { paused: pause }).catch((e: unknown) => log.warn('cannot announce a paused job', { jobId, err: e }));
+  }
+
+  private unpause(jobId: string): void {
+    if (this.pauses.get(jobId) === undefined) return;
+    this.pauses.clear(jobId);
+    this.deps.metrics.jobsPaused.set(this.pauses.size);
+  }
+
+  /** Whether the data folder's disk has room for the job's next step: a merge needs about the base's size. */
+  private async hasRoom(jobId: string): Promise<boolean> {
+    const job = this.deps.store.get(jobId);
+    if (job.state !== JobState.JOB_STATE_MERGING) return true;
+    const fs = await statfs(this.deps.store.dir(jobId));
+    return fs.bavail * fs.bsize >= job.baseBytes;
   }
 
   /** True when every party's upload is complete (spools shared by replicas are read again first). */
@@ -171,6 +252,8 @@ export class JobRunner {
         log.info('DPA search stopped', { jobId: job.id, reason: String(signal.reason) });
         return false;
       }
+      // A full or failing disk pauses the job instead (run()); the search resumes from its recorded evaluations.
+      if (storageError(err) !== undefined) throw err;
       log.error('DPA search failed', { jobId: job.id, err });
       await this.fail(job.id, `DPA search failed: ${err instanceof Error ? err.message : String(err)}`);
       return false;
@@ -211,6 +294,8 @@ export class JobRunner {
         log.info('merge aborted', { jobId: job.id, reason: String(signal.reason) });
         return;
       }
+      // A full or failing disk pauses the job instead (run()): it merges again, from the start, later.
+      if (storageError(err) !== undefined) throw err;
       log.error('merge failed', { jobId: job.id, err });
       await this.fail(job.id, `merge failed: ${err instanceof Error ? err.message : String(err)}`);
     }

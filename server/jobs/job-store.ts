@@ -21,6 +21,7 @@ import {
 } from '../../proto/gen/dppa/v1/jobs.js';
 import { NotFoundError } from '../errors.js';
 import { DEFAULT_MAX_ABS_VALUE } from './job-spec.js';
+import { EVENTS_FILE } from './job-events.js';
 import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
 import type { Logger } from '../log.js';
 
@@ -224,13 +225,15 @@ export abstract class MemoryJobStore implements JobStore {
 
 /** The jobs of one data folder (the embedded default). */
 export class LocalJobStore extends MemoryJobStore {
-  /** Per job, the last write; the next one starts after it so renames land in order. */
+  /** Per job, the last write; the next one starts after it. */
   private readonly writes = new Map<string, Promise<void>>();
 
   /**
    * Loads every job of `<dataDir>/jobs`, removing temporary files a crash left.
-   * A job folder whose `job.json` cannot be read is skipped with an error
-   * logged, so that one damaged job does not keep the server down.
+   * A folder holding no more than a job creation that did not finish leaves
+   * (an event log, a temporary `job.json`) is removed with a warning. A job
+   * folder whose `job.json` cannot be read is skipped with an error logged, so
+   * that one damaged job does not keep the server down.
    */
   static async open(dataDir: string, log: Logger): Promise<LocalJobStore> {
     const store = new LocalJobStore(join(dataDir, 'jobs'));
@@ -240,6 +243,12 @@ export class LocalJobStore extends MemoryJobStore {
       const dir = join(store.root, entry.name);
       for (const name of await readdir(dir)) {
         if (name.startsWith(`job.json${TEMP_MARK}`)) await rm(join(dir, name), { force: true });
+      }
+      const names = await readdir(dir);
+      if (!names.includes('job.json') && names.every((n) => n === EVENTS_FILE)) {
+        log.warn('removing the folder of a job whose creation did not finish', { dir });
+        await rm(dir, { recursive: true, force: true });
+        continue;
       }
       const path = join(dir, 'job.json');
       try {
@@ -252,34 +261,38 @@ export class LocalJobStore extends MemoryJobStore {
     return store;
   }
 
-  /** Creates the job's folder and `job.json`. */
+  /** Writes the job's `job.json` (its folder is created if need be); the job exists once that is written. */
   async create(job: StoredJob): Promise<StoredJob> {
     await mkdir(this.dir(job.id), { recursive: true });
+    await this.write(job.id, () => writeFileDurably(join(this.dir(job.id), 'job.json'), encodeJob(job)));
     this.jobs.set(job.id, job);
-    await this.persist(job);
     return job;
   }
 
   /**
-   * Changes a job and writes it out; `updatedAt` is set.
-   * @param change - Mutates the job in place.
-   * @throws NotFoundError if there is no such job; Error from the file system.
+   * Changes a job and writes it out; `updatedAt` is set. The change is made
+   * on a copy, written, and only then shown in memory: a failed write (a full
+   * disk) leaves the job as it was, in memory as on disk.
+   * @param change - Mutates its argument.
+   * @throws NotFoundError if there is no such job; what `change` throws; Error from the file system.
    */
-  async update(id: string, change: (job: StoredJob) => void): Promise<StoredJob> {
+  update(id: string, change: (job: StoredJob) => void): Promise<StoredJob> {
     const job = this.get(id);
-    change(job);
-    job.updatedAt = new Date().toISOString();
-    await this.persist(job);
-    return job;
+    return this.write(id, async () => {
+      const next = decodeJob(encodeJob(job), id);
+      change(next);
+      next.updatedAt = new Date().toISOString();
+      await writeFileDurably(join(this.dir(id), 'job.json'), encodeJob(next));
+      Object.assign(job, next);
+      return job;
+    });
   }
 
-  private persist(job: StoredJob): Promise<void> {
-    // Serialised per job: the JSON is taken when the write starts, so the last write carries the last state.
-    const write = (this.writes.get(job.id) ?? Promise.resolve()).then(() =>
-      writeFileDurably(join(this.dir(job.id), 'job.json'), encodeJob(job)),
-    );
-    this.writes.set(job.id, write.catch(() => undefined));
-    return write;
+  /** Runs `write` after the job's previous write: each change starts from the last one written, and renames land in order. */
+  private write<T>(id: string, write: () => Promise<T>): Promise<T> {
+    const done = (this.writes.get(id) ?? Promise.resolve()).then(write);
+    this.writes.set(id, done.then(() => undefined, () => undefined));
+    return done;
   }
 }
 

@@ -101,7 +101,7 @@ export function inlineRunner(base: Checkpoint): MergeRunner {
 }
 
 /** A message from a merge worker: on success the result is the first `byteLength` bytes of `buffer`, whose ownership moves here. */
-export type WorkerReply = { ok: true; buffer: ArrayBuffer; byteLength: number } | { ok: false; name: string; message: string };
+export type WorkerReply = { ok: true; buffer: ArrayBuffer; byteLength: number } | { ok: false; name: string; message: string; code?: string };
 
 /** A message to a merge worker: a tensor to merge, or output memory to reuse. */
 export type WorkerRequest = { task: TensorTask; numel: number } | { reuse: ArrayBuffer };
@@ -173,10 +173,15 @@ export function workerRunner(basePath: string, workers: number): MergeRunner {
   };
 }
 
-/** Rebuilds a worker's error here, keeping format errors typed: their messages name the spool file and tensor. */
-function revive(reply: { name: string; message: string }): Error {
+/**
+ * Rebuilds a worker's error here, keeping format errors typed (their messages
+ * name the spool file and tensor) and a file system error's code (a full or
+ * failing disk pauses the job instead of failing it).
+ */
+function revive(reply: { name: string; message: string; code?: string }): Error {
   const err = /FormatError$|^ChecksumError$|^TruncatedError$|^UnsupportedDtypeError$/.test(reply.name) ? new FormatError(reply.message) : new Error(reply.message);
   err.name = reply.name;
+  if (reply.code !== undefined) Object.assign(err, { code: reply.code });
   return err;
 }
 

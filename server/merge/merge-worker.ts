@@ -26,7 +26,8 @@ port.on('message', (msg: WorkerRequest) => {
       },
       (err: unknown) => {
         const e = err instanceof Error ? err : new Error(String(err));
-        port.postMessage({ ok: false, name: e.name, message: e.message } satisfies WorkerReply);
+        const code = (e as NodeJS.ErrnoException).code;
+        port.postMessage({ ok: false, name: e.name, message: e.message, ...(typeof code === 'string' ? { code } : {}) } satisfies WorkerReply);
       },
     );
 });

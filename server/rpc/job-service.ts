@@ -33,19 +33,19 @@ export function jobService(deps: JobServiceDeps, rpc: RpcWrapper): JobServiceSer
     createJob: rpc.unary('JobService/CreateJob', async (req, ctx) => {
       auth.requireAdmin(ctx.metadata);
       const { job, tokens } = await createJob(deps, req, ctx.signal);
-      return { job: jobView(job, spool), tokens };
+      return { job: jobView(job, spool, runner.pause(job.id)), tokens };
     }),
     getJob: rpc.unary('JobService/GetJob', async (req, ctx) => {
       auth.requireJobAccess(ctx.metadata, req.jobId);
       const job = store.get(req.jobId);
       await spool.refreshJob(job.id);
-      return jobView(job, spool);
+      return jobView(job, spool, runner.pause(job.id));
     }),
     listJobs: rpc.unary('JobService/ListJobs', async (_req, ctx) => {
       auth.requireAdmin(ctx.metadata);
       const jobs = store.list();
       for (const j of jobs) await spool.refreshJob(j.id);
-      return { jobs: jobs.map((j) => jobView(j, spool)) };
+      return { jobs: jobs.map((j) => jobView(j, spool, runner.pause(j.id))) };
     }),
     watchJob: rpc.serverStream(
       'JobService/WatchJob',
@@ -62,7 +62,12 @@ export function jobService(deps: JobServiceDeps, rpc: RpcWrapper): JobServiceSer
         throw new FailedPreconditionError(`job ${req.jobId} has already merged; there is nothing to cancel`);
       }
       const reason = req.reason.trim() === '' ? 'cancelled by the admin' : req.reason;
-      return jobView(await runner.cancel(req.jobId, reason), spool);
+      return jobView(await runner.cancel(req.jobId, reason), spool, undefined);
+    }),
+    resumeJob: rpc.unary('JobService/ResumeJob', (req, ctx) => {
+      auth.requireAdmin(ctx.metadata);
+      const job = runner.resumeJob(req.jobId);
+      return Promise.resolve(jobView(job, spool, runner.pause(job.id)));
     }),
   };
 }

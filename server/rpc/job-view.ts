@@ -2,13 +2,16 @@
  * A stored job as the API shows it: settings, state, and each party's
  * progress read from its spool.
  */
-import type { Job, PartyStatus } from '../../proto/gen/dppa/v1/jobs.js';
+import type { Job, PartyStatus, Pause } from '../../proto/gen/dppa/v1/jobs.js';
 import { partyFactors, searchesFactors } from '../jobs/job-spec.js';
 import type { StoredJob } from '../jobs/job-store.js';
 import type { Spool } from '../uploads/spool.js';
 
-/** The `Job` message of a stored job. */
-export function jobView(job: StoredJob, spool: Spool): Job {
+/**
+ * The `Job` message of a stored job.
+ * @param pause - Set while a storage failure holds the job up (JobRunner.pause).
+ */
+export function jobView(job: StoredJob, spool: Spool, pause: Pause | undefined): Job {
   return {
     id: job.id,
     label: job.label,
@@ -38,5 +41,6 @@ export function jobView(job: StoredJob, spool: Spool): Job {
     createdAt: job.createdAt,
     updatedAt: job.updatedAt,
     maxAbsValue: job.maxAbsValue,
+    pause,
   };
 }

@@ -1,6 +1,8 @@
 /**
  * The one place where errors become gRPC statuses. Handlers throw; the
- * wrapper in handler.ts calls {@link toStatus}. Unknown errors become
+ * wrapper in handler.ts calls {@link toStatus}. File system failures that
+ * are no fault of the caller's (disk full, I/O errors) become their typed
+ * errors here (`storageError`), logged as warnings. Unknown errors become
  * INTERNAL with a generic message and a reference; their text goes to the
  * log only, never to the caller.
  */
@@ -18,6 +20,7 @@ import {
   OutOfRangeError,
   PermissionDeniedError,
   ResourceExhaustedError,
+  storageError,
   UnauthenticatedError,
   UnavailableError,
   UnimplementedError,
@@ -56,12 +59,23 @@ const CODES: [new (...args: never[]) => Error, Code][] = [
  * @param log - Receives unknown errors with their stack and the reference sent to the caller.
  */
 export function toStatus(err: unknown, log: Logger): RpcStatus {
-  if (err instanceof Error) {
-    for (const [cls, code] of CODES) if (err instanceof cls) return { code, details: err.message };
+  const known = typedStatus(err);
+  if (known !== undefined) return known;
+  const storage = storageError(err);
+  if (storage !== undefined) {
+    // The operator has something to do (free space, check the disk); the caller only learns the code.
+    log.warn('storage failure', { err: err instanceof Error ? err : String(err) });
+    return typedStatus(storage)!;
   }
   const reference = randomBytes(4).toString('hex');
   log.error('internal error', { reference, err: err instanceof Error ? err : String(err) });
   return { code: Code.INTERNAL, details: `internal error (reference ${reference}; the server log has the details)` };
+}
+
+function typedStatus(err: unknown): RpcStatus | undefined {
+  if (!(err instanceof Error)) return undefined;
+  for (const [cls, code] of CODES) if (err instanceof cls) return { code, details: err.message };
+  return undefined;
 }
 
 /** Name of a status code for metric labels, e.g. `INVALID_ARGUMENT`. */

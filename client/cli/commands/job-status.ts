@@ -7,7 +7,8 @@ import { ADMIN_TOKEN_HELP, PARTY_TOKEN_HELP, SERVER_HELP, adminTokenFlags, anyTo
 const help = `Usage: dppa job status --server HOST:PORT --job ID [--json]
 
 Prints a job: its state (collecting, dpa, merging, merged or failed), settings,
-each party's upload and factors, the DPA evaluations, and why it failed.
+each party's upload and factors, the DPA evaluations, why it failed, and why it
+is paused (a storage failure on the server, e.g. a full disk: see dppa job resume).
 
 Required:
   --job ID                 the job's id (from dppa job create or dppa job list)
@@ -20,8 +21,9 @@ ${PARTY_TOKEN_HELP}
 
 Output:
   --json                   one JSON object: { jobId, label, state, basePath, baseFingerprint, rate,
-                           method, dpa, merge, maxAbsValue, parties, evaluations, failureReason, createdAt,
-                           updatedAt }; state is lower-case
+                           method, dpa, merge, maxAbsValue, parties, evaluations, failureReason, pause,
+                           createdAt, updatedAt }; state is lower-case; pause is null or
+                           { reason, attempts, since, nextAttemptAt }
   -h, --help               this text
 
 Exit codes: 0 ok, 2 bad command line, 4 the server refused or failed (unknown job, bad token), 130 interrupted.

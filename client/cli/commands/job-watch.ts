@@ -25,7 +25,8 @@ Output:
   --json                   one JSON object per line: { jobId, seq, time, type, ... } where type is
                            partyJoined, uploadProgress, uploadComplete, stateChanged (from, to:
                            lower-case states), evaluationDone, factorsChosen, mergeProgress,
-                           merged or failed
+                           paused (reason, attempts, since, nextAttemptAt: a storage failure on
+                           the server holds the job up), merged or failed
   -h, --help               this text
 
 Exit codes: 0 the stream ended (the job merged), 2 bad command line, 4 the job failed or the

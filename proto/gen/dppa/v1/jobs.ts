@@ -425,6 +425,29 @@ export interface CancelJobRequest {
   reason: string;
 }
 
+/** Which job to resume. */
+export interface ResumeJobRequest {
+  /** Id of the job (Job.id). */
+  jobId: string;
+}
+
+/**
+ * Why a job cannot go on for now: the server's storage failed (its disk is
+ * full, an I/O error) while the job moved on or merged. Nothing of the failed
+ * step is kept; the job is tried again automatically with backoff (a merge
+ * once the disk has room for its output), or at once by ResumeJob.
+ */
+export interface Pause {
+  /** What failed, e.g. "no space left on the server's disk (ENOSPC); retry once space is freed". */
+  reason: string;
+  /** Attempts that failed in a row. */
+  attempts: number;
+  /** RFC 3339 time of the first of them. */
+  since: string;
+  /** RFC 3339 time of the next automatic attempt; empty while an attempt runs. */
+  nextAttemptAt: string;
+}
+
 /** One scored candidate of a DPA search. */
 export interface Evaluation {
   /** The party whose search this is. */
@@ -506,6 +529,8 @@ export interface Job {
   updatedAt: string;
   /** Largest magnitude an uploaded delta value may have (CreateJobRequest.max_abs_value, resolved). */
   maxAbsValue: number;
+  /** Set while the job is paused by a storage failure (it keeps its state). */
+  pause: Pause | undefined;
 }
 
 /** A party connected to the job for the first time. */
@@ -619,7 +644,11 @@ export interface JobEvent {
     | Merged
     | undefined;
   /** The job failed. */
-  failed?: Failed | undefined;
+  failed?:
+    | Failed
+    | undefined;
+  /** A storage failure paused the job; it is tried again later. */
+  paused?: Pause | undefined;
 }
 
 function createBaseFixedFactors(): FixedFactors {
@@ -3077,6 +3106,200 @@ export const CancelJobRequest: MessageFns<CancelJobRequest> = {
   },
 };
 
+function createBaseResumeJobRequest(): ResumeJobRequest {
+  return { jobId: "" };
+}
+
+export const ResumeJobRequest: MessageFns<ResumeJobRequest> = {
+  encode(message: ResumeJobRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.jobId !== "") {
+      writer.uint32(10).string(message.jobId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ResumeJobRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseResumeJobRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.jobId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ResumeJobRequest {
+    return {
+      jobId: isSet(object.jobId)
+        ? globalThis.String(object.jobId)
+        : isSet(object.job_id)
+        ? globalThis.String(object.job_id)
+        : "",
+    };
+  },
+
+  toJSON(message: ResumeJobRequest): unknown {
+    const obj: any = {};
+    if (message.jobId !== "") {
+      obj.jobId = message.jobId;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ResumeJobRequest>): ResumeJobRequest {
+    return ResumeJobRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ResumeJobRequest>): ResumeJobRequest {
+    const message = createBaseResumeJobRequest();
+    message.jobId = object.jobId ?? "";
+    return message;
+  },
+};
+
+function createBasePause(): Pause {
+  return { reason: "", attempts: 0, since: "", nextAttemptAt: "" };
+}
+
+export const Pause: MessageFns<Pause> = {
+  encode(message: Pause, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.reason !== "") {
+      writer.uint32(10).string(message.reason);
+    }
+    if (message.attempts !== 0) {
+      writer.uint32(16).uint32(message.attempts);
+    }
+    if (message.since !== "") {
+      writer.uint32(26).string(message.since);
+    }
+    if (message.nextAttemptAt !== "") {
+      writer.uint32(34).string(message.nextAttemptAt);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Pause {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePause();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.attempts = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.since = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.nextAttemptAt = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Pause {
+    return {
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+      attempts: isSet(object.attempts) ? globalThis.Number(object.attempts) : 0,
+      since: isSet(object.since) ? globalThis.String(object.since) : "",
+      nextAttemptAt: isSet(object.nextAttemptAt)
+        ? globalThis.String(object.nextAttemptAt)
+        : isSet(object.next_attempt_at)
+        ? globalThis.String(object.next_attempt_at)
+        : "",
+    };
+  },
+
+  toJSON(message: Pause): unknown {
+    const obj: any = {};
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    if (message.attempts !== 0) {
+      obj.attempts = Math.round(message.attempts);
+    }
+    if (message.since !== "") {
+      obj.since = message.since;
+    }
+    if (message.nextAttemptAt !== "") {
+      obj.nextAttemptAt = message.nextAttemptAt;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<Pause>): Pause {
+    return Pause.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<Pause>): Pause {
+    const message = createBasePause();
+    message.reason = object.reason ?? "";
+    message.attempts = object.attempts ?? 0;
+    message.since = object.since ?? "";
+    message.nextAttemptAt = object.nextAttemptAt ?? "";
+    return message;
+  },
+};
+
 function createBaseEvaluation(): Evaluation {
   return { party: "", seq: 0, denseReference: false, factors: [], scores: {}, domainRatio: 0 };
 }
@@ -3594,6 +3817,7 @@ function createBaseJob(): Job {
     createdAt: "",
     updatedAt: "",
     maxAbsValue: 0,
+    pause: undefined,
   };
 }
 
@@ -3643,6 +3867,9 @@ export const Job: MessageFns<Job> = {
     }
     if (message.maxAbsValue !== 0) {
       writer.uint32(121).double(message.maxAbsValue);
+    }
+    if (message.pause !== undefined) {
+      Pause.encode(message.pause, writer.uint32(130).fork()).join();
     }
     return writer;
   },
@@ -3780,6 +4007,14 @@ export const Job: MessageFns<Job> = {
             message.maxAbsValue = reader.double();
             continue;
           }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.pause = Pause.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3835,6 +4070,7 @@ export const Job: MessageFns<Job> = {
         : isSet(object.max_abs_value)
         ? globalThis.Number(object.max_abs_value)
         : 0,
+      pause: isSet(object.pause) ? Pause.fromJSON(object.pause) : undefined,
     };
   },
 
@@ -3885,6 +4121,9 @@ export const Job: MessageFns<Job> = {
     if (message.maxAbsValue !== 0) {
       obj.maxAbsValue = floatToJson(message.maxAbsValue);
     }
+    if (message.pause !== undefined) {
+      obj.pause = Pause.toJSON(message.pause);
+    }
     return obj;
   },
 
@@ -3910,6 +4149,7 @@ export const Job: MessageFns<Job> = {
     message.createdAt = object.createdAt ?? "";
     message.updatedAt = object.updatedAt ?? "";
     message.maxAbsValue = object.maxAbsValue ?? 0;
+    message.pause = (object.pause !== undefined && object.pause !== null) ? Pause.fromPartial(object.pause) : undefined;
     return message;
   },
 };
@@ -4714,6 +4954,7 @@ function createBaseJobEvent(): JobEvent {
     mergeProgress: undefined,
     merged: undefined,
     failed: undefined,
+    paused: undefined,
   };
 }
 
@@ -4757,6 +4998,9 @@ export const JobEvent: MessageFns<JobEvent> = {
     }
     if (message.failed !== undefined) {
       Failed.encode(message.failed, writer.uint32(146).fork()).join();
+    }
+    if (message.paused !== undefined) {
+      Pause.encode(message.paused, writer.uint32(154).fork()).join();
     }
     return writer;
   },
@@ -4870,6 +5114,14 @@ export const JobEvent: MessageFns<JobEvent> = {
             message.failed = Failed.decode(reader, reader.uint32());
             continue;
           }
+          case 19: {
+            if (tag !== 154) {
+              break;
+            }
+
+            message.paused = Pause.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4928,6 +5180,7 @@ export const JobEvent: MessageFns<JobEvent> = {
         : undefined,
       merged: isSet(object.merged) ? Merged.fromJSON(object.merged) : undefined,
       failed: isSet(object.failed) ? Failed.fromJSON(object.failed) : undefined,
+      paused: isSet(object.paused) ? Pause.fromJSON(object.paused) : undefined,
     };
   },
 
@@ -4969,6 +5222,9 @@ export const JobEvent: MessageFns<JobEvent> = {
     if (message.failed !== undefined) {
       obj.failed = Failed.toJSON(message.failed);
     }
+    if (message.paused !== undefined) {
+      obj.paused = Pause.toJSON(message.paused);
+    }
     return obj;
   },
 
@@ -5006,6 +5262,9 @@ export const JobEvent: MessageFns<JobEvent> = {
       : undefined;
     message.failed = (object.failed !== undefined && object.failed !== null)
       ? Failed.fromPartial(object.failed)
+      : undefined;
+    message.paused = (object.paused !== undefined && object.paused !== null)
+      ? Pause.fromPartial(object.paused)
       : undefined;
     return message;
   },
@@ -5070,6 +5329,20 @@ export const JobServiceService = {
     responseSerialize: (value: Job): Buffer => Buffer.from(Job.encode(value).finish()),
     responseDeserialize: (value: Buffer): Job => Job.decode(value),
   },
+  /**
+   * Tries a job paused by a storage failure (`Job.pause`) again at once,
+   * instead of at its next automatic attempt; a job that is not paused and
+   * has not ended is looked at again. FAILED_PRECONDITION once it has ended.
+   */
+  resumeJob: {
+    path: "/dppa.v1.JobService/ResumeJob" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ResumeJobRequest): Buffer => Buffer.from(ResumeJobRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ResumeJobRequest => ResumeJobRequest.decode(value),
+    responseSerialize: (value: Job): Buffer => Buffer.from(Job.encode(value).finish()),
+    responseDeserialize: (value: Buffer): Job => Job.decode(value),
+  },
 } as const;
 
 export interface JobServiceServer extends UntypedServiceImplementation {
@@ -5086,6 +5359,12 @@ export interface JobServiceServer extends UntypedServiceImplementation {
   watchJob: handleServerStreamingCall<WatchJobRequest, JobEvent>;
   /** Fails a job that has not merged yet, with the reason given. */
   cancelJob: handleUnaryCall<CancelJobRequest, Job>;
+  /**
+   * Tries a job paused by a storage failure (`Job.pause`) again at once,
+   * instead of at its next automatic attempt; a job that is not paused and
+   * has not ended is looked at again. FAILED_PRECONDITION once it has ended.
+   */
+  resumeJob: handleUnaryCall<ResumeJobRequest, Job>;
 }
 
 export interface JobServiceClient extends Client {
@@ -5153,6 +5432,23 @@ export interface JobServiceClient extends Client {
   ): ClientUnaryCall;
   cancelJob(
     request: CancelJobRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: Job) => void,
+  ): ClientUnaryCall;
+  /**
+   * Tries a job paused by a storage failure (`Job.pause`) again at once,
+   * instead of at its next automatic attempt; a job that is not paused and
+   * has not ended is looked at again. FAILED_PRECONDITION once it has ended.
+   */
+  resumeJob(request: ResumeJobRequest, callback: (error: ServiceError | null, response: Job) => void): ClientUnaryCall;
+  resumeJob(
+    request: ResumeJobRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: Job) => void,
+  ): ClientUnaryCall;
+  resumeJob(
+    request: ResumeJobRequest,
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: Job) => void,
