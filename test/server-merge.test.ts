@@ -1,12 +1,12 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { type ClientDuplexStream, credentials, loadPackageDefinition, type ServiceClientConstructor, status } from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
-import { JobState, type CreateJobResponse, type Job } from '../proto/gen/dppa/v1/jobs.js';
+import { JobState, type CreateJobResponse, type Job, type PartyStatus } from '../proto/gen/dppa/v1/jobs.js';
 import type { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import { HealthCheckResponse_ServingStatus } from '../proto/gen/grpc/health/v1/health.js';
 import { Checkpoint } from '../proto/safetensors/index.js';
@@ -50,6 +50,19 @@ function create(token: string, parties = ['math', 'law'], extra: object = {}): P
     merge: two ? { weights: WEIGHTS, signElection: false, partiesMayDownload: true } : undefined,
     ...extra,
   }, token);
+}
+
+function esc(s: string): string {
+  return s.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&');
+}
+
+/** The job once `ready` holds for it (polled: no deadline, the test runner's timeout is the limit). */
+async function waitFor(jobId: string, ready: (j: Job) => boolean): Promise<Job> {
+  for (;;) {
+    const j = await call(h.jobs, 'getJob', { jobId }, ADMIN);
+    if (ready(j)) return j;
+    await new Promise((r) => setTimeout(r, 20));
+  }
 }
 
 /** base + Σ_i c_i f_ip Δ_ip in fp32, parties in job order, rounded to bf16: computed here from the decoded records. */
@@ -147,12 +160,13 @@ describe('aggregation server: job, uploads, merge, download', () => {
     assert.match(await (await fetch(`http://127.0.0.1:${h.server.metricsPort}/metrics`)).text(), /^dppa_spool_bytes 0$/m);
   });
 
-  it('takes a chunk whose position stream is malformed under a valid CRC, and fails the merge naming party and tensor', async () => {
-    const r = await create(ADMIN, ['math']);
+  it('sends a party whose spooled tensor is unusable at merge back to collecting, keeps the other, and merges the same bytes once it sent it again', async () => {
+    const r = await create(ADMIN);
+    const id = r.job!.id;
+    // math: a chunk whose position stream is malformed under a valid CRC (only decoding every position tells).
     const records = structuredClone(deltas.get('math')!);
     const at = records.findIndex((rec) => rec.chunk !== undefined && rec.chunk.positions.length > 0);
     const chunk = records[at]!.chunk!;
-    // Bytes after the last gap: only decoding every position tells, which the receiver does not do.
     chunk.positions = Buffer.concat([chunk.positions, Buffer.of(0xff)]);
     chunk.crc32c = chunkChecksum(chunk);
     const end = records.findIndex((rec, i) => i > at && rec.tensorEnd !== undefined);
@@ -161,12 +175,53 @@ describe('aggregation server: job, uploads, merge, download', () => {
     let list = 0;
     for (let i = begin + 1; i < end; i++) list = foldChunkCrc(list, records[i]!.chunk!.crc32c);
     records[end]!.tensorEnd!.crc32c = list;
-    const state = await upload(h.uploads, r.tokens.math!, uploadMessages(r.job!.id, 'math', records));
-    assert.equal(state.complete, true);
-    const events = await watchAll(h.jobs, ADMIN, r.job!.id);
-    const failed = events.at(-1)?.failed;
-    assert.ok(failed !== undefined, 'the job failed');
-    assert.match(failed.reason, new RegExp(`merge failed: .*math.*${chunk.tensor.replaceAll('.', '\\.')}.*data after`));
+    // law: sound when uploaded, then one of its spool files is damaged on disk (a value byte: the chunk CRC no longer matches).
+    const lawState = await upload(h.uploads, r.tokens.law!, uploadMessages(id, 'law', deltas.get('law')!));
+    assert.equal(lawState.complete, true);
+    const lawSpool = join(dir, 'data', 'jobs', id, 'uploads', 'law');
+    const damagedTensor = 'model.layers.1.mlp.down_proj.weight';
+    const damaged = join(lawSpool, `${deltas.get('law')![0]!.header!.tensors.findIndex((t) => t.name === damagedTensor)}.dppa`);
+    const bytes = await readFile(damaged);
+    const middle = Math.floor(bytes.length * 0.6);
+    bytes[middle] = bytes[middle]! ^ 0x55;
+    await writeFile(damaged, bytes);
+    assert.equal((await upload(h.uploads, r.tokens.math!, uploadMessages(id, 'math', records))).complete, true);
+
+    // Each merge stops at the first unusable tensor: one party goes back to collecting, then the other.
+    const stopped = new Map<string, string>();
+    for (let round = 1; round <= 2; round++) {
+      // The job goes back to COLLECTING first, then the tensor is dropped.
+      const isBack = (p: PartyStatus): boolean => p.stoppedReason !== '' && !stopped.has(p.name) && !p.uploadComplete;
+      const back = await waitFor(id, (j) => j.state === JobState.JOB_STATE_COLLECTING && j.parties.some(isBack));
+      const party = back.parties.find(isBack)!;
+      const other = back.parties.find((p) => p.name !== party.name)!;
+      const tensor = party.name === 'math' ? chunk.tensor : damagedTensor;
+      const spoolFile = `${join(dir, 'data', 'jobs', id, 'uploads', party.name)}/`;
+      assert.match(party.stoppedReason, new RegExp(`^tensor "${esc(tensor)}" of its upload cannot be used \\(${esc(spoolFile)}\\d+\\.dppa, tensor "${esc(tensor)}": .+\\); it was discarded: push again to send it$`));
+      assert.match(party.stoppedReason, party.name === 'math' ? /data after/ : /CRC-32C|checksum/i);
+      assert.equal(party.tensorsReceived, party.tensorsExpected - 1, 'only the unusable tensor is discarded');
+      assert.equal(other.uploadComplete, true, `${other.name} keeps its upload`);
+      const state = await call(h.uploads, 'getUploadState', { jobId: id, party: party.name }, r.tokens[party.name]!);
+      assert.ok(!state.tensorsReceived.includes(tensor));
+      stopped.set(party.name, party.stoppedReason);
+      // The party pushes again: the server keeps what it holds and takes the discarded tensor.
+      assert.equal((await upload(h.uploads, r.tokens[party.name]!, uploadMessages(id, party.name, deltas.get(party.name)!))).complete, true);
+    }
+    assert.deepEqual([...stopped.keys()].sort(), ['law', 'math']);
+    const events = await watchAll(h.jobs, ADMIN, id);
+    assert.ok(events.at(-1)?.merged !== undefined, 'the job merged');
+    const stops = events.filter((e) => e.partyStopped !== undefined).map((e) => e.partyStopped!);
+    assert.deepEqual(stops.map((e) => [e.party, e.reason, e.discardedTensors]).sort(), [
+      ['law', stopped.get('law'), [damagedTensor]],
+      ['math', stopped.get('math'), [chunk.tensor]],
+    ]);
+    const moves = events.filter((e) => e.stateChanged !== undefined).map((e) => `${e.stateChanged!.from}>${e.stateChanged!.to}`);
+    assert.deepEqual(moves, ['1>3', '3>1', '1>3', '3>1', '1>3', '3>4']);
+    const merged = await call(h.jobs, 'getJob', { jobId: id }, ADMIN);
+    assert.deepEqual(merged.parties.map((p) => p.stoppedReason), ['', ''], 'cleared once every upload is in');
+    // The same inputs as the undisturbed job above: the same bytes.
+    const files = async (jobId: string): Promise<string[]> => (await call(h.downloads, 'listFiles', { jobId }, ADMIN)).files.map((f) => `${f.path} ${f.sha256}`);
+    assert.deepEqual(await files(id), await files(job.id));
   });
 
   it('lists files and downloads them, resuming from an offset, with matching CRC-32C and SHA-256', async () => {
@@ -254,7 +309,7 @@ describe('aggregation server: job, uploads, merge, download', () => {
     assert.ok(samples.get('dppa_upload_bytes_total')! > 0);
     assert.ok(samples.get('dppa_merge_tensors_total')! > 0);
     assert.ok(samples.get('dppa_merge_bytes_total')! > 0);
-    assert.equal(samples.get('dppa_jobs{state="MERGED"}'), 1);
+    assert.equal(samples.get('dppa_jobs{state="MERGED"}'), 2);
     assert.equal(samples.get('dppa_uploads_active'), 0);
     assert.ok(samples.get('dppa_rpc_requests_total{method="UploadService/Upload",code="OK"}')! >= 2);
     assert.ok(samples.get('dppa_rpc_requests_total{method="JobService/CreateJob",code="PERMISSION_DENIED"}')! >= 1);

@@ -61,7 +61,7 @@ export class OnnxCandidates {
    * geometric mean of the answer tokens' probabilities), so that it is
    * positive and the Domain-Ratio's quotients mean "how much of the dense
    * model's likelihood is kept".
-   * @throws OnnxEvaluatorError subclasses, FormatError for a damaged spool file, the signal's reason.
+   * @throws OnnxEvaluatorError subclasses, SpooledTensorError for a damaged spool file, the signal's reason.
    */
   async score(party: string, spool: PartySpool, candidate: Candidate, signal: AbortSignal): Promise<Scores> {
     const tasks = await this.partyTasks(party);
@@ -73,7 +73,7 @@ export class OnnxCandidates {
       weights = (name) => finetuned.readF32(name, { signal });
       close = () => finetuned.close();
     } else {
-      weights = this.amplified(spool, candidate.factors, signal);
+      weights = this.amplified(party, spool, candidate.factors, signal);
     }
     try {
       const scores = await this.evaluator.evaluate(weights, tasks, metric, signal);
@@ -100,7 +100,7 @@ export class OnnxCandidates {
   }
 
   /** The candidate's tensors: base + amplified delta where the party sent the tensor, the base elsewhere. */
-  private amplified(spool: PartySpool, factors: readonly number[], signal: AbortSignal): WeightSource {
+  private amplified(party: string, spool: PartySpool, factors: readonly number[], signal: AbortSignal): WeightSource {
     const files = new Map([...spool.held.values()].map((t) => [t.name, t.file]));
     return async (name) => {
       const info = this.base.info(name);
@@ -108,7 +108,7 @@ export class OnnxCandidates {
       // A new array per tensor: the evaluator holds every weight of the candidate until its forward passes.
       const values = new Float32Array(info.numel);
       if (file === undefined) return this.base.readF32(name, { into: values, signal });
-      const sum = await accumulateTensor(this.base, { name, contributions: [{ file, weight: 1, factors }], outsideByMax: this.outsideByMax }, values, signal);
+      const sum = await accumulateTensor(this.base, { name, contributions: [{ party, file, weight: 1, factors }], outsideByMax: this.outsideByMax }, values, signal);
       return info.dtype === 'F32' ? sum : decodeToF32(encodeFromF32(sum, info.dtype), info.dtype, sum);
     };
   }

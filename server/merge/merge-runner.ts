@@ -7,7 +7,7 @@
 import { Worker } from 'node:worker_threads';
 import { FormatError } from '../../proto/errors.js';
 import type { Checkpoint } from '../../proto/safetensors/index.js';
-import { mergeTensor, type TensorTask } from './tensor-merge.js';
+import { mergeTensor, SpooledTensorError, type TensorTask } from './tensor-merge.js';
 
 /** A merged tensor a runner lends out: call `release()` once it is written, so that its memory takes the next result. */
 export interface MergedTensor {
@@ -101,7 +101,21 @@ export function inlineRunner(base: Checkpoint): MergeRunner {
 }
 
 /** A message from a merge worker: on success the result is the first `byteLength` bytes of `buffer`, whose ownership moves here. */
-export type WorkerReply = { ok: true; buffer: ArrayBuffer; byteLength: number } | { ok: false; name: string; message: string };
+export type WorkerReply = { ok: true; buffer: ArrayBuffer; byteLength: number } | ({ ok: false } & WorkerFailure);
+
+/** A worker's error as posted: its name and message, and what a {@link SpooledTensorError} carries. */
+export interface WorkerFailure {
+  name: string;
+  message: string;
+  spooled?: { party: string; reason: string; file: string; tensor: string };
+}
+
+/** A worker's error as it is posted. */
+export function workerFailure(err: unknown): WorkerFailure {
+  const e = err instanceof Error ? err : new Error(String(err));
+  if (e instanceof SpooledTensorError) return { name: e.name, message: e.message, spooled: { party: e.party, reason: e.reason, file: e.spoolFile, tensor: e.tensorName } };
+  return { name: e.name, message: e.message };
+}
 
 /** A message to a merge worker: a tensor to merge, or output memory to reuse. */
 export type WorkerRequest = { task: TensorTask; numel: number } | { reuse: ArrayBuffer };
@@ -174,7 +188,9 @@ export function workerRunner(basePath: string, workers: number): MergeRunner {
 }
 
 /** Rebuilds a worker's error here, keeping format errors typed: their messages name the spool file and tensor. */
-function revive(reply: { name: string; message: string }): Error {
+function revive(reply: WorkerFailure): Error {
+  const s = reply.spooled;
+  if (s !== undefined) return new SpooledTensorError(s.party, s.reason, s.file, s.tensor);
   const err = /FormatError$|^ChecksumError$|^TruncatedError$|^UnsupportedDtypeError$/.test(reply.name) ? new FormatError(reply.message) : new Error(reply.message);
   err.name = reply.name;
   return err;

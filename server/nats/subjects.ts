@@ -44,6 +44,7 @@ export const EVENT_KINDS = {
   mergeProgress: 'merge_progress',
   merged: 'merged',
   failed: 'failed',
+  partyStopped: 'party_stopped',
 } as const satisfies Record<keyof Omit<JobEvent, 'jobId' | 'seq' | 'time'>, string>;
 
 /** Last token of an event subject. */

@@ -24,8 +24,8 @@ ${PARTY_TOKEN_HELP}
 Output:
   --json                   one JSON object per line: { jobId, seq, time, type, ... } where type is
                            partyJoined, uploadProgress, uploadComplete, stateChanged (from, to:
-                           lower-case states), evaluationDone, factorsChosen, mergeProgress,
-                           merged or failed
+                           lower-case states), evaluationDone, factorsChosen, partyStopped
+                           (party, reason, discardedTensors), mergeProgress, merged or failed
   -h, --help               this text
 
 Exit codes: 0 the stream ended (the job merged), 2 bad command line, 4 the job failed or the
