@@ -9,6 +9,7 @@
  * read one tensor at a time with awaits in between, so the event loop is only
  * held by ONNX Runtime's forward passes.
  */
+import { FormatError } from '../../proto/errors.js';
 import { decodeToF32, encodeFromF32 } from '../../proto/safetensors/dtype.js';
 import { Checkpoint } from '../../proto/safetensors/index.js';
 import type { OnnxEvaluator as OnnxSettings, SearchConfig } from '../../proto/gen/dppa/v1/jobs.js';
@@ -35,7 +36,7 @@ export class OnnxCandidates {
    * Opens the job's base checkpoint and its ONNX model.
    * @throws OnnxEvaluatorError subclasses for a model, tokenizer or provider problem; Error from the file system.
    */
-  static async open(job: StoredJob, search: SearchConfig): Promise<OnnxCandidates> {
+  static async open(job: Pick<StoredJob, 'basePath' | 'dpa'>, search: SearchConfig): Promise<OnnxCandidates> {
     const settings = search.onnx!;
     // Loaded here rather than at the top: ONNX Runtime is a native library only these jobs need.
     const { OnnxEvaluator } = await import('./onnx/index.js');
@@ -52,6 +53,44 @@ export class OnnxCandidates {
     } catch (err) {
       await base.close();
       throw err;
+    }
+  }
+
+  /**
+   * Checks at job creation everything the search will read for these parties:
+   * the model against the base (and the name map), the tokenizer, the provider,
+   * every task file (each example tokenized and fitted to the model), and each
+   * party's fine-tuned reference (every weight the model takes, in the base's
+   * shape). A job whose evaluator cannot run is refused rather than failing
+   * once every party has uploaded.
+   * @throws OnnxEvaluatorError subclasses naming the file (and line or tensor); FormatError naming a
+   *   fine-tuned checkpoint that does not fit.
+   */
+  static async check(job: Pick<StoredJob, 'basePath' | 'dpa'>, search: SearchConfig, parties: readonly string[]): Promise<void> {
+    const c = await OnnxCandidates.open(job, search);
+    try {
+      for (const party of parties) {
+        await c.partyTasks(party);
+        await c.checkFinetuned(party);
+      }
+    } finally {
+      await c.close();
+    }
+  }
+
+  /** @throws FormatError if the party's fine-tuned checkpoint lacks a weight the model takes, or holds it in another shape. */
+  private async checkFinetuned(party: string): Promise<void> {
+    const path = this.settings.partyFinetuned[party]!;
+    const ft = await Checkpoint.open(path);
+    try {
+      for (const name of this.evaluator.weightNames) {
+        const want = this.base.info(name).shape;
+        if (!ft.has(name)) throw new FormatError('the fine-tuned reference lacks a weight the ONNX model takes', { file: path, tensor: name });
+        const got = ft.info(name).shape;
+        if (got.join() !== want.join()) throw new FormatError(`the fine-tuned reference has shape [${got.join(', ')}], the base [${want.join(', ')}]`, { file: path, tensor: name });
+      }
+    } finally {
+      await ft.close();
     }
   }
 
