@@ -204,7 +204,7 @@ export class DppaServer {
     grpc.addService(JobServiceService, jobService({ store, events, spool, runner, auth, maxUploadBytes: o.maxUploadBytes, clustered: o.cluster }, rpc));
     grpc.addService(UploadServiceKeepingRecords, uploadService({ store, events, spool, runner, metrics, auth }, rpc));
     grpc.addService(DownloadServiceService, downloadService({ store, auth }, rpc));
-    grpc.addService(EvaluationServiceService, evaluationService({ store, broker, auth }, rpc));
+    grpc.addService(EvaluationServiceService, evaluationService({ store, broker, auth, runner }, rpc));
     grpc.addService(HealthService, healthService(health, rpc));
     addReflection(grpc);
 

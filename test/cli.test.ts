@@ -1,9 +1,10 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { cp, mkdtemp, open, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { Checkpoint } from '../proto/safetensors/index.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import { CHILD_LIMITS } from './fixtures/child-limits.js';
 
@@ -87,6 +88,37 @@ describe('dppa CLI', () => {
     const applied = await dppa('apply', '--base', base, '--delta', out, '--out', join(dir, 'applied'), '--factors', '1.2,1', '--json');
     assert.equal(applied.code, 0, applied.stderr);
     assert.equal((JSON.parse(applied.stdout) as { tensorsChanged: number }).tensorsChanged, 2 + TINY.layers * 9 + 1);
+  });
+
+  it('exits 3 naming the file, tensor and position of a non-finite weight, whatever the method', async () => {
+    const fam = await writeLlamaFamily(join(dir, 'nonfinite'), { seed: 5 });
+    const tensor = 'model.layers.1.self_attn.q_proj.weight';
+    // A copy of `from` whose tensor holds the bf16 `bits` at flat position 5.
+    const poisoned = async (from: string, name: string, bits: number): Promise<string> => {
+      const to = join(dir, 'nonfinite', name);
+      await cp(from, to, { recursive: true });
+      const ck = await Checkpoint.open(to);
+      const { file, dataOffset } = ck.info(tensor);
+      await ck.close();
+      const fh = await open(file, 'r+');
+      const bytes = Buffer.alloc(2);
+      bytes.writeUInt16LE(bits);
+      await fh.write(bytes, 0, 2, dataOffset + 10);
+      await fh.close();
+      return to;
+    };
+    const nanFt = await poisoned(fam.finetuned[0]!, 'ft-nan', 0x7fc0);
+    const infBase = await poisoned(fam.base, 'base-inf', 0x7f80);
+    for (const method of ['dp', 'magnitude', 'owl', 'dare']) {
+      const out = join(dir, `nan-${method}.dppa`);
+      const r = await dppa('prune', '--base', fam.base, '--finetuned', nanFt, '--rate', '0.7', '--method', method, '--out', out);
+      assert.equal(r.code, 3, `${method}: ${r.stderr}`);
+      assert.equal(r.stderr.trim(), `dppa prune: ${join(nanFt, 'model.safetensors')}, tensor "${tensor}": flat position 5: the fine-tuned model holds a non-finite weight (NaN)`);
+      await assert.rejects(readFile(out), { code: 'ENOENT' }, 'no output is left');
+    }
+    const r = await dppa('prune', '--base', infBase, '--finetuned', fam.finetuned[0]!, '--rate', '0.7', '--out', join(dir, 'inf.dppa'));
+    assert.equal(r.code, 3, r.stderr);
+    assert.equal(r.stderr.trim(), `dppa prune: ${join(infBase, 'model.safetensors')}, tensor "${tensor}": flat position 5: the base holds a non-finite weight (Infinity)`);
   });
 
   it('exits 3 naming the file for a damaged or missing delta', async () => {

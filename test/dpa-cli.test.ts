@@ -7,7 +7,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -127,15 +127,38 @@ describe('dppa push --eval-cmd and dppa evaluate', () => {
     ]);
   });
 
-  it('an evaluation command whose last line is not JSON scores fails the job, and the CLI exits 5', async () => {
-    const created = await dppa(['job', 'create', '--server', h.address, '--base', base, '--parties', 'solo', '--rate', '0.8', '--dpa', 'search', '--json'], { DPPA_ADMIN_TOKEN: ADMIN });
+  it('an evaluation command that keeps failing is retried, exits 5 quoting its last stderr lines, and stops only its party; dppa evaluate resumes it', async () => {
+    const created = await dppa(['job', 'create', '--server', h.address, '--base', base, '--parties', 'solo', '--rate', '0.8', '--dpa', 'search:upper=2', '--json'], { DPPA_ADMIN_TOKEN: ADMIN });
     const { jobId, tokens } = JSON.parse(created.stdout) as { jobId: string; tokens: Record<string, string> };
-    const run = await dppa(['push', '--server', h.address, '--job', jobId, '--party', 'solo', '--token', tokens.solo!, '--delta', lawDelta(), '--base', base, '--finetuned', fts[1]!, '--eval-cmd', 'echo "no scores here for" {model}', '--work-dir', join(dir, 'work-solo')]);
+    const common = ['--server', h.address, '--job', jobId, '--party', 'solo', '--token', tokens.solo!];
+    const runs = join(dir, 'solo-runs.txt');
+    const failing = `: {model}; echo run >> ${runs}; for i in 1 2 3 4 5 6 7; do echo "trace line $i" >&2; done; exit 3`;
+    const run = await dppa(['push', ...common, '--delta', lawDelta(), '--base', base, '--finetuned', fts[1]!, '--eval-cmd', failing, '--eval-retries', '1', '--work-dir', join(dir, 'work-solo')]);
     assert.equal(run.code, 5, run.stderr);
-    assert.match(run.stderr, /evaluating the dense fine-tuned model failed: the last line of the evaluation command's output must be a JSON object \{"task": score, \.\.\.\}, but it is "no scores here for \S*ft2"/);
+    const why = `evaluating the dense fine-tuned model failed: the evaluation command exited with code 3: ${failing.replace('{model}', `'${fts[1]!}'`)}; its last stderr lines: "trace line 3" "trace line 4" "trace line 5" "trace line 6" "trace line 7" (attempt 2 of 2)`;
+    assert.ok(run.stderr.includes(`dppa push: ${why} (this party's search stopped`), run.stderr);
+    assert.match(run.stderr, /; attempt 2 of 2$/m, 'the retry is announced');
+    assert.equal((await readFile(runs, 'utf8')).split('\n').filter(Boolean).length, 2, 'run once, then once more (--eval-retries 1)');
     const status = await dppa(['job', 'status', '--server', h.address, '--job', jobId, '--json'], { DPPA_ADMIN_TOKEN: ADMIN });
-    const job = JSON.parse(status.stdout) as { state: string; failureReason: string };
-    assert.equal(job.state, 'failed');
-    assert.match(job.failureReason, /party solo could not evaluate its candidate: evaluating the dense fine-tuned model failed: the last line/);
+    const job = JSON.parse(status.stdout) as { state: string; failureReason: string | null; parties: { stoppedReason: string | null }[] };
+    assert.equal(job.state, 'dpa', 'the job is kept');
+    assert.equal(job.failureReason, null);
+    const reason = `its evaluation failed: ${why}; its search stopped: run dppa evaluate again to resume it`;
+    assert.equal(job.parties[0]!.stoppedReason, reason);
+    const text = await dppa(['job', 'status', '--server', h.address, '--job', jobId], { DPPA_ADMIN_TOKEN: ADMIN });
+    assert.ok(text.stdout.includes(`\n    solo  30/30 tensors`) && text.stdout.includes(`complete\n          stopped: ${reason}`), text.stdout);
+
+    // The party fixes its command and rejoins: the search runs to its end and the job merges.
+    const again = await dppa(['evaluate', ...common, '--base', base, '--finetuned', fts[1]!, '--delta', lawDelta(), '--eval-cmd', EVAL_CMD, '--work-dir', join(dir, 'work-solo'), '--json'], harnessEnv('law'));
+    assert.equal(again.code, 0, again.stderr);
+    const admin = new DppaClient({ address: h.address, token: ADMIN });
+    try {
+      for await (const e of admin.watchJob(jobId)) if (e.failed !== undefined) assert.fail(e.failed.reason);
+      const done = await admin.getJob(jobId);
+      assert.equal(done.parties[0]!.stoppedReason, '');
+      await assertMerged(base, join(dir, 'data', 'jobs', jobId, 'merged'), [{ delta: lawDelta(), weight: 1, factors: done.parties[0]!.factors }]);
+    } finally {
+      admin.close();
+    }
   });
 });

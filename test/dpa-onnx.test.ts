@@ -75,7 +75,7 @@ function onnxSearch(extra: object = {}): object {
 }
 
 describe('DPA search with the ONNX evaluator', () => {
-  it('checks the evaluator settings and files at creation, naming the field', async () => {
+  it('checks the evaluator settings and reads every file it needs at creation, naming the field, the file and the problem', async () => {
     const create = (search: object): Promise<unknown> => admin.createJob({ basePath: base, parties: ['math', 'law'], rate: 0.8, dpa: { search } }).catch((e: unknown) => e);
     const cases: [object, RegExp][] = [
       [onnxSearch({ onnx: { modelPath, partyTasks: { math: { tasks: { copy: join(dir, 'nowhere.jsonl') } } }, partyFinetuned: { math: fts[0]! } } }), /dpa\.search\.onnx\.party_tasks\[math\]\.tasks\[copy\]: \S+nowhere\.jsonl does not exist on the server/],
@@ -85,6 +85,27 @@ describe('DPA search with the ONNX evaluator', () => {
       [onnxSearch({ step: -0.1 }), /dpa\.search\.step: must be positive/],
       [onnxSearch({ start: 20 }), /dpa\.search\.start: must lie in \[lower, upper\]/],
     ];
+    // Files that exist but that the evaluator cannot use: read and checked at creation too, not after every upload.
+    const file = async (name: string, text: string): Promise<string> => {
+      await writeFile(join(dir, name), text);
+      return join(dir, name);
+    };
+    const bpe = await file('bpe-tokenizer.json', '{"type": "bpe", "vocab": {}}');
+    const notJson = await file('tokenizer.txt', 'a b c\n');
+    const text = await file('text.jsonl', '{"prompt_ids": [1, 2], "answer_ids": [3]}\n{"prompt": "2+2=", "answer": "4"}\n');
+    const outside = await file('outside.jsonl', `{"prompt_ids": [1, 2], "answer_ids": [3]}\n{"prompt_ids": [1, ${V + 5}], "answer_ids": [3]}\n`);
+    const garbage = await file('garbage.onnx', 'not a model');
+    const wide = (await writeLlamaFamily(join(dir, 'wide'), { shape: TINY, seed: 5, extraVocab: 2 })).finetuned[0]!;
+    const math = (onnx: object): object => onnxSearch({ onnx: { modelPath, partyTasks: { math: { tasks } }, partyFinetuned: { math: fts[0]! }, ...onnx } });
+    const esc = (s: string): string => s.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&');
+    cases.push(
+      [math({ tokenizerPath: bpe }), new RegExp(`^dpa\\.search\\.onnx: ${esc(bpe)}: tokenizer type "bpe" is not supported \\(only "char"`)],
+      [math({ tokenizerPath: notJson }), new RegExp(`^dpa\\.search\\.onnx: ${esc(notJson)}: not valid JSON: `)],
+      [math({ partyTasks: { math: { tasks: { text } } } }), new RegExp(`^dpa\\.search\\.onnx: ${esc(text)}:2: text examples need a tokenizer \\(set tokenizerPath\\)`)],
+      [math({ partyTasks: { math: { tasks: { outside } } } }), new RegExp(`^dpa\\.search\\.onnx: ${esc(outside)}:2: token id ${V + 5} is outside the model's vocabulary of ${V}$`)],
+      [math({ modelPath: garbage }), new RegExp(`^dpa\\.search\\.onnx: ${esc(garbage)}: not an ONNX model: `)],
+      [math({ partyFinetuned: { math: wide } }), new RegExp(`^dpa\\.search\\.onnx: ${esc(wide)}, tensor "model\\.embed_tokens\\.weight": the fine-tuned reference has shape \\[${V + 2}, ${TINY.hidden}\\], the base \\[${V}, ${TINY.hidden}\\]$`)],
+    );
     for (const [search, message] of cases) {
       const err = await create(search);
       assert.ok(err instanceof DppaRpcError && err.code === status.INVALID_ARGUMENT, String(err));

@@ -243,7 +243,7 @@ describe('EvaluationService rules', () => {
     assert.ok(test(), `timed out waiting until ${what}`);
   }
 
-  it('checks the caller, the hello, request ids and scores; a result with an error fails the job', async () => {
+  it('checks the caller, the hello, request ids and scores; a result with an error stops the party\'s search until it rejoins', async () => {
     const { job, token } = await searchJob('solo', 30);
     const hello = { hello: { jobId: job.id, party: 'solo' } };
     const wrong = new RawStream(evaluations, token);
@@ -285,19 +285,25 @@ describe('EvaluationService rules', () => {
 
     const e = new RawStream(evaluations, token);
     e.send(hello);
-    e.send({ result: { requestId: (await e.request(1)).requestId, scores: {}, error: 'the harness crashed' } });
+    const crashed = await e.request(1);
+    e.send({ result: { requestId: crashed.requestId, scores: {}, error: 'the harness crashed' } });
     const end = await e.ended;
     assert.equal(end.code, status.FAILED_PRECONDITION);
-    const failed = await admin.getJob(job.id);
-    assert.equal(failed.state, JobState.JOB_STATE_FAILED);
-    assert.match(failed.failureReason, /^DPA search failed: party solo could not evaluate its candidate: the harness crashed$/);
-    assert.equal(end.details, `job ${job.id} failed: ${failed.failureReason}`);
-    assert.deepEqual(failed.evaluations.map((x) => x.scores), [{ t: 0.5 }], 'only the accepted result was recorded');
+    const stopped = await admin.getJob(job.id);
+    assert.equal(stopped.state, JobState.JOB_STATE_DPA, 'the job waits for the party');
+    const reason = 'its evaluation failed: the harness crashed; its search stopped: run dppa evaluate again to resume it';
+    assert.equal(stopped.parties[0]!.stoppedReason, reason);
+    assert.equal(end.details, `the search of party solo of job ${job.id} stopped: ${reason}`);
+    assert.deepEqual(stopped.evaluations.map((x) => x.scores), [{ t: 0.5 }], 'only the accepted result was recorded');
     assert.equal(h.server.evaluators.streamCount, 0);
 
+    // The party rejoins: its search resumes from what was recorded, asking for the same candidate again.
     const late = new RawStream(evaluations, token);
     late.send(hello);
-    assert.equal((await late.ended).code, status.FAILED_PRECONDITION);
+    const again = await late.request(1);
+    assert.deepEqual({ ...again, requestId: '' }, { ...crashed, requestId: '' });
+    assert.equal((await admin.getJob(job.id)).parties[0]!.stoppedReason, '', 'cleared on rejoining');
+    late.cancel();
     const { job: off, tokens } = await admin.createJob({ basePath: base, parties: ['x'], rate: 0.8 });
     const none = new RawStream(evaluations, tokens.x!);
     none.send({ hello: { jobId: off.id, party: 'x' } });
@@ -363,21 +369,66 @@ describe('EvaluationService rules', () => {
     assert.match(events.at(-1)?.failed?.reason ?? '', /^DPA search failed: party never did not connect within 1 s/);
   });
 
-  it('an evaluation callback that throws fails the job with its message', async () => {
-    const { job, token } = await searchJob('oops', 30);
-    await upload(job.id, 'oops', token);
-    const client = party(token);
+  it('a callback that keeps failing is retried, then stops its party\'s search only; the party resumes it and the job merges', async () => {
+    const opts = { math: [1.3, 1.1], oops: [1.24, 1.57] } as const;
+    const { job, tokens } = await admin.createJob({ basePath: base, parties: ['math', 'oops'], rate: 0.8, dpa: { search: { upper: 3, partyTimeoutSeconds: 30 } } });
+    const deltas = { math: join(dir, 'both-math.dppa'), oops: join(dir, 'both-oops.dppa') };
+    await pruneToFile({ base, finetuned: fts[1]!, rate: 0.8, out: deltas.oops, workers: 1 });
+    const clients = { math: party(tokens.math!), oops: party(tokens.oops!) };
+    const options = (name: 'math' | 'oops', evaluate: EvaluateFn): Parameters<DppaClient['evaluate']>[0] =>
+      ({ jobId: job.id, party: name, base, finetuned: fts[name === 'math' ? 0 : 1]!, delta: deltas[name], workDir: join(dir, `work-both-${name}`), evaluate });
     try {
-      const failing: EvaluateFn = (_dir, c) => (c.kind === 'dense' ? Promise.resolve({ t: 1 }) : Promise.reject(new Error('out of GPU memory')));
-      const err = await client.evaluate({ jobId: job.id, party: 'oops', base, finetuned: fts[0]!, delta, workDir: join(dir, 'work-oops'), evaluate: failing }).catch((e: unknown) => e);
+      // oops: the first attempt at its second candidate fails (retried: no harm done), every attempt at its fourth.
+      let flaky = 0;
+      const broken = harness(opts.oops, (n, c) => {
+        if (c.factors.join() === '1.1,0' && ++flaky === 1) throw new Error('CUDA error: out of memory');
+        if (c.factors.join() === '1.2,0') throw new Error('the harness crashed');
+      });
+      const progress: string[] = [];
+      const math = harness(opts.math);
+      const mathDone = clients.math.push({ jobId: job.id, party: 'math', base, finetuned: fts[0]!, keepDelta: deltas.math, workers: 1 }).then(() => clients.math.evaluate(options('math', math.fn)));
+      await clients.oops.push({ jobId: job.id, party: 'oops', delta: deltas.oops });
+      const err = await clients.oops.evaluate(options('oops', broken.fn), { onProgress: (e) => e.type === 'retrying' && progress.push(`${e.attempt} ${(e.error as Error).message}`) }).catch((e: unknown) => e);
       assert.ok(err instanceof EvaluationError, String(err));
-      assert.deepEqual(err.candidate, { kind: 'amplified', factors: [1, 0] });
-      const failed = await admin.getJob(job.id);
-      assert.equal(failed.state, JobState.JOB_STATE_FAILED);
-      assert.equal(failed.failureReason, `DPA search failed: party oops could not evaluate its candidate: ${err.message}`);
-      assert.match(err.message, /^evaluating factors \[1, 0\] failed: out of GPU memory$/);
+      assert.equal(err.message, 'evaluating factors [1.2, 0] failed: the harness crashed (attempt 3 of 3)');
+      assert.deepEqual(progress, [
+        '2 evaluating factors [1.1, 0] failed: CUDA error: out of memory',
+        '2 evaluating factors [1.2, 0] failed: the harness crashed',
+        '3 evaluating factors [1.2, 0] failed: the harness crashed',
+      ]);
+      assert.deepEqual(broken.calls.map((c) => c.c.factors), [[], [1, 0], [1.1, 0], [1.1, 0], [1.2, 0], [1.2, 0], [1.2, 0]]);
+      // math's search goes on and chooses; the job waits in DPA for oops.
+      await mathDone;
+      const waiting = await admin.getJob(job.id);
+      assert.equal(waiting.state, JobState.JOB_STATE_DPA);
+      const [m, o] = waiting.parties;
+      assert.equal(m!.factorsFinal, true);
+      assert.equal(m!.stoppedReason, '');
+      assert.equal(o!.factorsFinal, false);
+      assert.equal(o!.stoppedReason, `its evaluation failed: ${err.message}; its search stopped: run dppa evaluate again to resume it`);
+      assert.deepEqual(waiting.evaluations.filter((e) => e.party === 'oops').map((e) => e.factors), [[], [1, 0], [1.1, 0]], 'oops\'s results are kept');
+
+      // oops fixes its harness and rejoins: its search resumes where it stopped, nothing is evaluated twice.
+      const fixed = harness(opts.oops);
+      const watched = watchUntilEnd(job.id);
+      const result = await clients.oops.evaluate(options('oops', fixed.fn));
+      const expected = methodOne(opts.oops, 3);
+      assert.deepEqual(fixed.calls.map((c) => c.c.factors), expected.slice(2));
+      assert.equal(result.evaluated, expected.length - 2);
+      const events = await watched;
+      assert.ok(events.at(-1)?.merged !== undefined, 'the job merged');
+      const stops = events.filter((e) => e.partyStopped !== undefined).map((e) => e.partyStopped!);
+      assert.deepEqual(stops, [{ party: 'oops', reason: o!.stoppedReason, discardedTensors: [] }]);
+      const done = await admin.getJob(job.id);
+      assert.deepEqual(done.parties.map((p) => p.stoppedReason), ['', '']);
+      assert.deepEqual(done.evaluations.filter((e) => e.party === 'oops').map((e) => e.factors), [[], ...expected]);
+      await assertMerged(base, join(dir, 'data', 'jobs', job.id, 'merged'), [
+        { delta: deltas.math, weight: 1, factors: done.parties[0]!.factors },
+        { delta: deltas.oops, weight: 1, factors: done.parties[1]!.factors },
+      ]);
     } finally {
-      client.close();
+      clients.math.close();
+      clients.oops.close();
     }
   });
 });

@@ -21,7 +21,7 @@ import {
 
 // The documented names (docs/events.md), written out here rather than imported, so that a change to them fails a test.
 const STREAM = 'DPPA_EVENTS';
-const KINDS = ['party_joined', 'upload_progress', 'upload_complete', 'state_changed', 'evaluation_done', 'factors_chosen', 'merge_progress', 'merged', 'failed'];
+const KINDS = ['party_joined', 'upload_progress', 'upload_complete', 'state_changed', 'evaluation_done', 'factors_chosen', 'merge_progress', 'merged', 'failed', 'party_stopped'];
 
 let dir: string;
 let data: string;

@@ -180,7 +180,7 @@ describe('dppa server commands: against a server', () => {
   });
 
   it('job status --json gives the state in lower case; unknown jobs and bad tokens exit 4 with the server\'s message', async () => {
-    await withServer({ job: { parties: [{ name: 'a', tensorsReceived: 2, tensorsExpected: 30, bytesReceived: 100n, uploadComplete: false, factors: [], factorsFinal: false }] } }, async (s) => {
+    await withServer({ job: { parties: [{ name: 'a', tensorsReceived: 2, tensorsExpected: 30, bytesReceived: 100n, uploadComplete: false, factors: [], factorsFinal: false, stoppedReason: '' }] } }, async (s) => {
       const [ok, text, missing, badToken, list, cancel] = await Promise.all([
         dppa(['job', 'status', '--server', s.address, '--job', 'job-1', '--json'], admin),
         dppa(['job', 'status', '--server', s.address, '--job', 'job-1', '--token', 'party-token']),

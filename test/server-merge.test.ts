@@ -1,12 +1,12 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { type ClientDuplexStream, credentials, loadPackageDefinition, type ServiceClientConstructor, status } from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
-import { JobState, type CreateJobResponse, type Job } from '../proto/gen/dppa/v1/jobs.js';
+import { JobState, type CreateJobResponse, type Job, type PartyStatus } from '../proto/gen/dppa/v1/jobs.js';
 import type { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import { HealthCheckResponse_ServingStatus } from '../proto/gen/grpc/health/v1/health.js';
 import { Checkpoint } from '../proto/safetensors/index.js';
@@ -51,6 +51,19 @@ function create(token: string, parties = ['math', 'law'], extra: object = {}): P
     maxAbsValue: 0,
     ...extra,
   }, token);
+}
+
+function esc(s: string): string {
+  return s.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&');
+}
+
+/** The job once `ready` holds for it (polled: no deadline, the test runner's timeout is the limit). */
+async function waitFor(jobId: string, ready: (j: Job) => boolean): Promise<Job> {
+  for (;;) {
+    const j = await call(h.jobs, 'getJob', { jobId }, ADMIN);
+    if (ready(j)) return j;
+    await new Promise((r) => setTimeout(r, 20));
+  }
 }
 
 /** base + Σ_i c_i f_ip Δ_ip in fp32, parties in job order, rounded to bf16: computed here from the decoded records. */
@@ -174,6 +187,60 @@ describe('aggregation server: job, uploads, merge, download', () => {
     assert.ok(events.at(-1)?.merged !== undefined, 'the job merged');
   });
 
+  it('sends a party whose spooled tensor is unusable at merge back to collecting, keeps the other, and merges the same bytes once it sent it again', async () => {
+    const r = await create(ADMIN);
+    const id = r.job!.id;
+    // A spool file damaged on disk after its upload was accepted (a value byte: the chunk CRC no longer matches).
+    const damage = async (party: string, tensor: string): Promise<void> => {
+      const index = deltas.get(party)![0]!.header!.tensors.findIndex((t) => t.name === tensor);
+      const file = join(dir, 'data', 'jobs', id, 'uploads', party, `${index}.dppa`);
+      const bytes = await readFile(file);
+      const middle = Math.floor(bytes.length * 0.6);
+      bytes[middle] = bytes[middle]! ^ 0x55;
+      await writeFile(file, bytes);
+    };
+    const damagedTensor = { math: 'model.layers.0.mlp.up_proj.weight', law: 'model.layers.1.mlp.down_proj.weight' } as Record<string, string>;
+    assert.equal((await upload(h.uploads, r.tokens.math!, uploadMessages(id, 'math', deltas.get('math')!))).complete, true);
+    await damage('math', damagedTensor.math!);
+    assert.equal((await upload(h.uploads, r.tokens.law!, uploadMessages(id, 'law', deltas.get('law')!))).complete, true);
+
+    // Each merge stops at the first unusable tensor: math goes back to collecting; law is damaged while it does.
+    const stopped = new Map<string, string>();
+    for (const party of ['math', 'law']) {
+      // The job goes back to COLLECTING first, then the tensor is dropped.
+      const isBack = (p: PartyStatus): boolean => p.name === party && p.stoppedReason !== '' && !p.uploadComplete;
+      const back = await waitFor(id, (j) => j.state === JobState.JOB_STATE_COLLECTING && j.parties.some(isBack));
+      const status = back.parties.find(isBack)!;
+      const other = back.parties.find((p) => p.name !== party)!;
+      const tensor = damagedTensor[party]!;
+      const spoolFile = `${join(dir, 'data', 'jobs', id, 'uploads', party)}/`;
+      assert.match(status.stoppedReason, new RegExp(`^tensor "${esc(tensor)}" of its upload cannot be used \\(${esc(spoolFile)}\\d+\\.dppa, tensor "${esc(tensor)}": .+\\); it was discarded: push again to send it$`));
+      assert.match(status.stoppedReason, /CRC-32C|checksum/i);
+      assert.equal(status.tensorsReceived, status.tensorsExpected - 1, 'only the unusable tensor is discarded');
+      assert.equal(other.uploadComplete, true, `${other.name} keeps its upload`);
+      const state = await call(h.uploads, 'getUploadState', { jobId: id, party }, r.tokens[party]!);
+      assert.ok(!state.tensorsReceived.includes(tensor));
+      stopped.set(party, status.stoppedReason);
+      if (party === 'math') await damage('law', damagedTensor.law!);
+      // The party pushes again: the server keeps what it holds and takes the discarded tensor.
+      assert.equal((await upload(h.uploads, r.tokens[party]!, uploadMessages(id, party, deltas.get(party)!))).complete, true);
+    }
+    const events = await watchAll(h.jobs, ADMIN, id);
+    assert.ok(events.at(-1)?.merged !== undefined, 'the job merged');
+    const stops = events.filter((e) => e.partyStopped !== undefined).map((e) => e.partyStopped!);
+    assert.deepEqual(stops.map((e) => [e.party, e.reason, e.discardedTensors]).sort(), [
+      ['law', stopped.get('law'), [damagedTensor.law]],
+      ['math', stopped.get('math'), [damagedTensor.math]],
+    ]);
+    const moves = events.filter((e) => e.stateChanged !== undefined).map((e) => `${e.stateChanged!.from}>${e.stateChanged!.to}`);
+    assert.deepEqual(moves, ['1>3', '3>1', '1>3', '3>1', '1>3', '3>4']);
+    const merged = await call(h.jobs, 'getJob', { jobId: id }, ADMIN);
+    assert.deepEqual(merged.parties.map((p) => p.stoppedReason), ['', ''], 'cleared once every upload is in');
+    // The same inputs as the undisturbed job above: the same bytes.
+    const files = async (jobId: string): Promise<string[]> => (await call(h.downloads, 'listFiles', { jobId }, ADMIN)).files.map((f) => `${f.path} ${f.sha256}`);
+    assert.deepEqual(await files(id), await files(job.id));
+  });
+
   it('lists files and downloads them, resuming from an offset, with matching CRC-32C and SHA-256', async () => {
     const { files } = await call(h.downloads, 'listFiles', { jobId: job.id }, tokens.math!);
     assert.ok(files.length >= 4);
@@ -259,7 +326,7 @@ describe('aggregation server: job, uploads, merge, download', () => {
     assert.ok(samples.get('dppa_upload_bytes_total')! > 0);
     assert.ok(samples.get('dppa_merge_tensors_total')! > 0);
     assert.ok(samples.get('dppa_merge_bytes_total')! > 0);
-    assert.equal(samples.get('dppa_jobs{state="MERGED"}'), 2, 'the main job and the one whose bad chunk was sent again');
+    assert.equal(samples.get('dppa_jobs{state="MERGED"}'), 3, 'the main job, the one whose bad chunk was sent again and the one whose parties sent damaged tensors again');
     assert.equal(samples.get('dppa_uploads_active'), 0);
     assert.ok(samples.get('dppa_rpc_requests_total{method="UploadService/Upload",code="OK"}')! >= 2);
     assert.ok(samples.get('dppa_rpc_requests_total{method="JobService/CreateJob",code="PERMISSION_DENIED"}')! >= 1);

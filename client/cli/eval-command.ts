@@ -13,14 +13,16 @@ import { join, resolve } from 'node:path';
 import { EvaluatorKind, type Job } from '../../proto/gen/dppa/v1/jobs.js';
 import { checkScores } from '../../proto/scores.js';
 import type { DppaClient } from '../sdk/client.js';
-import type { EvaluateFn, EvaluateResult } from '../sdk/evaluate.js';
+import { DEFAULT_EVALUATION_RETRIES, type EvaluateFn, type EvaluateResult } from '../sdk/evaluate.js';
 import { note, out } from './command.js';
+import { num } from './args.js';
 import { UsageError } from './exit-codes.js';
 import type { ProgressLine } from './progress.js';
 
 /** parseArgs options of the evaluation flags. */
 export const evalFlags = {
   'eval-cmd': { type: 'string' },
+  'eval-retries': { type: 'string' },
   'work-dir': { type: 'string' },
 } as const;
 
@@ -29,11 +31,24 @@ export const EVAL_HELP = `  --eval-cmd CMD           serve the job's DPA evaluat
                            {model} is replaced by the candidate's checkpoint folder (quoted);
                            the last line of its stdout must be JSON {"task": score, ...}, higher
                            is better; DPPA_CANDIDATE_KIND and DPPA_FACTORS describe the candidate
+  --eval-retries N         run a failing --eval-cmd again up to N more times (default ${DEFAULT_EVALUATION_RETRIES});
+                           if it still fails, the server stops this party's search with its last
+                           stderr lines (the job and the other parties' work are kept): fix the
+                           command and run dppa evaluate to resume
   --work-dir DIR           where candidates are written (DIR/candidate, replaced for each) and the
                            pruned delta is kept (DIR/delta.dppa); default dppa-eval-JOB-PARTY`;
 
 /** Longest stdout kept from one run of the command: only its last line matters. */
 const MAX_STDOUT_TAIL = 1024 * 1024;
+
+/** Lines of a failed command's stderr quoted in its error, and the longest each may be. */
+const STDERR_LINES = 5;
+const STDERR_LINE_CHARS = 300;
+
+/** `--eval-retries`, checked; undefined when not given. */
+export function evalRetries(value: string | undefined): number | undefined {
+  return num(value, 'eval-retries', { min: 0, max: 100, integer: true });
+}
 
 /** Quotes a string for a POSIX shell. */
 export function shellQuote(s: string): string {
@@ -71,17 +86,23 @@ async function runCommand(command: string, env: Record<string, string>, signal: 
 /**
  * Runs a shell command, its stderr passed through and its stdout copied to stderr.
  * @returns The end of its stdout (the last {@link MAX_STDOUT_TAIL} characters).
- * @throws Error when it cannot start, exits non-zero or is killed; the signal's reason when aborted.
+ * @throws Error when it cannot start, exits non-zero or is killed, quoting its last stderr lines; the signal's reason when aborted.
  */
 function stdoutOf(command: string, env: Record<string, string>, signal: AbortSignal): Promise<string> {
   return new Promise((resolvePromise, reject) => {
     // Its own process group, so that an abort stops whatever the shell started too.
-    const child = spawn(command, { shell: true, detached: true, stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, ...env } });
+    const child = spawn(command, { shell: true, detached: true, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
     let tail = '';
+    const stderr = new TailLines(STDERR_LINES, STDERR_LINE_CHARS);
     child.stdout.setEncoding('utf8');
     child.stdout.on('data', (text: string) => {
       process.stderr.write(text);
       tail = (tail + text).slice(-MAX_STDOUT_TAIL);
+    });
+    child.stderr.setEncoding('utf8');
+    child.stderr.on('data', (text: string) => {
+      process.stderr.write(text);
+      stderr.add(text);
     });
     const kill = (): void => {
       try {
@@ -99,9 +120,49 @@ function stdoutOf(command: string, env: Record<string, string>, signal: AbortSig
       signal.removeEventListener('abort', kill);
       if (signal.aborted) reject(signal.reason as Error);
       else if (code === 0) resolvePromise(tail);
-      else reject(new Error(`the evaluation command ${killedBy === null ? `exited with code ${code}` : `was killed by ${killedBy}`}: ${command}`));
+      else {
+        const lines = stderr.lines();
+        const quoted = lines.length === 0 ? '; it wrote nothing to stderr' : `; its last stderr lines: ${lines.map((l) => JSON.stringify(l)).join(' ')}`;
+        reject(new Error(`the evaluation command ${killedBy === null ? `exited with code ${code}` : `was killed by ${killedBy}`}: ${command}${quoted}`));
+      }
     });
   });
+}
+
+/** The last few non-empty lines of a stream, each cut to a bounded length, whatever the stream's size. */
+export class TailLines {
+  private kept: string[] = [];
+  private partial = '';
+
+  constructor(
+    private readonly count: number,
+    private readonly lineChars: number,
+  ) {}
+
+  /** Takes more text. */
+  add(text: string): void {
+    const parts = (this.partial + text).split('\n');
+    // The unfinished last line, bounded: a stream without newlines must not grow it without end.
+    this.partial = parts.pop()!.slice(-this.lineChars * 2);
+    for (const line of parts) this.keep(line);
+  }
+
+  /** The last lines, oldest first (an unfinished last line included). */
+  lines(): string[] {
+    const last = this.partial.trim();
+    return last === '' ? [...this.kept] : [...this.kept, this.cut(last)].slice(-this.count);
+  }
+
+  private keep(line: string): void {
+    const t = line.trim();
+    if (t === '') return;
+    this.kept.push(this.cut(t));
+    if (this.kept.length > this.count) this.kept.shift();
+  }
+
+  private cut(line: string): string {
+    return line.length <= this.lineChars ? line : `…${line.slice(-this.lineChars)}`;
+  }
 }
 
 /**
@@ -140,6 +201,8 @@ export function requireRemoteSearch(job: Job, party: string): void {
 /** What {@link serveEvaluations} needs. */
 export interface ServeOptions {
   jobId: string;
+  /** `--eval-retries`; the SDK's default when undefined. */
+  retries: number | undefined;
   party: string;
   base: string;
   finetuned: string;
@@ -154,7 +217,16 @@ export async function serveEvaluations(client: DppaClient, o: ServeOptions, sign
   const say = o.json ? note : out;
   say(`serving the DPA evaluation requests of job ${o.jobId} for party ${o.party} (candidates in ${join(o.workDir, 'candidate')})`);
   const result = await client.evaluate(
-    { jobId: o.jobId, party: o.party, base: o.base, finetuned: o.finetuned, delta: o.delta, workDir: o.workDir, evaluate: commandEvaluator(o.command) },
+    {
+      jobId: o.jobId,
+      party: o.party,
+      base: o.base,
+      finetuned: o.finetuned,
+      delta: o.delta,
+      workDir: o.workDir,
+      evaluate: commandEvaluator(o.command),
+      ...(o.retries === undefined ? {} : { retries: o.retries }),
+    },
     {
       signal,
       onProgress: (e) => {
@@ -162,6 +234,7 @@ export async function serveEvaluations(client: DppaClient, o: ServeOptions, sign
         const what = (c: { kind: string; factors: number[] }): string => (c.kind === 'dense' ? 'dense fine-tuned model' : `factors ${c.factors.join(', ')}`);
         if (e.type === 'request') say(`evaluating ${what(e.candidate)}${e.cached ? ' (result kept from before the reconnection)' : ''}`);
         else if (e.type === 'answered') say(`  scores ${JSON.stringify(e.scores)}`);
+        else if (e.type === 'retrying') note(`  ${e.error instanceof Error ? e.error.message : String(e.error)}; attempt ${e.attempt} of ${1 + (o.retries ?? DEFAULT_EVALUATION_RETRIES)}`);
         else if (e.type === 'reconnecting') note(`connection lost (${e.error instanceof Error ? e.error.message : String(e.error)}); reconnecting in ${(e.delayMs / 1000).toFixed(1)} s`);
       },
     },

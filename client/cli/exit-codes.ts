@@ -9,7 +9,7 @@
  * | 2 | bad command line |
  * | 3 | bad input data: a checkpoint or delta file is malformed, base and fine-tuned do not match, or a delta does not fit its job |
  * | 4 | the server refused or failed the request (any gRPC error, with the server's message), the job is in the wrong state, or a download did not verify |
- * | 5 | the party's evaluation command (`--eval-cmd`) failed; the server fails the job with its message |
+ * | 5 | the party's evaluation command (`--eval-cmd`) kept failing; the server stops this party's search with its message (`dppa evaluate` resumes it) |
  * | 130 | interrupted (Ctrl-C) |
  */
 import { FormatError } from '../../proto/errors.js';
@@ -27,7 +27,7 @@ export class UsageError extends Error {
 export function describeFailure(err: unknown): { code: number; message: string } {
   if (err instanceof UsageError || err instanceof RangeError) return { code: EXIT.usage, message: err.message };
   if (err instanceof FormatError || err instanceof CheckpointMismatchError || err instanceof DeltaMismatchError) return { code: EXIT.data, message: err.message };
-  if (err instanceof EvaluationError) return { code: EXIT.evaluation, message: `${err.message} (the job fails with this reason)` };
+  if (err instanceof EvaluationError) return { code: EXIT.evaluation, message: `${err.message} (this party's search stopped with this reason; the other parties' work is kept: fix the command and run dppa evaluate to resume)` };
   if (err instanceof DppaRpcError) return { code: EXIT.server, message: rpcMessage(err) };
   if (isServiceError(err)) return { code: EXIT.server, message: rpcMessage(new DppaRpcError('call', err.code, err.details)) };
   if (err instanceof JobStateError || err instanceof UploadIncompleteError || err instanceof DownloadError) return { code: EXIT.server, message: err.message };

@@ -80,6 +80,7 @@ export function jobJson(job: Job): Record<string, unknown> {
       uploadComplete: p.uploadComplete,
       factors: p.factors,
       factorsFinal: p.factorsFinal,
+      stoppedReason: p.stoppedReason === '' ? null : p.stoppedReason,
     })),
     evaluations: job.evaluations.map(evaluationJson),
     failureReason: job.failureReason === '' ? null : job.failureReason,
@@ -133,6 +134,7 @@ export function jobText(job: Job): string {
     const upload = p.uploadComplete ? 'complete' : p.tensorsExpected === 0 ? 'waiting' : 'uploading';
     const f = p.factors.length === 0 ? '' : `  factors ${factors(p.factors)}${p.factorsFinal ? ' (final)' : ''}`;
     lines.push(`    ${p.name.padEnd(width)}  ${p.tensorsReceived}/${p.tensorsExpected} tensors  ${formatBytes(Number(p.bytesReceived))}  ${upload}${f}`);
+    if (p.stoppedReason !== '') lines.push(`    ${' '.repeat(width)}  stopped: ${p.stoppedReason}`);
   }
   if (job.evaluations.length > 0) {
     lines.push(`  evaluations ${job.evaluations.length}`);
@@ -167,7 +169,7 @@ function evaluationText(e: Evaluation): string {
 
 /** The kind of an event: the name of the field that is set. */
 export function eventType(ev: JobEvent): string {
-  for (const k of ['partyJoined', 'uploadProgress', 'uploadComplete', 'stateChanged', 'evaluationDone', 'factorsChosen', 'mergeProgress', 'merged', 'failed', 'paused'] as const) {
+  for (const k of ['partyJoined', 'uploadProgress', 'uploadComplete', 'stateChanged', 'evaluationDone', 'factorsChosen', 'mergeProgress', 'merged', 'failed', 'paused', 'partyStopped'] as const) {
     if (ev[k] !== undefined) return k;
   }
   return 'unknown';
@@ -189,6 +191,7 @@ export function eventJson(ev: JobEvent): Record<string, unknown> {
   if (ev.merged !== undefined) return { ...head, files: ev.merged.files, seconds: ev.merged.seconds };
   if (ev.failed !== undefined) return { ...head, reason: ev.failed.reason };
   if (ev.paused !== undefined) return { ...head, ...pauseJson(ev.paused) };
+  if (ev.partyStopped !== undefined) return { ...head, party: ev.partyStopped.party, reason: ev.partyStopped.reason, discardedTensors: ev.partyStopped.discardedTensors };
   return head;
 }
 
@@ -211,6 +214,7 @@ export function eventText(ev: JobEvent): string {
     if (ev.merged !== undefined) return `merged: ${ev.merged.files.length} files in ${ev.merged.seconds.toFixed(1)} s`;
     if (ev.failed !== undefined) return `failed: ${ev.failed.reason}`;
     if (ev.paused !== undefined) return `paused: ${pauseText(ev.paused)}`;
+    if (ev.partyStopped !== undefined) return `party ${ev.partyStopped.party} stopped: ${ev.partyStopped.reason}`;
     return 'unknown event';
   })();
   return `${ev.time === '' ? '' : `${ev.time} `}#${ev.seq} ${what}`;

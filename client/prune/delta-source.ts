@@ -2,6 +2,7 @@
  * The delta `Δ = F − B` of a fine-tuned checkpoint against its base, one
  * tensor at a time, in fp32 whatever the storage dtype (spec "Terms").
  */
+import { FormatError } from '../../proto/errors.js';
 import { Checkpoint, type TensorInfo } from '../../proto/safetensors/index.js';
 
 /** What to do when the fine-tuned model has more rows than the base (a resized vocabulary). */
@@ -67,6 +68,8 @@ export class DeltaSource {
   /**
    * Reads `F − B` of one tensor as fp32 (exact: both inputs are widened first).
    * The result is a view of a buffer this source reuses: valid until the next call.
+   * @throws FormatError naming the checkpoint file, the tensor and the position of the first
+   *   non-finite weight (NaN or an infinity) in either checkpoint, or of a difference too large for fp32.
    */
   async readDelta(t: DeltaTensor, signal?: AbortSignal): Promise<Float32Array> {
     const n = t.info.numel;
@@ -79,8 +82,28 @@ export class DeltaSource {
       this.base.readF32(t.info.name, { ...opts, into: this.baseScratch }),
       this.finetuned.readRangeF32(t.info.name, 0, n, { ...opts, into: this.deltaScratch }),
     ]);
-    for (let i = 0; i < n; i++) f[i] = f[i]! - b[i]!;
+    let finite = true;
+    for (let i = 0; i < n; i++) {
+      const d = f[i]! - b[i]!;
+      f[i] = d;
+      // d - d is NaN exactly when d is NaN or an infinity; one test per element keeps the loop as fast.
+      if (d - d !== 0) finite = false;
+    }
+    if (!finite) this.nonFinite(t, f, b);
     return f;
+  }
+
+  /** Throws the error of a delta that is not finite everywhere (`f` holds F − B, `b` the base). */
+  private nonFinite(t: DeltaTensor, f: Float32Array, b: Float32Array): never {
+    const i = f.findIndex((d) => !Number.isFinite(d));
+    const opts = { tensor: t.info.name };
+    if (!Number.isFinite(b[i]!)) throw new FormatError(`flat position ${i}: the base holds a non-finite weight (${b[i]})`, { ...opts, file: t.info.file });
+    const ft = this.finetuned.info(t.info.name).file;
+    // F − B is NaN or infinite with B finite: F is, unless the difference overflows fp32.
+    if (Math.abs(f[i]!) === Infinity && Number.isFinite(f[i]! + b[i]!)) {
+      throw new FormatError(`flat position ${i}: the fine-tuned weight minus the base weight overflows fp32`, { ...opts, file: ft });
+    }
+    throw new FormatError(`flat position ${i}: the fine-tuned model holds a non-finite weight (${f[i]! + b[i]!})`, { ...opts, file: ft });
   }
 
   /** Closes both checkpoints. */

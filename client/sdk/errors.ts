@@ -135,8 +135,9 @@ export class DownloadError extends Error {
 
 /**
  * The party's evaluation of a DPA candidate failed (building it, or the
- * `evaluate` callback). The message was sent to the server, which fails the
- * job with it.
+ * `evaluate` callback), on every attempt. The message was sent to the server,
+ * which stops this party's search with it; the job and the other parties'
+ * work are kept, and evaluating again resumes the search.
  */
 export class EvaluationError extends Error {
   override name = 'EvaluationError';

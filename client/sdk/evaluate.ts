@@ -52,15 +52,25 @@ export interface EvaluateOptions {
   finetuned: string;
   /** Working folder, created if missing: amplified candidates are written to `workDir/candidate`, replaced for each. */
   workDir: string;
-  /** Scores one candidate. If it throws, its message is sent to the server, which fails the job with it. */
+  /**
+   * Scores one candidate. If it throws on every attempt ({@link EvaluateOptions.retries}), its last
+   * message is sent to the server, which stops this party's search with it (the job and the other
+   * parties' work are kept; calling {@link DppaClient.evaluate} again resumes the search).
+   */
   evaluate: EvaluateFn;
+  /** Attempts after the first when building or scoring a candidate fails. @default 2 */
+  retries?: number;
 }
+
+/** Default of {@link EvaluateOptions.retries}. */
+export const DEFAULT_EVALUATION_RETRIES = 2;
 
 /** What happened, for progress displays. */
 export type EvaluateEvent =
   | { type: 'connected'; attempt: number }
   | { type: 'request'; candidate: EvaluationCandidate; cached: boolean }
   | { type: 'answered'; candidate: EvaluationCandidate; scores: Record<string, number> }
+  | { type: 'retrying'; candidate: EvaluationCandidate; attempt: number; error: unknown }
   | { type: 'reconnecting'; error: unknown; delayMs: number };
 
 /** Call options of {@link DppaClient.evaluate}. */
@@ -88,6 +98,7 @@ function checkOptions(o: EvaluateOptions): void {
     if (typeof o[name] !== 'string' || o[name] === '') throw new RangeError(`${name}: required`);
   }
   if (typeof o.evaluate !== 'function') throw new RangeError('evaluate: required, a function (modelDir, candidate, signal) => scores');
+  if (o.retries !== undefined && !(Number.isInteger(o.retries) && o.retries >= 0)) throw new RangeError(`retries: expected an integer ≥ 0, got ${o.retries}`);
 }
 
 function candidateOf(req: EvaluationRequest): EvaluationCandidate {
@@ -97,7 +108,8 @@ function candidateOf(req: EvaluationRequest): EvaluationCandidate {
 /**
  * Serves a job's evaluation requests until the party's search is over (see
  * {@link DppaClient.evaluate}).
- * @throws EvaluationError when the callback failed (after telling the server); DppaRpcError; RangeError;
+ * @throws EvaluationError when the callback failed on every attempt (after telling the server, which stops
+ *   this party's search); DppaRpcError; RangeError;
  *   DeltaMismatchError or FormatError when the delta does not fit the job; the signal's reason.
  */
 export async function evaluate(conn: Connection, o: EvaluateOptions, call: EvaluateCallOptions = {}): Promise<EvaluateResult> {
@@ -171,7 +183,7 @@ async function serveStream(
     let answer = answers.get(key);
     call.onProgress?.({ type: 'request', candidate, cached: answer !== undefined });
     if (answer === undefined) {
-      answer = await score(o, req, candidate, signal);
+      answer = await scoreWithRetries(o, req, candidate, signal, (attempt, error) => call.onProgress?.({ type: 'retrying', candidate, attempt, error }));
       answers.set(key, answer);
       if ('scores' in answer) result.evaluated++;
     }
@@ -179,6 +191,29 @@ async function serveStream(
     await write(stream, { result: reply }, scope.signal);
     result.answered++;
     if ('scores' in answer) call.onProgress?.({ type: 'answered', candidate, scores: answer.scores });
+  }
+}
+
+/**
+ * {@link score}, tried again up to `o.retries` times while it fails.
+ * @param retrying - Told before each further attempt (numbered from 2) with the failure before it.
+ */
+async function scoreWithRetries(
+  o: EvaluateOptions,
+  req: EvaluationRequest,
+  candidate: EvaluationCandidate,
+  signal: AbortSignal,
+  retrying: (attempt: number, error: EvaluationError) => void,
+): Promise<Answer> {
+  const attempts = 1 + (o.retries ?? DEFAULT_EVALUATION_RETRIES);
+  for (let attempt = 1; ; attempt++) {
+    const answer = await score(o, req, candidate, signal);
+    if ('scores' in answer) return answer;
+    if (attempt >= attempts) {
+      if (attempts === 1) return answer;
+      return { error: new EvaluationError(candidate, `${answer.error.message} (attempt ${attempts} of ${attempts})`, { cause: answer.error }) };
+    }
+    retrying(attempt + 1, answer.error);
   }
 }
 

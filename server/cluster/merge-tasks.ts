@@ -26,6 +26,11 @@
  *    replica killed), the commit task runs again, finds the job MERGED and
  *    the stream without its `merged` event, and publishes it then.
  *
+ * A tensor task that finds a party's spooled tensor unusable sends that party
+ * back to collecting (jobs/party-stops.ts), as the embedded merge does; the
+ * merge record and the tensors written stay, and the merge goes on from them
+ * once the party has sent the tensor again.
+ *
  * The merged bytes are those of the embedded merge: the same per-tensor
  * merge, the same layout, the same extra files.
  */
@@ -40,9 +45,11 @@ import type { JobEvents } from '../jobs/job-events.js';
 import { mergeParties, PROGRESS_INTERVAL_MS, type DistributedStep } from '../jobs/job-runner.js';
 import { isTerminal, stateName, type JobStore, type StoredJob } from '../jobs/job-store.js';
 import { failJob, StateConflictError, transitionJob } from '../jobs/job-transitions.js';
+import { sendPartyBack } from '../jobs/party-stops.js';
 import type { Logger } from '../log.js';
-import { describeFiles, type MergeParty } from '../merge/merger.js';
+import { contributionsTo, describeFiles, type MergeParty } from '../merge/merger.js';
 import { inlineRunner, workerRunner, type MergeRunner } from '../merge/merge-runner.js';
+import { SpooledTensorError } from '../merge/tensor-merge.js';
 import type { Metrics } from '../metrics.js';
 import { mergeKey } from '../nats/subjects.js';
 import type { Spool } from '../uploads/spool.js';
@@ -133,6 +140,8 @@ export class MergeTasks implements DistributedStep {
       return;
     }
     if (job.state !== JobState.JOB_STATE_MERGING) {
+      // Sent back to collecting (a party's data was unusable): its next merge reads the spools again.
+      await this.release(task.jobId);
       // Tasks are queued once the job is MERGING: the bucket will say so.
       throw new TaskNotReadyError(`job ${job.id} is ${stateName(job.state)} here, not yet MERGING`);
     }
@@ -142,6 +151,13 @@ export class MergeTasks implements DistributedStep {
       else await this.commit(job);
     } catch (err) {
       if (!(err instanceof FormatError) || signal.aborted) throw err;
+      if (err instanceof SpooledTensorError) {
+        // One party's data: that party sends it again; the tensors written so far stay written (their inputs do not change).
+        await this.release(job.id);
+        await sendPartyBack(this.opts, job.id, JobState.JOB_STATE_MERGING, err);
+        // Handed back, not done: it runs again once the job is merging again (a new task would be dropped as a repeat).
+        throw new TaskNotReadyError(`job ${job.id} went back to collecting: ${err.message}`);
+      }
       // Damaged or mismatched input: every replica would fail alike, so the job fails (once) and the task is done.
       this.opts.log.error('merge failed', { jobId: job.id, err });
       await failJob(this.opts, job.id, `merge failed: ${err.message}`).catch((e: unknown) => {
@@ -212,10 +228,7 @@ export class MergeTasks implements DistributedStep {
     }
     const ctx = await this.context(job);
     const info = ctx.base.info(tensor.name);
-    const contributions = ctx.parties.flatMap((p) => {
-      const file = p.tensors.get(tensor.name);
-      return file === undefined ? [] : [{ file, weight: p.weight, factors: [...p.factors] }];
-    });
+    const contributions = contributionsTo(tensor.name, ctx.parties);
     const result = contributions.length === 0
       ? { bytes: await ctx.base.readRaw(tensor.name, { signal }), release: () => undefined }
       : await ctx.runner.run({ name: tensor.name, contributions, outsideByMax: ctx.outsideByMax }, info.numel, signal);

@@ -74,6 +74,10 @@ export class SearchTasks implements DistributedStep {
         });
         return;
       }
+      // Sent back to collecting (its data was unusable): handed back, to run again once the job is in DPA again
+      // (a new task would be dropped as a repeat).
+      const now = store.get(job.id);
+      if (now.state === JobState.JOB_STATE_COLLECTING) throw new TaskNotReadyError(`party ${party} of job ${job.id} was sent back to collecting`);
     }
     if (store.get(job.id).parties.every((p) => p.chosen !== undefined)) await this.toMerging(job.id);
   }

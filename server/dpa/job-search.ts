@@ -12,10 +12,13 @@
  * asks for the same candidates and none is evaluated twice. The chosen factors
  * go to the party's status with a `factors_chosen` event.
  */
-import type { Evaluation } from '../../proto/gen/dppa/v1/jobs.js';
+import { JobState, type Evaluation } from '../../proto/gen/dppa/v1/jobs.js';
+import { FailedPreconditionError } from '../errors.js';
 import type { JobEvents } from '../jobs/job-events.js';
+import { sendPartyBack, stopPartySearch } from '../jobs/party-stops.js';
 import type { JobStore, StoredJob } from '../jobs/job-store.js';
 import type { Logger } from '../log.js';
+import { SpooledTensorError } from '../merge/tensor-merge.js';
 import type { Metrics } from '../metrics.js';
 import type { Spool } from '../uploads/spool.js';
 import { domainRatio, factorKey, memoised, searchFactors } from './factor-search.js';
@@ -41,14 +44,17 @@ export class SearchFailedError extends Error {
 
 /**
  * Runs the search of every party of a job in state DPA that has no chosen
- * factors yet, in parallel. The first failure stops the others.
- * @returns Once every party has chosen factors.
+ * factors yet and whose search is not stopped, in parallel. A party whose
+ * evaluations failed has its search stopped, a party whose spooled data is
+ * unusable is sent back to collecting (jobs/party-stops.ts): the others go
+ * on. Any other failure stops them all.
+ * @returns Once every search ended; the job may be left waiting for a stopped party.
  * @throws SearchFailedError (the job fails with its message); the signal's reason when aborted.
  */
 export async function searchJob(deps: JobSearchDeps, jobId: string, signal: AbortSignal): Promise<void> {
   const job = deps.store.get(jobId);
   const search = job.dpa.search!;
-  const todo = job.parties.filter((p) => p.chosen === undefined).map((p) => p.name);
+  const todo = job.parties.filter((p) => p.chosen === undefined && p.searchStopped !== true).map((p) => p.name);
   const onnx = todo.some((p) => evaluatorOf(search, p) === 'onnx') ? await openOnnx(job) : undefined;
   // One failure aborts every other party's search, with that failure as the reason.
   const controller = new AbortController();
@@ -58,7 +64,13 @@ export async function searchJob(deps: JobSearchDeps, jobId: string, signal: Abor
   try {
     await Promise.allSettled(
       todo.map((party) =>
-        searchParty(deps, job, party, onnx, controller.signal).catch((err: unknown) => {
+        searchParty(deps, job, party, onnx, controller.signal).catch(async (err: unknown) => {
+          if (controller.signal.aborted) return;
+          try {
+            if (await stopParty(deps, jobId, party, err)) return;
+          } catch (stopErr) {
+            err = stopErr;
+          }
           if (!controller.signal.aborted) controller.abort(failure(party, err));
         }),
       ),
@@ -74,7 +86,8 @@ export async function searchJob(deps: JobSearchDeps, jobId: string, signal: Abor
 /**
  * Runs (or resumes, from its recorded evaluations) the search of one party
  * of a job in state DPA: on a cluster, each party's search is a task of its
- * own (cluster/search-tasks.ts).
+ * own (cluster/search-tasks.ts). A party whose evaluations failed or whose
+ * data is unusable is stopped, as in {@link searchJob}.
  * @throws SearchFailedError (the job fails with its message; its cause says why); the signal's reason when aborted.
  */
 export async function searchPartyFactors(deps: JobSearchDeps, jobId: string, party: string, signal: AbortSignal): Promise<void> {
@@ -83,10 +96,30 @@ export async function searchPartyFactors(deps: JobSearchDeps, jobId: string, par
   try {
     await searchParty(deps, job, party, onnx, signal);
   } catch (err) {
-    throw signal.aborted ? signal.reason : failure(party, err);
+    if (signal.aborted) throw signal.reason;
+    if (!(await stopParty(deps, jobId, party, err))) throw failure(party, err);
   } finally {
     await onnx?.close();
   }
+}
+
+/**
+ * Stops one party's work when its search failed because of that party alone:
+ * its evaluations failed (its search stops, its stream ends with the reason),
+ * or its spooled data is unusable (it goes back to collecting).
+ * @returns False when the failure is not one party's: the job fails.
+ */
+async function stopParty(deps: JobSearchDeps, jobId: string, party: string, err: unknown): Promise<boolean> {
+  if (err instanceof PartyEvaluationError) {
+    const reason = await stopPartySearch(deps, jobId, party, err.evaluationError);
+    deps.broker.endParty(jobId, party, new FailedPreconditionError(`the search of party ${party} of job ${jobId} stopped: ${reason}`));
+    return true;
+  }
+  if (err instanceof SpooledTensorError) {
+    await sendPartyBack(deps, jobId, JobState.JOB_STATE_DPA, err);
+    return true;
+  }
+  return false;
 }
 
 async function openOnnx(job: StoredJob): Promise<OnnxCandidates> {

@@ -9,6 +9,7 @@
  * read one tensor at a time with awaits in between, so the event loop is only
  * held by ONNX Runtime's forward passes.
  */
+import { FormatError } from '../../proto/errors.js';
 import { decodeToF32, encodeFromF32 } from '../../proto/safetensors/dtype.js';
 import { Checkpoint } from '../../proto/safetensors/index.js';
 import type { OnnxEvaluator as OnnxSettings, SearchConfig } from '../../proto/gen/dppa/v1/jobs.js';
@@ -35,7 +36,7 @@ export class OnnxCandidates {
    * Opens the job's base checkpoint and its ONNX model.
    * @throws OnnxEvaluatorError subclasses for a model, tokenizer or provider problem; Error from the file system.
    */
-  static async open(job: StoredJob, search: SearchConfig): Promise<OnnxCandidates> {
+  static async open(job: Pick<StoredJob, 'basePath' | 'dpa'>, search: SearchConfig): Promise<OnnxCandidates> {
     const settings = search.onnx!;
     // Loaded here rather than at the top: ONNX Runtime is a native library only these jobs need.
     const { OnnxEvaluator } = await import('./onnx/index.js');
@@ -56,12 +57,50 @@ export class OnnxCandidates {
   }
 
   /**
+   * Checks at job creation everything the search will read for these parties:
+   * the model against the base (and the name map), the tokenizer, the provider,
+   * every task file (each example tokenized and fitted to the model), and each
+   * party's fine-tuned reference (every weight the model takes, in the base's
+   * shape). A job whose evaluator cannot run is refused rather than failing
+   * once every party has uploaded.
+   * @throws OnnxEvaluatorError subclasses naming the file (and line or tensor); FormatError naming a
+   *   fine-tuned checkpoint that does not fit.
+   */
+  static async check(job: Pick<StoredJob, 'basePath' | 'dpa'>, search: SearchConfig, parties: readonly string[]): Promise<void> {
+    const c = await OnnxCandidates.open(job, search);
+    try {
+      for (const party of parties) {
+        await c.partyTasks(party);
+        await c.checkFinetuned(party);
+      }
+    } finally {
+      await c.close();
+    }
+  }
+
+  /** @throws FormatError if the party's fine-tuned checkpoint lacks a weight the model takes, or holds it in another shape. */
+  private async checkFinetuned(party: string): Promise<void> {
+    const path = this.settings.partyFinetuned[party]!;
+    const ft = await Checkpoint.open(path);
+    try {
+      for (const name of this.evaluator.weightNames) {
+        const want = this.base.info(name).shape;
+        if (!ft.has(name)) throw new FormatError('the fine-tuned reference lacks a weight the ONNX model takes', { file: path, tensor: name });
+        const got = ft.info(name).shape;
+        if (got.join() !== want.join()) throw new FormatError(`the fine-tuned reference has shape [${got.join(', ')}], the base [${want.join(', ')}]`, { file: path, tensor: name });
+      }
+    } finally {
+      await ft.close();
+    }
+  }
+
+  /**
    * Scores a candidate of a party on the party's task files. With the
    * `log_likelihood` metric a task's score is `exp(mean log-likelihood)` (the
    * geometric mean of the answer tokens' probabilities), so that it is
    * positive and the Domain-Ratio's quotients mean "how much of the dense
    * model's likelihood is kept".
-   * @throws OnnxEvaluatorError subclasses, FormatError for a damaged spool file, the signal's reason.
+   * @throws OnnxEvaluatorError subclasses, SpooledTensorError for a damaged spool file, the signal's reason.
    */
   async score(party: string, spool: PartySpool, candidate: Candidate, signal: AbortSignal): Promise<Scores> {
     const tasks = await this.partyTasks(party);
@@ -73,7 +112,7 @@ export class OnnxCandidates {
       weights = (name) => finetuned.readF32(name, { signal });
       close = () => finetuned.close();
     } else {
-      weights = this.amplified(spool, candidate.factors, signal);
+      weights = this.amplified(party, spool, candidate.factors, signal);
     }
     try {
       const scores = await this.evaluator.evaluate(weights, tasks, metric, signal);
@@ -100,7 +139,7 @@ export class OnnxCandidates {
   }
 
   /** The candidate's tensors: base + amplified delta where the party sent the tensor, the base elsewhere. */
-  private amplified(spool: PartySpool, factors: readonly number[], signal: AbortSignal): WeightSource {
+  private amplified(party: string, spool: PartySpool, factors: readonly number[], signal: AbortSignal): WeightSource {
     const files = new Map([...spool.held.values()].map((t) => [t.name, t.file]));
     return async (name) => {
       const info = this.base.info(name);
@@ -108,7 +147,7 @@ export class OnnxCandidates {
       // A new array per tensor: the evaluator holds every weight of the candidate until its forward passes.
       const values = new Float32Array(info.numel);
       if (file === undefined) return this.base.readF32(name, { into: values, signal });
-      const sum = await accumulateTensor(this.base, { name, contributions: [{ file, weight: 1, factors }], outsideByMax: this.outsideByMax }, values, signal);
+      const sum = await accumulateTensor(this.base, { name, contributions: [{ party, file, weight: 1, factors }], outsideByMax: this.outsideByMax }, values, signal);
       return info.dtype === 'F32' ? sum : decodeToF32(encodeFromF32(sum, info.dtype), info.dtype, sum);
     };
   }

@@ -64,9 +64,20 @@ export class PartyTimeoutError extends Error {
   override name = 'PartyTimeoutError';
 }
 
+/** Longest part of a party's evaluation error kept (its start and its end, where the command's last stderr lines are). */
+const MAX_EVALUATION_ERROR_CHARS = 4000;
+
 /** The party answered a request with an error instead of scores. */
 export class PartyEvaluationError extends Error {
   override name = 'PartyEvaluationError';
+  /** The party's error, cut to {@link MAX_EVALUATION_ERROR_CHARS} (its middle left out). */
+  readonly evaluationError: string;
+  constructor(party: string, error: string) {
+    const half = MAX_EVALUATION_ERROR_CHARS / 2;
+    const kept = error.length <= MAX_EVALUATION_ERROR_CHARS ? error : `${error.slice(0, half)} … ${error.slice(-half)}`;
+    super(`party ${party} could not evaluate its candidate: ${kept}`);
+    this.evaluationError = kept;
+  }
 }
 
 interface Pending {
@@ -205,7 +216,7 @@ export class RemoteEvaluators {
       );
     }
     if (result.error !== '') {
-      p.reject(new PartyEvaluationError(`party ${party} could not evaluate its candidate: ${result.error}`));
+      p.reject(new PartyEvaluationError(party, result.error));
       return;
     }
     p.resolve(usableScores(result.scores, p.tasks));

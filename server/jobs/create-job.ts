@@ -7,7 +7,7 @@ import { mkdir, rm } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { FormatError } from '../../proto/errors.js';
 import { baseFingerprint } from '../../proto/fingerprint.js';
-import { JobState, type CreateJobRequest } from '../../proto/gen/dppa/v1/jobs.js';
+import { JobState, type CreateJobRequest, type DpaConfig } from '../../proto/gen/dppa/v1/jobs.js';
 import { Checkpoint } from '../../proto/safetensors/index.js';
 import { evaluatorOf, resolveOnnxFiles } from '../dpa/search-spec.js';
 import { InvalidArgumentError, UnimplementedError } from '../errors.js';
@@ -35,7 +35,7 @@ export interface CreateJobDeps {
  * Creates a job in state COLLECTING.
  * @returns The job and each party's token (never stored in clear).
  * @throws InvalidArgumentError naming the field at fault, including a base_path that is not a readable checkpoint
- *   and ONNX evaluator files that do not exist.
+ *   and ONNX evaluator files that do not exist or that the evaluator cannot use (naming the file and the problem).
  * @throws UnimplementedError for settings this server does not offer yet.
  * @throws Error from the storage (a full disk: ENOSPC); nothing of the job is left then.
  */
@@ -63,6 +63,7 @@ export async function createJob(
   } finally {
     await base.close();
   }
+  if (search !== undefined) await checkOnnxEvaluator(basePath, settings.dpa, settings.parties.filter((p) => evaluatorOf(search, p) === 'onnx'));
   const tokens: Record<string, string> = {};
   const now = new Date().toISOString();
   const job: StoredJob = {
@@ -104,6 +105,22 @@ export async function createJob(
   }
   deps.spool.addJob(job);
   return { job, tokens };
+}
+
+/**
+ * Opens the job's ONNX evaluator as its search will and reads every file it needs ({@link OnnxCandidates.check}).
+ * @throws InvalidArgumentError naming the file and the problem.
+ */
+async function checkOnnxEvaluator(basePath: string, dpa: DpaConfig, parties: readonly string[]): Promise<void> {
+  if (parties.length === 0) return;
+  // Loaded here rather than at the top: ONNX Runtime is a native library only these jobs need.
+  const [{ OnnxCandidates }, { OnnxEvaluatorError }] = await Promise.all([import('../dpa/onnx-candidates.js'), import('../dpa/onnx/errors.js')]);
+  try {
+    await OnnxCandidates.check({ basePath, dpa }, dpa.search!, parties);
+  } catch (err) {
+    if (err instanceof OnnxEvaluatorError || err instanceof FormatError) throw new InvalidArgumentError(`dpa.search.onnx: ${err.message}`, { cause: err });
+    throw err;
+  }
 }
 
 async function openBase(basePath: string): Promise<Checkpoint> {

@@ -1,6 +1,8 @@
 /**
  * Drives jobs through their life cycle once uploads are in:
- * COLLECTING → (DPA) → MERGING → MERGED, or FAILED.
+ * COLLECTING → (DPA) → MERGING → MERGED, or FAILED. A party whose spooled
+ * data turns out unusable in the search or the merge sends the job back to
+ * COLLECTING until it has sent the data again (jobs/party-stops.ts).
  *
  * A job whose factors are searched goes COLLECTING → DPA, where every party's
  * factor search runs (dpa/job-search.ts) and records the chosen factors, then
@@ -43,12 +45,14 @@ import {
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { mergeCheckpoint, type MergeParty } from '../merge/merger.js';
+import { SpooledTensorError } from '../merge/tensor-merge.js';
 import type { Spool } from '../uploads/spool.js';
 import type { JobEvents } from './job-events.js';
 import { partyFactors, partyWeight, searchesFactors } from './job-spec.js';
 import { isTerminal, stateName, type JobStore, type StoredJob } from './job-store.js';
 import { failJob, StateConflictError, transitionJob } from './job-transitions.js';
 import { DEFAULT_STORAGE_RETRY_MS, StoragePauses } from './storage-pauses.js';
+import { clearSentBack, resumeParty, sendPartyBack } from './party-stops.js';
 
 /** Shortest interval between two merge_progress events (the last one is always sent). */
 export const PROGRESS_INTERVAL_MS = 250;
@@ -185,6 +189,11 @@ export class JobRunner {
     return this.fail(jobId, reason);
   }
 
+  /** A party whose search stopped rejoins it (opens an evaluation stream): its search resumes. */
+  async rejoin(jobId: string, party: string): Promise<void> {
+    if (await resumeParty(this.deps, jobId, party)) this.poke(jobId);
+  }
+
   /** Aborts every search and merge in progress and waits for them to clean up; their jobs stay DPA or MERGING. */
   async stop(): Promise<void> {
     this.stopped = true;
@@ -227,7 +236,7 @@ export class JobRunner {
   private async advance(jobId: string, signal: AbortSignal): Promise<void> {
     let job = this.deps.store.get(jobId);
     if (job.state === JobState.JOB_STATE_COLLECTING && (await this.allUploaded(job))) {
-      job = await this.transition(jobId, JobState.JOB_STATE_COLLECTING, searchesFactors(job) ? JobState.JOB_STATE_DPA : JobState.JOB_STATE_MERGING);
+      job = await this.transition(jobId, JobState.JOB_STATE_COLLECTING, searchesFactors(job) ? JobState.JOB_STATE_DPA : JobState.JOB_STATE_MERGING, clearSentBack);
     }
     if (job.state === JobState.JOB_STATE_DPA) {
       // Distributed: the last party's search task moves the job to MERGING.
@@ -240,12 +249,16 @@ export class JobRunner {
     else await this.merge(job, signal);
   }
 
-  /** Runs the job's factor searches; false when they were stopped or failed (the job failed then). */
+  /**
+   * Runs the job's factor searches; false when they did not all choose factors: stopped, failed (the
+   * job failed then), or a party's work stopped (the job waits for it).
+   */
   private async search(job: StoredJob, signal: AbortSignal): Promise<boolean> {
     const { log } = this.deps;
     try {
       await searchJob(this.deps, job.id, signal);
-      return true;
+      const after = this.deps.store.get(job.id);
+      return after.state === JobState.JOB_STATE_DPA && after.parties.every((p) => p.chosen !== undefined);
     } catch (err) {
       if (signal.aborted) {
         // Cancelled: cancel() records the failure. Shutting down: stays DPA, resumed at the next start.
@@ -296,6 +309,11 @@ export class JobRunner {
       }
       // A full or failing disk pauses the job instead (run()): it merges again, from the start, later.
       if (storageError(err) !== undefined) throw err;
+      // One party's data: that party sends it again, the job is kept.
+      if (err instanceof SpooledTensorError) {
+        await sendPartyBack(this.deps, job.id, JobState.JOB_STATE_MERGING, err);
+        return;
+      }
       log.error('merge failed', { jobId: job.id, err });
       await this.fail(job.id, `merge failed: ${err instanceof Error ? err.message : String(err)}`);
     }
@@ -314,10 +332,14 @@ export class JobRunner {
   }
 }
 
-/** The parties of a job as the merge takes them: in the job's order, with weight, factors and spooled tensors. */
+/**
+ * The parties of a job as the merge takes them: in the job's order, with weight, factors and spooled tensors.
+ * @throws Error if an upload is incomplete (a merge must never leave out a tensor).
+ */
 export function mergeParties(job: StoredJob, spool: Spool): MergeParty[] {
   return job.parties.map(({ name }) => {
     const s = spool.party(job.id, name);
+    if (!s.complete) throw new Error(`party ${name}'s upload is incomplete (${s.held.size} of ${s.expected} tensors)`);
     const factors = partyFactors(job, name, s.header?.levels.length);
     if (factors === undefined) throw new Error(`party ${name} has no factors`);
     return { name, weight: partyWeight(job, name), factors, tensors: new Map([...s.held.values()].map((t) => [t.name, t.file])) };

@@ -38,6 +38,10 @@ export interface StoredParty {
   joined: boolean;
   /** Set once the party's DPA factor search has finished: the factors the merge uses. */
   chosen?: ChosenFactors;
+  /** Set while the job waits for this party to act again (jobs/party-stops.ts): why its work stopped. */
+  stoppedReason?: string;
+  /** True while the party's factor search is stopped (its evaluations failed): it resumes when the party rejoins. */
+  searchStopped?: boolean;
 }
 
 /** The outcome of a party's factor search. */

@@ -7,7 +7,7 @@
 import { Worker } from 'node:worker_threads';
 import { FormatError } from '../../proto/errors.js';
 import type { Checkpoint } from '../../proto/safetensors/index.js';
-import { mergeTensor, type TensorTask } from './tensor-merge.js';
+import { mergeTensor, SpooledTensorError, type TensorTask } from './tensor-merge.js';
 
 /** A merged tensor a runner lends out: call `release()` once it is written, so that its memory takes the next result. */
 export interface MergedTensor {
@@ -101,7 +101,23 @@ export function inlineRunner(base: Checkpoint): MergeRunner {
 }
 
 /** A message from a merge worker: on success the result is the first `byteLength` bytes of `buffer`, whose ownership moves here. */
-export type WorkerReply = { ok: true; buffer: ArrayBuffer; byteLength: number } | { ok: false; name: string; message: string; code?: string };
+export type WorkerReply = { ok: true; buffer: ArrayBuffer; byteLength: number } | ({ ok: false } & WorkerFailure);
+
+/** A worker's error as posted: its name and message, a file system error's code, and what a {@link SpooledTensorError} carries. */
+export interface WorkerFailure {
+  name: string;
+  message: string;
+  code?: string;
+  spooled?: { party: string; reason: string; file: string; tensor: string };
+}
+
+/** A worker's error as it is posted. */
+export function workerFailure(err: unknown): WorkerFailure {
+  const e = err instanceof Error ? err : new Error(String(err));
+  if (e instanceof SpooledTensorError) return { name: e.name, message: e.message, spooled: { party: e.party, reason: e.reason, file: e.spoolFile, tensor: e.tensorName } };
+  const code = (e as NodeJS.ErrnoException).code;
+  return { name: e.name, message: e.message, ...(typeof code === 'string' ? { code } : {}) };
+}
 
 /** A message to a merge worker: a tensor to merge, or output memory to reuse. */
 export type WorkerRequest = { task: TensorTask; numel: number } | { reuse: ArrayBuffer };
@@ -178,7 +194,9 @@ export function workerRunner(basePath: string, workers: number): MergeRunner {
  * name the spool file and tensor) and a file system error's code (a full or
  * failing disk pauses the job instead of failing it).
  */
-function revive(reply: { name: string; message: string; code?: string }): Error {
+function revive(reply: WorkerFailure): Error {
+  const s = reply.spooled;
+  if (s !== undefined) return new SpooledTensorError(s.party, s.reason, s.file, s.tensor);
   const err = /FormatError$|^ChecksumError$|^TruncatedError$|^UnsupportedDtypeError$/.test(reply.name) ? new FormatError(reply.message) : new Error(reply.message);
   err.name = reply.name;
   if (reply.code !== undefined) Object.assign(err, { code: reply.code });

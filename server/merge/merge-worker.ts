@@ -1,7 +1,7 @@
 /** Worker thread entry of the merge: opens the base once, then merges one tensor per message. */
 import { parentPort, workerData } from 'node:worker_threads';
 import { Checkpoint } from '../../proto/safetensors/index.js';
-import { AccumulatorPool, OutputPool, type WorkerReply, type WorkerRequest } from './merge-runner.js';
+import { AccumulatorPool, OutputPool, workerFailure, type WorkerReply, type WorkerRequest } from './merge-runner.js';
 import { mergeTensor } from './tensor-merge.js';
 
 const port = parentPort!;
@@ -24,10 +24,6 @@ port.on('message', (msg: WorkerRequest) => {
         const reply: WorkerReply = { ok: true, buffer: owned.buffer as ArrayBuffer, byteLength: owned.byteLength };
         port.postMessage(reply, [reply.buffer]);
       },
-      (err: unknown) => {
-        const e = err instanceof Error ? err : new Error(String(err));
-        const code = (e as NodeJS.ErrnoException).code;
-        port.postMessage({ ok: false, name: e.name, message: e.message, ...(typeof code === 'string' ? { code } : {}) } satisfies WorkerReply);
-      },
+      (err: unknown) => port.postMessage({ ok: false, ...workerFailure(err) } satisfies WorkerReply),
     );
 });

@@ -21,6 +21,7 @@ import { FormatError } from '../../proto/errors.js';
 import { Checkpoint, CheckpointWriter, type CheckpointLayout } from '../../proto/safetensors/index.js';
 import type { MergedFileInfo } from '../jobs/job-store.js';
 import { inlineRunner, type MergeRunner, workerRunner } from './merge-runner.js';
+import type { Contribution } from './tensor-merge.js';
 
 /** One party's contribution. */
 export interface MergeParty {
@@ -76,7 +77,8 @@ export function defaultMergeWorkers(): number {
 
 /**
  * Writes the merged checkpoint.
- * @throws FormatError naming the spool file and tensor if a spooled tensor is damaged or does not fit the base.
+ * @throws SpooledTensorError naming the party, spool file and tensor if a spooled tensor is damaged or gone;
+ *   FormatError if a spooled tensor does not fit the base.
  * @throws The signal's reason when aborted; Error from the file system.
  */
 export async function mergeCheckpoint(input: MergeInput): Promise<MergeResult> {
@@ -108,10 +110,7 @@ export async function mergeCheckpoint(input: MergeInput): Promise<MergeResult> {
       const one = async (name: string): Promise<void> => {
         signal?.throwIfAborted();
         const info = base.info(name);
-        const contributions = input.parties.flatMap((p) => {
-          const file = p.tensors.get(name);
-          return file === undefined ? [] : [{ file, weight: p.weight, factors: [...p.factors] }];
-        });
+        const contributions = contributionsTo(name, input.parties);
         if (contributions.length === 0) {
           await writer.writeTensor(name, await base.readRaw(name, readOpts));
         } else {
@@ -142,6 +141,14 @@ export async function mergeCheckpoint(input: MergeInput): Promise<MergeResult> {
   } finally {
     await base.close();
   }
+}
+
+/** The parties' entries of one tensor, in the parties' order: what a tensor merge adds to the base. */
+export function contributionsTo(tensor: string, parties: readonly MergeParty[]): Contribution[] {
+  return parties.flatMap((p) => {
+    const file = p.tensors.get(tensor);
+    return file === undefined ? [] : [{ party: p.name, file, weight: p.weight, factors: [...p.factors] }];
+  });
 }
 
 /** Runs `fn` over `items` with at most `width` calls pending; the first failure stops new calls and is thrown once all pending ones settled. */

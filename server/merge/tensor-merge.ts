@@ -9,6 +9,8 @@ import { addChunkScaled, partitionFactor, readDeltaFile, TensorAssembler } from 
 
 /** One party's entries of a tensor. */
 export interface Contribution {
+  /** The party whose entries these are (named by {@link SpooledTensorError}). */
+  party: string;
   /** Spool file: a one-tensor `.dppa` file. */
   file: string;
   /** Weight c_i of the party's delta. */
@@ -27,12 +29,31 @@ export interface TensorTask {
 }
 
 /**
+ * A party's spooled tensor cannot be used: damaged, cut short, another tensor,
+ * or gone. The fault is that party's data alone: the job sends the party back
+ * to collecting, with this tensor discarded, instead of failing.
+ */
+export class SpooledTensorError extends FormatError {
+  override name = 'SpooledTensorError';
+  constructor(
+    readonly party: string,
+    /** What is wrong, naming the spool file and tensor. */
+    readonly reason: string,
+    readonly spoolFile: string,
+    readonly tensorName: string,
+    opts: ErrorOptions = {},
+  ) {
+    super(`party ${party}: ${reason}`, opts);
+  }
+}
+
+/**
  * Merges one tensor.
  * @param buffer - Reused fp32 accumulator; must hold the tensor's elements.
  * @param out - Reused output memory, used if it holds the result (2-byte aligned). @default new memory
  * @returns The merged tensor in the base's dtype (bf16/f16 rounded to nearest even): the start of
  *   `out` when it was used, otherwise new memory (never a view of `buffer`).
- * @throws FormatError naming the spool file and tensor if a spooled tensor is damaged or is another tensor.
+ * @throws SpooledTensorError naming the party, spool file and tensor if a spooled tensor is damaged, is another tensor or is gone.
  */
 export async function mergeTensor(base: Checkpoint, task: TensorTask, buffer: Float32Array, signal?: AbortSignal, out?: Uint8Array): Promise<Uint8Array> {
   const acc = await accumulateTensor(base, task, buffer, signal);
@@ -58,8 +79,22 @@ export async function accumulateTensor(base: Checkpoint, task: TensorTask, buffe
   return acc;
 }
 
-/** Adds `c_i · f_p · Δ|p` of one spooled tensor into `acc`, chunk by chunk, checking every record again. */
+/**
+ * Adds `c_i · f_p · Δ|p` of one spooled tensor into `acc`, chunk by chunk, checking every record again.
+ * @throws SpooledTensorError when the spool file is unusable or missing.
+ */
 async function addSpooled(acc: Float32Array, name: string, c: Contribution, outsideByMax: boolean, opts: { signal?: AbortSignal }): Promise<void> {
+  try {
+    await addSpooledFile(acc, name, c, outsideByMax, opts);
+  } catch (err) {
+    if (opts.signal?.aborted === true) throw err;
+    if (err instanceof FormatError) throw new SpooledTensorError(c.party, err.message, c.file, name, { cause: err });
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new SpooledTensorError(c.party, `${c.file}, tensor "${name}": the spool file is gone`, c.file, name, { cause: err });
+    throw err;
+  }
+}
+
+async function addSpooledFile(acc: Float32Array, name: string, c: Contribution, outsideByMax: boolean, opts: { signal?: AbortSignal }): Promise<void> {
   const { file } = c;
   let assembler: TensorAssembler | undefined;
   for await (const record of readDeltaFile(file, opts)) {

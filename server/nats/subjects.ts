@@ -45,6 +45,7 @@ export const EVENT_KINDS = {
   merged: 'merged',
   failed: 'failed',
   paused: 'paused',
+  partyStopped: 'party_stopped',
 } as const satisfies Record<keyof Omit<JobEvent, 'jobId' | 'seq' | 'time'>, string>;
 
 /** Last token of an event subject. */

@@ -4,7 +4,8 @@
  * decides which stream it may open (its own, one at a time); the requests come
  * from the broker (dpa/remote-evaluators.ts), which re-sends an unanswered one
  * when the party reconnects. The stream ends, with OK, when the party's search
- * is over.
+ * is over, and with FAILED_PRECONDITION when it stopped (its evaluation
+ * failed); a party whose search stopped resumes it by opening a new stream.
  */
 import type { EvaluationReply, EvaluationRequest, EvaluationServiceServer } from '../../proto/gen/dppa/v1/evaluation.js';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
@@ -20,6 +21,8 @@ export interface EvaluationServiceDeps {
   store: JobStore;
   broker: RemoteEvaluators;
   auth: Authenticator;
+  /** Resumes the search of a party that rejoins after its search stopped (jobs/job-runner.ts). */
+  runner: { rejoin(jobId: string, party: string): Promise<void> };
 }
 
 /** The EvaluationService implementation. */
@@ -48,6 +51,8 @@ async function serve(deps: EvaluationServiceDeps, requests: AsyncIterable<Evalua
     },
   });
   try {
+    // Connected first, so that the resumed search's first request finds the stream.
+    await deps.runner.rejoin(hello.jobId, hello.party);
     const stop = AbortSignal.any([ctx.signal, ended.signal]);
     for (;;) {
       const next = await until(messages.next(), stop);

@@ -34,6 +34,7 @@ export function jobView(job: StoredJob, spool: Spool, pause: Pause | undefined):
         factors: factors ?? [],
         // Fixed factors (and DPA off) are final as soon as they are known; searched ones once chosen.
         factorsFinal: !searchesFactors(job) || p.chosen !== undefined,
+        stoppedReason: p.stoppedReason ?? '',
       };
     }),
     evaluations: job.evaluations,

@@ -155,6 +155,20 @@ export class PartySpool {
   }
 
   /**
+   * Deletes tensors found unusable after they were accepted (a damaged spool
+   * file): they are no longer held, so the party's upload is incomplete and
+   * a push sends them again.
+   */
+  async drop(names: readonly string[]): Promise<void> {
+    for (const name of names) {
+      const t = this.held.get(name);
+      if (t === undefined) continue;
+      await rm(t.file, { force: true });
+      this.held.delete(name);
+    }
+  }
+
+  /**
    * Reads back what a previous run left: the header and every complete tensor
    * file; temporary files (tensors cut off mid-way) and files that do not fit
    * the header are deleted.
@@ -190,6 +204,11 @@ export class PartySpool {
     for (const name of names) {
       const m = TENSOR_FILE.exec(name);
       if (m !== null) found.push({ index: Number(m[1]), file: join(this.dir, name) });
+    }
+    if (!prune) {
+      // Dropped on another replica (drop()): no longer held.
+      const present = new Set(found.map((f) => f.file));
+      for (const [name, t] of this.held) if (!present.has(t.file)) this.held.delete(name);
     }
     for (const { index, file } of found.sort((a, b) => a.index - b.index)) {
       const plan = this.header?.tensors[index];

@@ -1,7 +1,7 @@
 import { resolve } from 'node:path';
 import { parse, required } from '../args.js';
 import { out, type Command } from '../command.js';
-import { EVAL_HELP, defaultWorkDir, evalFlags, keptDeltaPath, requireRemoteSearch, serveEvaluations } from '../eval-command.js';
+import { EVAL_HELP, defaultWorkDir, evalFlags, evalRetries, keptDeltaPath, requireRemoteSearch, serveEvaluations } from '../eval-command.js';
 import { EXIT } from '../exit-codes.js';
 import { PARTY_TOKEN_HELP, SERVER_HELP, clientOptions, partyToken, partyTokenFlags, serverFlags, withClient } from '../server-flags.js';
 
@@ -36,8 +36,9 @@ Output:
   -h, --help               this text
 
 Exit codes: 0 ok (the search is over), 2 bad command line, 3 bad delta or checkpoints, 4 the server
-refused or failed (the job failed, or does not ask this party), 5 the evaluation command failed (the
-job fails with its message), 130 interrupted (run again to rejoin).
+refused or failed (the job failed, or does not ask this party), 5 the evaluation command kept failing
+(this party's search stopped with its message; fix it and run again to resume), 130 interrupted
+(run again to rejoin).
 `;
 
 /** `dppa evaluate`: see the help text above. */
@@ -68,6 +69,7 @@ export const evaluateCommand: Command = {
       delta: resolve(v.delta ?? keptDeltaPath(workDir)),
       workDir,
       command: required(v['eval-cmd'], 'eval-cmd'),
+      retries: evalRetries(v['eval-retries']),
       json: v.json === true,
     };
     return withClient(clientOptions(v, partyToken(v)), async (client, signal, progress) => {

@@ -24,9 +24,10 @@ ${PARTY_TOKEN_HELP}
 Output:
   --json                   one JSON object per line: { jobId, seq, time, type, ... } where type is
                            partyJoined, uploadProgress, uploadComplete, stateChanged (from, to:
-                           lower-case states), evaluationDone, factorsChosen, mergeProgress,
-                           paused (reason, attempts, since, nextAttemptAt: a storage failure on
-                           the server holds the job up), merged or failed
+                           lower-case states), evaluationDone, factorsChosen, partyStopped
+                           (party, reason, discardedTensors), mergeProgress, paused (reason,
+                           attempts, since, nextAttemptAt: a storage failure on the server holds
+                           the job up), merged or failed
   -h, --help               this text
 
 Exit codes: 0 the stream ended (the job merged), 2 bad command line, 4 the job failed or the

@@ -1,7 +1,7 @@
 import { resolve } from 'node:path';
 import { parse, num, required } from '../args.js';
 import { out, type Command } from '../command.js';
-import { EVAL_HELP, defaultWorkDir, evalFlags, keptDeltaPath, requireRemoteSearch, serveEvaluations } from '../eval-command.js';
+import { EVAL_HELP, defaultWorkDir, evalFlags, evalRetries, keptDeltaPath, requireRemoteSearch, serveEvaluations } from '../eval-command.js';
 import { EXIT, UsageError } from '../exit-codes.js';
 import { formatBytes } from '../progress.js';
 import { pruneFlags, pruneSettings } from '../prune-flags.js';
@@ -57,7 +57,8 @@ Output:
 Exit codes: 0 ok (the server holds the whole upload; with --eval-cmd, the search is over), 2 bad
 command line, 3 bad or mismatched checkpoints or delta (another base, rate or method than the job's),
 4 the server refused or failed (or the job no longer collects, or it failed during the search),
-5 the evaluation command failed (the job fails with its message), 130 interrupted (run again to resume).
+5 the evaluation command kept failing (this party's search stopped with its message; fix it and run
+dppa evaluate to resume), 130 interrupted (run again to resume).
 `;
 
 /** `dppa push`: see the help text above. */
@@ -84,6 +85,7 @@ export const pushCommand: Command = {
     const party = required(v.party, 'party');
     const command = v['eval-cmd'];
     if (command === undefined && v['work-dir'] !== undefined) throw new UsageError('--work-dir goes with --eval-cmd');
+    if (command === undefined && v['eval-retries'] !== undefined) throw new UsageError('--eval-retries goes with --eval-cmd');
     const workDir = resolve(v['work-dir'] ?? defaultWorkDir(jobId, party));
     let source: PushOptions;
     if (v.delta !== undefined) {
@@ -104,7 +106,7 @@ export const pushCommand: Command = {
     const evaluation =
       command === undefined
         ? undefined
-        : { jobId, party, base: required(v.base, 'base'), finetuned: required(v.finetuned, 'finetuned'), delta: source.delta ?? source.keepDelta!, workDir, command, json: v.json === true };
+        : { jobId, party, base: required(v.base, 'base'), finetuned: required(v.finetuned, 'finetuned'), delta: source.delta ?? source.keepDelta!, workDir, command, retries: evalRetries(v['eval-retries']), json: v.json === true };
     return withClient(clientOptions(v, partyToken(v)), async (client, signal, progress) => {
       if (evaluation !== undefined) requireRemoteSearch(await client.getJob(jobId, { signal }), party);
       const state = await client.push(source, {

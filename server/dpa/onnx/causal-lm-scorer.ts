@@ -94,6 +94,19 @@ function checkIds(ids: readonly number[], answer: readonly number[], vocab: numb
 }
 
 /**
+ * Checks, before any forward pass, what scoring would find wrong with a task
+ * on this model: token ids outside the vocabulary (when the model's output
+ * declares its size), answers longer than `maxSequence`.
+ * @throws TaskDataError naming file and line.
+ */
+export function checkTask(task: LoadedTask, vocab: number | undefined, maxSequence: number | undefined): void {
+  for (const ex of task.examples) {
+    const input = exampleInput(ex, task.file, maxSequence);
+    if (vocab !== undefined) checkIds(input, ex.answer, vocab, task, ex.line);
+  }
+}
+
+/**
  * Scores every example of a task.
  * @returns One value per example, in file order: 1 or 0 for `exact_match`, the mean answer-token log-probability for `log_likelihood`.
  * @throws TaskDataError for an example that does not fit the model.

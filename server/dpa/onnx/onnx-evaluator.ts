@@ -6,7 +6,7 @@
  */
 import * as ort from 'onnxruntime-node';
 import { f16ToF32, f32ToF16 } from '../../../proto/safetensors/dtype.js';
-import { scoreTask, METRICS, type ForwardFn, type Metric } from './causal-lm-scorer.js';
+import { checkTask, scoreTask, METRICS, type ForwardFn, type Metric } from './causal-lm-scorer.js';
 import { OnnxEvaluatorError, OnnxModelError, ProviderUnavailableError } from './errors.js';
 import {
   checkNameMap, encodeWithWeightInputs, encodeWithWeightValues, inlineExternalData, loadNameMap, planWeights, readModel,
@@ -255,12 +255,15 @@ export class OnnxEvaluator {
   }
 
   /**
-   * Reads and tokenizes task files with this evaluator's tokenizer; pass the
-   * result to {@link evaluate} to avoid reading them for every candidate.
+   * Reads and tokenizes task files with this evaluator's tokenizer, and checks
+   * that every example fits the model (token ids, length); pass the result to
+   * {@link evaluate} to avoid reading them for every candidate.
    * @throws TaskDataError naming file and line.
    */
-  loadTasks(tasks: readonly TaskSpec[]): Promise<LoadedTask[]> {
-    return loadTasks(tasks, this.tokenizer);
+  async loadTasks(tasks: readonly TaskSpec[]): Promise<LoadedTask[]> {
+    const loaded = await loadTasks(tasks, this.tokenizer);
+    for (const t of loaded) checkTask(t, this.#vocabSize, this.#o.maxSequence);
+    return loaded;
   }
 
   /**

@@ -488,6 +488,13 @@ export interface PartyStatus {
   factors: number[];
   /** True once the party's factor search has finished (or no search is needed). */
   factorsFinal: boolean;
+  /**
+   * Set while the job waits for this party to act again, saying why: tensors of
+   * its upload were found damaged and discarded (push again: only they are
+   * sent), or its evaluation command kept failing and its factor search stopped
+   * (run `dppa evaluate` again). Empty otherwise.
+   */
+  stoppedReason: string;
 }
 
 /** A merge job: its settings as created and its progress so far. */
@@ -597,6 +604,22 @@ export interface Merged {
   seconds: number;
 }
 
+/**
+ * One party's data or evaluations failed: that party's work stopped, the job
+ * waits for it, and every other party's work is kept.
+ */
+export interface PartyStopped {
+  /** Party name. */
+  party: string;
+  /** Why; the same text as its `PartyStatus.stopped_reason`. */
+  reason: string;
+  /**
+   * Tensors of its upload that were discarded, to be sent again (the job is
+   * back to COLLECTING); empty when its evaluations failed instead.
+   */
+  discardedTensors: string[];
+}
+
 /** The job failed (or was cancelled); no further events follow. */
 export interface Failed {
   /** Why; the same text as `Job.failure_reason`. */
@@ -648,7 +671,11 @@ export interface JobEvent {
     | Failed
     | undefined;
   /** A storage failure paused the job; it is tried again later. */
-  paused?: Pause | undefined;
+  paused?:
+    | Pause
+    | undefined;
+  /** A party's work stopped; the job waits for it. */
+  partyStopped?: PartyStopped | undefined;
 }
 
 function createBaseFixedFactors(): FixedFactors {
@@ -3595,6 +3622,7 @@ function createBasePartyStatus(): PartyStatus {
     uploadComplete: false,
     factors: [],
     factorsFinal: false,
+    stoppedReason: "",
   };
 }
 
@@ -3627,6 +3655,9 @@ export const PartyStatus: MessageFns<PartyStatus> = {
     }
     if (message.factorsFinal !== false) {
       writer.uint32(56).bool(message.factorsFinal);
+    }
+    if (message.stoppedReason !== "") {
+      writer.uint32(66).string(message.stoppedReason);
     }
     return writer;
   },
@@ -3710,6 +3741,14 @@ export const PartyStatus: MessageFns<PartyStatus> = {
             message.factorsFinal = reader.bool();
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.stoppedReason = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3753,6 +3792,11 @@ export const PartyStatus: MessageFns<PartyStatus> = {
         : isSet(object.factors_final)
         ? globalThis.Boolean(object.factors_final)
         : false,
+      stoppedReason: isSet(object.stoppedReason)
+        ? globalThis.String(object.stoppedReason)
+        : isSet(object.stopped_reason)
+        ? globalThis.String(object.stopped_reason)
+        : "",
     };
   },
 
@@ -3779,6 +3823,9 @@ export const PartyStatus: MessageFns<PartyStatus> = {
     if (message.factorsFinal !== false) {
       obj.factorsFinal = message.factorsFinal;
     }
+    if (message.stoppedReason !== "") {
+      obj.stoppedReason = message.stoppedReason;
+    }
     return obj;
   },
 
@@ -3796,6 +3843,7 @@ export const PartyStatus: MessageFns<PartyStatus> = {
     message.uploadComplete = object.uploadComplete ?? false;
     message.factors = object.factors?.map((e) => e) || [];
     message.factorsFinal = object.factorsFinal ?? false;
+    message.stoppedReason = object.stoppedReason ?? "";
     return message;
   },
 };
@@ -4873,6 +4921,111 @@ export const Merged: MessageFns<Merged> = {
   },
 };
 
+function createBasePartyStopped(): PartyStopped {
+  return { party: "", reason: "", discardedTensors: [] };
+}
+
+export const PartyStopped: MessageFns<PartyStopped> = {
+  encode(message: PartyStopped, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.party !== "") {
+      writer.uint32(10).string(message.party);
+    }
+    if (message.reason !== "") {
+      writer.uint32(18).string(message.reason);
+    }
+    for (const v of message.discardedTensors) {
+      writer.uint32(26).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PartyStopped {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePartyStopped();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.party = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.discardedTensors.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PartyStopped {
+    return {
+      party: isSet(object.party) ? globalThis.String(object.party) : "",
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+      discardedTensors: globalThis.Array.isArray(object?.discardedTensors)
+        ? object.discardedTensors.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.discarded_tensors)
+        ? object.discarded_tensors.map((e: any) => globalThis.String(e))
+        : [],
+    };
+  },
+
+  toJSON(message: PartyStopped): unknown {
+    const obj: any = {};
+    if (message.party !== "") {
+      obj.party = message.party;
+    }
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    if (message.discardedTensors?.length) {
+      obj.discardedTensors = message.discardedTensors;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PartyStopped>): PartyStopped {
+    return PartyStopped.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PartyStopped>): PartyStopped {
+    const message = createBasePartyStopped();
+    message.party = object.party ?? "";
+    message.reason = object.reason ?? "";
+    message.discardedTensors = object.discardedTensors?.map((e) => e) || [];
+    return message;
+  },
+};
+
 function createBaseFailed(): Failed {
   return { reason: "" };
 }
@@ -4955,6 +5108,7 @@ function createBaseJobEvent(): JobEvent {
     merged: undefined,
     failed: undefined,
     paused: undefined,
+    partyStopped: undefined,
   };
 }
 
@@ -5001,6 +5155,9 @@ export const JobEvent: MessageFns<JobEvent> = {
     }
     if (message.paused !== undefined) {
       Pause.encode(message.paused, writer.uint32(154).fork()).join();
+    }
+    if (message.partyStopped !== undefined) {
+      PartyStopped.encode(message.partyStopped, writer.uint32(162).fork()).join();
     }
     return writer;
   },
@@ -5122,6 +5279,14 @@ export const JobEvent: MessageFns<JobEvent> = {
             message.paused = Pause.decode(reader, reader.uint32());
             continue;
           }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.partyStopped = PartyStopped.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5181,6 +5346,11 @@ export const JobEvent: MessageFns<JobEvent> = {
       merged: isSet(object.merged) ? Merged.fromJSON(object.merged) : undefined,
       failed: isSet(object.failed) ? Failed.fromJSON(object.failed) : undefined,
       paused: isSet(object.paused) ? Pause.fromJSON(object.paused) : undefined,
+      partyStopped: isSet(object.partyStopped)
+        ? PartyStopped.fromJSON(object.partyStopped)
+        : isSet(object.party_stopped)
+        ? PartyStopped.fromJSON(object.party_stopped)
+        : undefined,
     };
   },
 
@@ -5225,6 +5395,9 @@ export const JobEvent: MessageFns<JobEvent> = {
     if (message.paused !== undefined) {
       obj.paused = Pause.toJSON(message.paused);
     }
+    if (message.partyStopped !== undefined) {
+      obj.partyStopped = PartyStopped.toJSON(message.partyStopped);
+    }
     return obj;
   },
 
@@ -5265,6 +5438,9 @@ export const JobEvent: MessageFns<JobEvent> = {
       : undefined;
     message.paused = (object.paused !== undefined && object.paused !== null)
       ? Pause.fromPartial(object.paused)
+      : undefined;
+    message.partyStopped = (object.partyStopped !== undefined && object.partyStopped !== null)
+      ? PartyStopped.fromPartial(object.partyStopped)
       : undefined;
     return message;
   },

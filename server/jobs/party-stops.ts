@@ -1,0 +1,89 @@
+/**
+ * Stopping one party's work instead of failing its job: what goes wrong with
+ * one party's data or evaluations is that party's to fix, and every other
+ * party's uploads and evaluations are kept.
+ *
+ * - A spooled tensor found unusable at merge or in an ONNX search (damaged
+ *   on disk, gone) sends its party back to collecting: the job moves to
+ *   COLLECTING first, then the tensor is dropped, so that a crash in between
+ *   leaves a job that finds the same damage again rather than one that
+ *   merges without the tensor. The party's push sends it again.
+ * - A party whose evaluations keep failing has its search stopped (the job
+ *   stays in DPA); `dppa evaluate` resumes it (rpc/evaluation-service.ts).
+ *
+ * Either way the party's `stopped_reason` says why and a `party_stopped`
+ * event announces it.
+ */
+import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
+import type { SpooledTensorError } from '../merge/tensor-merge.js';
+import type { Spool } from '../uploads/spool.js';
+import type { StoredJob } from './job-store.js';
+import { StateConflictError, transitionJob, type TransitionDeps } from './job-transitions.js';
+
+/** What a party stop needs. */
+export interface PartyStopDeps extends TransitionDeps {
+  spool: Spool;
+}
+
+/**
+ * Sends the party of an unusable spooled tensor back to collecting: the job
+ * moves from `from` to COLLECTING with the party's reason, the tensor is
+ * dropped, `party_stopped` is announced.
+ * @returns False, doing nothing, when the job is no longer in `from` (another replica sent it back first, or it ended).
+ */
+export async function sendPartyBack(deps: PartyStopDeps, jobId: string, from: JobState, err: SpooledTensorError): Promise<boolean> {
+  const reason = `tensor "${err.tensorName}" of its upload cannot be used (${err.reason}); it was discarded: push again to send it`;
+  try {
+    await transitionJob(deps, jobId, JobState.JOB_STATE_COLLECTING, { from, change: (j) => (partyOf(j, err.party).stoppedReason = reason) });
+  } catch (e) {
+    if (e instanceof StateConflictError) return false;
+    throw e;
+  }
+  await deps.spool.party(jobId, err.party).drop([err.tensorName]);
+  await deps.events.append(jobId, { partyStopped: { party: err.party, reason, discardedTensors: [err.tensorName] } });
+  deps.log.warn('party sent back to collecting', { jobId, party: err.party, tensor: err.tensorName, err: err.message });
+  return true;
+}
+
+/**
+ * Stops a party's factor search (its evaluations keep failing): the job
+ * stays in DPA and waits for the party to rejoin.
+ * @returns The reason recorded.
+ */
+export async function stopPartySearch(deps: TransitionDeps, jobId: string, party: string, why: string): Promise<string> {
+  const reason = `its evaluation failed: ${why}; its search stopped: run dppa evaluate again to resume it`;
+  await deps.store.update(jobId, (j) => {
+    const p = partyOf(j, party);
+    p.stoppedReason = reason;
+    p.searchStopped = true;
+  });
+  await deps.events.append(jobId, { partyStopped: { party, reason, discardedTensors: [] } });
+  deps.log.warn('party search stopped', { jobId, party, reason: why });
+  return reason;
+}
+
+/**
+ * Clears a party's stop, when it rejoins its search.
+ * @returns True if it was stopped.
+ */
+export async function resumeParty(deps: TransitionDeps, jobId: string, party: string): Promise<boolean> {
+  if (partyOf(deps.store.get(jobId), party).searchStopped !== true) return false;
+  await deps.store.update(jobId, (j) => {
+    const p = partyOf(j, party);
+    delete p.stoppedReason;
+    delete p.searchStopped;
+  });
+  deps.log.info('party resumes its search', { jobId, party });
+  return true;
+}
+
+/** Clears the reasons of parties sent back to collecting: the job moves on with every upload in. */
+export function clearSentBack(job: StoredJob): void {
+  for (const p of job.parties) if (p.searchStopped !== true) delete p.stoppedReason;
+}
+
+function partyOf(job: StoredJob, party: string): StoredJob['parties'][number] {
+  const p = job.parties.find((x) => x.name === party);
+  if (p === undefined) throw new Error(`job ${job.id} has no party ${party}`);
+  return p;
+}
