@@ -63,8 +63,3 @@ export function toStatus(err: unknown, log: Logger): RpcStatus {
   log.error('internal error', { reference, err: err instanceof Error ? err : String(err) });
   return { code: Code.INTERNAL, details: `internal error (reference ${reference}; the server log has the details)` };
 }
-
-/** Name of a status code for metric labels, e.g. `INVALID_ARGUMENT`. */
-export function codeName(code: Code): string {
-  return Code[code] ?? String(code);
-}
