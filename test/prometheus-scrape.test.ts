@@ -66,7 +66,7 @@ describe('a real Prometheus scraping a real dppa serve', () => {
 
   /** An instant query; throws with Prometheus' error when it fails. */
   async function query(expr: string): Promise<{ metric: Record<string, string>; value: [number, string] }[]> {
-    const res = await fetch(`${promUrl}/api/v1/query?${new URLSearchParams({ query: expr })}`);
+    const res = await fetch(`${promUrl}/api/v1/query?${new URLSearchParams({ query: expr }).toString()}`);
     const body = (await res.json()) as { status: string; error?: string; data?: { resultType: string; result: { metric: Record<string, string>; value: [number, string] }[] } };
     if (body.status !== 'success') throw new Error(`${expr}: ${body.error ?? res.status}`);
     return body.data!.result;
