@@ -42,6 +42,7 @@ interface Manifest {
     selector?: { matchLabels?: Record<string, string>; matchExpressions?: { key: string; operator: string; values: string[] }[] } & Record<string, string>;
     template?: PodTemplate;
     serviceName?: string;
+    replicas?: number;
     clusterIP?: string;
     ports?: Port[];
     volumeClaimTemplates?: { metadata: { name: string }; spec: { accessModes: string[] } }[];
