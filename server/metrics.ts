@@ -8,6 +8,7 @@
  */
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import type { status as Code } from '@grpc/grpc-js';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 
 /** Reads values that live elsewhere at scrape time. */
@@ -16,23 +17,67 @@ export interface MetricsSources {
   jobsByState(): Record<string, number>;
   /** Bytes of upload spool on disk. */
   spoolBytes(): number;
+  /** Free and total bytes of the file system holding the data folder. */
+  dataDisk(): Promise<{ freeBytes: number; sizeBytes: number }>;
 }
+
+/** The kind of a gRPC call, as the grpc-ecosystem metrics name it. */
+export type GrpcType = 'unary' | 'client_stream' | 'server_stream' | 'bidi_stream';
+
+/** Status code names as grpc-go spells them (the `grpc_code` label of the grpc-ecosystem metrics), by code. */
+const GRPC_CODES = [
+  'OK', 'Canceled', 'Unknown', 'InvalidArgument', 'DeadlineExceeded', 'NotFound', 'AlreadyExists', 'PermissionDenied', 'ResourceExhausted',
+  'FailedPrecondition', 'Aborted', 'OutOfRange', 'Unimplemented', 'Internal', 'Unavailable', 'DataLoss', 'Unauthenticated',
+];
+
+/** What one gRPC call records: its messages and its end. */
+export interface RpcCallMetrics {
+  /** A message came from the caller. */
+  received(): void;
+  /** A message went to the caller. */
+  sent(): void;
+  /** The call ended with `code`; records its duration. */
+  handled(code: Code): void;
+}
+
+/** Labels of the grpc-ecosystem metrics. */
+type GrpcLabel = 'grpc_type' | 'grpc_service' | 'grpc_method';
 
 /** Every metric the server exports. */
 export class Metrics {
   /** The registry the metrics live in; `metrics()` renders it. */
   readonly registry = new Registry();
-  readonly rpcRequests = new Counter({
-    name: 'dppa_rpc_requests_total',
-    help: 'gRPC calls finished, by method and status code.',
-    labelNames: ['method', 'code'] as const,
+  // The gRPC server metrics under go-grpc-middleware's names and labels, so that stock gRPC dashboards and alerts work.
+  private readonly grpcStarted = new Counter<GrpcLabel>({
+    name: 'grpc_server_started_total',
+    help: 'Total number of RPCs started on the server.',
+    labelNames: ['grpc_type', 'grpc_service', 'grpc_method'],
     registers: [this.registry],
   });
-  readonly rpcDuration = new Histogram({
-    name: 'dppa_rpc_duration_seconds',
-    help: 'Duration of gRPC calls, by method (streams: until their status is sent).',
-    labelNames: ['method'] as const,
-    buckets: [0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10, 60, 300, 1800],
+  private readonly grpcHandled = new Counter<GrpcLabel | 'grpc_code'>({
+    name: 'grpc_server_handled_total',
+    help: 'Total number of RPCs completed on the server, regardless of success or failure.',
+    labelNames: ['grpc_type', 'grpc_service', 'grpc_method', 'grpc_code'],
+    registers: [this.registry],
+  });
+  private readonly grpcHandlingSeconds = new Histogram<GrpcLabel>({
+    name: 'grpc_server_handling_seconds',
+    help: 'Histogram of response latency (seconds) of gRPC that had been application-level handled by the server (streams: until their status is sent).',
+    labelNames: ['grpc_type', 'grpc_service', 'grpc_method'],
+    // Uploads, downloads and watches are streams of minutes to hours.
+    buckets: [0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10, 60, 300, 1800, 7200],
+    registers: [this.registry],
+  });
+  private readonly grpcMsgReceived = new Counter<GrpcLabel>({
+    name: 'grpc_server_msg_received_total',
+    help: 'Total number of RPC stream messages received on the server.',
+    labelNames: ['grpc_type', 'grpc_service', 'grpc_method'],
+    registers: [this.registry],
+  });
+  private readonly grpcMsgSent = new Counter<GrpcLabel>({
+    name: 'grpc_server_msg_sent_total',
+    help: 'Total number of gRPC stream messages sent by the server.',
+    labelNames: ['grpc_type', 'grpc_service', 'grpc_method'],
     registers: [this.registry],
   });
   readonly uploadBytes = new Counter({
@@ -84,9 +129,25 @@ export class Metrics {
     buckets: [0.01, 0.1, 1, 10, 60, 300, 900, 3600, 14400],
     registers: [this.registry],
   });
+  readonly dpaEvaluationFailures = new Counter({
+    name: 'dppa_dpa_evaluation_failures_total',
+    help: 'Candidates of DPA factor searches whose scoring failed (the party reported an error or timed out, the ONNX evaluator failed), by evaluator.',
+    labelNames: ['evaluator'] as const,
+    registers: [this.registry],
+  });
+  readonly dpaDomainRatio = new Histogram({
+    name: 'dppa_dpa_domain_ratio',
+    help: 'Domain-Ratio (the search score: candidate score over the dense fine-tuned score) of each amplified candidate evaluated, by evaluator.',
+    labelNames: ['evaluator'] as const,
+    buckets: [0.1, 0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1, 1.05, 1.1, 1.25, 1.5],
+    registers: [this.registry],
+  });
 
-  /** @param sources - Read at every scrape for the gauges of jobs and spool. */
-  constructor(sources: MetricsSources) {
+  /**
+   * @param sources - Read at every scrape for the gauges of jobs, spool and disk.
+   * @param build - What `dppa_build_info` says besides the Node version.
+   */
+  constructor(sources: MetricsSources, build: { version: string; commit: string }) {
     new Gauge({
       name: 'dppa_jobs',
       help: 'Jobs known to the server, by state.',
@@ -105,7 +166,50 @@ export class Metrics {
         this.set(sources.spoolBytes());
       },
     });
+    new Gauge({
+      name: 'dppa_data_disk_free_bytes',
+      help: 'Bytes free for the server on the file system of its data folder.',
+      registers: [this.registry],
+      async collect() {
+        this.set((await sources.dataDisk()).freeBytes);
+      },
+    });
+    new Gauge({
+      name: 'dppa_data_disk_size_bytes',
+      help: 'Size in bytes of the file system of the data folder.',
+      registers: [this.registry],
+      async collect() {
+        this.set((await sources.dataDisk()).sizeBytes);
+      },
+    });
+    new Gauge({
+      name: 'dppa_build_info',
+      help: 'Always 1; the labels say which build of the server runs.',
+      labelNames: ['version', 'commit', 'node_version'] as const,
+      registers: [this.registry],
+    }).set({ version: build.version, commit: build.commit, node_version: process.version }, 1);
     collectDefaultMetrics({ register: this.registry });
+    // Gauges named like counters (promtool check metrics flags them); the sum by type of nodejs_active_{handles,requests,resources} says the same.
+    for (const name of ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total']) this.registry.removeSingleMetric(name);
+  }
+
+  /**
+   * Starts recording one gRPC call (`grpc_server_started_total`; the handling time runs from here).
+   * @param path - `package.Service/Method`, e.g. `dppa.v1.JobService/CreateJob`.
+   */
+  startRpc(type: GrpcType, path: string): RpcCallMetrics {
+    const slash = path.lastIndexOf('/');
+    const labels = { grpc_type: type, grpc_service: path.slice(0, slash), grpc_method: path.slice(slash + 1) };
+    this.grpcStarted.inc(labels);
+    const endTimer = this.grpcHandlingSeconds.startTimer(labels);
+    return {
+      received: () => this.grpcMsgReceived.inc(labels),
+      sent: () => this.grpcMsgSent.inc(labels),
+      handled: (code) => {
+        endTimer();
+        this.grpcHandled.inc({ ...labels, grpc_code: GRPC_CODES[code] ?? String(code) });
+      },
+    };
   }
 }
 

@@ -8,7 +8,7 @@
  * (cluster/): jobs in a KV bucket, events in the events stream, merges as
  * tasks on a work queue, and the data folder shared between replicas.
  */
-import { readFile, readdir, rm } from 'node:fs/promises';
+import { readFile, readdir, rm, statfs } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Server, ServerCredentials } from '@grpc/grpc-js';
 import { DownloadServiceService } from '../proto/gen/dppa/v1/download.js';
@@ -16,6 +16,7 @@ import { EvaluationServiceService } from '../proto/gen/dppa/v1/evaluation.js';
 import { JobServiceService } from '../proto/gen/dppa/v1/jobs.js';
 import { UploadServiceKeepingRecords } from './uploads/received-record.js';
 import { HealthService } from '../proto/gen/grpc/health/v1/health.js';
+import { buildInfo } from './build-info.js';
 import { Cluster } from './cluster/cluster.js';
 import { MergeTasks } from './cluster/merge-tasks.js';
 import { SearchTasks } from './cluster/search-tasks.js';
@@ -159,7 +160,10 @@ export class DppaServer {
       await cluster?.leave();
       throw err;
     }
-    const metrics = new Metrics({ jobsByState: () => store.countByState(), spoolBytes: () => spool.totalBytes() });
+    const metrics = new Metrics(
+      { jobsByState: () => store.countByState(), spoolBytes: () => spool.totalBytes(), dataDisk: () => diskSpace(o.dataDir) },
+      buildInfo(),
+    );
     let publisher: NatsEventPublisher | undefined;
     if (o.nats !== undefined && fileEvents !== undefined) {
       // Before any listener: a server that should publish events but cannot reach NATS does not start.
@@ -290,6 +294,11 @@ async function removeStaleOutputs(jobDir: string): Promise<void> {
   for (const name of await readdir(jobDir)) {
     if (name.startsWith('merged.tmp-') || name.startsWith('merged.old-')) await rm(join(jobDir, name), { recursive: true, force: true });
   }
+}
+
+async function diskSpace(dir: string): Promise<{ freeBytes: number; sizeBytes: number }> {
+  const fs = await statfs(dir);
+  return { freeBytes: fs.bavail * fs.bsize, sizeBytes: fs.blocks * fs.bsize };
 }
 
 async function credentials(o: ResolvedServerOptions): Promise<ServerCredentials> {

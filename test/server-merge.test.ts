@@ -328,8 +328,8 @@ describe('aggregation server: job, uploads, merge, download', () => {
     assert.ok(samples.get('dppa_merge_bytes_total')! > 0);
     assert.equal(samples.get('dppa_jobs{state="MERGED"}'), 3, 'the main job, the one whose bad chunk was sent again and the one whose parties sent damaged tensors again');
     assert.equal(samples.get('dppa_uploads_active'), 0);
-    assert.ok(samples.get('dppa_rpc_requests_total{method="UploadService/Upload",code="OK"}')! >= 2);
-    assert.ok(samples.get('dppa_rpc_requests_total{method="JobService/CreateJob",code="PERMISSION_DENIED"}')! >= 1);
+    assert.ok(samples.get('grpc_server_handled_total{grpc_type="client_stream",grpc_service="dppa.v1.UploadService",grpc_method="Upload",grpc_code="OK"}')! >= 2);
+    assert.ok(samples.get('grpc_server_handled_total{grpc_type="unary",grpc_service="dppa.v1.JobService",grpc_method="CreateJob",grpc_code="PermissionDenied"}')! >= 1);
     assert.ok(samples.get('dppa_merge_duration_seconds_count')! >= 1);
     assert.ok(samples.has('process_cpu_user_seconds_total'));
     assert.ok([...samples.keys()].every((k) => !k.includes('party') && !k.includes('tensor=')), 'no per-party or per-tensor labels');

@@ -6,6 +6,7 @@ import { realpathSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { applyCommand } from './commands/apply.js';
 import { evaluateCommand } from './commands/evaluate.js';
+import { healthCommand } from './commands/health.js';
 import { inspectCommand } from './commands/inspect.js';
 import { jobCancelCommand } from './commands/job-cancel.js';
 import { jobCreateCommand } from './commands/job-create.js';
@@ -32,6 +33,7 @@ const commands: Command[] = [
   pushCommand,
   evaluateCommand,
   pullCommand,
+  healthCommand,
 ];
 
 /** `dppa job` alone, or with an unknown sub-command: the job commands. */

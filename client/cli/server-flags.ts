@@ -4,7 +4,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { DppaClient } from '../sdk/client.js';
-import { isLoopbackHost, parseAddress, type DppaClientOptions, type TlsOptions } from '../sdk/connection.js';
+import { isLoopbackHost, parseAddress, type DppaClientOptions, type TlsOptions, type TransportOptions } from '../sdk/connection.js';
 import { num, required } from './args.js';
 import { cancellable } from './command.js';
 import { UsageError } from './exit-codes.js';
@@ -115,6 +115,11 @@ export function anyToken(v: ServerFlagValues): string {
 
 /** Client options from the connection flags. */
 export function clientOptions(v: ServerFlagValues, token: string): DppaClientOptions {
+  return { ...transportOptions(v), token };
+}
+
+/** The connection flags without a token (health checks). */
+export function transportOptions(v: ServerFlagValues): TransportOptions {
   const address = required(v.server, 'server');
   let host: string;
   try {
@@ -132,7 +137,7 @@ export function clientOptions(v: ServerFlagValues, token: string): DppaClientOpt
   if (v['tls-cert'] !== undefined) tls.cert = v['tls-cert'];
   if (v['tls-key'] !== undefined) tls.key = v['tls-key'];
   if (v['tls-server-name'] !== undefined) tls.serverName = v['tls-server-name'];
-  const o: DppaClientOptions = { address, token };
+  const o: TransportOptions = { address };
   if (wantsTls) o.tls = tls;
   if (v.insecure === true) o.insecure = true;
   const timeoutMs = num(v['timeout-ms'], 'timeout-ms', { min: 1, integer: true });
@@ -149,15 +154,19 @@ export async function withClient<T>(options: DppaClientOptions, fn: (client: Dpp
   try {
     client = new DppaClient(options);
   } catch (err) {
-    // The SDK names its options (tls.ca: …); say it with the flags the user typed.
-    if (!(err instanceof RangeError)) throw err;
-    const flags: Record<string, string> = { 'tls.ca': '--tls-ca', 'tls.cert': '--tls-cert', 'tls.key': '--tls-key', timeoutMs: '--timeout-ms', token: 'the token', address: '--server' };
-    const message = err.message.replace(/^([\w.]+):/, (m, name: string) => `${flags[name] ?? name}:`);
-    throw new UsageError(message, { cause: err });
+    throw inFlagTerms(err);
   }
   try {
     return await cancellable((signal, progress) => fn(client, signal, progress));
   } finally {
     client.close();
   }
+}
+
+/** An SDK RangeError naming its option (tls.ca: …) as a UsageError naming the flag the user typed; anything else unchanged. */
+export function inFlagTerms(err: unknown): unknown {
+  if (!(err instanceof RangeError)) return err;
+  const flags: Record<string, string> = { 'tls.ca': '--tls-ca', 'tls.cert': '--tls-cert', 'tls.key': '--tls-key', timeoutMs: '--timeout-ms', token: 'the token', address: '--server' };
+  const message = err.message.replace(/^([\w.]+):/, (m, name: string) => `${flags[name] ?? name}:`);
+  return new UsageError(message, { cause: err });
 }

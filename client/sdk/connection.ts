@@ -50,17 +50,24 @@ export interface DppaClientOptions {
   maxMessageBytes?: number;
 }
 
-/** {@link DppaClientOptions} with every default filled in and the PEM files read. */
-export interface ResolvedClientOptions {
+/** What reaching a server takes, without a token: {@link DppaClientOptions} less `token` and `retry`. */
+export type TransportOptions = Omit<DppaClientOptions, 'token' | 'retry'>;
+
+/** {@link TransportOptions} with every default filled in and the PEM files read. */
+export interface ResolvedTransport {
   address: string;
   host: string;
   port: number;
-  token: string;
   tls: { ca: Buffer | undefined; cert: Buffer | undefined; key: Buffer | undefined; serverName: string | undefined } | undefined;
   insecure: boolean;
   timeoutMs: number;
-  retry: RetryOptions;
   maxMessageBytes: number;
+}
+
+/** {@link DppaClientOptions} with every default filled in and the PEM files read. */
+export interface ResolvedClientOptions extends ResolvedTransport {
+  token: string;
+  retry: RetryOptions;
 }
 
 const loopback = new BlockList();
@@ -111,9 +118,18 @@ function readPem(source: PemSource | undefined, field: string): Buffer | undefin
  *   an address that is not loopback without `insecure`.
  */
 export function withDefaults(o: DppaClientOptions): ResolvedClientOptions {
-  const { host, port } = parseAddress(o.address);
+  const transport = transportDefaults(o);
   if (typeof o.token !== 'string' || o.token === '') throw new RangeError('token: required (the admin token or a party token)');
   if (/[\r\n\0]/.test(o.token)) throw new RangeError('token: must not contain line breaks or NUL');
+  return { ...transport, token: o.token, retry: retryWithDefaults(o.retry) };
+}
+
+/**
+ * {@link withDefaults} for the transport alone (health checks need no token).
+ * @throws RangeError naming the option that is wrong.
+ */
+export function transportDefaults(o: TransportOptions): ResolvedTransport {
+  const { host, port } = parseAddress(o.address);
   const insecure = o.insecure ?? false;
   if (o.tls === undefined && !insecure && !isLoopbackHost(host)) {
     throw new RangeError(
@@ -137,7 +153,17 @@ export function withDefaults(o: DppaClientOptions): ResolvedClientOptions {
   if (!(Number.isInteger(maxMessageBytes) && maxMessageBytes >= 1024)) {
     throw new RangeError(`maxMessageBytes: must be an integer ≥ 1024, got ${maxMessageBytes}`);
   }
-  return { address: o.address, host, port, token: o.token, tls, insecure, timeoutMs, retry: retryWithDefaults(o.retry), maxMessageBytes };
+  return { address: o.address, host, port, tls, insecure, timeoutMs, maxMessageBytes };
+}
+
+/** The channel credentials of `o`: TLS with its files, or plaintext. */
+export function channelCredentials(o: ResolvedTransport): ChannelCredentials {
+  return o.tls === undefined ? credentials.createInsecure() : credentials.createSsl(o.tls.ca ?? null, o.tls.key ?? null, o.tls.cert ?? null);
+}
+
+/** The channel options that check the server's certificate against `tls.serverName`, when set. */
+export function serverNameOptions(o: ResolvedTransport): ChannelOptions {
+  return o.tls?.serverName !== undefined ? { 'grpc.ssl_target_name_override': o.tls.serverName, 'grpc.default_authority': o.tls.serverName } : {};
 }
 
 /** The channel and the service clients on it. @internal */
@@ -153,8 +179,7 @@ export class Connection {
   constructor(options: DppaClientOptions) {
     this.options = withDefaults(options);
     const o = this.options;
-    const creds: ChannelCredentials =
-      o.tls === undefined ? credentials.createInsecure() : credentials.createSsl(o.tls.ca ?? null, o.tls.key ?? null, o.tls.cert ?? null);
+    const creds = channelCredentials(o);
     const channelOptions: ChannelOptions = {
       'grpc.max_send_message_length': o.maxMessageBytes,
       'grpc.max_receive_message_length': o.maxMessageBytes,
@@ -162,7 +187,7 @@ export class Connection {
       'grpc.enable_retries': 0,
       // Downloads: HTTP/2's default 64 KiB receive window makes the server wait for the client every 64 KiB.
       'grpc-node.flow_control_window': 4 * 1024 * 1024,
-      ...(o.tls?.serverName !== undefined ? { 'grpc.ssl_target_name_override': o.tls.serverName, 'grpc.default_authority': o.tls.serverName } : {}),
+      ...serverNameOptions(o),
     };
     this.channel = new Channel(o.address, creds, channelOptions);
     // One channel (one HTTP/2 connection) for every service.

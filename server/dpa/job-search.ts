@@ -145,10 +145,17 @@ async function searchParty(deps: JobSearchDeps, job: StoredJob, party: string, o
   const evaluator: EvaluatorName = evaluatorOf(search, party);
   const evaluate = async (candidate: Candidate, tasks: readonly string[] | undefined): Promise<Scores> => {
     const done = metrics.dpaEvaluationDuration.startTimer({ evaluator });
-    const scores =
-      evaluator === 'remote'
-        ? await broker.request(job.id, party, candidate, { timeoutSeconds: partyTimeoutSeconds(search), tasks, signal })
-        : await onnx!.score(party, spool, candidate, signal);
+    let scores: Scores;
+    try {
+      scores =
+        evaluator === 'remote'
+          ? await broker.request(job.id, party, candidate, { timeoutSeconds: partyTimeoutSeconds(search), tasks, signal })
+          : await onnx!.score(party, spool, candidate, signal);
+    } catch (err) {
+      // A stop or another party's failure is no failure of this evaluation.
+      if (!signal.aborted) metrics.dpaEvaluationFailures.inc({ evaluator });
+      throw err;
+    }
     done();
     return scores;
   };
@@ -180,6 +187,7 @@ async function searchParty(deps: JobSearchDeps, job: StoredJob, party: string, o
       const outsideFactor = job.dpa.scaleOutsideByMax ? Math.max(...factors) : 1;
       const scores = await evaluate({ kind: 'amplified', factors, outsideFactor }, tasks);
       const ratio = domainRatio(scores, reference);
+      metrics.dpaDomainRatio.observe({ evaluator }, ratio);
       // Recorded here rather than through memoised's callback, which sees the ratio but not the per-task scores.
       await record({ denseReference: false, factors, scores, domainRatio: ratio });
       return ratio;

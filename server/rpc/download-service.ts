@@ -40,11 +40,11 @@ export function downloadService(deps: DownloadServiceDeps, rpc: RpcWrapper): Dow
   };
 
   return {
-    listFiles: rpc.unary('DownloadService/ListFiles', (req, ctx) => {
+    listFiles: rpc.unary('dppa.v1.DownloadService/ListFiles', (req, ctx) => {
       const job = mergedJob(ctx.metadata, req.jobId);
       return Promise.resolve({ files: job.merged.files.map((f) => ({ path: f.path, size: BigInt(f.size), sha256: f.sha256 })) });
     }),
-    download: rpc.serverStream('DownloadService/Download', async (req, send, ctx) => {
+    download: rpc.serverStream('dppa.v1.DownloadService/Download', async (req, send, ctx) => {
       const job = mergedJob(ctx.metadata, req.jobId);
       const file = job.merged.files.find((f) => f.path === req.path);
       if (file === undefined) throw new NotFoundError(`job ${req.jobId} has no file ${JSON.stringify(req.path)} (ListFiles names them)`);

@@ -28,7 +28,7 @@ export interface EvaluationServiceDeps {
 /** The EvaluationService implementation. */
 export function evaluationService(deps: EvaluationServiceDeps, rpc: RpcWrapper): EvaluationServiceServer {
   // Endless: a party may wait for requests for as long as the other parties upload; a graceful stop ends it at once.
-  return { evaluate: rpc.bidiStream('EvaluationService/Evaluate', (requests, send, ctx) => serve(deps, requests, send, ctx), true) };
+  return { evaluate: rpc.bidiStream('dppa.v1.EvaluationService/Evaluate', (requests, send, ctx) => serve(deps, requests, send, ctx), true) };
 }
 
 async function serve(deps: EvaluationServiceDeps, requests: AsyncIterable<EvaluationReply>, send: Send<EvaluationRequest>, ctx: CallContext): Promise<void> {

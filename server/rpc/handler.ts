@@ -17,8 +17,8 @@ import {
 } from '@grpc/grpc-js';
 import { CancelledError, DeadlineExceededError } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { Metrics } from '../metrics.js';
-import { codeName, toStatus, type RpcStatus } from './status.js';
+import type { GrpcType, Metrics, RpcCallMetrics } from '../metrics.js';
+import { toStatus, type RpcStatus } from './status.js';
 
 /** What a handler gets besides its request. */
 export interface CallContext {
@@ -53,17 +53,28 @@ export class RpcWrapper {
     private readonly shutdown: ShutdownSignals,
   ) {}
 
-  /** A unary handler. `method` is the metric label, e.g. `JobService/CreateJob`. */
+  /** A unary handler. `method` is the gRPC path without its leading slash, e.g. `dppa.v1.JobService/CreateJob` (metric labels). */
   unary<Req, Res>(method: string, fn: (request: Req, ctx: CallContext) => Promise<Res>): handleUnaryCall<Req, Res> {
     return (call, callback) => {
-      void this.run(method, call, 'closing', async (ctx) => callback(null, await fn(call.request, ctx)), (st) => callback(statusError(st)));
+      const body = async (ctx: CallContext, m: RpcCallMetrics): Promise<void> => {
+        m.received();
+        const response = await fn(call.request, ctx);
+        m.sent();
+        callback(null, response);
+      };
+      void this.run(method, 'unary', call, 'closing', body, (st) => callback(statusError(st)));
     };
   }
 
   /** A client-streaming handler; the requests are read with `for await`, which pulls one message at a time. */
   clientStream<Req, Res>(method: string, fn: (requests: AsyncIterable<Req>, ctx: CallContext) => Promise<Res>): handleClientStreamingCall<Req, Res> {
     return (call, callback) => {
-      void this.run(method, call, 'closing', async (ctx) => callback(null, await fn(call, ctx)), (st) => callback(statusError(st)));
+      const body = async (ctx: CallContext, m: RpcCallMetrics): Promise<void> => {
+        const response = await fn(counted(call, m), ctx);
+        m.sent();
+        callback(null, response);
+      };
+      void this.run(method, 'client_stream', call, 'closing', body, (st) => callback(statusError(st)));
     };
   }
 
@@ -76,7 +87,11 @@ export class RpcWrapper {
     fn: (request: Req, send: Send<Res>, ctx: CallContext) => Promise<void>,
     endless = false,
   ): handleServerStreamingCall<Req, Res> {
-    return (call) => this.streamOut(method, call, endless, (send, ctx) => fn(call.request, send, ctx));
+    return (call) =>
+      this.streamOut(method, 'server_stream', call, endless, (send, ctx, m) => {
+        m.received();
+        return fn(call.request, send, ctx);
+      });
   }
 
   /**
@@ -89,22 +104,28 @@ export class RpcWrapper {
     fn: (requests: AsyncIterable<Req>, send: Send<Res>, ctx: CallContext) => Promise<void>,
     endless = false,
   ): handleBidiStreamingCall<Req, Res> {
-    return (call) => this.streamOut(method, call, endless, (send, ctx) => fn(call, send, ctx));
+    return (call) => this.streamOut(method, 'bidi_stream', call, endless, (send, ctx, m) => fn(counted(call, m), send, ctx));
   }
 
   /** Runs a handler that answers with a stream, ended when `fn` resolves. */
   private streamOut<Res>(
     method: string,
+    type: GrpcType,
     call: Writable<Res> & SurfaceCall & { end(): void },
     endless: boolean,
-    fn: (send: Send<Res>, ctx: CallContext) => Promise<void>,
+    fn: (send: Send<Res>, ctx: CallContext, m: RpcCallMetrics) => Promise<void>,
   ): void {
     void this.run(
       method,
+      type,
       call,
       endless ? 'draining' : 'closing',
-      async (ctx) => {
-        await fn((m) => send(call, m, ctx.signal), ctx);
+      async (ctx, m) => {
+        const counting: Send<Res> = async (message) => {
+          await send(call, message, ctx.signal);
+          m.sent();
+        };
+        await fn(counting, ctx, m);
         call.end();
       },
       (st) => call.emit('error', statusError(st)),
@@ -118,24 +139,26 @@ export class RpcWrapper {
 
   private run(
     method: string,
+    type: GrpcType,
     call: SurfaceCall,
     stopOn: keyof ShutdownSignals,
-    body: (ctx: CallContext) => Promise<void>,
+    body: (ctx: CallContext, m: RpcCallMetrics) => Promise<void>,
     fail: (st: RpcStatus) => void,
   ): Promise<void> {
-    const running = this.runTracked(method, call, stopOn, body, fail).finally(() => this.inFlight.delete(running));
+    const running = this.runTracked(method, type, call, stopOn, body, fail).finally(() => this.inFlight.delete(running));
     this.inFlight.add(running);
     return running;
   }
 
   private async runTracked(
     method: string,
+    type: GrpcType,
     call: SurfaceCall,
     stopOn: keyof ShutdownSignals,
-    body: (ctx: CallContext) => Promise<void>,
+    body: (ctx: CallContext, m: RpcCallMetrics) => Promise<void>,
     fail: (st: RpcStatus) => void,
   ): Promise<void> {
-    const endTimer = this.metrics.rpcDuration.startTimer({ method });
+    const m = this.metrics.startRpc(type, method);
     const controller = new AbortController();
     const abort = (reason: Error): void => {
       if (!controller.signal.aborted) controller.abort(reason);
@@ -151,7 +174,7 @@ export class RpcWrapper {
     const timer = Number.isFinite(ms) ? setTimeout(() => abort(new DeadlineExceededError('deadline exceeded')), Math.max(0, ms)) : undefined;
     let code = Code.OK;
     try {
-      await body({ signal: controller.signal, metadata: call.metadata });
+      await body({ signal: controller.signal, metadata: call.metadata }, m);
     } catch (thrown) {
       // Once the call is aborted, whatever the handler threw on the way out is a consequence of that.
       const st = toStatus(controller.signal.aborted ? controller.signal.reason : thrown, this.log);
@@ -161,14 +184,21 @@ export class RpcWrapper {
       clearTimeout(timer);
       call.off('cancelled', onCancel);
       shutdown.removeEventListener('abort', onShutdown);
-      endTimer();
-      this.metrics.rpcRequests.inc({ method, code: codeName(code) });
+      m.handled(code);
     }
   }
 }
 
 function statusError(st: RpcStatus): Error & RpcStatus {
   return Object.assign(new Error(st.details), st);
+}
+
+/** The caller's messages, each counted as it is read. */
+async function* counted<T>(messages: AsyncIterable<T>, m: RpcCallMetrics): AsyncGenerator<T, void, undefined> {
+  for await (const message of messages) {
+    m.received();
+    yield message;
+  }
 }
 
 /** The writing side of a server or bidirectional stream. */

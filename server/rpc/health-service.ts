@@ -42,14 +42,14 @@ export class HealthState {
 /** The Health implementation. */
 export function healthService(state: HealthState, rpc: RpcWrapper): HealthServer {
   return {
-    check: rpc.unary('Health/Check', (req) => {
+    check: rpc.unary('grpc.health.v1.Health/Check', (req) => {
       const status = state.status(req.service);
       if (status === undefined) throw new NotFoundError(`unknown service ${JSON.stringify(req.service)}`);
       return Promise.resolve({ status });
     }),
     // Sends the status now and on every change, until the caller leaves or the server stops.
     watch: rpc.serverStream(
-      'Health/Watch',
+      'grpc.health.v1.Health/Watch',
       async (req, send, ctx) => {
         let changed: (() => void) | undefined;
         const off = state.onChange(() => changed?.());

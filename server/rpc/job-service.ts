@@ -30,25 +30,25 @@ export interface JobServiceDeps {
 export function jobService(deps: JobServiceDeps, rpc: RpcWrapper): JobServiceServer {
   const { store, events, spool, runner, auth } = deps;
   return {
-    createJob: rpc.unary('JobService/CreateJob', async (req, ctx) => {
+    createJob: rpc.unary('dppa.v1.JobService/CreateJob', async (req, ctx) => {
       auth.requireAdmin(ctx.metadata);
       const { job, tokens } = await createJob(deps, req, ctx.signal);
       return { job: jobView(job, spool, runner.pause(job.id)), tokens };
     }),
-    getJob: rpc.unary('JobService/GetJob', async (req, ctx) => {
+    getJob: rpc.unary('dppa.v1.JobService/GetJob', async (req, ctx) => {
       auth.requireJobAccess(ctx.metadata, req.jobId);
       const job = store.get(req.jobId);
       await spool.refreshJob(job.id);
       return jobView(job, spool, runner.pause(job.id));
     }),
-    listJobs: rpc.unary('JobService/ListJobs', async (_req, ctx) => {
+    listJobs: rpc.unary('dppa.v1.JobService/ListJobs', async (_req, ctx) => {
       auth.requireAdmin(ctx.metadata);
       const jobs = store.list();
       for (const j of jobs) await spool.refreshJob(j.id);
       return { jobs: jobs.map((j) => jobView(j, spool, runner.pause(j.id))) };
     }),
     watchJob: rpc.serverStream(
-      'JobService/WatchJob',
+      'dppa.v1.JobService/WatchJob',
       async (req, send, ctx) => {
         auth.requireJobAccess(ctx.metadata, req.jobId);
         store.get(req.jobId);
@@ -56,7 +56,7 @@ export function jobService(deps: JobServiceDeps, rpc: RpcWrapper): JobServiceSer
       },
       true,
     ),
-    cancelJob: rpc.unary('JobService/CancelJob', async (req, ctx) => {
+    cancelJob: rpc.unary('dppa.v1.JobService/CancelJob', async (req, ctx) => {
       auth.requireAdmin(ctx.metadata);
       if (store.get(req.jobId).state === JobState.JOB_STATE_MERGED) {
         throw new FailedPreconditionError(`job ${req.jobId} has already merged; there is nothing to cancel`);

@@ -77,8 +77,3 @@ function typedStatus(err: unknown): RpcStatus | undefined {
   for (const [cls, code] of CODES) if (err instanceof cls) return { code, details: err.message };
   return undefined;
 }
-
-/** Name of a status code for metric labels, e.g. `INVALID_ARGUMENT`. */
-export function codeName(code: Code): string {
-  return Code[code] ?? String(code);
-}

@@ -13,13 +13,13 @@ import type { RpcWrapper } from './handler.js';
 /** The UploadService implementation. */
 export function uploadService(deps: UploadDeps, rpc: RpcWrapper): UploadServiceServer {
   return {
-    getUploadState: rpc.unary('UploadService/GetUploadState', async (req, ctx) => {
+    getUploadState: rpc.unary('dppa.v1.UploadService/GetUploadState', async (req, ctx) => {
       deps.auth.requireParty(ctx.metadata, req.jobId, req.party);
       deps.store.get(req.jobId);
       await deps.spool.refreshJob(req.jobId, req.party);
       return uploadState(req.jobId, req.party, deps.spool.party(req.jobId, req.party));
     }),
-    upload: rpc.clientStream('UploadService/Upload', (requests, ctx) => receiveUpload(deps, withSpoolRead(deps, requests), ctx)),
+    upload: rpc.clientStream('dppa.v1.UploadService/Upload', (requests, ctx) => receiveUpload(deps, withSpoolRead(deps, requests), ctx)),
   };
 }
 
