@@ -3,7 +3,10 @@
  * against what it needs (files it generates, a real server). The others run
  * elsewhere: eval-harness.ts in dpa-cli.test.ts, nats-wait-merged.ts in
  * nats-events.test.ts, family-lab.ts (a module) in family-lab.test.ts; the
- * Python party in python-party.test.ts.
+ * Python party in python-party.test.ts. Not run by the tests:
+ * federated-demo.ts (`npm run demo`: about 15 s on an idle machine, 100 s on
+ * this shared one, with no smaller setting) and repro.ts (`npm run repro`, 3-5
+ * minutes); the functions they compute with are tested in family-lab.test.ts.
  */
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';

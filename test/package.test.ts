@@ -6,11 +6,11 @@
  * `dppa-federated/server` and pushes to it with the SDK.
  *
  * Offline: the fresh project's package-lock.json is this repository's, less its
- * dev-only entries, plus the tarball. Its dependencies are the same packages at
- * the same places, so npm fetches each by the resolved URL and integrity that
- * the repository's own `npm ci` already put in npm's cache; nothing needs the
- * registry (without a lock file npm would need each package's metadata, which
- * `npm ci` does not cache).
+ * dev-only entries, plus the tarball. Its dependencies are then the very
+ * packages, at the same places, that the repository's own `npm ci` put in npm's
+ * cache, so `npm ci --offline` finds everything there (checked with an empty
+ * cache filled by `npm ci` alone). Without a lock file npm would resolve the
+ * version ranges afresh and need the registry.
  */
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
@@ -82,7 +82,8 @@ describe('the npm package', () => {
       'node_modules/dppa-federated': { version: pkg.version, resolved: spec, license: pkg.license, dependencies: pkg.dependencies, bin: pkg.bin, engines: pkg.engines },
     };
     for (const [path, entry] of Object.entries(lock.packages)) if (path !== '' && entry.dev !== true) packages[path] = entry;
-    await writeFile(join(consumer, 'package.json'), JSON.stringify({ name: 'consumer', private: true, type: 'module', dependencies: { 'dppa-federated': spec } }, null, 2));
+    // The repository's `overrides` too, as docs/sdk.md advises a project on Node 20: its lock entries follow them.
+    await writeFile(join(consumer, 'package.json'), JSON.stringify({ name: 'consumer', private: true, type: 'module', dependencies: { 'dppa-federated': spec }, overrides: pkg.overrides }, null, 2));
     await writeFile(join(consumer, 'package-lock.json'), JSON.stringify({ name: 'consumer', lockfileVersion: 3, requires: true, packages }, null, 2));
 
     const install = await runChild(npm, ['ci', '--offline'], { cwd: consumer, env: OFFLINE });
