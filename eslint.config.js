@@ -3,7 +3,7 @@ import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
 
 export default tseslint.config(
-  { ignores: ['dist/**', 'node_modules/**', 'proto/gen/**', 'dppa-data/**', '**/*.js'] },
+  { ignores: ['dist/**', 'node_modules/**', 'proto/gen/**', 'dppa-data/**', '**/*.js', 'test/fixtures/consumer/**'] },
   js.configs.recommended,
   ...tseslint.configs.recommendedTypeChecked,
   {

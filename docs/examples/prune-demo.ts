@@ -1,17 +1,17 @@
 /**
- * The main job until the server lands: generate a small LLaMA-shaped base and a
- * fine-tuned copy, prune the fine-tuned delta with DP and with the magnitude
- * baseline at 90%, show what each kept, plot DP's per-layer rates, and apply
- * the DP delta back onto the base.
+ * Pruning on one machine, without a server: generate a small LLaMA-shaped base
+ * and a fine-tuned copy, prune the fine-tuned delta with DP and with the
+ * magnitude baseline at 90%, show what each kept, plot DP's per-layer rates,
+ * and apply the DP delta back onto the base.
  *
- *   npm run demo            (writes into ./dppa-demo)
+ *   npx tsx docs/examples/prune-demo.ts [OUT_DIR]      (default ./dppa-prune-demo, replaced)
  */
 import { rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { applyDelta, inspectDelta, pruneToFile, ratePlotSvg } from '../../client/index.js';
 import { writeLlamaFamily } from '../../test/fixtures/synthetic-model.js';
 
-const dir = process.argv[2] ?? 'dppa-demo';
+const dir = process.argv[2] ?? 'dppa-prune-demo';
 await rm(dir, { recursive: true, force: true });
 console.log(`1/4 generating a base and a fine-tuned checkpoint (4 layers, hidden 256, bf16) in ${dir}/`);
 const { base, finetuned } = await writeLlamaFamily(dir, { shape: { layers: 4, hidden: 256, intermediate: 688, vocab: 512 }, seed: 7 });

@@ -23,11 +23,12 @@ if (address === undefined || serverBase === undefined || base === undefined || f
 const connection: Omit<DppaClientOptions, 'token'> = { address, retry: { attempts: 8 } };
 const admin = new DppaClient({ ...connection, token: adminToken });
 try {
-  // 1. The admin creates the job: every party must prune at 90% with DP; DPA factors fixed for the example.
+  // 1. The admin creates the job: every party must prune at 80% with DP, which keeps two partitions (levels 0.9 and
+  //    0.8, docs/algorithm.md); DPA factors fixed for the example, one per partition.
   const { job, tokens } = await admin.createJob({
     basePath: serverBase,
     parties: ['math', 'law'],
-    rate: 0.9,
+    rate: 0.8,
     dpa: { fixed: { factors: [1.8, 1.2] } },
     merge: { weights: { math: 1, law: 1 } },
     label: 'sdk example',

@@ -422,7 +422,7 @@ async function openSession(bytes: Uint8Array, options: ort.InferenceSession.Sess
       throw new ProviderUnavailableError(
         'cuda',
         'ONNX Runtime\'s CUDA execution provider is not installed (onnxruntime-node bundles the CPU provider only). '
-          + 'Install its CUDA 12 binaries with `ONNXRUNTIME_NODE_INSTALL=cuda12 npm rebuild onnxruntime-node`, or use provider cpu. '
+          + 'Install its CUDA 12 binaries with `ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/install`, or use provider cpu. '
           + `ONNX Runtime said: ${msg}`,
         { file, cause },
       );
