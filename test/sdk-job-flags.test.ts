@@ -152,6 +152,8 @@ describe('createJobRequest', () => {
     const withAll = createJobRequest({ basePath: '/b', parties, rate: 0.5, method: 'dare', dpa: parseDpa('fixed:1.2,1', parties), merge: { weights: parseWeights('a=2', parties), partiesMayDownload: true }, label: 'x' });
     assert.deepEqual(withAll.merge?.weights, { a: 2 });
     assert.equal(withAll.label, 'x');
+    assert.equal(r.maxAbsValue, 0, 'unset: the server applies its default');
+    assert.equal(createJobRequest({ basePath: '/b', parties, rate: 0.5, maxAbsValue: 25 }).maxAbsValue, 25);
   });
 
   it('names the field that is wrong', () => {
@@ -160,6 +162,8 @@ describe('createJobRequest', () => {
       [{ basePath: '/b', parties: [], rate: 0.9 }, /^parties: at least one/],
       [{ basePath: '/b', parties: ['a', 'a'], rate: 0.9 }, /^parties: "a" is given twice/],
       [{ basePath: '/b', parties, rate: 1 }, /^rate: must be in \[0, 1\)/],
+      [{ basePath: '/b', parties, rate: 0.9, maxAbsValue: 0 }, /^maxAbsValue: must be a finite number > 0, got 0/],
+      [{ basePath: '/b', parties, rate: 0.9, maxAbsValue: Infinity }, /^maxAbsValue: must be a finite number > 0, got Infinity/],
       [{ basePath: '/b', parties, rate: 0.9, dpa: { off: true, search: {} } }, /^dpa: set exactly one of off, fixed, search \(2 set\)/],
       [{ basePath: '/b', parties, rate: 0.9, dpa: { scaleOutsideByMax: true } }, /^dpa: set exactly one/],
       [{ basePath: '/b', parties, rate: 0.9, merge: { weights: { z: 1 } } }, /^merge\.weights: "z" is not a party/],

@@ -7,7 +7,7 @@ import { status } from '@grpc/grpc-js';
 import { JobState } from '../proto/gen/dppa/v1/jobs.js';
 import { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import type { UploadRequest, UploadState } from '../proto/gen/dppa/v1/upload.js';
-import { encodeChunks, tensorRecords } from '../proto/sparse/index.js';
+import { decodeChunk, encodeChunks, tensorRecords } from '../proto/sparse/index.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import {
   ADMIN, auth, call, pruneRecords, rejectsWith, startHarness, upload, uploadMessages, watchAll, type Harness,
@@ -214,5 +214,25 @@ describe('uploads: the per-party byte cap', () => {
     } finally {
       await small.close();
     }
+  });
+});
+
+describe("uploads: the job's value bound", () => {
+  it('refuses a value beyond max_abs_value naming the tensor, takes the delta under a bound it fits, shows the bound', async () => {
+    let largest = 0;
+    for (const r of records) if (r.chunk !== undefined) for (const v of decodeChunk(r.chunk).values) largest = Math.max(largest, Math.abs(v));
+    const create = (maxAbsValue: number) =>
+      call(h.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue }, ADMIN);
+    await rejectsWith(create(-1), status.INVALID_ARGUMENT, /^max_abs_value: must be a finite number > 0/);
+    assert.equal((await create(0)).job!.maxAbsValue, 1000, 'the default');
+    const tight = await create(largest / 2);
+    assert.equal(tight.job!.maxAbsValue, largest / 2);
+    await rejectsWith(
+      upload(h.uploads, tight.tokens.a!, uploadMessages(tight.job!.id, 'a', records)),
+      status.INVALID_ARGUMENT,
+      new RegExp(`tensor ".+": chunk \\d+: the value at position \\d+ is -?[0-9.e-]+; values must be finite with magnitude at most ${largest / 2} \\(the job's max_abs_value\\)`),
+    );
+    const fits = await create(largest);
+    assert.equal((await upload(h.uploads, fits.tokens.a!, uploadMessages(fits.job!.id, 'a', records))).complete, true);
   });
 });

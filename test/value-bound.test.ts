@@ -1,0 +1,45 @@
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { decodeToF32, encodeFromF32, type Dtype } from '../proto/safetensors/index.js';
+import { firstValueBeyond, magnitudeLimit } from '../proto/sparse/index.js';
+
+/** The value of magnitude bits `bits` in `dtype`. */
+function valueOf(dtype: Dtype, bits: number): number {
+  const bytes = new Uint8Array(dtype === 'F32' ? 4 : 2);
+  const view = new DataView(bytes.buffer);
+  if (dtype === 'F32') view.setUint32(0, bits, true);
+  else view.setUint16(0, bits, true);
+  return decodeToF32(bytes, dtype)[0]!;
+}
+
+describe('value bound on stored bits', () => {
+  it('finds the largest value of each precision at most the bound', () => {
+    for (const dtype of ['BF16', 'F16', 'F32'] as const) {
+      for (const bound of [1000, 1e-3, 0.1, 1, 3.3, 65504, 1e30]) {
+        const limit = magnitudeLimit(dtype, bound);
+        const at = valueOf(dtype, limit);
+        assert.ok(at <= bound, `${dtype} ${bound}: ${at}`);
+        // The next pattern is above the bound, or is Inf once every finite value is allowed.
+        assert.ok(valueOf(dtype, limit + 1) > bound, `${dtype} ${bound}: next ${valueOf(dtype, limit + 1)}`);
+      }
+    }
+    assert.equal(valueOf('BF16', magnitudeLimit('BF16', 1000)), 1000);
+    assert.equal(valueOf('F16', magnitudeLimit('F16', 1e30)), 65504);
+    assert.equal(valueOf('F32', magnitudeLimit('F32', Infinity)), 3.4028234663852886e38);
+  });
+
+  it('flags the first NaN, ±Inf or out-of-bound value at any byte offset, of either sign', () => {
+    for (const dtype of ['BF16', 'F16', 'F32'] as const) {
+      const limit = magnitudeLimit(dtype, 1000);
+      const ok = Float32Array.of(0, -0, 1e-3, -1000, 1000, 999, -1e-30);
+      const size = dtype === 'F32' ? 4 : 2;
+      const padded = new Uint8Array(1 + ok.length * size);
+      padded.set(encodeFromF32(ok, dtype), 1);
+      assert.equal(firstValueBeyond(padded.subarray(1), dtype, limit), -1, dtype);
+      for (const bad of [NaN, Infinity, -Infinity, -1e38, 1100, -2000]) {
+        const values = Float32Array.of(...ok, bad, 0);
+        assert.equal(firstValueBeyond(encodeFromF32(values, dtype), dtype, limit), ok.length, `${dtype} ${bad}`);
+      }
+    }
+  });
+});
