@@ -229,7 +229,7 @@ export abstract class MemoryJobStore implements JobStore {
 
 /** The jobs of one data folder (the embedded default). */
 export class LocalJobStore extends MemoryJobStore {
-  /** Per job, the last write; the next one starts after it. */
+  /** Per job, the last write; the next one starts after it so renames land in order. */
   private readonly writes = new Map<string, Promise<void>>();
 
   /**
@@ -268,35 +268,31 @@ export class LocalJobStore extends MemoryJobStore {
   /** Writes the job's `job.json` (its folder is created if need be); the job exists once that is written. */
   async create(job: StoredJob): Promise<StoredJob> {
     await mkdir(this.dir(job.id), { recursive: true });
-    await this.write(job.id, () => writeFileDurably(join(this.dir(job.id), 'job.json'), encodeJob(job)));
+    await this.persist(job);
     this.jobs.set(job.id, job);
     return job;
   }
 
   /**
-   * Changes a job and writes it out; `updatedAt` is set. The change is made
-   * on a copy, written, and only then shown in memory: a failed write (a full
-   * disk) leaves the job as it was, in memory as on disk.
-   * @param change - Mutates its argument.
-   * @throws NotFoundError if there is no such job; what `change` throws; Error from the file system.
+   * Changes a job and writes it out; `updatedAt` is set.
+   * @param change - Mutates the job in place.
+   * @throws NotFoundError if there is no such job; Error from the file system.
    */
-  update(id: string, change: (job: StoredJob) => void): Promise<StoredJob> {
+  async update(id: string, change: (job: StoredJob) => void): Promise<StoredJob> {
     const job = this.get(id);
-    return this.write(id, async () => {
-      const next = decodeJob(encodeJob(job), id);
-      change(next);
-      next.updatedAt = new Date().toISOString();
-      await writeFileDurably(join(this.dir(id), 'job.json'), encodeJob(next));
-      Object.assign(job, next);
-      return job;
-    });
+    change(job);
+    job.updatedAt = new Date().toISOString();
+    await this.persist(job);
+    return job;
   }
 
-  /** Runs `write` after the job's previous write: each change starts from the last one written, and renames land in order. */
-  private write<T>(id: string, write: () => Promise<T>): Promise<T> {
-    const done = (this.writes.get(id) ?? Promise.resolve()).then(write);
-    this.writes.set(id, done.then(() => undefined, () => undefined));
-    return done;
+  private persist(job: StoredJob): Promise<void> {
+    // Serialised per job: the JSON is taken when the write starts, so the last write carries the last state.
+    const write = (this.writes.get(job.id) ?? Promise.resolve()).then(() =>
+      writeFileDurably(join(this.dir(job.id), 'job.json'), encodeJob(job)),
+    );
+    this.writes.set(job.id, write.catch(() => undefined));
+    return write;
   }
 }
 
