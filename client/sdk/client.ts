@@ -135,7 +135,8 @@ export class DppaClient {
    * `party_timeout_seconds` decides how long the search waits), and a result the
    * server did not receive is sent again rather than computed again.
    * @returns When the party's search is over (the server ends the stream).
-   * @throws EvaluationError when building or scoring a candidate failed (the server was told and fails the job),
+   * @throws EvaluationError when building or scoring a candidate failed on every attempt (the server was told and
+   *   stopped this party's search; evaluating again resumes it),
    *   DppaRpcError (FAILED_PRECONDITION when the job failed or does not search with this party's evaluations),
    *   DeltaMismatchError or FormatError when `delta` does not fit the job (checked before anything is evaluated),
    *   RangeError for bad options, the signal's reason.
