@@ -57,6 +57,23 @@ describe('Prometheus rules (promtool)', () => {
   });
 });
 
+describe('Grafana dashboard', () => {
+  it('imports as is: a data source variable every query uses, unique panel ids, every panel placed', async () => {
+    const dash = JSON.parse(await readFile(join(deploy, 'grafana/dppa.json'), 'utf8')) as {
+      uid: string;
+      templating: { list: { name: string; type: string; query: unknown }[] };
+      panels: { id: number; gridPos?: object; datasource: { uid: string }; targets: { datasource: { uid: string }; expr: string }[] }[];
+    };
+    assert.ok(dash.uid !== '');
+    assert.deepEqual(dash.templating.list.map((v) => [v.name, v.type]), [['datasource', 'datasource'], ['job', 'query'], ['instance', 'query']]);
+    assert.equal(new Set(dash.panels.map((p) => p.id)).size, dash.panels.length);
+    for (const p of dash.panels) {
+      assert.ok(p.gridPos !== undefined);
+      for (const ds of [p.datasource, ...p.targets.map((t) => t.datasource)]) assert.equal(ds.uid, '${datasource}');
+    }
+  });
+});
+
 describe('a real Prometheus scraping a real dppa serve', () => {
   let dir: string;
   let serve: ServeProcess;
