@@ -22,7 +22,6 @@ import { runChild } from './fixtures/run-child.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 
 const root = new URL('..', import.meta.url).pathname;
-const npm = process.platform === 'win32' ? 'npm.cmd' : 'npm';
 /** What the build needs besides `files`; copied, so that packing does not rewrite this checkout's dist/. */
 const SOURCES = ['package.json', 'package-lock.json', 'tsconfig.json', 'tsconfig.build.json', 'README.md', 'CHANGELOG.md', 'bin', 'client', 'proto', 'server'];
 /** npm and onnxruntime-node without network: onnxruntime-node's install script would fetch its CUDA binaries. */
@@ -55,7 +54,7 @@ describe('the npm package', () => {
     await mkdir(stage);
     await Promise.all(SOURCES.map((s) => cp(join(root, s), join(stage, s), { recursive: true, filter: (src) => !src.endsWith('.test.ts') })));
     await symlink(join(root, 'node_modules'), join(stage, 'node_modules'), 'dir');
-    const run = await runChild(npm, ['pack', '--json', '--pack-destination', dir], { cwd: stage, env: OFFLINE });
+    const run = await runChild('npm', ['pack', '--json', '--pack-destination', dir], { cwd: stage, env: OFFLINE });
     assert.equal(run.code, 0, run.stderr);
     // npm prints the `prepare` script's output before the JSON.
     packed = (JSON.parse(run.stdout.slice(run.stdout.indexOf('\n[') + 1)) as PackResult[])[0]!;
@@ -86,7 +85,7 @@ describe('the npm package', () => {
     await writeFile(join(consumer, 'package.json'), JSON.stringify({ name: 'consumer', private: true, type: 'module', dependencies: { 'dppa-federated': spec }, overrides: pkg.overrides }, null, 2));
     await writeFile(join(consumer, 'package-lock.json'), JSON.stringify({ name: 'consumer', lockfileVersion: 3, requires: true, packages }, null, 2));
 
-    const install = await runChild(npm, ['ci', '--offline'], { cwd: consumer, env: OFFLINE });
+    const install = await runChild('npm', ['ci', '--offline'], { cwd: consumer, env: OFFLINE });
     assert.equal(install.code, 0, install.stderr);
     const help = await runChild(join(consumer, 'node_modules/.bin/dppa'), ['--help'], { cwd: consumer });
     assert.equal(help.code, 0, help.stderr);

@@ -67,7 +67,9 @@ def main():
     if not admin_token:
         sys.exit("DPPA_ADMIN_TOKEN is not set")
 
-    header = next(read_records(args.delta)).header
+    records = read_records(args.delta)
+    header = next(records).header
+    records.close()
     with grpc.insecure_channel(args.server) as channel:
         jobs = jobs_pb2_grpc.JobServiceStub(channel)
 
