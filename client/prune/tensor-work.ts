@@ -50,9 +50,9 @@ export interface PrunedTensor {
 }
 
 /**
- * Statistics for the significance pass. The block's threshold is below half
- * this tensor's own only when the block's mean is under half of this tensor's,
- * so the candidates almost always spare a second read for the block level.
+ * Statistics for the significance pass. The block's threshold falls below the
+ * candidates' bound only when the block's mean is under half of this tensor's;
+ * otherwise the candidates spare a second read for the block level.
  */
 export function tensorStats(delta: Float32Array, linearFactor: number, layerFactor: number): TensorStats {
   const totals = magnitudeTotals(delta);
