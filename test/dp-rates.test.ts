@@ -8,6 +8,8 @@ import {
   significance,
   type SignificanceKind,
 } from '../client/prune/significance.js';
+import { tensorStats } from '../client/prune/tensor-work.js';
+import { uniform } from './fixtures/synthetic-model.js';
 import { checkLevels, defaultLevels, dpOffsets, keptCount, owlOffsets, rateAt } from '../client/prune/rates.js';
 
 // The hand-worked example: two model layers, two linear layers each, 10 entries per layer.
@@ -69,6 +71,32 @@ describe('DP rates on the hand-worked example', () => {
     const r = dpRates('magnitude', 0.95);
     assert.equal(r.get('layers.1.k.weight'), 1);
     assert.equal(keptCount(10, 1), 0);
+  });
+});
+
+describe('outlier candidates of the significance pass', () => {
+  it('give the outliers of a full scan, bit for bit, at every threshold from their bound up', () => {
+    const r = uniform(9);
+    const delta = Float32Array.from({ length: 20000 }, () => (r() - 0.5) * 0.02 * (r() < 0.01 ? 30 : 1));
+    const stats = tensorStats(delta, 5, 5);
+    const c = stats.candidates!;
+    const mean = stats.totals.sumAbs / stats.totals.count;
+    assert.equal(c.bound, (5 * mean) / 2);
+    assert.ok(c.magnitudes.length > 0 && c.magnitudes.length < delta.length / 8);
+    assert.deepEqual(stats.linearOutliers, outliersAbove(delta, 5 * mean));
+    for (const t of [c.bound, c.bound * 1.01, 3 * mean, 5 * mean, 20 * mean, 1]) {
+      assert.deepEqual(outliersAbove(c.magnitudes, t), outliersAbove(delta, t), `threshold ${t}`);
+    }
+    // Below the bound they miss entries: the pruner reads the tensor again there.
+    assert.ok(outliersAbove(c.magnitudes, c.bound / 2).count < outliersAbove(delta, c.bound / 2).count);
+  });
+
+  it('are not kept when more than an eighth of the entries exceed the bound', () => {
+    // 80% zeros and 20% ones: mean 0.2, bound 0.5, a fifth of the entries above it.
+    const delta = Float32Array.from({ length: 1000 }, (_, i) => (i % 5 === 0 ? 1 : 0));
+    const stats = tensorStats(delta, 5, 5);
+    assert.equal(stats.candidates, undefined);
+    assert.deepEqual(stats.linearOutliers, { sumAbs: 0, count: 0 });
   });
 });
 

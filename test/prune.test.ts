@@ -4,7 +4,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { CheckpointMismatchError, inspectDelta, pruneToFile } from '../client/index.js';
-import { keptCount } from '../client/prune/rates.js';
+import { dpOffsets, keptCount, rateAt } from '../client/prune/rates.js';
+import { addTotals, magnitudeTotals, outliersAbove, outlierThreshold, significance } from '../client/prune/significance.js';
+import { Checkpoint, writeCheckpoint, type TensorData } from '../proto/safetensors/index.js';
 import { readDeltaFile, TensorAssembler } from '../proto/sparse/index.js';
 import { referenceDelta, referenceTopK, roundBf16 } from './fixtures/reference.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
@@ -110,6 +112,49 @@ describe('DP prune on a synthetic LLaMA checkpoint', () => {
     const [x, y, z] = await Promise.all([a.file, b.file, c.file].map((f) => readFile(f)));
     assert.ok(x!.equals(y!));
     assert.ok(!x!.equals(z!));
+  });
+
+  it('gives the rates of a full-delta computation when a block threshold falls below a tensor\'s candidates (read again)', async () => {
+    // Layer 1's q_proj moves ten times more than its block: the block's threshold is
+    // below half of q_proj's own, so its candidates do not cover it and it is read again.
+    const loud = 'model.layers.1.self_attn.q_proj.weight';
+    const [b, f] = await Promise.all([Checkpoint.open(base), Checkpoint.open(ft)]);
+    const tensors: TensorData[] = [];
+    const deltas = new Map<string, Float32Array>();
+    for (const info of b.tensors()) {
+      const bv = await b.readF32(info.name);
+      const fv = await f.readF32(info.name);
+      const scale = info.name === loud ? 10 : 1;
+      const out = Float32Array.from(fv, (x, i) => bv[i]! + scale * (x - bv[i]!));
+      tensors.push({ name: info.name, dtype: 'F32', shape: [...info.shape], data: new Uint8Array(out.buffer) });
+      deltas.set(info.name, Float32Array.from(out, (x, i) => x - bv[i]!));
+    }
+    await Promise.all([b.close(), f.close()]);
+    const louder = join(dir, 'louder');
+    await writeCheckpoint(louder, tensors);
+
+    const out = join(dir, 'louder.dppa');
+    await pruneToFile({ base, finetuned: louder, rate: 0.7, out, workers: 2 });
+    const linear = (await inspectDelta(out)).tensors.filter((t) => t.kind === 'linear');
+
+    // Reference: every statistic from a full scan of each delta.
+    const stats = linear.map((t) => {
+      const totals = magnitudeTotals(deltas.get(t.name)!);
+      return { name: t.name, layer: t.layer, count: t.numel, totals, significance: significance(totals, outliersAbove(deltas.get(t.name)!, outlierThreshold(totals, 5)), 'magnitude') };
+    });
+    const layerSig = new Map<number, number>();
+    for (const layer of new Set(stats.map((s) => s.layer))) {
+      const members = stats.filter((s) => s.layer === layer);
+      const totals = addTotals(members.map((s) => s.totals));
+      const threshold = outlierThreshold(totals, 5);
+      const loudStats = members.find((s) => s.name === loud);
+      if (loudStats !== undefined) assert.ok(threshold < outlierThreshold(loudStats.totals, 5) / 2, 'the case this test is about');
+      layerSig.set(layer, significance(totals, addTotals(members.map((s) => outliersAbove(deltas.get(s.name)!, threshold))), 'magnitude'));
+    }
+    const offsets = dpOffsets(layerSig, stats, 0.08);
+    for (const t of linear) {
+      assert.deepEqual(t.levelRates, [0.9, 0.8, 0.7].map((a) => rateAt(a, offsets.get(t.name)!.offset)), t.name);
+    }
   });
 
   it('reports layers whose rate reaches 1 (dropped whole)', async () => {

@@ -5,6 +5,9 @@
 import { FormatError } from '../../proto/errors.js';
 import { Checkpoint, type TensorInfo } from '../../proto/safetensors/index.js';
 
+/** Elements of the base read at a time: 8 MiB in fp32, a few reads in flight. */
+const BLOCK_ELEMENTS = 1 << 21;
+
 /** What to do when the fine-tuned model has more rows than the base (a resized vocabulary). */
 export type VocabMismatch = 'error' | 'truncate';
 
@@ -60,10 +63,12 @@ export class DeltaSource {
     }
   }
 
-  // Reused across tensors: a fresh array per tensor costs page faults that make
-  // reading several times slower. Both grow to the largest tensor read.
-  private baseScratch = new Float32Array(0);
+  // Reused across tensors: fresh memory costs a page fault per 4 KiB on first
+  // touch, which on a VM made reading several times slower. The delta buffer
+  // is sized once for the largest tensor, so it is never touched afresh twice;
+  // the base is read a block at a time into a small buffer.
   private deltaScratch = new Float32Array(0);
+  private baseBlock = new Float32Array(0);
 
   /**
    * Reads `F − B` of one tensor as fp32 (exact: both inputs are widened first).
@@ -74,36 +79,41 @@ export class DeltaSource {
   async readDelta(t: DeltaTensor, signal?: AbortSignal): Promise<Float32Array> {
     const n = t.info.numel;
     if (this.deltaScratch.length < n) {
-      this.baseScratch = new Float32Array(n);
-      this.deltaScratch = new Float32Array(n);
+      this.deltaScratch = new Float32Array(this.tensors.reduce((m, x) => Math.max(m, x.info.numel), n));
+      this.baseBlock = new Float32Array(Math.min(BLOCK_ELEMENTS, this.deltaScratch.length));
     }
     const opts = signal === undefined ? {} : { signal };
-    const [b, f] = await Promise.all([
-      this.base.readF32(t.info.name, { ...opts, into: this.baseScratch }),
-      this.finetuned.readRangeF32(t.info.name, 0, n, { ...opts, into: this.deltaScratch }),
-    ]);
-    let finite = true;
-    for (let i = 0; i < n; i++) {
-      const d = f[i]! - b[i]!;
-      f[i] = d;
-      // d - d is NaN exactly when d is NaN or an infinity; one test per element keeps the loop as fast.
-      if (d - d !== 0) finite = false;
+    const delta = this.deltaScratch.subarray(0, n);
+    for (let start = 0; start < n; start += BLOCK_ELEMENTS) {
+      const count = Math.min(BLOCK_ELEMENTS, n - start);
+      const [b, f] = await Promise.all([
+        this.base.readRangeF32(t.info.name, start, count, { ...opts, into: this.baseBlock }),
+        this.finetuned.readRangeF32(t.info.name, start, count, { ...opts, into: delta.subarray(start) }),
+      ]);
+      let finite = true;
+      for (let i = 0; i < count; i++) {
+        const d = f[i]! - b[i]!;
+        f[i] = d;
+        // d - d is NaN exactly when d is NaN or an infinity; one test per element keeps the loop as fast.
+        if (d - d !== 0) finite = false;
+      }
+      if (!finite) this.nonFinite(t, start, f, b);
     }
-    if (!finite) this.nonFinite(t, f, b);
-    return f;
+    return delta;
   }
 
-  /** Throws the error of a delta that is not finite everywhere (`f` holds F − B, `b` the base). */
-  private nonFinite(t: DeltaTensor, f: Float32Array, b: Float32Array): never {
+  /** Throws the error of a block of a delta that is not finite everywhere (`f` holds F − B from flat position `start`, `b` the base). */
+  private nonFinite(t: DeltaTensor, start: number, f: Float32Array, b: Float32Array): never {
     const i = f.findIndex((d) => !Number.isFinite(d));
+    const at = start + i;
     const opts = { tensor: t.info.name };
-    if (!Number.isFinite(b[i]!)) throw new FormatError(`flat position ${i}: the base holds a non-finite weight (${b[i]})`, { ...opts, file: t.info.file });
+    if (!Number.isFinite(b[i]!)) throw new FormatError(`flat position ${at}: the base holds a non-finite weight (${b[i]})`, { ...opts, file: t.info.file });
     const ft = this.finetuned.info(t.info.name).file;
     // F − B is NaN or infinite with B finite: F is, unless the difference overflows fp32.
     if (Math.abs(f[i]!) === Infinity && Number.isFinite(f[i]! + b[i]!)) {
-      throw new FormatError(`flat position ${i}: the fine-tuned weight minus the base weight overflows fp32`, { ...opts, file: ft });
+      throw new FormatError(`flat position ${at}: the fine-tuned weight minus the base weight overflows fp32`, { ...opts, file: ft });
     }
-    throw new FormatError(`flat position ${i}: the fine-tuned model holds a non-finite weight (${f[i]! + b[i]!})`, { ...opts, file: ft });
+    throw new FormatError(`flat position ${at}: the fine-tuned model holds a non-finite weight (${f[i]! + b[i]!})`, { ...opts, file: ft });
   }
 
   /** Closes both checkpoints. */

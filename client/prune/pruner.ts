@@ -2,10 +2,9 @@
  * Prunes one party's delta with DP or a baseline method, tensor by tensor,
  * into partitioned sparse records (spec "DP", "Partitions", "Baselines").
  *
- * Two passes over the checkpoints for DP and OWL (significance, then selection;
- * the layer-level outlier totals need the block's mean first, so linear layers
- * are read once more in between); one pass for magnitude and DARE. At most
- * `workers + 1` tensors are in memory at once.
+ * Two passes over the checkpoints for DP and OWL (significance, then
+ * selection); one pass for magnitude and DARE. At most `workers + 1` tensors
+ * are in memory at once.
  */
 import { availableParallelism } from 'node:os';
 import { TensorKind, ValueDtype, type DeltaHeader, type DeltaRecord, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
@@ -13,7 +12,7 @@ import { baseFingerprint } from '../../proto/fingerprint.js';
 import { DeltaSource, type DeltaTensor, type VocabMismatch } from './delta-source.js';
 import type { DareRescale } from './dare.js';
 import { checkLevels, defaultLevels, dpOffsets, keptCount, owlOffsets, rateAt } from './rates.js';
-import { addTotals, outlierThreshold, significance, type SignificanceKind } from './significance.js';
+import { addTotals, outliersAbove, outlierThreshold, significance, type SignificanceKind } from './significance.js';
 import { compileLayerPattern, DEFAULT_LAYER_PATTERN, tensorRole, type TensorRole } from './tensor-roles.js';
 import type { PruneSpec, PrunedTensor, TensorStats } from './tensor-work.js';
 import { inlineRunner, workerRunner, type TensorRunner } from './worker-pool.js';
@@ -237,40 +236,46 @@ function methodOptions(o: Resolved): Record<string, string> {
   return opts;
 }
 
-/** The significance pass: per linear layer, its rate offset from the base rate. */
+/**
+ * The significance pass: per linear layer, its rate offset from the base rate.
+ * Each linear layer is read once; its block's outliers come from the
+ * candidates it returned, or from a second read when the block's threshold
+ * falls below them.
+ */
 async function rateOffsets(o: Resolved, roles: { tensor: DeltaTensor; role: TensorRole }[], runner: TensorRunner): Promise<Map<string, number>> {
   if (o.method !== 'dp' && o.method !== 'owl') return new Map();
   const linears = roles.filter((r) => r.role.kind === 'linear');
-  const progress = phaseProgress(o, 'significance', linears.map((r) => r.tensor), 2);
-  const stats = new Map<string, TensorStats>();
-  await Promise.all(
-    linears.map(async ({ tensor }) => {
-      stats.set(tensor.info.name, await runner.run({ op: 'stats', tensor, linearFactor: o.linearOutlierFactor }));
-      progress(tensor);
-    }),
-  );
-  o.signal?.throwIfAborted();
-
-  // Layer level: outliers of the block taken together, against the block's mean.
+  const progress = phaseProgress(o, 'significance', linears.map((r) => r.tensor), 1);
   const layers = new Map<number, DeltaTensor[]>();
   for (const { tensor, role } of linears) layers.set(role.layer, [...(layers.get(role.layer) ?? []), tensor]);
   const kind: SignificanceKind = o.method === 'owl' ? 'count' : o.significance;
-  const layerSig = new Map<number, number>();
-  await Promise.all(
-    [...layers].map(async ([layer, members]) => {
-      const totals = addTotals(members.map((t) => stats.get(t.info.name)!.totals));
-      const threshold = outlierThreshold(totals, o.layerOutlierFactor);
-      const outliers = await Promise.all(
+  const stats = new Map<string, TensorStats>();
+  // Every tensor is queued at once; a block's candidates are dropped as soon as its outliers are counted.
+  const perLayer = await Promise.all(
+    [...layers].map(async ([layer, members]): Promise<[number, number]> => {
+      const memberStats = await Promise.all(
         members.map(async (tensor) => {
-          const r = await runner.run({ op: 'outliers', tensor, threshold });
+          const s = await runner.run({ op: 'stats', tensor, linearFactor: o.linearOutlierFactor, layerFactor: o.layerOutlierFactor });
           progress(tensor);
-          return r;
+          return s;
         }),
       );
-      layerSig.set(layer, significance(totals, addTotals(outliers), kind));
+      const totals = addTotals(memberStats.map((s) => s.totals));
+      const threshold = outlierThreshold(totals, o.layerOutlierFactor);
+      const outliers = await Promise.all(
+        members.map(async (tensor, j) => {
+          const { candidates, ...kept } = memberStats[j]!;
+          stats.set(tensor.info.name, kept);
+          return candidates !== undefined && threshold >= candidates.bound
+            ? outliersAbove(candidates.magnitudes, threshold)
+            : runner.run({ op: 'outliers', tensor, threshold });
+        }),
+      );
+      return [layer, significance(totals, addTotals(outliers), kind)];
     }),
   );
   o.signal?.throwIfAborted();
+  const layerSig = new Map(perLayer);
 
   if (o.method === 'owl') {
     const byLayer = owlOffsets(layerSig, o.lambda);

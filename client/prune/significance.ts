@@ -40,6 +40,47 @@ export function outliersAbove(delta: Float32Array, threshold: number): OutlierTo
   return { sumAbs: sum, count };
 }
 
+/**
+ * The magnitudes of a delta above `bound`, in index order. For any threshold
+ * `t ≥ bound`, `outliersAbove(magnitudes, t)` equals `outliersAbove(delta, t)`
+ * bit for bit (same entries, added in the same order), so a block's outliers
+ * can be counted once its mean is known without reading the delta again.
+ */
+export interface OutlierCandidates {
+  bound: number;
+  magnitudes: Float32Array;
+}
+
+/**
+ * {@link outliersAbove} at `threshold`, and in the same pass the candidates
+ * above `bound`; none when more than `cap` entries exceed `bound`.
+ */
+export function outliersAndCandidates(
+  delta: Float32Array,
+  threshold: number,
+  bound: number,
+  cap: number,
+): { outliers: OutlierTotals; candidates: OutlierCandidates | undefined } {
+  let sum = 0;
+  let count = 0;
+  // Fresh memory is touched only as far as it is filled.
+  const kept = new Float32Array(Math.min(cap, delta.length));
+  let c = 0;
+  for (let i = 0; i < delta.length; i++) {
+    const a = Math.abs(delta[i]!);
+    if (a > threshold) {
+      sum += a;
+      count++;
+    }
+    if (a > bound) {
+      if (c < kept.length) kept[c] = a;
+      c++;
+    }
+  }
+  const candidates = c <= kept.length ? { bound, magnitudes: kept.slice(0, c) } : undefined;
+  return { outliers: { sumAbs: sum, count }, candidates };
+}
+
 /** Adds totals of several sets (e.g. the linear layers of one block). */
 export function addTotals<T extends MagnitudeTotals>(parts: readonly T[]): MagnitudeTotals {
   let sumAbs = 0;

@@ -7,14 +7,28 @@ import type { DeltaRecord } from '../../proto/gen/dppa/v1/sparse.js';
 import type { ValueDtype } from '../../proto/gen/dppa/v1/sparse.js';
 import { tensorRecords, type PartitionEntries } from '../../proto/sparse/index.js';
 import { darePartitions, type DareRescale } from './dare.js';
+import { ReusedArrays } from './reused-arrays.js';
 import { selectPartitions } from './select.js';
-import { magnitudeTotals, outliersAbove, outlierThreshold, type MagnitudeTotals, type OutlierTotals } from './significance.js';
+import {
+  magnitudeTotals,
+  outliersAndCandidates,
+  outlierThreshold,
+  type MagnitudeTotals,
+  type OutlierCandidates,
+  type OutlierTotals,
+} from './significance.js';
 
 /** Significance statistics of one linear layer's delta. */
 export interface TensorStats {
   totals: MagnitudeTotals;
   /** Outliers at `N_linear · mean(|Δ|)` of the tensor itself. */
   linearOutliers: OutlierTotals;
+  /**
+   * Magnitudes above half the tensor's own block-level threshold
+   * (`N_layer · mean(|Δ|) / 2`), for the block-level outliers; absent when
+   * more than an eighth of the entries exceed it.
+   */
+  candidates?: OutlierCandidates | undefined;
 }
 
 /** How to prune one tensor. */
@@ -35,11 +49,24 @@ export interface PrunedTensor {
   keptPerPartition: number[];
 }
 
-/** Statistics for the significance pass. */
-export function tensorStats(delta: Float32Array, linearFactor: number): TensorStats {
+/**
+ * Statistics for the significance pass. The block's threshold falls below the
+ * candidates' bound only when the block's mean is under half of this tensor's;
+ * otherwise the candidates spare a second read for the block level.
+ */
+export function tensorStats(delta: Float32Array, linearFactor: number, layerFactor: number): TensorStats {
   const totals = magnitudeTotals(delta);
-  return { totals, linearOutliers: outliersAbove(delta, outlierThreshold(totals, linearFactor)) };
+  const { outliers, candidates } = outliersAndCandidates(
+    delta,
+    outlierThreshold(totals, linearFactor),
+    outlierThreshold(totals, layerFactor) / 2,
+    Math.ceil(delta.length / 8),
+  );
+  return { totals, linearOutliers: outliers, candidates };
 }
+
+/** Selection buffers of this thread: a worker prunes one tensor at a time, and inline mode too. */
+const selectArrays = new ReusedArrays();
 
 /** Prunes one tensor's delta and encodes it as records (begin, chunks, end). */
 export function pruneTensor(
@@ -53,7 +80,7 @@ export function pruneTensor(
   let first: number;
   switch (spec.kind) {
     case 'topk':
-      partitions = selectPartitions(delta, spec.keep, name);
+      partitions = selectPartitions(delta, spec.keep, name, selectArrays);
       first = 1;
       break;
     case 'dare':
@@ -68,7 +95,7 @@ export function pruneTensor(
       break;
     }
     case 'outside-topk':
-      partitions = selectPartitions(delta, [spec.keep], name);
+      partitions = selectPartitions(delta, [spec.keep], name, selectArrays);
       first = 0;
       break;
   }

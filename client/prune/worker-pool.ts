@@ -19,7 +19,7 @@ export interface SourcePaths {
 
 /** A task for one tensor. */
 export type TensorTask =
-  | { op: 'stats'; tensor: DeltaTensor; linearFactor: number }
+  | { op: 'stats'; tensor: DeltaTensor; linearFactor: number; layerFactor: number }
   | { op: 'outliers'; tensor: DeltaTensor; threshold: number }
   | { op: 'prune'; tensor: DeltaTensor; spec: PruneSpec; valueDtype: ValueDtype };
 
@@ -35,7 +35,7 @@ export async function runTask(source: DeltaSource, task: TensorTask): Promise<Ta
   const delta = await source.readDelta(task.tensor);
   switch (task.op) {
     case 'stats':
-      return tensorStats(delta, task.linearFactor);
+      return tensorStats(delta, task.linearFactor, task.layerFactor);
     case 'outliers':
       return outliersAbove(delta, task.threshold);
     case 'prune':

@@ -6,8 +6,18 @@
  * rather than taken from the protobuf encoding, which is not canonical (field
  * order and default-value omission may differ between encoders).
  */
+import { crc32c } from '@node-rs/crc32';
 import type { SparseChunk } from '../gen/dppa/v1/sparse.js';
-import { crc32c } from './crc32c.js';
+
+/**
+ * CRC-32C (Castagnoli) of bytes, continuing from `seed` (a previous result, so
+ * `crc32c(b, crc32c(a))` is the CRC of `a` then `b`); `crc32c("123456789")` is
+ * `0xE3069283`. The SIMD implementation of `@node-rs/crc32`, whose package
+ * ships prebuilt binaries and a WebAssembly build for other platforms.
+ * Castagnoli rather than the zlib polynomial because storage and network
+ * stacks use it, so other languages have a fast one at hand.
+ */
+export { crc32c };
 
 /** Length of the fixed-size little-endian prefix covered by a chunk's CRC. */
 export const CHUNK_KEY_BYTES = 32;

@@ -2,7 +2,7 @@
  * Sparse delta format: position coding, chunk codec, tensor record sequences
  * and the `.dppa` file container. Layout of every byte: docs/formats.md.
  */
-export { crc32c } from './crc32c.js';
+export { crc32c } from './chunk-checksum.js';
 export { golombParameter, MAX_GOLOMB_M } from './golomb.js';
 export { chunkChecksum, foldChunkCrc } from './chunk-checksum.js';
 export {

@@ -1,20 +1,25 @@
 /** Helpers for benchmarks: run whole processes, time them, read their peak RSS; medians. */
 import { spawnSync } from 'node:child_process';
 
-/** Wall time and peak RSS of one whole process (measured by a python3 wrapper, which every bench machine has). */
-export function measureProcess(cmd: string, args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv } = {}): { seconds: number; maxRssMiB: number } {
+/** Wall time, CPU time (user + system, all threads) and peak RSS of one whole process (measured by a python3 wrapper, which every bench machine has). */
+export function measureProcess(
+  cmd: string,
+  args: string[],
+  opts: { cwd?: string; env?: NodeJS.ProcessEnv } = {},
+): { seconds: number; cpuSeconds: number; maxRssMiB: number } {
   const wrapper = [
     'import resource, subprocess, sys, time',
     't = time.perf_counter()',
     'r = subprocess.run(sys.argv[1:])',
     'dt = time.perf_counter() - t',
-    'print(f"{dt} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)',
+    'u = resource.getrusage(resource.RUSAGE_CHILDREN)',
+    'print(f"{dt} {u.ru_maxrss} {u.ru_utime + u.ru_stime}", file=sys.stderr)',
     'sys.exit(r.returncode)',
   ].join('\n');
   const r = spawnSync('python3', ['-c', wrapper, cmd, ...args], { cwd: opts.cwd, env: opts.env ?? process.env, encoding: 'utf8', stdio: ['ignore', 'ignore', 'pipe'] });
   if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.status}):\n${r.stderr}`);
   const last = r.stderr.trim().split('\n').at(-1)!.split(' ');
-  return { seconds: Number(last[0]), maxRssMiB: Number(last[1]) / 1024 };
+  return { seconds: Number(last[0]), cpuSeconds: Number(last[2]), maxRssMiB: Number(last[1]) / 1024 };
 }
 
 /** Median of a list of numbers. */
