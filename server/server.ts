@@ -200,6 +200,10 @@ export class DppaServer {
     const grpc = new Server({
       'grpc.max_receive_message_length': o.maxMessageBytes,
       'grpc.max_send_message_length': o.maxMessageBytes,
+      // Finds connections whose client vanished or froze (docs/server.md, "Keepalive"). grpc-js servers answer
+      // client pings at any rate (no ping-strike policy), so the SDK's own 30 s pings are always permitted.
+      'grpc.keepalive_time_ms': o.keepaliveMs,
+      'grpc.keepalive_timeout_ms': o.keepaliveTimeoutMs,
     });
     grpc.addService(JobServiceService, jobService({ store, events, spool, runner, auth, maxUploadBytes: o.maxUploadBytes, clustered: o.cluster }, rpc));
     grpc.addService(UploadServiceKeepingRecords, uploadService({ store, events, spool, runner, metrics, auth }, rpc));

@@ -47,14 +47,22 @@ export interface HeldTensor {
   file: string;
 }
 
+/** The hold of an upload stream on its party's spool. */
+export interface UploadSlot {
+  /** Ends the stream holding the slot: its call fails with ABORTED, and it releases the slot. */
+  takeOver(): void;
+  /** Resolves once the stream has released the slot (its open tensor discarded, completed ones closed). */
+  readonly released: Promise<void>;
+}
+
 /** The spooled upload of one party of one job. */
 export class PartySpool {
   /** The accepted header, once one arrived. */
   header: DeltaHeader | undefined;
   /** Tensors held, in the order they arrived (after a restart: in plan order). */
   readonly held = new Map<string, HeldTensor>();
-  /** True while an upload stream of this party is open: one at a time. */
-  uploading = false;
+  /** The upload stream of this party that is open, if any: one at a time, a newer one takes over. */
+  upload: UploadSlot | undefined;
   /** Chunk payload bytes of the tensor being received, not yet in a spool file. */
   pendingBytes = 0;
   /** True once the tensor files were deleted (the job merged): `held` lists what they were. */
