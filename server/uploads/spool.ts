@@ -23,11 +23,12 @@
  */
 import { mkdir, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import pMap from 'p-map';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import { DeltaHeader, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
 import { DeltaFileWriter } from '../../proto/sparse/index.js';
 import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
-import type { JobStore, StoredJob } from '../jobs/job-store.js';
+import { LOAD_CONCURRENCY, type JobStore, type StoredJob } from '../jobs/job-store.js';
 import type { Logger } from '../log.js';
 
 const TENSOR_FILE = /^(\d+)\.dppa$/;
@@ -253,12 +254,16 @@ export class Spool {
   /** Recovers the spool of every job in the store. */
   static async open(opts: SpoolOptions): Promise<Spool> {
     const spool = new Spool(opts.store, opts.log, opts.shared ?? false, opts.keepUploads ?? false);
-    for (const job of opts.store.list()) {
-      spool.addJob(job);
-      for (const p of job.parties) await spool.party(job.id, p.name).recover(opts.log, spool.shared);
-      // A server stopped between a merge and the deletion of its uploads deletes them now.
-      if (job.state === JobState.JOB_STATE_MERGED) await spool.discardJob(job.id);
-    }
+    await pMap(
+      opts.store.list(),
+      async (job) => {
+        spool.addJob(job);
+        for (const p of job.parties) await spool.party(job.id, p.name).recover(opts.log, spool.shared);
+        // A server stopped between a merge and the deletion of its uploads deletes them now.
+        if (job.state === JobState.JOB_STATE_MERGED) await spool.discardJob(job.id);
+      },
+      { concurrency: LOAD_CONCURRENCY },
+    );
     return spool;
   }
 

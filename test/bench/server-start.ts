@@ -6,10 +6,14 @@
  * times (the median is printed) and, with `--cpu-prof`, prints the start's
  * hottest functions.
  *
- *   npm run bench:start [-- --jobs 400 --runs 5 --cpu-prof]
+ *   npm run bench:start [-- --jobs 400 --runs 5 --cpu-prof --dir DIR]
+ *
+ *   --dir DIR   keep the data folder in DIR, and reuse it if DIR/data exists (to time two versions of the
+ *               server on the same jobs; --jobs is then what DIR holds)
  */
 import { Session } from 'node:inspector/promises';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -19,15 +23,17 @@ import { DppaServer } from '../../server/server.js';
 import { TINY, writeLlamaFamily } from '../fixtures/synthetic-model.js';
 import { median, printTopSelfTime, type CpuProfile } from './measure.js';
 
-const { values: v } = parseArgs({ options: { jobs: { type: 'string' }, runs: { type: 'string' }, 'cpu-prof': { type: 'boolean' } } });
+const { values: v } = parseArgs({ options: { jobs: { type: 'string' }, runs: { type: 'string' }, 'cpu-prof': { type: 'boolean' }, dir: { type: 'string' } } });
 const jobs = Number(v.jobs ?? 400);
 const runs = Number(v.runs ?? 5);
 const ADMIN = 'bench-admin-token-0123456789';
 
-const dir = await mkdtemp(join(tmpdir(), 'dppa-bench-start-'));
+const dir = v.dir ?? (await mkdtemp(join(tmpdir(), 'dppa-bench-start-')));
+const reuse = existsSync(join(dir, 'data'));
+await mkdir(dir, { recursive: true });
 const server = (): DppaServer =>
   new DppaServer({ adminToken: ADMIN, dataDir: join(dir, 'data'), grpcPort: 0, metricsPort: 0, logger: createLogger({ level: 'silent' }) });
-try {
+async function prepare(): Promise<void> {
   const fam = await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 3 });
   const delta = join(dir, 'a.dppa');
   await pruneToFile({ base: fam.base, finetuned: fam.finetuned[0]!, rate: 0.9, out: delta });
@@ -43,6 +49,10 @@ try {
   }
   admin.close();
   await setup.stop();
+}
+
+try {
+  if (!reuse) await prepare();
 
   const seconds: number[] = [];
   for (let r = 0; r < runs; r++) {
@@ -65,5 +75,5 @@ try {
   }
   console.log(`${jobs} jobs (${Math.ceil(jobs / 4)} with an upload): start ${median(seconds).toFixed(3)} s median of ${runs} (${seconds.map((x) => x.toFixed(3)).join(', ')})`);
 } finally {
-  await rm(dir, { recursive: true, force: true });
+  if (v.dir === undefined) await rm(dir, { recursive: true, force: true });
 }
