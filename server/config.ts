@@ -59,6 +59,16 @@ export interface ServerOptions {
   receiveWindowBytes?: number;
   /** How long a graceful stop lets in-flight calls finish before cutting them off. @default 10000 */
   shutdownGraceMs?: number;
+  /**
+   * How often the server pings each client connection (HTTP/2 PING), in ms; a
+   * connection whose ping is not answered within `keepaliveTimeoutMs` is
+   * dropped and its calls cancelled, so that a client that vanished or froze
+   * does not hold its calls (and a party's upload slot) until TCP gives up.
+   * @default 30000
+   */
+  keepaliveMs?: number;
+  /** How long a keepalive ping may go unanswered before the connection is dropped, in ms. @default 10000 */
+  keepaliveTimeoutMs?: number;
   /** Worker threads of a merge; 0 merges in the main thread. @default min(2, available cores) */
   mergeWorkers?: number;
   /**
@@ -116,6 +126,8 @@ export interface ResolvedServerOptions {
   maxMessageBytes: number;
   receiveWindowBytes: number;
   shutdownGraceMs: number;
+  keepaliveMs: number;
+  keepaliveTimeoutMs: number;
   mergeWorkers: number;
   keepUploads: boolean;
   nats: NatsOptions | undefined;
@@ -145,6 +157,8 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
     maxMessageBytes: opts.maxMessageBytes ?? 8 * 1024 * 1024,
     receiveWindowBytes: opts.receiveWindowBytes ?? 4 * 1024 * 1024,
     shutdownGraceMs: opts.shutdownGraceMs ?? 10_000,
+    keepaliveMs: opts.keepaliveMs ?? 30_000,
+    keepaliveTimeoutMs: opts.keepaliveTimeoutMs ?? 10_000,
     mergeWorkers: opts.mergeWorkers ?? defaultMergeWorkers(),
     keepUploads: opts.keepUploads ?? false,
     nats: opts.nats,
@@ -170,6 +184,8 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
   if (!Number.isSafeInteger(r.shutdownGraceMs) || r.shutdownGraceMs < 0) {
     throw new ConfigError(`shutdownGraceMs: must be a non-negative integer, got ${r.shutdownGraceMs}`);
   }
+  checkPositiveInteger('keepaliveMs', r.keepaliveMs);
+  checkPositiveInteger('keepaliveTimeoutMs', r.keepaliveTimeoutMs);
   if (!Number.isSafeInteger(r.mergeWorkers) || r.mergeWorkers < 0) throw new ConfigError(`mergeWorkers: must be a non-negative integer, got ${r.mergeWorkers}`);
   if (r.nats !== undefined) checkNats(r.nats);
   if (!Number.isSafeInteger(r.taskAckWaitMs) || r.taskAckWaitMs < 1000) throw new ConfigError(`taskAckWaitMs: must be an integer of at least 1000, got ${r.taskAckWaitMs}`);

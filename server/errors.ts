@@ -38,6 +38,11 @@ export class AlreadyExistsError extends Error {
   override name = 'AlreadyExistsError';
 }
 
+/** The call lost to a concurrent one, e.g. an upload stream taken over by a newer stream of the same party (ABORTED). */
+export class AbortedError extends Error {
+  override name = 'AbortedError';
+}
+
 /** A byte offset past the end of a file (OUT_OF_RANGE). */
 export class OutOfRangeError extends Error {
   override name = 'OutOfRangeError';

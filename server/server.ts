@@ -11,6 +11,7 @@
 import { readFile, readdir, rm, statfs } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Server, ServerCredentials } from '@grpc/grpc-js';
+import pMap from 'p-map';
 import { DownloadServiceService } from '../proto/gen/dppa/v1/download.js';
 import { EvaluationServiceService } from '../proto/gen/dppa/v1/evaluation.js';
 import { JobServiceService } from '../proto/gen/dppa/v1/jobs.js';
@@ -26,7 +27,7 @@ import { RemoteEvaluators } from './dpa/remote-evaluators.js';
 import { UnavailableError } from './errors.js';
 import { FileJobEvents, type JobEvents } from './jobs/job-events.js';
 import { JobRunner } from './jobs/job-runner.js';
-import { LocalJobStore, type JobStore } from './jobs/job-store.js';
+import { LOAD_CONCURRENCY, LocalJobStore, type JobStore } from './jobs/job-store.js';
 import { ClusterMetrics, Metrics, MetricsServer } from './metrics.js';
 import { NatsEventPublisher } from './nats/event-publisher.js';
 import { Authenticator } from './rpc/auth.js';
@@ -144,10 +145,15 @@ export class DppaServer {
     } else {
       const local = await LocalJobStore.open(o.dataDir, log);
       fileEvents = new FileJobEvents(log);
-      for (const job of local.list()) {
-        await removeStaleOutputs(local.dir(job.id));
-        await fileEvents.load(job.id, local.dir(job.id));
-      }
+      const loading = fileEvents;
+      await pMap(
+        local.list(),
+        async (job) => {
+          await removeStaleOutputs(local.dir(job.id));
+          await loading.load(job.id, local.dir(job.id));
+        },
+        { concurrency: LOAD_CONCURRENCY },
+      );
       store = local;
       events = fileEvents;
     }
@@ -204,6 +210,10 @@ export class DppaServer {
     const grpc = new Server({
       'grpc.max_receive_message_length': o.maxMessageBytes,
       'grpc.max_send_message_length': o.maxMessageBytes,
+      // Finds connections whose client vanished or froze (docs/server.md, "Keepalive"). grpc-js servers answer
+      // client pings at any rate (no ping-strike policy), so the SDK's own 30 s pings are always permitted.
+      'grpc.keepalive_time_ms': o.keepaliveMs,
+      'grpc.keepalive_timeout_ms': o.keepaliveTimeoutMs,
     });
     grpc.addService(JobServiceService, jobService({ store, events, spool, runner, auth, maxUploadBytes: o.maxUploadBytes, clustered: o.cluster }, rpc));
     grpc.addService(UploadServiceKeepingRecords, uploadService({ store, events, spool, runner, metrics, auth }, rpc));

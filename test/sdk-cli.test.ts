@@ -115,6 +115,9 @@ describe('dppa server commands: command line', () => {
       ['job status', ['--server', 'localhost:1', '--job', 'j', '--token', 't', '--admin-token-file', 'f'], {}, /--token and --admin-token-file: give one/],
       ['job status', ['--server', 'localhost:1'], admin, /--job is required/],
       ['job status', ['--server', 'localhost:1', '--job', 'j', '--timeout-ms', '0'], admin, /--timeout-ms: expected an integer ≥ 1/],
+      ['job status', ['--server', 'localhost:1', '--job', 'j', '--retry-for', '90'], admin, /--retry-for: expected a duration with its unit \(e\.g\. 90s, 10m, 1h\), got "90"/],
+      ['pull', ['--server', 'localhost:1', '--job', 'j', '--out', 'o', '--retry-for', 'soon'], admin, /--retry-for: expected a duration/],
+      ['push', ['--server', 'localhost:1', '--job', 'j', '--party', 'a', '--token', 't', '--delta', 'x.dppa', '--retry-for=-5m'], {}, /--retry-for: expected a duration/],
       ['job status', ['--server', 'localhost:1', '--job', 'j', '--tls-cert', 'c.pem'], admin, /--tls-cert and --tls-key: give both or neither/],
       ['job status', ['--server', 'localhost:1', '--job', 'j', '--tls-ca', join(tmpdir(), 'no-such-ca.pem')], admin, /^--tls-ca: cannot read .*no-such-ca\.pem/],
       ['job watch', ['--server', 'localhost:1', '--job', 'j', '--after-seq=-1'], admin, /--after-seq: expected an integer ≥ 0/],
@@ -264,8 +267,13 @@ describe('dppa server commands: against a server', () => {
     const gone = await FakeDppaServer.start();
     const address = gone.address;
     gone.stop();
-    const r = await dppa(['job', 'status', '--server', address, '--job', 'job-1', '--timeout-ms', '1500'], admin);
+    const r = await dppa(['job', 'status', '--server', address, '--job', 'job-1', '--timeout-ms', '1500', '--retry-for', '2s'], admin);
     assert.equal(r.code, 4);
+    // Each wait is told, within the budget; then the last failure.
+    assert.match(r.stderr, /^GetJob: server unavailable, retrying in \d\.\ds \(2\.0s left\)$/m);
     assert.match(r.stderr, /GetJob failed: .*\((UNAVAILABLE|DEADLINE_EXCEEDED)\)/);
+    const none = await dppa(['job', 'status', '--server', address, '--job', 'job-1', '--retry-for', '0'], admin);
+    assert.equal(none.code, 4);
+    assert.doesNotMatch(none.stderr, /retrying/);
   });
 });

@@ -55,14 +55,15 @@ describe('address and transport policy', () => {
   it('fills in defaults and checks every option by name', () => {
     const o = withDefaults({ address: 'localhost:50051', token: 'secret' });
     assert.equal(o.timeoutMs, 30_000);
-    assert.deepEqual(o.retry, { attempts: 5, initialDelayMs: 250, maxDelayMs: 10_000 });
+    assert.deepEqual(o.retry, { forMs: 300_000, attempts: Infinity, initialDelayMs: 250, maxDelayMs: 10_000 });
     assert.equal(o.maxMessageBytes, 32 * 1024 * 1024);
-    assert.deepEqual(withDefaults({ address: 'localhost:1', token: 't', retry: { attempts: 2 } }).retry, { attempts: 2, initialDelayMs: 250, maxDelayMs: 10_000 });
+    assert.deepEqual(withDefaults({ address: 'localhost:1', token: 't', retry: { attempts: 2, forMs: 0 } }).retry, { forMs: 0, attempts: 2, initialDelayMs: 250, maxDelayMs: 10_000 });
     const bad: [Parameters<typeof withDefaults>[0], RegExp][] = [
       [{ address: 'localhost:1', token: '' }, /^token: required/],
       [{ address: 'localhost:1', token: 'a\nb' }, /^token: must not contain line breaks/],
       [{ address: 'localhost:1', token: 't', timeoutMs: 0 }, /^timeoutMs:/],
       [{ address: 'localhost:1', token: 't', retry: { attempts: 0 } }, /^retry\.attempts:/],
+      [{ address: 'localhost:1', token: 't', retry: { forMs: -1 } }, /^retry\.forMs:/],
       [{ address: 'localhost:1', token: 't', retry: { initialDelayMs: 100, maxDelayMs: 10 } }, /^retry\.maxDelayMs:/],
       [{ address: 'localhost:1', token: 't', maxMessageBytes: 10 }, /^maxMessageBytes:/],
       [{ address: 'localhost:1', token: 't', tls: { cert: Buffer.from('x') } }, /^tls\.cert and tls\.key: give both or neither/],

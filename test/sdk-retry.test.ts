@@ -9,9 +9,9 @@ import { describe, it } from 'node:test';
 import { Metadata, status, type ServiceError } from '@grpc/grpc-js';
 import { CallScope } from '../client/sdk/call.js';
 import { DppaRpcError, isServiceError } from '../client/sdk/errors.js';
-import { Backoff, backoffDelay, isTransient, retrying, sleep, type RetryOptions } from '../client/sdk/retry.js';
+import { Backoff, backoffDelay, isTransient, retrying, sleep, type RetryNotice, type RetryOptions } from '../client/sdk/retry.js';
 
-const opts: RetryOptions = { attempts: 6, initialDelayMs: 100, maxDelayMs: 1000 };
+const opts: RetryOptions = { forMs: 60_000, attempts: 6, initialDelayMs: 100, maxDelayMs: 1000 };
 
 function serviceError(code: status, details: string): ServiceError {
   return Object.assign(new Error(`${code} ${status[code]}: ${details}`), { code, details, metadata: new Metadata() });
@@ -65,8 +65,36 @@ describe('backoff', () => {
     assert.equal(calls, 1);
   });
 
+  it('retries for its time budget from the first failure in a row, the last wait ending with the budget', async () => {
+    let clock = 1_000_000;
+    const notices: RetryNotice[] = [];
+    let calls = 0;
+    const budget: RetryOptions = { forMs: 10_000, attempts: Infinity, initialDelayMs: 1000, maxDelayMs: 4000 };
+    const hooks = { now: () => clock, random: () => 1, onRetry: (n: RetryNotice) => notices.push(n) };
+    const down = new DppaRpcError('GetJob', status.UNAVAILABLE, 'connection refused');
+    await assert.rejects(
+      retrying(() => (calls++, Promise.reject(down)), budget, { ...hooks, sleep: (ms) => ((clock += ms), Promise.resolve()) }),
+      (e) => e === down,
+    );
+    // Waits 1, 2, 4, then 4 s capped to the 3 s left; the attempt at the budget's end fails and is not retried.
+    assert.deepEqual(notices.map((n) => [n.delayMs, n.leftMs, n.failures]), [[1000, 10_000, 1], [2000, 9000, 2], [4000, 7000, 3], [3000, 3000, 4]]);
+    assert.equal(calls, 5);
+    assert.equal(notices[0]!.error, down);
+    // Progress ends a streak: the budget starts again at the next failure.
+    const b = new Backoff(budget, { ...hooks, sleep: (ms) => ((clock += ms), Promise.resolve()) });
+    await b.failed(down);
+    clock += 9_500;
+    b.reset();
+    await b.failed(down);
+    assert.equal(notices.at(-1)!.leftMs, 10_000);
+    // forMs 0: not retried at all.
+    calls = 0;
+    await assert.rejects(retrying(() => (calls++, Promise.reject(down)), { ...budget, forMs: 0 }, hooks), (e) => e === down);
+    assert.equal(calls, 1);
+  });
+
   it('counts only failures in a row: reset() after progress', async () => {
-    const b = new Backoff({ attempts: 3, initialDelayMs: 1, maxDelayMs: 1 }, { sleep: () => Promise.resolve() });
+    const b = new Backoff({ forMs: 60_000, attempts: 3, initialDelayMs: 1, maxDelayMs: 1 }, { sleep: () => Promise.resolve() });
     const err = new Error('drop');
     await b.failed(err);
     await b.failed(err);
@@ -94,14 +122,15 @@ describe('backoff', () => {
     await assert.rejects(sleep(10, AbortSignal.abort(new Error('already'))), /already/);
   });
 
-  it('treats UNAVAILABLE and reset streams as transient, everything else not', () => {
+  it('treats UNAVAILABLE, an attempt out of time and reset streams as transient, everything else not', () => {
     assert.equal(isTransient(serviceError(status.UNAVAILABLE, 'Connection dropped')), true);
+    assert.equal(isTransient(serviceError(status.DEADLINE_EXCEEDED, 'Deadline exceeded after 30.001s')), true);
     assert.equal(isTransient(new DppaRpcError('Upload', status.UNAVAILABLE, 'x')), true);
     assert.equal(isTransient(serviceError(status.INTERNAL, 'Received RST_STREAM with code 2 (Internal server error)')), true);
     assert.equal(isTransient(serviceError(status.CANCELLED, 'Call cancelled')), true);
     assert.equal(isTransient(serviceError(status.CANCELLED, 'Cancelled on client')), false);
     assert.equal(isTransient(serviceError(status.INTERNAL, 'bug')), false);
-    for (const code of [status.NOT_FOUND, status.INVALID_ARGUMENT, status.UNAUTHENTICATED, status.DEADLINE_EXCEEDED, status.FAILED_PRECONDITION]) {
+    for (const code of [status.NOT_FOUND, status.INVALID_ARGUMENT, status.UNAUTHENTICATED, status.ALREADY_EXISTS, status.FAILED_PRECONDITION]) {
       assert.equal(isTransient(serviceError(code, 'x')), false, status[code]);
     }
     assert.equal(isTransient(new Error('UNAVAILABLE')), false);

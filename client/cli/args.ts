@@ -1,5 +1,6 @@
 /** Command-line parsing on node:util parseArgs, with errors that name the flag. */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
+import parseDuration from 'parse-duration';
 import { UsageError } from './exit-codes.js';
 
 type Options = NonNullable<ParseArgsConfig['options']>;
@@ -43,6 +44,18 @@ export function num(value: string | undefined, flag: string, range: { min?: numb
     throw new UsageError(`--${flag}: expected ${want}, got ${JSON.stringify(value)}`);
   }
   return n;
+}
+
+/** A duration with its unit (`90s`, `10m`, `1h30m`; `0` alone needs none), in ms. */
+export function duration(value: string | undefined, flag: string): number | undefined {
+  if (value === undefined) return undefined;
+  const v = value.trim();
+  // A bare number would be read as milliseconds: ask for the unit rather than guess.
+  const ms = v === '0' ? 0 : /^[\d.]+$/.test(v) ? null : parseDuration(v);
+  if (ms === null || ms === undefined || !Number.isFinite(ms) || ms < 0) {
+    throw new UsageError(`--${flag}: expected a duration with its unit (e.g. 90s, 10m, 1h), got ${JSON.stringify(value)}`);
+  }
+  return Math.round(ms);
 }
 
 /** A comma-separated list of numbers, e.g. `--levels 0.9,0.8`. */

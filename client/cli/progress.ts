@@ -14,10 +14,14 @@ export function formatBytes(n: number): string {
   return `${n.toFixed(i === 0 ? 0 : 1)} ${units[i]}`;
 }
 
-function formatSeconds(s: number): string {
-  if (!Number.isFinite(s)) return '--';
-  if (s < 60) return `${Math.round(s)}s`;
-  return `${Math.floor(s / 60)}m${String(Math.round(s % 60)).padStart(2, '0')}s`;
+/** Formats a duration for people: 0.3s, 42s, 1m52s. */
+export function formatDuration(ms: number): string {
+  if (!Number.isFinite(ms)) return '--';
+  const s = ms / 1000;
+  if (s < 9.95) return `${s.toFixed(1)}s`;
+  if (s < 59.5) return `${Math.round(s)}s`;
+  const whole = Math.round(s);
+  return `${Math.floor(whole / 60)}m${String(whole % 60).padStart(2, '0')}s`;
 }
 
 /** One progress line. */
@@ -47,7 +51,7 @@ export class ProgressLine {
     const eta = frac > 0 ? (elapsed * (1 - frac)) / frac : Infinity;
     const amount = unit === 'bytes' ? `${formatBytes(done)}/${formatBytes(total)}` : `${done}/${total}`;
     const cols = this.stream.columns || 100;
-    const line = `${label} [${bar}] ${(frac * 100).toFixed(0).padStart(3)}% ${amount} ETA ${formatSeconds(eta)} ${item}`;
+    const line = `${label} [${bar}] ${(frac * 100).toFixed(0).padStart(3)}% ${amount} ETA ${formatDuration(eta * 1000)} ${item}`;
     this.stream.write(`\r${line.slice(0, cols - 1).padEnd(cols - 1)}`);
     this.drawn = true;
   }

@@ -1,14 +1,18 @@
 /**
  * What every command that talks to a server shares: the connection flags,
- * where the token comes from, Ctrl-C, and closing the client.
+ * where the token comes from, retries told on stderr, Ctrl-C, and closing
+ * the client.
  */
 import { readFileSync } from 'node:fs';
+import { status as Status } from '@grpc/grpc-js';
 import { DppaClient } from '../sdk/client.js';
 import { isLoopbackHost, parseAddress, type DppaClientOptions, type TlsOptions, type TransportOptions } from '../sdk/connection.js';
-import { num, required } from './args.js';
-import { cancellable } from './command.js';
+import { DppaRpcError } from '../sdk/errors.js';
+import { DEFAULT_RETRY, type RetryNotice } from '../sdk/retry.js';
+import { duration, num, required } from './args.js';
+import { cancellable, note } from './command.js';
 import { UsageError } from './exit-codes.js';
-import type { ProgressLine } from './progress.js';
+import { formatDuration, type ProgressLine } from './progress.js';
 
 /** Connection flags (parseArgs options). */
 export const serverFlags = {
@@ -20,6 +24,7 @@ export const serverFlags = {
   'tls-server-name': { type: 'string' },
   insecure: { type: 'boolean' },
   'timeout-ms': { type: 'string' },
+  'retry-for': { type: 'string' },
 } as const;
 
 /** The admin token's flag. */
@@ -38,6 +43,7 @@ export interface ServerFlagValues {
   'tls-server-name'?: string | undefined;
   insecure?: boolean | undefined;
   'timeout-ms'?: string | undefined;
+  'retry-for'?: string | undefined;
   'admin-token-file'?: string | undefined;
   token?: string | undefined;
   'token-file'?: string | undefined;
@@ -53,8 +59,11 @@ export const SERVER_HELP = `Connection:
   --tls-server-name NAME   name to check the server's certificate against (default: the host)
   --insecure               allow plaintext to a server that is not on this machine (the token
                            and data then cross the network unencrypted; loopback needs no flag)
-  --timeout-ms N           time limit of each request, default 30000 (a push, pull or watch as a
-                           whole has none; interrupt it with Ctrl-C)`;
+  --timeout-ms N           time limit of each attempt of a request, default 30000 (a push, pull or
+                           watch as a whole has none; interrupt it with Ctrl-C)
+  --retry-for DURATION     keep retrying while the server is unreachable, restarting or does not
+                           answer, for DURATION from the first failure in a row (e.g. 90s, 10m, 1h;
+                           0 gives up at once), default ${formatDuration(DEFAULT_RETRY.forMs)}; each wait is told on stderr`;
 
 /** The help lines of the admin token. */
 export const ADMIN_TOKEN_HELP = `  --admin-token-file FILE  file holding the admin token (default: $DPPA_ADMIN_TOKEN)`;
@@ -119,7 +128,7 @@ export function clientOptions(v: ServerFlagValues, token: string): DppaClientOpt
 }
 
 /** The connection flags without a token (health checks). */
-export function transportOptions(v: ServerFlagValues): TransportOptions {
+export function transportOptions(v: ServerFlagValues): TransportOptions & Pick<DppaClientOptions, 'retry'> {
   const address = required(v.server, 'server');
   let host: string;
   try {
@@ -137,12 +146,27 @@ export function transportOptions(v: ServerFlagValues): TransportOptions {
   if (v['tls-cert'] !== undefined) tls.cert = v['tls-cert'];
   if (v['tls-key'] !== undefined) tls.key = v['tls-key'];
   if (v['tls-server-name'] !== undefined) tls.serverName = v['tls-server-name'];
-  const o: TransportOptions = { address };
+  const o: TransportOptions & Pick<DppaClientOptions, 'retry'> = { address };
   if (wantsTls) o.tls = tls;
   if (v.insecure === true) o.insecure = true;
   const timeoutMs = num(v['timeout-ms'], 'timeout-ms', { min: 1, integer: true });
   if (timeoutMs !== undefined) o.timeoutMs = timeoutMs;
+  const retryFor = duration(v['retry-for'], 'retry-for');
+  if (retryFor !== undefined) o.retry = { forMs: retryFor };
   return o;
+}
+
+/** One line saying what a retry waits for: `GetJob: server unavailable, retrying in 4.0s (1m52s left)`. */
+export function retryLine(n: RetryNotice): string {
+  const e = n.error;
+  let what = 'connection dropped';
+  if (e instanceof DppaRpcError) {
+    if (e.code === Status.UNAVAILABLE) what = 'server unavailable';
+    else if (e.code === Status.DEADLINE_EXCEEDED) what = 'no answer in time';
+    else if (e.code === Status.ALREADY_EXISTS) what = "the party's upload slot is still held by an earlier stream";
+    what = `${e.method}: ${what}`;
+  }
+  return `${what}, retrying in ${formatDuration(n.delayMs)} (${formatDuration(n.leftMs)} left)`;
 }
 
 /**
@@ -150,23 +174,35 @@ export function transportOptions(v: ServerFlagValues): TransportOptions {
  * progress line (see {@link cancellable}); closes the client after.
  */
 export async function withClient<T>(options: DppaClientOptions, fn: (client: DppaClient, signal: AbortSignal, progress: ProgressLine) => Promise<T>): Promise<T> {
-  let client: DppaClient;
+  return cancellable(async (signal, progress) => {
+    const client = newClient({
+      ...options,
+      onRetry: (n) => {
+        progress.done();
+        note(retryLine(n));
+      },
+    });
+    try {
+      return await fn(client, signal, progress);
+    } finally {
+      client.close();
+    }
+  });
+}
+
+/** A client, its option errors told with the flags the user typed. */
+function newClient(options: DppaClientOptions): DppaClient {
   try {
-    client = new DppaClient(options);
+    return new DppaClient(options);
   } catch (err) {
     throw inFlagTerms(err);
-  }
-  try {
-    return await cancellable((signal, progress) => fn(client, signal, progress));
-  } finally {
-    client.close();
   }
 }
 
 /** An SDK RangeError naming its option (tls.ca: …) as a UsageError naming the flag the user typed; anything else unchanged. */
 export function inFlagTerms(err: unknown): unknown {
   if (!(err instanceof RangeError)) return err;
-  const flags: Record<string, string> = { 'tls.ca': '--tls-ca', 'tls.cert': '--tls-cert', 'tls.key': '--tls-key', timeoutMs: '--timeout-ms', token: 'the token', address: '--server' };
+  const flags: Record<string, string> = { 'tls.ca': '--tls-ca', 'tls.cert': '--tls-cert', 'tls.key': '--tls-key', timeoutMs: '--timeout-ms', 'retry.forMs': '--retry-for', token: 'the token', address: '--server' };
   const message = err.message.replace(/^([\w.]+):/, (m, name: string) => `${flags[name] ?? name}:`);
   return new UsageError(message, { cause: err });
 }

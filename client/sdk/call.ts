@@ -15,7 +15,8 @@ export interface CallOptions {
   /**
    * Time limit of the whole call, retries included, in ms; when it passes the
    * call rejects with a DppaRpcError of code DEADLINE_EXCEEDED.
-   * @default the client's `timeoutMs` for unary calls; none for push, pull and watchJob
+   * @default none: each attempt of a request has the client's `timeoutMs`, and
+   *   retrying ends with the client's `retry.forMs`
    */
   timeoutMs?: number | undefined;
 }
@@ -31,7 +32,7 @@ export class CallScope {
   private readonly timer: NodeJS.Timeout | undefined;
   private readonly unlink: () => void;
 
-  constructor(method: string, opts: CallOptions, defaultTimeoutMs?: number) {
+  constructor(method: string, opts: CallOptions) {
     const controller = new AbortController();
     this.signal = controller.signal;
     const outer = opts.signal;
@@ -39,7 +40,7 @@ export class CallScope {
     const onAbort = (): void => controller.abort(outer!.reason);
     outer?.addEventListener('abort', onAbort, { once: true });
     this.unlink = () => outer?.removeEventListener('abort', onAbort);
-    const ms = opts.timeoutMs ?? defaultTimeoutMs;
+    const ms = opts.timeoutMs;
     if (ms !== undefined) {
       if (!(Number.isFinite(ms) && ms > 0)) throw new RangeError(`timeoutMs: must be a positive number, got ${ms}`);
       this.deadline = Date.now() + ms;
@@ -106,7 +107,7 @@ function unaryOnce<Req, Res>(conn: Connection, fn: UnaryMethod<Req, Res>, req: R
  * @throws DppaRpcError for a non-OK status; the signal's reason when aborted.
  */
 export async function unary<Req, Res>(conn: Connection, method: string, fn: UnaryMethod<Req, Res>, req: Req, opts: CallOptions, retry: boolean): Promise<Res> {
-  const scope = new CallScope(method, opts, conn.options.timeoutMs);
+  const scope = new CallScope(method, opts);
   try {
     return await inScope(conn, method, fn, req, scope, retry);
   } finally {
@@ -125,7 +126,7 @@ export async function inScope<Req, Res>(conn: Connection, method: string, fn: Un
         throw DppaRpcError.from(scope.reason(err), method);
       }
     };
-    return await (retry ? retrying(attempt, conn.options.retry, { signal: scope.signal }) : attempt());
+    return await (retry ? retrying(attempt, conn.options.retry, { signal: scope.signal, onRetry: conn.options.onRetry }) : attempt());
   } catch (err) {
     throw scope.reason(err);
   }

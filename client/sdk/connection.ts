@@ -11,7 +11,7 @@ import { EvaluationServiceClient } from '../../proto/gen/dppa/v1/evaluation.js';
 import { JobServiceClient } from '../../proto/gen/dppa/v1/jobs.js';
 import type { UploadServiceClient } from '../../proto/gen/dppa/v1/upload.js';
 import { UploadClientSendingRecords } from './upload-client.js';
-import { retryWithDefaults, type RetryOptions } from './retry.js';
+import { Backoff, retryWithDefaults, type RetryNotice, type RetryOptions } from './retry.js';
 
 /** A PEM file: its path, or its contents. */
 export type PemSource = string | Uint8Array;
@@ -42,16 +42,27 @@ export interface DppaClientOptions {
    * @default false
    */
   insecure?: boolean;
-  /** Time limit of a unary call (job calls, upload state, file list), retries included, in ms. @default 30000 */
+  /**
+   * Time limit of each attempt of a request (job calls, upload state, file
+   * list), in ms; an attempt that gets no answer in time is retried like an
+   * unreachable server. @default 30000
+   */
   timeoutMs?: number;
-  /** Retrying of transient failures (UNAVAILABLE, dropped streams). @default { attempts: 5, initialDelayMs: 250, maxDelayMs: 10000 } */
+  /**
+   * Retrying of transient failures (UNAVAILABLE, an attempt's time limit, dropped
+   * streams, an upload slot still held by an earlier stream), with exponential
+   * backoff and jitter, for `forMs` from the first failure in a row.
+   * @default { forMs: 300000, attempts: Infinity, initialDelayMs: 250, maxDelayMs: 10000 }
+   */
   retry?: Partial<RetryOptions>;
+  /** Told before each wait of a retry (what failed, how long the wait, how much of the budget is left). @default none */
+  onRetry?: (notice: RetryNotice) => void;
   /** Largest gRPC message sent or received, in bytes. @default 33554432 (32 MiB; a delta record is at most 16 MiB) */
   maxMessageBytes?: number;
 }
 
-/** What reaching a server takes, without a token: {@link DppaClientOptions} less `token` and `retry`. */
-export type TransportOptions = Omit<DppaClientOptions, 'token' | 'retry'>;
+/** What reaching a server takes, without a token: {@link DppaClientOptions} less `token` and the retry options. */
+export type TransportOptions = Omit<DppaClientOptions, 'token' | 'retry' | 'onRetry'>;
 
 /** {@link TransportOptions} with every default filled in and the PEM files read. */
 export interface ResolvedTransport {
@@ -68,6 +79,7 @@ export interface ResolvedTransport {
 export interface ResolvedClientOptions extends ResolvedTransport {
   token: string;
   retry: RetryOptions;
+  onRetry: ((notice: RetryNotice) => void) | undefined;
 }
 
 const loopback = new BlockList();
@@ -121,7 +133,7 @@ export function withDefaults(o: DppaClientOptions): ResolvedClientOptions {
   const transport = transportDefaults(o);
   if (typeof o.token !== 'string' || o.token === '') throw new RangeError('token: required (the admin token or a party token)');
   if (/[\r\n\0]/.test(o.token)) throw new RangeError('token: must not contain line breaks or NUL');
-  return { ...transport, token: o.token, retry: retryWithDefaults(o.retry) };
+  return { ...transport, token: o.token, retry: retryWithDefaults(o.retry), onRetry: o.onRetry };
 }
 
 /**
@@ -187,6 +199,15 @@ export class Connection {
       'grpc.enable_retries': 0,
       // Downloads: HTTP/2's default 64 KiB receive window makes the server wait for the client every 64 KiB.
       'grpc-node.flow_control_window': 4 * 1024 * 1024,
+      // A server that vanished without closing the connection (power loss, a frozen process, a dropped route)
+      // is found within 40 s: pinged every 30 s while calls are open, the connection is dropped when a ping
+      // goes unanswered for 10 s, and the calls then fail with UNAVAILABLE and are retried.
+      'grpc.keepalive_time_ms': 30_000,
+      'grpc.keepalive_timeout_ms': 10_000,
+      'grpc.keepalive_permit_without_calls': 0,
+      // grpc-js backs off reconnecting up to 2 minutes by default, failing calls at once meanwhile: a server back
+      // after a minute's restart would then be seen minutes late. Reconnect at least as often as we retry.
+      'grpc.max_reconnect_backoff_ms': Math.max(1000, o.retry.maxDelayMs),
       ...serverNameOptions(o),
     };
     this.channel = new Channel(o.address, creds, channelOptions);
@@ -196,6 +217,11 @@ export class Connection {
     this.uploads = new UploadClientSendingRecords(o.address, creds, shared);
     this.downloads = new DownloadServiceClient(o.address, creds, shared);
     this.evaluations = new EvaluationServiceClient(o.address, creds, shared);
+  }
+
+  /** A fresh count of failures in a row, within the retry budget. */
+  backoff(): Backoff {
+    return new Backoff(this.options.retry, { onRetry: this.options.onRetry });
   }
 
   /** Fresh metadata carrying the token (grpc-js may modify the object it is given). */

@@ -28,7 +28,7 @@ export type ServingStatusName = 'SERVING' | 'NOT_SERVING' | 'SERVICE_UNKNOWN' | 
 export async function checkHealth(options: HealthCheckOptions, opts: CallOptions = {}): Promise<ServingStatusName> {
   const o = transportDefaults(options);
   const method = 'Health/Check';
-  const scope = new CallScope(method, opts, o.timeoutMs);
+  const scope = new CallScope(method, { ...opts, timeoutMs: opts.timeoutMs ?? o.timeoutMs });
   const client = new HealthClient(o.address, channelCredentials(o), serverNameOptions(o));
   try {
     scope.check();

@@ -13,7 +13,7 @@ import type { PruneMethod } from '../prune/pruner.js';
 import { CallScope, readStream, unary, type CallOptions } from './call.js';
 import type { Connection } from './connection.js';
 import { DppaRpcError } from './errors.js';
-import { Backoff, isTransient } from './retry.js';
+import { isTransient } from './retry.js';
 
 /** A job's state as a lower-case word, the form the CLI prints. */
 export type JobStateName = 'collecting' | 'dpa' | 'merging' | 'merged' | 'failed' | 'unspecified';
@@ -160,7 +160,7 @@ export function resumeJob(conn: Connection, jobId: string, opts: CallOptions = {
  */
 export async function* watchJob(conn: Connection, jobId: string, opts: WatchJobOptions = {}): AsyncGenerator<JobEvent, void, undefined> {
   const scope = new CallScope('WatchJob', opts);
-  const backoff = new Backoff(conn.options.retry);
+  const backoff = conn.backoff();
   let afterSeq = opts.afterSeq ?? 0n;
   try {
     for (;;) {

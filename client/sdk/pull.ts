@@ -12,7 +12,7 @@ import { crc32c } from '../../proto/sparse/index.js';
 import { CallScope, inScope, readStream, type CallOptions } from './call.js';
 import type { Connection } from './connection.js';
 import { DownloadError, DppaRpcError } from './errors.js';
-import { Backoff, isTransient } from './retry.js';
+import { isTransient } from './retry.js';
 import { syncFolder } from '../../proto/fs-sync.js';
 
 /** What {@link DppaClient.pull} downloads, and where. */
@@ -146,7 +146,7 @@ interface Transfer {
 /** Downloads one file into `local`, resuming from what is on disk; verifies it. */
 async function downloadFile(t: Transfer, file: PulledFile, local: string): Promise<void> {
   const { conn, scope } = t;
-  const backoff = new Backoff(conn.options.retry);
+  const backoff = conn.backoff();
   await mkdir(dirname(local), { recursive: true });
   let size = await sizeOnDisk(local);
   if (size > file.size) {

@@ -5,7 +5,7 @@
  */
 import { mkdir } from 'node:fs/promises';
 import { dirname } from 'node:path';
-import type { ClientWritableStream } from '@grpc/grpc-js';
+import { status as Status, type ClientWritableStream } from '@grpc/grpc-js';
 import { JobState, type Job } from '../../proto/gen/dppa/v1/jobs.js';
 import type { DeltaHeader, DeltaRecord } from '../../proto/gen/dppa/v1/sparse.js';
 import type { UploadRequest, UploadState } from '../../proto/gen/dppa/v1/upload.js';
@@ -16,7 +16,7 @@ import { CallScope, inScope, type CallOptions } from './call.js';
 import type { Connection } from './connection.js';
 import { DeltaMismatchError, DppaRpcError, JobStateError, UploadIncompleteError } from './errors.js';
 import { jobStateName } from './jobs.js';
-import { Backoff, isTransient } from './retry.js';
+import { isTransient } from './retry.js';
 
 /** Pruning settings a push passes to the pruner (see {@link PruneOptions}); the job fixes rate and method. */
 export type PushPruneOptions = Omit<PruneOptions, 'base' | 'finetuned' | 'rate' | 'method' | 'signal' | 'onProgress'>;
@@ -283,7 +283,7 @@ export async function push(conn: Connection, o: PushOptions, call: PushCallOptio
       );
     }
     const tensorsTotal = header.tensors.filter((t) => t.sent).length;
-    const backoff = new Backoff(conn.options.retry);
+    const backoff = conn.backoff();
     let bytesSent = 0;
     for (let attempt = 1; ; attempt++) {
       if (attempt > 1) {
@@ -319,7 +319,8 @@ export async function push(conn: Connection, o: PushOptions, call: PushCallOptio
         throw new UploadIncompleteError(again);
       } catch (err) {
         const e = DppaRpcError.from(scope.reason(err), 'Upload');
-        if (scope.signal.aborted || !isTransient(e)) throw e;
+        // ALREADY_EXISTS: a server without slot takeover still holds the slot of an earlier stream of ours.
+        if (scope.signal.aborted || !(isTransient(e) || (e instanceof DppaRpcError && e.code === Status.ALREADY_EXISTS))) throw e;
         await backoff.failed(e, scope.signal);
       } finally {
         stream.close();

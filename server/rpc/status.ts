@@ -10,6 +10,7 @@ import { randomBytes } from 'node:crypto';
 import { status as Code } from '@grpc/grpc-js';
 import { ChecksumError, FormatError } from '../../proto/errors.js';
 import {
+  AbortedError,
   AlreadyExistsError,
   CancelledError,
   DeadlineExceededError,
@@ -42,6 +43,7 @@ const CODES: [new (...args: never[]) => Error, Code][] = [
   [ResourceExhaustedError, Code.RESOURCE_EXHAUSTED],
   [NotFoundError, Code.NOT_FOUND],
   [AlreadyExistsError, Code.ALREADY_EXISTS],
+  [AbortedError, Code.ABORTED],
   [OutOfRangeError, Code.OUT_OF_RANGE],
   [UnimplementedError, Code.UNIMPLEMENTED],
   [UnavailableError, Code.UNAVAILABLE],

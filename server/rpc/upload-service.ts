@@ -4,9 +4,9 @@
  *
  * With replicas sharing the data folder, a party's upload may have started
  * on another replica: the party's spool is read again before its state is
- * answered and before its stream is taken in.
+ * answered and before its stream is taken in (by the upload session).
  */
-import type { UploadRequest, UploadServiceServer } from '../../proto/gen/dppa/v1/upload.js';
+import type { UploadServiceServer } from '../../proto/gen/dppa/v1/upload.js';
 import { receiveUpload, uploadState, type UploadDeps } from '../uploads/upload-session.js';
 import type { RpcWrapper } from './handler.js';
 
@@ -19,20 +19,7 @@ export function uploadService(deps: UploadDeps, rpc: RpcWrapper): UploadServiceS
       await deps.spool.refreshJob(req.jobId, req.party);
       return uploadState(req.jobId, req.party, deps.spool.party(req.jobId, req.party));
     }),
-    upload: rpc.clientStream('dppa.v1.UploadService/Upload', (requests, ctx) => receiveUpload(deps, withSpoolRead(deps, requests), ctx)),
+    upload: rpc.clientStream('dppa.v1.UploadService/Upload', (requests, ctx) => receiveUpload(deps, requests, ctx)),
   };
 }
 
-/** The requests as they come, the party's spool read again once its UploadOpen names it (and the caller may see it). */
-async function* withSpoolRead(deps: UploadDeps, requests: AsyncIterable<UploadRequest>): AsyncGenerator<UploadRequest> {
-  let first = true;
-  for await (const req of requests) {
-    if (first && req.open !== undefined) {
-      const { jobId, party } = req.open;
-      // Only for a job and party the stream will be allowed to touch: the session checks the token again and reports errors.
-      if (deps.store.list().some((j) => j.id === jobId && j.parties.some((p) => p.name === party))) await deps.spool.refreshJob(jobId, party);
-    }
-    first = false;
-    yield req;
-  }
-}

@@ -6,6 +6,11 @@
  * the message grpc-js hands over, memory that nothing reuses (Node allocates
  * every network read anew), so they stay valid while the spool buffers them;
  * the merge checks every chunk's CRC-32C again when it reads the spool.
+ *
+ * A message that does not decode is handed over as an empty request that
+ * {@link undecodable} recognises, so that the upload session fails the call
+ * itself (INVALID_ARGUMENT, after releasing the party's upload slot) instead
+ * of grpc-js answering INTERNAL while the session still holds the slot.
  */
 import type { DeltaRecord } from '../../proto/gen/dppa/v1/sparse.js';
 import { UploadRequest, UploadServiceService } from '../../proto/gen/dppa/v1/upload.js';
@@ -17,7 +22,14 @@ export const UploadServiceKeepingRecords: typeof UploadServiceService = {
   upload: {
     ...UploadServiceService.upload,
     requestDeserialize: (buf: Buffer): UploadRequest => {
-      const req = UploadRequest.decode(buf);
+      let req: UploadRequest;
+      try {
+        req = UploadRequest.decode(buf);
+      } catch (err) {
+        const bad: UploadRequest = { open: undefined, record: undefined };
+        failures.set(bad, err instanceof Error ? err : new Error(String(err)));
+        return bad;
+      }
       if (req.record !== undefined) {
         const bytes = soleRecordField(buf);
         if (bytes !== undefined) rememberEncoding(req.record, bytes);
@@ -26,6 +38,14 @@ export const UploadServiceKeepingRecords: typeof UploadServiceService = {
     },
   },
 };
+
+/** Requests that stand for a message that did not decode, with the decoder's error. */
+const failures = new WeakMap<UploadRequest, Error>();
+
+/** Why the message `req` stands for did not decode; undefined for a decoded one. */
+export function undecodable(req: UploadRequest): Error | undefined {
+  return failures.get(req);
+}
 
 /** Bytes a chunk record's encoding may hold beyond its positions, values and name: tags, lengths and numbers. */
 const CHUNK_FIELDS_BYTES = 64;

@@ -23,11 +23,12 @@
  */
 import { mkdir, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import pMap from 'p-map';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import { DeltaHeader, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
 import { DeltaFileWriter } from '../../proto/sparse/index.js';
 import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
-import type { JobStore, StoredJob } from '../jobs/job-store.js';
+import { LOAD_CONCURRENCY, type JobStore, type StoredJob } from '../jobs/job-store.js';
 import type { Logger } from '../log.js';
 
 const TENSOR_FILE = /^(\d+)\.dppa$/;
@@ -47,14 +48,22 @@ export interface HeldTensor {
   file: string;
 }
 
+/** The hold of an upload stream on its party's spool. */
+export interface UploadSlot {
+  /** Ends the stream holding the slot: its call fails with ABORTED, and it releases the slot. */
+  takeOver(): void;
+  /** Resolves once the stream has released the slot (its open tensor discarded, completed ones closed). */
+  readonly released: Promise<void>;
+}
+
 /** The spooled upload of one party of one job. */
 export class PartySpool {
   /** The accepted header, once one arrived. */
   header: DeltaHeader | undefined;
   /** Tensors held, in the order they arrived (after a restart: in plan order). */
   readonly held = new Map<string, HeldTensor>();
-  /** True while an upload stream of this party is open: one at a time. */
-  uploading = false;
+  /** The upload stream of this party that is open, if any: one at a time, a newer one takes over. */
+  upload: UploadSlot | undefined;
   /** Chunk payload bytes of the tensor being received, not yet in a spool file. */
   pendingBytes = 0;
   /** True once the tensor files were deleted (the job merged): `held` lists what they were. */
@@ -264,12 +273,16 @@ export class Spool {
   /** Recovers the spool of every job in the store. */
   static async open(opts: SpoolOptions): Promise<Spool> {
     const spool = new Spool(opts.store, opts.log, opts.shared ?? false, opts.keepUploads ?? false);
-    for (const job of opts.store.list()) {
-      spool.addJob(job);
-      for (const p of job.parties) await spool.party(job.id, p.name).recover(opts.log, spool.shared);
-      // A server stopped between a merge and the deletion of its uploads deletes them now.
-      if (job.state === JobState.JOB_STATE_MERGED) await spool.discardJob(job.id);
-    }
+    await pMap(
+      opts.store.list(),
+      async (job) => {
+        spool.addJob(job);
+        for (const p of job.parties) await spool.party(job.id, p.name).recover(opts.log, spool.shared);
+        // A server stopped between a merge and the deletion of its uploads deletes them now.
+        if (job.state === JobState.JOB_STATE_MERGED) await spool.discardJob(job.id);
+      },
+      { concurrency: LOAD_CONCURRENCY },
+    );
     return spool;
   }
 

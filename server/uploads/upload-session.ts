@@ -13,7 +13,12 @@
  *
  * A bad record fails the call and changes nothing: the tensor it belongs to is
  * discarded (its temporary spool file removed), tensors completed before it
- * stay.
+ * stay. The party's upload slot is released before the call's status is sent.
+ *
+ * One stream per party at a time: a newer stream of the party (the same
+ * token) takes the slot over, ending the one that holds it with ABORTED,
+ * since the stream found open is most often one whose client froze, vanished
+ * or is retrying after a failure it saw before the server did.
  */
 import type { DeltaFileWriter } from '../../proto/sparse/index.js';
 import { TensorAssembler } from '../../proto/sparse/index.js';
@@ -21,7 +26,7 @@ import { DeltaHeader, type DeltaRecord, type TensorPlan } from '../../proto/gen/
 import type { UploadRequest, UploadState } from '../../proto/gen/dppa/v1/upload.js';
 import { Checkpoint } from '../../proto/safetensors/index.js';
 import {
-  AlreadyExistsError,
+  AbortedError,
   FailedPreconditionError,
   InvalidArgumentError,
   ResourceExhaustedError,
@@ -33,8 +38,8 @@ import type { Metrics } from '../metrics.js';
 import type { Authenticator } from '../rpc/auth.js';
 import type { CallContext } from '../rpc/handler.js';
 import { checkDeltaHeader, requireCollecting, sameShape } from './delta-header-check.js';
-import { receivedEncoding } from './received-record.js';
-import type { PartySpool, Spool } from './spool.js';
+import { receivedEncoding, undecodable } from './received-record.js';
+import type { PartySpool, Spool, UploadSlot } from './spool.js';
 import { ContentRules, type TensorCheck } from './tensor-check.js';
 
 /** Shortest interval between two upload_progress events of a party (the one completing the upload is always sent). */
@@ -74,19 +79,53 @@ export function uploadState(jobId: string, party: string, spool: PartySpool): Up
  * Receives one upload stream.
  * @returns The party's upload state after the stream.
  * @throws InvalidArgumentError, FailedPreconditionError, ResourceExhaustedError, PermissionDeniedError,
- *   UnauthenticatedError, AlreadyExistsError, FormatError, ChecksumError as the records dictate.
+ *   UnauthenticatedError, FormatError, ChecksumError as the records dictate; AbortedError when a newer
+ *   stream of the party took over; the call's signal's reason when it aborts.
  */
 export async function receiveUpload(deps: UploadDeps, requests: AsyncIterable<UploadRequest>, ctx: CallContext): Promise<UploadState> {
+  const takenOver = new AbortController();
   let session: UploadSession | undefined;
   try {
-    for await (const req of requests) {
-      if (session === undefined) session = await UploadSession.open(deps, req, ctx);
+    for await (const req of untilAborted(requests, AbortSignal.any([ctx.signal, takenOver.signal]))) {
+      const bad = undecodable(req);
+      if (bad !== undefined) throw new InvalidArgumentError(`upload message ${session === undefined ? 1 : 'after the UploadOpen'} does not decode: ${bad.message}`, { cause: bad });
+      if (session === undefined) session = await UploadSession.open(deps, req, ctx, takenOver);
       else await session.take(req);
     }
     if (session === undefined) throw new InvalidArgumentError('empty upload stream: send an UploadOpen first');
     return await session.finish();
   } finally {
     await session?.close();
+  }
+}
+
+function ignore(): void {}
+
+/**
+ * The items of `source` until `signal` aborts, which throws its reason even
+ * while waiting for the next item (a client that froze sends nothing more).
+ */
+async function* untilAborted<T>(source: AsyncIterable<T>, signal: AbortSignal): AsyncGenerator<T, void, undefined> {
+  const it = source[Symbol.asyncIterator]();
+  let onAbort = ignore;
+  const aborted = new Promise<never>((_, reject) => {
+    // eslint-disable-next-line @typescript-eslint/prefer-promise-reject-errors
+    onAbort = () => reject(signal.reason);
+    signal.addEventListener('abort', onAbort, { once: true });
+  });
+  aborted.catch(ignore);
+  try {
+    for (;;) {
+      signal.throwIfAborted();
+      const next = it.next();
+      // Left pending when the signal wins: it settles as the call ends, and must not count as unhandled.
+      next.catch(ignore);
+      const r = await Promise.race([next, aborted]);
+      if (r.done === true) return;
+      yield r.value;
+    }
+  } finally {
+    signal.removeEventListener('abort', onAbort);
   }
 }
 
@@ -112,6 +151,7 @@ class UploadSession {
   /** The first failure of closing a tensor's file; the stream fails with it. */
   private closeFailure: { err: unknown } | undefined;
   private completeSent = false;
+  private release = ignore;
 
   private constructor(
     private readonly deps: UploadDeps,
@@ -120,17 +160,38 @@ class UploadSession {
     private readonly spool: PartySpool,
   ) {}
 
-  static async open(deps: UploadDeps, req: UploadRequest, ctx: CallContext): Promise<UploadSession> {
+  /**
+   * Opens the session of the party named by `req`, taking its upload slot
+   * over from a stream that holds it (`takenOver` ends this one in turn).
+   */
+  static async open(deps: UploadDeps, req: UploadRequest, ctx: CallContext, takenOver: AbortController): Promise<UploadSession> {
     if (req.open === undefined) throw new InvalidArgumentError('the first message of an upload must be an UploadOpen');
     const { jobId, party } = req.open;
     deps.auth.requireParty(ctx.metadata, jobId, party);
+    requireCollecting(deps.store.get(jobId));
+    const spool = deps.spool.party(jobId, party);
+    for (;;) {
+      // Several newer streams at once: each waits for the one it ended, and the last to come keeps the slot.
+      while (spool.upload !== undefined) {
+        const held = spool.upload;
+        held.takeOver();
+        await held.released;
+        ctx.signal.throwIfAborted();
+      }
+      // With replicas sharing the data folder, the party's upload may have gone on on another one: read it again.
+      await deps.spool.refreshJob(jobId, party);
+      if (spool.upload === undefined) break;
+    }
+    // The job may have moved on while the old stream closed its tensors.
     const job = deps.store.get(jobId);
     requireCollecting(job);
-    const spool = deps.spool.party(jobId, party);
-    if (spool.uploading) throw new AlreadyExistsError(`an upload of party ${party} to job ${jobId} is already in progress; retry once it ended`);
-    spool.uploading = true;
-    deps.metrics.uploadsActive.inc();
     const session = new UploadSession(deps, job, party, spool);
+    const slot: UploadSlot = {
+      takeOver: () => takenOver.abort(new AbortedError(`a newer upload stream of party ${party} to job ${jobId} took over from this one`)),
+      released: new Promise<void>((resolve) => (session.release = resolve)),
+    };
+    spool.upload = slot;
+    deps.metrics.uploadsActive.inc();
     const stored = job.parties.find((p) => p.name === party)!;
     if (!stored.joined) {
       try {
@@ -306,8 +367,9 @@ class UploadSession {
       await t.writer.abort();
     }
     await this.closed();
-    this.spool.uploading = false;
+    this.spool.upload = undefined;
     this.deps.metrics.uploadsActive.dec();
+    this.release();
   }
 }
 

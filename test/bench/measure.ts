@@ -28,3 +28,28 @@ export function median(xs: number[]): number {
   const m = Math.floor(s.length / 2);
   return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
+
+/** A V8 CPU profile, as `--cpu-prof` writes it or the inspector's Profiler.stop returns it. */
+export interface CpuProfile {
+  nodes: { id: number; callFrame: { functionName: string; url: string; lineNumber: number } }[];
+  samples: number[];
+  timeDeltas: number[];
+}
+
+/** Prints the functions with the most self time of a profile; `prefix` is cut from their URLs. */
+export function printTopSelfTime(title: string, p: CpuProfile, prefix = `file://${process.cwd()}/`): void {
+  const byId = new Map(p.nodes.map((n) => [n.id, n]));
+  const self = new Map<string, number>();
+  let total = 0;
+  p.samples.forEach((id, i) => {
+    const n = byId.get(id)!;
+    const dt = p.timeDeltas[i] ?? 0;
+    const url = n.callFrame.url.replace(prefix, '');
+    const key = `${n.callFrame.functionName || '(anonymous)'} ${url}:${n.callFrame.lineNumber + 1}`;
+    self.set(key, (self.get(key) ?? 0) + dt);
+    total += dt;
+  });
+  const top = [...self].sort((a, b) => b[1] - a[1]).slice(0, 12);
+  console.log(`\n${title}: ${(total / 1e6).toFixed(1)} s sampled; top self time:`);
+  for (const [k, us] of top) console.log(`  ${((100 * us) / total).toFixed(1).padStart(5)}%  ${(us / 1e6).toFixed(2).padStart(6)} s  ${k}`);
+}

@@ -42,7 +42,7 @@ import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
-import { measureProcess, median } from './measure.js';
+import { measureProcess, median, printTopSelfTime, type CpuProfile } from './measure.js';
 import { folderBytes, generateTinyLlama, tinyLlama } from './tinyllama-inputs.js';
 
 const { values } = parseArgs({
@@ -267,29 +267,9 @@ async function copyOver(receiverScript: string, senderScript: string, files: str
 // ---------------------------------------------------------------------------
 // The CPU profile summary (self time per function, over every profile written).
 
-interface CpuProfile {
-  nodes: { id: number; callFrame: { functionName: string; url: string; lineNumber: number } }[];
-  samples: number[];
-  timeDeltas: number[];
-}
-
 async function summarizeProfiles(dir: string): Promise<void> {
   for (const f of (await readdir(dir)).filter((n) => n.endsWith('.cpuprofile')).sort()) {
-    const p = JSON.parse(await readFile(join(dir, f), 'utf8')) as CpuProfile;
-    const byId = new Map(p.nodes.map((n) => [n.id, n]));
-    const self = new Map<string, number>();
-    let total = 0;
-    p.samples.forEach((id, i) => {
-      const n = byId.get(id)!;
-      const dt = p.timeDeltas[i] ?? 0;
-      const url = n.callFrame.url.replace(`file://${root}`, '');
-      const key = `${n.callFrame.functionName || '(anonymous)'} ${url}:${n.callFrame.lineNumber + 1}`;
-      self.set(key, (self.get(key) ?? 0) + dt);
-      total += dt;
-    });
-    const top = [...self].sort((a, b) => b[1] - a[1]).slice(0, 12);
-    console.log(`\n${f}: ${(total / 1e6).toFixed(1)} s sampled; top self time:`);
-    for (const [k, us] of top) console.log(`  ${((100 * us) / total).toFixed(1).padStart(5)}%  ${(us / 1e6).toFixed(2).padStart(6)} s  ${k}`);
+    printTopSelfTime(f, JSON.parse(await readFile(join(dir, f), 'utf8')) as CpuProfile, `file://${root}`);
   }
 }
 
