@@ -11,7 +11,7 @@ import { after, before, describe, it } from 'node:test';
 import { applyDelta, pruneToFile } from '../client/index.js';
 import {
   DOMAINS, DOMAIN_NAMES, FAMILY, FamilyScorer, denseDelta, domainRatioPercent, fmt, markdownTable,
-  memberDir, mergeWeights, readSparseDelta, readWeights, type Domain, type Weights,
+  memberDir, mergeWeights, readSparseDelta, readWeights, type Weights,
 } from '../docs/examples/family-lab.js';
 
 let dir: string;
