@@ -250,7 +250,7 @@ function report(r: Results): string {
       '(200 prompts per task); DPA factors are searched on the **validation** splits (100 prompts per task). In every ' +
       'table a cell reads `ours (paper)`. A Domain-Ratio is 0 as soon as one of the two tasks scores 0.',
     '**Method.** DP, magnitude, OWL and DARE prune with the client\'s defaults (`docs/algorithm.md`: λ 0.08, outlier ' +
-      'factors 5, outside tensors dense, DARE seed 0 with 1/(1−p) rescaling, levels 0.9, 0.8, … down to the rate). ' +
+      'factors 5, outside tensors dense, DARE with 1/(1−p) rescaling (every DARE figure, DARE + DPA included, the mean over seeds 0-4), levels 0.9, 0.8, … down to the rate). ' +
       'DPPA = DP + the server\'s DPA search (`searchFactors`, server defaults: Method 1, greedy climb from 1.0 in steps of ' +
       '0.1, factors up to 10), each party on its own delta; DPPA M2 is the same search with Method 2 (`method=whole`); ' +
       'DARE + DPA searches downwards from 1. Every candidate and merge ' +
