@@ -10,8 +10,8 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { applyDelta, pruneToFile } from '../client/index.js';
 import {
-  DOMAINS, DOMAIN_NAMES, FAMILY, FamilyScorer, denseDelta, domainRatioPercent, domainRatioTable, fmt, markdownTable,
-  memberDir, mergeWeights, readSparseDelta, readWeights, type Domain, type Weights,
+  DOMAINS, DOMAIN_NAMES, FAMILY, FamilyScorer, denseDelta, domainRatioPercent, fmt, markdownTable,
+  memberDir, mergeWeights, readSparseDelta, readWeights, type Weights,
 } from '../docs/examples/family-lab.js';
 
 let dir: string;
@@ -36,12 +36,9 @@ describe('Domain-Ratio', () => {
     assert.equal(domainRatioPercent({ a: 0.1, b: 0.3 }, { a: 0, b: 0.6 }), 50, 'a task the fine-tune cannot do is left out');
   });
 
-  it('prints one row per domain and one column per model', () => {
-    const ratios = new Map<string, Record<Domain, number>>([
-      ['DPPA', { math: 86.849, finance: 92.111, law: 110.55 }],
-      ['dense sum', { math: 0, finance: 7.5, law: Number.NaN }],
-    ]);
-    assert.equal(domainRatioTable(ratios), [
+  it('prints a table with padded columns, numbers as the paper prints them', () => {
+    const rows = [['math', 86.849, 0], ['finance', 92.111, 7.5], ['law', 110.55, Number.NaN]] as const;
+    assert.equal(markdownTable(['domain', 'DPPA', 'dense sum'], rows.map(([d, a, b]) => [d, fmt(a), fmt(b)])), [
       '| domain  |   DPPA | dense sum |',
       '| ------- | -----: | --------: |',
       '| math    |  86.85 |      0.00 |',

@@ -187,8 +187,3 @@ export function markdownTable(header: readonly string[], rows: readonly (readonl
   const line = (cells: readonly string[]): string => `| ${cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join(' | ')} |`;
   return [line(header), `| ${widths.map((w, i) => (i === 0 ? '-'.repeat(w) : `${'-'.repeat(w - 1)}:`)).join(' | ')} |`, ...rows.map(line)].join('\n');
 }
-
-/** One row per domain, one column per model (`name → Domain-Ratio per domain`), as the demo prints it. */
-export function domainRatioTable(ratios: ReadonlyMap<string, Readonly<Record<Domain, number>>>): string {
-  return markdownTable(['domain', ...ratios.keys()], DOMAIN_NAMES.map((d) => [d, ...[...ratios.values()].map((r) => fmt(r[d]))]));
-}

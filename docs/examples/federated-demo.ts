@@ -9,9 +9,10 @@
  *    validation split;
  * 4. runs the three parties as separate `dppa push` processes, each pruning its own delta and uploading it over gRPC;
  * 5. follows the search and the merge, pulls the merged checkpoint;
- * 6. builds the baselines locally with the SDK, without the server: DARE and magnitude at 0.9, and the plain sum
- *    of the dense deltas;
- * 7. scores every merged model on the test splits and prints each domain's Domain-Ratio.
+ * 6. builds the baselines locally with the SDK, without the server: DARE and magnitude at 0.9, DP (the parties'
+ *    own deltas, factors 1) and the plain sum of the dense deltas;
+ * 7. scores every merged model on the test splits and ends with one table: each domain's Domain-Ratio per merge
+ *    and the bytes its party uploaded against its dense delta; writes the same to OUT_DIR/results.json.
  *
  *   npm run demo [-- OUT_DIR]        (default dppa-demo/, which git ignores)
  */
@@ -21,12 +22,14 @@ import { existsSync } from 'node:fs';
 import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { formatBytes } from '../../client/cli/progress.js';
 import { DppaClient, EvaluatorKind, JobState, jobStateName, pruneToFile } from '../../client/index.js';
 import { createLogger } from '../../server/log.js';
 import { DppaServer } from '../../server/server.js';
+import { domainRatio } from '../../server/dpa/factor-search.js';
 import {
-  DOMAIN_NAMES, FAMILY, FamilyScorer, denseDelta, domainRatioPercent, domainTaskFiles, fmt, memberDir,
-  mergeWeights, readSparseDelta, readWeights, domainRatioTable, type Domain, type TaskScores, type Weights,
+  DOMAIN_NAMES, FAMILY, FamilyScorer, denseDelta, domainTaskFiles, fmt, markdownTable, memberDir,
+  mergeWeights, readSparseDelta, readWeights, type Domain, type TaskScores, type Weights,
 } from './family-lab.js';
 
 const dir = process.argv[2] ?? 'dppa-demo';
@@ -36,6 +39,10 @@ const started = Date.now();
 const clock = (): string => `${((Date.now() - started) / 1000).toFixed(1).padStart(5)} s`;
 const step = (n: number, text: string): void => console.log(`[${n}/7 ${clock()}] ${text}`);
 const pct = (x: number): string => `${(100 * x).toFixed(1)}%`;
+/** The merges compared, in the table's order. */
+const MERGES = ['dense', 'dare', 'magnitude', 'dp', 'dppa'] as const;
+type MergeName = (typeof MERGES)[number];
+const MERGE_LABEL: Record<MergeName, string> = { dense: 'dense sum', dare: 'DARE', magnitude: 'magnitude', dp: 'DP', dppa: 'DPPA' };
 
 // Only a folder this demo made (or none) is replaced: OUT_DIR may be any path the user typed.
 const MARKER = '.dppa-demo';
@@ -67,6 +74,7 @@ step(2, `aggregation server on ${address} (data in ${dir}/server-data)`);
 const admin = new DppaClient({ address, token: adminToken });
 let dppa: Weights;
 const chosen = new Map<string, number[]>();
+const uploaded = new Map<Domain, number>();
 try {
   const { job, tokens } = await admin.createJob({
     basePath: base,
@@ -118,40 +126,61 @@ try {
   await server.stop();
 }
 
-step(6, `baselines built locally with the SDK (no server): DARE and magnitude at ${RATE}, the sum of the dense deltas`);
-const merged = new Map<string, Weights>([['DPPA', dppa]]);
+step(6, `baselines built locally with the SDK (no server): DARE and magnitude at ${RATE}, DP without factors, the dense sum`);
+const merged = new Map<MergeName, Weights>();
+merged.set('dense', mergeWeights(baseWeights, DOMAIN_NAMES.map((d) => ({ delta: denseDelta(baseWeights, finetuned.get(d)!) }))));
 for (const method of ['dare', 'magnitude'] as const) {
   const deltas = await Promise.all(DOMAIN_NAMES.map(async (d) => {
     const file = join(dir, `${d}-${method}.dppa`);
     await pruneToFile({ base, finetuned: memberDir(d), rate: RATE, method, out: file, workers: 1 });
     return { delta: await readSparseDelta(file) };
   }));
-  merged.set(method === 'dare' ? 'DARE' : 'magnitude', mergeWeights(baseWeights, deltas));
+  merged.set(method, mergeWeights(baseWeights, deltas));
 }
-merged.set('dense sum', mergeWeights(baseWeights, DOMAIN_NAMES.map((d) => ({ delta: denseDelta(baseWeights, finetuned.get(d)!) }))));
+// The very deltas the parties uploaded (kept by `dppa push --keep-delta`), with every factor 1.
+merged.set('dp', mergeWeights(baseWeights, await Promise.all(DOMAIN_NAMES.map(async (d) => ({ delta: await readSparseDelta(keptDelta(d)) })))));
+merged.set('dppa', dppa);
 
 step(7, 'every merged model scored on the test splits');
-const ratios = new Map<string, Record<Domain, number>>();
+const ratios = {} as Record<MergeName, Record<Domain, number>>;
 for (const [name, weights] of merged) {
   const scores = await scorer.scoreAll(weights);
-  ratios.set(name, Object.fromEntries(DOMAIN_NAMES.map((d) => [d, domainRatioPercent(scores[d], reference.get(d)!)])) as Record<Domain, number>);
-  console.log(`      ${name.padEnd(10)} ${DOMAIN_NAMES.map((d) => `${d} ${Object.values(scores[d]).map(pct).join('/')}`).join(', ')}`);
+  ratios[name] = Object.fromEntries(DOMAIN_NAMES.map((d) => [d, domainRatio(scores[d], reference.get(d)!)])) as Record<Domain, number>;
+  console.log(`      ${MERGE_LABEL[name].padEnd(10)} ${DOMAIN_NAMES.map((d) => `${d} ${Object.values(scores[d]).map(pct).join('/')}`).join(', ')}`);
 }
 await scorer.close();
+console.log(`      DPPA factors chosen on validation: ${[...chosen].map(([p, f]) => `${p} [${f.join(', ')}]`).join(', ')}`);
 
-console.log(`\nDomain-Ratio (%) of the three-domain merge at pruning rate ${RATE}, test splits (100 = the domain's own fine-tune):\n`);
-console.log(domainRatioTable(ratios));
-console.log(`\nDPPA factors chosen on validation: ${[...chosen].map(([p, f]) => `${p} [${f.join(', ')}]`).join(', ')}.`);
-console.log('On this tiny family every merge keeps little of each domain (its fine-tunes rewrite the same few weights);');
-console.log('docs/results.md has the paper\'s tables for every method and rate on it (npm run repro), and says why.');
+// A dense delta holds one BF16 value per weight; the sparse one is what the server counted as received.
+const denseBytes = [...baseWeights.values()].reduce((n, a) => n + 2 * a.length, 0);
+const results = {
+  rate: RATE,
+  domainRatio: Object.fromEntries(MERGES.map((m) => [m, Object.fromEntries(DOMAIN_NAMES.map((d) => [d, round(ratios[m][d])]))])),
+  uploadBytes: { dense: denseBytes * DOMAIN_NAMES.length, dppa: DOMAIN_NAMES.reduce((n, d) => n + uploaded.get(d)!, 0) },
+};
+await writeFile(join(dir, 'results.json'), JSON.stringify(results, null, 2) + '\n');
+console.log(`\nThree-domain merges at pruning rate ${RATE}: Domain-Ratio (%) on the test splits (100 = the domain's own fine-tune),`);
+console.log(`and the bytes each party uploaded (a dense BF16 delta would be ${formatBytes(denseBytes)}); also in ${join(dir, 'results.json')}:\n`);
+console.log(markdownTable(
+  ['domain', ...MERGES.map((m) => MERGE_LABEL[m]), 'DPPA upload'],
+  DOMAIN_NAMES.map((d) => [d, ...MERGES.map((m) => fmt(100 * ratios[m][d])), `${formatBytes(uploaded.get(d)!)} (${pct(uploaded.get(d)! / denseBytes)})`]),
+));
 console.log(`Done in ${clock().trim()}.`);
+
+function keptDelta(party: Domain): string {
+  return join(dir, `${party}-dp.dppa`);
+}
+
+function round(x: number): number {
+  return Math.round(x * 1e4) / 1e4;
+}
 
 /** Runs `dppa push` for one party in its own process; prints its last line. */
 function push(jobId: string, party: Domain, token: string): Promise<void> {
   return new Promise((resolve, reject) => {
     const child = spawn(
       process.execPath,
-      ['--import', 'tsx', join(root, 'client/cli/main.ts'), 'push', '--server', address, '--job', jobId, '--party', party, '--base', base, '--finetuned', memberDir(party), '--rate', String(RATE), '--workers', '1'],
+      ['--import', 'tsx', join(root, 'client/cli/main.ts'), 'push', '--server', address, '--job', jobId, '--party', party, '--base', base, '--finetuned', memberDir(party), '--rate', String(RATE), '--workers', '1', '--keep-delta', keptDelta(party), '--json'],
       { env: { ...process.env, DPPA_TOKEN: token }, stdio: ['ignore', 'pipe', 'pipe'] },
     );
     let output = '';
@@ -160,7 +189,9 @@ function push(jobId: string, party: Domain, token: string): Promise<void> {
     child.once('error', reject);
     child.once('exit', (code) => {
       if (code !== 0) return reject(new Error(`dppa push for ${party} exited with ${code}:\n${output}`));
-      console.log(`      ${party.padEnd(8)} ${output.trim().split('\n').at(-1)} (${clock().trim()})`);
+      const state = JSON.parse(output.trim().split('\n').at(-1)!) as { bytesReceived: number; tensorsReceived: string[] };
+      uploaded.set(party, state.bytesReceived);
+      console.log(`      ${party.padEnd(8)} uploaded ${state.tensorsReceived.length} tensors, ${formatBytes(state.bytesReceived)} (${clock().trim()})`);
       resolve();
     });
   });

@@ -30,6 +30,8 @@ import {
 } from './family-lab.js';
 
 const RATES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
+/** DARE drops entries at random: every DARE figure is the mean over these seeds. */
+const DARE_SEEDS = [0, 1, 2, 3, 4];
 /**
  * Table 1's methods. DP (factors 1) is not a column of the paper's Table 1 but of its appendix and Table 2; DPPA uses the
  * server's default search (Method 1, progressive), DPPA M2 the same search with Method 2 (`method=whole`).
@@ -93,13 +95,13 @@ try {
   };
 
   const deltas = new Map<string, SparseDelta>();
-  /** A fine-tune's delta pruned by `method` at `rate` (default levels 0.9, 0.8, … down to the rate; DARE seed 0). */
-  const pruned = async (d: Domain, method: PruneMethod, rate: number): Promise<SparseDelta> => {
-    const key = `${d}-${method}-${rate}`;
+  /** A fine-tune's delta pruned by `method` at `rate` (default levels 0.9, 0.8, … down to the rate; `seed` is DARE's). */
+  const pruned = async (d: Domain, method: PruneMethod, rate: number, seed = 0): Promise<SparseDelta> => {
+    const key = `${d}-${method}-${rate}-${seed}`;
     let delta = deltas.get(key);
     if (delta === undefined) {
       const file = join(work, `${key}.dppa`);
-      await pruneToFile({ base: memberDir('base'), finetuned: memberDir(d), rate, method, out: file, workers: 1 });
+      await pruneToFile({ base: memberDir('base'), finetuned: memberDir(d), rate, method, seed, out: file, workers: 1 });
       delta = await readSparseDelta(file);
       deltas.set(key, delta);
     }
@@ -115,6 +117,13 @@ try {
     return r.factors;
   };
 
+  /** The mean of `f(seed)` over {@link DARE_SEEDS}. */
+  const overDareSeeds = async (f: (seed: number) => Promise<number>): Promise<number> => {
+    let sum = 0;
+    for (const seed of DARE_SEEDS) sum += await f(seed);
+    return sum / DARE_SEEDS.length;
+  };
+
   // Tables 1-3: one fine-tune, pruned, on its own domain.
   const single = new Map<string, number>();
   const key = (d: Domain, m: string, rate: number): string => `${d}|${m}|${rate}`;
@@ -122,6 +131,10 @@ try {
   for (const d of DOMAIN_NAMES) {
     for (const rate of RATES) {
       for (const m of METHODS) {
+        if (m === 'DARE') {
+          single.set(key(d, m, rate), await overDareSeeds(async (seed) => ratio(mergeWeights(base, [{ delta: await pruned(d, 'dare', rate, seed) }]), d)));
+          continue;
+        }
         const delta = await pruned(d, PRUNE_METHOD[m], rate);
         let factors: number[] | undefined;
         if (m === 'DPPA' || m === 'DPPA M2') {
@@ -132,8 +145,10 @@ try {
       }
       progress(`${d.padEnd(7)} ${String(Math.round(rate * 100)).padStart(2)}%: ${METHODS.map((m) => `${m} ${fmt(single.get(key(d, m, rate)))}`).join(', ')}`);
     }
-    const dare = await pruned(d, 'dare', 0.9);
-    single.set(key(d, 'DARE+DPA', 0.9), await ratio(mergeWeights(base, [{ delta: dare, factors: await dpa(d, dare, 'DARE+DPA 90%', { downward: true }) }]), d));
+    single.set(key(d, 'DARE+DPA', 0.9), await overDareSeeds(async (seed) => {
+      const dare = await pruned(d, 'dare', 0.9, seed);
+      return ratio(mergeWeights(base, [{ delta: dare, factors: await dpa(d, dare, `DARE+DPA 90% (seed ${seed})`, { downward: true }) }]), d);
+    }));
     progress(`${d}: DARE + DPA at 90%: ${fmt(single.get(key(d, 'DARE+DPA', 0.9)))} (Tables 1-3 done for ${d})`);
   }
 
@@ -153,13 +168,21 @@ try {
   for (const [set, parties] of mergeSets) {
     for (const rate of [0.9, 0.8]) {
       for (const m of mergeRows) {
-        const contributions: Contribution[] = [];
-        for (const d of parties) {
-          const factors = m === 'DPPA' ? factorsOf.get(key(d, 'DPPA', rate)) : undefined;
-          contributions.push({ delta: await pruned(d, PRUNE_METHOD[m], rate), ...(factors === undefined ? {} : { factors }) });
+        const merged = async (seed: number): Promise<Record<string, number>> => {
+          const contributions: Contribution[] = [];
+          for (const d of parties) {
+            const factors = m === 'DPPA' ? factorsOf.get(key(d, 'DPPA', rate)) : undefined;
+            contributions.push({ delta: await pruned(d, PRUNE_METHOD[m], rate, seed), ...(factors === undefined ? {} : { factors }) });
+          }
+          return ratios(mergeWeights(base, contributions), parties);
+        };
+        if (m !== 'DARE') {
+          merges.set(`${set}|${m}|${rate}`, await merged(0));
+          continue;
         }
-        const w = mergeWeights(base, contributions);
-        merges.set(`${set}|${m}|${rate}`, await ratios(w, parties));
+        const perSeed: Record<string, number>[] = [];
+        for (const seed of DARE_SEEDS) perSeed.push(await merged(seed));
+        merges.set(`${set}|${m}|${rate}`, Object.fromEntries(parties.map((d) => [d, perSeed.reduce((n, x) => n + x[d]!, 0) / perSeed.length])));
       }
     }
     const dense = mergeWeights(base, parties.map((d) => ({ delta: denseDelta(base, finetuned.get(d)!) })));
@@ -227,7 +250,7 @@ function report(r: Results): string {
       '(200 prompts per task); DPA factors are searched on the **validation** splits (100 prompts per task). In every ' +
       'table a cell reads `ours (paper)`. A Domain-Ratio is 0 as soon as one of the two tasks scores 0.',
     '**Method.** DP, magnitude, OWL and DARE prune with the client\'s defaults (`docs/algorithm.md`: λ 0.08, outlier ' +
-      'factors 5, outside tensors dense, DARE seed 0 with 1/(1−p) rescaling, levels 0.9, 0.8, … down to the rate). ' +
+      'factors 5, outside tensors dense, DARE with 1/(1−p) rescaling (every DARE figure, DARE + DPA included, the mean over seeds 0-4), levels 0.9, 0.8, … down to the rate). ' +
       'DPPA = DP + the server\'s DPA search (`searchFactors`, server defaults: Method 1, greedy climb from 1.0 in steps of ' +
       '0.1, factors up to 10), each party on its own delta; DPPA M2 is the same search with Method 2 (`method=whole`); ' +
       'DARE + DPA searches downwards from 1. Every candidate and merge ' +
