@@ -129,6 +129,46 @@ describe('restart', () => {
     assert.deepEqual(await call(h.downloads, 'listFiles', { jobId }, ADMIN), first, 'the same checkpoint, byte for byte');
   });
 
+  it('a job found MERGING with a spooled tensor missing (killed between its drop and the move) sends that party back once', async () => {
+    const r = await call(h.jobs, 'createJob', { basePath: base, parties: ['a', 'b'], rate: 0.8, method: 'dp', label: 'crash', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
+    const id = r.job!.id;
+    const watched = watchAll(h.jobs, ADMIN, id);
+    for (const party of ['a', 'b']) assert.equal((await upload(h.uploads, r.tokens[party]!, uploadMessages(id, party, records))).complete, true);
+    const merged = await watched;
+    assert.ok(merged.at(-1)?.merged !== undefined);
+    const first = await call(h.downloads, 'listFiles', { jobId: id }, ADMIN);
+
+    await h.close();
+    const jobDir = join(data, 'jobs', id);
+    const stored = JSON.parse(await readFile(join(jobDir, 'job.json'), 'utf8')) as { state: string; merged?: unknown };
+    stored.state = 'JOB_STATE_MERGING';
+    delete stored.merged;
+    await writeFile(join(jobDir, 'job.json'), JSON.stringify(stored));
+    await rm(join(jobDir, 'merged'), { recursive: true });
+    const kept = merged.filter((e) => e.merged === undefined && e.stateChanged?.to !== JobState.JOB_STATE_MERGED);
+    const lines = (await readFile(join(jobDir, 'events.jsonl'), 'utf8')).split('\n').slice(0, kept.length);
+    await writeFile(join(jobDir, 'events.jsonl'), `${lines.join('\n')}\n`);
+    await rm(join(jobDir, 'uploads', 'b', '2.dppa'));
+
+    h = await startHarness(data, { keepUploads: true });
+    await until('b is sent back', async () => (await call(h.jobs, 'getJob', { jobId: id }, ADMIN)).state === JobState.JOB_STATE_COLLECTING);
+    const shown = await call(h.jobs, 'getJob', { jobId: id }, ADMIN);
+    assert.equal(shown.parties[0]!.stoppedReason, '');
+    assert.match(shown.parties[1]!.stoppedReason, /^tensor "[^"]+" of its upload cannot be used \(\S+\/uploads\/b\/2\.dppa, tensor "[^"]+": the spool file is gone\); it was discarded/);
+    const held = new Set((await call(h.uploads, 'getUploadState', { jobId: id, party: 'b' }, r.tokens.b!)).tensorsReceived);
+    const missing = records.filter((rec, i) => {
+      if (rec.header !== undefined) return true;
+      const begin = records.slice(0, i + 1).filter((x) => x.tensorBegin !== undefined).at(-1)!;
+      return !held.has(begin.tensorBegin!.name);
+    });
+    const events = watchAll(h.jobs, ADMIN, id, kept.at(-1)!.seq);
+    assert.equal((await upload(h.uploads, r.tokens.b!, uploadMessages(id, 'b', missing))).complete, true);
+    const all = await events;
+    assert.ok(all.at(-1)?.merged !== undefined);
+    assert.equal(all.filter((e) => e.partyStopped !== undefined).length, 1);
+    assert.deepEqual(await call(h.downloads, 'listFiles', { jobId: id }, ADMIN), first, 'the same checkpoint, byte for byte');
+  });
+
   it('merges the same bytes in the main thread as on worker threads', async () => {
     const parties = await Promise.all(['a', 'b'].map(async (name) => ({ name, weight: 1, factors: [1, 1], tensors: await spooled(name) })));
     const inline = await mergeCheckpoint({ basePath: base, outDir: join(dir, 'inline'), parties, outsideByMax: false, workers: 0 });

@@ -4,10 +4,13 @@
  * party's uploads and evaluations are kept.
  *
  * - A spooled tensor found unusable at merge or in an ONNX search (damaged
- *   on disk, gone) sends its party back to collecting: the job moves to
- *   COLLECTING first, then the tensor is dropped, so that a crash in between
- *   leaves a job that finds the same damage again rather than one that
- *   merges without the tensor. The party's push sends it again.
+ *   on disk, gone) sends its party back to collecting: the tensor is dropped
+ *   first, then the job moves to COLLECTING, so that no replica ever sees the
+ *   job collecting with that upload still complete (it would move the job on
+ *   and find the damage again). A crash in between leaves a job whose merge
+ *   finds the tensor missing, which sends the party back the same way
+ *   (jobs/job-runner.ts `mergeParties`). Only the send-back that moves the
+ *   job transitions and announces it. The party's push sends it again.
  * - A party whose evaluations keep failing has its search stopped (the job
  *   stays in DPA); `dppa evaluate` resumes it (rpc/evaluation-service.ts).
  *
@@ -26,20 +29,22 @@ export interface PartyStopDeps extends TransitionDeps {
 }
 
 /**
- * Sends the party of an unusable spooled tensor back to collecting: the job
- * moves from `from` to COLLECTING with the party's reason, the tensor is
- * dropped, `party_stopped` is announced.
- * @returns False, doing nothing, when the job is no longer in `from` (another replica sent it back first, or it ended).
+ * Sends the party of an unusable spooled tensor back to collecting: the
+ * tensor is dropped, the job moves from `from` to COLLECTING with the party's
+ * reason, `party_stopped` is announced.
+ * @returns False, doing nothing more, when the job is no longer in `from` (another replica or task sent it back first, or it ended).
  */
 export async function sendPartyBack(deps: PartyStopDeps, jobId: string, from: JobState, err: SpooledTensorError): Promise<boolean> {
   const reason = `tensor "${err.tensorName}" of its upload cannot be used (${err.reason}); it was discarded: push again to send it`;
+  // Already sent back: the tensor may have been pushed again since, and must stay.
+  if (((await deps.store.fresh?.(jobId)) ?? deps.store.get(jobId)).state !== from) return false;
+  await deps.spool.party(jobId, err.party).drop([err.tensorName]);
   try {
     await transitionJob(deps, jobId, JobState.JOB_STATE_COLLECTING, { from, change: (j) => (partyOf(j, err.party).stoppedReason = reason) });
   } catch (e) {
     if (e instanceof StateConflictError) return false;
     throw e;
   }
-  await deps.spool.party(jobId, err.party).drop([err.tensorName]);
   await deps.events.append(jobId, { partyStopped: { party: err.party, reason, discardedTensors: [err.tensorName] } });
   deps.log.warn('party sent back to collecting', { jobId, party: err.party, tensor: err.tensorName, err: err.message });
   return true;
