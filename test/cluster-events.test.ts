@@ -79,6 +79,10 @@ describe('cluster job events', () => {
     await events.append(jobId, { merged: { files: ['model.safetensors'], seconds: 1 } });
     const { events: seen } = await watching;
     assert.deepEqual(seen.map((e) => [e.seq, e.merged?.files]), [[1n, undefined], [2n, ['model.safetensors']]]);
+    // A job whose events have all expired from the stream has nothing to wait for.
+    const expired = await watchAll(events, 'expiredMerged', 10_000);
+    assert.deepEqual(expired.events, []);
+    assert.equal(events.watcherCount, 0);
   });
 
   it('keeps watching a job that has not ended, and ends at its final event', async () => {

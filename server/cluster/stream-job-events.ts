@@ -18,9 +18,10 @@
  * replica dying or NATS going away in between leaves a job MERGED without its
  * `merged` event until a commit task that runs again publishes it
  * ({@link StreamJobEvents.hasFinalEvent}): a watch of a MERGED job waits for
- * `merged` however late it comes. A lost `failed` is not published again: a
- * watch of a FAILED job also ends once the stream holds no event of it that
- * the watch has not seen.
+ * `merged` however late it comes (unless the stream holds no event of the job
+ * at all: expired). A lost `failed` is not published again: a watch of a
+ * FAILED job also ends once the stream holds no event of it that the watch
+ * has not seen.
  */
 import type { JetStreamClient, JetStreamManager } from '@nats-io/jetstream';
 import type { KV } from '@nats-io/kv';
@@ -37,8 +38,9 @@ export interface StreamJobEventsOptions {
   kv: KV;
   /**
    * The job's state in the store. A watch of a FAILED job may end without its `failed` event, which is not
-   * published again if lost; one of a MERGED job may not: its `merged` event may come seconds after the state (the
-   * uploads are deleted in between; a lost one is published again by a commit task).
+   * published again if lost; one of a MERGED job only when the stream holds none of its events (expired): its
+   * `merged` event may come seconds after the state (the uploads are deleted in between; a lost one is published
+   * again by a commit task).
    */
   state: (jobId: string) => JobState | undefined;
   /** How often an idle watch checks whether its job has failed. @default 1000 */
@@ -108,18 +110,21 @@ export class StreamJobEvents implements JobEvents {
     const delivered = new Set<bigint>();
     // A job that failed without its `failed` event (lost between its KV write and its publish) would hold the watch
     // forever: once the job has failed and the stream holds nothing more of it, for a few checks in a row, it ends.
+    // So does a MERGED job's once the stream holds no event of it at all (expired: the stream's age and size limits).
     let received = 0;
     let receivedAtCheck = -1;
     let quiet = 0;
     let checking = false;
     let settled = false;
     const check = async (): Promise<void> => {
-      if (received !== receivedAtCheck || this.opts.state(jobId) !== JobState.JOB_STATE_FAILED) {
+      const state = this.opts.state(jobId);
+      if (received !== receivedAtCheck || (state !== JobState.JOB_STATE_FAILED && state !== JobState.JOB_STATE_MERGED)) {
         receivedAtCheck = received;
         quiet = 0;
         return;
       }
-      if ((await this.eventCount(jobId)) > received) {
+      const count = await this.eventCount(jobId);
+      if (count > received || (state === JobState.JOB_STATE_MERGED && count > 0)) {
         quiet = 0;
         return;
       }
