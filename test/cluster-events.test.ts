@@ -49,25 +49,44 @@ async function watchAll(events: StreamJobEvents, jobId: string, timeoutMs: numbe
 }
 
 describe('cluster job events', () => {
-  it('ends a watch of a job that ended without its final event, once the stream holds nothing more of it', async () => {
-    const ended = new Set<string>();
-    const events = new StreamJobEvents({ js, jsm, kv, finished: (id) => ended.has(id), idleCheckMs: 100 });
+  it('ends a watch of a job that failed without its final event, once the stream holds nothing more of it', async () => {
+    const failed = new Set<string>();
+    const events = new StreamJobEvents({ js, jsm, kv, state: (id) => (failed.has(id) ? JobState.JOB_STATE_FAILED : JobState.JOB_STATE_MERGING), idleCheckMs: 100 });
     const jobId = 'lostFinalEvent';
-    await events.append(jobId, { stateChanged: { from: JobState.JOB_STATE_MERGING, to: JobState.JOB_STATE_MERGED } });
-    // The job is MERGED in the store; its `merged` event was never published.
-    ended.add(jobId);
+    await events.append(jobId, { stateChanged: { from: JobState.JOB_STATE_MERGING, to: JobState.JOB_STATE_FAILED } });
+    // The job is FAILED in the store; its `failed` event was never published.
+    failed.add(jobId);
     assert.equal(await events.hasFinalEvent(jobId), false);
     const { events: seen, ms } = await watchAll(events, jobId, 10_000);
     assert.deepEqual(seen.map((e) => e.seq), [1n]);
     assert.ok(ms < 5000, `the watch ended after ${ms} ms`);
     assert.equal(events.watcherCount, 0);
 
-    await events.append(jobId, { merged: { files: ['model.safetensors'], seconds: 1 } });
+    await events.append(jobId, { failed: { reason: 'cancelled' } });
     assert.equal(await events.hasFinalEvent(jobId), true);
   });
 
+  it('waits for the `merged` event of a MERGED job however long after the state it comes', async () => {
+    // The committing replica deletes the uploads between the state and the event, or NATS goes away and a commit
+    // task publishes the event again seconds later: a watch that ended meanwhile would never deliver it.
+    const events = new StreamJobEvents({ js, jsm, kv, state: () => JobState.JOB_STATE_MERGED, idleCheckMs: 100 });
+    const jobId = 'lateMerged';
+    await events.append(jobId, { stateChanged: { from: JobState.JOB_STATE_MERGING, to: JobState.JOB_STATE_MERGED } });
+    const watching = watchAll(events, jobId, 20_000);
+    // Many idle checks find the stream holding nothing more of the job.
+    await sleep(1500);
+    assert.equal(events.watcherCount, 1, 'still watching');
+    await events.append(jobId, { merged: { files: ['model.safetensors'], seconds: 1 } });
+    const { events: seen } = await watching;
+    assert.deepEqual(seen.map((e) => [e.seq, e.merged?.files]), [[1n, undefined], [2n, ['model.safetensors']]]);
+    // A job whose events have all expired from the stream has nothing to wait for.
+    const expired = await watchAll(events, 'expiredMerged', 10_000);
+    assert.deepEqual(expired.events, []);
+    assert.equal(events.watcherCount, 0);
+  });
+
   it('keeps watching a job that has not ended, and ends at its final event', async () => {
-    const events = new StreamJobEvents({ js, jsm, kv, finished: () => false, idleCheckMs: 100 });
+    const events = new StreamJobEvents({ js, jsm, kv, state: () => JobState.JOB_STATE_MERGING, idleCheckMs: 100 });
     const jobId = 'stillMerging';
     await events.append(jobId, { stateChanged: { from: JobState.JOB_STATE_COLLECTING, to: JobState.JOB_STATE_MERGING } });
     const watching = watchAll(events, jobId, 20_000);
@@ -91,7 +110,7 @@ describe('cluster merge tasks of a job that is not merging', () => {
   }
 
   it('publishes a lost `merged` when the commit task runs again, once, and not while it may still be on its way', async () => {
-    const events = new StreamJobEvents({ js, jsm, kv, finished: () => true });
+    const events = new StreamJobEvents({ js, jsm, kv, state: () => JobState.JOB_STATE_MERGED });
     const jobId = 'lostMerged';
     await events.append(jobId, { stateChanged: { from: JobState.JOB_STATE_MERGING, to: JobState.JOB_STATE_MERGED } });
     const merged = { id: jobId, state: JobState.JOB_STATE_MERGED, merged: { files: [{ path: 'model.safetensors', size: 1, sha256: '00' }], seconds: 2 } };
@@ -118,7 +137,7 @@ describe('cluster merge tasks of a job that is not merging', () => {
   });
 
   it('hands back a task of a job the replica\'s copy shows not yet merging, unless the bucket says it ended', async () => {
-    const events = new StreamJobEvents({ js, jsm, kv, finished: () => true });
+    const events = new StreamJobEvents({ js, jsm, kv, state: () => JobState.JOB_STATE_MERGED });
     const signal = new AbortController().signal;
     const stale = mergeTasks(events, { state: JobState.JOB_STATE_COLLECTING }, { state: JobState.JOB_STATE_COLLECTING });
     await assert.rejects(stale.handle({ kind: 'plan', jobId: 'j' }, signal), TaskNotReadyError);

@@ -74,8 +74,9 @@ describe('a party whose spooled tensor is damaged, on a cluster', () => {
       // Every replica shows it: the job collecting, math one tensor short with the reason, the others complete.
       for (const admin of admins) {
         let shown = await admin.getJob(job.id);
-        // The job goes back to collecting first, then the tensor is dropped and every replica reads the folder again.
-        while (shown.parties[0]!.uploadComplete) {
+        // The job goes back to collecting in the bucket first, then the tensor is dropped; a replica reads the folder
+        // at each GetJob but the state from its copy of the bucket, which may lag behind (under load): wait for both.
+        while (shown.parties[0]!.uploadComplete || shown.state === JobState.JOB_STATE_MERGING) {
           await new Promise((r) => setTimeout(r, 50));
           shown = await admin.getJob(job.id);
         }

@@ -14,9 +14,9 @@
 import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from '@nats-io/jetstream';
 import { Kvm, type KV } from '@nats-io/kv';
 import type { NatsConnection } from '@nats-io/transport-node';
+import type { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import type { NatsOptions } from '../config.js';
 import { NatsUnavailableError } from '../errors.js';
-import { isTerminal } from '../jobs/job-store.js';
 import type { Logger } from '../log.js';
 import { connectNats, describeNatsError } from '../nats/connection.js';
 import { ensureStream } from '../nats/event-publisher.js';
@@ -67,14 +67,8 @@ export class Cluster {
       const kv = await new Kvm(js).create(JOBS_BUCKET, { history: 1 });
       const store = await KvJobStore.open({ kv, dataDir: opts.dataDir, log: opts.log });
       opts.log.info('joined the cluster', { url: opts.nats.url, bucket: JOBS_BUCKET, streams: [EVENTS_STREAM, TASKS_STREAM], jobs: store.list().length });
-      const finished = (jobId: string): boolean => {
-        try {
-          return isTerminal(store.get(jobId).state);
-        } catch {
-          return false;
-        }
-      };
-      return new Cluster(nc, js, jsm, kv, store, new StreamJobEvents({ js, jsm, kv, finished }));
+      const state = (jobId: string): JobState | undefined => store.list().find((j) => j.id === jobId)?.state;
+      return new Cluster(nc, js, jsm, kv, store, new StreamJobEvents({ js, jsm, kv, state }));
     } catch (cause) {
       await nc.close();
       throw new NatsUnavailableError(

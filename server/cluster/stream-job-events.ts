@@ -14,15 +14,18 @@
  * fails with NatsUnavailableError, and the work that wanted it is retried.
  *
  * A job's state and its final event are two writes: the state (KV) first,
- * then the event. A replica dying or NATS going away in between leaves a job
- * MERGED or FAILED without its `merged`/`failed` event until a commit task
- * that runs again publishes it ({@link StreamJobEvents.hasFinalEvent});
- * meanwhile (and in any case) a watch also ends once the job has ended and
- * the stream holds no event of it that the watch has not seen.
+ * then the event, and a MERGED job's uploads are deleted in between. A
+ * replica dying or NATS going away in between leaves a job MERGED without its
+ * `merged` event until a commit task that runs again publishes it
+ * ({@link StreamJobEvents.hasFinalEvent}): a watch of a MERGED job waits for
+ * `merged` however late it comes (unless the stream holds no event of the job
+ * at all: expired). A lost `failed` is not published again: a watch of a
+ * FAILED job also ends once the stream holds no event of it that the watch
+ * has not seen.
  */
 import type { JetStreamClient, JetStreamManager } from '@nats-io/jetstream';
 import type { KV } from '@nats-io/kv';
-import { JobEvent } from '../../proto/gen/dppa/v1/jobs.js';
+import { JobEvent, JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import { isFinalEvent, type EventBody, type JobEvents } from '../jobs/job-events.js';
 import { EVENTS_STREAM, eventKind, eventMsgId, eventSeqKey, eventSubject, jobSubjects } from '../nats/subjects.js';
 import { isRevisionConflict, MAX_CONFLICT_RETRIES, natsCall } from './nats-calls.js';
@@ -33,15 +36,20 @@ export interface StreamJobEventsOptions {
   jsm: JetStreamManager;
   /** The jobs bucket, holding each job's event counter. */
   kv: KV;
-  /** True once the job is MERGED or FAILED (in the store): a watch of it may end without a final event. */
-  finished: (jobId: string) => boolean;
-  /** How often an idle watch checks whether its job has ended. @default 1000 */
+  /**
+   * The job's state in the store. A watch of a FAILED job may end without its `failed` event, which is not
+   * published again if lost; one of a MERGED job only when the stream holds none of its events (expired): its
+   * `merged` event may come seconds after the state (the uploads are deleted in between; a lost one is published
+   * again by a commit task).
+   */
+  state: (jobId: string) => JobState | undefined;
+  /** How often an idle watch checks whether its job has failed. @default 1000 */
   idleCheckMs?: number;
 }
 
 /** Messages a watcher's consumer buffers. */
 const WATCH_BUFFER = 256;
-/** Idle checks in a row that must find the job ended and every event of it seen before a watch without a final event ends. */
+/** Idle checks in a row that must find the job failed and every event of it seen before a watch without a final event ends. */
 const SETTLE_CHECKS = 2;
 
 /** The events of every job, in the shared stream. */
@@ -100,20 +108,23 @@ export class StreamJobEvents implements JobEvents {
     signal.addEventListener('abort', onAbort);
     this.watchers++;
     const delivered = new Set<bigint>();
-    // A job that ended without its final event (lost between its KV write and its publish) would hold the watch
-    // forever: once the job has ended and the stream holds nothing more of it, for a few checks in a row, it ends.
+    // A job that failed without its `failed` event (lost between its KV write and its publish) would hold the watch
+    // forever: once the job has failed and the stream holds nothing more of it, for a few checks in a row, it ends.
+    // So does a MERGED job's once the stream holds no event of it at all (expired: the stream's age and size limits).
     let received = 0;
     let receivedAtCheck = -1;
     let quiet = 0;
     let checking = false;
     let settled = false;
     const check = async (): Promise<void> => {
-      if (received !== receivedAtCheck || !this.opts.finished(jobId)) {
+      const state = this.opts.state(jobId);
+      if (received !== receivedAtCheck || (state !== JobState.JOB_STATE_FAILED && state !== JobState.JOB_STATE_MERGED)) {
         receivedAtCheck = received;
         quiet = 0;
         return;
       }
-      if ((await this.eventCount(jobId)) > received) {
+      const count = await this.eventCount(jobId);
+      if (count > received || (state === JobState.JOB_STATE_MERGED && count > 0)) {
         quiet = 0;
         return;
       }
