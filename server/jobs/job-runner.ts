@@ -297,6 +297,8 @@ export class JobRunner {
       const seconds = (performance.now() - started) / 1000;
       metrics.mergeDuration.observe(seconds);
       await this.transition(job.id, JobState.JOB_STATE_MERGING, JobState.JOB_STATE_MERGED, (j) => (j.merged = { files: result.files, seconds }));
+      // A job shown MERGED is no longer paused, before its merged event goes out.
+      this.unpause(job.id);
       // Before the event, so that a failure to append it cannot leave the uploads behind.
       await this.deps.spool.discardJob(job.id);
       await events.append(job.id, { merged: { files: result.files.map((f) => f.path), seconds } });
