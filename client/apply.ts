@@ -7,7 +7,8 @@ import { stat } from 'node:fs/promises';
 import { FormatError } from '../proto/errors.js';
 import { baseFingerprint } from '../proto/fingerprint.js';
 import { Checkpoint, CheckpointWriter } from '../proto/safetensors/index.js';
-import { addChunkScaled, partitionFactor, readDeltaFile, readDeltaHeader, TensorAssembler } from '../proto/sparse/index.js';
+import { partitionFactor } from '../proto/algorithm/index.js';
+import { addChunkScaled, readDeltaFile, readDeltaHeader, TensorAssembler } from '../proto/sparse/index.js';
 import type { DeltaHeader } from '../proto/gen/dppa/v1/sparse.js';
 
 /** Options of {@link applyDelta}. */

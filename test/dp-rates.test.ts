@@ -10,7 +10,8 @@ import {
 } from '../client/prune/significance.js';
 import { tensorStats } from '../client/prune/tensor-work.js';
 import { uniform } from './fixtures/synthetic-model.js';
-import { checkLevels, defaultLevels, dpOffsets, keptCount, owlOffsets, rateAt } from '../client/prune/rates.js';
+import { dpOffsets, keptCount, owlOffsets, rateAt } from '../client/prune/rates.js';
+import { checkLevels, defaultLevels } from '../proto/algorithm/index.js';
 
 // The hand-worked example: two model layers, two linear layers each, 10 entries per layer.
 //   L0.q: nine 0.1 and one 10   (sum 10.9)     L0.k: ten 1.0  (sum 10)

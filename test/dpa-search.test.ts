@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { domainRatio, factorKey, memoised, searchFactors, type FactorSearchOptions } from '../server/dpa/factor-search.js';
+import { domainRatio, factorKey, memoised, searchFactors, type FactorSearchOptions } from '../proto/algorithm/index.js';
 
 /** A separable, unimodal score with its maximum at `opt`; records every candidate asked for. */
 function synthetic(opt: number[]): { score: (f: number[]) => Promise<number>; asked: number[][] } {

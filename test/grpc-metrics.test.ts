@@ -52,8 +52,8 @@ describe('gRPC server metrics', () => {
     await rejectsWith(check('no.such.Service'), status.NOT_FOUND);
 
     const fam = await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 3, finetunes: 1 });
-    const created: CreateJobResponse = await call(h.jobs, 'createJob', { basePath: fam.base, parties: ['math'], rate: 0.8, method: 'dp', label: 'metrics', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
-    await rejectsWith(call(h.jobs, 'createJob', { basePath: fam.base, parties: ['math'], rate: 0.8, method: 'dp', label: 'x', dpa: undefined, merge: undefined, maxAbsValue: 0 }, 'not-the-admin-token-at-all'), status.UNAUTHENTICATED);
+    const created: CreateJobResponse = await call(h.jobs, 'createJob', { basePath: fam.base, parties: ['math'], rate: 0.8, method: 'dp', label: 'metrics', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
+    await rejectsWith(call(h.jobs, 'createJob', { basePath: fam.base, parties: ['math'], rate: 0.8, method: 'dp', label: 'x', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, 'not-the-admin-token-at-all'), status.UNAUTHENTICATED);
     const messages = uploadMessages(created.job!.id, 'math', await pruneRecords({ base: fam.base, finetuned: fam.finetuned[0]!, rate: 0.8 }));
     await upload(h.uploads, created.tokens.math!, messages);
 

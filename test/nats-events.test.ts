@@ -51,7 +51,7 @@ function startNatsHarness(): Promise<Harness> {
 }
 
 async function createJob(): Promise<{ jobId: string; tokens: Record<string, string> }> {
-  const r = await call(h.jobs, 'createJob', { basePath: base, parties: ['math', 'law'], rate: 0.8, method: 'dp', label: 'nats', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
+  const r = await call(h.jobs, 'createJob', { basePath: base, parties: ['math', 'law'], rate: 0.8, method: 'dp', label: 'nats', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
   return { jobId: r.job!.id, tokens: r.tokens };
 }
 

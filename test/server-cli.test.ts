@@ -85,7 +85,7 @@ describe('dppa serve', () => {
     let s = await serve(args);
     let jobs = new JobServiceClient(s.grpc, credentials.createInsecure());
     let uploads = new UploadServiceClient(s.grpc, credentials.createInsecure());
-    const r = await call(jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.8, method: 'dp', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
+    const r = await call(jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.8, method: 'dp', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
     const jobId = r.job!.id;
     const begins = records.flatMap((x, i) => (x.tensorBegin !== undefined ? [i] : []));
     await upload(uploads, r.tokens.a!, uploadMessages(jobId, 'a', records.slice(0, begins[1])));

@@ -101,7 +101,7 @@ async function expectedMerge(jobId: string, parties: string[], out: string): Pro
 }
 
 async function createJob(parties: string[]): Promise<{ jobId: string; tokens: Record<string, string> }> {
-  const r = await call(h!.jobs, 'createJob', { basePath: base, parties, rate: 0.9, method: 'dp', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
+  const r = await call(h!.jobs, 'createJob', { basePath: base, parties, rate: 0.9, method: 'dp', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
   return { jobId: r.job!.id, tokens: r.tokens };
 }
 
@@ -123,7 +123,7 @@ describe('a full disk', { skip: mounted ? false : 'mounting a tmpfs needs root' 
   it('CreateJob gets RESOURCE_EXHAUSTED and leaves no job folder', async () => {
     await fill(0);
     await rejectsWith(
-      call(h!.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'dp', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN),
+      call(h!.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'dp', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN),
       status.RESOURCE_EXHAUSTED,
       /no space left on the server's disk \(ENOSPC\)/,
     );

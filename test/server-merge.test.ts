@@ -49,6 +49,7 @@ function create(token: string, parties = ['math', 'law'], extra: object = {}): P
     dpa: two ? { fixed: { factors: [1, 1], perParty: { math: { factors: FACTORS.math }, law: { factors: FACTORS.law } } }, scaleOutsideByMax: false } : undefined,
     merge: two ? { weights: WEIGHTS, signElection: false, partiesMayDownload: true } : undefined,
     maxAbsValue: 0,
+    pruneMethod: 0,
     ...extra,
   }, token);
 }
@@ -272,7 +273,7 @@ describe('aggregation server: job, uploads, merge, download', () => {
   });
 
   it('refuses downloads before the merge and to parties of a job that does not allow them', async () => {
-    const other = await call(h.jobs, 'createJob', { basePath: base, parties: ['solo'], rate: 0.8, method: '', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
+    const other = await call(h.jobs, 'createJob', { basePath: base, parties: ['solo'], rate: 0.8, method: '', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
     await rejectsWith(call(h.downloads, 'listFiles', { jobId: other.job!.id }, ADMIN), status.FAILED_PRECONDITION, /COLLECTING/);
     await rejectsWith(call(h.downloads, 'listFiles', { jobId: other.job!.id }, other.tokens.solo!), status.PERMISSION_DENIED, /parties_may_download/);
     await rejectsWith(call(h.jobs, 'getJob', { jobId: job.id }, other.tokens.solo!), status.PERMISSION_DENIED);

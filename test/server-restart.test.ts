@@ -46,7 +46,7 @@ before(async () => {
   records = await pruneRecords({ base: fam.base, finetuned: fam.finetuned[0]!, rate: 0.8 });
   // Uploads kept after the merge: the tests below merge them again.
   h = await startHarness(data, { shutdownGraceMs: 300, keepUploads: true });
-  const r = await call(h.jobs, 'createJob', { basePath: fam.base, parties: ['a', 'b'], rate: 0.8, method: 'dp', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
+  const r = await call(h.jobs, 'createJob', { basePath: fam.base, parties: ['a', 'b'], rate: 0.8, method: 'dp', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
   jobId = r.job!.id;
   tokens = r.tokens;
 });
@@ -130,7 +130,7 @@ describe('restart', () => {
   });
 
   it('a job found MERGING with a spooled tensor missing (killed between its drop and the move) sends that party back once', async () => {
-    const r = await call(h.jobs, 'createJob', { basePath: base, parties: ['a', 'b'], rate: 0.8, method: 'dp', label: 'crash', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
+    const r = await call(h.jobs, 'createJob', { basePath: base, parties: ['a', 'b'], rate: 0.8, method: 'dp', label: 'crash', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
     const id = r.job!.id;
     const watched = watchAll(h.jobs, ADMIN, id);
     for (const party of ['a', 'b']) assert.equal((await upload(h.uploads, r.tokens[party]!, uploadMessages(id, party, records))).complete, true);

@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Client, credentials, status } from '@grpc/grpc-js';
 import { JobState } from '../proto/gen/dppa/v1/jobs.js';
+import { PruneMethod } from '../proto/gen/dppa/v1/algorithm.js';
 import { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import { UploadRequest, type UploadState } from '../proto/gen/dppa/v1/upload.js';
 import { decodeChunk, encodeChunks, tensorRecords } from '../proto/sparse/index.js';
@@ -51,7 +52,7 @@ before(async () => {
   records = await pruneRecords({ base, finetuned: fam.finetuned[0]!, rate: 0.9, method: 'magnitude' });
   otherBaseRecords = await pruneRecords({ base: other.base, finetuned: other.finetuned[0]!, rate: 0.9, method: 'magnitude' });
   h = await startHarness(join(dir, 'data'));
-  const r = await call(h.jobs, 'createJob', { basePath: base, parties: ['a', 'b'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
+  const r = await call(h.jobs, 'createJob', { basePath: base, parties: ['a', 'b'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
   jobId = r.job!.id;
   tokens = r.tokens;
   // Party a holds its header and first two tensors: the state every bad call below must leave as it is.
@@ -94,7 +95,7 @@ describe('uploads: every bad input gets its status and changes nothing', () => {
     await rejectsWith(upload(h.uploads, tokens.b!, [open('a'), { record: header() }, ...tensor(2).map((record) => ({ record }))]), status.PERMISSION_DENIED);
     await rejectsWith(call(h.uploads, 'getUploadState', { jobId, party: 'a' }, tokens.b!), status.PERMISSION_DENIED);
     await rejectsWith(call(h.uploads, 'getUploadState', { jobId, party: 'a' }, ADMIN), status.PERMISSION_DENIED);
-    const other = await call(h.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
+    const other = await call(h.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
     await rejectsWith(upload(h.uploads, other.tokens.a!, [open('a'), { record: header() }]), status.PERMISSION_DENIED);
     await unchanged();
   });
@@ -104,6 +105,7 @@ describe('uploads: every bad input gets its status and changes nothing', () => {
     const err = await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: otherBaseRecords[0]! }]), status.FAILED_PRECONDITION);
     assert.ok(err.details.includes(otherBaseRecords[0]!.header!.baseFingerprint) && err.details.includes(hdr.header!.baseFingerprint), err.details);
     hdr.header!.method = 'dp';
+    hdr.header!.pruneMethod = PruneMethod.PRUNE_METHOD_DP;
     await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: hdr }]), status.FAILED_PRECONDITION, /method "dp".*requires "magnitude"/);
     await unchanged();
   });
@@ -237,7 +239,7 @@ describe('uploads: the per-party byte cap', () => {
   it('RESOURCE_EXHAUSTED once a party would hold more than --max-upload-bytes', async () => {
     const small = await startHarness(join(dir, 'capped'), { maxUploadBytes: 2000 });
     try {
-      const r = await call(small.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
+      const r = await call(small.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
       await rejectsWith(upload(small.uploads, r.tokens.a!, uploadMessages(r.job!.id, 'a', records)), status.RESOURCE_EXHAUSTED, /limit of 2000 bytes/);
       const s = await call(small.uploads, 'getUploadState', { jobId: r.job!.id, party: 'a' }, r.tokens.a!);
       assert.ok(s.bytesReceived <= 2000n);
@@ -253,7 +255,7 @@ describe("uploads: the job's value bound", () => {
     let largest = 0;
     for (const r of records) if (r.chunk !== undefined) for (const v of decodeChunk(r.chunk).values) largest = Math.max(largest, Math.abs(v));
     const create = (maxAbsValue: number) =>
-      call(h.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue }, ADMIN);
+      call(h.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue, pruneMethod: 0 }, ADMIN);
     await rejectsWith(create(-1), status.INVALID_ARGUMENT, /^max_abs_value: must be a finite number > 0/);
     assert.equal((await create(0)).job!.maxAbsValue, 1000, 'the default');
     const tight = await create(largest / 2);

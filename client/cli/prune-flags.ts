@@ -1,4 +1,5 @@
 /** The pruning flags shared by `dppa prune` and `dppa push` (which prunes on the fly). */
+import { OUTSIDE_POLICIES, PRUNE_METHODS } from '../../proto/algorithm/index.js';
 import type { PruneOptions } from '../prune/pruner.js';
 import { defined, num, numList, oneOf } from './args.js';
 
@@ -25,9 +26,9 @@ export type PruneFlagValues = { [K in keyof typeof pruneFlags]?: string | undefi
 /** The pruning settings given on the command line (absent ones stay absent). */
 export function pruneSettings(v: PruneFlagValues): Omit<PruneOptions, 'base' | 'finetuned' | 'rate' | 'signal' | 'onProgress'> {
   return defined({
-    method: oneOf(v.method, 'method', ['dp', 'magnitude', 'owl', 'dare'] as const),
+    method: oneOf(v.method, 'method', PRUNE_METHODS),
     levels: numList(v.levels, 'levels'),
-    outside: oneOf(v.outside, 'outside', ['dense', 'magnitude', 'skip'] as const),
+    outside: oneOf(v.outside, 'outside', OUTSIDE_POLICIES),
     significance: oneOf(v.significance, 'significance', ['magnitude', 'count'] as const),
     lambda: num(v.lambda, 'lambda', { min: 0, max: 1 }),
     layerOutlierFactor: num(v['layer-outlier-factor'], 'layer-outlier-factor', { min: 0 }),

@@ -7,20 +7,29 @@
  * are in memory at once.
  */
 import { availableParallelism } from 'node:os';
+import {
+  checkLevels,
+  DEFAULT_OUTSIDE_POLICY,
+  DEFAULT_PRUNE_METHOD,
+  defaultLevels,
+  outsidePolicyToWire,
+  parseOutsidePolicy,
+  parsePruneMethod,
+  pruneMethodToWire,
+  type OutsidePolicy,
+  type PruneMethod,
+} from '../../proto/algorithm/index.js';
 import { TensorKind, ValueDtype, type DeltaHeader, type DeltaRecord, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
 import { baseFingerprint } from '../../proto/fingerprint.js';
 import { DeltaSource, type DeltaTensor, type VocabMismatch } from './delta-source.js';
 import type { DareRescale } from './dare.js';
-import { checkLevels, defaultLevels, dpOffsets, keptCount, owlOffsets, rateAt } from './rates.js';
+import { dpOffsets, keptCount, owlOffsets, rateAt } from './rates.js';
 import { addTotals, outliersAbove, outlierThreshold, significance, type SignificanceKind } from './significance.js';
 import { compileLayerPattern, DEFAULT_LAYER_PATTERN, tensorRole, type TensorRole } from './tensor-roles.js';
 import type { PruneSpec, PrunedTensor, TensorStats } from './tensor-work.js';
 import { inlineRunner, workerRunner, type TensorRunner } from './worker-pool.js';
 
-/** Pruning methods: DP (the default) and the baselines. */
-export type PruneMethod = 'dp' | 'magnitude' | 'owl' | 'dare';
-/** What happens to tensors outside the linear layers. */
-export type OutsidePolicy = 'dense' | 'magnitude' | 'skip';
+export type { OutsidePolicy, PruneMethod } from '../../proto/algorithm/index.js';
 /** Precision of the kept values on the wire. */
 export type ValuePrecision = 'bf16' | 'f16' | 'f32';
 
@@ -124,14 +133,14 @@ export function withDefaults(opts: PruneOptions): Resolved {
     base: opts.base,
     finetuned: opts.finetuned,
     rate,
-    method: opts.method ?? 'dp',
+    method: parsePruneMethod(opts.method ?? DEFAULT_PRUNE_METHOD, 'method'),
     levels,
     significance: opts.significance ?? 'magnitude',
     layerOutlierFactor: opts.layerOutlierFactor ?? 5,
     linearOutlierFactor: opts.linearOutlierFactor ?? 5,
     lambda: opts.lambda ?? 0.08,
     layerPattern: opts.layerPattern ?? DEFAULT_LAYER_PATTERN,
-    outside: opts.outside ?? 'dense',
+    outside: parseOutsidePolicy(opts.outside ?? DEFAULT_OUTSIDE_POLICY, 'outside'),
     seed: opts.seed ?? 0,
     dareRescale: opts.dareRescale ?? 'inverse',
     valueDtype: opts.valueDtype ?? 'bf16',
@@ -140,9 +149,7 @@ export function withDefaults(opts: PruneOptions): Resolved {
     signal: opts.signal,
     onProgress: opts.onProgress,
   };
-  if (!['dp', 'magnitude', 'owl', 'dare'].includes(r.method)) throw new RangeError(`method: expected dp, magnitude, owl or dare, got ${r.method}`);
   if (!['magnitude', 'count'].includes(r.significance)) throw new RangeError(`significance: expected magnitude or count, got ${r.significance}`);
-  if (!['dense', 'magnitude', 'skip'].includes(r.outside)) throw new RangeError(`outside: expected dense, magnitude or skip, got ${r.outside}`);
   if (!(r.lambda >= 0 && r.lambda <= 1)) throw new RangeError(`lambda: must be in [0, 1], got ${r.lambda}`);
   for (const k of ['layerOutlierFactor', 'linearOutlierFactor'] as const) {
     if (!(r[k] > 0)) throw new RangeError(`${k}: must be positive, got ${r[k]}`);
@@ -194,6 +201,7 @@ export async function openPrune(options: PruneOptions): Promise<PruneSession> {
     const header: DeltaHeader = {
       formatVersion: 1,
       baseFingerprint: await baseFingerprint(source.base),
+      // The text too, for readers older than prune_method (older servers compare it with their job's).
       method: o.method,
       rate: o.rate,
       levels: o.levels,
@@ -201,6 +209,8 @@ export async function openPrune(options: PruneOptions): Promise<PruneSession> {
       valueDtype: PRECISIONS[o.valueDtype],
       tensors: planned.map((p) => p.plan),
       producer: 'dppa-federated',
+      pruneMethod: pruneMethodToWire(o.method),
+      outside: outsidePolicyToWire(o.outside),
     };
     const report: PruneReport = {
       method: o.method,

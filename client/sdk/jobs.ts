@@ -1,5 +1,6 @@
 /** Job calls: create, inspect, list, watch, cancel and resume merge jobs. */
 import { status as Status } from '@grpc/grpc-js';
+import { DEFAULT_PRUNE_METHOD, parsePruneMethod, pruneMethodToWire, type PruneMethod } from '../../proto/algorithm/index.js';
 import {
   CreateJobRequest,
   DpaConfig,
@@ -9,7 +10,6 @@ import {
   type Job,
   type JobEvent,
 } from '../../proto/gen/dppa/v1/jobs.js';
-import type { PruneMethod } from '../prune/pruner.js';
 import { CallScope, readStream, unary, type CallOptions } from './call.js';
 import type { Connection } from './connection.js';
 import { DppaRpcError } from './errors.js';
@@ -90,6 +90,7 @@ export function createJobRequest(o: CreateJobOptions): CreateJobRequest {
     seen.add(p);
   }
   if (!(o.rate >= 0 && o.rate < 1)) throw new RangeError(`rate: must be in [0, 1), got ${o.rate}`);
+  const method = parsePruneMethod(o.method ?? DEFAULT_PRUNE_METHOD, 'method');
   if (o.maxAbsValue !== undefined && !(o.maxAbsValue > 0 && Number.isFinite(o.maxAbsValue))) {
     throw new RangeError(`maxAbsValue: must be a finite number > 0, got ${o.maxAbsValue}`);
   }
@@ -115,7 +116,9 @@ export function createJobRequest(o: CreateJobOptions): CreateJobRequest {
     basePath: o.basePath,
     parties: o.parties,
     rate: o.rate,
-    method: o.method ?? 'dp',
+    // The text too, for servers older than prune_method.
+    method,
+    pruneMethod: pruneMethodToWire(method),
     dpa,
     merge,
     label: o.label ?? '',

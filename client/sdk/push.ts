@@ -6,12 +6,13 @@
 import { mkdir } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { status as Status, type ClientWritableStream } from '@grpc/grpc-js';
+import { DEFAULT_PRUNE_METHOD, pruneMethodFromWire, type PruneMethod } from '../../proto/algorithm/index.js';
 import { JobState, type Job } from '../../proto/gen/dppa/v1/jobs.js';
 import type { DeltaHeader, DeltaRecord } from '../../proto/gen/dppa/v1/sparse.js';
 import type { UploadRequest, UploadState } from '../../proto/gen/dppa/v1/upload.js';
 import { readDeltaFile, readDeltaHeader } from '../../proto/sparse/index.js';
 import { pruneToFile } from '../prune/prune-to-file.js';
-import { openPrune, type PruneMethod, type PruneOptions, type PruneProgress } from '../prune/pruner.js';
+import { openPrune, type PruneOptions, type PruneProgress } from '../prune/pruner.js';
 import { CallScope, inScope, type CallOptions } from './call.js';
 import type { Connection } from './connection.js';
 import { DeltaMismatchError, DppaRpcError, JobStateError, UploadIncompleteError } from './errors.js';
@@ -92,14 +93,31 @@ interface RecordSource {
   close(): Promise<void>;
 }
 
-const METHODS: readonly string[] = ['dp', 'magnitude', 'owl', 'dare'] satisfies PruneMethod[];
-
 function sameRate(a: number, b: number): boolean {
   return Math.abs(a - b) <= 1e-12;
 }
 
-function jobMethod(job: Job): string {
-  return job.method === '' ? 'dp' : job.method;
+/**
+ * The method the server's Job requires, read from its enum (or, from an older
+ * server, its text).
+ * @throws DeltaMismatchError when this client does not know it.
+ */
+function jobMethod(job: Job): PruneMethod {
+  try {
+    return pruneMethodFromWire(job.pruneMethod, job.method) ?? DEFAULT_PRUNE_METHOD;
+  } catch (err) {
+    const asked = job.method === '' ? String(job.pruneMethod) : job.method;
+    throw new DeltaMismatchError('method', asked, '', `job ${job.id} requires the method ${JSON.stringify(asked)}, which this client does not know`, { cause: err });
+  }
+}
+
+/** The method a delta's header records ('' when none, or one this client does not know). */
+function deltaMethod(header: DeltaHeader): string {
+  try {
+    return pruneMethodFromWire(header.pruneMethod, header.method) ?? '';
+  } catch {
+    return header.method === '' ? String(header.pruneMethod) : header.method;
+  }
 }
 
 /** Checks a delta's header against the job before anything is sent (or evaluated). @internal */
@@ -115,8 +133,10 @@ export function checkHeader(header: DeltaHeader, job: Job, what: string): void {
   if (!sameRate(header.rate, job.rate)) {
     throw new DeltaMismatchError('rate', String(job.rate), String(header.rate), `${what} is pruned at rate ${header.rate}; job ${job.id} requires ${job.rate}`);
   }
-  if (header.method !== jobMethod(job)) {
-    throw new DeltaMismatchError('method', jobMethod(job), header.method, `${what} is pruned with ${header.method}; job ${job.id} requires ${jobMethod(job)}`);
+  const required = jobMethod(job);
+  const method = deltaMethod(header);
+  if (method !== required) {
+    throw new DeltaMismatchError('method', required, method, `${what} is pruned with ${method}; job ${job.id} requires ${required}`);
   }
 }
 
@@ -147,21 +167,19 @@ async function keptDelta(o: PushFromCheckpoints & { keepDelta: string }, job: Jo
     if (signal.aborted) throw err;
   }
   await mkdir(dirname(path), { recursive: true });
-  await pruneToFile({ ...o, rate: job.rate, method: jobMethod(job) as PruneMethod, out: path, signal, onProgress });
+  await pruneToFile({ ...o, rate: job.rate, method: jobMethod(job), out: path, signal, onProgress });
   return path;
 }
 
 async function openSource(o: PushOptions, job: Job, signal: AbortSignal, report: (p: PushProgress) => void): Promise<RecordSource> {
   if (o.delta !== undefined) return fileSource(o.delta, job, signal);
   const { rate, method } = o;
-  if (!METHODS.includes(jobMethod(job))) {
-    throw new DeltaMismatchError('method', jobMethod(job), '', `job ${job.id} requires the method ${JSON.stringify(job.method)}, which this client does not know`);
-  }
+  const required = jobMethod(job);
   if (rate !== undefined && !sameRate(rate, job.rate)) {
     throw new DeltaMismatchError('rate', String(job.rate), String(rate), `rate ${rate} was asked for; job ${job.id} requires ${job.rate}`);
   }
-  if (method !== undefined && method !== jobMethod(job)) {
-    throw new DeltaMismatchError('method', jobMethod(job), method, `method ${method} was asked for; job ${job.id} requires ${jobMethod(job)}`);
+  if (method !== undefined && method !== required) {
+    throw new DeltaMismatchError('method', required, method, `method ${method} was asked for; job ${job.id} requires ${required}`);
   }
   const prepare = (p: PruneProgress): void => report({ phase: 'prepare', tensor: p.tensor, tensorsDone: p.tensorsDone, tensorsTotal: p.tensorsTotal, bytesSent: 0, attempt: 1 });
   if (o.keepDelta !== undefined) return fileSource(await keptDelta({ ...o, keepDelta: o.keepDelta }, job, signal, prepare), job, signal);
@@ -169,7 +187,7 @@ async function openSource(o: PushOptions, job: Job, signal: AbortSignal, report:
     // The pruner takes its own options from these and ignores jobId, party and keepDelta.
     ...o,
     rate: job.rate,
-    method: jobMethod(job) as PruneMethod,
+    method: required,
     signal,
     onProgress: (p) => {
       if (p.phase === 'significance') prepare(p);

@@ -14,8 +14,8 @@ import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
 import { decodeToF32, encodeFromF32 } from '../../proto/safetensors/dtype.js';
 import { Checkpoint } from '../../proto/safetensors/index.js';
-import { addScaled, partitionFactor, readDeltaFile, TensorAssembler } from '../../proto/sparse/index.js';
-import { domainRatio } from '../../server/dpa/factor-search.js';
+import { domainRatio, partitionFactor } from '../../proto/algorithm/index.js';
+import { addScaled, readDeltaFile, TensorAssembler } from '../../proto/sparse/index.js';
 import { OnnxEvaluator, type LoadedTask } from '../../server/dpa/onnx/index.js';
 export { readWeights } from '../../test/fixtures/family/onnx-eval.js';
 

@@ -26,7 +26,7 @@ import { formatBytes } from '../../client/cli/progress.js';
 import { DppaClient, EvaluatorKind, JobState, jobStateName, pruneToFile } from '../../client/index.js';
 import { createLogger } from '../../server/log.js';
 import { DppaServer } from '../../server/server.js';
-import { domainRatio } from '../../server/dpa/factor-search.js';
+import { domainRatio } from '../../proto/algorithm/index.js';
 import {
   DOMAIN_NAMES, FAMILY, FamilyScorer, denseDelta, domainTaskFiles, fmt, markdownTable, memberDir,
   mergeWeights, readSparseDelta, readWeights, type Domain, type TaskScores, type Weights,

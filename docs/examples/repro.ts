@@ -4,7 +4,7 @@
  *
  * Everything runs in this process with the library itself (no server, no gRPC): the client's pruning
  * (`pruneToFile`: DP, magnitude, OWL, DARE), the server's DPA factor search (`searchFactors` from
- * server/dpa/factor-search.ts, with the server's default settings) scoring candidates on the validation splits,
+ * proto/algorithm/factor-search.ts, with the server's default settings) scoring candidates on the validation splits,
  * and the server's ONNX evaluator (`exact_match`) for every score. Candidates and merges are formed as the server
  * forms them: `base + Σ_i Σ_p f_ip·Δ_ip` summed in fp32 and rounded to BF16 (docs/examples/family-lab.ts).
  * Reports use the test splits; every Domain-Ratio divides by the domain's own dense fine-tune on the same split.
@@ -23,7 +23,7 @@ import { availableParallelism, cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { pruneToFile, type PruneMethod } from '../../client/index.js';
-import { searchFactors, type SearchMethod } from '../../server/dpa/factor-search.js';
+import { searchFactors, type SearchMethod } from '../../proto/algorithm/index.js';
 import {
   DOMAIN_NAMES, FamilyScorer, denseDelta, domainRatioPercent, fmt, markdownTable, memberDir, mergeWeights,
   readSparseDelta, readWeights, type Contribution, type Domain, type SparseDelta, type TaskScores, type Weights,

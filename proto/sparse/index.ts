@@ -26,5 +26,5 @@ export {
   type TensorAssemblerOptions,
 } from './tensor-assembler.js';
 export * from './delta-file.js';
-export { addChunkScaled, addScaled, partitionFactor } from './add-scaled.js';
+export { addChunkScaled, addScaled } from './add-scaled.js';
 export { encodeSoleField, encodingOf, rememberEncoding, SOLE_FIELD_HEADROOM } from './record-encoding.js';

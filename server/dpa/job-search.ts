@@ -21,10 +21,10 @@ import type { Logger } from '../log.js';
 import { SpooledTensorError } from '../merge/tensor-merge.js';
 import type { Metrics } from '../metrics.js';
 import type { Spool } from '../uploads/spool.js';
-import { domainRatio, factorKey, memoised, searchFactors } from './factor-search.js';
+import { domainRatio, factorKey, memoised, searchFactors, searchOptions } from '../../proto/algorithm/index.js';
 import { OnnxCandidates } from './onnx-candidates.js';
 import { PartyEvaluationError, PartyTimeoutError, type Candidate, type RemoteEvaluators, type Scores } from './remote-evaluators.js';
-import { evaluatorOf, partyTimeoutSeconds, searchOptions, type EvaluatorName } from './search-spec.js';
+import { evaluatorOf, partyTimeoutSeconds, type EvaluatorName } from './search-spec.js';
 
 /** What the searches of a job need. */
 export interface JobSearchDeps {

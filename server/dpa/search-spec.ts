@@ -1,19 +1,17 @@
 /**
- * A job's factor search settings (`DpaConfig.search`, a SearchConfig): checked
- * at creation with the field at fault named, and turned into the options of
- * `searchFactors` (factor-search.ts).
- *
- * Proto3 cannot tell an unset number from 0, so 0 takes the default for
- * `start`, `step`, `upper`, `budget` and `party_timeout_seconds` (none of them
- * can sensibly be 0); `lower` defaults to 0 anyway.
+ * A job's factor search settings (`DpaConfig.search`, a SearchConfig) as the
+ * server uses them: checked at creation with the field at fault named, and the
+ * evaluator and party timeout of each party. The search options themselves
+ * come from proto/algorithm (`searchOptions`); as there, 0 takes the default
+ * of `party_timeout_seconds`.
  */
 import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
+import { searchDefaults, searchOptions } from '../../proto/algorithm/index.js';
 import { EvaluatorKind, SearchMethod, Tuner, type OnnxEvaluator, type SearchConfig } from '../../proto/gen/dppa/v1/jobs.js';
 import { FormatError } from '../../proto/errors.js';
 import { Checkpoint } from '../../proto/safetensors/index.js';
 import { InvalidArgumentError } from '../errors.js';
-import { searchDefaults, type FactorSearchOptions } from './factor-search.js';
 // Not ./onnx/index.js: that loads ONNX Runtime, which only jobs with an ONNX evaluator need.
 import { METRICS, type Metric } from './onnx/causal-lm-scorer.js';
 
@@ -25,22 +23,6 @@ export type EvaluatorName = 'remote' | 'onnx';
 
 const KINDS = [EvaluatorKind.EVALUATOR_KIND_UNSPECIFIED, EvaluatorKind.EVALUATOR_KIND_REMOTE, EvaluatorKind.EVALUATOR_KIND_ONNX];
 const PROVIDERS = ['cpu', 'cuda'];
-
-/** The options of `searchFactors` for a party whose delta has `partitions` partitions. */
-export function searchOptions(s: SearchConfig, partitions: number): FactorSearchOptions {
-  const o: FactorSearchOptions = {
-    partitions,
-    method: s.method === SearchMethod.SEARCH_METHOD_WHOLE ? 'whole' : 'progressive',
-    tuner: s.tuner === Tuner.TUNER_GOLDEN ? 'golden' : 'greedy',
-    lower: s.lower,
-    downward: s.downward,
-  };
-  if (s.start !== 0) o.start = s.start;
-  if (s.step !== 0) o.step = s.step;
-  if (s.upper !== 0) o.upper = s.upper;
-  if (s.budget !== 0) o.budget = s.budget;
-  return o;
-}
 
 /** The evaluator of a party: its override, else the job's, else remote. */
 export function evaluatorOf(s: SearchConfig, party: string): EvaluatorName {

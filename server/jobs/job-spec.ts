@@ -2,13 +2,11 @@
  * What a job asks for: validation of CreateJobRequest settings, and the
  * amplification factors and weights each party's delta is merged with.
  */
+import { DEFAULT_PRUNE_METHOD, pruneMethodFromWire, type PruneMethod } from '../../proto/algorithm/index.js';
 import type { CreateJobRequest, DpaConfig, MergeOptions } from '../../proto/gen/dppa/v1/jobs.js';
 import { checkSearch } from '../dpa/search-spec.js';
 import { InvalidArgumentError, UnimplementedError } from '../errors.js';
 import type { StoredJob } from './job-store.js';
-
-/** Pruning methods a job may require. */
-export const METHODS = ['dp', 'magnitude', 'owl', 'dare'] as const;
 
 /**
  * Largest magnitude of an uploaded delta value when a job sets none: real
@@ -25,7 +23,7 @@ export interface JobSettings {
   basePath: string;
   parties: string[];
   rate: number;
-  method: string;
+  method: PruneMethod;
   dpa: DpaConfig;
   merge: MergeOptions;
   label: string;
@@ -48,10 +46,7 @@ export function checkJobSettings(req: CreateJobRequest): JobSettings {
     seen.add(p);
   }
   if (!(req.rate >= 0 && req.rate < 1)) throw new InvalidArgumentError(`rate: must be in [0, 1), got ${req.rate}`);
-  const method = req.method === '' ? 'dp' : req.method;
-  if (!(METHODS as readonly string[]).includes(method)) {
-    throw new InvalidArgumentError(`method: expected one of ${METHODS.join(', ')}, got ${JSON.stringify(req.method)}`);
-  }
+  const method = requestMethod(req);
   if (req.label.length > MAX_LABEL_LENGTH) throw new InvalidArgumentError(`label: at most ${MAX_LABEL_LENGTH} characters`);
   const dpa: DpaConfig = req.dpa ?? { scaleOutsideByMax: false };
   checkDpa(dpa, req.parties);
@@ -66,6 +61,19 @@ export function checkJobSettings(req: CreateJobRequest): JobSettings {
   }
   const maxAbsValue = req.maxAbsValue === 0 ? DEFAULT_MAX_ABS_VALUE : req.maxAbsValue;
   return { basePath: req.basePath, parties: [...req.parties], rate: req.rate, method, dpa, merge, label: req.label, maxAbsValue };
+}
+
+/**
+ * The method a request asks for: `prune_method`, else the text of an older
+ * client, else DP.
+ * @throws InvalidArgumentError naming `prune_method` or `method`.
+ */
+function requestMethod(req: CreateJobRequest): PruneMethod {
+  try {
+    return pruneMethodFromWire(req.pruneMethod, req.method) ?? DEFAULT_PRUNE_METHOD;
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message, { cause: err });
+  }
 }
 
 function checkDpa(dpa: DpaConfig, parties: readonly string[]): void {

@@ -12,6 +12,7 @@
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import pMap from 'p-map';
+import { parsePruneMethod, type PruneMethod } from '../../proto/algorithm/index.js';
 import {
   DpaConfig,
   Evaluation,
@@ -80,7 +81,7 @@ export interface StoredJob {
   /** Bytes of tensor data in the base checkpoint. */
   baseBytes: number;
   rate: number;
-  method: string;
+  method: PruneMethod;
   dpa: DpaConfig;
   merge: MergeOptions;
   parties: StoredParty[];
@@ -143,6 +144,7 @@ function fromFile(file: JobFile, path: string): StoredJob {
   return {
     ...rest,
     state: jobStateFromJSON(file.state),
+    method: parsePruneMethod(file.method, `${path}: method`),
     dpa: DpaConfig.fromJSON(file.dpa),
     merge: MergeOptions.fromJSON(file.merge),
     evaluations: (file.evaluations ?? []).map((e) => Evaluation.fromJSON(e)),

@@ -5,7 +5,8 @@
  */
 import { FormatError } from '../../proto/errors.js';
 import { bytesPerElement, type Checkpoint, encodeFromF32 } from '../../proto/safetensors/index.js';
-import { addChunkScaled, partitionFactor, readDeltaFile, TensorAssembler } from '../../proto/sparse/index.js';
+import { partitionFactor } from '../../proto/algorithm/index.js';
+import { addChunkScaled, readDeltaFile, TensorAssembler } from '../../proto/sparse/index.js';
 
 /** One party's entries of a tensor. */
 export interface Contribution {

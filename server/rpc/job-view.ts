@@ -2,6 +2,7 @@
  * A stored job as the API shows it: settings, state, and each party's
  * progress read from its spool.
  */
+import { pruneMethodToWire } from '../../proto/algorithm/index.js';
 import type { Job, PartyStatus, Pause } from '../../proto/gen/dppa/v1/jobs.js';
 import { partyFactors, searchesFactors } from '../jobs/job-spec.js';
 import type { StoredJob } from '../jobs/job-store.js';
@@ -19,7 +20,9 @@ export function jobView(job: StoredJob, spool: Spool, pause: Pause | undefined):
     basePath: job.basePath,
     baseFingerprint: job.baseFingerprint,
     rate: job.rate,
+    // The text too, for clients older than prune_method.
     method: job.method,
+    pruneMethod: pruneMethodToWire(job.method),
     dpa: job.dpa,
     merge: job.merge,
     parties: job.parties.map((p): PartyStatus => {

@@ -2,15 +2,13 @@
  * Checks a party's DeltaHeader against its job and the job's base checkpoint
  * before any tensor of it is accepted.
  */
+import { checkLevels, pruneMethodFromWire, type PruneMethod } from '../../proto/algorithm/index.js';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import { TensorKind, type DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
 import { DELTA_FORMAT_VERSION, storageDtype } from '../../proto/sparse/index.js';
 import { FailedPreconditionError, InvalidArgumentError } from '../errors.js';
 import { partyFactors } from '../jobs/job-spec.js';
 import { stateName, type StoredJob } from '../jobs/job-store.js';
-
-/** Tolerance when comparing the last partition level with the job's rate (both decoded from the same decimal). */
-const LEVEL_EPSILON = 1e-12;
 
 /** @throws FailedPreconditionError unless the job still takes uploads. */
 export function requireCollecting(job: StoredJob): void {
@@ -37,11 +35,16 @@ export function checkDeltaHeader(job: StoredJob, party: string, header: DeltaHea
       `the delta was made against base ${header.baseFingerprint || '(none)'}, but job ${job.id} merges into base ${job.baseFingerprint}`,
     );
   }
-  if (header.method !== job.method) {
-    throw new FailedPreconditionError(`the delta was pruned with method ${JSON.stringify(header.method)}, job ${job.id} requires ${JSON.stringify(job.method)}`);
+  const method = headerMethod(header);
+  if (method !== job.method) {
+    throw new FailedPreconditionError(`the delta was pruned with method ${JSON.stringify(method ?? '')}, job ${job.id} requires ${JSON.stringify(job.method)}`);
   }
   if (header.rate !== job.rate) throw new FailedPreconditionError(`the delta was pruned at rate ${header.rate}, job ${job.id} requires ${job.rate}`);
-  checkLevels(header.levels, header.rate);
+  try {
+    checkLevels(header.levels, header.rate);
+  } catch (err) {
+    throw new InvalidArgumentError(`DeltaHeader ${(err as Error).message}`, { cause: err });
+  }
   if (storageDtype(header.valueDtype) === undefined) throw new InvalidArgumentError(`DeltaHeader value_dtype: ${header.valueDtype} is not a known precision`);
   // Off and search fit any number of partitions; fixed factors fit only their own number.
   const factors = job.dpa.fixed === undefined ? undefined : partyFactors(job, party, header.levels.length)!;
@@ -68,14 +71,16 @@ export function checkDeltaHeader(job: StoredJob, party: string, header: DeltaHea
   }
 }
 
-function checkLevels(levels: readonly number[], rate: number): void {
-  if (levels.length === 0) throw new InvalidArgumentError('DeltaHeader levels: at least one partition level is needed');
-  levels.forEach((l, i) => {
-    if (!(l >= 0 && l < 1)) throw new InvalidArgumentError(`DeltaHeader levels: ${l} is outside [0, 1)`);
-    if (i > 0 && !(l < levels[i - 1]!)) throw new InvalidArgumentError(`DeltaHeader levels: must decrease, but ${levels[i - 1]} is followed by ${l}`);
-  });
-  if (Math.abs(levels.at(-1)! - rate) > LEVEL_EPSILON) {
-    throw new InvalidArgumentError(`DeltaHeader levels: the last level must be the rate ${rate}, got ${levels.at(-1)}`);
+/**
+ * The method a header records: `prune_method`, else the text of an older
+ * client; undefined when neither is set.
+ * @throws InvalidArgumentError naming the field for a method this server does not know.
+ */
+function headerMethod(header: DeltaHeader): PruneMethod | undefined {
+  try {
+    return pruneMethodFromWire(header.pruneMethod, header.method, 'DeltaHeader ');
+  } catch (err) {
+    throw new InvalidArgumentError((err as Error).message, { cause: err });
   }
 }
 

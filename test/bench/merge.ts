@@ -19,7 +19,7 @@ try {
   const fam = await writeLlamaFamily(join(dir, 'family'), { shape: { layers, hidden, intermediate: Math.round(hidden * 2.75), vocab: 8000 }, finetunes: 2 });
   const h = await startHarness(join(dir, 'data'), { keepUploads: true });
   try {
-    const r = await call(h.jobs, 'createJob', { basePath: fam.base, parties: ['a', 'b'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0 }, ADMIN);
+    const r = await call(h.jobs, 'createJob', { basePath: fam.base, parties: ['a', 'b'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
     const jobId = r.job!.id;
     for (const [i, party] of ['a', 'b'].entries()) {
       const records = await pruneRecords({ base: fam.base, finetuned: fam.finetuned[i]!, rate: 0.9, method: 'magnitude', workers: 2 });

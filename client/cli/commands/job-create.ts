@@ -1,3 +1,4 @@
+import { DEFAULT_PRUNE_METHOD, PRUNE_METHODS } from '../../../proto/algorithm/index.js';
 import { parse, num, oneOf, required } from '../args.js';
 import { out, type Command } from '../command.js';
 import { EXIT, UsageError } from '../exit-codes.js';
@@ -87,7 +88,7 @@ export const jobCreateCommand: Command = {
       basePath: required(v.base, 'base'),
       parties,
       rate: num(required(v.rate, 'rate'), 'rate', { min: 0, below: 1 })!,
-      method: oneOf(v.method, 'method', ['dp', 'magnitude', 'owl', 'dare'] as const) ?? 'dp',
+      method: oneOf(v.method, 'method', PRUNE_METHODS) ?? DEFAULT_PRUNE_METHOD,
       dpa: { ...dpa, scaleOutsideByMax: v['scale-outside-by-max'] === true },
       merge: { weights: parseWeights(v.weights, parties), signElection: v['sign-election'] === true, partiesMayDownload: v['parties-may-download'] === true },
     };

@@ -20,6 +20,7 @@ import {
   type ServiceError,
   type UntypedServiceImplementation,
 } from "@grpc/grpc-js";
+import { PruneMethod, pruneMethodFromJSON, pruneMethodToJSON } from "./algorithm.js";
 
 export const protobufPackage = "dppa.v1";
 
@@ -355,7 +356,13 @@ export interface CreateJobRequest {
   parties: string[];
   /** Target pruning rate every party must use, in [0, 1). */
   rate: number;
-  /** Pruning method every party must use: "dp" (default), "magnitude", "owl", "dare". */
+  /**
+   * Pruning method as text: "dp", "magnitude", "owl", "dare". Deprecated for
+   * `prune_method`, and read only when that is UNSPECIFIED (older
+   * clients); when both are set they must agree.
+   *
+   * @deprecated
+   */
   method: string;
   /** Amplification: how the per-partition factors are obtained. */
   dpa:
@@ -373,6 +380,8 @@ export interface CreateJobRequest {
    * refused at upload.
    */
   maxAbsValue: number;
+  /** Pruning method every party must use; UNSPECIFIED (with `method` empty) takes DP. */
+  pruneMethod: PruneMethod;
 }
 
 /** The new job and its party tokens. */
@@ -514,7 +523,12 @@ export interface Job {
   baseFingerprint: string;
   /** Target pruning rate every party must use, in [0, 1). */
   rate: number;
-  /** Pruning method every party must use (see CreateJobRequest.method). */
+  /**
+   * Pruning method as text, for older clients ("dp", "magnitude",
+   * "owl", "dare"); deprecated for `prune_method`, always filled in beside it.
+   *
+   * @deprecated
+   */
   method: string;
   /** Amplification settings, as given at creation. */
   dpa:
@@ -537,7 +551,11 @@ export interface Job {
   /** Largest magnitude an uploaded delta value may have (CreateJobRequest.max_abs_value, resolved). */
   maxAbsValue: number;
   /** Set while the job is paused by a storage failure (it keeps its state). */
-  pause: Pause | undefined;
+  pause:
+    | Pause
+    | undefined;
+  /** Pruning method every party must use (never UNSPECIFIED from this server). */
+  pruneMethod: PruneMethod;
 }
 
 /** A party connected to the job for the first time. */
@@ -2366,6 +2384,7 @@ function createBaseCreateJobRequest(): CreateJobRequest {
     merge: undefined,
     label: "",
     maxAbsValue: 0,
+    pruneMethod: 0,
   };
 }
 
@@ -2394,6 +2413,9 @@ export const CreateJobRequest: MessageFns<CreateJobRequest> = {
     }
     if (message.maxAbsValue !== 0) {
       writer.uint32(65).double(message.maxAbsValue);
+    }
+    if (message.pruneMethod !== 0) {
+      writer.uint32(72).int32(message.pruneMethod);
     }
     return writer;
   },
@@ -2475,6 +2497,14 @@ export const CreateJobRequest: MessageFns<CreateJobRequest> = {
             message.maxAbsValue = reader.double();
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.pruneMethod = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2505,6 +2535,11 @@ export const CreateJobRequest: MessageFns<CreateJobRequest> = {
         : isSet(object.max_abs_value)
         ? globalThis.Number(object.max_abs_value)
         : 0,
+      pruneMethod: isSet(object.pruneMethod)
+        ? pruneMethodFromJSON(object.pruneMethod)
+        : isSet(object.prune_method)
+        ? pruneMethodFromJSON(object.prune_method)
+        : 0,
     };
   },
 
@@ -2534,6 +2569,9 @@ export const CreateJobRequest: MessageFns<CreateJobRequest> = {
     if (message.maxAbsValue !== 0) {
       obj.maxAbsValue = floatToJson(message.maxAbsValue);
     }
+    if (message.pruneMethod !== 0) {
+      obj.pruneMethod = pruneMethodToJSON(message.pruneMethod);
+    }
     return obj;
   },
 
@@ -2552,6 +2590,7 @@ export const CreateJobRequest: MessageFns<CreateJobRequest> = {
       : undefined;
     message.label = object.label ?? "";
     message.maxAbsValue = object.maxAbsValue ?? 0;
+    message.pruneMethod = object.pruneMethod ?? 0;
     return message;
   },
 };
@@ -3866,6 +3905,7 @@ function createBaseJob(): Job {
     updatedAt: "",
     maxAbsValue: 0,
     pause: undefined,
+    pruneMethod: 0,
   };
 }
 
@@ -3918,6 +3958,9 @@ export const Job: MessageFns<Job> = {
     }
     if (message.pause !== undefined) {
       Pause.encode(message.pause, writer.uint32(130).fork()).join();
+    }
+    if (message.pruneMethod !== 0) {
+      writer.uint32(136).int32(message.pruneMethod);
     }
     return writer;
   },
@@ -4063,6 +4106,14 @@ export const Job: MessageFns<Job> = {
             message.pause = Pause.decode(reader, reader.uint32());
             continue;
           }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.pruneMethod = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4119,6 +4170,11 @@ export const Job: MessageFns<Job> = {
         ? globalThis.Number(object.max_abs_value)
         : 0,
       pause: isSet(object.pause) ? Pause.fromJSON(object.pause) : undefined,
+      pruneMethod: isSet(object.pruneMethod)
+        ? pruneMethodFromJSON(object.pruneMethod)
+        : isSet(object.prune_method)
+        ? pruneMethodFromJSON(object.prune_method)
+        : 0,
     };
   },
 
@@ -4172,6 +4228,9 @@ export const Job: MessageFns<Job> = {
     if (message.pause !== undefined) {
       obj.pause = Pause.toJSON(message.pause);
     }
+    if (message.pruneMethod !== 0) {
+      obj.pruneMethod = pruneMethodToJSON(message.pruneMethod);
+    }
     return obj;
   },
 
@@ -4198,6 +4257,7 @@ export const Job: MessageFns<Job> = {
     message.updatedAt = object.updatedAt ?? "";
     message.maxAbsValue = object.maxAbsValue ?? 0;
     message.pause = (object.pause !== undefined && object.pause !== null) ? Pause.fromPartial(object.pause) : undefined;
+    message.pruneMethod = object.pruneMethod ?? 0;
     return message;
   },
 };

@@ -6,6 +6,14 @@
 
 /* eslint-disable */
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire";
+import {
+  OutsidePolicy,
+  outsidePolicyFromJSON,
+  outsidePolicyToJSON,
+  PruneMethod,
+  pruneMethodFromJSON,
+  pruneMethodToJSON,
+} from "./algorithm.js";
 
 export const protobufPackage = "dppa.v1";
 
@@ -204,7 +212,13 @@ export interface DeltaHeader {
   formatVersion: number;
   /** Fingerprint of the base checkpoint the delta applies to (proto/fingerprint.ts). */
   baseFingerprint: string;
-  /** Pruning method: "dp", "magnitude", "owl", "dare". */
+  /**
+   * Pruning method as text: "dp", "magnitude", "owl", "dare". Deprecated for
+   * `prune_method`; writers still fill it in, for readers older than that
+   * field (older servers compare it with their job's method).
+   *
+   * @deprecated
+   */
   method: string;
   /** Target pruning rate in [0, 1). */
   rate: number;
@@ -218,6 +232,16 @@ export interface DeltaHeader {
   tensors: TensorPlan[];
   /** Free-form producer string, e.g. "dppa-federated 0.1.0". */
   producer: string;
+  /**
+   * Pruning method. UNSPECIFIED in deltas written before this field: readers
+   * then take the `method` string.
+   */
+  pruneMethod: PruneMethod;
+  /**
+   * What was done with the outside tensors. UNSPECIFIED in deltas written
+   * before this field (their `options["outside"]` says it).
+   */
+  outside: OutsidePolicy;
 }
 
 export interface DeltaHeader_OptionsEntry {
@@ -720,6 +744,8 @@ function createBaseDeltaHeader(): DeltaHeader {
     valueDtype: 0,
     tensors: [],
     producer: "",
+    pruneMethod: 0,
+    outside: 0,
   };
 }
 
@@ -755,6 +781,12 @@ export const DeltaHeader: MessageFns<DeltaHeader> = {
     }
     if (message.producer !== "") {
       writer.uint32(74).string(message.producer);
+    }
+    if (message.pruneMethod !== 0) {
+      writer.uint32(80).int32(message.pruneMethod);
+    }
+    if (message.outside !== 0) {
+      writer.uint32(88).int32(message.outside);
     }
     return writer;
   },
@@ -857,6 +889,22 @@ export const DeltaHeader: MessageFns<DeltaHeader> = {
             message.producer = reader.string();
             continue;
           }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.pruneMethod = reader.int32() as any;
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.outside = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -907,6 +955,12 @@ export const DeltaHeader: MessageFns<DeltaHeader> = {
         ? object.tensors.map((e: any) => TensorPlan.fromJSON(e))
         : [],
       producer: isSet(object.producer) ? globalThis.String(object.producer) : "",
+      pruneMethod: isSet(object.pruneMethod)
+        ? pruneMethodFromJSON(object.pruneMethod)
+        : isSet(object.prune_method)
+        ? pruneMethodFromJSON(object.prune_method)
+        : 0,
+      outside: isSet(object.outside) ? outsidePolicyFromJSON(object.outside) : 0,
     };
   },
 
@@ -945,6 +999,12 @@ export const DeltaHeader: MessageFns<DeltaHeader> = {
     if (message.producer !== "") {
       obj.producer = message.producer;
     }
+    if (message.pruneMethod !== 0) {
+      obj.pruneMethod = pruneMethodToJSON(message.pruneMethod);
+    }
+    if (message.outside !== 0) {
+      obj.outside = outsidePolicyToJSON(message.outside);
+    }
     return obj;
   },
 
@@ -970,6 +1030,8 @@ export const DeltaHeader: MessageFns<DeltaHeader> = {
     message.valueDtype = object.valueDtype ?? 0;
     message.tensors = object.tensors?.map((e) => TensorPlan.fromPartial(e)) || [];
     message.producer = object.producer ?? "";
+    message.pruneMethod = object.pruneMethod ?? 0;
+    message.outside = object.outside ?? 0;
     return message;
   },
 };

@@ -1,11 +1,7 @@
 /**
  * The DPA factor search (spec "DPA"): one factor per partition, tuned one at a
- * time to maximise a party's score (its Domain-Ratio).
- *
- * The search is deterministic: the same scores give the same sequence of
- * candidates. A restarted server therefore resumes a search by running it again
- * with the recorded scores answering the candidates already evaluated
- * (see {@link memoised}), without repeating any evaluation.
+ * time to maximise a party's score (its Domain-Ratio). Deterministic, so that a
+ * search is resumed by replaying its recorded scores (docs/design/algorithm-rules.md).
  */
 
 /** Method 1 adds partitions one by one; Method 2 starts with all of them. */
@@ -185,25 +181,4 @@ export function memoised(known: ReadonlyMap<string, number>, score: ScoreFn, rec
     await record(factors, s);
     return s;
   };
-}
-
-/**
- * Domain-Ratio (paper eq. 7-8): the geometric mean over tasks of
- * `score(candidate, task) / score(dense, task)`, as a fraction (1 = 100%).
- * A task whose dense score is 0 is left out (its ratio is undefined).
- * @throws RangeError if a task has no dense score or no task is usable.
- */
-export function domainRatio(candidate: Readonly<Record<string, number>>, dense: Readonly<Record<string, number>>): number {
-  let logSum = 0;
-  let n = 0;
-  for (const [task, s] of Object.entries(candidate)) {
-    const d = dense[task];
-    if (d === undefined) throw new RangeError(`task ${JSON.stringify(task)} has no score for the dense fine-tuned model`);
-    if (d === 0) continue;
-    if (s <= 0) return 0;
-    logSum += Math.log(s / d);
-    n++;
-  }
-  if (n === 0) throw new RangeError('no task with a non-zero dense score: the Domain-Ratio is undefined');
-  return Math.exp(logSum / n);
 }
