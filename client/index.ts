@@ -9,6 +9,7 @@
  */
 export { openPrune, withDefaults as pruneDefaults } from './prune/pruner.js';
 export type { PruneOptions, PruneProgress, PruneReport, PruneSession, TensorReport, PruneMethod, OutsidePolicy, ValuePrecision } from './prune/pruner.js';
+export { PRUNE_METHODS, OUTSIDE_POLICIES, UnknownValueError } from '../proto/algorithm/index.js';
 export { pruneToFile } from './prune/prune-to-file.js';
 export type { PruneToFileOptions, PruneFileReport } from './prune/prune-to-file.js';
 export { CheckpointMismatchError } from './prune/delta-source.js';
