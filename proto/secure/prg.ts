@@ -1,0 +1,59 @@
+/**
+ * The pseudo-random generator of masks: the AES-256-CTR keystream of a 32-byte
+ * key (counter starting at zero) read as little-endian uint32 words. Word w
+ * comes from counter block ⌊w/4⌋, so any range of a mask can be generated on
+ * its own (a server or party can mask and unmask a long vector chunk by chunk).
+ */
+import { createCipheriv } from 'node:crypto';
+import { endianness } from 'node:os';
+
+/** Words per cipher call: bounds the keystream buffer at 4 MiB. */
+const PIECE_WORDS = 1 << 20;
+const zeros = Buffer.alloc(PIECE_WORDS * 4 + 16);
+
+// Uint32Array views read the platform's byte order; every party must read the same words.
+if (endianness() !== 'LE') throw new Error('secure aggregation needs a little-endian platform');
+
+function counterIv(block: number): Buffer {
+  const iv = Buffer.alloc(16);
+  iv.writeBigUInt64BE(BigInt(block), 8);
+  return iv;
+}
+
+/**
+ * Calls `each(keystream, start)` for words `[offset, offset + count)` of the
+ * stream of `key`, in pieces: `keystream[k]` is word `offset + start + k`.
+ */
+function forEachPiece(key: Uint8Array, offset: number, count: number, each: (ks: Uint32Array, start: number) => void): void {
+  if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(count) || count < 0) {
+    throw new RangeError(`PRG range: bad offset ${offset} or count ${count}`);
+  }
+  const skip = offset % 4;
+  const cipher = createCipheriv('aes-256-ctr', key, counterIv((offset - skip) / 4));
+  cipher.update(zeros.subarray(0, skip * 4));
+  for (let start = 0; start < count; start += PIECE_WORDS) {
+    const n = Math.min(PIECE_WORDS, count - start);
+    let bytes = cipher.update(zeros.subarray(0, n * 4));
+    if (bytes.byteOffset % 4 !== 0) bytes = Buffer.from(bytes);
+    each(new Uint32Array(bytes.buffer, bytes.byteOffset, n), start);
+  }
+}
+
+/** Words `[offset, offset + count)` of the stream of `key`. */
+export function prgWords(key: Uint8Array, offset: number, count: number): Uint32Array {
+  const out = new Uint32Array(count);
+  forEachPiece(key, offset, count, (ks, start) => out.set(ks, start));
+  return out;
+}
+
+/**
+ * Adds (sign 1) or subtracts (sign −1) words `[offset, offset + into.length)`
+ * of the stream of `key` to `into`, modulo 2^32, in place.
+ */
+export function addPrg(into: Uint32Array, key: Uint8Array, offset: number, sign: 1 | -1): void {
+  forEachPiece(key, offset, into.length, (ks, start) => {
+    // Uint32Array stores ToUint32 of the result: the sum or difference wraps modulo 2^32.
+    if (sign === 1) for (let k = 0; k < ks.length; k++) into[start + k] = into[start + k]! + ks[k]!;
+    else for (let k = 0; k < ks.length; k++) into[start + k] = into[start + k]! - ks[k]!;
+  });
+}
