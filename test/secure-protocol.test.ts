@@ -9,8 +9,10 @@ import {
   SecureParty,
   ShareAuthError,
   TooFewSurvivorsError,
+  addInto,
   decodeSum,
   fixedPoint,
+  removeMasks,
   spreadOnUnion,
   sumErrorBound,
   unionSupport,
@@ -162,6 +164,48 @@ describe('secure aggregation, in process', () => {
     });
     // Only two masked uploads: the server refuses to go on to unmasking.
     assert.throws(() => run({ job, fp, inputs, dropBeforeMasked: [1, 2, 3] }), TooFewSurvivorsError);
+  });
+
+  it('spooled, range by range: parties mask chunks at offsets, the server sums and unmasks each range on its own', () => {
+    const job = { jobId: 'job-spool', parties: 4, threshold: 3 };
+    const fp = fixedPoint(1, 4);
+    const length = 10007;
+    const values = [1, 2, 3, 4].map(() => Float32Array.from({ length }, () => Math.random() * 2 - 1));
+    const parties = [1, 2, 3, 4].map((i) => SecureParty.create(job, i));
+    const server = SecureAggregator.create(job);
+    for (const p of parties) server.advertise(p.advertise());
+    const roster = server.closeKeys();
+    for (const p of parties) server.submitShares(p.state.index, p.shareKeys(roster));
+    server.closeShares(length, { spooled: true });
+    // The spool: each party's masked words, written chunk by chunk at odd offsets; party 4 never uploads.
+    const spool = new Map<number, Uint32Array>();
+    const cuts = [0, 1, 333, 4097, 9000, length];
+    for (const p of parties.slice(0, 3)) {
+      const i = p.state.index;
+      p.receiveShares(server.sharesFor(i));
+      const words = new Uint32Array(length);
+      for (let c = 0; c + 1 < cuts.length; c++) words.set(p.maskInput(values[i - 1]!.subarray(cuts[c], cuts[c + 1]), fp, cuts[c]).words, cuts[c]);
+      spool.set(i, words);
+      server.recordMasked(i, length);
+    }
+    assert.throws(() => server.submitMasked(4, new Uint32Array(length)), ProtocolStateError);
+    const request = server.closeMasked();
+    assert.deepEqual(request, { survivors: [1, 2, 3], dropouts: [4] });
+    for (const p of parties.slice(0, 3)) server.submitUnmask(p.unmask(request));
+    const removal = server.maskRemoval();
+    const result = new Float64Array(length);
+    for (let c = 0; c + 1 < cuts.length; c++) {
+      const [from, to] = [cuts[c]!, cuts[c + 1]!];
+      const sum = new Uint32Array(to - from);
+      for (const words of spool.values()) addInto(sum, words.subarray(from, to));
+      removeMasks(sum, removal, from);
+      result.set(decodeSum(sum, fp), from);
+    }
+    for (let k = 0; k < length; k++) {
+      const plain = values[0]![k]! + values[1]![k]! + values[2]![k]!;
+      assert.ok(Math.abs(result[k]! - plain) <= sumErrorBound(fp), `word ${k}: ${result[k]} vs ${plain}`);
+    }
+    assert.throws(() => server.finish(), ProtocolStateError);
   });
 
   it('the masked words of a party look uniform (chi-square on their bytes) though its values are mostly 0', () => {

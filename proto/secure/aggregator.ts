@@ -32,7 +32,9 @@ export interface AggregatorState {
   sharers: number[];
   /** Length of the vectors on U, set when round 1 closes. */
   length: number;
-  /** Sum modulo 2^32 of the masked vectors received (U3: their senders). */
+  /** Whether the masked vectors stay in the caller's spool (no sum held here). */
+  spooled: boolean;
+  /** Sum modulo 2^32 of the masked vectors received (U3: their senders); empty when spooled. */
   sum: Uint32Array;
   survivors: number[];
   /** Round 3: the request sent and the responses received. */
@@ -61,6 +63,7 @@ export class SecureAggregator {
       boxes: [],
       sharers: [],
       length: 0,
+      spooled: false,
       sum: new Uint32Array(0),
       survivors: [],
       responses: [],
@@ -131,17 +134,21 @@ export class SecureAggregator {
   }
 
   /**
-   * Closes round 1: U2 is fixed and masked vectors of `length` words (|U|) are expected.
+   * Closes round 1: U2 is fixed and masked vectors of `length` words (|U|) are
+   * expected. With `spooled`, the caller keeps the masked vectors (in files)
+   * and reports each complete one with `recordMasked`; it then sums them and
+   * removes the masks range by range with `maskRemoval` and `removeMasks`.
    * @throws TooFewSurvivorsError
    */
-  closeShares(length: number): number[] {
+  closeShares(length: number, opts: { spooled?: boolean } = {}): number[] {
     const s = this.#state;
     this.#expect('shares', 'close shares');
     if (!Number.isSafeInteger(length) || length < 0) throw new ProtocolStateError(`union length ${length}`);
     checkEnough(s.job, 'masked input', s.sharers.length);
     s.sharers.sort((a, b) => a - b);
     s.length = length;
-    s.sum = new Uint32Array(length);
+    s.spooled = opts.spooled ?? false;
+    s.sum = new Uint32Array(s.spooled ? 0 : length);
     s.phase = 'masked';
     return s.sharers;
   }
@@ -160,13 +167,28 @@ export class SecureAggregator {
    * @throws ProtocolStateError for a party outside U2 or a round out of turn
    */
   submitMasked(from: number, words: Uint32Array): void {
+    if (this.#state.spooled) throw new ProtocolStateError('masked vectors of this job are spooled: use recordMasked');
+    this.#checkMasked(from, words.length);
+    addInto(this.#state.sum, words);
+    this.#state.survivors.push(from);
+  }
+
+  /**
+   * Round 2, spooled: a party's masked vector of `wordCount` words is complete in the caller's spool.
+   * @throws the errors of `submitMasked`
+   */
+  recordMasked(from: number, wordCount: number): void {
+    if (!this.#state.spooled) throw new ProtocolStateError('masked vectors of this job are held in memory: use submitMasked');
+    this.#checkMasked(from, wordCount);
+    this.#state.survivors.push(from);
+  }
+
+  #checkMasked(from: number, wordCount: number): void {
     const s = this.#state;
     this.#expect('masked', 'masked input');
     if (!s.sharers.includes(from)) throw new ProtocolStateError(`masked input from party ${from}, which did not share its keys`);
     if (s.survivors.includes(from)) throw new DuplicateSubmissionError(`party ${from} sent its masked input twice`);
-    if (words.length !== s.length) throw new MaskedLengthError(`party ${from}: ${words.length} masked words, the union has ${s.length}`);
-    addInto(s.sum, words);
-    s.survivors.push(from);
+    if (wordCount !== s.length) throw new MaskedLengthError(`party ${from}: ${wordCount} masked words, the union has ${s.length}`);
   }
 
   /** Closes round 2: U3 is fixed; the request every survivor receives. @throws TooFewSurvivorsError */
@@ -236,6 +258,7 @@ export class SecureAggregator {
     const s = this.#state;
     if (s.phase === 'done') return s.sum;
     this.#expect('unmask', 'finish');
+    if (s.spooled) throw new ProtocolStateError('masked vectors of this job are spooled: remove the masks with maskRemoval and removeMasks');
     removeMasks(s.sum, this.maskRemoval());
     s.phase = 'done';
     return s.sum;
