@@ -263,6 +263,11 @@ describe('secure aggregation refuses bad input with typed errors, state unchange
     assert.equal(parties[1]!.phase, 'shares');
     parties[1]!.receiveShares(delivered);
     assert.equal(parties[1]!.phase, 'input');
+    const keys = parties[1]!.maskKeys();
+    // Delivered again after a restart: ignored, the masks stay the same.
+    parties[1]!.receiveShares(delivered);
+    assert.deepEqual(parties[1]!.maskKeys(), keys);
+    assert.throws(() => parties[1]!.receiveShares(delivered.slice(1)), ProtocolStateError);
   });
 
   it('a share replayed from another job is refused, even between parties with the same keys', () => {

@@ -164,12 +164,17 @@ export class SecureParty {
    * opened before anything is kept: on an error the state is unchanged.
    * @throws ShareAuthError for a box that fails authentication or is addressed to another party
    * @throws DuplicateSubmissionError for two boxes from one sender
-   * @throws ProtocolStateError for a sender outside the roster or a round out of turn
+   * @throws ProtocolStateError for a sender outside the roster or a round out of turn (the same
+   *   senders' boxes delivered again once taken are ignored)
    * @throws TooFewSurvivorsError if U2 is smaller than the threshold
    */
   receiveShares(shares: readonly EncryptedShare[]): void {
     const s = this.#state;
-    if (s.phase !== 'shares') throw new ProtocolStateError(`party ${s.index}: not waiting for shares (phase ${s.phase})`);
+    if (s.phase !== 'shares') {
+      // Delivered again (the party restarted before the server heard back): the shares are already held.
+      if (s.phase !== 'roster' && sameList(sortedUnique(shares.map((sh) => sh.from), 'shares'), this.peers)) return;
+      throw new ProtocolStateError(`party ${s.index}: not waiting for shares (phase ${s.phase})`);
+    }
     const seen = new Set<number>();
     const held: HeldShare[] = [];
     for (const share of shares) {

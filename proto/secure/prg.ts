@@ -9,7 +9,11 @@ import { endianness } from 'node:os';
 
 /** Words per cipher call: bounds the keystream buffer at 4 MiB. */
 const PIECE_WORDS = 1 << 20;
-const zeros = Buffer.alloc(PIECE_WORDS * 4 + 16);
+let zeroBuffer: Buffer | undefined;
+/** The plaintext of the keystream, allocated on first use. */
+function zeros(): Buffer {
+  return (zeroBuffer ??= Buffer.alloc(PIECE_WORDS * 4));
+}
 
 // Uint32Array views read the platform's byte order; every party must read the same words.
 if (endianness() !== 'LE') throw new Error('secure aggregation needs a little-endian platform');
@@ -30,10 +34,10 @@ function forEachPiece(key: Uint8Array, offset: number, count: number, each: (ks:
   }
   const skip = offset % 4;
   const cipher = createCipheriv('aes-256-ctr', key, counterIv((offset - skip) / 4));
-  cipher.update(zeros.subarray(0, skip * 4));
+  cipher.update(zeros().subarray(0, skip * 4));
   for (let start = 0; start < count; start += PIECE_WORDS) {
     const n = Math.min(PIECE_WORDS, count - start);
-    let bytes = cipher.update(zeros.subarray(0, n * 4));
+    let bytes = cipher.update(zeros().subarray(0, n * 4));
     if (bytes.byteOffset % 4 !== 0) bytes = Buffer.from(bytes);
     each(new Uint32Array(bytes.buffer, bytes.byteOffset, n), start);
   }
