@@ -63,7 +63,8 @@ describe('PRG (AES-256-CTR keystream as uint32 words)', () => {
   it('gives any range on its own the words of the whole stream, at any offset', () => {
     const key = randomBytes(32);
     const whole = prgWords(key, 0, (1 << 20) + 50);
-    for (const [offset, count] of [[1, 7], [3, 1 << 20], [5, 13], [(1 << 20) - 2, 9], [4, 0]] as const) {
+    // Ranges across the 16384-word pieces the keystream is made in, and across cipher blocks.
+    for (const [offset, count] of [[1, 7], [3, 1 << 20], [5, 13], [(1 << 14) - 3, 40000], [(1 << 20) - 2, 9], [4, 0]] as const) {
       assert.deepEqual(prgWords(key, offset, count), whole.subarray(offset, offset + count), `offset ${offset}`);
     }
     assert.notDeepEqual(prgWords(randomBytes(32), 0, 16), whole.subarray(0, 16));

@@ -7,8 +7,12 @@
 import { createCipheriv } from 'node:crypto';
 import { endianness } from 'node:os';
 
-/** Words per cipher call: bounds the keystream buffer at 4 MiB. */
-const PIECE_WORDS = 1 << 20;
+/**
+ * Words per cipher call: 64 KiB of keystream, which stays in cache. Node
+ * allocates each call's output; at 4 MiB per call the keystream came 3–4×
+ * slower (docs/performance.md).
+ */
+const PIECE_WORDS = 1 << 14;
 let zeroBuffer: Buffer | undefined;
 /** The plaintext of the keystream, allocated on first use. */
 function zeros(): Buffer {
@@ -25,10 +29,10 @@ function counterIv(block: number): Buffer {
 }
 
 /**
- * Calls `each(keystream, start)` for words `[offset, offset + count)` of the
- * stream of `key`, in pieces: `keystream[k]` is word `offset + start + k`.
+ * Words `[offset, offset + count)` of the stream of `key`, in pieces:
+ * yields each piece with the index of its first word relative to `offset`.
  */
-function forEachPiece(key: Uint8Array, offset: number, count: number, each: (ks: Uint32Array, start: number) => void): void {
+function* pieces(key: Uint8Array, offset: number, count: number): Generator<[Uint32Array, number]> {
   if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(count) || count < 0) {
     throw new RangeError(`PRG range: bad offset ${offset} or count ${count}`);
   }
@@ -39,14 +43,14 @@ function forEachPiece(key: Uint8Array, offset: number, count: number, each: (ks:
     const n = Math.min(PIECE_WORDS, count - start);
     let bytes = cipher.update(zeros().subarray(0, n * 4));
     if (bytes.byteOffset % 4 !== 0) bytes = Buffer.from(bytes);
-    each(new Uint32Array(bytes.buffer, bytes.byteOffset, n), start);
+    yield [new Uint32Array(bytes.buffer, bytes.byteOffset, n), start];
   }
 }
 
 /** Words `[offset, offset + count)` of the stream of `key`. */
 export function prgWords(key: Uint8Array, offset: number, count: number): Uint32Array {
   const out = new Uint32Array(count);
-  forEachPiece(key, offset, count, (ks, start) => out.set(ks, start));
+  for (const [ks, start] of pieces(key, offset, count)) out.set(ks, start);
   return out;
 }
 
@@ -55,9 +59,10 @@ export function prgWords(key: Uint8Array, offset: number, count: number): Uint32
  * of the stream of `key` to `into`, modulo 2^32, in place.
  */
 export function addPrg(into: Uint32Array, key: Uint8Array, offset: number, sign: 1 | -1): void {
-  forEachPiece(key, offset, into.length, (ks, start) => {
+  for (const [ks, start] of pieces(key, offset, into.length)) {
+    const dst = into.subarray(start, start + ks.length);
     // Uint32Array stores ToUint32 of the result: the sum or difference wraps modulo 2^32.
-    if (sign === 1) for (let k = 0; k < ks.length; k++) into[start + k] = into[start + k]! + ks[k]!;
-    else for (let k = 0; k < ks.length; k++) into[start + k] = into[start + k]! - ks[k]!;
-  });
+    if (sign === 1) for (let k = 0; k < ks.length; k++) dst[k] = dst[k]! + ks[k]!;
+    else for (let k = 0; k < ks.length; k++) dst[k] = dst[k]! - ks[k]!;
+  }
 }
