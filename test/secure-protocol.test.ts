@@ -11,6 +11,7 @@ import {
   TooFewSurvivorsError,
   addInto,
   decodeSum,
+  encodeFixed,
   fixedPoint,
   removeMasks,
   spreadOnUnion,
@@ -149,6 +150,37 @@ describe('secure aggregation, in process', () => {
     // party 5 uploads and then drops (its seed is rebuilt from the others' shares).
     const result = run({ job, fp, inputs, dropBeforeMasked: [2], dropAfterMasked: [5], restart: true });
     checkSum(fp, inputs, result, [1, 3, 4, 5]);
+  });
+
+  it("the server's stored state holds no party's private key or seed, nor a party's coded values", () => {
+    const job = { jobId: 'job-state', parties: 3, threshold: 2 };
+    const fp = fixedPoint(1, 3);
+    const length = 4096;
+    const values = [1, 2, 3].map(() => Float32Array.from({ length }, () => Math.random() * 2 - 1));
+    const parties = [1, 2, 3].map((i) => SecureParty.create(job, i));
+    const server = SecureAggregator.create(job);
+    for (const p of parties) server.advertise(p.advertise());
+    const roster = server.closeKeys();
+    for (const p of parties) server.submitShares(p.state.index, p.shareKeys(roster));
+    server.closeShares(length);
+    for (const p of parties) {
+      p.receiveShares(server.sharesFor(p.state.index));
+      // Party 3 drops before its upload: the server rebuilds its mask key while unmasking.
+      if (p.state.index !== 3) server.submitMasked(p.state.index, p.maskInput(values[p.state.index - 1]!, fp).words);
+    }
+    const stored = (): Buffer => serialize(server.state);
+    const secrets = parties.flatMap((p) => [p.state.maskKeys.privateKey, p.state.shareKeys.privateKey, p.state.selfSeed]);
+    const request = server.closeMasked();
+    for (const p of parties.slice(0, 2)) server.submitUnmask(p.unmask(request));
+    server.maskRemoval();
+    for (const secret of secrets) assert.equal(stored().indexOf(Buffer.from(secret)), -1);
+    // The search finds what the server does store: the public keys.
+    assert.notEqual(stored().indexOf(Buffer.from(parties[0]!.state.maskKeys.publicKey)), -1);
+    // A run of 8 coded values of party 1 (32 bytes) appears nowhere in what the server stores.
+    const coded = encodeFixed(values[0]!, fp).words;
+    for (let at = 0; at + 8 <= length; at += 512) {
+      assert.equal(stored().indexOf(Buffer.from(coded.buffer, coded.byteOffset + 4 * at, 32)), -1, `values at ${at}`);
+    }
   });
 
   it('fewer than t survivors: a typed error', () => {
