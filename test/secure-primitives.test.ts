@@ -1,0 +1,203 @@
+import assert from 'node:assert/strict';
+import { createCipheriv, randomBytes } from 'node:crypto';
+import { describe, it } from 'node:test';
+import {
+  InconsistentSharesError,
+  PRIME,
+  ProtocolStateError,
+  ShareAuthError,
+  addPrg,
+  boxKey,
+  combineShares,
+  decodeSum,
+  encodeFixed,
+  fixedPoint,
+  generateKeyPair,
+  openBox,
+  prgWords,
+  publicKeyOf,
+  sealBox,
+  sharedSecret,
+  splitSecret,
+  spreadOnUnion,
+  stepOf,
+  sumErrorBound,
+  unionSupport,
+} from '../proto/secure/index.js';
+
+/** All subsets of `k` elements of `items`. */
+function subsets<T>(items: readonly T[], k: number): T[][] {
+  if (k === 0) return [[]];
+  if (items.length < k) return [];
+  const [first, ...rest] = items;
+  return [...subsets(rest, k - 1).map((s) => [first!, ...s]), ...subsets(rest, k)];
+}
+
+describe('X25519', () => {
+  it('gives both ends the same secret, another pair a different one, and the public key of a private key', () => {
+    const a = generateKeyPair();
+    const b = generateKeyPair();
+    const c = generateKeyPair();
+    assert.equal(a.publicKey.length, 32);
+    assert.deepEqual(sharedSecret(a.privateKey, b.publicKey), sharedSecret(b.privateKey, a.publicKey));
+    assert.notDeepEqual(sharedSecret(a.privateKey, b.publicKey), sharedSecret(a.privateKey, c.publicKey));
+    assert.deepEqual(publicKeyOf(a.privateKey), a.publicKey);
+  });
+
+  it('refuses a low-order or malformed peer key', () => {
+    const a = generateKeyPair();
+    assert.throws(() => sharedSecret(a.privateKey, new Uint8Array(32)), ProtocolStateError);
+    assert.throws(() => sharedSecret(a.privateKey, new Uint8Array(31)), ProtocolStateError);
+  });
+});
+
+describe('PRG (AES-256-CTR keystream as uint32 words)', () => {
+  it('is the AES-256-CTR keystream from counter 0, read little-endian', () => {
+    const key = randomBytes(32);
+    const cipher = createCipheriv('aes-256-ctr', key, Buffer.alloc(16));
+    const stream = cipher.update(Buffer.alloc(4 * 37));
+    const expected = Array.from({ length: 37 }, (_, i) => stream.readUInt32LE(4 * i));
+    assert.deepEqual(Array.from(prgWords(key, 0, 37)), expected);
+  });
+
+  it('gives any range on its own the words of the whole stream, at any offset', () => {
+    const key = randomBytes(32);
+    const whole = prgWords(key, 0, (1 << 20) + 50);
+    // Ranges across the 16384-word pieces the keystream is made in, and across cipher blocks.
+    for (const [offset, count] of [[1, 7], [3, 1 << 20], [5, 13], [(1 << 14) - 3, 40000], [(1 << 20) - 2, 9], [4, 0]] as const) {
+      assert.deepEqual(prgWords(key, offset, count), whole.subarray(offset, offset + count), `offset ${offset}`);
+    }
+    assert.notDeepEqual(prgWords(randomBytes(32), 0, 16), whole.subarray(0, 16));
+  });
+
+  it('adds and subtracts modulo 2^32', () => {
+    const key = randomBytes(32);
+    const base = Uint32Array.from({ length: 1000 }, (_, i) => (i * 2654435761) >>> 0);
+    const words = base.slice();
+    addPrg(words, key, 10, 1);
+    const ks = prgWords(key, 10, 1000);
+    for (let i = 0; i < 1000; i++) assert.equal(words[i], (base[i]! + ks[i]!) % 2 ** 32);
+    addPrg(words, key, 10, -1);
+    assert.deepEqual(words, base);
+  });
+});
+
+describe('fixed point in Z_2^32', () => {
+  it('takes the largest power-of-two scale whose sum of n values within the bound cannot wrap', () => {
+    for (const [bound, parties] of [[1, 3], [0.05, 5], [1000, 2], [3e-7, 10]] as const) {
+      const fp = fixedPoint(bound, parties);
+      const k = fp.scaleBits;
+      assert.ok(parties * (bound * 2 ** k + 0.5) < 2 ** 31, `${bound}/${parties}`);
+      assert.ok(parties * (bound * 2 ** (k + 1) + 0.5) >= 2 ** 31, `${bound}/${parties}: a finer scale fits`);
+      // n parties at +B and at −B: the sums decode without wrapping, within n·step/2.
+      for (const sign of [1, -1]) {
+        const sum = new Uint32Array(1);
+        for (let p = 0; p < parties; p++) sum[0] = sum[0]! + encodeFixed([sign * bound], fp).words[0]!;
+        const decoded = decodeSum(sum, fp)[0]!;
+        assert.ok(Math.abs(decoded - sign * parties * bound) <= sumErrorBound(fp), `${decoded}`);
+      }
+    }
+  });
+
+  it('clips values beyond the bound and counts them; refuses NaN', () => {
+    const fp = fixedPoint(0.5, 3);
+    const { words, clipped } = encodeFixed([0.25, 0.7, -3, Infinity, -0.5, 0.5], fp);
+    assert.equal(clipped, 3);
+    const decoded = Array.from(decodeSum(words, fp));
+    assert.deepEqual(decoded, [0.25, 0.5, -0.5, 0.5, -0.5, 0.5]);
+    assert.throws(() => encodeFixed([1, NaN], fp), /NaN/);
+    assert.throws(() => fixedPoint(0, 3), /bound/);
+    assert.throws(() => fixedPoint(1, 0), /parties/);
+  });
+
+  it('rounds each value to within half a step', () => {
+    const fp = fixedPoint(1, 4);
+    const values = Float64Array.from({ length: 10000 }, () => Math.random() * 2 - 1);
+    const decoded = decodeSum(encodeFixed(values, fp).words, fp);
+    for (let i = 0; i < values.length; i++) assert.ok(Math.abs(decoded[i]! - values[i]!) <= stepOf(fp) / 2);
+  });
+});
+
+describe('Shamir sharing over 2^127 − 1', () => {
+  it('rebuilds a 32-byte secret from any t of n shares, and from all n', () => {
+    const secret = randomBytes(32);
+    const xs = [1, 2, 3, 4, 5];
+    const shares = splitSecret(secret, 3, xs);
+    for (const subset of subsets(shares, 3)) assert.deepEqual(Buffer.from(combineShares(subset, 3, 32)), secret);
+    assert.deepEqual(Buffer.from(combineShares([...shares].reverse(), 3, 32)), secret);
+  });
+
+  it('t − 1 shares do not give the secret', () => {
+    const secret = randomBytes(32);
+    const shares = splitSecret(secret, 3, [1, 2, 3, 4, 5]);
+    assert.throws(() => combineShares(shares.slice(0, 2), 3, 32), ProtocolStateError);
+    // Interpolating t − 1 shares as if they were enough gives something else (or no secret of that length).
+    for (const pair of subsets(shares, 2)) {
+      try {
+        assert.notDeepEqual(Buffer.from(combineShares(pair, 2, 32)), secret);
+      } catch (err) {
+        assert.ok(err instanceof InconsistentSharesError, String(err));
+      }
+    }
+  });
+
+  it('draws fresh polynomials: the shares of one secret differ run to run, each value a field element', () => {
+    const a = splitSecret(new Uint8Array(32), 3, [1, 2, 3]);
+    const b = splitSecret(new Uint8Array(32), 3, [1, 2, 3]);
+    assert.notDeepEqual(a[0]!.y, b[0]!.y);
+    for (const s of [...a, ...b]) {
+      for (let i = 0; i < s.y.length; i += 16) assert.ok(BigInt('0x' + Buffer.from(s.y.subarray(i, i + 16)).toString('hex')) < PRIME);
+    }
+  });
+
+  it('refuses a share that disagrees with the others', () => {
+    const shares = splitSecret(randomBytes(32), 2, [1, 2, 3]);
+    const bad = { x: 3, y: shares[2]!.y.slice() };
+    bad.y[5]! ^= 1;
+    assert.throws(() => combineShares([shares[0]!, shares[1]!, bad], 2, 32), InconsistentSharesError);
+    assert.throws(() => splitSecret(randomBytes(32), 4, [1, 2, 3]), ProtocolStateError);
+    assert.throws(() => splitSecret(randomBytes(32), 2, [1, 1, 3]), ProtocolStateError);
+  });
+});
+
+describe('share boxes (AES-256-GCM under an X25519-derived key)', () => {
+  const a = generateKeyPair();
+  const b = generateKeyPair();
+  const c = generateKeyPair();
+  const ctx = { jobId: 'job-1', sender: 1, recipient: 2, round: 1 };
+  const plaintext = randomBytes(96);
+
+  it('opens with the recipient key and the same context', () => {
+    const box = sealBox(boxKey(a.privateKey, b.publicKey, 'job-1'), ctx, plaintext);
+    assert.deepEqual(Buffer.from(openBox(boxKey(b.privateKey, a.publicKey, 'job-1'), ctx, box)), plaintext);
+  });
+
+  it('fails authentication when tampered, or for another job, recipient, sender, round or key', () => {
+    const box = sealBox(boxKey(a.privateKey, b.publicKey, 'job-1'), ctx, plaintext);
+    const key = boxKey(b.privateKey, a.publicKey, 'job-1');
+    for (let i = 0; i < box.length; i += 7) {
+      const bad = box.slice();
+      bad[i]! ^= 0x10;
+      assert.throws(() => openBox(key, ctx, bad), ShareAuthError, `byte ${i}`);
+    }
+    assert.throws(() => openBox(key, { ...ctx, jobId: 'job-2' }, box), ShareAuthError);
+    assert.throws(() => openBox(boxKey(b.privateKey, a.publicKey, 'job-2'), { ...ctx, jobId: 'job-2' }, box), ShareAuthError);
+    assert.throws(() => openBox(key, { ...ctx, recipient: 3 }, box), ShareAuthError);
+    assert.throws(() => openBox(key, { ...ctx, sender: 3 }, box), ShareAuthError);
+    assert.throws(() => openBox(key, { ...ctx, round: 2 }, box), ShareAuthError);
+    assert.throws(() => openBox(boxKey(c.privateKey, a.publicKey, 'job-1'), { ...ctx, recipient: 3 }, box), ShareAuthError);
+    assert.throws(() => openBox(key, ctx, box.subarray(0, 20)), ShareAuthError);
+  });
+});
+
+describe('supports', () => {
+  it('unites sorted supports and lays a party’s values on the union', () => {
+    const s1 = Uint32Array.of(1, 5, 9);
+    const s2 = Uint32Array.of(0, 5, 7, 12);
+    const union = unionSupport([s1, s2, new Uint32Array(0)]);
+    assert.deepEqual(Array.from(union), [0, 1, 5, 7, 9, 12]);
+    assert.deepEqual(Array.from(spreadOnUnion(union, s1, [0.5, -1, 2])), [0, 0.5, -1, 0, 2, 0]);
+    assert.throws(() => spreadOnUnion(union, Uint32Array.of(2), [1]), ProtocolStateError);
+    assert.throws(() => unionSupport([Uint32Array.of(3, 3)]), ProtocolStateError);
+  });
+});
