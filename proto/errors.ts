@@ -1,10 +1,6 @@
 /**
- * Typed errors raised while reading or writing the formats both sides speak
- * (safetensors checkpoints, sparse deltas, `.dppa` containers).
- *
- * Every error names the file and, where one is involved, the tensor, so that a
- * person can find what is wrong without a debugger. The server maps these to
- * gRPC status codes in one place (`server/rpc/status.ts`).
+ * Typed errors raised while reading or writing the formats both sides speak, each naming the file and tensor.
+ * See docs/design/errors.md.
  */
 
 /** Where in the input a format error was found. */

@@ -1,8 +1,6 @@
 /**
- * The scores a party reports for a candidate of a DPA search: task name →
- * finite number, at least one task. The party's SDK checks them before it
- * answers (so that a broken harness fails with its own message), and the
- * server checks them again when the answer arrives.
+ * The scores a party reports for a DPA candidate (task name → finite number), checked on both sides.
+ * See docs/design/federated-evaluation.md.
  */
 
 /** Why reported scores cannot be used; the message reads after "the scores are bad because …". */

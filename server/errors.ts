@@ -1,6 +1,5 @@
 /**
- * Typed errors of the server. Domain code throws these; `rpc/status.ts` turns
- * them into gRPC status codes in one place, so no handler picks a code itself.
+ * Typed errors of the server; `rpc/status.ts` maps them to gRPC codes in one place. See docs/design/errors.md.
  */
 
 /** The call carries no credentials, or credentials the server does not know (UNAUTHENTICATED). */

@@ -1,10 +1,6 @@
 /**
- * Prometheus metrics of the server, in a registry of its own (never the
- * global one, so that several servers in one process, as in tests, do not
- * collide), and the HTTP endpoint that serves them.
- *
- * Labels take values from fixed sets only (RPC method, status code, job
- * state, evaluator kind): never a party, job or tensor name.
+ * Prometheus metrics of the server in a registry of its own, with fixed label sets, and the HTTP endpoint that
+ * serves them. See docs/design/rpc.md.
  */
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';

@@ -1,9 +1,6 @@
 /**
- * DARE (drop and rescale), partitioned like DP so that it travels in the same
- * format: each entry draws one uniform number `u` from a generator seeded by the
- * run's seed and the tensor's name, and is kept at level `a` when `u ≥ a`. Kept
- * sets are thereby nested across levels, and the partition of an entry is the
- * first level that keeps it.
+ * DARE (drop and rescale), partitioned like DP with one seeded uniform draw per entry so kept sets nest across
+ * levels. See docs/design/pruning.md.
  */
 import type { PartitionEntries } from '../../proto/sparse/index.js';
 

@@ -1,10 +1,6 @@
 /**
- * Prunes one party's delta with DP or a baseline method, tensor by tensor,
- * into partitioned sparse records (spec "DP", "Partitions", "Baselines").
- *
- * Two passes over the checkpoints for DP and OWL (significance, then
- * selection); one pass for magnitude and DARE. At most `workers + 1` tensors
- * are in memory at once.
+ * Prunes one party's delta with DP or a baseline method, tensor by tensor, into partitioned sparse records
+ * (spec "DP", "Partitions", "Baselines"). See docs/design/pruning.md.
  */
 import { availableParallelism } from 'node:os';
 import {

@@ -1,10 +1,6 @@
 /**
- * Pruning rates (spec "DP", steps 2-4, and the OWL baseline).
- *
- * Every method gives each linear layer a fixed offset `c` from the base rate, so
- * that its rate at partition level `a` is `clamp(a + c, 0, 1)`. Because `c` does
- * not depend on `a`, the kept sets are nested as the level falls, which is what
- * makes partitions well defined (spec step 6).
+ * Pruning rates (spec "DP", steps 2-4, and the OWL baseline): a fixed offset per linear layer from the level, so
+ * kept sets nest across partition levels. See docs/design/pruning.md.
  */
 
 /** Scales values so that the largest magnitude becomes `lambda` (spec eq. 4); all zeros stay zero. */

@@ -1,7 +1,6 @@
 /**
- * Typed arrays kept from one tensor to the next. Fresh memory costs a page
- * fault per 4 KiB on first touch (about 13 µs each on the reference VM under
- * load), more than the work done on it, so per-tensor buffers are reused.
+ * Typed arrays kept from one tensor to the next, since fresh memory's page faults cost more than the work done on
+ * it. See docs/design/pruning.md.
  */
 
 /** Named buffers that grow to the largest size asked for and are then reused. */

@@ -1,14 +1,6 @@
 /**
- * Exact, linear-time top-k selection by magnitude for several nested k at once
- * (spec "DP", step 4, and "Partitions").
- *
- * The magnitude order of non-negative float32 values equals the order of their
- * bit patterns read as unsigned integers, so a two-digit radix select finds the
- * exact threshold of each k with no sort: one pass histograms the high 15 bits
- * of every entry; a second gathers the candidates, the entries at or above the
- * high bin of the largest k (about k of them); the low 16 bits and the kept
- * entries are then worked out over the candidates alone. Ties at a threshold go
- * to the lower flat index, so the result depends on the data alone.
+ * Exact, linear-time top-k selection by magnitude for several nested k at once, by radix select on float bit
+ * patterns (spec "DP", step 4, and "Partitions"). See docs/design/pruning.md.
  */
 import { FormatError } from '../../proto/errors.js';
 import type { PartitionEntries } from '../../proto/sparse/index.js';

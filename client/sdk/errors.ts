@@ -1,6 +1,5 @@
 /**
- * Typed errors of the client SDK. Every class has a `name`, keeps what caused
- * it in `cause`, and says in its message what a person can do about it.
+ * Typed errors of the client SDK, each saying what a person can do about it. See docs/design/errors.md.
  */
 import { Metadata, status as Status, type ServiceError } from '@grpc/grpc-js';
 import type { UploadState } from '../../proto/gen/dppa/v1/upload.js';

@@ -1,11 +1,6 @@
 /**
- * The party's side of a federated DPA search (EvaluationService): the server
- * proposes amplification factors, the party builds each candidate on its own
- * machine, scores it with its own evaluation and answers with the scores only.
- *
- * Results are kept by candidate, so that a result whose stream dropped before
- * it reached the server is sent again, not computed again, when the server
- * repeats the request after the reconnection.
+ * The party's side of a federated DPA search (EvaluationService): build each candidate, score it locally, answer
+ * with the scores only; results kept by candidate across reconnections. See docs/design/federated-evaluation.md.
  */
 import { once } from 'node:events';
 import { mkdir } from 'node:fs/promises';

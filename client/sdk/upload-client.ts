@@ -1,8 +1,6 @@
 /**
- * The UploadService client of the SDK: an upload message carrying a record
- * read from a `.dppa` file is sent as the bytes the record was read as,
- * instead of being encoded anew (which copied every byte twice more and made
- * garbage for the collector); any other message is encoded as usual.
+ * The UploadService client of the SDK: records read from a `.dppa` file are sent as the bytes they were read as,
+ * not encoded anew. See docs/design/uploads.md.
  */
 import { makeGenericClientConstructor } from '@grpc/grpc-js';
 import { UploadRequest, type UploadServiceClient, UploadServiceService } from '../../proto/gen/dppa/v1/upload.js';

@@ -1,24 +1,8 @@
 /**
- * An evaluation harness for the federated DPA search (docs/dpa.md): scores one
- * checkpoint folder with EleutherAI's lm-evaluation-harness (`lm_eval`, which
- * runs the model with Hugging Face transformers or vLLM) and prints the scores
- * as one JSON line, `{"task": score, ...}`, the last line of its stdout.
+ * An evaluation harness for the federated DPA search: scores a checkpoint folder with lm-evaluation-harness and
+ * prints `{"task": score, ...}` as the last line of stdout. Settings (LM_EVAL_*): docs/design/examples.md.
  *
  *   LM_EVAL_TASKS=my_gsm8k_val dppa push ... --eval-cmd 'npx tsx docs/examples/eval-harness.ts {model}'
- *
- * Settings, from the environment:
- *   LM_EVAL_TASKS       comma-separated lm-eval tasks (required). Use tasks on a validation split:
- *                       the search must not see the test split it will be judged on.
- *   LM_EVAL_MODEL       lm-eval model type: hf (default) or vllm
- *   LM_EVAL_ARGS        extra model_args, e.g. "dtype=bfloat16" or "tensor_parallel_size=2,gpu_memory_utilization=0.8"
- *   LM_EVAL_METRIC      the metric reported per task, e.g. "exact_match,strict-match"
- *                       (default: "acc,none" when the task has it, else its first metric)
- *   LM_EVAL_LIMIT       at most this many examples per task (faster, noisier)
- *   LM_EVAL_BATCH_SIZE  default "auto"
- *   LM_EVAL_CMD         the lm_eval executable and any leading arguments, split at spaces (default "lm_eval")
- *
- * lm_eval's own output goes to stderr, so that the JSON line is the last line of stdout. The candidate's
- * kind and factors are in DPPA_CANDIDATE_KIND and DPPA_FACTORS, should a harness want them (e.g. in a log).
  */
 import { spawn } from 'node:child_process';
 import { mkdtemp, readdir, readFile, rm, stat } from 'node:fs/promises';

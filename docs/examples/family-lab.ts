@@ -1,14 +1,6 @@
 /**
- * What `npm run demo` and `npm run repro` share: the tiny model family of
- * test/fixtures/family (docs/model-family.md), pruned deltas held in memory,
- * merges computed in-process the way the server merges, scoring with the
- * server's ONNX evaluator, and the paper's Domain-Ratio tables.
- *
- * Every candidate is scored exactly as the server's DPA search scores it: its
- * weights are `base + Σ_i Σ_p f_ip · Δ_ip`, summed in fp32 entry by entry and
- * rounded to BF16 as a merged checkpoint holds them, and `OnnxEvaluator` runs
- * `model.onnx` with the `exact_match` metric (greedy decoding of the answer's
- * length) on the chosen split.
+ * What `npm run demo` and `npm run repro` share: the tiny model family, in-memory pruned deltas, merges and scores
+ * computed exactly as the server computes them, and the Domain-Ratio tables. See docs/design/examples.md.
  */
 import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';

@@ -1,18 +1,6 @@
 /**
- * `npm run demo`: the whole federated merge on the embedded model family (test/fixtures/family, a tiny trained
- * LLaMA-architecture base and its math, finance and law fine-tunes; docs/model-family.md), on one machine, with no
- * outside service, then DPPA beside its baselines:
- *
- * 1. scores the three fine-tunes on their test splits (the denominators of every Domain-Ratio);
- * 2. starts an aggregation server in this process;
- * 3. creates a job: DP at rate 0.9, DPA factors searched on the server with the ONNX evaluator on each party's
- *    validation split;
- * 4. runs the three parties as separate `dppa push` processes, each pruning its own delta and uploading it over gRPC;
- * 5. follows the search and the merge, pulls the merged checkpoint;
- * 6. builds the baselines locally with the SDK, without the server: DARE and magnitude at 0.9, DP (the parties'
- *    own deltas, factors 1) and the plain sum of the dense deltas;
- * 7. scores every merged model on the test splits and ends with one table: each domain's Domain-Ratio per merge
- *    and the bytes its party uploaded against its dense delta; writes the same to OUT_DIR/results.json.
+ * `npm run demo`: the whole federated merge on the embedded model family on one machine, then DPPA beside its
+ * baselines in one Domain-Ratio table. Steps: docs/design/examples.md.
  *
  *   npm run demo [-- OUT_DIR]        (default dppa-demo/, which git ignores)
  */

@@ -1,12 +1,8 @@
 /**
- * Follows one job's events on NATS JetStream until it merges, as a
- * deployment pipeline waiting for a merged checkpoint would (docs/events.md).
- * The server must run with `dppa serve --nats URL`.
+ * Follows one job's events on NATS JetStream until it merges (exit 0) or fails (exit 1); the server must run with
+ * `dppa serve --nats URL`. See docs/design/examples.md.
  *
  *   npx tsx docs/examples/nats-wait-merged.ts nats://127.0.0.1:4222 JOB_ID
- *
- * Prints each event as it comes (the recorded ones first), then exits 0 with
- * the merged files on `merged`, or 1 with the reason on `failed`.
  */
 import { jetstream } from '@nats-io/jetstream';
 import { connect } from '@nats-io/transport-node';

@@ -1,8 +1,6 @@
 /**
- * Pruning on one machine, without a server: generate a small LLaMA-shaped base
- * and a fine-tuned copy, prune the fine-tuned delta with DP and with the
- * magnitude baseline at 90%, show what each kept, plot DP's per-layer rates,
- * and apply the DP delta back onto the base.
+ * Pruning on one machine, without a server: DP and magnitude at 90% on a generated LLaMA-shaped pair, a rate plot,
+ * and the DP delta applied back. See docs/design/examples.md.
  *
  *   npx tsx docs/examples/prune-demo.ts [OUT_DIR]      (default ./dppa-prune-demo, replaced)
  */

@@ -1,19 +1,6 @@
 /**
- * `npm run repro`: the DPPA paper's tables and its rate plot, reproduced on the embedded model family
- * (test/fixtures/family, docs/model-family.md), written to docs/results.md and docs/results-rate.svg.
- *
- * Everything runs in this process with the library itself (no server, no gRPC): the client's pruning
- * (`pruneToFile`: DP, magnitude, OWL, DARE), the server's DPA factor search (`searchFactors` from
- * proto/algorithm/factor-search.ts, with the server's default settings) scoring candidates on the validation splits,
- * and the server's ONNX evaluator (`exact_match`) for every score. Candidates and merges are formed as the server
- * forms them: `base + Σ_i Σ_p f_ip·Δ_ip` summed in fp32 and rounded to BF16 (docs/examples/family-lab.ts).
- * Reports use the test splits; every Domain-Ratio divides by the domain's own dense fine-tune on the same split.
- *
- * As in the paper:
- * - Tables 1-3 prune ONE fine-tune and score it on its own domain (no merge);
- * - Tables 5 and 6 merge three (math, finance, law) and two (math, finance) pruned fine-tunes into the base;
- * - DPPA's factors are searched per party on that party's own pruned delta (what the server does), then merged;
- * - DARE + DPA searches factors downwards from 1 (DARE already rescales by 1/(1−p)).
+ * `npm run repro`: the DPPA paper's tables and rate plot, reproduced in-process on the embedded model family and
+ * written to docs/results.md and docs/results-rate.svg. What runs and how: docs/design/examples.md.
  *
  *   npm run repro [-- --out docs/results.md --svg docs/results-rate.svg]
  */

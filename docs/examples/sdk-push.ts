@@ -1,14 +1,8 @@
 /**
- * The client SDK end to end against a running aggregation server: the admin
- * creates a job for two parties, each party pushes its delta (pruned on the
- * fly from its two checkpoints), the admin watches the job until it merges and
- * pulls the merged checkpoint.
+ * The client SDK end to end against a running server: create a job, push two parties' deltas, watch, pull.
+ * Arguments: docs/design/examples.md.
  *
  *   DPPA_ADMIN_TOKEN=… npx tsx docs/examples/sdk-push.ts HOST:PORT SERVER_BASE_DIR BASE_DIR FT_MATH_DIR FT_LAW_DIR [OUT_DIR]
- *
- * SERVER_BASE_DIR is the base checkpoint's folder on the server's disk;
- * BASE_DIR is the parties' own copy of the same base. In real use each party
- * runs its push on its own machine with its own token.
  */
 import { DppaClient, JobState, jobStateName, type DppaClientOptions } from '../../client/index.js';
 

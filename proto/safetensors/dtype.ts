@@ -1,21 +1,6 @@
 /**
- * Element types of safetensors checkpoints and conversions between them.
- *
- * These conversions run on whole tensors of tens of millions of elements, so
- * they work on integer views (`Uint16Array`/`Int32Array`) of the same memory
- * and never allocate per element.
- *
- * **Little-endian hosts only.** safetensors stores data little-endian and the
- * typed-array views used here read memory in host order; every platform Node
- * ships for (x64, arm64) is little-endian, and this module refuses to load on
- * any other so that it can never silently byte-swap weights.
- *
- * Widening conversions (BF16/F16 → F32) are exact, NaN payloads included.
- * Narrowing conversions (F32 → BF16/F16) round to nearest, ties to even; a NaN
- * stays a NaN of the same sign with the quiet bit set (so a payload whose
- * kept bits are all zero cannot turn into an infinity); infinities stay
- * infinities; F16 results below 2^-14 become subnormals and values at or
- * above 65520 become infinities, as IEEE 754 rounding requires.
+ * Element types of safetensors checkpoints and conversions between them, on integer views without per-element
+ * allocation; little-endian hosts only. Rounding rules: docs/design/safetensors.md.
  */
 
 if (new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) {

@@ -1,8 +1,6 @@
 /**
- * The safetensors file header: an 8-byte little-endian length N, then N bytes
- * of JSON mapping tensor names to `{dtype, shape, data_offsets}` (offsets
- * relative to the first byte after the header), plus an optional
- * `__metadata__` string map.
+ * The safetensors file header: a little-endian length, then JSON giving each tensor's dtype, shape and offsets.
+ * See docs/design/safetensors.md.
  */
 
 import type { FileHandle } from 'node:fs/promises';

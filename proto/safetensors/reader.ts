@@ -1,9 +1,6 @@
 /**
- * Reading safetensors checkpoints, one tensor at a time, by offset.
- *
- * Only headers are read when a checkpoint is opened; tensor data is read on
- * demand with positional reads on file handles kept open per shard, so a
- * 14 GB checkpoint costs a few kilobytes of memory until a tensor is asked for.
+ * Reading safetensors checkpoints, one tensor at a time, by offset; opening reads only the headers.
+ * See docs/design/safetensors.md.
  */
 
 import { open, stat, type FileHandle } from 'node:fs/promises';

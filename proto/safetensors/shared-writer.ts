@@ -1,14 +1,6 @@
 /**
- * A checkpoint written by several processes at once: one of them lays the
- * output out (every weight file with its header and size, the shard index,
- * the extra files) in a temporary folder, then any process opens that folder
- * and writes tensors at their offsets, in any order, each made durable before
- * the call returns; finally one process renames the folder into place.
- *
- * Unlike {@link CheckpointWriter}, nothing is remembered between processes:
- * the caller tracks which tensors are written (e.g. in a shared database) and
- * commits only once all are. Writing a tensor twice writes the same bytes at
- * the same place, so a redelivered task is harmless.
+ * A checkpoint written by several processes at once: one lays the output out, any writes tensors at their offsets,
+ * one renames it into place; the caller tracks which tensors are written. See docs/design/safetensors.md.
  */
 
 import { randomBytes } from 'node:crypto';

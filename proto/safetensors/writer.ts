@@ -1,10 +1,6 @@
 /**
- * Writing safetensors checkpoints atomically.
- *
- * Every header is computed from the layout before any data arrives, so
- * tensors can be written in any order with positional writes. Everything
- * goes to a temporary sibling folder that is renamed over the destination
- * only once complete and fsynced: a reader never sees half a checkpoint.
+ * Writing safetensors checkpoints atomically: tensors in any order into a temporary sibling folder, renamed into
+ * place once complete and fsynced. See docs/design/safetensors.md.
  */
 
 import { randomBytes } from 'node:crypto';

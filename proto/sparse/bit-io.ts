@@ -1,9 +1,6 @@
 /**
- * Most-significant-bit-first bit streams over byte buffers, the carrier of the
- * Golomb-coded position gaps.
- *
- * Both sides keep their pending bits in one 32-bit integer so every operation
- * is a handful of int32 instructions; nothing is allocated per call.
+ * Most-significant-bit-first bit streams over byte buffers, the carrier of the Golomb-coded position gaps; nothing
+ * is allocated per call. See docs/design/position-coding.md.
  */
 
 /** Widest field {@link BitWriter.write} and {@link BitReader.read} take in one call. */

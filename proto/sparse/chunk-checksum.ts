@@ -1,10 +1,6 @@
 /**
- * The CRC-32C of a sparse chunk and of a tensor's chunk list.
- *
- * The covered bytes are specified in docs/formats.md ("Chunk checksum") so
- * that other implementations can compute the same value; they are spelled out
- * rather than taken from the protobuf encoding, which is not canonical (field
- * order and default-value omission may differ between encoders).
+ * The CRC-32C of a sparse chunk and of a tensor's chunk list, over bytes specified in docs/formats.md ("Chunk
+ * checksum") rather than the protobuf encoding. See docs/design/sparse-chunks.md.
  */
 import { crc32c } from '@node-rs/crc32';
 import type { SparseChunk } from '../gen/dppa/v1/sparse.js';

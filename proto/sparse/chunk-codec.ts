@@ -1,11 +1,6 @@
 /**
- * Encoding and decoding of sparse chunks: the kept entries of one tensor and
- * one partition, split into pieces that are each checksummed and decodable
- * alone, so a receiver can verify and apply them as they arrive and a resumed
- * upload loses at most one chunk.
- *
- * Only the kept entries are ever materialised: nothing here allocates in
- * proportion to the tensor's size, which may exceed 2^32 elements.
+ * Encoding and decoding of sparse chunks: the kept entries of one tensor and partition, in pieces each checksummed
+ * and decodable alone, allocating only for kept entries. See docs/design/sparse-chunks.md.
  */
 import { PositionCoding, ValueDtype, type SparseChunk } from '../gen/dppa/v1/sparse.js';
 import { ChecksumError, FormatError, TruncatedError } from '../errors.js';

@@ -1,10 +1,6 @@
 /**
- * The fast Golomb gap decoder, for parameters up to 2^24: the next 16 bits of
- * the stream look up a whole codeword (its gap and length) in a table built
- * once per parameter, which replaces counting the unary part and reading the
- * remainder; a codeword longer than 16 bits (a rare long gap) is read bit by
- * bit. About 2–3× the speed of reading every codeword bit by bit, which the
- * merge spends most of its decoding time on. Same contract as `decodeGaps`.
+ * The fast Golomb gap decoder, for parameters up to 2^24: a table lookup per codeword instead of bit by bit.
+ * Same contract as `decodeGaps`. See docs/design/position-coding.md.
  */
 import type { GapDecodeStatus } from './golomb.js';
 

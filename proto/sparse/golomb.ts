@@ -1,15 +1,6 @@
 /**
- * Golomb coding of the gaps between successive kept positions.
- *
- * Kept entries of a pruned tensor are close to a Bernoulli mask, whose gaps
- * are geometric; for a geometric source the Golomb code with the right
- * parameter is the optimal prefix code, within a few percent of the entropy.
- * A gap g ≥ 1 is coded as g − 1 = q·m + r: q in unary (q one bits, then a
- * zero), r in truncated binary.
- *
- * Positions are doubles: tensors can exceed 2^32 elements, so quotients and
- * positions use exact number arithmetic (below 2^53) and never 32-bit bit
- * operations; only the remainder, below m ≤ 2^31, goes through int32 code.
+ * Golomb coding of the gaps between successive kept positions, exact for tensors beyond 2^32 elements.
+ * See docs/design/position-coding.md.
  */
 import { BitReader, BitWriter } from './bit-io.js';
 import { decodeGapsFast, FAST_MAX_REMAINDER_BITS } from './golomb-fast.js';

@@ -1,10 +1,6 @@
 /**
- * The protobuf bytes a DeltaRecord was decoded from, kept beside it, so that
- * the record can be written or sent again as it came instead of being encoded
- * anew (encoding copies every byte once more and makes garbage). The server
- * spools received chunks this way (server/uploads/received-record.ts); the SDK
- * uploads the records of a `.dppa` file this way (client/sdk/upload-client.ts).
- * Only for records nothing modifies once decoded: the bytes are not updated.
+ * A DeltaRecord kept with the protobuf bytes it was decoded from, so it can be written or sent again as it came
+ * instead of encoded anew. See docs/design/sparse-chunks.md.
  */
 import { BinaryWriter, WireType } from '@bufbuild/protobuf/wire';
 import type { DeltaRecord } from '../gen/dppa/v1/sparse.js';

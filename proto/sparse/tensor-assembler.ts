@@ -1,7 +1,6 @@
 /**
- * The receiving side of a tensor's records: checks their order and
- * consistency and decodes the chunks, so that a tensor is accepted only once
- * all of it has arrived intact.
+ * The receiving side of a tensor's records: checks their order and consistency and decodes the chunks, so that a
+ * tensor is accepted only once all of it has arrived intact. See docs/design/sparse-chunks.md.
  */
 import type { DeltaRecord, SparseChunk, TensorBegin, TensorEnd } from '../gen/dppa/v1/sparse.js';
 import { FormatError } from '../errors.js';

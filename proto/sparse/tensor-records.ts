@@ -1,10 +1,6 @@
 /**
- * The record sequence of one tensor: `TensorBegin`, the chunks of every
- * partition in increasing partition order, `TensorEnd`. The end record
- * repeats what was sent (chunk count, entries per partition, CRC of the chunk
- * CRCs), so a receiver knows a tensor is complete and intact before it
- * accepts it, even if the stream was cut or reordered in between (the
- * receiving side is tensor-assembler.ts).
+ * The record sequence of one tensor: `TensorBegin`, the chunks in partition order, and `TensorEnd` repeating what
+ * was sent so a receiver knows the tensor is complete. See docs/design/sparse-chunks.md.
  */
 import type { DeltaRecord, TensorBegin, TensorEnd, ValueDtype } from '../gen/dppa/v1/sparse.js';
 import { foldChunkCrc } from './chunk-checksum.js';

@@ -1,9 +1,6 @@
 /**
- * Finding a stored value that is not a finite number of bounded magnitude,
- * on the stored bytes themselves: for each storage dtype the magnitude bits
- * (all but the sign) of IEEE-style floats order like the magnitudes, and NaN
- * and ±Inf lie above every finite value, so one integer comparison per value
- * checks finiteness and bound at once, without widening anything to fp32.
+ * Finds a stored value that is not finite or exceeds a bound, by one integer comparison on the stored bytes per
+ * value. See docs/design/sparse-chunks.md.
  */
 import { bytesPerElement, decodeToF32, type Dtype } from '../safetensors/dtype.js';
 

@@ -1,7 +1,6 @@
 /**
- * The precisions in which kept delta values travel, mapped onto the
- * safetensors dtype conversions so that a value is rounded the same way
- * whether it ends up in a chunk or in a checkpoint.
+ * The precisions in which kept delta values travel, rounded by the same conversions as checkpoints.
+ * See docs/design/sparse-chunks.md.
  */
 import { ValueDtype } from '../gen/dppa/v1/sparse.js';
 import { bytesPerElement, decodeToF32, encodeFromF32, type Dtype } from '../safetensors/dtype.js';

@@ -1,13 +1,6 @@
 /**
- * Candidates of a job's DPA search scored on the server with the ONNX
- * evaluator (docs/onnx-evaluator.md), for the parties whose evaluator is ONNX.
- *
- * An amplified candidate's weights are `base + Σ_p f_p · Δ_p` of the party's
- * spooled delta, tensor by tensor, with the merge's own tensor code (weight 1),
- * rounded to the base's dtype as a merged checkpoint holds them; the dense
- * reference's weights are read from the party's fine-tuned checkpoint. Both are
- * read one tensor at a time with awaits in between, so the event loop is only
- * held by ONNX Runtime's forward passes.
+ * Candidates of a job's DPA search scored on the server with the ONNX evaluator, for the parties whose evaluator is
+ * ONNX: weights built tensor by tensor from the spooled delta. See docs/design/onnx-evaluator.md.
  */
 import { FormatError } from '../../proto/errors.js';
 import { decodeToF32, encodeFromF32 } from '../../proto/safetensors/dtype.js';

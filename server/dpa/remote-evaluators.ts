@@ -1,15 +1,6 @@
 /**
- * The broker between the DPA searches and the parties' evaluation streams
- * (EvaluationService, federated evaluation): a party's search asks for a
- * candidate's scores, the request goes to the party's stream when one is
- * open and waits for one otherwise.
- *
- * A search is sequential, so each party has at most one request outstanding.
- * A party that drops its stream keeps its request: it is sent again, with the
- * same request_id, when the party reconnects, so that a result computed while
- * disconnected still answers it. While a request waits for a party that is
- * not connected a timer runs (the job's `party_timeout_seconds`); if it fires
- * the request fails with {@link PartyTimeoutError}, and the search with it.
+ * The broker between the DPA searches and the parties' evaluation streams: one outstanding request per party, kept
+ * across reconnections and timed out by `party_timeout_seconds`. See docs/design/federated-evaluation.md.
  */
 import { randomBytes } from 'node:crypto';
 import { CandidateKind, type EvaluationRequest, type EvaluationResult } from '../../proto/gen/dppa/v1/evaluation.js';

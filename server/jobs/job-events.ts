@@ -1,15 +1,6 @@
 /**
- * Job events: the {@link JobEvents} interface the rest of the server uses,
- * and its embedded implementation, {@link FileJobEvents}: the event log of
- * each job in `jobs/<id>/events.jsonl`, one `JobEvent` (proto JSON) per line,
- * kept in memory too so that WatchJob can replay it, and the live
- * subscriptions of watchers. (With `--cluster`, cluster/stream-job-events.ts
- * keeps them in the JetStream stream instead, shared by every replica.)
- *
- * Progress events are not fsynced one by one (they are many and cheap to
- * lose); a crash may drop the last few lines, and a torn last line is dropped
- * when the log is read back (an append cut short by a full disk is taken back
- * at once).
+ * Job events: the {@link JobEvents} interface and its embedded implementation, {@link FileJobEvents}, a log per job
+ * in `jobs/<id>/events.jsonl` replayed to watchers. See docs/design/events.md.
  */
 import { open, readFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';

@@ -1,13 +1,6 @@
 /**
- * Where jobs are kept: the {@link JobStore} interface the rest of the server
- * uses, and its embedded implementation, {@link LocalJobStore}: one
- * `jobs/<id>/job.json` per job, rewritten atomically on every change, and the
- * in-memory copy every request reads. (With `--cluster`, cluster/kv-job-store.ts
- * keeps them in a JetStream KV bucket instead.)
- *
- * `job.json` holds a job's settings, state, the DPA search's evaluations and
- * chosen factors, and the merge result. Upload progress is not in it: the
- * spool folders are the truth for that (uploads/spool.ts).
+ * Where jobs are kept: the {@link JobStore} interface and its embedded implementation, {@link LocalJobStore}, one
+ * atomically rewritten `jobs/<id>/job.json` per job. See docs/design/jobs.md.
  */
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';

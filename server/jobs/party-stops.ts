@@ -1,21 +1,6 @@
 /**
- * Stopping one party's work instead of failing its job: what goes wrong with
- * one party's data or evaluations is that party's to fix, and every other
- * party's uploads and evaluations are kept.
- *
- * - A spooled tensor found unusable at merge or in an ONNX search (damaged
- *   on disk, gone) sends its party back to collecting: the tensor is dropped
- *   first, then the job moves to COLLECTING, so that no replica ever sees the
- *   job collecting with that upload still complete (it would move the job on
- *   and find the damage again). A crash in between leaves a job whose merge
- *   finds the tensor missing, which sends the party back the same way
- *   (jobs/job-runner.ts `mergeParties`). Only the send-back that moves the
- *   job transitions and announces it. The party's push sends it again.
- * - A party whose evaluations keep failing has its search stopped (the job
- *   stays in DPA); `dppa evaluate` resumes it (rpc/evaluation-service.ts).
- *
- * Either way the party's `stopped_reason` says why and a `party_stopped`
- * event announces it.
+ * Stopping one party's work instead of failing its job: a damaged spooled tensor sends the party back to
+ * collecting, failing evaluations stop its search; other parties' work is kept. See docs/design/jobs.md.
  */
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import type { SpooledTensorError } from '../merge/tensor-merge.js';

@@ -1,8 +1,6 @@
 /**
- * Jobs paused by a storage failure (a full disk, an I/O error) instead of
- * failed: why, since when, and when each is tried again — with backoff, and a
- * job waiting for room only once the disk has it. Kept in memory: a server
- * that restarts tries every unfinished job again anyway.
+ * Jobs paused by a storage failure (a full disk, an I/O error) instead of failed, and when each is tried again.
+ * Kept in memory. See docs/design/jobs.md.
  */
 import type { Pause } from '../../proto/gen/dppa/v1/jobs.js';
 import { DiskFullError, type StorageUnavailableError } from '../errors.js';

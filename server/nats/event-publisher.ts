@@ -1,27 +1,6 @@
 /**
- * The NATS outbox: publishes every job event to JetStream (stream
- * `DPPA_EVENTS`, subject `dppa.jobs.<jobId>.<kind>`, see subjects.ts and
- * docs/events.md) without ever making an RPC wait for NATS.
- *
- * The job's event log stays the source of truth. The outbox keeps no copy
- * of the events, only, per job, the last event written to the log and the
- * last one JetStream acknowledged; it reads the events in between from the
- * log (in memory, read back from `events.jsonl` at start). So its memory is
- * bounded by the number of jobs, however long NATS stays away.
- *
- * Exactly once, in order: one loop publishes the events of a job one after
- * the other, each awaiting its acknowledgement, each with `Nats-Msg-Id:
- * <jobId>-<seq>` so that JetStream drops a retry whose first attempt was
- * stored after all. After a failed publish, and for every job with events
- * left over at start, it first asks the stream for the job's last message
- * and continues after it, so nothing is published twice even when NATS was
- * away for longer than the stream's duplicate window. The last sequence
- * number acknowledged is saved per job in `jobs/<id>/nats-published.json`
- * (at most once a second while a job is busy, at once after its final
- * event, and at stop), so that a restart publishes only what was missed.
- *
- * When NATS goes away the loop waits for the client's reconnection (retrying
- * with exponential backoff meanwhile); events pile up in the log only.
+ * The NATS outbox: publishes every job event to JetStream exactly once and in order, reading from the job's event
+ * log, without ever making an RPC wait for NATS. See docs/design/events.md.
  */
 import { readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';

@@ -1,12 +1,6 @@
 /**
- * Names the server uses on NATS, in one place: the JetStream stream of job
- * events, its subjects and its limits, and the subject and message id of each
- * event. docs/events.md documents them for subscribers; change both together.
- *
- * Subject of an event: `dppa.jobs.<jobId>.<kind>`, `kind` being the snake_case
- * name of the `JobEvent` field that is set (`party_joined`, …, `failed`).
- * Job ids are base64url (`[A-Za-z0-9_-]`), so they are always one valid
- * subject token.
+ * Names the server uses on NATS, in one place: the job events' stream, subjects, limits and message ids.
+ * docs/events.md documents them for subscribers; change both together. See docs/design/events.md.
  */
 import type { JobEvent } from '../../proto/gen/dppa/v1/jobs.js';
 

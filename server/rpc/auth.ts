@@ -1,8 +1,6 @@
 /**
- * Bearer tokens: `authorization: Bearer <token>` metadata, checked against the
- * admin token and the parties' token hashes. Party tokens are stored only as
- * SHA-256 hashes, and every comparison is constant-time over all candidates,
- * so timing reveals neither a token nor which party one belongs to.
+ * Bearer tokens: `authorization: Bearer <token>` checked against the admin token and the parties' token hashes, in
+ * constant time over all candidates. See docs/design/rpc.md.
  */
 import { timingSafeEqual } from 'node:crypto';
 import type { Metadata } from '@grpc/grpc-js';

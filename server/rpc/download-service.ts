@@ -1,8 +1,6 @@
 /**
- * DownloadService: the merged checkpoint of a MERGED job, file by file, in
- * checksummed chunks of at most 1 MiB, from any offset (to resume).
- * Only files recorded in the job can be named, so no path reaches the disk
- * unchecked.
+ * DownloadService: the merged checkpoint of a MERGED job, file by file, in checksummed chunks from any offset; only
+ * files recorded in the job can be named. See docs/design/rpc.md.
  */
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';

@@ -1,11 +1,6 @@
 /**
- * EvaluationService: the stream over which a party scores the candidates of
- * its DPA search on its own machine (federated evaluation). The party's token
- * decides which stream it may open (its own, one at a time); the requests come
- * from the broker (dpa/remote-evaluators.ts), which re-sends an unanswered one
- * when the party reconnects. The stream ends, with OK, when the party's search
- * is over, and with FAILED_PRECONDITION when it stopped (its evaluation
- * failed); a party whose search stopped resumes it by opening a new stream.
+ * EvaluationService: the stream over which a party scores the candidates of its DPA search on its own machine.
+ * See docs/design/federated-evaluation.md.
  */
 import type { EvaluationReply, EvaluationRequest, EvaluationServiceServer } from '../../proto/gen/dppa/v1/evaluation.js';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';

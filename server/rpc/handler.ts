@@ -1,8 +1,6 @@
 /**
- * The one wrapper every RPC handler goes through: it links the call's
- * cancellation, its deadline and the server's shutdown into one AbortSignal
- * passed down, maps whatever the handler throws to a status (status.ts), and
- * records the call's metrics. Handlers are plain async functions.
+ * The one wrapper every RPC handler goes through: one AbortSignal for cancellation, deadline and shutdown, errors
+ * mapped to statuses, metrics recorded. See docs/design/rpc.md.
  */
 import { once } from 'node:events';
 import {

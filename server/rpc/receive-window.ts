@@ -1,20 +1,6 @@
 /**
- * The HTTP/2 receive window of the server's connections.
- *
- * Node's HTTP/2 opens every connection and every stream with the protocol's
- * default window of 64 KiB: a client may have 64 KiB in flight before it waits
- * for a WINDOW_UPDATE. On an upload of hundreds of megabytes that ping-pong,
- * not the network, sets the pace (measured here: a grpc-js client-streaming
- * call reached about twice the throughput with a 4 MiB window). Both windows
- * must grow: the connection's (`setLocalWindowSize`) and each stream's
- * (SETTINGS_INITIAL_WINDOW_SIZE); either alone changes nothing.
- *
- * grpc-js 1.14 has no server option for it: its client honours
- * `grpc-node.flow_control_window`, its server does not yet (grpc/grpc-node
- * pull request 3058 would add it). Until then this reaches the HTTP/2 servers
- * grpc-js keeps in its private `http2Servers` map. If a grpc-js upgrade
- * removes that map the server still works, with the 64 KiB window, and says
- * so in its log; test/server-receive-window.test.ts fails on such an upgrade.
+ * Grows the HTTP/2 receive window of the server's connections and streams beyond the default 64 KiB, which grpc-js
+ * 1.14 offers no server option for. See docs/design/uploads.md.
  */
 import type { Http2Server, ServerHttp2Session } from 'node:http2';
 import type { Server } from '@grpc/grpc-js';

@@ -1,8 +1,5 @@
 /**
- * gRPC server reflection, so that tools such as grpcurl can list and call
- * the services without the .proto files. The schema is loaded from the
- * repository's proto/ folder, found relative to this module both in the
- * sources (server/rpc/) and in the build (dist/server/rpc/).
+ * gRPC server reflection (for grpcurl and the like), from the repository's proto/ folder. See docs/design/rpc.md.
  */
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';

@@ -1,10 +1,6 @@
 /**
- * The one place where errors become gRPC statuses. Handlers throw; the
- * wrapper in handler.ts calls {@link toStatus}. File system failures that
- * are no fault of the caller's (disk full, I/O errors) become their typed
- * errors here (`storageError`), logged as warnings. Unknown errors become
- * INTERNAL with a generic message and a reference; their text goes to the
- * log only, never to the caller.
+ * The one place where errors become gRPC statuses ({@link toStatus}); unknown errors become INTERNAL, their text
+ * logged, never sent. See docs/design/errors.md.
  */
 import { randomBytes } from 'node:crypto';
 import { status as Code } from '@grpc/grpc-js';

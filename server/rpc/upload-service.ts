@@ -1,10 +1,6 @@
 /**
- * UploadService: the party's token decides which upload a call may touch;
- * the stream itself is handled by uploads/upload-session.ts.
- *
- * With replicas sharing the data folder, a party's upload may have started
- * on another replica: the party's spool is read again before its state is
- * answered and before its stream is taken in (by the upload session).
+ * UploadService: the party's token decides which upload a call may touch; the stream itself is handled by
+ * uploads/upload-session.ts. See docs/design/uploads.md.
  */
 import type { UploadServiceServer } from '../../proto/gen/dppa/v1/upload.js';
 import { receiveUpload, uploadState, type UploadDeps } from '../uploads/upload-session.js';

@@ -1,16 +1,6 @@
 /**
- * The bytes of each uploaded DeltaRecord as the party encoded them, so that the
- * spool writes a received chunk as it came instead of encoding it again
- * (which, with the copy and the garbage it makes, cost the receiving thread
- * about as much as checking the chunk's CRC). The bytes kept are a view of
- * the message grpc-js hands over, memory that nothing reuses (Node allocates
- * every network read anew), so they stay valid while the spool buffers them;
- * the merge checks every chunk's CRC-32C again when it reads the spool.
- *
- * A message that does not decode is handed over as an empty request that
- * {@link undecodable} recognises, so that the upload session fails the call
- * itself (INVALID_ARGUMENT, after releasing the party's upload slot) instead
- * of grpc-js answering INTERNAL while the session still holds the slot.
+ * Keeps each uploaded DeltaRecord's bytes as the party encoded them, so the spool writes chunks as they came, and
+ * marks an undecodable message for the session to refuse. See docs/design/uploads.md.
  */
 import type { DeltaRecord } from '../../proto/gen/dppa/v1/sparse.js';
 import { UploadRequest, UploadServiceService } from '../../proto/gen/dppa/v1/upload.js';

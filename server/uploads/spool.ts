@@ -1,25 +1,6 @@
 /**
- * Uploads on disk, per job and party: `jobs/<id>/uploads/<party>/`
- *
- * - `header.json`: the party's DeltaHeader (proto JSON), written atomically
- *   when its first header is accepted;
- * - `<n>.dppa`: tensor `n` of the header's plan, once received completely: a
- *   one-tensor `.dppa` file (a header planning just that tensor, its records,
- *   the end marker), readable by every `.dppa` tool;
- * - `discarded.json`: once the job has merged, the tensors that were held
- *   (name, index, size), written before their files are deleted: the job
- *   still shows what each party uploaded, and the disk gets its space back.
- *
- * A tensor is written under a temporary name while its records arrive and
- * renamed to `<n>.dppa` only after its end record validated, so a crash never
- * leaves a partial tensor under a final name; temporary files are deleted when
- * the server starts. The files are the truth about what a party has sent.
- *
- * With `--cluster` the data folder is shared by the replicas (`shared`): a
- * party's tensors may arrive on any of them, so a spool is read again from
- * its folder (`refreshJob`) before it is relied on, and a replica that starts
- * leaves other replicas' temporary files alone, deleting only those untouched
- * for {@link STALE_TEMP_MS}.
+ * Uploads on disk, per job and party (`jobs/<id>/uploads/<party>/`): the header, one `.dppa` file per completed
+ * tensor, and what was discarded after the merge. See docs/design/spool.md.
  */
 import { mkdir, readdir, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';

@@ -1,9 +1,6 @@
 /**
- * What an upload checks of a tensor's content beyond the record structure
- * that TensorAssembler checks (order, counts, CRCs, positions increasing and
- * inside the tensor): every value finite and within the job's bound, the
- * chunks' precision the header's, partitions fitting the tensor's kind, and
- * no position kept in two partitions.
+ * What an upload checks of a tensor's content beyond its record structure: values finite and bounded, precision,
+ * partitions, no position kept twice. See docs/design/uploads.md.
  */
 import { FormatError } from '../../proto/errors.js';
 import { TensorKind, type DeltaHeader, type SparseChunk, type TensorEnd, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';

@@ -1,24 +1,6 @@
 /**
- * Receiving one upload stream: an UploadOpen, a DeltaHeader, then per tensor
- * its begin, chunks and end. Every record is checked as it arrives
- * (TensorAssembler) and written straight to the party's spool, so memory
- * holds one record whatever the model's size, and the stream is read only as
- * fast as the disk takes it. A completed tensor's file is closed (fsync,
- * rename into place) while the next tensors arrive, a few at a time; the
- * upload's state is reported only once every one of them is closed. Each
- * chunk is decoded as it arrives (TensorAssembler in `stream` mode, into
- * reused arrays) and its content checked (tensor-check.ts: values within the
- * job's bound, no position in two partitions), so that a tensor is accepted
- * only if the merge can take it as it is; docs/server.md lists every rule.
- *
- * A bad record fails the call and changes nothing: the tensor it belongs to is
- * discarded (its temporary spool file removed), tensors completed before it
- * stay. The party's upload slot is released before the call's status is sent.
- *
- * One stream per party at a time: a newer stream of the party (the same
- * token) takes the slot over, ending the one that holds it with ABORTED,
- * since the stream found open is most often one whose client froze, vanished
- * or is retrying after a failure it saw before the server did.
+ * Receiving one upload stream (UploadOpen, DeltaHeader, then each tensor's records), checked record by record and
+ * written straight to the party's spool; one stream per party, a newer one takes over. See docs/design/uploads.md.
  */
 import type { DeltaFileWriter } from '../../proto/sparse/index.js';
 import { TensorAssembler } from '../../proto/sparse/index.js';

@@ -1,19 +1,6 @@
 /**
- * Scores a causal language model on a task, given only a forward pass
- * (token ids → logits); independent of ONNX Runtime so it can be checked alone.
- *
- * Both metrics need one forward pass per batch over `context + answer[0 … a−2]`
- * (teacher forcing): the last `a` positions predict the `a` answer tokens.
- * - `log_likelihood`: the mean log-probability of the answer tokens.
- * - `exact_match`: greedy decoding of `a` tokens reproduces the answer exactly.
- *   Greedy decoding emits the answer iff, at every step, the argmax given the
- *   answer's own prefix is the next answer token; those prefixes are exactly the
- *   teacher-forced contexts, so one pass decides it without generating token by
- *   token (the generated text is only ever compared with the answer).
- *
- * Sequences are never padded: a batch holds sequences of one length, so a
- * model needs no attention mask or position ids to score them correctly, and
- * each example's result is the same whatever the batch size.
+ * Scores a causal language model on a task (`exact_match`, `log_likelihood`) from a forward pass alone, one
+ * teacher-forced pass per batch, never padding. See docs/design/onnx-evaluator.md.
  */
 import { TaskDataError } from './errors.js';
 import type { LoadedTask, TaskExample } from './tasks.js';

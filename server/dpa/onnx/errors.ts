@@ -1,10 +1,6 @@
 /**
- * Typed errors of the ONNX evaluator.
- *
- * Each names what a person must fix: the model file and its tensor, or the
- * task file and its line. They all derive from {@link OnnxEvaluatorError}, so
- * the gRPC boundary can map the family to one status code (the evaluation
- * setup is wrong, not the server) while still logging the precise message.
+ * Typed errors of the ONNX evaluator, each naming the model tensor or task line to fix; one family, one status.
+ * See docs/design/errors.md.
  */
 
 /** Where an evaluator error was found. */

@@ -1,17 +1,6 @@
 /**
- * Which tensors of an ONNX model are checkpoint weights, and how candidate
- * values are put into the model in memory.
- *
- * Two ways, both without writing files:
- * - **inputs**: the weights become plain graph inputs (their initializers are
- *   dropped from an in-memory copy of the model) and are fed with every run,
- *   so one session serves every candidate. onnxruntime-node cannot override an
- *   initializer that is also a graph input: such inputs are missing from the
- *   session's `inputNames` and a feed for them is silently ignored. That is why
- *   the initializer itself is removed rather than relied on as a default.
- * - **rewrite**: the weights' initializers get the candidate's bytes and a
- *   session is created from the re-encoded model, one per candidate. Needed
- *   for bfloat16 weights, which ONNX Runtime's JavaScript API cannot feed.
+ * Which tensors of an ONNX model are checkpoint weights, and how candidate values get into the model in memory
+ * (as graph inputs, or by rewriting initializers). See docs/design/onnx-evaluator.md.
  */
 import { open, readFile } from 'node:fs/promises';
 import { dirname, isAbsolute, relative, resolve } from 'node:path';

@@ -1,8 +1,6 @@
 /**
- * The server-side ONNX evaluator: scores one candidate set of weights on a
- * party's validation tasks with ONNX Runtime, for models small enough to run
- * on the server. The DPA factor search turns these per-task scores into the
- * party's Domain-Ratio (`domainRatio` in proto/algorithm/domain-ratio.ts).
+ * The server-side ONNX evaluator: scores one candidate set of weights on a party's validation tasks with ONNX
+ * Runtime. Contract: docs/onnx-evaluator.md; reasons: docs/design/onnx-evaluator.md.
  */
 import * as ort from 'onnxruntime-node';
 import { f16ToF32, f32ToF16 } from '../../../proto/safetensors/dtype.js';

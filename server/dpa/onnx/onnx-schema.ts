@@ -1,9 +1,6 @@
 /**
- * The ONNX protobuf schema, as one import for this folder.
- *
- * onnx-proto is a CommonJS module whose namespace Node's ESM loader cannot see
- * as a named export (`import { onnx } from 'onnx-proto'` is undefined at run
- * time), so the value comes through the default export.
+ * The ONNX protobuf schema, as one import for this folder (through onnx-proto's default export).
+ * See docs/design/onnx-evaluator.md.
  */
 import onnxProto from 'onnx-proto';
 import type { onnx as OnnxTypes } from 'onnx-proto';

@@ -1,11 +1,6 @@
 /**
- * Validation tasks: JSONL files of prompt/answer pairs, tokenized once.
- *
- * A line is either text, `{"prompt": "...", "answer": "..."}`, encoded with the
- * tokenizer (with its `bos` put before the prompt), or token ids,
- * `{"prompt_ids": [...], "answer_ids": [...]}`, taken as they are (so put any
- * BOS id in `prompt_ids` yourself). Blank lines are skipped. Every error names
- * the file and the 1-based line.
+ * Validation tasks: JSONL files of prompt/answer pairs (text or token ids), tokenized once; errors name file and
+ * line. See docs/onnx-evaluator.md ("Tasks").
  */
 import { createReadStream } from 'node:fs';
 import { createInterface } from 'node:readline';

@@ -1,10 +1,6 @@
 /**
- * Tokenizer descriptions for the ONNX evaluator.
- *
- * Only a character-level tokenizer is built in: it is what small test and toy
- * models use, and it needs no third-party tokenizer library on the server.
- * Tasks can instead carry token ids (`prompt_ids` / `answer_ids`), so any other
- * tokenizer can be applied offline.
+ * Tokenizer descriptions for the ONNX evaluator; only a character-level tokenizer is built in.
+ * See docs/design/onnx-evaluator.md.
  */
 import { readFile } from 'node:fs/promises';
 import { TokenizerError } from './errors.js';
