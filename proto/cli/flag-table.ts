@@ -368,7 +368,7 @@ export function inFlagTermsOfPaths(err: unknown, flags: FlagTable, values: Recor
     // A missing folder of an output is that output's failure too.
     if (!under(failed, root) && !(n.role === 'output' && failed === dirname(root))) continue;
     if (n.role === 'output') return new UsageError(`${n.name}: cannot write ${n.path}: ${reason(e)}`, { cause: err });
-    if (e.code === 'ENOENT' || e.code === 'ENOTDIR') return new InputPathError(`${n.name}: ${failed === root ? n.path : e.path} does not exist`, { cause: err });
+    if (n.role === 'input' && (e.code === 'ENOENT' || e.code === 'ENOTDIR')) return new InputPathError(`${n.name}: ${failed === root ? n.path : e.path} does not exist`, { cause: err });
     return new UsageError(`${n.name}: cannot use ${failed === root ? n.path : e.path}: ${reason(e)}`, { cause: err });
   }
   return err;
