@@ -3,13 +3,16 @@
  * stops it gracefully (a second signal stops it at once). Its flags are one
  * table (proto/cli/flag-table.ts), as every `dppa` command's.
  *
- * Once both listeners are up it logs `grpc listening on HOST:PORT` and
- * `metrics listening on http://HOST:PORT/metrics`.
+ * Everything it prints once its flags are read goes through the server's
+ * logger (JSON lines on stderr; readable on a terminal), among them, once both
+ * listeners are up, `grpc listening on HOST:PORT` and `metrics listening on
+ * http://HOST:PORT/metrics` (with fields `grpc` and `metrics`).
  */
 import { resolve } from 'node:path';
-import { helpText, inFlagTermsOfPaths, InputPathError, number, parseCommand, text, toggle, UsageError, type FlagValues } from '../proto/cli/flag-table.js';
-import { optionsFromFlags } from './config.js';
+import { choice, helpText, inFlagTermsOfPaths, InputPathError, number, parseCommand, text, toggle, UsageError, type FlagValues } from '../proto/cli/flag-table.js';
+import { logLevelFrom, optionsFromFlags } from './config.js';
 import { ConfigError } from './errors.js';
+import { createLogger, LOG_LEVELS, type Logger } from './log.js';
 import { DppaServer } from './server.js';
 
 const NATS = 'Events and cluster (docs/events.md, docs/scale-out.md)';
@@ -38,6 +41,7 @@ const flags = {
     'run as one replica of a cluster on --nats: jobs, events, merge and search tasks shared on JetStream; --data must be the same shared folder on every replica (default: DPPA_CLUSTER)',
     { group: NATS, option: 'cluster' },
   ),
+  'log-level': choice('LEVEL', LOG_LEVELS, 'debug (each RPC with its job and party), info, warn, error or silent (default: DPPA_LOG_LEVEL, else info)'),
   'task-ack-wait-ms': number('N', 'with --cluster: a task of a replica that died goes to another one after N ms without news (default 30000)', { min: 1000, integer: true }, {
     group: NATS,
     option: 'taskAckWaitMs',
@@ -73,6 +77,7 @@ export async function main(argv: string[]): Promise<number> {
   const args = argv[0] === 'serve' ? argv.slice(1) : argv;
   let server: DppaServer;
   let values: FlagValues<typeof flags> | undefined;
+  let log: Logger | undefined;
   try {
     const parsed = parseCommand(SERVE, flags, args);
     if (parsed.help) {
@@ -81,47 +86,51 @@ export async function main(argv: string[]): Promise<number> {
     }
     values = parsed.values;
     const v = values;
-    server = new DppaServer(
-      await optionsFromFlags({
-        data: v.data,
-        grpcHost: v['grpc-host'],
-        grpcPort: v['grpc-port'],
-        metricsPort: v['metrics-port'],
-        adminTokenFile: v['admin-token-file'],
-        tlsCert: v['tls-cert'],
-        tlsKey: v['tls-key'],
-        tlsClientCa: v['tls-client-ca'],
-        insecure: v.insecure,
-        maxUploadBytes: v['max-upload-bytes'],
-        keepUploads: v['keep-uploads'],
-        nats: v.nats,
-        natsCreds: v['nats-creds'],
-        cluster: v.cluster,
-        taskAckWaitMs: v['task-ack-wait-ms'],
-      }),
-    );
+    log = createLogger({ level: logLevelFrom(v['log-level']) });
+    const options = await optionsFromFlags({
+      data: v.data,
+      grpcHost: v['grpc-host'],
+      grpcPort: v['grpc-port'],
+      metricsPort: v['metrics-port'],
+      adminTokenFile: v['admin-token-file'],
+      tlsCert: v['tls-cert'],
+      tlsKey: v['tls-key'],
+      tlsClientCa: v['tls-client-ca'],
+      insecure: v.insecure,
+      maxUploadBytes: v['max-upload-bytes'],
+      keepUploads: v['keep-uploads'],
+      nats: v.nats,
+      natsCreds: v['nats-creds'],
+      cluster: v.cluster,
+      taskAckWaitMs: v['task-ack-wait-ms'],
+    });
+    server = new DppaServer({ ...options, logger: log });
   } catch (err) {
     const bad = badConfiguration(err, values);
     if (bad === undefined) throw err;
-    return refuse(bad.message);
+    return refuse(bad.message, log);
   }
 
   try {
     await server.start();
   } catch (err) {
     const bad = badConfiguration(err, values);
-    if (bad !== undefined) return refuse(bad.message);
-    process.stderr.write(`dppa serve: cannot start: ${(err as Error).message}\n`);
+    if (bad !== undefined) return refuse(bad.message, log);
+    log.error(`dppa serve: cannot start: ${(err as Error).message}`, { err });
     return EXIT.failure;
   }
   const host = server.host.includes(':') ? `[${server.host}]` : server.host;
-  process.stdout.write(`grpc listening on ${host}:${server.grpcPort}\n`);
-  process.stdout.write(`metrics listening on http://${host}:${server.metricsPort}/metrics\n`);
-  return untilStopped(server);
+  const grpc = `${host}:${server.grpcPort}`;
+  const metrics = `http://${host}:${server.metricsPort}/metrics`;
+  log.info(`grpc listening on ${grpc}`, { grpc });
+  log.info(`metrics listening on ${metrics}`, { metrics });
+  return untilStopped(server, log);
 }
 
-function refuse(message: string): number {
-  process.stderr.write(`dppa serve: ${message}\n(see dppa serve --help)\n`);
+/** A bad command line or configuration: on stderr as any dppa command says it, or through the log once there is one. */
+function refuse(message: string, log: Logger | undefined): number {
+  if (log === undefined) process.stderr.write(`dppa serve: ${message}\n(see dppa serve --help)\n`);
+  else log.error(`dppa serve: ${message} (see dppa serve --help)`);
   return EXIT.usage;
 }
 
@@ -155,18 +164,18 @@ function withFlagNames(message: string): string {
 }
 
 /** Stops the server on SIGTERM/SIGINT (gracefully the first time, at once the second) and resolves to the exit code. */
-async function untilStopped(server: DppaServer): Promise<number> {
+async function untilStopped(server: DppaServer, log: Logger): Promise<number> {
   let signals = 0;
   let onSignal: ((sig: NodeJS.Signals) => void) | undefined;
   try {
     return await new Promise<number>((resolve) => {
       onSignal = (sig) => {
         signals++;
-        process.stderr.write(`dppa serve: ${sig}, ${signals === 1 ? 'stopping (send it again to stop at once)' : 'stopping at once'}\n`);
+        log.info(`dppa serve: ${sig}, ${signals === 1 ? 'stopping (send it again to stop at once)' : 'stopping at once'}`, { signal: sig });
         server.stop({ graceful: signals === 1 }).then(
           () => resolve(EXIT.ok),
           (err: unknown) => {
-            process.stderr.write(`dppa serve: stop failed: ${String(err)}\n`);
+            log.error('dppa serve: stop failed', { err });
             resolve(EXIT.failure);
           },
         );

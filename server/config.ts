@@ -8,7 +8,7 @@ import { isIP } from 'node:net';
 import { resolve } from 'node:path';
 import { ConfigError } from './errors.js';
 import { DEFAULT_STORAGE_RETRY_MS } from './jobs/storage-pauses.js';
-import { createLogger, type Logger } from './log.js';
+import { createLogger, LOG_LEVELS, type Logger } from './log.js';
 import { defaultMergeWorkers } from './merge/merger.js';
 import { DEFAULT_HTTP2_WINDOW, MAX_HTTP2_WINDOW } from './rpc/receive-window.js';
 
@@ -331,4 +331,18 @@ async function pemFile(flag: string, path: string, parse: (pem: Buffer) => unkno
   } catch (cause) {
     throw new ConfigError(`--${flag}: ${path} is not a PEM ${flag === 'tls-key' ? 'private key' : 'certificate'}: ${(cause as Error).message}`, { cause });
   }
+}
+
+/**
+ * The log level of `dppa serve`: `--log-level`, else `DPPA_LOG_LEVEL`, else `info`.
+ * @param env The environment. @default process.env
+ * @throws ConfigError when `DPPA_LOG_LEVEL` is not a level.
+ */
+export function logLevelFrom(flag: (typeof LOG_LEVELS)[number] | undefined, env: NodeJS.ProcessEnv = process.env): (typeof LOG_LEVELS)[number] {
+  if (flag !== undefined) return flag;
+  const v = env.DPPA_LOG_LEVEL?.trim() ?? '';
+  if (v === '') return 'info';
+  const level = LOG_LEVELS.find((l) => l === v.toLowerCase());
+  if (level === undefined) throw new ConfigError(`DPPA_LOG_LEVEL: expected one of ${LOG_LEVELS.join(', ')}, got ${JSON.stringify(v)}`);
+  return level;
 }
