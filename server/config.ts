@@ -2,12 +2,13 @@
  * The server's options: one {@link ServerOptions} object, resolved once by
  * {@link withDefaults}. This is the only module that reads the environment.
  */
+import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { isIP } from 'node:net';
 import { resolve } from 'node:path';
 import { ConfigError } from './errors.js';
 import { DEFAULT_STORAGE_RETRY_MS } from './jobs/storage-pauses.js';
-import { createLogger, type Logger } from './log.js';
+import { createLogger, LOG_LEVELS, type Logger } from './log.js';
 import { defaultMergeWorkers } from './merge/merger.js';
 import { DEFAULT_HTTP2_WINDOW, MAX_HTTP2_WINDOW } from './rpc/receive-window.js';
 
@@ -239,23 +240,23 @@ export function isLoopback(host: string): boolean {
   return false;
 }
 
-/** The `dppa serve` flags, as parsed by the command line (strings, not yet checked). */
+/** The `dppa serve` flags, as the command line's table converted them (server/cli.ts). */
 export interface ServeFlags {
   data?: string | undefined;
   grpcHost?: string | undefined;
-  grpcPort?: string | undefined;
-  metricsPort?: string | undefined;
+  grpcPort?: number | undefined;
+  metricsPort?: number | undefined;
   adminTokenFile?: string | undefined;
   tlsCert?: string | undefined;
   tlsKey?: string | undefined;
   tlsClientCa?: string | undefined;
   insecure?: boolean | undefined;
-  maxUploadBytes?: string | undefined;
+  maxUploadBytes?: number | undefined;
   keepUploads?: boolean | undefined;
   nats?: string | undefined;
   natsCreds?: string | undefined;
   cluster?: boolean | undefined;
-  taskAckWaitMs?: string | undefined;
+  taskAckWaitMs?: number | undefined;
 }
 
 /**
@@ -283,9 +284,9 @@ export async function optionsFromFlags(flags: ServeFlags, env: NodeJS.ProcessEnv
   const opts: ServerOptions = { adminToken };
   if (flags.data !== undefined) opts.dataDir = flags.data;
   if (flags.grpcHost !== undefined) opts.grpcHost = flags.grpcHost;
-  if (flags.grpcPort !== undefined) opts.grpcPort = intFlag('grpc-port', flags.grpcPort);
-  if (flags.metricsPort !== undefined) opts.metricsPort = intFlag('metrics-port', flags.metricsPort);
-  if (flags.maxUploadBytes !== undefined) opts.maxUploadBytes = intFlag('max-upload-bytes', flags.maxUploadBytes);
+  if (flags.grpcPort !== undefined) opts.grpcPort = flags.grpcPort;
+  if (flags.metricsPort !== undefined) opts.metricsPort = flags.metricsPort;
+  if (flags.maxUploadBytes !== undefined) opts.maxUploadBytes = flags.maxUploadBytes;
   if (flags.insecure === true) opts.insecure = true;
   if (flags.keepUploads === true) opts.keepUploads = true;
   const natsUrl = flags.nats ?? (env.DPPA_NATS_URL === '' ? undefined : env.DPPA_NATS_URL);
@@ -297,9 +298,13 @@ export async function optionsFromFlags(flags: ServeFlags, env: NodeJS.ProcessEnv
   }
   if (flags.taskAckWaitMs !== undefined) {
     if (opts.cluster !== true) throw new ConfigError('--task-ack-wait-ms needs --cluster');
-    opts.taskAckWaitMs = intFlag('task-ack-wait-ms', flags.taskAckWaitMs);
+    opts.taskAckWaitMs = flags.taskAckWaitMs;
   }
   if (flags.tlsCert !== undefined && flags.tlsKey !== undefined) {
+    // Read here, so that a wrong file is told with its flag before anything starts.
+    await pemFile('tls-cert', flags.tlsCert, (pem) => new X509Certificate(pem));
+    await pemFile('tls-key', flags.tlsKey, (pem) => createPrivateKey(pem));
+    if (flags.tlsClientCa !== undefined) await pemFile('tls-client-ca', flags.tlsClientCa, (pem) => new X509Certificate(pem));
     opts.tls = { certFile: flags.tlsCert, keyFile: flags.tlsKey, ...(flags.tlsClientCa === undefined ? {} : { clientCaFile: flags.tlsClientCa }) };
   }
   return opts;
@@ -313,8 +318,31 @@ function envFlag(name: string, value: string | undefined): boolean {
   throw new ConfigError(`${name}: expected 1, true, 0 or false, got ${JSON.stringify(value)}`);
 }
 
-function intFlag(flag: string, value: string): number {
-  const n = Number(value);
-  if (value.trim() === '' || !Number.isSafeInteger(n) || n < 0) throw new ConfigError(`--${flag}: expected a non-negative integer, got ${JSON.stringify(value)}`);
-  return n;
+/** Reads a PEM file given by `--flag` and parses it. @throws ConfigError naming the flag when it cannot be read or parsed. */
+async function pemFile(flag: string, path: string, parse: (pem: Buffer) => unknown): Promise<void> {
+  let pem: Buffer;
+  try {
+    pem = await readFile(path);
+  } catch (cause) {
+    throw new ConfigError(`--${flag}: cannot read ${path}: ${(cause as Error).message}`, { cause });
+  }
+  try {
+    parse(pem);
+  } catch (cause) {
+    throw new ConfigError(`--${flag}: ${path} is not a PEM ${flag === 'tls-key' ? 'private key' : 'certificate'}: ${(cause as Error).message}`, { cause });
+  }
+}
+
+/**
+ * The log level of `dppa serve`: `--log-level`, else `DPPA_LOG_LEVEL`, else `info`.
+ * @param env The environment. @default process.env
+ * @throws ConfigError when `DPPA_LOG_LEVEL` is not a level.
+ */
+export function logLevelFrom(flag: (typeof LOG_LEVELS)[number] | undefined, env: NodeJS.ProcessEnv = process.env): (typeof LOG_LEVELS)[number] {
+  if (flag !== undefined) return flag;
+  const v = env.DPPA_LOG_LEVEL?.trim() ?? '';
+  if (v === '') return 'info';
+  const level = LOG_LEVELS.find((l) => l === v.toLowerCase());
+  if (level === undefined) throw new ConfigError(`DPPA_LOG_LEVEL: expected one of ${LOG_LEVELS.join(', ')}, got ${JSON.stringify(v)}`);
+  return level;
 }

@@ -35,10 +35,11 @@ function startServer(): Promise<ChildProcess> {
   let out = '';
   let err = '';
   child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
   return new Promise((resolve, reject) => {
-    child.stdout.on('data', (d: Buffer) => {
-      out += d.toString();
-      if (out.includes('grpc listening on')) resolve(child);
+    // Its log (stderr) says when it listens.
+    child.stderr.on('data', () => {
+      if (err.includes('grpc listening on')) resolve(child);
     });
     child.once('exit', (code) => reject(new Error(`dppa serve exited ${code}:\n${out}\n${err}`)));
   });

@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import type { Command } from '../client/cli/command.js';
-import { jobCancelCommand } from '../client/cli/commands/job-cancel.js';
+import { jobCancelCommand } from '../client/cli/commands/job-cancel-resume.js';
 import { jobCreateCommand } from '../client/cli/commands/job-create.js';
 import { jobListCommand } from '../client/cli/commands/job-list.js';
 import { jobStatusCommand } from '../client/cli/commands/job-status.js';

@@ -24,20 +24,20 @@ interface Served {
 /** Runs `dppa serve` in a child process and waits for its two "listening" lines. */
 async function serve(args: string[], env: NodeJS.ProcessEnv = { DPPA_ADMIN_TOKEN: ADMIN }): Promise<Served> {
   const child = spawn(process.execPath, ['--import', 'tsx', launcher, 'serve', ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
   let err = '';
-  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  child.stdout.resume();
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
-  const lines = await new Promise<string>((resolve, reject) => {
-    child.stdout.on('data', (d: Buffer) => {
-      out += d.toString();
-      if (/metrics listening on .*\n/.test(out)) resolve(out);
+  // Everything it prints is its log, JSON lines on stderr; the listening lines say where, in fields grpc and metrics.
+  const lines = await new Promise<Record<string, unknown>[]>((resolve, reject) => {
+    child.stderr.on('data', (d: Buffer) => {
+      err += d.toString();
+      if (/metrics listening on .*\n/.test(err)) resolve(err.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>));
     });
     void exited.then((code) => reject(new Error(`dppa serve exited with ${code} before listening:\n${err}`)));
   });
-  const grpc = /^grpc listening on (127\.0\.0\.1:\d+)$/m.exec(lines)?.[1];
-  const metrics = /^metrics listening on (http:\/\/127\.0\.0\.1:\d+\/metrics)$/m.exec(lines)?.[1];
-  assert.ok(grpc !== undefined && metrics !== undefined, lines);
+  const grpc = lines.find((l) => typeof l.msg === 'string' && l.msg.startsWith('grpc listening on '))?.grpc as string | undefined;
+  const metrics = lines.find((l) => typeof l.msg === 'string' && l.msg.startsWith('metrics listening on '))?.metrics as string | undefined;
+  assert.ok(grpc !== undefined && /^127\.0\.0\.1:\d+$/.test(grpc) && metrics !== undefined && /^http:\/\/127\.0\.0\.1:\d+\/metrics$/.test(metrics), err);
   return { child, stderr: () => err, exited, grpc, metrics };
 }
 

@@ -15,28 +15,30 @@ import { checkScores } from '../../proto/scores.js';
 import type { DppaClient } from '../sdk/client.js';
 import { DEFAULT_EVALUATION_RETRIES, type EvaluateFn, type EvaluateResult } from '../sdk/evaluate.js';
 import { note, out } from './command.js';
-import { num } from './args.js';
+import { number, text } from '../../proto/cli/flag-table.js';
 import { UsageError } from './exit-codes.js';
 import type { ProgressLine } from './progress.js';
 
-/** parseArgs options of the evaluation flags. */
-export const evalFlags = {
-  'eval-cmd': { type: 'string' },
-  'eval-retries': { type: 'string' },
-  'work-dir': { type: 'string' },
-} as const;
+const EVALUATION = 'DPA evaluation (federated factor search)';
 
-/** The help lines of the evaluation flags. */
-export const EVAL_HELP = `  --eval-cmd CMD           serve the job's DPA evaluation requests with this shell command:
-                           {model} is replaced by the candidate's checkpoint folder (quoted);
-                           the last line of its stdout must be JSON {"task": score, ...}, higher
-                           is better; DPPA_CANDIDATE_KIND and DPPA_FACTORS describe the candidate
-  --eval-retries N         run a failing --eval-cmd again up to N more times (default ${DEFAULT_EVALUATION_RETRIES});
-                           if it still fails, the server stops this party's search with its last
-                           stderr lines (the job and the other parties' work are kept): fix the
-                           command and run dppa evaluate to resume
-  --work-dir DIR           where candidates are written (DIR/candidate, replaced for each) and the
-                           pruned delta is kept (DIR/delta.dppa); default dppa-eval-JOB-PARTY`;
+/** The evaluation flags. */
+export const evalFlags = {
+  'eval-cmd': text(
+    'CMD',
+    "serve the job's DPA evaluation requests with this shell command: {model} is replaced by the candidate's checkpoint folder (quoted); the last line of its stdout must be JSON {\"task\": score, ...}, higher is better; DPPA_CANDIDATE_KIND and DPPA_FACTORS describe the candidate",
+    { group: EVALUATION },
+  ),
+  'eval-retries': number(
+    'N',
+    `run a failing --eval-cmd again up to N more times (default ${DEFAULT_EVALUATION_RETRIES}); if it still fails, the server stops this party's search with its last stderr lines (the job and the other parties' work are kept): fix the command and run dppa evaluate to resume`,
+    { min: 0, max: 100, integer: true },
+    { group: EVALUATION },
+  ),
+  'work-dir': text('DIR', 'where candidates are written (DIR/candidate, replaced for each) and the pruned delta is kept (DIR/delta.dppa); default dppa-eval-JOB-PARTY', {
+    group: EVALUATION,
+    path: 'folder',
+  }),
+};
 
 /** Longest stdout kept from one run of the command: only its last line matters. */
 const MAX_STDOUT_TAIL = 1024 * 1024;
@@ -44,11 +46,6 @@ const MAX_STDOUT_TAIL = 1024 * 1024;
 /** Lines of a failed command's stderr quoted in its error, and the longest each may be. */
 const STDERR_LINES = 5;
 const STDERR_LINE_CHARS = 300;
-
-/** `--eval-retries`, checked; undefined when not given. */
-export function evalRetries(value: string | undefined): number | undefined {
-  return num(value, 'eval-retries', { min: 0, max: 100, integer: true });
-}
 
 /** Quotes a string for a POSIX shell. */
 export function shellQuote(s: string): string {

@@ -7,26 +7,24 @@
  * | 0 | success |
  * | 1 | unexpected failure (a bug: the message says so) |
  * | 2 | bad command line |
- * | 3 | bad input data: a checkpoint or delta file is malformed, base and fine-tuned do not match, or a delta does not fit its job |
+ * | 3 | bad input data: an input path (`--base`, `--delta`, …) does not exist, a checkpoint or delta file is malformed, base and fine-tuned do not match, or a delta does not fit its job |
  * | 4 | the server refused or failed the request (any gRPC error, with the server's message), the job is in the wrong state, or a download did not verify |
  * | 5 | the party's evaluation command (`--eval-cmd`) kept failing; the server stops this party's search with its message (`dppa evaluate` resumes it) |
  * | 130 | interrupted (Ctrl-C) |
  */
+import { InputPathError, UsageError } from '../../proto/cli/flag-table.js';
 import { FormatError } from '../../proto/errors.js';
 import { CheckpointMismatchError } from '../prune/delta-source.js';
 import { DeltaMismatchError, DownloadError, DppaRpcError, EvaluationError, JobStateError, UploadIncompleteError, isServiceError } from '../sdk/errors.js';
 
 export const EXIT = { ok: 0, failure: 1, usage: 2, data: 3, server: 4, evaluation: 5, interrupted: 130 } as const;
 
-/** A bad command line: unknown flag, missing value, value out of range. */
-export class UsageError extends Error {
-  override name = 'UsageError';
-}
+export { InputPathError, UsageError };
 
 /** The code and the message to print for an error. */
 export function describeFailure(err: unknown): { code: number; message: string } {
   if (err instanceof UsageError || err instanceof RangeError) return { code: EXIT.usage, message: err.message };
-  if (err instanceof FormatError || err instanceof CheckpointMismatchError || err instanceof DeltaMismatchError) return { code: EXIT.data, message: err.message };
+  if (err instanceof InputPathError || err instanceof FormatError || err instanceof CheckpointMismatchError || err instanceof DeltaMismatchError) return { code: EXIT.data, message: err.message };
   if (err instanceof EvaluationError) return { code: EXIT.evaluation, message: `${err.message} (this party's search stopped with this reason; the other parties' work is kept: fix the command and run dppa evaluate to resume)` };
   if (err instanceof DppaRpcError) return { code: EXIT.server, message: rpcMessage(err) };
   if (isServiceError(err)) return { code: EXIT.server, message: rpcMessage(new DppaRpcError('call', err.code, err.details)) };

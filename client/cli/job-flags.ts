@@ -5,6 +5,7 @@
  * (MergeOptions.weights).
  */
 import { EvaluatorKind, SearchMethod, Tuner, type DeepPartial, type DpaConfig, type OnnxEvaluator, type SearchConfig } from '../../proto/gen/dppa/v1/jobs.js';
+import { repeatable, text, type FlagValues } from '../../proto/cli/flag-table.js';
 import { UsageError } from './exit-codes.js';
 
 const PARTY_NAME = /^[A-Za-z0-9_-]{1,64}$/;
@@ -126,31 +127,23 @@ export function parseDpa(value: string | undefined, parties: readonly string[]):
   return { fixed: { factors, perParty } };
 }
 
-/** parseArgs options of the evaluator flags of a search. */
-export const evaluatorFlags = {
-  evaluator: { type: 'string' },
-  'party-evaluator': { type: 'string' },
-  'onnx-model': { type: 'string' },
-  'onnx-tokenizer': { type: 'string' },
-  'onnx-name-map': { type: 'string' },
-  'onnx-tasks': { type: 'string', multiple: true },
-  'onnx-finetuned': { type: 'string', multiple: true },
-  'ort-provider': { type: 'string' },
-  metric: { type: 'string' },
-} as const;
+const EVALUATOR = 'Evaluator of --dpa search (see docs/dpa.md)';
 
-/** Values of {@link evaluatorFlags}, as parseArgs returns them. */
-export interface EvaluatorFlagValues {
-  evaluator?: string | undefined;
-  'party-evaluator'?: string | undefined;
-  'onnx-model'?: string | undefined;
-  'onnx-tokenizer'?: string | undefined;
-  'onnx-name-map'?: string | undefined;
-  'onnx-tasks'?: string[] | undefined;
-  'onnx-finetuned'?: string[] | undefined;
-  'ort-provider'?: string | undefined;
-  metric?: string | undefined;
-}
+/** The evaluator flags of a search. */
+export const evaluatorFlags = {
+  evaluator: text('remote|onnx', "where candidates are scored: remote (default) on each party's machine (dppa push --eval-cmd, dppa evaluate); onnx on the server", { group: EVALUATOR }),
+  'party-evaluator': text('a=onnx,b=remote', 'per-party overrides', { group: EVALUATOR }),
+  'onnx-model': text('FILE', "ONNX model on the server whose initializers carry the checkpoint's names", { group: EVALUATOR }),
+  'onnx-tokenizer': text('FILE', 'tokenizer description (JSON) for text tasks', { group: EVALUATOR }),
+  'onnx-name-map': text('FILE', 'JSON { "checkpoint tensor": "initializer" } when the names differ', { group: EVALUATOR }),
+  'onnx-tasks': repeatable('P:T=FILE,...', 'validation tasks of party P (JSONL on the server); repeatable', { group: EVALUATOR }),
+  'onnx-finetuned': repeatable('P=DIR,...', "party P's dense fine-tuned checkpoint on the server; repeatable", { group: EVALUATOR }),
+  'ort-provider': text('cpu|cuda', 'ONNX Runtime execution provider (default cpu)', { group: EVALUATOR }),
+  metric: text('M', 'exact_match (default) or log_likelihood', { group: EVALUATOR }),
+};
+
+/** Values of {@link evaluatorFlags}. */
+export type EvaluatorFlagValues = Partial<FlagValues<typeof evaluatorFlags>>;
 
 function evaluatorKind(word: string, flag: string): EvaluatorKind {
   if (word === 'remote') return EvaluatorKind.EVALUATOR_KIND_REMOTE;

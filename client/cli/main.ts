@@ -8,17 +8,18 @@ import { applyCommand } from './commands/apply.js';
 import { evaluateCommand } from './commands/evaluate.js';
 import { healthCommand } from './commands/health.js';
 import { inspectCommand } from './commands/inspect.js';
-import { jobCancelCommand } from './commands/job-cancel.js';
+import { jobCancelCommand, jobResumeCommand } from './commands/job-cancel-resume.js';
 import { jobCreateCommand } from './commands/job-create.js';
 import { jobListCommand } from './commands/job-list.js';
-import { jobResumeCommand } from './commands/job-resume.js';
 import { jobStatusCommand } from './commands/job-status.js';
 import { jobWatchCommand } from './commands/job-watch.js';
 import { pruneCommand } from './commands/prune.js';
 import { pullCommand } from './commands/pull.js';
 import { pushCommand } from './commands/push.js';
 import type { Command } from './command.js';
+import { didYouMean } from '../../proto/cli/did-you-mean.js';
 import { describeFailure, EXIT } from './exit-codes.js';
+import { packageVersion } from './version.js';
 
 const commands: Command[] = [
   pruneCommand,
@@ -35,6 +36,9 @@ const commands: Command[] = [
   pullCommand,
   healthCommand,
 ];
+
+/** Every command as typed, `serve` included (dispatched by bin/dppa.js). */
+const NAMES = [...commands.map((c) => c.name), 'serve'];
 
 /** `dppa job` alone, or with an unknown sub-command: the job commands. */
 function groupUsage(group: string): string {
@@ -54,7 +58,7 @@ function usage(): string {
     ...commands.map((c) => `  ${c.name.padEnd(width)}${c.summary}`),
     `  ${'serve'.padEnd(width)}run the aggregation server (dppa serve --help)`,
     '',
-    'Run `dppa <command> --help` for the options of a command.',
+    'Run `dppa <command> --help` for the options of a command; `dppa --version` prints the version.',
     'Exit codes: 0 ok, 1 unexpected failure, 2 bad command line, 3 bad input data, 4 server error, 5 evaluation command failed, 130 interrupted.',
   ].join('\n');
 }
@@ -66,6 +70,10 @@ export async function main(argv: string[]): Promise<number> {
     process.stdout.write(`${usage()}\n`);
     return first === undefined ? EXIT.usage : EXIT.ok;
   }
+  if (first === '-V' || first === '--version' || first === 'version') {
+    process.stdout.write(`${packageVersion()}\n`);
+    return EXIT.ok;
+  }
   // Longest match first, so that two-word commands ("job create") win over one-word ones.
   const command = commands
     .filter((c) => argv.slice(0, c.name.split(' ').length).join(' ') === c.name)
@@ -73,19 +81,21 @@ export async function main(argv: string[]): Promise<number> {
   if (command === undefined && commands.some((c) => c.name.startsWith(`${first} `))) {
     const help = argv[1] === '-h' || argv[1] === '--help';
     if (help) process.stdout.write(`${groupUsage(first)}\n`);
-    else process.stderr.write(`dppa: ${argv[1] === undefined ? `${first}: which command?` : `unknown command ${JSON.stringify(`${first} ${argv[1]}`)}`}\n\n${groupUsage(first)}\n`);
+    else {
+      const typed = `${first} ${argv[1] ?? ''}`;
+      const what = argv[1] === undefined ? `${first}: which command?` : `unknown command ${JSON.stringify(typed)}${didYouMean(typed, NAMES)}`;
+      process.stderr.write(`dppa: ${what}\n\n${groupUsage(first)}\n`);
+    }
     return help ? EXIT.ok : EXIT.usage;
   }
   if (command === undefined) {
-    process.stderr.write(`dppa: unknown command ${JSON.stringify(first)}\n\n${usage()}\n`);
+    // "dppa job-create" and "dppa jb create" are near "job create" too.
+    const typed = commands.some((c) => c.name.startsWith(`${argv[1] ?? ''} `)) || argv[1] === undefined || argv[1].startsWith('-') ? first : `${first} ${argv[1]}`;
+    const near = didYouMean(first, NAMES) || didYouMean(typed, NAMES) || didYouMean(first.replace('-', ' '), NAMES);
+    process.stderr.write(`dppa: unknown command ${JSON.stringify(first)}${near}\n\n${usage()}\n`);
     return EXIT.usage;
   }
   const rest = argv.slice(command.name.split(' ').length);
-  // Every command takes -h/--help; handled here once rather than in each command.
-  if (rest.includes('-h') || rest.includes('--help')) {
-    process.stdout.write(command.help.endsWith('\n') ? command.help : `${command.help}\n`);
-    return EXIT.ok;
-  }
   try {
     return await command.run(rest);
   } catch (err) {

@@ -1,43 +1,50 @@
 /** The pruning flags shared by `dppa prune` and `dppa push` (which prunes on the fly). */
+import { choice, number, numbers, text, type FlagValues } from '../../proto/cli/flag-table.js';
 import { OUTSIDE_POLICIES, PRUNE_METHODS } from '../../proto/algorithm/index.js';
 import type { PruneOptions } from '../prune/pruner.js';
-import { defined, num, numList, oneOf } from './args.js';
+import { defined } from './args.js';
 
-/** parseArgs options of the pruning settings (besides --base, --finetuned and --rate). */
+
+const METHOD = 'Method';
+
+/** The `--method` flag (prune, push; job create has its own text). */
+export const methodFlag = choice('M', PRUNE_METHODS, `${PRUNE_METHODS.join(', ')} (default dp)`, { group: METHOD });
+
+/** The pruning settings (besides --base, --finetuned and --rate). */
 export const pruneFlags = {
-  method: { type: 'string' },
-  levels: { type: 'string' },
-  outside: { type: 'string' },
-  significance: { type: 'string' },
-  lambda: { type: 'string' },
-  'layer-outlier-factor': { type: 'string' },
-  'linear-outlier-factor': { type: 'string' },
-  'layer-pattern': { type: 'string' },
-  seed: { type: 'string' },
-  'dare-rescale': { type: 'string' },
-  'value-dtype': { type: 'string' },
-  'vocab-mismatch': { type: 'string' },
-  workers: { type: 'string' },
-} as const;
+  method: methodFlag,
+  levels: numbers('L1,L2,...', 'partition levels, decreasing, ending at --rate (default 0.9, 0.8, ... down to R)', {}, { group: METHOD }),
+  outside: choice('P', OUTSIDE_POLICIES, 'outside tensors (embeddings, norms, lm_head): dense (default), magnitude, skip', { group: METHOD }),
+  significance: choice('K', ['magnitude', 'count'] as const, 'DP significance: magnitude (default, the paper) or count (released code)', { group: METHOD }),
+  lambda: number('X', 'largest rate fluctuation (default 0.08)', { min: 0, max: 1 }, { group: METHOD }),
+  'layer-outlier-factor': number('N', 'outlier factor at model-layer level (default 5; the released code used 3)', { min: 0 }, { group: METHOD }),
+  'linear-outlier-factor': number('N', 'outlier factor at linear-layer level (default 5)', { min: 0 }, { group: METHOD }),
+  'layer-pattern': text('RE', 'regular expression whose group 1 is the layer number (default matches layers.N., h.N. and blocks.N.)', { group: METHOD }),
+  seed: number('N', 'DARE seed (default 0)', { integer: true }, { group: METHOD }),
+  'dare-rescale': choice('R', ['inverse', 'l1'] as const, 'inverse (default, 1/(1-p)) or l1 (match the L1 norm, as mergekit)', { group: METHOD }),
+  'value-dtype': choice('D', ['bf16', 'f16', 'f32'] as const, 'bf16 (default), f16, f32', { group: METHOD }),
+  'vocab-mismatch': choice('M', ['error', 'truncate'] as const, "error (default) or truncate: compare only the base's rows of tensors whose fine-tuned copy has extra rows (resized vocabulary)", { group: METHOD }),
+  workers: number('N', 'worker threads (default: up to 2); results do not depend on it', { min: 1, integer: true }, { group: METHOD }),
+};
 
-/** Values of {@link pruneFlags}, as parseArgs returns them. */
-export type PruneFlagValues = { [K in keyof typeof pruneFlags]?: string | undefined };
+/** Values of {@link pruneFlags}. */
+export type PruneFlagValues = FlagValues<typeof pruneFlags>;
 
 /** The pruning settings given on the command line (absent ones stay absent). */
 export function pruneSettings(v: PruneFlagValues): Omit<PruneOptions, 'base' | 'finetuned' | 'rate' | 'signal' | 'onProgress'> {
   return defined({
-    method: oneOf(v.method, 'method', PRUNE_METHODS),
-    levels: numList(v.levels, 'levels'),
-    outside: oneOf(v.outside, 'outside', OUTSIDE_POLICIES),
-    significance: oneOf(v.significance, 'significance', ['magnitude', 'count'] as const),
-    lambda: num(v.lambda, 'lambda', { min: 0, max: 1 }),
-    layerOutlierFactor: num(v['layer-outlier-factor'], 'layer-outlier-factor', { min: 0 }),
-    linearOutlierFactor: num(v['linear-outlier-factor'], 'linear-outlier-factor', { min: 0 }),
+    method: v.method,
+    levels: v.levels,
+    outside: v.outside,
+    significance: v.significance,
+    lambda: v.lambda,
+    layerOutlierFactor: v['layer-outlier-factor'],
+    linearOutlierFactor: v['linear-outlier-factor'],
     layerPattern: v['layer-pattern'],
-    seed: num(v.seed, 'seed', { integer: true }),
-    dareRescale: oneOf(v['dare-rescale'], 'dare-rescale', ['inverse', 'l1'] as const),
-    valueDtype: oneOf(v['value-dtype'], 'value-dtype', ['bf16', 'f16', 'f32'] as const),
-    vocabMismatch: oneOf(v['vocab-mismatch'], 'vocab-mismatch', ['error', 'truncate'] as const),
-    workers: num(v.workers, 'workers', { min: 1, integer: true }),
+    seed: v.seed,
+    dareRescale: v['dare-rescale'],
+    valueDtype: v['value-dtype'],
+    vocabMismatch: v['vocab-mismatch'],
+    workers: v.workers,
   });
 }

@@ -9,68 +9,49 @@ import { DppaClient } from '../sdk/client.js';
 import { isLoopbackHost, parseAddress, type DppaClientOptions, type TlsOptions, type TransportOptions } from '../sdk/connection.js';
 import { DppaRpcError } from '../sdk/errors.js';
 import { DEFAULT_RETRY, type RetryNotice } from '../sdk/retry.js';
-import { duration, num, required } from './args.js';
+import { number, text, toggle, type FlagValues } from '../../proto/cli/flag-table.js';
+import { durationFlag } from './args.js';
 import { cancellable, note } from './command.js';
 import { UsageError } from './exit-codes.js';
 import { formatDuration, type ProgressLine } from './progress.js';
 
-/** Connection flags (parseArgs options). */
+const CONNECTION = 'Connection';
+
+/** Connection flags. */
 export const serverFlags = {
-  server: { type: 'string' },
-  tls: { type: 'boolean' },
-  'tls-ca': { type: 'string' },
-  'tls-cert': { type: 'string' },
-  'tls-key': { type: 'string' },
-  'tls-server-name': { type: 'string' },
-  insecure: { type: 'boolean' },
-  'timeout-ms': { type: 'string' },
-  'retry-for': { type: 'string' },
-} as const;
+  server: text('HOST:PORT', 'the aggregation server ([::1]:PORT for IPv6)', { required: true, group: CONNECTION }),
+  tls: toggle('use TLS, trusting the CAs Node trusts (implied by the --tls-* flags)', { group: CONNECTION }),
+  'tls-ca': text('FILE', "PEM of the CA that signed the server's certificate", { group: CONNECTION }),
+  'tls-cert': text('FILE', 'client certificate (PEM), for servers that require mutual TLS', { group: CONNECTION }),
+  'tls-key': text('FILE', 'private key of --tls-cert (PEM)', { group: CONNECTION }),
+  'tls-server-name': text('NAME', "name to check the server's certificate against (default: the host)", { group: CONNECTION }),
+  insecure: toggle('allow plaintext to a server that is not on this machine (the token and data then cross the network unencrypted; loopback needs no flag)', { group: CONNECTION }),
+  'timeout-ms': number('N', 'time limit of each attempt of a request, default 30000 (a push, pull or watch as a whole has none; interrupt it with Ctrl-C)', { min: 1, integer: true }, { group: CONNECTION }),
+  'retry-for': durationFlag(
+    'DURATION',
+    `keep retrying while the server is unreachable, restarting or does not answer, for DURATION from the first failure in a row (e.g. 90s, 10m, 1h; 0 gives up at once), default ${formatDuration(DEFAULT_RETRY.forMs)}; each wait is told on stderr`,
+    { group: CONNECTION },
+  ),
+};
 
 /** The admin token's flag. */
-export const adminTokenFlags = { 'admin-token-file': { type: 'string' } } as const;
+export const adminTokenFlags = { 'admin-token-file': text('FILE', 'file holding the admin token (default: $DPPA_ADMIN_TOKEN)', { group: CONNECTION }) };
 
 /** A party token's flags. */
-export const partyTokenFlags = { token: { type: 'string' }, 'token-file': { type: 'string' } } as const;
+export const partyTokenFlags = {
+  token: text('T', "the party's token from `dppa job create` (default: $DPPA_TOKEN)", { group: CONNECTION }),
+  'token-file': text('FILE', "file holding the party's token", { group: CONNECTION }),
+};
 
-/** Values of the flags above, as parseArgs returns them. */
-export interface ServerFlagValues {
-  server?: string | undefined;
-  tls?: boolean | undefined;
-  'tls-ca'?: string | undefined;
-  'tls-cert'?: string | undefined;
-  'tls-key'?: string | undefined;
-  'tls-server-name'?: string | undefined;
-  insecure?: boolean | undefined;
-  'timeout-ms'?: string | undefined;
-  'retry-for'?: string | undefined;
-  'admin-token-file'?: string | undefined;
-  token?: string | undefined;
-  'token-file'?: string | undefined;
-}
+/** Either token: explicit flags win, then $DPPA_ADMIN_TOKEN, then $DPPA_TOKEN. */
+export const anyTokenFlags = {
+  ...adminTokenFlags,
+  token: text('T', "a party's token (a party may act on its own job; explicit flags win, then $DPPA_ADMIN_TOKEN, then $DPPA_TOKEN)", { group: CONNECTION }),
+  'token-file': partyTokenFlags['token-file'],
+};
 
-/** The help section of the connection flags. */
-export const SERVER_HELP = `Connection:
-  --server HOST:PORT       the aggregation server (required; [::1]:PORT for IPv6)
-  --tls                    use TLS, trusting the CAs Node trusts (implied by the --tls-* flags)
-  --tls-ca FILE            PEM of the CA that signed the server's certificate
-  --tls-cert FILE          client certificate (PEM), for servers that require mutual TLS
-  --tls-key FILE           private key of --tls-cert (PEM)
-  --tls-server-name NAME   name to check the server's certificate against (default: the host)
-  --insecure               allow plaintext to a server that is not on this machine (the token
-                           and data then cross the network unencrypted; loopback needs no flag)
-  --timeout-ms N           time limit of each attempt of a request, default 30000 (a push, pull or
-                           watch as a whole has none; interrupt it with Ctrl-C)
-  --retry-for DURATION     keep retrying while the server is unreachable, restarting or does not
-                           answer, for DURATION from the first failure in a row (e.g. 90s, 10m, 1h;
-                           0 gives up at once), default ${formatDuration(DEFAULT_RETRY.forMs)}; each wait is told on stderr`;
-
-/** The help lines of the admin token. */
-export const ADMIN_TOKEN_HELP = `  --admin-token-file FILE  file holding the admin token (default: $DPPA_ADMIN_TOKEN)`;
-
-/** The help lines of a party token. */
-export const PARTY_TOKEN_HELP = `  --token T                the party's token from \`dppa job create\` (default: $DPPA_TOKEN)
-  --token-file FILE        file holding the party's token`;
+/** Values of the flags above. */
+export type ServerFlagValues = Partial<FlagValues<typeof serverFlags & typeof adminTokenFlags & typeof partyTokenFlags>> & Pick<FlagValues<typeof serverFlags>, 'server'>;
 
 function tokenFile(path: string, flag: string): string {
   let text: string;
@@ -100,7 +81,7 @@ export function adminToken(v: ServerFlagValues): string {
 /** A party token: --token, else --token-file, else $DPPA_TOKEN. */
 export function partyToken(v: ServerFlagValues): string {
   if (v.token !== undefined && v['token-file'] !== undefined) throw new UsageError('--token and --token-file: give one');
-  if (v.token !== undefined) return required(v.token, 'token');
+  if (v.token !== undefined) return v.token;
   if (v['token-file'] !== undefined) return tokenFile(v['token-file'], 'token-file');
   const t = env('DPPA_TOKEN');
   if (t === undefined) throw new UsageError("no token: pass --token (the party's token from `dppa job create`) or set DPPA_TOKEN");
@@ -129,7 +110,7 @@ export function clientOptions(v: ServerFlagValues, token: string): DppaClientOpt
 
 /** The connection flags without a token (health checks). */
 export function transportOptions(v: ServerFlagValues): TransportOptions & Pick<DppaClientOptions, 'retry'> {
-  const address = required(v.server, 'server');
+  const address = v.server;
   let host: string;
   try {
     host = parseAddress(address).host;
@@ -149,10 +130,8 @@ export function transportOptions(v: ServerFlagValues): TransportOptions & Pick<D
   const o: TransportOptions & Pick<DppaClientOptions, 'retry'> = { address };
   if (wantsTls) o.tls = tls;
   if (v.insecure === true) o.insecure = true;
-  const timeoutMs = num(v['timeout-ms'], 'timeout-ms', { min: 1, integer: true });
-  if (timeoutMs !== undefined) o.timeoutMs = timeoutMs;
-  const retryFor = duration(v['retry-for'], 'retry-for');
-  if (retryFor !== undefined) o.retry = { forMs: retryFor };
+  if (v['timeout-ms'] !== undefined) o.timeoutMs = v['timeout-ms'];
+  if (v['retry-for'] !== undefined) o.retry = { forMs: v['retry-for'] };
   return o;
 }
 

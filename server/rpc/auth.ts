@@ -7,6 +7,7 @@ import type { Metadata } from '@grpc/grpc-js';
 import { PermissionDeniedError, UnauthenticatedError } from '../errors.js';
 import type { JobStore } from '../jobs/job-store.js';
 import { hashToken } from '../tokens.js';
+import { noteCall } from './call-fields.js';
 
 /** Who is calling. */
 export type Caller = { kind: 'admin' } | { kind: 'party'; jobId: string; party: string };
@@ -42,6 +43,7 @@ export class Authenticator {
       for (const p of job.parties) if (sameHash(hash, p.tokenSha256)) found = { kind: 'party', jobId: job.id, party: p.name };
     }
     if (found === undefined) throw new UnauthenticatedError('unknown token');
+    if (found.kind === 'party') noteCall({ jobId: found.jobId, party: found.party });
     return found;
   }
 

@@ -16,6 +16,7 @@ import {
 import { CancelledError, DeadlineExceededError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { GrpcType, Metrics, RpcCallMetrics } from '../metrics.js';
+import { withCallFields, type CallFields } from './call-fields.js';
 import { toStatus, type RpcStatus } from './status.js';
 
 /** What a handler gets besides its request. */
@@ -143,7 +144,12 @@ export class RpcWrapper {
     body: (ctx: CallContext, m: RpcCallMetrics) => Promise<void>,
     fail: (st: RpcStatus) => void,
   ): Promise<void> {
-    const running = this.runTracked(method, type, call, stopOn, body, fail).finally(() => this.inFlight.delete(running));
+    // The call's job and party for its log lines: from the request when it names them, from the token once checked.
+    const request = (call as { request?: { jobId?: unknown; party?: unknown } }).request;
+    const fields: CallFields = {};
+    if (typeof request?.jobId === 'string' && request.jobId !== '') fields.jobId = request.jobId;
+    if (typeof request?.party === 'string' && request.party !== '') fields.party = request.party;
+    const running = withCallFields(fields, () => this.runTracked(method, type, call, stopOn, body, fail, fields)).finally(() => this.inFlight.delete(running));
     this.inFlight.add(running);
     return running;
   }
@@ -155,7 +161,9 @@ export class RpcWrapper {
     stopOn: keyof ShutdownSignals,
     body: (ctx: CallContext, m: RpcCallMetrics) => Promise<void>,
     fail: (st: RpcStatus) => void,
+    fields: CallFields,
   ): Promise<void> {
+    const started = performance.now();
     const m = this.metrics.startRpc(type, method);
     const controller = new AbortController();
     const abort = (reason: Error): void => {
@@ -175,7 +183,7 @@ export class RpcWrapper {
       await body({ signal: controller.signal, metadata: call.metadata }, m);
     } catch (thrown) {
       // Once the call is aborted, whatever the handler threw on the way out is a consequence of that.
-      const st = toStatus(controller.signal.aborted ? controller.signal.reason : thrown, this.log);
+      const st = toStatus(controller.signal.aborted ? controller.signal.reason : thrown, this.log.child({ rpc: method, ...fields }));
       code = st.code;
       if (!call.cancelled) fail(st);
     } finally {
@@ -183,6 +191,10 @@ export class RpcWrapper {
       call.off('cancelled', onCancel);
       shutdown.removeEventListener('abort', onShutdown);
       m.handled(code);
+      // One line per call: debug when it succeeded or the caller left, info when the caller got an error (the server's own errors are logged by toStatus).
+      const line = { rpc: method, ...fields, code: Code[code], ms: Math.round(performance.now() - started) };
+      if (code === Code.OK || code === Code.CANCELLED) this.log.debug('rpc', line);
+      else this.log.info('rpc failed', line);
     }
   }
 }

@@ -331,10 +331,11 @@ try {
   const { grpcPort, metricsPort } = await new Promise<{ grpcPort: number; metricsPort: number }>((resolve, reject) => {
     let grpc = 0;
     const timer = setTimeout(() => reject(new Error(`dppa serve did not start in 30 s:\n${log}`)), 30_000);
-    lines(server!.child.stdout!, (line) => {
-      const g = /^grpc listening on .*:(\d+)$/.exec(line);
+    // Its log (JSON lines on stderr) says where it listens.
+    lines(server!.child.stderr!, (line) => {
+      const g = /"msg":"grpc listening on [^"]*:(\d+)"/.exec(line);
       if (g !== null) grpc = Number(g[1]);
-      const m = /^metrics listening on http:\/\/.*:(\d+)\/metrics$/.exec(line);
+      const m = /"msg":"metrics listening on http:\/\/[^"]*:(\d+)\/metrics"/.exec(line);
       if (m !== null) {
         clearTimeout(timer);
         resolve({ grpcPort: grpc, metricsPort: Number(m[1]) });

@@ -1,76 +1,54 @@
 import { resolve } from 'node:path';
-import { parse, required } from '../args.js';
-import { out, type Command } from '../command.js';
-import { EVAL_HELP, defaultWorkDir, evalFlags, evalRetries, keptDeltaPath, requireRemoteSearch, serveEvaluations } from '../eval-command.js';
+import { text } from '../../../proto/cli/flag-table.js';
+import { defineCommand, out } from '../command.js';
+import { defaultWorkDir, evalFlags, keptDeltaPath, requireRemoteSearch, serveEvaluations } from '../eval-command.js';
 import { EXIT } from '../exit-codes.js';
-import { PARTY_TOKEN_HELP, SERVER_HELP, clientOptions, partyToken, partyTokenFlags, serverFlags, withClient } from '../server-flags.js';
+import { jsonFlag } from '../job-id-flag.js';
+import { clientOptions, partyToken, partyTokenFlags, serverFlags, withClient } from '../server-flags.js';
 
-const help = `Usage: dppa evaluate --server HOST:PORT --job ID --party P --token T --base DIR --finetuned DIR
-                     --eval-cmd 'CMD {model}' [--delta FILE.dppa] [--work-dir DIR]
+const REQUIRED = 'Required';
 
-Serves this party's evaluation requests of a job's DPA factor search without
+/** `dppa evaluate`: see its help text. */
+export const evaluateCommand = defineCommand({
+  name: 'evaluate',
+  summary: "serve a job's DPA evaluation requests with a command (rejoin a search)",
+  usage: "--server HOST:PORT --job ID --party P --token T --base DIR --finetuned DIR --eval-cmd 'CMD {model}' [--delta FILE.dppa] [--work-dir DIR]",
+  description: `Serves this party's evaluation requests of a job's DPA factor search without
 pushing again: to (re)join the search after a disconnection, or when the delta
 was pushed by other means. Each candidate the server proposes is built here
 (the dense reference is --finetuned as it is; an amplified one is --base plus
 the amplified delta, written to DIR/candidate) and scored with CMD. Runs until
-this party's search is over; reconnects by itself after a dropped connection.
-
-Required:
-  --job ID                 the job's id
-  --party P                this party's name in the job
-  --base DIR               base checkpoint (the job's base)
-  --finetuned DIR          this party's fine-tuned checkpoint (the dense reference)
-  --eval-cmd CMD           see below
-
-Optional:
-  --delta FILE             the .dppa file this party uploaded (default DIR/delta.dppa, where
-                           dppa push --eval-cmd keeps it)
-${EVAL_HELP}
-
-${SERVER_HELP}
-${PARTY_TOKEN_HELP}
-
-Output:
-  --json                   print { "evaluated": N, "answered": N } when the search is over
-                           (progress on stderr)
-  -h, --help               this text
-
-Exit codes: 0 ok (the search is over), 2 bad command line, 3 bad delta or checkpoints, 4 the server
+this party's search is over; reconnects by itself after a dropped connection.`,
+  flags: {
+    job: text('ID', "the job's id", { required: true, group: REQUIRED }),
+    party: text('P', "this party's name in the job", { required: true, group: REQUIRED }),
+    base: text('DIR', "base checkpoint (the job's base)", { required: true, group: REQUIRED, path: 'input' }),
+    finetuned: text('DIR', "this party's fine-tuned checkpoint (the dense reference)", { required: true, group: REQUIRED, path: 'input' }),
+    'eval-cmd': { ...evalFlags['eval-cmd'], required: true, group: REQUIRED },
+    delta: text('FILE', 'the .dppa file this party uploaded (default DIR/delta.dppa, where dppa push --eval-cmd keeps it)', { group: 'Optional', path: 'input' }),
+    'eval-retries': evalFlags['eval-retries'],
+    'work-dir': evalFlags['work-dir'],
+    ...serverFlags,
+    ...partyTokenFlags,
+    ...jsonFlag('print { "evaluated": N, "answered": N } when the search is over (progress on stderr)'),
+  },
+  after: `Exit codes: 0 ok (the search is over), 2 bad command line, 3 missing or bad delta or checkpoints, 4 the server
 refused or failed (the job failed, or does not ask this party), 5 the evaluation command kept failing
 (this party's search stopped with its message; fix it and run again to resume), 130 interrupted
-(run again to rejoin).
-`;
-
-/** `dppa evaluate`: see the help text above. */
-export const evaluateCommand: Command = {
-  name: 'evaluate',
-  summary: "serve a job's DPA evaluation requests with a command (rejoin a search)",
-  help,
-  async run(argv) {
-    const { values: v } = parse(argv, {
-      ...serverFlags,
-      ...partyTokenFlags,
-      job: { type: 'string' },
-      party: { type: 'string' },
-      base: { type: 'string' },
-      finetuned: { type: 'string' },
-      delta: { type: 'string' },
-      ...evalFlags,
-      json: { type: 'boolean' },
-    });
-    const jobId = required(v.job, 'job');
-    const party = required(v.party, 'party');
+(run again to rejoin).`,
+  async action(v) {
+    const { job: jobId, party } = v;
     const workDir = resolve(v['work-dir'] ?? defaultWorkDir(jobId, party));
     const serve = {
       jobId,
       party,
-      base: required(v.base, 'base'),
-      finetuned: required(v.finetuned, 'finetuned'),
+      base: v.base,
+      finetuned: v.finetuned,
       delta: resolve(v.delta ?? keptDeltaPath(workDir)),
       workDir,
-      command: required(v['eval-cmd'], 'eval-cmd'),
-      retries: evalRetries(v['eval-retries']),
-      json: v.json === true,
+      command: v['eval-cmd'],
+      retries: v['eval-retries'],
+      json: v.json,
     };
     return withClient(clientOptions(v, partyToken(v)), async (client, signal, progress) => {
       requireRemoteSearch(await client.getJob(jobId, { signal }), party);
@@ -79,4 +57,4 @@ export const evaluateCommand: Command = {
       return EXIT.ok;
     });
   },
-};
+});

@@ -1,34 +1,25 @@
-import { parse } from '../args.js';
-import { cancellable, note, out, type Command } from '../command.js';
+import { text } from '../../../proto/cli/flag-table.js';
+import { cancellable, defineCommand, note, out } from '../command.js';
 import { EXIT } from '../exit-codes.js';
 import { checkHealth } from '../../sdk/health.js';
 import { DppaRpcError } from '../../sdk/errors.js';
-import { SERVER_HELP, inFlagTerms, serverFlags, transportOptions } from '../server-flags.js';
+import { inFlagTerms, serverFlags, transportOptions } from '../server-flags.js';
 
-const help = `Usage: dppa health --server HOST:PORT [--service NAME]
-
-Asks the server's standard gRPC health service (grpc.health.v1.Health/Check)
-whether it serves, and prints the answer: SERVING, or NOT_SERVING while it
-stops. Needs no token. Made for probes (a container's HEALTHCHECK).
-
-Options:
-  --service NAME           a service of the server, e.g. dppa.v1.UploadService
-                           (default: the whole server)
-
-${SERVER_HELP}
-  -h, --help               this text
-
-Exit codes: 0 serving; 1 not serving, unknown service, unreachable or no answer
-in time (the reason on stderr); 2 bad command line; 130 interrupted.
-`;
-
-/** `dppa health`: see the help text above. */
-export const healthCommand: Command = {
+/** `dppa health`: see its help text. */
+export const healthCommand = defineCommand({
   name: 'health',
   summary: 'check that a server serves (exit 0) or not (exit 1), for probes',
-  help,
-  async run(argv) {
-    const { values: v } = parse(argv, { ...serverFlags, service: { type: 'string' } });
+  usage: '--server HOST:PORT [--service NAME]',
+  description: `Asks the server's standard gRPC health service (grpc.health.v1.Health/Check)
+whether it serves, and prints the answer: SERVING, or NOT_SERVING while it
+stops. Needs no token. Made for probes (a container's HEALTHCHECK).`,
+  flags: {
+    service: text('NAME', 'a service of the server, e.g. dppa.v1.UploadService (default: the whole server)'),
+    ...serverFlags,
+  },
+  after: `Exit codes: 0 serving; 1 not serving, unknown service, unreachable or no answer
+in time (the reason on stderr); 2 bad command line; 130 interrupted.`,
+  async action(v) {
     const options = { ...transportOptions(v), ...(v.service === undefined ? {} : { service: v.service }) };
     let status: string;
     try {
@@ -41,4 +32,4 @@ export const healthCommand: Command = {
     out(status);
     return status === 'SERVING' ? EXIT.ok : EXIT.failure;
   },
-};
+});

@@ -1,33 +1,29 @@
 import { writeFile } from 'node:fs/promises';
-import { parse } from '../args.js';
-import { out, type Command } from '../command.js';
-import { EXIT, UsageError } from '../exit-codes.js';
+import { text, toggle } from '../../../proto/cli/flag-table.js';
+import { defineCommand, out } from '../command.js';
+import { EXIT } from '../exit-codes.js';
 import { formatBytes } from '../progress.js';
 import { inspectDelta } from '../../inspect.js';
 import { ratePlotSvg } from '../../rate-plot.js';
 
-const help = `Usage: dppa inspect FILE.dppa [--json] [--plot FILE.svg]
-
-Reads a pruned delta, checking every chunk, and shows its header, the pruning
-rate of every tensor, the entries kept per partition and the sizes.
-
-  --json         print the summary as JSON
-  --plot FILE    write an SVG chart of the pruning rate of each linear layer by model layer
-  -h, --help     this text
-
-Exit codes: 0 ok, 2 bad command line, 3 malformed or damaged file.
-`;
-
-export const inspectCommand: Command = {
+/** `dppa inspect`: see its help text. */
+export const inspectCommand = defineCommand({
   name: 'inspect',
   summary: 'show what a .dppa file holds (rates, kept counts, sizes); plot the rates',
-  help,
-  async run(argv) {
-    const { values: v, positionals } = parse(argv, { json: { type: 'boolean' }, plot: { type: 'string' } }, true);
-    if (positionals.length !== 1) throw new UsageError(`expected one .dppa file, got ${positionals.length}`);
-    const summary = await inspectDelta(positionals[0]!);
+  usage: 'FILE.dppa [--json] [--plot FILE.svg]',
+  description: `Reads a pruned delta, checking every chunk, and shows its header, the pruning
+rate of every tensor, the entries kept per partition and the sizes.`,
+  positionals: [{ name: 'FILE', help: 'the .dppa file', path: 'input' }],
+  flags: {
+    json: toggle('print the summary as JSON'),
+    plot: text('FILE', 'write an SVG chart of the pruning rate of each linear layer by model layer', { path: 'output' }),
+    overwrite: toggle('replace --plot if it exists'),
+  },
+  after: 'Exit codes: 0 ok, 2 bad command line (or --plot exists), 3 missing, malformed or damaged file.',
+  async action(v, [file]) {
+    const summary = await inspectDelta(file!);
     if (v.plot !== undefined) await writeFile(v.plot, ratePlotSvg(summary));
-    if (v.json === true) {
+    if (v.json) {
       out(JSON.stringify(summary));
       return EXIT.ok;
     }
@@ -48,4 +44,4 @@ export const inspectCommand: Command = {
     if (v.plot !== undefined) out(`\nwrote ${v.plot}`);
     return EXIT.ok;
   },
-};
+});

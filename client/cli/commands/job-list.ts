@@ -1,34 +1,22 @@
-import { parse } from '../args.js';
-import { out, type Command } from '../command.js';
+import { defineCommand, out } from '../command.js';
 import { EXIT } from '../exit-codes.js';
+import { jsonFlag } from '../job-id-flag.js';
 import { jobJson } from '../job-view.js';
-import { ADMIN_TOKEN_HELP, SERVER_HELP, adminToken, adminTokenFlags, clientOptions, serverFlags, withClient } from '../server-flags.js';
+import { adminToken, adminTokenFlags, clientOptions, serverFlags, withClient } from '../server-flags.js';
 import { jobStateName } from '../../sdk/jobs.js';
 
-const help = `Usage: dppa job list --server HOST:PORT [--json]
-
-Lists every job on the server, newest first: id, state, parties' uploads, label.
-
-${SERVER_HELP}
-${ADMIN_TOKEN_HELP}
-
-Output:
-  --json                   a JSON array of jobs, each as in dppa job status --json
-  -h, --help               this text
-
-Exit codes: 0 ok, 2 bad command line, 4 the server refused or failed, 130 interrupted.
-`;
-
-/** `dppa job list`: see the help text above. */
-export const jobListCommand: Command = {
+/** `dppa job list`: see its help text. */
+export const jobListCommand = defineCommand({
   name: 'job list',
   summary: 'list every job on the server',
-  help,
-  async run(argv) {
-    const { values: v } = parse(argv, { ...serverFlags, ...adminTokenFlags, json: { type: 'boolean' } });
-    return withClient(clientOptions(v, adminToken(v)), async (client, signal) => {
+  usage: '--server HOST:PORT [--json]',
+  description: "Lists every job on the server, newest first: id, state, parties' uploads, label.",
+  flags: { ...serverFlags, ...adminTokenFlags, ...jsonFlag('a JSON array of jobs, each as in dppa job status --json') },
+  after: 'Exit codes: 0 ok, 2 bad command line, 4 the server refused or failed, 130 interrupted.',
+  action: (v) =>
+    withClient(clientOptions(v, adminToken(v)), async (client, signal) => {
       const jobs = await client.listJobs({ signal });
-      if (v.json === true) {
+      if (v.json) {
         out(JSON.stringify(jobs.map(jobJson)));
         return EXIT.ok;
       }
@@ -40,6 +28,5 @@ export const jobListCommand: Command = {
         out(`${j.id.padEnd(width)}  ${jobStateName(j.state).padEnd(10)}  ${done}/${j.parties.length} uploads  ${j.createdAt}${label}`);
       }
       return EXIT.ok;
-    });
-  },
-};
+    }),
+});

@@ -1,73 +1,45 @@
 import { writeFile } from 'node:fs/promises';
-import { num, parse, required } from '../args.js';
+import { number, text, toggle } from '../../../proto/cli/flag-table.js';
 import { pruneFlags, pruneSettings } from '../prune-flags.js';
-import { cancellable, note, out, type Command } from '../command.js';
+import { cancellable, defineCommand, note, out } from '../command.js';
 import { EXIT } from '../exit-codes.js';
 import { pruneToFile } from '../../prune/prune-to-file.js';
 
-const help = `Usage: dppa prune --base DIR --finetuned DIR --rate R --out FILE.dppa [options]
+const REQUIRED = 'Required';
+const OTHER = 'Other';
 
-Computes the delta of a fine-tuned checkpoint against its base, prunes it and
-writes it as a partitioned sparse delta (.dppa).
-
-Required:
-  --base DIR               base checkpoint (folder with model.safetensors or a sharded index)
-  --finetuned DIR          fine-tuned checkpoint of the same base
-  --rate R                 target pruning rate in [0, 1), e.g. 0.9 keeps about 10%
-  --out FILE               the .dppa file to write (written whole or not at all)
-
-Method:
-  --method M               dp (default), magnitude, owl, dare
-  --levels L1,L2,...       partition levels, decreasing, ending at --rate (default 0.9, 0.8, ... down to R)
-  --outside P              outside tensors (embeddings, norms, lm_head): dense (default), magnitude, skip
-  --significance K         DP significance: magnitude (default, the paper) or count (released code)
-  --lambda X               largest rate fluctuation (default 0.08)
-  --layer-outlier-factor N outlier factor at model-layer level (default 5; the released code used 3)
-  --linear-outlier-factor N outlier factor at linear-layer level (default 5)
-  --layer-pattern RE       regular expression whose group 1 is the layer number
-                           (default matches layers.N., h.N. and blocks.N.)
-  --seed N                 DARE seed (default 0)
-  --dare-rescale R         inverse (default, 1/(1-p)) or l1 (match the L1 norm, as mergekit)
-  --value-dtype D          bf16 (default), f16, f32
-  --vocab-mismatch M       error (default) or truncate: compare only the base's rows of
-                           tensors whose fine-tuned copy has extra rows (resized vocabulary)
-
-Other:
-  --report FILE            write a JSON report: { method, rate, levels, tensors: [...] }
-  --workers N              worker threads (default: up to 2); results do not depend on it
-  --json                   print the report as JSON on stdout instead of a summary
-  -h, --help               this text
-
-Exit codes: 0 ok, 2 bad command line, 3 bad or mismatched checkpoints, 130 interrupted.
-`;
-
-export const pruneCommand: Command = {
+/** `dppa prune`: see its help text. */
+export const pruneCommand = defineCommand({
   name: 'prune',
   summary: 'prune a fine-tuned delta into a partitioned sparse .dppa file',
-  help,
-  async run(argv) {
-    const { values: v } = parse(argv, {
-      base: { type: 'string' },
-      finetuned: { type: 'string' },
-      rate: { type: 'string' },
-      out: { type: 'string' },
-      ...pruneFlags,
-      report: { type: 'string' },
-      json: { type: 'boolean' },
-    });
-    return cancellable(async (signal, progress) => {
+  usage: '--base DIR --finetuned DIR --rate R --out FILE.dppa [options]',
+  description: `Computes the delta of a fine-tuned checkpoint against its base, prunes it and
+writes it as a partitioned sparse delta (.dppa).`,
+  flags: {
+    base: text('DIR', 'base checkpoint (folder with model.safetensors or a sharded index)', { required: true, group: REQUIRED, path: 'input' }),
+    finetuned: text('DIR', 'fine-tuned checkpoint of the same base', { required: true, group: REQUIRED, path: 'input' }),
+    rate: number('R', 'target pruning rate in [0, 1), e.g. 0.9 keeps about 10%', { min: 0, below: 1 }, { required: true, group: REQUIRED }),
+    out: text('FILE', 'the .dppa file to write (written whole or not at all)', { required: true, group: REQUIRED, path: 'output' }),
+    ...pruneFlags,
+    report: text('FILE', 'write a JSON report: { method, rate, levels, tensors: [...] }', { group: OTHER, path: 'output' }),
+    overwrite: toggle('replace --out (and --report) if they exist', { group: OTHER }),
+    json: toggle('print the report as JSON on stdout instead of a summary', { group: OTHER }),
+  },
+  after: 'Exit codes: 0 ok, 2 bad command line (or --out exists), 3 missing, bad or mismatched checkpoints, 130 interrupted.',
+  action: (v) =>
+    cancellable(async (signal, progress) => {
       const report = await pruneToFile({
-        base: required(v.base, 'base'),
-        finetuned: required(v.finetuned, 'finetuned'),
-        out: required(v.out, 'out'),
-        rate: num(required(v.rate, 'rate'), 'rate', { min: 0, below: 1 })!,
+        base: v.base,
+        finetuned: v.finetuned,
+        out: v.out,
+        rate: v.rate,
         ...pruneSettings(v),
         signal,
         onProgress: (p) => progress.update(p.phase === 'prune' ? 'prune       ' : 'significance', p.bytesDone, p.bytesTotal, p.tensor),
       });
       progress.done();
       if (v.report !== undefined) await writeFile(v.report, `${JSON.stringify(report, null, 2)}\n`);
-      if (v.json === true) {
+      if (v.json) {
         out(JSON.stringify(report));
       } else {
         const kept = report.tensors.reduce((a, t) => a + t.kept, 0);
@@ -78,6 +50,5 @@ export const pruneCommand: Command = {
       for (const t of report.truncated) note(`note: ${t}: fine-tuned tensor has extra rows; compared on the base's rows only (--vocab-mismatch truncate)`);
       for (const t of report.droppedWhole) note(`note: ${t}: pruning rate reached 1 at the target level; the layer's delta is dropped whole`);
       return EXIT.ok;
-    });
-  },
-};
+    }),
+});

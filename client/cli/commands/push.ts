@@ -1,18 +1,28 @@
 import { resolve } from 'node:path';
-import { parse, num, required } from '../args.js';
-import { out, type Command } from '../command.js';
-import { EVAL_HELP, defaultWorkDir, evalFlags, evalRetries, keptDeltaPath, requireRemoteSearch, serveEvaluations } from '../eval-command.js';
+import { number, text } from '../../../proto/cli/flag-table.js';
+import { defineCommand, out } from '../command.js';
+import { defaultWorkDir, evalFlags, keptDeltaPath, requireRemoteSearch, serveEvaluations } from '../eval-command.js';
 import { EXIT, UsageError } from '../exit-codes.js';
+import { jsonFlag } from '../job-id-flag.js';
 import { formatBytes } from '../progress.js';
-import { pruneFlags, pruneSettings } from '../prune-flags.js';
-import { PARTY_TOKEN_HELP, SERVER_HELP, clientOptions, partyToken, partyTokenFlags, serverFlags, withClient } from '../server-flags.js';
+import { methodFlag, pruneFlags, pruneSettings } from '../prune-flags.js';
+import { clientOptions, partyToken, partyTokenFlags, serverFlags, withClient } from '../server-flags.js';
 import type { PushOptions } from '../../sdk/push.js';
 
-const help = `Usage: dppa push --server HOST:PORT --job ID --party P --token T --base DIR --finetuned DIR [pruning options]
-       dppa push --server HOST:PORT --job ID --party P --token T --delta FILE.dppa
-       dppa push ... --eval-cmd 'CMD {model}' [--work-dir DIR]
+const REQUIRED = 'Required';
+const PRUNING = 'Pruning (with --base/--finetuned; see dppa prune --help)';
 
-Uploads this party's pruned delta to a job. With --base and --finetuned the
+/** The pruning flags of push: those of prune, under push's heading, --rate and --method defaulting to the job's. */
+const pushPruneFlags = Object.fromEntries(Object.entries(pruneFlags).map(([k, f]) => [k, { ...f, group: PRUNING }])) as typeof pruneFlags;
+
+/** `dppa push`: see its help text. */
+export const pushCommand = defineCommand({
+  name: 'push',
+  summary: "upload this party's pruned delta to a job (resumable)",
+  usage: `--server HOST:PORT --job ID --party P --token T --base DIR --finetuned DIR [pruning options]
+dppa push --server HOST:PORT --job ID --party P --token T --delta FILE.dppa
+dppa push ... --eval-cmd 'CMD {model}' [--work-dir DIR]`,
+  description: `Uploads this party's pruned delta to a job. With --base and --finetuned the
 delta is pruned on the fly at the job's rate and method (the next tensors are
 pruned while earlier ones are on the wire); with --delta a file made by
 \`dppa prune\` is sent. Only tensors the server does not hold yet are sent: after
@@ -24,65 +34,29 @@ scores each candidate the server proposes with CMD, until this party's search
 is over (docs/dpa.md). The delta is then pruned into a file first (--keep-delta,
 default DIR/delta.dppa) so that the candidates are built from the very delta
 uploaded; --base and --finetuned are needed (also with --delta) to build them.
-After a disconnection, \`dppa evaluate\` rejoins the search without pushing again.
-
-Required:
-  --job ID                 the job's id
-  --party P                this party's name in the job
-  --base DIR               base checkpoint (the job's base), with --finetuned
-  --finetuned DIR          this party's fine-tuned checkpoint
-    or
-  --delta FILE             a .dppa file pruned at the job's rate and method
-  --keep-delta FILE        with --base/--finetuned: prune into FILE first (kept), then upload it;
-                           a FILE that fits the job is uploaded as it is
-
-Pruning (with --base/--finetuned; see dppa prune --help):
-  --rate R                 must equal the job's rate (default: the job's)
-  --method M               must equal the job's method (default: the job's)
-  --levels, --outside, --significance, --lambda, --layer-outlier-factor,
-  --linear-outlier-factor, --layer-pattern, --seed, --dare-rescale, --value-dtype,
-  --vocab-mismatch, --workers   as in dppa prune
-
-DPA evaluation (federated factor search):
-${EVAL_HELP}
-
-${SERVER_HELP}
-${PARTY_TOKEN_HELP}
-
-Output:
-  --json                   print the server's final upload state as JSON (with --eval-cmd, then
-                           { "evaluated": N, "answered": N } when the search is over; progress on stderr)
-  -h, --help               this text
-
-Exit codes: 0 ok (the server holds the whole upload; with --eval-cmd, the search is over), 2 bad
-command line, 3 bad or mismatched checkpoints or delta (another base, rate or method than the job's),
+After a disconnection, \`dppa evaluate\` rejoins the search without pushing again.`,
+  flags: {
+    job: text('ID', "the job's id", { required: true, group: REQUIRED }),
+    party: text('P', "this party's name in the job", { required: true, group: REQUIRED }),
+    base: text('DIR', "base checkpoint (the job's base), with --finetuned", { group: REQUIRED, path: 'input' }),
+    finetuned: text('DIR', "this party's fine-tuned checkpoint", { group: REQUIRED, path: 'input' }),
+    delta: text('FILE', "or: a .dppa file pruned at the job's rate and method", { group: REQUIRED, path: 'input' }),
+    'keep-delta': text('FILE', 'with --base/--finetuned: prune into FILE first (kept), then upload it; a FILE that fits the job is uploaded as it is', { group: REQUIRED }),
+    rate: number('R', "must equal the job's rate (default: the job's)", { min: 0, below: 1 }, { group: PRUNING }),
+    ...pushPruneFlags,
+    method: { ...methodFlag, group: PRUNING, help: "must equal the job's method (default: the job's)" },
+    ...evalFlags,
+    ...serverFlags,
+    ...partyTokenFlags,
+    ...jsonFlag("print the server's final upload state as JSON (with --eval-cmd, then { \"evaluated\": N, \"answered\": N } when the search is over; progress on stderr)"),
+  },
+  after: `Exit codes: 0 ok (the server holds the whole upload; with --eval-cmd, the search is over), 2 bad
+command line, 3 missing, bad or mismatched checkpoints or delta (another base, rate or method than the job's),
 4 the server refused or failed (or the job no longer collects, or it failed during the search),
 5 the evaluation command kept failing (this party's search stopped with its message; fix it and run
-dppa evaluate to resume), 130 interrupted (run again to resume).
-`;
-
-/** `dppa push`: see the help text above. */
-export const pushCommand: Command = {
-  name: 'push',
-  summary: "upload this party's pruned delta to a job (resumable)",
-  help,
-  async run(argv) {
-    const { values: v } = parse(argv, {
-      ...serverFlags,
-      ...partyTokenFlags,
-      job: { type: 'string' },
-      party: { type: 'string' },
-      base: { type: 'string' },
-      finetuned: { type: 'string' },
-      delta: { type: 'string' },
-      'keep-delta': { type: 'string' },
-      rate: { type: 'string' },
-      ...pruneFlags,
-      ...evalFlags,
-      json: { type: 'boolean' },
-    });
-    const jobId = required(v.job, 'job');
-    const party = required(v.party, 'party');
+dppa evaluate to resume), 130 interrupted (run again to resume).`,
+  async action(v) {
+    const { job: jobId, party } = v;
     const command = v['eval-cmd'];
     if (command === undefined && v['work-dir'] !== undefined) throw new UsageError('--work-dir goes with --eval-cmd');
     if (command === undefined && v['eval-retries'] !== undefined) throw new UsageError('--eval-retries goes with --eval-cmd');
@@ -97,16 +71,15 @@ export const pushCommand: Command = {
       source = { jobId, party, delta: v.delta };
     } else {
       if (v.base === undefined && v.finetuned === undefined) throw new UsageError('give --base and --finetuned (to prune on the fly), or --delta FILE.dppa');
-      source = { jobId, party, base: required(v.base, 'base'), finetuned: required(v.finetuned, 'finetuned'), ...pruneSettings(v) };
-      const rate = num(v.rate, 'rate', { min: 0, below: 1 });
-      if (rate !== undefined) source.rate = rate;
+      source = { jobId, party, base: need(v.base, 'base', 'with --finetuned'), finetuned: need(v.finetuned, 'finetuned', 'with --base'), ...pruneSettings(v) };
+      if (v.rate !== undefined) source.rate = v.rate;
       const keep = v['keep-delta'] ?? (command === undefined ? undefined : keptDeltaPath(workDir));
       if (keep !== undefined) source.keepDelta = resolve(keep);
     }
     const evaluation =
       command === undefined
         ? undefined
-        : { jobId, party, base: required(v.base, 'base'), finetuned: required(v.finetuned, 'finetuned'), delta: source.delta ?? source.keepDelta!, workDir, command, retries: evalRetries(v['eval-retries']), json: v.json === true };
+        : { jobId, party, base: need(v.base, 'base', 'with --eval-cmd'), finetuned: need(v.finetuned, 'finetuned', 'with --eval-cmd'), delta: source.delta ?? source.keepDelta!, workDir, command, retries: v['eval-retries'], json: v.json };
     return withClient(clientOptions(v, partyToken(v)), async (client, signal, progress) => {
       if (evaluation !== undefined) requireRemoteSearch(await client.getJob(jobId, { signal }), party);
       const state = await client.push(source, {
@@ -121,7 +94,7 @@ export const pushCommand: Command = {
         },
       });
       progress.done();
-      if (v.json === true) {
+      if (v.json) {
         out(JSON.stringify({ ...state, bytesReceived: Number(state.bytesReceived) }));
       } else {
         out(`party ${state.party}: upload to job ${state.jobId} complete (${state.tensorsReceived.length}/${state.tensorsExpected} tensors, ${formatBytes(Number(state.bytesReceived))} held by the server)`);
@@ -133,4 +106,10 @@ export const pushCommand: Command = {
       return EXIT.ok;
     });
   },
-};
+});
+
+/** A flag that the other flags given make necessary. */
+function need(value: string | undefined, flag: string, why: string): string {
+  if (value === undefined) throw new UsageError(`--${flag} is required ${why}`);
+  return value;
+}
