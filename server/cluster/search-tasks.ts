@@ -17,7 +17,7 @@
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import { searchPartyFactors, SearchFailedError, type JobSearchDeps } from '../dpa/job-search.js';
 import { NatsUnavailableError } from '../errors.js';
-import type { DistributedStep } from '../jobs/job-runner.js';
+import type { JobStep } from '../jobs/job-step.js';
 import { failJob, StateConflictError, transitionJob } from '../jobs/job-transitions.js';
 import { TaskNotReadyError, type Task, type TaskQueue } from './task-queue.js';
 
@@ -26,11 +26,11 @@ export interface SearchTasksOptions extends JobSearchDeps {
   /** Where search tasks are queued. */
   queue: () => TaskQueue;
   /** Asked for once the job merges. */
-  merge: DistributedStep;
+  merge: JobStep;
 }
 
 /** The searches' tasks: asking for them, and carrying them out. */
-export class SearchTasks implements DistributedStep {
+export class SearchTasks implements JobStep {
   constructor(private readonly opts: SearchTasksOptions) {}
 
   /**
@@ -40,7 +40,7 @@ export class SearchTasks implements DistributedStep {
    * `Nats-Msg-Id`, so JetStream drops one queued within its window; a request
    * that failed midway queues the rest when it runs again.
    */
-  async request(jobId: string): Promise<void> {
+  async run(jobId: string, signal: AbortSignal): Promise<void> {
     const job = this.opts.store.get(jobId);
     const queue = this.opts.queue();
     const unchosen = job.parties.filter((p) => p.chosen === undefined);
@@ -49,7 +49,7 @@ export class SearchTasks implements DistributedStep {
       for (const p of unchosen) await queue.publish({ kind: 'search', jobId, party: p.name }, `${jobId}.search.${p.name}`);
     }
     // Every party chosen (the move to MERGING was missed): make it now.
-    if (job.parties.every((p) => p.chosen !== undefined)) await this.toMerging(jobId);
+    if (job.parties.every((p) => p.chosen !== undefined)) await this.toMerging(jobId, signal);
   }
 
   /** Runs one party's search (or resumes it), then moves the job on if it was the last. */
@@ -79,10 +79,10 @@ export class SearchTasks implements DistributedStep {
       const now = store.get(job.id);
       if (now.state === JobState.JOB_STATE_COLLECTING) throw new TaskNotReadyError(`party ${party} of job ${job.id} was sent back to collecting`);
     }
-    if (store.get(job.id).parties.every((p) => p.chosen !== undefined)) await this.toMerging(job.id);
+    if (store.get(job.id).parties.every((p) => p.chosen !== undefined)) await this.toMerging(job.id, signal);
   }
 
-  private async toMerging(jobId: string): Promise<void> {
+  private async toMerging(jobId: string, signal: AbortSignal): Promise<void> {
     try {
       await transitionJob(this.opts, jobId, JobState.JOB_STATE_MERGING, { from: JobState.JOB_STATE_DPA });
     } catch (err) {
@@ -90,6 +90,6 @@ export class SearchTasks implements DistributedStep {
       if (err instanceof StateConflictError) return;
       throw err;
     }
-    await this.opts.merge.request(jobId);
+    await this.opts.merge.run(jobId, signal);
   }
 }

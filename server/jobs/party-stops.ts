@@ -9,7 +9,7 @@
  *   job collecting with that upload still complete (it would move the job on
  *   and find the damage again). A crash in between leaves a job whose merge
  *   finds the tensor missing, which sends the party back the same way
- *   (jobs/job-runner.ts `mergeParties`). Only the send-back that moves the
+ *   (merge/merge-parties.ts). Only the send-back that moves the
  *   job transitions and announces it. The party's push sends it again.
  * - A party whose evaluations keep failing has its search stopped (the job
  *   stays in DPA); `dppa evaluate` resumes it (rpc/evaluation-service.ts).

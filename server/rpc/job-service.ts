@@ -22,8 +22,8 @@ export interface JobServiceDeps {
   auth: Authenticator;
   /** Per-party upload cap of new jobs; undefined for the default multiple of the base size. */
   maxUploadBytes: number | undefined;
-  /** The server is a replica of a cluster (jobs whose search uses the remote evaluator are refused). */
-  clustered: boolean;
+  /** Whether a search can reach a party's remote evaluator (jobs using one are refused otherwise). */
+  remoteEvaluators: boolean;
 }
 
 /** The JobService implementation. */
