@@ -62,7 +62,7 @@ export class SearchTasks implements JobStep {
     if (job.state !== JobState.JOB_STATE_DPA) return;
     const party = task.party!;
     if (job.parties.find((p) => p.name === party)?.chosen === undefined) {
-      await this.opts.spool.refreshJob(job.id, party);
+      await this.opts.spool.ofParty(job.id, party);
       try {
         await searchPartyFactors(this.opts, job.id, party, signal);
       } catch (err) {

@@ -216,10 +216,9 @@ export class JobRunner {
     return fs.bavail * fs.bsize >= job.baseBytes;
   }
 
-  /** True when every party's upload is complete (spools shared by replicas are read again first). */
+  /** True when every party's upload is complete. */
   private async allUploaded(job: StoredJob): Promise<boolean> {
-    await this.deps.spool.refreshJob(job.id);
-    return job.parties.every((p) => this.deps.spool.party(job.id, p.name).complete);
+    return [...(await this.deps.spool.ofJob(job.id)).values()].every((s) => s.complete);
   }
 
   private async advance(jobId: string, signal: AbortSignal): Promise<void> {

@@ -295,8 +295,8 @@ export class MergeDriver implements JobStep {
   }
 
   private async openContext(job: StoredJob, record: MergeRecord): Promise<JobContext> {
-    // With a shared folder, uploads landed on every replica: the spools are read again (they no longer change once the job merges).
-    await this.opts.spool.refreshJob(job.id);
+    // Uploads may have landed on every replica (they no longer change once the job merges).
+    await this.opts.spool.ofJob(job.id);
     const parties = mergeParties(job, this.opts.spool);
     const base = await Checkpoint.open(job.basePath);
     try {
