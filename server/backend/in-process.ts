@@ -4,11 +4,15 @@
  * What an interrupted merge wrote is not kept: the next one starts over.
  */
 import { randomBytes } from 'node:crypto';
-import { countWritten, emptyRecord, isSet, bitmap, withBit, type IdentifiedTask, type MergeRecord, type MergeRecords, type TaskHandler, type TaskSink } from './tasks.js';
+import {
+  bitmap, countWritten, emptyRecord, isSet, withBit,
+  type IdentifiedTask, type MergeRecord, type MergeRecords, type TaskHandler, type TaskSink,
+} from './tasks.js';
 
-/** Runs submitted tasks here, at most `lanes` at once. */
+/** Runs submitted tasks here, at most `lanes` at once; the first failure aborts the others. */
 export class InProcessTasks implements TaskSink {
   constructor(
+    /** Tasks of one submission run at once (Infinity: all). */
     private readonly lanes: number,
     /** The handler of every task; set before any task is submitted. */
     private readonly handler: () => TaskHandler,
@@ -16,7 +20,22 @@ export class InProcessTasks implements TaskSink {
 
   async submit(tasks: readonly IdentifiedTask[], signal: AbortSignal): Promise<void> {
     signal.throwIfAborted();
-    await inWindow(tasks, this.lanes, (t) => this.handler()(t.task, signal));
+    // One failure aborts the tasks still running, with that failure as the reason.
+    const controller = new AbortController();
+    const forward = (): void => controller.abort(signal.reason);
+    signal.addEventListener('abort', forward, { once: true });
+    try {
+      await inWindow(tasks, Math.min(this.lanes, tasks.length), async (t) => {
+        try {
+          await this.handler()(t.task, controller.signal);
+        } catch (err) {
+          if (!controller.signal.aborted) controller.abort(err);
+          throw err;
+        }
+      });
+    } finally {
+      signal.removeEventListener('abort', forward);
+    }
   }
 }
 

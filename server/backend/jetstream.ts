@@ -6,10 +6,10 @@
 import type { ResolvedServerOptions } from '../config.js';
 import { Cluster } from '../cluster/cluster.js';
 import { KvMergeRecords } from '../cluster/kv-merge-records.js';
-import { SearchTasks } from '../cluster/search-tasks.js';
 import { TaskQueue, type TaskHandler } from '../cluster/task-queue.js';
 import type { KvJobStore } from '../cluster/kv-job-store.js';
 import type { StreamJobEvents } from '../cluster/stream-job-events.js';
+import { SearchDriver } from '../dpa/search-driver.js';
 import { MergeDriver } from '../merge/merge-driver.js';
 import { ClusterMetrics } from '../metrics.js';
 import type { Backend, JobSteps, StepDeps } from './backend.js';
@@ -57,7 +57,7 @@ export class JetStreamBackend implements Backend {
     const mergeQueue = queue('merge', MergeDriver.lanes(deps.mergeWorkers));
     const searchQueue = queue('search', 1);
     const merge = new MergeDriver({ store, events, ...deps, records: new KvMergeRecords(c.kv), tasks: () => mergeQueue });
-    const search = new SearchTasks({ store, events, ...deps, queue: () => searchQueue, merge });
+    const search = new SearchDriver({ store, events, ...deps, tasks: () => searchQueue, merge });
     return {
       search,
       merge,

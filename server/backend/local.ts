@@ -7,7 +7,7 @@ import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import pMap from 'p-map';
 import type { NatsOptions } from '../config.js';
-import { searchJob } from '../dpa/job-search.js';
+import { SearchDriver } from '../dpa/search-driver.js';
 import { FileJobEvents } from '../jobs/job-events.js';
 import { LOAD_CONCURRENCY, LocalJobStore } from '../jobs/job-store.js';
 import type { Logger } from '../log.js';
@@ -69,10 +69,13 @@ export class LocalBackend implements Backend {
 
   steps(deps: StepDeps): JobSteps {
     const all = { store: this.store, events: this.events, ...deps };
-    const tasks: InProcessTasks = new InProcessTasks(MergeDriver.lanes(deps.mergeWorkers), () => (task, signal) => merge.execute(task, signal));
-    const merge: MergeDriver = new MergeDriver({ ...all, records: new MemoryMergeRecords(), tasks: () => tasks });
+    const mergeTasks: InProcessTasks = new InProcessTasks(MergeDriver.lanes(deps.mergeWorkers), () => (task, signal) => merge.execute(task, signal));
+    const merge: MergeDriver = new MergeDriver({ ...all, records: new MemoryMergeRecords(), tasks: () => mergeTasks });
+    // Every party's search at once.
+    const searchTasks: InProcessTasks = new InProcessTasks(Infinity, () => (task, signal) => search.execute(task, signal));
+    const search: SearchDriver = new SearchDriver({ ...all, tasks: () => searchTasks, merge });
     return {
-      search: { run: (jobId, signal) => searchJob(all, jobId, signal) },
+      search,
       merge,
       start: () => undefined,
       close: () => merge.close(),

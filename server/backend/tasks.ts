@@ -48,6 +48,8 @@ export interface TaskSink {
    * failure stops the rest and is thrown.
    */
   submit(tasks: readonly IdentifiedTask[], signal: AbortSignal): Promise<void>;
+  /** On a queue shared by replicas: tasks of this kind and job still queued. */
+  queued?(jobId: string, kind: TaskKind): Promise<number>;
 }
 
 /** Which tensors of a job's merge are written, and where the output is laid out. */

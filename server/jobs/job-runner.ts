@@ -1,30 +1,9 @@
 /**
- * Drives jobs through their life cycle once uploads are in:
- * COLLECTING → (DPA) → MERGING → MERGED, or FAILED. A party whose spooled
- * data turns out unusable in the search or the merge sends the job back to
- * COLLECTING until it has sent the data again (jobs/party-stops.ts).
- *
- * A job whose factors are searched goes COLLECTING → DPA, where every party's
- * factor search runs (dpa/job-search.ts) and records the chosen factors, then
- * DPA → MERGING. Jobs with DPA off or fixed factors go straight to MERGING.
- *
- * Searches and merges run under an AbortController: stopping the server
- * aborts them and leaves the job where it was (DPA or MERGING), to carry on at
- * the next start (a search from its recorded evaluations, a merge from the
- * beginning: its output is only ever renamed into place when complete);
- * cancelling the job aborts them and fails the job.
- *
- * A storage failure (a full disk, an I/O error) on the way fails nothing: the
- * job keeps its state, is paused with the reason (shown in `Job.pause`,
- * announced as a `paused` event) and tried again with backoff, a merge only
- * once the disk has room for its output (storage-pauses.ts), or at once by
- * {@link JobRunner.resumeJob}. Nothing of the failed attempt stays: a merge's
- * output is only renamed into place when complete.
- *
- * The search and the merge are {@link JobStep}s of the backend (backend/):
- * run here, or queued as tasks that replicas share, whose last task moves the
- * job on. Every move is checked against the state the job is in, so when two
- * replicas try the same one, one wins and the other leaves the job alone.
+ * Drives jobs once their uploads are in: COLLECTING → (DPA) → MERGING →
+ * MERGED, or FAILED, through the backend's search and merge steps
+ * (jobs/job-step.ts). A stop leaves a job where it was, a cancel fails it, a
+ * storage failure pauses it (storage-pauses.ts), a party's unusable data sends
+ * it back to COLLECTING (party-stops.ts). docs/design/job-flow.md, "The runner".
  */
 import { statfs } from 'node:fs/promises';
 import { JobState, type Pause } from '../../proto/gen/dppa/v1/jobs.js';
