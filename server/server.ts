@@ -1,35 +1,27 @@
 /**
- * The aggregation server: gRPC services, the job runner and the metrics
- * endpoint, over one data folder. Usable in-process (tests) and from
+ * The aggregation server: one backend (backend/: local, or replicas on NATS
+ * JetStream), the job runner, the gRPC services and the metrics endpoint,
+ * opened in order and closed in reverse. Usable in-process (tests) and from
  * `dppa serve` (cli.ts).
- *
- * Embedded (the default), jobs and events live in the data folder. With
- * `cluster`, the server is one replica of several sharing NATS JetStream
- * (cluster/): jobs in a KV bucket, events in the events stream, merges as
- * tasks on a work queue, and the data folder shared between replicas.
  */
-import { readFile, readdir, rm, statfs } from 'node:fs/promises';
-import { join } from 'node:path';
+import { readFile, statfs } from 'node:fs/promises';
 import { Server, ServerCredentials } from '@grpc/grpc-js';
-import pMap from 'p-map';
 import { DownloadServiceService } from '../proto/gen/dppa/v1/download.js';
 import { EvaluationServiceService } from '../proto/gen/dppa/v1/evaluation.js';
 import { JobServiceService } from '../proto/gen/dppa/v1/jobs.js';
 import { UploadServiceKeepingRecords } from './uploads/received-record.js';
 import { HealthService } from '../proto/gen/grpc/health/v1/health.js';
+import type { Backend } from './backend/backend.js';
+import { JetStreamBackend } from './backend/jetstream.js';
+import { LocalBackend } from './backend/local.js';
 import { buildInfo } from './build-info.js';
-import { Cluster } from './cluster/cluster.js';
-import { MergeTasks } from './cluster/merge-tasks.js';
-import { SearchTasks } from './cluster/search-tasks.js';
-import { TaskQueue, type TaskHandler } from './cluster/task-queue.js';
+import { Closers } from './closers.js';
 import { withDefaults, type ResolvedServerOptions, type ServerOptions } from './config.js';
 import { RemoteEvaluators } from './dpa/remote-evaluators.js';
 import { UnavailableError } from './errors.js';
-import { FileJobEvents, type JobEvents } from './jobs/job-events.js';
+import type { JobEvents } from './jobs/job-events.js';
 import { JobRunner } from './jobs/job-runner.js';
-import { LOAD_CONCURRENCY, LocalJobStore, type JobStore } from './jobs/job-store.js';
-import { ClusterMetrics, Metrics, MetricsServer } from './metrics.js';
-import { NatsEventPublisher } from './nats/event-publisher.js';
+import { Metrics, MetricsServer } from './metrics.js';
 import { Authenticator } from './rpc/auth.js';
 import { downloadService } from './rpc/download-service.js';
 import { evaluationService } from './rpc/evaluation-service.js';
@@ -64,21 +56,15 @@ const SERVICE_NAMES = [
 ];
 
 interface Running {
-  grpc: Server;
   grpcPort: number;
-  metricsServer: MetricsServer;
   metricsPort: number;
-  store: JobStore;
   events: JobEvents;
-  runner: JobRunner;
   broker: RemoteEvaluators;
-  publisher: NatsEventPublisher | undefined;
-  /** With `cluster`: the shared state and this replica's task lanes (merge tasks, and one search at a time). */
-  cluster: { cluster: Cluster; queues: TaskQueue[]; merge: MergeTasks } | undefined;
-  rpc: RpcWrapper;
   health: HealthState;
   draining: AbortController;
   closing: AbortController;
+  /** What start() opened, closed in reverse order by stop(). */
+  closers: Closers;
 }
 
 /** One aggregation server. `start()` it, then `stop()` it. */
@@ -131,82 +117,44 @@ export class DppaServer {
    */
   async start(): Promise<void> {
     if (this.running !== undefined) throw new Error('the server is already running');
-    const o = this.opts;
-    const log = o.logger;
-    let cluster: Cluster | undefined;
-    let store: JobStore;
-    let events: JobEvents;
-    let fileEvents: FileJobEvents | undefined;
-    if (o.cluster) {
-      // Before any listener: a replica that cannot reach the shared state does not start.
-      cluster = await Cluster.join({ nats: o.nats!, dataDir: o.dataDir, taskAckWaitMs: o.taskAckWaitMs, log });
-      store = cluster.store;
-      events = cluster.events;
-    } else {
-      const local = await LocalJobStore.open(o.dataDir, log);
-      fileEvents = new FileJobEvents(log);
-      const loading = fileEvents;
-      await pMap(
-        local.list(),
-        async (job) => {
-          await removeStaleOutputs(local.dir(job.id));
-          await loading.load(job.id, local.dir(job.id));
-        },
-        { concurrency: LOAD_CONCURRENCY },
-      );
-      store = local;
-      events = fileEvents;
-    }
-    let spool: Spool;
+    const closers = new Closers();
     try {
-      spool = await Spool.open({ store, log, shared: o.cluster, keepUploads: o.keepUploads });
+      this.running = await this.open(closers);
     } catch (err) {
-      // A replica that cannot read the shared folder must not keep its NATS connection (and the process) alive.
-      await events.close();
-      await cluster?.leave();
+      await closers.close({ graceful: false }).catch((e: unknown) => this.opts.logger.warn('cleaning up a failed start failed', { err: e }));
       throw err;
     }
+  }
+
+  /** Opens everything, pushing each resource on `closers` as soon as it is open. */
+  private async open(closers: Closers): Promise<Running> {
+    const o = this.opts;
+    const log = o.logger;
+    // Before any listener: a server that cannot reach its backend (or, with --nats, publish its events) does not start.
+    let backend: Backend;
+    let local: LocalBackend | undefined;
+    if (o.cluster) backend = await JetStreamBackend.join(o);
+    else backend = local = await LocalBackend.open({ dataDir: o.dataDir, log });
+    closers.push('backend', ({ graceful }) => backend.close({ flushMs: graceful ? Math.min(o.shutdownGraceMs, 5000) : 0 }));
+    const { store, events } = backend;
+    const spool = await Spool.open({ store, log, shared: backend.sharedFolder, keepUploads: o.keepUploads });
     const metrics = new Metrics(
       { jobsByState: () => store.countByState(), spoolBytes: () => spool.totalBytes(), dataDisk: () => diskSpace(o.dataDir) },
       buildInfo(),
     );
-    let publisher: NatsEventPublisher | undefined;
-    if (o.nats !== undefined && fileEvents !== undefined) {
-      // Before any listener: a server that should publish events but cannot reach NATS does not start.
-      try {
-        publisher = await NatsEventPublisher.start({
-          ...o.nats, events: fileEvents, jobIds: store.list().map((j) => j.id), jobDir: (id) => store.dir(id), registry: metrics.registry, log,
-        });
-      } catch (err) {
-        await events.close();
-        throw err;
-      }
-    }
+    if (o.nats !== undefined && local !== undefined) await local.publishEvents(o.nats, metrics, log);
     const broker = new RemoteEvaluators();
-    let replica: Running['cluster'];
-    let search: SearchTasks | undefined;
-    if (cluster !== undefined) {
-      const c = cluster;
-      const clusterMetrics = new ClusterMetrics(metrics.registry);
-      const handle: TaskHandler = (task, signal) => (task.kind === 'search' ? search!.handle(task, signal) : merge.handle(task, signal));
-      const queue = (group: 'merge' | 'search', lanes: number): TaskQueue =>
-        new TaskQueue({ js: c.js, jsm: c.jsm, group, lanes, ackWaitMs: o.taskAckWaitMs, handle, metrics: clusterMetrics, log });
-      // One search at a time per replica, so that the parties' searches spread over the replicas.
-      const queues = [queue('merge', MergeTasks.lanes(o.mergeWorkers)), queue('search', 1)];
-      const merge = new MergeTasks({ store, events, spool, kv: c.kv, queue: () => queues[0]!, metrics, log, mergeWorkers: o.mergeWorkers });
-      search = new SearchTasks({ store, events, spool, metrics, log, broker, queue: () => queues[1]!, merge });
-      replica = { cluster: c, queues, merge };
-    }
-    const runner = new JobRunner({
-      store, events, spool, metrics, log, mergeWorkers: o.mergeWorkers, broker, storageRetryMs: o.storageRetryMs,
-      ...(replica === undefined || search === undefined ? {} : { distributed: { search, merge: replica.merge } }),
-    });
+    const steps = backend.steps({ spool, metrics, log, broker, mergeWorkers: o.mergeWorkers, onMerged: (jobId) => runner.merged(jobId) });
+    closers.push('job steps', () => steps.close());
+    const runner = new JobRunner({ store, events, spool, metrics, log, broker, steps, sweepMs: backend.sweepMs, storageRetryMs: o.storageRetryMs });
     const auth = new Authenticator(o.adminToken, store);
     const health = new HealthState(SERVICE_NAMES);
     const draining = new AbortController();
     const closing = new AbortController();
     const rpc = new RpcWrapper(metrics, log, { draining: draining.signal, closing: closing.signal });
 
+    const metricsServer = new MetricsServer(metrics.registry);
+    closers.push('metrics listener', () => metricsServer.close());
     const grpc = new Server({
       'grpc.max_receive_message_length': o.maxMessageBytes,
       'grpc.max_send_message_length': o.maxMessageBytes,
@@ -215,33 +163,24 @@ export class DppaServer {
       'grpc.keepalive_time_ms': o.keepaliveMs,
       'grpc.keepalive_timeout_ms': o.keepaliveTimeoutMs,
     });
-    grpc.addService(JobServiceService, jobService({ store, events, spool, runner, auth, maxUploadBytes: o.maxUploadBytes, clustered: o.cluster }, rpc));
+    const remoteEvaluators = backend.remoteEvaluators;
+    grpc.addService(JobServiceService, jobService({ store, events, spool, runner, auth, maxUploadBytes: o.maxUploadBytes, remoteEvaluators }, rpc));
     grpc.addService(UploadServiceKeepingRecords, uploadService({ store, events, spool, runner, metrics, auth }, rpc));
     grpc.addService(DownloadServiceService, downloadService({ store, auth }, rpc));
     grpc.addService(EvaluationServiceService, evaluationService({ store, broker, auth, runner }, rpc));
     grpc.addService(HealthService, healthService(health, rpc));
     addReflection(grpc);
+    closers.push('gRPC listener', ({ graceful }) => this.drain(grpc, rpc, closing, graceful));
+    const grpcPort = await bind(grpc, o.grpcHost, o.grpcPort, await credentials(o));
+    widenReceiveWindow(grpc, o.receiveWindowBytes, log);
+    const metricsPort = await metricsServer.listen(o.grpcHost, o.metricsPort);
 
-    const metricsServer = new MetricsServer(metrics.registry);
-    let grpcPort: number;
-    let metricsPort: number;
-    try {
-      grpcPort = await bind(grpc, o.grpcHost, o.grpcPort, await credentials(o));
-      widenReceiveWindow(grpc, o.receiveWindowBytes, log);
-      metricsPort = await metricsServer.listen(o.grpcHost, o.metricsPort);
-    } catch (err) {
-      grpc.forceShutdown();
-      await metricsServer.close();
-      await publisher?.stop();
-      await events.close();
-      await replica?.merge.close();
-      await cluster?.leave();
-      throw err;
-    }
-    this.running = { grpc, grpcPort, metricsServer, metricsPort, store, events, runner, broker, publisher, cluster: replica, rpc, health, draining, closing };
-    for (const q of replica?.queues ?? []) q.start();
+    steps.start();
     runner.resume();
+    // First to stop: a merge can take many minutes, it is aborted at once and redone at the next start; a search resumes from its record.
+    closers.push('job runner', () => runner.stop());
     log.info('server started', { dataDir: o.dataDir, grpc: `${o.grpcHost}:${grpcPort}`, metricsPort, jobs: store.list().length });
+    return { grpcPort, metricsPort, events, broker, health, draining, closing, closers };
   }
 
   /**
@@ -265,45 +204,36 @@ export class DppaServer {
     // One turn of the event loop lets health watchers send NOT_SERVING before the draining signal ends them.
     await new Promise((resolve) => setImmediate(resolve));
     r.draining.abort(new UnavailableError('the server is shutting down'));
-    const cutOff = (): void => {
-      if (!r.closing.signal.aborted) r.closing.abort(new UnavailableError('the server is shutting down'));
-    };
-    if (!graceful) cutOff();
-    // A merge can take many minutes: it is aborted at once and redone at the next start; a search resumes from its record.
-    const merges = r.runner.stop();
+    if (!graceful) cutOff(r.closing);
+    await r.closers.close({ graceful });
+    log.info('server stopped');
+  }
+
+  /**
+   * Lets in-flight calls finish (up to the grace period when graceful), then
+   * cuts them off and waits for their handlers (which may still be discarding
+   * a partial tensor or appending an event).
+   */
+  private async drain(grpc: Server, rpc: RpcWrapper, closing: AbortController, graceful: boolean): Promise<void> {
     await new Promise<void>((resolve) => {
       const timer = setTimeout(() => {
-        cutOff();
+        cutOff(closing);
         // Calls have had their signal aborted; give them a moment to send their status, then drop the connections.
-        setTimeout(() => r.grpc.forceShutdown(), 100).unref();
+        setTimeout(() => grpc.forceShutdown(), 100).unref();
       }, graceful ? this.opts.shutdownGraceMs : 0);
-      r.grpc.tryShutdown(() => {
+      grpc.tryShutdown(() => {
         clearTimeout(timer);
         resolve();
       });
     });
-    cutOff();
-    // Handlers of calls cut off may still be discarding a partial tensor or appending an event.
-    await r.rpc.idle();
-    await merges;
-    // Tasks in progress go back to the queue for the other replicas: stopping the merge threads cuts the tensors short.
-    const lanes = Promise.all((r.cluster?.queues ?? []).map((q) => q.stop()));
-    await r.cluster?.merge.close();
-    await lanes;
-    // No event is appended any more: publish what is pending while NATS is there (the rest goes out at the next start).
-    await r.publisher?.stop({ flushMs: graceful ? Math.min(this.opts.shutdownGraceMs, 5000) : 0 });
-    await r.metricsServer.close();
-    await r.events.close();
-    await r.cluster?.cluster.leave();
-    log.info('server stopped');
+    cutOff(closing);
+    await rpc.idle();
   }
 }
 
-/** Removes temporary merge outputs a crash or a stop left behind (`merged.tmp-*`, `merged.old-*`). */
-async function removeStaleOutputs(jobDir: string): Promise<void> {
-  for (const name of await readdir(jobDir)) {
-    if (name.startsWith('merged.tmp-') || name.startsWith('merged.old-')) await rm(join(jobDir, name), { recursive: true, force: true });
-  }
+/** Aborts the calls still running. */
+function cutOff(closing: AbortController): void {
+  if (!closing.signal.aborted) closing.abort(new UnavailableError('the server is shutting down'));
 }
 
 async function diskSpace(dir: string): Promise<{ freeBytes: number; sizeBytes: number }> {

@@ -9,7 +9,8 @@ import { Kvm, type KV } from '@nats-io/kv';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { Registry } from 'prom-client';
 import { JobState, type JobEvent } from '../proto/gen/dppa/v1/jobs.js';
-import { MergeTasks, type MergeTasksOptions } from '../server/cluster/merge-tasks.js';
+import { KvMergeRecords } from '../server/cluster/kv-merge-records.js';
+import { MergeDriver, type MergeDriverOptions } from '../server/merge/merge-driver.js';
 import { StreamJobEvents } from '../server/cluster/stream-job-events.js';
 import { ensureTaskQueue, TaskNotReadyError, TaskQueue } from '../server/cluster/task-queue.js';
 import type { JobStore, StoredJob } from '../server/jobs/job-store.js';
@@ -101,12 +102,12 @@ describe('cluster job events', () => {
 describe('cluster merge tasks of a job that is not merging', () => {
   /** Jobs whose uploads the tasks asked the spool to delete. */
   const discarded: string[] = [];
-  /** MergeTasks over a store holding one job (`local` in memory, `stored` in the bucket); what these tasks never touch is left out. */
-  function mergeTasks(events: StreamJobEvents, local: Partial<StoredJob>, stored: Partial<StoredJob> = local): MergeTasks {
+  /** The merge driver's tasks over a store holding one job (`local` in memory, `stored` in the bucket); what these tasks never touch is left out. */
+  function mergeTasks(events: StreamJobEvents, local: Partial<StoredJob>, stored: Partial<StoredJob> = local): MergeDriver {
     const job = (j: Partial<StoredJob>): StoredJob => ({ id: 'j', updatedAt: new Date(0).toISOString(), failureReason: '', merged: undefined, ...j }) as StoredJob;
     const store = { get: () => job(local), fresh: () => Promise.resolve(job(stored)), list: () => [] } as unknown as JobStore;
     const spool = { discardJob: (id: string) => Promise.resolve(void discarded.push(id)) } as unknown as Spool;
-    return new MergeTasks({ store, events, kv, log, spool, mergeWorkers: 0, queue: () => assert.fail('no task is queued') } as unknown as MergeTasksOptions);
+    return new MergeDriver({ store, events, records: new KvMergeRecords(kv), log, spool, mergeWorkers: 0, tasks: () => assert.fail('no task is queued') } as unknown as MergeDriverOptions);
   }
 
   it('publishes a lost `merged` when the commit task runs again, once, and not while it may still be on its way', async () => {

@@ -29,20 +29,10 @@ import { describeNatsError } from '../nats/connection.js';
 import {
   TASK_GROUPS, taskGroupSubjects, TASKS_LIMITS, TASKS_STREAM, TASKS_STREAM_SUBJECTS, taskSubject, type TaskGroup, type TaskKind,
 } from '../nats/subjects.js';
+import { TaskNotReadyError, type IdentifiedTask, type Task, type TaskHandler, type TaskSink } from '../backend/tasks.js';
 import { natsCall } from './nats-calls.js';
 
-/** A task on the queue (its JSON payload). */
-export interface Task {
-  kind: TaskKind;
-  jobId: string;
-  /** Tensor tasks: the tensor's name and its index among the base's tensors. */
-  tensor?: { name: string; index: number };
-  /** Search tasks: the party whose factors are searched. */
-  party?: string;
-}
-
-/** Carries out one task; resolves once its result is stored. Runs again if it throws (or the replica dies). */
-export type TaskHandler = (task: Task, signal: AbortSignal) => Promise<void>;
+export { TaskNotReadyError, type Task, type TaskHandler } from '../backend/tasks.js';
 
 /** Options of {@link TaskQueue}. */
 export interface TaskQueueOptions {
@@ -71,19 +61,6 @@ const RETRY_DELAY_MS = 1000;
 const RECONNECT_WAIT_MS = 1000;
 /** The consumer's settings (its ack wait, which a replica starting later may change) are read again this often. */
 const CONSUMER_REFRESH_MS = 30_000;
-
-/**
- * Thrown by a handler whose task cannot run yet (e.g. this replica's copy of
- * the job lags the bucket): the task is handed back and comes back after
- * `delayMs`, logged as information rather than as a failure.
- */
-export class TaskNotReadyError extends Error {
-  override name = 'TaskNotReadyError';
-
-  constructor(message: string, readonly delayMs = 2000) {
-    super(message);
-  }
-}
 
 /**
  * Creates the tasks stream and the consumer of each group, or updates the consumers' settings.
@@ -116,7 +93,7 @@ export async function ensureTaskQueue(jsm: JetStreamManager, ackWaitMs: number):
 }
 
 /** This replica's side of the work queue: publishing tasks and working on them. */
-export class TaskQueue {
+export class TaskQueue implements TaskSink {
   private readonly stopping = new AbortController();
   private lanes: Promise<void>[] = [];
   private consumer: Consumer | undefined;
@@ -143,6 +120,11 @@ export class TaskQueue {
    */
   async publish(task: Task, msgId: string): Promise<void> {
     await natsCall('queueing a task', () => this.opts.js.publish(taskSubject(task.jobId, task.kind), JSON.stringify(task), { msgID: msgId }));
+  }
+
+  /** Queues tasks one after the other ({@link publish}); their outcome is the replicas' business. */
+  async submit(tasks: readonly IdentifiedTask[]): Promise<void> {
+    for (const { task, id } of tasks) await this.publish(task, id);
   }
 
   /**

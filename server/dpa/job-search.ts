@@ -1,6 +1,6 @@
 /**
- * The DPA state of a job: the factor search of every party, run in parallel
- * (spec "DPA"; docs/dpa.md).
+ * The factor search of one party of a job in DPA (spec "DPA"; docs/dpa.md);
+ * search-driver.ts runs one per party, as tasks.
  *
  * Each party's search first measures the dense fine-tuned model's scores (the
  * reference of its Domain-Ratio), then runs `searchFactors` over the partitions
@@ -43,63 +43,32 @@ export class SearchFailedError extends Error {
 }
 
 /**
- * Runs the search of every party of a job in state DPA that has no chosen
- * factors yet and whose search is not stopped, in parallel. A party whose
- * evaluations failed has its search stopped, a party whose spooled data is
- * unusable is sent back to collecting (jobs/party-stops.ts): the others go
- * on. Any other failure stops them all.
- * @returns Once every search ended; the job may be left waiting for a stopped party.
- * @throws SearchFailedError (the job fails with its message); the signal's reason when aborted.
- */
-export async function searchJob(deps: JobSearchDeps, jobId: string, signal: AbortSignal): Promise<void> {
-  const job = deps.store.get(jobId);
-  const search = job.dpa.search!;
-  const todo = job.parties.filter((p) => p.chosen === undefined && p.searchStopped !== true).map((p) => p.name);
-  const onnx = todo.some((p) => evaluatorOf(search, p) === 'onnx') ? await openOnnx(job) : undefined;
-  // One failure aborts every other party's search, with that failure as the reason.
-  const controller = new AbortController();
-  const forward = (): void => controller.abort(signal.reason);
-  signal.addEventListener('abort', forward, { once: true });
-  if (signal.aborted) forward();
-  try {
-    await Promise.allSettled(
-      todo.map((party) =>
-        searchParty(deps, job, party, onnx, controller.signal).catch(async (err: unknown) => {
-          if (controller.signal.aborted) return;
-          try {
-            if (await stopParty(deps, jobId, party, err)) return;
-          } catch (stopErr) {
-            err = stopErr;
-          }
-          if (!controller.signal.aborted) controller.abort(failure(party, err));
-        }),
-      ),
-    );
-    signal.throwIfAborted();
-    if (controller.signal.aborted) throw controller.signal.reason;
-  } finally {
-    signal.removeEventListener('abort', forward);
-    await onnx?.close();
-  }
-}
-
-/**
  * Runs (or resumes, from its recorded evaluations) the search of one party
- * of a job in state DPA: on a cluster, each party's search is a task of its
- * own (cluster/search-tasks.ts). A party whose evaluations failed or whose
- * data is unusable is stopped, as in {@link searchJob}.
+ * of a job in state DPA, with the job's ONNX evaluator if the party uses it.
+ * A party whose evaluations failed has its search stopped, a party whose
+ * spooled data is unusable is sent back to collecting (jobs/party-stops.ts):
+ * the job goes on without it.
  * @throws SearchFailedError (the job fails with its message; its cause says why); the signal's reason when aborted.
  */
-export async function searchPartyFactors(deps: JobSearchDeps, jobId: string, party: string, signal: AbortSignal): Promise<void> {
+export async function searchPartyFactors(
+  deps: JobSearchDeps,
+  jobId: string,
+  party: string,
+  onnx: OnnxCandidates | undefined,
+  signal: AbortSignal,
+): Promise<void> {
   const job = deps.store.get(jobId);
-  const onnx = evaluatorOf(job.dpa.search!, party) === 'onnx' ? await openOnnx(job) : undefined;
   try {
     await searchParty(deps, job, party, onnx, signal);
   } catch (err) {
     if (signal.aborted) throw signal.reason;
-    if (!(await stopParty(deps, jobId, party, err))) throw failure(party, err);
-  } finally {
-    await onnx?.close();
+    let stopped: boolean;
+    try {
+      stopped = await stopParty(deps, jobId, party, err);
+    } catch (stopErr) {
+      throw failure(party, stopErr);
+    }
+    if (!stopped) throw failure(party, err);
   }
 }
 
@@ -122,7 +91,11 @@ async function stopParty(deps: JobSearchDeps, jobId: string, party: string, err:
   return false;
 }
 
-async function openOnnx(job: StoredJob): Promise<OnnxCandidates> {
+/**
+ * The job's ONNX evaluator, opened.
+ * @throws SearchFailedError if it cannot start.
+ */
+export async function openOnnx(job: StoredJob): Promise<OnnxCandidates> {
   try {
     return await OnnxCandidates.open(job, job.dpa.search!);
   } catch (err) {

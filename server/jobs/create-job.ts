@@ -27,8 +27,8 @@ export interface CreateJobDeps {
   spool: Spool;
   /** Per-party upload cap; undefined for {@link DEFAULT_UPLOAD_CAP_FACTOR} × the base size. */
   maxUploadBytes: number | undefined;
-  /** The server is a replica of a cluster, where the DPA factor search runs with the ONNX evaluator only. */
-  clustered: boolean;
+  /** Whether a search can reach a party's remote evaluator: not on a cluster, where the DPA factor search runs with the ONNX evaluator only. */
+  remoteEvaluators: boolean;
 }
 
 /**
@@ -47,7 +47,7 @@ export async function createJob(
   const settings = checkJobSettings(req);
   const search = settings.dpa.search;
   const remote = search === undefined ? undefined : settings.parties.find((p) => evaluatorOf(search, p) === 'remote');
-  if (deps.clustered && remote !== undefined) {
+  if (!deps.remoteEvaluators && remote !== undefined) {
     throw new UnimplementedError(
       `dpa.search: party ${remote}: the remote evaluator is not available on a cluster (--cluster) yet; use the onnx evaluator, or an embedded server`,
     );

@@ -1,38 +1,12 @@
 /**
- * Drives jobs through their life cycle once uploads are in:
- * COLLECTING → (DPA) → MERGING → MERGED, or FAILED. A party whose spooled
- * data turns out unusable in the search or the merge sends the job back to
- * COLLECTING until it has sent the data again (jobs/party-stops.ts).
- *
- * A job whose factors are searched goes COLLECTING → DPA, where every party's
- * factor search runs (dpa/job-search.ts) and records the chosen factors, then
- * DPA → MERGING. Jobs with DPA off or fixed factors go straight to MERGING.
- *
- * Searches and merges run under an AbortController: stopping the server
- * aborts them and leaves the job where it was (DPA or MERGING), to carry on at
- * the next start (a search from its recorded evaluations, a merge from the
- * beginning: its output is only ever renamed into place when complete);
- * cancelling the job aborts them and fails the job.
- *
- * A storage failure (a full disk, an I/O error) on the way fails nothing: the
- * job keeps its state, is paused with the reason (shown in `Job.pause`,
- * announced as a `paused` event) and tried again with backoff, a merge only
- * once the disk has room for its output (storage-pauses.ts), or at once by
- * {@link JobRunner.resumeJob}. Nothing of the failed attempt stays: a merge's
- * output is only renamed into place when complete.
- *
- * With `--cluster` ({@link JobRunnerDeps.distributed}) searches and merges
- * do not run here: the runner asks for them, and the replicas' tasks carry
- * them out and move the job on (DPA → MERGING → MERGED). Every move is checked against the state the
- * job is in, so when two replicas try the same one, one wins and the other
- * leaves the job alone; and the runner looks at every unfinished job again
- * every few seconds, so that a move missed while NATS was away happens once
- * it is back.
+ * Drives jobs once their uploads are in: COLLECTING → (DPA) → MERGING →
+ * MERGED, or FAILED, through the backend's search and merge steps
+ * (jobs/job-step.ts). A stop leaves a job where it was, a cancel fails it, a
+ * storage failure pauses it (storage-pauses.ts), a party's unusable data sends
+ * it back to COLLECTING (party-stops.ts). docs/design/job-flow.md, "The runner".
  */
 import { statfs } from 'node:fs/promises';
-import { join } from 'node:path';
 import { JobState, type Pause } from '../../proto/gen/dppa/v1/jobs.js';
-import { searchJob } from '../dpa/job-search.js';
 import type { RemoteEvaluators } from '../dpa/remote-evaluators.js';
 import {
   type DiskFullError,
@@ -44,27 +18,15 @@ import {
 } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
-import { mergeCheckpoint, type MergeParty } from '../merge/merger.js';
 import { SpooledTensorError } from '../merge/tensor-merge.js';
 import type { Spool } from '../uploads/spool.js';
 import type { JobEvents } from './job-events.js';
-import { partyFactors, partyWeight, searchesFactors } from './job-spec.js';
+import { searchesFactors } from './job-spec.js';
+import type { JobStep } from './job-step.js';
 import { isTerminal, stateName, type JobStore, type StoredJob } from './job-store.js';
 import { failJob, StateConflictError, transitionJob } from './job-transitions.js';
 import { DEFAULT_STORAGE_RETRY_MS, StoragePauses } from './storage-pauses.js';
 import { clearSentBack, resumeParty, sendPartyBack } from './party-stops.js';
-
-/** Shortest interval between two merge_progress events (the last one is always sent). */
-export const PROGRESS_INTERVAL_MS = 250;
-
-/** With a distributed merge: how often every unfinished job is looked at again. */
-const SWEEP_INTERVAL_MS = 5000;
-
-/** A step of a job run as tasks shared by the replicas (cluster/): the runner only asks for it. */
-export interface DistributedStep {
-  /** Makes sure the step of the job is under way on some replica; idempotent. @throws NatsUnavailableError while NATS is away. */
-  request(jobId: string): Promise<void>;
-}
 
 /** Why a search or merge was aborted: the job was cancelled (it fails) rather than the server stopping (it stays where it was). */
 class JobCancelled extends Error {
@@ -78,12 +40,12 @@ export interface JobRunnerDeps {
   spool: Spool;
   metrics: Metrics;
   log: Logger;
-  /** Worker threads of each merge (0: the main thread). */
-  mergeWorkers: number;
   /** Evaluation requests to the parties whose evaluator is remote. */
   broker: RemoteEvaluators;
-  /** Set with `--cluster`: searches and merges are tasks of the replicas instead of running in this process. @default none */
-  distributed?: { search: DistributedStep; merge: DistributedStep };
+  /** The factor search and the merge, as the backend carries them out. */
+  steps: { search: JobStep; merge: JobStep };
+  /** How often every unfinished job is looked at again (a move missed while the shared state was away). @default never */
+  sweepMs?: number | undefined;
   /** First wait before a job paused by a storage failure is tried again; doubles after each failure, up to 5 minutes. @default 5000 */
   storageRetryMs?: number;
 }
@@ -107,16 +69,22 @@ export class JobRunner {
 
   /**
    * Picks up where the last run stopped: jobs whose uploads are all in, and
-   * jobs that were searching or merging. With a distributed merge, does so
-   * again every few seconds until stopped.
+   * jobs that were searching or merging. With `sweepMs`, does so again
+   * that often until stopped.
    */
   resume(): void {
     for (const job of this.deps.store.list()) if (!isTerminal(job.state)) this.poke(job.id);
-    if (this.deps.distributed !== undefined && this.sweep === undefined && !this.stopped) {
+    const { sweepMs } = this.deps;
+    if (sweepMs !== undefined && this.sweep === undefined && !this.stopped) {
       this.sweep = setInterval(() => {
         for (const job of this.deps.store.list()) if (!isTerminal(job.state)) this.poke(job.id);
-      }, SWEEP_INTERVAL_MS).unref();
+      }, sweepMs).unref();
     }
+  }
+
+  /** A job just moved to MERGED: it is no longer paused (called before its merged event goes out). */
+  merged(jobId: string): void {
+    this.unpause(jobId);
   }
 
   /**
@@ -227,10 +195,9 @@ export class JobRunner {
     return fs.bavail * fs.bsize >= job.baseBytes;
   }
 
-  /** True when every party's upload is complete (spools shared by replicas are read again first). */
+  /** True when every party's upload is complete. */
   private async allUploaded(job: StoredJob): Promise<boolean> {
-    await this.deps.spool.refreshJob(job.id);
-    return job.parties.every((p) => this.deps.spool.party(job.id, p.name).complete);
+    return [...(await this.deps.spool.ofJob(job.id)).values()].every((s) => s.complete);
   }
 
   private async advance(jobId: string, signal: AbortSignal): Promise<void> {
@@ -239,14 +206,12 @@ export class JobRunner {
       job = await this.transition(jobId, JobState.JOB_STATE_COLLECTING, searchesFactors(job) ? JobState.JOB_STATE_DPA : JobState.JOB_STATE_MERGING, clearSentBack);
     }
     if (job.state === JobState.JOB_STATE_DPA) {
-      // Distributed: the last party's search task moves the job to MERGING.
-      if (this.deps.distributed !== undefined) return this.deps.distributed.search.request(jobId);
+      // Searches queued as tasks: the last one moves the job to MERGING.
       if (!(await this.search(job, signal))) return;
       job = await this.transition(jobId, JobState.JOB_STATE_DPA, JobState.JOB_STATE_MERGING);
     }
     if (job.state !== JobState.JOB_STATE_MERGING) return;
-    if (this.deps.distributed !== undefined) await this.deps.distributed.merge.request(jobId);
-    else await this.merge(job, signal);
+    await this.merge(job, signal);
   }
 
   /**
@@ -256,7 +221,7 @@ export class JobRunner {
   private async search(job: StoredJob, signal: AbortSignal): Promise<boolean> {
     const { log } = this.deps;
     try {
-      await searchJob(this.deps, job.id, signal);
+      await this.deps.steps.search.run(job.id, signal);
       const after = this.deps.store.get(job.id);
       return after.state === JobState.JOB_STATE_DPA && after.parties.every((p) => p.chosen !== undefined);
     } catch (err) {
@@ -266,7 +231,8 @@ export class JobRunner {
         return false;
       }
       // A full or failing disk pauses the job instead (run()); the search resumes from its recorded evaluations.
-      if (storageError(err) !== undefined) throw err;
+      // NATS away: the next sweep asks again.
+      if (storageError(err) !== undefined || err instanceof NatsUnavailableError) throw err;
       log.error('DPA search failed', { jobId: job.id, err });
       await this.fail(job.id, `DPA search failed: ${err instanceof Error ? err.message : String(err)}`);
       return false;
@@ -274,35 +240,9 @@ export class JobRunner {
   }
 
   private async merge(job: StoredJob, signal: AbortSignal): Promise<void> {
-    const { events, metrics, log } = this.deps;
-    const started = performance.now();
-    let lastProgress = 0;
+    const { log } = this.deps;
     try {
-      const result = await mergeCheckpoint({
-        basePath: job.basePath,
-        outDir: join(this.deps.store.dir(job.id), 'merged'),
-        parties: mergeParties(job, this.deps.spool),
-        outsideByMax: job.dpa.scaleOutsideByMax,
-        workers: this.deps.mergeWorkers,
-        signal,
-        onProgress: (p) => {
-          metrics.mergeTensors.inc();
-          metrics.mergeBytes.inc(p.tensorBytes);
-          const now = performance.now();
-          if (p.tensorsDone < p.tensorsTotal && now - lastProgress < PROGRESS_INTERVAL_MS) return;
-          lastProgress = now;
-          void events.append(job.id, { mergeProgress: { tensorsDone: p.tensorsDone, tensorsTotal: p.tensorsTotal } });
-        },
-      });
-      const seconds = (performance.now() - started) / 1000;
-      metrics.mergeDuration.observe(seconds);
-      await this.transition(job.id, JobState.JOB_STATE_MERGING, JobState.JOB_STATE_MERGED, (j) => (j.merged = { files: result.files, seconds }));
-      // A job shown MERGED is no longer paused, before its merged event goes out.
-      this.unpause(job.id);
-      // Before the event, so that a failure to append it cannot leave the uploads behind.
-      await this.deps.spool.discardJob(job.id);
-      await events.append(job.id, { merged: { files: result.files.map((f) => f.path), seconds } });
-      log.info('job merged', { jobId: job.id, seconds, tensorsMerged: result.tensorsMerged, tensorsCopied: result.tensorsCopied });
+      await this.deps.steps.merge.run(job.id, signal);
     } catch (err) {
       if (signal.aborted) {
         // Cancelled: cancel() records the failure. Shutting down: stays MERGING, merged again at the next start.
@@ -310,7 +250,8 @@ export class JobRunner {
         return;
       }
       // A full or failing disk pauses the job instead (run()): it merges again, from the start, later.
-      if (storageError(err) !== undefined) throw err;
+      // NATS away: the next sweep asks again.
+      if (storageError(err) !== undefined || err instanceof NatsUnavailableError) throw err;
       // One party's data: that party sends it again, the job is kept.
       if (err instanceof SpooledTensorError) {
         await sendPartyBack(this.deps, job.id, JobState.JOB_STATE_MERGING, err);
@@ -332,25 +273,4 @@ export class JobRunner {
     this.deps.broker.endJob(jobId, new FailedPreconditionError(`job ${jobId} failed: ${reason}`));
     return job;
   }
-}
-
-/**
- * The parties of a job as the merge takes them: in the job's order, with weight, factors and spooled tensors.
- * @throws SpooledTensorError for a tensor planned but not held (dropped by a send-back cut short): a merge must never leave out a tensor;
- *   Error if a party has no upload.
- */
-export function mergeParties(job: StoredJob, spool: Spool): MergeParty[] {
-  return job.parties.map(({ name }) => {
-    const s = spool.party(job.id, name);
-    if (s.header === undefined) throw new Error(`party ${name} has sent nothing`);
-    const missing = s.header.tensors.findIndex((t) => t.sent && !s.held.has(t.name));
-    if (missing >= 0) {
-      const file = join(s.dir, `${missing}.dppa`);
-      const tensor = s.header.tensors[missing]!.name;
-      throw new SpooledTensorError(name, `${file}, tensor "${tensor}": the spool file is gone`, file, tensor);
-    }
-    const factors = partyFactors(job, name, s.header.levels.length);
-    if (factors === undefined) throw new Error(`party ${name} has no factors`);
-    return { name, weight: partyWeight(job, name), factors, tensors: new Map([...s.held.values()].map((t) => [t.name, t.file])) };
-  });
 }

@@ -1,17 +1,10 @@
 /**
- * The merge: `W = W_base + Σ_i c_i · Σ_p f_ip · Δ_i|p`, tensor by tensor in
- * the base's layout (spec "Merge").
- *
- * Each tensor is accumulated in fp32 from the base, the parties' spooled
- * entries are added in the job's party order (so the result does not depend
- * on timing), and it is written in the base's dtype (bf16 rounded to nearest
- * even). Tensors no party sent are copied byte for byte. The output appears
- * under its final name only when complete (CheckpointWriter).
- *
- * The additions run on worker threads (tensor-merge.ts, merge-runner.ts);
- * this thread reads raw tensors and writes. Memory: per worker one fp32
- * buffer of the largest tensor plus one encoded tensor, whatever the model's
- * size.
+ * The merge `W = W_base + Σ_i c_i · Σ_p f_ip · Δ_i|p` of a whole checkpoint
+ * in one call (spec "Merge"): the reference the tests and `npm run bench:merge`
+ * use, and the helpers the server's merge driver shares (merge-driver.ts).
+ * Tensors are merged by the same kernel (tensor-merge.ts), in fp32, parties
+ * in the given order, written in the base's dtype; tensors no party sent are
+ * copied; the output appears under its final name only when complete.
  */
 import { createHash } from 'node:crypto';
 import { open, readdir, stat } from 'node:fs/promises';
@@ -20,6 +13,7 @@ import { join } from 'node:path';
 import { FormatError } from '../../proto/errors.js';
 import { Checkpoint, CheckpointWriter, type CheckpointLayout } from '../../proto/safetensors/index.js';
 import type { MergedFileInfo } from '../jobs/job-store.js';
+import { inWindow } from '../backend/in-process.js';
 import { inlineRunner, type MergeRunner, workerRunner } from './merge-runner.js';
 import type { Contribution } from './tensor-merge.js';
 
@@ -149,23 +143,6 @@ export function contributionsTo(tensor: string, parties: readonly MergeParty[]):
     const file = p.tensors.get(tensor);
     return file === undefined ? [] : [{ party: p.name, file, weight: p.weight, factors: [...p.factors] }];
   });
-}
-
-/** Runs `fn` over `items` with at most `width` calls pending; the first failure stops new calls and is thrown once all pending ones settled. */
-async function inWindow<T>(items: readonly T[], width: number, fn: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  let failure: { err: unknown } | undefined;
-  const lane = async (): Promise<void> => {
-    while (failure === undefined && next < items.length) {
-      try {
-        await fn(items[next++]!);
-      } catch (err) {
-        failure ??= { err };
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: width }, lane));
-  if (failure !== undefined) throw failure.err;
 }
 
 /**

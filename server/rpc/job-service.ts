@@ -22,8 +22,8 @@ export interface JobServiceDeps {
   auth: Authenticator;
   /** Per-party upload cap of new jobs; undefined for the default multiple of the base size. */
   maxUploadBytes: number | undefined;
-  /** The server is a replica of a cluster (jobs whose search uses the remote evaluator are refused). */
-  clustered: boolean;
+  /** Whether a search can reach a party's remote evaluator (jobs using one are refused otherwise). */
+  remoteEvaluators: boolean;
 }
 
 /** The JobService implementation. */
@@ -33,19 +33,18 @@ export function jobService(deps: JobServiceDeps, rpc: RpcWrapper): JobServiceSer
     createJob: rpc.unary('dppa.v1.JobService/CreateJob', async (req, ctx) => {
       auth.requireAdmin(ctx.metadata);
       const { job, tokens } = await createJob(deps, req, ctx.signal);
-      return { job: jobView(job, spool, runner.pause(job.id)), tokens };
+      return { job: jobView(job, await spool.ofJob(job.id), runner.pause(job.id)), tokens };
     }),
     getJob: rpc.unary('dppa.v1.JobService/GetJob', async (req, ctx) => {
       auth.requireJobAccess(ctx.metadata, req.jobId);
       const job = store.get(req.jobId);
-      await spool.refreshJob(job.id);
-      return jobView(job, spool, runner.pause(job.id));
+      return jobView(job, await spool.ofJob(job.id), runner.pause(job.id));
     }),
     listJobs: rpc.unary('dppa.v1.JobService/ListJobs', async (_req, ctx) => {
       auth.requireAdmin(ctx.metadata);
-      const jobs = store.list();
-      for (const j of jobs) await spool.refreshJob(j.id);
-      return { jobs: jobs.map((j) => jobView(j, spool, runner.pause(j.id))) };
+      const jobs = [];
+      for (const j of store.list()) jobs.push(jobView(j, await spool.ofJob(j.id), runner.pause(j.id)));
+      return { jobs };
     }),
     watchJob: rpc.serverStream(
       'dppa.v1.JobService/WatchJob',
@@ -62,12 +61,13 @@ export function jobService(deps: JobServiceDeps, rpc: RpcWrapper): JobServiceSer
         throw new FailedPreconditionError(`job ${req.jobId} has already merged; there is nothing to cancel`);
       }
       const reason = req.reason.trim() === '' ? 'cancelled by the admin' : req.reason;
-      return jobView(await runner.cancel(req.jobId, reason), spool, undefined);
+      const job = await runner.cancel(req.jobId, reason);
+      return jobView(job, await spool.ofJob(job.id), undefined);
     }),
-    resumeJob: rpc.unary('JobService/ResumeJob', (req, ctx) => {
+    resumeJob: rpc.unary('JobService/ResumeJob', async (req, ctx) => {
       auth.requireAdmin(ctx.metadata);
       const job = runner.resumeJob(req.jobId);
-      return Promise.resolve(jobView(job, spool, runner.pause(job.id)));
+      return jobView(job, await spool.ofJob(job.id), runner.pause(job.id));
     }),
   };
 }

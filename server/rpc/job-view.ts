@@ -6,13 +6,14 @@ import { pruneMethodToWire } from '../../proto/algorithm/index.js';
 import type { Job, PartyStatus, Pause } from '../../proto/gen/dppa/v1/jobs.js';
 import { partyFactors, searchesFactors } from '../jobs/job-spec.js';
 import type { StoredJob } from '../jobs/job-store.js';
-import type { Spool } from '../uploads/spool.js';
+import type { PartySpool } from '../uploads/spool.js';
 
 /**
  * The `Job` message of a stored job.
+ * @param spools - The parties' spools (Spool.ofJob).
  * @param pause - Set while a storage failure holds the job up (JobRunner.pause).
  */
-export function jobView(job: StoredJob, spool: Spool, pause: Pause | undefined): Job {
+export function jobView(job: StoredJob, spools: ReadonlyMap<string, PartySpool>, pause: Pause | undefined): Job {
   return {
     id: job.id,
     label: job.label,
@@ -26,7 +27,7 @@ export function jobView(job: StoredJob, spool: Spool, pause: Pause | undefined):
     dpa: job.dpa,
     merge: job.merge,
     parties: job.parties.map((p): PartyStatus => {
-      const s = spool.party(job.id, p.name);
+      const s = spools.get(p.name)!;
       const factors = partyFactors(job, p.name, s.header?.levels.length);
       return {
         name: p.name,

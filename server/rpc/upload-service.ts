@@ -12,8 +12,7 @@ export function uploadService(deps: UploadDeps, rpc: RpcWrapper): UploadServiceS
     getUploadState: rpc.unary('dppa.v1.UploadService/GetUploadState', async (req, ctx) => {
       deps.auth.requireParty(ctx.metadata, req.jobId, req.party);
       deps.store.get(req.jobId);
-      await deps.spool.refreshJob(req.jobId, req.party);
-      return uploadState(req.jobId, req.party, deps.spool.party(req.jobId, req.party));
+      return uploadState(req.jobId, req.party, await deps.spool.ofParty(req.jobId, req.party));
     }),
     upload: rpc.clientStream('dppa.v1.UploadService/Upload', (requests, ctx) => receiveUpload(deps, requests, ctx)),
   };

@@ -131,12 +131,22 @@ export class PartySpool {
    * `discarded.json` what they were (so that `held` reads the same after a
    * restart). The header stays. With a shared folder, read it again first
    * ({@link PartySpool.refresh}): `held` must list what every replica received.
-   * @returns False, deleting nothing, when what is held here is incomplete: with
-   *   a shared folder, another replica deleting the files at the same moment.
+   * With a shared folder another replica may be deleting them at the same
+   * moment (its `discarded.json` is written first): what it has not deleted
+   * yet is deleted here too, so that no tensor file is left when this returns.
+   * @returns True if this call recorded the deletion; false when the spool
+   *   was discarded already (or is being discarded elsewhere), or is incomplete.
    */
   async discard(): Promise<boolean> {
-    if (this.discarded) return false;
-    if (!this.complete) return false;
+    if (!this.discarded && !this.complete) {
+      const names = await filesIn(this.dir);
+      if (!names.includes(DISCARDED_FILE)) return false;
+      await this.readDiscarded(names, false);
+    }
+    if (this.discarded) {
+      await this.removeTensorFiles(await filesIn(this.dir));
+      return false;
+    }
     const held = [...this.held.values()].map(({ name, index, bytes }) => ({ name, index, bytes }));
     await writeFileDurably(join(this.dir, DISCARDED_FILE), `${JSON.stringify(held)}\n`);
     await this.removeTensorFiles(await filesIn(this.dir));
@@ -268,13 +278,21 @@ export class Spool {
   }
 
   /**
-   * With a shared folder, reads the job's spools again (what other replicas
-   * received); does nothing otherwise, where this process received everything.
+   * The spools of a job's parties as the folder holds them now: with a shared
+   * folder they are read again first (what other replicas received);
+   * otherwise this process received everything and they are current.
    */
-  async refreshJob(jobId: string, party?: string): Promise<void> {
-    if (!this.shared) return;
-    const job = this.store.get(jobId);
-    for (const p of job.parties) if (party === undefined || p.name === party) await this.party(jobId, p.name).refresh(this.log);
+  async ofJob(jobId: string): Promise<ReadonlyMap<string, PartySpool>> {
+    const spools = new Map<string, PartySpool>();
+    for (const p of this.store.get(jobId).parties) spools.set(p.name, await this.ofParty(jobId, p.name));
+    return spools;
+  }
+
+  /** One party's spool as the folder holds it now (see {@link ofJob}); the party must belong to the job. */
+  async ofParty(jobId: string, party: string): Promise<PartySpool> {
+    const s = this.party(jobId, party);
+    if (this.shared) await s.refresh(this.log);
+    return s;
   }
 
   /** Registers the (empty) spools of a new job's parties. */
@@ -284,7 +302,7 @@ export class Spool {
     }
   }
 
-  /** The spool of one party; the party must belong to the job. */
+  /** The spool of one party as last read (see {@link ofParty}); the party must belong to the job. */
   party(jobId: string, party: string): PartySpool {
     // With replicas, a job created on another one is first met here.
     if (this.shared && !this.parties.has(key(jobId, party))) {
@@ -303,14 +321,13 @@ export class Spool {
    */
   async discardJob(jobId: string): Promise<void> {
     if (this.keepUploads) return;
+    let spools: PartySpool[];
     try {
-      await this.refreshJob(jobId);
+      spools = [...(await this.ofJob(jobId)).values()];
     } catch (err) {
       this.log.warn('could not read the uploads of a merged job again; they are kept', { jobId, err });
       return;
     }
-    const spools = this.store.get(jobId).parties.map((p) => this.party(jobId, p.name)).filter((s) => !s.discarded);
-    if (spools.length === 0) return;
     let bytes = 0;
     let deleted = 0;
     for (const s of spools) {

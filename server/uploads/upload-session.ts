@@ -160,8 +160,8 @@ class UploadSession {
         await held.released;
         ctx.signal.throwIfAborted();
       }
-      // With replicas sharing the data folder, the party's upload may have gone on on another one: read it again.
-      await deps.spool.refreshJob(jobId, party);
+      // The party's upload may have gone on on another server sharing the data folder.
+      await deps.spool.ofParty(jobId, party);
       if (spool.upload === undefined) break;
     }
     // The job may have moved on while the old stream closed its tensors.

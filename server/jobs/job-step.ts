@@ -1,0 +1,17 @@
+/**
+ * A step of a job once its uploads are in (the factor search, the merge), as
+ * the job runner asks for it; the backend decides where it runs (backend/).
+ */
+
+/** One step of every job. */
+export interface JobStep {
+  /**
+   * Carries the step out for a job in the step's state: here, resolving once
+   * it is done, or on a task queue, resolving once the tasks are queued (the
+   * last task moves the job on). Idempotent.
+   * @throws The signal's reason when aborted; a storage error (the job
+   *   pauses); SpooledTensorError (the party is sent back); NatsUnavailableError
+   *   while NATS is away (tried again by the runner's sweep); any other error fails the job.
+   */
+  run(jobId: string, signal: AbortSignal): Promise<void>;
+}

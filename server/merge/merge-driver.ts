@@ -1,0 +1,344 @@
+/**
+ * The merge of a job as three kinds of task, run in process (backend/local.ts)
+ * or on the replicas' work queue (backend/jetstream.ts): `plan` lays the
+ * output out and submits a `tensor` task per tensor not yet written; each
+ * writes its tensor at its offset and sets its bit in the merge record; the
+ * one that sets the last bit submits the `commit`, which renames the output
+ * into place and moves the job to MERGED. docs/design/job-flow.md.
+ */
+import { rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { FormatError } from '../../proto/errors.js';
+import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
+import { Checkpoint, SharedCheckpointWriter } from '../../proto/safetensors/index.js';
+import {
+  countWritten, DEFAULT_WORK_DIR, isSet, bitmap, TaskNotReadyError,
+  type MergeRecord, type MergeRecords, type Task, type TaskSink,
+} from '../backend/tasks.js';
+import { UnavailableError } from '../errors.js';
+import type { JobEvents } from '../jobs/job-events.js';
+import type { JobStep } from '../jobs/job-step.js';
+import { isTerminal, stateName, type JobStore, type StoredJob } from '../jobs/job-store.js';
+import { failJob, StateConflictError, transitionJob } from '../jobs/job-transitions.js';
+import { sendPartyBack } from '../jobs/party-stops.js';
+import type { Logger } from '../log.js';
+import type { Metrics } from '../metrics.js';
+import type { Spool } from '../uploads/spool.js';
+import { mergeParties } from './merge-parties.js';
+import { contributionsTo, describeFiles, type MergeParty } from './merger.js';
+import { inlineRunner, workerRunner, type MergeRunner } from './merge-runner.js';
+import { SpooledTensorError } from './tensor-merge.js';
+
+/** Shortest interval between two merge_progress events (the last one is always sent). */
+export const PROGRESS_INTERVAL_MS = 250;
+
+/** How often what is held open for jobs no longer merging is closed (their merge threads and buffers). */
+const RELEASE_INTERVAL_MS = 5000;
+
+/**
+ * A job that ended less than this long ago may still be publishing its final
+ * event: a commit task that finds the event missing waits this long before
+ * publishing it itself.
+ */
+const FINAL_EVENT_GRACE_MS = 3000;
+
+/** A job being merged here: its base, merge threads and output. */
+interface JobContext {
+  base: Checkpoint;
+  runner: MergeRunner;
+  writer: SharedCheckpointWriter;
+  parties: MergeParty[];
+  outsideByMax: boolean;
+}
+
+/** Options of {@link MergeDriver}. */
+export interface MergeDriverOptions {
+  store: JobStore;
+  events: JobEvents;
+  spool: Spool;
+  /** Which tensors of each merge are written. */
+  records: MergeRecords;
+  /** Where tasks go; set before any task runs. */
+  tasks: () => TaskSink;
+  metrics: Metrics;
+  log: Logger;
+  /** Merge threads of this server (0: this thread). */
+  mergeWorkers: number;
+  /** Called once a job is MERGED, before its uploads are deleted and `merged` goes out. */
+  onMerged?: (jobId: string) => void;
+}
+
+/** The merge step and its tasks. */
+export class MergeDriver implements JobStep {
+  private readonly contexts = new Map<string, Promise<JobContext>>();
+  private closed = false;
+  private readonly lastProgress = new Map<string, number>();
+  /** Another replica may have committed the job: this one learns it from the store, not from a task. */
+  private readonly releaser = setInterval(() => void this.releaseFinished(), RELEASE_INTERVAL_MS).unref();
+
+  constructor(private readonly opts: MergeDriverOptions) {}
+
+  /** Tasks that can run at once: one per merge thread, and one more that reads and writes. */
+  static lanes(mergeWorkers: number): number {
+    return Math.max(1, mergeWorkers) + 1;
+  }
+
+  /**
+   * Submits the job's plan task. When the tasks run here, a merge that fails
+   * or is aborted leaves nothing behind and starts over next time.
+   */
+  async run(jobId: string, signal: AbortSignal): Promise<void> {
+    try {
+      await this.opts.tasks().submit([{ task: { kind: 'plan', jobId }, id: `${jobId}.plan` }], signal);
+    } finally {
+      const ended = await this.opts.records.endRun(jobId);
+      if (ended !== undefined) {
+        await this.release(jobId);
+        await rm(this.workDir(jobId, ended), { recursive: true, force: true });
+      }
+    }
+  }
+
+  /**
+   * Carries out one task taken from a queue shared by replicas, where nobody
+   * waits for its outcome. Tasks of jobs that have ended are dropped (a commit
+   * task first publishes the job's final event if the stream lacks it); a task
+   * of a job this replica's copy shows as not yet merging is checked against
+   * the bucket and handed back if the bucket agrees. Damaged input fails the
+   * job, or sends the party back (jobs/party-stops.ts).
+   */
+  async handle(task: Task, signal: AbortSignal): Promise<void> {
+    let job = this.opts.store.get(task.jobId);
+    if (!isTerminal(job.state) && job.state !== JobState.JOB_STATE_MERGING) job = (await this.opts.store.fresh?.(task.jobId)) ?? job;
+    if (isTerminal(job.state)) {
+      await this.release(task.jobId);
+      if (task.kind !== 'commit') return;
+      // The replica that committed may have died before deleting the uploads or announcing the end.
+      if (job.state === JobState.JOB_STATE_MERGED) await this.opts.spool.discardJob(job.id);
+      await this.announceEnd(job);
+      return;
+    }
+    if (job.state !== JobState.JOB_STATE_MERGING) {
+      // Sent back to collecting (a party's data was unusable): its next merge reads the spools again.
+      await this.release(task.jobId);
+      // Tasks are queued once the job is MERGING: the bucket will say so.
+      throw new TaskNotReadyError(`job ${job.id} is ${stateName(job.state)} here, not yet MERGING`);
+    }
+    try {
+      await this.execute(task, signal);
+    } catch (err) {
+      if (!(err instanceof FormatError) || signal.aborted) throw err;
+      if (err instanceof SpooledTensorError) {
+        // One party's data: that party sends it again; the tensors written so far stay written (their inputs do not change).
+        await this.release(job.id);
+        await sendPartyBack(this.opts, job.id, JobState.JOB_STATE_MERGING, err);
+        // Handed back, not done: it runs again once the job is merging again (a new task would be dropped as a repeat).
+        throw new TaskNotReadyError(`job ${job.id} went back to collecting: ${err.message}`);
+      }
+      // Damaged or mismatched input: every replica would fail alike, so the job fails (once) and the task is done.
+      this.opts.log.error('merge failed', { jobId: job.id, err });
+      await failJob(this.opts, job.id, `merge failed: ${err.message}`).catch((e: unknown) => {
+        if (!(e instanceof StateConflictError)) throw e;
+      });
+      await this.release(job.id);
+    }
+  }
+
+  /** Carries out one task of a MERGING job; failures are thrown as they are. */
+  async execute(task: Task, signal: AbortSignal): Promise<void> {
+    const job = this.opts.store.get(task.jobId);
+    if (task.kind === 'plan') await this.plan(job, signal);
+    else if (task.kind === 'tensor') await this.tensor(job, task.tensor!, signal);
+    else await this.commit(job);
+  }
+
+  /**
+   * Publishes the final event of an ended job if the stream lacks it: the
+   * replica that moved the job died or lost NATS between the move and the
+   * publish. A job that ended moments ago is given time to publish it first.
+   */
+  private async announceEnd(job: StoredJob): Promise<void> {
+    const { events, log } = this.opts;
+    if (events.hasFinalEvent === undefined || (await events.hasFinalEvent(job.id))) return;
+    if (Date.now() - Date.parse(job.updatedAt) < FINAL_EVENT_GRACE_MS) {
+      throw new TaskNotReadyError(`job ${job.id} ended moments ago; its final event may still be on its way`, FINAL_EVENT_GRACE_MS);
+    }
+    if (job.state === JobState.JOB_STATE_MERGED && job.merged !== undefined) {
+      await events.append(job.id, { merged: { files: job.merged.files.map((f) => f.path), seconds: job.merged.seconds } });
+    } else if (job.state === JobState.JOB_STATE_FAILED) {
+      await events.append(job.id, { failed: { reason: job.failureReason } });
+    } else {
+      return;
+    }
+    log.warn('published the final event a replica had left out', { jobId: job.id, state: stateName(job.state) });
+  }
+
+  private outDir(jobId: string): string {
+    return join(this.opts.store.dir(jobId), 'merged');
+  }
+
+  private workDir(jobId: string, record: MergeRecord): string {
+    return join(this.opts.store.dir(jobId), record.workDir ?? DEFAULT_WORK_DIR);
+  }
+
+  private async record(jobId: string): Promise<MergeRecord> {
+    const record = await this.opts.records.get(jobId);
+    if (record === undefined) throw new Error(`job ${jobId} has no merge record: its plan has not run`);
+    return record;
+  }
+
+  private async plan(job: StoredJob, signal: AbortSignal): Promise<void> {
+    const base = await Checkpoint.open(job.basePath);
+    let todo: Task[];
+    let record: MergeRecord;
+    try {
+      const tensors = base.tensors().map((t) => t.name);
+      const isDir = (await stat(job.basePath)).isDirectory();
+      record = await this.opts.records.create(job.id, tensors.length);
+      if (countWritten(record) === record.tensorsTotal) {
+        await this.submitCommit(job.id, signal);
+        return;
+      }
+      await SharedCheckpointWriter.layOut(this.workDir(job.id, record), this.outDir(job.id), base.layout, isDir ? { copyExtraFilesFrom: job.basePath } : {});
+      // Every unwritten tensor, even if some are still queued: a plan that failed midway left others unqueued.
+      const written = bitmap(record);
+      todo = tensors.flatMap((name, index) => (isSet(written, index) ? [] : [{ kind: 'tensor' as const, jobId: job.id, tensor: { name, index } }]));
+    } finally {
+      await base.close();
+    }
+    // Each has its own id, so a queue drops those still queued.
+    await this.opts.tasks().submit(todo.map((task) => ({ task, id: `${job.id}.tensor.${task.tensor!.index}` })), signal);
+  }
+
+  private async tensor(job: StoredJob, tensor: { name: string; index: number }, signal: AbortSignal): Promise<void> {
+    const record = await this.record(job.id);
+    if (isSet(bitmap(record), tensor.index)) {
+      // Run again: the first run may have set the last bit and failed to queue the commit (dropped if queued).
+      if (countWritten(record) === record.tensorsTotal) await this.submitCommit(job.id, signal);
+      return;
+    }
+    const ctx = await this.context(job, record);
+    // The merge threads do not see the signal: closing them is what cuts the tensors short.
+    const stop = (): void => void this.release(job.id);
+    signal.addEventListener('abort', stop, { once: true });
+    try {
+      signal.throwIfAborted();
+      const info = ctx.base.info(tensor.name);
+      const contributions = contributionsTo(tensor.name, ctx.parties);
+      const result = contributions.length === 0
+        ? { bytes: await ctx.base.readRaw(tensor.name, { signal }), release: () => undefined }
+        : await ctx.runner.run({ name: tensor.name, contributions, outsideByMax: ctx.outsideByMax }, info.numel, signal);
+      try {
+        signal.throwIfAborted();
+        await ctx.writer.writeTensor(tensor.name, result.bytes);
+      } finally {
+        result.release();
+      }
+      this.opts.metrics.mergeTensors.inc();
+      this.opts.metrics.mergeBytes.inc(info.byteLength);
+    } catch (err) {
+      throw signal.aborted ? signal.reason : err;
+    } finally {
+      signal.removeEventListener('abort', stop);
+    }
+    const written = await this.opts.records.markWritten(job.id, tensor.index);
+    const total = record.tensorsTotal;
+    const now = performance.now();
+    if (written === total || now - (this.lastProgress.get(job.id) ?? 0) >= PROGRESS_INTERVAL_MS) {
+      this.lastProgress.set(job.id, now);
+      await this.opts.events.append(job.id, { mergeProgress: { tensorsDone: written, tensorsTotal: total } });
+    }
+    if (written === total) await this.submitCommit(job.id, signal);
+  }
+
+  private async commit(job: StoredJob): Promise<void> {
+    const record = await this.record(job.id);
+    if (countWritten(record) !== record.tensorsTotal) return;
+    await this.release(job.id);
+    await SharedCheckpointWriter.commit(this.workDir(job.id, record), this.outDir(job.id));
+    const files = await describeFiles(this.outDir(job.id));
+    const seconds = (Date.now() - Date.parse(record.startedAt)) / 1000;
+    try {
+      await transitionJob(this.opts, job.id, JobState.JOB_STATE_MERGED, {
+        from: JobState.JOB_STATE_MERGING,
+        change: (j) => (j.merged = { files, seconds }),
+      });
+    } catch (err) {
+      // Another replica committed first.
+      if (err instanceof StateConflictError) return;
+      throw err;
+    }
+    this.opts.metrics.mergeDuration.observe(seconds);
+    // A job shown MERGED is no longer paused, before its merged event goes out.
+    this.opts.onMerged?.(job.id);
+    // Before the event, so that a failure to append it cannot leave the uploads behind.
+    await this.opts.spool.discardJob(job.id);
+    await this.opts.events.append(job.id, { merged: { files: files.map((f) => f.path), seconds } });
+    this.opts.log.info('job merged', { jobId: job.id, seconds, tensors: record.tensorsTotal });
+  }
+
+  private submitCommit(jobId: string, signal: AbortSignal): Promise<void> {
+    return this.opts.tasks().submit([{ task: { kind: 'commit', jobId }, id: `${jobId}.commit` }], signal);
+  }
+
+  /** Opens (once) what this server needs to merge the job's tensors. */
+  private context(job: StoredJob, record: MergeRecord): Promise<JobContext> {
+    // After close() nothing may open merge threads again: they would keep the process alive.
+    if (this.closed) return Promise.reject(new UnavailableError('the server is stopping'));
+    let ctx = this.contexts.get(job.id);
+    if (ctx === undefined) {
+      ctx = this.openContext(job, record);
+      this.contexts.set(job.id, ctx);
+      void ctx.catch(() => this.contexts.delete(job.id));
+    }
+    return ctx;
+  }
+
+  private async openContext(job: StoredJob, record: MergeRecord): Promise<JobContext> {
+    // Uploads may have landed on every replica (they no longer change once the job merges).
+    await this.opts.spool.ofJob(job.id);
+    const parties = mergeParties(job, this.opts.spool);
+    const base = await Checkpoint.open(job.basePath);
+    try {
+      for (const p of parties) {
+        for (const [name, file] of p.tensors) {
+          if (!base.has(name)) throw new FormatError(`party ${p.name} sent a tensor the base does not have`, { file, tensor: name });
+        }
+      }
+      const writer = await SharedCheckpointWriter.open(this.workDir(job.id, record), this.outDir(job.id), base.layout);
+      const { mergeWorkers } = this.opts;
+      const runner = mergeWorkers === 0 ? inlineRunner(base) : workerRunner(job.basePath, mergeWorkers);
+      return { base, runner, writer, parties, outsideByMax: job.dpa.scaleOutsideByMax };
+    } catch (err) {
+      await base.close();
+      throw err;
+    }
+  }
+
+  /** Closes what this server holds open for a job. */
+  private async release(jobId: string): Promise<void> {
+    const ctx = this.contexts.get(jobId);
+    this.contexts.delete(jobId);
+    this.lastProgress.delete(jobId);
+    if (ctx === undefined) return;
+    const c = await ctx.catch(() => undefined);
+    if (c === undefined) return;
+    await c.runner.close();
+    await c.writer.close();
+    await c.base.close();
+  }
+
+  private async releaseFinished(): Promise<void> {
+    for (const id of [...this.contexts.keys()]) {
+      const state = this.opts.store.list().find((j) => j.id === id)?.state;
+      if (state !== JobState.JOB_STATE_MERGING) await this.release(id).catch((err: unknown) => this.opts.log.warn('cannot close a merge', { jobId: id, err }));
+    }
+  }
+
+  /** Closes everything held for every job (after the queue stopped). */
+  async close(): Promise<void> {
+    this.closed = true;
+    clearInterval(this.releaser);
+    await Promise.all([...this.contexts.keys()].map((id) => this.release(id)));
+  }
+}

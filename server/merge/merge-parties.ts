@@ -1,0 +1,28 @@
+/** The parties of a job as the merge takes them, from the job and its spools. */
+import { join } from 'node:path';
+import { partyFactors, partyWeight } from '../jobs/job-spec.js';
+import type { StoredJob } from '../jobs/job-store.js';
+import type { Spool } from '../uploads/spool.js';
+import type { MergeParty } from './merger.js';
+import { SpooledTensorError } from './tensor-merge.js';
+
+/**
+ * The parties of a job as the merge takes them: in the job's order, with weight, factors and spooled tensors.
+ * @throws SpooledTensorError for a tensor planned but not held (dropped by a send-back cut short): a merge must never leave out a tensor;
+ *   Error if a party has no upload.
+ */
+export function mergeParties(job: StoredJob, spool: Spool): MergeParty[] {
+  return job.parties.map(({ name }) => {
+    const s = spool.party(job.id, name);
+    if (s.header === undefined) throw new Error(`party ${name} has sent nothing`);
+    const missing = s.header.tensors.findIndex((t) => t.sent && !s.held.has(t.name));
+    if (missing >= 0) {
+      const file = join(s.dir, `${missing}.dppa`);
+      const tensor = s.header.tensors[missing]!.name;
+      throw new SpooledTensorError(name, `${file}, tensor "${tensor}": the spool file is gone`, file, tensor);
+    }
+    const factors = partyFactors(job, name, s.header.levels.length);
+    if (factors === undefined) throw new Error(`party ${name} has no factors`);
+    return { name, weight: partyWeight(job, name), factors, tensors: new Map([...s.held.values()].map((t) => [t.name, t.file])) };
+  });
+}
