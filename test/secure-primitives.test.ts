@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { createCipheriv, randomBytes } from 'node:crypto';
+import { createCipheriv, createHmac, randomBytes } from 'node:crypto';
 import { describe, it } from 'node:test';
 import {
   FixedPointError,
@@ -10,6 +10,7 @@ import {
   boxKey,
   combineShares,
   decodeSum,
+  deriveKey,
   encodeFixed,
   fixedPoint,
   generateKeyPair,
@@ -48,6 +49,43 @@ describe('X25519', () => {
     const a = generateKeyPair();
     assert.throws(() => sharedSecret(a.privateKey, new Uint8Array(32)), ProtocolStateError);
     assert.throws(() => sharedSecret(a.privateKey, new Uint8Array(31)), ProtocolStateError);
+  });
+});
+
+describe('known answers', () => {
+  const hex = (h: string): Uint8Array => new Uint8Array(Buffer.from(h, 'hex'));
+
+  it('X25519: RFC 7748 §6.1 (raw private keys in, raw public keys and shared secret out)', () => {
+    const alice = hex('77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a');
+    const bob = hex('5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb');
+    const alicePublic = hex('8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a');
+    const bobPublic = hex('de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f');
+    const shared = hex('4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742');
+    assert.deepEqual(publicKeyOf(alice), alicePublic);
+    assert.deepEqual(publicKeyOf(bob), bobPublic);
+    assert.deepEqual(sharedSecret(alice, bobPublic), shared);
+    assert.deepEqual(sharedSecret(bob, alicePublic), shared);
+  });
+
+  it('HKDF-SHA-256: an HMAC-built HKDF gives RFC 5869 test case 1, and deriveKey agrees with it', () => {
+    /** RFC 5869 §2.2-2.3 from HMAC-SHA-256. */
+    const hkdf = (ikm: Uint8Array, salt: Uint8Array, info: Uint8Array, length: number): Uint8Array => {
+      const prk = createHmac('sha256', salt).update(ikm).digest();
+      const out: Buffer[] = [];
+      let t = Buffer.alloc(0);
+      for (let i = 1; out.length * 32 < length; i++) {
+        t = createHmac('sha256', prk).update(Buffer.concat([t, info, Buffer.from([i])])).digest();
+        out.push(t);
+      }
+      return new Uint8Array(Buffer.concat(out).subarray(0, length));
+    };
+    const okm = hkdf(hex('0b'.repeat(22)), hex('000102030405060708090a0b0c'), hex('f0f1f2f3f4f5f6f7f8f9'), 42);
+    assert.deepEqual(okm, hex('3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865'));
+    const ikm = randomBytes(32);
+    for (const purpose of ['pairwise-mask', 'self-mask', 'share-box'] as const) {
+      const expected = hkdf(ikm, Buffer.from('job-7', 'utf8'), Buffer.from(`dppa/secagg/v1/${purpose}`, 'utf8'), 32);
+      assert.deepEqual(deriveKey(ikm, 'job-7', purpose), expected, purpose);
+    }
   });
 });
 
