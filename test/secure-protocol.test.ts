@@ -323,6 +323,7 @@ describe('secure aggregation refuses bad input with typed errors, state unchange
     parties[1]!.receiveShares(delivered);
     assert.equal(parties[1]!.phase, 'input');
     const keys = parties[1]!.maskKeys();
+    assert.equal(parties[1]!.maskKeys(), keys, 'derived once, not per chunk');
     // Delivered again after a restart: ignored, the masks stay the same.
     parties[1]!.receiveShares(delivered);
     assert.deepEqual(parties[1]!.maskKeys(), keys);
@@ -337,6 +338,14 @@ describe('secure aggregation refuses bad input with typed errors, state unchange
     const aFrom1 = a.outboxes[0]!.find((s) => s.to === 2)!;
     const aFrom3 = a.outboxes[2]!.find((s) => s.to === 2)!;
     assert.throws(() => twin.receiveShares([aFrom1, aFrom3]), (err: unknown) => err instanceof ShareAuthError && err.sender === 1);
+  });
+
+  it('the roster sent again: taken with the same keys, refused with new keys under the same indices', () => {
+    const { parties, roster, outboxes } = upToRelay({ jobId: 'job-r', parties: 3, threshold: 2 });
+    assert.deepEqual(parties[0]!.shareKeys(structuredClone(roster)), outboxes[0]);
+    const swapped = structuredClone(roster);
+    swapped[2]!.maskPublicKey = SecureParty.create({ jobId: 'job-r', parties: 3, threshold: 2 }, 3).advertise().maskPublicKey;
+    assert.throws(() => parties[0]!.shareKeys(swapped), ProtocolStateError);
   });
 
   it('a share delivered to the wrong recipient is refused', () => {
