@@ -1,5 +1,6 @@
 /** Summary of a `.dppa` file: its header, and per tensor its rates, kept counts and size. */
 import { stat } from 'node:fs/promises';
+import { outsidePolicyFromWire, pruneMethodFromWire } from '../proto/algorithm/index.js';
 import { FormatError } from '../proto/errors.js';
 import { TensorKind, ValueDtype } from '../proto/gen/dppa/v1/sparse.js';
 import { readDeltaFile, readDeltaHeader, TensorAssembler } from '../proto/sparse/index.js';
@@ -27,7 +28,10 @@ export interface DeltaSummary {
   file: string;
   fileBytes: number;
   baseFingerprint: string;
+  /** The pruning method (the `prune_method` enum, else an older writer's text); '' when neither is set. */
   method: string;
+  /** The outside policy (the `outside` enum, else `options.outside`); '' when neither is set. */
+  outside: string;
   rate: number;
   levels: number[];
   options: Record<string, string>;
@@ -85,7 +89,8 @@ export async function inspectDelta(file: string, opts: { signal?: AbortSignal } 
     file,
     fileBytes: (await stat(file)).size,
     baseFingerprint: header.baseFingerprint,
-    method: header.method,
+    method: shown(() => pruneMethodFromWire(header.pruneMethod, header.method)),
+    outside: shown(() => outsidePolicyFromWire(header.outside, header.options['outside'] ?? '')),
     rate: header.rate,
     levels: header.levels,
     options: header.options,
@@ -93,4 +98,14 @@ export async function inspectDelta(file: string, opts: { signal?: AbortSignal } 
     producer: header.producer,
     tensors: [...tensors.values()],
   };
+}
+
+/** A setting read from the header, as shown: its word, '' when unset, or the refusal when unknown or contradictory. */
+function shown(read: () => string | undefined): string {
+  try {
+    return read() ?? '';
+  } catch (err) {
+    if (err instanceof RangeError) return `unreadable (${err.message})`;
+    throw err;
+  }
 }

@@ -12,7 +12,7 @@ import { pruneCommand } from '../client/cli/commands/prune.js';
 import { describeFailure } from '../client/cli/exit-codes.js';
 import { pruneToFile, type PruneMethod as PruneMethodWord } from '../client/index.js';
 import { createJobRequest } from '../client/sdk/jobs.js';
-import { PruneMethod } from '../proto/gen/dppa/v1/algorithm.js';
+import { OutsidePolicy, PruneMethod } from '../proto/gen/dppa/v1/algorithm.js';
 import type { CreateJobRequest } from '../proto/gen/dppa/v1/jobs.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import { ADMIN, call, pruneRecords, rejectsWith, startHarness, upload, uploadMessages, type Harness } from './fixtures/grpc-harness.js';
@@ -77,6 +77,23 @@ describe('an unknown method or outside policy is refused where it enters', () =>
     const header = structuredClone(records[0]!);
     header.header!.pruneMethod = 77 as PruneMethod;
     await rejectsWith(upload(h.uploads, tokens.a!, uploadMessages(job!.id, 'a', [header])), status.INVALID_ARGUMENT, /^DeltaHeader prune_method: expected one of .*got 77$/);
+  });
+
+  it('Upload answers INVALID_ARGUMENT for an unknown outside policy, or one its options text contradicts', async () => {
+    const { job, tokens } = await call(h.jobs, 'createJob', request({ pruneMethod: PruneMethod.PRUNE_METHOD_MAGNITUDE }), ADMIN);
+    const records = await pruneRecords({ base, finetuned, rate: 0.9, method: 'magnitude' });
+    assert.equal(records[0]!.header!.outside, OutsidePolicy.OUTSIDE_POLICY_DENSE, 'this client writes the enum');
+    const unknown = structuredClone(records[0]!);
+    unknown.header!.outside = 99 as OutsidePolicy;
+    await rejectsWith(upload(h.uploads, tokens.a!, uploadMessages(job!.id, 'a', [unknown])), status.INVALID_ARGUMENT, /^DeltaHeader outside: expected one of OUTSIDE_POLICY_DENSE, .*got 99$/);
+    const disagreeing = structuredClone(records[0]!);
+    disagreeing.header!.outside = OutsidePolicy.OUTSIDE_POLICY_SKIP;
+    disagreeing.header!.options['outside'] = 'dense';
+    await rejectsWith(
+      upload(h.uploads, tokens.a!, uploadMessages(job!.id, 'a', [disagreeing])),
+      status.INVALID_ARGUMENT,
+      /^DeltaHeader outside: OUTSIDE_POLICY_SKIP disagrees with DeltaHeader options.outside "dense"/,
+    );
   });
 });
 

@@ -85,6 +85,7 @@ describe('DP prune on a synthetic LLaMA checkpoint', () => {
     const emb = dense.tensors.find((t) => t.name === 'model.embed_tokens.weight')!;
     assert.deepEqual(emb.keptPerPartition, [emb.numel]);
     const mag = await inspectDelta((await pruneToFile({ base, finetuned: ft, rate: 0.9, outside: 'magnitude', out: join(dir, 'o2.dppa') })).file);
+    assert.deepEqual([dense.outside, mag.outside, mag.method], ['dense', 'magnitude', 'dp'], 'inspect reads the header enums');
     const emb2 = mag.tensors.find((t) => t.name === 'model.embed_tokens.weight')!;
     assert.deepEqual(emb2.keptPerPartition, [keptCount(emb2.numel, 0.9)]);
     const norm2 = mag.tensors.find((t) => t.name === 'model.norm.weight')!;

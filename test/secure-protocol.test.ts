@@ -41,6 +41,23 @@ function roundTrip<T>(state: T): T {
   return deserialize(serialize(state)) as T;
 }
 
+/** Round 0 of `job` (every party advertises, the server closes the roster) and each party's boxes for round 1. */
+function upToRelay(job: SecureJob) {
+  const parties = Array.from({ length: job.parties }, (_, i) => SecureParty.create(job, i + 1));
+  const server = SecureAggregator.create(job);
+  for (const p of parties) server.advertise(p.advertise());
+  const roster = server.closeKeys();
+  const outboxes = parties.map((p) => p.shareKeys(roster));
+  return { job, parties, server, roster, outboxes };
+}
+
+/** Rounds 0 and 1 of `job` up to the relay of the shares: every party's boxes submitted. */
+function upToShares(job: SecureJob) {
+  const run = upToRelay(job);
+  run.outboxes.forEach((boxes, i) => run.server.submitShares(i + 1, boxes));
+  return run;
+}
+
 interface RunOptions {
   job: SecureJob;
   fp: FixedPoint;
@@ -157,11 +174,7 @@ describe('secure aggregation, in process', () => {
     const fp = fixedPoint(1, 3);
     const length = 4096;
     const values = [1, 2, 3].map(() => Float32Array.from({ length }, () => Math.random() * 2 - 1));
-    const parties = [1, 2, 3].map((i) => SecureParty.create(job, i));
-    const server = SecureAggregator.create(job);
-    for (const p of parties) server.advertise(p.advertise());
-    const roster = server.closeKeys();
-    for (const p of parties) server.submitShares(p.state.index, p.shareKeys(roster));
+    const { parties, server } = upToShares(job);
     server.closeShares(length);
     for (const p of parties) {
       p.receiveShares(server.sharesFor(p.state.index));
@@ -203,11 +216,7 @@ describe('secure aggregation, in process', () => {
     const fp = fixedPoint(1, 4);
     const length = 10007;
     const values = [1, 2, 3, 4].map(() => Float32Array.from({ length }, () => Math.random() * 2 - 1));
-    const parties = [1, 2, 3, 4].map((i) => SecureParty.create(job, i));
-    const server = SecureAggregator.create(job);
-    for (const p of parties) server.advertise(p.advertise());
-    const roster = server.closeKeys();
-    for (const p of parties) server.submitShares(p.state.index, p.shareKeys(roster));
+    const { parties, server } = upToShares(job);
     server.closeShares(length, { spooled: true });
     // The spool: each party's masked words, written chunk by chunk at odd offsets; party 4 never uploads.
     const spool = new Map<number, Uint32Array>();
@@ -238,16 +247,44 @@ describe('secure aggregation, in process', () => {
       assert.ok(Math.abs(result[k]! - plain) <= sumErrorBound(fp), `word ${k}: ${result[k]} vs ${plain}`);
     }
     assert.throws(() => server.finish(), ProtocolStateError);
+    // The caller says the spool is unmasked: a restored server knows unmasking is over.
+    server.complete();
+    assert.equal(SecureAggregator.restore(roundTrip(server.state)).phase, 'done');
+    assert.deepEqual(server.maskRemoval(), removal, 'the removal can still be rebuilt after a restart');
+  });
+
+  it('hands out copies: changing what a close returns leaves the stored state as it was', () => {
+    const job = { jobId: 'job-copies', parties: 3, threshold: 2 };
+    const parties = [1, 2, 3].map((i) => SecureParty.create(job, i));
+    const server = SecureAggregator.create(job);
+    for (const p of parties) server.advertise(p.advertise());
+    const roster = server.closeKeys();
+    const outboxes = parties.map((p) => p.shareKeys(structuredClone(roster)));
+    roster[0]!.index = 9;
+    roster[0]!.maskPublicKey.fill(0);
+    roster.pop();
+    assert.deepEqual(server.state.roster.map((a) => a.index), [1, 2, 3]);
+    assert.deepEqual(server.state.roster[0]!.maskPublicKey, parties[0]!.state.maskKeys.publicKey);
+    outboxes.forEach((boxes, i) => server.submitShares(i + 1, boxes));
+    const sharers = server.closeShares(4);
+    sharers.length = 0;
+    assert.deepEqual(server.state.sharers, [1, 2, 3]);
+    const fp = fixedPoint(1, 3);
+    for (const p of parties.slice(0, 2)) {
+      p.receiveShares(server.sharesFor(p.state.index));
+      server.submitMasked(p.state.index, p.maskInput([0.5, 0, 0, 0], fp).words);
+    }
+    const request = server.closeMasked();
+    request.survivors.push(3);
+    request.dropouts.length = 0;
+    assert.deepEqual(server.state.request, { survivors: [1, 2], dropouts: [3] });
+    assert.throws(() => server.complete(), ProtocolStateError, 'not spooled: finish removes the masks');
   });
 
   it('the masked words of a party look uniform (chi-square on their bytes) though its values are mostly 0', () => {
     const job = { jobId: 'job-chi', parties: 3, threshold: 2 };
     const fp = fixedPoint(0.02, 3);
-    const parties = [1, 2, 3].map((i) => SecureParty.create(job, i));
-    const server = SecureAggregator.create(job);
-    for (const p of parties) server.advertise(p.advertise());
-    const roster = server.closeKeys();
-    for (const p of parties) server.submitShares(p.state.index, p.shareKeys(roster));
+    const { parties, server } = upToShares(job);
     server.closeShares(1 << 16);
     const party = parties[0]!;
     party.receiveShares(server.sharesFor(1));
@@ -274,19 +311,9 @@ describe('secure aggregation, in process', () => {
 });
 
 describe('secure aggregation refuses bad input with typed errors, state unchanged', () => {
-  /** Two rounds of a 3-party job, up to the relay of the shares. */
-  function upToRelay(jobId: string) {
-    const job = { jobId, parties: 3, threshold: 2 };
-    const parties = [1, 2, 3].map((i) => SecureParty.create(job, i));
-    const server = SecureAggregator.create(job);
-    for (const p of parties) server.advertise(p.advertise());
-    const roster = server.closeKeys();
-    const outboxes = parties.map((p) => p.shareKeys(roster));
-    return { job, parties, server, roster, outboxes };
-  }
 
   it('a tampered share: the recipient refuses it, then takes the intact one', () => {
-    const { parties, server, outboxes } = upToRelay('job-t');
+    const { parties, server, outboxes } = upToRelay({ jobId: 'job-t', parties: 3, threshold: 2 });
     outboxes.forEach((boxes, i) => server.submitShares(i + 1, boxes));
     server.closeShares(10);
     const delivered = server.sharesFor(2);
@@ -296,6 +323,7 @@ describe('secure aggregation refuses bad input with typed errors, state unchange
     parties[1]!.receiveShares(delivered);
     assert.equal(parties[1]!.phase, 'input');
     const keys = parties[1]!.maskKeys();
+    assert.equal(parties[1]!.maskKeys(), keys, 'derived once, not per chunk');
     // Delivered again after a restart: ignored, the masks stay the same.
     parties[1]!.receiveShares(delivered);
     assert.deepEqual(parties[1]!.maskKeys(), keys);
@@ -303,16 +331,25 @@ describe('secure aggregation refuses bad input with typed errors, state unchange
   });
 
   it('a share replayed from another job is refused, even between parties with the same keys', () => {
-    const a = upToRelay('job-a');
+    const a = upToRelay({ jobId: 'job-a', parties: 3, threshold: 2 });
     // Job b's party 2 holds the same keys as job a's (restored from its state with another job id).
     const twin = SecureParty.restore({ ...roundTrip(a.parties[1]!.state), job: { ...a.job, jobId: 'job-b' } });
-    const fromA = a.outboxes[0]!.find((s) => s.to === 2)!;
-    const fromB: EncryptedShare = { ...a.outboxes[2]!.find((s) => s.to === 2)! };
-    assert.throws(() => twin.receiveShares([fromA, fromB]), (err: unknown) => err instanceof ShareAuthError && err.sender === 1);
+    // Both boxes were sealed in job a (by its parties 1 and 3): job b's party 2 cannot open either; the first is named.
+    const aFrom1 = a.outboxes[0]!.find((s) => s.to === 2)!;
+    const aFrom3 = a.outboxes[2]!.find((s) => s.to === 2)!;
+    assert.throws(() => twin.receiveShares([aFrom1, aFrom3]), (err: unknown) => err instanceof ShareAuthError && err.sender === 1);
+  });
+
+  it('the roster sent again: taken with the same keys, refused with new keys under the same indices', () => {
+    const { parties, roster, outboxes } = upToRelay({ jobId: 'job-r', parties: 3, threshold: 2 });
+    assert.deepEqual(parties[0]!.shareKeys(structuredClone(roster)), outboxes[0]);
+    const swapped = structuredClone(roster);
+    swapped[2]!.maskPublicKey = SecureParty.create({ jobId: 'job-r', parties: 3, threshold: 2 }, 3).advertise().maskPublicKey;
+    assert.throws(() => parties[0]!.shareKeys(swapped), ProtocolStateError);
   });
 
   it('a share delivered to the wrong recipient is refused', () => {
-    const { parties, outboxes } = upToRelay('job-w');
+    const { parties, outboxes } = upToRelay({ jobId: 'job-w', parties: 3, threshold: 2 });
     const toTwo = outboxes[0]!.find((s) => s.to === 2)!;
     const fromTwo = outboxes[1]!.find((s) => s.to === 3)!;
     // As addressed (to 2) and readdressed to 3: party 3 cannot open it either way.
@@ -322,7 +359,7 @@ describe('secure aggregation refuses bad input with typed errors, state unchange
   });
 
   it('a party that sends its shares twice is refused; a box delivered twice too', () => {
-    const { parties, server, outboxes } = upToRelay('job-d');
+    const { parties, server, outboxes } = upToRelay({ jobId: 'job-d', parties: 3, threshold: 2 });
     server.submitShares(1, outboxes[0]!);
     assert.throws(() => server.submitShares(1, outboxes[0]!), DuplicateSubmissionError);
     server.submitShares(2, outboxes[1]!);
@@ -335,7 +372,7 @@ describe('secure aggregation refuses bad input with typed errors, state unchange
   });
 
   it('a wrong-length or second masked vector is refused; the sum is untouched', () => {
-    const { parties, server, outboxes } = upToRelay('job-l');
+    const { parties, server, outboxes } = upToRelay({ jobId: 'job-l', parties: 3, threshold: 2 });
     outboxes.forEach((boxes, i) => server.submitShares(i + 1, boxes));
     server.closeShares(100);
     const fp = fixedPoint(1, 3);
@@ -353,7 +390,7 @@ describe('secure aggregation refuses bad input with typed errors, state unchange
   });
 
   it('a party never reveals both secrets of one party: a second, different unmask request is refused', () => {
-    const { parties, server, outboxes } = upToRelay('job-u');
+    const { parties, server, outboxes } = upToRelay({ jobId: 'job-u', parties: 3, threshold: 2 });
     outboxes.forEach((boxes, i) => server.submitShares(i + 1, boxes));
     server.closeShares(4);
     parties.forEach((p, i) => p.receiveShares(server.sharesFor(i + 1)));

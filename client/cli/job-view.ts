@@ -2,6 +2,7 @@
  * How jobs and job events are printed: as JSON (stable field names, states
  * and enums as lower-case words, 64-bit counts as numbers) and as text.
  */
+import { DEFAULT_PRUNE_METHOD, pruneMethodFromWire } from '../../proto/algorithm/index.js';
 import {
   evaluatorKindToJSON,
   searchMethodToJSON,
@@ -114,12 +115,22 @@ function dpaText(dpa: DpaConfig | undefined): string {
   return String(j.mode);
 }
 
+/** The job's method: the `prune_method` enum, else the older text, else DP; a value this client does not know as its number. */
+function jobMethod(job: Job): string {
+  try {
+    return pruneMethodFromWire(job.pruneMethod, job.method) ?? DEFAULT_PRUNE_METHOD;
+  } catch (err) {
+    if (err instanceof RangeError) return `unknown (prune_method ${job.pruneMethod}, method ${JSON.stringify(job.method)})`;
+    throw err;
+  }
+}
+
 /** A job as text, as `dppa job status` prints it. */
 export function jobText(job: Job): string {
   const lines = [
     `job ${job.id}  ${jobStateName(job.state)}${job.label === '' ? '' : `  "${job.label}"`}`,
     `  base        ${job.basePath}${job.baseFingerprint === '' ? '' : `  (fingerprint ${job.baseFingerprint.slice(0, 16)}…)`}`,
-    `  pruning     ${job.method === '' ? 'dp' : job.method} at rate ${job.rate}${job.maxAbsValue === 0 ? '' : `; values within ±${job.maxAbsValue}`}`,
+    `  pruning     ${jobMethod(job)} at rate ${job.rate}${job.maxAbsValue === 0 ? '' : `; values within ±${job.maxAbsValue}`}`,
     `  dpa         ${dpaText(job.dpa)}`,
   ];
   const weights = Object.entries(job.merge?.weights ?? {}).map(([p, w]) => `${p}=${w}`);

@@ -106,7 +106,7 @@ export class SecureAggregator {
     checkEnough(s.job, 'share keys', s.roster.length);
     s.roster.sort((a, b) => a.index - b.index);
     s.phase = 'shares';
-    return s.roster;
+    return s.roster.map((a) => ({ index: a.index, maskPublicKey: a.maskPublicKey.slice(), sharePublicKey: a.sharePublicKey.slice() }));
   }
 
   /**
@@ -150,7 +150,7 @@ export class SecureAggregator {
     s.spooled = opts.spooled ?? false;
     s.sum = new Uint32Array(s.spooled ? 0 : length);
     s.phase = 'masked';
-    return s.sharers;
+    return [...s.sharers];
   }
 
   /** Round 1 relay: the boxes of U2 addressed to party `to`. */
@@ -199,7 +199,7 @@ export class SecureAggregator {
     s.survivors.sort((a, b) => a - b);
     s.request = { survivors: [...s.survivors], dropouts: s.sharers.filter((i) => !s.survivors.includes(i)) };
     s.phase = 'unmask';
-    return s.request;
+    return { survivors: [...s.request.survivors], dropouts: [...s.request.dropouts] };
   }
 
   /**
@@ -262,5 +262,21 @@ export class SecureAggregator {
     removeMasks(s.sum, this.maskRemoval());
     s.phase = 'done';
     return s.sum;
+  }
+
+  /**
+   * Spooled path: records that the caller has removed the masks from every
+   * range of its spool (with `maskRemoval` and `removeMasks`), so a restored
+   * state knows unmasking is over. Calling it again is harmless.
+   * @throws TooFewSurvivorsError with fewer responses than the threshold
+   * @throws ProtocolStateError when the job is not spooled (use `finish`) or not unmasking
+   */
+  complete(): void {
+    const s = this.#state;
+    if (s.phase === 'done') return;
+    this.#expect('unmask', 'complete');
+    if (!s.spooled) throw new ProtocolStateError('masked vectors of this job are summed here: remove the masks with finish');
+    checkEnough(s.job, 'unmasking', s.responses.length);
+    s.phase = 'done';
   }
 }

@@ -1,14 +1,7 @@
 /**
  * The protocol's round messages and its job parameters: plain data (numbers
- * and byte arrays) that map one to one onto gRPC messages.
- *
- * Rounds: (0) each party advertises two public keys; (1) each party sends
- * every other party of the roster U1 a sealed box holding its shares of its
- * self-mask seed and of its mask private key; (2) each party that received
- * the boxes of the senders U2 uploads its masked vector on U; (3) the server
- * names the survivors U3 (masked vector received) and the dropouts U2 \ U3,
- * and each responding survivor reveals its share of every survivor's seed
- * and of every dropout's mask private key.
+ * and byte arrays) that map one to one onto gRPC messages. The rounds are
+ * described in docs/privacy.md.
  */
 
 /** The round number bound into the share boxes. */

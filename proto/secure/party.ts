@@ -70,6 +70,7 @@ function sameList(a: readonly number[], b: readonly number[]): boolean {
 /** One party of a secure job. */
 export class SecureParty {
   readonly #state: PartyState;
+  #maskKeys: MaskKeys | undefined;
 
   private constructor(state: PartyState) {
     this.#state = state;
@@ -124,7 +125,7 @@ export class SecureParty {
     const s = this.#state;
     const indices = sortedUnique(roster.map((ad) => ad.index), 'roster');
     if (s.phase !== 'roster') {
-      if (sameList(indices, s.roster.map((ad) => ad.index))) return s.outbox;
+      if (sameList(indices, s.roster.map((ad) => ad.index)) && roster.every((ad) => sameKeys(ad, s.roster.find((a) => a.index === ad.index)!))) return s.outbox;
       throw new ProtocolStateError(`party ${s.index}: shares already sent for another roster`);
     }
     for (const ad of roster) checkAdvertisement(s.job, ad);
@@ -203,6 +204,12 @@ export class SecureParty {
   maskKeys(): MaskKeys {
     const s = this.#state;
     if (s.phase !== 'input' && s.phase !== 'done') throw new ProtocolStateError(`party ${s.index}: masks not known yet (phase ${s.phase})`);
+    // Fixed from here on (the roster and the shares held no longer change): derived once, not per chunk.
+    return (this.#maskKeys ??= this.#deriveMaskKeys());
+  }
+
+  #deriveMaskKeys(): MaskKeys {
+    const s = this.#state;
     const peers = this.peers.map((index) => {
       const ad = s.roster.find((a) => a.index === index)!;
       return { index, key: pairwiseMaskKey(s.maskKeys.privateKey, ad.maskPublicKey, s.job.jobId) };
@@ -261,4 +268,9 @@ export class SecureParty {
       maskKeyShares: dropouts.map((owner) => ({ owner, y: heldOf(owner).maskKey })),
     };
   }
+}
+
+/** True if two advertisements carry the same public keys. */
+function sameKeys(a: KeyAdvertisement, b: KeyAdvertisement): boolean {
+  return sameBytes(a.maskPublicKey, b.maskPublicKey) && sameBytes(a.sharePublicKey, b.sharePublicKey);
 }

@@ -78,8 +78,9 @@ function checkPoints(xs: readonly number[], what: string): void {
  * @throws ProtocolStateError for a threshold outside [1, xs.length] or bad points
  */
 export function splitSecret(secret: Uint8Array, threshold: number, xs: readonly number[]): ShamirShare[] {
-  if (!Number.isInteger(threshold) || threshold < 1 || threshold > xs.length) {
-    throw new ProtocolStateError(`threshold ${threshold} for ${xs.length} shares`);
+  // t = 1 would make every share the secret itself.
+  if (!Number.isInteger(threshold) || threshold < 2 || threshold > xs.length) {
+    throw new ProtocolStateError(`threshold ${threshold} for ${xs.length} shares (2 ≤ t ≤ n)`);
   }
   checkPoints(xs, 'split');
   const pieces = Math.ceil(secret.length / PIECE_BYTES);
@@ -116,10 +117,12 @@ function interpolate(points: readonly { x: bigint; y: bigint }[], at: bigint): b
 /**
  * The secret of `secretBytes` bytes from at least `threshold` shares. The first
  * `threshold` shares define each polynomial; every further share must lie on it.
- * @throws ProtocolStateError for too few shares, bad points or sizes
- * @throws InconsistentSharesError if a further share disagrees (a wrong share was sent)
+ * @throws ProtocolStateError for a threshold below 1, too few shares, bad points or sizes
+ * @throws InconsistentSharesError if the shares do not lie on one polynomial (some share is wrong; with
+ *   exactly `threshold` shares a wrong one is not detected)
  */
 export function combineShares(shares: readonly ShamirShare[], threshold: number, secretBytes: number): Uint8Array {
+  if (!Number.isInteger(threshold) || threshold < 1) throw new ProtocolStateError(`threshold ${threshold}: expected an integer ≥ 1`);
   if (shares.length < threshold) throw new ProtocolStateError(`${shares.length} shares, the threshold is ${threshold}`);
   checkPoints(shares.map((s) => s.x), 'combine');
   const pieces = Math.ceil(secretBytes / PIECE_BYTES);
@@ -135,7 +138,8 @@ export function combineShares(shares: readonly ShamirShare[], threshold: number,
     });
     const basis = points.slice(0, threshold);
     for (const extra of points.slice(threshold)) {
-      if (interpolate(basis, extra.x) !== extra.y) throw new InconsistentSharesError(`share ${extra.x} disagrees with the others`);
+      // Which share is wrong is not known here (it may be one of the basis): only that they disagree.
+      if (interpolate(basis, extra.x) !== extra.y) throw new InconsistentSharesError('the revealed shares disagree: at least one of them is wrong');
     }
     const pieceBytes = Math.min(PIECE_BYTES, secretBytes - p * PIECE_BYTES);
     const value = interpolate(basis, 0n);

@@ -72,7 +72,8 @@ function requestMethod(req: CreateJobRequest): PruneMethod {
   try {
     return pruneMethodFromWire(req.pruneMethod, req.method) ?? DEFAULT_PRUNE_METHOD;
   } catch (err) {
-    throw new InvalidArgumentError((err as Error).message, { cause: err });
+    if (err instanceof RangeError) throw new InvalidArgumentError(err.message, { cause: err });
+    throw err;
   }
 }
 

@@ -2,7 +2,7 @@
  * Checks a party's DeltaHeader against its job and the job's base checkpoint
  * before any tensor of it is accepted.
  */
-import { checkLevels, pruneMethodFromWire, type PruneMethod } from '../../proto/algorithm/index.js';
+import { checkLevels, outsidePolicyFromWire, pruneMethodFromWire, type PruneMethod } from '../../proto/algorithm/index.js';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import { TensorKind, type DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
 import { DELTA_FORMAT_VERSION, storageDtype } from '../../proto/sparse/index.js';
@@ -18,7 +18,7 @@ export function requireCollecting(job: StoredJob): void {
 }
 
 /**
- * Checks that a header fits the job: same base, method and rate; partition
+ * Checks that a header fits the job: same base, method and rate; a known outside policy; partition
  * levels decreasing and ending at the rate; as many partitions as the job's
  * fixed factors; a known value precision; every planned tensor of a known kind,
  * with one rate per level, present in the base with the same shape.
@@ -40,11 +40,8 @@ export function checkDeltaHeader(job: StoredJob, party: string, header: DeltaHea
     throw new FailedPreconditionError(`the delta was pruned with method ${JSON.stringify(method ?? '')}, job ${job.id} requires ${JSON.stringify(job.method)}`);
   }
   if (header.rate !== job.rate) throw new FailedPreconditionError(`the delta was pruned at rate ${header.rate}, job ${job.id} requires ${job.rate}`);
-  try {
-    checkLevels(header.levels, header.rate);
-  } catch (err) {
-    throw new InvalidArgumentError(`DeltaHeader ${(err as Error).message}`, { cause: err });
-  }
+  asInvalidArgument(() => outsidePolicyFromWire(header.outside, header.options['outside'] ?? '', 'DeltaHeader '));
+  asInvalidArgument(() => checkLevels(header.levels, header.rate), 'DeltaHeader ');
   if (storageDtype(header.valueDtype) === undefined) throw new InvalidArgumentError(`DeltaHeader value_dtype: ${header.valueDtype} is not a known precision`);
   // Off and search fit any number of partitions; fixed factors fit only their own number.
   const factors = job.dpa.fixed === undefined ? undefined : partyFactors(job, party, header.levels.length)!;
@@ -77,10 +74,19 @@ export function checkDeltaHeader(job: StoredJob, party: string, header: DeltaHea
  * @throws InvalidArgumentError naming the field for a method this server does not know.
  */
 function headerMethod(header: DeltaHeader): PruneMethod | undefined {
+  return asInvalidArgument(() => pruneMethodFromWire(header.pruneMethod, header.method, 'DeltaHeader '));
+}
+
+/**
+ * `check()`, with the RangeError of a refused value (UnknownValueError is one)
+ * turned into INVALID_ARGUMENT; any other error passes unchanged.
+ */
+function asInvalidArgument<T>(check: () => T, prefix = ''): T {
   try {
-    return pruneMethodFromWire(header.pruneMethod, header.method, 'DeltaHeader ');
+    return check();
   } catch (err) {
-    throw new InvalidArgumentError((err as Error).message, { cause: err });
+    if (err instanceof RangeError) throw new InvalidArgumentError(`${prefix}${err.message}`, { cause: err });
+    throw err;
   }
 }
 

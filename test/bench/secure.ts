@@ -1,18 +1,7 @@
 /**
- * `npm run bench:secure`: the cost of secure aggregation (proto/secure/) for
- * the bench:server model (TinyLlama-1.1B's shapes) pruned at rate 0.9 with 3
- * parties, in one process: the time of each phase (keys, shares, masking per
- * party, the server's sum, the rebuilding of seeds, the removal of masks,
- * decoding) and the bytes each party sends against a plain sparse upload.
- *
- * Supports are not generated: each party keeps (1 − rate) of every linear
- * layer and every other tensor whole (as `dppa prune` does by default), and the
- * union U of independent supports holds dense + linear·(1 − rate^n) entries.
- * Positions are costed at their entropy bound H(p)/p plus 0.8% (what the
- * Golomb coding measured in docs/performance.md). The masked vectors on U are
- * generated, masked, summed and unmasked for real, chunk by chunk (nothing of
- * |U| size is held), and every chunk's unmasked sum is checked against the
- * plain sum of the parties' values.
+ * `npm run bench:secure`: the time of each phase of secure aggregation and the
+ * bytes each party sends, for the bench:server model pruned at rate 0.9 with 3
+ * parties, in one process. How supports and bytes are modelled: docs/performance.md.
  *
  *   npm run bench:secure [-- --layers 22 --rate 0.9 --parties 3 --threshold 2 --chunk 4194304 --words N]
  *
