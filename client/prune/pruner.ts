@@ -7,7 +7,7 @@
  * are in memory at once.
  */
 import { availableParallelism } from 'node:os';
-import { TensorKind, ValueDtype, type DeltaHeader, type DeltaRecord, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
+import { TensorKind, ValueDtype, ValueKind, type DeltaHeader, type DeltaRecord, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
 import { baseFingerprint } from '../../proto/fingerprint.js';
 import { DeltaSource, type DeltaTensor, type VocabMismatch } from './delta-source.js';
 import type { DareRescale } from './dare.js';
@@ -201,6 +201,7 @@ export async function openPrune(options: PruneOptions): Promise<PruneSession> {
       valueDtype: PRECISIONS[o.valueDtype],
       tensors: planned.map((p) => p.plan),
       producer: 'dppa-federated',
+      valueKind: ValueKind.VALUE_KIND_UNSPECIFIED,
     };
     const report: PruneReport = {
       method: o.method,

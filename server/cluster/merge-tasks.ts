@@ -179,7 +179,7 @@ export class MergeTasks implements DistributedStep {
       throw new TaskNotReadyError(`job ${job.id} ended moments ago; its final event may still be on its way`, FINAL_EVENT_GRACE_MS);
     }
     if (job.state === JobState.JOB_STATE_MERGED && job.merged !== undefined) {
-      await events.append(job.id, { merged: { files: job.merged.files.map((f) => f.path), seconds: job.merged.seconds } });
+      await events.append(job.id, { merged: { files: job.merged.files.map((f) => f.path), seconds: job.merged.seconds, patch: job.merged.patch?.path ?? '' } });
     } else if (job.state === JobState.JOB_STATE_FAILED) {
       await events.append(job.id, { failed: { reason: job.failureReason } });
     } else {
@@ -269,7 +269,7 @@ export class MergeTasks implements DistributedStep {
     }
     this.opts.metrics.mergeDuration.observe(seconds);
     await this.opts.spool.discardJob(job.id);
-    await this.opts.events.append(job.id, { merged: { files: files.map((f) => f.path), seconds } });
+    await this.opts.events.append(job.id, { merged: { files: files.map((f) => f.path), seconds, patch: '' } });
     this.opts.log.info('job merged', { jobId: job.id, seconds, tensors: record.tensorsTotal });
   }
 

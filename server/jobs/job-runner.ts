@@ -45,6 +45,7 @@ import {
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import { mergeCheckpoint, type MergeParty } from '../merge/merger.js';
+import { mergeOutputs, patchPath } from '../merge/patch-output.js';
 import { SpooledTensorError } from '../merge/tensor-merge.js';
 import type { Spool } from '../uploads/spool.js';
 import type { JobEvents } from './job-events.js';
@@ -278,9 +279,12 @@ export class JobRunner {
     const started = performance.now();
     let lastProgress = 0;
     try {
+      const outputs = mergeOutputs(job.merge.output);
       const result = await mergeCheckpoint({
         basePath: job.basePath,
         outDir: join(this.deps.store.dir(job.id), 'merged'),
+        dense: outputs.dense,
+        ...(outputs.patch ? { patch: { path: patchPath(this.deps.store.dir(job.id)), baseFingerprint: job.baseFingerprint } } : {}),
         parties: mergeParties(job, this.deps.spool),
         outsideByMax: job.dpa.scaleOutsideByMax,
         workers: this.deps.mergeWorkers,
@@ -296,12 +300,12 @@ export class JobRunner {
       });
       const seconds = (performance.now() - started) / 1000;
       metrics.mergeDuration.observe(seconds);
-      await this.transition(job.id, JobState.JOB_STATE_MERGING, JobState.JOB_STATE_MERGED, (j) => (j.merged = { files: result.files, seconds }));
+      await this.transition(job.id, JobState.JOB_STATE_MERGING, JobState.JOB_STATE_MERGED, (j) => (j.merged = { files: result.files, seconds, ...(result.patch === undefined ? {} : { patch: result.patch }) }));
       // A job shown MERGED is no longer paused, before its merged event goes out.
       this.unpause(job.id);
       // Before the event, so that a failure to append it cannot leave the uploads behind.
       await this.deps.spool.discardJob(job.id);
-      await events.append(job.id, { merged: { files: result.files.map((f) => f.path), seconds } });
+      await events.append(job.id, { merged: { files: result.files.map((f) => f.path), seconds, patch: result.patch?.path ?? '' } });
       log.info('job merged', { jobId: job.id, seconds, tensorsMerged: result.tensorsMerged, tensorsCopied: result.tensorsCopied });
     } catch (err) {
       if (signal.aborted) {

@@ -21,6 +21,7 @@ import { FormatError } from '../../proto/errors.js';
 import { Checkpoint, CheckpointWriter, type CheckpointLayout } from '../../proto/safetensors/index.js';
 import type { MergedFileInfo } from '../jobs/job-store.js';
 import { inlineRunner, type MergeRunner, workerRunner } from './merge-runner.js';
+import { openPatch, type PatchOutput } from './patch-output.js';
 import type { Contribution } from './tensor-merge.js';
 
 /** One party's contribution. */
@@ -58,6 +59,10 @@ export interface MergeInput {
   signal?: AbortSignal;
   /** Called after each tensor written. */
   onProgress?: (p: MergeProgressInfo) => void;
+  /** Write the dense checkpoint to `outDir`. @default true */
+  dense?: boolean;
+  /** Also write the merged patch (patch-output.ts). @default none */
+  patch?: PatchOutput;
 }
 
 /** What a merge produced. */
@@ -68,6 +73,8 @@ export interface MergeResult {
   tensorsMerged: number;
   /** Tensors copied from the base unchanged. */
   tensorsCopied: number;
+  /** The merged patch, when asked for. */
+  patch?: MergedFileInfo;
 }
 
 /** Default number of merge worker threads. */
@@ -93,10 +100,12 @@ export async function mergeCheckpoint(input: MergeInput): Promise<MergeResult> {
       }
     }
     const isDir = (await stat(input.basePath)).isDirectory();
-    const writer = await CheckpointWriter.create(input.outDir, base.layout, {
+    const dense = input.dense ?? true;
+    const writer = dense ? await CheckpointWriter.create(input.outDir, base.layout, {
       ...(isDir ? { copyExtraFilesFrom: input.basePath } : {}),
       overwrite: true,
-    });
+    }) : undefined;
+    const patch = await openPatch(input.patch, base, (name) => contributionsTo(name, input.parties).length > 0);
     const workers = input.workers ?? defaultMergeWorkers();
     const runner: MergeRunner = workers === 0 ? inlineRunner(base) : workerRunner(input.basePath, workers);
     // Workers do not see the signal: stopping them is what aborts the tensors they are on.
@@ -104,7 +113,7 @@ export async function mergeCheckpoint(input: MergeInput): Promise<MergeResult> {
     signal?.addEventListener('abort', stop);
     try {
       const tensors = base.tensors();
-      const hashes = new WeightFileHashes(base.layout, writer.tmpDir);
+      const hashes = writer === undefined ? undefined : new WeightFileHashes(base.layout, writer.tmpDir);
       let merged = 0;
       let done = 0;
       const one = async (name: string): Promise<void> => {
@@ -112,31 +121,34 @@ export async function mergeCheckpoint(input: MergeInput): Promise<MergeResult> {
         const info = base.info(name);
         const contributions = contributionsTo(name, input.parties);
         if (contributions.length === 0) {
-          await writer.writeTensor(name, await base.readRaw(name, readOpts));
+          if (writer !== undefined) await writer.writeTensor(name, await base.readRaw(name, readOpts));
         } else {
           merged++;
-          const result = await runner.run({ name, contributions, outsideByMax: input.outsideByMax }, info.numel, signal);
+          const result = await runner.run({ name, contributions, outsideByMax: input.outsideByMax, dense, patch: patch !== undefined }, info.numel, signal);
           try {
-            await writer.writeTensor(name, result.bytes);
+            await Promise.all([writer?.writeTensor(name, result.bytes), patch?.add(name, result.patch!)]);
           } finally {
             result.release();
           }
         }
-        hashes.written(name);
+        hashes?.written(name);
         input.onProgress?.({ tensorsDone: ++done, tensorsTotal: tensors.length, tensorBytes: info.byteLength });
       };
       // One lane more than the runner has, so that this thread copies and writes while every worker adds.
       await inWindow(tensors.map((t) => t.name), runner.width + 1, one);
       signal?.throwIfAborted();
-      const known = await hashes.all();
-      await writer.commit();
-      return { files: await describeFiles(input.outDir, known), tensorsMerged: merged, tensorsCopied: tensors.length - merged };
+      const patchFile = await patch?.close();
+      const known = await hashes?.all();
+      await writer?.commit();
+      const files = writer === undefined ? [] : await describeFiles(input.outDir, known);
+      return { files, tensorsMerged: merged, tensorsCopied: tensors.length - merged, ...(patchFile === undefined ? {} : { patch: patchFile }) };
     } catch (err) {
       throw signal?.aborted === true ? signal.reason : err;
     } finally {
       signal?.removeEventListener('abort', stop);
       await runner.close();
-      await writer.abort();
+      await writer?.abort();
+      await patch?.abort();
     }
   } finally {
     await base.close();

@@ -4,6 +4,9 @@ import { EXIT, UsageError } from '../exit-codes.js';
 import { evaluatorFlags, parseDpa, parseEvaluator, parseParties, parseWeights } from '../job-flags.js';
 import { ADMIN_TOKEN_HELP, SERVER_HELP, adminToken, adminTokenFlags, clientOptions, serverFlags, withClient } from '../server-flags.js';
 import type { CreateJobOptions } from '../../sdk/jobs.js';
+import { MergeOutput } from '../../../proto/gen/dppa/v1/jobs.js';
+
+const MERGE_OUTPUTS = { dense: MergeOutput.MERGE_OUTPUT_DENSE, patch: MergeOutput.MERGE_OUTPUT_PATCH, both: MergeOutput.MERGE_OUTPUT_BOTH } as const;
 
 const help = `Usage: dppa job create --server HOST:PORT --base DIR --parties a,b,c --rate R [options]
 
@@ -30,6 +33,8 @@ Job:
   --weights a=1,b=0.5      per-party merge weights (parties not named keep 1)
   --sign-election          TIES-style sign election per entry before summing
   --parties-may-download   let parties download the merged checkpoint with their own token
+  --output dense|patch|both  what the merge writes (default both): the dense checkpoint, the merged
+                           patch (dppa pull --base / --patch), or both; patch skips the dense write
   --label TEXT             a label for people
   --max-abs-value V        largest magnitude an uploaded delta value may have (default 1000,
                            see docs/server.md); a tensor with a larger value, NaN or Inf is refused
@@ -74,6 +79,7 @@ export const jobCreateCommand: Command = {
       weights: { type: 'string' },
       'sign-election': { type: 'boolean' },
       'parties-may-download': { type: 'boolean' },
+      output: { type: 'string' },
       label: { type: 'string' },
       'max-abs-value': { type: 'string' },
       ...evaluatorFlags,
@@ -91,6 +97,8 @@ export const jobCreateCommand: Command = {
       dpa: { ...dpa, scaleOutsideByMax: v['scale-outside-by-max'] === true },
       merge: { weights: parseWeights(v.weights, parties), signElection: v['sign-election'] === true, partiesMayDownload: v['parties-may-download'] === true },
     };
+    const output = oneOf(v.output, 'output', ['dense', 'patch', 'both'] as const);
+    if (output !== undefined) request.merge!.output = MERGE_OUTPUTS[output];
     if (v.label !== undefined) request.label = v.label;
     const maxAbsValue = num(v['max-abs-value'], 'max-abs-value', { min: 0 });
     if (maxAbsValue === 0) throw new UsageError('--max-abs-value: must be > 0');

@@ -218,6 +218,56 @@ export function evaluatorKindToJSON(object: EvaluatorKind): string {
   }
 }
 
+/** What the merge writes. */
+export enum MergeOutput {
+  /** MERGE_OUTPUT_UNSPECIFIED - Not set: both. */
+  MERGE_OUTPUT_UNSPECIFIED = 0,
+  /** MERGE_OUTPUT_DENSE - The dense merged checkpoint only. */
+  MERGE_OUTPUT_DENSE = 1,
+  /** MERGE_OUTPUT_PATCH - The merged patch only (docs/formats.md): a server that relays never pays the dense write. */
+  MERGE_OUTPUT_PATCH = 2,
+  /** MERGE_OUTPUT_BOTH - The dense checkpoint and the patch. */
+  MERGE_OUTPUT_BOTH = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function mergeOutputFromJSON(object: any): MergeOutput {
+  switch (object) {
+    case 0:
+    case "MERGE_OUTPUT_UNSPECIFIED":
+      return MergeOutput.MERGE_OUTPUT_UNSPECIFIED;
+    case 1:
+    case "MERGE_OUTPUT_DENSE":
+      return MergeOutput.MERGE_OUTPUT_DENSE;
+    case 2:
+    case "MERGE_OUTPUT_PATCH":
+      return MergeOutput.MERGE_OUTPUT_PATCH;
+    case 3:
+    case "MERGE_OUTPUT_BOTH":
+      return MergeOutput.MERGE_OUTPUT_BOTH;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return MergeOutput.UNRECOGNIZED;
+  }
+}
+
+export function mergeOutputToJSON(object: MergeOutput): string {
+  switch (object) {
+    case MergeOutput.MERGE_OUTPUT_UNSPECIFIED:
+      return "MERGE_OUTPUT_UNSPECIFIED";
+    case MergeOutput.MERGE_OUTPUT_DENSE:
+      return "MERGE_OUTPUT_DENSE";
+    case MergeOutput.MERGE_OUTPUT_PATCH:
+      return "MERGE_OUTPUT_PATCH";
+    case MergeOutput.MERGE_OUTPUT_BOTH:
+      return "MERGE_OUTPUT_BOTH";
+    case MergeOutput.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** Factors given up front. */
 export interface FixedFactors {
   /** One factor per partition, partition 1 first; used for every party not in `per_party`. */
@@ -340,6 +390,8 @@ export interface MergeOptions {
   signElection: boolean;
   /** Parties may download the merged checkpoint (the admin always may). */
   partiesMayDownload: boolean;
+  /** Dense checkpoint, merged patch, or both (the default). */
+  output: MergeOutput;
 }
 
 export interface MergeOptions_WeightsEntry {
@@ -602,6 +654,8 @@ export interface Merged {
   files: string[];
   /** Time spent merging, in seconds. */
   seconds: number;
+  /** Path of the merged patch (as in DownloadService.ListFiles with `patch`); empty when none was written. */
+  patch: string;
 }
 
 /**
@@ -2133,7 +2187,7 @@ export const DpaConfig: MessageFns<DpaConfig> = {
 };
 
 function createBaseMergeOptions(): MergeOptions {
-  return { weights: {}, signElection: false, partiesMayDownload: false };
+  return { weights: {}, signElection: false, partiesMayDownload: false, output: 0 };
 }
 
 export const MergeOptions: MessageFns<MergeOptions> = {
@@ -2146,6 +2200,9 @@ export const MergeOptions: MessageFns<MergeOptions> = {
     }
     if (message.partiesMayDownload !== false) {
       writer.uint32(24).bool(message.partiesMayDownload);
+    }
+    if (message.output !== 0) {
+      writer.uint32(32).int32(message.output);
     }
     return writer;
   },
@@ -2190,6 +2247,14 @@ export const MergeOptions: MessageFns<MergeOptions> = {
             message.partiesMayDownload = reader.bool();
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.output = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2228,6 +2293,7 @@ export const MergeOptions: MessageFns<MergeOptions> = {
         : isSet(object.parties_may_download)
         ? globalThis.Boolean(object.parties_may_download)
         : false,
+      output: isSet(object.output) ? mergeOutputFromJSON(object.output) : 0,
     };
   },
 
@@ -2248,6 +2314,9 @@ export const MergeOptions: MessageFns<MergeOptions> = {
     if (message.partiesMayDownload !== false) {
       obj.partiesMayDownload = message.partiesMayDownload;
     }
+    if (message.output !== 0) {
+      obj.output = mergeOutputToJSON(message.output);
+    }
     return obj;
   },
 
@@ -2267,6 +2336,7 @@ export const MergeOptions: MessageFns<MergeOptions> = {
     );
     message.signElection = object.signElection ?? false;
     message.partiesMayDownload = object.partiesMayDownload ?? false;
+    message.output = object.output ?? 0;
     return message;
   },
 };
@@ -4837,7 +4907,7 @@ export const MergeProgress: MessageFns<MergeProgress> = {
 };
 
 function createBaseMerged(): Merged {
-  return { files: [], seconds: 0 };
+  return { files: [], seconds: 0, patch: "" };
 }
 
 export const Merged: MessageFns<Merged> = {
@@ -4847,6 +4917,9 @@ export const Merged: MessageFns<Merged> = {
     }
     if (message.seconds !== 0) {
       writer.uint32(17).double(message.seconds);
+    }
+    if (message.patch !== "") {
+      writer.uint32(26).string(message.patch);
     }
     return writer;
   },
@@ -4880,6 +4953,14 @@ export const Merged: MessageFns<Merged> = {
             message.seconds = reader.double();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.patch = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4896,6 +4977,7 @@ export const Merged: MessageFns<Merged> = {
     return {
       files: globalThis.Array.isArray(object?.files) ? object.files.map((e: any) => globalThis.String(e)) : [],
       seconds: isSet(object.seconds) ? globalThis.Number(object.seconds) : 0,
+      patch: isSet(object.patch) ? globalThis.String(object.patch) : "",
     };
   },
 
@@ -4907,6 +4989,9 @@ export const Merged: MessageFns<Merged> = {
     if (message.seconds !== 0) {
       obj.seconds = floatToJson(message.seconds);
     }
+    if (message.patch !== "") {
+      obj.patch = message.patch;
+    }
     return obj;
   },
 
@@ -4917,6 +5002,7 @@ export const Merged: MessageFns<Merged> = {
     const message = createBaseMerged();
     message.files = object.files?.map((e) => e) || [];
     message.seconds = object.seconds ?? 0;
+    message.patch = object.patch ?? "";
     return message;
   },
 };

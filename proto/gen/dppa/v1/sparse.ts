@@ -61,6 +61,46 @@ export function valueDtypeToJSON(object: ValueDtype): string {
   }
 }
 
+/** What the values of a `.dppa` file are. */
+export enum ValueKind {
+  /** VALUE_KIND_UNSPECIFIED - Deltas: added (scaled) to the base's values. Every upload and every file before this field. */
+  VALUE_KIND_UNSPECIFIED = 0,
+  /**
+   * VALUE_KIND_MERGED - Merged weights in the base tensor's dtype, replacing the base's values at
+   * their positions: a merged patch (docs/formats.md, "Merged patch"). Never
+   * accepted as an upload.
+   */
+  VALUE_KIND_MERGED = 1,
+  UNRECOGNIZED = -1,
+}
+
+export function valueKindFromJSON(object: any): ValueKind {
+  switch (object) {
+    case 0:
+    case "VALUE_KIND_UNSPECIFIED":
+      return ValueKind.VALUE_KIND_UNSPECIFIED;
+    case 1:
+    case "VALUE_KIND_MERGED":
+      return ValueKind.VALUE_KIND_MERGED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ValueKind.UNRECOGNIZED;
+  }
+}
+
+export function valueKindToJSON(object: ValueKind): string {
+  switch (object) {
+    case ValueKind.VALUE_KIND_UNSPECIFIED:
+      return "VALUE_KIND_UNSPECIFIED";
+    case ValueKind.VALUE_KIND_MERGED:
+      return "VALUE_KIND_MERGED";
+    case ValueKind.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** How the flat positions of a chunk's entries are coded. */
 export enum PositionCoding {
   /** POSITION_CODING_UNSPECIFIED - Not set; not a valid coding: every chunk says GOLOMB or RANGE. */
@@ -218,6 +258,8 @@ export interface DeltaHeader {
   tensors: TensorPlan[];
   /** Free-form producer string, e.g. "dppa-federated 0.1.0". */
   producer: string;
+  /** What the values are: deltas (unset) or, in a merged patch, the merged weights. */
+  valueKind: ValueKind;
 }
 
 export interface DeltaHeader_OptionsEntry {
@@ -720,6 +762,7 @@ function createBaseDeltaHeader(): DeltaHeader {
     valueDtype: 0,
     tensors: [],
     producer: "",
+    valueKind: 0,
   };
 }
 
@@ -755,6 +798,9 @@ export const DeltaHeader: MessageFns<DeltaHeader> = {
     }
     if (message.producer !== "") {
       writer.uint32(74).string(message.producer);
+    }
+    if (message.valueKind !== 0) {
+      writer.uint32(80).int32(message.valueKind);
     }
     return writer;
   },
@@ -857,6 +903,14 @@ export const DeltaHeader: MessageFns<DeltaHeader> = {
             message.producer = reader.string();
             continue;
           }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.valueKind = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -907,6 +961,11 @@ export const DeltaHeader: MessageFns<DeltaHeader> = {
         ? object.tensors.map((e: any) => TensorPlan.fromJSON(e))
         : [],
       producer: isSet(object.producer) ? globalThis.String(object.producer) : "",
+      valueKind: isSet(object.valueKind)
+        ? valueKindFromJSON(object.valueKind)
+        : isSet(object.value_kind)
+        ? valueKindFromJSON(object.value_kind)
+        : 0,
     };
   },
 
@@ -945,6 +1004,9 @@ export const DeltaHeader: MessageFns<DeltaHeader> = {
     if (message.producer !== "") {
       obj.producer = message.producer;
     }
+    if (message.valueKind !== 0) {
+      obj.valueKind = valueKindToJSON(message.valueKind);
+    }
     return obj;
   },
 
@@ -970,6 +1032,7 @@ export const DeltaHeader: MessageFns<DeltaHeader> = {
     message.valueDtype = object.valueDtype ?? 0;
     message.tensors = object.tensors?.map((e) => TensorPlan.fromPartial(e)) || [];
     message.producer = object.producer ?? "";
+    message.valueKind = object.valueKind ?? 0;
     return message;
   },
 };
