@@ -75,12 +75,23 @@ export class PatchSupport {
  * rounded to `dtype` exactly as the dense tensor is, and an end. A tensor
  * whose every position is marked becomes RANGE chunks: the whole tensor.
  * @param acc - The merged tensor in fp32 (at least `support.numel` elements).
- * @returns One buffer holding every record, so that a worker can hand it over without a copy.
+ * @returns The records in order, framed, in blocks of about {@link PATCH_BLOCK_BYTES}, each the whole of its own
+ *   ArrayBuffer, so that a worker can hand them over without a copy.
  */
-export function patchTensorRecords(name: string, shape: readonly (number | bigint)[], dtype: Dtype, acc: Float32Array, support: PatchSupport, maxChunkEntries = DEFAULT_MAX_CHUNK_ENTRIES): Uint8Array {
-  const parts: Uint8Array[] = [];
+export function patchTensorRecords(name: string, shape: readonly (number | bigint)[], dtype: Dtype, acc: Float32Array, support: PatchSupport, maxChunkEntries = DEFAULT_MAX_CHUNK_ENTRIES): Uint8Array[] {
+  const blocks: Uint8Array[] = [];
+  let parts: Uint8Array[] = [];
+  let partBytes = 0;
+  const seal = (): void => {
+    blocks.push(frame(parts, partBytes));
+    parts = [];
+    partBytes = 0;
+  };
   const push = (record: DeltaRecord): void => {
-    parts.push(DeltaRecord.encode(record).finish());
+    const encoded = DeltaRecord.encode(record).finish();
+    parts.push(encoded);
+    partBytes += RECORD_LENGTH_BYTES + encoded.length;
+    if (partBytes >= PATCH_BLOCK_BYTES) seal();
   };
   push({ tensorBegin: { name, shape: shape.map((d) => BigInt(d)) } });
   const { bits, numel } = support;
@@ -113,7 +124,15 @@ export function patchTensorRecords(name: string, shape: readonly (number | bigin
   }
   if (n > 0) flush();
   push({ tensorEnd: { name, chunkCount: index, keptPerPartition: [BigInt(kept)], crc32c: crc } });
-  const total = parts.reduce((a, p) => a + RECORD_LENGTH_BYTES + p.length, 0);
+  if (parts.length > 0) seal();
+  return blocks;
+}
+
+/** Bytes of records gathered into one block: a tensor's records are never all copied at once. */
+export const PATCH_BLOCK_BYTES = 8 * 1024 * 1024;
+
+/** Records, each framed by its little-endian length, in one new buffer of `total` bytes. */
+function frame(parts: readonly Uint8Array[], total: number): Uint8Array {
   const out = new Uint8Array(total);
   const view = new DataView(out.buffer);
   let at = 0;

@@ -13,8 +13,8 @@ import { mergeTensorOutputs, SpooledTensorError, type TensorTask } from './tenso
 export interface MergedTensor {
   /** The tensor in the base's dtype (empty if the task asked for no dense tensor). */
   bytes: Uint8Array;
-  /** The tensor's merged-patch records, if the task asked for them. */
-  patch?: Uint8Array;
+  /** The tensor's merged-patch records (framed, in blocks), if the task asked for them. */
+  patch?: Uint8Array[];
   release(): void;
 }
 
@@ -95,7 +95,7 @@ export function inlineRunner(base: Checkpoint): MergeRunner {
   return {
     width: 1,
     run: async (task, numel, signal) => {
-      let patch: Uint8Array | undefined;
+      let patch: Uint8Array[] | undefined;
       const bytes = await accumulators.with(numel, (acc) =>
         outputs.fillWith(async (out) => {
           const r = await mergeTensorOutputs(base, task, acc, signal, out);
@@ -110,7 +110,7 @@ export function inlineRunner(base: Checkpoint): MergeRunner {
 }
 
 /** A message from a merge worker: on success the result is the first `byteLength` bytes of `buffer`, whose ownership moves here. */
-export type WorkerReply = { ok: true; buffer: ArrayBuffer; byteLength: number; patch?: Uint8Array } | ({ ok: false } & WorkerFailure);
+export type WorkerReply = { ok: true; buffer: ArrayBuffer; byteLength: number; patch?: Uint8Array[] } | ({ ok: false } & WorkerFailure);
 
 /** A worker's error as posted: its name and message, a file system error's code, and what a {@link SpooledTensorError} carries. */
 export interface WorkerFailure {
@@ -150,7 +150,7 @@ export function workerRunner(basePath: string, workers: number): MergeRunner {
     }
   };
   // The result's memory goes back to the worker that filled it, for its next tensor.
-  const lent = (w: Worker, buffer: ArrayBuffer, byteLength: number, patch: Uint8Array | undefined): MergedTensor => ({
+  const lent = (w: Worker, buffer: ArrayBuffer, byteLength: number, patch: Uint8Array[] | undefined): MergedTensor => ({
     bytes: new Uint8Array(buffer, 0, byteLength),
     ...(patch === undefined ? {} : { patch }),
     release: () => {

@@ -15,7 +15,7 @@ port.on('message', (msg: WorkerRequest) => {
     return;
   }
   const { task, numel } = msg;
-  let patch: Uint8Array | undefined;
+  let patch: Uint8Array[] | undefined;
   baseReady
     .then((base) =>
       accumulators.with(numel, (acc) =>
@@ -31,8 +31,8 @@ port.on('message', (msg: WorkerRequest) => {
         // Handed over, not copied: either the reused block or fresh memory of the result's own.
         const owned = bytes.byteOffset === 0 ? bytes : bytes.slice();
         const reply: WorkerReply = { ok: true, buffer: owned.buffer as ArrayBuffer, byteLength: owned.byteLength, ...(patch === undefined ? {} : { patch }) };
-        // The patch records are a buffer of their own (patchTensorRecords): moved, not copied.
-        port.postMessage(reply, patch === undefined ? [reply.buffer] : [reply.buffer, patch.buffer as ArrayBuffer]);
+        // Each block of patch records is a buffer of its own (patchTensorRecords): moved, not copied.
+        port.postMessage(reply, [reply.buffer, ...(patch ?? []).map((b) => b.buffer as ArrayBuffer)]);
       },
       (err: unknown) => port.postMessage({ ok: false, ...workerFailure(err) } satisfies WorkerReply),
     );

@@ -18,7 +18,7 @@ export class PatchWriter {
   private readonly hash = createHash('sha256');
   private size = 0;
   private next = 0;
-  private readonly early = new Map<string, Uint8Array>();
+  private readonly early = new Map<string, readonly Uint8Array[]>();
   /** Serialises writes; `failure` keeps the first error. */
   private writing: Promise<void> = Promise.resolve();
   private failure: Error | undefined;
@@ -47,11 +47,11 @@ export class PatchWriter {
   }
 
   /** Hands over a tensor's framed records (`patchTensorRecords`); written once every tensor before it in the header is. */
-  add(tensor: string, records: Uint8Array): Promise<void> {
+  add(tensor: string, records: readonly Uint8Array[]): Promise<void> {
     this.early.set(tensor, records);
     for (let r; (r = this.early.get(this.order[this.next] ?? '')) !== undefined; this.next++) {
       this.early.delete(this.order[this.next]!);
-      this.append(r);
+      this.append(...r);
     }
     return this.writing;
   }

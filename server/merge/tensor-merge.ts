@@ -37,8 +37,8 @@ export interface TensorTask {
 export interface MergedOutputs {
   /** The tensor in the base's dtype; empty when the task asked for no dense tensor. */
   bytes: Uint8Array;
-  /** The tensor's framed merged-patch records, when the task asked for them. */
-  patch?: Uint8Array;
+  /** The tensor's framed merged-patch records (in blocks), when the task asked for them. */
+  patch?: Uint8Array[];
 }
 
 /**
