@@ -6,9 +6,10 @@
  * accumulator and the same rounding, so that a patch applied to the base
  * gives the dense merge bit for bit.
  */
-import { DeltaRecord, ValueDtype, ValueKind, type DeltaHeader, type TensorPlan } from '../gen/dppa/v1/sparse.js';
+import { DeltaRecord, PositionCoding, ValueDtype, ValueKind, type DeltaHeader, type SparseChunk, type TensorPlan } from '../gen/dppa/v1/sparse.js';
 import type { Dtype } from '../safetensors/dtype.js';
-import { DEFAULT_MAX_CHUNK_ENTRIES, encodeChunks, foldChunkCrc, type DecodedChunk } from '../sparse/index.js';
+import { chunkChecksum, DEFAULT_MAX_CHUNK_ENTRIES, encodeChunks, foldChunkCrc, type DecodedChunk } from '../sparse/index.js';
+import { encodeValues } from '../sparse/value-dtype.js';
 import { DELTA_FORMAT_VERSION, RECORD_LENGTH_BYTES } from '../sparse/delta-format.js';
 
 /** Name of the patch file the server writes and lists. */
@@ -47,6 +48,15 @@ export class PatchSupport {
   constructor(readonly numel: number) {
     if (numel >= 2 ** 32) throw new RangeError(`a merged patch handles tensors below 2^32 elements, not ${numel}`);
     this.bits = new Uint8Array(Math.ceil(numel / 8));
+  }
+
+  /** Whether every position is marked. */
+  whole(): boolean {
+    const bits = this.bits;
+    const full = this.numel >>> 3;
+    for (let i = 0; i < full; i++) if (bits[i] !== 0xff) return false;
+    const rest = this.numel & 7;
+    return rest === 0 || bits[full] === (1 << rest) - 1;
   }
 
   /** Marks the positions of a decoded chunk. */
@@ -111,18 +121,54 @@ export function patchTensorRecords(name: string, shape: readonly (number | bigin
     kept += n;
     n = 0;
   };
-  for (let byte = 0; byte < bits.length; byte++) {
-    const b = bits[byte]!;
-    if (b === 0) continue;
-    const base = byte << 3;
-    for (let k = 0; k < 8; k++) {
-      if ((b & (1 << k)) === 0) continue;
-      positions[n] = base + k;
-      values[n] = acc[base + k]!;
-      if (++n === positions.length) flush();
+  const cap = positions.length;
+  if (support.whole()) {
+    // Every position: RANGE chunks straight from the accumulator, without listing positions.
+    for (let start = 0; start < numel; start += cap) {
+      const count = Math.min(cap, numel - start);
+      const chunk: SparseChunk = {
+        tensor: name,
+        partition: 0,
+        index,
+        firstPosition: BigInt(start),
+        count,
+        positionCoding: PositionCoding.POSITION_CODING_RANGE,
+        golombM: 0,
+        positions: Buffer.alloc(0),
+        valueDtype,
+        values: encodeValues(acc.subarray(start, start + count), dtype),
+        crc32c: 0,
+      };
+      chunk.crc32c = chunkChecksum(chunk);
+      crc = foldChunkCrc(crc, chunk.crc32c);
+      index++;
+      kept += count;
+      push({ chunk });
     }
+  } else {
+    for (let byte = 0; byte < bits.length; byte++) {
+      let b = bits[byte]!;
+      if (b === 0) continue;
+      const base = byte << 3;
+      if (b === 0xff && n + 8 <= cap) {
+        for (let k = 0; k < 8; k++, n++) {
+          positions[n] = base + k;
+          values[n] = acc[base + k]!;
+        }
+        if (n === cap) flush();
+        continue;
+      }
+      // Only the set bits, lowest first: no branch per unset position.
+      while (b !== 0) {
+        const k = 31 - Math.clz32(b & -b);
+        b &= b - 1;
+        positions[n] = base + k;
+        values[n] = acc[base + k]!;
+        if (++n === cap) flush();
+      }
+    }
+    if (n > 0) flush();
   }
-  if (n > 0) flush();
   push({ tensorEnd: { name, chunkCount: index, keptPerPartition: [BigInt(kept)], crc32c: crc } });
   if (parts.length > 0) seal();
   return blocks;
