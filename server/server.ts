@@ -15,6 +15,7 @@ import pMap from 'p-map';
 import { DownloadServiceService } from '../proto/gen/dppa/v1/download.js';
 import { EvaluationServiceService } from '../proto/gen/dppa/v1/evaluation.js';
 import { JobServiceService } from '../proto/gen/dppa/v1/jobs.js';
+import { PATCH_FILE_NAME } from '../proto/patch/index.js';
 import { UploadServiceKeepingRecords } from './uploads/received-record.js';
 import { HealthService } from '../proto/gen/grpc/health/v1/health.js';
 import { buildInfo } from './build-info.js';
@@ -299,10 +300,10 @@ export class DppaServer {
   }
 }
 
-/** Removes temporary merge outputs a crash or a stop left behind (`merged.tmp-*`, `merged.old-*`). */
+/** Removes temporary merge outputs a crash or a stop left behind (`merged.tmp-*`, `merged.old-*`, `merged-patch.dppa.tmp-*`). */
 async function removeStaleOutputs(jobDir: string): Promise<void> {
   for (const name of await readdir(jobDir)) {
-    if (name.startsWith('merged.tmp-') || name.startsWith('merged.old-')) await rm(join(jobDir, name), { recursive: true, force: true });
+    if (name.startsWith('merged.tmp-') || name.startsWith('merged.old-') || name.startsWith(`${PATCH_FILE_NAME}.tmp-`)) await rm(join(jobDir, name), { recursive: true, force: true });
   }
 }
 
