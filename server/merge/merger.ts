@@ -117,6 +117,15 @@ export async function mergeCheckpoint(input: MergeInput): Promise<MergeResult> {
       let merged = 0;
       let done = 0;
       const one = async (name: string): Promise<void> => {
+        try {
+          await mergeOne(name);
+        } catch (err) {
+          // Lanes waiting for this tensor's turn in the patch must not wait for ever.
+          patch?.cancel(err instanceof Error ? err : new Error(String(err)));
+          throw err;
+        }
+      };
+      const mergeOne = async (name: string): Promise<void> => {
         signal?.throwIfAborted();
         const info = base.info(name);
         const contributions = contributionsTo(name, input.parties);

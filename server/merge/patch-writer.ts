@@ -18,10 +18,12 @@ export class PatchWriter {
   private readonly hash = createHash('sha256');
   private size = 0;
   private next = 0;
-  private readonly early = new Map<string, readonly Uint8Array[]>();
+  /** Tensors handed over before their turn, with their callers' waits. */
+  private readonly early = new Map<string, { records: readonly Uint8Array[]; resolve: (written: Promise<void>) => void; reject: (err: Error) => void }>();
   /** Serialises writes; `failure` keeps the first error. */
   private writing: Promise<void> = Promise.resolve();
   private failure: Error | undefined;
+  private cancelled: Error | undefined;
   private readonly order: readonly string[];
 
   private constructor(
@@ -46,14 +48,29 @@ export class PatchWriter {
     return new PatchWriter(path, tmp, await open(tmp, 'wx'), header);
   }
 
-  /** Hands over a tensor's framed records (`patchTensorRecords`); written once every tensor before it in the header is. */
+  /**
+   * Hands over a tensor's framed records (`patchTensorRecords`). Resolves once
+   * they are written, after every tensor before it in the header: a caller
+   * ahead of its turn waits, so that records held here stay bounded by the
+   * callers (the merge's lanes). Call {@link cancel} when a tensor will never come.
+   */
   add(tensor: string, records: readonly Uint8Array[]): Promise<void> {
-    this.early.set(tensor, records);
-    for (let r; (r = this.early.get(this.order[this.next] ?? '')) !== undefined; this.next++) {
-      this.early.delete(this.order[this.next]!);
-      this.append(...r);
-    }
-    return this.writing;
+    if (this.cancelled !== undefined) return Promise.reject(this.cancelled);
+    return new Promise((resolve, reject) => {
+      this.early.set(tensor, { records, resolve, reject });
+      for (let e; (e = this.early.get(this.order[this.next] ?? '')) !== undefined; this.next++) {
+        this.early.delete(this.order[this.next]!);
+        this.append(...e.records);
+        e.resolve(this.writing);
+      }
+    });
+  }
+
+  /** Fails every waiting and later {@link add}: a tensor of the header will never be handed over. */
+  cancel(err: Error): void {
+    this.cancelled ??= err;
+    for (const e of this.early.values()) e.reject(err);
+    this.early.clear();
   }
 
   /**
