@@ -9,7 +9,7 @@ import { baseFingerprint } from '../proto/fingerprint.js';
 import { Checkpoint, CheckpointWriter } from '../proto/safetensors/index.js';
 import { partitionFactor } from '../proto/algorithm/index.js';
 import { addChunkScaled, readDeltaFile, readDeltaHeader, TensorAssembler } from '../proto/sparse/index.js';
-import type { DeltaHeader } from '../proto/gen/dppa/v1/sparse.js';
+import { ValueKind, type DeltaHeader } from '../proto/gen/dppa/v1/sparse.js';
 
 /** Options of {@link applyDelta}. */
 export interface ApplyOptions {
@@ -56,6 +56,7 @@ export async function applyDelta(opts: ApplyOptions): Promise<ApplyReport> {
   try {
     const readOpts = opts.signal === undefined ? {} : { signal: opts.signal };
     const header = await readDeltaHeader(opts.delta, readOpts);
+    if (header.valueKind !== ValueKind.VALUE_KIND_UNSPECIFIED) throw new FormatError('this is a merged patch, not a delta: apply it with --patch (applyPatch)', { file: opts.delta });
     const factors = opts.factors ?? header.levels.map(() => 1);
     checkFactors(factors, header, opts.delta);
     if (opts.outsideFactor !== undefined && !Number.isFinite(opts.outsideFactor)) throw new RangeError(`outsideFactor: ${opts.outsideFactor} is not a finite number`);

@@ -17,6 +17,8 @@ export type { VocabMismatch } from './prune/delta-source.js';
 export type { SignificanceKind } from './prune/significance.js';
 export type { DareRescale } from './prune/dare.js';
 export { applyDelta } from './apply.js';
+export { applyPatch, PatchBaseMismatchError } from '../proto/patch/index.js';
+export type { ApplyPatchOptions, ApplyPatchReport } from '../proto/patch/index.js';
 export type { ApplyOptions, ApplyReport } from './apply.js';
 export { inspectDelta } from './inspect.js';
 export type { DeltaSummary, TensorSummary } from './inspect.js';
@@ -37,7 +39,7 @@ export type { PushOptions, PushFromCheckpoints, PushFromFile, PushPruneOptions, 
 export type { PullOptions, PullProgress, PullCallOptions, PullResult, PulledFile } from './sdk/pull.js';
 export type { EvaluateOptions, EvaluateCallOptions, EvaluateResult, EvaluateEvent, EvaluateFn, EvaluationCandidate } from './sdk/evaluate.js';
 export { DppaRpcError, DeltaMismatchError, JobStateError, UploadIncompleteError, DownloadError, EvaluationError } from './sdk/errors.js';
-export { JobState, SearchMethod, Tuner, EvaluatorKind } from '../proto/gen/dppa/v1/jobs.js';
+export { JobState, SearchMethod, Tuner, EvaluatorKind, MergeOutput } from '../proto/gen/dppa/v1/jobs.js';
 export type { Job, JobEvent, PartyStatus, Evaluation, DpaConfig, FixedFactors, SearchConfig, OnnxEvaluator, MergeOptions } from '../proto/gen/dppa/v1/jobs.js';
 export type { UploadState } from '../proto/gen/dppa/v1/upload.js';
 export type { MergedFile } from '../proto/gen/dppa/v1/download.js';

@@ -76,7 +76,10 @@ describe('dppa: the command line', () => {
     assert.match(r.stderr, /^dppa prune: --base, --finetuned, --rate and --out are required$/m);
     const some = await dppa(['apply', '--base', base]);
     assert.equal(some.code, 2);
-    assert.match(some.stderr, /^dppa apply: --delta and --out are required$/m);
+    assert.match(some.stderr, /^dppa apply: --out is required$/m);
+    const neither = await dppa(['apply', '--base', base, '--out', join(dir, 'never')]);
+    assert.equal(neither.code, 2);
+    assert.match(neither.stderr, /--delta \(or --patch\) is required/);
     const values = await dppa(['prune', '--base', base, '--finetuned', finetuned, '--out', join(dir, 'x.dppa'), '--rate', 'most', '--levels', '0.9,x']);
     assert.equal(values.code, 2);
     assert.match(values.stderr, /--rate: expected a number ≥ 0 < 1, got "most"/);

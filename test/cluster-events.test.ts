@@ -77,7 +77,7 @@ describe('cluster job events', () => {
     // Many idle checks find the stream holding nothing more of the job.
     await sleep(1500);
     assert.equal(events.watcherCount, 1, 'still watching');
-    await events.append(jobId, { merged: { files: ['model.safetensors'], seconds: 1 } });
+    await events.append(jobId, { merged: { files: ['model.safetensors'], seconds: 1, patch: '' } });
     const { events: seen } = await watching;
     assert.deepEqual(seen.map((e) => [e.seq, e.merged?.files]), [[1n, undefined], [2n, ['model.safetensors']]]);
     // A job whose events have all expired from the stream has nothing to wait for.
@@ -92,7 +92,7 @@ describe('cluster job events', () => {
     await events.append(jobId, { stateChanged: { from: JobState.JOB_STATE_COLLECTING, to: JobState.JOB_STATE_MERGING } });
     const watching = watchAll(events, jobId, 20_000);
     await sleep(1000);
-    await events.append(jobId, { merged: { files: [], seconds: 1 } });
+    await events.append(jobId, { merged: { files: [], seconds: 1, patch: '' } });
     const { events: seen, ms } = await watching;
     assert.deepEqual(seen.map((e) => e.seq), [1n, 2n]);
     assert.ok(ms >= 1000, 'the watch waited for the final event');
@@ -133,7 +133,7 @@ describe('cluster merge tasks of a job that is not merging', () => {
     }
     const seen = [];
     for await (const e of events.watch(jobId, 0n, AbortSignal.timeout(10_000))) seen.push(e);
-    assert.deepEqual(seen.map((e) => e.merged), [undefined, { files: ['model.safetensors'], seconds: 2 }]);
+    assert.deepEqual(seen.map((e) => e.merged), [undefined, { files: ['model.safetensors'], seconds: 2, patch: '' }]);
     assert.ok(discarded.length >= 2 && discarded.every((id) => id === jobId), 'each commit task of the merged job has its uploads deleted (if a replica died before)');
   });
 

@@ -1,7 +1,7 @@
 // Scale-out with real processes: three `dppa serve --cluster` replicas on one shared data folder and a real
 // nats-server. Parties upload to different replicas (one upload cut on one replica and resumed on another); the
 // only replica merging is SIGKILLed mid-merge; two fresh replicas take its tasks over; the merged checkpoint is
-// exactly the independent computation, and the job merged once.
+// exactly the independent computation (so is its merged patch applied to the base), and the job merged once.
 import assert from 'node:assert/strict';
 import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -165,6 +165,12 @@ describe('three replicas on one NATS and one shared folder', () => {
       const out = join(dir, 'merged');
       await watcher.pull({ jobId: job.id, out });
       await assertMerged(family.base, out, family.parties);
+      // The merged patch (merge.output defaults to both), joined from the tensor pieces A, D and E wrote, applied
+      // to the base gives the same checkpoint bit for bit.
+      const viaPatch = join(dir, 'merged-via-patch');
+      const pulled = await watcher.pull({ jobId: job.id, out: viaPatch, base: family.base });
+      assert.ok(pulled.applied !== undefined && pulled.applied.tensorsPatched > 0, 'the patch changes tensors');
+      await assertMerged(family.base, viaPatch, family.parties);
     } finally {
       watcher.close();
     }

@@ -21,7 +21,7 @@ import { pullCommand } from '../client/cli/commands/pull.js';
 import { pushCommand } from '../client/cli/commands/push.js';
 import { describeFailure } from '../client/cli/exit-codes.js';
 import { pruneToFile } from '../client/index.js';
-import { JobState, type JobEvent } from '../proto/gen/dppa/v1/jobs.js';
+import { JobState, MergeOutput, type JobEvent } from '../proto/gen/dppa/v1/jobs.js';
 import { FakeDppaServer, type FakeServerOptions } from './fixtures/fake-dppa-server.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import { CHILD_LIMITS } from './fixtures/child-limits.js';
@@ -166,7 +166,7 @@ describe('dppa server commands: against a server', () => {
       await writeFile(tokenFile, 'admin-token\n');
       const r = await dppa([
         'job', 'create', '--server', s.address, '--admin-token-file', tokenFile, '--base', '/srv/base', '--parties', 'a,b',
-        '--rate', '0.9', '--dpa', 'fixed:a=1.5,1;b=1.2,1', '--weights', 'a=1,b=0.5', '--parties-may-download', '--label', 'demo', '--json',
+        '--rate', '0.9', '--dpa', 'fixed:a=1.5,1;b=1.2,1', '--weights', 'a=1,b=0.5', '--parties-may-download', '--output', 'patch', '--label', 'demo', '--json',
       ]);
       assert.equal(r.code, 0, r.stderr);
       const parsed = JSON.parse(r.stdout) as unknown;
@@ -174,7 +174,7 @@ describe('dppa server commands: against a server', () => {
       assert.deepEqual(Object.keys(parsed as object), ['jobId', 'tokens']);
       const req = s.created[0]!;
       assert.deepEqual(req.dpa?.fixed?.perParty, { a: { factors: [1.5, 1] }, b: { factors: [1.2, 1] } });
-      assert.deepEqual(req.merge, { weights: { a: 1, b: 0.5 }, signElection: false, partiesMayDownload: true });
+      assert.deepEqual(req.merge, { weights: { a: 1, b: 0.5 }, signElection: false, partiesMayDownload: true, output: MergeOutput.MERGE_OUTPUT_PATCH });
       assert.equal(req.label, 'demo');
       const text = await dppa(['job', 'create', '--server', s.address, '--base', '/srv/base', '--parties', 'a,b', '--rate', '0.9'], admin);
       assert.match(text.stdout, /^job job-1 created/);
@@ -221,7 +221,7 @@ describe('dppa server commands: against a server', () => {
       ev(2, { stateChanged: { from: JobState.JOB_STATE_COLLECTING, to: JobState.JOB_STATE_MERGING } }),
       ev(3, { mergeProgress: { tensorsDone: 1, tensorsTotal: 2 } }),
       ev(4, { stateChanged: { from: JobState.JOB_STATE_MERGING, to: JobState.JOB_STATE_MERGED } }),
-      ev(5, { merged: { files: ['model.safetensors'], seconds: 1.5 } }),
+      ev(5, { merged: { files: ['model.safetensors'], seconds: 1.5, patch: '' } }),
     ];
     await withServer({ events: merged, dropWatchAfterEvents: 2 }, async (s) => {
       const r = await dppa(['job', 'watch', '--server', s.address, '--job', 'job-1', '--json'], admin);

@@ -148,7 +148,7 @@ describe('createJobRequest', () => {
     const r = createJobRequest({ basePath: '/srv/base', parties, rate: 0.9 });
     assert.equal(r.method, 'dp');
     assert.deepEqual(r.dpa, { off: true, fixed: undefined, search: undefined, scaleOutsideByMax: false });
-    assert.deepEqual(r.merge, { weights: {}, signElection: false, partiesMayDownload: false });
+    assert.deepEqual(r.merge, { weights: {}, signElection: false, partiesMayDownload: false, output: 0 });
     const withAll = createJobRequest({ basePath: '/b', parties, rate: 0.5, method: 'dare', dpa: parseDpa('fixed:1.2,1', parties), merge: { weights: parseWeights('a=2', parties), partiesMayDownload: true }, label: 'x' });
     assert.deepEqual(withAll.merge?.weights, { a: 2 });
     assert.equal(withAll.label, 'x');

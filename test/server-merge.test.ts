@@ -47,7 +47,7 @@ function create(token: string, parties = ['math', 'law'], extra: object = {}): P
   return call(h.jobs, 'createJob', {
     basePath: base, parties, rate: 0.8, method: 'dp', label: 'test',
     dpa: two ? { fixed: { factors: [1, 1], perParty: { math: { factors: FACTORS.math }, law: { factors: FACTORS.law } } }, scaleOutsideByMax: false } : undefined,
-    merge: two ? { weights: WEIGHTS, signElection: false, partiesMayDownload: true } : undefined,
+    merge: two ? { weights: WEIGHTS, signElection: false, partiesMayDownload: true, output: 0 } : undefined,
     maxAbsValue: 0,
     pruneMethod: 0,
     ...extra,
@@ -123,7 +123,7 @@ describe('aggregation server: job, uploads, merge, download', () => {
     const search = { method: 0, tuner: 0, start: 0, step: 0, upper: 0, lower: 0, budget: 0, downward: false, evaluator: 0, onnx: undefined, partyEvaluator: {}, partyTimeoutSeconds: 0 };
     await rejectsWith(create(ADMIN, ['math'], { dpa: { search: { ...search, partyEvaluator: { nobody: 1 } }, scaleOutsideByMax: false } }), status.INVALID_ARGUMENT, /^dpa\.search\.party_evaluator: "nobody" is not a party of the job$/);
     await rejectsWith(create(ADMIN, ['math'], { dpa: { search: { ...search, evaluator: 2 }, scaleOutsideByMax: false } }), status.INVALID_ARGUMENT, /^dpa\.search\.onnx: required, since the evaluator of math is ONNX$/);
-    await rejectsWith(create(ADMIN, ['math'], { merge: { weights: {}, signElection: true, partiesMayDownload: false } }), status.UNIMPLEMENTED);
+    await rejectsWith(create(ADMIN, ['math'], { merge: { weights: {}, signElection: true, partiesMayDownload: false, output: 0 } }), status.UNIMPLEMENTED);
     assert.equal((await call(h.jobs, 'listJobs', {}, ADMIN)).jobs.length, 1, 'no job was created');
   });
 

@@ -15,7 +15,7 @@ import {
   type OutsidePolicy,
   type PruneMethod,
 } from '../../proto/algorithm/index.js';
-import { TensorKind, ValueDtype, type DeltaHeader, type DeltaRecord, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
+import { TensorKind, ValueDtype, ValueKind, type DeltaHeader, type DeltaRecord, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
 import { baseFingerprint } from '../../proto/fingerprint.js';
 import { DeltaSource, type DeltaTensor, type VocabMismatch } from './delta-source.js';
 import type { DareRescale } from './dare.js';
@@ -207,6 +207,7 @@ export async function openPrune(options: PruneOptions): Promise<PruneSession> {
       producer: 'dppa-federated',
       pruneMethod: pruneMethodToWire(o.method),
       outside: outsidePolicyToWire(o.outside),
+      valueKind: ValueKind.VALUE_KIND_UNSPECIFIED,
     };
     const report: PruneReport = {
       method: o.method,

@@ -157,8 +157,11 @@ export class DppaClient {
   /**
    * Downloads a merged job's checkpoint into the new folder `out`, checking
    * every chunk's CRC-32C and every file's SHA-256, resuming after a dropped
-   * stream. `out` appears only once complete.
-   * @throws RangeError when `out` exists, DownloadError, DppaRpcError, the signal's reason.
+   * stream. `out` appears only once complete. With `patch`, downloads the
+   * merged patch as the file `out`; with `base`, downloads the patch and
+   * applies it to that local base, writing the merged checkpoint at `out`.
+   * @throws RangeError when `out` exists, DownloadError, DppaRpcError, the signal's reason;
+   *   with `base`, FormatError (PatchBaseMismatchError) when the patch is damaged or for another base.
    */
   pull(options: PullOptions, opts?: PullCallOptions): Promise<PullResult> {
     return pull(this.conn, options, opts);

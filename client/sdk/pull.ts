@@ -2,12 +2,15 @@
  * Download of a merged checkpoint, file by file, into `OUT.tmp-JOB/`: each
  * chunk checked against its CRC-32C, each file against its SHA-256, resumed
  * from the bytes on disk after a dropped stream (or a new run), and renamed to
- * `OUT` only once every file is complete and verified.
+ * `OUT` only once every file is complete and verified. The merged patch comes
+ * the same way, and is either kept (`patch`) or applied to a local base (`base`).
  */
 import { createHash, type Hash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { lstat, mkdir, open, readdir, rename, rm, stat, truncate } from 'node:fs/promises';
 import { dirname, join, resolve, sep } from 'node:path';
+import { FormatError } from '../../proto/errors.js';
+import { applyPatch, type ApplyPatchReport } from '../../proto/patch/index.js';
 import { crc32c } from '../../proto/sparse/index.js';
 import { CallScope, inScope, readStream, type CallOptions } from './call.js';
 import type { Connection } from './connection.js';
@@ -25,6 +28,17 @@ export interface PullOptions {
    * the same pull again resumes.
    */
   out: string;
+  /**
+   * Download the merged patch instead (docs/formats.md, "Merged patch"): `out` is then the
+   * `.dppa` file to create. @default false
+   */
+  patch?: boolean | undefined;
+  /**
+   * The base checkpoint the job merged into: download the merged patch and apply it to this
+   * base, writing the merged checkpoint at `out` (bit for bit the server's dense merge). A
+   * patch for another base, or a damaged one, is refused and nothing is written. @default none
+   */
+  base?: string | undefined;
 }
 
 /** Progress of a pull. */
@@ -69,6 +83,8 @@ export interface PullResult {
   bytesDownloaded: number;
   /** Bytes found on disk from an earlier, interrupted pull and kept. */
   bytesResumed: number;
+  /** With `base`: what applying the patch wrote (`files` then lists the patch downloaded). */
+  applied?: ApplyPatchReport;
 }
 
 /** A chunk whose bytes do not match its CRC: damaged in transit, fetched again. */
@@ -136,6 +152,8 @@ async function removeStrays(dir: string, keep: ReadonlySet<string>): Promise<voi
 
 interface Transfer {
   conn: Connection;
+  /** The merged patch, not checkpoint files. */
+  patch: boolean;
   jobId: string;
   scope: CallScope;
   bytesDone: number;
@@ -175,7 +193,8 @@ async function downloadFile(t: Transfer, file: PulledFile, local: string): Promi
     t.report(file.path, attempt);
     const fh = await open(local, 'a');
     try {
-      const call = conn.downloads.download({ jobId: t.jobId, path: file.path, offset: BigInt(size) }, conn.metadata(), {});
+      const req = { jobId: t.jobId, path: file.path, offset: BigInt(size) };
+      const call = t.patch ? conn.downloads.downloadPatch(req, conn.metadata(), {}) : conn.downloads.download(req, conn.metadata(), {});
       for await (const chunk of readStream(call, scope.signal)) {
         if (chunk.path !== file.path) throw new DownloadError(file.path, `the server sent a chunk of ${JSON.stringify(chunk.path)} instead`);
         if (chunk.offset !== BigInt(size)) throw new DownloadError(file.path, `chunk at byte ${chunk.offset}, expected byte ${size}`);
@@ -211,26 +230,33 @@ async function downloadFile(t: Transfer, file: PulledFile, local: string): Promi
 }
 
 /**
- * Downloads a merged checkpoint (see {@link DppaClient.pull}).
- * @throws RangeError when `out` exists; DownloadError, DppaRpcError, the signal's reason.
+ * Downloads a merged checkpoint, its merged patch, or the patch applied to a local base (see {@link DppaClient.pull}).
+ * @throws RangeError when `out` exists or `patch` and `base` are both given; DownloadError, DppaRpcError, the signal's reason;
+ *   with `base`, FormatError (PatchBaseMismatchError for a patch of another base) when the patch does not apply.
  */
 export async function pull(conn: Connection, o: PullOptions, call: PullCallOptions = {}): Promise<PullResult> {
   const scope = new CallScope('Download', call);
   try {
     if (o.out === '') throw new RangeError('out: required');
-    if (await exists(o.out)) throw new RangeError(`out: ${o.out} already exists; pull creates a new folder and never writes into one`);
-    const list = await inScope(conn, 'ListFiles', conn.downloads.listFiles.bind(conn.downloads), { jobId: o.jobId }, scope, true);
+    if (o.patch === true && o.base !== undefined) throw new RangeError('patch and base: give one (base downloads the patch and applies it)');
+    if (await exists(o.out)) throw new RangeError(`out: ${o.out} already exists; pull creates a new ${o.patch === true ? 'file' : 'folder'} and never writes into one`);
+    const patch = o.patch === true || o.base !== undefined;
+    const list = patch
+      ? await inScope(conn, 'ListPatch', conn.downloads.listPatch.bind(conn.downloads), { jobId: o.jobId }, scope, true)
+      : await inScope(conn, 'ListFiles', conn.downloads.listFiles.bind(conn.downloads), { jobId: o.jobId }, scope, true);
     const files = list.files.map(listedFile);
     const names = new Set(files.map((f) => f.path));
     if (names.size !== files.length) throw new DownloadError(o.out, 'the server listed a file twice');
-    if (files.length === 0) throw new DownloadError(o.out, `job ${o.jobId} has no merged files`);
-    const tmp = `${resolve(o.out)}.tmp-${o.jobId.replace(/[^A-Za-z0-9_-]/g, '_')}`;
+    if (files.length === 0) throw new DownloadError(o.out, `job ${o.jobId} has no merged files (its merge.output may be the patch only: pull it with --patch or --base)`);
+    if (patch && files.length !== 1) throw new DownloadError(o.out, `the server listed ${files.length} files for the merged patch, not one`);
+    const tmp = `${resolve(o.out)}.tmp-${o.jobId.replace(/[^A-Za-z0-9_-]/g, '_')}${patch ? '.patch' : ''}`;
     await mkdir(tmp, { recursive: true });
     await removeStrays(tmp, names);
     const bytesTotal = files.reduce((a, f) => a + f.size, 0);
     let filesDone = 0;
     const t: Transfer = {
       conn,
+      patch,
       jobId: o.jobId,
       scope,
       bytesDone: 0,
@@ -242,13 +268,31 @@ export async function pull(conn: Connection, o: PullOptions, call: PullCallOptio
       filesDone++;
       t.report(file.path, 1);
     }
-    await rename(tmp, o.out);
+    // Every byte not received by this run was on disk already (and verified).
+    const result = { out: o.out, files, bytesDownloaded: t.bytesDownloaded, bytesResumed: Math.max(0, bytesTotal - t.bytesDownloaded) };
+    if (o.base !== undefined) return { ...result, applied: await applyDownloaded(o.base, join(tmp, files[0]!.path), tmp, o.out, scope.signal) };
+    await rename(o.patch === true ? join(tmp, files[0]!.path) : tmp, o.out);
+    if (o.patch === true) await rm(tmp, { recursive: true, force: true });
     await syncFolder(dirname(resolve(o.out)));
-    // Every byte of the checkpoint not received by this run was on disk already (and verified).
-    return { out: o.out, files, bytesDownloaded: t.bytesDownloaded, bytesResumed: Math.max(0, bytesTotal - t.bytesDownloaded) };
+    return result;
   } catch (err) {
     throw scope.reason(err);
   } finally {
     scope.dispose();
+  }
+}
+
+/**
+ * Applies a downloaded patch, then removes the download. A patch that does not
+ * apply (damaged, or for another base) is removed too: nothing of it is kept.
+ */
+async function applyDownloaded(base: string, patch: string, tmp: string, out: string, signal: AbortSignal): Promise<ApplyPatchReport> {
+  try {
+    const applied = await applyPatch({ base, patch, out, signal });
+    await rm(tmp, { recursive: true, force: true });
+    return applied;
+  } catch (err) {
+    if (err instanceof FormatError) await rm(tmp, { recursive: true, force: true });
+    throw err;
   }
 }

@@ -12,6 +12,7 @@ import { FileJobEvents } from '../jobs/job-events.js';
 import { LOAD_CONCURRENCY, LocalJobStore } from '../jobs/job-store.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
+import { PATCH_FILE_NAME } from '../../proto/patch/index.js';
 import { MergeDriver } from '../merge/merge-driver.js';
 import { NatsEventPublisher } from '../nats/event-publisher.js';
 import type { Backend, JobSteps, StepDeps } from './backend.js';
@@ -89,9 +90,9 @@ export class LocalBackend implements Backend {
   }
 }
 
-/** Removes temporary merge outputs a crash or a stop left behind (`merged.tmp-*`, `merged.old-*`). */
+/** Removes temporary merge outputs a crash or a stop left behind (`merged.tmp-*`, `merged.old-*`, `merged-patch.dppa.tmp-*`). */
 async function removeStaleOutputs(jobDir: string): Promise<void> {
   for (const name of await readdir(jobDir)) {
-    if (name.startsWith('merged.tmp-') || name.startsWith('merged.old-')) await rm(join(jobDir, name), { recursive: true, force: true });
+    if (name.startsWith('merged.tmp-') || name.startsWith('merged.old-') || name.startsWith(`${PATCH_FILE_NAME}.tmp-`)) await rm(join(jobDir, name), { recursive: true, force: true });
   }
 }

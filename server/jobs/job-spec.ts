@@ -3,7 +3,7 @@
  * amplification factors and weights each party's delta is merged with.
  */
 import { DEFAULT_PRUNE_METHOD, pruneMethodFromWire, type PruneMethod } from '../../proto/algorithm/index.js';
-import type { CreateJobRequest, DpaConfig, MergeOptions } from '../../proto/gen/dppa/v1/jobs.js';
+import { MergeOutput, type CreateJobRequest, type DpaConfig, type MergeOptions } from '../../proto/gen/dppa/v1/jobs.js';
 import { checkSearch } from '../dpa/search-spec.js';
 import { InvalidArgumentError, UnimplementedError } from '../errors.js';
 import type { StoredJob } from './job-store.js';
@@ -50,11 +50,12 @@ export function checkJobSettings(req: CreateJobRequest): JobSettings {
   if (req.label.length > MAX_LABEL_LENGTH) throw new InvalidArgumentError(`label: at most ${MAX_LABEL_LENGTH} characters`);
   const dpa: DpaConfig = req.dpa ?? { scaleOutsideByMax: false };
   checkDpa(dpa, req.parties);
-  const merge: MergeOptions = req.merge ?? { weights: {}, signElection: false, partiesMayDownload: false };
+  const merge: MergeOptions = req.merge ?? { weights: {}, signElection: false, partiesMayDownload: false, output: MergeOutput.MERGE_OUTPUT_UNSPECIFIED };
   for (const [party, w] of Object.entries(merge.weights)) {
     if (!seen.has(party)) throw new InvalidArgumentError(`merge.weights: ${JSON.stringify(party)} is not a party of the job`);
     if (!Number.isFinite(w)) throw new InvalidArgumentError(`merge.weights[${party}]: must be a finite number, got ${w}`);
   }
+  if (!Object.values(MergeOutput).includes(merge.output) || merge.output === MergeOutput.UNRECOGNIZED) throw new InvalidArgumentError(`merge.output: ${merge.output} is not dense, patch or both`);
   if (merge.signElection) throw new UnimplementedError('merge.sign_election: TIES sign election is not available yet');
   if (!(req.maxAbsValue >= 0 && Number.isFinite(req.maxAbsValue))) {
     throw new InvalidArgumentError(`max_abs_value: must be a finite number > 0 (or 0 for the default ${DEFAULT_MAX_ABS_VALUE}), got ${req.maxAbsValue}`);

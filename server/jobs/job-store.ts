@@ -90,7 +90,7 @@ export interface StoredJob {
   /** RFC 3339. */
   updatedAt: string;
   /** Set once MERGED. */
-  merged: { files: MergedFileInfo[]; seconds: number } | undefined;
+  merged: { files: MergedFileInfo[]; seconds: number; patch?: MergedFileInfo } | undefined;
 }
 
 /** What `job.json` contains. */

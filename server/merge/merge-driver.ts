@@ -4,7 +4,9 @@
  * output out and submits a `tensor` task per tensor not yet written; each
  * writes its tensor at its offset and sets its bit in the merge record; the
  * one that sets the last bit submits the `commit`, which renames the output
- * into place and moves the job to MERGED. docs/design/job-flow.md.
+ * into place and moves the job to MERGED. The merged patch (`merge.output`
+ * patch or both) is written alongside: each tensor task writes its tensor's
+ * records as a piece, the commit joins them (patch-output.ts). docs/design/job-flow.md.
  */
 import { rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -18,7 +20,7 @@ import {
 import { UnavailableError } from '../errors.js';
 import type { JobEvents } from '../jobs/job-events.js';
 import type { JobStep } from '../jobs/job-step.js';
-import { isTerminal, stateName, type JobStore, type StoredJob } from '../jobs/job-store.js';
+import { isTerminal, stateName, type JobStore, type MergedFileInfo, type StoredJob } from '../jobs/job-store.js';
 import { failJob, StateConflictError, transitionJob } from '../jobs/job-transitions.js';
 import { sendPartyBack } from '../jobs/party-stops.js';
 import type { Logger } from '../log.js';
@@ -27,6 +29,7 @@ import type { Spool } from '../uploads/spool.js';
 import { mergeParties } from './merge-parties.js';
 import { contributionsTo, describeFiles, type MergeParty } from './merger.js';
 import { inlineRunner, workerRunner, type MergeRunner } from './merge-runner.js';
+import { commitPatch, createPieces, mergeOutputs, patchPath, piecesDir, writePiece } from './patch-output.js';
 import { SpooledTensorError } from './tensor-merge.js';
 
 /** Shortest interval between two merge_progress events (the last one is always sent). */
@@ -46,7 +49,10 @@ const FINAL_EVENT_GRACE_MS = 3000;
 interface JobContext {
   base: Checkpoint;
   runner: MergeRunner;
-  writer: SharedCheckpointWriter;
+  /** The dense output; none when only the patch is asked for. */
+  writer: SharedCheckpointWriter | undefined;
+  /** The folder of the patch pieces, when the patch is asked for. */
+  pieces: string | undefined;
   parties: MergeParty[];
   outsideByMax: boolean;
 }
@@ -95,6 +101,7 @@ export class MergeDriver implements JobStep {
       if (ended !== undefined) {
         await this.release(jobId);
         await rm(this.workDir(jobId, ended), { recursive: true, force: true });
+        await rm(piecesDir(this.workDir(jobId, ended)), { recursive: true, force: true });
       }
     }
   }
@@ -164,7 +171,7 @@ export class MergeDriver implements JobStep {
       throw new TaskNotReadyError(`job ${job.id} ended moments ago; its final event may still be on its way`, FINAL_EVENT_GRACE_MS);
     }
     if (job.state === JobState.JOB_STATE_MERGED && job.merged !== undefined) {
-      await events.append(job.id, { merged: { files: job.merged.files.map((f) => f.path), seconds: job.merged.seconds } });
+      await events.append(job.id, { merged: { files: job.merged.files.map((f) => f.path), seconds: job.merged.seconds, patch: job.merged.patch?.path ?? '' } });
     } else if (job.state === JobState.JOB_STATE_FAILED) {
       await events.append(job.id, { failed: { reason: job.failureReason } });
     } else {
@@ -199,7 +206,9 @@ export class MergeDriver implements JobStep {
         await this.submitCommit(job.id, signal);
         return;
       }
-      await SharedCheckpointWriter.layOut(this.workDir(job.id, record), this.outDir(job.id), base.layout, isDir ? { copyExtraFilesFrom: job.basePath } : {});
+      const outputs = mergeOutputs(job.merge.output);
+      if (outputs.dense) await SharedCheckpointWriter.layOut(this.workDir(job.id, record), this.outDir(job.id), base.layout, isDir ? { copyExtraFilesFrom: job.basePath } : {});
+      if (outputs.patch) await createPieces(piecesDir(this.workDir(job.id, record)));
       // Every unwritten tensor, even if some are still queued: a plan that failed midway left others unqueued.
       const written = bitmap(record);
       todo = tensors.flatMap((name, index) => (isSet(written, index) ? [] : [{ kind: 'tensor' as const, jobId: job.id, tensor: { name, index } }]));
@@ -225,12 +234,17 @@ export class MergeDriver implements JobStep {
       signal.throwIfAborted();
       const info = ctx.base.info(tensor.name);
       const contributions = contributionsTo(tensor.name, ctx.parties);
+      const { writer, pieces } = ctx;
+      // A tensor no party changed: the base's bytes in the dense output, nothing in the patch.
       const result = contributions.length === 0
-        ? { bytes: await ctx.base.readRaw(tensor.name, { signal }), release: () => undefined }
-        : await ctx.runner.run({ name: tensor.name, contributions, outsideByMax: ctx.outsideByMax }, info.numel, signal);
+        ? { bytes: writer === undefined ? new Uint8Array(0) : await ctx.base.readRaw(tensor.name, { signal }), release: () => undefined }
+        : await ctx.runner.run({ name: tensor.name, contributions, outsideByMax: ctx.outsideByMax, dense: writer !== undefined, patch: pieces !== undefined }, info.numel, signal);
       try {
         signal.throwIfAborted();
-        await ctx.writer.writeTensor(tensor.name, result.bytes);
+        await Promise.all([
+          writer?.writeTensor(tensor.name, result.bytes),
+          pieces !== undefined && result.patch !== undefined ? writePiece(pieces, tensor.index, result.patch) : undefined,
+        ]);
       } finally {
         result.release();
       }
@@ -255,13 +269,15 @@ export class MergeDriver implements JobStep {
     const record = await this.record(job.id);
     if (countWritten(record) !== record.tensorsTotal) return;
     await this.release(job.id);
-    await SharedCheckpointWriter.commit(this.workDir(job.id, record), this.outDir(job.id));
-    const files = await describeFiles(this.outDir(job.id));
+    const outputs = mergeOutputs(job.merge.output);
+    const patch = outputs.patch ? await this.commitPatch(job, record) : undefined;
+    if (outputs.dense) await SharedCheckpointWriter.commit(this.workDir(job.id, record), this.outDir(job.id));
+    const files = outputs.dense ? await describeFiles(this.outDir(job.id)) : [];
     const seconds = (Date.now() - Date.parse(record.startedAt)) / 1000;
     try {
       await transitionJob(this.opts, job.id, JobState.JOB_STATE_MERGED, {
         from: JobState.JOB_STATE_MERGING,
-        change: (j) => (j.merged = { files, seconds }),
+        change: (j) => (j.merged = { files, seconds, ...(patch === undefined ? {} : { patch }) }),
       });
     } catch (err) {
       // Another replica committed first.
@@ -273,8 +289,18 @@ export class MergeDriver implements JobStep {
     this.opts.onMerged?.(job.id);
     // Before the event, so that a failure to append it cannot leave the uploads behind.
     await this.opts.spool.discardJob(job.id);
-    await this.opts.events.append(job.id, { merged: { files: files.map((f) => f.path), seconds } });
+    await this.opts.events.append(job.id, { merged: { files: files.map((f) => f.path), seconds, patch: patch?.path ?? '' } });
     this.opts.log.info('job merged', { jobId: job.id, seconds, tensors: record.tensorsTotal });
+  }
+
+  /** Joins the tensors' patch pieces into the job's patch file (or describes the file a commit that crashed wrote). */
+  private async commitPatch(job: StoredJob, record: MergeRecord): Promise<MergedFileInfo> {
+    const base = await Checkpoint.open(job.basePath);
+    try {
+      return await commitPatch(patchPath(this.opts.store.dir(job.id)), piecesDir(this.workDir(job.id, record)), base, job.baseFingerprint);
+    } finally {
+      await base.close();
+    }
   }
 
   private submitCommit(jobId: string, signal: AbortSignal): Promise<void> {
@@ -305,10 +331,12 @@ export class MergeDriver implements JobStep {
           if (!base.has(name)) throw new FormatError(`party ${p.name} sent a tensor the base does not have`, { file, tensor: name });
         }
       }
-      const writer = await SharedCheckpointWriter.open(this.workDir(job.id, record), this.outDir(job.id), base.layout);
+      const outputs = mergeOutputs(job.merge.output);
+      const writer = outputs.dense ? await SharedCheckpointWriter.open(this.workDir(job.id, record), this.outDir(job.id), base.layout) : undefined;
+      const pieces = outputs.patch ? piecesDir(this.workDir(job.id, record)) : undefined;
       const { mergeWorkers } = this.opts;
       const runner = mergeWorkers === 0 ? inlineRunner(base) : workerRunner(job.basePath, mergeWorkers);
-      return { base, runner, writer, parties, outsideByMax: job.dpa.scaleOutsideByMax };
+      return { base, runner, writer, pieces, parties, outsideByMax: job.dpa.scaleOutsideByMax };
     } catch (err) {
       await base.close();
       throw err;
@@ -324,7 +352,7 @@ export class MergeDriver implements JobStep {
     const c = await ctx.catch(() => undefined);
     if (c === undefined) return;
     await c.runner.close();
-    await c.writer.close();
+    await c.writer?.close();
     await c.base.close();
   }
 

@@ -7,12 +7,14 @@
 import { Worker } from 'node:worker_threads';
 import { FormatError } from '../../proto/errors.js';
 import type { Checkpoint } from '../../proto/safetensors/index.js';
-import { mergeTensor, SpooledTensorError, type TensorTask } from './tensor-merge.js';
+import { mergeTensorOutputs, SpooledTensorError, type TensorTask } from './tensor-merge.js';
 
 /** A merged tensor a runner lends out: call `release()` once it is written, so that its memory takes the next result. */
 export interface MergedTensor {
-  /** The tensor in the base's dtype. */
+  /** The tensor in the base's dtype (empty if the task asked for no dense tensor). */
   bytes: Uint8Array;
+  /** The tensor's merged-patch records (framed, in blocks), if the task asked for them. */
+  patch?: Uint8Array[];
   release(): void;
 }
 
@@ -93,15 +95,22 @@ export function inlineRunner(base: Checkpoint): MergeRunner {
   return {
     width: 1,
     run: async (task, numel, signal) => {
-      const bytes = await accumulators.with(numel, (acc) => outputs.fillWith((out) => mergeTensor(base, task, acc, signal, out)));
-      return { bytes, release: () => outputs.give(bytes.buffer as ArrayBuffer) };
+      let patch: Uint8Array[] | undefined;
+      const bytes = await accumulators.with(numel, (acc) =>
+        outputs.fillWith(async (out) => {
+          const r = await mergeTensorOutputs(base, task, acc, signal, out);
+          patch = r.patch;
+          return r.bytes;
+        }),
+      );
+      return { bytes, ...(patch === undefined ? {} : { patch }), release: () => outputs.give(bytes.buffer as ArrayBuffer) };
     },
     close: () => Promise.resolve(),
   };
 }
 
 /** A message from a merge worker: on success the result is the first `byteLength` bytes of `buffer`, whose ownership moves here. */
-export type WorkerReply = { ok: true; buffer: ArrayBuffer; byteLength: number } | ({ ok: false } & WorkerFailure);
+export type WorkerReply = { ok: true; buffer: ArrayBuffer; byteLength: number; patch?: Uint8Array[] } | ({ ok: false } & WorkerFailure);
 
 /** A worker's error as posted: its name and message, a file system error's code, and what a {@link SpooledTensorError} carries. */
 export interface WorkerFailure {
@@ -141,8 +150,9 @@ export function workerRunner(basePath: string, workers: number): MergeRunner {
     }
   };
   // The result's memory goes back to the worker that filled it, for its next tensor.
-  const lent = (w: Worker, buffer: ArrayBuffer, byteLength: number): MergedTensor => ({
+  const lent = (w: Worker, buffer: ArrayBuffer, byteLength: number, patch: Uint8Array[] | undefined): MergedTensor => ({
     bytes: new Uint8Array(buffer, 0, byteLength),
+    ...(patch === undefined ? {} : { patch }),
     release: () => {
       if (!closed) w.postMessage({ reuse: buffer } satisfies WorkerRequest, [buffer]);
     },
@@ -155,7 +165,7 @@ export function workerRunner(basePath: string, workers: number): MergeRunner {
       const p = busy.get(w)!;
       busy.delete(w);
       idle.push(w);
-      if (reply.ok) p.resolve(lent(w, reply.buffer, reply.byteLength));
+      if (reply.ok) p.resolve(lent(w, reply.buffer, reply.byteLength, reply.patch));
       else p.reject(revive(reply));
       dispatch();
     });

@@ -2,7 +2,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import { Checkpoint } from '../../proto/safetensors/index.js';
 import { AccumulatorPool, OutputPool, workerFailure, type WorkerReply, type WorkerRequest } from './merge-runner.js';
-import { mergeTensor } from './tensor-merge.js';
+import { mergeTensorOutputs } from './tensor-merge.js';
 
 const port = parentPort!;
 const baseReady = Checkpoint.open(workerData as string);
@@ -15,14 +15,24 @@ port.on('message', (msg: WorkerRequest) => {
     return;
   }
   const { task, numel } = msg;
+  let patch: Uint8Array[] | undefined;
   baseReady
-    .then((base) => accumulators.with(numel, (acc) => outputs.fillWith((out) => mergeTensor(base, task, acc, undefined, out))))
+    .then((base) =>
+      accumulators.with(numel, (acc) =>
+        outputs.fillWith(async (out) => {
+          const r = await mergeTensorOutputs(base, task, acc, undefined, out);
+          patch = r.patch;
+          return r.bytes;
+        }),
+      ),
+    )
     .then(
       (bytes) => {
         // Handed over, not copied: either the reused block or fresh memory of the result's own.
         const owned = bytes.byteOffset === 0 ? bytes : bytes.slice();
-        const reply: WorkerReply = { ok: true, buffer: owned.buffer as ArrayBuffer, byteLength: owned.byteLength };
-        port.postMessage(reply, [reply.buffer]);
+        const reply: WorkerReply = { ok: true, buffer: owned.buffer as ArrayBuffer, byteLength: owned.byteLength, ...(patch === undefined ? {} : { patch }) };
+        // Each block of patch records is a buffer of its own (patchTensorRecords): moved, not copied.
+        port.postMessage(reply, [reply.buffer, ...(patch ?? []).map((b) => b.buffer as ArrayBuffer)]);
       },
       (err: unknown) => port.postMessage({ ok: false, ...workerFailure(err) } satisfies WorkerReply),
     );

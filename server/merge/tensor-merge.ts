@@ -7,6 +7,7 @@ import { FormatError } from '../../proto/errors.js';
 import { bytesPerElement, type Checkpoint, encodeFromF32 } from '../../proto/safetensors/index.js';
 import { partitionFactor } from '../../proto/algorithm/index.js';
 import { addChunkScaled, readDeltaFile, TensorAssembler } from '../../proto/sparse/index.js';
+import { PatchSupport, patchTensorRecords } from '../../proto/patch/index.js';
 
 /** One party's entries of a tensor. */
 export interface Contribution {
@@ -27,6 +28,18 @@ export interface TensorTask {
   contributions: Contribution[];
   /** Scale partition 0 (outside tensors) by the party's largest factor instead of 1. */
   outsideByMax: boolean;
+  /** Also produce the tensor's records of the merged patch (proto/patch). @default false */
+  patch?: boolean;
+  /** Produce the dense tensor. @default true */
+  dense?: boolean;
+}
+
+/** A merged tensor: dense in the base's dtype and/or as merged-patch records. */
+export interface MergedOutputs {
+  /** The tensor in the base's dtype; empty when the task asked for no dense tensor. */
+  bytes: Uint8Array;
+  /** The tensor's framed merged-patch records (in blocks), when the task asked for them. */
+  patch?: Uint8Array[];
 }
 
 /**
@@ -57,12 +70,26 @@ export class SpooledTensorError extends FormatError {
  * @throws SpooledTensorError naming the party, spool file and tensor if a spooled tensor is damaged, is another tensor or is gone.
  */
 export async function mergeTensor(base: Checkpoint, task: TensorTask, buffer: Float32Array, signal?: AbortSignal, out?: Uint8Array): Promise<Uint8Array> {
-  const acc = await accumulateTensor(base, task, buffer, signal);
-  const dtype = base.info(task.name).dtype;
-  const fits = out !== undefined && out.byteLength >= acc.length * bytesPerElement(dtype);
-  const bytes = encodeFromF32(acc, dtype, fits ? out : undefined);
+  return (await mergeTensorOutputs(base, task, buffer, signal, out)).bytes;
+}
+
+/**
+ * {@link mergeTensor}, also giving the tensor's merged-patch records when
+ * `task.patch`: the positions some party's entries reached, with the values
+ * of the same accumulator rounded by the same function as the dense tensor.
+ * @throws As {@link mergeTensor}.
+ */
+export async function mergeTensorOutputs(base: Checkpoint, task: TensorTask, buffer: Float32Array, signal?: AbortSignal, out?: Uint8Array): Promise<MergedOutputs> {
+  const info = base.info(task.name);
+  const support = task.patch === true ? new PatchSupport(info.numel) : undefined;
+  const acc = await accumulateTensor(base, task, buffer, signal, support);
+  const patch = support === undefined ? undefined : patchTensorRecords(task.name, info.shape, info.dtype, acc, support);
+  if (task.dense === false) return { bytes: new Uint8Array(0), ...(patch === undefined ? {} : { patch }) };
+  const fits = out !== undefined && out.byteLength >= acc.length * bytesPerElement(info.dtype);
+  const encoded = encodeFromF32(acc, info.dtype, fits ? out : undefined);
   // An F32 base encodes to a view of the accumulator, which the next tensor overwrites.
-  return bytes.buffer === buffer.buffer ? bytes.slice() : bytes;
+  const bytes = encoded.buffer === buffer.buffer ? encoded.slice() : encoded;
+  return { bytes, ...(patch === undefined ? {} : { patch }) };
 }
 
 /**
@@ -73,10 +100,10 @@ export async function mergeTensor(base: Checkpoint, task: TensorTask, buffer: Fl
  * @returns A view of `buffer` holding the tensor.
  * @throws As {@link mergeTensor}.
  */
-export async function accumulateTensor(base: Checkpoint, task: TensorTask, buffer: Float32Array, signal?: AbortSignal): Promise<Float32Array> {
+export async function accumulateTensor(base: Checkpoint, task: TensorTask, buffer: Float32Array, signal?: AbortSignal, support?: PatchSupport): Promise<Float32Array> {
   const opts = signal === undefined ? {} : { signal };
   const acc = await base.readF32(task.name, { into: buffer, ...opts });
-  for (const c of task.contributions) await addSpooled(acc, task.name, c, task.outsideByMax, opts);
+  for (const c of task.contributions) await addSpooled(acc, task.name, c, task.outsideByMax, { ...opts, support });
   return acc;
 }
 
@@ -84,7 +111,7 @@ export async function accumulateTensor(base: Checkpoint, task: TensorTask, buffe
  * Adds `c_i · f_p · Δ|p` of one spooled tensor into `acc`, chunk by chunk, checking every record again.
  * @throws SpooledTensorError when the spool file is unusable or missing.
  */
-async function addSpooled(acc: Float32Array, name: string, c: Contribution, outsideByMax: boolean, opts: { signal?: AbortSignal }): Promise<void> {
+async function addSpooled(acc: Float32Array, name: string, c: Contribution, outsideByMax: boolean, opts: SpoolReadOptions): Promise<void> {
   try {
     await addSpooledFile(acc, name, c, outsideByMax, opts);
   } catch (err) {
@@ -95,10 +122,16 @@ async function addSpooled(acc: Float32Array, name: string, c: Contribution, outs
   }
 }
 
-async function addSpooledFile(acc: Float32Array, name: string, c: Contribution, outsideByMax: boolean, opts: { signal?: AbortSignal }): Promise<void> {
+/** Abort signal, and the merged patch's support to mark. */
+interface SpoolReadOptions {
+  signal?: AbortSignal;
+  support?: PatchSupport | undefined;
+}
+
+async function addSpooledFile(acc: Float32Array, name: string, c: Contribution, outsideByMax: boolean, opts: SpoolReadOptions): Promise<void> {
   const { file } = c;
   let assembler: TensorAssembler | undefined;
-  for await (const record of readDeltaFile(file, opts)) {
+  for await (const record of readDeltaFile(file, opts.signal === undefined ? {} : { signal: opts.signal })) {
     if (record.header !== undefined) {
       const planned = record.header.tensors;
       if (planned.length !== 1 || planned[0]!.name !== name) throw new FormatError('spool file does not hold this tensor', { file, tensor: name });
@@ -106,7 +139,9 @@ async function addSpooledFile(acc: Float32Array, name: string, c: Contribution, 
       continue;
     }
     const chunk = assembler!.push(record);
-    if (chunk !== undefined) addChunkScaled(acc, chunk, c.weight * partitionFactor(c.factors, chunk.partition, outsideByMax));
+    if (chunk === undefined) continue;
+    addChunkScaled(acc, chunk, c.weight * partitionFactor(c.factors, chunk.partition, outsideByMax));
+    opts.support?.add(chunk);
   }
   if (assembler?.complete !== true) throw new FormatError('spool file ends before the tensor end', { file, tensor: name });
 }

@@ -4,7 +4,7 @@
  */
 import { checkLevels, outsidePolicyFromWire, pruneMethodFromWire, type PruneMethod } from '../../proto/algorithm/index.js';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
-import { TensorKind, type DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
+import { TensorKind, ValueKind, type DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
 import { DELTA_FORMAT_VERSION, storageDtype } from '../../proto/sparse/index.js';
 import { FailedPreconditionError, InvalidArgumentError } from '../errors.js';
 import { partyFactors } from '../jobs/job-spec.js';
@@ -30,6 +30,7 @@ export function checkDeltaHeader(job: StoredJob, party: string, header: DeltaHea
   if (header.formatVersion !== DELTA_FORMAT_VERSION) {
     throw new InvalidArgumentError(`DeltaHeader format_version is ${header.formatVersion}, this server reads ${DELTA_FORMAT_VERSION}`);
   }
+  if (header.valueKind !== ValueKind.VALUE_KIND_UNSPECIFIED) throw new InvalidArgumentError('DeltaHeader value_kind: the upload is a merged patch (or of an unknown kind), not a delta');
   if (header.baseFingerprint !== job.baseFingerprint) {
     throw new FailedPreconditionError(
       `the delta was made against base ${header.baseFingerprint || '(none)'}, but job ${job.id} merges into base ${job.baseFingerprint}`,

@@ -185,7 +185,7 @@ let got = 0, ended = 0;
 const srv = new grpc.Server({ 'grpc.max_receive_message_length': 16 << 20 });
 srv.addService(${GRPC_METHOD}, { up: (call, cb) => {
   call.on('data', (b) => { got += b.length; });
-  call.on('end', () => { cb(null, Buffer.alloc(0)); if (++ended === want) process.stdout.write('done ' + got + '\\n'); });
+  call.on('end', () => { cb(null, Buffer.alloc(0)); if (++ended === want) { const u = process.cpuUsage(); process.stdout.write('done ' + got + ' ' + (u.user + u.system) / 1e6 + '\\n'); } });
 } });
 srv.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, port) => {
   // The receive window dppa serve sets (server/rpc/receive-window.ts), so that the two compare like for like.
@@ -207,17 +207,20 @@ const call = c.up((e) => { if (e) { console.error(e); process.exit(1); } process
 })();`;
 
 // ---------------------------------------------------------------------------
-// The reference for the merge beside `cp -r`: the base copied file by file
-// through a 16 MiB buffer in a Node process, then fsynced.
+// The reference for the merge beside `cp -r` (the Node I/O floor): the base
+// copied file by file through a 16 MiB buffer in a Node process, hashed
+// (SHA-256) and fsynced: what a dense merge must do besides the merge itself.
 
 const NODE_COPY = `
-const fs = require('node:fs'), path = require('node:path');
+const fs = require('node:fs'), path = require('node:path'), crypto = require('node:crypto');
 const [from, to] = process.argv.slice(1);
 fs.mkdirSync(to);
 const buf = Buffer.allocUnsafeSlow(16 << 20);
 for (const f of fs.readdirSync(from)) {
   const a = fs.openSync(path.join(from, f), 'r'), b = fs.openSync(path.join(to, f), 'w');
-  for (let pos = 0, n; (n = fs.readSync(a, buf, 0, buf.length, pos)) > 0; pos += n) fs.writeSync(b, buf, 0, n, pos);
+  const hash = crypto.createHash('sha256');
+  for (let pos = 0, n; (n = fs.readSync(a, buf, 0, buf.length, pos)) > 0; pos += n) { fs.writeSync(b, buf, 0, n, pos); hash.update(buf.subarray(0, n)); }
+  hash.digest();
   fs.fsyncSync(b);
   fs.closeSync(a);
   fs.closeSync(b);
@@ -225,19 +228,20 @@ for (const f of fs.readdirSync(from)) {
 
 /**
  * Seconds from the receiver's start to its report that every sender's bytes
- * arrived. The receiver is stopped only once every sender has exited (a grpc-js
- * sender waits for its call's answer).
+ * arrived, and the receiver's CPU seconds then if it reports them (NaN if not).
+ * The receiver is stopped only once every sender has exited (a grpc-js sender
+ * waits for its call's answer).
  */
-async function copyOver(receiverScript: string, senderScript: string, files: string[], bytes: number, what: string): Promise<number> {
+async function copyOver(receiverScript: string, senderScript: string, files: string[], bytes: number, what: string): Promise<{ seconds: number; receiverCpu: number }> {
   const receiver = spawn(process.execPath, ['-e', receiverScript, String(files.length)], { cwd: root, stdio: ['ignore', 'pipe', 'inherit'] });
   const senders: Promise<void>[] = [];
   let t0 = 0;
   try {
-    return await new Promise<number>((resolve, reject) => {
+    return await new Promise<{ seconds: number; receiverCpu: number }>((resolve, reject) => {
       receiver.on('error', reject);
       receiver.on('exit', (code) => code !== 0 && reject(new Error(`${what} receiver exited with ${code}`)));
       lines(receiver.stdout, (line) => {
-        const [kind, value] = line.split(' ');
+        const [kind, value, cpu] = line.split(' ');
         if (kind === 'port') {
           t0 = performance.now();
           for (const f of files) {
@@ -254,13 +258,45 @@ async function copyOver(receiverScript: string, senderScript: string, files: str
         } else if (kind === 'done') {
           const dt = (performance.now() - t0) / 1000;
           if (Number(value) !== bytes) reject(new Error(`${what} received ${value} bytes of ${bytes}`));
-          resolve(dt);
+          resolve({ seconds: dt, receiverCpu: cpu === undefined ? Number.NaN : Number(cpu) });
         }
       });
     });
   } finally {
     await Promise.all(senders);
     if (receiver.exitCode === null) receiver.kill();
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The patch-only job: a second job of the same base, `--output patch`, the
+// same deltas pushed again; timed like the dense merge (last upload complete →
+// merged event).
+
+async function patchOnlyJob(address: string, env: NodeJS.ProcessEnv): Promise<{ jobId: string; seconds: number }> {
+  const created = JSON.parse(dppa(['job', 'create', '--server', address, '--base', join(model.dir, 'base'), '--parties', PARTIES.join(','), '--rate', RATE, '--method', 'dp', '--dpa', 'off', '--output', 'patch', '--label', 'bench:server patch', '--json'], env)) as {
+    jobId: string;
+    tokens: Record<string, string>;
+  };
+  const watch = spawn(process.execPath, ['bin/dppa.js', 'job', 'watch', '--server', address, '--job', created.jobId, '--json'], { cwd: root, env, stdio: ['ignore', 'pipe', 'inherit'] });
+  const times = new Map<string, number>();
+  const ended = new Promise<string>((resolve) => {
+    lines(watch.stdout, (line) => {
+      const ev = JSON.parse(line) as { type: string; time: string; reason?: string };
+      if (ev.type === 'uploadComplete' || ev.type === 'merged') times.set(ev.type, Math.max(times.get(ev.type) ?? 0, Date.parse(ev.time)));
+      if (ev.type === 'merged' || ev.type === 'failed') resolve(ev.type === 'merged' ? 'merged' : `failed: ${ev.reason}`);
+    });
+  });
+  try {
+    const pushed = await Promise.all(
+      PARTIES.map((p, i) => spawnMeasured(process.execPath, ['bin/dppa.js', 'push', '--server', address, '--job', created.jobId, '--party', p, '--delta', deltas[i]!, '--json'], { ...process.env, DPPA_TOKEN: created.tokens[p] }).done),
+    );
+    for (const [i, m] of pushed.entries()) if (m.code !== 0) throw new Error(`push ${PARTIES[i]} (patch job) failed (${m.code}):\n${m.stderr}`);
+    const end = await ended;
+    if (end !== 'merged') throw new Error(`the patch-only job ${end}`);
+    return { jobId: created.jobId, seconds: (times.get('merged')! - times.get('uploadComplete')!) / 1000 };
+  } finally {
+    watch.kill('SIGTERM');
   }
 }
 
@@ -314,11 +350,14 @@ try {
   // 2. Raw TCP loopback copy of the same bytes, and the same bytes through a bare grpc-js call.
   const raws: number[] = [];
   const grpcs: number[] = [];
+  const grpcCpus: number[] = [];
   for (let i = 0; i < runs; i++) {
-    raws.push(await copyOver(RAW_RECEIVER, RAW_SENDER, deltas, deltaBytes, 'raw TCP'));
+    raws.push((await copyOver(RAW_RECEIVER, RAW_SENDER, deltas, deltaBytes, 'raw TCP')).seconds);
     console.log(`raw TCP copy ${i + 1}/${runs}: ${raws.at(-1)!.toFixed(2)} s (${(deltaBytes / 1e6 / raws.at(-1)!).toFixed(0)} MB/s)`);
-    grpcs.push(await copyOver(GRPC_RECEIVER, GRPC_SENDER, deltas, deltaBytes, 'bare grpc-js'));
-    console.log(`bare grpc-js copy ${i + 1}/${runs}: ${grpcs.at(-1)!.toFixed(2)} s (${(deltaBytes / 1e6 / grpcs.at(-1)!).toFixed(0)} MB/s)`);
+    const g = await copyOver(GRPC_RECEIVER, GRPC_SENDER, deltas, deltaBytes, 'bare grpc-js');
+    grpcs.push(g.seconds);
+    grpcCpus.push(g.receiverCpu);
+    console.log(`bare grpc-js copy ${i + 1}/${runs}: ${g.seconds.toFixed(2)} s (${(deltaBytes / 1e6 / g.seconds).toFixed(0)} MB/s), receiver CPU ${g.receiverCpu.toFixed(1)} s`);
   }
 
   // 3. The server, with its whole life measured.
@@ -347,7 +386,7 @@ try {
   const address = `127.0.0.1:${grpcPort}`;
 
   // 4. The job, and a watcher of its events.
-  const created = JSON.parse(dppa(['job', 'create', '--server', address, '--base', base, '--parties', PARTIES.join(','), '--rate', RATE, '--method', 'dp', '--dpa', 'off', '--label', 'bench:server', '--json'], adminEnv)) as {
+  const created = JSON.parse(dppa(['job', 'create', '--server', address, '--base', base, '--parties', PARTIES.join(','), '--rate', RATE, '--method', 'dp', '--dpa', 'off', '--output', 'dense', '--label', 'bench:server', '--json'], adminEnv)) as {
     jobId: string;
     tokens: Record<string, string>;
   };
@@ -395,6 +434,11 @@ try {
   const status = JSON.parse(dppa(['job', 'status', '--server', address, '--job', jobId, '--json'], adminEnv)) as { state: string };
   const mergedBytes = await folderBytes(join(dataDir, 'jobs', jobId, 'merged'));
   if (status.state !== 'merged' || mergedBytes < baseBytes * 0.99) throw new Error(`job ${jobId} is ${status.state}, merged folder ${mergedBytes} bytes`);
+
+  // 6b. The same three deltas again into a patch-only job: the merged patch's time and size.
+  const patchJob = await patchOnlyJob(address, adminEnv);
+  const patchBytes = statSync(join(dataDir, 'jobs', patchJob.jobId, 'merged-patch.dppa')).size;
+  const hwmAfterPatch = vmHwmMiB(serverPid);
 
   // 7. Stop the server: its peak RSS over its whole life.
   server.child.kill('SIGTERM');
@@ -454,8 +498,28 @@ try {
   console.log(`server CPU: upload ${(cpu(afterUpload) - cpu(before)).toFixed(1)} s, merge ${(cpu(afterMerge) - cpu(afterUpload)).toFixed(1)} s, whole life ${serverRun.cpuSeconds.toFixed(1)} s (all threads; 2 cores)`);
   console.log(`server peak RSS: ${hwmAfterUpload.toFixed(0)} MiB after the upload, ${hwmAfterMerge.toFixed(0)} MiB after the merge, ${serverRun.maxRssMiB.toFixed(0)} MiB whole life`);
   console.log(`load average (1, 5, 15 min): start ${loadAtStart}; before the upload ${loadBeforeUpload}; after the merge ${loadAfterMerge}; end ${load()}`);
+  console.log(`merged patch (patch-only job, last upload → merged): ${patchJob.seconds.toFixed(2)} s = ${(patchJob.seconds / mergeSeconds).toFixed(2)}× the dense merge (goal ≤ 0.5×); ${(patchBytes / 1e6).toFixed(0)} MB = ${(patchBytes / mergedBytes).toFixed(3)}× the dense checkpoint's ${(mergedBytes / 1e6).toFixed(0)} MB (goal ≤ 0.45×); server peak RSS after it ${hwmAfterPatch.toFixed(0)} MiB`);
   console.log(`whole benchmark: ${total.toFixed(0)} s${generated === undefined ? ' (inputs reused)' : ` (generation ${generated.toFixed(0)} s)`}`);
   if (values['cpu-prof'] === true) await summarizeProfiles(profDir);
+  // Last line: the figures as one JSON object, for scripts.
+  console.log(
+    JSON.stringify({
+      layers: LAYERS,
+      upload_s: uploadSeconds,
+      bare_grpc_s: bare,
+      raw_tcp_s: raw,
+      server_upload_cpu_s: cpu(afterUpload) - cpu(before),
+      bare_grpc_cpu_s: median(grpcCpus),
+      merge_s: mergeSeconds,
+      node_io_floor_s: nodeCopy,
+      cp_s: cp,
+      patch_s: patchJob.seconds,
+      dense_bytes: mergedBytes,
+      patch_bytes: patchBytes,
+      server_peak_rss_mib: serverRun.maxRssMiB,
+      uploaded_bytes: deltaBytes,
+    }),
+  );
 } finally {
   watcher?.kill('SIGTERM');
   if (server !== undefined) {

@@ -6,6 +6,10 @@ import { jsonFlag } from '../job-id-flag.js';
 import { evaluatorFlags, parseDpa, parseEvaluator, parseParties, parseWeights } from '../job-flags.js';
 import { adminToken, adminTokenFlags, clientOptions, serverFlags, withClient } from '../server-flags.js';
 import type { CreateJobOptions } from '../../sdk/jobs.js';
+import { MergeOutput } from '../../../proto/gen/dppa/v1/jobs.js';
+
+const MERGE_OUTPUTS = { dense: MergeOutput.MERGE_OUTPUT_DENSE, patch: MergeOutput.MERGE_OUTPUT_PATCH, both: MergeOutput.MERGE_OUTPUT_BOTH } as const;
+const OUTPUTS = ['dense', 'patch', 'both'] as const;
 
 const REQUIRED = 'Required';
 const JOB = 'Job';
@@ -39,6 +43,12 @@ export const jobCreateCommand = defineCommand({
     weights: text('a=1,b=0.5', 'per-party merge weights (parties not named keep 1)', { group: JOB }),
     'sign-election': toggle('TIES-style sign election per entry before summing', { group: JOB }),
     'parties-may-download': toggle('let parties download the merged checkpoint with their own token', { group: JOB }),
+    output: choice(
+      'dense|patch|both',
+      OUTPUTS,
+      'what the merge writes (default both): the dense checkpoint, the merged patch (dppa pull --base / --patch), or both; patch skips the dense write',
+      { group: JOB },
+    ),
     label: text('TEXT', 'a label for people', { group: JOB }),
     'max-abs-value': number('V', 'largest magnitude an uploaded delta value may have, > 0 (default 1000, see docs/server.md); a tensor with a larger value, NaN or Inf is refused', { min: 0 }, { group: JOB }),
     ...evaluatorFlags,
@@ -60,6 +70,7 @@ export const jobCreateCommand = defineCommand({
       dpa: { ...dpa, scaleOutsideByMax: v['scale-outside-by-max'] },
       merge: { weights: parseWeights(v.weights, parties), signElection: v['sign-election'], partiesMayDownload: v['parties-may-download'] },
     };
+    if (v.output !== undefined) request.merge!.output = MERGE_OUTPUTS[v.output];
     if (v.label !== undefined) request.label = v.label;
     if (v['max-abs-value'] === 0) throw new UsageError('--max-abs-value: must be > 0');
     if (v['max-abs-value'] !== undefined) request.maxAbsValue = v['max-abs-value'];

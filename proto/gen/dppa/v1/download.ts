@@ -569,6 +569,29 @@ export const DownloadServiceService = {
     responseSerialize: (value: FileChunk): Buffer => Buffer.from(FileChunk.encode(value).finish()),
     responseDeserialize: (value: Buffer): FileChunk => FileChunk.decode(value),
   },
+  /**
+   * The merged patch (one `.dppa` file, docs/formats.md "Merged patch") with its size and digest;
+   * FAILED_PRECONDITION when the job's `merge.output` wrote none.
+   */
+  listPatch: {
+    path: "/dppa.v1.DownloadService/ListPatch" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ListFilesRequest): Buffer => Buffer.from(ListFilesRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ListFilesRequest => ListFilesRequest.decode(value),
+    responseSerialize: (value: ListFilesResponse): Buffer => Buffer.from(ListFilesResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ListFilesResponse => ListFilesResponse.decode(value),
+  },
+  /** The merged patch from `offset` to its end (`path` as listed by ListPatch), as Download. */
+  downloadPatch: {
+    path: "/dppa.v1.DownloadService/DownloadPatch" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: DownloadRequest): Buffer => Buffer.from(DownloadRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): DownloadRequest => DownloadRequest.decode(value),
+    responseSerialize: (value: FileChunk): Buffer => Buffer.from(FileChunk.encode(value).finish()),
+    responseDeserialize: (value: Buffer): FileChunk => FileChunk.decode(value),
+  },
 } as const;
 
 export interface DownloadServiceServer extends UntypedServiceImplementation {
@@ -576,6 +599,13 @@ export interface DownloadServiceServer extends UntypedServiceImplementation {
   listFiles: handleUnaryCall<ListFilesRequest, ListFilesResponse>;
   /** One file from `offset` to its end, in checksummed chunks. */
   download: handleServerStreamingCall<DownloadRequest, FileChunk>;
+  /**
+   * The merged patch (one `.dppa` file, docs/formats.md "Merged patch") with its size and digest;
+   * FAILED_PRECONDITION when the job's `merge.output` wrote none.
+   */
+  listPatch: handleUnaryCall<ListFilesRequest, ListFilesResponse>;
+  /** The merged patch from `offset` to its end (`path` as listed by ListPatch), as Download. */
+  downloadPatch: handleServerStreamingCall<DownloadRequest, FileChunk>;
 }
 
 export interface DownloadServiceClient extends Client {
@@ -598,6 +628,32 @@ export interface DownloadServiceClient extends Client {
   /** One file from `offset` to its end, in checksummed chunks. */
   download(request: DownloadRequest, options?: Partial<CallOptions>): ClientReadableStream<FileChunk>;
   download(
+    request: DownloadRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<FileChunk>;
+  /**
+   * The merged patch (one `.dppa` file, docs/formats.md "Merged patch") with its size and digest;
+   * FAILED_PRECONDITION when the job's `merge.output` wrote none.
+   */
+  listPatch(
+    request: ListFilesRequest,
+    callback: (error: ServiceError | null, response: ListFilesResponse) => void,
+  ): ClientUnaryCall;
+  listPatch(
+    request: ListFilesRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ListFilesResponse) => void,
+  ): ClientUnaryCall;
+  listPatch(
+    request: ListFilesRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ListFilesResponse) => void,
+  ): ClientUnaryCall;
+  /** The merged patch from `offset` to its end (`path` as listed by ListPatch), as Download. */
+  downloadPatch(request: DownloadRequest, options?: Partial<CallOptions>): ClientReadableStream<FileChunk>;
+  downloadPatch(
     request: DownloadRequest,
     metadata?: Metadata,
     options?: Partial<CallOptions>,

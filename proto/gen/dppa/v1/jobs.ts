@@ -219,6 +219,56 @@ export function evaluatorKindToJSON(object: EvaluatorKind): string {
   }
 }
 
+/** What the merge writes. */
+export enum MergeOutput {
+  /** MERGE_OUTPUT_UNSPECIFIED - Not set: both. */
+  MERGE_OUTPUT_UNSPECIFIED = 0,
+  /** MERGE_OUTPUT_DENSE - The dense merged checkpoint only. */
+  MERGE_OUTPUT_DENSE = 1,
+  /** MERGE_OUTPUT_PATCH - The merged patch only (docs/formats.md): a server that relays never pays the dense write. */
+  MERGE_OUTPUT_PATCH = 2,
+  /** MERGE_OUTPUT_BOTH - The dense checkpoint and the patch. */
+  MERGE_OUTPUT_BOTH = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function mergeOutputFromJSON(object: any): MergeOutput {
+  switch (object) {
+    case 0:
+    case "MERGE_OUTPUT_UNSPECIFIED":
+      return MergeOutput.MERGE_OUTPUT_UNSPECIFIED;
+    case 1:
+    case "MERGE_OUTPUT_DENSE":
+      return MergeOutput.MERGE_OUTPUT_DENSE;
+    case 2:
+    case "MERGE_OUTPUT_PATCH":
+      return MergeOutput.MERGE_OUTPUT_PATCH;
+    case 3:
+    case "MERGE_OUTPUT_BOTH":
+      return MergeOutput.MERGE_OUTPUT_BOTH;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return MergeOutput.UNRECOGNIZED;
+  }
+}
+
+export function mergeOutputToJSON(object: MergeOutput): string {
+  switch (object) {
+    case MergeOutput.MERGE_OUTPUT_UNSPECIFIED:
+      return "MERGE_OUTPUT_UNSPECIFIED";
+    case MergeOutput.MERGE_OUTPUT_DENSE:
+      return "MERGE_OUTPUT_DENSE";
+    case MergeOutput.MERGE_OUTPUT_PATCH:
+      return "MERGE_OUTPUT_PATCH";
+    case MergeOutput.MERGE_OUTPUT_BOTH:
+      return "MERGE_OUTPUT_BOTH";
+    case MergeOutput.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** Factors given up front. */
 export interface FixedFactors {
   /** One factor per partition, partition 1 first; used for every party not in `per_party`. */
@@ -341,6 +391,8 @@ export interface MergeOptions {
   signElection: boolean;
   /** Parties may download the merged checkpoint (the admin always may). */
   partiesMayDownload: boolean;
+  /** Dense checkpoint, merged patch, or both (the default). */
+  output: MergeOutput;
 }
 
 export interface MergeOptions_WeightsEntry {
@@ -620,6 +672,8 @@ export interface Merged {
   files: string[];
   /** Time spent merging, in seconds. */
   seconds: number;
+  /** Path of the merged patch (as in DownloadService.ListFiles with `patch`); empty when none was written. */
+  patch: string;
 }
 
 /**
@@ -2151,7 +2205,7 @@ export const DpaConfig: MessageFns<DpaConfig> = {
 };
 
 function createBaseMergeOptions(): MergeOptions {
-  return { weights: {}, signElection: false, partiesMayDownload: false };
+  return { weights: {}, signElection: false, partiesMayDownload: false, output: 0 };
 }
 
 export const MergeOptions: MessageFns<MergeOptions> = {
@@ -2164,6 +2218,9 @@ export const MergeOptions: MessageFns<MergeOptions> = {
     }
     if (message.partiesMayDownload !== false) {
       writer.uint32(24).bool(message.partiesMayDownload);
+    }
+    if (message.output !== 0) {
+      writer.uint32(32).int32(message.output);
     }
     return writer;
   },
@@ -2208,6 +2265,14 @@ export const MergeOptions: MessageFns<MergeOptions> = {
             message.partiesMayDownload = reader.bool();
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.output = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2246,6 +2311,7 @@ export const MergeOptions: MessageFns<MergeOptions> = {
         : isSet(object.parties_may_download)
         ? globalThis.Boolean(object.parties_may_download)
         : false,
+      output: isSet(object.output) ? mergeOutputFromJSON(object.output) : 0,
     };
   },
 
@@ -2266,6 +2332,9 @@ export const MergeOptions: MessageFns<MergeOptions> = {
     if (message.partiesMayDownload !== false) {
       obj.partiesMayDownload = message.partiesMayDownload;
     }
+    if (message.output !== 0) {
+      obj.output = mergeOutputToJSON(message.output);
+    }
     return obj;
   },
 
@@ -2285,6 +2354,7 @@ export const MergeOptions: MessageFns<MergeOptions> = {
     );
     message.signElection = object.signElection ?? false;
     message.partiesMayDownload = object.partiesMayDownload ?? false;
+    message.output = object.output ?? 0;
     return message;
   },
 };
@@ -4897,7 +4967,7 @@ export const MergeProgress: MessageFns<MergeProgress> = {
 };
 
 function createBaseMerged(): Merged {
-  return { files: [], seconds: 0 };
+  return { files: [], seconds: 0, patch: "" };
 }
 
 export const Merged: MessageFns<Merged> = {
@@ -4907,6 +4977,9 @@ export const Merged: MessageFns<Merged> = {
     }
     if (message.seconds !== 0) {
       writer.uint32(17).double(message.seconds);
+    }
+    if (message.patch !== "") {
+      writer.uint32(26).string(message.patch);
     }
     return writer;
   },
@@ -4940,6 +5013,14 @@ export const Merged: MessageFns<Merged> = {
             message.seconds = reader.double();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.patch = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4956,6 +5037,7 @@ export const Merged: MessageFns<Merged> = {
     return {
       files: globalThis.Array.isArray(object?.files) ? object.files.map((e: any) => globalThis.String(e)) : [],
       seconds: isSet(object.seconds) ? globalThis.Number(object.seconds) : 0,
+      patch: isSet(object.patch) ? globalThis.String(object.patch) : "",
     };
   },
 
@@ -4967,6 +5049,9 @@ export const Merged: MessageFns<Merged> = {
     if (message.seconds !== 0) {
       obj.seconds = floatToJson(message.seconds);
     }
+    if (message.patch !== "") {
+      obj.patch = message.patch;
+    }
     return obj;
   },
 
@@ -4977,6 +5062,7 @@ export const Merged: MessageFns<Merged> = {
     const message = createBaseMerged();
     message.files = object.files?.map((e) => e) || [];
     message.seconds = object.seconds ?? 0;
+    message.patch = object.patch ?? "";
     return message;
   },
 };

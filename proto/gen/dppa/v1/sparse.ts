@@ -69,6 +69,46 @@ export function valueDtypeToJSON(object: ValueDtype): string {
   }
 }
 
+/** What the values of a `.dppa` file are. */
+export enum ValueKind {
+  /** VALUE_KIND_UNSPECIFIED - Deltas: added (scaled) to the base's values. Every upload and every file before this field. */
+  VALUE_KIND_UNSPECIFIED = 0,
+  /**
+   * VALUE_KIND_MERGED - Merged weights in the base tensor's dtype, replacing the base's values at
+   * their positions: a merged patch (docs/formats.md, "Merged patch"). Never
+   * accepted as an upload.
+   */
+  VALUE_KIND_MERGED = 1,
+  UNRECOGNIZED = -1,
+}
+
+export function valueKindFromJSON(object: any): ValueKind {
+  switch (object) {
+    case 0:
+    case "VALUE_KIND_UNSPECIFIED":
+      return ValueKind.VALUE_KIND_UNSPECIFIED;
+    case 1:
+    case "VALUE_KIND_MERGED":
+      return ValueKind.VALUE_KIND_MERGED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return ValueKind.UNRECOGNIZED;
+  }
+}
+
+export function valueKindToJSON(object: ValueKind): string {
+  switch (object) {
+    case ValueKind.VALUE_KIND_UNSPECIFIED:
+      return "VALUE_KIND_UNSPECIFIED";
+    case ValueKind.VALUE_KIND_MERGED:
+      return "VALUE_KIND_MERGED";
+    case ValueKind.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** How the flat positions of a chunk's entries are coded. */
 export enum PositionCoding {
   /** POSITION_CODING_UNSPECIFIED - Not set; not a valid coding: every chunk says GOLOMB or RANGE. */
@@ -242,6 +282,8 @@ export interface DeltaHeader {
    * before this field (their `options["outside"]` says it).
    */
   outside: OutsidePolicy;
+  /** What the values are: deltas (unset) or, in a merged patch, the merged weights. */
+  valueKind: ValueKind;
 }
 
 export interface DeltaHeader_OptionsEntry {
@@ -746,6 +788,7 @@ function createBaseDeltaHeader(): DeltaHeader {
     producer: "",
     pruneMethod: 0,
     outside: 0,
+    valueKind: 0,
   };
 }
 
@@ -787,6 +830,9 @@ export const DeltaHeader: MessageFns<DeltaHeader> = {
     }
     if (message.outside !== 0) {
       writer.uint32(88).int32(message.outside);
+    }
+    if (message.valueKind !== 0) {
+      writer.uint32(96).int32(message.valueKind);
     }
     return writer;
   },
@@ -905,6 +951,14 @@ export const DeltaHeader: MessageFns<DeltaHeader> = {
             message.outside = reader.int32() as any;
             continue;
           }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.valueKind = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -961,6 +1015,11 @@ export const DeltaHeader: MessageFns<DeltaHeader> = {
         ? pruneMethodFromJSON(object.prune_method)
         : 0,
       outside: isSet(object.outside) ? outsidePolicyFromJSON(object.outside) : 0,
+      valueKind: isSet(object.valueKind)
+        ? valueKindFromJSON(object.valueKind)
+        : isSet(object.value_kind)
+        ? valueKindFromJSON(object.value_kind)
+        : 0,
     };
   },
 
@@ -1005,6 +1064,9 @@ export const DeltaHeader: MessageFns<DeltaHeader> = {
     if (message.outside !== 0) {
       obj.outside = outsidePolicyToJSON(message.outside);
     }
+    if (message.valueKind !== 0) {
+      obj.valueKind = valueKindToJSON(message.valueKind);
+    }
     return obj;
   },
 
@@ -1032,6 +1094,7 @@ export const DeltaHeader: MessageFns<DeltaHeader> = {
     message.producer = object.producer ?? "";
     message.pruneMethod = object.pruneMethod ?? 0;
     message.outside = object.outside ?? 0;
+    message.valueKind = object.valueKind ?? 0;
     return message;
   },
 };
