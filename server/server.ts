@@ -170,15 +170,16 @@ export class DppaServer {
     grpc.addService(EvaluationServiceService, evaluationService({ store, broker, auth, runner }, rpc));
     grpc.addService(HealthService, healthService(health, rpc));
     addReflection(grpc);
-    closers.push('gRPC listener', ({ graceful }) => this.drain(grpc, rpc, closing, graceful));
+    // The runner stops together with the listener: runner.stop() starts and tryShutdown follows in the same tick, so
+    // new calls are refused at once while a merge (which can take many minutes) is aborted, to be redone at the next
+    // start; a search resumes from its record.
+    closers.push('gRPC listener and job runner', ({ graceful }) => stopTogether(runner.stop(), this.drain(grpc, rpc, closing, graceful)));
     const grpcPort = await bind(grpc, o.grpcHost, o.grpcPort, await credentials(o));
     widenReceiveWindow(grpc, o.receiveWindowBytes, log);
     const metricsPort = await metricsServer.listen(o.grpcHost, o.metricsPort);
 
     steps.start();
     runner.resume();
-    // First to stop: a merge can take many minutes, it is aborted at once and redone at the next start; a search resumes from its record.
-    closers.push('job runner', () => runner.stop());
     log.info('server started', { dataDir: o.dataDir, grpc: `${o.grpcHost}:${grpcPort}`, metricsPort, jobs: store.list().length });
     return { grpcPort, metricsPort, events, broker, health, draining, closing, closers };
   }
@@ -229,6 +230,12 @@ export class DppaServer {
     cutOff(closing);
     await rpc.idle();
   }
+}
+
+/** Waits for both, started together by the caller; rethrows the first failure once both have settled. */
+async function stopTogether(...stops: Promise<void>[]): Promise<void> {
+  const results = await Promise.allSettled(stops);
+  for (const r of results) if (r.status === 'rejected') throw r.reason;
 }
 
 /** Aborts the calls still running. */
