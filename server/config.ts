@@ -218,12 +218,20 @@ function checkNats(nats: NatsOptions): void {
     try {
       url = new URL(server.includes('://') ? server : `nats://${server}`);
     } catch (cause) {
-      throw new ConfigError(`nats.url: ${JSON.stringify(server)} is not a URL`, { cause });
+      throw new ConfigError(`nats.url: ${JSON.stringify(redactUrl(server))} is not a URL`, { cause });
     }
-    if (url.protocol !== 'nats:' && url.protocol !== 'tls:') throw new ConfigError(`nats.url: ${JSON.stringify(server)}: expected nats:// or tls://`);
-    if (url.hostname === '') throw new ConfigError(`nats.url: ${JSON.stringify(server)} names no host`);
+    if (url.protocol !== 'nats:' && url.protocol !== 'tls:') throw new ConfigError(`nats.url: ${JSON.stringify(redactUrl(server))}: expected nats:// or tls://`);
+    if (url.hostname === '') throw new ConfigError(`nats.url: ${JSON.stringify(redactUrl(server))} names no host`);
   }
   if (nats.credsFile === '') throw new ConfigError('nats.credsFile: must not be empty');
+}
+
+/**
+ * A NATS URL option (one URL or a comma-separated list) as it may be shown in a
+ * log line or an error: user, password or token before `@` become `***`.
+ */
+export function redactUrl(url: string): string {
+  return url.replace(/(\/\/|^|,)[^\s,/]*@/g, '$1***@');
 }
 
 /** The servers of a NATS URL option: comma-separated, blanks ignored. */

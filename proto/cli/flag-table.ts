@@ -294,7 +294,7 @@ export function parseCommand<F extends FlagTable>(t: CommandText, flags: F, argv
   if (missing.length > 0) problems.push(`${listed(missing)} ${missing.length === 1 ? 'is' : 'are'} required`);
   if (cmd.args.length > wanted.length) {
     const extra = cmd.args.slice(wanted.length);
-    problems.push(`unexpected argument${extra.length === 1 ? '' : 's'} ${extra.map((a) => JSON.stringify(a)).join(' ')}${wanted.length === 0 ? ` (dppa ${t.name} takes flags only)` : ''}`);
+    problems.push(`unexpected argument${extra.length === 1 ? '' : 's'} ${extra.map(strayArgument).join(' ')}${wanted.length === 0 ? ` (dppa ${t.name} takes flags only)` : ''}`);
   }
   const values: Record<string, unknown> = {};
   for (const [name, f] of Object.entries(flags)) {
@@ -323,13 +323,19 @@ export function parseCommand<F extends FlagTable>(t: CommandText, flags: F, argv
 function commanderMessage(err: CommanderError, names: string[]): string {
   if (err.code === 'commander.unknownOption') {
     const typed = /'([^']+)'/.exec(err.message)?.[1] ?? '';
-    return `Unknown option '${typed}'${didYouMeanFlag(typed, names)}`;
+    // `--tokn=SECRET`: the value after `=` may be a token; it is not repeated.
+    return `Unknown option '${typed.replace(/=.*$/s, '=…')}'${didYouMeanFlag(typed, names)}`;
   }
   if (err.code === 'commander.optionMissingArgument') {
     const typed = /'(-[^ ']+)/.exec(err.message)?.[1] ?? 'a flag';
     return `${typed.replace(/^-h, /, '')} needs a value`;
   }
   return err.message.replace(/^error: /, '');
+}
+
+/** A stray positional as an error shows it: a short word as typed; anything longer (it may be a token) only by its length. */
+function strayArgument(arg: string): string {
+  return arg.length <= 12 && !arg.includes('=') ? JSON.stringify(arg) : `(${arg.length} characters)`;
 }
 
 function didYouMeanFlag(typed: string, names: string[]): string {

@@ -6,7 +6,7 @@
  */
 import { readFile } from 'node:fs/promises';
 import { connect, credsAuthenticator, type NatsConnection } from '@nats-io/transport-node';
-import { natsServers, type NatsOptions } from '../config.js';
+import { natsServers, redactUrl, type NatsOptions } from '../config.js';
 import { ConfigError, NatsUnavailableError } from '../errors.js';
 
 /** How long the first connection may take. */
@@ -38,7 +38,7 @@ export async function connectNats(opts: NatsOptions, name: string): Promise<Nats
       ...(creds === undefined ? {} : { authenticator: credsAuthenticator(creds) }),
     });
   } catch (cause) {
-    throw new NatsUnavailableError(`cannot connect to NATS at ${opts.url}: ${describeNatsError(cause)}`, { cause });
+    throw new NatsUnavailableError(`cannot connect to NATS at ${redactUrl(opts.url)}: ${redactUrl(describeNatsError(cause))}`, { cause });
   }
 }
 
