@@ -13,7 +13,7 @@ import { choice, helpText, inFlagTermsOfPaths, InputPathError, number, parseComm
 import { logLevelFrom, optionsFromFlags } from './config.js';
 import { ConfigError } from './errors.js';
 import { createLogger, LOG_LEVELS, type Logger } from './log.js';
-import { DppaServer } from './server.js';
+import { DppaServer, GrpcBindError } from './server.js';
 
 const NATS = 'Events and cluster (docs/events.md, docs/scale-out.md)';
 const TLS = 'TLS';
@@ -56,10 +56,16 @@ const SERVE = {
 Prometheus metrics (HTTP).`,
   after: `Plaintext gRPC is only allowed on a loopback host unless --insecure is given.
 SIGTERM or SIGINT stops the server gracefully; a second one stops it at once.
-Exit codes: 0 stopped cleanly; 1 unexpected failure, or NATS unreachable (starting again later
-may work); 2 bad command line or configuration (a flag's value, a file or folder it names, a
-port in use: the message names the flag).`,
+Exit codes: 0 stopped cleanly; 1 unexpected failure, NATS unreachable or an I/O failure (starting
+again later may work); 2 bad command line or configuration (a flag's value, a file or folder it
+names, a port in use: the message names the flag).`,
 };
+
+/**
+ * Failures on a path a flag names that are the configuration's (exit 2); others
+ * (EIO, EMFILE, ENOSPC…) may pass (exit 1).
+ */
+const PATH_CONFIG_CODES = new Set(['EACCES', 'EPERM', 'ENOENT', 'ENOTDIR', 'EROFS', 'EEXIST']);
 
 /** Exit codes, as the client's CLI uses them. */
 const EXIT = { ok: 0, failure: 1, usage: 2 } as const;
@@ -141,15 +147,13 @@ function refuse(message: string, log: Logger | undefined): number {
 function badConfiguration(err: unknown, values: FlagValues<typeof flags> | undefined): BadConfiguration | undefined {
   if (err instanceof UsageError || err instanceof InputPathError) return new BadConfiguration(err.message, { cause: err });
   if (err instanceof ConfigError) return new BadConfiguration(withFlagNames(err.message), { cause: err });
-  if (values !== undefined) {
+  if (values !== undefined && PATH_CONFIG_CODES.has((err as NodeJS.ErrnoException).code ?? '')) {
     const told = inFlagTermsOfPaths(err, flags, { ...values, data: resolve(values.data ?? './dppa-data') });
     if (told !== err) return new BadConfiguration((told as Error).message, { cause: err });
   }
   const e = err as NodeJS.ErrnoException;
   if (e instanceof Error && e.syscall === 'listen') return new BadConfiguration(`--metrics-port: cannot listen: ${e.message.replace(/^listen /, '')}`, { cause: err });
-  if (e instanceof Error && e.message.startsWith('No address added')) {
-    return new BadConfiguration(`--grpc-host/--grpc-port: cannot listen: ${e.message.replace(/^.*errors: \[(.*)\]$/, '$1').replace(/^listen /, '')}`, { cause: err });
-  }
+  if (err instanceof GrpcBindError) return new BadConfiguration(`--grpc-host/--grpc-port: cannot listen on ${err.address}: ${err.reason}`, { cause: err });
   return undefined;
 }
 
