@@ -1,12 +1,8 @@
 /**
  * `dppa serve`: runs the aggregation server until SIGTERM or SIGINT, then
  * stops it gracefully (a second signal stops it at once). Its flags are one
- * table (proto/cli/flag-table.ts), as every `dppa` command's.
- *
- * Everything it prints once its flags are read goes through the server's
- * logger (JSON lines on stderr; readable on a terminal), among them, once both
- * listeners are up, `grpc listening on HOST:PORT` and `metrics listening on
- * http://HOST:PORT/metrics` (with fields `grpc` and `metrics`).
+ * table (proto/cli/flag-table.ts); what it prints is the server's log
+ * (docs/server.md), its exit codes are in docs/cli.md.
  */
 import { resolve } from 'node:path';
 import { choice, helpText, inFlagTermsOfPaths, InputPathError, number, parseCommand, text, toggle, UsageError, type FlagValues } from '../proto/cli/flag-table.js';

@@ -1,11 +1,8 @@
 /**
  * The command lines of `dppa`: one declarative table of flags per command,
  * from which parsing (commander), validation and `--help` all come, so that
- * each flag is declared once. Shared by the client's commands and `dppa serve`.
- *
- * Errors name the flags as typed (`--rate`), list every missing required flag
- * at once, and a failure on a path given by a flag is told with that flag and
- * that path (never a temporary file beside it).
+ * each flag is declared once. Shared by the client's commands and `dppa serve`;
+ * how its errors read: docs/cli.md, "For contributors".
  */
 import { existsSync } from 'node:fs';
 import { dirname, resolve, sep } from 'node:path';
