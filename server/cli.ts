@@ -10,6 +10,7 @@ import { logLevelFrom, optionsFromFlags } from './config.js';
 import { ConfigError } from './errors.js';
 import { createLogger, LOG_LEVELS, type Logger } from './log.js';
 import { DppaServer, GrpcBindError } from './server.js';
+import { messageOf } from '../proto/errors.js';
 
 const NATS = 'Events and cluster (docs/events.md, docs/scale-out.md)';
 const TLS = 'TLS';
@@ -118,7 +119,7 @@ export async function main(argv: string[]): Promise<number> {
   } catch (err) {
     const bad = badConfiguration(err, values);
     if (bad !== undefined) return refuse(bad.message, log);
-    log.error(`dppa serve: cannot start: ${(err as Error).message}`, { err });
+    log.error(`dppa serve: cannot start: ${messageOf(err)}`, { err });
     return EXIT.failure;
   }
   const host = server.host.includes(':') ? `[${server.host}]` : server.host;
@@ -145,7 +146,7 @@ function badConfiguration(err: unknown, values: FlagValues<typeof flags> | undef
   if (err instanceof ConfigError) return new BadConfiguration(withFlagNames(err.message), { cause: err });
   if (values !== undefined && PATH_CONFIG_CODES.has((err as NodeJS.ErrnoException).code ?? '')) {
     const told = inFlagTermsOfPaths(err, flags, { ...values, data: resolve(values.data ?? './dppa-data') });
-    if (told !== err) return new BadConfiguration((told as Error).message, { cause: err });
+    if (told !== err) return new BadConfiguration(messageOf(told), { cause: err });
   }
   const e = err as NodeJS.ErrnoException;
   if (e instanceof Error && e.syscall === 'listen') return new BadConfiguration(`--metrics-port: cannot listen: ${e.message.replace(/^listen /, '')}`, { cause: err });

@@ -8,6 +8,7 @@ import { existsSync } from 'node:fs';
 import { dirname, resolve, sep } from 'node:path';
 import { Command, CommanderError, Help, Option } from 'commander';
 import { closest } from './did-you-mean.js';
+import { messageOf } from '../errors.js';
 
 /** A bad command line: unknown flag, missing flag or value, value out of range. Exit code 2. */
 export class UsageError extends Error {
@@ -303,7 +304,7 @@ export function parseCommand<F extends FlagTable>(t: CommandText, flags: F, argv
     try {
       values[name] = f.arg === undefined ? true : Array.isArray(given) ? given.map((g: string) => f.convert(g)) : f.convert(given as string);
     } catch (err) {
-      problems.push(`--${name}: ${(err as Error).message}`);
+      problems.push(`--${name}: ${messageOf(err)}`);
     }
   }
   for (const [name, f] of Object.entries(flags)) {
