@@ -330,8 +330,7 @@ export class MergeDriver implements JobStep {
     }
   }
 
-  /** Closes what this server holds open for a job. */
-  /** Closes what is held for the job; resolves once it is closed, also when another caller started closing it. */
+  /** Closes what this server holds open for a job; resolves once it is closed, also when another caller started closing it. */
   private release(jobId: string): Promise<void> {
     const ctx = this.contexts.get(jobId);
     if (ctx !== undefined) {
