@@ -49,3 +49,8 @@ export class ChecksumError extends FormatError {
 export class TruncatedError extends FormatError {
   override name = 'TruncatedError';
 }
+
+/** The message of anything thrown: an Error's message, else its text. */
+export function messageOf(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

@@ -1,19 +1,16 @@
 /**
  * `dppa serve`: runs the aggregation server until SIGTERM or SIGINT, then
  * stops it gracefully (a second signal stops it at once). Its flags are one
- * table (proto/cli/flag-table.ts), as every `dppa` command's.
- *
- * Everything it prints once its flags are read goes through the server's
- * logger (JSON lines on stderr; readable on a terminal), among them, once both
- * listeners are up, `grpc listening on HOST:PORT` and `metrics listening on
- * http://HOST:PORT/metrics` (with fields `grpc` and `metrics`).
+ * table (proto/cli/flag-table.ts); what it prints is the server's log
+ * (docs/server.md), its exit codes are in docs/cli.md.
  */
 import { resolve } from 'node:path';
 import { choice, helpText, inFlagTermsOfPaths, InputPathError, number, parseCommand, text, toggle, UsageError, type FlagValues } from '../proto/cli/flag-table.js';
 import { logLevelFrom, optionsFromFlags } from './config.js';
 import { ConfigError } from './errors.js';
 import { createLogger, LOG_LEVELS, type Logger } from './log.js';
-import { DppaServer } from './server.js';
+import { DppaServer, GrpcBindError } from './server.js';
+import { messageOf } from '../proto/errors.js';
 
 const NATS = 'Events and cluster (docs/events.md, docs/scale-out.md)';
 const TLS = 'TLS';
@@ -56,10 +53,16 @@ const SERVE = {
 Prometheus metrics (HTTP).`,
   after: `Plaintext gRPC is only allowed on a loopback host unless --insecure is given.
 SIGTERM or SIGINT stops the server gracefully; a second one stops it at once.
-Exit codes: 0 stopped cleanly; 1 unexpected failure, or NATS unreachable (starting again later
-may work); 2 bad command line or configuration (a flag's value, a file or folder it names, a
-port in use: the message names the flag).`,
+Exit codes: 0 stopped cleanly; 1 unexpected failure, NATS unreachable or an I/O failure (starting
+again later may work); 2 bad command line or configuration (a flag's value, a file or folder it
+names, a port in use: the message names the flag).`,
 };
+
+/**
+ * Failures on a path a flag names that are the configuration's (exit 2); others
+ * (EIO, EMFILE, ENOSPC…) may pass (exit 1).
+ */
+const PATH_CONFIG_CODES = new Set(['EACCES', 'EPERM', 'ENOENT', 'ENOTDIR', 'EROFS', 'EEXIST']);
 
 /** Exit codes, as the client's CLI uses them. */
 const EXIT = { ok: 0, failure: 1, usage: 2 } as const;
@@ -116,7 +119,7 @@ export async function main(argv: string[]): Promise<number> {
   } catch (err) {
     const bad = badConfiguration(err, values);
     if (bad !== undefined) return refuse(bad.message, log);
-    log.error(`dppa serve: cannot start: ${(err as Error).message}`, { err });
+    log.error(`dppa serve: cannot start: ${messageOf(err)}`, { err });
     return EXIT.failure;
   }
   const host = server.host.includes(':') ? `[${server.host}]` : server.host;
@@ -141,15 +144,13 @@ function refuse(message: string, log: Logger | undefined): number {
 function badConfiguration(err: unknown, values: FlagValues<typeof flags> | undefined): BadConfiguration | undefined {
   if (err instanceof UsageError || err instanceof InputPathError) return new BadConfiguration(err.message, { cause: err });
   if (err instanceof ConfigError) return new BadConfiguration(withFlagNames(err.message), { cause: err });
-  if (values !== undefined) {
+  if (values !== undefined && PATH_CONFIG_CODES.has((err as NodeJS.ErrnoException).code ?? '')) {
     const told = inFlagTermsOfPaths(err, flags, { ...values, data: resolve(values.data ?? './dppa-data') });
-    if (told !== err) return new BadConfiguration((told as Error).message, { cause: err });
+    if (told !== err) return new BadConfiguration(messageOf(told), { cause: err });
   }
   const e = err as NodeJS.ErrnoException;
   if (e instanceof Error && e.syscall === 'listen') return new BadConfiguration(`--metrics-port: cannot listen: ${e.message.replace(/^listen /, '')}`, { cause: err });
-  if (e instanceof Error && e.message.startsWith('No address added')) {
-    return new BadConfiguration(`--grpc-host/--grpc-port: cannot listen: ${e.message.replace(/^.*errors: \[(.*)\]$/, '$1').replace(/^listen /, '')}`, { cause: err });
-  }
+  if (err instanceof GrpcBindError) return new BadConfiguration(`--grpc-host/--grpc-port: cannot listen on ${err.address}: ${err.reason}`, { cause: err });
   return undefined;
 }
 

@@ -11,6 +11,7 @@ import { DEFAULT_STORAGE_RETRY_MS } from './jobs/storage-pauses.js';
 import { createLogger, LOG_LEVELS, type Logger } from './log.js';
 import { defaultMergeWorkers } from './merge/merger.js';
 import { DEFAULT_HTTP2_WINDOW, MAX_HTTP2_WINDOW } from './rpc/receive-window.js';
+import { messageOf } from '../proto/errors.js';
 
 /** TLS files of the gRPC listener. */
 export interface TlsOptions {
@@ -218,12 +219,20 @@ function checkNats(nats: NatsOptions): void {
     try {
       url = new URL(server.includes('://') ? server : `nats://${server}`);
     } catch (cause) {
-      throw new ConfigError(`nats.url: ${JSON.stringify(server)} is not a URL`, { cause });
+      throw new ConfigError(`nats.url: ${JSON.stringify(redactUrl(server))} is not a URL`, { cause });
     }
-    if (url.protocol !== 'nats:' && url.protocol !== 'tls:') throw new ConfigError(`nats.url: ${JSON.stringify(server)}: expected nats:// or tls://`);
-    if (url.hostname === '') throw new ConfigError(`nats.url: ${JSON.stringify(server)} names no host`);
+    if (url.protocol !== 'nats:' && url.protocol !== 'tls:') throw new ConfigError(`nats.url: ${JSON.stringify(redactUrl(server))}: expected nats:// or tls://`);
+    if (url.hostname === '') throw new ConfigError(`nats.url: ${JSON.stringify(redactUrl(server))} names no host`);
   }
   if (nats.credsFile === '') throw new ConfigError('nats.credsFile: must not be empty');
+}
+
+/**
+ * A NATS URL option (one URL or a comma-separated list) as it may be shown in a
+ * log line or an error: user, password or token before `@` become `***`.
+ */
+export function redactUrl(url: string): string {
+  return url.replace(/(\/\/|^|,)[^\s,/]*@/g, '$1***@');
 }
 
 /** The servers of a NATS URL option: comma-separated, blanks ignored. */
@@ -273,7 +282,7 @@ export async function optionsFromFlags(flags: ServeFlags, env: NodeJS.ProcessEnv
     try {
       adminToken = (await readFile(flags.adminTokenFile, 'utf8')).split(/\r?\n/)[0]!.trim();
     } catch (cause) {
-      throw new ConfigError(`--admin-token-file: cannot read ${flags.adminTokenFile}: ${(cause as Error).message}`, { cause });
+      throw new ConfigError(`--admin-token-file: cannot read ${flags.adminTokenFile}: ${messageOf(cause)}`, { cause });
     }
   }
   if (adminToken === '') {
@@ -324,12 +333,12 @@ async function pemFile(flag: string, path: string, parse: (pem: Buffer) => unkno
   try {
     pem = await readFile(path);
   } catch (cause) {
-    throw new ConfigError(`--${flag}: cannot read ${path}: ${(cause as Error).message}`, { cause });
+    throw new ConfigError(`--${flag}: cannot read ${path}: ${messageOf(cause)}`, { cause });
   }
   try {
     parse(pem);
   } catch (cause) {
-    throw new ConfigError(`--${flag}: ${path} is not a PEM ${flag === 'tls-key' ? 'private key' : 'certificate'}: ${(cause as Error).message}`, { cause });
+    throw new ConfigError(`--${flag}: ${path} is not a PEM ${flag === 'tls-key' ? 'private key' : 'certificate'}: ${messageOf(cause)}`, { cause });
   }
 }
 

@@ -1,7 +1,9 @@
 /**
  * The server's one logger (pino): one JSON object per line on stderr, or a
  * readable form when stderr is a terminal. Everything `dppa serve` prints
- * goes through it. Token-like fields are redacted wherever they appear.
+ * goes through it. Fields named like a token (`token`, `authorization`, …) are
+ * redacted at the top level and one level down; a NATS URL is passed through
+ * config.ts `redactUrl()` wherever it enters a message or field.
  */
 import { pino, stdSerializers, stdTimeFunctions, type DestinationStream, type Logger as Pino } from 'pino';
 import pinoPretty from 'pino-pretty';

@@ -15,7 +15,7 @@ import type { Backend } from './backend/backend.js';
 import { JetStreamBackend } from './backend/jetstream.js';
 import { LocalBackend } from './backend/local.js';
 import { buildInfo } from './build-info.js';
-import { Closers } from './closers.js';
+import { Closers, type CloseContext } from './closers.js';
 import { withDefaults, type ResolvedServerOptions, type ServerOptions } from './config.js';
 import { RemoteEvaluators } from './dpa/remote-evaluators.js';
 import { UnavailableError } from './errors.js';
@@ -65,6 +65,8 @@ interface Running {
   closing: AbortController;
   /** What start() opened, closed in reverse order by stop(). */
   closers: Closers;
+  /** Cuts off the calls still open and drops the gRPC connections (a stop that must not wait any longer). */
+  hurry: () => void;
 }
 
 /** One aggregation server. `start()` it, then `stop()` it. */
@@ -72,6 +74,8 @@ export class DppaServer {
   private readonly opts: ResolvedServerOptions;
   private running: Running | undefined;
   private stopping: Promise<void> | undefined;
+  /** How the pending stop closes what is left; a second, not graceful, stop makes it not graceful. */
+  private stopContext: CloseContext | undefined;
 
   /** @throws ConfigError naming the option that is wrong. */
   constructor(options: ServerOptions) {
@@ -112,7 +116,8 @@ export class DppaServer {
    * Recovers the data folder (jobs, complete uploads; partial ones are
    * deleted), binds both listeners and resumes jobs that were searching, merging or
    * whose uploads are all in.
-   * @throws Error if a port cannot be bound or the data folder cannot be read.
+   * @throws GrpcBindError if the gRPC port cannot be bound.
+   * @throws Error if the metrics port cannot be bound or the data folder cannot be read.
    * @throws NatsUnavailableError naming the URL if `nats` is set and NATS cannot be reached.
    */
   async start(): Promise<void> {
@@ -170,34 +175,54 @@ export class DppaServer {
     grpc.addService(EvaluationServiceService, evaluationService({ store, broker, auth, runner }, rpc));
     grpc.addService(HealthService, healthService(health, rpc));
     addReflection(grpc);
-    closers.push('gRPC listener', ({ graceful }) => this.drain(grpc, rpc, closing, graceful));
+    // The runner stops together with the listener: runner.stop() starts and tryShutdown follows in the same tick, so
+    // new calls are refused at once while a merge (which can take many minutes) is aborted, to be redone at the next
+    // start; a search resumes from its record.
+    closers.push('gRPC listener and job runner', ({ graceful }) => stopTogether(runner.stop(), this.drain(grpc, rpc, closing, graceful)));
     const grpcPort = await bind(grpc, o.grpcHost, o.grpcPort, await credentials(o));
     widenReceiveWindow(grpc, o.receiveWindowBytes, log);
     const metricsPort = await metricsServer.listen(o.grpcHost, o.metricsPort);
 
     steps.start();
     runner.resume();
-    // First to stop: a merge can take many minutes, it is aborted at once and redone at the next start; a search resumes from its record.
-    closers.push('job runner', () => runner.stop());
     log.info('server started', { dataDir: o.dataDir, grpc: `${o.grpcHost}:${grpcPort}`, metricsPort, jobs: store.list().length });
-    return { grpcPort, metricsPort, events, broker, health, draining, closing, closers };
+    const hurry = (): void => {
+      cutOff(closing);
+      // As drain() does: the calls, their signal aborted, get a moment to send their status.
+      setTimeout(() => grpc.forceShutdown(), 100).unref();
+    };
+    return { grpcPort, metricsPort, events, broker, health, draining, closing, closers, hurry };
   }
 
   /**
    * Stops the server (see {@link StopOptions}). Resolves once every listener
-   * is closed and every file written. Calling it again waits for the same stop.
+   * is closed and every file written. Calling it again waits for the same stop;
+   * a graceful stop under way is made to stop at once by calling it again with
+   * `graceful: false` (a second SIGINT).
    */
   stop(opts: StopOptions = {}): Promise<void> {
-    this.stopping ??= this.shutdown(opts.graceful ?? true).finally(() => {
+    const graceful = opts.graceful ?? true;
+    if (this.stopping !== undefined) {
+      if (!graceful && this.stopContext !== undefined && this.stopContext.graceful) {
+        this.stopContext.graceful = false;
+        this.running?.hurry();
+      }
+      return this.stopping;
+    }
+    const ctx: CloseContext = { graceful };
+    this.stopContext = ctx;
+    this.stopping = this.shutdown(ctx).finally(() => {
       this.running = undefined;
       this.stopping = undefined;
+      this.stopContext = undefined;
     });
     return this.stopping;
   }
 
-  private async shutdown(graceful: boolean): Promise<void> {
+  private async shutdown(ctx: CloseContext): Promise<void> {
     const r = this.running;
     if (r === undefined) return;
+    const { graceful } = ctx;
     const log = this.opts.logger;
     log.info('server stopping', { graceful });
     r.health.setNotServing();
@@ -205,7 +230,8 @@ export class DppaServer {
     await new Promise((resolve) => setImmediate(resolve));
     r.draining.abort(new UnavailableError('the server is shutting down'));
     if (!graceful) cutOff(r.closing);
-    await r.closers.close({ graceful });
+    // The same object throughout: a second stop that is not graceful reaches the resources not yet closed.
+    await r.closers.close(ctx);
     log.info('server stopped');
   }
 
@@ -231,6 +257,12 @@ export class DppaServer {
   }
 }
 
+/** Waits for both, started together by the caller; rethrows the first failure once both have settled. */
+async function stopTogether(...stops: Promise<void>[]): Promise<void> {
+  const results = await Promise.allSettled(stops);
+  for (const r of results) if (r.status === 'rejected') throw r.reason;
+}
+
 /** Aborts the calls still running. */
 function cutOff(closing: AbortController): void {
   if (!closing.signal.aborted) closing.abort(new UnavailableError('the server is shutting down'));
@@ -251,7 +283,27 @@ async function credentials(o: ResolvedServerOptions): Promise<ServerCredentials>
   return ServerCredentials.createSsl(ca ?? null, [{ cert_chain: cert, private_key: key }], ca !== undefined);
 }
 
+/** The gRPC listener cannot listen on its host and port (in use, no such interface). */
+export class GrpcBindError extends Error {
+  override name = 'GrpcBindError';
+  constructor(
+    readonly address: string,
+    /** What went wrong, without grpc-js's wrapping: `EADDRINUSE: address already in use 127.0.0.1:50051`. */
+    readonly reason: string,
+    opts?: ErrorOptions,
+  ) {
+    super(`cannot listen on ${address}: ${reason}`, opts);
+  }
+}
+
+/** @throws GrpcBindError naming the host and port. */
 function bind(server: Server, host: string, port: number, creds: ServerCredentials): Promise<number> {
   const address = host.includes(':') && !host.startsWith('[') ? `[${host}]:${port}` : `${host}:${port}`;
-  return new Promise((resolve, reject) => server.bindAsync(address, creds, (err, bound) => (err === null ? resolve(bound) : reject(err))));
+  return new Promise((resolve, reject) =>
+    server.bindAsync(address, creds, (err, bound) => {
+      if (err === null) return resolve(bound);
+      // grpc-js: "No address added out of total 1 resolved errors: [listen EADDRINUSE: …]".
+      reject(new GrpcBindError(address, err.message.replace(/^.*errors: \[(.*)\]$/s, '$1').replace(/^listen /, ''), { cause: err }));
+    }),
+  );
 }

@@ -143,7 +143,7 @@ describe('dppa: the command line', () => {
         [['--grpc-port', '0', '--metrics-port', '0', '--tls-cert', join(dir, 'no-cert.pem'), '--tls-key', join(dir, 'no-key.pem')], token, /--tls-cert: cannot read/],
         [['--grpc-port', '0', '--metrics-port', '0', '--tls-cert', file, '--tls-key', file], token, /--tls-cert: .*a-file is not a PEM certificate/],
         [['--grpc-port', '0', '--metrics-port', '0', '--data', join(file, 'sub')], token, /--data: cannot use .*a-file.*: not a directory/],
-        [['--grpc-port', port, '--metrics-port', '0', '--data', join(dir, 'd1')], token, /--grpc-host\/--grpc-port: cannot listen: EADDRINUSE/],
+        [['--grpc-port', port, '--metrics-port', '0', '--data', join(dir, 'd1')], token, new RegExp(`--grpc-host/--grpc-port: cannot listen on 127\\.0\\.0\\.1:${port}: EADDRINUSE`)],
         [['--grpc-port', '0', '--metrics-port', port, '--data', join(dir, 'd2')], token, /--metrics-port: cannot listen: EADDRINUSE/],
         [['--grpc-port', '0', '--task-ack-wait-ms', '5000'], token, /--task-ack-wait-ms needs --cluster/],
       ];

@@ -12,7 +12,7 @@ import { credentials } from '@grpc/grpc-js';
 import { JobServiceClient } from '../proto/gen/dppa/v1/jobs.js';
 import { UploadServiceClient } from '../proto/gen/dppa/v1/upload.js';
 import { ADMIN, call } from './fixtures/grpc-harness.js';
-import { startServe } from './fixtures/serve-process.js';
+import { serveFailure, startServe } from './fixtures/serve-process.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 
 let dir: string;
@@ -71,6 +71,16 @@ describe('the server log', () => {
     assert.ok(lines.some((l) => typeof l.msg === 'string' && l.msg.startsWith('grpc listening on ') && l.grpc === s.address));
     assert.ok(lines.some((l) => typeof l.msg === 'string' && /SIGTERM, stopping/.test(l.msg)));
     for (const secret of [ADMIN, ...Object.values(tokens)]) assert.ok(!text.includes(secret), 'no token in the log');
+  });
+
+  it('never shows the user, password or token of a NATS URL', async () => {
+    // Port 1 refuses connections: the server cannot reach NATS, says so and exits 1.
+    const r = await serveFailure(['--data', join(dir, 'data-nats'), '--grpc-port', '0', '--metrics-port', '0', '--nats', 'nats://s3cret@127.0.0.1:1'], {
+      DPPA_ADMIN_TOKEN: ADMIN,
+    });
+    assert.equal(r.code, 1, r.stderr);
+    assert.match(r.stderr, /127\.0\.0\.1:1/, 'the URL is named');
+    assert.ok(!r.stderr.includes('s3cret'), r.stderr);
   });
 });
 

@@ -1,16 +1,14 @@
 /**
  * The command lines of `dppa`: one declarative table of flags per command,
  * from which parsing (commander), validation and `--help` all come, so that
- * each flag is declared once. Shared by the client's commands and `dppa serve`.
- *
- * Errors name the flags as typed (`--rate`), list every missing required flag
- * at once, and a failure on a path given by a flag is told with that flag and
- * that path (never a temporary file beside it).
+ * each flag is declared once. Shared by the client's commands and `dppa serve`;
+ * how its errors read: docs/cli.md, "For contributors".
  */
 import { existsSync } from 'node:fs';
 import { dirname, resolve, sep } from 'node:path';
 import { Command, CommanderError, Help, Option } from 'commander';
 import { closest } from './did-you-mean.js';
+import { messageOf } from '../errors.js';
 
 /** A bad command line: unknown flag, missing flag or value, value out of range. Exit code 2. */
 export class UsageError extends Error {
@@ -294,7 +292,7 @@ export function parseCommand<F extends FlagTable>(t: CommandText, flags: F, argv
   if (missing.length > 0) problems.push(`${listed(missing)} ${missing.length === 1 ? 'is' : 'are'} required`);
   if (cmd.args.length > wanted.length) {
     const extra = cmd.args.slice(wanted.length);
-    problems.push(`unexpected argument${extra.length === 1 ? '' : 's'} ${extra.map((a) => JSON.stringify(a)).join(' ')}${wanted.length === 0 ? ` (dppa ${t.name} takes flags only)` : ''}`);
+    problems.push(`unexpected argument${extra.length === 1 ? '' : 's'} ${extra.map(strayArgument).join(' ')}${wanted.length === 0 ? ` (dppa ${t.name} takes flags only)` : ''}`);
   }
   const values: Record<string, unknown> = {};
   for (const [name, f] of Object.entries(flags)) {
@@ -306,7 +304,7 @@ export function parseCommand<F extends FlagTable>(t: CommandText, flags: F, argv
     try {
       values[name] = f.arg === undefined ? true : Array.isArray(given) ? given.map((g: string) => f.convert(g)) : f.convert(given as string);
     } catch (err) {
-      problems.push(`--${name}: ${(err as Error).message}`);
+      problems.push(`--${name}: ${messageOf(err)}`);
     }
   }
   for (const [name, f] of Object.entries(flags)) {
@@ -323,13 +321,19 @@ export function parseCommand<F extends FlagTable>(t: CommandText, flags: F, argv
 function commanderMessage(err: CommanderError, names: string[]): string {
   if (err.code === 'commander.unknownOption') {
     const typed = /'([^']+)'/.exec(err.message)?.[1] ?? '';
-    return `Unknown option '${typed}'${didYouMeanFlag(typed, names)}`;
+    // `--tokn=SECRET`: the value after `=` may be a token; it is not repeated.
+    return `Unknown option '${typed.replace(/=.*$/s, '=…')}'${didYouMeanFlag(typed, names)}`;
   }
   if (err.code === 'commander.optionMissingArgument') {
     const typed = /'(-[^ ']+)/.exec(err.message)?.[1] ?? 'a flag';
     return `${typed.replace(/^-h, /, '')} needs a value`;
   }
   return err.message.replace(/^error: /, '');
+}
+
+/** A stray positional as an error shows it: a short word as typed; anything longer (it may be a token) only by its length. */
+function strayArgument(arg: string): string {
+  return arg.length <= 12 && !arg.includes('=') ? JSON.stringify(arg) : `(${arg.length} characters)`;
 }
 
 function didYouMeanFlag(typed: string, names: string[]): string {

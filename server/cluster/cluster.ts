@@ -15,7 +15,7 @@ import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManage
 import { Kvm, type KV } from '@nats-io/kv';
 import type { NatsConnection } from '@nats-io/transport-node';
 import type { JobState } from '../../proto/gen/dppa/v1/jobs.js';
-import type { NatsOptions } from '../config.js';
+import { redactUrl, type NatsOptions } from '../config.js';
 import { NatsUnavailableError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { connectNats, describeNatsError } from '../nats/connection.js';
@@ -66,13 +66,13 @@ export class Cluster {
       await ensureTaskQueue(jsm, opts.taskAckWaitMs);
       const kv = await new Kvm(js).create(JOBS_BUCKET, { history: 1 });
       const store = await KvJobStore.open({ kv, dataDir: opts.dataDir, log: opts.log });
-      opts.log.info('joined the cluster', { url: opts.nats.url, bucket: JOBS_BUCKET, streams: [EVENTS_STREAM, TASKS_STREAM], jobs: store.list().length });
+      opts.log.info('joined the cluster', { url: redactUrl(opts.nats.url), bucket: JOBS_BUCKET, streams: [EVENTS_STREAM, TASKS_STREAM], jobs: store.list().length });
       const state = (jobId: string): JobState | undefined => store.list().find((j) => j.id === jobId)?.state;
       return new Cluster(nc, js, jsm, kv, store, new StreamJobEvents({ js, jsm, kv, state }));
     } catch (cause) {
       await nc.close();
       throw new NatsUnavailableError(
-        `NATS at ${opts.nats.url} cannot hold the cluster's state (JetStream must be enabled: nats-server -js, or jetstream {} in its config): ${describeNatsError(cause)}`,
+        `NATS at ${redactUrl(opts.nats.url)} cannot hold the cluster's state (JetStream must be enabled: nats-server -js, or jetstream {} in its config): ${redactUrl(describeNatsError(cause))}`,
         { cause },
       );
     }

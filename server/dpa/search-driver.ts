@@ -80,9 +80,10 @@ export class SearchDriver implements JobStep {
     if (job.parties.find((p) => p.name === party)?.chosen !== undefined) return;
     await this.opts.spool.ofParty(job.id, party);
     if (evaluatorOf(job.dpa.search!, party) !== 'onnx') return searchPartyFactors(this.opts, job.id, party, undefined, signal);
-    const onnx = await this.acquire(job.id);
+    const onnx = this.acquire(job.id);
+    // Released even when the evaluator cannot start: the job's entry must not keep a rejected evaluator.
     try {
-      await searchPartyFactors(this.opts, job.id, party, onnx, signal);
+      await searchPartyFactors(this.opts, job.id, party, await onnx, signal);
     } finally {
       await this.release(job.id);
     }

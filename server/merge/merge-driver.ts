@@ -77,6 +77,8 @@ export interface MergeDriverOptions {
 /** The merge step and its tasks. */
 export class MergeDriver implements JobStep {
   private readonly contexts = new Map<string, Promise<JobContext>>();
+  /** Contexts being closed, by job: whoever releases the job (run, close) waits for them. */
+  private readonly closing = new Map<string, Promise<void>>();
   private closed = false;
   private readonly lastProgress = new Map<string, number>();
   /** Another replica may have committed the job: this one learns it from the store, not from a task. */
@@ -94,16 +96,27 @@ export class MergeDriver implements JobStep {
    * or is aborted leaves nothing behind and starts over next time.
    */
   async run(jobId: string, signal: AbortSignal): Promise<void> {
+    let failed = false;
+    let failure: unknown;
     try {
       await this.opts.tasks().submit([{ task: { kind: 'plan', jobId }, id: `${jobId}.plan` }], signal);
-    } finally {
+    } catch (err) {
+      failed = true;
+      failure = err;
+    }
+    try {
       const ended = await this.opts.records.endRun(jobId);
       if (ended !== undefined) {
         await this.release(jobId);
         await rm(this.workDir(jobId, ended), { recursive: true, force: true });
         await rm(piecesDir(this.workDir(jobId, ended)), { recursive: true, force: true });
       }
+    } catch (err) {
+      // The merge's own error (a party sent back, an abort) says more than a failed clean-up.
+      if (!failed) throw err;
+      this.opts.log.warn('cannot clean up after a merge', { jobId, err });
     }
+    if (failed) throw failure;
   }
 
   /**
@@ -228,7 +241,7 @@ export class MergeDriver implements JobStep {
     }
     const ctx = await this.context(job, record);
     // The merge threads do not see the signal: closing them is what cuts the tensors short.
-    const stop = (): void => void this.release(job.id);
+    const stop = (): void => void this.release(job.id).catch((err: unknown) => this.opts.log.warn('cannot close a merge', { jobId: job.id, err }));
     signal.addEventListener('abort', stop, { once: true });
     try {
       signal.throwIfAborted();
@@ -313,9 +326,11 @@ export class MergeDriver implements JobStep {
     if (this.closed) return Promise.reject(new UnavailableError('the server is stopping'));
     let ctx = this.contexts.get(job.id);
     if (ctx === undefined) {
-      ctx = this.openContext(job, record);
-      this.contexts.set(job.id, ctx);
-      void ctx.catch(() => this.contexts.delete(job.id));
+      const opening = this.openContext(job, record);
+      this.contexts.set(job.id, opening);
+      // Only this context: the job may have been released and opened again meanwhile.
+      void opening.catch(() => this.contexts.get(job.id) === opening && this.contexts.delete(job.id));
+      ctx = opening;
     }
     return ctx;
   }
@@ -343,17 +358,19 @@ export class MergeDriver implements JobStep {
     }
   }
 
-  /** Closes what this server holds open for a job. */
-  private async release(jobId: string): Promise<void> {
+  /** Closes what this server holds open for a job; resolves once it is closed, also when another caller started closing it. */
+  private release(jobId: string): Promise<void> {
     const ctx = this.contexts.get(jobId);
-    this.contexts.delete(jobId);
-    this.lastProgress.delete(jobId);
-    if (ctx === undefined) return;
-    const c = await ctx.catch(() => undefined);
-    if (c === undefined) return;
-    await c.runner.close();
-    await c.writer?.close();
-    await c.base.close();
+    if (ctx !== undefined) {
+      this.contexts.delete(jobId);
+      this.lastProgress.delete(jobId);
+      const before = this.closing.get(jobId);
+      const closing: Promise<void> = Promise.all([before, closeContext(ctx)])
+        .then(() => undefined)
+        .finally(() => this.closing.get(jobId) === closing && this.closing.delete(jobId));
+      this.closing.set(jobId, closing);
+    }
+    return this.closing.get(jobId) ?? Promise.resolve();
   }
 
   private async releaseFinished(): Promise<void> {
@@ -367,6 +384,21 @@ export class MergeDriver implements JobStep {
   async close(): Promise<void> {
     this.closed = true;
     clearInterval(this.releaser);
-    await Promise.all([...this.contexts.keys()].map((id) => this.release(id)));
+    await Promise.all([...[...this.contexts.keys()].map((id) => this.release(id)), ...this.closing.values()]);
+  }
+}
+
+/** Closes the merge threads, the writer and the base, each even if one before it failed. */
+async function closeContext(ctx: Promise<JobContext>): Promise<void> {
+  const c = await ctx.catch(() => undefined);
+  if (c === undefined) return;
+  try {
+    await c.runner.close();
+  } finally {
+    try {
+      await c.writer?.close();
+    } finally {
+      await c.base.close();
+    }
   }
 }

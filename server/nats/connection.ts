@@ -6,8 +6,9 @@
  */
 import { readFile } from 'node:fs/promises';
 import { connect, credsAuthenticator, type NatsConnection } from '@nats-io/transport-node';
-import { natsServers, type NatsOptions } from '../config.js';
+import { natsServers, redactUrl, type NatsOptions } from '../config.js';
 import { ConfigError, NatsUnavailableError } from '../errors.js';
+import { messageOf } from '../../proto/errors.js';
 
 /** How long the first connection may take. */
 const CONNECT_TIMEOUT_MS = 5000;
@@ -24,7 +25,7 @@ export async function connectNats(opts: NatsOptions, name: string): Promise<Nats
     try {
       creds = await readFile(opts.credsFile);
     } catch (cause) {
-      throw new ConfigError(`nats.credsFile: cannot read ${opts.credsFile}: ${(cause as Error).message}`, { cause });
+      throw new ConfigError(`nats.credsFile: cannot read ${opts.credsFile}: ${messageOf(cause)}`, { cause });
     }
   }
   try {
@@ -38,7 +39,7 @@ export async function connectNats(opts: NatsOptions, name: string): Promise<Nats
       ...(creds === undefined ? {} : { authenticator: credsAuthenticator(creds) }),
     });
   } catch (cause) {
-    throw new NatsUnavailableError(`cannot connect to NATS at ${opts.url}: ${describeNatsError(cause)}`, { cause });
+    throw new NatsUnavailableError(`cannot connect to NATS at ${redactUrl(opts.url)}: ${redactUrl(describeNatsError(cause))}`, { cause });
   }
 }
 

@@ -15,7 +15,7 @@ import {
 import { nanos, type NatsConnection } from '@nats-io/transport-node';
 import type { Registry } from 'prom-client';
 import { JobEvent } from '../../proto/gen/dppa/v1/jobs.js';
-import type { NatsOptions } from '../config.js';
+import { redactUrl, type NatsOptions } from '../config.js';
 import { connectNats, describeNatsError } from './connection.js';
 import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
 import { NatsUnavailableError } from '../errors.js';
@@ -131,7 +131,7 @@ export class NatsEventPublisher {
     } catch (cause) {
       await nc.close();
       throw new NatsUnavailableError(
-        `NATS at ${opts.url} cannot hold the job events in stream ${EVENTS_STREAM} (JetStream must be enabled: nats-server -js, or jetstream {} in its config): ${describeNatsError(cause)}`,
+        `NATS at ${redactUrl(opts.url)} cannot hold the job events in stream ${EVENTS_STREAM} (JetStream must be enabled: nats-server -js, or jetstream {} in its config): ${redactUrl(describeNatsError(cause))}`,
         { cause },
       );
     }
@@ -147,7 +147,7 @@ export class NatsEventPublisher {
     }
     p.unsubscribe = opts.events.onAppended((e) => p.appended(e));
     p.loop = p.run().catch((err: unknown) => opts.log.error('the NATS publisher stopped unexpectedly', { err }));
-    opts.log.info('publishing job events to NATS', { url: opts.url, stream: EVENTS_STREAM, pending: p.pending() });
+    opts.log.info('publishing job events to NATS', { url: redactUrl(opts.url), stream: EVENTS_STREAM, pending: p.pending() });
     return p;
   }
 
