@@ -56,15 +56,24 @@ export async function applyDelta(opts: ApplyOptions): Promise<ApplyReport> {
   try {
     const readOpts = opts.signal === undefined ? {} : { signal: opts.signal };
     const header = await readDeltaHeader(opts.delta, readOpts);
-    if (header.valueKind !== ValueKind.VALUE_KIND_UNSPECIFIED) throw new FormatError('this is a merged patch, not a delta: apply it with --patch (applyPatch)', { file: opts.delta });
+    if (header.valueKind !== ValueKind.VALUE_KIND_UNSPECIFIED)
+      throw new FormatError('this is a merged patch, not a delta: apply it with --patch (applyPatch)', {
+        file: opts.delta,
+      });
     const factors = opts.factors ?? header.levels.map(() => 1);
     checkFactors(factors, header, opts.delta);
-    if (opts.outsideFactor !== undefined && !Number.isFinite(opts.outsideFactor)) throw new RangeError(`outsideFactor: ${opts.outsideFactor} is not a finite number`);
+    if (opts.outsideFactor !== undefined && !Number.isFinite(opts.outsideFactor))
+      throw new RangeError(`outsideFactor: ${opts.outsideFactor} is not a finite number`);
     const factorOf = (partition: number): number =>
-      partition === 0 && opts.outsideFactor !== undefined ? opts.outsideFactor : partitionFactor(factors, partition, opts.outsideByMax ?? false);
+      partition === 0 && opts.outsideFactor !== undefined
+        ? opts.outsideFactor
+        : partitionFactor(factors, partition, opts.outsideByMax ?? false);
     const fp = await baseFingerprint(base);
     if (fp !== header.baseFingerprint) {
-      throw new FormatError(`the delta was made against another base (its fingerprint ${header.baseFingerprint}, ${opts.base} has ${fp})`, { file: opts.delta });
+      throw new FormatError(
+        `the delta was made against another base (its fingerprint ${header.baseFingerprint}, ${opts.base} has ${fp})`,
+        { file: opts.delta },
+      );
     }
     const scale = opts.scale ?? 1;
     const isDir = (await stat(opts.base)).isDirectory();
@@ -83,17 +92,26 @@ export async function applyDelta(opts: ApplyOptions): Promise<ApplyReport> {
         if (record.header !== undefined) continue;
         if (record.tensorBegin !== undefined) {
           const name = record.tensorBegin.name;
-          if (!base.has(name)) throw new FormatError('the delta names a tensor the base does not have', { file: opts.delta, tensor: name });
+          if (!base.has(name))
+            throw new FormatError('the delta names a tensor the base does not have', {
+              file: opts.delta,
+              tensor: name,
+            });
           const info = base.info(name);
           const shape = record.tensorBegin.shape.map(Number);
           if (shape.length !== info.shape.length || shape.some((d, i) => d !== info.shape[i])) {
-            throw new FormatError(`shape [${shape.join(', ')}] in the delta, [${info.shape.join(', ')}] in the base`, { file: opts.delta, tensor: name });
+            throw new FormatError(`shape [${shape.join(', ')}] in the delta, [${info.shape.join(', ')}] in the base`, {
+              file: opts.delta,
+              tensor: name,
+            });
           }
-          if (changed.has(name)) throw new FormatError('tensor appears twice in the delta', { file: opts.delta, tensor: name });
+          if (changed.has(name))
+            throw new FormatError('tensor appears twice in the delta', { file: opts.delta, tensor: name });
           acc = await base.readF32(name);
           assembler = new TensorAssembler({ file: opts.delta, entries: 'stream' });
         }
-        if (assembler === undefined || acc === undefined) throw new FormatError('a record comes before any tensor begins', { file: opts.delta });
+        if (assembler === undefined || acc === undefined)
+          throw new FormatError('a record comes before any tensor begins', { file: opts.delta });
         const chunk = assembler.push(record);
         if (chunk !== undefined) addChunkScaled(acc, chunk, scale * factorOf(chunk.partition));
         if (assembler.complete) {
@@ -105,7 +123,8 @@ export async function applyDelta(opts: ApplyOptions): Promise<ApplyReport> {
           opts.onProgress?.({ tensor: name, tensorsDone: ++done, tensorsTotal: total });
         }
       }
-      if (assembler !== undefined) throw new FormatError('the delta ends inside a tensor', { file: opts.delta, tensor: assembler.name });
+      if (assembler !== undefined)
+        throw new FormatError('the delta ends inside a tensor', { file: opts.delta, tensor: assembler.name });
       for (const info of base.tensors()) {
         if (changed.has(info.name)) continue;
         opts.signal?.throwIfAborted();
@@ -125,7 +144,9 @@ export async function applyDelta(opts: ApplyOptions): Promise<ApplyReport> {
 
 function checkFactors(factors: readonly number[], header: DeltaHeader, file: string): void {
   if (factors.length !== header.levels.length) {
-    throw new RangeError(`factors: the delta ${file} has ${header.levels.length} partition(s) (levels ${header.levels.join(', ')}), got ${factors.length} factor(s)`);
+    throw new RangeError(
+      `factors: the delta ${file} has ${header.levels.length} partition(s) (levels ${header.levels.join(', ')}), got ${factors.length} factor(s)`,
+    );
   }
   for (const f of factors) if (!Number.isFinite(f)) throw new RangeError(`factors: ${f} is not a finite number`);
 }

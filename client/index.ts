@@ -8,7 +8,16 @@
  * @packageDocumentation
  */
 export { openPrune, withDefaults as pruneDefaults } from './prune/pruner.js';
-export type { PruneOptions, PruneProgress, PruneReport, PruneSession, TensorReport, PruneMethod, OutsidePolicy, ValuePrecision } from './prune/pruner.js';
+export type {
+  PruneOptions,
+  PruneProgress,
+  PruneReport,
+  PruneSession,
+  TensorReport,
+  PruneMethod,
+  OutsidePolicy,
+  ValuePrecision,
+} from './prune/pruner.js';
 export { PRUNE_METHODS, OUTSIDE_POLICIES, UnknownValueError } from '../proto/algorithm/index.js';
 export { pruneToFile } from './prune/prune-to-file.js';
 export type { PruneToFileOptions, PruneFileReport } from './prune/prune-to-file.js';
@@ -35,12 +44,43 @@ export type { HealthCheckOptions, ServingStatusName } from './sdk/health.js';
 export type { TransportOptions } from './sdk/connection.js';
 export { jobStateName } from './sdk/jobs.js';
 export type { CreateJobOptions, CreateJobResult, JobStateName, WatchJobOptions } from './sdk/jobs.js';
-export type { PushOptions, PushFromCheckpoints, PushFromFile, PushPruneOptions, PushProgress, PushCallOptions } from './sdk/push.js';
+export type {
+  PushOptions,
+  PushFromCheckpoints,
+  PushFromFile,
+  PushPruneOptions,
+  PushProgress,
+  PushCallOptions,
+} from './sdk/push.js';
 export type { PullOptions, PullProgress, PullCallOptions, PullResult, PulledFile } from './sdk/pull.js';
-export type { EvaluateOptions, EvaluateCallOptions, EvaluateResult, EvaluateEvent, EvaluateFn, EvaluationCandidate } from './sdk/evaluate.js';
-export { DppaRpcError, DeltaMismatchError, JobStateError, UploadIncompleteError, DownloadError, EvaluationError } from './sdk/errors.js';
+export type {
+  EvaluateOptions,
+  EvaluateCallOptions,
+  EvaluateResult,
+  EvaluateEvent,
+  EvaluateFn,
+  EvaluationCandidate,
+} from './sdk/evaluate.js';
+export {
+  DppaRpcError,
+  DeltaMismatchError,
+  JobStateError,
+  UploadIncompleteError,
+  DownloadError,
+  EvaluationError,
+} from './sdk/errors.js';
 export { JobState, SearchMethod, Tuner, EvaluatorKind, MergeOutput } from '../proto/gen/dppa/v1/jobs.js';
-export type { Job, JobEvent, PartyStatus, Evaluation, DpaConfig, FixedFactors, SearchConfig, OnnxEvaluator, MergeOptions } from '../proto/gen/dppa/v1/jobs.js';
+export type {
+  Job,
+  JobEvent,
+  PartyStatus,
+  Evaluation,
+  DpaConfig,
+  FixedFactors,
+  SearchConfig,
+  OnnxEvaluator,
+  MergeOptions,
+} from '../proto/gen/dppa/v1/jobs.js';
 export type { UploadState } from '../proto/gen/dppa/v1/upload.js';
 export type { MergedFile } from '../proto/gen/dppa/v1/download.js';
 export { status as GrpcStatus } from '@grpc/grpc-js';

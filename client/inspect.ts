@@ -74,10 +74,12 @@ export async function inspectDelta(file: string, opts: { signal?: AbortSignal } 
     if (record.header !== undefined) continue;
     if (record.tensorBegin !== undefined) {
       current = tensors.get(record.tensorBegin.name);
-      if (current === undefined) throw new FormatError('tensor is not in the header', { file, tensor: record.tensorBegin.name });
+      if (current === undefined)
+        throw new FormatError('tensor is not in the header', { file, tensor: record.tensorBegin.name });
       assembler = new TensorAssembler({ file, entries: 'stream' });
     }
-    if (assembler === undefined || current === undefined) throw new FormatError('a record comes before any tensor begins', { file });
+    if (assembler === undefined || current === undefined)
+      throw new FormatError('a record comes before any tensor begins', { file });
     assembler.push(record);
     if (record.chunk !== undefined) current.bytes += record.chunk.positions.length + record.chunk.values.length;
     if (assembler.complete) {

@@ -5,7 +5,18 @@
  */
 import type { DeltaSummary } from './inspect.js';
 
-const COLORS = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22', '#17becf'];
+const COLORS = [
+  '#1f77b4',
+  '#ff7f0e',
+  '#2ca02c',
+  '#d62728',
+  '#9467bd',
+  '#8c564b',
+  '#e377c2',
+  '#7f7f7f',
+  '#bcbd22',
+  '#17becf',
+];
 
 /** The kind of a linear layer: its name without the layer prefix, e.g. `self_attn.q_proj.weight`. */
 function kindOf(name: string, layer: number): string {
@@ -58,8 +69,11 @@ export function ratePlotSvg(summary: DeltaSummary): string {
   [...series].forEach(([kind, pts], i) => {
     const color = COLORS[i % COLORS.length]!;
     pts.sort((a, b) => a.layer - b.layer);
-    parts.push(`<polyline fill="none" stroke="${color}" stroke-width="1.5" points="${pts.map((p) => `${sx(p.layer).toFixed(1)},${sy(p.rate).toFixed(1)}`).join(' ')}"/>`);
-    for (const p of pts) parts.push(`<circle cx="${sx(p.layer).toFixed(1)}" cy="${sy(p.rate).toFixed(1)}" r="2.5" fill="${color}"/>`);
+    parts.push(
+      `<polyline fill="none" stroke="${color}" stroke-width="1.5" points="${pts.map((p) => `${sx(p.layer).toFixed(1)},${sy(p.rate).toFixed(1)}`).join(' ')}"/>`,
+    );
+    for (const p of pts)
+      parts.push(`<circle cx="${sx(p.layer).toFixed(1)}" cy="${sy(p.rate).toFixed(1)}" r="2.5" fill="${color}"/>`);
     parts.push(`<rect x="${W - m.right + 12}" y="${m.top + i * 18}" width="10" height="10" fill="${color}"/>`);
     parts.push(`<text x="${W - m.right + 28}" y="${m.top + i * 18 + 9}">${escapeXml(kind)}</text>`);
   });

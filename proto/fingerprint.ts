@@ -55,7 +55,9 @@ export async function baseFingerprint(ckpt: Checkpoint, opts: { signal?: AbortSi
   const tensors = ckpt.tensors().sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   const readOpts = opts.signal === undefined ? {} : { signal: opts.signal };
   const sample = (t: TensorInfo): Promise<Uint8Array[]> =>
-    Promise.all(sampleRanges(t.byteLength).map(([start, length]) => ckpt.readRawRange(t.name, start, length, readOpts)));
+    Promise.all(
+      sampleRanges(t.byteLength).map(([start, length]) => ckpt.readRawRange(t.name, start, length, readOpts)),
+    );
   // Tensors are read a few ahead (on a cold disk each block is a seek) but
   // hashed strictly in order.
   const ahead: Promise<Uint8Array[]>[] = [];

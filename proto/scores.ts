@@ -14,12 +14,15 @@ export class ScoresError extends Error {
  * @throws ScoresError saying what is wrong: not an object, no task, or a score that is not a finite number.
  */
 export function checkScores(value: unknown): Record<string, number> {
-  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw new ScoresError('they are not an object { "task": number }');
+  if (typeof value !== 'object' || value === null || Array.isArray(value))
+    throw new ScoresError('they are not an object { "task": number }');
   const entries = Object.entries(value as Record<string, unknown>);
   if (entries.length === 0) throw new ScoresError('they name no task');
   for (const [task, score] of entries) {
     if (typeof score !== 'number' || !Number.isFinite(score)) {
-      throw new ScoresError(`the score of ${JSON.stringify(task)} is ${typeof score === 'number' ? String(score) : JSON.stringify(score)}, not a finite number`);
+      throw new ScoresError(
+        `the score of ${JSON.stringify(task)} is ${typeof score === 'number' ? String(score) : JSON.stringify(score)}, not a finite number`,
+      );
     }
   }
   return Object.fromEntries(entries) as Record<string, number>;

@@ -5,7 +5,18 @@
  * (docs/server.md), its exit codes are in docs/cli.md.
  */
 import { resolve } from 'node:path';
-import { choice, helpText, inFlagTermsOfPaths, InputPathError, number, parseCommand, text, toggle, UsageError, type FlagValues } from '../proto/cli/flag-table.js';
+import {
+  choice,
+  helpText,
+  inFlagTermsOfPaths,
+  InputPathError,
+  number,
+  parseCommand,
+  text,
+  toggle,
+  UsageError,
+  type FlagValues,
+} from '../proto/cli/flag-table.js';
 import { logLevelFrom, optionsFromFlags } from './config.js';
 import { ConfigError } from './errors.js';
 import { createLogger, LOG_LEVELS, type Logger } from './log.js';
@@ -17,32 +28,78 @@ const TLS = 'TLS';
 
 /** The table of `dppa serve`'s flags; `option` names the ServerOptions field each feeds, so that its errors are told with the flag. */
 const flags = {
-  data: text('DIR', 'state folder: jobs, uploads, merged checkpoints (default ./dppa-data)', { path: 'folder', option: 'dataDir' }),
+  data: text('DIR', 'state folder: jobs, uploads, merged checkpoints (default ./dppa-data)', {
+    path: 'folder',
+    option: 'dataDir',
+  }),
   'grpc-host': text('HOST', 'interface to listen on (default 127.0.0.1)', { option: 'grpcHost' }),
-  'grpc-port': number('N', 'gRPC port; 0 picks a free one (default 50051)', { min: 0, max: 65535, integer: true }, { option: 'grpcPort' }),
-  'metrics-port': number('N', 'port of http://HOST:N/metrics; 0 picks a free one (default 9464)', { min: 0, max: 65535, integer: true }, { option: 'metricsPort' }),
-  'admin-token-file': text('FILE', 'file whose first line is the admin token (otherwise the DPPA_ADMIN_TOKEN environment variable; one is required)', { path: 'input' }),
-  'max-upload-bytes': number('N', "most bytes one party may upload to one job (default 4 × the job's base checkpoint size)", { min: 1, integer: true }, { option: 'maxUploadBytes' }),
-  'keep-uploads': toggle("keep the parties' uploaded tensors once their job has merged (default: deleted then; the merged checkpoint stays)", { option: 'keepUploads' }),
-  'tls-cert': text('FILE', 'serve gRPC over TLS with this PEM certificate chain (with --tls-key)', { group: TLS, path: 'input', option: 'tls.certFile' }),
+  'grpc-port': number(
+    'N',
+    'gRPC port; 0 picks a free one (default 50051)',
+    { min: 0, max: 65535, integer: true },
+    { option: 'grpcPort' },
+  ),
+  'metrics-port': number(
+    'N',
+    'port of http://HOST:N/metrics; 0 picks a free one (default 9464)',
+    { min: 0, max: 65535, integer: true },
+    { option: 'metricsPort' },
+  ),
+  'admin-token-file': text(
+    'FILE',
+    'file whose first line is the admin token (otherwise the DPPA_ADMIN_TOKEN environment variable; one is required)',
+    { path: 'input' },
+  ),
+  'max-upload-bytes': number(
+    'N',
+    "most bytes one party may upload to one job (default 4 × the job's base checkpoint size)",
+    { min: 1, integer: true },
+    { option: 'maxUploadBytes' },
+  ),
+  'keep-uploads': toggle(
+    "keep the parties' uploaded tensors once their job has merged (default: deleted then; the merged checkpoint stays)",
+    { option: 'keepUploads' },
+  ),
+  'tls-cert': text('FILE', 'serve gRPC over TLS with this PEM certificate chain (with --tls-key)', {
+    group: TLS,
+    path: 'input',
+    option: 'tls.certFile',
+  }),
   'tls-key': text('FILE', 'PEM private key of --tls-cert', { group: TLS, path: 'input', option: 'tls.keyFile' }),
-  'tls-client-ca': text('FILE', 'require client certificates signed by this PEM CA (mutual TLS)', { group: TLS, path: 'input', option: 'tls.clientCaFile' }),
+  'tls-client-ca': text('FILE', 'require client certificates signed by this PEM CA (mutual TLS)', {
+    group: TLS,
+    path: 'input',
+    option: 'tls.clientCaFile',
+  }),
   insecure: toggle('allow plaintext gRPC on a non-loopback host', { group: TLS, option: 'insecure' }),
   nats: text(
     'URL',
     'also publish every job event to NATS JetStream on dppa.jobs.<job>.<event>; the server does not start while NATS is unreachable (default: DPPA_NATS_URL, else none)',
     { group: NATS, option: 'nats.url' },
   ),
-  'nats-creds': text('FILE', 'NATS credentials file (user JWT and NKey seed)', { group: NATS, path: 'input', option: 'nats.credsFile' }),
+  'nats-creds': text('FILE', 'NATS credentials file (user JWT and NKey seed)', {
+    group: NATS,
+    path: 'input',
+    option: 'nats.credsFile',
+  }),
   cluster: toggle(
     'run as one replica of a cluster on --nats: jobs, events, merge and search tasks shared on JetStream; --data must be the same shared folder on every replica (default: DPPA_CLUSTER)',
     { group: NATS, option: 'cluster' },
   ),
-  'log-level': choice('LEVEL', LOG_LEVELS, 'debug (each RPC with its job and party), info, warn, error or silent (default: DPPA_LOG_LEVEL, else info)'),
-  'task-ack-wait-ms': number('N', 'with --cluster: a task of a replica that died goes to another one after N ms without news (default 30000)', { min: 1000, integer: true }, {
-    group: NATS,
-    option: 'taskAckWaitMs',
-  }),
+  'log-level': choice(
+    'LEVEL',
+    LOG_LEVELS,
+    'debug (each RPC with its job and party), info, warn, error or silent (default: DPPA_LOG_LEVEL, else info)',
+  ),
+  'task-ack-wait-ms': number(
+    'N',
+    'with --cluster: a task of a replica that died goes to another one after N ms without news (default 30000)',
+    { min: 1000, integer: true },
+    {
+      group: NATS,
+      option: 'taskAckWaitMs',
+    },
+  ),
 };
 
 const SERVE = {
@@ -142,15 +199,20 @@ function refuse(message: string, log: Logger | undefined): number {
  * undefined for anything else.
  */
 function badConfiguration(err: unknown, values: FlagValues<typeof flags> | undefined): BadConfiguration | undefined {
-  if (err instanceof UsageError || err instanceof InputPathError) return new BadConfiguration(err.message, { cause: err });
+  if (err instanceof UsageError || err instanceof InputPathError)
+    return new BadConfiguration(err.message, { cause: err });
   if (err instanceof ConfigError) return new BadConfiguration(withFlagNames(err.message), { cause: err });
   if (values !== undefined && PATH_CONFIG_CODES.has((err as NodeJS.ErrnoException).code ?? '')) {
     const told = inFlagTermsOfPaths(err, flags, { ...values, data: resolve(values.data ?? './dppa-data') });
     if (told !== err) return new BadConfiguration(messageOf(told), { cause: err });
   }
   const e = err as NodeJS.ErrnoException;
-  if (e instanceof Error && e.syscall === 'listen') return new BadConfiguration(`--metrics-port: cannot listen: ${e.message.replace(/^listen /, '')}`, { cause: err });
-  if (err instanceof GrpcBindError) return new BadConfiguration(`--grpc-host/--grpc-port: cannot listen on ${err.address}: ${err.reason}`, { cause: err });
+  if (e instanceof Error && e.syscall === 'listen')
+    return new BadConfiguration(`--metrics-port: cannot listen: ${e.message.replace(/^listen /, '')}`, { cause: err });
+  if (err instanceof GrpcBindError)
+    return new BadConfiguration(`--grpc-host/--grpc-port: cannot listen on ${err.address}: ${err.reason}`, {
+      cause: err,
+    });
   return undefined;
 }
 
@@ -159,9 +221,14 @@ function withFlagNames(message: string): string {
   const m = /^([\w.]+): /.exec(message);
   if (m === null) return message;
   const name = m[1]!;
-  if (name === 'adminToken') return `the admin token (DPPA_ADMIN_TOKEN or --admin-token-file): ${message.slice(m[0].length)}`;
-  const flag = Object.entries(flags).find(([, f]) => f.option === name || (name === 'tls' && f.option === 'tls.certFile'))?.[0];
-  return flag === undefined ? message : `--${flag}${name === 'tls' ? ' and --tls-key' : ''}: ${message.slice(m[0].length)}`;
+  if (name === 'adminToken')
+    return `the admin token (DPPA_ADMIN_TOKEN or --admin-token-file): ${message.slice(m[0].length)}`;
+  const flag = Object.entries(flags).find(
+    ([, f]) => f.option === name || (name === 'tls' && f.option === 'tls.certFile'),
+  )?.[0];
+  return flag === undefined
+    ? message
+    : `--${flag}${name === 'tls' ? ' and --tls-key' : ''}: ${message.slice(m[0].length)}`;
 }
 
 /** Stops the server on SIGTERM/SIGINT (gracefully the first time, at once the second) and resolves to the exit code. */
@@ -172,7 +239,10 @@ async function untilStopped(server: DppaServer, log: Logger): Promise<number> {
     return await new Promise<number>((resolve) => {
       onSignal = (sig) => {
         signals++;
-        log.info(`dppa serve: ${sig}, ${signals === 1 ? 'stopping (send it again to stop at once)' : 'stopping at once'}`, { signal: sig });
+        log.info(
+          `dppa serve: ${sig}, ${signals === 1 ? 'stopping (send it again to stop at once)' : 'stopping at once'}`,
+          { signal: sig },
+        );
         server.stop({ graceful: signals === 1 }).then(
           () => resolve(EXIT.ok),
           (err: unknown) => {

@@ -173,26 +173,39 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
     throw new ConfigError('adminToken: an admin token is required (set DPPA_ADMIN_TOKEN or pass --admin-token-file)');
   }
   if (r.adminToken.length < MIN_ADMIN_TOKEN_LENGTH) {
-    throw new ConfigError(`adminToken: must be at least ${MIN_ADMIN_TOKEN_LENGTH} characters, got ${r.adminToken.length}`);
+    throw new ConfigError(
+      `adminToken: must be at least ${MIN_ADMIN_TOKEN_LENGTH} characters, got ${r.adminToken.length}`,
+    );
   }
   if (r.grpcHost === '') throw new ConfigError('grpcHost: must not be empty');
   checkPort('grpcPort', r.grpcPort);
   checkPort('metricsPort', r.metricsPort);
   if (r.maxUploadBytes !== undefined) checkPositiveInteger('maxUploadBytes', r.maxUploadBytes);
   checkPositiveInteger('maxMessageBytes', r.maxMessageBytes);
-  if (!Number.isSafeInteger(r.receiveWindowBytes) || r.receiveWindowBytes < DEFAULT_HTTP2_WINDOW || r.receiveWindowBytes > MAX_HTTP2_WINDOW) {
-    throw new ConfigError(`receiveWindowBytes: must be an integer from ${DEFAULT_HTTP2_WINDOW} to ${MAX_HTTP2_WINDOW} (HTTP/2's limits), got ${r.receiveWindowBytes}`);
+  if (
+    !Number.isSafeInteger(r.receiveWindowBytes) ||
+    r.receiveWindowBytes < DEFAULT_HTTP2_WINDOW ||
+    r.receiveWindowBytes > MAX_HTTP2_WINDOW
+  ) {
+    throw new ConfigError(
+      `receiveWindowBytes: must be an integer from ${DEFAULT_HTTP2_WINDOW} to ${MAX_HTTP2_WINDOW} (HTTP/2's limits), got ${r.receiveWindowBytes}`,
+    );
   }
   if (!Number.isSafeInteger(r.shutdownGraceMs) || r.shutdownGraceMs < 0) {
     throw new ConfigError(`shutdownGraceMs: must be a non-negative integer, got ${r.shutdownGraceMs}`);
   }
   checkPositiveInteger('keepaliveMs', r.keepaliveMs);
   checkPositiveInteger('keepaliveTimeoutMs', r.keepaliveTimeoutMs);
-  if (!Number.isSafeInteger(r.mergeWorkers) || r.mergeWorkers < 0) throw new ConfigError(`mergeWorkers: must be a non-negative integer, got ${r.mergeWorkers}`);
+  if (!Number.isSafeInteger(r.mergeWorkers) || r.mergeWorkers < 0)
+    throw new ConfigError(`mergeWorkers: must be a non-negative integer, got ${r.mergeWorkers}`);
   if (r.nats !== undefined) checkNats(r.nats);
-  if (!Number.isSafeInteger(r.taskAckWaitMs) || r.taskAckWaitMs < 1000) throw new ConfigError(`taskAckWaitMs: must be an integer of at least 1000, got ${r.taskAckWaitMs}`);
+  if (!Number.isSafeInteger(r.taskAckWaitMs) || r.taskAckWaitMs < 1000)
+    throw new ConfigError(`taskAckWaitMs: must be an integer of at least 1000, got ${r.taskAckWaitMs}`);
   checkPositiveInteger('storageRetryMs', r.storageRetryMs);
-  if (r.cluster && r.nats === undefined) throw new ConfigError('cluster: needs nats (--nats URL or DPPA_NATS_URL): the replicas share their state on NATS JetStream');
+  if (r.cluster && r.nats === undefined)
+    throw new ConfigError(
+      'cluster: needs nats (--nats URL or DPPA_NATS_URL): the replicas share their state on NATS JetStream',
+    );
   if (r.tls !== undefined && (r.tls.certFile === '' || r.tls.keyFile === '')) {
     throw new ConfigError('tls: certFile and keyFile are both required');
   }
@@ -205,7 +218,8 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
 }
 
 function checkPort(name: string, port: number): void {
-  if (!Number.isInteger(port) || port < 0 || port > 65535) throw new ConfigError(`${name}: must be an integer in [0, 65535], got ${port}`);
+  if (!Number.isInteger(port) || port < 0 || port > 65535)
+    throw new ConfigError(`${name}: must be an integer in [0, 65535], got ${port}`);
 }
 
 function checkPositiveInteger(name: string, v: number): void {
@@ -221,7 +235,8 @@ function checkNats(nats: NatsOptions): void {
     } catch (cause) {
       throw new ConfigError(`nats.url: ${JSON.stringify(redactUrl(server))} is not a URL`, { cause });
     }
-    if (url.protocol !== 'nats:' && url.protocol !== 'tls:') throw new ConfigError(`nats.url: ${JSON.stringify(redactUrl(server))}: expected nats:// or tls://`);
+    if (url.protocol !== 'nats:' && url.protocol !== 'tls:')
+      throw new ConfigError(`nats.url: ${JSON.stringify(redactUrl(server))}: expected nats:// or tls://`);
     if (url.hostname === '') throw new ConfigError(`nats.url: ${JSON.stringify(redactUrl(server))} names no host`);
   }
   if (nats.credsFile === '') throw new ConfigError('nats.credsFile: must not be empty');
@@ -237,7 +252,10 @@ export function redactUrl(url: string): string {
 
 /** The servers of a NATS URL option: comma-separated, blanks ignored. */
 export function natsServers(url: string): string[] {
-  return url.split(',').map((u) => u.trim()).filter((u) => u !== '');
+  return url
+    .split(',')
+    .map((u) => u.trim())
+    .filter((u) => u !== '');
 }
 
 /** True for `localhost` and loopback IP addresses, the only hosts where plaintext stays on the machine. */
@@ -276,7 +294,10 @@ export interface ServeFlags {
  * @param env The environment. @default process.env
  * @throws ConfigError naming the flag that is wrong or missing.
  */
-export async function optionsFromFlags(flags: ServeFlags, env: NodeJS.ProcessEnv = process.env): Promise<ServerOptions> {
+export async function optionsFromFlags(
+  flags: ServeFlags,
+  env: NodeJS.ProcessEnv = process.env,
+): Promise<ServerOptions> {
   let adminToken = env.DPPA_ADMIN_TOKEN ?? '';
   if (flags.adminTokenFile !== undefined) {
     try {
@@ -286,10 +307,14 @@ export async function optionsFromFlags(flags: ServeFlags, env: NodeJS.ProcessEnv
     }
   }
   if (adminToken === '') {
-    throw new ConfigError('no admin token: set DPPA_ADMIN_TOKEN or pass --admin-token-file FILE (refusing to start an unprotected server)');
+    throw new ConfigError(
+      'no admin token: set DPPA_ADMIN_TOKEN or pass --admin-token-file FILE (refusing to start an unprotected server)',
+    );
   }
-  if ((flags.tlsCert === undefined) !== (flags.tlsKey === undefined)) throw new ConfigError('--tls-cert and --tls-key go together');
-  if (flags.tlsClientCa !== undefined && flags.tlsCert === undefined) throw new ConfigError('--tls-client-ca needs --tls-cert and --tls-key');
+  if ((flags.tlsCert === undefined) !== (flags.tlsKey === undefined))
+    throw new ConfigError('--tls-cert and --tls-key go together');
+  if (flags.tlsClientCa !== undefined && flags.tlsCert === undefined)
+    throw new ConfigError('--tls-client-ca needs --tls-cert and --tls-key');
   const opts: ServerOptions = { adminToken };
   if (flags.data !== undefined) opts.dataDir = flags.data;
   if (flags.grpcHost !== undefined) opts.grpcHost = flags.grpcHost;
@@ -299,8 +324,10 @@ export async function optionsFromFlags(flags: ServeFlags, env: NodeJS.ProcessEnv
   if (flags.insecure === true) opts.insecure = true;
   if (flags.keepUploads === true) opts.keepUploads = true;
   const natsUrl = flags.nats ?? (env.DPPA_NATS_URL === '' ? undefined : env.DPPA_NATS_URL);
-  if (flags.natsCreds !== undefined && natsUrl === undefined) throw new ConfigError('--nats-creds needs --nats URL (or DPPA_NATS_URL)');
-  if (natsUrl !== undefined) opts.nats = { url: natsUrl, ...(flags.natsCreds === undefined ? {} : { credsFile: flags.natsCreds }) };
+  if (flags.natsCreds !== undefined && natsUrl === undefined)
+    throw new ConfigError('--nats-creds needs --nats URL (or DPPA_NATS_URL)');
+  if (natsUrl !== undefined)
+    opts.nats = { url: natsUrl, ...(flags.natsCreds === undefined ? {} : { credsFile: flags.natsCreds }) };
   if (flags.cluster === true || envFlag('DPPA_CLUSTER', env.DPPA_CLUSTER)) {
     if (natsUrl === undefined) throw new ConfigError('--cluster needs --nats URL (or DPPA_NATS_URL)');
     opts.cluster = true;
@@ -313,8 +340,13 @@ export async function optionsFromFlags(flags: ServeFlags, env: NodeJS.ProcessEnv
     // Read here, so that a wrong file is told with its flag before anything starts.
     await pemFile('tls-cert', flags.tlsCert, (pem) => new X509Certificate(pem));
     await pemFile('tls-key', flags.tlsKey, (pem) => createPrivateKey(pem));
-    if (flags.tlsClientCa !== undefined) await pemFile('tls-client-ca', flags.tlsClientCa, (pem) => new X509Certificate(pem));
-    opts.tls = { certFile: flags.tlsCert, keyFile: flags.tlsKey, ...(flags.tlsClientCa === undefined ? {} : { clientCaFile: flags.tlsClientCa }) };
+    if (flags.tlsClientCa !== undefined)
+      await pemFile('tls-client-ca', flags.tlsClientCa, (pem) => new X509Certificate(pem));
+    opts.tls = {
+      certFile: flags.tlsCert,
+      keyFile: flags.tlsKey,
+      ...(flags.tlsClientCa === undefined ? {} : { clientCaFile: flags.tlsClientCa }),
+    };
   }
   return opts;
 }
@@ -338,7 +370,10 @@ async function pemFile(flag: string, path: string, parse: (pem: Buffer) => unkno
   try {
     parse(pem);
   } catch (cause) {
-    throw new ConfigError(`--${flag}: ${path} is not a PEM ${flag === 'tls-key' ? 'private key' : 'certificate'}: ${messageOf(cause)}`, { cause });
+    throw new ConfigError(
+      `--${flag}: ${path} is not a PEM ${flag === 'tls-key' ? 'private key' : 'certificate'}: ${messageOf(cause)}`,
+      { cause },
+    );
   }
 }
 
@@ -347,11 +382,15 @@ async function pemFile(flag: string, path: string, parse: (pem: Buffer) => unkno
  * @param env The environment. @default process.env
  * @throws ConfigError when `DPPA_LOG_LEVEL` is not a level.
  */
-export function logLevelFrom(flag: (typeof LOG_LEVELS)[number] | undefined, env: NodeJS.ProcessEnv = process.env): (typeof LOG_LEVELS)[number] {
+export function logLevelFrom(
+  flag: (typeof LOG_LEVELS)[number] | undefined,
+  env: NodeJS.ProcessEnv = process.env,
+): (typeof LOG_LEVELS)[number] {
   if (flag !== undefined) return flag;
   const v = env.DPPA_LOG_LEVEL?.trim() ?? '';
   if (v === '') return 'info';
   const level = LOG_LEVELS.find((l) => l === v.toLowerCase());
-  if (level === undefined) throw new ConfigError(`DPPA_LOG_LEVEL: expected one of ${LOG_LEVELS.join(', ')}, got ${JSON.stringify(v)}`);
+  if (level === undefined)
+    throw new ConfigError(`DPPA_LOG_LEVEL: expected one of ${LOG_LEVELS.join(', ')}, got ${JSON.stringify(v)}`);
   return level;
 }

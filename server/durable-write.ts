@@ -30,4 +30,3 @@ export async function writeFileDurably(path: string, data: string | Uint8Array):
   }
   await syncFolder(dirname(path));
 }
-

@@ -112,8 +112,12 @@ export function storageError(err: unknown): DiskFullError | StorageUnavailableEr
   for (let e: unknown = err, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) {
     const code = (e as NodeJS.ErrnoException).code;
     if (typeof code !== 'string') continue;
-    if (FULL_CODES.has(code)) return new DiskFullError(`no space left on the server's disk (${code}); retry once space is freed`, { cause: err });
-    if (PASSING_CODES.has(code)) return new StorageUnavailableError(`the server's storage failed (${code}); retry later`, { cause: err });
+    if (FULL_CODES.has(code))
+      return new DiskFullError(`no space left on the server's disk (${code}); retry once space is freed`, {
+        cause: err,
+      });
+    if (PASSING_CODES.has(code))
+      return new StorageUnavailableError(`the server's storage failed (${code}); retry later`, { cause: err });
   }
   return undefined;
 }

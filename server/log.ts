@@ -44,7 +44,13 @@ const SECRETS = ['authorization', 'token', 'tokens', 'adminToken', 'password'];
 export function createLogger(opts: LoggerOptions = {}): Logger {
   const pretty = opts.pretty ?? (opts.stream === undefined && process.stderr.isTTY);
   let destination: DestinationStream;
-  if (pretty) destination = pinoPretty({ destination: opts.stream === undefined ? 2 : opts.stream, sync: true, translateTime: 'SYS:HH:MM:ss.l', colorize: opts.stream === undefined });
+  if (pretty)
+    destination = pinoPretty({
+      destination: opts.stream === undefined ? 2 : opts.stream,
+      sync: true,
+      translateTime: 'SYS:HH:MM:ss.l',
+      colorize: opts.stream === undefined,
+    });
   else destination = opts.stream === undefined ? pino.destination({ fd: 2, sync: true }) : opts.stream;
   const root = pino(
     {
@@ -67,11 +73,18 @@ function wrap(p: Pino): Logger {
     if (fields === undefined) p[level](msg);
     else p[level](expand(fields), msg);
   };
-  return { debug: line('debug'), info: line('info'), warn: line('warn'), error: line('error'), child: (fields) => wrap(p.child(expand(fields))) };
+  return {
+    debug: line('debug'),
+    info: line('info'),
+    warn: line('warn'),
+    error: line('error'),
+    child: (fields) => wrap(p.child(expand(fields))),
+  };
 }
 
 function expand(fields: LogFields): LogFields {
   const out: LogFields = {};
-  for (const [k, v] of Object.entries(fields)) out[k] = v instanceof Error ? stdSerializers.errWithCause(v) : typeof v === 'bigint' ? v.toString() : v;
+  for (const [k, v] of Object.entries(fields))
+    out[k] = v instanceof Error ? stdSerializers.errWithCause(v) : typeof v === 'bigint' ? v.toString() : v;
   return out;
 }

@@ -22,8 +22,23 @@ export type GrpcType = 'unary' | 'client_stream' | 'server_stream' | 'bidi_strea
 
 /** Status code names as grpc-go spells them (the `grpc_code` label of the grpc-ecosystem metrics), by code. */
 const GRPC_CODES = [
-  'OK', 'Canceled', 'Unknown', 'InvalidArgument', 'DeadlineExceeded', 'NotFound', 'AlreadyExists', 'PermissionDenied', 'ResourceExhausted',
-  'FailedPrecondition', 'Aborted', 'OutOfRange', 'Unimplemented', 'Internal', 'Unavailable', 'DataLoss', 'Unauthenticated',
+  'OK',
+  'Canceled',
+  'Unknown',
+  'InvalidArgument',
+  'DeadlineExceeded',
+  'NotFound',
+  'AlreadyExists',
+  'PermissionDenied',
+  'ResourceExhausted',
+  'FailedPrecondition',
+  'Aborted',
+  'OutOfRange',
+  'Unimplemented',
+  'Internal',
+  'Unavailable',
+  'DataLoss',
+  'Unauthenticated',
 ];
 
 /** What one gRPC call records: its messages and its end. */
@@ -120,7 +135,7 @@ export class Metrics {
   });
   readonly dpaEvaluationDuration = new Histogram({
     name: 'dppa_dpa_evaluation_seconds',
-    help: 'Time from asking for a candidate\'s scores to having them (remote: waiting for the party included), by evaluator.',
+    help: "Time from asking for a candidate's scores to having them (remote: waiting for the party included), by evaluator.",
     labelNames: ['evaluator'] as const,
     buckets: [0.01, 0.1, 1, 10, 60, 300, 900, 3600, 14400],
     registers: [this.registry],
@@ -186,7 +201,8 @@ export class Metrics {
     }).set({ version: build.version, commit: build.commit, node_version: process.version }, 1);
     collectDefaultMetrics({ register: this.registry });
     // Gauges named like counters (promtool check metrics flags them); the sum by type of nodejs_active_{handles,requests,resources} says the same.
-    for (const name of ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total']) this.registry.removeSingleMetric(name);
+    for (const name of ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total'])
+      this.registry.removeSingleMetric(name);
   }
 
   /**
@@ -285,7 +301,8 @@ export class MetricsServer {
       }
       registry.metrics().then(
         (body) => res.writeHead(200, { 'content-type': registry.contentType }).end(body),
-        (err: unknown) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`metrics collection failed: ${String(err)}\n`),
+        (err: unknown) =>
+          res.writeHead(500, { 'content-type': 'text/plain' }).end(`metrics collection failed: ${String(err)}\n`),
       );
     });
   }

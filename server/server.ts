@@ -126,7 +126,9 @@ export class DppaServer {
     try {
       this.running = await this.open(closers);
     } catch (err) {
-      await closers.close({ graceful: false }).catch((e: unknown) => this.opts.logger.warn('cleaning up a failed start failed', { err: e }));
+      await closers
+        .close({ graceful: false })
+        .catch((e: unknown) => this.opts.logger.warn('cleaning up a failed start failed', { err: e }));
       throw err;
     }
   }
@@ -140,18 +142,41 @@ export class DppaServer {
     let local: LocalBackend | undefined;
     if (o.cluster) backend = await JetStreamBackend.join(o);
     else backend = local = await LocalBackend.open({ dataDir: o.dataDir, log });
-    closers.push('backend', ({ graceful }) => backend.close({ flushMs: graceful ? Math.min(o.shutdownGraceMs, 5000) : 0 }));
+    closers.push('backend', ({ graceful }) =>
+      backend.close({ flushMs: graceful ? Math.min(o.shutdownGraceMs, 5000) : 0 }),
+    );
     const { store, events } = backend;
     const spool = await Spool.open({ store, log, shared: backend.sharedFolder, keepUploads: o.keepUploads });
     const metrics = new Metrics(
-      { jobsByState: () => store.countByState(), spoolBytes: () => spool.totalBytes(), dataDisk: () => diskSpace(o.dataDir) },
+      {
+        jobsByState: () => store.countByState(),
+        spoolBytes: () => spool.totalBytes(),
+        dataDisk: () => diskSpace(o.dataDir),
+      },
       buildInfo(),
     );
     if (o.nats !== undefined && local !== undefined) await local.publishEvents(o.nats, metrics, log);
     const broker = new RemoteEvaluators();
-    const steps = backend.steps({ spool, metrics, log, broker, mergeWorkers: o.mergeWorkers, onMerged: (jobId) => runner.merged(jobId) });
+    const steps = backend.steps({
+      spool,
+      metrics,
+      log,
+      broker,
+      mergeWorkers: o.mergeWorkers,
+      onMerged: (jobId) => runner.merged(jobId),
+    });
     closers.push('job steps', () => steps.close());
-    const runner = new JobRunner({ store, events, spool, metrics, log, broker, steps, sweepMs: backend.sweepMs, storageRetryMs: o.storageRetryMs });
+    const runner = new JobRunner({
+      store,
+      events,
+      spool,
+      metrics,
+      log,
+      broker,
+      steps,
+      sweepMs: backend.sweepMs,
+      storageRetryMs: o.storageRetryMs,
+    });
     const auth = new Authenticator(o.adminToken, store);
     const health = new HealthState(SERVICE_NAMES);
     const draining = new AbortController();
@@ -169,7 +194,10 @@ export class DppaServer {
       'grpc.keepalive_timeout_ms': o.keepaliveTimeoutMs,
     });
     const remoteEvaluators = backend.remoteEvaluators;
-    grpc.addService(JobServiceService, jobService({ store, events, spool, runner, auth, maxUploadBytes: o.maxUploadBytes, remoteEvaluators }, rpc));
+    grpc.addService(
+      JobServiceService,
+      jobService({ store, events, spool, runner, auth, maxUploadBytes: o.maxUploadBytes, remoteEvaluators }, rpc),
+    );
     grpc.addService(UploadServiceKeepingRecords, uploadService({ store, events, spool, runner, metrics, auth }, rpc));
     grpc.addService(DownloadServiceService, downloadService({ store, auth }, rpc));
     grpc.addService(EvaluationServiceService, evaluationService({ store, broker, auth, runner }, rpc));
@@ -178,14 +206,21 @@ export class DppaServer {
     // The runner stops together with the listener: runner.stop() starts and tryShutdown follows in the same tick, so
     // new calls are refused at once while a merge (which can take many minutes) is aborted, to be redone at the next
     // start; a search resumes from its record.
-    closers.push('gRPC listener and job runner', ({ graceful }) => stopTogether(runner.stop(), this.drain(grpc, rpc, closing, graceful)));
+    closers.push('gRPC listener and job runner', ({ graceful }) =>
+      stopTogether(runner.stop(), this.drain(grpc, rpc, closing, graceful)),
+    );
     const grpcPort = await bind(grpc, o.grpcHost, o.grpcPort, await credentials(o));
     widenReceiveWindow(grpc, o.receiveWindowBytes, log);
     const metricsPort = await metricsServer.listen(o.grpcHost, o.metricsPort);
 
     steps.start();
     runner.resume();
-    log.info('server started', { dataDir: o.dataDir, grpc: `${o.grpcHost}:${grpcPort}`, metricsPort, jobs: store.list().length });
+    log.info('server started', {
+      dataDir: o.dataDir,
+      grpc: `${o.grpcHost}:${grpcPort}`,
+      metricsPort,
+      jobs: store.list().length,
+    });
     const hurry = (): void => {
       cutOff(closing);
       // As drain() does: the calls, their signal aborted, get a moment to send their status.
@@ -242,11 +277,14 @@ export class DppaServer {
    */
   private async drain(grpc: Server, rpc: RpcWrapper, closing: AbortController, graceful: boolean): Promise<void> {
     await new Promise<void>((resolve) => {
-      const timer = setTimeout(() => {
-        cutOff(closing);
-        // Calls have had their signal aborted; give them a moment to send their status, then drop the connections.
-        setTimeout(() => grpc.forceShutdown(), 100).unref();
-      }, graceful ? this.opts.shutdownGraceMs : 0);
+      const timer = setTimeout(
+        () => {
+          cutOff(closing);
+          // Calls have had their signal aborted; give them a moment to send their status, then drop the connections.
+          setTimeout(() => grpc.forceShutdown(), 100).unref();
+        },
+        graceful ? this.opts.shutdownGraceMs : 0,
+      );
       grpc.tryShutdown(() => {
         clearTimeout(timer);
         resolve();
@@ -303,7 +341,11 @@ function bind(server: Server, host: string, port: number, creds: ServerCredentia
     server.bindAsync(address, creds, (err, bound) => {
       if (err === null) return resolve(bound);
       // grpc-js: "No address added out of total 1 resolved errors: [listen EADDRINUSE: …]".
-      reject(new GrpcBindError(address, err.message.replace(/^.*errors: \[(.*)\]$/s, '$1').replace(/^listen /, ''), { cause: err }));
+      reject(
+        new GrpcBindError(address, err.message.replace(/^.*errors: \[(.*)\]$/s, '$1').replace(/^listen /, ''), {
+          cause: err,
+        }),
+      );
     }),
   );
 }

@@ -15,7 +15,16 @@ import { createJobRequest } from '../client/sdk/jobs.js';
 import { OutsidePolicy, PruneMethod } from '../proto/gen/dppa/v1/algorithm.js';
 import type { CreateJobRequest } from '../proto/gen/dppa/v1/jobs.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
-import { ADMIN, call, pruneRecords, rejectsWith, startHarness, upload, uploadMessages, type Harness } from './fixtures/grpc-harness.js';
+import {
+  ADMIN,
+  call,
+  pruneRecords,
+  rejectsWith,
+  startHarness,
+  upload,
+  uploadMessages,
+  type Harness,
+} from './fixtures/grpc-harness.js';
 
 let dir: string;
 let base: string;
@@ -35,7 +44,18 @@ after(async () => {
 });
 
 function request(fields: Partial<CreateJobRequest>): CreateJobRequest {
-  return { basePath: base, parties: ['a'], rate: 0.9, method: '', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0, ...fields };
+  return {
+    basePath: base,
+    parties: ['a'],
+    rate: 0.9,
+    method: '',
+    label: '',
+    dpa: undefined,
+    merge: undefined,
+    maxAbsValue: 0,
+    pruneMethod: 0,
+    ...fields,
+  };
 }
 
 describe('an unknown method or outside policy is refused where it enters', () => {
@@ -44,10 +64,12 @@ describe('an unknown method or outside policy is refused where it enters', () =>
       [['--method', 'ties'], /^--method: expected one of dp, magnitude, owl, dare, got "ties"$/],
       [['--outside', 'none'], /^--outside: expected one of dense, magnitude, skip, got "none"$/],
     ] as const) {
-      const err = await pruneCommand.run(['--base', base, '--finetuned', finetuned, '--rate', '0.9', '--out', join(dir, 'x.dppa'), ...args]).then(
-        () => undefined,
-        (e: unknown) => e,
-      );
+      const err = await pruneCommand
+        .run(['--base', base, '--finetuned', finetuned, '--rate', '0.9', '--out', join(dir, 'x.dppa'), ...args])
+        .then(
+          () => undefined,
+          (e: unknown) => e,
+        );
       assert.ok(err instanceof Error, args.join(' '));
       assert.equal(describeFailure(err).code, 2, err.message);
       assert.match(err.message, message);
@@ -56,14 +78,30 @@ describe('an unknown method or outside policy is refused where it enters', () =>
 
   it('the SDK names the option', async () => {
     const out = join(dir, 'y.dppa');
-    await assert.rejects(pruneToFile({ base, finetuned, rate: 0.9, method: 'ties' as PruneMethodWord, out }), { name: 'UnknownValueError', message: /^method: expected one of dp, magnitude, owl, dare, got "ties"$/ });
-    await assert.rejects(pruneToFile({ base, finetuned, rate: 0.9, outside: 'none' as 'dense', out }), { message: /^outside: expected one of dense, magnitude, skip, got "none"$/ });
-    assert.throws(() => createJobRequest({ basePath: base, parties: ['a'], rate: 0.9, method: 'ties' as PruneMethodWord }), (e: unknown) => e instanceof RangeError && /^method: expected one of/.test(e.message));
+    await assert.rejects(pruneToFile({ base, finetuned, rate: 0.9, method: 'ties' as PruneMethodWord, out }), {
+      name: 'UnknownValueError',
+      message: /^method: expected one of dp, magnitude, owl, dare, got "ties"$/,
+    });
+    await assert.rejects(pruneToFile({ base, finetuned, rate: 0.9, outside: 'none' as 'dense', out }), {
+      message: /^outside: expected one of dense, magnitude, skip, got "none"$/,
+    });
+    assert.throws(
+      () => createJobRequest({ basePath: base, parties: ['a'], rate: 0.9, method: 'ties' as PruneMethodWord }),
+      (e: unknown) => e instanceof RangeError && /^method: expected one of/.test(e.message),
+    );
   });
 
   it('CreateJob answers INVALID_ARGUMENT naming the field', async () => {
-    await rejectsWith(call(h.jobs, 'createJob', request({ method: 'ties' }), ADMIN), status.INVALID_ARGUMENT, /^method: expected one of dp, magnitude, owl, dare, got "ties"$/);
-    await rejectsWith(call(h.jobs, 'createJob', request({ pruneMethod: 99 as PruneMethod }), ADMIN), status.INVALID_ARGUMENT, /^prune_method: expected one of PRUNE_METHOD_DP, .*got 99$/);
+    await rejectsWith(
+      call(h.jobs, 'createJob', request({ method: 'ties' }), ADMIN),
+      status.INVALID_ARGUMENT,
+      /^method: expected one of dp, magnitude, owl, dare, got "ties"$/,
+    );
+    await rejectsWith(
+      call(h.jobs, 'createJob', request({ pruneMethod: 99 as PruneMethod }), ADMIN),
+      status.INVALID_ARGUMENT,
+      /^prune_method: expected one of PRUNE_METHOD_DP, .*got 99$/,
+    );
     await rejectsWith(
       call(h.jobs, 'createJob', request({ method: 'dp', pruneMethod: PruneMethod.PRUNE_METHOD_DARE }), ADMIN),
       status.INVALID_ARGUMENT,
@@ -72,20 +110,38 @@ describe('an unknown method or outside policy is refused where it enters', () =>
   });
 
   it('Upload answers INVALID_ARGUMENT naming the header field', async () => {
-    const { job, tokens } = await call(h.jobs, 'createJob', request({ pruneMethod: PruneMethod.PRUNE_METHOD_MAGNITUDE }), ADMIN);
+    const { job, tokens } = await call(
+      h.jobs,
+      'createJob',
+      request({ pruneMethod: PruneMethod.PRUNE_METHOD_MAGNITUDE }),
+      ADMIN,
+    );
     const records = await pruneRecords({ base, finetuned, rate: 0.9, method: 'magnitude' });
     const header = structuredClone(records[0]!);
     header.header!.pruneMethod = 77 as PruneMethod;
-    await rejectsWith(upload(h.uploads, tokens.a!, uploadMessages(job!.id, 'a', [header])), status.INVALID_ARGUMENT, /^DeltaHeader prune_method: expected one of .*got 77$/);
+    await rejectsWith(
+      upload(h.uploads, tokens.a!, uploadMessages(job!.id, 'a', [header])),
+      status.INVALID_ARGUMENT,
+      /^DeltaHeader prune_method: expected one of .*got 77$/,
+    );
   });
 
   it('Upload answers INVALID_ARGUMENT for an unknown outside policy, or one its options text contradicts', async () => {
-    const { job, tokens } = await call(h.jobs, 'createJob', request({ pruneMethod: PruneMethod.PRUNE_METHOD_MAGNITUDE }), ADMIN);
+    const { job, tokens } = await call(
+      h.jobs,
+      'createJob',
+      request({ pruneMethod: PruneMethod.PRUNE_METHOD_MAGNITUDE }),
+      ADMIN,
+    );
     const records = await pruneRecords({ base, finetuned, rate: 0.9, method: 'magnitude' });
     assert.equal(records[0]!.header!.outside, OutsidePolicy.OUTSIDE_POLICY_DENSE, 'this client writes the enum');
     const unknown = structuredClone(records[0]!);
     unknown.header!.outside = 99 as OutsidePolicy;
-    await rejectsWith(upload(h.uploads, tokens.a!, uploadMessages(job!.id, 'a', [unknown])), status.INVALID_ARGUMENT, /^DeltaHeader outside: expected one of OUTSIDE_POLICY_DENSE, .*got 99$/);
+    await rejectsWith(
+      upload(h.uploads, tokens.a!, uploadMessages(job!.id, 'a', [unknown])),
+      status.INVALID_ARGUMENT,
+      /^DeltaHeader outside: expected one of OUTSIDE_POLICY_DENSE, .*got 99$/,
+    );
     const disagreeing = structuredClone(records[0]!);
     disagreeing.header!.outside = OutsidePolicy.OUTSIDE_POLICY_SKIP;
     disagreeing.header!.options['outside'] = 'dense';

@@ -31,7 +31,10 @@ describe('apply', () => {
     const b = await Checkpoint.open(base);
     const o = await Checkpoint.open(out);
     try {
-      assert.deepEqual(o.layout.files.map((f) => f.fileName), b.layout.files.map((f) => f.fileName));
+      assert.deepEqual(
+        o.layout.files.map((f) => f.fileName),
+        b.layout.files.map((f) => f.fileName),
+      );
       assert.ok(b.layout.files.length > 1, 'the fixture is sharded');
       for (const info of b.tensors()) {
         const bv = await b.readF32(info.name);
@@ -54,7 +57,11 @@ describe('apply', () => {
     } finally {
       await Promise.all([b.close(), o.close()]);
     }
-    assert.deepEqual((await readdir(out)).filter((f) => !f.endsWith('.safetensors')).sort(), ['config.json', 'model.safetensors.index.json', 'tokenizer.json']);
+    assert.deepEqual((await readdir(out)).filter((f) => !f.endsWith('.safetensors')).sort(), [
+      'config.json',
+      'model.safetensors.index.json',
+      'tokenizer.json',
+    ]);
   });
 
   it('rejects a factor list that does not match the partitions, leaving nothing', async () => {
@@ -76,7 +83,9 @@ describe('apply', () => {
     const damaged = join(dir, 'damaged.dppa');
     await writeFile(damaged, bytes);
     const out = join(dir, 'damaged-out');
-    await assert.rejects(applyDelta({ base, delta: damaged, out }), (err: Error) => err.message.includes('damaged.dppa'));
+    await assert.rejects(applyDelta({ base, delta: damaged, out }), (err: Error) =>
+      err.message.includes('damaged.dppa'),
+    );
     await assert.rejects(readdir(out), { code: 'ENOENT' });
   });
 });

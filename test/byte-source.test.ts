@@ -24,16 +24,25 @@ void describe('ByteSource', () => {
       assert.deepEqual([...(await src.take(3))!], [0, 1, 2]);
       // Partly buffered, the rest read straight into its memory, with spare bytes before it.
       const own = (await src.takeOwn(20, 6))!;
-      assert.deepEqual([...own], Array.from({ length: 20 }, (_, i) => 3 + i));
+      assert.deepEqual(
+        [...own],
+        Array.from({ length: 20 }, (_, i) => 3 + i),
+      );
       assert.equal(own.byteOffset, 6);
       assert.equal(own.buffer.byteLength, 26);
       assert.deepEqual([...(await src.take(5))!], [23, 24, 25, 26, 27]);
       // Wholly buffered: still a copy, which the next reads leave alone.
       const small = (await src.takeOwn(2))!;
-      assert.deepEqual([...(await src.take(10))!], Array.from({ length: 10 }, (_, i) => 30 + i));
+      assert.deepEqual(
+        [...(await src.take(10))!],
+        Array.from({ length: 10 }, (_, i) => 30 + i),
+      );
       assert.deepEqual([...small], [28, 29]);
       // Larger than the buffer.
-      assert.deepEqual([...(await src.take(40))!], Array.from({ length: 40 }, (_, i) => 40 + i));
+      assert.deepEqual(
+        [...(await src.take(40))!],
+        Array.from({ length: 40 }, (_, i) => 40 + i),
+      );
       assert.equal(src.offset, 80);
       assert.equal(await src.takeOwn(30), undefined);
       assert.equal(src.available, 20);

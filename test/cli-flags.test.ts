@@ -39,9 +39,22 @@ before(async () => {
   await cp(join(root, 'bin'), join(pkg, 'bin'), { recursive: true });
   await cp(join(root, 'package.json'), join(pkg, 'package.json'));
   // As package.json's `files`: the .proto files (the server's reflection reads them).
-  await cp(join(root, 'proto'), join(pkg, 'proto'), { recursive: true, filter: (src) => !/\.[a-z]+$/.test(src) || src.endsWith('.proto') });
+  await cp(join(root, 'proto'), join(pkg, 'proto'), {
+    recursive: true,
+    filter: (src) => !/\.[a-z]+$/.test(src) || src.endsWith('.proto'),
+  });
   await symlink(join(root, 'node_modules'), join(pkg, 'node_modules'));
-  const built = await runChild(process.execPath, [tsc, '-p', join(root, 'tsconfig.build.json'), '--outDir', join(pkg, 'dist'), '--sourceMap', 'false', '--declaration', 'false']);
+  const built = await runChild(process.execPath, [
+    tsc,
+    '-p',
+    join(root, 'tsconfig.build.json'),
+    '--outDir',
+    join(pkg, 'dist'),
+    '--sourceMap',
+    'false',
+    '--declaration',
+    'false',
+  ]);
   assert.equal(built.code, 0, built.stdout + built.stderr);
   bin = join(pkg, 'bin/dppa.js');
   const fam = await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 21 });
@@ -61,7 +74,13 @@ describe('dppa: the command line', () => {
   });
 
   it('suggests the command meant, and the flag meant', async () => {
-    const [prune, serve, create, flag, nothing] = await Promise.all([dppa(['pruen']), dppa(['serv']), dppa(['job', 'craete']), dppa(['inspect', delta, '--jsn']), dppa(['frobnicate'])]);
+    const [prune, serve, create, flag, nothing] = await Promise.all([
+      dppa(['pruen']),
+      dppa(['serv']),
+      dppa(['job', 'craete']),
+      dppa(['inspect', delta, '--jsn']),
+      dppa(['frobnicate']),
+    ]);
     for (const r of [prune, serve, create, flag, nothing]) assert.equal(r.code, 2, r.stderr);
     assert.match(prune.stderr, /^dppa: unknown command "pruen" \(did you mean prune\?\)$/m);
     assert.match(serve.stderr, /\(did you mean serve\?\)/);
@@ -80,7 +99,19 @@ describe('dppa: the command line', () => {
     const neither = await dppa(['apply', '--base', base, '--out', join(dir, 'never')]);
     assert.equal(neither.code, 2);
     assert.match(neither.stderr, /--delta \(or --patch\) is required/);
-    const values = await dppa(['prune', '--base', base, '--finetuned', finetuned, '--out', join(dir, 'x.dppa'), '--rate', 'most', '--levels', '0.9,x']);
+    const values = await dppa([
+      'prune',
+      '--base',
+      base,
+      '--finetuned',
+      finetuned,
+      '--out',
+      join(dir, 'x.dppa'),
+      '--rate',
+      'most',
+      '--levels',
+      '0.9,x',
+    ]);
     assert.equal(values.code, 2);
     assert.match(values.stderr, /--rate: expected a number ≥ 0 < 1, got "most"/);
     assert.match(values.stderr, /--levels: expected a number, got "x"/);
@@ -94,13 +125,27 @@ describe('dppa: the command line', () => {
     const r = await dppa(['apply', '--base', base, '--delta', missing, '--out', join(dir, 'never')]);
     assert.equal(r.code, 3, r.stderr);
     assert.equal(r.stderr, `dppa apply: --delta: ${missing} does not exist\n`);
-    const noBase = await dppa(['prune', '--base', join(dir, 'no-base'), '--finetuned', finetuned, '--rate', '0.9', '--out', join(dir, 'y.dppa')]);
+    const noBase = await dppa([
+      'prune',
+      '--base',
+      join(dir, 'no-base'),
+      '--finetuned',
+      finetuned,
+      '--rate',
+      '0.9',
+      '--out',
+      join(dir, 'y.dppa'),
+    ]);
     assert.equal(noBase.code, 3, noBase.stderr);
     assert.match(noBase.stderr, /^dppa prune: --base: .*no-base does not exist$/m);
     const out = join(dir, 'no-such-folder', 'z.dppa');
     const unwritable = await dppa(['prune', '--base', base, '--finetuned', finetuned, '--rate', '0.9', '--out', out]);
     assert.equal(unwritable.code, 2, unwritable.stderr);
-    assert.equal(unwritable.stderr, `dppa prune: --out: cannot write ${out}: no such file or directory\n(see dppa prune --help)\n`, 'the flag and the path typed, not a temporary file');
+    assert.equal(
+      unwritable.stderr,
+      `dppa prune: --out: cannot write ${out}: no such file or directory\n(see dppa prune --help)\n`,
+      'the flag and the path typed, not a temporary file',
+    );
   });
 
   it('refuses an existing --out with exit 2 and an --overwrite hint, writing nothing; --overwrite replaces it', async () => {
@@ -110,7 +155,10 @@ describe('dppa: the command line', () => {
     const before = (await readdir(dir)).sort();
     const r = await dppa(['apply', '--base', base, '--delta', delta, '--out', out]);
     assert.equal(r.code, 2, r.stderr);
-    assert.equal(r.stderr, `dppa apply: --out: ${out} already exists; pass --overwrite to replace it\n(see dppa apply --help)\n`);
+    assert.equal(
+      r.stderr,
+      `dppa apply: --out: ${out} already exists; pass --overwrite to replace it\n(see dppa apply --help)\n`,
+    );
     assert.deepEqual(await readdir(out), ['mine.txt']);
     assert.deepEqual((await readdir(dir)).sort(), before, 'no temporary folder left beside it');
 
@@ -138,13 +186,46 @@ describe('dppa: the command line', () => {
       const cases: [string[], Record<string, string>, RegExp][] = [
         [['--grpc-port', 'x'], token, /--grpc-port: expected an integer/],
         [['--bogus'], token, /Unknown option '--bogus'/],
-        [['--grpc-port', '0'], { DPPA_ADMIN_TOKEN: 'short' }, /the admin token \(DPPA_ADMIN_TOKEN or --admin-token-file\): must be at least 16 characters/],
+        [
+          ['--grpc-port', '0'],
+          { DPPA_ADMIN_TOKEN: 'short' },
+          /the admin token \(DPPA_ADMIN_TOKEN or --admin-token-file\): must be at least 16 characters/,
+        ],
         [['--grpc-port', '0', '--admin-token-file', join(dir, 'no-token')], {}, /--admin-token-file: cannot read/],
-        [['--grpc-port', '0', '--metrics-port', '0', '--tls-cert', join(dir, 'no-cert.pem'), '--tls-key', join(dir, 'no-key.pem')], token, /--tls-cert: cannot read/],
-        [['--grpc-port', '0', '--metrics-port', '0', '--tls-cert', file, '--tls-key', file], token, /--tls-cert: .*a-file is not a PEM certificate/],
-        [['--grpc-port', '0', '--metrics-port', '0', '--data', join(file, 'sub')], token, /--data: cannot use .*a-file.*: not a directory/],
-        [['--grpc-port', port, '--metrics-port', '0', '--data', join(dir, 'd1')], token, new RegExp(`--grpc-host/--grpc-port: cannot listen on 127\\.0\\.0\\.1:${port}: EADDRINUSE`)],
-        [['--grpc-port', '0', '--metrics-port', port, '--data', join(dir, 'd2')], token, /--metrics-port: cannot listen: EADDRINUSE/],
+        [
+          [
+            '--grpc-port',
+            '0',
+            '--metrics-port',
+            '0',
+            '--tls-cert',
+            join(dir, 'no-cert.pem'),
+            '--tls-key',
+            join(dir, 'no-key.pem'),
+          ],
+          token,
+          /--tls-cert: cannot read/,
+        ],
+        [
+          ['--grpc-port', '0', '--metrics-port', '0', '--tls-cert', file, '--tls-key', file],
+          token,
+          /--tls-cert: .*a-file is not a PEM certificate/,
+        ],
+        [
+          ['--grpc-port', '0', '--metrics-port', '0', '--data', join(file, 'sub')],
+          token,
+          /--data: cannot use .*a-file.*: not a directory/,
+        ],
+        [
+          ['--grpc-port', port, '--metrics-port', '0', '--data', join(dir, 'd1')],
+          token,
+          new RegExp(`--grpc-host/--grpc-port: cannot listen on 127\\.0\\.0\\.1:${port}: EADDRINUSE`),
+        ],
+        [
+          ['--grpc-port', '0', '--metrics-port', port, '--data', join(dir, 'd2')],
+          token,
+          /--metrics-port: cannot listen: EADDRINUSE/,
+        ],
         [['--grpc-port', '0', '--task-ack-wait-ms', '5000'], token, /--task-ack-wait-ms needs --cluster/],
       ];
       const runs = await Promise.all(cases.map(([args, env]) => dppa(['serve', ...args], env)));
@@ -152,7 +233,11 @@ describe('dppa: the command line', () => {
         const what = cases[i]![0].join(' ');
         assert.equal(r.code, 2, `${what}: ${r.stderr}`);
         assert.match(r.stderr, cases[i]![2], what);
-        assert.doesNotMatch(r.stderr, /\b(adminToken|grpcPort|metricsPort|dataDir|taskAckWaitMs)\b|\.tmp-|\n\s+at /, what);
+        assert.doesNotMatch(
+          r.stderr,
+          /\b(adminToken|grpcPort|metricsPort|dataDir|taskAckWaitMs)\b|\.tmp-|\n\s+at /,
+          what,
+        );
       }
     } finally {
       await new Promise((res) => busy.close(res));
@@ -166,17 +251,48 @@ describe('dppa: the command line', () => {
       prune: ['--base DIR', '--finetuned DIR', '--rate R', '--out FILE', '--method M', '--overwrite', '--json'],
       apply: ['--base DIR', '--delta FILE', '--out DIR', '--factors', '--overwrite'],
       inspect: ['FILE', '--json', '--plot FILE', '--overwrite'],
-      'job create': ['--base DIR', '--parties a,b,c', '--rate R', '--dpa SPEC', '--weights', '--evaluator', '--admin-token-file FILE', ...connection],
+      'job create': [
+        '--base DIR',
+        '--parties a,b,c',
+        '--rate R',
+        '--dpa SPEC',
+        '--weights',
+        '--evaluator',
+        '--admin-token-file FILE',
+        ...connection,
+      ],
       'job status': ['--job ID', '--token T', '--admin-token-file FILE', '--json', ...connection],
       'job list': ['--admin-token-file FILE', '--json', ...connection],
       'job watch': ['--job ID', '--after-seq N', '--json', ...connection],
       'job cancel': ['--job ID', '--reason TEXT', '--json', ...connection],
       'job resume': ['--job ID', '--json', ...connection],
-      push: ['--job ID', '--party P', '--base DIR', '--finetuned DIR', '--delta FILE', '--keep-delta FILE', '--rate R', '--levels', '--eval-cmd CMD', '--token T', ...connection],
+      push: [
+        '--job ID',
+        '--party P',
+        '--base DIR',
+        '--finetuned DIR',
+        '--delta FILE',
+        '--keep-delta FILE',
+        '--rate R',
+        '--levels',
+        '--eval-cmd CMD',
+        '--token T',
+        ...connection,
+      ],
       evaluate: ['--job ID', '--party P', '--eval-cmd CMD', '--eval-retries N', '--work-dir DIR', ...connection],
       pull: ['--job ID', '--out DIR', '--overwrite', ...connection],
       health: ['--service NAME', ...connection],
-      serve: ['--data DIR', '--grpc-host HOST', '--grpc-port N', '--metrics-port N', '--admin-token-file FILE', '--tls-cert FILE', '--nats URL', '--cluster', '--task-ack-wait-ms N'],
+      serve: [
+        '--data DIR',
+        '--grpc-host HOST',
+        '--grpc-port N',
+        '--metrics-port N',
+        '--admin-token-file FILE',
+        '--tls-cert FILE',
+        '--nats URL',
+        '--cluster',
+        '--task-ack-wait-ms N',
+      ],
     };
     const names = Object.keys(commands);
     const helps = await Promise.all(names.map((c) => dppa([...c.split(' '), '--help'])));
@@ -184,7 +300,12 @@ describe('dppa: the command line', () => {
       const name = names[i]!;
       assert.equal(r.code, 0, `${name}: ${r.stderr}`);
       assert.match(r.stdout, new RegExp(`^Usage: dppa ${name} `), name);
-      for (const f of [...commands[name]!, '-h, --help']) assert.match(r.stdout, new RegExp(`^  ${f.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\\b`, 'm'), `${name} --help lists ${f}`);
+      for (const f of [...commands[name]!, '-h, --help'])
+        assert.match(
+          r.stdout,
+          new RegExp(`^  ${f.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\\b`, 'm'),
+          `${name} --help lists ${f}`,
+        );
       assert.match(r.stdout, /Exit codes: 0 /, name);
     }
   });

@@ -9,7 +9,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { DppaClient, JobState } from '../client/index.js';
-import { CLUSTER_ADMIN as ADMIN, createClusterJob, writeClusterFamily, type ClusterFamily } from './fixtures/cluster-family.js';
+import {
+  CLUSTER_ADMIN as ADMIN,
+  createClusterJob,
+  writeClusterFamily,
+  type ClusterFamily,
+} from './fixtures/cluster-family.js';
 import { assertMerged } from './fixtures/expected-merge.js';
 import { metricValue, startServe, type ServeProcess } from './fixtures/serve-process.js';
 import { SlowProxy } from './fixtures/slow-proxy.js';
@@ -48,9 +53,26 @@ class Push {
 
   constructor(address: string, jobId: string, party: string, token: string) {
     const delta = family.parties.find((p) => p.name === party)!.delta;
-    const args = ['push', '--server', address, '--job', jobId, '--party', party, '--token', token, '--delta', delta, '--retry-for', '2m'];
+    const args = [
+      'push',
+      '--server',
+      address,
+      '--job',
+      jobId,
+      '--party',
+      party,
+      '--token',
+      token,
+      '--delta',
+      delta,
+      '--retry-for',
+      '2m',
+    ];
     const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('DPPA_')));
-    this.child = spawn(process.execPath, ['--import', 'tsx', main, ...args], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+    this.child = spawn(process.execPath, ['--import', 'tsx', main, ...args], {
+      env,
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
     pushes.push(this.child);
     this.child.stderr!.on('data', (d: Buffer) => (this.stderr += d.toString()));
     this.exited = new Promise((resolve) => this.child.once('exit', (code) => resolve(code)));
@@ -79,7 +101,12 @@ async function held(client: DppaClient, jobId: string, party: string): Promise<{
 }
 
 /** Pushes the other parties (with the SDK, in this process), waits for the merge and checks it. */
-async function finishAndCheck(admin: DppaClient, jobId: string, tokens: Record<string, string>, except: string): Promise<void> {
+async function finishAndCheck(
+  admin: DppaClient,
+  jobId: string,
+  tokens: Record<string, string>,
+  except: string,
+): Promise<void> {
   for (const p of family.parties.filter((x) => x.name !== except)) {
     const client = new DppaClient({ address: server!.address, token: tokens[p.name]! });
     try {
@@ -164,7 +191,11 @@ describe('dppa push rides out restarts and stalls', () => {
       const stopped = await held(math, job.id, 'math');
       math.close();
       assert.equal(stopped.complete, false, 'the push was frozen mid-upload');
-      assert.equal(await metricValue(server!.metricsPort, 'dppa_uploads_active'), 1, 'the frozen push holds its upload slot');
+      assert.equal(
+        await metricValue(server!.metricsPort, 'dppa_uploads_active'),
+        1,
+        'the frozen push holds its upload slot',
+      );
       const fresh = new Push(server!.address, job.id, 'math', tokens.math!);
       assert.equal(await fresh.exited, 0, fresh.stderr);
       await finishAndCheck(admin, job.id, tokens, 'math');

@@ -59,15 +59,44 @@ describe('dppa CLI', () => {
     const r = await dppa('prune', '--base', base, '--finetuned', ft, '--rate', '0.9', '--out', out);
     assert.equal(r.code, 3);
     assert.match(r.stderr, /model\.embed_tokens\.weight: base \[40, 32\], fine-tuned \[42, 32\]/);
-    const ok = await dppa('prune', '--base', base, '--finetuned', ft, '--rate', '0.8', '--out', out, '--vocab-mismatch', 'truncate', '--report', join(dir, 'r.json'));
+    const ok = await dppa(
+      'prune',
+      '--base',
+      base,
+      '--finetuned',
+      ft,
+      '--rate',
+      '0.8',
+      '--out',
+      out,
+      '--vocab-mismatch',
+      'truncate',
+      '--report',
+      join(dir, 'r.json'),
+    );
     assert.equal(ok.code, 0, ok.stderr);
     assert.match(ok.stderr, /lm_head\.weight: fine-tuned tensor has extra rows; compared on the base's rows only/);
-    const report = JSON.parse(await readFile(join(dir, 'r.json'), 'utf8')) as { method: string; rate: number; levels: number[]; tensors: { name: string; shape: number[]; numel: number; rate: number; kept: number; keptPerPartition: number[] }[] };
+    const report = JSON.parse(await readFile(join(dir, 'r.json'), 'utf8')) as {
+      method: string;
+      rate: number;
+      levels: number[];
+      tensors: {
+        name: string;
+        shape: number[];
+        numel: number;
+        rate: number;
+        kept: number;
+        keptPerPartition: number[];
+      }[];
+    };
     assert.equal(report.method, 'dp');
     assert.deepEqual(report.levels, [0.9, 0.8]);
     const q = report.tensors.find((t) => t.name === 'model.layers.0.self_attn.q_proj.weight')!;
     assert.deepEqual(q.shape, [32, 32]);
-    assert.equal(q.kept, q.keptPerPartition.reduce((a, b) => a + b, 0));
+    assert.equal(
+      q.kept,
+      q.keptPerPartition.reduce((a, b) => a + b, 0),
+    );
     assert.equal(q.kept, q.numel - Math.floor(q.rate * q.numel + 1e-9));
   });
 
@@ -85,7 +114,18 @@ describe('dppa CLI', () => {
     assert.equal((plot.match(/<polyline/g) ?? []).length, 7, 'one line per kind of linear layer');
     const text = await dppa('inspect', out);
     assert.match(text.stdout, /method\s+dp, target rate 0.8, levels 0.9, 0.8/);
-    const applied = await dppa('apply', '--base', base, '--delta', out, '--out', join(dir, 'applied'), '--factors', '1.2,1', '--json');
+    const applied = await dppa(
+      'apply',
+      '--base',
+      base,
+      '--delta',
+      out,
+      '--out',
+      join(dir, 'applied'),
+      '--factors',
+      '1.2,1',
+      '--json',
+    );
     assert.equal(applied.code, 0, applied.stderr);
     assert.equal((JSON.parse(applied.stdout) as { tensorsChanged: number }).tensorsChanged, 2 + TINY.layers * 9 + 1);
   });
@@ -111,14 +151,42 @@ describe('dppa CLI', () => {
     const infBase = await poisoned(fam.base, 'base-inf', 0x7f80);
     for (const method of ['dp', 'magnitude', 'owl', 'dare']) {
       const out = join(dir, `nan-${method}.dppa`);
-      const r = await dppa('prune', '--base', fam.base, '--finetuned', nanFt, '--rate', '0.7', '--method', method, '--out', out);
+      const r = await dppa(
+        'prune',
+        '--base',
+        fam.base,
+        '--finetuned',
+        nanFt,
+        '--rate',
+        '0.7',
+        '--method',
+        method,
+        '--out',
+        out,
+      );
       assert.equal(r.code, 3, `${method}: ${r.stderr}`);
-      assert.equal(r.stderr.trim(), `dppa prune: ${join(nanFt, 'model.safetensors')}, tensor "${tensor}": flat position 5: the fine-tuned model holds a non-finite weight (NaN)`);
+      assert.equal(
+        r.stderr.trim(),
+        `dppa prune: ${join(nanFt, 'model.safetensors')}, tensor "${tensor}": flat position 5: the fine-tuned model holds a non-finite weight (NaN)`,
+      );
       await assert.rejects(readFile(out), { code: 'ENOENT' }, 'no output is left');
     }
-    const r = await dppa('prune', '--base', infBase, '--finetuned', fam.finetuned[0]!, '--rate', '0.7', '--out', join(dir, 'inf.dppa'));
+    const r = await dppa(
+      'prune',
+      '--base',
+      infBase,
+      '--finetuned',
+      fam.finetuned[0]!,
+      '--rate',
+      '0.7',
+      '--out',
+      join(dir, 'inf.dppa'),
+    );
     assert.equal(r.code, 3, r.stderr);
-    assert.equal(r.stderr.trim(), `dppa prune: ${join(infBase, 'model.safetensors')}, tensor "${tensor}": flat position 5: the base holds a non-finite weight (Infinity)`);
+    assert.equal(
+      r.stderr.trim(),
+      `dppa prune: ${join(infBase, 'model.safetensors')}, tensor "${tensor}": flat position 5: the base holds a non-finite weight (Infinity)`,
+    );
   });
 
   it('exits 3 naming the file for a damaged or missing delta', async () => {

@@ -42,7 +42,11 @@ after(async () => {
 });
 
 /** Every event a watch yields, and how long it took to end. */
-async function watchAll(events: StreamJobEvents, jobId: string, timeoutMs: number): Promise<{ events: JobEvent[]; ms: number }> {
+async function watchAll(
+  events: StreamJobEvents,
+  jobId: string,
+  timeoutMs: number,
+): Promise<{ events: JobEvent[]; ms: number }> {
   const started = Date.now();
   const out: JobEvent[] = [];
   for await (const e of events.watch(jobId, 0n, AbortSignal.timeout(timeoutMs))) out.push(e);
@@ -52,14 +56,23 @@ async function watchAll(events: StreamJobEvents, jobId: string, timeoutMs: numbe
 describe('cluster job events', () => {
   it('ends a watch of a job that failed without its final event, once the stream holds nothing more of it', async () => {
     const failed = new Set<string>();
-    const events = new StreamJobEvents({ js, jsm, kv, state: (id) => (failed.has(id) ? JobState.JOB_STATE_FAILED : JobState.JOB_STATE_MERGING), idleCheckMs: 100 });
+    const events = new StreamJobEvents({
+      js,
+      jsm,
+      kv,
+      state: (id) => (failed.has(id) ? JobState.JOB_STATE_FAILED : JobState.JOB_STATE_MERGING),
+      idleCheckMs: 100,
+    });
     const jobId = 'lostFinalEvent';
     await events.append(jobId, { stateChanged: { from: JobState.JOB_STATE_MERGING, to: JobState.JOB_STATE_FAILED } });
     // The job is FAILED in the store; its `failed` event was never published.
     failed.add(jobId);
     assert.equal(await events.hasFinalEvent(jobId), false);
     const { events: seen, ms } = await watchAll(events, jobId, 10_000);
-    assert.deepEqual(seen.map((e) => e.seq), [1n]);
+    assert.deepEqual(
+      seen.map((e) => e.seq),
+      [1n],
+    );
     assert.ok(ms < 5000, `the watch ended after ${ms} ms`);
     assert.equal(events.watcherCount, 0);
 
@@ -79,7 +92,13 @@ describe('cluster job events', () => {
     assert.equal(events.watcherCount, 1, 'still watching');
     await events.append(jobId, { merged: { files: ['model.safetensors'], seconds: 1, patch: '' } });
     const { events: seen } = await watching;
-    assert.deepEqual(seen.map((e) => [e.seq, e.merged?.files]), [[1n, undefined], [2n, ['model.safetensors']]]);
+    assert.deepEqual(
+      seen.map((e) => [e.seq, e.merged?.files]),
+      [
+        [1n, undefined],
+        [2n, ['model.safetensors']],
+      ],
+    );
     // A job whose events have all expired from the stream has nothing to wait for.
     const expired = await watchAll(events, 'expiredMerged', 10_000);
     assert.deepEqual(expired.events, []);
@@ -89,12 +108,17 @@ describe('cluster job events', () => {
   it('keeps watching a job that has not ended, and ends at its final event', async () => {
     const events = new StreamJobEvents({ js, jsm, kv, state: () => JobState.JOB_STATE_MERGING, idleCheckMs: 100 });
     const jobId = 'stillMerging';
-    await events.append(jobId, { stateChanged: { from: JobState.JOB_STATE_COLLECTING, to: JobState.JOB_STATE_MERGING } });
+    await events.append(jobId, {
+      stateChanged: { from: JobState.JOB_STATE_COLLECTING, to: JobState.JOB_STATE_MERGING },
+    });
     const watching = watchAll(events, jobId, 20_000);
     await sleep(1000);
     await events.append(jobId, { merged: { files: [], seconds: 1, patch: '' } });
     const { events: seen, ms } = await watching;
-    assert.deepEqual(seen.map((e) => e.seq), [1n, 2n]);
+    assert.deepEqual(
+      seen.map((e) => e.seq),
+      [1n, 2n],
+    );
     assert.ok(ms >= 1000, 'the watch waited for the final event');
   });
 });
@@ -103,18 +127,39 @@ describe('cluster merge tasks of a job that is not merging', () => {
   /** Jobs whose uploads the tasks asked the spool to delete. */
   const discarded: string[] = [];
   /** The merge driver's tasks over a store holding one job (`local` in memory, `stored` in the bucket); what these tasks never touch is left out. */
-  function mergeTasks(events: StreamJobEvents, local: Partial<StoredJob>, stored: Partial<StoredJob> = local): MergeDriver {
-    const job = (j: Partial<StoredJob>): StoredJob => ({ id: 'j', updatedAt: new Date(0).toISOString(), failureReason: '', merged: undefined, ...j }) as StoredJob;
-    const store = { get: () => job(local), fresh: () => Promise.resolve(job(stored)), list: () => [] } as unknown as JobStore;
+  function mergeTasks(
+    events: StreamJobEvents,
+    local: Partial<StoredJob>,
+    stored: Partial<StoredJob> = local,
+  ): MergeDriver {
+    const job = (j: Partial<StoredJob>): StoredJob =>
+      ({ id: 'j', updatedAt: new Date(0).toISOString(), failureReason: '', merged: undefined, ...j }) as StoredJob;
+    const store = {
+      get: () => job(local),
+      fresh: () => Promise.resolve(job(stored)),
+      list: () => [],
+    } as unknown as JobStore;
     const spool = { discardJob: (id: string) => Promise.resolve(void discarded.push(id)) } as unknown as Spool;
-    return new MergeDriver({ store, events, records: new KvMergeRecords(kv), log, spool, mergeWorkers: 0, tasks: () => assert.fail('no task is queued') } as unknown as MergeDriverOptions);
+    return new MergeDriver({
+      store,
+      events,
+      records: new KvMergeRecords(kv),
+      log,
+      spool,
+      mergeWorkers: 0,
+      tasks: () => assert.fail('no task is queued'),
+    } as unknown as MergeDriverOptions);
   }
 
   it('publishes a lost `merged` when the commit task runs again, once, and not while it may still be on its way', async () => {
     const events = new StreamJobEvents({ js, jsm, kv, state: () => JobState.JOB_STATE_MERGED });
     const jobId = 'lostMerged';
     await events.append(jobId, { stateChanged: { from: JobState.JOB_STATE_MERGING, to: JobState.JOB_STATE_MERGED } });
-    const merged = { id: jobId, state: JobState.JOB_STATE_MERGED, merged: { files: [{ path: 'model.safetensors', size: 1, sha256: '00' }], seconds: 2 } };
+    const merged = {
+      id: jobId,
+      state: JobState.JOB_STATE_MERGED,
+      merged: { files: [{ path: 'model.safetensors', size: 1, sha256: '00' }], seconds: 2 },
+    };
     const signal = new AbortController().signal;
 
     const justNow = mergeTasks(events, { ...merged, updatedAt: new Date().toISOString() });
@@ -133,29 +178,48 @@ describe('cluster merge tasks of a job that is not merging', () => {
     }
     const seen = [];
     for await (const e of events.watch(jobId, 0n, AbortSignal.timeout(10_000))) seen.push(e);
-    assert.deepEqual(seen.map((e) => e.merged), [undefined, { files: ['model.safetensors'], seconds: 2, patch: '' }]);
-    assert.ok(discarded.length >= 2 && discarded.every((id) => id === jobId), 'each commit task of the merged job has its uploads deleted (if a replica died before)');
+    assert.deepEqual(
+      seen.map((e) => e.merged),
+      [undefined, { files: ['model.safetensors'], seconds: 2, patch: '' }],
+    );
+    assert.ok(
+      discarded.length >= 2 && discarded.every((id) => id === jobId),
+      'each commit task of the merged job has its uploads deleted (if a replica died before)',
+    );
   });
 
-  it('hands back a task of a job the replica\'s copy shows not yet merging, unless the bucket says it ended', async () => {
+  it("hands back a task of a job the replica's copy shows not yet merging, unless the bucket says it ended", async () => {
     const events = new StreamJobEvents({ js, jsm, kv, state: () => JobState.JOB_STATE_MERGED });
     const signal = new AbortController().signal;
-    const stale = mergeTasks(events, { state: JobState.JOB_STATE_COLLECTING }, { state: JobState.JOB_STATE_COLLECTING });
+    const stale = mergeTasks(
+      events,
+      { state: JobState.JOB_STATE_COLLECTING },
+      { state: JobState.JOB_STATE_COLLECTING },
+    );
     await assert.rejects(stale.handle({ kind: 'plan', jobId: 'j' }, signal), TaskNotReadyError);
     await stale.close();
-    const ended = mergeTasks(events, { state: JobState.JOB_STATE_DPA }, { state: JobState.JOB_STATE_FAILED, failureReason: 'cancelled' });
+    const ended = mergeTasks(
+      events,
+      { state: JobState.JOB_STATE_DPA },
+      { state: JobState.JOB_STATE_FAILED, failureReason: 'cancelled' },
+    );
     await ended.handle({ kind: 'tensor', jobId: 'j', tensor: { name: 'x', index: 0 } }, signal);
     await ended.close();
   });
 });
 
 describe('cluster task queue', () => {
-  it('says working() within the consumer\'s ack wait, even if this replica was started with a longer one', async () => {
+  it("says working() within the consumer's ack wait, even if this replica was started with a longer one", async () => {
     // Another replica (started last) set the consumer's ack wait to 600 ms; this one was told 30 s.
     await ensureTaskQueue(jsm, 600);
     const runs: string[] = [];
     const queue = new TaskQueue({
-      js, jsm, group: 'merge', lanes: 2, ackWaitMs: 30_000, log,
+      js,
+      jsm,
+      group: 'merge',
+      lanes: 2,
+      ackWaitMs: 30_000,
+      log,
       metrics: new ClusterMetrics(new Registry()),
       handle: async (task) => {
         runs.push(task.jobId);
@@ -165,7 +229,7 @@ describe('cluster task queue', () => {
     queue.start();
     try {
       await queue.publish({ kind: 'plan', jobId: 'slowTask' }, 'slowTask.plan');
-      for (const deadline = Date.now() + 10_000; runs.length === 0 && Date.now() < deadline; ) await sleep(50);
+      for (const deadline = Date.now() + 10_000; runs.length === 0 && Date.now() < deadline;) await sleep(50);
       await sleep(3000);
       assert.deepEqual(runs, ['slowTask'], 'the task ran once: its heartbeat kept it from being redelivered');
     } finally {

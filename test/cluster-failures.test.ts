@@ -53,11 +53,16 @@ describe('a cluster replica and NATS', () => {
     const url = `nats://127.0.0.1:${await freePort()}`;
     const { code, stderr } = await serveFailure(serveArgs(url), { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN });
     assert.equal(code, 1);
-    assert.match(stderr, new RegExp(`dppa serve: cannot start: cannot connect to NATS at ${url.replace(/\./g, '\\.')}`));
+    assert.match(
+      stderr,
+      new RegExp(`dppa serve: cannot start: cannot connect to NATS at ${url.replace(/\./g, '\\.')}`),
+    );
   });
 
   it('refuses --cluster without --nats', async () => {
-    const { code, stderr } = await serveFailure(['--data', join(dir, 'data'), '--cluster'], { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN });
+    const { code, stderr } = await serveFailure(['--data', join(dir, 'data'), '--cluster'], {
+      DPPA_ADMIN_TOKEN: CLUSTER_ADMIN,
+    });
     assert.equal(code, 2);
     assert.match(stderr, /--cluster needs --nats/);
   });
@@ -65,14 +70,19 @@ describe('a cluster replica and NATS', () => {
   it('answers UNAVAILABLE while NATS is away, and completes the job however often NATS goes away', async () => {
     // Tasks whose replica could not hand them back (NATS away) come back after the ack wait: 2 s.
     const args = [...serveArgs(nats.url), '--task-ack-wait-ms', '2000'];
-    const [a, b] = await Promise.all([startServe(args, { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN }), startServe(args, { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN })]);
+    const [a, b] = await Promise.all([
+      startServe(args, { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN }),
+      startServe(args, { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN }),
+    ]);
     replicas.push(a, b);
     const retrying = { attempts: 30, initialDelayMs: 200, maxDelayMs: 1000 };
     const admin = new DppaClient({ address: a.address, token: CLUSTER_ADMIN, retry: retrying });
     const once = new DppaClient({ address: b.address, token: CLUSTER_ADMIN, retry: { attempts: 1 } });
     const party = (r: ServeProcess, name: string, token: string, attempts: number): Promise<unknown> => {
       const c = new DppaClient({ address: r.address, token, retry: { ...retrying, attempts } });
-      return c.push({ jobId: job.id, party: name, delta: family.parties.find((p) => p.name === name)!.delta }).finally(() => c.close());
+      return c
+        .push({ jobId: job.id, party: name, delta: family.parties.find((p) => p.name === name)!.delta })
+        .finally(() => c.close());
     };
     const { job, tokens } = await createClusterJob(admin, family);
     try {
@@ -80,7 +90,11 @@ describe('a cluster replica and NATS', () => {
 
       await nats.stop();
       assert.equal(await codeOf(createClusterJob(once, family)), status.UNAVAILABLE, 'CreateJob needs the jobs bucket');
-      assert.equal(await codeOf(party(b, 'finance', tokens.finance!, 1)), status.UNAVAILABLE, 'an upload needs the jobs bucket and the event stream');
+      assert.equal(
+        await codeOf(party(b, 'finance', tokens.finance!, 1)),
+        status.UNAVAILABLE,
+        'an upload needs the jobs bucket and the event stream',
+      );
       // Reads are served from the replica's copy of the bucket.
       assert.equal((await once.getJob(job.id)).state, JobState.JOB_STATE_COLLECTING);
 
@@ -95,7 +109,10 @@ describe('a cluster replica and NATS', () => {
       await party(a, 'law', tokens.law!, 30);
       const progress = await merging;
       // The outage must hit the merge, not follow it.
-      assert.ok(progress.tensorsDone < progress.tensorsTotal, `the merge was under way when NATS stopped (${progress.tensorsDone}/${progress.tensorsTotal})`);
+      assert.ok(
+        progress.tensorsDone < progress.tensorsTotal,
+        `the merge was under way when NATS stopped (${progress.tensorsDone}/${progress.tensorsTotal})`,
+      );
       const stoppedAt = Date.now();
       await nats.stop();
       await new Promise((r) => setTimeout(r, 1500));
@@ -110,10 +127,17 @@ describe('a cluster replica and NATS', () => {
       const toMerged = events.filter((e) => e.stateChanged?.to === JobState.JOB_STATE_MERGED);
       assert.equal(toMerged.length, 1);
       // Committing needs NATS: a job that moved to MERGED after the stop finished its merge after the outage.
-      assert.ok(Date.parse(toMerged[0]!.time) > stoppedAt, `the job merged after NATS was stopped (${toMerged[0]!.time})`);
-      const retried = await Promise.all([a, b].map((r) => metricValue(r.metricsPort, 'dppa_cluster_tasks_total{kind="tensor",outcome="retried"}')));
+      assert.ok(
+        Date.parse(toMerged[0]!.time) > stoppedAt,
+        `the job merged after NATS was stopped (${toMerged[0]!.time})`,
+      );
+      const retried = await Promise.all(
+        [a, b].map((r) => metricValue(r.metricsPort, 'dppa_cluster_tasks_total{kind="tensor",outcome="retried"}')),
+      );
       const mergedAfter = (Date.parse(toMerged[0]!.time) - restartedAt) / 1000;
-      process.stdout.write(`# NATS stopped at ${progress.tensorsDone}/${progress.tensorsTotal} tensors merged; MERGED ${mergedAfter.toFixed(1)} s after NATS came back; tensor tasks retried: ${retried.join(' / ')}\n`);
+      process.stdout.write(
+        `# NATS stopped at ${progress.tensorsDone}/${progress.tensorsTotal} tensors merged; MERGED ${mergedAfter.toFixed(1)} s after NATS came back; tensor tasks retried: ${retried.join(' / ')}\n`,
+      );
       const out = join(dir, 'merged');
       await admin.pull({ jobId: job.id, out });
       await assertMerged(family.base, out, family.parties);

@@ -37,8 +37,23 @@ function client(r: ServeProcess, token: string): DppaClient {
 
 describe('a party whose spooled tensor is damaged, on a cluster', () => {
   it('goes back to collecting on every replica, pushes again, and the job merges exactly', async () => {
-    const args = ['--data', join(dir, 'data'), '--grpc-port', '0', '--metrics-port', '0', '--nats', nats.url, '--cluster', '--task-ack-wait-ms', '2000'];
-    const [a, b] = await Promise.all([startServe(args, { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN }), startServe(args, { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN })]);
+    const args = [
+      '--data',
+      join(dir, 'data'),
+      '--grpc-port',
+      '0',
+      '--metrics-port',
+      '0',
+      '--nats',
+      nats.url,
+      '--cluster',
+      '--task-ack-wait-ms',
+      '2000',
+    ];
+    const [a, b] = await Promise.all([
+      startServe(args, { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN }),
+      startServe(args, { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN }),
+    ]);
     replicas.push(a, b);
     const admins = [client(a, CLUSTER_ADMIN), client(b, CLUSTER_ADMIN)];
     const { job, tokens } = await createClusterJob(admins[0]!, family);
@@ -56,7 +71,15 @@ describe('a party whose spooled tensor is damaged, on a cluster', () => {
       // A byte in the middle of one of math's spool files: its chunk CRC no longer matches.
       const tensor = 'model.layers.1.self_attn.v_proj.weight';
       const header = await readDeltaHeader(family.parties[0]!.delta);
-      const file = join(dir, 'data', 'jobs', job.id, 'uploads', 'math', `${header.tensors.findIndex((t) => t.name === tensor)}.dppa`);
+      const file = join(
+        dir,
+        'data',
+        'jobs',
+        job.id,
+        'uploads',
+        'math',
+        `${header.tensors.findIndex((t) => t.name === tensor)}.dppa`,
+      );
       const bytes = await readFile(file);
       const middle = Math.floor(bytes.length * 0.6);
       bytes[middle] = bytes[middle]! ^ 0x55;
@@ -70,7 +93,12 @@ describe('a party whose spooled tensor is damaged, on a cluster', () => {
       const stop = await stopped;
       assert.equal(stop.party, 'math');
       assert.deepEqual(stop.discardedTensors, [tensor]);
-      assert.match(stop.reason, new RegExp(`^tensor "${tensor.replaceAll('.', '\\.')}" of its upload cannot be used \\(\\S+/uploads/math/\\d+\\.dppa, tensor "${tensor.replaceAll('.', '\\.')}": .+\\); it was discarded: push again to send it$`));
+      assert.match(
+        stop.reason,
+        new RegExp(
+          `^tensor "${tensor.replaceAll('.', '\\.')}" of its upload cannot be used \\(\\S+/uploads/math/\\d+\\.dppa, tensor "${tensor.replaceAll('.', '\\.')}": .+\\); it was discarded: push again to send it$`,
+        ),
+      );
       // Every replica shows it: the job collecting, math one tensor short with the reason, the others complete.
       for (const admin of admins) {
         let shown = await admin.getJob(job.id);
@@ -81,9 +109,15 @@ describe('a party whose spooled tensor is damaged, on a cluster', () => {
           shown = await admin.getJob(job.id);
         }
         assert.equal(shown.state, JobState.JOB_STATE_COLLECTING);
-        assert.deepEqual(shown.parties.map((p) => p.stoppedReason), [stop.reason, '', '']);
+        assert.deepEqual(
+          shown.parties.map((p) => p.stoppedReason),
+          [stop.reason, '', ''],
+        );
         assert.equal(shown.parties[0]!.tensorsReceived, shown.parties[0]!.tensorsExpected - 1);
-        assert.deepEqual(shown.parties.map((p) => p.uploadComplete), [false, true, true]);
+        assert.deepEqual(
+          shown.parties.map((p) => p.uploadComplete),
+          [false, true, true],
+        );
       }
 
       await push(b, 'math');
@@ -93,7 +127,10 @@ describe('a party whose spooled tensor is damaged, on a cluster', () => {
       assert.equal(events.filter((e) => e.partyStopped !== undefined).length, 1);
       const done = await admins[0]!.getJob(job.id);
       assert.equal(done.state, JobState.JOB_STATE_MERGED);
-      assert.deepEqual(done.parties.map((p) => p.stoppedReason), ['', '', '']);
+      assert.deepEqual(
+        done.parties.map((p) => p.stoppedReason),
+        ['', '', ''],
+      );
       await assertMerged(family.base, join(dir, 'data', 'jobs', job.id, 'merged'), family.parties);
     } finally {
       for (const admin of admins) admin.close();

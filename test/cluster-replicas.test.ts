@@ -26,7 +26,19 @@ let family: ClusterFamily;
 const replicas: ServeProcess[] = [];
 
 function replica(): Promise<ServeProcess> {
-  const args = ['--data', join(dir, 'data'), '--grpc-port', '0', '--metrics-port', '0', '--nats', nats.url, '--cluster', '--task-ack-wait-ms', '2000'];
+  const args = [
+    '--data',
+    join(dir, 'data'),
+    '--grpc-port',
+    '0',
+    '--metrics-port',
+    '0',
+    '--nats',
+    nats.url,
+    '--cluster',
+    '--task-ack-wait-ms',
+    '2000',
+  ];
   return startServe(args, { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN }).then((r) => {
     replicas.push(r);
     return r;
@@ -69,7 +81,11 @@ describe('three replicas on one NATS and one shared folder', () => {
     await push(b, math);
     await push(c, finance);
     const onA = await admin.getJob(job.id);
-    assert.deepEqual(onA.parties.map((p) => p.uploadComplete), [true, true, false], 'replica A sees uploads received by B and C');
+    assert.deepEqual(
+      onA.parties.map((p) => p.uploadComplete),
+      [true, true, false],
+      'replica A sees uploads received by B and C',
+    );
 
     // law starts on C and is cut off once B sees a few of its tensors.
     const cut = new AbortController();
@@ -123,7 +139,10 @@ describe('three replicas on one NATS and one shared folder', () => {
       await nc.close();
     }
     assert.equal(progress.tensorsTotal, tensorsTotal);
-    assert.ok(writtenAtKill >= 1 && writtenAtKill < tensorsTotal, `A was killed mid-merge (${writtenAtKill}/${tensorsTotal} tensors written)`);
+    assert.ok(
+      writtenAtKill >= 1 && writtenAtKill < tensorsTotal,
+      `A was killed mid-merge (${writtenAtKill}/${tensorsTotal} tensors written)`,
+    );
 
     // Two fresh replicas take over: A's queued tasks at once, the ones it held after the ack wait.
     const [d, e] = await Promise.all([replica(), replica()]);
@@ -135,14 +154,23 @@ describe('three replicas on one NATS and one shared folder', () => {
       assert.equal(final.state, JobState.JOB_STATE_MERGED, final.failureReason);
       // The uploads are deleted once merged, and both replicas still show them all received.
       for (const p of family.parties) {
-        assert.deepEqual((await readdir(join(dir, 'data', 'jobs', job.id, 'uploads', p.name))).sort(), ['discarded.json', 'header.json'], p.name);
+        assert.deepEqual(
+          (await readdir(join(dir, 'data', 'jobs', job.id, 'uploads', p.name))).sort(),
+          ['discarded.json', 'header.json'],
+          p.name,
+        );
       }
       for (const r of [d, e]) {
         const viewer = client(r, CLUSTER_ADMIN);
         try {
           const seen = await viewer.getJob(job.id);
           const shown = seen.parties.map((p) => [p.name, p.uploadComplete, p.tensorsReceived, p.tensorsExpected]);
-          assert.ok(seen.parties.every((p) => p.uploadComplete && p.tensorsReceived === p.tensorsExpected && p.tensorsExpected > 0), JSON.stringify(shown));
+          assert.ok(
+            seen.parties.every(
+              (p) => p.uploadComplete && p.tensorsReceived === p.tensorsExpected && p.tensorsExpected > 0,
+            ),
+            JSON.stringify(shown),
+          );
         } finally {
           viewer.close();
         }
@@ -150,17 +178,26 @@ describe('three replicas on one NATS and one shared folder', () => {
       assert.equal(all.filter((x) => x.merged !== undefined).length, 1, 'merged announced once');
       assert.equal(all.filter((x) => x.stateChanged?.to === JobState.JOB_STATE_MERGING).length, 1, 'MERGING once');
       assert.equal(all.filter((x) => x.stateChanged?.to === JobState.JOB_STATE_MERGED).length, 1, 'MERGED once');
-      for (const p of family.parties) assert.equal(all.filter((x) => x.uploadComplete?.party === p.name).length, 1, `${p.name} completed once`);
+      for (const p of family.parties)
+        assert.equal(all.filter((x) => x.uploadComplete?.party === p.name).length, 1, `${p.name} completed once`);
       // Unique and increasing, not gapless: A was SIGKILLed, and a replica dying between numbering an event and
       // publishing it leaves a gap (docs/scale-out.md).
       const seqs = all.map((x) => Number(x.seq)).sort((x, y) => x - y);
       assert.ok(seqs[0]! >= 1, `event numbers start at 1 or later: ${seqs[0]}`);
-      for (let i = 1; i < seqs.length; i++) assert.ok(seqs[i]! > seqs[i - 1]!, `event number ${seqs[i]} is used once across replicas`);
+      for (let i = 1; i < seqs.length; i++)
+        assert.ok(seqs[i]! > seqs[i - 1]!, `event number ${seqs[i]} is used once across replicas`);
 
       // The survivors merged the rest between them (a tensor A was writing when it died is written again).
-      const done = await Promise.all([d, e].map((r) => metricValue(r.metricsPort, 'dppa_cluster_tasks_total{kind="tensor",outcome="done"}')));
-      assert.ok(done[0]! + done[1]! >= tensorsTotal - writtenAtKill, `tensor tasks done after the kill: ${done.join(' + ')}`);
-      process.stdout.write(`# merge: ${writtenAtKill}/${tensorsTotal} tensors by A before SIGKILL, then ${done[0]} by D and ${done[1]} by E\n`);
+      const done = await Promise.all(
+        [d, e].map((r) => metricValue(r.metricsPort, 'dppa_cluster_tasks_total{kind="tensor",outcome="done"}')),
+      );
+      assert.ok(
+        done[0]! + done[1]! >= tensorsTotal - writtenAtKill,
+        `tensor tasks done after the kill: ${done.join(' + ')}`,
+      );
+      process.stdout.write(
+        `# merge: ${writtenAtKill}/${tensorsTotal} tensors by A before SIGKILL, then ${done[0]} by D and ${done[1]} by E\n`,
+      );
 
       const out = join(dir, 'merged');
       await watcher.pull({ jobId: job.id, out });

@@ -32,7 +32,10 @@ after(async () => {
 });
 
 function entries(positions: number[], scale = 1): PartitionEntries {
-  return { positions: Float64Array.from(positions), values: Float32Array.from(positions, (p) => ((p % 7) - 3) * scale) };
+  return {
+    positions: Float64Array.from(positions),
+    values: Float32Array.from(positions, (p) => ((p % 7) - 3) * scale),
+  };
 }
 
 const none = entries([]);
@@ -50,7 +53,12 @@ const tensors: { name: string; shape: number[]; kind: TensorKind; partitions: Pa
     kind: TensorKind.TENSOR_KIND_LINEAR,
     partitions: [none, entries(Array.from({ length: 300 }, (_, i) => 13 * i)), entries([1, 2, 3, 4000])],
   },
-  { name: 'model.layers.0.self_attn.k_proj.weight', shape: [64, 64], kind: TensorKind.TENSOR_KIND_LINEAR, partitions: [none, none, none] },
+  {
+    name: 'model.layers.0.self_attn.k_proj.weight',
+    shape: [64, 64],
+    kind: TensorKind.TENSOR_KIND_LINEAR,
+    partitions: [none, none, none],
+  },
   {
     name: 'lm_head.weight',
     shape: [70000, 65536],
@@ -68,8 +76,22 @@ const header: DeltaHeader = DeltaHeader.fromPartial({
   options: { lambda: '0.08' },
   valueDtype: ValueDtype.VALUE_DTYPE_F32,
   tensors: [
-    ...tensors.map((t) => ({ name: t.name, shape: t.shape, kind: t.kind, layer: -1, levelRates: [0.9, 0.9], sent: true })),
-    { name: 'model.norm.weight', shape: [64], kind: TensorKind.TENSOR_KIND_OUTSIDE, layer: -1, levelRates: [0, 0], sent: false },
+    ...tensors.map((t) => ({
+      name: t.name,
+      shape: t.shape,
+      kind: t.kind,
+      layer: -1,
+      levelRates: [0.9, 0.9],
+      sent: true,
+    })),
+    {
+      name: 'model.norm.weight',
+      shape: [64],
+      kind: TensorKind.TENSOR_KIND_OUTSIDE,
+      layer: -1,
+      levelRates: [0, 0],
+      sent: false,
+    },
   ],
   producer: 'test',
 });
@@ -77,7 +99,9 @@ const header: DeltaHeader = DeltaHeader.fromPartial({
 function allRecords(): DeltaRecord[] {
   const out: DeltaRecord[] = [{ header }];
   for (const t of tensors) {
-    out.push(...tensorRecords(t.name, t.shape, t.partitions, { maxChunkEntries: 128, valueDtype: ValueDtype.VALUE_DTYPE_F32 }));
+    out.push(
+      ...tensorRecords(t.name, t.shape, t.partitions, { maxChunkEntries: 128, valueDtype: ValueDtype.VALUE_DTYPE_F32 }),
+    );
   }
   return out;
 }
@@ -101,7 +125,12 @@ async function readAll(path: string): Promise<DeltaRecord[]> {
 
 const encoded = (r: DeltaRecord): Buffer => Buffer.from(DeltaRecord.encode(r).finish());
 
-async function rejectsWith(p: Promise<unknown>, type: typeof FormatError, file: string, pattern?: RegExp): Promise<void> {
+async function rejectsWith(
+  p: Promise<unknown>,
+  type: typeof FormatError,
+  file: string,
+  pattern?: RegExp,
+): Promise<void> {
   await assert.rejects(p, (e: unknown) => {
     assert.ok(e instanceof type, `expected ${type.name}, got ${String(e)}`);
     assert.equal(e.name, type.name);
@@ -168,7 +197,22 @@ void describe('.dppa files', () => {
 
   void it('detects a file cut at any point (TruncatedError naming the file)', async () => {
     const firstRecord = 8 + 4 + bytes.readUInt32LE(8);
-    const cuts = [0, 3, 7, 8, 10, 12, 20, firstRecord, firstRecord + 2, firstRecord + 30, bytes.length >> 1, bytes.length - 40, bytes.length - 4, bytes.length - 1];
+    const cuts = [
+      0,
+      3,
+      7,
+      8,
+      10,
+      12,
+      20,
+      firstRecord,
+      firstRecord + 2,
+      firstRecord + 30,
+      bytes.length >> 1,
+      bytes.length - 40,
+      bytes.length - 4,
+      bytes.length - 1,
+    ];
     const p = join(dir, 'cut.dppa');
     for (const cut of cuts) {
       await writeFile(p, bytes.subarray(0, cut));
@@ -220,7 +264,10 @@ void describe('.dppa files', () => {
       [Buffer.concat([magic, frame(records[1]!), end]), /first record must be a DeltaHeader/],
       [Buffer.concat([magic, frame({ header }), frame({ header }), end]), /second DeltaHeader/],
       [Buffer.concat([magic, frame({ header: { ...header, formatVersion: 2 } }), end]), /format_version is 2/],
-      [Buffer.concat([magic, frame({ header }), Buffer.from([2, 0, 0, 0, 0xff, 0xff]), end]), /not a valid DeltaRecord/],
+      [
+        Buffer.concat([magic, frame({ header }), Buffer.from([2, 0, 0, 0, 0xff, 0xff]), end]),
+        /not a valid DeltaRecord/,
+      ],
       // A record holding only an unknown field decodes to an empty DeltaRecord.
       [Buffer.concat([magic, frame({ header }), Buffer.from([2, 0, 0, 0, 0x48, 0x01]), end]), /0 of header/],
     ];
@@ -270,7 +317,11 @@ void describe('.dppa files', () => {
 });
 
 void describe('DeltaFileWriter', () => {
-  const exists = async (p: string): Promise<boolean> => stat(p).then(() => true, () => false);
+  const exists = async (p: string): Promise<boolean> =>
+    stat(p).then(
+      () => true,
+      () => false,
+    );
 
   void it('shows nothing under the final name until closed', async () => {
     const p = join(dir, 'atomic.dppa');
@@ -308,7 +359,11 @@ void describe('DeltaFileWriter', () => {
     await writer.write({ header: { ...header, tensors: [] } });
     await rejectsWith(writer.write({ header }), FormatError, p, /second DeltaHeader/);
     const bigChunk = rs.find((r) => (r.chunk?.count ?? 0) > 100)!;
-    await assert.rejects(writer.write(bigChunk), (e: unknown) => e instanceof FormatError && e.tensor === bigChunk.chunk!.tensor && /over the 200-byte limit/.test(e.message));
+    await assert.rejects(
+      writer.write(bigChunk),
+      (e: unknown) =>
+        e instanceof FormatError && e.tensor === bigChunk.chunk!.tensor && /over the 200-byte limit/.test(e.message),
+    );
     await writer.close();
     assert.equal((await readAll(p)).length, 1);
     await rm(p);
@@ -342,11 +397,14 @@ void describe('records read from a file, uploaded as read', () => {
     await writeDelta(path, allRecords());
     let count = 0;
     for await (const record of readDeltaFile(path)) {
-      assert.ok(encodingOf(record) !== undefined, 'the reader remembers each record\'s bytes');
+      assert.ok(encodingOf(record) !== undefined, "the reader remembers each record's bytes");
       const sent = serializeUploadRequest({ record });
       assert.deepEqual(sent, Buffer.from(UploadRequest.encode({ record }).finish()), `record ${count}`);
       assert.equal(sent.buffer, encodingOf(record)!.buffer, 'sent from the memory the record was read into');
-      assert.deepEqual(UploadRequest.decode(sent).record, DeltaRecord.decode(Buffer.from(DeltaRecord.encode(record).finish())));
+      assert.deepEqual(
+        UploadRequest.decode(sent).record,
+        DeltaRecord.decode(Buffer.from(DeltaRecord.encode(record).finish())),
+      );
       count++;
     }
     assert.equal(count, allRecords().length);
@@ -357,11 +415,22 @@ void describe('records read from a file, uploaded as read', () => {
     assert.deepEqual(serializeUploadRequest(open), Buffer.from(UploadRequest.encode(open).finish()));
     const fresh: DeltaRecord = { header };
     assert.equal(encodingOf(fresh), undefined);
-    assert.deepEqual(serializeUploadRequest({ record: fresh }), Buffer.from(UploadRequest.encode({ record: fresh }).finish()));
+    assert.deepEqual(
+      serializeUploadRequest({ record: fresh }),
+      Buffer.from(UploadRequest.encode({ record: fresh }).finish()),
+    );
     // Records whose encodings take 1-, 2- and 3-byte varint lengths, laid out as the generated code lays them out,
     // remembered without headroom (copied) and with it (prefixed in place).
     for (const n of [10, 1000, 30000]) {
-      const [chunk] = [...encodeChunks('w', 1, Float64Array.from({ length: n }, (_, i) => 2 * i), new Float32Array(n).fill(0.5), { valueDtype: ValueDtype.VALUE_DTYPE_F32 })];
+      const [chunk] = [
+        ...encodeChunks(
+          'w',
+          1,
+          Float64Array.from({ length: n }, (_, i) => 2 * i),
+          new Float32Array(n).fill(0.5),
+          { valueDtype: ValueDtype.VALUE_DTYPE_F32 },
+        ),
+      ];
       const expected = Buffer.from(UploadRequest.encode({ record: { chunk: chunk! } }).finish());
       const bytes = DeltaRecord.encode({ chunk: chunk! }).finish();
       const copied: DeltaRecord = { chunk: chunk! };

@@ -104,13 +104,26 @@ describe('outlier candidates of the significance pass', () => {
 describe('OWL layer offsets', () => {
   it('min-max scales outlier ratios to [0, 2λ] and centres them', () => {
     // D = 0.1, 0.05, 0 → scaled 0.16, 0.08, 0 → mean 0.08 → rate offsets -0.08, 0, +0.08.
-    const o = owlOffsets(new Map([[0, 0.1], [1, 0.05], [2, 0]]), 0.08);
+    const o = owlOffsets(
+      new Map([
+        [0, 0.1],
+        [1, 0.05],
+        [2, 0],
+      ]),
+      0.08,
+    );
     assert.ok(Math.abs(o.get(0)! + 0.08) < 1e-12);
     assert.ok(Math.abs(o.get(1)!) < 1e-12);
     assert.ok(Math.abs(o.get(2)! - 0.08) < 1e-12);
   });
   it('gives 0 when every layer has the same ratio (as both blocks of the example do)', () => {
-    const o = owlOffsets(new Map([[0, 0.05], [1, 0.05]]), 0.08);
+    const o = owlOffsets(
+      new Map([
+        [0, 0.05],
+        [1, 0.05],
+      ]),
+      0.08,
+    );
     assert.deepEqual([...o.values()], [-0, -0]);
   });
 });

@@ -23,7 +23,12 @@ function randomDelta(n: number, seed: number, ties = false): Float32Array {
 }
 
 describe('selectPartitions', () => {
-  for (const [n, ties] of [[1000, false], [1000, true], [65537, false], [20000, true]] as const) {
+  for (const [n, ties] of [
+    [1000, false],
+    [1000, true],
+    [65537, false],
+    [20000, true],
+  ] as const) {
     it(`matches a sort-based reference (n=${n}, ties=${ties})`, () => {
       const delta = randomDelta(n, n + (ties ? 1 : 0), ties);
       const rates = [0.9, 0.8, 0.55, 0.3];
@@ -38,7 +43,10 @@ describe('selectPartitions', () => {
           if (i > 0) assert.ok(part.positions[i]! > part.positions[i - 1]!, 'ascending positions');
         }
         // The kept set at level p is exactly the reference top-k: so sets are nested.
-        assert.deepEqual(union.slice().sort((a, b) => a - b), referenceTopK(delta, keep[p]!));
+        assert.deepEqual(
+          union.slice().sort((a, b) => a - b),
+          referenceTopK(delta, keep[p]!),
+        );
       });
     });
   }
@@ -57,7 +65,10 @@ describe('selectPartitions', () => {
   });
 
   it('rejects non-finite deltas naming the tensor', () => {
-    assert.throws(() => selectPartitions(new Float32Array([1, NaN]), [1], 'layers.0.q.weight'), /layers\.0\.q\.weight.*flat position 1/);
+    assert.throws(
+      () => selectPartitions(new Float32Array([1, NaN]), [1], 'layers.0.q.weight'),
+      /layers\.0\.q\.weight.*flat position 1/,
+    );
   });
 });
 
@@ -98,10 +109,11 @@ describe('darePartitions', () => {
     const delta = randomDelta(10000, 3);
     const parts = darePartitions(delta, [0.9, 0.8, 0.5], { seed: 3, tensor: 't', rescale: 'inverse' });
     const seen = new Set<number>();
-    for (const part of parts) for (const pos of part.positions) {
-      assert.ok(!seen.has(pos));
-      seen.add(pos);
-    }
+    for (const part of parts)
+      for (const pos of part.positions) {
+        assert.ok(!seen.has(pos));
+        seen.add(pos);
+      }
     // Partition sizes near 10%, 10%, 30% of n.
     const sizes = parts.map((p) => p.positions.length / 10000);
     [0.1, 0.1, 0.3].forEach((e, i) => assert.ok(Math.abs(sizes[i]! - e) < 0.03, `partition ${i + 1}: ${sizes[i]}`));

@@ -13,8 +13,21 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { credentials, status, type ClientDuplexStream } from '@grpc/grpc-js';
-import { DppaClient, EvaluationError, pruneToFile, type EvaluateFn, type EvaluationCandidate, type Job, type JobEvent } from '../client/index.js';
-import { CandidateKind, EvaluationServiceClient, type EvaluationReply, type EvaluationRequest } from '../proto/gen/dppa/v1/evaluation.js';
+import {
+  DppaClient,
+  EvaluationError,
+  pruneToFile,
+  type EvaluateFn,
+  type EvaluationCandidate,
+  type Job,
+  type JobEvent,
+} from '../client/index.js';
+import {
+  CandidateKind,
+  EvaluationServiceClient,
+  type EvaluationReply,
+  type EvaluationRequest,
+} from '../proto/gen/dppa/v1/evaluation.js';
 import { JobState } from '../proto/gen/dppa/v1/jobs.js';
 import { CuttingProxy } from './fixtures/cutting-proxy.js';
 import { assertMerged } from './fixtures/expected-merge.js';
@@ -51,7 +64,10 @@ function syntheticScores(c: EvaluationCandidate, opt: readonly [number, number])
 }
 
 /** An evaluate callback with synthetic scores, recording every call; `hook` runs before it answers. */
-function harness(opt: readonly [number, number], hook?: (call: number, c: EvaluationCandidate) => Promise<void> | void): { fn: EvaluateFn; calls: { dir: string; c: EvaluationCandidate }[] } {
+function harness(
+  opt: readonly [number, number],
+  hook?: (call: number, c: EvaluationCandidate) => Promise<void> | void,
+): { fn: EvaluateFn; calls: { dir: string; c: EvaluationCandidate }[] } {
   const calls: { dir: string; c: EvaluationCandidate }[] = [];
   return {
     calls,
@@ -69,11 +85,13 @@ function methodOne(opt: readonly [number, number], upper: number): number[][] {
   const seq: number[][] = [];
   let f1 = 1;
   seq.push([f1, 0]);
-  while (r(f1 + 0.1) <= upper && Math.abs(r(f1 + 0.1) - opt[0]) < Math.abs(f1 - opt[0])) seq.push([(f1 = r(f1 + 0.1)), 0]);
+  while (r(f1 + 0.1) <= upper && Math.abs(r(f1 + 0.1) - opt[0]) < Math.abs(f1 - opt[0]))
+    seq.push([(f1 = r(f1 + 0.1)), 0]);
   if (r(f1 + 0.1) <= upper) seq.push([r(f1 + 0.1), 0]);
   let f2 = 1;
   seq.push([f1, f2]);
-  while (r(f2 + 0.1) <= upper && Math.abs(r(f2 + 0.1) - opt[1]) < Math.abs(f2 - opt[1])) seq.push([f1, (f2 = r(f2 + 0.1))]);
+  while (r(f2 + 0.1) <= upper && Math.abs(r(f2 + 0.1) - opt[1]) < Math.abs(f2 - opt[1]))
+    seq.push([f1, (f2 = r(f2 + 0.1))]);
   if (r(f2 + 0.1) <= upper) seq.push([f1, r(f2 + 0.1)]);
   return seq;
 }
@@ -112,10 +130,25 @@ describe('DPA search with the remote evaluator', () => {
     const runs = (['math', 'law'] as const).map(async (name, i) => {
       const client = party(tokens[name]!);
       const serve = (): ReturnType<DppaClient['evaluate']> =>
-        client.evaluate({ jobId: job.id, party: name, base, finetuned: fts[i]!, delta: deltas[name], workDir: join(dir, `work-${name}`), evaluate: harnesses[name].fn });
+        client.evaluate({
+          jobId: job.id,
+          party: name,
+          base,
+          finetuned: fts[i]!,
+          delta: deltas[name],
+          workDir: join(dir, `work-${name}`),
+          evaluate: harnesses[name].fn,
+        });
       try {
         if (name === 'math') {
-          await client.push({ jobId: job.id, party: name, base, finetuned: fts[0]!, keepDelta: deltas.math, workers: 1 });
+          await client.push({
+            jobId: job.id,
+            party: name,
+            base,
+            finetuned: fts[0]!,
+            keepDelta: deltas.math,
+            workers: 1,
+          });
           return await serve();
         }
         // Connected while the job still collects: it waits for requests.
@@ -138,9 +171,24 @@ describe('DPA search with the remote evaluator', () => {
     for (const name of ['math', 'law'] as const) {
       const expected = methodOne(opts[name], 3);
       const mine = done.evaluations.filter((e) => e.party === name);
-      assert.deepEqual(mine.map((e) => e.seq), mine.map((_e, i) => i + 1), `${name}: seq counts from 1`);
-      assert.deepEqual(mine[0], { party: name, seq: 1, denseReference: true, factors: [], scores: DENSE, domainRatio: 1 });
-      assert.deepEqual(mine.slice(1).map((e) => e.factors), expected, `${name}: Method 1's sequence`);
+      assert.deepEqual(
+        mine.map((e) => e.seq),
+        mine.map((_e, i) => i + 1),
+        `${name}: seq counts from 1`,
+      );
+      assert.deepEqual(mine[0], {
+        party: name,
+        seq: 1,
+        denseReference: true,
+        factors: [],
+        scores: DENSE,
+        domainRatio: 1,
+      });
+      assert.deepEqual(
+        mine.slice(1).map((e) => e.factors),
+        expected,
+        `${name}: Method 1's sequence`,
+      );
       for (const e of mine.slice(1)) {
         const scores = syntheticScores({ kind: 'amplified', factors: e.factors }, opts[name]);
         assert.deepEqual(e.scores, scores);
@@ -148,27 +196,47 @@ describe('DPA search with the remote evaluator', () => {
       }
       // Every candidate was built and scored once: the dense model as it is, the others in the work folder.
       const calls = harnesses[name].calls;
-      assert.deepEqual(calls.map((c) => c.c.factors), [[], ...expected]);
+      assert.deepEqual(
+        calls.map((c) => c.c.factors),
+        [[], ...expected],
+      );
       assert.equal(calls[0]!.dir, fts[name === 'math' ? 0 : 1]);
       assert.ok(calls.slice(1).every((c) => c.dir === join(dir, `work-${name}`, 'candidate')));
-      assert.ok(existsSync(join(dir, `work-${name}`, 'candidate', 'config.json')), 'the candidate is a whole checkpoint folder');
+      assert.ok(
+        existsSync(join(dir, `work-${name}`, 'candidate', 'config.json')),
+        'the candidate is a whole checkpoint folder',
+      );
       const status = done.parties.find((p) => p.name === name)!;
       assert.equal(status.factorsFinal, true);
-      status.factors.forEach((f, p) => assert.ok(Math.abs(f - opts[name][p]!) <= 0.1 + 1e-9, `${name} f${p + 1} = ${f}`));
+      status.factors.forEach((f, p) =>
+        assert.ok(Math.abs(f - opts[name][p]!) <= 0.1 + 1e-9, `${name} f${p + 1} = ${f}`),
+      );
       const chosen = events.find((e) => e.factorsChosen?.party === name)?.factorsChosen;
       assert.deepEqual(chosen?.factors, status.factors);
-      assert.equal(chosen?.domainRatio, Math.max(...mine.slice(1).filter((e) => e.factors.every((f, p) => f === status.factors[p])).map((e) => e.domainRatio)));
+      assert.equal(
+        chosen?.domainRatio,
+        Math.max(
+          ...mine
+            .slice(1)
+            .filter((e) => e.factors.every((f, p) => f === status.factors[p]))
+            .map((e) => e.domainRatio),
+        ),
+      );
     }
     assert.deepEqual(done.parties.find((p) => p.name === 'math')!.factors, [1.3, 1.1]);
     assert.deepEqual(done.parties.find((p) => p.name === 'law')!.factors, [1.2, 1.6]);
 
-    const transitions = events.flatMap((e) => (e.stateChanged === undefined ? [] : [[e.stateChanged.from, e.stateChanged.to]]));
+    const transitions = events.flatMap((e) =>
+      e.stateChanged === undefined ? [] : [[e.stateChanged.from, e.stateChanged.to]],
+    );
     assert.deepEqual(transitions, [
       [JobState.JOB_STATE_COLLECTING, JobState.JOB_STATE_DPA],
       [JobState.JOB_STATE_DPA, JobState.JOB_STATE_MERGING],
       [JobState.JOB_STATE_MERGING, JobState.JOB_STATE_MERGED],
     ]);
-    const announced = events.flatMap((e) => (e.evaluationDone?.evaluation === undefined ? [] : [e.evaluationDone.evaluation]));
+    const announced = events.flatMap((e) =>
+      e.evaluationDone?.evaluation === undefined ? [] : [e.evaluationDone.evaluation],
+    );
     assert.deepEqual(announced, done.evaluations, 'each evaluation was announced as recorded');
     assert.equal(await metric('dppa_dpa_evaluations_total{evaluator="remote"}'), done.evaluations.length);
     assert.equal(await metric('dppa_dpa_evaluation_seconds_count{evaluator="remote"}'), done.evaluations.length);
@@ -196,7 +264,10 @@ class RawStream {
     });
     this.ended = new Promise((resolve) => {
       this.call.on('error', (e: { code: number; details: string }) => resolve({ code: e.code, details: e.details }));
-      this.call.on('status', (s: { code: status; details: string }) => s.code === status.OK && resolve({ code: s.code, details: s.details }));
+      this.call.on(
+        'status',
+        (s: { code: status; details: string }) => s.code === status.OK && resolve({ code: s.code, details: s.details }),
+      );
     });
   }
 
@@ -225,7 +296,12 @@ describe('EvaluationService rules', () => {
   after(() => evaluations.close());
 
   async function searchJob(name: string, partyTimeoutSeconds: number): Promise<{ job: Job; token: string }> {
-    const { job, tokens } = await admin.createJob({ basePath: base, parties: [name], rate: 0.8, dpa: { search: { upper: 3, partyTimeoutSeconds } } });
+    const { job, tokens } = await admin.createJob({
+      basePath: base,
+      parties: [name],
+      rate: 0.8,
+      dpa: { search: { upper: 3, partyTimeoutSeconds } },
+    });
     return { job, token: tokens[name]! };
   }
 
@@ -243,7 +319,7 @@ describe('EvaluationService rules', () => {
     assert.ok(test(), `timed out waiting until ${what}`);
   }
 
-  it('checks the caller, the hello, request ids and scores; a result with an error stops the party\'s search until it rejoins', async () => {
+  it("checks the caller, the hello, request ids and scores; a result with an error stops the party's search until it rejoins", async () => {
     const { job, token } = await searchJob('solo', 30);
     const hello = { hello: { jobId: job.id, party: 'solo' } };
     const wrong = new RawStream(evaluations, token);
@@ -262,7 +338,10 @@ describe('EvaluationService rules', () => {
 
     await upload(job.id, 'solo', token);
     const dense = await a.request(1);
-    assert.deepEqual({ ...dense, requestId: '' }, { requestId: '', kind: CandidateKind.CANDIDATE_KIND_DENSE_FINETUNED, factors: [], outsideFactor: 1 });
+    assert.deepEqual(
+      { ...dense, requestId: '' },
+      { requestId: '', kind: CandidateKind.CANDIDATE_KIND_DENSE_FINETUNED, factors: [], outsideFactor: 1 },
+    );
     a.send({ result: { requestId: 'nope', scores: { t: 1 }, error: '' } });
     const bad = await a.ended;
     assert.equal(bad.code, status.INVALID_ARGUMENT);
@@ -279,7 +358,10 @@ describe('EvaluationService rules', () => {
     d.send(hello);
     d.send({ result: { requestId: (await d.request(1)).requestId, scores: { t: 0.5 }, error: '' } });
     const first = await d.request(2);
-    assert.deepEqual({ ...first, requestId: '' }, { requestId: '', kind: CandidateKind.CANDIDATE_KIND_AMPLIFIED, factors: [1, 0], outsideFactor: 1 });
+    assert.deepEqual(
+      { ...first, requestId: '' },
+      { requestId: '', kind: CandidateKind.CANDIDATE_KIND_AMPLIFIED, factors: [1, 0], outsideFactor: 1 },
+    );
     d.send({ result: { requestId: first.requestId, scores: { u: 0.5 }, error: '' } });
     assert.match((await d.ended).details, /tasks \["u"\] differ from those of the dense reference, \["t"\]/);
 
@@ -291,10 +373,15 @@ describe('EvaluationService rules', () => {
     assert.equal(end.code, status.FAILED_PRECONDITION);
     const stopped = await admin.getJob(job.id);
     assert.equal(stopped.state, JobState.JOB_STATE_DPA, 'the job waits for the party');
-    const reason = 'its evaluation failed: the harness crashed; its search stopped: run dppa evaluate again to resume it';
+    const reason =
+      'its evaluation failed: the harness crashed; its search stopped: run dppa evaluate again to resume it';
     assert.equal(stopped.parties[0]!.stoppedReason, reason);
     assert.equal(end.details, `the search of party solo of job ${job.id} stopped: ${reason}`);
-    assert.deepEqual(stopped.evaluations.map((x) => x.scores), [{ t: 0.5 }], 'only the accepted result was recorded');
+    assert.deepEqual(
+      stopped.evaluations.map((x) => x.scores),
+      [{ t: 0.5 }],
+      'only the accepted result was recorded',
+    );
     assert.equal(h.server.evaluators.streamCount, 0);
 
     // The party rejoins: its search resumes from what was recorded, asking for the same candidate again.
@@ -323,19 +410,41 @@ describe('EvaluationService rules', () => {
       if (n === 6) leave.abort();
     });
     const client = new DppaClient({ address: proxy.address, token, retry: RETRY });
-    const options = { jobId: job.id, party: 'p', base, finetuned: fts[0]!, delta, workDir: join(dir, 'work-p'), evaluate: first.fn };
+    const options = {
+      jobId: job.id,
+      party: 'p',
+      base,
+      finetuned: fts[0]!,
+      delta,
+      workDir: join(dir, 'work-p'),
+      evaluate: first.fn,
+    };
     try {
       await assert.rejects(client.evaluate(options, { signal: leave.signal }), { name: 'AbortError' });
       const second = harness(opt);
       const result = await client.evaluate({ ...options, evaluate: second.fn });
       assert.ok(proxy.cuts >= 1);
       // The answer lost with the connection was sent again, not computed again; the party that left redid its candidate.
-      assert.deepEqual(first.calls.map((c) => c.c.factors), [[], ...expected.slice(0, 5)]);
-      assert.deepEqual(second.calls.map((c) => c.c.factors), expected.slice(4));
+      assert.deepEqual(
+        first.calls.map((c) => c.c.factors),
+        [[], ...expected.slice(0, 5)],
+      );
+      assert.deepEqual(
+        second.calls.map((c) => c.c.factors),
+        expected.slice(4),
+      );
       assert.equal(result.evaluated, expected.length - 4);
       const done = await admin.getJob(job.id);
-      assert.equal(done.state === JobState.JOB_STATE_MERGING || done.state === JobState.JOB_STATE_MERGED, true, done.failureReason);
-      assert.deepEqual(done.evaluations.map((e) => e.factors), [[], ...expected], 'each candidate recorded once, in order');
+      assert.equal(
+        done.state === JobState.JOB_STATE_MERGING || done.state === JobState.JOB_STATE_MERGED,
+        true,
+        done.failureReason,
+      );
+      assert.deepEqual(
+        done.evaluations.map((e) => e.factors),
+        [[], ...expected],
+        'each candidate recorded once, in order',
+      );
       assert.deepEqual(done.parties[0]!.factors, [1.5, 1.2]);
     } finally {
       client.close();
@@ -352,7 +461,18 @@ describe('EvaluationService rules', () => {
     try {
       const h1 = harness([1, 1], (n) => (n === 2 ? leave.abort() : undefined));
       await assert.rejects(
-        client.evaluate({ jobId: job.id, party: 'gone', base, finetuned: fts[0]!, delta, workDir: join(dir, 'work-gone'), evaluate: h1.fn }, { signal: leave.signal }),
+        client.evaluate(
+          {
+            jobId: job.id,
+            party: 'gone',
+            base,
+            finetuned: fts[0]!,
+            delta,
+            workDir: join(dir, 'work-gone'),
+            evaluate: h1.fn,
+          },
+          { signal: leave.signal },
+        ),
         { name: 'AbortError' },
       );
       const events = await watchUntilEnd(job.id);
@@ -369,14 +489,26 @@ describe('EvaluationService rules', () => {
     assert.match(events.at(-1)?.failed?.reason ?? '', /^DPA search failed: party never did not connect within 1 s/);
   });
 
-  it('a callback that keeps failing is retried, then stops its party\'s search only; the party resumes it and the job merges', async () => {
+  it("a callback that keeps failing is retried, then stops its party's search only; the party resumes it and the job merges", async () => {
     const opts = { math: [1.3, 1.1], oops: [1.24, 1.57] } as const;
-    const { job, tokens } = await admin.createJob({ basePath: base, parties: ['math', 'oops'], rate: 0.8, dpa: { search: { upper: 3, partyTimeoutSeconds: 30 } } });
+    const { job, tokens } = await admin.createJob({
+      basePath: base,
+      parties: ['math', 'oops'],
+      rate: 0.8,
+      dpa: { search: { upper: 3, partyTimeoutSeconds: 30 } },
+    });
     const deltas = { math: join(dir, 'both-math.dppa'), oops: join(dir, 'both-oops.dppa') };
     await pruneToFile({ base, finetuned: fts[1]!, rate: 0.8, out: deltas.oops, workers: 1 });
     const clients = { math: party(tokens.math!), oops: party(tokens.oops!) };
-    const options = (name: 'math' | 'oops', evaluate: EvaluateFn): Parameters<DppaClient['evaluate']>[0] =>
-      ({ jobId: job.id, party: name, base, finetuned: fts[name === 'math' ? 0 : 1]!, delta: deltas[name], workDir: join(dir, `work-both-${name}`), evaluate });
+    const options = (name: 'math' | 'oops', evaluate: EvaluateFn): Parameters<DppaClient['evaluate']>[0] => ({
+      jobId: job.id,
+      party: name,
+      base,
+      finetuned: fts[name === 'math' ? 0 : 1]!,
+      delta: deltas[name],
+      workDir: join(dir, `work-both-${name}`),
+      evaluate,
+    });
     try {
       // oops: the first attempt at its second candidate fails (retried: no harm done), every attempt at its fourth.
       let flaky = 0;
@@ -386,9 +518,15 @@ describe('EvaluationService rules', () => {
       });
       const progress: string[] = [];
       const math = harness(opts.math);
-      const mathDone = clients.math.push({ jobId: job.id, party: 'math', base, finetuned: fts[0]!, keepDelta: deltas.math, workers: 1 }).then(() => clients.math.evaluate(options('math', math.fn)));
+      const mathDone = clients.math
+        .push({ jobId: job.id, party: 'math', base, finetuned: fts[0]!, keepDelta: deltas.math, workers: 1 })
+        .then(() => clients.math.evaluate(options('math', math.fn)));
       await clients.oops.push({ jobId: job.id, party: 'oops', delta: deltas.oops });
-      const err = await clients.oops.evaluate(options('oops', broken.fn), { onProgress: (e) => e.type === 'retrying' && progress.push(`${e.attempt} ${(e.error as Error).message}`) }).catch((e: unknown) => e);
+      const err = await clients.oops
+        .evaluate(options('oops', broken.fn), {
+          onProgress: (e) => e.type === 'retrying' && progress.push(`${e.attempt} ${(e.error as Error).message}`),
+        })
+        .catch((e: unknown) => e);
       assert.ok(err instanceof EvaluationError, String(err));
       assert.equal(err.message, 'evaluating factors [1.2, 0] failed: the harness crashed (attempt 3 of 3)');
       assert.deepEqual(progress, [
@@ -396,7 +534,10 @@ describe('EvaluationService rules', () => {
         '2 evaluating factors [1.2, 0] failed: the harness crashed',
         '3 evaluating factors [1.2, 0] failed: the harness crashed',
       ]);
-      assert.deepEqual(broken.calls.map((c) => c.c.factors), [[], [1, 0], [1.1, 0], [1.1, 0], [1.2, 0], [1.2, 0], [1.2, 0]]);
+      assert.deepEqual(
+        broken.calls.map((c) => c.c.factors),
+        [[], [1, 0], [1.1, 0], [1.1, 0], [1.2, 0], [1.2, 0], [1.2, 0]],
+      );
       // math's search goes on and chooses; the job waits in DPA for oops.
       await mathDone;
       const waiting = await admin.getJob(job.id);
@@ -405,23 +546,39 @@ describe('EvaluationService rules', () => {
       assert.equal(m!.factorsFinal, true);
       assert.equal(m!.stoppedReason, '');
       assert.equal(o!.factorsFinal, false);
-      assert.equal(o!.stoppedReason, `its evaluation failed: ${err.message}; its search stopped: run dppa evaluate again to resume it`);
-      assert.deepEqual(waiting.evaluations.filter((e) => e.party === 'oops').map((e) => e.factors), [[], [1, 0], [1.1, 0]], 'oops\'s results are kept');
+      assert.equal(
+        o!.stoppedReason,
+        `its evaluation failed: ${err.message}; its search stopped: run dppa evaluate again to resume it`,
+      );
+      assert.deepEqual(
+        waiting.evaluations.filter((e) => e.party === 'oops').map((e) => e.factors),
+        [[], [1, 0], [1.1, 0]],
+        "oops's results are kept",
+      );
 
       // oops fixes its harness and rejoins: its search resumes where it stopped, nothing is evaluated twice.
       const fixed = harness(opts.oops);
       const watched = watchUntilEnd(job.id);
       const result = await clients.oops.evaluate(options('oops', fixed.fn));
       const expected = methodOne(opts.oops, 3);
-      assert.deepEqual(fixed.calls.map((c) => c.c.factors), expected.slice(2));
+      assert.deepEqual(
+        fixed.calls.map((c) => c.c.factors),
+        expected.slice(2),
+      );
       assert.equal(result.evaluated, expected.length - 2);
       const events = await watched;
       assert.ok(events.at(-1)?.merged !== undefined, 'the job merged');
       const stops = events.filter((e) => e.partyStopped !== undefined).map((e) => e.partyStopped!);
       assert.deepEqual(stops, [{ party: 'oops', reason: o!.stoppedReason, discardedTensors: [] }]);
       const done = await admin.getJob(job.id);
-      assert.deepEqual(done.parties.map((p) => p.stoppedReason), ['', '']);
-      assert.deepEqual(done.evaluations.filter((e) => e.party === 'oops').map((e) => e.factors), [[], ...expected]);
+      assert.deepEqual(
+        done.parties.map((p) => p.stoppedReason),
+        ['', ''],
+      );
+      assert.deepEqual(
+        done.evaluations.filter((e) => e.party === 'oops').map((e) => e.factors),
+        [[], ...expected],
+      );
       await assertMerged(base, join(dir, 'data', 'jobs', job.id, 'merged'), [
         { delta: deltas.math, weight: 1, factors: done.parties[0]!.factors },
         { delta: deltas.oops, weight: 1, factors: done.parties[1]!.factors },

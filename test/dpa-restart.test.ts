@@ -44,15 +44,38 @@ function score(c: EvaluationCandidate): Record<string, number> {
   return { t: Math.exp(-((c.factors[0]! - 1.3) ** 2) - (c.factors[1]! - 1.2) ** 2) };
 }
 
-const EXPECTED = [[1, 0], [1.1, 0], [1.2, 0], [1.3, 0], [1.4, 0], [1.3, 1], [1.3, 1.1], [1.3, 1.2], [1.3, 1.3]];
+const EXPECTED = [
+  [1, 0],
+  [1.1, 0],
+  [1.2, 0],
+  [1.3, 0],
+  [1.4, 0],
+  [1.3, 1],
+  [1.3, 1.1],
+  [1.3, 1.2],
+  [1.3, 1.3],
+];
 
 describe('DPA search across a server restart', () => {
   it('resumes from the recorded evaluations without repeating one', async () => {
     h = await startHarness(data, { grpcPort: port, shutdownGraceMs: 300, mergeWorkers: 0 });
     const address = `127.0.0.1:${port}`;
-    const admin = new DppaClient({ address, token: ADMIN, retry: { attempts: 10, initialDelayMs: 50, maxDelayMs: 300 } });
-    const { job, tokens } = await admin.createJob({ basePath: base, parties: ['p'], rate: 0.8, dpa: { search: { upper: 3, partyTimeoutSeconds: 60 } } });
-    const party = new DppaClient({ address, token: tokens.p!, retry: { attempts: 5, initialDelayMs: 50, maxDelayMs: 300 } });
+    const admin = new DppaClient({
+      address,
+      token: ADMIN,
+      retry: { attempts: 10, initialDelayMs: 50, maxDelayMs: 300 },
+    });
+    const { job, tokens } = await admin.createJob({
+      basePath: base,
+      parties: ['p'],
+      rate: 0.8,
+      dpa: { search: { upper: 3, partyTimeoutSeconds: 60 } },
+    });
+    const party = new DppaClient({
+      address,
+      token: tokens.p!,
+      retry: { attempts: 5, initialDelayMs: 50, maxDelayMs: 300 },
+    });
     let stopRequested!: () => void;
     const stopNow = new Promise<void>((r) => (stopRequested = r));
     let restart!: () => void;
@@ -69,13 +92,28 @@ describe('DPA search across a server restart', () => {
     };
     try {
       await party.push({ jobId: job.id, party: 'p', delta });
-      const evaluating = party.evaluate({ jobId: job.id, party: 'p', base, finetuned, delta, workDir: join(dir, 'work'), evaluate });
+      const evaluating = party.evaluate({
+        jobId: job.id,
+        party: 'p',
+        base,
+        finetuned,
+        delta,
+        workDir: join(dir, 'work'),
+        evaluate,
+      });
       await stopNow;
       await h.close();
       h = undefined;
-      const stored = JSON.parse(await readFile(join(data, 'jobs', job.id, 'job.json'), 'utf8')) as { state: string; evaluations: { factors?: number[] }[] };
+      const stored = JSON.parse(await readFile(join(data, 'jobs', job.id, 'job.json'), 'utf8')) as {
+        state: string;
+        evaluations: { factors?: number[] }[];
+      };
       assert.equal(stored.state, 'JOB_STATE_DPA', 'a stopped search leaves its job in DPA');
-      assert.deepEqual(stored.evaluations.map((e) => e.factors ?? []), [[], ...EXPECTED.slice(0, 2)], 'what was answered is on disk');
+      assert.deepEqual(
+        stored.evaluations.map((e) => e.factors ?? []),
+        [[], ...EXPECTED.slice(0, 2)],
+        'what was answered is on disk',
+      );
 
       h = await startHarness(data, { grpcPort: port, shutdownGraceMs: 300, mergeWorkers: 0 });
       restart();
@@ -86,10 +124,18 @@ describe('DPA search across a server restart', () => {
       for await (const e of admin.watchJob(job.id)) if (e.failed !== undefined) assert.fail(e.failed.reason);
       const done = await admin.getJob(job.id);
       assert.equal(done.state, JobState.JOB_STATE_MERGED);
-      assert.deepEqual(done.evaluations.map((e) => [e.seq, e.factors]), [[], ...EXPECTED].map((f, i) => [i + 1, f]), 'recorded once each, in order');
+      assert.deepEqual(
+        done.evaluations.map((e) => [e.seq, e.factors]),
+        [[], ...EXPECTED].map((f, i) => [i + 1, f]),
+        'recorded once each, in order',
+      );
       assert.deepEqual(done.parties[0]!.factors, [1.3, 1.2]);
       const text = await (await fetch(`http://127.0.0.1:${h.server.metricsPort}/metrics`)).text();
-      assert.match(text, new RegExp(`^dppa_dpa_evaluations_total\\{evaluator="remote"\\} ${EXPECTED.length + 1 - 3}$`, 'm'), 'the restarted server evaluated only the rest');
+      assert.match(
+        text,
+        new RegExp(`^dppa_dpa_evaluations_total\\{evaluator="remote"\\} ${EXPECTED.length + 1 - 3}$`, 'm'),
+        'the restarted server evaluated only the rest',
+      );
       await assertMerged(base, join(data, 'jobs', job.id, 'merged'), [{ delta, weight: 1, factors: [1.3, 1.2] }]);
     } finally {
       party.close();

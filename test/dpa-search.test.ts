@@ -19,8 +19,14 @@ describe('factor search', () => {
     const s = synthetic([1.3, 1.1]);
     const r = await searchFactors({ partitions: 2, method: 'progressive' }, s.score);
     assert.deepEqual(s.asked, [
-      [1, 0], [1.1, 0], [1.2, 0], [1.3, 0], [1.4, 0],
-      [1.3, 1], [1.3, 1.1], [1.3, 1.2],
+      [1, 0],
+      [1.1, 0],
+      [1.2, 0],
+      [1.3, 0],
+      [1.4, 0],
+      [1.3, 1],
+      [1.3, 1.1],
+      [1.3, 1.2],
     ]);
     assert.deepEqual(r.factors, [1.3, 1.1]);
     assert.equal(r.evaluations, 8);
@@ -30,8 +36,10 @@ describe('factor search', () => {
     const s = synthetic([1.3, 1.1, 0.9]);
     const r = await searchFactors({ partitions: 3, method: 'whole', start: 1.8 }, s.score);
     assert.deepEqual(s.asked, [
-      [1.8, 1, 1], [1.9, 1, 1],
-      [1.8, 1.1, 1], [1.8, 1.2, 1],
+      [1.8, 1, 1],
+      [1.9, 1, 1],
+      [1.8, 1.1, 1],
+      [1.8, 1.2, 1],
       [1.8, 1.1, 1.1],
     ]);
     // Climbing upward from 1.8 cannot reach 1.3: the greedy climb stops at its start, as the released code does.
@@ -62,7 +70,9 @@ describe('factor search', () => {
     assert.ok(r.evaluations <= 2 * budget, `${r.evaluations} evaluations`);
     // After budget − 3 golden steps the bracket [1, 10] has shrunk by φ^(budget−3).
     const tol = 9 * ((Math.sqrt(5) - 1) / 2) ** (budget - 3);
-    r.factors.forEach((f, i) => assert.ok(Math.abs(f - opt[i]!) <= tol, `factor ${i + 1}: ${f} vs ${opt[i]} (tolerance ${tol})`));
+    r.factors.forEach((f, i) =>
+      assert.ok(Math.abs(f - opt[i]!) <= tol, `factor ${i + 1}: ${f} vs ${opt[i]} (tolerance ${tol})`),
+    );
   });
 
   it('resumes an interrupted search from its record without repeating an evaluation', async () => {
@@ -77,11 +87,20 @@ describe('factor search', () => {
       if (++calls > 4) throw new Error('server killed');
       return first.score(f);
     };
-    await assert.rejects(searchFactors({ partitions: 2 }, memoised(record, crashing, (f, s) => void record.set(factorKey(f), s))), /server killed/);
+    await assert.rejects(
+      searchFactors(
+        { partitions: 2 },
+        memoised(record, crashing, (f, s) => void record.set(factorKey(f), s)),
+      ),
+      /server killed/,
+    );
     assert.equal(record.size, 4);
 
     const second = synthetic(opt);
-    const resumed = await searchFactors({ partitions: 2 }, memoised(record, second.score, () => undefined));
+    const resumed = await searchFactors(
+      { partitions: 2 },
+      memoised(record, second.score, () => undefined),
+    );
     assert.deepEqual(resumed.factors, expected.factors);
     assert.deepEqual([...first.asked, ...second.asked], full.asked, 'the same candidates, each scored once');
   });

@@ -1,7 +1,13 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import {
-  bf16ToF32, bytesPerElement, decodeToF32, encodeFromF32, f16ToF32, f32ToBf16, f32ToF16,
+  bf16ToF32,
+  bytesPerElement,
+  decodeToF32,
+  encodeFromF32,
+  f16ToF32,
+  f32ToBf16,
+  f32ToF16,
 } from '../proto/safetensors/index.js';
 
 // ---------------------------------------------------------------------------
@@ -9,7 +15,10 @@ import {
 // exact double values rather than bit tricks, to check the fast paths.
 // ---------------------------------------------------------------------------
 
-interface Format { expBits: number; mantBits: number }
+interface Format {
+  expBits: number;
+  mantBits: number;
+}
 const F16: Format = { expBits: 5, mantBits: 10 };
 const BF16: Format = { expBits: 8, mantBits: 7 };
 const F32: Format = { expBits: 8, mantBits: 23 };
@@ -86,9 +95,11 @@ const hex = (n: number): string => `0x${n.toString(16).padStart(8, '0')}`;
 function rng(seed: number): () => number {
   let s = seed >>> 0 || 1;
   return () => {
-    s ^= s << 13; s >>>= 0;
+    s ^= s << 13;
+    s >>>= 0;
     s ^= s >>> 17;
-    s ^= s << 5; s >>>= 0;
+    s ^= s << 5;
+    s >>>= 0;
     return s;
   };
 }
@@ -169,15 +180,23 @@ void describe('f32 → f16 (hand-computed)', () => {
 
 void describe('widening (hand-computed)', () => {
   void it('f16 → f32', () => {
-    const src = new Uint16Array([0x0001, 0x03ff, 0x0400, 0x7bff, 0x7c00, 0xfc00, 0x8000, 0x7e00, 0x7c01, 0x3c00, 0xc000, 0x8001]);
-    assert.deepEqual(bitsOf(f16ToF32(src)).map(hex), [
-      0x33800000, 0x387fc000, 0x38800000, 0x477fe000, 0x7f800000, 0xff800000, 0x80000000, 0x7fc00000, 0x7f802000,
-      0x3f800000, 0xc0000000, 0xb3800000,
-    ].map(hex));
+    const src = new Uint16Array([
+      0x0001, 0x03ff, 0x0400, 0x7bff, 0x7c00, 0xfc00, 0x8000, 0x7e00, 0x7c01, 0x3c00, 0xc000, 0x8001,
+    ]);
+    assert.deepEqual(
+      bitsOf(f16ToF32(src)).map(hex),
+      [
+        0x33800000, 0x387fc000, 0x38800000, 0x477fe000, 0x7f800000, 0xff800000, 0x80000000, 0x7fc00000, 0x7f802000,
+        0x3f800000, 0xc0000000, 0xb3800000,
+      ].map(hex),
+    );
   });
   void it('bf16 → f32', () => {
     const src = new Uint16Array([0x3f80, 0xff80, 0x0001, 0x8000, 0x7fc1, 0x7f7f]);
-    assert.deepEqual(bitsOf(bf16ToF32(src)).map(hex), [0x3f800000, 0xff800000, 0x00010000, 0x80000000, 0x7fc10000, 0x7f7f0000].map(hex));
+    assert.deepEqual(
+      bitsOf(bf16ToF32(src)).map(hex),
+      [0x3f800000, 0xff800000, 0x00010000, 0x80000000, 0x7fc10000, 0x7f7f0000].map(hex),
+    );
   });
 });
 
@@ -188,7 +207,8 @@ void describe('property: fast paths agree with the reference', () => {
     const bf16 = bitsOf(bf16ToF32(all));
     for (let h = 0; h < 65536; h++) {
       if (f16[h] !== refWiden(h, F16)) assert.fail(`f16 ${hex(h)}: got ${hex(f16[h]!)}, want ${hex(refWiden(h, F16))}`);
-      if (bf16[h] !== refWiden(h, BF16)) assert.fail(`bf16 ${hex(h)}: got ${hex(bf16[h]!)}, want ${hex(refWiden(h, BF16))}`);
+      if (bf16[h] !== refWiden(h, BF16))
+        assert.fail(`bf16 ${hex(h)}: got ${hex(bf16[h]!)}, want ${hex(refWiden(h, BF16))}`);
     }
   });
 
@@ -212,8 +232,10 @@ void describe('property: fast paths agree with the reference', () => {
     const h = f32ToF16(values);
     for (let i = 0; i < n; i++) {
       const w = words[i]!;
-      if (bf[i] !== refNarrow(w, BF16)) assert.fail(`seed ${hex(seed)}: bf16 of ${hex(w)} got ${hex(bf[i]!)}, want ${hex(refNarrow(w, BF16))}`);
-      if (h[i] !== refNarrow(w, F16)) assert.fail(`seed ${hex(seed)}: f16 of ${hex(w)} got ${hex(h[i]!)}, want ${hex(refNarrow(w, F16))}`);
+      if (bf[i] !== refNarrow(w, BF16))
+        assert.fail(`seed ${hex(seed)}: bf16 of ${hex(w)} got ${hex(bf[i]!)}, want ${hex(refNarrow(w, BF16))}`);
+      if (h[i] !== refNarrow(w, F16))
+        assert.fail(`seed ${hex(seed)}: f16 of ${hex(w)} got ${hex(h[i]!)}, want ${hex(refNarrow(w, F16))}`);
     }
   });
 
@@ -247,7 +269,11 @@ void describe('decodeToF32 / encodeFromF32', () => {
       assert.deepEqual(bitsOf(decodeToF32(view, dtype)), bitsOf(decodeToF32(enc.slice(), dtype)), dtype);
       // A Buffer too (a protobuf bytes field decoded from a received message): its own slice() makes no copy.
       const buffer = Buffer.from(shifted.buffer, 1, enc.byteLength);
-      assert.deepEqual(bitsOf(decodeToF32(buffer, dtype)), bitsOf(decodeToF32(enc.slice(), dtype)), `${dtype} from a Buffer`);
+      assert.deepEqual(
+        bitsOf(decodeToF32(buffer, dtype)),
+        bitsOf(decodeToF32(enc.slice(), dtype)),
+        `${dtype} from a Buffer`,
+      );
     }
   });
 

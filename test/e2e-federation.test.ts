@@ -28,10 +28,25 @@ let server: ChildProcess | undefined;
 
 /** Starts `dppa serve` on the fixed port and resolves once it listens. */
 function startServer(): Promise<ChildProcess> {
-  const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'test/fixtures/serve-cli.ts'), 'serve', '--data', join(dir, 'data'), '--grpc-port', String(port), '--metrics-port', '0'], {
-    env: { ...process.env, DPPA_ADMIN_TOKEN: ADMIN },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  const child = spawn(
+    process.execPath,
+    [
+      '--import',
+      'tsx',
+      join(root, 'test/fixtures/serve-cli.ts'),
+      'serve',
+      '--data',
+      join(dir, 'data'),
+      '--grpc-port',
+      String(port),
+      '--metrics-port',
+      '0',
+    ],
+    {
+      env: { ...process.env, DPPA_ADMIN_TOKEN: ADMIN },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    },
+  );
   let out = '';
   let err = '';
   child.stderr.on('data', (d: Buffer) => (err += d.toString()));
@@ -55,7 +70,11 @@ function kill(child: ChildProcess): Promise<void> {
 
 /** `dppa push` as a separate process. */
 function pushProcess(args: string[]): ChildProcess {
-  return spawn(process.execPath, ['--import', 'tsx', join(root, 'client/cli/main.ts'), 'push', '--server', `127.0.0.1:${port}`, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  return spawn(
+    process.execPath,
+    ['--import', 'tsx', join(root, 'client/cli/main.ts'), 'push', '--server', `127.0.0.1:${port}`, ...args],
+    { stdio: ['ignore', 'pipe', 'pipe'] },
+  );
 }
 
 function exitCode(child: ChildProcess): Promise<number> {
@@ -71,7 +90,12 @@ function exitCode(child: ChildProcess): Promise<number> {
 
 before(async () => {
   dir = await mkdtemp(join(tmpdir(), 'dppa-e2e-'));
-  ({ base, finetuned } = await writeLlamaFamily(join(dir, 'family'), { shape, seed: 21, finetunes: 3, shardBytes: 2_000_000 }));
+  ({ base, finetuned } = await writeLlamaFamily(join(dir, 'family'), {
+    shape,
+    seed: 21,
+    finetunes: 3,
+    shardBytes: 2_000_000,
+  }));
   port = await freePort();
   server = await startServer();
 });
@@ -82,15 +106,26 @@ after(async () => {
 
 describe('three parties through real processes', () => {
   it('survives a killed client and a killed server, and merges exactly base + Σ c_i Σ_p f_p Δ_ip', async () => {
-    const admin = new DppaClient({ address: `127.0.0.1:${port}`, token: ADMIN, retry: { attempts: 20, initialDelayMs: 100, maxDelayMs: 1000 } });
+    const admin = new DppaClient({
+      address: `127.0.0.1:${port}`,
+      token: ADMIN,
+      retry: { attempts: 20, initialDelayMs: 100, maxDelayMs: 1000 },
+    });
     try {
-      const { job, tokens } = await admin.createJob({ basePath: base, parties: [...parties], rate: 0.8, dpa: { fixed: { factors, perParty: {} }, scaleOutsideByMax: false }, merge: { weights, signElection: false, partiesMayDownload: false } });
+      const { job, tokens } = await admin.createJob({
+        basePath: base,
+        parties: [...parties],
+        rate: 0.8,
+        dpa: { fixed: { factors, perParty: {} }, scaleOutsideByMax: false },
+        merge: { weights, signElection: false, partiesMayDownload: false },
+      });
       const common = ['--job', job.id, '--base', base, '--workers', '1'];
 
       // 1. Party "math": its push process is killed once some tensors are in, then run again.
       const first = pushProcess([...common, '--party', 'math', '--token', tokens.math!, '--finetuned', finetuned[0]!]);
       const firstExit = exitCode(first);
-      const math = async (): Promise<{ tensorsReceived: number; uploadComplete: boolean }> => (await admin.getJob(job.id)).parties.find((p) => p.name === 'math')!;
+      const math = async (): Promise<{ tensorsReceived: number; uploadComplete: boolean }> =>
+        (await admin.getJob(job.id)).parties.find((p) => p.name === 'math')!;
       let held = 0;
       for (;;) {
         const state = await math();
@@ -103,11 +138,20 @@ describe('three parties through real processes', () => {
       await firstExit;
       const afterKill = await math();
       assert.ok(afterKill.tensorsReceived >= held && !afterKill.uploadComplete);
-      assert.equal(await exitCode(pushProcess([...common, '--party', 'math', '--token', tokens.math!, '--finetuned', finetuned[0]!])), 0);
+      assert.equal(
+        await exitCode(
+          pushProcess([...common, '--party', 'math', '--token', tokens.math!, '--finetuned', finetuned[0]!]),
+        ),
+        0,
+      );
       assert.ok((await math()).uploadComplete);
 
       // 2. Party "finance" pushes with the SDK; the server is killed (SIGKILL) and restarted under it.
-      const party = new DppaClient({ address: `127.0.0.1:${port}`, token: tokens.finance!, retry: { attempts: 30, initialDelayMs: 100, maxDelayMs: 500 } });
+      const party = new DppaClient({
+        address: `127.0.0.1:${port}`,
+        token: tokens.finance!,
+        retry: { attempts: 30, initialDelayMs: 100, maxDelayMs: 500 },
+      });
       let restarted: Promise<void> | undefined;
       try {
         const state = await party.push(
@@ -131,14 +175,20 @@ describe('three parties through real processes', () => {
       }
 
       // 3. Party "law" pushes normally; the job then merges.
-      assert.equal(await exitCode(pushProcess([...common, '--party', 'law', '--token', tokens.law!, '--finetuned', finetuned[2]!])), 0);
+      assert.equal(
+        await exitCode(
+          pushProcess([...common, '--party', 'law', '--token', tokens.law!, '--finetuned', finetuned[2]!]),
+        ),
+        0,
+      );
       const events = [];
       for await (const e of admin.watchJob(job.id)) events.push(e);
       const final = await admin.getJob(job.id);
       assert.equal(final.state, JobState.JOB_STATE_MERGED, final.failureReason);
       assert.equal(events.filter((e) => e.merged !== undefined).length, 1, 'merged once');
       assert.equal(events.filter((e) => e.stateChanged?.to === JobState.JOB_STATE_MERGING).length, 1);
-      for (const p of parties) assert.equal(events.filter((e) => e.uploadComplete?.party === p).length, 1, `${p} completed once`);
+      for (const p of parties)
+        assert.equal(events.filter((e) => e.uploadComplete?.party === p).length, 1, `${p} completed once`);
 
       const out = join(dir, 'merged');
       await admin.pull({ jobId: job.id, out });
@@ -168,7 +218,10 @@ async function assertMergedExactly(out: string): Promise<void> {
         });
       }
     }
-    assert.deepEqual(m.layout.files.map((f) => f.fileName), b.layout.files.map((f) => f.fileName));
+    assert.deepEqual(
+      m.layout.files.map((f) => f.fileName),
+      b.layout.files.map((f) => f.fileName),
+    );
     for (const t of b.tensors()) {
       const want = Float32Array.from(acc.get(t.name)!, (x) => {
         const u = new Uint32Array(new Float32Array([x]).buffer)[0]!;

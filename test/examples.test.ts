@@ -40,7 +40,8 @@ describe('docs/examples', () => {
     assert.doesNotMatch(run.stdout, /^2\/4 dp {8}at 0\.9: 28 linear layers, rates 0\.9000\.\.0\.9000/m);
     assert.match(run.stdout, /^2\/4 magnitude at 0\.9: 28 linear layers, rates 0\.9000\.\.0\.9000, /m);
     assert.match(run.stdout, /^4\/4 applied: .*base\+dp \(\d+ tensors changed/m);
-    for (const f of ['ft1-dp.dppa', 'ft1-magnitude.dppa', 'ft1-dp-rates.svg', 'base+dp/model.safetensors']) assert.ok(existsSync(join(out, f)), f);
+    for (const f of ['ft1-dp.dppa', 'ft1-magnitude.dppa', 'ft1-dp-rates.svg', 'base+dp/model.safetensors'])
+      assert.ok(existsSync(join(out, f)), f);
   });
 
   describe('sdk-push.ts against a real server', () => {
@@ -56,9 +57,13 @@ describe('docs/examples', () => {
 
     it('creates a job, pushes two parties, watches it merge and pulls the merged checkpoint', async () => {
       const out = join(dir, 'sdk-push-merged');
-      const run = await runTsx(example('sdk-push.ts'), [h.address, family.base, family.base, family.finetuned[0]!, family.finetuned[1]!, out], {
-        env: { ...process.env, DPPA_ADMIN_TOKEN: ADMIN },
-      });
+      const run = await runTsx(
+        example('sdk-push.ts'),
+        [h.address, family.base, family.base, family.finetuned[0]!, family.finetuned[1]!, out],
+        {
+          env: { ...process.env, DPPA_ADMIN_TOKEN: ADMIN },
+        },
+      );
       assert.equal(run.code, 0, run.stderr);
       const jobId = /^job (\S+) created$/m.exec(run.stdout)?.[1];
       assert.ok(jobId !== undefined, run.stdout);
@@ -76,7 +81,16 @@ describe('docs/examples', () => {
       }
       const [base, merged] = await Promise.all([Checkpoint.open(family.base), Checkpoint.open(out)]);
       try {
-        assert.deepEqual(merged.tensors().map((t) => t.name).sort(), base.tensors().map((t) => t.name).sort());
+        assert.deepEqual(
+          merged
+            .tensors()
+            .map((t) => t.name)
+            .sort(),
+          base
+            .tensors()
+            .map((t) => t.name)
+            .sort(),
+        );
       } finally {
         await Promise.all([base.close(), merged.close()]);
       }

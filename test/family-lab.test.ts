@@ -10,8 +10,19 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { applyDelta, pruneToFile } from '../client/index.js';
 import {
-  DOMAINS, DOMAIN_NAMES, FAMILY, FamilyScorer, denseDelta, domainRatioPercent, fmt, markdownTable,
-  memberDir, mergeWeights, readSparseDelta, readWeights, type Weights,
+  DOMAINS,
+  DOMAIN_NAMES,
+  FAMILY,
+  FamilyScorer,
+  denseDelta,
+  domainRatioPercent,
+  fmt,
+  markdownTable,
+  memberDir,
+  mergeWeights,
+  readSparseDelta,
+  readWeights,
+  type Weights,
 } from '../docs/examples/family-lab.js';
 
 let dir: string;
@@ -33,18 +44,32 @@ describe('Domain-Ratio', () => {
     assert.equal(domainRatioPercent({ add: 0.5, max: 0.9 }, { add: 1, max: 0.9 }).toFixed(2), '70.71');
     assert.equal(domainRatioPercent({ a: 0.2, b: 0.8 }, { a: 0.4, b: 0.4 }), 100);
     assert.equal(domainRatioPercent({ a: 0, b: 0.8 }, { a: 0.4, b: 0.4 }), 0, 'one task at 0 makes it 0');
-    assert.equal(domainRatioPercent({ a: 0.1, b: 0.3 }, { a: 0, b: 0.6 }), 50, 'a task the fine-tune cannot do is left out');
+    assert.equal(
+      domainRatioPercent({ a: 0.1, b: 0.3 }, { a: 0, b: 0.6 }),
+      50,
+      'a task the fine-tune cannot do is left out',
+    );
   });
 
   it('prints a table with padded columns, numbers as the paper prints them', () => {
-    const rows = [['math', 86.849, 0], ['finance', 92.111, 7.5], ['law', 110.55, Number.NaN]] as const;
-    assert.equal(markdownTable(['domain', 'DPPA', 'dense sum'], rows.map(([d, a, b]) => [d, fmt(a), fmt(b)])), [
-      '| domain  |   DPPA | dense sum |',
-      '| ------- | -----: | --------: |',
-      '| math    |  86.85 |      0.00 |',
-      '| finance |  92.11 |      7.50 |',
-      '| law     | 110.55 |         — |',
-    ].join('\n'));
+    const rows = [
+      ['math', 86.849, 0],
+      ['finance', 92.111, 7.5],
+      ['law', 110.55, Number.NaN],
+    ] as const;
+    assert.equal(
+      markdownTable(
+        ['domain', 'DPPA', 'dense sum'],
+        rows.map(([d, a, b]) => [d, fmt(a), fmt(b)]),
+      ),
+      [
+        '| domain  |   DPPA | dense sum |',
+        '| ------- | -----: | --------: |',
+        '| math    |  86.85 |      0.00 |',
+        '| finance |  92.11 |      7.50 |',
+        '| law     | 110.55 |         — |',
+      ].join('\n'),
+    );
     assert.equal(fmt(undefined), '—');
     assert.equal(markdownTable(['a'], []), '| a |\n| - |');
   });
@@ -61,15 +86,25 @@ describe('merges in memory', () => {
         if (got[i] === want[i]) continue;
         differ++;
         // F − B in fp32 can lose low bits (spec: the delta is computed in fp32); B + Δ is then one BF16 step off.
-        assert.ok(Math.abs(got[i]! - want[i]!) <= Math.abs(want[i]!) * 2 ** -7, `${name}[${i}]: ${got[i]} against ${want[i]}`);
+        assert.ok(
+          Math.abs(got[i]! - want[i]!) <= Math.abs(want[i]!) * 2 ** -7,
+          `${name}[${i}]: ${got[i]} against ${want[i]}`,
+        );
       }
     }
     assert.ok(differ <= 2, `${differ} entries differ`);
   });
 
-  it('equal what the client\'s applyDelta writes, with amplification factors', async () => {
+  it("equal what the client's applyDelta writes, with amplification factors", async () => {
     const file = join(dir, 'law-dp.dppa');
-    await pruneToFile({ base: memberDir('base'), finetuned: memberDir('law'), rate: 0.7, method: 'dp', out: file, workers: 1 });
+    await pruneToFile({
+      base: memberDir('base'),
+      finetuned: memberDir('law'),
+      rate: 0.7,
+      method: 'dp',
+      out: file,
+      workers: 1,
+    });
     const factors = [1.7, 1.2, 0.9];
     await applyDelta({ base: memberDir('base'), delta: file, factors, out: join(dir, 'applied') });
     const delta = await readSparseDelta(file);
@@ -80,7 +115,9 @@ describe('merges in memory', () => {
 
 describe('FamilyScorer', () => {
   it('scores each fine-tune on its test split as family.json records (answerMatch)', async () => {
-    const family = JSON.parse(await readFile(join(FAMILY, 'family.json'), 'utf8')) as { accuracy: Record<string, Record<string, { test: { answerMatch: number; total: number } }>> };
+    const family = JSON.parse(await readFile(join(FAMILY, 'family.json'), 'utf8')) as {
+      accuracy: Record<string, Record<string, { test: { answerMatch: number; total: number } }>>;
+    };
     const scorer = await FamilyScorer.open('test');
     try {
       for (const d of DOMAIN_NAMES) {

@@ -13,7 +13,15 @@ import * as tf from '@tensorflow/tfjs';
 import onnxProto from 'onnx-proto';
 import { Checkpoint } from '../proto/safetensors/index.js';
 import {
-  FAMILY_DIR, MODELS, allSplits, baseBatch, finetuneBatch, llamaConfigJson, taskKey, weightsHash, type FamilyJson,
+  FAMILY_DIR,
+  MODELS,
+  allSplits,
+  baseBatch,
+  finetuneBatch,
+  llamaConfigJson,
+  taskKey,
+  weightsHash,
+  type FamilyJson,
 } from './fixtures/family/generate.js';
 import { forward, initialWeights, tensorSpecs } from './fixtures/family/model.js';
 import { buildOnnx } from './fixtures/family/onnx-graph.js';
@@ -32,7 +40,10 @@ async function readJson<T>(rel: string): Promise<T> {
 
 async function readSplit(key: string, split: 'validation' | 'test'): Promise<Example[]> {
   const text = await readFile(join(FAMILY_DIR, 'tasks', key, `${split}.jsonl`), 'utf8');
-  return text.trimEnd().split('\n').map((l) => JSON.parse(l) as Example);
+  return text
+    .trimEnd()
+    .split('\n')
+    .map((l) => JSON.parse(l) as Example);
 }
 
 describe('model family fixture', () => {
@@ -54,7 +65,9 @@ describe('model family fixture', () => {
     assert.deepEqual(family.settings, SETTINGS);
     assert.deepEqual(family.models, ['base', 'math', 'finance', 'law']);
     for (const [rel, sha] of Object.entries(family.files)) {
-      const got = createHash('sha256').update(await readFile(join(FAMILY_DIR, rel))).digest('hex');
+      const got = createHash('sha256')
+        .update(await readFile(join(FAMILY_DIR, rel)))
+        .digest('hex');
       assert.equal(got, sha, rel);
     }
   });
@@ -63,7 +76,10 @@ describe('model family fixture', () => {
     for (const m of MODELS) {
       const ckpt = await Checkpoint.open(join(FAMILY_DIR, m));
       try {
-        assert.deepEqual(ckpt.tensors().map((t) => [t.name, t.dtype, t.shape]), specs.map((s) => [s.name, 'BF16', s.shape]));
+        assert.deepEqual(
+          ckpt.tensors().map((t) => [t.name, t.dtype, t.shape]),
+          specs.map((s) => [s.name, 'BF16', s.shape]),
+        );
       } finally {
         await ckpt.close();
       }
@@ -93,9 +109,18 @@ describe('model family fixture', () => {
     const model = onnxProto.onnx.ModelProto.decode(await readFile(join(FAMILY_DIR, 'model.onnx')));
     const graph = model.graph!;
     const initializers = graph.initializer ?? [];
-    assert.deepEqual(initializers.map((t) => t.name), specs.map((s) => s.name));
-    assert.deepEqual((graph.input ?? []).map((i) => i.name), ['input_ids', ...specs.map((s) => s.name)]);
-    assert.deepEqual((graph.output ?? []).map((o) => o.name), ['logits']);
+    assert.deepEqual(
+      initializers.map((t) => t.name),
+      specs.map((s) => s.name),
+    );
+    assert.deepEqual(
+      (graph.input ?? []).map((i) => i.name),
+      ['input_ids', ...specs.map((s) => s.name)],
+    );
+    assert.deepEqual(
+      (graph.output ?? []).map((o) => o.name),
+      ['logits'],
+    );
     const base = weights.get('base')!;
     for (const t of initializers) {
       assert.deepEqual((t.dims ?? []).map(Number), shapes.get(t.name!));
@@ -103,7 +128,10 @@ describe('model family fixture', () => {
       assert.deepEqual(got, base.get(t.name!), t.name!);
     }
     // The graph is a pure function of the config and the base weights.
-    assert.ok(Buffer.from(buildOnnx(cfg, base)).equals(await readFile(join(FAMILY_DIR, 'model.onnx'))), 'model.onnx differs from a fresh export');
+    assert.ok(
+      Buffer.from(buildOnnx(cfg, base)).equals(await readFile(join(FAMILY_DIR, 'model.onnx'))),
+      'model.onnx differs from a fresh export',
+    );
   });
 
   it('gives the same logits in ONNX Runtime as in TensorFlow.js, for the base and a fine-tune', async () => {
@@ -120,7 +148,12 @@ describe('model family fixture', () => {
       const expected = tf.tidy(() => forward(tw, tf.tensor2d(ids, [B, T], 'int32'), cfg).dataSync());
       for (const t of Object.values(tw)) t.dispose();
       // The base's weights are the graph's initializers; a fine-tune's are fed.
-      const got = await lm.logits(BigInt64Array.from(ids, (x) => BigInt(x)), B, T, m === 'base' ? undefined : ws);
+      const got = await lm.logits(
+        BigInt64Array.from(ids, (x) => BigInt(x)),
+        B,
+        T,
+        m === 'base' ? undefined : ws,
+      );
       assert.equal(got.length, expected.length);
       let worst = 0;
       for (let i = 0; i < got.length; i++) worst = Math.max(worst, Math.abs(got[i]! - expected[i]!));
@@ -129,7 +162,10 @@ describe('model family fixture', () => {
     }
     // Fed weights take effect (onnxruntime-node drops feeds for initializers that are also inputs).
     const [a, b] = fromOnnx as [Float32Array, Float32Array];
-    assert.ok(a.some((x, i) => Math.abs(x - b[i]!) > 0.1), 'the fine-tune gives the base\'s logits');
+    assert.ok(
+      a.some((x, i) => Math.abs(x - b[i]!) > 0.1),
+      "the fine-tune gives the base's logits",
+    );
   });
 
   it('gives the same greedy answers in ONNX Runtime as in TensorFlow.js on a sample of every test split', async () => {
@@ -139,7 +175,11 @@ describe('model family fixture', () => {
       try {
         for (const t of TASKS) {
           const prompts = (await readSplit(taskKey(t), 'test')).slice(0, 25).map((e) => e.prompt);
-          assert.deepEqual(await lm.greedy(prompts, SETTINGS.maxNewTokens, ws), greedyTf(cfg, tw, prompts, SETTINGS.maxNewTokens), `${m} on ${taskKey(t)}`);
+          assert.deepEqual(
+            await lm.greedy(prompts, SETTINGS.maxNewTokens, ws),
+            greedyTf(cfg, tw, prompts, SETTINGS.maxNewTokens),
+            `${m} on ${taskKey(t)}`,
+          );
         }
       } finally {
         for (const t of Object.values(tw)) t.dispose();
@@ -164,7 +204,8 @@ describe('model family fixture', () => {
   });
 
   it('meets its aims: a weak base, fine-tunes strong at home and weak elsewhere, large deltas', () => {
-    const acc = (m: string, key: string): number => family.accuracy[m]![key]!.test.correct / family.accuracy[m]![key]!.test.total;
+    const acc = (m: string, key: string): number =>
+      family.accuracy[m]![key]!.test.correct / family.accuracy[m]![key]!.test.total;
     for (const t of TASKS) {
       assert.ok(acc('base', taskKey(t)) <= 0.2, `base on ${taskKey(t)}: ${acc('base', taskKey(t))}`);
       for (const d of DOMAINS) {
@@ -182,15 +223,33 @@ describe('model family fixture', () => {
   it('reproduces the recorded weights after the first training steps of every run, bit for bit', () => {
     const s = SETTINGS;
     const replay = (init: ReadonlyMap<string, Float32Array>, r: RunSettings, batch: (step: number) => Batch): string =>
-      weightsHash(cfg, train({
-        cfg, init, steps: r.steps, stopAfter: s.milestoneStep, lr: r.lr, warmup: r.warmup, finalLrFraction: r.finalLrFraction, clipNorm: r.clipNorm, batch,
-      }));
-    assert.equal(replay(initialWeights(cfg, s.initSeed, s.initStd), s.base, (k) => baseBatch(s, k)), family.milestones.base, 'base');
+      weightsHash(
+        cfg,
+        train({
+          cfg,
+          init,
+          steps: r.steps,
+          stopAfter: s.milestoneStep,
+          lr: r.lr,
+          warmup: r.warmup,
+          finalLrFraction: r.finalLrFraction,
+          clipNorm: r.clipNorm,
+          batch,
+        }),
+      );
+    assert.equal(
+      replay(initialWeights(cfg, s.initSeed, s.initStd), s.base, (k) => baseBatch(s, k)),
+      family.milestones.base,
+      'base',
+    );
     // Fine-tunes start from the committed bf16 base, as in the generator.
     const splits = allSplits(s);
     for (const d of DOMAINS) {
-      assert.equal(replay(weights.get('base')!, s.finetunes[d]!, (k) => finetuneBatch(s, d, splits, k)), family.milestones[d], d);
+      assert.equal(
+        replay(weights.get('base')!, s.finetunes[d]!, (k) => finetuneBatch(s, d, splits, k)),
+        family.milestones[d],
+        d,
+      );
     }
   });
 });
-

@@ -38,7 +38,10 @@ function base(): TensorData[] {
   ];
 }
 
-async function fingerprintOf(tensors: TensorData[], opts: { shardBytes?: number; metadata?: Record<string, string> } = {}): Promise<string> {
+async function fingerprintOf(
+  tensors: TensorData[],
+  opts: { shardBytes?: number; metadata?: Record<string, string> } = {},
+): Promise<string> {
   const dir = join(root, `ckpt-${counter++}`);
   await writeCheckpoint(dir, tensors, opts);
   const c = await Checkpoint.open(dir);
@@ -61,7 +64,12 @@ function withByteFlipped(tensors: TensorData[], name: string, at: number): Tenso
 void describe('baseFingerprint', () => {
   void it('has the documented form and matches the documented scheme', async () => {
     // More tensors than the read-ahead window, so ordering across it is checked.
-    const extra = Array.from({ length: 20 }, (_, i): TensorData => ({ name: `extra.${i}`, dtype: 'F32', shape: [i + 1], data: bytes(4 * (i + 1), 10 + i) }));
+    const extra = Array.from({ length: 20 }, (_, i): TensorData => ({
+      name: `extra.${i}`,
+      dtype: 'F32',
+      shape: [i + 1],
+      data: bytes(4 * (i + 1), 10 + i),
+    }));
     const ts = [...base(), ...extra];
     const fp = await fingerprintOf(ts);
     assert.match(fp, /^fp1:sha256:[0-9a-f]{64}$/);

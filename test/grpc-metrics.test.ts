@@ -12,7 +12,17 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { status } from '@grpc/grpc-js';
 import type { CreateJobResponse } from '../proto/gen/dppa/v1/jobs.js';
-import { ADMIN, auth, call, pruneRecords, rejectsWith, startHarness, upload, uploadMessages, type Harness } from './fixtures/grpc-harness.js';
+import {
+  ADMIN,
+  auth,
+  call,
+  pruneRecords,
+  rejectsWith,
+  startHarness,
+  upload,
+  uploadMessages,
+  type Harness,
+} from './fixtures/grpc-harness.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 
 let dir: string;
@@ -46,15 +56,54 @@ function series(name: string, type: string, service: string, method: string, cod
 describe('gRPC server metrics', () => {
   it('count the calls of each kind, their messages and their codes', async () => {
     const check = (service: string): Promise<unknown> =>
-      new Promise((resolve, reject) => h.health.check({ service }, (err, res) => (err === null ? resolve(res) : reject(err))));
+      new Promise((resolve, reject) =>
+        h.health.check({ service }, (err, res) => (err === null ? resolve(res) : reject(err))),
+      );
     await check('');
     await check('dppa.v1.JobService');
     await rejectsWith(check('no.such.Service'), status.NOT_FOUND);
 
     const fam = await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 3, finetunes: 1 });
-    const created: CreateJobResponse = await call(h.jobs, 'createJob', { basePath: fam.base, parties: ['math'], rate: 0.8, method: 'dp', label: 'metrics', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
-    await rejectsWith(call(h.jobs, 'createJob', { basePath: fam.base, parties: ['math'], rate: 0.8, method: 'dp', label: 'x', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, 'not-the-admin-token-at-all'), status.UNAUTHENTICATED);
-    const messages = uploadMessages(created.job!.id, 'math', await pruneRecords({ base: fam.base, finetuned: fam.finetuned[0]!, rate: 0.8 }));
+    const created: CreateJobResponse = await call(
+      h.jobs,
+      'createJob',
+      {
+        basePath: fam.base,
+        parties: ['math'],
+        rate: 0.8,
+        method: 'dp',
+        label: 'metrics',
+        dpa: undefined,
+        merge: undefined,
+        maxAbsValue: 0,
+        pruneMethod: 0,
+      },
+      ADMIN,
+    );
+    await rejectsWith(
+      call(
+        h.jobs,
+        'createJob',
+        {
+          basePath: fam.base,
+          parties: ['math'],
+          rate: 0.8,
+          method: 'dp',
+          label: 'x',
+          dpa: undefined,
+          merge: undefined,
+          maxAbsValue: 0,
+          pruneMethod: 0,
+        },
+        'not-the-admin-token-at-all',
+      ),
+      status.UNAUTHENTICATED,
+    );
+    const messages = uploadMessages(
+      created.job!.id,
+      'math',
+      await pruneRecords({ base: fam.base, finetuned: fam.finetuned[0]!, rate: 0.8 }),
+    );
     await upload(h.uploads, created.tokens.math!, messages);
 
     // A watch of the job, read to its end (merged) or cut: either way one server stream, one request, ≥ 1 event sent.
@@ -73,8 +122,15 @@ describe('gRPC server metrics', () => {
     assert.equal(samples.get(series('grpc_server_handled_total', 'unary', health, 'Check', 'OK')), 2);
     assert.equal(samples.get(series('grpc_server_handled_total', 'unary', health, 'Check', 'NotFound')), 1);
     assert.equal(samples.get(series('grpc_server_msg_received_total', 'unary', health, 'Check')), 3);
-    assert.equal(samples.get(series('grpc_server_msg_sent_total', 'unary', health, 'Check')), 2, 'a failed call sends no message');
-    assert.equal(samples.get(`grpc_server_handling_seconds_count{grpc_type="unary",grpc_service="${health}",grpc_method="Check"}`), 3);
+    assert.equal(
+      samples.get(series('grpc_server_msg_sent_total', 'unary', health, 'Check')),
+      2,
+      'a failed call sends no message',
+    );
+    assert.equal(
+      samples.get(`grpc_server_handling_seconds_count{grpc_type="unary",grpc_service="${health}",grpc_method="Check"}`),
+      3,
+    );
 
     const jobs = 'dppa.v1.JobService';
     assert.equal(samples.get(series('grpc_server_handled_total', 'unary', jobs, 'CreateJob', 'OK')), 1);
@@ -89,13 +145,19 @@ describe('gRPC server metrics', () => {
     assert.equal(samples.get(series('grpc_server_msg_received_total', 'server_stream', jobs, 'WatchJob')), 1);
     assert.equal(samples.get(series('grpc_server_msg_sent_total', 'server_stream', jobs, 'WatchJob')), events);
     assert.equal(samples.get(series('grpc_server_handled_total', 'server_stream', jobs, 'WatchJob', 'OK')), 1);
-    assert.equal(samples.get('dppa_upload_tensors_total'), messages.filter((m) => m.record?.tensorEnd !== undefined).length);
+    assert.equal(
+      samples.get('dppa_upload_tensors_total'),
+      messages.filter((m) => m.record?.tensorEnd !== undefined).length,
+    );
   });
 
   it('say which build runs and how full the data disk is', async () => {
     const { samples } = await scrape();
     const pkg = JSON.parse(await readFile(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
-    assert.equal(samples.get(`dppa_build_info{version="${pkg.version}",commit="unknown",node_version="${process.version}"}`), 1);
+    assert.equal(
+      samples.get(`dppa_build_info{version="${pkg.version}",commit="unknown",node_version="${process.version}"}`),
+      1,
+    );
     const free = samples.get('dppa_data_disk_free_bytes')!;
     const size = samples.get('dppa_data_disk_size_bytes')!;
     assert.ok(free > 0 && size > free, `free ${free} of ${size}`);
@@ -104,11 +166,22 @@ describe('gRPC server metrics', () => {
   it('pass promtool check metrics, every family', async () => {
     const { text } = await scrape();
     const families = new Set([...text.matchAll(/^# TYPE (\S+)/gm)].map((m) => m[1]));
-    for (const f of ['grpc_server_started_total', 'grpc_server_handled_total', 'grpc_server_handling_seconds', 'grpc_server_msg_received_total', 'grpc_server_msg_sent_total', 'dppa_build_info', 'dppa_dpa_domain_ratio', 'dppa_dpa_evaluation_failures_total']) {
+    for (const f of [
+      'grpc_server_started_total',
+      'grpc_server_handled_total',
+      'grpc_server_handling_seconds',
+      'grpc_server_msg_received_total',
+      'grpc_server_msg_sent_total',
+      'dppa_build_info',
+      'dppa_dpa_domain_ratio',
+      'dppa_dpa_evaluation_failures_total',
+    ]) {
       assert.ok(families.has(f), f);
     }
     const out = await new Promise<{ code: number; output: string }>((resolve) => {
-      const child = execFile('promtool', ['check', 'metrics'], (err, stdout, stderr) => resolve({ code: err === null ? 0 : Number(err.code), output: stdout + stderr }));
+      const child = execFile('promtool', ['check', 'metrics'], (err, stdout, stderr) =>
+        resolve({ code: err === null ? 0 : Number(err.code), output: stdout + stderr }),
+      );
       child.stdin!.end(text);
     });
     assert.equal(out.output, '', `promtool check metrics:\n${out.output}`);

@@ -22,9 +22,14 @@ const main = new URL('../client/cli/main.ts', import.meta.url).pathname;
 function health(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('DPPA_')));
   return new Promise((resolve) => {
-    execFile(process.execPath, ['--import', 'tsx', main, 'health', ...args], { env: clean, ...CHILD_LIMITS }, (err, stdout, stderr) => {
-      resolve({ code: err === null ? 0 : typeof err.code === 'number' ? err.code : 1, stdout, stderr });
-    });
+    execFile(
+      process.execPath,
+      ['--import', 'tsx', main, 'health', ...args],
+      { env: clean, ...CHILD_LIMITS },
+      (err, stdout, stderr) => {
+        resolve({ code: err === null ? 0 : typeof err.code === 'number' ? err.code : 1, stdout, stderr });
+      },
+    );
   });
 }
 
@@ -32,7 +37,9 @@ let dir: string;
 let serve: ServeProcess;
 before(async () => {
   dir = await mkdtemp(join(tmpdir(), 'dppa-health-'));
-  serve = await startServe(['--data', join(dir, 'served'), '--grpc-port', '0', '--metrics-port', '0'], { DPPA_ADMIN_TOKEN: 'health-test-admin-token-0123' });
+  serve = await startServe(['--data', join(dir, 'served'), '--grpc-port', '0', '--metrics-port', '0'], {
+    DPPA_ADMIN_TOKEN: 'health-test-admin-token-0123',
+  });
 });
 after(async () => {
   await serve.kill();
@@ -50,7 +57,10 @@ describe('dppa health', () => {
     assert.deepEqual([upload.code, upload.stdout], [0, 'SERVING\n'], upload.stderr);
     assert.equal(unknown.code, 1);
     assert.equal(unknown.stdout, '');
-    assert.match(unknown.stderr, /^dppa health: Health\/Check failed: unknown service "no\.such\.Service" \(NOT_FOUND\)\n$/);
+    assert.match(
+      unknown.stderr,
+      /^dppa health: Health\/Check failed: unknown service "no\.such\.Service" \(NOT_FOUND\)\n$/,
+    );
   });
 
   it('exits 1 when nothing listens at the address, 2 for a bad command line', async () => {
@@ -74,8 +84,10 @@ describe('dppa health', () => {
     assert.equal(before.code, 0, before.stderr);
     // An upload left open (waiting for its first message) holds the graceful stop in its grace period until it is cancelled.
     const stream = h.uploads.upload(auth('a-party-token'), () => undefined);
-    const started = 'grpc_server_started_total{grpc_type="client_stream",grpc_service="dppa.v1.UploadService",grpc_method="Upload"}';
-    while ((await metricValue(h.server.metricsPort, started)) < 1) await new Promise((resolve) => setTimeout(resolve, 20));
+    const started =
+      'grpc_server_started_total{grpc_type="client_stream",grpc_service="dppa.v1.UploadService",grpc_method="Upload"}';
+    while ((await metricValue(h.server.metricsPort, started)) < 1)
+      await new Promise((resolve) => setTimeout(resolve, 20));
     let stopped = false;
     const stopping = h.close().then(() => (stopped = true));
     const during = await health(['--server', h.address]);
@@ -87,21 +99,25 @@ describe('dppa health', () => {
     assert.match(during.stderr, /\(UNAVAILABLE\)/);
   });
 
-  it('speaks TLS with the connection flags of the server commands', { skip: !haveOpenssl() && 'openssl is not installed' }, async () => {
-    const ca = makeCa(dir, 'health');
-    const cert = ca.issue('dppa.test', 'DNS:dppa.test');
-    const h = await startHarness(join(dir, 'tls'), { tls: { certFile: cert.cert, keyFile: cert.key } });
-    try {
-      const [ok, plain, untrusted] = await Promise.all([
-        health(['--server', h.address, '--tls-ca', ca.cert, '--tls-server-name', 'dppa.test']),
-        health(['--server', h.address]),
-        health(['--server', h.address, '--tls', '--tls-server-name', 'dppa.test', '--timeout-ms', '5000']),
-      ]);
-      assert.deepEqual([ok.code, ok.stdout], [0, 'SERVING\n'], ok.stderr);
-      assert.equal(plain.code, 1, 'plaintext to a TLS server');
-      assert.equal(untrusted.code, 1, 'a certificate Node does not trust');
-    } finally {
-      await h.close();
-    }
-  });
+  it(
+    'speaks TLS with the connection flags of the server commands',
+    { skip: !haveOpenssl() && 'openssl is not installed' },
+    async () => {
+      const ca = makeCa(dir, 'health');
+      const cert = ca.issue('dppa.test', 'DNS:dppa.test');
+      const h = await startHarness(join(dir, 'tls'), { tls: { certFile: cert.cert, keyFile: cert.key } });
+      try {
+        const [ok, plain, untrusted] = await Promise.all([
+          health(['--server', h.address, '--tls-ca', ca.cert, '--tls-server-name', 'dppa.test']),
+          health(['--server', h.address]),
+          health(['--server', h.address, '--tls', '--tls-server-name', 'dppa.test', '--timeout-ms', '5000']),
+        ]);
+        assert.deepEqual([ok.code, ok.stdout], [0, 'SERVING\n'], ok.stderr);
+        assert.equal(plain.code, 1, 'plaintext to a TLS server');
+        assert.equal(untrusted.code, 1, 'a certificate Node does not trust');
+      } finally {
+        await h.close();
+      }
+    },
+  );
 });

@@ -33,7 +33,11 @@ before(async () => {
   const fam = await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 31, finetunes: 2, shardBytes: 8000 });
   base = fam.base;
   otherBase = (await writeLlamaFamily(join(dir, 'other'), { shape: TINY, seed: 32, finetunes: 0 })).base;
-  deltas = await Promise.all(fam.finetuned.map(async (ft, i) => (await pruneToFile({ base, finetuned: ft, rate: 0.8, out: join(dir, `d${i}.dppa`) })).file));
+  deltas = await Promise.all(
+    fam.finetuned.map(
+      async (ft, i) => (await pruneToFile({ base, finetuned: ft, rate: 0.8, out: join(dir, `d${i}.dppa`) })).file,
+    ),
+  );
   h = await startHarness(join(dir, 'data'));
   admin = new DppaClient({ address: h.address, token: ADMIN });
 });
@@ -119,7 +123,18 @@ describe('merged patch', () => {
     const applied = await dppa('apply', '--base', base, '--patch', patchFile, '--out', join(dir, 'applied'));
     assert.equal(applied.code, 0, applied.stderr);
     assert.deepEqual(await files(join(dir, 'applied')), dense);
-    const viaBase = await dppa('pull', '--server', h.address, '--job', both, '--base', base, '--out', join(dir, 'via-base'), '--json');
+    const viaBase = await dppa(
+      'pull',
+      '--server',
+      h.address,
+      '--job',
+      both,
+      '--base',
+      base,
+      '--out',
+      join(dir, 'via-base'),
+      '--json',
+    );
     assert.equal(viaBase.code, 0, viaBase.stderr);
     assert.deepEqual(await files(join(dir, 'via-base')), dense);
     assert.deepEqual(await siblings('via-base'), ['via-base'], 'the downloaded patch is removed once applied');
@@ -134,7 +149,8 @@ describe('merged patch', () => {
     const bytes = await readFile(patchFile);
     // A byte inside the last chunk's values (the last records are that chunk, the tensor end and the end marker).
     let lastChunkValues = '';
-    for await (const r of readDeltaFile(patchFile)) if (r.chunk !== undefined) lastChunkValues = Buffer.from(r.chunk.values).toString('hex');
+    for await (const r of readDeltaFile(patchFile))
+      if (r.chunk !== undefined) lastChunkValues = Buffer.from(r.chunk.values).toString('hex');
     const at = bytes.indexOf(Buffer.from(lastChunkValues, 'hex')) + 1;
     assert.ok(at > 0);
     bytes[at] = bytes[at]! ^ 0x40;
@@ -152,7 +168,17 @@ describe('merged patch', () => {
   });
 
   it('refuses a patch for another base with exit 3 and writes nothing', async () => {
-    const r = await dppa('pull', '--server', h.address, '--job', both, '--base', otherBase, '--out', join(dir, 'wrong-base'));
+    const r = await dppa(
+      'pull',
+      '--server',
+      h.address,
+      '--job',
+      both,
+      '--base',
+      otherBase,
+      '--out',
+      join(dir, 'wrong-base'),
+    );
     assert.equal(r.code, 3, r.stderr);
     assert.match(r.stderr, /another base/);
     assert.deepEqual(await siblings('wrong-base'), []);
@@ -167,7 +193,17 @@ describe('merged patch', () => {
     const bytes = await readFile(onServer);
     bytes[bytes.length >> 1] = bytes[bytes.length >> 1]! ^ 1;
     await writeFile(onServer, bytes);
-    const r = await dppa('pull', '--server', h.address, '--job', job, '--base', base, '--out', join(dir, 'server-damaged'));
+    const r = await dppa(
+      'pull',
+      '--server',
+      h.address,
+      '--job',
+      job,
+      '--base',
+      base,
+      '--out',
+      join(dir, 'server-damaged'),
+    );
     assert.equal(r.code, 4, r.stderr);
     assert.match(r.stderr, /SHA-256/);
     assert.ok(!(await exists(join(dir, 'server-damaged'))));

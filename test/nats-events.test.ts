@@ -16,12 +16,30 @@ import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import { freePort } from './fixtures/free-port.js';
 import { startNatsServer, type NatsServer } from './fixtures/nats-server.js';
 import {
-  ADMIN, call, pruneRecords, startHarness, upload, uploadMessages, watchAll, type Harness,
+  ADMIN,
+  call,
+  pruneRecords,
+  startHarness,
+  upload,
+  uploadMessages,
+  watchAll,
+  type Harness,
 } from './fixtures/grpc-harness.js';
 
 // The documented names (docs/events.md), written out here rather than imported, so that a change to them fails a test.
 const STREAM = 'DPPA_EVENTS';
-const KINDS = ['party_joined', 'upload_progress', 'upload_complete', 'state_changed', 'evaluation_done', 'factors_chosen', 'merge_progress', 'merged', 'failed', 'party_stopped'];
+const KINDS = [
+  'party_joined',
+  'upload_progress',
+  'upload_complete',
+  'state_changed',
+  'evaluation_done',
+  'factors_chosen',
+  'merge_progress',
+  'merged',
+  'failed',
+  'party_stopped',
+];
 
 let dir: string;
 let data: string;
@@ -51,7 +69,22 @@ function startNatsHarness(): Promise<Harness> {
 }
 
 async function createJob(): Promise<{ jobId: string; tokens: Record<string, string> }> {
-  const r = await call(h.jobs, 'createJob', { basePath: base, parties: ['math', 'law'], rate: 0.8, method: 'dp', label: 'nats', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
+  const r = await call(
+    h.jobs,
+    'createJob',
+    {
+      basePath: base,
+      parties: ['math', 'law'],
+      rate: 0.8,
+      method: 'dp',
+      label: 'nats',
+      dpa: undefined,
+      merge: undefined,
+      maxAbsValue: 0,
+      pruneMethod: 0,
+    },
+    ADMIN,
+  );
   return { jobId: r.job!.id, tokens: r.tokens };
 }
 
@@ -87,8 +120,14 @@ async function until(what: string, test: () => Promise<boolean>, timeoutMs = 15_
 }
 
 /** Runs a TypeScript file with node and tsx, as `npx tsx FILE ARGS` would; resolves once it exits. */
-async function run(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+async function run(
+  args: string[],
+  env: NodeJS.ProcessEnv = {},
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const child = spawn(process.execPath, ['--import', 'tsx', ...args], {
+    env: { ...process.env, ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
@@ -114,7 +153,12 @@ async function readFromStream(jobId: string, expected: number): Promise<Received
   try {
     const jsm = await jetstreamManager(nc);
     const durable = `test-${jobId.replace(/[^A-Za-z0-9]/g, '')}-${Date.now()}`;
-    await jsm.consumers.add(STREAM, { durable_name: durable, ack_policy: AckPolicy.Explicit, deliver_policy: DeliverPolicy.All, filter_subject: `dppa.jobs.${jobId}.>` });
+    await jsm.consumers.add(STREAM, {
+      durable_name: durable,
+      ack_policy: AckPolicy.Explicit,
+      deliver_policy: DeliverPolicy.All,
+      filter_subject: `dppa.jobs.${jobId}.>`,
+    });
     const consumer = await jetstream(nc).consumers.get(STREAM, durable);
     const messages = await consumer.consume({ max_messages: 16 });
     const got: Received[] = [];
@@ -139,8 +183,14 @@ async function readFromStream(jobId: string, expected: number): Promise<Received
 
 /** Asserts that the stream delivered exactly the events WatchJob streamed, in order, on the documented subjects. */
 function assertSame(jobId: string, got: Received[], events: JobEvent[]): void {
-  assert.deepEqual(got.map((g) => g.subject), events.map((e) => `dppa.jobs.${jobId}.${kindOf(e)}`));
-  assert.deepEqual(got.map((g) => g.msgId), events.map((e) => `${jobId}-${e.seq}`));
+  assert.deepEqual(
+    got.map((g) => g.subject),
+    events.map((e) => `dppa.jobs.${jobId}.${kindOf(e)}`),
+  );
+  assert.deepEqual(
+    got.map((g) => g.msgId),
+    events.map((e) => `${jobId}-${e.seq}`),
+  );
   for (const [i, g] of got.entries()) {
     const payload = JSON.parse(g.payload) as Record<string, unknown>;
     assert.deepEqual(payload, JobEvent.toJSON(events[i]!), `payload of event ${i + 1}`);
@@ -152,17 +202,23 @@ describe('job events on NATS JetStream', () => {
   it('publishes every event of a job on dppa.jobs.<job>.<kind>, in order, payloads as WatchJob streams them', async () => {
     const { jobId, tokens } = await createJob();
     const watched = watchAll(h.jobs, ADMIN, jobId);
-    await Promise.all(['math', 'law'].map((p) => upload(h.uploads, tokens[p]!, uploadMessages(jobId, p, deltas.get(p)!))));
+    await Promise.all(
+      ['math', 'law'].map((p) => upload(h.uploads, tokens[p]!, uploadMessages(jobId, p, deltas.get(p)!))),
+    );
     const events = await watched;
     assert.ok(events.at(-1)?.merged !== undefined);
 
     const got = await readFromStream(jobId, events.length);
     assertSame(jobId, got, events);
     const kinds = new Set(got.map((g) => g.subject.split('.').at(-1)!));
-    for (const k of ['party_joined', 'upload_progress', 'upload_complete', 'state_changed', 'merge_progress', 'merged']) assert.ok(kinds.has(k), k);
+    for (const k of ['party_joined', 'upload_progress', 'upload_complete', 'state_changed', 'merge_progress', 'merged'])
+      assert.ok(kinds.has(k), k);
     for (const k of kinds) assert.ok(KINDS.includes(k), `${k} is a documented kind`);
     // A payload, as docs/events.md shows it: proto3 JSON, uint64 as a string, enums by name.
-    const changed = JSON.parse(got.find((g) => g.subject.endsWith('.state_changed'))!.payload) as { seq: unknown; stateChanged: { to: unknown } };
+    const changed = JSON.parse(got.find((g) => g.subject.endsWith('.state_changed'))!.payload) as {
+      seq: unknown;
+      stateChanged: { to: unknown };
+    };
     assert.equal(typeof changed.seq, 'string');
     assert.match(String(changed.stateChanged.to), /^JOB_STATE_/);
 
@@ -170,7 +226,11 @@ describe('job events on NATS JetStream', () => {
     assert.ok((await metric('dppa_nats_published_total')) >= events.length);
 
     // The subscriber of docs/examples follows the same job to its end.
-    const example = await run([new URL('../docs/examples/nats-wait-merged.ts', import.meta.url).pathname, nats.url, jobId]);
+    const example = await run([
+      new URL('../docs/examples/nats-wait-merged.ts', import.meta.url).pathname,
+      nats.url,
+      jobId,
+    ]);
     assert.equal(example.code, 0, example.stderr);
     assert.match(example.stdout, new RegExp(`^${events.length} \\S+ merged$`, 'm'));
     assert.match(example.stdout, /^merged in [0-9.]+ s: .*model\.safetensors/m);
@@ -216,7 +276,10 @@ describe('job events on NATS JetStream', () => {
     // at the next start it asks the stream and publishes nothing again.
     await h.close();
     const cursorFile = join(data, 'jobs', jobId, 'nats-published.json');
-    assert.equal((JSON.parse(await readFile(cursorFile, 'utf8')) as { publishedSeq: string }).publishedSeq, String(events.length));
+    assert.equal(
+      (JSON.parse(await readFile(cursorFile, 'utf8')) as { publishedSeq: string }).publishedSeq,
+      String(events.length),
+    );
     await writeFile(cursorFile, JSON.stringify({ version: 1, publishedSeq: '3' }));
     h = await startNatsHarness();
     await until('the outbox is empty', async () => (await metric('dppa_nats_outbox_pending')) === 0);
@@ -227,8 +290,16 @@ describe('job events on NATS JetStream', () => {
 
   it('creates the stream with the documented limits, or updates them keeping what an operator set', async () => {
     const days30 = 30 * 24 * 3600 * 1e9;
-    const expectLimits = (c: { max_age: number; max_bytes: number; duplicate_window?: number; discard?: string }): void => {
-      assert.deepEqual([c.max_age, c.max_bytes, c.duplicate_window, c.discard], [days30, 1024 ** 3, 10 * 60 * 1e9, 'old']);
+    const expectLimits = (c: {
+      max_age: number;
+      max_bytes: number;
+      duplicate_window?: number;
+      discard?: string;
+    }): void => {
+      assert.deepEqual(
+        [c.max_age, c.max_bytes, c.duplicate_window, c.discard],
+        [days30, 1024 ** 3, 10 * 60 * 1e9, 'old'],
+      );
     };
     const nc = await connect({ servers: nats.url });
     try {
@@ -244,9 +315,20 @@ describe('job events on NATS JetStream', () => {
     const onc = await connect({ servers: other.url });
     try {
       const jsm = await jetstreamManager(onc);
-      await jsm.streams.add({ name: STREAM, subjects: ['ops.>'], description: 'kept', max_age: 3600e9, storage: StorageType.Memory });
+      await jsm.streams.add({
+        name: STREAM,
+        subjects: ['ops.>'],
+        description: 'kept',
+        max_age: 3600e9,
+        storage: StorageType.Memory,
+      });
       const server = new DppaServer({
-        adminToken: ADMIN, dataDir: join(dir, 'other'), grpcPort: 0, metricsPort: 0, nats: { url: other.url }, logger: createLogger({ level: 'silent' }),
+        adminToken: ADMIN,
+        dataDir: join(dir, 'other'),
+        grpcPort: 0,
+        metricsPort: 0,
+        nats: { url: other.url },
+        logger: createLogger({ level: 'silent' }),
       });
       await server.start();
       await server.stop();
@@ -264,7 +346,12 @@ describe('job events on NATS JetStream', () => {
   it('refuses to start when NATS is unreachable, naming the URL', async () => {
     const url = `nats://127.0.0.1:${await freePort()}`;
     const server = new DppaServer({
-      adminToken: ADMIN, dataDir: join(dir, 'unreachable'), grpcPort: 0, metricsPort: 0, nats: { url }, logger: createLogger({ level: 'silent' }),
+      adminToken: ADMIN,
+      dataDir: join(dir, 'unreachable'),
+      grpcPort: 0,
+      metricsPort: 0,
+      nats: { url },
+      logger: createLogger({ level: 'silent' }),
     });
     await assert.rejects(server.start(), (err: Error) => {
       assert.equal(err.name, 'NatsUnavailableError');
@@ -274,7 +361,10 @@ describe('job events on NATS JetStream', () => {
 
     // The same from the command line: a clear message and a non-zero exit code.
     const launcher = new URL('./fixtures/serve-cli.ts', import.meta.url).pathname;
-    const cli = await run([launcher, 'serve', '--data', join(dir, 'unreachable'), '--grpc-port', '0', '--metrics-port', '0', '--nats', url], { DPPA_ADMIN_TOKEN: ADMIN, DPPA_NATS_URL: '' });
+    const cli = await run(
+      [launcher, 'serve', '--data', join(dir, 'unreachable'), '--grpc-port', '0', '--metrics-port', '0', '--nats', url],
+      { DPPA_ADMIN_TOKEN: ADMIN, DPPA_NATS_URL: '' },
+    );
     assert.equal(cli.code, 1);
     assert.ok(cli.stderr.includes(`dppa serve: cannot start: cannot connect to NATS at ${url}`), cli.stderr);
     assert.equal(cli.stdout, '', 'no listener was announced');
@@ -284,14 +374,29 @@ describe('job events on NATS JetStream', () => {
     const plain = await startNatsServer({ jetstream: false });
     try {
       const server = new DppaServer({
-        adminToken: ADMIN, dataDir: join(dir, 'nojs'), grpcPort: 0, metricsPort: 0, nats: { url: plain.url }, logger: createLogger({ level: 'silent' }),
+        adminToken: ADMIN,
+        dataDir: join(dir, 'nojs'),
+        grpcPort: 0,
+        metricsPort: 0,
+        nats: { url: plain.url },
+        logger: createLogger({ level: 'silent' }),
       });
-      await assert.rejects(server.start(), new RegExp(`NATS at ${plain.url} cannot hold the job events in stream DPPA_EVENTS \\(JetStream must be enabled`));
+      await assert.rejects(
+        server.start(),
+        new RegExp(
+          `NATS at ${plain.url} cannot hold the job events in stream DPPA_EVENTS \\(JetStream must be enabled`,
+        ),
+      );
     } finally {
       await plain.close();
     }
     const server = new DppaServer({
-      adminToken: ADMIN, dataDir: join(dir, 'nocreds'), grpcPort: 0, metricsPort: 0, nats: { url: nats.url, credsFile: join(dir, 'none.creds') }, logger: createLogger({ level: 'silent' }),
+      adminToken: ADMIN,
+      dataDir: join(dir, 'nocreds'),
+      grpcPort: 0,
+      metricsPort: 0,
+      nats: { url: nats.url, credsFile: join(dir, 'none.creds') },
+      logger: createLogger({ level: 'silent' }),
     });
     await assert.rejects(server.start(), /^ConfigError: nats\.credsFile: cannot read .*none\.creds/);
   });
@@ -299,13 +404,27 @@ describe('job events on NATS JetStream', () => {
   it('takes --nats, DPPA_NATS_URL and --nats-creds, and checks the URL', async () => {
     const env = { DPPA_ADMIN_TOKEN: ADMIN };
     assert.equal((await optionsFromFlags({}, env)).nats, undefined, 'no NATS unless asked');
-    assert.deepEqual((await optionsFromFlags({ nats: 'nats://a:4222', natsCreds: 'u.creds' }, env)).nats, { url: 'nats://a:4222', credsFile: 'u.creds' });
+    assert.deepEqual((await optionsFromFlags({ nats: 'nats://a:4222', natsCreds: 'u.creds' }, env)).nats, {
+      url: 'nats://a:4222',
+      credsFile: 'u.creds',
+    });
     assert.deepEqual((await optionsFromFlags({}, { ...env, DPPA_NATS_URL: 'b:4222' })).nats, { url: 'b:4222' });
-    assert.deepEqual((await optionsFromFlags({ nats: 'c:4222' }, { ...env, DPPA_NATS_URL: 'b:4222' })).nats, { url: 'c:4222' }, 'the flag wins');
+    assert.deepEqual(
+      (await optionsFromFlags({ nats: 'c:4222' }, { ...env, DPPA_NATS_URL: 'b:4222' })).nats,
+      { url: 'c:4222' },
+      'the flag wins',
+    );
     await assert.rejects(optionsFromFlags({ natsCreds: 'u.creds' }, env), /--nats-creds needs --nats URL/);
     for (const url of ['', 'http://a:4222', 'nats://']) {
-      assert.throws(() => withDefaults({ adminToken: ADMIN, nats: { url } }), (err: Error) => err instanceof ConfigError && err.message.startsWith('nats.url: '), url);
+      assert.throws(
+        () => withDefaults({ adminToken: ADMIN, nats: { url } }),
+        (err: Error) => err instanceof ConfigError && err.message.startsWith('nats.url: '),
+        url,
+      );
     }
-    assert.equal(withDefaults({ adminToken: ADMIN, nats: { url: 'nats://a:4222, tls://b:4443' } }).nats?.url, 'nats://a:4222, tls://b:4443');
+    assert.equal(
+      withDefaults({ adminToken: ADMIN, nats: { url: 'nats://a:4222, tls://b:4443' } }).nats?.url,
+      'nats://a:4222, tls://b:4443',
+    );
   });
 });

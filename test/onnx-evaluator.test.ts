@@ -6,10 +6,22 @@ import { performance } from 'node:perf_hooks';
 import { after, before, describe, it } from 'node:test';
 import { bf16ToF32, encodeFromF32, f16ToF32, f32ToBf16, f32ToF16 } from '../proto/safetensors/dtype.js';
 import {
-  OnnxEvaluator, OnnxModelError, ProviderUnavailableError, TaskDataError, weightsAsGraphInputs,
-  type CheckpointShapes, type OnnxEvaluatorOptions, type WeightSource,
+  OnnxEvaluator,
+  OnnxModelError,
+  ProviderUnavailableError,
+  TaskDataError,
+  weightsAsGraphInputs,
+  type CheckpointShapes,
+  type OnnxEvaluatorOptions,
+  type WeightSource,
 } from '../server/dpa/onnx/index.js';
-import { onnx, type IGraphProto, type INodeProto, type ITensorProto, type IValueInfoProto } from '../server/dpa/onnx/onnx-schema.js';
+import {
+  onnx,
+  type IGraphProto,
+  type INodeProto,
+  type ITensorProto,
+  type IValueInfoProto,
+} from '../server/dpa/onnx/onnx-schema.js';
 
 // ---------------------------------------------------------------------------
 // A toy causal LM, built as ONNX with onnx-proto and computed again in TypeScript:
@@ -22,12 +34,26 @@ const V = 10; // "<pad>", "<bos>", "<eos>", a, b, c, d, e, space, =
 const D = 8;
 const H = 12;
 const SCALE = 0.5;
-const NAMES = { embed: 'model.embed_tokens.weight', up: 'model.layers.0.mlp.up_proj.weight', lmHead: 'lm_head.weight' } as const;
+const NAMES = {
+  embed: 'model.embed_tokens.weight',
+  up: 'model.layers.0.mlp.up_proj.weight',
+  lmHead: 'lm_head.weight',
+} as const;
 const SHAPES: CheckpointShapes = { [NAMES.embed]: [V, D], [NAMES.up]: [H, D], [NAMES.lmHead]: [V, H] };
-const TOKENIZER = { type: 'char', vocab: ['<pad>', '<bos>', '<eos>', 'a', 'b', 'c', 'd', 'e', ' ', '='], bos: 1, eos: 2, pad: 0 };
+const TOKENIZER = {
+  type: 'char',
+  vocab: ['<pad>', '<bos>', '<eos>', 'a', 'b', 'c', 'd', 'e', ' ', '='],
+  bos: 1,
+  eos: 2,
+  pad: 0,
+};
 const CHAR_IDS = new Map(TOKENIZER.vocab.map((c, i) => [c, i]));
 
-interface ToyWeights { embed: Float32Array; up: Float32Array; lmHead: Float32Array }
+interface ToyWeights {
+  embed: Float32Array;
+  up: Float32Array;
+  lmHead: Float32Array;
+}
 type Dt = 'float32' | 'float16' | 'bfloat16';
 
 function rng(seed: number): () => number {
@@ -53,12 +79,17 @@ function clone(w: ToyWeights): ToyWeights {
 
 /** The values a model of `dtype` actually holds. */
 function rounded(w: ToyWeights, dtype: Dt): ToyWeights {
-  const f = (x: Float32Array): Float32Array => (dtype === 'float32' ? x : dtype === 'float16' ? f16ToF32(f32ToF16(x)) : bf16ToF32(f32ToBf16(x)));
+  const f = (x: Float32Array): Float32Array =>
+    dtype === 'float32' ? x : dtype === 'float16' ? f16ToF32(f32ToF16(x)) : bf16ToF32(f32ToBf16(x));
   return { embed: f(w.embed), up: f(w.up), lmHead: f(w.lmHead) };
 }
 
 function source(w: ToyWeights, asked?: string[]): WeightSource {
-  const m = new Map([[NAMES.embed, w.embed], [NAMES.up, w.up], [NAMES.lmHead, w.lmHead]]);
+  const m = new Map([
+    [NAMES.embed, w.embed],
+    [NAMES.up, w.up],
+    [NAMES.lmHead, w.lmHead],
+  ]);
   return (name) => {
     asked?.push(name);
     const v = m.get(name as typeof NAMES.embed);
@@ -133,7 +164,15 @@ const CODE: Record<Dt, number> = { float32: T.FLOAT, float16: T.FLOAT16, bfloat1
 const ST = { float32: 'F32', float16: 'F16', bfloat16: 'BF16' } as const;
 
 function valueInfo(name: string, elemType: number, dims: (number | string)[]): IValueInfoProto {
-  return { name, type: { tensorType: { elemType, shape: { dim: dims.map((d) => (typeof d === 'string' ? { dimParam: d } : { dimValue: d })) } } } };
+  return {
+    name,
+    type: {
+      tensorType: {
+        elemType,
+        shape: { dim: dims.map((d) => (typeof d === 'string' ? { dimParam: d } : { dimValue: d })) },
+      },
+    },
+  };
 }
 
 interface ToyModelOptions {
@@ -160,47 +199,101 @@ function toyModel(o: ToyModelOptions): Uint8Array {
   const inits: ITensorProto[] = [];
   const inputs: IValueInfoProto[] = [valueInfo('input_ids', T.INT64, ['batch', o.fixedSeq ?? 'seq'])];
   const weight = (name: string, values: Float32Array, dims: number[]): string => {
-    if (o.form !== 'inputs') inits.push({ name, dataType: CODE[dtype], dims, rawData: encodeFromF32(values, ST[dtype]).slice() });
+    if (o.form !== 'inputs')
+      inits.push({ name, dataType: CODE[dtype], dims, rawData: encodeFromF32(values, ST[dtype]).slice() });
     if (o.form !== 'initializers') inputs.push(valueInfo(name, CODE[dtype], dims));
     if (dtype === 'float32') return name;
-    nodes.push({ opType: 'Cast', input: [name], output: [`${name}/f32`], attribute: [{ name: 'to', type: A.INT, i: T.FLOAT }] });
+    nodes.push({
+      opType: 'Cast',
+      input: [name],
+      output: [`${name}/f32`],
+      attribute: [{ name: 'to', type: A.INT, i: T.FLOAT }],
+    });
     return `${name}/f32`;
   };
   const E = weight(names.embed, stored.embed, [V, D]);
   const W1 = weight(names.up, stored.up, [H, D]);
   const LM = weight(names.lmHead, stored.lmHead, [V, H]);
-  inits.push({ name: 'cumsum_axis', dataType: T.INT64, dims: [], rawData: new Uint8Array(BigInt64Array.of(1n).buffer) });
-  inits.push({ name: 'logit_scale', dataType: T.FLOAT, dims: [], rawData: new Uint8Array(Float32Array.of(SCALE).buffer) });
+  inits.push({
+    name: 'cumsum_axis',
+    dataType: T.INT64,
+    dims: [],
+    rawData: new Uint8Array(BigInt64Array.of(1n).buffer),
+  });
+  inits.push({
+    name: 'logit_scale',
+    dataType: T.FLOAT,
+    dims: [],
+    rawData: new Uint8Array(Float32Array.of(SCALE).buffer),
+  });
   if (o.externalDir !== undefined) {
     // logit_scale at offset 0, the embedding after it (the evaluator must read the first and skip the second).
     const scale = inits.find((t) => t.name === 'logit_scale')!;
     scale.rawData = null;
     scale.dataLocation = onnx.TensorProto.DataLocation.EXTERNAL;
-    scale.externalData = [{ key: 'location', value: 'toy.data' }, { key: 'offset', value: '0' }, { key: 'length', value: '4' }];
+    scale.externalData = [
+      { key: 'location', value: 'toy.data' },
+      { key: 'offset', value: '0' },
+      { key: 'length', value: '4' },
+    ];
     const emb = inits.find((t) => t.name === names.embed)!;
     emb.rawData = null;
     emb.dataLocation = onnx.TensorProto.DataLocation.EXTERNAL;
-    emb.externalData = [{ key: 'location', value: 'toy.data' }, { key: 'offset', value: '4' }];
+    emb.externalData = [
+      { key: 'location', value: 'toy.data' },
+      { key: 'offset', value: '4' },
+    ];
   }
   nodes.push({ opType: 'Gather', input: [E, 'input_ids'], output: ['emb'] });
   let emb = 'emb';
   if (o.attentionMask === true) {
     inputs.push(valueInfo('attention_mask', T.INT64, ['batch', 'seq']));
-    inits.push({ name: 'mask_axis', dataType: T.INT64, dims: [1], rawData: new Uint8Array(BigInt64Array.of(2n).buffer) });
-    nodes.push({ opType: 'Cast', input: ['attention_mask'], output: ['mask_f'], attribute: [{ name: 'to', type: A.INT, i: T.FLOAT }] });
+    inits.push({
+      name: 'mask_axis',
+      dataType: T.INT64,
+      dims: [1],
+      rawData: new Uint8Array(BigInt64Array.of(2n).buffer),
+    });
+    nodes.push({
+      opType: 'Cast',
+      input: ['attention_mask'],
+      output: ['mask_f'],
+      attribute: [{ name: 'to', type: A.INT, i: T.FLOAT }],
+    });
     nodes.push({ opType: 'Unsqueeze', input: ['mask_f', 'mask_axis'], output: ['mask3'] });
     nodes.push({ opType: 'Mul', input: ['emb', 'mask3'], output: ['emb_masked'] });
     emb = 'emb_masked';
   }
   nodes.push({ opType: 'CumSum', input: [emb, 'cumsum_axis'], output: ['ctx'] });
-  nodes.push({ opType: 'Transpose', input: [W1], output: ['w1t'], attribute: [{ name: 'perm', type: A.INTS, ints: [1, 0] }] });
+  nodes.push({
+    opType: 'Transpose',
+    input: [W1],
+    output: ['w1t'],
+    attribute: [{ name: 'perm', type: A.INTS, ints: [1, 0] }],
+  });
   nodes.push({ opType: 'MatMul', input: ['ctx', 'w1t'], output: ['h'] });
   nodes.push({ opType: 'Relu', input: ['h'], output: ['act'] });
-  nodes.push({ opType: 'Transpose', input: [LM], output: ['lmt'], attribute: [{ name: 'perm', type: A.INTS, ints: [1, 0] }] });
+  nodes.push({
+    opType: 'Transpose',
+    input: [LM],
+    output: ['lmt'],
+    attribute: [{ name: 'perm', type: A.INTS, ints: [1, 0] }],
+  });
   nodes.push({ opType: 'MatMul', input: ['act', 'lmt'], output: ['z'] });
   nodes.push({ opType: 'Mul', input: ['z', 'logit_scale'], output: ['logits'] });
-  const graph: IGraphProto = { name: 'toy-lm', node: nodes, initializer: inits, input: inputs, output: [valueInfo('logits', T.FLOAT, ['batch', 'seq', V])] };
-  return onnx.ModelProto.encode({ irVersion: 8, producerName: 'onnx-evaluator.test', opsetImport: [{ domain: '', version: 17 }], graph }).finish();
+  const graph: IGraphProto = {
+    name: 'toy-lm',
+    node: nodes,
+    initializer: inits,
+    input: inputs,
+    output: [valueInfo('logits', T.FLOAT, ['batch', 'seq', V])],
+  };
+  return onnx.ModelProto.encode({
+    irVersion: 8,
+    producerName: 'onnx-evaluator.test',
+    opsetImport: [{ domain: '', version: 17 }],
+    graph,
+  }).finish();
 }
 
 // --- fixtures -----------------------------------------------------------------
@@ -268,23 +361,40 @@ after(() => rm(dir, { recursive: true, force: true }));
 describe('ONNX evaluator: weight injection', () => {
   const seqs = [context('abc='), context('e d='), context('aaaa')];
 
-  for (const [form, injection] of [['initializers', 'inputs'], ['initializers', 'rewrite'], ['inputs', 'inputs'], ['inputs', 'rewrite'], ['both', 'inputs'], ['both', 'rewrite']] as const) {
+  for (const [form, injection] of [
+    ['initializers', 'inputs'],
+    ['initializers', 'rewrite'],
+    ['inputs', 'inputs'],
+    ['inputs', 'rewrite'],
+    ['both', 'inputs'],
+    ['both', 'rewrite'],
+  ] as const) {
     it(`weights as ${form}, injected by ${injection}: logits equal the TypeScript network for each candidate`, async () => {
       const modelPath = await writeModel(`toy-${form}.onnx`, { form });
       await withEvaluator({ modelPath, checkpointShapes: SHAPES, injection }, async (e) => {
         assert.equal(e.injection, injection);
         assert.deepEqual([...e.weightNames].sort(), Object.values(NAMES).sort());
-        for (const [label, w] of [['A', W_A], ['B', W_B], ['A again', W_A]] as const) {
+        for (const [label, w] of [
+          ['A', W_A],
+          ['B', W_B],
+          ['A again', W_A],
+        ] as const) {
           const out = await e.logits(source(w), seqs);
           assert.deepEqual(out.dims, [3, 5, V]);
-          seqs.forEach((s, b) => assertClose(out.data.subarray(b * 5 * V, (b + 1) * 5 * V), refLogits(w, s), `candidate ${label}, row ${b}`));
+          seqs.forEach((s, b) =>
+            assertClose(out.data.subarray(b * 5 * V, (b + 1) * 5 * V), refLogits(w, s), `candidate ${label}, row ${b}`),
+          );
         }
       });
     });
   }
 
   it('detects the injection: inputs for float32 and float16, rewrite for bfloat16', async () => {
-    for (const [dtype, expected] of [['float32', 'inputs'], ['float16', 'inputs'], ['bfloat16', 'rewrite']] as const) {
+    for (const [dtype, expected] of [
+      ['float32', 'inputs'],
+      ['float16', 'inputs'],
+      ['bfloat16', 'rewrite'],
+    ] as const) {
       const modelPath = await writeModel(`toy-${dtype}.onnx`, { form: 'initializers', dtype });
       await withEvaluator({ modelPath, checkpointShapes: SHAPES }, async (e) => {
         assert.equal(e.injection, expected, dtype);
@@ -298,7 +408,10 @@ describe('ONNX evaluator: weight injection', () => {
   it('reads external data of constants and never the weights', async () => {
     const externalDir = await mkdtemp(join(dir, 'ext-'));
     const stored = randomWeights(5);
-    await writeFile(join(externalDir, 'toy.data'), Buffer.concat([Buffer.from(Float32Array.of(SCALE).buffer), Buffer.from(stored.embed.buffer)]));
+    await writeFile(
+      join(externalDir, 'toy.data'),
+      Buffer.concat([Buffer.from(Float32Array.of(SCALE).buffer), Buffer.from(stored.embed.buffer)]),
+    );
     const modelPath = join(externalDir, 'toy.onnx');
     await writeFile(modelPath, toyModel({ form: 'initializers', stored, externalDir }));
     await withEvaluator({ modelPath, checkpointShapes: SHAPES }, async (e) => {
@@ -320,7 +433,8 @@ describe('ONNX evaluator: weight injection', () => {
     await withEvaluator({ modelPath }, async (e) => {
       assert.deepEqual([...e.weightNames].sort(), [...Object.values(NAMES), 'logit_scale'].sort());
       // So the weight source is asked for the constant too; doubling it doubles the logits.
-      const withScale: WeightSource = (name) => (name === 'logit_scale' ? Promise.resolve(Float32Array.of(2 * SCALE)) : source(W_A)(name));
+      const withScale: WeightSource = (name) =>
+        name === 'logit_scale' ? Promise.resolve(Float32Array.of(2 * SCALE)) : source(W_A)(name);
       const expected = refLogits(W_A, seqs[0]!).map((row) => row.map((x) => 2 * x));
       assertClose((await e.logits(withScale, [seqs[0]!])).data, expected, 'scale as a weight');
     });
@@ -331,7 +445,10 @@ describe('ONNX evaluator: weight injection', () => {
     const converted = weightsAsGraphInputs(bytes, Object.values(NAMES));
     const g = onnx.ModelProto.decode(converted).graph!;
     assert.deepEqual(g.initializer!.map((t) => t.name).sort(), ['cumsum_axis', 'logit_scale']);
-    assert.deepEqual(g.input!.map((v) => v.name), ['input_ids', ...Object.values(NAMES)]);
+    assert.deepEqual(
+      g.input!.map((v) => v.name),
+      ['input_ids', ...Object.values(NAMES)],
+    );
     const modelPath = join(dir, 'toy-converted.onnx');
     await writeFile(modelPath, converted);
     await withEvaluator({ modelPath, checkpointShapes: SHAPES }, async (e) => {
@@ -380,7 +497,10 @@ describe('ONNX evaluator: metrics', () => {
         const em = await e.evaluate(source(W_A), tasks, 'exact_match');
         assert.deepEqual(em, { arith: expectedEm }, `batch ${batchSize}`);
         const ll = await e.evaluate(source(W_A), tasks, 'log_likelihood');
-        assert.ok(Math.abs(ll.arith! - ref.ll) <= 1e-5 * Math.abs(ref.ll), `batch ${batchSize}: ${ll.arith} vs ${ref.ll}`);
+        assert.ok(
+          Math.abs(ll.arith! - ref.ll) <= 1e-5 * Math.abs(ref.ll),
+          `batch ${batchSize}: ${ll.arith} vs ${ref.ll}`,
+        );
       });
     }
   });
@@ -393,11 +513,17 @@ describe('ONNX evaluator: metrics', () => {
     const aTask = examples.map((x) => ({ prompt: x.prompt, answer: 'a'.repeat(x.answer.length) }));
     const aFile = await writeJsonl('all-a.jsonl', aTask);
     await withEvaluator({ modelPath, tokenizerPath, checkpointShapes: SHAPES }, async (e) => {
-      const tasks = await e.loadTasks([{ name: 'arith', file: emTask }, { name: 'all-a', file: aFile }]);
+      const tasks = await e.loadTasks([
+        { name: 'arith', file: emTask },
+        { name: 'all-a', file: aFile },
+      ]);
       const before = await e.evaluate(source(W_A), tasks, 'log_likelihood');
       const afterLl = await e.evaluate(source(boosted), tasks, 'log_likelihood');
       const afterEm = await e.evaluate(source(boosted), tasks, 'exact_match');
-      assert.ok(afterLl['all-a']! > before['all-a']!, `log-likelihood of "a" answers rises: ${before['all-a']} → ${afterLl['all-a']}`);
+      assert.ok(
+        afterLl['all-a']! > before['all-a']!,
+        `log-likelihood of "a" answers rises: ${before['all-a']} → ${afterLl['all-a']}`,
+      );
       const refA = reference(boosted, aTask);
       const refArith = reference(boosted, examples);
       assert.ok(Math.abs(afterLl['all-a']! - refA.ll) <= 1e-5 * Math.abs(refA.ll));
@@ -432,12 +558,19 @@ describe('ONNX evaluator: metrics', () => {
     const names = { embed: 'E', up: 'W_up', lmHead: 'onnx::MatMul_7' };
     const mapped = await writeModel('toy-mapped.onnx', { form: 'initializers', names });
     const mapFile = join(dir, 'name-map.json');
-    await writeFile(mapFile, JSON.stringify({ [NAMES.embed]: names.embed, [NAMES.up]: names.up, [NAMES.lmHead]: names.lmHead }));
+    await writeFile(
+      mapFile,
+      JSON.stringify({ [NAMES.embed]: names.embed, [NAMES.up]: names.up, [NAMES.lmHead]: names.lmHead }),
+    );
     const tasks = [{ name: 'arith', file: emTask }];
-    const direct = await withEvaluator({ modelPath, tokenizerPath, checkpointShapes: SHAPES }, (e) => e.evaluate(source(W_B), tasks, 'log_likelihood'));
+    const direct = await withEvaluator({ modelPath, tokenizerPath, checkpointShapes: SHAPES }, (e) =>
+      e.evaluate(source(W_B), tasks, 'log_likelihood'),
+    );
     for (const nameMap of [mapFile, { [NAMES.embed]: 'E', [NAMES.up]: 'W_up', [NAMES.lmHead]: 'onnx::MatMul_7' }]) {
       const asked: string[] = [];
-      const viaMap = await withEvaluator({ modelPath: mapped, tokenizerPath, nameMap }, (e) => e.evaluate(source(W_B, asked), tasks, 'log_likelihood'));
+      const viaMap = await withEvaluator({ modelPath: mapped, tokenizerPath, nameMap }, (e) =>
+        e.evaluate(source(W_B, asked), tasks, 'log_likelihood'),
+      );
       assert.deepEqual(viaMap, direct);
       assert.deepEqual(asked.sort(), Object.values(NAMES).sort());
     }
@@ -445,7 +578,10 @@ describe('ONNX evaluator: metrics', () => {
 
   it('stops at an aborted signal', async () => {
     await withEvaluator({ modelPath, tokenizerPath, checkpointShapes: SHAPES }, async (e) => {
-      await assert.rejects(e.evaluate(source(W_A), [{ name: 'arith', file: emTask }], 'exact_match', AbortSignal.abort()), { name: 'AbortError' });
+      await assert.rejects(
+        e.evaluate(source(W_A), [{ name: 'arith', file: emTask }], 'exact_match', AbortSignal.abort()),
+        { name: 'AbortError' },
+      );
     });
   });
 
@@ -465,7 +601,9 @@ describe('ONNX evaluator: metrics', () => {
       const tasks = await e.loadTasks([{ name: 'many', file }]);
       const t0 = performance.now();
       await e.evaluate(source(W_A), tasks, 'log_likelihood');
-      t.diagnostic(`same with rewrite injection (one session per candidate): ${(performance.now() - t0).toFixed(1)} ms`);
+      t.diagnostic(
+        `same with rewrite injection (one session per candidate): ${(performance.now() - t0).toFixed(1)} ms`,
+      );
     });
   });
 });
@@ -473,14 +611,21 @@ describe('ONNX evaluator: metrics', () => {
 describe('ONNX evaluator: errors', () => {
   let modelPath: string;
   before(async () => {
-    modelPath = await writeModel('toy-errors.onnx', { form: 'initializers', names: { embed: NAMES.embed, up: 'W_up', lmHead: NAMES.lmHead } });
+    modelPath = await writeModel('toy-errors.onnx', {
+      form: 'initializers',
+      names: { embed: NAMES.embed, up: 'W_up', lmHead: NAMES.lmHead },
+    });
   });
   const nameMap = { [NAMES.up]: 'W_up' };
 
   it('shape mismatch names the checkpoint tensor and the initializer', async () => {
     await assert.rejects(
       OnnxEvaluator.create({ modelPath, nameMap, checkpointShapes: { ...SHAPES, [NAMES.up]: [D, H] } }),
-      (e: unknown) => e instanceof OnnxModelError && e.message.includes(`"${NAMES.up}" has shape [${D}, ${H}]`) && e.message.includes(`"W_up" has shape [${H}, ${D}]`) && e.message.includes(modelPath),
+      (e: unknown) =>
+        e instanceof OnnxModelError &&
+        e.message.includes(`"${NAMES.up}" has shape [${D}, ${H}]`) &&
+        e.message.includes(`"W_up" has shape [${H}, ${D}]`) &&
+        e.message.includes(modelPath),
     );
   });
 
@@ -488,7 +633,11 @@ describe('ONNX evaluator: errors', () => {
     await withEvaluator({ modelPath, nameMap, checkpointShapes: SHAPES }, async (e) => {
       const bad = clone(W_A);
       bad.up = bad.up.subarray(1);
-      await assert.rejects(e.logits(source(bad), [[1, 3]]), (err: unknown) => err instanceof OnnxModelError && err.message.includes(NAMES.up) && err.message.includes('"W_up"'));
+      await assert.rejects(
+        e.logits(source(bad), [[1, 3]]),
+        (err: unknown) =>
+          err instanceof OnnxModelError && err.message.includes(NAMES.up) && err.message.includes('"W_up"'),
+      );
       // The evaluator is still usable afterwards.
       assertClose((await e.logits(source(W_A), [[1, 3]])).data, refLogits(W_A, [1, 3]), 'after error');
     });
@@ -502,31 +651,66 @@ describe('ONNX evaluator: errors', () => {
   });
 
   it('unknown character names the task file and line', async () => {
-    const file = await writeJsonl('bad-char.jsonl', [{ prompt: 'ab=', answer: 'c' }, { prompt: 'ab€=', answer: 'c' }]);
+    const file = await writeJsonl('bad-char.jsonl', [
+      { prompt: 'ab=', answer: 'c' },
+      { prompt: 'ab€=', answer: 'c' },
+    ]);
     await withEvaluator({ modelPath, nameMap, checkpointShapes: SHAPES, tokenizerPath }, async (e) => {
-      await assert.rejects(e.loadTasks([{ name: 't', file }]), (err: unknown) => err instanceof TaskDataError && err.file === file && err.line === 2 && err.message.includes('"€"') && err.message.startsWith(`${file}:2:`));
+      await assert.rejects(
+        e.loadTasks([{ name: 't', file }]),
+        (err: unknown) =>
+          err instanceof TaskDataError &&
+          err.file === file &&
+          err.line === 2 &&
+          err.message.includes('"€"') &&
+          err.message.startsWith(`${file}:2:`),
+      );
     });
   });
 
   it('bad JSONL line names the file and line', async () => {
-    const file = await writeJsonl('bad-line.jsonl', [{ prompt: 'ab=', answer: 'c' }, '', '{"prompt": "ab"', { prompt: 'a=', answer: 'b' }]);
+    const file = await writeJsonl('bad-line.jsonl', [
+      { prompt: 'ab=', answer: 'c' },
+      '',
+      '{"prompt": "ab"',
+      { prompt: 'a=', answer: 'b' },
+    ]);
     await withEvaluator({ modelPath, nameMap, checkpointShapes: SHAPES, tokenizerPath }, async (e) => {
-      await assert.rejects(e.evaluate(source(W_A), [{ name: 't', file }], 'exact_match'), (err: unknown) => err instanceof TaskDataError && err.line === 3 && err.message.includes('not valid JSON'));
+      await assert.rejects(
+        e.evaluate(source(W_A), [{ name: 't', file }], 'exact_match'),
+        (err: unknown) => err instanceof TaskDataError && err.line === 3 && err.message.includes('not valid JSON'),
+      );
       const missing = await writeJsonl('missing-field.jsonl', [{ prompt: 'ab=' }]);
-      await assert.rejects(e.loadTasks([{ name: 't', file: missing }]), (err: unknown) => err instanceof TaskDataError && err.line === 1 && err.message.includes('"answer"'));
+      await assert.rejects(
+        e.loadTasks([{ name: 't', file: missing }]),
+        (err: unknown) => err instanceof TaskDataError && err.line === 1 && err.message.includes('"answer"'),
+      );
     });
   });
 
   it('the model contract: missing input or output, fixed axes, BFLOAT16 fed as inputs', async () => {
-    await assert.rejects(OnnxEvaluator.create({ modelPath, nameMap, checkpointShapes: SHAPES, inputName: 'tokens' }), (e: unknown) => e instanceof OnnxModelError && e.message.includes('no input "tokens"') && e.message.includes('input_ids'));
-    await assert.rejects(OnnxEvaluator.create({ modelPath, nameMap, checkpointShapes: SHAPES, outputName: 'scores' }), (e: unknown) => e instanceof OnnxModelError && e.message.includes('no output "scores"'));
+    await assert.rejects(
+      OnnxEvaluator.create({ modelPath, nameMap, checkpointShapes: SHAPES, inputName: 'tokens' }),
+      (e: unknown) =>
+        e instanceof OnnxModelError && e.message.includes('no input "tokens"') && e.message.includes('input_ids'),
+    );
+    await assert.rejects(
+      OnnxEvaluator.create({ modelPath, nameMap, checkpointShapes: SHAPES, outputName: 'scores' }),
+      (e: unknown) => e instanceof OnnxModelError && e.message.includes('no output "scores"'),
+    );
     const fixed = await writeModel('toy-fixed.onnx', { form: 'initializers', fixedSeq: 16 });
-    await assert.rejects(OnnxEvaluator.create({ modelPath: fixed, checkpointShapes: SHAPES }), (e: unknown) => e instanceof OnnxModelError && e.message.includes('dynamic axes'));
+    await assert.rejects(
+      OnnxEvaluator.create({ modelPath: fixed, checkpointShapes: SHAPES }),
+      (e: unknown) => e instanceof OnnxModelError && e.message.includes('dynamic axes'),
+    );
     const bf16 = await writeModel('toy-bf16.onnx', { form: 'initializers', dtype: 'bfloat16' });
-    await assert.rejects(OnnxEvaluator.create({ modelPath: bf16, checkpointShapes: SHAPES, injection: 'inputs' }), (e: unknown) => e instanceof OnnxModelError && e.message.includes('BFLOAT16'));
+    await assert.rejects(
+      OnnxEvaluator.create({ modelPath: bf16, checkpointShapes: SHAPES, injection: 'inputs' }),
+      (e: unknown) => e instanceof OnnxModelError && e.message.includes('BFLOAT16'),
+    );
   });
 
-  it('provider cuda without ONNX Runtime\'s CUDA binaries gives a clear error', async (t) => {
+  it("provider cuda without ONNX Runtime's CUDA binaries gives a clear error", async (t) => {
     try {
       const e = await OnnxEvaluator.create({ modelPath, nameMap, checkpointShapes: SHAPES, provider: 'cuda' });
       await e.close();

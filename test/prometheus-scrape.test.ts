@@ -25,21 +25,30 @@ const ADMIN = 'prometheus-test-admin-token-0123';
 
 function promtool(args: string[]): Promise<{ code: number; output: string }> {
   return new Promise((resolve) => {
-    execFile('promtool', args, { cwd: join(deploy, 'prometheus') }, (err, stdout, stderr) => resolve({ code: err === null ? 0 : Number(err.code), output: stdout + stderr }));
+    execFile('promtool', args, { cwd: join(deploy, 'prometheus') }, (err, stdout, stderr) =>
+      resolve({ code: err === null ? 0 : Number(err.code), output: stdout + stderr }),
+    );
   });
 }
 
 /** The PromQL of the dashboard's panels, with its variables set as Grafana would for this test's one server. */
 async function dashboardExpressions(): Promise<{ title: string; expr: string }[]> {
-  const dash = JSON.parse(await readFile(join(deploy, 'grafana/dppa.json'), 'utf8')) as { panels: { title: string; targets: { expr: string }[] }[] };
+  const dash = JSON.parse(await readFile(join(deploy, 'grafana/dppa.json'), 'utf8')) as {
+    panels: { title: string; targets: { expr: string }[] }[];
+  };
   return dash.panels.flatMap((p) =>
-    p.targets.map((t) => ({ title: p.title, expr: t.expr.replaceAll('$__rate_interval', '1m').replaceAll('$instance', '.+').replaceAll('$job', 'dppa') })),
+    p.targets.map((t) => ({
+      title: p.title,
+      expr: t.expr.replaceAll('$__rate_interval', '1m').replaceAll('$instance', '.+').replaceAll('$job', 'dppa'),
+    })),
   );
 }
 
 /** Every `expr` of rules.yml, by rule name. */
 async function ruleExpressions(): Promise<{ name: string; expr: string }[]> {
-  const doc = parse(await readFile(rulesFile, 'utf8')) as { groups: { rules: { record?: string; alert?: string; expr: string }[] }[] };
+  const doc = parse(await readFile(rulesFile, 'utf8')) as {
+    groups: { rules: { record?: string; alert?: string; expr: string }[] }[];
+  };
   return doc.groups.flatMap((g) => g.rules.map((r) => ({ name: r.record ?? r.alert!, expr: r.expr })));
 }
 
@@ -62,10 +71,22 @@ describe('Grafana dashboard', () => {
     const dash = JSON.parse(await readFile(join(deploy, 'grafana/dppa.json'), 'utf8')) as {
       uid: string;
       templating: { list: { name: string; type: string; query: unknown }[] };
-      panels: { id: number; gridPos?: object; datasource: { uid: string }; targets: { datasource: { uid: string }; expr: string }[] }[];
+      panels: {
+        id: number;
+        gridPos?: object;
+        datasource: { uid: string };
+        targets: { datasource: { uid: string }; expr: string }[];
+      }[];
     };
     assert.ok(dash.uid !== '');
-    assert.deepEqual(dash.templating.list.map((v) => [v.name, v.type]), [['datasource', 'datasource'], ['job', 'query'], ['instance', 'query']]);
+    assert.deepEqual(
+      dash.templating.list.map((v) => [v.name, v.type]),
+      [
+        ['datasource', 'datasource'],
+        ['job', 'query'],
+        ['instance', 'query'],
+      ],
+    );
     assert.equal(new Set(dash.panels.map((p) => p.id)).size, dash.panels.length);
     for (const p of dash.panels) {
       assert.ok(p.gridPos !== undefined);
@@ -84,7 +105,11 @@ describe('a real Prometheus scraping a real dppa serve', () => {
   /** An instant query; throws with Prometheus' error when it fails. */
   async function query(expr: string): Promise<{ metric: Record<string, string>; value: [number, string] }[]> {
     const res = await fetch(`${promUrl}/api/v1/query?${new URLSearchParams({ query: expr }).toString()}`);
-    const body = (await res.json()) as { status: string; error?: string; data?: { resultType: string; result: { metric: Record<string, string>; value: [number, string] }[] } };
+    const body = (await res.json()) as {
+      status: string;
+      error?: string;
+      data?: { resultType: string; result: { metric: Record<string, string>; value: [number, string] }[] };
+    };
     if (body.status !== 'success') throw new Error(`${expr}: ${body.error ?? res.status}`);
     return body.data!.result;
   }
@@ -103,7 +128,9 @@ describe('a real Prometheus scraping a real dppa serve', () => {
 
   before(async () => {
     dir = await mkdtemp(join(tmpdir(), 'dppa-prometheus-'));
-    serve = await startServe(['--data', join(dir, 'data'), '--grpc-port', '0', '--metrics-port', '0'], { DPPA_ADMIN_TOKEN: ADMIN });
+    serve = await startServe(['--data', join(dir, 'data'), '--grpc-port', '0', '--metrics-port', '0'], {
+      DPPA_ADMIN_TOKEN: ADMIN,
+    });
     const port = await freePort();
     promUrl = `http://127.0.0.1:${port}`;
     await writeFile(
@@ -116,9 +143,18 @@ describe('a real Prometheus scraping a real dppa serve', () => {
         '',
       ].join('\n'),
     );
-    prometheus = spawn('prometheus', [`--config.file=${join(dir, 'prometheus.yml')}`, `--storage.tsdb.path=${join(dir, 'tsdb')}`, `--web.listen-address=127.0.0.1:${port}`, '--log.level=warn'], {
-      stdio: ['ignore', 'ignore', 'pipe'],
-    });
+    prometheus = spawn(
+      'prometheus',
+      [
+        `--config.file=${join(dir, 'prometheus.yml')}`,
+        `--storage.tsdb.path=${join(dir, 'tsdb')}`,
+        `--web.listen-address=127.0.0.1:${port}`,
+        '--log.level=warn',
+      ],
+      {
+        stdio: ['ignore', 'ignore', 'pipe'],
+      },
+    );
     prometheus.stderr!.on('data', (d: Buffer) => (prometheusLog += d.toString()));
     prometheus.once('exit', (code) => (prometheusLog += `\n(prometheus exited ${code})`));
     await eventually('up{job="dppa"} == 1');
@@ -138,14 +174,20 @@ describe('a real Prometheus scraping a real dppa serve', () => {
     const fam = await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 9, finetunes: 1 });
     const admin = new DppaClient({ address: serve.address, token: ADMIN });
     try {
-      const { job, tokens } = await admin.createJob({ basePath: fam.base, parties: ['math'], rate: 0.8, label: 'prometheus' });
+      const { job, tokens } = await admin.createJob({
+        basePath: fam.base,
+        parties: ['math'],
+        rate: 0.8,
+        label: 'prometheus',
+      });
       const party = new DppaClient({ address: serve.address, token: tokens.math! });
       try {
         await party.push({ jobId: job.id, party: 'math', base: fam.base, finetuned: fam.finetuned[0]! });
       } finally {
         party.close();
       }
-      for await (const event of admin.watchJob(job.id)) if (event.failed !== undefined) assert.fail(event.failed.reason);
+      for await (const event of admin.watchJob(job.id))
+        if (event.failed !== undefined) assert.fail(event.failed.reason);
       assert.equal((await admin.getJob(job.id)).state, JobState.JOB_STATE_MERGED);
     } finally {
       admin.close();
@@ -155,10 +197,16 @@ describe('a real Prometheus scraping a real dppa serve', () => {
 
     const dashboard = await dashboardExpressions();
     const rules = await ruleExpressions();
-    assert.ok(dashboard.length >= 14 && rules.length >= 16, `${dashboard.length} dashboard and ${rules.length} rule expressions`);
+    assert.ok(
+      dashboard.length >= 14 && rules.length >= 16,
+      `${dashboard.length} dashboard and ${rules.length} rule expressions`,
+    );
     const failures: string[] = [];
     const results = new Map<string, number>();
-    for (const { title, expr } of [...dashboard.map((d) => ({ title: d.title, expr: d.expr })), ...rules.map((r) => ({ title: r.name, expr: r.expr }))]) {
+    for (const { title, expr } of [
+      ...dashboard.map((d) => ({ title: d.title, expr: d.expr })),
+      ...rules.map((r) => ({ title: r.name, expr: r.expr })),
+    ]) {
       assert.ok(!expr.includes('$'), `${title}: a variable left in ${expr}`);
       try {
         results.set(title, Math.max(results.get(title) ?? 0, (await query(expr)).length));
@@ -168,7 +216,14 @@ describe('a real Prometheus scraping a real dppa serve', () => {
     }
     assert.deepEqual(failures, [], failures.join('\n'));
 
-    const key = ['Upload throughput', 'Jobs by state', 'Merge duration', 'gRPC calls by method and code', 'dppa:upload_bytes:rate5m', 'dppa:jobs:max'];
+    const key = [
+      'Upload throughput',
+      'Jobs by state',
+      'Merge duration',
+      'gRPC calls by method and code',
+      'dppa:upload_bytes:rate5m',
+      'dppa:jobs:max',
+    ];
     for (const k of key) assert.ok((results.get(k) ?? 0) > 0, `${k} returned no sample`);
     const states = await query('max by (state) (dppa_jobs{job="dppa"})');
     assert.deepEqual(states.map((s) => s.metric.state).sort(), ['COLLECTING', 'DPA', 'FAILED', 'MERGED', 'MERGING']);
@@ -181,11 +236,16 @@ describe('a real Prometheus scraping a real dppa serve', () => {
 
     // Prometheus itself evaluated every rule of the file, without error.
     for (;;) {
-      const body = (await (await fetch(`${promUrl}/api/v1/rules`)).json()) as { data: { groups: { rules: { name: string; health: string; lastError?: string }[] }[] } };
+      const body = (await (await fetch(`${promUrl}/api/v1/rules`)).json()) as {
+        data: { groups: { rules: { name: string; health: string; lastError?: string }[] }[] };
+      };
       const all = body.data.groups.flatMap((g) => g.rules);
       assert.equal(all.length, rules.length, prometheusLog);
       const bad = all.filter((r) => r.health === 'err');
-      assert.deepEqual(bad.map((r) => `${r.name}: ${r.lastError}`), []);
+      assert.deepEqual(
+        bad.map((r) => `${r.name}: ${r.lastError}`),
+        [],
+      );
       if (all.every((r) => r.health === 'ok')) break;
       await new Promise((resolve) => setTimeout(resolve, 250));
     }

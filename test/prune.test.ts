@@ -5,7 +5,13 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { CheckpointMismatchError, inspectDelta, pruneToFile } from '../client/index.js';
 import { dpOffsets, keptCount, rateAt } from '../client/prune/rates.js';
-import { addTotals, magnitudeTotals, outliersAbove, outlierThreshold, significance } from '../client/prune/significance.js';
+import {
+  addTotals,
+  magnitudeTotals,
+  outliersAbove,
+  outlierThreshold,
+  significance,
+} from '../client/prune/significance.js';
 import { Checkpoint, writeCheckpoint, type TensorData } from '../proto/safetensors/index.js';
 import { readDeltaFile, TensorAssembler } from '../proto/sparse/index.js';
 import { referenceDelta, referenceTopK, roundBf16 } from './fixtures/reference.js';
@@ -23,7 +29,9 @@ before(async () => {
 after(() => rm(dir, { recursive: true, force: true }));
 
 /** Every tensor of a .dppa file, decoded, by name. */
-async function decodeAll(file: string): Promise<Map<string, { partitions: { positions: Float64Array; values: Float32Array }[] }>> {
+async function decodeAll(
+  file: string,
+): Promise<Map<string, { partitions: { positions: Float64Array; values: Float32Array }[] }>> {
   const out = new Map<string, { partitions: { positions: Float64Array; values: Float32Array }[] }>();
   let asm: TensorAssembler | undefined;
   for await (const r of readDeltaFile(file)) {
@@ -61,12 +69,19 @@ describe('DP prune on a synthetic LLaMA checkpoint', () => {
         union = union.concat([...part.positions]);
         const k = keptCount(t.numel, rate);
         assert.equal(union.length, k, `${t.name} level ${level}: kept count`);
-        assert.deepEqual(union.slice().sort((a, b) => a - b), referenceTopK(delta, k), `${t.name} level ${level}: kept set`);
+        assert.deepEqual(
+          union.slice().sort((a, b) => a - b),
+          referenceTopK(delta, k),
+          `${t.name} level ${level}: kept set`,
+        );
         part.positions.forEach((pos, i) => assert.equal(part.values[i], roundBf16(delta[pos]!)));
       });
       const line = report.tensors.find((r) => r.name === t.name)!;
       assert.equal(line.kept, union.length);
-      assert.deepEqual(line.keptPerPartition, parts.map((p) => p.positions.length));
+      assert.deepEqual(
+        line.keptPerPartition,
+        parts.map((p) => p.positions.length),
+      );
     }
   });
 
@@ -81,26 +96,41 @@ describe('DP prune on a synthetic LLaMA checkpoint', () => {
   });
 
   it('keeps outside tensors dense by default (partition 0), or prunes / skips them', async () => {
-    const dense = await inspectDelta((await pruneToFile({ base, finetuned: ft, rate: 0.9, out: join(dir, 'o1.dppa') })).file);
+    const dense = await inspectDelta(
+      (await pruneToFile({ base, finetuned: ft, rate: 0.9, out: join(dir, 'o1.dppa') })).file,
+    );
     const emb = dense.tensors.find((t) => t.name === 'model.embed_tokens.weight')!;
     assert.deepEqual(emb.keptPerPartition, [emb.numel]);
-    const mag = await inspectDelta((await pruneToFile({ base, finetuned: ft, rate: 0.9, outside: 'magnitude', out: join(dir, 'o2.dppa') })).file);
-    assert.deepEqual([dense.outside, mag.outside, mag.method], ['dense', 'magnitude', 'dp'], 'inspect reads the header enums');
+    const mag = await inspectDelta(
+      (await pruneToFile({ base, finetuned: ft, rate: 0.9, outside: 'magnitude', out: join(dir, 'o2.dppa') })).file,
+    );
+    assert.deepEqual(
+      [dense.outside, mag.outside, mag.method],
+      ['dense', 'magnitude', 'dp'],
+      'inspect reads the header enums',
+    );
     const emb2 = mag.tensors.find((t) => t.name === 'model.embed_tokens.weight')!;
     assert.deepEqual(emb2.keptPerPartition, [keptCount(emb2.numel, 0.9)]);
     const norm2 = mag.tensors.find((t) => t.name === 'model.norm.weight')!;
     assert.deepEqual(norm2.keptPerPartition, [norm2.numel], '1-D tensors stay dense');
-    const skip = await inspectDelta((await pruneToFile({ base, finetuned: ft, rate: 0.9, outside: 'skip', out: join(dir, 'o3.dppa') })).file);
+    const skip = await inspectDelta(
+      (await pruneToFile({ base, finetuned: ft, rate: 0.9, outside: 'skip', out: join(dir, 'o3.dppa') })).file,
+    );
     assert.equal(skip.tensors.filter((t) => t.kind === 'outside' && t.sent).length, 0);
     assert.deepEqual(skip.tensors.find((t) => t.name === 'lm_head.weight')!.keptPerPartition, []);
   });
 
   it('magnitude uses the level rates everywhere; OWL varies by layer only', async () => {
-    const mag = await inspectDelta((await pruneToFile({ base, finetuned: ft, rate: 0.8, method: 'magnitude', out: join(dir, 'm.dppa') })).file);
+    const mag = await inspectDelta(
+      (await pruneToFile({ base, finetuned: ft, rate: 0.8, method: 'magnitude', out: join(dir, 'm.dppa') })).file,
+    );
     for (const t of mag.tensors.filter((x) => x.kind === 'linear')) assert.deepEqual(t.levelRates, [0.9, 0.8]);
-    const owl = await inspectDelta((await pruneToFile({ base, finetuned: ft, rate: 0.8, method: 'owl', out: join(dir, 'owl.dppa') })).file);
+    const owl = await inspectDelta(
+      (await pruneToFile({ base, finetuned: ft, rate: 0.8, method: 'owl', out: join(dir, 'owl.dppa') })).file,
+    );
     const byLayer = new Map<number, Set<number>>();
-    for (const t of owl.tensors.filter((x) => x.kind === 'linear')) byLayer.set(t.layer, (byLayer.get(t.layer) ?? new Set()).add(t.levelRates.at(-1)!));
+    for (const t of owl.tensors.filter((x) => x.kind === 'linear'))
+      byLayer.set(t.layer, (byLayer.get(t.layer) ?? new Set()).add(t.levelRates.at(-1)!));
     for (const s of byLayer.values()) assert.equal(s.size, 1, 'one rate per model layer');
     const mean = [...byLayer.values()].reduce((a, s) => a + [...s][0]!, 0) / byLayer.size;
     assert.ok(Math.abs(mean - 0.8) < 1e-9, 'OWL rates centre on the target');
@@ -108,14 +138,22 @@ describe('DP prune on a synthetic LLaMA checkpoint', () => {
 
   it('DARE is reproducible for a seed and differs across seeds', async () => {
     const a = await pruneToFile({ base, finetuned: ft, rate: 0.9, method: 'dare', seed: 5, out: join(dir, 'd1.dppa') });
-    const b = await pruneToFile({ base, finetuned: ft, rate: 0.9, method: 'dare', seed: 5, out: join(dir, 'd2.dppa'), workers: 1 });
+    const b = await pruneToFile({
+      base,
+      finetuned: ft,
+      rate: 0.9,
+      method: 'dare',
+      seed: 5,
+      out: join(dir, 'd2.dppa'),
+      workers: 1,
+    });
     const c = await pruneToFile({ base, finetuned: ft, rate: 0.9, method: 'dare', seed: 6, out: join(dir, 'd3.dppa') });
     const [x, y, z] = await Promise.all([a.file, b.file, c.file].map((f) => readFile(f)));
     assert.ok(x!.equals(y!));
     assert.ok(!x!.equals(z!));
   });
 
-  it('gives the rates of a full-delta computation when a block threshold falls below a tensor\'s candidates (read again)', async () => {
+  it("gives the rates of a full-delta computation when a block threshold falls below a tensor's candidates (read again)", async () => {
     // Layer 1's q_proj moves ten times more than its block: the block's threshold is
     // below half of q_proj's own, so its candidates do not cover it and it is read again.
     const loud = 'model.layers.1.self_attn.q_proj.weight';
@@ -128,7 +166,10 @@ describe('DP prune on a synthetic LLaMA checkpoint', () => {
       const scale = info.name === loud ? 10 : 1;
       const out = Float32Array.from(fv, (x, i) => bv[i]! + scale * (x - bv[i]!));
       tensors.push({ name: info.name, dtype: 'F32', shape: [...info.shape], data: new Uint8Array(out.buffer) });
-      deltas.set(info.name, Float32Array.from(out, (x, i) => x - bv[i]!));
+      deltas.set(
+        info.name,
+        Float32Array.from(out, (x, i) => x - bv[i]!),
+      );
     }
     await Promise.all([b.close(), f.close()]);
     const louder = join(dir, 'louder');
@@ -141,7 +182,17 @@ describe('DP prune on a synthetic LLaMA checkpoint', () => {
     // Reference: every statistic from a full scan of each delta.
     const stats = linear.map((t) => {
       const totals = magnitudeTotals(deltas.get(t.name)!);
-      return { name: t.name, layer: t.layer, count: t.numel, totals, significance: significance(totals, outliersAbove(deltas.get(t.name)!, outlierThreshold(totals, 5)), 'magnitude') };
+      return {
+        name: t.name,
+        layer: t.layer,
+        count: t.numel,
+        totals,
+        significance: significance(
+          totals,
+          outliersAbove(deltas.get(t.name)!, outlierThreshold(totals, 5)),
+          'magnitude',
+        ),
+      };
     });
     const layerSig = new Map<number, number>();
     for (const layer of new Set(stats.map((s) => s.layer))) {
@@ -149,17 +200,32 @@ describe('DP prune on a synthetic LLaMA checkpoint', () => {
       const totals = addTotals(members.map((s) => s.totals));
       const threshold = outlierThreshold(totals, 5);
       const loudStats = members.find((s) => s.name === loud);
-      if (loudStats !== undefined) assert.ok(threshold < outlierThreshold(loudStats.totals, 5) / 2, 'the case this test is about');
-      layerSig.set(layer, significance(totals, addTotals(members.map((s) => outliersAbove(deltas.get(s.name)!, threshold))), 'magnitude'));
+      if (loudStats !== undefined)
+        assert.ok(threshold < outlierThreshold(loudStats.totals, 5) / 2, 'the case this test is about');
+      layerSig.set(
+        layer,
+        significance(totals, addTotals(members.map((s) => outliersAbove(deltas.get(s.name)!, threshold))), 'magnitude'),
+      );
     }
     const offsets = dpOffsets(layerSig, stats, 0.08);
     for (const t of linear) {
-      assert.deepEqual(t.levelRates, [0.9, 0.8, 0.7].map((a) => rateAt(a, offsets.get(t.name)!.offset)), t.name);
+      assert.deepEqual(
+        t.levelRates,
+        [0.9, 0.8, 0.7].map((a) => rateAt(a, offsets.get(t.name)!.offset)),
+        t.name,
+      );
     }
   });
 
   it('reports layers whose rate reaches 1 (dropped whole)', async () => {
-    const report = await pruneToFile({ base, finetuned: ft, rate: 0.95, levels: [0.95], lambda: 0.2, out: join(dir, 'c.dppa') });
+    const report = await pruneToFile({
+      base,
+      finetuned: ft,
+      rate: 0.95,
+      levels: [0.95],
+      lambda: 0.2,
+      out: join(dir, 'c.dppa'),
+    });
     assert.ok(report.droppedWhole.length > 0);
     for (const name of report.droppedWhole) assert.equal(report.tensors.find((t) => t.name === name)!.kept, 0);
   });
@@ -177,7 +243,13 @@ describe('mismatched checkpoints', () => {
         return true;
       },
     );
-    const report = await pruneToFile({ base: fam.base, finetuned: fam.finetuned[0]!, rate: 0.9, vocabMismatch: 'truncate', out: join(dir, 'v.dppa') });
+    const report = await pruneToFile({
+      base: fam.base,
+      finetuned: fam.finetuned[0]!,
+      rate: 0.9,
+      vocabMismatch: 'truncate',
+      out: join(dir, 'v.dppa'),
+    });
     assert.deepEqual(report.truncated.sort(), ['lm_head.weight', 'model.embed_tokens.weight']);
     const delta = await inspectDelta(report.file);
     assert.deepEqual(delta.tensors.find((t) => t.name === 'lm_head.weight')!.shape, [40, 32]);
@@ -186,14 +258,29 @@ describe('mismatched checkpoints', () => {
   it('lists missing and extra tensors; no output file is left', async () => {
     const other = await writeLlamaFamily(join(dir, 'other'), { shape: { ...TINY, layers: 2 }, seed: 3 });
     const out = join(dir, 'x.dppa');
-    await assert.rejects(pruneToFile({ base, finetuned: other.finetuned[0]!, rate: 0.9, out }), /missing in the fine-tuned model: model\.layers\.2\.self_attn\.q_proj\.weight/);
-    await assert.rejects(pruneToFile({ base: other.base, finetuned: ft, rate: 0.9, out }), /not in the base model: model\.layers\.2\./);
+    await assert.rejects(
+      pruneToFile({ base, finetuned: other.finetuned[0]!, rate: 0.9, out }),
+      /missing in the fine-tuned model: model\.layers\.2\.self_attn\.q_proj\.weight/,
+    );
+    await assert.rejects(
+      pruneToFile({ base: other.base, finetuned: ft, rate: 0.9, out }),
+      /not in the base model: model\.layers\.2\./,
+    );
     await assert.rejects(readFile(out), { code: 'ENOENT' });
   });
 
   it('rejects bad options by name', async () => {
-    await assert.rejects(pruneToFile({ base, finetuned: ft, rate: 1, out: join(dir, 'y.dppa') }), /rate: must be in \[0, 1\)/);
-    await assert.rejects(pruneToFile({ base, finetuned: ft, rate: 0.8, levels: [0.9, 0.7], out: join(dir, 'y.dppa') }), /last level must be the target/);
-    await assert.rejects(pruneToFile({ base, finetuned: ft, rate: 0.8, layerPattern: 'layers\\.\\d+', out: join(dir, 'y.dppa') }), /capture group/);
+    await assert.rejects(
+      pruneToFile({ base, finetuned: ft, rate: 1, out: join(dir, 'y.dppa') }),
+      /rate: must be in \[0, 1\)/,
+    );
+    await assert.rejects(
+      pruneToFile({ base, finetuned: ft, rate: 0.8, levels: [0.9, 0.7], out: join(dir, 'y.dppa') }),
+      /last level must be the target/,
+    );
+    await assert.rejects(
+      pruneToFile({ base, finetuned: ft, rate: 0.8, layerPattern: 'layers\\.\\d+', out: join(dir, 'y.dppa') }),
+      /capture group/,
+    );
   });
 });

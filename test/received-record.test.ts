@@ -8,7 +8,14 @@ import { receivedEncoding, UploadServiceKeepingRecords } from '../server/uploads
 const deserialize = UploadServiceKeepingRecords.upload.requestDeserialize;
 
 void describe('received record bytes', () => {
-  const chunk = [...encodeChunks('w', 1, Float64Array.from({ length: 300 }, (_, i) => i * 7), new Float32Array(300).fill(0.5))][0]!;
+  const chunk = [
+    ...encodeChunks(
+      'w',
+      1,
+      Float64Array.from({ length: 300 }, (_, i) => i * 7),
+      new Float32Array(300).fill(0.5),
+    ),
+  ][0]!;
   const record: DeltaRecord = { chunk };
   const wire = Buffer.from(UploadRequest.encode({ record }).finish());
 
@@ -39,7 +46,11 @@ void describe('received record bytes', () => {
     const recordBytes = Buffer.concat([Buffer.of(0x1a), varint(chunkBytes.length), chunkBytes]);
     const message = Buffer.concat([Buffer.of(0x12), varint(recordBytes.length), recordBytes]);
     const req = deserialize(message);
-    assert.deepEqual(req.record?.chunk, DeltaRecord.decode(Buffer.from(DeltaRecord.encode(record).finish())).chunk, 'the unknown field is skipped');
+    assert.deepEqual(
+      req.record?.chunk,
+      DeltaRecord.decode(Buffer.from(DeltaRecord.encode(record).finish())).chunk,
+      'the unknown field is skipped',
+    );
     assert.equal(receivedEncoding(req.record!), undefined);
   });
 });

@@ -6,7 +6,13 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { FormatError, TruncatedError, UnsupportedDtypeError } from '../proto/errors.js';
 import {
-  Checkpoint, CheckpointWriter, type CheckpointLayout, decodeToF32, type Dtype, type TensorData, writeCheckpoint,
+  Checkpoint,
+  CheckpointWriter,
+  type CheckpointLayout,
+  decodeToF32,
+  type Dtype,
+  type TensorData,
+  writeCheckpoint,
 } from '../proto/safetensors/index.js';
 
 let root: string;
@@ -46,7 +52,10 @@ async function withCheckpoint<T>(path: string, fn: (c: Checkpoint) => T | Promis
 
 /** Encodes a safetensors file by hand: u64 LE length, JSON, data. */
 function craft(header: string | Uint8Array | object, data: Uint8Array = new Uint8Array(0)): Uint8Array {
-  const json = header instanceof Uint8Array ? header : Buffer.from(typeof header === 'string' ? header : JSON.stringify(header), 'utf8');
+  const json =
+    header instanceof Uint8Array
+      ? header
+      : Buffer.from(typeof header === 'string' ? header : JSON.stringify(header), 'utf8');
   const out = new Uint8Array(8 + json.length + data.length);
   let n = json.length;
   for (let i = 0; i < 8; i++) {
@@ -74,7 +83,8 @@ async function rejectsWith(p: Promise<unknown>, type: typeof FormatError, mentio
   }
   assert.ok(caught instanceof type, `expected ${type.name}, got ${String(caught)}`);
   assert.equal(caught.name, type.name);
-  for (const m of mentions) assert.ok(caught.message.includes(m), `message ${JSON.stringify(caught.message)} should mention ${m}`);
+  for (const m of mentions)
+    assert.ok(caught.message.includes(m), `message ${JSON.stringify(caught.message)} should mention ${m}`);
   return caught;
 }
 
@@ -94,9 +104,15 @@ void describe('round trips', () => {
     assert.deepEqual(await readdir(dir), ['model.safetensors']);
     await withCheckpoint(dir, async (c) => {
       assert.equal(c.path, join(dir, 'model.safetensors'));
-      assert.deepEqual(c.tensors().map((t) => t.name), tensors.map((t) => t.name));
+      assert.deepEqual(
+        c.tensors().map((t) => t.name),
+        tensors.map((t) => t.name),
+      );
       assert.equal(c.layout.sharded, false);
-      assert.deepEqual(c.layout.files.map((f) => f.metadata), [{ format: 'pt', note: 'hello' }]);
+      assert.deepEqual(
+        c.layout.files.map((f) => f.metadata),
+        [{ format: 'pt', note: 'hello' }],
+      );
       let expectedOffset: number | undefined;
       for (const t of tensors) {
         const info = c.info(t.name);
@@ -104,7 +120,10 @@ void describe('round trips', () => {
         assert.equal(info.dtype, t.dtype);
         assert.deepEqual(info.shape, t.shape);
         assert.equal(info.byteLength, t.data.byteLength);
-        assert.equal(info.numel, t.shape.reduce((a, b) => a * b, 1));
+        assert.equal(
+          info.numel,
+          t.shape.reduce((a, b) => a * b, 1),
+        );
         if (expectedOffset !== undefined) assert.equal(info.dataOffset, expectedOffset);
         assert.equal(info.dataOffset % 1, 0);
         expectedOffset = info.dataOffset + info.byteLength;
@@ -137,12 +156,18 @@ void describe('round trips', () => {
       tensor('e.weight', 'BF16', [16, 16]), // 512: still fits the third shard
     ];
     await writeCheckpoint(dir, big, { shardBytes: 9000, metadata: { format: 'pt' } });
-    assert.deepEqual((await readdir(dir)).sort(), [
-      'model-00001-of-00003.safetensors', 'model-00002-of-00003.safetensors', 'model-00003-of-00003.safetensors',
-      'model.safetensors.index.json',
-    ].sort());
+    assert.deepEqual(
+      (await readdir(dir)).sort(),
+      [
+        'model-00001-of-00003.safetensors',
+        'model-00002-of-00003.safetensors',
+        'model-00003-of-00003.safetensors',
+        'model.safetensors.index.json',
+      ].sort(),
+    );
     const index = JSON.parse(await readFile(join(dir, 'model.safetensors.index.json'), 'utf8')) as {
-      metadata: { total_size: number }; weight_map: Record<string, string>;
+      metadata: { total_size: number };
+      weight_map: Record<string, string>;
     };
     assert.equal(index.metadata.total_size, 8192 * 3 + 256 + 512);
     assert.deepEqual(index.weight_map, {
@@ -156,12 +181,18 @@ void describe('round trips', () => {
       assert.equal(c.path, dir);
       assert.equal(c.layout.sharded, true);
       assert.deepEqual(c.layout.indexMetadata, { total_size: 8192 * 3 + 256 + 512 });
-      assert.deepEqual(c.layout.files.map((f) => [f.fileName, f.metadata, f.tensors.map((t) => t.name)]), [
-        ['model-00001-of-00003.safetensors', { format: 'pt' }, ['a.weight']],
-        ['model-00002-of-00003.safetensors', { format: 'pt' }, ['b.weight']],
-        ['model-00003-of-00003.safetensors', { format: 'pt' }, ['c.weight', 'd.bias', 'e.weight']],
-      ]);
-      assert.deepEqual(c.tensors().map((t) => t.name), ['a.weight', 'b.weight', 'c.weight', 'd.bias', 'e.weight']);
+      assert.deepEqual(
+        c.layout.files.map((f) => [f.fileName, f.metadata, f.tensors.map((t) => t.name)]),
+        [
+          ['model-00001-of-00003.safetensors', { format: 'pt' }, ['a.weight']],
+          ['model-00002-of-00003.safetensors', { format: 'pt' }, ['b.weight']],
+          ['model-00003-of-00003.safetensors', { format: 'pt' }, ['c.weight', 'd.bias', 'e.weight']],
+        ],
+      );
+      assert.deepEqual(
+        c.tensors().map((t) => t.name),
+        ['a.weight', 'b.weight', 'c.weight', 'd.bias', 'e.weight'],
+      );
       assert.equal(c.info('c.weight').file, join(dir, 'model-00003-of-00003.safetensors'));
       for (const t of big) assert.deepEqual(await c.readRaw(t.name), t.data, t.name);
     });
@@ -176,28 +207,45 @@ void describe('round trips', () => {
 void describe('reading a hand-laid file', () => {
   void it('follows the format definition byte for byte', async () => {
     // Keys deliberately not in data order; offsets relative to the data area.
-    const header = '{"w16":{"dtype":"F16","shape":[2],"data_offsets":[12,16]},'
-      + '"__metadata__":{"format":"pt"},'
-      + '"w32":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
-      + '"wbf":{"dtype":"BF16","shape":[1,2],"data_offsets":[8,12]}}';
+    const header =
+      '{"w16":{"dtype":"F16","shape":[2],"data_offsets":[12,16]},' +
+      '"__metadata__":{"format":"pt"},' +
+      '"w32":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},' +
+      '"wbf":{"dtype":"BF16","shape":[1,2],"data_offsets":[8,12]}}';
     const data = new Uint8Array([
-      0x00, 0x00, 0xc0, 0x3f, 0x00, 0x00, 0x00, 0xc0, // F32 1.5, -2
-      0x80, 0x3f, 0x00, 0xbf, // BF16 1.0, -0.5
-      0x00, 0x3c, 0xff, 0x7b, // F16 1.0, 65504
+      0x00,
+      0x00,
+      0xc0,
+      0x3f,
+      0x00,
+      0x00,
+      0x00,
+      0xc0, // F32 1.5, -2
+      0x80,
+      0x3f,
+      0x00,
+      0xbf, // BF16 1.0, -0.5
+      0x00,
+      0x3c,
+      0xff,
+      0x7b, // F16 1.0, 65504
     ]);
     const file = await craftFile(header, data);
     await withCheckpoint(file, async (c) => {
-      assert.deepEqual(c.tensors().map((t) => t.name), ['w32', 'wbf', 'w16']);
+      assert.deepEqual(
+        c.tensors().map((t) => t.name),
+        ['w32', 'wbf', 'w16'],
+      );
       assert.deepEqual(c.layout.files[0]!.metadata, { format: 'pt' });
       const headerBytes = Buffer.byteLength(header);
       assert.equal(c.info('w32').dataOffset, 8 + headerBytes);
       assert.equal(c.info('w16').dataOffset, 8 + headerBytes + 12);
       assert.deepEqual(c.info('wbf').shape, [1, 2]);
-      assert.deepEqual([...await c.readF32('w32')], [1.5, -2]);
-      assert.deepEqual([...await c.readF32('wbf')], [1, -0.5]);
-      assert.deepEqual([...await c.readF32('w16')], [1, 65504]);
-      assert.deepEqual([...await c.readRangeF32('w16', 1, 1)], [65504]);
-      assert.deepEqual([...await c.readRawRange('w32', 4, 4)], [0x00, 0x00, 0x00, 0xc0]);
+      assert.deepEqual([...(await c.readF32('w32'))], [1.5, -2]);
+      assert.deepEqual([...(await c.readF32('wbf'))], [1, -0.5]);
+      assert.deepEqual([...(await c.readF32('w16'))], [1, 65504]);
+      assert.deepEqual([...(await c.readRangeF32('w16', 1, 1))], [65504]);
+      assert.deepEqual([...(await c.readRawRange('w32', 4, 4))], [0x00, 0x00, 0x00, 0xc0]);
     });
   });
 });
@@ -211,7 +259,10 @@ void describe('partial reads and lookups', () => {
       const whole = await c.readF32('big');
       assert.deepEqual(u32(await c.readRangeF32('big', 250, 300)), u32(whole.subarray(250, 550)));
       assert.equal((await c.readRangeF32('big', 1000, 0)).length, 0);
-      await assert.rejects(c.readRangeF32('big', 999, 2), (e: Error) => e instanceof RangeError && e.message.includes('"big"'));
+      await assert.rejects(
+        c.readRangeF32('big', 999, 2),
+        (e: Error) => e instanceof RangeError && e.message.includes('"big"'),
+      );
       await assert.rejects(c.readRangeF32('big', -1, 1), RangeError);
       await assert.rejects(c.readRawRange('big', 0, 2001), RangeError);
     });
@@ -219,19 +270,30 @@ void describe('partial reads and lookups', () => {
 
   void it('large tensors (several read chunks) read back exactly, also into a reused array', async () => {
     const dir = fresh('large');
-    const ts = [tensor('f16', 'F16', [1536, 1025]), tensor('bf', 'BF16', [1024, 1537]), tensor('f32', 'F32', [700, 1023])];
+    const ts = [
+      tensor('f16', 'F16', [1536, 1025]),
+      tensor('bf', 'BF16', [1024, 1537]),
+      tensor('f32', 'F32', [700, 1023]),
+    ];
     await writeCheckpoint(dir, ts);
     await withCheckpoint(dir, async (c) => {
       const into = new Float32Array(2_000_000);
       for (const t of ts) {
         assert.ok(sameBytes(await c.readRaw(t.name), t.data), t.name);
-        const expected = decodeToF32(t.data, t.dtype, new Float32Array(t.data.byteLength / (t.dtype === 'F32' ? 4 : 2)));
+        const expected = decodeToF32(
+          t.data,
+          t.dtype,
+          new Float32Array(t.data.byteLength / (t.dtype === 'F32' ? 4 : 2)),
+        );
         assert.ok(sameBytes(await c.readF32(t.name), expected), t.name);
         const part = await c.readRangeF32(t.name, 123_457, 500_001, { into });
         assert.equal(part.buffer, into.buffer);
         assert.equal(part.length, 500_001);
         assert.ok(sameBytes(part, expected.subarray(123_457, 623_458)), t.name);
-        assert.ok(sameBytes(await c.readRawRange(t.name, 99_999, 1_100_001), t.data.subarray(99_999, 1_200_000)), t.name);
+        assert.ok(
+          sameBytes(await c.readRawRange(t.name, 99_999, 1_100_001), t.data.subarray(99_999, 1_200_000)),
+          t.name,
+        );
       }
       await assert.rejects(c.readF32('bf', { into: new Float32Array(10) }), RangeError);
     });
@@ -256,13 +318,16 @@ void describe('partial reads and lookups', () => {
     await withCheckpoint(dir, async (c) => {
       assert.equal(c.has('x'), true);
       assert.equal(c.has('y'), false);
-      assert.throws(() => c.info('y'), (e: unknown) => {
-        assert.ok(e instanceof FormatError);
-        assert.equal(e.tensor, 'y');
-        assert.equal(e.file, join(dir, 'model.safetensors'));
-        assert.ok(e.message.includes(`${join(dir, 'model.safetensors')}, tensor "y"`));
-        return true;
-      });
+      assert.throws(
+        () => c.info('y'),
+        (e: unknown) => {
+          assert.ok(e instanceof FormatError);
+          assert.equal(e.tensor, 'y');
+          assert.equal(e.file, join(dir, 'model.safetensors'));
+          assert.ok(e.message.includes(`${join(dir, 'model.safetensors')}, tensor "y"`));
+          return true;
+        },
+      );
       await assert.rejects(c.readRaw('y'), FormatError);
     });
   });
@@ -295,14 +360,17 @@ void describe('partial reads and lookups', () => {
     await withCheckpoint(file, async (c) => {
       assert.equal(c.info('huge').numel, numel);
       assert.equal(c.info('huge').byteLength, numel * 2);
-      assert.deepEqual([...await c.readRangeF32('huge', at - 1, 4)], [0, 1, -2, 3]);
+      assert.deepEqual([...(await c.readRangeF32('huge', at - 1, 4))], [0, 1, -2, 3]);
     });
     await rm(file);
   });
 });
 
 void describe('bad inputs give typed errors naming file and tensor', () => {
-  const good = { a: { dtype: 'F32', shape: [2], data_offsets: [0, 8] }, b: { dtype: 'BF16', shape: [2], data_offsets: [8, 12] } };
+  const good = {
+    a: { dtype: 'F32', shape: [2], data_offsets: [0, 8] },
+    b: { dtype: 'BF16', shape: [2], data_offsets: [8, 12] },
+  };
   const data = new Uint8Array(12);
 
   void it('accepts the baseline used below', async () => {
@@ -415,7 +483,9 @@ void describe('bad inputs give typed errors naming file and tensor', () => {
   void describe('sharded', () => {
     async function shardedDir(): Promise<string> {
       const dir = fresh('bad-sharded');
-      await writeCheckpoint(dir, [tensor('p', 'F32', [4]), tensor('q', 'F32', [4]), tensor('r', 'F32', [4])], { shardBytes: 16 });
+      await writeCheckpoint(dir, [tensor('p', 'F32', [4]), tensor('q', 'F32', [4]), tensor('r', 'F32', [4])], {
+        shardBytes: 16,
+      });
       return dir;
     }
     const indexOf = (dir: string): string => join(dir, 'model.safetensors.index.json');
@@ -426,28 +496,47 @@ void describe('bad inputs give typed errors naming file and tensor', () => {
     void it('index naming a missing shard', async () => {
       const dir = await shardedDir();
       await rm(join(dir, 'model-00002-of-00003.safetensors'));
-      await rejectsWith(Checkpoint.open(dir), FormatError, [indexOf(dir), 'tensor "q"', 'model-00002-of-00003.safetensors']);
+      await rejectsWith(Checkpoint.open(dir), FormatError, [
+        indexOf(dir),
+        'tensor "q"',
+        'model-00002-of-00003.safetensors',
+      ]);
     });
 
     void it('tensor listed in the index but missing from its shard', async () => {
       const dir = await shardedDir();
       await setIndex(dir, {
-        p: 'model-00001-of-00003.safetensors', q: 'model-00002-of-00003.safetensors',
-        r: 'model-00003-of-00003.safetensors', s: 'model-00003-of-00003.safetensors',
+        p: 'model-00001-of-00003.safetensors',
+        q: 'model-00002-of-00003.safetensors',
+        r: 'model-00003-of-00003.safetensors',
+        s: 'model-00003-of-00003.safetensors',
       });
-      await rejectsWith(Checkpoint.open(dir), FormatError, [join(dir, 'model-00003-of-00003.safetensors'), 'tensor "s"', 'missing']);
+      await rejectsWith(Checkpoint.open(dir), FormatError, [
+        join(dir, 'model-00003-of-00003.safetensors'),
+        'tensor "s"',
+        'missing',
+      ]);
     });
 
     void it('tensor present in two shards', async () => {
       const dir = await shardedDir();
       const twin = join(dir, 'model-00003-of-00003.safetensors');
       await writeFile(twin, craft({ q: { dtype: 'F32', shape: [1], data_offsets: [0, 4] } }, new Uint8Array(4)));
-      await rejectsWith(Checkpoint.open(dir), FormatError, [twin, 'tensor "q"', 'also present', 'model-00002-of-00003.safetensors']);
+      await rejectsWith(Checkpoint.open(dir), FormatError, [
+        twin,
+        'tensor "q"',
+        'also present',
+        'model-00002-of-00003.safetensors',
+      ]);
     });
 
     void it('index placing a tensor in the wrong shard', async () => {
       const dir = await shardedDir();
-      await setIndex(dir, { p: 'model-00001-of-00003.safetensors', q: 'model-00003-of-00003.safetensors', r: 'model-00002-of-00003.safetensors' });
+      await setIndex(dir, {
+        p: 'model-00001-of-00003.safetensors',
+        q: 'model-00003-of-00003.safetensors',
+        r: 'model-00002-of-00003.safetensors',
+      });
       await rejectsWith(Checkpoint.open(dir), FormatError, ['tensor "q"', 'places this tensor']);
     });
 
@@ -474,11 +563,16 @@ void describe('CheckpointWriter', () => {
   const layout = (): CheckpointLayout => ({
     sharded: false,
     indexMetadata: undefined,
-    files: [{
-      fileName: 'model.safetensors',
-      metadata: { format: 'pt' },
-      tensors: [{ name: 'w', dtype: 'BF16', shape: [2, 2] }, { name: 'v', dtype: 'F32', shape: [3] }],
-    }],
+    files: [
+      {
+        fileName: 'model.safetensors',
+        metadata: { format: 'pt' },
+        tensors: [
+          { name: 'w', dtype: 'BF16', shape: [2, 2] },
+          { name: 'v', dtype: 'F32', shape: [3] },
+        ],
+      },
+    ],
   });
   const siblings = async (dir: string): Promise<string[]> => {
     const parent = join(dir, '..');
@@ -492,14 +586,20 @@ void describe('CheckpointWriter', () => {
     assert.ok(w.tmpDir.startsWith(`${out}.tmp-`));
     await w.writeTensorF32('v', new Float32Array([1, 2, 3]));
     // 1.00390625 (0x3F808000) ties to 0x3F80; 0x3F818000 rounds up to 0x3F82.
-    await w.writeTensorF32('w', new Float32Array(new Uint32Array([0x3f808000, 0x3f818000, 0xbf800000, 0x7f800000]).buffer));
-    assert.equal((await stat(out).catch(() => undefined)), undefined);
+    await w.writeTensorF32(
+      'w',
+      new Float32Array(new Uint32Array([0x3f808000, 0x3f818000, 0xbf800000, 0x7f800000]).buffer),
+    );
+    assert.equal(await stat(out).catch(() => undefined), undefined);
     await w.commit();
     assert.deepEqual(await siblings(out), [out.slice(root.length + 1)]);
     await withCheckpoint(out, async (c) => {
-      assert.deepEqual([...await c.readRaw('w')], [0x80, 0x3f, 0x82, 0x3f, 0x80, 0xbf, 0x80, 0x7f]);
-      assert.deepEqual([...await c.readF32('v')], [1, 2, 3]);
-      assert.deepEqual(c.tensors().map((t) => t.name), ['w', 'v']);
+      assert.deepEqual([...(await c.readRaw('w'))], [0x80, 0x3f, 0x82, 0x3f, 0x80, 0xbf, 0x80, 0x7f]);
+      assert.deepEqual([...(await c.readF32('v'))], [1, 2, 3]);
+      assert.deepEqual(
+        c.tensors().map((t) => t.name),
+        ['w', 'v'],
+      );
       assert.deepEqual(c.layout.files[0]!.metadata, { format: 'pt' });
     });
   });
@@ -525,7 +625,11 @@ void describe('CheckpointWriter', () => {
     const out = fresh('rejects');
     const w = await CheckpointWriter.create(out, layout());
     try {
-      await rejectsWith(w.writeTensor('w', new Uint8Array(7)), FormatError, [join(out, 'model.safetensors'), 'tensor "w"', '7 bytes']);
+      await rejectsWith(w.writeTensor('w', new Uint8Array(7)), FormatError, [
+        join(out, 'model.safetensors'),
+        'tensor "w"',
+        '7 bytes',
+      ]);
       await rejectsWith(w.writeTensorF32('v', new Float32Array(4)), FormatError, ['tensor "v"', '4 values']);
       await rejectsWith(w.writeTensor('nope', new Uint8Array(8)), FormatError, ['tensor "nope"', 'not in the layout']);
       await w.writeTensor('w', new Uint8Array(8));
@@ -552,7 +656,10 @@ void describe('CheckpointWriter', () => {
     const fresh1 = tensor('new', 'F32', [1]);
     await writeCheckpoint(out, [fresh1], { overwrite: true });
     await withCheckpoint(out, async (c) => {
-      assert.deepEqual(c.tensors().map((t) => t.name), ['new']);
+      assert.deepEqual(
+        c.tensors().map((t) => t.name),
+        ['new'],
+      );
       assert.deepEqual(await c.readRaw('new'), fresh1.data);
     });
     assert.deepEqual(await siblings(out), [out.slice(root.length + 1)]);
@@ -560,12 +667,23 @@ void describe('CheckpointWriter', () => {
 
   void it('mirrors a sharded layout and its index, copying non-weight files', async () => {
     const src = fresh('mirror-src');
-    const ts = [tensor('t0', 'BF16', [8, 8]), tensor('t1', 'F16', [8, 8]), tensor('t2', 'F32', [4, 8]), tensor('t3', 'BF16', [2])];
+    const ts = [
+      tensor('t0', 'BF16', [8, 8]),
+      tensor('t1', 'F16', [8, 8]),
+      tensor('t2', 'F32', [4, 8]),
+      tensor('t3', 'BF16', [2]),
+    ];
     await writeCheckpoint(src, ts, { shardBytes: 128, metadata: { format: 'pt' } });
     // An index as another tool might write it: extra metadata, stale total_size.
     const indexPath = join(src, 'model.safetensors.index.json');
-    const srcIndex = JSON.parse(await readFile(indexPath, 'utf8')) as { metadata: Record<string, unknown>; weight_map: Record<string, string> };
-    await writeFile(indexPath, JSON.stringify({ metadata: { total_size: 1, producer: 'x' }, weight_map: srcIndex.weight_map }));
+    const srcIndex = JSON.parse(await readFile(indexPath, 'utf8')) as {
+      metadata: Record<string, unknown>;
+      weight_map: Record<string, string>;
+    };
+    await writeFile(
+      indexPath,
+      JSON.stringify({ metadata: { total_size: 1, producer: 'x' }, weight_map: srcIndex.weight_map }),
+    );
     await writeFile(join(src, 'config.json'), '{"model_type":"llama"}');
     await writeFile(join(src, 'tokenizer.json'), '{"v":1}');
     await writeFile(join(src, 'pytorch_model.bin'), 'stale weights');
@@ -581,7 +699,10 @@ void describe('CheckpointWriter', () => {
       await w.commit();
     });
     const srcFiles = (await readdir(src)).filter((n) => n.endsWith('.safetensors')).sort();
-    assert.deepEqual((await readdir(out)).sort(), [...srcFiles, 'config.json', 'generation_config.json', 'model.safetensors.index.json', 'tokenizer.json'].sort());
+    assert.deepEqual(
+      (await readdir(out)).sort(),
+      [...srcFiles, 'config.json', 'generation_config.json', 'model.safetensors.index.json', 'tokenizer.json'].sort(),
+    );
     for (const f of srcFiles) assert.deepEqual(await readFile(join(out, f)), await readFile(join(src, f)), f);
     assert.equal(await readFile(join(out, 'generation_config.json'), 'utf8'), '{"do_sample":false}');
     assert.equal((await stat(join(out, 'generation_config.json'))).isFile(), true);

@@ -33,7 +33,12 @@ describe('--parties', () => {
 describe('--dpa', () => {
   it('off by default and as a word', () => {
     assert.deepEqual(parseDpa(undefined, parties), { off: true });
-    assert.deepEqual(DpaConfig.fromPartial(parseDpa('off', parties)), { off: true, fixed: undefined, search: undefined, scaleOutsideByMax: false });
+    assert.deepEqual(DpaConfig.fromPartial(parseDpa('off', parties)), {
+      off: true,
+      fixed: undefined,
+      search: undefined,
+      scaleOutsideByMax: false,
+    });
   });
 
   it('fixed factors for every party, per party, or both', () => {
@@ -47,10 +52,18 @@ describe('--dpa', () => {
 
   it('search with defaults or settings', () => {
     assert.deepEqual(parseDpa('search', parties), { search: {} });
-    const s = DpaConfig.fromPartial(parseDpa('search:method=whole,tuner=golden,start=1.8,step=0.05,upper=4,lower=0.5,budget=20,downward,party-timeout=120', parties)).search!;
+    const s = DpaConfig.fromPartial(
+      parseDpa(
+        'search:method=whole,tuner=golden,start=1.8,step=0.05,upper=4,lower=0.5,budget=20,downward,party-timeout=120',
+        parties,
+      ),
+    ).search!;
     assert.equal(s.method, SearchMethod.SEARCH_METHOD_WHOLE);
     assert.equal(s.tuner, Tuner.TUNER_GOLDEN);
-    assert.deepEqual([s.start, s.step, s.upper, s.lower, s.budget, s.downward, s.partyTimeoutSeconds], [1.8, 0.05, 4, 0.5, 20, true, 120]);
+    assert.deepEqual(
+      [s.start, s.step, s.upper, s.lower, s.budget, s.downward, s.partyTimeoutSeconds],
+      [1.8, 0.05, 4, 0.5, 20, true, 120],
+    );
   });
 
   it('names what is wrong', () => {
@@ -71,7 +84,9 @@ describe('--dpa', () => {
 describe('evaluator flags of --dpa search', () => {
   it('parse into SearchConfig fields', () => {
     assert.deepEqual(parseEvaluator({}, parties, true), {});
-    assert.deepEqual(parseEvaluator({ evaluator: 'remote' }, parties, true), { evaluator: EvaluatorKind.EVALUATOR_KIND_REMOTE });
+    assert.deepEqual(parseEvaluator({ evaluator: 'remote' }, parties, true), {
+      evaluator: EvaluatorKind.EVALUATOR_KIND_REMOTE,
+    });
     const s = parseEvaluator(
       {
         evaluator: 'onnx',
@@ -94,7 +109,10 @@ describe('evaluator flags of --dpa search', () => {
         tokenizerPath: '/tok.json',
         provider: 'cuda',
         metric: 'log_likelihood',
-        partyTasks: { a: { tasks: { gsm: '/a/gsm.jsonl', arith: '/a/ar.jsonl' } }, b: { tasks: { bar: '/b/bar.jsonl' } } },
+        partyTasks: {
+          a: { tasks: { gsm: '/a/gsm.jsonl', arith: '/a/ar.jsonl' } },
+          b: { tasks: { bar: '/b/bar.jsonl' } },
+        },
         partyFinetuned: { a: '/ft/a', b: '/ft/b' },
       },
     });
@@ -102,11 +120,26 @@ describe('evaluator flags of --dpa search', () => {
 
   it('names what is wrong', () => {
     usage(() => parseEvaluator({ evaluator: 'onnx' }, parties, false), /^--evaluator: only with --dpa search/);
-    usage(() => parseEvaluator({ evaluator: 'gpu' }, parties, true), /^--evaluator: expected remote or onnx, got "gpu"/);
-    usage(() => parseEvaluator({ 'party-evaluator': 'z=onnx' }, parties, true), /^--party-evaluator: "z" is not one of --parties/);
-    usage(() => parseEvaluator({ 'onnx-tasks': ['a=/x.jsonl'] }, parties, true), /^--onnx-tasks: expected party:task=FILE, got "a=\/x.jsonl"/);
-    usage(() => parseEvaluator({ 'onnx-tasks': ['a:t=/x,a:t=/y'] }, parties, true), /^--onnx-tasks: task t of a is given twice/);
-    usage(() => parseEvaluator({ 'onnx-finetuned': ['a'] }, parties, true), /^--onnx-finetuned: expected party=DIR, got "a"/);
+    usage(
+      () => parseEvaluator({ evaluator: 'gpu' }, parties, true),
+      /^--evaluator: expected remote or onnx, got "gpu"/,
+    );
+    usage(
+      () => parseEvaluator({ 'party-evaluator': 'z=onnx' }, parties, true),
+      /^--party-evaluator: "z" is not one of --parties/,
+    );
+    usage(
+      () => parseEvaluator({ 'onnx-tasks': ['a=/x.jsonl'] }, parties, true),
+      /^--onnx-tasks: expected party:task=FILE, got "a=\/x.jsonl"/,
+    );
+    usage(
+      () => parseEvaluator({ 'onnx-tasks': ['a:t=/x,a:t=/y'] }, parties, true),
+      /^--onnx-tasks: task t of a is given twice/,
+    );
+    usage(
+      () => parseEvaluator({ 'onnx-finetuned': ['a'] }, parties, true),
+      /^--onnx-finetuned: expected party=DIR, got "a"/,
+    );
     usage(() => parseEvaluator({ 'ort-provider': 'tpu' }, parties, true), /^--ort-provider: expected cpu or cuda/);
     usage(() => parseEvaluator({ metric: 'bleu' }, parties, true), /^--metric: expected exact_match or log_likelihood/);
   });
@@ -121,7 +154,15 @@ describe('--eval-cmd', () => {
 
   it('takes the last line of the output as JSON scores, or says why not', () => {
     assert.deepEqual(parseScores('loading...\n|table|\n{"gsm": 0.5, "arith": 1}\n\n'), { gsm: 0.5, arith: 1 });
-    const bad = (out: string, why: RegExp): void => assert.throws(() => parseScores(out), (e: unknown) => e instanceof Error && e.message.startsWith("the last line of the evaluation command's output must be a JSON object") && why.test(e.message), why.source);
+    const bad = (out: string, why: RegExp): void =>
+      assert.throws(
+        () => parseScores(out),
+        (e: unknown) =>
+          e instanceof Error &&
+          e.message.startsWith("the last line of the evaluation command's output must be a JSON object") &&
+          why.test(e.message),
+        why.source,
+      );
     bad('', /it printed nothing/);
     bad('{"a": 1}\ndone', /it is "done"/);
     bad('[1, 2]', /they are not an object \{ "task": number \}: "\[1, 2\]"$/);
@@ -149,7 +190,15 @@ describe('createJobRequest', () => {
     assert.equal(r.method, 'dp');
     assert.deepEqual(r.dpa, { off: true, fixed: undefined, search: undefined, scaleOutsideByMax: false });
     assert.deepEqual(r.merge, { weights: {}, signElection: false, partiesMayDownload: false, output: 0 });
-    const withAll = createJobRequest({ basePath: '/b', parties, rate: 0.5, method: 'dare', dpa: parseDpa('fixed:1.2,1', parties), merge: { weights: parseWeights('a=2', parties), partiesMayDownload: true }, label: 'x' });
+    const withAll = createJobRequest({
+      basePath: '/b',
+      parties,
+      rate: 0.5,
+      method: 'dare',
+      dpa: parseDpa('fixed:1.2,1', parties),
+      merge: { weights: parseWeights('a=2', parties), partiesMayDownload: true },
+      label: 'x',
+    });
     assert.deepEqual(withAll.merge?.weights, { a: 2 });
     assert.equal(withAll.label, 'x');
     assert.equal(r.maxAbsValue, 0, 'unset: the server applies its default');
@@ -163,21 +212,44 @@ describe('createJobRequest', () => {
       [{ basePath: '/b', parties: ['a', 'a'], rate: 0.9 }, /^parties: "a" is given twice/],
       [{ basePath: '/b', parties, rate: 1 }, /^rate: must be in \[0, 1\)/],
       [{ basePath: '/b', parties, rate: 0.9, maxAbsValue: 0 }, /^maxAbsValue: must be a finite number > 0, got 0/],
-      [{ basePath: '/b', parties, rate: 0.9, maxAbsValue: Infinity }, /^maxAbsValue: must be a finite number > 0, got Infinity/],
-      [{ basePath: '/b', parties, rate: 0.9, dpa: { off: true, search: {} } }, /^dpa: set exactly one of off, fixed, search \(2 set\)/],
+      [
+        { basePath: '/b', parties, rate: 0.9, maxAbsValue: Infinity },
+        /^maxAbsValue: must be a finite number > 0, got Infinity/,
+      ],
+      [
+        { basePath: '/b', parties, rate: 0.9, dpa: { off: true, search: {} } },
+        /^dpa: set exactly one of off, fixed, search \(2 set\)/,
+      ],
       [{ basePath: '/b', parties, rate: 0.9, dpa: { scaleOutsideByMax: true } }, /^dpa: set exactly one/],
       [{ basePath: '/b', parties, rate: 0.9, merge: { weights: { z: 1 } } }, /^merge\.weights: "z" is not a party/],
-      [{ basePath: '/b', parties, rate: 0.9, dpa: { search: { partyEvaluator: { z: 1 } } } }, /^dpa\.search\.partyEvaluator: "z" is not a party/],
-      [{ basePath: '/b', parties, rate: 0.9, dpa: { search: { onnx: { partyTasks: { z: {} } } } } }, /^dpa\.search\.onnx\.partyTasks: "z" is not a party/],
+      [
+        { basePath: '/b', parties, rate: 0.9, dpa: { search: { partyEvaluator: { z: 1 } } } },
+        /^dpa\.search\.partyEvaluator: "z" is not a party/,
+      ],
+      [
+        { basePath: '/b', parties, rate: 0.9, dpa: { search: { onnx: { partyTasks: { z: {} } } } } },
+        /^dpa\.search\.onnx\.partyTasks: "z" is not a party/,
+      ],
     ];
-    for (const [o, message] of bad) assert.throws(() => createJobRequest(o), (e: unknown) => e instanceof RangeError && message.test(e.message), message.source);
+    for (const [o, message] of bad)
+      assert.throws(
+        () => createJobRequest(o),
+        (e: unknown) => e instanceof RangeError && message.test(e.message),
+        message.source,
+      );
   });
 });
 
 describe('JSON views', () => {
   it('job states are lower-case words', () => {
     assert.deepEqual(
-      [JobState.JOB_STATE_COLLECTING, JobState.JOB_STATE_DPA, JobState.JOB_STATE_MERGING, JobState.JOB_STATE_MERGED, JobState.JOB_STATE_FAILED].map(jobStateName),
+      [
+        JobState.JOB_STATE_COLLECTING,
+        JobState.JOB_STATE_DPA,
+        JobState.JOB_STATE_MERGING,
+        JobState.JOB_STATE_MERGED,
+        JobState.JOB_STATE_FAILED,
+      ].map(jobStateName),
       ['collecting', 'dpa', 'merging', 'merged', 'failed'],
     );
   });
@@ -199,19 +271,50 @@ describe('JSON views', () => {
     assert.equal(j.failureReason, 'party c timed out');
     assert.deepEqual(j.dpa, { mode: 'fixed', factors: [1, 1], perParty: { a: [1.5, 1] }, scaleOutsideByMax: false });
     assert.deepEqual((j.parties as { bytesReceived: number }[])[0]!.bytesReceived, 12345);
-    assert.deepEqual(j.evaluations, [{ party: 'a', seq: 1, denseReference: true, factors: [], scores: { gsm8k: 0.5 }, domainRatio: 1 }]);
+    assert.deepEqual(j.evaluations, [
+      { party: 'a', seq: 1, denseReference: true, factors: [], scores: { gsm8k: 0.5 }, domainRatio: 1 },
+    ]);
     // Every value survives JSON (no bigint left).
     assert.doesNotThrow(() => JSON.stringify(j));
     assert.equal(jobJson(Job.fromPartial({ id: 'j2', state: JobState.JOB_STATE_MERGED })).failureReason, null);
   });
 
   it('events as one JSON object and one line each', () => {
-    const ev = { jobId: 'j1', seq: 7n, time: '2026-01-01T00:00:00Z', stateChanged: { from: JobState.JOB_STATE_COLLECTING, to: JobState.JOB_STATE_DPA } };
-    assert.deepEqual(eventJson(ev), { jobId: 'j1', seq: 7, time: '2026-01-01T00:00:00Z', type: 'stateChanged', from: 'collecting', to: 'dpa' });
+    const ev = {
+      jobId: 'j1',
+      seq: 7n,
+      time: '2026-01-01T00:00:00Z',
+      stateChanged: { from: JobState.JOB_STATE_COLLECTING, to: JobState.JOB_STATE_DPA },
+    };
+    assert.deepEqual(eventJson(ev), {
+      jobId: 'j1',
+      seq: 7,
+      time: '2026-01-01T00:00:00Z',
+      type: 'stateChanged',
+      from: 'collecting',
+      to: 'dpa',
+    });
     assert.equal(eventText(ev), '2026-01-01T00:00:00Z #7 state collecting → dpa');
-    const up = { jobId: 'j1', seq: 8n, time: '', uploadProgress: { party: 'a', tensorsReceived: 2, tensorsExpected: 30, bytesReceived: 2048n } };
-    assert.deepEqual(eventJson(up), { jobId: 'j1', seq: 8, time: '', type: 'uploadProgress', party: 'a', tensorsReceived: 2, tensorsExpected: 30, bytesReceived: 2048 });
+    const up = {
+      jobId: 'j1',
+      seq: 8n,
+      time: '',
+      uploadProgress: { party: 'a', tensorsReceived: 2, tensorsExpected: 30, bytesReceived: 2048n },
+    };
+    assert.deepEqual(eventJson(up), {
+      jobId: 'j1',
+      seq: 8,
+      time: '',
+      type: 'uploadProgress',
+      party: 'a',
+      tensorsReceived: 2,
+      tensorsExpected: 30,
+      bytesReceived: 2048,
+    });
     assert.equal(eventText(up), '#8 upload a: 2/30 tensors, 2.0 kB');
-    assert.deepEqual(eventJson({ jobId: 'j1', seq: 9n, time: '', failed: { reason: 'cancelled' } }).reason, 'cancelled');
+    assert.deepEqual(
+      eventJson({ jobId: 'j1', seq: 9n, time: '', failed: { reason: 'cancelled' } }).reason,
+      'cancelled',
+    );
   });
 });

@@ -9,7 +9,15 @@ import { describe, it } from 'node:test';
 import { Metadata, status, type ServiceError } from '@grpc/grpc-js';
 import { CallScope } from '../client/sdk/call.js';
 import { DppaRpcError, isServiceError } from '../client/sdk/errors.js';
-import { Backoff, backoffDelay, isTransient, retrying, sleep, type RetryNotice, type RetryOptions } from '../client/sdk/retry.js';
+import {
+  Backoff,
+  backoffDelay,
+  isTransient,
+  retrying,
+  sleep,
+  type RetryNotice,
+  type RetryOptions,
+} from '../client/sdk/retry.js';
 
 const opts: RetryOptions = { forMs: 60_000, attempts: 6, initialDelayMs: 100, maxDelayMs: 1000 };
 
@@ -23,7 +31,10 @@ describe('backoff', () => {
     assert.deepEqual(ceilings, [100, 200, 400, 800, 1000, 1000]);
     const floors = [1, 2, 3, 4, 5, 6].map((n) => backoffDelay(n, opts, () => 0));
     assert.deepEqual(floors, [50, 100, 200, 400, 500, 500]);
-    assert.equal(backoffDelay(3, opts, () => 0.5), 300);
+    assert.equal(
+      backoffDelay(3, opts, () => 0.5),
+      300,
+    );
   });
 
   it('retries transient failures on a fake clock, then gives up with the last error', async () => {
@@ -59,7 +70,11 @@ describe('backoff', () => {
     assert.equal(calls, 3);
     calls = 0;
     await assert.rejects(
-      retrying(() => (calls++, Promise.reject(new DppaRpcError('GetJob', status.NOT_FOUND, 'job "x" not found'))), opts, { sleep: () => Promise.resolve() }),
+      retrying(
+        () => (calls++, Promise.reject(new DppaRpcError('GetJob', status.NOT_FOUND, 'job "x" not found'))),
+        opts,
+        { sleep: () => Promise.resolve() },
+      ),
       { code: status.NOT_FOUND },
     );
     assert.equal(calls, 1);
@@ -73,11 +88,22 @@ describe('backoff', () => {
     const hooks = { now: () => clock, random: () => 1, onRetry: (n: RetryNotice) => notices.push(n) };
     const down = new DppaRpcError('GetJob', status.UNAVAILABLE, 'connection refused');
     await assert.rejects(
-      retrying(() => (calls++, Promise.reject(down)), budget, { ...hooks, sleep: (ms) => ((clock += ms), Promise.resolve()) }),
+      retrying(() => (calls++, Promise.reject(down)), budget, {
+        ...hooks,
+        sleep: (ms) => ((clock += ms), Promise.resolve()),
+      }),
       (e) => e === down,
     );
     // Waits 1, 2, 4, then 4 s capped to the 3 s left; the attempt at the budget's end fails and is not retried.
-    assert.deepEqual(notices.map((n) => [n.delayMs, n.leftMs, n.failures]), [[1000, 10_000, 1], [2000, 9000, 2], [4000, 7000, 3], [3000, 3000, 4]]);
+    assert.deepEqual(
+      notices.map((n) => [n.delayMs, n.leftMs, n.failures]),
+      [
+        [1000, 10_000, 1],
+        [2000, 9000, 2],
+        [4000, 7000, 3],
+        [3000, 3000, 4],
+      ],
+    );
     assert.equal(calls, 5);
     assert.equal(notices[0]!.error, down);
     // Progress ends a streak: the budget starts again at the next failure.
@@ -89,12 +115,18 @@ describe('backoff', () => {
     assert.equal(notices.at(-1)!.leftMs, 10_000);
     // forMs 0: not retried at all.
     calls = 0;
-    await assert.rejects(retrying(() => (calls++, Promise.reject(down)), { ...budget, forMs: 0 }, hooks), (e) => e === down);
+    await assert.rejects(
+      retrying(() => (calls++, Promise.reject(down)), { ...budget, forMs: 0 }, hooks),
+      (e) => e === down,
+    );
     assert.equal(calls, 1);
   });
 
   it('counts only failures in a row: reset() after progress', async () => {
-    const b = new Backoff({ forMs: 60_000, attempts: 3, initialDelayMs: 1, maxDelayMs: 1 }, { sleep: () => Promise.resolve() });
+    const b = new Backoff(
+      { forMs: 60_000, attempts: 3, initialDelayMs: 1, maxDelayMs: 1 },
+      { sleep: () => Promise.resolve() },
+    );
     const err = new Error('drop');
     await b.failed(err);
     await b.failed(err);
@@ -105,7 +137,7 @@ describe('backoff', () => {
     assert.equal(b.failureCount, 3);
   });
 
-  it('sleep rejects with the signal\'s reason at once and leaves no timer or listener', async () => {
+  it("sleep rejects with the signal's reason at once and leaves no timer or listener", async () => {
     const controller = new AbortController();
     const started = Date.now();
     const p = sleep(60_000, controller.signal);
@@ -126,11 +158,20 @@ describe('backoff', () => {
     assert.equal(isTransient(serviceError(status.UNAVAILABLE, 'Connection dropped')), true);
     assert.equal(isTransient(serviceError(status.DEADLINE_EXCEEDED, 'Deadline exceeded after 30.001s')), true);
     assert.equal(isTransient(new DppaRpcError('Upload', status.UNAVAILABLE, 'x')), true);
-    assert.equal(isTransient(serviceError(status.INTERNAL, 'Received RST_STREAM with code 2 (Internal server error)')), true);
+    assert.equal(
+      isTransient(serviceError(status.INTERNAL, 'Received RST_STREAM with code 2 (Internal server error)')),
+      true,
+    );
     assert.equal(isTransient(serviceError(status.CANCELLED, 'Call cancelled')), true);
     assert.equal(isTransient(serviceError(status.CANCELLED, 'Cancelled on client')), false);
     assert.equal(isTransient(serviceError(status.INTERNAL, 'bug')), false);
-    for (const code of [status.NOT_FOUND, status.INVALID_ARGUMENT, status.UNAUTHENTICATED, status.ALREADY_EXISTS, status.FAILED_PRECONDITION]) {
+    for (const code of [
+      status.NOT_FOUND,
+      status.INVALID_ARGUMENT,
+      status.UNAUTHENTICATED,
+      status.ALREADY_EXISTS,
+      status.FAILED_PRECONDITION,
+    ]) {
       assert.equal(isTransient(serviceError(code, 'x')), false, status[code]);
     }
     assert.equal(isTransient(new Error('UNAVAILABLE')), false);
@@ -151,10 +192,13 @@ describe('errors and call scope', () => {
     assert.equal(DppaRpcError.from(other, 'GetJob'), other);
   });
 
-  it('CallScope ends a call at its time limit with DEADLINE_EXCEEDED, and follows the caller\'s signal', async () => {
+  it("CallScope ends a call at its time limit with DEADLINE_EXCEEDED, and follows the caller's signal", async () => {
     const scope = new CallScope('Upload', { timeoutMs: 20 });
     await new Promise((r) => setTimeout(r, 40));
-    assert.throws(() => scope.check(), (e: unknown) => e instanceof DppaRpcError && e.code === status.DEADLINE_EXCEEDED && /20 ms/.test(e.message));
+    assert.throws(
+      () => scope.check(),
+      (e: unknown) => e instanceof DppaRpcError && e.code === status.DEADLINE_EXCEEDED && /20 ms/.test(e.message),
+    );
     scope.dispose();
     const controller = new AbortController();
     const linked = new CallScope('Download', { signal: controller.signal });

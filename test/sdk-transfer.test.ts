@@ -13,7 +13,16 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { status } from '@grpc/grpc-js';
-import { DeltaMismatchError, DownloadError, DppaClient, DppaRpcError, JobStateError, pruneToFile, type DppaClientOptions, type PushProgress } from '../client/index.js';
+import {
+  DeltaMismatchError,
+  DownloadError,
+  DppaClient,
+  DppaRpcError,
+  JobStateError,
+  pruneToFile,
+  type DppaClientOptions,
+  type PushProgress,
+} from '../client/index.js';
 import { JobState, type JobEvent } from '../proto/gen/dppa/v1/jobs.js';
 import { CuttingProxy } from './fixtures/cutting-proxy.js';
 import { FakeDppaServer, type FakeServerOptions } from './fixtures/fake-dppa-server.js';
@@ -45,7 +54,11 @@ before(async () => {
 after(() => rm(dir, { recursive: true, force: true }));
 
 /** Runs `fn` with a fresh fake server and a client of it; stops both after. */
-async function withServer<T>(opts: FakeServerOptions, fn: (s: FakeDppaServer, c: DppaClient) => Promise<T>, client: Partial<DppaClientOptions> = {}): Promise<T> {
+async function withServer<T>(
+  opts: FakeServerOptions,
+  fn: (s: FakeDppaServer, c: DppaClient) => Promise<T>,
+  client: Partial<DppaClientOptions> = {},
+): Promise<T> {
   const server = await FakeDppaServer.start(opts);
   const c = new DppaClient({ address: server.address, token: 'party-token', retry: fastRetry, ...client });
   try {
@@ -62,8 +75,11 @@ describe('push', () => {
       const progress: PushProgress[] = [];
       const signal = new AbortController().signal;
       // Two worker threads: the tensors pruned ahead for the dropped stream are abandoned and pruned again.
-      const state = await client.push({ jobId: 'job-1', party: 'a', base, finetuned: ft, workers: 2 }, { signal, onProgress: (p) => progress.push(p) });
-      assert.equal(getEventListeners(signal, 'abort').length, 0, 'no listener left on the caller\'s signal');
+      const state = await client.push(
+        { jobId: 'job-1', party: 'a', base, finetuned: ft, workers: 2 },
+        { signal, onProgress: (p) => progress.push(p) },
+      );
+      assert.equal(getEventListeners(signal, 'abort').length, 0, "no listener left on the caller's signal");
       assert.equal(state.complete, true);
       assert.equal(state.tensorsReceived.length, TENSORS);
       assert.equal(server.uploads.length, 2, 'one stream dropped, one resumed');
@@ -75,7 +91,10 @@ describe('push', () => {
       for (const t of first.ended) assert.ok(!second.begun.includes(t), `${t} was sent again`);
       assert.equal(first.ended.length + second.ended.length, TENSORS);
       const uploads = progress.filter((p) => p.phase === 'upload');
-      assert.ok(progress.some((p) => p.phase === 'prepare'), 'the significance pass is reported');
+      assert.ok(
+        progress.some((p) => p.phase === 'prepare'),
+        'the significance pass is reported',
+      );
       assert.equal(uploads.at(-1)!.tensorsDone, TENSORS);
       assert.equal(uploads.at(-1)!.attempt, 2);
       assert.ok(uploads.at(-1)!.bytesSent > 0);
@@ -101,22 +120,35 @@ describe('push', () => {
   it('waits for the server when it reads slowly (backpressure) instead of buffering the delta', async () => {
     let doneAtResume = -1;
     let tensorsDone = 0;
-    const opts: FakeServerOptions = { job: { rate: 0.5 }, pauseUploadMs: 400, onUploadResume: () => (doneAtResume = tensorsDone) };
+    const opts: FakeServerOptions = {
+      job: { rate: 0.5 },
+      pauseUploadMs: 400,
+      onUploadResume: () => (doneAtResume = tensorsDone),
+    };
     await withServer(opts, async (_server, client) => {
-      const state = await client.push({ jobId: 'job-1', party: 'a', delta: bigDelta }, { onProgress: (p) => (tensorsDone = p.tensorsDone) });
+      const state = await client.push(
+        { jobId: 'job-1', party: 'a', delta: bigDelta },
+        { onProgress: (p) => (tensorsDone = p.tensorsDone) },
+      );
       assert.equal(state.complete, true);
-      assert.ok(doneAtResume >= 0 && doneAtResume < bigTensors / 2, `${doneAtResume} of ${bigTensors} tensors written while the server was not reading`);
+      assert.ok(
+        doneAtResume >= 0 && doneAtResume < bigTensors / 2,
+        `${doneAtResume} of ${bigTensors} tensors written while the server was not reading`,
+      );
     });
   });
 
   it('ends at its time limit with DEADLINE_EXCEEDED', async () => {
     await withServer({ job: { rate: 0.5 }, pauseUploadMs: 1000 }, async (_server, client) => {
-      await assert.rejects(client.push({ jobId: 'job-1', party: 'a', delta: bigDelta }, { timeoutMs: 200 }), (e: unknown) => {
-        assert.ok(e instanceof DppaRpcError);
-        assert.equal(e.code, status.DEADLINE_EXCEEDED);
-        assert.equal(e.message, 'Upload failed: no result within the time limit of 200 ms (DEADLINE_EXCEEDED)');
-        return true;
-      });
+      await assert.rejects(
+        client.push({ jobId: 'job-1', party: 'a', delta: bigDelta }, { timeoutMs: 200 }),
+        (e: unknown) => {
+          assert.ok(e instanceof DppaRpcError);
+          assert.equal(e.code, status.DEADLINE_EXCEEDED);
+          assert.equal(e.message, 'Upload failed: no result within the time limit of 200 ms (DEADLINE_EXCEEDED)');
+          return true;
+        },
+      );
     });
   });
 
@@ -130,7 +162,10 @@ describe('push', () => {
       assert.equal(proxy.cuts, 1);
       assert.equal(server.uploads.length, 2);
       const [first, second] = server.uploads as [(typeof server.uploads)[0], (typeof server.uploads)[0]];
-      assert.ok(first.ended.length > 0 && first.ended.length < bigTensors, `${first.ended.length} tensors before the cut`);
+      assert.ok(
+        first.ended.length > 0 && first.ended.length < bigTensors,
+        `${first.ended.length} tensors before the cut`,
+      );
       for (const t of first.ended) assert.ok(!second.begun.includes(t), `${t} was sent again`);
       assert.equal(new Set([...first.ended, ...second.ended]).size, bigTensors);
     } finally {
@@ -148,26 +183,35 @@ describe('push', () => {
         assert.match(e.message, /pruned at rate 0\.9; job job-1 requires 0\.8/);
         return true;
       });
-      await assert.rejects(client.push({ jobId: 'job-1', party: 'a', base, finetuned: ft, rate: 0.9 }), DeltaMismatchError);
+      await assert.rejects(
+        client.push({ jobId: 'job-1', party: 'a', base, finetuned: ft, rate: 0.9 }),
+        DeltaMismatchError,
+      );
       assert.equal(server.uploads.length, 0);
     });
     await withServer({ job: { baseFingerprint: 'another-base' } }, async (server, client) => {
-      await assert.rejects(client.push({ jobId: 'job-1', party: 'a', base, finetuned: ft, workers: 1 }), (e: unknown) => e instanceof DeltaMismatchError && e.field === 'baseFingerprint');
+      await assert.rejects(
+        client.push({ jobId: 'job-1', party: 'a', base, finetuned: ft, workers: 1 }),
+        (e: unknown) => e instanceof DeltaMismatchError && e.field === 'baseFingerprint',
+      );
       assert.equal(server.uploads.length, 0);
     });
   });
 
   it('refuses to push to a failed job', async () => {
-    await withServer({ job: { state: JobState.JOB_STATE_FAILED, failureReason: 'cancelled by admin' } }, async (_server, client) => {
-      await assert.rejects(client.push({ jobId: 'job-1', party: 'a', delta: deltaFile }), (e: unknown) => {
-        assert.ok(e instanceof JobStateError);
-        assert.match(e.message, /job job-1 is failed \(cancelled by admin\)/);
-        return true;
-      });
-    });
+    await withServer(
+      { job: { state: JobState.JOB_STATE_FAILED, failureReason: 'cancelled by admin' } },
+      async (_server, client) => {
+        await assert.rejects(client.push({ jobId: 'job-1', party: 'a', delta: deltaFile }), (e: unknown) => {
+          assert.ok(e instanceof JobStateError);
+          assert.match(e.message, /job job-1 is failed \(cancelled by admin\)/);
+          return true;
+        });
+      },
+    );
   });
 
-  it('stops at once when its signal aborts, with the signal\'s reason', async () => {
+  it("stops at once when its signal aborts, with the signal's reason", async () => {
     await withServer({}, async (server, client) => {
       const controller = new AbortController();
       const p = client.push(
@@ -179,17 +223,21 @@ describe('push', () => {
     });
   });
 
-  it('gives up after the configured attempts without progress, with the server\'s error', async () => {
-    await withServer({ dropUploadAfterTensors: 0 }, async (_server, client) => {
-      // The fake drops only once; one attempt in all means no retry.
-      await assert.rejects(client.push({ jobId: 'job-1', party: 'a', delta: deltaFile }), (e: unknown) => {
-        assert.ok(e instanceof DppaRpcError);
-        assert.equal(e.code, status.UNAVAILABLE);
-        assert.equal(e.method, 'Upload');
-        assert.equal(e.message, 'Upload failed: dropped by the test (UNAVAILABLE)');
-        return true;
-      });
-    }, { retry: { attempts: 1 } });
+  it("gives up after the configured attempts without progress, with the server's error", async () => {
+    await withServer(
+      { dropUploadAfterTensors: 0 },
+      async (_server, client) => {
+        // The fake drops only once; one attempt in all means no retry.
+        await assert.rejects(client.push({ jobId: 'job-1', party: 'a', delta: deltaFile }), (e: unknown) => {
+          assert.ok(e instanceof DppaRpcError);
+          assert.equal(e.code, status.UNAVAILABLE);
+          assert.equal(e.method, 'Upload');
+          assert.equal(e.message, 'Upload failed: dropped by the test (UNAVAILABLE)');
+          return true;
+        });
+      },
+      { retry: { attempts: 1 } },
+    );
   });
 });
 
@@ -206,7 +254,7 @@ describe('pull', () => {
       const out = join(dir, 'pulled-1');
       const signal = new AbortController().signal;
       const result = await client.pull({ jobId: 'job-1', out }, { signal, timeoutMs: 60_000 });
-      assert.equal(getEventListeners(signal, 'abort').length, 0, 'no listener left on the caller\'s signal');
+      assert.equal(getEventListeners(signal, 'abort').length, 0, "no listener left on the caller's signal");
       assert.deepEqual(await readFile(join(out, 'model.safetensors')), fileA);
       assert.deepEqual(await readFile(join(out, 'sub', 'config.json')), fileB);
       assert.deepEqual(
@@ -222,7 +270,10 @@ describe('pull', () => {
 
   it('resumes from an offset after the network connection is cut under the stream', async () => {
     const large = Buffer.from(Array.from({ length: 300_000 }, (_, i) => (i * 31) % 253));
-    const server = await FakeDppaServer.start({ files: [{ path: 'model.safetensors', data: large }], chunkBytes: 16_384 });
+    const server = await FakeDppaServer.start({
+      files: [{ path: 'model.safetensors', data: large }],
+      chunkBytes: 16_384,
+    });
     const proxy = await CuttingProxy.start(server.address, 100_000, 'down');
     const client = new DppaClient({ address: proxy.address, token: 'admin-token', retry: fastRetry });
     try {
@@ -245,7 +296,10 @@ describe('pull', () => {
       const out = join(dir, 'pulled-2');
       await client.pull({ jobId: 'job-1', out });
       assert.deepEqual(await readFile(join(out, 'model.safetensors')), fileA);
-      assert.deepEqual(server.downloads.filter((d) => d.path === 'model.safetensors').map((d) => d.offset), [0, 1000]);
+      assert.deepEqual(
+        server.downloads.filter((d) => d.path === 'model.safetensors').map((d) => d.offset),
+        [0, 1000],
+      );
     });
   });
 
@@ -257,7 +311,10 @@ describe('pull', () => {
       await writeFile(join(`${out}.tmp-job-1`, 'stray.bin'), 'not part of the checkpoint');
       const result = await client.pull({ jobId: 'job-1', out });
       assert.equal(result.bytesResumed, 3000);
-      assert.deepEqual(server.downloads.find((d) => d.path === 'model.safetensors'), { path: 'model.safetensors', offset: 3000 });
+      assert.deepEqual(
+        server.downloads.find((d) => d.path === 'model.safetensors'),
+        { path: 'model.safetensors', offset: 3000 },
+      );
       assert.deepEqual(await readFile(join(out, 'model.safetensors')), fileA);
       assert.deepEqual((await readdir(out)).sort(), ['model.safetensors', 'sub']);
     });
@@ -279,21 +336,35 @@ describe('pull', () => {
 
   it('refuses unsafe paths and an existing output folder', async () => {
     await withServer({ files: [{ path: '../evil', data: fileB }] }, async (_server, client) => {
-      await assert.rejects(client.pull({ jobId: 'job-1', out: join(dir, 'pulled-5') }), (e: unknown) => e instanceof DownloadError && /unsafe path/.test(e.message));
-      await assert.rejects(client.pull({ jobId: 'job-1', out: dir }), (e: unknown) => e instanceof RangeError && /^out: .* already exists/.test(e.message));
+      await assert.rejects(
+        client.pull({ jobId: 'job-1', out: join(dir, 'pulled-5') }),
+        (e: unknown) => e instanceof DownloadError && /unsafe path/.test(e.message),
+      );
+      await assert.rejects(
+        client.pull({ jobId: 'job-1', out: dir }),
+        (e: unknown) => e instanceof RangeError && /^out: .* already exists/.test(e.message),
+      );
     });
   });
 });
 
 describe('jobs', () => {
-  const events: JobEvent[] = [1, 2, 3, 4, 5].map((i) => ({ jobId: 'job-1', seq: BigInt(i), time: '', partyJoined: { party: `p${i}` } }));
+  const events: JobEvent[] = [1, 2, 3, 4, 5].map((i) => ({
+    jobId: 'job-1',
+    seq: BigInt(i),
+    time: '',
+    partyJoined: { party: `p${i}` },
+  }));
 
   it('watchJob reconnects from the last event after a drop and ends with the stream', async () => {
     await withServer({ events, dropWatchAfterEvents: 2 }, async (server, client) => {
       const seen: bigint[] = [];
       for await (const ev of client.watchJob('job-1')) seen.push(ev.seq);
       assert.deepEqual(seen, [1n, 2n, 3n, 4n, 5n]);
-      assert.deepEqual(server.watches.map((w) => w.afterSeq), [0n, 2n]);
+      assert.deepEqual(
+        server.watches.map((w) => w.afterSeq),
+        [0n, 2n],
+      );
     });
   });
 
@@ -304,20 +375,26 @@ describe('jobs', () => {
       }
       const controller = new AbortController();
       const seen: bigint[] = [];
-      await assert.rejects(async () => {
-        for await (const ev of client.watchJob('job-1', { signal: controller.signal })) {
-          seen.push(ev.seq);
-          if (ev.seq === 5n) controller.abort();
-        }
-      }, { name: 'AbortError' });
+      await assert.rejects(
+        async () => {
+          for await (const ev of client.watchJob('job-1', { signal: controller.signal })) {
+            seen.push(ev.seq);
+            if (ev.seq === 5n) controller.abort();
+          }
+        },
+        { name: 'AbortError' },
+      );
       assert.deepEqual(seen, [1n, 2n, 3n, 4n, 5n]);
-      assert.equal(getEventListeners(controller.signal, 'abort').length, 0, 'no listener left on the caller\'s signal');
+      assert.equal(getEventListeners(controller.signal, 'abort').length, 0, "no listener left on the caller's signal");
       await new Promise((r) => setTimeout(r, 50));
-      assert.deepEqual(server.watches.map((w) => w.cancelled), [true, true]);
+      assert.deepEqual(
+        server.watches.map((w) => w.cancelled),
+        [true, true],
+      );
     });
   });
 
-  it('turns statuses into DppaRpcError with the server\'s message', async () => {
+  it("turns statuses into DppaRpcError with the server's message", async () => {
     await withServer({}, async (_server, client) => {
       await assert.rejects(client.getJob('nope'), (e: unknown) => {
         assert.ok(e instanceof DppaRpcError);
@@ -325,24 +402,46 @@ describe('jobs', () => {
         assert.equal(e.message, 'GetJob failed: job "nope" not found (NOT_FOUND)');
         return true;
       });
-      const { job, tokens } = await client.createJob({ basePath: '/srv/base', parties: ['a', 'b'], rate: 0.9, dpa: { fixed: { factors: [1.2, 1] } }, merge: { weights: { a: 1, b: 0.5 } } });
+      const { job, tokens } = await client.createJob({
+        basePath: '/srv/base',
+        parties: ['a', 'b'],
+        rate: 0.9,
+        dpa: { fixed: { factors: [1.2, 1] } },
+        merge: { weights: { a: 1, b: 0.5 } },
+      });
       assert.equal(job.id, 'job-1');
       assert.deepEqual(tokens, { a: 'token-a', b: 'token-b' });
       assert.equal((await client.listJobs()).length, 1);
       assert.equal((await client.cancelJob('job-1', 'stop')).failureReason, 'stop');
     });
-    await withServer({}, async (_server, client) => {
-      await assert.rejects(client.listJobs(), { name: 'DppaRpcError', code: status.UNAUTHENTICATED, message: 'ListJobs failed: invalid token (UNAUTHENTICATED)' });
-    }, { token: 'wrong' });
+    await withServer(
+      {},
+      async (_server, client) => {
+        await assert.rejects(client.listJobs(), {
+          name: 'DppaRpcError',
+          code: status.UNAUTHENTICATED,
+          message: 'ListJobs failed: invalid token (UNAUTHENTICATED)',
+        });
+      },
+      { token: 'wrong' },
+    );
   });
 
   it('retries UNAVAILABLE for calls that change nothing, then fails with it', async () => {
     const server = await FakeDppaServer.start();
     const address = server.address;
     server.stop();
-    const client = new DppaClient({ address, token: 't', retry: { attempts: 2, initialDelayMs: 1, maxDelayMs: 1 }, timeoutMs: 5000 });
+    const client = new DppaClient({
+      address,
+      token: 't',
+      retry: { attempts: 2, initialDelayMs: 1, maxDelayMs: 1 },
+      timeoutMs: 5000,
+    });
     try {
-      await assert.rejects(client.getJob('job-1'), (e: unknown) => e instanceof DppaRpcError && e.code === status.UNAVAILABLE && e.method === 'GetJob');
+      await assert.rejects(
+        client.getJob('job-1'),
+        (e: unknown) => e instanceof DppaRpcError && e.code === status.UNAVAILABLE && e.method === 'GetJob',
+      );
     } finally {
       client.close();
     }

@@ -74,7 +74,9 @@ describe('known answers', () => {
       const out: Buffer[] = [];
       let t = Buffer.alloc(0);
       for (let i = 1; out.length * 32 < length; i++) {
-        t = createHmac('sha256', prk).update(Buffer.concat([t, info, Buffer.from([i])])).digest();
+        t = createHmac('sha256', prk)
+          .update(Buffer.concat([t, info, Buffer.from([i])]))
+          .digest();
         out.push(t);
       }
       return new Uint8Array(Buffer.concat(out).subarray(0, length));
@@ -102,7 +104,14 @@ describe('PRG (AES-256-CTR keystream as uint32 words)', () => {
     const key = randomBytes(32);
     const whole = prgWords(key, 0, (1 << 20) + 50);
     // Ranges across the 16384-word pieces the keystream is made in, and across cipher blocks.
-    for (const [offset, count] of [[1, 7], [3, 1 << 20], [5, 13], [(1 << 14) - 3, 40000], [(1 << 20) - 2, 9], [4, 0]] as const) {
+    for (const [offset, count] of [
+      [1, 7],
+      [3, 1 << 20],
+      [5, 13],
+      [(1 << 14) - 3, 40000],
+      [(1 << 20) - 2, 9],
+      [4, 0],
+    ] as const) {
       assert.deepEqual(prgWords(key, offset, count), whole.subarray(offset, offset + count), `offset ${offset}`);
     }
     assert.notDeepEqual(prgWords(randomBytes(32), 0, 16), whole.subarray(0, 16));
@@ -122,7 +131,15 @@ describe('PRG (AES-256-CTR keystream as uint32 words)', () => {
 
 describe('fixed point in Z_2^32', () => {
   it('takes the largest power-of-two scale whose sum of n values within the bound cannot wrap', () => {
-    for (const [bound, parties] of [[1, 3], [0.05, 5], [1000, 2], [3e-7, 10], [1e-290, 3], [1.7e308, 1], [0.5, 1000]] as const) {
+    for (const [bound, parties] of [
+      [1, 3],
+      [0.05, 5],
+      [1000, 2],
+      [3e-7, 10],
+      [1e-290, 3],
+      [1.7e308, 1],
+      [0.5, 1000],
+    ] as const) {
       const fp = fixedPoint(bound, parties);
       const k = fp.scaleBits;
       assert.equal(k, largestExactScale(bound, parties), `${bound}/${parties}`);
@@ -153,10 +170,24 @@ describe('fixed point in Z_2^32', () => {
 
   it('refuses, without hanging, a bound or party count no power-of-two scale fits', () => {
     // 1e-320 and 1e-300 need a scale beyond 2^1023; 5e9 parties wrap on their rounding halves alone.
-    for (const [bound, parties] of [[1e-320, 3], [1e-300, 3], [5e-324, 1], [1, 5e9], [1, 2 ** 32]] as const) {
+    for (const [bound, parties] of [
+      [1e-320, 3],
+      [1e-300, 3],
+      [5e-324, 1],
+      [1, 5e9],
+      [1, 2 ** 32],
+    ] as const) {
       assert.throws(() => fixedPoint(bound, parties), FixedPointError, `${bound}/${parties}`);
     }
-    for (const [bound, parties] of [[NaN, 3], [Infinity, 3], [-1, 3], [1, 2.5], [1, NaN], [1, Infinity], [1, -2]] as const) {
+    for (const [bound, parties] of [
+      [NaN, 3],
+      [Infinity, 3],
+      [-1, 3],
+      [1, 2.5],
+      [1, NaN],
+      [1, Infinity],
+      [1, -2],
+    ] as const) {
       assert.throws(() => fixedPoint(bound, parties), FixedPointError, `${bound}/${parties}`);
     }
   });
@@ -203,10 +234,23 @@ describe('Shamir sharing over 2^127 − 1', () => {
     const bad = { x: 3, y: shares[2]!.y.slice() };
     bad.y[5]! ^= 1;
     // The wrong share may be the extra one or one of the basis: either way the message names no culprit.
-    for (const set of [[shares[0]!, shares[1]!, bad], [bad, shares[0]!, shares[1]!]]) {
-      assert.throws(() => combineShares(set, 2, 32), (e: unknown) => e instanceof InconsistentSharesError && /^the revealed shares disagree/.test(e.message) && !/share \d/.test(e.message));
+    for (const set of [
+      [shares[0]!, shares[1]!, bad],
+      [bad, shares[0]!, shares[1]!],
+    ]) {
+      assert.throws(
+        () => combineShares(set, 2, 32),
+        (e: unknown) =>
+          e instanceof InconsistentSharesError &&
+          /^the revealed shares disagree/.test(e.message) &&
+          !/share \d/.test(e.message),
+      );
     }
-    assert.throws(() => splitSecret(randomBytes(32), 1, [1, 2, 3]), ProtocolStateError, 't = 1 shares the secret in clear');
+    assert.throws(
+      () => splitSecret(randomBytes(32), 1, [1, 2, 3]),
+      ProtocolStateError,
+      't = 1 shares the secret in clear',
+    );
     assert.throws(() => combineShares(shares, 0, 32), ProtocolStateError);
     assert.throws(() => splitSecret(randomBytes(32), 4, [1, 2, 3]), ProtocolStateError);
     assert.throws(() => splitSecret(randomBytes(32), 2, [1, 1, 3]), ProtocolStateError);
@@ -234,11 +278,17 @@ describe('share boxes (AES-256-GCM under an X25519-derived key)', () => {
       assert.throws(() => openBox(key, ctx, bad), ShareAuthError, `byte ${i}`);
     }
     assert.throws(() => openBox(key, { ...ctx, jobId: 'job-2' }, box), ShareAuthError);
-    assert.throws(() => openBox(boxKey(b.privateKey, a.publicKey, 'job-2'), { ...ctx, jobId: 'job-2' }, box), ShareAuthError);
+    assert.throws(
+      () => openBox(boxKey(b.privateKey, a.publicKey, 'job-2'), { ...ctx, jobId: 'job-2' }, box),
+      ShareAuthError,
+    );
     assert.throws(() => openBox(key, { ...ctx, recipient: 3 }, box), ShareAuthError);
     assert.throws(() => openBox(key, { ...ctx, sender: 3 }, box), ShareAuthError);
     assert.throws(() => openBox(key, { ...ctx, round: 2 }, box), ShareAuthError);
-    assert.throws(() => openBox(boxKey(c.privateKey, a.publicKey, 'job-1'), { ...ctx, recipient: 3 }, box), ShareAuthError);
+    assert.throws(
+      () => openBox(boxKey(c.privateKey, a.publicKey, 'job-1'), { ...ctx, recipient: 3 }, box),
+      ShareAuthError,
+    );
     assert.throws(() => openBox(key, ctx, box.subarray(0, 20)), ShareAuthError);
   });
 });
@@ -274,7 +324,9 @@ function largestExactScale(bound: number, parties: number): number | undefined {
   const n = BigInt(parties);
   const fits = (k: number): boolean => {
     const s = e + k + 1;
-    return s >= 0 ? (n * m << BigInt(s)) + n < 2n ** 32n - 2n : n * m + (n << BigInt(-s)) < (2n ** 32n - 2n) << BigInt(-s);
+    return s >= 0
+      ? ((n * m) << BigInt(s)) + n < 2n ** 32n - 2n
+      : n * m + (n << BigInt(-s)) < (2n ** 32n - 2n) << BigInt(-s);
   };
   if (fits(1024)) return undefined;
   for (let k = 1023; k >= -1074; k--) if (fits(k)) return k;

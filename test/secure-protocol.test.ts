@@ -110,7 +110,11 @@ function run(opts: RunOptions): { union: Uint32Array; words: Uint32Array; surviv
 }
 
 /** The expected sum on the union, computed from the inputs directly: integers, and floats. */
-function plainSum(fp: FixedPoint, inputs: Sparse[], survivors: number[]): { ints: Map<number, number>; floats: Map<number, number>; inBound: Set<number> } {
+function plainSum(
+  fp: FixedPoint,
+  inputs: Sparse[],
+  survivors: number[],
+): { ints: Map<number, number>; floats: Map<number, number>; inBound: Set<number> } {
   const ints = new Map<number, number>();
   const floats = new Map<number, number>();
   const clippedAt = new Set<number>();
@@ -137,7 +141,10 @@ function checkSum(fp: FixedPoint, inputs: Sparse[], result: ReturnType<typeof ru
     // Exactly the sum of the coded values (0 where no survivor kept the position).
     assert.equal(result.words[u]! | 0, ints.get(p) ?? 0, `position ${p}`);
     if (inBound.has(p)) {
-      assert.ok(Math.abs(decoded[u]! - floats.get(p)!) <= sumErrorBound(fp), `position ${p}: ${decoded[u]} vs ${floats.get(p)}`);
+      assert.ok(
+        Math.abs(decoded[u]! - floats.get(p)!) <= sumErrorBound(fp),
+        `position ${p}: ${decoded[u]} vs ${floats.get(p)}`,
+      );
       checked++;
     }
   });
@@ -182,7 +189,11 @@ describe('secure aggregation, in process', () => {
       if (p.state.index !== 3) server.submitMasked(p.state.index, p.maskInput(values[p.state.index - 1]!, fp).words);
     }
     const stored = (): Buffer => serialize(server.state);
-    const secrets = parties.flatMap((p) => [p.state.maskKeys.privateKey, p.state.shareKeys.privateKey, p.state.selfSeed]);
+    const secrets = parties.flatMap((p) => [
+      p.state.maskKeys.privateKey,
+      p.state.shareKeys.privateKey,
+      p.state.selfSeed,
+    ]);
     const request = server.closeMasked();
     for (const p of parties.slice(0, 2)) server.submitUnmask(p.unmask(request));
     server.maskRemoval();
@@ -201,12 +212,15 @@ describe('secure aggregation, in process', () => {
     const fp = fixedPoint(0.02, 5);
     const inputs = [1, 2, 3, 4, 5].map(() => randomSparse(2000, 0.1, 0.02));
     // Three masked uploads, but one of those parties drops before unmasking: two responses.
-    assert.throws(() => run({ job, fp, inputs, dropBeforeMasked: [1, 2], dropAfterMasked: [3] }), (err: unknown) => {
-      assert.ok(err instanceof TooFewSurvivorsError);
-      assert.equal(err.have, 2);
-      assert.equal(err.needed, 3);
-      return true;
-    });
+    assert.throws(
+      () => run({ job, fp, inputs, dropBeforeMasked: [1, 2], dropAfterMasked: [3] }),
+      (err: unknown) => {
+        assert.ok(err instanceof TooFewSurvivorsError);
+        assert.equal(err.have, 2);
+        assert.equal(err.needed, 3);
+        return true;
+      },
+    );
     // Only two masked uploads: the server refuses to go on to unmasking.
     assert.throws(() => run({ job, fp, inputs, dropBeforeMasked: [1, 2, 3] }), TooFewSurvivorsError);
   });
@@ -225,7 +239,8 @@ describe('secure aggregation, in process', () => {
       const i = p.state.index;
       p.receiveShares(server.sharesFor(i));
       const words = new Uint32Array(length);
-      for (let c = 0; c + 1 < cuts.length; c++) words.set(p.maskInput(values[i - 1]!.subarray(cuts[c], cuts[c + 1]), fp, cuts[c]).words, cuts[c]);
+      for (let c = 0; c + 1 < cuts.length; c++)
+        words.set(p.maskInput(values[i - 1]!.subarray(cuts[c], cuts[c + 1]), fp, cuts[c]).words, cuts[c]);
       spool.set(i, words);
       server.recordMasked(i, length);
     }
@@ -263,7 +278,10 @@ describe('secure aggregation, in process', () => {
     roster[0]!.index = 9;
     roster[0]!.maskPublicKey.fill(0);
     roster.pop();
-    assert.deepEqual(server.state.roster.map((a) => a.index), [1, 2, 3]);
+    assert.deepEqual(
+      server.state.roster.map((a) => a.index),
+      [1, 2, 3],
+    );
     assert.deepEqual(server.state.roster[0]!.maskPublicKey, parties[0]!.state.maskKeys.publicKey);
     outboxes.forEach((boxes, i) => server.submitShares(i + 1, boxes));
     const sharers = server.closeShares(4);
@@ -311,13 +329,14 @@ describe('secure aggregation, in process', () => {
 });
 
 describe('secure aggregation refuses bad input with typed errors, state unchanged', () => {
-
   it('a tampered share: the recipient refuses it, then takes the intact one', () => {
     const { parties, server, outboxes } = upToRelay({ jobId: 'job-t', parties: 3, threshold: 2 });
     outboxes.forEach((boxes, i) => server.submitShares(i + 1, boxes));
     server.closeShares(10);
     const delivered = server.sharesFor(2);
-    const tampered: EncryptedShare[] = delivered.map((s, i) => (i === 0 ? { ...s, box: s.box.map((b, j) => (j === 40 ? b ^ 1 : b)) } : s));
+    const tampered: EncryptedShare[] = delivered.map((s, i) =>
+      i === 0 ? { ...s, box: s.box.map((b, j) => (j === 40 ? b ^ 1 : b)) } : s,
+    );
     assert.throws(() => parties[1]!.receiveShares(tampered), ShareAuthError);
     assert.equal(parties[1]!.phase, 'shares');
     parties[1]!.receiveShares(delivered);
@@ -337,14 +356,20 @@ describe('secure aggregation refuses bad input with typed errors, state unchange
     // Both boxes were sealed in job a (by its parties 1 and 3): job b's party 2 cannot open either; the first is named.
     const aFrom1 = a.outboxes[0]!.find((s) => s.to === 2)!;
     const aFrom3 = a.outboxes[2]!.find((s) => s.to === 2)!;
-    assert.throws(() => twin.receiveShares([aFrom1, aFrom3]), (err: unknown) => err instanceof ShareAuthError && err.sender === 1);
+    assert.throws(
+      () => twin.receiveShares([aFrom1, aFrom3]),
+      (err: unknown) => err instanceof ShareAuthError && err.sender === 1,
+    );
   });
 
   it('the roster sent again: taken with the same keys, refused with new keys under the same indices', () => {
     const { parties, roster, outboxes } = upToRelay({ jobId: 'job-r', parties: 3, threshold: 2 });
     assert.deepEqual(parties[0]!.shareKeys(structuredClone(roster)), outboxes[0]);
     const swapped = structuredClone(roster);
-    swapped[2]!.maskPublicKey = SecureParty.create({ jobId: 'job-r', parties: 3, threshold: 2 }, 3).advertise().maskPublicKey;
+    swapped[2]!.maskPublicKey = SecureParty.create(
+      { jobId: 'job-r', parties: 3, threshold: 2 },
+      3,
+    ).advertise().maskPublicKey;
     assert.throws(() => parties[0]!.shareKeys(swapped), ProtocolStateError);
   });
 
@@ -377,8 +402,14 @@ describe('secure aggregation refuses bad input with typed errors, state unchange
     server.closeShares(100);
     const fp = fixedPoint(1, 3);
     parties.forEach((p, i) => p.receiveShares(server.sharesFor(i + 1)));
-    assert.throws(() => server.submitMasked(1, parties[0]!.maskInput(new Float32Array(99), fp).words), MaskedLengthError);
-    assert.throws(() => server.submitMasked(1, parties[0]!.maskInput(new Float32Array(101), fp).words), MaskedLengthError);
+    assert.throws(
+      () => server.submitMasked(1, parties[0]!.maskInput(new Float32Array(99), fp).words),
+      MaskedLengthError,
+    );
+    assert.throws(
+      () => server.submitMasked(1, parties[0]!.maskInput(new Float32Array(101), fp).words),
+      MaskedLengthError,
+    );
     assert.ok(server.state.sum.every((w) => w === 0));
     const ones = new Float32Array(100).fill(0.5);
     for (const p of parties) server.submitMasked(p.state.index, p.maskInput(ones, fp).words);

@@ -23,7 +23,10 @@ interface Served {
 
 /** Runs `dppa serve` in a child process and waits for its two "listening" lines. */
 async function serve(args: string[], env: NodeJS.ProcessEnv = { DPPA_ADMIN_TOKEN: ADMIN }): Promise<Served> {
-  const child = spawn(process.execPath, ['--import', 'tsx', launcher, 'serve', ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, ['--import', 'tsx', launcher, 'serve', ...args], {
+    env: { ...process.env, ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let err = '';
   child.stdout.resume();
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
@@ -31,20 +34,36 @@ async function serve(args: string[], env: NodeJS.ProcessEnv = { DPPA_ADMIN_TOKEN
   const lines = await new Promise<Record<string, unknown>[]>((resolve, reject) => {
     child.stderr.on('data', (d: Buffer) => {
       err += d.toString();
-      if (/metrics listening on .*\n/.test(err)) resolve(err.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>));
+      if (/metrics listening on .*\n/.test(err))
+        resolve(
+          err
+            .trim()
+            .split('\n')
+            .map((l) => JSON.parse(l) as Record<string, unknown>),
+        );
     });
     void exited.then((code) => reject(new Error(`dppa serve exited with ${code} before listening:\n${err}`)));
   });
-  const grpc = lines.find((l) => typeof l.msg === 'string' && l.msg.startsWith('grpc listening on '))?.grpc as string | undefined;
-  const metrics = lines.find((l) => typeof l.msg === 'string' && l.msg.startsWith('metrics listening on '))?.metrics as string | undefined;
-  assert.ok(grpc !== undefined && /^127\.0\.0\.1:\d+$/.test(grpc) && metrics !== undefined && /^http:\/\/127\.0\.0\.1:\d+\/metrics$/.test(metrics), err);
+  const grpc = lines.find((l) => typeof l.msg === 'string' && l.msg.startsWith('grpc listening on '))?.grpc as
+    string | undefined;
+  const metrics = lines.find((l) => typeof l.msg === 'string' && l.msg.startsWith('metrics listening on '))?.metrics as
+    string | undefined;
+  assert.ok(
+    grpc !== undefined &&
+      /^127\.0\.0\.1:\d+$/.test(grpc) &&
+      metrics !== undefined &&
+      /^http:\/\/127\.0\.0\.1:\d+\/metrics$/.test(metrics),
+    err,
+  );
   return { child, stderr: () => err, exited, grpc, metrics };
 }
 
 /** Runs `dppa serve` expecting it to exit at once. */
 function serveFails(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number | null; stderr: string }> {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', launcher, 'serve', ...args], { env: { ...process.env, DPPA_ADMIN_TOKEN: '', ...env } });
+    const child = spawn(process.execPath, ['--import', 'tsx', launcher, 'serve', ...args], {
+      env: { ...process.env, DPPA_ADMIN_TOKEN: '', ...env },
+    });
     let stderr = '';
     child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
     child.on('exit', (code) => resolve({ code, stderr }));
@@ -85,19 +104,39 @@ describe('dppa serve', () => {
     let s = await serve(args);
     let jobs = new JobServiceClient(s.grpc, credentials.createInsecure());
     let uploads = new UploadServiceClient(s.grpc, credentials.createInsecure());
-    const r = await call(jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.8, method: 'dp', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
+    const r = await call(
+      jobs,
+      'createJob',
+      {
+        basePath: base,
+        parties: ['a'],
+        rate: 0.8,
+        method: 'dp',
+        label: '',
+        dpa: undefined,
+        merge: undefined,
+        maxAbsValue: 0,
+        pruneMethod: 0,
+      },
+      ADMIN,
+    );
     const jobId = r.job!.id;
     const begins = records.flatMap((x, i) => (x.tensorBegin !== undefined ? [i] : []));
     await upload(uploads, r.tokens.a!, uploadMessages(jobId, 'a', records.slice(0, begins[1])));
     const stream = uploads.upload(auth(r.tokens.a!), () => undefined);
-    for (const m of uploadMessages(jobId, 'a', [records[0]!, ...records.slice(begins[1], begins[1]! + 2)])) stream.write(m);
+    for (const m of uploadMessages(jobId, 'a', [records[0]!, ...records.slice(begins[1], begins[1]! + 2)]))
+      stream.write(m);
     const spool = join(data, 'jobs', jobId, 'uploads', 'a');
-    for (let i = 0; i < 200 && !(await readdir(spool)).some((f) => f.includes('.tmp-')); i++) await new Promise((res) => setTimeout(res, 20));
+    for (let i = 0; i < 200 && !(await readdir(spool)).some((f) => f.includes('.tmp-')); i++)
+      await new Promise((res) => setTimeout(res, 20));
     s.child.kill('SIGKILL');
     await s.exited;
     jobs.close();
     uploads.close();
-    assert.ok((await readdir(spool)).some((f) => f.includes('.tmp-')), 'the kill left a partial tensor behind');
+    assert.ok(
+      (await readdir(spool)).some((f) => f.includes('.tmp-')),
+      'the kill left a partial tensor behind',
+    );
 
     s = await serve([...args, '--keep-uploads']);
     jobs = new JobServiceClient(s.grpc, credentials.createInsecure());
@@ -110,7 +149,12 @@ describe('dppa serve', () => {
       assert.match(metrics, /^dppa_jobs\{state="COLLECTING"\} 1$/m);
       // The rest (the tensor held is sent again, harmlessly); with --keep-uploads the merge leaves the tensors in place.
       const done = await upload(uploads, r.tokens.a!, uploadMessages(jobId, 'a', records));
-      for (let i = 0; i < 250 && (await call(jobs, 'getJob', { jobId }, ADMIN)).state !== JobState.JOB_STATE_MERGED; i++) await new Promise((res) => setTimeout(res, 20));
+      for (
+        let i = 0;
+        i < 250 && (await call(jobs, 'getJob', { jobId }, ADMIN)).state !== JobState.JOB_STATE_MERGED;
+        i++
+      )
+        await new Promise((res) => setTimeout(res, 20));
       assert.equal((await call(jobs, 'getJob', { jobId }, ADMIN)).state, JobState.JOB_STATE_MERGED);
       assert.equal((await readdir(spool)).filter((f) => f.endsWith('.dppa')).length, done.tensorsExpected);
     } finally {

@@ -19,7 +19,15 @@ import { toStatus } from '../server/rpc/status.js';
 import type { LlamaShape } from './fixtures/synthetic-model.js';
 import { writeLlamaFamily } from './fixtures/synthetic-model.js';
 import {
-  ADMIN, auth, call, pruneRecords, rejectsWith, startHarness, upload, uploadMessages, type Harness,
+  ADMIN,
+  auth,
+  call,
+  pruneRecords,
+  rejectsWith,
+  startHarness,
+  upload,
+  uploadMessages,
+  type Harness,
 } from './fixtures/grpc-harness.js';
 
 /** About 2 MB of bf16 weights: the merged output does not fit where an upload (about 0.3 MB) still does. */
@@ -80,7 +88,8 @@ function nextEvent(jobs: JobServiceClient, jobId: string, match: (e: JobEvent) =
 /** Files of a folder whose name marks them temporary. */
 async function temporaries(folder: string): Promise<string[]> {
   const found: string[] = [];
-  for (const e of await readdir(folder, { withFileTypes: true, recursive: true })) if (e.name.includes('.tmp-')) found.push(e.name);
+  for (const e of await readdir(folder, { withFileTypes: true, recursive: true }))
+    if (e.name.includes('.tmp-')) found.push(e.name);
   return found;
 }
 
@@ -90,18 +99,38 @@ let h: Harness | undefined;
 
 /** What the server's merge of the job's spooled uploads must give: the same merge, run undisturbed elsewhere. */
 async function expectedMerge(jobId: string, parties: string[], out: string): Promise<MergeResult> {
-  const spooled = await Promise.all(parties.map(async (name) => {
-    const folder = join(data, 'jobs', jobId, 'uploads', name);
-    const header = JSON.parse(await readFile(join(folder, 'header.json'), 'utf8')) as { tensors: { name: string }[]; levels: unknown[] };
-    const files = (await readdir(folder)).filter((f) => /^\d+\.dppa$/.test(f));
-    const tensors = new Map(files.map((f) => [header.tensors[Number.parseInt(f, 10)]!.name, join(folder, f)]));
-    return { name, weight: 1, factors: header.levels.map(() => 1), tensors };
-  }));
+  const spooled = await Promise.all(
+    parties.map(async (name) => {
+      const folder = join(data, 'jobs', jobId, 'uploads', name);
+      const header = JSON.parse(await readFile(join(folder, 'header.json'), 'utf8')) as {
+        tensors: { name: string }[];
+        levels: unknown[];
+      };
+      const files = (await readdir(folder)).filter((f) => /^\d+\.dppa$/.test(f));
+      const tensors = new Map(files.map((f) => [header.tensors[Number.parseInt(f, 10)]!.name, join(folder, f)]));
+      return { name, weight: 1, factors: header.levels.map(() => 1), tensors };
+    }),
+  );
   return mergeCheckpoint({ basePath: base, outDir: out, parties: spooled, outsideByMax: false, workers: 0 });
 }
 
 async function createJob(parties: string[]): Promise<{ jobId: string; tokens: Record<string, string> }> {
-  const r = await call(h!.jobs, 'createJob', { basePath: base, parties, rate: 0.9, method: 'dp', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
+  const r = await call(
+    h!.jobs,
+    'createJob',
+    {
+      basePath: base,
+      parties,
+      rate: 0.9,
+      method: 'dp',
+      label: '',
+      dpa: undefined,
+      merge: undefined,
+      maxAbsValue: 0,
+      pruneMethod: 0,
+    },
+    ADMIN,
+  );
   return { jobId: r.job!.id, tokens: r.tokens };
 }
 
@@ -123,7 +152,22 @@ describe('a full disk', { skip: mounted ? false : 'mounting a tmpfs needs root' 
   it('CreateJob gets RESOURCE_EXHAUSTED and leaves no job folder', async () => {
     await fill(0);
     await rejectsWith(
-      call(h!.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'dp', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN),
+      call(
+        h!.jobs,
+        'createJob',
+        {
+          basePath: base,
+          parties: ['a'],
+          rate: 0.9,
+          method: 'dp',
+          label: '',
+          dpa: undefined,
+          merge: undefined,
+          maxAbsValue: 0,
+          pruneMethod: 0,
+        },
+        ADMIN,
+      ),
       status.RESOURCE_EXHAUSTED,
       /no space left on the server's disk \(ENOSPC\)/,
     );
@@ -135,7 +179,11 @@ describe('a full disk', { skip: mounted ? false : 'mounting a tmpfs needs root' 
   it('an upload gets RESOURCE_EXHAUSTED, keeps no partial tensor, and completes once space is freed', async () => {
     const { jobId, tokens } = await createJob(['a', 'b']);
     await fill(100_000);
-    await rejectsWith(upload(h!.uploads, tokens.a!, uploadMessages(jobId, 'a', records[0]!)), status.RESOURCE_EXHAUSTED, /no space left/);
+    await rejectsWith(
+      upload(h!.uploads, tokens.a!, uploadMessages(jobId, 'a', records[0]!)),
+      status.RESOURCE_EXHAUSTED,
+      /no space left/,
+    );
     const spool = join(data, 'jobs', jobId, 'uploads', 'a');
     assert.deepEqual(await temporaries(spool), []);
     const kept = await call(h!.uploads, 'getUploadState', { jobId, party: 'a' }, tokens.a!);
@@ -163,7 +211,11 @@ describe('a full disk', { skip: mounted ? false : 'mounting a tmpfs needs root' 
     assert.equal(shown.pause?.attempts, 1);
     assert.notEqual(shown.pause?.nextAttemptAt, '');
     const jobDir = join(data, 'jobs', jobId);
-    assert.deepEqual((await readdir(jobDir)).filter((f) => f.startsWith('merged')), [], 'no partial output left');
+    assert.deepEqual(
+      (await readdir(jobDir)).filter((f) => f.startsWith('merged')),
+      [],
+      'no partial output left',
+    );
 
     const expected = await expectedMerge(jobId, ['a', 'b'], join(dir, 'expected-1'));
     await unfill();
@@ -175,8 +227,15 @@ describe('a full disk', { skip: mounted ? false : 'mounting a tmpfs needs root' 
     assert.equal(done.state, JobState.JOB_STATE_MERGED);
     assert.equal(done.pause, undefined);
     const files = (await call(h!.downloads, 'listFiles', { jobId }, ADMIN)).files;
-    assert.deepEqual(files.map((f) => ({ path: f.path, sha256: f.sha256 })), expected.files.map((f) => ({ path: f.path, sha256: f.sha256 })));
-    await rejectsWith(call(h!.jobs, 'resumeJob', { jobId }, ADMIN), status.FAILED_PRECONDITION, /MERGED: there is nothing to resume/);
+    assert.deepEqual(
+      files.map((f) => ({ path: f.path, sha256: f.sha256 })),
+      expected.files.map((f) => ({ path: f.path, sha256: f.sha256 })),
+    );
+    await rejectsWith(
+      call(h!.jobs, 'resumeJob', { jobId }, ADMIN),
+      status.FAILED_PRECONDITION,
+      /MERGED: there is nothing to resume/,
+    );
   });
 
   it('a paused merge is tried again on its own once space is back; a restart removes what a failed creation left', async () => {
@@ -202,17 +261,26 @@ describe('a full disk', { skip: mounted ? false : 'mounting a tmpfs needs root' 
     await unfill();
     await merged;
     const files = (await call(h.downloads, 'listFiles', { jobId }, ADMIN)).files;
-    assert.deepEqual(files.map((f) => f.sha256), expected.files.map((f) => f.sha256));
-    assert.equal(await freeBytes() > 0, true);
+    assert.deepEqual(
+      files.map((f) => f.sha256),
+      expected.files.map((f) => f.sha256),
+    );
+    assert.equal((await freeBytes()) > 0, true);
   });
 });
 
 describe('storage errors, without a mount', () => {
   const log = createLogger({ level: 'silent' });
-  const fsError = (code: string): Error => Object.assign(new Error(`${code}: something failed, open '/srv/dppa/jobs/x/job.json'`), { code });
+  const fsError = (code: string): Error =>
+    Object.assign(new Error(`${code}: something failed, open '/srv/dppa/jobs/x/job.json'`), { code });
 
   it('maps a full disk or quota to RESOURCE_EXHAUSTED and passing I/O failures to UNAVAILABLE, without the server paths', () => {
-    for (const [code, expected] of [['ENOSPC', status.RESOURCE_EXHAUSTED], ['EDQUOT', status.RESOURCE_EXHAUSTED], ['EIO', status.UNAVAILABLE], ['EMFILE', status.UNAVAILABLE]] as const) {
+    for (const [code, expected] of [
+      ['ENOSPC', status.RESOURCE_EXHAUSTED],
+      ['EDQUOT', status.RESOURCE_EXHAUSTED],
+      ['EIO', status.UNAVAILABLE],
+      ['EMFILE', status.UNAVAILABLE],
+    ] as const) {
       const st = toStatus(fsError(code), log);
       assert.equal(st.code, expected, code);
       assert.match(st.details, new RegExp(`\\(${code}\\)`));
@@ -234,7 +302,13 @@ describe('storage errors, without a mount', () => {
       await second.close();
       const third = new FileJobEvents(log);
       await third.load('j', folder);
-      assert.deepEqual(third.recorded('j', 0n, 10).map((e) => [e.seq, e.partyJoined?.party]), [[1n, 'a'], [2n, 'b']]);
+      assert.deepEqual(
+        third.recorded('j', 0n, 10).map((e) => [e.seq, e.partyJoined?.party]),
+        [
+          [1n, 'a'],
+          [2n, 'b'],
+        ],
+      );
       await third.close();
     } finally {
       await rm(folder, { recursive: true, force: true });
@@ -242,7 +316,10 @@ describe('storage errors, without a mount', () => {
   });
 
   it('finds the code in a cause chain, and leaves other file system errors INTERNAL', () => {
-    assert.equal(toStatus(new Error('writing a tensor failed', { cause: fsError('ENOSPC') }), log).code, status.RESOURCE_EXHAUSTED);
+    assert.equal(
+      toStatus(new Error('writing a tensor failed', { cause: fsError('ENOSPC') }), log).code,
+      status.RESOURCE_EXHAUSTED,
+    );
     assert.equal(toStatus(fsError('EACCES'), log).code, status.INTERNAL);
   });
 });

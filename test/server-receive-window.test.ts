@@ -60,7 +60,10 @@ describe('HTTP/2 receive window', () => {
 
   it('refuses a window HTTP/2 cannot advertise', () => {
     for (const bad of [0, 65_534, 2 ** 31, 1.5]) {
-      assert.throws(() => withDefaults({ adminToken: ADMIN, receiveWindowBytes: bad }), (e: unknown) => e instanceof ConfigError && /receiveWindowBytes/.test(e.message));
+      assert.throws(
+        () => withDefaults({ adminToken: ADMIN, receiveWindowBytes: bad }),
+        (e: unknown) => e instanceof ConfigError && /receiveWindowBytes/.test(e.message),
+      );
     }
   });
 });

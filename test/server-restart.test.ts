@@ -10,7 +10,15 @@ import { HealthCheckResponse_ServingStatus, type HealthCheckResponse } from '../
 import { mergeCheckpoint } from '../server/merge/merger.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import {
-  ADMIN, auth, call, pruneRecords, startHarness, upload, uploadMessages, watchAll, type Harness,
+  ADMIN,
+  auth,
+  call,
+  pruneRecords,
+  startHarness,
+  upload,
+  uploadMessages,
+  watchAll,
+  type Harness,
 } from './fixtures/grpc-harness.js';
 
 let dir: string;
@@ -46,7 +54,22 @@ before(async () => {
   records = await pruneRecords({ base: fam.base, finetuned: fam.finetuned[0]!, rate: 0.8 });
   // Uploads kept after the merge: the tests below merge them again.
   h = await startHarness(data, { shutdownGraceMs: 300, keepUploads: true });
-  const r = await call(h.jobs, 'createJob', { basePath: fam.base, parties: ['a', 'b'], rate: 0.8, method: 'dp', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
+  const r = await call(
+    h.jobs,
+    'createJob',
+    {
+      basePath: fam.base,
+      parties: ['a', 'b'],
+      rate: 0.8,
+      method: 'dp',
+      label: '',
+      dpa: undefined,
+      merge: undefined,
+      maxAbsValue: 0,
+      pruneMethod: 0,
+    },
+    ADMIN,
+  );
   jobId = r.job!.id;
   tokens = r.tokens;
 });
@@ -65,7 +88,9 @@ describe('restart', () => {
       for (const m of uploadMessages(jobId, 'a', [records[0]!, ...half])) s.write(m);
     });
     const spoolDir = join(data, 'jobs', jobId, 'uploads', 'a');
-    await until('the half tensor is being spooled', async () => (await readdir(spoolDir)).some((f) => f.includes('.tmp-')));
+    await until('the half tensor is being spooled', async () =>
+      (await readdir(spoolDir)).some((f) => f.includes('.tmp-')),
+    );
 
     const health = h.health.watch({ service: '' });
     const statuses: HealthCheckResponse_ServingStatus[] = [];
@@ -77,10 +102,17 @@ describe('restart', () => {
     await until('the health watch has its first answer', () => Promise.resolve(statuses.length > 0));
 
     await h.close();
-    assert.equal(((await stalled) as { code?: number } | null)?.code !== undefined, true, 'the stalled upload was cut off');
+    assert.equal(
+      ((await stalled) as { code?: number } | null)?.code !== undefined,
+      true,
+      'the stalled upload was cut off',
+    );
     await watchEnded;
     await healthEnded;
-    assert.deepEqual(statuses, [HealthCheckResponse_ServingStatus.SERVING, HealthCheckResponse_ServingStatus.NOT_SERVING]);
+    assert.deepEqual(statuses, [
+      HealthCheckResponse_ServingStatus.SERVING,
+      HealthCheckResponse_ServingStatus.NOT_SERVING,
+    ]);
 
     // What a crash (SIGKILL) would leave: temporary spool and output files.
     await writeFile(join(spoolDir, '7.dppa.tmp-deadbeef'), 'partial');
@@ -99,7 +131,10 @@ describe('restart', () => {
     const held = new Set((await call(h.uploads, 'getUploadState', { jobId, party: 'a' }, tokens.a!)).tensorsReceived);
     const rest = records.filter((r, i) => {
       if (r.header !== undefined) return true;
-      const begin = records.slice(0, i + 1).filter((x) => x.tensorBegin !== undefined).at(-1)!;
+      const begin = records
+        .slice(0, i + 1)
+        .filter((x) => x.tensorBegin !== undefined)
+        .at(-1)!;
       return !held.has(begin.tensorBegin!.name);
     });
     assert.equal((await upload(h.uploads, tokens.a!, uploadMessages(jobId, 'a', rest))).complete, true);
@@ -126,14 +161,34 @@ describe('restart', () => {
     const again = await watchAll(h.jobs, ADMIN, jobId, lastSeq);
     assert.equal(again[0]?.seq, lastSeq + 1n, 'numbering goes on from the log');
     assert.ok(again.some((e: JobEvent) => e.stateChanged?.to === JobState.JOB_STATE_MERGED));
-    assert.deepEqual(await call(h.downloads, 'listFiles', { jobId }, ADMIN), first, 'the same checkpoint, byte for byte');
+    assert.deepEqual(
+      await call(h.downloads, 'listFiles', { jobId }, ADMIN),
+      first,
+      'the same checkpoint, byte for byte',
+    );
   });
 
   it('a job found MERGING with a spooled tensor missing (killed between its drop and the move) sends that party back once', async () => {
-    const r = await call(h.jobs, 'createJob', { basePath: base, parties: ['a', 'b'], rate: 0.8, method: 'dp', label: 'crash', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
+    const r = await call(
+      h.jobs,
+      'createJob',
+      {
+        basePath: base,
+        parties: ['a', 'b'],
+        rate: 0.8,
+        method: 'dp',
+        label: 'crash',
+        dpa: undefined,
+        merge: undefined,
+        maxAbsValue: 0,
+        pruneMethod: 0,
+      },
+      ADMIN,
+    );
     const id = r.job!.id;
     const watched = watchAll(h.jobs, ADMIN, id);
-    for (const party of ['a', 'b']) assert.equal((await upload(h.uploads, r.tokens[party]!, uploadMessages(id, party, records))).complete, true);
+    for (const party of ['a', 'b'])
+      assert.equal((await upload(h.uploads, r.tokens[party]!, uploadMessages(id, party, records))).complete, true);
     const merged = await watched;
     assert.ok(merged.at(-1)?.merged !== undefined);
     const first = await call(h.downloads, 'listFiles', { jobId: id }, ADMIN);
@@ -151,14 +206,25 @@ describe('restart', () => {
     await rm(join(jobDir, 'uploads', 'b', '2.dppa'));
 
     h = await startHarness(data, { keepUploads: true });
-    await until('b is sent back', async () => (await call(h.jobs, 'getJob', { jobId: id }, ADMIN)).state === JobState.JOB_STATE_COLLECTING);
+    await until(
+      'b is sent back',
+      async () => (await call(h.jobs, 'getJob', { jobId: id }, ADMIN)).state === JobState.JOB_STATE_COLLECTING,
+    );
     const shown = await call(h.jobs, 'getJob', { jobId: id }, ADMIN);
     assert.equal(shown.parties[0]!.stoppedReason, '');
-    assert.match(shown.parties[1]!.stoppedReason, /^tensor "[^"]+" of its upload cannot be used \(\S+\/uploads\/b\/2\.dppa, tensor "[^"]+": the spool file is gone\); it was discarded/);
-    const held = new Set((await call(h.uploads, 'getUploadState', { jobId: id, party: 'b' }, r.tokens.b!)).tensorsReceived);
+    assert.match(
+      shown.parties[1]!.stoppedReason,
+      /^tensor "[^"]+" of its upload cannot be used \(\S+\/uploads\/b\/2\.dppa, tensor "[^"]+": the spool file is gone\); it was discarded/,
+    );
+    const held = new Set(
+      (await call(h.uploads, 'getUploadState', { jobId: id, party: 'b' }, r.tokens.b!)).tensorsReceived,
+    );
     const missing = records.filter((rec, i) => {
       if (rec.header !== undefined) return true;
-      const begin = records.slice(0, i + 1).filter((x) => x.tensorBegin !== undefined).at(-1)!;
+      const begin = records
+        .slice(0, i + 1)
+        .filter((x) => x.tensorBegin !== undefined)
+        .at(-1)!;
       return !held.has(begin.tensorBegin!.name);
     });
     const events = watchAll(h.jobs, ADMIN, id, kept.at(-1)!.seq);
@@ -166,15 +232,36 @@ describe('restart', () => {
     const all = await events;
     assert.ok(all.at(-1)?.merged !== undefined);
     assert.equal(all.filter((e) => e.partyStopped !== undefined).length, 1);
-    assert.deepEqual(await call(h.downloads, 'listFiles', { jobId: id }, ADMIN), first, 'the same checkpoint, byte for byte');
+    assert.deepEqual(
+      await call(h.downloads, 'listFiles', { jobId: id }, ADMIN),
+      first,
+      'the same checkpoint, byte for byte',
+    );
   });
 
   it('merges the same bytes in the main thread as on worker threads', async () => {
-    const parties = await Promise.all(['a', 'b'].map(async (name) => ({ name, weight: 1, factors: [1, 1], tensors: await spooled(name) })));
-    const inline = await mergeCheckpoint({ basePath: base, outDir: join(dir, 'inline'), parties, outsideByMax: false, workers: 0 });
-    const threaded = await mergeCheckpoint({ basePath: base, outDir: join(dir, 'threaded'), parties, outsideByMax: false, workers: 2 });
+    const parties = await Promise.all(
+      ['a', 'b'].map(async (name) => ({ name, weight: 1, factors: [1, 1], tensors: await spooled(name) })),
+    );
+    const inline = await mergeCheckpoint({
+      basePath: base,
+      outDir: join(dir, 'inline'),
+      parties,
+      outsideByMax: false,
+      workers: 0,
+    });
+    const threaded = await mergeCheckpoint({
+      basePath: base,
+      outDir: join(dir, 'threaded'),
+      parties,
+      outsideByMax: false,
+      workers: 2,
+    });
     assert.deepEqual(inline.files, threaded.files);
-    assert.deepEqual(inline.files.map((f) => ({ ...f, size: BigInt(f.size) })), (await call(h.downloads, 'listFiles', { jobId }, ADMIN)).files);
+    assert.deepEqual(
+      inline.files.map((f) => ({ ...f, size: BigInt(f.size) })),
+      (await call(h.downloads, 'listFiles', { jobId }, ADMIN)).files,
+    );
   });
 
   it('an aborted merge leaves no output and no temporary folder', async () => {
@@ -183,13 +270,19 @@ describe('restart', () => {
     const out = join(dir, 'aborted-merge');
     await assert.rejects(
       mergeCheckpoint({
-        basePath: base, outDir: out, outsideByMax: false, signal: controller.signal,
+        basePath: base,
+        outDir: out,
+        outsideByMax: false,
+        signal: controller.signal,
         parties: [{ name: 'a', weight: 1, factors: [1, 1], tensors }],
         onProgress: (p) => p.tensorsDone === 3 && controller.abort(new Error('stop here')),
       }),
       /stop here/,
     );
-    assert.deepEqual((await readdir(dir)).filter((f) => f.startsWith('aborted-merge')), []);
+    assert.deepEqual(
+      (await readdir(dir)).filter((f) => f.startsWith('aborted-merge')),
+      [],
+    );
   });
 });
 
@@ -200,7 +293,11 @@ describe('restart without --keep-uploads', () => {
     await h.close();
     h = await startHarness(data);
     for (const party of ['a', 'b']) {
-      assert.deepEqual((await readdir(join(data, 'jobs', jobId, 'uploads', party))).sort(), ['discarded.json', 'header.json'], party);
+      assert.deepEqual(
+        (await readdir(join(data, 'jobs', jobId, 'uploads', party))).sort(),
+        ['discarded.json', 'header.json'],
+        party,
+      );
     }
     assert.deepEqual(await call(h.jobs, 'getJob', { jobId }, ADMIN), shown);
   });

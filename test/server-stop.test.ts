@@ -23,7 +23,22 @@ describe('stopping the server', () => {
   // Without the second stop the graceful one would wait the whole hour of grace: the test would hit its timeout.
   it('a second, not graceful, stop cuts off open calls at once', { timeout: 120_000 }, async () => {
     const h = await startHarness(join(dir, 'data'), { shutdownGraceMs: 3_600_000 });
-    const created = await call(h.jobs, 'createJob', { basePath: base, parties: ['a', 'b'], rate: 0.8, method: 'dp', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
+    const created = await call(
+      h.jobs,
+      'createJob',
+      {
+        basePath: base,
+        parties: ['a', 'b'],
+        rate: 0.8,
+        method: 'dp',
+        label: '',
+        dpa: undefined,
+        merge: undefined,
+        maxAbsValue: 0,
+        pruneMethod: 0,
+      },
+      ADMIN,
+    );
     const jobId = created.job!.id;
     // An upload left open, as a client that froze would leave it.
     let stream: ReturnType<typeof h.uploads.upload> | undefined;
@@ -31,7 +46,8 @@ describe('stopping the server', () => {
       stream = h.uploads.upload(auth(created.tokens.a!), (err) => resolve(err));
     });
     stream!.write({ open: { jobId, party: 'a' } });
-    for (let i = 0; i < 200 && (await uploadsActive(h.server.metricsPort)) !== 1; i++) await new Promise((r) => setTimeout(r, 20));
+    for (let i = 0; i < 200 && (await uploadsActive(h.server.metricsPort)) !== 1; i++)
+      await new Promise((r) => setTimeout(r, 20));
     assert.equal(await uploadsActive(h.server.metricsPort), 1, 'the upload is open');
 
     const graceful = h.server.stop();

@@ -11,7 +11,16 @@ import { UploadRequest, type UploadState } from '../proto/gen/dppa/v1/upload.js'
 import { decodeChunk, encodeChunks, tensorRecords } from '../proto/sparse/index.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import {
-  ADMIN, auth, call, pruneRecords, rejectsWith, startHarness, upload, uploadMessages, watchAll, type Harness,
+  ADMIN,
+  auth,
+  call,
+  pruneRecords,
+  rejectsWith,
+  startHarness,
+  upload,
+  uploadMessages,
+  watchAll,
+  type Harness,
 } from './fixtures/grpc-harness.js';
 
 let dir: string;
@@ -50,9 +59,29 @@ before(async () => {
   const other = await writeLlamaFamily(join(dir, 'other'), { shape: TINY, seed: 6 });
   base = fam.base;
   records = await pruneRecords({ base, finetuned: fam.finetuned[0]!, rate: 0.9, method: 'magnitude' });
-  otherBaseRecords = await pruneRecords({ base: other.base, finetuned: other.finetuned[0]!, rate: 0.9, method: 'magnitude' });
+  otherBaseRecords = await pruneRecords({
+    base: other.base,
+    finetuned: other.finetuned[0]!,
+    rate: 0.9,
+    method: 'magnitude',
+  });
   h = await startHarness(join(dir, 'data'));
-  const r = await call(h.jobs, 'createJob', { basePath: base, parties: ['a', 'b'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
+  const r = await call(
+    h.jobs,
+    'createJob',
+    {
+      basePath: base,
+      parties: ['a', 'b'],
+      rate: 0.9,
+      method: 'magnitude',
+      label: '',
+      dpa: undefined,
+      merge: undefined,
+      maxAbsValue: 0,
+      pruneMethod: 0,
+    },
+    ADMIN,
+  );
   jobId = r.job!.id;
   tokens = r.tokens;
   // Party a holds its header and first two tensors: the state every bad call below must leave as it is.
@@ -68,7 +97,11 @@ describe('uploads: every bad input gets its status and changes nothing', () => {
   const unchanged = async (): Promise<void> => {
     assert.deepEqual(await state(), before);
     const files = await readdir(join(dir, 'data', 'jobs', jobId, 'uploads', 'a'));
-    assert.deepEqual(files.filter((f) => f.includes('.tmp-')), [], 'no temporary spool file left');
+    assert.deepEqual(
+      files.filter((f) => f.includes('.tmp-')),
+      [],
+      'no temporary spool file left',
+    );
     assert.equal(files.filter((f) => f.endsWith('.dppa')).length, 2);
   };
   const open = (party = 'a'): UploadRequest => ({ open: { jobId, party } });
@@ -82,48 +115,102 @@ describe('uploads: every bad input gets its status and changes nothing', () => {
   });
 
   it('UNAUTHENTICATED without a token or with an unknown one', async () => {
-    await rejectsWith(new Promise((resolve, reject) => {
-      const s = h.uploads.upload((err, res) => (err === null ? resolve(res) : reject(err)));
-      s.write(open());
-      s.end();
-    }), status.UNAUTHENTICATED, /missing credentials/);
+    await rejectsWith(
+      new Promise((resolve, reject) => {
+        const s = h.uploads.upload((err, res) => (err === null ? resolve(res) : reject(err)));
+        s.write(open());
+        s.end();
+      }),
+      status.UNAUTHENTICATED,
+      /missing credentials/,
+    );
     await rejectsWith(upload(h.uploads, 'forged', [open(), { record: header() }]), status.UNAUTHENTICATED);
     await unchanged();
   });
 
   it("PERMISSION_DENIED with another party's token or another job's", async () => {
-    await rejectsWith(upload(h.uploads, tokens.b!, [open('a'), { record: header() }, ...tensor(2).map((record) => ({ record }))]), status.PERMISSION_DENIED);
+    await rejectsWith(
+      upload(h.uploads, tokens.b!, [open('a'), { record: header() }, ...tensor(2).map((record) => ({ record }))]),
+      status.PERMISSION_DENIED,
+    );
     await rejectsWith(call(h.uploads, 'getUploadState', { jobId, party: 'a' }, tokens.b!), status.PERMISSION_DENIED);
     await rejectsWith(call(h.uploads, 'getUploadState', { jobId, party: 'a' }, ADMIN), status.PERMISSION_DENIED);
-    const other = await call(h.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
+    const other = await call(
+      h.jobs,
+      'createJob',
+      {
+        basePath: base,
+        parties: ['a'],
+        rate: 0.9,
+        method: 'magnitude',
+        label: '',
+        dpa: undefined,
+        merge: undefined,
+        maxAbsValue: 0,
+        pruneMethod: 0,
+      },
+      ADMIN,
+    );
     await rejectsWith(upload(h.uploads, other.tokens.a!, [open('a'), { record: header() }]), status.PERMISSION_DENIED);
     await unchanged();
   });
 
   it('FAILED_PRECONDITION for a delta made against another base, naming both fingerprints', async () => {
     const hdr = header();
-    const err = await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: otherBaseRecords[0]! }]), status.FAILED_PRECONDITION);
-    assert.ok(err.details.includes(otherBaseRecords[0]!.header!.baseFingerprint) && err.details.includes(hdr.header!.baseFingerprint), err.details);
+    const err = await rejectsWith(
+      upload(h.uploads, tokens.a!, [open(), { record: otherBaseRecords[0]! }]),
+      status.FAILED_PRECONDITION,
+    );
+    assert.ok(
+      err.details.includes(otherBaseRecords[0]!.header!.baseFingerprint) &&
+        err.details.includes(hdr.header!.baseFingerprint),
+      err.details,
+    );
     hdr.header!.method = 'dp';
     hdr.header!.pruneMethod = PruneMethod.PRUNE_METHOD_DP;
-    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: hdr }]), status.FAILED_PRECONDITION, /method "dp".*requires "magnitude"/);
+    await rejectsWith(
+      upload(h.uploads, tokens.a!, [open(), { record: hdr }]),
+      status.FAILED_PRECONDITION,
+      /method "dp".*requires "magnitude"/,
+    );
     await unchanged();
   });
 
   it('INVALID_ARGUMENT for an unknown tensor or a wrong shape, naming the tensor and the expected shape', async () => {
     const unknown = header();
     unknown.header!.tensors.push({ ...unknown.header!.tensors[0]!, name: 'model.bogus.weight' });
-    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: unknown }]), status.INVALID_ARGUMENT, /model\.bogus\.weight.*not in the base/);
+    await rejectsWith(
+      upload(h.uploads, tokens.a!, [open(), { record: unknown }]),
+      status.INVALID_ARGUMENT,
+      /model\.bogus\.weight.*not in the base/,
+    );
     const shaped = header();
     shaped.header!.tensors[0]!.shape = [7n, 7n];
-    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: shaped }]), status.INVALID_ARGUMENT, /model\.embed_tokens\.weight.*\[7, 7\].*base has \[40, 32\]/);
+    await rejectsWith(
+      upload(h.uploads, tokens.a!, [open(), { record: shaped }]),
+      status.INVALID_ARGUMENT,
+      /model\.embed_tokens\.weight.*\[7, 7\].*base has \[40, 32\]/,
+    );
     const levels = header();
     levels.header!.levels = [0.9, 0.95];
-    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: levels }]), status.INVALID_ARGUMENT, /levels: must decrease/);
+    await rejectsWith(
+      upload(h.uploads, tokens.a!, [open(), { record: levels }]),
+      status.INVALID_ARGUMENT,
+      /levels: must decrease/,
+    );
     // A begin whose shape differs from the plan.
     const [begin, ...rest] = copy(tensor(2));
     begin!.tensorBegin!.shape = [1n];
-    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: header() }, { record: begin! }, ...rest.map((record) => ({ record }))]), status.INVALID_ARGUMENT, /shape \[1\].*base has/);
+    await rejectsWith(
+      upload(h.uploads, tokens.a!, [
+        open(),
+        { record: header() },
+        { record: begin! },
+        ...rest.map((record) => ({ record })),
+      ]),
+      status.INVALID_ARGUMENT,
+      /shape \[1\].*base has/,
+    );
     await unchanged();
   });
 
@@ -131,7 +218,11 @@ describe('uploads: every bad input gets its status and changes nothing', () => {
     const bad = copy(tensor(2));
     const chunk = bad.find((r) => r.chunk !== undefined)!.chunk!;
     chunk.values[0] = chunk.values[0]! ^ 0xff;
-    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: header() }, ...bad.map((record) => ({ record }))]), status.DATA_LOSS, new RegExp(`${chunk.tensor.replaceAll('.', '\\.')}.*chunk 0: CRC-32C mismatch`));
+    await rejectsWith(
+      upload(h.uploads, tokens.a!, [open(), { record: header() }, ...bad.map((record) => ({ record }))]),
+      status.DATA_LOSS,
+      new RegExp(`${chunk.tensor.replaceAll('.', '\\.')}.*chunk 0: CRC-32C mismatch`),
+    );
     await unchanged();
   });
 
@@ -139,21 +230,60 @@ describe('uploads: every bad input gets its status and changes nothing', () => {
     const [begin, , ...others] = tensor(2);
     const name = begin!.tensorBegin!.name;
     const numel = begin!.tensorBegin!.shape.reduce((a, b) => a * b, 1n);
-    const outside = [...encodeChunks(name, 1, Float64Array.of(Number(numel)), Float32Array.of(0.5))].map((c) => ({ chunk: c }));
-    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: header() }, { record: begin! }, ...outside.map((record) => ({ record })), ...others.map((record) => ({ record }))]), status.INVALID_ARGUMENT, /outside the tensor/);
-    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: header() }, ...tensor(2).slice(0, -1).map((record) => ({ record }))]), status.INVALID_ARGUMENT, /ended inside tensor/);
-    await rejectsWith(upload(h.uploads, tokens.a!, [open(), ...tensor(2).map((record) => ({ record }))]), status.INVALID_ARGUMENT, /start with a DeltaHeader/);
-    await rejectsWith(upload(h.uploads, tokens.a!, [{ record: header() }]), status.INVALID_ARGUMENT, /first message .* UploadOpen/);
+    const outside = [...encodeChunks(name, 1, Float64Array.of(Number(numel)), Float32Array.of(0.5))].map((c) => ({
+      chunk: c,
+    }));
+    await rejectsWith(
+      upload(h.uploads, tokens.a!, [
+        open(),
+        { record: header() },
+        { record: begin! },
+        ...outside.map((record) => ({ record })),
+        ...others.map((record) => ({ record })),
+      ]),
+      status.INVALID_ARGUMENT,
+      /outside the tensor/,
+    );
+    await rejectsWith(
+      upload(h.uploads, tokens.a!, [
+        open(),
+        { record: header() },
+        ...tensor(2)
+          .slice(0, -1)
+          .map((record) => ({ record })),
+      ]),
+      status.INVALID_ARGUMENT,
+      /ended inside tensor/,
+    );
+    await rejectsWith(
+      upload(h.uploads, tokens.a!, [open(), ...tensor(2).map((record) => ({ record }))]),
+      status.INVALID_ARGUMENT,
+      /start with a DeltaHeader/,
+    );
+    await rejectsWith(
+      upload(h.uploads, tokens.a!, [{ record: header() }]),
+      status.INVALID_ARGUMENT,
+      /first message .* UploadOpen/,
+    );
     // A tensor the header does not plan (a complete, valid record sequence of its own).
-    const unplanned = [...tensorRecords('model.extra.weight', [4], [{ positions: Float64Array.of(1), values: Float32Array.of(0.25) }])];
-    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: header() }, ...unplanned.map((record) => ({ record }))]), status.INVALID_ARGUMENT, /model\.extra\.weight.*not planned/);
+    const unplanned = [
+      ...tensorRecords('model.extra.weight', [4], [{ positions: Float64Array.of(1), values: Float32Array.of(0.25) }]),
+    ];
+    await rejectsWith(
+      upload(h.uploads, tokens.a!, [open(), { record: header() }, ...unplanned.map((record) => ({ record }))]),
+      status.INVALID_ARGUMENT,
+      /model\.extra\.weight.*not planned/,
+    );
     await unchanged();
   });
 
   it('RESOURCE_EXHAUSTED for a message over 8 MiB; a retry at once is taken in', async () => {
     const [begin] = tensor(2);
     const huge: DeltaRecord = { chunk: { ...tensor(2)[1]!.chunk!, values: Buffer.alloc(9 * 1024 * 1024) } };
-    await rejectsWith(upload(h.uploads, tokens.a!, [open(), { record: header() }, { record: begin! }, { record: huge }]), status.RESOURCE_EXHAUSTED);
+    await rejectsWith(
+      upload(h.uploads, tokens.a!, [open(), { record: header() }, { record: begin! }, { record: huge }]),
+      status.RESOURCE_EXHAUSTED,
+    );
     // grpc-js sends this status itself, before the handler learns of it: the retry takes the slot over rather than getting ALREADY_EXISTS.
     assert.deepEqual(await upload(h.uploads, tokens.a!, [open(), { record: header() }]), before);
     assert.equal(await uploadsActive(), 0);
@@ -165,15 +295,23 @@ describe('uploads: every bad input gets its status and changes nothing', () => {
     try {
       const sendRaw = (messages: Buffer[]): Promise<unknown> =>
         new Promise((resolve, reject) => {
-          const stream = raw.makeClientStreamRequest('/dppa.v1.UploadService/Upload', (b: Buffer) => b, (b: Buffer) => b, auth(tokens.a!), (err, res) =>
-            err === null ? resolve(res) : reject(err),
+          const stream = raw.makeClientStreamRequest(
+            '/dppa.v1.UploadService/Upload',
+            (b: Buffer) => b,
+            (b: Buffer) => b,
+            auth(tokens.a!),
+            (err, res) => (err === null ? resolve(res) : reject(err)),
           );
           for (const m of messages) stream.write(m);
           stream.end();
         });
       const openBytes = Buffer.from(UploadRequest.encode(open()).finish());
       // Field 2 (record) announcing 100 bytes that are not there.
-      const e = await rejectsWith(sendRaw([openBytes, Buffer.from([0x12, 100, 1, 2])]), status.INVALID_ARGUMENT, /does not decode/);
+      const e = await rejectsWith(
+        sendRaw([openBytes, Buffer.from([0x12, 100, 1, 2])]),
+        status.INVALID_ARGUMENT,
+        /does not decode/,
+      );
       assert.doesNotMatch(e.details, /at .*\.ts:\d+/, 'no stack trace');
       assert.equal(await uploadsActive(), 0, 'released before the status was sent');
       assert.deepEqual(await upload(h.uploads, tokens.a!, [open(), { record: header() }]), before);
@@ -205,7 +343,11 @@ describe('uploads: every bad input gets its status and changes nothing', () => {
 
   it('accepts and ignores tensors already held, resumes, and refuses uploads once the job is closed', async () => {
     const held = new Set(before.tensorsReceived);
-    const again = await upload(h.uploads, tokens.a!, uploadMessages(jobId, 'a', [header(), ...tensor(0), ...tensor(1)]));
+    const again = await upload(
+      h.uploads,
+      tokens.a!,
+      uploadMessages(jobId, 'a', [header(), ...tensor(0), ...tensor(1)]),
+    );
     assert.deepEqual(again, before);
     // Resume: only the tensors the server does not hold.
     const missing = records.filter((r, i) => {
@@ -221,11 +363,19 @@ describe('uploads: every bad input gets its status and changes nothing', () => {
     await upload(h.uploads, tokens.a!, uploadMessages(jobId, 'a', [header(), ...tensor(3)]));
     const cancelled = await call(h.jobs, 'cancelJob', { jobId, reason: 'closing the test job' }, ADMIN);
     assert.equal(cancelled.state, JobState.JOB_STATE_FAILED);
-    await rejectsWith(upload(h.uploads, tokens.b!, uploadMessages(jobId, 'b', [header(), ...tensor(0)])), status.FAILED_PRECONDITION, /FAILED: it no longer takes uploads/);
+    await rejectsWith(
+      upload(h.uploads, tokens.b!, uploadMessages(jobId, 'b', [header(), ...tensor(0)])),
+      status.FAILED_PRECONDITION,
+      /FAILED: it no longer takes uploads/,
+    );
     assert.equal((await state('b')).tensorsReceived.length, 0);
     const events = await watchAll(h.jobs, ADMIN, jobId);
     assert.equal(events.filter((e) => e.partyJoined?.party === 'a').length, 1);
-    assert.equal(events.filter((e) => e.uploadComplete?.party === 'a').length, 1, 'a re-sent header does not complete the upload twice');
+    assert.equal(
+      events.filter((e) => e.uploadComplete?.party === 'a').length,
+      1,
+      'a re-sent header does not complete the upload twice',
+    );
   });
 });
 
@@ -239,8 +389,27 @@ describe('uploads: the per-party byte cap', () => {
   it('RESOURCE_EXHAUSTED once a party would hold more than --max-upload-bytes', async () => {
     const small = await startHarness(join(dir, 'capped'), { maxUploadBytes: 2000 });
     try {
-      const r = await call(small.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
-      await rejectsWith(upload(small.uploads, r.tokens.a!, uploadMessages(r.job!.id, 'a', records)), status.RESOURCE_EXHAUSTED, /limit of 2000 bytes/);
+      const r = await call(
+        small.jobs,
+        'createJob',
+        {
+          basePath: base,
+          parties: ['a'],
+          rate: 0.9,
+          method: 'magnitude',
+          label: '',
+          dpa: undefined,
+          merge: undefined,
+          maxAbsValue: 0,
+          pruneMethod: 0,
+        },
+        ADMIN,
+      );
+      await rejectsWith(
+        upload(small.uploads, r.tokens.a!, uploadMessages(r.job!.id, 'a', records)),
+        status.RESOURCE_EXHAUSTED,
+        /limit of 2000 bytes/,
+      );
       const s = await call(small.uploads, 'getUploadState', { jobId: r.job!.id, party: 'a' }, r.tokens.a!);
       assert.ok(s.bytesReceived <= 2000n);
       assert.equal(s.complete, false);
@@ -253,9 +422,25 @@ describe('uploads: the per-party byte cap', () => {
 describe("uploads: the job's value bound", () => {
   it('refuses a value beyond max_abs_value naming the tensor, takes the delta under a bound it fits, shows the bound', async () => {
     let largest = 0;
-    for (const r of records) if (r.chunk !== undefined) for (const v of decodeChunk(r.chunk).values) largest = Math.max(largest, Math.abs(v));
+    for (const r of records)
+      if (r.chunk !== undefined) for (const v of decodeChunk(r.chunk).values) largest = Math.max(largest, Math.abs(v));
     const create = (maxAbsValue: number) =>
-      call(h.jobs, 'createJob', { basePath: base, parties: ['a'], rate: 0.9, method: 'magnitude', label: '', dpa: undefined, merge: undefined, maxAbsValue, pruneMethod: 0 }, ADMIN);
+      call(
+        h.jobs,
+        'createJob',
+        {
+          basePath: base,
+          parties: ['a'],
+          rate: 0.9,
+          method: 'magnitude',
+          label: '',
+          dpa: undefined,
+          merge: undefined,
+          maxAbsValue,
+          pruneMethod: 0,
+        },
+        ADMIN,
+      );
     await rejectsWith(create(-1), status.INVALID_ARGUMENT, /^max_abs_value: must be a finite number > 0/);
     assert.equal((await create(0)).job!.maxAbsValue, 1000, 'the default');
     const tight = await create(largest / 2);
@@ -263,7 +448,9 @@ describe("uploads: the job's value bound", () => {
     await rejectsWith(
       upload(h.uploads, tight.tokens.a!, uploadMessages(tight.job!.id, 'a', records)),
       status.INVALID_ARGUMENT,
-      new RegExp(`tensor ".+": chunk \\d+: the value at position \\d+ is -?[0-9.e-]+; values must be finite with magnitude at most ${largest / 2} \\(the job's max_abs_value\\)`),
+      new RegExp(
+        `tensor ".+": chunk \\d+: the value at position \\d+ is -?[0-9.e-]+; values must be finite with magnitude at most ${largest / 2} \\(the job's max_abs_value\\)`,
+      ),
     );
     const fits = await create(largest);
     assert.equal((await upload(h.uploads, fits.tokens.a!, uploadMessages(fits.job!.id, 'a', records))).complete, true);

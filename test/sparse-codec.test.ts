@@ -307,7 +307,10 @@ void describe('encodeChunks / decodeChunk', () => {
     assertError(() => enc([1, 2], 3), FormatError, 'bad', /2 positions but 3 values/);
     assertError(() => enc([1, 10], 2, 10), FormatError, 'bad', /outside the tensor/);
     assert.throws(() => [...encodeChunks('x', -1, Float64Array.of(1), Float32Array.of(1))], RangeError);
-    assert.throws(() => [...encodeChunks('x', 0, Float64Array.of(1), Float32Array.of(1), { maxChunkEntries: 0 })], RangeError);
+    assert.throws(
+      () => [...encodeChunks('x', 0, Float64Array.of(1), Float32Array.of(1), { maxChunkEntries: 0 })],
+      RangeError,
+    );
   });
 
   void describe('decodeChunk checks', () => {
@@ -339,12 +342,15 @@ void describe('encodeChunks / decodeChunk', () => {
       for (const change of damaged) {
         assertError(() => decodeChunk({ ...c, ...change }), ChecksumError, 'layer.0.q', /chunk \d: CRC-32C mismatch/);
       }
-      assert.throws(() => decodeChunk({ ...c, crc32c: c.crc32c ^ 1 }, { file: 'f.dppa' }), (e: unknown) => {
-        assert.ok(e instanceof ChecksumError);
-        assert.equal(e.file, 'f.dppa');
-        assert.match(e.message, /^f\.dppa, tensor "layer\.0\.q": chunk 3:/);
-        return true;
-      });
+      assert.throws(
+        () => decodeChunk({ ...c, crc32c: c.crc32c ^ 1 }, { file: 'f.dppa' }),
+        (e: unknown) => {
+          assert.ok(e instanceof ChecksumError);
+          assert.equal(e.file, 'f.dppa');
+          assert.match(e.message, /^f\.dppa, tensor "layer\.0\.q": chunk 3:/);
+          return true;
+        },
+      );
     });
 
     void it('reports a truncated position stream with a valid checksum as TruncatedError', () => {
@@ -368,14 +374,22 @@ void describe('encodeChunks / decodeChunk', () => {
       ];
       for (const [change, pattern] of cases) {
         const bad = resealed(c, change);
-        assert.throws(() => decodeChunk(bad), (e: unknown) => {
-          assert.ok(e instanceof FormatError && !(e instanceof ChecksumError), String(e));
-          assert.equal(e.tensor, 'layer.0.q');
-          assert.match(e.message, pattern);
-          return true;
-        });
+        assert.throws(
+          () => decodeChunk(bad),
+          (e: unknown) => {
+            assert.ok(e instanceof FormatError && !(e instanceof ChecksumError), String(e));
+            assert.equal(e.tensor, 'layer.0.q');
+            assert.match(e.message, pattern);
+            return true;
+          },
+        );
       }
-      assertError(() => decodeChunk(c, { numel: positions[positions.length - 1]! }), FormatError, 'layer.0.q', /outside the tensor/);
+      assertError(
+        () => decodeChunk(c, { numel: positions[positions.length - 1]! }),
+        FormatError,
+        'layer.0.q',
+        /outside the tensor/,
+      );
       assert.equal(decodeChunk(c, { numel: positions[positions.length - 1]! + 1 }).positions.length, c.count);
     });
 
@@ -462,9 +476,17 @@ void describe('tensor records', () => {
   });
 
   void it('adds RANGE chunks as runs, and still gives their positions when read', () => {
-    const dense = { positions: Float64Array.from({ length: 2500 }, (_, i) => 700 + i), values: Float32Array.from({ length: 2500 }, (_, i) => i / 64) };
+    const dense = {
+      positions: Float64Array.from({ length: 2500 }, (_, i) => 700 + i),
+      values: Float32Array.from({ length: 2500 }, (_, i) => i / 64),
+    };
     const sparse = { positions: Float64Array.of(3, 9, 40), values: Float32Array.of(1, 2, 3) };
-    const rs = [...tensorRecords('d', [100, 40], [dense, sparse], { maxChunkEntries: 1000, valueDtype: ValueDtype.VALUE_DTYPE_F32 })];
+    const rs = [
+      ...tensorRecords('d', [100, 40], [dense, sparse], {
+        maxChunkEntries: 1000,
+        valueDtype: ValueDtype.VALUE_DTYPE_F32,
+      }),
+    ];
     const viaRuns = new Float32Array(4000).fill(0.5);
     const viaPositions = new Float32Array(4000).fill(0.5);
     const a = new TensorAssembler({ entries: 'stream' });
@@ -494,7 +516,10 @@ void describe('tensor records', () => {
     // Too short to hold count − 1 gaps is seen without decoding.
     const cut = { ...chunk, positions: chunk.positions.subarray(0, 2) };
     cut.crc32c = chunkChecksum(cut);
-    assert.throws(() => checkChunk(cut), (e: unknown) => e instanceof TruncatedError && /too short/.test(e.message));
+    assert.throws(
+      () => checkChunk(cut),
+      (e: unknown) => e instanceof TruncatedError && /too short/.test(e.message),
+    );
   });
 
   void it('rejects a chunk above the partition limit', () => {
@@ -550,12 +575,21 @@ void describe('tensor records', () => {
     });
 
     void it('a missing chunk, in the middle or at the end', () => {
-      check(records.filter((_, i) => i !== 5), /chunk 5 out of order: expected chunk 4/);
-      check(records.filter((_, i) => i !== records.length - 2), /tensor end says \d+ chunks, \d+ received/);
+      check(
+        records.filter((_, i) => i !== 5),
+        /chunk 5 out of order: expected chunk 4/,
+      );
+      check(
+        records.filter((_, i) => i !== records.length - 2),
+        /tensor end says \d+ chunks, \d+ received/,
+      );
     });
 
     void it('a bad end checksum, count or name', () => {
-      const withEnd = (change: object): DeltaRecord[] => [...records.slice(0, -1), { tensorEnd: { ...end.tensorEnd!, ...change } }];
+      const withEnd = (change: object): DeltaRecord[] => [
+        ...records.slice(0, -1),
+        { tensorEnd: { ...end.tensorEnd!, ...change } },
+      ];
       check(withEnd({ crc32c: (end.tensorEnd!.crc32c ^ 1) >>> 0 }), /CRC-32C/);
       check(withEnd({ keptPerPartition: [0n, 1n, 2n, 3n] }), /entries in partition 1/);
       check(withEnd({ keptPerPartition: [0n] }), /partition 3 received, tensor end lists 1 partitions/);
@@ -591,7 +625,10 @@ void describe('tensor records', () => {
       const values = Buffer.from(c.values);
       values[3] = values[3]! ^ 1;
       rs[4] = { chunk: { ...c, values } };
-      assert.throws(() => run(rs), (e: unknown) => e instanceof ChecksumError && e.tensor === name && /chunk 3/.test(e.message));
+      assert.throws(
+        () => run(rs),
+        (e: unknown) => e instanceof ChecksumError && e.tensor === name && /chunk 3/.test(e.message),
+      );
     });
   });
 });

@@ -25,7 +25,22 @@ before(async () => {
   // Party a's upload complete, b's not: the job stays COLLECTING and a's tensor files stay on disk.
   const h = await startHarness(data, {});
   try {
-    const r = await call(h.jobs, 'createJob', { basePath: fam.base, parties: ['a', 'b'], rate: 0.8, method: 'dp', label: '', dpa: undefined, merge: undefined, maxAbsValue: 0, pruneMethod: 0 }, ADMIN);
+    const r = await call(
+      h.jobs,
+      'createJob',
+      {
+        basePath: fam.base,
+        parties: ['a', 'b'],
+        rate: 0.8,
+        method: 'dp',
+        label: '',
+        dpa: undefined,
+        merge: undefined,
+        maxAbsValue: 0,
+        pruneMethod: 0,
+      },
+      ADMIN,
+    );
     jobId = r.job!.id;
     await upload(h.uploads, r.tokens.a!, uploadMessages(jobId, 'a', records));
   } finally {

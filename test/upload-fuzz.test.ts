@@ -14,7 +14,8 @@ describe('upload fuzzing: malformed records of every kind through a real server'
       const report = await runUploadFuzz({ dir, seed: 14, count: 2 * FUZZ_CASES.length });
       assert.equal(report.requests, 2 * FUZZ_CASES.length);
       assert.deepEqual(Object.keys(report.cases).sort(), FUZZ_CASES.map((c) => c.name).sort(), 'every case was sent');
-      for (const code of ['INVALID_ARGUMENT', 'DATA_LOSS', 'RESOURCE_EXHAUSTED']) assert.ok(report.codes[code]! > 0, code);
+      for (const code of ['INVALID_ARGUMENT', 'DATA_LOSS', 'RESOURCE_EXHAUSTED'])
+        assert.ok(report.codes[code]! > 0, code);
     } finally {
       await rm(dir, { recursive: true, force: true });
     }

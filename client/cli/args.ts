@@ -20,5 +20,7 @@ export function durationFlag(arg: string, help: string, o: { group?: string } = 
 
 /** Drops undefined values so that optional options stay absent (exactOptionalPropertyTypes). */
 export function defined<T extends object>(o: T): { [K in keyof T]?: Exclude<T[K], undefined> } {
-  return Object.fromEntries(Object.entries(o).filter(([, x]) => x !== undefined)) as { [K in keyof T]?: Exclude<T[K], undefined> };
+  return Object.fromEntries(Object.entries(o).filter(([, x]) => x !== undefined)) as {
+    [K in keyof T]?: Exclude<T[K], undefined>;
+  };
 }

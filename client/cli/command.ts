@@ -1,4 +1,12 @@
-import { helpText, inFlagTermsOfPaths, parseCommand, type CommandText, type FlagTable, type FlagValues, type PathRole } from '../../proto/cli/flag-table.js';
+import {
+  helpText,
+  inFlagTermsOfPaths,
+  parseCommand,
+  type CommandText,
+  type FlagTable,
+  type FlagValues,
+  type PathRole,
+} from '../../proto/cli/flag-table.js';
 import { EXIT } from './exit-codes.js';
 import { ProgressLine } from './progress.js';
 

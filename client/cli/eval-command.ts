@@ -25,7 +25,7 @@ const EVALUATION = 'DPA evaluation (federated factor search)';
 export const evalFlags = {
   'eval-cmd': text(
     'CMD',
-    "serve the job's DPA evaluation requests with this shell command: {model} is replaced by the candidate's checkpoint folder (quoted); the last line of its stdout must be JSON {\"task\": score, ...}, higher is better; DPPA_CANDIDATE_KIND and DPPA_FACTORS describe the candidate",
+    'serve the job\'s DPA evaluation requests with this shell command: {model} is replaced by the candidate\'s checkpoint folder (quoted); the last line of its stdout must be JSON {"task": score, ...}, higher is better; DPPA_CANDIDATE_KIND and DPPA_FACTORS describe the candidate',
     { group: EVALUATION },
   ),
   'eval-retries': number(
@@ -34,10 +34,14 @@ export const evalFlags = {
     { min: 0, max: 100, integer: true },
     { group: EVALUATION },
   ),
-  'work-dir': text('DIR', 'where candidates are written (DIR/candidate, replaced for each) and the pruned delta is kept (DIR/delta.dppa); default dppa-eval-JOB-PARTY', {
-    group: EVALUATION,
-    path: 'folder',
-  }),
+  'work-dir': text(
+    'DIR',
+    'where candidates are written (DIR/candidate, replaced for each) and the pruned delta is kept (DIR/delta.dppa); default dppa-eval-JOB-PARTY',
+    {
+      group: EVALUATION,
+      path: 'folder',
+    },
+  ),
 };
 
 /** Longest stdout kept from one run of the command: only its last line matters. */
@@ -67,16 +71,27 @@ export function keptDeltaPath(workDir: string): string {
  * @throws UsageError if `template` lacks `{model}`.
  */
 export function commandEvaluator(template: string): EvaluateFn {
-  if (!template.includes('{model}')) throw new UsageError('--eval-cmd: the command must contain {model}, which is replaced by the folder of the checkpoint to evaluate');
+  if (!template.includes('{model}'))
+    throw new UsageError(
+      '--eval-cmd: the command must contain {model}, which is replaced by the folder of the checkpoint to evaluate',
+    );
   return (modelDir, candidate, signal) =>
-    runCommand(template.replaceAll('{model}', shellQuote(modelDir)), { DPPA_CANDIDATE_KIND: candidate.kind, DPPA_FACTORS: candidate.factors.join(',') }, signal);
+    runCommand(
+      template.replaceAll('{model}', shellQuote(modelDir)),
+      { DPPA_CANDIDATE_KIND: candidate.kind, DPPA_FACTORS: candidate.factors.join(',') },
+      signal,
+    );
 }
 
 /**
  * Runs one evaluation command and parses the last line of its stdout.
  * @throws Error when it fails, is killed, or its last line is not a JSON object of finite numbers.
  */
-async function runCommand(command: string, env: Record<string, string>, signal: AbortSignal): Promise<Record<string, number>> {
+async function runCommand(
+  command: string,
+  env: Record<string, string>,
+  signal: AbortSignal,
+): Promise<Record<string, number>> {
   return parseScores(await stdoutOf(command, env, signal));
 }
 
@@ -88,7 +103,12 @@ async function runCommand(command: string, env: Record<string, string>, signal: 
 function stdoutOf(command: string, env: Record<string, string>, signal: AbortSignal): Promise<string> {
   return new Promise((resolvePromise, reject) => {
     // Its own process group, so that an abort stops whatever the shell started too.
-    const child = spawn(command, { shell: true, detached: true, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+    const child = spawn(command, {
+      shell: true,
+      detached: true,
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, ...env },
+    });
     let tail = '';
     const stderr = new TailLines(STDERR_LINES, STDERR_LINE_CHARS);
     child.stdout.setEncoding('utf8');
@@ -119,8 +139,15 @@ function stdoutOf(command: string, env: Record<string, string>, signal: AbortSig
       else if (code === 0) resolvePromise(tail);
       else {
         const lines = stderr.lines();
-        const quoted = lines.length === 0 ? '; it wrote nothing to stderr' : `; its last stderr lines: ${lines.map((l) => JSON.stringify(l)).join(' ')}`;
-        reject(new Error(`the evaluation command ${killedBy === null ? `exited with code ${code}` : `was killed by ${killedBy}`}: ${command}${quoted}`));
+        const quoted =
+          lines.length === 0
+            ? '; it wrote nothing to stderr'
+            : `; its last stderr lines: ${lines.map((l) => JSON.stringify(l)).join(' ')}`;
+        reject(
+          new Error(
+            `the evaluation command ${killedBy === null ? `exited with code ${code}` : `was killed by ${killedBy}`}: ${command}${quoted}`,
+          ),
+        );
       }
     });
   });
@@ -167,8 +194,15 @@ export class TailLines {
  * @throws Error quoting the line when it is not a JSON object of finite numbers.
  */
 export function parseScores(stdout: string): Record<string, number> {
-  const line = stdout.split('\n').map((l) => l.trim()).filter((l) => l !== '').at(-1);
-  const bad = (why: string): Error => new Error(`the last line of the evaluation command's output must be a JSON object {"task": score, ...}, but ${why}`);
+  const line = stdout
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l !== '')
+    .at(-1);
+  const bad = (why: string): Error =>
+    new Error(
+      `the last line of the evaluation command's output must be a JSON object {"task": score, ...}, but ${why}`,
+    );
   if (line === undefined) throw bad('it printed nothing');
   let parsed: unknown;
   try {
@@ -189,9 +223,14 @@ export function parseScores(stdout: string): Record<string, number> {
  */
 export function requireRemoteSearch(job: Job, party: string): void {
   const search = job.dpa?.search;
-  if (search === undefined) throw new UsageError(`--eval-cmd: job ${job.id} does not search its factors (its DPA is ${job.dpa?.fixed !== undefined ? 'fixed' : 'off'}): there is nothing to evaluate`);
+  if (search === undefined)
+    throw new UsageError(
+      `--eval-cmd: job ${job.id} does not search its factors (its DPA is ${job.dpa?.fixed !== undefined ? 'fixed' : 'off'}): there is nothing to evaluate`,
+    );
   if ((search.partyEvaluator[party] ?? search.evaluator) === EvaluatorKind.EVALUATOR_KIND_ONNX) {
-    throw new UsageError(`--eval-cmd: job ${job.id} scores party ${party}'s candidates on the server (evaluator onnx): there is nothing to evaluate here`);
+    throw new UsageError(
+      `--eval-cmd: job ${job.id} scores party ${party}'s candidates on the server (evaluator onnx): there is nothing to evaluate here`,
+    );
   }
 }
 
@@ -210,9 +249,16 @@ export interface ServeOptions {
 }
 
 /** Serves the party's evaluation requests with the command until its search is over, telling the user as it goes. */
-export async function serveEvaluations(client: DppaClient, o: ServeOptions, signal: AbortSignal, progress: ProgressLine): Promise<EvaluateResult> {
+export async function serveEvaluations(
+  client: DppaClient,
+  o: ServeOptions,
+  signal: AbortSignal,
+  progress: ProgressLine,
+): Promise<EvaluateResult> {
   const say = o.json ? note : out;
-  say(`serving the DPA evaluation requests of job ${o.jobId} for party ${o.party} (candidates in ${join(o.workDir, 'candidate')})`);
+  say(
+    `serving the DPA evaluation requests of job ${o.jobId} for party ${o.party} (candidates in ${join(o.workDir, 'candidate')})`,
+  );
   const result = await client.evaluate(
     {
       jobId: o.jobId,
@@ -228,11 +274,19 @@ export async function serveEvaluations(client: DppaClient, o: ServeOptions, sign
       signal,
       onProgress: (e) => {
         progress.done();
-        const what = (c: { kind: string; factors: number[] }): string => (c.kind === 'dense' ? 'dense fine-tuned model' : `factors ${c.factors.join(', ')}`);
-        if (e.type === 'request') say(`evaluating ${what(e.candidate)}${e.cached ? ' (result kept from before the reconnection)' : ''}`);
+        const what = (c: { kind: string; factors: number[] }): string =>
+          c.kind === 'dense' ? 'dense fine-tuned model' : `factors ${c.factors.join(', ')}`;
+        if (e.type === 'request')
+          say(`evaluating ${what(e.candidate)}${e.cached ? ' (result kept from before the reconnection)' : ''}`);
         else if (e.type === 'answered') say(`  scores ${JSON.stringify(e.scores)}`);
-        else if (e.type === 'retrying') note(`  ${e.error instanceof Error ? e.error.message : String(e.error)}; attempt ${e.attempt} of ${1 + (o.retries ?? DEFAULT_EVALUATION_RETRIES)}`);
-        else if (e.type === 'reconnecting') note(`connection lost (${e.error instanceof Error ? e.error.message : String(e.error)}); reconnecting in ${(e.delayMs / 1000).toFixed(1)} s`);
+        else if (e.type === 'retrying')
+          note(
+            `  ${e.error instanceof Error ? e.error.message : String(e.error)}; attempt ${e.attempt} of ${1 + (o.retries ?? DEFAULT_EVALUATION_RETRIES)}`,
+          );
+        else if (e.type === 'reconnecting')
+          note(
+            `connection lost (${e.error instanceof Error ? e.error.message : String(e.error)}); reconnecting in ${(e.delayMs / 1000).toFixed(1)} s`,
+          );
       },
     },
   );

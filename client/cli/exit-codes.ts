@@ -15,7 +15,15 @@
 import { InputPathError, UsageError } from '../../proto/cli/flag-table.js';
 import { FormatError } from '../../proto/errors.js';
 import { CheckpointMismatchError } from '../prune/delta-source.js';
-import { DeltaMismatchError, DownloadError, DppaRpcError, EvaluationError, JobStateError, UploadIncompleteError, isServiceError } from '../sdk/errors.js';
+import {
+  DeltaMismatchError,
+  DownloadError,
+  DppaRpcError,
+  EvaluationError,
+  JobStateError,
+  UploadIncompleteError,
+  isServiceError,
+} from '../sdk/errors.js';
 
 export const EXIT = { ok: 0, failure: 1, usage: 2, data: 3, server: 4, evaluation: 5, interrupted: 130 } as const;
 
@@ -24,13 +32,26 @@ export { InputPathError, UsageError };
 /** The code and the message to print for an error. */
 export function describeFailure(err: unknown): { code: number; message: string } {
   if (err instanceof UsageError || err instanceof RangeError) return { code: EXIT.usage, message: err.message };
-  if (err instanceof InputPathError || err instanceof FormatError || err instanceof CheckpointMismatchError || err instanceof DeltaMismatchError) return { code: EXIT.data, message: err.message };
-  if (err instanceof EvaluationError) return { code: EXIT.evaluation, message: `${err.message} (this party's search stopped with this reason; the other parties' work is kept: fix the command and run dppa evaluate to resume)` };
+  if (
+    err instanceof InputPathError ||
+    err instanceof FormatError ||
+    err instanceof CheckpointMismatchError ||
+    err instanceof DeltaMismatchError
+  )
+    return { code: EXIT.data, message: err.message };
+  if (err instanceof EvaluationError)
+    return {
+      code: EXIT.evaluation,
+      message: `${err.message} (this party's search stopped with this reason; the other parties' work is kept: fix the command and run dppa evaluate to resume)`,
+    };
   if (err instanceof DppaRpcError) return { code: EXIT.server, message: rpcMessage(err) };
-  if (isServiceError(err)) return { code: EXIT.server, message: rpcMessage(new DppaRpcError('call', err.code, err.details)) };
-  if (err instanceof JobStateError || err instanceof UploadIncompleteError || err instanceof DownloadError) return { code: EXIT.server, message: err.message };
+  if (isServiceError(err))
+    return { code: EXIT.server, message: rpcMessage(new DppaRpcError('call', err.code, err.details)) };
+  if (err instanceof JobStateError || err instanceof UploadIncompleteError || err instanceof DownloadError)
+    return { code: EXIT.server, message: err.message };
   if (err instanceof Error && err.name === 'AbortError') return { code: EXIT.interrupted, message: 'interrupted' };
-  if (err instanceof Error && (err as NodeJS.ErrnoException).code === 'ENOENT') return { code: EXIT.data, message: err.message };
+  if (err instanceof Error && (err as NodeJS.ErrnoException).code === 'ENOENT')
+    return { code: EXIT.data, message: err.message };
   const detail = err instanceof Error ? (err.stack ?? err.message) : String(err);
   return { code: EXIT.failure, message: `unexpected error (please report it):\n${detail}` };
 }

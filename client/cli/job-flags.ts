@@ -4,7 +4,15 @@
  * (SearchConfig.evaluator, party_evaluator, onnx) and `--weights`
  * (MergeOptions.weights).
  */
-import { EvaluatorKind, SearchMethod, Tuner, type DeepPartial, type DpaConfig, type OnnxEvaluator, type SearchConfig } from '../../proto/gen/dppa/v1/jobs.js';
+import {
+  EvaluatorKind,
+  SearchMethod,
+  Tuner,
+  type DeepPartial,
+  type DpaConfig,
+  type OnnxEvaluator,
+  type SearchConfig,
+} from '../../proto/gen/dppa/v1/jobs.js';
 import { repeatable, text, type FlagValues } from '../../proto/cli/flag-table.js';
 import { UsageError } from './exit-codes.js';
 
@@ -12,11 +20,15 @@ const PARTY_NAME = /^[A-Za-z0-9_-]{1,64}$/;
 
 /** `--parties a,b,c`: names of letters, digits, '-', '_' (at most 64), no repeats. */
 export function parseParties(value: string | undefined): string[] {
-  if (value === undefined || value.trim() === '') throw new UsageError('--parties is required (e.g. --parties math,law,code)');
+  if (value === undefined || value.trim() === '')
+    throw new UsageError('--parties is required (e.g. --parties math,law,code)');
   const parties = value.split(',').map((p) => p.trim());
   const seen = new Set<string>();
   for (const p of parties) {
-    if (!PARTY_NAME.test(p)) throw new UsageError(`--parties: ${JSON.stringify(p)} is not a party name (letters, digits, '-', '_', at most 64)`);
+    if (!PARTY_NAME.test(p))
+      throw new UsageError(
+        `--parties: ${JSON.stringify(p)} is not a party name (letters, digits, '-', '_', at most 64)`,
+      );
     if (seen.has(p)) throw new UsageError(`--parties: ${p} is given twice`);
     seen.add(p);
   }
@@ -25,7 +37,8 @@ export function parseParties(value: string | undefined): string[] {
 
 function factor(text: string, flag: string): number {
   const n = Number(text);
-  if (text.trim() === '' || !Number.isFinite(n) || n < 0) throw new UsageError(`--${flag}: expected a number ≥ 0, got ${JSON.stringify(text)}`);
+  if (text.trim() === '' || !Number.isFinite(n) || n < 0)
+    throw new UsageError(`--${flag}: expected a number ≥ 0, got ${JSON.stringify(text)}`);
   return n;
 }
 
@@ -35,11 +48,22 @@ function factorList(text: string, what: string): number[] {
 }
 
 function party(name: string, parties: readonly string[], flag: string): string {
-  if (!parties.includes(name)) throw new UsageError(`--${flag}: ${JSON.stringify(name)} is not one of --parties (${parties.join(', ')})`);
+  if (!parties.includes(name))
+    throw new UsageError(`--${flag}: ${JSON.stringify(name)} is not one of --parties (${parties.join(', ')})`);
   return name;
 }
 
-const SEARCH_KEYS = ['method', 'tuner', 'start', 'step', 'upper', 'lower', 'budget', 'downward', 'party-timeout'] as const;
+const SEARCH_KEYS = [
+  'method',
+  'tuner',
+  'start',
+  'step',
+  'upper',
+  'lower',
+  'budget',
+  'downward',
+  'party-timeout',
+] as const;
 
 function searchConfig(spec: string): DeepPartial<SearchConfig> {
   const s: DeepPartial<SearchConfig> = {};
@@ -51,17 +75,21 @@ function searchConfig(spec: string): DeepPartial<SearchConfig> {
     const number = (o: { integer?: boolean } = {}): number => {
       const n = Number(value);
       if (value === '' || !Number.isFinite(n) || n < 0 || (o.integer === true && !Number.isInteger(n))) {
-        throw new UsageError(`--dpa: search ${key}: expected ${o.integer === true ? 'an integer' : 'a number'} ≥ 0, got ${JSON.stringify(value)}`);
+        throw new UsageError(
+          `--dpa: search ${key}: expected ${o.integer === true ? 'an integer' : 'a number'} ≥ 0, got ${JSON.stringify(value)}`,
+        );
       }
       return n;
     };
     switch (key as (typeof SEARCH_KEYS)[number]) {
       case 'method':
-        if (value !== 'progressive' && value !== 'whole') throw new UsageError(`--dpa: search method: expected progressive or whole, got ${JSON.stringify(value)}`);
+        if (value !== 'progressive' && value !== 'whole')
+          throw new UsageError(`--dpa: search method: expected progressive or whole, got ${JSON.stringify(value)}`);
         s.method = value === 'whole' ? SearchMethod.SEARCH_METHOD_WHOLE : SearchMethod.SEARCH_METHOD_PROGRESSIVE;
         break;
       case 'tuner':
-        if (value !== 'greedy' && value !== 'golden') throw new UsageError(`--dpa: search tuner: expected greedy or golden, got ${JSON.stringify(value)}`);
+        if (value !== 'greedy' && value !== 'golden')
+          throw new UsageError(`--dpa: search tuner: expected greedy or golden, got ${JSON.stringify(value)}`);
         s.tuner = value === 'golden' ? Tuner.TUNER_GOLDEN : Tuner.TUNER_GREEDY;
         break;
       case 'start':
@@ -80,7 +108,8 @@ function searchConfig(spec: string): DeepPartial<SearchConfig> {
         s.budget = number({ integer: true });
         break;
       case 'downward':
-        if (value !== '' && value !== 'true' && value !== 'false') throw new UsageError(`--dpa: search downward: expected true or false, got ${JSON.stringify(value)}`);
+        if (value !== '' && value !== 'true' && value !== 'false')
+          throw new UsageError(`--dpa: search downward: expected true or false, got ${JSON.stringify(value)}`);
         s.downward = value !== 'false';
         break;
       case 'party-timeout':
@@ -106,7 +135,10 @@ export function parseDpa(value: string | undefined, parties: readonly string[]):
   const mode = colon < 0 ? value : value.slice(0, colon);
   const spec = colon < 0 ? '' : value.slice(colon + 1);
   if (mode === 'search') return { search: searchConfig(spec) };
-  if (mode !== 'fixed') throw new UsageError(`--dpa: expected off, fixed:F1,F2,…, fixed:a=F1,F2;b=…, or search[:…], got ${JSON.stringify(value)}`);
+  if (mode !== 'fixed')
+    throw new UsageError(
+      `--dpa: expected off, fixed:F1,F2,…, fixed:a=F1,F2;b=…, or search[:…], got ${JSON.stringify(value)}`,
+    );
   let factors: number[] = [];
   const perParty: Record<string, { factors: number[] }> = {};
   for (const part of spec.split(';')) {
@@ -122,7 +154,10 @@ export function parseDpa(value: string | undefined, parties: readonly string[]):
   }
   if (factors.length === 0) {
     const missing = parties.filter((p) => !(p in perParty));
-    if (missing.length > 0) throw new UsageError(`--dpa: no factors for ${missing.join(', ')} (give them, or default factors before the first ';')`);
+    if (missing.length > 0)
+      throw new UsageError(
+        `--dpa: no factors for ${missing.join(', ')} (give them, or default factors before the first ';')`,
+      );
   }
   return { fixed: { factors, perParty } };
 }
@@ -131,13 +166,25 @@ const EVALUATOR = 'Evaluator of --dpa search (see docs/dpa.md)';
 
 /** The evaluator flags of a search. */
 export const evaluatorFlags = {
-  evaluator: text('remote|onnx', "where candidates are scored: remote (default) on each party's machine (dppa push --eval-cmd, dppa evaluate); onnx on the server", { group: EVALUATOR }),
+  evaluator: text(
+    'remote|onnx',
+    "where candidates are scored: remote (default) on each party's machine (dppa push --eval-cmd, dppa evaluate); onnx on the server",
+    { group: EVALUATOR },
+  ),
   'party-evaluator': text('a=onnx,b=remote', 'per-party overrides', { group: EVALUATOR }),
-  'onnx-model': text('FILE', "ONNX model on the server whose initializers carry the checkpoint's names", { group: EVALUATOR }),
+  'onnx-model': text('FILE', "ONNX model on the server whose initializers carry the checkpoint's names", {
+    group: EVALUATOR,
+  }),
   'onnx-tokenizer': text('FILE', 'tokenizer description (JSON) for text tasks', { group: EVALUATOR }),
-  'onnx-name-map': text('FILE', 'JSON { "checkpoint tensor": "initializer" } when the names differ', { group: EVALUATOR }),
-  'onnx-tasks': repeatable('P:T=FILE,...', 'validation tasks of party P (JSONL on the server); repeatable', { group: EVALUATOR }),
-  'onnx-finetuned': repeatable('P=DIR,...', "party P's dense fine-tuned checkpoint on the server; repeatable", { group: EVALUATOR }),
+  'onnx-name-map': text('FILE', 'JSON { "checkpoint tensor": "initializer" } when the names differ', {
+    group: EVALUATOR,
+  }),
+  'onnx-tasks': repeatable('P:T=FILE,...', 'validation tasks of party P (JSONL on the server); repeatable', {
+    group: EVALUATOR,
+  }),
+  'onnx-finetuned': repeatable('P=DIR,...', "party P's dense fine-tuned checkpoint on the server; repeatable", {
+    group: EVALUATOR,
+  }),
   'ort-provider': text('cpu|cuda', 'ONNX Runtime execution provider (default cpu)', { group: EVALUATOR }),
   metric: text('M', 'exact_match (default) or log_likelihood', { group: EVALUATOR }),
 };
@@ -152,7 +199,12 @@ function evaluatorKind(word: string, flag: string): EvaluatorKind {
 }
 
 /** Splits `a=x,b=y` (or several such flags) into pairs, the key checked as a party. */
-function partyPairs(values: readonly string[], parties: readonly string[], flag: string, what: string): [string, string][] {
+function partyPairs(
+  values: readonly string[],
+  parties: readonly string[],
+  flag: string,
+  what: string,
+): [string, string][] {
   const pairs: [string, string][] = [];
   for (const item of values.flatMap((v) => v.split(','))) {
     const eq = item.indexOf('=');
@@ -172,25 +224,36 @@ function partyPairs(values: readonly string[], parties: readonly string[], flag:
  * @returns The fields to merge into the search settings (empty when no flag was given).
  * @throws UsageError when a flag is malformed, names an unknown party, or is given without `--dpa search`.
  */
-export function parseEvaluator(v: EvaluatorFlagValues, parties: readonly string[], searching: boolean): DeepPartial<SearchConfig> {
+export function parseEvaluator(
+  v: EvaluatorFlagValues,
+  parties: readonly string[],
+  searching: boolean,
+): DeepPartial<SearchConfig> {
   const given = (Object.keys(evaluatorFlags) as (keyof EvaluatorFlagValues)[]).filter((k) => v[k] !== undefined);
   if (given.length === 0) return {};
   if (!searching) throw new UsageError(`${given.map((k) => `--${k}`).join(', ')}: only with --dpa search`);
   const s: DeepPartial<SearchConfig> = {};
   if (v.evaluator !== undefined) s.evaluator = evaluatorKind(v.evaluator, 'evaluator');
   if (v['party-evaluator'] !== undefined) {
-    s.partyEvaluator = Object.fromEntries(partyPairs([v['party-evaluator']], parties, 'party-evaluator', 'party=remote|onnx').map(([p, k]) => [p, evaluatorKind(k, 'party-evaluator')]));
+    s.partyEvaluator = Object.fromEntries(
+      partyPairs([v['party-evaluator']], parties, 'party-evaluator', 'party=remote|onnx').map(([p, k]) => [
+        p,
+        evaluatorKind(k, 'party-evaluator'),
+      ]),
+    );
   }
   const onnx: DeepPartial<OnnxEvaluator> = {};
   if (v['onnx-model'] !== undefined) onnx.modelPath = v['onnx-model'];
   if (v['onnx-tokenizer'] !== undefined) onnx.tokenizerPath = v['onnx-tokenizer'];
   if (v['onnx-name-map'] !== undefined) onnx.nameMapPath = v['onnx-name-map'];
   if (v['ort-provider'] !== undefined) {
-    if (v['ort-provider'] !== 'cpu' && v['ort-provider'] !== 'cuda') throw new UsageError(`--ort-provider: expected cpu or cuda, got ${JSON.stringify(v['ort-provider'])}`);
+    if (v['ort-provider'] !== 'cpu' && v['ort-provider'] !== 'cuda')
+      throw new UsageError(`--ort-provider: expected cpu or cuda, got ${JSON.stringify(v['ort-provider'])}`);
     onnx.provider = v['ort-provider'];
   }
   if (v.metric !== undefined) {
-    if (v.metric !== 'exact_match' && v.metric !== 'log_likelihood') throw new UsageError(`--metric: expected exact_match or log_likelihood, got ${JSON.stringify(v.metric)}`);
+    if (v.metric !== 'exact_match' && v.metric !== 'log_likelihood')
+      throw new UsageError(`--metric: expected exact_match or log_likelihood, got ${JSON.stringify(v.metric)}`);
     onnx.metric = v.metric;
   }
   if (v['onnx-tasks'] !== undefined) {

@@ -53,11 +53,22 @@ export function dpaJson(dpa: DpaConfig | undefined): Record<string, unknown> {
 }
 
 function mergeJson(m: MergeOptions | undefined): Record<string, unknown> {
-  return { weights: { ...m?.weights }, signElection: m?.signElection ?? false, partiesMayDownload: m?.partiesMayDownload ?? false };
+  return {
+    weights: { ...m?.weights },
+    signElection: m?.signElection ?? false,
+    partiesMayDownload: m?.partiesMayDownload ?? false,
+  };
 }
 
 function evaluationJson(e: Evaluation): Record<string, unknown> {
-  return { party: e.party, seq: e.seq, denseReference: e.denseReference, factors: e.factors, scores: { ...e.scores }, domainRatio: e.domainRatio };
+  return {
+    party: e.party,
+    seq: e.seq,
+    denseReference: e.denseReference,
+    factors: e.factors,
+    scores: { ...e.scores },
+    domainRatio: e.domainRatio,
+  };
 }
 
 /** A job as JSON, as `dppa job status --json` prints it. */
@@ -92,7 +103,12 @@ export function jobJson(job: Job): Record<string, unknown> {
 }
 
 function pauseJson(p: Pause): Record<string, unknown> {
-  return { reason: p.reason, attempts: p.attempts, since: p.since, nextAttemptAt: p.nextAttemptAt === '' ? null : p.nextAttemptAt };
+  return {
+    reason: p.reason,
+    attempts: p.attempts,
+    since: p.since,
+    nextAttemptAt: p.nextAttemptAt === '' ? null : p.nextAttemptAt,
+  };
 }
 
 /** A pause as text: the reason, the failed attempts and the next one. */
@@ -111,7 +127,8 @@ function dpaText(dpa: DpaConfig | undefined): string {
     const per = Object.entries(dpa.fixed.perParty).map(([p, l]) => `${p}: ${factors(l.factors)}`);
     return ['fixed', dpa.fixed.factors.length > 0 ? factors(dpa.fixed.factors) : '', ...per].filter(Boolean).join('; ');
   }
-  if (dpa?.search !== undefined) return `search (${String(j.method)}, ${String(j.tuner)}, evaluator ${String(j.evaluator)})`;
+  if (dpa?.search !== undefined)
+    return `search (${String(j.method)}, ${String(j.tuner)}, evaluator ${String(j.evaluator)})`;
   return String(j.mode);
 }
 
@@ -120,7 +137,8 @@ function jobMethod(job: Job): string {
   try {
     return pruneMethodFromWire(job.pruneMethod, job.method) ?? DEFAULT_PRUNE_METHOD;
   } catch (err) {
-    if (err instanceof RangeError) return `unknown (prune_method ${job.pruneMethod}, method ${JSON.stringify(job.method)})`;
+    if (err instanceof RangeError)
+      return `unknown (prune_method ${job.pruneMethod}, method ${JSON.stringify(job.method)})`;
     throw err;
   }
 }
@@ -138,13 +156,16 @@ export function jobText(job: Job): string {
     `  merge       weights ${weights.length === 0 ? 'all 1' : weights.join(', ')}; sign election ${job.merge?.signElection === true ? 'on' : 'off'}; ` +
       `parties may download: ${job.merge?.partiesMayDownload === true ? 'yes' : 'no'}`,
   );
-  if (job.createdAt !== '') lines.push(`  created     ${job.createdAt}${job.updatedAt === '' ? '' : `, updated ${job.updatedAt}`}`);
+  if (job.createdAt !== '')
+    lines.push(`  created     ${job.createdAt}${job.updatedAt === '' ? '' : `, updated ${job.updatedAt}`}`);
   lines.push('  parties');
   const width = Math.max(0, ...job.parties.map((p) => p.name.length));
   for (const p of job.parties) {
     const upload = p.uploadComplete ? 'complete' : p.tensorsExpected === 0 ? 'waiting' : 'uploading';
     const f = p.factors.length === 0 ? '' : `  factors ${factors(p.factors)}${p.factorsFinal ? ' (final)' : ''}`;
-    lines.push(`    ${p.name.padEnd(width)}  ${p.tensorsReceived}/${p.tensorsExpected} tensors  ${formatBytes(Number(p.bytesReceived))}  ${upload}${f}`);
+    lines.push(
+      `    ${p.name.padEnd(width)}  ${p.tensorsReceived}/${p.tensorsExpected} tensors  ${formatBytes(Number(p.bytesReceived))}  ${upload}${f}`,
+    );
     if (p.stoppedReason !== '') lines.push(`    ${' '.repeat(width)}  stopped: ${p.stoppedReason}`);
   }
   if (job.evaluations.length > 0) {
@@ -165,12 +186,20 @@ function evaluationTable(evaluations: readonly Evaluation[]): string[] {
       String(e.seq),
       e.denseReference ? 'dense reference' : factors(e.factors),
       `${(100 * e.domainRatio).toFixed(2)}%`,
-      Object.entries(e.scores).map(([t, s]) => `${t}=${Number(s.toPrecision(6))}`).join(' '),
+      Object.entries(e.scores)
+        .map(([t, s]) => `${t}=${Number(s.toPrecision(6))}`)
+        .join(' '),
     ]),
   ];
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
   // Numbers right-aligned, words left-aligned; the last column is not padded.
-  return rows.map((r) => r.map((cell, c) => (c === r.length - 1 ? cell : c === 1 || c === 3 ? cell.padStart(widths[c]!) : cell.padEnd(widths[c]!))).join('  '));
+  return rows.map((r) =>
+    r
+      .map((cell, c) =>
+        c === r.length - 1 ? cell : c === 1 || c === 3 ? cell.padStart(widths[c]!) : cell.padEnd(widths[c]!),
+      )
+      .join('  '),
+  );
 }
 
 function evaluationText(e: Evaluation): string {
@@ -180,7 +209,19 @@ function evaluationText(e: Evaluation): string {
 
 /** The kind of an event: the name of the field that is set. */
 export function eventType(ev: JobEvent): string {
-  for (const k of ['partyJoined', 'uploadProgress', 'uploadComplete', 'stateChanged', 'evaluationDone', 'factorsChosen', 'mergeProgress', 'merged', 'failed', 'paused', 'partyStopped'] as const) {
+  for (const k of [
+    'partyJoined',
+    'uploadProgress',
+    'uploadComplete',
+    'stateChanged',
+    'evaluationDone',
+    'factorsChosen',
+    'mergeProgress',
+    'merged',
+    'failed',
+    'paused',
+    'partyStopped',
+  ] as const) {
     if (ev[k] !== undefined) return k;
   }
   return 'unknown';
@@ -192,17 +233,41 @@ export function eventJson(ev: JobEvent): Record<string, unknown> {
   if (ev.partyJoined !== undefined) return { ...head, party: ev.partyJoined.party };
   if (ev.uploadProgress !== undefined) {
     const u = ev.uploadProgress;
-    return { ...head, party: u.party, tensorsReceived: u.tensorsReceived, tensorsExpected: u.tensorsExpected, bytesReceived: Number(u.bytesReceived) };
+    return {
+      ...head,
+      party: u.party,
+      tensorsReceived: u.tensorsReceived,
+      tensorsExpected: u.tensorsExpected,
+      bytesReceived: Number(u.bytesReceived),
+    };
   }
   if (ev.uploadComplete !== undefined) return { ...head, party: ev.uploadComplete.party };
-  if (ev.stateChanged !== undefined) return { ...head, from: jobStateName(ev.stateChanged.from), to: jobStateName(ev.stateChanged.to) };
-  if (ev.evaluationDone !== undefined) return { ...head, evaluation: ev.evaluationDone.evaluation === undefined ? null : evaluationJson(ev.evaluationDone.evaluation) };
-  if (ev.factorsChosen !== undefined) return { ...head, party: ev.factorsChosen.party, factors: ev.factorsChosen.factors, domainRatio: ev.factorsChosen.domainRatio };
-  if (ev.mergeProgress !== undefined) return { ...head, tensorsDone: ev.mergeProgress.tensorsDone, tensorsTotal: ev.mergeProgress.tensorsTotal };
+  if (ev.stateChanged !== undefined)
+    return { ...head, from: jobStateName(ev.stateChanged.from), to: jobStateName(ev.stateChanged.to) };
+  if (ev.evaluationDone !== undefined)
+    return {
+      ...head,
+      evaluation: ev.evaluationDone.evaluation === undefined ? null : evaluationJson(ev.evaluationDone.evaluation),
+    };
+  if (ev.factorsChosen !== undefined)
+    return {
+      ...head,
+      party: ev.factorsChosen.party,
+      factors: ev.factorsChosen.factors,
+      domainRatio: ev.factorsChosen.domainRatio,
+    };
+  if (ev.mergeProgress !== undefined)
+    return { ...head, tensorsDone: ev.mergeProgress.tensorsDone, tensorsTotal: ev.mergeProgress.tensorsTotal };
   if (ev.merged !== undefined) return { ...head, files: ev.merged.files, seconds: ev.merged.seconds };
   if (ev.failed !== undefined) return { ...head, reason: ev.failed.reason };
   if (ev.paused !== undefined) return { ...head, ...pauseJson(ev.paused) };
-  if (ev.partyStopped !== undefined) return { ...head, party: ev.partyStopped.party, reason: ev.partyStopped.reason, discardedTensors: ev.partyStopped.discardedTensors };
+  if (ev.partyStopped !== undefined)
+    return {
+      ...head,
+      party: ev.partyStopped.party,
+      reason: ev.partyStopped.reason,
+      discardedTensors: ev.partyStopped.discardedTensors,
+    };
   return head;
 }
 
@@ -215,13 +280,18 @@ export function eventText(ev: JobEvent): string {
       return `upload ${u.party}: ${u.tensorsReceived}/${u.tensorsExpected} tensors, ${formatBytes(Number(u.bytesReceived))}`;
     }
     if (ev.uploadComplete !== undefined) return `upload ${ev.uploadComplete.party}: complete`;
-    if (ev.stateChanged !== undefined) return `state ${jobStateName(ev.stateChanged.from)} → ${jobStateName(ev.stateChanged.to)}`;
-    if (ev.evaluationDone !== undefined) return ev.evaluationDone.evaluation === undefined ? 'evaluation' : `evaluation ${evaluationText(ev.evaluationDone.evaluation)}`;
+    if (ev.stateChanged !== undefined)
+      return `state ${jobStateName(ev.stateChanged.from)} → ${jobStateName(ev.stateChanged.to)}`;
+    if (ev.evaluationDone !== undefined)
+      return ev.evaluationDone.evaluation === undefined
+        ? 'evaluation'
+        : `evaluation ${evaluationText(ev.evaluationDone.evaluation)}`;
     if (ev.factorsChosen !== undefined) {
       const f = ev.factorsChosen;
       return `factors ${f.party}: ${factors(f.factors)} (domain ratio ${(100 * f.domainRatio).toFixed(2)}%)`;
     }
-    if (ev.mergeProgress !== undefined) return `merge ${ev.mergeProgress.tensorsDone}/${ev.mergeProgress.tensorsTotal} tensors`;
+    if (ev.mergeProgress !== undefined)
+      return `merge ${ev.mergeProgress.tensorsDone}/${ev.mergeProgress.tensorsTotal} tensors`;
     if (ev.merged !== undefined) return `merged: ${ev.merged.files.length} files in ${ev.merged.seconds.toFixed(1)} s`;
     if (ev.failed !== undefined) return `failed: ${ev.failed.reason}`;
     if (ev.paused !== undefined) return `paused: ${pauseText(ev.paused)}`;

@@ -44,7 +44,14 @@ const NAMES = [...commands.map((c) => c.name), 'serve'];
 function groupUsage(group: string): string {
   const members = commands.filter((c) => c.name.startsWith(`${group} `));
   const width = Math.max(...members.map((c) => c.name.length)) + 2;
-  return [`Usage: dppa ${group} <command> [options]`, '', 'Commands:', ...members.map((c) => `  ${c.name.padEnd(width)}${c.summary}`), '', `Run \`dppa ${group} <command> --help\` for the options of a command.`].join('\n');
+  return [
+    `Usage: dppa ${group} <command> [options]`,
+    '',
+    'Commands:',
+    ...members.map((c) => `  ${c.name.padEnd(width)}${c.summary}`),
+    '',
+    `Run \`dppa ${group} <command> --help\` for the options of a command.`,
+  ].join('\n');
 }
 
 function usage(): string {
@@ -83,14 +90,20 @@ export async function main(argv: string[]): Promise<number> {
     if (help) process.stdout.write(`${groupUsage(first)}\n`);
     else {
       const typed = `${first} ${argv[1] ?? ''}`;
-      const what = argv[1] === undefined ? `${first}: which command?` : `unknown command ${JSON.stringify(typed)}${didYouMean(typed, NAMES)}`;
+      const what =
+        argv[1] === undefined
+          ? `${first}: which command?`
+          : `unknown command ${JSON.stringify(typed)}${didYouMean(typed, NAMES)}`;
       process.stderr.write(`dppa: ${what}\n\n${groupUsage(first)}\n`);
     }
     return help ? EXIT.ok : EXIT.usage;
   }
   if (command === undefined) {
     // "dppa job-create" and "dppa jb create" are near "job create" too.
-    const typed = commands.some((c) => c.name.startsWith(`${argv[1] ?? ''} `)) || argv[1] === undefined || argv[1].startsWith('-') ? first : `${first} ${argv[1]}`;
+    const typed =
+      commands.some((c) => c.name.startsWith(`${argv[1] ?? ''} `)) || argv[1] === undefined || argv[1].startsWith('-')
+        ? first
+        : `${first} ${argv[1]}`;
     const near = didYouMean(first, NAMES) || didYouMean(typed, NAMES) || didYouMean(first.replace('-', ' '), NAMES);
     process.stderr.write(`dppa: unknown command ${JSON.stringify(first)}${near}\n\n${usage()}\n`);
     return EXIT.usage;

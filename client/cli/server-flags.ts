@@ -6,7 +6,13 @@
 import { readFileSync } from 'node:fs';
 import { status as Status } from '@grpc/grpc-js';
 import { DppaClient } from '../sdk/client.js';
-import { isLoopbackHost, parseAddress, type DppaClientOptions, type TlsOptions, type TransportOptions } from '../sdk/connection.js';
+import {
+  isLoopbackHost,
+  parseAddress,
+  type DppaClientOptions,
+  type TlsOptions,
+  type TransportOptions,
+} from '../sdk/connection.js';
 import { DppaRpcError } from '../sdk/errors.js';
 import { DEFAULT_RETRY, type RetryNotice } from '../sdk/retry.js';
 import { number, text, toggle, type FlagValues } from '../../proto/cli/flag-table.js';
@@ -24,9 +30,19 @@ export const serverFlags = {
   'tls-ca': text('FILE', "PEM of the CA that signed the server's certificate", { group: CONNECTION }),
   'tls-cert': text('FILE', 'client certificate (PEM), for servers that require mutual TLS', { group: CONNECTION }),
   'tls-key': text('FILE', 'private key of --tls-cert (PEM)', { group: CONNECTION }),
-  'tls-server-name': text('NAME', "name to check the server's certificate against (default: the host)", { group: CONNECTION }),
-  insecure: toggle('allow plaintext to a server that is not on this machine (the token and data then cross the network unencrypted; loopback needs no flag)', { group: CONNECTION }),
-  'timeout-ms': number('N', 'time limit of each attempt of a request, default 30000 (a push, pull or watch as a whole has none; interrupt it with Ctrl-C)', { min: 1, integer: true }, { group: CONNECTION }),
+  'tls-server-name': text('NAME', "name to check the server's certificate against (default: the host)", {
+    group: CONNECTION,
+  }),
+  insecure: toggle(
+    'allow plaintext to a server that is not on this machine (the token and data then cross the network unencrypted; loopback needs no flag)',
+    { group: CONNECTION },
+  ),
+  'timeout-ms': number(
+    'N',
+    'time limit of each attempt of a request, default 30000 (a push, pull or watch as a whole has none; interrupt it with Ctrl-C)',
+    { min: 1, integer: true },
+    { group: CONNECTION },
+  ),
   'retry-for': durationFlag(
     'DURATION',
     `keep retrying while the server is unreachable, restarting or does not answer, for DURATION from the first failure in a row (e.g. 90s, 10m, 1h; 0 gives up at once), default ${formatDuration(DEFAULT_RETRY.forMs)}; each wait is told on stderr`,
@@ -35,7 +51,9 @@ export const serverFlags = {
 };
 
 /** The admin token's flag. */
-export const adminTokenFlags = { 'admin-token-file': text('FILE', 'file holding the admin token (default: $DPPA_ADMIN_TOKEN)', { group: CONNECTION }) };
+export const adminTokenFlags = {
+  'admin-token-file': text('FILE', 'file holding the admin token (default: $DPPA_ADMIN_TOKEN)', { group: CONNECTION }),
+};
 
 /** A party token's flags. */
 export const partyTokenFlags = {
@@ -46,12 +64,19 @@ export const partyTokenFlags = {
 /** Either token: explicit flags win, then $DPPA_ADMIN_TOKEN, then $DPPA_TOKEN. */
 export const anyTokenFlags = {
   ...adminTokenFlags,
-  token: text('T', "a party's token (a party may act on its own job; explicit flags win, then $DPPA_ADMIN_TOKEN, then $DPPA_TOKEN)", { group: CONNECTION }),
+  token: text(
+    'T',
+    "a party's token (a party may act on its own job; explicit flags win, then $DPPA_ADMIN_TOKEN, then $DPPA_TOKEN)",
+    { group: CONNECTION },
+  ),
   'token-file': partyTokenFlags['token-file'],
 };
 
 /** Values of the flags above. */
-export type ServerFlagValues = Partial<FlagValues<typeof serverFlags & typeof adminTokenFlags & typeof partyTokenFlags>> & Pick<FlagValues<typeof serverFlags>, 'server'>;
+export type ServerFlagValues = Partial<
+  FlagValues<typeof serverFlags & typeof adminTokenFlags & typeof partyTokenFlags>
+> &
+  Pick<FlagValues<typeof serverFlags>, 'server'>;
 
 function tokenFile(path: string, flag: string): string {
   let text: string;
@@ -80,11 +105,13 @@ export function adminToken(v: ServerFlagValues): string {
 
 /** A party token: --token, else --token-file, else $DPPA_TOKEN. */
 export function partyToken(v: ServerFlagValues): string {
-  if (v.token !== undefined && v['token-file'] !== undefined) throw new UsageError('--token and --token-file: give one');
+  if (v.token !== undefined && v['token-file'] !== undefined)
+    throw new UsageError('--token and --token-file: give one');
   if (v.token !== undefined) return v.token;
   if (v['token-file'] !== undefined) return tokenFile(v['token-file'], 'token-file');
   const t = env('DPPA_TOKEN');
-  if (t === undefined) throw new UsageError("no token: pass --token (the party's token from `dppa job create`) or set DPPA_TOKEN");
+  if (t === undefined)
+    throw new UsageError("no token: pass --token (the party's token from `dppa job create`) or set DPPA_TOKEN");
   return t;
 }
 
@@ -99,7 +126,8 @@ export function anyToken(v: ServerFlagValues): string {
   }
   if (v['admin-token-file'] !== undefined) return adminToken(v);
   const t = env('DPPA_ADMIN_TOKEN') ?? env('DPPA_TOKEN');
-  if (t === undefined) throw new UsageError('no token: pass --token or --admin-token-file, or set DPPA_TOKEN or DPPA_ADMIN_TOKEN');
+  if (t === undefined)
+    throw new UsageError('no token: pass --token or --admin-token-file, or set DPPA_TOKEN or DPPA_ADMIN_TOKEN');
   return t;
 }
 
@@ -117,11 +145,19 @@ export function transportOptions(v: ServerFlagValues): TransportOptions & Pick<D
   } catch (err) {
     throw new UsageError(`--server: ${(err as Error).message.replace(/^address: /, '')}`, { cause: err });
   }
-  const wantsTls = v.tls === true || v['tls-ca'] !== undefined || v['tls-cert'] !== undefined || v['tls-key'] !== undefined || v['tls-server-name'] !== undefined;
+  const wantsTls =
+    v.tls === true ||
+    v['tls-ca'] !== undefined ||
+    v['tls-cert'] !== undefined ||
+    v['tls-key'] !== undefined ||
+    v['tls-server-name'] !== undefined;
   if (!wantsTls && v.insecure !== true && !isLoopbackHost(host)) {
-    throw new UsageError(`refusing plaintext to ${address}, which is not this machine: pass --tls (or --tls-ca FILE), or --insecure to send the token unencrypted`);
+    throw new UsageError(
+      `refusing plaintext to ${address}, which is not this machine: pass --tls (or --tls-ca FILE), or --insecure to send the token unencrypted`,
+    );
   }
-  if ((v['tls-cert'] === undefined) !== (v['tls-key'] === undefined)) throw new UsageError('--tls-cert and --tls-key: give both or neither');
+  if ((v['tls-cert'] === undefined) !== (v['tls-key'] === undefined))
+    throw new UsageError('--tls-cert and --tls-key: give both or neither');
   const tls: TlsOptions = {};
   if (v['tls-ca'] !== undefined) tls.ca = v['tls-ca'];
   if (v['tls-cert'] !== undefined) tls.cert = v['tls-cert'];
@@ -152,7 +188,10 @@ export function retryLine(n: RetryNotice): string {
  * Runs `fn` with a client of the server, a signal that Ctrl-C aborts and a
  * progress line (see {@link cancellable}); closes the client after.
  */
-export async function withClient<T>(options: DppaClientOptions, fn: (client: DppaClient, signal: AbortSignal, progress: ProgressLine) => Promise<T>): Promise<T> {
+export async function withClient<T>(
+  options: DppaClientOptions,
+  fn: (client: DppaClient, signal: AbortSignal, progress: ProgressLine) => Promise<T>,
+): Promise<T> {
   return cancellable(async (signal, progress) => {
     const client = newClient({
       ...options,
@@ -181,7 +220,15 @@ function newClient(options: DppaClientOptions): DppaClient {
 /** An SDK RangeError naming its option (tls.ca: …) as a UsageError naming the flag the user typed; anything else unchanged. */
 export function inFlagTerms(err: unknown): unknown {
   if (!(err instanceof RangeError)) return err;
-  const flags: Record<string, string> = { 'tls.ca': '--tls-ca', 'tls.cert': '--tls-cert', 'tls.key': '--tls-key', timeoutMs: '--timeout-ms', 'retry.forMs': '--retry-for', token: 'the token', address: '--server' };
+  const flags: Record<string, string> = {
+    'tls.ca': '--tls-ca',
+    'tls.cert': '--tls-cert',
+    'tls.key': '--tls-key',
+    timeoutMs: '--timeout-ms',
+    'retry.forMs': '--retry-for',
+    token: 'the token',
+    address: '--server',
+  };
   const message = err.message.replace(/^([\w.]+):/, (m, name: string) => `${flags[name] ?? name}:`);
   return new UsageError(message, { cause: err });
 }

@@ -49,7 +49,11 @@ export class DeltaSource {
    * @throws CheckpointMismatchError listing missing and extra tensors and shape differences.
    * @throws FormatError / UnsupportedDtypeError from reading either checkpoint.
    */
-  static async open(basePath: string, finetunedPath: string, opts: { vocabMismatch?: VocabMismatch } = {}): Promise<DeltaSource> {
+  static async open(
+    basePath: string,
+    finetunedPath: string,
+    opts: { vocabMismatch?: VocabMismatch } = {},
+  ): Promise<DeltaSource> {
     const base = await Checkpoint.open(basePath);
     let finetuned: Checkpoint | undefined;
     try {
@@ -107,13 +111,23 @@ export class DeltaSource {
     const i = f.findIndex((d) => !Number.isFinite(d));
     const at = start + i;
     const opts = { tensor: t.info.name };
-    if (!Number.isFinite(b[i]!)) throw new FormatError(`flat position ${at}: the base holds a non-finite weight (${b[i]})`, { ...opts, file: t.info.file });
+    if (!Number.isFinite(b[i]!))
+      throw new FormatError(`flat position ${at}: the base holds a non-finite weight (${b[i]})`, {
+        ...opts,
+        file: t.info.file,
+      });
     const ft = this.finetuned.info(t.info.name).file;
     // F − B is NaN or infinite with B finite: F is, unless the difference overflows fp32.
     if (Math.abs(f[i]!) === Infinity && Number.isFinite(f[i]! + b[i]!)) {
-      throw new FormatError(`flat position ${at}: the fine-tuned weight minus the base weight overflows fp32`, { ...opts, file: ft });
+      throw new FormatError(`flat position ${at}: the fine-tuned weight minus the base weight overflows fp32`, {
+        ...opts,
+        file: ft,
+      });
     }
-    throw new FormatError(`flat position ${at}: the fine-tuned model holds a non-finite weight (${f[i]! + b[i]!})`, { ...opts, file: ft });
+    throw new FormatError(`flat position ${at}: the fine-tuned model holds a non-finite weight (${f[i]! + b[i]!})`, {
+      ...opts,
+      file: ft,
+    });
   }
 
   /** Closes both checkpoints. */
@@ -122,7 +136,13 @@ export class DeltaSource {
   }
 }
 
-function pairTensors(base: Checkpoint, ft: Checkpoint, vocab: VocabMismatch, basePath: string, ftPath: string): DeltaTensor[] {
+function pairTensors(
+  base: Checkpoint,
+  ft: Checkpoint,
+  vocab: VocabMismatch,
+  basePath: string,
+  ftPath: string,
+): DeltaTensor[] {
   const problems: string[] = [];
   const out: DeltaTensor[] = [];
   for (const info of base.tensors()) {
@@ -136,8 +156,12 @@ function pairTensors(base: Checkpoint, ft: Checkpoint, vocab: VocabMismatch, bas
     } else if (vocab === 'truncate' && extraRowsOnly(info.shape, other.shape)) {
       out.push({ info, truncatedFrom: other.shape });
     } else {
-      const hint = extraRowsOnly(info.shape, other.shape) ? ' (a resized vocabulary? --vocab-mismatch truncate compares the base rows only)' : '';
-      problems.push(`shape of ${info.name}: base [${info.shape.join(', ')}], fine-tuned [${other.shape.join(', ')}]${hint}`);
+      const hint = extraRowsOnly(info.shape, other.shape)
+        ? ' (a resized vocabulary? --vocab-mismatch truncate compares the base rows only)'
+        : '';
+      problems.push(
+        `shape of ${info.name}: base [${info.shape.join(', ')}], fine-tuned [${other.shape.join(', ')}]${hint}`,
+      );
     }
   }
   for (const info of ft.tensors()) {
@@ -152,5 +176,7 @@ function sameShape(a: readonly number[], b: readonly number[]): boolean {
 }
 
 function extraRowsOnly(base: readonly number[], ft: readonly number[]): boolean {
-  return base.length >= 1 && base.length === ft.length && ft[0]! > base[0]! && base.every((d, i) => i === 0 || d === ft[i]);
+  return (
+    base.length >= 1 && base.length === ft.length && ft[0]! > base[0]! && base.every((d, i) => i === 0 || d === ft[i])
+  );
 }

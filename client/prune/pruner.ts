@@ -15,7 +15,14 @@ import {
   type OutsidePolicy,
   type PruneMethod,
 } from '../../proto/algorithm/index.js';
-import { TensorKind, ValueDtype, ValueKind, type DeltaHeader, type DeltaRecord, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
+import {
+  TensorKind,
+  ValueDtype,
+  ValueKind,
+  type DeltaHeader,
+  type DeltaRecord,
+  type TensorPlan,
+} from '../../proto/gen/dppa/v1/sparse.js';
 import { baseFingerprint } from '../../proto/fingerprint.js';
 import { DeltaSource, type DeltaTensor, type VocabMismatch } from './delta-source.js';
 import type { DareRescale } from './dare.js';
@@ -145,12 +152,14 @@ export function withDefaults(opts: PruneOptions): Resolved {
     signal: opts.signal,
     onProgress: opts.onProgress,
   };
-  if (!['magnitude', 'count'].includes(r.significance)) throw new RangeError(`significance: expected magnitude or count, got ${r.significance}`);
+  if (!['magnitude', 'count'].includes(r.significance))
+    throw new RangeError(`significance: expected magnitude or count, got ${r.significance}`);
   if (!(r.lambda >= 0 && r.lambda <= 1)) throw new RangeError(`lambda: must be in [0, 1], got ${r.lambda}`);
   for (const k of ['layerOutlierFactor', 'linearOutlierFactor'] as const) {
     if (!(r[k] > 0)) throw new RangeError(`${k}: must be positive, got ${r[k]}`);
   }
-  if (!Number.isInteger(r.workers) || r.workers < 1) throw new RangeError(`workers: must be a positive integer, got ${r.workers}`);
+  if (!Number.isInteger(r.workers) || r.workers < 1)
+    throw new RangeError(`workers: must be a positive integer, got ${r.workers}`);
   if (!Number.isSafeInteger(r.seed)) throw new RangeError(`seed: must be an integer, got ${r.seed}`);
   if (!(r.valueDtype in PRECISIONS)) throw new RangeError(`valueDtype: expected bf16, f16 or f32, got ${r.valueDtype}`);
   compileLayerPattern(r.layerPattern);
@@ -188,7 +197,9 @@ export async function openPrune(options: PruneOptions): Promise<PruneSession> {
   const o = withDefaults(options);
   const source = await DeltaSource.open(o.base, o.finetuned, { vocabMismatch: o.vocabMismatch });
   const runner: TensorRunner =
-    o.workers === 1 ? inlineRunner(source) : workerRunner({ base: o.base, finetuned: o.finetuned, vocabMismatch: o.vocabMismatch }, o.workers);
+    o.workers === 1
+      ? inlineRunner(source)
+      : workerRunner({ base: o.base, finetuned: o.finetuned, vocabMismatch: o.vocabMismatch }, o.workers);
   try {
     const pattern = compileLayerPattern(o.layerPattern);
     const roles = source.tensors.map((t) => ({ tensor: t, role: tensorRole(t.info.name, t.info.shape, pattern) }));
@@ -214,7 +225,9 @@ export async function openPrune(options: PruneOptions): Promise<PruneSession> {
       rate: o.rate,
       levels: o.levels,
       tensors: [],
-      droppedWhole: planned.filter((p) => p.role.kind === 'linear' && p.plan.levelRates.at(-1) === 1).map((p) => p.plan.name),
+      droppedWhole: planned
+        .filter((p) => p.role.kind === 'linear' && p.plan.levelRates.at(-1) === 1)
+        .map((p) => p.plan.name),
       truncated: source.tensors.filter((t) => t.truncatedFrom !== undefined).map((t) => t.info.name),
     };
     return {
@@ -234,11 +247,16 @@ export async function openPrune(options: PruneOptions): Promise<PruneSession> {
 }
 
 function methodOptions(o: Resolved): Record<string, string> {
-  const opts: Record<string, string> = { outside: o.outside, layerPattern: o.layerPattern, vocabMismatch: o.vocabMismatch };
+  const opts: Record<string, string> = {
+    outside: o.outside,
+    layerPattern: o.layerPattern,
+    vocabMismatch: o.vocabMismatch,
+  };
   if (o.method === 'dp' || o.method === 'owl') {
     Object.assign(opts, { lambda: String(o.lambda), layerOutlierFactor: String(o.layerOutlierFactor) });
   }
-  if (o.method === 'dp') Object.assign(opts, { significance: o.significance, linearOutlierFactor: String(o.linearOutlierFactor) });
+  if (o.method === 'dp')
+    Object.assign(opts, { significance: o.significance, linearOutlierFactor: String(o.linearOutlierFactor) });
   if (o.method === 'dare') Object.assign(opts, { seed: String(o.seed), rescale: o.dareRescale });
   return opts;
 }
@@ -249,10 +267,19 @@ function methodOptions(o: Resolved): Record<string, string> {
  * candidates it returned, or from a second read when the block's threshold
  * falls below them.
  */
-async function rateOffsets(o: Resolved, roles: { tensor: DeltaTensor; role: TensorRole }[], runner: TensorRunner): Promise<Map<string, number>> {
+async function rateOffsets(
+  o: Resolved,
+  roles: { tensor: DeltaTensor; role: TensorRole }[],
+  runner: TensorRunner,
+): Promise<Map<string, number>> {
   if (o.method !== 'dp' && o.method !== 'owl') return new Map();
   const linears = roles.filter((r) => r.role.kind === 'linear');
-  const progress = phaseProgress(o, 'significance', linears.map((r) => r.tensor), 1);
+  const progress = phaseProgress(
+    o,
+    'significance',
+    linears.map((r) => r.tensor),
+    1,
+  );
   const layers = new Map<number, DeltaTensor[]>();
   for (const { tensor, role } of linears) layers.set(role.layer, [...(layers.get(role.layer) ?? []), tensor]);
   const kind: SignificanceKind = o.method === 'owl' ? 'count' : o.significance;
@@ -262,7 +289,12 @@ async function rateOffsets(o: Resolved, roles: { tensor: DeltaTensor; role: Tens
     [...layers].map(async ([layer, members]): Promise<[number, number]> => {
       const memberStats = await Promise.all(
         members.map(async (tensor) => {
-          const s = await runner.run({ op: 'stats', tensor, linearFactor: o.linearOutlierFactor, layerFactor: o.layerOutlierFactor });
+          const s = await runner.run({
+            op: 'stats',
+            tensor,
+            linearFactor: o.linearOutlierFactor,
+            layerFactor: o.layerOutlierFactor,
+          });
           progress(tensor);
           return s;
         }),
@@ -290,7 +322,12 @@ async function rateOffsets(o: Resolved, roles: { tensor: DeltaTensor; role: Tens
   }
   const linearSig = linears.map(({ tensor, role }) => {
     const s = stats.get(tensor.info.name)!;
-    return { name: tensor.info.name, layer: role.layer, count: s.totals.count, significance: significance(s.totals, s.linearOutliers, o.significance) };
+    return {
+      name: tensor.info.name,
+      layer: role.layer,
+      count: s.totals.count,
+      significance: significance(s.totals, s.linearOutliers, o.significance),
+    };
   });
   return new Map([...dpOffsets(layerSig, linearSig, o.lambda)].map(([name, d]) => [name, d.offset]));
 }
@@ -320,7 +357,12 @@ function planTensor(o: Resolved, tensor: DeltaTensor, role: TensorRole, offset: 
   return outside(true, 0, { kind: 'dense' });
 }
 
-function phaseProgress(o: Resolved, phase: PruneProgress['phase'], tensors: DeltaTensor[], passes: number): (t: DeltaTensor) => void {
+function phaseProgress(
+  o: Resolved,
+  phase: PruneProgress['phase'],
+  tensors: DeltaTensor[],
+  passes: number,
+): (t: DeltaTensor) => void {
   const tensorsTotal = tensors.length * passes;
   const bytesTotal = tensors.reduce((a, t) => a + 2 * t.info.byteLength, 0) * passes;
   let tensorsDone = 0;
@@ -342,7 +384,12 @@ async function* produce(
 ): AsyncGenerator<DeltaRecord> {
   yield { header };
   const todo = planned.filter((p) => p.spec !== undefined && !skip.has(p.plan.name));
-  const progress = phaseProgress(o, 'prune', todo.map((p) => p.tensor), 1);
+  const progress = phaseProgress(
+    o,
+    'prune',
+    todo.map((p) => p.tensor),
+    1,
+  );
   const start = (p: Planned): Promise<PrunedTensor> => {
     const f = runner.run({ op: 'prune', tensor: p.tensor, spec: p.spec!, valueDtype: header.valueDtype });
     // Awaited in order below; until then a rejection must not count as unhandled.

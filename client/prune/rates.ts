@@ -41,7 +41,10 @@ export function dpOffsets(
   const layers = [...layerSignificance.keys()].sort((a, b) => a - b);
   const s = layers.map((l) => layerSignificance.get(l)!);
   const meanS = s.reduce((a, b) => a + b, 0) / Math.max(1, s.length);
-  const levelL = normaliseToLambda(s.map((v) => meanS - v), lambda);
+  const levelL = normaliseToLambda(
+    s.map((v) => meanS - v),
+    lambda,
+  );
   const layerL = new Map(layers.map((l, i) => [l, levelL[i]!]));
 
   let weighted = 0;
@@ -51,7 +54,10 @@ export function dpOffsets(
     total += t.count;
   }
   const w = total === 0 ? 0 : weighted / total;
-  const m = normaliseToLambda(linears.map((t) => w - t.significance), lambda);
+  const m = normaliseToLambda(
+    linears.map((t) => w - t.significance),
+    lambda,
+  );
 
   const out = new Map<string, DpOffset>();
   linears.forEach((t, i) => {

@@ -58,7 +58,12 @@ function gather(abs: Uint32Array, bin: number, out: Float64Array): Float64Array 
 }
 
 /** Each cut's exact bits and ties, from a histogram of the low 16 bits of the candidates in its high bin. */
-function lowCuts(abs: Uint32Array, candidates: Float64Array, bins: { bin: number; above: number }[], keep: readonly number[]): Cut[] {
+function lowCuts(
+  abs: Uint32Array,
+  candidates: Float64Array,
+  bins: { bin: number; above: number }[],
+  keep: readonly number[],
+): Cut[] {
   const slotOf = new Int32Array(HIGH_BINS).fill(-1);
   const slots: number[] = [];
   for (const { bin } of bins) {
@@ -107,7 +112,9 @@ export function selectPartitions(
 ): PartitionEntries[] {
   keep.forEach((k, p) => {
     if (!(Number.isInteger(k) && k >= 0 && k <= delta.length) || (p > 0 && k < keep[p - 1]!)) {
-      throw new RangeError(`keep counts must be non-decreasing integers in [0, ${delta.length}], got ${keep.join(',')}`);
+      throw new RangeError(
+        `keep counts must be non-decreasing integers in [0, ${delta.length}], got ${keep.join(',')}`,
+      );
     }
   });
   const abs = new Uint32Array(delta.buffer, delta.byteOffset, delta.length);

@@ -100,7 +100,8 @@ export function pruneTensor(
       break;
   }
   // Index p of the list is partition p; linear layers have nothing in partition 0.
-  const all = first === 1 ? [{ positions: new Float64Array(0), values: new Float32Array(0) }, ...partitions] : partitions;
+  const all =
+    first === 1 ? [{ positions: new Float64Array(0), values: new Float32Array(0) }, ...partitions] : partitions;
   const records = [...tensorRecords(name, shape, all, { valueDtype })];
   const keptPerPartition = all.map((p) => p.positions.length);
   return { name, records, keptPerPartition };

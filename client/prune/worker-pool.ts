@@ -78,7 +78,8 @@ export function describeError(err: unknown): ErrorDescription {
 
 /** Rebuilds a worker's error in this thread, keeping format errors typed (their message already names file and tensor). */
 function reviveError(d: ErrorDescription): Error {
-  const err = d.name.endsWith('FormatError') || FORMAT_ERRORS.has(d.name) ? new FormatError(d.message) : new Error(d.message);
+  const err =
+    d.name.endsWith('FormatError') || FORMAT_ERRORS.has(d.name) ? new FormatError(d.message) : new Error(d.message);
   err.name = d.name;
   return err;
 }

@@ -3,7 +3,14 @@
  * AbortSignal, unary calls with retries, and server streams read as async
  * generators that cancel their call when the reader stops.
  */
-import { status as Status, type CallOptions as GrpcCallOptions, type ClientReadableStream, type ClientUnaryCall, type Metadata, type ServiceError } from '@grpc/grpc-js';
+import {
+  status as Status,
+  type CallOptions as GrpcCallOptions,
+  type ClientReadableStream,
+  type ClientUnaryCall,
+  type Metadata,
+  type ServiceError,
+} from '@grpc/grpc-js';
 import type { Connection } from './connection.js';
 import { DppaRpcError } from './errors.js';
 import { retrying } from './retry.js';
@@ -45,7 +52,10 @@ export class CallScope {
       if (!(Number.isFinite(ms) && ms > 0)) throw new RangeError(`timeoutMs: must be a positive number, got ${ms}`);
       this.deadline = Date.now() + ms;
       this.timer = setTimeout(
-        () => controller.abort(new DppaRpcError(method, Status.DEADLINE_EXCEEDED, `no result within the time limit of ${ms} ms`)),
+        () =>
+          controller.abort(
+            new DppaRpcError(method, Status.DEADLINE_EXCEEDED, `no result within the time limit of ${ms} ms`),
+          ),
         ms,
       );
     }
@@ -106,7 +116,14 @@ function unaryOnce<Req, Res>(conn: Connection, fn: UnaryMethod<Req, Res>, req: R
  * failures when `retry` is true (only for calls that change nothing).
  * @throws DppaRpcError for a non-OK status; the signal's reason when aborted.
  */
-export async function unary<Req, Res>(conn: Connection, method: string, fn: UnaryMethod<Req, Res>, req: Req, opts: CallOptions, retry: boolean): Promise<Res> {
+export async function unary<Req, Res>(
+  conn: Connection,
+  method: string,
+  fn: UnaryMethod<Req, Res>,
+  req: Req,
+  opts: CallOptions,
+  retry: boolean,
+): Promise<Res> {
   const scope = new CallScope(method, opts);
   try {
     return await inScope(conn, method, fn, req, scope, retry);
@@ -116,7 +133,14 @@ export async function unary<Req, Res>(conn: Connection, method: string, fn: Unar
 }
 
 /** As {@link unary}, within a scope the caller owns (a push's or pull's). */
-export async function inScope<Req, Res>(conn: Connection, method: string, fn: UnaryMethod<Req, Res>, req: Req, scope: CallScope, retry: boolean): Promise<Res> {
+export async function inScope<Req, Res>(
+  conn: Connection,
+  method: string,
+  fn: UnaryMethod<Req, Res>,
+  req: Req,
+  scope: CallScope,
+  retry: boolean,
+): Promise<Res> {
   try {
     scope.check();
     const attempt = async (): Promise<Res> => {
@@ -126,7 +150,9 @@ export async function inScope<Req, Res>(conn: Connection, method: string, fn: Un
         throw DppaRpcError.from(scope.reason(err), method);
       }
     };
-    return await (retry ? retrying(attempt, conn.options.retry, { signal: scope.signal, onRetry: conn.options.onRetry }) : attempt());
+    return await (retry
+      ? retrying(attempt, conn.options.retry, { signal: scope.signal, onRetry: conn.options.onRetry })
+      : attempt());
   } catch (err) {
     throw scope.reason(err);
   }
@@ -139,7 +165,10 @@ function ignore(): void {}
  * The messages of a server stream. Cancels the call when the reader stops
  * early (break, throw) or `signal` aborts; errors are grpc-js's, unconverted.
  */
-export async function* readStream<T>(call: ClientReadableStream<T>, signal: AbortSignal): AsyncGenerator<T, void, undefined> {
+export async function* readStream<T>(
+  call: ClientReadableStream<T>,
+  signal: AbortSignal,
+): AsyncGenerator<T, void, undefined> {
   // grpc-js emits 'error' for a non-OK status even after the stream is destroyed; without a listener it would throw.
   call.on('error', ignore);
   const onAbort = (): void => call.cancel();

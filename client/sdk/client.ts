@@ -5,7 +5,17 @@ import type { UploadState } from '../../proto/gen/dppa/v1/upload.js';
 import { unary, type CallOptions } from './call.js';
 import { Connection, type DppaClientOptions } from './connection.js';
 import { evaluate, type EvaluateCallOptions, type EvaluateOptions, type EvaluateResult } from './evaluate.js';
-import { cancelJob, createJob, getJob, listJobs, resumeJob, watchJob, type CreateJobOptions, type CreateJobResult, type WatchJobOptions } from './jobs.js';
+import {
+  cancelJob,
+  createJob,
+  getJob,
+  listJobs,
+  resumeJob,
+  watchJob,
+  type CreateJobOptions,
+  type CreateJobResult,
+  type WatchJobOptions,
+} from './jobs.js';
 import { pull, type PullCallOptions, type PullOptions, type PullResult } from './pull.js';
 import { push, type PushCallOptions, type PushOptions } from './push.js';
 
@@ -105,7 +115,14 @@ export class DppaClient {
    * @throws DppaRpcError.
    */
   getUploadState(jobId: string, party: string, opts?: CallOptions): Promise<UploadState> {
-    return unary(this.conn, 'GetUploadState', this.conn.uploads.getUploadState.bind(this.conn.uploads), { jobId, party }, opts ?? {}, true);
+    return unary(
+      this.conn,
+      'GetUploadState',
+      this.conn.uploads.getUploadState.bind(this.conn.uploads),
+      { jobId, party },
+      opts ?? {},
+      true,
+    );
   }
 
   /**
@@ -150,7 +167,14 @@ export class DppaClient {
    * @throws DppaRpcError.
    */
   async listFiles(jobId: string, opts?: CallOptions): Promise<MergedFile[]> {
-    const res = await unary(this.conn, 'ListFiles', this.conn.downloads.listFiles.bind(this.conn.downloads), { jobId }, opts ?? {}, true);
+    const res = await unary(
+      this.conn,
+      'ListFiles',
+      this.conn.downloads.listFiles.bind(this.conn.downloads),
+      { jobId },
+      opts ?? {},
+      true,
+    );
     return res.files;
   }
 

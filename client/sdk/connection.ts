@@ -69,7 +69,9 @@ export interface ResolvedTransport {
   address: string;
   host: string;
   port: number;
-  tls: { ca: Buffer | undefined; cert: Buffer | undefined; key: Buffer | undefined; serverName: string | undefined } | undefined;
+  tls:
+    | { ca: Buffer | undefined; cert: Buffer | undefined; key: Buffer | undefined; serverName: string | undefined }
+    | undefined;
   insecure: boolean;
   timeoutMs: number;
   maxMessageBytes: number;
@@ -107,10 +109,13 @@ export function parseAddress(address: string): { host: string; port: number } {
   const m = /^(?:\[([0-9a-fA-F:.%\w-]+)\]|([^:[\]\s/]+)):(\d{1,5})$/.exec(address);
   const port = m === null ? NaN : Number(m[3]);
   if (m === null || !(port >= 1 && port <= 65535)) {
-    throw new RangeError(`address: expected host:port (e.g. merge.example.org:50051 or [::1]:50051), got ${JSON.stringify(address)}`);
+    throw new RangeError(
+      `address: expected host:port (e.g. merge.example.org:50051 or [::1]:50051), got ${JSON.stringify(address)}`,
+    );
   }
   const host = m[1] ?? m[2]!;
-  if (m[1] !== undefined && isIP(host) !== 6) throw new RangeError(`address: ${JSON.stringify(host)} in brackets is not an IPv6 address`);
+  if (m[1] !== undefined && isIP(host) !== 6)
+    throw new RangeError(`address: ${JSON.stringify(host)} in brackets is not an IPv6 address`);
   return { host, port };
 }
 
@@ -131,7 +136,8 @@ function readPem(source: PemSource | undefined, field: string): Buffer | undefin
  */
 export function withDefaults(o: DppaClientOptions): ResolvedClientOptions {
   const transport = transportDefaults(o);
-  if (typeof o.token !== 'string' || o.token === '') throw new RangeError('token: required (the admin token or a party token)');
+  if (typeof o.token !== 'string' || o.token === '')
+    throw new RangeError('token: required (the admin token or a party token)');
   if (/[\r\n\0]/.test(o.token)) throw new RangeError('token: must not contain line breaks or NUL');
   return { ...transport, token: o.token, retry: retryWithDefaults(o.retry), onRetry: o.onRetry };
 }
@@ -157,10 +163,12 @@ export function transportDefaults(o: TransportOptions): ResolvedTransport {
       key: readPem(o.tls.key, 'tls.key'),
       serverName: o.tls.serverName,
     };
-    if ((tls.cert === undefined) !== (tls.key === undefined)) throw new RangeError('tls.cert and tls.key: give both or neither');
+    if ((tls.cert === undefined) !== (tls.key === undefined))
+      throw new RangeError('tls.cert and tls.key: give both or neither');
   }
   const timeoutMs = o.timeoutMs ?? 30_000;
-  if (!(Number.isFinite(timeoutMs) && timeoutMs > 0)) throw new RangeError(`timeoutMs: must be a positive number, got ${timeoutMs}`);
+  if (!(Number.isFinite(timeoutMs) && timeoutMs > 0))
+    throw new RangeError(`timeoutMs: must be a positive number, got ${timeoutMs}`);
   const maxMessageBytes = o.maxMessageBytes ?? 32 * 1024 * 1024;
   if (!(Number.isInteger(maxMessageBytes) && maxMessageBytes >= 1024)) {
     throw new RangeError(`maxMessageBytes: must be an integer ≥ 1024, got ${maxMessageBytes}`);
@@ -170,12 +178,16 @@ export function transportDefaults(o: TransportOptions): ResolvedTransport {
 
 /** The channel credentials of `o`: TLS with its files, or plaintext. */
 export function channelCredentials(o: ResolvedTransport): ChannelCredentials {
-  return o.tls === undefined ? credentials.createInsecure() : credentials.createSsl(o.tls.ca ?? null, o.tls.key ?? null, o.tls.cert ?? null);
+  return o.tls === undefined
+    ? credentials.createInsecure()
+    : credentials.createSsl(o.tls.ca ?? null, o.tls.key ?? null, o.tls.cert ?? null);
 }
 
 /** The channel options that check the server's certificate against `tls.serverName`, when set. */
 export function serverNameOptions(o: ResolvedTransport): ChannelOptions {
-  return o.tls?.serverName !== undefined ? { 'grpc.ssl_target_name_override': o.tls.serverName, 'grpc.default_authority': o.tls.serverName } : {};
+  return o.tls?.serverName !== undefined
+    ? { 'grpc.ssl_target_name_override': o.tls.serverName, 'grpc.default_authority': o.tls.serverName }
+    : {};
 }
 
 /** The channel and the service clients on it. @internal */

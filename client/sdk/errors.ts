@@ -46,7 +46,9 @@ export class DppaRpcError extends Error {
   readonly metadata: Metadata;
 
   constructor(method: string, code: Status, details: string, opts: DppaRpcErrorOptions = {}) {
-    super(`${method} failed: ${details === '' ? statusName(code).toLowerCase() : details} (${statusName(code)})`, { cause: opts.cause });
+    super(`${method} failed: ${details === '' ? statusName(code).toLowerCase() : details} (${statusName(code)})`, {
+      cause: opts.cause,
+    });
     this.method = method;
     this.code = code;
     this.codeName = statusName(code);

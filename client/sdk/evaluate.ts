@@ -31,7 +31,11 @@ export interface EvaluationCandidate {
  * @returns Score per task, higher is better and positive (the Domain-Ratio divides by the dense model's scores),
  *   with the same task names every time.
  */
-export type EvaluateFn = (modelDir: string, candidate: EvaluationCandidate, signal: AbortSignal) => Promise<Record<string, number>>;
+export type EvaluateFn = (
+  modelDir: string,
+  candidate: EvaluationCandidate,
+  signal: AbortSignal,
+) => Promise<Record<string, number>>;
 
 /** What {@link DppaClient.evaluate} serves. */
 export interface EvaluateOptions {
@@ -92,12 +96,17 @@ function checkOptions(o: EvaluateOptions): void {
   for (const name of ['jobId', 'party', 'base', 'delta', 'finetuned', 'workDir'] as const) {
     if (typeof o[name] !== 'string' || o[name] === '') throw new RangeError(`${name}: required`);
   }
-  if (typeof o.evaluate !== 'function') throw new RangeError('evaluate: required, a function (modelDir, candidate, signal) => scores');
-  if (o.retries !== undefined && !(Number.isInteger(o.retries) && o.retries >= 0)) throw new RangeError(`retries: expected an integer ≥ 0, got ${o.retries}`);
+  if (typeof o.evaluate !== 'function')
+    throw new RangeError('evaluate: required, a function (modelDir, candidate, signal) => scores');
+  if (o.retries !== undefined && !(Number.isInteger(o.retries) && o.retries >= 0))
+    throw new RangeError(`retries: expected an integer ≥ 0, got ${o.retries}`);
 }
 
 function candidateOf(req: EvaluationRequest): EvaluationCandidate {
-  return { kind: req.kind === CandidateKind.CANDIDATE_KIND_DENSE_FINETUNED ? 'dense' : 'amplified', factors: [...req.factors] };
+  return {
+    kind: req.kind === CandidateKind.CANDIDATE_KIND_DENSE_FINETUNED ? 'dense' : 'amplified',
+    factors: [...req.factors],
+  };
 }
 
 /**
@@ -107,12 +116,17 @@ function candidateOf(req: EvaluationRequest): EvaluationCandidate {
  *   this party's search); DppaRpcError; RangeError;
  *   DeltaMismatchError or FormatError when the delta does not fit the job; the signal's reason.
  */
-export async function evaluate(conn: Connection, o: EvaluateOptions, call: EvaluateCallOptions = {}): Promise<EvaluateResult> {
+export async function evaluate(
+  conn: Connection,
+  o: EvaluateOptions,
+  call: EvaluateCallOptions = {},
+): Promise<EvaluateResult> {
   checkOptions(o);
   const scope = new CallScope('Evaluate', call);
   const answers = new Map<string, Answer>();
   const result: EvaluateResult = { evaluated: 0, answered: 0 };
-  const failure = (): EvaluationError | undefined => [...answers.values()].find((a): a is { error: EvaluationError } => 'error' in a)?.error;
+  const failure = (): EvaluationError | undefined =>
+    [...answers.values()].find((a): a is { error: EvaluationError } => 'error' in a)?.error;
   let failures = 0;
   try {
     // A delta that cannot build the candidates would fail the whole job at its first amplified candidate: check it first.
@@ -129,7 +143,8 @@ export async function evaluate(conn: Connection, o: EvaluateOptions, call: Evalu
       } catch (err) {
         const e = DppaRpcError.from(scope.reason(err), 'Evaluate');
         // ALREADY_EXISTS: the server has not yet seen the end of our previous stream.
-        const again = !scope.signal.aborted && (isTransient(e) || (e instanceof DppaRpcError && e.code === Status.ALREADY_EXISTS));
+        const again =
+          !scope.signal.aborted && (isTransient(e) || (e instanceof DppaRpcError && e.code === Status.ALREADY_EXISTS));
         // The server ends the stream with the job's failure once it has the callback's error: that error says more.
         // After a drop, the kept error answers the repeated request instead, so that the server learns it.
         if (!again) throw scope.signal.aborted ? e : (failure() ?? e);
@@ -157,7 +172,10 @@ async function serveStream(
   result: EvaluateResult,
   working: () => void,
 ): Promise<void> {
-  const stream = conn.evaluations.evaluate(conn.metadata(), scope.deadline === undefined ? {} : { deadline: new Date(scope.deadline) });
+  const stream = conn.evaluations.evaluate(
+    conn.metadata(),
+    scope.deadline === undefined ? {} : { deadline: new Date(scope.deadline) },
+  );
   // grpc-js emits a non-OK status as 'error' too, possibly before readStream below listens; 'status' and the read report it.
   stream.on('error', () => undefined);
   // An evaluation in progress stops when the caller gives up or the job fails (a final status), not when the
@@ -178,11 +196,16 @@ async function serveStream(
     let answer = answers.get(key);
     call.onProgress?.({ type: 'request', candidate, cached: answer !== undefined });
     if (answer === undefined) {
-      answer = await scoreWithRetries(o, req, candidate, signal, (attempt, error) => call.onProgress?.({ type: 'retrying', candidate, attempt, error }));
+      answer = await scoreWithRetries(o, req, candidate, signal, (attempt, error) =>
+        call.onProgress?.({ type: 'retrying', candidate, attempt, error }),
+      );
       answers.set(key, answer);
       if ('scores' in answer) result.evaluated++;
     }
-    const reply = 'scores' in answer ? { requestId: req.requestId, scores: answer.scores, error: '' } : { requestId: req.requestId, scores: {}, error: answer.error.message };
+    const reply =
+      'scores' in answer
+        ? { requestId: req.requestId, scores: answer.scores, error: '' }
+        : { requestId: req.requestId, scores: {}, error: answer.error.message };
     await write(stream, { result: reply }, scope.signal);
     result.answered++;
     if ('scores' in answer) call.onProgress?.({ type: 'answered', candidate, scores: answer.scores });
@@ -206,7 +229,11 @@ async function scoreWithRetries(
     if ('scores' in answer) return answer;
     if (attempt >= attempts) {
       if (attempts === 1) return answer;
-      return { error: new EvaluationError(candidate, `${answer.error.message} (attempt ${attempts} of ${attempts})`, { cause: answer.error }) };
+      return {
+        error: new EvaluationError(candidate, `${answer.error.message} (attempt ${attempts} of ${attempts})`, {
+          cause: answer.error,
+        }),
+      };
     }
     retrying(attempt + 1, answer.error);
   }
@@ -216,26 +243,50 @@ async function scoreWithRetries(
  * Builds and scores one candidate; a failure of either becomes an answer
  * carrying the error, unless `signal` aborted (then its reason is thrown).
  */
-async function score(o: EvaluateOptions, req: EvaluationRequest, candidate: EvaluationCandidate, signal: AbortSignal): Promise<Answer> {
+async function score(
+  o: EvaluateOptions,
+  req: EvaluationRequest,
+  candidate: EvaluationCandidate,
+  signal: AbortSignal,
+): Promise<Answer> {
   try {
     let modelDir = o.finetuned;
     if (req.kind === CandidateKind.CANDIDATE_KIND_AMPLIFIED) {
       modelDir = join(o.workDir, 'candidate');
       // outside_factor 0 is the proto default of an unset field, which means 1.
       const outsideFactor = req.outsideFactor === 0 ? 1 : req.outsideFactor;
-      await applyDelta({ base: o.base, delta: o.delta, out: modelDir, factors: candidate.factors, outsideFactor, overwrite: true, signal });
+      await applyDelta({
+        base: o.base,
+        delta: o.delta,
+        out: modelDir,
+        factors: candidate.factors,
+        outsideFactor,
+        overwrite: true,
+        signal,
+      });
     } else if (req.kind !== CandidateKind.CANDIDATE_KIND_DENSE_FINETUNED) {
       throw new Error(`the server asked for a candidate of unknown kind ${req.kind}; update this client`);
     }
     return { scores: checkScores(await o.evaluate(modelDir, candidate, signal)) };
   } catch (err) {
     if (signal.aborted) throw signal.reason;
-    const what = candidate.kind === 'dense' ? 'the dense fine-tuned model' : `factors [${candidate.factors.join(', ')}]`;
-    return { error: new EvaluationError(candidate, `evaluating ${what} failed: ${err instanceof Error ? err.message : String(err)}`, { cause: err }) };
+    const what =
+      candidate.kind === 'dense' ? 'the dense fine-tuned model' : `factors [${candidate.factors.join(', ')}]`;
+    return {
+      error: new EvaluationError(
+        candidate,
+        `evaluating ${what} failed: ${err instanceof Error ? err.message : String(err)}`,
+        { cause: err },
+      ),
+    };
   }
 }
 
 /** Writes one message, waiting for 'drain' when grpc-js's buffer is full. */
-async function write(stream: ClientDuplexStream<EvaluationReply, EvaluationRequest>, message: EvaluationReply, signal: AbortSignal): Promise<void> {
+async function write(
+  stream: ClientDuplexStream<EvaluationReply, EvaluationRequest>,
+  message: EvaluationReply,
+  signal: AbortSignal,
+): Promise<void> {
   if (!stream.write(message)) await once(stream, 'drain', { signal });
 }

@@ -4,7 +4,11 @@
  * that probes (`dppa health`, a container's HEALTHCHECK) hold no secret.
  */
 import { Metadata, type ClientUnaryCall } from '@grpc/grpc-js';
-import { HealthCheckResponse_ServingStatus as ServingStatus, HealthClient, type HealthCheckResponse } from '../../proto/gen/grpc/health/v1/health.js';
+import {
+  HealthCheckResponse_ServingStatus as ServingStatus,
+  HealthClient,
+  type HealthCheckResponse,
+} from '../../proto/gen/grpc/health/v1/health.js';
 import { CallScope, type CallOptions } from './call.js';
 import { channelCredentials, serverNameOptions, transportDefaults, type TransportOptions } from './connection.js';
 import { DppaRpcError } from './errors.js';
@@ -35,11 +39,16 @@ export async function checkHealth(options: HealthCheckOptions, opts: CallOptions
     const response = await new Promise<HealthCheckResponse>((resolve, reject) => {
       let call: ClientUnaryCall | undefined = undefined;
       const onAbort = (): void => call?.cancel();
-      call = client.check({ service: options.service ?? '' }, new Metadata(), { deadline: new Date(scope.deadline!) }, (err, res) => {
-        scope.signal.removeEventListener('abort', onAbort);
-        if (err === null) resolve(res);
-        else reject(err);
-      });
+      call = client.check(
+        { service: options.service ?? '' },
+        new Metadata(),
+        { deadline: new Date(scope.deadline!) },
+        (err, res) => {
+          scope.signal.removeEventListener('abort', onAbort);
+          if (err === null) resolve(res);
+          else reject(err);
+        },
+      );
       scope.signal.addEventListener('abort', onAbort, { once: true });
     });
     switch (response.status) {

@@ -1,6 +1,11 @@
 /** Job calls: create, inspect, list, watch, cancel and resume merge jobs. */
 import { status as Status } from '@grpc/grpc-js';
-import { DEFAULT_PRUNE_METHOD, parsePruneMethod, pruneMethodToWire, type PruneMethod } from '../../proto/algorithm/index.js';
+import {
+  DEFAULT_PRUNE_METHOD,
+  parsePruneMethod,
+  pruneMethodToWire,
+  type PruneMethod,
+} from '../../proto/algorithm/index.js';
 import {
   CreateJobRequest,
   DpaConfig,
@@ -85,7 +90,8 @@ export function createJobRequest(o: CreateJobOptions): CreateJobRequest {
   if (o.parties.length === 0) throw new RangeError('parties: at least one party is needed');
   const seen = new Set<string>();
   for (const p of o.parties) {
-    if (!PARTY_NAME.test(p)) throw new RangeError(`parties: ${JSON.stringify(p)} is not a party name (letters, digits, '-', '_', at most 64)`);
+    if (!PARTY_NAME.test(p))
+      throw new RangeError(`parties: ${JSON.stringify(p)} is not a party name (letters, digits, '-', '_', at most 64)`);
     if (seen.has(p)) throw new RangeError(`parties: ${JSON.stringify(p)} is given twice`);
     seen.add(p);
   }
@@ -127,7 +133,11 @@ export function createJobRequest(o: CreateJobOptions): CreateJobRequest {
 }
 
 /** CreateJob (admin token). Not retried: a repeat could create a second job. */
-export async function createJob(conn: Connection, o: CreateJobOptions, opts: CallOptions = {}): Promise<CreateJobResult> {
+export async function createJob(
+  conn: Connection,
+  o: CreateJobOptions,
+  opts: CallOptions = {},
+): Promise<CreateJobResult> {
   const req = createJobRequest(o);
   const res = await unary(conn, 'CreateJob', conn.jobs.createJob.bind(conn.jobs), req, opts, false);
   if (res.job === undefined) throw new DppaRpcError('CreateJob', Status.INTERNAL, 'the server answered without a job');
@@ -161,7 +171,11 @@ export function resumeJob(conn: Connection, jobId: string, opts: CallOptions = {
  * ends the stream (the job merged or failed). Breaking out of the loop, or the
  * signal aborting, cancels the call.
  */
-export async function* watchJob(conn: Connection, jobId: string, opts: WatchJobOptions = {}): AsyncGenerator<JobEvent, void, undefined> {
+export async function* watchJob(
+  conn: Connection,
+  jobId: string,
+  opts: WatchJobOptions = {},
+): AsyncGenerator<JobEvent, void, undefined> {
   const scope = new CallScope('WatchJob', opts);
   const backoff = conn.backoff();
   let afterSeq = opts.afterSeq ?? 0n;
@@ -169,7 +183,11 @@ export async function* watchJob(conn: Connection, jobId: string, opts: WatchJobO
     for (;;) {
       scope.check();
       try {
-        const call = conn.jobs.watchJob({ jobId, afterSeq }, conn.metadata(), scope.deadline !== undefined ? { deadline: new Date(scope.deadline) } : {});
+        const call = conn.jobs.watchJob(
+          { jobId, afterSeq },
+          conn.metadata(),
+          scope.deadline !== undefined ? { deadline: new Date(scope.deadline) } : {},
+        );
         for await (const event of readStream(call, scope.signal)) {
           afterSeq = event.seq;
           backoff.reset();

@@ -100,8 +100,17 @@ class ShortStreamError extends Error {
 /** Rejects paths that would leave the output folder or that mean different files on different systems. */
 function checkPath(p: string): string {
   const parts = p.split('/');
-  if (p === '' || p.startsWith('/') || /[\\\0]/.test(p) || /^[A-Za-z]:/.test(p) || parts.some((s) => s === '' || s === '.' || s === '..')) {
-    throw new DownloadError(p, 'unsafe path in the file list: a merged file must be a relative path inside the checkpoint folder');
+  if (
+    p === '' ||
+    p.startsWith('/') ||
+    /[\\\0]/.test(p) ||
+    /^[A-Za-z]:/.test(p) ||
+    parts.some((s) => s === '' || s === '.' || s === '..')
+  ) {
+    throw new DownloadError(
+      p,
+      'unsafe path in the file list: a merged file must be a relative path inside the checkpoint folder',
+    );
   }
   return p;
 }
@@ -110,7 +119,8 @@ function listedFile(f: { path: string; size: bigint; sha256: string }): PulledFi
   const path = checkPath(f.path);
   if (f.size > BigInt(Number.MAX_SAFE_INTEGER)) throw new DownloadError(path, `listed size ${f.size} is too large`);
   const sha256 = f.sha256.toLowerCase();
-  if (!/^[0-9a-f]{64}$/.test(sha256)) throw new DownloadError(path, `listed SHA-256 ${JSON.stringify(f.sha256)} is not 64 hex digits`);
+  if (!/^[0-9a-f]{64}$/.test(sha256))
+    throw new DownloadError(path, `listed SHA-256 ${JSON.stringify(f.sha256)} is not 64 hex digits`);
   return { path, size: Number(f.size), sha256 };
 }
 
@@ -184,7 +194,11 @@ async function downloadFile(t: Transfer, file: PulledFile, local: string): Promi
       // A stale or damaged file from an earlier run: start it over once; a second mismatch is the server's.
       await rm(local, { force: true });
       t.bytesDone -= size;
-      if (restarted) throw new DownloadError(file.path, `SHA-256 is ${digest}, the server listed ${file.sha256}; the file was removed`);
+      if (restarted)
+        throw new DownloadError(
+          file.path,
+          `SHA-256 is ${digest}, the server listed ${file.sha256}; the file was removed`,
+        );
       restarted = true;
       size = 0;
       hash = undefined;
@@ -194,12 +208,18 @@ async function downloadFile(t: Transfer, file: PulledFile, local: string): Promi
     const fh = await open(local, 'a');
     try {
       const req = { jobId: t.jobId, path: file.path, offset: BigInt(size) };
-      const call = t.patch ? conn.downloads.downloadPatch(req, conn.metadata(), {}) : conn.downloads.download(req, conn.metadata(), {});
+      const call = t.patch
+        ? conn.downloads.downloadPatch(req, conn.metadata(), {})
+        : conn.downloads.download(req, conn.metadata(), {});
       for await (const chunk of readStream(call, scope.signal)) {
-        if (chunk.path !== file.path) throw new DownloadError(file.path, `the server sent a chunk of ${JSON.stringify(chunk.path)} instead`);
-        if (chunk.offset !== BigInt(size)) throw new DownloadError(file.path, `chunk at byte ${chunk.offset}, expected byte ${size}`);
-        if (size + chunk.data.length > file.size) throw new DownloadError(file.path, `more than the ${file.size} bytes listed`);
-        if (crc32c(chunk.data) !== chunk.crc32c) throw new CorruptChunkError(`${file.path}: chunk at byte ${size} does not match its CRC-32C`);
+        if (chunk.path !== file.path)
+          throw new DownloadError(file.path, `the server sent a chunk of ${JSON.stringify(chunk.path)} instead`);
+        if (chunk.offset !== BigInt(size))
+          throw new DownloadError(file.path, `chunk at byte ${chunk.offset}, expected byte ${size}`);
+        if (size + chunk.data.length > file.size)
+          throw new DownloadError(file.path, `more than the ${file.size} bytes listed`);
+        if (crc32c(chunk.data) !== chunk.crc32c)
+          throw new CorruptChunkError(`${file.path}: chunk at byte ${size} does not match its CRC-32C`);
         await fh.write(chunk.data);
         hash.update(chunk.data);
         size += chunk.data.length;
@@ -212,11 +232,14 @@ async function downloadFile(t: Transfer, file: PulledFile, local: string): Promi
       await fh.sync();
     } catch (err) {
       const e = DppaRpcError.from(scope.reason(err), 'Download');
-      if (scope.signal.aborted || !(isTransient(e) || e instanceof CorruptChunkError || e instanceof ShortStreamError)) throw e;
+      if (scope.signal.aborted || !(isTransient(e) || e instanceof CorruptChunkError || e instanceof ShortStreamError))
+        throw e;
       try {
         await backoff.failed(e, scope.signal);
       } catch (last) {
-        throw last instanceof CorruptChunkError || last instanceof ShortStreamError ? new DownloadError(file.path, last.message, { cause: last }) : last;
+        throw last instanceof CorruptChunkError || last instanceof ShortStreamError
+          ? new DownloadError(file.path, last.message, { cause: last })
+          : last;
       }
       // What reached the disk before the failure stays; the next attempt asks for the rest.
       const onDisk = await sizeOnDisk(local);
@@ -238,17 +261,33 @@ export async function pull(conn: Connection, o: PullOptions, call: PullCallOptio
   const scope = new CallScope('Download', call);
   try {
     if (o.out === '') throw new RangeError('out: required');
-    if (o.patch === true && o.base !== undefined) throw new RangeError('patch and base: give one (base downloads the patch and applies it)');
-    if (await exists(o.out)) throw new RangeError(`out: ${o.out} already exists; pull creates a new ${o.patch === true ? 'file' : 'folder'} and never writes into one`);
+    if (o.patch === true && o.base !== undefined)
+      throw new RangeError('patch and base: give one (base downloads the patch and applies it)');
+    if (await exists(o.out))
+      throw new RangeError(
+        `out: ${o.out} already exists; pull creates a new ${o.patch === true ? 'file' : 'folder'} and never writes into one`,
+      );
     const patch = o.patch === true || o.base !== undefined;
     const list = patch
       ? await inScope(conn, 'ListPatch', conn.downloads.listPatch.bind(conn.downloads), { jobId: o.jobId }, scope, true)
-      : await inScope(conn, 'ListFiles', conn.downloads.listFiles.bind(conn.downloads), { jobId: o.jobId }, scope, true);
+      : await inScope(
+          conn,
+          'ListFiles',
+          conn.downloads.listFiles.bind(conn.downloads),
+          { jobId: o.jobId },
+          scope,
+          true,
+        );
     const files = list.files.map(listedFile);
     const names = new Set(files.map((f) => f.path));
     if (names.size !== files.length) throw new DownloadError(o.out, 'the server listed a file twice');
-    if (files.length === 0) throw new DownloadError(o.out, `job ${o.jobId} has no merged files (its merge.output may be the patch only: pull it with --patch or --base)`);
-    if (patch && files.length !== 1) throw new DownloadError(o.out, `the server listed ${files.length} files for the merged patch, not one`);
+    if (files.length === 0)
+      throw new DownloadError(
+        o.out,
+        `job ${o.jobId} has no merged files (its merge.output may be the patch only: pull it with --patch or --base)`,
+      );
+    if (patch && files.length !== 1)
+      throw new DownloadError(o.out, `the server listed ${files.length} files for the merged patch, not one`);
     const tmp = `${resolve(o.out)}.tmp-${o.jobId.replace(/[^A-Za-z0-9_-]/g, '_')}${patch ? '.patch' : ''}`;
     await mkdir(tmp, { recursive: true });
     await removeStrays(tmp, names);
@@ -261,7 +300,8 @@ export async function pull(conn: Connection, o: PullOptions, call: PullCallOptio
       scope,
       bytesDone: 0,
       bytesDownloaded: 0,
-      report: (file, attempt) => call.onProgress?.({ file, filesDone, filesTotal: files.length, bytesDone: t.bytesDone, bytesTotal, attempt }),
+      report: (file, attempt) =>
+        call.onProgress?.({ file, filesDone, filesTotal: files.length, bytesDone: t.bytesDone, bytesTotal, attempt }),
     };
     for (const file of files) {
       await downloadFile(t, file, join(tmp, ...file.path.split('/')));
@@ -269,8 +309,14 @@ export async function pull(conn: Connection, o: PullOptions, call: PullCallOptio
       t.report(file.path, 1);
     }
     // Every byte not received by this run was on disk already (and verified).
-    const result = { out: o.out, files, bytesDownloaded: t.bytesDownloaded, bytesResumed: Math.max(0, bytesTotal - t.bytesDownloaded) };
-    if (o.base !== undefined) return { ...result, applied: await applyDownloaded(o.base, join(tmp, files[0]!.path), tmp, o.out, scope.signal) };
+    const result = {
+      out: o.out,
+      files,
+      bytesDownloaded: t.bytesDownloaded,
+      bytesResumed: Math.max(0, bytesTotal - t.bytesDownloaded),
+    };
+    if (o.base !== undefined)
+      return { ...result, applied: await applyDownloaded(o.base, join(tmp, files[0]!.path), tmp, o.out, scope.signal) };
     await rename(o.patch === true ? join(tmp, files[0]!.path) : tmp, o.out);
     if (o.patch === true) await rm(tmp, { recursive: true, force: true });
     await syncFolder(dirname(resolve(o.out)));
@@ -286,7 +332,13 @@ export async function pull(conn: Connection, o: PullOptions, call: PullCallOptio
  * Applies a downloaded patch, then removes the download. A patch that does not
  * apply (damaged, or for another base) is removed too: nothing of it is kept.
  */
-async function applyDownloaded(base: string, patch: string, tmp: string, out: string, signal: AbortSignal): Promise<ApplyPatchReport> {
+async function applyDownloaded(
+  base: string,
+  patch: string,
+  tmp: string,
+  out: string,
+  signal: AbortSignal,
+): Promise<ApplyPatchReport> {
   try {
     const applied = await applyPatch({ base, patch, out, signal });
     await rm(tmp, { recursive: true, force: true });

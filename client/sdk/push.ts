@@ -107,7 +107,13 @@ function jobMethod(job: Job): PruneMethod {
     return pruneMethodFromWire(job.pruneMethod, job.method) ?? DEFAULT_PRUNE_METHOD;
   } catch (err) {
     const asked = job.method === '' ? String(job.pruneMethod) : job.method;
-    throw new DeltaMismatchError('method', asked, '', `job ${job.id} requires the method ${JSON.stringify(asked)}, which this client does not know`, { cause: err });
+    throw new DeltaMismatchError(
+      'method',
+      asked,
+      '',
+      `job ${job.id} requires the method ${JSON.stringify(asked)}, which this client does not know`,
+      { cause: err },
+    );
   }
 }
 
@@ -131,17 +137,30 @@ export function checkHeader(header: DeltaHeader, job: Job, what: string): void {
     );
   }
   if (!sameRate(header.rate, job.rate)) {
-    throw new DeltaMismatchError('rate', String(job.rate), String(header.rate), `${what} is pruned at rate ${header.rate}; job ${job.id} requires ${job.rate}`);
+    throw new DeltaMismatchError(
+      'rate',
+      String(job.rate),
+      String(header.rate),
+      `${what} is pruned at rate ${header.rate}; job ${job.id} requires ${job.rate}`,
+    );
   }
   const required = jobMethod(job);
   const method = deltaMethod(header);
   if (method !== required) {
-    throw new DeltaMismatchError('method', required, method, `${what} is pruned with ${method}; job ${job.id} requires ${required}`);
+    throw new DeltaMismatchError(
+      'method',
+      required,
+      method,
+      `${what} is pruned with ${method}; job ${job.id} requires ${required}`,
+    );
   }
 }
 
 /** The records of a `.dppa` file, without the tensors in `skip`. */
-async function* skipTensors(records: AsyncIterable<DeltaRecord>, skip: ReadonlySet<string>): AsyncGenerator<DeltaRecord, void, undefined> {
+async function* skipTensors(
+  records: AsyncIterable<DeltaRecord>,
+  skip: ReadonlySet<string>,
+): AsyncGenerator<DeltaRecord, void, undefined> {
   let skipping = false;
   for await (const record of records) {
     if (record.tensorBegin !== undefined) skipping = skip.has(record.tensorBegin.name);
@@ -153,11 +172,20 @@ async function* skipTensors(records: AsyncIterable<DeltaRecord>, skip: ReadonlyS
 async function fileSource(path: string, job: Job, signal: AbortSignal): Promise<RecordSource> {
   const header = await readDeltaHeader(path, { signal });
   checkHeader(header, job, path);
-  return { header, records: (skip) => skipTensors(readDeltaFile(path, { signal }), skip), close: () => Promise.resolve() };
+  return {
+    header,
+    records: (skip) => skipTensors(readDeltaFile(path, { signal }), skip),
+    close: () => Promise.resolve(),
+  };
 }
 
 /** The file of `keepDelta`: reused when it fits the job, else pruned anew. */
-async function keptDelta(o: PushFromCheckpoints & { keepDelta: string }, job: Job, signal: AbortSignal, onProgress: (p: PruneProgress) => void): Promise<string> {
+async function keptDelta(
+  o: PushFromCheckpoints & { keepDelta: string },
+  job: Job,
+  signal: AbortSignal,
+  onProgress: (p: PruneProgress) => void,
+): Promise<string> {
   const path = o.keepDelta;
   try {
     checkHeader(await readDeltaHeader(path, { signal }), job, path);
@@ -171,18 +199,42 @@ async function keptDelta(o: PushFromCheckpoints & { keepDelta: string }, job: Jo
   return path;
 }
 
-async function openSource(o: PushOptions, job: Job, signal: AbortSignal, report: (p: PushProgress) => void): Promise<RecordSource> {
+async function openSource(
+  o: PushOptions,
+  job: Job,
+  signal: AbortSignal,
+  report: (p: PushProgress) => void,
+): Promise<RecordSource> {
   if (o.delta !== undefined) return fileSource(o.delta, job, signal);
   const { rate, method } = o;
   const required = jobMethod(job);
   if (rate !== undefined && !sameRate(rate, job.rate)) {
-    throw new DeltaMismatchError('rate', String(job.rate), String(rate), `rate ${rate} was asked for; job ${job.id} requires ${job.rate}`);
+    throw new DeltaMismatchError(
+      'rate',
+      String(job.rate),
+      String(rate),
+      `rate ${rate} was asked for; job ${job.id} requires ${job.rate}`,
+    );
   }
   if (method !== undefined && method !== required) {
-    throw new DeltaMismatchError('method', required, method, `method ${method} was asked for; job ${job.id} requires ${required}`);
+    throw new DeltaMismatchError(
+      'method',
+      required,
+      method,
+      `method ${method} was asked for; job ${job.id} requires ${required}`,
+    );
   }
-  const prepare = (p: PruneProgress): void => report({ phase: 'prepare', tensor: p.tensor, tensorsDone: p.tensorsDone, tensorsTotal: p.tensorsTotal, bytesSent: 0, attempt: 1 });
-  if (o.keepDelta !== undefined) return fileSource(await keptDelta({ ...o, keepDelta: o.keepDelta }, job, signal, prepare), job, signal);
+  const prepare = (p: PruneProgress): void =>
+    report({
+      phase: 'prepare',
+      tensor: p.tensor,
+      tensorsDone: p.tensorsDone,
+      tensorsTotal: p.tensorsTotal,
+      bytesSent: 0,
+      attempt: 1,
+    });
+  if (o.keepDelta !== undefined)
+    return fileSource(await keptDelta({ ...o, keepDelta: o.keepDelta }, job, signal, prepare), job, signal);
   const session = await openPrune({
     // The pruner takes its own options from these and ignores jobId, party and keepDelta.
     ...o,
@@ -274,16 +326,27 @@ export async function push(conn: Connection, o: PushOptions, call: PushCallOptio
   let source: RecordSource | undefined;
   try {
     const uploadState = (): Promise<UploadState> =>
-      inScope(conn, 'GetUploadState', conn.uploads.getUploadState.bind(conn.uploads), { jobId: o.jobId, party: o.party }, scope, true);
+      inScope(
+        conn,
+        'GetUploadState',
+        conn.uploads.getUploadState.bind(conn.uploads),
+        { jobId: o.jobId, party: o.party },
+        scope,
+        true,
+      );
     const job = await inScope(conn, 'GetJob', conn.jobs.getJob.bind(conn.jobs), { jobId: o.jobId }, scope, true);
     let state = await uploadState();
     if (state.complete) {
       // Nothing to send, but the caller may evaluate the kept delta next: it must exist.
-      if (o.delta === undefined && o.keepDelta !== undefined) await keptDelta({ ...o, keepDelta: o.keepDelta }, job, scope.signal, ignore);
+      if (o.delta === undefined && o.keepDelta !== undefined)
+        await keptDelta({ ...o, keepDelta: o.keepDelta }, job, scope.signal, ignore);
       return state;
     }
     if (job.state !== JobState.JOB_STATE_COLLECTING) {
-      const why = job.state === JobState.JOB_STATE_FAILED ? `failed (${job.failureReason})` : `${jobStateName(job.state)}, past collecting`;
+      const why =
+        job.state === JobState.JOB_STATE_FAILED
+          ? `failed (${job.failureReason})`
+          : `${jobStateName(job.state)}, past collecting`;
       throw new JobStateError(
         job.id,
         jobStateName(job.state),
@@ -338,7 +401,11 @@ export async function push(conn: Connection, o: PushOptions, call: PushCallOptio
       } catch (err) {
         const e = DppaRpcError.from(scope.reason(err), 'Upload');
         // ALREADY_EXISTS: a server without slot takeover still holds the slot of an earlier stream of ours.
-        if (scope.signal.aborted || !(isTransient(e) || (e instanceof DppaRpcError && e.code === Status.ALREADY_EXISTS))) throw e;
+        if (
+          scope.signal.aborted ||
+          !(isTransient(e) || (e instanceof DppaRpcError && e.code === Status.ALREADY_EXISTS))
+        )
+          throw e;
         await backoff.failed(e, scope.signal);
       } finally {
         stream.close();

@@ -24,7 +24,12 @@ export interface RetryOptions {
 }
 
 /** The defaults of {@link RetryOptions}. */
-export const DEFAULT_RETRY: Readonly<RetryOptions> = Object.freeze({ forMs: 300_000, attempts: Infinity, initialDelayMs: 250, maxDelayMs: 10_000 });
+export const DEFAULT_RETRY: Readonly<RetryOptions> = Object.freeze({
+  forMs: 300_000,
+  attempts: Infinity,
+  initialDelayMs: 250,
+  maxDelayMs: 10_000,
+});
 
 /**
  * Fills in and checks retry options.
@@ -36,7 +41,8 @@ export function retryWithDefaults(o: Partial<RetryOptions> | undefined): RetryOp
   if (!(r.attempts === Infinity || Number.isInteger(r.attempts)) || r.attempts < 1) {
     throw new RangeError(`retry.attempts: must be an integer ≥ 1 or Infinity, got ${r.attempts}`);
   }
-  if (!(Number.isFinite(r.initialDelayMs) && r.initialDelayMs >= 0)) throw new RangeError(`retry.initialDelayMs: must be ≥ 0, got ${r.initialDelayMs}`);
+  if (!(Number.isFinite(r.initialDelayMs) && r.initialDelayMs >= 0))
+    throw new RangeError(`retry.initialDelayMs: must be ≥ 0, got ${r.initialDelayMs}`);
   if (!(Number.isFinite(r.maxDelayMs) && r.maxDelayMs >= r.initialDelayMs)) {
     throw new RangeError(`retry.maxDelayMs: must be ≥ retry.initialDelayMs (${r.initialDelayMs}), got ${r.maxDelayMs}`);
   }

@@ -11,7 +11,8 @@ const RECORD_FIELD = 2;
 
 /** An UploadRequest as grpc-js sends it. */
 export function serializeUploadRequest(req: UploadRequest): Buffer {
-  const sole = req.open === undefined && req.record !== undefined ? encodeSoleField(RECORD_FIELD, req.record) : undefined;
+  const sole =
+    req.open === undefined && req.record !== undefined ? encodeSoleField(RECORD_FIELD, req.record) : undefined;
   return sole ?? Buffer.from(UploadRequest.encode(req).finish());
 }
 

@@ -21,7 +21,11 @@ function lmEval(args: string[]): Promise<void> {
   const [command = 'lm_eval', ...leading] = (process.env.LM_EVAL_CMD ?? 'lm_eval').split(' ').filter((w) => w !== '');
   return new Promise((resolve, reject) => {
     const child = spawn(command, [...leading, ...args], { stdio: ['ignore', 2, 2] });
-    child.on('error', (err) => reject(new Error(`cannot run ${command}: ${err.message} (is lm-evaluation-harness installed? pip install lm-eval)`)));
+    child.on('error', (err) =>
+      reject(
+        new Error(`cannot run ${command}: ${err.message} (is lm-evaluation-harness installed? pip install lm-eval)`),
+      ),
+    );
     child.on('close', (code) => (code === 0 ? resolve() : reject(new Error(`${command} exited with code ${code}`))));
   });
 }
@@ -45,10 +49,16 @@ function pickScores(results: Record<string, Record<string, unknown>>): Record<st
   const scores: Record<string, number> = {};
   for (const task of tasks.split(',').map((t) => t.trim())) {
     const metrics = results[task];
-    if (metrics === undefined) throw new Error(`lm_eval reported no results for task ${task} (it has ${Object.keys(results).join(', ')})`);
-    const key = wanted ?? ('acc,none' in metrics ? 'acc,none' : Object.keys(metrics).find((k) => typeof metrics[k] === 'number' && !k.includes('stderr')));
+    if (metrics === undefined)
+      throw new Error(`lm_eval reported no results for task ${task} (it has ${Object.keys(results).join(', ')})`);
+    const key =
+      wanted ??
+      ('acc,none' in metrics
+        ? 'acc,none'
+        : Object.keys(metrics).find((k) => typeof metrics[k] === 'number' && !k.includes('stderr')));
     const value = key === undefined ? undefined : metrics[key];
-    if (typeof value !== 'number') throw new Error(`task ${task} has no numeric metric ${JSON.stringify(key ?? '(any)')}`);
+    if (typeof value !== 'number')
+      throw new Error(`task ${task} has no numeric metric ${JSON.stringify(key ?? '(any)')}`);
     scores[task] = value;
   }
   return scores;
@@ -56,16 +66,25 @@ function pickScores(results: Record<string, Record<string, unknown>>): Record<st
 
 const out = await mkdtemp(join(tmpdir(), 'eval-harness-'));
 try {
-  const modelArgs = [`pretrained=${modelDir}`, process.env.LM_EVAL_ARGS].filter((a) => a !== undefined && a !== '').join(',');
+  const modelArgs = [`pretrained=${modelDir}`, process.env.LM_EVAL_ARGS]
+    .filter((a) => a !== undefined && a !== '')
+    .join(',');
   await lmEval([
-    '--model', process.env.LM_EVAL_MODEL ?? 'hf',
-    '--model_args', modelArgs,
-    '--tasks', tasks,
-    '--batch_size', process.env.LM_EVAL_BATCH_SIZE ?? 'auto',
-    '--output_path', out,
+    '--model',
+    process.env.LM_EVAL_MODEL ?? 'hf',
+    '--model_args',
+    modelArgs,
+    '--tasks',
+    tasks,
+    '--batch_size',
+    process.env.LM_EVAL_BATCH_SIZE ?? 'auto',
+    '--output_path',
+    out,
     ...(process.env.LM_EVAL_LIMIT === undefined ? [] : ['--limit', process.env.LM_EVAL_LIMIT]),
   ]);
-  const report = JSON.parse(await readFile(await newestResults(out), 'utf8')) as { results?: Record<string, Record<string, unknown>> };
+  const report = JSON.parse(await readFile(await newestResults(out), 'utf8')) as {
+    results?: Record<string, Record<string, unknown>>;
+  };
   console.log(JSON.stringify(pickScores(report.results ?? {})));
 } catch (err) {
   console.error(`eval-harness: ${err instanceof Error ? err.message : String(err)}`);

@@ -70,7 +70,12 @@ export async function readSparseDelta(file: string): Promise<SparseDelta> {
     if (assembler === undefined) throw new Error(`${file}: a record comes before any tensor begins`);
     const chunk = assembler.push(record);
     // Copied: a decoder may hand out arrays it reuses for the next chunk.
-    if (chunk !== undefined) entries.push({ partition: chunk.partition, positions: Float64Array.from(chunk.positions), values: Float32Array.from(chunk.values) });
+    if (chunk !== undefined)
+      entries.push({
+        partition: chunk.partition,
+        positions: Float64Array.from(chunk.positions),
+        values: Float32Array.from(chunk.values),
+      });
     if (assembler.complete) delta.tensors.set(assembler.name!, entries);
   }
   return delta;
@@ -105,7 +110,8 @@ export function mergeWeights(base: Weights, contributions: readonly Contribution
     const acc = Float32Array.from(b);
     for (const c of contributions) {
       const factors = c.factors ?? c.delta.levels.map(() => 1);
-      for (const e of c.delta.tensors.get(name) ?? []) addScaled(acc, e.positions, e.values, partitionFactor(factors, e.partition, false));
+      for (const e of c.delta.tensors.get(name) ?? [])
+        addScaled(acc, e.positions, e.values, partitionFactor(factors, e.partition, false));
     }
     out.set(name, decodeToF32(encodeFromF32(acc, 'BF16'), 'BF16', acc));
   }
@@ -137,14 +143,22 @@ export class FamilyScorer {
       intraOpThreads: opts.threads ?? 1,
     });
     const tasks = new Map<Domain, LoadedTask[]>();
-    for (const d of DOMAIN_NAMES) tasks.set(d, await evaluator.loadTasks(Object.entries(domainTaskFiles(d, split)).map(([name, file]) => ({ name, file }))));
+    for (const d of DOMAIN_NAMES)
+      tasks.set(
+        d,
+        await evaluator.loadTasks(Object.entries(domainTaskFiles(d, split)).map(([name, file]) => ({ name, file }))),
+      );
     return new FamilyScorer(evaluator, tasks);
   }
 
   /** Exact-match accuracy of `weights` on each task of `domain`. */
   async score(weights: Weights, domain: Domain): Promise<TaskScores> {
     this.evaluations++;
-    return this.evaluator.evaluate((name) => Promise.resolve(weights.get(name)!), this.tasks.get(domain)!, 'exact_match');
+    return this.evaluator.evaluate(
+      (name) => Promise.resolve(weights.get(name)!),
+      this.tasks.get(domain)!,
+      'exact_match',
+    );
   }
 
   /** {@link score} on every domain. */
@@ -176,6 +190,11 @@ export function fmt(x: number | undefined): string {
 /** A Markdown table (also readable as plain text), columns padded to their widest cell. */
 export function markdownTable(header: readonly string[], rows: readonly (readonly string[])[]): string {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const line = (cells: readonly string[]): string => `| ${cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join(' | ')} |`;
-  return [line(header), `| ${widths.map((w, i) => (i === 0 ? '-'.repeat(w) : `${'-'.repeat(w - 1)}:`)).join(' | ')} |`, ...rows.map(line)].join('\n');
+  const line = (cells: readonly string[]): string =>
+    `| ${cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join(' | ')} |`;
+  return [
+    line(header),
+    `| ${widths.map((w, i) => (i === 0 ? '-'.repeat(w) : `${'-'.repeat(w - 1)}:`)).join(' | ')} |`,
+    ...rows.map(line),
+  ].join('\n');
 }

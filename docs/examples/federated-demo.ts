@@ -16,8 +16,20 @@ import { createLogger } from '../../server/log.js';
 import { DppaServer } from '../../server/server.js';
 import { domainRatio } from '../../proto/algorithm/index.js';
 import {
-  DOMAIN_NAMES, FAMILY, FamilyScorer, denseDelta, domainTaskFiles, fmt, markdownTable, memberDir,
-  mergeWeights, readSparseDelta, readWeights, type Domain, type TaskScores, type Weights,
+  DOMAIN_NAMES,
+  FAMILY,
+  FamilyScorer,
+  denseDelta,
+  domainTaskFiles,
+  fmt,
+  markdownTable,
+  memberDir,
+  mergeWeights,
+  readSparseDelta,
+  readWeights,
+  type Domain,
+  type TaskScores,
+  type Weights,
 } from './family-lab.js';
 
 const dir = process.argv[2] ?? 'dppa-demo';
@@ -30,7 +42,13 @@ const pct = (x: number): string => `${(100 * x).toFixed(1)}%`;
 /** The merges compared, in the table's order. */
 const MERGES = ['dense', 'dare', 'magnitude', 'dp', 'dppa'] as const;
 type MergeName = (typeof MERGES)[number];
-const MERGE_LABEL: Record<MergeName, string> = { dense: 'dense sum', dare: 'DARE', magnitude: 'magnitude', dp: 'DP', dppa: 'DPPA' };
+const MERGE_LABEL: Record<MergeName, string> = {
+  dense: 'dense sum',
+  dare: 'DARE',
+  magnitude: 'magnitude',
+  dp: 'DP',
+  dppa: 'DPPA',
+};
 
 // Only a folder this demo made (or none) is replaced: OUT_DIR may be any path the user typed.
 const MARKER = '.dppa-demo';
@@ -51,10 +69,21 @@ for (const d of DOMAIN_NAMES) {
   reference.set(d, await scorer.score(finetuned.get(d)!, d));
 }
 step(1, `model family in ${FAMILY}: each fine-tune's test accuracy (the denominators of its Domain-Ratio)`);
-for (const [d, s] of reference) console.log(`      ${d.padEnd(8)} ${Object.entries(s).map(([t, a]) => `${t} ${pct(a)}`).join(', ')}`);
+for (const [d, s] of reference)
+  console.log(
+    `      ${d.padEnd(8)} ${Object.entries(s)
+      .map(([t, a]) => `${t} ${pct(a)}`)
+      .join(', ')}`,
+  );
 
 const adminToken = randomBytes(24).toString('base64url');
-const server = new DppaServer({ adminToken, dataDir: join(dir, 'server-data'), grpcPort: 0, metricsPort: 0, logger: createLogger({ level: 'warn' }) });
+const server = new DppaServer({
+  adminToken,
+  dataDir: join(dir, 'server-data'),
+  grpcPort: 0,
+  metricsPort: 0,
+  logger: createLogger({ level: 'warn' }),
+});
 await server.start();
 const address = `127.0.0.1:${server.grpcPort}`;
 step(2, `aggregation server on ${address} (data in ${dir}/server-data)`);
@@ -88,23 +117,29 @@ try {
   step(4, 'the three parties prune (DP) and push their deltas, each in its own `dppa push` process');
   await Promise.all(DOMAIN_NAMES.map((party) => push(job.id, party, tokens[party]!)));
 
-  step(5, 'the server searches each party\'s factors (Domain-Ratio on validation), then merges');
+  step(5, "the server searches each party's factors (Domain-Ratio on validation), then merges");
   for await (const e of admin.watchJob(job.id)) {
     const ev = e.evaluationDone?.evaluation;
     if (ev !== undefined) {
       const what = ev.denseReference ? 'dense fine-tune (reference)' : `factors [${ev.factors.join(', ')}]`;
-      console.log(`      ${ev.party.padEnd(8)} #${String(ev.seq).padEnd(3)} ${what.padEnd(28)} Domain-Ratio ${fmt(100 * ev.domainRatio)}`);
+      console.log(
+        `      ${ev.party.padEnd(8)} #${String(ev.seq).padEnd(3)} ${what.padEnd(28)} Domain-Ratio ${fmt(100 * ev.domainRatio)}`,
+      );
     }
     if (e.factorsChosen !== undefined) {
       chosen.set(e.factorsChosen.party, e.factorsChosen.factors);
-      console.log(`      ${e.factorsChosen.party.padEnd(8)} chose [${e.factorsChosen.factors.join(', ')}] (validation Domain-Ratio ${fmt(100 * e.factorsChosen.domainRatio)})`);
+      console.log(
+        `      ${e.factorsChosen.party.padEnd(8)} chose [${e.factorsChosen.factors.join(', ')}] (validation Domain-Ratio ${fmt(100 * e.factorsChosen.domainRatio)})`,
+      );
     }
-    if (e.stateChanged !== undefined) console.log(`      job ${jobStateName(e.stateChanged.from)} → ${jobStateName(e.stateChanged.to)}`);
+    if (e.stateChanged !== undefined)
+      console.log(`      job ${jobStateName(e.stateChanged.from)} → ${jobStateName(e.stateChanged.to)}`);
     if (e.merged !== undefined) console.log(`      merged in ${e.merged.seconds.toFixed(2)} s`);
     if (e.failed !== undefined) throw new Error(`the job failed: ${e.failed.reason}`);
   }
   const final = await admin.getJob(job.id);
-  if (final.state !== JobState.JOB_STATE_MERGED) throw new Error(`the job ended ${jobStateName(final.state)}: ${final.failureReason}`);
+  if (final.state !== JobState.JOB_STATE_MERGED)
+    throw new Error(`the job ended ${jobStateName(final.state)}: ${final.failureReason}`);
   const out = join(dir, 'merged');
   const pulled = await admin.pull({ jobId: job.id, out });
   dppa = await readWeights(out);
@@ -114,45 +149,84 @@ try {
   await server.stop();
 }
 
-step(6, `baselines built locally with the SDK (no server): DARE and magnitude at ${RATE}, DP without factors, the dense sum`);
+step(
+  6,
+  `baselines built locally with the SDK (no server): DARE and magnitude at ${RATE}, DP without factors, the dense sum`,
+);
 const merged = new Map<MergeName, Weights>();
-merged.set('dense', mergeWeights(baseWeights, DOMAIN_NAMES.map((d) => ({ delta: denseDelta(baseWeights, finetuned.get(d)!) }))));
+merged.set(
+  'dense',
+  mergeWeights(
+    baseWeights,
+    DOMAIN_NAMES.map((d) => ({ delta: denseDelta(baseWeights, finetuned.get(d)!) })),
+  ),
+);
 for (const method of ['dare', 'magnitude'] as const) {
-  const deltas = await Promise.all(DOMAIN_NAMES.map(async (d) => {
-    const file = join(dir, `${d}-${method}.dppa`);
-    await pruneToFile({ base, finetuned: memberDir(d), rate: RATE, method, out: file, workers: 1 });
-    return { delta: await readSparseDelta(file) };
-  }));
+  const deltas = await Promise.all(
+    DOMAIN_NAMES.map(async (d) => {
+      const file = join(dir, `${d}-${method}.dppa`);
+      await pruneToFile({ base, finetuned: memberDir(d), rate: RATE, method, out: file, workers: 1 });
+      return { delta: await readSparseDelta(file) };
+    }),
+  );
   merged.set(method, mergeWeights(baseWeights, deltas));
 }
 // The very deltas the parties uploaded (kept by `dppa push --keep-delta`), with every factor 1.
-merged.set('dp', mergeWeights(baseWeights, await Promise.all(DOMAIN_NAMES.map(async (d) => ({ delta: await readSparseDelta(keptDelta(d)) })))));
+merged.set(
+  'dp',
+  mergeWeights(
+    baseWeights,
+    await Promise.all(DOMAIN_NAMES.map(async (d) => ({ delta: await readSparseDelta(keptDelta(d)) }))),
+  ),
+);
 merged.set('dppa', dppa);
 
 step(7, 'every merged model scored on the test splits');
 const ratios = {} as Record<MergeName, Record<Domain, number>>;
 for (const [name, weights] of merged) {
   const scores = await scorer.scoreAll(weights);
-  ratios[name] = Object.fromEntries(DOMAIN_NAMES.map((d) => [d, domainRatio(scores[d], reference.get(d)!)])) as Record<Domain, number>;
-  console.log(`      ${MERGE_LABEL[name].padEnd(10)} ${DOMAIN_NAMES.map((d) => `${d} ${Object.values(scores[d]).map(pct).join('/')}`).join(', ')}`);
+  ratios[name] = Object.fromEntries(DOMAIN_NAMES.map((d) => [d, domainRatio(scores[d], reference.get(d)!)])) as Record<
+    Domain,
+    number
+  >;
+  console.log(
+    `      ${MERGE_LABEL[name].padEnd(10)} ${DOMAIN_NAMES.map((d) => `${d} ${Object.values(scores[d]).map(pct).join('/')}`).join(', ')}`,
+  );
 }
 await scorer.close();
-console.log(`      DPPA factors chosen on validation: ${[...chosen].map(([p, f]) => `${p} [${f.join(', ')}]`).join(', ')}`);
+console.log(
+  `      DPPA factors chosen on validation: ${[...chosen].map(([p, f]) => `${p} [${f.join(', ')}]`).join(', ')}`,
+);
 
 // A dense delta holds one BF16 value per weight; the sparse one is what the server counted as received.
 const denseBytes = [...baseWeights.values()].reduce((n, a) => n + 2 * a.length, 0);
 const results = {
   rate: RATE,
-  domainRatio: Object.fromEntries(MERGES.map((m) => [m, Object.fromEntries(DOMAIN_NAMES.map((d) => [d, round(ratios[m][d])]))])),
-  uploadBytes: { dense: denseBytes * DOMAIN_NAMES.length, dppa: DOMAIN_NAMES.reduce((n, d) => n + uploaded.get(d)!, 0) },
+  domainRatio: Object.fromEntries(
+    MERGES.map((m) => [m, Object.fromEntries(DOMAIN_NAMES.map((d) => [d, round(ratios[m][d])]))]),
+  ),
+  uploadBytes: {
+    dense: denseBytes * DOMAIN_NAMES.length,
+    dppa: DOMAIN_NAMES.reduce((n, d) => n + uploaded.get(d)!, 0),
+  },
 };
 await writeFile(join(dir, 'results.json'), JSON.stringify(results, null, 2) + '\n');
-console.log(`\nThree-domain merges at pruning rate ${RATE}: Domain-Ratio (%) on the test splits (100 = the domain's own fine-tune),`);
-console.log(`and the bytes each party uploaded (a dense BF16 delta would be ${formatBytes(denseBytes)}); also in ${join(dir, 'results.json')}:\n`);
-console.log(markdownTable(
-  ['domain', ...MERGES.map((m) => MERGE_LABEL[m]), 'DPPA upload'],
-  DOMAIN_NAMES.map((d) => [d, ...MERGES.map((m) => fmt(100 * ratios[m][d])), `${formatBytes(uploaded.get(d)!)} (${pct(uploaded.get(d)! / denseBytes)})`]),
-));
+console.log(
+  `\nThree-domain merges at pruning rate ${RATE}: Domain-Ratio (%) on the test splits (100 = the domain's own fine-tune),`,
+);
+console.log(
+  `and the bytes each party uploaded (a dense BF16 delta would be ${formatBytes(denseBytes)}); also in ${join(dir, 'results.json')}:\n`,
+);
+console.log(
+  markdownTable(
+    ['domain', ...MERGES.map((m) => MERGE_LABEL[m]), 'DPPA upload'],
+    DOMAIN_NAMES.map((d) => [
+      d,
+      ...MERGES.map((m) => fmt(100 * ratios[m][d])),
+      `${formatBytes(uploaded.get(d)!)} (${pct(uploaded.get(d)! / denseBytes)})`,
+    ]),
+  ),
+);
 console.log(`Done in ${clock().trim()}.`);
 
 function keptDelta(party: Domain): string {
@@ -168,7 +242,29 @@ function push(jobId: string, party: Domain, token: string): Promise<void> {
   return new Promise((resolve, reject) => {
     const child = spawn(
       process.execPath,
-      ['--import', 'tsx', join(root, 'client/cli/main.ts'), 'push', '--server', address, '--job', jobId, '--party', party, '--base', base, '--finetuned', memberDir(party), '--rate', String(RATE), '--workers', '1', '--keep-delta', keptDelta(party), '--json'],
+      [
+        '--import',
+        'tsx',
+        join(root, 'client/cli/main.ts'),
+        'push',
+        '--server',
+        address,
+        '--job',
+        jobId,
+        '--party',
+        party,
+        '--base',
+        base,
+        '--finetuned',
+        memberDir(party),
+        '--rate',
+        String(RATE),
+        '--workers',
+        '1',
+        '--keep-delta',
+        keptDelta(party),
+        '--json',
+      ],
       { env: { ...process.env, DPPA_TOKEN: token }, stdio: ['ignore', 'pipe', 'pipe'] },
     );
     let output = '';
@@ -177,9 +273,14 @@ function push(jobId: string, party: Domain, token: string): Promise<void> {
     child.once('error', reject);
     child.once('exit', (code) => {
       if (code !== 0) return reject(new Error(`dppa push for ${party} exited with ${code}:\n${output}`));
-      const state = JSON.parse(output.trim().split('\n').at(-1)!) as { bytesReceived: number; tensorsReceived: string[] };
+      const state = JSON.parse(output.trim().split('\n').at(-1)!) as {
+        bytesReceived: number;
+        tensorsReceived: string[];
+      };
       uploaded.set(party, state.bytesReceived);
-      console.log(`      ${party.padEnd(8)} uploaded ${state.tensorsReceived.length} tensors, ${formatBytes(state.bytesReceived)} (${clock().trim()})`);
+      console.log(
+        `      ${party.padEnd(8)} uploaded ${state.tensorsReceived.length} tensors, ${formatBytes(state.bytesReceived)} (${clock().trim()})`,
+      );
       resolve();
     });
   });

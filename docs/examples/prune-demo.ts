@@ -12,7 +12,10 @@ import { writeLlamaFamily } from '../../test/fixtures/synthetic-model.js';
 const dir = process.argv[2] ?? 'dppa-prune-demo';
 await rm(dir, { recursive: true, force: true });
 console.log(`1/4 generating a base and a fine-tuned checkpoint (4 layers, hidden 256, bf16) in ${dir}/`);
-const { base, finetuned } = await writeLlamaFamily(dir, { shape: { layers: 4, hidden: 256, intermediate: 688, vocab: 512 }, seed: 7 });
+const { base, finetuned } = await writeLlamaFamily(dir, {
+  shape: { layers: 4, hidden: 256, intermediate: 688, vocab: 512 },
+  seed: 7,
+});
 
 for (const method of ['dp', 'magnitude'] as const) {
   const out = join(dir, `ft1-${method}.dppa`);
@@ -30,7 +33,9 @@ const summary = await inspectDelta(join(dir, 'ft1-dp.dppa'));
 const plot = join(dir, 'ft1-dp-rates.svg');
 await writeFile(plot, ratePlotSvg(summary));
 const kept = summary.tensors.reduce((a, t) => a + t.keptPerPartition.reduce((x, y) => x + y, 0), 0);
-console.log(`3/4 inspected ft1-dp.dppa: ${kept} entries kept, ${(summary.fileBytes / kept).toFixed(2)} bytes each; rates plotted in ${plot}`);
+console.log(
+  `3/4 inspected ft1-dp.dppa: ${kept} entries kept, ${(summary.fileBytes / kept).toFixed(2)} bytes each; rates plotted in ${plot}`,
+);
 
 const merged = await applyDelta({ base, delta: join(dir, 'ft1-dp.dppa'), out: join(dir, 'base+dp'), factors: [1.0] });
 console.log(`4/4 applied: ${merged.out} (${merged.tensorsChanged} tensors changed, ${merged.tensorsCopied} copied)`);

@@ -12,8 +12,21 @@ import { parseArgs } from 'node:util';
 import { pruneToFile, type PruneMethod } from '../../client/index.js';
 import { searchFactors, type SearchMethod } from '../../proto/algorithm/index.js';
 import {
-  DOMAIN_NAMES, FamilyScorer, denseDelta, domainRatioPercent, fmt, markdownTable, memberDir, mergeWeights,
-  readSparseDelta, readWeights, type Contribution, type Domain, type SparseDelta, type TaskScores, type Weights,
+  DOMAIN_NAMES,
+  FamilyScorer,
+  denseDelta,
+  domainRatioPercent,
+  fmt,
+  markdownTable,
+  memberDir,
+  mergeWeights,
+  readSparseDelta,
+  readWeights,
+  type Contribution,
+  type Domain,
+  type SparseDelta,
+  type TaskScores,
+  type Weights,
 } from './family-lab.js';
 
 const RATES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
@@ -25,20 +38,45 @@ const DARE_SEEDS = [0, 1, 2, 3, 4];
  */
 const METHODS = ['Magnitude', 'OWL', 'DARE', 'DP', 'DPPA', 'DPPA M2'] as const;
 type Method = (typeof METHODS)[number];
-const PRUNE_METHOD: Record<Method, PruneMethod> = { Magnitude: 'magnitude', OWL: 'owl', DARE: 'dare', DP: 'dp', DPPA: 'dp', 'DPPA M2': 'dp' };
+const PRUNE_METHOD: Record<Method, PruneMethod> = {
+  Magnitude: 'magnitude',
+  OWL: 'owl',
+  DARE: 'dare',
+  DP: 'dp',
+  DPPA: 'dp',
+  'DPPA M2': 'dp',
+};
 const LABEL: Record<Domain, string> = { math: 'Math', finance: 'Fin', law: 'Law' };
 
 /** The paper's figures (LLaMA-2-7B; Abel, Finance-chat, Law-chat), Domain-Ratio in percent. */
 const PAPER = {
   table1: {
-    math: { 0.1: [96.46, 96.69, 96.64, undefined], 0.8: [80.12, 77.11, 87.41, 97.08], 0.9: [53.41, 54.09, 73.44, 86.85] },
-    finance: { 0.1: [90.81, 89.12, 91.04, undefined], 0.8: [71.04, 74.92, 84.01, 96.65], 0.9: [54.71, 56.74, 82.9, 92.11] },
-    law: { 0.1: [95.74, 110.74, 116.02, undefined], 0.8: [113.98, 124.97, 79.93, 116.02], 0.9: [84.35, 121.42, 69.33, 110.55] },
+    math: {
+      0.1: [96.46, 96.69, 96.64, undefined],
+      0.8: [80.12, 77.11, 87.41, 97.08],
+      0.9: [53.41, 54.09, 73.44, 86.85],
+    },
+    finance: {
+      0.1: [90.81, 89.12, 91.04, undefined],
+      0.8: [71.04, 74.92, 84.01, 96.65],
+      0.9: [54.71, 56.74, 82.9, 92.11],
+    },
+    law: {
+      0.1: [95.74, 110.74, 116.02, undefined],
+      0.8: [113.98, 124.97, 79.93, 116.02],
+      0.9: [84.35, 121.42, 69.33, 110.55],
+    },
   } as Record<Domain, Record<number, (number | undefined)[]>>,
   /** Magnitude, OWL, DP at 90%. */
-  table2: { math: [53.41, 54.09, 54.97], finance: [54.71, 56.74, 62.06], law: [84.35, 121.42, 110.55] } as Record<Domain, number[]>,
+  table2: { math: [53.41, 54.09, 54.97], finance: [54.71, 56.74, 62.06], law: [84.35, 121.42, 110.55] } as Record<
+    Domain,
+    number[]
+  >,
   /** DARE, DARE+DPA, DPPA at 90%. */
-  table3: { math: [73.44, 83.63, 86.85], finance: [82.9, 85.08, 92.11], law: [69.33, 120.89, 110.55] } as Record<Domain, number[]>,
+  table3: { math: [73.44, 83.63, 86.85], finance: [82.9, 85.08, 92.11], law: [69.33, 120.89, 110.55] } as Record<
+    Domain,
+    number[]
+  >,
   /** Min, 10%, 20%, …, 90%, Max of the offsets (paper Table 8; Table 4 is its Min, 10%, 90%, Max). */
   table4: {
     math: [-0.0173, -0.0011, -0.0007, -0.0004, -0.0002, 1.175e-8, 0.0002, 0.0004, 0.0007, 0.0011, 0.0201],
@@ -46,12 +84,23 @@ const PAPER = {
     law: [-0.0218, -0.0015, -0.001, -0.0006, -0.0003, 0, 0.0003, 0.0006, 0.001, 0.0015, 0.0202],
   } as Record<Domain, number[]>,
   /** Three-domain merge: [DARE 90, DPPA 90, DARE 80, DPPA 80] per domain. */
-  table5: { math: [7.89, 89.95, 32.61, 91.28], finance: [51.48, 85.24, 74.49, 95.2], law: [53.86, 122.08, 78.11, 146.23] } as Record<Domain, number[]>,
+  table5: {
+    math: [7.89, 89.95, 32.61, 91.28],
+    finance: [51.48, 85.24, 74.49, 95.2],
+    law: [53.86, 122.08, 78.11, 146.23],
+  } as Record<Domain, number[]>,
   /** Math + finance merge, same order. */
-  table6: { math: [21.1, 89.25, 58.43, 92.75], finance: [64.88, 79.4, 77.16, 95.45] } as Partial<Record<Domain, number[]>>,
+  table6: { math: [21.1, 89.25, 58.43, 92.75], finance: [64.88, 79.4, 77.16, 95.45] } as Partial<
+    Record<Domain, number[]>
+  >,
 };
 
-const { values: args } = parseArgs({ options: { out: { type: 'string', default: 'docs/results.md' }, svg: { type: 'string', default: 'docs/results-rate.svg' } } });
+const { values: args } = parseArgs({
+  options: {
+    out: { type: 'string', default: 'docs/results.md' },
+    svg: { type: 'string', default: 'docs/results-rate.svg' },
+  },
+});
 const started = Date.now();
 const clock = (): string => `${((Date.now() - started) / 1000).toFixed(1).padStart(5)} s`;
 const progress = (text: string): void => console.log(`[${clock()}] ${text}`);
@@ -74,7 +123,8 @@ try {
   progress('dense fine-tunes scored (the denominators)');
 
   /** Test Domain-Ratio of `weights` on `domain`. */
-  const ratio = async (weights: Weights, d: Domain): Promise<number> => domainRatioPercent(await test.score(weights, d), refTest.get(d)!);
+  const ratio = async (weights: Weights, d: Domain): Promise<number> =>
+    domainRatioPercent(await test.score(weights, d), refTest.get(d)!);
   const ratios = async (weights: Weights, domains: readonly Domain[]): Promise<Record<string, number>> => {
     const out: Record<string, number> = {};
     for (const d of domains) out[d] = await ratio(weights, d);
@@ -88,7 +138,15 @@ try {
     let delta = deltas.get(key);
     if (delta === undefined) {
       const file = join(work, `${key}.dppa`);
-      await pruneToFile({ base: memberDir('base'), finetuned: memberDir(d), rate, method, seed, out: file, workers: 1 });
+      await pruneToFile({
+        base: memberDir('base'),
+        finetuned: memberDir(d),
+        rate,
+        method,
+        seed,
+        out: file,
+        workers: 1,
+      });
       delta = await readSparseDelta(file);
       deltas.set(key, delta);
     }
@@ -97,9 +155,17 @@ try {
 
   const searches: { domain: Domain; what: string; factors: number[]; validation: number; evaluations: number }[] = [];
   /** The server's DPA search for one party: its delta alone, amplified, scored on its validation split. */
-  const dpa = async (d: Domain, delta: SparseDelta, what: string, o: { downward?: boolean; method?: SearchMethod } = {}): Promise<number[]> => {
-    const r = await searchFactors({ partitions: delta.levels.length, ...o }, async (factors) =>
-      domainRatioPercent(await val.score(mergeWeights(base, [{ delta, factors }]), d), refVal.get(d)!) / 100);
+  const dpa = async (
+    d: Domain,
+    delta: SparseDelta,
+    what: string,
+    o: { downward?: boolean; method?: SearchMethod } = {},
+  ): Promise<number[]> => {
+    const r = await searchFactors(
+      { partitions: delta.levels.length, ...o },
+      async (factors) =>
+        domainRatioPercent(await val.score(mergeWeights(base, [{ delta, factors }]), d), refVal.get(d)!) / 100,
+    );
     searches.push({ domain: d, what, factors: r.factors, validation: 100 * r.score, evaluations: r.evaluations });
     return r.factors;
   };
@@ -119,23 +185,43 @@ try {
     for (const rate of RATES) {
       for (const m of METHODS) {
         if (m === 'DARE') {
-          single.set(key(d, m, rate), await overDareSeeds(async (seed) => ratio(mergeWeights(base, [{ delta: await pruned(d, 'dare', rate, seed) }]), d)));
+          single.set(
+            key(d, m, rate),
+            await overDareSeeds(async (seed) =>
+              ratio(mergeWeights(base, [{ delta: await pruned(d, 'dare', rate, seed) }]), d),
+            ),
+          );
           continue;
         }
         const delta = await pruned(d, PRUNE_METHOD[m], rate);
         let factors: number[] | undefined;
         if (m === 'DPPA' || m === 'DPPA M2') {
-          factors = await dpa(d, delta, `${m} ${Math.round(rate * 100)}%`, { method: m === 'DPPA' ? 'progressive' : 'whole' });
+          factors = await dpa(d, delta, `${m} ${Math.round(rate * 100)}%`, {
+            method: m === 'DPPA' ? 'progressive' : 'whole',
+          });
           factorsOf.set(key(d, m, rate), factors);
         }
-        single.set(key(d, m, rate), await ratio(mergeWeights(base, [{ delta, ...(factors === undefined ? {} : { factors }) }]), d));
+        single.set(
+          key(d, m, rate),
+          await ratio(mergeWeights(base, [{ delta, ...(factors === undefined ? {} : { factors }) }]), d),
+        );
       }
-      progress(`${d.padEnd(7)} ${String(Math.round(rate * 100)).padStart(2)}%: ${METHODS.map((m) => `${m} ${fmt(single.get(key(d, m, rate)))}`).join(', ')}`);
+      progress(
+        `${d.padEnd(7)} ${String(Math.round(rate * 100)).padStart(2)}%: ${METHODS.map((m) => `${m} ${fmt(single.get(key(d, m, rate)))}`).join(', ')}`,
+      );
     }
-    single.set(key(d, 'DARE+DPA', 0.9), await overDareSeeds(async (seed) => {
-      const dare = await pruned(d, 'dare', 0.9, seed);
-      return ratio(mergeWeights(base, [{ delta: dare, factors: await dpa(d, dare, `DARE+DPA 90% (seed ${seed})`, { downward: true }) }]), d);
-    }));
+    single.set(
+      key(d, 'DARE+DPA', 0.9),
+      await overDareSeeds(async (seed) => {
+        const dare = await pruned(d, 'dare', 0.9, seed);
+        return ratio(
+          mergeWeights(base, [
+            { delta: dare, factors: await dpa(d, dare, `DARE+DPA 90% (seed ${seed})`, { downward: true }) },
+          ]),
+          d,
+        );
+      }),
+    );
     progress(`${d}: DARE + DPA at 90%: ${fmt(single.get(key(d, 'DARE+DPA', 0.9)))} (Tables 1-3 done for ${d})`);
   }
 
@@ -151,7 +237,10 @@ try {
   // Tables 5 and 6: merges. DPPA uses each party's own searched factors (from Table 1).
   const mergeRows = ['DARE', 'DPPA', 'DP', 'Magnitude'] as const;
   const merges = new Map<string, Record<string, number>>();
-  const mergeSets: [string, Domain[]][] = [['three', ['math', 'finance', 'law']], ['two', ['math', 'finance']]];
+  const mergeSets: [string, Domain[]][] = [
+    ['three', ['math', 'finance', 'law']],
+    ['two', ['math', 'finance']],
+  ];
   for (const [set, parties] of mergeSets) {
     for (const rate of [0.9, 0.8]) {
       for (const m of mergeRows) {
@@ -159,7 +248,10 @@ try {
           const contributions: Contribution[] = [];
           for (const d of parties) {
             const factors = m === 'DPPA' ? factorsOf.get(key(d, 'DPPA', rate)) : undefined;
-            contributions.push({ delta: await pruned(d, PRUNE_METHOD[m], rate, seed), ...(factors === undefined ? {} : { factors }) });
+            contributions.push({
+              delta: await pruned(d, PRUNE_METHOD[m], rate, seed),
+              ...(factors === undefined ? {} : { factors }),
+            });
           }
           return ratios(mergeWeights(base, contributions), parties);
         };
@@ -169,22 +261,39 @@ try {
         }
         const perSeed: Record<string, number>[] = [];
         for (const seed of DARE_SEEDS) perSeed.push(await merged(seed));
-        merges.set(`${set}|${m}|${rate}`, Object.fromEntries(parties.map((d) => [d, perSeed.reduce((n, x) => n + x[d]!, 0) / perSeed.length])));
+        merges.set(
+          `${set}|${m}|${rate}`,
+          Object.fromEntries(parties.map((d) => [d, perSeed.reduce((n, x) => n + x[d]!, 0) / perSeed.length])),
+        );
       }
     }
-    const dense = mergeWeights(base, parties.map((d) => ({ delta: denseDelta(base, finetuned.get(d)!) })));
+    const dense = mergeWeights(
+      base,
+      parties.map((d) => ({ delta: denseDelta(base, finetuned.get(d)!) })),
+    );
     merges.set(`${set}|dense sum|0`, await ratios(dense, parties));
   }
   progress('merges (Tables 5 and 6)');
 
   const seconds = (Date.now() - started) / 1000;
-  const md = report({ single, merges, percentiles, searches, refTest, baseRatio, seconds, evaluations: { validation: val.evaluations, test: test.evaluations } });
+  const md = report({
+    single,
+    merges,
+    percentiles,
+    searches,
+    refTest,
+    baseRatio,
+    seconds,
+    evaluations: { validation: val.evaluations, test: test.evaluations },
+  });
   // Written beside and renamed, so that a run cut short leaves the previous files whole.
   await writeFile(`${args.out}.tmp`, md);
   await writeFile(`${args.svg}.tmp`, ratePlotSvg(single));
   await rename(`${args.out}.tmp`, args.out);
   await rename(`${args.svg}.tmp`, args.svg);
-  progress(`wrote ${args.out} and ${args.svg} (${val.evaluations} validation and ${test.evaluations} test evaluations)`);
+  progress(
+    `wrote ${args.out} and ${args.svg} (${val.evaluations} validation and ${test.evaluations} test evaluations)`,
+  );
 } finally {
   await val.close();
   await test.close();
@@ -224,57 +333,95 @@ function report(r: Results): string {
   /** Paragraphs (or tables), each followed by a blank line. */
   const p = (...blocks: string[]): void => void out.push(...blocks.flatMap((b) => [b, '']));
   p(
-    '# The paper\'s tables on the embedded model family',
+    "# The paper's tables on the embedded model family",
     `Written by \`npm run repro\` (docs/examples/repro.ts); do not edit by hand. Commit ${commit()}; ` +
       `${new Date().toISOString().slice(0, 10)}; ${r.seconds.toFixed(0)} s on ${availableParallelism()} cores (${cpus()[0]?.model.trim() ?? 'unknown CPU'}), ` +
       `${r.evaluations.validation} validation and ${r.evaluations.test} test evaluations.`,
     '**What this is.** The paper (*DPPA: Pruning Method for Large Language Model to Model Merging*) prunes and merges ' +
       'LLaMA-2-7B fine-tunes (Abel for math, Finance-chat, Law-chat) scored on GSM8k/MATH, FiQA_SA/FPB and SCOTUS/UNFAIR_ToS. ' +
-      'Here the same methods, with the same code the server runs, are applied to the project\'s tiny trained family ' +
+      "Here the same methods, with the same code the server runs, are applied to the project's tiny trained family " +
       '(docs/model-family.md: a 4-layer, 208k-parameter character-level LLaMA, its base and three full fine-tunes, two ' +
       'synthetic tasks per domain scored by greedy exact match). Numbers are Domain-Ratios in percent (paper eq. 7-8: the ' +
-      'geometric mean over the domain\'s two tasks of accuracy / the dense fine-tune\'s accuracy) on the **test** splits ' +
+      "geometric mean over the domain's two tasks of accuracy / the dense fine-tune's accuracy) on the **test** splits " +
       '(200 prompts per task); DPA factors are searched on the **validation** splits (100 prompts per task). In every ' +
       'table a cell reads `ours (paper)`. A Domain-Ratio is 0 as soon as one of the two tasks scores 0.',
-    '**Method.** DP, magnitude, OWL and DARE prune with the client\'s defaults (`docs/algorithm.md`: λ 0.08, outlier ' +
+    "**Method.** DP, magnitude, OWL and DARE prune with the client's defaults (`docs/algorithm.md`: λ 0.08, outlier " +
       'factors 5, outside tensors dense, DARE with 1/(1−p) rescaling (every DARE figure, DARE + DPA included, the mean over seeds 0-4), levels 0.9, 0.8, … down to the rate). ' +
-      'DPPA = DP + the server\'s DPA search (`searchFactors`, server defaults: Method 1, greedy climb from 1.0 in steps of ' +
+      "DPPA = DP + the server's DPA search (`searchFactors`, server defaults: Method 1, greedy climb from 1.0 in steps of " +
       '0.1, factors up to 10), each party on its own delta; DPPA M2 is the same search with Method 2 (`method=whole`); ' +
       'DARE + DPA searches downwards from 1. Every candidate and merge ' +
-      'is `base + Σ f·Δ` summed in fp32 and rounded to BF16, as the server\'s merge writes it.',
+      "is `base + Σ f·Δ` summed in fp32 and rounded to BF16, as the server's merge writes it.",
   );
-  const refs = DOMAIN_NAMES.map((d) => `${d} ${Object.entries(r.refTest.get(d)!).map(([t, a]) => `${t} ${(100 * a).toFixed(1)}%`).join(', ')}`);
-  p(`Dense fine-tunes on their own test tasks (the denominators): ${refs.join('; ')}. The base alone scores a Domain-Ratio of ` +
-    `${DOMAIN_NAMES.map((d) => `${fmt(r.baseRatio[d])} (${d})`).join(', ')}.`);
+  const refs = DOMAIN_NAMES.map(
+    (d) =>
+      `${d} ${Object.entries(r.refTest.get(d)!)
+        .map(([t, a]) => `${t} ${(100 * a).toFixed(1)}%`)
+        .join(', ')}`,
+  );
+  p(
+    `Dense fine-tunes on their own test tasks (the denominators): ${refs.join('; ')}. The base alone scores a Domain-Ratio of ` +
+      `${DOMAIN_NAMES.map((d) => `${fmt(r.baseRatio[d])} (${d})`).join(', ')}.`,
+  );
 
-  p('## Table 1: one fine-tune pruned, Domain-Ratio against the pruning rate',
-    'Paper Table 1 (and its appendix for the rates it leaves out). Each fine-tune\'s delta is pruned alone and added to ' +
-    'the base; no merge. DP (all factors 1) is an extra column here (the paper gives it in Table 2 and its appendix); ' +
-    'DPPA M2 (Method 2 of the search) is extra too; the paper has no DPPA at 10%. Plot: [results-rate.svg](results-rate.svg).');
+  p(
+    '## Table 1: one fine-tune pruned, Domain-Ratio against the pruning rate',
+    "Paper Table 1 (and its appendix for the rates it leaves out). Each fine-tune's delta is pruned alone and added to " +
+      'the base; no merge. DP (all factors 1) is an extra column here (the paper gives it in Table 2 and its appendix); ' +
+      'DPPA M2 (Method 2 of the search) is extra too; the paper has no DPPA at 10%. Plot: [results-rate.svg](results-rate.svg).',
+  );
   for (const d of DOMAIN_NAMES) {
     const paper = PAPER.table1[d];
     const rows = RATES.map((rate) => {
       const pp = paper[rate];
-      return [`${Math.round(rate * 100)}%`, ...METHODS.map((m) => {
-        const col = ['Magnitude', 'OWL', 'DARE', 'DPPA'].indexOf(m);
-        return pair(s(d, m, rate), pp === undefined || col < 0 ? undefined : pp[col]);
-      })];
+      return [
+        `${Math.round(rate * 100)}%`,
+        ...METHODS.map((m) => {
+          const col = ['Magnitude', 'OWL', 'DARE', 'DPPA'].indexOf(m);
+          return pair(s(d, m, rate), pp === undefined || col < 0 ? undefined : pp[col]);
+        }),
+      ];
     });
     p(`**${LABEL[d]}-Dense**`, markdownTable(['rate', ...METHODS], rows));
   }
 
-  p('## Table 2: DP at a pruning rate of 90%', 'One fine-tune, as Table 1.',
-    markdownTable(['domain', 'Magnitude', 'OWL', 'DP'], DOMAIN_NAMES.map((d) => [LABEL[d], ...['Magnitude', 'OWL', 'DP'].map((m, i) => pair(s(d, m, 0.9), PAPER.table2[d][i]))])));
+  p(
+    '## Table 2: DP at a pruning rate of 90%',
+    'One fine-tune, as Table 1.',
+    markdownTable(
+      ['domain', 'Magnitude', 'OWL', 'DP'],
+      DOMAIN_NAMES.map((d) => [
+        LABEL[d],
+        ...['Magnitude', 'OWL', 'DP'].map((m, i) => pair(s(d, m, 0.9), PAPER.table2[d][i])),
+      ]),
+    ),
+  );
 
-  p('## Table 3: DARE with DPA at 90%', 'One fine-tune, as Table 1. DARE + DPA: DARE\'s delta (already ×10) with a factor searched downwards from 1.',
-    markdownTable(['domain', 'DARE', 'DARE+DPA', 'DPPA'], DOMAIN_NAMES.map((d) => [LABEL[d], ...['DARE', 'DARE+DPA', 'DPPA'].map((m, i) => pair(s(d, m, 0.9), PAPER.table3[d][i]))])));
+  p(
+    '## Table 3: DARE with DPA at 90%',
+    "One fine-tune, as Table 1. DARE + DPA: DARE's delta (already ×10) with a factor searched downwards from 1.",
+    markdownTable(
+      ['domain', 'DARE', 'DARE+DPA', 'DPPA'],
+      DOMAIN_NAMES.map((d) => [
+        LABEL[d],
+        ...['DARE', 'DARE+DPA', 'DPPA'].map((m, i) => pair(s(d, m, 0.9), PAPER.table3[d][i])),
+      ]),
+    ),
+  );
 
   const heads = ['Min', '10%', '20%', '30%', '40%', '50%', '60%', '70%', '80%', '90%', 'Max'];
   const g = (x: number): string => (x === 0 ? '0' : x.toPrecision(3));
-  p('## Table 4: offsets of the fine-tunes from the base',
+  p(
+    '## Table 4: offsets of the fine-tunes from the base',
     'Paper Table 4 (Min, 10%, 90%, Max) and its appendix Table 8 (every decile): percentiles of the signed delta `F − B` ' +
-      'over every weight (BF16 values). Ours first, the paper\'s below.',
-    markdownTable(['model', ...heads], DOMAIN_NAMES.flatMap((d) => [[`${LABEL[d]} (ours)`, ...r.percentiles.get(d)!.map(g)], [`${LABEL[d]} (paper)`, ...PAPER.table4[d].map(g)]])));
+      "over every weight (BF16 values). Ours first, the paper's below.",
+    markdownTable(
+      ['model', ...heads],
+      DOMAIN_NAMES.flatMap((d) => [
+        [`${LABEL[d]} (ours)`, ...r.percentiles.get(d)!.map(g)],
+        [`${LABEL[d]} (paper)`, ...PAPER.table4[d].map(g)],
+      ]),
+    ),
+  );
 
   const mergeTable = (set: string, parties: Domain[], paper: Partial<Record<Domain, number[]>>): string => {
     const rows: string[][] = [];
@@ -282,22 +429,41 @@ function report(r: Results): string {
       for (const m of ['DARE', 'DPPA', 'DP', 'Magnitude']) {
         const v = r.merges.get(`${set}|${m}|${rate}`)!;
         const col = ['DARE', 'DPPA'].indexOf(m);
-        rows.push([`${m} ${Math.round(rate * 100)}%`, ...parties.map((d) => pair(v[d], col < 0 ? undefined : paper[d]?.[col + (rate === 0.8 ? 2 : 0)]))]);
+        rows.push([
+          `${m} ${Math.round(rate * 100)}%`,
+          ...parties.map((d) => pair(v[d], col < 0 ? undefined : paper[d]?.[col + (rate === 0.8 ? 2 : 0)])),
+        ]);
       }
     }
     const dense = r.merges.get(`${set}|dense sum|0`)!;
     rows.push(['dense sum', ...parties.map((d) => fmt(dense[d]))]);
     return markdownTable(['method & rate', ...parties.map((d) => LABEL[d])], rows);
   };
-  p('## Table 5: merging math, finance and law',
-    'The three pruned deltas added to the base (paper eq. 6, weights 1). DPPA: each party\'s DP delta with the factors ' +
+  p(
+    '## Table 5: merging math, finance and law',
+    "The three pruned deltas added to the base (paper eq. 6, weights 1). DPPA: each party's DP delta with the factors " +
       'its own search chose (the factors of Table 1). DP, magnitude and the dense sum are extra rows, not in the paper.',
-    mergeTable('three', ['math', 'finance', 'law'], PAPER.table5));
-  p('## Table 6: merging math and finance', 'As Table 5, two domains.', mergeTable('two', ['math', 'finance'], PAPER.table6));
+    mergeTable('three', ['math', 'finance', 'law'], PAPER.table5),
+  );
+  p(
+    '## Table 6: merging math and finance',
+    'As Table 5, two domains.',
+    mergeTable('two', ['math', 'finance'], PAPER.table6),
+  );
 
-  p('## Factors chosen by the DPA searches',
-    markdownTable(['domain', 'candidate', 'factors', 'validation Domain-Ratio', 'evaluations'],
-      r.searches.map((x) => [LABEL[x.domain], x.what, `[${x.factors.join(', ')}]`, fmt(x.validation), String(x.evaluations)])));
+  p(
+    '## Factors chosen by the DPA searches',
+    markdownTable(
+      ['domain', 'candidate', 'factors', 'validation Domain-Ratio', 'evaluations'],
+      r.searches.map((x) => [
+        LABEL[x.domain],
+        x.what,
+        `[${x.factors.join(', ')}]`,
+        fmt(x.validation),
+        String(x.evaluations),
+      ]),
+    ),
+  );
 
   p('## Where this agrees and disagrees with the paper', discussion(r).join('\n'));
   return out.join('\n');
@@ -338,7 +504,7 @@ function discussion(r: Results): string[] {
     `- **Agrees: low rates cost little.** At 10-40% magnitude, OWL and DP keep ${range(['Magnitude', 'OWL', 'DP'], low)}% of the ` +
       "fine-tunes' skill (the paper at 10%: 89-111%).",
     `- **Agrees: DP beats magnitude as the rate rises.** DP is at least magnitude in ${count([...mid, ...high], (d, rate) => s(d, 'DP', rate) >= s(d, 'Magnitude', rate))} ` +
-      'cells at 50-90%, by a clear margin at 50-60% on math and finance; law at 70-80% is the exception. The paper\'s ' +
+      "cells at 50-90%, by a clear margin at 50-60% on math and finance; law at 70-80% is the exception. The paper's " +
       `Table 2 has DP above magnitude in 3 of 3 domains at 90%; here ${count([0.9], (d) => s(d, 'DP', 0.9) > s(d, 'Magnitude', 0.9))}, ` +
       'but at 90% little is left to compare (below).',
     `- **Agrees: DPPA helps most at high rates.** DPPA is above DP in ${count(high, (d, rate) => s(d, 'DPPA', rate) > s(d, 'DP', rate))} cells ` +
@@ -377,7 +543,14 @@ function discussion(r: Results): string[] {
 
 /** docs/results-rate.svg: Domain-Ratio against the pruning rate, one panel per domain, one line per method. */
 function ratePlotSvg(single: ReadonlyMap<string, number>): string {
-  const colors: Record<Method, string> = { Magnitude: '#1f77b4', OWL: '#ff7f0e', DARE: '#2ca02c', DP: '#9467bd', DPPA: '#d62728', 'DPPA M2': '#8c564b' };
+  const colors: Record<Method, string> = {
+    Magnitude: '#1f77b4',
+    OWL: '#ff7f0e',
+    DARE: '#2ca02c',
+    DP: '#9467bd',
+    DPPA: '#d62728',
+    'DPPA M2': '#8c564b',
+  };
   const PW = 300;
   const PH = 260;
   const m = { left: 50, top: 50, bottom: 45, gap: 30 };
@@ -394,30 +567,45 @@ function ratePlotSvg(single: ReadonlyMap<string, number>): string {
     const sx = (rate: number): number => x0 + ((rate - 0.1) / 0.8) * PW;
     const sy = (v: number): number => m.top + PH - (v / yMax) * PH;
     parts.push(`<text x="${x0 + PW / 2 - 20}" y="${m.top - 10}" font-size="13">${LABEL[d]}</text>`);
-    parts.push(`<line x1="${x0}" y1="${sy(0)}" x2="${x0 + PW}" y2="${sy(0)}" stroke="black"/>`, `<line x1="${x0}" y1="${sy(0)}" x2="${x0}" y2="${m.top}" stroke="black"/>`);
+    parts.push(
+      `<line x1="${x0}" y1="${sy(0)}" x2="${x0 + PW}" y2="${sy(0)}" stroke="black"/>`,
+      `<line x1="${x0}" y1="${sy(0)}" x2="${x0}" y2="${m.top}" stroke="black"/>`,
+    );
     for (let v = 0; v <= yMax; v += 20) {
       parts.push(`<line x1="${x0}" y1="${sy(v).toFixed(1)}" x2="${x0 + PW}" y2="${sy(v).toFixed(1)}" stroke="#eee"/>`);
       if (k === 0) parts.push(`<text x="${x0 - 30}" y="${(sy(v) + 4).toFixed(1)}">${v}</text>`);
     }
-    for (const rate of RATES) parts.push(`<text x="${(sx(rate) - 8).toFixed(1)}" y="${m.top + PH + 16}">${Math.round(rate * 100)}</text>`);
+    for (const rate of RATES)
+      parts.push(`<text x="${(sx(rate) - 8).toFixed(1)}" y="${m.top + PH + 16}">${Math.round(rate * 100)}</text>`);
     parts.push(`<text x="${x0 + PW / 2 - 40}" y="${m.top + PH + 34}">pruning rate (%)</text>`);
     for (const method of METHODS) {
-      const pts = RATES.map((rate) => `${sx(rate).toFixed(1)},${sy(single.get(`${d}|${method}|${rate}`) ?? 0).toFixed(1)}`);
+      const pts = RATES.map(
+        (rate) => `${sx(rate).toFixed(1)},${sy(single.get(`${d}|${method}|${rate}`) ?? 0).toFixed(1)}`,
+      );
       parts.push(`<polyline fill="none" stroke="${colors[method]}" stroke-width="1.8" points="${pts.join(' ')}"/>`);
       // The paper's figures (Table 1) as open circles.
       const col = ['Magnitude', 'OWL', 'DARE', 'DPPA'].indexOf(method);
       for (const [rate, row] of Object.entries(PAPER.table1[d])) {
         const v = col < 0 ? undefined : row[col];
-        if (v !== undefined) parts.push(`<circle cx="${sx(Number(rate)).toFixed(1)}" cy="${sy(v).toFixed(1)}" r="3.5" fill="none" stroke="${colors[method]}" stroke-width="1.5"/>`);
+        if (v !== undefined)
+          parts.push(
+            `<circle cx="${sx(Number(rate)).toFixed(1)}" cy="${sy(v).toFixed(1)}" r="3.5" fill="none" stroke="${colors[method]}" stroke-width="1.5"/>`,
+          );
       }
     }
   });
   METHODS.forEach((method, i) => {
     const x = W - 80;
-    parts.push(`<rect x="${x}" y="${m.top + i * 18}" width="10" height="10" fill="${colors[method]}"/>`, `<text x="${x + 16}" y="${m.top + i * 18 + 9}">${method}</text>`);
+    parts.push(
+      `<rect x="${x}" y="${m.top + i * 18}" width="10" height="10" fill="${colors[method]}"/>`,
+      `<text x="${x + 16}" y="${m.top + i * 18 + 9}">${method}</text>`,
+    );
   });
   const y = m.top + METHODS.length * 18 + 12;
-  parts.push(`<circle cx="${W - 75}" cy="${y}" r="3.5" fill="none" stroke="black" stroke-width="1.5"/>`, `<text x="${W - 64}" y="${y + 4}">paper</text>`);
+  parts.push(
+    `<circle cx="${W - 75}" cy="${y}" r="3.5" fill="none" stroke="black" stroke-width="1.5"/>`,
+    `<text x="${W - 64}" y="${y + 4}">paper</text>`,
+  );
   parts.push('</svg>');
   return `${parts.join('\n')}\n`;
 }

@@ -8,8 +8,17 @@ import { DppaClient, JobState, jobStateName, type DppaClientOptions } from '../.
 
 const [address, serverBase, base, ftMath, ftLaw, out = 'merged'] = process.argv.slice(2);
 const adminToken = process.env.DPPA_ADMIN_TOKEN;
-if (address === undefined || serverBase === undefined || base === undefined || ftMath === undefined || ftLaw === undefined || adminToken === undefined) {
-  console.error('usage: DPPA_ADMIN_TOKEN=… npx tsx docs/examples/sdk-push.ts HOST:PORT SERVER_BASE_DIR BASE_DIR FT_MATH_DIR FT_LAW_DIR [OUT_DIR]');
+if (
+  address === undefined ||
+  serverBase === undefined ||
+  base === undefined ||
+  ftMath === undefined ||
+  ftLaw === undefined ||
+  adminToken === undefined
+) {
+  console.error(
+    'usage: DPPA_ADMIN_TOKEN=… npx tsx docs/examples/sdk-push.ts HOST:PORT SERVER_BASE_DIR BASE_DIR FT_MATH_DIR FT_LAW_DIR [OUT_DIR]',
+  );
   process.exit(2);
 }
 
@@ -42,7 +51,12 @@ try {
       try {
         const state = await client.push(
           { jobId: job.id, party, base, finetuned },
-          { onProgress: (p) => p.phase === 'upload' && p.tensorsDone === p.tensorsTotal && console.log(`${party}: all ${p.tensorsTotal} tensors sent`) },
+          {
+            onProgress: (p) =>
+              p.phase === 'upload' &&
+              p.tensorsDone === p.tensorsTotal &&
+              console.log(`${party}: all ${p.tensorsTotal} tensors sent`),
+          },
         );
         console.log(`${party}: the server holds ${state.tensorsReceived.length}/${state.tensorsExpected} tensors`);
       } finally {
@@ -60,7 +74,12 @@ try {
   if (done.state !== JobState.JOB_STATE_MERGED) throw new Error(`job ended ${jobStateName(done.state)}`);
 
   // 4. Download the merged checkpoint; `out` appears only once every file is verified.
-  const pulled = await admin.pull({ jobId: job.id, out }, { onProgress: (p) => p.bytesDone === p.bytesTotal && console.log(`downloaded ${p.filesDone}/${p.filesTotal} files`) });
+  const pulled = await admin.pull(
+    { jobId: job.id, out },
+    {
+      onProgress: (p) => p.bytesDone === p.bytesTotal && console.log(`downloaded ${p.filesDone}/${p.filesTotal} files`),
+    },
+  );
   console.log(`merged checkpoint in ${pulled.out}: ${pulled.files.map((f) => f.path).join(', ')}`);
 } finally {
   admin.close();

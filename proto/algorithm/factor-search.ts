@@ -60,12 +60,14 @@ export function searchDefaults(o: FactorSearchOptions): Resolved {
     budget: o.budget ?? 12,
     downward: o.downward ?? false,
   };
-  if (!Number.isInteger(r.partitions) || r.partitions < 1) throw new RangeError(`partitions: must be a positive integer, got ${r.partitions}`);
+  if (!Number.isInteger(r.partitions) || r.partitions < 1)
+    throw new RangeError(`partitions: must be a positive integer, got ${r.partitions}`);
   if (!(r.step > 0)) throw new RangeError(`step: must be positive, got ${r.step}`);
   if (!(r.lower >= 0 && r.lower <= r.start && r.start <= r.upper)) {
     throw new RangeError(`start: must lie in [lower, upper] = [${r.lower}, ${r.upper}], got ${r.start}`);
   }
-  if (!Number.isInteger(r.budget) || r.budget < 3) throw new RangeError(`budget: must be an integer ≥ 3, got ${r.budget}`);
+  if (!Number.isInteger(r.budget) || r.budget < 3)
+    throw new RangeError(`budget: must be an integer ≥ 3, got ${r.budget}`);
   return r;
 }
 
@@ -75,7 +77,11 @@ function tidy(x: number): number {
 }
 
 /** The released code's climb: step from `from` while the score improves, keep the last improvement. */
-async function climb(score: (f: number) => Promise<number>, from: number, o: Resolved): Promise<{ f: number; s: number }> {
+async function climb(
+  score: (f: number) => Promise<number>,
+  from: number,
+  o: Resolved,
+): Promise<{ f: number; s: number }> {
   const dir = o.downward ? -1 : 1;
   let best = { f: from, s: await score(from) };
   for (;;) {
@@ -95,7 +101,11 @@ const INV_PHI = (Math.sqrt(5) - 1) / 2;
  * evaluations; the start value itself is always evaluated, so the result is
  * never worse than it.
  */
-async function golden(score: (f: number) => Promise<number>, from: number, o: Resolved): Promise<{ f: number; s: number }> {
+async function golden(
+  score: (f: number) => Promise<number>,
+  from: number,
+  o: Resolved,
+): Promise<{ f: number; s: number }> {
   let a = o.downward ? o.lower : from;
   let b = o.downward ? from : o.upper;
   let best = { f: from, s: await score(from) };
@@ -131,7 +141,11 @@ async function golden(score: (f: number) => Promise<number>, from: number, o: Re
  * `[s, 1, …, 1]`, tune f1, then f2, … in turn.
  * @throws RangeError for bad settings; whatever `score` throws.
  */
-export async function searchFactors(options: FactorSearchOptions, score: ScoreFn, signal?: AbortSignal): Promise<FactorSearchResult> {
+export async function searchFactors(
+  options: FactorSearchOptions,
+  score: ScoreFn,
+  signal?: AbortSignal,
+): Promise<FactorSearchResult> {
   const o = searchDefaults(options);
   const factors = Array.from({ length: o.partitions }, (_, p) => (p === 0 ? o.start : o.method === 'whole' ? 1 : 0));
   let evaluations = 0;
@@ -170,7 +184,11 @@ export function factorKey(factors: readonly number[]): string {
  * earlier evaluations) are answered from the record, and new ones are scored
  * and passed to `record`.
  */
-export function memoised(known: ReadonlyMap<string, number>, score: ScoreFn, record: (factors: number[], score: number) => void | Promise<void>): ScoreFn {
+export function memoised(
+  known: ReadonlyMap<string, number>,
+  score: ScoreFn,
+  record: (factors: number[], score: number) => void | Promise<void>,
+): ScoreFn {
   const cache = new Map(known);
   return async (factors, signal) => {
     const key = factorKey(factors);

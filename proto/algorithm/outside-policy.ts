@@ -13,7 +13,12 @@ export type OutsidePolicy = (typeof OUTSIDE_POLICIES)[number];
 /** The policy of a prune that names none. */
 export const DEFAULT_OUTSIDE_POLICY: OutsidePolicy = 'dense';
 
-const POLICY = wordEnum<OutsidePolicy, W>({ words: OUTSIDE_POLICIES, wire: { dense: W.OUTSIDE_POLICY_DENSE, magnitude: W.OUTSIDE_POLICY_MAGNITUDE, skip: W.OUTSIDE_POLICY_SKIP }, names: W, fields: ['outside', 'options.outside'] });
+const POLICY = wordEnum<OutsidePolicy, W>({
+  words: OUTSIDE_POLICIES,
+  wire: { dense: W.OUTSIDE_POLICY_DENSE, magnitude: W.OUTSIDE_POLICY_MAGNITUDE, skip: W.OUTSIDE_POLICY_SKIP },
+  names: W,
+  fields: ['outside', 'options.outside'],
+});
 
 /**
  * `parseOutsidePolicy(value, field)`: a policy given as text (an option or a flag), or UnknownValueError

@@ -23,7 +23,8 @@ export function checkLevels(levels: readonly number[], target: number): void {
   if (levels.length === 0) throw new RangeError('levels: at least one partition level is needed');
   levels.forEach((l, i) => {
     if (!(l >= 0 && l < 1)) throw new RangeError(`levels: ${l} is outside [0, 1)`);
-    if (i > 0 && !(l < levels[i - 1]!)) throw new RangeError(`levels: must decrease, but ${levels[i - 1]} is followed by ${l}`);
+    if (i > 0 && !(l < levels[i - 1]!))
+      throw new RangeError(`levels: must decrease, but ${levels[i - 1]} is followed by ${l}`);
   });
   if (Math.abs(levels[levels.length - 1]! - target) > LEVEL_EPSILON) {
     throw new RangeError(`levels: the last level must be the target rate ${target}, got ${levels[levels.length - 1]}`);

@@ -13,7 +13,17 @@ export type PruneMethod = (typeof PRUNE_METHODS)[number];
 /** The method of a job or prune that names none. */
 export const DEFAULT_PRUNE_METHOD: PruneMethod = 'dp';
 
-const METHOD = wordEnum<PruneMethod, W>({ words: PRUNE_METHODS, wire: { dp: W.PRUNE_METHOD_DP, magnitude: W.PRUNE_METHOD_MAGNITUDE, owl: W.PRUNE_METHOD_OWL, dare: W.PRUNE_METHOD_DARE }, names: W, fields: ['prune_method', 'method'] });
+const METHOD = wordEnum<PruneMethod, W>({
+  words: PRUNE_METHODS,
+  wire: {
+    dp: W.PRUNE_METHOD_DP,
+    magnitude: W.PRUNE_METHOD_MAGNITUDE,
+    owl: W.PRUNE_METHOD_OWL,
+    dare: W.PRUNE_METHOD_DARE,
+  },
+  names: W,
+  fields: ['prune_method', 'method'],
+});
 
 /**
  * `parsePruneMethod(value, field)`: a method given as text (an option, a flag, a stored file), or

@@ -43,9 +43,16 @@ export function wordEnum<W extends string, E extends number>(spec: WordEnumSpec<
       const fromText = legacy === '' ? undefined : parse(legacy, `${prefix}${textField}`);
       if (wire === 0) return fromText;
       const fromEnum = words.find((w) => toWire[w] === wire);
-      if (fromEnum === undefined) throw new UnknownValueError(`${prefix}${enumField}`, String(wire), words.map((w) => names[toWire[w]] ?? String(toWire[w])));
+      if (fromEnum === undefined)
+        throw new UnknownValueError(
+          `${prefix}${enumField}`,
+          String(wire),
+          words.map((w) => names[toWire[w]] ?? String(toWire[w])),
+        );
       if (fromText !== undefined && fromText !== fromEnum) {
-        throw new RangeError(`${prefix}${enumField}: ${names[wire]} disagrees with ${prefix}${textField} ${JSON.stringify(legacy)} (set one, or both to the same value)`);
+        throw new RangeError(
+          `${prefix}${enumField}: ${names[wire]} disagrees with ${prefix}${textField} ${JSON.stringify(legacy)} (set one, or both to the same value)`,
+        );
       }
       return fromEnum;
     },

@@ -48,7 +48,13 @@ export type FlagTable = Record<string, Flag>;
 
 /** The values of a table: required flags always present, switches `true`/`false`, repeatable ones arrays. */
 export type FlagValues<F extends FlagTable> = {
-  [K in keyof F]: F[K] extends Flag<infer T, infer R> ? (F[K] extends { repeatable: true } ? T[] | undefined : R extends true ? T : T | undefined) : never;
+  [K in keyof F]: F[K] extends Flag<infer T, infer R>
+    ? F[K] extends { repeatable: true }
+      ? T[] | undefined
+      : R extends true
+        ? T
+        : T | undefined
+    : never;
 };
 
 /** Where a flag goes in `--help` and what it names. */
@@ -70,7 +76,12 @@ function flag<T>(arg: string | undefined, help: string, o: FlagOptions, convert:
 
 function pick(o: FlagOptions): Pick<Flag, 'group' | 'path' | 'option' | 'whenExists'> {
   const { group, path, option, whenExists } = o;
-  return { ...(group === undefined ? {} : { group }), ...(path === undefined ? {} : { path }), ...(option === undefined ? {} : { option }), ...(whenExists === undefined ? {} : { whenExists }) };
+  return {
+    ...(group === undefined ? {} : { group }),
+    ...(path === undefined ? {} : { path }),
+    ...(option === undefined ? {} : { option }),
+    ...(whenExists === undefined ? {} : { whenExists }),
+  };
 }
 
 /** A flag with a text value. */
@@ -110,7 +121,9 @@ function wanted(range: NumberRange): string {
     range.min !== undefined ? `≥ ${range.min}` : '',
     range.max !== undefined ? `≤ ${range.max}` : '',
     range.below !== undefined ? `< ${range.below}` : '',
-  ].filter(Boolean).join(' ');
+  ]
+    .filter(Boolean)
+    .join(' ');
 }
 
 /** A number checked against a range. @throws Error saying what was expected. */
@@ -135,20 +148,36 @@ export function number(arg: string, help: string, range: NumberRange = {}, o: Fl
 }
 
 /** A comma-separated list of numbers (`0.9,0.8`). */
-export function numbers(arg: string, help: string, range: NumberRange = {}, o: FlagOptions = {}): Flag<number[], false> {
+export function numbers(
+  arg: string,
+  help: string,
+  range: NumberRange = {},
+  o: FlagOptions = {},
+): Flag<number[], false> {
   return flag(arg, help, o, (t) => t.split(',').map((x) => toNumber(x, range)));
 }
 
 /** One of a fixed set of words. */
-export function choice<C extends string>(arg: string, choices: readonly C[], help: string, o: FlagOptions = {}): Flag<C, false> {
+export function choice<C extends string>(
+  arg: string,
+  choices: readonly C[],
+  help: string,
+  o: FlagOptions = {},
+): Flag<C, false> {
   return flag(arg, help, o, (t) => {
-    if (!(choices as readonly string[]).includes(t)) throw new Error(`expected one of ${choices.join(', ')}, got ${JSON.stringify(t)}`);
+    if (!(choices as readonly string[]).includes(t))
+      throw new Error(`expected one of ${choices.join(', ')}, got ${JSON.stringify(t)}`);
     return t as C;
   });
 }
 
 /** A flag whose text is converted by `convert` (a duration, a list of pairs). */
-export function custom<T>(arg: string, help: string, convert: (text: string) => T, o: FlagOptions = {}): Flag<T, false> {
+export function custom<T>(
+  arg: string,
+  help: string,
+  convert: (text: string) => T,
+  o: FlagOptions = {},
+): Flag<T, false> {
   return flag(arg, help, o, convert);
 }
 
@@ -244,9 +273,15 @@ function build(t: CommandText, flags: FlagTable): { cmd: Command; options: Map<s
   for (const p of t.positionals ?? []) cmd.argument(`[${p.name}]`, p.help);
   const options = new Map<string, Option>();
   const groups = Object.values(flags).map((f) => f.group ?? 'Options');
-  const entries: [string, Flag][] = [...Object.entries(flags), [HELP_FLAG, toggle('this text', { group: groups.at(-1) ?? 'Options' })]];
+  const entries: [string, Flag][] = [
+    ...Object.entries(flags),
+    [HELP_FLAG, toggle('this text', { group: groups.at(-1) ?? 'Options' })],
+  ];
   for (const [name, f] of entries) {
-    const o = new Option(`${name === HELP_FLAG ? '-h, ' : ''}--${name}${f.arg === undefined ? '' : ` <${f.arg}>`}`, f.help).helpGroup(`${f.group ?? 'Options'}:`);
+    const o = new Option(
+      `${name === HELP_FLAG ? '-h, ' : ''}--${name}${f.arg === undefined ? '' : ` <${f.arg}>`}`,
+      f.help,
+    ).helpGroup(`${f.group ?? 'Options'}:`);
     if (f.repeatable === true) o.argParser((v: string, prev: string[] | undefined) => [...(prev ?? []), v]);
     cmd.addOption(o);
     options.set(name, o);
@@ -261,7 +296,8 @@ export function helpText(t: CommandText, flags: FlagTable): string {
 }
 
 /** What {@link parseCommand} returns. */
-export type Parsed<F extends FlagTable> = { help: true } | { help: false; values: FlagValues<F>; positionals: string[] };
+export type Parsed<F extends FlagTable> =
+  { help: true } | { help: false; values: FlagValues<F>; positionals: string[] };
 
 /** `--a, --b and --c`. */
 function listed(names: string[]): string {
@@ -288,11 +324,18 @@ export function parseCommand<F extends FlagTable>(t: CommandText, flags: F, argv
   if (raw(HELP_FLAG) === true) return { help: true };
   const problems: string[] = [];
   const wanted = t.positionals ?? [];
-  const missing = [...Object.entries(flags).filter(([name, f]) => f.required && raw(name) === undefined).map(([name]) => `--${name}`), ...wanted.slice(cmd.args.length).map((p) => p.name)];
+  const missing = [
+    ...Object.entries(flags)
+      .filter(([name, f]) => f.required && raw(name) === undefined)
+      .map(([name]) => `--${name}`),
+    ...wanted.slice(cmd.args.length).map((p) => p.name),
+  ];
   if (missing.length > 0) problems.push(`${listed(missing)} ${missing.length === 1 ? 'is' : 'are'} required`);
   if (cmd.args.length > wanted.length) {
     const extra = cmd.args.slice(wanted.length);
-    problems.push(`unexpected argument${extra.length === 1 ? '' : 's'} ${extra.map(strayArgument).join(' ')}${wanted.length === 0 ? ` (dppa ${t.name} takes flags only)` : ''}`);
+    problems.push(
+      `unexpected argument${extra.length === 1 ? '' : 's'} ${extra.map(strayArgument).join(' ')}${wanted.length === 0 ? ` (dppa ${t.name} takes flags only)` : ''}`,
+    );
   }
   const values: Record<string, unknown> = {};
   for (const [name, f] of Object.entries(flags)) {
@@ -302,7 +345,12 @@ export function parseCommand<F extends FlagTable>(t: CommandText, flags: F, argv
       continue;
     }
     try {
-      values[name] = f.arg === undefined ? true : Array.isArray(given) ? given.map((g: string) => f.convert(g)) : f.convert(given as string);
+      values[name] =
+        f.arg === undefined
+          ? true
+          : Array.isArray(given)
+            ? given.map((g: string) => f.convert(g))
+            : f.convert(given as string);
     } catch (err) {
       problems.push(`--${name}: ${messageOf(err)}`);
     }
@@ -310,8 +358,12 @@ export function parseCommand<F extends FlagTable>(t: CommandText, flags: F, argv
   for (const [name, f] of Object.entries(flags)) {
     const path = values[name];
     if (f.path !== 'output' || typeof path !== 'string' || !existsSync(path)) continue;
-    if (!('overwrite' in flags)) throw new Error(`dppa ${t.name}: the table has an output flag (--${name}) but no --overwrite`);
-    if (values.overwrite !== true) problems.push(`--${name}: ${path} already exists${f.whenExists === undefined ? '' : `; ${f.whenExists}`}; pass --overwrite to replace it`);
+    if (!('overwrite' in flags))
+      throw new Error(`dppa ${t.name}: the table has an output flag (--${name}) but no --overwrite`);
+    if (values.overwrite !== true)
+      problems.push(
+        `--${name}: ${path} already exists${f.whenExists === undefined ? '' : `; ${f.whenExists}`}; pass --overwrite to replace it`,
+      );
   }
   if (problems.length > 0) throw new UsageError(problems.join('\n'));
   return { help: false, values: values as FlagValues<F>, positionals: cmd.args.slice(0, wanted.length) };
@@ -337,7 +389,10 @@ function strayArgument(arg: string): string {
 }
 
 function didYouMeanFlag(typed: string, names: string[]): string {
-  const near = closest(typed.replace(/=.*$/, ''), names.map((n) => `--${n}`));
+  const near = closest(
+    typed.replace(/=.*$/, ''),
+    names.map((n) => `--${n}`),
+  );
   return near.length === 0 ? '' : ` (did you mean ${near.join(' or ')}?)`;
 }
 
@@ -359,12 +414,21 @@ function under(p: string, root: string): boolean {
  * temporary file beside it). Anything else is returned unchanged.
  * @param paths - The path flags' values (and positionals) by flag name (`--out`) or argument name (`FILE`).
  */
-export function inFlagTermsOfPaths(err: unknown, flags: FlagTable, values: Record<string, unknown>, positionals: Record<string, { path: string; role: PathRole }> = {}): unknown {
+export function inFlagTermsOfPaths(
+  err: unknown,
+  flags: FlagTable,
+  values: Record<string, unknown>,
+  positionals: Record<string, { path: string; role: PathRole }> = {},
+): unknown {
   const e = err as NodeJS.ErrnoException;
   if (!(err instanceof Error) || typeof e.path !== 'string' || typeof e.code !== 'string') return err;
   const failed = resolve(e.path);
   const named = [
-    ...Object.entries(flags).flatMap(([name, f]) => (f.path !== undefined && typeof values[name] === 'string' ? [{ name: `--${name}`, path: values[name], role: f.path }] : [])),
+    ...Object.entries(flags).flatMap(([name, f]) =>
+      f.path !== undefined && typeof values[name] === 'string'
+        ? [{ name: `--${name}`, path: values[name], role: f.path }]
+        : [],
+    ),
     ...Object.entries(positionals).map(([name, p]) => ({ name, ...p })),
   ];
   for (const n of named) {
@@ -372,7 +436,8 @@ export function inFlagTermsOfPaths(err: unknown, flags: FlagTable, values: Recor
     // A missing folder of an output is that output's failure too.
     if (!under(failed, root) && !(n.role === 'output' && failed === dirname(root))) continue;
     if (n.role === 'output') return new UsageError(`${n.name}: cannot write ${n.path}: ${reason(e)}`, { cause: err });
-    if (n.role === 'input' && (e.code === 'ENOENT' || e.code === 'ENOTDIR')) return new InputPathError(`${n.name}: ${failed === root ? n.path : e.path} does not exist`, { cause: err });
+    if (n.role === 'input' && (e.code === 'ENOENT' || e.code === 'ENOTDIR'))
+      return new InputPathError(`${n.name}: ${failed === root ? n.path : e.path} does not exist`, { cause: err });
     return new UsageError(`${n.name}: cannot use ${failed === root ? n.path : e.path}: ${reason(e)}`, { cause: err });
   }
   return err;

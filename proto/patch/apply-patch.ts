@@ -56,18 +56,27 @@ export async function applyPatch(opts: ApplyPatchOptions): Promise<ApplyPatchRep
   const readOpts = signal === undefined ? {} : { signal };
   const file = opts.patch;
   const header = await readDeltaHeader(file, readOpts);
-  if (header.valueKind !== ValueKind.VALUE_KIND_MERGED) throw new FormatError('not a merged patch (its values are deltas: apply it with dppa apply --delta)', { file });
+  if (header.valueKind !== ValueKind.VALUE_KIND_MERGED)
+    throw new FormatError('not a merged patch (its values are deltas: apply it with dppa apply --delta)', { file });
   const base = await Checkpoint.open(opts.base);
   try {
     const fp = await baseFingerprint(base, readOpts);
     if (fp !== header.baseFingerprint) {
-      throw new PatchBaseMismatchError(`the patch is for another base (its fingerprint ${header.baseFingerprint}, ${opts.base} has ${fp})`, { file });
+      throw new PatchBaseMismatchError(
+        `the patch is for another base (its fingerprint ${header.baseFingerprint}, ${opts.base} has ${fp})`,
+        { file },
+      );
     }
     const planned = header.tensors.map((t) => t.name);
     if (new Set(planned).size !== planned.length) throw new FormatError('the patch plans a tensor twice', { file });
-    for (const name of planned) if (!base.has(name)) throw new FormatError('the patch names a tensor the base does not have', { file, tensor: name });
+    for (const name of planned)
+      if (!base.has(name))
+        throw new FormatError('the patch names a tensor the base does not have', { file, tensor: name });
     const isDir = (await stat(opts.base)).isDirectory();
-    const writer = await CheckpointWriter.create(opts.out, base.layout, { ...(isDir ? { copyExtraFilesFrom: opts.base } : {}), overwrite: opts.overwrite ?? false });
+    const writer = await CheckpointWriter.create(opts.out, base.layout, {
+      ...(isDir ? { copyExtraFilesFrom: opts.base } : {}),
+      overwrite: opts.overwrite ?? false,
+    });
     try {
       const total = base.tensors().length;
       let done = 0;
@@ -78,15 +87,28 @@ export async function applyPatch(opts: ApplyPatchOptions): Promise<ApplyPatchRep
         if (record.header !== undefined) continue;
         if (record.tensorBegin !== undefined) {
           const { name } = record.tensorBegin;
-          if (tensor !== undefined) throw new FormatError(`tensor begins before tensor "${tensor.name}" ended`, { file, tensor: name });
-          if (planned[next] !== name) throw new FormatError(`not the next planned tensor (the header plans ${planned[next] ?? 'no further tensor'} next)`, { file, tensor: name });
+          if (tensor !== undefined)
+            throw new FormatError(`tensor begins before tensor "${tensor.name}" ended`, { file, tensor: name });
+          if (planned[next] !== name)
+            throw new FormatError(
+              `not the next planned tensor (the header plans ${planned[next] ?? 'no further tensor'} next)`,
+              { file, tensor: name },
+            );
           next++;
           const info = base.info(name);
           const shape = record.tensorBegin.shape.map(Number);
           if (shape.length !== info.shape.length || shape.some((d, i) => d !== info.shape[i])) {
-            throw new FormatError(`shape [${shape.join(', ')}] in the patch, [${info.shape.join(', ')}] in the base`, { file, tensor: name });
+            throw new FormatError(`shape [${shape.join(', ')}] in the patch, [${info.shape.join(', ')}] in the base`, {
+              file,
+              tensor: name,
+            });
           }
-          tensor = { name, raw: await base.readRaw(name, readOpts), size: bytesPerElement(info.dtype), assembler: new TensorAssembler({ file, entries: 'stream' }) };
+          tensor = {
+            name,
+            raw: await base.readRaw(name, readOpts),
+            size: bytesPerElement(info.dtype),
+            assembler: new TensorAssembler({ file, entries: 'stream' }),
+          };
           tensor.assembler.push(record);
           continue;
         }
@@ -94,7 +116,10 @@ export async function applyPatch(opts: ApplyPatchOptions): Promise<ApplyPatchRep
         const chunk = tensor.assembler.push(record);
         if (chunk !== undefined) {
           if (record.chunk!.valueDtype !== patchValueDtype(base.info(tensor.name).dtype)) {
-            throw new FormatError(`chunk ${chunk.index} carries values of another dtype than the base tensor's ${base.info(tensor.name).dtype}`, { file, tensor: tensor.name });
+            throw new FormatError(
+              `chunk ${chunk.index} carries values of another dtype than the base tensor's ${base.info(tensor.name).dtype}`,
+              { file, tensor: tensor.name },
+            );
           }
           overwrite(tensor.raw, tensor.size, chunk, record.chunk!.values);
           positions += chunk.count;
@@ -106,7 +131,8 @@ export async function applyPatch(opts: ApplyPatchOptions): Promise<ApplyPatchRep
         }
       }
       if (tensor !== undefined) throw new FormatError('the patch ends inside a tensor', { file, tensor: tensor.name });
-      if (next < planned.length) throw new FormatError(`${planned.length - next} planned tensors missing, first "${planned[next]}"`, { file });
+      if (next < planned.length)
+        throw new FormatError(`${planned.length - next} planned tensors missing, first "${planned[next]}"`, { file });
       const patched = new Set(planned);
       for (const info of base.tensors()) {
         if (patched.has(info.name)) continue;
@@ -126,7 +152,12 @@ export async function applyPatch(opts: ApplyPatchOptions): Promise<ApplyPatchRep
 }
 
 /** Copies each value's bytes of a checked chunk to its position in the raw tensor: no conversion, so the bytes are the server's. */
-function overwrite(raw: Uint8Array, size: number, chunk: { range: boolean; firstPosition: number; count: number; positions: Float64Array }, values: Uint8Array): void {
+function overwrite(
+  raw: Uint8Array,
+  size: number,
+  chunk: { range: boolean; firstPosition: number; count: number; positions: Float64Array },
+  values: Uint8Array,
+): void {
   if (chunk.range) {
     raw.set(values.subarray(0, chunk.count * size), chunk.firstPosition * size);
     return;

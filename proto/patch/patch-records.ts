@@ -7,9 +7,23 @@
  * gives the dense merge bit for bit.
  */
 import { OutsidePolicy, PruneMethod } from '../gen/dppa/v1/algorithm.js';
-import { DeltaRecord, PositionCoding, ValueDtype, ValueKind, type DeltaHeader, type SparseChunk, type TensorPlan } from '../gen/dppa/v1/sparse.js';
+import {
+  DeltaRecord,
+  PositionCoding,
+  ValueDtype,
+  ValueKind,
+  type DeltaHeader,
+  type SparseChunk,
+  type TensorPlan,
+} from '../gen/dppa/v1/sparse.js';
 import type { Dtype } from '../safetensors/dtype.js';
-import { chunkChecksum, DEFAULT_MAX_CHUNK_ENTRIES, encodeChunks, foldChunkCrc, type DecodedChunk } from '../sparse/index.js';
+import {
+  chunkChecksum,
+  DEFAULT_MAX_CHUNK_ENTRIES,
+  encodeChunks,
+  foldChunkCrc,
+  type DecodedChunk,
+} from '../sparse/index.js';
 import { encodeValues } from '../sparse/value-dtype.js';
 import { DELTA_FORMAT_VERSION, RECORD_LENGTH_BYTES } from '../sparse/delta-format.js';
 
@@ -18,12 +32,27 @@ export const PATCH_FILE_NAME = 'merged-patch.dppa';
 
 /** The chunk precision that carries values of a base dtype unchanged. */
 export function patchValueDtype(dtype: Dtype): ValueDtype {
-  return dtype === 'BF16' ? ValueDtype.VALUE_DTYPE_BF16 : dtype === 'F16' ? ValueDtype.VALUE_DTYPE_F16 : ValueDtype.VALUE_DTYPE_F32;
+  return dtype === 'BF16'
+    ? ValueDtype.VALUE_DTYPE_BF16
+    : dtype === 'F16'
+      ? ValueDtype.VALUE_DTYPE_F16
+      : ValueDtype.VALUE_DTYPE_F32;
 }
 
 /** The header of a merged patch: the base it applies to and the tensors it changes, in the order their records follow. */
-export function patchHeader(baseFingerprint: string, tensors: readonly { name: string; shape: readonly (number | bigint)[] }[], producer = 'dppa-federated'): DeltaHeader {
-  const plans: TensorPlan[] = tensors.map((t) => ({ name: t.name, shape: t.shape.map((d) => BigInt(d)), kind: 0, layer: -1, levelRates: [], sent: true }));
+export function patchHeader(
+  baseFingerprint: string,
+  tensors: readonly { name: string; shape: readonly (number | bigint)[] }[],
+  producer = 'dppa-federated',
+): DeltaHeader {
+  const plans: TensorPlan[] = tensors.map((t) => ({
+    name: t.name,
+    shape: t.shape.map((d) => BigInt(d)),
+    kind: 0,
+    layer: -1,
+    levelRates: [],
+    sent: true,
+  }));
   return {
     formatVersion: DELTA_FORMAT_VERSION,
     baseFingerprint,
@@ -91,7 +120,14 @@ export class PatchSupport {
  * @returns The records in order, framed, in blocks of about {@link PATCH_BLOCK_BYTES}, each the whole of its own
  *   ArrayBuffer, so that a worker can hand them over without a copy.
  */
-export function patchTensorRecords(name: string, shape: readonly (number | bigint)[], dtype: Dtype, acc: Float32Array, support: PatchSupport, maxChunkEntries = DEFAULT_MAX_CHUNK_ENTRIES): Uint8Array[] {
+export function patchTensorRecords(
+  name: string,
+  shape: readonly (number | bigint)[],
+  dtype: Dtype,
+  acc: Float32Array,
+  support: PatchSupport,
+  maxChunkEntries = DEFAULT_MAX_CHUNK_ENTRIES,
+): Uint8Array[] {
   const blocks: Uint8Array[] = [];
   let parts: Uint8Array[] = [];
   let partBytes = 0;
@@ -116,7 +152,12 @@ export function patchTensorRecords(name: string, shape: readonly (number | bigin
   let kept = 0;
   let n = 0;
   const flush = (): void => {
-    for (const chunk of encodeChunks(name, 0, positions.subarray(0, n), values.subarray(0, n), { valueDtype, firstIndex: index, maxChunkEntries, numel })) {
+    for (const chunk of encodeChunks(name, 0, positions.subarray(0, n), values.subarray(0, n), {
+      valueDtype,
+      firstIndex: index,
+      maxChunkEntries,
+      numel,
+    })) {
       crc = foldChunkCrc(crc, chunk.crc32c);
       index++;
       push({ chunk });

@@ -270,7 +270,8 @@ export function decodeToF32(bytes: Uint8Array, dtype: Dtype, dst?: Float32Array)
  */
 export function encodeFromF32(values: Float32Array, dtype: Dtype, dst?: Uint8Array): Uint8Array {
   const byteLength = values.length * bytesPerElement(dtype);
-  if (dst !== undefined && dst.byteLength < byteLength) throw new RangeError(`destination holds ${dst.byteLength} bytes, ${byteLength} needed`);
+  if (dst !== undefined && dst.byteLength < byteLength)
+    throw new RangeError(`destination holds ${dst.byteLength} bytes, ${byteLength} needed`);
   if (dtype === 'F32') {
     const view = new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
     if (dst === undefined) return view;

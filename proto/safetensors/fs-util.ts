@@ -23,7 +23,12 @@ export async function exists(path: string): Promise<boolean> {
 export async function writeAllAt(fh: FileHandle, bytes: Uint8Array, position: number): Promise<void> {
   let done = 0;
   while (done < bytes.byteLength) {
-    const { bytesWritten } = await fh.write(bytes, done, Math.min(WRITE_CHUNK, bytes.byteLength - done), position + done);
+    const { bytesWritten } = await fh.write(
+      bytes,
+      done,
+      Math.min(WRITE_CHUNK, bytes.byteLength - done),
+      position + done,
+    );
     done += bytesWritten;
   }
 }

@@ -30,7 +30,8 @@ async function readExactly(fh: FileHandle, length: number, position: number, fil
   let done = 0;
   while (done < length) {
     const { bytesRead } = await fh.read(buf, done, length - done, position + done);
-    if (bytesRead === 0) throw new TruncatedError(`file ended at byte ${position + done} while reading the header`, { file });
+    if (bytesRead === 0)
+      throw new TruncatedError(`file ended at byte ${position + done} while reading the header`, { file });
     done += bytesRead;
   }
   return buf;
@@ -46,8 +47,14 @@ async function readExactly(fh: FileHandle, length: number, position: number, fil
  * @throws UnsupportedDtypeError for dtypes other than F32, F16 and BF16.
  * @throws FormatError for any other violation, naming the file and tensor.
  */
-export async function readHeader(fh: FileHandle, file: string, fileSize: number, maxHeaderBytes: number): Promise<ParsedHeader> {
-  if (fileSize < 8) throw new TruncatedError(`file is ${fileSize} bytes, too short for the 8-byte header length`, { file });
+export async function readHeader(
+  fh: FileHandle,
+  file: string,
+  fileSize: number,
+  maxHeaderBytes: number,
+): Promise<ParsedHeader> {
+  if (fileSize < 8)
+    throw new TruncatedError(`file is ${fileSize} bytes, too short for the 8-byte header length`, { file });
   const prefix = await readExactly(fh, 8, 0, file);
   const n = new DataView(prefix.buffer).getBigUint64(0, true);
   if (n > BigInt(maxHeaderBytes)) {
@@ -55,7 +62,9 @@ export async function readHeader(fh: FileHandle, file: string, fileSize: number,
   }
   const headerLength = Number(n);
   if (8 + headerLength > fileSize) {
-    throw new TruncatedError(`header length ${headerLength} runs past the end of the file (${fileSize} bytes)`, { file });
+    throw new TruncatedError(`header length ${headerLength} runs past the end of the file (${fileSize} bytes)`, {
+      file,
+    });
   }
   const bytes = await readExactly(fh, headerLength, 8, file);
   return parseHeader(bytes, file, 8 + headerLength, fileSize - 8 - headerLength);
@@ -79,8 +88,11 @@ function parseMetadata(v: unknown, file: string): Record<string, string> {
 }
 
 function isIntArray(v: unknown, length?: number): v is number[] {
-  return Array.isArray(v) && (length === undefined || v.length === length)
-    && v.every((d) => Number.isSafeInteger(d) && (d as number) >= 0);
+  return (
+    Array.isArray(v) &&
+    (length === undefined || v.length === length) &&
+    v.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)
+  );
 }
 
 /**
@@ -107,7 +119,8 @@ export function parseHeader(bytes: Uint8Array, file: string, dataStart: number, 
     const { dtype, shape, data_offsets: offsets } = entry;
     if (typeof dtype !== 'string') throw new FormatError(`"dtype" is missing or not a string`, where);
     if (!isIntArray(shape)) throw new FormatError(`"shape" is missing or not an array of non-negative integers`, where);
-    if (!isIntArray(offsets, 2)) throw new FormatError(`"data_offsets" is missing or not two non-negative integers`, where);
+    if (!isIntArray(offsets, 2))
+      throw new FormatError(`"data_offsets" is missing or not two non-negative integers`, where);
     if (!isDtype(dtype)) throw new UnsupportedDtypeError(dtype, where);
     const [begin, end] = offsets as [number, number];
     if (end < begin) throw new FormatError(`data_offsets [${begin}, ${end}] end before they begin`, where);
@@ -119,7 +132,13 @@ export function parseHeader(bytes: Uint8Array, file: string, dataStart: number, 
       );
     }
     const info: TensorInfo = {
-      name, dtype, shape, numel: byteLength / bytesPerElement(dtype), byteLength, file, dataOffset: dataStart + begin,
+      name,
+      dtype,
+      shape,
+      numel: byteLength / bytesPerElement(dtype),
+      byteLength,
+      file,
+      dataOffset: dataStart + begin,
     };
     entries.push({ info, begin, end });
   }
@@ -134,7 +153,11 @@ export function parseHeader(bytes: Uint8Array, file: string, dataStart: number, 
  * which is how a truncation (TruncatedError) is told from offsets that point
  * entirely outside the data (FormatError).
  */
-function checkExtents(entries: { info: TensorInfo; begin: number; end: number }[], file: string, dataSize: number): void {
+function checkExtents(
+  entries: { info: TensorInfo; begin: number; end: number }[],
+  file: string,
+  dataSize: number,
+): void {
   let prev: { name: string; end: number } | undefined;
   for (const { info, begin, end } of entries) {
     const where = { file, tensor: info.name };
@@ -142,11 +165,17 @@ function checkExtents(entries: { info: TensorInfo; begin: number; end: number }[
       throw new FormatError(`data_offsets [${begin}, ${end}] lie outside the data area (${dataSize} bytes)`, where);
     }
     if (end > dataSize) {
-      throw new TruncatedError(`data_offsets [${begin}, ${end}] run past the end of the data area (${dataSize} bytes)`, where);
+      throw new TruncatedError(
+        `data_offsets [${begin}, ${end}] run past the end of the data area (${dataSize} bytes)`,
+        where,
+      );
     }
     if (begin === end) continue;
     if (prev !== undefined && begin < prev.end) {
-      throw new FormatError(`data_offsets [${begin}, ${end}] overlap tensor "${prev.name}" (ends at ${prev.end})`, where);
+      throw new FormatError(
+        `data_offsets [${begin}, ${end}] overlap tensor "${prev.name}" (ends at ${prev.end})`,
+        where,
+      );
     }
     prev = { name: info.name, end };
   }
@@ -174,7 +203,9 @@ export function buildHeader(
   for (const t of tensors) {
     const size = byteLengthOf(t.dtype, t.shape, { file, tensor: t.name });
     offsets.push(at);
-    parts.push(`${JSON.stringify(t.name)}:${JSON.stringify({ dtype: t.dtype, shape: t.shape, data_offsets: [at, at + size] })}`);
+    parts.push(
+      `${JSON.stringify(t.name)}:${JSON.stringify({ dtype: t.dtype, shape: t.shape, data_offsets: [at, at + size] })}`,
+    );
     at += size;
   }
   const json = new TextEncoder().encode(`{${parts.join(',')}}`);

@@ -94,7 +94,9 @@ export function byteLengthOf(dtype: Dtype, shape: readonly number[], where: { fi
  */
 export function validateLayout(layout: CheckpointLayout, where: string): void {
   if (!layout.sharded && layout.files.length !== 1) {
-    throw new FormatError(`an unsharded layout must have exactly one file, not ${layout.files.length}`, { file: where });
+    throw new FormatError(`an unsharded layout must have exactly one file, not ${layout.files.length}`, {
+      file: where,
+    });
   }
   const fileNames = new Set<string>();
   const tensorFile = new Map<string, string>();

@@ -9,8 +9,7 @@ import { INDEX_FILE_NAME, SINGLE_FILE_NAME } from './layout.js';
 
 /** Where a checkpoint's weights are. */
 export type CheckpointLocation =
-  | { sharded: true; dir: string; indexFile: string }
-  | { sharded: false; dir: string; file: string };
+  { sharded: true; dir: string; indexFile: string } | { sharded: false; dir: string; file: string };
 
 async function isFile(path: string): Promise<boolean> {
   try {

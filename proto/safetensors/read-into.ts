@@ -66,10 +66,16 @@ function slotPool(): SlotPool | null {
  */
 export type ChunkSink = (chunk: Uint8Array, offset: number) => void;
 
-async function readFully(fh: FileHandle, dst: Uint8Array, position: number, where: { file: string; tensor: string }): Promise<void> {
+async function readFully(
+  fh: FileHandle,
+  dst: Uint8Array,
+  position: number,
+  where: { file: string; tensor: string },
+): Promise<void> {
   for (let done = 0; done < dst.byteLength;) {
     const { bytesRead } = await fh.read(dst, done, dst.byteLength - done, position + done);
-    if (bytesRead === 0) throw new TruncatedError(`file ended at byte ${position + done} inside the tensor's data`, where);
+    if (bytesRead === 0)
+      throw new TruncatedError(`file ended at byte ${position + done} inside the tensor's data`, where);
     done += bytesRead;
   }
 }

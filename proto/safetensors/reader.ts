@@ -69,7 +69,11 @@ async function checkShardsExist(dir: string, indexFile: string, index: ShardInde
       if (!(await stat(join(dir, name))).isFile()) throw new Error('not a regular file');
     } catch (cause) {
       const tensor = [...index.weightMap].find(([, f]) => f === name)?.[0];
-      throw new FormatError(`weight_map names shard "${name}", which cannot be opened`, { file: indexFile, tensor, cause });
+      throw new FormatError(`weight_map names shard "${name}", which cannot be opened`, {
+        file: indexFile,
+        tensor,
+        cause,
+      });
     }
   }
 }
@@ -91,7 +95,10 @@ function crossCheck(shards: Shard[], dir: string, indexFile: string, index: Shar
   }
   for (const [name, fileName] of index.weightMap) {
     if (!seen.has(name)) {
-      throw new FormatError(`tensor is listed in ${indexFile} but missing from this shard`, { file: join(dir, fileName), tensor: name });
+      throw new FormatError(`tensor is listed in ${indexFile} but missing from this shard`, {
+        file: join(dir, fileName),
+        tensor: name,
+      });
     }
   }
 }
@@ -145,7 +152,10 @@ export class Checkpoint {
     }
     const index = await readShardIndex(loc.indexFile, max);
     await checkShardsExist(loc.dir, loc.indexFile, index);
-    const shards = await openShards(index.files.map((f) => join(loc.dir, f)), max);
+    const shards = await openShards(
+      index.files.map((f) => join(loc.dir, f)),
+      max,
+    );
     try {
       crossCheck(shards, loc.dir, loc.indexFile, index);
     } catch (err) {
@@ -195,7 +205,12 @@ export class Checkpoint {
    * @throws RangeError (naming file and tensor) if the range is not inside the tensor.
    * @throws FormatError, TruncatedError as {@link Checkpoint.readRaw}.
    */
-  async readRawRange(name: string, byteOffset: number, byteLength: number, opts: ReadOptions = {}): Promise<Uint8Array> {
+  async readRawRange(
+    name: string,
+    byteOffset: number,
+    byteLength: number,
+    opts: ReadOptions = {},
+  ): Promise<Uint8Array> {
     const { info, fh } = this.entry(name);
     checkRange(info, byteOffset, byteLength, info.byteLength, 'byte');
     const buf = Buffer.allocUnsafeSlow(byteLength);
@@ -221,7 +236,12 @@ export class Checkpoint {
    * @throws RangeError (naming file and tensor) if the range is not inside the tensor or `into` is too small.
    * @throws FormatError, TruncatedError as {@link Checkpoint.readRaw}.
    */
-  async readRangeF32(name: string, startElement: number, count: number, opts: ReadF32Options = {}): Promise<Float32Array> {
+  async readRangeF32(
+    name: string,
+    startElement: number,
+    count: number,
+    opts: ReadF32Options = {},
+  ): Promise<Float32Array> {
     const { info, fh } = this.entry(name);
     checkRange(info, startElement, count, info.numel, 'element');
     const size = bytesPerElement(info.dtype);
@@ -233,7 +253,9 @@ export class Checkpoint {
     } else if (opts.into.length >= count) {
       out = opts.into.subarray(0, count);
     } else {
-      throw new RangeError(`${info.file}, tensor "${info.name}": \`into\` holds ${opts.into.length} elements, ${count} needed`);
+      throw new RangeError(
+        `${info.file}, tensor "${info.name}": \`into\` holds ${opts.into.length} elements, ${count} needed`,
+      );
     }
     // Chunks are converted straight out of the read buffers, so the 16-bit
     // data never needs a tensor-sized buffer of its own.
@@ -253,6 +275,8 @@ export class Checkpoint {
 
 function checkRange(info: TensorInfo, start: number, count: number, total: number, unit: string): void {
   if (!Number.isSafeInteger(start) || !Number.isSafeInteger(count) || start < 0 || count < 0 || start + count > total) {
-    throw new RangeError(`${info.file}, tensor "${info.name}": ${unit} range [${start}, ${start}+${count}) is outside [0, ${total})`);
+    throw new RangeError(
+      `${info.file}, tensor "${info.name}": ${unit} range [${start}, ${start}+${count}) is outside [0, ${total})`,
+    );
   }
 }

@@ -9,7 +9,14 @@ import { dirname, join, resolve } from 'node:path';
 import { FormatError } from '../errors.js';
 import { copyExtraFiles, exists, syncPath, writeAllAt } from './fs-util.js';
 import { type CheckpointLayout, INDEX_FILE_NAME } from './layout.js';
-import { createLayoutFiles, planLayoutFiles, publishFolder, shardIndexJson, syncFiles, type TensorSlot } from './writer.js';
+import {
+  createLayoutFiles,
+  planLayoutFiles,
+  publishFolder,
+  shardIndexJson,
+  syncFiles,
+  type TensorSlot,
+} from './writer.js';
 
 /** Options of {@link SharedCheckpointWriter.layOut}. */
 export interface LayOutOptions {
@@ -36,7 +43,12 @@ export class SharedCheckpointWriter {
    * call again after a crash at any point.
    * @throws FormatError / UnsupportedDtypeError if the layout is invalid.
    */
-  static async layOut(tmpDir: string, outDir: string, layout: CheckpointLayout, opts: LayOutOptions = {}): Promise<void> {
+  static async layOut(
+    tmpDir: string,
+    outDir: string,
+    layout: CheckpointLayout,
+    opts: LayOutOptions = {},
+  ): Promise<void> {
     const tmp = resolve(tmpDir);
     const { files, slots } = planLayoutFiles(resolve(outDir), layout);
     if (await exists(tmp)) return;
@@ -64,7 +76,8 @@ export class SharedCheckpointWriter {
   static async open(tmpDir: string, outDir: string, layout: CheckpointLayout): Promise<SharedCheckpointWriter> {
     const tmp = resolve(tmpDir);
     const { slots } = planLayoutFiles(resolve(outDir), layout);
-    if (!(await exists(tmp))) throw Object.assign(new Error(`${tmp} does not exist (not laid out, or already committed)`), { code: 'ENOENT' });
+    if (!(await exists(tmp)))
+      throw Object.assign(new Error(`${tmp} does not exist (not laid out, or already committed)`), { code: 'ENOENT' });
     return new SharedCheckpointWriter(tmp, resolve(outDir), slots);
   }
 
@@ -84,7 +97,10 @@ export class SharedCheckpointWriter {
   async writeTensor(name: string, bytes: Uint8Array): Promise<void> {
     const s = this.slot(name);
     if (bytes.byteLength !== s.byteLength) {
-      throw new FormatError(`got ${bytes.byteLength} bytes, ${s.dtype} ${JSON.stringify(s.shape)} needs ${s.byteLength}`, { file: s.file, tensor: name });
+      throw new FormatError(
+        `got ${bytes.byteLength} bytes, ${s.dtype} ${JSON.stringify(s.shape)} needs ${s.byteLength}`,
+        { file: s.file, tensor: name },
+      );
     }
     const fh = await this.handle(s.fileName);
     await writeAllAt(fh, bytes, s.position);

@@ -41,7 +41,10 @@ function shardName(i: number, n: number): string {
  * Plans the layout {@link writeCheckpoint} would write, tensors kept in the given order.
  * @throws FormatError if a shape is invalid.
  */
-export function planLayout(tensors: readonly Omit<TensorData, 'data'>[], opts: WriteCheckpointOptions = {}): CheckpointLayout {
+export function planLayout(
+  tensors: readonly Omit<TensorData, 'data'>[],
+  opts: WriteCheckpointOptions = {},
+): CheckpointLayout {
   const groups: Omit<TensorData, 'data'>[][] = [[]];
   let size = 0;
   for (const t of tensors) {

@@ -50,7 +50,10 @@ export interface PlannedFile {
  * @param outDir Absolute destination folder (names files in messages).
  * @throws FormatError / UnsupportedDtypeError if the layout is invalid.
  */
-export function planLayoutFiles(outDir: string, layout: CheckpointLayout): { files: PlannedFile[]; slots: Map<string, TensorSlot> } {
+export function planLayoutFiles(
+  outDir: string,
+  layout: CheckpointLayout,
+): { files: PlannedFile[]; slots: Map<string, TensorSlot> } {
   validateLayout(layout, outDir);
   const files: PlannedFile[] = [];
   const slots = new Map<string, TensorSlot>();
@@ -61,7 +64,14 @@ export function planLayoutFiles(outDir: string, layout: CheckpointLayout): { fil
     f.tensors.forEach((t, i) => {
       const byteLength = (i + 1 < f.tensors.length ? header.offsets[i + 1]! : header.dataSize) - header.offsets[i]!;
       const numel = t.shape.reduce((a, b) => a * b, 1);
-      slots.set(t.name, { ...t, fileName: f.fileName, file, position: header.bytes.byteLength + header.offsets[i]!, byteLength, numel });
+      slots.set(t.name, {
+        ...t,
+        fileName: f.fileName,
+        file,
+        position: header.bytes.byteLength + header.offsets[i]!,
+        byteLength,
+        numel,
+      });
     });
   }
   return { files, slots };
@@ -178,7 +188,11 @@ export class CheckpointWriter {
    * @throws Error with code EEXIST if `outDir` exists and `overwrite` is not set.
    * @throws FormatError / UnsupportedDtypeError if the layout is invalid.
    */
-  static async create(outDir: string, layout: CheckpointLayout, opts: CreateWriterOptions = {}): Promise<CheckpointWriter> {
+  static async create(
+    outDir: string,
+    layout: CheckpointLayout,
+    opts: CreateWriterOptions = {},
+  ): Promise<CheckpointWriter> {
     const out = resolve(outDir);
     const { files, slots } = planLayoutFiles(out, layout);
     if (opts.overwrite !== true && (await exists(out))) throw alreadyExists(out);
@@ -216,7 +230,10 @@ export class CheckpointWriter {
     const where = { file: p.file, tensor: name };
     if (this.written.has(name)) throw new FormatError(`tensor written twice`, where);
     if (bytes.byteLength !== p.byteLength) {
-      throw new FormatError(`got ${bytes.byteLength} bytes, ${p.dtype} ${JSON.stringify(p.shape)} needs ${p.byteLength}`, where);
+      throw new FormatError(
+        `got ${bytes.byteLength} bytes, ${p.dtype} ${JSON.stringify(p.shape)} needs ${p.byteLength}`,
+        where,
+      );
     }
     // Claimed before the await so a concurrent second write is refused.
     this.written.add(name);
@@ -248,7 +265,10 @@ export class CheckpointWriter {
   async writeTensorF32(name: string, values: Float32Array): Promise<void> {
     const p = this.plan(name);
     if (values.length !== p.numel) {
-      throw new FormatError(`got ${values.length} values, shape ${JSON.stringify(p.shape)} needs ${p.numel}`, { file: p.file, tensor: name });
+      throw new FormatError(`got ${values.length} values, shape ${JSON.stringify(p.shape)} needs ${p.numel}`, {
+        file: p.file,
+        tensor: name,
+      });
     }
     await this.writeTensor(name, encodeFromF32(values, p.dtype));
   }
@@ -268,12 +288,20 @@ export class CheckpointWriter {
       await Promise.allSettled([...this.inflight]);
       const missing = [...this.planned.values()].filter((p) => !this.written.has(p.name));
       if (missing.length > 0) {
-        const names = missing.slice(0, 5).map((p) => p.name).join(', ');
-        throw new FormatError(`${missing.length} tensor(s) never written (${names}${missing.length > 5 ? ', …' : ''})`, {
-          file: missing[0]!.file, tensor: missing[0]!.name,
-        });
+        const names = missing
+          .slice(0, 5)
+          .map((p) => p.name)
+          .join(', ');
+        throw new FormatError(
+          `${missing.length} tensor(s) never written (${names}${missing.length > 5 ? ', …' : ''})`,
+          {
+            file: missing[0]!.file,
+            tensor: missing[0]!.name,
+          },
+        );
       }
-      if (this.layout.sharded) await writeFile(join(this.tmpDir, INDEX_FILE_NAME), shardIndexJson(this.layout, this.planned));
+      if (this.layout.sharded)
+        await writeFile(join(this.tmpDir, INDEX_FILE_NAME), shardIndexJson(this.layout, this.planned));
       await Promise.all(this.syncs);
       await Promise.all(this.handles.map((h) => h.sync()));
       await this.closeHandles();

@@ -87,7 +87,8 @@ export class SecureAggregator {
   }
 
   #expect(phase: AggregatorPhase, what: string): void {
-    if (this.#state.phase !== phase) throw new ProtocolStateError(`${what}: the job is collecting ${this.#state.phase}`);
+    if (this.#state.phase !== phase)
+      throw new ProtocolStateError(`${what}: the job is collecting ${this.#state.phase}`);
   }
 
   /** Round 0: a party's keys. @throws DuplicateSubmissionError on a second advertisement of one party */
@@ -95,7 +96,8 @@ export class SecureAggregator {
     const s = this.#state;
     this.#expect('keys', 'key advertisement');
     checkAdvertisement(s.job, ad);
-    if (s.roster.some((a) => a.index === ad.index)) throw new DuplicateSubmissionError(`party ${ad.index} advertised its keys twice`);
+    if (s.roster.some((a) => a.index === ad.index))
+      throw new DuplicateSubmissionError(`party ${ad.index} advertised its keys twice`);
     s.roster.push({ index: ad.index, maskPublicKey: ad.maskPublicKey, sharePublicKey: ad.sharePublicKey });
   }
 
@@ -106,7 +108,11 @@ export class SecureAggregator {
     checkEnough(s.job, 'share keys', s.roster.length);
     s.roster.sort((a, b) => a.index - b.index);
     s.phase = 'shares';
-    return s.roster.map((a) => ({ index: a.index, maskPublicKey: a.maskPublicKey.slice(), sharePublicKey: a.sharePublicKey.slice() }));
+    return s.roster.map((a) => ({
+      index: a.index,
+      maskPublicKey: a.maskPublicKey.slice(),
+      sharePublicKey: a.sharePublicKey.slice(),
+    }));
   }
 
   /**
@@ -118,7 +124,8 @@ export class SecureAggregator {
   submitShares(from: number, boxes: readonly EncryptedShare[]): void {
     const s = this.#state;
     this.#expect('shares', 'shares');
-    if (!s.roster.some((a) => a.index === from)) throw new ProtocolStateError(`shares from party ${from}, not in the roster`);
+    if (!s.roster.some((a) => a.index === from))
+      throw new ProtocolStateError(`shares from party ${from}, not in the roster`);
     if (s.sharers.includes(from)) throw new DuplicateSubmissionError(`party ${from} sent its shares twice`);
     const expected = s.roster.map((a) => a.index).filter((i) => i !== from);
     const to = boxes.map((b) => b.to).sort((a, b) => a - b);
@@ -127,7 +134,8 @@ export class SecureAggregator {
     }
     for (const b of boxes) {
       if (b.from !== from) throw new ProtocolStateError(`party ${from}: a box claims to come from party ${b.from}`);
-      if (b.box.length !== SHARE_PLAINTEXT_BYTES + BOX_OVERHEAD) throw new ProtocolStateError(`party ${from}: a box of ${b.box.length} bytes`);
+      if (b.box.length !== SHARE_PLAINTEXT_BYTES + BOX_OVERHEAD)
+        throw new ProtocolStateError(`party ${from}: a box of ${b.box.length} bytes`);
     }
     s.boxes.push(...boxes.map((b) => ({ from, to: b.to, box: b.box })));
     s.sharers.push(from);
@@ -156,7 +164,8 @@ export class SecureAggregator {
   /** Round 1 relay: the boxes of U2 addressed to party `to`. */
   sharesFor(to: number): EncryptedShare[] {
     const s = this.#state;
-    if (s.phase === 'keys' || s.phase === 'shares') throw new ProtocolStateError('shares are relayed once round 1 is closed');
+    if (s.phase === 'keys' || s.phase === 'shares')
+      throw new ProtocolStateError('shares are relayed once round 1 is closed');
     return s.boxes.filter((b) => b.to === to && s.sharers.includes(b.from));
   }
 
@@ -178,7 +187,8 @@ export class SecureAggregator {
    * @throws the errors of `submitMasked`
    */
   recordMasked(from: number, wordCount: number): void {
-    if (!this.#state.spooled) throw new ProtocolStateError('masked vectors of this job are held in memory: use submitMasked');
+    if (!this.#state.spooled)
+      throw new ProtocolStateError('masked vectors of this job are held in memory: use submitMasked');
     this.#checkMasked(from, wordCount);
     this.#state.survivors.push(from);
   }
@@ -186,9 +196,11 @@ export class SecureAggregator {
   #checkMasked(from: number, wordCount: number): void {
     const s = this.#state;
     this.#expect('masked', 'masked input');
-    if (!s.sharers.includes(from)) throw new ProtocolStateError(`masked input from party ${from}, which did not share its keys`);
+    if (!s.sharers.includes(from))
+      throw new ProtocolStateError(`masked input from party ${from}, which did not share its keys`);
     if (s.survivors.includes(from)) throw new DuplicateSubmissionError(`party ${from} sent its masked input twice`);
-    if (wordCount !== s.length) throw new MaskedLengthError(`party ${from}: ${wordCount} masked words, the union has ${s.length}`);
+    if (wordCount !== s.length)
+      throw new MaskedLengthError(`party ${from}: ${wordCount} masked words, the union has ${s.length}`);
   }
 
   /** Closes round 2: U3 is fixed; the request every survivor receives. @throws TooFewSurvivorsError */
@@ -212,12 +224,16 @@ export class SecureAggregator {
     this.#expect('unmask', 'unmask response');
     const request = s.request!;
     checkIndex(s.job, response.from, 'unmask response');
-    if (!request.survivors.includes(response.from)) throw new ProtocolStateError(`unmask response from party ${response.from}, not a survivor`);
-    if (s.responses.some((r) => r.from === response.from)) throw new DuplicateSubmissionError(`party ${response.from} answered the unmask request twice`);
+    if (!request.survivors.includes(response.from))
+      throw new ProtocolStateError(`unmask response from party ${response.from}, not a survivor`);
+    if (s.responses.some((r) => r.from === response.from))
+      throw new DuplicateSubmissionError(`party ${response.from} answered the unmask request twice`);
     const matches = (shares: UnmaskResponse['selfSeedShares'], owners: number[]): boolean =>
       shares.length === owners.length && shares.every((sh, i) => sh.owner === owners[i] && sh.y.length === SHARE_Y);
     if (!matches(response.selfSeedShares, request.survivors) || !matches(response.maskKeyShares, request.dropouts)) {
-      throw new ProtocolStateError(`party ${response.from}: the response does not hold one share per party named, in order`);
+      throw new ProtocolStateError(
+        `party ${response.from}: the response does not hold one share per party named, in order`,
+      );
     }
     s.responses.push(response);
   }
@@ -230,17 +246,21 @@ export class SecureAggregator {
    */
   maskRemoval(): MaskRemoval {
     const s = this.#state;
-    if (s.phase !== 'unmask' && s.phase !== 'done') throw new ProtocolStateError(`unmasking: the job is collecting ${s.phase}`);
+    if (s.phase !== 'unmask' && s.phase !== 'done')
+      throw new ProtocolStateError(`unmasking: the job is collecting ${s.phase}`);
     checkEnough(s.job, 'unmasking', s.responses.length);
     const request = s.request!;
     const sharesOf = (owner: number, kind: 'selfSeedShares' | 'maskKeyShares'): ShamirShare[] =>
       s.responses.map((r) => ({ x: r.from, y: r[kind].find((sh) => sh.owner === owner)!.y }));
-    const selfKeys = request.survivors.map((u) => selfMaskKey(combineShares(sharesOf(u, 'selfSeedShares'), s.job.threshold, KEY_BYTES), s.job.jobId));
+    const selfKeys = request.survivors.map((u) =>
+      selfMaskKey(combineShares(sharesOf(u, 'selfSeedShares'), s.job.threshold, KEY_BYTES), s.job.jobId),
+    );
     const pairs: MaskRemoval['pairs'] = [];
     for (const d of request.dropouts) {
       const privateKey = combineShares(sharesOf(d, 'maskKeyShares'), s.job.threshold, KEY_BYTES);
       const published = s.roster.find((a) => a.index === d)!.maskPublicKey;
-      if (!sameBytes(publicKeyOf(privateKey), published)) throw new InconsistentSharesError(`the shares of party ${d}'s mask key do not give its published key`);
+      if (!sameBytes(publicKeyOf(privateKey), published))
+        throw new InconsistentSharesError(`the shares of party ${d}'s mask key do not give its published key`);
       for (const v of request.survivors) {
         const survivorKey = s.roster.find((a) => a.index === v)!.maskPublicKey;
         pairs.push({ survivor: v, dropout: d, key: pairwiseMaskKey(privateKey, survivorKey, s.job.jobId) });
@@ -258,7 +278,10 @@ export class SecureAggregator {
     const s = this.#state;
     if (s.phase === 'done') return s.sum;
     this.#expect('unmask', 'finish');
-    if (s.spooled) throw new ProtocolStateError('masked vectors of this job are spooled: remove the masks with maskRemoval and removeMasks');
+    if (s.spooled)
+      throw new ProtocolStateError(
+        'masked vectors of this job are spooled: remove the masks with maskRemoval and removeMasks',
+      );
     removeMasks(s.sum, this.maskRemoval());
     s.phase = 'done';
     return s.sum;
@@ -275,7 +298,8 @@ export class SecureAggregator {
     const s = this.#state;
     if (s.phase === 'done') return;
     this.#expect('unmask', 'complete');
-    if (!s.spooled) throw new ProtocolStateError('masked vectors of this job are summed here: remove the masks with finish');
+    if (!s.spooled)
+      throw new ProtocolStateError('masked vectors of this job are summed here: remove the masks with finish');
     checkEnough(s.job, 'unmasking', s.responses.length);
     s.phase = 'done';
   }

@@ -29,8 +29,10 @@ export interface FixedPoint {
  *   integer, or no power-of-two scale 2^k (a finite double) fits them
  */
 export function fixedPoint(bound: number, parties: number): FixedPoint {
-  if (!(Number.isFinite(bound) && bound > 0)) throw new FixedPointError(`bound: expected a positive finite number, got ${bound}`);
-  if (!(Number.isInteger(parties) && parties >= 1)) throw new FixedPointError(`parties: expected a positive integer, got ${parties}`);
+  if (!(Number.isFinite(bound) && bound > 0))
+    throw new FixedPointError(`bound: expected a positive finite number, got ${bound}`);
+  if (!(Number.isInteger(parties) && parties >= 1))
+    throw new FixedPointError(`parties: expected a positive integer, got ${parties}`);
   const fits = (k: number): boolean => parties * (bound * 2 ** k + 0.5) < INT31;
   const none = (): FixedPointError => new FixedPointError(`bound ${bound}: no usable scale for ${parties} parties`);
   // n·½ alone must stay below 2^31 − 1; the estimate is taken in logs so a tiny bound cannot overflow it.
@@ -55,7 +57,7 @@ export function stepOf(fp: FixedPoint): number {
 
 /** The largest error of a decoded sum of n unclipped values: n·2^−(k+1). */
 export function sumErrorBound(fp: FixedPoint): number {
-  return fp.parties * stepOf(fp) / 2;
+  return (fp.parties * stepOf(fp)) / 2;
 }
 
 /** Words coding some values, and how many of them were clipped to the bound. */
@@ -69,7 +71,8 @@ export interface Encoded {
  * @throws FixedPointError on NaN (±∞ are clipped like any value beyond the bound)
  */
 export function encodeFixed(values: ArrayLike<number>, fp: FixedPoint, into = new Uint32Array(values.length)): Encoded {
-  if (into.length !== values.length) throw new RangeError(`encodeFixed: output length ${into.length}, ${values.length} values`);
+  if (into.length !== values.length)
+    throw new RangeError(`encodeFixed: output length ${into.length}, ${values.length} values`);
   const scale = 2 ** fp.scaleBits;
   const { bound } = fp;
   let clipped = 0;
@@ -93,9 +96,14 @@ export function encodeFixed(values: ArrayLike<number>, fp: FixedPoint, into = ne
 /** Decodes a sum of at most n coded vectors (into `into` if given, same length). */
 export function decodeSum(words: Uint32Array, fp: FixedPoint): Float64Array;
 export function decodeSum<T extends Float32Array | Float64Array>(words: Uint32Array, fp: FixedPoint, into: T): T;
-export function decodeSum(words: Uint32Array, fp: FixedPoint, into?: Float32Array | Float64Array): Float32Array | Float64Array {
+export function decodeSum(
+  words: Uint32Array,
+  fp: FixedPoint,
+  into?: Float32Array | Float64Array,
+): Float32Array | Float64Array {
   const out = into ?? new Float64Array(words.length);
-  if (out.length !== words.length) throw new RangeError(`decodeSum: output length ${out.length}, ${words.length} words`);
+  if (out.length !== words.length)
+    throw new RangeError(`decodeSum: output length ${out.length}, ${words.length} words`);
   const step = stepOf(fp);
   for (let i = 0; i < words.length; i++) out[i] = (words[i]! | 0) * step;
   return out;

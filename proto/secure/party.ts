@@ -59,7 +59,8 @@ export interface PartyState {
 
 function sortedUnique(xs: readonly number[], what: string): number[] {
   const sorted = [...xs].sort((a, b) => a - b);
-  for (let i = 1; i < sorted.length; i++) if (sorted[i] === sorted[i - 1]) throw new ProtocolStateError(`${what}: party ${sorted[i]} twice`);
+  for (let i = 1; i < sorted.length; i++)
+    if (sorted[i] === sorted[i - 1]) throw new ProtocolStateError(`${what}: party ${sorted[i]} twice`);
   return sorted;
 }
 
@@ -123,18 +124,39 @@ export class SecureParty {
    */
   shareKeys(roster: readonly KeyAdvertisement[]): EncryptedShare[] {
     const s = this.#state;
-    const indices = sortedUnique(roster.map((ad) => ad.index), 'roster');
+    const indices = sortedUnique(
+      roster.map((ad) => ad.index),
+      'roster',
+    );
     if (s.phase !== 'roster') {
-      if (sameList(indices, s.roster.map((ad) => ad.index)) && roster.every((ad) => sameKeys(ad, s.roster.find((a) => a.index === ad.index)!))) return s.outbox;
+      if (
+        sameList(
+          indices,
+          s.roster.map((ad) => ad.index),
+        ) &&
+        roster.every((ad) =>
+          sameKeys(
+            ad,
+            s.roster.find((a) => a.index === ad.index)!,
+          ),
+        )
+      )
+        return s.outbox;
       throw new ProtocolStateError(`party ${s.index}: shares already sent for another roster`);
     }
     for (const ad of roster) checkAdvertisement(s.job, ad);
     checkEnough(s.job, 'share keys', roster.length);
     const own = roster.find((ad) => ad.index === s.index);
-    if (own === undefined || !sameBytes(own.maskPublicKey, s.maskKeys.publicKey) || !sameBytes(own.sharePublicKey, s.shareKeys.publicKey)) {
+    if (
+      own === undefined ||
+      !sameBytes(own.maskPublicKey, s.maskKeys.publicKey) ||
+      !sameBytes(own.sharePublicKey, s.shareKeys.publicKey)
+    ) {
       throw new ProtocolStateError(`party ${s.index}: the roster does not hold this party's keys`);
     }
-    const keys = roster.flatMap((ad) => [ad.maskPublicKey, ad.sharePublicKey]).map((k) => Buffer.from(k).toString('hex'));
+    const keys = roster
+      .flatMap((ad) => [ad.maskPublicKey, ad.sharePublicKey])
+      .map((k) => Buffer.from(k).toString('hex'));
     if (new Set(keys).size !== keys.length) throw new ProtocolStateError('roster: a public key appears twice');
 
     const sorted = [...roster].sort((a, b) => a.index - b.index);
@@ -173,7 +195,17 @@ export class SecureParty {
     const s = this.#state;
     if (s.phase !== 'shares') {
       // Delivered again (the party restarted before the server heard back): the shares are already held.
-      if (s.phase !== 'roster' && sameList(sortedUnique(shares.map((sh) => sh.from), 'shares'), this.peers)) return;
+      if (
+        s.phase !== 'roster' &&
+        sameList(
+          sortedUnique(
+            shares.map((sh) => sh.from),
+            'shares',
+          ),
+          this.peers,
+        )
+      )
+        return;
       throw new ProtocolStateError(`party ${s.index}: not waiting for shares (phase ${s.phase})`);
     }
     const seen = new Set<number>();
@@ -182,12 +214,19 @@ export class SecureParty {
       if (share.to !== s.index) throw new ShareAuthError(share.from, `addressed to party ${share.to}, not ${s.index}`);
       if (share.from === s.index) throw new ProtocolStateError(`party ${s.index}: a share from itself`);
       const sender = s.roster.find((ad) => ad.index === share.from);
-      if (sender === undefined) throw new ProtocolStateError(`party ${s.index}: a share from party ${share.from}, not in the roster`);
-      if (seen.has(share.from)) throw new DuplicateSubmissionError(`party ${s.index}: two shares from party ${share.from}`);
+      if (sender === undefined)
+        throw new ProtocolStateError(`party ${s.index}: a share from party ${share.from}, not in the roster`);
+      if (seen.has(share.from))
+        throw new DuplicateSubmissionError(`party ${s.index}: two shares from party ${share.from}`);
       seen.add(share.from);
       const key = boxKey(s.shareKeys.privateKey, sender.sharePublicKey, s.job.jobId);
-      const plain = openBox(key, { jobId: s.job.jobId, sender: share.from, recipient: s.index, round: SHARE_ROUND }, share.box);
-      if (plain.length !== SHARE_PLAINTEXT_BYTES) throw new ShareAuthError(share.from, `plaintext of ${plain.length} bytes`);
+      const plain = openBox(
+        key,
+        { jobId: s.job.jobId, sender: share.from, recipient: s.index, round: SHARE_ROUND },
+        share.box,
+      );
+      if (plain.length !== SHARE_PLAINTEXT_BYTES)
+        throw new ShareAuthError(share.from, `plaintext of ${plain.length} bytes`);
       held.push({ owner: share.from, selfSeed: plain.slice(0, SHARE_Y), maskKey: plain.slice(SHARE_Y) });
     }
     checkEnough(s.job, 'masked input', held.length + 1);
@@ -203,7 +242,8 @@ export class SecureParty {
   /** Round 2: the keys of this party's masks, to mask a long vector range by range. */
   maskKeys(): MaskKeys {
     const s = this.#state;
-    if (s.phase !== 'input' && s.phase !== 'done') throw new ProtocolStateError(`party ${s.index}: masks not known yet (phase ${s.phase})`);
+    if (s.phase !== 'input' && s.phase !== 'done')
+      throw new ProtocolStateError(`party ${s.index}: masks not known yet (phase ${s.phase})`);
     // Fixed from here on (the roster and the shares held no longer change): derived once, not per chunk.
     return (this.#maskKeys ??= this.#deriveMaskKeys());
   }
@@ -244,15 +284,19 @@ export class SecureParty {
     const survivors = sortedUnique(request.survivors, 'survivors');
     const dropouts = sortedUnique(request.dropouts, 'dropouts');
     if (s.phase === 'done') {
-      if (sameList(survivors, s.answered!.survivors) && sameList(dropouts, s.answered!.dropouts)) return this.#respond(survivors, dropouts);
+      if (sameList(survivors, s.answered!.survivors) && sameList(dropouts, s.answered!.dropouts))
+        return this.#respond(survivors, dropouts);
       throw new ProtocolStateError(`party ${s.index}: already answered another unmask request`);
     }
     if (s.phase !== 'input') throw new ProtocolStateError(`party ${s.index}: not ready to unmask (phase ${s.phase})`);
     const owners = s.held.map((h) => h.owner);
     if (!sameList(sortedUnique([...survivors, ...dropouts], 'unmask request'), owners)) {
-      throw new ProtocolStateError(`party ${s.index}: survivors and dropouts must split the parties that shared, ${owners.join(',')}`);
+      throw new ProtocolStateError(
+        `party ${s.index}: survivors and dropouts must split the parties that shared, ${owners.join(',')}`,
+      );
     }
-    if (!survivors.includes(s.index)) throw new ProtocolStateError(`party ${s.index}: named a dropout but asked to respond`);
+    if (!survivors.includes(s.index))
+      throw new ProtocolStateError(`party ${s.index}: named a dropout but asked to respond`);
     checkEnough(s.job, 'unmasking', survivors.length);
     s.answered = { survivors, dropouts };
     s.phase = 'done';

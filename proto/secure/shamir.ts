@@ -67,7 +67,8 @@ function inverse(a: bigint): bigint {
 function checkPoints(xs: readonly number[], what: string): void {
   const seen = new Set<number>();
   for (const x of xs) {
-    if (!Number.isSafeInteger(x) || x < 1) throw new ProtocolStateError(`${what}: share point ${x} is not a positive integer`);
+    if (!Number.isSafeInteger(x) || x < 1)
+      throw new ProtocolStateError(`${what}: share point ${x} is not a positive integer`);
     if (seen.has(x)) throw new ProtocolStateError(`${what}: share point ${x} twice`);
     seen.add(x);
   }
@@ -122,12 +123,17 @@ function interpolate(points: readonly { x: bigint; y: bigint }[], at: bigint): b
  *   exactly `threshold` shares a wrong one is not detected)
  */
 export function combineShares(shares: readonly ShamirShare[], threshold: number, secretBytes: number): Uint8Array {
-  if (!Number.isInteger(threshold) || threshold < 1) throw new ProtocolStateError(`threshold ${threshold}: expected an integer ≥ 1`);
+  if (!Number.isInteger(threshold) || threshold < 1)
+    throw new ProtocolStateError(`threshold ${threshold}: expected an integer ≥ 1`);
   if (shares.length < threshold) throw new ProtocolStateError(`${shares.length} shares, the threshold is ${threshold}`);
-  checkPoints(shares.map((s) => s.x), 'combine');
+  checkPoints(
+    shares.map((s) => s.x),
+    'combine',
+  );
   const pieces = Math.ceil(secretBytes / PIECE_BYTES);
   for (const s of shares) {
-    if (s.y.length !== pieces * ELEMENT_BYTES) throw new ProtocolStateError(`share ${s.x}: ${s.y.length} bytes, expected ${pieces * ELEMENT_BYTES}`);
+    if (s.y.length !== pieces * ELEMENT_BYTES)
+      throw new ProtocolStateError(`share ${s.x}: ${s.y.length} bytes, expected ${pieces * ELEMENT_BYTES}`);
   }
   const secret = new Uint8Array(secretBytes);
   for (let p = 0; p < pieces; p++) {
@@ -139,11 +145,13 @@ export function combineShares(shares: readonly ShamirShare[], threshold: number,
     const basis = points.slice(0, threshold);
     for (const extra of points.slice(threshold)) {
       // Which share is wrong is not known here (it may be one of the basis): only that they disagree.
-      if (interpolate(basis, extra.x) !== extra.y) throw new InconsistentSharesError('the revealed shares disagree: at least one of them is wrong');
+      if (interpolate(basis, extra.x) !== extra.y)
+        throw new InconsistentSharesError('the revealed shares disagree: at least one of them is wrong');
     }
     const pieceBytes = Math.min(PIECE_BYTES, secretBytes - p * PIECE_BYTES);
     const value = interpolate(basis, 0n);
-    if (value >= 1n << BigInt(8 * pieceBytes)) throw new InconsistentSharesError('the shares do not encode a secret of this length');
+    if (value >= 1n << BigInt(8 * pieceBytes))
+      throw new InconsistentSharesError('the shares do not encode a secret of this length');
     secret.set(toBytes(value, pieceBytes), p * PIECE_BYTES);
   }
   return secret;

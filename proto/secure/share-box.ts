@@ -61,9 +61,16 @@ export function openBox(key: Uint8Array, ctx: BoxContext, box: Uint8Array): Uint
   decipher.setAAD(associatedData(ctx));
   decipher.setAuthTag(tag);
   try {
-    const plain = Buffer.concat([decipher.update(box.subarray(1 + NONCE_BYTES, box.length - TAG_BYTES)), decipher.final()]);
+    const plain = Buffer.concat([
+      decipher.update(box.subarray(1 + NONCE_BYTES, box.length - TAG_BYTES)),
+      decipher.final(),
+    ]);
     return new Uint8Array(plain);
   } catch (cause) {
-    throw new ShareAuthError(ctx.sender, `authentication failed (job ${ctx.jobId}, recipient ${ctx.recipient}, round ${ctx.round})`, { cause });
+    throw new ShareAuthError(
+      ctx.sender,
+      `authentication failed (job ${ctx.jobId}, recipient ${ctx.recipient}, round ${ctx.round})`,
+      { cause },
+    );
   }
 }

@@ -7,7 +7,8 @@ import { ProtocolStateError } from './errors.js';
 
 function checkSorted(positions: Uint32Array, what: string): void {
   for (let i = 1; i < positions.length; i++) {
-    if (positions[i]! <= positions[i - 1]!) throw new ProtocolStateError(`${what}: positions not strictly increasing at ${i}`);
+    if (positions[i]! <= positions[i - 1]!)
+      throw new ProtocolStateError(`${what}: positions not strictly increasing at ${i}`);
   }
 }
 
@@ -43,7 +44,8 @@ export function unionSupport(supports: readonly Uint32Array[]): Uint32Array {
  * @throws ProtocolStateError if a position is not in the union
  */
 export function spreadOnUnion(union: Uint32Array, positions: Uint32Array, values: ArrayLike<number>): Float32Array {
-  if (positions.length !== values.length) throw new ProtocolStateError(`${positions.length} positions, ${values.length} values`);
+  if (positions.length !== values.length)
+    throw new ProtocolStateError(`${positions.length} positions, ${values.length} values`);
   checkSorted(positions, 'support');
   const out = new Float32Array(union.length);
   let u = 0;

@@ -20,7 +20,8 @@ export interface MaskRemoval {
 export function removeMasks(sum: Uint32Array, removal: MaskRemoval, offset = 0): void {
   for (const key of removal.selfKeys) addPrg(sum, key, offset, -1);
   // The survivor added its mask with the dropout with pairwiseSign(survivor, dropout): take it off.
-  for (const pair of removal.pairs) addPrg(sum, pair.key, offset, pairwiseSign(pair.survivor, pair.dropout) === 1 ? -1 : 1);
+  for (const pair of removal.pairs)
+    addPrg(sum, pair.key, offset, pairwiseSign(pair.survivor, pair.dropout) === 1 ? -1 : 1);
 }
 
 /** Adds a masked vector (or a range of it) into a running sum, modulo 2^32. */

@@ -8,7 +8,8 @@ import { KEY_BYTES } from './x25519.js';
 /** @throws ProtocolStateError unless 2 ≤ threshold ≤ parties and the job id is set */
 export function checkJob(job: SecureJob): void {
   if (job.jobId === '') throw new ProtocolStateError('jobId: empty');
-  if (!Number.isInteger(job.parties) || job.parties < 2) throw new ProtocolStateError(`parties: expected an integer ≥ 2, got ${job.parties}`);
+  if (!Number.isInteger(job.parties) || job.parties < 2)
+    throw new ProtocolStateError(`parties: expected an integer ≥ 2, got ${job.parties}`);
   if (!Number.isInteger(job.threshold) || job.threshold < 2 || job.threshold > job.parties) {
     throw new ProtocolStateError(`threshold: expected an integer in [2, ${job.parties}], got ${job.threshold}`);
   }
@@ -16,7 +17,8 @@ export function checkJob(job: SecureJob): void {
 
 /** @throws ProtocolStateError unless `index` is a party of the job */
 export function checkIndex(job: SecureJob, index: number, what: string): void {
-  if (!Number.isInteger(index) || index < 1 || index > job.parties) throw new ProtocolStateError(`${what}: no party ${index} in this job`);
+  if (!Number.isInteger(index) || index < 1 || index > job.parties)
+    throw new ProtocolStateError(`${what}: no party ${index} in this job`);
 }
 
 /** @throws ProtocolStateError for a bad key advertisement */

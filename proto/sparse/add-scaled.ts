@@ -27,7 +27,7 @@ export function addChunkScaled(acc: Float32Array, chunk: DecodedChunk, scale: nu
   }
   const { values } = chunk;
   const first = chunk.firstPosition;
-  if (first + values.length > acc.length) throw new RangeError(`entries up to position ${first + values.length - 1} do not fit ${acc.length} elements`);
+  if (first + values.length > acc.length)
+    throw new RangeError(`entries up to position ${first + values.length - 1} do not fit ${acc.length} elements`);
   for (let i = 0, p = first; i < values.length; i++, p++) acc[p] = acc[p]! + scale * values[i]!;
 }
-

@@ -58,7 +58,8 @@ export function* encodeChunks(
   const maxEntries = opts.maxChunkEntries ?? DEFAULT_MAX_CHUNK_ENTRIES;
   const firstIndex = opts.firstIndex ?? 0;
   const dtype = storageDtype(valueDtype);
-  if (dtype === undefined) throw new RangeError(`tensor "${tensor}": value dtype ${valueDtype} is not BF16, F16 or F32`);
+  if (dtype === undefined)
+    throw new RangeError(`tensor "${tensor}": value dtype ${valueDtype} is not BF16, F16 or F32`);
   checkUint32('partition', partition, tensor);
   checkUint32('firstIndex', firstIndex, tensor);
   if (!Number.isInteger(maxEntries) || maxEntries < 1 || maxEntries > 0xffffffff) {
@@ -222,13 +223,24 @@ export function checkChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}): Ch
   const first = Number(chunk.firstPosition);
   const lastAtLeast = first + count - 1;
   if (chunk.firstPosition > BigInt(Number.MAX_SAFE_INTEGER) || lastAtLeast > Number.MAX_SAFE_INTEGER) {
-    throw new FormatError(`${label}: positions from ${chunk.firstPosition} (${count} entries) are not below 2^53`, where);
+    throw new FormatError(
+      `${label}: positions from ${chunk.firstPosition} (${count} entries) are not below 2^53`,
+      where,
+    );
   }
   if (ctx.numel !== undefined && lastAtLeast >= ctx.numel) {
     throw new FormatError(`${label}: position ${lastAtLeast} is outside the tensor (${ctx.numel} elements)`, where);
   }
   const range = chunk.positionCoding === PositionCoding.POSITION_CODING_RANGE;
-  return { tensor: chunk.tensor, index: chunk.index, partition: chunk.partition, count, firstPosition: first, lastPositionAtLeast: lastAtLeast, range };
+  return {
+    tensor: chunk.tensor,
+    index: chunk.index,
+    partition: chunk.partition,
+    count,
+    firstPosition: first,
+    lastPositionAtLeast: lastAtLeast,
+    range,
+  };
 }
 
 function checkCoding(chunk: SparseChunk, label: string, where: { file: string | undefined; tensor: string }): void {
@@ -310,7 +322,13 @@ export function decodeChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}, sc
 }
 
 /** Decodes the positions of a chunk {@link checkChunk} accepted into `out` (exactly `count` long). */
-function decodePositions(chunk: SparseChunk, first: number, out: Float64Array, label: string, where: { file: string | undefined; tensor: string }): void {
+function decodePositions(
+  chunk: SparseChunk,
+  first: number,
+  out: Float64Array,
+  label: string,
+  where: { file: string | undefined; tensor: string },
+): void {
   if (chunk.positionCoding === PositionCoding.POSITION_CODING_RANGE) {
     fillRange(out, first);
     return;

@@ -44,7 +44,10 @@ export interface ReadDeltaOptions {
  *   after the end marker.
  * @throws The signal's reason when aborted; Error from the file system.
  */
-export async function* readDeltaFile(path: string, opts: ReadDeltaOptions = {}): AsyncGenerator<DeltaRecord, void, undefined> {
+export async function* readDeltaFile(
+  path: string,
+  opts: ReadDeltaOptions = {},
+): AsyncGenerator<DeltaRecord, void, undefined> {
   const { signal } = opts;
   const maxRecordBytes = opts.maxRecordBytes ?? DEFAULT_MAX_RECORD_BYTES;
   signal?.throwIfAborted();
@@ -72,10 +75,13 @@ export async function* readDeltaFile(path: string, opts: ReadDeltaOptions = {}):
         return;
       }
       if (length > maxRecordBytes) {
-        throw new FormatError(`record ${ordinal} at byte ${at} is ${length} bytes, over the ${maxRecordBytes}-byte limit`, {
-          file: path,
-          tensor,
-        });
+        throw new FormatError(
+          `record ${ordinal} at byte ${at} is ${length} bytes, over the ${maxRecordBytes}-byte limit`,
+          {
+            file: path,
+            tensor,
+          },
+        );
       }
       // In memory of its own: the record's bytes fields are views of what it is decoded from, and the
       // source reuses its buffer for the next records. With room before it to send it as an UploadRequest.
@@ -90,7 +96,11 @@ export async function* readDeltaFile(path: string, opts: ReadDeltaOptions = {}):
       try {
         record = DeltaRecord.decode(own);
       } catch (cause) {
-        throw new FormatError(`record ${ordinal} at byte ${at} is not a valid DeltaRecord`, { file: path, tensor, cause });
+        throw new FormatError(`record ${ordinal} at byte ${at} is not a valid DeltaRecord`, {
+          file: path,
+          tensor,
+          cause,
+        });
       }
       checkRecordPlace(record, ordinal, { file: path, tensor: recordTensor(record) ?? tensor });
       tensor = tensorAfter(tensor, record);
@@ -123,9 +133,12 @@ async function checkMagic(src: ByteSource, path: string): Promise<void> {
     throw new FormatError('not a .dppa file (wrong magic)', { file: path });
   }
   if (magic[5] !== DELTA_FILE_MAGIC[5]) {
-    throw new FormatError(`container version ${magic[5]} is not supported (this reader handles ${DELTA_FILE_MAGIC[5]})`, {
-      file: path,
-    });
+    throw new FormatError(
+      `container version ${magic[5]} is not supported (this reader handles ${DELTA_FILE_MAGIC[5]})`,
+      {
+        file: path,
+      },
+    );
   }
   if (Buffer.compare(Buffer.from(magic), Buffer.from(DELTA_FILE_MAGIC)) !== 0) {
     throw new FormatError('not a .dppa file or damaged by a line-ending conversion (wrong magic)', { file: path });
@@ -166,7 +179,10 @@ export type DeltaFileItem = { kind: 'header'; header: DeltaHeader } | { kind: 't
  *   {@link TensorAssembler}; FormatError (naming the file and tensor) when a tensor is
  *   not the next planned one, has another shape, or planned tensors are missing.
  */
-export async function* readDeltaTensors(path: string, opts: ReadDeltaOptions = {}): AsyncGenerator<DeltaFileItem, void, undefined> {
+export async function* readDeltaTensors(
+  path: string,
+  opts: ReadDeltaOptions = {},
+): AsyncGenerator<DeltaFileItem, void, undefined> {
   let planned: { name: string; shape: bigint[] }[] = [];
   let next = 0;
   let assembler: TensorAssembler | undefined;
@@ -184,7 +200,10 @@ export async function* readDeltaTensors(path: string, opts: ReadDeltaOptions = {
       const plan = planned[next];
       if (plan === undefined || plan.name !== name) {
         const expected = plan === undefined ? 'no further tensor' : `tensor "${plan.name}"`;
-        throw new FormatError(`not the next planned tensor (the header plans ${expected} next)`, { file: path, tensor: name });
+        throw new FormatError(`not the next planned tensor (the header plans ${expected} next)`, {
+          file: path,
+          tensor: name,
+        });
       }
       if (plan.shape.length !== shape.length || plan.shape.some((d, i) => d !== shape[i])) {
         throw new FormatError(`shape [${shape.join(', ')}] differs from the planned [${plan.shape.join(', ')}]`, {
@@ -212,6 +231,8 @@ export async function* readDeltaTensors(path: string, opts: ReadDeltaOptions = {
     throw new FormatError('file ends inside the tensor', { file: path, tensor: assembler.name });
   }
   if (next < planned.length) {
-    throw new FormatError(`${planned.length - next} planned tensors missing, first "${planned[next]!.name}"`, { file: path });
+    throw new FormatError(`${planned.length - next} planned tensors missing, first "${planned[next]!.name}"`, {
+      file: path,
+    });
   }
 }

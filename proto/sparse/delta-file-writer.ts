@@ -97,7 +97,10 @@ export class DeltaFileWriter {
     checkRecordPlace(record, this.records, where);
     const bytes = encoded ?? DeltaRecord.encode(record).finish();
     if (bytes.length > this.maxRecordBytes) {
-      throw new FormatError(`record ${this.records} encodes to ${bytes.length} bytes, over the ${this.maxRecordBytes}-byte limit`, where);
+      throw new FormatError(
+        `record ${this.records} encodes to ${bytes.length} bytes, over the ${this.maxRecordBytes}-byte limit`,
+        where,
+      );
     }
     const length = new Uint8Array(RECORD_LENGTH_BYTES);
     new DataView(length.buffer).setUint32(0, bytes.length, true);
@@ -190,11 +193,10 @@ export class DeltaFileWriter {
   }
 }
 
-
 /** Writes what a short writev left, from byte `skip` of the concatenated buffers on. */
 async function writeRest(fh: FileHandle, buffers: readonly Uint8Array[], skip: number): Promise<void> {
   const rest = Buffer.concat(buffers).subarray(skip);
-  for (let done = 0; done < rest.length; ) {
+  for (let done = 0; done < rest.length;) {
     const { bytesWritten } = await fh.write(rest, done, rest.length - done, null);
     done += bytesWritten;
   }

@@ -49,7 +49,10 @@ export function checkRecordPlace(record: DeltaRecord, ordinal: number, where: Re
     Number(record.chunk !== undefined) +
     Number(record.tensorEnd !== undefined);
   if (set !== 1) {
-    throw new FormatError(`record ${ordinal} has ${set} of header/tensor_begin/chunk/tensor_end set, expected 1`, where);
+    throw new FormatError(
+      `record ${ordinal} has ${set} of header/tensor_begin/chunk/tensor_end set, expected 1`,
+      where,
+    );
   }
   if (ordinal === 0) {
     if (record.header === undefined) {

@@ -23,7 +23,12 @@ const tables = new Map<number, Int32Array>();
  *   {@link FAST_MAX_REMAINDER_BITS}, and u = 2^b − m.
  * @param out - Receives the positions; `out[0]` must hold the first position.
  */
-export function decodeGapsFast(bytes: Uint8Array, m: number, code: { b: number; u: number }, out: Float64Array): GapDecodeStatus {
+export function decodeGapsFast(
+  bytes: Uint8Array,
+  m: number,
+  code: { b: number; u: number },
+  out: Float64Array,
+): GapDecodeStatus {
   const { b, u } = code;
   const table = b <= TABLE_MAX_REMAINDER_BITS ? tableFor(m, b, u) : NO_TABLE;
   const n = bytes.length;

@@ -71,7 +71,8 @@ export class TensorAssembler {
     this.file = opts.file;
     this.entries = opts.entries ?? 'collect';
     this.maxPartition = opts.maxPartition ?? Infinity;
-    this.scratch = this.entries === 'stream' ? { positions: new Float64Array(0), values: new Float32Array(0) } : undefined;
+    this.scratch =
+      this.entries === 'stream' ? { positions: new Float64Array(0), values: new Float32Array(0) } : undefined;
   }
 
   /** Name from the begin record, once it arrived. */
@@ -137,7 +138,9 @@ export class TensorAssembler {
     const ctx = { file: this.file, numel: this.numel };
     const c = decodeChunk(chunk, ctx, this.scratch);
     if (c.partition > this.maxPartition) {
-      throw this.error(`chunk ${chunk.index} is in partition ${c.partition}, but there are ${this.maxPartition} partition(s)`);
+      throw this.error(
+        `chunk ${chunk.index} is in partition ${c.partition}, but there are ${this.maxPartition} partition(s)`,
+      );
     }
     if (c.partition < this.lastPartition) {
       throw this.error(`chunk ${chunk.index} is in partition ${c.partition} after partition ${this.lastPartition}`);
@@ -181,10 +184,13 @@ export class TensorAssembler {
       kept.push(got);
     }
     if (end.crc32c !== this.crc) {
-      throw this.error(`tensor end CRC-32C 0x${end.crc32c.toString(16)} does not match the chunks received (0x${this.crc.toString(16)})`);
+      throw this.error(
+        `tensor end CRC-32C 0x${end.crc32c.toString(16)} does not match the chunks received (0x${this.crc.toString(16)})`,
+      );
     }
     const partitions: PartitionEntries[] = [];
-    for (let p = 0; p < parts; p++) partitions.push(concat(this.received.get(p) ?? [], this.entries === 'collect' ? kept[p]! : 0));
+    for (let p = 0; p < parts; p++)
+      partitions.push(concat(this.received.get(p) ?? [], this.entries === 'collect' ? kept[p]! : 0));
     this.received.clear();
     this.assembled = { name, shape: this.begin!.shape, chunkCount: this.nextIndex, keptPerPartition: kept, partitions };
   }
@@ -224,7 +230,10 @@ function concat(chunks: readonly DecodedChunk[], total: number): PartitionEntrie
  * @throws FormatError / ChecksumError / TruncatedError as {@link TensorAssembler.push};
  *   FormatError when the records end before the tensor's end record.
  */
-export function assembleTensor(records: Iterable<DeltaRecord>, opts: { file?: string | undefined } = {}): AssembledTensor {
+export function assembleTensor(
+  records: Iterable<DeltaRecord>,
+  opts: { file?: string | undefined } = {},
+): AssembledTensor {
   const assembler = new TensorAssembler(opts);
   for (const record of records) assembler.push(record);
   return assembler.result();

@@ -32,7 +32,8 @@ export interface TensorRecordOptions {
 export function shapeNumel(shape: readonly (number | bigint)[]): number {
   let n = 1n;
   for (const d of shape) {
-    if (typeof d === 'number' && !Number.isSafeInteger(d)) throw new RangeError(`shape dimension ${d} is not an integer`);
+    if (typeof d === 'number' && !Number.isSafeInteger(d))
+      throw new RangeError(`shape dimension ${d} is not an integer`);
     const b = BigInt(d);
     if (b < 0n) throw new RangeError(`shape dimension ${d} is negative`);
     n *= b;

@@ -5,8 +5,16 @@
  */
 import { randomBytes } from 'node:crypto';
 import {
-  bitmap, countWritten, emptyRecord, isSet, withBit,
-  type IdentifiedTask, type MergeRecord, type MergeRecords, type TaskHandler, type TaskSink,
+  bitmap,
+  countWritten,
+  emptyRecord,
+  isSet,
+  withBit,
+  type IdentifiedTask,
+  type MergeRecord,
+  type MergeRecords,
+  type TaskHandler,
+  type TaskSink,
 } from './tasks.js';
 
 /** Runs submitted tasks here, at most `lanes` at once; the first failure aborts the others. */

@@ -41,8 +41,15 @@ export class JetStreamBackend implements Backend {
    * Joins the cluster: connects, creates what is missing and loads the jobs.
    * @throws NatsUnavailableError naming the URL if NATS cannot be reached or lacks JetStream.
    */
-  static async join(o: Pick<ResolvedServerOptions, 'nats' | 'dataDir' | 'taskAckWaitMs' | 'logger'>): Promise<JetStreamBackend> {
-    const cluster = await Cluster.join({ nats: o.nats!, dataDir: o.dataDir, taskAckWaitMs: o.taskAckWaitMs, log: o.logger });
+  static async join(
+    o: Pick<ResolvedServerOptions, 'nats' | 'dataDir' | 'taskAckWaitMs' | 'logger'>,
+  ): Promise<JetStreamBackend> {
+    const cluster = await Cluster.join({
+      nats: o.nats!,
+      dataDir: o.dataDir,
+      taskAckWaitMs: o.taskAckWaitMs,
+      log: o.logger,
+    });
     return new JetStreamBackend(cluster, o.taskAckWaitMs);
   }
 
@@ -50,13 +57,29 @@ export class JetStreamBackend implements Backend {
     const c = this.cluster;
     const { store, events } = this;
     const metrics = new ClusterMetrics(deps.metrics.registry);
-    const handle: TaskHandler = (task, signal) => (task.kind === 'search' ? search.handle(task, signal) : merge.handle(task, signal));
+    const handle: TaskHandler = (task, signal) =>
+      task.kind === 'search' ? search.handle(task, signal) : merge.handle(task, signal);
     const queue = (group: 'merge' | 'search', lanes: number): TaskQueue =>
-      new TaskQueue({ js: c.js, jsm: c.jsm, group, lanes, ackWaitMs: this.taskAckWaitMs, handle, metrics, log: deps.log });
+      new TaskQueue({
+        js: c.js,
+        jsm: c.jsm,
+        group,
+        lanes,
+        ackWaitMs: this.taskAckWaitMs,
+        handle,
+        metrics,
+        log: deps.log,
+      });
     // One search at a time per replica, so that the parties' searches spread over the replicas.
     const mergeQueue = queue('merge', MergeDriver.lanes(deps.mergeWorkers));
     const searchQueue = queue('search', 1);
-    const merge = new MergeDriver({ store, events, ...deps, records: new KvMergeRecords(c.kv), tasks: () => mergeQueue });
+    const merge = new MergeDriver({
+      store,
+      events,
+      ...deps,
+      records: new KvMergeRecords(c.kv),
+      tasks: () => mergeQueue,
+    });
     const search = new SearchDriver({ store, events, ...deps, tasks: () => searchQueue, merge });
     return {
       search,

@@ -64,16 +64,27 @@ export class LocalBackend implements Backend {
   async publishEvents(nats: NatsOptions, metrics: Metrics, log: Logger): Promise<void> {
     const { store } = this;
     this.publisher = await NatsEventPublisher.start({
-      ...nats, events: this.events, jobIds: store.list().map((j) => j.id), jobDir: (id) => store.dir(id), registry: metrics.registry, log,
+      ...nats,
+      events: this.events,
+      jobIds: store.list().map((j) => j.id),
+      jobDir: (id) => store.dir(id),
+      registry: metrics.registry,
+      log,
     });
   }
 
   steps(deps: StepDeps): JobSteps {
     const all = { store: this.store, events: this.events, ...deps };
-    const mergeTasks: InProcessTasks = new InProcessTasks(MergeDriver.lanes(deps.mergeWorkers), () => (task, signal) => merge.execute(task, signal));
+    const mergeTasks: InProcessTasks = new InProcessTasks(
+      MergeDriver.lanes(deps.mergeWorkers),
+      () => (task, signal) => merge.execute(task, signal),
+    );
     const merge: MergeDriver = new MergeDriver({ ...all, records: new MemoryMergeRecords(), tasks: () => mergeTasks });
     // Every party's search at once.
-    const searchTasks: InProcessTasks = new InProcessTasks(Infinity, () => (task, signal) => search.execute(task, signal));
+    const searchTasks: InProcessTasks = new InProcessTasks(
+      Infinity,
+      () => (task, signal) => search.execute(task, signal),
+    );
     const search: SearchDriver = new SearchDriver({ ...all, tasks: () => searchTasks, merge });
     return {
       search,
@@ -93,6 +104,7 @@ export class LocalBackend implements Backend {
 /** Removes temporary merge outputs a crash or a stop left behind (`merged.tmp-*`, `merged.old-*`, `merged-patch.dppa.tmp-*`). */
 async function removeStaleOutputs(jobDir: string): Promise<void> {
   for (const name of await readdir(jobDir)) {
-    if (name.startsWith('merged.tmp-') || name.startsWith('merged.old-') || name.startsWith(`${PATCH_FILE_NAME}.tmp-`)) await rm(join(jobDir, name), { recursive: true, force: true });
+    if (name.startsWith('merged.tmp-') || name.startsWith('merged.old-') || name.startsWith(`${PATCH_FILE_NAME}.tmp-`))
+      await rm(join(jobDir, name), { recursive: true, force: true });
   }
 }

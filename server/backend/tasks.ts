@@ -102,7 +102,11 @@ export function countWritten(record: MergeRecord): number {
 
 /** A record with nothing written. */
 export function emptyRecord(tensorsTotal: number, workDir?: string): MergeRecord {
-  const record: MergeRecord = { tensorsTotal, written: Buffer.alloc(Math.ceil(tensorsTotal / 8)).toString('base64'), startedAt: new Date().toISOString() };
+  const record: MergeRecord = {
+    tensorsTotal,
+    written: Buffer.alloc(Math.ceil(tensorsTotal / 8)).toString('base64'),
+    startedAt: new Date().toISOString(),
+  };
   if (workDir !== undefined) record.workDir = workDir;
   return record;
 }

@@ -66,7 +66,12 @@ export class Cluster {
       await ensureTaskQueue(jsm, opts.taskAckWaitMs);
       const kv = await new Kvm(js).create(JOBS_BUCKET, { history: 1 });
       const store = await KvJobStore.open({ kv, dataDir: opts.dataDir, log: opts.log });
-      opts.log.info('joined the cluster', { url: redactUrl(opts.nats.url), bucket: JOBS_BUCKET, streams: [EVENTS_STREAM, TASKS_STREAM], jobs: store.list().length });
+      opts.log.info('joined the cluster', {
+        url: redactUrl(opts.nats.url),
+        bucket: JOBS_BUCKET,
+        streams: [EVENTS_STREAM, TASKS_STREAM],
+        jobs: store.list().length,
+      });
       const state = (jobId: string): JobState | undefined => store.list().find((j) => j.id === jobId)?.state;
       return new Cluster(nc, js, jsm, kv, store, new StreamJobEvents({ js, jsm, kv, state }));
     } catch (cause) {

@@ -66,7 +66,9 @@ export class KvJobStore extends MemoryJobStore {
    */
   private async watch(): Promise<void> {
     const { kv, log } = this.opts;
-    const updates = await natsCall('watching the jobs bucket', () => kv.watch({ key: JOB_KEYS, include: KvWatchInclude.UpdatesOnly }));
+    const updates = await natsCall('watching the jobs bucket', () =>
+      kv.watch({ key: JOB_KEYS, include: KvWatchInclude.UpdatesOnly }),
+    );
     if (this.closed) {
       updates.stop();
       return;

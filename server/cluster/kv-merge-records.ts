@@ -4,7 +4,15 @@
  * tasks never lose one another's.
  */
 import type { KV } from '@nats-io/kv';
-import { countWritten, emptyRecord, isSet, bitmap, withBit, type MergeRecord, type MergeRecords } from '../backend/tasks.js';
+import {
+  countWritten,
+  emptyRecord,
+  isSet,
+  bitmap,
+  withBit,
+  type MergeRecord,
+  type MergeRecords,
+} from '../backend/tasks.js';
 import { mergeKey } from '../nats/subjects.js';
 import { isRevisionConflict, MAX_CONFLICT_RETRIES, natsCall } from './nats-calls.js';
 

@@ -75,7 +75,9 @@ export class StreamJobEvents implements JobEvents {
     const kind = eventKind(event);
     if (kind === undefined) throw new Error('an event must have exactly one kind');
     await natsCall('publishing a job event', () =>
-      this.opts.js.publish(eventSubject(jobId, kind), JSON.stringify(JobEvent.toJSON(event)), { msgID: eventMsgId(jobId, seq) }),
+      this.opts.js.publish(eventSubject(jobId, kind), JSON.stringify(JobEvent.toJSON(event)), {
+        msgID: eventMsgId(jobId, seq),
+      }),
     );
     return event;
   }
@@ -102,7 +104,9 @@ export class StreamJobEvents implements JobEvents {
   async *watch(jobId: string, afterSeq: bigint, signal: AbortSignal): AsyncGenerator<JobEvent, void, undefined> {
     signal.throwIfAborted();
     // An ordered consumer: replays the job's subjects from the start, recreates itself after an outage.
-    const consumer = await natsCall('watching job events', () => this.opts.js.consumers.get(EVENTS_STREAM, { filter_subjects: jobSubjects(jobId) }));
+    const consumer = await natsCall('watching job events', () =>
+      this.opts.js.consumers.get(EVENTS_STREAM, { filter_subjects: jobSubjects(jobId) }),
+    );
     const messages = await natsCall('watching job events', () => consumer.consume({ max_messages: WATCH_BUFFER }));
     const onAbort = (): void => void messages.close();
     signal.addEventListener('abort', onAbort);
@@ -118,7 +122,10 @@ export class StreamJobEvents implements JobEvents {
     let settled = false;
     const check = async (): Promise<void> => {
       const state = this.opts.state(jobId);
-      if (received !== receivedAtCheck || (state !== JobState.JOB_STATE_FAILED && state !== JobState.JOB_STATE_MERGED)) {
+      if (
+        received !== receivedAtCheck ||
+        (state !== JobState.JOB_STATE_FAILED && state !== JobState.JOB_STATE_MERGED)
+      ) {
         receivedAtCheck = received;
         quiet = 0;
         return;
@@ -137,7 +144,9 @@ export class StreamJobEvents implements JobEvents {
       if (checking) return;
       checking = true;
       // NATS away: the next check tries again.
-      check().catch(() => undefined).finally(() => (checking = false));
+      check()
+        .catch(() => undefined)
+        .finally(() => (checking = false));
     }, this.opts.idleCheckMs ?? 1000);
     try {
       for await (const m of messages) {
@@ -169,7 +178,9 @@ export class StreamJobEvents implements JobEvents {
   }
 
   private async subjectCounts(jobId: string): Promise<Record<string, number>> {
-    const info = await natsCall('counting job events', () => this.opts.jsm.streams.info(EVENTS_STREAM, { subjects_filter: jobSubjects(jobId) }));
+    const info = await natsCall('counting job events', () =>
+      this.opts.jsm.streams.info(EVENTS_STREAM, { subjects_filter: jobSubjects(jobId) }),
+    );
     return info.state.subjects ?? {};
   }
 

@@ -17,8 +17,15 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
-  AckPolicy, DeliverPolicy, JetStreamApiCodes, JetStreamApiError, RetentionPolicy,
-  type Consumer, type JetStreamClient, type JetStreamManager, type JsMsg,
+  AckPolicy,
+  DeliverPolicy,
+  JetStreamApiCodes,
+  JetStreamApiError,
+  RetentionPolicy,
+  type Consumer,
+  type JetStreamClient,
+  type JetStreamManager,
+  type JsMsg,
 } from '@nats-io/jetstream';
 import { nanos } from '@nats-io/transport-node';
 import { NatsUnavailableError, UnavailableError } from '../errors.js';
@@ -27,9 +34,22 @@ import type { ClusterMetrics } from '../metrics.js';
 import { streamInfoOrCreate } from '../nats/streams.js';
 import { describeNatsError } from '../nats/connection.js';
 import {
-  TASK_GROUPS, taskGroupSubjects, TASKS_LIMITS, TASKS_STREAM, TASKS_STREAM_SUBJECTS, taskSubject, type TaskGroup, type TaskKind,
+  TASK_GROUPS,
+  taskGroupSubjects,
+  TASKS_LIMITS,
+  TASKS_STREAM,
+  TASKS_STREAM_SUBJECTS,
+  taskSubject,
+  type TaskGroup,
+  type TaskKind,
 } from '../nats/subjects.js';
-import { TaskNotReadyError, type IdentifiedTask, type Task, type TaskHandler, type TaskSink } from '../backend/tasks.js';
+import {
+  TaskNotReadyError,
+  type IdentifiedTask,
+  type Task,
+  type TaskHandler,
+  type TaskSink,
+} from '../backend/tasks.js';
 import { natsCall } from './nats-calls.js';
 
 export { TaskNotReadyError, type Task, type TaskHandler } from '../backend/tasks.js';
@@ -84,7 +104,10 @@ export async function ensureTaskQueue(jsm: JetStreamManager, ackWaitMs: number):
     };
     try {
       await jsm.consumers.info(TASKS_STREAM, name);
-      await jsm.consumers.update(TASKS_STREAM, name, { ack_wait: consumer.ack_wait, max_ack_pending: consumer.max_ack_pending });
+      await jsm.consumers.update(TASKS_STREAM, name, {
+        ack_wait: consumer.ack_wait,
+        max_ack_pending: consumer.max_ack_pending,
+      });
     } catch (err) {
       if (!(err instanceof JetStreamApiError && err.code === JetStreamApiCodes.ConsumerNotFound)) throw err;
       await jsm.consumers.add(TASKS_STREAM, consumer);
@@ -119,7 +142,9 @@ export class TaskQueue implements TaskSink {
    * @throws NatsUnavailableError while NATS is away.
    */
   async publish(task: Task, msgId: string): Promise<void> {
-    await natsCall('queueing a task', () => this.opts.js.publish(taskSubject(task.jobId, task.kind), JSON.stringify(task), { msgID: msgId }));
+    await natsCall('queueing a task', () =>
+      this.opts.js.publish(taskSubject(task.jobId, task.kind), JSON.stringify(task), { msgID: msgId }),
+    );
   }
 
   /** Queues tasks one after the other ({@link publish}); their outcome is the replicas' business. */
@@ -133,7 +158,9 @@ export class TaskQueue implements TaskSink {
    */
   async queued(jobId: string, kind: TaskKind): Promise<number> {
     const subject = taskSubject(jobId, kind);
-    const info = await natsCall('counting tasks', () => this.opts.jsm.streams.info(TASKS_STREAM, { subjects_filter: subject }));
+    const info = await natsCall('counting tasks', () =>
+      this.opts.jsm.streams.info(TASKS_STREAM, { subjects_filter: subject }),
+    );
     return info.state.subjects?.[subject] ?? 0;
   }
 
@@ -142,7 +169,8 @@ export class TaskQueue implements TaskSink {
     while (!signal.aborted) {
       let m: JsMsg | null;
       try {
-        if (this.consumer === undefined || performance.now() - this.fetchedAt > CONSUMER_REFRESH_MS) this.consumer = await this.fetchConsumer();
+        if (this.consumer === undefined || performance.now() - this.fetchedAt > CONSUMER_REFRESH_MS)
+          this.consumer = await this.fetchConsumer();
         m = await this.consumer.next({ expires: PULL_EXPIRES_MS });
         if (this.away) this.opts.log.info('pulling tasks again', { group: this.opts.group });
         this.away = false;
@@ -150,7 +178,11 @@ export class TaskQueue implements TaskSink {
         if (signal.aborted) return;
         // Fetched again (with its settings) once NATS is back.
         this.consumer = undefined;
-        if (!this.away) this.opts.log.warn('cannot pull tasks; retrying until NATS is back', { group: this.opts.group, err: describeNatsError(err) });
+        if (!this.away)
+          this.opts.log.warn('cannot pull tasks; retrying until NATS is back', {
+            group: this.opts.group,
+            err: describeNatsError(err),
+          });
         this.away = true;
         await sleep(RECONNECT_WAIT_MS).catch(() => undefined);
         continue;
@@ -170,7 +202,11 @@ export class TaskQueue implements TaskSink {
     if (ackWaitNanos !== undefined && ackWaitNanos > 0) {
       const ackWaitMs = ackWaitNanos / 1e6;
       if (ackWaitMs / 3 !== this.heartbeatMs && ackWaitMs !== this.opts.ackWaitMs) {
-        this.opts.log.info('the task consumer has another ack wait than this replica set; following it', { group: this.opts.group, ackWaitMs, ours: this.opts.ackWaitMs });
+        this.opts.log.info('the task consumer has another ack wait than this replica set; following it', {
+          group: this.opts.group,
+          ackWaitMs,
+          ours: this.opts.ackWaitMs,
+        });
       }
       this.heartbeatMs = ackWaitMs / 3;
     }
@@ -206,13 +242,20 @@ export class TaskQueue implements TaskSink {
         m.nak();
         return;
       }
-      const fields = { kind: task.kind, jobId: task.jobId, tensor: task.tensor?.name, party: task.party, delivered: m.info.deliveryCount };
+      const fields = {
+        kind: task.kind,
+        jobId: task.jobId,
+        tensor: task.tensor?.name,
+        party: task.party,
+        delivered: m.info.deliveryCount,
+      };
       if (err instanceof TaskNotReadyError) {
         log.info('task handed back: not ready yet', { ...fields, reason: err.message });
         m.nak(err.delayMs);
         return;
       }
-      if (err instanceof NatsUnavailableError) log.warn('task handed back: NATS is unavailable', { ...fields, err: err.message });
+      if (err instanceof NatsUnavailableError)
+        log.warn('task handed back: NATS is unavailable', { ...fields, err: err.message });
       else log.error('task failed; handed back', { ...fields, err });
       m.nak(RETRY_DELAY_MS);
     } finally {

@@ -23,7 +23,13 @@ import type { Metrics } from '../metrics.js';
 import type { Spool } from '../uploads/spool.js';
 import { domainRatio, factorKey, memoised, searchFactors, searchOptions } from '../../proto/algorithm/index.js';
 import { OnnxCandidates } from './onnx-candidates.js';
-import { PartyEvaluationError, PartyTimeoutError, type Candidate, type RemoteEvaluators, type Scores } from './remote-evaluators.js';
+import {
+  PartyEvaluationError,
+  PartyTimeoutError,
+  type Candidate,
+  type RemoteEvaluators,
+  type Scores,
+} from './remote-evaluators.js';
 import { evaluatorOf, partyTimeoutSeconds, type EvaluatorName } from './search-spec.js';
 
 /** What the searches of a job need. */
@@ -81,7 +87,11 @@ export async function searchPartyFactors(
 async function stopParty(deps: JobSearchDeps, jobId: string, party: string, err: unknown): Promise<boolean> {
   if (err instanceof PartyEvaluationError) {
     const reason = await stopPartySearch(deps, jobId, party, err.evaluationError);
-    deps.broker.endParty(jobId, party, new FailedPreconditionError(`the search of party ${party} of job ${jobId} stopped: ${reason}`));
+    deps.broker.endParty(
+      jobId,
+      party,
+      new FailedPreconditionError(`the search of party ${party} of job ${jobId} stopped: ${reason}`),
+    );
     return true;
   }
   if (err instanceof SpooledTensorError) {
@@ -99,18 +109,28 @@ export async function openOnnx(job: StoredJob): Promise<OnnxCandidates> {
   try {
     return await OnnxCandidates.open(job, job.dpa.search!);
   } catch (err) {
-    throw new SearchFailedError(`the ONNX evaluator cannot start: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+    throw new SearchFailedError(
+      `the ONNX evaluator cannot start: ${err instanceof Error ? err.message : String(err)}`,
+      { cause: err },
+    );
   }
 }
 
 function failure(party: string, err: unknown): SearchFailedError {
   if (err instanceof SearchFailedError) return err;
   // These already name the party.
-  if (err instanceof PartyTimeoutError || err instanceof PartyEvaluationError) return new SearchFailedError(err.message, { cause: err });
+  if (err instanceof PartyTimeoutError || err instanceof PartyEvaluationError)
+    return new SearchFailedError(err.message, { cause: err });
   return new SearchFailedError(`party ${party}: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
 }
 
-async function searchParty(deps: JobSearchDeps, job: StoredJob, party: string, onnx: OnnxCandidates | undefined, signal: AbortSignal): Promise<void> {
+async function searchParty(
+  deps: JobSearchDeps,
+  job: StoredJob,
+  party: string,
+  onnx: OnnxCandidates | undefined,
+  signal: AbortSignal,
+): Promise<void> {
   const { store, events, metrics, log, broker } = deps;
   const search = job.dpa.search!;
   const spool = deps.spool.party(job.id, party);
@@ -122,7 +142,11 @@ async function searchParty(deps: JobSearchDeps, job: StoredJob, party: string, o
     try {
       scores =
         evaluator === 'remote'
-          ? await broker.request(job.id, party, candidate, { timeoutSeconds: partyTimeoutSeconds(search), tasks, signal })
+          ? await broker.request(job.id, party, candidate, {
+              timeoutSeconds: partyTimeoutSeconds(search),
+              tasks,
+              signal,
+            })
           : await onnx!.score(party, spool, candidate, signal);
     } catch (err) {
       // A stop or another party's failure is no failure of this evaluation.
@@ -153,7 +177,11 @@ async function searchParty(deps: JobSearchDeps, job: StoredJob, party: string, o
   }
   const reference = dense;
   const tasks = Object.keys(reference);
-  const known = new Map(recorded().filter((e) => !e.denseReference).map((e) => [factorKey(e.factors), e.domainRatio]));
+  const known = new Map(
+    recorded()
+      .filter((e) => !e.denseReference)
+      .map((e) => [factorKey(e.factors), e.domainRatio]),
+  );
   const score = memoised(
     known,
     async (factors) => {
@@ -173,5 +201,11 @@ async function searchParty(deps: JobSearchDeps, job: StoredJob, party: string, o
   });
   await events.append(job.id, { factorsChosen: { party, factors: result.factors, domainRatio: result.score } });
   broker.endParty(job.id, party);
-  log.info('factors chosen', { jobId: job.id, party, factors: result.factors, domainRatio: result.score, evaluations: recorded().length });
+  log.info('factors chosen', {
+    jobId: job.id,
+    party,
+    factors: result.factors,
+    domainRatio: result.score,
+    evaluations: recorded().length,
+  });
 }

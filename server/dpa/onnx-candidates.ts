@@ -59,7 +59,11 @@ export class OnnxCandidates {
    * @throws OnnxEvaluatorError subclasses naming the file (and line or tensor); FormatError naming a
    *   fine-tuned checkpoint that does not fit.
    */
-  static async check(job: Pick<StoredJob, 'basePath' | 'dpa'>, search: SearchConfig, parties: readonly string[]): Promise<void> {
+  static async check(
+    job: Pick<StoredJob, 'basePath' | 'dpa'>,
+    search: SearchConfig,
+    parties: readonly string[],
+  ): Promise<void> {
     const c = await OnnxCandidates.open(job, search);
     try {
       for (const party of parties) {
@@ -78,9 +82,17 @@ export class OnnxCandidates {
     try {
       for (const name of this.evaluator.weightNames) {
         const want = this.base.info(name).shape;
-        if (!ft.has(name)) throw new FormatError('the fine-tuned reference lacks a weight the ONNX model takes', { file: path, tensor: name });
+        if (!ft.has(name))
+          throw new FormatError('the fine-tuned reference lacks a weight the ONNX model takes', {
+            file: path,
+            tensor: name,
+          });
         const got = ft.info(name).shape;
-        if (got.join() !== want.join()) throw new FormatError(`the fine-tuned reference has shape [${got.join(', ')}], the base [${want.join(', ')}]`, { file: path, tensor: name });
+        if (got.join() !== want.join())
+          throw new FormatError(
+            `the fine-tuned reference has shape [${got.join(', ')}], the base [${want.join(', ')}]`,
+            { file: path, tensor: name },
+          );
       }
     } finally {
       await ft.close();
@@ -109,7 +121,9 @@ export class OnnxCandidates {
     }
     try {
       const scores = await this.evaluator.evaluate(weights, tasks, metric, signal);
-      return metric === 'log_likelihood' ? Object.fromEntries(Object.entries(scores).map(([t, s]) => [t, Math.exp(s)])) : scores;
+      return metric === 'log_likelihood'
+        ? Object.fromEntries(Object.entries(scores).map(([t, s]) => [t, Math.exp(s)]))
+        : scores;
     } finally {
       await close();
     }
@@ -124,7 +138,10 @@ export class OnnxCandidates {
   private partyTasks(party: string): Promise<LoadedTask[]> {
     let loaded = this.tasks.get(party);
     if (loaded === undefined) {
-      const specs = Object.entries(this.settings.partyTasks[party]?.tasks ?? {}).map(([name, file]) => ({ name, file }));
+      const specs = Object.entries(this.settings.partyTasks[party]?.tasks ?? {}).map(([name, file]) => ({
+        name,
+        file,
+      }));
       loaded = this.evaluator.loadTasks(specs);
       this.tasks.set(party, loaded);
     }
@@ -140,7 +157,12 @@ export class OnnxCandidates {
       // A new array per tensor: the evaluator holds every weight of the candidate until its forward passes.
       const values = new Float32Array(info.numel);
       if (file === undefined) return this.base.readF32(name, { into: values, signal });
-      const sum = await accumulateTensor(this.base, { name, contributions: [{ party, file, weight: 1, factors }], outsideByMax: this.outsideByMax }, values, signal);
+      const sum = await accumulateTensor(
+        this.base,
+        { name, contributions: [{ party, file, weight: 1, factors }], outsideByMax: this.outsideByMax },
+        values,
+        signal,
+      );
       return info.dtype === 'F32' ? sum : decodeToF32(encodeFromF32(sum, info.dtype), info.dtype, sum);
     };
   }

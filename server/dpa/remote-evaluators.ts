@@ -107,7 +107,8 @@ export class RemoteEvaluators {
    */
   request(jobId: string, party: string, candidate: Candidate, opts: RequestOptions): Promise<Scores> {
     const state = this.state(jobId, party);
-    if (state.pending !== undefined) return Promise.reject(new Error(`party ${party} of job ${jobId} already has a request outstanding`));
+    if (state.pending !== undefined)
+      return Promise.reject(new Error(`party ${party} of job ${jobId} already has a request outstanding`));
     if (opts.signal.aborted) return Promise.reject(opts.signal.reason as Error);
     return new Promise<Scores>((resolve, reject) => {
       const onAbort = (): void => settle(() => reject(opts.signal.reason as Error));
@@ -122,7 +123,10 @@ export class RemoteEvaluators {
       state.pending = {
         request: {
           requestId: randomBytes(9).toString('base64url'),
-          kind: candidate.kind === 'dense' ? CandidateKind.CANDIDATE_KIND_DENSE_FINETUNED : CandidateKind.CANDIDATE_KIND_AMPLIFIED,
+          kind:
+            candidate.kind === 'dense'
+              ? CandidateKind.CANDIDATE_KIND_DENSE_FINETUNED
+              : CandidateKind.CANDIDATE_KIND_AMPLIFIED,
           factors: candidate.factors,
           outsideFactor: candidate.outsideFactor,
         },
@@ -143,7 +147,9 @@ export class RemoteEvaluators {
   connect(jobId: string, party: string, stream: EvaluatorStream): Connection {
     const state = this.state(jobId, party);
     if (state.stream !== undefined) {
-      throw new AlreadyExistsError(`party ${party} of job ${jobId} already has an evaluation stream open (one at a time); retry once it ended`);
+      throw new AlreadyExistsError(
+        `party ${party} of job ${jobId} already has an evaluation stream open (one at a time); retry once it ended`,
+      );
     }
     state.stream = stream;
     state.connectedOnce = true;
@@ -195,7 +201,11 @@ export class RemoteEvaluators {
     const pending = state.pending!;
     const again = state.connectedOnce ? 'reconnect' : 'connect';
     state.timer = setTimeout(() => {
-      pending.reject(new PartyTimeoutError(`party ${party} did not ${again} within ${pending.timeoutSeconds} s to answer its evaluation request`));
+      pending.reject(
+        new PartyTimeoutError(
+          `party ${party} did not ${again} within ${pending.timeoutSeconds} s to answer its evaluation request`,
+        ),
+      );
     }, pending.timeoutSeconds * 1000);
   }
 
@@ -230,7 +240,9 @@ function usableScores(reported: Readonly<Record<string, number>>, tasks: readonl
     const names = Object.keys(scores).sort();
     const expected = [...tasks].sort();
     if (expected.join('\n') !== names.join('\n')) {
-      throw new InvalidArgumentError(`scores: tasks ${JSON.stringify(names)} differ from those of the dense reference, ${JSON.stringify(expected)}`);
+      throw new InvalidArgumentError(
+        `scores: tasks ${JSON.stringify(names)} differ from those of the dense reference, ${JSON.stringify(expected)}`,
+      );
     }
   }
   return scores;

@@ -39,7 +39,10 @@ export class SearchDriver implements JobStep {
     const todo = job.parties.filter((p) => p.chosen === undefined && p.searchStopped !== true);
     // Not simply "any queued": a submission that failed midway left some parties without a task.
     if (todo.length === 0 || ((await tasks.queued?.(jobId, 'search')) ?? 0) >= todo.length) return;
-    await tasks.submit(todo.map((p) => ({ task: { kind: 'search', jobId, party: p.name }, id: `${jobId}.search.${p.name}` })), signal);
+    await tasks.submit(
+      todo.map((p) => ({ task: { kind: 'search', jobId, party: p.name }, id: `${jobId}.search.${p.name}` })),
+      signal,
+    );
   }
 
   /**
@@ -53,7 +56,8 @@ export class SearchDriver implements JobStep {
     let job = store.get(task.jobId);
     // This replica's copy may lag the bucket: only a job past its search (merging or ended) drops the task.
     if (job.state === JobState.JOB_STATE_COLLECTING) job = (await store.fresh?.(task.jobId)) ?? job;
-    if (job.state === JobState.JOB_STATE_COLLECTING) throw new TaskNotReadyError(`job ${job.id} is COLLECTING here, not yet DPA`);
+    if (job.state === JobState.JOB_STATE_COLLECTING)
+      throw new TaskNotReadyError(`job ${job.id} is COLLECTING here, not yet DPA`);
     if (job.state !== JobState.JOB_STATE_DPA) return;
     const party = task.party!;
     try {
@@ -69,7 +73,8 @@ export class SearchDriver implements JobStep {
     }
     // Sent back to collecting (its data was unusable): handed back, to run again once the job is in DPA again
     // (a new task would be dropped as a repeat).
-    if (store.get(job.id).state === JobState.JOB_STATE_COLLECTING) throw new TaskNotReadyError(`party ${party} of job ${job.id} was sent back to collecting`);
+    if (store.get(job.id).state === JobState.JOB_STATE_COLLECTING)
+      throw new TaskNotReadyError(`party ${party} of job ${job.id} was sent back to collecting`);
     if (store.get(job.id).parties.every((p) => p.chosen !== undefined)) await this.toMerging(job.id, signal);
   }
 
@@ -79,7 +84,8 @@ export class SearchDriver implements JobStep {
     const party = task.party!;
     if (job.parties.find((p) => p.name === party)?.chosen !== undefined) return;
     await this.opts.spool.ofParty(job.id, party);
-    if (evaluatorOf(job.dpa.search!, party) !== 'onnx') return searchPartyFactors(this.opts, job.id, party, undefined, signal);
+    if (evaluatorOf(job.dpa.search!, party) !== 'onnx')
+      return searchPartyFactors(this.opts, job.id, party, undefined, signal);
     const onnx = this.acquire(job.id);
     // Released even when the evaluator cannot start: the job's entry must not keep a rejected evaluator.
     try {

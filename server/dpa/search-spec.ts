@@ -8,7 +8,13 @@
 import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { searchDefaults, searchOptions } from '../../proto/algorithm/index.js';
-import { EvaluatorKind, SearchMethod, Tuner, type OnnxEvaluator, type SearchConfig } from '../../proto/gen/dppa/v1/jobs.js';
+import {
+  EvaluatorKind,
+  SearchMethod,
+  Tuner,
+  type OnnxEvaluator,
+  type SearchConfig,
+} from '../../proto/gen/dppa/v1/jobs.js';
 import { FormatError } from '../../proto/errors.js';
 import { Checkpoint } from '../../proto/safetensors/index.js';
 import { InvalidArgumentError } from '../errors.js';
@@ -21,7 +27,11 @@ export const DEFAULT_PARTY_TIMEOUT_SECONDS = 600;
 /** Where a party's candidates are scored. */
 export type EvaluatorName = 'remote' | 'onnx';
 
-const KINDS = [EvaluatorKind.EVALUATOR_KIND_UNSPECIFIED, EvaluatorKind.EVALUATOR_KIND_REMOTE, EvaluatorKind.EVALUATOR_KIND_ONNX];
+const KINDS = [
+  EvaluatorKind.EVALUATOR_KIND_UNSPECIFIED,
+  EvaluatorKind.EVALUATOR_KIND_REMOTE,
+  EvaluatorKind.EVALUATOR_KIND_ONNX,
+];
 const PROVIDERS = ['cpu', 'cuda'];
 
 /** The evaluator of a party: its override, else the job's, else remote. */
@@ -46,12 +56,25 @@ export function onnxMetric(onnx: OnnxEvaluator): Metric {
  * @throws InvalidArgumentError naming the field at fault (`dpa.search.step: …`).
  */
 export function checkSearch(s: SearchConfig, parties: readonly string[]): void {
-  const field = (name: string, message: string): InvalidArgumentError => new InvalidArgumentError(`dpa.search.${name}: ${message}`);
-  if (![SearchMethod.SEARCH_METHOD_UNSPECIFIED, SearchMethod.SEARCH_METHOD_PROGRESSIVE, SearchMethod.SEARCH_METHOD_WHOLE].includes(s.method)) {
+  const field = (name: string, message: string): InvalidArgumentError =>
+    new InvalidArgumentError(`dpa.search.${name}: ${message}`);
+  if (
+    ![
+      SearchMethod.SEARCH_METHOD_UNSPECIFIED,
+      SearchMethod.SEARCH_METHOD_PROGRESSIVE,
+      SearchMethod.SEARCH_METHOD_WHOLE,
+    ].includes(s.method)
+  ) {
     throw field('method', `unknown value ${s.method}`);
   }
-  if (![Tuner.TUNER_UNSPECIFIED, Tuner.TUNER_GREEDY, Tuner.TUNER_GOLDEN].includes(s.tuner)) throw field('tuner', `unknown value ${s.tuner}`);
-  for (const [name, v] of [['start', s.start], ['step', s.step], ['upper', s.upper], ['lower', s.lower]] as const) {
+  if (![Tuner.TUNER_UNSPECIFIED, Tuner.TUNER_GREEDY, Tuner.TUNER_GOLDEN].includes(s.tuner))
+    throw field('tuner', `unknown value ${s.tuner}`);
+  for (const [name, v] of [
+    ['start', s.start],
+    ['step', s.step],
+    ['upper', s.upper],
+    ['lower', s.lower],
+  ] as const) {
     if (!Number.isFinite(v)) throw field(name, `must be a finite number, got ${v}`);
   }
   if (s.lower < 0) throw field('lower', `must be ≥ 0, got ${s.lower}`);
@@ -72,28 +95,40 @@ export function checkSearch(s: SearchConfig, parties: readonly string[]): void {
 }
 
 function checkOnnx(onnx: OnnxEvaluator | undefined, parties: readonly string[], onnxParties: readonly string[]): void {
-  const field = (name: string, message: string): InvalidArgumentError => new InvalidArgumentError(`dpa.search.onnx.${name}: ${message}`);
+  const field = (name: string, message: string): InvalidArgumentError =>
+    new InvalidArgumentError(`dpa.search.onnx.${name}: ${message}`);
   const who = `the evaluator of ${onnxParties.join(', ')} is ONNX`;
   if (onnx === undefined) throw new InvalidArgumentError(`dpa.search.onnx: required, since ${who}`);
   if (onnx.modelPath.trim() === '') throw field('model_path', `required, since ${who}`);
   if (onnx.metric !== '' && !(METRICS as readonly string[]).includes(onnx.metric)) {
     throw field('metric', `expected ${METRICS.join(' or ')}, got ${JSON.stringify(onnx.metric)}`);
   }
-  if (onnx.provider !== '' && !PROVIDERS.includes(onnx.provider)) throw field('provider', `expected cpu or cuda, got ${JSON.stringify(onnx.provider)}`);
-  for (const [name, map] of [['party_tasks', onnx.partyTasks], ['party_finetuned', onnx.partyFinetuned]] as const) {
+  if (onnx.provider !== '' && !PROVIDERS.includes(onnx.provider))
+    throw field('provider', `expected cpu or cuda, got ${JSON.stringify(onnx.provider)}`);
+  for (const [name, map] of [
+    ['party_tasks', onnx.partyTasks],
+    ['party_finetuned', onnx.partyFinetuned],
+  ] as const) {
     for (const party of Object.keys(map)) {
       if (!parties.includes(party)) throw field(name, `${JSON.stringify(party)} is not a party of the job`);
     }
   }
   for (const party of onnxParties) {
     const tasks = Object.entries(onnx.partyTasks[party]?.tasks ?? {});
-    if (tasks.length === 0) throw field(`party_tasks[${party}]`, `at least one task file is required, since party ${party}'s evaluator is ONNX`);
+    if (tasks.length === 0)
+      throw field(
+        `party_tasks[${party}]`,
+        `at least one task file is required, since party ${party}'s evaluator is ONNX`,
+      );
     for (const [task, path] of tasks) {
       if (task.trim() === '') throw field(`party_tasks[${party}]`, 'task names must not be empty');
       if (path.trim() === '') throw field(`party_tasks[${party}].tasks[${task}]`, 'path required');
     }
     if ((onnx.partyFinetuned[party] ?? '').trim() === '') {
-      throw field(`party_finetuned[${party}]`, `required: the dense fine-tuned checkpoint gives party ${party}'s reference scores`);
+      throw field(
+        `party_finetuned[${party}]`,
+        `required: the dense fine-tuned checkpoint gives party ${party}'s reference scores`,
+      );
     }
   }
 }
@@ -111,18 +146,26 @@ export async function resolveOnnxFiles(s: SearchConfig, parties: readonly string
   const file = async (name: string, path: string): Promise<string> => {
     const abs = resolve(path);
     const info = await stat(abs).catch((err: NodeJS.ErrnoException) => {
-      throw new InvalidArgumentError(`dpa.search.onnx.${name}: ${abs} ${err.code === 'ENOENT' ? 'does not exist on the server' : `cannot be read: ${err.message}`}`, { cause: err });
+      throw new InvalidArgumentError(
+        `dpa.search.onnx.${name}: ${abs} ${err.code === 'ENOENT' ? 'does not exist on the server' : `cannot be read: ${err.message}`}`,
+        { cause: err },
+      );
     });
     if (!info.isFile()) throw new InvalidArgumentError(`dpa.search.onnx.${name}: ${abs} is not a file`);
     return abs;
   };
-  const resolved: OnnxEvaluator = { ...onnx, partyTasks: { ...onnx.partyTasks }, partyFinetuned: { ...onnx.partyFinetuned } };
+  const resolved: OnnxEvaluator = {
+    ...onnx,
+    partyTasks: { ...onnx.partyTasks },
+    partyFinetuned: { ...onnx.partyFinetuned },
+  };
   resolved.modelPath = await file('model_path', onnx.modelPath);
   if (onnx.tokenizerPath !== '') resolved.tokenizerPath = await file('tokenizer_path', onnx.tokenizerPath);
   if (onnx.nameMapPath !== '') resolved.nameMapPath = await file('name_map_path', onnx.nameMapPath);
   for (const party of onnxParties) {
     const tasks: Record<string, string> = {};
-    for (const [task, path] of Object.entries(onnx.partyTasks[party]!.tasks)) tasks[task] = await file(`party_tasks[${party}].tasks[${task}]`, path);
+    for (const [task, path] of Object.entries(onnx.partyTasks[party]!.tasks))
+      tasks[task] = await file(`party_tasks[${party}].tasks[${task}]`, path);
     resolved.partyTasks[party] = { tasks };
     resolved.partyFinetuned[party] = await checkpointPath(`party_finetuned[${party}]`, onnx.partyFinetuned[party]!);
   }
@@ -136,9 +179,13 @@ async function checkpointPath(name: string, path: string): Promise<string> {
     return abs;
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') throw new InvalidArgumentError(`dpa.search.onnx.${name}: ${abs} does not exist on the server`, { cause: err });
+    if (code === 'ENOENT')
+      throw new InvalidArgumentError(`dpa.search.onnx.${name}: ${abs} does not exist on the server`, { cause: err });
     if (err instanceof FormatError || code === 'EACCES' || code === 'EISDIR' || code === 'ENOTDIR') {
-      throw new InvalidArgumentError(`dpa.search.onnx.${name}: ${abs} is not a readable checkpoint: ${(err as Error).message}`, { cause: err });
+      throw new InvalidArgumentError(
+        `dpa.search.onnx.${name}: ${abs} is not a readable checkpoint: ${(err as Error).message}`,
+        { cause: err },
+      );
     }
     throw err;
   }

@@ -52,7 +52,8 @@ export async function createJob(
       `dpa.search: party ${remote}: the remote evaluator is not available on a cluster (--cluster) yet; use the onnx evaluator, or an embedded server`,
     );
   }
-  if (settings.dpa.search !== undefined) settings.dpa = { ...settings.dpa, search: await resolveOnnxFiles(settings.dpa.search, settings.parties) };
+  if (settings.dpa.search !== undefined)
+    settings.dpa = { ...settings.dpa, search: await resolveOnnxFiles(settings.dpa.search, settings.parties) };
   const basePath = resolve(settings.basePath);
   const base = await openBase(basePath);
   let fingerprint: string;
@@ -63,7 +64,12 @@ export async function createJob(
   } finally {
     await base.close();
   }
-  if (search !== undefined) await checkOnnxEvaluator(basePath, settings.dpa, settings.parties.filter((p) => evaluatorOf(search, p) === 'onnx'));
+  if (search !== undefined)
+    await checkOnnxEvaluator(
+      basePath,
+      settings.dpa,
+      settings.parties.filter((p) => evaluatorOf(search, p) === 'onnx'),
+    );
   const tokens: Record<string, string> = {};
   const now = new Date().toISOString();
   const job: StoredJob = {
@@ -114,11 +120,15 @@ export async function createJob(
 async function checkOnnxEvaluator(basePath: string, dpa: DpaConfig, parties: readonly string[]): Promise<void> {
   if (parties.length === 0) return;
   // Loaded here rather than at the top: ONNX Runtime is a native library only these jobs need.
-  const [{ OnnxCandidates }, { OnnxEvaluatorError }] = await Promise.all([import('../dpa/onnx-candidates.js'), import('../dpa/onnx/errors.js')]);
+  const [{ OnnxCandidates }, { OnnxEvaluatorError }] = await Promise.all([
+    import('../dpa/onnx-candidates.js'),
+    import('../dpa/onnx/errors.js'),
+  ]);
   try {
     await OnnxCandidates.check({ basePath, dpa }, dpa.search!, parties);
   } catch (err) {
-    if (err instanceof OnnxEvaluatorError || err instanceof FormatError) throw new InvalidArgumentError(`dpa.search.onnx: ${err.message}`, { cause: err });
+    if (err instanceof OnnxEvaluatorError || err instanceof FormatError)
+      throw new InvalidArgumentError(`dpa.search.onnx: ${err.message}`, { cause: err });
     throw err;
   }
 }
@@ -128,9 +138,12 @@ async function openBase(basePath: string): Promise<Checkpoint> {
     return await Checkpoint.open(basePath);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') throw new InvalidArgumentError(`base_path: ${basePath} does not exist on the server`, { cause: err });
+    if (code === 'ENOENT')
+      throw new InvalidArgumentError(`base_path: ${basePath} does not exist on the server`, { cause: err });
     if (err instanceof FormatError || code === 'EACCES' || code === 'EISDIR' || code === 'ENOTDIR') {
-      throw new InvalidArgumentError(`base_path: ${basePath} is not a readable checkpoint: ${(err as Error).message}`, { cause: err });
+      throw new InvalidArgumentError(`base_path: ${basePath} is not a readable checkpoint: ${(err as Error).message}`, {
+        cause: err,
+      });
     }
     throw err;
   }

@@ -83,7 +83,8 @@ export class FileJobEvents implements JobEvents {
         events.push(JobEvent.fromJSON(JSON.parse(line)));
       } catch (err) {
         // Only the last line can be torn by a crash; anything else is damage worth a word.
-        if (i < lines.length - 1 && lines.slice(i + 1).some((l) => l !== '')) this.log.warn('skipping a damaged event line', { path, line: i + 1, err });
+        if (i < lines.length - 1 && lines.slice(i + 1).some((l) => l !== ''))
+          this.log.warn('skipping a damaged event line', { path, line: i + 1, err });
       }
     }
     const bytes = Buffer.byteLength(text.slice(0, text.lastIndexOf('\n') + 1));
@@ -124,7 +125,12 @@ export class FileJobEvents implements JobEvents {
    */
   async append(jobId: string, body: EventBody): Promise<JobEvent> {
     const l = this.job(jobId);
-    const event = JobEvent.fromPartial({ ...body, jobId, seq: this.lastSeq(jobId) + 1n, time: new Date().toISOString() });
+    const event = JobEvent.fromPartial({
+      ...body,
+      jobId,
+      seq: this.lastSeq(jobId) + 1n,
+      time: new Date().toISOString(),
+    });
     l.events.push(event);
     for (const listener of l.listeners) listener(event);
     const line = `${JSON.stringify(JobEvent.toJSON(event))}\n`;
@@ -232,10 +238,11 @@ export class FileJobEvents implements JobEvents {
   async close(): Promise<void> {
     const logs = [...this.logs.values()];
     this.logs.clear();
-    await Promise.all(logs.map(async (l) => {
-      await l.tail;
-      await l.file.close();
-    }));
+    await Promise.all(
+      logs.map(async (l) => {
+        await l.tail;
+        await l.file.close();
+      }),
+    );
   }
 }
-

@@ -109,7 +109,8 @@ export class JobRunner {
    */
   resumeJob(jobId: string): StoredJob {
     const job = this.deps.store.get(jobId);
-    if (isTerminal(job.state)) throw new FailedPreconditionError(`job ${jobId} is ${stateName(job.state)}: there is nothing to resume`);
+    if (isTerminal(job.state))
+      throw new FailedPreconditionError(`job ${jobId} is ${stateName(job.state)}: there is nothing to resume`);
     if (!this.pauses.retryNow(jobId)) this.poke(jobId);
     return job;
   }
@@ -129,7 +130,8 @@ export class JobRunner {
           if (err instanceof StateConflictError) return;
           const storage = storageError(err);
           if (storage !== undefined && !controller.signal.aborted) this.pauseJob(jobId, storage, err);
-          else if (err instanceof NatsUnavailableError) this.deps.log.warn('job runner waits for NATS', { jobId, err: err.message });
+          else if (err instanceof NatsUnavailableError)
+            this.deps.log.warn('job runner waits for NATS', { jobId, err: err.message });
           else this.deps.log.error('job runner failed', { jobId, err });
         },
       )
@@ -177,8 +179,15 @@ export class JobRunner {
     const { log, events, metrics } = this.deps;
     const pause = this.pauses.add(jobId, storage);
     metrics.jobsPaused.set(this.pauses.size);
-    log.warn('job paused by a storage failure', { jobId, attempts: pause.attempts, nextAttemptAt: pause.nextAttemptAt, err });
-    events.append(jobId, { paused: pause }).catch((e: unknown) => log.warn('cannot announce a paused job', { jobId, err: e }));
+    log.warn('job paused by a storage failure', {
+      jobId,
+      attempts: pause.attempts,
+      nextAttemptAt: pause.nextAttemptAt,
+      err,
+    });
+    events
+      .append(jobId, { paused: pause })
+      .catch((e: unknown) => log.warn('cannot announce a paused job', { jobId, err: e }));
   }
 
   private unpause(jobId: string): void {
@@ -203,7 +212,12 @@ export class JobRunner {
   private async advance(jobId: string, signal: AbortSignal): Promise<void> {
     let job = this.deps.store.get(jobId);
     if (job.state === JobState.JOB_STATE_COLLECTING && (await this.allUploaded(job))) {
-      job = await this.transition(jobId, JobState.JOB_STATE_COLLECTING, searchesFactors(job) ? JobState.JOB_STATE_DPA : JobState.JOB_STATE_MERGING, clearSentBack);
+      job = await this.transition(
+        jobId,
+        JobState.JOB_STATE_COLLECTING,
+        searchesFactors(job) ? JobState.JOB_STATE_DPA : JobState.JOB_STATE_MERGING,
+        clearSentBack,
+      );
     }
     if (job.state === JobState.JOB_STATE_DPA) {
       // Searches queued as tasks: the last one moves the job to MERGING.
@@ -263,7 +277,12 @@ export class JobRunner {
   }
 
   /** Changes a job's state from `from`, records it and announces it. @throws StateConflictError if it is no longer in `from`. */
-  private transition(jobId: string, from: JobState, to: JobState, change?: (job: StoredJob) => void): Promise<StoredJob> {
+  private transition(
+    jobId: string,
+    from: JobState,
+    to: JobState,
+    change?: (job: StoredJob) => void,
+  ): Promise<StoredJob> {
     return transitionJob(this.deps, jobId, to, { from, ...(change === undefined ? {} : { change }) });
   }
 

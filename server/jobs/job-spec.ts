@@ -41,27 +41,48 @@ export function checkJobSettings(req: CreateJobRequest): JobSettings {
   if (req.parties.length === 0) throw new InvalidArgumentError('parties: at least one party is required');
   const seen = new Set<string>();
   for (const p of req.parties) {
-    if (!PARTY_NAME.test(p)) throw new InvalidArgumentError(`parties: ${JSON.stringify(p)} is not 1-64 letters, digits, '-' or '_'`);
+    if (!PARTY_NAME.test(p))
+      throw new InvalidArgumentError(`parties: ${JSON.stringify(p)} is not 1-64 letters, digits, '-' or '_'`);
     if (seen.has(p)) throw new InvalidArgumentError(`parties: ${JSON.stringify(p)} appears twice`);
     seen.add(p);
   }
   if (!(req.rate >= 0 && req.rate < 1)) throw new InvalidArgumentError(`rate: must be in [0, 1), got ${req.rate}`);
   const method = requestMethod(req);
-  if (req.label.length > MAX_LABEL_LENGTH) throw new InvalidArgumentError(`label: at most ${MAX_LABEL_LENGTH} characters`);
+  if (req.label.length > MAX_LABEL_LENGTH)
+    throw new InvalidArgumentError(`label: at most ${MAX_LABEL_LENGTH} characters`);
   const dpa: DpaConfig = req.dpa ?? { scaleOutsideByMax: false };
   checkDpa(dpa, req.parties);
-  const merge: MergeOptions = req.merge ?? { weights: {}, signElection: false, partiesMayDownload: false, output: MergeOutput.MERGE_OUTPUT_UNSPECIFIED };
+  const merge: MergeOptions = req.merge ?? {
+    weights: {},
+    signElection: false,
+    partiesMayDownload: false,
+    output: MergeOutput.MERGE_OUTPUT_UNSPECIFIED,
+  };
   for (const [party, w] of Object.entries(merge.weights)) {
-    if (!seen.has(party)) throw new InvalidArgumentError(`merge.weights: ${JSON.stringify(party)} is not a party of the job`);
-    if (!Number.isFinite(w)) throw new InvalidArgumentError(`merge.weights[${party}]: must be a finite number, got ${w}`);
+    if (!seen.has(party))
+      throw new InvalidArgumentError(`merge.weights: ${JSON.stringify(party)} is not a party of the job`);
+    if (!Number.isFinite(w))
+      throw new InvalidArgumentError(`merge.weights[${party}]: must be a finite number, got ${w}`);
   }
-  if (!Object.values(MergeOutput).includes(merge.output) || merge.output === MergeOutput.UNRECOGNIZED) throw new InvalidArgumentError(`merge.output: ${merge.output} is not dense, patch or both`);
+  if (!Object.values(MergeOutput).includes(merge.output) || merge.output === MergeOutput.UNRECOGNIZED)
+    throw new InvalidArgumentError(`merge.output: ${merge.output} is not dense, patch or both`);
   if (merge.signElection) throw new UnimplementedError('merge.sign_election: TIES sign election is not available yet');
   if (!(req.maxAbsValue >= 0 && Number.isFinite(req.maxAbsValue))) {
-    throw new InvalidArgumentError(`max_abs_value: must be a finite number > 0 (or 0 for the default ${DEFAULT_MAX_ABS_VALUE}), got ${req.maxAbsValue}`);
+    throw new InvalidArgumentError(
+      `max_abs_value: must be a finite number > 0 (or 0 for the default ${DEFAULT_MAX_ABS_VALUE}), got ${req.maxAbsValue}`,
+    );
   }
   const maxAbsValue = req.maxAbsValue === 0 ? DEFAULT_MAX_ABS_VALUE : req.maxAbsValue;
-  return { basePath: req.basePath, parties: [...req.parties], rate: req.rate, method, dpa, merge, label: req.label, maxAbsValue };
+  return {
+    basePath: req.basePath,
+    parties: [...req.parties],
+    rate: req.rate,
+    method,
+    dpa,
+    merge,
+    label: req.label,
+    maxAbsValue,
+  };
 }
 
 /**
@@ -84,19 +105,23 @@ function checkDpa(dpa: DpaConfig, parties: readonly string[]): void {
   if (fixed === undefined) return;
   checkFactorList('dpa.fixed.factors', fixed.factors);
   for (const [party, list] of Object.entries(fixed.perParty)) {
-    if (!parties.includes(party)) throw new InvalidArgumentError(`dpa.fixed.per_party: ${JSON.stringify(party)} is not a party of the job`);
+    if (!parties.includes(party))
+      throw new InvalidArgumentError(`dpa.fixed.per_party: ${JSON.stringify(party)} is not a party of the job`);
     checkFactorList(`dpa.fixed.per_party[${party}]`, list.factors);
   }
   for (const party of parties) {
     if ((fixed.perParty[party]?.factors ?? fixed.factors).length === 0) {
-      throw new InvalidArgumentError(`dpa.fixed: no factors for party ${party} (give dpa.fixed.factors or dpa.fixed.per_party[${party}])`);
+      throw new InvalidArgumentError(
+        `dpa.fixed: no factors for party ${party} (give dpa.fixed.factors or dpa.fixed.per_party[${party}])`,
+      );
     }
   }
 }
 
 function checkFactorList(field: string, factors: readonly number[]): void {
   for (const f of factors) {
-    if (!(Number.isFinite(f) && f >= 0)) throw new InvalidArgumentError(`${field}: factors must be finite and ≥ 0, got ${f}`);
+    if (!(Number.isFinite(f) && f >= 0))
+      throw new InvalidArgumentError(`${field}: factors must be finite and ≥ 0, got ${f}`);
   }
 }
 

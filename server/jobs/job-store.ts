@@ -131,7 +131,8 @@ function toFile(job: StoredJob): JobFile {
 }
 
 function fromFile(file: JobFile, path: string): StoredJob {
-  if (file.version !== STORE_VERSION) throw new Error(`${path}: job file version ${file.version}, this server reads ${STORE_VERSION}`);
+  if (file.version !== STORE_VERSION)
+    throw new Error(`${path}: job file version ${file.version}, this server reads ${STORE_VERSION}`);
   const rest: Partial<Pick<JobFile, 'version'>> & Omit<JobFile, 'version'> = { ...file };
   delete rest.version;
   return {
@@ -213,13 +214,21 @@ export abstract class MemoryJobStore implements JobStore {
 
   /** Every job, newest first (ties by id). */
   list(): StoredJob[] {
-    return [...this.jobs.values()].sort((a, b) => (a.createdAt < b.createdAt ? 1 : a.createdAt > b.createdAt ? -1 : a.id < b.id ? 1 : -1));
+    return [...this.jobs.values()].sort((a, b) =>
+      a.createdAt < b.createdAt ? 1 : a.createdAt > b.createdAt ? -1 : a.id < b.id ? 1 : -1,
+    );
   }
 
   /** Number of jobs per state name (`COLLECTING`, …), every state present. */
   countByState(): Record<string, number> {
     const counts: Record<string, number> = {};
-    for (const s of [JobState.JOB_STATE_COLLECTING, JobState.JOB_STATE_DPA, JobState.JOB_STATE_MERGING, JobState.JOB_STATE_MERGED, JobState.JOB_STATE_FAILED]) {
+    for (const s of [
+      JobState.JOB_STATE_COLLECTING,
+      JobState.JOB_STATE_DPA,
+      JobState.JOB_STATE_MERGING,
+      JobState.JOB_STATE_MERGED,
+      JobState.JOB_STATE_FAILED,
+    ]) {
       counts[stateName(s)] = 0;
     }
     for (const job of this.jobs.values()) counts[stateName(job.state)] = (counts[stateName(job.state)] ?? 0) + 1;
@@ -245,7 +254,9 @@ export class LocalJobStore extends MemoryJobStore {
   static async open(dataDir: string, log: Logger): Promise<LocalJobStore> {
     const store = new LocalJobStore(join(dataDir, 'jobs'));
     await mkdir(store.root, { recursive: true });
-    const folders = (await readdir(store.root, { withFileTypes: true })).filter((e) => e.isDirectory()).map((e) => join(store.root, e.name));
+    const folders = (await readdir(store.root, { withFileTypes: true }))
+      .filter((e) => e.isDirectory())
+      .map((e) => join(store.root, e.name));
     const loaded = await pMap(
       folders,
       async (dir) => {
@@ -298,7 +309,10 @@ export class LocalJobStore extends MemoryJobStore {
     const write = (this.writes.get(job.id) ?? Promise.resolve()).then(() =>
       writeFileDurably(join(this.dir(job.id), 'job.json'), encodeJob(job)),
     );
-    this.writes.set(job.id, write.catch(() => undefined));
+    this.writes.set(
+      job.id,
+      write.catch(() => undefined),
+    );
     return write;
   }
 }

@@ -33,11 +33,18 @@ export interface TransitionOptions {
  * Changes a job's state, records it and announces it (`state_changed`).
  * @throws StateConflictError if the job has ended or is not in `opts.from`.
  */
-export async function transitionJob(deps: TransitionDeps, jobId: string, to: JobState, opts: TransitionOptions = {}): Promise<StoredJob> {
+export async function transitionJob(
+  deps: TransitionDeps,
+  jobId: string,
+  to: JobState,
+  opts: TransitionOptions = {},
+): Promise<StoredJob> {
   let from = JobState.JOB_STATE_UNSPECIFIED;
   const job = await deps.store.update(jobId, (j) => {
     if (isTerminal(j.state) || (opts.from !== undefined && j.state !== opts.from)) {
-      throw new StateConflictError(`job ${jobId} is ${stateName(j.state)}, not ${opts.from === undefined ? 'active' : stateName(opts.from)}`);
+      throw new StateConflictError(
+        `job ${jobId} is ${stateName(j.state)}, not ${opts.from === undefined ? 'active' : stateName(opts.from)}`,
+      );
     }
     from = j.state;
     j.state = to;
@@ -53,7 +60,9 @@ export async function transitionJob(deps: TransitionDeps, jobId: string, to: Job
  * @throws StateConflictError if it has ended.
  */
 export async function failJob(deps: TransitionDeps, jobId: string, reason: string): Promise<StoredJob> {
-  const job = await transitionJob(deps, jobId, JobState.JOB_STATE_FAILED, { change: (j) => (j.failureReason = reason) });
+  const job = await transitionJob(deps, jobId, JobState.JOB_STATE_FAILED, {
+    change: (j) => (j.failureReason = reason),
+  });
   await deps.events.append(jobId, { failed: { reason } });
   return job;
 }

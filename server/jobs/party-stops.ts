@@ -19,13 +19,21 @@ export interface PartyStopDeps extends TransitionDeps {
  * reason, `party_stopped` is announced.
  * @returns False, doing nothing more, when the job is no longer in `from` (another replica or task sent it back first, or it ended).
  */
-export async function sendPartyBack(deps: PartyStopDeps, jobId: string, from: JobState, err: SpooledTensorError): Promise<boolean> {
+export async function sendPartyBack(
+  deps: PartyStopDeps,
+  jobId: string,
+  from: JobState,
+  err: SpooledTensorError,
+): Promise<boolean> {
   const reason = `tensor "${err.tensorName}" of its upload cannot be used (${err.reason}); it was discarded: push again to send it`;
   // Already sent back: the tensor may have been pushed again since, and must stay.
   if (((await deps.store.fresh?.(jobId)) ?? deps.store.get(jobId)).state !== from) return false;
   await deps.spool.party(jobId, err.party).drop([err.tensorName]);
   try {
-    await transitionJob(deps, jobId, JobState.JOB_STATE_COLLECTING, { from, change: (j) => (partyOf(j, err.party).stoppedReason = reason) });
+    await transitionJob(deps, jobId, JobState.JOB_STATE_COLLECTING, {
+      from,
+      change: (j) => (partyOf(j, err.party).stoppedReason = reason),
+    });
   } catch (e) {
     if (e instanceof StateConflictError) return false;
     throw e;
@@ -40,7 +48,12 @@ export async function sendPartyBack(deps: PartyStopDeps, jobId: string, from: Jo
  * stays in DPA and waits for the party to rejoin.
  * @returns The reason recorded.
  */
-export async function stopPartySearch(deps: TransitionDeps, jobId: string, party: string, why: string): Promise<string> {
+export async function stopPartySearch(
+  deps: TransitionDeps,
+  jobId: string,
+  party: string,
+  why: string,
+): Promise<string> {
   const reason = `its evaluation failed: ${why}; its search stopped: run dppa evaluate again to resume it`;
   await deps.store.update(jobId, (j) => {
     const p = partyOf(j, party);

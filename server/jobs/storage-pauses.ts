@@ -57,7 +57,12 @@ export class StoragePauses {
     const prev = this.entries.get(jobId);
     if (prev?.timer !== undefined) clearTimeout(prev.timer);
     const entry: Entry = {
-      pause: { reason: err.message, attempts: (prev?.pause.attempts ?? 0) + 1, since: prev?.pause.since ?? new Date().toISOString(), nextAttemptAt: '' },
+      pause: {
+        reason: err.message,
+        attempts: (prev?.pause.attempts ?? 0) + 1,
+        since: prev?.pause.since ?? new Date().toISOString(),
+        nextAttemptAt: '',
+      },
       diskFull: err instanceof DiskFullError,
       timer: undefined,
     };

@@ -14,8 +14,15 @@ import { FormatError } from '../../proto/errors.js';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import { Checkpoint, SharedCheckpointWriter } from '../../proto/safetensors/index.js';
 import {
-  countWritten, DEFAULT_WORK_DIR, isSet, bitmap, TaskNotReadyError,
-  type MergeRecord, type MergeRecords, type Task, type TaskSink,
+  countWritten,
+  DEFAULT_WORK_DIR,
+  isSet,
+  bitmap,
+  TaskNotReadyError,
+  type MergeRecord,
+  type MergeRecords,
+  type Task,
+  type TaskSink,
 } from '../backend/tasks.js';
 import { UnavailableError } from '../errors.js';
 import type { JobEvents } from '../jobs/job-events.js';
@@ -129,7 +136,8 @@ export class MergeDriver implements JobStep {
    */
   async handle(task: Task, signal: AbortSignal): Promise<void> {
     let job = this.opts.store.get(task.jobId);
-    if (!isTerminal(job.state) && job.state !== JobState.JOB_STATE_MERGING) job = (await this.opts.store.fresh?.(task.jobId)) ?? job;
+    if (!isTerminal(job.state) && job.state !== JobState.JOB_STATE_MERGING)
+      job = (await this.opts.store.fresh?.(task.jobId)) ?? job;
     if (isTerminal(job.state)) {
       await this.release(task.jobId);
       if (task.kind !== 'commit') return;
@@ -181,10 +189,19 @@ export class MergeDriver implements JobStep {
     const { events, log } = this.opts;
     if (events.hasFinalEvent === undefined || (await events.hasFinalEvent(job.id))) return;
     if (Date.now() - Date.parse(job.updatedAt) < FINAL_EVENT_GRACE_MS) {
-      throw new TaskNotReadyError(`job ${job.id} ended moments ago; its final event may still be on its way`, FINAL_EVENT_GRACE_MS);
+      throw new TaskNotReadyError(
+        `job ${job.id} ended moments ago; its final event may still be on its way`,
+        FINAL_EVENT_GRACE_MS,
+      );
     }
     if (job.state === JobState.JOB_STATE_MERGED && job.merged !== undefined) {
-      await events.append(job.id, { merged: { files: job.merged.files.map((f) => f.path), seconds: job.merged.seconds, patch: job.merged.patch?.path ?? '' } });
+      await events.append(job.id, {
+        merged: {
+          files: job.merged.files.map((f) => f.path),
+          seconds: job.merged.seconds,
+          patch: job.merged.patch?.path ?? '',
+        },
+      });
     } else if (job.state === JobState.JOB_STATE_FAILED) {
       await events.append(job.id, { failed: { reason: job.failureReason } });
     } else {
@@ -220,16 +237,27 @@ export class MergeDriver implements JobStep {
         return;
       }
       const outputs = mergeOutputs(job.merge.output);
-      if (outputs.dense) await SharedCheckpointWriter.layOut(this.workDir(job.id, record), this.outDir(job.id), base.layout, isDir ? { copyExtraFilesFrom: job.basePath } : {});
+      if (outputs.dense)
+        await SharedCheckpointWriter.layOut(
+          this.workDir(job.id, record),
+          this.outDir(job.id),
+          base.layout,
+          isDir ? { copyExtraFilesFrom: job.basePath } : {},
+        );
       if (outputs.patch) await createPieces(piecesDir(this.workDir(job.id, record)));
       // Every unwritten tensor, even if some are still queued: a plan that failed midway left others unqueued.
       const written = bitmap(record);
-      todo = tensors.flatMap((name, index) => (isSet(written, index) ? [] : [{ kind: 'tensor' as const, jobId: job.id, tensor: { name, index } }]));
+      todo = tensors.flatMap((name, index) =>
+        isSet(written, index) ? [] : [{ kind: 'tensor' as const, jobId: job.id, tensor: { name, index } }],
+      );
     } finally {
       await base.close();
     }
     // Each has its own id, so a queue drops those still queued.
-    await this.opts.tasks().submit(todo.map((task) => ({ task, id: `${job.id}.tensor.${task.tensor!.index}` })), signal);
+    await this.opts.tasks().submit(
+      todo.map((task) => ({ task, id: `${job.id}.tensor.${task.tensor!.index}` })),
+      signal,
+    );
   }
 
   private async tensor(job: StoredJob, tensor: { name: string; index: number }, signal: AbortSignal): Promise<void> {
@@ -241,7 +269,10 @@ export class MergeDriver implements JobStep {
     }
     const ctx = await this.context(job, record);
     // The merge threads do not see the signal: closing them is what cuts the tensors short.
-    const stop = (): void => void this.release(job.id).catch((err: unknown) => this.opts.log.warn('cannot close a merge', { jobId: job.id, err }));
+    const stop = (): void =>
+      void this.release(job.id).catch((err: unknown) =>
+        this.opts.log.warn('cannot close a merge', { jobId: job.id, err }),
+      );
     signal.addEventListener('abort', stop, { once: true });
     try {
       signal.throwIfAborted();
@@ -249,14 +280,30 @@ export class MergeDriver implements JobStep {
       const contributions = contributionsTo(tensor.name, ctx.parties);
       const { writer, pieces } = ctx;
       // A tensor no party changed: the base's bytes in the dense output, nothing in the patch.
-      const result = contributions.length === 0
-        ? { bytes: writer === undefined ? new Uint8Array(0) : await ctx.base.readRaw(tensor.name, { signal }), release: () => undefined }
-        : await ctx.runner.run({ name: tensor.name, contributions, outsideByMax: ctx.outsideByMax, dense: writer !== undefined, patch: pieces !== undefined }, info.numel, signal);
+      const result =
+        contributions.length === 0
+          ? {
+              bytes: writer === undefined ? new Uint8Array(0) : await ctx.base.readRaw(tensor.name, { signal }),
+              release: () => undefined,
+            }
+          : await ctx.runner.run(
+              {
+                name: tensor.name,
+                contributions,
+                outsideByMax: ctx.outsideByMax,
+                dense: writer !== undefined,
+                patch: pieces !== undefined,
+              },
+              info.numel,
+              signal,
+            );
       try {
         signal.throwIfAborted();
         await Promise.all([
           writer?.writeTensor(tensor.name, result.bytes),
-          pieces !== undefined && result.patch !== undefined ? writePiece(pieces, tensor.index, result.patch) : undefined,
+          pieces !== undefined && result.patch !== undefined
+            ? writePiece(pieces, tensor.index, result.patch)
+            : undefined,
         ]);
       } finally {
         result.release();
@@ -302,7 +349,9 @@ export class MergeDriver implements JobStep {
     this.opts.onMerged?.(job.id);
     // Before the event, so that a failure to append it cannot leave the uploads behind.
     await this.opts.spool.discardJob(job.id);
-    await this.opts.events.append(job.id, { merged: { files: files.map((f) => f.path), seconds, patch: patch?.path ?? '' } });
+    await this.opts.events.append(job.id, {
+      merged: { files: files.map((f) => f.path), seconds, patch: patch?.path ?? '' },
+    });
     this.opts.log.info('job merged', { jobId: job.id, seconds, tensors: record.tensorsTotal });
   }
 
@@ -310,7 +359,12 @@ export class MergeDriver implements JobStep {
   private async commitPatch(job: StoredJob, record: MergeRecord): Promise<MergedFileInfo> {
     const base = await Checkpoint.open(job.basePath);
     try {
-      return await commitPatch(patchPath(this.opts.store.dir(job.id)), piecesDir(this.workDir(job.id, record)), base, job.baseFingerprint);
+      return await commitPatch(
+        patchPath(this.opts.store.dir(job.id)),
+        piecesDir(this.workDir(job.id, record)),
+        base,
+        job.baseFingerprint,
+      );
     } finally {
       await base.close();
     }
@@ -343,11 +397,14 @@ export class MergeDriver implements JobStep {
     try {
       for (const p of parties) {
         for (const [name, file] of p.tensors) {
-          if (!base.has(name)) throw new FormatError(`party ${p.name} sent a tensor the base does not have`, { file, tensor: name });
+          if (!base.has(name))
+            throw new FormatError(`party ${p.name} sent a tensor the base does not have`, { file, tensor: name });
         }
       }
       const outputs = mergeOutputs(job.merge.output);
-      const writer = outputs.dense ? await SharedCheckpointWriter.open(this.workDir(job.id, record), this.outDir(job.id), base.layout) : undefined;
+      const writer = outputs.dense
+        ? await SharedCheckpointWriter.open(this.workDir(job.id, record), this.outDir(job.id), base.layout)
+        : undefined;
       const pieces = outputs.patch ? piecesDir(this.workDir(job.id, record)) : undefined;
       const { mergeWorkers } = this.opts;
       const runner = mergeWorkers === 0 ? inlineRunner(base) : workerRunner(job.basePath, mergeWorkers);
@@ -376,7 +433,8 @@ export class MergeDriver implements JobStep {
   private async releaseFinished(): Promise<void> {
     for (const id of [...this.contexts.keys()]) {
       const state = this.opts.store.list().find((j) => j.id === id)?.state;
-      if (state !== JobState.JOB_STATE_MERGING) await this.release(id).catch((err: unknown) => this.opts.log.warn('cannot close a merge', { jobId: id, err }));
+      if (state !== JobState.JOB_STATE_MERGING)
+        await this.release(id).catch((err: unknown) => this.opts.log.warn('cannot close a merge', { jobId: id, err }));
     }
   }
 

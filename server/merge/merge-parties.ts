@@ -23,6 +23,11 @@ export function mergeParties(job: StoredJob, spool: Spool): MergeParty[] {
     }
     const factors = partyFactors(job, name, s.header.levels.length);
     if (factors === undefined) throw new Error(`party ${name} has no factors`);
-    return { name, weight: partyWeight(job, name), factors, tensors: new Map([...s.held.values()].map((t) => [t.name, t.file])) };
+    return {
+      name,
+      weight: partyWeight(job, name),
+      factors,
+      tensors: new Map([...s.held.values()].map((t) => [t.name, t.file])),
+    };
   });
 }

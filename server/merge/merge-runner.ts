@@ -103,14 +103,19 @@ export function inlineRunner(base: Checkpoint): MergeRunner {
           return r.bytes;
         }),
       );
-      return { bytes, ...(patch === undefined ? {} : { patch }), release: () => outputs.give(bytes.buffer as ArrayBuffer) };
+      return {
+        bytes,
+        ...(patch === undefined ? {} : { patch }),
+        release: () => outputs.give(bytes.buffer as ArrayBuffer),
+      };
     },
     close: () => Promise.resolve(),
   };
 }
 
 /** A message from a merge worker: on success the result is the first `byteLength` bytes of `buffer`, whose ownership moves here. */
-export type WorkerReply = { ok: true; buffer: ArrayBuffer; byteLength: number; patch?: Uint8Array[] } | ({ ok: false } & WorkerFailure);
+export type WorkerReply =
+  { ok: true; buffer: ArrayBuffer; byteLength: number; patch?: Uint8Array[] } | ({ ok: false } & WorkerFailure);
 
 /** A worker's error as posted: its name and message, a file system error's code, and what a {@link SpooledTensorError} carries. */
 export interface WorkerFailure {
@@ -123,7 +128,12 @@ export interface WorkerFailure {
 /** A worker's error as it is posted. */
 export function workerFailure(err: unknown): WorkerFailure {
   const e = err instanceof Error ? err : new Error(String(err));
-  if (e instanceof SpooledTensorError) return { name: e.name, message: e.message, spooled: { party: e.party, reason: e.reason, file: e.spoolFile, tensor: e.tensorName } };
+  if (e instanceof SpooledTensorError)
+    return {
+      name: e.name,
+      message: e.message,
+      spooled: { party: e.party, reason: e.reason, file: e.spoolFile, tensor: e.tensorName },
+    };
   const code = (e as NodeJS.ErrnoException).code;
   return { name: e.name, message: e.message, ...(typeof code === 'string' ? { code } : {}) };
 }
@@ -137,7 +147,8 @@ export function workerRunner(basePath: string, workers: number): MergeRunner {
   const url = new URL(`./merge-worker${fromSource ? '.ts' : '.js'}`, import.meta.url);
   const idle: Worker[] = [];
   const busy = new Map<Worker, { resolve: (m: MergedTensor) => void; reject: (e: Error) => void }>();
-  const queue: { task: TensorTask; numel: number; resolve: (m: MergedTensor) => void; reject: (e: Error) => void }[] = [];
+  const queue: { task: TensorTask; numel: number; resolve: (m: MergedTensor) => void; reject: (e: Error) => void }[] =
+    [];
   const all: Worker[] = [];
   let failed: Error | undefined;
   let closed = false;
@@ -207,7 +218,9 @@ export function workerRunner(basePath: string, workers: number): MergeRunner {
 function revive(reply: WorkerFailure): Error {
   const s = reply.spooled;
   if (s !== undefined) return new SpooledTensorError(s.party, s.reason, s.file, s.tensor);
-  const err = /FormatError$|^ChecksumError$|^TruncatedError$|^UnsupportedDtypeError$/.test(reply.name) ? new FormatError(reply.message) : new Error(reply.message);
+  const err = /FormatError$|^ChecksumError$|^TruncatedError$|^UnsupportedDtypeError$/.test(reply.name)
+    ? new FormatError(reply.message)
+    : new Error(reply.message);
   err.name = reply.name;
   if (reply.code !== undefined) Object.assign(err, { code: reply.code });
   return err;

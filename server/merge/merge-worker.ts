@@ -30,7 +30,12 @@ port.on('message', (msg: WorkerRequest) => {
       (bytes) => {
         // Handed over, not copied: either the reused block or fresh memory of the result's own.
         const owned = bytes.byteOffset === 0 ? bytes : bytes.slice();
-        const reply: WorkerReply = { ok: true, buffer: owned.buffer as ArrayBuffer, byteLength: owned.byteLength, ...(patch === undefined ? {} : { patch }) };
+        const reply: WorkerReply = {
+          ok: true,
+          buffer: owned.buffer as ArrayBuffer,
+          byteLength: owned.byteLength,
+          ...(patch === undefined ? {} : { patch }),
+        };
         // Each block of patch records is a buffer of its own (patchTensorRecords): moved, not copied.
         port.postMessage(reply, [reply.buffer, ...(patch ?? []).map((b) => b.buffer as ArrayBuffer)]);
       },

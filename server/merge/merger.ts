@@ -83,7 +83,8 @@ export async function mergeCheckpoint(input: MergeInput): Promise<MergeResult> {
   try {
     for (const p of input.parties) {
       for (const [name, file] of p.tensors) {
-        if (!base.has(name)) throw new FormatError(`party ${p.name} sent a tensor the base does not have`, { file, tensor: name });
+        if (!base.has(name))
+          throw new FormatError(`party ${p.name} sent a tensor the base does not have`, { file, tensor: name });
       }
     }
     const isDir = (await stat(input.basePath)).isDirectory();
@@ -109,7 +110,11 @@ export async function mergeCheckpoint(input: MergeInput): Promise<MergeResult> {
           await writer.writeTensor(name, await base.readRaw(name, readOpts));
         } else {
           merged++;
-          const result = await runner.run({ name, contributions, outsideByMax: input.outsideByMax }, info.numel, signal);
+          const result = await runner.run(
+            { name, contributions, outsideByMax: input.outsideByMax },
+            info.numel,
+            signal,
+          );
           try {
             await writer.writeTensor(name, result.bytes);
           } finally {
@@ -120,11 +125,19 @@ export async function mergeCheckpoint(input: MergeInput): Promise<MergeResult> {
         input.onProgress?.({ tensorsDone: ++done, tensorsTotal: tensors.length, tensorBytes: info.byteLength });
       };
       // One lane more than the runner has, so that this thread copies and writes while every worker adds.
-      await inWindow(tensors.map((t) => t.name), runner.width + 1, one);
+      await inWindow(
+        tensors.map((t) => t.name),
+        runner.width + 1,
+        one,
+      );
       signal?.throwIfAborted();
       const known = await hashes.all();
       await writer.commit();
-      return { files: await describeFiles(input.outDir, known), tensorsMerged: merged, tensorsCopied: tensors.length - merged };
+      return {
+        files: await describeFiles(input.outDir, known),
+        tensorsMerged: merged,
+        tensorsCopied: tensors.length - merged,
+      };
     } catch (err) {
       throw signal?.aborted === true ? signal.reason : err;
     } finally {
@@ -149,7 +162,10 @@ export function contributionsTo(tensor: string, parties: readonly MergeParty[]):
  * Size and SHA-256 of every file of a folder (a checkpoint folder is flat).
  * @param known - Files already described (by name), not read again.
  */
-export async function describeFiles(dir: string, known: ReadonlyMap<string, MergedFileInfo> = new Map()): Promise<MergedFileInfo[]> {
+export async function describeFiles(
+  dir: string,
+  known: ReadonlyMap<string, MergedFileInfo> = new Map(),
+): Promise<MergedFileInfo[]> {
   const files: MergedFileInfo[] = [];
   for (const entry of (await readdir(dir, { withFileTypes: true })).sort((a, b) => (a.name < b.name ? -1 : 1))) {
     if (!entry.isFile()) continue;
@@ -168,7 +184,8 @@ async function describeFile(path: string, name: string): Promise<MergedFileInfo>
   const fh = await open(path, 'r');
   try {
     let size = 0;
-    for (let n; (n = (await fh.read(buf, 0, buf.length, size)).bytesRead) > 0; size += n) hash.update(buf.subarray(0, n));
+    for (let n; (n = (await fh.read(buf, 0, buf.length, size)).bytesRead) > 0; size += n)
+      hash.update(buf.subarray(0, n));
     return { path: name, size, sha256: hash.digest('hex') };
   } finally {
     await fh.close();

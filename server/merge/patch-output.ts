@@ -47,7 +47,7 @@ export async function writePiece(dir: string, index: number, records: readonly U
   const tmp = join(dir, `${index}.tmp-${randomBytes(6).toString('hex')}`);
   const fh = await open(tmp, 'w');
   try {
-    for (const r of records) for (let done = 0; done < r.length; ) done += (await fh.write(r, done)).bytesWritten;
+    for (const r of records) for (let done = 0; done < r.length;) done += (await fh.write(r, done)).bytesWritten;
     await fh.datasync();
   } catch (err) {
     await fh.close();
@@ -65,7 +65,12 @@ export async function writePiece(dir: string, index: number, records: readonly U
  * in place and is described as it is.
  * @returns Its name, size and SHA-256.
  */
-export async function commitPatch(path: string, dir: string, base: Checkpoint, baseFingerprint: string): Promise<MergedFileInfo> {
+export async function commitPatch(
+  path: string,
+  dir: string,
+  base: Checkpoint,
+  baseFingerprint: string,
+): Promise<MergedFileInfo> {
   let names: string[];
   try {
     names = await readdir(dir);
@@ -76,7 +81,13 @@ export async function commitPatch(path: string, dir: string, base: Checkpoint, b
   const pieces = new Set(names.filter((n) => /^\d+$/.test(n)).map(Number));
   const tensors = base.tensors();
   const changed = tensors.flatMap((t, index) => (pieces.has(index) ? [{ t, index }] : []));
-  const writer = await PatchWriter.create(path, patchHeader(baseFingerprint, changed.map((c) => c.t)));
+  const writer = await PatchWriter.create(
+    path,
+    patchHeader(
+      baseFingerprint,
+      changed.map((c) => c.t),
+    ),
+  );
   let info: MergedFileInfo;
   try {
     for (const { index } of changed) await writer.appendFile(join(dir, String(index)));

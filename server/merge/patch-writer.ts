@@ -50,7 +50,7 @@ export class PatchWriter {
     for (const p of parts) {
       this.hash.update(p);
       this.size += p.length;
-      for (let done = 0; done < p.length; ) done += (await fh.write(p, done)).bytesWritten;
+      for (let done = 0; done < p.length;) done += (await fh.write(p, done)).bytesWritten;
     }
   }
 

@@ -69,7 +69,13 @@ export class SpooledTensorError extends FormatError {
  *   `out` when it was used, otherwise new memory (never a view of `buffer`).
  * @throws SpooledTensorError naming the party, spool file and tensor if a spooled tensor is damaged, is another tensor or is gone.
  */
-export async function mergeTensor(base: Checkpoint, task: TensorTask, buffer: Float32Array, signal?: AbortSignal, out?: Uint8Array): Promise<Uint8Array> {
+export async function mergeTensor(
+  base: Checkpoint,
+  task: TensorTask,
+  buffer: Float32Array,
+  signal?: AbortSignal,
+  out?: Uint8Array,
+): Promise<Uint8Array> {
   return (await mergeTensorOutputs(base, task, buffer, signal, out)).bytes;
 }
 
@@ -79,7 +85,13 @@ export async function mergeTensor(base: Checkpoint, task: TensorTask, buffer: Fl
  * of the same accumulator rounded by the same function as the dense tensor.
  * @throws As {@link mergeTensor}.
  */
-export async function mergeTensorOutputs(base: Checkpoint, task: TensorTask, buffer: Float32Array, signal?: AbortSignal, out?: Uint8Array): Promise<MergedOutputs> {
+export async function mergeTensorOutputs(
+  base: Checkpoint,
+  task: TensorTask,
+  buffer: Float32Array,
+  signal?: AbortSignal,
+  out?: Uint8Array,
+): Promise<MergedOutputs> {
   const info = base.info(task.name);
   const support = task.patch === true ? new PatchSupport(info.numel) : undefined;
   const acc = await accumulateTensor(base, task, buffer, signal, support);
@@ -100,7 +112,13 @@ export async function mergeTensorOutputs(base: Checkpoint, task: TensorTask, buf
  * @returns A view of `buffer` holding the tensor.
  * @throws As {@link mergeTensor}.
  */
-export async function accumulateTensor(base: Checkpoint, task: TensorTask, buffer: Float32Array, signal?: AbortSignal, support?: PatchSupport): Promise<Float32Array> {
+export async function accumulateTensor(
+  base: Checkpoint,
+  task: TensorTask,
+  buffer: Float32Array,
+  signal?: AbortSignal,
+  support?: PatchSupport,
+): Promise<Float32Array> {
   const opts = signal === undefined ? {} : { signal };
   const acc = await base.readF32(task.name, { into: buffer, ...opts });
   for (const c of task.contributions) await addSpooled(acc, task.name, c, task.outsideByMax, { ...opts, support });
@@ -111,13 +129,22 @@ export async function accumulateTensor(base: Checkpoint, task: TensorTask, buffe
  * Adds `c_i · f_p · Δ|p` of one spooled tensor into `acc`, chunk by chunk, checking every record again.
  * @throws SpooledTensorError when the spool file is unusable or missing.
  */
-async function addSpooled(acc: Float32Array, name: string, c: Contribution, outsideByMax: boolean, opts: SpoolReadOptions): Promise<void> {
+async function addSpooled(
+  acc: Float32Array,
+  name: string,
+  c: Contribution,
+  outsideByMax: boolean,
+  opts: SpoolReadOptions,
+): Promise<void> {
   try {
     await addSpooledFile(acc, name, c, outsideByMax, opts);
   } catch (err) {
     if (opts.signal?.aborted === true) throw err;
     if (err instanceof FormatError) throw new SpooledTensorError(c.party, err.message, c.file, name, { cause: err });
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new SpooledTensorError(c.party, `${c.file}, tensor "${name}": the spool file is gone`, c.file, name, { cause: err });
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT')
+      throw new SpooledTensorError(c.party, `${c.file}, tensor "${name}": the spool file is gone`, c.file, name, {
+        cause: err,
+      });
     throw err;
   }
 }
@@ -128,13 +155,20 @@ interface SpoolReadOptions {
   support?: PatchSupport | undefined;
 }
 
-async function addSpooledFile(acc: Float32Array, name: string, c: Contribution, outsideByMax: boolean, opts: SpoolReadOptions): Promise<void> {
+async function addSpooledFile(
+  acc: Float32Array,
+  name: string,
+  c: Contribution,
+  outsideByMax: boolean,
+  opts: SpoolReadOptions,
+): Promise<void> {
   const { file } = c;
   let assembler: TensorAssembler | undefined;
   for await (const record of readDeltaFile(file, opts.signal === undefined ? {} : { signal: opts.signal })) {
     if (record.header !== undefined) {
       const planned = record.header.tensors;
-      if (planned.length !== 1 || planned[0]!.name !== name) throw new FormatError('spool file does not hold this tensor', { file, tensor: name });
+      if (planned.length !== 1 || planned[0]!.name !== name)
+        throw new FormatError('spool file does not hold this tensor', { file, tensor: name });
       assembler = new TensorAssembler({ file, entries: 'stream' });
       continue;
     }
@@ -143,5 +177,6 @@ async function addSpooledFile(acc: Float32Array, name: string, c: Contribution, 
     addChunkScaled(acc, chunk, c.weight * partitionFactor(c.factors, chunk.partition, outsideByMax));
     opts.support?.add(chunk);
   }
-  if (assembler?.complete !== true) throw new FormatError('spool file ends before the tensor end', { file, tensor: name });
+  if (assembler?.complete !== true)
+    throw new FormatError('spool file ends before the tensor end', { file, tensor: name });
 }

@@ -39,7 +39,10 @@ export async function connectNats(opts: NatsOptions, name: string): Promise<Nats
       ...(creds === undefined ? {} : { authenticator: credsAuthenticator(creds) }),
     });
   } catch (cause) {
-    throw new NatsUnavailableError(`cannot connect to NATS at ${redactUrl(opts.url)}: ${redactUrl(describeNatsError(cause))}`, { cause });
+    throw new NatsUnavailableError(
+      `cannot connect to NATS at ${redactUrl(opts.url)}: ${redactUrl(describeNatsError(cause))}`,
+      { cause },
+    );
   }
 }
 
@@ -47,5 +50,7 @@ export async function connectNats(opts: NatsOptions, name: string): Promise<Nats
 export function describeNatsError(err: unknown): string {
   if (!(err instanceof Error)) return String(err);
   // nats.js wraps socket errors ("connection refused") around the system error (ECONNREFUSED…): show both.
-  return err.cause instanceof Error && err.cause.message !== err.message ? `${err.message} (${err.cause.message})` : err.message;
+  return err.cause instanceof Error && err.cause.message !== err.message
+    ? `${err.message} (${err.cause.message})`
+    : err.message;
 }

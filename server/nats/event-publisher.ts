@@ -24,7 +24,14 @@ import type { Logger } from '../log.js';
 import { NatsMetrics } from '../metrics.js';
 import { streamInfoOrCreate } from './streams.js';
 import {
-  EVENTS_STREAM, EVENTS_STREAM_LIMITS, EVENTS_STREAM_SUBJECTS, eventKind, eventMsgId, eventSubject, jobSubjects, seqOfMsgId,
+  EVENTS_STREAM,
+  EVENTS_STREAM_LIMITS,
+  EVENTS_STREAM_SUBJECTS,
+  eventKind,
+  eventMsgId,
+  eventSubject,
+  jobSubjects,
+  seqOfMsgId,
 } from './subjects.js';
 
 /** Options of {@link NatsEventPublisher.start}. */
@@ -139,7 +146,11 @@ export class NatsEventPublisher {
     p.statusLoop = p.watchStatus();
     void nc.closed().then((err) => {
       p.connected = false;
-      if (!p.stopping) opts.log.error('the NATS connection closed for good; job events are no longer published until the server restarts', { err });
+      if (!p.stopping)
+        opts.log.error(
+          'the NATS connection closed for good; job events are no longer published until the server restarts',
+          { err },
+        );
     });
     for (const c of cursors) {
       p.cursors.set(c.jobId, c);
@@ -147,7 +158,11 @@ export class NatsEventPublisher {
     }
     p.unsubscribe = opts.events.onAppended((e) => p.appended(e));
     p.loop = p.run().catch((err: unknown) => opts.log.error('the NATS publisher stopped unexpectedly', { err }));
-    opts.log.info('publishing job events to NATS', { url: redactUrl(opts.url), stream: EVENTS_STREAM, pending: p.pending() });
+    opts.log.info('publishing job events to NATS', {
+      url: redactUrl(opts.url),
+      stream: EVENTS_STREAM,
+      pending: p.pending(),
+    });
     return p;
   }
 
@@ -200,7 +215,9 @@ export class NatsEventPublisher {
     try {
       await Promise.race([
         this.nc.drain(),
-        new Promise((_resolve, reject) => (timer = setTimeout(() => reject(new Error('drain timed out')), DRAIN_TIMEOUT_MS))),
+        new Promise(
+          (_resolve, reject) => (timer = setTimeout(() => reject(new Error('drain timed out')), DRAIN_TIMEOUT_MS)),
+        ),
       ]);
     } catch (err) {
       this.log.warn('cannot drain the NATS connection; closing it', { err });
@@ -228,10 +245,14 @@ export class NatsEventPublisher {
     for await (const s of this.nc.status()) {
       if (s.type === 'disconnect') {
         this.connected = false;
-        if (!this.stopping) this.log.warn('lost the connection to NATS; job events wait in the outbox', { server: s.server });
+        if (!this.stopping)
+          this.log.warn('lost the connection to NATS; job events wait in the outbox', { server: s.server });
       } else if (s.type === 'reconnect') {
         this.connected = true;
-        this.log.info('reconnected to NATS; publishing pending job events', { server: s.server, pending: this.pending() });
+        this.log.info('reconnected to NATS; publishing pending job events', {
+          server: s.server,
+          pending: this.pending(),
+        });
         this.wakeUp?.();
       }
     }
@@ -264,7 +285,8 @@ export class NatsEventPublisher {
         this.checkStream = true;
         this.metrics.publishErrors.inc();
         // One warning per outage, not one per retry.
-        if (!failing && !this.stopping) this.log.warn('cannot publish a job event to NATS; retrying', { jobId: c.jobId, err });
+        if (!failing && !this.stopping)
+          this.log.warn('cannot publish a job event to NATS; retrying', { jobId: c.jobId, err });
         else this.log.debug('publishing to NATS failed again', { jobId: c.jobId, err });
         failing = true;
         if (this.stopping) break;
@@ -295,8 +317,17 @@ export class NatsEventPublisher {
     if (c.reconcile) {
       const inStream = await this.lastInStream(c.jobId);
       if (inStream > c.published) {
-        this.log.info('job events were already in the stream; continuing after them', { jobId: c.jobId, from: c.published, to: inStream });
-        if (inStream > c.written) this.log.warn('the stream holds events of this job that its log does not', { jobId: c.jobId, inStream, written: c.written });
+        this.log.info('job events were already in the stream; continuing after them', {
+          jobId: c.jobId,
+          from: c.published,
+          to: inStream,
+        });
+        if (inStream > c.written)
+          this.log.warn('the stream holds events of this job that its log does not', {
+            jobId: c.jobId,
+            inStream,
+            written: c.written,
+          });
         c.published = inStream;
         this.dirty.add(c.jobId);
       }
@@ -347,7 +378,10 @@ export class NatsEventPublisher {
     if (!force && Date.now() - c.savedAt < SAVE_INTERVAL_MS) return;
     const seq = c.published;
     try {
-      await writeFileDurably(join(this.opts.jobDir(c.jobId), CURSOR_FILE), `${JSON.stringify({ version: CURSOR_VERSION, publishedSeq: seq.toString() })}\n`);
+      await writeFileDurably(
+        join(this.opts.jobDir(c.jobId), CURSOR_FILE),
+        `${JSON.stringify({ version: CURSOR_VERSION, publishedSeq: seq.toString() })}\n`,
+      );
       c.saved = seq;
       c.savedAt = Date.now();
       if (c.published === c.saved) this.dirty.delete(c.jobId);
@@ -387,13 +421,21 @@ export async function ensureStream(jsm: JetStreamManager): Promise<void> {
     duplicate_window: nanos(EVENTS_STREAM_LIMITS.duplicateWindowMs),
     discard: DiscardPolicy.Old,
   };
-  const existing = await streamInfoOrCreate(jsm, { name: EVENTS_STREAM, subjects: [EVENTS_STREAM_SUBJECTS], retention: RetentionPolicy.Limits, ...limits });
+  const existing = await streamInfoOrCreate(jsm, {
+    name: EVENTS_STREAM,
+    subjects: [EVENTS_STREAM_SUBJECTS],
+    retention: RetentionPolicy.Limits,
+    ...limits,
+  });
   if (existing === undefined) return;
   const subjects = existing.config.subjects ?? [];
   const config = existing.config;
-  const same = subjects.includes(EVENTS_STREAM_SUBJECTS)
-    && config.max_age === limits.max_age && config.max_bytes === limits.max_bytes
-    && config.duplicate_window === limits.duplicate_window && config.discard === limits.discard;
+  const same =
+    subjects.includes(EVENTS_STREAM_SUBJECTS) &&
+    config.max_age === limits.max_age &&
+    config.max_bytes === limits.max_bytes &&
+    config.duplicate_window === limits.duplicate_window &&
+    config.discard === limits.discard;
   if (same) return;
   await jsm.streams.update(EVENTS_STREAM, {
     ...config,
@@ -417,7 +459,12 @@ async function loadCursor(jobDir: string, log: Logger): Promise<bigint> {
   }
   try {
     const parsed = JSON.parse(text) as { version?: unknown; publishedSeq?: unknown };
-    if (parsed.version === CURSOR_VERSION && typeof parsed.publishedSeq === 'string' && /^[0-9]+$/.test(parsed.publishedSeq)) return BigInt(parsed.publishedSeq);
+    if (
+      parsed.version === CURSOR_VERSION &&
+      typeof parsed.publishedSeq === 'string' &&
+      /^[0-9]+$/.test(parsed.publishedSeq)
+    )
+      return BigInt(parsed.publishedSeq);
   } catch {
     // Reported below.
   }

@@ -35,12 +35,14 @@ export class Authenticator {
     const values = metadata.get('authorization');
     const header = values.length === 1 && typeof values[0] === 'string' ? values[0] : undefined;
     const m = header === undefined ? null : /^Bearer\s+(\S+)\s*$/i.exec(header);
-    if (m === null) throw new UnauthenticatedError('missing credentials: send `authorization: Bearer <token>` metadata');
+    if (m === null)
+      throw new UnauthenticatedError('missing credentials: send `authorization: Bearer <token>` metadata');
     const hash = Buffer.from(hashToken(m[1]!), 'hex');
     let found: Caller | undefined = sameHash(hash, this.adminHash) ? { kind: 'admin' } : undefined;
     // No early exit: every party is compared, whichever matches.
     for (const job of this.store.list()) {
-      for (const p of job.parties) if (sameHash(hash, p.tokenSha256)) found = { kind: 'party', jobId: job.id, party: p.name };
+      for (const p of job.parties)
+        if (sameHash(hash, p.tokenSha256)) found = { kind: 'party', jobId: job.id, party: p.name };
     }
     if (found === undefined) throw new UnauthenticatedError('unknown token');
     if (found.kind === 'party') noteCall({ jobId: found.jobId, party: found.party });
@@ -58,7 +60,8 @@ export class Authenticator {
    */
   requireJobAccess(metadata: Metadata, jobId: string): Caller {
     const caller = this.caller(metadata);
-    if (caller.kind === 'party' && caller.jobId !== jobId) throw new PermissionDeniedError(`the token is not valid for job ${jobId}`);
+    if (caller.kind === 'party' && caller.jobId !== jobId)
+      throw new PermissionDeniedError(`the token is not valid for job ${jobId}`);
     return caller;
   }
 

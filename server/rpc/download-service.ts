@@ -29,10 +29,14 @@ export function downloadService(deps: DownloadServiceDeps, rpc: RpcWrapper): Dow
     const caller = deps.auth.requireJobAccess(metadata, jobId);
     const job = deps.store.get(jobId);
     if (caller.kind === 'party' && !job.merge.partiesMayDownload) {
-      throw new PermissionDeniedError(`job ${jobId} does not let parties download the merged checkpoint (merge.parties_may_download)`);
+      throw new PermissionDeniedError(
+        `job ${jobId} does not let parties download the merged checkpoint (merge.parties_may_download)`,
+      );
     }
     if (job.state !== JobState.JOB_STATE_MERGED || job.merged === undefined) {
-      throw new FailedPreconditionError(`job ${jobId} is ${stateName(job.state)}: the merged checkpoint exists once it is MERGED`);
+      throw new FailedPreconditionError(
+        `job ${jobId} is ${stateName(job.state)}: the merged checkpoint exists once it is MERGED`,
+      );
     }
     return job as StoredJob & { merged: { files: MergedFileInfo[] } };
   };
@@ -40,12 +44,15 @@ export function downloadService(deps: DownloadServiceDeps, rpc: RpcWrapper): Dow
   return {
     listFiles: rpc.unary('dppa.v1.DownloadService/ListFiles', (req, ctx) => {
       const job = mergedJob(ctx.metadata, req.jobId);
-      return Promise.resolve({ files: job.merged.files.map((f) => ({ path: f.path, size: BigInt(f.size), sha256: f.sha256 })) });
+      return Promise.resolve({
+        files: job.merged.files.map((f) => ({ path: f.path, size: BigInt(f.size), sha256: f.sha256 })),
+      });
     }),
     download: rpc.serverStream('dppa.v1.DownloadService/Download', async (req, send, ctx) => {
       const job = mergedJob(ctx.metadata, req.jobId);
       const file = job.merged.files.find((f) => f.path === req.path);
-      if (file === undefined) throw new NotFoundError(`job ${req.jobId} has no file ${JSON.stringify(req.path)} (ListFiles names them)`);
+      if (file === undefined)
+        throw new NotFoundError(`job ${req.jobId} has no file ${JSON.stringify(req.path)} (ListFiles names them)`);
       await sendFile(join(deps.store.dir(job.id), 'merged', file.path), file, req.offset, send, ctx.signal);
     }),
     listPatch: rpc.unary('dppa.v1.DownloadService/ListPatch', (req, ctx) => {
@@ -55,7 +62,8 @@ export function downloadService(deps: DownloadServiceDeps, rpc: RpcWrapper): Dow
     downloadPatch: rpc.serverStream('dppa.v1.DownloadService/DownloadPatch', async (req, send, ctx) => {
       const job = mergedJob(ctx.metadata, req.jobId);
       const file = mergedPatch(job);
-      if (file.path !== req.path) throw new NotFoundError(`job ${req.jobId} has no patch ${JSON.stringify(req.path)} (ListPatch names it)`);
+      if (file.path !== req.path)
+        throw new NotFoundError(`job ${req.jobId} has no patch ${JSON.stringify(req.path)} (ListPatch names it)`);
       await sendFile(join(deps.store.dir(job.id), file.path), file, req.offset, send, ctx.signal);
     }),
   };
@@ -64,16 +72,26 @@ export function downloadService(deps: DownloadServiceDeps, rpc: RpcWrapper): Dow
 /** The job's merged patch. @throws FailedPreconditionError if its merge wrote none. */
 function mergedPatch(job: StoredJob): MergedFileInfo {
   const patch = job.merged?.patch;
-  if (patch === undefined) throw new FailedPreconditionError(`job ${job.id} has no merged patch: its merge.output wrote the dense checkpoint only`);
+  if (patch === undefined)
+    throw new FailedPreconditionError(
+      `job ${job.id} has no merged patch: its merge.output wrote the dense checkpoint only`,
+    );
   return patch;
 }
 
 /** Sends a recorded file from `offset` to its end in checksummed chunks. */
-async function sendFile(path: string, file: MergedFileInfo, from: bigint, send: (c: FileChunk) => Promise<void>, signal: AbortSignal): Promise<void> {
-  if (from > BigInt(file.size)) throw new OutOfRangeError(`offset ${from} is past the end of ${file.path} (${file.size} bytes)`);
+async function sendFile(
+  path: string,
+  file: MergedFileInfo,
+  from: bigint,
+  send: (c: FileChunk) => Promise<void>,
+  signal: AbortSignal,
+): Promise<void> {
+  if (from > BigInt(file.size))
+    throw new OutOfRangeError(`offset ${from} is past the end of ${file.path} (${file.size} bytes)`);
   const fh = await open(path, 'r');
   try {
-    for (let offset = Number(from); offset < file.size; ) {
+    for (let offset = Number(from); offset < file.size;) {
       signal.throwIfAborted();
       // A fresh buffer per chunk: the transport may still hold the previous one.
       const data = Buffer.allocUnsafe(Math.min(DOWNLOAD_CHUNK_BYTES, file.size - offset));

@@ -2,7 +2,11 @@
  * EvaluationService: the stream over which a party scores the candidates of its DPA search on its own machine.
  * See docs/design/federated-evaluation.md.
  */
-import type { EvaluationReply, EvaluationRequest, EvaluationServiceServer } from '../../proto/gen/dppa/v1/evaluation.js';
+import type {
+  EvaluationReply,
+  EvaluationRequest,
+  EvaluationServiceServer,
+} from '../../proto/gen/dppa/v1/evaluation.js';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import type { RemoteEvaluators } from '../dpa/remote-evaluators.js';
 import { evaluatorOf } from '../dpa/search-spec.js';
@@ -23,14 +27,26 @@ export interface EvaluationServiceDeps {
 /** The EvaluationService implementation. */
 export function evaluationService(deps: EvaluationServiceDeps, rpc: RpcWrapper): EvaluationServiceServer {
   // Endless: a party may wait for requests for as long as the other parties upload; a graceful stop ends it at once.
-  return { evaluate: rpc.bidiStream('dppa.v1.EvaluationService/Evaluate', (requests, send, ctx) => serve(deps, requests, send, ctx), true) };
+  return {
+    evaluate: rpc.bidiStream(
+      'dppa.v1.EvaluationService/Evaluate',
+      (requests, send, ctx) => serve(deps, requests, send, ctx),
+      true,
+    ),
+  };
 }
 
-async function serve(deps: EvaluationServiceDeps, requests: AsyncIterable<EvaluationReply>, send: Send<EvaluationRequest>, ctx: CallContext): Promise<void> {
+async function serve(
+  deps: EvaluationServiceDeps,
+  requests: AsyncIterable<EvaluationReply>,
+  send: Send<EvaluationRequest>,
+  ctx: CallContext,
+): Promise<void> {
   const messages = requests[Symbol.asyncIterator]();
   const first = await until(messages.next(), ctx.signal);
   const hello = first.done === true ? undefined : first.value.hello;
-  if (hello === undefined) throw new InvalidArgumentError('the first message of an evaluation stream must be an EvaluationHello');
+  if (hello === undefined)
+    throw new InvalidArgumentError('the first message of an evaluation stream must be an EvaluationHello');
   deps.auth.requireParty(ctx.metadata, hello.jobId, hello.party);
   if (!hasWork(deps.store.get(hello.jobId), hello.party)) return;
 
@@ -54,7 +70,8 @@ async function serve(deps: EvaluationServiceDeps, requests: AsyncIterable<Evalua
       if (next.done === true) return;
       const { hello: again, result } = next.value;
       if (again !== undefined) throw new InvalidArgumentError('EvaluationHello must be the first message only');
-      if (result === undefined) throw new InvalidArgumentError('every message after the hello must carry an EvaluationResult');
+      if (result === undefined)
+        throw new InvalidArgumentError('every message after the hello must carry an EvaluationResult');
       connection.deliver(result);
     }
   } catch (err) {
@@ -72,11 +89,15 @@ async function serve(deps: EvaluationServiceDeps, requests: AsyncIterable<Evalua
  */
 function hasWork(job: StoredJob, party: string): boolean {
   const search = job.dpa.search;
-  if (search === undefined) throw new FailedPreconditionError(`job ${job.id} does not search its factors: there is nothing to evaluate`);
+  if (search === undefined)
+    throw new FailedPreconditionError(`job ${job.id} does not search its factors: there is nothing to evaluate`);
   if (evaluatorOf(search, party) !== 'remote') {
-    throw new FailedPreconditionError(`the candidates of party ${party} of job ${job.id} are evaluated on the server (ONNX): there is nothing to evaluate`);
+    throw new FailedPreconditionError(
+      `the candidates of party ${party} of job ${job.id} are evaluated on the server (ONNX): there is nothing to evaluate`,
+    );
   }
-  if (job.state === JobState.JOB_STATE_FAILED) throw new FailedPreconditionError(`job ${job.id} failed: ${job.failureReason}`);
+  if (job.state === JobState.JOB_STATE_FAILED)
+    throw new FailedPreconditionError(`job ${job.id} failed: ${job.failureReason}`);
   const searched = job.parties.find((p) => p.name === party)?.chosen !== undefined;
   return !searched && (job.state === JobState.JOB_STATE_COLLECTING || job.state === JobState.JOB_STATE_DPA);
 }

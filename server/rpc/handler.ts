@@ -36,7 +36,8 @@ export interface ShutdownSignals {
 }
 
 /** What every kind of call has (grpc-js does not export its own name for it). */
-type SurfaceCall = Pick<ServerUnaryCall<unknown, unknown>, 'getDeadline' | 'metadata' | 'cancelled'> & NodeJS.EventEmitter;
+type SurfaceCall = Pick<ServerUnaryCall<unknown, unknown>, 'getDeadline' | 'metadata' | 'cancelled'> &
+  NodeJS.EventEmitter;
 
 /** Sends one message of a server stream, waiting for `drain` when the transport is full. */
 export type Send<T> = (message: T) => Promise<void>;
@@ -66,7 +67,10 @@ export class RpcWrapper {
   }
 
   /** A client-streaming handler; the requests are read with `for await`, which pulls one message at a time. */
-  clientStream<Req, Res>(method: string, fn: (requests: AsyncIterable<Req>, ctx: CallContext) => Promise<Res>): handleClientStreamingCall<Req, Res> {
+  clientStream<Req, Res>(
+    method: string,
+    fn: (requests: AsyncIterable<Req>, ctx: CallContext) => Promise<Res>,
+  ): handleClientStreamingCall<Req, Res> {
     return (call, callback) => {
       const body = async (ctx: CallContext, m: RpcCallMetrics): Promise<void> => {
         const response = await fn(counted(call, m), ctx);
@@ -103,7 +107,8 @@ export class RpcWrapper {
     fn: (requests: AsyncIterable<Req>, send: Send<Res>, ctx: CallContext) => Promise<void>,
     endless = false,
   ): handleBidiStreamingCall<Req, Res> {
-    return (call) => this.streamOut(method, 'bidi_stream', call, endless, (send, ctx, m) => fn(counted(call, m), send, ctx));
+    return (call) =>
+      this.streamOut(method, 'bidi_stream', call, endless, (send, ctx, m) => fn(counted(call, m), send, ctx));
   }
 
   /** Runs a handler that answers with a stream, ended when `fn` resolves. */
@@ -149,7 +154,9 @@ export class RpcWrapper {
     const fields: CallFields = {};
     if (typeof request?.jobId === 'string' && request.jobId !== '') fields.jobId = request.jobId;
     if (typeof request?.party === 'string' && request.party !== '') fields.party = request.party;
-    const running = withCallFields(fields, () => this.runTracked(method, type, call, stopOn, body, fail, fields)).finally(() => this.inFlight.delete(running));
+    const running = withCallFields(fields, () =>
+      this.runTracked(method, type, call, stopOn, body, fail, fields),
+    ).finally(() => this.inFlight.delete(running));
     this.inFlight.add(running);
     return running;
   }
@@ -177,13 +184,18 @@ export class RpcWrapper {
     if (shutdown.aborted) onShutdown();
     const deadline = call.getDeadline();
     const ms = (deadline instanceof Date ? deadline.getTime() : deadline) - Date.now();
-    const timer = Number.isFinite(ms) ? setTimeout(() => abort(new DeadlineExceededError('deadline exceeded')), Math.max(0, ms)) : undefined;
+    const timer = Number.isFinite(ms)
+      ? setTimeout(() => abort(new DeadlineExceededError('deadline exceeded')), Math.max(0, ms))
+      : undefined;
     let code = Code.OK;
     try {
       await body({ signal: controller.signal, metadata: call.metadata }, m);
     } catch (thrown) {
       // Once the call is aborted, whatever the handler threw on the way out is a consequence of that.
-      const st = toStatus(controller.signal.aborted ? controller.signal.reason : thrown, this.log.child({ rpc: method, ...fields }));
+      const st = toStatus(
+        controller.signal.aborted ? controller.signal.reason : thrown,
+        this.log.child({ rpc: method, ...fields }),
+      );
       code = st.code;
       if (!call.cancelled) fail(st);
     } finally {

@@ -21,7 +21,9 @@ export function widenReceiveWindow(server: Server, bytes: number, log: Logger): 
   if (bytes <= DEFAULT_HTTP2_WINDOW) return;
   const servers = (server as unknown as { http2Servers?: unknown }).http2Servers;
   if (!(servers instanceof Map) || servers.size === 0) {
-    log.warn('cannot set the HTTP/2 receive window (grpc-js internals changed): uploads keep the 64 KiB window', { bytes });
+    log.warn('cannot set the HTTP/2 receive window (grpc-js internals changed): uploads keep the 64 KiB window', {
+      bytes,
+    });
     return;
   }
   const widen = (session: ServerHttp2Session): void => {

@@ -32,6 +32,9 @@ export function protoRoot(): string {
 /** Adds the reflection service (v1 and v1alpha) describing the server's schema. */
 export function addReflection(server: Server): void {
   const root = protoRoot();
-  const pkg = loadSync(PROTO_FILES.map((f) => `${root}${f}`), { includeDirs: [root] });
+  const pkg = loadSync(
+    PROTO_FILES.map((f) => `${root}${f}`),
+    { includeDirs: [root] },
+  );
   new ReflectionService(pkg).addToServer(server);
 }

@@ -17,4 +17,3 @@ export function uploadService(deps: UploadDeps, rpc: RpcWrapper): UploadServiceS
     upload: rpc.clientStream('dppa.v1.UploadService/Upload', (requests, ctx) => receiveUpload(deps, requests, ctx)),
   };
 }
-

@@ -2,7 +2,12 @@
  * Checks a party's DeltaHeader against its job and the job's base checkpoint
  * before any tensor of it is accepted.
  */
-import { checkLevels, outsidePolicyFromWire, pruneMethodFromWire, type PruneMethod } from '../../proto/algorithm/index.js';
+import {
+  checkLevels,
+  outsidePolicyFromWire,
+  pruneMethodFromWire,
+  type PruneMethod,
+} from '../../proto/algorithm/index.js';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import { TensorKind, ValueKind, type DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
 import { DELTA_FORMAT_VERSION, storageDtype } from '../../proto/sparse/index.js';
@@ -26,11 +31,21 @@ export function requireCollecting(job: StoredJob): void {
  * @throws FailedPreconditionError when the delta was made for another base, method, rate or factor count.
  * @throws InvalidArgumentError when the header is malformed or plans a tensor the base lacks or shapes differently.
  */
-export function checkDeltaHeader(job: StoredJob, party: string, header: DeltaHeader, baseShapes: ReadonlyMap<string, readonly number[]>): void {
+export function checkDeltaHeader(
+  job: StoredJob,
+  party: string,
+  header: DeltaHeader,
+  baseShapes: ReadonlyMap<string, readonly number[]>,
+): void {
   if (header.formatVersion !== DELTA_FORMAT_VERSION) {
-    throw new InvalidArgumentError(`DeltaHeader format_version is ${header.formatVersion}, this server reads ${DELTA_FORMAT_VERSION}`);
+    throw new InvalidArgumentError(
+      `DeltaHeader format_version is ${header.formatVersion}, this server reads ${DELTA_FORMAT_VERSION}`,
+    );
   }
-  if (header.valueKind !== ValueKind.VALUE_KIND_UNSPECIFIED) throw new InvalidArgumentError('DeltaHeader value_kind: the upload is a merged patch (or of an unknown kind), not a delta');
+  if (header.valueKind !== ValueKind.VALUE_KIND_UNSPECIFIED)
+    throw new InvalidArgumentError(
+      'DeltaHeader value_kind: the upload is a merged patch (or of an unknown kind), not a delta',
+    );
   if (header.baseFingerprint !== job.baseFingerprint) {
     throw new FailedPreconditionError(
       `the delta was made against base ${header.baseFingerprint || '(none)'}, but job ${job.id} merges into base ${job.baseFingerprint}`,
@@ -38,12 +53,18 @@ export function checkDeltaHeader(job: StoredJob, party: string, header: DeltaHea
   }
   const method = headerMethod(header);
   if (method !== job.method) {
-    throw new FailedPreconditionError(`the delta was pruned with method ${JSON.stringify(method ?? '')}, job ${job.id} requires ${JSON.stringify(job.method)}`);
+    throw new FailedPreconditionError(
+      `the delta was pruned with method ${JSON.stringify(method ?? '')}, job ${job.id} requires ${JSON.stringify(job.method)}`,
+    );
   }
-  if (header.rate !== job.rate) throw new FailedPreconditionError(`the delta was pruned at rate ${header.rate}, job ${job.id} requires ${job.rate}`);
+  if (header.rate !== job.rate)
+    throw new FailedPreconditionError(
+      `the delta was pruned at rate ${header.rate}, job ${job.id} requires ${job.rate}`,
+    );
   asInvalidArgument(() => outsidePolicyFromWire(header.outside, header.options['outside'] ?? '', 'DeltaHeader '));
   asInvalidArgument(() => checkLevels(header.levels, header.rate), 'DeltaHeader ');
-  if (storageDtype(header.valueDtype) === undefined) throw new InvalidArgumentError(`DeltaHeader value_dtype: ${header.valueDtype} is not a known precision`);
+  if (storageDtype(header.valueDtype) === undefined)
+    throw new InvalidArgumentError(`DeltaHeader value_dtype: ${header.valueDtype} is not a known precision`);
   // Off and search fit any number of partitions; fixed factors fit only their own number.
   const factors = job.dpa.fixed === undefined ? undefined : partyFactors(job, party, header.levels.length)!;
   if (factors !== undefined && factors.length !== header.levels.length) {
@@ -59,12 +80,16 @@ export function checkDeltaHeader(job: StoredJob, party: string, header: DeltaHea
       throw new InvalidArgumentError(`tensor "${t.name}": kind ${t.kind} is not LINEAR or OUTSIDE`);
     }
     if (t.levelRates.length !== header.levels.length) {
-      throw new InvalidArgumentError(`tensor "${t.name}": ${t.levelRates.length} level rate(s), the header has ${header.levels.length} level(s)`);
+      throw new InvalidArgumentError(
+        `tensor "${t.name}": ${t.levelRates.length} level rate(s), the header has ${header.levels.length} level(s)`,
+      );
     }
     const expected = baseShapes.get(t.name);
     if (expected === undefined) throw new InvalidArgumentError(`tensor "${t.name}" is not in the base checkpoint`);
     if (!sameShape(t.shape, expected)) {
-      throw new InvalidArgumentError(`tensor "${t.name}": shape [${t.shape.join(', ')}] in the delta, the base has [${expected.join(', ')}]`);
+      throw new InvalidArgumentError(
+        `tensor "${t.name}": shape [${t.shape.join(', ')}] in the delta, the base has [${expected.join(', ')}]`,
+      );
     }
   }
 }

@@ -177,7 +177,11 @@ export class PartySpool {
     const names = await filesIn(this.dir);
     for (const name of names.filter((n) => n.includes(TEMP_MARK))) {
       // Another replica may be writing it right now.
-      if (shared && Date.now() - (await stat(join(this.dir, name)).catch(() => ({ mtimeMs: 0 }))).mtimeMs < STALE_TEMP_MS) continue;
+      if (
+        shared &&
+        Date.now() - (await stat(join(this.dir, name)).catch(() => ({ mtimeMs: 0 }))).mtimeMs < STALE_TEMP_MS
+      )
+        continue;
       await rm(join(this.dir, name), { force: true });
     }
     await this.readBack(names, log);
@@ -189,7 +193,11 @@ export class PartySpool {
    */
   async refresh(log: Logger): Promise<void> {
     const names = await filesIn(this.dir);
-    await this.readBack(names.filter((n) => !n.includes(TEMP_MARK)), log, false);
+    await this.readBack(
+      names.filter((n) => !n.includes(TEMP_MARK)),
+      log,
+      false,
+    );
   }
 
   private async readBack(names: string[], log: Logger, prune = true): Promise<void> {
@@ -227,9 +235,14 @@ export class PartySpool {
 
   /** A discarded spool: `held` from `discarded.json`; tensor files a deletion cut short are deleted (when `prune`). */
   private async readDiscarded(names: string[], prune: boolean): Promise<void> {
-    const list = JSON.parse(await readFile(join(this.dir, DISCARDED_FILE), 'utf8')) as { name: string; index: number; bytes: number }[];
+    const list = JSON.parse(await readFile(join(this.dir, DISCARDED_FILE), 'utf8')) as {
+      name: string;
+      index: number;
+      bytes: number;
+    }[];
     this.held.clear();
-    for (const { name, index, bytes } of list) this.held.set(name, { name, index, bytes, file: join(this.dir, `${index}.dppa`) });
+    for (const { name, index, bytes } of list)
+      this.held.set(name, { name, index, bytes, file: join(this.dir, `${index}.dppa`) });
     this.discarded = true;
     if (prune) await this.removeTensorFiles(names);
   }
@@ -298,7 +311,8 @@ export class Spool {
   /** Registers the (empty) spools of a new job's parties. */
   addJob(job: StoredJob): void {
     for (const p of job.parties) {
-      if (!this.parties.has(key(job.id, p.name))) this.parties.set(key(job.id, p.name), new PartySpool(join(this.store.dir(job.id), 'uploads', p.name)));
+      if (!this.parties.has(key(job.id, p.name)))
+        this.parties.set(key(job.id, p.name), new PartySpool(join(this.store.dir(job.id), 'uploads', p.name)));
     }
   }
 

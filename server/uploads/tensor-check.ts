@@ -3,10 +3,22 @@
  * partitions, no position kept twice. See docs/design/uploads.md.
  */
 import { FormatError } from '../../proto/errors.js';
-import { TensorKind, type DeltaHeader, type SparseChunk, type TensorEnd, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
+import {
+  TensorKind,
+  type DeltaHeader,
+  type SparseChunk,
+  type TensorEnd,
+  type TensorPlan,
+} from '../../proto/gen/dppa/v1/sparse.js';
 import type { Dtype } from '../../proto/safetensors/index.js';
 import { decodeToF32 } from '../../proto/safetensors/index.js';
-import { firstValueBeyond, magnitudeLimit, shapeNumel, storageDtype, type DecodedChunk } from '../../proto/sparse/index.js';
+import {
+  firstValueBeyond,
+  magnitudeLimit,
+  shapeNumel,
+  storageDtype,
+  type DecodedChunk,
+} from '../../proto/sparse/index.js';
 
 /** What the checks of one upload's tensors share: the header's precision, the bound, a reusable bit set. */
 export class ContentRules {
@@ -60,11 +72,14 @@ export class TensorCheck {
   chunk(raw: SparseChunk, decoded: DecodedChunk): void {
     const label = `chunk ${raw.index}`;
     const dtype = storageDtype(raw.valueDtype);
-    if (dtype !== this.rules.dtype) throw this.error(`${label}: values are ${dtype}, the header says ${this.rules.dtype}`);
+    if (dtype !== this.rules.dtype)
+      throw this.error(`${label}: values are ${dtype}, the header says ${this.rules.dtype}`);
     const p = decoded.partition;
     if (this.linear ? p === 0 : p !== 0) {
       const allowed = this.linear ? `1..${this.rules.partitions}` : '0';
-      throw this.error(`${label}: partition ${p}, but ${this.linear ? 'a linear' : 'an outside'} tensor's entries are in partition ${allowed}`);
+      throw this.error(
+        `${label}: partition ${p}, but ${this.linear ? 'a linear' : 'an outside'} tensor's entries are in partition ${allowed}`,
+      );
     }
     const bad = firstValueBeyond(raw.values, dtype, this.limit);
     if (bad >= 0) {
@@ -84,7 +99,9 @@ export class TensorCheck {
   end(end: TensorEnd): void {
     const expected = this.linear ? this.rules.partitions + 1 : 1;
     if (end.keptPerPartition.length !== expected) {
-      throw this.error(`tensor end lists ${end.keptPerPartition.length} partition count(s), ${this.linear ? 'a linear' : 'an outside'} tensor has ${expected}`);
+      throw this.error(
+        `tensor end lists ${end.keptPerPartition.length} partition count(s), ${this.linear ? 'a linear' : 'an outside'} tensor has ${expected}`,
+      );
     }
   }
 
@@ -96,7 +113,8 @@ export class TensorCheck {
       const pos = positions[i]!;
       const byte = Math.floor(pos / 8);
       const bit = 1 << (pos % 8);
-      if ((seen[byte]! & bit) !== 0) throw this.error(`${label}: position ${pos} (partition ${c.partition}) is also kept in an earlier partition`);
+      if ((seen[byte]! & bit) !== 0)
+        throw this.error(`${label}: position ${pos} (partition ${c.partition}) is also kept in an earlier partition`);
       seen[byte] = seen[byte]! | bit;
     }
   }

@@ -7,12 +7,7 @@ import { TensorAssembler } from '../../proto/sparse/index.js';
 import { DeltaHeader, type DeltaRecord, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
 import type { UploadRequest, UploadState } from '../../proto/gen/dppa/v1/upload.js';
 import { Checkpoint } from '../../proto/safetensors/index.js';
-import {
-  AbortedError,
-  FailedPreconditionError,
-  InvalidArgumentError,
-  ResourceExhaustedError,
-} from '../errors.js';
+import { AbortedError, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError } from '../errors.js';
 import type { JobEvents } from '../jobs/job-events.js';
 import type { JobRunner } from '../jobs/job-runner.js';
 import type { JobStore, StoredJob } from '../jobs/job-store.js';
@@ -64,13 +59,21 @@ export function uploadState(jobId: string, party: string, spool: PartySpool): Up
  *   UnauthenticatedError, FormatError, ChecksumError as the records dictate; AbortedError when a newer
  *   stream of the party took over; the call's signal's reason when it aborts.
  */
-export async function receiveUpload(deps: UploadDeps, requests: AsyncIterable<UploadRequest>, ctx: CallContext): Promise<UploadState> {
+export async function receiveUpload(
+  deps: UploadDeps,
+  requests: AsyncIterable<UploadRequest>,
+  ctx: CallContext,
+): Promise<UploadState> {
   const takenOver = new AbortController();
   let session: UploadSession | undefined;
   try {
     for await (const req of untilAborted(requests, AbortSignal.any([ctx.signal, takenOver.signal]))) {
       const bad = undecodable(req);
-      if (bad !== undefined) throw new InvalidArgumentError(`upload message ${session === undefined ? 1 : 'after the UploadOpen'} does not decode: ${bad.message}`, { cause: bad });
+      if (bad !== undefined)
+        throw new InvalidArgumentError(
+          `upload message ${session === undefined ? 1 : 'after the UploadOpen'} does not decode: ${bad.message}`,
+          { cause: bad },
+        );
       if (session === undefined) session = await UploadSession.open(deps, req, ctx, takenOver);
       else await session.take(req);
     }
@@ -146,7 +149,12 @@ class UploadSession {
    * Opens the session of the party named by `req`, taking its upload slot
    * over from a stream that holds it (`takenOver` ends this one in turn).
    */
-  static async open(deps: UploadDeps, req: UploadRequest, ctx: CallContext, takenOver: AbortController): Promise<UploadSession> {
+  static async open(
+    deps: UploadDeps,
+    req: UploadRequest,
+    ctx: CallContext,
+    takenOver: AbortController,
+  ): Promise<UploadSession> {
     if (req.open === undefined) throw new InvalidArgumentError('the first message of an upload must be an UploadOpen');
     const { jobId, party } = req.open;
     deps.auth.requireParty(ctx.metadata, jobId, party);
@@ -169,7 +177,10 @@ class UploadSession {
     requireCollecting(job);
     const session = new UploadSession(deps, job, party, spool);
     const slot: UploadSlot = {
-      takeOver: () => takenOver.abort(new AbortedError(`a newer upload stream of party ${party} to job ${jobId} took over from this one`)),
+      takeOver: () =>
+        takenOver.abort(
+          new AbortedError(`a newer upload stream of party ${party} to job ${jobId} took over from this one`),
+        ),
       released: new Promise<void>((resolve) => (session.release = resolve)),
     };
     spool.upload = slot;
@@ -191,9 +202,15 @@ class UploadSession {
     if (this.closeFailure !== undefined) throw this.closeFailure.err;
     if (req.open !== undefined) throw new InvalidArgumentError('UploadOpen must be the first message only');
     const record = req.record;
-    if (record === undefined) throw new InvalidArgumentError('an upload message must carry an UploadOpen or a DeltaRecord');
-    const set = [record.header, record.tensorBegin, record.chunk, record.tensorEnd].filter((f) => f !== undefined).length;
-    if (set !== 1) throw new InvalidArgumentError(`a DeltaRecord must have exactly one of header/tensor_begin/chunk/tensor_end set, got ${set}`);
+    if (record === undefined)
+      throw new InvalidArgumentError('an upload message must carry an UploadOpen or a DeltaRecord');
+    const set = [record.header, record.tensorBegin, record.chunk, record.tensorEnd].filter(
+      (f) => f !== undefined,
+    ).length;
+    if (set !== 1)
+      throw new InvalidArgumentError(
+        `a DeltaRecord must have exactly one of header/tensor_begin/chunk/tensor_end set, got ${set}`,
+      );
     if (record.header !== undefined) {
       if (this.header !== undefined) throw new InvalidArgumentError('a second DeltaHeader in one upload stream');
       await this.acceptHeader(record.header);
@@ -202,13 +219,16 @@ class UploadSession {
     if (this.header === undefined) throw new InvalidArgumentError('the delta records must start with a DeltaHeader');
     if (record.tensorBegin !== undefined) {
       if (this.tensor !== undefined) {
-        throw new InvalidArgumentError(`tensor "${record.tensorBegin.name}" begins before tensor "${this.tensor.name}" ended`);
+        throw new InvalidArgumentError(
+          `tensor "${record.tensorBegin.name}" begins before tensor "${this.tensor.name}" ended`,
+        );
       }
       this.tensor = await this.begin(record);
       return;
     }
     const t = this.tensor;
-    if (t === undefined) throw new InvalidArgumentError(`a ${record.chunk !== undefined ? 'chunk' : 'tensor end'} outside a tensor`);
+    if (t === undefined)
+      throw new InvalidArgumentError(`a ${record.chunk !== undefined ? 'chunk' : 'tensor end'} outside a tensor`);
     if (record.chunk !== undefined) await this.chunk(t, record);
     else await this.end(t, record);
   }
@@ -238,15 +258,19 @@ class UploadSession {
     const { name, shape } = record.tensorBegin!;
     this.current();
     const index = this.spool.planIndex(name);
-    if (index === undefined) throw new InvalidArgumentError(`tensor "${name}" is not planned as sent in the delta's header`);
+    if (index === undefined)
+      throw new InvalidArgumentError(`tensor "${name}" is not planned as sent in the delta's header`);
     const plan: TensorPlan = this.header!.tensors[index]!;
     if (!sameShape(shape, plan.shape.map(Number))) {
-      throw new InvalidArgumentError(`tensor "${name}": shape [${shape.join(', ')}] in its begin record, the base has [${plan.shape.join(', ')}]`);
+      throw new InvalidArgumentError(
+        `tensor "${name}": shape [${shape.join(', ')}] in its begin record, the base has [${plan.shape.join(', ')}]`,
+      );
     }
     const assembler = new TensorAssembler({ entries: 'stream', maxPartition: this.header!.levels.length });
     assembler.push(record);
     const check = this.rules!.tensor(plan);
-    if (this.spool.held.has(name) || this.closing.has(name)) return { name, index, assembler, check, writer: undefined, payload: 0 };
+    if (this.spool.held.has(name) || this.closing.has(name))
+      return { name, index, assembler, check, writer: undefined, payload: 0 };
     const writer = await this.spool.startTensor(plan, index);
     // Open before the first write, so that close() discards the file if that write fails.
     this.tensor = { name, index, assembler, check, writer, payload: 0 };
@@ -263,7 +287,9 @@ class UploadSession {
     this.spool.pendingBytes += payload;
     const limit = this.job.maxUploadBytes;
     if (this.spool.heldBytes + this.spool.pendingBytes > limit) {
-      throw new ResourceExhaustedError(`party ${this.party}'s upload to job ${this.job.id} would exceed its limit of ${limit} bytes (at tensor "${t.name}")`);
+      throw new ResourceExhaustedError(
+        `party ${this.party}'s upload to job ${this.job.id} would exceed its limit of ${limit} bytes (at tensor "${t.name}")`,
+      );
     }
     await t.writer.write(record, receivedEncoding(record));
   }
@@ -283,7 +309,10 @@ class UploadSession {
       throw err;
     }
     while (this.closing.size >= MAX_CLOSING) await Promise.race(this.closing.values());
-    this.closing.set(t.name, this.closeTensor(t, writer).finally(() => this.closing.delete(t.name)));
+    this.closing.set(
+      t.name,
+      this.closeTensor(t, writer).finally(() => this.closing.delete(t.name)),
+    );
   }
 
   /** Closes a completed tensor's spool file in the background; never rejects (a failure is kept for the stream). */
@@ -314,7 +343,12 @@ class UploadSession {
     this.lastProgress = now;
     const s = this.spool;
     await this.deps.events.append(this.job.id, {
-      uploadProgress: { party: this.party, tensorsReceived: s.held.size, tensorsExpected: s.expected, bytesReceived: BigInt(s.heldBytes) },
+      uploadProgress: {
+        party: this.party,
+        tensorsReceived: s.held.size,
+        tensorsExpected: s.expected,
+        bytesReceived: BigInt(s.heldBytes),
+      },
     });
   }
 
@@ -334,7 +368,8 @@ class UploadSession {
   }
 
   async finish(): Promise<UploadState> {
-    if (this.tensor !== undefined) throw new InvalidArgumentError(`the stream ended inside tensor "${this.tensor.name}" (no tensor end)`);
+    if (this.tensor !== undefined)
+      throw new InvalidArgumentError(`the stream ended inside tensor "${this.tensor.name}" (no tensor end)`);
     await this.closed();
     if (this.closeFailure !== undefined) throw this.closeFailure.err;
     return uploadState(this.job.id, this.party, this.spool);
@@ -370,7 +405,11 @@ function canonical(header: DeltaHeader): string {
   const sortKeys = (v: unknown): unknown => {
     if (Array.isArray(v)) return v.map(sortKeys);
     if (v !== null && typeof v === 'object') {
-      return Object.fromEntries(Object.entries(v as Record<string, unknown>).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([k, x]) => [k, sortKeys(x)]));
+      return Object.fromEntries(
+        Object.entries(v as Record<string, unknown>)
+          .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
+          .map(([k, x]) => [k, sortKeys(x)]),
+      );
     }
     return v;
   };

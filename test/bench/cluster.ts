@@ -35,9 +35,11 @@ const { values } = parseArgs({
   },
 });
 const LAYERS = Number(values.layers);
-if (!Number.isInteger(LAYERS) || LAYERS < 1) throw new RangeError(`--layers: expected an integer ≥ 1, got ${values.layers}`);
+if (!Number.isInteger(LAYERS) || LAYERS < 1)
+  throw new RangeError(`--layers: expected an integer ≥ 1, got ${values.layers}`);
 const configs = values.configs.split(',').map((c) => (c === 'embedded' ? 0 : Number(c)));
-if (configs.some((c) => !Number.isInteger(c) || c < 0 || c > 8)) throw new RangeError(`--configs: expected embedded or replica counts 1..8, got ${values.configs}`);
+if (configs.some((c) => !Number.isInteger(c) || c < 0 || c > 8))
+  throw new RangeError(`--configs: expected embedded or replica counts 1..8, got ${values.configs}`);
 
 const root = new URL('../..', import.meta.url).pathname;
 const benchDir = join(root, '.bench', 'cluster');
@@ -46,7 +48,10 @@ const runDir = join(benchDir, 'run');
 const PARTIES = ['math', 'law', 'finance'] as const;
 const RATE = 0.9;
 const ADMIN = 'bench-cluster-admin-token-0123456789';
-const load = (): string => loadavg().map((x) => x.toFixed(2)).join(' ');
+const load = (): string =>
+  loadavg()
+    .map((x) => x.toFixed(2))
+    .join(' ');
 
 const model = tinyLlama(LAYERS);
 console.log(`load average at start: ${load()} (${availableParallelism()} cores: above that, other work competes)`);
@@ -58,13 +63,24 @@ const baseBytes = await folderBytes(base);
 // The parties' deltas, pruned once and kept (pruning is not what this measures).
 const deltas = PARTIES.map((p) => join(deltaDir, `${p}.dppa`));
 const marker = join(deltaDir, 'pruned.json');
-const spec = JSON.stringify({ inputs: readFileSync(join(model.dir, 'generated.json'), 'utf8'), rate: RATE, method: 'dp' });
+const spec = JSON.stringify({
+  inputs: readFileSync(join(model.dir, 'generated.json'), 'utf8'),
+  rate: RATE,
+  method: 'dp',
+});
 if (!existsSync(marker) || readFileSync(marker, 'utf8') !== spec) {
   await rm(deltaDir, { recursive: true, force: true });
   await mkdir(deltaDir, { recursive: true });
   for (const [i, p] of PARTIES.entries()) {
     const t0 = performance.now();
-    await pruneToFile({ base, finetuned: join(model.dir, `ft${i + 1}`), rate: RATE, method: 'dp', out: deltas[i]!, workers: 2 });
+    await pruneToFile({
+      base,
+      finetuned: join(model.dir, `ft${i + 1}`),
+      rate: RATE,
+      method: 'dp',
+      out: deltas[i]!,
+      workers: 2,
+    });
     console.log(`pruned ${p} in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
   }
   await writeFile(marker, spec);
@@ -91,28 +107,58 @@ async function run(replicas: number): Promise<Result> {
     const args = ['--data', join(runDir, 'data'), '--grpc-port', '0', '--metrics-port', '0'];
     if (replicas > 0) nats = await startNatsServer();
     const cluster = nats === undefined ? [] : ['--nats', nats.url, '--cluster'];
-    servers.push(...(await Promise.all(Array.from({ length: Math.max(1, replicas) }, () => startServe([...args, ...cluster], { DPPA_ADMIN_TOKEN: ADMIN })))));
+    servers.push(
+      ...(await Promise.all(
+        Array.from({ length: Math.max(1, replicas) }, () =>
+          startServe([...args, ...cluster], { DPPA_ADMIN_TOKEN: ADMIN }),
+        ),
+      )),
+    );
     const admin = new DppaClient({ address: servers[0]!.address, token: ADMIN });
     try {
-      const { job, tokens } = await admin.createJob({ basePath: base, parties: [...PARTIES], rate: RATE, method: 'dp', label: `bench:cluster ${label}` });
+      const { job, tokens } = await admin.createJob({
+        basePath: base,
+        parties: [...PARTIES],
+        rate: RATE,
+        method: 'dp',
+        label: `bench:cluster ${label}`,
+      });
       const events: JobEvent[] = [];
       const watched = (async () => {
         for await (const e of admin.watchJob(job.id)) events.push(e);
       })();
-      await Promise.all(PARTIES.map(async (p, i) => {
-        const party = new DppaClient({ address: servers[i % servers.length]!.address, token: tokens[p]! });
-        try {
-          await party.push({ jobId: job.id, party: p, delta: deltas[i]! });
-        } finally {
-          party.close();
-        }
-      }));
+      await Promise.all(
+        PARTIES.map(async (p, i) => {
+          const party = new DppaClient({ address: servers[i % servers.length]!.address, token: tokens[p]! });
+          try {
+            await party.push({ jobId: job.id, party: p, delta: deltas[i]! });
+          } finally {
+            party.close();
+          }
+        }),
+      );
       await watched;
       const merged = events.find((e) => e.merged !== undefined);
-      if (merged === undefined) throw new Error(`${label}: the job did not merge: ${events.find((e) => e.failed !== undefined)?.failed?.reason}`);
-      const lastUpload = Math.max(...events.filter((e) => e.uploadComplete !== undefined).map((e) => Date.parse(e.time)));
-      const perReplica = replicas === 0 ? [] : await Promise.all(servers.map((s) => metricValue(s.metricsPort, 'dppa_cluster_tasks_total{kind="tensor",outcome="done"}')));
-      return { label, mergeSeconds: (Date.parse(merged.time) - lastUpload) / 1000, reportedSeconds: merged.merged!.seconds, perReplica, load: load() };
+      if (merged === undefined)
+        throw new Error(
+          `${label}: the job did not merge: ${events.find((e) => e.failed !== undefined)?.failed?.reason}`,
+        );
+      const lastUpload = Math.max(
+        ...events.filter((e) => e.uploadComplete !== undefined).map((e) => Date.parse(e.time)),
+      );
+      const perReplica =
+        replicas === 0
+          ? []
+          : await Promise.all(
+              servers.map((s) => metricValue(s.metricsPort, 'dppa_cluster_tasks_total{kind="tensor",outcome="done"}')),
+            );
+      return {
+        label,
+        mergeSeconds: (Date.parse(merged.time) - lastUpload) / 1000,
+        reportedSeconds: merged.merged!.seconds,
+        perReplica,
+        load: load(),
+      };
     } finally {
       admin.close();
     }
@@ -126,14 +172,30 @@ async function run(replicas: number): Promise<Result> {
 const results: Result[] = [];
 for (const c of configs) {
   const r = await run(c);
-  console.log(`${r.label}: merge ${r.mergeSeconds.toFixed(2)} s${r.perReplica.length > 0 ? `, tensors per replica ${r.perReplica.join(' / ')}` : ''} (load ${r.load})`);
+  console.log(
+    `${r.label}: merge ${r.mergeSeconds.toFixed(2)} s${r.perReplica.length > 0 ? `, tensors per replica ${r.perReplica.join(' / ')}` : ''} (load ${r.load})`,
+  );
   results.push(r);
 }
 
-console.log(`\nCluster benchmark: TinyLlama-1.1B shapes (${LAYERS} layers), ${(model.params / 1e9).toFixed(3)}B parameters, bf16, base ${(baseBytes / 1e9).toFixed(2)} GB,`);
-console.log(`${model.tensors.length} tensors; 3 parties, DP rate ${RATE}, DPA off; ${availableParallelism()} cores; every server with its default merge threads\n`);
+console.log(
+  `\nCluster benchmark: TinyLlama-1.1B shapes (${LAYERS} layers), ${(model.params / 1e9).toFixed(3)}B parameters, bf16, base ${(baseBytes / 1e9).toFixed(2)} GB,`,
+);
+console.log(
+  `${model.tensors.length} tensors; 3 parties, DP rate ${RATE}, DPA off; ${availableParallelism()} cores; every server with its default merge threads\n`,
+);
 const embedded = results.find((r) => r.label.startsWith('embedded'));
-const rows = [['configuration', 'merge s', 'MB/s of base', 'vs embedded', 'job merged.seconds', 'tensors per replica', 'load avg after']];
+const rows = [
+  [
+    'configuration',
+    'merge s',
+    'MB/s of base',
+    'vs embedded',
+    'job merged.seconds',
+    'tensors per replica',
+    'load avg after',
+  ],
+];
 for (const r of results) {
   rows.push([
     r.label,
@@ -146,6 +208,10 @@ for (const r of results) {
   ]);
 }
 const widths = rows[0]!.map((_, j) => Math.max(...rows.map((r) => r[j]!.length)));
-rows.splice(1, 0, widths.map((w) => '-'.repeat(w)));
+rows.splice(
+  1,
+  0,
+  widths.map((w) => '-'.repeat(w)),
+);
 for (const r of rows) console.log(`| ${r.map((c, j) => c.padEnd(widths[j]!)).join(' | ')} |`);
 if (values.clean === true) await rm(benchDir, { recursive: true, force: true });

@@ -16,7 +16,12 @@ export function measureProcess(
     'print(f"{dt} {u.ru_maxrss} {u.ru_utime + u.ru_stime}", file=sys.stderr)',
     'sys.exit(r.returncode)',
   ].join('\n');
-  const r = spawnSync('python3', ['-c', wrapper, cmd, ...args], { cwd: opts.cwd, env: opts.env ?? process.env, encoding: 'utf8', stdio: ['ignore', 'ignore', 'pipe'] });
+  const r = spawnSync('python3', ['-c', wrapper, cmd, ...args], {
+    cwd: opts.cwd,
+    env: opts.env ?? process.env,
+    encoding: 'utf8',
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
   if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.status}):\n${r.stderr}`);
   const last = r.stderr.trim().split('\n').at(-1)!.split(' ');
   return { seconds: Number(last[0]), cpuSeconds: Number(last[2]), maxRssMiB: Number(last[1]) / 1024 };
@@ -51,5 +56,6 @@ export function printTopSelfTime(title: string, p: CpuProfile, prefix = `file://
   });
   const top = [...self].sort((a, b) => b[1] - a[1]).slice(0, 12);
   console.log(`\n${title}: ${(total / 1e6).toFixed(1)} s sampled; top self time:`);
-  for (const [k, us] of top) console.log(`  ${((100 * us) / total).toFixed(1).padStart(5)}%  ${(us / 1e6).toFixed(2).padStart(6)} s  ${k}`);
+  for (const [k, us] of top)
+    console.log(`  ${((100 * us) / total).toFixed(1).padStart(5)}%  ${(us / 1e6).toFixed(2).padStart(6)} s  ${k}`);
 }

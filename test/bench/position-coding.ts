@@ -71,7 +71,18 @@ interface Piece {
 }
 
 const rows: string[][] = [
-  ['density', 'kept', 'chunks', 'bytes/pos', 'H(p)/p', 'ratio', 'gaps enc M/s', 'gaps dec M/s', 'chunk enc M/s', 'chunk dec M/s'],
+  [
+    'density',
+    'kept',
+    'chunks',
+    'bytes/pos',
+    'H(p)/p',
+    'ratio',
+    'gaps enc M/s',
+    'gaps dec M/s',
+    'chunk enc M/s',
+    'chunk dec M/s',
+  ],
 ];
 
 for (const [i, density] of DENSITIES.entries()) {

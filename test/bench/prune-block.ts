@@ -18,7 +18,13 @@ import { encodeFromF32, writeCheckpoint, type TensorData } from '../../proto/saf
 import { uniform } from '../fixtures/synthetic-model.js';
 import { measureProcess, median } from './measure.js';
 
-const { values } = parseArgs({ options: { runs: { type: 'string', default: '3' }, rate: { type: 'string', default: '0.9' }, keep: { type: 'boolean' } } });
+const { values } = parseArgs({
+  options: {
+    runs: { type: 'string', default: '3' },
+    rate: { type: 'string', default: '0.9' },
+    keep: { type: 'boolean' },
+  },
+});
 const runs = Number(values.runs);
 const rate = values.rate;
 const root = new URL('../..', import.meta.url).pathname;
@@ -64,13 +70,39 @@ console.log('building dist/ …');
 execFileSync('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: root, stdio: 'inherit' });
 
 const prune = (out: string, workers: string) => () =>
-  measureProcess(process.execPath, ['bin/dppa.js', 'prune', '--base', join(dir, 'base'), '--finetuned', join(dir, 'ft'), '--rate', rate, '--levels', rate, '--out', join(dir, out), '--workers', workers], { cwd: root });
+  measureProcess(
+    process.execPath,
+    [
+      'bin/dppa.js',
+      'prune',
+      '--base',
+      join(dir, 'base'),
+      '--finetuned',
+      join(dir, 'ft'),
+      '--rate',
+      rate,
+      '--levels',
+      rate,
+      '--out',
+      join(dir, out),
+      '--workers',
+      workers,
+    ],
+    { cwd: root },
+  );
 // The machine's OpenBLAS hints (OPENBLAS_CORETYPE, OPENBLAS_L2_SIZE) slow a current numpy; unset for the peer alone.
-const numpyEnv = Object.fromEntries(Object.entries(process.env).filter(([k]) => k !== 'OPENBLAS_CORETYPE' && k !== 'OPENBLAS_L2_SIZE'));
+const numpyEnv = Object.fromEntries(
+  Object.entries(process.env).filter(([k]) => k !== 'OPENBLAS_CORETYPE' && k !== 'OPENBLAS_L2_SIZE'),
+);
 const contenders = {
   'dppa (2 workers)': prune('out.dppa', '2'),
   'dppa (1 worker)': prune('out1.dppa', '1'),
-  numpy: () => measureProcess('python3', [join(root, 'test/bench/numpy-prune.py'), join(dir, 'base'), join(dir, 'ft'), rate, join(dir, 'out.npz')], { cwd: root, env: numpyEnv }),
+  numpy: () =>
+    measureProcess(
+      'python3',
+      [join(root, 'test/bench/numpy-prune.py'), join(dir, 'base'), join(dir, 'ft'), rate, join(dir, 'out.npz')],
+      { cwd: root, env: numpyEnv },
+    ),
 };
 type Run = ReturnType<typeof measureProcess>;
 const results = new Map<string, Run[]>();
@@ -78,19 +110,36 @@ for (let i = 0; i < runs; i++) {
   for (const [name, run] of Object.entries(contenders)) {
     const r = run();
     results.set(name, [...(results.get(name) ?? []), r]);
-    console.log(`run ${i + 1}/${runs} ${name.padEnd(17)} ${r.seconds.toFixed(2)} s, CPU ${r.cpuSeconds.toFixed(2)} s, peak RSS ${r.maxRssMiB.toFixed(0)} MiB`);
+    console.log(
+      `run ${i + 1}/${runs} ${name.padEnd(17)} ${r.seconds.toFixed(2)} s, CPU ${r.cpuSeconds.toFixed(2)} s, peak RSS ${r.maxRssMiB.toFixed(0)} MiB`,
+    );
   }
 }
 const numpyRuns = results.get('numpy')!;
 const np = median(numpyRuns.map((r) => r.seconds));
 console.log(`\nDP prune of one LLaMA-7B block (202M parameters, bf16) at rate ${rate}, median of ${runs}:`);
-console.log(`${'contender'.padEnd(18)} ${'seconds'.padStart(8)} ${'CPU s'.padStart(7)} ${'time / numpy, per round'.padStart(26)} ${'peak RSS MiB'.padStart(13)}`);
+console.log(
+  `${'contender'.padEnd(18)} ${'seconds'.padStart(8)} ${'CPU s'.padStart(7)} ${'time / numpy, per round'.padStart(26)} ${'peak RSS MiB'.padStart(13)}`,
+);
 for (const [name, rs] of results) {
   const perRound = rs.map((r, i) => (r.seconds / numpyRuns[i]!.seconds).toFixed(2)).join(' ');
   const s = median(rs.map((r) => r.seconds));
   const cpu = median(rs.map((r) => r.cpuSeconds));
-  console.log(`${name.padEnd(18)} ${s.toFixed(2).padStart(8)} ${cpu.toFixed(2).padStart(7)} ${perRound.padStart(26)} ${Math.max(...rs.map((r) => r.maxRssMiB)).toFixed(0).padStart(13)}`);
+  console.log(
+    `${name.padEnd(18)} ${s.toFixed(2).padStart(8)} ${cpu.toFixed(2).padStart(7)} ${perRound.padStart(26)} ${Math.max(
+      ...rs.map((r) => r.maxRssMiB),
+    )
+      .toFixed(0)
+      .padStart(13)}`,
+  );
 }
-console.log('(time / numpy < 1 means faster than numpy; the largest tensor is 11008×4096 = 45M entries = 172 MiB in fp32)');
+console.log(
+  '(time / numpy < 1 means faster than numpy; the largest tensor is 11008×4096 = 45M entries = 172 MiB in fp32)',
+);
 if (values.keep !== true) await rm(join(dir, 'out.npz'), { force: true });
-console.log(JSON.stringify({ dppa_s: Number(median(results.get('dppa (2 workers)')!.map((r) => r.seconds)).toFixed(3)), numpy_s: Number(np.toFixed(3)) }));
+console.log(
+  JSON.stringify({
+    dppa_s: Number(median(results.get('dppa (2 workers)')!.map((r) => r.seconds)).toFixed(3)),
+    numpy_s: Number(np.toFixed(3)),
+  }),
+);

@@ -27,11 +27,17 @@ async function generate(dir: string, count: number): Promise<string> {
   const layout: CheckpointLayout = {
     sharded: false,
     indexMetadata: undefined,
-    files: [{
-      fileName: 'model.safetensors',
-      metadata: { format: 'pt' },
-      tensors: Array.from({ length: count }, (_, i) => ({ name: `model.layers.${i}.weight`, dtype: 'BF16' as const, shape: [ROWS, COLS] })),
-    }],
+    files: [
+      {
+        fileName: 'model.safetensors',
+        metadata: { format: 'pt' },
+        tensors: Array.from({ length: count }, (_, i) => ({
+          name: `model.layers.${i}.weight`,
+          dtype: 'BF16' as const,
+          shape: [ROWS, COLS],
+        })),
+      },
+    ],
   };
   const data = new Uint8Array(TENSOR_BYTES);
   randomFillSync(data);
@@ -86,13 +92,17 @@ async function main(): Promise<void> {
     const file = await generate(dir, count);
     const bytes = (await stat(file)).size;
     const mb = bytes / 1e6;
-    console.log(`checkpoint: ${count} BF16 tensors of ${ROWS}x${COLS}, ${(bytes / 2 ** 30).toFixed(2)} GiB, written in ${((performance.now() - g0) / 1000).toFixed(1)} s`);
-    console.log('note: the file was just written and fits in RAM, so every run reads from the page cache (warm); this compares CPU/copy overhead, not disk speed.');
+    console.log(
+      `checkpoint: ${count} BF16 tensors of ${ROWS}x${COLS}, ${(bytes / 2 ** 30).toFixed(2)} GiB, written in ${((performance.now() - g0) / 1000).toFixed(1)} s`,
+    );
+    console.log(
+      'note: the file was just written and fits in RAM, so every run reads from the page cache (warm); this compares CPU/copy overhead, not disk speed.',
+    );
     await timeCat(file); // warm-up, untimed
     const runs: Record<string, { run: () => Promise<number>; ms: number[] }> = {
-      'cat': { run: () => timeCat(file), ms: [] },
-      'readRaw': { run: () => timeReader(file, 'raw'), ms: [] },
-      'readF32': { run: () => timeReader(file, 'f32'), ms: [] },
+      cat: { run: () => timeCat(file), ms: [] },
+      readRaw: { run: () => timeReader(file, 'raw'), ms: [] },
+      readF32: { run: () => timeReader(file, 'f32'), ms: [] },
       'readF32 into': { run: () => timeReader(file, 'f32-into'), ms: [] },
     };
     const rate = (ms: number): string => `${(mb / (ms / 1000)).toFixed(0)} MB/s`;

@@ -149,11 +149,18 @@ const plain = Math.round(positions + 2 * kept);
 const unionDownload = Math.round(unionLinear * positionBytes(unionLinear / linear));
 
 const round = (x: number): number => Math.round(x * 1000) / 1000;
-console.log(`model: ${layers} layers, ${model.params} parameters (${linear} in linear layers), rate ${rate}, ${n} parties, t = ${threshold}`);
-console.log(`kept per party ${kept}, |U| ${union} (masked here: ${words} words), fixed point step 2^-${fp.scaleBits} = ${stepOf(fp)}, bound ${bound}`);
+console.log(
+  `model: ${layers} layers, ${model.params} parameters (${linear} in linear layers), rate ${rate}, ${n} parties, t = ${threshold}`,
+);
+console.log(
+  `kept per party ${kept}, |U| ${union} (masked here: ${words} words), fixed point step 2^-${fp.scaleBits} = ${stepOf(fp)}, bound ${bound}`,
+);
 console.log(`largest error of the unmasked sum: ${worst} (bound n·step/2 = ${sumErrorBound(fp)})`);
-for (const [phase, t] of Object.entries(phases)) console.log(`${phase.padEnd(13)} ${t.wall.toFixed(3)} s wall, ${t.cpu.toFixed(3)} s CPU`);
-console.log(`bytes per party: secure ${secureTotal} (${JSON.stringify(secure)}), plain sparse ${plain}, ratio ${(secureTotal / plain).toFixed(2)}; U to download ${unionDownload}`);
+for (const [phase, t] of Object.entries(phases))
+  console.log(`${phase.padEnd(13)} ${t.wall.toFixed(3)} s wall, ${t.cpu.toFixed(3)} s CPU`);
+console.log(
+  `bytes per party: secure ${secureTotal} (${JSON.stringify(secure)}), plain sparse ${plain}, ratio ${(secureTotal / plain).toFixed(2)}; U to download ${unionDownload}`,
+);
 console.log(
   JSON.stringify({
     parties: n,
@@ -164,7 +171,13 @@ console.log(
     seconds: Object.fromEntries(Object.entries(phases).map(([k, v]) => [k, round(v.wall)])),
     cpu_seconds: Object.fromEntries(Object.entries(phases).map(([k, v]) => [k, round(v.cpu)])),
     mask_seconds_per_party: maskSeconds.map(round),
-    bytes_per_party: { ...secure, total: secureTotal, plain_sparse: plain, ratio: round(secureTotal / plain), union_download: unionDownload },
+    bytes_per_party: {
+      ...secure,
+      total: secureTotal,
+      plain_sparse: plain,
+      ratio: round(secureTotal / plain),
+      union_download: unionDownload,
+    },
     max_error: worst,
     error_bound: sumErrorBound(fp),
   }),

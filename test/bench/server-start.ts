@@ -23,7 +23,14 @@ import { DppaServer } from '../../server/server.js';
 import { TINY, writeLlamaFamily } from '../fixtures/synthetic-model.js';
 import { median, printTopSelfTime, type CpuProfile } from './measure.js';
 
-const { values: v } = parseArgs({ options: { jobs: { type: 'string' }, runs: { type: 'string' }, 'cpu-prof': { type: 'boolean' }, dir: { type: 'string' } } });
+const { values: v } = parseArgs({
+  options: {
+    jobs: { type: 'string' },
+    runs: { type: 'string' },
+    'cpu-prof': { type: 'boolean' },
+    dir: { type: 'string' },
+  },
+});
 const jobs = Number(v.jobs ?? 400);
 const runs = Number(v.runs ?? 5);
 const ADMIN = 'bench-admin-token-0123456789';
@@ -32,7 +39,13 @@ const dir = v.dir ?? (await mkdtemp(join(tmpdir(), 'dppa-bench-start-')));
 const reuse = existsSync(join(dir, 'data'));
 await mkdir(dir, { recursive: true });
 const server = (): DppaServer =>
-  new DppaServer({ adminToken: ADMIN, dataDir: join(dir, 'data'), grpcPort: 0, metricsPort: 0, logger: createLogger({ level: 'silent' }) });
+  new DppaServer({
+    adminToken: ADMIN,
+    dataDir: join(dir, 'data'),
+    grpcPort: 0,
+    metricsPort: 0,
+    logger: createLogger({ level: 'silent' }),
+  });
 async function prepare(): Promise<void> {
   const fam = await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 3 });
   const delta = join(dir, 'a.dppa');
@@ -73,7 +86,9 @@ try {
     }
     await s.stop();
   }
-  console.log(`${jobs} jobs (${Math.ceil(jobs / 4)} with an upload): start ${median(seconds).toFixed(3)} s median of ${runs} (${seconds.map((x) => x.toFixed(3)).join(', ')})`);
+  console.log(
+    `${jobs} jobs (${Math.ceil(jobs / 4)} with an upload): start ${median(seconds).toFixed(3)} s median of ${runs} (${seconds.map((x) => x.toFixed(3)).join(', ')})`,
+  );
 } finally {
   if (v.dir === undefined) await rm(dir, { recursive: true, force: true });
 }

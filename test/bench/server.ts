@@ -58,7 +58,8 @@ const { values } = parseArgs({
 const runs = Number(values.runs);
 const LAYERS = Number(values.layers);
 if (!Number.isInteger(runs) || runs < 1) throw new RangeError(`--runs: expected an integer ≥ 1, got ${values.runs}`);
-if (!Number.isInteger(LAYERS) || LAYERS < 1) throw new RangeError(`--layers: expected an integer ≥ 1, got ${values.layers}`);
+if (!Number.isInteger(LAYERS) || LAYERS < 1)
+  throw new RangeError(`--layers: expected an integer ≥ 1, got ${values.layers}`);
 
 const root = new URL('../..', import.meta.url).pathname;
 const benchDir = join(root, '.bench', 'server');
@@ -105,8 +106,16 @@ const WRAPPER = [
   'with os.fdopen(3, "w") as f: f.write(json.dumps({"code": rc, "seconds": dt, "maxrss_kib": ru.ru_maxrss, "cpu": ru.ru_utime + ru.ru_stime}))',
 ].join('\n');
 
-function spawnMeasured(cmd: string, args: string[], env: NodeJS.ProcessEnv): { child: ChildProcess; done: Promise<Measured> } {
-  const child = spawn('python3', ['-c', WRAPPER, cmd, ...args], { cwd: root, env, stdio: ['ignore', 'pipe', 'pipe', 'pipe'] });
+function spawnMeasured(
+  cmd: string,
+  args: string[],
+  env: NodeJS.ProcessEnv,
+): { child: ChildProcess; done: Promise<Measured> } {
+  const child = spawn('python3', ['-c', WRAPPER, cmd, ...args], {
+    cwd: root,
+    env,
+    stdio: ['ignore', 'pipe', 'pipe', 'pipe'],
+  });
   let report = '';
   let stderr = '';
   child.stdio[3]!.on('data', (b: Buffer) => (report += b.toString()));
@@ -139,7 +148,12 @@ function lines(stream: NodeJS.ReadableStream, onLine: (line: string) => void): v
 }
 
 function dppa(args: string[], env: NodeJS.ProcessEnv): string {
-  return execFileSync(process.execPath, ['bin/dppa.js', ...args], { cwd: root, env, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] });
+  return execFileSync(process.execPath, ['bin/dppa.js', ...args], {
+    cwd: root,
+    env,
+    encoding: 'utf8',
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
 }
 
 async function scrape(port: number): Promise<Map<string, number>> {
@@ -153,7 +167,10 @@ async function scrape(port: number): Promise<Map<string, number>> {
   return m;
 }
 
-const load = (): string => loadavg().map((x) => x.toFixed(2)).join(' ');
+const load = (): string =>
+  loadavg()
+    .map((x) => x.toFixed(2))
+    .join(' ');
 
 // ---------------------------------------------------------------------------
 // The references for the upload: the same bytes over raw TCP loopback, and as
@@ -232,8 +249,17 @@ for (const f of fs.readdirSync(from)) {
  * The receiver is stopped only once every sender has exited (a grpc-js sender
  * waits for its call's answer).
  */
-async function copyOver(receiverScript: string, senderScript: string, files: string[], bytes: number, what: string): Promise<{ seconds: number; receiverCpu: number }> {
-  const receiver = spawn(process.execPath, ['-e', receiverScript, String(files.length)], { cwd: root, stdio: ['ignore', 'pipe', 'inherit'] });
+async function copyOver(
+  receiverScript: string,
+  senderScript: string,
+  files: string[],
+  bytes: number,
+  what: string,
+): Promise<{ seconds: number; receiverCpu: number }> {
+  const receiver = spawn(process.execPath, ['-e', receiverScript, String(files.length)], {
+    cwd: root,
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
   const senders: Promise<void>[] = [];
   let t0 = 0;
   try {
@@ -274,24 +300,75 @@ async function copyOver(receiverScript: string, senderScript: string, files: str
 // merged event).
 
 async function patchOnlyJob(address: string, env: NodeJS.ProcessEnv): Promise<{ jobId: string; seconds: number }> {
-  const created = JSON.parse(dppa(['job', 'create', '--server', address, '--base', join(model.dir, 'base'), '--parties', PARTIES.join(','), '--rate', RATE, '--method', 'dp', '--dpa', 'off', '--output', 'patch', '--label', 'bench:server patch', '--json'], env)) as {
+  const created = JSON.parse(
+    dppa(
+      [
+        'job',
+        'create',
+        '--server',
+        address,
+        '--base',
+        join(model.dir, 'base'),
+        '--parties',
+        PARTIES.join(','),
+        '--rate',
+        RATE,
+        '--method',
+        'dp',
+        '--dpa',
+        'off',
+        '--output',
+        'patch',
+        '--label',
+        'bench:server patch',
+        '--json',
+      ],
+      env,
+    ),
+  ) as {
     jobId: string;
     tokens: Record<string, string>;
   };
-  const watch = spawn(process.execPath, ['bin/dppa.js', 'job', 'watch', '--server', address, '--job', created.jobId, '--json'], { cwd: root, env, stdio: ['ignore', 'pipe', 'inherit'] });
+  const watch = spawn(
+    process.execPath,
+    ['bin/dppa.js', 'job', 'watch', '--server', address, '--job', created.jobId, '--json'],
+    { cwd: root, env, stdio: ['ignore', 'pipe', 'inherit'] },
+  );
   const times = new Map<string, number>();
   const ended = new Promise<string>((resolve) => {
     lines(watch.stdout, (line) => {
       const ev = JSON.parse(line) as { type: string; time: string; reason?: string };
-      if (ev.type === 'uploadComplete' || ev.type === 'merged') times.set(ev.type, Math.max(times.get(ev.type) ?? 0, Date.parse(ev.time)));
-      if (ev.type === 'merged' || ev.type === 'failed') resolve(ev.type === 'merged' ? 'merged' : `failed: ${ev.reason}`);
+      if (ev.type === 'uploadComplete' || ev.type === 'merged')
+        times.set(ev.type, Math.max(times.get(ev.type) ?? 0, Date.parse(ev.time)));
+      if (ev.type === 'merged' || ev.type === 'failed')
+        resolve(ev.type === 'merged' ? 'merged' : `failed: ${ev.reason}`);
     });
   });
   try {
     const pushed = await Promise.all(
-      PARTIES.map((p, i) => spawnMeasured(process.execPath, ['bin/dppa.js', 'push', '--server', address, '--job', created.jobId, '--party', p, '--delta', deltas[i]!, '--json'], { ...process.env, DPPA_TOKEN: created.tokens[p] }).done),
+      PARTIES.map(
+        (p, i) =>
+          spawnMeasured(
+            process.execPath,
+            [
+              'bin/dppa.js',
+              'push',
+              '--server',
+              address,
+              '--job',
+              created.jobId,
+              '--party',
+              p,
+              '--delta',
+              deltas[i]!,
+              '--json',
+            ],
+            { ...process.env, DPPA_TOKEN: created.tokens[p] },
+          ).done,
+      ),
     );
-    for (const [i, m] of pushed.entries()) if (m.code !== 0) throw new Error(`push ${PARTIES[i]} (patch job) failed (${m.code}):\n${m.stderr}`);
+    for (const [i, m] of pushed.entries())
+      if (m.code !== 0) throw new Error(`push ${PARTIES[i]} (patch job) failed (${m.code}):\n${m.stderr}`);
     const end = await ended;
     if (end !== 'merged') throw new Error(`the patch-only job ${end}`);
     return { jobId: created.jobId, seconds: (times.get('merged')! - times.get('uploadComplete')!) / 1000 };
@@ -326,7 +403,9 @@ execFileSync('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: root, stdio: 'i
 const deltas = PARTIES.map((p) => join(runDir, `${p}.dppa`));
 const reuse = values['reuse-deltas'] === true;
 if (reuse) {
-  for (const f of deltas) if (!statSync(f, { throwIfNoEntry: false })?.isFile()) throw new Error(`--reuse-deltas: ${f} is missing (run once with --keep)`);
+  for (const f of deltas)
+    if (!statSync(f, { throwIfNoEntry: false })?.isFile())
+      throw new Error(`--reuse-deltas: ${f} is missing (run once with --keep)`);
   await rm(join(runDir, 'data'), { recursive: true, force: true });
 } else {
   await rm(runDir, { recursive: true, force: true });
@@ -341,9 +420,30 @@ try {
   const prunes: { seconds: number; maxRssMiB: number }[] = [];
   for (const [i, p] of PARTIES.entries()) {
     if (reuse) break;
-    const r = measureProcess(process.execPath, ['bin/dppa.js', 'prune', '--base', base, '--finetuned', join(inputs, `ft${i + 1}`), '--rate', RATE, '--method', 'dp', '--out', deltas[i]!, '--workers', '2'], { cwd: root });
+    const r = measureProcess(
+      process.execPath,
+      [
+        'bin/dppa.js',
+        'prune',
+        '--base',
+        base,
+        '--finetuned',
+        join(inputs, `ft${i + 1}`),
+        '--rate',
+        RATE,
+        '--method',
+        'dp',
+        '--out',
+        deltas[i]!,
+        '--workers',
+        '2',
+      ],
+      { cwd: root },
+    );
     prunes.push(r);
-    console.log(`prune ${p.padEnd(7)} ${r.seconds.toFixed(1)} s, peak RSS ${r.maxRssMiB.toFixed(0)} MiB, ${(statSync(deltas[i]!).size / 1e6).toFixed(0)} MB`);
+    console.log(
+      `prune ${p.padEnd(7)} ${r.seconds.toFixed(1)} s, peak RSS ${r.maxRssMiB.toFixed(0)} MiB, ${(statSync(deltas[i]!).size / 1e6).toFixed(0)} MB`,
+    );
   }
   const deltaBytes = deltas.reduce((a, f) => a + statSync(f).size, 0);
 
@@ -353,18 +453,26 @@ try {
   const grpcCpus: number[] = [];
   for (let i = 0; i < runs; i++) {
     raws.push((await copyOver(RAW_RECEIVER, RAW_SENDER, deltas, deltaBytes, 'raw TCP')).seconds);
-    console.log(`raw TCP copy ${i + 1}/${runs}: ${raws.at(-1)!.toFixed(2)} s (${(deltaBytes / 1e6 / raws.at(-1)!).toFixed(0)} MB/s)`);
+    console.log(
+      `raw TCP copy ${i + 1}/${runs}: ${raws.at(-1)!.toFixed(2)} s (${(deltaBytes / 1e6 / raws.at(-1)!).toFixed(0)} MB/s)`,
+    );
     const g = await copyOver(GRPC_RECEIVER, GRPC_SENDER, deltas, deltaBytes, 'bare grpc-js');
     grpcs.push(g.seconds);
     grpcCpus.push(g.receiverCpu);
-    console.log(`bare grpc-js copy ${i + 1}/${runs}: ${g.seconds.toFixed(2)} s (${(deltaBytes / 1e6 / g.seconds).toFixed(0)} MB/s), receiver CPU ${g.receiverCpu.toFixed(1)} s`);
+    console.log(
+      `bare grpc-js copy ${i + 1}/${runs}: ${g.seconds.toFixed(2)} s (${(deltaBytes / 1e6 / g.seconds).toFixed(0)} MB/s), receiver CPU ${g.receiverCpu.toFixed(1)} s`,
+    );
   }
 
   // 3. The server, with its whole life measured.
   const dataDir = join(runDir, 'data');
   const nodeFlags = values['cpu-prof'] === true ? ['--cpu-prof', `--cpu-prof-dir=${profDir}`] : [];
   if (values['cpu-prof'] === true) await rm(profDir, { recursive: true, force: true });
-  server = spawnMeasured(process.execPath, [...nodeFlags, 'bin/dppa.js', 'serve', '--data', dataDir, '--grpc-port', '0', '--metrics-port', '0'], adminEnv);
+  server = spawnMeasured(
+    process.execPath,
+    [...nodeFlags, 'bin/dppa.js', 'serve', '--data', dataDir, '--grpc-port', '0', '--metrics-port', '0'],
+    adminEnv,
+  );
   let log = '';
   server.child.stderr!.on('data', (b: Buffer) => (log += b.toString()));
   const { grpcPort, metricsPort } = await new Promise<{ grpcPort: number; metricsPort: number }>((resolve, reject) => {
@@ -386,13 +494,50 @@ try {
   const address = `127.0.0.1:${grpcPort}`;
 
   // 4. The job, and a watcher of its events.
-  const created = JSON.parse(dppa(['job', 'create', '--server', address, '--base', base, '--parties', PARTIES.join(','), '--rate', RATE, '--method', 'dp', '--dpa', 'off', '--output', 'dense', '--label', 'bench:server', '--json'], adminEnv)) as {
+  const created = JSON.parse(
+    dppa(
+      [
+        'job',
+        'create',
+        '--server',
+        address,
+        '--base',
+        base,
+        '--parties',
+        PARTIES.join(','),
+        '--rate',
+        RATE,
+        '--method',
+        'dp',
+        '--dpa',
+        'off',
+        '--output',
+        'dense',
+        '--label',
+        'bench:server',
+        '--json',
+      ],
+      adminEnv,
+    ),
+  ) as {
     jobId: string;
     tokens: Record<string, string>;
   };
   const { jobId } = created;
-  const events: { type: string; time: string; party?: string; seconds?: number; reason?: string; tensorsDone?: number; tensorsTotal?: number }[] = [];
-  watcher = spawn(process.execPath, ['bin/dppa.js', 'job', 'watch', '--server', address, '--job', jobId, '--json'], { cwd: root, env: adminEnv, stdio: ['ignore', 'pipe', 'inherit'] });
+  const events: {
+    type: string;
+    time: string;
+    party?: string;
+    seconds?: number;
+    reason?: string;
+    tensorsDone?: number;
+    tensorsTotal?: number;
+  }[] = [];
+  watcher = spawn(process.execPath, ['bin/dppa.js', 'job', 'watch', '--server', address, '--job', jobId, '--json'], {
+    cwd: root,
+    env: adminEnv,
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
   const finished = new Promise<{ type: string; at: number }>((resolve) => {
     lines(watcher!.stdout!, (line) => {
       const ev = JSON.parse(line) as (typeof events)[number];
@@ -406,11 +551,16 @@ try {
   // 5. Three concurrent pushes.
   const t0 = performance.now();
   const pushes = PARTIES.map((p, i) => {
-    const run = spawnMeasured(process.execPath, ['bin/dppa.js', 'push', '--server', address, '--job', jobId, '--party', p, '--delta', deltas[i]!, '--json'], { ...process.env, DPPA_TOKEN: created.tokens[p] });
+    const run = spawnMeasured(
+      process.execPath,
+      ['bin/dppa.js', 'push', '--server', address, '--job', jobId, '--party', p, '--delta', deltas[i]!, '--json'],
+      { ...process.env, DPPA_TOKEN: created.tokens[p] },
+    );
     return run.done.then((m) => ({ ...m, at: performance.now() }));
   });
   const pushed = await Promise.all(pushes);
-  for (const [i, m] of pushed.entries()) if (m.code !== 0) throw new Error(`push ${PARTIES[i]} failed (${m.code}):\n${m.stderr}`);
+  for (const [i, m] of pushed.entries())
+    if (m.code !== 0) throw new Error(`push ${PARTIES[i]} failed (${m.code}):\n${m.stderr}`);
   const uploadSeconds = (Math.max(...pushed.map((m) => m.at)) - t0) / 1000;
   const afterUpload = await scrape(metricsPort);
   const hwmAfterUpload = vmHwmMiB(serverPid);
@@ -430,10 +580,14 @@ try {
   const mergeCore = events.find((e) => e.type === 'merged')!.seconds!;
   // The merge_progress event of the last tensor: after it come the fsyncs, the rename and the SHA-256 of the output.
   const lastTensor = events.find((e) => e.type === 'mergeProgress' && e.tensorsDone === e.tensorsTotal);
-  const mergeTail = lastTensor === undefined ? Number.NaN : (time('merged', 'last') - Date.parse(lastTensor.time)) / 1000;
-  const status = JSON.parse(dppa(['job', 'status', '--server', address, '--job', jobId, '--json'], adminEnv)) as { state: string };
+  const mergeTail =
+    lastTensor === undefined ? Number.NaN : (time('merged', 'last') - Date.parse(lastTensor.time)) / 1000;
+  const status = JSON.parse(dppa(['job', 'status', '--server', address, '--job', jobId, '--json'], adminEnv)) as {
+    state: string;
+  };
   const mergedBytes = await folderBytes(join(dataDir, 'jobs', jobId, 'merged'));
-  if (status.state !== 'merged' || mergedBytes < baseBytes * 0.99) throw new Error(`job ${jobId} is ${status.state}, merged folder ${mergedBytes} bytes`);
+  if (status.state !== 'merged' || mergedBytes < baseBytes * 0.99)
+    throw new Error(`job ${jobId} is ${status.state}, merged folder ${mergedBytes} bytes`);
 
   // 6b. The same three deltas again into a patch-only job: the merged patch's time and size.
   const patchJob = await patchOnlyJob(address, adminEnv);
@@ -458,7 +612,9 @@ try {
     await rm(copy, { recursive: true, force: true });
     nodeCopies.push(measureProcess(process.execPath, ['-e', NODE_COPY, base, copy]).seconds);
     await rm(copy, { recursive: true, force: true });
-    console.log(`cp -r ${i + 1}/${runs}: ${cps.at(-1)!.toFixed(2)} s, then sync of the copy ${syncs.at(-1)!.toFixed(2)} s; Node copy with fsync ${nodeCopies.at(-1)!.toFixed(2)} s`);
+    console.log(
+      `cp -r ${i + 1}/${runs}: ${cps.at(-1)!.toFixed(2)} s, then sync of the copy ${syncs.at(-1)!.toFixed(2)} s; Node copy with fsync ${nodeCopies.at(-1)!.toFixed(2)} s`,
+    );
   }
 
   // The figures.
@@ -474,32 +630,124 @@ try {
   const yes = (ok: boolean): string => (ok ? 'met' : 'NOT met');
   const total = (performance.now() - benchStart) / 1000;
 
-  console.log(`\nServer benchmark: TinyLlama-1.1B shapes (${SHAPE.layers} layers, hidden ${SHAPE.hidden}, intermediate ${SHAPE.intermediate}, vocab ${SHAPE.vocab}, k/v ${KV}×${SHAPE.hidden}),`);
-  console.log(`${(PARAMS / 1e9).toFixed(3)}B parameters, bf16, base ${(baseBytes / 1e9).toFixed(2)} GB in ${(await readdir(base)).filter((f) => f.endsWith('.safetensors')).length} shards;`);
-  console.log(`3 parties, DP at rate ${RATE} (outside tensors dense), DPA off; .dppa files ${deltas.map((f) => (statSync(f).size / 1e6).toFixed(0)).join(' + ')} = ${(deltaBytes / 1e6).toFixed(0)} MB`);
-  console.log(reuse ? 'prune: deltas of an earlier run reused\n' : `prune (before the upload, 2 workers each): ${prunes.map((p) => p.seconds.toFixed(1)).join(', ')} s; peak RSS ${Math.max(...prunes.map((p) => p.maxRssMiB)).toFixed(0)} MiB\n`);
+  console.log(
+    `\nServer benchmark: TinyLlama-1.1B shapes (${SHAPE.layers} layers, hidden ${SHAPE.hidden}, intermediate ${SHAPE.intermediate}, vocab ${SHAPE.vocab}, k/v ${KV}×${SHAPE.hidden}),`,
+  );
+  console.log(
+    `${(PARAMS / 1e9).toFixed(3)}B parameters, bf16, base ${(baseBytes / 1e9).toFixed(2)} GB in ${(await readdir(base)).filter((f) => f.endsWith('.safetensors')).length} shards;`,
+  );
+  console.log(
+    `3 parties, DP at rate ${RATE} (outside tensors dense), DPA off; .dppa files ${deltas.map((f) => (statSync(f).size / 1e6).toFixed(0)).join(' + ')} = ${(deltaBytes / 1e6).toFixed(0)} MB`,
+  );
+  console.log(
+    reuse
+      ? 'prune: deltas of an earlier run reused\n'
+      : `prune (before the upload, 2 workers each): ${prunes.map((p) => p.seconds.toFixed(1)).join(', ')} s; peak RSS ${Math.max(...prunes.map((p) => p.maxRssMiB)).toFixed(0)} MiB\n`,
+  );
   const rows: string[][] = [
     ['measure', 'seconds', 'MB/s', 'reference', 'ref seconds', 'ref MB/s', 'ratio', 'goal', 'status'],
-    ['upload, 3 concurrent `dppa push`', uploadSeconds.toFixed(2), mb(deltaBytes, uploadSeconds), 'raw TCP loopback copy', raw.toFixed(2), mb(deltaBytes, raw), `${(100 * uploadRatio).toFixed(1)}%`, '≥ 50%', yes(uploadRatio >= 0.5)],
-    ['', '', '', 'bare grpc-js call, 4 MiB window, bytes discarded', bare.toFixed(2), mb(deltaBytes, bare), `${((100 * bare) / uploadSeconds).toFixed(1)}% (it: ${((100 * raw) / bare).toFixed(1)}% of raw)`, '', ''],
-    ['merge (last upload → merged)', mergeSeconds.toFixed(2), mb(baseBytes, mergeSeconds), '`cp -r` of the base', cp.toFixed(2), mb(baseBytes, cp), `${mergeRatio.toFixed(2)}×`, '≤ 2×', yes(mergeRatio <= 2)],
-    ['', '', '', '`cp -r` + sync of the copy', cpSync.toFixed(2), mb(baseBytes, cpSync), `${(mergeSeconds / cpSync).toFixed(2)}×`, '', ''],
-    ['', '', '', 'Node copy through memory + fsync, no merge work', nodeCopy.toFixed(2), mb(baseBytes, nodeCopy), `${(mergeSeconds / nodeCopy).toFixed(2)}× (it: ${(nodeCopy / cp).toFixed(2)}× cp)`, '', ''],
-    ['server peak RSS (whole life)', '', '', '', '', '', `${serverRun.maxRssMiB.toFixed(0)} MiB`, '< 1024 MiB', yes(serverRun.maxRssMiB < 1024)],
+    [
+      'upload, 3 concurrent `dppa push`',
+      uploadSeconds.toFixed(2),
+      mb(deltaBytes, uploadSeconds),
+      'raw TCP loopback copy',
+      raw.toFixed(2),
+      mb(deltaBytes, raw),
+      `${(100 * uploadRatio).toFixed(1)}%`,
+      '≥ 50%',
+      yes(uploadRatio >= 0.5),
+    ],
+    [
+      '',
+      '',
+      '',
+      'bare grpc-js call, 4 MiB window, bytes discarded',
+      bare.toFixed(2),
+      mb(deltaBytes, bare),
+      `${((100 * bare) / uploadSeconds).toFixed(1)}% (it: ${((100 * raw) / bare).toFixed(1)}% of raw)`,
+      '',
+      '',
+    ],
+    [
+      'merge (last upload → merged)',
+      mergeSeconds.toFixed(2),
+      mb(baseBytes, mergeSeconds),
+      '`cp -r` of the base',
+      cp.toFixed(2),
+      mb(baseBytes, cp),
+      `${mergeRatio.toFixed(2)}×`,
+      '≤ 2×',
+      yes(mergeRatio <= 2),
+    ],
+    [
+      '',
+      '',
+      '',
+      '`cp -r` + sync of the copy',
+      cpSync.toFixed(2),
+      mb(baseBytes, cpSync),
+      `${(mergeSeconds / cpSync).toFixed(2)}×`,
+      '',
+      '',
+    ],
+    [
+      '',
+      '',
+      '',
+      'Node copy through memory + fsync, no merge work',
+      nodeCopy.toFixed(2),
+      mb(baseBytes, nodeCopy),
+      `${(mergeSeconds / nodeCopy).toFixed(2)}× (it: ${(nodeCopy / cp).toFixed(2)}× cp)`,
+      '',
+      '',
+    ],
+    [
+      'server peak RSS (whole life)',
+      '',
+      '',
+      '',
+      '',
+      '',
+      `${serverRun.maxRssMiB.toFixed(0)} MiB`,
+      '< 1024 MiB',
+      yes(serverRun.maxRssMiB < 1024),
+    ],
   ];
   const widths = rows[0]!.map((_, j) => Math.max(...rows.map((r) => r[j]!.length)));
-  rows.splice(1, 0, widths.map((w) => '-'.repeat(w)));
+  rows.splice(
+    1,
+    0,
+    widths.map((w) => '-'.repeat(w)),
+  );
   for (const r of rows) console.log(`| ${r.map((c, j) => c.padEnd(widths[j]!)).join(' | ')} |`);
   console.log('');
-  console.log(`upload as the server saw it (first party joined → last upload complete): ${serverUploadSeconds.toFixed(2)} s (${mb(deltaBytes, serverUploadSeconds)} MB/s)`);
-  console.log(`push processes: ${pushed.map((m, i) => `${PARTIES[i]} ${m.seconds.toFixed(2)} s, peak RSS ${m.maxRssMiB.toFixed(0)} MiB, CPU ${m.cpuSeconds.toFixed(1)} s`).join('; ')}`);
-  console.log(`merge inside the server (mergeCheckpoint incl. fsync and SHA-256 of the output): ${mergeCore.toFixed(2)} s; dppa_merge_duration_seconds_sum ${afterMerge.get('dppa_merge_duration_seconds_sum')?.toFixed(2)}`);
-  console.log(`  of which after the last tensor was written (commit with fsync, SHA-256 of every output file, job state): ${mergeTail.toFixed(2)} s`);
-  console.log(`server CPU: upload ${(cpu(afterUpload) - cpu(before)).toFixed(1)} s, merge ${(cpu(afterMerge) - cpu(afterUpload)).toFixed(1)} s, whole life ${serverRun.cpuSeconds.toFixed(1)} s (all threads; 2 cores)`);
-  console.log(`server peak RSS: ${hwmAfterUpload.toFixed(0)} MiB after the upload, ${hwmAfterMerge.toFixed(0)} MiB after the merge, ${serverRun.maxRssMiB.toFixed(0)} MiB whole life`);
-  console.log(`load average (1, 5, 15 min): start ${loadAtStart}; before the upload ${loadBeforeUpload}; after the merge ${loadAfterMerge}; end ${load()}`);
-  console.log(`merged patch (patch-only job, last upload → merged): ${patchJob.seconds.toFixed(2)} s = ${(patchJob.seconds / mergeSeconds).toFixed(2)}× the dense merge (goal ≤ 0.5×); ${(patchBytes / 1e6).toFixed(0)} MB = ${(patchBytes / mergedBytes).toFixed(3)}× the dense checkpoint's ${(mergedBytes / 1e6).toFixed(0)} MB (goal ≤ 0.45×); server peak RSS after it ${hwmAfterPatch.toFixed(0)} MiB`);
-  console.log(`whole benchmark: ${total.toFixed(0)} s${generated === undefined ? ' (inputs reused)' : ` (generation ${generated.toFixed(0)} s)`}`);
+  console.log(
+    `upload as the server saw it (first party joined → last upload complete): ${serverUploadSeconds.toFixed(2)} s (${mb(deltaBytes, serverUploadSeconds)} MB/s)`,
+  );
+  console.log(
+    `push processes: ${pushed.map((m, i) => `${PARTIES[i]} ${m.seconds.toFixed(2)} s, peak RSS ${m.maxRssMiB.toFixed(0)} MiB, CPU ${m.cpuSeconds.toFixed(1)} s`).join('; ')}`,
+  );
+  console.log(
+    `merge inside the server (mergeCheckpoint incl. fsync and SHA-256 of the output): ${mergeCore.toFixed(2)} s; dppa_merge_duration_seconds_sum ${afterMerge.get('dppa_merge_duration_seconds_sum')?.toFixed(2)}`,
+  );
+  console.log(
+    `  of which after the last tensor was written (commit with fsync, SHA-256 of every output file, job state): ${mergeTail.toFixed(2)} s`,
+  );
+  console.log(
+    `server CPU: upload ${(cpu(afterUpload) - cpu(before)).toFixed(1)} s, merge ${(cpu(afterMerge) - cpu(afterUpload)).toFixed(1)} s, whole life ${serverRun.cpuSeconds.toFixed(1)} s (all threads; 2 cores)`,
+  );
+  console.log(
+    `server peak RSS: ${hwmAfterUpload.toFixed(0)} MiB after the upload, ${hwmAfterMerge.toFixed(0)} MiB after the merge, ${serverRun.maxRssMiB.toFixed(0)} MiB whole life`,
+  );
+  console.log(
+    `load average (1, 5, 15 min): start ${loadAtStart}; before the upload ${loadBeforeUpload}; after the merge ${loadAfterMerge}; end ${load()}`,
+  );
+  console.log(
+    `merged patch (patch-only job, last upload → merged): ${patchJob.seconds.toFixed(2)} s = ${(patchJob.seconds / mergeSeconds).toFixed(2)}× the dense merge (goal ≤ 0.5×); ${(patchBytes / 1e6).toFixed(0)} MB = ${(patchBytes / mergedBytes).toFixed(3)}× the dense checkpoint's ${(mergedBytes / 1e6).toFixed(0)} MB (goal ≤ 0.45×); server peak RSS after it ${hwmAfterPatch.toFixed(0)} MiB`,
+  );
+  console.log(
+    `whole benchmark: ${total.toFixed(0)} s${generated === undefined ? ' (inputs reused)' : ` (generation ${generated.toFixed(0)} s)`}`,
+  );
   if (values['cpu-prof'] === true) await summarizeProfiles(profDir);
   // Last line: the figures as one JSON object, for scripts.
   console.log(

@@ -54,7 +54,10 @@ export function tinyLlama(layers: number): TinyLlama {
       { name: `${p}post_attention_layernorm.weight`, shape: [h], layer: l },
     );
   }
-  tensors.push({ name: 'model.norm.weight', shape: [h], layer: -1 }, { name: 'lm_head.weight', shape: [v, h], layer: -1 });
+  tensors.push(
+    { name: 'model.norm.weight', shape: [h], layer: -1 },
+    { name: 'lm_head.weight', shape: [v, h], layer: -1 },
+  );
   const params = tensors.reduce((a, t) => a + t.shape.reduce((x, y) => x * y, 1), 0);
   return { shape, kvDim, tensors, params, dir: join(benchDir, `tinyllama-${layers}l`) };
 }
@@ -132,12 +135,20 @@ export async function generateTinyLlama(model: TinyLlama): Promise<number | unde
   if (existsSync(genMarker) && readFileSync(genMarker, 'utf8') === genSpec) return undefined;
   const need = 4 * model.params * 2 * 1.05;
   const free = freeBytes(benchDir);
-  if (free < need + 6e9) throw new Error(`not enough disk space in ${benchDir}: ${(free / 1e9).toFixed(1)} GB free, need about ${((need + 6e9) / 1e9).toFixed(1)} GB`);
-  console.log(`generating ${inputs}: base + 3 fine-tunes, ${(model.params / 1e9).toFixed(2)}B parameters each, bf16 (${((4 * model.params * 2) / 1e9).toFixed(1)} GB) …`);
+  if (free < need + 6e9)
+    throw new Error(
+      `not enough disk space in ${benchDir}: ${(free / 1e9).toFixed(1)} GB free, need about ${((need + 6e9) / 1e9).toFixed(1)} GB`,
+    );
+  console.log(
+    `generating ${inputs}: base + 3 fine-tunes, ${(model.params / 1e9).toFixed(2)}B parameters each, bf16 (${((4 * model.params * 2) / 1e9).toFixed(1)} GB) …`,
+  );
   const t0 = performance.now();
   await rm(inputs, { recursive: true, force: true });
   await mkdir(inputs, { recursive: true });
-  const layout = planLayout(model.tensors.map((t) => ({ name: t.name, dtype: 'BF16' as const, shape: t.shape })), { shardBytes: 1e9 });
+  const layout = planLayout(
+    model.tensors.map((t) => ({ name: t.name, dtype: 'BF16' as const, shape: t.shape })),
+    { shardBytes: 1e9 },
+  );
   const writers = await Promise.all(CHECKPOINTS.map((c) => CheckpointWriter.create(join(inputs, c), layout)));
   try {
     // Writes of one tensor overlap the generation of the next.

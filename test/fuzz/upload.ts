@@ -13,17 +13,27 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { runUploadFuzz } from '../fixtures/upload-fuzz.js';
 
-const { values } = parseArgs({ options: { count: { type: 'string', default: '10000' }, seed: { type: 'string', default: '1' } } });
+const { values } = parseArgs({
+  options: { count: { type: 'string', default: '10000' }, seed: { type: 'string', default: '1' } },
+});
 const count = Number(values.count);
 const seed = Number(values.seed);
-if (!Number.isInteger(count) || count < 1) throw new RangeError(`--count: expected an integer ≥ 1, got ${values.count}`);
+if (!Number.isInteger(count) || count < 1)
+  throw new RangeError(`--count: expected an integer ≥ 1, got ${values.count}`);
 if (!Number.isInteger(seed)) throw new RangeError(`--seed: expected an integer, got ${values.seed}`);
 
 const dir = await mkdtemp(join(tmpdir(), 'dppa-fuzz-'));
 try {
   const step = Math.max(1, Math.floor(count / 10));
-  const report = await runUploadFuzz({ dir, seed, count, onProgress: (n) => n % step === 0 && console.log(`${n} / ${count}`) });
-  console.log(`${report.requests} malformed uploads in ${report.seconds.toFixed(1)} s (${(report.requests / report.seconds).toFixed(0)}/s), seed ${seed}; every answer as expected; the merge of the valid deltas is bit-exact`);
+  const report = await runUploadFuzz({
+    dir,
+    seed,
+    count,
+    onProgress: (n) => n % step === 0 && console.log(`${n} / ${count}`),
+  });
+  console.log(
+    `${report.requests} malformed uploads in ${report.seconds.toFixed(1)} s (${(report.requests / report.seconds).toFixed(0)}/s), seed ${seed}; every answer as expected; the merge of the valid deltas is bit-exact`,
+  );
   console.log(`streams sent again while a cut stream still held the slot: ${report.slotWaits}`);
   console.log('answers by status:');
   for (const [code, n] of Object.entries(report.codes).sort()) console.log(`  ${code.padEnd(20)} ${n}`);

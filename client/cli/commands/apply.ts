@@ -12,7 +12,8 @@ const OPTIONS = 'Options';
 export const applyCommand = defineCommand({
   name: 'apply',
   summary: 'write base + (amplified) pruned delta as a checkpoint',
-  usage: '--base DIR --delta FILE.dppa --out DIR [options]\ndppa apply --base DIR --patch FILE.dppa --out DIR [--overwrite] [--json]',
+  usage:
+    '--base DIR --delta FILE.dppa --out DIR [options]\ndppa apply --base DIR --patch FILE.dppa --out DIR [--overwrite] [--json]',
   description: `Writes base + scale * sum_p factor_p * delta|partition p as a checkpoint in the
 base's layout and dtype (shards, index, config and tokenizer files copied).
 This is the model a party evaluates during the DPA search.
@@ -24,9 +25,16 @@ and overwrites the patch's positions with its values (the server's merge, bit fo
     delta: text('FILE', 'the .dppa file (or --patch)', { group: REQUIRED, path: 'input' }),
     patch: text('FILE', 'a merged patch instead of --delta', { group: REQUIRED, path: 'input' }),
     out: text('DIR', 'output folder (appears only when complete)', { required: true, group: REQUIRED, path: 'output' }),
-    factors: numbers('F1,F2,..', 'one amplification factor per partition, partition 1 first (default all 1)', {}, { group: OPTIONS }),
+    factors: numbers(
+      'F1,F2,..',
+      'one amplification factor per partition, partition 1 first (default all 1)',
+      {},
+      { group: OPTIONS },
+    ),
     scale: number('C', 'weight of the whole delta (default 1)', {}, { group: OPTIONS }),
-    'outside-by-max': toggle('scale outside tensors by the largest factor (the released code) instead of 1', { group: OPTIONS }),
+    'outside-by-max': toggle('scale outside tensors by the largest factor (the released code) instead of 1', {
+      group: OPTIONS,
+    }),
     overwrite: toggle('replace --out if it exists', { group: OPTIONS }),
     json: toggle('print the result as JSON', { group: OPTIONS }),
   },
@@ -35,7 +43,9 @@ another base (nothing is written then).`,
   action: (v) => {
     if (v.patch !== undefined) {
       if (v.delta !== undefined || v.factors !== undefined || v.scale !== undefined || v['outside-by-max']) {
-        throw new UsageError('--patch: give no --delta, --factors, --scale or --outside-by-max (a merged patch holds the merged values)');
+        throw new UsageError(
+          '--patch: give no --delta, --factors, --scale or --outside-by-max (a merged patch holds the merged values)',
+        );
       }
       const patch = v.patch;
       return cancellable(async (signal, progress) => {
@@ -49,7 +59,10 @@ another base (nothing is written then).`,
         });
         progress.done();
         if (v.json) out(JSON.stringify(report));
-        else out(`wrote ${report.out}: ${report.tensorsPatched} tensors patched (${report.positions} positions), ${report.tensorsCopied} copied`);
+        else
+          out(
+            `wrote ${report.out}: ${report.tensorsPatched} tensors patched (${report.positions} positions), ${report.tensorsCopied} copied`,
+          );
         return EXIT.ok;
       });
     }
@@ -68,7 +81,10 @@ another base (nothing is written then).`,
       });
       progress.done();
       if (v.json) out(JSON.stringify(report));
-      else out(`wrote ${report.out}: ${report.tensorsChanged} tensors changed, ${report.tensorsCopied} copied, factors ${report.factors.join(', ')}, scale ${report.scale}`);
+      else
+        out(
+          `wrote ${report.out}: ${report.tensorsChanged} tensors changed, ${report.tensorsCopied} copied, factors ${report.factors.join(', ')}, scale ${report.scale}`,
+        );
       return EXIT.ok;
     });
   },

@@ -12,7 +12,8 @@ const REQUIRED = 'Required';
 export const evaluateCommand = defineCommand({
   name: 'evaluate',
   summary: "serve a job's DPA evaluation requests with a command (rejoin a search)",
-  usage: "--server HOST:PORT --job ID --party P --token T --base DIR --finetuned DIR --eval-cmd 'CMD {model}' [--delta FILE.dppa] [--work-dir DIR]",
+  usage:
+    "--server HOST:PORT --job ID --party P --token T --base DIR --finetuned DIR --eval-cmd 'CMD {model}' [--delta FILE.dppa] [--work-dir DIR]",
   description: `Serves this party's evaluation requests of a job's DPA factor search without
 pushing again: to (re)join the search after a disconnection, or when the delta
 was pushed by other means. Each candidate the server proposes is built here
@@ -23,9 +24,17 @@ this party's search is over; reconnects by itself after a dropped connection.`,
     job: text('ID', "the job's id", { required: true, group: REQUIRED }),
     party: text('P', "this party's name in the job", { required: true, group: REQUIRED }),
     base: text('DIR', "base checkpoint (the job's base)", { required: true, group: REQUIRED, path: 'input' }),
-    finetuned: text('DIR', "this party's fine-tuned checkpoint (the dense reference)", { required: true, group: REQUIRED, path: 'input' }),
+    finetuned: text('DIR', "this party's fine-tuned checkpoint (the dense reference)", {
+      required: true,
+      group: REQUIRED,
+      path: 'input',
+    }),
     'eval-cmd': { ...evalFlags['eval-cmd'], required: true, group: REQUIRED },
-    delta: text('FILE', 'the .dppa file this party uploaded (default DIR/delta.dppa, where dppa push --eval-cmd keeps it)', { group: 'Optional', path: 'input' }),
+    delta: text(
+      'FILE',
+      'the .dppa file this party uploaded (default DIR/delta.dppa, where dppa push --eval-cmd keeps it)',
+      { group: 'Optional', path: 'input' },
+    ),
     'eval-retries': evalFlags['eval-retries'],
     'work-dir': evalFlags['work-dir'],
     ...serverFlags,

@@ -16,7 +16,9 @@ rate of every tensor, the entries kept per partition and the sizes.`,
   positionals: [{ name: 'FILE', help: 'the .dppa file', path: 'input' }],
   flags: {
     json: toggle('print the summary as JSON'),
-    plot: text('FILE', 'write an SVG chart of the pruning rate of each linear layer by model layer', { path: 'output' }),
+    plot: text('FILE', 'write an SVG chart of the pruning rate of each linear layer by model layer', {
+      path: 'output',
+    }),
     overwrite: toggle('replace --plot if it exists'),
   },
   after: 'Exit codes: 0 ok, 2 bad command line (or --plot exists), 3 missing, malformed or damaged file.',
@@ -33,13 +35,28 @@ rate of every tensor, the entries kept per partition and the sizes.`,
     out(`file         ${summary.file} (${formatBytes(summary.fileBytes)})`);
     out(`base         ${summary.baseFingerprint}`);
     out(`method       ${summary.method}, target rate ${summary.rate}, levels ${summary.levels.join(', ')}`);
-    out(`options      ${Object.entries(summary.options).map(([k, x]) => `${k}=${x}`).join(' ')}`);
-    out(`values       ${summary.valueDtype}; kept ${kept} of ${numel} entries (${((100 * kept) / Math.max(1, numel)).toFixed(2)}%), ${(summary.fileBytes / Math.max(1, kept)).toFixed(2)} bytes per kept entry`);
+    out(
+      `options      ${Object.entries(summary.options)
+        .map(([k, x]) => `${k}=${x}`)
+        .join(' ')}`,
+    );
+    out(
+      `values       ${summary.valueDtype}; kept ${kept} of ${numel} entries (${((100 * kept) / Math.max(1, numel)).toFixed(2)}%), ${(summary.fileBytes / Math.max(1, kept)).toFixed(2)} bytes per kept entry`,
+    );
     out('');
-    out(`${'tensor'.padEnd(48)} ${'layer'.padStart(5)} ${'rate'.padStart(7)} ${'kept per partition'.padEnd(28)} ${'size'.padStart(9)}`);
+    out(
+      `${'tensor'.padEnd(48)} ${'layer'.padStart(5)} ${'rate'.padStart(7)} ${'kept per partition'.padEnd(28)} ${'size'.padStart(9)}`,
+    );
     for (const t of summary.tensors) {
-      const parts = t.sent ? t.keptPerPartition.map((k, p) => `${p}:${k}`).filter((_, p) => p > 0 || t.kind === 'outside').join(' ') : 'not sent';
-      out(`${t.name.padEnd(48)} ${String(t.layer).padStart(5)} ${t.levelRates.at(-1)!.toFixed(4).padStart(7)} ${parts.padEnd(28)} ${formatBytes(t.bytes).padStart(9)}`);
+      const parts = t.sent
+        ? t.keptPerPartition
+            .map((k, p) => `${p}:${k}`)
+            .filter((_, p) => p > 0 || t.kind === 'outside')
+            .join(' ')
+        : 'not sent';
+      out(
+        `${t.name.padEnd(48)} ${String(t.layer).padStart(5)} ${t.levelRates.at(-1)!.toFixed(4).padStart(7)} ${parts.padEnd(28)} ${formatBytes(t.bytes).padStart(9)}`,
+      );
     }
     if (v.plot !== undefined) out(`\nwrote ${v.plot}`);
     return EXIT.ok;

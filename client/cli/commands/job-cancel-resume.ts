@@ -58,5 +58,6 @@ paused and has not ended is looked at again.`,
   'e.g. the job has merged or failed',
   {},
   (client, jobId, _v, signal) => client.resumeJob(jobId, { signal }),
-  (job) => `job ${job.id} resumed (${job.pause === undefined ? 'not paused' : `still paused: ${pauseText(job.pause)}`})`,
+  (job) =>
+    `job ${job.id} resumed (${job.pause === undefined ? 'not paused' : `still paused: ${pauseText(job.pause)}`})`,
 );

@@ -8,7 +8,11 @@ import { adminToken, adminTokenFlags, clientOptions, serverFlags, withClient } f
 import type { CreateJobOptions } from '../../sdk/jobs.js';
 import { MergeOutput } from '../../../proto/gen/dppa/v1/jobs.js';
 
-const MERGE_OUTPUTS = { dense: MergeOutput.MERGE_OUTPUT_DENSE, patch: MergeOutput.MERGE_OUTPUT_PATCH, both: MergeOutput.MERGE_OUTPUT_BOTH } as const;
+const MERGE_OUTPUTS = {
+  dense: MergeOutput.MERGE_OUTPUT_DENSE,
+  patch: MergeOutput.MERGE_OUTPUT_PATCH,
+  both: MergeOutput.MERGE_OUTPUT_BOTH,
+} as const;
 const OUTPUTS = ['dense', 'patch', 'both'] as const;
 
 const REQUIRED = 'Required';
@@ -23,9 +27,22 @@ export const jobCreateCommand = defineCommand({
 (shown only now: hand each party its own token, e.g. with DPPA_TOKEN).`,
   flags: {
     base: text('DIR', "folder of the base checkpoint on the server's disk", { required: true, group: REQUIRED }),
-    parties: text('a,b,c', "party names (letters, digits, '-', '_', at most 64 each)", { required: true, group: REQUIRED }),
-    rate: number('R', 'target pruning rate every party must use, in [0, 1)', { min: 0, below: 1 }, { required: true, group: REQUIRED }),
-    method: choice('M', PRUNE_METHODS, `pruning method every party must use: ${PRUNE_METHODS.join(', ')} (default dp)`, { group: JOB }),
+    parties: text('a,b,c', "party names (letters, digits, '-', '_', at most 64 each)", {
+      required: true,
+      group: REQUIRED,
+    }),
+    rate: number(
+      'R',
+      'target pruning rate every party must use, in [0, 1)',
+      { min: 0, below: 1 },
+      { required: true, group: REQUIRED },
+    ),
+    method: choice(
+      'M',
+      PRUNE_METHODS,
+      `pruning method every party must use: ${PRUNE_METHODS.join(', ')} (default dp)`,
+      { group: JOB },
+    ),
     dpa: text(
       'SPEC',
       `amplification of the partitions (default off):
@@ -50,7 +67,12 @@ export const jobCreateCommand = defineCommand({
       { group: JOB },
     ),
     label: text('TEXT', 'a label for people', { group: JOB }),
-    'max-abs-value': number('V', 'largest magnitude an uploaded delta value may have, > 0 (default 1000, see docs/server.md); a tensor with a larger value, NaN or Inf is refused', { min: 0 }, { group: JOB }),
+    'max-abs-value': number(
+      'V',
+      'largest magnitude an uploaded delta value may have, > 0 (default 1000, see docs/server.md); a tensor with a larger value, NaN or Inf is refused',
+      { min: 0 },
+      { group: JOB },
+    ),
     ...evaluatorFlags,
     ...serverFlags,
     ...adminTokenFlags,
@@ -68,7 +90,11 @@ export const jobCreateCommand = defineCommand({
       rate: v.rate,
       method: v.method ?? DEFAULT_PRUNE_METHOD,
       dpa: { ...dpa, scaleOutsideByMax: v['scale-outside-by-max'] },
-      merge: { weights: parseWeights(v.weights, parties), signElection: v['sign-election'], partiesMayDownload: v['parties-may-download'] },
+      merge: {
+        weights: parseWeights(v.weights, parties),
+        signElection: v['sign-election'],
+        partiesMayDownload: v['parties-may-download'],
+      },
     };
     if (v.output !== undefined) request.merge!.output = MERGE_OUTPUTS[v.output];
     if (v.label !== undefined) request.label = v.label;

@@ -25,7 +25,9 @@ export const jobListCommand = defineCommand({
       for (const j of jobs) {
         const done = j.parties.filter((p) => p.uploadComplete).length;
         const label = j.label === '' ? '' : `  "${j.label}"`;
-        out(`${j.id.padEnd(width)}  ${jobStateName(j.state).padEnd(10)}  ${done}/${j.parties.length} uploads  ${j.createdAt}${label}`);
+        out(
+          `${j.id.padEnd(width)}  ${jobStateName(j.state).padEnd(10)}  ${done}/${j.parties.length} uploads  ${j.createdAt}${label}`,
+        );
       }
       return EXIT.ok;
     }),

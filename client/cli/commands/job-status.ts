@@ -20,7 +20,8 @@ is paused (a storage failure on the server, e.g. a full disk: see dppa job resum
       'one JSON object: { jobId, label, state, basePath, baseFingerprint, rate, method, dpa, merge, maxAbsValue, parties, evaluations, failureReason, pause, createdAt, updatedAt }; state is lower-case; pause is null or { reason, attempts, since, nextAttemptAt }',
     ),
   },
-  after: 'Exit codes: 0 ok, 2 bad command line, 4 the server refused or failed (unknown job, bad token), 130 interrupted.',
+  after:
+    'Exit codes: 0 ok, 2 bad command line, 4 the server refused or failed (unknown job, bad token), 130 interrupted.',
   action: (v) =>
     withClient(clientOptions(v, anyToken(v)), async (client, signal) => {
       const job = await client.getJob(v.job, { signal });

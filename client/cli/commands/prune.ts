@@ -16,16 +16,37 @@ export const pruneCommand = defineCommand({
   description: `Computes the delta of a fine-tuned checkpoint against its base, prunes it and
 writes it as a partitioned sparse delta (.dppa).`,
   flags: {
-    base: text('DIR', 'base checkpoint (folder with model.safetensors or a sharded index)', { required: true, group: REQUIRED, path: 'input' }),
-    finetuned: text('DIR', 'fine-tuned checkpoint of the same base', { required: true, group: REQUIRED, path: 'input' }),
-    rate: number('R', 'target pruning rate in [0, 1), e.g. 0.9 keeps about 10%', { min: 0, below: 1 }, { required: true, group: REQUIRED }),
-    out: text('FILE', 'the .dppa file to write (written whole or not at all)', { required: true, group: REQUIRED, path: 'output' }),
+    base: text('DIR', 'base checkpoint (folder with model.safetensors or a sharded index)', {
+      required: true,
+      group: REQUIRED,
+      path: 'input',
+    }),
+    finetuned: text('DIR', 'fine-tuned checkpoint of the same base', {
+      required: true,
+      group: REQUIRED,
+      path: 'input',
+    }),
+    rate: number(
+      'R',
+      'target pruning rate in [0, 1), e.g. 0.9 keeps about 10%',
+      { min: 0, below: 1 },
+      { required: true, group: REQUIRED },
+    ),
+    out: text('FILE', 'the .dppa file to write (written whole or not at all)', {
+      required: true,
+      group: REQUIRED,
+      path: 'output',
+    }),
     ...pruneFlags,
-    report: text('FILE', 'write a JSON report: { method, rate, levels, tensors: [...] }', { group: OTHER, path: 'output' }),
+    report: text('FILE', 'write a JSON report: { method, rate, levels, tensors: [...] }', {
+      group: OTHER,
+      path: 'output',
+    }),
     overwrite: toggle('replace --out (and --report) if they exist', { group: OTHER }),
     json: toggle('print the report as JSON on stdout instead of a summary', { group: OTHER }),
   },
-  after: 'Exit codes: 0 ok, 2 bad command line (or --out exists), 3 missing, bad or mismatched checkpoints, 130 interrupted.',
+  after:
+    'Exit codes: 0 ok, 2 bad command line (or --out exists), 3 missing, bad or mismatched checkpoints, 130 interrupted.',
   action: (v) =>
     cancellable(async (signal, progress) => {
       const report = await pruneToFile({
@@ -35,7 +56,8 @@ writes it as a partitioned sparse delta (.dppa).`,
         rate: v.rate,
         ...pruneSettings(v),
         signal,
-        onProgress: (p) => progress.update(p.phase === 'prune' ? 'prune       ' : 'significance', p.bytesDone, p.bytesTotal, p.tensor),
+        onProgress: (p) =>
+          progress.update(p.phase === 'prune' ? 'prune       ' : 'significance', p.bytesDone, p.bytesTotal, p.tensor),
       });
       progress.done();
       if (v.report !== undefined) await writeFile(v.report, `${JSON.stringify(report, null, 2)}\n`);
@@ -44,11 +66,17 @@ writes it as a partitioned sparse delta (.dppa).`,
       } else {
         const kept = report.tensors.reduce((a, t) => a + t.kept, 0);
         const total = report.tensors.reduce((a, t) => a + t.numel, 0);
-        out(`${report.method} at rate ${report.rate}: kept ${kept} of ${total} entries (${((100 * kept) / Math.max(1, total)).toFixed(2)}%) in ${report.tensors.length} tensors, levels ${report.levels.join(', ')}`);
+        out(
+          `${report.method} at rate ${report.rate}: kept ${kept} of ${total} entries (${((100 * kept) / Math.max(1, total)).toFixed(2)}%) in ${report.tensors.length} tensors, levels ${report.levels.join(', ')}`,
+        );
         out(`wrote ${report.file} (${report.fileBytes} bytes)`);
       }
-      for (const t of report.truncated) note(`note: ${t}: fine-tuned tensor has extra rows; compared on the base's rows only (--vocab-mismatch truncate)`);
-      for (const t of report.droppedWhole) note(`note: ${t}: pruning rate reached 1 at the target level; the layer's delta is dropped whole`);
+      for (const t of report.truncated)
+        note(
+          `note: ${t}: fine-tuned tensor has extra rows; compared on the base's rows only (--vocab-mismatch truncate)`,
+        );
+      for (const t of report.droppedWhole)
+        note(`note: ${t}: pruning rate reached 1 at the target level; the layer's delta is dropped whole`);
       return EXIT.ok;
     }),
 });

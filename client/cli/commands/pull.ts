@@ -13,7 +13,8 @@ import { anyToken, anyTokenFlags, clientOptions, serverFlags, withClient } from 
 export const pullCommand = defineCommand({
   name: 'pull',
   summary: "download a merged job's checkpoint (resumable, verified)",
-  usage: '--server HOST:PORT --job ID --out DIR [--token T]\ndppa pull --server HOST:PORT --job ID --base BASE --out DIR\ndppa pull --server HOST:PORT --job ID --patch --out FILE',
+  usage:
+    '--server HOST:PORT --job ID --out DIR [--token T]\ndppa pull --server HOST:PORT --job ID --base BASE --out DIR\ndppa pull --server HOST:PORT --job ID --patch --out FILE',
   description: `Downloads a merged job's checkpoint into the new folder DIR. Files are
 assembled in a folder beside it, every chunk checked against its CRC-32C and
 every file against its SHA-256, and the folder is renamed to DIR only when all
@@ -28,9 +29,17 @@ nothing is written. With --patch, keeps the patch itself as FILE (apply it
 later with dppa apply --patch).`,
   flags: {
     ...jobFlag("the job's id (the job must be merged)"),
-    out: text('DIR', 'folder (or with --patch, file) to create', { required: true, group: 'Required', path: 'output', whenExists: 'pull creates a new folder' }),
+    out: text('DIR', 'folder (or with --patch, file) to create', {
+      required: true,
+      group: 'Required',
+      path: 'output',
+      whenExists: 'pull creates a new folder',
+    }),
     overwrite: toggle('replace DIR if it exists, once the download is complete and verified', { group: 'Required' }),
-    base: text('BASE', "local copy of the job's base: download the merged patch and apply it to it", { group: 'Merged patch', path: 'input' }),
+    base: text('BASE', "local copy of the job's base: download the merged patch and apply it to it", {
+      group: 'Merged patch',
+      path: 'input',
+    }),
     patch: toggle('download the merged patch as the file --out', { group: 'Merged patch' }),
     ...serverFlags,
     ...anyTokenFlags,
@@ -40,7 +49,8 @@ later with dppa apply --patch).`,
 (--base), 4 the server refused or failed, or a file did not match its checksum, 130 interrupted (run again
 to resume).`,
   action: (v) => {
-    if (v.patch && v.base !== undefined) throw new UsageError('--patch and --base: give one (--base downloads the patch and applies it)');
+    if (v.patch && v.base !== undefined)
+      throw new UsageError('--patch and --base: give one (--base downloads the patch and applies it)');
     const patch = v.patch ? { patch: true } : v.base === undefined ? {} : { base: resolve(v.base) };
     return withClient(clientOptions(v, anyToken(v)), async (client, signal, progress) => {
       const dir = resolve(v.out);
@@ -49,7 +59,16 @@ to resume).`,
       const into = replacing ? `${dir}.new-${v.job.replace(/[^A-Za-z0-9_-]/g, '_')}` : dir;
       const result = await client.pull(
         { jobId: v.job, out: into, ...patch },
-        { signal, onProgress: (p) => progress.update('pull', p.bytesDone, p.bytesTotal, `${p.filesDone}/${p.filesTotal} files ${p.file}${p.attempt > 1 ? ` (attempt ${p.attempt})` : ''}`) },
+        {
+          signal,
+          onProgress: (p) =>
+            progress.update(
+              'pull',
+              p.bytesDone,
+              p.bytesTotal,
+              `${p.filesDone}/${p.filesTotal} files ${p.file}${p.attempt > 1 ? ` (attempt ${p.attempt})` : ''}`,
+            ),
+        },
       );
       progress.done();
       if (replacing) {
@@ -63,7 +82,8 @@ to resume).`,
         out(JSON.stringify(shown));
       } else {
         const size = shown.files.reduce((a, f) => a + f.size, 0);
-        const resumed = shown.bytesResumed > 0 ? ` (${formatBytes(shown.bytesResumed)} resumed from an earlier run)` : '';
+        const resumed =
+          shown.bytesResumed > 0 ? ` (${formatBytes(shown.bytesResumed)} resumed from an earlier run)` : '';
         const what =
           shown.applied !== undefined
             ? `merged patch of ${formatBytes(size)} applied to ${v.base}: ${shown.applied.tensorsPatched} tensors patched, ${shown.applied.tensorsCopied} copied`

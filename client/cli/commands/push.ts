@@ -13,7 +13,9 @@ const REQUIRED = 'Required';
 const PRUNING = 'Pruning (with --base/--finetuned; see dppa prune --help)';
 
 /** The pruning flags of push: those of prune, under push's heading, --rate and --method defaulting to the job's. */
-const pushPruneFlags = Object.fromEntries(Object.entries(pruneFlags).map(([k, f]) => [k, { ...f, group: PRUNING }])) as typeof pruneFlags;
+const pushPruneFlags = Object.fromEntries(
+  Object.entries(pruneFlags).map(([k, f]) => [k, { ...f, group: PRUNING }]),
+) as typeof pruneFlags;
 
 /** `dppa push`: see its help text. */
 export const pushCommand = defineCommand({
@@ -41,14 +43,20 @@ After a disconnection, \`dppa evaluate\` rejoins the search without pushing agai
     base: text('DIR', "base checkpoint (the job's base), with --finetuned", { group: REQUIRED, path: 'input' }),
     finetuned: text('DIR', "this party's fine-tuned checkpoint", { group: REQUIRED, path: 'input' }),
     delta: text('FILE', "or: a .dppa file pruned at the job's rate and method", { group: REQUIRED, path: 'input' }),
-    'keep-delta': text('FILE', 'with --base/--finetuned: prune into FILE first (kept), then upload it; a FILE that fits the job is uploaded as it is', { group: REQUIRED }),
+    'keep-delta': text(
+      'FILE',
+      'with --base/--finetuned: prune into FILE first (kept), then upload it; a FILE that fits the job is uploaded as it is',
+      { group: REQUIRED },
+    ),
     rate: number('R', "must equal the job's rate (default: the job's)", { min: 0, below: 1 }, { group: PRUNING }),
     ...pushPruneFlags,
     method: { ...methodFlag, group: PRUNING, help: "must equal the job's method (default: the job's)" },
     ...evalFlags,
     ...serverFlags,
     ...partyTokenFlags,
-    ...jsonFlag("print the server's final upload state as JSON (with --eval-cmd, then { \"evaluated\": N, \"answered\": N } when the search is over; progress on stderr)"),
+    ...jsonFlag(
+      'print the server\'s final upload state as JSON (with --eval-cmd, then { "evaluated": N, "answered": N } when the search is over; progress on stderr)',
+    ),
   },
   after: `Exit codes: 0 ok (the server holds the whole upload; with --eval-cmd, the search is over), 2 bad
 command line, 3 missing, bad or mismatched checkpoints or delta (another base, rate or method than the job's),
@@ -59,19 +67,35 @@ dppa evaluate to resume), 130 interrupted (run again to resume).`,
     const { job: jobId, party } = v;
     const command = v['eval-cmd'];
     if (command === undefined && v['work-dir'] !== undefined) throw new UsageError('--work-dir goes with --eval-cmd');
-    if (command === undefined && v['eval-retries'] !== undefined) throw new UsageError('--eval-retries goes with --eval-cmd');
+    if (command === undefined && v['eval-retries'] !== undefined)
+      throw new UsageError('--eval-retries goes with --eval-cmd');
     const workDir = resolve(v['work-dir'] ?? defaultWorkDir(jobId, party));
     let source: PushOptions;
     if (v.delta !== undefined) {
       const pruning = Object.keys(pruneFlags).filter((k) => v[k as keyof typeof pruneFlags] !== undefined);
       // With --eval-cmd, --base and --finetuned build the candidates rather than a delta.
-      const building = command === undefined ? [...(v.base !== undefined ? ['--base'] : []), ...(v.finetuned !== undefined ? ['--finetuned'] : [])] : [];
-      const extra = [...building, ...(v['keep-delta'] !== undefined ? ['--keep-delta'] : []), ...(v.rate !== undefined ? ['--rate'] : []), ...pruning.map((k) => `--${k}`)];
+      const building =
+        command === undefined
+          ? [...(v.base !== undefined ? ['--base'] : []), ...(v.finetuned !== undefined ? ['--finetuned'] : [])]
+          : [];
+      const extra = [
+        ...building,
+        ...(v['keep-delta'] !== undefined ? ['--keep-delta'] : []),
+        ...(v.rate !== undefined ? ['--rate'] : []),
+        ...pruning.map((k) => `--${k}`),
+      ];
       if (extra.length > 0) throw new UsageError(`--delta sends a file as it is: drop ${extra.join(', ')}`);
       source = { jobId, party, delta: v.delta };
     } else {
-      if (v.base === undefined && v.finetuned === undefined) throw new UsageError('give --base and --finetuned (to prune on the fly), or --delta FILE.dppa');
-      source = { jobId, party, base: need(v.base, 'base', 'with --finetuned'), finetuned: need(v.finetuned, 'finetuned', 'with --base'), ...pruneSettings(v) };
+      if (v.base === undefined && v.finetuned === undefined)
+        throw new UsageError('give --base and --finetuned (to prune on the fly), or --delta FILE.dppa');
+      source = {
+        jobId,
+        party,
+        base: need(v.base, 'base', 'with --finetuned'),
+        finetuned: need(v.finetuned, 'finetuned', 'with --base'),
+        ...pruneSettings(v),
+      };
       if (v.rate !== undefined) source.rate = v.rate;
       const keep = v['keep-delta'] ?? (command === undefined ? undefined : keptDeltaPath(workDir));
       if (keep !== undefined) source.keepDelta = resolve(keep);
@@ -79,7 +103,17 @@ dppa evaluate to resume), 130 interrupted (run again to resume).`,
     const evaluation =
       command === undefined
         ? undefined
-        : { jobId, party, base: need(v.base, 'base', 'with --eval-cmd'), finetuned: need(v.finetuned, 'finetuned', 'with --eval-cmd'), delta: source.delta ?? source.keepDelta!, workDir, command, retries: v['eval-retries'], json: v.json };
+        : {
+            jobId,
+            party,
+            base: need(v.base, 'base', 'with --eval-cmd'),
+            finetuned: need(v.finetuned, 'finetuned', 'with --eval-cmd'),
+            delta: source.delta ?? source.keepDelta!,
+            workDir,
+            command,
+            retries: v['eval-retries'],
+            json: v.json,
+          };
     return withClient(clientOptions(v, partyToken(v)), async (client, signal, progress) => {
       if (evaluation !== undefined) requireRemoteSearch(await client.getJob(jobId, { signal }), party);
       const state = await client.push(source, {
@@ -89,7 +123,13 @@ dppa evaluate to resume), 130 interrupted (run again to resume).`,
             progress.update('significance', p.tensorsDone, p.tensorsTotal, p.tensor, 'count');
           } else {
             const retry = p.attempt > 1 ? ` (attempt ${p.attempt})` : '';
-            progress.update('upload      ', p.tensorsDone, p.tensorsTotal, `${formatBytes(p.bytesSent)} sent${retry} ${p.tensor}`, 'count');
+            progress.update(
+              'upload      ',
+              p.tensorsDone,
+              p.tensorsTotal,
+              `${formatBytes(p.bytesSent)} sent${retry} ${p.tensor}`,
+              'count',
+            );
           }
         },
       });
@@ -97,7 +137,9 @@ dppa evaluate to resume), 130 interrupted (run again to resume).`,
       if (v.json) {
         out(JSON.stringify({ ...state, bytesReceived: Number(state.bytesReceived) }));
       } else {
-        out(`party ${state.party}: upload to job ${state.jobId} complete (${state.tensorsReceived.length}/${state.tensorsExpected} tensors, ${formatBytes(Number(state.bytesReceived))} held by the server)`);
+        out(
+          `party ${state.party}: upload to job ${state.jobId} complete (${state.tensorsReceived.length}/${state.tensorsExpected} tensors, ${formatBytes(Number(state.bytesReceived))} held by the server)`,
+        );
       }
       if (evaluation !== undefined) {
         const result = await serveEvaluations(client, evaluation, signal, progress);

@@ -46,7 +46,10 @@ export function exampleInput(ex: TaskExample, file: string, maxSequence: number 
   if (maxSequence === undefined || full.length <= maxSequence) return full;
   // Each answer token needs the position before it, so the answer's length is the least that still scores it.
   if (ex.answer.length > maxSequence) {
-    throw new TaskDataError(`the answer has ${ex.answer.length} tokens, more than the model's maximum sequence of ${maxSequence}`, { file, line: ex.line });
+    throw new TaskDataError(
+      `the answer has ${ex.answer.length} tokens, more than the model's maximum sequence of ${maxSequence}`,
+      { file, line: ex.line },
+    );
   }
   return full.slice(full.length - maxSequence);
 }
@@ -75,9 +78,25 @@ function logSumExp(x: Float32Array, off: number, n: number): number {
   return m + Math.log(s);
 }
 
-function checkIds(ids: readonly number[], answer: readonly number[], vocab: number, task: LoadedTask, line: number): void {
-  for (const id of ids) if (id >= vocab) throw new TaskDataError(`token id ${id} is outside the model's vocabulary of ${vocab}`, { file: task.file, line });
-  for (const id of answer) if (id >= vocab) throw new TaskDataError(`answer token id ${id} is outside the model's vocabulary of ${vocab}`, { file: task.file, line });
+function checkIds(
+  ids: readonly number[],
+  answer: readonly number[],
+  vocab: number,
+  task: LoadedTask,
+  line: number,
+): void {
+  for (const id of ids)
+    if (id >= vocab)
+      throw new TaskDataError(`token id ${id} is outside the model's vocabulary of ${vocab}`, {
+        file: task.file,
+        line,
+      });
+  for (const id of answer)
+    if (id >= vocab)
+      throw new TaskDataError(`answer token id ${id} is outside the model's vocabulary of ${vocab}`, {
+        file: task.file,
+        line,
+      });
 }
 
 /**
@@ -98,7 +117,12 @@ export function checkTask(task: LoadedTask, vocab: number | undefined, maxSequen
  * @returns One value per example, in file order: 1 or 0 for `exact_match`, the mean answer-token log-probability for `log_likelihood`.
  * @throws TaskDataError for an example that does not fit the model.
  */
-export async function scoreExamples(task: LoadedTask, metric: Metric, forward: ForwardFn, o: ScoreOptions): Promise<Float64Array> {
+export async function scoreExamples(
+  task: LoadedTask,
+  metric: Metric,
+  forward: ForwardFn,
+  o: ScoreOptions,
+): Promise<Float64Array> {
   const inputs = task.examples.map((ex) => exampleInput(ex, task.file, o.maxSequence));
   // Group by length so that no sequence is padded; ascending lengths and file order keep runs deterministic.
   const byLength = new Map<number, number[]>();
@@ -117,7 +141,8 @@ export async function scoreExamples(task: LoadedTask, metric: Metric, forward: F
       const cap = vocab === undefined ? o.batchSize : Math.max(1, Math.floor(o.maxLogitsBytes / (len * vocab * 4)));
       const rows = group.slice(start, start + Math.min(o.batchSize, cap));
       start += rows.length;
-      if (vocab !== undefined) for (const i of rows) checkIds(inputs[i]!, task.examples[i]!.answer, vocab, task, task.examples[i]!.line);
+      if (vocab !== undefined)
+        for (const i of rows) checkIds(inputs[i]!, task.examples[i]!.answer, vocab, task, task.examples[i]!.line);
       const ids = new BigInt64Array(rows.length * len);
       rows.forEach((i, r) => inputs[i]!.forEach((t, p) => (ids[r * len + p] = BigInt(t))));
       const out = await forward(ids, rows.length, len);
@@ -151,7 +176,12 @@ export async function scoreExamples(task: LoadedTask, metric: Metric, forward: F
  * Scores a task: the mean over its examples of {@link scoreExamples}, summed in file order.
  * @throws TaskDataError for an example that does not fit the model.
  */
-export async function scoreTask(task: LoadedTask, metric: Metric, forward: ForwardFn, o: ScoreOptions): Promise<number> {
+export async function scoreTask(
+  task: LoadedTask,
+  metric: Metric,
+  forward: ForwardFn,
+  o: ScoreOptions,
+): Promise<number> {
   const per = await scoreExamples(task, metric, forward, o);
   let s = 0;
   for (const v of per) s += v;

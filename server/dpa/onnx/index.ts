@@ -13,5 +13,11 @@ export { CharTokenizer, loadTokenizer, parseTokenizer } from './tokenizer.js';
 export type { Tokenizer, CharTokenizerDescription } from './tokenizer.js';
 export { weightsAsGraphInputs } from './model-weights.js';
 export type { NameMap, CheckpointShapes, WeightDtype } from './model-weights.js';
-export { OnnxEvaluatorError, OnnxModelError, TokenizerError, TaskDataError, ProviderUnavailableError } from './errors.js';
+export {
+  OnnxEvaluatorError,
+  OnnxModelError,
+  TokenizerError,
+  TaskDataError,
+  ProviderUnavailableError,
+} from './errors.js';
 export type { OnnxEvaluatorErrorOptions } from './errors.js';

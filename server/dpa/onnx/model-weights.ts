@@ -6,7 +6,17 @@ import { open, readFile } from 'node:fs/promises';
 import { dirname, isAbsolute, relative, resolve } from 'node:path';
 import { encodeFromF32 } from '../../../proto/safetensors/dtype.js';
 import { OnnxModelError } from './errors.js';
-import { DataType, dataTypeName, int64, onnx, type IGraphProto, type IModelProto, type ITensorProto, type IValueInfoProto, type ModelProto } from './onnx-schema.js';
+import {
+  DataType,
+  dataTypeName,
+  int64,
+  onnx,
+  type IGraphProto,
+  type IModelProto,
+  type ITensorProto,
+  type IValueInfoProto,
+  type ModelProto,
+} from './onnx-schema.js';
 
 /** Element type of an injectable weight. */
 export type WeightDtype = 'float32' | 'float16' | 'bfloat16';
@@ -36,14 +46,30 @@ const DTYPES = new Map<number, WeightDtype>([
   [DataType.FLOAT16, 'float16'],
   [DataType.BFLOAT16, 'bfloat16'],
 ]);
-const DTYPE_CODES: Record<WeightDtype, number> = { float32: DataType.FLOAT, float16: DataType.FLOAT16, bfloat16: DataType.BFLOAT16 };
+const DTYPE_CODES: Record<WeightDtype, number> = {
+  float32: DataType.FLOAT,
+  float16: DataType.FLOAT16,
+  bfloat16: DataType.BFLOAT16,
+};
 const SAFETENSORS_DTYPE = { float32: 'F32', float16: 'F16', bfloat16: 'BF16' } as const;
 
 /** Bytes per element of fixed-size ONNX data types, to size external data without a `length` entry. */
 const ELEMENT_BYTES = new Map<number, number>([
-  [DataType.FLOAT, 4], [DataType.UINT8, 1], [DataType.INT8, 1], [DataType.UINT16, 2], [DataType.INT16, 2],
-  [DataType.INT32, 4], [DataType.INT64, 8], [DataType.BOOL, 1], [DataType.FLOAT16, 2], [DataType.DOUBLE, 8],
-  [DataType.UINT32, 4], [DataType.UINT64, 8], [DataType.COMPLEX64, 8], [DataType.COMPLEX128, 16], [DataType.BFLOAT16, 2],
+  [DataType.FLOAT, 4],
+  [DataType.UINT8, 1],
+  [DataType.INT8, 1],
+  [DataType.UINT16, 2],
+  [DataType.INT16, 2],
+  [DataType.INT32, 4],
+  [DataType.INT64, 8],
+  [DataType.BOOL, 1],
+  [DataType.FLOAT16, 2],
+  [DataType.DOUBLE, 8],
+  [DataType.UINT32, 4],
+  [DataType.UINT64, 8],
+  [DataType.COMPLEX64, 8],
+  [DataType.COMPLEX128, 16],
+  [DataType.BFLOAT16, 2],
 ]);
 
 const fmt = (shape: readonly number[]): string => `[${shape.map((d) => (d < 0 ? '?' : String(d))).join(', ')}]`;
@@ -89,7 +115,11 @@ export function checkNameMap(json: unknown, file?: string): asserts json is Name
     throw new OnnxModelError('a name map must be a JSON object { "checkpoint name": "initializer name" }', { file });
   }
   for (const [k, v] of Object.entries(json)) {
-    if (typeof v !== 'string') throw new OnnxModelError(`name map entry ${JSON.stringify(k)} must map to a string, got ${JSON.stringify(v)}`, { file, tensor: k });
+    if (typeof v !== 'string')
+      throw new OnnxModelError(`name map entry ${JSON.stringify(k)} must map to a string, got ${JSON.stringify(v)}`, {
+        file,
+        tensor: k,
+      });
   }
 }
 
@@ -156,13 +186,17 @@ export function planWeights(model: IModelProto, o: PlanOptions): WeightPlan {
   const taken = new Map<string, string>();
   for (const [ckpt, g] of Object.entries(o.nameMap ?? {})) {
     if (!tensors.has(g)) {
-      throw new OnnxModelError(`name map: checkpoint tensor "${ckpt}" maps to "${g}", which is neither an initializer nor a graph input of the model`, { file: o.file, tensor: ckpt });
+      throw new OnnxModelError(
+        `name map: checkpoint tensor "${ckpt}" maps to "${g}", which is neither an initializer nor a graph input of the model`,
+        { file: o.file, tensor: ckpt },
+      );
     }
     if (shapes !== undefined && !Object.hasOwn(shapes, ckpt)) {
       throw new OnnxModelError(`name map: "${ckpt}" is not a tensor of the checkpoint`, { file: o.file, tensor: ckpt });
     }
     const prior = taken.get(g);
-    if (prior !== undefined) throw new OnnxModelError(`name map: "${prior}" and "${ckpt}" both map to "${g}"`, { file: o.file, tensor: ckpt });
+    if (prior !== undefined)
+      throw new OnnxModelError(`name map: "${prior}" and "${ckpt}" both map to "${g}"`, { file: o.file, tensor: ckpt });
     taken.set(g, ckpt);
     pairs.push([ckpt, g]);
   }
@@ -178,20 +212,30 @@ export function planWeights(model: IModelProto, o: PlanOptions): WeightPlan {
     const kind = t.holder === 'initializer' ? 'initializer' : 'graph input';
     const dtype = DTYPES.get(t.dataType);
     if (dtype === undefined) {
-      throw new OnnxModelError(`${kind} "${graphName}" (checkpoint tensor "${checkpoint}") has dtype ${dataTypeName(t.dataType)}; only FLOAT, FLOAT16 and BFLOAT16 weights can be injected`, { file: o.file, tensor: checkpoint });
+      throw new OnnxModelError(
+        `${kind} "${graphName}" (checkpoint tensor "${checkpoint}") has dtype ${dataTypeName(t.dataType)}; only FLOAT, FLOAT16 and BFLOAT16 weights can be injected`,
+        { file: o.file, tensor: checkpoint },
+      );
     }
     const want = shapes?.[checkpoint];
     let shape = t.shape;
     if (want !== undefined) {
       // An input without a declared shape takes the checkpoint's; declared dims must agree (symbolic ones take any size).
-      const fits = shape === undefined || (shape.length === want.length && shape.every((d, i) => d < 0 || d === want[i]));
+      const fits =
+        shape === undefined || (shape.length === want.length && shape.every((d, i) => d < 0 || d === want[i]));
       if (!fits) {
-        throw new OnnxModelError(`checkpoint tensor "${checkpoint}" has shape ${fmt(want)} but ${kind} "${graphName}" has shape ${shape === undefined ? 'undeclared' : fmt(shape)}`, { file: o.file, tensor: checkpoint });
+        throw new OnnxModelError(
+          `checkpoint tensor "${checkpoint}" has shape ${fmt(want)} but ${kind} "${graphName}" has shape ${shape === undefined ? 'undeclared' : fmt(shape)}`,
+          { file: o.file, tensor: checkpoint },
+        );
       }
       shape = [...want];
     }
     if (shape === undefined || shape.some((d) => d < 0)) {
-      throw new OnnxModelError(`${kind} "${graphName}" has no fixed shape; give the checkpoint shapes (checkpointShapes) so that "${checkpoint}" can be fed`, { file: o.file, tensor: checkpoint });
+      throw new OnnxModelError(
+        `${kind} "${graphName}" has no fixed shape; give the checkpoint shapes (checkpointShapes) so that "${checkpoint}" can be fed`,
+        { file: o.file, tensor: checkpoint },
+      );
     }
     return { checkpoint, graphName, shape, size: product(shape), dtype, holder: t.holder };
   });
@@ -207,23 +251,37 @@ export function planWeights(model: IModelProto, o: PlanOptions): WeightPlan {
  * values come from the candidate) are not read.
  * @throws OnnxModelError for an external file outside the model's folder or too short.
  */
-export async function inlineExternalData(model: ModelProto, modelFile: string, skip: ReadonlySet<string>): Promise<void> {
+export async function inlineExternalData(
+  model: ModelProto,
+  modelFile: string,
+  skip: ReadonlySet<string>,
+): Promise<void> {
   const dir = dirname(resolve(modelFile));
   for (const t of model.graph?.initializer ?? []) {
     if (t.dataLocation !== onnx.TensorProto.DataLocation.EXTERNAL || skip.has(t.name ?? '')) continue;
     const kv = new Map((t.externalData ?? []).map((e) => [e.key ?? '', e.value ?? '']));
     const location = kv.get('location');
     const fail = (m: string, cause?: unknown): never => {
-      throw new OnnxModelError(`initializer "${t.name}": ${m}`, { file: modelFile, tensor: t.name ?? undefined, cause });
+      throw new OnnxModelError(`initializer "${t.name}": ${m}`, {
+        file: modelFile,
+        tensor: t.name ?? undefined,
+        cause,
+      });
     };
     if (location === undefined) fail('external data without a "location"');
     const path = resolve(dir, location!);
     const rel = relative(dir, path);
-    if (rel.startsWith('..') || isAbsolute(rel)) fail(`external data location ${JSON.stringify(location)} is outside the model's folder`);
+    if (rel.startsWith('..') || isAbsolute(rel))
+      fail(`external data location ${JSON.stringify(location)} is outside the model's folder`);
     const offset = Number(kv.get('offset') ?? '0');
     const elementBytes = ELEMENT_BYTES.get(t.dataType ?? 0);
-    const length = kv.has('length') ? Number(kv.get('length')) : elementBytes === undefined ? NaN : elementBytes * product((t.dims ?? []).map(int64));
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) fail('external data with an invalid offset or length');
+    const length = kv.has('length')
+      ? Number(kv.get('length'))
+      : elementBytes === undefined
+        ? NaN
+        : elementBytes * product((t.dims ?? []).map(int64));
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0)
+      fail('external data with an invalid offset or length');
     const bytes = new Uint8Array(length);
     try {
       const fh = await open(path, 'r');
@@ -244,7 +302,10 @@ export async function inlineExternalData(model: ModelProto, modelFile: string, s
 }
 
 function weightValueInfo(s: WeightSlot): IValueInfoProto {
-  return { name: s.graphName, type: { tensorType: { elemType: DTYPE_CODES[s.dtype], shape: { dim: s.shape.map((d) => ({ dimValue: d })) } } } };
+  return {
+    name: s.graphName,
+    type: { tensorType: { elemType: DTYPE_CODES[s.dtype], shape: { dim: s.shape.map((d) => ({ dimValue: d })) } } },
+  };
 }
 
 /**
@@ -255,7 +316,10 @@ function weightValueInfo(s: WeightSlot): IValueInfoProto {
 export function encodeWithWeightInputs(model: IModelProto, slots: readonly WeightSlot[], file?: string): Uint8Array {
   const bf16 = slots.find((s) => s.dtype === 'bfloat16');
   if (bf16 !== undefined) {
-    throw new OnnxModelError(`"${bf16.graphName}" is BFLOAT16, which ONNX Runtime's JavaScript API cannot feed; use injection "rewrite"`, { file, tensor: bf16.checkpoint });
+    throw new OnnxModelError(
+      `"${bf16.graphName}" is BFLOAT16, which ONNX Runtime's JavaScript API cannot feed; use injection "rewrite"`,
+      { file, tensor: bf16.checkpoint },
+    );
   }
   const g = model.graph ?? {};
   const byName = new Map(slots.map((s) => [s.graphName, s]));
@@ -270,16 +334,25 @@ export function encodeWithWeightInputs(model: IModelProto, slots: readonly Weigh
  * Encodes a copy of `model` whose slots are initializers holding `values`
  * (float32, converted to each slot's dtype with round-to-nearest-even).
  */
-export function encodeWithWeightValues(model: IModelProto, slots: readonly WeightSlot[], values: readonly Float32Array[]): Uint8Array {
+export function encodeWithWeightValues(
+  model: IModelProto,
+  slots: readonly WeightSlot[],
+  values: readonly Float32Array[],
+): Uint8Array {
   const g = model.graph ?? {};
   const byName = new Map(slots.map((s) => [s.graphName, s]));
   const initializer: ITensorProto[] = (g.initializer ?? []).filter((t) => !byName.has(t.name ?? ''));
   slots.forEach((s, i) => {
-    initializer.push({ name: s.graphName, dataType: DTYPE_CODES[s.dtype], dims: [...s.shape], rawData: encodeFromF32(values[i]!, SAFETENSORS_DTYPE[s.dtype]) });
+    initializer.push({
+      name: s.graphName,
+      dataType: DTYPE_CODES[s.dtype],
+      dims: [...s.shape],
+      rawData: encodeFromF32(values[i]!, SAFETENSORS_DTYPE[s.dtype]),
+    });
   });
   // From IR 4 on an initializer need not be a graph input; leaving it out keeps the value fixed in the session.
   const keepInputs = (model.irVersion == null ? 0 : int64(model.irVersion)) < 4;
-  const input = keepInputs ? g.input ?? [] : (g.input ?? []).filter((v) => !byName.has(v.name ?? ''));
+  const input = keepInputs ? (g.input ?? []) : (g.input ?? []).filter((v) => !byName.has(v.name ?? ''));
   const graph: IGraphProto = { ...g, initializer, input };
   return onnx.ModelProto.encode({ ...model, graph }).finish();
 }
@@ -297,12 +370,20 @@ export function encodeWithWeightValues(model: IModelProto, slots: readonly Weigh
 export function weightsAsGraphInputs(modelBytes: Uint8Array, names?: readonly string[]): Uint8Array {
   const model = onnx.ModelProto.decode(modelBytes);
   const inits = new Map((model.graph?.initializer ?? []).map((t) => [t.name ?? '', t]));
-  const chosen = names ?? [...inits.values()].filter((t) => t.dataType === DataType.FLOAT || t.dataType === DataType.FLOAT16).map((t) => t.name ?? '');
+  const chosen =
+    names ??
+    [...inits.values()]
+      .filter((t) => t.dataType === DataType.FLOAT || t.dataType === DataType.FLOAT16)
+      .map((t) => t.name ?? '');
   const slots = chosen.map((name): WeightSlot => {
     const t = inits.get(name);
     if (t === undefined) throw new OnnxModelError(`the model has no initializer "${name}"`, { tensor: name });
     const dtype = DTYPES.get(t.dataType ?? 0);
-    if (dtype === undefined || dtype === 'bfloat16') throw new OnnxModelError(`initializer "${name}" has dtype ${dataTypeName(t.dataType)}; only FLOAT and FLOAT16 can be fed`, { tensor: name });
+    if (dtype === undefined || dtype === 'bfloat16')
+      throw new OnnxModelError(
+        `initializer "${name}" has dtype ${dataTypeName(t.dataType)}; only FLOAT and FLOAT16 can be fed`,
+        { tensor: name },
+      );
     const shape = (t.dims ?? []).map(int64);
     return { checkpoint: name, graphName: name, shape, size: product(shape), dtype, holder: 'initializer' };
   });

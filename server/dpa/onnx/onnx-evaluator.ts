@@ -7,8 +7,16 @@ import { f16ToF32, f32ToF16 } from '../../../proto/safetensors/dtype.js';
 import { checkTask, scoreTask, METRICS, type ForwardFn, type Metric } from './causal-lm-scorer.js';
 import { OnnxEvaluatorError, OnnxModelError, ProviderUnavailableError } from './errors.js';
 import {
-  checkNameMap, encodeWithWeightInputs, encodeWithWeightValues, inlineExternalData, loadNameMap, planWeights, readModel,
-  type CheckpointShapes, type NameMap, type WeightSlot,
+  checkNameMap,
+  encodeWithWeightInputs,
+  encodeWithWeightValues,
+  inlineExternalData,
+  loadNameMap,
+  planWeights,
+  readModel,
+  type CheckpointShapes,
+  type NameMap,
+  type WeightSlot,
 } from './model-weights.js';
 import { DataType, dataTypeName, int64, type IValueInfoProto, type ModelProto } from './onnx-schema.js';
 import { loadTasks, type LoadedTask, type TaskSpec } from './tasks.js';
@@ -98,12 +106,17 @@ export function evaluatorDefaults(o: OnnxEvaluatorOptions): Resolved {
     intraOpThreads: o.intraOpThreads,
   };
   if (typeof r.modelPath !== 'string' || r.modelPath === '') throw new TypeError('modelPath: must be a file path');
-  if (r.provider !== 'cpu' && r.provider !== 'cuda') throw new RangeError(`provider: expected cpu or cuda, got ${String(r.provider)}`);
-  if (!['auto', 'inputs', 'rewrite'].includes(r.injection)) throw new RangeError(`injection: expected auto, inputs or rewrite, got ${String(r.injection)}`);
-  if (!Number.isInteger(r.batchSize) || r.batchSize < 1) throw new RangeError(`batchSize: must be a positive integer, got ${r.batchSize}`);
-  if (r.maxSequence !== undefined && (!Number.isInteger(r.maxSequence) || r.maxSequence < 1)) throw new RangeError(`maxSequence: must be a positive integer, got ${r.maxSequence}`);
+  if (r.provider !== 'cpu' && r.provider !== 'cuda')
+    throw new RangeError(`provider: expected cpu or cuda, got ${String(r.provider)}`);
+  if (!['auto', 'inputs', 'rewrite'].includes(r.injection))
+    throw new RangeError(`injection: expected auto, inputs or rewrite, got ${String(r.injection)}`);
+  if (!Number.isInteger(r.batchSize) || r.batchSize < 1)
+    throw new RangeError(`batchSize: must be a positive integer, got ${r.batchSize}`);
+  if (r.maxSequence !== undefined && (!Number.isInteger(r.maxSequence) || r.maxSequence < 1))
+    throw new RangeError(`maxSequence: must be a positive integer, got ${r.maxSequence}`);
   if (!(r.maxLogitsBytes > 0)) throw new RangeError(`maxLogitsBytes: must be positive, got ${r.maxLogitsBytes}`);
-  if (r.intraOpThreads !== undefined && (!Number.isInteger(r.intraOpThreads) || r.intraOpThreads < 1)) throw new RangeError(`intraOpThreads: must be a positive integer, got ${r.intraOpThreads}`);
+  if (r.intraOpThreads !== undefined && (!Number.isInteger(r.intraOpThreads) || r.intraOpThreads < 1))
+    throw new RangeError(`intraOpThreads: must be a positive integer, got ${r.intraOpThreads}`);
   return r;
 }
 
@@ -152,9 +165,17 @@ export class OnnxEvaluator {
   #closed = false;
 
   private constructor(init: {
-    o: Resolved; model: ModelProto; slots: WeightSlot[]; unmatched: string[]; extras: ExtraInput[]; int32Ids: boolean;
-    vocabSize: number | undefined; injection: 'inputs' | 'rewrite'; tokenizer: Tokenizer | undefined;
-    sessionOptions: ort.InferenceSession.SessionOptions; session: ort.InferenceSession | undefined;
+    o: Resolved;
+    model: ModelProto;
+    slots: WeightSlot[];
+    unmatched: string[];
+    extras: ExtraInput[];
+    int32Ids: boolean;
+    vocabSize: number | undefined;
+    injection: 'inputs' | 'rewrite';
+    tokenizer: Tokenizer | undefined;
+    sessionOptions: ort.InferenceSession.SessionOptions;
+    session: ort.InferenceSession | undefined;
   }) {
     this.#o = init.o;
     this.#model = init.model;
@@ -188,13 +209,24 @@ export class OnnxEvaluator {
 
     const ids = inputs.get(o.inputName);
     if (ids === undefined || inits.has(o.inputName)) {
-      throw new OnnxModelError(`the model has no input "${o.inputName}" (inputs: ${[...inputs.keys()].filter((n) => !inits.has(n)).join(', ') || 'none'}); set inputName`, { file });
+      throw new OnnxModelError(
+        `the model has no input "${o.inputName}" (inputs: ${[...inputs.keys()].filter((n) => !inits.has(n)).join(', ') || 'none'}); set inputName`,
+        { file },
+      );
     }
     const idType = ids.type?.tensorType?.elemType;
-    if (idType !== DataType.INT64 && idType !== DataType.INT32) throw new OnnxModelError(`input "${o.inputName}" has dtype ${dataTypeName(idType)}; token ids must be INT64 or INT32`, { file });
+    if (idType !== DataType.INT64 && idType !== DataType.INT32)
+      throw new OnnxModelError(
+        `input "${o.inputName}" has dtype ${dataTypeName(idType)}; token ids must be INT64 or INT32`,
+        { file },
+      );
     checkDynamic(ids, o.inputName, file);
     const logits = outputs.get(o.outputName);
-    if (logits === undefined) throw new OnnxModelError(`the model has no output "${o.outputName}" (outputs: ${[...outputs.keys()].join(', ') || 'none'}); set outputName`, { file });
+    if (logits === undefined)
+      throw new OnnxModelError(
+        `the model has no output "${o.outputName}" (outputs: ${[...outputs.keys()].join(', ') || 'none'}); set outputName`,
+        { file },
+      );
     const vocabDim = logits.type?.tensorType?.shape?.dim?.[2];
     const vocabSize = vocabDim?.dimValue != null && vocabDim.dimParam == null ? int64(vocabDim.dimValue) : undefined;
 
@@ -202,7 +234,10 @@ export class OnnxEvaluator {
     const nameMap = typeof o.nameMap === 'string' ? await loadNameMap(o.nameMap) : o.nameMap;
     if (nameMap !== undefined && typeof o.nameMap !== 'string') checkNameMap(nameMap);
     const { slots, unmatched } = planWeights(model, { file, nameMap, checkpointShapes: o.checkpointShapes, reserved });
-    if (slots.length === 0) throw new OnnxModelError('no tensor of the model is a checkpoint weight: check nameMap or checkpointShapes', { file });
+    if (slots.length === 0)
+      throw new OnnxModelError('no tensor of the model is a checkpoint weight: check nameMap or checkpointShapes', {
+        file,
+      });
 
     // Graph inputs that are neither weights nor token ids must be ones the evaluator can fill.
     const slotNames = new Set(slots.map((s) => s.graphName));
@@ -214,12 +249,18 @@ export class OnnxEvaluator {
         extras.push({ name, kind: name, int32: t === DataType.INT32 });
         continue;
       }
-      throw new OnnxModelError(`graph input "${name}" is neither "${o.inputName}", attention_mask, position_ids nor a checkpoint weight; the evaluator cannot fill it`, { file, tensor: name });
+      throw new OnnxModelError(
+        `graph input "${name}" is neither "${o.inputName}", attention_mask, position_ids nor a checkpoint weight; the evaluator cannot fill it`,
+        { file, tensor: name },
+      );
     }
 
     const bf16 = slots.find((s) => s.dtype === 'bfloat16');
     if (o.injection === 'inputs' && bf16 !== undefined) {
-      throw new OnnxModelError(`"${bf16.graphName}" is BFLOAT16, which ONNX Runtime's JavaScript API cannot feed; use injection "rewrite" or "auto"`, { file, tensor: bf16.checkpoint });
+      throw new OnnxModelError(
+        `"${bf16.graphName}" is BFLOAT16, which ONNX Runtime's JavaScript API cannot feed; use injection "rewrite" or "auto"`,
+        { file, tensor: bf16.checkpoint },
+      );
     }
     const injection = o.injection === 'auto' ? (bf16 === undefined ? 'inputs' : 'rewrite') : o.injection;
     // The stored weights are never used again (candidates replace them): drop them rather than hold a second copy.
@@ -241,7 +282,10 @@ export class OnnxEvaluator {
       const missing = slots.find((s) => !session!.inputNames.includes(s.graphName));
       if (missing !== undefined) {
         await session.release();
-        throw new OnnxModelError(`ONNX Runtime does not list "${missing.graphName}" as an input after conversion; use injection "rewrite"`, { file, tensor: missing.checkpoint });
+        throw new OnnxModelError(
+          `ONNX Runtime does not list "${missing.graphName}" as an input after conversion; use injection "rewrite"`,
+          { file, tensor: missing.checkpoint },
+        );
       }
     } else {
       // Open (and drop) one session now so that a model ONNX Runtime rejects, or a missing provider, fails here rather than on the first candidate.
@@ -249,7 +293,19 @@ export class OnnxEvaluator {
       const probe = await openSession(encodeWithWeightValues(model, slots, zeros), sessionOptions, o.provider, file);
       await probe.release();
     }
-    return new OnnxEvaluator({ o, model, slots, unmatched, extras, int32Ids: idType === DataType.INT32, vocabSize, injection, tokenizer, sessionOptions, session });
+    return new OnnxEvaluator({
+      o,
+      model,
+      slots,
+      unmatched,
+      extras,
+      int32Ids: idType === DataType.INT32,
+      vocabSize,
+      injection,
+      tokenizer,
+      sessionOptions,
+      session,
+    });
   }
 
   /**
@@ -274,9 +330,15 @@ export class OnnxEvaluator {
    * @throws OnnxModelError if a weight has the wrong size or ONNX Runtime fails.
    * @throws TaskDataError for a bad task line.
    */
-  evaluate(weights: WeightSource, tasks: readonly (TaskSpec | LoadedTask)[], metric: Metric, signal?: AbortSignal): Promise<Record<string, number>> {
+  evaluate(
+    weights: WeightSource,
+    tasks: readonly (TaskSpec | LoadedTask)[],
+    metric: Metric,
+    signal?: AbortSignal,
+  ): Promise<Record<string, number>> {
     return this.#serial(async () => {
-      if (!METRICS.includes(metric)) throw new RangeError(`metric: expected ${METRICS.join(' or ')}, got ${String(metric)}`);
+      if (!METRICS.includes(metric))
+        throw new RangeError(`metric: expected ${METRICS.join(' or ')}, got ${String(metric)}`);
       const specs = tasks.filter((t) => !isLoaded(t));
       const loaded = specs.length === 0 ? [] : await this.loadTasks(specs);
       const all = tasks.map((t) => (isLoaded(t) ? t : loaded.shift()!));
@@ -289,8 +351,11 @@ export class OnnxEvaluator {
         const scores: Record<string, number> = {};
         for (const t of all) {
           scores[t.name] = await scoreTask(t, metric, forward, {
-            batchSize: this.#o.batchSize, maxSequence: this.#o.maxSequence, vocabSize: this.#vocabSize,
-            maxLogitsBytes: this.#o.maxLogitsBytes, signal,
+            batchSize: this.#o.batchSize,
+            maxSequence: this.#o.maxSequence,
+            vocabSize: this.#vocabSize,
+            maxLogitsBytes: this.#o.maxLogitsBytes,
+            signal,
           });
         }
         return scores;
@@ -303,10 +368,15 @@ export class OnnxEvaluator {
    * for checks and debugging.
    * @throws RangeError if the sequences are empty or of different lengths.
    */
-  logits(weights: WeightSource, sequences: readonly (readonly number[])[], signal?: AbortSignal): Promise<LogitsResult> {
+  logits(
+    weights: WeightSource,
+    sequences: readonly (readonly number[])[],
+    signal?: AbortSignal,
+  ): Promise<LogitsResult> {
     return this.#serial(async () => {
       const seq = sequences[0]?.length ?? 0;
-      if (seq === 0 || sequences.some((s) => s.length !== seq)) throw new RangeError('sequences: must be non-empty and all of one length');
+      if (seq === 0 || sequences.some((s) => s.length !== seq))
+        throw new RangeError('sequences: must be non-empty and all of one length');
       const ids = BigInt64Array.from(sequences.flat(), (t) => BigInt(t));
       return this.#withCandidate(weights, signal, async (forward) => {
         const out = await forward(ids, sequences.length, seq);
@@ -333,7 +403,11 @@ export class OnnxEvaluator {
   }
 
   /** Fetches a candidate's weights and gives `fn` a forward pass that uses them. */
-  async #withCandidate<T>(weights: WeightSource, signal: AbortSignal | undefined, fn: (forward: ForwardFn) => Promise<T>): Promise<T> {
+  async #withCandidate<T>(
+    weights: WeightSource,
+    signal: AbortSignal | undefined,
+    fn: (forward: ForwardFn) => Promise<T>,
+  ): Promise<T> {
     const file = this.#o.modelPath;
     const values: Float32Array[] = [];
     for (const s of this.#slots) {
@@ -341,7 +415,10 @@ export class OnnxEvaluator {
       const v = await weights(s.checkpoint);
       if (!(v instanceof Float32Array) || v.length !== s.size) {
         const got = v instanceof Float32Array ? `${v.length} values` : 'not a Float32Array';
-        throw new OnnxModelError(`checkpoint tensor "${s.checkpoint}": got ${got}, but ${s.holder} "${s.graphName}" has shape [${s.shape.join(', ')}] (${s.size} values)`, { file, tensor: s.checkpoint });
+        throw new OnnxModelError(
+          `checkpoint tensor "${s.checkpoint}": got ${got}, but ${s.holder} "${s.graphName}" has shape [${s.shape.join(', ')}] (${s.size} values)`,
+          { file, tensor: s.checkpoint },
+        );
       }
       values.push(v);
     }
@@ -350,7 +427,10 @@ export class OnnxEvaluator {
       const feeds: Record<string, ort.Tensor> = {};
       this.#slots.forEach((s, i) => {
         const v = values[i]!;
-        feeds[s.graphName] = s.dtype === 'float16' ? new ort.Tensor('float16', f32ToF16(v), s.shape) : new ort.Tensor('float32', v, s.shape);
+        feeds[s.graphName] =
+          s.dtype === 'float16'
+            ? new ort.Tensor('float16', f32ToF16(v), s.shape)
+            : new ort.Tensor('float32', v, s.shape);
       });
       return fn(this.#forward(this.#session!, feeds));
     }
@@ -368,29 +448,48 @@ export class OnnxEvaluator {
     const { inputName, outputName, modelPath: file } = this.#o;
     return async (ids, batch, seq) => {
       const feeds: Record<string, ort.Tensor> = { ...weightFeeds };
-      feeds[inputName] = this.#int32Ids ? new ort.Tensor('int32', Int32Array.from(ids, Number), [batch, seq]) : new ort.Tensor('int64', ids, [batch, seq]);
+      feeds[inputName] = this.#int32Ids
+        ? new ort.Tensor('int32', Int32Array.from(ids, Number), [batch, seq])
+        : new ort.Tensor('int64', ids, [batch, seq]);
       for (const x of this.#extras) {
         // Batches are never padded: every position is attended, positions count from 0.
         const at = (i: number): number => (x.kind === 'attention_mask' ? 1 : i % seq);
         feeds[x.name] = x.int32
-          ? new ort.Tensor('int32', Int32Array.from({ length: batch * seq }, (_, i) => at(i)), [batch, seq])
-          : new ort.Tensor('int64', BigInt64Array.from({ length: batch * seq }, (_, i) => BigInt(at(i))), [batch, seq]);
+          ? new ort.Tensor(
+              'int32',
+              Int32Array.from({ length: batch * seq }, (_, i) => at(i)),
+              [batch, seq],
+            )
+          : new ort.Tensor(
+              'int64',
+              BigInt64Array.from({ length: batch * seq }, (_, i) => BigInt(at(i))),
+              [batch, seq],
+            );
       }
       let out: ort.InferenceSession.OnnxValueMapType;
       try {
         out = await session.run(feeds, [outputName]);
       } catch (cause) {
-        throw new OnnxModelError(`ONNX Runtime failed on a batch of ${batch}×${seq} tokens: ${(cause as Error).message}`, { file, cause });
+        throw new OnnxModelError(
+          `ONNX Runtime failed on a batch of ${batch}×${seq} tokens: ${(cause as Error).message}`,
+          { file, cause },
+        );
       }
       const t = out[outputName];
       const dims = t?.dims ?? [];
       if (t === undefined || dims.length !== 3 || dims[0] !== batch || dims[1] !== seq || !(dims[2]! > 0)) {
-        throw new OnnxModelError(`output "${outputName}" has shape [${dims.join(', ')}]; expected [${batch}, ${seq}, vocab]`, { file });
+        throw new OnnxModelError(
+          `output "${outputName}" has shape [${dims.join(', ')}]; expected [${batch}, ${seq}, vocab]`,
+          { file },
+        );
       }
       let data: Float32Array;
       if (t.type === 'float32') data = t.data as Float32Array;
       else if (t.type === 'float16') data = f16ToF32(t.data as Uint16Array);
-      else throw new OnnxModelError(`output "${outputName}" has type ${t.type}; expected float32 or float16 logits`, { file });
+      else
+        throw new OnnxModelError(`output "${outputName}" has type ${t.type}; expected float32 or float16 logits`, {
+          file,
+        });
       return { data, vocab: dims[2]! };
     };
   }
@@ -400,10 +499,18 @@ export class OnnxEvaluator {
 function checkDynamic(v: IValueInfoProto, name: string, file: string): void {
   const dims = v.type?.tensorType?.shape?.dim;
   if (dims == null) return;
-  if (dims.length !== 2) throw new OnnxModelError(`input "${name}" must have two axes [batch, seq], has ${dims.length}`, { file });
-  const fixed = dims.map((d, i) => (d.dimValue != null && d.dimParam == null ? `${i === 0 ? 'batch' : 'seq'} = ${int64(d.dimValue)}` : '')).filter((s) => s !== '');
+  if (dims.length !== 2)
+    throw new OnnxModelError(`input "${name}" must have two axes [batch, seq], has ${dims.length}`, { file });
+  const fixed = dims
+    .map((d, i) =>
+      d.dimValue != null && d.dimParam == null ? `${i === 0 ? 'batch' : 'seq'} = ${int64(d.dimValue)}` : '',
+    )
+    .filter((s) => s !== '');
   if (fixed.length > 0) {
-    throw new OnnxModelError(`input "${name}" has a fixed ${fixed.join(' and ')}; export it with dynamic axes (torch.onnx.export(..., dynamic_axes={"${name}": {0: "batch", 1: "seq"}}))`, { file });
+    throw new OnnxModelError(
+      `input "${name}" has a fixed ${fixed.join(' and ')}; export it with dynamic axes (torch.onnx.export(..., dynamic_axes={"${name}": {0: "batch", 1: "seq"}}))`,
+      { file },
+    );
   }
 }
 
@@ -411,7 +518,12 @@ function checkDynamic(v: IValueInfoProto, name: string, file: string): void {
  * Creates a session, telling a missing CUDA provider apart from a model error.
  * @throws ProviderUnavailableError or OnnxModelError.
  */
-async function openSession(bytes: Uint8Array, options: ort.InferenceSession.SessionOptions, provider: OrtProvider, file: string): Promise<ort.InferenceSession> {
+async function openSession(
+  bytes: Uint8Array,
+  options: ort.InferenceSession.SessionOptions,
+  provider: OrtProvider,
+  file: string,
+): Promise<ort.InferenceSession> {
   try {
     return await ort.InferenceSession.create(bytes, options);
   } catch (cause) {
@@ -419,9 +531,9 @@ async function openSession(bytes: Uint8Array, options: ort.InferenceSession.Sess
     if (provider === 'cuda' && /cuda|providers_shared|execution provider/i.test(msg)) {
       throw new ProviderUnavailableError(
         'cuda',
-        'ONNX Runtime\'s CUDA execution provider is not installed (onnxruntime-node bundles the CPU provider only). '
-          + 'Install its CUDA 12 binaries with `ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/install`, or use provider cpu. '
-          + `ONNX Runtime said: ${msg}`,
+        "ONNX Runtime's CUDA execution provider is not installed (onnxruntime-node bundles the CPU provider only). " +
+          'Install its CUDA 12 binaries with `ONNXRUNTIME_NODE_INSTALL=cuda12 node node_modules/onnxruntime-node/script/install`, or use provider cpu. ' +
+          `ONNX Runtime said: ${msg}`,
         { file, cause },
       );
     }

@@ -53,12 +53,15 @@ function parseLine(text: string, file: string, line: number, tokenizer: Tokenize
   let context: number[];
   let answer: number[];
   if ('prompt_ids' in o || 'answer_ids' in o) {
-    if (!tokenIds(o.prompt_ids) || !tokenIds(o.answer_ids)) fail('"prompt_ids" and "answer_ids" must both be arrays of non-negative integers');
+    if (!tokenIds(o.prompt_ids) || !tokenIds(o.answer_ids))
+      fail('"prompt_ids" and "answer_ids" must both be arrays of non-negative integers');
     context = o.prompt_ids as number[];
     answer = o.answer_ids as number[];
   } else {
-    if (typeof o.prompt !== 'string' || typeof o.answer !== 'string') fail('expected string fields "prompt" and "answer" (or "prompt_ids" and "answer_ids")');
-    if (tokenizer === undefined) fail('text examples need a tokenizer (set tokenizerPath), or give "prompt_ids" and "answer_ids"');
+    if (typeof o.prompt !== 'string' || typeof o.answer !== 'string')
+      fail('expected string fields "prompt" and "answer" (or "prompt_ids" and "answer_ids")');
+    if (tokenizer === undefined)
+      fail('text examples need a tokenizer (set tokenizerPath), or give "prompt_ids" and "answer_ids"');
     const tok = tokenizer!;
     try {
       context = tok.encode(o.prompt as string);
@@ -71,7 +74,8 @@ function parseLine(text: string, file: string, line: number, tokenizer: Tokenize
   }
   if (answer.length === 0) fail('the answer is empty: nothing to score');
   // The first answer token is predicted from the last context position, so there must be one.
-  if (context.length === 0) fail('the prompt is empty and the tokenizer has no "bos": the first answer token has no context');
+  if (context.length === 0)
+    fail('the prompt is empty and the tokenizer has no "bos": the first answer token has no context');
   return { line, context, answer };
 }
 
@@ -107,7 +111,8 @@ export async function loadTask(spec: TaskSpec, tokenizer: Tokenizer | undefined)
 export async function loadTasks(specs: readonly TaskSpec[], tokenizer: Tokenizer | undefined): Promise<LoadedTask[]> {
   const seen = new Set<string>();
   for (const s of specs) {
-    if (seen.has(s.name)) throw new TaskDataError(`task name ${JSON.stringify(s.name)} is used twice`, { file: s.file });
+    if (seen.has(s.name))
+      throw new TaskDataError(`task name ${JSON.stringify(s.name)} is used twice`, { file: s.file });
     seen.add(s.name);
   }
   const out: LoadedTask[] = [];

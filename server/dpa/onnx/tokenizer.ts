@@ -79,7 +79,10 @@ export class CharTokenizer implements Tokenizer {
     d.vocab.forEach((entry, id) => {
       if (specials.has(id)) return;
       // A multi-character entry could never be produced by a character-level encoder: a typo, not a token.
-      if ([...entry].length !== 1) fail(`vocab[${id}] = ${JSON.stringify(entry)} must be exactly one character (or be named by "bos", "eos" or "pad")`);
+      if ([...entry].length !== 1)
+        fail(
+          `vocab[${id}] = ${JSON.stringify(entry)} must be exactly one character (or be named by "bos", "eos" or "pad")`,
+        );
       const prior = this.#ids.get(entry);
       if (prior !== undefined) fail(`vocab[${id}] repeats vocab[${prior}] = ${JSON.stringify(entry)}`);
       this.#ids.set(entry, id);
@@ -93,7 +96,9 @@ export class CharTokenizer implements Tokenizer {
       const id = this.#ids.get(ch);
       if (id === undefined) {
         const code = ch.codePointAt(0)!.toString(16).toUpperCase().padStart(4, '0');
-        throw new TokenizerError(`character ${JSON.stringify(ch)} (U+${code}) at position ${column} is not in the tokenizer's vocabulary`);
+        throw new TokenizerError(
+          `character ${JSON.stringify(ch)} (U+${code}) at position ${column} is not in the tokenizer's vocabulary`,
+        );
       }
       out.push(id);
       column++;
@@ -105,7 +110,8 @@ export class CharTokenizer implements Tokenizer {
     return ids
       .map((id) => {
         const s = this.#vocab[id];
-        if (s === undefined) throw new TokenizerError(`token id ${id} is outside the vocabulary (size ${this.vocabSize})`);
+        if (s === undefined)
+          throw new TokenizerError(`token id ${id} is outside the vocabulary (size ${this.vocabSize})`);
         return s;
       })
       .join('');
@@ -124,7 +130,10 @@ export function parseTokenizer(json: unknown, file?: string): Tokenizer {
   }
   const type = (json as { type?: unknown }).type;
   if (type !== 'char') {
-    throw new TokenizerError(`tokenizer type ${JSON.stringify(type)} is not supported (only "char"; give other tokenizers' ids as "prompt_ids"/"answer_ids" in the task files)`, { file });
+    throw new TokenizerError(
+      `tokenizer type ${JSON.stringify(type)} is not supported (only "char"; give other tokenizers' ids as "prompt_ids"/"answer_ids" in the task files)`,
+      { file },
+    );
   }
   return new CharTokenizer(json as CharTokenizerDescription, file);
 }
