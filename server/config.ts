@@ -5,11 +5,11 @@
 import { createPrivateKey, X509Certificate } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { isIP } from 'node:net';
+import { availableParallelism } from 'node:os';
 import { resolve } from 'node:path';
 import { ConfigError } from './errors.js';
 import { DEFAULT_STORAGE_RETRY_MS } from './jobs/storage-pauses.js';
 import { createLogger, LOG_LEVELS, type Logger } from './log.js';
-import { defaultMergeWorkers } from './merge/merger.js';
 import { DEFAULT_HTTP2_WINDOW, MAX_HTTP2_WINDOW } from './rpc/receive-window.js';
 import { messageOf } from '../proto/errors.js';
 
@@ -161,7 +161,7 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
     shutdownGraceMs: opts.shutdownGraceMs ?? 10_000,
     keepaliveMs: opts.keepaliveMs ?? 30_000,
     keepaliveTimeoutMs: opts.keepaliveTimeoutMs ?? 10_000,
-    mergeWorkers: opts.mergeWorkers ?? defaultMergeWorkers(),
+    mergeWorkers: opts.mergeWorkers ?? Math.min(2, availableParallelism()),
     keepUploads: opts.keepUploads ?? false,
     nats: opts.nats,
     cluster: opts.cluster ?? false,

@@ -7,7 +7,6 @@ import type { ClientReadableStream } from '@grpc/grpc-js';
 import { JobState, type JobEvent } from '../proto/gen/dppa/v1/jobs.js';
 import type { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import { HealthCheckResponse_ServingStatus, type HealthCheckResponse } from '../proto/gen/grpc/health/v1/health.js';
-import { mergeCheckpoint } from '../server/merge/merger.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import {
   ADMIN,
@@ -238,52 +237,6 @@ describe('restart', () => {
       'the same checkpoint, byte for byte',
     );
   });
-
-  it('merges the same bytes in the main thread as on worker threads', async () => {
-    const parties = await Promise.all(
-      ['a', 'b'].map(async (name) => ({ name, weight: 1, factors: [1, 1], tensors: await spooled(name) })),
-    );
-    const inline = await mergeCheckpoint({
-      basePath: base,
-      outDir: join(dir, 'inline'),
-      parties,
-      outsideByMax: false,
-      workers: 0,
-    });
-    const threaded = await mergeCheckpoint({
-      basePath: base,
-      outDir: join(dir, 'threaded'),
-      parties,
-      outsideByMax: false,
-      workers: 2,
-    });
-    assert.deepEqual(inline.files, threaded.files);
-    assert.deepEqual(
-      inline.files.map((f) => ({ ...f, size: BigInt(f.size) })),
-      (await call(h.downloads, 'listFiles', { jobId }, ADMIN)).files,
-    );
-  });
-
-  it('an aborted merge leaves no output and no temporary folder', async () => {
-    const tensors = await spooled('a');
-    const controller = new AbortController();
-    const out = join(dir, 'aborted-merge');
-    await assert.rejects(
-      mergeCheckpoint({
-        basePath: base,
-        outDir: out,
-        outsideByMax: false,
-        signal: controller.signal,
-        parties: [{ name: 'a', weight: 1, factors: [1, 1], tensors }],
-        onProgress: (p) => p.tensorsDone === 3 && controller.abort(new Error('stop here')),
-      }),
-      /stop here/,
-    );
-    assert.deepEqual(
-      (await readdir(dir)).filter((f) => f.startsWith('aborted-merge')),
-      [],
-    );
-  });
 });
 
 describe('restart without --keep-uploads', () => {
@@ -302,14 +255,6 @@ describe('restart without --keep-uploads', () => {
     assert.deepEqual(await call(h.jobs, 'getJob', { jobId }, ADMIN), shown);
   });
 });
-
-/** Spool files of a party of the test's job, by tensor name. */
-async function spooled(party: string): Promise<Map<string, string>> {
-  const folder = join(data, 'jobs', jobId, 'uploads', party);
-  const header = JSON.parse(await readFile(join(folder, 'header.json'), 'utf8')) as { tensors: { name: string }[] };
-  const files = (await readdir(folder)).filter((f) => f.endsWith('.dppa'));
-  return new Map(files.map((f) => [header.tensors[Number.parseInt(f, 10)]!.name, join(folder, f)]));
-}
 
 /** Resolves when a server stream ends, by its end or by an error status. */
 function ended(stream: ClientReadableStream<unknown>): Promise<void> {

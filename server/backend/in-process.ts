@@ -82,7 +82,7 @@ export class MemoryMergeRecords implements MergeRecords {
 }
 
 /** Runs `fn` over `items` with at most `width` calls pending; the first failure stops new calls and is thrown once all pending ones settled. */
-export async function inWindow<T>(items: readonly T[], width: number, fn: (item: T) => Promise<void>): Promise<void> {
+async function inWindow<T>(items: readonly T[], width: number, fn: (item: T) => Promise<void>): Promise<void> {
   let next = 0;
   let failure: { err: unknown } | undefined;
   const lane = async (): Promise<void> => {

@@ -33,9 +33,9 @@ import { sendPartyBack } from '../jobs/party-stops.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import type { Spool } from '../uploads/spool.js';
-import { mergeParties } from './merge-parties.js';
-import { contributionsTo, describeFiles, type MergeParty } from './merger.js';
+import { contributionsTo, mergeParties, type MergeParty } from './merge-parties.js';
 import { inlineRunner, workerRunner, type MergeRunner } from './merge-runner.js';
+import { describeFiles } from './output-files.js';
 import { commitPatch, createPieces, mergeOutputs, patchPath, piecesDir, writePiece } from './patch-output.js';
 import { SpooledTensorError } from './tensor-merge.js';
 

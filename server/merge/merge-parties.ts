@@ -1,10 +1,20 @@
-/** The parties of a job as the merge takes them, from the job and its spools. */
+/** The parties of a job as the merge takes them, from the job and its spools, and what each adds to a tensor. */
 import { join } from 'node:path';
 import { partyFactors, partyWeight } from '../jobs/job-spec.js';
 import type { StoredJob } from '../jobs/job-store.js';
 import type { Spool } from '../uploads/spool.js';
-import type { MergeParty } from './merger.js';
-import { SpooledTensorError } from './tensor-merge.js';
+import { SpooledTensorError, type Contribution } from './tensor-merge.js';
+
+/** One party's contribution. */
+export interface MergeParty {
+  name: string;
+  /** Weight c_i of the party's delta. */
+  weight: number;
+  /** Amplification factor per partition, partition 1 first. */
+  factors: readonly number[];
+  /** Spool file (a one-tensor `.dppa` file) of every tensor the party sent, by tensor name. */
+  tensors: ReadonlyMap<string, string>;
+}
 
 /**
  * The parties of a job as the merge takes them: in the job's order, with weight, factors and spooled tensors.
@@ -29,5 +39,13 @@ export function mergeParties(job: StoredJob, spool: Spool): MergeParty[] {
       factors,
       tensors: new Map([...s.held.values()].map((t) => [t.name, t.file])),
     };
+  });
+}
+
+/** The parties' entries of one tensor, in the parties' order: what a tensor merge adds to the base. */
+export function contributionsTo(tensor: string, parties: readonly MergeParty[]): Contribution[] {
+  return parties.flatMap((p) => {
+    const file = p.tensors.get(tensor);
+    return file === undefined ? [] : [{ party: p.name, file, weight: p.weight, factors: [...p.factors] }];
   });
 }

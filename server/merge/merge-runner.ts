@@ -20,8 +20,6 @@ export interface MergedTensor {
 
 /** Runs tensor merges; `run` returns the merged tensor in the base's dtype. */
 export interface MergeRunner {
-  /** Tensors that can be in flight at once. */
-  readonly width: number;
   run(task: TensorTask, numel: number, signal?: AbortSignal): Promise<MergedTensor>;
   close(): Promise<void>;
 }
@@ -93,7 +91,6 @@ export function inlineRunner(base: Checkpoint): MergeRunner {
   const accumulators = new AccumulatorPool();
   const outputs = new OutputPool();
   return {
-    width: 1,
     run: async (task, numel, signal) => {
       let patch: Uint8Array[] | undefined;
       const bytes = await accumulators.with(numel, (acc) =>
@@ -191,7 +188,6 @@ export function workerRunner(basePath: string, workers: number): MergeRunner {
     w.on('exit', (code) => broken(new Error(`merge worker exited (code ${code})`)));
   }
   return {
-    width: workers,
     run: (task, numel, signal) =>
       new Promise((resolve, reject) => {
         if (failed !== undefined) return reject(failed);

@@ -728,7 +728,7 @@ try {
     `push processes: ${pushed.map((m, i) => `${PARTIES[i]} ${m.seconds.toFixed(2)} s, peak RSS ${m.maxRssMiB.toFixed(0)} MiB, CPU ${m.cpuSeconds.toFixed(1)} s`).join('; ')}`,
   );
   console.log(
-    `merge inside the server (mergeCheckpoint incl. fsync and SHA-256 of the output): ${mergeCore.toFixed(2)} s; dppa_merge_duration_seconds_sum ${afterMerge.get('dppa_merge_duration_seconds_sum')?.toFixed(2)}`,
+    `merge inside the server (the merge driver, incl. fsync and SHA-256 of the output): ${mergeCore.toFixed(2)} s; dppa_merge_duration_seconds_sum ${afterMerge.get('dppa_merge_duration_seconds_sum')?.toFixed(2)}`,
   );
   console.log(
     `  of which after the last tensor was written (commit with fsync, SHA-256 of every output file, job state): ${mergeTail.toFixed(2)} s`,
