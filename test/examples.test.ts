@@ -1,16 +1,17 @@
 /**
  * The runnable examples of docs/examples/ run as a reader would run them, each
- * against what it needs (files it generates, a real server). The others run
- * elsewhere: eval-harness.ts in dpa-cli.test.ts, nats-wait-merged.ts in
- * nats-events.test.ts, family-lab.ts (a module) in family-lab.test.ts; the
- * Python party in python-party.test.ts. Not run by the tests:
- * federated-demo.ts (`npm run demo`: about 15 s on an idle machine, 100 s on
- * this shared one, with no smaller setting) and repro.ts (`npm run repro`, 3-5
- * minutes); the functions they compute with are tested in family-lab.test.ts.
+ * against what it needs (files it generates, a real server), with their output
+ * in a temporary folder: federated-demo.ts (`npm run demo -- --out DIR`, the
+ * whole job; about 25 s idle, 40 s on a loaded machine), repro.ts in its
+ * `--quick` setting (rates 80% and 90%, DARE seed 0: the same code as
+ * `npm run repro` in about 20-30 s instead of 3-5 minutes), prune-demo.ts and
+ * sdk-push.ts. The others run elsewhere: eval-harness.ts in dpa-cli.test.ts,
+ * nats-wait-merged.ts in nats-events.test.ts, family-lab.ts (a module) in
+ * family-lab.test.ts; the Python party in python-party.test.ts.
  */
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -31,6 +32,116 @@ after(async () => {
 });
 
 describe('docs/examples', () => {
+  it('federated-demo.ts runs the job, writes results.json and prints the Domain-Ratio table', async () => {
+    const out = join(dir, 'federated-demo');
+    const run = await runTsx(example('federated-demo.ts'), ['--out', out], { timeoutMs: 600_000 });
+    assert.equal(run.code, 0, run.stderr);
+    const results = JSON.parse(await readFile(join(out, 'results.json'), 'utf8')) as {
+      rate: number;
+      domainRatio: Record<string, Record<string, number>>;
+      uploadBytes: Record<string, number>;
+    };
+    assert.deepEqual(Object.keys(results).sort(), ['domainRatio', 'rate', 'uploadBytes']);
+    assert.equal(results.rate, 0.9);
+    const merges = ['dense', 'dare', 'magnitude', 'dp', 'dppa'];
+    const domains = ['math', 'finance', 'law'];
+    assert.deepEqual(Object.keys(results.domainRatio).sort(), [...merges].sort());
+    for (const m of merges) {
+      assert.deepEqual(Object.keys(results.domainRatio[m]!).sort(), [...domains].sort(), m);
+      for (const d of domains) {
+        const r = results.domainRatio[m]![d]!;
+        assert.ok(typeof r === 'number' && Number.isFinite(r) && r >= 0, `${m}.${d} = ${r}`);
+      }
+    }
+    // A dense delta is one BF16 value per weight of the base, uploaded by each of the three parties.
+    const base = await Checkpoint.open(new URL('fixtures/family/base', import.meta.url).pathname);
+    let weights = 0;
+    try {
+      for (const t of base.tensors()) weights += t.numel;
+    } finally {
+      await base.close();
+    }
+    assert.deepEqual(Object.keys(results.uploadBytes).sort(), ['dense', 'dppa']);
+    assert.equal(results.uploadBytes.dense, 3 * 2 * weights);
+    assert.ok(results.uploadBytes.dppa! > 0 && results.uploadBytes.dppa! < results.uploadBytes.dense, run.stdout);
+
+    // The printed table: one row per domain, its cells the percentages of results.json.
+    assert.match(run.stdout, /^\| domain +\| dense sum \| +DARE \| magnitude \| +DP \| +DPPA \| +DPPA upload \|$/m);
+    for (const d of domains) {
+      const row = new RegExp(`^\\| ${d} +\\|(.*)\\|$`, 'm').exec(run.stdout);
+      assert.ok(row !== null, `no table row for ${d}:\n${run.stdout}`);
+      const cells = row[1]!.split('|').map((c) => c.trim());
+      assert.equal(cells.length, merges.length + 1, row[0]);
+      merges.forEach((m, i) => {
+        assert.ok(Math.abs(Number(cells[i]) - 100 * results.domainRatio[m]![d]!) <= 0.006, `${m}.${d}: ${row[0]}`);
+      });
+      assert.match(cells[merges.length]!, /^[\d.]+ [kM]?B \(\d+\.\d%\)$/, row[0]);
+    }
+    for (const f of ['merged/model.safetensors', 'math-dp.dppa', 'finance-dp.dppa', 'law-dp.dppa'])
+      assert.ok(existsSync(join(out, f)), f);
+  });
+
+  it('repro.ts --quick writes the tables, the rate plot and the agrees / disagrees section', async () => {
+    const md = join(dir, 'repro', 'results.md');
+    const svg = join(dir, 'repro', 'results-rate.svg');
+    await mkdir(join(dir, 'repro'));
+    const run = await runTsx(example('repro.ts'), ['--quick', '--out', md, '--svg', svg], { timeoutMs: 600_000 });
+    assert.equal(run.code, 0, run.stderr);
+    const text = await readFile(md, 'utf8');
+    assert.match(text, /Quick setting \(`--quick`\)/);
+    for (const h of [1, 2, 3, 4, 5, 6]) assert.match(text, new RegExp(`^## Table ${h}: `, 'm'), `Table ${h}`);
+    assert.match(text, /^## Factors chosen by the DPA searches$/m);
+    // Table 1: one table per domain, with the quick setting's two rates only.
+    for (const d of ['Math', 'Fin', 'Law']) {
+      const table = new RegExp(`^\\*\\*${d}-Dense\\*\\*\\n\\n((?:\\|.*\\n)+)`, 'm').exec(text);
+      assert.ok(table !== null, d);
+      const rates = table[1]!
+        .split('\n')
+        .slice(2, -1)
+        .map((row) => row.split('|')[1]!.trim());
+      assert.deepEqual(rates, ['80%', '90%'], d);
+    }
+    const section = text.slice(text.indexOf('## Where this agrees and disagrees with the paper'));
+    assert.ok(section.startsWith('## Where'), 'no agrees / disagrees section');
+    assert.match(section, /^- \*\*Agrees: /m);
+    assert.match(section, /^- \*\*Disagrees: /m);
+    assert.match(await readFile(svg, 'utf8'), /^<svg [^]*<\/svg>\n$/);
+
+    // Table 4's Min and Max are the extremes of F − B over every weight, computed here from the checkpoints.
+    const family = (m: string): string => new URL(`fixtures/family/${m}`, import.meta.url).pathname;
+    const base = await Checkpoint.open(family('base'));
+    try {
+      for (const [label, member] of [
+        ['Math', 'math'],
+        ['Fin', 'finance'],
+        ['Law', 'law'],
+      ] as const) {
+        const ft = await Checkpoint.open(family(member));
+        let min = Infinity;
+        let max = -Infinity;
+        try {
+          for (const t of base.tensors()) {
+            const [b, f] = await Promise.all([base.readF32(t.name), ft.readF32(t.name)]);
+            for (let i = 0; i < b.length; i++) {
+              const x = Math.fround(f[i]! - b[i]!);
+              if (x < min) min = x;
+              if (x > max) max = x;
+            }
+          }
+        } finally {
+          await ft.close();
+        }
+        const row = new RegExp(`^\\| ${label} \\(ours\\) +\\|(.*)\\|$`, 'm').exec(text);
+        assert.ok(row !== null, label);
+        const cells = row[1]!.split('|').map((c) => c.trim());
+        assert.equal(cells[0], min.toPrecision(3), `${label} min`);
+        assert.equal(cells.at(-1), max.toPrecision(3), `${label} max`);
+      }
+    } finally {
+      await base.close();
+    }
+  });
+
   it('prune-demo.ts prunes with DP and magnitude, plots and applies', async () => {
     const out = join(dir, 'prune-demo');
     const run = await runTsx(example('prune-demo.ts'), [out]);

@@ -2,7 +2,7 @@
  * `npm run demo`: the whole federated merge on the embedded model family on one machine, then DPPA beside its
  * baselines in one Domain-Ratio table. Steps: docs/design/examples.md.
  *
- *   npm run demo [-- OUT_DIR]        (default dppa-demo/, which git ignores)
+ *   npm run demo [-- --out OUT_DIR]        (default dppa-demo/, which git ignores; `-- OUT_DIR` also works)
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -10,6 +10,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
 import { formatBytes } from '../../client/cli/progress.js';
 import { DppaClient, EvaluatorKind, JobState, jobStateName, pruneToFile } from '../../client/index.js';
 import { createLogger } from '../../server/log.js';
@@ -32,7 +33,34 @@ import {
   type Weights,
 } from './family-lab.js';
 
-const dir = process.argv[2] ?? 'dppa-demo';
+const USAGE = `usage: npm run demo [-- --out OUT_DIR]    (or: npx tsx docs/examples/federated-demo.ts [--out OUT_DIR])
+
+Runs a federated DPPA job on the embedded model family (a server and three \`dppa push\` parties on this machine),
+builds the baselines locally and prints one Domain-Ratio table.
+
+  --out OUT_DIR  folder for the server's data, the deltas and results.json (default dppa-demo/); replaced when a
+                 previous run of this demo made it, refused otherwise. A lone positional OUT_DIR means the same.
+  -h, --help     this text`;
+const cli = (() => {
+  try {
+    return parseArgs({
+      options: { out: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
+      allowPositionals: true,
+    });
+  } catch (e) {
+    console.error(`${(e as Error).message}\n\n${USAGE}`);
+    process.exit(2);
+  }
+})();
+if (cli.values.help === true) {
+  console.log(USAGE);
+  process.exit(0);
+}
+if (cli.positionals.length > 1 || (cli.positionals.length === 1 && cli.values.out !== undefined)) {
+  console.error(`give the output folder once\n\n${USAGE}`);
+  process.exit(2);
+}
+const dir = cli.values.out ?? cli.positionals[0] ?? 'dppa-demo';
 const root = fileURLToPath(new URL('../..', import.meta.url));
 const RATE = 0.9;
 const started = Date.now();
@@ -53,7 +81,7 @@ const MERGE_LABEL: Record<MergeName, string> = {
 // Only a folder this demo made (or none) is replaced: OUT_DIR may be any path the user typed.
 const MARKER = '.dppa-demo';
 if ((await readdir(dir).catch(() => [])).some((f) => f !== MARKER) && !existsSync(join(dir, MARKER))) {
-  console.error(`${dir} exists and was not made by this demo; give another folder: npm run demo -- OUT_DIR`);
+  console.error(`${dir} exists and was not made by this demo; give another folder: npm run demo -- --out OUT_DIR`);
   process.exit(2);
 }
 await rm(dir, { recursive: true, force: true });
