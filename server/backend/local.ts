@@ -101,10 +101,18 @@ export class LocalBackend implements Backend {
   }
 }
 
-/** Removes temporary merge outputs a crash or a stop left behind (`merged.tmp-*`, `merged.old-*`, `merged-patch.dppa.tmp-*`). */
+/**
+ * Removes temporary merge outputs a crash or a stop left behind (`merged.tmp-*`, `merged.old-*`,
+ * `merged-patch.dppa.tmp-*`, a joined pieces folder `*.patch.joined`).
+ */
 async function removeStaleOutputs(jobDir: string): Promise<void> {
   for (const name of await readdir(jobDir)) {
-    if (name.startsWith('merged.tmp-') || name.startsWith('merged.old-') || name.startsWith(`${PATCH_FILE_NAME}.tmp-`))
+    if (
+      name.startsWith('merged.tmp-') ||
+      name.startsWith('merged.old-') ||
+      name.startsWith(`${PATCH_FILE_NAME}.tmp-`) ||
+      name.endsWith('.patch.joined')
+    )
       await rm(join(jobDir, name), { recursive: true, force: true });
   }
 }

@@ -36,7 +36,15 @@ import type { Spool } from '../uploads/spool.js';
 import { contributionsTo, mergeParties, type MergeParty } from './merge-parties.js';
 import { inlineRunner, workerRunner, type MergeRunner } from './merge-runner.js';
 import { describeFiles } from './output-files.js';
-import { commitPatch, createPieces, mergeOutputs, patchPath, piecesDir, writePiece } from './patch-output.js';
+import {
+  commitPatch,
+  createPieces,
+  joinedDir,
+  mergeOutputs,
+  patchPath,
+  piecesDir,
+  writePiece,
+} from './patch-output.js';
 import { SpooledTensorError } from './tensor-merge.js';
 
 /** Shortest interval between two merge_progress events (the last one is always sent). */
@@ -117,6 +125,7 @@ export class MergeDriver implements JobStep {
         await this.release(jobId);
         await rm(this.workDir(jobId, ended), { recursive: true, force: true });
         await rm(piecesDir(this.workDir(jobId, ended)), { recursive: true, force: true });
+        await rm(joinedDir(piecesDir(this.workDir(jobId, ended))), { recursive: true, force: true });
       }
     } catch (err) {
       // The merge's own error (a party sent back, an abort) says more than a failed clean-up.
@@ -364,6 +373,12 @@ export class MergeDriver implements JobStep {
         piecesDir(this.workDir(job.id, record)),
         base,
         job.baseFingerprint,
+        // The tensor task's rule: a tensor has a piece when some party sent it.
+        async () => {
+          await this.opts.spool.ofJob(job.id);
+          const parties = mergeParties(job, this.opts.spool);
+          return new Set(base.tensors().flatMap((t) => (contributionsTo(t.name, parties).length > 0 ? [t.name] : [])));
+        },
       );
     } finally {
       await base.close();

@@ -8,7 +8,8 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdir, open, readdir, rename, rm, stat } from 'node:fs/promises';
-import { basename, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
+import { syncFolder } from '../../proto/fs-sync.js';
 import { MergeOutput } from '../../proto/gen/dppa/v1/jobs.js';
 import { PATCH_FILE_NAME, patchHeader } from '../../proto/patch/index.js';
 import type { Checkpoint } from '../../proto/safetensors/index.js';
@@ -56,13 +57,34 @@ export async function writePiece(dir: string, index: number, records: readonly U
   }
   await fh.close();
   await rename(tmp, join(dir, String(index)));
+  // The tensor's written bit is saved durably next: its piece must survive a crash too.
+  await syncFolder(dir);
+}
+
+/** A tensor some party changed has no piece: joining would write a patch that leaves it out. */
+export class MissingPieceError extends Error {
+  constructor(
+    readonly tensor: string,
+    readonly index: number,
+  ) {
+    super(`merged patch: the piece of tensor "${tensor}" (index ${index}) is missing`);
+    this.name = 'MissingPieceError';
+  }
+}
+
+/** The name the pieces folder takes once joined (then removed): never joined again. */
+export function joinedDir(dir: string): string {
+  return `${dir}.joined`;
 }
 
 /**
- * The patch file at `path`, from the pieces in `dir` when they are there (the
- * tensors with a piece make the header, in the base's order), then the pieces
- * removed. Run again after a crash: with the pieces gone, the file is already
- * in place and is described as it is.
+ * The patch file at `path`, joined from the pieces in `dir` (in the base's
+ * order) when that folder is there, then the folder renamed to
+ * {@link joinedDir} (atomically: never joined again) and removed. A commit run
+ * again, or racing another replica's, that finds the folder gone describes the
+ * file in place. Every tensor of `changed` must have its piece
+ * ({@link MissingPieceError} otherwise, nothing written).
+ * @param changed - Names of the tensors some party changed (called only to join).
  * @returns Its name, size and SHA-256.
  */
 export async function commitPatch(
@@ -70,6 +92,7 @@ export async function commitPatch(
   dir: string,
   base: Checkpoint,
   baseFingerprint: string,
+  changed: () => Promise<ReadonlySet<string>>,
 ): Promise<MergedFileInfo> {
   let names: string[];
   try {
@@ -79,24 +102,52 @@ export async function commitPatch(
     throw err;
   }
   const pieces = new Set(names.filter((n) => /^\d+$/.test(n)).map(Number));
-  const tensors = base.tensors();
-  const changed = tensors.flatMap((t, index) => (pieces.has(index) ? [{ t, index }] : []));
+  const expected = await changed();
+  const tensors = base.tensors().map((t, index) => ({ t, index }));
+  const missing = tensors.find(({ t, index }) => expected.has(t.name) && !pieces.has(index));
+  if (missing !== undefined) {
+    // Another commit may have joined and renamed the folder since the listing.
+    if (!(await exists(dir))) return describe(path);
+    throw new MissingPieceError(missing.t.name, missing.index);
+  }
+  const joined = tensors.filter(({ t }) => expected.has(t.name));
   const writer = await PatchWriter.create(
     path,
     patchHeader(
       baseFingerprint,
-      changed.map((c) => c.t),
+      joined.map((c) => c.t),
     ),
   );
   let info: MergedFileInfo;
   try {
-    for (const { index } of changed) await writer.appendFile(join(dir, String(index)));
+    for (const { index } of joined) await writer.appendFile(join(dir, String(index)));
     info = await writer.close();
+  } catch (err) {
+    // Another commit joined the same pieces and renamed the folder meanwhile: its file is in place.
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT' && !(await exists(dir))) return describe(path);
+    throw err;
   } finally {
     await writer.abort();
   }
-  await rm(dir, { recursive: true, force: true });
+  // The file is in place and synced; from here on the pieces are never joined again.
+  try {
+    await rename(dir, joinedDir(dir));
+    await syncFolder(dirname(dir));
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+  }
+  await rm(joinedDir(dir), { recursive: true, force: true });
   return info;
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await stat(path);
+    return true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    throw err;
+  }
 }
 
 /** Name, size and SHA-256 of a patch file already written. */

@@ -1,0 +1,154 @@
+// The merged patch's commit step on real files: the pieces of every changed tensor are joined in
+// the base's order; a missing piece refuses the commit (nothing written, an old patch untouched);
+// a commit run again after the pieces folder was joined (renamed to `.joined`, partly removed, or
+// gone) describes the file in place instead of joining a subset.
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, beforeEach, describe, it } from 'node:test';
+import { PATCH_FILE_NAME } from '../proto/patch/index.js';
+import { Checkpoint, type TensorData, writeCheckpoint } from '../proto/safetensors/index.js';
+import { commitPatch, createPieces, joinedDir, MissingPieceError, writePiece } from '../server/merge/patch-output.js';
+
+const FINGERPRINT = 'f'.repeat(64);
+const NAMES = ['a.weight', 'b.weight', 'c.weight', 'd.weight'];
+// Tensors some party changed (the base's indices 0, 2 and 3); b.weight has no piece.
+const CHANGED = new Set(['a.weight', 'c.weight', 'd.weight']);
+const changed = (): Promise<ReadonlySet<string>> => Promise.resolve(CHANGED);
+
+let root: string;
+let base: Checkpoint;
+let jobDir: string;
+let pieces: string;
+let patch: string;
+let run = 0;
+
+/** Distinct bytes per piece (stand-ins for a tensor's framed records: the commit copies them as they are). */
+function pieceBytes(index: number): Uint8Array[] {
+  return [Buffer.from(`piece ${index} first `), Buffer.from(`piece ${index} second`)];
+}
+
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), 'dppa-patch-commit-'));
+  const tensors: TensorData[] = NAMES.map((name, i) => ({
+    name,
+    dtype: 'F32',
+    shape: [2],
+    data: new Uint8Array(8).fill(i + 1),
+  }));
+  await writeCheckpoint(join(root, 'base'), tensors, {});
+  base = await Checkpoint.open(join(root, 'base'));
+  assert.deepEqual(
+    base.tensors().map((t) => t.name),
+    NAMES,
+  );
+});
+after(async () => {
+  await base.close();
+  await rm(root, { recursive: true, force: true });
+});
+beforeEach(async () => {
+  jobDir = join(root, `job-${run++}`);
+  await mkdir(jobDir);
+  pieces = join(jobDir, 'merged.tmp-x.patch');
+  patch = join(jobDir, PATCH_FILE_NAME);
+  await createPieces(pieces);
+});
+
+/** Writes the pieces of the changed tensors (in an order other than the base's), but `skip`. */
+async function writePieces(skip: readonly number[] = []): Promise<void> {
+  for (const index of [3, 0, 2]) if (!skip.includes(index)) await writePiece(pieces, index, pieceBytes(index));
+}
+
+function sha256(bytes: Uint8Array): string {
+  return createHash('sha256').update(bytes).digest('hex');
+}
+
+async function gone(path: string): Promise<boolean> {
+  return readdir(path).then(
+    () => false,
+    (err: NodeJS.ErrnoException) => err.code === 'ENOENT',
+  );
+}
+
+describe('commitPatch', () => {
+  it('joins every changed tensor’s piece in the base’s order, then removes the pieces', async () => {
+    await writePieces();
+    const info = await commitPatch(patch, pieces, base, FINGERPRINT, changed);
+    const bytes = await readFile(patch);
+    assert.equal(info.path, PATCH_FILE_NAME);
+    assert.equal(info.size, bytes.length);
+    assert.equal(info.sha256, sha256(bytes));
+    const body = Buffer.concat([0, 2, 3].flatMap(pieceBytes));
+    const tail = Buffer.concat([body, Buffer.alloc(4)]);
+    assert.deepEqual(bytes.subarray(bytes.length - tail.length), tail);
+    assert.ok(await gone(pieces));
+    assert.ok(await gone(joinedDir(pieces)));
+    assert.deepEqual(await readdir(jobDir), [PATCH_FILE_NAME]);
+  });
+
+  it('refuses to join when a changed tensor’s piece is missing, writing nothing', async () => {
+    await writePieces([2]);
+    await assert.rejects(commitPatch(patch, pieces, base, FINGERPRINT, changed), (err: unknown) => {
+      assert.ok(err instanceof MissingPieceError);
+      assert.equal(err.tensor, 'c.weight');
+      assert.equal(err.index, 2);
+      return true;
+    });
+    assert.deepEqual((await readdir(jobDir)).sort(), ['merged.tmp-x.patch']);
+    assert.deepEqual((await readdir(pieces)).sort(), ['0', '3']);
+  });
+
+  it('leaves an existing patch untouched when a piece is missing', async () => {
+    const old = Buffer.from('an earlier, good patch');
+    await writeFile(patch, old);
+    await writePieces([0]);
+    await assert.rejects(commitPatch(patch, pieces, base, FINGERPRINT, changed), MissingPieceError);
+    assert.deepEqual(await readFile(patch), old);
+    assert.deepEqual((await readdir(jobDir)).sort(), [PATCH_FILE_NAME, 'merged.tmp-x.patch']);
+  });
+
+  it('run again after the pieces were removed, describes the file in place', async () => {
+    await writePieces();
+    const first = await commitPatch(patch, pieces, base, FINGERPRINT, changed);
+    const again = await commitPatch(patch, pieces, base, FINGERPRINT, () =>
+      Promise.reject(new Error('the expected set is not needed to describe')),
+    );
+    assert.deepEqual(again, first);
+    assert.equal(again.sha256, sha256(await readFile(patch)));
+  });
+
+  it('run again after a crash that left the joined folder partly removed, never joins it', async () => {
+    await writePieces();
+    const first = await commitPatch(patch, pieces, base, FINGERPRINT, changed);
+    const bytes = await readFile(patch);
+    // The state a crash inside the removal leaves: the folder renamed, some pieces already gone.
+    await createPieces(pieces);
+    await writePieces();
+    await rename(pieces, joinedDir(pieces));
+    await rm(join(joinedDir(pieces), '0'));
+    await rm(join(joinedDir(pieces), '3'));
+    const again = await commitPatch(patch, pieces, base, FINGERPRINT, changed);
+    assert.deepEqual(again, first);
+    assert.deepEqual(await readFile(patch), bytes);
+    assert.equal(again.sha256, sha256(bytes));
+  });
+
+  it('a racing commit that finds the folder renamed mid-way describes the joined file', async () => {
+    await writePieces();
+    const first = await commitPatch(patch, pieces, base, FINGERPRINT, changed);
+    // A second commit listed the pieces, then the first renamed the folder (and removed a piece)
+    // before the second read them: it must describe the file, not fail or join a subset.
+    await createPieces(pieces);
+    await writePieces();
+    const racing = await commitPatch(patch, pieces, base, FINGERPRINT, async () => {
+      await rename(pieces, joinedDir(pieces));
+      await rm(join(joinedDir(pieces), '2'));
+      return CHANGED;
+    });
+    assert.deepEqual(racing, first);
+    assert.ok(!(await readdir(jobDir)).some((n) => n.startsWith(`${PATCH_FILE_NAME}.tmp-`)));
+  });
+});
