@@ -62,28 +62,14 @@ export class SpooledTensorError extends FormatError {
 }
 
 /**
- * Merges one tensor.
- * @param buffer - Reused fp32 accumulator; must hold the tensor's elements.
- * @param out - Reused output memory, used if it holds the result (2-byte aligned). @default new memory
- * @returns The merged tensor in the base's dtype (bf16/f16 rounded to nearest even): the start of
- *   `out` when it was used, otherwise new memory (never a view of `buffer`).
- * @throws SpooledTensorError naming the party, spool file and tensor if a spooled tensor is damaged, is another tensor or is gone.
- */
-export async function mergeTensor(
-  base: Checkpoint,
-  task: TensorTask,
-  buffer: Float32Array,
-  signal?: AbortSignal,
-  out?: Uint8Array,
-): Promise<Uint8Array> {
-  return (await mergeTensorOutputs(base, task, buffer, signal, out)).bytes;
-}
-
-/**
- * {@link mergeTensor}, also giving the tensor's merged-patch records when
+ * Merges one tensor, also giving the tensor's merged-patch records when
  * `task.patch`: the positions some party's entries reached, with the values
  * of the same accumulator rounded by the same function as the dense tensor.
- * @throws As {@link mergeTensor}.
+ * @param buffer - Reused fp32 accumulator; must hold the tensor's elements.
+ * @param out - Reused output memory, used if it holds the result (2-byte aligned). @default new memory
+ * @returns `bytes`: the merged tensor in the base's dtype (bf16/f16 rounded to nearest even): the start of
+ *   `out` when it was used, otherwise new memory (never a view of `buffer`).
+ * @throws SpooledTensorError naming the party, spool file and tensor if a spooled tensor is damaged, is another tensor or is gone.
  */
 export async function mergeTensorOutputs(
   base: Checkpoint,
@@ -110,7 +96,7 @@ export async function mergeTensorOutputs(
  * to a model.
  * @param buffer - Reused fp32 accumulator; must hold the tensor's elements.
  * @returns A view of `buffer` holding the tensor.
- * @throws As {@link mergeTensor}.
+ * @throws As {@link mergeTensorOutputs}.
  */
 export async function accumulateTensor(
   base: Checkpoint,
