@@ -672,7 +672,7 @@ export interface Merged {
   files: string[];
   /** Time spent merging, in seconds. */
   seconds: number;
-  /** Path of the merged patch (as in DownloadService.ListFiles with `patch`); empty when none was written. */
+  /** Path of the merged patch (as in DownloadService.ListPatch); empty when none was written. */
   patch: string;
 }
 
