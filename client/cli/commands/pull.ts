@@ -33,7 +33,7 @@ later with dppa apply --patch).`,
       required: true,
       group: 'Required',
       path: 'output',
-      whenExists: 'pull creates a new folder',
+      whenExists: 'pull creates a new folder (with --patch, a new file)',
     }),
     overwrite: toggle('replace DIR if it exists, once the download is complete and verified', { group: 'Required' }),
     base: text('BASE', "local copy of the job's base: download the merged patch and apply it to it", {
