@@ -24,8 +24,9 @@ the download resumes from the bytes on disk; so does a new run after Ctrl-C.
 With --base, downloads the job's merged patch instead (the positions the merge
 changed, with their merged values: a fraction of the checkpoint) and applies it
 to the local copy of the base, writing DIR bit for bit as the server's dense
-merge. A patch made for another base, or damaged, is refused (exit 3) and
-nothing is written. With --patch, keeps the patch itself as FILE (apply it
+merge. A patch made for another base, or one that does not fit the base, is
+refused (exit 3) and nothing is written; so is a download that does not match
+its checksum (exit 4). With --patch, keeps the patch itself as FILE (apply it
 later with dppa apply --patch).`,
   flags: {
     ...jobFlag("the job's id (the job must be merged)"),
@@ -45,9 +46,9 @@ later with dppa apply --patch).`,
     ...anyTokenFlags,
     ...jsonFlag('print { out, files: [{ path, size, sha256 }], bytesDownloaded, bytesResumed, applied? }'),
   },
-  after: `Exit codes: 0 ok, 2 bad command line (or DIR exists), 3 the patch is for another base or damaged
-(--base), 4 the server refused or failed, or a file did not match its checksum, 130 interrupted (run again
-to resume).`,
+  after: `Exit codes: 0 ok, 2 bad command line (or DIR exists), 3 the patch is for another base or does
+not fit it (--base), 4 the server refused or failed, or a file (or the patch) did not match its checksum,
+130 interrupted (run again to resume).`,
   action: (v) => {
     if (v.patch && v.base !== undefined)
       throw new UsageError('--patch and --base: give one (--base downloads the patch and applies it)');
