@@ -7,7 +7,7 @@ import { mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promise
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { DppaClient, JobState, MergeOutput, pruneToFile } from '../client/index.js';
+import { DppaClient, JobState, MergeOutput, PatchBaseMismatchError, pruneToFile } from '../client/index.js';
 import { PATCH_FILE_NAME } from '../proto/patch/index.js';
 import { readDeltaFile } from '../proto/sparse/index.js';
 import { assertMerged } from './fixtures/expected-merge.js';
@@ -181,6 +181,17 @@ describe('merged patch', () => {
     );
     assert.equal(r.code, 3, r.stderr);
     assert.match(r.stderr, /another base/);
+    assert.deepEqual(await siblings('wrong-base'), []);
+    // Refused before the download: no byte of the patch is fetched, no temporary folder made.
+    const progress: number[] = [];
+    await assert.rejects(
+      admin.pull(
+        { jobId: both, out: join(dir, 'wrong-base'), base: otherBase },
+        { onProgress: (p) => progress.push(p.bytesDone) },
+      ),
+      PatchBaseMismatchError,
+    );
+    assert.deepEqual(progress, []);
     assert.deepEqual(await siblings('wrong-base'), []);
     const local = await dppa('apply', '--base', otherBase, '--patch', patchFile, '--out', join(dir, 'wrong-base'));
     assert.equal(local.code, 3, local.stderr);

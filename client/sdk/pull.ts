@@ -10,7 +10,9 @@ import { createReadStream } from 'node:fs';
 import { lstat, mkdir, open, readdir, rename, rm, stat, truncate } from 'node:fs/promises';
 import { dirname, join, resolve, sep } from 'node:path';
 import { FormatError } from '../../proto/errors.js';
-import { applyPatch, type ApplyPatchReport } from '../../proto/patch/index.js';
+import { baseFingerprint } from '../../proto/fingerprint.js';
+import { applyPatch, type ApplyPatchReport, PatchBaseMismatchError } from '../../proto/patch/index.js';
+import { Checkpoint } from '../../proto/safetensors/index.js';
 import { crc32c } from '../../proto/sparse/index.js';
 import { CallScope, inScope, readStream, type CallOptions } from './call.js';
 import type { Connection } from './connection.js';
@@ -267,6 +269,8 @@ export async function pull(conn: Connection, o: PullOptions, call: PullCallOptio
       throw new RangeError(
         `out: ${o.out} already exists; pull creates a new ${o.patch === true ? 'file' : 'folder'} and never writes into one`,
       );
+    // A local base that is not the job's is refused before a byte of the patch is downloaded.
+    if (o.base !== undefined) await checkBase(conn, o.jobId, o.base, scope);
     const patch = o.patch === true || o.base !== undefined;
     const list = patch
       ? await inScope(conn, 'ListPatch', conn.downloads.listPatch.bind(conn.downloads), { jobId: o.jobId }, scope, true)
@@ -326,6 +330,28 @@ export async function pull(conn: Connection, o: PullOptions, call: PullCallOptio
   } finally {
     scope.dispose();
   }
+}
+
+/**
+ * Compares the local base's fingerprint with the job's (GetJob), so that a base
+ * other than the job's is refused before the patch is downloaded. The patch's
+ * own fingerprint is checked again when it is applied.
+ * @throws PatchBaseMismatchError if the fingerprints differ.
+ */
+async function checkBase(conn: Connection, jobId: string, base: string, scope: CallScope): Promise<void> {
+  const job = await inScope(conn, 'GetJob', conn.jobs.getJob.bind(conn.jobs), { jobId }, scope, true);
+  if (job.baseFingerprint === '') return;
+  const checkpoint = await Checkpoint.open(base);
+  let fp: string;
+  try {
+    fp = await baseFingerprint(checkpoint, { signal: scope.signal });
+  } finally {
+    await checkpoint.close();
+  }
+  if (fp !== job.baseFingerprint)
+    throw new PatchBaseMismatchError(
+      `the patch is for another base: job ${jobId}'s base has fingerprint ${job.baseFingerprint}, ${base} has ${fp}`,
+    );
 }
 
 /**
