@@ -12,6 +12,7 @@ import { basename, dirname, join } from 'node:path';
 import { syncFolder } from '../../proto/fs-sync.js';
 import { MergeOutput } from '../../proto/gen/dppa/v1/jobs.js';
 import { PATCH_FILE_NAME, patchHeader } from '../../proto/patch/index.js';
+import { exists } from '../../proto/safetensors/fs-util.js';
 import type { Checkpoint } from '../../proto/safetensors/index.js';
 import type { MergedFileInfo } from '../jobs/job-store.js';
 import { PatchWriter } from './patch-writer.js';
@@ -138,16 +139,6 @@ export async function commitPatch(
   }
   await rm(joinedDir(dir), { recursive: true, force: true });
   return info;
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await stat(path);
-    return true;
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
-    throw err;
-  }
 }
 
 /** Name, size and SHA-256 of a patch file already written. */
