@@ -100,6 +100,12 @@ const flags = {
       option: 'taskAckWaitMs',
     },
   ),
+  'task-attempts': number(
+    'N',
+    'runs of a merge or search task whose failure may pass (NATS away, an unexpected error) before its job fails; damaged input fails it at once, a full disk pauses it (default 5)',
+    { min: 1, integer: true },
+    { option: 'taskAttempts' },
+  ),
 };
 
 const SERVE = {
@@ -163,6 +169,7 @@ export async function main(argv: string[]): Promise<number> {
       natsCreds: v['nats-creds'],
       cluster: v.cluster,
       taskAckWaitMs: v['task-ack-wait-ms'],
+      taskAttempts: v['task-attempts'],
     });
     server = new DppaServer({ ...options, logger: log });
   } catch (err) {

@@ -8,6 +8,7 @@ import { isIP } from 'node:net';
 import { availableParallelism } from 'node:os';
 import { resolve } from 'node:path';
 import { ConfigError } from './errors.js';
+import { DEFAULT_TASK_ATTEMPTS } from './jobs/failure-policy.js';
 import { DEFAULT_STORAGE_RETRY_MS } from './jobs/storage-pauses.js';
 import { createLogger, LOG_LEVELS, type Logger } from './log.js';
 import { DEFAULT_HTTP2_WINDOW, MAX_HTTP2_WINDOW } from './rpc/receive-window.js';
@@ -104,6 +105,14 @@ export interface ServerOptions {
    */
   taskAckWaitMs?: number;
   /**
+   * How often a task of a merge or search (a tensor, a party's search) runs
+   * when it fails in a way that may pass (NATS away, an unexpected error),
+   * the first run included, before its job fails with the reason and the
+   * count. Damaged input fails the job at once; a storage failure pauses it.
+   * @default 5
+   */
+  taskAttempts?: number;
+  /**
    * First wait before a job paused by a storage failure (a full disk, an I/O
    * error) is tried again; it doubles after each failure, up to 5 minutes. A
    * merge is only tried again once the disk has room for its output.
@@ -135,6 +144,7 @@ export interface ResolvedServerOptions {
   nats: NatsOptions | undefined;
   cluster: boolean;
   taskAckWaitMs: number;
+  taskAttempts: number;
   storageRetryMs: number;
   logger: Logger;
 }
@@ -166,6 +176,7 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
     nats: opts.nats,
     cluster: opts.cluster ?? false,
     taskAckWaitMs: opts.taskAckWaitMs ?? 30_000,
+    taskAttempts: opts.taskAttempts ?? DEFAULT_TASK_ATTEMPTS,
     storageRetryMs: opts.storageRetryMs ?? DEFAULT_STORAGE_RETRY_MS,
     logger: opts.logger ?? createLogger(),
   };
@@ -199,6 +210,8 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
   if (!Number.isSafeInteger(r.mergeWorkers) || r.mergeWorkers < 0)
     throw new ConfigError(`mergeWorkers: must be a non-negative integer, got ${r.mergeWorkers}`);
   if (r.nats !== undefined) checkNats(r.nats);
+  if (!Number.isSafeInteger(r.taskAttempts) || r.taskAttempts < 1)
+    throw new ConfigError(`taskAttempts: must be an integer of at least 1, got ${r.taskAttempts}`);
   if (!Number.isSafeInteger(r.taskAckWaitMs) || r.taskAckWaitMs < 1000)
     throw new ConfigError(`taskAckWaitMs: must be an integer of at least 1000, got ${r.taskAckWaitMs}`);
   checkPositiveInteger('storageRetryMs', r.storageRetryMs);
@@ -284,6 +297,7 @@ export interface ServeFlags {
   natsCreds?: string | undefined;
   cluster?: boolean | undefined;
   taskAckWaitMs?: number | undefined;
+  taskAttempts?: number | undefined;
 }
 
 /**
@@ -336,6 +350,7 @@ export async function optionsFromFlags(
     if (opts.cluster !== true) throw new ConfigError('--task-ack-wait-ms needs --cluster');
     opts.taskAckWaitMs = flags.taskAckWaitMs;
   }
+  if (flags.taskAttempts !== undefined) opts.taskAttempts = flags.taskAttempts;
   if (flags.tlsCert !== undefined && flags.tlsKey !== undefined) {
     // Read here, so that a wrong file is told with its flag before anything starts.
     await pemFile('tls-cert', flags.tlsCert, (pem) => new X509Certificate(pem));

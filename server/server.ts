@@ -20,6 +20,7 @@ import { withDefaults, type ResolvedServerOptions, type ServerOptions } from './
 import { RemoteEvaluators } from './dpa/remote-evaluators.js';
 import { UnavailableError } from './errors.js';
 import type { JobEvents } from './jobs/job-events.js';
+import { FailurePolicy } from './jobs/failure-policy.js';
 import { JobRunner } from './jobs/job-runner.js';
 import { Metrics, MetricsServer } from './metrics.js';
 import { Authenticator } from './rpc/auth.js';
@@ -157,6 +158,7 @@ export class DppaServer {
     );
     if (o.nats !== undefined && local !== undefined) await local.publishEvents(o.nats, metrics, log);
     const broker = new RemoteEvaluators();
+    const policy = new FailurePolicy({ taskAttempts: o.taskAttempts, transient: (err) => backend.transient(err) });
     const steps = backend.steps({
       spool,
       metrics,
@@ -164,6 +166,9 @@ export class DppaServer {
       broker,
       mergeWorkers: o.mergeWorkers,
       onMerged: (jobId) => runner.merged(jobId),
+      policy,
+      taskFailed: (jobId, step, err) => runner.stepFailed(jobId, step, err),
+      taskDone: (jobId) => runner.taskDone(jobId),
     });
     closers.push('job steps', () => steps.close());
     const runner = new JobRunner({
@@ -174,6 +179,7 @@ export class DppaServer {
       log,
       broker,
       steps,
+      policy,
       sweepMs: backend.sweepMs,
       storageRetryMs: o.storageRetryMs,
     });

@@ -13,6 +13,7 @@ import { KvMergeRecords } from '../server/cluster/kv-merge-records.js';
 import { MergeDriver, type MergeDriverOptions } from '../server/merge/merge-driver.js';
 import { StreamJobEvents } from '../server/cluster/stream-job-events.js';
 import { ensureTaskQueue, TaskNotReadyError, TaskQueue } from '../server/cluster/task-queue.js';
+import { FailurePolicy } from '../server/jobs/failure-policy.js';
 import type { JobStore, StoredJob } from '../server/jobs/job-store.js';
 import { createLogger } from '../server/log.js';
 import { ClusterMetrics } from '../server/metrics.js';
@@ -221,6 +222,8 @@ describe('cluster task queue', () => {
       ackWaitMs: 30_000,
       log,
       metrics: new ClusterMetrics(new Registry()),
+      policy: new FailurePolicy(),
+      failed: () => Promise.resolve(undefined),
       handle: async (task) => {
         runs.push(task.jobId);
         await sleep(2000);

@@ -1,12 +1,11 @@
 /**
- * A full disk, for real: the data folder on a small tmpfs (mounting needs
+ * A full disk, for real: the data folder on a small tmpfs (fixtures/tmpfs-disk.ts; mounting needs
  * root, which CI has; elsewhere the mounted tests are skipped), filled up to a
  * chosen number of free bytes by a ballast file.
  */
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { appendFile, mkdir, mkdtemp, readdir, readFile, rm, statfs, writeFile } from 'node:fs/promises';
+import { appendFile, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -30,6 +29,7 @@ import {
   uploadMessages,
   type Harness,
 } from './fixtures/grpc-harness.js';
+import { mountTmpfsDisk } from './fixtures/tmpfs-disk.js';
 
 /** About 2 MB of bf16 weights: the merged output does not fit where an upload (about 0.3 MB) still does. */
 const SHAPE: LlamaShape = { layers: 4, hidden: 128, intermediate: 384, vocab: 512 };
@@ -38,37 +38,10 @@ const DISK_BYTES = 16 * 1024 * 1024;
 const ROOM_FOR_AN_UPLOAD = 1_100_000;
 
 const dir = await mkdtemp(join(tmpdir(), 'dppa-disk-full-'));
-const disk = join(dir, 'disk');
+const tmpfs = mountTmpfsDisk(join(dir, 'disk'), DISK_BYTES);
+const disk = tmpfs.path;
 const data = join(disk, 'data');
-const ballast = join(disk, 'ballast');
-const mounted = mountTmpfs(disk);
-
-function mountTmpfs(at: string): boolean {
-  try {
-    execFileSync('mkdir', ['-p', at]);
-    execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${DISK_BYTES}`, 'tmpfs', at], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-/** Bytes a new file could take on the tmpfs now. */
-async function freeBytes(): Promise<number> {
-  const fs = await statfs(disk);
-  return fs.bavail * fs.bsize;
-}
-
-/** Fills the disk so that `leave` bytes stay free. */
-async function fill(leave: number): Promise<void> {
-  await rm(ballast, { force: true });
-  await writeFile(ballast, Buffer.alloc(Math.max(0, (await freeBytes()) - leave)));
-}
-
-/** Frees what the ballast took. */
-function unfill(): Promise<void> {
-  return rm(ballast, { force: true });
-}
+const { mounted, freeBytes, fill, unfill } = tmpfs;
 
 /** Resolves with the first event of the job matching `match`, then stops watching. */
 function nextEvent(jobs: JobServiceClient, jobId: string, match: (e: JobEvent) => boolean): Promise<JobEvent> {
@@ -159,7 +132,7 @@ describe('a full disk', { skip: mounted ? false : 'mounting a tmpfs needs root' 
   });
   after(async () => {
     await h?.close();
-    execFileSync('umount', [disk]);
+    tmpfs.unmount();
     await rm(dir, { recursive: true, force: true });
   });
 

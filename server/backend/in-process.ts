@@ -1,9 +1,13 @@
 /**
  * The in-process side of the task interface (backend/tasks.ts): tasks run
- * at once in this process over a number of lanes, merge records in memory.
- * What an interrupted merge wrote is not kept: the next one starts over.
+ * at once in this process over a number of lanes, a failed one again as the
+ * failure policy says, merge records in memory. What an interrupted merge
+ * wrote is not kept: the next one starts over.
  */
 import { randomBytes } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { FailurePolicy } from '../jobs/failure-policy.js';
+import type { Logger } from '../log.js';
 import {
   bitmap,
   countWritten,
@@ -17,13 +21,18 @@ import {
   type TaskSink,
 } from './tasks.js';
 
-/** Runs submitted tasks here, at most `lanes` at once; the first failure aborts the others. */
+/**
+ * Runs submitted tasks here, at most `lanes` at once; a failed task runs again
+ * while the policy says so, and its final failure aborts the others.
+ */
 export class InProcessTasks implements TaskSink {
   constructor(
     /** Tasks of one submission run at once (Infinity: all). */
     private readonly lanes: number,
     /** The handler of every task; set before any task is submitted. */
     private readonly handler: () => TaskHandler,
+    private readonly policy: FailurePolicy,
+    private readonly log: Logger,
   ) {}
 
   async submit(tasks: readonly IdentifiedTask[], signal: AbortSignal): Promise<void> {
@@ -35,7 +44,7 @@ export class InProcessTasks implements TaskSink {
     try {
       await inWindow(tasks, Math.min(this.lanes, tasks.length), async (t) => {
         try {
-          await this.handler()(t.task, controller.signal);
+          await this.attempts(t, controller.signal);
         } catch (err) {
           if (!controller.signal.aborted) controller.abort(err);
           throw err;
@@ -43,6 +52,34 @@ export class InProcessTasks implements TaskSink {
       });
     } finally {
       signal.removeEventListener('abort', forward);
+    }
+  }
+
+  /**
+   * Runs a task until it succeeds or its failure is final (jobs/failure-policy.ts).
+   * @throws The final failure (AttemptsExhaustedError once the runs are spent); the signal's reason when aborted.
+   */
+  private async attempts(t: IdentifiedTask, signal: AbortSignal): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.handler()(t.task, signal);
+        return;
+      } catch (err) {
+        if (signal.aborted) throw err;
+        if (!this.policy.retries(err, attempt)) throw this.policy.final(err, attempt);
+        const delayMs = this.policy.retryDelayMs(attempt);
+        this.log.warn('task failed; runs again', {
+          kind: t.task.kind,
+          jobId: t.task.jobId,
+          attempt,
+          of: this.policy.taskAttempts,
+          delayMs,
+          err,
+        });
+        await sleep(delayMs, undefined, { signal }).catch(() => {
+          throw signal.reason;
+        });
+      }
     }
   }
 }

@@ -10,6 +10,7 @@ import { TaskQueue, type TaskHandler } from '../cluster/task-queue.js';
 import type { KvJobStore } from '../cluster/kv-job-store.js';
 import type { StreamJobEvents } from '../cluster/stream-job-events.js';
 import { SearchDriver } from '../dpa/search-driver.js';
+import { NatsUnavailableError } from '../errors.js';
 import { MergeDriver } from '../merge/merge-driver.js';
 import { ClusterMetrics } from '../metrics.js';
 import type { Backend, JobSteps, StepDeps } from './backend.js';
@@ -67,6 +68,9 @@ export class JetStreamBackend implements Backend {
         lanes,
         ackWaitMs: this.taskAckWaitMs,
         handle,
+        policy: deps.policy,
+        failed: (task, err) => deps.taskFailed(task.jobId, task.kind === 'search' ? 'DPA search' : 'merge', err),
+        ...(deps.taskDone === undefined ? {} : { done: deps.taskDone }),
         metrics,
         log: deps.log,
       });
@@ -84,6 +88,7 @@ export class JetStreamBackend implements Backend {
     return {
       search,
       merge,
+      queued: true,
       start: () => {
         mergeQueue.start();
         searchQueue.start();
@@ -95,6 +100,11 @@ export class JetStreamBackend implements Backend {
         await lanes;
       },
     };
+  }
+
+  /** NATS away passes: a task that met it runs again (a bounded number of times), a queueing is tried again by the sweep. */
+  transient(err: unknown): boolean {
+    return err instanceof NatsUnavailableError;
   }
 
   /** Stops watching the jobs and leaves the cluster (the events are in the stream already). */

@@ -78,20 +78,30 @@ export class LocalBackend implements Backend {
     const mergeTasks: InProcessTasks = new InProcessTasks(
       MergeDriver.lanes(deps.mergeWorkers),
       () => (task, signal) => merge.execute(task, signal),
+      deps.policy,
+      deps.log,
     );
     const merge: MergeDriver = new MergeDriver({ ...all, records: new MemoryMergeRecords(), tasks: () => mergeTasks });
     // Every party's search at once.
     const searchTasks: InProcessTasks = new InProcessTasks(
       Infinity,
       () => (task, signal) => search.execute(task, signal),
+      deps.policy,
+      deps.log,
     );
     const search: SearchDriver = new SearchDriver({ ...all, tasks: () => searchTasks, merge });
     return {
       search,
       merge,
+      queued: false,
       start: () => undefined,
       close: () => merge.close(),
     };
+  }
+
+  /** Nothing of this backend passes by itself: its steps run here, on its own folder. */
+  transient(): boolean {
+    return false;
   }
 
   /** Publishes what is pending (for up to `flushMs`), then closes the event logs. */

@@ -10,10 +10,12 @@
  * is acknowledged only after its handler resolved, that is after its result
  * is stored; a long task says `working()` every third of the ack wait. A
  * replica that dies leaves its tasks unacknowledged: JetStream delivers them
- * again to another replica after the ack wait. A handler that fails hands
- * its task back (nak, redelivered after a short delay); a replica that stops
- * hands back what it was doing at once. So a task may run more than once:
- * handlers are idempotent.
+ * again to another replica after the ack wait. A failed task is handed back
+ * (nak, with a growing delay) while the failure policy (jobs/failure-policy.ts)
+ * allows another delivery; past that, the policy's verdict is applied to its
+ * job and the task is terminated or handed back as the verdict says. A replica
+ * that stops hands back what it was doing at once. So a task may run more
+ * than once: handlers are idempotent.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
@@ -28,7 +30,8 @@ import {
   type JsMsg,
 } from '@nats-io/jetstream';
 import { nanos } from '@nats-io/transport-node';
-import { NatsUnavailableError, UnavailableError } from '../errors.js';
+import type { FailurePolicy } from '../jobs/failure-policy.js';
+import { UnavailableError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { ClusterMetrics } from '../metrics.js';
 import { streamInfoOrCreate } from '../nats/streams.js';
@@ -69,13 +72,22 @@ export interface TaskQueueOptions {
    */
   ackWaitMs: number;
   handle: TaskHandler;
+  /** Which failures get another delivery, and after how long. */
+  policy: FailurePolicy;
+  /**
+   * A task's failure is final: applies the verdict to its job.
+   * @returns After how many ms the task is handed back; undefined: it is terminated.
+   */
+  failed: (task: Task, err: unknown) => Promise<number | undefined>;
+  /** A task that had been handed back (or lost) before succeeded. */
+  done?: (jobId: string) => void;
   metrics: ClusterMetrics;
   log: Logger;
 }
 
 /** How long one pull waits for a task (also how long a stop may wait for an idle lane). */
 const PULL_EXPIRES_MS = 2000;
-/** A failed task comes back after this long. */
+/** A task whose failure could not be recorded (NATS away) comes back after this long. */
 const RETRY_DELAY_MS = 1000;
 /** A lane that cannot reach NATS tries again after this long. */
 const RECONNECT_WAIT_MS = 1000;
@@ -227,7 +239,7 @@ export class TaskQueue implements TaskSink {
       m.term();
       return;
     }
-    const { metrics, log } = this.opts;
+    const { metrics, log, policy } = this.opts;
     const started = performance.now();
     const heartbeat = setInterval(() => m.working(), this.heartbeatMs);
     try {
@@ -236,31 +248,72 @@ export class TaskQueue implements TaskSink {
       await m.ackAck();
       metrics.tasks.inc({ kind: task.kind, outcome: 'done' });
       metrics.taskDuration.observe({ kind: task.kind }, (performance.now() - started) / 1000);
+      // A task that came back and now succeeded: what held its job up (a full disk) has passed.
+      if (m.info.redelivered) this.opts.done?.(task.jobId);
     } catch (err) {
-      metrics.tasks.inc({ kind: task.kind, outcome: 'retried' });
       if (signal.aborted) {
+        metrics.tasks.inc({ kind: task.kind, outcome: 'retried' });
         m.nak();
         return;
       }
-      const fields = {
-        kind: task.kind,
-        jobId: task.jobId,
-        tensor: task.tensor?.name,
-        party: task.party,
-        delivered: m.info.deliveryCount,
-      };
+      const attempt = m.info.deliveryCount;
+      const fields = { kind: task.kind, jobId: task.jobId, tensor: task.tensor?.name, party: task.party, attempt };
       if (err instanceof TaskNotReadyError) {
+        metrics.tasks.inc({ kind: task.kind, outcome: 'retried' });
         log.info('task handed back: not ready yet', { ...fields, reason: err.message });
         m.nak(err.delayMs);
         return;
       }
-      if (err instanceof NatsUnavailableError)
-        log.warn('task handed back: NATS is unavailable', { ...fields, err: err.message });
-      else log.error('task failed; handed back', { ...fields, err });
-      m.nak(RETRY_DELAY_MS);
+      if (policy.retries(err, attempt)) {
+        metrics.tasks.inc({ kind: task.kind, outcome: 'retried' });
+        const delayMs = policy.retryDelayMs(attempt);
+        log[policy.kind(err) === 'transient' ? 'warn' : 'error']('task failed; handed back', {
+          ...fields,
+          of: policy.taskAttempts,
+          delayMs,
+          err,
+        });
+        m.nak(delayMs);
+        return;
+      }
+      await this.settle(m, task, attempt, policy.final(err, attempt), fields);
     } finally {
       clearInterval(heartbeat);
     }
+  }
+
+  /** Applies the verdict on a task's final failure to its job; terminates the task or hands it back as it says. */
+  private async settle(
+    m: JsMsg,
+    task: Task,
+    attempt: number,
+    err: unknown,
+    fields: Record<string, unknown>,
+  ): Promise<void> {
+    const { metrics, log, policy } = this.opts;
+    let handBackMs: number | undefined;
+    try {
+      handBackMs = await this.opts.failed(task, err);
+    } catch (e) {
+      // The job could not be moved (NATS away): the task comes back and its failure is settled then.
+      metrics.tasks.inc({ kind: task.kind, outcome: 'retried' });
+      log.warn('cannot record a failed task; handed back', { ...fields, err: e });
+      m.nak(RETRY_DELAY_MS);
+      return;
+    }
+    if (handBackMs !== undefined) {
+      // Within the task's own backoff: a paused job's task finds the room freed soon after it is.
+      metrics.tasks.inc({ kind: task.kind, outcome: 'retried' });
+      m.nak(Math.min(handBackMs, policy.retryDelayMs(attempt)));
+      return;
+    }
+    metrics.tasks.inc({ kind: task.kind, outcome: 'failed' });
+    log.error('task failed for good; its job failed', { ...fields, err });
+    m.term(err instanceof Error ? err.message : String(err));
+    // A work queue keeps a terminated message: removed, as an acknowledged one is.
+    await this.opts.jsm.streams
+      .deleteMessage(TASKS_STREAM, m.seq, false)
+      .catch((e: unknown) => log.warn('cannot remove a terminated task', { ...fields, err: describeNatsError(e) }));
   }
 
   /** Stops pulling, hands back the tasks in progress (their handlers see `signal` abort) and waits for the lanes. */

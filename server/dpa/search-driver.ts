@@ -5,10 +5,9 @@
  */
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import { TaskNotReadyError, type Task, type TaskSink } from '../backend/tasks.js';
-import { NatsUnavailableError } from '../errors.js';
 import type { JobStep } from '../jobs/job-step.js';
-import { failJob, StateConflictError, transitionJob } from '../jobs/job-transitions.js';
-import { openOnnx, searchPartyFactors, SearchFailedError, type JobSearchDeps } from './job-search.js';
+import { StateConflictError, transitionJob } from '../jobs/job-transitions.js';
+import { openOnnx, searchPartyFactors, type JobSearchDeps } from './job-search.js';
 import type { OnnxCandidates } from './onnx-candidates.js';
 import { evaluatorOf } from './search-spec.js';
 
@@ -48,8 +47,9 @@ export class SearchDriver implements JobStep {
   /**
    * Carries out one task taken from a queue shared by replicas: a job this
    * replica's copy shows still collecting is checked against the bucket;
-   * a failed search fails the job; the replica that finds every party's
-   * factors chosen moves the job to MERGING and asks for the merge.
+   * failures are thrown as they are (the queue applies the failure policy);
+   * the replica that finds every party's factors chosen moves the job to
+   * MERGING and asks for the merge.
    */
   async handle(task: Task, signal: AbortSignal): Promise<void> {
     const { store } = this.opts;
@@ -60,17 +60,8 @@ export class SearchDriver implements JobStep {
       throw new TaskNotReadyError(`job ${job.id} is COLLECTING here, not yet DPA`);
     if (job.state !== JobState.JOB_STATE_DPA) return;
     const party = task.party!;
-    try {
-      await this.execute(task, signal);
-    } catch (err) {
-      // NATS away while recording: the task comes back and the search resumes from what was recorded.
-      if (signal.aborted || !(err instanceof SearchFailedError) || err.cause instanceof NatsUnavailableError) throw err;
-      this.opts.log.error('DPA search failed', { jobId: job.id, party, err });
-      await failJob(this.opts, job.id, `DPA search failed: ${err.message}`).catch((e: unknown) => {
-        if (!(e instanceof StateConflictError)) throw e;
-      });
-      return;
-    }
+    // A failure is the queue's to settle (jobs/failure-policy.ts); a search run again resumes from what was recorded.
+    await this.execute(task, signal);
     // Sent back to collecting (its data was unusable): handed back, to run again once the job is in DPA again
     // (a new task would be dropped as a repeat).
     if (store.get(job.id).state === JobState.JOB_STATE_COLLECTING)

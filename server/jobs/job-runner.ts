@@ -1,9 +1,10 @@
 /**
  * Drives jobs once their uploads are in: COLLECTING → (DPA) → MERGING →
  * MERGED, or FAILED, through the backend's search and merge steps
- * (jobs/job-step.ts). A stop leaves a job where it was, a cancel fails it, a
- * storage failure pauses it (storage-pauses.ts), a party's unusable data sends
- * it back to COLLECTING (party-stops.ts). docs/design/job-flow.md, "The runner".
+ * (jobs/job-step.ts). A stop leaves a job where it was, a cancel fails it; a
+ * failed step or task gets the failure policy's verdict (failure-policy.ts):
+ * paused (storage-pauses.ts), party sent back (party-stops.ts) or failed.
+ * docs/design/job-flow.md, "The runner" and "One failure policy".
  */
 import { statfs } from 'node:fs/promises';
 import { JobState, type Pause } from '../../proto/gen/dppa/v1/jobs.js';
@@ -11,15 +12,14 @@ import type { RemoteEvaluators } from '../dpa/remote-evaluators.js';
 import {
   type DiskFullError,
   FailedPreconditionError,
-  NatsUnavailableError,
   storageError,
   type StorageUnavailableError,
   UnavailableError,
 } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
-import { SpooledTensorError } from '../merge/tensor-merge.js';
 import type { Spool } from '../uploads/spool.js';
+import type { FailurePolicy, StepName } from './failure-policy.js';
 import type { JobEvents } from './job-events.js';
 import { searchesFactors } from './job-spec.js';
 import type { JobStep } from './job-step.js';
@@ -27,6 +27,9 @@ import { isTerminal, stateName, type JobStore, type StoredJob } from './job-stor
 import { failJob, StateConflictError, transitionJob } from './job-transitions.js';
 import { DEFAULT_STORAGE_RETRY_MS, StoragePauses } from './storage-pauses.js';
 import { clearSentBack, resumeParty, sendPartyBack } from './party-stops.js';
+
+/** A task whose party was sent back comes back after this long (it runs once the job is past collecting again). */
+const SENT_BACK_RETRY_MS = 2000;
 
 /** Why a search or merge was aborted: the job was cancelled (it fails) rather than the server stopping (it stays where it was). */
 class JobCancelled extends Error {
@@ -42,8 +45,10 @@ export interface JobRunnerDeps {
   log: Logger;
   /** Evaluation requests to the parties whose evaluator is remote. */
   broker: RemoteEvaluators;
-  /** The factor search and the merge, as the backend carries them out. */
-  steps: { search: JobStep; merge: JobStep };
+  /** The factor search and the merge, as the backend carries them out (`queued`: JobSteps.queued). */
+  steps: { search: JobStep; merge: JobStep; queued?: boolean };
+  /** What a failed step does to its job. */
+  policy: FailurePolicy;
   /** How often every unfinished job is looked at again (a move missed while the shared state was away). @default never */
   sweepMs?: number | undefined;
   /** First wait before a job paused by a storage failure is tried again; doubles after each failure, up to 5 minutes. @default 5000 */
@@ -124,14 +129,22 @@ export class JobRunner {
     const controller = new AbortController();
     const done = this.advance(jobId, controller.signal)
       .then(
-        () => this.unpause(jobId),
+        () => {
+          // With tasks on a queue shared by replicas, a paused job goes again once a task succeeds (taskDone).
+          const { state } = this.deps.store.get(jobId);
+          if (
+            this.deps.steps.queued !== true ||
+            (state !== JobState.JOB_STATE_DPA && state !== JobState.JOB_STATE_MERGING)
+          )
+            this.unpause(jobId);
+        },
         (err: unknown) => {
-          // Another replica moved the job first; or NATS is away and the next sweep tries again.
+          // Another replica moved the job first.
           if (err instanceof StateConflictError) return;
-          const storage = storageError(err);
-          if (storage !== undefined && !controller.signal.aborted) this.pauseJob(jobId, storage, err);
-          else if (err instanceof NatsUnavailableError)
-            this.deps.log.warn('job runner waits for NATS', { jobId, err: err.message });
+          const kind = this.deps.policy.kind(err);
+          if (kind === 'storage' && !controller.signal.aborted) this.pauseJob(jobId, storageError(err)!, err);
+          // The shared state is away: the next sweep tries again.
+          else if (kind === 'transient') this.deps.log.warn('job runner waits for the backend', { jobId, err });
           else this.deps.log.error('job runner failed', { jobId, err });
         },
       )
@@ -159,6 +172,42 @@ export class JobRunner {
     return this.fail(jobId, reason);
   }
 
+  /**
+   * Applies the failure policy's verdict on a failed step (or a task's final
+   * failure) of a job: pauses it, sends the party back, waits, or fails it.
+   * @returns After how many ms a task that failed is handed back; undefined when the job failed (the task is done with).
+   * @throws What prevented recording the verdict (e.g. NATS away).
+   */
+  async stepFailed(jobId: string, step: StepName, err: unknown): Promise<number | undefined> {
+    const { log, policy } = this.deps;
+    const verdict = policy.verdict(step, err);
+    switch (verdict.action) {
+      case 'pause':
+        return this.pauseJob(jobId, verdict.storage, err);
+      case 'send-back': {
+        const from = step === 'merge' ? JobState.JOB_STATE_MERGING : JobState.JOB_STATE_DPA;
+        await sendPartyBack(this.deps, jobId, from, verdict.err);
+        return SENT_BACK_RETRY_MS;
+      }
+      case 'wait':
+        log.warn(`${step} waits for the backend`, { jobId, err });
+        return policy.retryDelayMs(1);
+      case 'fail':
+        log.error(`${step} failed`, { jobId, err });
+        await this.fail(jobId, verdict.reason).catch((e: unknown) => {
+          // It ended or moved meanwhile (another replica failed it first).
+          if (!(e instanceof StateConflictError)) throw e;
+        });
+        this.unpause(jobId);
+        return undefined;
+    }
+  }
+
+  /** A task of the job succeeded: a job paused by a storage failure is going again. */
+  taskDone(jobId: string): void {
+    this.unpause(jobId);
+  }
+
   /** A party whose search stopped rejoins it (opens an evaluation stream): its search resumes. */
   async rejoin(jobId: string, party: string): Promise<void> {
     if (await resumeParty(this.deps, jobId, party)) this.poke(jobId);
@@ -174,8 +223,11 @@ export class JobRunner {
     await Promise.all(runs.map((r) => r.done));
   }
 
-  /** Records a storage failure: the job waits for its next attempt, with the reason shown and announced. */
-  private pauseJob(jobId: string, storage: DiskFullError | StorageUnavailableError, err: unknown): void {
+  /**
+   * Records a storage failure: the job waits for its next attempt, with the reason shown and announced.
+   * @returns The wait until that attempt, in ms.
+   */
+  private pauseJob(jobId: string, storage: DiskFullError | StorageUnavailableError, err: unknown): number {
     const { log, events, metrics } = this.deps;
     const pause = this.pauses.add(jobId, storage);
     metrics.jobsPaused.set(this.pauses.size);
@@ -188,6 +240,7 @@ export class JobRunner {
     events
       .append(jobId, { paused: pause })
       .catch((e: unknown) => log.warn('cannot announce a paused job', { jobId, err: e }));
+    return Math.max(0, Date.parse(pause.nextAttemptAt) - Date.now());
   }
 
   private unpause(jobId: string): void {
@@ -233,47 +286,36 @@ export class JobRunner {
    * job failed then), or a party's work stopped (the job waits for it).
    */
   private async search(job: StoredJob, signal: AbortSignal): Promise<boolean> {
-    const { log } = this.deps;
     try {
       await this.deps.steps.search.run(job.id, signal);
       const after = this.deps.store.get(job.id);
       return after.state === JobState.JOB_STATE_DPA && after.parties.every((p) => p.chosen !== undefined);
     } catch (err) {
-      if (signal.aborted) {
-        // Cancelled: cancel() records the failure. Shutting down: stays DPA, resumed at the next start.
-        log.info('DPA search stopped', { jobId: job.id, reason: String(signal.reason) });
-        return false;
-      }
-      // A full or failing disk pauses the job instead (run()); the search resumes from its recorded evaluations.
-      // NATS away: the next sweep asks again.
-      if (storageError(err) !== undefined || err instanceof NatsUnavailableError) throw err;
-      log.error('DPA search failed', { jobId: job.id, err });
-      await this.fail(job.id, `DPA search failed: ${err instanceof Error ? err.message : String(err)}`);
+      // The search resumes from its recorded evaluations.
+      await this.stepError(job.id, 'DPA search', err, signal);
       return false;
     }
   }
 
   private async merge(job: StoredJob, signal: AbortSignal): Promise<void> {
-    const { log } = this.deps;
     try {
       await this.deps.steps.merge.run(job.id, signal);
     } catch (err) {
-      if (signal.aborted) {
-        // Cancelled: cancel() records the failure. Shutting down: stays MERGING, merged again at the next start.
-        log.info('merge aborted', { jobId: job.id, reason: String(signal.reason) });
-        return;
-      }
-      // A full or failing disk pauses the job instead (run()): it merges again, from the start, later.
-      // NATS away: the next sweep asks again.
-      if (storageError(err) !== undefined || err instanceof NatsUnavailableError) throw err;
-      // One party's data: that party sends it again, the job is kept.
-      if (err instanceof SpooledTensorError) {
-        await sendPartyBack(this.deps, job.id, JobState.JOB_STATE_MERGING, err);
-        return;
-      }
-      log.error('merge failed', { jobId: job.id, err });
-      await this.fail(job.id, `merge failed: ${err instanceof Error ? err.message : String(err)}`);
+      // A merge tried again starts from the beginning.
+      await this.stepError(job.id, 'merge', err, signal);
     }
+  }
+
+  /** A step this runner waited for failed or was aborted. @throws A storage failure: run() pauses the job. */
+  private async stepError(jobId: string, step: StepName, err: unknown, signal: AbortSignal): Promise<void> {
+    if (signal.aborted) {
+      // Cancelled: cancel() records the failure. Shutting down: the job stays where it is, resumed at the next start.
+      this.deps.log.info(`${step} stopped`, { jobId, reason: String(signal.reason) });
+      return;
+    }
+    // Paused by run(), like a failed move of the job (the run must not count as done).
+    if (this.deps.policy.kind(err) === 'storage') throw err;
+    await this.stepFailed(jobId, step, err);
   }
 
   /** Changes a job's state from `from`, records it and announces it. @throws StateConflictError if it is no longer in `from`. */

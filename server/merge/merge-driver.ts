@@ -28,8 +28,7 @@ import { UnavailableError } from '../errors.js';
 import type { JobEvents } from '../jobs/job-events.js';
 import type { JobStep } from '../jobs/job-step.js';
 import { isTerminal, stateName, type JobStore, type MergedFileInfo, type StoredJob } from '../jobs/job-store.js';
-import { failJob, StateConflictError, transitionJob } from '../jobs/job-transitions.js';
-import { sendPartyBack } from '../jobs/party-stops.js';
+import { StateConflictError, transitionJob } from '../jobs/job-transitions.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
 import type { Spool } from '../uploads/spool.js';
@@ -45,7 +44,6 @@ import {
   piecesDir,
   writePiece,
 } from './patch-output.js';
-import { SpooledTensorError } from './tensor-merge.js';
 
 /** Shortest interval between two merge_progress events (the last one is always sent). */
 export const PROGRESS_INTERVAL_MS = 250;
@@ -140,8 +138,8 @@ export class MergeDriver implements JobStep {
    * waits for its outcome. Tasks of jobs that have ended are dropped (a commit
    * task first publishes the job's final event if the stream lacks it); a task
    * of a job this replica's copy shows as not yet merging is checked against
-   * the bucket and handed back if the bucket agrees. Damaged input fails the
-   * job, or sends the party back (jobs/party-stops.ts).
+   * the bucket and handed back if the bucket agrees. Failures are thrown as
+   * they are: the queue applies the failure policy (jobs/failure-policy.ts).
    */
   async handle(task: Task, signal: AbortSignal): Promise<void> {
     let job = this.opts.store.get(task.jobId);
@@ -161,24 +159,7 @@ export class MergeDriver implements JobStep {
       // Tasks are queued once the job is MERGING: the bucket will say so.
       throw new TaskNotReadyError(`job ${job.id} is ${stateName(job.state)} here, not yet MERGING`);
     }
-    try {
-      await this.execute(task, signal);
-    } catch (err) {
-      if (!(err instanceof FormatError) || signal.aborted) throw err;
-      if (err instanceof SpooledTensorError) {
-        // One party's data: that party sends it again; the tensors written so far stay written (their inputs do not change).
-        await this.release(job.id);
-        await sendPartyBack(this.opts, job.id, JobState.JOB_STATE_MERGING, err);
-        // Handed back, not done: it runs again once the job is merging again (a new task would be dropped as a repeat).
-        throw new TaskNotReadyError(`job ${job.id} went back to collecting: ${err.message}`);
-      }
-      // Damaged or mismatched input: every replica would fail alike, so the job fails (once) and the task is done.
-      this.opts.log.error('merge failed', { jobId: job.id, err });
-      await failJob(this.opts, job.id, `merge failed: ${err.message}`).catch((e: unknown) => {
-        if (!(e instanceof StateConflictError)) throw e;
-      });
-      await this.release(job.id);
-    }
+    await this.execute(task, signal);
   }
 
   /** Carries out one task of a MERGING job; failures are thrown as they are. */
