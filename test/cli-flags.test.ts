@@ -292,6 +292,7 @@ describe('dppa: the command line', () => {
         '--nats URL',
         '--cluster',
         '--task-ack-wait-ms N',
+        '--task-attempts N',
       ],
     };
     const names = Object.keys(commands);

@@ -9,9 +9,9 @@ export interface JobStep {
    * Carries the step out for a job in the step's state: here, resolving once
    * it is done, or on a task queue, resolving once the tasks are queued (the
    * last task moves the job on). Idempotent.
-   * @throws The signal's reason when aborted; a storage error (the job
-   *   pauses); SpooledTensorError (the party is sent back); NatsUnavailableError
-   *   while NATS is away (tried again by the runner's sweep); any other error fails the job.
+   * @throws The signal's reason when aborted; any failure, which the runner
+   *   settles with the failure policy (failure-policy.ts: pause, party sent
+   *   back, wait for the sweep, or fail).
    */
   run(jobId: string, signal: AbortSignal): Promise<void>;
 }
