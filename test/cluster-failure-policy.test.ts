@@ -21,6 +21,7 @@ import {
   ADMIN,
   auth,
   call,
+  createJobRequest,
   pruneRecords,
   startHarness,
   upload,
@@ -69,22 +70,7 @@ async function serve(mode: 'cluster' | 'embedded', data: string, opts: Partial<S
 }
 
 async function createJob(h: Harness, basePath: string): Promise<{ jobId: string; token: string }> {
-  const r = await call(
-    h.jobs,
-    'createJob',
-    {
-      basePath,
-      parties: ['a'],
-      rate: 0.9,
-      method: 'dp',
-      label: '',
-      dpa: undefined,
-      merge: undefined,
-      maxAbsValue: 0,
-      pruneMethod: 0,
-    },
-    ADMIN,
-  );
+  const r = await call(h.jobs, 'createJob', createJobRequest({ basePath, parties: ['a'] }), ADMIN);
   return { jobId: r.job!.id, token: r.tokens.a! };
 }
 

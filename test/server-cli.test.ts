@@ -9,7 +9,7 @@ import type { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import { JobServiceClient, JobState } from '../proto/gen/dppa/v1/jobs.js';
 import { UploadServiceClient } from '../proto/gen/dppa/v1/upload.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
-import { ADMIN, auth, call, pruneRecords, upload, uploadMessages } from './fixtures/grpc-harness.js';
+import { ADMIN, auth, call, createJobRequest, pruneRecords, upload, uploadMessages } from './fixtures/grpc-harness.js';
 
 const launcher = new URL('./fixtures/serve-cli.ts', import.meta.url).pathname;
 
@@ -104,22 +104,7 @@ describe('dppa serve', () => {
     let s = await serve(args);
     let jobs = new JobServiceClient(s.grpc, credentials.createInsecure());
     let uploads = new UploadServiceClient(s.grpc, credentials.createInsecure());
-    const r = await call(
-      jobs,
-      'createJob',
-      {
-        basePath: base,
-        parties: ['a'],
-        rate: 0.8,
-        method: 'dp',
-        label: '',
-        dpa: undefined,
-        merge: undefined,
-        maxAbsValue: 0,
-        pruneMethod: 0,
-      },
-      ADMIN,
-    );
+    const r = await call(jobs, 'createJob', createJobRequest({ basePath: base, parties: ['a'], rate: 0.8 }), ADMIN);
     const jobId = r.job!.id;
     const begins = records.flatMap((x, i) => (x.tensorBegin !== undefined ? [i] : []));
     await upload(uploads, r.tokens.a!, uploadMessages(jobId, 'a', records.slice(0, begins[1])));

@@ -22,6 +22,7 @@ import {
   ADMIN,
   auth,
   call,
+  createJobRequest,
   pruneRecords,
   rejectsWith,
   startHarness,
@@ -102,22 +103,7 @@ async function assertMergedUploads(jobId: string, parties: number[]): Promise<vo
 }
 
 async function createJob(parties: string[]): Promise<{ jobId: string; tokens: Record<string, string> }> {
-  const r = await call(
-    h!.jobs,
-    'createJob',
-    {
-      basePath: base,
-      parties,
-      rate: 0.9,
-      method: 'dp',
-      label: '',
-      dpa: undefined,
-      merge: undefined,
-      maxAbsValue: 0,
-      pruneMethod: 0,
-    },
-    ADMIN,
-  );
+  const r = await call(h!.jobs, 'createJob', createJobRequest({ basePath: base, parties }), ADMIN);
   return { jobId: r.job!.id, tokens: r.tokens };
 }
 
@@ -139,22 +125,7 @@ describe('a full disk', { skip: mounted ? false : 'mounting a tmpfs needs root' 
   it('CreateJob gets RESOURCE_EXHAUSTED and leaves no job folder', async () => {
     await fill(0);
     await rejectsWith(
-      call(
-        h!.jobs,
-        'createJob',
-        {
-          basePath: base,
-          parties: ['a'],
-          rate: 0.9,
-          method: 'dp',
-          label: '',
-          dpa: undefined,
-          merge: undefined,
-          maxAbsValue: 0,
-          pruneMethod: 0,
-        },
-        ADMIN,
-      ),
+      call(h!.jobs, 'createJob', createJobRequest({ basePath: base, parties: ['a'] }), ADMIN),
       status.RESOURCE_EXHAUSTED,
       /no space left on the server's disk \(ENOSPC\)/,
     );

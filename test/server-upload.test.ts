@@ -14,6 +14,7 @@ import {
   ADMIN,
   auth,
   call,
+  createJobRequest,
   pruneRecords,
   rejectsWith,
   startHarness,
@@ -138,17 +139,7 @@ describe('uploads: every bad input gets its status and changes nothing', () => {
     const other = await call(
       h.jobs,
       'createJob',
-      {
-        basePath: base,
-        parties: ['a'],
-        rate: 0.9,
-        method: 'magnitude',
-        label: '',
-        dpa: undefined,
-        merge: undefined,
-        maxAbsValue: 0,
-        pruneMethod: 0,
-      },
+      createJobRequest({ basePath: base, parties: ['a'], method: 'magnitude' }),
       ADMIN,
     );
     await rejectsWith(upload(h.uploads, other.tokens.a!, [open('a'), { record: header() }]), status.PERMISSION_DENIED);
@@ -392,17 +383,7 @@ describe('uploads: the per-party byte cap', () => {
       const r = await call(
         small.jobs,
         'createJob',
-        {
-          basePath: base,
-          parties: ['a'],
-          rate: 0.9,
-          method: 'magnitude',
-          label: '',
-          dpa: undefined,
-          merge: undefined,
-          maxAbsValue: 0,
-          pruneMethod: 0,
-        },
+        createJobRequest({ basePath: base, parties: ['a'], method: 'magnitude' }),
         ADMIN,
       );
       await rejectsWith(
