@@ -4,34 +4,46 @@
  * (0 merge workers) and on 1 and 2 worker threads, each twice, a fresh server
  * and job per run. Prints one line per run, then one JSON line of every run.
  *
- *   npm run bench:merge -- [layers=4] [hidden=1024]
+ *   npm run bench:merge -- [layers=4] [hidden=1024] [--fsync-cost]
+ *
+ * --fsync-cost: 2 workers, alternating runs with and without the per-tensor
+ * fdatasync (FileHandle.datasync made a no-op in this process), and the time
+ * of hashing the merged output again (what the commit does after the rename).
  */
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { DeltaRecord } from '../../proto/gen/dppa/v1/sparse.js';
 import { Checkpoint } from '../../proto/safetensors/index.js';
+import { describeFiles } from '../../server/merge/output-files.js';
 import { ADMIN, call, pruneRecords, startHarness, upload, uploadMessages, watchAll } from '../fixtures/grpc-harness.js';
 import { writeLlamaFamily } from '../fixtures/synthetic-model.js';
 
 if (process.argv.includes('--help') || process.argv.includes('-h')) {
-  console.log(`Usage: npm run bench:merge -- [layers=4] [hidden=1024]
+  console.log(`Usage: npm run bench:merge -- [layers=4] [hidden=1024] [--fsync-cost]
 
 Times the merge of two parties' pruned deltas (rate 0.9) of a synthetic Llama-like model
 (intermediate = 2.75 x hidden, vocab 8000) by an in-process server, with 0, 1 and 2 merge
 worker threads, each twice. Per run it prints the merge time the server records (merge start
 to commit, incl. fsync and SHA-256 of the output), the time from the last upload's answer to
 the merged event, and the process's CPU over the last upload and the merge; the last line is
-the runs as JSON.`);
+the runs as JSON. --fsync-cost: 2 workers, alternating runs with and without the per-tensor
+fdatasync, and the time of hashing each merged output again (the commit's SHA-256 after the rename).`);
   process.exit(0);
 }
 
-const layers = Number(process.argv[2] ?? 4);
-const hidden = Number(process.argv[3] ?? 1024);
+const fsyncCost = process.argv.includes('--fsync-cost');
+const positional = process.argv.slice(2).filter((a) => !a.startsWith('--'));
+const layers = Number(positional[0] ?? 4);
+const hidden = Number(positional[1] ?? 1024);
 const dir = await mkdtemp(join(tmpdir(), 'dppa-bench-merge-'));
 
 interface Run {
   workers: number;
+  /** False: FileHandle.datasync was a no-op (--fsync-cost). */
+  datasync: boolean;
+  /** --fsync-cost: seconds to hash the merged output again. */
+  hashSeconds?: number;
   baseBytes: number;
   mergeSeconds: number;
   untilMergedSeconds: number;
@@ -39,8 +51,15 @@ interface Run {
 }
 
 /** One job on a fresh server with `workers` merge threads: uploads both parties, waits for the merged event. */
-async function mergeRun(base: string, records: DeltaRecord[][], workers: number, run: number): Promise<Run> {
+async function mergeRun(
+  base: string,
+  records: DeltaRecord[][],
+  workers: number,
+  run: number,
+  datasync = true,
+): Promise<Run> {
   const h = await startHarness(join(dir, `data-${run}`), { mergeWorkers: workers });
+  setDatasync(datasync);
   try {
     const r = await call(
       h.jobs,
@@ -68,9 +87,18 @@ async function mergeRun(base: string, records: DeltaRecord[][], workers: number,
     const merged = (await events).at(-1)?.merged;
     const untilMergedSeconds = (performance.now() - t0) / 1000;
     const cpu = process.cpuUsage(cpu0);
+    setDatasync(true);
     if (merged === undefined) throw new Error(`job ${jobId} did not merge`);
+    let hashSeconds: number | undefined;
+    if (fsyncCost) {
+      const t = performance.now();
+      await describeFiles(join(dir, `data-${run}`, 'jobs', jobId, 'merged'));
+      hashSeconds = (performance.now() - t) / 1000;
+    }
     return {
       workers,
+      datasync,
+      ...(hashSeconds === undefined ? {} : { hashSeconds }),
       baseBytes: await baseBytes(base),
       mergeSeconds: merged.seconds,
       untilMergedSeconds,
@@ -79,6 +107,17 @@ async function mergeRun(base: string, records: DeltaRecord[][], workers: number,
   } finally {
     await h.close();
   }
+}
+
+/** The FileHandle prototype's own datasync, and a no-op in its place while `on` is false. */
+const handleProto = await (async () => {
+  const fh = await open(process.execPath, 'r');
+  await fh.close();
+  return Object.getPrototypeOf(fh) as { datasync: () => Promise<void> };
+})();
+const realDatasync = handleProto.datasync;
+function setDatasync(on: boolean): void {
+  handleProto.datasync = on ? realDatasync : () => Promise.resolve();
 }
 
 async function baseBytes(base: string): Promise<number> {
@@ -101,12 +140,15 @@ try {
     ),
   );
   const runs: Run[] = [];
-  for (const [i, workers] of [0, 1, 2, 0, 1, 2].entries()) {
-    const run = await mergeRun(fam.base, records, workers, i);
+  const plan: [number, boolean][] = fsyncCost
+    ? [true, false, true, false, true, false].map((d) => [2, d])
+    : [0, 1, 2, 0, 1, 2].map((w) => [w, true]);
+  for (const [i, [workers, datasync]] of plan.entries()) {
+    const run = await mergeRun(fam.base, records, workers, i, datasync);
     runs.push(run);
     const mb = run.baseBytes / 1e6;
     console.log(
-      `merge of 2 parties, ${mb.toFixed(0)} MB base, ${workers} workers: ${run.mergeSeconds.toFixed(2)} s in the server (${(mb / run.mergeSeconds).toFixed(0)} MB/s, incl. fsync and SHA-256); merged event ${run.untilMergedSeconds.toFixed(2)} s after the last upload's answer; CPU ${run.cpuSeconds.toFixed(2)} s (all threads, last upload and merge)`,
+      `merge of 2 parties, ${mb.toFixed(0)} MB base, ${workers} workers${datasync ? '' : ', NO per-tensor fdatasync'}: ${run.mergeSeconds.toFixed(2)} s in the server (${(mb / run.mergeSeconds).toFixed(0)} MB/s, incl. fsync and SHA-256); merged event ${run.untilMergedSeconds.toFixed(2)} s after the last upload's answer; CPU ${run.cpuSeconds.toFixed(2)} s (all threads, last upload and merge)${run.hashSeconds === undefined ? '' : `; hashing the output again ${run.hashSeconds.toFixed(2)} s`}`,
     );
   }
   console.log(JSON.stringify({ layers, hidden, runs }));
