@@ -109,12 +109,12 @@ export class FailurePolicy {
       case 'transient':
         return { action: 'wait', reason: messageOf(err) };
       default:
-        return { action: 'fail', reason: `${step} failed ${failureText(err)}` };
+        return { action: 'fail', reason: `${step} failed${failureText(err)}` };
     }
   }
 }
 
-/** "after N attempts: …" or ": …". */
+/** " after N attempts: …" or ": …". */
 function failureText(err: unknown): string {
-  return err instanceof AttemptsExhaustedError ? err.message : `: ${messageOf(err)}`;
+  return err instanceof AttemptsExhaustedError ? ` ${err.message}` : `: ${messageOf(err)}`;
 }
