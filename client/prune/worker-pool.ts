@@ -8,7 +8,15 @@ import { FormatError } from '../../proto/errors.js';
 import type { ValueDtype } from '../../proto/gen/dppa/v1/sparse.js';
 import type { DeltaSource, DeltaTensor, VocabMismatch } from './delta-source.js';
 import { outliersAbove, type OutlierTotals } from './significance.js';
-import { pruneTensor, tensorStats, type PruneSpec, type PrunedTensor, type TensorStats } from './tensor-work.js';
+import { candidateBuffers, type SelectionCandidates } from './select.js';
+import {
+  pruneFromCandidates,
+  pruneTensor,
+  tensorStats,
+  type PruneSpec,
+  type PrunedTensor,
+  type TensorStats,
+} from './tensor-work.js';
 
 /** What every worker needs to open the checkpoints. */
 export interface SourcePaths {
@@ -19,9 +27,11 @@ export interface SourcePaths {
 
 /** A task for one tensor. */
 export type TensorTask =
-  | { op: 'stats'; tensor: DeltaTensor; linearFactor: number; layerFactor: number }
+  /** `selectUpTo`: also keep the candidates of every top k up to it, for the prune pass. @default 0 (none) */
+  | { op: 'stats'; tensor: DeltaTensor; linearFactor: number; layerFactor: number; selectUpTo?: number }
   | { op: 'outliers'; tensor: DeltaTensor; threshold: number }
-  | { op: 'prune'; tensor: DeltaTensor; spec: PruneSpec; valueDtype: ValueDtype };
+  /** `candidates`: from the stats task; the delta is read only when they do not cover the spec. */
+  | { op: 'prune'; tensor: DeltaTensor; spec: PruneSpec; valueDtype: ValueDtype; candidates?: SelectionCandidates };
 
 /** The result of each kind of task. */
 export interface TaskResult {
@@ -32,10 +42,15 @@ export interface TaskResult {
 
 /** Runs one task against an open source: the single implementation both the pool and inline mode use. */
 export async function runTask(source: DeltaSource, task: TensorTask): Promise<TaskResult[TensorTask['op']]> {
+  if (task.op === 'prune' && task.candidates !== undefined) {
+    const { name, shape } = task.tensor.info;
+    const pruned = pruneFromCandidates(name, shape, task.candidates, task.spec, task.valueDtype);
+    if (pruned !== undefined) return pruned;
+  }
   const delta = await source.readDelta(task.tensor);
   switch (task.op) {
     case 'stats':
-      return tensorStats(delta, task.linearFactor, task.layerFactor);
+      return tensorStats(delta, task.linearFactor, task.layerFactor, task.selectUpTo);
     case 'outliers':
       return outliersAbove(delta, task.threshold);
     case 'prune':
@@ -63,6 +78,12 @@ export function inlineRunner(source: DeltaSource): TensorRunner {
     },
     close: () => Promise.resolve(),
   };
+}
+
+/** The memory a task's result can move to the other thread instead of being copied. */
+export function resultBuffers(value: unknown): ArrayBuffer[] {
+  const selection = (value as Partial<TensorStats> | undefined)?.selection;
+  return selection === undefined ? [] : candidateBuffers(selection);
 }
 
 /** An error as it crosses the thread boundary: structured clone keeps only plain errors. */
@@ -105,7 +126,11 @@ export function workerRunner(paths: SourcePaths, workers: number): TensorRunner 
       const w = idle.pop()!;
       const { task, pending } = queue.shift()!;
       busy.set(w, pending);
-      w.postMessage(task);
+      // Candidates move to the worker that prunes with them.
+      w.postMessage(
+        task,
+        task.op === 'prune' && task.candidates !== undefined ? candidateBuffers(task.candidates) : [],
+      );
     }
   };
   const all: Worker[] = [];
