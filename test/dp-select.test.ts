@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { uniform } from './fixtures/synthetic-model.js';
-import { selectFromCandidates, selectionCandidates, selectPartitions } from '../client/prune/select.js';
+import { selectPartitions } from '../client/prune/select.js';
 import { darePartitions } from '../client/prune/dare.js';
 import { keptCount } from '../client/prune/rates.js';
 
@@ -69,46 +69,6 @@ describe('selectPartitions', () => {
       () => selectPartitions(new Float32Array([1, NaN]), [1], 'layers.0.q.weight'),
       /layers\.0\.q\.weight.*flat position 1/,
     );
-  });
-});
-
-describe('selectFromCandidates', () => {
-  for (const ties of [false, true]) {
-    it(`gives what the sort-based reference keeps, from candidates taken for a looser rate (ties=${ties})`, () => {
-      const n = 30011;
-      const delta = randomDelta(n, 7 + (ties ? 1 : 0), ties);
-      const candidates = selectionCandidates(delta, keptCount(n, 0.5))!;
-      assert.ok(candidates.positions.length < n, 'candidates are a part of the delta');
-      for (const rates of [[0.9], [0.9, 0.7, 0.5], [0.95, 0.6]]) {
-        const keep = rates.map((r) => keptCount(n, r));
-        const parts = selectFromCandidates(candidates, keep)!;
-        assert.ok(parts !== undefined, `covered at ${rates.join(',')}`);
-        let before: number[] = [];
-        parts.forEach((part, p) => {
-          const top = referenceTopK(delta, keep[p]!);
-          const inPart = top.filter((i) => !before.includes(i));
-          assert.deepEqual([...part.positions], inPart, `partition ${p + 1} at ${rates.join(',')}`);
-          assert.deepEqual(
-            [...part.values],
-            inPart.map((i) => delta[i]!),
-          );
-          before = top;
-        });
-      }
-    });
-  }
-
-  it('declines a rate looser than the candidates were taken for', () => {
-    const n = 5000;
-    const delta = randomDelta(n, 3);
-    const candidates = selectionCandidates(delta, keptCount(n, 0.8))!;
-    assert.equal(selectFromCandidates(candidates, [keptCount(n, 0.9), keptCount(n, 0.5)]), undefined);
-  });
-
-  it('takes none from a non-finite delta (selection then names it)', () => {
-    const delta = randomDelta(100, 4);
-    delta[17] = Number.NaN;
-    assert.equal(selectionCandidates(delta, 10), undefined);
   });
 });
 

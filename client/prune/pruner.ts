@@ -28,7 +28,6 @@ import { DeltaSource, type DeltaTensor, type VocabMismatch } from './delta-sourc
 import type { DareRescale } from './dare.js';
 import { dpOffsets, keptCount, owlOffsets, rateAt } from './rates.js';
 import { addTotals, outliersAbove, outlierThreshold, significance, type SignificanceKind } from './significance.js';
-import type { SelectionCandidates } from './select.js';
 import { compileLayerPattern, DEFAULT_LAYER_PATTERN, tensorRole, type TensorRole } from './tensor-roles.js';
 import type { PruneSpec, PrunedTensor, TensorStats } from './tensor-work.js';
 import { inlineRunner, workerRunner, type TensorRunner } from './worker-pool.js';
@@ -204,7 +203,7 @@ export async function openPrune(options: PruneOptions): Promise<PruneSession> {
   try {
     const pattern = compileLayerPattern(o.layerPattern);
     const roles = source.tensors.map((t) => ({ tensor: t, role: tensorRole(t.info.name, t.info.shape, pattern) }));
-    const { offsets, selections } = await rateOffsets(o, roles, runner);
+    const offsets = await rateOffsets(o, roles, runner);
     const planned = roles.map(({ tensor, role }) => planTensor(o, tensor, role, offsets.get(tensor.info.name) ?? 0));
     const header: DeltaHeader = {
       formatVersion: 1,
@@ -234,9 +233,8 @@ export async function openPrune(options: PruneOptions): Promise<PruneSession> {
     return {
       header,
       report,
-      records: (skip) => produce(o, header, planned, runner, report, skip ?? new Set(), selections),
+      records: (skip) => produce(o, header, planned, runner, report, skip ?? new Set()),
       close: async () => {
-        selections.clear();
         await runner.close();
         await source.close();
       },
@@ -264,27 +262,17 @@ function methodOptions(o: Resolved): Record<string, string> {
 }
 
 /**
- * Bytes of selection candidates the significance pass keeps for the prune
- * pass (8 per entry): the linear layers they cover are read once instead of
- * twice; the others are read again.
- */
-const SELECTION_BUDGET_BYTES = 512 * 1024 * 1024;
-
-/**
  * The significance pass: per linear layer, its rate offset from the base rate.
  * Each linear layer is read once; its block's outliers come from the
  * candidates it returned, or from a second read when the block's threshold
- * falls below them. While {@link SELECTION_BUDGET_BYTES} allows, it also keeps
- * each layer's entries for every rate its offset can give (`selections`), so
- * that the prune pass need not read it again.
+ * falls below them.
  */
 async function rateOffsets(
   o: Resolved,
   roles: { tensor: DeltaTensor; role: TensorRole }[],
   runner: TensorRunner,
-): Promise<{ offsets: Map<string, number>; selections: Map<string, SelectionCandidates> }> {
-  const selections = new Map<string, SelectionCandidates>();
-  if (o.method !== 'dp' && o.method !== 'owl') return { offsets: new Map(), selections };
+): Promise<Map<string, number>> {
+  if (o.method !== 'dp' && o.method !== 'owl') return new Map();
   const linears = roles.filter((r) => r.role.kind === 'linear');
   const progress = phaseProgress(
     o,
@@ -296,17 +284,6 @@ async function rateOffsets(
   for (const { tensor, role } of linears) layers.set(role.layer, [...(layers.get(role.layer) ?? []), tensor]);
   const kind: SignificanceKind = o.method === 'owl' ? 'count' : o.significance;
   const stats = new Map<string, TensorStats>();
-  // Offsets lie within ±λ per level (model layer, linear layer); with one model layer its offset is 0.
-  const lowestRate = rateAt(Math.min(...o.levels), -(layers.size > 1 ? 2 : 1) * o.lambda);
-  let budget = SELECTION_BUDGET_BYTES;
-  const selectUpTo = (tensor: DeltaTensor): number => {
-    const k = keptCount(tensor.info.numel, lowestRate);
-    // A little over 8 bytes per entry: the cut's high bin holds a few more.
-    const bytes = 8.5 * k + 32768 * 8;
-    if (bytes > budget) return 0;
-    budget -= bytes;
-    return k;
-  };
   // Every tensor is queued at once; a block's candidates are dropped as soon as its outliers are counted.
   const perLayer = await Promise.all(
     [...layers].map(async ([layer, members]): Promise<[number, number]> => {
@@ -317,7 +294,6 @@ async function rateOffsets(
             tensor,
             linearFactor: o.linearOutlierFactor,
             layerFactor: o.layerOutlierFactor,
-            selectUpTo: selectUpTo(tensor),
           });
           progress(tensor);
           return s;
@@ -327,9 +303,8 @@ async function rateOffsets(
       const threshold = outlierThreshold(totals, o.layerOutlierFactor);
       const outliers = await Promise.all(
         members.map(async (tensor, j) => {
-          const { candidates, selection, ...kept } = memberStats[j]!;
+          const { candidates, ...kept } = memberStats[j]!;
           stats.set(tensor.info.name, kept);
-          if (selection !== undefined) selections.set(tensor.info.name, selection);
           return candidates !== undefined && threshold >= candidates.bound
             ? outliersAbove(candidates.magnitudes, threshold)
             : runner.run({ op: 'outliers', tensor, threshold });
@@ -343,10 +318,7 @@ async function rateOffsets(
 
   if (o.method === 'owl') {
     const byLayer = owlOffsets(layerSig, o.lambda);
-    return {
-      offsets: new Map(linears.map(({ tensor, role }) => [tensor.info.name, byLayer.get(role.layer)!])),
-      selections,
-    };
+    return new Map(linears.map(({ tensor, role }) => [tensor.info.name, byLayer.get(role.layer)!]));
   }
   const linearSig = linears.map(({ tensor, role }) => {
     const s = stats.get(tensor.info.name)!;
@@ -357,10 +329,7 @@ async function rateOffsets(
       significance: significance(s.totals, s.linearOutliers, o.significance),
     };
   });
-  return {
-    offsets: new Map([...dpOffsets(layerSig, linearSig, o.lambda)].map(([name, d]) => [name, d.offset])),
-    selections,
-  };
+  return new Map([...dpOffsets(layerSig, linearSig, o.lambda)].map(([name, d]) => [name, d.offset]));
 }
 
 function planTensor(o: Resolved, tensor: DeltaTensor, role: TensorRole, offset: number): Planned {
@@ -412,7 +381,6 @@ async function* produce(
   runner: TensorRunner,
   report: PruneReport,
   skip: ReadonlySet<string>,
-  selections: Map<string, SelectionCandidates>,
 ): AsyncGenerator<DeltaRecord> {
   yield { header };
   const todo = planned.filter((p) => p.spec !== undefined && !skip.has(p.plan.name));
@@ -423,16 +391,7 @@ async function* produce(
     1,
   );
   const start = (p: Planned): Promise<PrunedTensor> => {
-    const candidates = selections.get(p.plan.name);
-    // Used once: a second records() (a resumed upload) reads the tensor again.
-    selections.delete(p.plan.name);
-    const f = runner.run({
-      op: 'prune',
-      tensor: p.tensor,
-      spec: p.spec!,
-      valueDtype: header.valueDtype,
-      ...(candidates === undefined ? {} : { candidates }),
-    });
+    const f = runner.run({ op: 'prune', tensor: p.tensor, spec: p.spec!, valueDtype: header.valueDtype });
     // Awaited in order below; until then a rejection must not count as unhandled.
     f.catch(() => undefined);
     return f;

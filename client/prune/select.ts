@@ -47,76 +47,23 @@ function highCuts(high: Float64Array, keep: readonly number[]): { bin: number; a
   });
 }
 
-/**
- * The entries of a delta whose high bin is at least `bin`, in index order: flat
- * positions, values, and how the delta's magnitudes spread over the high bins.
- * Enough to select the top k of the whole delta for any k whose cut falls in
- * bin `bin` or above ({@link selectFromCandidates}), without the delta.
- */
-export interface SelectionCandidates {
-  /** Elements of the delta. */
-  numel: number;
-  /** Histogram of the high 15 bits of every `|x|` of the delta. */
-  high: Float64Array;
-  /** Lowest high bin held. */
-  bin: number;
-  /** Flat positions, ascending. */
-  positions: Float64Array | Uint32Array;
-  /** The delta's values at `positions`. */
-  values: Float32Array;
-}
-
-/** The memory of candidates, to move them between threads without a copy. */
-export function candidateBuffers(c: SelectionCandidates): ArrayBuffer[] {
-  return [c.high.buffer, c.positions.buffer, c.values.buffer] as ArrayBuffer[];
-}
-
-/** Fills `positions` and `values` with the entries whose high bin is at least `bin` (as many as the histogram counts there). */
-function gather(
-  delta: Float32Array,
-  abs: Uint32Array,
-  bin: number,
-  positions: Float64Array | Uint32Array,
-  values: Float32Array,
-): void {
+/** Flat indices, ascending, of the entries whose high bin is at least `bin`; `count` of them per the histogram. */
+function gather(abs: Uint32Array, bin: number, out: Float64Array): Float64Array {
   const lowest = bin << 16;
   let c = 0;
   for (let i = 0; i < abs.length; i++) {
-    if ((abs[i]! & ABS_MASK) >= lowest) {
-      positions[c] = i;
-      values[c++] = delta[i]!;
-    }
+    if ((abs[i]! & ABS_MASK) >= lowest) out[c++] = i;
   }
-}
-
-function entriesFrom(high: Float64Array, bin: number): number {
-  let count = 0;
-  for (let b = bin; b < HIGH_BINS; b++) count += high[b]!;
-  return count;
-}
-
-/**
- * The candidates of a delta for every top k up to `keep`, in memory of their
- * own (one pass for the histogram, one to gather); undefined when the delta
- * holds a non-finite value (selection then fails on the delta, naming it) or
- * `keep` is 0. Positions are 32-bit when the delta allows.
- */
-export function selectionCandidates(delta: Float32Array, keep: number): SelectionCandidates | undefined {
-  const abs = new Uint32Array(delta.buffer, delta.byteOffset, delta.length);
-  const high = highHistogram(abs);
-  let nonFinite = 0;
-  for (let b = INF_BIN; b < HIGH_BINS; b++) nonFinite += high[b]!;
-  if (nonFinite > 0 || keep < 1) return undefined;
-  const bin = highCuts(high, [Math.min(keep, delta.length)])[0]!.bin;
-  const count = entriesFrom(high, bin);
-  const positions = delta.length <= 2 ** 32 ? new Uint32Array(count) : new Float64Array(count);
-  const values = new Float32Array(count);
-  gather(delta, abs, bin, positions, values);
-  return { numel: delta.length, high, bin, positions, values };
+  return out;
 }
 
 /** Each cut's exact bits and ties, from a histogram of the low 16 bits of the candidates in its high bin. */
-function lowCuts(bits: Uint32Array, bins: { bin: number; above: number }[], keep: readonly number[]): Cut[] {
+function lowCuts(
+  abs: Uint32Array,
+  candidates: Float64Array,
+  bins: { bin: number; above: number }[],
+  keep: readonly number[],
+): Cut[] {
   const slotOf = new Int32Array(HIGH_BINS).fill(-1);
   const slots: number[] = [];
   for (const { bin } of bins) {
@@ -126,8 +73,8 @@ function lowCuts(bits: Uint32Array, bins: { bin: number; above: number }[], keep
     }
   }
   const low = new Float64Array(slots.length * LOW_BINS);
-  for (let j = 0; j < bits.length; j++) {
-    const u = bits[j]! & ABS_MASK;
+  for (let j = 0; j < candidates.length; j++) {
+    const u = abs[candidates[j]!]! & ABS_MASK;
     const slot = slotOf[u >>> 16]!;
     if (slot >= 0) low[slot * LOW_BINS + (u & 0xffff)]!++;
   }
@@ -142,14 +89,6 @@ function lowCuts(bits: Uint32Array, bins: { bin: number; above: number }[], keep
       count += c;
     }
     return { bits: 0, ties: k - count };
-  });
-}
-
-function checkKeep(keep: readonly number[], numel: number): void {
-  keep.forEach((k, p) => {
-    if (!(Number.isInteger(k) && k >= 0 && k <= numel) || (p > 0 && k < keep[p - 1]!)) {
-      throw new RangeError(`keep counts must be non-decreasing integers in [0, ${numel}], got ${keep.join(',')}`);
-    }
   });
 }
 
@@ -171,46 +110,16 @@ export function selectPartitions(
   tensor: string,
   arrays = new ReusedArrays(),
 ): PartitionEntries[] {
-  checkKeep(keep, delta.length);
+  keep.forEach((k, p) => {
+    if (!(Number.isInteger(k) && k >= 0 && k <= delta.length) || (p > 0 && k < keep[p - 1]!)) {
+      throw new RangeError(
+        `keep counts must be non-decreasing integers in [0, ${delta.length}], got ${keep.join(',')}`,
+      );
+    }
+  });
   const abs = new Uint32Array(delta.buffer, delta.byteOffset, delta.length);
   const high = highHistogram(abs);
   checkFinite(abs, high, tensor);
-  const total = keep.length === 0 ? 0 : keep.at(-1)!;
-  if (total === 0) return split(undefined, keep, arrays);
-  const bin = highCuts(high, [total])[0]!.bin;
-  const count = entriesFrom(high, bin);
-  const positions = arrays.float64('candidates', count);
-  const values = arrays.float32('candidate values', count);
-  gather(delta, abs, bin, positions, values);
-  return split({ numel: delta.length, high, bin, positions, values }, keep, arrays);
-}
-
-/**
- * {@link selectPartitions} of the delta the candidates were taken from, bit
- * for bit, without it; undefined when they do not reach the loosest cut
- * (a larger `keep[P-1]` than they were taken for).
- */
-export function selectFromCandidates(
-  candidates: SelectionCandidates,
-  keep: readonly number[],
-  arrays = new ReusedArrays(),
-): PartitionEntries[] | undefined {
-  checkKeep(keep, candidates.numel);
-  const total = keep.length === 0 ? 0 : keep.at(-1)!;
-  if (total === 0) return split(undefined, keep, arrays);
-  if (highCuts(candidates.high, [total])[0]!.bin < candidates.bin) return undefined;
-  return split(candidates, keep, arrays);
-}
-
-/**
- * The partitions from candidates that hold the loosest cut's high bin and
- * everything above it, in index order (ties go to the lower index at every level).
- */
-function split(
-  candidates: SelectionCandidates | undefined,
-  keep: readonly number[],
-  arrays: ReusedArrays,
-): PartitionEntries[] {
   const P = keep.length;
   const total = P === 0 ? 0 : keep[P - 1]!;
   const positions = arrays.float64('positions', total);
@@ -220,20 +129,23 @@ function split(
     const from = p === 0 ? 0 : keep[p - 1]!;
     return { positions: positions.subarray(from, k), values: values.subarray(from, k) };
   });
-  if (candidates === undefined) return parts;
+  if (total === 0) return parts;
 
-  const bins = highCuts(candidates.high, keep);
-  const bits = new Uint32Array(candidates.values.buffer, candidates.values.byteOffset, candidates.values.length);
-  const cuts = lowCuts(bits, bins, keep);
+  const bins = highCuts(high, keep);
+  const loosestBin = bins[P - 1]!.bin;
+  let count = 0;
+  for (let b = loosestBin; b < HIGH_BINS; b++) count += high[b]!;
+  const candidates = gather(abs, loosestBin, arrays.float64('candidates', count));
+  const cuts = lowCuts(abs, candidates, bins, keep);
+
   const cutBits = new Float64Array(cuts.map((c) => c.bits));
   const cutTies = new Float64Array(cuts.map((c) => c.ties));
   const tiesSeen = new Float64Array(P);
   const cursor = new Int32Array(P);
   const loosest = cutBits[P - 1]!;
-  const from = candidates.positions;
-  const kept = candidates.values;
-  for (let j = 0; j < bits.length; j++) {
-    const u = bits[j]! & ABS_MASK;
+  for (let j = 0; j < candidates.length; j++) {
+    const i = candidates[j]!;
+    const u = abs[i]! & ABS_MASK;
     if (u < loosest) continue;
     let chosen = -1;
     for (let p = 0; p < P; p++) {
@@ -250,8 +162,8 @@ function split(
     if (chosen >= 0) {
       const part = parts[chosen]!;
       const c = cursor[chosen]!++;
-      part.positions[c] = from[j]!;
-      part.values[c] = kept[j]!;
+      part.positions[c] = i;
+      part.values[c] = delta[i]!;
     }
   }
   return parts;

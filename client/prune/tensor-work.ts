@@ -8,7 +8,7 @@ import type { ValueDtype } from '../../proto/gen/dppa/v1/sparse.js';
 import { tensorRecords, type PartitionEntries } from '../../proto/sparse/index.js';
 import { darePartitions, type DareRescale } from './dare.js';
 import { ReusedArrays } from './reused-arrays.js';
-import { selectFromCandidates, selectionCandidates, selectPartitions, type SelectionCandidates } from './select.js';
+import { selectPartitions } from './select.js';
 import {
   magnitudeTotals,
   outliersAndCandidates,
@@ -29,8 +29,6 @@ export interface TensorStats {
    * more than an eighth of the entries exceed it.
    */
   candidates?: OutlierCandidates | undefined;
-  /** The entries the prune pass selects from, when asked for ({@link tensorStats}'s `selectUpTo`). */
-  selection?: SelectionCandidates | undefined;
 }
 
 /** How to prune one tensor. */
@@ -56,12 +54,7 @@ export interface PrunedTensor {
  * candidates' bound only when the block's mean is under half of this tensor's;
  * otherwise the candidates spare a second read for the block level.
  */
-export function tensorStats(
-  delta: Float32Array,
-  linearFactor: number,
-  layerFactor: number,
-  selectUpTo = 0,
-): TensorStats {
+export function tensorStats(delta: Float32Array, linearFactor: number, layerFactor: number): TensorStats {
   const totals = magnitudeTotals(delta);
   const { outliers, candidates } = outliersAndCandidates(
     delta,
@@ -69,24 +62,7 @@ export function tensorStats(
     outlierThreshold(totals, layerFactor) / 2,
     Math.ceil(delta.length / 8),
   );
-  const selection = selectUpTo > 0 ? selectionCandidates(delta, selectUpTo) : undefined;
-  return { totals, linearOutliers: outliers, candidates, selection };
-}
-
-/**
- * {@link pruneTensor} of a top-k spec from the candidates the significance
- * pass kept, without the delta; undefined when they do not cover the spec.
- */
-export function pruneFromCandidates(
-  name: string,
-  shape: readonly number[],
-  candidates: SelectionCandidates,
-  spec: PruneSpec,
-  valueDtype: ValueDtype,
-): PrunedTensor | undefined {
-  if (spec.kind !== 'topk') return undefined;
-  const partitions = selectFromCandidates(candidates, spec.keep, selectArrays);
-  return partitions === undefined ? undefined : encodeTensor(name, shape, partitions, 1, valueDtype);
+  return { totals, linearOutliers: outliers, candidates };
 }
 
 /** Selection buffers of this thread: a worker prunes one tensor at a time, and inline mode too. */
@@ -123,16 +99,6 @@ export function pruneTensor(
       first = 0;
       break;
   }
-  return encodeTensor(name, shape, partitions, first, valueDtype);
-}
-
-function encodeTensor(
-  name: string,
-  shape: readonly number[],
-  partitions: PartitionEntries[],
-  first: number,
-  valueDtype: ValueDtype,
-): PrunedTensor {
   // Index p of the list is partition p; linear layers have nothing in partition 0.
   const all =
     first === 1 ? [{ positions: new Float64Array(0), values: new Float32Array(0) }, ...partitions] : partitions;

@@ -8,15 +8,7 @@ import { FormatError } from '../../proto/errors.js';
 import type { ValueDtype } from '../../proto/gen/dppa/v1/sparse.js';
 import type { DeltaSource, DeltaTensor, VocabMismatch } from './delta-source.js';
 import { outliersAbove, type OutlierTotals } from './significance.js';
-import { candidateBuffers, type SelectionCandidates } from './select.js';
-import {
-  pruneFromCandidates,
-  pruneTensor,
-  tensorStats,
-  type PruneSpec,
-  type PrunedTensor,
-  type TensorStats,
-} from './tensor-work.js';
+import { pruneTensor, tensorStats, type PruneSpec, type PrunedTensor, type TensorStats } from './tensor-work.js';
 
 /** What every worker needs to open the checkpoints. */
 export interface SourcePaths {
@@ -27,11 +19,9 @@ export interface SourcePaths {
 
 /** A task for one tensor. */
 export type TensorTask =
-  /** `selectUpTo`: also keep the candidates of every top k up to it, for the prune pass. @default 0 (none) */
-  | { op: 'stats'; tensor: DeltaTensor; linearFactor: number; layerFactor: number; selectUpTo?: number }
+  | { op: 'stats'; tensor: DeltaTensor; linearFactor: number; layerFactor: number }
   | { op: 'outliers'; tensor: DeltaTensor; threshold: number }
-  /** `candidates`: from the stats task; the delta is read only when they do not cover the spec. */
-  | { op: 'prune'; tensor: DeltaTensor; spec: PruneSpec; valueDtype: ValueDtype; candidates?: SelectionCandidates };
+  | { op: 'prune'; tensor: DeltaTensor; spec: PruneSpec; valueDtype: ValueDtype };
 
 /** The result of each kind of task. */
 export interface TaskResult {
@@ -42,15 +32,10 @@ export interface TaskResult {
 
 /** Runs one task against an open source: the single implementation both the pool and inline mode use. */
 export async function runTask(source: DeltaSource, task: TensorTask): Promise<TaskResult[TensorTask['op']]> {
-  if (task.op === 'prune' && task.candidates !== undefined) {
-    const { name, shape } = task.tensor.info;
-    const pruned = pruneFromCandidates(name, shape, task.candidates, task.spec, task.valueDtype);
-    if (pruned !== undefined) return pruned;
-  }
   const delta = await source.readDelta(task.tensor);
   switch (task.op) {
     case 'stats':
-      return tensorStats(delta, task.linearFactor, task.layerFactor, task.selectUpTo);
+      return tensorStats(delta, task.linearFactor, task.layerFactor);
     case 'outliers':
       return outliersAbove(delta, task.threshold);
     case 'prune':
@@ -78,12 +63,6 @@ export function inlineRunner(source: DeltaSource): TensorRunner {
     },
     close: () => Promise.resolve(),
   };
-}
-
-/** The memory a task's result can move to the other thread instead of being copied. */
-export function resultBuffers(value: unknown): ArrayBuffer[] {
-  const selection = (value as Partial<TensorStats> | undefined)?.selection;
-  return selection === undefined ? [] : candidateBuffers(selection);
 }
 
 /** An error as it crosses the thread boundary: structured clone keeps only plain errors. */
@@ -126,11 +105,7 @@ export function workerRunner(paths: SourcePaths, workers: number): TensorRunner 
       const w = idle.pop()!;
       const { task, pending } = queue.shift()!;
       busy.set(w, pending);
-      // Candidates move to the worker that prunes with them.
-      w.postMessage(
-        task,
-        task.op === 'prune' && task.candidates !== undefined ? candidateBuffers(task.candidates) : [],
-      );
+      w.postMessage(task);
     }
   };
   const all: Worker[] = [];
