@@ -60,13 +60,6 @@ const RELEASE_INTERVAL_MS = 5000;
  */
 const FINAL_EVENT_GRACE_MS = 3000;
 
-/**
- * Tensors whose fp32 accumulator is larger merge one at a time in this process
- * (the embedding and `lm_head`): two at once held an accumulator and an output
- * each, about 0.8 GB for a 32000×2048 vocabulary, the server's peak.
- */
-const LARGE_TENSOR_BYTES = 64 * 1024 * 1024;
-
 /** A job being merged here: its base, merge threads and output. */
 interface JobContext {
   base: Checkpoint;
@@ -102,8 +95,6 @@ export class MergeDriver implements JobStep {
   /** Contexts being closed, by job: whoever releases the job (run, close) waits for them. */
   private readonly closing = new Map<string, Promise<void>>();
   private closed = false;
-  /** Settles when the large tensor being merged is written (see {@link LARGE_TENSOR_BYTES}). */
-  private largeTurn: Promise<void> = Promise.resolve();
   private readonly lastProgress = new Map<string, number>();
   /** Another replica may have committed the job: this one learns it from the store, not from a task. */
   private readonly releaser = setInterval(() => void this.releaseFinished(), RELEASE_INTERVAL_MS).unref();
@@ -292,17 +283,10 @@ export class MergeDriver implements JobStep {
         this.opts.log.warn('cannot close a merge', { jobId: job.id, err }),
       );
     signal.addEventListener('abort', stop, { once: true });
-    let endTurn = (): void => undefined;
     try {
       signal.throwIfAborted();
       const info = ctx.base.info(tensor.name);
       const contributions = contributionsTo(tensor.name, ctx.parties);
-      if (contributions.length > 0 && info.numel * 4 > LARGE_TENSOR_BYTES) {
-        const before = this.largeTurn;
-        this.largeTurn = new Promise((resolve) => (endTurn = resolve));
-        await before;
-        signal.throwIfAborted();
-      }
       const { writer, pieces } = ctx;
       // A tensor no party changed: the base's bytes in the dense output, nothing in the patch.
       const result =
@@ -338,7 +322,6 @@ export class MergeDriver implements JobStep {
     } catch (err) {
       throw signal.aborted ? signal.reason : err;
     } finally {
-      endTurn();
       signal.removeEventListener('abort', stop);
     }
     const written = await this.opts.records.markWritten(job.id, tensor.index);
