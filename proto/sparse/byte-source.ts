@@ -21,11 +21,11 @@ export class ByteSource {
 
   /**
    * @param fh - Open file, read from offset 0.
-   * @param bufferBytes - Size of the reusable buffer. @default {@link DEFAULT_SOURCE_BUFFER_BYTES}
+   * @param buffer - The reusable buffer, or its size. @default {@link DEFAULT_SOURCE_BUFFER_BYTES}
    */
-  constructor(fh: FileHandle, bufferBytes = DEFAULT_SOURCE_BUFFER_BYTES) {
+  constructor(fh: FileHandle, buffer: number | Buffer = DEFAULT_SOURCE_BUFFER_BYTES) {
     this.fh = fh;
-    this.buf = Buffer.allocUnsafe(bufferBytes);
+    this.buf = typeof buffer === 'number' ? Buffer.allocUnsafe(buffer) : buffer;
   }
 
   /** Bytes handed out so far: the file offset of the next {@link ByteSource.take}. */

@@ -144,6 +144,11 @@ export interface DecodeChunkContext {
   file?: string | undefined;
   /** Number of elements of the tensor; every position must be below it. @default no check */
   numel?: number | undefined;
+  /**
+   * Leave the values undecoded ({@link decodeChunk} then returns an empty `values`): for a caller that
+   * reads them on their stored bits, as the upload's checks do. @default false
+   */
+  skipValues?: boolean | undefined;
 }
 
 /** What {@link checkChunk} establishes about a chunk without decoding its positions. */
@@ -289,12 +294,11 @@ export function decodeChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}, sc
   const where = { file: ctx.file, tensor: chunk.tensor };
   const label = `chunk ${chunk.index}`;
   const { count } = checked;
-  if (scratch !== undefined && scratch.positions.length < count) {
-    scratch.positions = new Float64Array(count);
-    scratch.values = new Float32Array(count);
-  }
-  const values = scratch === undefined ? new Float32Array(count) : scratch.values.subarray(0, count);
-  decodeValues(chunk.values, storageDtype(chunk.valueDtype)!, values);
+  const skip = ctx.skipValues === true;
+  if (scratch !== undefined && scratch.positions.length < count) scratch.positions = new Float64Array(count);
+  if (scratch !== undefined && !skip && scratch.values.length < count) scratch.values = new Float32Array(count);
+  const values = skip ? NO_VALUES : scratch === undefined ? new Float32Array(count) : scratch.values.subarray(0, count);
+  if (!skip) decodeValues(chunk.values, storageDtype(chunk.valueDtype)!, values);
   if (checked.range && scratch !== undefined) {
     // checkChunk has bounded the last position already.
     const { firstPosition } = checked;
@@ -320,6 +324,8 @@ export function decodeChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}, sc
   }
   return { ...checked, positions, values };
 }
+
+const NO_VALUES = new Float32Array(0);
 
 /** Decodes the positions of a chunk {@link checkChunk} accepted into `out` (exactly `count` long). */
 function decodePositions(

@@ -23,7 +23,20 @@ export interface ReadDeltaOptions {
   signal?: AbortSignal | undefined;
   /** Largest record accepted. @default 16 MiB ({@link DEFAULT_MAX_RECORD_BYTES}) */
   maxRecordBytes?: number | undefined;
+  /**
+   * Each record is valid only until the next one is asked for: its bytes fields may be views of a
+   * read buffer reused for the next records, and its encoding is not kept. For a caller that consumes
+   * each record at once (the merge): no fresh memory per record. @default false
+   */
+  transient?: boolean | undefined;
 }
+
+/** Read buffer of a transient read: most records (about 0.7 MB) fit in it several times over. */
+const TRANSIENT_BUFFER_BYTES = 4 * 1024 * 1024;
+/** Read buffers of finished transient reads, for the next: fresh memory costs a page fault per 4 KiB. */
+const freeBuffers: Buffer[] = [];
+/** At most this many buffers are kept (a thread reads a few files at once at most). */
+const MAX_FREE_BUFFERS = 4;
 
 /**
  * Streams the records of a `.dppa` file.
@@ -52,8 +65,11 @@ export async function* readDeltaFile(
   const maxRecordBytes = opts.maxRecordBytes ?? DEFAULT_MAX_RECORD_BYTES;
   signal?.throwIfAborted();
   const fh = await open(path, 'r');
+  let buffer: Buffer | undefined;
   try {
-    const src = new ByteSource(fh);
+    const transient = opts.transient === true;
+    buffer = transient ? (freeBuffers.pop() ?? Buffer.allocUnsafeSlow(TRANSIENT_BUFFER_BYTES)) : undefined;
+    const src = new ByteSource(fh, buffer);
     await checkMagic(src, path);
     let tensor: string | undefined;
     for (let ordinal = 0; ; ordinal++) {
@@ -83,9 +99,10 @@ export async function* readDeltaFile(
           },
         );
       }
-      // In memory of its own: the record's bytes fields are views of what it is decoded from, and the
-      // source reuses its buffer for the next records. With room before it to send it as an UploadRequest.
-      const own = await src.takeOwn(length, SOLE_FIELD_HEADROOM);
+      // In memory of its own unless transient: the record's bytes fields are views of what it is decoded
+      // from, and the source reuses its buffer for the next records. With room before it to send it as an
+      // UploadRequest.
+      const own = transient ? await src.take(length) : await src.takeOwn(length, SOLE_FIELD_HEADROOM);
       if (own === undefined) {
         throw new TruncatedError(
           `record ${ordinal} at byte ${at} is cut off: ${src.available} of its ${length} bytes present`,
@@ -104,11 +121,12 @@ export async function* readDeltaFile(
       }
       checkRecordPlace(record, ordinal, { file: path, tensor: recordTensor(record) ?? tensor });
       tensor = tensorAfter(tensor, record);
-      rememberEncoding(record, own, SOLE_FIELD_HEADROOM);
+      if (!transient) rememberEncoding(record, own, SOLE_FIELD_HEADROOM);
       yield record;
     }
   } finally {
     await fh.close();
+    if (buffer !== undefined && freeBuffers.length < MAX_FREE_BUFFERS) freeBuffers.push(buffer);
   }
 }
 

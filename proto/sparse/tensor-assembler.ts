@@ -39,6 +39,11 @@ export interface TensorAssemblerOptions {
   entries?: 'collect' | 'stream' | undefined;
   /** Highest partition a chunk may have. @default no limit */
   maxPartition?: number | undefined;
+  /**
+   * Widen each chunk's values to f32. False leaves them as received (the pushed chunk's `values` is
+   * then empty), for a caller that checks them on their stored bits; with `entries: 'stream'`. @default true
+   */
+  values?: boolean | undefined;
 }
 
 /**
@@ -54,6 +59,7 @@ export class TensorAssembler {
   private readonly file: string | undefined;
   private readonly entries: 'collect' | 'stream';
   private readonly maxPartition: number;
+  private readonly skipValues: boolean;
   private readonly scratch: DecodeScratch | undefined;
   private begin: TensorBegin | undefined;
   private numel = Infinity;
@@ -71,6 +77,7 @@ export class TensorAssembler {
     this.file = opts.file;
     this.entries = opts.entries ?? 'collect';
     this.maxPartition = opts.maxPartition ?? Infinity;
+    this.skipValues = opts.values === false;
     this.scratch =
       this.entries === 'stream' ? { positions: new Float64Array(0), values: new Float32Array(0) } : undefined;
   }
@@ -135,7 +142,7 @@ export class TensorAssembler {
     if (chunk.index !== this.nextIndex) {
       throw this.error(`chunk ${chunk.index} out of order: expected chunk ${this.nextIndex}`);
     }
-    const ctx = { file: this.file, numel: this.numel };
+    const ctx = { file: this.file, numel: this.numel, skipValues: this.skipValues };
     const c = decodeChunk(chunk, ctx, this.scratch);
     if (c.partition > this.maxPartition) {
       throw this.error(

@@ -4,6 +4,8 @@
  */
 import { bytesPerElement, decodeToF32, type Dtype } from '../safetensors/dtype.js';
 
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
 /** Largest magnitude bit pattern of a finite value: exponent all ones minus one, mantissa all ones. */
 const MAX_FINITE_BITS: Record<Dtype, number> = { F32: 0x7f7fffff, F16: 0x7bff, BF16: 0x7f7f };
 
@@ -45,7 +47,14 @@ export function firstValueBeyond(bytes: Uint8Array, dtype: Dtype, limit: number)
     }
     return -1;
   }
-  for (let i = 0, at = 0; at < bytes.length; i++, at += 2) {
+  const n = bytes.length >>> 1;
+  if (bytes.byteOffset % 2 === 0 && LITTLE_ENDIAN) {
+    // Aligned: one 16-bit load per value (most chunks; a received message's fields may sit at any offset).
+    const u16 = new Uint16Array(bytes.buffer, bytes.byteOffset, n);
+    for (let i = 0; i < n; i++) if ((u16[i]! & 0x7fff) > limit) return i;
+    return -1;
+  }
+  for (let i = 0, at = 0; i < n; i++, at += 2) {
     if ((bytes[at]! | ((bytes[at + 1]! & 0x7f) << 8)) > limit) return i;
   }
   return -1;

@@ -150,7 +150,9 @@ async function addSpooledFile(
 ): Promise<void> {
   const { file } = c;
   let assembler: TensorAssembler | undefined;
-  for await (const record of readDeltaFile(file, opts.signal === undefined ? {} : { signal: opts.signal })) {
+  // Transient: each record is consumed before the next is read, so they share one read buffer.
+  const readOpts = { transient: true, ...(opts.signal === undefined ? {} : { signal: opts.signal }) };
+  for await (const record of readDeltaFile(file, readOpts)) {
     if (record.header !== undefined) {
       const planned = record.header.tensors;
       if (planned.length !== 1 || planned[0]!.name !== name)

@@ -266,7 +266,12 @@ class UploadSession {
         `tensor "${name}": shape [${shape.join(', ')}] in its begin record, the base has [${plan.shape.join(', ')}]`,
       );
     }
-    const assembler = new TensorAssembler({ entries: 'stream', maxPartition: this.header!.levels.length });
+    // Values are checked on their stored bits (tensor-check.ts): widening them would be wasted.
+    const assembler = new TensorAssembler({
+      entries: 'stream',
+      maxPartition: this.header!.levels.length,
+      values: false,
+    });
     assembler.push(record);
     const check = this.rules!.tensor(plan);
     if (this.spool.held.has(name) || this.closing.has(name))

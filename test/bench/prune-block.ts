@@ -87,6 +87,7 @@ const prune = (out: string, workers: string) => () =>
       join(dir, out),
       '--workers',
       workers,
+      '--overwrite',
     ],
     { cwd: root },
   );
