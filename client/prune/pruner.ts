@@ -170,7 +170,8 @@ export function withDefaults(opts: PruneOptions): Resolved {
   if (!Number.isInteger(r.workers) || r.workers < 1)
     throw new RangeError(`workers: must be a positive integer, got ${r.workers}`);
   if (!Number.isSafeInteger(r.seed)) throw new RangeError(`seed: must be an integer, got ${r.seed}`);
-  if (r.valueDtype !== undefined && !(r.valueDtype in PRECISIONS)) throw new RangeError(`valueDtype: expected bf16, f16 or f32, got ${r.valueDtype}`);
+  if (r.valueDtype !== undefined && !(r.valueDtype in PRECISIONS))
+    throw new RangeError(`valueDtype: expected bf16, f16 or f32, got ${r.valueDtype}`);
   compileLayerPattern(r.layerPattern);
   return r;
 }
@@ -264,7 +265,11 @@ const HOLDS: Record<ValuePrecision, readonly Dtype[]> = { bf16: ['BF16'], f16: [
  * the precision holds every sent tensor's fine-tuned dtype exactly (then they cost no more than a delta of that
  * precision), deltas otherwise. See docs/design/pruning.md ("Values on the wire").
  */
-function valueForm(o: Resolved, source: DeltaSource, planned: readonly Planned[]): { dtype: ValuePrecision; kind: ValueKind } {
+function valueForm(
+  o: Resolved,
+  source: DeltaSource,
+  planned: readonly Planned[],
+): { dtype: ValuePrecision; kind: ValueKind } {
   const dtypes = new Set(planned.filter((p) => p.plan.sent).map((p) => source.finetuned.info(p.plan.name).dtype));
   const only = dtypes.size === 1 ? [...dtypes][0] : undefined;
   const dtype = o.valueDtype ?? (o.method !== 'dare' && only === 'F16' ? 'f16' : 'bf16');

@@ -113,7 +113,8 @@ export async function accumulateTensor(
 ): Promise<Float32Array> {
   const opts = signal === undefined ? {} : { signal };
   const acc = await base.readF32(task.name, { into: buffer, ...opts });
-  for (const c of task.contributions) await addSpooled(acc, task.name, c, task.outsideByMax, { ...opts, support, base });
+  for (const c of task.contributions)
+    await addSpooled(acc, task.name, c, task.outsideByMax, { ...opts, support, base });
   return acc;
 }
 
