@@ -56,20 +56,23 @@ export class FinetunedToDelta {
     const positions = chunk.range ? undefined : chunk.positions;
     const first = chunk.firstPosition;
     const bf16 = this.dtype === 'BF16';
-    let end = this.start + this.count;
+    const { bits, window, one, oneBits } = this;
+    let start = this.start;
+    let end = start + this.count;
     for (let i = 0; i < values.length; i++) {
       const p = positions === undefined ? first + i : positions[i]!;
-      if (p < this.start || p >= end) {
+      if (p < start || p >= end) {
         await this.load(p, signal);
-        end = this.start + this.count;
+        start = this.start;
+        end = start + this.count;
       }
-      const k = p - this.start;
+      const k = p - start;
       let b: number;
       if (bf16) {
-        this.oneBits[0] = this.bits[k]! << 16;
-        b = this.one[0]!;
+        oneBits[0] = bits[k]! << 16;
+        b = one[0]!;
       } else {
-        b = this.window[k]!;
+        b = window[k]!;
       }
       const f = values[i]!;
       values[i] = f - b;
