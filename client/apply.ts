@@ -1,6 +1,6 @@
 /**
  * `base + scale · Σ_p f_p · Δ|partition p` written as a checkpoint in the base's
- * layout and dtype: what a party evaluates locally during the DPA search, and
+ * layout and dtype (Δ = F − B for a file of fine-tuned weights): what a party evaluates locally during the DPA search, and
  * a way to check a pruned delta by hand.
  */
 import { stat } from 'node:fs/promises';
@@ -8,7 +8,14 @@ import { FormatError } from '../proto/errors.js';
 import { baseFingerprint } from '../proto/fingerprint.js';
 import { Checkpoint, CheckpointWriter } from '../proto/safetensors/index.js';
 import { partitionFactor } from '../proto/algorithm/index.js';
-import { addChunkScaled, readDeltaFile, readDeltaHeader, TensorAssembler } from '../proto/sparse/index.js';
+import {
+  addChunkScaled,
+  carriesFinetuned,
+  FinetunedToDelta,
+  readDeltaFile,
+  readDeltaHeader,
+  TensorAssembler,
+} from '../proto/sparse/index.js';
 import { ValueKind, type DeltaHeader } from '../proto/gen/dppa/v1/sparse.js';
 
 /** Options of {@link applyDelta}. */
@@ -56,8 +63,12 @@ export async function applyDelta(opts: ApplyOptions): Promise<ApplyReport> {
   try {
     const readOpts = opts.signal === undefined ? {} : { signal: opts.signal };
     const header = await readDeltaHeader(opts.delta, readOpts);
-    if (header.valueKind !== ValueKind.VALUE_KIND_UNSPECIFIED)
+    if (header.valueKind === ValueKind.VALUE_KIND_MERGED)
       throw new FormatError('this is a merged patch, not a delta: apply it with --patch (applyPatch)', {
+        file: opts.delta,
+      });
+    if (header.valueKind !== ValueKind.VALUE_KIND_UNSPECIFIED && !carriesFinetuned(header))
+      throw new FormatError(`value_kind ${header.valueKind} is not one this version reads`, {
         file: opts.delta,
       });
     const factors = opts.factors ?? header.levels.map(() => 1);
@@ -87,6 +98,7 @@ export async function applyDelta(opts: ApplyOptions): Promise<ApplyReport> {
       const changed = new Set<string>();
       let acc: Float32Array | undefined;
       let assembler: TensorAssembler | undefined;
+      let toDelta: FinetunedToDelta | undefined;
       for await (const record of readDeltaFile(opts.delta, readOpts)) {
         opts.signal?.throwIfAborted();
         if (record.header !== undefined) continue;
@@ -109,11 +121,15 @@ export async function applyDelta(opts: ApplyOptions): Promise<ApplyReport> {
             throw new FormatError('tensor appears twice in the delta', { file: opts.delta, tensor: name });
           acc = await base.readF32(name);
           assembler = new TensorAssembler({ file: opts.delta, entries: 'stream' });
+          toDelta = carriesFinetuned(header) ? new FinetunedToDelta(base, name, opts.delta) : undefined;
         }
         if (assembler === undefined || acc === undefined)
           throw new FormatError('a record comes before any tensor begins', { file: opts.delta });
         const chunk = assembler.push(record);
-        if (chunk !== undefined) addChunkScaled(acc, chunk, scale * factorOf(chunk.partition));
+        if (chunk !== undefined) {
+          if (toDelta !== undefined) await toDelta.convert(chunk, opts.signal);
+          addChunkScaled(acc, chunk, scale * factorOf(chunk.partition));
+        }
         if (assembler.complete) {
           const name = assembler.name!;
           await writer.writeTensorF32(name, acc);

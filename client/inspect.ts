@@ -2,7 +2,7 @@
 import { stat } from 'node:fs/promises';
 import { outsidePolicyFromWire, pruneMethodFromWire } from '../proto/algorithm/index.js';
 import { FormatError } from '../proto/errors.js';
-import { TensorKind, ValueDtype } from '../proto/gen/dppa/v1/sparse.js';
+import { TensorKind, ValueDtype, ValueKind } from '../proto/gen/dppa/v1/sparse.js';
 import { readDeltaFile, readDeltaHeader, TensorAssembler } from '../proto/sparse/index.js';
 
 /** One tensor of a delta as {@link inspectDelta} reports it. */
@@ -36,9 +36,17 @@ export interface DeltaSummary {
   levels: number[];
   options: Record<string, string>;
   valueDtype: string;
+  /** What the values are: 'delta', 'finetuned' (the fine-tuned weights, format version 2) or 'merged' (a merged patch). */
+  valueKind: string;
   producer: string;
   tensors: TensorSummary[];
 }
+
+const KIND_NAMES: Record<number, string> = {
+  [ValueKind.VALUE_KIND_UNSPECIFIED]: 'delta',
+  [ValueKind.VALUE_KIND_FINETUNED]: 'finetuned',
+  [ValueKind.VALUE_KIND_MERGED]: 'merged',
+};
 
 const DTYPE_NAMES: Record<number, string> = {
   [ValueDtype.VALUE_DTYPE_BF16]: 'bf16',
@@ -97,6 +105,7 @@ export async function inspectDelta(file: string, opts: { signal?: AbortSignal } 
     levels: header.levels,
     options: header.options,
     valueDtype: DTYPE_NAMES[header.valueDtype] ?? `unknown (${header.valueDtype})`,
+    valueKind: KIND_NAMES[header.valueKind] ?? `unknown (${header.valueKind})`,
     producer: header.producer,
     tensors: [...tensors.values()],
   };

@@ -24,7 +24,7 @@ before(async () => {
 after(() => rm(dir, { recursive: true, force: true }));
 
 describe('apply', () => {
-  it('equals base + Σ f_p · masked delta computed independently, bit for bit in bf16', async () => {
+  it('equals base + Σ f_p · masked delta (fp32 F − B: the file carries F) computed independently, bit for bit in bf16', async () => {
     const out = join(dir, 'applied');
     const factors = [1.5, 0.75];
     await applyDelta({ base, delta, out, factors, scale: 2 });
@@ -45,9 +45,9 @@ describe('apply', () => {
           const k1 = referenceTopK(d, keptCount(info.numel, 0.9));
           const k2 = new Set(referenceTopK(d, keptCount(info.numel, 0.8)));
           const first = new Set(k1);
-          for (const pos of k2) expected[pos] = expected[pos]! + 2 * (first.has(pos) ? 1.5 : 0.75) * roundBf16(d[pos]!);
+          for (const pos of k2) expected[pos] = expected[pos]! + 2 * (first.has(pos) ? 1.5 : 0.75) * d[pos]!;
         } else {
-          for (let i = 0; i < d.length; i++) expected[i] = expected[i]! + 2 * roundBf16(d[i]!);
+          for (let i = 0; i < d.length; i++) expected[i] = expected[i]! + 2 * d[i]!;
         }
         const want = new Uint16Array(expected.length);
         expected.forEach((x, i) => (want[i] = new Uint32Array(new Float32Array([roundBf16(x)]).buffer)[0]! >>> 16));

@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { DppaClient, JobState, pruneToFile } from '../client/index.js';
 import { Checkpoint } from '../proto/safetensors/index.js';
+import { ValueKind } from '../proto/gen/dppa/v1/sparse.js';
 import { readDeltaTensors } from '../proto/sparse/index.js';
 import { writeLlamaFamily } from './fixtures/synthetic-model.js';
 import { freePort } from './fixtures/free-port.js';
@@ -199,22 +200,37 @@ describe('three parties through real processes', () => {
   });
 });
 
-/** The merged checkpoint equals base + Σ_i c_i Σ_p f_p Δ_ip, computed here from independently pruned deltas. */
+/**
+ * The merged checkpoint equals base + Σ_i c_i Σ_p f_p Δ_ip, computed here from independently pruned deltas
+ * (Δ = fp32(F − B) where the file carries the fine-tuned weights F).
+ */
 async function assertMergedExactly(out: string): Promise<void> {
   const acc = new Map<string, Float32Array>();
+  const baseValues = new Map<string, Float32Array>();
   const b = await Checkpoint.open(base);
   const m = await Checkpoint.open(out);
   try {
-    for (const t of b.tensors()) acc.set(t.name, await b.readF32(t.name));
+    for (const t of b.tensors()) {
+      baseValues.set(t.name, await b.readF32(t.name));
+      acc.set(t.name, Float32Array.from(baseValues.get(t.name)!));
+    }
     for (const [i, p] of parties.entries()) {
       const file = join(dir, `${p}.dppa`);
       await pruneToFile({ base, finetuned: finetuned[i]!, rate: 0.8, out: file });
+      let finetunedValues = false;
       for await (const item of readDeltaTensors(file)) {
-        if (item.kind !== 'tensor') continue;
+        if (item.kind !== 'tensor') {
+          finetunedValues = item.header.valueKind === ValueKind.VALUE_KIND_FINETUNED;
+          continue;
+        }
         const a = acc.get(item.tensor.name)!;
+        const bv = baseValues.get(item.tensor.name)!;
         item.tensor.partitions.forEach((part, partition) => {
           const f = partition === 0 ? 1 : factors[partition - 1]!;
-          part.positions.forEach((pos, k) => (a[pos] = a[pos]! + weights[p]! * f * part.values[k]!));
+          part.positions.forEach((pos, k) => {
+            const v = part.values[k]!;
+            a[pos] = a[pos]! + weights[p]! * f * (finetunedValues ? Math.fround(v - bv[pos]!) : v);
+          });
         });
       }
     }

@@ -12,8 +12,9 @@ import {
   outlierThreshold,
   significance,
 } from '../client/prune/significance.js';
-import { Checkpoint, writeCheckpoint, type TensorData } from '../proto/safetensors/index.js';
-import { readDeltaFile, TensorAssembler } from '../proto/sparse/index.js';
+import { Checkpoint, f16ToF32, f32ToF16, writeCheckpoint, type TensorData } from '../proto/safetensors/index.js';
+import { ValueKind } from '../proto/gen/dppa/v1/sparse.js';
+import { readDeltaFile, readDeltaHeader, TensorAssembler } from '../proto/sparse/index.js';
 import { referenceDelta, referenceTopK, roundBf16 } from './fixtures/reference.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 
@@ -48,18 +49,23 @@ async function decodeAll(
 }
 
 describe('DP prune on a synthetic LLaMA checkpoint', () => {
-  it('keeps exactly n − floor(Θn) per level, nested, equal to an independent top-k, values in bf16', async () => {
+  it('keeps exactly n − floor(Θn) per level, nested, equal to an independent top-k, values the fine-tuned bf16 weights', async () => {
     const out = join(dir, 'dp.dppa');
     const report = await pruneToFile({ base, finetuned: ft, rate: 0.7, out, workers: 1 });
     assert.deepEqual(report.levels, [0.9, 0.8, 0.7]);
     const summary = await inspectDelta(out);
     const decoded = await decodeAll(out);
+    const header = await readDeltaHeader(out);
+    assert.equal(header.valueKind, ValueKind.VALUE_KIND_FINETUNED, 'a bf16 checkpoint pruned with DP sends F');
+    assert.equal(header.formatVersion, 2);
+    const fine = await Checkpoint.open(ft);
     const linear = summary.tensors.filter((t) => t.kind === 'linear');
     assert.equal(linear.length, TINY.layers * 7);
     const rates = new Set(linear.map((t) => t.levelRates.at(-1)!.toFixed(6)));
     assert.ok(rates.size > 3, `DP should give different rates to different layers, got ${[...rates].join(', ')}`);
     for (const t of linear) {
       const delta = await referenceDelta(base, ft, t.name);
+      const weights = await fine.readF32(t.name);
       const parts = decoded.get(t.name)!.partitions;
       assert.equal(parts.length, 4, 'partition 0 (empty) and 1..3');
       assert.equal(parts[0]!.positions.length, 0);
@@ -74,7 +80,7 @@ describe('DP prune on a synthetic LLaMA checkpoint', () => {
           referenceTopK(delta, k),
           `${t.name} level ${level}: kept set`,
         );
-        part.positions.forEach((pos, i) => assert.equal(part.values[i], roundBf16(delta[pos]!)));
+        part.positions.forEach((pos, i) => assert.equal(part.values[i], weights[pos]));
       });
       const line = report.tensors.find((r) => r.name === t.name)!;
       assert.equal(line.kept, union.length);
@@ -82,6 +88,25 @@ describe('DP prune on a synthetic LLaMA checkpoint', () => {
         line.keptPerPartition,
         parts.map((p) => p.positions.length),
       );
+    }
+    await fine.close();
+  });
+
+  it('sends deltas (format 1) for DARE, and where the precision does not hold the fine-tuned dtype', async () => {
+    for (const [opts, precision] of [
+      [{ method: 'dare' as const }, 'bf16'],
+      [{ valueDtype: 'f16' as const }, 'f16'],
+    ] as const) {
+      const out = join(dir, `delta-${precision}.dppa`);
+      await pruneToFile({ base, finetuned: ft, rate: 0, out, workers: 1, ...opts });
+      const header = await readDeltaHeader(out);
+      assert.equal(header.valueKind, ValueKind.VALUE_KIND_UNSPECIFIED, precision);
+      assert.equal(header.formatVersion, 1);
+      const name = 'model.embed_tokens.weight';
+      const delta = await referenceDelta(base, ft, name);
+      const part = (await decodeAll(out)).get(name)!.partitions[0]!;
+      const round = precision === 'bf16' ? roundBf16 : (x: number) => f16ToF32(f32ToF16(Float32Array.of(x)))[0]!;
+      part.positions.forEach((pos, i) => assert.equal(part.values[i], round(delta[pos]!)));
     }
   });
 

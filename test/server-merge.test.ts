@@ -13,7 +13,7 @@ import {
 } from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
 import { JobState, type CreateJobResponse, type Job, type PartyStatus } from '../proto/gen/dppa/v1/jobs.js';
-import type { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
+import { ValueKind, type DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import { HealthCheckResponse_ServingStatus } from '../proto/gen/grpc/health/v1/health.js';
 import { Checkpoint } from '../proto/safetensors/index.js';
 import { assembleTensor, chunkChecksum, crc32c, foldChunkCrc } from '../proto/sparse/index.js';
@@ -106,20 +106,26 @@ async function waitFor(jobId: string, ready: (j: Job) => boolean): Promise<Job> 
   }
 }
 
-/** base + Σ_i c_i f_ip Δ_ip in fp32, parties in job order, rounded to bf16: computed here from the decoded records. */
+/**
+ * base + Σ_i c_i f_ip Δ_ip in fp32, parties in job order, rounded to bf16: computed here from the decoded records
+ * (Δ = fp32(F − B) where they carry the fine-tuned weights F).
+ */
 async function expectedBf16(name: string): Promise<Uint16Array> {
   const b = await Checkpoint.open(base);
-  const acc = Float32Array.from(await b.readF32(name));
+  const baseValues = Float32Array.from(await b.readF32(name));
+  const acc = Float32Array.from(baseValues);
   await b.close();
   for (const party of ['math', 'law'] as const) {
     const records = deltas.get(party)!;
+    const finetuned = records[0]!.header!.valueKind === ValueKind.VALUE_KIND_FINETUNED;
+    const delta = (pos: number, v: number): number => (finetuned ? Math.fround(v - baseValues[pos]!) : v);
     const start = records.findIndex((r) => r.tensorBegin?.name === name);
     if (start < 0) continue;
     const end = records.findIndex((r, i) => i > start && r.tensorEnd !== undefined);
     const t = assembleTensor(records.slice(start, end + 1));
     t.partitions.forEach((entries, p) => {
       const scale = WEIGHTS[party] * (p === 0 ? 1 : FACTORS[party][p - 1]!);
-      entries.positions.forEach((pos, i) => (acc[pos] = acc[pos]! + scale * entries.values[i]!));
+      entries.positions.forEach((pos, i) => (acc[pos] = acc[pos]! + scale * delta(pos, entries.values[i]!)));
     });
   }
   return Uint16Array.from(acc, (x) => new Uint32Array(new Float32Array([roundBf16(x)]).buffer)[0]! >>> 16);

@@ -55,7 +55,12 @@ export const pruneFlags = {
     'inverse (default, 1/(1-p)) or l1 (match the L1 norm, as mergekit)',
     { group: METHOD },
   ),
-  'value-dtype': choice('D', ['bf16', 'f16', 'f32'] as const, 'bf16 (default), f16, f32', { group: METHOD }),
+  'value-dtype': choice(
+    'D',
+    ['bf16', 'f16', 'f32'] as const,
+    "bf16, f16, f32 (default f16 for an all-f16 checkpoint, else bf16); the fine-tuned weights travel exactly when it holds the checkpoint's dtype and the method is not dare, deltas otherwise",
+    { group: METHOD },
+  ),
   'vocab-mismatch': choice(
     'M',
     ['error', 'truncate'] as const,

@@ -73,6 +73,7 @@ export class DeltaSource {
   // the base is read a block at a time into a small buffer.
   private deltaScratch = new Float32Array(0);
   private baseBlock = new Float32Array(0);
+  private finetunedScratch = new Float32Array(0);
 
   /**
    * Reads `F − B` of one tensor as fp32 (exact: both inputs are widened first).
@@ -81,29 +82,45 @@ export class DeltaSource {
    *   non-finite weight (NaN or an infinity) in either checkpoint, or of a difference too large for fp32.
    */
   async readDelta(t: DeltaTensor, signal?: AbortSignal): Promise<Float32Array> {
+    return (await this.readDeltaAndFinetuned(t, false, signal)).delta;
+  }
+
+  /**
+   * As {@link DeltaSource.readDelta}, also giving the fine-tuned weights F (as fp32, exact) when `keepFinetuned`:
+   * a second reused buffer, valid until the next call.
+   */
+  async readDeltaAndFinetuned(
+    t: DeltaTensor,
+    keepFinetuned: boolean,
+    signal?: AbortSignal,
+  ): Promise<{ delta: Float32Array; finetuned: Float32Array | undefined }> {
     const n = t.info.numel;
     if (this.deltaScratch.length < n) {
       this.deltaScratch = new Float32Array(this.tensors.reduce((m, x) => Math.max(m, x.info.numel), n));
       this.baseBlock = new Float32Array(Math.min(BLOCK_ELEMENTS, this.deltaScratch.length));
     }
+    if (keepFinetuned && this.finetunedScratch.length < n)
+      this.finetunedScratch = new Float32Array(this.deltaScratch.length);
     const opts = signal === undefined ? {} : { signal };
     const delta = this.deltaScratch.subarray(0, n);
+    const finetuned = keepFinetuned ? this.finetunedScratch.subarray(0, n) : undefined;
     for (let start = 0; start < n; start += BLOCK_ELEMENTS) {
       const count = Math.min(BLOCK_ELEMENTS, n - start);
       const [b, f] = await Promise.all([
         this.base.readRangeF32(t.info.name, start, count, { ...opts, into: this.baseBlock }),
-        this.finetuned.readRangeF32(t.info.name, start, count, { ...opts, into: delta.subarray(start) }),
+        this.finetuned.readRangeF32(t.info.name, start, count, { ...opts, into: (finetuned ?? delta).subarray(start) }),
       ]);
+      const d = delta.subarray(start, start + count);
       let finite = true;
       for (let i = 0; i < count; i++) {
-        const d = f[i]! - b[i]!;
-        f[i] = d;
-        // d - d is NaN exactly when d is NaN or an infinity; one test per element keeps the loop as fast.
-        if (d - d !== 0) finite = false;
+        const x = f[i]! - b[i]!;
+        d[i] = x;
+        // x - x is NaN exactly when x is NaN or an infinity; one test per element keeps the loop as fast.
+        if (x - x !== 0) finite = false;
       }
-      if (!finite) this.nonFinite(t, start, f, b);
+      if (!finite) this.nonFinite(t, start, d, b);
     }
-    return delta;
+    return { delta, finetuned };
   }
 
   /** Throws the error of a block of a delta that is not finite everywhere (`f` holds F − B from flat position `start`, `b` the base). */

@@ -24,6 +24,8 @@ import {
   type TensorPlan,
 } from '../../proto/gen/dppa/v1/sparse.js';
 import { baseFingerprint } from '../../proto/fingerprint.js';
+import type { Dtype } from '../../proto/safetensors/index.js';
+import { formatVersionOf } from '../../proto/sparse/index.js';
 import { DeltaSource, type DeltaTensor, type VocabMismatch } from './delta-source.js';
 import type { DareRescale } from './dare.js';
 import { dpOffsets, keptCount, owlOffsets, rateAt } from './rates.js';
@@ -64,7 +66,12 @@ export interface PruneOptions {
   seed?: number;
   /** DARE rescaling. @default 'inverse' (1/(1−p)) */
   dareRescale?: DareRescale;
-  /** @default 'bf16' */
+  /**
+   * Precision of the kept values. The values are the fine-tuned weights themselves (exact) when the method does not
+   * rescale them (not DARE) and this precision holds every fine-tuned tensor's dtype exactly; deltas otherwise.
+   * @default the fine-tuned checkpoint's dtype when every tensor is bf16 (or every one f16) and the method is not
+   *   DARE; otherwise 'bf16'
+   */
   valueDtype?: ValuePrecision;
   /** @default 'error' */
   vocabMismatch?: VocabMismatch;
@@ -118,7 +125,9 @@ const PRECISIONS: Record<ValuePrecision, ValueDtype> = {
   f32: ValueDtype.VALUE_DTYPE_F32,
 };
 
-type Resolved = Required<Omit<PruneOptions, 'signal' | 'onProgress'>> & {
+type Resolved = Required<Omit<PruneOptions, 'signal' | 'onProgress' | 'valueDtype'>> & {
+  /** Undefined: chosen from the fine-tuned checkpoint by {@link valueForm}. */
+  valueDtype: ValuePrecision | undefined;
   signal: AbortSignal | undefined;
   onProgress: PruneOptions['onProgress'] | undefined;
 };
@@ -146,7 +155,7 @@ export function withDefaults(opts: PruneOptions): Resolved {
     outside: parseOutsidePolicy(opts.outside ?? DEFAULT_OUTSIDE_POLICY, 'outside'),
     seed: opts.seed ?? 0,
     dareRescale: opts.dareRescale ?? 'inverse',
-    valueDtype: opts.valueDtype ?? 'bf16',
+    valueDtype: opts.valueDtype,
     vocabMismatch: opts.vocabMismatch ?? 'error',
     workers: opts.workers ?? Math.min(2, availableParallelism()),
     signal: opts.signal,
@@ -161,7 +170,8 @@ export function withDefaults(opts: PruneOptions): Resolved {
   if (!Number.isInteger(r.workers) || r.workers < 1)
     throw new RangeError(`workers: must be a positive integer, got ${r.workers}`);
   if (!Number.isSafeInteger(r.seed)) throw new RangeError(`seed: must be an integer, got ${r.seed}`);
-  if (!(r.valueDtype in PRECISIONS)) throw new RangeError(`valueDtype: expected bf16, f16 or f32, got ${r.valueDtype}`);
+  if (r.valueDtype !== undefined && !(r.valueDtype in PRECISIONS))
+    throw new RangeError(`valueDtype: expected bf16, f16 or f32, got ${r.valueDtype}`);
   compileLayerPattern(r.layerPattern);
   return r;
 }
@@ -205,20 +215,21 @@ export async function openPrune(options: PruneOptions): Promise<PruneSession> {
     const roles = source.tensors.map((t) => ({ tensor: t, role: tensorRole(t.info.name, t.info.shape, pattern) }));
     const offsets = await rateOffsets(o, roles, runner);
     const planned = roles.map(({ tensor, role }) => planTensor(o, tensor, role, offsets.get(tensor.info.name) ?? 0));
+    const form = valueForm(o, source, planned);
     const header: DeltaHeader = {
-      formatVersion: 1,
+      formatVersion: formatVersionOf(form.kind),
       baseFingerprint: await baseFingerprint(source.base),
       // The text too, for readers older than prune_method (older servers compare it with their job's).
       method: o.method,
       rate: o.rate,
       levels: o.levels,
       options: methodOptions(o),
-      valueDtype: PRECISIONS[o.valueDtype],
+      valueDtype: PRECISIONS[form.dtype],
       tensors: planned.map((p) => p.plan),
       producer: 'dppa-federated',
       pruneMethod: pruneMethodToWire(o.method),
       outside: outsidePolicyToWire(o.outside),
-      valueKind: ValueKind.VALUE_KIND_UNSPECIFIED,
+      valueKind: form.kind,
     };
     const report: PruneReport = {
       method: o.method,
@@ -244,6 +255,26 @@ export async function openPrune(options: PruneOptions): Promise<PruneSession> {
     await source.close();
     throw err;
   }
+}
+
+/** Dtypes each precision holds exactly. */
+const HOLDS: Record<ValuePrecision, readonly Dtype[]> = { bf16: ['BF16'], f16: ['F16'], f32: ['F32', 'F16', 'BF16'] };
+
+/**
+ * What the kept values are and their precision: the fine-tuned weights when the method does not rescale them and
+ * the precision holds every sent tensor's fine-tuned dtype exactly (then they cost no more than a delta of that
+ * precision), deltas otherwise. See docs/design/pruning.md ("Values on the wire").
+ */
+function valueForm(
+  o: Resolved,
+  source: DeltaSource,
+  planned: readonly Planned[],
+): { dtype: ValuePrecision; kind: ValueKind } {
+  const dtypes = new Set(planned.filter((p) => p.plan.sent).map((p) => source.finetuned.info(p.plan.name).dtype));
+  const only = dtypes.size === 1 ? [...dtypes][0] : undefined;
+  const dtype = o.valueDtype ?? (o.method !== 'dare' && only === 'F16' ? 'f16' : 'bf16');
+  const exact = o.method !== 'dare' && dtypes.size > 0 && [...dtypes].every((d) => HOLDS[dtype].includes(d));
+  return { dtype, kind: exact ? ValueKind.VALUE_KIND_FINETUNED : ValueKind.VALUE_KIND_UNSPECIFIED };
 }
 
 function methodOptions(o: Resolved): Record<string, string> {
@@ -391,7 +422,13 @@ async function* produce(
     1,
   );
   const start = (p: Planned): Promise<PrunedTensor> => {
-    const f = runner.run({ op: 'prune', tensor: p.tensor, spec: p.spec!, valueDtype: header.valueDtype });
+    const f = runner.run({
+      op: 'prune',
+      tensor: p.tensor,
+      spec: p.spec!,
+      valueDtype: header.valueDtype,
+      finetunedValues: header.valueKind === ValueKind.VALUE_KIND_FINETUNED,
+    });
     // Awaited in order below; until then a rejection must not count as unhandled.
     f.catch(() => undefined);
     return f;

@@ -68,14 +68,21 @@ export function tensorStats(delta: Float32Array, linearFactor: number, layerFact
 /** Selection buffers of this thread: a worker prunes one tensor at a time, and inline mode too. */
 const selectArrays = new ReusedArrays();
 
-/** Prunes one tensor's delta and encodes it as records (begin, chunks, end). */
+/**
+ * Prunes one tensor's delta and encodes it as records (begin, chunks, end).
+ * @param finetuned - The fine-tuned weights F: when given, the kept entries carry F instead of Δ
+ *   (VALUE_KIND_FINETUNED; never with DARE, whose values are rescaled).
+ */
 export function pruneTensor(
   name: string,
   shape: readonly number[],
   delta: Float32Array,
   spec: PruneSpec,
   valueDtype: ValueDtype,
+  finetuned?: Float32Array,
 ): PrunedTensor {
+  if (finetuned !== undefined && spec.kind === 'dare')
+    throw new RangeError(`tensor "${name}": DARE's rescaled values travel as deltas, not fine-tuned weights`);
   let partitions: PartitionEntries[];
   let first: number;
   switch (spec.kind) {
@@ -90,7 +97,7 @@ export function pruneTensor(
     case 'dense': {
       const positions = new Float64Array(delta.length);
       for (let i = 0; i < positions.length; i++) positions[i] = i;
-      partitions = [{ positions, values: delta }];
+      partitions = [{ positions, values: finetuned ?? delta }];
       first = 0;
       break;
     }
@@ -99,10 +106,18 @@ export function pruneTensor(
       first = 0;
       break;
   }
+  // Selected on Δ, sent as F: the values are replaced where they were selected (the dense case reads F whole).
+  if (finetuned !== undefined && spec.kind !== 'dense') for (const p of partitions) takeValuesOf(p, finetuned);
   // Index p of the list is partition p; linear layers have nothing in partition 0.
   const all =
     first === 1 ? [{ positions: new Float64Array(0), values: new Float32Array(0) }, ...partitions] : partitions;
   const records = [...tensorRecords(name, shape, all, { valueDtype })];
   const keptPerPartition = all.map((p) => p.positions.length);
   return { name, records, keptPerPartition };
+}
+
+/** Replaces the values of `p` (in place) by those of `source` at the same positions. */
+function takeValuesOf(p: PartitionEntries, source: Float32Array): void {
+  const { positions, values } = p;
+  for (let i = 0; i < positions.length; i++) values[i] = source[positions[i]!]!;
 }

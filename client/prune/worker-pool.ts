@@ -21,7 +21,7 @@ export interface SourcePaths {
 export type TensorTask =
   | { op: 'stats'; tensor: DeltaTensor; linearFactor: number; layerFactor: number }
   | { op: 'outliers'; tensor: DeltaTensor; threshold: number }
-  | { op: 'prune'; tensor: DeltaTensor; spec: PruneSpec; valueDtype: ValueDtype };
+  | { op: 'prune'; tensor: DeltaTensor; spec: PruneSpec; valueDtype: ValueDtype; finetunedValues: boolean };
 
 /** The result of each kind of task. */
 export interface TaskResult {
@@ -32,14 +32,15 @@ export interface TaskResult {
 
 /** Runs one task against an open source: the single implementation both the pool and inline mode use. */
 export async function runTask(source: DeltaSource, task: TensorTask): Promise<TaskResult[TensorTask['op']]> {
-  const delta = await source.readDelta(task.tensor);
+  const keep = task.op === 'prune' && task.finetunedValues;
+  const { delta, finetuned } = await source.readDeltaAndFinetuned(task.tensor, keep);
   switch (task.op) {
     case 'stats':
       return tensorStats(delta, task.linearFactor, task.layerFactor);
     case 'outliers':
       return outliersAbove(delta, task.threshold);
     case 'prune':
-      return pruneTensor(task.tensor.info.name, task.tensor.info.shape, delta, task.spec, task.valueDtype);
+      return pruneTensor(task.tensor.info.name, task.tensor.info.shape, delta, task.spec, task.valueDtype, finetuned);
   }
 }
 

@@ -201,20 +201,30 @@ export class Checkpoint {
   }
 
   /**
-   * Reads `byteLength` bytes of a tensor starting `byteOffset` bytes into its data.
-   * @throws RangeError (naming file and tensor) if the range is not inside the tensor.
+   * Reads `byteLength` bytes of a tensor starting `byteOffset` bytes into its data
+   * (into the start of `opts.into` when given: that view is returned).
+   * @throws RangeError (naming file and tensor) if the range is not inside the tensor or `into` is too small.
    * @throws FormatError, TruncatedError as {@link Checkpoint.readRaw}.
    */
   async readRawRange(
     name: string,
     byteOffset: number,
     byteLength: number,
-    opts: ReadOptions = {},
+    opts: ReadOptions & { into?: Uint8Array } = {},
   ): Promise<Uint8Array> {
     const { info, fh } = this.entry(name);
     checkRange(info, byteOffset, byteLength, info.byteLength, 'byte');
-    const buf = Buffer.allocUnsafeSlow(byteLength);
-    const out = new Uint8Array(buf.buffer, buf.byteOffset, byteLength);
+    let out: Uint8Array;
+    if (opts.into === undefined) {
+      const buf = Buffer.allocUnsafeSlow(byteLength);
+      out = new Uint8Array(buf.buffer, buf.byteOffset, byteLength);
+    } else if (opts.into.byteLength >= byteLength) {
+      out = opts.into.subarray(0, byteLength);
+    } else {
+      throw new RangeError(
+        `${info.file}, tensor "${info.name}": \`into\` holds ${opts.into.byteLength} bytes, ${byteLength} needed`,
+      );
+    }
     await readInto(fh, out, info.dataOffset + byteOffset, { file: info.file, tensor: info.name }, opts.signal);
     return out;
   }

@@ -8,6 +8,9 @@ export {
   DELTA_FILE_MAGIC,
   DELTA_FILE_VERSION,
   DELTA_FORMAT_VERSION,
+  FINETUNED_FORMAT_VERSION,
+  formatVersionOf,
+  formatVersionProblem,
 } from './delta-format.js';
 export { DeltaFileWriter, type DeltaFileWriterOptions } from './delta-file-writer.js';
 export {

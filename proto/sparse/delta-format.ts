@@ -2,7 +2,7 @@
  * Constants and record rules of the `.dppa` container, shared by its writer
  * and reader so both enforce the same rules (layout: docs/formats.md).
  */
-import type { DeltaRecord } from '../gen/dppa/v1/sparse.js';
+import { ValueKind, type DeltaHeader, type DeltaRecord } from '../gen/dppa/v1/sparse.js';
 import { FormatError } from '../errors.js';
 import { recordKind } from './tensor-records.js';
 
@@ -16,8 +16,30 @@ export const DELTA_FILE_VERSION = 1;
  */
 export const DELTA_FILE_MAGIC: Uint8Array = Uint8Array.of(0x44, 0x50, 0x50, 0x41, 0x00, DELTA_FILE_VERSION, 0x0d, 0x0a);
 
-/** `DeltaHeader.format_version` this code writes and reads. */
+/** `DeltaHeader.format_version` of a file whose values are deltas or merged weights: what older readers read. */
 export const DELTA_FORMAT_VERSION = 1;
+
+/** `DeltaHeader.format_version` of a file whose values are fine-tuned weights (VALUE_KIND_FINETUNED); the latest. */
+export const FINETUNED_FORMAT_VERSION = 2;
+
+/** The format version a header of this value kind carries. */
+export function formatVersionOf(kind: ValueKind): number {
+  return kind === ValueKind.VALUE_KIND_FINETUNED ? FINETUNED_FORMAT_VERSION : DELTA_FORMAT_VERSION;
+}
+
+/**
+ * Checks a header's format version against its value kind: 1 for deltas and merged weights, 2 for fine-tuned weights.
+ * @returns What is wrong, or undefined.
+ */
+export function formatVersionProblem(header: DeltaHeader): string | undefined {
+  const v = header.formatVersion;
+  if (v !== DELTA_FORMAT_VERSION && v !== FINETUNED_FORMAT_VERSION)
+    return `DeltaHeader format_version is ${v}, this reader handles ${DELTA_FORMAT_VERSION} and ${FINETUNED_FORMAT_VERSION}`;
+  const expected = formatVersionOf(header.valueKind);
+  if (v !== expected)
+    return `DeltaHeader format_version is ${v}, but value_kind ${header.valueKind} needs format_version ${expected}`;
+  return undefined;
+}
 
 /** Largest record accepted by default: far above a default chunk (under 3 MiB), far below memory limits. */
 export const DEFAULT_MAX_RECORD_BYTES = 16 * 1024 * 1024;
@@ -58,12 +80,8 @@ export function checkRecordPlace(record: DeltaRecord, ordinal: number, where: Re
     if (record.header === undefined) {
       throw new FormatError(`the first record must be a DeltaHeader, got a ${recordKind(record)}`, where);
     }
-    if (record.header.formatVersion !== DELTA_FORMAT_VERSION) {
-      throw new FormatError(
-        `DeltaHeader format_version is ${record.header.formatVersion}, this reader handles ${DELTA_FORMAT_VERSION}`,
-        where,
-      );
-    }
+    const problem = formatVersionProblem(record.header);
+    if (problem !== undefined) throw new FormatError(problem, where);
   } else if (record.header !== undefined) {
     throw new FormatError(`record ${ordinal} is a second DeltaHeader`, where);
   }

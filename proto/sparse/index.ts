@@ -27,4 +27,5 @@ export {
 } from './tensor-assembler.js';
 export * from './delta-file.js';
 export { addChunkScaled, addScaled } from './add-scaled.js';
+export { carriesFinetuned, FinetunedToDelta } from './finetuned-delta.js';
 export { encodeSoleField, encodingOf, rememberEncoding, SOLE_FIELD_HEADROOM } from './record-encoding.js';

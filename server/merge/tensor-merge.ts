@@ -1,12 +1,18 @@
 /**
  * The merge of one tensor: `base + Σ_i c_i · Σ_p f_ip · Δ_i|p` accumulated in
- * fp32, then encoded in the base's dtype. The one implementation the worker
+ * fp32 (Δ = F − B for uploads of fine-tuned weights), then encoded in the base's dtype. The one implementation the worker
  * threads, the inline runner and the DPA search's ONNX evaluator call.
  */
 import { FormatError } from '../../proto/errors.js';
 import { bytesPerElement, type Checkpoint, encodeFromF32 } from '../../proto/safetensors/index.js';
 import { partitionFactor } from '../../proto/algorithm/index.js';
-import { addChunkScaled, readDeltaFile, TensorAssembler } from '../../proto/sparse/index.js';
+import {
+  addChunkScaled,
+  carriesFinetuned,
+  FinetunedToDelta,
+  readDeltaFile,
+  TensorAssembler,
+} from '../../proto/sparse/index.js';
 import { PatchSupport, patchTensorRecords } from '../../proto/patch/index.js';
 
 /** One party's entries of a tensor. */
@@ -107,12 +113,14 @@ export async function accumulateTensor(
 ): Promise<Float32Array> {
   const opts = signal === undefined ? {} : { signal };
   const acc = await base.readF32(task.name, { into: buffer, ...opts });
-  for (const c of task.contributions) await addSpooled(acc, task.name, c, task.outsideByMax, { ...opts, support });
+  for (const c of task.contributions)
+    await addSpooled(acc, task.name, c, task.outsideByMax, { ...opts, support, base });
   return acc;
 }
 
 /**
- * Adds `c_i · f_p · Δ|p` of one spooled tensor into `acc`, chunk by chunk, checking every record again.
+ * Adds `c_i · f_p · Δ|p` of one spooled tensor into `acc`, chunk by chunk, checking every record again;
+ * fine-tuned weights (VALUE_KIND_FINETUNED) are turned into Δ = F − B first, so factors scale Δ.
  * @throws SpooledTensorError when the spool file is unusable or missing.
  */
 async function addSpooled(
@@ -135,10 +143,11 @@ async function addSpooled(
   }
 }
 
-/** Abort signal, and the merged patch's support to mark. */
+/** Abort signal, the merged patch's support to mark, and the base (for fine-tuned values). */
 interface SpoolReadOptions {
   signal?: AbortSignal;
   support?: PatchSupport | undefined;
+  base: Checkpoint;
 }
 
 async function addSpooledFile(
@@ -150,6 +159,7 @@ async function addSpooledFile(
 ): Promise<void> {
   const { file } = c;
   let assembler: TensorAssembler | undefined;
+  let toDelta: FinetunedToDelta | undefined;
   // Transient: each record is consumed before the next is read, so they share one read buffer.
   const readOpts = { transient: true, ...(opts.signal === undefined ? {} : { signal: opts.signal }) };
   for await (const record of readDeltaFile(file, readOpts)) {
@@ -158,10 +168,12 @@ async function addSpooledFile(
       if (planned.length !== 1 || planned[0]!.name !== name)
         throw new FormatError('spool file does not hold this tensor', { file, tensor: name });
       assembler = new TensorAssembler({ file, entries: 'stream' });
+      if (carriesFinetuned(record.header)) toDelta = new FinetunedToDelta(opts.base, name, file);
       continue;
     }
     const chunk = assembler!.push(record);
     if (chunk === undefined) continue;
+    if (toDelta !== undefined) await toDelta.convert(chunk, opts.signal);
     addChunkScaled(acc, chunk, c.weight * partitionFactor(c.factors, chunk.partition, outsideByMax));
     opts.support?.add(chunk);
   }

@@ -10,7 +10,7 @@ import {
 } from '../../proto/algorithm/index.js';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import { TensorKind, ValueKind, type DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
-import { DELTA_FORMAT_VERSION, storageDtype } from '../../proto/sparse/index.js';
+import { formatVersionProblem, storageDtype } from '../../proto/sparse/index.js';
 import { FailedPreconditionError, InvalidArgumentError } from '../errors.js';
 import { partyFactors } from '../jobs/job-spec.js';
 import { stateName, type StoredJob } from '../jobs/job-store.js';
@@ -37,15 +37,12 @@ export function checkDeltaHeader(
   header: DeltaHeader,
   baseShapes: ReadonlyMap<string, readonly number[]>,
 ): void {
-  if (header.formatVersion !== DELTA_FORMAT_VERSION) {
-    throw new InvalidArgumentError(
-      `DeltaHeader format_version is ${header.formatVersion}, this server reads ${DELTA_FORMAT_VERSION}`,
-    );
-  }
-  if (header.valueKind !== ValueKind.VALUE_KIND_UNSPECIFIED)
+  if (header.valueKind !== ValueKind.VALUE_KIND_UNSPECIFIED && header.valueKind !== ValueKind.VALUE_KIND_FINETUNED)
     throw new InvalidArgumentError(
       'DeltaHeader value_kind: the upload is a merged patch (or of an unknown kind), not a delta',
     );
+  const versionProblem = formatVersionProblem(header);
+  if (versionProblem !== undefined) throw new InvalidArgumentError(versionProblem);
   if (header.baseFingerprint !== job.baseFingerprint) {
     throw new FailedPreconditionError(
       `the delta was made against base ${header.baseFingerprint || '(none)'}, but job ${job.id} merges into base ${job.baseFingerprint}`,
@@ -57,6 +54,10 @@ export function checkDeltaHeader(
       `the delta was pruned with method ${JSON.stringify(method ?? '')}, job ${job.id} requires ${JSON.stringify(job.method)}`,
     );
   }
+  if (method === 'dare' && header.valueKind === ValueKind.VALUE_KIND_FINETUNED)
+    throw new InvalidArgumentError(
+      'DeltaHeader value_kind: DARE rescales its kept values, so they must travel as deltas, not fine-tuned weights',
+    );
   if (header.rate !== job.rate)
     throw new FailedPreconditionError(
       `the delta was pruned at rate ${header.rate}, job ${job.id} requires ${job.rate}`,

@@ -41,7 +41,7 @@ rate of every tensor, the entries kept per partition and the sizes.`,
         .join(' ')}`,
     );
     out(
-      `values       ${summary.valueDtype}; kept ${kept} of ${numel} entries (${((100 * kept) / Math.max(1, numel)).toFixed(2)}%), ${(summary.fileBytes / Math.max(1, kept)).toFixed(2)} bytes per kept entry`,
+      `values       ${summary.valueDtype} ${summary.valueKind}; kept ${kept} of ${numel} entries (${((100 * kept) / Math.max(1, numel)).toFixed(2)}%), ${(summary.fileBytes / Math.max(1, kept)).toFixed(2)} bytes per kept entry`,
     );
     out('');
     out(

@@ -79,6 +79,13 @@ export enum ValueKind {
    * accepted as an upload.
    */
   VALUE_KIND_MERGED = 1,
+  /**
+   * VALUE_KIND_FINETUNED - Fine-tuned weights F, exact in the value dtype, at the kept positions of
+   * an upload whose method does not rescale values (dp, magnitude, owl): the
+   * reader forms the delta F − B in fp32 from its copy of the base. Needs
+   * format_version 2 (docs/formats.md, "Value kinds").
+   */
+  VALUE_KIND_FINETUNED = 2,
   UNRECOGNIZED = -1,
 }
 
@@ -90,6 +97,9 @@ export function valueKindFromJSON(object: any): ValueKind {
     case 1:
     case "VALUE_KIND_MERGED":
       return ValueKind.VALUE_KIND_MERGED;
+    case 2:
+    case "VALUE_KIND_FINETUNED":
+      return ValueKind.VALUE_KIND_FINETUNED;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -103,6 +113,8 @@ export function valueKindToJSON(object: ValueKind): string {
       return "VALUE_KIND_UNSPECIFIED";
     case ValueKind.VALUE_KIND_MERGED:
       return "VALUE_KIND_MERGED";
+    case ValueKind.VALUE_KIND_FINETUNED:
+      return "VALUE_KIND_FINETUNED";
     case ValueKind.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -248,7 +260,10 @@ export interface TensorPlan {
 
 /** First record of a delta: what it is and how it was made. */
 export interface DeltaHeader {
-  /** Format version; this schema describes version 1. */
+  /**
+   * Format version: 1, or 2 when `value_kind` is VALUE_KIND_FINETUNED (the
+   * only difference; writers write 1 otherwise, for older readers).
+   */
   formatVersion: number;
   /** Fingerprint of the base checkpoint the delta applies to (proto/fingerprint.ts). */
   baseFingerprint: string;
@@ -282,7 +297,10 @@ export interface DeltaHeader {
    * before this field (their `options["outside"]` says it).
    */
   outside: OutsidePolicy;
-  /** What the values are: deltas (unset) or, in a merged patch, the merged weights. */
+  /**
+   * What the values are: deltas (unset), fine-tuned weights (an upload of a
+   * method that does not rescale) or, in a merged patch, the merged weights.
+   */
   valueKind: ValueKind;
 }
 

@@ -1,0 +1,174 @@
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { status } from '@grpc/grpc-js';
+import { applyDelta, pruneToFile } from '../client/index.js';
+import { JobState, type CreateJobResponse, type Job } from '../proto/gen/dppa/v1/jobs.js';
+import { ValueKind, type DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
+import { Checkpoint, type Dtype } from '../proto/safetensors/index.js';
+import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
+import {
+  ADMIN,
+  call,
+  pruneRecords,
+  rejectsWith,
+  startHarness,
+  upload,
+  uploadMessages,
+  type Harness,
+} from './fixtures/grpc-harness.js';
+
+let dir: string;
+let h: Harness;
+
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'dppa-exact-'));
+  h = await startHarness(join(dir, 'data'));
+});
+after(async () => {
+  await h.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+/** A one-party job at `rate` with partition levels [rate] and factor 1 (`method` dp unless given). */
+async function createJob(base: string, rate: number, method = 'dp'): Promise<CreateJobResponse> {
+  return call(
+    h.jobs,
+    'createJob',
+    {
+      basePath: base,
+      parties: ['solo'],
+      rate,
+      method,
+      label: 'exact',
+      dpa: { fixed: { factors: [1], perParty: {} }, scaleOutsideByMax: false },
+      merge: undefined,
+      maxAbsValue: 0,
+      pruneMethod: 0,
+    },
+    ADMIN,
+  );
+}
+
+async function waitMerged(jobId: string): Promise<Job> {
+  for (;;) {
+    const j = await call(h.jobs, 'getJob', { jobId }, ADMIN);
+    if (j.state === JobState.JOB_STATE_MERGED || j.state === JobState.JOB_STATE_FAILED) return j;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** Number of elements whose stored bytes differ between two checkpoints of the same layout and dtype. */
+async function differingWeights(a: string, b: string): Promise<{ differ: number; total: number }> {
+  const [x, y] = await Promise.all([Checkpoint.open(a), Checkpoint.open(b)]);
+  try {
+    let differ = 0;
+    let total = 0;
+    for (const info of x.tensors()) {
+      assert.equal(y.info(info.name).dtype, info.dtype, info.name);
+      const [p, q] = await Promise.all([x.readRaw(info.name), y.readRaw(info.name)]);
+      const size = p.length / info.numel;
+      for (let i = 0; i < info.numel; i++) {
+        for (let k = 0; k < size; k++) {
+          if (p[i * size + k] !== q[i * size + k]) {
+            differ++;
+            break;
+          }
+        }
+      }
+      total += info.numel;
+    }
+    return { differ, total };
+  } finally {
+    await Promise.all([x.close(), y.close()]);
+  }
+}
+
+describe('exact values: fine-tuned weights on the wire', () => {
+  const cases: { dtype: Dtype; valueDtype?: 'f32'; bytes: number }[] = [
+    { dtype: 'BF16', bytes: 2 },
+    { dtype: 'F16', bytes: 2 },
+    { dtype: 'F32', valueDtype: 'f32', bytes: 4 },
+  ];
+  for (const c of cases) {
+    it(`a single-party merge at rate 0, factor 1 reproduces a ${c.dtype} fine-tune bit for bit (gRPC on loopback)`, async () => {
+      const fam = await writeLlamaFamily(join(dir, c.dtype), { shape: TINY, seed: 5, dtype: c.dtype });
+      const records = await pruneRecords({
+        base: fam.base,
+        finetuned: fam.finetuned[0]!,
+        rate: 0,
+        levels: [0],
+        // Magnitude keeps every entry at rate 0 (DP moves each layer's rate up to ±λ around it).
+        method: 'magnitude',
+        ...(c.valueDtype === undefined ? {} : { valueDtype: c.valueDtype }),
+      });
+      const header = records[0]!.header!;
+      assert.equal(header.valueKind, ValueKind.VALUE_KIND_FINETUNED);
+      assert.equal(header.formatVersion, 2);
+      // Same bytes per value as a delta of the checkpoint's width.
+      const chunk = records.find((r) => r.chunk !== undefined)!.chunk!;
+      assert.equal(chunk.values.length, chunk.count * c.bytes);
+
+      const { job, tokens } = await createJob(fam.base, 0, 'magnitude');
+      const state = await upload(h.uploads, tokens.solo!, uploadMessages(job!.id, 'solo', records));
+      assert.equal(state.complete, true);
+      const done = await waitMerged(job!.id);
+      assert.equal(done.state, JobState.JOB_STATE_MERGED, done.failureReason);
+      const merged = join(dir, 'data', 'jobs', job!.id, 'merged');
+      const { differ, total } = await differingWeights(merged, fam.finetuned[0]!);
+      assert.ok(total > 10000, `${total} weights compared`);
+      assert.equal(differ, 0, `${differ} of ${total} weights differ from the fine-tune`);
+    });
+  }
+
+  it('the party-side apply (DPA candidates) forms F − B too: rate 0 reproduces the fine-tune', async () => {
+    const fam = await writeLlamaFamily(join(dir, 'apply'), { shape: TINY, seed: 7 });
+    const delta = join(dir, 'apply.dppa');
+    await pruneToFile({
+      base: fam.base,
+      finetuned: fam.finetuned[0]!,
+      rate: 0,
+      levels: [0],
+      method: 'magnitude',
+      out: delta,
+    });
+    const out = join(dir, 'applied');
+    await applyDelta({ base: fam.base, delta, out });
+    assert.equal((await differingWeights(out, fam.finetuned[0]!)).differ, 0);
+    // Factors scale Δ = F − B, not F: factor 0 gives the base back.
+    const zero = join(dir, 'applied-0');
+    await applyDelta({ base: fam.base, delta, out: zero, factors: [0], outsideFactor: 0 });
+    assert.equal((await differingWeights(zero, fam.base)).differ, 0);
+  });
+
+  it('refuses fine-tuned values from DARE, and a format version that does not fit the value kind', async () => {
+    const fam = await writeLlamaFamily(join(dir, 'refuse'), { shape: TINY, seed: 9 });
+    const records = await pruneRecords({ base: fam.base, finetuned: fam.finetuned[0]!, rate: 0.5, levels: [0.5] });
+    const withHeader = (patch: object): DeltaRecord[] => [
+      { header: { ...records[0]!.header!, ...patch } },
+      ...records.slice(1),
+    ];
+    const dp = await createJob(fam.base, 0.5);
+    await rejectsWith(
+      upload(h.uploads, dp.tokens.solo!, uploadMessages(dp.job!.id, 'solo', withHeader({ formatVersion: 1 }))),
+      status.INVALID_ARGUMENT,
+      /format_version is 1, but value_kind 2 needs format_version 2/,
+    );
+    const dare = await createJob(fam.base, 0.5, 'dare');
+    await rejectsWith(
+      upload(
+        h.uploads,
+        dare.tokens.solo!,
+        uploadMessages(
+          dare.job!.id,
+          'solo',
+          withHeader({ method: 'dare', pruneMethod: 0, options: { outside: 'dense' } }),
+        ),
+      ),
+      status.INVALID_ARGUMENT,
+      /DARE rescales its kept values/,
+    );
+  });
+});
