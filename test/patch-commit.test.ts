@@ -11,7 +11,15 @@ import { after, before, beforeEach, describe, it } from 'node:test';
 import { PATCH_FILE_NAME } from '../proto/patch/index.js';
 import { readDeltaHeader } from '../proto/sparse/index.js';
 import { Checkpoint, type TensorData, writeCheckpoint } from '../proto/safetensors/index.js';
-import { commitPatch, createPieces, joinedDir, MissingPieceError, writePiece } from '../server/merge/patch-output.js';
+import { MergeOutput } from '../proto/gen/dppa/v1/jobs.js';
+import {
+  commitPatch,
+  createPieces,
+  joinedDir,
+  mergeSpaceBytes,
+  MissingPieceError,
+  writePiece,
+} from '../server/merge/patch-output.js';
 
 const FINGERPRINT = 'f'.repeat(64);
 const NAMES = ['a.weight', 'b.weight', 'c.weight', 'd.weight'];
@@ -176,5 +184,16 @@ describe('commitPatch', () => {
     await writeFile(join(jobDir, leftovers[0]!), 'half a patch');
     assert.deepEqual(await commitPatch(patch, pieces, base, FINGERPRINT, changed), first);
     assert.deepEqual(await readdir(jobDir), [PATCH_FILE_NAME]);
+  });
+});
+
+describe('mergeSpaceBytes (the room a paused merge waits for)', () => {
+  it('counts the dense output once and the patch twice (pieces and joined file), each bounded by the base', () => {
+    const base = 1600;
+    const patchBound = 1700; // the base's bytes, plus a sixteenth for positions
+    assert.equal(mergeSpaceBytes(MergeOutput.MERGE_OUTPUT_DENSE, base), base);
+    assert.equal(mergeSpaceBytes(MergeOutput.MERGE_OUTPUT_PATCH, base), 2 * patchBound);
+    assert.equal(mergeSpaceBytes(MergeOutput.MERGE_OUTPUT_BOTH, base), base + 2 * patchBound);
+    assert.equal(mergeSpaceBytes(MergeOutput.MERGE_OUTPUT_UNSPECIFIED, base), base + 2 * patchBound);
   });
 });

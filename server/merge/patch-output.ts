@@ -25,6 +25,17 @@ export function mergeOutputs(output: MergeOutput): { dense: boolean; patch: bool
   };
 }
 
+/**
+ * Disk space a merge of a `baseBytes` base writes at most: the dense
+ * checkpoint (the base's size), and the patch held twice while its pieces are
+ * joined, each at most about the base's size (every position changed: values
+ * in the base's dtype, positions about a bit each).
+ */
+export function mergeSpaceBytes(output: MergeOutput, baseBytes: number): number {
+  const { dense, patch } = mergeOutputs(output);
+  return (dense ? baseBytes : 0) + (patch ? 2 * Math.ceil(baseBytes * (17 / 16)) : 0);
+}
+
 /** The patch file of a job whose folder is `jobDir`. */
 export function patchPath(jobDir: string): string {
   return join(jobDir, PATCH_FILE_NAME);
