@@ -27,7 +27,7 @@ describe('merged patch records', () => {
     const gen = patchTensorRecords('t', [numel], 'F32', acc, support);
     const first = gen.next();
     assert.equal(first.done, false, 'a first block before the rest are made');
-    const blocks = [first.value as Uint8Array, ...gen];
+    const blocks = [first.value, ...gen];
     assert.ok(blocks.length > 1);
     const maxRecord = 262144 * 4 * 2 + 1024; // one chunk's values and positions, generously
     for (const b of blocks) assert.ok(b.length <= PATCH_BLOCK_BYTES + maxRecord, `block of ${b.length} bytes`);
