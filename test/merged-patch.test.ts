@@ -9,6 +9,8 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { DppaClient, JobState, MergeOutput, PatchBaseMismatchError, pruneToFile } from '../client/index.js';
 import { PATCH_FILE_NAME } from '../proto/patch/index.js';
+import { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
+import { DELTA_FILE_MAGIC } from '../proto/sparse/delta-format.js';
 import { readDeltaFile } from '../proto/sparse/index.js';
 import { assertMerged } from './fixtures/expected-merge.js';
 import { ADMIN, startHarness, type Harness } from './fixtures/grpc-harness.js';
@@ -196,6 +198,28 @@ describe('merged patch', () => {
     const local = await dppa('apply', '--base', otherBase, '--patch', patchFile, '--out', join(dir, 'wrong-base'));
     assert.equal(local.code, 3, local.stderr);
     assert.deepEqual(await siblings('wrong-base'), []);
+  });
+
+  it('refuses a patch whose base tensor hash differs, naming the tensor, with exit 3 and nothing written', async () => {
+    // The fingerprint samples blocks only: the header's SHA-256 of each patched base tensor
+    // catches a base that differs elsewhere. Forged here by changing one hash in the header.
+    const bytes = await readFile(patchFile);
+    const at = DELTA_FILE_MAGIC.length;
+    const length = bytes.readUInt32LE(at);
+    const header = DeltaRecord.decode(bytes.subarray(at + 4, at + 4 + length)).header!;
+    const victim = header.tensors[1]!;
+    assert.equal(victim.baseSha256.length, 32);
+    victim.baseSha256 = new Uint8Array(victim.baseSha256).map((b) => b ^ 0xff);
+    const encoded = DeltaRecord.encode({ header }).finish();
+    const prefix = Buffer.alloc(4);
+    prefix.writeUInt32LE(encoded.length);
+    const forged = join(dir, 'forged.dppa');
+    await writeFile(forged, Buffer.concat([bytes.subarray(0, at), prefix, encoded, bytes.subarray(at + 4 + length)]));
+    const r = await dppa('apply', '--base', base, '--patch', forged, '--out', join(dir, 'from-forged'));
+    assert.equal(r.code, 3, r.stderr);
+    assert.match(r.stderr, /another base/);
+    assert.ok(r.stderr.includes(victim.name), r.stderr);
+    assert.deepEqual(await siblings('from-forged'), []);
   });
 
   it('a patch the server holds damaged does not verify: refused, nothing written', async () => {

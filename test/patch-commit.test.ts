@@ -9,8 +9,17 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, beforeEach, describe, it } from 'node:test';
 import { PATCH_FILE_NAME } from '../proto/patch/index.js';
+import { readDeltaHeader } from '../proto/sparse/index.js';
 import { Checkpoint, type TensorData, writeCheckpoint } from '../proto/safetensors/index.js';
-import { commitPatch, createPieces, joinedDir, MissingPieceError, writePiece } from '../server/merge/patch-output.js';
+import { MergeOutput } from '../proto/gen/dppa/v1/jobs.js';
+import {
+  commitPatch,
+  createPieces,
+  joinedDir,
+  mergeSpaceBytes,
+  MissingPieceError,
+  writePiece,
+} from '../server/merge/patch-output.js';
 
 const FINGERPRINT = 'f'.repeat(64);
 const NAMES = ['a.weight', 'b.weight', 'c.weight', 'd.weight'];
@@ -57,9 +66,15 @@ beforeEach(async () => {
   await createPieces(pieces);
 });
 
+/** A stand-in for the SHA-256 of base tensor `index`: the commit copies it into the header. */
+function pieceHash(index: number): Uint8Array {
+  return new Uint8Array(32).fill(0xa0 + index);
+}
+
 /** Writes the pieces of the changed tensors (in an order other than the base's), but `skip`. */
 async function writePieces(skip: readonly number[] = []): Promise<void> {
-  for (const index of [3, 0, 2]) if (!skip.includes(index)) await writePiece(pieces, index, pieceBytes(index));
+  for (const index of [3, 0, 2])
+    if (!skip.includes(index)) await writePiece(pieces, index, pieceHash(index), pieceBytes(index));
 }
 
 function sha256(bytes: Uint8Array): string {
@@ -84,6 +99,12 @@ describe('commitPatch', () => {
     const body = Buffer.concat([0, 2, 3].flatMap(pieceBytes));
     const tail = Buffer.concat([body, Buffer.alloc(4)]);
     assert.deepEqual(bytes.subarray(bytes.length - tail.length), tail);
+    // The header plans the changed tensors in the base's order, each with its piece's base hash.
+    const header = await readDeltaHeader(patch);
+    assert.deepEqual(
+      header.tensors.map((t) => [t.name, Buffer.from(t.baseSha256).toString('hex')]),
+      [0, 2, 3].map((i) => [NAMES[i], Buffer.from(pieceHash(i)).toString('hex')]),
+    );
     assert.ok(await gone(pieces));
     assert.ok(await gone(joinedDir(pieces)));
     assert.deepEqual(await readdir(jobDir), [PATCH_FILE_NAME]);
@@ -150,5 +171,29 @@ describe('commitPatch', () => {
     });
     assert.deepEqual(racing, first);
     assert.ok(!(await readdir(jobDir)).some((n) => n.startsWith(`${PATCH_FILE_NAME}.tmp-`)));
+  });
+
+  it('removes the temporary patch files that crashed commits left, joining or describing', async () => {
+    // What a replica killed while writing leaves beside the patch (the cluster has no start-up sweep).
+    const leftovers = [`${PATCH_FILE_NAME}.tmp-0123456789ab`, `${PATCH_FILE_NAME}.tmp-ba9876543210`];
+    for (const n of leftovers) await writeFile(join(jobDir, n), 'half a patch');
+    await writePieces();
+    const first = await commitPatch(patch, pieces, base, FINGERPRINT, changed);
+    assert.deepEqual(await readdir(jobDir), [PATCH_FILE_NAME]);
+    // Run again (pieces gone: it describes the file): leftovers of a later crash go too.
+    await writeFile(join(jobDir, leftovers[0]!), 'half a patch');
+    assert.deepEqual(await commitPatch(patch, pieces, base, FINGERPRINT, changed), first);
+    assert.deepEqual(await readdir(jobDir), [PATCH_FILE_NAME]);
+  });
+});
+
+describe('mergeSpaceBytes (the room a paused merge waits for)', () => {
+  it('counts the dense output once and the patch twice (pieces and joined file), each bounded by the base', () => {
+    const base = 1600;
+    const patchBound = 1700; // the base's bytes, plus a sixteenth for positions
+    assert.equal(mergeSpaceBytes(MergeOutput.MERGE_OUTPUT_DENSE, base), base);
+    assert.equal(mergeSpaceBytes(MergeOutput.MERGE_OUTPUT_PATCH, base), 2 * patchBound);
+    assert.equal(mergeSpaceBytes(MergeOutput.MERGE_OUTPUT_BOTH, base), base + 2 * patchBound);
+    assert.equal(mergeSpaceBytes(MergeOutput.MERGE_OUTPUT_UNSPECIFIED, base), base + 2 * patchBound);
   });
 });

@@ -366,7 +366,8 @@ async function rateOffsets(
 function planTensor(o: Resolved, tensor: DeltaTensor, role: TensorRole, offset: number): Planned {
   const { info } = tensor;
   const shape = info.shape.map(BigInt);
-  const base = { name: info.name, shape, layer: role.layer };
+  // base_sha256 is a merged patch's field: empty in a delta.
+  const base = { name: info.name, shape, layer: role.layer, baseSha256: new Uint8Array(0) };
   if (role.kind === 'linear') {
     const levelRates = o.levels.map((a) => rateAt(a, offset));
     const spec: PruneSpec =

@@ -5,6 +5,7 @@
  * name renamed only once every tensor is written, so a damaged patch or one
  * made for another base leaves nothing behind.
  */
+import { createHash } from 'node:crypto';
 import { stat } from 'node:fs/promises';
 import { FormatError } from '../errors.js';
 import { baseFingerprint } from '../fingerprint.js';
@@ -46,7 +47,8 @@ export interface ApplyPatchReport {
 
 /**
  * Writes base + patch as a checkpoint in the base's layout (extra files of a base folder copied).
- * @throws PatchBaseMismatchError if the patch names another base's fingerprint.
+ * @throws PatchBaseMismatchError if the patch names another base's fingerprint, or a tensor it changes has other
+ *   bytes in the base than the SHA-256 in its header (naming the tensor).
  * @throws FormatError / ChecksumError / TruncatedError if the patch is not a merged patch, is damaged or cut short,
  *   or does not fit the base (a tensor it lacks, another shape or dtype); nothing is written then.
  * @throws RangeError if `out` exists and `overwrite` is not set.
@@ -69,9 +71,15 @@ export async function applyPatch(opts: ApplyPatchOptions): Promise<ApplyPatchRep
     }
     const planned = header.tensors.map((t) => t.name);
     if (new Set(planned).size !== planned.length) throw new FormatError('the patch plans a tensor twice', { file });
-    for (const name of planned)
-      if (!base.has(name))
-        throw new FormatError('the patch names a tensor the base does not have', { file, tensor: name });
+    for (const t of header.tensors) {
+      if (!base.has(t.name))
+        throw new FormatError('the patch names a tensor the base does not have', { file, tensor: t.name });
+      if (t.baseSha256.length !== 32)
+        throw new FormatError(`the header gives no SHA-256 of the base tensor (${t.baseSha256.length} bytes)`, {
+          file,
+          tensor: t.name,
+        });
+    }
     const isDir = (await stat(opts.base)).isDirectory();
     const writer = await CheckpointWriter.create(opts.out, base.layout, {
       ...(isDir ? { copyExtraFilesFrom: opts.base } : {}),
@@ -103,9 +111,17 @@ export async function applyPatch(opts: ApplyPatchOptions): Promise<ApplyPatchRep
               tensor: name,
             });
           }
+          const raw = await base.readRaw(name, readOpts);
+          const expected = Buffer.from(header.tensors[next - 1]!.baseSha256).toString('hex');
+          const actual = createHash('sha256').update(raw).digest('hex');
+          if (actual !== expected)
+            throw new PatchBaseMismatchError(
+              `the patch is for another base: this tensor of ${opts.base} has SHA-256 ${actual}, the patch's base ${expected}`,
+              { file, tensor: name },
+            );
           tensor = {
             name,
-            raw: await base.readRaw(name, readOpts),
+            raw,
             size: bytesPerElement(info.dtype),
             assembler: new TensorAssembler({ file, entries: 'stream' }),
           };

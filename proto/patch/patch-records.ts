@@ -16,6 +16,7 @@ import {
   type SparseChunk,
   type TensorPlan,
 } from '../gen/dppa/v1/sparse.js';
+import { FormatError } from '../errors.js';
 import type { Dtype } from '../safetensors/dtype.js';
 import {
   chunkChecksum,
@@ -42,7 +43,7 @@ export function patchValueDtype(dtype: Dtype): ValueDtype {
 /** The header of a merged patch: the base it applies to and the tensors it changes, in the order their records follow. */
 export function patchHeader(
   baseFingerprint: string,
-  tensors: readonly { name: string; shape: readonly (number | bigint)[] }[],
+  tensors: readonly { name: string; shape: readonly (number | bigint)[]; baseSha256: Uint8Array }[],
   producer = 'dppa-federated',
 ): DeltaHeader {
   const plans: TensorPlan[] = tensors.map((t) => ({
@@ -52,6 +53,7 @@ export function patchHeader(
     layer: -1,
     levelRates: [],
     sent: true,
+    baseSha256: t.baseSha256,
   }));
   return {
     formatVersion: DELTA_FORMAT_VERSION,
@@ -76,9 +78,13 @@ export function patchHeader(
 export class PatchSupport {
   readonly bits: Uint8Array;
 
-  /** @throws RangeError for tensors of 2^32 elements or more (positions are indexed as 32-bit). */
-  constructor(readonly numel: number) {
-    if (numel >= 2 ** 32) throw new RangeError(`a merged patch handles tensors below 2^32 elements, not ${numel}`);
+  /** @throws FormatError naming the tensor for 2^32 elements or more (positions are indexed as 32-bit). */
+  constructor(
+    readonly numel: number,
+    tensor = '',
+  ) {
+    if (numel >= 2 ** 32)
+      throw new FormatError(`a merged patch handles tensors below 2^32 elements, not ${numel}`, { tensor });
     this.bits = new Uint8Array(Math.ceil(numel / 8));
   }
 
@@ -117,17 +123,17 @@ export class PatchSupport {
  * rounded to `dtype` exactly as the dense tensor is, and an end. A tensor
  * whose every position is marked becomes RANGE chunks: the whole tensor.
  * @param acc - The merged tensor in fp32 (at least `support.numel` elements).
- * @returns The records in order, framed, in blocks of about {@link PATCH_BLOCK_BYTES}, each the whole of its own
- *   ArrayBuffer, so that a worker can hand them over without a copy.
+ * @returns The records in order, framed, in blocks of about {@link PATCH_BLOCK_BYTES}, made one at a time as the
+ *   caller asks for the next (so a caller writing each out holds one block, never the tensor's records).
  */
-export function patchTensorRecords(
+export function* patchTensorRecords(
   name: string,
   shape: readonly (number | bigint)[],
   dtype: Dtype,
   acc: Float32Array,
   support: PatchSupport,
   maxChunkEntries = DEFAULT_MAX_CHUNK_ENTRIES,
-): Uint8Array[] {
+): Generator<Uint8Array, void, undefined> {
   const blocks: Uint8Array[] = [];
   let parts: Uint8Array[] = [];
   let partBytes = 0;
@@ -188,6 +194,7 @@ export function patchTensorRecords(
       index++;
       kept += count;
       push({ chunk });
+      yield* blocks.splice(0);
     }
   } else {
     for (let byte = 0; byte < bits.length; byte++) {
@@ -199,7 +206,10 @@ export function patchTensorRecords(
           positions[n] = base + k;
           values[n] = acc[base + k]!;
         }
-        if (n === cap) flush();
+        if (n === cap) {
+          flush();
+          yield* blocks.splice(0);
+        }
         continue;
       }
       // Only the set bits, lowest first: no branch per unset position.
@@ -210,12 +220,13 @@ export function patchTensorRecords(
         values[n] = acc[base + k]!;
         if (++n === cap) flush();
       }
+      if (blocks.length > 0) yield* blocks.splice(0);
     }
     if (n > 0) flush();
   }
   push({ tensorEnd: { name, chunkCount: index, keptPerPartition: [BigInt(kept)], crc32c: crc } });
   if (parts.length > 0) seal();
-  return blocks;
+  yield* blocks.splice(0);
 }
 
 /** Bytes of records gathered into one block: a tensor's records are never all copied at once. */

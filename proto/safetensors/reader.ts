@@ -35,6 +35,13 @@ export interface ReadF32Options extends ReadOptions {
    * @default a new Float32Array
    */
   into?: Float32Array;
+  /**
+   * Also given the stored bytes as they are read, before conversion: pieces
+   * of the range in any order, each once, valid only during the call (a
+   * merge hashes the base tensor on the way, without a second read).
+   * @default none
+   */
+  onRaw?: (chunk: Uint8Array, offset: number) => void;
 }
 
 interface Shard extends ParsedHeader {
@@ -269,7 +276,9 @@ export class Checkpoint {
     }
     // Chunks are converted straight out of the read buffers, so the 16-bit
     // data never needs a tensor-sized buffer of its own.
+    const { onRaw } = opts;
     await readChunks(fh, info.dataOffset + startElement * size, count * size, where, opts.signal, (chunk, offset) => {
+      onRaw?.(chunk, offset);
       decodeToF32(chunk, info.dtype, out.subarray(offset / size, (offset + chunk.byteLength) / size));
     });
     return out;

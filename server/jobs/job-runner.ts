@@ -18,6 +18,7 @@ import {
 } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
+import { mergeSpaceBytes } from '../merge/patch-output.js';
 import type { Spool } from '../uploads/spool.js';
 import type { FailurePolicy, StepName } from './failure-policy.js';
 import type { JobEvents } from './job-events.js';
@@ -249,12 +250,12 @@ export class JobRunner {
     this.deps.metrics.jobsPaused.set(this.pauses.size);
   }
 
-  /** Whether the data folder's disk has room for the job's next step: a merge needs about the base's size. */
+  /** Whether the data folder's disk has room for the job's next step: a merge's dense output and/or patch. */
   private async hasRoom(jobId: string): Promise<boolean> {
     const job = this.deps.store.get(jobId);
     if (job.state !== JobState.JOB_STATE_MERGING) return true;
     const fs = await statfs(this.deps.store.dir(jobId));
-    return fs.bavail * fs.bsize >= job.baseBytes;
+    return fs.bavail * fs.bsize >= mergeSpaceBytes(job.merge.output, job.baseBytes);
   }
 
   /** True when every party's upload is complete. */

@@ -35,15 +35,7 @@ import type { Spool } from '../uploads/spool.js';
 import { contributionsTo, mergeParties, type MergeParty } from './merge-parties.js';
 import { inlineRunner, workerRunner, type MergeRunner } from './merge-runner.js';
 import { describeFiles } from './output-files.js';
-import {
-  commitPatch,
-  createPieces,
-  joinedDir,
-  mergeOutputs,
-  patchPath,
-  piecesDir,
-  writePiece,
-} from './patch-output.js';
+import { commitPatch, createPieces, joinedDir, mergeOutputs, patchPath, piecesDir } from './patch-output.js';
 
 /** Shortest interval between two merge_progress events (the last one is always sent). */
 export const PROGRESS_INTERVAL_MS = 250;
@@ -282,19 +274,15 @@ export class MergeDriver implements JobStep {
                 contributions,
                 outsideByMax: ctx.outsideByMax,
                 dense: writer !== undefined,
-                patch: pieces !== undefined,
+                ...(pieces === undefined ? {} : { patchPiece: { dir: pieces, index: tensor.index } }),
               },
               info.numel,
               signal,
             );
       try {
         signal.throwIfAborted();
-        await Promise.all([
-          writer?.writeTensor(tensor.name, result.bytes),
-          pieces !== undefined && result.patch !== undefined
-            ? writePiece(pieces, tensor.index, result.patch)
-            : undefined,
-        ]);
+        // The merge wrote the tensor's patch piece already.
+        await writer?.writeTensor(tensor.name, result.bytes);
       } finally {
         result.release();
       }

@@ -13,8 +13,6 @@ import { mergeTensorOutputs, SpooledTensorError, type TensorTask } from './tenso
 export interface MergedTensor {
   /** The tensor in the base's dtype (empty if the task asked for no dense tensor). */
   bytes: Uint8Array;
-  /** The tensor's merged-patch records (framed, in blocks), if the task asked for them. */
-  patch?: Uint8Array[];
   release(): void;
 }
 
@@ -92,17 +90,11 @@ export function inlineRunner(base: Checkpoint): MergeRunner {
   const outputs = new OutputPool();
   return {
     run: async (task, numel, signal) => {
-      let patch: Uint8Array[] | undefined;
       const bytes = await accumulators.with(numel, (acc) =>
-        outputs.fillWith(async (out) => {
-          const r = await mergeTensorOutputs(base, task, acc, signal, out);
-          patch = r.patch;
-          return r.bytes;
-        }),
+        outputs.fillWith(async (out) => (await mergeTensorOutputs(base, task, acc, signal, out)).bytes),
       );
       return {
         bytes,
-        ...(patch === undefined ? {} : { patch }),
         release: () => outputs.give(bytes.buffer as ArrayBuffer),
       };
     },
@@ -111,8 +103,7 @@ export function inlineRunner(base: Checkpoint): MergeRunner {
 }
 
 /** A message from a merge worker: on success the result is the first `byteLength` bytes of `buffer`, whose ownership moves here. */
-export type WorkerReply =
-  { ok: true; buffer: ArrayBuffer; byteLength: number; patch?: Uint8Array[] } | ({ ok: false } & WorkerFailure);
+export type WorkerReply = { ok: true; buffer: ArrayBuffer; byteLength: number } | ({ ok: false } & WorkerFailure);
 
 /** A worker's error as posted: its name and message, a file system error's code, and what a {@link SpooledTensorError} carries. */
 export interface WorkerFailure {
@@ -158,9 +149,8 @@ export function workerRunner(basePath: string, workers: number): MergeRunner {
     }
   };
   // The result's memory goes back to the worker that filled it, for its next tensor.
-  const lent = (w: Worker, buffer: ArrayBuffer, byteLength: number, patch: Uint8Array[] | undefined): MergedTensor => ({
+  const lent = (w: Worker, buffer: ArrayBuffer, byteLength: number): MergedTensor => ({
     bytes: new Uint8Array(buffer, 0, byteLength),
-    ...(patch === undefined ? {} : { patch }),
     release: () => {
       if (!closed) w.postMessage({ reuse: buffer } satisfies WorkerRequest, [buffer]);
     },
@@ -173,7 +163,7 @@ export function workerRunner(basePath: string, workers: number): MergeRunner {
       const p = busy.get(w)!;
       busy.delete(w);
       idle.push(w);
-      if (reply.ok) p.resolve(lent(w, reply.buffer, reply.byteLength, reply.patch));
+      if (reply.ok) p.resolve(lent(w, reply.buffer, reply.byteLength));
       else p.reject(revive(reply));
       dispatch();
     });

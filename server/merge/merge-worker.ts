@@ -15,15 +15,10 @@ port.on('message', (msg: WorkerRequest) => {
     return;
   }
   const { task, numel } = msg;
-  let patch: Uint8Array[] | undefined;
   baseReady
     .then((base) =>
       accumulators.with(numel, (acc) =>
-        outputs.fillWith(async (out) => {
-          const r = await mergeTensorOutputs(base, task, acc, undefined, out);
-          patch = r.patch;
-          return r.bytes;
-        }),
+        outputs.fillWith(async (out) => (await mergeTensorOutputs(base, task, acc, undefined, out)).bytes),
       ),
     )
     .then(
@@ -34,10 +29,8 @@ port.on('message', (msg: WorkerRequest) => {
           ok: true,
           buffer: owned.buffer as ArrayBuffer,
           byteLength: owned.byteLength,
-          ...(patch === undefined ? {} : { patch }),
         };
-        // Each block of patch records is a buffer of its own (patchTensorRecords): moved, not copied.
-        port.postMessage(reply, [reply.buffer, ...(patch ?? []).map((b) => b.buffer as ArrayBuffer)]);
+        port.postMessage(reply, [reply.buffer]);
       },
       (err: unknown) => port.postMessage({ ok: false, ...workerFailure(err) } satisfies WorkerReply),
     );

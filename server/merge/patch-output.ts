@@ -25,6 +25,17 @@ export function mergeOutputs(output: MergeOutput): { dense: boolean; patch: bool
   };
 }
 
+/**
+ * Disk space a merge of a `baseBytes` base writes at most: the dense
+ * checkpoint (the base's size), and the patch held twice while its pieces are
+ * joined, each at most about the base's size (every position changed: values
+ * in the base's dtype, positions about a bit each).
+ */
+export function mergeSpaceBytes(output: MergeOutput, baseBytes: number): number {
+  const { dense, patch } = mergeOutputs(output);
+  return (dense ? baseBytes : 0) + (patch ? 2 * Math.ceil(baseBytes * (17 / 16)) : 0);
+}
+
 /** The patch file of a job whose folder is `jobDir`. */
 export function patchPath(jobDir: string): string {
   return join(jobDir, PATCH_FILE_NAME);
@@ -40,18 +51,39 @@ export async function createPieces(dir: string): Promise<void> {
   await mkdir(dir, { recursive: true });
 }
 
+/** Bytes before a piece's records: the SHA-256 of the base tensor, for the patch header. */
+export const PIECE_HASH_BYTES = 32;
+
 /**
- * Writes one tensor's records as its piece, durably: under its name only when
- * complete, replacing the piece of an earlier run of the same task.
+ * Writes one tensor's piece, durably: the SHA-256 of the base tensor, then its
+ * records block by block as `records` makes them (so only one block is held
+ * at a time; the next is made while the last is written). Under its name only
+ * when complete, replacing the piece of an earlier run of the same task.
  * @param index - The tensor's index in the base.
+ * @param baseSha256 - SHA-256 of the base tensor's bytes (32 bytes).
  */
-export async function writePiece(dir: string, index: number, records: readonly Uint8Array[]): Promise<void> {
+export async function writePiece(
+  dir: string,
+  index: number,
+  baseSha256: Uint8Array,
+  records: Iterable<Uint8Array>,
+): Promise<void> {
+  if (baseSha256.byteLength !== PIECE_HASH_BYTES) throw new RangeError('writePiece: baseSha256 must be 32 bytes');
   const tmp = join(dir, `${index}.tmp-${randomBytes(6).toString('hex')}`);
   const fh = await open(tmp, 'w');
+  const write = async (r: Uint8Array): Promise<void> => {
+    for (let done = 0; done < r.length;) done += (await fh.write(r, done)).bytesWritten;
+  };
+  let pending: Promise<void> = write(baseSha256);
   try {
-    for (const r of records) for (let done = 0; done < r.length;) done += (await fh.write(r, done)).bytesWritten;
+    for (const r of records) {
+      await pending;
+      pending = write(r);
+    }
+    await pending;
     await fh.datasync();
   } catch (err) {
+    await pending.catch(() => undefined);
     await fh.close();
     await rm(tmp, { force: true });
     throw err;
@@ -112,23 +144,26 @@ export async function commitPatch(
     throw new MissingPieceError(missing.t.name, missing.index);
   }
   const joined = tensors.filter(({ t }) => expected.has(t.name));
-  const writer = await PatchWriter.create(
-    path,
-    patchHeader(
-      baseFingerprint,
-      joined.map((c) => c.t),
-    ),
-  );
+  let writer: PatchWriter | undefined;
   let info: MergedFileInfo;
   try {
-    for (const { index } of joined) await writer.appendFile(join(dir, String(index)));
+    const hashes: Uint8Array[] = [];
+    for (const { index } of joined) hashes.push(await pieceHash(join(dir, String(index))));
+    writer = await PatchWriter.create(
+      path,
+      patchHeader(
+        baseFingerprint,
+        joined.map((c, i) => ({ name: c.t.name, shape: c.t.shape, baseSha256: hashes[i]! })),
+      ),
+    );
+    for (const { index } of joined) await writer.appendFile(join(dir, String(index)), PIECE_HASH_BYTES);
     info = await writer.close();
   } catch (err) {
     // Another commit joined the same pieces and renamed the folder meanwhile: its file is in place.
     if ((err as NodeJS.ErrnoException).code === 'ENOENT' && !(await exists(dir))) return describe(path);
     throw err;
   } finally {
-    await writer.abort();
+    await writer?.abort();
   }
   // The file is in place and synced; from here on the pieces are never joined again.
   try {
@@ -138,11 +173,44 @@ export async function commitPatch(
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
   }
   await rm(joinedDir(dir), { recursive: true, force: true });
+  await removeLeftovers(path);
   return info;
 }
 
-/** Name, size and SHA-256 of a patch file already written. */
+/** The base tensor's SHA-256 a piece starts with. */
+async function pieceHash(file: string): Promise<Uint8Array> {
+  const fh = await open(file, 'r');
+  try {
+    const out = new Uint8Array(PIECE_HASH_BYTES);
+    const { bytesRead } = await fh.read(out, 0, PIECE_HASH_BYTES, 0);
+    if (bytesRead !== PIECE_HASH_BYTES) throw new Error(`merged patch: the piece ${file} is cut short`);
+    return out;
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Removes the temporary files (`<patch>.tmp-*`) that commits which crashed or
+ * lost a race left beside the patch. A commit racing this one may be writing
+ * one of them: it then fails with ENOENT and, its folder gone, describes the
+ * joined file (see {@link commitPatch}).
+ */
+async function removeLeftovers(path: string): Promise<void> {
+  const prefix = `${basename(path)}.tmp-`;
+  const folder = dirname(path);
+  let names: string[];
+  try {
+    names = await readdir(folder);
+  } catch {
+    return;
+  }
+  await Promise.all(names.filter((n) => n.startsWith(prefix)).map((n) => rm(join(folder, n), { force: true })));
+}
+
+/** Name, size and SHA-256 of a patch file already written (its pieces joined: leftovers of other commits removed). */
 async function describe(path: string): Promise<MergedFileInfo> {
+  await removeLeftovers(path);
   const hash = createHash('sha256');
   for await (const block of createReadStream(path)) hash.update(block as Buffer);
   return { path: basename(path), size: (await stat(path)).size, sha256: hash.digest('hex') };

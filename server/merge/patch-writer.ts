@@ -54,9 +54,9 @@ export class PatchWriter {
     }
   }
 
-  /** Appends a file of framed records as it is (a tensor's records written apart), streamed. */
-  async appendFile(file: string): Promise<void> {
-    for await (const block of createReadStream(file)) await this.append(block as Buffer);
+  /** Appends a file of framed records as it is (a tensor's records written apart), streamed, from byte `start`. */
+  async appendFile(file: string, start = 0): Promise<void> {
+    for await (const block of createReadStream(file, { start })) await this.append(block as Buffer);
   }
 
   /**

@@ -14,6 +14,8 @@ import {
   TensorAssembler,
 } from '../../proto/sparse/index.js';
 import { PatchSupport, patchTensorRecords } from '../../proto/patch/index.js';
+import { OrderedHash } from './ordered-hash.js';
+import { writePiece } from './patch-output.js';
 
 /** One party's entries of a tensor. */
 export interface Contribution {
@@ -34,18 +36,19 @@ export interface TensorTask {
   contributions: Contribution[];
   /** Scale partition 0 (outside tensors) by the party's largest factor instead of 1. */
   outsideByMax: boolean;
-  /** Also produce the tensor's records of the merged patch (proto/patch). @default false */
-  patch?: boolean;
+  /**
+   * Also write the tensor's piece of the merged patch (proto/patch, server/merge/patch-output.ts): its records,
+   * behind the SHA-256 of the base tensor, to the file `index` of the pieces folder `dir`. @default none
+   */
+  patchPiece?: { dir: string; index: number };
   /** Produce the dense tensor. @default true */
   dense?: boolean;
 }
 
-/** A merged tensor: dense in the base's dtype and/or as merged-patch records. */
+/** A merged tensor (its merged-patch piece, if asked for, is written by then). */
 export interface MergedOutputs {
   /** The tensor in the base's dtype; empty when the task asked for no dense tensor. */
   bytes: Uint8Array;
-  /** The tensor's framed merged-patch records (in blocks), when the task asked for them. */
-  patch?: Uint8Array[];
 }
 
 /**
@@ -68,9 +71,11 @@ export class SpooledTensorError extends FormatError {
 }
 
 /**
- * Merges one tensor, also giving the tensor's merged-patch records when
- * `task.patch`: the positions some party's entries reached, with the values
- * of the same accumulator rounded by the same function as the dense tensor.
+ * Merges one tensor, also writing the tensor's merged-patch piece when
+ * `task.patchPiece`: the positions some party's entries reached, with the values
+ * of the same accumulator rounded by the same function as the dense tensor,
+ * behind the SHA-256 of the base tensor's bytes (hashed as they are read).
+ * The piece's records are written block by block, never held whole.
  * @param buffer - Reused fp32 accumulator; must hold the tensor's elements.
  * @param out - Reused output memory, used if it holds the result (2-byte aligned). @default new memory
  * @returns `bytes`: the merged tensor in the base's dtype (bf16/f16 rounded to nearest even): the start of
@@ -85,15 +90,20 @@ export async function mergeTensorOutputs(
   out?: Uint8Array,
 ): Promise<MergedOutputs> {
   const info = base.info(task.name);
-  const support = task.patch === true ? new PatchSupport(info.numel) : undefined;
-  const acc = await accumulateTensor(base, task, buffer, signal, support);
-  const patch = support === undefined ? undefined : patchTensorRecords(task.name, info.shape, info.dtype, acc, support);
-  if (task.dense === false) return { bytes: new Uint8Array(0), ...(patch === undefined ? {} : { patch }) };
+  const piece = task.patchPiece;
+  const support = piece === undefined ? undefined : new PatchSupport(info.numel, task.name);
+  const hash = piece === undefined ? undefined : new OrderedHash(info.byteLength);
+  const acc = await accumulateTensor(base, task, buffer, signal, support, hash);
+  if (piece !== undefined) {
+    const records = patchTensorRecords(task.name, info.shape, info.dtype, acc, support!);
+    await writePiece(piece.dir, piece.index, hash!.digest(), records);
+  }
+  if (task.dense === false) return { bytes: new Uint8Array(0) };
   const fits = out !== undefined && out.byteLength >= acc.length * bytesPerElement(info.dtype);
   const encoded = encodeFromF32(acc, info.dtype, fits ? out : undefined);
   // An F32 base encodes to a view of the accumulator, which the next tensor overwrites.
   const bytes = encoded.buffer === buffer.buffer ? encoded.slice() : encoded;
-  return { bytes, ...(patch === undefined ? {} : { patch }) };
+  return { bytes };
 }
 
 /**
@@ -110,9 +120,11 @@ export async function accumulateTensor(
   buffer: Float32Array,
   signal?: AbortSignal,
   support?: PatchSupport,
+  baseHash?: OrderedHash,
 ): Promise<Float32Array> {
   const opts = signal === undefined ? {} : { signal };
-  const acc = await base.readF32(task.name, { into: buffer, ...opts });
+  const onRaw = baseHash === undefined ? {} : { onRaw: (chunk: Uint8Array, at: number) => baseHash.add(chunk, at) };
+  const acc = await base.readF32(task.name, { into: buffer, ...opts, ...onRaw });
   for (const c of task.contributions)
     await addSpooled(acc, task.name, c, task.outsideByMax, { ...opts, support, base });
   return acc;

@@ -143,6 +143,28 @@ function vmHwmMiB(pid: number): number {
   return m === null ? Number.NaN : Number(m[1]) / 1024;
 }
 
+/** Samples a live process's resident set (VmRSS) every 100 ms; `stop()` gives the largest seen, in MiB. */
+function sampleRss(pid: number): { stop(): number } {
+  let max = 0;
+  const read = (): void => {
+    try {
+      const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+      if (m !== null) max = Math.max(max, Number(m[1]) / 1024);
+    } catch {
+      // The process is gone.
+    }
+  };
+  read();
+  const timer = setInterval(read, 100);
+  return {
+    stop: () => {
+      clearInterval(timer);
+      read();
+      return max;
+    },
+  };
+}
+
 function lines(stream: NodeJS.ReadableStream, onLine: (line: string) => void): void {
   createInterface({ input: stream }).on('line', onLine);
 }
@@ -299,7 +321,11 @@ async function copyOver(
 // same deltas pushed again; timed like the dense merge (last upload complete →
 // merged event).
 
-async function patchOnlyJob(address: string, env: NodeJS.ProcessEnv): Promise<{ jobId: string; seconds: number }> {
+async function patchOnlyJob(
+  address: string,
+  env: NodeJS.ProcessEnv,
+  serverPid: number,
+): Promise<{ jobId: string; seconds: number; mergeRssMiB: number }> {
   const created = JSON.parse(
     dppa(
       [
@@ -369,9 +395,16 @@ async function patchOnlyJob(address: string, env: NodeJS.ProcessEnv): Promise<{ 
     );
     for (const [i, m] of pushed.entries())
       if (m.code !== 0) throw new Error(`push ${PARTIES[i]} (patch job) failed (${m.code}):\n${m.stderr}`);
+    // The server's resident set while it merges (from the pushes' end, so the upload's own peak is left out).
+    const rss = sampleRss(serverPid);
     const end = await ended;
+    const mergeRssMiB = rss.stop();
     if (end !== 'merged') throw new Error(`the patch-only job ${end}`);
-    return { jobId: created.jobId, seconds: (times.get('merged')! - times.get('uploadComplete')!) / 1000 };
+    return {
+      jobId: created.jobId,
+      seconds: (times.get('merged')! - times.get('uploadComplete')!) / 1000,
+      mergeRssMiB,
+    };
   } finally {
     watch.kill('SIGTERM');
   }
@@ -590,7 +623,7 @@ try {
     throw new Error(`job ${jobId} is ${status.state}, merged folder ${mergedBytes} bytes`);
 
   // 6b. The same three deltas again into a patch-only job: the merged patch's time and size.
-  const patchJob = await patchOnlyJob(address, adminEnv);
+  const patchJob = await patchOnlyJob(address, adminEnv, serverPid);
   const patchBytes = statSync(join(dataDir, 'jobs', patchJob.jobId, 'merged-patch.dppa')).size;
   const hwmAfterPatch = vmHwmMiB(serverPid);
 
@@ -743,7 +776,7 @@ try {
     `load average (1, 5, 15 min): start ${loadAtStart}; before the upload ${loadBeforeUpload}; after the merge ${loadAfterMerge}; end ${load()}`,
   );
   console.log(
-    `merged patch (patch-only job, last upload → merged): ${patchJob.seconds.toFixed(2)} s = ${(patchJob.seconds / mergeSeconds).toFixed(2)}× the dense merge (goal ≤ 0.5×); ${(patchBytes / 1e6).toFixed(0)} MB = ${(patchBytes / mergedBytes).toFixed(3)}× the dense checkpoint's ${(mergedBytes / 1e6).toFixed(0)} MB (goal ≤ 0.45×); server peak RSS after it ${hwmAfterPatch.toFixed(0)} MiB`,
+    `merged patch (patch-only job, last upload → merged): ${patchJob.seconds.toFixed(2)} s = ${(patchJob.seconds / mergeSeconds).toFixed(2)}× the dense merge (goal ≤ 0.5×); ${(patchBytes / 1e6).toFixed(0)} MB = ${(patchBytes / mergedBytes).toFixed(3)}× the dense checkpoint's ${(mergedBytes / 1e6).toFixed(0)} MB (goal ≤ 0.45×); server peak RSS after it ${hwmAfterPatch.toFixed(0)} MiB, largest resident set during its merge ${patchJob.mergeRssMiB.toFixed(0)} MiB`,
   );
   console.log(
     `whole benchmark: ${total.toFixed(0)} s${generated === undefined ? ' (inputs reused)' : ` (generation ${generated.toFixed(0)} s)`}`,
@@ -765,6 +798,7 @@ try {
       dense_bytes: mergedBytes,
       patch_bytes: patchBytes,
       server_peak_rss_mib: serverRun.maxRssMiB,
+      patch_merge_rss_mib: patchJob.mergeRssMiB,
       uploaded_bytes: deltaBytes,
     }),
   );

@@ -256,6 +256,12 @@ export interface TensorPlan {
   levelRates: number[];
   /** False when the tensor is not sent at all (outside policy `skip`). */
   sent: boolean;
+  /**
+   * SHA-256 of the base tensor's bytes as stored (32 bytes). Set in a merged
+   * patch (value kind MERGED), whose applier refuses a base tensor with other
+   * bytes; empty in deltas.
+   */
+  baseSha256: Uint8Array;
 }
 
 /** First record of a delta: what it is and how it was made. */
@@ -610,7 +616,7 @@ export const SparseChunk: MessageFns<SparseChunk> = {
 };
 
 function createBaseTensorPlan(): TensorPlan {
-  return { name: "", shape: [], kind: 0, layer: 0, levelRates: [], sent: false };
+  return { name: "", shape: [], kind: 0, layer: 0, levelRates: [], sent: false, baseSha256: new Uint8Array(0) };
 }
 
 export const TensorPlan: MessageFns<TensorPlan> = {
@@ -643,6 +649,9 @@ export const TensorPlan: MessageFns<TensorPlan> = {
     }
     if (message.sent !== false) {
       writer.uint32(48).bool(message.sent);
+    }
+    if (message.baseSha256.length !== 0) {
+      writer.uint32(58).bytes(message.baseSha256);
     }
     return writer;
   },
@@ -728,6 +737,14 @@ export const TensorPlan: MessageFns<TensorPlan> = {
             message.sent = reader.bool();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.baseSha256 = reader.bytes();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -752,6 +769,11 @@ export const TensorPlan: MessageFns<TensorPlan> = {
         ? object.level_rates.map((e: any) => globalThis.Number(e))
         : [],
       sent: isSet(object.sent) ? globalThis.Boolean(object.sent) : false,
+      baseSha256: isSet(object.baseSha256)
+        ? bytesFromBase64(object.baseSha256)
+        : isSet(object.base_sha256)
+        ? bytesFromBase64(object.base_sha256)
+        : new Uint8Array(0),
     };
   },
 
@@ -775,6 +797,9 @@ export const TensorPlan: MessageFns<TensorPlan> = {
     if (message.sent !== false) {
       obj.sent = message.sent;
     }
+    if (message.baseSha256.length !== 0) {
+      obj.baseSha256 = base64FromBytes(message.baseSha256);
+    }
     return obj;
   },
 
@@ -789,6 +814,7 @@ export const TensorPlan: MessageFns<TensorPlan> = {
     message.layer = object.layer ?? 0;
     message.levelRates = object.levelRates?.map((e) => e) || [];
     message.sent = object.sent ?? false;
+    message.baseSha256 = object.baseSha256 ?? new Uint8Array(0);
     return message;
   },
 };
