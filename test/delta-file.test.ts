@@ -161,6 +161,27 @@ void describe('.dppa files', () => {
     assert.deepEqual(await readdir(dir), ['party-a.dppa']);
   });
 
+  void it('reads transiently the same records, each valid until the next, in fewer buffers than records', async () => {
+    const seen: Buffer[] = [];
+    const memory = new Set<ArrayBufferLike>();
+    for (let round = 0; round < 2; round++) {
+      let i = 0;
+      for await (const r of readDeltaFile(path, { transient: true })) {
+        // Compared before the next record is asked for: its bytes may then be overwritten.
+        assert.deepEqual(encoded(r), encoded(records[i]!), `round ${round}, record ${i}`);
+        if (r.chunk !== undefined) {
+          memory.add(r.chunk.values.buffer);
+          seen.push(Buffer.from(r.chunk.values));
+        }
+        i++;
+      }
+      assert.equal(i, records.length);
+    }
+    // Two reads of the whole file through one reused read buffer (records here are far below its size).
+    assert.equal(memory.size, 1);
+    assert.ok(seen.length > 2);
+  });
+
   void it('reads back every tensor exactly, checked against the plan', async () => {
     const got: AssembledTensor[] = [];
     let sawHeader = false;

@@ -475,6 +475,26 @@ void describe('tensor records', () => {
     assert.equal(a.result().partitions[2]!.positions.length, 0);
   });
 
+  void it('leaves values undecoded when asked, positions and checks unchanged', () => {
+    const a = new TensorAssembler({ entries: 'stream', values: false });
+    const positions = partitions.map(() => [] as number[]);
+    for (const r of records) {
+      const c = a.push(r);
+      if (c === undefined) continue;
+      assert.equal(c.values.length, 0, `chunk ${r.chunk!.index}: no values`);
+      positions[c.partition]!.push(...c.positions);
+    }
+    assert.ok(a.complete);
+    for (const [p, entries] of partitions.entries()) assert.deepEqual(positions[p], [...entries.positions]);
+    // A damaged chunk is still refused.
+    const bad = new TensorAssembler({ entries: 'stream', values: false });
+    const chunk = records.find((r) => r.chunk !== undefined)!.chunk!;
+    bad.push(records[0]!);
+    const values = Buffer.from(chunk.values);
+    values[0] = values[0]! ^ 1;
+    assert.throws(() => bad.push({ chunk: { ...chunk, values } }), ChecksumError);
+  });
+
   void it('adds RANGE chunks as runs, and still gives their positions when read', () => {
     const dense = {
       positions: Float64Array.from({ length: 2500 }, (_, i) => 700 + i),
