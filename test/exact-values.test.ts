@@ -7,7 +7,9 @@ import { status } from '@grpc/grpc-js';
 import { applyDelta, pruneToFile } from '../client/index.js';
 import { JobState, type CreateJobResponse, type Job } from '../proto/gen/dppa/v1/jobs.js';
 import { ValueKind, type DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
-import { Checkpoint, type Dtype } from '../proto/safetensors/index.js';
+import { FormatError } from '../proto/errors.js';
+import { Checkpoint, encodeFromF32, writeCheckpoint, type Dtype } from '../proto/safetensors/index.js';
+import { FinetunedToDelta } from '../proto/sparse/index.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import {
   ADMIN,
@@ -170,5 +172,53 @@ describe('exact values: fine-tuned weights on the wire', () => {
       status.INVALID_ARGUMENT,
       /DARE rescales its kept values/,
     );
+  });
+});
+
+describe('FinetunedToDelta', () => {
+  it('forms fp32 F − B at sparse and dense positions of bf16/f16/f32 bases, across windows, and refuses a non-finite result', async () => {
+    const n = (1 << 20) + 5; // more than one window
+    const f32 = new Float32Array(n);
+    for (let i = 0; i < n; i++) f32[i] = ((i % 97) - 48) / 64;
+    for (const dtype of ['BF16', 'F16', 'F32'] as const) {
+      const path = join(dir, `conv-${dtype}`);
+      await writeCheckpoint(path, [{ name: 'w', dtype, shape: [n], data: encodeFromF32(f32, dtype) }]);
+      const base = await Checkpoint.open(path);
+      try {
+        const conv = new FinetunedToDelta(base, 'w');
+        const positions = Float64Array.of(3, 1000, n - 2, n - 1);
+        const sparse = { range: false, positions, values: Float32Array.of(1, 2, 3, 4), firstPosition: 3 };
+        await conv.convert(sparse as never);
+        // The window moves back to the start for a dense chunk after the sparse one reached the end.
+        const dense = { range: true, values: Float32Array.of(0.5, 0.25), firstPosition: 0 };
+        await conv.convert(dense as never);
+        assert.deepEqual(
+          [...sparse.values],
+          [...positions].map((p, i) => Math.fround(i + 1 - f32[p]!)),
+          dtype,
+        );
+        assert.deepEqual([...dense.values], [Math.fround(0.5 - f32[0]!), Math.fround(0.25 - f32[1]!)], dtype);
+      } finally {
+        await base.close();
+      }
+    }
+    const path = join(dir, 'conv-huge');
+    await writeCheckpoint(path, [
+      { name: 'w', dtype: 'F32', shape: [2], data: encodeFromF32(Float32Array.of(1, 3e38), 'F32') },
+    ]);
+    const base = await Checkpoint.open(path);
+    try {
+      const chunk = { range: true, values: Float32Array.of(1, -3e38), firstPosition: 0 };
+      await assert.rejects(new FinetunedToDelta(base, 'w').convert(chunk as never), (err: Error) => {
+        assert.ok(err instanceof FormatError);
+        assert.match(
+          err.message,
+          /flat position 1: the fine-tuned weight -3\S* minus the base weight 3\S* is not a finite fp32 number/,
+        );
+        return true;
+      });
+    } finally {
+      await base.close();
+    }
   });
 });
