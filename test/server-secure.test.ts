@@ -206,7 +206,7 @@ async function runProtocol(
   job: Job,
   parties: Party[],
   fp: FixedPoint,
-  opts: { dropBeforeMasked?: string[]; badInput?: boolean } = {},
+  opts: { dropBeforeMasked?: string[]; badInput?: boolean; beforeUnmask?: () => Promise<void> } = {},
 ): Promise<void> {
   const jobId = job.id;
   for (const p of parties)
@@ -276,6 +276,7 @@ async function runProtocol(
     assert.equal(state.wordsExpected, BigInt(enc.words.length));
   }
   await atPhase(jobId, SecurePhase.SECURE_PHASE_UNMASK);
+  await opts.beforeUnmask?.();
   for (const p of live) {
     const req = await call(secure, 'getUnmaskRequest', { jobId }, p.token);
     const res = p.sp!.unmask({ survivors: req.survivors, dropouts: req.dropouts });
@@ -378,7 +379,8 @@ describe('secure aggregation through the server', () => {
     const other = await createSecure(['x', 'y'], 2);
     await rejectsWith(call(secure, 'getRoster', { jobId: other.job!.id }, parties[0]!.token), status.PERMISSION_DENIED);
     const fp = fixedPoint(BOUND, names.length);
-    await runProtocol(job!, parties, fp, { badInput: true });
+    // Searched while the spool holds the supports and every masked vector, and again once merged.
+    await runProtocol(job!, parties, fp, { badInput: true, beforeUnmask: () => noValueInDataFolder(parties) });
     const done = await waitFor(job!.id, (j) => j.state === JobState.JOB_STATE_MERGED);
     assert.equal(done.securePhase, SecurePhase.SECURE_PHASE_DONE);
     const { same, total } = await compareMerged(job!.id, await expected(parties));
@@ -392,25 +394,13 @@ describe('secure aggregation through the server', () => {
     const bound = sumErrorBound(fp);
     assert.ok(bound < 1e-8);
 
-    // No party value anywhere in the data folder but in the merged outputs and the unmasked sum (which hold
-    // base + Σ): for each party, 4 consecutive kept values of one chunk as their bf16 bytes (8 bytes, as a plain
-    // upload spools them). The same search finds them in the party's plain delta.
-    const bytes = await folderBytes(join(dir, 'data'), (p) => !/merged|patch|[/\\]sum[/\\]/.test(p));
-    assert.ok(bytes.length > 10_000);
-    for (const [i, p] of parties.entries()) {
-      const chunks = deltas[i]!.flatMap((r) => (r.chunk !== undefined && r.chunk.count >= 4 ? [r.chunk] : []));
-      const plain = Buffer.concat(chunks.map((c) => c.values));
-      for (const c of chunks.slice(0, 20)) {
-        const run = Buffer.from(c.values.subarray(0, 8));
-        assert.notEqual(plain.indexOf(run), -1);
-        assert.equal(bytes.indexOf(run), -1, `party ${p.name}'s bf16 values appear in the data folder`);
-      }
-    }
+    await noValueInDataFolder(parties);
   });
 
   it('5 parties, t = 3: one drops after its shares, before its masked input; the merge is that of the 4 others', async () => {
     const names = ['q1', 'q2', 'q3', 'q4', 'q5'];
-    const { job, tokens } = await createSecure(names, 3, 2);
+    // Each phase waits 10 s at most: long enough for every live party on a loaded machine, short enough to wait out q4.
+    const { job, tokens } = await createSecure(names, 3, 10);
     const parties: Party[] = names.map((name, i) => ({
       name,
       token: tokens[name]!,
@@ -445,7 +435,31 @@ async function folderBytes(root: string, keep: (path: string) => boolean): Promi
   for (const e of await readdir(root, { withFileTypes: true, recursive: true })) {
     if (!e.isFile()) continue;
     const p = join(e.parentPath, e.name);
-    if (keep(p)) parts.push(await readFile(p), Buffer.from([0xde, 0xad, 0xbe, 0xef]));
+    // A file the server removes meanwhile (the spool once the job merged) is skipped.
+    const data = keep(p)
+      ? await readFile(p).catch((err: NodeJS.ErrnoException) =>
+          err.code === 'ENOENT' ? undefined : Promise.reject(err),
+        )
+      : undefined;
+    if (data !== undefined) parts.push(data, Buffer.from([0xde, 0xad, 0xbe, 0xef]));
   }
   return Buffer.concat(parts);
+}
+
+/** Asserts that no party's kept values (as its plain upload would spool them) are in the data folder. */
+async function noValueInDataFolder(parties: readonly Party[]): Promise<void> {
+  // No party value anywhere in the data folder but in the merged outputs and the unmasked sum (which hold
+  // base + Σ): for each party, 4 consecutive kept values of one chunk as their bf16 bytes (8 bytes, as a plain
+  // upload spools them). The same search finds them in the party's plain delta.
+  const bytes = await folderBytes(join(dir, 'data'), (p) => !/merged|patch|[/\\]sum[/\\]/.test(p));
+  assert.ok(bytes.length > 10_000);
+  for (const [i, p] of parties.entries()) {
+    const chunks = deltas[i]!.flatMap((r) => (r.chunk !== undefined && r.chunk.count >= 4 ? [r.chunk] : []));
+    const plain = Buffer.concat(chunks.map((c) => c.values));
+    for (const c of chunks.slice(0, 20)) {
+      const run = Buffer.from(c.values.subarray(0, 8));
+      assert.notEqual(plain.indexOf(run), -1);
+      assert.equal(bytes.indexOf(run), -1, `party ${p.name}'s bf16 values appear in the data folder`);
+    }
+  }
 }
