@@ -380,7 +380,19 @@ describe('secure aggregation through the server', () => {
     await rejectsWith(call(secure, 'getRoster', { jobId: other.job!.id }, parties[0]!.token), status.PERMISSION_DENIED);
     const fp = fixedPoint(BOUND, names.length);
     // Searched while the spool holds the supports and every masked vector, and again once merged.
-    await runProtocol(job!, parties, fp, { badInput: true, beforeUnmask: () => noValueInDataFolder(parties) });
+    // Then the server restarts on the same data folder: the job resumes from its stored aggregator state.
+    await runProtocol(job!, parties, fp, {
+      badInput: true,
+      beforeUnmask: async () => {
+        await noValueInDataFolder(parties);
+        secure.close();
+        await h.close();
+        h = await startHarness(join(dir, 'data'));
+        secure = new SecureAggregationServiceClient(h.address, credentials.createInsecure());
+        const j = await call(h.jobs, 'getJob', { jobId: job!.id }, ADMIN);
+        assert.equal(j.securePhase, SecurePhase.SECURE_PHASE_UNMASK);
+      },
+    });
     const done = await waitFor(job!.id, (j) => j.state === JobState.JOB_STATE_MERGED);
     assert.equal(done.securePhase, SecurePhase.SECURE_PHASE_DONE);
     const { same, total } = await compareMerged(job!.id, await expected(parties));
