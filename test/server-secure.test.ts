@@ -439,6 +439,30 @@ describe('secure aggregation through the server', () => {
     const withDropout = await compareMerged(job!.id, await expected(parties));
     assert.ok(withDropout.same / withDropout.total < 0.99);
   });
+
+  it('fewer than t parties left when a phase closes: the job fails with TooFewSurvivorsError, nothing written', async () => {
+    const names = ['r1', 'r2', 'r3'];
+    const { job, tokens } = await createSecure(names, 3, 3);
+    const jobId = job!.id;
+    for (const [i, name] of names.entries())
+      await upload(h.uploads, tokens[name]!, uploadMessages(jobId, name, supportOf(deltas[i]!)));
+    // r3 never advertises its keys: KEYS closes at its deadline with 2 < t = 3 (or SUPPORT does, on a slow machine).
+    await atPhase(jobId, SecurePhase.SECURE_PHASE_KEYS).catch(() => undefined);
+    for (const [i, name] of names.slice(0, 2).entries()) {
+      const sp = SecureParty.create({ jobId, parties: 3, threshold: 3 }, i + 1);
+      const ad = sp.advertise();
+      await call(
+        secure,
+        'advertiseKeys',
+        { jobId, maskPublicKey: ad.maskPublicKey, sharePublicKey: ad.sharePublicKey },
+        tokens[name]!,
+      ).catch(() => undefined);
+    }
+    const failed = await waitFor(jobId, (j) => j.state === JobState.JOB_STATE_FAILED);
+    assert.match(failed.failureReason, /^TooFewSurvivorsError/);
+    const files = await readdir(join(dir, 'data', 'jobs', jobId), { recursive: true });
+    assert.ok(!files.some((f) => /merged|[/\\]sum|patch/.test(f)), files.join(', '));
+  });
 });
 
 /** Every file's bytes under `root` (recursively) that `keep` accepts, concatenated with separators. */
