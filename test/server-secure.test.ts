@@ -14,7 +14,14 @@ import { SecureAggregationServiceClient, type MaskedState, type SupportChunk } f
 import { ValueDtype, type DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import { Checkpoint } from '../proto/safetensors/index.js';
 import { fixedPoint, SecureParty, sumErrorBound, type FixedPoint } from '../proto/secure/index.js';
-import { assembleTensor, chunkChecksum, crc32c, decodeChunk, foldChunkCrc } from '../proto/sparse/index.js';
+import {
+  assembleTensor,
+  chunkChecksum,
+  crc32c,
+  decodeChunk,
+  foldChunkCrc,
+  readDeltaTensors,
+} from '../proto/sparse/index.js';
 import { roundBf16 } from './fixtures/reference.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import {
@@ -402,9 +409,29 @@ describe('secure aggregation through the server', () => {
     assert.ok(baseOnly.same / baseOnly.total < 0.99, `${baseOnly.same} of ${baseOnly.total} identical to the base`);
     const twoOnly = await compareMerged(job!.id, await expected(parties.slice(0, 2)));
     assert.ok(twoOnly.same / twoOnly.total < 0.99);
-    // The unmasked sum on U, before the merge rounds it, is within the fixed-point bound of Σ scaled values.
+    // The unmasked sum on U, before the merge rounds it, is within the fixed-point bound n·2^-(k+1) of the Σ of
+    // the scaled values computed here (plus the rounding of the F32 it is stored in).
     const bound = sumErrorBound(fp);
     assert.ok(bound < 1e-8);
+    const sumFolder = join(dir, 'data', 'jobs', job!.id, 'secure', 'sum');
+    let checked = 0;
+    let worst = 0;
+    for (const f of await readdir(sumFolder)) {
+      for await (const item of readDeltaTensors(join(sumFolder, f))) {
+        if (item.kind !== 'tensor') continue;
+        const t = item.tensor;
+        for (const e of t.partitions) {
+          e.positions.forEach((pos, k) => {
+            const want = parties.reduce((sum, q) => sum + (q.values.get(t.name)?.get(pos) ?? 0), 0);
+            const err = Math.abs(e.values[k]! - want) - Math.abs(want) * 2 ** -24;
+            worst = Math.max(worst, err);
+            checked++;
+          });
+        }
+      }
+    }
+    assert.ok(checked > 1000, `${checked} positions of U checked`);
+    assert.ok(worst <= bound, `largest error ${worst} beyond the bound ${bound}`);
 
     await noValueInDataFolder(parties);
   });
