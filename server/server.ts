@@ -32,6 +32,9 @@ import { jobService } from './rpc/job-service.js';
 import { widenReceiveWindow } from './rpc/receive-window.js';
 import { addReflection } from './rpc/reflection.js';
 import { uploadService } from './rpc/upload-service.js';
+import { secureService } from './rpc/secure-service.js';
+import { SecureJobs } from './secure/secure-jobs.js';
+import { SecureAggregationServiceService } from '../proto/gen/dppa/v1/secure.js';
 import { Spool } from './uploads/spool.js';
 
 /** Options of {@link DppaServer.stop}. */
@@ -53,6 +56,7 @@ const SERVICE_NAMES = [
   'dppa.v1.UploadService',
   'dppa.v1.DownloadService',
   'dppa.v1.EvaluationService',
+  'dppa.v1.SecureAggregationService',
   'grpc.health.v1.Health',
 ];
 
@@ -171,7 +175,10 @@ export class DppaServer {
       taskDone: (jobId) => runner.taskDone(jobId),
     });
     closers.push('job steps', () => steps.close());
+    const secure = new SecureJobs({ store, events, spool, metrics, log, poke: (jobId) => runner.poke(jobId) });
+    closers.push('secure phase timers', () => secure.stop());
     const runner = new JobRunner({
+      secure,
       store,
       events,
       spool,
@@ -207,6 +214,7 @@ export class DppaServer {
     grpc.addService(UploadServiceKeepingRecords, uploadService({ store, events, spool, runner, metrics, auth }, rpc));
     grpc.addService(DownloadServiceService, downloadService({ store, auth }, rpc));
     grpc.addService(EvaluationServiceService, evaluationService({ store, broker, auth, runner }, rpc));
+    grpc.addService(SecureAggregationServiceService, secureService({ store, secure, auth }, rpc));
     grpc.addService(HealthService, healthService(health, rpc));
     addReflection(grpc);
     // The runner stops together with the listener: runner.stop() starts and tryShutdown follows in the same tick, so

@@ -14,6 +14,7 @@ import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import {
   ADMIN,
   call,
+  createJobRequest,
   pruneRecords,
   rejectsWith,
   startHarness,
@@ -39,17 +40,14 @@ async function createJob(base: string, rate: number, method = 'dp'): Promise<Cre
   return call(
     h.jobs,
     'createJob',
-    {
+    createJobRequest({
       basePath: base,
       parties: ['solo'],
       rate,
       method,
       label: 'exact',
       dpa: { fixed: { factors: [1], perParty: {} }, scaleOutsideByMax: false },
-      merge: undefined,
-      maxAbsValue: 0,
-      pruneMethod: 0,
-    },
+    }),
     ADMIN,
   );
 }

@@ -80,6 +80,10 @@ before(async () => {
       merge: undefined,
       maxAbsValue: 0,
       pruneMethod: 0,
+      privacy: 0,
+      threshold: 0,
+      clipBound: 0,
+      securePhaseSeconds: 0,
     },
     ADMIN,
   );
@@ -419,6 +423,10 @@ describe("uploads: the job's value bound", () => {
           merge: undefined,
           maxAbsValue,
           pruneMethod: 0,
+          privacy: 0,
+          threshold: 0,
+          clipBound: 0,
+          securePhaseSeconds: 0,
         },
         ADMIN,
       );

@@ -14,6 +14,7 @@ import { assembleTensor } from '../../proto/sparse/index.js';
 import {
   ADMIN,
   call,
+  createJobRequest,
   pruneRecords,
   startHarness,
   upload,
@@ -38,17 +39,14 @@ async function merge(
   const { job, tokens } = await call(
     h.jobs,
     'createJob',
-    {
+    createJobRequest({
       basePath: base,
       parties,
       rate,
       method,
       label: 'exact',
       dpa: { fixed: { factors: [1], perParty: {} }, scaleOutsideByMax: false },
-      merge: undefined,
-      maxAbsValue: 0,
-      pruneMethod: 0,
-    },
+    }),
     ADMIN,
   );
   await Promise.all(parties.map((p, i) => upload(h.uploads, tokens[p]!, uploadMessages(job!.id, p, recs[i]!))));
