@@ -54,6 +54,10 @@ function request(fields: Partial<CreateJobRequest>): CreateJobRequest {
     merge: undefined,
     maxAbsValue: 0,
     pruneMethod: 0,
+    privacy: 0,
+    threshold: 0,
+    clipBound: 0,
+    securePhaseSeconds: 0,
     ...fields,
   };
 }

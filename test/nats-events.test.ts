@@ -82,6 +82,10 @@ async function createJob(): Promise<{ jobId: string; tokens: Record<string, stri
       merge: undefined,
       maxAbsValue: 0,
       pruneMethod: 0,
+      privacy: 0,
+      threshold: 0,
+      clipBound: 0,
+      securePhaseSeconds: 0,
     },
     ADMIN,
   );

@@ -399,6 +399,7 @@ describe('dppa server commands: against a server', () => {
               factors: [],
               factorsFinal: false,
               stoppedReason: '',
+              secureIndex: 0,
             },
           ],
         },

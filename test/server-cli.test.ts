@@ -117,6 +117,10 @@ describe('dppa serve', () => {
         merge: undefined,
         maxAbsValue: 0,
         pruneMethod: 0,
+        privacy: 0,
+        threshold: 0,
+        clipBound: 0,
+        securePhaseSeconds: 0,
       },
       ADMIN,
     );

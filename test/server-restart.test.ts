@@ -66,6 +66,10 @@ before(async () => {
       merge: undefined,
       maxAbsValue: 0,
       pruneMethod: 0,
+      privacy: 0,
+      threshold: 0,
+      clipBound: 0,
+      securePhaseSeconds: 0,
     },
     ADMIN,
   );
@@ -181,6 +185,10 @@ describe('restart', () => {
         merge: undefined,
         maxAbsValue: 0,
         pruneMethod: 0,
+        privacy: 0,
+        threshold: 0,
+        clipBound: 0,
+        securePhaseSeconds: 0,
       },
       ADMIN,
     );

@@ -36,6 +36,10 @@ describe('stopping the server', () => {
         merge: undefined,
         maxAbsValue: 0,
         pruneMethod: 0,
+        privacy: 0,
+        threshold: 0,
+        clipBound: 0,
+        securePhaseSeconds: 0,
       },
       ADMIN,
     );

@@ -79,6 +79,10 @@ before(async () => {
       merge: undefined,
       maxAbsValue: 0,
       pruneMethod: 0,
+      privacy: 0,
+      threshold: 0,
+      clipBound: 0,
+      securePhaseSeconds: 0,
     },
     ADMIN,
   );
@@ -148,6 +152,10 @@ describe('uploads: every bad input gets its status and changes nothing', () => {
         merge: undefined,
         maxAbsValue: 0,
         pruneMethod: 0,
+        privacy: 0,
+        threshold: 0,
+        clipBound: 0,
+        securePhaseSeconds: 0,
       },
       ADMIN,
     );
@@ -402,6 +410,10 @@ describe('uploads: the per-party byte cap', () => {
           merge: undefined,
           maxAbsValue: 0,
           pruneMethod: 0,
+          privacy: 0,
+          threshold: 0,
+          clipBound: 0,
+          securePhaseSeconds: 0,
         },
         ADMIN,
       );
@@ -438,6 +450,10 @@ describe("uploads: the job's value bound", () => {
           merge: undefined,
           maxAbsValue,
           pruneMethod: 0,
+          privacy: 0,
+          threshold: 0,
+          clipBound: 0,
+          securePhaseSeconds: 0,
         },
         ADMIN,
       );

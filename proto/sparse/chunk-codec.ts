@@ -57,15 +57,22 @@ export function* encodeChunks(
       : opts.valueDtype;
   const maxEntries = opts.maxChunkEntries ?? DEFAULT_MAX_CHUNK_ENTRIES;
   const firstIndex = opts.firstIndex ?? 0;
+  // Positions only (a secure job's support): `values` may be empty, and no value bytes are written.
+  const positionsOnly = valueDtype === ValueDtype.VALUE_DTYPE_NONE;
   const dtype = storageDtype(valueDtype);
-  if (dtype === undefined)
-    throw new RangeError(`tensor "${tensor}": value dtype ${valueDtype} is not BF16, F16 or F32`);
+  if (dtype === undefined && !positionsOnly)
+    throw new RangeError(`tensor "${tensor}": value dtype ${valueDtype} is not BF16, F16, F32 or NONE`);
   checkUint32('partition', partition, tensor);
   checkUint32('firstIndex', firstIndex, tensor);
   if (!Number.isInteger(maxEntries) || maxEntries < 1 || maxEntries > 0xffffffff) {
     throw new RangeError(`tensor "${tensor}": maxChunkEntries must be a positive 32-bit integer, got ${maxEntries}`);
   }
-  checkPositions(tensor, positions, values.length, opts.numel);
+  checkPositions(
+    tensor,
+    positions,
+    positionsOnly && values.length === 0 ? positions.length : values.length,
+    opts.numel,
+  );
 
   const n = positions.length;
   if (firstIndex + Math.ceil(n / maxEntries) - 1 > 0xffffffff) {
@@ -88,7 +95,7 @@ export function* encodeChunks(
       golombM,
       positions: isRun ? Buffer.alloc(0) : asBuffer(encodeGaps(positions, start, end, golombM)),
       valueDtype,
-      values: encodeValues(values.subarray(start, end), dtype),
+      values: dtype === undefined ? Buffer.alloc(0) : encodeValues(values.subarray(start, end), dtype),
       crc32c: 0,
     };
     chunk.crc32c = chunkChecksum(chunk);
@@ -210,12 +217,14 @@ export function checkChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}): Ch
   const count = chunk.count;
   if (count < 1) throw new FormatError(`${label}: count is 0`, where);
   const dtype = storageDtype(chunk.valueDtype);
-  if (dtype === undefined) throw new FormatError(`${label}: unknown value dtype ${chunk.valueDtype}`, where);
-  const expectedBytes = count * valueSize(dtype);
+  const positionsOnly = chunk.valueDtype === ValueDtype.VALUE_DTYPE_NONE;
+  if (dtype === undefined && !positionsOnly)
+    throw new FormatError(`${label}: unknown value dtype ${chunk.valueDtype}`, where);
+  const expectedBytes = dtype === undefined ? 0 : count * valueSize(dtype);
   // Checked before anything allocates `count` entries, so a forged count cannot allocate more than the chunk carries.
   if (chunk.values.length !== expectedBytes) {
     throw new FormatError(
-      `${label}: ${chunk.values.length} value bytes, expected ${expectedBytes} (${count} × ${dtype})`,
+      `${label}: ${chunk.values.length} value bytes, expected ${expectedBytes} (${count} × ${dtype ?? 'NONE'})`,
       where,
     );
   }
@@ -294,7 +303,10 @@ export function decodeChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}, sc
     scratch.values = new Float32Array(count);
   }
   const values = scratch === undefined ? new Float32Array(count) : scratch.values.subarray(0, count);
-  decodeValues(chunk.values, storageDtype(chunk.valueDtype)!, values);
+  // A positions-only chunk decodes with every value 0.
+  const dtype = storageDtype(chunk.valueDtype);
+  if (dtype === undefined) values.fill(0);
+  else decodeValues(chunk.values, dtype, values);
   if (checked.range && scratch !== undefined) {
     // checkChunk has bounded the last position already.
     const { firstPosition } = checked;

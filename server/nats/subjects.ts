@@ -40,6 +40,7 @@ export const EVENT_KINDS = {
   failed: 'failed',
   paused: 'paused',
   partyStopped: 'party_stopped',
+  securePhaseClosed: 'secure_phase_closed',
 } as const satisfies Record<keyof Omit<JobEvent, 'jobId' | 'seq' | 'time'>, string>;
 
 /** Last token of an event subject. */

@@ -3,7 +3,7 @@
  * progress read from its spool.
  */
 import { pruneMethodToWire } from '../../proto/algorithm/index.js';
-import type { Job, PartyStatus, Pause } from '../../proto/gen/dppa/v1/jobs.js';
+import { Privacy, SecurePhase, type Job, type PartyStatus, type Pause } from '../../proto/gen/dppa/v1/jobs.js';
 import { partyFactors, searchesFactors } from '../jobs/job-spec.js';
 import type { StoredJob } from '../jobs/job-store.js';
 import type { PartySpool } from '../uploads/spool.js';
@@ -39,6 +39,7 @@ export function jobView(job: StoredJob, spools: ReadonlyMap<string, PartySpool>,
         // Fixed factors (and DPA off) are final as soon as they are known; searched ones once chosen.
         factorsFinal: !searchesFactors(job) || p.chosen !== undefined,
         stoppedReason: p.stoppedReason ?? '',
+        secureIndex: 0,
       };
     }),
     evaluations: job.evaluations,
@@ -47,5 +48,10 @@ export function jobView(job: StoredJob, spools: ReadonlyMap<string, PartySpool>,
     updatedAt: job.updatedAt,
     maxAbsValue: job.maxAbsValue,
     pause,
+    privacy: Privacy.PRIVACY_PLAIN,
+    threshold: 0,
+    clipBound: 0,
+    securePhase: SecurePhase.SECURE_PHASE_UNSPECIFIED,
+    securePhaseSeconds: 0,
   };
 }

@@ -26,7 +26,12 @@ export const protobufPackage = "dppa.v1";
 
 export const protobufFileName = "dppa/v1/jobs.proto";
 
-/** Life cycle: COLLECTING → (DPA) → MERGING → MERGED, or FAILED from any state. */
+/**
+ * Life cycle: COLLECTING → (DPA) → MERGING → MERGED, or FAILED from any state.
+ * A secure job (PRIVACY_SECURE) stays COLLECTING through its secure phases
+ * (`Job.secure_phase`), never enters DPA, and is MERGING while the server
+ * removes the masks and merges the sum.
+ */
 export enum JobState {
   /** JOB_STATE_UNSPECIFIED - Zero value; no job is ever in this state. */
   JOB_STATE_UNSPECIFIED = 0,
@@ -214,6 +219,124 @@ export function evaluatorKindToJSON(object: EvaluatorKind): string {
     case EvaluatorKind.EVALUATOR_KIND_ONNX:
       return "EVALUATOR_KIND_ONNX";
     case EvaluatorKind.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** Whether the server sees each party's delta (plain) or only their sum (secure aggregation, docs/privacy.md). */
+export enum Privacy {
+  /** PRIVACY_UNSPECIFIED - Not set: PLAIN. */
+  PRIVACY_UNSPECIFIED = 0,
+  /** PRIVACY_PLAIN - Parties upload their pruned deltas in clear; the server amplifies and merges them. */
+  PRIVACY_PLAIN = 1,
+  /**
+   * PRIVACY_SECURE - Secure aggregation: parties upload their kept positions in clear and their
+   * scaled values masked; the server learns only the sum of the values on the
+   * union of the supports. Amplification and weights are applied by each party.
+   */
+  PRIVACY_SECURE = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function privacyFromJSON(object: any): Privacy {
+  switch (object) {
+    case 0:
+    case "PRIVACY_UNSPECIFIED":
+      return Privacy.PRIVACY_UNSPECIFIED;
+    case 1:
+    case "PRIVACY_PLAIN":
+      return Privacy.PRIVACY_PLAIN;
+    case 2:
+    case "PRIVACY_SECURE":
+      return Privacy.PRIVACY_SECURE;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return Privacy.UNRECOGNIZED;
+  }
+}
+
+export function privacyToJSON(object: Privacy): string {
+  switch (object) {
+    case Privacy.PRIVACY_UNSPECIFIED:
+      return "PRIVACY_UNSPECIFIED";
+    case Privacy.PRIVACY_PLAIN:
+      return "PRIVACY_PLAIN";
+    case Privacy.PRIVACY_SECURE:
+      return "PRIVACY_SECURE";
+    case Privacy.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** The phase a secure job is collecting (docs/privacy.md, "Rounds"). */
+export enum SecurePhase {
+  /** SECURE_PHASE_UNSPECIFIED - Not a secure job. */
+  SECURE_PHASE_UNSPECIFIED = 0,
+  /** SECURE_PHASE_SUPPORT - Parties upload their supports (positions only) with UploadService.Upload. */
+  SECURE_PHASE_SUPPORT = 1,
+  /** SECURE_PHASE_KEYS - Parties advertise their public keys (SecureAggregationService.AdvertiseKeys). */
+  SECURE_PHASE_KEYS = 2,
+  /** SECURE_PHASE_SHARES - Parties of the roster send their sealed shares (SubmitShares). */
+  SECURE_PHASE_SHARES = 3,
+  /** SECURE_PHASE_MASKED_INPUT - Parties that shared upload their masked vectors on the union (UploadMasked). */
+  SECURE_PHASE_MASKED_INPUT = 4,
+  /** SECURE_PHASE_UNMASK - Survivors reveal the shares the server asks for (SubmitUnmask). */
+  SECURE_PHASE_UNMASK = 5,
+  /** SECURE_PHASE_DONE - The masks are removed; the job merges the sum (or has merged it). */
+  SECURE_PHASE_DONE = 6,
+  UNRECOGNIZED = -1,
+}
+
+export function securePhaseFromJSON(object: any): SecurePhase {
+  switch (object) {
+    case 0:
+    case "SECURE_PHASE_UNSPECIFIED":
+      return SecurePhase.SECURE_PHASE_UNSPECIFIED;
+    case 1:
+    case "SECURE_PHASE_SUPPORT":
+      return SecurePhase.SECURE_PHASE_SUPPORT;
+    case 2:
+    case "SECURE_PHASE_KEYS":
+      return SecurePhase.SECURE_PHASE_KEYS;
+    case 3:
+    case "SECURE_PHASE_SHARES":
+      return SecurePhase.SECURE_PHASE_SHARES;
+    case 4:
+    case "SECURE_PHASE_MASKED_INPUT":
+      return SecurePhase.SECURE_PHASE_MASKED_INPUT;
+    case 5:
+    case "SECURE_PHASE_UNMASK":
+      return SecurePhase.SECURE_PHASE_UNMASK;
+    case 6:
+    case "SECURE_PHASE_DONE":
+      return SecurePhase.SECURE_PHASE_DONE;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return SecurePhase.UNRECOGNIZED;
+  }
+}
+
+export function securePhaseToJSON(object: SecurePhase): string {
+  switch (object) {
+    case SecurePhase.SECURE_PHASE_UNSPECIFIED:
+      return "SECURE_PHASE_UNSPECIFIED";
+    case SecurePhase.SECURE_PHASE_SUPPORT:
+      return "SECURE_PHASE_SUPPORT";
+    case SecurePhase.SECURE_PHASE_KEYS:
+      return "SECURE_PHASE_KEYS";
+    case SecurePhase.SECURE_PHASE_SHARES:
+      return "SECURE_PHASE_SHARES";
+    case SecurePhase.SECURE_PHASE_MASKED_INPUT:
+      return "SECURE_PHASE_MASKED_INPUT";
+    case SecurePhase.SECURE_PHASE_UNMASK:
+      return "SECURE_PHASE_UNMASK";
+    case SecurePhase.SECURE_PHASE_DONE:
+      return "SECURE_PHASE_DONE";
+    case SecurePhase.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
   }
@@ -434,6 +557,27 @@ export interface CreateJobRequest {
   maxAbsValue: number;
   /** Pruning method every party must use; UNSPECIFIED (with `method` empty) takes DP. */
   pruneMethod: PruneMethod;
+  /**
+   * PLAIN (the default) or SECURE. A secure job refuses server-side search
+   * (`dpa.search`), fixed factors other than 1, sign election and merge
+   * weights other than 1: each party applies its own factors and weight.
+   */
+  privacy: Privacy;
+  /**
+   * Secure jobs: shares needed to rebuild a secret, in [2, number of parties];
+   * at least this many parties must remain in every phase. 0 with PLAIN.
+   */
+  threshold: number;
+  /**
+   * Secure jobs: clipping bound B > 0 of every scaled value a party sums
+   * (values beyond ±B are clipped); it fixes the fixed-point scale. 0 with PLAIN.
+   */
+  clipBound: number;
+  /**
+   * Secure jobs: seconds each phase waits for the parties that have not
+   * answered before it closes without them (0: the default, 600).
+   */
+  securePhaseSeconds: number;
 }
 
 /** The new job and its party tokens. */
@@ -556,6 +700,11 @@ export interface PartyStatus {
    * (run `dppa evaluate` again). Empty otherwise.
    */
   stoppedReason: string;
+  /**
+   * Secure jobs: the party's number in the protocol (1..n, its place in the
+   * job's party list); 0 for plain jobs.
+   */
+  secureIndex: number;
 }
 
 /** A merge job: its settings as created and its progress so far. */
@@ -608,6 +757,16 @@ export interface Job {
     | undefined;
   /** Pruning method every party must use (never UNSPECIFIED from this server). */
   pruneMethod: PruneMethod;
+  /** PLAIN or SECURE (never UNSPECIFIED from this server). */
+  privacy: Privacy;
+  /** Secure jobs: the threshold t as created; 0 for plain jobs. */
+  threshold: number;
+  /** Secure jobs: the clipping bound B as created; 0 for plain jobs. */
+  clipBound: number;
+  /** Secure jobs: the phase being collected (UNSPECIFIED for plain jobs). */
+  securePhase: SecurePhase;
+  /** Secure jobs: the per-phase deadline in seconds, resolved (600 when 0 was given). */
+  securePhaseSeconds: number;
 }
 
 /** A party connected to the job for the first time. */
@@ -698,6 +857,25 @@ export interface Failed {
   reason: string;
 }
 
+/** A phase of a secure job closed: every party it waited for answered, or its deadline passed. */
+export interface SecurePhaseClosed {
+  /** The phase that closed. */
+  phase: SecurePhase;
+  /** The phase the job collects from now on (DONE after UNMASK). */
+  next: SecurePhase;
+  /**
+   * Parties that answered in the phase: supports received (SUPPORT), U1
+   * (KEYS), U2 (SHARES), U3 (MASKED_INPUT), unmask responses (UNMASK).
+   */
+  parties: number;
+  /** Parties that were waited for and did not answer before the deadline. */
+  missing: string[];
+  /** |U|, the number of positions in the union of the supports (0 before SUPPORT closed). */
+  unionSize: bigint;
+  /** Seconds the phase was open. */
+  seconds: number;
+}
+
 /** One event of a job, as streamed by WatchJob. */
 export interface JobEvent {
   /** Id of the job the event belongs to. */
@@ -747,7 +925,11 @@ export interface JobEvent {
     | Pause
     | undefined;
   /** A party's work stopped; the job waits for it. */
-  partyStopped?: PartyStopped | undefined;
+  partyStopped?:
+    | PartyStopped
+    | undefined;
+  /** A phase of a secure job closed. */
+  securePhaseClosed?: SecurePhaseClosed | undefined;
 }
 
 function createBaseFixedFactors(): FixedFactors {
@@ -2455,6 +2637,10 @@ function createBaseCreateJobRequest(): CreateJobRequest {
     label: "",
     maxAbsValue: 0,
     pruneMethod: 0,
+    privacy: 0,
+    threshold: 0,
+    clipBound: 0,
+    securePhaseSeconds: 0,
   };
 }
 
@@ -2486,6 +2672,18 @@ export const CreateJobRequest: MessageFns<CreateJobRequest> = {
     }
     if (message.pruneMethod !== 0) {
       writer.uint32(72).int32(message.pruneMethod);
+    }
+    if (message.privacy !== 0) {
+      writer.uint32(80).int32(message.privacy);
+    }
+    if (message.threshold !== 0) {
+      writer.uint32(88).uint32(message.threshold);
+    }
+    if (message.clipBound !== 0) {
+      writer.uint32(97).double(message.clipBound);
+    }
+    if (message.securePhaseSeconds !== 0) {
+      writer.uint32(104).uint32(message.securePhaseSeconds);
     }
     return writer;
   },
@@ -2575,6 +2773,38 @@ export const CreateJobRequest: MessageFns<CreateJobRequest> = {
             message.pruneMethod = reader.int32() as any;
             continue;
           }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.privacy = reader.int32() as any;
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.threshold = reader.uint32();
+            continue;
+          }
+          case 12: {
+            if (tag !== 97) {
+              break;
+            }
+
+            message.clipBound = reader.double();
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.securePhaseSeconds = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2610,6 +2840,18 @@ export const CreateJobRequest: MessageFns<CreateJobRequest> = {
         : isSet(object.prune_method)
         ? pruneMethodFromJSON(object.prune_method)
         : 0,
+      privacy: isSet(object.privacy) ? privacyFromJSON(object.privacy) : 0,
+      threshold: isSet(object.threshold) ? globalThis.Number(object.threshold) : 0,
+      clipBound: isSet(object.clipBound)
+        ? globalThis.Number(object.clipBound)
+        : isSet(object.clip_bound)
+        ? globalThis.Number(object.clip_bound)
+        : 0,
+      securePhaseSeconds: isSet(object.securePhaseSeconds)
+        ? globalThis.Number(object.securePhaseSeconds)
+        : isSet(object.secure_phase_seconds)
+        ? globalThis.Number(object.secure_phase_seconds)
+        : 0,
     };
   },
 
@@ -2642,6 +2884,18 @@ export const CreateJobRequest: MessageFns<CreateJobRequest> = {
     if (message.pruneMethod !== 0) {
       obj.pruneMethod = pruneMethodToJSON(message.pruneMethod);
     }
+    if (message.privacy !== 0) {
+      obj.privacy = privacyToJSON(message.privacy);
+    }
+    if (message.threshold !== 0) {
+      obj.threshold = Math.round(message.threshold);
+    }
+    if (message.clipBound !== 0) {
+      obj.clipBound = floatToJson(message.clipBound);
+    }
+    if (message.securePhaseSeconds !== 0) {
+      obj.securePhaseSeconds = Math.round(message.securePhaseSeconds);
+    }
     return obj;
   },
 
@@ -2661,6 +2915,10 @@ export const CreateJobRequest: MessageFns<CreateJobRequest> = {
     message.label = object.label ?? "";
     message.maxAbsValue = object.maxAbsValue ?? 0;
     message.pruneMethod = object.pruneMethod ?? 0;
+    message.privacy = object.privacy ?? 0;
+    message.threshold = object.threshold ?? 0;
+    message.clipBound = object.clipBound ?? 0;
+    message.securePhaseSeconds = object.securePhaseSeconds ?? 0;
     return message;
   },
 };
@@ -3732,6 +3990,7 @@ function createBasePartyStatus(): PartyStatus {
     factors: [],
     factorsFinal: false,
     stoppedReason: "",
+    secureIndex: 0,
   };
 }
 
@@ -3767,6 +4026,9 @@ export const PartyStatus: MessageFns<PartyStatus> = {
     }
     if (message.stoppedReason !== "") {
       writer.uint32(66).string(message.stoppedReason);
+    }
+    if (message.secureIndex !== 0) {
+      writer.uint32(72).uint32(message.secureIndex);
     }
     return writer;
   },
@@ -3858,6 +4120,14 @@ export const PartyStatus: MessageFns<PartyStatus> = {
             message.stoppedReason = reader.string();
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.secureIndex = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3906,6 +4176,11 @@ export const PartyStatus: MessageFns<PartyStatus> = {
         : isSet(object.stopped_reason)
         ? globalThis.String(object.stopped_reason)
         : "",
+      secureIndex: isSet(object.secureIndex)
+        ? globalThis.Number(object.secureIndex)
+        : isSet(object.secure_index)
+        ? globalThis.Number(object.secure_index)
+        : 0,
     };
   },
 
@@ -3935,6 +4210,9 @@ export const PartyStatus: MessageFns<PartyStatus> = {
     if (message.stoppedReason !== "") {
       obj.stoppedReason = message.stoppedReason;
     }
+    if (message.secureIndex !== 0) {
+      obj.secureIndex = Math.round(message.secureIndex);
+    }
     return obj;
   },
 
@@ -3953,6 +4231,7 @@ export const PartyStatus: MessageFns<PartyStatus> = {
     message.factors = object.factors?.map((e) => e) || [];
     message.factorsFinal = object.factorsFinal ?? false;
     message.stoppedReason = object.stoppedReason ?? "";
+    message.secureIndex = object.secureIndex ?? 0;
     return message;
   },
 };
@@ -3976,6 +4255,11 @@ function createBaseJob(): Job {
     maxAbsValue: 0,
     pause: undefined,
     pruneMethod: 0,
+    privacy: 0,
+    threshold: 0,
+    clipBound: 0,
+    securePhase: 0,
+    securePhaseSeconds: 0,
   };
 }
 
@@ -4031,6 +4315,21 @@ export const Job: MessageFns<Job> = {
     }
     if (message.pruneMethod !== 0) {
       writer.uint32(136).int32(message.pruneMethod);
+    }
+    if (message.privacy !== 0) {
+      writer.uint32(144).int32(message.privacy);
+    }
+    if (message.threshold !== 0) {
+      writer.uint32(152).uint32(message.threshold);
+    }
+    if (message.clipBound !== 0) {
+      writer.uint32(161).double(message.clipBound);
+    }
+    if (message.securePhase !== 0) {
+      writer.uint32(168).int32(message.securePhase);
+    }
+    if (message.securePhaseSeconds !== 0) {
+      writer.uint32(176).uint32(message.securePhaseSeconds);
     }
     return writer;
   },
@@ -4184,6 +4483,46 @@ export const Job: MessageFns<Job> = {
             message.pruneMethod = reader.int32() as any;
             continue;
           }
+          case 18: {
+            if (tag !== 144) {
+              break;
+            }
+
+            message.privacy = reader.int32() as any;
+            continue;
+          }
+          case 19: {
+            if (tag !== 152) {
+              break;
+            }
+
+            message.threshold = reader.uint32();
+            continue;
+          }
+          case 20: {
+            if (tag !== 161) {
+              break;
+            }
+
+            message.clipBound = reader.double();
+            continue;
+          }
+          case 21: {
+            if (tag !== 168) {
+              break;
+            }
+
+            message.securePhase = reader.int32() as any;
+            continue;
+          }
+          case 22: {
+            if (tag !== 176) {
+              break;
+            }
+
+            message.securePhaseSeconds = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4245,6 +4584,23 @@ export const Job: MessageFns<Job> = {
         : isSet(object.prune_method)
         ? pruneMethodFromJSON(object.prune_method)
         : 0,
+      privacy: isSet(object.privacy) ? privacyFromJSON(object.privacy) : 0,
+      threshold: isSet(object.threshold) ? globalThis.Number(object.threshold) : 0,
+      clipBound: isSet(object.clipBound)
+        ? globalThis.Number(object.clipBound)
+        : isSet(object.clip_bound)
+        ? globalThis.Number(object.clip_bound)
+        : 0,
+      securePhase: isSet(object.securePhase)
+        ? securePhaseFromJSON(object.securePhase)
+        : isSet(object.secure_phase)
+        ? securePhaseFromJSON(object.secure_phase)
+        : 0,
+      securePhaseSeconds: isSet(object.securePhaseSeconds)
+        ? globalThis.Number(object.securePhaseSeconds)
+        : isSet(object.secure_phase_seconds)
+        ? globalThis.Number(object.secure_phase_seconds)
+        : 0,
     };
   },
 
@@ -4301,6 +4657,21 @@ export const Job: MessageFns<Job> = {
     if (message.pruneMethod !== 0) {
       obj.pruneMethod = pruneMethodToJSON(message.pruneMethod);
     }
+    if (message.privacy !== 0) {
+      obj.privacy = privacyToJSON(message.privacy);
+    }
+    if (message.threshold !== 0) {
+      obj.threshold = Math.round(message.threshold);
+    }
+    if (message.clipBound !== 0) {
+      obj.clipBound = floatToJson(message.clipBound);
+    }
+    if (message.securePhase !== 0) {
+      obj.securePhase = securePhaseToJSON(message.securePhase);
+    }
+    if (message.securePhaseSeconds !== 0) {
+      obj.securePhaseSeconds = Math.round(message.securePhaseSeconds);
+    }
     return obj;
   },
 
@@ -4328,6 +4699,11 @@ export const Job: MessageFns<Job> = {
     message.maxAbsValue = object.maxAbsValue ?? 0;
     message.pause = (object.pause !== undefined && object.pause !== null) ? Pause.fromPartial(object.pause) : undefined;
     message.pruneMethod = object.pruneMethod ?? 0;
+    message.privacy = object.privacy ?? 0;
+    message.threshold = object.threshold ?? 0;
+    message.clipBound = object.clipBound ?? 0;
+    message.securePhase = object.securePhase ?? 0;
+    message.securePhaseSeconds = object.securePhaseSeconds ?? 0;
     return message;
   },
 };
@@ -5239,6 +5615,162 @@ export const Failed: MessageFns<Failed> = {
   },
 };
 
+function createBaseSecurePhaseClosed(): SecurePhaseClosed {
+  return { phase: 0, next: 0, parties: 0, missing: [], unionSize: 0n, seconds: 0 };
+}
+
+export const SecurePhaseClosed: MessageFns<SecurePhaseClosed> = {
+  encode(message: SecurePhaseClosed, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.phase !== 0) {
+      writer.uint32(8).int32(message.phase);
+    }
+    if (message.next !== 0) {
+      writer.uint32(16).int32(message.next);
+    }
+    if (message.parties !== 0) {
+      writer.uint32(24).uint32(message.parties);
+    }
+    for (const v of message.missing) {
+      writer.uint32(34).string(v!);
+    }
+    if (message.unionSize !== 0n) {
+      if (BigInt.asUintN(64, message.unionSize) !== message.unionSize) {
+        throw new globalThis.Error("value provided for field message.unionSize of type uint64 too large");
+      }
+      writer.uint32(40).uint64(message.unionSize);
+    }
+    if (message.seconds !== 0) {
+      writer.uint32(49).double(message.seconds);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SecurePhaseClosed {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSecurePhaseClosed();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.phase = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.next = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.parties = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.missing.push(reader.string());
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.unionSize = reader.uint64() as bigint;
+            continue;
+          }
+          case 6: {
+            if (tag !== 49) {
+              break;
+            }
+
+            message.seconds = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SecurePhaseClosed {
+    return {
+      phase: isSet(object.phase) ? securePhaseFromJSON(object.phase) : 0,
+      next: isSet(object.next) ? securePhaseFromJSON(object.next) : 0,
+      parties: isSet(object.parties) ? globalThis.Number(object.parties) : 0,
+      missing: globalThis.Array.isArray(object?.missing) ? object.missing.map((e: any) => globalThis.String(e)) : [],
+      unionSize: isSet(object.unionSize)
+        ? BigInt(object.unionSize)
+        : isSet(object.union_size)
+        ? BigInt(object.union_size)
+        : 0n,
+      seconds: isSet(object.seconds) ? globalThis.Number(object.seconds) : 0,
+    };
+  },
+
+  toJSON(message: SecurePhaseClosed): unknown {
+    const obj: any = {};
+    if (message.phase !== 0) {
+      obj.phase = securePhaseToJSON(message.phase);
+    }
+    if (message.next !== 0) {
+      obj.next = securePhaseToJSON(message.next);
+    }
+    if (message.parties !== 0) {
+      obj.parties = Math.round(message.parties);
+    }
+    if (message.missing?.length) {
+      obj.missing = message.missing;
+    }
+    if (message.unionSize !== 0n) {
+      obj.unionSize = message.unionSize.toString();
+    }
+    if (message.seconds !== 0) {
+      obj.seconds = floatToJson(message.seconds);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SecurePhaseClosed>): SecurePhaseClosed {
+    return SecurePhaseClosed.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SecurePhaseClosed>): SecurePhaseClosed {
+    const message = createBaseSecurePhaseClosed();
+    message.phase = object.phase ?? 0;
+    message.next = object.next ?? 0;
+    message.parties = object.parties ?? 0;
+    message.missing = object.missing?.map((e) => e) || [];
+    message.unionSize = (object.unionSize !== undefined && object.unionSize !== null) ? BigInt(object.unionSize) : 0n;
+    message.seconds = object.seconds ?? 0;
+    return message;
+  },
+};
+
 function createBaseJobEvent(): JobEvent {
   return {
     jobId: "",
@@ -5255,6 +5787,7 @@ function createBaseJobEvent(): JobEvent {
     failed: undefined,
     paused: undefined,
     partyStopped: undefined,
+    securePhaseClosed: undefined,
   };
 }
 
@@ -5304,6 +5837,9 @@ export const JobEvent: MessageFns<JobEvent> = {
     }
     if (message.partyStopped !== undefined) {
       PartyStopped.encode(message.partyStopped, writer.uint32(162).fork()).join();
+    }
+    if (message.securePhaseClosed !== undefined) {
+      SecurePhaseClosed.encode(message.securePhaseClosed, writer.uint32(170).fork()).join();
     }
     return writer;
   },
@@ -5433,6 +5969,14 @@ export const JobEvent: MessageFns<JobEvent> = {
             message.partyStopped = PartyStopped.decode(reader, reader.uint32());
             continue;
           }
+          case 21: {
+            if (tag !== 170) {
+              break;
+            }
+
+            message.securePhaseClosed = SecurePhaseClosed.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5497,6 +6041,11 @@ export const JobEvent: MessageFns<JobEvent> = {
         : isSet(object.party_stopped)
         ? PartyStopped.fromJSON(object.party_stopped)
         : undefined,
+      securePhaseClosed: isSet(object.securePhaseClosed)
+        ? SecurePhaseClosed.fromJSON(object.securePhaseClosed)
+        : isSet(object.secure_phase_closed)
+        ? SecurePhaseClosed.fromJSON(object.secure_phase_closed)
+        : undefined,
     };
   },
 
@@ -5544,6 +6093,9 @@ export const JobEvent: MessageFns<JobEvent> = {
     if (message.partyStopped !== undefined) {
       obj.partyStopped = PartyStopped.toJSON(message.partyStopped);
     }
+    if (message.securePhaseClosed !== undefined) {
+      obj.securePhaseClosed = SecurePhaseClosed.toJSON(message.securePhaseClosed);
+    }
     return obj;
   },
 
@@ -5587,6 +6139,9 @@ export const JobEvent: MessageFns<JobEvent> = {
       : undefined;
     message.partyStopped = (object.partyStopped !== undefined && object.partyStopped !== null)
       ? PartyStopped.fromPartial(object.partyStopped)
+      : undefined;
+    message.securePhaseClosed = (object.securePhaseClosed !== undefined && object.securePhaseClosed !== null)
+      ? SecurePhaseClosed.fromPartial(object.securePhaseClosed)
       : undefined;
     return message;
   },

@@ -29,6 +29,12 @@ export enum ValueDtype {
   VALUE_DTYPE_F16 = 2,
   /** VALUE_DTYPE_F32 - IEEE single precision, exact. */
   VALUE_DTYPE_F32 = 3,
+  /**
+   * VALUE_DTYPE_NONE - No values: positions only. A secure job's support upload (header and
+   * every chunk) and the union the server publishes; `values` is empty and
+   * the chunk CRC covers the bytes of the other fields as usual.
+   */
+  VALUE_DTYPE_NONE = 4,
   UNRECOGNIZED = -1,
 }
 
@@ -46,6 +52,9 @@ export function valueDtypeFromJSON(object: any): ValueDtype {
     case 3:
     case "VALUE_DTYPE_F32":
       return ValueDtype.VALUE_DTYPE_F32;
+    case 4:
+    case "VALUE_DTYPE_NONE":
+      return ValueDtype.VALUE_DTYPE_NONE;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -63,6 +72,8 @@ export function valueDtypeToJSON(object: ValueDtype): string {
       return "VALUE_DTYPE_F16";
     case ValueDtype.VALUE_DTYPE_F32:
       return "VALUE_DTYPE_F32";
+    case ValueDtype.VALUE_DTYPE_NONE:
+      return "VALUE_DTYPE_NONE";
     case ValueDtype.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
