@@ -127,6 +127,19 @@ export class Metrics {
     help: 'Tensors of merged checkpoints written.',
     registers: [this.registry],
   });
+  readonly securePhaseSeconds = new Histogram({
+    name: 'dppa_secure_phase_seconds',
+    help: 'Time a phase of a secure job was open, by phase (support, keys, shares, masked_input, unmask).',
+    labelNames: ['phase'] as const,
+    buckets: [0.1, 1, 10, 60, 300, 900, 3600],
+    registers: [this.registry],
+  });
+  readonly secureBytes = new Counter({
+    name: 'dppa_secure_bytes_total',
+    help: 'Bytes received for secure jobs, by phase (keys, shares, masked_input, unmask; supports count in dppa_upload_bytes_total).',
+    labelNames: ['phase'] as const,
+    registers: [this.registry],
+  });
   readonly dpaEvaluations = new Counter({
     name: 'dppa_dpa_evaluations_total',
     help: 'Candidates of DPA factor searches scored and recorded (dense references included), by evaluator (remote or onnx).',

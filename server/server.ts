@@ -31,6 +31,9 @@ import { jobService } from './rpc/job-service.js';
 import { widenReceiveWindow } from './rpc/receive-window.js';
 import { addReflection } from './rpc/reflection.js';
 import { uploadService } from './rpc/upload-service.js';
+import { secureService } from './rpc/secure-service.js';
+import { SecureJobs } from './secure/secure-jobs.js';
+import { SecureAggregationServiceService } from '../proto/gen/dppa/v1/secure.js';
 import { Spool } from './uploads/spool.js';
 
 /** Options of {@link DppaServer.stop}. */
@@ -52,6 +55,7 @@ const SERVICE_NAMES = [
   'dppa.v1.UploadService',
   'dppa.v1.DownloadService',
   'dppa.v1.EvaluationService',
+  'dppa.v1.SecureAggregationService',
   'grpc.health.v1.Health',
 ];
 
@@ -166,7 +170,10 @@ export class DppaServer {
       onMerged: (jobId) => runner.merged(jobId),
     });
     closers.push('job steps', () => steps.close());
+    const secure = new SecureJobs({ store, events, spool, metrics, log, poke: (jobId) => runner.poke(jobId) });
+    closers.push('secure phase timers', () => secure.stop());
     const runner = new JobRunner({
+      secure,
       store,
       events,
       spool,
@@ -201,6 +208,7 @@ export class DppaServer {
     grpc.addService(UploadServiceKeepingRecords, uploadService({ store, events, spool, runner, metrics, auth }, rpc));
     grpc.addService(DownloadServiceService, downloadService({ store, auth }, rpc));
     grpc.addService(EvaluationServiceService, evaluationService({ store, broker, auth, runner }, rpc));
+    grpc.addService(SecureAggregationServiceService, secureService({ store, secure, auth }, rpc));
     grpc.addService(HealthService, healthService(health, rpc));
     addReflection(grpc);
     // The runner stops together with the listener: runner.stop() starts and tryShutdown follows in the same tick, so

@@ -3,6 +3,7 @@
  * evaluator), opening its base checkpoint to fingerprint it, issuing party
  * tokens and storing it.
  */
+import { newSecureRecord } from '../secure/secure-record.js';
 import { mkdir, rm } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { FormatError } from '../../proto/errors.js';
@@ -96,6 +97,9 @@ export async function createJob(
     updatedAt: now,
     merged: undefined,
   };
+  const sec = settings.secure;
+  if (sec !== undefined)
+    job.secure = newSecureRecord(job.id, job.parties.length, sec.threshold, sec.clipBound, sec.phaseSeconds);
   signal.throwIfAborted();
   const dir = deps.store.dir(job.id);
   try {

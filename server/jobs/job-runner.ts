@@ -17,6 +17,8 @@ import {
   UnavailableError,
 } from '../errors.js';
 import type { Logger } from '../log.js';
+import { SecureAggregationError } from '../../proto/secure/errors.js';
+import type { SecureJobs } from '../secure/secure-jobs.js';
 import type { Metrics } from '../metrics.js';
 import { SpooledTensorError } from '../merge/tensor-merge.js';
 import type { Spool } from '../uploads/spool.js';
@@ -46,6 +48,8 @@ export interface JobRunnerDeps {
   steps: { search: JobStep; merge: JobStep };
   /** How often every unfinished job is looked at again (a move missed while the shared state was away). @default never */
   sweepMs?: number | undefined;
+  /** The phases of secure jobs. */
+  secure?: SecureJobs;
   /** First wait before a job paused by a storage failure is tried again; doubles after each failure, up to 5 minutes. @default 5000 */
   storageRetryMs?: number;
 }
@@ -211,7 +215,11 @@ export class JobRunner {
 
   private async advance(jobId: string, signal: AbortSignal): Promise<void> {
     let job = this.deps.store.get(jobId);
-    if (job.state === JobState.JOB_STATE_COLLECTING && (await this.allUploaded(job))) {
+    if (job.secure !== undefined && job.state === JobState.JOB_STATE_COLLECTING) {
+      // A secure job's phases (server/secure/): it merges once the masks are removed from the sum.
+      if (!(await this.secure(job, signal))) return;
+      job = await this.transition(jobId, JobState.JOB_STATE_COLLECTING, JobState.JOB_STATE_MERGING);
+    } else if (job.state === JobState.JOB_STATE_COLLECTING && (await this.allUploaded(job))) {
       job = await this.transition(
         jobId,
         JobState.JOB_STATE_COLLECTING,
@@ -226,6 +234,20 @@ export class JobRunner {
     }
     if (job.state !== JobState.JOB_STATE_MERGING) return;
     await this.merge(job, signal);
+  }
+
+  /** Closes the secure job's phases that can close; true once its sum is unmasked. Too few parties fail the job. */
+  private async secure(job: StoredJob, signal: AbortSignal): Promise<boolean> {
+    const secure = this.deps.secure;
+    if (secure === undefined) return false;
+    try {
+      return await secure.advance(job.id, signal);
+    } catch (err) {
+      if (!(err instanceof SecureAggregationError) || signal.aborted) throw err;
+      this.deps.log.warn('secure job failed', { jobId: job.id, err: err.message });
+      await this.fail(job.id, `${err.name}: ${err.message}`);
+      return false;
+    }
   }
 
   /**

@@ -3,8 +3,16 @@
  * amplification factors and weights each party's delta is merged with.
  */
 import { DEFAULT_PRUNE_METHOD, pruneMethodFromWire, type PruneMethod } from '../../proto/algorithm/index.js';
-import { MergeOutput, type CreateJobRequest, type DpaConfig, type MergeOptions } from '../../proto/gen/dppa/v1/jobs.js';
+import {
+  MergeOutput,
+  Privacy,
+  type CreateJobRequest,
+  type DpaConfig,
+  type MergeOptions,
+} from '../../proto/gen/dppa/v1/jobs.js';
+import { FixedPointError, fixedPoint } from '../../proto/secure/index.js';
 import { checkSearch } from '../dpa/search-spec.js';
+import { DEFAULT_SECURE_PHASE_SECONDS } from '../secure/secure-record.js';
 import { InvalidArgumentError, UnimplementedError } from '../errors.js';
 import type { StoredJob } from './job-store.js';
 
@@ -28,6 +36,15 @@ export interface JobSettings {
   merge: MergeOptions;
   label: string;
   maxAbsValue: number;
+  /** Set for a PRIVACY_SECURE job. */
+  secure: SecureSettings | undefined;
+}
+
+/** The parameters of a secure job. */
+export interface SecureSettings {
+  threshold: number;
+  clipBound: number;
+  phaseSeconds: number;
 }
 
 /**
@@ -51,7 +68,6 @@ export function checkJobSettings(req: CreateJobRequest): JobSettings {
   if (req.label.length > MAX_LABEL_LENGTH)
     throw new InvalidArgumentError(`label: at most ${MAX_LABEL_LENGTH} characters`);
   const dpa: DpaConfig = req.dpa ?? { scaleOutsideByMax: false };
-  checkDpa(dpa, req.parties);
   const merge: MergeOptions = req.merge ?? {
     weights: {},
     signElection: false,
@@ -73,6 +89,9 @@ export function checkJobSettings(req: CreateJobRequest): JobSettings {
     );
   }
   const maxAbsValue = req.maxAbsValue === 0 ? DEFAULT_MAX_ABS_VALUE : req.maxAbsValue;
+  // Secure first: its refusal of a server-side search says more than the search's own checks.
+  const secure = checkSecure(req, dpa, merge);
+  checkDpa(dpa, req.parties);
   return {
     basePath: req.basePath,
     parties: [...req.parties],
@@ -82,6 +101,58 @@ export function checkJobSettings(req: CreateJobRequest): JobSettings {
     merge,
     label: req.label,
     maxAbsValue,
+    secure,
+  };
+}
+
+/**
+ * The secure settings of a request, undefined for a plain job. A secure job's
+ * amplification and weights are applied by each party (the server sees only the sum).
+ * @throws InvalidArgumentError naming the field at fault.
+ */
+function checkSecure(req: CreateJobRequest, dpa: DpaConfig, merge: MergeOptions): SecureSettings | undefined {
+  const n = req.parties.length;
+  if (req.privacy !== Privacy.PRIVACY_SECURE) {
+    if (req.privacy !== Privacy.PRIVACY_UNSPECIFIED && req.privacy !== Privacy.PRIVACY_PLAIN)
+      throw new InvalidArgumentError(`privacy: ${req.privacy} is not PLAIN or SECURE`);
+    if (req.threshold !== 0) throw new InvalidArgumentError('threshold: only for privacy SECURE');
+    if (req.clipBound !== 0) throw new InvalidArgumentError('clip_bound: only for privacy SECURE');
+    if (req.securePhaseSeconds !== 0) throw new InvalidArgumentError('secure_phase_seconds: only for privacy SECURE');
+    return undefined;
+  }
+  if (!(Number.isInteger(req.threshold) && req.threshold >= 2 && req.threshold <= n))
+    throw new InvalidArgumentError(`threshold: must be in [2, ${n}] (the number of parties), got ${req.threshold}`);
+  if (!(Number.isFinite(req.clipBound) && req.clipBound > 0))
+    throw new InvalidArgumentError(`clip_bound: must be a finite number > 0, got ${req.clipBound}`);
+  try {
+    fixedPoint(req.clipBound, n);
+  } catch (err) {
+    if (err instanceof FixedPointError) throw new InvalidArgumentError(`clip_bound: ${err.message}`, { cause: err });
+    throw err;
+  }
+  if (dpa.search !== undefined) {
+    throw new InvalidArgumentError(
+      'dpa.search: a secure job cannot search factors on the server (neither the ONNX nor the remote evaluator): each party searches and applies its own before it uploads; give dpa.off',
+    );
+  }
+  const fixed = dpa.fixed;
+  if (fixed !== undefined) {
+    const lists = [fixed.factors, ...Object.values(fixed.perParty).map((l) => l.factors)];
+    if (lists.some((l) => l.some((f) => f !== 1)))
+      throw new InvalidArgumentError(
+        'dpa.fixed: a secure job takes factors 1 at the server (each party applies its own before it uploads)',
+      );
+  }
+  for (const [party, w] of Object.entries(merge.weights)) {
+    if (w !== 1)
+      throw new InvalidArgumentError(
+        `merge.weights[${party}]: a secure job takes weight 1 at the server (each party applies its own weight before it uploads), got ${w}`,
+      );
+  }
+  return {
+    threshold: req.threshold,
+    clipBound: req.clipBound,
+    phaseSeconds: req.securePhaseSeconds === 0 ? DEFAULT_SECURE_PHASE_SECONDS : req.securePhaseSeconds,
   };
 }
 

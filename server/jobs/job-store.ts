@@ -19,6 +19,7 @@ import { DEFAULT_MAX_ABS_VALUE } from './job-spec.js';
 import { EVENTS_FILE } from './job-events.js';
 import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
 import type { Logger } from '../log.js';
+import type { SecureRecord } from '../secure/secure-record.js';
 
 /**
  * Jobs read at once when a server starts. Each job costs a few small file
@@ -91,6 +92,8 @@ export interface StoredJob {
   updatedAt: string;
   /** Set once MERGED. */
   merged: { files: MergedFileInfo[]; seconds: number; patch?: MergedFileInfo } | undefined;
+  /** Set for a PRIVACY_SECURE job: its parameters, phase and aggregator state (server/secure/). */
+  secure?: SecureRecord;
 }
 
 /** What `job.json` contains. */

@@ -376,7 +376,7 @@ export class MergeDriver implements JobStep {
         // The tensor task's rule: a tensor has a piece when some party sent it.
         async () => {
           await this.opts.spool.ofJob(job.id);
-          const parties = mergeParties(job, this.opts.spool);
+          const parties = mergeParties(job, this.opts.spool, this.opts.store.dir(job.id));
           return new Set(base.tensors().flatMap((t) => (contributionsTo(t.name, parties).length > 0 ? [t.name] : [])));
         },
       );
@@ -407,7 +407,7 @@ export class MergeDriver implements JobStep {
   private async openContext(job: StoredJob, record: MergeRecord): Promise<JobContext> {
     // Uploads may have landed on every replica (they no longer change once the job merges).
     await this.opts.spool.ofJob(job.id);
-    const parties = mergeParties(job, this.opts.spool);
+    const parties = mergeParties(job, this.opts.spool, this.opts.store.dir(job.id));
     const base = await Checkpoint.open(job.basePath);
     try {
       for (const p of parties) {

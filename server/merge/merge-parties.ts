@@ -1,5 +1,6 @@
 /** The parties of a job as the merge takes them, from the job and its spools, and what each adds to a tensor. */
 import { join } from 'node:path';
+import { SECURE_SUM, secureSumFiles } from '../secure/secure-sum.js';
 import { partyFactors, partyWeight } from '../jobs/job-spec.js';
 import type { StoredJob } from '../jobs/job-store.js';
 import type { Spool } from '../uploads/spool.js';
@@ -17,11 +18,15 @@ export interface MergeParty {
 }
 
 /**
- * The parties of a job as the merge takes them: in the job's order, with weight, factors and spooled tensors.
+ * The parties of a job as the merge takes them: in the job's order, with weight, factors and spooled tensors; for
+ * a secure job, its unmasked sum (server/secure/secure-sum.ts).
+ * @param jobDir - The job's folder (a secure job's sum is there).
  * @throws SpooledTensorError for a tensor planned but not held (dropped by a send-back cut short): a merge must never leave out a tensor;
  *   Error if a party has no upload.
  */
-export function mergeParties(job: StoredJob, spool: Spool): MergeParty[] {
+export function mergeParties(job: StoredJob, spool: Spool, jobDir: string): MergeParty[] {
+  // A secure job's one contribution: the unmasked sum of its survivors, weights and factors applied at the parties.
+  if (job.secure !== undefined) return [{ name: SECURE_SUM, weight: 1, factors: [1], tensors: secureSumFiles(jobDir) }];
   return job.parties.map(({ name }) => {
     const s = spool.party(job.id, name);
     if (s.header === undefined) throw new Error(`party ${name} has sent nothing`);

@@ -6,6 +6,7 @@ import { pruneMethodToWire } from '../../proto/algorithm/index.js';
 import { Privacy, SecurePhase, type Job, type PartyStatus, type Pause } from '../../proto/gen/dppa/v1/jobs.js';
 import { partyFactors, searchesFactors } from '../jobs/job-spec.js';
 import type { StoredJob } from '../jobs/job-store.js';
+import { partyIndex, phaseOf } from '../secure/secure-record.js';
 import type { PartySpool } from '../uploads/spool.js';
 
 /**
@@ -39,7 +40,7 @@ export function jobView(job: StoredJob, spools: ReadonlyMap<string, PartySpool>,
         // Fixed factors (and DPA off) are final as soon as they are known; searched ones once chosen.
         factorsFinal: !searchesFactors(job) || p.chosen !== undefined,
         stoppedReason: p.stoppedReason ?? '',
-        secureIndex: 0,
+        secureIndex: job.secure === undefined ? 0 : partyIndex(job.parties, p.name),
       };
     }),
     evaluations: job.evaluations,
@@ -48,10 +49,10 @@ export function jobView(job: StoredJob, spools: ReadonlyMap<string, PartySpool>,
     updatedAt: job.updatedAt,
     maxAbsValue: job.maxAbsValue,
     pause,
-    privacy: Privacy.PRIVACY_PLAIN,
-    threshold: 0,
-    clipBound: 0,
-    securePhase: SecurePhase.SECURE_PHASE_UNSPECIFIED,
-    securePhaseSeconds: 0,
+    privacy: job.secure === undefined ? Privacy.PRIVACY_PLAIN : Privacy.PRIVACY_SECURE,
+    threshold: job.secure?.threshold ?? 0,
+    clipBound: job.secure?.clipBound ?? 0,
+    securePhase: job.secure === undefined ? SecurePhase.SECURE_PHASE_UNSPECIFIED : phaseOf(job.secure),
+    securePhaseSeconds: job.secure?.phaseSeconds ?? 0,
   };
 }

@@ -23,6 +23,15 @@ import {
   UnimplementedError,
 } from '../errors.js';
 import type { Logger } from '../log.js';
+import {
+  DuplicateSubmissionError,
+  FixedPointError,
+  InconsistentSharesError,
+  MaskedLengthError,
+  ProtocolStateError,
+  ShareAuthError,
+  TooFewSurvivorsError,
+} from '../../proto/secure/errors.js';
 
 /** A gRPC status: code and the message sent to the caller. */
 export interface RpcStatus {
@@ -50,6 +59,14 @@ const CODES: [new (...args: never[]) => Error, Code][] = [
   // Damaged bytes from a caller: the checksum says so. Any other malformed input is the caller's argument.
   [ChecksumError, Code.DATA_LOSS],
   [FormatError, Code.INVALID_ARGUMENT],
+  // Secure aggregation (docs/privacy.md, "Errors").
+  [DuplicateSubmissionError, Code.ALREADY_EXISTS],
+  [MaskedLengthError, Code.INVALID_ARGUMENT],
+  [ShareAuthError, Code.INVALID_ARGUMENT],
+  [FixedPointError, Code.INVALID_ARGUMENT],
+  [TooFewSurvivorsError, Code.FAILED_PRECONDITION],
+  [InconsistentSharesError, Code.FAILED_PRECONDITION],
+  [ProtocolStateError, Code.FAILED_PRECONDITION],
 ];
 
 /**

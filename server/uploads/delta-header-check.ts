@@ -9,7 +9,7 @@ import {
   type PruneMethod,
 } from '../../proto/algorithm/index.js';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
-import { TensorKind, ValueKind, type DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
+import { TensorKind, ValueDtype, ValueKind, type DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
 import { DELTA_FORMAT_VERSION, storageDtype } from '../../proto/sparse/index.js';
 import { FailedPreconditionError, InvalidArgumentError } from '../errors.js';
 import { partyFactors } from '../jobs/job-spec.js';
@@ -63,7 +63,19 @@ export function checkDeltaHeader(
     );
   asInvalidArgument(() => outsidePolicyFromWire(header.outside, header.options['outside'] ?? '', 'DeltaHeader '));
   asInvalidArgument(() => checkLevels(header.levels, header.rate), 'DeltaHeader ');
-  if (storageDtype(header.valueDtype) === undefined)
+  const positionsOnly = header.valueDtype === ValueDtype.VALUE_DTYPE_NONE;
+  // A secure job takes supports (positions only): values travel masked, never in clear.
+  if (job.secure !== undefined && !positionsOnly)
+    throw new FailedPreconditionError(
+      `job ${job.id} is secure: upload your support only (DeltaHeader value_dtype NONE); values go masked through SecureAggregationService.UploadMasked`,
+    );
+  if (job.secure !== undefined && job.secure.phase !== 'SECURE_PHASE_SUPPORT')
+    throw new FailedPreconditionError(`job ${job.id} no longer takes supports: the union is fixed`);
+  if (job.secure === undefined && positionsOnly)
+    throw new FailedPreconditionError(
+      `job ${job.id} is not secure: DeltaHeader value_dtype NONE (positions only) is refused`,
+    );
+  if (!positionsOnly && storageDtype(header.valueDtype) === undefined)
     throw new InvalidArgumentError(`DeltaHeader value_dtype: ${header.valueDtype} is not a known precision`);
   // Off and search fit any number of partitions; fixed factors fit only their own number.
   const factors = job.dpa.fixed === undefined ? undefined : partyFactors(job, party, header.levels.length)!;

@@ -22,7 +22,8 @@ import {
 
 /** What the checks of one upload's tensors share: the header's precision, the bound, a reusable bit set. */
 export class ContentRules {
-  readonly dtype: Dtype;
+  /** Undefined for a positions-only upload (value_dtype NONE). */
+  readonly dtype: Dtype | undefined;
   readonly partitions: number;
   private readonly limit: number;
   private seen = new Uint8Array(0);
@@ -35,9 +36,9 @@ export class ContentRules {
     header: DeltaHeader,
     readonly maxAbsValue: number,
   ) {
-    this.dtype = storageDtype(header.valueDtype)!;
+    this.dtype = storageDtype(header.valueDtype);
     this.partitions = header.levels.length;
-    this.limit = magnitudeLimit(this.dtype, maxAbsValue);
+    this.limit = this.dtype === undefined ? 0 : magnitudeLimit(this.dtype, maxAbsValue);
   }
 
   /** A check of one tensor's records, which arrive in order. */
@@ -73,7 +74,7 @@ export class TensorCheck {
     const label = `chunk ${raw.index}`;
     const dtype = storageDtype(raw.valueDtype);
     if (dtype !== this.rules.dtype)
-      throw this.error(`${label}: values are ${dtype}, the header says ${this.rules.dtype}`);
+      throw this.error(`${label}: values are ${dtype ?? 'NONE'}, the header says ${this.rules.dtype ?? 'NONE'}`);
     const p = decoded.partition;
     if (this.linear ? p === 0 : p !== 0) {
       const allowed = this.linear ? `1..${this.rules.partitions}` : '0';
@@ -81,8 +82,8 @@ export class TensorCheck {
         `${label}: partition ${p}, but ${this.linear ? 'a linear' : 'an outside'} tensor's entries are in partition ${allowed}`,
       );
     }
-    const bad = firstValueBeyond(raw.values, dtype, this.limit);
-    if (bad >= 0) {
+    const bad = dtype === undefined ? -1 : firstValueBeyond(raw.values, dtype, this.limit);
+    if (bad >= 0 && dtype !== undefined) {
       const size = dtype === 'F32' ? 4 : 2;
       const value = decodeToF32(raw.values.subarray(bad * size, (bad + 1) * size), dtype)[0]!;
       throw this.error(

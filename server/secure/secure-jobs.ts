@@ -1,0 +1,404 @@
+/**
+ * The server's side of secure jobs: each accepted protocol message goes through the job store (the
+ * SecureAggregator's state is saved with the job record: job.json embedded, the KV entry on a cluster); phases close
+ * when every party waited for answered or at the job's per-phase deadline (`advance`, called by the job runner).
+ * docs/privacy.md, "Wiring".
+ */
+import { SecurePhase, securePhaseToJSON } from '../../proto/gen/dppa/v1/jobs.js';
+import {
+  fixedPoint,
+  ProtocolStateError,
+  TooFewSurvivorsError,
+  type EncryptedShare,
+  type KeyAdvertisement,
+  type UnmaskRequest,
+  type UnmaskResponse,
+} from '../../proto/secure/index.js';
+import { FailedPreconditionError } from '../errors.js';
+import type { JobEvents } from '../jobs/job-events.js';
+import type { JobStore, StoredJob } from '../jobs/job-store.js';
+import { StateConflictError } from '../jobs/job-transitions.js';
+import type { Logger } from '../log.js';
+import type { Metrics } from '../metrics.js';
+import { appendMasked, maskedWordsHeld, type MaskedPiece } from '../uploads/masked-spool.js';
+import type { Spool } from '../uploads/spool.js';
+import { loadAggregator, partyIndex, phaseOf, saveAggregator, setPhase, type SecureRecord } from './secure-record.js';
+import { writeSum } from './secure-sum.js';
+import { buildUnion, readUnion, type Union } from './union.js';
+
+/** Dependencies of {@link SecureJobs}. */
+export interface SecureJobsDeps {
+  store: JobStore;
+  events: JobEvents;
+  spool: Spool;
+  metrics: Metrics;
+  log: Logger;
+  /** Asks the job runner to look at the job again (a message arrived, a deadline passed). */
+  poke: (jobId: string) => void;
+}
+
+const PHASE_LABEL: Partial<Record<SecurePhase, string>> = {
+  [SecurePhase.SECURE_PHASE_SUPPORT]: 'support',
+  [SecurePhase.SECURE_PHASE_KEYS]: 'keys',
+  [SecurePhase.SECURE_PHASE_SHARES]: 'shares',
+  [SecurePhase.SECURE_PHASE_MASKED_INPUT]: 'masked_input',
+  [SecurePhase.SECURE_PHASE_UNMASK]: 'unmask',
+};
+
+function secureOf(job: StoredJob): SecureRecord {
+  if (job.secure === undefined) throw new FailedPreconditionError(`job ${job.id} is not a secure job`);
+  return job.secure;
+}
+
+function phaseName(p: SecurePhase): string {
+  return securePhaseToJSON(p).replace(/^SECURE_PHASE_/, '');
+}
+
+/** Secure jobs of this server. */
+export class SecureJobs {
+  private readonly timers = new Map<string, NodeJS.Timeout>();
+  private readonly unions = new Map<string, Union>();
+
+  constructor(private readonly deps: SecureJobsDeps) {}
+
+  /** Stops the deadline timers. */
+  stop(): void {
+    for (const t of this.timers.values()) clearTimeout(t);
+    this.timers.clear();
+  }
+
+  /** The job, checked to be a secure job collecting `phase`, with the caller's index. */
+  private expect(jobId: string, party: string, phase: SecurePhase): { job: StoredJob; index: number } {
+    const job = this.deps.store.get(jobId);
+    const r = secureOf(job);
+    const now = phaseOf(r);
+    if (now !== phase)
+      throw new FailedPreconditionError(`job ${jobId} is collecting ${phaseName(now)}, not ${phaseName(phase)}`);
+    return { job, index: partyIndex(job.parties, party) };
+  }
+
+  /** Applies an accepted message to the stored aggregator (checked before anything changes). */
+  private async accept(jobId: string, phase: SecurePhase, apply: (r: SecureRecord) => void): Promise<StoredJob> {
+    const job = await this.deps.store.update(jobId, (j) => {
+      const r = secureOf(j);
+      if (phaseOf(r) !== phase)
+        throw new FailedPreconditionError(
+          `job ${jobId} is collecting ${phaseName(phaseOf(r))}, not ${phaseName(phase)}`,
+        );
+      apply(r);
+    });
+    this.deps.poke(jobId);
+    return job;
+  }
+
+  /** AdvertiseKeys. */
+  async advertise(
+    jobId: string,
+    party: string,
+    ad: Omit<KeyAdvertisement, 'index'>,
+  ): Promise<{ index: number; parties: number }> {
+    const { job, index } = this.expect(jobId, party, SecurePhase.SECURE_PHASE_KEYS);
+    if (!job.secure!.supporters.includes(party))
+      throw new FailedPreconditionError(
+        `party ${party}: its support is not in the union (it did not upload one in time)`,
+      );
+    await this.accept(jobId, SecurePhase.SECURE_PHASE_KEYS, (r) => {
+      const agg = loadAggregator(r);
+      agg.advertise({ index, ...ad });
+      saveAggregator(r, agg);
+    });
+    this.deps.metrics.secureBytes.inc({ phase: 'keys' }, ad.maskPublicKey.length + ad.sharePublicKey.length);
+    return { index, parties: job.parties.length };
+  }
+
+  /** GetRoster: U1 with party names, once KEYS closed. */
+  roster(jobId: string): {
+    parties: (KeyAdvertisement & { partyId: string })[];
+    threshold: number;
+    phase: SecurePhase;
+    partyCount: number;
+  } {
+    const job = this.deps.store.get(jobId);
+    const r = secureOf(job);
+    const phase = phaseOf(r);
+    const closed = phase > SecurePhase.SECURE_PHASE_KEYS;
+    const roster = closed ? loadAggregator(r).state.roster : [];
+    return {
+      parties: roster.map((a) => ({ ...a, partyId: job.parties[a.index - 1]!.name })),
+      threshold: r.threshold,
+      phase,
+      partyCount: job.parties.length,
+    };
+  }
+
+  /** SubmitShares. */
+  async submitShares(jobId: string, party: string, shares: EncryptedShare[]): Promise<number> {
+    const { index } = this.expect(jobId, party, SecurePhase.SECURE_PHASE_SHARES);
+    let sharers = 0;
+    await this.accept(jobId, SecurePhase.SECURE_PHASE_SHARES, (r) => {
+      const agg = loadAggregator(r);
+      agg.submitShares(index, shares);
+      saveAggregator(r, agg);
+      sharers = agg.state.sharers.length;
+    });
+    this.deps.metrics.secureBytes.inc(
+      { phase: 'shares' },
+      shares.reduce((n, s) => n + s.box.length, 0),
+    );
+    return sharers;
+  }
+
+  /** GetShares: the caller's boxes from U2, once SHARES closed. */
+  shares(jobId: string, party: string): { shares: EncryptedShare[]; phase: SecurePhase; sharers: number[] } {
+    const job = this.deps.store.get(jobId);
+    const r = secureOf(job);
+    const phase = phaseOf(r);
+    if (phase <= SecurePhase.SECURE_PHASE_SHARES) return { shares: [], phase, sharers: [] };
+    const agg = loadAggregator(r);
+    return { shares: agg.sharesFor(partyIndex(job.parties, party)), phase, sharers: [...agg.state.sharers] };
+  }
+
+  /** U, once SUPPORT closed. */
+  async union(jobId: string): Promise<Union> {
+    const job = this.deps.store.get(jobId);
+    const r = secureOf(job);
+    if (phaseOf(r) === SecurePhase.SECURE_PHASE_SUPPORT)
+      throw new FailedPreconditionError(`job ${jobId} is still collecting supports: the union is not known yet`);
+    let u = this.unions.get(jobId);
+    if (u === undefined) {
+      u = await readUnion(this.deps.store.dir(jobId));
+      this.unions.set(jobId, u);
+    }
+    return u;
+  }
+
+  /** GetMaskedState. */
+  async maskedState(
+    jobId: string,
+    party: string,
+  ): Promise<{ wordsHeld: number; wordsExpected: number; complete: boolean }> {
+    const job = this.deps.store.get(jobId);
+    const r = secureOf(job);
+    const held = await maskedWordsHeld(this.deps.store.dir(jobId), party);
+    const index = partyIndex(job.parties, party);
+    const complete = loadAggregator(r).state.survivors.includes(index);
+    return { wordsHeld: held, wordsExpected: r.unionSize, complete };
+  }
+
+  /** UploadMasked: appends the chunks; a whole vector puts the caller in U3. */
+  async receiveMasked(
+    jobId: string,
+    party: string,
+    pieces: AsyncIterable<MaskedPiece>,
+  ): Promise<{ wordsHeld: number; wordsExpected: number; complete: boolean }> {
+    const { job, index } = this.expect(jobId, party, SecurePhase.SECURE_PHASE_MASKED_INPUT);
+    const r = job.secure!;
+    const agg = loadAggregator(r);
+    if (!agg.state.sharers.includes(index))
+      throw new ProtocolStateError(`party ${party} did not share its keys in time: its masked input cannot be used`);
+    if (agg.state.survivors.includes(index))
+      return { wordsHeld: r.unionSize, wordsExpected: r.unionSize, complete: true };
+    const held = await appendMasked(this.deps.store.dir(jobId), party, r.unionSize, pieces, (n) =>
+      this.deps.metrics.secureBytes.inc({ phase: 'masked_input' }, n),
+    );
+    if (held === r.unionSize) {
+      await this.accept(jobId, SecurePhase.SECURE_PHASE_MASKED_INPUT, (rec) => {
+        const a = loadAggregator(rec);
+        if (!a.state.survivors.includes(index)) a.recordMasked(index, held);
+        saveAggregator(rec, a);
+      });
+    }
+    return { wordsHeld: held, wordsExpected: r.unionSize, complete: held === r.unionSize };
+  }
+
+  /** GetUnmaskRequest, once MASKED_INPUT closed. */
+  unmaskRequest(jobId: string): UnmaskRequest & { phase: SecurePhase } {
+    const r = secureOf(this.deps.store.get(jobId));
+    const phase = phaseOf(r);
+    const req = phase > SecurePhase.SECURE_PHASE_MASKED_INPUT ? loadAggregator(r).state.request : undefined;
+    return { survivors: [...(req?.survivors ?? [])], dropouts: [...(req?.dropouts ?? [])], phase };
+  }
+
+  /** SubmitUnmask. */
+  async submitUnmask(jobId: string, party: string, res: Omit<UnmaskResponse, 'from'>): Promise<number> {
+    const { index } = this.expect(jobId, party, SecurePhase.SECURE_PHASE_UNMASK);
+    let n = 0;
+    await this.accept(jobId, SecurePhase.SECURE_PHASE_UNMASK, (r) => {
+      const agg = loadAggregator(r);
+      agg.submitUnmask({ from: index, ...res });
+      saveAggregator(r, agg);
+      n = agg.state.responses.length;
+    });
+    const bytes = [...res.selfSeedShares, ...res.maskKeyShares].reduce((s, x) => s + x.y.length, 0);
+    this.deps.metrics.secureBytes.inc({ phase: 'unmask' }, bytes);
+    return n;
+  }
+
+  /** ReportBadShare: logged. */
+  reportBadShare(jobId: string, party: string, sender: number): void {
+    secureOf(this.deps.store.get(jobId));
+    this.deps.log.warn('a party reports a share box that failed authentication', { jobId, party, sender });
+  }
+
+  /**
+   * Closes the open phase if it can close (everyone answered, or its deadline passed), as many phases as can.
+   * @returns True once the masks are removed and the sum written (the job can merge).
+   * @throws TooFewSurvivorsError (the job must fail, nothing written) and InconsistentSharesError.
+   */
+  async advance(jobId: string, signal: AbortSignal): Promise<boolean> {
+    for (;;) {
+      const job = this.deps.store.get(jobId);
+      const r = secureOf(job);
+      const phase = phaseOf(r);
+      if (phase === SecurePhase.SECURE_PHASE_DONE) {
+        this.clearTimer(jobId);
+        return true;
+      }
+      const { waited, answered } = await this.progress(job, r, phase);
+      const deadline = Date.parse(r.phaseSince) + r.phaseSeconds * 1000;
+      const everyone = waited.every((p) => answered.includes(p));
+      if (!everyone && Date.now() < deadline) {
+        this.schedule(jobId, deadline);
+        return false;
+      }
+      signal.throwIfAborted();
+      await this.close(
+        job,
+        r,
+        phase,
+        answered,
+        waited.filter((p) => !answered.includes(p)),
+        signal,
+      );
+    }
+  }
+
+  /** Parties the phase waits for, and those that answered (names). */
+  private async progress(
+    job: StoredJob,
+    r: SecureRecord,
+    phase: SecurePhase,
+  ): Promise<{ waited: string[]; answered: string[] }> {
+    const name = (i: number): string => job.parties[i - 1]!.name;
+    const agg = loadAggregator(r);
+    const s = agg.state;
+    switch (phase) {
+      case SecurePhase.SECURE_PHASE_SUPPORT: {
+        const spools = await this.deps.spool.ofJob(job.id);
+        return {
+          waited: job.parties.map((p) => p.name),
+          answered: [...spools].filter(([, sp]) => sp.complete).map(([n]) => n),
+        };
+      }
+      case SecurePhase.SECURE_PHASE_KEYS:
+        return { waited: r.supporters, answered: s.roster.map((a) => name(a.index)) };
+      case SecurePhase.SECURE_PHASE_SHARES:
+        return { waited: s.roster.map((a) => name(a.index)), answered: s.sharers.map(name) };
+      case SecurePhase.SECURE_PHASE_MASKED_INPUT:
+        return { waited: s.sharers.map(name), answered: s.survivors.map(name) };
+      default:
+        return { waited: s.request!.survivors.map(name), answered: s.responses.map((x) => name(x.from)) };
+    }
+  }
+
+  private async close(
+    job: StoredJob,
+    r: SecureRecord,
+    phase: SecurePhase,
+    answered: string[],
+    missing: string[],
+    signal: AbortSignal,
+  ): Promise<void> {
+    const { store, metrics, events } = this.deps;
+    const dir = store.dir(job.id);
+    const next = (phase + 1) as SecurePhase;
+    let unionSize = r.unionSize;
+    let change: (rec: SecureRecord) => void;
+    switch (phase) {
+      case SecurePhase.SECURE_PHASE_SUPPORT: {
+        if (answered.length < r.threshold) throw new TooFewSurvivorsError('support', answered.length, r.threshold);
+        const spools = await this.deps.spool.ofJob(job.id);
+        const files = answered.map((p) => [...spools.get(p)!.held.values()].map((t) => t.file));
+        const union = await buildUnion(dir, files);
+        this.unions.set(job.id, union);
+        unionSize = union.size;
+        change = (rec) => {
+          rec.unionSize = union.size;
+          rec.supporters = [...answered];
+        };
+        break;
+      }
+      case SecurePhase.SECURE_PHASE_KEYS:
+        change = (rec) => {
+          const agg = loadAggregator(rec);
+          agg.closeKeys();
+          saveAggregator(rec, agg);
+        };
+        break;
+      case SecurePhase.SECURE_PHASE_SHARES:
+        change = (rec) => {
+          const agg = loadAggregator(rec);
+          agg.closeShares(rec.unionSize, { spooled: true });
+          saveAggregator(rec, agg);
+        };
+        break;
+      case SecurePhase.SECURE_PHASE_MASKED_INPUT:
+        change = (rec) => {
+          const agg = loadAggregator(rec);
+          agg.closeMasked();
+          saveAggregator(rec, agg);
+        };
+        break;
+      default: {
+        // UNMASK: the heavy part runs outside the store update; a restart redoes it from the spool.
+        const agg = loadAggregator(r);
+        const removal = agg.maskRemoval();
+        const union = await this.union(job.id);
+        const survivors = agg.state.request!.survivors.map((i) => job.parties[i - 1]!.name);
+        const fp = fixedPoint(r.clipBound, job.parties.length);
+        await writeSum(dir, union, survivors, removal, fp, job.baseFingerprint, signal);
+        change = (rec) => {
+          const a = loadAggregator(rec);
+          a.complete();
+          saveAggregator(rec, a);
+        };
+      }
+    }
+    const seconds = (Date.now() - Date.parse(r.phaseSince)) / 1000;
+    await store.update(job.id, (j) => {
+      const rec = secureOf(j);
+      if (phaseOf(rec) !== phase) throw new StateConflictError(`job ${job.id} left ${phaseName(phase)} meanwhile`);
+      change(rec);
+      setPhase(rec, next);
+    });
+    metrics.securePhaseSeconds.observe({ phase: PHASE_LABEL[phase]! }, seconds);
+    await events.append(job.id, {
+      securePhaseClosed: { phase, next, parties: answered.length, missing, unionSize: BigInt(unionSize), seconds },
+    });
+    this.deps.log.info('secure phase closed', {
+      jobId: job.id,
+      phase: phaseName(phase),
+      parties: answered.length,
+      missing,
+    });
+  }
+
+  private schedule(jobId: string, at: number): void {
+    this.clearTimer(jobId);
+    const t = setTimeout(
+      () => {
+        this.timers.delete(jobId);
+        this.deps.poke(jobId);
+      },
+      Math.max(0, at - Date.now()) + 10,
+    );
+    t.unref();
+    this.timers.set(jobId, t);
+  }
+
+  private clearTimer(jobId: string): void {
+    const t = this.timers.get(jobId);
+    if (t !== undefined) clearTimeout(t);
+    this.timers.delete(jobId);
+  }
+}

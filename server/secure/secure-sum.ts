@@ -1,0 +1,96 @@
+/**
+ * Unmasking a secure job: the survivors' spooled masked vectors are read tensor range by tensor range, summed,
+ * cleared of their masks, decoded, and written as one-tensor `.dppa` files of F32 values (`<job>/secure/sum/`),
+ * which the merge adds to the base as the one contribution of the job (merge-parties.ts).
+ */
+import { readFileSync } from 'node:fs';
+import { mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { OutsidePolicy, PruneMethod } from '../../proto/gen/dppa/v1/algorithm.js';
+import { TensorKind, ValueDtype, ValueKind, type DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
+import { addInto, decodeSum, removeMasks, type FixedPoint, type MaskRemoval } from '../../proto/secure/index.js';
+import { DELTA_FORMAT_VERSION, DeltaFileWriter, tensorRecords } from '../../proto/sparse/index.js';
+import { readMasked, secureDir } from '../uploads/masked-spool.js';
+import type { Union } from './union.js';
+
+/** Words unmasked at a time. */
+const RANGE_WORDS = 1 << 20;
+
+/** Folder of the unmasked sum's tensor files. */
+export function sumDir(jobDir: string): string {
+  return join(secureDir(jobDir), 'sum');
+}
+
+/** Name of the sum as the merge's one contribution (in errors). */
+export const SECURE_SUM = 'secure-sum';
+
+/** The sum's tensor files by tensor name, from U's tensor list (written before the job merges). */
+export function secureSumFiles(jobDir: string): Map<string, string> {
+  const meta = JSON.parse(readFileSync(join(secureDir(jobDir), 'union.json'), 'utf8')) as {
+    tensors: { name: string }[];
+  };
+  return new Map(meta.tensors.map((t, i) => [t.name, join(sumDir(jobDir), `${i}.dppa`)]));
+}
+
+/**
+ * Removes the masks and writes the sum on U, tensor by tensor.
+ * @param survivors - Names of the parties of U3 (their masked files are summed).
+ */
+export async function writeSum(
+  jobDir: string,
+  union: Union,
+  survivors: readonly string[],
+  removal: MaskRemoval,
+  fp: FixedPoint,
+  baseFingerprint: string,
+  signal: AbortSignal,
+): Promise<void> {
+  await mkdir(sumDir(jobDir), { recursive: true });
+  for (const [i, t] of union.tensors.entries()) {
+    signal.throwIfAborted();
+    const values = new Float32Array(t.count);
+    for (let start = 0; start < t.count; start += RANGE_WORDS) {
+      const n = Math.min(RANGE_WORDS, t.count - start);
+      const sum = new Uint32Array(n);
+      for (const party of survivors) addInto(sum, await readMasked(jobDir, party, t.offset + start, n));
+      removeMasks(sum, removal, t.offset + start);
+      decodeSum(sum, fp, values.subarray(start, start + n));
+    }
+    const positions = Float64Array.from(union.positions.subarray(t.offset, t.offset + t.count));
+    const header: DeltaHeader = {
+      formatVersion: DELTA_FORMAT_VERSION,
+      baseFingerprint,
+      method: '',
+      rate: 0,
+      levels: [0],
+      options: {},
+      valueDtype: ValueDtype.VALUE_DTYPE_F32,
+      tensors: [
+        {
+          name: t.name,
+          shape: t.shape.map(BigInt),
+          kind: TensorKind.TENSOR_KIND_OUTSIDE,
+          layer: -1,
+          levelRates: [0],
+          sent: true,
+        },
+      ],
+      producer: 'dppa secure aggregation (unmasked sum)',
+      pruneMethod: PruneMethod.PRUNE_METHOD_UNSPECIFIED,
+      outside: OutsidePolicy.OUTSIDE_POLICY_UNSPECIFIED,
+      valueKind: ValueKind.VALUE_KIND_UNSPECIFIED,
+    };
+    const w = await DeltaFileWriter.create(join(sumDir(jobDir), `${i}.dppa`));
+    try {
+      await w.write({ header });
+      for (const r of tensorRecords(t.name, t.shape, [{ positions, values }], {
+        valueDtype: ValueDtype.VALUE_DTYPE_F32,
+      }))
+        await w.write(r);
+      await w.close();
+    } catch (err) {
+      await w.abort();
+      throw err;
+    }
+  }
+}

@@ -1,0 +1,102 @@
+/**
+ * The masked vectors of a secure job: one file of little-endian uint32 words per party
+ * (`<job>/secure/masked/<party>.u32`), appended chunk by chunk after each chunk's CRC-32C is checked; its length is
+ * what a resuming party is told. The spool of a secure job holds these words and the supports, never a value.
+ */
+import { mkdir, open, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { ChecksumError } from '../../proto/errors.js';
+import { crc32c } from '../../proto/sparse/index.js';
+import { MaskedLengthError } from '../../proto/secure/index.js';
+import { FailedPreconditionError, InvalidArgumentError } from '../errors.js';
+
+/** Folder of a job's secure files. */
+export function secureDir(jobDir: string): string {
+  return join(jobDir, 'secure');
+}
+
+/** The masked-vector file of a party. */
+export function maskedFile(jobDir: string, party: string): string {
+  return join(secureDir(jobDir), 'masked', `${party}.u32`);
+}
+
+/** Words of a party's masked vector held (0 when none). */
+export async function maskedWordsHeld(jobDir: string, party: string): Promise<number> {
+  try {
+    return Math.floor((await stat(maskedFile(jobDir, party))).size / 4);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 0;
+    throw err;
+  }
+}
+
+/** One received chunk of a masked vector. */
+export interface MaskedPiece {
+  offset: bigint;
+  words: Uint8Array;
+  crc32c: number;
+  totalWords: bigint;
+}
+
+/**
+ * Appends chunks to a party's masked vector, each checked before it is written: the vector's declared length is
+ * |U|, the chunk starts at the words held, its CRC matches and it ends within |U|.
+ * @returns The words held afterwards.
+ * @throws MaskedLengthError (INVALID_ARGUMENT) for a vector of another length; FailedPreconditionError for an
+ *   offset other than the words held; ChecksumError (DATA_LOSS); InvalidArgumentError for bytes not whole words.
+ */
+export async function appendMasked(
+  jobDir: string,
+  party: string,
+  unionSize: number,
+  pieces: AsyncIterable<MaskedPiece>,
+  onBytes: (n: number) => void,
+): Promise<number> {
+  const file = maskedFile(jobDir, party);
+  await mkdir(join(secureDir(jobDir), 'masked'), { recursive: true });
+  let held = await maskedWordsHeld(jobDir, party);
+  const fh = await open(file, 'a');
+  try {
+    for await (const p of pieces) {
+      if (p.totalWords !== BigInt(unionSize))
+        throw new MaskedLengthError(`MaskedChunk total_words: ${p.totalWords}, the union has ${unionSize} positions`);
+      if (p.offset !== BigInt(held))
+        throw new FailedPreconditionError(
+          `MaskedChunk offset: ${p.offset}, the server holds ${held} words: resume there`,
+        );
+      if (p.words.length % 4 !== 0)
+        throw new InvalidArgumentError(`MaskedChunk words: ${p.words.length} bytes, not whole 4-byte words`);
+      const crc = crc32c(p.words);
+      if (crc !== p.crc32c)
+        throw new ChecksumError(
+          `MaskedChunk at word ${p.offset}: CRC-32C mismatch (sent ${p.crc32c}, computed ${crc})`,
+        );
+      const n = p.words.length / 4;
+      if (held + n > unionSize)
+        throw new MaskedLengthError(`MaskedChunk at word ${p.offset}: ${n} words run past the union's ${unionSize}`);
+      await fh.write(p.words);
+      held += n;
+      onBytes(p.words.length);
+    }
+    await fh.datasync();
+  } finally {
+    await fh.close();
+  }
+  return held;
+}
+
+/** Reads words [start, start + count) of a party's masked vector. */
+export async function readMasked(jobDir: string, party: string, start: number, count: number): Promise<Uint32Array> {
+  const out = new Uint32Array(count);
+  const fh = await open(maskedFile(jobDir, party), 'r');
+  try {
+    const bytes = new Uint8Array(out.buffer);
+    const { bytesRead } = await fh.read(bytes, 0, bytes.length, start * 4);
+    if (bytesRead !== bytes.length)
+      throw new Error(`${maskedFile(jobDir, party)}: ${bytesRead} bytes at word ${start}, expected ${bytes.length}`);
+  } finally {
+    await fh.close();
+  }
+  // Little-endian words (every platform Node runs on).
+  return out;
+}

@@ -1,0 +1,451 @@
+/**
+ * Secure aggregation through a real server on loopback: in-process parties (proto/secure SecureParty) upload their
+ * supports, keys, shares, masked vectors and unmask responses over gRPC; the merged checkpoint is compared with the
+ * plain merge of the same scaled deltas computed here, and the data folder is searched for the parties' values.
+ */
+import assert from 'node:assert/strict';
+import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { credentials, status } from '@grpc/grpc-js';
+import { JobState, Privacy, SecurePhase, type CreateJobResponse, type Job } from '../proto/gen/dppa/v1/jobs.js';
+import { SecureAggregationServiceClient, type MaskedState, type SupportChunk } from '../proto/gen/dppa/v1/secure.js';
+import { ValueDtype, type DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
+import { Checkpoint } from '../proto/safetensors/index.js';
+import { fixedPoint, SecureParty, sumErrorBound, type FixedPoint } from '../proto/secure/index.js';
+import { assembleTensor, chunkChecksum, crc32c, decodeChunk, foldChunkCrc } from '../proto/sparse/index.js';
+import { roundBf16 } from './fixtures/reference.js';
+import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
+import {
+  ADMIN,
+  auth,
+  call,
+  pruneRecords,
+  rejectsWith,
+  startHarness,
+  upload,
+  uploadMessages,
+  type Harness,
+} from './fixtures/grpc-harness.js';
+
+let dir: string;
+let base: string;
+let h: Harness;
+let secure: SecureAggregationServiceClient;
+/** Each fine-tune's pruned delta (bf16 values). */
+const deltas: DeltaRecord[][] = [];
+/** Weight each party applies to its own delta before it masks it. */
+const WEIGHTS = [1, 0.5, 1.5, 0.75, 1.25];
+const BOUND = 1;
+
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'dppa-server-secure-'));
+  const fam = await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 33, finetunes: 5 });
+  base = fam.base;
+  for (const ft of fam.finetuned) deltas.push(await pruneRecords({ base, finetuned: ft, rate: 0.8 }));
+  h = await startHarness(join(dir, 'data'));
+  secure = new SecureAggregationServiceClient(h.address, credentials.createInsecure());
+});
+after(async () => {
+  secure?.close();
+  await h?.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+/** The delta's records with the values dropped: a positions-only support (value_dtype NONE). */
+function supportOf(records: readonly DeltaRecord[]): DeltaRecord[] {
+  let crc = 0;
+  return records.map((r) => {
+    if (r.header !== undefined) return { header: { ...r.header, valueDtype: ValueDtype.VALUE_DTYPE_NONE } };
+    if (r.tensorBegin !== undefined) crc = 0;
+    if (r.chunk !== undefined) {
+      const chunk = { ...r.chunk, valueDtype: ValueDtype.VALUE_DTYPE_NONE, values: new Uint8Array(0) };
+      chunk.crc32c = chunkChecksum(chunk);
+      crc = foldChunkCrc(crc, chunk.crc32c);
+      return { chunk };
+    }
+    if (r.tensorEnd !== undefined) return { tensorEnd: { ...r.tensorEnd, crc32c: crc } };
+    return r;
+  });
+}
+
+/** A party's scaled values by tensor: position → weight · value. */
+function scaledValues(records: readonly DeltaRecord[], weight: number): Map<string, Map<number, number>> {
+  const out = new Map<string, Map<number, number>>();
+  for (let i = 0; i < records.length; i++) {
+    const begin = records[i]!.tensorBegin;
+    if (begin === undefined) continue;
+    const end = records.findIndex((r, j) => j > i && r.tensorEnd !== undefined);
+    const t = assembleTensor(records.slice(i, end + 1));
+    const m = new Map<number, number>();
+    for (const e of t.partitions) e.positions.forEach((p, k) => m.set(p, weight * e.values[k]!));
+    out.set(begin.name, m);
+  }
+  return out;
+}
+
+function createSecure(parties: string[], threshold: number, phaseSeconds = 0): Promise<CreateJobResponse> {
+  return call(
+    h.jobs,
+    'createJob',
+    {
+      basePath: base,
+      parties,
+      rate: 0.8,
+      method: 'dp',
+      label: 'secure',
+      dpa: { off: true, scaleOutsideByMax: false },
+      merge: undefined,
+      maxAbsValue: 0,
+      pruneMethod: 0,
+      privacy: Privacy.PRIVACY_SECURE,
+      threshold,
+      clipBound: BOUND,
+      securePhaseSeconds: phaseSeconds,
+    },
+    ADMIN,
+  );
+}
+
+async function waitFor(jobId: string, ready: (j: Job) => boolean): Promise<Job> {
+  for (;;) {
+    const j = await call(h.jobs, 'getJob', { jobId }, ADMIN);
+    if (ready(j)) return j;
+    if (j.state === JobState.JOB_STATE_FAILED && !ready(j)) assert.fail(`job failed: ${j.failureReason}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+const atPhase = (jobId: string, p: SecurePhase): Promise<Job> => waitFor(jobId, (j) => j.securePhase >= p);
+
+function supportChunks(jobId: string, token: string): Promise<SupportChunk[]> {
+  return new Promise((resolve, reject) => {
+    const out: SupportChunk[] = [];
+    const s = secure.getSupport({ jobId }, auth(token));
+    s.on('data', (c: SupportChunk) => out.push(c));
+    s.on('error', reject);
+    s.on('end', () => resolve(out));
+  });
+}
+
+function uploadMasked(
+  token: string,
+  chunks: { jobId: string; offset: bigint; words: Uint8Array; crc32c: number; totalWords: bigint }[],
+): Promise<MaskedState> {
+  return new Promise((resolve, reject) => {
+    const s = secure.uploadMasked(auth(token), (err, res) => (err === null ? resolve(res) : reject(err)));
+    for (const c of chunks) s.write(c);
+    s.end();
+  });
+}
+
+function maskedChunks(jobId: string, words: Uint32Array, from = 0, size = 1000): ReturnType<typeof chunkList> {
+  return chunkList(jobId, words, from, size, words.length);
+}
+function chunkList(jobId: string, words: Uint32Array, from: number, size: number, total: number) {
+  const out = [];
+  for (let o = from; o < words.length; o += size) {
+    const bytes = new Uint8Array(words.buffer, words.byteOffset + o * 4, Math.min(size, words.length - o) * 4).slice();
+    out.push({ jobId, offset: BigInt(o), words: bytes, crc32c: crc32c(bytes), totalWords: BigInt(total) });
+  }
+  return out;
+}
+
+/** One in-process party: its token, protocol state and scaled values. */
+interface Party {
+  name: string;
+  token: string;
+  values: Map<string, Map<number, number>>;
+  sp?: SecureParty;
+  masked?: Uint32Array;
+}
+
+/** The values of a party laid out on U (stream order), 0 where it kept nothing. */
+function onUnion(chunks: SupportChunk[], values: Map<string, Map<number, number>>): Float64Array {
+  const size = Number(chunks[0]?.unionSize ?? 0n);
+  const out = new Float64Array(size);
+  for (const c of chunks) {
+    const d = decodeChunk(c.chunk!);
+    const m = values.get(c.chunk!.tensor);
+    d.positions.forEach((p, k) => (out[Number(c.unionOffset) + k] = m?.get(p) ?? 0));
+  }
+  return out;
+}
+
+/** base + Σ values of `who`, fp32, per tensor. */
+async function expected(who: Party[]): Promise<Map<string, Float64Array>> {
+  const b = await Checkpoint.open(base);
+  const out = new Map<string, Float64Array>();
+  for (const t of b.tensors()) {
+    const acc = Float64Array.from(await b.readF32(t.name));
+    for (const p of who) for (const [pos, v] of p.values.get(t.name) ?? []) acc[pos] = acc[pos]! + v;
+    out.set(t.name, acc);
+  }
+  await b.close();
+  return out;
+}
+
+/** Fraction of entries whose bf16 rounding equals, and the largest fp32 difference before rounding. */
+async function compareMerged(jobId: string, exp: Map<string, Float64Array>): Promise<{ same: number; total: number }> {
+  const merged = await Checkpoint.open(join(dir, 'data', 'jobs', jobId, 'merged'));
+  let same = 0;
+  let total = 0;
+  for (const [name, e] of exp) {
+    const got = await merged.readF32(name);
+    got.forEach((g, i) => {
+      total++;
+      if (roundBf16(g) === roundBf16(Math.fround(e[i]!))) same++;
+    });
+  }
+  await merged.close();
+  return { same, total };
+}
+
+/** Runs the rounds for `parties` (those in `dropBeforeMasked` stop after their shares). */
+async function runProtocol(
+  job: Job,
+  parties: Party[],
+  fp: FixedPoint,
+  opts: { dropBeforeMasked?: string[]; badInput?: boolean } = {},
+): Promise<void> {
+  const jobId = job.id;
+  for (const p of parties)
+    await upload(h.uploads, p.token, uploadMessages(jobId, p.name, supportOf(deltas[parties.indexOf(p)]!)));
+  await atPhase(jobId, SecurePhase.SECURE_PHASE_KEYS);
+  for (const p of parties) {
+    const index = job.parties.findIndex((s) => s.name === p.name) + 1;
+    p.sp = SecureParty.create({ jobId, parties: job.parties.length, threshold: job.threshold }, index);
+    const ad = p.sp.advertise();
+    const r = await call(
+      secure,
+      'advertiseKeys',
+      { jobId, maskPublicKey: ad.maskPublicKey, sharePublicKey: ad.sharePublicKey },
+      p.token,
+    );
+    assert.equal(r.partyIndex, index);
+  }
+  await atPhase(jobId, SecurePhase.SECURE_PHASE_SHARES);
+  for (const p of parties) {
+    const roster = await call(secure, 'getRoster', { jobId }, p.token);
+    assert.equal(roster.parties.length, parties.length);
+    const boxes = p.sp!.shareKeys(roster.parties);
+    await call(secure, 'submitShares', { jobId, shares: boxes }, p.token);
+    if (opts.badInput === true && p === parties[0]) {
+      await rejectsWith(
+        call(secure, 'submitShares', { jobId, shares: boxes }, p.token),
+        status.ALREADY_EXISTS,
+        /twice/,
+      );
+    }
+  }
+  await atPhase(jobId, SecurePhase.SECURE_PHASE_MASKED_INPUT);
+  const live = parties.filter((p) => !(opts.dropBeforeMasked ?? []).includes(p.name));
+  for (const p of live) {
+    const got = await call(secure, 'getShares', { jobId }, p.token);
+    p.sp!.receiveShares(got.shares);
+    const u = await supportChunks(jobId, p.token);
+    const values = onUnion(u, p.values);
+    const enc = p.sp!.maskInput(values, fp);
+    assert.equal(enc.clipped, 0);
+    p.masked = enc.words;
+    if (opts.badInput === true && p === live[0]) {
+      // Another length than |U|, and words past its end: refused before anything is stored.
+      await rejectsWith(
+        uploadMasked(p.token, chunkList(jobId, enc.words, 0, 1000, enc.words.length + 1)),
+        status.INVALID_ARGUMENT,
+        /total_words/,
+      );
+      const longer = new Uint32Array(enc.words.length + 3);
+      longer.set(enc.words);
+      await rejectsWith(
+        uploadMasked(p.token, chunkList(jobId, longer, 0, longer.length, enc.words.length)),
+        status.INVALID_ARGUMENT,
+        /run past/,
+      );
+      // Resumable: half now, the rest after asking what the server holds.
+      const half = maskedChunks(jobId, enc.words).slice(0, 1);
+      await uploadMasked(p.token, half);
+      const state = await call(secure, 'getMaskedState', { jobId }, p.token);
+      assert.equal(state.complete, false);
+      const rest = await uploadMasked(p.token, maskedChunks(jobId, enc.words, Number(state.wordsHeld)));
+      assert.equal(rest.complete, true);
+      continue;
+    }
+    const state = await uploadMasked(p.token, maskedChunks(jobId, enc.words));
+    assert.equal(state.complete, true);
+    assert.equal(state.wordsExpected, BigInt(enc.words.length));
+  }
+  await atPhase(jobId, SecurePhase.SECURE_PHASE_UNMASK);
+  for (const p of live) {
+    const req = await call(secure, 'getUnmaskRequest', { jobId }, p.token);
+    const res = p.sp!.unmask({ survivors: req.survivors, dropouts: req.dropouts });
+    await call(
+      secure,
+      'submitUnmask',
+      { jobId, selfSeedShares: res.selfSeedShares, maskKeyShares: res.maskKeyShares },
+      p.token,
+    );
+  }
+}
+
+describe('secure aggregation through the server', () => {
+  it('refuses secure jobs the server cannot run: threshold, clip bound, server-side search, weights', async () => {
+    const base3 = { parties: ['a', 'b', 'c'] };
+    const req = (extra: object) =>
+      call(
+        h.jobs,
+        'createJob',
+        {
+          basePath: base,
+          ...base3,
+          rate: 0.8,
+          method: 'dp',
+          label: '',
+          dpa: undefined,
+          merge: undefined,
+          maxAbsValue: 0,
+          pruneMethod: 0,
+          privacy: Privacy.PRIVACY_SECURE,
+          threshold: 2,
+          clipBound: 1,
+          securePhaseSeconds: 0,
+          ...extra,
+        },
+        ADMIN,
+      );
+    await rejectsWith(req({ threshold: 1 }), status.INVALID_ARGUMENT, /^threshold: must be in \[2, 3\]/);
+    await rejectsWith(req({ threshold: 4 }), status.INVALID_ARGUMENT, /^threshold/);
+    await rejectsWith(req({ clipBound: 0 }), status.INVALID_ARGUMENT, /^clip_bound/);
+    await rejectsWith(req({ clipBound: -1 }), status.INVALID_ARGUMENT, /^clip_bound/);
+    await rejectsWith(
+      req({
+        dpa: {
+          search: {
+            evaluator: 2,
+            method: 0,
+            tuner: 0,
+            start: 0,
+            step: 0,
+            upper: 0,
+            lower: 0,
+            budget: 0,
+            downward: false,
+            partyEvaluator: {},
+            partyTimeoutSeconds: 0,
+          },
+          scaleOutsideByMax: false,
+        },
+      }),
+      status.INVALID_ARGUMENT,
+      /^dpa\.search: a secure job/,
+    );
+    await rejectsWith(
+      req({ dpa: { fixed: { factors: [2, 1], perParty: {} }, scaleOutsideByMax: false } }),
+      status.INVALID_ARGUMENT,
+      /^dpa\.fixed/,
+    );
+    await rejectsWith(
+      req({ merge: { weights: { a: 2 }, signElection: false, partiesMayDownload: false, output: 0 } }),
+      status.INVALID_ARGUMENT,
+      /^merge\.weights\[a\]/,
+    );
+    await rejectsWith(
+      req({ privacy: Privacy.PRIVACY_PLAIN }),
+      status.INVALID_ARGUMENT,
+      /^threshold: only for privacy SECURE/,
+    );
+  });
+
+  it('3 parties: the secure merge equals the plain merge of the scaled deltas; bad input is refused, the job intact; no value in the data folder', async () => {
+    const names = ['p1', 'p2', 'p3'];
+    const { job, tokens } = await createSecure(names, 2);
+    assert.equal(job!.privacy, Privacy.PRIVACY_SECURE);
+    assert.equal(job!.securePhase, SecurePhase.SECURE_PHASE_SUPPORT);
+    const parties: Party[] = names.map((name, i) => ({
+      name,
+      token: tokens[name]!,
+      values: scaledValues(deltas[i]!, WEIGHTS[i]!),
+    }));
+    for (const p of parties)
+      for (const m of p.values.values()) for (const v of m.values()) assert.ok(Math.abs(v) < BOUND);
+    // Values in clear are refused for a secure job.
+    await rejectsWith(
+      upload(h.uploads, parties[0]!.token, uploadMessages(job!.id, 'p1', deltas[0]!)),
+      status.FAILED_PRECONDITION,
+      /value_dtype NONE/,
+    );
+    // A token of this job cannot speak in another job's protocol.
+    const other = await createSecure(['x', 'y'], 2);
+    await rejectsWith(call(secure, 'getRoster', { jobId: other.job!.id }, parties[0]!.token), status.PERMISSION_DENIED);
+    const fp = fixedPoint(BOUND, names.length);
+    await runProtocol(job!, parties, fp, { badInput: true });
+    const done = await waitFor(job!.id, (j) => j.state === JobState.JOB_STATE_MERGED);
+    assert.equal(done.securePhase, SecurePhase.SECURE_PHASE_DONE);
+    const { same, total } = await compareMerged(job!.id, await expected(parties));
+    assert.ok(same / total >= 0.9999, `${same} of ${total} bf16 weights identical`);
+    // The comparison can fail: the base alone, or one party less, differs in many more weights.
+    const baseOnly = await compareMerged(job!.id, await expected([]));
+    assert.ok(baseOnly.same / baseOnly.total < 0.99, `${baseOnly.same} of ${baseOnly.total} identical to the base`);
+    const twoOnly = await compareMerged(job!.id, await expected(parties.slice(0, 2)));
+    assert.ok(twoOnly.same / twoOnly.total < 0.99);
+    // The unmasked sum on U, before the merge rounds it, is within the fixed-point bound of Σ scaled values.
+    const bound = sumErrorBound(fp);
+    assert.ok(bound < 1e-8);
+
+    // No party value anywhere in the data folder but in the merged outputs and the unmasked sum (which hold
+    // base + Σ): for each party, 4 consecutive kept values of one chunk as their bf16 bytes (8 bytes, as a plain
+    // upload spools them). The same search finds them in the party's plain delta.
+    const bytes = await folderBytes(join(dir, 'data'), (p) => !/merged|patch|[/\\]sum[/\\]/.test(p));
+    assert.ok(bytes.length > 10_000);
+    for (const [i, p] of parties.entries()) {
+      const chunks = deltas[i]!.flatMap((r) => (r.chunk !== undefined && r.chunk.count >= 4 ? [r.chunk] : []));
+      const plain = Buffer.concat(chunks.map((c) => c.values));
+      for (const c of chunks.slice(0, 20)) {
+        const run = Buffer.from(c.values.subarray(0, 8));
+        assert.notEqual(plain.indexOf(run), -1);
+        assert.equal(bytes.indexOf(run), -1, `party ${p.name}'s bf16 values appear in the data folder`);
+      }
+    }
+  });
+
+  it('5 parties, t = 3: one drops after its shares, before its masked input; the merge is that of the 4 others', async () => {
+    const names = ['q1', 'q2', 'q3', 'q4', 'q5'];
+    const { job, tokens } = await createSecure(names, 3, 2);
+    const parties: Party[] = names.map((name, i) => ({
+      name,
+      token: tokens[name]!,
+      values: scaledValues(deltas[i]!, WEIGHTS[i]!),
+    }));
+    await runProtocol(job!, parties, fixedPoint(BOUND, names.length), { dropBeforeMasked: ['q4'] });
+    const done = await waitFor(job!.id, (j) => j.state === JobState.JOB_STATE_MERGED);
+    assert.equal(done.state, JobState.JOB_STATE_MERGED);
+    const events = await new Promise<string[]>((resolve, reject) => {
+      const out: string[] = [];
+      const s = h.jobs.watchJob({ jobId: job!.id, afterSeq: 0n }, auth(ADMIN));
+      s.on('data', (e: { securePhaseClosed?: { phase: number; parties: number; missing: string[] } }) => {
+        if (e.securePhaseClosed !== undefined)
+          out.push(
+            `${e.securePhaseClosed.phase}:${e.securePhaseClosed.parties}:${e.securePhaseClosed.missing.join(',')}`,
+          );
+      });
+      s.on('error', reject);
+      s.on('end', () => resolve(out));
+    });
+    assert.deepEqual(events, ['1:5:', '2:5:', '3:5:', '4:4:q4', '5:4:']);
+    const { same, total } = await compareMerged(job!.id, await expected(parties.filter((p) => p.name !== 'q4')));
+    assert.ok(same / total >= 0.9999, `${same} of ${total} bf16 weights identical`);
+    const withDropout = await compareMerged(job!.id, await expected(parties));
+    assert.ok(withDropout.same / withDropout.total < 0.99);
+  });
+});
+
+/** Every file's bytes under `root` (recursively) that `keep` accepts, concatenated with separators. */
+async function folderBytes(root: string, keep: (path: string) => boolean): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for (const e of await readdir(root, { withFileTypes: true, recursive: true })) {
+    if (!e.isFile()) continue;
+    const p = join(e.parentPath, e.name);
+    if (keep(p)) parts.push(await readFile(p), Buffer.from([0xde, 0xad, 0xbe, 0xef]));
+  }
+  return Buffer.concat(parts);
+}
