@@ -60,8 +60,8 @@ export function spreadTensor(union: UnionTensor, t: ScaledTensor | undefined): F
 }
 
 /**
- * The masked vector from word `from` on, in chunks. `scaled` must give the party's tensors in the union's order
- * (both follow the base's tensor order); union tensors the party did not send are 0.
+ * The masked vector from word `from` on, in chunks. `scaled` gives the party's tensors; those read before U asks
+ * for them are held until it does (none when both orders agree); union tensors the party did not send are 0.
  * @throws ProtocolStateError when the party sent a tensor the union lacks, or a position outside it.
  */
 export async function* maskedChunks(
@@ -74,18 +74,34 @@ export async function* maskedChunks(
   const from = o.from ?? 0;
   const chunkWords = o.chunkWords ?? DEFAULT_CHUNK_WORDS;
   const it = scaled[Symbol.asyncIterator]();
-  let next = await it.next();
+  // The party's tensors read past while looking for a later one of U (U's order need not be the delta's).
+  const ahead = new Map<string, ScaledTensor>();
+  let done = false;
+  const find = async (name: string): Promise<ScaledTensor | undefined> => {
+    const early = ahead.get(name);
+    if (early !== undefined) {
+      ahead.delete(name);
+      return early;
+    }
+    while (!done) {
+      const next = await it.next();
+      if (next.done === true) {
+        done = true;
+        break;
+      }
+      if (next.value.name === name) return next.value;
+      ahead.set(next.value.name, next.value);
+    }
+    return undefined;
+  };
+  const names = new Set<string>();
   let offset = 0;
   for (const u of union) {
     o.signal?.throwIfAborted();
-    let mine: ScaledTensor | undefined;
-    if (!next.done && next.value.name === u.name) {
-      mine = next.value;
-      next = await it.next();
-    }
+    names.add(u.name);
     const n = u.positions.length;
     if (offset + n > from) {
-      const values = spreadTensor(u, mine);
+      const values = spreadTensor(u, await find(u.name));
       for (let start = Math.max(0, from - offset); start < n; start += chunkWords) {
         const end = Math.min(n, start + chunkWords);
         const { words, clipped } = party.maskInput(values.subarray(start, end), fp, offset + start);
@@ -95,10 +111,20 @@ export async function* maskedChunks(
     }
     offset += n;
   }
-  if (!next.done)
-    throw new ProtocolStateError(
-      `tensor ${next.value.name} of this party's delta is not in the union the server sent (or not in its order)`,
-    );
+  // Every tensor of the party with a kept position must be in U.
+  for (;;) {
+    const rest = ahead.size > 0 ? [...ahead.values()] : [];
+    ahead.clear();
+    if (!done) {
+      const next = await it.next();
+      if (next.done === true) done = true;
+      else rest.push(next.value);
+    }
+    const missing = rest.find((t) => !names.has(t.name) && t.positions.length > 0);
+    if (missing !== undefined)
+      throw new ProtocolStateError(`tensor ${missing.name} of this party's delta is not in the union the server sent`);
+    if (done && ahead.size === 0) return;
+  }
 }
 
 /** Number of words of the vector on `union`. */
