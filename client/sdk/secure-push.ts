@@ -69,6 +69,7 @@ export type SecureProgress =
   | { step: 'received'; peers: number[] }
   | { step: 'union'; words: number }
   | { step: 'masked'; wordsSent: number; wordsTotal: number; attempt: number }
+  | { step: 'maskedComplete'; wordsTotal: number; clipped: number | undefined }
   | { step: 'unmasked'; survivors: number[]; dropouts: number[] }
   | { step: 'excluded'; phase: string };
 
@@ -298,6 +299,7 @@ export async function pushSecure(
     }
     stored.maskedComplete = true;
     await save(stored);
+    progress({ step: 'maskedComplete', wordsTotal: total, clipped: stored.clipped });
   }
 
   // Round 3: unmask.

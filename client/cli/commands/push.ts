@@ -218,7 +218,9 @@ function secureLine(p: SecureProgress): string | undefined {
     case 'union':
       return `union of the supports: ${p.words} positions`;
     case 'masked':
-      return p.wordsSent === p.wordsTotal ? `masked vector sent (${p.wordsTotal} words)` : undefined;
+      return undefined;
+    case 'maskedComplete':
+      return `masked vector held by the server (${p.wordsTotal} words${p.clipped ? `; ${p.clipped} value(s) clipped to the bound` : ''})`;
     case 'unmasked':
       return `unmask answered (survivors ${p.survivors.join(', ')}${p.dropouts.length > 0 ? `; dropped ${p.dropouts.join(', ')}` : ''})`;
     case 'excluded':
