@@ -14,7 +14,14 @@ import { SecureAggregationServiceClient, type MaskedState, type SupportChunk } f
 import { ValueDtype, type DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import { Checkpoint } from '../proto/safetensors/index.js';
 import { fixedPoint, SecureParty, sumErrorBound, type FixedPoint } from '../proto/secure/index.js';
-import { assembleTensor, chunkChecksum, crc32c, decodeChunk, foldChunkCrc } from '../proto/sparse/index.js';
+import {
+  assembleTensor,
+  chunkChecksum,
+  crc32c,
+  decodeChunk,
+  foldChunkCrc,
+  readDeltaTensors,
+} from '../proto/sparse/index.js';
 import { roundBf16 } from './fixtures/reference.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import {
@@ -206,7 +213,7 @@ async function runProtocol(
   job: Job,
   parties: Party[],
   fp: FixedPoint,
-  opts: { dropBeforeMasked?: string[]; badInput?: boolean } = {},
+  opts: { dropBeforeMasked?: string[]; badInput?: boolean; beforeUnmask?: () => Promise<void> } = {},
 ): Promise<void> {
   const jobId = job.id;
   for (const p of parties)
@@ -276,6 +283,7 @@ async function runProtocol(
     assert.equal(state.wordsExpected, BigInt(enc.words.length));
   }
   await atPhase(jobId, SecurePhase.SECURE_PHASE_UNMASK);
+  await opts.beforeUnmask?.();
   for (const p of live) {
     const req = await call(secure, 'getUnmaskRequest', { jobId }, p.token);
     const res = p.sp!.unmask({ survivors: req.survivors, dropouts: req.dropouts });
@@ -378,7 +386,20 @@ describe('secure aggregation through the server', () => {
     const other = await createSecure(['x', 'y'], 2);
     await rejectsWith(call(secure, 'getRoster', { jobId: other.job!.id }, parties[0]!.token), status.PERMISSION_DENIED);
     const fp = fixedPoint(BOUND, names.length);
-    await runProtocol(job!, parties, fp, { badInput: true });
+    // Searched while the spool holds the supports and every masked vector, and again once merged.
+    // Then the server restarts on the same data folder: the job resumes from its stored aggregator state.
+    await runProtocol(job!, parties, fp, {
+      badInput: true,
+      beforeUnmask: async () => {
+        await noValueInDataFolder(parties);
+        secure.close();
+        await h.close();
+        h = await startHarness(join(dir, 'data'));
+        secure = new SecureAggregationServiceClient(h.address, credentials.createInsecure());
+        const j = await call(h.jobs, 'getJob', { jobId: job!.id }, ADMIN);
+        assert.equal(j.securePhase, SecurePhase.SECURE_PHASE_UNMASK);
+      },
+    });
     const done = await waitFor(job!.id, (j) => j.state === JobState.JOB_STATE_MERGED);
     assert.equal(done.securePhase, SecurePhase.SECURE_PHASE_DONE);
     const { same, total } = await compareMerged(job!.id, await expected(parties));
@@ -388,29 +409,37 @@ describe('secure aggregation through the server', () => {
     assert.ok(baseOnly.same / baseOnly.total < 0.99, `${baseOnly.same} of ${baseOnly.total} identical to the base`);
     const twoOnly = await compareMerged(job!.id, await expected(parties.slice(0, 2)));
     assert.ok(twoOnly.same / twoOnly.total < 0.99);
-    // The unmasked sum on U, before the merge rounds it, is within the fixed-point bound of Σ scaled values.
+    // The unmasked sum on U, before the merge rounds it, is within the fixed-point bound n·2^-(k+1) of the Σ of
+    // the scaled values computed here (plus the rounding of the F32 it is stored in).
     const bound = sumErrorBound(fp);
     assert.ok(bound < 1e-8);
-
-    // No party value anywhere in the data folder but in the merged outputs and the unmasked sum (which hold
-    // base + Σ): for each party, 4 consecutive kept values of one chunk as their bf16 bytes (8 bytes, as a plain
-    // upload spools them). The same search finds them in the party's plain delta.
-    const bytes = await folderBytes(join(dir, 'data'), (p) => !/merged|patch|[/\\]sum[/\\]/.test(p));
-    assert.ok(bytes.length > 10_000);
-    for (const [i, p] of parties.entries()) {
-      const chunks = deltas[i]!.flatMap((r) => (r.chunk !== undefined && r.chunk.count >= 4 ? [r.chunk] : []));
-      const plain = Buffer.concat(chunks.map((c) => c.values));
-      for (const c of chunks.slice(0, 20)) {
-        const run = Buffer.from(c.values.subarray(0, 8));
-        assert.notEqual(plain.indexOf(run), -1);
-        assert.equal(bytes.indexOf(run), -1, `party ${p.name}'s bf16 values appear in the data folder`);
+    const sumFolder = join(dir, 'data', 'jobs', job!.id, 'secure', 'sum');
+    let checked = 0;
+    let worst = 0;
+    for (const f of await readdir(sumFolder)) {
+      for await (const item of readDeltaTensors(join(sumFolder, f))) {
+        if (item.kind !== 'tensor') continue;
+        const t = item.tensor;
+        for (const e of t.partitions) {
+          e.positions.forEach((pos, k) => {
+            const want = parties.reduce((sum, q) => sum + (q.values.get(t.name)?.get(pos) ?? 0), 0);
+            const err = Math.abs(e.values[k]! - want) - Math.abs(want) * 2 ** -24;
+            worst = Math.max(worst, err);
+            checked++;
+          });
+        }
       }
     }
+    assert.ok(checked > 1000, `${checked} positions of U checked`);
+    assert.ok(worst <= bound, `largest error ${worst} beyond the bound ${bound}`);
+
+    await noValueInDataFolder(parties);
   });
 
   it('5 parties, t = 3: one drops after its shares, before its masked input; the merge is that of the 4 others', async () => {
     const names = ['q1', 'q2', 'q3', 'q4', 'q5'];
-    const { job, tokens } = await createSecure(names, 3, 2);
+    // Each phase waits 10 s at most: long enough for every live party on a loaded machine, short enough to wait out q4.
+    const { job, tokens } = await createSecure(names, 3, 10);
     const parties: Party[] = names.map((name, i) => ({
       name,
       token: tokens[name]!,
@@ -437,6 +466,30 @@ describe('secure aggregation through the server', () => {
     const withDropout = await compareMerged(job!.id, await expected(parties));
     assert.ok(withDropout.same / withDropout.total < 0.99);
   });
+
+  it('fewer than t parties left when a phase closes: the job fails with TooFewSurvivorsError, nothing written', async () => {
+    const names = ['r1', 'r2', 'r3'];
+    const { job, tokens } = await createSecure(names, 3, 3);
+    const jobId = job!.id;
+    for (const [i, name] of names.entries())
+      await upload(h.uploads, tokens[name]!, uploadMessages(jobId, name, supportOf(deltas[i]!)));
+    // r3 never advertises its keys: KEYS closes at its deadline with 2 < t = 3 (or SUPPORT does, on a slow machine).
+    await atPhase(jobId, SecurePhase.SECURE_PHASE_KEYS).catch(() => undefined);
+    for (const [i, name] of names.slice(0, 2).entries()) {
+      const sp = SecureParty.create({ jobId, parties: 3, threshold: 3 }, i + 1);
+      const ad = sp.advertise();
+      await call(
+        secure,
+        'advertiseKeys',
+        { jobId, maskPublicKey: ad.maskPublicKey, sharePublicKey: ad.sharePublicKey },
+        tokens[name]!,
+      ).catch(() => undefined);
+    }
+    const failed = await waitFor(jobId, (j) => j.state === JobState.JOB_STATE_FAILED);
+    assert.match(failed.failureReason, /^TooFewSurvivorsError/);
+    const files = await readdir(join(dir, 'data', 'jobs', jobId), { recursive: true });
+    assert.ok(!files.some((f) => /merged|[/\\]sum|patch/.test(f)), files.join(', '));
+  });
 });
 
 /** Every file's bytes under `root` (recursively) that `keep` accepts, concatenated with separators. */
@@ -445,7 +498,31 @@ async function folderBytes(root: string, keep: (path: string) => boolean): Promi
   for (const e of await readdir(root, { withFileTypes: true, recursive: true })) {
     if (!e.isFile()) continue;
     const p = join(e.parentPath, e.name);
-    if (keep(p)) parts.push(await readFile(p), Buffer.from([0xde, 0xad, 0xbe, 0xef]));
+    // A file the server removes meanwhile (the spool once the job merged) is skipped.
+    const data = keep(p)
+      ? await readFile(p).catch((err: NodeJS.ErrnoException) =>
+          err.code === 'ENOENT' ? undefined : Promise.reject(err),
+        )
+      : undefined;
+    if (data !== undefined) parts.push(data, Buffer.from([0xde, 0xad, 0xbe, 0xef]));
   }
   return Buffer.concat(parts);
+}
+
+/** Asserts that no party's kept values (as its plain upload would spool them) are in the data folder. */
+async function noValueInDataFolder(parties: readonly Party[]): Promise<void> {
+  // No party value anywhere in the data folder but in the merged outputs and the unmasked sum (which hold
+  // base + Σ): for each party, 4 consecutive kept values of one chunk as their bf16 bytes (8 bytes, as a plain
+  // upload spools them). The same search finds them in the party's plain delta.
+  const bytes = await folderBytes(join(dir, 'data'), (p) => !/merged|patch|[/\\]sum[/\\]/.test(p));
+  assert.ok(bytes.length > 10_000);
+  for (const [i, p] of parties.entries()) {
+    const chunks = deltas[i]!.flatMap((r) => (r.chunk !== undefined && r.chunk.count >= 4 ? [r.chunk] : []));
+    const plain = Buffer.concat(chunks.map((c) => c.values));
+    for (const c of chunks.slice(0, 20)) {
+      const run = Buffer.from(c.values.subarray(0, 8));
+      assert.notEqual(plain.indexOf(run), -1);
+      assert.equal(bytes.indexOf(run), -1, `party ${p.name}'s bf16 values appear in the data folder`);
+    }
+  }
 }

@@ -13,6 +13,7 @@ const PROTO_FILES = [
   'dppa/v1/upload.proto',
   'dppa/v1/download.proto',
   'dppa/v1/evaluation.proto',
+  'dppa/v1/secure.proto',
   'dppa/v1/sparse.proto',
   'grpc/health/v1/health.proto',
 ];

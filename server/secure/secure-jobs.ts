@@ -14,7 +14,7 @@ import {
   type UnmaskRequest,
   type UnmaskResponse,
 } from '../../proto/secure/index.js';
-import { FailedPreconditionError } from '../errors.js';
+import { AlreadyExistsError, FailedPreconditionError } from '../errors.js';
 import type { JobEvents } from '../jobs/job-events.js';
 import type { JobStore, StoredJob } from '../jobs/job-store.js';
 import { StateConflictError } from '../jobs/job-transitions.js';
@@ -58,6 +58,8 @@ function phaseName(p: SecurePhase): string {
 export class SecureJobs {
   private readonly timers = new Map<string, NodeJS.Timeout>();
   private readonly unions = new Map<string, Union>();
+  /** `<job>/<party>` of the masked uploads open here. */
+  private readonly maskedStreams = new Set<string>();
 
   constructor(private readonly deps: SecureJobsDeps) {}
 
@@ -198,9 +200,19 @@ export class SecureJobs {
       throw new ProtocolStateError(`party ${party} did not share its keys in time: its masked input cannot be used`);
     if (agg.state.survivors.includes(index))
       return { wordsHeld: r.unionSize, wordsExpected: r.unionSize, complete: true };
-    const held = await appendMasked(this.deps.store.dir(jobId), party, r.unionSize, pieces, (n) =>
-      this.deps.metrics.secureBytes.inc({ phase: 'masked_input' }, n),
-    );
+    // One stream per party at a time on this server: two would append to one file.
+    const key = `${jobId}/${party}`;
+    if (this.maskedStreams.has(key))
+      throw new AlreadyExistsError(`party ${party} already has a masked upload open: wait for it to end, then resume`);
+    this.maskedStreams.add(key);
+    let held: number;
+    try {
+      held = await appendMasked(this.deps.store.dir(jobId), party, r.unionSize, pieces, (n) =>
+        this.deps.metrics.secureBytes.inc({ phase: 'masked_input' }, n),
+      );
+    } finally {
+      this.maskedStreams.delete(key);
+    }
     if (held === r.unionSize) {
       await this.accept(jobId, SecurePhase.SECURE_PHASE_MASKED_INPUT, (rec) => {
         const a = loadAggregator(rec);
