@@ -52,6 +52,11 @@ export type {
   PushProgress,
   PushCallOptions,
 } from './sdk/push.js';
+export type { SecurePushOptions, SecureProgress } from './sdk/secure-push.js';
+export type { SecureJobOptions } from './sdk/jobs.js';
+export { DEFAULT_CLIP_BOUND } from './sdk/jobs.js';
+export { searchLocally } from './secure/local-search.js';
+export type { LocalSearchOptions, LocalSearchResult, LocalSearchEvent } from './secure/local-search.js';
 export type { PullOptions, PullProgress, PullCallOptions, PullResult, PulledFile } from './sdk/pull.js';
 export type {
   EvaluateOptions,
@@ -69,7 +74,15 @@ export {
   DownloadError,
   EvaluationError,
 } from './sdk/errors.js';
-export { JobState, SearchMethod, Tuner, EvaluatorKind, MergeOutput } from '../proto/gen/dppa/v1/jobs.js';
+export {
+  JobState,
+  SearchMethod,
+  Tuner,
+  EvaluatorKind,
+  MergeOutput,
+  Privacy,
+  SecurePhase,
+} from '../proto/gen/dppa/v1/jobs.js';
 export type {
   Job,
   JobEvent,

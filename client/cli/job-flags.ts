@@ -2,7 +2,7 @@
  * Parsing of `dppa job create`'s richer flags into the proto messages:
  * `--parties`, `--dpa` (DpaConfig), the evaluator flags of a search
  * (SearchConfig.evaluator, party_evaluator, onnx) and `--weights`
- * (MergeOptions.weights).
+ * (MergeOptions.weights), and the privacy flags of a secure job.
  */
 import {
   EvaluatorKind,
@@ -13,7 +13,8 @@ import {
   type OnnxEvaluator,
   type SearchConfig,
 } from '../../proto/gen/dppa/v1/jobs.js';
-import { repeatable, text, type FlagValues } from '../../proto/cli/flag-table.js';
+import { choice, number, repeatable, text, type FlagValues } from '../../proto/cli/flag-table.js';
+import type { SecureJobOptions } from '../sdk/jobs.js';
 import { UsageError } from './exit-codes.js';
 
 const PARTY_NAME = /^[A-Za-z0-9_-]{1,64}$/;
@@ -293,4 +294,93 @@ export function parseWeights(value: string | undefined, parties: readonly string
     weights[name] = factor(pair.slice(eq + 1), 'weights');
   }
   return weights;
+}
+
+const PRIVACY = 'Privacy (docs/privacy.md)';
+
+/** The flags of a secure job. */
+export const privacyFlags = {
+  privacy: choice(
+    'plain|secure',
+    ['plain', 'secure'] as const,
+    "plain (default): the server sees each party's pruned delta; secure: secure aggregation, the server learns only the sum (each party searches and applies its own factors when it pushes)",
+    { group: PRIVACY },
+  ),
+  threshold: number(
+    'T',
+    'with --privacy secure (required): parties that must stay to the end, 2 ≤ T ≤ the parties',
+    { min: 2, integer: true },
+    { group: PRIVACY },
+  ),
+  'clip-bound': number(
+    'B',
+    'with --privacy secure: clipping bound of the scaled values c·f·Δ each party sums (default 1; beyond it values are clipped and counted)',
+    { min: 0 },
+    { group: PRIVACY },
+  ),
+  'phase-seconds': number(
+    'S',
+    'with --privacy secure: seconds each phase waits for parties that have not answered (default 600; a party searches its factors before it joins, so allow for that)',
+    { min: 1, integer: true },
+    { group: PRIVACY },
+  ),
+};
+
+/** Values of {@link privacyFlags} and the job flags a secure job refuses. */
+export type PrivacyFlagValues = Partial<FlagValues<typeof privacyFlags>> &
+  EvaluatorFlagValues & { dpa?: string | undefined; weights?: string | undefined; 'sign-election'?: boolean };
+
+/**
+ * `--privacy secure --threshold T [--clip-bound B] [--phase-seconds S]` into the SDK's secure options.
+ * @returns undefined for a plain job.
+ * @throws UsageError naming the flag: a secure flag without --privacy secure, a secure job without --threshold,
+ *   or a flag a secure job refuses (a search or evaluator on the server, factors, weights, sign election).
+ */
+export function parsePrivacy(v: PrivacyFlagValues, parties: number): SecureJobOptions | undefined {
+  const secureOnly = (['threshold', 'clip-bound', 'phase-seconds'] as const).filter((k) => v[k] !== undefined);
+  if (v.privacy !== 'secure') {
+    if (secureOnly.length > 0)
+      throw new UsageError(`${secureOnly.map((k) => `--${k}`).join(', ')}: only with --privacy secure`);
+    return undefined;
+  }
+  if (v.threshold === undefined)
+    throw new UsageError(
+      '--privacy secure needs --threshold T: the parties that must stay to the end (2 ≤ T ≤ the parties)',
+    );
+  if (v.threshold > parties)
+    throw new UsageError(`--threshold: at most the number of parties, ${parties}; got ${v.threshold}`);
+  if (v['clip-bound'] === 0) throw new UsageError('--clip-bound: must be > 0');
+  const local = 'each party searches (with its own --eval-cmd) and applies its own factors when it runs dppa push';
+  if (v.dpa !== undefined && v.dpa !== 'off') {
+    const mode = v.dpa.split(':')[0];
+    if (mode !== 'fixed' || !fixedAllOnes(v.dpa))
+      throw new UsageError(
+        `--dpa ${mode}: a secure job runs no factor search and applies no factors on the server; ${local}: drop --dpa`,
+      );
+  }
+  const evaluator = (Object.keys(evaluatorFlags) as (keyof EvaluatorFlagValues)[]).filter((k) => v[k] !== undefined);
+  if (evaluator.length > 0)
+    throw new UsageError(
+      `${evaluator.map((k) => `--${k}`).join(', ')}: a secure job has no evaluator on the server (no ONNX, no remote search); ${local}`,
+    );
+  if (v.weights !== undefined)
+    throw new UsageError(
+      '--weights: the server of a secure job sees only the sum, so it cannot weight the parties; each party scales its own delta',
+    );
+  if (v['sign-election'] === true)
+    throw new UsageError("--sign-election: the server of a secure job sees only the sum, not each party's signs");
+  return {
+    threshold: v.threshold,
+    ...(v['clip-bound'] === undefined ? {} : { clipBound: v['clip-bound'] }),
+    ...(v['phase-seconds'] === undefined ? {} : { phaseSeconds: v['phase-seconds'] }),
+  };
+}
+
+/** True when a `fixed:` spec gives factor 1 everywhere (harmless for a secure job). */
+function fixedAllOnes(spec: string): boolean {
+  const numbers = spec
+    .slice('fixed:'.length)
+    .split(/[;,]/)
+    .map((part) => part.slice(part.indexOf('=') + 1).trim());
+  return numbers.length > 0 && numbers.every((n) => n !== '' && Number(n) === 1);
 }

@@ -14,7 +14,9 @@ import {
   type MergeOptions,
   type Pause,
 } from '../../proto/gen/dppa/v1/jobs.js';
+import { Privacy, SecurePhase } from '../../proto/gen/dppa/v1/jobs.js';
 import { jobStateName } from '../sdk/jobs.js';
+import { securePhaseName } from '../sdk/secure-push.js';
 import { formatBytes } from './progress.js';
 
 /** `SEARCH_METHOD_WHOLE` → `whole`; the zero value → `default`. */
@@ -84,6 +86,15 @@ export function jobJson(job: Job): Record<string, unknown> {
     dpa: dpaJson(job.dpa),
     merge: mergeJson(job.merge),
     maxAbsValue: job.maxAbsValue,
+    privacy: job.privacy === Privacy.PRIVACY_SECURE ? 'secure' : 'plain',
+    ...(job.privacy === Privacy.PRIVACY_SECURE
+      ? {
+          threshold: job.threshold,
+          clipBound: job.clipBound,
+          securePhase: securePhaseName(job.securePhase),
+          securePhaseSeconds: job.securePhaseSeconds,
+        }
+      : {}),
     parties: job.parties.map((p) => ({
       name: p.name,
       tensorsReceived: p.tensorsReceived,
@@ -149,8 +160,13 @@ export function jobText(job: Job): string {
     `job ${job.id}  ${jobStateName(job.state)}${job.label === '' ? '' : `  "${job.label}"`}`,
     `  base        ${job.basePath}${job.baseFingerprint === '' ? '' : `  (fingerprint ${job.baseFingerprint.slice(0, 16)}…)`}`,
     `  pruning     ${jobMethod(job)} at rate ${job.rate}${job.maxAbsValue === 0 ? '' : `; values within ±${job.maxAbsValue}`}`,
-    `  dpa         ${dpaText(job.dpa)}`,
+    `  dpa         ${job.privacy === Privacy.PRIVACY_SECURE ? "each party's own (searched and applied before its masked upload)" : dpaText(job.dpa)}`,
   ];
+  if (job.privacy === Privacy.PRIVACY_SECURE)
+    lines.push(
+      `  privacy     secure, threshold ${job.threshold}, clip bound ${job.clipBound}; phase ${securePhaseName(job.securePhase)}` +
+        (job.securePhaseSeconds === 0 ? '' : ` (each phase waits ${job.securePhaseSeconds} s)`),
+    );
   const weights = Object.entries(job.merge?.weights ?? {}).map(([p, w]) => `${p}=${w}`);
   lines.push(
     `  merge       weights ${weights.length === 0 ? 'all 1' : weights.join(', ')}; sign election ${job.merge?.signElection === true ? 'on' : 'off'}; ` +
@@ -221,6 +237,7 @@ export function eventType(ev: JobEvent): string {
     'failed',
     'paused',
     'partyStopped',
+    'securePhaseClosed',
   ] as const) {
     if (ev[k] !== undefined) return k;
   }
@@ -268,6 +285,18 @@ export function eventJson(ev: JobEvent): Record<string, unknown> {
       reason: ev.partyStopped.reason,
       discardedTensors: ev.partyStopped.discardedTensors,
     };
+  if (ev.securePhaseClosed !== undefined) {
+    const c = ev.securePhaseClosed;
+    return {
+      ...head,
+      phase: securePhaseName(c.phase),
+      next: securePhaseName(c.next),
+      parties: c.parties,
+      missing: c.missing,
+      unionSize: Number(c.unionSize),
+      seconds: c.seconds,
+    };
+  }
   return head;
 }
 
@@ -296,6 +325,12 @@ export function eventText(ev: JobEvent): string {
     if (ev.failed !== undefined) return `failed: ${ev.failed.reason}`;
     if (ev.paused !== undefined) return `paused: ${pauseText(ev.paused)}`;
     if (ev.partyStopped !== undefined) return `party ${ev.partyStopped.party} stopped: ${ev.partyStopped.reason}`;
+    if (ev.securePhaseClosed !== undefined) {
+      const c = ev.securePhaseClosed;
+      const missing = c.missing.length === 0 ? '' : `, missing ${c.missing.join(', ')}`;
+      const union = c.phase === SecurePhase.SECURE_PHASE_SUPPORT ? `, union ${c.unionSize} positions` : '';
+      return `secure phase ${securePhaseName(c.phase)} closed after ${c.seconds.toFixed(1)} s: ${c.parties} part${c.parties === 1 ? 'y' : 'ies'}${missing}${union}; now ${securePhaseName(c.next)}`;
+    }
     return 'unknown event';
   })();
   return `${ev.time === '' ? '' : `${ev.time} `}#${ev.seq} ${what}`;

@@ -9,6 +9,7 @@ import { Channel, credentials, Metadata, type ChannelCredentials, type ChannelOp
 import { DownloadServiceClient } from '../../proto/gen/dppa/v1/download.js';
 import { EvaluationServiceClient } from '../../proto/gen/dppa/v1/evaluation.js';
 import { JobServiceClient } from '../../proto/gen/dppa/v1/jobs.js';
+import { SecureAggregationServiceClient } from '../../proto/gen/dppa/v1/secure.js';
 import type { UploadServiceClient } from '../../proto/gen/dppa/v1/upload.js';
 import { UploadClientSendingRecords } from './upload-client.js';
 import { Backoff, retryWithDefaults, type RetryNotice, type RetryOptions } from './retry.js';
@@ -197,6 +198,7 @@ export class Connection {
   readonly uploads: UploadServiceClient;
   readonly downloads: DownloadServiceClient;
   readonly evaluations: EvaluationServiceClient;
+  readonly secure: SecureAggregationServiceClient;
   private readonly channel: Channel;
   private closed = false;
 
@@ -229,6 +231,7 @@ export class Connection {
     this.uploads = new UploadClientSendingRecords(o.address, creds, shared);
     this.downloads = new DownloadServiceClient(o.address, creds, shared);
     this.evaluations = new EvaluationServiceClient(o.address, creds, shared);
+    this.secure = new SecureAggregationServiceClient(o.address, creds, shared);
   }
 
   /** A fresh count of failures in a row, within the retry budget. */

@@ -11,6 +11,7 @@ import {
   DpaConfig,
   JobState,
   MergeOptions,
+  Privacy,
   type DeepPartial,
   type Job,
   type JobEvent,
@@ -63,7 +64,26 @@ export interface CreateJobOptions {
    * @default the server's default, 1000
    */
   maxAbsValue?: number;
+  /**
+   * Secure aggregation (docs/privacy.md): the server learns the sum of the parties' scaled deltas, not any one of
+   * them. Each party then searches and applies its own factors and weight; `dpa` must be off (or fixed at 1) and
+   * the weights 1. @default plain
+   */
+  secure?: SecureJobOptions;
 }
+
+/** The parameters of a secure job. */
+export interface SecureJobOptions {
+  /** Shares needed to rebuild a secret: at least this many parties must stay to the end; 2 ≤ t ≤ parties. */
+  threshold: number;
+  /** Clipping bound B of the scaled values c·f·Δ each party sums (beyond it they are clipped and counted). @default 1 */
+  clipBound?: number;
+  /** Seconds each phase waits for parties that have not answered. @default the server's, 600 */
+  phaseSeconds?: number;
+}
+
+/** Default of {@link SecureJobOptions.clipBound}. */
+export const DEFAULT_CLIP_BOUND = 1;
 
 /** What {@link DppaClient.createJob} returns. */
 export interface CreateJobResult {
@@ -118,7 +138,9 @@ export function createJobRequest(o: CreateJobOptions): CreateJobRequest {
       if (!seen.has(name)) throw new RangeError(`${field}: ${JSON.stringify(name)} is not a party of the job`);
     }
   }
+  const secure = o.secure === undefined ? undefined : checkSecure(o.secure, o.parties.length, dpa, merge);
   return CreateJobRequest.fromPartial({
+    ...(secure === undefined ? {} : secure),
     basePath: o.basePath,
     parties: o.parties,
     rate: o.rate,
@@ -130,6 +152,46 @@ export function createJobRequest(o: CreateJobOptions): CreateJobRequest {
     label: o.label ?? '',
     maxAbsValue: o.maxAbsValue ?? 0,
   });
+}
+
+/**
+ * The secure fields of a request.
+ * @throws RangeError naming the option that is wrong or that a secure job refuses.
+ */
+function checkSecure(
+  s: SecureJobOptions,
+  parties: number,
+  dpa: DpaConfig,
+  merge: MergeOptions,
+): Pick<CreateJobRequest, 'privacy' | 'threshold' | 'clipBound' | 'securePhaseSeconds'> {
+  if (!(Number.isInteger(s.threshold) && s.threshold >= 2 && s.threshold <= parties))
+    throw new RangeError(`secure.threshold: must be an integer in [2, ${parties}] (the parties), got ${s.threshold}`);
+  const clipBound = s.clipBound ?? DEFAULT_CLIP_BOUND;
+  if (!(Number.isFinite(clipBound) && clipBound > 0))
+    throw new RangeError(`secure.clipBound: must be a finite number > 0, got ${clipBound}`);
+  const phaseSeconds = s.phaseSeconds ?? 0;
+  if (!(Number.isInteger(phaseSeconds) && phaseSeconds >= 0))
+    throw new RangeError(`secure.phaseSeconds: must be an integer ≥ 0, got ${phaseSeconds}`);
+  if (dpa.search !== undefined)
+    throw new RangeError(
+      'dpa.search: a secure job searches no factors on the server (ONNX or remote evaluator); each party searches its own locally when it pushes: give dpa off',
+    );
+  const fixed = dpa.fixed;
+  if (
+    fixed !== undefined &&
+    [fixed.factors, ...Object.values(fixed.perParty).map((f) => f.factors)].flat().some((f) => f !== 1)
+  )
+    throw new RangeError(
+      'dpa.fixed: a secure job takes no factors at the server; each party applies its own when it pushes',
+    );
+  for (const [party, w] of Object.entries(merge.weights))
+    if (w !== 1)
+      throw new RangeError(
+        `merge.weights: a secure job takes no weights at the server (${party}: ${w}); each party applies its own when it pushes`,
+      );
+  if (merge.signElection)
+    throw new RangeError("merge.signElection: a secure job's server sees only the sum, not each party's signs");
+  return { privacy: Privacy.PRIVACY_SECURE, threshold: s.threshold, clipBound, securePhaseSeconds: phaseSeconds };
 }
 
 /** CreateJob (admin token). Not retried: a repeat could create a second job. */

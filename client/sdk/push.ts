@@ -7,7 +7,7 @@ import { mkdir } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { status as Status, type ClientWritableStream } from '@grpc/grpc-js';
 import { DEFAULT_PRUNE_METHOD, pruneMethodFromWire, type PruneMethod } from '../../proto/algorithm/index.js';
-import { JobState, type Job } from '../../proto/gen/dppa/v1/jobs.js';
+import { JobState, Privacy, type Job } from '../../proto/gen/dppa/v1/jobs.js';
 import type { DeltaHeader, DeltaRecord } from '../../proto/gen/dppa/v1/sparse.js';
 import type { UploadRequest, UploadState } from '../../proto/gen/dppa/v1/upload.js';
 import { readDeltaFile, readDeltaHeader } from '../../proto/sparse/index.js';
@@ -18,6 +18,7 @@ import type { Connection } from './connection.js';
 import { DeltaMismatchError, DppaRpcError, JobStateError, UploadIncompleteError } from './errors.js';
 import { jobStateName } from './jobs.js';
 import { isTransient } from './retry.js';
+import { pushSecure, type SecureProgress, type SecurePushOptions } from './secure-push.js';
 
 /** Pruning settings a push passes to the pruner (see {@link PruneOptions}); the job fixes rate and method. */
 export type PushPruneOptions = Omit<PruneOptions, 'base' | 'finetuned' | 'rate' | 'method' | 'signal' | 'onProgress'>;
@@ -46,6 +47,8 @@ export interface PushFromCheckpoints extends PushPruneOptions {
    */
   keepDelta?: string;
   delta?: never;
+  /** Used when the job is secure (docs/privacy.md): the party's working folder, its evaluation, its weight. */
+  secure?: SecurePushOptions;
 }
 
 /** Push a delta already pruned into a `.dppa` file (`dppa prune`). */
@@ -59,6 +62,8 @@ export interface PushFromFile {
   base?: never;
   finetuned?: never;
   keepDelta?: never;
+  /** Used when the job is secure (docs/privacy.md): the party's working folder, its evaluation, its weight. */
+  secure?: SecurePushOptions;
 }
 
 /** What {@link DppaClient.push} uploads. */
@@ -84,10 +89,12 @@ export interface PushProgress {
 export interface PushCallOptions extends CallOptions {
   /** Called as the push advances (at most once per tensor). @default none */
   onProgress?: ((p: PushProgress) => void) | undefined;
+  /** Called as a secure job's rounds advance (local search, keys, shares, masked upload, unmask). @default none */
+  onSecure?: ((p: SecureProgress) => void) | undefined;
 }
 
-/** Where the records come from. */
-interface RecordSource {
+/** Where the records come from. @internal */
+export interface RecordSource {
   header: DeltaHeader;
   records(skip: ReadonlySet<string>): AsyncGenerator<DeltaRecord, void, undefined>;
   close(): Promise<void>;
@@ -179,8 +186,8 @@ async function fileSource(path: string, job: Job, signal: AbortSignal): Promise<
   };
 }
 
-/** The file of `keepDelta`: reused when it fits the job, else pruned anew. */
-async function keptDelta(
+/** The file of `keepDelta`: reused when it fits the job, else pruned anew. @internal */
+export async function keptDelta(
   o: PushFromCheckpoints & { keepDelta: string },
   job: Job,
   signal: AbortSignal,
@@ -257,12 +264,12 @@ async function openSource(
 function ignore(): void {}
 
 /**
- * One Upload stream, written with backpressure: `write()` waits for 'drain'
- * when grpc-js's buffer is full, and stops as soon as the call has ended.
+ * One client stream (Upload, UploadMasked), written with backpressure: `write()` waits for 'drain'
+ * when grpc-js's buffer is full, and stops as soon as the call has ended. @internal
  */
-class UploadStream {
-  readonly result: Promise<UploadState>;
-  private readonly call: ClientWritableStream<UploadRequest>;
+export class UploadStream<Req = UploadRequest, Res = UploadState> {
+  readonly result: Promise<Res>;
+  private readonly call: ClientWritableStream<Req>;
   private ended = false;
   private wake: (() => void) | undefined;
   private readonly onAbort = (): void => this.call.cancel();
@@ -270,16 +277,25 @@ class UploadStream {
   constructor(
     conn: Connection,
     private readonly signal: AbortSignal,
+    open?: (callback: (err: Error | null, res: Res) => void) => ClientWritableStream<Req>,
   ) {
-    let resolve!: (s: UploadState) => void;
+    let resolve!: (s: Res) => void;
     let reject!: (e: unknown) => void;
-    this.result = new Promise<UploadState>((res, rej) => {
+    this.result = new Promise<Res>((res, rej) => {
       resolve = res;
       reject = rej;
     });
     // Awaited by finish(); an early failure must not count as unhandled while records are still being written.
     this.result.catch(ignore);
-    this.call = conn.uploads.upload(conn.metadata(), {}, (err, res) => {
+    const opener =
+      open ??
+      ((cb: (err: Error | null, res: Res) => void) =>
+        conn.uploads.upload(
+          conn.metadata(),
+          {},
+          cb as (err: Error | null, res: UploadState) => void,
+        ) as unknown as ClientWritableStream<Req>);
+    this.call = opener((err, res) => {
       this.ended = true;
       this.wake?.();
       if (err !== null) reject(err);
@@ -291,7 +307,7 @@ class UploadStream {
   }
 
   /** Sends one message; false once the call has ended (its result says how). */
-  async write(message: UploadRequest): Promise<boolean> {
+  async write(message: Req): Promise<boolean> {
     if (this.ended) return false;
     if (!this.call.write(message)) {
       await new Promise<void>((resolve) => {
@@ -303,7 +319,7 @@ class UploadStream {
   }
 
   /** Half-closes the stream and waits for the server's answer. */
-  async finish(): Promise<UploadState> {
+  async finish(): Promise<Res> {
     if (!this.ended) this.call.end();
     return this.result;
   }
@@ -335,7 +351,8 @@ export async function push(conn: Connection, o: PushOptions, call: PushCallOptio
         true,
       );
     const job = await inScope(conn, 'GetJob', conn.jobs.getJob.bind(conn.jobs), { jobId: o.jobId }, scope, true);
-    let state = await uploadState();
+    if (job.privacy === Privacy.PRIVACY_SECURE) return await pushSecure(conn, o, job, scope, call);
+    const state = await uploadState();
     if (state.complete) {
       // Nothing to send, but the caller may evaluate the kept delta next: it must exist.
       if (o.delta === undefined && o.keepDelta !== undefined)
@@ -363,58 +380,73 @@ export async function push(conn: Connection, o: PushOptions, call: PushCallOptio
         `the server holds part of an upload of party "${o.party}" made against another base (fingerprint ${state.baseFingerprint}) than this delta's (${header.baseFingerprint})`,
       );
     }
-    const tensorsTotal = header.tensors.filter((t) => t.sent).length;
-    const backoff = conn.backoff();
-    let bytesSent = 0;
-    for (let attempt = 1; ; attempt++) {
-      if (attempt > 1) {
-        const before = state.tensorsReceived.length;
-        state = await uploadState();
-        if (state.complete) return state;
-        // Count only failures in a row that made no progress: a long upload may be interrupted many times.
-        if (state.tensorsReceived.length > before) backoff.reset();
-      }
-      const held = new Set(state.tensorsReceived);
-      let tensorsDone = held.size;
-      let tensor = '';
-      report({ phase: 'upload', tensor, tensorsDone, tensorsTotal, bytesSent, attempt });
-      const stream = new UploadStream(conn, scope.signal);
-      try {
-        // A false write means the call has ended: finish() then says how.
-        if (await stream.write({ open: { jobId: o.jobId, party: o.party } })) {
-          for await (const record of source.records(held)) {
-            if (!(await stream.write({ record }))) break;
-            if (record.chunk !== undefined) bytesSent += record.chunk.positions.length + record.chunk.values.length;
-            if (record.tensorEnd !== undefined) {
-              tensor = record.tensorEnd.name;
-              tensorsDone++;
-              report({ phase: 'upload', tensor, tensorsDone, tensorsTotal, bytesSent, attempt });
-            }
-          }
-        }
-        const result = await stream.finish();
-        if (result.complete) return result;
-        // Every record went through and the server answered OK: ask once more before calling it incomplete.
-        const again = await uploadState();
-        if (again.complete) return again;
-        throw new UploadIncompleteError(again);
-      } catch (err) {
-        const e = DppaRpcError.from(scope.reason(err), 'Upload');
-        // ALREADY_EXISTS: a server without slot takeover still holds the slot of an earlier stream of ours.
-        if (
-          scope.signal.aborted ||
-          !(isTransient(e) || (e instanceof DppaRpcError && e.code === Status.ALREADY_EXISTS))
-        )
-          throw e;
-        await backoff.failed(e, scope.signal);
-      } finally {
-        stream.close();
-      }
-    }
+    return await uploadRecords(conn, o, scope, source, state, uploadState, report);
   } catch (err) {
     throw scope.reason(err);
   } finally {
     await source?.close();
     scope.dispose();
+  }
+}
+
+/**
+ * Sends a source's records the server does not hold yet, on Upload streams resumed after drops (see {@link push}).
+ * @internal
+ */
+export async function uploadRecords(
+  conn: Connection,
+  o: { jobId: string; party: string },
+  scope: CallScope,
+  source: RecordSource,
+  initial: UploadState,
+  uploadState: () => Promise<UploadState>,
+  report: (p: PushProgress) => void,
+): Promise<UploadState> {
+  let state = initial;
+  const { header } = source;
+  const tensorsTotal = header.tensors.filter((t) => t.sent).length;
+  const backoff = conn.backoff();
+  let bytesSent = 0;
+  for (let attempt = 1; ; attempt++) {
+    if (attempt > 1) {
+      const before = state.tensorsReceived.length;
+      state = await uploadState();
+      if (state.complete) return state;
+      // Count only failures in a row that made no progress: a long upload may be interrupted many times.
+      if (state.tensorsReceived.length > before) backoff.reset();
+    }
+    const held = new Set(state.tensorsReceived);
+    let tensorsDone = held.size;
+    let tensor = '';
+    report({ phase: 'upload', tensor, tensorsDone, tensorsTotal, bytesSent, attempt });
+    const stream = new UploadStream(conn, scope.signal);
+    try {
+      // A false write means the call has ended: finish() then says how.
+      if (await stream.write({ open: { jobId: o.jobId, party: o.party } })) {
+        for await (const record of source.records(held)) {
+          if (!(await stream.write({ record }))) break;
+          if (record.chunk !== undefined) bytesSent += record.chunk.positions.length + record.chunk.values.length;
+          if (record.tensorEnd !== undefined) {
+            tensor = record.tensorEnd.name;
+            tensorsDone++;
+            report({ phase: 'upload', tensor, tensorsDone, tensorsTotal, bytesSent, attempt });
+          }
+        }
+      }
+      const result = await stream.finish();
+      if (result.complete) return result;
+      // Every record went through and the server answered OK: ask once more before calling it incomplete.
+      const again = await uploadState();
+      if (again.complete) return again;
+      throw new UploadIncompleteError(again);
+    } catch (err) {
+      const e = DppaRpcError.from(scope.reason(err), 'Upload');
+      // ALREADY_EXISTS: a server without slot takeover still holds the slot of an earlier stream of ours.
+      if (scope.signal.aborted || !(isTransient(e) || (e instanceof DppaRpcError && e.code === Status.ALREADY_EXISTS)))
+        throw e;
+      await backoff.failed(e, scope.signal);
+    } finally {
+      stream.close();
+    }
   }
 }

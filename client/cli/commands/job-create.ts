@@ -3,7 +3,15 @@ import { choice, number, text, toggle } from '../../../proto/cli/flag-table.js';
 import { defineCommand, out } from '../command.js';
 import { EXIT, UsageError } from '../exit-codes.js';
 import { jsonFlag } from '../job-id-flag.js';
-import { evaluatorFlags, parseDpa, parseEvaluator, parseParties, parseWeights } from '../job-flags.js';
+import {
+  evaluatorFlags,
+  parseDpa,
+  parseEvaluator,
+  parseParties,
+  parsePrivacy,
+  parseWeights,
+  privacyFlags,
+} from '../job-flags.js';
 import { adminToken, adminTokenFlags, clientOptions, serverFlags, withClient } from '../server-flags.js';
 import type { CreateJobOptions } from '../../sdk/jobs.js';
 import { MergeOutput } from '../../../proto/gen/dppa/v1/jobs.js';
@@ -24,7 +32,13 @@ export const jobCreateCommand = defineCommand({
   summary: 'create a merge job and print one token per party',
   usage: '--server HOST:PORT --base DIR --parties a,b,c --rate R [options]',
   description: `Creates a merge job on the server and prints its id and one token per party
-(shown only now: hand each party its own token, e.g. with DPPA_TOKEN).`,
+(shown only now: hand each party its own token, e.g. with DPPA_TOKEN).
+
+With --privacy secure --threshold T the server learns only the sum of the
+parties' scaled deltas (secure aggregation, docs/privacy.md): each party runs
+its factor search with its own evaluation and applies its factors in
+dppa push, so --dpa search, the evaluator flags, --weights and
+--sign-election are refused.`,
   flags: {
     base: text('DIR', "folder of the base checkpoint on the server's disk", { required: true, group: REQUIRED }),
     parties: text('a,b,c', "party names (letters, digits, '-', '_', at most 64 each)", {
@@ -74,6 +88,7 @@ export const jobCreateCommand = defineCommand({
       { group: JOB },
     ),
     ...evaluatorFlags,
+    ...privacyFlags,
     ...serverFlags,
     ...adminTokenFlags,
     ...jsonFlag('print exactly { "jobId": "...", "tokens": { "a": "...", ... } }'),
@@ -81,6 +96,8 @@ export const jobCreateCommand = defineCommand({
   after: 'Exit codes: 0 ok, 2 bad command line, 4 the server refused or failed, 130 interrupted.',
   async action(v) {
     const parties = parseParties(v.parties);
+    // First: its refusals of server-side search and weights say more than those flags' own checks.
+    const secure = parsePrivacy(v, parties.length);
     const dpa = parseDpa(v.dpa, parties);
     const evaluator = parseEvaluator(v, parties, dpa.search !== undefined);
     if (dpa.search !== undefined) dpa.search = { ...dpa.search, ...evaluator };
@@ -98,6 +115,7 @@ export const jobCreateCommand = defineCommand({
     };
     if (v.output !== undefined) request.merge!.output = MERGE_OUTPUTS[v.output];
     if (v.label !== undefined) request.label = v.label;
+    if (secure !== undefined) request.secure = secure;
     if (v['max-abs-value'] === 0) throw new UsageError('--max-abs-value: must be > 0');
     if (v['max-abs-value'] !== undefined) request.maxAbsValue = v['max-abs-value'];
     const options = clientOptions(v, adminToken(v));
@@ -106,7 +124,8 @@ export const jobCreateCommand = defineCommand({
       if (v.json) {
         out(JSON.stringify({ jobId: job.id, tokens }));
       } else {
-        out(`job ${job.id} created (collecting uploads from ${parties.length} parties)`);
+        const how = secure === undefined ? '' : `, secure aggregation with threshold ${secure.threshold}`;
+        out(`job ${job.id} created (collecting uploads from ${parties.length} parties${how})`);
         out('tokens (shown only now; give each party its own):');
         const width = Math.max(...parties.map((p) => p.length));
         for (const p of parties) out(`  ${p.padEnd(width)}  ${tokens[p] ?? '(none returned)'}`);

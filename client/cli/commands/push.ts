@@ -1,7 +1,16 @@
 import { resolve } from 'node:path';
 import { number, text } from '../../../proto/cli/flag-table.js';
-import { defineCommand, out } from '../command.js';
-import { defaultWorkDir, evalFlags, keptDeltaPath, requireRemoteSearch, serveEvaluations } from '../eval-command.js';
+import { defineCommand, note, out } from '../command.js';
+import {
+  commandEvaluator,
+  defaultWorkDir,
+  evalFlags,
+  keptDeltaPath,
+  requireRemoteSearch,
+  serveEvaluations,
+} from '../eval-command.js';
+import { Privacy } from '../../../proto/gen/dppa/v1/jobs.js';
+import type { SecureProgress } from '../../sdk/secure-push.js';
 import { EXIT, UsageError } from '../exit-codes.js';
 import { jsonFlag } from '../job-id-flag.js';
 import { formatBytes } from '../progress.js';
@@ -36,7 +45,15 @@ scores each candidate the server proposes with CMD, until this party's search
 is over (docs/dpa.md). The delta is then pruned into a file first (--keep-delta,
 default DIR/delta.dppa) so that the candidates are built from the very delta
 uploaded; --base and --finetuned are needed (also with --delta) to build them.
-After a disconnection, \`dppa evaluate\` rejoins the search without pushing again.`,
+After a disconnection, \`dppa evaluate\` rejoins the search without pushing again.
+
+For a secure job (dppa job create --privacy secure) the same flags do the
+party's side of secure aggregation (docs/privacy.md): the delta is pruned into
+--work-dir, its factors are searched there with --eval-cmd (factors 1 without
+it), its support (positions only) is uploaded, and the command stays through
+the key, share, masked-upload and unmask rounds. The party's private keys and
+seed are kept in --work-dir (mode 0600, never sent): run the command again to
+resume after an interruption.`,
   flags: {
     job: text('ID', "the job's id", { required: true, group: REQUIRED }),
     party: text('P', "this party's name in the job", { required: true, group: REQUIRED }),
@@ -66,7 +83,6 @@ dppa evaluate to resume), 130 interrupted (run again to resume).`,
   async action(v) {
     const { job: jobId, party } = v;
     const command = v['eval-cmd'];
-    if (command === undefined && v['work-dir'] !== undefined) throw new UsageError('--work-dir goes with --eval-cmd');
     if (command === undefined && v['eval-retries'] !== undefined)
       throw new UsageError('--eval-retries goes with --eval-cmd');
     const workDir = resolve(v['work-dir'] ?? defaultWorkDir(jobId, party));
@@ -115,9 +131,31 @@ dppa evaluate to resume), 130 interrupted (run again to resume).`,
             json: v.json,
           };
     return withClient(clientOptions(v, partyToken(v)), async (client, signal, progress) => {
-      if (evaluation !== undefined) requireRemoteSearch(await client.getJob(jobId, { signal }), party);
+      const job = await client.getJob(jobId, { signal });
+      const secure = job.privacy === Privacy.PRIVACY_SECURE;
+      if (secure) {
+        // The party's side of secure aggregation: its own search with --eval-cmd, its state in --work-dir.
+        source.secure = {
+          workDir,
+          ...(command === undefined ? {} : { evaluate: commandEvaluator(command) }),
+          ...(v['eval-retries'] === undefined ? {} : { retries: v['eval-retries'] }),
+          ...(evaluation !== undefined && source.delta !== undefined
+            ? { base: evaluation.base, finetuned: evaluation.finetuned }
+            : {}),
+        };
+      } else {
+        if (command === undefined && v['work-dir'] !== undefined)
+          throw new UsageError('--work-dir goes with --eval-cmd (or a secure job)');
+        if (evaluation !== undefined) requireRemoteSearch(job, party);
+      }
       const state = await client.push(source, {
         signal,
+        onSecure: (p) => {
+          const line = secureLine(p);
+          if (line === undefined) return;
+          progress.done();
+          (v.json ? note : out)(line);
+        },
         onProgress: (p) => {
           if (p.phase === 'prepare') {
             progress.update('significance', p.tensorsDone, p.tensorsTotal, p.tensor, 'count');
@@ -136,12 +174,16 @@ dppa evaluate to resume), 130 interrupted (run again to resume).`,
       progress.done();
       if (v.json) {
         out(JSON.stringify({ ...state, bytesReceived: Number(state.bytesReceived) }));
+      } else if (secure) {
+        out(
+          `party ${state.party}: secure push to job ${state.jobId} complete (support held, masked vector sent, unmask answered)`,
+        );
       } else {
         out(
           `party ${state.party}: upload to job ${state.jobId} complete (${state.tensorsReceived.length}/${state.tensorsExpected} tensors, ${formatBytes(Number(state.bytesReceived))} held by the server)`,
         );
       }
-      if (evaluation !== undefined) {
+      if (evaluation !== undefined && !secure) {
         const result = await serveEvaluations(client, evaluation, signal, progress);
         if (evaluation.json) out(JSON.stringify(result));
       }
@@ -149,6 +191,42 @@ dppa evaluate to resume), 130 interrupted (run again to resume).`,
     });
   },
 });
+
+/** A secure push's progress as a line for the user (undefined: not worth a line). */
+function secureLine(p: SecureProgress): string | undefined {
+  switch (p.step) {
+    case 'search': {
+      const e = p.event;
+      const what =
+        e.candidate.kind === 'dense' ? 'dense fine-tuned model' : `factors ${e.candidate.factors.join(', ')}`;
+      if (e.type === 'evaluating') return `local search: evaluating ${what}`;
+      if (e.type === 'scored')
+        return `  scores ${JSON.stringify(e.scores)}, domain ratio ${(100 * e.domainRatio).toFixed(2)}%`;
+      if (e.type === 'recorded') return `local search: ${what} (scored before, from the record)`;
+      return `  ${e.error instanceof Error ? e.error.message : String(e.error)}; attempt ${e.attempt}`;
+    }
+    case 'factors':
+      return `factors ${p.factors.join(', ')}${p.domainRatio === undefined ? '' : ` (domain ratio ${(100 * p.domainRatio).toFixed(2)}%)`}`;
+    case 'waiting':
+      return `waiting for the other parties (phase ${p.phase})`;
+    case 'keys':
+      return `keys advertised (party number ${p.index})`;
+    case 'shares':
+      return `shares sent to ${p.sent} parties`;
+    case 'received':
+      return `shares received from parties ${p.peers.join(', ')}`;
+    case 'union':
+      return `union of the supports: ${p.words} positions`;
+    case 'masked':
+      return undefined;
+    case 'maskedComplete':
+      return `masked vector held by the server (${p.wordsTotal} words${p.clipped ? `; ${p.clipped} value(s) clipped to the bound` : ''})`;
+    case 'unmasked':
+      return `unmask answered (survivors ${p.survivors.join(', ')}${p.dropouts.length > 0 ? `; dropped ${p.dropouts.join(', ')}` : ''})`;
+    case 'excluded':
+      return `excluded in phase ${p.phase}`;
+  }
+}
 
 /** A flag that the other flags given make necessary. */
 function need(value: string | undefined, flag: string, why: string): string {

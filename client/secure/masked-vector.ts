@@ -1,0 +1,135 @@
+/**
+ * The party's masked vector on the union U, produced chunk by chunk: its scaled values laid out on U tensor by
+ * tensor (0 where it kept nothing), coded in fixed point and masked at their offset, each chunk with its CRC-32C.
+ * Masking is deterministic, so a resumed upload starts at the offset the server holds and sends the same words.
+ */
+import { crc32c } from '../../proto/sparse/index.js';
+import { ProtocolStateError, type FixedPoint, type SecureParty } from '../../proto/secure/index.js';
+import type { ScaledTensor } from './scaled-delta.js';
+
+/** The union's positions in one tensor, ascending; U is the concatenation of these in order. */
+export interface UnionTensor {
+  name: string;
+  positions: ArrayLike<number>;
+}
+
+/** One chunk of the masked vector. */
+export interface MaskedWords {
+  /** Index of the first word in the whole vector. */
+  offset: number;
+  words: Uint32Array;
+  /** CRC-32C of the words' little-endian bytes. */
+  crc32c: number;
+}
+
+/** Default words per chunk (1 MiB). */
+export const DEFAULT_CHUNK_WORDS = 262144;
+
+/** Options of {@link maskedChunks}. */
+export interface MaskedChunkOptions {
+  /** Start at this word (the server holds the words before it). @default 0 */
+  from?: number;
+  /** Words per chunk. @default {@link DEFAULT_CHUNK_WORDS} */
+  chunkWords?: number;
+  /** Told of the values clipped to the bound in each chunk coded. */
+  onClipped?: (count: number) => void;
+  signal?: AbortSignal;
+}
+
+/** CRC-32C of words as little-endian bytes. */
+export function wordsCrc(words: Uint32Array): number {
+  return crc32c(Buffer.from(words.buffer, words.byteOffset, words.byteLength));
+}
+
+/**
+ * The party's values on one union tensor: `t.values[j]` at the index of `t.positions[j]` in `union`.
+ * @throws ProtocolStateError when a kept position is missing from the union (the server's U is wrong).
+ */
+export function spreadTensor(union: UnionTensor, t: ScaledTensor | undefined): Float64Array {
+  const out = new Float64Array(union.positions.length);
+  if (t === undefined) return out;
+  let u = 0;
+  for (let j = 0; j < t.positions.length; j++) {
+    const p = t.positions[j]!;
+    while (u < union.positions.length && union.positions[u]! < p) u++;
+    if (u === union.positions.length || union.positions[u] !== p)
+      throw new ProtocolStateError(`tensor ${t.name}: kept position ${p} is not in the union the server sent`);
+    out[u] = t.values[j]!;
+  }
+  return out;
+}
+
+/**
+ * The masked vector from word `from` on, in chunks. `scaled` gives the party's tensors; those read before U asks
+ * for them are held until it does (none when both orders agree); union tensors the party did not send are 0.
+ * @throws ProtocolStateError when the party sent a tensor the union lacks, or a position outside it.
+ */
+export async function* maskedChunks(
+  party: SecureParty,
+  fp: FixedPoint,
+  union: Iterable<UnionTensor>,
+  scaled: AsyncIterable<ScaledTensor>,
+  o: MaskedChunkOptions = {},
+): AsyncGenerator<MaskedWords, void, undefined> {
+  const from = o.from ?? 0;
+  const chunkWords = o.chunkWords ?? DEFAULT_CHUNK_WORDS;
+  const it = scaled[Symbol.asyncIterator]();
+  // The party's tensors read past while looking for a later one of U (U's order need not be the delta's).
+  const ahead = new Map<string, ScaledTensor>();
+  let done = false;
+  const find = async (name: string): Promise<ScaledTensor | undefined> => {
+    const early = ahead.get(name);
+    if (early !== undefined) {
+      ahead.delete(name);
+      return early;
+    }
+    while (!done) {
+      const next = await it.next();
+      if (next.done === true) {
+        done = true;
+        break;
+      }
+      if (next.value.name === name) return next.value;
+      ahead.set(next.value.name, next.value);
+    }
+    return undefined;
+  };
+  const names = new Set<string>();
+  let offset = 0;
+  for (const u of union) {
+    o.signal?.throwIfAborted();
+    names.add(u.name);
+    const n = u.positions.length;
+    if (offset + n > from) {
+      const values = spreadTensor(u, await find(u.name));
+      for (let start = Math.max(0, from - offset); start < n; start += chunkWords) {
+        const end = Math.min(n, start + chunkWords);
+        const { words, clipped } = party.maskInput(values.subarray(start, end), fp, offset + start);
+        if (clipped > 0) o.onClipped?.(clipped);
+        yield { offset: offset + start, words, crc32c: wordsCrc(words) };
+      }
+    }
+    offset += n;
+  }
+  // Every tensor of the party with a kept position must be in U.
+  for (;;) {
+    const rest = ahead.size > 0 ? [...ahead.values()] : [];
+    ahead.clear();
+    if (!done) {
+      const next = await it.next();
+      if (next.done === true) done = true;
+      else rest.push(next.value);
+    }
+    const missing = rest.find((t) => !names.has(t.name) && t.positions.length > 0);
+    if (missing !== undefined)
+      throw new ProtocolStateError(`tensor ${missing.name} of this party's delta is not in the union the server sent`);
+    if (done && ahead.size === 0) return;
+  }
+}
+
+/** Number of words of the vector on `union`. */
+export function unionLength(union: Iterable<UnionTensor>): number {
+  let n = 0;
+  for (const u of union) n += u.positions.length;
+  return n;
+}

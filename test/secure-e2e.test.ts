@@ -1,0 +1,237 @@
+/**
+ * Secure aggregation end to end with real processes: a `dppa serve` process, a job made with
+ * `dppa job create --privacy secure`, three parties pushing with the `dppa push` CLI (one searching its factors
+ * locally with an --eval-cmd process, one killed mid-way and run again), and the merged checkpoint against the
+ * plain merge of the same scaled deltas (the factors each party chose, read from its own state file).
+ */
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { applyDelta, DppaClient, JobState, pruneToFile } from '../client/index.js';
+import { shellQuote } from '../client/cli/eval-command.js';
+import { loadParty } from '../client/secure/party-store.js';
+import { scaledTensors } from '../client/secure/scaled-delta.js';
+import { Checkpoint, decodeToF32, encodeFromF32 } from '../proto/safetensors/index.js';
+import { fixedPoint, sumErrorBound } from '../proto/secure/index.js';
+import { freePort } from './fixtures/free-port.js';
+import { writeLlamaFamily } from './fixtures/synthetic-model.js';
+
+const ADMIN = 'e2e-secure-admin-token-0123456789';
+const root = new URL('..', import.meta.url).pathname;
+const shape = { layers: 2, hidden: 64, intermediate: 128, vocab: 256 };
+const parties = ['math', 'finance', 'law'] as const;
+const CLIP = 1;
+
+let dir: string;
+let base: string;
+let finetuned: string[];
+let port: number;
+let server: ChildProcess | undefined;
+
+function startServer(): Promise<ChildProcess> {
+  const child = spawn(
+    process.execPath,
+    [
+      '--import',
+      'tsx',
+      join(root, 'test/fixtures/serve-cli.ts'),
+      'serve',
+      '--data',
+      join(dir, 'data'),
+      '--grpc-port',
+      String(port),
+      '--metrics-port',
+      '0',
+    ],
+    { env: { ...process.env, DPPA_ADMIN_TOKEN: ADMIN }, stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  let err = '';
+  child.stdout.resume();
+  return new Promise((resolve, reject) => {
+    child.stderr.on('data', (d: Buffer) => {
+      err += d.toString();
+      if (err.includes('grpc listening on')) resolve(child);
+    });
+    child.once('exit', (code) => reject(new Error(`dppa serve exited ${code}:\n${err}`)));
+  });
+}
+
+function kill(child: ChildProcess): Promise<void> {
+  return new Promise((resolve) => {
+    if (child.exitCode !== null || child.signalCode !== null) return resolve();
+    child.once('exit', () => resolve());
+    child.kill('SIGKILL');
+  });
+}
+
+/** `dppa ARGS` as a process; resolves with its exit code and output. */
+function dppa(
+  args: string[],
+  env: Record<string, string> = {},
+): { child: ChildProcess; done: Promise<{ code: number; out: string; err: string }> } {
+  const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'client/cli/main.ts'), ...args], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, ...env },
+  });
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  const done = new Promise<{ code: number; out: string; err: string }>((resolve) =>
+    child.once('exit', (code) => resolve({ code: code ?? 1, out, err })),
+  );
+  return { child, done };
+}
+
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'dppa-secure-e2e-'));
+  ({ base, finetuned } = await writeLlamaFamily(join(dir, 'family'), { shape, seed: 41, finetunes: 3 }));
+  port = await freePort();
+  server = await startServer();
+});
+after(async () => {
+  if (server !== undefined) await kill(server);
+  await rm(dir, { recursive: true, force: true });
+});
+
+describe('secure aggregation through real processes', () => {
+  it('three parties: the merge equals the plain merge of their scaled deltas within the fixed-point bound', async () => {
+    const address = `127.0.0.1:${port}`;
+    const created = await dppa(
+      [
+        'job',
+        'create',
+        '--server',
+        address,
+        '--base',
+        base,
+        '--parties',
+        parties.join(','),
+        '--rate',
+        '0.8',
+        '--privacy',
+        'secure',
+        '--threshold',
+        '2',
+        '--clip-bound',
+        String(CLIP),
+        '--phase-seconds',
+        '300',
+        '--json',
+      ],
+      { DPPA_ADMIN_TOKEN: ADMIN },
+    ).done;
+    assert.equal(created.code, 0, created.err);
+    const { jobId, tokens } = JSON.parse(created.out) as { jobId: string; tokens: Record<string, string> };
+
+    // Party math searches its factors against a target made with known factors (its optimum).
+    const target = join(dir, 'target-math');
+    const mathDelta = join(dir, 'math-target.dppa');
+    await pruneToFile({ base, finetuned: finetuned[0]!, rate: 0.8, out: mathDelta });
+    await applyDelta({ base, delta: mathDelta, out: target, factors: [1.2, 1.1] });
+    const script = join(root, 'test/fixtures/near-eval-cmd.ts');
+    const evalCmd = `NEAR_TARGET=${shellQuote(target)} ${shellQuote(process.execPath)} --import tsx ${shellQuote(script)} {model}`;
+
+    const work = (p: string): string => join(dir, `work-${p}`);
+    const push = (p: (typeof parties)[number], i: number, extra: string[] = []) =>
+      dppa([
+        'push',
+        '--server',
+        address,
+        '--job',
+        jobId,
+        '--party',
+        p,
+        '--token',
+        tokens[p]!,
+        '--base',
+        base,
+        '--finetuned',
+        finetuned[i]!,
+        '--work-dir',
+        work(p),
+        ...extra,
+      ]);
+    const math = push('math', 0, ['--eval-cmd', evalCmd]);
+    // Finance is killed once it has its state file, and run again: it resumes.
+    const first = push('finance', 1);
+    for (let i = 0; i < 600; i++) {
+      const stored = await loadParty(work('finance'), jobId, 'finance').catch(() => undefined);
+      if (stored?.protocol !== undefined) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    first.child.kill('SIGKILL');
+    await first.done;
+    const finance = push('finance', 1);
+    const law = push('law', 2);
+    for (const r of await Promise.all([math.done, finance.done, law.done])) assert.equal(r.code, 0, r.err);
+
+    const admin = new DppaClient({
+      address,
+      token: ADMIN,
+      retry: { attempts: 20, initialDelayMs: 100, maxDelayMs: 1000 },
+    });
+    try {
+      for await (const e of admin.watchJob(jobId)) if (e.merged !== undefined || e.failed !== undefined) break;
+      const final = await admin.getJob(jobId);
+      assert.equal(final.state, JobState.JOB_STATE_MERGED, final.failureReason);
+      const out = join(dir, 'merged');
+      await admin.pull({ jobId, out });
+
+      // The plain merge of the same scaled deltas: each party's factors from its own state, weight 1.
+      const scalings = await Promise.all(
+        parties.map(async (p) => ({ factors: (await loadParty(work(p), jobId, p)).factors! })),
+      );
+      assert.deepEqual(scalings[0]!.factors, [1.2, 1.1], 'math found its optimum locally');
+      assert.deepEqual(scalings[1]!.factors, [1, 1]);
+      const fp = fixedPoint(CLIP, parties.length);
+      const [b, m] = await Promise.all([Checkpoint.open(base), Checkpoint.open(out)]);
+      try {
+        const plain = new Map<string, Float32Array>();
+        for (const [i, p] of parties.entries()) {
+          for await (const t of scaledTensors(join(work(p), 'delta.dppa'), scalings[i]!)) {
+            const acc = plain.get(t.name) ?? (await b.readF32(t.name));
+            for (let j = 0; j < t.positions.length; j++) acc[t.positions[j]!] = acc[t.positions[j]!]! + t.values[j]!;
+            plain.set(t.name, acc);
+          }
+        }
+        let same = 0;
+        let total = 0;
+        for (const info of b.tensors()) {
+          const merged = await m.readF32(info.name);
+          const expected = plain.get(info.name) ?? (await b.readF32(info.name));
+          const e = decodeToF32(encodeFromF32(expected, info.dtype), info.dtype);
+          for (let k = 0; k < e.length; k++) {
+            total++;
+            if (merged[k] === e[k]) {
+              same++;
+              continue;
+            }
+            // Otherwise within the fixed-point bound plus the roundings: bf16 of the result, fp32 of the plain sums
+            // (relative to the base and the values added, so that a sum cancelling to about 0 is covered too).
+            const baseValue = (await b.readF32(info.name))[k]!;
+            const allowed =
+              2 ** -8 * Math.abs(expected[k]!) +
+              sumErrorBound(fp) +
+              4 * 2 ** -24 * (Math.abs(baseValue) + CLIP * parties.length);
+            assert.ok(
+              Math.abs(merged[k]! - expected[k]!) <= allowed,
+              `${info.name}[${k}]: merged ${merged[k]}, plain ${expected[k]} (base ${baseValue})`,
+            );
+          }
+        }
+        assert.ok(same / total >= 0.9999, `${same} of ${total} identical after bf16 rounding`);
+        console.log(
+          `secure e2e: ${same} of ${total} weights identical after bf16 rounding (${((100 * same) / total).toFixed(4)}%)`,
+        );
+      } finally {
+        await Promise.all([b.close(), m.close()]);
+      }
+    } finally {
+      admin.close();
+    }
+  });
+});

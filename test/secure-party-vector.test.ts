@@ -1,0 +1,177 @@
+/**
+ * The party's side of a secure job on real pruned deltas, with the protocol's aggregator in process: supports,
+ * masked vectors made chunk by chunk (resumed mid-way, the party restored from its 0600 state file between
+ * rounds), unmasked sum applied to the base, against the plain merge of the same scaled deltas.
+ */
+import assert from 'node:assert/strict';
+import { mkdtemp, rm, stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { pruneToFile } from '../client/index.js';
+import { maskedChunks, unionLength, wordsCrc, type UnionTensor } from '../client/secure/masked-vector.js';
+import { loadParty, partyStatePath, saveParty } from '../client/secure/party-store.js';
+import { scaledTensors, supportOf, type Scaling } from '../client/secure/scaled-delta.js';
+import { Checkpoint, decodeToF32, encodeFromF32 } from '../proto/safetensors/index.js';
+import {
+  SecureAggregator,
+  SecureParty,
+  decodeSum,
+  fixedPoint,
+  sumErrorBound,
+  unionSupport,
+} from '../proto/secure/index.js';
+import { crc32c } from '../proto/sparse/index.js';
+import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
+
+let dir: string;
+let base: string;
+const deltas: string[] = [];
+const SCALINGS: Scaling[] = [
+  { factors: [1.4, 0.9], weight: 1 },
+  { factors: [1, 1.2], weight: 0.5 },
+  { factors: [2, 1], weight: 0.8 },
+];
+
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'dppa-secure-vector-'));
+  const family = await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 11, finetunes: 3 });
+  base = family.base;
+  for (const [i, ft] of family.finetuned.entries()) {
+    const out = join(dir, `p${i + 1}.dppa`);
+    await pruneToFile({ base, finetuned: ft, rate: 0.8, out });
+    deltas.push(out);
+  }
+});
+after(async () => {
+  await rm(dir, { recursive: true, force: true });
+});
+
+async function collect<T>(it: AsyncIterable<T>): Promise<T[]> {
+  const out: T[] = [];
+  for await (const x of it) out.push(x);
+  return out;
+}
+
+describe('secure party vector', () => {
+  it('masked chunks of three parties sum to the plain merge of their scaled deltas', async () => {
+    const job = { jobId: 'job-vector', parties: 3, threshold: 2 };
+    // Bound 1: the synthetic deltas' outliers reach 0.48, scaled at most 1.6 times.
+    const fp = fixedPoint(1, job.parties);
+    let clipped = 0;
+    // Supports: positions only, per tensor; the server's U is their union tensor by tensor.
+    const supports = await Promise.all(deltas.map((d) => collect(supportOf(d))));
+    const names = supports[0]!.map((t) => t.name);
+    const union: UnionTensor[] = names.map((name) => ({
+      name,
+      positions: unionSupport(supports.map((s) => Uint32Array.from(s.find((t) => t.name === name)?.positions ?? []))),
+    }));
+    const length = unionLength(union);
+    assert.ok(length > 0);
+
+    // Round 0/1: each party made and stored, restored from its file before each step.
+    const workDirs = deltas.map((_, i) => join(dir, `work${i + 1}`));
+    for (const [i, w] of workDirs.entries()) {
+      const p = SecureParty.create(job, i + 1);
+      await saveParty(w, { version: 1, jobId: job.jobId, party: `p${i + 1}`, protocol: p.state });
+      assert.equal((await stat(partyStatePath(w))).mode & 0o777, 0o600);
+    }
+    const restore = async (i: number): Promise<SecureParty> =>
+      SecureParty.restore((await loadParty(workDirs[i]!, job.jobId, `p${i + 1}`)).protocol!);
+    await assert.rejects(loadParty(workDirs[0]!, job.jobId, 'p2'), /holds the state of party p1/);
+
+    const server = SecureAggregator.create(job);
+    for (let i = 0; i < 3; i++) server.advertise((await restore(i)).advertise());
+    const roster = server.closeKeys();
+    for (let i = 0; i < 3; i++) {
+      const p = await restore(i);
+      server.submitShares(i + 1, p.shareKeys(roster));
+      await saveParty(workDirs[i]!, { version: 1, jobId: job.jobId, party: `p${i + 1}`, protocol: p.state });
+    }
+    server.closeShares(length);
+    const sum = new Uint32Array(length);
+    for (let i = 0; i < 3; i++) {
+      const p = await restore(i);
+      p.receiveShares(server.sharesFor(i + 1));
+      await saveParty(workDirs[i]!, { version: 1, jobId: job.jobId, party: `p${i + 1}`, protocol: p.state });
+      const party = await restore(i);
+      const chunks = await collect(
+        maskedChunks(party, fp, union, scaledTensors(deltas[i]!, SCALINGS[i]!), {
+          chunkWords: 1000,
+          onClipped: (n) => (clipped += n),
+        }),
+      );
+      // Resumed at an offset inside a chunk: the same words from there on.
+      const from = 2500 + i * 7;
+      const resumed = await collect(
+        maskedChunks(await restore(i), fp, union, scaledTensors(deltas[i]!, SCALINGS[i]!), { chunkWords: 1000, from }),
+      );
+      const whole = new Uint32Array(length);
+      for (const c of chunks) {
+        assert.equal(c.crc32c, crc32c(Buffer.from(c.words.buffer, c.words.byteOffset, c.words.byteLength)));
+        whole.set(c.words, c.offset);
+      }
+      assert.equal(chunks.at(-1)!.offset + chunks.at(-1)!.words.length, length);
+      assert.equal(resumed[0]!.offset, from);
+      for (const c of resumed) {
+        assert.deepEqual(c.words, whole.subarray(c.offset, c.offset + c.words.length));
+        assert.equal(c.crc32c, wordsCrc(c.words));
+      }
+      server.submitMasked(i + 1, whole);
+      for (let w = 0; w < length; w++) sum[w] = sum[w]! + whole[w]!;
+    }
+    assert.equal(clipped, 0);
+    const request = server.closeMasked();
+    for (let i = 0; i < 3; i++) server.submitUnmask((await restore(i)).unmask(request));
+    const decoded = decodeSum(server.finish(), fp);
+
+    // Apply: the secure merge (base + decoded sum on U) against the plain merge (fp32 adds, party by party).
+    const b = await Checkpoint.open(base);
+    try {
+      const scaled = await Promise.all(deltas.map((d, i) => collect(scaledTensors(d, SCALINGS[i]!))));
+      let offset = 0;
+      let same = 0;
+      let total = 0;
+      let worst = 0;
+      let ties = 0;
+      for (const u of union) {
+        const secure = await b.readF32(u.name);
+        const plain = secure.slice();
+        for (let j = 0; j < u.positions.length; j++)
+          secure[u.positions[j]!] = secure[u.positions[j]!]! + decoded[offset + j]!;
+        for (const party of scaled) {
+          const t = party.find((x) => x.name === u.name);
+          if (t === undefined) continue;
+          for (let j = 0; j < t.positions.length; j++) plain[t.positions[j]!] = plain[t.positions[j]!]! + t.values[j]!;
+        }
+        for (let k = 0; k < plain.length; k++) worst = Math.max(worst, Math.abs(plain[k]! - secure[k]!));
+        const dtype = b.info(u.name).dtype;
+        const sb = decodeToF32(encodeFromF32(secure, dtype), dtype);
+        const pb = decodeToF32(encodeFromF32(plain, dtype), dtype);
+        for (let k = 0; k < sb.length; k++) {
+          if (sb[k] === pb[k]) {
+            same++;
+            continue;
+          }
+          // Otherwise a rounding tie: the two sums straddle the midpoint of two neighbouring bf16 values.
+          const mid = (sb[k]! + pb[k]!) / 2;
+          const step = Math.abs(sb[k]! - pb[k]!);
+          assert.ok(step <= 2 ** -7 * Math.abs(mid), `${u.name}[${k}]: ${pb[k]} and ${sb[k]} are not neighbours`);
+          assert.ok(
+            Math.abs(plain[k]! - mid) <= sumErrorBound(fp) + 4 * 2 ** -24 * Math.abs(mid),
+            `${u.name}[${k}]: plain ${plain[k]}, secure ${secure[k]}: not a rounding tie`,
+          );
+          ties++;
+        }
+        total += sb.length;
+        offset += u.positions.length;
+      }
+      // Fixed-point error n·2^−(k+1) plus the fp32 roundings of the two sums (values near 1: 2^−24 each).
+      assert.ok(worst <= sumErrorBound(fp) + 4 * 2 ** -23, `largest difference ${worst}`);
+      // Ties are frequent here since the synthetic deltas are bf16 scaled by exact weights (0.5, 1): 5 of 28896.
+      assert.ok(same / total >= 0.999, `${same} of ${total} identical after bf16 rounding, ${ties} ties`);
+    } finally {
+      await b.close();
+    }
+  });
+});
