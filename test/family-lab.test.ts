@@ -107,7 +107,7 @@ describe('merges in memory', () => {
     });
     const factors = [1.7, 1.2, 0.9];
     await applyDelta({ base: memberDir('base'), delta: file, factors, out: join(dir, 'applied') });
-    const delta = await readSparseDelta(file);
+    const delta = await readSparseDelta(file, base);
     assert.deepEqual(delta.levels, [0.9, 0.8, 0.7]);
     assertSameWeights(mergeWeights(base, [{ delta, factors }]), await readWeights(join(dir, 'applied')));
   });

@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { decodeToF32, encodeFromF32 } from '../../proto/safetensors/dtype.js';
 import { Checkpoint } from '../../proto/safetensors/index.js';
 import { domainRatio, partitionFactor } from '../../proto/algorithm/index.js';
-import { addScaled, readDeltaFile, TensorAssembler } from '../../proto/sparse/index.js';
+import { addScaled, carriesFinetuned, readDeltaFile, TensorAssembler } from '../../proto/sparse/index.js';
 import { OnnxEvaluator, type LoadedTask } from '../../server/dpa/onnx/index.js';
 export { readWeights } from '../../test/fixtures/family/onnx-eval.js';
 
@@ -53,14 +53,19 @@ export interface SparseDelta {
   tensors: Map<string, SparseEntries[]>;
 }
 
-/** Reads a `.dppa` file (checksums verified) into memory. */
-export async function readSparseDelta(file: string): Promise<SparseDelta> {
+/**
+ * Reads a `.dppa` file (checksums verified) into memory as deltas: a file that carries fine-tuned weights
+ * (value kind FINETUNED, docs/formats.md) gets `F − base` in fp32, as the server forms it.
+ */
+export async function readSparseDelta(file: string, base: Weights): Promise<SparseDelta> {
   const delta: SparseDelta = { levels: [], tensors: new Map() };
   let assembler: TensorAssembler | undefined;
   let entries: SparseEntries[] = [];
+  let finetuned = false;
   for await (const record of readDeltaFile(file)) {
     if (record.header !== undefined) {
       delta.levels = record.header.levels;
+      finetuned = carriesFinetuned(record.header);
       continue;
     }
     if (record.tensorBegin !== undefined) {
@@ -70,12 +75,15 @@ export async function readSparseDelta(file: string): Promise<SparseDelta> {
     if (assembler === undefined) throw new Error(`${file}: a record comes before any tensor begins`);
     const chunk = assembler.push(record);
     // Copied: a decoder may hand out arrays it reuses for the next chunk.
-    if (chunk !== undefined)
-      entries.push({
-        partition: chunk.partition,
-        positions: Float64Array.from(chunk.positions),
-        values: Float32Array.from(chunk.values),
-      });
+    if (chunk !== undefined) {
+      const positions = Float64Array.from(chunk.positions);
+      const values = Float32Array.from(chunk.values);
+      if (finetuned) {
+        const b = base.get(assembler.name!)!;
+        for (let i = 0; i < values.length; i++) values[i] = values[i]! - b[positions[i]!]!;
+      }
+      entries.push({ partition: chunk.partition, positions, values });
+    }
     if (assembler.complete) delta.tensors.set(assembler.name!, entries);
   }
   return delta;

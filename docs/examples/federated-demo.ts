@@ -194,7 +194,7 @@ for (const method of ['dare', 'magnitude'] as const) {
     DOMAIN_NAMES.map(async (d) => {
       const file = join(dir, `${d}-${method}.dppa`);
       await pruneToFile({ base, finetuned: memberDir(d), rate: RATE, method, out: file, workers: 1 });
-      return { delta: await readSparseDelta(file) };
+      return { delta: await readSparseDelta(file, baseWeights) };
     }),
   );
   merged.set(method, mergeWeights(baseWeights, deltas));
@@ -204,7 +204,7 @@ merged.set(
   'dp',
   mergeWeights(
     baseWeights,
-    await Promise.all(DOMAIN_NAMES.map(async (d) => ({ delta: await readSparseDelta(keptDelta(d)) }))),
+    await Promise.all(DOMAIN_NAMES.map(async (d) => ({ delta: await readSparseDelta(keptDelta(d), baseWeights) }))),
   ),
 );
 merged.set('dppa', dppa);

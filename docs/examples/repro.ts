@@ -179,7 +179,7 @@ try {
         out: file,
         workers: 1,
       });
-      delta = await readSparseDelta(file);
+      delta = await readSparseDelta(file, base);
       deltas.set(key, delta);
     }
     return delta;
