@@ -422,7 +422,7 @@ function excluded(job: Job, party: string, phase: string, what: string): JobStat
 }
 
 /**
- * The union U, streamed tensor by tensor.
+ * The union U, streamed tensor by tensor in the base checkpoint's order (the delta's), its positions as uint32.
  * @throws DppaRpcError; FormatError for a damaged chunk; Error when the stream's offsets do not add up.
  */
 async function readUnion(conn: Connection, jobId: string, scope: CallScope): Promise<UnionTensor[]> {
@@ -430,13 +430,13 @@ async function readUnion(conn: Connection, jobId: string, scope: CallScope): Pro
   for (;;) {
     try {
       const tensors: UnionTensor[] = [];
-      let parts: { name: string; positions: Float64Array[] } | undefined;
+      let parts: { name: string; positions: Uint32Array[] } | undefined;
       let offset = 0;
       let size = -1;
       const flush = (): void => {
         if (parts === undefined) return;
         const n = parts.positions.reduce((a, p) => a + p.length, 0);
-        const all = new Float64Array(n);
+        const all = new Uint32Array(n);
         let at = 0;
         for (const p of parts.positions) {
           all.set(p, at);
@@ -457,7 +457,7 @@ async function readUnion(conn: Connection, jobId: string, scope: CallScope): Pro
           flush();
           parts = { name: chunk.tensor, positions: [] };
         }
-        parts.positions.push(decoded.positions.slice());
+        parts.positions.push(Uint32Array.from(decoded.positions));
         offset += decoded.count;
       }
       flush();

@@ -5,6 +5,7 @@
  * docs/privacy.md, "Wiring".
  */
 import { SecurePhase, securePhaseToJSON } from '../../proto/gen/dppa/v1/jobs.js';
+import { Checkpoint } from '../../proto/safetensors/index.js';
 import {
   fixedPoint,
   ProtocolStateError,
@@ -48,6 +49,16 @@ const PHASE_LABEL: Partial<Record<SecurePhase, string>> = {
 function secureOf(job: StoredJob): SecureRecord {
   if (job.secure === undefined) throw new FailedPreconditionError(`job ${job.id} is not a secure job`);
   return job.secure;
+}
+
+/** The base checkpoint's tensor names in its order (that of every delta and of U). */
+async function tensorOrder(basePath: string): Promise<string[]> {
+  const base = await Checkpoint.open(basePath);
+  try {
+    return base.tensors().map((t) => t.name);
+  } finally {
+    await base.close();
+  }
 }
 
 function phaseName(p: SecurePhase): string {
@@ -331,7 +342,7 @@ export class SecureJobs {
         if (answered.length < r.threshold) throw new TooFewSurvivorsError('support', answered.length, r.threshold);
         const spools = await this.deps.spool.ofJob(job.id);
         const files = answered.map((p) => [...spools.get(p)!.held.values()].map((t) => t.file));
-        const union = await buildUnion(dir, files);
+        const union = await buildUnion(dir, files, await tensorOrder(job.basePath));
         this.unions.set(job.id, union);
         unionSize = union.size;
         change = (rec) => {
