@@ -140,13 +140,10 @@ function supportChunks(jobId: string, token: string): Promise<SupportChunk[]> {
   });
 }
 
-function uploadMasked(
-  token: string,
-  chunks: { jobId: string; offset: bigint; words: Uint8Array; crc32c: number; totalWords: bigint }[],
-): Promise<MaskedState> {
+function uploadMasked(token: string, chunks: Chunk[]): Promise<MaskedState> {
   return new Promise((resolve, reject) => {
     const s = secure.uploadMasked(auth(token), (err, res) => (err === null ? resolve(res) : reject(err)));
-    for (const c of chunks) s.write(c);
+    for (const c of chunks) s.write({ clipped: 0n, ...c });
     s.end();
   });
 }
@@ -154,13 +151,26 @@ function uploadMasked(
 function maskedChunks(jobId: string, words: Uint32Array, from = 0, size = 1000): ReturnType<typeof chunkList> {
   return chunkList(jobId, words, from, size, words.length);
 }
-function chunkList(jobId: string, words: Uint32Array, from: number, size: number, total: number) {
-  const out = [];
+/** A MaskedChunk as these tests send it. */
+type Chunk = { jobId: string; offset: bigint; words: Uint8Array; crc32c: number; totalWords: bigint; clipped?: bigint };
+
+function chunkList(jobId: string, words: Uint32Array, from: number, size: number, total: number): Chunk[] {
+  const out: Chunk[] = [];
   for (let o = from; o < words.length; o += size) {
     const bytes = new Uint8Array(words.buffer, words.byteOffset + o * 4, Math.min(size, words.length - o) * 4).slice();
     out.push({ jobId, offset: BigInt(o), words: bytes, crc32c: crc32c(bytes), totalWords: BigInt(total) });
   }
   return out;
+}
+
+/**
+ * The chunks with a clipped count on the last: the party's number in the job (these parties clip nothing; the
+ * server takes the count as reported and publishes the sum over U3).
+ */
+function reportClipped(chunks: Chunk[], p: { name: string }, job: Job): Chunk[] {
+  const last = chunks.at(-1);
+  if (last !== undefined) last.clipped = BigInt(job.parties.findIndex((q) => q.name === p.name) + 1);
+  return chunks;
 }
 
 /** One in-process party: its token, protocol state and scaled values. */
@@ -279,11 +289,14 @@ async function runProtocol(
       await uploadMasked(p.token, half);
       const state = await call(secure, 'getMaskedState', { jobId }, p.token);
       assert.equal(state.complete, false);
-      const rest = await uploadMasked(p.token, maskedChunks(jobId, enc.words, Number(state.wordsHeld)));
+      const rest = await uploadMasked(
+        p.token,
+        reportClipped(maskedChunks(jobId, enc.words, Number(state.wordsHeld)), p, job),
+      );
       assert.equal(rest.complete, true);
       continue;
     }
-    const state = await uploadMasked(p.token, maskedChunks(jobId, enc.words));
+    const state = await uploadMasked(p.token, reportClipped(maskedChunks(jobId, enc.words), p, job));
     assert.equal(state.complete, true);
     assert.equal(state.wordsExpected, BigInt(enc.words.length));
   }
@@ -479,16 +492,20 @@ describe('secure aggregation through the server', () => {
     const events = await new Promise<string[]>((resolve, reject) => {
       const out: string[] = [];
       const s = h.jobs.watchJob({ jobId: job!.id, afterSeq: 0n }, auth(ADMIN));
-      s.on('data', (e: { securePhaseClosed?: { phase: number; parties: number; missing: string[] } }) => {
-        if (e.securePhaseClosed !== undefined)
-          out.push(
-            `${e.securePhaseClosed.phase}:${e.securePhaseClosed.parties}:${e.securePhaseClosed.missing.join(',')}`,
-          );
-      });
+      s.on(
+        'data',
+        (e: { securePhaseClosed?: { phase: number; parties: number; missing: string[]; clipped: bigint } }) => {
+          const c = e.securePhaseClosed;
+          if (c !== undefined) out.push(`${c.phase}:${c.parties}:${c.missing.join(',')}:${c.clipped}`);
+        },
+      );
       s.on('error', reject);
       s.on('end', () => resolve(out));
     });
-    assert.deepEqual(events, ['1:5:', '2:5:', '3:5:', '4:4:q4', '5:4:']);
+    // MASKED_INPUT's clipped count: the sum of those U3 reported (q1, q2, q3, q5 report 1, 2, 3, 5; q4 dropped).
+    assert.deepEqual(events, ['1:5::0', '2:5::0', '3:5::0', '4:4:q4:11', '5:4::0']);
+    const metrics = await (await fetch(`http://127.0.0.1:${h.server.metricsPort}/metrics`)).text();
+    assert.match(metrics, /^dppa_secure_clipped_values_total \d+/m);
     const { same, total } = await compareMerged(job!.id, await expected(parties.filter((p) => p.name !== 'q4')));
     assert.ok(same / total >= 0.9999, `${same} of ${total} bf16 weights identical`);
     const withDropout = await compareMerged(job!.id, await expected(parties));

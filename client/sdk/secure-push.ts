@@ -277,12 +277,14 @@ export async function pushSecure(
             words,
             crc32c: c.crc32c,
             totalWords: BigInt(total),
+            // The whole vector's count, on the chunk that ends it (the server publishes the sum over U3).
+            clipped: BigInt(c.offset + c.words.length === total ? clipped : 0),
           });
           if (!ok) break;
           sent = c.offset + c.words.length;
           progress({ step: 'masked', wordsSent: sent, wordsTotal: total, attempt });
         }
-        if (from === 0) stored.clipped = clipped;
+        stored.clipped = clipped;
         const result = await stream.finish();
         if (result.complete) break;
       } catch (err) {

@@ -31,7 +31,10 @@ export interface MaskedChunkOptions {
   from?: number;
   /** Words per chunk. @default {@link DEFAULT_CHUNK_WORDS} */
   chunkWords?: number;
-  /** Told of the values clipped to the bound in each chunk coded. */
+  /**
+   * Told of the values clipped to the bound: in each chunk coded, and once for the words before `from` (counted, not
+   * coded), so the counts told add up to those of the whole vector.
+   */
   onClipped?: (count: number) => void;
   signal?: AbortSignal;
 }
@@ -98,13 +101,19 @@ export async function* maskedChunks(
   // Every tensor after the last one taken is read by pull(k): any left with kept positions was refused there.
   let next = await pull(-1);
   let offset = 0;
+  let skipped = 0;
   for (const [k, u] of tensors.entries()) {
     o.signal?.throwIfAborted();
     const mine = next?.name === u.name ? next : undefined;
     if (mine !== undefined) next = await pull(k);
     const n = u.positions.length;
-    if (offset + n > from) {
+    if (offset + n <= from) {
+      if (mine !== undefined) skipped += countClipped(mine.values, fp);
+    } else {
       const values = spreadTensor(u, mine);
+      if (from > offset) skipped += countClipped(values.subarray(0, from - offset), fp);
+      if (skipped > 0) o.onClipped?.(skipped);
+      skipped = 0;
       for (let start = Math.max(0, from - offset); start < n; start += chunkWords) {
         const end = Math.min(n, start + chunkWords);
         const { words, clipped } = party.maskInput(values.subarray(start, end), fp, offset + start);
@@ -114,6 +123,13 @@ export async function* maskedChunks(
     }
     offset += n;
   }
+}
+
+/** Values beyond the bound, which coding clips (proto/secure encodeFixed). */
+function countClipped(values: ArrayLike<number>, fp: FixedPoint): number {
+  let n = 0;
+  for (let i = 0; i < values.length; i++) if (Math.abs(values[i]!) > fp.bound) n++;
+  return n;
 }
 
 /** Number of words of the vector on `union`. */

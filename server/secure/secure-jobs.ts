@@ -217,8 +217,17 @@ export class SecureJobs {
       throw new AlreadyExistsError(`party ${party} already has a masked upload open: wait for it to end, then resume`);
     this.maskedStreams.add(key);
     let held: number;
+    // The clipped count the party reports on the chunk that ends its vector.
+    let clipped = 0;
+    const unionSize = BigInt(r.unionSize);
+    const seen = (async function* (): AsyncGenerator<MaskedPiece> {
+      for await (const p of pieces) {
+        if (p.offset + BigInt(p.words.length >> 2) === unionSize) clipped = Number(p.clipped ?? 0n);
+        yield p;
+      }
+    })();
     try {
-      held = await appendMasked(this.deps.store.dir(jobId), party, r.unionSize, pieces, (n) =>
+      held = await appendMasked(this.deps.store.dir(jobId), party, r.unionSize, seen, (n) =>
         this.deps.metrics.secureBytes.inc({ phase: 'masked_input' }, n),
       );
     } finally {
@@ -227,7 +236,10 @@ export class SecureJobs {
     if (held === r.unionSize) {
       await this.accept(jobId, SecurePhase.SECURE_PHASE_MASKED_INPUT, (rec) => {
         const a = loadAggregator(rec);
-        if (!a.state.survivors.includes(index)) a.recordMasked(index, held);
+        if (!a.state.survivors.includes(index)) {
+          a.recordMasked(index, held);
+          rec.clipped = { ...rec.clipped, [party]: clipped };
+        }
         saveAggregator(rec, a);
       });
     }
@@ -388,6 +400,8 @@ export class SecureJobs {
       }
     }
     const seconds = (Date.now() - Date.parse(r.phaseSince)) / 1000;
+    const clipped =
+      phase === SecurePhase.SECURE_PHASE_MASKED_INPUT ? answered.reduce((n, p) => n + (r.clipped?.[p] ?? 0), 0) : 0;
     await store.update(job.id, (j) => {
       const rec = secureOf(j);
       if (phaseOf(rec) !== phase) throw new StateConflictError(`job ${job.id} left ${phaseName(phase)} meanwhile`);
@@ -395,14 +409,24 @@ export class SecureJobs {
       setPhase(rec, next);
     });
     metrics.securePhaseSeconds.observe({ phase: PHASE_LABEL[phase]! }, seconds);
+    if (clipped > 0) metrics.secureClipped.inc(clipped);
     await events.append(job.id, {
-      securePhaseClosed: { phase, next, parties: answered.length, missing, unionSize: BigInt(unionSize), seconds },
+      securePhaseClosed: {
+        phase,
+        next,
+        parties: answered.length,
+        missing,
+        unionSize: BigInt(unionSize),
+        seconds,
+        clipped: BigInt(clipped),
+      },
     });
     this.deps.log.info('secure phase closed', {
       jobId: job.id,
       phase: phaseName(phase),
       parties: answered.length,
       missing,
+      ...(clipped > 0 ? { clipped } : {}),
     });
   }
 
