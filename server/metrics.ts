@@ -140,6 +140,11 @@ export class Metrics {
     labelNames: ['phase'] as const,
     registers: [this.registry],
   });
+  readonly secureClipped = new Counter({
+    name: 'dppa_secure_clipped_values_total',
+    help: 'Values the parties of secure jobs clipped to the clip bound, as they reported them (counted when MASKED_INPUT closes, over U3).',
+    registers: [this.registry],
+  });
   readonly dpaEvaluations = new Counter({
     name: 'dppa_dpa_evaluations_total',
     help: 'Candidates of DPA factor searches scored and recorded (dense references included), by evaluator (remote or onnx).',

@@ -56,8 +56,8 @@ async function collect<T>(it: AsyncIterable<T>): Promise<T[]> {
 describe('secure party vector', () => {
   it('masked chunks of three parties sum to the plain merge of their scaled deltas', async () => {
     const job = { jobId: 'job-vector', parties: 3, threshold: 2 };
-    // Bound 1: the synthetic deltas' outliers reach 0.48, scaled at most 1.6 times.
-    const fp = fixedPoint(1, job.parties);
+    // Bound 2: the synthetic deltas (DP at 0.8, rescaled) reach about 1.14, scaled at most 1.6 times.
+    const fp = fixedPoint(2, job.parties);
     let clipped = 0;
     // Supports: positions only, per tensor; the server's U is their union tensor by tensor.
     const supports = await Promise.all(deltas.map((d) => collect(supportOf(d))));
@@ -173,5 +173,63 @@ describe('secure party vector', () => {
     } finally {
       await b.close();
     }
+  });
+
+  it('streams the delta in U order, holding no tensor read ahead: a union in another order is refused', async () => {
+    const supports = await collect(supportOf(deltas[0]!));
+    const inOrder: UnionTensor[] = supports.map((t) => ({ name: t.name, positions: t.positions }));
+    const fp = fixedPoint(2, 2);
+    // Two parties through keys and shares, so that party 1 can mask.
+    const job = { jobId: 'job-order', parties: 2, threshold: 2 };
+    const ps = [SecureParty.create(job, 1), SecureParty.create(job, 2)];
+    const server = SecureAggregator.create(job);
+    for (const p of ps) server.advertise(p.advertise());
+    const roster = server.closeKeys();
+    ps.forEach((p, i) => server.submitShares(i + 1, p.shareKeys(roster)));
+    server.closeShares(unionLength(inOrder));
+    ps.forEach((p, i) => p.receiveShares(server.sharesFor(i + 1)));
+    const party = (): SecureParty => SecureParty.restore(ps[0]!.state);
+    // U in the delta's (the base's) order: every word coded, each tensor read when U reaches it (one read past).
+    const starts = inOrder.map((_, k) => unionLength(inOrder.slice(0, k)));
+    let read = 0;
+    const watched = (async function* () {
+      for await (const t of scaledTensors(deltas[0]!, SCALINGS[0]!)) {
+        read++;
+        yield t;
+      }
+    })();
+    let words = 0;
+    for await (const c of maskedChunks(party(), fp, inOrder, watched, { chunkWords: 1 << 20 })) {
+      words += c.words.length;
+      const k = starts.findLastIndex((o) => o <= c.offset);
+      assert.ok(read <= k + 2, `${read} tensors read while coding tensor ${k}`);
+    }
+    assert.ok(read === inOrder.length);
+    assert.equal(words, unionLength(inOrder));
+    // Clipped values at a small bound: counted over the whole vector, a resumed run too (the words before `from`
+    // counted, not coded), and equal to the count of scaled values beyond the bound computed here.
+    const small = fixedPoint(0.05, 2);
+    let want = 0;
+    for await (const t of scaledTensors(deltas[0]!, SCALINGS[0]!))
+      for (const v of t.values) if (Math.abs(v) > 0.05) want++;
+    assert.ok(want > 0);
+    for (const from of [0, 1234, Math.floor(unionLength(inOrder) / 2)]) {
+      let clipped = 0;
+      await collect(
+        maskedChunks(party(), small, inOrder, scaledTensors(deltas[0]!, SCALINGS[0]!), {
+          from,
+          chunkWords: 500,
+          onClipped: (n) => (clipped += n),
+        }),
+      );
+      assert.equal(clipped, want, `from ${from}`);
+    }
+    // The same U with two tensors swapped: refused, not buffered.
+    const swapped = [...inOrder];
+    [swapped[0], swapped[1]] = [swapped[1]!, swapped[0]!];
+    await assert.rejects(
+      collect(maskedChunks(party(), fp, swapped, scaledTensors(deltas[0]!, SCALINGS[0]!))),
+      /not in the base checkpoint's tensor order/,
+    );
   });
 });

@@ -4,7 +4,7 @@
  * plain merge of the same scaled deltas computed here, and the data folder is searched for the parties' values.
  */
 import assert from 'node:assert/strict';
-import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { cp, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -14,6 +14,10 @@ import { SecureAggregationServiceClient, type MaskedState, type SupportChunk } f
 import { ValueDtype, type DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import { Checkpoint } from '../proto/safetensors/index.js';
 import { fixedPoint, SecureParty, sumErrorBound, type FixedPoint } from '../proto/secure/index.js';
+import { decodeJob } from '../server/jobs/job-store.js';
+import { loadAggregator } from '../server/secure/secure-record.js';
+import { sumDir, writeSum } from '../server/secure/secure-sum.js';
+import { readUnion } from '../server/secure/union.js';
 import {
   assembleTensor,
   chunkChecksum,
@@ -44,7 +48,8 @@ let secure: SecureAggregationServiceClient;
 const deltas: DeltaRecord[][] = [];
 /** Weight each party applies to its own delta before it masks it. */
 const WEIGHTS = [1, 0.5, 1.5, 0.75, 1.25];
-const BOUND = 1;
+// The synthetic deltas (DP at 0.8) reach 1.14 in magnitude, weighted up to 1.5 here.
+const BOUND = 2;
 
 before(async () => {
   dir = await mkdtemp(join(tmpdir(), 'dppa-server-secure-'));
@@ -135,13 +140,10 @@ function supportChunks(jobId: string, token: string): Promise<SupportChunk[]> {
   });
 }
 
-function uploadMasked(
-  token: string,
-  chunks: { jobId: string; offset: bigint; words: Uint8Array; crc32c: number; totalWords: bigint }[],
-): Promise<MaskedState> {
+function uploadMasked(token: string, chunks: Chunk[]): Promise<MaskedState> {
   return new Promise((resolve, reject) => {
     const s = secure.uploadMasked(auth(token), (err, res) => (err === null ? resolve(res) : reject(err)));
-    for (const c of chunks) s.write(c);
+    for (const c of chunks) s.write({ clipped: 0n, ...c });
     s.end();
   });
 }
@@ -149,13 +151,26 @@ function uploadMasked(
 function maskedChunks(jobId: string, words: Uint32Array, from = 0, size = 1000): ReturnType<typeof chunkList> {
   return chunkList(jobId, words, from, size, words.length);
 }
-function chunkList(jobId: string, words: Uint32Array, from: number, size: number, total: number) {
-  const out = [];
+/** A MaskedChunk as these tests send it. */
+type Chunk = { jobId: string; offset: bigint; words: Uint8Array; crc32c: number; totalWords: bigint; clipped?: bigint };
+
+function chunkList(jobId: string, words: Uint32Array, from: number, size: number, total: number): Chunk[] {
+  const out: Chunk[] = [];
   for (let o = from; o < words.length; o += size) {
     const bytes = new Uint8Array(words.buffer, words.byteOffset + o * 4, Math.min(size, words.length - o) * 4).slice();
     out.push({ jobId, offset: BigInt(o), words: bytes, crc32c: crc32c(bytes), totalWords: BigInt(total) });
   }
   return out;
+}
+
+/**
+ * The chunks with a clipped count on the last: the party's number in the job (these parties clip nothing; the
+ * server takes the count as reported and publishes the sum over U3).
+ */
+function reportClipped(chunks: Chunk[], p: { name: string }, job: Job): Chunk[] {
+  const last = chunks.at(-1);
+  if (last !== undefined) last.clipped = BigInt(job.parties.findIndex((q) => q.name === p.name) + 1);
+  return chunks;
 }
 
 /** One in-process party: its token, protocol state and scaled values. */
@@ -274,11 +289,14 @@ async function runProtocol(
       await uploadMasked(p.token, half);
       const state = await call(secure, 'getMaskedState', { jobId }, p.token);
       assert.equal(state.complete, false);
-      const rest = await uploadMasked(p.token, maskedChunks(jobId, enc.words, Number(state.wordsHeld)));
+      const rest = await uploadMasked(
+        p.token,
+        reportClipped(maskedChunks(jobId, enc.words, Number(state.wordsHeld)), p, job),
+      );
       assert.equal(rest.complete, true);
       continue;
     }
-    const state = await uploadMasked(p.token, maskedChunks(jobId, enc.words));
+    const state = await uploadMasked(p.token, reportClipped(maskedChunks(jobId, enc.words), p, job));
     assert.equal(state.complete, true);
     assert.equal(state.wordsExpected, BigInt(enc.words.length));
   }
@@ -367,6 +385,7 @@ describe('secure aggregation through the server', () => {
   it('3 parties: the secure merge equals the plain merge of the scaled deltas; bad input is refused, the job intact; no value in the data folder', async () => {
     const names = ['p1', 'p2', 'p3'];
     const { job, tokens } = await createSecure(names, 2);
+    const copy = join(dir, 'copy-p');
     assert.equal(job!.privacy, Privacy.PRIVACY_SECURE);
     assert.equal(job!.securePhase, SecurePhase.SECURE_PHASE_SUPPORT);
     const parties: Party[] = names.map((name, i) => ({
@@ -394,6 +413,8 @@ describe('secure aggregation through the server', () => {
         await noValueInDataFolder(parties);
         secure.close();
         await h.close();
+        // The masked vectors and U, kept here: the server deletes them once the job merged.
+        await cp(join(dir, 'data', 'jobs', job!.id, 'secure'), join(copy, 'secure'), { recursive: true });
         h = await startHarness(join(dir, 'data'));
         secure = new SecureAggregationServiceClient(h.address, credentials.createInsecure());
         const j = await call(h.jobs, 'getJob', { jobId: job!.id }, ADMIN);
@@ -413,7 +434,27 @@ describe('secure aggregation through the server', () => {
     // the scaled values computed here (plus the rounding of the F32 it is stored in).
     const bound = sumErrorBound(fp);
     assert.ok(bound < 1e-8);
-    const sumFolder = join(dir, 'data', 'jobs', job!.id, 'secure', 'sum');
+    // Nothing derived from the values is left: no masked vector, no unmasked sum.
+    const left = await readdir(join(dir, 'data', 'jobs', job!.id, 'secure'), { recursive: true });
+    assert.ok(!left.some((f) => /masked|sum|\.u32$|\.dppa$/.test(f)), left.join(', '));
+    assert.ok(left.includes('union.json'));
+    // U is in the base checkpoint's tensor order (that of every delta), here not the order of the names.
+    const union = await readUnion(copy);
+    const b = await Checkpoint.open(base);
+    const baseOrder = b.tensors().map((t) => t.name);
+    await b.close();
+    const unionNames = union.tensors.map((t) => t.name);
+    assert.deepEqual(
+      unionNames,
+      baseOrder.filter((n) => unionNames.includes(n)),
+    );
+    assert.notDeepEqual(unionNames, [...unionNames].sort());
+    // The sum the server wrote, written again from the copy with the stored aggregator (the same code).
+    const stored = decodeJob(await readFile(join(dir, 'data', 'jobs', job!.id, 'job.json'), 'utf8'), 'job.json');
+    const agg = loadAggregator(stored.secure!);
+    const survivors = agg.state.request!.survivors.map((i) => names[i - 1]!);
+    await writeSum(copy, union, survivors, agg.maskRemoval(), fp, stored.baseFingerprint, new AbortController().signal);
+    const sumFolder = sumDir(copy);
     let checked = 0;
     let worst = 0;
     for (const f of await readdir(sumFolder)) {
@@ -451,16 +492,20 @@ describe('secure aggregation through the server', () => {
     const events = await new Promise<string[]>((resolve, reject) => {
       const out: string[] = [];
       const s = h.jobs.watchJob({ jobId: job!.id, afterSeq: 0n }, auth(ADMIN));
-      s.on('data', (e: { securePhaseClosed?: { phase: number; parties: number; missing: string[] } }) => {
-        if (e.securePhaseClosed !== undefined)
-          out.push(
-            `${e.securePhaseClosed.phase}:${e.securePhaseClosed.parties}:${e.securePhaseClosed.missing.join(',')}`,
-          );
-      });
+      s.on(
+        'data',
+        (e: { securePhaseClosed?: { phase: number; parties: number; missing: string[]; clipped: bigint } }) => {
+          const c = e.securePhaseClosed;
+          if (c !== undefined) out.push(`${c.phase}:${c.parties}:${c.missing.join(',')}:${c.clipped}`);
+        },
+      );
       s.on('error', reject);
       s.on('end', () => resolve(out));
     });
-    assert.deepEqual(events, ['1:5:', '2:5:', '3:5:', '4:4:q4', '5:4:']);
+    // MASKED_INPUT's clipped count: the sum of those U3 reported (q1, q2, q3, q5 report 1, 2, 3, 5; q4 dropped).
+    assert.deepEqual(events, ['1:5::0', '2:5::0', '3:5::0', '4:4:q4:11', '5:4::0']);
+    const metrics = await (await fetch(`http://127.0.0.1:${h.server.metricsPort}/metrics`)).text();
+    assert.match(metrics, /^dppa_secure_clipped_values_total \d+/m);
     const { same, total } = await compareMerged(job!.id, await expected(parties.filter((p) => p.name !== 'q4')));
     assert.ok(same / total >= 0.9999, `${same} of ${total} bf16 weights identical`);
     const withDropout = await compareMerged(job!.id, await expected(parties));

@@ -277,12 +277,14 @@ export async function pushSecure(
             words,
             crc32c: c.crc32c,
             totalWords: BigInt(total),
+            // The whole vector's count, on the chunk that ends it (the server publishes the sum over U3).
+            clipped: BigInt(c.offset + c.words.length === total ? clipped : 0),
           });
           if (!ok) break;
           sent = c.offset + c.words.length;
           progress({ step: 'masked', wordsSent: sent, wordsTotal: total, attempt });
         }
-        if (from === 0) stored.clipped = clipped;
+        stored.clipped = clipped;
         const result = await stream.finish();
         if (result.complete) break;
       } catch (err) {
@@ -422,7 +424,7 @@ function excluded(job: Job, party: string, phase: string, what: string): JobStat
 }
 
 /**
- * The union U, streamed tensor by tensor.
+ * The union U, streamed tensor by tensor in the base checkpoint's order (the delta's), its positions as uint32.
  * @throws DppaRpcError; FormatError for a damaged chunk; Error when the stream's offsets do not add up.
  */
 async function readUnion(conn: Connection, jobId: string, scope: CallScope): Promise<UnionTensor[]> {
@@ -430,13 +432,13 @@ async function readUnion(conn: Connection, jobId: string, scope: CallScope): Pro
   for (;;) {
     try {
       const tensors: UnionTensor[] = [];
-      let parts: { name: string; positions: Float64Array[] } | undefined;
+      let parts: { name: string; positions: Uint32Array[] } | undefined;
       let offset = 0;
       let size = -1;
       const flush = (): void => {
         if (parts === undefined) return;
         const n = parts.positions.reduce((a, p) => a + p.length, 0);
-        const all = new Float64Array(n);
+        const all = new Uint32Array(n);
         let at = 0;
         for (const p of parts.positions) {
           all.set(p, at);
@@ -457,7 +459,7 @@ async function readUnion(conn: Connection, jobId: string, scope: CallScope): Pro
           flush();
           parts = { name: chunk.tensor, positions: [] };
         }
-        parts.positions.push(decoded.positions.slice());
+        parts.positions.push(Uint32Array.from(decoded.positions));
         offset += decoded.count;
       }
       flush();

@@ -31,7 +31,10 @@ export interface MaskedChunkOptions {
   from?: number;
   /** Words per chunk. @default {@link DEFAULT_CHUNK_WORDS} */
   chunkWords?: number;
-  /** Told of the values clipped to the bound in each chunk coded. */
+  /**
+   * Told of the values clipped to the bound: in each chunk coded, and once for the words before `from` (counted, not
+   * coded), so the counts told add up to those of the whole vector.
+   */
   onClipped?: (count: number) => void;
   signal?: AbortSignal;
 }
@@ -60,9 +63,11 @@ export function spreadTensor(union: UnionTensor, t: ScaledTensor | undefined): F
 }
 
 /**
- * The masked vector from word `from` on, in chunks. `scaled` gives the party's tensors; those read before U asks
- * for them are held until it does (none when both orders agree); union tensors the party did not send are 0.
- * @throws ProtocolStateError when the party sent a tensor the union lacks, or a position outside it.
+ * The masked vector from word `from` on, in chunks. `scaled` gives the party's tensors in the base checkpoint's
+ * order, which is U's order: each is read when U reaches it and dropped once coded, so at most one tensor of the
+ * delta is held (and one read past, not yet reached); union tensors the party did not send are 0.
+ * @throws ProtocolStateError when the party sent a tensor the union lacks, a position outside it, or its tensors
+ *   come in another order than U's (a union not in the base's tensor order).
  */
 export async function* maskedChunks(
   party: SecureParty,
@@ -73,35 +78,42 @@ export async function* maskedChunks(
 ): AsyncGenerator<MaskedWords, void, undefined> {
   const from = o.from ?? 0;
   const chunkWords = o.chunkWords ?? DEFAULT_CHUNK_WORDS;
+  const tensors = [...union];
+  const rank = new Map(tensors.map((u, k) => [u.name, k]));
   const it = scaled[Symbol.asyncIterator]();
-  // The party's tensors read past while looking for a later one of U (U's order need not be the delta's).
-  const ahead = new Map<string, ScaledTensor>();
-  let done = false;
-  const find = async (name: string): Promise<ScaledTensor | undefined> => {
-    const early = ahead.get(name);
-    if (early !== undefined) {
-      ahead.delete(name);
-      return early;
-    }
-    while (!done) {
+  // The party's next tensor with kept positions that U has not reached yet: read when U passes the previous one.
+  const pull = async (after: number): Promise<ScaledTensor | undefined> => {
+    for (;;) {
       const next = await it.next();
-      if (next.done === true) {
-        done = true;
-        break;
-      }
-      if (next.value.name === name) return next.value;
-      ahead.set(next.value.name, next.value);
+      if (next.done === true) return undefined;
+      const t = next.value;
+      if (t.positions.length === 0) continue;
+      const k = rank.get(t.name);
+      if (k === undefined)
+        throw new ProtocolStateError(`tensor ${t.name} of this party's delta is not in the union the server sent`);
+      if (k <= after)
+        throw new ProtocolStateError(
+          `tensor ${t.name} of this party's delta comes after ${tensors[after]!.name} in the delta but before it in the union the server sent: U is not in the base checkpoint's tensor order (a server older than this client?)`,
+        );
+      return t;
     }
-    return undefined;
   };
-  const names = new Set<string>();
+  // Every tensor after the last one taken is read by pull(k): any left with kept positions was refused there.
+  let next = await pull(-1);
   let offset = 0;
-  for (const u of union) {
+  let skipped = 0;
+  for (const [k, u] of tensors.entries()) {
     o.signal?.throwIfAborted();
-    names.add(u.name);
+    const mine = next?.name === u.name ? next : undefined;
+    if (mine !== undefined) next = await pull(k);
     const n = u.positions.length;
-    if (offset + n > from) {
-      const values = spreadTensor(u, await find(u.name));
+    if (offset + n <= from) {
+      if (mine !== undefined) skipped += countClipped(mine.values, fp);
+    } else {
+      const values = spreadTensor(u, mine);
+      if (from > offset) skipped += countClipped(values.subarray(0, from - offset), fp);
+      if (skipped > 0) o.onClipped?.(skipped);
+      skipped = 0;
       for (let start = Math.max(0, from - offset); start < n; start += chunkWords) {
         const end = Math.min(n, start + chunkWords);
         const { words, clipped } = party.maskInput(values.subarray(start, end), fp, offset + start);
@@ -111,20 +123,13 @@ export async function* maskedChunks(
     }
     offset += n;
   }
-  // Every tensor of the party with a kept position must be in U.
-  for (;;) {
-    const rest = ahead.size > 0 ? [...ahead.values()] : [];
-    ahead.clear();
-    if (!done) {
-      const next = await it.next();
-      if (next.done === true) done = true;
-      else rest.push(next.value);
-    }
-    const missing = rest.find((t) => !names.has(t.name) && t.positions.length > 0);
-    if (missing !== undefined)
-      throw new ProtocolStateError(`tensor ${missing.name} of this party's delta is not in the union the server sent`);
-    if (done && ahead.size === 0) return;
-  }
+}
+
+/** Values beyond the bound, which coding clips (proto/secure encodeFixed). */
+function countClipped(values: ArrayLike<number>, fp: FixedPoint): number {
+  let n = 0;
+  for (let i = 0; i < values.length; i++) if (Math.abs(values[i]!) > fp.bound) n++;
+  return n;
 }
 
 /** Number of words of the vector on `union`. */

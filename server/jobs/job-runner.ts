@@ -353,6 +353,7 @@ export class JobRunner {
 
   private async fail(jobId: string, reason: string): Promise<StoredJob> {
     const job = await failJob(this.deps, jobId, reason);
+    await this.deps.spool.discardSecure(jobId);
     // Parties waiting on an evaluation stream learn why nothing more will come.
     this.deps.broker.endJob(jobId, new FailedPreconditionError(`job ${jobId} failed: ${reason}`));
     return job;

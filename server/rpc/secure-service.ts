@@ -101,6 +101,7 @@ export function secureService(deps: SecureServiceDeps, rpc: RpcWrapper): SecureA
         words: Uint8Array;
         crc32c: number;
         totalWords: bigint;
+        clipped: bigint;
       }> {
         for (let r = first; r.done !== true; r = await it.next()) {
           if (r.value.jobId !== jobId)

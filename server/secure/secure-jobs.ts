@@ -5,6 +5,7 @@
  * docs/privacy.md, "Wiring".
  */
 import { SecurePhase, securePhaseToJSON } from '../../proto/gen/dppa/v1/jobs.js';
+import { Checkpoint } from '../../proto/safetensors/index.js';
 import {
   fixedPoint,
   ProtocolStateError,
@@ -48,6 +49,16 @@ const PHASE_LABEL: Partial<Record<SecurePhase, string>> = {
 function secureOf(job: StoredJob): SecureRecord {
   if (job.secure === undefined) throw new FailedPreconditionError(`job ${job.id} is not a secure job`);
   return job.secure;
+}
+
+/** The base checkpoint's tensor names in its order (that of every delta and of U). */
+async function tensorOrder(basePath: string): Promise<string[]> {
+  const base = await Checkpoint.open(basePath);
+  try {
+    return base.tensors().map((t) => t.name);
+  } finally {
+    await base.close();
+  }
 }
 
 function phaseName(p: SecurePhase): string {
@@ -206,8 +217,17 @@ export class SecureJobs {
       throw new AlreadyExistsError(`party ${party} already has a masked upload open: wait for it to end, then resume`);
     this.maskedStreams.add(key);
     let held: number;
+    // The clipped count the party reports on the chunk that ends its vector.
+    let clipped = 0;
+    const unionSize = BigInt(r.unionSize);
+    const seen = (async function* (): AsyncGenerator<MaskedPiece> {
+      for await (const p of pieces) {
+        if (p.offset + BigInt(p.words.length >> 2) === unionSize) clipped = Number(p.clipped ?? 0n);
+        yield p;
+      }
+    })();
     try {
-      held = await appendMasked(this.deps.store.dir(jobId), party, r.unionSize, pieces, (n) =>
+      held = await appendMasked(this.deps.store.dir(jobId), party, r.unionSize, seen, (n) =>
         this.deps.metrics.secureBytes.inc({ phase: 'masked_input' }, n),
       );
     } finally {
@@ -216,7 +236,10 @@ export class SecureJobs {
     if (held === r.unionSize) {
       await this.accept(jobId, SecurePhase.SECURE_PHASE_MASKED_INPUT, (rec) => {
         const a = loadAggregator(rec);
-        if (!a.state.survivors.includes(index)) a.recordMasked(index, held);
+        if (!a.state.survivors.includes(index)) {
+          a.recordMasked(index, held);
+          rec.clipped = { ...rec.clipped, [party]: clipped };
+        }
         saveAggregator(rec, a);
       });
     }
@@ -331,7 +354,7 @@ export class SecureJobs {
         if (answered.length < r.threshold) throw new TooFewSurvivorsError('support', answered.length, r.threshold);
         const spools = await this.deps.spool.ofJob(job.id);
         const files = answered.map((p) => [...spools.get(p)!.held.values()].map((t) => t.file));
-        const union = await buildUnion(dir, files);
+        const union = await buildUnion(dir, files, await tensorOrder(job.basePath));
         this.unions.set(job.id, union);
         unionSize = union.size;
         change = (rec) => {
@@ -377,6 +400,8 @@ export class SecureJobs {
       }
     }
     const seconds = (Date.now() - Date.parse(r.phaseSince)) / 1000;
+    const clipped =
+      phase === SecurePhase.SECURE_PHASE_MASKED_INPUT ? answered.reduce((n, p) => n + (r.clipped?.[p] ?? 0), 0) : 0;
     await store.update(job.id, (j) => {
       const rec = secureOf(j);
       if (phaseOf(rec) !== phase) throw new StateConflictError(`job ${job.id} left ${phaseName(phase)} meanwhile`);
@@ -384,14 +409,24 @@ export class SecureJobs {
       setPhase(rec, next);
     });
     metrics.securePhaseSeconds.observe({ phase: PHASE_LABEL[phase]! }, seconds);
+    if (clipped > 0) metrics.secureClipped.inc(clipped);
     await events.append(job.id, {
-      securePhaseClosed: { phase, next, parties: answered.length, missing, unionSize: BigInt(unionSize), seconds },
+      securePhaseClosed: {
+        phase,
+        next,
+        parties: answered.length,
+        missing,
+        unionSize: BigInt(unionSize),
+        seconds,
+        clipped: BigInt(clipped),
+      },
     });
     this.deps.log.info('secure phase closed', {
       jobId: job.id,
       phase: phaseName(phase),
       parties: answered.length,
       missing,
+      ...(clipped > 0 ? { clipped } : {}),
     });
   }
 

@@ -22,6 +22,8 @@ export interface SecureRecord {
   unionSize: number;
   /** Parties whose support is in U (SUPPORT closed), by name. */
   supporters: string[];
+  /** Values each party of U3 clipped to the bound, as it reported them, by name (absent: 0). */
+  clipped?: Record<string, number>;
   /** v8-serialised AggregatorState, base64. */
   aggregator: string;
 }

@@ -4,7 +4,7 @@
  * which the merge adds to the base as the one contribution of the job (merge-parties.ts).
  */
 import { readFileSync } from 'node:fs';
-import { mkdir } from 'node:fs/promises';
+import { mkdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { OutsidePolicy, PruneMethod } from '../../proto/gen/dppa/v1/algorithm.js';
 import { TensorKind, ValueDtype, ValueKind, type DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
@@ -19,6 +19,28 @@ const RANGE_WORDS = 1 << 20;
 /** Folder of the unmasked sum's tensor files. */
 export function sumDir(jobDir: string): string {
   return join(secureDir(jobDir), 'sum');
+}
+
+/**
+ * Deletes a job's masked vectors and unmasked sum (the sum at a position only one party kept is that party's
+ * value): called once the job merged or failed, whatever `--keep-uploads` says.
+ * @returns True when there was something to delete.
+ */
+export async function discardSecureData(jobDir: string): Promise<boolean> {
+  let found = false;
+  for (const d of [join(secureDir(jobDir), 'masked'), sumDir(jobDir)]) {
+    const there = await stat(d).then(
+      () => true,
+      (err: NodeJS.ErrnoException) => {
+        if (err.code === 'ENOENT') return false;
+        throw err;
+      },
+    );
+    if (!there) continue;
+    found = true;
+    await rm(d, { recursive: true, force: true });
+  }
+  return found;
 }
 
 /** Name of the sum as the merge's one contribution (in errors). */

@@ -1,8 +1,8 @@
 /**
  * The union U of a secure job's supports: built from the parties' spooled positions-only uploads when SUPPORT
- * closes, stored as `<job>/secure/union.json` (tensors, sorted by name, with their shapes and counts) and
- * `union.bin` (their positions, uint32 little-endian, tensor after tensor). Word j of every masked vector is the
- * j-th position of U in that order.
+ * closes, stored as `<job>/secure/union.json` (tensors in the base checkpoint's order, the order of every delta, with
+ * their shapes and counts) and `union.bin` (their positions, uint32 little-endian, tensor after tensor). Word j of
+ * every masked vector is the j-th position of U in that order.
  */
 import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -51,8 +51,14 @@ async function filePositions(file: string): Promise<{ name: string; shape: numbe
 /**
  * Builds U from the supporters' spooled tensor files and stores it.
  * @param files - Per supporter, its spool files (one tensor each).
+ * @param baseOrder - The base checkpoint's tensor names in its order (U's tensor order).
+ * @throws Error for a spooled tensor the base lacks (the upload's header check refuses those).
  */
-export async function buildUnion(jobDir: string, files: readonly (readonly string[])[]): Promise<Union> {
+export async function buildUnion(
+  jobDir: string,
+  files: readonly (readonly string[])[],
+  baseOrder: readonly string[],
+): Promise<Union> {
   const byTensor = new Map<string, { shape: number[]; supports: Uint32Array[] }>();
   for (const party of files) {
     for (const f of party) {
@@ -62,7 +68,10 @@ export async function buildUnion(jobDir: string, files: readonly (readonly strin
       byTensor.set(name, entry);
     }
   }
-  const names = [...byTensor.keys()].sort();
+  const rank = new Map(baseOrder.map((n, i) => [n, i]));
+  for (const n of byTensor.keys())
+    if (!rank.has(n)) throw new Error(`tensor "${n}" of a spooled support is not in the base checkpoint`);
+  const names = [...byTensor.keys()].sort((a, b) => rank.get(a)! - rank.get(b)!);
   const parts = names.map((n) => unionSupport(byTensor.get(n)!.supports));
   const size = parts.reduce((s, p) => s + p.length, 0);
   const positions = new Uint32Array(size);

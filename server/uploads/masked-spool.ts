@@ -36,6 +36,8 @@ export interface MaskedPiece {
   words: Uint8Array;
   crc32c: number;
   totalWords: bigint;
+  /** Values the party clipped over the whole vector (on the chunk that ends it). */
+  clipped?: bigint;
 }
 
 /**

@@ -9,6 +9,7 @@ import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import { DeltaHeader, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
 import { DeltaFileWriter } from '../../proto/sparse/index.js';
 import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
+import { discardSecureData } from '../secure/secure-sum.js';
 import { LOAD_CONCURRENCY, type JobStore, type StoredJob } from '../jobs/job-store.js';
 import type { Logger } from '../log.js';
 
@@ -284,6 +285,7 @@ export class Spool {
         for (const p of job.parties) await spool.party(job.id, p.name).recover(opts.log, spool.shared);
         // A server stopped between a merge and the deletion of its uploads deletes them now.
         if (job.state === JobState.JOB_STATE_MERGED) await spool.discardJob(job.id);
+        else if (job.state === JobState.JOB_STATE_FAILED) await spool.discardSecure(job.id);
       },
       { concurrency: LOAD_CONCURRENCY },
     );
@@ -334,6 +336,7 @@ export class Spool {
    * has merged whatever becomes of its uploads.
    */
   async discardJob(jobId: string): Promise<void> {
+    await this.discardSecure(jobId);
     if (this.keepUploads) return;
     let spools: PartySpool[];
     try {
@@ -355,6 +358,21 @@ export class Spool {
       }
     }
     if (deleted > 0) this.log.info('uploads of a merged job deleted', { jobId, parties: deleted, bytes });
+  }
+
+  /**
+   * Deletes a secure job's masked vectors and unmasked sum (server/secure/secure-sum.ts) once it merged or failed,
+   * `--keep-uploads` or not: nothing derived from a party's values stays on disk. Logged, not thrown.
+   */
+  async discardSecure(jobId: string): Promise<void> {
+    const job = this.store.list().find((j) => j.id === jobId);
+    if (job?.secure === undefined) return;
+    try {
+      if (await discardSecureData(this.store.dir(jobId)))
+        this.log.info('masked vectors and unmasked sum of a secure job deleted', { jobId });
+    } catch (err) {
+      this.log.warn('could not delete the masked vectors and unmasked sum of a secure job', { jobId, err });
+    }
   }
 
   /** Bytes on disk over all spools, with tensors being received. */

@@ -874,6 +874,11 @@ export interface SecurePhaseClosed {
   unionSize: bigint;
   /** Seconds the phase was open. */
   seconds: number;
+  /**
+   * MASKED_INPUT: values the parties of U3 clipped to clip_bound, summed over
+   * them (as each reported it on its last MaskedChunk); 0 for other phases.
+   */
+  clipped: bigint;
 }
 
 /** One event of a job, as streamed by WatchJob. */
@@ -5616,7 +5621,7 @@ export const Failed: MessageFns<Failed> = {
 };
 
 function createBaseSecurePhaseClosed(): SecurePhaseClosed {
-  return { phase: 0, next: 0, parties: 0, missing: [], unionSize: 0n, seconds: 0 };
+  return { phase: 0, next: 0, parties: 0, missing: [], unionSize: 0n, seconds: 0, clipped: 0n };
 }
 
 export const SecurePhaseClosed: MessageFns<SecurePhaseClosed> = {
@@ -5641,6 +5646,12 @@ export const SecurePhaseClosed: MessageFns<SecurePhaseClosed> = {
     }
     if (message.seconds !== 0) {
       writer.uint32(49).double(message.seconds);
+    }
+    if (message.clipped !== 0n) {
+      if (BigInt.asUintN(64, message.clipped) !== message.clipped) {
+        throw new globalThis.Error("value provided for field message.clipped of type uint64 too large");
+      }
+      writer.uint32(56).uint64(message.clipped);
     }
     return writer;
   },
@@ -5706,6 +5717,14 @@ export const SecurePhaseClosed: MessageFns<SecurePhaseClosed> = {
             message.seconds = reader.double();
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.clipped = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5730,6 +5749,7 @@ export const SecurePhaseClosed: MessageFns<SecurePhaseClosed> = {
         ? BigInt(object.union_size)
         : 0n,
       seconds: isSet(object.seconds) ? globalThis.Number(object.seconds) : 0,
+      clipped: isSet(object.clipped) ? BigInt(object.clipped) : 0n,
     };
   },
 
@@ -5753,6 +5773,9 @@ export const SecurePhaseClosed: MessageFns<SecurePhaseClosed> = {
     if (message.seconds !== 0) {
       obj.seconds = floatToJson(message.seconds);
     }
+    if (message.clipped !== 0n) {
+      obj.clipped = message.clipped.toString();
+    }
     return obj;
   },
 
@@ -5767,6 +5790,7 @@ export const SecurePhaseClosed: MessageFns<SecurePhaseClosed> = {
     message.missing = object.missing?.map((e) => e) || [];
     message.unionSize = (object.unionSize !== undefined && object.unionSize !== null) ? BigInt(object.unionSize) : 0n;
     message.seconds = object.seconds ?? 0;
+    message.clipped = (object.clipped !== undefined && object.clipped !== null) ? BigInt(object.clipped) : 0n;
     return message;
   },
 };

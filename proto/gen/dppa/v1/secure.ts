@@ -158,6 +158,12 @@ export interface MaskedChunk {
    * (INVALID_ARGUMENT otherwise, before anything is stored).
    */
   totalWords: bigint;
+  /**
+   * Values of the whole vector the party clipped to the job's clip_bound,
+   * set on the chunk that ends the vector (0 on the others, and from a party
+   * that does not count them). The server publishes the sum over U3.
+   */
+  clipped: bigint;
 }
 
 /** Which job's masked upload to describe. */
@@ -1418,7 +1424,7 @@ export const SupportChunk: MessageFns<SupportChunk> = {
 };
 
 function createBaseMaskedChunk(): MaskedChunk {
-  return { jobId: "", offset: 0n, words: new Uint8Array(0), crc32c: 0, totalWords: 0n };
+  return { jobId: "", offset: 0n, words: new Uint8Array(0), crc32c: 0, totalWords: 0n, clipped: 0n };
 }
 
 export const MaskedChunk: MessageFns<MaskedChunk> = {
@@ -1443,6 +1449,12 @@ export const MaskedChunk: MessageFns<MaskedChunk> = {
         throw new globalThis.Error("value provided for field message.totalWords of type uint64 too large");
       }
       writer.uint32(40).uint64(message.totalWords);
+    }
+    if (message.clipped !== 0n) {
+      if (BigInt.asUintN(64, message.clipped) !== message.clipped) {
+        throw new globalThis.Error("value provided for field message.clipped of type uint64 too large");
+      }
+      writer.uint32(48).uint64(message.clipped);
     }
     return writer;
   },
@@ -1500,6 +1512,14 @@ export const MaskedChunk: MessageFns<MaskedChunk> = {
             message.totalWords = reader.uint64() as bigint;
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.clipped = reader.uint64() as bigint;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1527,6 +1547,7 @@ export const MaskedChunk: MessageFns<MaskedChunk> = {
         : isSet(object.total_words)
         ? BigInt(object.total_words)
         : 0n,
+      clipped: isSet(object.clipped) ? BigInt(object.clipped) : 0n,
     };
   },
 
@@ -1547,6 +1568,9 @@ export const MaskedChunk: MessageFns<MaskedChunk> = {
     if (message.totalWords !== 0n) {
       obj.totalWords = message.totalWords.toString();
     }
+    if (message.clipped !== 0n) {
+      obj.clipped = message.clipped.toString();
+    }
     return obj;
   },
 
@@ -1562,6 +1586,7 @@ export const MaskedChunk: MessageFns<MaskedChunk> = {
     message.totalWords = (object.totalWords !== undefined && object.totalWords !== null)
       ? BigInt(object.totalWords)
       : 0n;
+    message.clipped = (object.clipped !== undefined && object.clipped !== null) ? BigInt(object.clipped) : 0n;
     return message;
   },
 };
