@@ -43,7 +43,8 @@ describe('secure aggregation with dropouts', () => {
         basePath: base,
         parties: PARTIES,
         rate: 0.8,
-        secure: { threshold: 3, clipBound: CLIP, phaseSeconds: 4 },
+        // Each dropout costs one phase deadline; 30 s leaves room for a loaded machine to prune and upload in time.
+        secure: { threshold: 3, clipBound: CLIP, phaseSeconds: 30 },
       });
       // p4 stops once its shares are sent; p5 once the server holds its masked vector.
       const dropAt: Record<string, SecureProgress['step']> = { p4: 'shares', p5: 'maskedComplete' };
