@@ -18,6 +18,7 @@ import {
   joinedDir,
   mergeSpaceBytes,
   MissingPieceError,
+  PIECE_MAGIC,
   writePiece,
 } from '../server/merge/patch-output.js';
 
@@ -120,6 +121,28 @@ describe('commitPatch', () => {
     });
     assert.deepEqual((await readdir(jobDir)).sort(), ['merged.tmp-x.patch']);
     assert.deepEqual((await readdir(pieces)).sort(), ['0', '3']);
+  });
+
+  it('refuses a piece without the magic of this version (an older format) as missing, writing nothing', async () => {
+    await writePieces();
+    // A piece as an earlier version wrote it: the base tensor's hash first, no magic.
+    await writeFile(join(pieces, '2'), Buffer.concat([pieceHash(2), ...pieceBytes(2)]));
+    await assert.rejects(commitPatch(patch, pieces, base, FINGERPRINT, changed), (err: unknown) => {
+      assert.ok(err instanceof MissingPieceError);
+      assert.equal(err.tensor, 'c.weight');
+      assert.equal(err.index, 2);
+      assert.match(err.message, /magic/);
+      return true;
+    });
+    assert.deepEqual((await readdir(jobDir)).sort(), ['merged.tmp-x.patch']);
+  });
+
+  it('writes every piece starting with the magic, then the base tensor’s hash', async () => {
+    await writePieces();
+    const bytes = await readFile(join(pieces, '3'));
+    assert.deepEqual(bytes.subarray(0, PIECE_MAGIC.length), Buffer.from(PIECE_MAGIC));
+    assert.deepEqual(bytes.subarray(PIECE_MAGIC.length, PIECE_MAGIC.length + 32), Buffer.from(pieceHash(3)));
+    assert.deepEqual(bytes.subarray(PIECE_MAGIC.length + 32), Buffer.concat(pieceBytes(3)));
   });
 
   it('leaves an existing patch untouched when a piece is missing', async () => {
