@@ -4,7 +4,7 @@
 // gone) describes the file in place instead of joining a subset.
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, beforeEach, describe, it } from 'node:test';
@@ -17,6 +17,7 @@ import {
   createPieces,
   joinedDir,
   mergeSpaceBytes,
+  mergeSpaceLeft,
   MissingPieceError,
   PIECE_MAGIC,
   writePiece,
@@ -218,5 +219,32 @@ describe('mergeSpaceBytes (the room a paused merge waits for)', () => {
     assert.equal(mergeSpaceBytes(MergeOutput.MERGE_OUTPUT_PATCH, base), 2 * patchBound);
     assert.equal(mergeSpaceBytes(MergeOutput.MERGE_OUTPUT_BOTH, base), base + 2 * patchBound);
     assert.equal(mergeSpaceBytes(MergeOutput.MERGE_OUTPUT_UNSPECIFIED, base), base + 2 * patchBound);
+  });
+});
+
+describe('mergeSpaceLeft (the room a merge paused midway still needs)', () => {
+  it('subtracts the dense tensors written and the pieces folder’s files, and nothing once the output is gone', async () => {
+    const baseBytes = 4096; // the job's recorded base size (the arithmetic does not read it)
+    const work = join(jobDir, 'merged.tmp-x');
+    await mkdir(work);
+    // Tensors 0 and 2 written: 8 bytes each in the dense output, and their pieces.
+    const written = Uint8Array.of(0b101);
+    await writePiece(pieces, 0, pieceHash(0), pieceBytes(0));
+    await writePiece(pieces, 2, pieceHash(2), pieceBytes(2));
+    const pieceFiles = (await stat(join(pieces, '0'))).size + (await stat(join(pieces, '2'))).size;
+    const both = MergeOutput.MERGE_OUTPUT_BOTH;
+    const full = mergeSpaceBytes(both, baseBytes);
+    assert.equal(await mergeSpaceLeft(both, baseBytes, base, written, work), full - 16 - pieceFiles);
+    const dense = MergeOutput.MERGE_OUTPUT_DENSE;
+    assert.equal(await mergeSpaceLeft(dense, baseBytes, base, written, work), baseBytes - 16);
+    const patchOnly = MergeOutput.MERGE_OUTPUT_PATCH;
+    assert.equal(
+      await mergeSpaceLeft(patchOnly, baseBytes, base, written, work),
+      mergeSpaceBytes(patchOnly, baseBytes) - pieceFiles,
+    );
+    // A failed run removed the output (the in-process backend): all of it again.
+    await rm(work, { recursive: true });
+    await rm(pieces, { recursive: true });
+    assert.equal(await mergeSpaceLeft(both, baseBytes, base, written, work), full);
   });
 });

@@ -36,6 +36,52 @@ export function mergeSpaceBytes(output: MergeOutput, baseBytes: number): number 
   return (dense ? baseBytes : 0) + (patch ? 2 * Math.ceil(baseBytes * (17 / 16)) : 0);
 }
 
+/**
+ * What of {@link mergeSpaceBytes} a merge paused by a full disk still needs:
+ * less the dense tensors already written (`written`, when the work folder is
+ * still there: the output is laid out sparse, a tensor takes room once
+ * written) and the pieces folder's files (each is joined once more).
+ * @param written - Bitmap of the tensors written (bit i: tensor i of `base`).
+ * @param workDir - The dense output's work folder; the pieces are in {@link piecesDir}.
+ */
+export async function mergeSpaceLeft(
+  output: MergeOutput,
+  baseBytes: number,
+  base: Checkpoint,
+  written: Uint8Array,
+  workDir: string,
+): Promise<number> {
+  const { dense, patch } = mergeOutputs(output);
+  let held = 0;
+  if (dense && (await exists(workDir)))
+    base.tensors().forEach((t, i) => {
+      if (((written[i >> 3] ?? 0) & (1 << (i & 7))) !== 0) held += t.byteLength;
+    });
+  if (patch) held += await folderBytes(piecesDir(workDir));
+  return Math.max(0, mergeSpaceBytes(output, baseBytes) - held);
+}
+
+/** Total size of the files in a folder (0 when there is none). */
+async function folderBytes(dir: string): Promise<number> {
+  let names: string[];
+  try {
+    names = await readdir(dir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 0;
+    throw err;
+  }
+  // A file removed meanwhile (a piece replaced, the folder joined) takes no room.
+  const sizes = await Promise.all(
+    names.map((n) =>
+      stat(join(dir, n)).then(
+        (s) => s.size,
+        () => 0,
+      ),
+    ),
+  );
+  return sizes.reduce((a, b) => a + b, 0);
+}
+
 /** The patch file of a job whose folder is `jobDir`. */
 export function patchPath(jobDir: string): string {
   return join(jobDir, PATCH_FILE_NAME);
