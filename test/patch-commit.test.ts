@@ -4,7 +4,7 @@
 // gone) describes the file in place instead of joining a subset.
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdir, mkdtemp, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, beforeEach, describe, it } from 'node:test';
@@ -17,7 +17,9 @@ import {
   createPieces,
   joinedDir,
   mergeSpaceBytes,
+  mergeSpaceLeft,
   MissingPieceError,
+  PIECE_MAGIC,
   writePiece,
 } from '../server/merge/patch-output.js';
 
@@ -122,6 +124,28 @@ describe('commitPatch', () => {
     assert.deepEqual((await readdir(pieces)).sort(), ['0', '3']);
   });
 
+  it('refuses a piece without the magic of this version (an older format) as missing, writing nothing', async () => {
+    await writePieces();
+    // A piece as an earlier version wrote it: the base tensor's hash first, no magic.
+    await writeFile(join(pieces, '2'), Buffer.concat([pieceHash(2), ...pieceBytes(2)]));
+    await assert.rejects(commitPatch(patch, pieces, base, FINGERPRINT, changed), (err: unknown) => {
+      assert.ok(err instanceof MissingPieceError);
+      assert.equal(err.tensor, 'c.weight');
+      assert.equal(err.index, 2);
+      assert.match(err.message, /magic/);
+      return true;
+    });
+    assert.deepEqual((await readdir(jobDir)).sort(), ['merged.tmp-x.patch']);
+  });
+
+  it('writes every piece starting with the magic, then the base tensor’s hash', async () => {
+    await writePieces();
+    const bytes = await readFile(join(pieces, '3'));
+    assert.deepEqual(bytes.subarray(0, PIECE_MAGIC.length), Buffer.from(PIECE_MAGIC));
+    assert.deepEqual(bytes.subarray(PIECE_MAGIC.length, PIECE_MAGIC.length + 32), Buffer.from(pieceHash(3)));
+    assert.deepEqual(bytes.subarray(PIECE_MAGIC.length + 32), Buffer.concat(pieceBytes(3)));
+  });
+
   it('leaves an existing patch untouched when a piece is missing', async () => {
     const old = Buffer.from('an earlier, good patch');
     await writeFile(patch, old);
@@ -195,5 +219,32 @@ describe('mergeSpaceBytes (the room a paused merge waits for)', () => {
     assert.equal(mergeSpaceBytes(MergeOutput.MERGE_OUTPUT_PATCH, base), 2 * patchBound);
     assert.equal(mergeSpaceBytes(MergeOutput.MERGE_OUTPUT_BOTH, base), base + 2 * patchBound);
     assert.equal(mergeSpaceBytes(MergeOutput.MERGE_OUTPUT_UNSPECIFIED, base), base + 2 * patchBound);
+  });
+});
+
+describe('mergeSpaceLeft (the room a merge paused midway still needs)', () => {
+  it('subtracts the dense tensors written and the pieces folder’s files, and nothing once the output is gone', async () => {
+    const baseBytes = 4096; // the job's recorded base size (the arithmetic does not read it)
+    const work = join(jobDir, 'merged.tmp-x');
+    await mkdir(work);
+    // Tensors 0 and 2 written: 8 bytes each in the dense output, and their pieces.
+    const written = Uint8Array.of(0b101);
+    await writePiece(pieces, 0, pieceHash(0), pieceBytes(0));
+    await writePiece(pieces, 2, pieceHash(2), pieceBytes(2));
+    const pieceFiles = (await stat(join(pieces, '0'))).size + (await stat(join(pieces, '2'))).size;
+    const both = MergeOutput.MERGE_OUTPUT_BOTH;
+    const full = mergeSpaceBytes(both, baseBytes);
+    assert.equal(await mergeSpaceLeft(both, baseBytes, base, written, work), full - 16 - pieceFiles);
+    const dense = MergeOutput.MERGE_OUTPUT_DENSE;
+    assert.equal(await mergeSpaceLeft(dense, baseBytes, base, written, work), baseBytes - 16);
+    const patchOnly = MergeOutput.MERGE_OUTPUT_PATCH;
+    assert.equal(
+      await mergeSpaceLeft(patchOnly, baseBytes, base, written, work),
+      mergeSpaceBytes(patchOnly, baseBytes) - pieceFiles,
+    );
+    // A failed run removed the output (the in-process backend): all of it again.
+    await rm(work, { recursive: true });
+    await rm(pieces, { recursive: true });
+    assert.equal(await mergeSpaceLeft(both, baseBytes, base, written, work), full);
   });
 });

@@ -1,6 +1,7 @@
 // Units of the merged patch's production: the support's size limit is a FormatError naming the
 // tensor; a tensor's records come as a lazy sequence of bounded blocks that frame the same records
-// as a `.dppa` file; the base tensor's SHA-256 is the same whatever order the read's pieces arrive in.
+// as a `.dppa` file (made as they are taken: a value changed meanwhile shows); the base tensor's
+// SHA-256 is the same whatever order the read's pieces arrive in.
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { describe, it } from 'node:test';
@@ -18,7 +19,8 @@ describe('merged patch records', () => {
   });
 
   it('yields bounded blocks one at a time, framing begin, chunks with the marked values, end', () => {
-    const numel = 6_000_000;
+    // Records of about 12 MiB: the first block is made before the last positions are read.
+    const numel = 9_000_000;
     const acc = new Float32Array(numel).map((_, i) => (i % 7) - 3);
     const support = new PatchSupport(numel, 't');
     // Every third position marked: a sparse (Golomb) tensor.
@@ -27,6 +29,10 @@ describe('merged patch records', () => {
     const gen = patchTensorRecords('t', [numel], 'F32', acc, support);
     const first = gen.next();
     assert.equal(first.done, false, 'a first block before the rest are made');
+    // Lazy: a value changed after the first block was made shows in a later block.
+    const late = numel - 3;
+    const lateValue = 1234.5;
+    acc[late] = lateValue;
     const blocks = [first.value, ...gen];
     assert.ok(blocks.length > 1);
     const maxRecord = 262144 * 4 * 2 + 1024; // one chunk's values and positions, generously
@@ -46,7 +52,10 @@ describe('merged patch records', () => {
     for (const r of records.slice(1, -1)) {
       const c = r.chunk!;
       const v = new Float32Array(c.values.buffer.slice(c.values.byteOffset, c.values.byteOffset + c.values.length));
-      for (const x of v) assert.equal(x, ((3 * k++) % 7) - 3);
+      for (const x of v) {
+        const position = 3 * k++;
+        assert.equal(x, position === late ? lateValue : (position % 7) - 3);
+      }
     }
     assert.equal(k, numel / 3);
     assert.equal(end.chunkCount, records.length - 2);

@@ -72,19 +72,27 @@ export function patchHeader(
 }
 
 /**
+ * Refuses a tensor a merged patch cannot hold (positions are indexed as 32-bit).
+ * @throws FormatError naming the tensor for 2^32 elements or more.
+ */
+export function checkPatchNumel(numel: number, tensor: string): void {
+  if (numel >= 2 ** 32)
+    throw new FormatError(`a merged patch handles tensors below 2^32 elements, not ${numel}`, { tensor });
+}
+
+/**
  * The positions of a tensor that some party's entries reached: a bit per
  * element, set as the merge adds each chunk.
  */
 export class PatchSupport {
   readonly bits: Uint8Array;
 
-  /** @throws FormatError naming the tensor for 2^32 elements or more (positions are indexed as 32-bit). */
+  /** @throws FormatError naming the tensor for 2^32 elements or more ({@link checkPatchNumel}). */
   constructor(
     readonly numel: number,
     tensor = '',
   ) {
-    if (numel >= 2 ** 32)
-      throw new FormatError(`a merged patch handles tensors below 2^32 elements, not ${numel}`, { tensor });
+    checkPatchNumel(numel, tensor);
     this.bits = new Uint8Array(Math.ceil(numel / 8));
   }
 

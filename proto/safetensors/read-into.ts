@@ -18,6 +18,12 @@ const SLOTS = 16;
 /** Ranges smaller than this are read directly: the bounce would only add a copy. */
 const DIRECT_BELOW = 64 * 1024;
 
+/**
+ * Chunks a read whose sink wants them in order ({@link readChunks} `lookahead`) may have claimed from the first not yet
+ * handed over: such a sink holds at most this many less one chunks (of 1 MiB) early.
+ */
+export const ORDERED_LOOKAHEAD = 4;
+
 class SlotPool {
   private readonly free: Uint8Array[] = [];
   private readonly waiters: ((slot: Uint8Array) => void)[] = [];
@@ -85,6 +91,9 @@ async function readFully(
  * chunk by chunk (in any order, each chunk once). Chunk boundaries are
  * multiples of 4 bytes into the range, so a sink may convert whole elements.
  * @param where File and tensor named in errors.
+ * @param lookahead - Chunk k is not claimed until chunk k − lookahead has been
+ *   handed to `sink` (a sink that holds early chunks holds fewer than this);
+ *   a reader waiting for that holds no bounce slot.
  * @throws TruncatedError if the file ends before the range does.
  * @throws The signal's reason if `signal` aborts (checked between chunks).
  */
@@ -95,6 +104,7 @@ export async function readChunks(
   where: { file: string; tensor: string },
   signal: AbortSignal | undefined,
   sink: ChunkSink,
+  lookahead = Infinity,
 ): Promise<void> {
   signal?.throwIfAborted();
   const slots = slotPool();
@@ -107,9 +117,23 @@ export async function readChunks(
   const chunks = Math.ceil(byteLength / CHUNK_BYTES);
   let next = 0;
   let failed = false;
+  // Chunks handed to the sink, and how many of the first are (the lookahead counts from there).
+  const handed = new Uint8Array(chunks);
+  let prefix = 0;
+  let wakers: (() => void)[] = [];
+  const wake = (): void => {
+    const w = wakers;
+    wakers = [];
+    for (const f of w) f();
+  };
   const worker = async (): Promise<void> => {
-    while (next < chunks && !failed) {
-      const offset = next++ * CHUNK_BYTES;
+    for (;;) {
+      // Waits without a slot: the chunk it waits for may need one.
+      while (!failed && next < chunks && next >= prefix + lookahead)
+        await new Promise<void>((resolve) => wakers.push(resolve));
+      if (failed || next >= chunks) return;
+      const k = next++;
+      const offset = k * CHUNK_BYTES;
       const length = Math.min(CHUNK_BYTES, byteLength - offset);
       const slot = await slots.acquire();
       try {
@@ -117,11 +141,14 @@ export async function readChunks(
         const dst = slot.subarray(0, length);
         await readFully(fh, dst, position + offset, where);
         sink(dst, offset);
+        handed[k] = 1;
+        while (prefix < chunks && handed[prefix] === 1) prefix++;
       } catch (err) {
         failed = true;
         throw err;
       } finally {
         slots.release(slot);
+        wake();
       }
     }
   };

@@ -10,7 +10,7 @@ import { bytesPerElement, decodeToF32 } from './dtype.js';
 import { DEFAULT_MAX_HEADER_BYTES, type ParsedHeader, readHeader } from './header.js';
 import type { CheckpointLayout, TensorInfo } from './layout.js';
 import { locateCheckpoint } from './locate.js';
-import { readChunks, readInto } from './read-into.js';
+import { ORDERED_LOOKAHEAD, readChunks, readInto } from './read-into.js';
 import { readShardIndex, type ShardIndex } from './shard-index.js';
 
 /** Options of {@link Checkpoint.open}. */
@@ -38,7 +38,9 @@ export interface ReadF32Options extends ReadOptions {
   /**
    * Also given the stored bytes as they are read, before conversion: pieces
    * of the range in any order, each once, valid only during the call (a
-   * merge hashes the base tensor on the way, without a second read).
+   * merge hashes the base tensor on the way, without a second read). A piece
+   * comes at most {@link ORDERED_LOOKAHEAD} − 1 MiB-chunks ahead of the first
+   * not yet given, so a consumer holding early pieces holds a few MiB at most.
    * @default none
    */
   onRaw?: (chunk: Uint8Array, offset: number) => void;
@@ -277,10 +279,19 @@ export class Checkpoint {
     // Chunks are converted straight out of the read buffers, so the 16-bit
     // data never needs a tensor-sized buffer of its own.
     const { onRaw } = opts;
-    await readChunks(fh, info.dataOffset + startElement * size, count * size, where, opts.signal, (chunk, offset) => {
-      onRaw?.(chunk, offset);
-      decodeToF32(chunk, info.dtype, out.subarray(offset / size, (offset + chunk.byteLength) / size));
-    });
+    await readChunks(
+      fh,
+      info.dataOffset + startElement * size,
+      count * size,
+      where,
+      opts.signal,
+      (chunk, offset) => {
+        onRaw?.(chunk, offset);
+        decodeToF32(chunk, info.dtype, out.subarray(offset / size, (offset + chunk.byteLength) / size));
+      },
+      // The raw chunks' consumer may hold early ones until their turn: bounded.
+      onRaw === undefined ? Infinity : ORDERED_LOOKAHEAD,
+    );
     return out;
   }
 

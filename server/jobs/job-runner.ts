@@ -254,12 +254,20 @@ export class JobRunner {
     this.deps.metrics.jobsPaused.set(this.pauses.size);
   }
 
-  /** Whether the data folder's disk has room for the job's next step: a merge's dense output and/or patch. */
+  /**
+   * Whether the data folder's disk has room for the job's next step: what a
+   * merge's dense output and/or patch still need, less what is written already.
+   */
   private async hasRoom(jobId: string): Promise<boolean> {
     const job = this.deps.store.get(jobId);
     if (job.state !== JobState.JOB_STATE_MERGING) return true;
+    const { merge } = this.deps.steps;
+    const need =
+      merge.spaceNeeded === undefined
+        ? mergeSpaceBytes(job.merge.output, job.baseBytes)
+        : await merge.spaceNeeded(jobId);
     const fs = await statfs(this.deps.store.dir(jobId));
-    return fs.bavail * fs.bsize >= mergeSpaceBytes(job.merge.output, job.baseBytes);
+    return fs.bavail * fs.bsize >= need;
   }
 
   /** True when every party's upload is complete. */

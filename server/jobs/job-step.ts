@@ -14,4 +14,6 @@ export interface JobStep {
    *   back, wait for the sweep, or fail).
    */
   run(jobId: string, signal: AbortSignal): Promise<void>;
+  /** Disk space the step still needs to write for the job (a job paused by a full disk waits for it); the merge has it. */
+  spaceNeeded?(jobId: string): Promise<number>;
 }

@@ -11,6 +11,7 @@
 import { rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { FormatError } from '../../proto/errors.js';
+import { checkPatchNumel } from '../../proto/patch/index.js';
 import { JobState } from '../../proto/gen/dppa/v1/jobs.js';
 import { Checkpoint, SharedCheckpointWriter } from '../../proto/safetensors/index.js';
 import {
@@ -35,7 +36,16 @@ import type { Spool } from '../uploads/spool.js';
 import { contributionsTo, mergeParties, type MergeParty } from './merge-parties.js';
 import { inlineRunner, workerRunner, type MergeRunner } from './merge-runner.js';
 import { describeFiles } from './output-files.js';
-import { commitPatch, createPieces, joinedDir, mergeOutputs, patchPath, piecesDir } from './patch-output.js';
+import {
+  commitPatch,
+  createPieces,
+  joinedDir,
+  mergeOutputs,
+  mergeSpaceBytes,
+  mergeSpaceLeft,
+  patchPath,
+  piecesDir,
+} from './patch-output.js';
 
 /** Shortest interval between two merge_progress events (the last one is always sent). */
 export const PROGRESS_INTERVAL_MS = 250;
@@ -192,6 +202,22 @@ export class MergeDriver implements JobStep {
     log.warn('published the final event a replica had left out', { jobId: job.id, state: stateName(job.state) });
   }
 
+  /**
+   * Disk space the job's merge still needs to write: {@link mergeSpaceLeft}
+   * (all of it before its plan ran, or once a failed run removed its output).
+   */
+  async spaceNeeded(jobId: string): Promise<number> {
+    const job = this.opts.store.get(jobId);
+    const record = await this.opts.records.get(jobId);
+    if (record === undefined) return mergeSpaceBytes(job.merge.output, job.baseBytes);
+    const base = await Checkpoint.open(job.basePath);
+    try {
+      return await mergeSpaceLeft(job.merge.output, job.baseBytes, base, bitmap(record), this.workDir(jobId, record));
+    } finally {
+      await base.close();
+    }
+  }
+
   private outDir(jobId: string): string {
     return join(this.opts.store.dir(jobId), 'merged');
   }
@@ -211,6 +237,9 @@ export class MergeDriver implements JobStep {
     let todo: Task[];
     let record: MergeRecord;
     try {
+      const outputs = mergeOutputs(job.merge.output);
+      // Before anything is laid out: such a tensor would fail only once its task ran.
+      if (outputs.patch) for (const t of base.tensors()) checkPatchNumel(t.numel, t.name);
       const tensors = base.tensors().map((t) => t.name);
       const isDir = (await stat(job.basePath)).isDirectory();
       record = await this.opts.records.create(job.id, tensors.length);
@@ -218,7 +247,6 @@ export class MergeDriver implements JobStep {
         await this.submitCommit(job.id, signal);
         return;
       }
-      const outputs = mergeOutputs(job.merge.output);
       if (outputs.dense)
         await SharedCheckpointWriter.layOut(
           this.workDir(job.id, record),

@@ -1,4 +1,4 @@
-/** SHA-256 of a range whose pieces arrive in any order (the base's parallel reads): hashed in order, early pieces held as copies until their turn. */
+/** SHA-256 of a range whose pieces arrive in any order (the base's parallel reads): hashed in order, early pieces held as copies until their turn (fewer than ORDERED_LOOKAHEAD MiB-chunks: read-into.ts). */
 import { createHash } from 'node:crypto';
 
 /** Hashes the pieces of a `byteLength`-byte range handed to {@link OrderedHash.add} in any order. */

@@ -36,6 +36,52 @@ export function mergeSpaceBytes(output: MergeOutput, baseBytes: number): number 
   return (dense ? baseBytes : 0) + (patch ? 2 * Math.ceil(baseBytes * (17 / 16)) : 0);
 }
 
+/**
+ * What of {@link mergeSpaceBytes} a merge paused by a full disk still needs:
+ * less the dense tensors already written (`written`, when the work folder is
+ * still there: the output is laid out sparse, a tensor takes room once
+ * written) and the pieces folder's files (each is joined once more).
+ * @param written - Bitmap of the tensors written (bit i: tensor i of `base`).
+ * @param workDir - The dense output's work folder; the pieces are in {@link piecesDir}.
+ */
+export async function mergeSpaceLeft(
+  output: MergeOutput,
+  baseBytes: number,
+  base: Checkpoint,
+  written: Uint8Array,
+  workDir: string,
+): Promise<number> {
+  const { dense, patch } = mergeOutputs(output);
+  let held = 0;
+  if (dense && (await exists(workDir)))
+    base.tensors().forEach((t, i) => {
+      if (((written[i >> 3] ?? 0) & (1 << (i & 7))) !== 0) held += t.byteLength;
+    });
+  if (patch) held += await folderBytes(piecesDir(workDir));
+  return Math.max(0, mergeSpaceBytes(output, baseBytes) - held);
+}
+
+/** Total size of the files in a folder (0 when there is none). */
+async function folderBytes(dir: string): Promise<number> {
+  let names: string[];
+  try {
+    names = await readdir(dir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 0;
+    throw err;
+  }
+  // A file removed meanwhile (a piece replaced, the folder joined) takes no room.
+  const sizes = await Promise.all(
+    names.map((n) =>
+      stat(join(dir, n)).then(
+        (s) => s.size,
+        () => 0,
+      ),
+    ),
+  );
+  return sizes.reduce((a, b) => a + b, 0);
+}
+
 /** The patch file of a job whose folder is `jobDir`. */
 export function patchPath(jobDir: string): string {
   return join(jobDir, PATCH_FILE_NAME);
@@ -51,11 +97,17 @@ export async function createPieces(dir: string): Promise<void> {
   await mkdir(dir, { recursive: true });
 }
 
-/** Bytes before a piece's records: the SHA-256 of the base tensor, for the patch header. */
+/** A piece's first bytes: what it is and its format's version (a piece of another version is rewritten). */
+export const PIECE_MAGIC = Uint8Array.from(Buffer.from('DPPApc\x00\x01', 'latin1'));
+
+/** Bytes of the SHA-256 of the base tensor, after the magic: for the patch header. */
 export const PIECE_HASH_BYTES = 32;
 
+/** Bytes before a piece's records: the magic and the base tensor's SHA-256. */
+export const PIECE_PREFIX_BYTES = PIECE_MAGIC.byteLength + PIECE_HASH_BYTES;
+
 /**
- * Writes one tensor's piece, durably: the SHA-256 of the base tensor, then its
+ * Writes one tensor's piece, durably: {@link PIECE_MAGIC}, the SHA-256 of the base tensor, then its
  * records block by block as `records` makes them (so only one block is held
  * at a time; the next is made while the last is written). Under its name only
  * when complete, replacing the piece of an earlier run of the same task.
@@ -74,7 +126,7 @@ export async function writePiece(
   const write = async (r: Uint8Array): Promise<void> => {
     for (let done = 0; done < r.length;) done += (await fh.write(r, done)).bytesWritten;
   };
-  let pending: Promise<void> = write(baseSha256);
+  let pending: Promise<void> = write(Buffer.concat([PIECE_MAGIC, baseSha256]));
   try {
     for (const r of records) {
       await pending;
@@ -94,13 +146,14 @@ export async function writePiece(
   await syncFolder(dir);
 }
 
-/** A tensor some party changed has no piece: joining would write a patch that leaves it out. */
+/** A tensor some party changed has no usable piece (none, cut short, another format): joining would write a patch that leaves it out. */
 export class MissingPieceError extends Error {
   constructor(
     readonly tensor: string,
     readonly index: number,
+    why = 'is missing',
   ) {
-    super(`merged patch: the piece of tensor "${tensor}" (index ${index}) is missing`);
+    super(`merged patch: the piece of tensor "${tensor}" (index ${index}) ${why}`);
     this.name = 'MissingPieceError';
   }
 }
@@ -115,8 +168,9 @@ export function joinedDir(dir: string): string {
  * order) when that folder is there, then the folder renamed to
  * {@link joinedDir} (atomically: never joined again) and removed. A commit run
  * again, or racing another replica's, that finds the folder gone describes the
- * file in place. Every tensor of `changed` must have its piece
- * ({@link MissingPieceError} otherwise, nothing written).
+ * file in place (whatever error the folder's disappearance caused: NFS gives
+ * ESTALE). Every tensor of `changed` must have its piece, starting with
+ * {@link PIECE_MAGIC} ({@link MissingPieceError} otherwise, nothing written).
  * @param changed - Names of the tensors some party changed (called only to join).
  * @returns Its name, size and SHA-256.
  */
@@ -131,24 +185,33 @@ export async function commitPatch(
   try {
     names = await readdir(dir);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return describe(path);
+    if (await gone(dir)) return describe(path);
     throw err;
   }
   const pieces = new Set(names.filter((n) => /^\d+$/.test(n)).map(Number));
   const expected = await changed();
-  const tensors = base.tensors().map((t, index) => ({ t, index }));
-  const missing = tensors.find(({ t, index }) => expected.has(t.name) && !pieces.has(index));
-  if (missing !== undefined) {
-    // Another commit may have joined and renamed the folder since the listing.
-    if (!(await exists(dir))) return describe(path);
-    throw new MissingPieceError(missing.t.name, missing.index);
+  const joined = base
+    .tensors()
+    .map((t, index) => ({ t, index }))
+    .filter(({ t }) => expected.has(t.name));
+  const hashes: Uint8Array[] = [];
+  try {
+    for (const { t, index } of joined) {
+      const hash = pieces.has(index) ? await pieceHash(join(dir, String(index))) : 'is missing';
+      if (typeof hash === 'string') {
+        // Another commit may have joined and renamed the folder since the listing.
+        if (await gone(dir)) return describe(path);
+        throw new MissingPieceError(t.name, index, hash);
+      }
+      hashes.push(hash);
+    }
+  } catch (err) {
+    if (!(err instanceof MissingPieceError) && (await gone(dir))) return describe(path);
+    throw err;
   }
-  const joined = tensors.filter(({ t }) => expected.has(t.name));
   let writer: PatchWriter | undefined;
   let info: MergedFileInfo;
   try {
-    const hashes: Uint8Array[] = [];
-    for (const { index } of joined) hashes.push(await pieceHash(join(dir, String(index))));
     writer = await PatchWriter.create(
       path,
       patchHeader(
@@ -156,11 +219,11 @@ export async function commitPatch(
         joined.map((c, i) => ({ name: c.t.name, shape: c.t.shape, baseSha256: hashes[i]! })),
       ),
     );
-    for (const { index } of joined) await writer.appendFile(join(dir, String(index)), PIECE_HASH_BYTES);
+    for (const { index } of joined) await writer.appendFile(join(dir, String(index)), PIECE_PREFIX_BYTES);
     info = await writer.close();
   } catch (err) {
     // Another commit joined the same pieces and renamed the folder meanwhile: its file is in place.
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT' && !(await exists(dir))) return describe(path);
+    if (await gone(dir)) return describe(path);
     throw err;
   } finally {
     await writer?.abort();
@@ -170,21 +233,32 @@ export async function commitPatch(
     await rename(dir, joinedDir(dir));
     await syncFolder(dirname(dir));
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    // Gone: another commit renamed it (after joining the same pieces).
+    if (!(await gone(dir))) throw err;
   }
   await rm(joinedDir(dir), { recursive: true, force: true });
   await removeLeftovers(path);
   return info;
 }
 
-/** The base tensor's SHA-256 a piece starts with. */
-async function pieceHash(file: string): Promise<Uint8Array> {
+/** Whether the folder is no longer there (a stat that fails otherwise counts as there). */
+async function gone(dir: string): Promise<boolean> {
+  return !(await exists(dir).catch(() => true));
+}
+
+/**
+ * The base tensor's SHA-256 a piece holds after its magic, or why it has none:
+ * cut short, or not starting with {@link PIECE_MAGIC} (another version).
+ */
+async function pieceHash(file: string): Promise<Uint8Array | string> {
   const fh = await open(file, 'r');
   try {
-    const out = new Uint8Array(PIECE_HASH_BYTES);
-    const { bytesRead } = await fh.read(out, 0, PIECE_HASH_BYTES, 0);
-    if (bytesRead !== PIECE_HASH_BYTES) throw new Error(`merged patch: the piece ${file} is cut short`);
-    return out;
+    const prefix = new Uint8Array(PIECE_PREFIX_BYTES);
+    const { bytesRead } = await fh.read(prefix, 0, PIECE_PREFIX_BYTES, 0);
+    if (bytesRead !== PIECE_PREFIX_BYTES) return 'is cut short';
+    if (!Buffer.from(prefix.subarray(0, PIECE_MAGIC.byteLength)).equals(PIECE_MAGIC))
+      return 'does not start with the piece magic of this version';
+    return prefix.slice(PIECE_MAGIC.byteLength);
   } finally {
     await fh.close();
   }
