@@ -242,7 +242,7 @@ export class JobRunner {
     const { log, events, metrics, policy } = this.deps;
     // Already waiting (every queued task of the job meets the full disk): one pause, one event.
     if (this.pauses.waiting(jobId)) return untilNext(this.pauses.get(jobId)!, policy);
-    const pause = this.pauses.add(jobId, storage, progressOf(this.deps.store.get(jobId)));
+    const pause = this.pauses.add(jobId, storage, this.progress(jobId));
     metrics.jobsPaused.set(this.pauses.size);
     log.warn('job paused by a storage failure', {
       jobId,
@@ -254,6 +254,15 @@ export class JobRunner {
       .append(jobId, { paused: pause })
       .catch((e: unknown) => log.warn('cannot announce a paused job', { jobId, err: e }));
     return untilNext(pause, policy);
+  }
+
+  /** The job's progress marker ({@link progressOf}); '' for a job this replica does not know. */
+  private progress(jobId: string): string {
+    try {
+      return progressOf(this.deps.store.get(jobId));
+    } catch {
+      return '';
+    }
   }
 
   private unpause(jobId: string): void {
