@@ -33,7 +33,7 @@ export type FailureKind = 'storage' | 'party' | 'permanent' | 'transient' | 'une
 export type Verdict =
   | { action: 'pause'; storage: DiskFullError | StorageUnavailableError }
   | { action: 'send-back'; err: SpooledTensorError }
-  /** Left as it is: the queueing is tried again (the runner's sweep). */
+  /** Left as it is: the task comes back, or the queueing is tried again (the runner's sweep). */
   | { action: 'wait'; reason: string }
   | { action: 'fail'; reason: string };
 
@@ -109,7 +109,8 @@ export class FailurePolicy {
 
   /**
    * What a failure of `step` (a task's {@link final} error, or the step's own) does to its job.
-   * A transient failure that reached here is the queueing of tasks: it waits for the next try.
+   * A transient failure that reached here (the queueing of tasks, or a task out of runs while NATS is away) waits:
+   * failing the job would need the backend that is away; the task or the runner's sweep tries again.
    */
   verdict(step: StepName, err: unknown): Verdict {
     switch (this.kind(err)) {
