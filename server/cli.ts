@@ -102,7 +102,7 @@ const flags = {
   ),
   'task-attempts': number(
     'N',
-    'runs of a merge or search task whose failure may pass (NATS away, an unexpected error) before its job fails; damaged input fails it at once, a full disk pauses it (default 5)',
+    'runs of a merge or search task that fails unexpectedly before its job fails; damaged input fails it at once, a full disk pauses it, NATS away makes it wait (default 5)',
     { min: 1, integer: true },
     { option: 'taskAttempts' },
   ),

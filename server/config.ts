@@ -106,9 +106,10 @@ export interface ServerOptions {
   taskAckWaitMs?: number;
   /**
    * How often a task of a merge or search (a tensor, a party's search) runs
-   * when it fails in a way that may pass (NATS away, an unexpected error),
+   * when it fails in a way that may pass (an unexpected error, NATS away),
    * the first run included, before its job fails with the reason and the
-   * count. Damaged input fails the job at once; a storage failure pauses it.
+   * count; after NATS away the job waits for NATS instead (failing it needs
+   * NATS). Damaged input fails the job at once; a storage failure pauses it.
    * @default 5
    */
   taskAttempts?: number;

@@ -284,7 +284,7 @@ export class NatsMetrics {
  * they show how the work spreads over the replicas.
  */
 export class ClusterMetrics {
-  /** Tasks finished by this replica, by kind (`plan`, `tensor`, `commit`) and outcome (`done`, `retried`, `failed`). */
+  /** Tasks finished by this replica, by kind (`plan`, `tensor`, `commit`, `search`) and outcome (`done`, `retried`, `failed`). */
   readonly tasks: Counter<'kind' | 'outcome'>;
   readonly taskDuration: Histogram<'kind'>;
 
@@ -292,7 +292,7 @@ export class ClusterMetrics {
   constructor(registry: Registry) {
     this.tasks = new Counter({
       name: 'dppa_cluster_tasks_total',
-      help: 'Cluster tasks this replica finished, by kind (plan, tensor, commit) and outcome (done; retried: handed back to the queue after a failure; failed: terminated once its job failed, its attempts spent or its input unusable).',
+      help: 'Cluster tasks this replica finished, by kind (plan, tensor, commit, search) and outcome (done; retried: handed back to the queue after a failure; failed: terminated once its job failed or moved on, its attempts spent or its input unusable).',
       labelNames: ['kind', 'outcome'] as const,
       registers: [registry],
     });

@@ -10,10 +10,11 @@ import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { Registry } from 'prom-client';
 import { JobState, type JobEvent } from '../proto/gen/dppa/v1/jobs.js';
 import { KvMergeRecords } from '../server/cluster/kv-merge-records.js';
+import { KvTaskFailures, taskFailuresKey } from '../server/cluster/kv-task-failures.js';
 import { MergeDriver, type MergeDriverOptions } from '../server/merge/merge-driver.js';
 import { StreamJobEvents } from '../server/cluster/stream-job-events.js';
 import { ensureTaskQueue, TaskNotReadyError, TaskQueue } from '../server/cluster/task-queue.js';
-import { FailurePolicy } from '../server/jobs/failure-policy.js';
+import { AttemptsExhaustedError, FailurePolicy } from '../server/jobs/failure-policy.js';
 import type { JobStore, StoredJob } from '../server/jobs/job-store.js';
 import { createLogger } from '../server/log.js';
 import { ClusterMetrics } from '../server/metrics.js';
@@ -223,6 +224,7 @@ describe('cluster task queue', () => {
       log,
       metrics: new ClusterMetrics(new Registry()),
       policy: new FailurePolicy(),
+      failures: new KvTaskFailures(kv),
       failed: () => Promise.resolve(undefined),
       handle: async (task) => {
         runs.push(task.jobId);
@@ -235,6 +237,49 @@ describe('cluster task queue', () => {
       for (const deadline = Date.now() + 10_000; runs.length === 0 && Date.now() < deadline;) await sleep(50);
       await sleep(3000);
       assert.deepEqual(runs, ['slowTask'], 'the task ran once: its heartbeat kept it from being redelivered');
+    } finally {
+      await queue.stop();
+    }
+  });
+
+  it('counts failures, not deliveries, against --task-attempts: a task handed back as not ready costs none', async () => {
+    await ensureTaskQueue(jsm, 30_000);
+    const task = { kind: 'plan' as const, jobId: 'notReadyThenBroken' };
+    let runs = 0;
+    let settled: (err: unknown) => void = () => undefined;
+    const final = new Promise<unknown>((resolve) => (settled = resolve));
+    const queue = new TaskQueue({
+      js,
+      jsm,
+      group: 'merge',
+      lanes: 1,
+      ackWaitMs: 30_000,
+      log,
+      metrics: new ClusterMetrics(new Registry()),
+      policy: new FailurePolicy({ taskAttempts: 2 }),
+      failures: new KvTaskFailures(kv),
+      failed: (_task, err) => {
+        settled(err);
+        return Promise.resolve(undefined);
+      },
+      handle: (t) => {
+        if (t.jobId !== task.jobId) return Promise.resolve();
+        runs++;
+        // Four deliveries find the job not ready (e.g. another replica's copy lags), then it fails for real.
+        return Promise.reject(runs <= 4 ? new TaskNotReadyError('not yet', 10) : new Error('broken'));
+      },
+    });
+    queue.start();
+    try {
+      await queue.publish(task, 'notReadyThenBroken.plan');
+      const err = await final;
+      assert.ok(err instanceof AttemptsExhaustedError);
+      assert.equal(err.attempts, 2, 'two real failures, whatever the deliveries');
+      assert.equal(runs, 6);
+      assert.equal(err.message, 'after 2 attempts: broken');
+      // Its count went with it.
+      for (let i = 0; i < 50 && (await kv.get(taskFailuresKey(task)))?.operation === 'PUT'; i++) await sleep(50);
+      assert.notEqual((await kv.get(taskFailuresKey(task)))?.operation, 'PUT');
     } finally {
       await queue.stop();
     }

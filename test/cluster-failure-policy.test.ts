@@ -2,7 +2,8 @@
 // backend on a real nats-server, and the local one. A merge task that keeps failing with an error that is neither
 // damaged input nor storage (an extra file of the base that cannot be read) fails its job after --task-attempts runs,
 // with the same reason on both, and leaves no task queued; a full disk (a real tmpfs, needs root) pauses a cluster job
-// (Job.pause) as it does an embedded one, without counting against the attempts, and it merges once room is back.
+// (Job.pause) as it does an embedded one, without counting against the attempts, with one `paused` event however
+// many of its tasks meet the full disk, and it merges once room is back.
 import assert from 'node:assert/strict';
 import { cp, mkdir, mkdtemp, rm, symlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -90,6 +91,15 @@ function nextEvent(h: Harness, jobId: string, match: (e: JobEvent) => boolean): 
   });
 }
 
+/** Every event of the job up to the first matching `match` (included). */
+function eventsUntil(h: Harness, jobId: string, match: (e: JobEvent) => boolean): Promise<JobEvent[]> {
+  const seen: JobEvent[] = [];
+  return nextEvent(h, jobId, (e) => {
+    seen.push(e);
+    return match(e);
+  }).then(() => seen);
+}
+
 /** Tasks of the job's merge still in the replicas' queue. */
 async function queuedTasks(natsUrl: string, jobId: string): Promise<number> {
   const nc = await connect({ servers: natsUrl });
@@ -171,12 +181,16 @@ describe(
         assert.equal(shown.state, JobState.JOB_STATE_MERGING, 'paused, not failed');
         assert.equal(shown.failureReason, '');
         assert.match(shown.pause?.reason ?? '', /no space left on the server's disk \(ENOSPC\)/);
-        assert.ok((shown.pause?.attempts ?? 0) >= 1);
+        assert.equal(shown.pause?.attempts, 1);
+        // Meanwhile the tasks come back (after 1 s, 2 s…) and meet the full disk again: one pause still.
+        await sleep(4000);
+        assert.equal((await call(h.jobs, 'getJob', { jobId }, ADMIN)).pause?.attempts, 1);
 
         // The failed tasks come back on their own (within their backoff) and find the room.
-        const merged = nextEvent(h, jobId, (ev) => ev.merged !== undefined);
+        const merged = eventsUntil(h, jobId, (ev) => ev.merged !== undefined);
         await tmpfs.unfill();
-        await merged;
+        const events = await merged;
+        assert.equal(events.filter((ev) => ev.paused !== undefined).length, 1, 'one paused event');
         const done = await call(h.jobs, 'getJob', { jobId }, ADMIN);
         assert.equal(done.state, JobState.JOB_STATE_MERGED, done.failureReason);
         assert.equal(done.pause, undefined);

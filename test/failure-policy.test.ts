@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { FormatError } from '../proto/errors.js';
 import { SearchFailedError } from '../server/dpa/job-search.js';
+import { PartyTimeoutError } from '../server/dpa/remote-evaluators.js';
 import { NatsUnavailableError } from '../server/errors.js';
 import { AttemptsExhaustedError, FailurePolicy } from '../server/jobs/failure-policy.js';
 import { SpooledTensorError } from '../server/merge/tensor-merge.js';
@@ -25,6 +26,22 @@ describe('the failure policy', () => {
     assert.equal(policy.kind('a string'), 'unexpected');
     // Without a backend's rule nothing is transient.
     assert.equal(new FailurePolicy().kind(nats), 'unexpected');
+  });
+
+  it("sorts a failed search by its cause: permanent for a party's timeout, damaged input or no cause", () => {
+    const search = (cause?: unknown): SearchFailedError =>
+      new SearchFailedError('party a: failed', cause === undefined ? undefined : { cause });
+    assert.equal(policy.kind(search()), 'permanent');
+    assert.equal(policy.kind(search(new PartyTimeoutError('party a did not reconnect within 1 s'))), 'permanent');
+    assert.equal(policy.kind(search(new FormatError('bad header', { file: 'f' }))), 'permanent');
+    assert.equal(policy.kind(search(new RangeError('no task with a non-zero dense score'))), 'permanent');
+    assert.equal(policy.kind(search(fsError('ENOENT'))), 'unexpected');
+    assert.equal(policy.kind(search(fsError('ENOSPC'))), 'storage');
+    assert.equal(policy.retries(search(fsError('EACCES')), 1), true, 'an unexpected cause runs again');
+    assert.deepEqual(policy.verdict('DPA search', policy.final(search(fsError('EACCES')), 3)), {
+      action: 'fail',
+      reason: 'DPA search failed after 3 attempts: party a: failed',
+    });
   });
 
   it('runs a task again while its failure may pass and runs are left, with a growing delay', () => {
@@ -65,5 +82,11 @@ describe('the failure policy', () => {
       action: 'wait',
       reason: 'NATS is away',
     });
+    // NATS away never fails a job (failing it needs NATS): once a task's runs are spent, its job waits for NATS.
+    const spent = policy.final(new NatsUnavailableError('NATS is away'), 3);
+    assert.ok(spent instanceof AttemptsExhaustedError);
+    assert.equal(policy.verdict('merge', spent).action, 'wait');
+    assert.equal(policy.verdict('DPA search', policy.final(new Error('x', { cause: spent }), 3)).action, 'wait');
+    assert.equal((policy.final(fsError('ENOENT'), 1) as Error).message, "after 1 attempt: ENOENT: failed, write '/x'");
   });
 });

@@ -6,6 +6,7 @@
 import type { ResolvedServerOptions } from '../config.js';
 import { Cluster } from '../cluster/cluster.js';
 import { KvMergeRecords } from '../cluster/kv-merge-records.js';
+import { KvTaskFailures } from '../cluster/kv-task-failures.js';
 import { TaskQueue, type TaskHandler } from '../cluster/task-queue.js';
 import type { KvJobStore } from '../cluster/kv-job-store.js';
 import type { StreamJobEvents } from '../cluster/stream-job-events.js';
@@ -58,6 +59,7 @@ export class JetStreamBackend implements Backend {
     const c = this.cluster;
     const { store, events } = this;
     const metrics = new ClusterMetrics(deps.metrics.registry);
+    const failures = new KvTaskFailures(c.kv);
     const handle: TaskHandler = (task, signal) =>
       task.kind === 'search' ? search.handle(task, signal) : merge.handle(task, signal);
     const queue = (group: 'merge' | 'search', lanes: number): TaskQueue =>
@@ -69,6 +71,7 @@ export class JetStreamBackend implements Backend {
         ackWaitMs: this.taskAckWaitMs,
         handle,
         policy: deps.policy,
+        failures,
         failed: (task, err) => deps.taskFailed(task.jobId, task.kind === 'search' ? 'DPA search' : 'merge', err),
         ...(deps.taskDone === undefined ? {} : { done: deps.taskDone }),
         metrics,
@@ -102,7 +105,7 @@ export class JetStreamBackend implements Backend {
     };
   }
 
-  /** NATS away passes: a task that met it runs again (a bounded number of times), a queueing is tried again by the sweep. */
+  /** NATS away passes: a task that met it runs again (a bounded number of times), then its job waits for NATS (never fails for it). */
   transient(err: unknown): boolean {
     return err instanceof NatsUnavailableError;
   }

@@ -3,7 +3,8 @@
  * replicas share on NATS JetStream, set up at start.
  *
  * - the KV bucket {@link JOBS_BUCKET}: the jobs (kv-job-store.ts), each job's
- *   event counter (stream-job-events.ts) and merge record (kv-merge-records.ts);
+ *   event counter (stream-job-events.ts) and merge record (kv-merge-records.ts),
+ *   the failure count of tasks that failed (kv-task-failures.ts);
  * - the stream of job events, `DPPA_EVENTS` (docs/events.md), which is the
  *   event log itself;
  * - the work queue {@link TASKS_STREAM} and its two consumers, merge and search (task-queue.ts).

@@ -12,8 +12,9 @@
  * replica that dies leaves its tasks unacknowledged: JetStream delivers them
  * again to another replica after the ack wait. A failed task is handed back
  * (nak, with a growing delay) while the failure policy (jobs/failure-policy.ts)
- * allows another delivery; past that, the policy's verdict is applied to its
- * job and the task is terminated or handed back as the verdict says. A replica
+ * allows another run, its failures counted in the bucket (kv-task-failures.ts);
+ * past that, the policy's verdict is applied to its job and the task is
+ * terminated or handed back as the verdict says. A replica
  * that stops hands back what it was doing at once. So a task may run more
  * than once: handlers are idempotent.
  */
@@ -53,6 +54,7 @@ import {
   type TaskHandler,
   type TaskSink,
 } from '../backend/tasks.js';
+import type { KvTaskFailures } from './kv-task-failures.js';
 import { natsCall } from './nats-calls.js';
 
 export { TaskNotReadyError, type Task, type TaskHandler } from '../backend/tasks.js';
@@ -74,6 +76,8 @@ export interface TaskQueueOptions {
   handle: TaskHandler;
   /** Which failures get another delivery, and after how long. */
   policy: FailurePolicy;
+  /** The failure count of each task, shared by the replicas. */
+  failures: KvTaskFailures;
   /**
    * A task's failure is final: applies the verdict to its job.
    * @returns After how many ms the task is handed back; undefined: it is terminated.
@@ -236,7 +240,7 @@ export class TaskQueue implements TaskSink {
     } catch (err) {
       // Not a task of this version: no replica can do anything with it.
       this.opts.log.error('dropping a malformed task', { subject: m.subject, err });
-      m.term();
+      await this.terminate(m, 'malformed task', { subject: m.subject });
       return;
     }
     const { metrics, log, policy } = this.opts;
@@ -248,26 +252,43 @@ export class TaskQueue implements TaskSink {
       await m.ackAck();
       metrics.tasks.inc({ kind: task.kind, outcome: 'done' });
       metrics.taskDuration.observe({ kind: task.kind }, (performance.now() - started) / 1000);
-      // A task that came back and now succeeded: what held its job up (a full disk) has passed.
-      if (m.info.redelivered) this.opts.done?.(task.jobId);
+      // A task that came back and now succeeded: what held its job up (a full disk) has passed; only such a
+      // task may have a failure count.
+      if (m.info.redelivered) {
+        this.opts.done?.(task.jobId);
+        await this.forget(task);
+      }
     } catch (err) {
       if (signal.aborted) {
         metrics.tasks.inc({ kind: task.kind, outcome: 'retried' });
         m.nak();
         return;
       }
-      const attempt = m.info.deliveryCount;
-      const fields = { kind: task.kind, jobId: task.jobId, tensor: task.tensor?.name, party: task.party, attempt };
+      const fields = { kind: task.kind, jobId: task.jobId, tensor: task.tensor?.name, party: task.party };
       if (err instanceof TaskNotReadyError) {
         metrics.tasks.inc({ kind: task.kind, outcome: 'retried' });
         log.info('task handed back: not ready yet', { ...fields, reason: err.message });
         m.nak(err.delayMs);
         return;
       }
+      // Only a run the policy may repeat counts against --task-attempts (not a paused job's, not a party's).
+      const kind = policy.kind(err);
+      let attempt = m.info.deliveryCount;
+      if (kind === 'transient' || kind === 'unexpected') {
+        try {
+          attempt = await this.opts.failures.add(task);
+        } catch (e) {
+          metrics.tasks.inc({ kind: task.kind, outcome: 'retried' });
+          log.warn('cannot count a failed task; handed back', { ...fields, err, countErr: describeNatsError(e) });
+          m.nak(RETRY_DELAY_MS);
+          return;
+        }
+      }
+      Object.assign(fields, { attempt });
       if (policy.retries(err, attempt)) {
         metrics.tasks.inc({ kind: task.kind, outcome: 'retried' });
         const delayMs = policy.retryDelayMs(attempt);
-        log[policy.kind(err) === 'transient' ? 'warn' : 'error']('task failed; handed back', {
+        log[kind === 'transient' ? 'warn' : 'error']('task failed; handed back', {
           ...fields,
           of: policy.taskAttempts,
           delayMs,
@@ -308,12 +329,28 @@ export class TaskQueue implements TaskSink {
       return;
     }
     metrics.tasks.inc({ kind: task.kind, outcome: 'failed' });
-    log.error('task failed for good; its job failed', { ...fields, err });
-    m.term(err instanceof Error ? err.message : String(err));
-    // A work queue keeps a terminated message: removed, as an acknowledged one is.
+    log.error('task failed for good; its job failed or moved on', { ...fields, err });
+    await this.terminate(m, err instanceof Error ? err.message : String(err), fields);
+    await this.forget(task);
+  }
+
+  /** Terminates a task and removes it: a work queue keeps a terminated message (an acknowledged one is removed). */
+  private async terminate(m: JsMsg, reason: string, fields: Record<string, unknown>): Promise<void> {
+    m.term(reason);
     await this.opts.jsm.streams
       .deleteMessage(TASKS_STREAM, m.seq, false)
-      .catch((e: unknown) => log.warn('cannot remove a terminated task', { ...fields, err: describeNatsError(e) }));
+      .catch((e: unknown) =>
+        this.opts.log.warn('cannot remove a terminated task', { ...fields, err: describeNatsError(e) }),
+      );
+  }
+
+  /** Removes a task's failure count (left behind if NATS is away: a task run again starts from it). */
+  private async forget(task: Task): Promise<void> {
+    await this.opts.failures
+      .clear(task)
+      .catch((e: unknown) =>
+        this.opts.log.warn('cannot remove a task failure count', { jobId: task.jobId, err: describeNatsError(e) }),
+      );
   }
 
   /** Stops pulling, hands back the tasks in progress (their handlers see `signal` abort) and waits for the lanes. */

@@ -4,6 +4,7 @@
  */
 import { FormatError, messageOf } from '../../proto/errors.js';
 import { SearchFailedError } from '../dpa/job-search.js';
+import { PartyTimeoutError } from '../dpa/remote-evaluators.js';
 import { type DiskFullError, storageError, type StorageUnavailableError } from '../errors.js';
 import { SpooledTensorError } from '../merge/tensor-merge.js';
 
@@ -22,7 +23,8 @@ export type StepName = 'merge' | 'DPA search';
  * - `storage`: a full disk or a failing device; the job pauses and is tried again once it may pass.
  * - `party`: one party's spooled data is unusable; that party is sent back to collecting.
  * - `permanent`: damaged or mismatched input, a search that cannot succeed; every attempt would fail alike.
- * - `transient`: the backend says it may pass (NATS away).
+ * - `transient`: the backend says it may pass (NATS away). A task runs again a bounded number of times, but a
+ *   job is never failed for it: its verdict is to wait (failing a job needs the backend that is away).
  * - `unexpected`: anything else; a task is run again (here or on another replica), a bounded number of times.
  */
 export type FailureKind = 'storage' | 'party' | 'permanent' | 'transient' | 'unexpected';
@@ -31,7 +33,7 @@ export type FailureKind = 'storage' | 'party' | 'permanent' | 'transient' | 'une
 export type Verdict =
   | { action: 'pause'; storage: DiskFullError | StorageUnavailableError }
   | { action: 'send-back'; err: SpooledTensorError }
-  /** Left as it is: the queueing is tried again (the runner's sweep). */
+  /** Left as it is: the task comes back, or the queueing is tried again (the runner's sweep). */
   | { action: 'wait'; reason: string }
   | { action: 'fail'; reason: string };
 
@@ -43,7 +45,7 @@ export class AttemptsExhaustedError extends Error {
     readonly attempts: number,
     cause: unknown,
   ) {
-    super(`after ${attempts} attempts: ${messageOf(cause)}`, { cause });
+    super(`after ${attempts} ${attempts === 1 ? 'attempt' : 'attempts'}: ${messageOf(cause)}`, { cause });
   }
 }
 
@@ -65,7 +67,11 @@ export class FailurePolicy {
     this.transient = opts.transient ?? (() => false);
   }
 
-  /** The kind of `err` (see {@link FailureKind}); the first matching rule wins, in the order of the kinds. */
+  /**
+   * The kind of `err` (see {@link FailureKind}); the first matching rule wins, in the order of the kinds.
+   * A {@link SearchFailedError} is of its cause's kind, but permanent without a cause, or for a party's
+   * timeout, damaged input or a search the algorithm rejects (a RangeError: e.g. every dense score 0).
+   */
   kind(err: unknown): FailureKind {
     if (storageError(err) !== undefined) return 'storage';
     if (err instanceof SpooledTensorError) return 'party';
@@ -74,8 +80,13 @@ export class FailurePolicy {
       if (!(e instanceof Error) || e.cause === undefined) break;
       e = e.cause;
     }
-    if (err instanceof FormatError || err instanceof SearchFailedError || err instanceof AttemptsExhaustedError)
-      return 'permanent';
+    if (err instanceof FormatError || err instanceof AttemptsExhaustedError) return 'permanent';
+    if (err instanceof SearchFailedError) {
+      const { cause } = err;
+      const permanent = [PartyTimeoutError, FormatError, RangeError].some((c) => cause instanceof c);
+      if (cause === undefined || permanent) return 'permanent';
+      return this.kind(cause);
+    }
     return 'unexpected';
   }
 
@@ -98,7 +109,8 @@ export class FailurePolicy {
 
   /**
    * What a failure of `step` (a task's {@link final} error, or the step's own) does to its job.
-   * A transient failure that reached here is the queueing of tasks: it waits for the next try.
+   * A transient failure that reached here (the queueing of tasks, or a task out of runs while NATS is away) waits:
+   * failing the job would need the backend that is away; the task or the runner's sweep tries again.
    */
   verdict(step: StepName, err: unknown): Verdict {
     switch (this.kind(err)) {

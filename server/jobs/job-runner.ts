@@ -87,7 +87,11 @@ export class JobRunner {
     const { sweepMs } = this.deps;
     if (sweepMs !== undefined && this.sweep === undefined && !this.stopped) {
       this.sweep = setInterval(() => {
-        for (const job of this.deps.store.list()) if (!isTerminal(job.state)) this.poke(job.id);
+        for (const job of this.deps.store.list()) {
+          // A pause this replica recorded ends when the job ends or goes on, wherever that happened.
+          if (isTerminal(job.state) || this.pauses.outgrown(job.id, progressOf(job))) this.unpause(job.id);
+          if (!isTerminal(job.state)) this.poke(job.id);
+        }
       }, sweepMs).unref();
     }
   }
@@ -189,20 +193,22 @@ export class JobRunner {
     switch (verdict.action) {
       case 'pause':
         return this.pauseJob(jobId, verdict.storage, err);
-      case 'send-back': {
-        const from = step === 'merge' ? JobState.JOB_STATE_MERGING : JobState.JOB_STATE_DPA;
-        await sendPartyBack(this.deps, jobId, from, verdict.err);
+      case 'send-back':
+        await sendPartyBack(this.deps, jobId, stepState(step), verdict.err);
         return SENT_BACK_RETRY_MS;
-      }
       case 'wait':
         log.warn(`${step} waits for the backend`, { jobId, err });
         return policy.retryDelayMs(1);
       case 'fail':
-        log.error(`${step} failed`, { jobId, err });
-        await this.fail(jobId, verdict.reason).catch((e: unknown) => {
-          // It ended or moved meanwhile (another replica failed it first).
+        try {
+          await this.fail(jobId, verdict.reason, stepState(step));
+          log.error(`${step} failed`, { jobId, err });
+        } catch (e) {
           if (!(e instanceof StateConflictError)) throw e;
-        });
+          // The job is past this step (ended, another replica failed it first, or its party was sent back
+          // and it runs the step anew): the late failure is dropped with its task.
+          log.warn(`${step} failed after its job moved on; dropped`, { jobId, err });
+        }
         this.unpause(jobId);
         return undefined;
     }
@@ -233,8 +239,10 @@ export class JobRunner {
    * @returns The wait until that attempt, in ms.
    */
   private pauseJob(jobId: string, storage: DiskFullError | StorageUnavailableError, err: unknown): number {
-    const { log, events, metrics } = this.deps;
-    const pause = this.pauses.add(jobId, storage);
+    const { log, events, metrics, policy } = this.deps;
+    // Already waiting (every queued task of the job meets the full disk): one pause, one event.
+    if (this.pauses.waiting(jobId)) return untilNext(this.pauses.get(jobId)!, policy);
+    const pause = this.pauses.add(jobId, storage, this.progress(jobId));
     metrics.jobsPaused.set(this.pauses.size);
     log.warn('job paused by a storage failure', {
       jobId,
@@ -245,7 +253,16 @@ export class JobRunner {
     events
       .append(jobId, { paused: pause })
       .catch((e: unknown) => log.warn('cannot announce a paused job', { jobId, err: e }));
-    return Math.max(0, Date.parse(pause.nextAttemptAt) - Date.now());
+    return untilNext(pause, policy);
+  }
+
+  /** The job's progress marker ({@link progressOf}); '' for a job this replica does not know. */
+  private progress(jobId: string): string {
+    try {
+      return progressOf(this.deps.store.get(jobId));
+    } catch {
+      return '';
+    }
   }
 
   private unpause(jobId: string): void {
@@ -359,11 +376,27 @@ export class JobRunner {
     return transitionJob(this.deps, jobId, to, { from, ...(change === undefined ? {} : { change }) });
   }
 
-  private async fail(jobId: string, reason: string): Promise<StoredJob> {
-    const job = await failJob(this.deps, jobId, reason);
+  private async fail(jobId: string, reason: string, from?: JobState): Promise<StoredJob> {
+    const job = await failJob(this.deps, jobId, reason, from);
     await this.deps.spool.discardSecure(jobId);
     // Parties waiting on an evaluation stream learn why nothing more will come.
     this.deps.broker.endJob(jobId, new FailedPreconditionError(`job ${jobId} failed: ${reason}`));
     return job;
   }
+}
+
+/** The state a job is in while `step` runs. */
+function stepState(step: StepName): JobState {
+  return step === 'merge' ? JobState.JOB_STATE_MERGING : JobState.JOB_STATE_DPA;
+}
+
+/** What says a job went on (its state, the evaluations its searches recorded): a pause recorded before it is stale. */
+function progressOf(job: StoredJob): string {
+  return `${job.state}/${job.evaluations.length}/${job.parties.filter((p) => p.chosen !== undefined).length}`;
+}
+
+/** Ms until a pause's next attempt; after the runner stopped (no attempt scheduled), a task's first retry delay. */
+function untilNext(pause: Pause, policy: FailurePolicy): number {
+  const ms = Date.parse(pause.nextAttemptAt) - Date.now();
+  return Number.isFinite(ms) ? Math.max(0, ms) : policy.retryDelayMs(1);
 }

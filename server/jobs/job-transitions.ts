@@ -57,11 +57,18 @@ export async function transitionJob(
 
 /**
  * Fails a job that has not ended, with its reason (`state_changed`, then `failed`).
- * @throws StateConflictError if it has ended.
+ * @param from - The state the job must be in (a step's failure: the step's state); any active one when absent.
+ * @throws StateConflictError if it has ended or is not in `from`.
  */
-export async function failJob(deps: TransitionDeps, jobId: string, reason: string): Promise<StoredJob> {
+export async function failJob(
+  deps: TransitionDeps,
+  jobId: string,
+  reason: string,
+  from?: JobState,
+): Promise<StoredJob> {
   const job = await transitionJob(deps, jobId, JobState.JOB_STATE_FAILED, {
     change: (j) => (j.failureReason = reason),
+    ...(from === undefined ? {} : { from }),
   });
   await deps.events.append(jobId, { failed: { reason } });
   return job;

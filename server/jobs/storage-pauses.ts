@@ -24,6 +24,8 @@ export interface StoragePausesOptions {
 interface Entry {
   pause: Pause;
   diskFull: boolean;
+  /** What the job had done when it was paused first (JobRunner's progress marker). */
+  progress: string;
   timer: NodeJS.Timeout | undefined;
 }
 
@@ -53,7 +55,7 @@ export class StoragePauses {
    * Records a failed attempt and schedules the next one.
    * @returns The job's pause, as shown and announced.
    */
-  add(jobId: string, err: DiskFullError | StorageUnavailableError): Pause {
+  add(jobId: string, err: DiskFullError | StorageUnavailableError, progress = ''): Pause {
     const prev = this.entries.get(jobId);
     if (prev?.timer !== undefined) clearTimeout(prev.timer);
     const entry: Entry = {
@@ -64,6 +66,7 @@ export class StoragePauses {
         nextAttemptAt: '',
       },
       diskFull: err instanceof DiskFullError,
+      progress: prev?.progress ?? progress,
       timer: undefined,
     };
     this.entries.set(jobId, entry);
@@ -80,6 +83,12 @@ export class StoragePauses {
     entry.pause.nextAttemptAt = '';
     this.opts.retry(jobId);
     return true;
+  }
+
+  /** Whether the job is paused and went on since its pause began (`progress` differs from the one recorded then). */
+  outgrown(jobId: string, progress: string): boolean {
+    const entry = this.entries.get(jobId);
+    return entry !== undefined && entry.progress !== progress;
   }
 
   /** The job went on (or ended): forgets its pause. */

@@ -36,6 +36,7 @@ import type { Spool } from '../uploads/spool.js';
 import { contributionsTo, mergeParties, type MergeParty } from './merge-parties.js';
 import { inlineRunner, workerRunner, type MergeRunner } from './merge-runner.js';
 import { describeFiles } from './output-files.js';
+import { SpooledTensorError } from './tensor-merge.js';
 import {
   commitPatch,
   createPieces,
@@ -164,12 +165,23 @@ export class MergeDriver implements JobStep {
     await this.execute(task, signal);
   }
 
-  /** Carries out one task of a MERGING job; failures are thrown as they are. */
+  /**
+   * Carries out one task of a MERGING job; failures are thrown as they are. A party's unusable data
+   * closes the job's merge here first: the party is sent back, and the next merge reads the spools again.
+   */
   async execute(task: Task, signal: AbortSignal): Promise<void> {
     const job = this.opts.store.get(task.jobId);
-    if (task.kind === 'plan') await this.plan(job, signal);
-    else if (task.kind === 'tensor') await this.tensor(job, task.tensor!, signal);
-    else await this.commit(job);
+    try {
+      if (task.kind === 'plan') await this.plan(job, signal);
+      else if (task.kind === 'tensor') await this.tensor(job, task.tensor!, signal);
+      else await this.commit(job);
+    } catch (err) {
+      if (err instanceof SpooledTensorError)
+        await this.release(job.id).catch((e: unknown) =>
+          this.opts.log.warn('cannot close a merge', { jobId: job.id, err: e }),
+        );
+      throw err;
+    }
   }
 
   /**

@@ -82,7 +82,8 @@ export function seqOfMsgId(jobId: string, msgId: string): bigint | undefined {
 /**
  * KV bucket shared by the replicas: every job (`job.<jobId>`, the same JSON as
  * `job.json`), each job's last event number (`seq.<jobId>`) and the progress
- * of its merge (`merge.<jobId>`). Every change is an update against the
+ * of its merge (`merge.<jobId>`), and how often each task that failed failed
+ * (`failures.<jobId>.<kind>[.<which>]`). Every change is an update against the
  * revision read, retried on a conflict.
  */
 export const JOBS_BUCKET = 'dppa_jobs';
