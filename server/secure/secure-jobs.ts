@@ -37,6 +37,12 @@ export interface SecureJobsDeps {
   poke: (jobId: string) => void;
 }
 
+/** Longest grace period a phase open across a restart gets after the server starts. */
+const RESTART_GRACE_MS = 60_000;
+
+/** Longest wait of a timer (setTimeout fires at once beyond 2^31 - 1 ms). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 const PHASE_LABEL: Partial<Record<SecurePhase, string>> = {
   [SecurePhase.SECURE_PHASE_SUPPORT]: 'support',
   [SecurePhase.SECURE_PHASE_KEYS]: 'keys',
@@ -50,6 +56,22 @@ function secureOf(job: StoredJob): SecureRecord {
   return job.secure;
 }
 
+/** Parties a protocol phase (KEYS onwards) waits for, and those whose message the record holds (names). */
+function messagesIn(job: StoredJob, r: SecureRecord, phase: SecurePhase): { waited: string[]; answered: string[] } {
+  const name = (i: number): string => job.parties[i - 1]!.name;
+  const s = loadAggregator(r).state;
+  switch (phase) {
+    case SecurePhase.SECURE_PHASE_KEYS:
+      return { waited: r.supporters, answered: s.roster.map((a) => name(a.index)) };
+    case SecurePhase.SECURE_PHASE_SHARES:
+      return { waited: s.roster.map((a) => name(a.index)), answered: s.sharers.map(name) };
+    case SecurePhase.SECURE_PHASE_MASKED_INPUT:
+      return { waited: s.sharers.map(name), answered: s.survivors.map(name) };
+    default:
+      return { waited: s.request!.survivors.map(name), answered: s.responses.map((x) => name(x.from)) };
+  }
+}
+
 function phaseName(p: SecurePhase): string {
   return securePhaseToJSON(p).replace(/^SECURE_PHASE_/, '');
 }
@@ -60,8 +82,16 @@ export class SecureJobs {
   private readonly unions = new Map<string, Union>();
   /** `<job>/<party>` of the masked uploads open here. */
   private readonly maskedStreams = new Set<string>();
+  /** When this server started: a phase open across a restart gets a grace period after it. */
+  private readonly startedAt = Date.now();
 
   constructor(private readonly deps: SecureJobsDeps) {}
+
+  /** Drops what this server keeps for a job that ended (merged, failed, cancelled): its timer and cached union. */
+  forget(jobId: string): void {
+    this.clearTimer(jobId);
+    this.unions.delete(jobId);
+  }
 
   /** Stops the deadline timers. */
   stop(): void {
@@ -174,7 +204,7 @@ export class SecureJobs {
     return u;
   }
 
-  /** GetMaskedState. */
+  /** GetMaskedState; records a whole vector whose party is not yet in U3 (see {@link recordWhole}). */
   async maskedState(
     jobId: string,
     party: string,
@@ -183,8 +213,30 @@ export class SecureJobs {
     const r = secureOf(job);
     const held = await maskedWordsHeld(this.deps.store.dir(jobId), party);
     const index = partyIndex(job.parties, party);
-    const complete = loadAggregator(r).state.survivors.includes(index);
+    let complete = loadAggregator(r).state.survivors.includes(index);
+    if (!complete && held === r.unionSize && r.unionSize > 0) complete = await this.recordWhole(job, index);
     return { wordsHeld: held, wordsExpected: r.unionSize, complete };
+  }
+
+  /**
+   * Puts a sharer whose file holds all |U| words in U3 (also the repair of an accepted upload whose store update
+   * failed: the file is whole, the party is not a survivor). False when the phase is over or the party did not share.
+   */
+  private async recordWhole(job: StoredJob, index: number): Promise<boolean> {
+    const r = secureOf(job);
+    if (phaseOf(r) !== SecurePhase.SECURE_PHASE_MASKED_INPUT || !loadAggregator(r).state.sharers.includes(index))
+      return false;
+    await this.recordMasked(job.id, index);
+    return true;
+  }
+
+  /** Records party `index`'s whole masked vector (accept re-checks the phase). */
+  private async recordMasked(jobId: string, index: number): Promise<void> {
+    await this.accept(jobId, SecurePhase.SECURE_PHASE_MASKED_INPUT, (rec) => {
+      const a = loadAggregator(rec);
+      if (!a.state.survivors.includes(index)) a.recordMasked(index, rec.unionSize);
+      saveAggregator(rec, a);
+    });
   }
 
   /** UploadMasked: appends the chunks; a whole vector puts the caller in U3. */
@@ -200,25 +252,25 @@ export class SecureJobs {
       throw new ProtocolStateError(`party ${party} did not share its keys in time: its masked input cannot be used`);
     if (agg.state.survivors.includes(index))
       return { wordsHeld: r.unionSize, wordsExpected: r.unionSize, complete: true };
-    // One stream per party at a time on this server: two would append to one file.
+    // One stream per party at a time on this server: two would write to one file.
     const key = `${jobId}/${party}`;
     if (this.maskedStreams.has(key))
       throw new AlreadyExistsError(`party ${party} already has a masked upload open: wait for it to end, then resume`);
     this.maskedStreams.add(key);
     let held: number;
     try {
-      held = await appendMasked(this.deps.store.dir(jobId), party, r.unionSize, pieces, (n) =>
+      const dir = this.deps.store.dir(jobId);
+      // A whole vector from an earlier stream whose record failed: record it now.
+      if ((await maskedWordsHeld(dir, party)) === r.unionSize) {
+        await this.recordMasked(jobId, index);
+        return { wordsHeld: r.unionSize, wordsExpected: r.unionSize, complete: true };
+      }
+      held = await appendMasked(dir, party, r.unionSize, pieces, (n) =>
         this.deps.metrics.secureBytes.inc({ phase: 'masked_input' }, n),
       );
+      if (held === r.unionSize) await this.recordMasked(jobId, index);
     } finally {
       this.maskedStreams.delete(key);
-    }
-    if (held === r.unionSize) {
-      await this.accept(jobId, SecurePhase.SECURE_PHASE_MASKED_INPUT, (rec) => {
-        const a = loadAggregator(rec);
-        if (!a.state.survivors.includes(index)) a.recordMasked(index, held);
-        saveAggregator(rec, a);
-      });
     }
     return { wordsHeld: held, wordsExpected: r.unionSize, complete: held === r.unionSize };
   }
@@ -267,7 +319,7 @@ export class SecureJobs {
         return true;
       }
       const { waited, answered } = await this.progress(job, r, phase);
-      const deadline = Date.parse(r.phaseSince) + r.phaseSeconds * 1000;
+      const deadline = this.deadline(r);
       const everyone = waited.every((p) => answered.includes(p));
       if (!everyone && Date.now() < deadline) {
         this.schedule(jobId, deadline);
@@ -285,32 +337,28 @@ export class SecureJobs {
     }
   }
 
+  /**
+   * When the open phase closes without the parties that have not answered: its opening plus the job's phase
+   * seconds, but not before a grace period (the phase seconds, at most 60 s) after this server started, so that
+   * the time the server was down does not count against the parties.
+   */
+  private deadline(r: SecureRecord): number {
+    const T = r.phaseSeconds * 1000;
+    return Math.max(Date.parse(r.phaseSince) + T, this.startedAt + Math.min(T, RESTART_GRACE_MS));
+  }
+
   /** Parties the phase waits for, and those that answered (names). */
   private async progress(
     job: StoredJob,
     r: SecureRecord,
     phase: SecurePhase,
   ): Promise<{ waited: string[]; answered: string[] }> {
-    const name = (i: number): string => job.parties[i - 1]!.name;
-    const agg = loadAggregator(r);
-    const s = agg.state;
-    switch (phase) {
-      case SecurePhase.SECURE_PHASE_SUPPORT: {
-        const spools = await this.deps.spool.ofJob(job.id);
-        return {
-          waited: job.parties.map((p) => p.name),
-          answered: [...spools].filter(([, sp]) => sp.complete).map(([n]) => n),
-        };
-      }
-      case SecurePhase.SECURE_PHASE_KEYS:
-        return { waited: r.supporters, answered: s.roster.map((a) => name(a.index)) };
-      case SecurePhase.SECURE_PHASE_SHARES:
-        return { waited: s.roster.map((a) => name(a.index)), answered: s.sharers.map(name) };
-      case SecurePhase.SECURE_PHASE_MASKED_INPUT:
-        return { waited: s.sharers.map(name), answered: s.survivors.map(name) };
-      default:
-        return { waited: s.request!.survivors.map(name), answered: s.responses.map((x) => name(x.from)) };
-    }
+    if (phase !== SecurePhase.SECURE_PHASE_SUPPORT) return messagesIn(job, r, phase);
+    const spools = await this.deps.spool.ofJob(job.id);
+    return {
+      waited: job.parties.map((p) => p.name),
+      answered: [...spools].filter(([, sp]) => sp.complete).map(([n]) => n),
+    };
   }
 
   private async close(
@@ -380,6 +428,12 @@ export class SecureJobs {
     await store.update(job.id, (j) => {
       const rec = secureOf(j);
       if (phaseOf(rec) !== phase) throw new StateConflictError(`job ${job.id} left ${phaseName(phase)} meanwhile`);
+      if (phase !== SecurePhase.SECURE_PHASE_SUPPORT) {
+        // Messages accepted since the snapshot count: the event tells what the committed record holds.
+        const now = messagesIn(j, rec, phase);
+        answered = now.answered;
+        missing = now.waited.filter((p) => !answered.includes(p));
+      }
       change(rec);
       setPhase(rec, next);
     });
@@ -402,7 +456,7 @@ export class SecureJobs {
         this.timers.delete(jobId);
         this.deps.poke(jobId);
       },
-      Math.max(0, at - Date.now()) + 10,
+      Math.min(MAX_TIMER_MS, Math.max(0, at - Date.now()) + 10),
     );
     t.unref();
     this.timers.set(jobId, t);
