@@ -4,6 +4,7 @@
  * when every party waited for answered or at the job's per-phase deadline (`advance`, called by the job runner).
  * docs/privacy.md, "Wiring".
  */
+import { randomUUID } from 'node:crypto';
 import { SecurePhase, securePhaseToJSON } from '../../proto/gen/dppa/v1/jobs.js';
 import {
   fixedPoint,
@@ -39,6 +40,9 @@ export interface SecureJobsDeps {
 
 /** Longest grace period a phase open across a restart gets after the server starts. */
 const RESTART_GRACE_MS = 60_000;
+
+/** How long a replica's claim to close a phase keeps the others away (then a crashed replica's closing is redone). */
+const CLOSE_LEASE_MS = 10 * 60_000;
 
 /** Longest wait of a timer (setTimeout fires at once beyond 2^31 - 1 ms). */
 const MAX_TIMER_MS = 2 ** 31 - 1;
@@ -99,14 +103,21 @@ export class SecureJobs {
     this.timers.clear();
   }
 
-  /** The job, checked to be a secure job collecting `phase`, with the caller's index. */
-  private expect(jobId: string, party: string, phase: SecurePhase): { job: StoredJob; index: number } {
+  /** The secure job and the caller's index; the phase is checked by {@link accept} on the stored record. */
+  private expect(jobId: string, party: string): { job: StoredJob; index: number } {
     const job = this.deps.store.get(jobId);
-    const r = secureOf(job);
-    const now = phaseOf(r);
+    secureOf(job);
+    return { job, index: partyIndex(job.parties, party) };
+  }
+
+  /** The job as stored now (a replica's copy may lag), checked to be collecting `phase`. */
+  private async current(jobId: string, phase: SecurePhase): Promise<StoredJob> {
+    const { store } = this.deps;
+    const job = store.fresh === undefined ? store.get(jobId) : await store.fresh(jobId);
+    const now = phaseOf(secureOf(job));
     if (now !== phase)
       throw new FailedPreconditionError(`job ${jobId} is collecting ${phaseName(now)}, not ${phaseName(phase)}`);
-    return { job, index: partyIndex(job.parties, party) };
+    return job;
   }
 
   /** Applies an accepted message to the stored aggregator (checked before anything changes). */
@@ -129,12 +140,12 @@ export class SecureJobs {
     party: string,
     ad: Omit<KeyAdvertisement, 'index'>,
   ): Promise<{ index: number; parties: number }> {
-    const { job, index } = this.expect(jobId, party, SecurePhase.SECURE_PHASE_KEYS);
-    if (!job.secure!.supporters.includes(party))
-      throw new FailedPreconditionError(
-        `party ${party}: its support is not in the union (it did not upload one in time)`,
-      );
+    const { job, index } = this.expect(jobId, party);
     await this.accept(jobId, SecurePhase.SECURE_PHASE_KEYS, (r) => {
+      if (!r.supporters.includes(party))
+        throw new FailedPreconditionError(
+          `party ${party}: its support is not in the union (it did not upload one in time)`,
+        );
       const agg = loadAggregator(r);
       agg.advertise({ index, ...ad });
       saveAggregator(r, agg);
@@ -165,7 +176,7 @@ export class SecureJobs {
 
   /** SubmitShares. */
   async submitShares(jobId: string, party: string, shares: EncryptedShare[]): Promise<number> {
-    const { index } = this.expect(jobId, party, SecurePhase.SECURE_PHASE_SHARES);
+    const { index } = this.expect(jobId, party);
     let sharers = 0;
     await this.accept(jobId, SecurePhase.SECURE_PHASE_SHARES, (r) => {
       const agg = loadAggregator(r);
@@ -245,7 +256,9 @@ export class SecureJobs {
     party: string,
     pieces: AsyncIterable<MaskedPiece>,
   ): Promise<{ wordsHeld: number; wordsExpected: number; complete: boolean }> {
-    const { job, index } = this.expect(jobId, party, SecurePhase.SECURE_PHASE_MASKED_INPUT);
+    // Files are written before the record: the phase is checked on the job as stored.
+    const job = await this.current(jobId, SecurePhase.SECURE_PHASE_MASKED_INPUT);
+    const index = partyIndex(job.parties, party);
     const r = job.secure!;
     const agg = loadAggregator(r);
     if (!agg.state.sharers.includes(index))
@@ -285,7 +298,7 @@ export class SecureJobs {
 
   /** SubmitUnmask. */
   async submitUnmask(jobId: string, party: string, res: Omit<UnmaskResponse, 'from'>): Promise<number> {
-    const { index } = this.expect(jobId, party, SecurePhase.SECURE_PHASE_UNMASK);
+    const { index } = this.expect(jobId, party);
     let n = 0;
     await this.accept(jobId, SecurePhase.SECURE_PHASE_UNMASK, (r) => {
       const agg = loadAggregator(r);
@@ -372,6 +385,7 @@ export class SecureJobs {
     const { store, metrics, events } = this.deps;
     const dir = store.dir(job.id);
     const next = (phase + 1) as SecurePhase;
+    const claim = await this.claim(job.id, phase);
     let unionSize = r.unionSize;
     let change: (rec: SecureRecord) => void;
     switch (phase) {
@@ -428,6 +442,9 @@ export class SecureJobs {
     await store.update(job.id, (j) => {
       const rec = secureOf(j);
       if (phaseOf(rec) !== phase) throw new StateConflictError(`job ${job.id} left ${phaseName(phase)} meanwhile`);
+      if (claim !== undefined && rec.closing?.id !== claim)
+        throw new StateConflictError(`job ${job.id}: another server took over closing ${phaseName(phase)}`);
+      delete rec.closing;
       if (phase !== SecurePhase.SECURE_PHASE_SUPPORT) {
         // Messages accepted since the snapshot count: the event tells what the committed record holds.
         const now = messagesIn(j, rec, phase);
@@ -447,6 +464,28 @@ export class SecureJobs {
       parties: answered.length,
       missing,
     });
+  }
+
+  /**
+   * On a store shared by replicas, claims the closing of `phase` before anything is written (the union, the sum):
+   * each replica sweeps and arms its own deadline, and two closings would write two unions. The claim is a lease
+   * ({@link CLOSE_LEASE_MS}), taken by compare-and-swap through the store; the closing commits only while it holds it.
+   * @returns The claim's id; undefined on a store of one server or for a phase that writes nothing.
+   * @throws StateConflictError when another replica holds the claim or the phase closed meanwhile.
+   */
+  private async claim(jobId: string, phase: SecurePhase): Promise<string | undefined> {
+    const writes = phase === SecurePhase.SECURE_PHASE_SUPPORT || phase === SecurePhase.SECURE_PHASE_UNMASK;
+    if (this.deps.store.fresh === undefined || !writes) return undefined;
+    const id = randomUUID();
+    await this.deps.store.update(jobId, (j) => {
+      const rec = secureOf(j);
+      if (phaseOf(rec) !== phase) throw new StateConflictError(`job ${jobId} left ${phaseName(phase)} meanwhile`);
+      const c = rec.closing;
+      if (c !== undefined && c.phase === rec.phase && Date.parse(c.until) > Date.now())
+        throw new StateConflictError(`job ${jobId}: another server is closing ${phaseName(phase)}`);
+      rec.closing = { phase: rec.phase, id, until: new Date(Date.now() + CLOSE_LEASE_MS).toISOString() };
+    });
+    return id;
   }
 
   private schedule(jobId: string, at: number): void {

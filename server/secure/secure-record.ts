@@ -30,6 +30,8 @@ export interface SecureRecord {
   supporters: string[];
   /** v8-serialised AggregatorState, base64. */
   aggregator: string;
+  /** A replica's claim to close `phase` (replicas sharing the store): others leave it alone until `until`. */
+  closing?: { phase: string; id: string; until: string };
 }
 
 /** The record's phase as the enum. */
