@@ -552,6 +552,32 @@ describe('secure aggregation through the server', () => {
     assert.ok(withDropout.same / withDropout.total < 0.99);
   });
 
+  it('a phase that cannot close for another reason: tried again, then the job fails by the failure policy', async () => {
+    const saved = h;
+    const data = join(dir, 'data-attempts');
+    h = await startHarness(data, { taskAttempts: 2 });
+    try {
+      const names = ['f1', 'f2'];
+      const { job, tokens } = await createSecure(names, 2);
+      const jobId = job!.id;
+      // A file where the union's folder goes: building U fails (EEXIST / ENOTDIR), an "unexpected" failure.
+      await writeFile(join(data, 'jobs', jobId, 'secure'), 'not a folder');
+      for (const [i, name] of names.entries())
+        await upload(h.uploads, tokens[name]!, uploadMessages(jobId, name, supportOf(deltas[i]!)));
+      let j = await call(h.jobs, 'getJob', { jobId }, ADMIN);
+      for (let polls = 0; j.state !== JobState.JOB_STATE_FAILED && polls < 3000; polls++) {
+        await new Promise((r) => setTimeout(r, 20));
+        j = await call(h.jobs, 'getJob', { jobId }, ADMIN);
+      }
+      assert.equal(j.state, JobState.JOB_STATE_FAILED, `job still ${j.state} (phase ${j.securePhase})`);
+      assert.match(j.failureReason, /^secure aggregation failed after 2 attempts: /);
+      assert.equal(j.securePhase, SecurePhase.SECURE_PHASE_SUPPORT);
+    } finally {
+      await h.close();
+      h = saved;
+    }
+  });
+
   it('fewer than t parties left when a phase closes: the job fails with TooFewSurvivorsError, nothing written', async () => {
     const names = ['r1', 'r2', 'r3'];
     const { job, tokens } = await createSecure(names, 3, 3);
