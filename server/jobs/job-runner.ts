@@ -6,6 +6,7 @@
  * paused (storage-pauses.ts), party sent back (party-stops.ts) or failed.
  * docs/design/job-flow.md, "The runner" and "One failure policy".
  */
+import { messageOf } from '../../proto/errors.js';
 import { statfs } from 'node:fs/promises';
 import { JobState, type Pause } from '../../proto/gen/dppa/v1/jobs.js';
 import type { RemoteEvaluators } from '../dpa/remote-evaluators.js';
@@ -315,6 +316,12 @@ export class JobRunner {
       const { policy, log } = this.deps;
       const kind = policy.kind(err);
       if (kind === 'storage' || kind === 'transient') throw err;
+      if (kind === 'party') {
+        // A damaged support cannot be sent back: the union is built once, from the supports as they are.
+        log.error('secure phase could not close', { jobId: job.id, err });
+        await this.fail(job.id, `secure aggregation failed: ${messageOf(err)}`);
+        return false;
+      }
       const attempt = (this.secureAttempts.get(job.id) ?? 0) + 1;
       if (policy.retries(err, attempt)) {
         this.secureAttempts.set(job.id, attempt);
