@@ -4,7 +4,7 @@
  * plain merge of the same scaled deltas computed here, and the data folder is searched for the parties' values.
  */
 import assert from 'node:assert/strict';
-import { cp, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { cp, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -380,6 +380,91 @@ describe('secure aggregation through the server', () => {
       status.INVALID_ARGUMENT,
       /^threshold: only for privacy SECURE/,
     );
+    // A deadline beyond what a timer can wait, and more parties than the job record can carry.
+    await rejectsWith(req({ securePhaseSeconds: 7 * 24 * 3600 + 1 }), status.INVALID_ARGUMENT, /^secure_phase_seconds/);
+    await req({ securePhaseSeconds: 7 * 24 * 3600 });
+    const many = Array.from({ length: 65 }, (_, i) => `m${i}`);
+    await rejectsWith(req({ parties: many }), status.INVALID_ARGUMENT, /^parties: a secure job takes at most 64/);
+  });
+
+  it('masked input: a torn chunk, a second stream, a restart mid-vector and a vector whose record was lost', async () => {
+    const names = ['s1', 's2', 's3'];
+    const { job, tokens } = await createSecure(names, 2);
+    const jobId = job!.id;
+    const token = (n: string): string => tokens[n]!;
+    for (const [i, name] of names.entries())
+      await upload(h.uploads, token(name), uploadMessages(jobId, name, supportOf(deltas[i]!)));
+    await atPhase(jobId, SecurePhase.SECURE_PHASE_KEYS);
+    const sps = names.map((_, i) => SecureParty.create({ jobId, parties: 3, threshold: 2 }, i + 1));
+    for (const [i, sp] of sps.entries()) {
+      const ad = sp.advertise();
+      await call(secure, 'advertiseKeys', { jobId, ...ad }, token(names[i]!));
+    }
+    await atPhase(jobId, SecurePhase.SECURE_PHASE_SHARES);
+    for (const [i, sp] of sps.entries()) {
+      const roster = await call(secure, 'getRoster', { jobId }, token(names[i]!));
+      await call(secure, 'submitShares', { jobId, shares: sp.shareKeys(roster.parties) }, token(names[i]!));
+    }
+    await atPhase(jobId, SecurePhase.SECURE_PHASE_MASKED_INPUT);
+    const size = Number((await supportChunks(jobId, token('s1')))[0]!.unionSize);
+    assert.ok(size > 3000, `|U| = ${size}`);
+    // The words themselves do not matter here (the job is not unmasked): distinct per party and position.
+    const words = names.map((_, i) => Uint32Array.from({ length: size }, (_, k) => (k * 2654435761 + i) >>> 0));
+    const chunks = maskedChunks(jobId, words[0]!);
+
+    // Bytes that are not whole words are refused; nothing of that chunk is kept.
+    const torn = { ...chunks[0]!, words: chunks[0]!.words.subarray(0, 3998) };
+    torn.crc32c = crc32c(torn.words);
+    await rejectsWith(uploadMasked(token('s1'), [torn]), status.INVALID_ARGUMENT, /not whole 4-byte words/);
+    assert.equal((await call(secure, 'getMaskedState', { jobId }, token('s1'))).wordsHeld, 0n);
+
+    // While one stream of s1 is open, a second one is refused (it would write to the same file).
+    let first!: (c: (typeof chunks)[number]) => void;
+    let end!: () => void;
+    const open = new Promise<MaskedState>((resolve, reject) => {
+      const st = secure.uploadMasked(auth(token('s1')), (err, res) => (err === null ? resolve(res) : reject(err)));
+      first = (c) => st.write({ clipped: 0n, ...c });
+      end = () => st.end();
+    });
+    first(chunks[0]!);
+    while ((await call(secure, 'getMaskedState', { jobId }, token('s1'))).wordsHeld < 1000n)
+      await new Promise((r) => setTimeout(r, 10));
+    await rejectsWith(uploadMasked(token('s1'), chunks.slice(1)), status.ALREADY_EXISTS, /already has a masked upload/);
+    end();
+    assert.deepEqual(await open, { wordsHeld: 1000n, wordsExpected: BigInt(size), complete: false });
+
+    // s2's file holds its whole vector but the record of it was lost (the store update failed): asking for the
+    // state records it. s3's likewise: an empty chunk at |U| records it.
+    const maskedDir = join(dir, 'data', 'jobs', jobId, 'secure', 'masked');
+    await writeFile(join(maskedDir, 's2.u32'), new Uint8Array(words[1]!.buffer));
+    await writeFile(join(maskedDir, 's3.u32'), new Uint8Array(words[2]!.buffer));
+    assert.deepEqual(await call(secure, 'getMaskedState', { jobId }, token('s2')), {
+      wordsHeld: BigInt(size),
+      wordsExpected: BigInt(size),
+      complete: true,
+    });
+    const empty = new Uint8Array(0);
+    const s3 = await uploadMasked(token('s3'), [
+      { jobId, offset: BigInt(size), words: empty, crc32c: crc32c(empty), totalWords: BigInt(size) },
+    ]);
+    assert.equal(s3.complete, true);
+
+    // The server restarts with s1 half-way: it resumes at the words held.
+    secure.close();
+    await h.close();
+    h = await startHarness(join(dir, 'data'));
+    secure = new SecureAggregationServiceClient(h.address, credentials.createInsecure());
+    const st = await call(secure, 'getMaskedState', { jobId }, token('s1'));
+    assert.deepEqual(st, { wordsHeld: 1000n, wordsExpected: BigInt(size), complete: false });
+    const rest = await uploadMasked(token('s1'), maskedChunks(jobId, words[0]!, 1000));
+    assert.equal(rest.complete, true);
+    await atPhase(jobId, SecurePhase.SECURE_PHASE_UNMASK);
+    const req = await call(secure, 'getUnmaskRequest', { jobId }, token('s1'));
+    assert.deepEqual(req.survivors, [1, 2, 3]);
+    assert.deepEqual(req.dropouts, []);
+    const held = await readFile(join(maskedDir, 's1.u32'));
+    assert.deepEqual(new Uint8Array(held), new Uint8Array(words[0]!.buffer));
+    await call(h.jobs, 'cancelJob', { jobId, reason: 'test done' }, ADMIN).catch(() => undefined);
   });
 
   it('3 parties: the secure merge equals the plain merge of the scaled deltas; bad input is refused, the job intact; no value in the data folder', async () => {
@@ -512,6 +597,32 @@ describe('secure aggregation through the server', () => {
     assert.ok(withDropout.same / withDropout.total < 0.99);
   });
 
+  it('a phase that cannot close for another reason: tried again, then the job fails by the failure policy', async () => {
+    const saved = h;
+    const data = join(dir, 'data-attempts');
+    h = await startHarness(data, { taskAttempts: 2 });
+    try {
+      const names = ['f1', 'f2'];
+      const { job, tokens } = await createSecure(names, 2);
+      const jobId = job!.id;
+      // A file where the union's folder goes: building U fails (EEXIST / ENOTDIR), an "unexpected" failure.
+      await writeFile(join(data, 'jobs', jobId, 'secure'), 'not a folder');
+      for (const [i, name] of names.entries())
+        await upload(h.uploads, tokens[name]!, uploadMessages(jobId, name, supportOf(deltas[i]!)));
+      let j = await call(h.jobs, 'getJob', { jobId }, ADMIN);
+      for (let polls = 0; j.state !== JobState.JOB_STATE_FAILED && polls < 3000; polls++) {
+        await new Promise((r) => setTimeout(r, 20));
+        j = await call(h.jobs, 'getJob', { jobId }, ADMIN);
+      }
+      assert.equal(j.state, JobState.JOB_STATE_FAILED, `job still ${j.state} (phase ${j.securePhase})`);
+      assert.match(j.failureReason, /^secure aggregation failed after 2 attempts: /);
+      assert.equal(j.securePhase, SecurePhase.SECURE_PHASE_SUPPORT);
+    } finally {
+      await h.close();
+      h = saved;
+    }
+  });
+
   it('fewer than t parties left when a phase closes: the job fails with TooFewSurvivorsError, nothing written', async () => {
     const names = ['r1', 'r2', 'r3'];
     const { job, tokens } = await createSecure(names, 3, 3);
@@ -532,6 +643,13 @@ describe('secure aggregation through the server', () => {
     }
     const failed = await waitFor(jobId, (j) => j.state === JobState.JOB_STATE_FAILED);
     assert.match(failed.failureReason, /^TooFewSurvivorsError/);
+    // The job stays at the phase that could not close, and the reason names it.
+    if (failed.securePhase === SecurePhase.SECURE_PHASE_KEYS)
+      assert.match(failed.failureReason, /share keys: 2 parties left, the threshold is 3/);
+    else {
+      assert.equal(failed.securePhase, SecurePhase.SECURE_PHASE_SUPPORT);
+      assert.match(failed.failureReason, /support: \d parties left/);
+    }
     const files = await readdir(join(dir, 'data', 'jobs', jobId), { recursive: true });
     assert.ok(!files.some((f) => /merged|[/\\]sum|patch/.test(f)), files.join(', '));
   });

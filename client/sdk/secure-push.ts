@@ -10,7 +10,7 @@ import { JobState, Privacy, SecurePhase, type Job } from '../../proto/gen/dppa/v
 import type { MaskedChunk, MaskedState, SupportChunk } from '../../proto/gen/dppa/v1/secure.js';
 import type { UploadState } from '../../proto/gen/dppa/v1/upload.js';
 import { fixedPoint, SecureParty, ShareAuthError, type KeyAdvertisement } from '../../proto/secure/index.js';
-import { decodeChunk, readDeltaHeader } from '../../proto/sparse/index.js';
+import { crc32c, decodeChunk, readDeltaHeader } from '../../proto/sparse/index.js';
 import type { FactorSearchOptions } from '../../proto/algorithm/index.js';
 import { searchLocally, type LocalSearchEvent } from '../secure/local-search.js';
 import { maskedChunks, type UnionTensor } from '../secure/masked-vector.js';
@@ -284,9 +284,29 @@ export async function pushSecure(
           sent = c.offset + c.words.length;
           progress({ step: 'masked', wordsSent: sent, wordsTotal: total, attempt });
         }
+        if (from === total) {
+          // The server holds the whole vector but has not recorded it (its record failed): an empty chunk at |U|
+          // makes it record it (an empty stream would not reach the job at all).
+          const empty = new Uint8Array(0);
+          await stream.write({
+            jobId: job.id,
+            offset: BigInt(total),
+            words: empty,
+            crc32c: crc32c(empty),
+            totalWords: BigInt(total),
+            clipped: BigInt(clipped),
+          });
+        }
         stored.clipped = clipped;
         const result = await stream.finish();
         if (result.complete) break;
+        // Not recorded yet: wait before asking again, within the retry budget.
+        await backoff.failed(
+          new Error(
+            `UploadMasked: the server holds ${result.wordsHeld} of ${total} words and did not record the vector`,
+          ),
+          scope.signal,
+        );
       } catch (err) {
         const e = DppaRpcError.from(scope.reason(err), 'UploadMasked');
         if (

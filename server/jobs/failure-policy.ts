@@ -16,7 +16,7 @@ const RETRY_DELAY_MS = 1000;
 const MAX_RETRY_DELAY_MS = 30_000;
 
 /** The step of a job a failure belongs to. */
-export type StepName = 'merge' | 'DPA search';
+export type StepName = 'merge' | 'DPA search' | 'secure aggregation';
 
 /**
  * What kind of failure an error is:

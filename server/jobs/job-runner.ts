@@ -6,6 +6,7 @@
  * paused (storage-pauses.ts), party sent back (party-stops.ts) or failed.
  * docs/design/job-flow.md, "The runner" and "One failure policy".
  */
+import { messageOf } from '../../proto/errors.js';
 import { statfs } from 'node:fs/promises';
 import { JobState, type Pause } from '../../proto/gen/dppa/v1/jobs.js';
 import type { RemoteEvaluators } from '../dpa/remote-evaluators.js';
@@ -65,6 +66,8 @@ export class JobRunner {
   private readonly running = new Map<string, { controller: AbortController; done: Promise<void> }>();
   /** Jobs poked while their run was in progress: looked at again when it ends. */
   private readonly again = new Set<string>();
+  /** Failed runs in a row of a secure job's phase closing (failure policy). */
+  private readonly secureAttempts = new Map<string, number>();
   private stopped = false;
   private sweep: NodeJS.Timeout | undefined;
   private readonly pauses: StoragePauses;
@@ -99,6 +102,7 @@ export class JobRunner {
   /** A job just moved to MERGED: it is no longer paused (called before its merged event goes out). */
   merged(jobId: string): void {
     this.unpause(jobId);
+    this.deps.secure?.forget(jobId);
   }
 
   /**
@@ -315,16 +319,43 @@ export class JobRunner {
     await this.merge(job, signal);
   }
 
-  /** Closes the secure job's phases that can close; true once its sum is unmasked. Too few parties fail the job. */
+  /**
+   * Closes the secure job's phases that can close; true once its sum is unmasked. Too few parties fail the job;
+   * another failure goes by the failure policy: a storage failure pauses it (run()), one the backend expects to
+   * pass waits for the next sweep, an unexpected one is tried again up to the attempt limit, then the job fails.
+   */
   private async secure(job: StoredJob, signal: AbortSignal): Promise<boolean> {
     const secure = this.deps.secure;
     if (secure === undefined) return false;
     try {
-      return await secure.advance(job.id, signal);
+      const done = await secure.advance(job.id, signal);
+      this.secureAttempts.delete(job.id);
+      return done;
     } catch (err) {
-      if (!(err instanceof SecureAggregationError) || signal.aborted) throw err;
-      this.deps.log.warn('secure job failed', { jobId: job.id, err: err.message });
-      await this.fail(job.id, `${err.name}: ${err.message}`);
+      if (signal.aborted || err instanceof StateConflictError) throw err;
+      if (err instanceof SecureAggregationError) {
+        this.deps.log.warn('secure job failed', { jobId: job.id, err: err.message });
+        await this.fail(job.id, `${err.name}: ${err.message}`);
+        return false;
+      }
+      const { policy, log } = this.deps;
+      const kind = policy.kind(err);
+      if (kind === 'storage' || kind === 'transient') throw err;
+      if (kind === 'party') {
+        // A damaged support cannot be sent back: the union is built once, from the supports as they are.
+        log.error('secure phase could not close', { jobId: job.id, err });
+        await this.fail(job.id, `secure aggregation failed: ${messageOf(err)}`);
+        return false;
+      }
+      const attempt = (this.secureAttempts.get(job.id) ?? 0) + 1;
+      if (policy.retries(err, attempt)) {
+        this.secureAttempts.set(job.id, attempt);
+        log.warn('secure phase could not close; tried again', { jobId: job.id, attempt, err });
+        setTimeout(() => this.poke(job.id), policy.retryDelayMs(attempt)).unref();
+        return false;
+      }
+      this.secureAttempts.delete(job.id);
+      await this.stepFailed(job.id, 'secure aggregation', policy.final(err, attempt));
       return false;
     }
   }
@@ -379,6 +410,8 @@ export class JobRunner {
   private async fail(jobId: string, reason: string, from?: JobState): Promise<StoredJob> {
     const job = await failJob(this.deps, jobId, reason, from);
     await this.deps.spool.discardSecure(jobId);
+    this.secureAttempts.delete(jobId);
+    this.deps.secure?.forget(jobId);
     // Parties waiting on an evaluation stream learn why nothing more will come.
     this.deps.broker.endJob(jobId, new FailedPreconditionError(`job ${jobId} failed: ${reason}`));
     return job;

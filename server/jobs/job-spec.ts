@@ -12,7 +12,7 @@ import {
 } from '../../proto/gen/dppa/v1/jobs.js';
 import { FixedPointError, fixedPoint } from '../../proto/secure/index.js';
 import { checkSearch } from '../dpa/search-spec.js';
-import { DEFAULT_SECURE_PHASE_SECONDS } from '../secure/secure-record.js';
+import { DEFAULT_SECURE_PHASE_SECONDS, MAX_SECURE_PARTIES, MAX_SECURE_PHASE_SECONDS } from '../secure/secure-record.js';
 import { InvalidArgumentError, UnimplementedError } from '../errors.js';
 import type { StoredJob } from './job-store.js';
 
@@ -120,6 +120,14 @@ function checkSecure(req: CreateJobRequest, dpa: DpaConfig, merge: MergeOptions)
     if (req.securePhaseSeconds !== 0) throw new InvalidArgumentError('secure_phase_seconds: only for privacy SECURE');
     return undefined;
   }
+  if (n > MAX_SECURE_PARTIES)
+    throw new InvalidArgumentError(
+      `parties: a secure job takes at most ${MAX_SECURE_PARTIES} parties (its protocol state is rewritten with the job record on every message), got ${n}`,
+    );
+  if (!(Number.isInteger(req.securePhaseSeconds) && req.securePhaseSeconds <= MAX_SECURE_PHASE_SECONDS))
+    throw new InvalidArgumentError(
+      `secure_phase_seconds: must be at most ${MAX_SECURE_PHASE_SECONDS} (7 days; 0 for the default ${DEFAULT_SECURE_PHASE_SECONDS}), got ${req.securePhaseSeconds}`,
+    );
   if (!(Number.isInteger(req.threshold) && req.threshold >= 2 && req.threshold <= n))
     throw new InvalidArgumentError(`threshold: must be in [2, ${n}] (the number of parties), got ${req.threshold}`);
   if (!(Number.isFinite(req.clipBound) && req.clipBound > 0))

@@ -4,6 +4,7 @@
  * when every party waited for answered or at the job's per-phase deadline (`advance`, called by the job runner).
  * docs/privacy.md, "Wiring".
  */
+import { randomUUID } from 'node:crypto';
 import { SecurePhase, securePhaseToJSON } from '../../proto/gen/dppa/v1/jobs.js';
 import { Checkpoint } from '../../proto/safetensors/index.js';
 import {
@@ -38,6 +39,15 @@ export interface SecureJobsDeps {
   poke: (jobId: string) => void;
 }
 
+/** Longest grace period a phase open across a restart gets after the server starts. */
+const RESTART_GRACE_MS = 60_000;
+
+/** How long a replica's claim to close a phase keeps the others away (then a crashed replica's closing is redone). */
+const CLOSE_LEASE_MS = 10 * 60_000;
+
+/** Longest wait of a timer (setTimeout fires at once beyond 2^31 - 1 ms). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 const PHASE_LABEL: Partial<Record<SecurePhase, string>> = {
   [SecurePhase.SECURE_PHASE_SUPPORT]: 'support',
   [SecurePhase.SECURE_PHASE_KEYS]: 'keys',
@@ -61,6 +71,22 @@ async function tensorOrder(basePath: string): Promise<string[]> {
   }
 }
 
+/** Parties a protocol phase (KEYS onwards) waits for, and those whose message the record holds (names). */
+function messagesIn(job: StoredJob, r: SecureRecord, phase: SecurePhase): { waited: string[]; answered: string[] } {
+  const name = (i: number): string => job.parties[i - 1]!.name;
+  const s = loadAggregator(r).state;
+  switch (phase) {
+    case SecurePhase.SECURE_PHASE_KEYS:
+      return { waited: r.supporters, answered: s.roster.map((a) => name(a.index)) };
+    case SecurePhase.SECURE_PHASE_SHARES:
+      return { waited: s.roster.map((a) => name(a.index)), answered: s.sharers.map(name) };
+    case SecurePhase.SECURE_PHASE_MASKED_INPUT:
+      return { waited: s.sharers.map(name), answered: s.survivors.map(name) };
+    default:
+      return { waited: s.request!.survivors.map(name), answered: s.responses.map((x) => name(x.from)) };
+  }
+}
+
 function phaseName(p: SecurePhase): string {
   return securePhaseToJSON(p).replace(/^SECURE_PHASE_/, '');
 }
@@ -71,8 +97,16 @@ export class SecureJobs {
   private readonly unions = new Map<string, Union>();
   /** `<job>/<party>` of the masked uploads open here. */
   private readonly maskedStreams = new Set<string>();
+  /** When this server started: a phase open across a restart gets a grace period after it. */
+  private readonly startedAt = Date.now();
 
   constructor(private readonly deps: SecureJobsDeps) {}
+
+  /** Drops what this server keeps for a job that ended (merged, failed, cancelled): its timer and cached union. */
+  forget(jobId: string): void {
+    this.clearTimer(jobId);
+    this.unions.delete(jobId);
+  }
 
   /** Stops the deadline timers. */
   stop(): void {
@@ -80,14 +114,21 @@ export class SecureJobs {
     this.timers.clear();
   }
 
-  /** The job, checked to be a secure job collecting `phase`, with the caller's index. */
-  private expect(jobId: string, party: string, phase: SecurePhase): { job: StoredJob; index: number } {
+  /** The secure job and the caller's index; the phase is checked by {@link accept} on the stored record. */
+  private expect(jobId: string, party: string): { job: StoredJob; index: number } {
     const job = this.deps.store.get(jobId);
-    const r = secureOf(job);
-    const now = phaseOf(r);
+    secureOf(job);
+    return { job, index: partyIndex(job.parties, party) };
+  }
+
+  /** The job as stored now (a replica's copy may lag), checked to be collecting `phase`. */
+  private async current(jobId: string, phase: SecurePhase): Promise<StoredJob> {
+    const { store } = this.deps;
+    const job = store.fresh === undefined ? store.get(jobId) : await store.fresh(jobId);
+    const now = phaseOf(secureOf(job));
     if (now !== phase)
       throw new FailedPreconditionError(`job ${jobId} is collecting ${phaseName(now)}, not ${phaseName(phase)}`);
-    return { job, index: partyIndex(job.parties, party) };
+    return job;
   }
 
   /** Applies an accepted message to the stored aggregator (checked before anything changes). */
@@ -110,12 +151,12 @@ export class SecureJobs {
     party: string,
     ad: Omit<KeyAdvertisement, 'index'>,
   ): Promise<{ index: number; parties: number }> {
-    const { job, index } = this.expect(jobId, party, SecurePhase.SECURE_PHASE_KEYS);
-    if (!job.secure!.supporters.includes(party))
-      throw new FailedPreconditionError(
-        `party ${party}: its support is not in the union (it did not upload one in time)`,
-      );
+    const { job, index } = this.expect(jobId, party);
     await this.accept(jobId, SecurePhase.SECURE_PHASE_KEYS, (r) => {
+      if (!r.supporters.includes(party))
+        throw new FailedPreconditionError(
+          `party ${party}: its support is not in the union (it did not upload one in time)`,
+        );
       const agg = loadAggregator(r);
       agg.advertise({ index, ...ad });
       saveAggregator(r, agg);
@@ -146,7 +187,7 @@ export class SecureJobs {
 
   /** SubmitShares. */
   async submitShares(jobId: string, party: string, shares: EncryptedShare[]): Promise<number> {
-    const { index } = this.expect(jobId, party, SecurePhase.SECURE_PHASE_SHARES);
+    const { index } = this.expect(jobId, party);
     let sharers = 0;
     await this.accept(jobId, SecurePhase.SECURE_PHASE_SHARES, (r) => {
       const agg = loadAggregator(r);
@@ -185,7 +226,7 @@ export class SecureJobs {
     return u;
   }
 
-  /** GetMaskedState. */
+  /** GetMaskedState; records a whole vector whose party is not yet in U3 (see {@link recordWhole}). */
   async maskedState(
     jobId: string,
     party: string,
@@ -194,8 +235,33 @@ export class SecureJobs {
     const r = secureOf(job);
     const held = await maskedWordsHeld(this.deps.store.dir(jobId), party);
     const index = partyIndex(job.parties, party);
-    const complete = loadAggregator(r).state.survivors.includes(index);
+    let complete = loadAggregator(r).state.survivors.includes(index);
+    if (!complete && held === r.unionSize && r.unionSize > 0) complete = await this.recordWhole(job, index);
     return { wordsHeld: held, wordsExpected: r.unionSize, complete };
+  }
+
+  /**
+   * Puts a sharer whose file holds all |U| words in U3 (also the repair of an accepted upload whose store update
+   * failed: the file is whole, the party is not a survivor). False when the phase is over or the party did not share.
+   */
+  private async recordWhole(job: StoredJob, index: number): Promise<boolean> {
+    const r = secureOf(job);
+    if (phaseOf(r) !== SecurePhase.SECURE_PHASE_MASKED_INPUT || !loadAggregator(r).state.sharers.includes(index))
+      return false;
+    await this.recordMasked(job.id, index);
+    return true;
+  }
+
+  /** Records party `index`'s whole masked vector (accept re-checks the phase). */
+  private async recordMasked(jobId: string, index: number, clipped?: { party: string; count: number }): Promise<void> {
+    await this.accept(jobId, SecurePhase.SECURE_PHASE_MASKED_INPUT, (rec) => {
+      const a = loadAggregator(rec);
+      if (!a.state.survivors.includes(index)) {
+        a.recordMasked(index, rec.unionSize);
+        if (clipped !== undefined) rec.clipped = { ...rec.clipped, [clipped.party]: clipped.count };
+      }
+      saveAggregator(rec, a);
+    });
   }
 
   /** UploadMasked: appends the chunks; a whole vector puts the caller in U3. */
@@ -204,14 +270,16 @@ export class SecureJobs {
     party: string,
     pieces: AsyncIterable<MaskedPiece>,
   ): Promise<{ wordsHeld: number; wordsExpected: number; complete: boolean }> {
-    const { job, index } = this.expect(jobId, party, SecurePhase.SECURE_PHASE_MASKED_INPUT);
+    // Files are written before the record: the phase is checked on the job as stored.
+    const job = await this.current(jobId, SecurePhase.SECURE_PHASE_MASKED_INPUT);
+    const index = partyIndex(job.parties, party);
     const r = job.secure!;
     const agg = loadAggregator(r);
     if (!agg.state.sharers.includes(index))
       throw new ProtocolStateError(`party ${party} did not share its keys in time: its masked input cannot be used`);
     if (agg.state.survivors.includes(index))
       return { wordsHeld: r.unionSize, wordsExpected: r.unionSize, complete: true };
-    // One stream per party at a time on this server: two would append to one file.
+    // One stream per party at a time on this server: two would write to one file.
     const key = `${jobId}/${party}`;
     if (this.maskedStreams.has(key))
       throw new AlreadyExistsError(`party ${party} already has a masked upload open: wait for it to end, then resume`);
@@ -227,21 +295,18 @@ export class SecureJobs {
       }
     })();
     try {
-      held = await appendMasked(this.deps.store.dir(jobId), party, r.unionSize, seen, (n) =>
+      const dir = this.deps.store.dir(jobId);
+      // A whole vector from an earlier stream whose record failed: record it now.
+      if ((await maskedWordsHeld(dir, party)) === r.unionSize) {
+        await this.recordMasked(jobId, index);
+        return { wordsHeld: r.unionSize, wordsExpected: r.unionSize, complete: true };
+      }
+      held = await appendMasked(dir, party, r.unionSize, seen, (n) =>
         this.deps.metrics.secureBytes.inc({ phase: 'masked_input' }, n),
       );
+      if (held === r.unionSize) await this.recordMasked(jobId, index, { party, count: clipped });
     } finally {
       this.maskedStreams.delete(key);
-    }
-    if (held === r.unionSize) {
-      await this.accept(jobId, SecurePhase.SECURE_PHASE_MASKED_INPUT, (rec) => {
-        const a = loadAggregator(rec);
-        if (!a.state.survivors.includes(index)) {
-          a.recordMasked(index, held);
-          rec.clipped = { ...rec.clipped, [party]: clipped };
-        }
-        saveAggregator(rec, a);
-      });
     }
     return { wordsHeld: held, wordsExpected: r.unionSize, complete: held === r.unionSize };
   }
@@ -256,7 +321,7 @@ export class SecureJobs {
 
   /** SubmitUnmask. */
   async submitUnmask(jobId: string, party: string, res: Omit<UnmaskResponse, 'from'>): Promise<number> {
-    const { index } = this.expect(jobId, party, SecurePhase.SECURE_PHASE_UNMASK);
+    const { index } = this.expect(jobId, party);
     let n = 0;
     await this.accept(jobId, SecurePhase.SECURE_PHASE_UNMASK, (r) => {
       const agg = loadAggregator(r);
@@ -290,7 +355,7 @@ export class SecureJobs {
         return true;
       }
       const { waited, answered } = await this.progress(job, r, phase);
-      const deadline = Date.parse(r.phaseSince) + r.phaseSeconds * 1000;
+      const deadline = this.deadline(r);
       const everyone = waited.every((p) => answered.includes(p));
       if (!everyone && Date.now() < deadline) {
         this.schedule(jobId, deadline);
@@ -308,32 +373,28 @@ export class SecureJobs {
     }
   }
 
+  /**
+   * When the open phase closes without the parties that have not answered: its opening plus the job's phase
+   * seconds, but not before a grace period (the phase seconds, at most 60 s) after this server started, so that
+   * the time the server was down does not count against the parties.
+   */
+  private deadline(r: SecureRecord): number {
+    const T = r.phaseSeconds * 1000;
+    return Math.max(Date.parse(r.phaseSince) + T, this.startedAt + Math.min(T, RESTART_GRACE_MS));
+  }
+
   /** Parties the phase waits for, and those that answered (names). */
   private async progress(
     job: StoredJob,
     r: SecureRecord,
     phase: SecurePhase,
   ): Promise<{ waited: string[]; answered: string[] }> {
-    const name = (i: number): string => job.parties[i - 1]!.name;
-    const agg = loadAggregator(r);
-    const s = agg.state;
-    switch (phase) {
-      case SecurePhase.SECURE_PHASE_SUPPORT: {
-        const spools = await this.deps.spool.ofJob(job.id);
-        return {
-          waited: job.parties.map((p) => p.name),
-          answered: [...spools].filter(([, sp]) => sp.complete).map(([n]) => n),
-        };
-      }
-      case SecurePhase.SECURE_PHASE_KEYS:
-        return { waited: r.supporters, answered: s.roster.map((a) => name(a.index)) };
-      case SecurePhase.SECURE_PHASE_SHARES:
-        return { waited: s.roster.map((a) => name(a.index)), answered: s.sharers.map(name) };
-      case SecurePhase.SECURE_PHASE_MASKED_INPUT:
-        return { waited: s.sharers.map(name), answered: s.survivors.map(name) };
-      default:
-        return { waited: s.request!.survivors.map(name), answered: s.responses.map((x) => name(x.from)) };
-    }
+    if (phase !== SecurePhase.SECURE_PHASE_SUPPORT) return messagesIn(job, r, phase);
+    const spools = await this.deps.spool.ofJob(job.id);
+    return {
+      waited: job.parties.map((p) => p.name),
+      answered: [...spools].filter(([, sp]) => sp.complete).map(([n]) => n),
+    };
   }
 
   private async close(
@@ -347,6 +408,7 @@ export class SecureJobs {
     const { store, metrics, events } = this.deps;
     const dir = store.dir(job.id);
     const next = (phase + 1) as SecurePhase;
+    const claim = await this.claim(job.id, phase);
     let unionSize = r.unionSize;
     let change: (rec: SecureRecord) => void;
     switch (phase) {
@@ -405,6 +467,15 @@ export class SecureJobs {
     await store.update(job.id, (j) => {
       const rec = secureOf(j);
       if (phaseOf(rec) !== phase) throw new StateConflictError(`job ${job.id} left ${phaseName(phase)} meanwhile`);
+      if (claim !== undefined && rec.closing?.id !== claim)
+        throw new StateConflictError(`job ${job.id}: another server took over closing ${phaseName(phase)}`);
+      delete rec.closing;
+      if (phase !== SecurePhase.SECURE_PHASE_SUPPORT) {
+        // Messages accepted since the snapshot count: the event tells what the committed record holds.
+        const now = messagesIn(j, rec, phase);
+        answered = now.answered;
+        missing = now.waited.filter((p) => !answered.includes(p));
+      }
       change(rec);
       setPhase(rec, next);
     });
@@ -430,6 +501,28 @@ export class SecureJobs {
     });
   }
 
+  /**
+   * On a store shared by replicas, claims the closing of `phase` before anything is written (the union, the sum):
+   * each replica sweeps and arms its own deadline, and two closings would write two unions. The claim is a lease
+   * ({@link CLOSE_LEASE_MS}), taken by compare-and-swap through the store; the closing commits only while it holds it.
+   * @returns The claim's id; undefined on a store of one server or for a phase that writes nothing.
+   * @throws StateConflictError when another replica holds the claim or the phase closed meanwhile.
+   */
+  private async claim(jobId: string, phase: SecurePhase): Promise<string | undefined> {
+    const writes = phase === SecurePhase.SECURE_PHASE_SUPPORT || phase === SecurePhase.SECURE_PHASE_UNMASK;
+    if (this.deps.store.fresh === undefined || !writes) return undefined;
+    const id = randomUUID();
+    await this.deps.store.update(jobId, (j) => {
+      const rec = secureOf(j);
+      if (phaseOf(rec) !== phase) throw new StateConflictError(`job ${jobId} left ${phaseName(phase)} meanwhile`);
+      const c = rec.closing;
+      if (c !== undefined && c.phase === rec.phase && Date.parse(c.until) > Date.now())
+        throw new StateConflictError(`job ${jobId}: another server is closing ${phaseName(phase)}`);
+      rec.closing = { phase: rec.phase, id, until: new Date(Date.now() + CLOSE_LEASE_MS).toISOString() };
+    });
+    return id;
+  }
+
   private schedule(jobId: string, at: number): void {
     this.clearTimer(jobId);
     const t = setTimeout(
@@ -437,7 +530,7 @@ export class SecureJobs {
         this.timers.delete(jobId);
         this.deps.poke(jobId);
       },
-      Math.max(0, at - Date.now()) + 10,
+      Math.min(MAX_TIMER_MS, Math.max(0, at - Date.now()) + 10),
     );
     t.unref();
     this.timers.set(jobId, t);

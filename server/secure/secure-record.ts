@@ -9,6 +9,12 @@ import { SecureAggregator, type AggregatorState } from '../../proto/secure/index
 /** Seconds a phase waits for parties that have not answered, when the job gives none. */
 export const DEFAULT_SECURE_PHASE_SECONDS = 600;
 
+/** Largest `secure_phase_seconds`: 7 days (a timer cannot wait beyond 2^31 - 1 ms). */
+export const MAX_SECURE_PHASE_SECONDS = 7 * 24 * 3600;
+
+/** Most parties of a secure job: the aggregator state, rewritten with the job record per message, grows as n². */
+export const MAX_SECURE_PARTIES = 64;
+
 /** The secure part of a stored job (plain JSON). */
 export interface SecureRecord {
   threshold: number;
@@ -26,6 +32,8 @@ export interface SecureRecord {
   clipped?: Record<string, number>;
   /** v8-serialised AggregatorState, base64. */
   aggregator: string;
+  /** A replica's claim to close `phase` (replicas sharing the store): others leave it alone until `until`. */
+  closing?: { phase: string; id: string; until: string };
 }
 
 /** The record's phase as the enum. */

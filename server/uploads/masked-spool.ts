@@ -1,9 +1,10 @@
 /**
  * The masked vectors of a secure job: one file of little-endian uint32 words per party
- * (`<job>/secure/masked/<party>.u32`), appended chunk by chunk after each chunk's CRC-32C is checked; its length is
- * what a resuming party is told. The spool of a secure job holds these words and the supports, never a value.
+ * (`<job>/secure/masked/<party>.u32`), written chunk by chunk after each chunk's CRC-32C is checked; its whole words
+ * are what a resuming party is told (a torn last word is cut off before the next write). The spool of a secure job holds these words and the supports, never a value.
  */
-import { mkdir, open, stat } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { mkdir, open, stat, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ChecksumError } from '../../proto/errors.js';
 import { crc32c } from '../../proto/sparse/index.js';
@@ -56,9 +57,12 @@ export async function appendMasked(
 ): Promise<number> {
   const file = maskedFile(jobDir, party);
   await mkdir(join(secureDir(jobDir), 'masked'), { recursive: true });
-  let held = await maskedWordsHeld(jobDir, party);
-  const fh = await open(file, 'a');
+  // Not 'a': an append ignores the position, so a torn write (short write, ENOSPC) would shift every later word.
+  const fh = await open(file, constants.O_RDWR | constants.O_CREAT, 0o600);
+  let held: number;
   try {
+    held = Math.floor((await fh.stat()).size / 4);
+    await fh.truncate(held * 4);
     for await (const p of pieces) {
       if (p.totalWords !== BigInt(unionSize))
         throw new MaskedLengthError(`MaskedChunk total_words: ${p.totalWords}, the union has ${unionSize} positions`);
@@ -76,7 +80,7 @@ export async function appendMasked(
       const n = p.words.length / 4;
       if (held + n > unionSize)
         throw new MaskedLengthError(`MaskedChunk at word ${p.offset}: ${n} words run past the union's ${unionSize}`);
-      await fh.write(p.words);
+      await writeAt(fh, p.words, held * 4);
       held += n;
       onBytes(p.words.length);
     }
@@ -85,6 +89,15 @@ export async function appendMasked(
     await fh.close();
   }
   return held;
+}
+
+/** Writes all of `bytes` at `position`, however many writes it takes. */
+async function writeAt(fh: FileHandle, bytes: Uint8Array, position: number): Promise<void> {
+  for (let done = 0; done < bytes.length;) {
+    const { bytesWritten } = await fh.write(bytes, done, bytes.length - done, position + done);
+    if (bytesWritten <= 0) throw new Error(`masked vector: no bytes written at byte ${position + done}`);
+    done += bytesWritten;
+  }
 }
 
 /** Reads words [start, start + count) of a party's masked vector. */

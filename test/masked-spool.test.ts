@@ -1,0 +1,37 @@
+import assert from 'node:assert/strict';
+import { mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { crc32c } from '../proto/sparse/index.js';
+import { appendMasked, maskedFile, maskedWordsHeld, readMasked } from '../server/uploads/masked-spool.js';
+
+function piece(offset: number, words: number[], total: number) {
+  const bytes = new Uint8Array(Uint32Array.from(words).buffer);
+  return { offset: BigInt(offset), words: bytes, crc32c: crc32c(bytes), totalWords: BigInt(total) };
+}
+
+async function* of<T>(...xs: T[]): AsyncGenerator<T> {
+  for (const x of xs) yield await Promise.resolve(x);
+}
+
+test('a torn write (part of a word on disk) is cut off: the resumed words land at their place', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'masked-spool-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const total = 8;
+  assert.equal(await appendMasked(dir, 'p1', total, of(piece(0, [1, 2, 3], total)), () => {}), 3);
+  // What a short write (ENOSPC mid-chunk) leaves: two bytes of the next word.
+  await writeFile(maskedFile(dir, 'p1'), Uint8Array.of(0xaa, 0xbb), { flag: 'a' });
+  assert.equal(await maskedWordsHeld(dir, 'p1'), 3);
+  assert.equal(await appendMasked(dir, 'p1', total, of(piece(3, [4, 5, 6, 7, 8], total)), () => {}), total);
+  assert.equal((await stat(maskedFile(dir, 'p1'))).size, total * 4);
+  assert.deepEqual([...(await readMasked(dir, 'p1', 0, total))], [1, 2, 3, 4, 5, 6, 7, 8]);
+});
+
+test('a zero-word chunk at |U| keeps a whole vector as it is', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'masked-spool-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  await appendMasked(dir, 'p1', 2, of(piece(0, [9, 10], 2)), () => {});
+  assert.equal(await appendMasked(dir, 'p1', 2, of(piece(2, [], 2)), () => {}), 2);
+  assert.deepEqual([...(await readMasked(dir, 'p1', 0, 2))], [9, 10]);
+});
