@@ -2,7 +2,8 @@
  * Secure aggregation end to end with real processes: a `dppa serve` process, a job made with
  * `dppa job create --privacy secure`, three parties pushing with the `dppa push` CLI (one searching its factors
  * locally with an --eval-cmd process, one killed mid-way and run again), and the merged checkpoint against the
- * plain merge of the same scaled deltas (the factors each party chose, read from its own state file).
+ * plain merge of the deltas F − B formed from the checkpoints at each party's kept positions, scaled by the factors
+ * each party chose (read from its own state file).
  */
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -13,8 +14,9 @@ import { after, before, describe, it } from 'node:test';
 import { applyDelta, DppaClient, JobState, pruneToFile } from '../client/index.js';
 import { shellQuote } from '../client/cli/eval-command.js';
 import { loadParty } from '../client/secure/party-store.js';
-import { scaledTensors } from '../client/secure/scaled-delta.js';
+import { partitionFactor } from '../proto/algorithm/index.js';
 import { Checkpoint, decodeToF32, encodeFromF32 } from '../proto/safetensors/index.js';
+import { readDeltaTensors } from '../proto/sparse/index.js';
 import { fixedPoint, sumErrorBound } from '../proto/secure/index.js';
 import { freePort } from './fixtures/free-port.js';
 import { writeLlamaFamily } from './fixtures/synthetic-model.js';
@@ -181,7 +183,7 @@ describe('secure aggregation through real processes', () => {
       const out = join(dir, 'merged');
       await admin.pull({ jobId, out });
 
-      // The plain merge of the same scaled deltas: each party's factors from its own state, weight 1.
+      // The plain merge: each party's factors from its own state, weight 1.
       const scalings = await Promise.all(
         parties.map(async (p) => ({ factors: (await loadParty(work(p), jobId, p)).factors! })),
       );
@@ -190,12 +192,33 @@ describe('secure aggregation through real processes', () => {
       const fp = fixedPoint(CLIP, parties.length);
       const [b, m] = await Promise.all([Checkpoint.open(base), Checkpoint.open(out)]);
       try {
+        // Built from the checkpoints, not from the uploaded values: Δ = F − B in fp32 at each party's kept positions
+        // (only the positions are read from its delta file), times its partition's factor; weight 1.
+        // `slack` sums the scaled |Δ| of each position, for the bf16 rounding of Δ in the delta file.
         const plain = new Map<string, Float32Array>();
+        const slack = new Map<string, Float64Array>();
         for (const [i, p] of parties.entries()) {
-          for await (const t of scaledTensors(join(work(p), 'delta.dppa'), scalings[i]!)) {
-            const acc = plain.get(t.name) ?? (await b.readF32(t.name));
-            for (let j = 0; j < t.positions.length; j++) acc[t.positions[j]!] = acc[t.positions[j]!]! + t.values[j]!;
-            plain.set(t.name, acc);
+          const ft = await Checkpoint.open(finetuned[i]!);
+          try {
+            for await (const item of readDeltaTensors(join(work(p), 'delta.dppa'))) {
+              if (item.kind !== 'tensor') continue;
+              const name = item.tensor.name;
+              const [fv, bv] = await Promise.all([ft.readF32(name), b.readF32(name)]);
+              const acc = plain.get(name) ?? Float32Array.from(bv);
+              const err = slack.get(name) ?? new Float64Array(bv.length);
+              item.tensor.partitions.forEach((e, part) => {
+                const f = partitionFactor(scalings[i]!.factors, part, false);
+                for (const pos of e.positions) {
+                  const d = f * Math.fround(fv[pos]! - bv[pos]!);
+                  acc[pos] = acc[pos]! + d;
+                  err[pos] = err[pos]! + Math.abs(d);
+                }
+              });
+              plain.set(name, acc);
+              slack.set(name, err);
+            }
+          } finally {
+            await ft.close();
           }
         }
         let same = 0;
@@ -215,6 +238,7 @@ describe('secure aggregation through real processes', () => {
             const baseValue = (await b.readF32(info.name))[k]!;
             const allowed =
               2 ** -8 * Math.abs(expected[k]!) +
+              2 ** -8 * (slack.get(info.name)?.[k] ?? 0) +
               sumErrorBound(fp) +
               4 * 2 ** -24 * (Math.abs(baseValue) + CLIP * parties.length);
             assert.ok(
