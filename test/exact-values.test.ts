@@ -93,7 +93,9 @@ describe('exact values: fine-tuned weights on the wire', () => {
     { dtype: 'F32', valueDtype: 'f32', bytes: 4 },
   ];
   for (const c of cases) {
-    it(`a single-party merge at rate 0, factor 1 reproduces a ${c.dtype} fine-tune bit for bit (gRPC on loopback)`, async () => {
+    // Bit for bit where F − B is exact in fp32: this fixture's fine-tunes stay within a factor of 2 of the base
+    // (exact by Sterbenz even in F32), and hold no −0 (which comes back +0).
+    it(`a single-party merge at rate 0, factor 1 reproduces a ${c.dtype} fine-tune bit for bit where F − B is exact (gRPC on loopback)`, async () => {
       const fam = await writeLlamaFamily(join(dir, c.dtype), { shape: TINY, seed: 5, dtype: c.dtype });
       const records = await pruneRecords({
         base: fam.base,
@@ -170,6 +172,64 @@ describe('exact values: fine-tuned weights on the wire', () => {
       status.INVALID_ARGUMENT,
       /DARE rescales its kept values/,
     );
+  });
+});
+
+describe('a non-finite F − B at the merge', () => {
+  it('fails the job naming the tensor (the base is at fault), instead of sending the party back', async () => {
+    const fam = await writeLlamaFamily(join(dir, 'inf'), { shape: TINY, seed: 11, dtype: 'F32' });
+    const records = await pruneRecords({
+      base: fam.base,
+      finetuned: fam.finetuned[0]!,
+      rate: 0,
+      levels: [0],
+      method: 'magnitude',
+      valueDtype: 'f32',
+    });
+    assert.equal(records[0]!.header!.valueKind, ValueKind.VALUE_KIND_FINETUNED);
+    // The job's base: the same weights, one of them +Inf, so F − B is −Inf there whatever the party sent.
+    const src = await Checkpoint.open(fam.base);
+    const infBase = join(dir, 'inf-base');
+    const victim = src.tensors()[0]!.name;
+    try {
+      const tensors = [];
+      for (const info of src.tensors()) {
+        const data = await src.readF32(info.name);
+        if (info.name === victim) data[0] = Infinity;
+        tensors.push({
+          name: info.name,
+          dtype: info.dtype,
+          shape: [...info.shape],
+          data: encodeFromF32(data, info.dtype),
+        });
+      }
+      await writeCheckpoint(infBase, tensors);
+    } finally {
+      await src.close();
+    }
+    const { job, tokens } = await createJob(infBase, 0, 'magnitude');
+    const sent: DeltaRecord[] = [
+      { header: { ...records[0]!.header!, baseFingerprint: job!.baseFingerprint } },
+      ...records.slice(1),
+    ];
+    const state = await upload(h.uploads, tokens.solo!, uploadMessages(job!.id, 'solo', sent));
+    assert.equal(state.complete, true);
+    for (;;) {
+      const j = await call(h.jobs, 'getJob', { jobId: job!.id }, ADMIN);
+      if (j.state === JobState.JOB_STATE_MERGED) assert.fail('merged despite an infinite base weight');
+      // Sent back: collecting again, the party's upload discarded (the bug this guards against).
+      assert.ok(
+        j.state !== JobState.JOB_STATE_COLLECTING || j.parties.every((p) => p.uploadComplete),
+        `the party was sent back: ${j.failureReason}`,
+      );
+      if (j.state === JobState.JOB_STATE_FAILED) {
+        assert.match(j.failureReason, new RegExp(`tensor "${victim.replace(/\./g, '\\.')}"`));
+        assert.match(j.failureReason, /flat position 0: .* is not a finite fp32 number/);
+        assert.match(j.failureReason, /non-finite base weight/);
+        break;
+      }
+      await new Promise((r) => setTimeout(r, 20));
+    }
   });
 });
 

@@ -64,7 +64,7 @@ export const pruneFlags = {
   'value-kind': choice(
     'K',
     ['delta', 'auto'] as const,
-    'auto (default): send the fine-tuned weights when --value-dtype holds them exactly (format version 2); delta: always send deltas F - B (format version 1, for servers older than format version 2). push sends deltas to a secure job or one with a max_abs_value whatever this says',
+    'auto (default): send the fine-tuned weights when --value-dtype holds them exactly (format version 2); delta: always send deltas F - B (format version 1, for servers older than format version 2). push sends deltas to a secure job or one whose max_abs_value is below the default 1000, whatever this says',
     { group: METHOD },
   ),
   'vocab-mismatch': choice(

@@ -10,7 +10,7 @@ import { DEFAULT_PRUNE_METHOD, pruneMethodFromWire, type PruneMethod } from '../
 import { JobState, Privacy, type Job } from '../../proto/gen/dppa/v1/jobs.js';
 import { ValueKind, type DeltaHeader, type DeltaRecord } from '../../proto/gen/dppa/v1/sparse.js';
 import type { UploadRequest, UploadState } from '../../proto/gen/dppa/v1/upload.js';
-import { readDeltaFile, readDeltaHeader } from '../../proto/sparse/index.js';
+import { DEFAULT_MAX_ABS_VALUE, readDeltaFile, readDeltaHeader } from '../../proto/sparse/index.js';
 import { pruneToFile } from '../prune/prune-to-file.js';
 import { openPrune, type PruneOptions, type PruneProgress, type ValueKindChoice } from '../prune/pruner.js';
 import { CallScope, inScope, type CallOptions } from './call.js';
@@ -135,11 +135,12 @@ function deltaMethod(header: DeltaHeader): string {
 
 /**
  * Why the job needs deltas rather than fine-tuned weights, if it does: a secure job masks and scales its values as
- * deltas; a job's max_abs_value bounds every value sent, which must then be Δ, not F.
+ * deltas; a max_abs_value below the default bounds each value sent, which must then be Δ, not F (docs/server.md).
  */
 function deltasRequired(job: Job): string | undefined {
   if (job.privacy === Privacy.PRIVACY_SECURE) return `job ${job.id} is secure (values are masked as deltas)`;
-  if (job.maxAbsValue > 0) return `job ${job.id} bounds values by max_abs_value ${job.maxAbsValue}`;
+  if (job.maxAbsValue > 0 && job.maxAbsValue < DEFAULT_MAX_ABS_VALUE)
+    return `job ${job.id} bounds values by max_abs_value ${job.maxAbsValue}`;
   return undefined;
 }
 
