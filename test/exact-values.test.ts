@@ -9,7 +9,8 @@ import { JobState, type CreateJobResponse, type Job } from '../proto/gen/dppa/v1
 import { ValueKind, type DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import { FormatError } from '../proto/errors.js';
 import { Checkpoint, encodeFromF32, writeCheckpoint, type Dtype } from '../proto/safetensors/index.js';
-import { FinetunedToDelta } from '../proto/sparse/index.js';
+import { decodeChunk, FinetunedToDelta } from '../proto/sparse/index.js';
+import { roundBf16 } from './fixtures/reference.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import {
   ADMIN,
@@ -124,6 +125,40 @@ describe('exact values: fine-tuned weights on the wire', () => {
       assert.equal(differ, 0, `${differ} of ${total} weights differ from the fine-tune`);
     });
   }
+
+  it("valueKind 'delta' sends bf16 deltas F − B (format version 1) where 'auto' would send F", async () => {
+    const fam = await writeLlamaFamily(join(dir, 'kind'), { shape: TINY, seed: 13 });
+    const o = { base: fam.base, finetuned: fam.finetuned[0]!, rate: 0.5, levels: [0.5], method: 'magnitude' as const };
+    const auto = await pruneRecords(o);
+    const delta = await pruneRecords({ ...o, valueKind: 'delta' });
+    assert.equal(auto[0]!.header!.valueKind, ValueKind.VALUE_KIND_FINETUNED);
+    assert.equal(delta[0]!.header!.valueKind, ValueKind.VALUE_KIND_UNSPECIFIED);
+    assert.equal(delta[0]!.header!.formatVersion, 1);
+    // The same positions; the values are F − B rounded to bf16.
+    const [b, f] = await Promise.all([Checkpoint.open(fam.base), Checkpoint.open(fam.finetuned[0]!)]);
+    try {
+      let name = '';
+      let checked = 0;
+      for (const [i, r] of delta.entries()) {
+        if (r.tensorBegin !== undefined) name = r.tensorBegin.name;
+        if (r.chunk === undefined) continue;
+        const c = decodeChunk(r.chunk);
+        assert.deepEqual([...c.positions], [...decodeChunk(auto[i]!.chunk!).positions]);
+        const [bv, fv] = await Promise.all([b.readF32(name), f.readF32(name)]);
+        c.positions.forEach((p, k) => {
+          assert.equal(c.values[k], roundBf16(fv[p]! - bv[p]!), `${name}[${p}]`);
+          checked++;
+        });
+      }
+      assert.ok(checked > 1000);
+    } finally {
+      await Promise.all([b.close(), f.close()]);
+    }
+    await assert.rejects(
+      pruneRecords({ ...o, valueKind: 'f' as never }),
+      /^RangeError: valueKind: expected delta or auto, got f/,
+    );
+  });
 
   it('the party-side apply (DPA candidates) forms F − B too: rate 0 reproduces the fine-tune', async () => {
     const fam = await writeLlamaFamily(join(dir, 'apply'), { shape: TINY, seed: 7 });
