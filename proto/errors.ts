@@ -50,6 +50,14 @@ export class TruncatedError extends FormatError {
   override name = 'TruncatedError';
 }
 
+/**
+ * A fine-tuned weight minus its base weight is not a finite fp32 number: the base holds a non-finite weight, or the
+ * difference overflows fp32. Not a damaged file: the same base and upload fail alike on every attempt.
+ */
+export class BaseDeltaError extends FormatError {
+  override name = 'BaseDeltaError';
+}
+
 /** The message of anything thrown: an Error's message, else its text. */
 export function messageOf(err: unknown): string {
   return err instanceof Error ? err.message : String(err);

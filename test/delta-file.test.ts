@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { FormatError, TruncatedError } from '../proto/errors.js';
-import { DeltaHeader, DeltaRecord, TensorKind, ValueDtype } from '../proto/gen/dppa/v1/sparse.js';
+import { DeltaHeader, DeltaRecord, TensorKind, ValueDtype, ValueKind } from '../proto/gen/dppa/v1/sparse.js';
 import { serializeUploadRequest } from '../client/sdk/upload-client.js';
 import { UploadRequest } from '../proto/gen/dppa/v1/upload.js';
 import {
@@ -162,16 +162,22 @@ void describe('.dppa files', () => {
   });
 
   void it('reads transiently the same records, each valid until the next, in fewer buffers than records', async () => {
-    const seen: Buffer[] = [];
     const memory = new Set<ArrayBufferLike>();
+    // The first chunk of the last read: its view, and a copy of its bytes then.
+    let view: Uint8Array | undefined;
+    let copy: Buffer | undefined;
     for (let round = 0; round < 2; round++) {
       let i = 0;
+      view = undefined;
       for await (const r of readDeltaFile(path, { transient: true })) {
         // Compared before the next record is asked for: its bytes may then be overwritten.
         assert.deepEqual(encoded(r), encoded(records[i]!), `round ${round}, record ${i}`);
         if (r.chunk !== undefined) {
           memory.add(r.chunk.values.buffer);
-          seen.push(Buffer.from(r.chunk.values));
+          if (view === undefined) {
+            view = r.chunk.values;
+            copy = Buffer.from(view);
+          }
         }
         i++;
       }
@@ -179,7 +185,33 @@ void describe('.dppa files', () => {
     }
     // Two reads of the whole file through one reused read buffer (records here are far below its size).
     assert.equal(memory.size, 1);
-    assert.ok(seen.length > 2);
+    // A transient read of a format-2 file (fine-tuned values, another header) takes the same buffer again...
+    const finetuned = join(dir, 'party-a-f.dppa');
+    const f2: DeltaRecord[] = [
+      { header: { ...header, formatVersion: 2, valueKind: ValueKind.VALUE_KIND_FINETUNED } },
+      ...tensors.flatMap((t) => [
+        ...tensorRecords(
+          t.name,
+          t.shape,
+          t.partitions.map((e) => ({ positions: e.positions, values: e.values.map((v) => v + 0.5) })),
+          { maxChunkEntries: 128, valueDtype: ValueDtype.VALUE_DTYPE_F32 },
+        ),
+      ]),
+    ];
+    await writeDelta(finetuned, f2);
+    let i = 0;
+    for await (const r of readDeltaFile(finetuned, { transient: true })) {
+      assert.deepEqual(encoded(r), encoded(f2[i]!), `format 2, record ${i}`);
+      if (r.chunk !== undefined) memory.add(r.chunk.values.buffer);
+      i++;
+    }
+    assert.equal(i, f2.length);
+    assert.equal(f2[0]!.header!.valueKind, ValueKind.VALUE_KIND_FINETUNED);
+    assert.equal(memory.size, 1);
+    // ...so the earlier record's view now shows other bytes: it was valid only until the next read.
+    assert.equal(copy!.length, view!.length);
+    assert.notDeepEqual(Buffer.from(view!), copy);
+    await rm(finetuned);
   });
 
   void it('reads back every tensor exactly, checked against the plan', async () => {

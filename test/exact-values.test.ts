@@ -9,7 +9,8 @@ import { JobState, type CreateJobResponse, type Job } from '../proto/gen/dppa/v1
 import { ValueKind, type DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import { FormatError } from '../proto/errors.js';
 import { Checkpoint, encodeFromF32, writeCheckpoint, type Dtype } from '../proto/safetensors/index.js';
-import { FinetunedToDelta } from '../proto/sparse/index.js';
+import { decodeChunk, FinetunedToDelta } from '../proto/sparse/index.js';
+import { roundBf16 } from './fixtures/reference.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import {
   ADMIN,
@@ -93,7 +94,9 @@ describe('exact values: fine-tuned weights on the wire', () => {
     { dtype: 'F32', valueDtype: 'f32', bytes: 4 },
   ];
   for (const c of cases) {
-    it(`a single-party merge at rate 0, factor 1 reproduces a ${c.dtype} fine-tune bit for bit (gRPC on loopback)`, async () => {
+    // Bit for bit where F − B is exact in fp32: this fixture's fine-tunes stay within a factor of 2 of the base
+    // (exact by Sterbenz even in F32), and hold no −0 (which comes back +0).
+    it(`a single-party merge at rate 0, factor 1 reproduces a ${c.dtype} fine-tune bit for bit where F − B is exact (gRPC on loopback)`, async () => {
       const fam = await writeLlamaFamily(join(dir, c.dtype), { shape: TINY, seed: 5, dtype: c.dtype });
       const records = await pruneRecords({
         base: fam.base,
@@ -122,6 +125,40 @@ describe('exact values: fine-tuned weights on the wire', () => {
       assert.equal(differ, 0, `${differ} of ${total} weights differ from the fine-tune`);
     });
   }
+
+  it("valueKind 'delta' sends bf16 deltas F − B (format version 1) where 'auto' would send F", async () => {
+    const fam = await writeLlamaFamily(join(dir, 'kind'), { shape: TINY, seed: 13 });
+    const o = { base: fam.base, finetuned: fam.finetuned[0]!, rate: 0.5, levels: [0.5], method: 'magnitude' as const };
+    const auto = await pruneRecords(o);
+    const delta = await pruneRecords({ ...o, valueKind: 'delta' });
+    assert.equal(auto[0]!.header!.valueKind, ValueKind.VALUE_KIND_FINETUNED);
+    assert.equal(delta[0]!.header!.valueKind, ValueKind.VALUE_KIND_UNSPECIFIED);
+    assert.equal(delta[0]!.header!.formatVersion, 1);
+    // The same positions; the values are F − B rounded to bf16.
+    const [b, f] = await Promise.all([Checkpoint.open(fam.base), Checkpoint.open(fam.finetuned[0]!)]);
+    try {
+      let name = '';
+      let checked = 0;
+      for (const [i, r] of delta.entries()) {
+        if (r.tensorBegin !== undefined) name = r.tensorBegin.name;
+        if (r.chunk === undefined) continue;
+        const c = decodeChunk(r.chunk);
+        assert.deepEqual([...c.positions], [...decodeChunk(auto[i]!.chunk!).positions]);
+        const [bv, fv] = await Promise.all([b.readF32(name), f.readF32(name)]);
+        c.positions.forEach((p, k) => {
+          assert.equal(c.values[k], roundBf16(fv[p]! - bv[p]!), `${name}[${p}]`);
+          checked++;
+        });
+      }
+      assert.ok(checked > 1000);
+    } finally {
+      await Promise.all([b.close(), f.close()]);
+    }
+    await assert.rejects(
+      pruneRecords({ ...o, valueKind: 'f' as never }),
+      /^RangeError: valueKind: expected delta or auto, got f/,
+    );
+  });
 
   it('the party-side apply (DPA candidates) forms F − B too: rate 0 reproduces the fine-tune', async () => {
     const fam = await writeLlamaFamily(join(dir, 'apply'), { shape: TINY, seed: 7 });
@@ -170,6 +207,64 @@ describe('exact values: fine-tuned weights on the wire', () => {
       status.INVALID_ARGUMENT,
       /DARE rescales its kept values/,
     );
+  });
+});
+
+describe('a non-finite F − B at the merge', () => {
+  it('fails the job naming the tensor (the base is at fault), instead of sending the party back', async () => {
+    const fam = await writeLlamaFamily(join(dir, 'inf'), { shape: TINY, seed: 11, dtype: 'F32' });
+    const records = await pruneRecords({
+      base: fam.base,
+      finetuned: fam.finetuned[0]!,
+      rate: 0,
+      levels: [0],
+      method: 'magnitude',
+      valueDtype: 'f32',
+    });
+    assert.equal(records[0]!.header!.valueKind, ValueKind.VALUE_KIND_FINETUNED);
+    // The job's base: the same weights, one of them +Inf, so F − B is −Inf there whatever the party sent.
+    const src = await Checkpoint.open(fam.base);
+    const infBase = join(dir, 'inf-base');
+    const victim = src.tensors()[0]!.name;
+    try {
+      const tensors = [];
+      for (const info of src.tensors()) {
+        const data = await src.readF32(info.name);
+        if (info.name === victim) data[0] = Infinity;
+        tensors.push({
+          name: info.name,
+          dtype: info.dtype,
+          shape: [...info.shape],
+          data: encodeFromF32(data, info.dtype),
+        });
+      }
+      await writeCheckpoint(infBase, tensors);
+    } finally {
+      await src.close();
+    }
+    const { job, tokens } = await createJob(infBase, 0, 'magnitude');
+    const sent: DeltaRecord[] = [
+      { header: { ...records[0]!.header!, baseFingerprint: job!.baseFingerprint } },
+      ...records.slice(1),
+    ];
+    const state = await upload(h.uploads, tokens.solo!, uploadMessages(job!.id, 'solo', sent));
+    assert.equal(state.complete, true);
+    for (;;) {
+      const j = await call(h.jobs, 'getJob', { jobId: job!.id }, ADMIN);
+      if (j.state === JobState.JOB_STATE_MERGED) assert.fail('merged despite an infinite base weight');
+      // Sent back: collecting again, the party's upload discarded (the bug this guards against).
+      assert.ok(
+        j.state !== JobState.JOB_STATE_COLLECTING || j.parties.every((p) => p.uploadComplete),
+        `the party was sent back: ${j.failureReason}`,
+      );
+      if (j.state === JobState.JOB_STATE_FAILED) {
+        assert.match(j.failureReason, new RegExp(`tensor "${victim.replace(/\./g, '\\.')}"`));
+        assert.match(j.failureReason, /flat position 0: .* is not a finite fp32 number/);
+        assert.match(j.failureReason, /non-finite base weight/);
+        break;
+      }
+      await new Promise((r) => setTimeout(r, 20));
+    }
   });
 });
 

@@ -18,6 +18,16 @@ describe('merged patch records', () => {
     );
   });
 
+  it('marks a RANGE chunk by its count, not by the length of its (possibly longer, reused) values array', () => {
+    const support = new PatchSupport(40, 't');
+    support.add({ range: true, firstPosition: 3, count: 20, values: new Float32Array(32) } as never);
+    const marked = [...Array(40).keys()].filter((p) => (support.bits[p >>> 3]! & (1 << (p & 7))) !== 0);
+    assert.deepEqual(
+      marked,
+      [...Array(20).keys()].map((k) => 3 + k),
+    );
+  });
+
   it('yields bounded blocks one at a time, framing begin, chunks with the marked values, end', () => {
     // Records of about 12 MiB: the first block is made before the last positions are read.
     const numel = 9_000_000;

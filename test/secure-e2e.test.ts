@@ -2,7 +2,8 @@
  * Secure aggregation end to end with real processes: a `dppa serve` process, a job made with
  * `dppa job create --privacy secure`, three parties pushing with the `dppa push` CLI (one searching its factors
  * locally with an --eval-cmd process, one killed mid-way and run again), and the merged checkpoint against the
- * plain merge of the same scaled deltas (the factors each party chose, read from its own state file).
+ * plain merge of the deltas F − B formed from the checkpoints at each party's kept positions, scaled by the factors
+ * each party chose (read from its own state file).
  */
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -13,8 +14,9 @@ import { after, before, describe, it } from 'node:test';
 import { applyDelta, DppaClient, JobState, pruneToFile } from '../client/index.js';
 import { shellQuote } from '../client/cli/eval-command.js';
 import { loadParty } from '../client/secure/party-store.js';
-import { scaledTensors } from '../client/secure/scaled-delta.js';
-import { Checkpoint, decodeToF32, encodeFromF32 } from '../proto/safetensors/index.js';
+import { partitionFactor } from '../proto/algorithm/index.js';
+import { Checkpoint, decodeToF32, encodeFromF32, type Dtype } from '../proto/safetensors/index.js';
+import { readDeltaTensors, storageDtype } from '../proto/sparse/index.js';
 import { fixedPoint, sumErrorBound } from '../proto/secure/index.js';
 import { freePort } from './fixtures/free-port.js';
 import { writeLlamaFamily } from './fixtures/synthetic-model.js';
@@ -181,7 +183,7 @@ describe('secure aggregation through real processes', () => {
       const out = join(dir, 'merged');
       await admin.pull({ jobId, out });
 
-      // The plain merge of the same scaled deltas: each party's factors from its own state, weight 1.
+      // The plain merge: each party's factors from its own state, weight 1.
       const scalings = await Promise.all(
         parties.map(async (p) => ({ factors: (await loadParty(work(p), jobId, p)).factors! })),
       );
@@ -190,12 +192,29 @@ describe('secure aggregation through real processes', () => {
       const fp = fixedPoint(CLIP, parties.length);
       const [b, m] = await Promise.all([Checkpoint.open(base), Checkpoint.open(out)]);
       try {
+        // Built from the checkpoints, not from the uploaded values: Δ = F − B in fp32 at each party's kept positions
+        // (only the positions and the value precision are read from its delta file), rounded to that precision as
+        // a delta is, times its partition's factor; weight 1.
         const plain = new Map<string, Float32Array>();
         for (const [i, p] of parties.entries()) {
-          for await (const t of scaledTensors(join(work(p), 'delta.dppa'), scalings[i]!)) {
-            const acc = plain.get(t.name) ?? (await b.readF32(t.name));
-            for (let j = 0; j < t.positions.length; j++) acc[t.positions[j]!] = acc[t.positions[j]!]! + t.values[j]!;
-            plain.set(t.name, acc);
+          const ft = await Checkpoint.open(finetuned[i]!);
+          let dtype: Dtype = 'F32';
+          const round = (x: number): number => decodeToF32(encodeFromF32(Float32Array.of(x), dtype), dtype)[0]!;
+          try {
+            for await (const item of readDeltaTensors(join(work(p), 'delta.dppa'))) {
+              if (item.kind === 'header') dtype = storageDtype(item.header.valueDtype)!;
+              if (item.kind !== 'tensor') continue;
+              const name = item.tensor.name;
+              const [fv, bv] = await Promise.all([ft.readF32(name), b.readF32(name)]);
+              const acc = plain.get(name) ?? Float32Array.from(bv);
+              item.tensor.partitions.forEach((e, part) => {
+                const f = partitionFactor(scalings[i]!.factors, part, false);
+                for (const pos of e.positions) acc[pos] = acc[pos]! + f * round(fv[pos]! - bv[pos]!);
+              });
+              plain.set(name, acc);
+            }
+          } finally {
+            await ft.close();
           }
         }
         let same = 0;

@@ -11,7 +11,7 @@ import { after, before, describe, it } from 'node:test';
 import { credentials, status } from '@grpc/grpc-js';
 import { JobState, Privacy, SecurePhase, type CreateJobResponse, type Job } from '../proto/gen/dppa/v1/jobs.js';
 import { SecureAggregationServiceClient, type MaskedState, type SupportChunk } from '../proto/gen/dppa/v1/secure.js';
-import { ValueDtype, type DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
+import { ValueDtype, ValueKind, type DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import { Checkpoint } from '../proto/safetensors/index.js';
 import { fixedPoint, SecureParty, sumErrorBound, type FixedPoint } from '../proto/secure/index.js';
 import { decodeJob } from '../server/jobs/job-store.js';
@@ -55,7 +55,8 @@ before(async () => {
   dir = await mkdtemp(join(tmpdir(), 'dppa-server-secure-'));
   const fam = await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 33, finetunes: 5 });
   base = fam.base;
-  for (const ft of fam.finetuned) deltas.push(await pruneRecords({ base, finetuned: ft, rate: 0.8 }));
+  for (const ft of fam.finetuned)
+    deltas.push(await pruneRecords({ base, finetuned: ft, rate: 0.8, valueKind: 'delta' }));
   h = await startHarness(join(dir, 'data'));
   secure = new SecureAggregationServiceClient(h.address, credentials.createInsecure());
 });
@@ -485,6 +486,20 @@ describe('secure aggregation through the server', () => {
       upload(h.uploads, parties[0]!.token, uploadMessages(job!.id, 'p1', deltas[0]!)),
       status.FAILED_PRECONDITION,
       /value_dtype NONE/,
+    );
+    // A support whose values would be fine-tuned weights is refused: the masked sum is taken as deltas.
+    const [head, ...rest] = supportOf(deltas[0]!);
+    await rejectsWith(
+      upload(
+        h.uploads,
+        parties[0]!.token,
+        uploadMessages(job!.id, 'p1', [
+          { header: { ...head!.header!, valueKind: ValueKind.VALUE_KIND_FINETUNED, formatVersion: 2 } },
+          ...rest,
+        ]),
+      ),
+      status.FAILED_PRECONDITION,
+      /DeltaHeader value_kind: job \S+ is secure/,
     );
     // A token of this job cannot speak in another job's protocol.
     const other = await createSecure(['x', 'y'], 2);

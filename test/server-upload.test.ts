@@ -6,7 +6,8 @@ import { after, before, describe, it } from 'node:test';
 import { Client, credentials, status } from '@grpc/grpc-js';
 import { JobState } from '../proto/gen/dppa/v1/jobs.js';
 import { PruneMethod } from '../proto/gen/dppa/v1/algorithm.js';
-import { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
+import { DeltaRecord, ValueKind } from '../proto/gen/dppa/v1/sparse.js';
+import { DppaClient } from '../client/index.js';
 import { UploadRequest, type UploadState } from '../proto/gen/dppa/v1/upload.js';
 import { decodeChunk, encodeChunks, tensorRecords } from '../proto/sparse/index.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
@@ -26,6 +27,7 @@ import {
 
 let dir: string;
 let base: string;
+let finetuned: string;
 let records: DeltaRecord[];
 let otherBaseRecords: DeltaRecord[];
 let h: Harness;
@@ -57,6 +59,7 @@ function state(party = 'a'): Promise<UploadState> {
 before(async () => {
   dir = await mkdtemp(join(tmpdir(), 'dppa-server-upload-'));
   const fam = await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 5 });
+  finetuned = fam.finetuned[0]!;
   const other = await writeLlamaFamily(join(dir, 'other'), { shape: TINY, seed: 6 });
   base = fam.base;
   records = await pruneRecords({ base, finetuned: fam.finetuned[0]!, rate: 0.9, method: 'magnitude' });
@@ -443,5 +446,23 @@ describe("uploads: the job's value bound", () => {
     );
     const fits = await create(largest);
     assert.equal((await upload(h.uploads, fits.tokens.a!, uploadMessages(fits.job!.id, 'a', records))).complete, true);
+
+    // A push to a job bounded below the default sends deltas (format 1), which its bound fits; fine-tuned weights
+    // (these records: |F| up to `largest`) would be refused by it.
+    assert.equal(records[0]!.header!.valueKind, ValueKind.VALUE_KIND_FINETUNED);
+    const deltas = await pruneRecords({ base, finetuned, rate: 0.9, method: 'magnitude', valueKind: 'delta' });
+    let largestDelta = 0;
+    for (const r of deltas)
+      if (r.chunk !== undefined)
+        for (const v of decodeChunk(r.chunk).values) largestDelta = Math.max(largestDelta, Math.abs(v));
+    assert.ok(largestDelta < largest / 2, `largest |Δ| ${largestDelta}, largest |F| ${largest}`);
+    const bounded = await create(largestDelta);
+    const client = new DppaClient({ address: h.address, token: bounded.tokens.a! });
+    try {
+      const state = await client.push({ jobId: bounded.job!.id, party: 'a', base, finetuned, workers: 1 });
+      assert.equal(state.complete, true);
+    } finally {
+      client.close();
+    }
   });
 });

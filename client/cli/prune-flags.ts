@@ -61,6 +61,12 @@ export const pruneFlags = {
     "bf16, f16, f32 (default f16 for an all-f16 checkpoint, else bf16); the fine-tuned weights travel exactly when it holds the checkpoint's dtype and the method is not dare, deltas otherwise",
     { group: METHOD },
   ),
+  'value-kind': choice(
+    'K',
+    ['delta', 'auto'] as const,
+    'auto (default): send the fine-tuned weights when --value-dtype holds them exactly (format version 2); delta: always send deltas F - B (format version 1, for servers older than format version 2). push sends deltas to a secure job or one whose max_abs_value is below the default 1000, whatever this says',
+    { group: METHOD },
+  ),
   'vocab-mismatch': choice(
     'M',
     ['error', 'truncate'] as const,
@@ -94,6 +100,7 @@ export function pruneSettings(
     seed: v.seed,
     dareRescale: v['dare-rescale'],
     valueDtype: v['value-dtype'],
+    valueKind: v['value-kind'],
     vocabMismatch: v['vocab-mismatch'],
     workers: v.workers,
   });

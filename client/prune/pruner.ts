@@ -73,6 +73,13 @@ export interface PruneOptions {
    *   DARE; otherwise 'bf16'
    */
   valueDtype?: ValuePrecision;
+  /**
+   * Form of the kept values: 'auto' sends the fine-tuned weights when `valueDtype` allows it (see there), 'delta'
+   * always sends deltas Δ = F − B (format version 1, which older servers read; secure pushes and jobs with a
+   * max_abs_value need it).
+   * @default 'auto'
+   */
+  valueKind?: ValueKindChoice;
   /** @default 'error' */
   vocabMismatch?: VocabMismatch;
   /** Worker threads; 1 runs inline. Results are identical for any count. @default min(2, cores) */
@@ -82,6 +89,9 @@ export interface PruneOptions {
   /** Called after each tensor of each pass. */
   onProgress?: (p: PruneProgress) => void;
 }
+
+/** Choices of {@link PruneOptions.valueKind}. */
+export type ValueKindChoice = 'delta' | 'auto';
 
 /** Progress of a prune. */
 export interface PruneProgress {
@@ -156,6 +166,7 @@ export function withDefaults(opts: PruneOptions): Resolved {
     seed: opts.seed ?? 0,
     dareRescale: opts.dareRescale ?? 'inverse',
     valueDtype: opts.valueDtype,
+    valueKind: opts.valueKind ?? 'auto',
     vocabMismatch: opts.vocabMismatch ?? 'error',
     workers: opts.workers ?? Math.min(2, availableParallelism()),
     signal: opts.signal,
@@ -172,6 +183,8 @@ export function withDefaults(opts: PruneOptions): Resolved {
   if (!Number.isSafeInteger(r.seed)) throw new RangeError(`seed: must be an integer, got ${r.seed}`);
   if (r.valueDtype !== undefined && !(r.valueDtype in PRECISIONS))
     throw new RangeError(`valueDtype: expected bf16, f16 or f32, got ${r.valueDtype}`);
+  if (r.valueKind !== 'delta' && r.valueKind !== 'auto')
+    throw new RangeError(`valueKind: expected delta or auto, got ${String(r.valueKind)}`);
   compileLayerPattern(r.layerPattern);
   return r;
 }
@@ -273,7 +286,11 @@ function valueForm(
   const dtypes = new Set(planned.filter((p) => p.plan.sent).map((p) => source.finetuned.info(p.plan.name).dtype));
   const only = dtypes.size === 1 ? [...dtypes][0] : undefined;
   const dtype = o.valueDtype ?? (o.method !== 'dare' && only === 'F16' ? 'f16' : 'bf16');
-  const exact = o.method !== 'dare' && dtypes.size > 0 && [...dtypes].every((d) => HOLDS[dtype].includes(d));
+  const exact =
+    o.valueKind === 'auto' &&
+    o.method !== 'dare' &&
+    dtypes.size > 0 &&
+    [...dtypes].every((d) => HOLDS[dtype].includes(d));
   return { dtype, kind: exact ? ValueKind.VALUE_KIND_FINETUNED : ValueKind.VALUE_KIND_UNSPECIFIED };
 }
 

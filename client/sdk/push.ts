@@ -8,11 +8,11 @@ import { dirname } from 'node:path';
 import { status as Status, type ClientWritableStream } from '@grpc/grpc-js';
 import { DEFAULT_PRUNE_METHOD, pruneMethodFromWire, type PruneMethod } from '../../proto/algorithm/index.js';
 import { JobState, Privacy, type Job } from '../../proto/gen/dppa/v1/jobs.js';
-import type { DeltaHeader, DeltaRecord } from '../../proto/gen/dppa/v1/sparse.js';
+import { ValueKind, type DeltaHeader, type DeltaRecord } from '../../proto/gen/dppa/v1/sparse.js';
 import type { UploadRequest, UploadState } from '../../proto/gen/dppa/v1/upload.js';
-import { readDeltaFile, readDeltaHeader } from '../../proto/sparse/index.js';
+import { DEFAULT_MAX_ABS_VALUE, readDeltaFile, readDeltaHeader } from '../../proto/sparse/index.js';
 import { pruneToFile } from '../prune/prune-to-file.js';
-import { openPrune, type PruneOptions, type PruneProgress } from '../prune/pruner.js';
+import { openPrune, type PruneOptions, type PruneProgress, type ValueKindChoice } from '../prune/pruner.js';
 import { CallScope, inScope, type CallOptions } from './call.js';
 import type { Connection } from './connection.js';
 import { DeltaMismatchError, DppaRpcError, JobStateError, UploadIncompleteError } from './errors.js';
@@ -133,6 +133,22 @@ function deltaMethod(header: DeltaHeader): string {
   }
 }
 
+/**
+ * Why the job needs deltas rather than fine-tuned weights, if it does: a secure job masks and scales its values as
+ * deltas; a max_abs_value below the default bounds each value sent, which must then be Δ, not F (docs/server.md).
+ */
+function deltasRequired(job: Job): string | undefined {
+  if (job.privacy === Privacy.PRIVACY_SECURE) return `job ${job.id} is secure (values are masked as deltas)`;
+  if (job.maxAbsValue > 0 && job.maxAbsValue < DEFAULT_MAX_ABS_VALUE)
+    return `job ${job.id} bounds values by max_abs_value ${job.maxAbsValue}`;
+  return undefined;
+}
+
+/** The value form to prune to for `job`: deltas when the job needs them, else as asked. @internal */
+export function valueKindFor(job: Job, asked: ValueKindChoice | undefined): ValueKindChoice {
+  return deltasRequired(job) === undefined ? (asked ?? 'auto') : 'delta';
+}
+
 /** Checks a delta's header against the job before anything is sent (or evaluated). @internal */
 export function checkHeader(header: DeltaHeader, job: Job, what: string): void {
   if (job.baseFingerprint !== '' && header.baseFingerprint !== job.baseFingerprint) {
@@ -159,6 +175,15 @@ export function checkHeader(header: DeltaHeader, job: Job, what: string): void {
       required,
       method,
       `${what} is pruned with ${method}; job ${job.id} requires ${required}`,
+    );
+  }
+  const why = deltasRequired(job);
+  if (why !== undefined && header.valueKind === ValueKind.VALUE_KIND_FINETUNED) {
+    throw new DeltaMismatchError(
+      'valueKind',
+      'delta',
+      'finetuned',
+      `${what} holds fine-tuned weights, but ${why}: prune it again with --value-kind delta`,
     );
   }
 }
@@ -202,7 +227,15 @@ export async function keptDelta(
     if (signal.aborted) throw err;
   }
   await mkdir(dirname(path), { recursive: true });
-  await pruneToFile({ ...o, rate: job.rate, method: jobMethod(job), out: path, signal, onProgress });
+  await pruneToFile({
+    ...o,
+    rate: job.rate,
+    method: jobMethod(job),
+    valueKind: valueKindFor(job, o.valueKind),
+    out: path,
+    signal,
+    onProgress,
+  });
   return path;
 }
 
@@ -247,6 +280,7 @@ async function openSource(
     ...o,
     rate: job.rate,
     method: required,
+    valueKind: valueKindFor(job, o.valueKind),
     signal,
     onProgress: (p) => {
       if (p.phase === 'significance') prepare(p);

@@ -109,7 +109,8 @@ export class PatchSupport {
   add(chunk: DecodedChunk): void {
     const bits = this.bits;
     if (chunk.range) {
-      const end = chunk.firstPosition + chunk.values.length;
+      // count, not values.length: a decoder's scratch array may be longer than the chunk.
+      const end = chunk.firstPosition + chunk.count;
       let p = chunk.firstPosition;
       for (; p < end && (p & 7) !== 0; p++) bits[p >>> 3]! |= 1 << (p & 7);
       for (; p + 8 <= end; p += 8) bits[p >>> 3] = 0xff;

@@ -2,7 +2,7 @@
  * Turns fine-tuned weights (VALUE_KIND_FINETUNED values) into deltas Δ = F − B in fp32 from the base checkpoint:
  * the one conversion every reader of uploaded values as deltas uses. See docs/design/sparse-chunks.md.
  */
-import { FormatError } from '../errors.js';
+import { BaseDeltaError, FormatError } from '../errors.js';
 import { ValueKind, type DeltaHeader } from '../gen/dppa/v1/sparse.js';
 import { bytesPerElement, decodeToF32, type Dtype } from '../safetensors/dtype.js';
 import type { Checkpoint } from '../safetensors/reader.js';
@@ -49,7 +49,7 @@ export class FinetunedToDelta {
 
   /**
    * Replaces each value F of `chunk` (in place) by F − B, computed once and rounded to fp32.
-   * @throws FormatError naming the tensor and position where F − B is not a finite fp32 number.
+   * @throws BaseDeltaError naming the tensor and position where F − B is not a finite fp32 number.
    */
   async convert(chunk: DecodedChunk, signal?: AbortSignal): Promise<void> {
     const { values } = chunk;
@@ -96,7 +96,7 @@ export class FinetunedToDelta {
   }
 
   private notFinite(p: number, f: number, b: number): never {
-    throw new FormatError(
+    throw new BaseDeltaError(
       `flat position ${p}: the fine-tuned weight ${f} minus the base weight ${b} is not a finite fp32 number`,
       this.where(),
     );

@@ -17,7 +17,7 @@ export {
   type EncodeChunksOptions,
 } from './chunk-codec.js';
 export { DEFAULT_VALUE_DTYPE, storageDtype } from './value-dtype.js';
-export { firstValueBeyond, magnitudeLimit } from './value-bound.js';
+export { DEFAULT_MAX_ABS_VALUE, firstValueBeyond, magnitudeLimit } from './value-bound.js';
 export { shapeNumel, tensorRecords, type PartitionEntries, type TensorRecordOptions } from './tensor-records.js';
 export {
   assembleTensor,

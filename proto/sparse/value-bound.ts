@@ -59,3 +59,10 @@ export function firstValueBeyond(bytes: Uint8Array, dtype: Dtype, limit: number)
   }
   return -1;
 }
+
+/**
+ * A job's max_abs_value when it sets none: real fine-tunes' deltas stay near 1 at most, DARE rescales by up to 100
+ * (drop rate 0.99); the reasoning is in docs/server.md ("What an upload must satisfy"). The client sends deltas, not
+ * fine-tuned weights, to a job bounded more tightly.
+ */
+export const DEFAULT_MAX_ABS_VALUE = 1000;

@@ -14,14 +14,10 @@ import { FixedPointError, fixedPoint } from '../../proto/secure/index.js';
 import { checkSearch } from '../dpa/search-spec.js';
 import { DEFAULT_SECURE_PHASE_SECONDS, MAX_SECURE_PARTIES, MAX_SECURE_PHASE_SECONDS } from '../secure/secure-record.js';
 import { InvalidArgumentError, UnimplementedError } from '../errors.js';
+import { DEFAULT_MAX_ABS_VALUE } from '../../proto/sparse/index.js';
 import type { StoredJob } from './job-store.js';
 
-/**
- * Largest magnitude of an uploaded delta value when a job sets none: real
- * fine-tunes stay near 1 at most, DARE rescales by up to 100 (drop rate 0.99);
- * the reasoning is in docs/server.md ("What an upload must satisfy").
- */
-export const DEFAULT_MAX_ABS_VALUE = 1000;
+export { DEFAULT_MAX_ABS_VALUE };
 
 const PARTY_NAME = /^[A-Za-z0-9_-]{1,64}$/;
 const MAX_LABEL_LENGTH = 256;

@@ -3,7 +3,7 @@
  * fp32 (Δ = F − B for uploads of fine-tuned weights), then encoded in the base's dtype. The one implementation the worker
  * threads, the inline runner and the DPA search's ONNX evaluator call.
  */
-import { FormatError } from '../../proto/errors.js';
+import { BaseDeltaError, FormatError } from '../../proto/errors.js';
 import { bytesPerElement, type Checkpoint, encodeFromF32 } from '../../proto/safetensors/index.js';
 import { partitionFactor } from '../../proto/algorithm/index.js';
 import {
@@ -134,6 +134,7 @@ export async function accumulateTensor(
  * Adds `c_i · f_p · Δ|p` of one spooled tensor into `acc`, chunk by chunk, checking every record again;
  * fine-tuned weights (VALUE_KIND_FINETUNED) are turned into Δ = F − B first, so factors scale Δ.
  * @throws SpooledTensorError when the spool file is unusable or missing.
+ * @throws BaseDeltaError when F − B is not a finite fp32 number (a permanent job failure, see failure-policy.ts).
  */
 async function addSpooled(
   acc: Float32Array,
@@ -146,6 +147,12 @@ async function addSpooled(
     await addSpooledFile(acc, name, c, outsideByMax, opts);
   } catch (err) {
     if (opts.signal?.aborted === true) throw err;
+    // F − B not finite: the base (or fp32) is at fault, not the party's data; sending the party back cannot help.
+    if (err instanceof BaseDeltaError)
+      throw new BaseDeltaError(
+        `${err.message} (party ${c.party}'s fine-tuned value against the job's base: a non-finite base weight, or a difference beyond fp32)`,
+        { cause: err },
+      );
     if (err instanceof FormatError) throw new SpooledTensorError(c.party, err.message, c.file, name, { cause: err });
     if ((err as NodeJS.ErrnoException).code === 'ENOENT')
       throw new SpooledTensorError(c.party, `${c.file}, tensor "${name}": the spool file is gone`, c.file, name, {

@@ -28,7 +28,8 @@ export function requireCollecting(job: StoredJob): void {
  * fixed factors; a known value precision; every planned tensor of a known kind,
  * with one rate per level, present in the base with the same shape.
  * @param baseShapes - Shape of every tensor of the job's base checkpoint.
- * @throws FailedPreconditionError when the delta was made for another base, method, rate or factor count.
+ * @throws FailedPreconditionError when the delta was made for another base, method, rate or factor count, or
+ *   carries fine-tuned weights to a secure job.
  * @throws InvalidArgumentError when the header is malformed or plans a tensor the base lacks or shapes differently.
  */
 export function checkDeltaHeader(
@@ -57,6 +58,11 @@ export function checkDeltaHeader(
   if (method === 'dare' && header.valueKind === ValueKind.VALUE_KIND_FINETUNED)
     throw new InvalidArgumentError(
       'DeltaHeader value_kind: DARE rescales its kept values, so they must travel as deltas, not fine-tuned weights',
+    );
+  // The masked vectors are summed and scaled as deltas: a support whose values would be F is refused.
+  if (job.secure !== undefined && header.valueKind === ValueKind.VALUE_KIND_FINETUNED)
+    throw new FailedPreconditionError(
+      `DeltaHeader value_kind: job ${job.id} is secure, its masked values are summed as deltas F - B, not fine-tuned weights (prune with --value-kind delta)`,
     );
   if (header.rate !== job.rate)
     throw new FailedPreconditionError(
