@@ -94,6 +94,11 @@ export class JobRunner {
           // A pause this replica recorded ends when the job ends or goes on, wherever that happened.
           if (isTerminal(job.state) || this.pauses.outgrown(job.id, progressOf(job))) this.unpause(job.id);
           if (!isTerminal(job.state)) this.poke(job.id);
+          else {
+            // Ended on another replica (or its fail() lost a race): drop what this one still holds for it.
+            this.secureAttempts.delete(job.id);
+            this.deps.secure?.forget(job.id);
+          }
         }
       }, sweepMs).unref();
     }
@@ -420,7 +425,9 @@ export class JobRunner {
 
 /** The state a job is in while `step` runs. */
 function stepState(step: StepName): JobState {
-  return step === 'merge' ? JobState.JOB_STATE_MERGING : JobState.JOB_STATE_DPA;
+  if (step === 'merge') return JobState.JOB_STATE_MERGING;
+  // Secure phases run while the job collects.
+  return step === 'secure aggregation' ? JobState.JOB_STATE_COLLECTING : JobState.JOB_STATE_DPA;
 }
 
 /** What says a job went on (its state, the evaluations its searches recorded): a pause recorded before it is stale. */
