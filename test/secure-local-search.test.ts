@@ -32,7 +32,7 @@ before(async () => {
   } = (await writeLlamaFamily(join(dir, 'family'), { shape: TINY, seed: 7 })) as { base: string; finetuned: [string] });
   delta = join(dir, 'delta.dppa');
   // Rate 0.8: levels 0.9 and 0.8, two partitions.
-  await pruneToFile({ base, finetuned, rate: 0.8, out: delta });
+  await pruneToFile({ base, finetuned, rate: 0.8, out: delta, valueKind: 'delta' });
   target = join(dir, 'target');
   await applyDelta({ base, delta, out: target, factors: OPTIMUM });
 });

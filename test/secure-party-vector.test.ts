@@ -39,7 +39,7 @@ before(async () => {
   base = family.base;
   for (const [i, ft] of family.finetuned.entries()) {
     const out = join(dir, `p${i + 1}.dppa`);
-    await pruneToFile({ base, finetuned: ft, rate: 0.8, out });
+    await pruneToFile({ base, finetuned: ft, rate: 0.8, out, valueKind: 'delta' });
     deltas.push(out);
   }
 });

@@ -4,7 +4,13 @@
  */
 import { partitionFactor } from '../../proto/algorithm/index.js';
 import { FormatError } from '../../proto/errors.js';
-import { readDeltaFile, readDeltaHeader, shapeNumel, TensorAssembler } from '../../proto/sparse/index.js';
+import {
+  carriesFinetuned,
+  readDeltaFile,
+  readDeltaHeader,
+  shapeNumel,
+  TensorAssembler,
+} from '../../proto/sparse/index.js';
 
 /** One tensor of a party's scaled delta. */
 export interface ScaledTensor {
@@ -42,6 +48,9 @@ export async function* scaledTensors(
       `factors: the delta ${delta} has ${header.levels.length} partition(s), got ${scaling.factors.length} factor(s)`,
     );
   for (const f of scaling.factors) if (!Number.isFinite(f)) throw new RangeError(`factors: ${f} is not finite`);
+  // Secure parties mask deltas: a file of fine-tuned weights (format 2) would mask F (prune with valueKind 'delta').
+  if (carriesFinetuned(header))
+    throw new FormatError('a secure upload needs deltas, and this file carries fine-tuned weights', { file: delta });
   const weight = scaling.weight ?? 1;
   let assembler: TensorAssembler | undefined;
   for await (const record of readDeltaFile(delta, opts)) {
