@@ -211,6 +211,22 @@ async function fileSource(path: string, job: Job, signal: AbortSignal): Promise<
   };
 }
 
+/** GetUploadState of the pushing party, within the push's scope (retried). */
+export function partyUploadState(
+  conn: Connection,
+  o: Pick<PushOptions, 'jobId' | 'party'>,
+  scope: CallScope,
+): Promise<UploadState> {
+  return inScope(
+    conn,
+    'GetUploadState',
+    conn.uploads.getUploadState.bind(conn.uploads),
+    { jobId: o.jobId, party: o.party },
+    scope,
+    true,
+  );
+}
+
 /** The file of `keepDelta`: reused when it fits the job, else pruned anew. @internal */
 export async function keptDelta(
   o: PushFromCheckpoints & { keepDelta: string },
@@ -375,15 +391,7 @@ export async function push(conn: Connection, o: PushOptions, call: PushCallOptio
   const report = (p: PushProgress): void => call.onProgress?.(p);
   let source: RecordSource | undefined;
   try {
-    const uploadState = (): Promise<UploadState> =>
-      inScope(
-        conn,
-        'GetUploadState',
-        conn.uploads.getUploadState.bind(conn.uploads),
-        { jobId: o.jobId, party: o.party },
-        scope,
-        true,
-      );
+    const uploadState = (): Promise<UploadState> => partyUploadState(conn, o, scope);
     const job = await inScope(conn, 'GetJob', conn.jobs.getJob.bind(conn.jobs), { jobId: o.jobId }, scope, true);
     if (job.privacy === Privacy.PRIVACY_SECURE) return await pushSecure(conn, o, job, scope, call);
     const state = await uploadState();

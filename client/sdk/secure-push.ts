@@ -25,6 +25,7 @@ import { jobStateName } from './jobs.js';
 import {
   checkHeader,
   keptDelta,
+  partyUploadState,
   uploadRecords,
   UploadStream,
   type PushCallOptions,
@@ -128,15 +129,7 @@ export async function pushSecure(
   progress({ step: 'factors', factors: stored.factors });
 
   // Support: positions only, on the ordinary resumable upload.
-  const uploadState = (): Promise<UploadState> =>
-    inScope(
-      conn,
-      'GetUploadState',
-      conn.uploads.getUploadState.bind(conn.uploads),
-      { jobId: o.jobId, party: o.party },
-      scope,
-      true,
-    );
+  const uploadState = (): Promise<UploadState> => partyUploadState(conn, o, scope);
   let upload = await uploadState();
   if (!upload.complete) {
     if (job.securePhase !== SecurePhase.SECURE_PHASE_SUPPORT) throw excluded(job, o.party, 'support', 'its support');
