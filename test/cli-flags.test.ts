@@ -281,7 +281,7 @@ describe('dppa: the command line', () => {
       ],
       evaluate: ['--job ID', '--party P', '--eval-cmd CMD', '--eval-retries N', '--work-dir DIR', ...connection],
       pull: ['--job ID', '--out DIR', '--overwrite', ...connection],
-      health: ['--service NAME', ...connection],
+      health: ['--service NAME', '--server HOST:PORT', '--tls-ca FILE'],
       serve: [
         '--data DIR',
         '--grpc-host HOST',
@@ -309,5 +309,7 @@ describe('dppa: the command line', () => {
         );
       assert.match(r.stdout, /Exit codes: 0 /, name);
     }
+    // A probe asks once: `dppa health` has no --retry-for to accept and ignore.
+    assert.doesNotMatch(helps[names.indexOf('health')]!.stdout, /--retry-for/);
   });
 });

@@ -50,6 +50,9 @@ export const serverFlags = {
   ),
 };
 
+/** Connection flags of a command that asks once (`dppa health`: a probe wants the answer of now). */
+export const onceServerFlags = (({ 'retry-for': _retryFor, ...rest }) => rest)(serverFlags);
+
 /** The admin token's flag. */
 export const adminTokenFlags = {
   'admin-token-file': text('FILE', 'file holding the admin token (default: $DPPA_ADMIN_TOKEN)', { group: CONNECTION }),

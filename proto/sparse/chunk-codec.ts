@@ -309,8 +309,10 @@ export function decodeChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}, sc
   const values = skip ? NO_VALUES : scratch === undefined ? new Float32Array(count) : scratch.values.subarray(0, count);
   // A positions-only chunk decodes with every value 0.
   const dtype = storageDtype(chunk.valueDtype);
-  if (!skip && dtype === undefined) values.fill(0);
-  else if (!skip) decodeValues(chunk.values, dtype!, values);
+  if (!skip) {
+    if (dtype === undefined) values.fill(0);
+    else decodeValues(chunk.values, dtype, values);
+  }
   if (checked.range && scratch !== undefined) {
     // checkChunk has bounded the last position already.
     const { firstPosition } = checked;

@@ -3,7 +3,7 @@ import { cancellable, defineCommand, note, out } from '../command.js';
 import { EXIT } from '../exit-codes.js';
 import { checkHealth } from '../../sdk/health.js';
 import { DppaRpcError } from '../../sdk/errors.js';
-import { inFlagTerms, serverFlags, transportOptions } from '../server-flags.js';
+import { inFlagTerms, onceServerFlags, transportOptions } from '../server-flags.js';
 
 /** `dppa health`: see its help text. */
 export const healthCommand = defineCommand({
@@ -15,7 +15,7 @@ whether it serves, and prints the answer: SERVING, or NOT_SERVING while it
 stops. Needs no token. Made for probes (a container's HEALTHCHECK).`,
   flags: {
     service: text('NAME', 'a service of the server, e.g. dppa.v1.UploadService (default: the whole server)'),
-    ...serverFlags,
+    ...onceServerFlags,
   },
   after: `Exit codes: 0 serving; 1 not serving, unknown service, unreachable or no answer
 in time (the reason on stderr); 2 bad command line; 130 interrupted.`,
