@@ -64,12 +64,12 @@ function openMasked(
   first: MaskedChunk,
 ): { result: Promise<MaskedState>; end: () => void; close: () => void } {
   const secure = new SecureAggregationServiceClient(r.address, credentials.createInsecure());
+  let end = (): void => {};
   const result = new Promise<MaskedState>((resolve, reject) => {
     const s = secure.uploadMasked(bearer(token), (err, res) => (err === null ? resolve(res) : reject(err)));
     s.write(first);
     end = () => s.end();
   });
-  let end = (): void => {};
   return { result, end: () => end(), close: () => secure.close() };
 }
 
