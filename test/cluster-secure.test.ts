@@ -73,12 +73,41 @@ function openMasked(
   return { result, end: () => end(), close: () => secure.close() };
 }
 
+/** GetMaskedState of the party whose token this is, on a replica. */
+function maskedState(r: ServeProcess, token: string, jobId: string): Promise<MaskedState> {
+  const secure = new SecureAggregationServiceClient(r.address, credentials.createInsecure());
+  return new Promise<MaskedState>((resolve, reject) =>
+    secure.getMaskedState({ jobId }, bearer(token), (err, res) => (err === null ? resolve(res) : reject(err))),
+  ).finally(() => secure.close());
+}
+
 /** The secure part of the job as the KV bucket holds it. */
 async function storedSecure(jobId: string): Promise<{ maskedClaims?: Record<string, { id: string; until: string }> }> {
   const nc = await connect({ servers: nats.url });
   try {
     const kv = await new Kvm(jetstream(nc)).open(JOBS_BUCKET);
     return (await kv.get(jobKey(jobId)))!.json<{ secure: { maskedClaims?: Record<string, never> } }>().secure;
+  } finally {
+    await nc.close();
+  }
+}
+
+/** Makes a party's masked-upload claim lapse, as its lease's time passing would (compare-and-swap in the bucket). */
+async function lapse(jobId: string, party: string): Promise<void> {
+  const nc = await connect({ servers: nats.url });
+  try {
+    const kv = await new Kvm(jetstream(nc)).open(JOBS_BUCKET);
+    for (let attempt = 1; ; attempt++) {
+      const e = (await kv.get(jobKey(jobId)))!;
+      const job = e.json<{ secure: { maskedClaims: Record<string, { until: string }> } }>();
+      job.secure.maskedClaims[party]!.until = new Date(0).toISOString();
+      try {
+        await kv.update(jobKey(jobId), `${JSON.stringify(job, null, 2)}\n`, e.revision);
+        return;
+      } catch (err) {
+        if (attempt >= 10) throw err;
+      }
+    }
   } finally {
     await nc.close();
   }
@@ -142,23 +171,22 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
     // math on A, finance on B; law on A stops once it has U, before any masked word.
     const math = push(a, 'math');
     const finance = push(b, 'finance');
+    // Awaited below; handled here too so that a failure before then does not also leave an unhandled rejection.
+    for (const p of [math, finance]) p.catch(() => undefined);
     const stopLaw = new AbortController();
     await assert.rejects(push(a, 'law', stopLaw.signal, () => stopLaw.abort(new Error('law stops'))));
     const masked = await admin.getJob(job.id);
     assert.equal(masked.securePhase, SecurePhase.SECURE_PHASE_MASKED_INPUT);
 
     // Really secure: the spool holds the masked words of math and finance, |U| words each, and nothing of law.
-    const words = await until('the masked vectors of math and finance', async () => {
-      const files = await readdir(join(jobDir, 'secure', 'masked')).catch((): string[] => []);
-      if (!files.includes('math.u32') || !files.includes('finance.u32')) return undefined;
-      const st = await admin.getJob(job.id);
-      const sizes = await Promise.all(
-        ['math', 'finance'].map(async (p) => (await stat(join(jobDir, 'secure', 'masked', `${p}.u32`))).size),
+    const words = Number((await maskedState(b, tokens.law!, job.id)).wordsExpected);
+    for (const p of ['math', 'finance'])
+      await until(`${p}'s whole masked vector`, async () =>
+        (await maskedState(a, tokens[p]!, job.id)).complete ? true : undefined,
       );
-      return sizes.every((s) => s > 0 && s === sizes[0]) && st.securePhase === SecurePhase.SECURE_PHASE_MASKED_INPUT
-        ? sizes[0]! / 4
-        : undefined;
-    });
+    const files = await readdir(join(jobDir, 'secure', 'masked'));
+    assert.deepEqual(files.sort(), ['finance.u32', 'math.u32']);
+    for (const f of files) assert.equal((await stat(join(jobDir, 'secure', 'masked', f))).size, 4 * words);
     assert.ok(words > 1000, `|U| = ${words}`);
 
     // law opens a masked stream on A (a zero-word chunk at 0: nothing written, the stream stays open) ...
@@ -186,12 +214,27 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
       return true;
     });
     onB.close();
-    // law resumes on B (refused, it waits) while A's stream is open; A's stream ends, its claim goes, law gets in.
-    const law = push(b, 'law');
-    await new Promise((r) => setTimeout(r, 300));
+    // A's stream ends: its claim goes with it.
     onA.end();
     assert.equal((await onA.result).wordsHeld, 0n);
     onA.close();
+    assert.equal((await storedSecure(job.id)).maskedClaims?.law, undefined, 'the claim is released at the end');
+
+    // A replica that dies with law's stream open leaves its claim: law (resuming on B) is refused and waits until the
+    // claim lapses (its time is made to pass here), then B takes law's upload over.
+    const c = await replica();
+    const onC = openMasked(c, tokens.law!, first);
+    onC.result.catch(() => undefined);
+    const left = await until('replica C’s claim', async () => {
+      const l = (await storedSecure(job.id)).maskedClaims?.law;
+      return l !== undefined && l.id !== claim.id ? l : undefined;
+    });
+    await c.kill();
+    onC.close();
+    const law = push(b, 'law');
+    await new Promise((r) => setTimeout(r, 500));
+    assert.deepEqual((await storedSecure(job.id)).maskedClaims?.law, left, 'the dead replica’s claim stays');
+    await lapse(job.id, 'law');
     await Promise.all([math, finance, law]);
 
     try {
