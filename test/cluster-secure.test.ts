@@ -82,25 +82,31 @@ function maskedState(r: ServeProcess, token: string, jobId: string): Promise<Mas
 }
 
 /** The secure part of the job as the KV bucket holds it. */
-async function storedSecure(jobId: string): Promise<{ maskedClaims?: Record<string, { id: string; until: string }> }> {
+async function storedSecure(jobId: string): Promise<StoredSecure> {
   const nc = await connect({ servers: nats.url });
   try {
     const kv = await new Kvm(jetstream(nc)).open(JOBS_BUCKET);
-    return (await kv.get(jobKey(jobId)))!.json<{ secure: { maskedClaims?: Record<string, never> } }>().secure;
+    return (await kv.get(jobKey(jobId)))!.json<{ secure: StoredSecure }>().secure;
   } finally {
     await nc.close();
   }
 }
 
-/** Makes a party's masked-upload claim lapse, as its lease's time passing would (compare-and-swap in the bucket). */
-async function lapse(jobId: string, party: string): Promise<void> {
+/** The secure part of a job as stored in the bucket (the fields this test reads or changes). */
+interface StoredSecure {
+  maskedClaims?: Record<string, { id: string; until: string }>;
+  closing?: { phase: string; id: string; until: string };
+}
+
+/** Changes the secure part of the job in the bucket (compare-and-swap, as a replica would). */
+async function rewriteSecure(jobId: string, change: (s: StoredSecure) => void): Promise<void> {
   const nc = await connect({ servers: nats.url });
   try {
     const kv = await new Kvm(jetstream(nc)).open(JOBS_BUCKET);
     for (let attempt = 1; ; attempt++) {
       const e = (await kv.get(jobKey(jobId)))!;
-      const job = e.json<{ secure: { maskedClaims: Record<string, { until: string }> } }>();
-      job.secure.maskedClaims[party]!.until = new Date(0).toISOString();
+      const job = e.json<{ secure: StoredSecure }>();
+      change(job.secure);
       try {
         await kv.update(jobKey(jobId), `${JSON.stringify(job, null, 2)}\n`, e.revision);
         return;
@@ -111,6 +117,11 @@ async function lapse(jobId: string, party: string): Promise<void> {
   } finally {
     await nc.close();
   }
+}
+
+/** Makes a party's masked-upload claim lapse, as its lease's time passing would. */
+function lapse(jobId: string, party: string): Promise<void> {
+  return rewriteSecure(jobId, (s) => (s.maskedClaims![party]!.until = new Date(0).toISOString()));
 }
 
 async function until<T>(what: string, probe: () => Promise<T | undefined>): Promise<T> {
@@ -168,13 +179,28 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
         .finally(() => c.close());
     };
 
+    // A replica that died while closing SUPPORT left its claim (planted here): the others leave the phase alone.
+    const dead = { phase: 'SECURE_PHASE_SUPPORT', id: 'a-replica-that-died', until: new Date(Date.now() + 600_000) };
+    await rewriteSecure(job.id, (sec) => (sec.closing = { ...dead, until: dead.until.toISOString() }));
+
     // math on A, finance on B; law on A stops once it has U, before any masked word.
     const math = push(a, 'math');
     const finance = push(b, 'finance');
-    // Awaited below; handled here too so that a failure before then does not also leave an unhandled rejection.
-    for (const p of [math, finance]) p.catch(() => undefined);
     const stopLaw = new AbortController();
-    await assert.rejects(push(a, 'law', stopLaw.signal, () => stopLaw.abort(new Error('law stops'))));
+    const lawStops = push(a, 'law', stopLaw.signal, () => stopLaw.abort(new Error('law stops')));
+    // Awaited below; handled here too so that a failure before then does not also leave an unhandled rejection.
+    for (const p of [math, finance, lawStops]) p.catch(() => undefined);
+
+    // Every support is in, yet SUPPORT stays open while the claim is current (through a sweep, every 5 s) ...
+    await until('the three supports', async () =>
+      (await admin.getJob(job.id)).parties.every((p) => p.uploadComplete) ? true : undefined,
+    );
+    await new Promise((r) => setTimeout(r, 6000));
+    assert.equal((await admin.getJob(job.id)).securePhase, SecurePhase.SECURE_PHASE_SUPPORT);
+    assert.equal((await storedSecure(job.id)).closing?.id, dead.id);
+    // ... and once it lapses, a replica closes it (at its next sweep) and the rounds go on.
+    await rewriteSecure(job.id, (sec) => (sec.closing!.until = new Date(0).toISOString()));
+    await assert.rejects(lawStops, /law stops/);
     const masked = await admin.getJob(job.id);
     assert.equal(masked.securePhase, SecurePhase.SECURE_PHASE_MASKED_INPUT);
 
