@@ -62,15 +62,19 @@ function openMasked(
   r: ServeProcess,
   token: string,
   first: MaskedChunk,
-): { result: Promise<MaskedState>; end: () => void; close: () => void } {
+): { result: Promise<MaskedState>; write: (c: MaskedChunk) => void; end: () => void; close: () => void } {
   const secure = new SecureAggregationServiceClient(r.address, credentials.createInsecure());
-  let end = (): void => {};
+  let stream: ReturnType<SecureAggregationServiceClient['uploadMasked']> | undefined;
   const result = new Promise<MaskedState>((resolve, reject) => {
-    const s = secure.uploadMasked(bearer(token), (err, res) => (err === null ? resolve(res) : reject(err)));
-    s.write(first);
-    end = () => s.end();
+    stream = secure.uploadMasked(bearer(token), (err, res) => (err === null ? resolve(res) : reject(err)));
+    stream.write(first);
   });
-  return { result, end: () => end(), close: () => secure.close() };
+  return {
+    result,
+    write: (c) => void stream!.write(c),
+    end: () => void stream!.end(),
+    close: () => secure.close(),
+  };
 }
 
 /** GetMaskedState of the party whose token this is, on a replica. */
@@ -246,6 +250,22 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
     onA.close();
     assert.equal((await storedSecure(job.id)).maskedClaims?.law, undefined, 'the claim is released at the end');
 
+    // A stream whose claim lapsed and was taken over by another replica (done here in the bucket) stops at its next
+    // chunk once half its lease has passed (when it renews): ABORTED, nothing written.
+    const onA2 = openMasked(a, tokens.law!, first);
+    const mine = await until('law’s second claim on A', async () => (await storedSecure(job.id)).maskedClaims?.law);
+    await rewriteSecure(job.id, (sec) => (sec.maskedClaims!.law = { ...mine, id: 'another-replica' }));
+    await new Promise((r) => setTimeout(r, 31_000));
+    onA2.write(first);
+    await assert.rejects(onA2.result, (err: ServiceError) => {
+      assert.equal(err.code, status.ABORTED, err.message);
+      assert.match(err.details, /another server took over its masked upload/);
+      return true;
+    });
+    onA2.close();
+    assert.equal((await storedSecure(job.id)).maskedClaims?.law?.id, 'another-replica', 'the other claim is kept');
+    await lapse(job.id, 'law');
+
     // A replica that dies with law's stream open leaves its claim: law (resuming on B) is refused and waits until the
     // claim lapses (its time is made to pass here), then B takes law's upload over.
     const c = await replica();
@@ -253,7 +273,7 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
     onC.result.catch(() => undefined);
     const left = await until('replica C’s claim', async () => {
       const l = (await storedSecure(job.id)).maskedClaims?.law;
-      return l !== undefined && l.id !== claim.id ? l : undefined;
+      return l !== undefined && ![claim.id, mine.id, 'another-replica'].includes(l.id) ? l : undefined;
     });
     await c.kill();
     onC.close();
