@@ -1,10 +1,18 @@
 import assert from 'node:assert/strict';
-import { mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { crc32c } from '../proto/sparse/index.js';
-import { appendMasked, maskedFile, maskedWordsHeld, readMasked } from '../server/uploads/masked-spool.js';
+import { discardSecureData } from '../server/secure/secure-sum.js';
+import {
+  appendMasked,
+  maskedFile,
+  maskedWordsHeld,
+  readMasked,
+  SecureDataDiscardedError,
+  secureDir,
+} from '../server/uploads/masked-spool.js';
 
 function piece(offset: number, words: number[], total: number) {
   const bytes = new Uint8Array(Uint32Array.from(words).buffer);
@@ -34,4 +42,28 @@ test('a zero-word chunk at |U| keeps a whole vector as it is', async (t) => {
   await appendMasked(dir, 'p1', 2, of(piece(0, [9, 10], 2)), () => {});
   assert.equal(await appendMasked(dir, 'p1', 2, of(piece(2, [], 2)), () => {}), 2);
   assert.deepEqual([...(await readMasked(dir, 'p1', 0, 2))], [9, 10]);
+});
+
+test('after the discard (the job ended) no masked word is written: an open stream stops, a new one is refused', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'masked-spool-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const total = 6;
+  await appendMasked(dir, 'p1', total, of(piece(0, [1, 2], total)), () => {});
+  // A stream open while the job ends: its first chunk lands, the discard runs, its next chunk is refused.
+  async function* late(): AsyncGenerator<ReturnType<typeof piece>> {
+    yield piece(2, [3, 4], total);
+    assert.equal(await discardSecureData(dir), true);
+    yield piece(4, [5, 6], total);
+  }
+  await assert.rejects(
+    appendMasked(dir, 'p1', total, late(), () => {}),
+    SecureDataDiscardedError,
+  );
+  assert.equal(await maskedWordsHeld(dir, 'p1'), 0, 'the discard deleted the vector');
+  // A stream that starts after the discard makes no file.
+  await assert.rejects(
+    appendMasked(dir, 'p2', total, of(piece(0, [1, 2], total)), () => {}),
+    SecureDataDiscardedError,
+  );
+  assert.deepEqual(await readdir(secureDir(dir)), ['discarded'], 'nothing but the mark is left');
 });

@@ -244,8 +244,8 @@ export abstract class MemoryJobStore implements JobStore {
 
 /** The jobs of one data folder (the embedded default). */
 export class LocalJobStore extends MemoryJobStore {
-  /** Per job, the last write; the next one starts after it so renames land in order. */
-  private readonly writes = new Map<string, Promise<void>>();
+  /** Per job, the last update; the next one starts after it, so that each change sees the one before written. */
+  private readonly updates = new Map<string, Promise<unknown>>();
 
   /**
    * Loads every job of `<dataDir>/jobs`, removing temporary files a crash left.
@@ -289,34 +289,37 @@ export class LocalJobStore extends MemoryJobStore {
   /** Writes the job's `job.json` (its folder is created if need be); the job exists once that is written. */
   async create(job: StoredJob): Promise<StoredJob> {
     await mkdir(this.dir(job.id), { recursive: true });
-    await this.persist(job);
+    await writeFileDurably(join(this.dir(job.id), 'job.json'), encodeJob(job));
     this.jobs.set(job.id, job);
     return job;
   }
 
   /**
-   * Changes a job and writes it out; `updatedAt` is set.
-   * @param change - Mutates the job in place.
-   * @throws NotFoundError if there is no such job; Error from the file system.
+   * Changes a job and writes it out; `updatedAt` is set. The change is made on a copy, written durably, and only
+   * then shown to readers (the object callers hold takes the copy's fields): nobody is told of a state a crash
+   * would lose, and a change that throws or a write that fails leaves the job as it was.
+   * @param change - Mutates the copy in place.
+   * @throws NotFoundError if there is no such job; what `change` throws; Error from the file system.
    */
   async update(id: string, change: (job: StoredJob) => void): Promise<StoredJob> {
-    const job = this.get(id);
-    change(job);
-    job.updatedAt = new Date().toISOString();
-    await this.persist(job);
-    return job;
-  }
-
-  private persist(job: StoredJob): Promise<void> {
-    // Serialised per job: the JSON is taken when the write starts, so the last write carries the last state.
-    const write = (this.writes.get(job.id) ?? Promise.resolve()).then(() =>
-      writeFileDurably(join(this.dir(job.id), 'job.json'), encodeJob(job)),
-    );
-    this.writes.set(
-      job.id,
-      write.catch(() => undefined),
-    );
-    return write;
+    this.get(id);
+    const run = (this.updates.get(id) ?? Promise.resolve()).then(async () => {
+      const held = this.get(id);
+      const path = join(this.dir(id), 'job.json');
+      const next = decodeJob(encodeJob(held), path);
+      change(next);
+      next.updatedAt = new Date().toISOString();
+      await writeFileDurably(path, encodeJob(next));
+      for (const k of Object.keys(held) as (keyof StoredJob)[]) if (!(k in next)) delete held[k];
+      Object.assign(held, next);
+      return held;
+    });
+    const settled = run.catch(() => undefined);
+    this.updates.set(id, settled);
+    void settled.then(() => {
+      if (this.updates.get(id) === settled) this.updates.delete(id);
+    });
+    return await run;
   }
 }
 

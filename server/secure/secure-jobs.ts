@@ -16,7 +16,7 @@ import {
   type UnmaskRequest,
   type UnmaskResponse,
 } from '../../proto/secure/index.js';
-import { AlreadyExistsError, FailedPreconditionError } from '../errors.js';
+import { AbortedError, AlreadyExistsError, FailedPreconditionError } from '../errors.js';
 import type { JobEvents } from '../jobs/job-events.js';
 import type { JobStore, StoredJob } from '../jobs/job-store.js';
 import { StateConflictError } from '../jobs/job-transitions.js';
@@ -44,6 +44,12 @@ const RESTART_GRACE_MS = 60_000;
 
 /** How long a replica's claim to close a phase keeps the others away (then a crashed replica's closing is redone). */
 const CLOSE_LEASE_MS = 10 * 60_000;
+
+/**
+ * How long a replica's claim on a party's masked upload keeps the other replicas' streams for that party away; the
+ * stream renews it once half of it has passed, before its next write (a replica that died frees it after this).
+ */
+const MASKED_LEASE_MS = 60_000;
 
 /** Longest wait of a timer (setTimeout fires at once beyond 2^31 - 1 ms). */
 const MAX_TIMER_MS = 2 ** 31 - 1;
@@ -85,6 +91,13 @@ function messagesIn(job: StoredJob, r: SecureRecord, phase: SecurePhase): { wait
     default:
       return { waited: s.request!.survivors.map(name), answered: s.responses.map((x) => name(x.from)) };
   }
+}
+
+/** This server's claim on a party's masked upload (a store shared by replicas). */
+interface MaskedClaim {
+  id: string;
+  /** When it lapses, ms since the epoch. */
+  until: number;
 }
 
 function phaseName(p: SecurePhase): string {
@@ -285,16 +298,24 @@ export class SecureJobs {
       throw new AlreadyExistsError(`party ${party} already has a masked upload open: wait for it to end, then resume`);
     this.maskedStreams.add(key);
     let held: number;
-    // The clipped count the party reports on the chunk that ends its vector.
-    let clipped = 0;
-    const unionSize = BigInt(r.unionSize);
-    const seen = (async function* (): AsyncGenerator<MaskedPiece> {
-      for await (const p of pieces) {
-        if (p.offset + BigInt(p.words.length >> 2) === unionSize) clipped = Number(p.clipped ?? 0n);
-        yield p;
-      }
-    })();
+    let claim: MaskedClaim | undefined;
     try {
+      // And on replicas sharing the store, one server at a time: a claim in the job record, renewed before writes.
+      claim = await this.claimMasked(jobId, party);
+      // The clipped count the party reports on the chunk that ends its vector.
+      let clipped = 0;
+      const unionSize = BigInt(r.unionSize);
+      const renew = async (): Promise<void> => {
+        if (claim !== undefined && Date.now() >= claim.until - MASKED_LEASE_MS / 2)
+          claim.until = await this.leaseMasked(jobId, party, claim.id, false);
+      };
+      const seen = (async function* (): AsyncGenerator<MaskedPiece> {
+        for await (const p of pieces) {
+          if (p.offset + BigInt(p.words.length >> 2) === unionSize) clipped = Number(p.clipped ?? 0n);
+          await renew();
+          yield p;
+        }
+      })();
       const dir = this.deps.store.dir(jobId);
       // A whole vector from an earlier stream whose record failed: record it now.
       if ((await maskedWordsHeld(dir, party)) === r.unionSize) {
@@ -307,8 +328,66 @@ export class SecureJobs {
       if (held === r.unionSize) await this.recordMasked(jobId, index, { party, count: clipped });
     } finally {
       this.maskedStreams.delete(key);
+      if (claim !== undefined) await this.releaseMasked(jobId, party, claim.id);
     }
     return { wordsHeld: held, wordsExpected: r.unionSize, complete: held === r.unionSize };
+  }
+
+  /**
+   * On a store shared by replicas, claims the writing of `party`'s masked vector for this server (see
+   * {@link leaseMasked}); undefined on a store of one server (its own set of open streams suffices).
+   */
+  private async claimMasked(jobId: string, party: string): Promise<MaskedClaim | undefined> {
+    if (this.deps.store.fresh === undefined) return undefined;
+    const id = randomUUID();
+    return { id, until: await this.leaseMasked(jobId, party, id, true) };
+  }
+
+  /**
+   * Takes (`take`) or renews the claim `id` on `party`'s masked upload for {@link MASKED_LEASE_MS}, by
+   * compare-and-swap through the store, while MASKED_INPUT is collected.
+   * @returns When the claim ends (ms since the epoch).
+   * @throws AlreadyExistsError when another server's claim is current (the party waits and resumes, as for a second
+   *   stream on one server); AbortedError when this claim was lost (it lapsed and another server took it);
+   *   FailedPreconditionError when the phase closed.
+   */
+  private async leaseMasked(jobId: string, party: string, id: string, take: boolean): Promise<number> {
+    const phase = SecurePhase.SECURE_PHASE_MASKED_INPUT;
+    let until = 0;
+    await this.deps.store.update(jobId, (j) => {
+      const r = secureOf(j);
+      if (phaseOf(r) !== phase)
+        throw new FailedPreconditionError(
+          `job ${jobId} is collecting ${phaseName(phaseOf(r))}, not ${phaseName(phase)}`,
+        );
+      const c = r.maskedClaims?.[party];
+      if (take && c !== undefined && c.id !== id && Date.parse(c.until) > Date.now())
+        throw new AlreadyExistsError(
+          `party ${party} already has a masked upload open on another server: wait for it to end, then resume`,
+        );
+      if (!take && c?.id !== id)
+        throw new AbortedError(
+          `party ${party}: another server took over its masked upload (this stream's claim lapsed): resume`,
+        );
+      until = Date.now() + MASKED_LEASE_MS;
+      r.maskedClaims = { ...r.maskedClaims, [party]: { id, until: new Date(until).toISOString() } };
+    });
+    return until;
+  }
+
+  /** Gives the claim up (if still held); logged, not thrown: a claim left behind lapses. */
+  private async releaseMasked(jobId: string, party: string, id: string): Promise<void> {
+    try {
+      await this.deps.store.update(jobId, (j) => {
+        const r = secureOf(j);
+        if (r.maskedClaims?.[party]?.id !== id) return;
+        const rest = { ...r.maskedClaims };
+        delete rest[party];
+        r.maskedClaims = rest;
+      });
+    } catch (err) {
+      this.deps.log.warn('could not release the claim on a masked upload; it lapses', { jobId, party, err });
+    }
   }
 
   /** GetUnmaskRequest, once MASKED_INPUT closed. */
@@ -470,6 +549,7 @@ export class SecureJobs {
       if (claim !== undefined && rec.closing?.id !== claim)
         throw new StateConflictError(`job ${job.id}: another server took over closing ${phaseName(phase)}`);
       delete rec.closing;
+      if (phase === SecurePhase.SECURE_PHASE_MASKED_INPUT) delete rec.maskedClaims;
       if (phase !== SecurePhase.SECURE_PHASE_SUPPORT) {
         // Messages accepted since the snapshot count: the event tells what the committed record holds.
         const now = messagesIn(j, rec, phase);

@@ -34,6 +34,8 @@ export interface SecureRecord {
   aggregator: string;
   /** A replica's claim to close `phase` (replicas sharing the store): others leave it alone until `until`. */
   closing?: { phase: string; id: string; until: string };
+  /** Per party, the replica whose masked upload stream writes its file (replicas sharing the store), until `until`. */
+  maskedClaims?: Record<string, { id: string; until: string }>;
 }
 
 /** The record's phase as the enum. */

@@ -10,7 +10,8 @@ import { OutsidePolicy, PruneMethod } from '../../proto/gen/dppa/v1/algorithm.js
 import { TensorKind, ValueDtype, ValueKind, type DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
 import { addInto, decodeSum, removeMasks, type FixedPoint, type MaskRemoval } from '../../proto/secure/index.js';
 import { DELTA_FORMAT_VERSION, DeltaFileWriter, tensorRecords } from '../../proto/sparse/index.js';
-import { readMasked, secureDir } from '../uploads/masked-spool.js';
+import { discardedMark, readMasked, secureDataDiscarded, secureDir } from '../uploads/masked-spool.js';
+import { writeFileDurably } from '../durable-write.js';
 import type { Union } from './union.js';
 
 /** Words unmasked at a time. */
@@ -23,10 +24,13 @@ export function sumDir(jobDir: string): string {
 
 /**
  * Deletes a job's masked vectors and unmasked sum (the sum at a position only one party kept is that party's
- * value): called once the job merged or failed, whatever `--keep-uploads` says.
+ * value): called once the job merged or failed, whatever `--keep-uploads` says. The mark `secure/discarded` is
+ * written first: a masked upload still open (on this server or another replica) writes nothing after it.
  * @returns True when there was something to delete.
  */
 export async function discardSecureData(jobDir: string): Promise<boolean> {
+  await mkdir(secureDir(jobDir), { recursive: true });
+  await writeFileDurably(discardedMark(jobDir), `${new Date().toISOString()}\n`);
   let found = false;
   for (const d of [join(secureDir(jobDir), 'masked'), sumDir(jobDir)]) {
     const there = await stat(d).then(
@@ -70,6 +74,7 @@ export async function writeSum(
   await mkdir(sumDir(jobDir), { recursive: true });
   for (const [i, t] of union.tensors.entries()) {
     signal.throwIfAborted();
+    await refuseIfDiscarded(jobDir);
     const values = new Float32Array(t.count);
     for (let start = 0; start < t.count; start += RANGE_WORDS) {
       const n = Math.min(RANGE_WORDS, t.count - start);
@@ -115,5 +120,14 @@ export async function writeSum(
       await w.abort();
       throw err;
     }
+    // A file made after the discard deleted the folder is removed (the discard writes its mark before it deletes).
+    await refuseIfDiscarded(jobDir);
   }
+}
+
+/** Throws, the sum's folder removed, once the job's secure data was discarded (the job ended meanwhile). */
+async function refuseIfDiscarded(jobDir: string): Promise<void> {
+  if (!(await secureDataDiscarded(jobDir))) return;
+  await rm(sumDir(jobDir), { recursive: true, force: true });
+  throw new Error(`${jobDir}: the job ended and its secure data was deleted: the sum is not written`);
 }

@@ -2,9 +2,10 @@
  * The masked vectors of a secure job: one file of little-endian uint32 words per party
  * (`<job>/secure/masked/<party>.u32`), written chunk by chunk after each chunk's CRC-32C is checked; its whole words
  * are what a resuming party is told (a torn last word is cut off before the next write). The spool of a secure job holds these words and the supports, never a value.
+ * Once the job's secure data is discarded (`secure/discarded` written first), no word is written any more.
  */
 import { constants } from 'node:fs';
-import { mkdir, open, stat, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, rm, stat, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ChecksumError } from '../../proto/errors.js';
 import { crc32c } from '../../proto/sparse/index.js';
@@ -21,14 +22,38 @@ export function maskedFile(jobDir: string, party: string): string {
   return join(secureDir(jobDir), 'masked', `${party}.u32`);
 }
 
-/** Words of a party's masked vector held (0 when none). */
-export async function maskedWordsHeld(jobDir: string, party: string): Promise<number> {
+/** The mark a job's discard leaves before it deletes the masked vectors (server/secure/secure-sum.ts). */
+export function discardedMark(jobDir: string): string {
+  return join(secureDir(jobDir), 'discarded');
+}
+
+/** True once the job's secure data was discarded (it ended): nothing of it is written again. */
+export async function secureDataDiscarded(jobDir: string): Promise<boolean> {
+  return (await sizeOrUndefined(discardedMark(jobDir))) !== undefined;
+}
+
+/** Refused: the job ended and its masked vectors were deleted (FAILED_PRECONDITION). */
+export class SecureDataDiscardedError extends FailedPreconditionError {}
+
+async function refuseIfDiscarded(jobDir: string, party: string): Promise<void> {
+  if (await secureDataDiscarded(jobDir))
+    throw new SecureDataDiscardedError(
+      `party ${party}: the job ended and its masked vectors were deleted: no masked upload is taken`,
+    );
+}
+
+async function sizeOrUndefined(file: string): Promise<number | undefined> {
   try {
-    return Math.floor((await stat(maskedFile(jobDir, party))).size / 4);
+    return (await stat(file)).size;
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 0;
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw err;
   }
+}
+
+/** Words of a party's masked vector held (0 when none). */
+export async function maskedWordsHeld(jobDir: string, party: string): Promise<number> {
+  return Math.floor(((await sizeOrUndefined(maskedFile(jobDir, party))) ?? 0) / 4);
 }
 
 /** One received chunk of a masked vector. */
@@ -45,8 +70,12 @@ export interface MaskedPiece {
  * Appends chunks to a party's masked vector, each checked before it is written: the vector's declared length is
  * |U|, the chunk starts at the words held, its CRC matches and it ends within |U|.
  * @returns The words held afterwards.
+ * Checked before the file is opened, after, and before each write: a job whose secure data was discarded (it
+ * ended) gets no word, even from a stream that started before (a file it created is removed; one the discard
+ * deleted while open takes the writes into the deleted file, freed at close).
  * @throws MaskedLengthError (INVALID_ARGUMENT) for a vector of another length; FailedPreconditionError for an
- *   offset other than the words held; ChecksumError (DATA_LOSS); InvalidArgumentError for bytes not whole words.
+ *   offset other than the words held; ChecksumError (DATA_LOSS); InvalidArgumentError for bytes not whole words;
+ *   SecureDataDiscardedError (FAILED_PRECONDITION) once the job's secure data was discarded.
  */
 export async function appendMasked(
   jobDir: string,
@@ -56,11 +85,17 @@ export async function appendMasked(
   onBytes: (n: number) => void,
 ): Promise<number> {
   const file = maskedFile(jobDir, party);
+  await refuseIfDiscarded(jobDir, party);
   await mkdir(join(secureDir(jobDir), 'masked'), { recursive: true });
   // Not 'a': an append ignores the position, so a torn write (short write, ENOSPC) would shift every later word.
   const fh = await open(file, constants.O_RDWR | constants.O_CREAT, 0o600);
   let held: number;
   try {
+    // The discard may have run between the check and the open (which then made the file again).
+    if (await secureDataDiscarded(jobDir)) {
+      await rm(file, { force: true });
+      await refuseIfDiscarded(jobDir, party);
+    }
     held = Math.floor((await fh.stat()).size / 4);
     await fh.truncate(held * 4);
     for await (const p of pieces) {
@@ -80,6 +115,7 @@ export async function appendMasked(
       const n = p.words.length / 4;
       if (held + n > unionSize)
         throw new MaskedLengthError(`MaskedChunk at word ${p.offset}: ${n} words run past the union's ${unionSize}`);
+      await refuseIfDiscarded(jobDir, party);
       await writeAt(fh, p.words, held * 4);
       held += n;
       onBytes(p.words.length);

@@ -1,0 +1,367 @@
+/**
+ * Secure aggregation on a cluster, with real processes: a real nats-server, two `dppa serve --cluster` replicas on
+ * one shared data folder, three parties pushing a `--privacy secure --threshold 2` job through real gRPC, spread over
+ * both replicas. While law's masked upload is open on one replica (holding its claim), a second stream for law on the
+ * other replica is refused (ALREADY_EXISTS); law then resumes there. The merged checkpoint equals the plain merge of
+ * the same scaled deltas (formed from the checkpoints, as test/secure-e2e.test.ts) within the fixed-point step.
+ */
+import assert from 'node:assert/strict';
+import { access, mkdtemp, readdir, rm, stat } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { credentials, Metadata, status, type ServiceError } from '@grpc/grpc-js';
+import { jetstream } from '@nats-io/jetstream';
+import { Kvm } from '@nats-io/kv';
+import { connect } from '@nats-io/transport-node';
+import { DppaClient, JobState } from '../client/index.js';
+import { loadParty } from '../client/secure/party-store.js';
+import { partitionFactor } from '../proto/algorithm/index.js';
+import { SecurePhase } from '../proto/gen/dppa/v1/jobs.js';
+import { SecureAggregationServiceClient, type MaskedChunk, type MaskedState } from '../proto/gen/dppa/v1/secure.js';
+import { Checkpoint, decodeToF32, encodeFromF32, type Dtype } from '../proto/safetensors/index.js';
+import { fixedPoint, sumErrorBound } from '../proto/secure/index.js';
+import { crc32c, readDeltaTensors, storageDtype } from '../proto/sparse/index.js';
+import { JOBS_BUCKET, jobKey } from '../server/nats/subjects.js';
+import { CLUSTER_ADMIN } from './fixtures/cluster-family.js';
+import { startNatsServer, type NatsServer } from './fixtures/nats-server.js';
+import { startServe, type ServeProcess } from './fixtures/serve-process.js';
+import { writeLlamaFamily } from './fixtures/synthetic-model.js';
+
+const shape = { layers: 2, hidden: 64, intermediate: 128, vocab: 256 };
+const parties = ['math', 'finance', 'law'] as const;
+const FACTORS: Record<(typeof parties)[number], number[]> = { math: [1.2, 1.1], finance: [1, 1], law: [0.9, 1.3] };
+const CLIP = 1;
+
+let dir: string;
+let nats: NatsServer;
+let base: string;
+let finetuned: string[];
+const replicas: ServeProcess[] = [];
+
+function replica(): Promise<ServeProcess> {
+  const args = ['--data', join(dir, 'data'), '--grpc-port', '0', '--metrics-port', '0', '--nats', nats.url];
+  return startServe([...args, '--cluster'], { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN }).then((r) => {
+    replicas.push(r);
+    return r;
+  });
+}
+
+function client(r: ServeProcess, token: string): DppaClient {
+  return new DppaClient({ address: r.address, token, retry: { attempts: 30, initialDelayMs: 100, maxDelayMs: 1000 } });
+}
+
+function bearer(token: string): Metadata {
+  const m = new Metadata();
+  m.set('authorization', `Bearer ${token}`);
+  return m;
+}
+
+/** An UploadMasked stream opened on a replica: its first chunk sent, the stream left open until `end`. */
+function openMasked(
+  r: ServeProcess,
+  token: string,
+  first: MaskedChunk,
+): { result: Promise<MaskedState>; write: (c: MaskedChunk) => void; end: () => void; close: () => void } {
+  const secure = new SecureAggregationServiceClient(r.address, credentials.createInsecure());
+  let stream: ReturnType<SecureAggregationServiceClient['uploadMasked']> | undefined;
+  const result = new Promise<MaskedState>((resolve, reject) => {
+    stream = secure.uploadMasked(bearer(token), (err, res) => (err === null ? resolve(res) : reject(err)));
+    stream.write(first);
+  });
+  return {
+    result,
+    write: (c) => void stream!.write(c),
+    end: () => void stream!.end(),
+    close: () => secure.close(),
+  };
+}
+
+/** GetMaskedState of the party whose token this is, on a replica. */
+function maskedState(r: ServeProcess, token: string, jobId: string): Promise<MaskedState> {
+  const secure = new SecureAggregationServiceClient(r.address, credentials.createInsecure());
+  return new Promise<MaskedState>((resolve, reject) =>
+    secure.getMaskedState({ jobId }, bearer(token), (err, res) => (err === null ? resolve(res) : reject(err))),
+  ).finally(() => secure.close());
+}
+
+/** The secure part of the job as the KV bucket holds it. */
+async function storedSecure(jobId: string): Promise<StoredSecure> {
+  const nc = await connect({ servers: nats.url });
+  try {
+    const kv = await new Kvm(jetstream(nc)).open(JOBS_BUCKET);
+    return (await kv.get(jobKey(jobId)))!.json<{ secure: StoredSecure }>().secure;
+  } finally {
+    await nc.close();
+  }
+}
+
+/** The secure part of a job as stored in the bucket (the fields this test reads or changes). */
+interface StoredSecure {
+  maskedClaims?: Record<string, { id: string; until: string }>;
+  closing?: { phase: string; id: string; until: string };
+}
+
+/** Changes the secure part of the job in the bucket (compare-and-swap, as a replica would). */
+async function rewriteSecure(jobId: string, change: (s: StoredSecure) => void): Promise<void> {
+  const nc = await connect({ servers: nats.url });
+  try {
+    const kv = await new Kvm(jetstream(nc)).open(JOBS_BUCKET);
+    for (let attempt = 1; ; attempt++) {
+      const e = (await kv.get(jobKey(jobId)))!;
+      const job = e.json<{ secure: StoredSecure }>();
+      change(job.secure);
+      try {
+        await kv.update(jobKey(jobId), `${JSON.stringify(job, null, 2)}\n`, e.revision);
+        return;
+      } catch (err) {
+        if (attempt >= 10) throw err;
+      }
+    }
+  } finally {
+    await nc.close();
+  }
+}
+
+/** Makes a party's masked-upload claim lapse, as its lease's time passing would. */
+function lapse(jobId: string, party: string): Promise<void> {
+  return rewriteSecure(jobId, (s) => (s.maskedClaims![party]!.until = new Date(0).toISOString()));
+}
+
+async function until<T>(what: string, probe: () => Promise<T | undefined>): Promise<T> {
+  for (let i = 0; i < 3000; i++) {
+    const v = await probe();
+    if (v !== undefined) return v;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+const exists = (p: string): Promise<boolean> =>
+  access(p).then(
+    () => true,
+    () => false,
+  );
+
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), 'dppa-cluster-secure-'));
+  nats = await startNatsServer();
+  ({ base, finetuned } = await writeLlamaFamily(join(dir, 'family'), { shape, seed: 43, finetunes: 3 }));
+});
+after(async () => {
+  await Promise.all(replicas.map((r) => r.kill()));
+  await nats.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+describe('secure aggregation on two replicas sharing one NATS and one data folder', () => {
+  it('merges the parties spread over both replicas as the plain merge does; one masked stream per party', async () => {
+    const [a, b] = await Promise.all([replica(), replica()]);
+    const admin = client(a, CLUSTER_ADMIN);
+    const { job, tokens } = await admin.createJob({
+      basePath: base,
+      parties: [...parties],
+      rate: 0.8,
+      secure: { threshold: 2, clipBound: CLIP, phaseSeconds: 300 },
+    });
+    const jobDir = join(dir, 'data', 'jobs', job.id);
+    const work = (p: string): string => join(dir, `work-${p}`);
+    const push = (r: ServeProcess, p: (typeof parties)[number], signal?: AbortSignal, onUnion?: () => void) => {
+      const c = client(r, tokens[p]!);
+      const i = parties.indexOf(p);
+      return c
+        .push(
+          {
+            jobId: job.id,
+            party: p,
+            base,
+            finetuned: finetuned[i]!,
+            secure: { workDir: work(p), factors: FACTORS[p], pollMs: 50 },
+          },
+          { ...(signal === undefined ? {} : { signal }), onSecure: (s) => s.step === 'union' && onUnion?.() },
+        )
+        .finally(() => c.close());
+    };
+
+    // A replica that died while closing SUPPORT left its claim (planted here): the others leave the phase alone.
+    const dead = { phase: 'SECURE_PHASE_SUPPORT', id: 'a-replica-that-died', until: new Date(Date.now() + 600_000) };
+    await rewriteSecure(job.id, (sec) => (sec.closing = { ...dead, until: dead.until.toISOString() }));
+
+    // math on A, finance on B; law on A stops once it has U, before any masked word.
+    const math = push(a, 'math');
+    const finance = push(b, 'finance');
+    const stopLaw = new AbortController();
+    const lawStops = push(a, 'law', stopLaw.signal, () => stopLaw.abort(new Error('law stops')));
+    // Awaited below; handled here too so that a failure before then does not also leave an unhandled rejection.
+    for (const p of [math, finance, lawStops]) p.catch(() => undefined);
+
+    // Every support is in, yet SUPPORT stays open while the claim is current (through a sweep, every 5 s) ...
+    await until('the three supports', async () =>
+      (await admin.getJob(job.id)).parties.every((p) => p.uploadComplete) ? true : undefined,
+    );
+    await new Promise((r) => setTimeout(r, 6000));
+    assert.equal((await admin.getJob(job.id)).securePhase, SecurePhase.SECURE_PHASE_SUPPORT);
+    assert.equal((await storedSecure(job.id)).closing?.id, dead.id);
+    // ... and once it lapses, a replica closes it (at its next sweep) and the rounds go on.
+    await rewriteSecure(job.id, (sec) => (sec.closing!.until = new Date(0).toISOString()));
+    await assert.rejects(lawStops, /law stops/);
+    const masked = await admin.getJob(job.id);
+    assert.equal(masked.securePhase, SecurePhase.SECURE_PHASE_MASKED_INPUT);
+
+    // Really secure: the spool holds the masked words of math and finance, |U| words each, and nothing of law.
+    const words = Number((await maskedState(b, tokens.law!, job.id)).wordsExpected);
+    for (const p of ['math', 'finance'])
+      await until(`${p}'s whole masked vector`, async () =>
+        (await maskedState(a, tokens[p]!, job.id)).complete ? true : undefined,
+      );
+    const files = await readdir(join(jobDir, 'secure', 'masked'));
+    assert.deepEqual(files.sort(), ['finance.u32', 'math.u32']);
+    for (const f of files) assert.equal((await stat(join(jobDir, 'secure', 'masked', f))).size, 4 * words);
+    assert.ok(words > 1000, `|U| = ${words}`);
+
+    // law opens a masked stream on A (a zero-word chunk at 0: nothing written, the stream stays open) ...
+    const empty = new Uint8Array(0);
+    const first: MaskedChunk = {
+      jobId: job.id,
+      offset: 0n,
+      words: empty,
+      crc32c: crc32c(empty),
+      totalWords: BigInt(words),
+      clipped: 0n,
+    };
+    const onA = openMasked(a, tokens.law!, first);
+    const claim = await until(
+      'law’s claim in the job record',
+      async () => (await storedSecure(job.id)).maskedClaims?.law,
+    );
+    assert.ok(Date.parse(claim.until) > Date.now());
+    // ... so that a second stream for law on B is refused while it is open.
+    const onB = openMasked(b, tokens.law!, first);
+    onB.end();
+    await assert.rejects(onB.result, (err: ServiceError) => {
+      assert.equal(err.code, status.ALREADY_EXISTS, err.message);
+      assert.match(err.details, /already has a masked upload open on another server/);
+      return true;
+    });
+    onB.close();
+    // A's stream ends: its claim goes with it.
+    onA.end();
+    assert.equal((await onA.result).wordsHeld, 0n);
+    onA.close();
+    assert.equal((await storedSecure(job.id)).maskedClaims?.law, undefined, 'the claim is released at the end');
+
+    // A stream whose claim lapsed and was taken over by another replica (done here in the bucket) stops at its next
+    // chunk once half its lease has passed (when it renews): ABORTED, nothing written.
+    const onA2 = openMasked(a, tokens.law!, first);
+    const mine = await until('law’s second claim on A', async () => (await storedSecure(job.id)).maskedClaims?.law);
+    await rewriteSecure(job.id, (sec) => (sec.maskedClaims!.law = { ...mine, id: 'another-replica' }));
+    await new Promise((r) => setTimeout(r, 31_000));
+    onA2.write(first);
+    await assert.rejects(onA2.result, (err: ServiceError) => {
+      assert.equal(err.code, status.ABORTED, err.message);
+      assert.match(err.details, /another server took over its masked upload/);
+      return true;
+    });
+    onA2.close();
+    assert.equal((await storedSecure(job.id)).maskedClaims?.law?.id, 'another-replica', 'the other claim is kept');
+    await lapse(job.id, 'law');
+
+    // A replica that dies with law's stream open leaves its claim: law (resuming on B) is refused and waits until the
+    // claim lapses (its time is made to pass here), then B takes law's upload over.
+    const c = await replica();
+    const onC = openMasked(c, tokens.law!, first);
+    onC.result.catch(() => undefined);
+    const left = await until('replica C’s claim', async () => {
+      const l = (await storedSecure(job.id)).maskedClaims?.law;
+      return l !== undefined && ![claim.id, mine.id, 'another-replica'].includes(l.id) ? l : undefined;
+    });
+    await c.kill();
+    onC.close();
+    const law = push(b, 'law');
+    await new Promise((r) => setTimeout(r, 500));
+    assert.deepEqual((await storedSecure(job.id)).maskedClaims?.law, left, 'the dead replica’s claim stays');
+    await lapse(job.id, 'law');
+    await Promise.all([math, finance, law]);
+
+    try {
+      for await (const e of admin.watchJob(job.id)) if (e.merged !== undefined || e.failed !== undefined) break;
+      const final = await admin.getJob(job.id);
+      assert.equal(final.state, JobState.JOB_STATE_MERGED, final.failureReason);
+      assert.equal((await storedSecure(job.id)).maskedClaims, undefined, 'no claim left once MASKED_INPUT closed');
+      // Nothing of the masked vectors stays; the discard left its mark.
+      assert.equal(await exists(join(jobDir, 'secure', 'masked')), false);
+      assert.equal(await exists(join(jobDir, 'secure', 'discarded')), true);
+      const out = join(dir, 'merged');
+      await admin.pull({ jobId: job.id, out });
+      await assertPlainMerge(out, job.id, work);
+    } finally {
+      admin.close();
+    }
+  });
+});
+
+/**
+ * The merged checkpoint against the plain merge: Δ = F − B in fp32 at each party's kept positions (only the
+ * positions and the value precision are read from its delta file), rounded to that precision, times the factors the
+ * party stored; weight 1. After bf16 rounding ≥ 99.99% identical, every other weight within the bound.
+ */
+async function assertPlainMerge(out: string, jobId: string, work: (p: string) => string): Promise<void> {
+  const factors = await Promise.all(parties.map(async (p) => (await loadParty(work(p), jobId, p)).factors!));
+  parties.forEach((p, i) => assert.deepEqual(factors[i], FACTORS[p]));
+  const fp = fixedPoint(CLIP, parties.length);
+  const [b, m] = await Promise.all([Checkpoint.open(base), Checkpoint.open(out)]);
+  try {
+    const plain = new Map<string, Float32Array>();
+    for (const [i, p] of parties.entries()) {
+      const ft = await Checkpoint.open(finetuned[i]!);
+      let dtype: Dtype = 'F32';
+      const round = (x: number): number => decodeToF32(encodeFromF32(Float32Array.of(x), dtype), dtype)[0]!;
+      try {
+        for await (const item of readDeltaTensors(join(work(p), 'delta.dppa'))) {
+          if (item.kind === 'header') dtype = storageDtype(item.header.valueDtype)!;
+          if (item.kind !== 'tensor') continue;
+          const name = item.tensor.name;
+          const [fv, bv] = await Promise.all([ft.readF32(name), b.readF32(name)]);
+          const acc = plain.get(name) ?? Float32Array.from(bv);
+          item.tensor.partitions.forEach((e, part) => {
+            const f = partitionFactor(factors[i]!, part, false);
+            for (const pos of e.positions) acc[pos] = acc[pos]! + f * round(fv[pos]! - bv[pos]!);
+          });
+          plain.set(name, acc);
+        }
+      } finally {
+        await ft.close();
+      }
+    }
+    let same = 0;
+    let total = 0;
+    let changed = 0;
+    for (const info of b.tensors()) {
+      const merged = await m.readF32(info.name);
+      const baseValues = await b.readF32(info.name);
+      const expected = plain.get(info.name) ?? baseValues;
+      const e = decodeToF32(encodeFromF32(expected, info.dtype), info.dtype);
+      for (let k = 0; k < e.length; k++) {
+        total++;
+        if (merged[k] !== baseValues[k]) changed++;
+        if (merged[k] === e[k]) {
+          same++;
+          continue;
+        }
+        const allowed =
+          2 ** -8 * Math.abs(expected[k]!) +
+          sumErrorBound(fp) +
+          4 * 2 ** -24 * (Math.abs(baseValues[k]!) + CLIP * parties.length);
+        assert.ok(
+          Math.abs(merged[k]! - expected[k]!) <= allowed,
+          `${info.name}[${k}]: merged ${merged[k]}, plain ${expected[k]} (base ${baseValues[k]})`,
+        );
+      }
+    }
+    assert.ok(changed > total / 20, `the merge changed ${changed} of ${total} weights`);
+    assert.ok(same / total >= 0.9999, `${same} of ${total} identical after bf16 rounding`);
+    console.log(`cluster secure: ${same} of ${total} weights identical after bf16 rounding`);
+  } finally {
+    await Promise.all([b.close(), m.close()]);
+  }
+}
