@@ -139,10 +139,7 @@ export class FamilyScorer {
   ) {}
 
   /** Opens `model.onnx` (one ONNX Runtime thread) and loads the tasks of `split` of `domains` (default: all). */
-  static async open(
-    split: Split,
-    opts: { threads?: number; domains?: readonly Domain[] } = {},
-  ): Promise<FamilyScorer> {
+  static async open(split: Split, opts: { threads?: number; domains?: readonly Domain[] } = {}): Promise<FamilyScorer> {
     const base = await Checkpoint.open(memberDir('base'));
     const checkpointShapes = Object.fromEntries(base.tensors().map((t) => [t.name, t.shape]));
     await base.close();
