@@ -306,7 +306,9 @@ console.log(
 );
 if (secure)
   console.log(
-    `DPPA (secure) is the secure merge: each party chose its factors itself, the server summed masked vectors (${clipped} value(s) clipped) and never held a party's delta; its upload is the support (positions), the masked words and the protocol's keys and shares. The other columns are built locally.\n`,
+    `DPPA (secure) is the secure merge: each party chose its factors itself, the server summed masked vectors\n` +
+      `(${clipped} value(s) clipped) and never held a party's delta; its upload is the support (positions), the masked\n` +
+      `words and the protocol's keys and shares. The other columns are built locally.\n`,
   );
 console.log(
   markdownTable(
