@@ -3,7 +3,7 @@
  * baselines in one Domain-Ratio table; `-- --privacy secure`: the same job with secure aggregation, each party
  * searching its factors with its own evaluation. Steps: docs/design/examples.md.
  *
- *   npm run demo [-- --out OUT_DIR] [-- --privacy secure]   (default dppa-demo/, which git ignores)
+ *   npm run demo [-- [--out OUT_DIR] [--privacy secure]]   (default dppa-demo/, which git ignores)
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -43,7 +43,7 @@ import {
   type Weights,
 } from './family-lab.js';
 
-const USAGE = `usage: npm run demo [-- --out OUT_DIR] [-- --privacy secure]
+const USAGE = `usage: npm run demo [-- [--out OUT_DIR] [--privacy secure]]
        (or: npx tsx docs/examples/federated-demo.ts [--out OUT_DIR] [--privacy plain|secure])
 
 Runs a federated DPPA job on the embedded model family (a server and three \`dppa push\` parties on this machine),
