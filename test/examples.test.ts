@@ -2,7 +2,8 @@
  * The runnable examples of docs/examples/ run as a reader would run them, each
  * against what it needs (files it generates, a real server), with their output
  * in a temporary folder: federated-demo.ts (`npm run demo -- --out DIR`, the
- * whole job; about 25 s idle, 40 s on a loaded machine), repro.ts in its
+ * whole job; about 25 s idle, 40 s on a loaded machine; and with `--privacy
+ * secure`, its parties scoring candidates with family-eval.ts), repro.ts in its
  * `--quick` setting (rates 80% and 90%, DARE seed 0: the same code as
  * `npm run repro` in about 20-30 s instead of 3-5 minutes), prune-demo.ts and
  * sdk-push.ts. The others run elsewhere: eval-harness.ts in dpa-cli.test.ts,
@@ -20,6 +21,7 @@ import { Checkpoint } from '../proto/safetensors/index.js';
 import { ADMIN, startHarness, type Harness } from './fixtures/grpc-harness.js';
 import { runTsx } from './fixtures/run-child.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
+import { memberDir, mergeWeights, readSparseDelta, readWeights } from '../docs/examples/family-lab.js';
 
 const example = (name: string): string => new URL(`../docs/examples/${name}`, import.meta.url).pathname;
 
@@ -36,49 +38,79 @@ describe('docs/examples', () => {
     const out = join(dir, 'federated-demo');
     const run = await runTsx(example('federated-demo.ts'), ['--out', out], { timeoutMs: 600_000 });
     assert.equal(run.code, 0, run.stderr);
-    const results = JSON.parse(await readFile(join(out, 'results.json'), 'utf8')) as {
-      rate: number;
-      domainRatio: Record<string, Record<string, number>>;
-      uploadBytes: Record<string, number>;
-    };
+    const results = await demoResults(out, run.stdout, ['DPPA', 'DPPA upload']);
     assert.deepEqual(Object.keys(results).sort(), ['domainRatio', 'rate', 'uploadBytes']);
-    assert.equal(results.rate, 0.9);
-    const merges = ['dense', 'dare', 'magnitude', 'dp', 'dppa'];
-    const domains = ['math', 'finance', 'law'];
-    assert.deepEqual(Object.keys(results.domainRatio).sort(), [...merges].sort());
-    for (const m of merges) {
-      assert.deepEqual(Object.keys(results.domainRatio[m]!).sort(), [...domains].sort(), m);
-      for (const d of domains) {
-        const r = results.domainRatio[m]![d]!;
-        assert.ok(typeof r === 'number' && Number.isFinite(r) && r >= 0, `${m}.${d} = ${r}`);
+  });
+
+  it('federated-demo.ts --privacy secure: each party searches its own factors, the server merges the masked sum', async () => {
+    const out = join(dir, 'federated-demo-secure');
+    const run = await runTsx(example('federated-demo.ts'), ['--out', out, '--privacy', 'secure'], {
+      timeoutMs: 600_000,
+    });
+    assert.equal(run.code, 0, run.stderr);
+    const results = await demoResults(out, run.stdout, ['DPPA \\(secure\\)', 'DPPA upload \\(secure\\)']);
+    assert.deepEqual(Object.keys(results).sort(), ['domainRatio', 'privacy', 'rate', 'uploadBytes']);
+    assert.equal(results.privacy, 'secure');
+    // Each party scored its own candidates (the dense reference first) and chose its factors.
+    const chosen = /^ +DPPA factors chosen on validation: (.*)$/m.exec(run.stdout);
+    assert.ok(chosen !== null, run.stdout);
+    const factors = new Map(
+      [...chosen[1]!.matchAll(/(\w+) \[([\d., ]+)\]/g)].map((m) => [m[1]!, m[2]!.split(', ').map(Number)]),
+    );
+    assert.deepEqual([...factors.keys()].sort(), [...DOMAINS].sort());
+    for (const d of DOMAINS) {
+      assert.match(
+        run.stdout,
+        new RegExp(
+          `^ +${d} +#1 +dense fine-tune \\(reference\\) +Domain-Ratio 100\\.00 \\(scored by the party\\)$`,
+          'm',
+        ),
+      );
+      assert.match(
+        run.stdout,
+        new RegExp(
+          `^ +${d} +chose \\[${factors.get(d)!.join(', ')}\\] \\(validation Domain-Ratio [\\d.]+\\), applied before masking$`,
+          'm',
+        ),
+      );
+    }
+    assert.match(run.stdout, /^ +phase masked_input closed: 3 parties, 0 value\(s\) clipped /m);
+    assert.match(run.stdout, /^ +phase unmask +closed: 3 parties /m);
+    // The merged checkpoint is base + Σ f_p·Δ_p of the parties' own deltas with the factors they chose, summed here
+    // in fp32 and rounded to BF16 (the plain merge of the same scaled deltas): bf16-identical in ≥ 99.99% of the
+    // weights (the secure sum is within the fixed-point step, 2^-27 at clip bound 4, of the plain one).
+    const base = await readWeights(memberDir('base'));
+    const deltas = await Promise.all(DOMAINS.map((d) => readSparseDelta(join(out, `${d}-dp.dppa`), base)));
+    const plain = mergeWeights(
+      base,
+      deltas.map((delta, i) => ({ delta, factors: factors.get(DOMAINS[i]!)! })),
+    );
+    const merged = await readWeights(join(out, 'merged'));
+    let same = 0;
+    let total = 0;
+    let moved = 0;
+    for (const [name, want] of plain) {
+      const got = merged.get(name)!;
+      const b = base.get(name)!;
+      for (let i = 0; i < want.length; i++) {
+        total++;
+        if (got[i] === want[i]) same++;
+        if (got[i] !== b[i]) moved++;
       }
     }
-    // A dense delta is one BF16 value per weight of the base, uploaded by each of the three parties.
-    const base = await Checkpoint.open(new URL('fixtures/family/base', import.meta.url).pathname);
-    let weights = 0;
-    try {
-      for (const t of base.tensors()) weights += t.numel;
-    } finally {
-      await base.close();
+    assert.ok(same / total >= 0.9999, `${same} of ${total} weights identical`);
+    assert.ok(moved > total / 20, `only ${moved} of ${total} weights differ from the base`);
+    // Each party uploads 4 bytes per position of U, the union of the three supports (computed here), besides its
+    // support and the protocol's keys and shares.
+    let union = 0;
+    for (const name of base.keys()) {
+      const positions = new Set<number>();
+      for (const delta of deltas)
+        for (const e of delta.tensors.get(name) ?? []) for (const p of e.positions) positions.add(p);
+      union += positions.size;
     }
-    assert.deepEqual(Object.keys(results.uploadBytes).sort(), ['dense', 'dppa']);
-    assert.equal(results.uploadBytes.dense, 3 * 2 * weights);
-    assert.ok(results.uploadBytes.dppa! > 0 && results.uploadBytes.dppa! < results.uploadBytes.dense, run.stdout);
-
-    // The printed table: one row per domain, its cells the percentages of results.json.
-    assert.match(run.stdout, /^\| domain +\| dense sum \| +DARE \| magnitude \| +DP \| +DPPA \| +DPPA upload \|$/m);
-    for (const d of domains) {
-      const row = new RegExp(`^\\| ${d} +\\|(.*)\\|$`, 'm').exec(run.stdout);
-      assert.ok(row !== null, `no table row for ${d}:\n${run.stdout}`);
-      const cells = row[1]!.split('|').map((c) => c.trim());
-      assert.equal(cells.length, merges.length + 1, row[0]);
-      merges.forEach((m, i) => {
-        assert.ok(Math.abs(Number(cells[i]) - 100 * results.domainRatio[m]![d]!) <= 0.006, `${m}.${d}: ${row[0]}`);
-      });
-      assert.match(cells[merges.length]!, /^[\d.]+ [kM]?B \(\d+\.\d%\)$/, row[0]);
-    }
-    for (const f of ['merged/model.safetensors', 'math-dp.dppa', 'finance-dp.dppa', 'law-dp.dppa'])
-      assert.ok(existsSync(join(out, f)), f);
+    assert.match(run.stdout, new RegExp(`\\|U\\| = ${union} positions`));
+    assert.ok(results.uploadBytes.dppa! > 3 * 4 * union, `${results.uploadBytes.dppa} bytes, |U| = ${union}`);
   });
 
   it('repro.ts --quick writes the tables, the rate plot and the agrees / disagrees section', async () => {
@@ -208,3 +240,67 @@ describe('docs/examples', () => {
     });
   });
 });
+
+const DOMAINS = ['math', 'finance', 'law'];
+
+/**
+ * results.json of a demo run in `out`, checked against the printed table (its DPPA and upload columns headed
+ * `dppa` and `upload`, regular expressions) and the family's size.
+ */
+async function demoResults(
+  out: string,
+  stdout: string,
+  [dppa, upload]: [string, string],
+): Promise<{
+  privacy?: string;
+  rate: number;
+  domainRatio: Record<string, Record<string, number>>;
+  uploadBytes: Record<string, number>;
+}> {
+  const results = JSON.parse(await readFile(join(out, 'results.json'), 'utf8')) as {
+    privacy?: string;
+    rate: number;
+    domainRatio: Record<string, Record<string, number>>;
+    uploadBytes: Record<string, number>;
+  };
+  assert.equal(results.rate, 0.9);
+  const merges = ['dense', 'dare', 'magnitude', 'dp', 'dppa'];
+  assert.deepEqual(Object.keys(results.domainRatio).sort(), [...merges].sort());
+  for (const m of merges) {
+    assert.deepEqual(Object.keys(results.domainRatio[m]!).sort(), [...DOMAINS].sort(), m);
+    for (const d of DOMAINS) {
+      const r = results.domainRatio[m]![d]!;
+      assert.ok(typeof r === 'number' && Number.isFinite(r) && r >= 0, `${m}.${d} = ${r}`);
+    }
+  }
+  // A dense delta is one BF16 value per weight of the base, uploaded by each of the three parties.
+  const base = await Checkpoint.open(new URL('fixtures/family/base', import.meta.url).pathname);
+  let weights = 0;
+  try {
+    for (const t of base.tensors()) weights += t.numel;
+  } finally {
+    await base.close();
+  }
+  assert.deepEqual(Object.keys(results.uploadBytes).sort(), ['dense', 'dppa']);
+  assert.equal(results.uploadBytes.dense, 3 * 2 * weights);
+  assert.ok(results.uploadBytes.dppa! > 0 && results.uploadBytes.dppa! < results.uploadBytes.dense, stdout);
+
+  // The printed table: one row per domain, its cells the percentages of results.json.
+  assert.match(
+    stdout,
+    new RegExp(`^\\| domain +\\| dense sum \\| +DARE \\| magnitude \\| +DP \\| +${dppa} \\| +${upload} \\|$`, 'm'),
+  );
+  for (const d of DOMAINS) {
+    const row = new RegExp(`^\\| ${d} +\\|(.*)\\|$`, 'm').exec(stdout);
+    assert.ok(row !== null, `no table row for ${d}:\n${stdout}`);
+    const cells = row[1]!.split('|').map((c) => c.trim());
+    assert.equal(cells.length, merges.length + 1, row[0]);
+    merges.forEach((m, i) => {
+      assert.ok(Math.abs(Number(cells[i]) - 100 * results.domainRatio[m]![d]!) <= 0.006, `${m}.${d}: ${row[0]}`);
+    });
+    assert.match(cells[merges.length]!, /^[\d.]+ [kM]?B \(\d+\.\d%\)$/, row[0]);
+  }
+  for (const f of ['merged/model.safetensors', 'math-dp.dppa', 'finance-dp.dppa', 'law-dp.dppa'])
+    assert.ok(existsSync(join(out, f)), f);
+  return results;
+}

@@ -207,13 +207,14 @@ describe('secure party vector', () => {
     assert.ok(read === inOrder.length);
     assert.equal(words, unionLength(inOrder));
     // Clipped values at a small bound: counted over the whole vector, a resumed run too (the words before `from`
-    // counted, not coded), and equal to the count of scaled values beyond the bound computed here.
+    // counted, not coded; at `from` = |U| nothing is coded and all are counted), and equal to the count of scaled
+    // values beyond the bound computed here.
     const small = fixedPoint(0.05, 2);
     let want = 0;
     for await (const t of scaledTensors(deltas[0]!, SCALINGS[0]!))
       for (const v of t.values) if (Math.abs(v) > 0.05) want++;
     assert.ok(want > 0);
-    for (const from of [0, 1234, Math.floor(unionLength(inOrder) / 2)]) {
+    for (const from of [0, 1234, Math.floor(unionLength(inOrder) / 2), unionLength(inOrder)]) {
       let clipped = 0;
       await collect(
         maskedChunks(party(), small, inOrder, scaledTensors(deltas[0]!, SCALINGS[0]!), {

@@ -37,6 +37,7 @@ import {
   startHarness,
   upload,
   uploadMessages,
+  watchAll,
   type Harness,
 } from './fixtures/grpc-harness.js';
 
@@ -172,6 +173,36 @@ function reportClipped(chunks: Chunk[], p: { name: string }, job: Job): Chunk[] 
   const last = chunks.at(-1);
   if (last !== undefined) last.clipped = BigInt(job.parties.findIndex((q) => q.name === p.name) + 1);
   return chunks;
+}
+
+/**
+ * A secure job of `names` (t = 2) brought to MASKED_INPUT by in-process parties, and words for each party's masked
+ * vector (they do not matter here, the job is not unmasked: distinct per party and position).
+ */
+async function toMaskedInput(
+  names: string[],
+): Promise<{ jobId: string; token: (n: string) => string; size: number; words: Uint32Array[] }> {
+  const { job, tokens } = await createSecure(names, 2);
+  const jobId = job!.id;
+  const token = (n: string): string => tokens[n]!;
+  for (const [i, name] of names.entries())
+    await upload(h.uploads, token(name), uploadMessages(jobId, name, supportOf(deltas[i]!)));
+  await atPhase(jobId, SecurePhase.SECURE_PHASE_KEYS);
+  const sps = names.map((_, i) => SecureParty.create({ jobId, parties: names.length, threshold: 2 }, i + 1));
+  for (const [i, sp] of sps.entries()) {
+    const ad = sp.advertise();
+    await call(secure, 'advertiseKeys', { jobId, ...ad }, token(names[i]!));
+  }
+  await atPhase(jobId, SecurePhase.SECURE_PHASE_SHARES);
+  for (const [i, sp] of sps.entries()) {
+    const roster = await call(secure, 'getRoster', { jobId }, token(names[i]!));
+    await call(secure, 'submitShares', { jobId, shares: sp.shareKeys(roster.parties) }, token(names[i]!));
+  }
+  await atPhase(jobId, SecurePhase.SECURE_PHASE_MASKED_INPUT);
+  const size = Number((await supportChunks(jobId, token(names[0]!)))[0]!.unionSize);
+  assert.ok(size > 3000, `|U| = ${size}`);
+  const words = names.map((_, i) => Uint32Array.from({ length: size }, (_, k) => (k * 2654435761 + i) >>> 0));
+  return { jobId, token, size, words };
 }
 
 /** One in-process party: its token, protocol state and scaled values. */
@@ -390,27 +421,7 @@ describe('secure aggregation through the server', () => {
 
   it('masked input: a torn chunk, a second stream, a restart mid-vector and a vector whose record was lost', async () => {
     const names = ['s1', 's2', 's3'];
-    const { job, tokens } = await createSecure(names, 2);
-    const jobId = job!.id;
-    const token = (n: string): string => tokens[n]!;
-    for (const [i, name] of names.entries())
-      await upload(h.uploads, token(name), uploadMessages(jobId, name, supportOf(deltas[i]!)));
-    await atPhase(jobId, SecurePhase.SECURE_PHASE_KEYS);
-    const sps = names.map((_, i) => SecureParty.create({ jobId, parties: 3, threshold: 2 }, i + 1));
-    for (const [i, sp] of sps.entries()) {
-      const ad = sp.advertise();
-      await call(secure, 'advertiseKeys', { jobId, ...ad }, token(names[i]!));
-    }
-    await atPhase(jobId, SecurePhase.SECURE_PHASE_SHARES);
-    for (const [i, sp] of sps.entries()) {
-      const roster = await call(secure, 'getRoster', { jobId }, token(names[i]!));
-      await call(secure, 'submitShares', { jobId, shares: sp.shareKeys(roster.parties) }, token(names[i]!));
-    }
-    await atPhase(jobId, SecurePhase.SECURE_PHASE_MASKED_INPUT);
-    const size = Number((await supportChunks(jobId, token('s1')))[0]!.unionSize);
-    assert.ok(size > 3000, `|U| = ${size}`);
-    // The words themselves do not matter here (the job is not unmasked): distinct per party and position.
-    const words = names.map((_, i) => Uint32Array.from({ length: size }, (_, k) => (k * 2654435761 + i) >>> 0));
+    const { jobId, token, size, words } = await toMaskedInput(names);
     const chunks = maskedChunks(jobId, words[0]!);
 
     // Bytes that are not whole words are refused; nothing of that chunk is kept.
@@ -466,6 +477,49 @@ describe('secure aggregation through the server', () => {
     const held = await readFile(join(maskedDir, 's1.u32'));
     assert.deepEqual(new Uint8Array(held), new Uint8Array(words[0]!.buffer));
     await call(h.jobs, 'cancelJob', { jobId, reason: 'test done' }, ADMIN).catch(() => undefined);
+  });
+
+  it('clipped counts survive the repair of a whole vector whose record was lost in a restart', async () => {
+    const names = ['c1', 'c2', 'c3'];
+    const { jobId, token, size, words } = await toMaskedInput(names);
+    const CLIPPED = [6, 7, 5];
+    const last = (i: number): Chunk[] => {
+      const chunks = maskedChunks(jobId, words[i]!);
+      chunks.at(-1)!.clipped = BigInt(CLIPPED[i]!);
+      return chunks;
+    };
+    // c1 and c2 send all but their last chunk; the record as it stands then is what a server killed after writing
+    // their last words, before recording them, leaves behind.
+    for (const i of [0, 1]) await uploadMasked(token(names[i]!), last(i).slice(0, -1));
+    const jobJson = join(dir, 'data', 'jobs', jobId, 'job.json');
+    const before = await readFile(jobJson);
+    for (const i of [0, 1]) assert.equal((await uploadMasked(token(names[i]!), last(i).slice(-1))).complete, true);
+    secure.close();
+    await h.close();
+    await writeFile(jobJson, before);
+    h = await startHarness(join(dir, 'data'));
+    secure = new SecureAggregationServiceClient(h.address, credentials.createInsecure());
+    const survivors = async (): Promise<number[]> =>
+      loadAggregator(decodeJob(await readFile(jobJson, 'utf8'), 'job.json').secure!).state.survivors;
+    assert.deepEqual(await survivors(), []);
+    // c1 asks for its state, c2 sends an empty chunk at |U| (reporting nothing): both are recorded, with their counts.
+    assert.equal((await call(secure, 'getMaskedState', { jobId }, token('c1'))).complete, true);
+    const empty = new Uint8Array(0);
+    const c2 = await uploadMasked(token('c2'), [
+      { jobId, offset: BigInt(size), words: empty, crc32c: crc32c(empty), totalWords: BigInt(size), clipped: 0n },
+    ]);
+    assert.equal(c2.complete, true);
+    assert.deepEqual(await survivors(), [1, 2]);
+    const events = watchAll(h.jobs, ADMIN, jobId);
+    assert.equal((await uploadMasked(token('c3'), last(2))).complete, true);
+    await atPhase(jobId, SecurePhase.SECURE_PHASE_UNMASK);
+    await call(h.jobs, 'cancelJob', { jobId, reason: 'test done' }, ADMIN);
+    const closed = (await events).flatMap((e) =>
+      e.securePhaseClosed?.phase === SecurePhase.SECURE_PHASE_MASKED_INPUT ? [e.securePhaseClosed] : [],
+    );
+    assert.equal(closed.length, 1);
+    assert.equal(closed[0]!.clipped, BigInt(6 + 7 + 5));
+    assert.equal(closed[0]!.parties, 3);
   });
 
   it('3 parties: the secure merge equals the plain merge of the scaled deltas; bad input is refused, the job intact; no value in the data folder', async () => {

@@ -312,6 +312,17 @@ export async function pushSecure(
         stream.close();
       }
     }
+    // Complete before this run coded a word (an earlier run stopped before saving): the count, nothing sent.
+    if (stored.clipped === undefined) {
+      let clipped = 0;
+      const none = maskedChunks(party, fp, union, scaledTensors(delta, scaling, scope.signal), {
+        from: total,
+        signal: scope.signal,
+        onClipped: (n) => (clipped += n),
+      });
+      for await (const c of none) throw new Error(`masked vector: a chunk at ${c.offset} past its ${total} words`);
+      stored.clipped = clipped;
+    }
     stored.maskedComplete = true;
     await save(stored);
     progress({ step: 'maskedComplete', wordsTotal: total, clipped: stored.clipped });

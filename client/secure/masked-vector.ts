@@ -123,6 +123,8 @@ export async function* maskedChunks(
     }
     offset += n;
   }
+  // `from` at the end (the server holds every word): the count of the whole vector, nothing coded.
+  if (skipped > 0) o.onClipped?.(skipped);
 }
 
 /** Values beyond the bound, which coding clips (proto/secure encodeFixed). */

@@ -138,8 +138,8 @@ export class FamilyScorer {
     public evaluations = 0,
   ) {}
 
-  /** Opens `model.onnx` (one ONNX Runtime thread) and loads every domain's tasks of `split`. */
-  static async open(split: Split, opts: { threads?: number } = {}): Promise<FamilyScorer> {
+  /** Opens `model.onnx` (one ONNX Runtime thread) and loads the tasks of `split` of `domains` (default: all). */
+  static async open(split: Split, opts: { threads?: number; domains?: readonly Domain[] } = {}): Promise<FamilyScorer> {
     const base = await Checkpoint.open(memberDir('base'));
     const checkpointShapes = Object.fromEntries(base.tensors().map((t) => [t.name, t.shape]));
     await base.close();
@@ -151,7 +151,7 @@ export class FamilyScorer {
       intraOpThreads: opts.threads ?? 1,
     });
     const tasks = new Map<Domain, LoadedTask[]>();
-    for (const d of DOMAIN_NAMES)
+    for (const d of opts.domains ?? DOMAIN_NAMES)
       tasks.set(
         d,
         await evaluator.loadTasks(Object.entries(domainTaskFiles(d, split)).map(([name, file]) => ({ name, file }))),

@@ -1,8 +1,9 @@
 /**
  * `npm run demo`: the whole federated merge on the embedded model family on one machine, then DPPA beside its
- * baselines in one Domain-Ratio table. Steps: docs/design/examples.md.
+ * baselines in one Domain-Ratio table; `-- --privacy secure`: the same job with secure aggregation, each party
+ * searching its factors with its own evaluation. Steps: docs/design/examples.md.
  *
- *   npm run demo [-- --out OUT_DIR]        (default dppa-demo/, which git ignores; `-- OUT_DIR` also works)
+ *   npm run demo [-- [--out OUT_DIR] [--privacy secure]]   (default dppa-demo/, which git ignores)
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -11,8 +12,17 @@ import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { shellQuote } from '../../client/cli/eval-command.js';
 import { formatBytes } from '../../client/cli/progress.js';
-import { DppaClient, EvaluatorKind, JobState, jobStateName, pruneToFile } from '../../client/index.js';
+import {
+  DppaClient,
+  EvaluatorKind,
+  JobState,
+  jobStateName,
+  pruneToFile,
+  SecurePhase,
+  type CreateJobOptions,
+} from '../../client/index.js';
 import { createLogger } from '../../server/log.js';
 import { DppaServer } from '../../server/server.js';
 import { domainRatio } from '../../proto/algorithm/index.js';
@@ -33,18 +43,24 @@ import {
   type Weights,
 } from './family-lab.js';
 
-const USAGE = `usage: npm run demo [-- --out OUT_DIR]    (or: npx tsx docs/examples/federated-demo.ts [--out OUT_DIR])
+const USAGE = `usage: npm run demo [-- [--out OUT_DIR] [--privacy secure]]
+       (or: npx tsx docs/examples/federated-demo.ts [--out OUT_DIR] [--privacy plain|secure])
 
 Runs a federated DPPA job on the embedded model family (a server and three \`dppa push\` parties on this machine),
 builds the baselines locally and prints one Domain-Ratio table.
 
-  --out OUT_DIR  folder for the server's data, the deltas and results.json (default dppa-demo/); replaced when a
-                 previous run of this demo made it, refused otherwise. A lone positional OUT_DIR means the same.
-  -h, --help     this text`;
+  --out OUT_DIR     folder for the server's data, the deltas and results.json (default dppa-demo/); replaced when a
+                    previous run of this demo made it, refused otherwise. A lone positional OUT_DIR means the same.
+  --privacy secure  secure aggregation (docs/privacy.md): a job with threshold 2 of the three parties, whose server
+                    sums masked vectors and never holds a party's delta; each party searches its own DPA factors
+                    with its own evaluation (ONNX Runtime on its domain's validation split,
+                    docs/examples/family-eval.ts as its --eval-cmd). The DPPA column is that secure merge.
+                    Default: plain (the server searches the factors with its ONNX evaluator, then merges).
+  -h, --help        this text`;
 const cli = (() => {
   try {
     return parseArgs({
-      options: { out: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
+      options: { out: { type: 'string' }, privacy: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
       allowPositionals: true,
     });
   } catch (e) {
@@ -60,9 +76,19 @@ if (cli.positionals.length > 1 || (cli.positionals.length === 1 && cli.values.ou
   console.error(`give the output folder once\n\n${USAGE}`);
   process.exit(2);
 }
+if (cli.values.privacy !== undefined && !['plain', 'secure'].includes(cli.values.privacy)) {
+  console.error(`--privacy: expected plain or secure, got ${cli.values.privacy}\n\n${USAGE}`);
+  process.exit(2);
+}
+const secure = cli.values.privacy === 'secure';
 const dir = cli.values.out ?? cli.positionals[0] ?? 'dppa-demo';
 const root = fileURLToPath(new URL('../..', import.meta.url));
 const RATE = 0.9;
+/** Secure jobs: shares needed to unmask (2 of the 3 parties), and the clipping bound of the scaled values f·Δ. */
+const THRESHOLD = 2;
+// The family's deltas reach 0.4 in magnitude (docs/results.md, Table 4) and a factor may go up to the search's upper
+// bound, 10: nothing is clipped.
+const CLIP_BOUND = 4;
 const started = Date.now();
 const clock = (): string => `${((Date.now() - started) / 1000).toFixed(1).padStart(5)} s`;
 const step = (n: number, text: string): void => console.log(`[${n}/7 ${clock()}] ${text}`);
@@ -75,7 +101,7 @@ const MERGE_LABEL: Record<MergeName, string> = {
   dare: 'DARE',
   magnitude: 'magnitude',
   dp: 'DP',
-  dppa: 'DPPA',
+  dppa: secure ? 'DPPA (secure)' : 'DPPA',
 };
 
 // Only a folder this demo made (or none) is replaced: OUT_DIR may be any path the user typed.
@@ -120,33 +146,64 @@ const admin = new DppaClient({ address, token: adminToken });
 let dppa: Weights;
 const chosen = new Map<string, number[]>();
 const uploaded = new Map<Domain, number>();
+/** Secure jobs: the values the parties clipped to the bound (MASKED_INPUT's count). */
+let clipped = 0;
+// Plain: the server searches each party's factors with its ONNX evaluator. Secure: each party searches its own
+// (the server refuses a search for a secure job), then the server sums the masked vectors.
+const plainSearch: CreateJobOptions['dpa'] = {
+  search: {
+    evaluator: EvaluatorKind.EVALUATOR_KIND_ONNX,
+    onnx: {
+      modelPath: join(FAMILY, 'model.onnx'),
+      tokenizerPath: join(base, 'tokenizer.json'),
+      partyTasks: Object.fromEntries(DOMAIN_NAMES.map((d) => [d, { tasks: domainTaskFiles(d, 'validation') }])),
+      partyFinetuned: Object.fromEntries(DOMAIN_NAMES.map((d) => [d, memberDir(d)])),
+      metric: 'exact_match',
+    },
+  },
+};
 try {
   const { job, tokens } = await admin.createJob({
     basePath: base,
     parties: DOMAIN_NAMES,
     rate: RATE,
     method: 'dp',
-    dpa: {
-      search: {
-        evaluator: EvaluatorKind.EVALUATOR_KIND_ONNX,
-        onnx: {
-          modelPath: join(FAMILY, 'model.onnx'),
-          tokenizerPath: join(base, 'tokenizer.json'),
-          partyTasks: Object.fromEntries(DOMAIN_NAMES.map((d) => [d, { tasks: domainTaskFiles(d, 'validation') }])),
-          partyFinetuned: Object.fromEntries(DOMAIN_NAMES.map((d) => [d, memberDir(d)])),
-          metric: 'exact_match',
-        },
-      },
-    },
-    label: 'demo',
+    ...(secure
+      ? { secure: { threshold: THRESHOLD, clipBound: CLIP_BOUND }, label: 'demo (secure)' }
+      : { dpa: plainSearch, label: 'demo' }),
   });
-  step(3, `job ${job.id}: DP at rate ${RATE}, DPA search with the ONNX evaluator on the validation splits`);
-
-  step(4, 'the three parties prune (DP) and push their deltas, each in its own `dppa push` process');
+  if (secure) {
+    step(
+      3,
+      `job ${job.id}: DP at rate ${RATE}, secure aggregation (threshold ${THRESHOLD} of ${DOMAIN_NAMES.length}, clip bound ${CLIP_BOUND})`,
+    );
+    step(
+      4,
+      'each party, in its own `dppa push` process, prunes (DP), searches its factors with its own evaluation (ONNX on its validation split), uploads its support, then masked values',
+    );
+  } else {
+    step(3, `job ${job.id}: DP at rate ${RATE}, DPA search with the ONNX evaluator on the validation splits`);
+    step(4, 'the three parties prune (DP) and push their deltas, each in its own `dppa push` process');
+  }
   await Promise.all(DOMAIN_NAMES.map((party) => push(job.id, party, tokens[party]!)));
 
-  step(5, "the server searches each party's factors (Domain-Ratio on validation), then merges");
+  step(
+    5,
+    secure
+      ? 'the server closed the secure phases, unmasked the sum of the masked vectors and merges it'
+      : "the server searches each party's factors (Domain-Ratio on validation), then merges",
+  );
   for await (const e of admin.watchJob(job.id)) {
+    const closed = e.securePhaseClosed;
+    if (closed !== undefined) {
+      const missing = closed.missing.length > 0 ? `, missing ${closed.missing.join(', ')}` : '';
+      const union = closed.phase === SecurePhase.SECURE_PHASE_SUPPORT ? `, |U| = ${closed.unionSize} positions` : '';
+      if (closed.phase === SecurePhase.SECURE_PHASE_MASKED_INPUT) clipped = Number(closed.clipped);
+      const clip = closed.phase === SecurePhase.SECURE_PHASE_MASKED_INPUT ? `, ${clipped} value(s) clipped` : '';
+      console.log(
+        `      phase ${phaseWord(closed.phase).padEnd(12)} closed: ${closed.parties} parties${missing}${union}${clip} (${closed.seconds.toFixed(1)} s)`,
+      );
+    }
     const ev = e.evaluationDone?.evaluation;
     if (ev !== undefined) {
       const what = ev.denseReference ? 'dense fine-tune (reference)' : `factors [${ev.factors.join(', ')}]`;
@@ -165,6 +222,7 @@ try {
     if (e.merged !== undefined) console.log(`      merged in ${e.merged.seconds.toFixed(2)} s`);
     if (e.failed !== undefined) throw new Error(`the job failed: ${e.failed.reason}`);
   }
+  if (secure) uploadedSecure(await secureBytes(server.metricsPort));
   const final = await admin.getJob(job.id);
   if (final.state !== JobState.JOB_STATE_MERGED)
     throw new Error(`the job ended ${jobStateName(final.state)}: ${final.failureReason}`);
@@ -218,7 +276,7 @@ for (const [name, weights] of merged) {
     number
   >;
   console.log(
-    `      ${MERGE_LABEL[name].padEnd(10)} ${DOMAIN_NAMES.map((d) => `${d} ${Object.values(scores[d]).map(pct).join('/')}`).join(', ')}`,
+    `      ${MERGE_LABEL[name].padEnd(secure ? 13 : 10)} ${DOMAIN_NAMES.map((d) => `${d} ${Object.values(scores[d]).map(pct).join('/')}`).join(', ')}`,
   );
 }
 await scorer.close();
@@ -229,6 +287,7 @@ console.log(
 // A dense delta holds one BF16 value per weight; the sparse one is what the server counted as received.
 const denseBytes = [...baseWeights.values()].reduce((n, a) => n + 2 * a.length, 0);
 const results = {
+  ...(secure ? { privacy: 'secure' } : {}),
   rate: RATE,
   domainRatio: Object.fromEntries(
     MERGES.map((m) => [m, Object.fromEntries(DOMAIN_NAMES.map((d) => [d, round(ratios[m][d])]))]),
@@ -245,9 +304,15 @@ console.log(
 console.log(
   `and the bytes each party uploaded (a dense BF16 delta would be ${formatBytes(denseBytes)}); also in ${join(dir, 'results.json')}:\n`,
 );
+if (secure)
+  console.log(
+    `DPPA (secure) is the secure merge: each party chose its factors itself, the server summed masked vectors\n` +
+      `(${clipped} value(s) clipped) and never held a party's delta; its upload is the support (positions), the masked\n` +
+      `words and the protocol's keys and shares. The other columns are built locally.\n`,
+  );
 console.log(
   markdownTable(
-    ['domain', ...MERGES.map((m) => MERGE_LABEL[m]), 'DPPA upload'],
+    ['domain', ...MERGES.map((m) => MERGE_LABEL[m]), secure ? 'DPPA upload (secure)' : 'DPPA upload'],
     DOMAIN_NAMES.map((d) => [
       d,
       ...MERGES.map((m) => fmt(100 * ratios[m][d])),
@@ -292,12 +357,24 @@ function push(jobId: string, party: Domain, token: string): Promise<void> {
         '--keep-delta',
         keptDelta(party),
         '--json',
+        ...(secure
+          ? [
+              '--work-dir',
+              join(dir, `${party}-work`),
+              '--eval-cmd',
+              `${shellQuote(process.execPath)} --import tsx ${shellQuote(join(root, 'docs/examples/family-eval.ts'))} ${party} {model}`,
+            ]
+          : []),
       ],
       { env: { ...process.env, DPPA_TOKEN: token }, stdio: ['ignore', 'pipe', 'pipe'] },
     );
     let output = '';
+    const lines = secure ? secureLines(party) : () => undefined;
     child.stdout.on('data', (b: Buffer) => (output += b.toString()));
-    child.stderr.on('data', (b: Buffer) => (output += b.toString()));
+    child.stderr.on('data', (b: Buffer) => {
+      output += b.toString();
+      lines(b.toString());
+    });
     child.once('error', reject);
     child.once('exit', (code) => {
       if (code !== 0) return reject(new Error(`dppa push for ${party} exited with ${code}:\n${output}`));
@@ -307,9 +384,59 @@ function push(jobId: string, party: Domain, token: string): Promise<void> {
       };
       uploaded.set(party, state.bytesReceived);
       console.log(
-        `      ${party.padEnd(8)} uploaded ${state.tensorsReceived.length} tensors, ${formatBytes(state.bytesReceived)} (${clock().trim()})`,
+        secure
+          ? `      ${party.padEnd(8)} done: support of ${state.tensorsReceived.length} tensors (${formatBytes(state.bytesReceived)}), masked vector, unmask answered (${clock().trim()})`
+          : `      ${party.padEnd(8)} uploaded ${state.tensorsReceived.length} tensors, ${formatBytes(state.bytesReceived)} (${clock().trim()})`,
       );
       resolve();
     });
   });
+}
+
+/**
+ * Secure mode: follows a party's `dppa push` progress lines (stderr) and prints its local search as the plain mode
+ * prints the server's, and its protocol rounds; records the factors it chose.
+ */
+function secureLines(party: Domain): (text: string) => void {
+  let pending = '';
+  let what = '';
+  let seq = 0;
+  const say = (text: string): void => console.log(`      ${party.padEnd(8)} ${text}`);
+  return (text) => {
+    const all = (pending + text).split('\n');
+    pending = all.pop()!;
+    for (const line of all) {
+      let m: RegExpExecArray | null;
+      if ((m = /^local search: evaluating (?:dense fine-tuned model|factors (.*))$/.exec(line)) !== null)
+        what = m[1] === undefined ? 'dense fine-tune (reference)' : `factors [${m[1]}]`;
+      else if ((m = /^ {2}scores .*, domain ratio ([\d.]+)%$/.exec(line)) !== null)
+        say(`#${String(++seq).padEnd(3)} ${what.padEnd(28)} Domain-Ratio ${m[1]} (scored by the party)`);
+      else if ((m = /^factors ([\d., ]+) \(domain ratio ([\d.]+)%\)$/.exec(line)) !== null) {
+        const factors = m[1]!.split(', ').map(Number);
+        chosen.set(party, factors);
+        say(`chose [${factors.join(', ')}] (validation Domain-Ratio ${m[2]}), applied before masking`);
+      } else if (/^(union of the supports|masked vector held|unmask answered)/.test(line)) say(line);
+    }
+  };
+}
+
+/** A secure phase as a word (`masked_input`). */
+function phaseWord(p: SecurePhase): string {
+  return (SecurePhase[p] ?? String(p)).replace('SECURE_PHASE_', '').toLowerCase();
+}
+
+/** Bytes the server received for the secure rounds (keys, shares, masked words, unmask), from its metrics. */
+async function secureBytes(metricsPort: number): Promise<number> {
+  const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+  let n = 0;
+  for (const m of text.matchAll(/^dppa_secure_bytes_total\{phase="\w+"\} (\d+)$/gm)) n += Number(m[1]);
+  return n;
+}
+
+/**
+ * Adds each party's share of the secure rounds' bytes to its support upload: the parties send equal amounts (the same
+ * |U| words, keys, one share per party, the same unmask answer).
+ */
+function uploadedSecure(total: number): void {
+  for (const d of DOMAIN_NAMES) uploaded.set(d, uploaded.get(d)! + total / DOMAIN_NAMES.length);
 }

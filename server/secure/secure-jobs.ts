@@ -22,7 +22,7 @@ import type { JobStore, StoredJob } from '../jobs/job-store.js';
 import { StateConflictError } from '../jobs/job-transitions.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
-import { appendMasked, maskedWordsHeld, type MaskedPiece } from '../uploads/masked-spool.js';
+import { appendMasked, maskedClipped, maskedWordsHeld, type MaskedPiece } from '../uploads/masked-spool.js';
 import type { Spool } from '../uploads/spool.js';
 import { loadAggregator, partyIndex, phaseOf, saveAggregator, setPhase, type SecureRecord } from './secure-record.js';
 import { writeSum } from './secure-sum.js';
@@ -261,17 +261,21 @@ export class SecureJobs {
     const r = secureOf(job);
     if (phaseOf(r) !== SecurePhase.SECURE_PHASE_MASKED_INPUT || !loadAggregator(r).state.sharers.includes(index))
       return false;
-    await this.recordMasked(job.id, index);
+    await this.recordMasked(job.id, index, job.parties[index - 1]!.name);
     return true;
   }
 
-  /** Records party `index`'s whole masked vector (accept re-checks the phase). */
-  private async recordMasked(jobId: string, index: number, clipped?: { party: string; count: number }): Promise<void> {
+  /**
+   * Records party `index`'s whole masked vector (accept re-checks the phase), with the clipped count kept beside
+   * the file (the same on a repair after a lost record or a restart as on the stream that completed it).
+   */
+  private async recordMasked(jobId: string, index: number, party: string): Promise<void> {
+    const count = await maskedClipped(this.deps.store.dir(jobId), party);
     await this.accept(jobId, SecurePhase.SECURE_PHASE_MASKED_INPUT, (rec) => {
       const a = loadAggregator(rec);
       if (!a.state.survivors.includes(index)) {
         a.recordMasked(index, rec.unionSize);
-        if (clipped !== undefined) rec.clipped = { ...rec.clipped, [clipped.party]: clipped.count };
+        if (count > 0) rec.clipped = { ...rec.clipped, [party]: count };
       }
       saveAggregator(rec, a);
     });
@@ -302,16 +306,12 @@ export class SecureJobs {
     try {
       // And on replicas sharing the store, one server at a time: a claim in the job record, renewed before writes.
       claim = await this.claimMasked(jobId, party);
-      // The clipped count the party reports on the chunk that ends its vector.
-      let clipped = 0;
-      const unionSize = BigInt(r.unionSize);
       const renew = async (): Promise<void> => {
         if (claim !== undefined && Date.now() >= claim.until - MASKED_LEASE_MS / 2)
           claim.until = await this.leaseMasked(jobId, party, claim.id, false);
       };
-      const seen = (async function* (): AsyncGenerator<MaskedPiece> {
+      const renewing = (async function* (): AsyncGenerator<MaskedPiece> {
         for await (const p of pieces) {
-          if (p.offset + BigInt(p.words.length >> 2) === unionSize) clipped = Number(p.clipped ?? 0n);
           await renew();
           yield p;
         }
@@ -319,13 +319,14 @@ export class SecureJobs {
       const dir = this.deps.store.dir(jobId);
       // A whole vector from an earlier stream whose record failed: record it now.
       if ((await maskedWordsHeld(dir, party)) === r.unionSize) {
-        await this.recordMasked(jobId, index);
+        await this.recordMasked(jobId, index, party);
         return { wordsHeld: r.unionSize, wordsExpected: r.unionSize, complete: true };
       }
-      held = await appendMasked(dir, party, r.unionSize, seen, (n) =>
+      // The clipped count the party reports on the chunk that ends its vector is kept beside the file.
+      held = await appendMasked(dir, party, r.unionSize, renewing, (n) =>
         this.deps.metrics.secureBytes.inc({ phase: 'masked_input' }, n),
       );
-      if (held === r.unionSize) await this.recordMasked(jobId, index, { party, count: clipped });
+      if (held === r.unionSize) await this.recordMasked(jobId, index, party);
     } finally {
       this.maskedStreams.delete(key);
       if (claim !== undefined) await this.releaseMasked(jobId, party, claim.id);

@@ -2,14 +2,16 @@
  * The masked vectors of a secure job: one file of little-endian uint32 words per party
  * (`<job>/secure/masked/<party>.u32`), written chunk by chunk after each chunk's CRC-32C is checked; its whole words
  * are what a resuming party is told (a torn last word is cut off before the next write). The spool of a secure job holds these words and the supports, never a value.
+ * Beside a vector, `<party>.clipped`: the clipped count the party reported, written before the last words.
  * Once the job's secure data is discarded (`secure/discarded` written first), no word is written any more.
  */
 import { constants } from 'node:fs';
-import { mkdir, open, rm, stat, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readFile, rm, stat, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ChecksumError } from '../../proto/errors.js';
 import { crc32c } from '../../proto/sparse/index.js';
 import { MaskedLengthError } from '../../proto/secure/index.js';
+import { writeFileDurably } from '../durable-write.js';
 import { FailedPreconditionError, InvalidArgumentError } from '../errors.js';
 
 /** Folder of a job's secure files. */
@@ -20,6 +22,25 @@ export function secureDir(jobDir: string): string {
 /** The masked-vector file of a party. */
 export function maskedFile(jobDir: string, party: string): string {
   return join(secureDir(jobDir), 'masked', `${party}.u32`);
+}
+
+/** The clipped count reported with a party's whole masked vector. */
+function clippedFile(jobDir: string, party: string): string {
+  return join(secureDir(jobDir), 'masked', `${party}.clipped`);
+}
+
+/**
+ * Values the party reported clipped with the chunk that completed its masked vector (0 when none was kept): the
+ * count survives a resumed upload and a restart, whichever path records the vector.
+ */
+export async function maskedClipped(jobDir: string, party: string): Promise<number> {
+  try {
+    const n = Number((await readFile(clippedFile(jobDir, party), 'utf8')).trim());
+    return Number.isSafeInteger(n) && n >= 0 ? n : 0;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 0;
+    throw err;
+  }
 }
 
 /** The mark a job's discard leaves before it deletes the masked vectors (server/secure/secure-sum.ts). */
@@ -116,6 +137,8 @@ export async function appendMasked(
       if (held + n > unionSize)
         throw new MaskedLengthError(`MaskedChunk at word ${p.offset}: ${n} words run past the union's ${unionSize}`);
       await refuseIfDiscarded(jobDir, party);
+      // The count first: once the file is whole, its count is beside it (a crash before the record keeps both).
+      if (n > 0 && held + n === unionSize) await writeFileDurably(clippedFile(jobDir, party), String(p.clipped ?? 0n));
       await writeAt(fh, p.words, held * 4);
       held += n;
       onBytes(p.words.length);
