@@ -2,7 +2,7 @@
  * What an upload checks of a tensor's content beyond its record structure: values finite and bounded (deltas, or
  * F − B for fine-tuned weights), precision, partitions, no position kept twice. See docs/design/uploads.md.
  */
-import { FormatError } from '../../proto/errors.js';
+import { BaseDeltaError, FormatError } from '../../proto/errors.js';
 import {
   TensorKind,
   type DeltaHeader,
@@ -125,8 +125,10 @@ export class TensorCheck {
     try {
       await this.toDelta!.convert({ ...decoded, values });
     } catch (err) {
-      // F − B not finite (a non-finite base weight, or beyond fp32): not a delta the merge can use.
-      throw this.error(`${label}: ${(err as Error).message}`);
+      // F − B not finite: the base is at fault (a non-finite weight, or one beyond fp32 from F), not the party;
+      // the merge fails the job naming it (failure-policy.ts), so the chunk is taken as it is.
+      if (err instanceof BaseDeltaError) return;
+      throw err;
     }
     const max = this.rules.maxAbsValue;
     for (let i = 0; i < n; i++) {
