@@ -15,7 +15,7 @@ import { PATCH_FILE_NAME, patchHeader } from '../../proto/patch/index.js';
 import { exists } from '../../proto/safetensors/fs-util.js';
 import type { Checkpoint } from '../../proto/safetensors/index.js';
 import type { MergedFileInfo } from '../jobs/job-store.js';
-import { PatchWriter } from './patch-writer.js';
+import { JOIN_BLOCK_BYTES, PatchWriter } from './patch-writer.js';
 
 /** What a job's `merge.output` asks the merge to write. */
 export function mergeOutputs(output: MergeOutput): { dense: boolean; patch: boolean } {
@@ -302,6 +302,6 @@ async function removeLeftovers(path: string): Promise<void> {
 async function describe(path: string): Promise<MergedFileInfo> {
   await removeLeftovers(path);
   const hash = createHash('sha256');
-  for await (const block of createReadStream(path)) hash.update(block as Buffer);
+  for await (const block of createReadStream(path, { highWaterMark: JOIN_BLOCK_BYTES })) hash.update(block as Buffer);
   return { path: basename(path), size: (await stat(path)).size, sha256: hash.digest('hex') };
 }
