@@ -46,12 +46,35 @@ export class ContentRules {
     header: DeltaHeader,
     readonly maxAbsValue: number,
     readonly base?: Checkpoint,
+    /** Names the base (its fingerprint) for what is remembered of it across uploads. */
+    readonly baseKey = '',
   ) {
     this.dtype = storageDtype(header.valueDtype);
     this.partitions = header.levels.length;
     this.finetuned = ContentRules.needsBase(header) && this.dtype !== undefined;
     if (this.finetuned && base === undefined) throw new Error('ContentRules: fine-tuned values need the base');
     this.limit = this.dtype === undefined ? 0 : magnitudeLimit(this.dtype, this.finetuned ? Infinity : maxAbsValue);
+    this.quarterLimit = this.dtype === undefined ? 0 : magnitudeLimit(this.dtype, maxAbsValue / 4);
+  }
+
+  /** Magnitude bits of a quarter of the bound in the values' dtype: |F| and |B| both within it bound |F − B|. */
+  readonly quarterLimit: number;
+
+  /**
+   * Whether every weight of a base tensor has magnitude at most a quarter of the bound (read a window at a time,
+   * remembered per base and tensor). Then a fine-tuned weight within a quarter too has |F − B| ≤ half the bound,
+   * fp32 rounding included, with no need to form it.
+   */
+  baseWithinQuarter(tensor: string, baseKey: string): Promise<boolean> {
+    const key = `${baseKey}\0${tensor}\0${this.maxAbsValue}`;
+    let known = BASE_QUARTER.get(key);
+    if (known === undefined) {
+      known = scanBase(this.base!, tensor, this.maxAbsValue / 4);
+      if (BASE_QUARTER.size >= BASE_QUARTER_ENTRIES) BASE_QUARTER.delete(BASE_QUARTER.keys().next().value!);
+      BASE_QUARTER.set(key, known);
+      known.catch(() => BASE_QUARTER.delete(key));
+    }
+    return known;
   }
 
   /** Whether an upload with this header is checked against the base (its values are fine-tuned weights). */
@@ -71,8 +94,27 @@ export class ContentRules {
       seen = this.seen;
     }
     const toDelta = this.finetuned ? new FinetunedToDelta(this.base!, plan.name) : undefined;
-    return new TensorCheck(plan.name, linear, this, this.limit, seen, toDelta);
+    return new TensorCheck(plan.name, linear, this, this.limit, seen, toDelta, this.baseKey);
   }
+}
+
+/** Base tensors known to be within a quarter of a bound, by base, tensor and bound (oldest dropped first). */
+const BASE_QUARTER = new Map<string, Promise<boolean>>();
+const BASE_QUARTER_ENTRIES = 4096;
+
+/** Bytes of a base tensor scanned at a time. */
+const SCAN_BYTES = 4 * 1024 * 1024;
+
+/** Whether every weight of a base tensor has magnitude at most `bound` (on the stored bits). */
+async function scanBase(base: Checkpoint, tensor: string, bound: number): Promise<boolean> {
+  const { dtype, byteLength } = base.info(tensor);
+  const limit = magnitudeLimit(dtype, bound);
+  const into = new Uint8Array(Math.min(SCAN_BYTES, byteLength));
+  for (let at = 0; at < byteLength; at += into.byteLength) {
+    const bytes = await base.readRawRange(tensor, at, Math.min(into.byteLength, byteLength - at), { into });
+    if (firstValueBeyond(bytes, dtype, limit) >= 0) return false;
+  }
+  return true;
 }
 
 /** The content checks of one tensor; errors name the tensor and chunk. */
@@ -84,6 +126,8 @@ export class TensorCheck {
     private readonly limit: number,
     private readonly seen: Uint8Array | undefined,
     private readonly toDelta?: FinetunedToDelta,
+    /** Names the base in {@link ContentRules.baseWithinQuarter}'s memory. */
+    private readonly baseKey = '',
   ) {}
 
   /**
@@ -118,6 +162,13 @@ export class TensorCheck {
 
   /** Bounds the deltas F − B of a chunk of fine-tuned weights (formed in fp32 as the merge forms them). */
   private async checkDeltas(label: string, raw: SparseChunk, decoded: DecodedChunk, dtype: Dtype): Promise<void> {
+    // Most chunks: |F| and every |B| of the tensor within a quarter of the bound, so |F − B| is within half of it.
+    if (
+      firstValueBeyond(raw.values, dtype, this.rules.quarterLimit) < 0 &&
+      // A scan that failed (another upload's base closed under it) only means the exact check below.
+      (await this.rules.baseWithinQuarter(this.name, this.baseKey).catch(() => false))
+    )
+      return;
     const n = decoded.count;
     const rules = this.rules;
     if (rules.values.length < n) rules.values = new Float32Array(n);

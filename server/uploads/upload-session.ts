@@ -252,7 +252,7 @@ class UploadSession {
     this.header = header;
     // Fine-tuned weights are bounded as deltas F − B: the base is read where their chunks fall.
     if (ContentRules.needsBase(header)) this.base ??= await Checkpoint.open(job.basePath);
-    this.rules = new ContentRules(header, job.maxAbsValue, this.base);
+    this.rules = new ContentRules(header, job.maxAbsValue, this.base, `${job.basePath}\0${job.baseFingerprint}`);
     await this.progress(true);
     // A delta that plans no tensor as sent is complete with its header alone.
     if (fresh && this.spool.complete) await this.completed();
