@@ -1,6 +1,7 @@
 // The merged patch on F16 and F32 bases: a real server merges two parties' deltas; the patch
-// pulled and applied locally (`pull({ base })`) gives the server's dense merge bit for bit
-// (values of 2 and 4 bytes, copied as they are).
+// pulled and applied locally (`pull({ base })`) holds exactly the merge computed independently
+// (test/fixtures/expected-merge.ts: fp32 sums, rounded to f16 from the definition), and equals the
+// server's dense merge bit for bit (values of 2 and 4 bytes, copied as they are).
 import assert from 'node:assert/strict';
 import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -8,6 +9,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { DppaClient, JobState, MergeOutput, pruneToFile } from '../client/index.js';
 import type { Dtype } from '../proto/safetensors/index.js';
+import { assertMerged } from './fixtures/expected-merge.js';
 import { ADMIN, startHarness, type Harness } from './fixtures/grpc-harness.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 
@@ -71,6 +73,11 @@ describe('merged patch of a 16-bit float and a 32-bit float base', () => {
       assert.equal(final.state, JobState.JOB_STATE_MERGED, final.failureReason);
       await admin.pull({ jobId: job.id, out: join(at, 'dense') });
       await admin.pull({ jobId: job.id, out: join(at, 'applied'), base: fam.base });
+      // The applied patch against an independent computation of the merge, then against the dense output.
+      await assertMerged(fam.base, join(at, 'applied'), [
+        { delta: deltas[0]!, weight: WEIGHTS.math, factors: FACTORS },
+        { delta: deltas[1]!, weight: WEIGHTS.law, factors: FACTORS },
+      ]);
       const dense = await files(join(at, 'dense'));
       assert.deepEqual(await files(join(at, 'applied')), dense);
       const merged = dense.get('model.safetensors')!;

@@ -138,6 +138,53 @@ describe('commitPatch', () => {
     assert.deepEqual((await readdir(jobDir)).sort(), ['merged.tmp-x.patch']);
   });
 
+  it('merges a tensor whose piece has a bad magic again, then joins its new piece', async () => {
+    await writePieces();
+    await writeFile(join(pieces, '2'), Buffer.concat([Buffer.from('DPPApc\x00\x09', 'latin1'), pieceHash(2)]));
+    const reruns: { name: string; index: number }[] = [];
+    const info = await commitPatch(patch, pieces, base, FINGERPRINT, changed, async (t) => {
+      reruns.push(t);
+      await writePiece(pieces, t.index, pieceHash(t.index), pieceBytes(t.index));
+    });
+    assert.deepEqual(reruns, [{ name: 'c.weight', index: 2 }]);
+    const bytes = await readFile(patch);
+    assert.equal(info.sha256, sha256(bytes));
+    const tail = Buffer.concat([...[0, 2, 3].flatMap(pieceBytes), Buffer.alloc(4)]);
+    assert.deepEqual(bytes.subarray(bytes.length - tail.length), tail);
+    assert.deepEqual(await readdir(jobDir), [PATCH_FILE_NAME]);
+  });
+
+  it('merges a tensor whose piece is missing again', async () => {
+    await writePieces([0]);
+    const reruns: number[] = [];
+    await commitPatch(patch, pieces, base, FINGERPRINT, changed, async (t) => {
+      reruns.push(t.index);
+      await writePiece(pieces, t.index, pieceHash(t.index), pieceBytes(t.index));
+    });
+    assert.deepEqual(reruns, [0]);
+    const header = await readDeltaHeader(patch);
+    assert.deepEqual(
+      header.tensors.map((t) => t.name),
+      ['a.weight', 'c.weight', 'd.weight'],
+    );
+  });
+
+  it('fails clearly, writing nothing, when the piece merged again is still unusable', async () => {
+    await writePieces();
+    const bad = Buffer.concat([pieceHash(2), ...pieceBytes(2)]);
+    await writeFile(join(pieces, '2'), bad);
+    await assert.rejects(
+      commitPatch(patch, pieces, base, FINGERPRINT, changed, () => writeFile(join(pieces, '2'), bad)),
+      (err: unknown) => {
+        assert.ok(err instanceof MissingPieceError);
+        assert.equal(err.index, 2);
+        assert.match(err.message, /merged again/);
+        return true;
+      },
+    );
+    assert.deepEqual((await readdir(jobDir)).sort(), ['merged.tmp-x.patch']);
+  });
+
   it('writes every piece starting with the magic, then the base tensor’s hash', async () => {
     await writePieces();
     const bytes = await readFile(join(pieces, '3'));

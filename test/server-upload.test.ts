@@ -10,6 +10,7 @@ import { DeltaRecord, ValueKind } from '../proto/gen/dppa/v1/sparse.js';
 import { DppaClient } from '../client/index.js';
 import { UploadRequest, type UploadState } from '../proto/gen/dppa/v1/upload.js';
 import { decodeChunk, encodeChunks, tensorRecords } from '../proto/sparse/index.js';
+import { Checkpoint } from '../proto/safetensors/index.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
 import {
   ADMIN,
@@ -408,10 +409,29 @@ describe('uploads: the per-party byte cap', () => {
 });
 
 describe("uploads: the job's value bound", () => {
-  it('refuses a value beyond max_abs_value naming the tensor, takes the delta under a bound it fits, shows the bound', async () => {
-    let largest = 0;
-    for (const r of records)
-      if (r.chunk !== undefined) for (const v of decodeChunk(r.chunk).values) largest = Math.max(largest, Math.abs(v));
+  /** Largest |value| of records' chunks, and for fine-tuned weights the largest |F − B| (fp32, from the base). */
+  async function largestValues(recs: readonly DeltaRecord[]): Promise<{ value: number; diff: number }> {
+    const b = await Checkpoint.open(base);
+    try {
+      let value = 0;
+      let diff = 0;
+      for (const r of recs) {
+        if (r.chunk === undefined) continue;
+        const c = decodeChunk(r.chunk);
+        const weights = await b.readF32(r.chunk.tensor);
+        for (let i = 0; i < c.count; i++) {
+          const p = c.range ? c.firstPosition + i : c.positions[i]!;
+          value = Math.max(value, Math.abs(c.values[i]!));
+          diff = Math.max(diff, Math.abs(Math.fround(c.values[i]! - weights[p]!)));
+        }
+      }
+      return { value, diff };
+    } finally {
+      await b.close();
+    }
+  }
+
+  it('bounds deltas by max_abs_value (F − B for fine-tuned weights) naming the tensor, shows the bound', async () => {
     const create = (maxAbsValue: number) =>
       call(
         h.jobs,
@@ -435,32 +455,45 @@ describe("uploads: the job's value bound", () => {
       );
     await rejectsWith(create(-1), status.INVALID_ARGUMENT, /^max_abs_value: must be a finite number > 0/);
     assert.equal((await create(0)).job!.maxAbsValue, 1000, 'the default');
-    const tight = await create(largest / 2);
-    assert.equal(tight.job!.maxAbsValue, largest / 2);
+
+    // Deltas (format 1): the values sent are bounded.
+    const deltas = await pruneRecords({ base, finetuned, rate: 0.9, method: 'magnitude', valueKind: 'delta' });
+    assert.equal(deltas[0]!.header!.valueKind, ValueKind.VALUE_KIND_UNSPECIFIED);
+    const largestDelta = (await largestValues(deltas)).value;
+    const tight = await create(largestDelta / 2);
+    assert.equal(tight.job!.maxAbsValue, largestDelta / 2);
     await rejectsWith(
-      upload(h.uploads, tight.tokens.a!, uploadMessages(tight.job!.id, 'a', records)),
+      upload(h.uploads, tight.tokens.a!, uploadMessages(tight.job!.id, 'a', deltas)),
       status.INVALID_ARGUMENT,
       new RegExp(
-        `tensor ".+": chunk \\d+: the value at position \\d+ is -?[0-9.e-]+; values must be finite with magnitude at most ${largest / 2} \\(the job's max_abs_value\\)`,
+        `tensor ".+": chunk \\d+: the value at position \\d+ is -?[0-9.e-]+; values must be finite with magnitude at most ${largestDelta / 2} \\(the job's max_abs_value\\)`,
       ),
     );
-    const fits = await create(largest);
-    assert.equal((await upload(h.uploads, fits.tokens.a!, uploadMessages(fits.job!.id, 'a', records))).complete, true);
+    const fits = await create(largestDelta);
+    assert.equal((await upload(h.uploads, fits.tokens.a!, uploadMessages(fits.job!.id, 'a', deltas))).complete, true);
 
-    // A push to a job bounded below the default sends deltas (format 1), which its bound fits; fine-tuned weights
-    // (these records: |F| up to `largest`) would be refused by it.
+    // Fine-tuned weights (these records): F − B is bounded, not F, whose magnitude is far larger.
     assert.equal(records[0]!.header!.valueKind, ValueKind.VALUE_KIND_FINETUNED);
-    const deltas = await pruneRecords({ base, finetuned, rate: 0.9, method: 'magnitude', valueKind: 'delta' });
-    let largestDelta = 0;
-    for (const r of deltas)
-      if (r.chunk !== undefined)
-        for (const v of decodeChunk(r.chunk).values) largestDelta = Math.max(largestDelta, Math.abs(v));
-    assert.ok(largestDelta < largest / 2, `largest |Δ| ${largestDelta}, largest |F| ${largest}`);
+    const { value: largestF, diff: largestDiff } = await largestValues(records);
+    assert.ok(largestDiff < largestF / 2, `largest |F − B| ${largestDiff}, largest |F| ${largestF}`);
+    const halfDiff = await create(largestDiff / 2);
+    await rejectsWith(
+      upload(h.uploads, halfDiff.tokens.a!, uploadMessages(halfDiff.job!.id, 'a', records)),
+      status.INVALID_ARGUMENT,
+      new RegExp(
+        `tensor ".+": chunk \\d+: the value at position \\d+ is -?[0-9.e-]+ \\(a fine-tuned weight, -?[0-9.e-]+ from the base's\\); deltas must have magnitude at most ${largestDiff / 2} \\(the job's max_abs_value\\)`,
+      ),
+    );
+    const fitsDiff = await create(largestDiff);
+    const state = await upload(h.uploads, fitsDiff.tokens.a!, uploadMessages(fitsDiff.job!.id, 'a', records));
+    assert.equal(state.complete, true, 'fine-tuned weights whose F − B fits the bound, though |F| does not');
+
+    // A push to a job bounded below the default sends deltas (format 1), which its bound fits.
     const bounded = await create(largestDelta);
     const client = new DppaClient({ address: h.address, token: bounded.tokens.a! });
     try {
-      const state = await client.push({ jobId: bounded.job!.id, party: 'a', base, finetuned, workers: 1 });
-      assert.equal(state.complete, true);
+      const pushed = await client.push({ jobId: bounded.job!.id, party: 'a', base, finetuned, workers: 1 });
+      assert.equal(pushed.complete, true);
     } finally {
       client.close();
     }

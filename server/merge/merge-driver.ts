@@ -174,7 +174,7 @@ export class MergeDriver implements JobStep {
     try {
       if (task.kind === 'plan') await this.plan(job, signal);
       else if (task.kind === 'tensor') await this.tensor(job, task.tensor!, signal);
-      else await this.commit(job);
+      else await this.commit(job, signal);
     } catch (err) {
       if (err instanceof SpooledTensorError)
         await this.release(job.id).catch((e: unknown) =>
@@ -343,12 +343,18 @@ export class MergeDriver implements JobStep {
     if (written === total) await this.submitCommit(job.id, signal);
   }
 
-  private async commit(job: StoredJob): Promise<void> {
+  private async commit(job: StoredJob, signal: AbortSignal): Promise<void> {
     const record = await this.record(job.id);
     if (countWritten(record) !== record.tensorsTotal) return;
     await this.release(job.id);
     const outputs = mergeOutputs(job.merge.output);
-    const patch = outputs.patch ? await this.commitPatch(job, record) : undefined;
+    let patch: MergedFileInfo | undefined;
+    try {
+      if (outputs.patch) patch = await this.commitPatch(job, record, signal);
+    } finally {
+      // Merge threads opened again to make a piece again.
+      await this.release(job.id);
+    }
     if (outputs.dense) await SharedCheckpointWriter.commit(this.workDir(job.id, record), this.outDir(job.id));
     const files = outputs.dense ? await describeFiles(this.outDir(job.id)) : [];
     const seconds = (Date.now() - Date.parse(record.startedAt)) / 1000;
@@ -373,13 +379,18 @@ export class MergeDriver implements JobStep {
     this.opts.log.info('job merged', { jobId: job.id, seconds, tensors: record.tensorsTotal });
   }
 
-  /** Joins the tensors' patch pieces into the job's patch file (or describes the file a commit that crashed wrote). */
-  private async commitPatch(job: StoredJob, record: MergeRecord): Promise<MergedFileInfo> {
+  /**
+   * Joins the tensors' patch pieces into the job's patch file (or describes the file a commit that crashed wrote).
+   * A piece missing or unusable (cut short, another version) is made again: its tensor merged once more, for the
+   * piece only (the dense tensor, if any, is written and stays).
+   */
+  private async commitPatch(job: StoredJob, record: MergeRecord, signal: AbortSignal): Promise<MergedFileInfo> {
     const base = await Checkpoint.open(job.basePath);
+    const dir = piecesDir(this.workDir(job.id, record));
     try {
       return await commitPatch(
         patchPath(this.opts.store.dir(job.id)),
-        piecesDir(this.workDir(job.id, record)),
+        dir,
         base,
         job.baseFingerprint,
         // The tensor task's rule: a tensor has a piece when some party sent it.
@@ -387,6 +398,18 @@ export class MergeDriver implements JobStep {
           await this.opts.spool.ofJob(job.id);
           const parties = mergeParties(job, this.opts.spool, this.opts.store.dir(job.id));
           return new Set(base.tensors().flatMap((t) => (contributionsTo(t.name, parties).length > 0 ? [t.name] : [])));
+        },
+        async ({ name, index }) => {
+          this.opts.log.warn('a merged-patch piece is unusable; its tensor is merged again', { jobId: job.id, name });
+          const ctx = await this.context(job, record);
+          const task = {
+            name,
+            contributions: contributionsTo(name, ctx.parties),
+            outsideByMax: ctx.outsideByMax,
+            dense: false,
+            patchPiece: { dir, index },
+          };
+          (await ctx.runner.run(task, ctx.base.info(name).numel, signal)).release();
         },
       );
     } finally {

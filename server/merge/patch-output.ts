@@ -15,7 +15,7 @@ import { PATCH_FILE_NAME, patchHeader } from '../../proto/patch/index.js';
 import { exists } from '../../proto/safetensors/fs-util.js';
 import type { Checkpoint } from '../../proto/safetensors/index.js';
 import type { MergedFileInfo } from '../jobs/job-store.js';
-import { PatchWriter } from './patch-writer.js';
+import { JOIN_BLOCK_BYTES, PatchWriter } from './patch-writer.js';
 
 /** What a job's `merge.output` asks the merge to write. */
 export function mergeOutputs(output: MergeOutput): { dense: boolean; patch: boolean } {
@@ -170,8 +170,12 @@ export function joinedDir(dir: string): string {
  * again, or racing another replica's, that finds the folder gone describes the
  * file in place (whatever error the folder's disappearance caused: NFS gives
  * ESTALE). Every tensor of `changed` must have its piece, starting with
- * {@link PIECE_MAGIC} ({@link MissingPieceError} otherwise, nothing written).
+ * {@link PIECE_MAGIC}: a piece missing, cut short or of another version is
+ * made again by `rerun` (the tensor merged again, for its piece only) and
+ * checked once more; {@link MissingPieceError} (nothing written) when there is
+ * no `rerun` or its piece is still unusable.
  * @param changed - Names of the tensors some party changed (called only to join).
+ * @param rerun - Writes the piece of tensor `index` of the base again.
  * @returns Its name, size and SHA-256.
  */
 export async function commitPatch(
@@ -180,6 +184,7 @@ export async function commitPatch(
   base: Checkpoint,
   baseFingerprint: string,
   changed: () => Promise<ReadonlySet<string>>,
+  rerun?: (tensor: { name: string; index: number }) => Promise<void>,
 ): Promise<MergedFileInfo> {
   let names: string[];
   try {
@@ -197,11 +202,22 @@ export async function commitPatch(
   const hashes: Uint8Array[] = [];
   try {
     for (const { t, index } of joined) {
-      const hash = pieces.has(index) ? await pieceHash(join(dir, String(index))) : 'is missing';
+      const file = join(dir, String(index));
+      let hash = pieces.has(index) ? await pieceHash(file) : 'is missing';
       if (typeof hash === 'string') {
         // Another commit may have joined and renamed the folder since the listing.
         if (await gone(dir)) return describe(path);
-        throw new MissingPieceError(t.name, index, hash);
+        if (rerun === undefined) throw new MissingPieceError(t.name, index, hash);
+        await rerun({ name: t.name, index });
+        const again = await pieceHash(file).catch((err: unknown) => {
+          if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 'is missing';
+          throw err;
+        });
+        if (typeof again === 'string') {
+          if (await gone(dir)) return describe(path);
+          throw new MissingPieceError(t.name, index, `${hash}, and ${again} after its tensor was merged again`);
+        }
+        hash = again;
       }
       hashes.push(hash);
     }
@@ -286,6 +302,6 @@ async function removeLeftovers(path: string): Promise<void> {
 async function describe(path: string): Promise<MergedFileInfo> {
   await removeLeftovers(path);
   const hash = createHash('sha256');
-  for await (const block of createReadStream(path)) hash.update(block as Buffer);
+  for await (const block of createReadStream(path, { highWaterMark: JOIN_BLOCK_BYTES })) hash.update(block as Buffer);
   return { path: basename(path), size: (await stat(path)).size, sha256: hash.digest('hex') };
 }

@@ -1,8 +1,8 @@
 /**
- * What an upload checks of a tensor's content beyond its record structure: values finite and bounded, precision,
- * partitions, no position kept twice. See docs/design/uploads.md.
+ * What an upload checks of a tensor's content beyond its record structure: values finite and bounded (deltas, or
+ * F − B for fine-tuned weights), precision, partitions, no position kept twice. See docs/design/uploads.md.
  */
-import { FormatError } from '../../proto/errors.js';
+import { BaseDeltaError, FormatError } from '../../proto/errors.js';
 import {
   TensorKind,
   type DeltaHeader,
@@ -10,9 +10,11 @@ import {
   type TensorEnd,
   type TensorPlan,
 } from '../../proto/gen/dppa/v1/sparse.js';
-import type { Dtype } from '../../proto/safetensors/index.js';
+import type { Checkpoint, Dtype } from '../../proto/safetensors/index.js';
 import { decodeToF32 } from '../../proto/safetensors/index.js';
 import {
+  carriesFinetuned,
+  FinetunedToDelta,
   firstValueBeyond,
   magnitudeLimit,
   shapeNumel,
@@ -20,25 +22,64 @@ import {
   type DecodedChunk,
 } from '../../proto/sparse/index.js';
 
-/** What the checks of one upload's tensors share: the header's precision, the bound, a reusable bit set. */
+/**
+ * What the checks of one upload's tensors share: the header's precision, the bound, a reusable bit set, and
+ * for fine-tuned weights (VALUE_KIND_FINETUNED) the base, against which the bound is checked: `|F − B|`.
+ */
 export class ContentRules {
   /** Undefined for a positions-only upload (value_dtype NONE). */
   readonly dtype: Dtype | undefined;
   readonly partitions: number;
+  /** The values are fine-tuned weights F: the bound applies to F − B (fp32), F itself need only be finite. */
+  readonly finetuned: boolean;
   private readonly limit: number;
   private seen = new Uint8Array(0);
+  /** Fine-tuned values widened, reused from chunk to chunk. */
+  values = new Float32Array(0);
 
   /**
    * @param header - The upload's header, already checked (its value dtype is known).
-   * @param maxAbsValue - Largest magnitude a value may have (the job's `max_abs_value`).
+   * @param maxAbsValue - Largest magnitude a delta may have (the job's `max_abs_value`).
+   * @param base - The job's base, needed when the header carries fine-tuned weights ({@link needsBase}).
    */
   constructor(
     header: DeltaHeader,
     readonly maxAbsValue: number,
+    readonly base?: Checkpoint,
+    /** Names the base (its fingerprint) for what is remembered of it across uploads. */
+    readonly baseKey = '',
   ) {
     this.dtype = storageDtype(header.valueDtype);
     this.partitions = header.levels.length;
-    this.limit = this.dtype === undefined ? 0 : magnitudeLimit(this.dtype, maxAbsValue);
+    this.finetuned = ContentRules.needsBase(header) && this.dtype !== undefined;
+    if (this.finetuned && base === undefined) throw new Error('ContentRules: fine-tuned values need the base');
+    this.limit = this.dtype === undefined ? 0 : magnitudeLimit(this.dtype, this.finetuned ? Infinity : maxAbsValue);
+    this.quarterLimit = this.dtype === undefined ? 0 : magnitudeLimit(this.dtype, maxAbsValue / 4);
+  }
+
+  /** Magnitude bits of a quarter of the bound in the values' dtype: |F| and |B| both within it bound |F − B|. */
+  readonly quarterLimit: number;
+
+  /**
+   * Whether every weight of a base tensor has magnitude at most a quarter of the bound (read a window at a time,
+   * remembered per base and tensor). Then a fine-tuned weight within a quarter too has |F − B| ≤ half the bound,
+   * fp32 rounding included, with no need to form it.
+   */
+  baseWithinQuarter(tensor: string, baseKey: string): Promise<boolean> {
+    const key = `${baseKey}\0${tensor}\0${this.maxAbsValue}`;
+    let known = BASE_QUARTER.get(key);
+    if (known === undefined) {
+      known = scanBase(this.base!, tensor, this.maxAbsValue / 4);
+      if (BASE_QUARTER.size >= BASE_QUARTER_ENTRIES) BASE_QUARTER.delete(BASE_QUARTER.keys().next().value!);
+      BASE_QUARTER.set(key, known);
+      known.catch(() => BASE_QUARTER.delete(key));
+    }
+    return known;
+  }
+
+  /** Whether an upload with this header is checked against the base (its values are fine-tuned weights). */
+  static needsBase(header: DeltaHeader): boolean {
+    return carriesFinetuned(header);
   }
 
   /** A check of one tensor's records, which arrive in order. */
@@ -52,8 +93,28 @@ export class ContentRules {
       else this.seen.fill(0, 0, bytes);
       seen = this.seen;
     }
-    return new TensorCheck(plan.name, linear, this, this.limit, seen);
+    const toDelta = this.finetuned ? new FinetunedToDelta(this.base!, plan.name) : undefined;
+    return new TensorCheck(plan.name, linear, this, this.limit, seen, toDelta, this.baseKey);
   }
+}
+
+/** Base tensors known to be within a quarter of a bound, by base, tensor and bound (oldest dropped first). */
+const BASE_QUARTER = new Map<string, Promise<boolean>>();
+const BASE_QUARTER_ENTRIES = 4096;
+
+/** Bytes of a base tensor scanned at a time. */
+const SCAN_BYTES = 4 * 1024 * 1024;
+
+/** Whether every weight of a base tensor has magnitude at most `bound` (on the stored bits). */
+async function scanBase(base: Checkpoint, tensor: string, bound: number): Promise<boolean> {
+  const { dtype, byteLength } = base.info(tensor);
+  const limit = magnitudeLimit(dtype, bound);
+  const into = new Uint8Array(Math.min(SCAN_BYTES, byteLength));
+  for (let at = 0; at < byteLength; at += into.byteLength) {
+    const bytes = await base.readRawRange(tensor, at, Math.min(into.byteLength, byteLength - at), { into });
+    if (firstValueBeyond(bytes, dtype, limit) >= 0) return false;
+  }
+  return true;
 }
 
 /** The content checks of one tensor; errors name the tensor and chunk. */
@@ -64,13 +125,16 @@ export class TensorCheck {
     private readonly rules: ContentRules,
     private readonly limit: number,
     private readonly seen: Uint8Array | undefined,
+    private readonly toDelta?: FinetunedToDelta,
+    /** Names the base in {@link ContentRules.baseWithinQuarter}'s memory. */
+    private readonly baseKey = '',
   ) {}
 
   /**
-   * Checks a chunk that TensorAssembler has decoded.
+   * Checks a chunk that TensorAssembler has decoded (its positions; its values need not be).
    * @throws FormatError naming the tensor, the chunk and what is wrong.
    */
-  chunk(raw: SparseChunk, decoded: DecodedChunk): void {
+  async chunk(raw: SparseChunk, decoded: DecodedChunk): Promise<void> {
     const label = `chunk ${raw.index}`;
     const dtype = storageDtype(raw.valueDtype);
     if (dtype !== this.rules.dtype)
@@ -86,11 +150,48 @@ export class TensorCheck {
     if (bad >= 0 && dtype !== undefined) {
       const size = dtype === 'F32' ? 4 : 2;
       const value = decodeToF32(raw.values.subarray(bad * size, (bad + 1) * size), dtype)[0]!;
+      const bound =
+        this.toDelta === undefined ? ` with magnitude at most ${this.rules.maxAbsValue} (the job's max_abs_value)` : '';
       throw this.error(
-        `${label}: the value at position ${decoded.positions[bad]} is ${value}; values must be finite with magnitude at most ${this.rules.maxAbsValue} (the job's max_abs_value)`,
+        `${label}: the value at position ${decoded.positions[bad]} is ${value}; values must be finite${bound}`,
       );
     }
+    if (this.toDelta !== undefined && dtype !== undefined) await this.checkDeltas(label, raw, decoded, dtype);
     if (this.seen !== undefined) this.mark(label, decoded);
+  }
+
+  /** Bounds the deltas F − B of a chunk of fine-tuned weights (formed in fp32 as the merge forms them). */
+  private async checkDeltas(label: string, raw: SparseChunk, decoded: DecodedChunk, dtype: Dtype): Promise<void> {
+    // Most chunks: |F| and every |B| of the tensor within a quarter of the bound, so |F − B| is within half of it.
+    if (
+      firstValueBeyond(raw.values, dtype, this.rules.quarterLimit) < 0 &&
+      // A scan that failed (another upload's base closed under it) only means the exact check below.
+      (await this.rules.baseWithinQuarter(this.name, this.baseKey).catch(() => false))
+    )
+      return;
+    const n = decoded.count;
+    const rules = this.rules;
+    if (rules.values.length < n) rules.values = new Float32Array(n);
+    const values = decodeToF32(raw.values, dtype, rules.values.subarray(0, n));
+    try {
+      await this.toDelta!.convert({ ...decoded, values });
+    } catch (err) {
+      // F − B not finite: the base is at fault (a non-finite weight, or one beyond fp32 from F), not the party;
+      // the merge fails the job naming it (failure-policy.ts), so the chunk is taken as it is.
+      if (err instanceof BaseDeltaError) return;
+      throw err;
+    }
+    const max = this.rules.maxAbsValue;
+    for (let i = 0; i < n; i++) {
+      if (Math.abs(values[i]!) > max) {
+        const pos = decoded.range ? decoded.firstPosition + i : decoded.positions[i]!;
+        const size = dtype === 'F32' ? 4 : 2;
+        const f = decodeToF32(raw.values.subarray(i * size, (i + 1) * size), dtype)[0]!;
+        throw this.error(
+          `${label}: the value at position ${pos} is ${f} (a fine-tuned weight, ${values[i]} from the base's); deltas must have magnitude at most ${max} (the job's max_abs_value)`,
+        );
+      }
+    }
   }
 
   /**

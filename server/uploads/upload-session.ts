@@ -129,6 +129,8 @@ interface OpenTensor {
 class UploadSession {
   private header: DeltaHeader | undefined;
   private rules: ContentRules | undefined;
+  /** The job's base, open while the session checks fine-tuned weights against it. */
+  private base: Checkpoint | undefined;
   private tensor: OpenTensor | undefined;
   private lastProgress = 0;
   /** Completed tensors whose spool file is being closed, by name. */
@@ -248,7 +250,9 @@ class UploadSession {
       await this.spool.saveHeader(header);
     }
     this.header = header;
-    this.rules = new ContentRules(header, job.maxAbsValue);
+    // Fine-tuned weights are bounded as deltas F − B: the base is read where their chunks fall.
+    if (ContentRules.needsBase(header)) this.base ??= await Checkpoint.open(job.basePath);
+    this.rules = new ContentRules(header, job.maxAbsValue, this.base, `${job.basePath}\0${job.baseFingerprint}`);
     await this.progress(true);
     // A delta that plans no tensor as sent is complete with its header alone.
     if (fresh && this.spool.complete) await this.completed();
@@ -284,7 +288,7 @@ class UploadSession {
   }
 
   private async chunk(t: OpenTensor, record: DeltaRecord): Promise<void> {
-    t.check.chunk(record.chunk!, t.assembler.push(record)!);
+    await t.check.chunk(record.chunk!, t.assembler.push(record)!);
     const payload = record.chunk!.positions.length + record.chunk!.values.length;
     this.deps.metrics.uploadBytes.inc(payload);
     if (t.writer === undefined) return;
@@ -392,6 +396,8 @@ class UploadSession {
     this.spool.upload = undefined;
     this.deps.metrics.uploadsActive.dec();
     this.release();
+    await this.base?.close();
+    this.base = undefined;
   }
 }
 
