@@ -33,6 +33,8 @@
  *   --reuse-deltas  upload the deltas a --keep run left instead of pruning again (for trying server changes)
  *   --cpu-prof   run the server with --cpu-prof (profiles in .bench/server/prof/) and print its hottest functions
  *   --layers N   fewer layers for a quick try (default 22: TinyLlama)
+ *   --upload-only  stop after the upload (a fourth party that never uploads keeps the merge from starting; no
+ *                patch job, no copies): the upload's figures, profile and JSON line only
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -53,6 +55,7 @@ const { values } = parseArgs({
     keep: { type: 'boolean' },
     'reuse-deltas': { type: 'boolean' },
     'cpu-prof': { type: 'boolean' },
+    'upload-only': { type: 'boolean' },
   },
 });
 const runs = Number(values.runs);
@@ -224,7 +227,9 @@ let got = 0, ended = 0;
 const srv = new grpc.Server({ 'grpc.max_receive_message_length': 16 << 20 });
 srv.addService(${GRPC_METHOD}, { up: (call, cb) => {
   call.on('data', (b) => { got += b.length; });
-  call.on('end', () => { cb(null, Buffer.alloc(0)); if (++ended === want) { const u = process.cpuUsage(); process.stdout.write('done ' + got + ' ' + (u.user + u.system) / 1e6 + '\\n'); } });
+  call.on('end', () => { cb(null, Buffer.alloc(0)); if (++ended === want) { const u = process.cpuUsage(); process.stdout.write('done ' + got + ' ' + (u.user + u.system) / 1e6 + '\\n');
+    // Exits by itself (once the answers are out), so that a --cpu-prof profile is written.
+    setTimeout(() => process.exit(0), 500); } });
 } });
 srv.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, port) => {
   // The receive window dppa serve sets (server/rpc/receive-window.ts), so that the two compare like for like.
@@ -278,7 +283,12 @@ async function copyOver(
   bytes: number,
   what: string,
 ): Promise<{ seconds: number; receiverCpu: number }> {
-  const receiver = spawn(process.execPath, ['-e', receiverScript, String(files.length)], {
+  // With --cpu-prof, the bare grpc-js receiver is profiled too (.bench/server/prof-bare/), to compare with the server.
+  const prof =
+    values['cpu-prof'] === true && receiverScript === GRPC_RECEIVER
+      ? ['--cpu-prof', `--cpu-prof-dir=${profDir}-bare`]
+      : [];
+  const receiver = spawn(process.execPath, [...prof, '-e', receiverScript, String(files.length)], {
     cwd: root,
     stdio: ['ignore', 'pipe', 'inherit'],
   });
@@ -312,6 +322,8 @@ async function copyOver(
     });
   } finally {
     await Promise.all(senders);
+    // A profiled receiver exits by itself (killed, it would write no profile).
+    if (prof.length > 0 && receiver.exitCode === null) await new Promise((resolve) => receiver.once('exit', resolve));
     if (receiver.exitCode === null) receiver.kill();
   }
 }
@@ -414,7 +426,7 @@ async function patchOnlyJob(
 // The CPU profile summary (self time per function, over every profile written).
 
 async function summarizeProfiles(dir: string): Promise<void> {
-  for (const f of (await readdir(dir)).filter((n) => n.endsWith('.cpuprofile')).sort()) {
+  for (const f of (await readdir(dir).catch(() => [])).filter((n) => n.endsWith('.cpuprofile')).sort()) {
     printTopSelfTime(f, JSON.parse(await readFile(join(dir, f), 'utf8')) as CpuProfile, `file://${root}`);
   }
 }
@@ -447,6 +459,8 @@ if (reuse) {
 const adminToken = randomBytes(24).toString('base64url');
 const adminEnv = { ...process.env, DPPA_ADMIN_TOKEN: adminToken };
 let server: { child: ChildProcess; done: Promise<Measured> } | undefined;
+/** Thrown to end an `--upload-only` run early (through the cleanup below). */
+const UPLOAD_ONLY_DONE = new Error('upload only: done');
 let watcher: ChildProcess | undefined;
 try {
   // 1. Prune the three fine-tunes (not part of the upload timing).
@@ -484,6 +498,7 @@ try {
   const raws: number[] = [];
   const grpcs: number[] = [];
   const grpcCpus: number[] = [];
+  if (values['cpu-prof'] === true) await rm(`${profDir}-bare`, { recursive: true, force: true });
   for (let i = 0; i < runs; i++) {
     raws.push((await copyOver(RAW_RECEIVER, RAW_SENDER, deltas, deltaBytes, 'raw TCP')).seconds);
     console.log(
@@ -537,7 +552,9 @@ try {
         '--base',
         base,
         '--parties',
-        PARTIES.join(','),
+        // --upload-only: a fourth party that never uploads keeps the merge from starting, so that its CPU does not
+        // count in the upload's.
+        [...PARTIES, ...(values['upload-only'] === true ? ['idle'] : [])].join(','),
         '--rate',
         RATE,
         '--method',
@@ -597,6 +614,40 @@ try {
   const uploadSeconds = (Math.max(...pushed.map((m) => m.at)) - t0) / 1000;
   const afterUpload = await scrape(metricsPort);
   const hwmAfterUpload = vmHwmMiB(serverPid);
+  if (values['upload-only'] === true) {
+    server.child.kill('SIGTERM');
+    await server.done;
+    server = undefined;
+    const cpuOf = (m: Map<string, number>): number => m.get('process_cpu_seconds_total') ?? Number.NaN;
+    const serverCpu = cpuOf(afterUpload) - cpuOf(before);
+    const bare = median(grpcs);
+    const bareCpu = median(grpcCpus);
+    console.log(
+      `\nupload only: ${uploadSeconds.toFixed(2)} s, bare grpc-js ${bare.toFixed(2)} s (${(uploadSeconds / bare).toFixed(2)}×, goal ≤ 1.25×); server CPU ${serverCpu.toFixed(2)} s, bare receiver ${bareCpu.toFixed(2)} s (${(serverCpu / bareCpu).toFixed(2)}×, goal ≤ 1.5×); server peak RSS ${hwmAfterUpload.toFixed(0)} MiB`,
+    );
+    console.log(
+      `push processes: ${pushed.map((m, i) => `${PARTIES[i]} ${m.seconds.toFixed(2)} s, CPU ${m.cpuSeconds.toFixed(1)} s`).join('; ')}`,
+    );
+    console.log(
+      `load average (1, 5, 15 min): start ${loadAtStart}; before the upload ${loadBeforeUpload}; end ${load()}`,
+    );
+    if (values['cpu-prof'] === true) {
+      await summarizeProfiles(`${profDir}-bare`);
+      await summarizeProfiles(profDir);
+    }
+    console.log(
+      JSON.stringify({
+        layers: LAYERS,
+        upload_s: uploadSeconds,
+        bare_grpc_s: bare,
+        raw_tcp_s: median(raws),
+        server_upload_cpu_s: serverCpu,
+        bare_grpc_cpu_s: bareCpu,
+        uploaded_bytes: deltaBytes,
+      }),
+    );
+    throw UPLOAD_ONLY_DONE;
+  }
 
   // 6. The merge.
   const end = await finished;
@@ -802,6 +853,8 @@ try {
       uploaded_bytes: deltaBytes,
     }),
   );
+} catch (err) {
+  if (err !== UPLOAD_ONLY_DONE) throw err;
 } finally {
   watcher?.kill('SIGTERM');
   if (server !== undefined) {
