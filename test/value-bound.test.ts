@@ -48,7 +48,7 @@ describe('value bound over long runs', () => {
   it('agrees with the decoded values at every offset, parity and block boundary', () => {
     // A cheap PRNG, so that a failure reproduces.
     let seed = 12345;
-    const random = (): number => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32);
+    const random = (): number => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32;
     for (const dtype of ['BF16', 'F16', 'F32'] as const) {
       const bound = 3.5;
       const limit = magnitudeLimit(dtype, bound);

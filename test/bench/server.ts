@@ -35,10 +35,11 @@
  *   --layers N   fewer layers for a quick try (default 22: TinyLlama)
  *   --upload-only  stop after the upload (a fourth party that never uploads keeps the merge from starting; no
  *                patch job, no copies): the upload's figures, profile and JSON line only
+ *   --server-node-flags "F …"  flags for the node process of `dppa serve` (e.g. "--single-threaded-gc")
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, statSync } from 'node:fs';
+import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
@@ -56,6 +57,7 @@ const { values } = parseArgs({
     'reuse-deltas': { type: 'boolean' },
     'cpu-prof': { type: 'boolean' },
     'upload-only': { type: 'boolean' },
+    'server-node-flags': { type: 'string', default: '' },
   },
 });
 const runs = Number(values.runs);
@@ -139,6 +141,31 @@ function wrappedPid(wrapper: ChildProcess): number {
   const kids = readFileSync(`/proc/${wrapper.pid}/task/${wrapper.pid}/children`, 'utf8').trim();
   return Number(kids.split(/\s+/)[0]);
 }
+
+/**
+ * CPU seconds (user + system) of a live process's main thread and of its other threads together (the libuv thread
+ * pool's file writes and fsyncs, V8's concurrent GC helpers), from /proc.
+ */
+function threadCpu(pid: number): { main: number; others: number } {
+  const r = { main: 0, others: 0 };
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    let stat: string;
+    try {
+      stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+    } catch {
+      continue; // The thread ended.
+    }
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const seconds = (Number(f[11]) + Number(f[12])) / CLOCK_TICKS;
+    if (Number(tid) === pid) r.main += seconds;
+    else r.others += seconds;
+  }
+  return r;
+}
+
+/** Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux). */
+const CLOCK_TICKS = 100;
 
 /** Peak RSS so far of a live process (VmHWM), in MiB. */
 function vmHwmMiB(pid: number): number {
@@ -514,7 +541,10 @@ try {
 
   // 3. The server, with its whole life measured.
   const dataDir = join(runDir, 'data');
-  const nodeFlags = values['cpu-prof'] === true ? ['--cpu-prof', `--cpu-prof-dir=${profDir}`] : [];
+  const nodeFlags = [
+    ...(values['cpu-prof'] === true ? ['--cpu-prof', `--cpu-prof-dir=${profDir}`] : []),
+    ...values['server-node-flags'].split(' ').filter((f) => f !== ''),
+  ];
   if (values['cpu-prof'] === true) await rm(profDir, { recursive: true, force: true });
   server = spawnMeasured(
     process.execPath,
@@ -596,6 +626,7 @@ try {
     });
   });
   const before = await scrape(metricsPort);
+  const threadsBefore = threadCpu(serverPid);
   const loadBeforeUpload = load();
 
   // 5. Three concurrent pushes.
@@ -615,6 +646,7 @@ try {
   const afterUpload = await scrape(metricsPort);
   const hwmAfterUpload = vmHwmMiB(serverPid);
   if (values['upload-only'] === true) {
+    const threadsAfter = threadCpu(serverPid);
     server.child.kill('SIGTERM');
     await server.done;
     server = undefined;
@@ -627,6 +659,9 @@ try {
     );
     console.log(
       `push processes: ${pushed.map((m, i) => `${PARTIES[i]} ${m.seconds.toFixed(2)} s, CPU ${m.cpuSeconds.toFixed(1)} s`).join('; ')}`,
+    );
+    console.log(
+      `server CPU by thread during the upload: main thread ${(threadsAfter.main - threadsBefore.main).toFixed(2)} s, other threads (thread pool: file writes, fsyncs; GC helpers) ${(threadsAfter.others - threadsBefore.others).toFixed(2)} s`,
     );
     console.log(
       `load average (1, 5, 15 min): start ${loadAtStart}; before the upload ${loadBeforeUpload}; end ${load()}`,
