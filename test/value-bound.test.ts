@@ -43,3 +43,38 @@ describe('value bound on stored bits', () => {
     }
   });
 });
+
+describe('value bound over long runs', () => {
+  it('agrees with the decoded values at every offset, parity and block boundary', () => {
+    // A cheap PRNG, so that a failure reproduces.
+    let seed = 12345;
+    const random = (): number => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32;
+    for (const dtype of ['BF16', 'F16', 'F32'] as const) {
+      const bound = 3.5;
+      const limit = magnitudeLimit(dtype, bound);
+      const size = dtype === 'F32' ? 4 : 2;
+      for (const count of [1, 2, 3, 8191, 8192, 8193, 20001]) {
+        const values = new Float32Array(count);
+        for (let i = 0; i < count; i++) values[i] = (random() - 0.5) * 2 * bound;
+        // Where a bad value goes: nowhere, the first, the last, either lane of a word, and across 4096-word blocks.
+        for (const at of [-1, 0, count - 1, Math.floor(count / 2), 8192, 8193, 16385].filter((a) => a < count)) {
+          const v = values.slice();
+          if (at >= 0) v[at] = [NaN, Infinity, -5, 3.75][at % 4]!;
+          const encoded = encodeFromF32(v, dtype);
+          // Independently: the first index whose stored value decodes to a magnitude over the bound (or NaN).
+          const decoded = decodeToF32(encoded, dtype);
+          const expected = decoded.findIndex((x) => !(Math.abs(x) <= bound));
+          for (const offset of [0, 1, 2, 3]) {
+            const padded = new Uint8Array(offset + count * size);
+            padded.set(encoded, offset);
+            assert.equal(
+              firstValueBeyond(padded.subarray(offset), dtype, limit),
+              expected,
+              `${dtype} count ${count} bad at ${at} offset ${offset}`,
+            );
+          }
+        }
+      }
+    }
+  });
+});

@@ -1,6 +1,6 @@
 /**
- * Finds a stored value that is not finite or exceeds a bound, by one integer comparison on the stored bytes per
- * value. See docs/design/sparse-chunks.md.
+ * Finds a stored value that is not finite or exceeds a bound, on the stored bits: two 16-bit values per integer
+ * operation. See docs/design/sparse-chunks.md.
  */
 import { bytesPerElement, decodeToF32, type Dtype } from '../safetensors/dtype.js';
 
@@ -40,20 +40,70 @@ export function magnitudeLimit(dtype: Dtype, bound: number): number {
  * @returns The index, or -1 when every value is within the limit.
  */
 export function firstValueBeyond(bytes: Uint8Array, dtype: Dtype, limit: number): number {
+  if (!LITTLE_ENDIAN) return firstValueBeyondBytewise(bytes, dtype, limit);
   if (dtype === 'F32') {
-    for (let i = 0, at = 0; at < bytes.length; i++, at += 4) {
+    const n = bytes.length >>> 2;
+    const words = aligned(bytes, n);
+    for (let i = 0; i < n; i++) if ((words[i]! & 0x7fffffff) > limit) return i;
+    return -1;
+  }
+  // Two 16-bit values per word. Adding 0x7fff − limit to a 15-bit magnitude sets its lane's bit 15 exactly when the
+  // magnitude exceeds the limit, and cannot carry into the other lane; a block's results are OR-ed, tested once.
+  const n = bytes.length >>> 1;
+  const pairs = n >>> 1;
+  const words = aligned(bytes, pairs);
+  const k = ((0x7fff - limit) * 0x10001) | 0;
+  for (let from = 0; from < pairs; from += BLOCK_WORDS) {
+    const to = Math.min(pairs, from + BLOCK_WORDS);
+    let acc = 0;
+    let i = from;
+    for (; i + 3 < to; i += 4) {
+      acc |=
+        ((words[i]! & 0x7fff7fff) + k) |
+        ((words[i + 1]! & 0x7fff7fff) + k) |
+        ((words[i + 2]! & 0x7fff7fff) + k) |
+        ((words[i + 3]! & 0x7fff7fff) + k);
+    }
+    for (; i < to; i++) acc |= (words[i]! & 0x7fff7fff) + k;
+    if ((acc & 0x80008000) !== 0) return firstBeyond16(words, from * 2, to * 2, limit);
+  }
+  if (n % 2 === 1 && (bytes[2 * n - 2]! | ((bytes[2 * n - 1]! & 0x7f) << 8)) > limit) return n - 1;
+  return -1;
+}
+
+/** Words tested between two checks of the accumulated lanes. */
+const BLOCK_WORDS = 4096;
+
+/** The first 16-bit value of values `from` … `to − 1` (of 32-bit words `words`, little-endian) over `limit`, or -1. */
+function firstBeyond16(words: Int32Array, from: number, to: number, limit: number): number {
+  for (let i = from; i < to; i++) {
+    const w = words[i >>> 1]!;
+    if (((i & 1) === 0 ? w & 0x7fff : (w >>> 16) & 0x7fff) > limit) return i;
+  }
+  return -1;
+}
+
+/** Scratch memory for values not 4-byte aligned, grown as needed. */
+let scratch = new Int32Array(0);
+
+/** The first `count` 32-bit words of `bytes` (little-endian), copied into scratch memory when not 4-byte aligned. */
+function aligned(bytes: Uint8Array, count: number): Int32Array {
+  if (bytes.byteOffset % 4 === 0) return new Int32Array(bytes.buffer, bytes.byteOffset, count);
+  if (scratch.length < count) scratch = new Int32Array(Math.max(count, 2 * scratch.length));
+  new Uint8Array(scratch.buffer, 0, count * 4).set(bytes.subarray(0, count * 4));
+  return scratch.subarray(0, count);
+}
+
+/** {@link firstValueBeyond} a byte at a time (big-endian hosts). */
+function firstValueBeyondBytewise(bytes: Uint8Array, dtype: Dtype, limit: number): number {
+  if (dtype === 'F32') {
+    for (let i = 0, at = 0; at + 3 < bytes.length; i++, at += 4) {
       const mag = bytes[at]! | (bytes[at + 1]! << 8) | (bytes[at + 2]! << 16) | ((bytes[at + 3]! & 0x7f) << 24);
       if (mag > limit) return i;
     }
     return -1;
   }
   const n = bytes.length >>> 1;
-  if (bytes.byteOffset % 2 === 0 && LITTLE_ENDIAN) {
-    // Aligned: one 16-bit load per value (most chunks; a received message's fields may sit at any offset).
-    const u16 = new Uint16Array(bytes.buffer, bytes.byteOffset, n);
-    for (let i = 0; i < n; i++) if ((u16[i]! & 0x7fff) > limit) return i;
-    return -1;
-  }
   for (let i = 0, at = 0; i < n; i++, at += 2) {
     if ((bytes[at]! | ((bytes[at + 1]! & 0x7f) << 8)) > limit) return i;
   }

@@ -33,10 +33,13 @@
  *   --reuse-deltas  upload the deltas a --keep run left instead of pruning again (for trying server changes)
  *   --cpu-prof   run the server with --cpu-prof (profiles in .bench/server/prof/) and print its hottest functions
  *   --layers N   fewer layers for a quick try (default 22: TinyLlama)
+ *   --upload-only  stop after the upload (a fourth party that never uploads keeps the merge from starting; no
+ *                patch job, no copies): the upload's figures, profile and JSON line only
+ *   --server-node-flags "F …"  flags for the node process of `dppa serve` (e.g. "--single-threaded-gc")
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, statSync } from 'node:fs';
+import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
@@ -53,6 +56,8 @@ const { values } = parseArgs({
     keep: { type: 'boolean' },
     'reuse-deltas': { type: 'boolean' },
     'cpu-prof': { type: 'boolean' },
+    'upload-only': { type: 'boolean' },
+    'server-node-flags': { type: 'string', default: '' },
   },
 });
 const runs = Number(values.runs);
@@ -136,6 +141,31 @@ function wrappedPid(wrapper: ChildProcess): number {
   const kids = readFileSync(`/proc/${wrapper.pid}/task/${wrapper.pid}/children`, 'utf8').trim();
   return Number(kids.split(/\s+/)[0]);
 }
+
+/**
+ * CPU seconds (user + system) of a live process's main thread and of its other threads together (the libuv thread
+ * pool's file writes and fsyncs, V8's concurrent GC helpers), from /proc.
+ */
+function threadCpu(pid: number): { main: number; others: number } {
+  const r = { main: 0, others: 0 };
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    let stat: string;
+    try {
+      stat = readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+    } catch {
+      continue; // The thread ended.
+    }
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const seconds = (Number(f[11]) + Number(f[12])) / CLOCK_TICKS;
+    if (Number(tid) === pid) r.main += seconds;
+    else r.others += seconds;
+  }
+  return r;
+}
+
+/** Clock ticks per second of /proc's CPU times (USER_HZ, 100 on Linux). */
+const CLOCK_TICKS = 100;
 
 /** Peak RSS so far of a live process (VmHWM), in MiB. */
 function vmHwmMiB(pid: number): number {
@@ -224,7 +254,9 @@ let got = 0, ended = 0;
 const srv = new grpc.Server({ 'grpc.max_receive_message_length': 16 << 20 });
 srv.addService(${GRPC_METHOD}, { up: (call, cb) => {
   call.on('data', (b) => { got += b.length; });
-  call.on('end', () => { cb(null, Buffer.alloc(0)); if (++ended === want) { const u = process.cpuUsage(); process.stdout.write('done ' + got + ' ' + (u.user + u.system) / 1e6 + '\\n'); } });
+  call.on('end', () => { cb(null, Buffer.alloc(0)); if (++ended === want) { const u = process.cpuUsage(); process.stdout.write('done ' + got + ' ' + (u.user + u.system) / 1e6 + '\\n');
+    // Exits by itself (once the answers are out), so that a --cpu-prof profile is written.
+    setTimeout(() => process.exit(0), 500); } });
 } });
 srv.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, port) => {
   // The receive window dppa serve sets (server/rpc/receive-window.ts), so that the two compare like for like.
@@ -278,7 +310,12 @@ async function copyOver(
   bytes: number,
   what: string,
 ): Promise<{ seconds: number; receiverCpu: number }> {
-  const receiver = spawn(process.execPath, ['-e', receiverScript, String(files.length)], {
+  // With --cpu-prof, the bare grpc-js receiver is profiled too (.bench/server/prof-bare/), to compare with the server.
+  const prof =
+    values['cpu-prof'] === true && receiverScript === GRPC_RECEIVER
+      ? ['--cpu-prof', `--cpu-prof-dir=${profDir}-bare`]
+      : [];
+  const receiver = spawn(process.execPath, [...prof, '-e', receiverScript, String(files.length)], {
     cwd: root,
     stdio: ['ignore', 'pipe', 'inherit'],
   });
@@ -312,6 +349,8 @@ async function copyOver(
     });
   } finally {
     await Promise.all(senders);
+    // A profiled receiver exits by itself (killed, it would write no profile).
+    if (prof.length > 0 && receiver.exitCode === null) await new Promise((resolve) => receiver.once('exit', resolve));
     if (receiver.exitCode === null) receiver.kill();
   }
 }
@@ -414,7 +453,7 @@ async function patchOnlyJob(
 // The CPU profile summary (self time per function, over every profile written).
 
 async function summarizeProfiles(dir: string): Promise<void> {
-  for (const f of (await readdir(dir)).filter((n) => n.endsWith('.cpuprofile')).sort()) {
+  for (const f of (await readdir(dir).catch(() => [])).filter((n) => n.endsWith('.cpuprofile')).sort()) {
     printTopSelfTime(f, JSON.parse(await readFile(join(dir, f), 'utf8')) as CpuProfile, `file://${root}`);
   }
 }
@@ -447,6 +486,8 @@ if (reuse) {
 const adminToken = randomBytes(24).toString('base64url');
 const adminEnv = { ...process.env, DPPA_ADMIN_TOKEN: adminToken };
 let server: { child: ChildProcess; done: Promise<Measured> } | undefined;
+/** Thrown to end an `--upload-only` run early (through the cleanup below). */
+const UPLOAD_ONLY_DONE = new Error('upload only: done');
 let watcher: ChildProcess | undefined;
 try {
   // 1. Prune the three fine-tunes (not part of the upload timing).
@@ -484,6 +525,7 @@ try {
   const raws: number[] = [];
   const grpcs: number[] = [];
   const grpcCpus: number[] = [];
+  if (values['cpu-prof'] === true) await rm(`${profDir}-bare`, { recursive: true, force: true });
   for (let i = 0; i < runs; i++) {
     raws.push((await copyOver(RAW_RECEIVER, RAW_SENDER, deltas, deltaBytes, 'raw TCP')).seconds);
     console.log(
@@ -499,7 +541,10 @@ try {
 
   // 3. The server, with its whole life measured.
   const dataDir = join(runDir, 'data');
-  const nodeFlags = values['cpu-prof'] === true ? ['--cpu-prof', `--cpu-prof-dir=${profDir}`] : [];
+  const nodeFlags = [
+    ...(values['cpu-prof'] === true ? ['--cpu-prof', `--cpu-prof-dir=${profDir}`] : []),
+    ...values['server-node-flags'].split(' ').filter((f) => f !== ''),
+  ];
   if (values['cpu-prof'] === true) await rm(profDir, { recursive: true, force: true });
   server = spawnMeasured(
     process.execPath,
@@ -537,7 +582,9 @@ try {
         '--base',
         base,
         '--parties',
-        PARTIES.join(','),
+        // --upload-only: a fourth party that never uploads keeps the merge from starting, so that its CPU does not
+        // count in the upload's.
+        [...PARTIES, ...(values['upload-only'] === true ? ['idle'] : [])].join(','),
         '--rate',
         RATE,
         '--method',
@@ -579,6 +626,7 @@ try {
     });
   });
   const before = await scrape(metricsPort);
+  const threadsBefore = threadCpu(serverPid);
   const loadBeforeUpload = load();
 
   // 5. Three concurrent pushes.
@@ -597,6 +645,44 @@ try {
   const uploadSeconds = (Math.max(...pushed.map((m) => m.at)) - t0) / 1000;
   const afterUpload = await scrape(metricsPort);
   const hwmAfterUpload = vmHwmMiB(serverPid);
+  if (values['upload-only'] === true) {
+    const threadsAfter = threadCpu(serverPid);
+    server.child.kill('SIGTERM');
+    await server.done;
+    server = undefined;
+    const cpuOf = (m: Map<string, number>): number => m.get('process_cpu_seconds_total') ?? Number.NaN;
+    const serverCpu = cpuOf(afterUpload) - cpuOf(before);
+    const bare = median(grpcs);
+    const bareCpu = median(grpcCpus);
+    console.log(
+      `\nupload only: ${uploadSeconds.toFixed(2)} s, bare grpc-js ${bare.toFixed(2)} s (${(uploadSeconds / bare).toFixed(2)}×, goal ≤ 1.25×); server CPU ${serverCpu.toFixed(2)} s, bare receiver ${bareCpu.toFixed(2)} s (${(serverCpu / bareCpu).toFixed(2)}×, goal ≤ 1.5×); server peak RSS ${hwmAfterUpload.toFixed(0)} MiB`,
+    );
+    console.log(
+      `push processes: ${pushed.map((m, i) => `${PARTIES[i]} ${m.seconds.toFixed(2)} s, CPU ${m.cpuSeconds.toFixed(1)} s`).join('; ')}`,
+    );
+    console.log(
+      `server CPU by thread during the upload: main thread ${(threadsAfter.main - threadsBefore.main).toFixed(2)} s, other threads (thread pool: file writes, fsyncs; GC helpers) ${(threadsAfter.others - threadsBefore.others).toFixed(2)} s`,
+    );
+    console.log(
+      `load average (1, 5, 15 min): start ${loadAtStart}; before the upload ${loadBeforeUpload}; end ${load()}`,
+    );
+    if (values['cpu-prof'] === true) {
+      await summarizeProfiles(`${profDir}-bare`);
+      await summarizeProfiles(profDir);
+    }
+    console.log(
+      JSON.stringify({
+        layers: LAYERS,
+        upload_s: uploadSeconds,
+        bare_grpc_s: bare,
+        raw_tcp_s: median(raws),
+        server_upload_cpu_s: serverCpu,
+        bare_grpc_cpu_s: bareCpu,
+        uploaded_bytes: deltaBytes,
+      }),
+    );
+    throw UPLOAD_ONLY_DONE;
+  }
 
   // 6. The merge.
   const end = await finished;
@@ -802,6 +888,8 @@ try {
       uploaded_bytes: deltaBytes,
     }),
   );
+} catch (err) {
+  if (err !== UPLOAD_ONLY_DONE) throw err;
 } finally {
   watcher?.kill('SIGTERM');
   if (server !== undefined) {
