@@ -192,8 +192,9 @@ async function addSpooledFile(
     }
     const chunk = assembler!.push(record);
     if (chunk === undefined) continue;
-    if (toDelta !== undefined) await toDelta.convert(chunk, opts.signal);
-    addChunkScaled(acc, chunk, c.weight * partitionFactor(c.factors, chunk.partition, outsideByMax));
+    const scale = c.weight * partitionFactor(c.factors, chunk.partition, outsideByMax);
+    if (toDelta !== undefined) await toDelta.addScaled(acc, chunk, scale, opts.signal);
+    else addChunkScaled(acc, chunk, scale);
     opts.support?.add(chunk);
   }
   if (assembler?.complete !== true)

@@ -10,6 +10,7 @@ import { readFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import type { DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
 import { Checkpoint, SharedCheckpointWriter } from '../../proto/safetensors/index.js';
 import { DeltaFileWriter, readDeltaFile } from '../../proto/sparse/index.js';
 import { inlineRunner, workerRunner } from '../../server/merge/merge-runner.js';
@@ -43,7 +44,7 @@ async function buildSpool(): Promise<Map<string, Map<string, string>>> {
       () => true,
       () => false,
     );
-    let header;
+    let header: DeltaHeader | undefined;
     let writer: DeltaFileWriter | undefined;
     let index = 0;
     if (!done) await mkdir(dir, { recursive: true });
@@ -58,9 +59,10 @@ async function buildSpool(): Promise<Map<string, Map<string, string>>> {
       }
       if (record.tensorBegin !== undefined) {
         const name = record.tensorBegin.name;
-        index = header!.tensors.findIndex((t) => t.name === name);
+        const h = header!;
+        index = h.tensors.findIndex((t) => t.name === name);
         writer = await DeltaFileWriter.create(join(dir, `${index}.dppa`));
-        await writer.write({ header: { ...header!, options: {}, tensors: [header!.tensors[index]!], producer: 'x' } });
+        await writer.write({ header: { ...h, options: {}, tensors: [h.tensors[index]!], producer: 'x' } });
         files.set(name, join(dir, `${index}.dppa`));
       }
       await writer!.write(record);
