@@ -24,24 +24,30 @@ export function carriesFinetuned(header: DeltaHeader): boolean {
 export class FinetunedToDelta {
   private readonly dtype: Dtype;
   private readonly numel: number;
-  private readonly raw: Uint8Array;
-  /** The window in fp32 (a view of `raw` for an F32 base). */
-  private readonly window: Float32Array;
+  /** The window as stored, and in fp32 (a view of `raw` for an F32 base); allocated at the first load. */
+  private raw: Uint8Array | undefined;
+  private window: Float32Array = new Float32Array(0);
   private start = 0;
   private count = 0;
+
+  /** Scratch for reading a bf16 bit pattern as fp32. */
+  private readonly word = new Int32Array(1);
+  private readonly float = new Float32Array(this.word.buffer);
 
   constructor(
     private readonly base: Checkpoint,
     private readonly tensor: string,
     /** File named in errors (the `.dppa` or spool file). */
     private readonly file?: string,
+    /**
+     * The whole base tensor's bf16 bit patterns, when the caller holds them (a BF16 base): read from there, one
+     * element at a time, instead of through windows. @default none
+     */
+    private readonly baseBits?: Uint16Array,
   ) {
     const info = base.info(tensor);
     this.dtype = info.dtype;
     this.numel = info.numel;
-    const elements = Math.max(1, Math.min(WINDOW_ELEMENTS, info.numel));
-    this.raw = new Uint8Array(elements * bytesPerElement(info.dtype));
-    this.window = info.dtype === 'F32' ? new Float32Array(this.raw.buffer) : new Float32Array(elements);
   }
 
   /**
@@ -72,6 +78,12 @@ export class FinetunedToDelta {
   addScaled(acc: Float32Array, chunk: DecodedChunk, scale: number, signal?: AbortSignal): Promise<void> {
     if (acc.length < this.numel)
       throw new RangeError(`the accumulator holds ${acc.length} elements, the tensor ${this.numel}`);
+    if (this.baseBits !== undefined) {
+      this.checkInside(chunk);
+      const bad = addBitsRun(acc, chunk, this.baseBits, scale, this.word, this.float);
+      if (bad >= 0) this.failAt(chunk, bad, this.baseBits);
+      return Promise.resolve();
+    }
     return this.runs(chunk, signal, (i, win, start, end) =>
       addRun(
         acc,
@@ -86,6 +98,40 @@ export class FinetunedToDelta {
         scale,
       ),
     );
+  }
+
+  /**
+   * {@link addScaled} where `acc` still holds the base, in fp32, at every position of `chunk` (the first party's
+   * entries of a tensor: no party has added there yet, and a party keeps a position once), so B is read from
+   * `acc` itself: no window, the same sums.
+   * @throws BaseDeltaError as {@link convert}.
+   */
+  addScaledOverBase(acc: Float32Array, chunk: DecodedChunk, scale: number): void {
+    if (acc.length < this.numel)
+      throw new RangeError(`the accumulator holds ${acc.length} elements, the tensor ${this.numel}`);
+    this.checkInside(chunk);
+    const bad = addOverBaseRun(acc, chunk, scale);
+    if (bad >= 0) this.failAt(chunk, bad, acc);
+  }
+
+  /** @throws FormatError if the chunk's last position is outside the tensor. */
+  private checkInside(chunk: DecodedChunk): void {
+    const n = chunk.values.length;
+    if (n === 0) return;
+    const last = chunk.range ? chunk.firstPosition + n - 1 : chunk.positions[n - 1]!;
+    if (last >= this.numel)
+      throw new FormatError(`position ${last} is outside the base tensor (${this.numel} elements)`, this.where());
+  }
+
+  /** Throws for entry `i` of `chunk`, whose base value is at its position in `base`. */
+  private failAt(chunk: DecodedChunk, i: number, base: Uint16Array | Float32Array): never {
+    const p = chunk.range ? chunk.firstPosition + i : chunk.positions[i]!;
+    let b = base[p]!;
+    if (base instanceof Uint16Array) {
+      this.word[0] = b << 16;
+      b = this.float[0]!;
+    }
+    this.notFinite(p, chunk.values[i]!, b);
   }
 
   /**
@@ -118,6 +164,11 @@ export class FinetunedToDelta {
     if (p >= this.numel)
       throw new FormatError(`position ${p} is outside the base tensor (${this.numel} elements)`, this.where());
     const size = bytesPerElement(this.dtype);
+    if (this.raw === undefined) {
+      const elements = Math.max(1, Math.min(WINDOW_ELEMENTS, this.numel));
+      this.raw = new Uint8Array(elements * size);
+      this.window = this.dtype === 'F32' ? new Float32Array(this.raw.buffer) : new Float32Array(elements);
+    }
     const count = Math.min(this.window.length, this.numel - p);
     await this.base.readRawRange(this.tensor, p * size, count * size, {
       into: this.raw,
@@ -205,4 +256,63 @@ function addRun(
     acc[p] = acc[p]! + scale * d;
   }
   return i;
+}
+
+/**
+ * `acc[p] += scale · fround(F − B)` for every entry, B read from the bf16 bit patterns `bits` (through `word`, whose
+ * memory `float` shares). @returns -1, or the index of the first entry whose F − B is not finite (those before it
+ * are added).
+ */
+function addBitsRun(
+  acc: Float32Array,
+  chunk: DecodedChunk,
+  bits: Uint16Array,
+  scale: number,
+  word: Int32Array,
+  float: Float32Array,
+): number {
+  const { values } = chunk;
+  const n = values.length;
+  if (chunk.range) {
+    for (let i = 0, p = chunk.firstPosition; i < n; i++, p++) {
+      word[0] = bits[p]! << 16;
+      const d = Math.fround(values[i]! - float[0]!);
+      if (d - d !== 0) return i;
+      acc[p] = acc[p]! + scale * d;
+    }
+    return -1;
+  }
+  const { positions } = chunk;
+  for (let i = 0; i < n; i++) {
+    const p = positions[i]!;
+    word[0] = bits[p]! << 16;
+    const d = Math.fround(values[i]! - float[0]!);
+    if (d - d !== 0) return i;
+    acc[p] = acc[p]! + scale * d;
+  }
+  return -1;
+}
+
+/** `acc[p] += scale · fround(F − acc[p])` for every entry (acc holding the base there). @returns As {@link addBitsRun}. */
+function addOverBaseRun(acc: Float32Array, chunk: DecodedChunk, scale: number): number {
+  const { values } = chunk;
+  const n = values.length;
+  if (chunk.range) {
+    for (let i = 0, p = chunk.firstPosition; i < n; i++, p++) {
+      const b = acc[p]!;
+      const d = Math.fround(values[i]! - b);
+      if (d - d !== 0) return i;
+      acc[p] = b + scale * d;
+    }
+    return -1;
+  }
+  const { positions } = chunk;
+  for (let i = 0; i < n; i++) {
+    const p = positions[i]!;
+    const b = acc[p]!;
+    const d = Math.fround(values[i]! - b);
+    if (d - d !== 0) return i;
+    acc[p] = b + scale * d;
+  }
+  return -1;
 }

@@ -6,7 +6,8 @@
  *   npx tsx test/bench/dense-merge.ts [--layers 4] [--workers 2] [--runs 1]
  */
 import { mkdir, readdir, rm, stat, writeFile } from 'node:fs/promises';
-import { readFileSync } from 'node:fs';
+import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -16,6 +17,7 @@ import { DeltaFileWriter, readDeltaFile } from '../../proto/sparse/index.js';
 import { inlineRunner, workerRunner } from '../../server/merge/merge-runner.js';
 import { MergeDriver } from '../../server/merge/merge-driver.js';
 import { describeFiles } from '../../server/merge/output-files.js';
+import { WrittenFilesHash } from '../../server/merge/written-hash.js';
 import type { Contribution } from '../../server/merge/tensor-merge.js';
 
 const { values } = parseArgs({
@@ -83,8 +85,10 @@ async function run(parties: Map<string, Map<string, string>>, i: number): Promis
   const tmp = join(outRoot, `tmp-${i}`);
   const out = join(outRoot, `merged-${i}`);
   await rm(outRoot, { recursive: true, force: true });
+  const floor = nodeIoFloor();
   await SharedCheckpointWriter.layOut(tmp, out, base.layout, { copyExtraFilesFrom: basePath });
   const writer = await SharedCheckpointWriter.open(tmp, out, base.layout);
+  const hash = new WrittenFilesHash(tmp, out, base.layout);
   const runner = workers === 0 ? inlineRunner(base) : workerRunner(basePath, workers);
   let maxRss = 0;
   const sampler = setInterval(() => (maxRss = Math.max(maxRss, vm('VmRSS'))), 50);
@@ -106,6 +110,7 @@ async function run(parties: Map<string, Map<string, string>>, i: number): Promis
           : await runner.run({ name, contributions, outsideByMax: false }, base.info(name).numel);
       const tw = performance.now();
       await writer.writeTensor(name, result.bytes);
+      hash.written(name);
       writeS += (performance.now() - tw) / 1000;
       result.release();
     }
@@ -114,9 +119,10 @@ async function run(parties: Map<string, Map<string, string>>, i: number): Promis
   const t1 = performance.now();
   await runner.close();
   await writer.close();
+  const known = await hash.finish();
   await SharedCheckpointWriter.commit(tmp, out);
   const t2 = performance.now();
-  const files = await describeFiles(out);
+  const files = await describeFiles(out, known);
   const t3 = performance.now();
   clearInterval(sampler);
   await base.close();
@@ -127,12 +133,39 @@ async function run(parties: Map<string, Map<string, string>>, i: number): Promis
     commit_s: (t2 - t1) / 1000,
     hash_s: (t3 - t2) / 1000,
     total_s: (t3 - t0) / 1000,
+    node_io_floor_s: floor,
+    ratio: (t3 - t0) / 1000 / floor,
     cpu_s: (cpu.user + cpu.system) / 1e6,
     max_rss_mib: maxRss,
     hwm_mib: vm('VmHWM'),
   };
   console.log(JSON.stringify({ ...r, sha: files.map((f) => f.sha256.slice(0, 12)).join(','), load: loadavg()[0] }));
   return r;
+}
+
+/**
+ * bench:server's `node_io_floor_s`, in this process: the base's files read, written, hashed (SHA-256) and
+ * fsynced through a 16 MiB buffer, what a dense merge must do besides the merge.
+ */
+function nodeIoFloor(): number {
+  const to = join(outRoot, 'floor');
+  mkdirSync(to, { recursive: true });
+  const buf = Buffer.allocUnsafeSlow(16 << 20);
+  const t0 = performance.now();
+  for (const f of readdirSync(basePath)) {
+    const a = openSync(join(basePath, f), 'r');
+    const b = openSync(join(to, f), 'w');
+    const hash = createHash('sha256');
+    for (let pos = 0, n; (n = readSync(a, buf, 0, buf.length, pos)) > 0; pos += n) {
+      writeSync(b, buf, 0, n, pos);
+      hash.update(buf.subarray(0, n));
+    }
+    hash.digest();
+    fsyncSync(b);
+    closeSync(a);
+    closeSync(b);
+  }
+  return (performance.now() - t0) / 1000;
 }
 
 const parties = await buildSpool();
