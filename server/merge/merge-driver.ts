@@ -353,10 +353,10 @@ export class MergeDriver implements JobStep {
     const hashed = this.hashes.get(job.id);
     this.hashes.delete(job.id);
     await this.release(job.id);
-    const outputs = mergeOutputs(job.merge.output);
-    const patch = outputs.patch ? await this.commitPatch(job, record) : undefined;
     // What this server hashed while writing (read back after each tensor); the rest is hashed after the rename.
     const known = (await hashed?.finish()) ?? new Map<string, MergedFileInfo>();
+    const outputs = mergeOutputs(job.merge.output);
+    const patch = outputs.patch ? await this.commitPatch(job, record) : undefined;
     if (outputs.dense) await SharedCheckpointWriter.commit(this.workDir(job.id, record), this.outDir(job.id));
     const files = outputs.dense ? await describeFiles(this.outDir(job.id), known) : [];
     const seconds = (Date.now() - Date.parse(record.startedAt)) / 1000;
