@@ -326,4 +326,16 @@ void describe('decodeToF32 / encodeFromF32', () => {
     const out = bf16ToF32(src, new Float32Array(buf, 0, n));
     assert.deepEqual(bitsOf(out), bitsOf(expected));
   });
+
+  void it('narrows in place into the memory of the values, from the same start', () => {
+    const n = 1003;
+    for (const dtype of ['BF16', 'F16'] as const) {
+      const values = new Float32Array(n);
+      for (let i = 0; i < n; i++) values[i] = (i - 500) / 7 + i * 1e-3;
+      const expected = encodeFromF32(values, dtype).slice();
+      const got = encodeFromF32(values, dtype, new Uint8Array(values.buffer));
+      assert.equal(got.buffer, values.buffer, dtype);
+      assert.deepEqual([...got], [...expected], dtype);
+    }
+  });
 });

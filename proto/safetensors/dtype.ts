@@ -263,8 +263,9 @@ export function decodeToF32(bytes: Uint8Array, dtype: Dtype, dst?: Float32Array)
  * @param values The values to encode.
  * @param dtype The element type to produce; BF16 and F16 round to nearest, ties to even.
  * @param dst Where to write (its start must be 2-byte aligned for BF16/F16); the result is then
- *   its first bytes. Reusing one spares a fresh tensor-sized allocation and its page faults.
- *   @default new memory (F32: a view of `values`)
+ *   its first bytes. Reusing one spares a fresh tensor-sized allocation and its page faults. For BF16/F16 it
+ *   may be the memory of `values` itself, from the same start: the narrowing runs forward, so no element is
+ *   overwritten before it is read. @default new memory (F32: a view of `values`)
  * @returns `values.length * bytesPerElement(dtype)` bytes.
  * @throws RangeError if `dst` is too short.
  */

@@ -36,6 +36,7 @@ import type { Spool } from '../uploads/spool.js';
 import { contributionsTo, mergeParties, type MergeParty } from './merge-parties.js';
 import { inlineRunner, workerRunner, type MergeRunner } from './merge-runner.js';
 import { describeFiles } from './output-files.js';
+import { WrittenFilesHash } from './written-hash.js';
 import { SpooledTensorError } from './tensor-merge.js';
 import {
   commitPatch,
@@ -97,6 +98,8 @@ export class MergeDriver implements JobStep {
   private readonly closing = new Map<string, Promise<void>>();
   private closed = false;
   private readonly lastProgress = new Map<string, number>();
+  /** The dense output's weight files hashed as this server writes them, by job (taken by the commit). */
+  private readonly hashes = new Map<string, WrittenFilesHash>();
   /** Another replica may have committed the job: this one learns it from the store, not from a task. */
   private readonly releaser = setInterval(() => void this.releaseFinished(), RELEASE_INTERVAL_MS).unref();
 
@@ -323,6 +326,7 @@ export class MergeDriver implements JobStep {
         signal.throwIfAborted();
         // The merge wrote the tensor's patch piece already.
         await writer?.writeTensor(tensor.name, result.bytes);
+        this.hashes.get(job.id)?.written(tensor.name);
       } finally {
         result.release();
       }
@@ -346,7 +350,11 @@ export class MergeDriver implements JobStep {
   private async commit(job: StoredJob, signal: AbortSignal): Promise<void> {
     const record = await this.record(job.id);
     if (countWritten(record) !== record.tensorsTotal) return;
+    const hashed = this.hashes.get(job.id);
+    this.hashes.delete(job.id);
     await this.release(job.id);
+    // What this server hashed while writing (read back after each tensor); the rest is hashed after the rename.
+    const known = (await hashed?.finish()) ?? new Map<string, MergedFileInfo>();
     const outputs = mergeOutputs(job.merge.output);
     let patch: MergedFileInfo | undefined;
     try {
@@ -356,7 +364,7 @@ export class MergeDriver implements JobStep {
       await this.release(job.id);
     }
     if (outputs.dense) await SharedCheckpointWriter.commit(this.workDir(job.id, record), this.outDir(job.id));
-    const files = outputs.dense ? await describeFiles(this.outDir(job.id)) : [];
+    const files = outputs.dense ? await describeFiles(this.outDir(job.id), known) : [];
     const seconds = (Date.now() - Date.parse(record.startedAt)) / 1000;
     try {
       await transitionJob(this.opts, job.id, JobState.JOB_STATE_MERGED, {
@@ -453,6 +461,13 @@ export class MergeDriver implements JobStep {
         ? await SharedCheckpointWriter.open(this.workDir(job.id, record), this.outDir(job.id), base.layout)
         : undefined;
       const pieces = outputs.patch ? piecesDir(this.workDir(job.id, record)) : undefined;
+      if (writer !== undefined) {
+        const hash = new WrittenFilesHash(this.workDir(job.id, record), this.outDir(job.id), base.layout);
+        const written = bitmap(record);
+        base.tensors().forEach((t, i) => isSet(written, i) && hash.written(t.name));
+        await this.hashes.get(job.id)?.close();
+        this.hashes.set(job.id, hash);
+      }
       const { mergeWorkers } = this.opts;
       const runner = mergeWorkers === 0 ? inlineRunner(base) : workerRunner(job.basePath, mergeWorkers);
       return { base, runner, writer, pieces, parties, outsideByMax: job.dpa.scaleOutsideByMax };
@@ -465,6 +480,9 @@ export class MergeDriver implements JobStep {
   /** Closes what this server holds open for a job; resolves once it is closed, also when another caller started closing it. */
   private release(jobId: string): Promise<void> {
     const ctx = this.contexts.get(jobId);
+    const hash = this.hashes.get(jobId);
+    this.hashes.delete(jobId);
+    void hash?.close();
     if (ctx !== undefined) {
       this.contexts.delete(jobId);
       this.lastProgress.delete(jobId);

@@ -7,7 +7,7 @@
 import { Worker } from 'node:worker_threads';
 import { FormatError } from '../../proto/errors.js';
 import type { Checkpoint } from '../../proto/safetensors/index.js';
-import { mergeTensorOutputs, SpooledTensorError, type TensorTask } from './tensor-merge.js';
+import { accumulatorElements, mergeTensorOutputs, SpooledTensorError, type TensorTask } from './tensor-merge.js';
 
 /** A merged tensor a runner lends out: call `release()` once it is written, so that its memory takes the next result. */
 export interface MergedTensor {
@@ -23,80 +23,53 @@ export interface MergeRunner {
 }
 
 /**
- * Largest accumulator or output block a thread keeps for the next tensor: the
- * few larger tensors (embeddings) get fresh memory, dropped once used, so
- * that threads which each merged one do not each hold it to the end.
+ * Largest accumulator a thread keeps for the next tensor: the few larger
+ * tensors (embeddings) get fresh memory, dropped once used, so that threads
+ * which each merged one do not each hold it to the end.
  */
-const MAX_KEPT_BYTES = 64 * 1024 * 1024;
+const MAX_KEPT_BYTES = 96 * 1024 * 1024;
 
-/** A thread's fp32 accumulators, reused from tensor to tensor up to {@link MAX_KEPT_BYTES}. */
-export class AccumulatorPool {
-  private readonly free: Float32Array[] = [];
-
-  /** Runs `use` on an accumulator of at least `numel` elements, then takes it back. */
-  async with<T>(numel: number, use: (acc: Float32Array) => Promise<T>): Promise<T> {
-    const kept = this.free.pop();
-    const acc = kept !== undefined && kept.length >= numel ? kept : new Float32Array(numel);
-    try {
-      return await use(acc);
-    } finally {
-      const keep = acc.byteLength <= MAX_KEPT_BYTES ? acc : kept;
-      if (keep !== undefined) this.free.push(keep);
-    }
-  }
-}
+/** Accumulators a thread keeps: one being filled while the result in the other is written. */
+const MAX_KEPT = 2;
 
 /**
- * Output memory handed back after use: filling fresh memory for every merged
- * tensor cost its page faults and the garbage collector's time. One block of
- * at most {@link MAX_KEPT_BYTES} is kept: while a thread fills one, the block
- * it filled before is being written and comes back after.
+ * A thread's fp32 accumulators, reused from tensor to tensor up to {@link MAX_KEPT_BYTES}. A merged tensor is
+ * encoded into its accumulator's memory, which is lent out with the result and given back once it is written
+ * (filling fresh memory for every tensor cost its page faults and the garbage collector's time).
  */
-export class OutputPool {
-  private kept: ArrayBuffer | undefined;
+export class AccumulatorPool {
+  private readonly free: ArrayBuffer[] = [];
 
-  /** The block kept, if any; it is no longer kept. */
-  private take(): Uint8Array | undefined {
-    const b = this.kept;
-    this.kept = undefined;
-    return b === undefined ? undefined : new Uint8Array(b);
+  /** An accumulator of at least `numel` elements: a kept one if one is large enough. */
+  take(numel: number): Float32Array {
+    const i = this.free.findIndex((b) => b.byteLength >= numel * 4);
+    if (i < 0) return new Float32Array(numel);
+    return new Float32Array(this.free.splice(i, 1)[0]!);
   }
 
-  /** Keeps the larger of `block` and the block kept, unless it is over {@link MAX_KEPT_BYTES}. */
-  give(block: ArrayBuffer): void {
-    if (block.byteLength > MAX_KEPT_BYTES) return;
-    if (this.kept === undefined || block.byteLength >= this.kept.byteLength) this.kept = block;
-  }
-
-  /**
-   * Runs `fill` on the block kept (if any); the block comes back here at once
-   * unless the result is in it (give the result's memory back once written).
-   */
-  async fillWith(fill: (out: Uint8Array | undefined) => Promise<Uint8Array>): Promise<Uint8Array> {
-    const out = this.take();
-    let bytes: Uint8Array | undefined;
-    try {
-      bytes = await fill(out);
-      return bytes;
-    } finally {
-      if (out !== undefined && bytes?.buffer !== out.buffer) this.give(out.buffer as ArrayBuffer);
-    }
+  /** Takes an accumulator's memory back, keeping the largest {@link MAX_KEPT} of at most {@link MAX_KEPT_BYTES}. */
+  give(memory: ArrayBuffer): void {
+    if (memory.byteLength > MAX_KEPT_BYTES) return;
+    this.free.push(memory);
+    this.free.sort((x, y) => y.byteLength - x.byteLength);
+    this.free.length = Math.min(this.free.length, MAX_KEPT);
   }
 }
 
 /** Merges in this thread on an open base (the caller keeps one more tensor in flight, so that its I/O overlaps these additions). */
 export function inlineRunner(base: Checkpoint): MergeRunner {
   const accumulators = new AccumulatorPool();
-  const outputs = new OutputPool();
   return {
     run: async (task, numel, signal) => {
-      const bytes = await accumulators.with(numel, (acc) =>
-        outputs.fillWith(async (out) => (await mergeTensorOutputs(base, task, acc, signal, out)).bytes),
-      );
-      return {
-        bytes,
-        release: () => outputs.give(bytes.buffer as ArrayBuffer),
-      };
+      const acc = accumulators.take(Math.max(numel, accumulatorElements(base.info(task.name), task)));
+      let bytes: Uint8Array;
+      try {
+        bytes = (await mergeTensorOutputs(base, task, acc, signal)).bytes;
+      } catch (err) {
+        accumulators.give(acc.buffer as ArrayBuffer);
+        throw err;
+      }
+      return { bytes, release: () => accumulators.give(acc.buffer as ArrayBuffer) };
     },
     close: () => Promise.resolve(),
   };
@@ -126,7 +99,7 @@ export function workerFailure(err: unknown): WorkerFailure {
   return { name: e.name, message: e.message, ...(typeof code === 'string' ? { code } : {}) };
 }
 
-/** A message to a merge worker: a tensor to merge, or output memory to reuse. */
+/** A message to a merge worker: a tensor to merge, or an accumulator's memory to reuse. */
 export type WorkerRequest = { task: TensorTask; numel: number } | { reuse: ArrayBuffer };
 
 /** Merges on `workers` threads, each with its own handle on the base and its own buffer. */

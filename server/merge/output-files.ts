@@ -4,11 +4,17 @@ import { open, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { MergedFileInfo } from '../jobs/job-store.js';
 
-/** Size and SHA-256 of every file of a folder (a checkpoint folder is flat), by name. */
-export async function describeFiles(dir: string): Promise<MergedFileInfo[]> {
+/**
+ * Size and SHA-256 of every file of a folder (a checkpoint folder is flat), by name.
+ * @param known - Files already described (hashed as they were written), taken as they are. @default none
+ */
+export async function describeFiles(
+  dir: string,
+  known: ReadonlyMap<string, MergedFileInfo> = new Map(),
+): Promise<MergedFileInfo[]> {
   const files: MergedFileInfo[] = [];
   for (const entry of (await readdir(dir, { withFileTypes: true })).sort((a, b) => (a.name < b.name ? -1 : 1))) {
-    if (entry.isFile()) files.push(await describeFile(join(dir, entry.name), entry.name));
+    if (entry.isFile()) files.push(known.get(entry.name) ?? (await describeFile(join(dir, entry.name), entry.name)));
   }
   return files;
 }

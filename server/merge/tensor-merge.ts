@@ -4,7 +4,7 @@
  * threads, the inline runner and the DPA search's ONNX evaluator call.
  */
 import { BaseDeltaError, FormatError } from '../../proto/errors.js';
-import { bytesPerElement, type Checkpoint, encodeFromF32 } from '../../proto/safetensors/index.js';
+import { type Checkpoint, encodeFromF32 } from '../../proto/safetensors/index.js';
 import { partitionFactor } from '../../proto/algorithm/index.js';
 import {
   addChunkScaled,
@@ -76,10 +76,11 @@ export class SpooledTensorError extends FormatError {
  * of the same accumulator rounded by the same function as the dense tensor,
  * behind the SHA-256 of the base tensor's bytes (hashed as they are read).
  * The piece's records are written block by block, never held whole.
- * @param buffer - Reused fp32 accumulator; must hold the tensor's elements.
- * @param out - Reused output memory, used if it holds the result (2-byte aligned). @default new memory
- * @returns `bytes`: the merged tensor in the base's dtype (bf16/f16 rounded to nearest even): the start of
- *   `out` when it was used, otherwise new memory (never a view of `buffer`).
+ * @param buffer - Reused fp32 accumulator; must hold the tensor's elements. The dense result is encoded into its
+ *   own memory (a bf16/f16 element never overtakes an fp32 one not yet read), so a tensor in flight needs no
+ *   second buffer.
+ * @returns `bytes`: the merged tensor in the base's dtype (bf16/f16 rounded to nearest even), a view of the start
+ *   of `buffer`'s memory (which then no longer holds the fp32 values).
  * @throws SpooledTensorError naming the party, spool file and tensor if a spooled tensor is damaged, is another tensor or is gone.
  */
 export async function mergeTensorOutputs(
@@ -87,7 +88,6 @@ export async function mergeTensorOutputs(
   task: TensorTask,
   buffer: Float32Array,
   signal?: AbortSignal,
-  out?: Uint8Array,
 ): Promise<MergedOutputs> {
   const info = base.info(task.name);
   const piece = task.patchPiece;
@@ -99,18 +99,38 @@ export async function mergeTensorOutputs(
     await writePiece(piece.dir, piece.index, hash!.digest(), records);
   }
   if (task.dense === false) return { bytes: new Uint8Array(0) };
-  const fits = out !== undefined && out.byteLength >= acc.length * bytesPerElement(info.dtype);
-  const encoded = encodeFromF32(acc, info.dtype, fits ? out : undefined);
-  // An F32 base encodes to a view of the accumulator, which the next tensor overwrites.
-  const bytes = encoded.buffer === buffer.buffer ? encoded.slice() : encoded;
-  return { bytes };
+  if (info.dtype === 'F32') return { bytes: new Uint8Array(acc.buffer, acc.byteOffset, acc.byteLength) };
+  return { bytes: encodeFromF32(acc, info.dtype, new Uint8Array(acc.buffer, acc.byteOffset, acc.byteLength)) };
+}
+
+/**
+ * Largest BF16 base tensor (in bytes) whose bit patterns a merge keeps beside the accumulator, so that the
+ * parties after the first form F − B from memory instead of reading the base again through windows; larger
+ * tensors (embeddings) are read again, so that a thread's memory stays bounded.
+ */
+const BASE_BITS_MAX_BYTES = 64 * 1024 * 1024;
+
+/**
+ * Elements of the fp32 buffer to hand {@link mergeTensorOutputs} for a tensor: its own, and room for the base's
+ * bit patterns when they are kept (see {@link BASE_BITS_MAX_BYTES}).
+ */
+export function accumulatorElements(
+  info: { dtype: string; numel: number; byteLength: number },
+  task: TensorTask,
+): number {
+  return info.numel + (keepsBaseBits(info, task) ? Math.ceil(info.numel / 2) : 0);
+}
+
+function keepsBaseBits(info: { dtype: string; byteLength: number }, task: TensorTask): boolean {
+  return info.dtype === 'BF16' && info.byteLength <= BASE_BITS_MAX_BYTES && task.contributions.length > 1;
 }
 
 /**
  * `base + Σ_i c_i · Σ_p f_ip · Δ_i|p` of one tensor in fp32, before it is
  * encoded: the merge encodes it, the ONNX evaluator of the DPA search feeds it
  * to a model.
- * @param buffer - Reused fp32 accumulator; must hold the tensor's elements.
+ * @param buffer - Reused fp32 accumulator; must hold the tensor's elements (and, for the base's bit patterns,
+ *   {@link accumulatorElements}; without that room they are not kept).
  * @returns A view of `buffer` holding the tensor.
  * @throws As {@link mergeTensorOutputs}.
  */
@@ -123,10 +143,22 @@ export async function accumulateTensor(
   baseHash?: OrderedHash,
 ): Promise<Float32Array> {
   const opts = signal === undefined ? {} : { signal };
-  const onRaw = baseHash === undefined ? {} : { onRaw: (chunk: Uint8Array, at: number) => baseHash.add(chunk, at) };
-  const acc = await base.readF32(task.name, { into: buffer, ...opts, ...onRaw });
-  for (const c of task.contributions)
-    await addSpooled(acc, task.name, c, task.outsideByMax, { ...opts, support, base });
+  const info = base.info(task.name);
+  const keep = keepsBaseBits(info, task) && buffer.length >= accumulatorElements(info, task);
+  const bits = keep ? new Uint16Array(buffer.buffer, buffer.byteOffset + info.numel * 4, info.numel) : undefined;
+  const bitBytes = bits === undefined ? undefined : new Uint8Array(bits.buffer, bits.byteOffset, info.byteLength);
+  const onRaw =
+    baseHash === undefined && bitBytes === undefined
+      ? {}
+      : {
+          onRaw: (chunk: Uint8Array, at: number) => {
+            bitBytes?.set(chunk, at);
+            baseHash?.add(chunk, at);
+          },
+        };
+  const acc = await base.readF32(task.name, { into: buffer.subarray(0, info.numel), ...opts, ...onRaw });
+  for (const [i, c] of task.contributions.entries())
+    await addSpooled(acc, task.name, c, task.outsideByMax, { ...opts, support, base, first: i === 0, bits });
   return acc;
 }
 
@@ -162,11 +194,16 @@ async function addSpooled(
   }
 }
 
-/** Abort signal, the merged patch's support to mark, and the base (for fine-tuned values). */
+/**
+ * Abort signal, the merged patch's support to mark, and for fine-tuned values the base: whether `acc` still holds
+ * it (the first contribution: no party has added yet) and its bit patterns when kept.
+ */
 interface SpoolReadOptions {
   signal?: AbortSignal;
   support?: PatchSupport | undefined;
   base: Checkpoint;
+  first: boolean;
+  bits: Uint16Array | undefined;
 }
 
 async function addSpooledFile(
@@ -187,13 +224,15 @@ async function addSpooledFile(
       if (planned.length !== 1 || planned[0]!.name !== name)
         throw new FormatError('spool file does not hold this tensor', { file, tensor: name });
       assembler = new TensorAssembler({ file, entries: 'stream' });
-      if (carriesFinetuned(record.header)) toDelta = new FinetunedToDelta(opts.base, name, file);
+      if (carriesFinetuned(record.header)) toDelta = new FinetunedToDelta(opts.base, name, file, opts.bits);
       continue;
     }
     const chunk = assembler!.push(record);
     if (chunk === undefined) continue;
-    if (toDelta !== undefined) await toDelta.convert(chunk, opts.signal);
-    addChunkScaled(acc, chunk, c.weight * partitionFactor(c.factors, chunk.partition, outsideByMax));
+    const scale = c.weight * partitionFactor(c.factors, chunk.partition, outsideByMax);
+    if (toDelta === undefined) addChunkScaled(acc, chunk, scale);
+    else if (opts.first) toDelta.addScaledOverBase(acc, chunk, scale);
+    else await toDelta.addScaled(acc, chunk, scale, opts.signal);
     opts.support?.add(chunk);
   }
   if (assembler?.complete !== true)
