@@ -13,6 +13,22 @@ export interface UnionTensor {
   positions: ArrayLike<number>;
 }
 
+/** U as {@link maskedChunks} reads it: its tensors' names and sizes, their positions one tensor at a time. */
+export interface PartyUnion {
+  tensors: readonly { name: string; count: number }[];
+  /** Positions of tensor k, ascending. */
+  positions(k: number): Promise<ArrayLike<number>>;
+}
+
+/** A union held in memory as a {@link PartyUnion}. */
+export function unionInMemory(union: Iterable<UnionTensor>): PartyUnion {
+  const all = [...union];
+  return {
+    tensors: all.map((u) => ({ name: u.name, count: u.positions.length })),
+    positions: (k) => Promise.resolve(all[k]!.positions),
+  };
+}
+
 /** One chunk of the masked vector. */
 export interface MaskedWords {
   /** Index of the first word in the whole vector. */
@@ -65,20 +81,21 @@ export function spreadTensor(union: UnionTensor, t: ScaledTensor | undefined): F
 /**
  * The masked vector from word `from` on, in chunks. `scaled` gives the party's tensors in the base checkpoint's
  * order, which is U's order: each is read when U reaches it and dropped once coded, so at most one tensor of the
- * delta is held (and one read past, not yet reached); union tensors the party did not send are 0.
+ * delta is held (and one read past, not yet reached); union tensors the party did not send are 0. U's positions are
+ * read one tensor at a time too (none for the tensors before `from`).
  * @throws ProtocolStateError when the party sent a tensor the union lacks, a position outside it, or its tensors
  *   come in another order than U's (a union not in the base's tensor order).
  */
 export async function* maskedChunks(
   party: SecureParty,
   fp: FixedPoint,
-  union: Iterable<UnionTensor>,
+  union: PartyUnion,
   scaled: AsyncIterable<ScaledTensor>,
   o: MaskedChunkOptions = {},
 ): AsyncGenerator<MaskedWords, void, undefined> {
   const from = o.from ?? 0;
   const chunkWords = o.chunkWords ?? DEFAULT_CHUNK_WORDS;
-  const tensors = [...union];
+  const tensors = union.tensors;
   const rank = new Map(tensors.map((u, k) => [u.name, k]));
   const it = scaled[Symbol.asyncIterator]();
   // The party's next tensor with kept positions that U has not reached yet: read when U passes the previous one.
@@ -106,11 +123,14 @@ export async function* maskedChunks(
     o.signal?.throwIfAborted();
     const mine = next?.name === u.name ? next : undefined;
     if (mine !== undefined) next = await pull(k);
-    const n = u.positions.length;
+    const n = u.count;
     if (offset + n <= from) {
       if (mine !== undefined) skipped += countClipped(mine.values, fp);
     } else {
-      const values = spreadTensor(u, mine);
+      const positions = await union.positions(k);
+      if (positions.length !== n)
+        throw new ProtocolStateError(`union tensor ${u.name}: ${positions.length} positions read, ${n} expected`);
+      const values = spreadTensor({ name: u.name, positions }, mine);
       if (from > offset) skipped += countClipped(values.subarray(0, from - offset), fp);
       if (skipped > 0) o.onClipped?.(skipped);
       skipped = 0;
