@@ -87,7 +87,7 @@ try {
     const args = ['bin/dppa.js', 'prune', '--base', base, '--finetuned', join(model.dir, `ft${i + 1}`)];
     const r = measureProcess(
       process.execPath,
-      [...args, '--rate', RATE, '--method', 'dp', '--out', deltas[i]!, '--workers', '2'],
+      [...args, '--rate', RATE, '--method', 'dp', '--value-kind', 'delta', '--out', deltas[i]!, '--workers', '2'],
       { cwd: root },
     );
     console.log(`prune ${p.padEnd(7)} ${r.seconds.toFixed(1)} s, ${(statSync(deltas[i]!).size / 1e6).toFixed(0)} MB`);
