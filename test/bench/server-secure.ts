@@ -130,6 +130,7 @@ try {
 
   // The job's events, each with the server's CPU seconds and peak RSS when it came.
   const seen: Promise<AtEvent>[] = [];
+  const joins: JobEvent[] = [];
   watcher = spawn(process.execPath, ['bin/dppa.js', 'job', 'watch', '--server', address, '--job', jobId, '--json'], {
     cwd: root,
     env: adminEnv,
@@ -138,6 +139,7 @@ try {
   const finished = new Promise<string>((resolve) => {
     lines(watcher!.stdout!, (line) => {
       const event = JSON.parse(line) as JobEvent;
+      if (event.type === 'partyJoined' || event.type === 'uploadComplete') joins.push(event);
       if (event.type === 'securePhaseClosed' || event.type === 'merged' || event.type === 'failed') {
         const hwmMiB = vmHwmMiB(serverPid);
         seen.push(scrape(metricsPort).then((m) => ({ event, cpu: m.get('process_cpu_seconds_total')!, hwmMiB })));
@@ -197,6 +199,11 @@ try {
   const lastUnmask = closed.find((e) => e.event.phase === 'unmask')!;
   const mergeSeconds = (Date.parse(merged.event.time) - Date.parse(lastUnmask.event.time)) / 1000;
   const cpuAt = [before.get('process_cpu_seconds_total')!, ...closed.map((e) => e.cpu), merged.cpu];
+  // SUPPORT split: the supports' upload (first party joined → last support held), then the union's build.
+  const eventTimes = (type: string): number[] => joins.filter((e) => e.type === type).map((e) => Date.parse(e.time));
+  const supportsHeld = Math.max(...eventTimes('uploadComplete'));
+  const supportUploadSeconds = (supportsHeld - Math.min(...eventTimes('partyJoined'))) / 1000;
+  const unionBuildSeconds = (Date.parse(closed[0]!.event.time) - supportsHeld) / 1000;
   const phases = [
     ...closed.map((e, k) => ({
       phase: e.event.phase!,
@@ -243,7 +250,10 @@ try {
   for (const p of phases)
     console.log(`| ${p.phase} | ${p.seconds.toFixed(2)} | ${p.serverCpu.toFixed(1)} | ${p.serverHwmMiB.toFixed(0)} |`);
   console.log(
-    `\nparties (math, law, finance): union download ${unionDownload.map((s) => s.toFixed(2)).join(', ')} s; masked upload ${maskedUpload.map((s) => s.toFixed(2)).join(', ')} s`,
+    `\nsupport phase: supports uploaded in ${supportUploadSeconds.toFixed(2)} s (first party joined → last support held), union built in ${unionBuildSeconds.toFixed(2)} s (→ SUPPORT closed)`,
+  );
+  console.log(
+    `parties (math, law, finance): union download ${unionDownload.map((s) => s.toFixed(2)).join(', ')} s; masked upload ${maskedUpload.map((s) => s.toFixed(2)).join(', ')} s`,
   );
   console.log(
     `push processes: ${pushed.map((m, i) => `${PARTIES[i]} ${m.seconds.toFixed(1)} s, peak RSS ${m.maxRssMiB.toFixed(0)} MiB, CPU ${m.cpuSeconds.toFixed(1)} s`).join('; ')}`,
@@ -263,6 +273,8 @@ try {
       union_size: unionSize,
       bytes,
       phases,
+      support_upload_s: supportUploadSeconds,
+      union_build_s: unionBuildSeconds,
       union_download_s: unionDownload,
       masked_upload_s: maskedUpload,
       party_peak_rss_mib: pushed.map((m) => m.maxRssMiB),
