@@ -270,5 +270,14 @@ describe('secure party vector', () => {
       collect(maskedChunks(party(), fp, unionInMemory(swapped), scaledTensors(deltas[0]!, SCALINGS[0]!))),
       /not in the base checkpoint's tensor order/,
     );
+    // A union without one of the party's kept positions (in the last tensor, met in the last chunk): refused.
+    const last = inOrder.length - 1;
+    const kept = Array.from(inOrder[last]!.positions);
+    const missing = [...inOrder];
+    missing[last] = { name: inOrder[last]!.name, positions: [...kept.slice(0, -2), kept.at(-1)!] };
+    await assert.rejects(
+      collect(maskedChunks(party(), fp, unionInMemory(missing), scaledTensors(deltas[0]!, SCALINGS[0]!))),
+      new RegExp(`kept position ${kept.at(-2)} is not in the union the server sent`),
+    );
   });
 });
