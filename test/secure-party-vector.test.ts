@@ -9,7 +9,15 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { pruneToFile } from '../client/index.js';
-import { maskedChunks, unionLength, wordsCrc, type UnionTensor } from '../client/secure/masked-vector.js';
+import {
+  maskedChunks,
+  unionInMemory,
+  unionLength,
+  wordsCrc,
+  type PartyUnion,
+  type UnionTensor,
+} from '../client/secure/masked-vector.js';
+import { spoolUnion } from '../client/secure/union-spool.js';
 import { loadParty, partyStatePath, saveParty } from '../client/secure/party-store.js';
 import { scaledTensors, supportOf, type Scaling } from '../client/secure/scaled-delta.js';
 import { Checkpoint, decodeToF32, encodeFromF32 } from '../proto/safetensors/index.js';
@@ -96,15 +104,31 @@ describe('secure party vector', () => {
       await saveParty(workDirs[i]!, { version: 1, jobId: job.jobId, party: `p${i + 1}`, protocol: p.state });
       const party = await restore(i);
       const chunks = await collect(
-        maskedChunks(party, fp, union, scaledTensors(deltas[i]!, SCALINGS[i]!), {
+        maskedChunks(party, fp, unionInMemory(union), scaledTensors(deltas[i]!, SCALINGS[i]!), {
           chunkWords: 1000,
           onClipped: (n) => (clipped += n),
         }),
       );
-      // Resumed at an offset inside a chunk: the same words from there on.
+      // Resumed at an offset inside a chunk, U read back from a file as the push keeps it (written in pieces of
+      // 700 positions): the same words from there on.
       const from = 2500 + i * 7;
+      const spooled = await spoolUnion(
+        join(workDirs[i]!, 'union.bin'),
+        (function* () {
+          for (const u of union)
+            for (let a = 0; a < u.positions.length; a += 700)
+              yield { tensor: u.name, positions: Array.prototype.slice.call(u.positions, a, a + 700) as number[] };
+        })(),
+      );
+      assert.deepEqual(
+        spooled.tensors,
+        union.map((u) => ({ name: u.name, count: u.positions.length })),
+      );
       const resumed = await collect(
-        maskedChunks(await restore(i), fp, union, scaledTensors(deltas[i]!, SCALINGS[i]!), { chunkWords: 1000, from }),
+        maskedChunks(await restore(i), fp, spooled, scaledTensors(deltas[i]!, SCALINGS[i]!), {
+          chunkWords: 1000,
+          from,
+        }),
       );
       const whole = new Uint32Array(length);
       for (const c of chunks) {
@@ -198,13 +222,28 @@ describe('secure party vector', () => {
         yield t;
       }
     })();
+    // U's positions too, one tensor at a time and only when coded.
+    const positionsRead: number[] = [];
+    const memory = unionInMemory(inOrder);
+    const watchedUnion: PartyUnion = {
+      tensors: memory.tensors,
+      positions: (k) => {
+        positionsRead.push(k);
+        return memory.positions(k);
+      },
+    };
     let words = 0;
-    for await (const c of maskedChunks(party(), fp, inOrder, watched, { chunkWords: 1 << 20 })) {
+    for await (const c of maskedChunks(party(), fp, watchedUnion, watched, { chunkWords: 1 << 20 })) {
       words += c.words.length;
       const k = starts.findLastIndex((o) => o <= c.offset);
       assert.ok(read <= k + 2, `${read} tensors read while coding tensor ${k}`);
+      assert.equal(positionsRead.at(-1), k);
     }
     assert.ok(read === inOrder.length);
+    assert.deepEqual(
+      positionsRead,
+      inOrder.map((_, k) => k),
+    );
     assert.equal(words, unionLength(inOrder));
     // Clipped values at a small bound: counted over the whole vector, a resumed run too (the words before `from`
     // counted, not coded; at `from` = |U| nothing is coded and all are counted), and equal to the count of scaled
@@ -217,7 +256,7 @@ describe('secure party vector', () => {
     for (const from of [0, 1234, Math.floor(unionLength(inOrder) / 2), unionLength(inOrder)]) {
       let clipped = 0;
       await collect(
-        maskedChunks(party(), small, inOrder, scaledTensors(deltas[0]!, SCALINGS[0]!), {
+        maskedChunks(party(), small, unionInMemory(inOrder), scaledTensors(deltas[0]!, SCALINGS[0]!), {
           from,
           chunkWords: 500,
           onClipped: (n) => (clipped += n),
@@ -229,8 +268,17 @@ describe('secure party vector', () => {
     const swapped = [...inOrder];
     [swapped[0], swapped[1]] = [swapped[1]!, swapped[0]!];
     await assert.rejects(
-      collect(maskedChunks(party(), fp, swapped, scaledTensors(deltas[0]!, SCALINGS[0]!))),
+      collect(maskedChunks(party(), fp, unionInMemory(swapped), scaledTensors(deltas[0]!, SCALINGS[0]!))),
       /not in the base checkpoint's tensor order/,
+    );
+    // A union without one of the party's kept positions (in the last tensor, met in the last chunk): refused.
+    const last = inOrder.length - 1;
+    const kept = Array.from(inOrder[last]!.positions);
+    const missing = [...inOrder];
+    missing[last] = { name: inOrder[last]!.name, positions: [...kept.slice(0, -2), kept.at(-1)!] };
+    await assert.rejects(
+      collect(maskedChunks(party(), fp, unionInMemory(missing), scaledTensors(deltas[0]!, SCALINGS[0]!))),
+      new RegExp(`kept position ${kept.at(-2)} is not in the union the server sent`),
     );
   });
 });

@@ -4,6 +4,7 @@
  * resumable: the party's private state is kept in its working folder and each round's answer is the same when sent
  * again, so a push run again after a crash or Ctrl-C goes on where it stopped.
  */
+import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { status as Status } from '@grpc/grpc-js';
 import { JobState, Privacy, SecurePhase, type Job } from '../../proto/gen/dppa/v1/jobs.js';
@@ -13,10 +14,11 @@ import { fixedPoint, SecureParty, ShareAuthError, type KeyAdvertisement } from '
 import { crc32c, decodeChunk, readDeltaHeader } from '../../proto/sparse/index.js';
 import type { FactorSearchOptions } from '../../proto/algorithm/index.js';
 import { searchLocally, type LocalSearchEvent } from '../secure/local-search.js';
-import { maskedChunks, type UnionTensor } from '../secure/masked-vector.js';
+import { maskedChunks, type PartyUnion } from '../secure/masked-vector.js';
 import { loadParty, saveParty, type StoredParty } from '../secure/party-store.js';
 import { scaledTensors } from '../secure/scaled-delta.js';
 import { supportHeader, supportRecords } from '../secure/support-records.js';
+import { spoolUnion, type UnionPiece } from '../secure/union-spool.js';
 import { inScope, readStream, type CallScope } from './call.js';
 import type { Connection } from './connection.js';
 import { DppaRpcError, JobStateError } from './errors.js';
@@ -237,8 +239,9 @@ export async function pushSecure(
 
   // Round 2: the masked vector on U.
   if (party.phase === 'input' && stored.maskedComplete !== true) {
-    const union = await readUnion(conn, job.id, scope);
-    const total = union.reduce((n, u) => n + u.positions.length, 0);
+    const unionFile = join(s.workDir, 'union.bin');
+    const union = await readUnion(conn, job.id, unionFile, scope);
+    const total = union.tensors.reduce((n, u) => n + u.count, 0);
     progress({ step: 'union', words: total });
     const fp = fixedPoint(job.clipBound, job.parties.length);
     const scaling = {
@@ -325,6 +328,7 @@ export async function pushSecure(
     }
     stored.maskedComplete = true;
     await save(stored);
+    await rm(unionFile, { force: true });
     progress({ step: 'maskedComplete', wordsTotal: total, clipped: stored.clipped });
   }
 
@@ -448,48 +452,33 @@ function excluded(job: Job, party: string, phase: string, what: string): JobStat
 }
 
 /**
- * The union U, streamed tensor by tensor in the base checkpoint's order (the delta's), its positions as uint32.
+ * The union U, streamed tensor by tensor in the base checkpoint's order (the delta's) into `path` (see
+ * {@link spoolUnion}): what is held in memory is one chunk of positions at a time.
  * @throws DppaRpcError; FormatError for a damaged chunk; Error when the stream's offsets do not add up.
  */
-async function readUnion(conn: Connection, jobId: string, scope: CallScope): Promise<UnionTensor[]> {
+async function readUnion(conn: Connection, jobId: string, path: string, scope: CallScope): Promise<PartyUnion> {
   const backoff = conn.backoff();
   for (;;) {
     try {
-      const tensors: UnionTensor[] = [];
-      let parts: { name: string; positions: Uint32Array[] } | undefined;
       let offset = 0;
       let size = -1;
-      const flush = (): void => {
-        if (parts === undefined) return;
-        const n = parts.positions.reduce((a, p) => a + p.length, 0);
-        const all = new Uint32Array(n);
-        let at = 0;
-        for (const p of parts.positions) {
-          all.set(p, at);
-          at += p.length;
-        }
-        tensors.push({ name: parts.name, positions: all });
-        parts = undefined;
-      };
       const stream = conn.secure.getSupport({ jobId }, conn.metadata());
-      for await (const msg of readStream<SupportChunk>(stream, scope.signal)) {
-        const chunk = msg.chunk;
-        if (chunk === undefined) throw new Error('GetSupport: a message without its chunk');
-        if (Number(msg.unionOffset) !== offset)
-          throw new Error(`GetSupport: chunk at union offset ${msg.unionOffset}, expected ${offset}`);
-        size = Number(msg.unionSize);
-        const decoded = decodeChunk(chunk, { numel: Number(msg.tensorSize) });
-        if (parts?.name !== chunk.tensor) {
-          flush();
-          parts = { name: chunk.tensor, positions: [] };
+      async function* pieces(): AsyncGenerator<UnionPiece> {
+        for await (const msg of readStream<SupportChunk>(stream, scope.signal)) {
+          const chunk = msg.chunk;
+          if (chunk === undefined) throw new Error('GetSupport: a message without its chunk');
+          if (Number(msg.unionOffset) !== offset)
+            throw new Error(`GetSupport: chunk at union offset ${msg.unionOffset}, expected ${offset}`);
+          size = Number(msg.unionSize);
+          const decoded = decodeChunk(chunk, { numel: Number(msg.tensorSize) });
+          yield { tensor: chunk.tensor, positions: decoded.positions };
+          offset += decoded.count;
         }
-        parts.positions.push(Uint32Array.from(decoded.positions));
-        offset += decoded.count;
       }
-      flush();
+      const union = await spoolUnion(path, pieces());
       if (size >= 0 && offset !== size)
         throw new Error(`GetSupport: ${offset} positions received, the union has ${size}`);
-      return tensors;
+      return union;
     } catch (err) {
       const e = DppaRpcError.from(scope.reason(err), 'GetSupport');
       if (scope.signal.aborted || !isTransient(e)) throw e;

@@ -13,6 +13,22 @@ export interface UnionTensor {
   positions: ArrayLike<number>;
 }
 
+/** U as {@link maskedChunks} reads it: its tensors' names and sizes, their positions one tensor at a time. */
+export interface PartyUnion {
+  tensors: readonly { name: string; count: number }[];
+  /** Positions of tensor k, ascending. */
+  positions(k: number): Promise<ArrayLike<number>>;
+}
+
+/** A union held in memory as a {@link PartyUnion}. */
+export function unionInMemory(union: Iterable<UnionTensor>): PartyUnion {
+  const all = [...union];
+  return {
+    tensors: all.map((u) => ({ name: u.name, count: u.positions.length })),
+    positions: (k) => Promise.resolve(all[k]!.positions),
+  };
+}
+
 /** One chunk of the masked vector. */
 export interface MaskedWords {
   /** Index of the first word in the whole vector. */
@@ -45,40 +61,59 @@ export function wordsCrc(words: Uint32Array): number {
 }
 
 /**
- * The party's values on one union tensor: `t.values[j]` at the index of `t.positions[j]` in `union`.
- * @throws ProtocolStateError when a kept position is missing from the union (the server's U is wrong).
+ * The party's values on one union tensor, range by range (so that neither a whole tensor's values nor a long
+ * synchronous pass are needed): `range(start, end)` gives `t.values[j]` at the index of `t.positions[j]` in the
+ * union's positions, for the indices in [start, end); ranges are asked in increasing order, and the kept values
+ * before the first range go to `before`.
  */
-export function spreadTensor(union: UnionTensor, t: ScaledTensor | undefined): Float64Array {
-  const out = new Float64Array(union.positions.length);
-  if (t === undefined) return out;
-  let u = 0;
-  for (let j = 0; j < t.positions.length; j++) {
-    const p = t.positions[j]!;
-    while (u < union.positions.length && union.positions[u]! < p) u++;
-    if (u === union.positions.length || union.positions[u] !== p)
-      throw new ProtocolStateError(`tensor ${t.name}: kept position ${p} is not in the union the server sent`);
-    out[u] = t.values[j]!;
+class Spread {
+  private j = 0;
+  private u = 0;
+
+  constructor(
+    private readonly name: string,
+    private readonly union: ArrayLike<number>,
+    private readonly t: ScaledTensor | undefined,
+  ) {}
+
+  /** @throws ProtocolStateError when a kept position is missing from the union (the server's U is wrong). */
+  range(start: number, end: number, before: (value: number) => void): Float64Array {
+    const out = new Float64Array(end - start);
+    const t = this.t;
+    if (t === undefined) return out;
+    const union = this.union;
+    while (this.j < t.positions.length) {
+      const p = t.positions[this.j]!;
+      while (this.u < end && union[this.u]! < p) this.u++;
+      if (this.u === end && end < union.length) break;
+      if (this.u === end || union[this.u] !== p)
+        throw new ProtocolStateError(`tensor ${this.name}: kept position ${p} is not in the union the server sent`);
+      if (this.u >= start) out[this.u - start] = t.values[this.j]!;
+      else before(t.values[this.j]!);
+      this.j++;
+    }
+    return out;
   }
-  return out;
 }
 
 /**
  * The masked vector from word `from` on, in chunks. `scaled` gives the party's tensors in the base checkpoint's
  * order, which is U's order: each is read when U reaches it and dropped once coded, so at most one tensor of the
- * delta is held (and one read past, not yet reached); union tensors the party did not send are 0.
+ * delta is held (and one read past, not yet reached); union tensors the party did not send are 0. U's positions are
+ * read one tensor at a time too (none for the tensors before `from`).
  * @throws ProtocolStateError when the party sent a tensor the union lacks, a position outside it, or its tensors
  *   come in another order than U's (a union not in the base's tensor order).
  */
 export async function* maskedChunks(
   party: SecureParty,
   fp: FixedPoint,
-  union: Iterable<UnionTensor>,
+  union: PartyUnion,
   scaled: AsyncIterable<ScaledTensor>,
   o: MaskedChunkOptions = {},
 ): AsyncGenerator<MaskedWords, void, undefined> {
   const from = o.from ?? 0;
   const chunkWords = o.chunkWords ?? DEFAULT_CHUNK_WORDS;
-  const tensors = [...union];
+  const tensors = union.tensors;
   const rank = new Map(tensors.map((u, k) => [u.name, k]));
   const it = scaled[Symbol.asyncIterator]();
   // The party's next tensor with kept positions that U has not reached yet: read when U passes the previous one.
@@ -98,33 +133,46 @@ export async function* maskedChunks(
       return t;
     }
   };
-  // Every tensor after the last one taken is read by pull(k): any left with kept positions was refused there.
-  let next = await pull(-1);
-  let offset = 0;
-  let skipped = 0;
-  for (const [k, u] of tensors.entries()) {
-    o.signal?.throwIfAborted();
-    const mine = next?.name === u.name ? next : undefined;
-    if (mine !== undefined) next = await pull(k);
-    const n = u.positions.length;
-    if (offset + n <= from) {
-      if (mine !== undefined) skipped += countClipped(mine.values, fp);
-    } else {
-      const values = spreadTensor(u, mine);
-      if (from > offset) skipped += countClipped(values.subarray(0, from - offset), fp);
-      if (skipped > 0) o.onClipped?.(skipped);
-      skipped = 0;
-      for (let start = Math.max(0, from - offset); start < n; start += chunkWords) {
-        const end = Math.min(n, start + chunkWords);
-        const { words, clipped } = party.maskInput(values.subarray(start, end), fp, offset + start);
-        if (clipped > 0) o.onClipped?.(clipped);
-        yield { offset: offset + start, words, crc32c: wordsCrc(words) };
+  try {
+    // Every tensor after the last one taken is read by pull(k): any left with kept positions was refused there.
+    let next = await pull(-1);
+    let offset = 0;
+    let skipped = 0;
+    for (const [k, u] of tensors.entries()) {
+      o.signal?.throwIfAborted();
+      const mine = next?.name === u.name ? next : undefined;
+      if (mine !== undefined) next = await pull(k);
+      const n = u.count;
+      if (offset + n <= from) {
+        if (mine !== undefined) skipped += countClipped(mine.values, fp);
+      } else {
+        const positions = await union.positions(k);
+        if (positions.length !== n)
+          throw new ProtocolStateError(`union tensor ${u.name}: ${positions.length} positions read, ${n} expected`);
+        const spread = new Spread(u.name, positions, mine);
+        let told = false;
+        for (let start = Math.max(0, from - offset); start < n; start += chunkWords) {
+          const end = Math.min(n, start + chunkWords);
+          const values = spread.range(start, end, (v) => {
+            if (Math.abs(v) > fp.bound) skipped++;
+          });
+          if (!told) {
+            if (skipped > 0) o.onClipped?.(skipped);
+            skipped = 0;
+            told = true;
+          }
+          const { words, clipped } = party.maskInput(values, fp, offset + start);
+          if (clipped > 0) o.onClipped?.(clipped);
+          yield { offset: offset + start, words, crc32c: wordsCrc(words) };
+        }
       }
+      offset += n;
     }
-    offset += n;
+    if (skipped > 0) o.onClipped?.(skipped);
+  } finally {
+    // A stopped vector (a dropped upload, an error) closes the delta it reads.
+    await it.return?.();
   }
-  // `from` at the end (the server holds every word): the count of the whole vector, nothing coded.
-  if (skipped > 0) o.onClipped?.(skipped);
 }
 
 /** Values beyond the bound, which coding clips (proto/secure encodeFixed). */

@@ -10,6 +10,7 @@ import { shapeNumel } from '../../proto/sparse/index.js';
 import { PermissionDeniedError } from '../errors.js';
 import type { JobStore } from '../jobs/job-store.js';
 import type { SecureJobs } from '../secure/secure-jobs.js';
+import { unionPositions } from '../secure/union.js';
 import type { Authenticator } from './auth.js';
 import type { RpcWrapper } from './handler.js';
 
@@ -70,7 +71,7 @@ export function secureService(deps: SecureServiceDeps, rpc: RpcWrapper): SecureA
       party(ctx.metadata, req.jobId);
       const u = await secure.union(req.jobId);
       for (const t of u.tensors) {
-        const positions = Float64Array.from(u.positions.subarray(t.offset, t.offset + t.count));
+        const positions = Float64Array.from(await unionPositions(u, t));
         let offset = t.offset;
         const chunks = encodeChunks(t.name, 0, positions, new Float32Array(0), {
           valueDtype: ValueDtype.VALUE_DTYPE_NONE,

@@ -495,7 +495,9 @@ export class SecureJobs {
       case SecurePhase.SECURE_PHASE_SUPPORT: {
         if (answered.length < r.threshold) throw new TooFewSurvivorsError('support', answered.length, r.threshold);
         const spools = await this.deps.spool.ofJob(job.id);
-        const files = answered.map((p) => [...spools.get(p)!.held.values()].map((t) => t.file));
+        const files = answered.map((p) =>
+          [...spools.get(p)!.held.values()].map((t) => ({ name: t.name, file: t.file })),
+        );
         const union = await buildUnion(dir, files, await tensorOrder(job.basePath));
         this.unions.set(job.id, union);
         unionSize = union.size;

@@ -12,7 +12,7 @@ import { addInto, decodeSum, removeMasks, type FixedPoint, type MaskRemoval } fr
 import { DELTA_FORMAT_VERSION, DeltaFileWriter, tensorRecords } from '../../proto/sparse/index.js';
 import { discardedMark, readMasked, secureDataDiscarded, secureDir } from '../uploads/masked-spool.js';
 import { writeFileDurably } from '../durable-write.js';
-import type { Union } from './union.js';
+import { unionPositions, type Union } from './union.js';
 
 /** Words unmasked at a time. */
 const RANGE_WORDS = 1 << 20;
@@ -83,7 +83,7 @@ export async function writeSum(
       removeMasks(sum, removal, t.offset + start);
       decodeSum(sum, fp, values.subarray(start, start + n));
     }
-    const positions = Float64Array.from(union.positions.subarray(t.offset, t.offset + t.count));
+    const positions = Float64Array.from(await unionPositions(union, t));
     const header: DeltaHeader = {
       formatVersion: DELTA_FORMAT_VERSION,
       baseFingerprint,

@@ -2,13 +2,16 @@
  * The union U of a secure job's supports: built from the parties' spooled positions-only uploads when SUPPORT
  * closes, stored as `<job>/secure/union.json` (tensors in the base checkpoint's order, the order of every delta, with
  * their shapes and counts) and `union.bin` (their positions, uint32 little-endian, tensor after tensor). Word j of
- * every masked vector is the j-th position of U in that order.
+ * every masked vector is the j-th position of U in that order. Built, served and read one tensor at a time: the
+ * server never holds more of U than one tensor's positions.
  */
-import { mkdir, readFile } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { syncFolder } from '../../proto/fs-sync.js';
 import { readDeltaTensors } from '../../proto/sparse/index.js';
 import { unionSupport } from '../../proto/secure/index.js';
-import { writeFileDurably } from '../durable-write.js';
+import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
 import { secureDir } from '../uploads/masked-spool.js';
 
 /** One tensor of U. */
@@ -21,12 +24,17 @@ export interface UnionTensor {
   offset: number;
 }
 
-/** U: its tensors and their positions. */
+/** U: its tensors; their positions stay in `union.bin` of the job's folder (read them with {@link unionPositions}). */
 export interface Union {
+  jobDir: string;
   tensors: UnionTensor[];
-  /** Every position, tensor after tensor (`positions.subarray(t.offset, t.offset + t.count)` for tensor t). */
-  positions: Uint32Array;
   size: number;
+}
+
+/** A spooled one-tensor file of a support upload. */
+export interface SpooledSupport {
+  name: string;
+  file: string;
 }
 
 /** Positions of one spooled one-tensor file, all partitions, increasing. */
@@ -34,71 +42,101 @@ async function filePositions(file: string): Promise<{ name: string; shape: numbe
   for await (const item of readDeltaTensors(file)) {
     if (item.kind !== 'tensor') continue;
     const t = item.tensor;
-    const all = new Float64Array(t.partitions.reduce((n, p) => n + p.positions.length, 0));
+    // uint32 from the start (the positions' numbers, checked): half the bytes of a Float64Array copy.
+    const all = new Uint32Array(t.partitions.reduce((n, p) => n + p.positions.length, 0));
     let k = 0;
-    for (const p of t.partitions) {
-      all.set(p.positions, k);
-      k += p.positions.length;
-    }
+    for (const p of t.partitions)
+      for (let j = 0; j < p.positions.length; j++) {
+        const x = p.positions[j]!;
+        if (x > 0xffffffff)
+          throw new Error(`${file}: tensor "${t.name}" has positions beyond 2^32, which secure jobs do not support`);
+        all[k++] = x;
+      }
     all.sort();
-    if (all.length > 0 && all[all.length - 1]! > 0xffffffff)
-      throw new Error(`${file}: tensor "${t.name}" has positions beyond 2^32, which secure jobs do not support`);
-    return { name: t.name, shape: t.shape.map(Number), positions: Uint32Array.from(all) };
+    return { name: t.name, shape: t.shape.map(Number), positions: all };
   }
   throw new Error(`${file}: no tensor`);
 }
 
 /**
- * Builds U from the supporters' spooled tensor files and stores it.
- * @param files - Per supporter, its spool files (one tensor each).
+ * Builds U from the supporters' spooled tensor files and stores it, tensor by tensor (only one tensor's supports and
+ * union are held at a time).
+ * @param files - Per supporter, its spool files (one tensor each), with their tensor names.
  * @param baseOrder - The base checkpoint's tensor names in its order (U's tensor order).
  * @throws Error for a spooled tensor the base lacks (the upload's header check refuses those).
  */
 export async function buildUnion(
   jobDir: string,
-  files: readonly (readonly string[])[],
+  files: readonly (readonly SpooledSupport[])[],
   baseOrder: readonly string[],
 ): Promise<Union> {
-  const byTensor = new Map<string, { shape: number[]; supports: Uint32Array[] }>();
-  for (const party of files) {
-    for (const f of party) {
-      const { name, shape, positions } = await filePositions(f);
-      const entry = byTensor.get(name) ?? { shape, supports: [] };
-      entry.supports.push(positions);
-      byTensor.set(name, entry);
-    }
-  }
+  const byTensor = new Map<string, string[]>();
+  for (const party of files) for (const f of party) byTensor.set(f.name, [...(byTensor.get(f.name) ?? []), f.file]);
   const rank = new Map(baseOrder.map((n, i) => [n, i]));
   for (const n of byTensor.keys())
     if (!rank.has(n)) throw new Error(`tensor "${n}" of a spooled support is not in the base checkpoint`);
   const names = [...byTensor.keys()].sort((a, b) => rank.get(a)! - rank.get(b)!);
-  const parts = names.map((n) => unionSupport(byTensor.get(n)!.supports));
-  const size = parts.reduce((s, p) => s + p.length, 0);
-  const positions = new Uint32Array(size);
-  const tensors: UnionTensor[] = [];
-  let offset = 0;
-  names.forEach((name, i) => {
-    positions.set(parts[i]!, offset);
-    tensors.push({ name, shape: byTensor.get(name)!.shape, count: parts[i]!.length, offset });
-    offset += parts[i]!.length;
-  });
   const dir = secureDir(jobDir);
   await mkdir(dir, { recursive: true });
-  await writeFileDurably(
-    join(dir, 'union.bin'),
-    Buffer.from(positions.buffer, positions.byteOffset, positions.byteLength),
-  );
-  await writeFileDurably(join(dir, 'union.json'), `${JSON.stringify({ tensors, size })}\n`);
-  return { tensors, positions, size };
+  const bin = join(dir, 'union.bin');
+  const tmp = `${bin}${TEMP_MARK}${randomBytes(6).toString('hex')}`;
+  const fh = await open(tmp, 'wx');
+  const tensors: UnionTensor[] = [];
+  let offset = 0;
+  try {
+    for (const name of names) {
+      let shape: number[] = [];
+      const supports: Uint32Array[] = [];
+      for (const file of byTensor.get(name)!) {
+        const got = await filePositions(file);
+        if (got.name !== name) throw new Error(`${file}: holds tensor "${got.name}", expected "${name}"`);
+        shape = got.shape;
+        supports.push(got.positions);
+      }
+      const part = unionSupport(supports);
+      await fh.write(Buffer.from(part.buffer, part.byteOffset, part.byteLength));
+      tensors.push({ name, shape, count: part.length, offset });
+      offset += part.length;
+    }
+    await fh.sync();
+    await fh.close();
+    await rename(tmp, bin);
+  } catch (err) {
+    await fh.close().catch(() => undefined);
+    await rm(tmp, { force: true });
+    throw err;
+  }
+  await syncFolder(dir);
+  await writeFileDurably(join(dir, 'union.json'), `${JSON.stringify({ tensors, size: offset })}\n`);
+  return { jobDir, tensors, size: offset };
 }
 
-/** U as stored by {@link buildUnion}. */
+/** U as stored by {@link buildUnion} (its tensor list; the positions are read tensor by tensor). */
 export async function readUnion(jobDir: string): Promise<Union> {
   const dir = secureDir(jobDir);
   const meta = JSON.parse(await readFile(join(dir, 'union.json'), 'utf8')) as { tensors: UnionTensor[]; size: number };
-  const bytes = await readFile(join(dir, 'union.bin'));
-  const positions = new Uint32Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + bytes.byteLength));
-  if (positions.length !== meta.size)
-    throw new Error(`${join(dir, 'union.bin')}: ${positions.length} positions, expected ${meta.size}`);
-  return { tensors: meta.tensors, positions, size: meta.size };
+  const bytes = (await stat(join(dir, 'union.bin'))).size;
+  if (bytes !== meta.size * 4)
+    throw new Error(`${join(dir, 'union.bin')}: ${bytes / 4} positions, expected ${meta.size}`);
+  return { jobDir, tensors: meta.tensors, size: meta.size };
+}
+
+/** The positions of U in tensor `t`, read from `union.bin`. */
+export async function unionPositions(union: Union, t: UnionTensor): Promise<Uint32Array> {
+  const file = join(secureDir(union.jobDir), 'union.bin');
+  const out = new Uint32Array(t.count);
+  const buf = Buffer.from(out.buffer, out.byteOffset, out.byteLength);
+  const fh = await open(file, 'r');
+  try {
+    let done = 0;
+    while (done < buf.length) {
+      const { bytesRead } = await fh.read(buf, done, buf.length - done, t.offset * 4 + done);
+      if (bytesRead === 0)
+        throw new Error(`${file}: ends before tensor "${t.name}" (${t.count} positions at ${t.offset})`);
+      done += bytesRead;
+    }
+  } finally {
+    await fh.close();
+  }
+  return out;
 }
