@@ -225,8 +225,10 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
     const leftToHolder = (line: string): boolean =>
       line.includes('"msg":"secure phase left to the server that claimed its closing"') &&
       line.includes('"phase":"SUPPORT"');
-    await until('a replica leaving SUPPORT to the claim’s holder', async () =>
-      [a, b].some((r, i) => r.stderr().slice(logged[i]).split('\n').some(leftToHolder)) ? true : undefined,
+    await until('a replica leaving SUPPORT to the claim’s holder', () =>
+      Promise.resolve(
+        [a, b].some((r, i) => r.stderr().slice(logged[i]).split('\n').some(leftToHolder)) ? true : undefined,
+      ),
     );
     assert.equal((await admin.getJob(job.id)).securePhase, SecurePhase.SECURE_PHASE_SUPPORT);
     assert.equal((await storedSecure(job.id)).closing?.id, dead.id);
