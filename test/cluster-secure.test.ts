@@ -96,6 +96,17 @@ function maskedState(r: ServeProcess, token: string, jobId: string): Promise<Mas
   ).finally(() => secure.close());
 }
 
+/** The bucket's revision of the job's entry (it changes with every write of the job). */
+async function storedRevision(jobId: string): Promise<number> {
+  const nc = await connect({ servers: nats.url });
+  try {
+    const kv = await new Kvm(jetstream(nc)).open(JOBS_BUCKET);
+    return (await kv.get(jobKey(jobId)))!.revision;
+  } finally {
+    await nc.close();
+  }
+}
+
 /** The secure part of the job as the KV bucket holds it. */
 async function storedSecure(jobId: string): Promise<StoredSecure> {
   const nc = await connect({ servers: nats.url });
@@ -287,6 +298,7 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
     const onA2 = openMasked(a, tokens.law!, first);
     const mine = await until('law’s second claim on A', async () => (await storedSecure(job.id)).maskedClaims?.law);
     await rewriteSecure(job.id, (sec) => (sec.maskedClaims!.law = { id: 'another-replica', until: FAR() }));
+    const taken = await storedRevision(job.id);
     // At least half a lease after A took the claim (the wait can only be longer under load).
     await new Promise((r) => setTimeout(r, LEASE_MS / 2 + 100));
     onA2.write(first);
@@ -297,6 +309,8 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
     });
     onA2.close();
     assert.equal((await storedSecure(job.id)).maskedClaims?.law?.id, 'another-replica', 'the other claim is kept');
+    // Neither the refused renewal nor the release of a claim no longer held wrote the job.
+    assert.equal(await storedRevision(job.id), taken);
     await lapse(job.id, 'law');
 
     // A replica that dies with law's stream open leaves its claim: law (resuming on B) is refused and waits until the
