@@ -120,6 +120,12 @@ export interface ServerOptions {
    * @default 5000
    */
   storageRetryMs?: number;
+  /**
+   * Internal (no flag; tests shorten it): with `cluster`, how long a replica's claim on a party's masked upload
+   * keeps the other replicas' streams for that party away (renewed after half of it while the stream writes).
+   * @default 60000
+   */
+  maskedLeaseMs?: number;
   /** Where the server logs. @default JSON lines on stderr at level info */
   logger?: Logger;
 }
@@ -147,6 +153,8 @@ export interface ResolvedServerOptions {
   taskAckWaitMs: number;
   taskAttempts: number;
   storageRetryMs: number;
+  /** Undefined: the default of SecureJobs. */
+  maskedLeaseMs: number | undefined;
   logger: Logger;
 }
 
@@ -179,6 +187,7 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
     taskAckWaitMs: opts.taskAckWaitMs ?? 30_000,
     taskAttempts: opts.taskAttempts ?? DEFAULT_TASK_ATTEMPTS,
     storageRetryMs: opts.storageRetryMs ?? DEFAULT_STORAGE_RETRY_MS,
+    maskedLeaseMs: opts.maskedLeaseMs,
     logger: opts.logger ?? createLogger(),
   };
   if (typeof r.adminToken !== 'string' || r.adminToken.trim() === '') {
@@ -216,6 +225,7 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
   if (!Number.isSafeInteger(r.taskAckWaitMs) || r.taskAckWaitMs < 1000)
     throw new ConfigError(`taskAckWaitMs: must be an integer of at least 1000, got ${r.taskAckWaitMs}`);
   checkPositiveInteger('storageRetryMs', r.storageRetryMs);
+  if (r.maskedLeaseMs !== undefined) checkPositiveInteger('maskedLeaseMs', r.maskedLeaseMs);
   if (r.cluster && r.nats === undefined)
     throw new ConfigError(
       'cluster: needs nats (--nats URL or DPPA_NATS_URL): the replicas share their state on NATS JetStream',

@@ -175,7 +175,15 @@ export class DppaServer {
       taskDone: (jobId) => runner.taskDone(jobId),
     });
     closers.push('job steps', () => steps.close());
-    const secure = new SecureJobs({ store, events, spool, metrics, log, poke: (jobId) => runner.poke(jobId) });
+    const secure = new SecureJobs({
+      store,
+      events,
+      spool,
+      metrics,
+      log,
+      poke: (jobId) => runner.poke(jobId),
+      maskedLeaseMs: o.maskedLeaseMs,
+    });
     closers.push('secure phase timers', () => secure.stop());
     const runner = new JobRunner({
       secure,

@@ -4,6 +4,9 @@
  * both replicas. While law's masked upload is open on one replica (holding its claim), a second stream for law on the
  * other replica is refused (ALREADY_EXISTS); law then resumes there. The merged checkpoint equals the plain merge of
  * the same scaled deltas (formed from the checkpoints, as test/secure-e2e.test.ts) within the fixed-point step.
+ * The replicas' masked-upload lease is short ({@link LEASE_MS}); where the test needs a claim to stay current it
+ * sets its end far ahead in the bucket, and a claim lapses when the test says so: nothing waits on the lease to run
+ * out under load.
  */
 import assert from 'node:assert/strict';
 import { access, mkdtemp, readdir, rm, stat } from 'node:fs/promises';
@@ -14,7 +17,8 @@ import { credentials, Metadata, status, type ServiceError } from '@grpc/grpc-js'
 import { jetstream } from '@nats-io/jetstream';
 import { Kvm } from '@nats-io/kv';
 import { connect } from '@nats-io/transport-node';
-import { DppaClient, JobState } from '../client/index.js';
+import { DppaClient, DppaRpcError, JobState } from '../client/index.js';
+import type { RetryNotice } from '../client/sdk/retry.js';
 import { loadParty } from '../client/secure/party-store.js';
 import { partitionFactor } from '../proto/algorithm/index.js';
 import { SecurePhase } from '../proto/gen/dppa/v1/jobs.js';
@@ -32,6 +36,10 @@ const shape = { layers: 2, hidden: 64, intermediate: 128, vocab: 256 };
 const parties = ['math', 'finance', 'law'] as const;
 const FACTORS: Record<(typeof parties)[number], number[]> = { math: [1.2, 1.1], finance: [1, 1], law: [0.9, 1.3] };
 const CLIP = 1;
+/** The replicas' masked-upload lease, ms: a stream renews its claim once half of it has passed. */
+const LEASE_MS = 4000;
+/** A claim's end far ahead (the test makes it lapse itself). */
+const FAR = (): string => new Date(Date.now() + 3_600_000).toISOString();
 
 let dir: string;
 let nats: NatsServer;
@@ -41,14 +49,17 @@ const replicas: ServeProcess[] = [];
 
 function replica(): Promise<ServeProcess> {
   const args = ['--data', join(dir, 'data'), '--grpc-port', '0', '--metrics-port', '0', '--nats', nats.url];
-  return startServe([...args, '--cluster'], { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN }).then((r) => {
+  // At debug level a replica logs each time it leaves a phase's closing to the holder of the claim (a sweep).
+  const env = { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN, DPPA_TEST_MASKED_LEASE_MS: String(LEASE_MS) };
+  return startServe([...args, '--cluster', '--log-level', 'debug'], env).then((r) => {
     replicas.push(r);
     return r;
   });
 }
 
-function client(r: ServeProcess, token: string): DppaClient {
-  return new DppaClient({ address: r.address, token, retry: { attempts: 30, initialDelayMs: 100, maxDelayMs: 1000 } });
+function client(r: ServeProcess, token: string, onRetry?: (n: RetryNotice) => void): DppaClient {
+  const retry = { attempts: 30, initialDelayMs: 100, maxDelayMs: 1000 };
+  return new DppaClient({ address: r.address, token, retry, ...(onRetry === undefined ? {} : { onRetry }) });
 }
 
 function bearer(token: string): Metadata {
@@ -83,6 +94,17 @@ function maskedState(r: ServeProcess, token: string, jobId: string): Promise<Mas
   return new Promise<MaskedState>((resolve, reject) =>
     secure.getMaskedState({ jobId }, bearer(token), (err, res) => (err === null ? resolve(res) : reject(err))),
   ).finally(() => secure.close());
+}
+
+/** The bucket's revision of the job's entry (it changes with every write of the job). */
+async function storedRevision(jobId: string): Promise<number> {
+  const nc = await connect({ servers: nats.url });
+  try {
+    const kv = await new Kvm(jetstream(nc)).open(JOBS_BUCKET);
+    return (await kv.get(jobKey(jobId)))!.revision;
+  } finally {
+    await nc.close();
+  }
 }
 
 /** The secure part of the job as the KV bucket holds it. */
@@ -123,9 +145,13 @@ async function rewriteSecure(jobId: string, change: (s: StoredSecure) => void): 
   }
 }
 
-/** Makes a party's masked-upload claim lapse, as its lease's time passing would. */
+/** Sets the end of a party's masked-upload claim: `new Date(0)` makes it lapse, as its lease's time passing would. */
+function claimUntil(jobId: string, party: string, until: string): Promise<void> {
+  return rewriteSecure(jobId, (s) => (s.maskedClaims![party]!.until = until));
+}
+
 function lapse(jobId: string, party: string): Promise<void> {
-  return rewriteSecure(jobId, (s) => (s.maskedClaims![party]!.until = new Date(0).toISOString()));
+  return claimUntil(jobId, party, new Date(0).toISOString());
 }
 
 async function until<T>(what: string, probe: () => Promise<T | undefined>): Promise<T> {
@@ -166,8 +192,14 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
     });
     const jobDir = join(dir, 'data', 'jobs', job.id);
     const work = (p: string): string => join(dir, `work-${p}`);
-    const push = (r: ServeProcess, p: (typeof parties)[number], signal?: AbortSignal, onUnion?: () => void) => {
-      const c = client(r, tokens[p]!);
+    const push = (
+      r: ServeProcess,
+      p: (typeof parties)[number],
+      signal?: AbortSignal,
+      onUnion?: () => void,
+      onRetry?: (n: RetryNotice) => void,
+    ) => {
+      const c = client(r, tokens[p]!, onRetry);
       const i = parties.indexOf(p);
       return c
         .push(
@@ -195,11 +227,20 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
     // Awaited below; handled here too so that a failure before then does not also leave an unhandled rejection.
     for (const p of [math, finance, lawStops]) p.catch(() => undefined);
 
-    // Every support is in, yet SUPPORT stays open while the claim is current (through a sweep, every 5 s) ...
+    // Every support is in, yet SUPPORT stays open while the claim is current: a replica's sweep (every 5 s) after
+    // that tries to close it and leaves it to the claim's holder (its debug log says so) ...
     await until('the three supports', async () =>
       (await admin.getJob(job.id)).parties.every((p) => p.uploadComplete) ? true : undefined,
     );
-    await new Promise((r) => setTimeout(r, 6000));
+    const logged = [a, b].map((r) => r.stderr().length);
+    const leftToHolder = (line: string): boolean =>
+      line.includes('"msg":"secure phase left to the server that claimed its closing"') &&
+      line.includes('"phase":"SUPPORT"');
+    await until('a replica leaving SUPPORT to the claim’s holder', () =>
+      Promise.resolve(
+        [a, b].some((r, i) => r.stderr().slice(logged[i]).split('\n').some(leftToHolder)) ? true : undefined,
+      ),
+    );
     assert.equal((await admin.getJob(job.id)).securePhase, SecurePhase.SECURE_PHASE_SUPPORT);
     assert.equal((await storedSecure(job.id)).closing?.id, dead.id);
     // ... and once it lapses, a replica closes it (at its next sweep) and the rounds go on.
@@ -235,6 +276,8 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
       async () => (await storedSecure(job.id)).maskedClaims?.law,
     );
     assert.ok(Date.parse(claim.until) > Date.now());
+    // (Kept current whatever the load: A does not renew it while no chunk comes.)
+    await claimUntil(job.id, 'law', FAR());
     // ... so that a second stream for law on B is refused while it is open.
     const onB = openMasked(b, tokens.law!, first);
     onB.end();
@@ -254,8 +297,10 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
     // chunk once half its lease has passed (when it renews): ABORTED, nothing written.
     const onA2 = openMasked(a, tokens.law!, first);
     const mine = await until('law’s second claim on A', async () => (await storedSecure(job.id)).maskedClaims?.law);
-    await rewriteSecure(job.id, (sec) => (sec.maskedClaims!.law = { ...mine, id: 'another-replica' }));
-    await new Promise((r) => setTimeout(r, 31_000));
+    await rewriteSecure(job.id, (sec) => (sec.maskedClaims!.law = { id: 'another-replica', until: FAR() }));
+    const taken = await storedRevision(job.id);
+    // At least half a lease after A took the claim (the wait can only be longer under load).
+    await new Promise((r) => setTimeout(r, LEASE_MS / 2 + 100));
     onA2.write(first);
     await assert.rejects(onA2.result, (err: ServiceError) => {
       assert.equal(err.code, status.ABORTED, err.message);
@@ -264,6 +309,8 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
     });
     onA2.close();
     assert.equal((await storedSecure(job.id)).maskedClaims?.law?.id, 'another-replica', 'the other claim is kept');
+    // Neither the refused renewal nor the release of a claim no longer held wrote the job.
+    assert.equal(await storedRevision(job.id), taken);
     await lapse(job.id, 'law');
 
     // A replica that dies with law's stream open leaves its claim: law (resuming on B) is refused and waits until the
@@ -271,14 +318,25 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
     const c = await replica();
     const onC = openMasked(c, tokens.law!, first);
     onC.result.catch(() => undefined);
-    const left = await until('replica C’s claim', async () => {
+    const cs = await until('replica C’s claim', async () => {
       const l = (await storedSecure(job.id)).maskedClaims?.law;
       return l !== undefined && ![claim.id, mine.id, 'another-replica'].includes(l.id) ? l : undefined;
     });
+    const left = { id: cs.id, until: FAR() };
+    await claimUntil(job.id, 'law', left.until);
     await c.kill();
     onC.close();
-    const law = push(b, 'law');
-    await new Promise((r) => setTimeout(r, 500));
+    // law's push on B reaches UploadMasked, is refused and waits (the SDK's retry notice says why) ...
+    let refused!: () => void;
+    const waits = new Promise<void>((resolve) => (refused = resolve));
+    const law = push(b, 'law', undefined, undefined, (n) => {
+      const e = n.error;
+      if (e instanceof DppaRpcError && e.code === status.ALREADY_EXISTS && /on another server/.test(e.details))
+        refused();
+    });
+    law.catch(() => undefined);
+    await waits;
+    // ... while the dead replica's claim stays; once it lapses, B takes law's upload.
     assert.deepEqual((await storedSecure(job.id)).maskedClaims?.law, left, 'the dead replica’s claim stays');
     await lapse(job.id, 'law');
     await Promise.all([math, finance, law]);

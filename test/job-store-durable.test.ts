@@ -1,6 +1,7 @@
 /**
  * The embedded job store shows a change only once it is written: nobody reads a state that a crash would lose, and
- * a failed write or a change that throws leaves the job as it was (in memory and on disk).
+ * a failed write or a change that throws leaves the job as it was (in memory and on disk). Both stores show a new
+ * version on the object callers hold, without the fields it no longer has (the KV store on a real nats-server).
  */
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
@@ -8,9 +9,15 @@ import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { jetstream } from '@nats-io/jetstream';
+import { Kvm } from '@nats-io/kv';
+import { connect } from '@nats-io/transport-node';
 import { DpaConfig, JobState, MergeOptions } from '../proto/gen/dppa/v1/jobs.js';
-import { decodeJob, LocalJobStore, type StoredJob } from '../server/jobs/job-store.js';
+import { KvJobStore } from '../server/cluster/kv-job-store.js';
+import { decodeJob, LocalJobStore, type JobStore, type StoredJob } from '../server/jobs/job-store.js';
 import { createLogger } from '../server/log.js';
+import { JOBS_BUCKET } from '../server/nats/subjects.js';
+import { startNatsServer } from './fixtures/nats-server.js';
 
 let dir: string;
 before(async () => {
@@ -101,5 +108,39 @@ describe('LocalJobStore: write, then serve', () => {
     );
     assert.equal(store.get('j2').label, '0', 'a change not written is not shown');
     assert.equal(store.get('j2').state, JobState.JOB_STATE_COLLECTING);
+  });
+});
+
+/** A change that unsets a field (absent from the stored JSON): the object callers hold loses it too. */
+async function removesField(store: JobStore, id: string): Promise<void> {
+  const held = await store.create(job(id));
+  await store.update(id, (j) => {
+    j.merged = { files: [], seconds: 1 };
+  });
+  assert.deepEqual(held.merged, { files: [], seconds: 1 });
+  await store.update(id, (j) => {
+    j.merged = undefined;
+  });
+  assert.equal(store.get(id), held, 'the object callers hold stays the job');
+  assert.equal(held.merged, undefined, 'the field unset is gone from it');
+}
+
+describe('both stores: a new version replaces the held one, fields removed included', () => {
+  it('embedded', async () => {
+    await removesField(await LocalJobStore.open(join(dir, 'removed'), log), 'j3');
+  });
+
+  it('KV bucket (real nats-server)', async () => {
+    const nats = await startNatsServer();
+    const nc = await connect({ servers: nats.url });
+    const kv = await new Kvm(jetstream(nc)).create(JOBS_BUCKET, { history: 1 });
+    const store = await KvJobStore.open({ kv, dataDir: join(dir, 'kv'), log });
+    try {
+      await removesField(store, 'j4');
+    } finally {
+      await store.close();
+      await nc.close();
+      await nats.close();
+    }
   });
 });

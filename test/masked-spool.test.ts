@@ -66,4 +66,8 @@ test('after the discard (the job ended) no masked word is written: an open strea
     SecureDataDiscardedError,
   );
   assert.deepEqual(await readdir(secureDir(dir)), ['discarded'], 'nothing but the mark is left');
+  // A second discard (a restart, a redelivered commit) finds nothing and leaves the mark as it is (not rewritten).
+  const mark = await stat(join(secureDir(dir), 'discarded'));
+  assert.equal(await discardSecureData(dir), false);
+  assert.equal((await stat(join(secureDir(dir), 'discarded'))).ino, mark.ino);
 });

@@ -4,7 +4,7 @@
  * plain merge of the same scaled deltas computed here, and the data folder is searched for the parties' values.
  */
 import assert from 'node:assert/strict';
-import { cp, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { cp, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -724,6 +724,24 @@ describe('secure aggregation through the server', () => {
     }
     const files = await readdir(join(dir, 'data', 'jobs', jobId), { recursive: true });
     assert.ok(!files.some((f) => /merged|[/\\]sum|patch/.test(f)), files.join(', '));
+    // The failed job's secure data was discarded (its mark written once). At the next start the discard runs again
+    // without writing the mark anew, and temporary files a crash left in secure/ are removed.
+    const folder = join(dir, 'data', 'jobs', jobId, 'secure');
+    let mark = await stat(join(folder, 'discarded')).catch(() => undefined);
+    for (let polls = 0; mark === undefined && polls < 3000; polls++) {
+      await new Promise((r) => setTimeout(r, 20));
+      mark = await stat(join(folder, 'discarded')).catch(() => undefined);
+    }
+    assert.ok(mark !== undefined, 'the discard mark');
+    const temps = ['discarded.tmp-0a1b2c3d4e5f', 'union.json.tmp-0a1b2c3d4e5f'];
+    for (const t of temps) await writeFile(join(folder, t), 'cut off\n');
+    secure.close();
+    await h.close();
+    h = await startHarness(join(dir, 'data'));
+    secure = new SecureAggregationServiceClient(h.address, credentials.createInsecure());
+    const now = await readdir(folder);
+    assert.ok(!temps.some((t) => now.includes(t)), now.join(', '));
+    assert.equal((await stat(join(folder, 'discarded'))).ino, mark.ino, 'the mark is not written again');
   });
 });
 

@@ -305,11 +305,10 @@ export async function pushSecure(
         );
       } catch (err) {
         const e = DppaRpcError.from(scope.reason(err), 'UploadMasked');
-        if (
-          scope.signal.aborted ||
-          !(isTransient(e) || (e instanceof DppaRpcError && e.code === Status.ALREADY_EXISTS))
-        )
-          throw e;
+        // ALREADY_EXISTS: another stream of the party is open (on this server or, a cluster's, another replica);
+        // ABORTED: this stream's claim lapsed and another replica took it over. Both: wait and resume.
+        const retried = e instanceof DppaRpcError && (e.code === Status.ALREADY_EXISTS || e.code === Status.ABORTED);
+        if (scope.signal.aborted || !(isTransient(e) || retried)) throw e;
         await backoff.failed(e, scope.signal);
       } finally {
         stream.close();

@@ -10,11 +10,15 @@ const WRITE_CHUNK = 1 << 30;
 
 /** True if `path` exists (as anything). */
 export async function exists(path: string): Promise<boolean> {
+  return (await sizeOf(path)) !== undefined;
+}
+
+/** Size of `path` in bytes, or undefined when it does not exist. @throws Error from the file system but ENOENT. */
+export async function sizeOf(path: string): Promise<number | undefined> {
   try {
-    await stat(path);
-    return true;
+    return (await stat(path)).size;
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw err;
   }
 }

@@ -146,8 +146,7 @@ export class KvJobStore extends MemoryJobStore {
       this.jobs.set(job.id, job);
       return job;
     }
-    Object.assign(held, job);
-    return held;
+    return this.show(held, job);
   }
 
   /** @throws NatsUnavailableError if NATS is away. */

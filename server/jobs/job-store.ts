@@ -240,6 +240,16 @@ export abstract class MemoryJobStore implements JobStore {
 
   abstract create(job: StoredJob): Promise<StoredJob>;
   abstract update(id: string, change: (job: StoredJob) => void): Promise<StoredJob>;
+
+  /**
+   * Shows a new version of a job held in memory: the object callers hold takes its fields, and loses those it no
+   * longer has (an optional field removed).
+   * @returns The object held.
+   */
+  protected show(held: StoredJob, next: StoredJob): StoredJob {
+    for (const k of Object.keys(held) as (keyof StoredJob)[]) if (!(k in next)) delete held[k];
+    return Object.assign(held, next);
+  }
 }
 
 /** The jobs of one data folder (the embedded default). */
@@ -310,9 +320,7 @@ export class LocalJobStore extends MemoryJobStore {
       change(next);
       next.updatedAt = new Date().toISOString();
       await writeFileDurably(path, encodeJob(next));
-      for (const k of Object.keys(held) as (keyof StoredJob)[]) if (!(k in next)) delete held[k];
-      Object.assign(held, next);
-      return held;
+      return this.show(held, next);
     });
     const settled = run.catch(() => undefined);
     this.updates.set(id, settled);

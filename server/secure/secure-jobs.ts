@@ -18,7 +18,7 @@ import {
 } from '../../proto/secure/index.js';
 import { AbortedError, AlreadyExistsError, FailedPreconditionError } from '../errors.js';
 import type { JobEvents } from '../jobs/job-events.js';
-import type { JobStore, StoredJob } from '../jobs/job-store.js';
+import { isTerminal, stateName, type JobStore, type StoredJob } from '../jobs/job-store.js';
 import { StateConflictError } from '../jobs/job-transitions.js';
 import type { Logger } from '../log.js';
 import type { Metrics } from '../metrics.js';
@@ -37,6 +37,8 @@ export interface SecureJobsDeps {
   log: Logger;
   /** Asks the job runner to look at the job again (a message arrived, a deadline passed). */
   poke: (jobId: string) => void;
+  /** The lease of a masked-upload claim on a store shared by replicas, ms (tests shorten it). @default 60000 */
+  maskedLeaseMs?: number | undefined;
 }
 
 /** Longest grace period a phase open across a restart gets after the server starts. */
@@ -96,9 +98,12 @@ function messagesIn(job: StoredJob, r: SecureRecord, phase: SecurePhase): { wait
 /** This server's claim on a party's masked upload (a store shared by replicas). */
 interface MaskedClaim {
   id: string;
-  /** When it lapses, ms since the epoch. */
-  until: number;
+  /** When it is renewed, on this server's monotonic clock (`performance.now()`). */
+  renewAt: number;
 }
+
+/** Thrown by a release's change to give up without a write: the claim is no longer there. */
+class ClaimGone extends Error {}
 
 function phaseName(p: SecurePhase): string {
   return securePhaseToJSON(p).replace(/^SECURE_PHASE_/, '');
@@ -112,8 +117,12 @@ export class SecureJobs {
   private readonly maskedStreams = new Set<string>();
   /** When this server started: a phase open across a restart gets a grace period after it. */
   private readonly startedAt = Date.now();
+  /** See {@link SecureJobsDeps.maskedLeaseMs}. */
+  private readonly maskedLeaseMs: number;
 
-  constructor(private readonly deps: SecureJobsDeps) {}
+  constructor(private readonly deps: SecureJobsDeps) {
+    this.maskedLeaseMs = deps.maskedLeaseMs ?? MASKED_LEASE_MS;
+  }
 
   /** Drops what this server keeps for a job that ended (merged, failed, cancelled): its timer and cached union. */
   forget(jobId: string): void {
@@ -307,8 +316,8 @@ export class SecureJobs {
       // And on replicas sharing the store, one server at a time: a claim in the job record, renewed before writes.
       claim = await this.claimMasked(jobId, party);
       const renew = async (): Promise<void> => {
-        if (claim !== undefined && Date.now() >= claim.until - MASKED_LEASE_MS / 2)
-          claim.until = await this.leaseMasked(jobId, party, claim.id, false);
+        if (claim !== undefined && performance.now() >= claim.renewAt)
+          claim.renewAt = await this.leaseMasked(jobId, party, claim.id, false);
       };
       const renewing = (async function* (): AsyncGenerator<MaskedPiece> {
         for await (const p of pieces) {
@@ -341,21 +350,27 @@ export class SecureJobs {
   private async claimMasked(jobId: string, party: string): Promise<MaskedClaim | undefined> {
     if (this.deps.store.fresh === undefined) return undefined;
     const id = randomUUID();
-    return { id, until: await this.leaseMasked(jobId, party, id, true) };
+    return { id, renewAt: await this.leaseMasked(jobId, party, id, true) };
   }
 
   /**
-   * Takes (`take`) or renews the claim `id` on `party`'s masked upload for {@link MASKED_LEASE_MS}, by
-   * compare-and-swap through the store, while MASKED_INPUT is collected.
-   * @returns When the claim ends (ms since the epoch).
+   * Takes (`take`) or renews the claim `id` on `party`'s masked upload for the lease ({@link MASKED_LEASE_MS}), by
+   * compare-and-swap through the store, while MASKED_INPUT is collected and the job has not ended.
+   * @returns When to renew it: half a lease after the update began, on the monotonic clock (`until`, in the record
+   *   for the other replicas, is on the wall clock).
    * @throws AlreadyExistsError when another server's claim is current (the party waits and resumes, as for a second
    *   stream on one server); AbortedError when this claim was lost (it lapsed and another server took it);
-   *   FailedPreconditionError when the phase closed.
+   *   FailedPreconditionError when the phase closed or the job ended (merged, failed).
    */
   private async leaseMasked(jobId: string, party: string, id: string, take: boolean): Promise<number> {
     const phase = SecurePhase.SECURE_PHASE_MASKED_INPUT;
-    let until = 0;
+    const lease = this.maskedLeaseMs;
+    const started = performance.now();
     await this.deps.store.update(jobId, (j) => {
+      // The job's state as the store holds it (the same for every replica): a stream started after the job ended
+      // (and its masked vectors were deleted, maybe by another replica) does not get to write.
+      if (isTerminal(j.state))
+        throw new FailedPreconditionError(`job ${jobId} is ${stateName(j.state)}: no masked upload is taken`);
       const r = secureOf(j);
       if (phaseOf(r) !== phase)
         throw new FailedPreconditionError(
@@ -370,23 +385,23 @@ export class SecureJobs {
         throw new AbortedError(
           `party ${party}: another server took over its masked upload (this stream's claim lapsed): resume`,
         );
-      until = Date.now() + MASKED_LEASE_MS;
-      r.maskedClaims = { ...r.maskedClaims, [party]: { id, until: new Date(until).toISOString() } };
+      r.maskedClaims = { ...r.maskedClaims, [party]: { id, until: new Date(Date.now() + lease).toISOString() } };
     });
-    return until;
+    return started + lease / 2;
   }
 
-  /** Gives the claim up (if still held); logged, not thrown: a claim left behind lapses. */
+  /** Gives the claim up (if still held; no write otherwise); logged, not thrown: a claim left behind lapses. */
   private async releaseMasked(jobId: string, party: string, id: string): Promise<void> {
     try {
       await this.deps.store.update(jobId, (j) => {
         const r = secureOf(j);
-        if (r.maskedClaims?.[party]?.id !== id) return;
+        if (r.maskedClaims?.[party]?.id !== id) throw new ClaimGone();
         const rest = { ...r.maskedClaims };
         delete rest[party];
         r.maskedClaims = rest;
       });
     } catch (err) {
+      if (err instanceof ClaimGone) return;
       this.deps.log.warn('could not release the claim on a masked upload; it lapses', { jobId, party, err });
     }
   }
@@ -544,8 +559,7 @@ export class SecureJobs {
       }
     }
     const seconds = (Date.now() - Date.parse(r.phaseSince)) / 1000;
-    const clipped =
-      phase === SecurePhase.SECURE_PHASE_MASKED_INPUT ? answered.reduce((n, p) => n + (r.clipped?.[p] ?? 0), 0) : 0;
+    let clipped = 0;
     await store.update(job.id, (j) => {
       const rec = secureOf(j);
       if (phaseOf(rec) !== phase) throw new StateConflictError(`job ${job.id} left ${phaseName(phase)} meanwhile`);
@@ -559,6 +573,9 @@ export class SecureJobs {
         answered = now.answered;
         missing = now.waited.filter((p) => !answered.includes(p));
       }
+      // The counts of U3 as the committed record holds them.
+      if (phase === SecurePhase.SECURE_PHASE_MASKED_INPUT)
+        clipped = answered.reduce((n, p) => n + (rec.clipped?.[p] ?? 0), 0);
       change(rec);
       setPhase(rec, next);
     });
@@ -599,8 +616,14 @@ export class SecureJobs {
       const rec = secureOf(j);
       if (phaseOf(rec) !== phase) throw new StateConflictError(`job ${jobId} left ${phaseName(phase)} meanwhile`);
       const c = rec.closing;
-      if (c !== undefined && c.phase === rec.phase && Date.parse(c.until) > Date.now())
+      if (c !== undefined && c.phase === rec.phase && Date.parse(c.until) > Date.now()) {
+        this.deps.log.debug('secure phase left to the server that claimed its closing', {
+          jobId,
+          phase: phaseName(phase),
+          until: c.until,
+        });
         throw new StateConflictError(`job ${jobId}: another server is closing ${phaseName(phase)}`);
+      }
       rec.closing = { phase: rec.phase, id, until: new Date(Date.now() + CLOSE_LEASE_MS).toISOString() };
     });
     return id;

@@ -4,11 +4,12 @@
  * which the merge adds to the base as the one contribution of the job (merge-parties.ts).
  */
 import { readFileSync } from 'node:fs';
-import { mkdir, rm, stat } from 'node:fs/promises';
+import { mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { OutsidePolicy, PruneMethod } from '../../proto/gen/dppa/v1/algorithm.js';
 import { TensorKind, ValueDtype, ValueKind, type DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
 import { addInto, decodeSum, removeMasks, type FixedPoint, type MaskRemoval } from '../../proto/secure/index.js';
+import { exists } from '../../proto/safetensors/fs-util.js';
 import { DELTA_FORMAT_VERSION, DeltaFileWriter, tensorRecords } from '../../proto/sparse/index.js';
 import { discardedMark, readMasked, secureDataDiscarded, secureDir } from '../uploads/masked-spool.js';
 import { writeFileDurably } from '../durable-write.js';
@@ -29,18 +30,14 @@ export function sumDir(jobDir: string): string {
  * @returns True when there was something to delete.
  */
 export async function discardSecureData(jobDir: string): Promise<boolean> {
-  await mkdir(secureDir(jobDir), { recursive: true });
-  await writeFileDurably(discardedMark(jobDir), `${new Date().toISOString()}\n`);
+  // Written once (at every start, and on a redelivered commit, the job's data may be discarded again).
+  if (!(await secureDataDiscarded(jobDir))) {
+    await mkdir(secureDir(jobDir), { recursive: true });
+    await writeFileDurably(discardedMark(jobDir), `${new Date().toISOString()}\n`);
+  }
   let found = false;
   for (const d of [join(secureDir(jobDir), 'masked'), sumDir(jobDir)]) {
-    const there = await stat(d).then(
-      () => true,
-      (err: NodeJS.ErrnoException) => {
-        if (err.code === 'ENOENT') return false;
-        throw err;
-      },
-    );
-    if (!there) continue;
+    if (!(await exists(d))) continue;
     found = true;
     await rm(d, { recursive: true, force: true });
   }

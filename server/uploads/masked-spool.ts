@@ -6,9 +6,10 @@
  * Once the job's secure data is discarded (`secure/discarded` written first), no word is written any more.
  */
 import { constants } from 'node:fs';
-import { mkdir, open, readFile, rm, stat, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readFile, rm, rmdir, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ChecksumError } from '../../proto/errors.js';
+import { sizeOf } from '../../proto/safetensors/fs-util.js';
 import { crc32c } from '../../proto/sparse/index.js';
 import { MaskedLengthError } from '../../proto/secure/index.js';
 import { writeFileDurably } from '../durable-write.js';
@@ -50,7 +51,7 @@ export function discardedMark(jobDir: string): string {
 
 /** True once the job's secure data was discarded (it ended): nothing of it is written again. */
 export async function secureDataDiscarded(jobDir: string): Promise<boolean> {
-  return (await sizeOrUndefined(discardedMark(jobDir))) !== undefined;
+  return (await sizeOf(discardedMark(jobDir))) !== undefined;
 }
 
 /** Refused: the job ended and its masked vectors were deleted (FAILED_PRECONDITION). */
@@ -63,18 +64,21 @@ async function refuseIfDiscarded(jobDir: string, party: string): Promise<void> {
     );
 }
 
-async function sizeOrUndefined(file: string): Promise<number | undefined> {
-  try {
-    return (await stat(file)).size;
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw err;
-  }
+/**
+ * A masked upload that met the discard while it opened its file: the file it may have made is removed, and the
+ * `masked/` folder if that leaves it empty (the discard deleted it before), then the refusal is thrown.
+ */
+async function leaveDiscarded(jobDir: string, party: string, made: boolean): Promise<never> {
+  if (made) await rm(maskedFile(jobDir, party), { force: true });
+  await rmdir(join(secureDir(jobDir), 'masked')).catch(() => undefined);
+  throw new SecureDataDiscardedError(
+    `party ${party}: the job ended and its masked vectors were deleted: no masked upload is taken`,
+  );
 }
 
 /** Words of a party's masked vector held (0 when none). */
 export async function maskedWordsHeld(jobDir: string, party: string): Promise<number> {
-  return Math.floor(((await sizeOrUndefined(maskedFile(jobDir, party))) ?? 0) / 4);
+  return Math.floor(((await sizeOf(maskedFile(jobDir, party))) ?? 0) / 4);
 }
 
 /** One received chunk of a masked vector. */
@@ -109,14 +113,18 @@ export async function appendMasked(
   await refuseIfDiscarded(jobDir, party);
   await mkdir(join(secureDir(jobDir), 'masked'), { recursive: true });
   // Not 'a': an append ignores the position, so a torn write (short write, ENOSPC) would shift every later word.
-  const fh = await open(file, constants.O_RDWR | constants.O_CREAT, 0o600);
+  let fh: FileHandle;
+  try {
+    fh = await open(file, constants.O_RDWR | constants.O_CREAT, 0o600);
+  } catch (err) {
+    // The discard may have deleted the folder between the mkdir and the open.
+    if (await secureDataDiscarded(jobDir)) return leaveDiscarded(jobDir, party, false);
+    throw err;
+  }
   let held: number;
   try {
     // The discard may have run between the check and the open (which then made the file again).
-    if (await secureDataDiscarded(jobDir)) {
-      await rm(file, { force: true });
-      await refuseIfDiscarded(jobDir, party);
-    }
+    if (await secureDataDiscarded(jobDir)) return await leaveDiscarded(jobDir, party, true);
     held = Math.floor((await fh.stat()).size / 4);
     await fh.truncate(held * 4);
     for await (const p of pieces) {

@@ -10,6 +10,8 @@ import { DeltaHeader, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js'
 import { DeltaFileWriter } from '../../proto/sparse/index.js';
 import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
 import { discardSecureData } from '../secure/secure-sum.js';
+import { secureDir } from './masked-spool.js';
+import { sizeOf } from '../../proto/safetensors/fs-util.js';
 import { LOAD_CONCURRENCY, type JobStore, type StoredJob } from '../jobs/job-store.js';
 import type { Logger } from '../log.js';
 
@@ -176,15 +178,7 @@ export class PartySpool {
    */
   async recover(log: Logger, shared = false): Promise<void> {
     const names = await filesIn(this.dir);
-    for (const name of names.filter((n) => n.includes(TEMP_MARK))) {
-      // Another replica may be writing it right now.
-      if (
-        shared &&
-        Date.now() - (await stat(join(this.dir, name)).catch(() => ({ mtimeMs: 0 }))).mtimeMs < STALE_TEMP_MS
-      )
-        continue;
-      await rm(join(this.dir, name), { force: true });
-    }
+    await removeTemps(this.dir, names, shared);
     await this.readBack(names, log);
   }
 
@@ -283,6 +277,11 @@ export class Spool {
       async (job) => {
         spool.addJob(job);
         for (const p of job.parties) await spool.party(job.id, p.name).recover(opts.log, spool.shared);
+        // Temporary files of `secure/` (its discard mark, the union) a crash left.
+        if (job.secure !== undefined) {
+          const dir = secureDir(opts.store.dir(job.id));
+          await removeTemps(dir, await filesIn(dir), spool.shared);
+        }
         // A server stopped between a merge and the deletion of its uploads deletes them now.
         if (job.state === JobState.JOB_STATE_MERGED) await spool.discardJob(job.id);
         else if (job.state === JobState.JOB_STATE_FAILED) await spool.discardSecure(job.id);
@@ -383,13 +382,15 @@ export class Spool {
   }
 }
 
-/** Size of a file, or undefined when it does not exist. */
-async function sizeOf(file: string): Promise<number | undefined> {
-  try {
-    return (await stat(file)).size;
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw err;
+/**
+ * Deletes the temporary files among `names` in `dir` (left by a crash mid-write); with a shared folder only those
+ * untouched for {@link STALE_TEMP_MS}, since another replica may be writing one right now.
+ */
+async function removeTemps(dir: string, names: string[], shared: boolean): Promise<void> {
+  for (const name of names.filter((n) => n.includes(TEMP_MARK))) {
+    if (shared && Date.now() - (await stat(join(dir, name)).catch(() => ({ mtimeMs: 0 }))).mtimeMs < STALE_TEMP_MS)
+      continue;
+    await rm(join(dir, name), { force: true });
   }
 }
 
