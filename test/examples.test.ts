@@ -3,7 +3,8 @@
  * against what it needs (files it generates, a real server), with their output
  * in a temporary folder: federated-demo.ts (`npm run demo -- --out DIR`, the
  * whole job; about 25 s idle, 40 s on a loaded machine; and with `--privacy
- * secure`, its parties scoring candidates with family-eval.ts), repro.ts in its
+ * secure`, its parties scoring candidates with family-eval.ts, one process per
+ * candidate: 75-110 s under load 9-16), repro.ts in its
  * `--quick` setting (rates 80% and 90%, DARE seed 0: the same code as
  * `npm run repro` in about 20-30 s instead of 3-5 minutes), prune-demo.ts and
  * sdk-push.ts. The others run elsewhere: eval-harness.ts in dpa-cli.test.ts,
