@@ -363,10 +363,11 @@ function push(jobId: string, party: Domain, token: string): Promise<void> {
     let stdout = '';
     let stderr = '';
     const progress = secure ? secureProgress(party) : undefined;
-    child.stdout.on('data', (b: Buffer) => (stdout += b.toString()));
-    child.stderr.on('data', (b: Buffer) => {
-      stderr += b.toString();
-      progress?.text(b.toString());
+    // Strings, not buffers: a character split across two chunks stays whole.
+    child.stdout.setEncoding('utf8').on('data', (text: string) => (stdout += text));
+    child.stderr.setEncoding('utf8').on('data', (text: string) => {
+      stderr += text;
+      progress?.text(text);
     });
     child.once('error', reject);
     child.once('close', (code) => {
