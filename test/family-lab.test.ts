@@ -133,4 +133,18 @@ describe('FamilyScorer', () => {
       await scorer.close();
     }
   });
+
+  it('refuses to score a domain open() did not load, naming it', async () => {
+    const scorer = await FamilyScorer.open('validation', { domains: ['math'] });
+    try {
+      const weights = await readWeights(memberDir('finance'));
+      await assert.rejects(
+        scorer.score(weights, 'finance'),
+        /^Error: domain finance not loaded \(open\(\{ domains \}\) loaded math\)$/,
+      );
+      assert.equal(scorer.evaluations, 0);
+    } finally {
+      await scorer.close();
+    }
+  });
 });

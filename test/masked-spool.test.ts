@@ -4,9 +4,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { crc32c } from '../proto/sparse/index.js';
+import { InvalidArgumentError } from '../server/errors.js';
 import { discardSecureData } from '../server/secure/secure-sum.js';
 import {
   appendMasked,
+  maskedClipped,
   maskedFile,
   maskedWordsHeld,
   readMasked,
@@ -70,4 +72,40 @@ test('after the discard (the job ended) no masked word is written: an open strea
   const mark = await stat(join(secureDir(dir), 'discarded'));
   assert.equal(await discardSecureData(dir), false);
   assert.equal((await stat(join(secureDir(dir), 'discarded'))).ino, mark.ino);
+});
+
+test('a clipped count above |U| is refused before anything is written; the vector takes the right count after', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'masked-spool-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const total = 4;
+  await appendMasked(dir, 'p1', total, of(piece(0, [1, 2], total)), () => {});
+  // The chunk that ends the vector, with 5 values clipped of 4 positions: one value per word, so at most 4.
+  const tooMany = { ...piece(2, [3, 4], total), clipped: 5n };
+  await assert.rejects(
+    appendMasked(dir, 'p1', total, of(tooMany), () => {}),
+    InvalidArgumentError,
+  );
+  assert.equal(await maskedWordsHeld(dir, 'p1'), 2, 'no word of the refused chunk');
+  assert.deepEqual(await readdir(join(secureDir(dir), 'masked')), ['p1.u32'], 'no count file');
+  // Resumed with a count within |U|: the vector is whole and its count kept.
+  assert.equal(await appendMasked(dir, 'p1', total, of({ ...piece(2, [3, 4], total), clipped: 4n }), () => {}), total);
+  assert.deepEqual([...(await readMasked(dir, 'p1', 0, total))], [1, 2, 3, 4]);
+  assert.equal(await maskedClipped(dir, 'p1'), 4);
+});
+
+test('a corrupt clipped-count file is an error naming the file, not a count of 0', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'masked-spool-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  await appendMasked(dir, 'p1', 2, of({ ...piece(0, [1, 2], 2), clipped: 1n }), () => {});
+  assert.equal(await maskedClipped(dir, 'p1'), 1);
+  assert.equal(await maskedClipped(dir, 'p2'), 0, 'no file: nothing clipped');
+  const file = join(secureDir(dir), 'masked', 'p1.clipped');
+  for (const bad of ['', '1x', '-1', '1.5', '1e3', '\u0000\u0000']) {
+    await writeFile(file, bad);
+    await assert.rejects(
+      maskedClipped(dir, 'p1'),
+      (err: Error) => err.message.includes(file),
+      `content ${JSON.stringify(bad)}`,
+    );
+  }
 });

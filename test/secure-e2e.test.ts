@@ -157,7 +157,7 @@ describe('secure aggregation through real processes', () => {
         work(p),
         ...extra,
       ]);
-    const math = push('math', 0, ['--eval-cmd', evalCmd]);
+    const math = push('math', 0, ['--eval-cmd', evalCmd, '--json']);
     // Finance is killed once it has its state file, and run again: it resumes.
     const first = push('finance', 1);
     for (let i = 0; i < 600; i++) {
@@ -170,6 +170,23 @@ describe('secure aggregation through real processes', () => {
     const finance = push('finance', 1);
     const law = push('law', 2);
     for (const r of await Promise.all([math.done, finance.done, law.done])) assert.equal(r.code, 0, r.err);
+    // With --json, math's progress is one JSON object a line on stderr; the state alone on stdout.
+    const mathRun = await math.done;
+    const steps = mathRun.err
+      .split('\n')
+      .filter((l) => l.startsWith('{'))
+      .map((l) => JSON.parse(l) as { step: string; type?: string; candidate?: unknown; factors?: number[] });
+    assert.deepEqual(steps.find((p) => p.step === 'search')?.candidate, 'dense', mathRun.err);
+    assert.ok(
+      steps.some((p) => p.type === 'scored' && JSON.stringify(p.candidate) === '[1.2,1.1]'),
+      mathRun.err,
+    );
+    assert.deepEqual(steps.find((p) => p.step === 'factors')?.factors, [1.2, 1.1]);
+    assert.deepEqual(
+      [...new Set(steps.map((p) => p.step))].filter((s) => ['union', 'maskedComplete', 'unmasked'].includes(s)),
+      ['union', 'maskedComplete', 'unmasked'],
+    );
+    assert.equal((JSON.parse(mathRun.out) as { party: string }).party, 'math');
 
     const admin = new DppaClient({
       address,

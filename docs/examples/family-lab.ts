@@ -159,14 +159,13 @@ export class FamilyScorer {
     return new FamilyScorer(evaluator, tasks);
   }
 
-  /** Exact-match accuracy of `weights` on each task of `domain`. */
+  /** Exact-match accuracy of `weights` on each task of `domain`. @throws Error for a domain `open` did not load. */
   async score(weights: Weights, domain: Domain): Promise<TaskScores> {
+    const tasks = this.tasks.get(domain);
+    if (tasks === undefined)
+      throw new Error(`domain ${domain} not loaded (open({ domains }) loaded ${[...this.tasks.keys()].join(', ')})`);
     this.evaluations++;
-    return this.evaluator.evaluate(
-      (name) => Promise.resolve(weights.get(name)!),
-      this.tasks.get(domain)!,
-      'exact_match',
-    );
+    return this.evaluator.evaluate((name) => Promise.resolve(weights.get(name)!), tasks, 'exact_match');
   }
 
   /** {@link score} on every domain. */

@@ -3,7 +3,8 @@
  * baselines in one Domain-Ratio table; `-- --privacy secure`: the same job with secure aggregation, each party
  * searching its factors with its own evaluation. Steps: docs/design/examples.md.
  *
- *   npm run demo [-- [--out OUT_DIR] [--privacy secure]]   (default dppa-demo/, which git ignores)
+ *   npm run demo [-- [--out OUT_DIR] [--privacy plain|secure]]   (default dppa-demo/, which git ignores;
+ *   `-- OUT_DIR` also works)
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -43,7 +44,7 @@ import {
   type Weights,
 } from './family-lab.js';
 
-const USAGE = `usage: npm run demo [-- [--out OUT_DIR] [--privacy secure]]
+const USAGE = `usage: npm run demo [-- [--out OUT_DIR] [--privacy plain|secure]]
        (or: npx tsx docs/examples/federated-demo.ts [--out OUT_DIR] [--privacy plain|secure])
 
 Runs a federated DPPA job on the embedded model family (a server and three \`dppa push\` parties on this machine),
@@ -205,18 +206,9 @@ try {
       );
     }
     const ev = e.evaluationDone?.evaluation;
-    if (ev !== undefined) {
-      const what = ev.denseReference ? 'dense fine-tune (reference)' : `factors [${ev.factors.join(', ')}]`;
-      console.log(
-        `      ${ev.party.padEnd(8)} #${String(ev.seq).padEnd(3)} ${what.padEnd(28)} Domain-Ratio ${fmt(100 * ev.domainRatio)}`,
-      );
-    }
-    if (e.factorsChosen !== undefined) {
-      chosen.set(e.factorsChosen.party, e.factorsChosen.factors);
-      console.log(
-        `      ${e.factorsChosen.party.padEnd(8)} chose [${e.factorsChosen.factors.join(', ')}] (validation Domain-Ratio ${fmt(100 * e.factorsChosen.domainRatio)})`,
-      );
-    }
+    if (ev !== undefined) candidateLine(ev.party, ev.seq, ev.denseReference ? undefined : ev.factors, ev.domainRatio);
+    if (e.factorsChosen !== undefined)
+      choiceLine(e.factorsChosen.party, e.factorsChosen.factors, e.factorsChosen.domainRatio);
     if (e.stateChanged !== undefined)
       console.log(`      job ${jobStateName(e.stateChanged.from)} → ${jobStateName(e.stateChanged.to)}`);
     if (e.merged !== undefined) console.log(`      merged in ${e.merged.seconds.toFixed(2)} s`);
@@ -368,56 +360,110 @@ function push(jobId: string, party: Domain, token: string): Promise<void> {
       ],
       { env: { ...process.env, DPPA_TOKEN: token }, stdio: ['ignore', 'pipe', 'pipe'] },
     );
-    let output = '';
-    const lines = secure ? secureLines(party) : () => undefined;
-    child.stdout.on('data', (b: Buffer) => (output += b.toString()));
-    child.stderr.on('data', (b: Buffer) => {
-      output += b.toString();
-      lines(b.toString());
+    let stdout = '';
+    let stderr = '';
+    const progress = secure ? secureProgress(party) : undefined;
+    // Strings, not buffers: a character split across two chunks stays whole.
+    child.stdout.setEncoding('utf8').on('data', (text: string) => (stdout += text));
+    child.stderr.setEncoding('utf8').on('data', (text: string) => {
+      stderr += text;
+      progress?.text(text);
     });
     child.once('error', reject);
-    child.once('exit', (code) => {
-      if (code !== 0) return reject(new Error(`dppa push for ${party} exited with ${code}:\n${output}`));
-      const state = JSON.parse(output.trim().split('\n').at(-1)!) as {
+    child.once('close', (code) => {
+      if (code !== 0) return reject(new Error(`dppa push for ${party} exited with ${code}:\n${stderr}${stdout}`));
+      if (progress !== undefined && !progress.end())
+        return reject(new Error(`dppa push for ${party}: no factors step in its --json progress:\n${stderr}`));
+      const state = JSON.parse(stdout.trim().split('\n').at(-1)!) as {
         bytesReceived: number;
         tensorsReceived: string[];
       };
       uploaded.set(party, state.bytesReceived);
-      console.log(
+      partyLine(
+        party,
         secure
-          ? `      ${party.padEnd(8)} done: support of ${state.tensorsReceived.length} tensors (${formatBytes(state.bytesReceived)}), masked vector, unmask answered (${clock().trim()})`
-          : `      ${party.padEnd(8)} uploaded ${state.tensorsReceived.length} tensors, ${formatBytes(state.bytesReceived)} (${clock().trim()})`,
+          ? `done: support of ${state.tensorsReceived.length} tensors (${formatBytes(state.bytesReceived)}), masked vector, unmask answered (${clock().trim()})`
+          : `uploaded ${state.tensorsReceived.length} tensors, ${formatBytes(state.bytesReceived)} (${clock().trim()})`,
       );
       resolve();
     });
   });
 }
 
+/** One line of a secure `dppa push --json`'s progress on stderr (`{"step": …}`, client/cli/commands/push.ts). */
+interface SecureStep {
+  step: string;
+  type?: string;
+  candidate?: 'dense' | number[];
+  domainRatio?: number;
+  factors?: number[];
+  words?: number;
+  wordsTotal?: number;
+  clipped?: number;
+  survivors?: number[];
+}
+
 /**
- * Secure mode: follows a party's `dppa push` progress lines (stderr) and prints its local search as the plain mode
- * prints the server's, and its protocol rounds; records the factors it chose.
+ * Secure mode: follows a party's `dppa push --json` progress (JSON lines on stderr, however the chunks split them)
+ * and prints its local search as the plain mode prints the server's, and its protocol rounds; records the factors
+ * it chose. `end()` is false when no factors step was seen.
  */
-function secureLines(party: Domain): (text: string) => void {
+function secureProgress(party: Domain): { text: (chunk: string) => void; end: () => boolean } {
   let pending = '';
-  let what = '';
   let seq = 0;
-  const say = (text: string): void => console.log(`      ${party.padEnd(8)} ${text}`);
-  return (text) => {
-    const all = (pending + text).split('\n');
-    pending = all.pop()!;
-    for (const line of all) {
-      let m: RegExpExecArray | null;
-      if ((m = /^local search: evaluating (?:dense fine-tuned model|factors (.*))$/.exec(line)) !== null)
-        what = m[1] === undefined ? 'dense fine-tune (reference)' : `factors [${m[1]}]`;
-      else if ((m = /^ {2}scores .*, domain ratio ([\d.]+)%$/.exec(line)) !== null)
-        say(`#${String(++seq).padEnd(3)} ${what.padEnd(28)} Domain-Ratio ${m[1]} (scored by the party)`);
-      else if ((m = /^factors ([\d., ]+) \(domain ratio ([\d.]+)%\)$/.exec(line)) !== null) {
-        const factors = m[1]!.split(', ').map(Number);
-        chosen.set(party, factors);
-        say(`chose [${factors.join(', ')}] (validation Domain-Ratio ${m[2]}), applied before masking`);
-      } else if (/^(union of the supports|masked vector held|unmask answered)/.test(line)) say(line);
-    }
+  const step = (p: SecureStep): void => {
+    if (p.step === 'search' && p.type === 'scored')
+      candidateLine(
+        party,
+        ++seq,
+        p.candidate === 'dense' ? undefined : p.candidate,
+        p.domainRatio!,
+        ' (scored by the party)',
+      );
+    // The search's choice, then the same factors again (without their ratio) as the push applies them.
+    else if (p.step === 'factors' && !chosen.has(party)) {
+      chosen.set(party, p.factors!);
+      choiceLine(party, p.factors!, p.domainRatio, ', applied before masking');
+    } else if (p.step === 'union') partyLine(party, `union of the supports: ${p.words} positions`);
+    else if (p.step === 'maskedComplete')
+      partyLine(party, `masked vector held by the server (${p.wordsTotal} words, ${p.clipped ?? 0} value(s) clipped)`);
+    else if (p.step === 'unmasked') partyLine(party, `unmask answered (survivors ${p.survivors!.join(', ')})`);
   };
+  const line = (l: string): void => {
+    // Lines not JSON (a warning) are kept in the error text only.
+    if (l.startsWith('{')) step(JSON.parse(l) as SecureStep);
+  };
+  return {
+    text: (chunk) => {
+      const all = (pending + chunk).split('\n');
+      pending = all.pop()!;
+      all.forEach(line);
+    },
+    end: () => {
+      line(pending);
+      pending = '';
+      return chosen.has(party);
+    },
+  };
+}
+
+/** A line of the demo about one party. */
+function partyLine(party: string, text: string): void {
+  console.log(`      ${party.padEnd(8)} ${text}`);
+}
+
+/** A candidate of a party's factor search scored (the server's evaluator's or the party's own): `undefined` the dense reference. */
+function candidateLine(party: string, seq: number, factors: number[] | undefined, ratio: number, by = ''): void {
+  const what = factors === undefined ? 'dense fine-tune (reference)' : `factors [${factors.join(', ')}]`;
+  partyLine(party, `#${String(seq).padEnd(3)} ${what.padEnd(28)} Domain-Ratio ${fmt(100 * ratio)}${by}`);
+}
+
+/** The factors a party's search chose. */
+function choiceLine(party: string, factors: number[], ratio: number | undefined, then = ''): void {
+  partyLine(
+    party,
+    `chose [${factors.join(', ')}] (validation Domain-Ratio ${fmt(ratio === undefined ? undefined : 100 * ratio)})${then}`,
+  );
 }
 
 /** A secure phase as a word (`masked_input`). */

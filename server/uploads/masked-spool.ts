@@ -35,13 +35,18 @@ function clippedFile(jobDir: string, party: string): string {
  * count survives a resumed upload and a restart, whichever path records the vector.
  */
 export async function maskedClipped(jobDir: string, party: string): Promise<number> {
+  const file = clippedFile(jobDir, party);
+  let text: string;
   try {
-    const n = Number((await readFile(clippedFile(jobDir, party), 'utf8')).trim());
-    return Number.isSafeInteger(n) && n >= 0 ? n : 0;
+    text = (await readFile(file, 'utf8')).trim();
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return 0;
     throw err;
   }
+  const n = Number(text);
+  if (!/^\d+$/.test(text) || !Number.isSafeInteger(n))
+    throw new Error(`${file}: not a clipped count (${JSON.stringify(text.slice(0, 40))}); the file is corrupt`);
+  return n;
 }
 
 /** The mark a job's discard leaves before it deletes the masked vectors (server/secure/secure-sum.ts). */
@@ -99,7 +104,8 @@ export interface MaskedPiece {
  * ended) gets no word, even from a stream that started before (a file it created is removed; one the discard
  * deleted while open takes the writes into the deleted file, freed at close).
  * @throws MaskedLengthError (INVALID_ARGUMENT) for a vector of another length; FailedPreconditionError for an
- *   offset other than the words held; ChecksumError (DATA_LOSS); InvalidArgumentError for bytes not whole words;
+ *   offset other than the words held; ChecksumError (DATA_LOSS); InvalidArgumentError for bytes not whole words
+ *   or a clipped count above |U|;
  *   SecureDataDiscardedError (FAILED_PRECONDITION) once the job's secure data was discarded.
  */
 export async function appendMasked(
@@ -140,6 +146,11 @@ export async function appendMasked(
       if (crc !== p.crc32c)
         throw new ChecksumError(
           `MaskedChunk at word ${p.offset}: CRC-32C mismatch (sent ${p.crc32c}, computed ${crc})`,
+        );
+      // One value per word: a party cannot have clipped more than |U| values.
+      if (p.clipped !== undefined && p.clipped > BigInt(unionSize))
+        throw new InvalidArgumentError(
+          `MaskedChunk clipped: ${p.clipped} values, more than the union's ${unionSize} positions`,
         );
       const n = p.words.length / 4;
       if (held + n > unionSize)

@@ -72,7 +72,7 @@ resume after an interruption.`,
     ...serverFlags,
     ...partyTokenFlags,
     ...jsonFlag(
-      'print the server\'s final upload state as JSON (with --eval-cmd, then { "evaluated": N, "answered": N } when the search is over; progress on stderr)',
+      'print the server\'s final upload state as JSON (with --eval-cmd, then { "evaluated": N, "answered": N } when the search is over; progress on stderr, for a secure job one JSON object a line: {"step": "search" | "factors" | "union" | ..., ...})',
     ),
   },
   after: `Exit codes: 0 ok (the server holds the whole upload; with --eval-cmd, the search is over), 2 bad
@@ -151,7 +151,7 @@ dppa evaluate to resume), 130 interrupted (run again to resume).`,
       const state = await client.push(source, {
         signal,
         onSecure: (p) => {
-          const line = secureLine(p);
+          const line = v.json ? secureJson(p) : secureLine(p);
           if (line === undefined) return;
           progress.done();
           (v.json ? note : out)(line);
@@ -226,6 +226,26 @@ function secureLine(p: SecureProgress): string | undefined {
     case 'excluded':
       return `excluded in phase ${p.phase}`;
   }
+}
+
+/**
+ * A secure push's progress as one JSON line for a program (--json, on stderr): `{"step": …}` with the step's fields
+ * as the SDK reports them (SecureProgress); a search step flattened to `{"step": "search", "type", "candidate":
+ * "dense" | [factors], "scores", "domainRatio"}` (a fraction). Undefined: not worth a line (each masked chunk).
+ */
+function secureJson(p: SecureProgress): string | undefined {
+  if (p.step === 'masked') return undefined;
+  if (p.step !== 'search') return JSON.stringify(p);
+  const e = p.event;
+  return JSON.stringify({
+    step: 'search',
+    type: e.type,
+    candidate: e.candidate.kind === 'dense' ? 'dense' : e.candidate.factors,
+    ...(e.type === 'scored' ? { scores: e.scores, domainRatio: e.domainRatio } : {}),
+    ...(e.type === 'retrying'
+      ? { attempt: e.attempt, error: e.error instanceof Error ? e.error.message : String(e.error) }
+      : {}),
+  });
 }
 
 /** A flag that the other flags given make necessary. */
