@@ -77,7 +77,7 @@ try {
       }
     } else if (r.chunk !== undefined) {
       if (mode === 'assemble') assembler!.push(r);
-      else if (checks) check!.chunk(r.chunk, assembler!.push(r)!);
+      else if (checks) await check!.chunk(r.chunk, assembler!.push(r)!);
       if (spools) await writer!.write(r, receivedEncoding(r));
     } else if (r.tensorEnd !== undefined) {
       if (mode !== 'spool') assembler!.push(r);
