@@ -216,6 +216,7 @@ async function addSpooledFile(
   const { file } = c;
   let assembler: TensorAssembler | undefined;
   let toDelta: FinetunedToDelta | undefined;
+  let overBase: number | undefined;
   // Transient: each record is consumed before the next is read, so they share one read buffer.
   const readOpts = { transient: true, ...(opts.signal === undefined ? {} : { signal: opts.signal }) };
   for await (const record of readDeltaFile(file, readOpts)) {
@@ -230,8 +231,12 @@ async function addSpooledFile(
     const chunk = assembler!.push(record);
     if (chunk === undefined) continue;
     const scale = c.weight * partitionFactor(c.factors, chunk.partition, outsideByMax);
+    // B is read from `acc` only in the first party's first partition: there positions strictly increase (the
+    // assembler checks), so `acc` still holds the base at each; a later partition may repeat a position (a spool
+    // from an older server, or edited), so it reads B from the base.
+    overBase ??= opts.first ? chunk.partition : -1;
     if (toDelta === undefined) addChunkScaled(acc, chunk, scale);
-    else if (opts.first) toDelta.addScaledOverBase(acc, chunk, scale);
+    else if (chunk.partition === overBase) toDelta.addScaledOverBase(acc, chunk, scale);
     else await toDelta.addScaled(acc, chunk, scale, opts.signal);
     opts.support?.add(chunk);
   }
