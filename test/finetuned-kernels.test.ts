@@ -3,7 +3,8 @@
 // of convert + addChunkScaled: 3 parties, BF16/F16/F32 bases over 1 Mi elements (more than one window), sparse and
 // RANGE chunks across window boundaries; a non-finite F − B from a later party is refused. And the merge reads B
 // from the accumulator only in the first party's first partition: a position repeated in a later partition (a
-// spool from an older server) still gets B from the base.
+// spool from an older server) still gets B from the base. Accumulators: base bits kept only when read, within the
+// keep limit, and the smallest kept accumulator that fits is reused.
 import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -14,7 +15,13 @@ import { DeltaHeader, ValueDtype, ValueKind } from '../proto/gen/dppa/v1/sparse.
 import { Checkpoint, decodeToF32, encodeFromF32, writeCheckpoint, type Dtype } from '../proto/safetensors/index.js';
 import { addChunkScaled, DeltaFileWriter, FinetunedToDelta, tensorRecords } from '../proto/sparse/index.js';
 import type { DecodedChunk } from '../proto/sparse/chunk-codec.js';
-import { accumulateTensor } from '../server/merge/tensor-merge.js';
+import { AccumulatorPool } from '../server/merge/merge-runner.js';
+import {
+  ACCUMULATOR_KEPT_MAX_BYTES,
+  accumulateTensor,
+  accumulatorElements,
+  type TensorTask,
+} from '../server/merge/tensor-merge.js';
 
 let dir: string;
 before(async () => {
@@ -207,5 +214,42 @@ describe('accumulateTensor over a first party with several partitions', () => {
     } finally {
       await base.close();
     }
+  });
+});
+
+describe('accumulators', () => {
+  const task = (finetuned: (boolean | undefined)[]): TensorTask => ({
+    name: 'w',
+    outsideByMax: false,
+    contributions: finetuned.map((f, i) => ({
+      party: `p${i}`,
+      file: 'none',
+      weight: 1,
+      factors: [1],
+      ...(f === undefined ? {} : { finetuned: f }),
+    })),
+  });
+
+  it('keep the base bits only when a party after the first sends fine-tuned values, and fit the keep limit', () => {
+    const numel = (ACCUMULATOR_KEPT_MAX_BYTES / 4) * (2 / 3); // the largest BF16 tensor keeping its bits
+    const info = { dtype: 'BF16', numel, byteLength: numel * 2 };
+    const withBits = numel + numel / 2;
+    assert.equal(accumulatorElements(info, task([true, true])), withBits);
+    assert.equal(accumulatorElements(info, task([false, undefined])), withBits);
+    assert.equal(accumulatorElements(info, task([true, false, false])), numel);
+    assert.equal(accumulatorElements(info, task([true])), numel);
+    assert.equal(accumulatorElements({ ...info, dtype: 'F16' }, task([true, true])), numel);
+    assert.equal(withBits * 4, ACCUMULATOR_KEPT_MAX_BYTES);
+    const pool = new AccumulatorPool();
+    pool.give(new ArrayBuffer(withBits * 4));
+    assert.equal(pool.take(withBits).length, withBits, 'kept, not fresh memory');
+  });
+
+  it('hand out the smallest kept accumulator that fits', () => {
+    const pool = new AccumulatorPool();
+    for (const n of [1000, 10, 100]) pool.give(new ArrayBuffer(n * 4)); // two kept: 1000 and 100
+    assert.equal(pool.take(50).length, 100);
+    assert.equal(pool.take(50).length, 1000);
+    assert.equal(pool.take(50).length, 50);
   });
 });
