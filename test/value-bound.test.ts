@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { decodeToF32, encodeFromF32, type Dtype } from '../proto/safetensors/index.js';
 import { firstValueBeyond, magnitudeLimit } from '../proto/sparse/index.js';
+import { firstValueBeyondBytewise } from '../proto/sparse/value-bound.js';
 
 /** The value of magnitude bits `bits` in `dtype`. */
 function valueOf(dtype: Dtype, bits: number): number {
@@ -45,7 +46,7 @@ describe('value bound on stored bits', () => {
 });
 
 describe('value bound over long runs', () => {
-  it('agrees with the decoded values at every offset, parity and block boundary', () => {
+  it('agrees with the decoded values at every offset, parity, block and 64 KiB piece boundary, as does the bytewise path', () => {
     // A cheap PRNG, so that a failure reproduces.
     let seed = 12345;
     const random = (): number => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32;
@@ -53,11 +54,15 @@ describe('value bound over long runs', () => {
       const bound = 3.5;
       const limit = magnitudeLimit(dtype, bound);
       const size = dtype === 'F32' ? 4 : 2;
-      for (const count of [1, 2, 3, 8191, 8192, 8193, 20001]) {
+      // Unaligned values are checked 64 KiB (32768 16-bit or 16384 32-bit values) at a time.
+      for (const count of [1, 2, 3, 8191, 8192, 8193, 20001, 32769, 70001]) {
         const values = new Float32Array(count);
         for (let i = 0; i < count; i++) values[i] = (random() - 0.5) * 2 * bound;
         // Where a bad value goes: nowhere, the first, the last, either lane of a word, and across 4096-word blocks.
-        for (const at of [-1, 0, count - 1, Math.floor(count / 2), 8192, 8193, 16385].filter((a) => a < count)) {
+        const atPieces = [16383, 16384, 32767, 32768, 65536];
+        for (const at of [-1, 0, count - 1, Math.floor(count / 2), 8192, 8193, 16385, ...atPieces].filter(
+          (a) => a < count,
+        )) {
           const v = values.slice();
           if (at >= 0) v[at] = [NaN, Infinity, -5, 3.75][at % 4]!;
           const encoded = encodeFromF32(v, dtype);
@@ -71,6 +76,11 @@ describe('value bound over long runs', () => {
               firstValueBeyond(padded.subarray(offset), dtype, limit),
               expected,
               `${dtype} count ${count} bad at ${at} offset ${offset}`,
+            );
+            assert.equal(
+              firstValueBeyondBytewise(padded.subarray(offset), dtype, limit),
+              expected,
+              `bytewise: ${dtype} count ${count} bad at ${at} offset ${offset}`,
             );
           }
         }

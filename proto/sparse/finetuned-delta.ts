@@ -75,16 +75,16 @@ export class FinetunedToDelta {
    * unchanged. Entries before a failing one may have been added.
    * @throws BaseDeltaError as {@link convert}.
    */
-  addScaled(acc: Float32Array, chunk: DecodedChunk, scale: number, signal?: AbortSignal): Promise<void> {
+  async addScaled(acc: Float32Array, chunk: DecodedChunk, scale: number, signal?: AbortSignal): Promise<void> {
     if (acc.length < this.numel)
       throw new RangeError(`the accumulator holds ${acc.length} elements, the tensor ${this.numel}`);
     if (this.baseBits !== undefined) {
       this.checkInside(chunk);
       const bad = addBitsRun(acc, chunk, this.baseBits, scale, this.word, this.float);
       if (bad >= 0) this.failAt(chunk, bad, this.baseBits);
-      return Promise.resolve();
+      return;
     }
-    return this.runs(chunk, signal, (i, win, start, end) =>
+    await this.runs(chunk, signal, (i, win, start, end) =>
       addRun(
         acc,
         chunk.values,

@@ -41,9 +41,27 @@ export function magnitudeLimit(dtype: Dtype, bound: number): number {
  */
 export function firstValueBeyond(bytes: Uint8Array, dtype: Dtype, limit: number): number {
   if (!LITTLE_ENDIAN) return firstValueBeyondBytewise(bytes, dtype, limit);
+  if (bytes.byteOffset % 4 === 0) return firstValueBeyondAligned(bytes, dtype, limit);
+  // Not 4-byte aligned: copied a piece at a time into fixed scratch memory.
+  const size = bytesPerElement(dtype);
+  for (let at = 0; at < bytes.length; at += PIECE_BYTES) {
+    const piece = bytes.subarray(at, at + PIECE_BYTES);
+    scratch.set(piece);
+    const i = firstValueBeyondAligned(scratch.subarray(0, piece.length), dtype, limit);
+    if (i >= 0) return at / size + i;
+  }
+  return -1;
+}
+
+/** Bytes of unaligned values copied at a time (a multiple of 4: whole values and 32-bit words). */
+const PIECE_BYTES = 64 * 1024;
+const scratch = new Uint8Array(PIECE_BYTES);
+
+/** {@link firstValueBeyond} of 4-byte aligned `bytes`. */
+function firstValueBeyondAligned(bytes: Uint8Array, dtype: Dtype, limit: number): number {
   if (dtype === 'F32') {
     const n = bytes.length >>> 2;
-    const words = aligned(bytes, n);
+    const words = new Int32Array(bytes.buffer, bytes.byteOffset, n);
     for (let i = 0; i < n; i++) if ((words[i]! & 0x7fffffff) > limit) return i;
     return -1;
   }
@@ -51,7 +69,7 @@ export function firstValueBeyond(bytes: Uint8Array, dtype: Dtype, limit: number)
   // magnitude exceeds the limit, and cannot carry into the other lane; a block's results are OR-ed, tested once.
   const n = bytes.length >>> 1;
   const pairs = n >>> 1;
-  const words = aligned(bytes, pairs);
+  const words = new Int32Array(bytes.buffer, bytes.byteOffset, pairs);
   const k = ((0x7fff - limit) * 0x10001) | 0;
   for (let from = 0; from < pairs; from += BLOCK_WORDS) {
     const to = Math.min(pairs, from + BLOCK_WORDS);
@@ -83,19 +101,11 @@ function firstBeyond16(words: Int32Array, from: number, to: number, limit: numbe
   return -1;
 }
 
-/** Scratch memory for values not 4-byte aligned, grown as needed. */
-let scratch = new Int32Array(0);
-
-/** The first `count` 32-bit words of `bytes` (little-endian), copied into scratch memory when not 4-byte aligned. */
-function aligned(bytes: Uint8Array, count: number): Int32Array {
-  if (bytes.byteOffset % 4 === 0) return new Int32Array(bytes.buffer, bytes.byteOffset, count);
-  if (scratch.length < count) scratch = new Int32Array(Math.max(count, 2 * scratch.length));
-  new Uint8Array(scratch.buffer, 0, count * 4).set(bytes.subarray(0, count * 4));
-  return scratch.subarray(0, count);
-}
-
-/** {@link firstValueBeyond} a byte at a time (big-endian hosts). */
-function firstValueBeyondBytewise(bytes: Uint8Array, dtype: Dtype, limit: number): number {
+/**
+ * {@link firstValueBeyond} a byte at a time: what big-endian hosts run; exported for its test only.
+ * @internal
+ */
+export function firstValueBeyondBytewise(bytes: Uint8Array, dtype: Dtype, limit: number): number {
   if (dtype === 'F32') {
     for (let i = 0, at = 0; at + 3 < bytes.length; i++, at += 4) {
       const mag = bytes[at]! | (bytes[at + 1]! << 8) | (bytes[at + 2]! << 16) | ((bytes[at + 3]! & 0x7f) << 24);

@@ -1,5 +1,6 @@
 /** The parties of a job as the merge takes them, from the job and its spools, and what each adds to a tensor. */
 import { join } from 'node:path';
+import { carriesFinetuned } from '../../proto/sparse/index.js';
 import { SECURE_SUM, secureSumFiles } from '../secure/secure-sum.js';
 import { partyFactors, partyWeight } from '../jobs/job-spec.js';
 import type { StoredJob } from '../jobs/job-store.js';
@@ -15,6 +16,8 @@ export interface MergeParty {
   factors: readonly number[];
   /** Spool file (a one-tensor `.dppa` file) of every tensor the party sent, by tensor name. */
   tensors: ReadonlyMap<string, string>;
+  /** The party sent fine-tuned weights, not deltas. @default unknown: it may */
+  finetuned?: boolean;
 }
 
 /**
@@ -43,6 +46,7 @@ export function mergeParties(job: StoredJob, spool: Spool, jobDir: string): Merg
       weight: partyWeight(job, name),
       factors,
       tensors: new Map([...s.held.values()].map((t) => [t.name, t.file])),
+      finetuned: carriesFinetuned(s.header),
     };
   });
 }
@@ -51,6 +55,8 @@ export function mergeParties(job: StoredJob, spool: Spool, jobDir: string): Merg
 export function contributionsTo(tensor: string, parties: readonly MergeParty[]): Contribution[] {
   return parties.flatMap((p) => {
     const file = p.tensors.get(tensor);
-    return file === undefined ? [] : [{ party: p.name, file, weight: p.weight, factors: [...p.factors] }];
+    if (file === undefined) return [];
+    const c: Contribution = { party: p.name, file, weight: p.weight, factors: [...p.factors] };
+    return [p.finetuned === undefined ? c : { ...c, finetuned: p.finetuned }];
   });
 }

@@ -7,7 +7,13 @@
 import { Worker } from 'node:worker_threads';
 import { FormatError } from '../../proto/errors.js';
 import type { Checkpoint } from '../../proto/safetensors/index.js';
-import { accumulatorElements, mergeTensorOutputs, SpooledTensorError, type TensorTask } from './tensor-merge.js';
+import {
+  ACCUMULATOR_KEPT_MAX_BYTES,
+  accumulatorElements,
+  mergeTensorOutputs,
+  SpooledTensorError,
+  type TensorTask,
+} from './tensor-merge.js';
 
 /** A merged tensor a runner lends out: call `release()` once it is written, so that its memory takes the next result. */
 export interface MergedTensor {
@@ -27,7 +33,7 @@ export interface MergeRunner {
  * tensors (embeddings) get fresh memory, dropped once used, so that threads
  * which each merged one do not each hold it to the end.
  */
-const MAX_KEPT_BYTES = 96 * 1024 * 1024;
+const MAX_KEPT_BYTES = ACCUMULATOR_KEPT_MAX_BYTES;
 
 /** Accumulators a thread keeps: one being filled while the result in the other is written. */
 const MAX_KEPT = 2;
@@ -40,9 +46,11 @@ const MAX_KEPT = 2;
 export class AccumulatorPool {
   private readonly free: ArrayBuffer[] = [];
 
-  /** An accumulator of at least `numel` elements: a kept one if one is large enough. */
+  /** An accumulator of at least `numel` elements: the smallest kept one large enough, if any. */
   take(numel: number): Float32Array {
-    const i = this.free.findIndex((b) => b.byteLength >= numel * 4);
+    // Kept largest first: the last one large enough is the smallest.
+    let i = this.free.length - 1;
+    while (i >= 0 && this.free[i]!.byteLength < numel * 4) i--;
     if (i < 0) return new Float32Array(numel);
     return new Float32Array(this.free.splice(i, 1)[0]!);
   }

@@ -27,6 +27,11 @@ export interface Contribution {
   weight: number;
   /** Amplification factor per partition, partition 1 first. */
   factors: readonly number[];
+  /**
+   * The spool holds fine-tuned weights (VALUE_KIND_FINETUNED), turned into deltas against the base; false for
+   * deltas. @default unknown: it may
+   */
+  finetuned?: boolean;
 }
 
 /** What to merge for one tensor; plain data, so that it can be posted to a worker. */
@@ -106,9 +111,16 @@ export async function mergeTensorOutputs(
 /**
  * Largest BF16 base tensor (in bytes) whose bit patterns a merge keeps beside the accumulator, so that the
  * parties after the first form F − B from memory instead of reading the base again through windows; larger
- * tensors (embeddings) are read again, so that a thread's memory stays bounded.
+ * tensors (embeddings) are read again, so that a thread's memory stays bounded. Its accumulator with the bits,
+ * 3× its size, is the largest a merge thread keeps for the next tensor ({@link ACCUMULATOR_KEPT_MAX_BYTES}).
  */
-const BASE_BITS_MAX_BYTES = 64 * 1024 * 1024;
+const BASE_BITS_MAX_BYTES = 32 * 1024 * 1024;
+
+/**
+ * Largest accumulator (bytes) a merge thread keeps for the next tensor (merge-runner.ts): that of a BF16 tensor
+ * keeping its bits ({@link BASE_BITS_MAX_BYTES}), or of a 24 Mi element tensor without.
+ */
+export const ACCUMULATOR_KEPT_MAX_BYTES = 3 * BASE_BITS_MAX_BYTES;
 
 /**
  * Elements of the fp32 buffer to hand {@link mergeTensorOutputs} for a tensor: its own, and room for the base's
@@ -121,8 +133,13 @@ export function accumulatorElements(
   return info.numel + (keepsBaseBits(info, task) ? Math.ceil(info.numel / 2) : 0);
 }
 
+/** Only when they will be read: a BF16 tensor, not too large, with fine-tuned values from a party after the first. */
 function keepsBaseBits(info: { dtype: string; byteLength: number }, task: TensorTask): boolean {
-  return info.dtype === 'BF16' && info.byteLength <= BASE_BITS_MAX_BYTES && task.contributions.length > 1;
+  return (
+    info.dtype === 'BF16' &&
+    info.byteLength <= BASE_BITS_MAX_BYTES &&
+    task.contributions.slice(1).some((c) => c.finetuned !== false)
+  );
 }
 
 /**
@@ -216,6 +233,7 @@ async function addSpooledFile(
   const { file } = c;
   let assembler: TensorAssembler | undefined;
   let toDelta: FinetunedToDelta | undefined;
+  let overBase: number | undefined;
   // Transient: each record is consumed before the next is read, so they share one read buffer.
   const readOpts = { transient: true, ...(opts.signal === undefined ? {} : { signal: opts.signal }) };
   for await (const record of readDeltaFile(file, readOpts)) {
@@ -230,8 +248,12 @@ async function addSpooledFile(
     const chunk = assembler!.push(record);
     if (chunk === undefined) continue;
     const scale = c.weight * partitionFactor(c.factors, chunk.partition, outsideByMax);
+    // B is read from `acc` only in the first party's first partition: there positions strictly increase (the
+    // assembler checks), so `acc` still holds the base at each; a later partition may repeat a position (a spool
+    // from an older server, or edited), so it reads B from the base.
+    overBase ??= opts.first ? chunk.partition : -1;
     if (toDelta === undefined) addChunkScaled(acc, chunk, scale);
-    else if (opts.first) toDelta.addScaledOverBase(acc, chunk, scale);
+    else if (chunk.partition === overBase) toDelta.addScaledOverBase(acc, chunk, scale);
     else await toDelta.addScaled(acc, chunk, scale, opts.signal);
     opts.support?.add(chunk);
   }

@@ -26,8 +26,11 @@ interface HashedFile {
 
 /**
  * Hashes the weight files of a folder laid out by SharedCheckpointWriter as their tensors are reported written.
- * The bytes are read back from the file (from the page cache, in the background), never taken from the caller, so
- * a tensor written by another process counts as soon as it is reported.
+ * The bytes are read back from the file (from the page cache, in the background), never taken from the caller.
+ * Only a file every tensor of which was reported on this replica gets a digest: a tensor another replica wrote (on
+ * shared storage) may still read as the zeros this host cached before it was written, so such a file is left to be
+ * hashed again through a fresh handle. A tensor written again (by another replica, or this one after a retry) holds
+ * the same bytes, as the merge is deterministic, so a digest taken after its first report stays right.
  */
 export class WrittenFilesHash {
   private readonly files: HashedFile[] = [];
@@ -73,17 +76,15 @@ export class WrittenFilesHash {
   }
 
   /**
-   * Hashes the rest of every file (all tensors must be written by then) and closes them.
-   * @returns Size and SHA-256 of each weight file by name, or undefined if some read failed (hash them again).
+   * Waits for the reads of reported tensors and closes the files.
+   * @returns Size and SHA-256 of each weight file all tensors of which were reported, by name (the others are left
+   * out, to be hashed again), or undefined if some read failed (hash them all again).
    */
   async finish(): Promise<Map<string, MergedFileInfo> | undefined> {
-    for (const name of this.fileOf.keys()) this.done.add(name);
-    for (const f of this.files) this.advance(f);
     await this.close();
     if (this.failed) return undefined;
-    return new Map(
-      this.files.map((f) => [f.fileName, { path: f.fileName, size: f.size, sha256: f.hash.digest('hex') }]),
-    );
+    const whole = this.files.filter((f) => f.next === f.tensors.length && f.hashed === f.size);
+    return new Map(whole.map((f) => [f.fileName, { path: f.fileName, size: f.size, sha256: f.hash.digest('hex') }]));
   }
 
   /** Stops after the read in progress and closes the files. */

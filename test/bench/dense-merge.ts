@@ -6,8 +6,7 @@
  *   npx tsx test/bench/dense-merge.ts [--layers 4] [--workers 2] [--runs 1]
  */
 import { mkdir, readdir, rm, stat, writeFile } from 'node:fs/promises';
-import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, readSync, writeSync } from 'node:fs';
-import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -17,6 +16,7 @@ import { DeltaFileWriter, readDeltaFile } from '../../proto/sparse/index.js';
 import { inlineRunner, workerRunner } from '../../server/merge/merge-runner.js';
 import { MergeDriver } from '../../server/merge/merge-driver.js';
 import { describeFiles } from '../../server/merge/output-files.js';
+import { nodeCopySeconds } from './measure.js';
 import { WrittenFilesHash } from '../../server/merge/written-hash.js';
 import type { Contribution } from '../../server/merge/tensor-merge.js';
 
@@ -85,7 +85,8 @@ async function run(parties: Map<string, Map<string, string>>, i: number): Promis
   const tmp = join(outRoot, `tmp-${i}`);
   const out = join(outRoot, `merged-${i}`);
   await rm(outRoot, { recursive: true, force: true });
-  const floor = nodeIoFloor();
+  // bench:server's `node_io_floor_s`, run the same way (a child process) just before.
+  const floor = nodeCopySeconds(basePath, join(outRoot, 'floor'));
   await SharedCheckpointWriter.layOut(tmp, out, base.layout, { copyExtraFilesFrom: basePath });
   const writer = await SharedCheckpointWriter.open(tmp, out, base.layout);
   const hash = new WrittenFilesHash(tmp, out, base.layout);
@@ -141,31 +142,6 @@ async function run(parties: Map<string, Map<string, string>>, i: number): Promis
   };
   console.log(JSON.stringify({ ...r, sha: files.map((f) => f.sha256.slice(0, 12)).join(','), load: loadavg()[0] }));
   return r;
-}
-
-/**
- * bench:server's `node_io_floor_s`, in this process: the base's files read, written, hashed (SHA-256) and
- * fsynced through a 16 MiB buffer, what a dense merge must do besides the merge.
- */
-function nodeIoFloor(): number {
-  const to = join(outRoot, 'floor');
-  mkdirSync(to, { recursive: true });
-  const buf = Buffer.allocUnsafeSlow(16 << 20);
-  const t0 = performance.now();
-  for (const f of readdirSync(basePath)) {
-    const a = openSync(join(basePath, f), 'r');
-    const b = openSync(join(to, f), 'w');
-    const hash = createHash('sha256');
-    for (let pos = 0, n; (n = readSync(a, buf, 0, buf.length, pos)) > 0; pos += n) {
-      writeSync(b, buf, 0, n, pos);
-      hash.update(buf.subarray(0, n));
-    }
-    hash.digest();
-    fsyncSync(b);
-    closeSync(a);
-    closeSync(b);
-  }
-  return (performance.now() - t0) / 1000;
 }
 
 const parties = await buildSpool();

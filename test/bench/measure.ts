@@ -59,3 +59,28 @@ export function printTopSelfTime(title: string, p: CpuProfile, prefix = `file://
   for (const [k, us] of top)
     console.log(`  ${((100 * us) / total).toFixed(1).padStart(5)}%  ${(us / 1e6).toFixed(2).padStart(6)} s  ${k}`);
 }
+
+/**
+ * The reference for a dense merge beside `cp -r` (the Node I/O floor, bench:server's `node_io_floor_s`): a folder's
+ * files copied file by file through a 16 MiB buffer in a Node process, hashed (SHA-256) and fsynced: what a dense
+ * merge must do besides the merge itself.
+ */
+const NODE_COPY = `
+const fs = require('node:fs'), path = require('node:path'), crypto = require('node:crypto');
+const [from, to] = process.argv.slice(1);
+fs.mkdirSync(to, { recursive: true });
+const buf = Buffer.allocUnsafeSlow(16 << 20);
+for (const f of fs.readdirSync(from)) {
+  const a = fs.openSync(path.join(from, f), 'r'), b = fs.openSync(path.join(to, f), 'w');
+  const hash = crypto.createHash('sha256');
+  for (let pos = 0, n; (n = fs.readSync(a, buf, 0, buf.length, pos)) > 0; pos += n) { fs.writeSync(b, buf, 0, n, pos); hash.update(buf.subarray(0, n)); }
+  hash.digest();
+  fs.fsyncSync(b);
+  fs.closeSync(a);
+  fs.closeSync(b);
+}`;
+
+/** Wall seconds of the Node I/O floor ({@link NODE_COPY}) copying the files of `from` into `to`, in a child process. */
+export function nodeCopySeconds(from: string, to: string): number {
+  return measureProcess(process.execPath, ['-e', NODE_COPY, from, to]).seconds;
+}

@@ -43,7 +43,7 @@ import { statSync } from 'node:fs';
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { measureProcess, median, printTopSelfTime, type CpuProfile } from './measure.js';
+import { measureProcess, median, nodeCopySeconds, printTopSelfTime, type CpuProfile } from './measure.js';
 import {
   dppa,
   lines,
@@ -143,26 +143,6 @@ const call = c.up((e) => { if (e) { console.error(e); process.exit(1); } process
   }
   call.end();
 })();`;
-
-// ---------------------------------------------------------------------------
-// The reference for the merge beside `cp -r` (the Node I/O floor): the base
-// copied file by file through a 16 MiB buffer in a Node process, hashed
-// (SHA-256) and fsynced: what a dense merge must do besides the merge itself.
-
-const NODE_COPY = `
-const fs = require('node:fs'), path = require('node:path'), crypto = require('node:crypto');
-const [from, to] = process.argv.slice(1);
-fs.mkdirSync(to);
-const buf = Buffer.allocUnsafeSlow(16 << 20);
-for (const f of fs.readdirSync(from)) {
-  const a = fs.openSync(path.join(from, f), 'r'), b = fs.openSync(path.join(to, f), 'w');
-  const hash = crypto.createHash('sha256');
-  for (let pos = 0, n; (n = fs.readSync(a, buf, 0, buf.length, pos)) > 0; pos += n) { fs.writeSync(b, buf, 0, n, pos); hash.update(buf.subarray(0, n)); }
-  hash.digest();
-  fs.fsyncSync(b);
-  fs.closeSync(a);
-  fs.closeSync(b);
-}`;
 
 /**
  * Seconds from the receiver's start to its report that every sender's bytes
@@ -576,7 +556,7 @@ try {
     const files = (await readdir(copy)).map((f) => join(copy, f));
     syncs.push(measureProcess('sync', files).seconds);
     await rm(copy, { recursive: true, force: true });
-    nodeCopies.push(measureProcess(process.execPath, ['-e', NODE_COPY, base, copy]).seconds);
+    nodeCopies.push(nodeCopySeconds(base, copy));
     await rm(copy, { recursive: true, force: true });
     console.log(
       `cp -r ${i + 1}/${runs}: ${cps.at(-1)!.toFixed(2)} s, then sync of the copy ${syncs.at(-1)!.toFixed(2)} s; Node copy with fsync ${nodeCopies.at(-1)!.toFixed(2)} s`,
