@@ -81,6 +81,17 @@ export class NatsUnavailableError extends Error {
   override name = 'NatsUnavailableError';
 }
 
+/**
+ * The job's base could not be read while checking an upload against it (truncated or damaged on the server after
+ * the job began): the server's fault, not the caller's (INTERNAL; the log has the cause).
+ */
+export class BaseReadError extends Error {
+  override name = 'BaseReadError';
+  constructor(tensor: string, cause: unknown) {
+    super(`the server could not read tensor "${tensor}" of the job's base (the server log has the details)`, { cause });
+  }
+}
+
 /** The disk (or quota) of the data folder is full: RESOURCE_EXHAUSTED, and retrying once the operator freed space works. */
 export class DiskFullError extends ResourceExhaustedError {
   override name = 'DiskFullError';
