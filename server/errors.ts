@@ -87,8 +87,14 @@ export class NatsUnavailableError extends Error {
  */
 export class BaseReadError extends Error {
   override name = 'BaseReadError';
-  constructor(tensor: string, cause: unknown) {
-    super(`the server could not read tensor "${tensor}" of the job's base (the server log has the details)`, { cause });
+  constructor(tensor: string | undefined, cause: unknown) {
+    const what = tensor === undefined ? "the job's base" : `tensor "${tensor}" of the job's base`;
+    super(`the server could not read ${what} (the server log has the details)`, { cause });
+  }
+
+  /** `err` as the failure to read the base: a storage failure keeps its own status (storageError), others wrap. */
+  static of(tensor: string | undefined, err: unknown): unknown {
+    return storageError(err) !== undefined ? err : new BaseReadError(tensor, err);
   }
 }
 

@@ -193,7 +193,7 @@ export class TensorCheck {
       // goes unchecked on purpose: the job cannot merge anyway.
       if (err instanceof BaseDeltaError) return;
       // The base could not be read (truncated or damaged on the server since the job began): not the party's fault.
-      throw new BaseReadError(this.name, err);
+      throw BaseReadError.of(this.name, err);
     }
     const max = this.rules.maxAbsValue;
     for (let i = 0; i < n; i++) {

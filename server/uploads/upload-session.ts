@@ -7,7 +7,13 @@ import { TensorAssembler } from '../../proto/sparse/index.js';
 import { DeltaHeader, type DeltaRecord, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
 import type { UploadRequest, UploadState } from '../../proto/gen/dppa/v1/upload.js';
 import { Checkpoint } from '../../proto/safetensors/index.js';
-import { AbortedError, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError } from '../errors.js';
+import {
+  AbortedError,
+  BaseReadError,
+  FailedPreconditionError,
+  InvalidArgumentError,
+  ResourceExhaustedError,
+} from '../errors.js';
 import type { JobEvents } from '../jobs/job-events.js';
 import type { JobRunner } from '../jobs/job-runner.js';
 import type { JobStore, StoredJob } from '../jobs/job-store.js';
@@ -237,14 +243,16 @@ class UploadSession {
 
   private async acceptHeader(header: DeltaHeader): Promise<void> {
     const job = this.current();
-    // Fine-tuned weights are bounded as deltas F − B: the base is read where their chunks fall.
-    if (ContentRules.needsBase(header)) this.base ??= await Checkpoint.open(job.basePath);
-    checkDeltaHeader(
-      job,
-      this.party,
-      header,
-      this.base !== undefined ? shapesOf(this.base) : await baseShapes(job.basePath),
-    );
+    let shapes: Map<string, readonly number[]>;
+    try {
+      // Fine-tuned weights are bounded as deltas F − B: the base is read where their chunks fall.
+      if (ContentRules.needsBase(header)) this.base ??= await Checkpoint.open(job.basePath);
+      shapes = this.base !== undefined ? shapesOf(this.base) : await baseShapes(job.basePath);
+    } catch (err) {
+      // The job's base, checked when the job was created, is no longer readable: the server's fault.
+      throw BaseReadError.of(undefined, err);
+    }
+    checkDeltaHeader(job, this.party, header, shapes);
     const stored = this.spool.header;
     const fresh = stored === undefined || canonical(stored) !== canonical(header);
     if (fresh) {
