@@ -81,6 +81,23 @@ export class NatsUnavailableError extends Error {
   override name = 'NatsUnavailableError';
 }
 
+/**
+ * The job's base could not be read while checking an upload against it (truncated or damaged on the server after
+ * the job began): the server's fault, not the caller's (INTERNAL; the log has the cause).
+ */
+export class BaseReadError extends Error {
+  override name = 'BaseReadError';
+  constructor(tensor: string | undefined, cause: unknown) {
+    const what = tensor === undefined ? "the job's base" : `tensor "${tensor}" of the job's base`;
+    super(`the server could not read ${what} (the server log has the details)`, { cause });
+  }
+
+  /** `err` as the failure to read the base: a storage failure keeps its own status (storageError), others wrap. */
+  static of(tensor: string | undefined, err: unknown): unknown {
+    return storageError(err) !== undefined ? err : new BaseReadError(tensor, err);
+  }
+}
+
 /** The disk (or quota) of the data folder is full: RESOURCE_EXHAUSTED, and retrying once the operator freed space works. */
 export class DiskFullError extends ResourceExhaustedError {
   override name = 'DiskFullError';

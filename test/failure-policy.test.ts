@@ -7,6 +7,7 @@ import { SearchFailedError } from '../server/dpa/job-search.js';
 import { PartyTimeoutError } from '../server/dpa/remote-evaluators.js';
 import { NatsUnavailableError } from '../server/errors.js';
 import { AttemptsExhaustedError, FailurePolicy } from '../server/jobs/failure-policy.js';
+import { MissingPieceError } from '../server/merge/patch-output.js';
 import { SpooledTensorError } from '../server/merge/tensor-merge.js';
 
 const fsError = (code: string): Error => Object.assign(new Error(`${code}: failed, write '/x'`), { code });
@@ -22,6 +23,10 @@ describe('the failure policy', () => {
     assert.equal(policy.kind(new SearchFailedError('party a: recording', { cause: nats })), 'transient');
     assert.equal(policy.kind(new FormatError('bad header', { file: 'f' })), 'permanent');
     assert.equal(policy.kind(new SearchFailedError('party a: no candidates')), 'permanent');
+    // A merged-patch piece still unusable after its tensor was merged again: another run would do the same.
+    const piece = new MissingPieceError('w', 0, 'is missing, and is cut short after its tensor was merged again');
+    assert.equal(policy.kind(piece), 'permanent');
+    assert.equal(policy.retries(piece, 1), false);
     assert.equal(policy.kind(fsError('ENOENT')), 'unexpected');
     assert.equal(policy.kind('a string'), 'unexpected');
     // Without a backend's rule nothing is transient.

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { cp, mkdtemp, readdir, rm, stat, truncate } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -497,5 +497,18 @@ describe("uploads: the job's value bound", () => {
     } finally {
       client.close();
     }
+  });
+
+  it("fails with INTERNAL, not the party's INVALID_ARGUMENT, when the base was cut short after the job began", async () => {
+    const copy = join(dir, 'base-cut-short');
+    await cp(base, copy, { recursive: true });
+    const job = await call(h.jobs, 'createJob', createJobRequest({ basePath: copy, parties: ['a'] }), ADMIN);
+    const file = join(copy, 'model.safetensors');
+    await truncate(file, (await stat(file)).size - 64);
+    await rejectsWith(
+      upload(h.uploads, job.tokens.a!, uploadMessages(job.job!.id, 'a', records)),
+      status.INTERNAL,
+      /^the server could not read the job's base \(the server log has the details\)$/,
+    );
   });
 });

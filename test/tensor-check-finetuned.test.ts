@@ -2,13 +2,17 @@
 // a small |F| against a large base weight is refused, a large |F| near its base weight is taken, and a base
 // weight that is not finite is left to the merge (the base's fault).
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, open, rm, stat, truncate } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
+import { status } from '@grpc/grpc-js';
 import { TensorKind, ValueDtype, ValueKind, type DeltaHeader } from '../proto/gen/dppa/v1/sparse.js';
 import { Checkpoint, encodeFromF32, writeCheckpoint } from '../proto/safetensors/index.js';
 import { encodeChunks, TensorAssembler } from '../proto/sparse/index.js';
+import { BaseReadError } from '../server/errors.js';
+import { createLogger } from '../server/log.js';
+import { toStatus } from '../server/rpc/status.js';
 import { ContentRules } from '../server/uploads/tensor-check.js';
 
 const BOUND = 1000;
@@ -41,8 +45,15 @@ after(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
-/** Checks one chunk of fine-tuned weights `f` of tensor `name` (every position) against the bound. */
-async function check(name: string, f: number[]): Promise<void> {
+/**
+ * Checks one chunk of fine-tuned weights `f` of tensor `name` (every position) against a bound (BOUND unless told),
+ * under a key of its own unless told (nothing remembered from another case), against `base` unless told.
+ */
+async function check(
+  name: string,
+  f: number[],
+  opts: { bound?: number; key?: string; from?: Checkpoint } = {},
+): Promise<void> {
   const plan = {
     name,
     shape: [4n],
@@ -66,8 +77,8 @@ async function check(name: string, f: number[]): Promise<void> {
     outside: 0,
     valueKind: ValueKind.VALUE_KIND_FINETUNED,
   };
-  // A key of its own per check: nothing remembered from another case.
-  const t = new ContentRules(header, BOUND, base, `case-${run++}`).tensor(plan);
+  const rules = new ContentRules(header, opts.bound ?? BOUND, opts.from ?? base, opts.key ?? `case-${run++}`);
+  const t = rules.tensor(plan);
   const asm = new TensorAssembler({ entries: 'stream', maxPartition: 1, values: false });
   asm.push({ tensorBegin: { name, shape: plan.shape } });
   const [chunk] = [
@@ -99,5 +110,71 @@ describe('the bound on fine-tuned weights', () => {
 
   it('leaves a base weight that is not finite to the merge', async () => {
     await check('inf', [1, 0, 0, 0]);
+  });
+});
+
+describe('what is remembered of the base', () => {
+  it('is kept per bound: a base within a quarter of 4000 is not taken as within a quarter of 1000', async () => {
+    // Bound 4000: |F| = 200 and every |B| ≤ 900 are within 1000, so the shortcut takes it.
+    await check('large', [-200, 0, 0, 0], { bound: 4000, key: 'per-bound' });
+    // Bound 1000 under the same key: the base is not within 250, F − B = -1100 is formed and refused.
+    await assert.rejects(check('large', [-200, 0, 0, 0], { key: 'per-bound' }), /-1100 from the base's/);
+  });
+
+  it('is kept per file: a base rewritten in place under the same path and key is scanned again', async () => {
+    const folder = join(dir, 'rewritten');
+    const file = join(folder, 'model.safetensors');
+    const write = (values: number[]) =>
+      writeCheckpoint(folder, [
+        { name: 'w', dtype: 'BF16', shape: [4], data: encodeFromF32(Float32Array.from(values), 'BF16') },
+      ]);
+    await write([0, 0, 0, 0]);
+    const first = await Checkpoint.open(folder);
+    try {
+      await check('w', [-200, 0, 0, 0], { key: 'rewritten', from: first });
+    } finally {
+      await first.close();
+    }
+    // The same bytes but for the data: rewrite the data in place (the same inode and size, a later mtime).
+    const bytes = encodeFromF32(Float32Array.from([900, 0, 0, 0]), 'BF16');
+    const fh = await open(file, 'r+');
+    try {
+      const { size } = await fh.stat();
+      await new Promise((resolve) => setTimeout(resolve, 5));
+      await fh.write(bytes, 0, bytes.byteLength, size - bytes.byteLength);
+    } finally {
+      await fh.close();
+    }
+    const second = await Checkpoint.open(folder);
+    try {
+      await assert.rejects(check('w', [-200, 0, 0, 0], { key: 'rewritten', from: second }), /-1100 from the base's/);
+    } finally {
+      await second.close();
+    }
+  });
+});
+
+describe('a base that cannot be read', () => {
+  it("fails the upload as the server's fault (INTERNAL), not the party's (INVALID_ARGUMENT)", async () => {
+    const folder = join(dir, 'truncated');
+    const file = join(folder, 'model.safetensors');
+    await writeCheckpoint(folder, [
+      { name: 'w', dtype: 'BF16', shape: [4], data: encodeFromF32(Float32Array.from([900, 0, 0, 0]), 'BF16') },
+    ]);
+    const opened = await Checkpoint.open(folder);
+    try {
+      // Truncated after the job opened it: its header still says 8 bytes of data.
+      const { size } = await stat(file);
+      await truncate(file, size - 8);
+      const err = await check('w', [-200, 0, 0, 0], { from: opened }).then(
+        () => assert.fail('the check passed'),
+        (e: unknown) => e,
+      );
+      assert.ok(err instanceof BaseReadError, `got ${String(err)}`);
+      assert.match(err.message, /^the server could not read tensor "w" of the job's base/);
+      assert.equal(toStatus(err, createLogger({ level: 'silent' })).code, status.INTERNAL);
+    } finally {
+      await opened.close();
+    }
   });
 });

@@ -49,13 +49,20 @@ export interface ReadF32Options extends ReadOptions {
 interface Shard extends ParsedHeader {
   file: string;
   fh: FileHandle;
+  /** The opened file's device, inode, size and modification time. */
+  identity: string;
 }
 
 async function openShard(file: string, maxHeaderBytes: number): Promise<Shard> {
   const fh = await open(file, 'r');
   try {
-    const { size } = await fh.stat();
-    return { file, fh, ...(await readHeader(fh, file, size, maxHeaderBytes)) };
+    const { size, dev, ino, mtimeMs } = await fh.stat();
+    return {
+      file,
+      fh,
+      identity: `${dev}:${ino}:${size}:${mtimeMs}`,
+      ...(await readHeader(fh, file, size, maxHeaderBytes)),
+    };
   } catch (err) {
     await fh.close();
     throw err;
@@ -172,6 +179,14 @@ export class Checkpoint {
       throw err;
     }
     return new Checkpoint(loc.dir, shards, true, index.metadata);
+  }
+
+  /**
+   * The opened files' identity (device, inode, size, modification time, as of opening): what is remembered of a
+   * checkpoint's content is keyed by it, so a file rewritten in place or replaced is not taken for the one read.
+   */
+  get identity(): string {
+    return this.shards.map((s) => s.identity).join(',');
   }
 
   /** Every tensor, in layout order: file order, then data offset order. */

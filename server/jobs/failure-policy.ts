@@ -6,6 +6,7 @@ import { FormatError, messageOf } from '../../proto/errors.js';
 import { SearchFailedError } from '../dpa/job-search.js';
 import { PartyTimeoutError } from '../dpa/remote-evaluators.js';
 import { type DiskFullError, storageError, type StorageUnavailableError } from '../errors.js';
+import { MissingPieceError } from '../merge/patch-output.js';
 import { SpooledTensorError } from '../merge/tensor-merge.js';
 
 /** Default number of runs of a task whose failure may pass before its job fails (`--task-attempts`). */
@@ -22,7 +23,8 @@ export type StepName = 'merge' | 'DPA search' | 'secure aggregation';
  * What kind of failure an error is:
  * - `storage`: a full disk or a failing device; the job pauses and is tried again once it may pass.
  * - `party`: one party's spooled data is unusable; that party is sent back to collecting.
- * - `permanent`: damaged or mismatched input, a search that cannot succeed; every attempt would fail alike.
+ * - `permanent`: damaged or mismatched input, a search that cannot succeed, a merged-patch piece still unusable
+ *   after its tensor was merged again; every attempt would fail alike.
  * - `transient`: the backend says it may pass (NATS away). A task runs again a bounded number of times, but a
  *   job is never failed for it: its verdict is to wait (failing a job needs the backend that is away).
  * - `unexpected`: anything else; a task is run again (here or on another replica), a bounded number of times.
@@ -80,7 +82,8 @@ export class FailurePolicy {
       if (!(e instanceof Error) || e.cause === undefined) break;
       e = e.cause;
     }
-    if (err instanceof FormatError || err instanceof AttemptsExhaustedError) return 'permanent';
+    if (err instanceof FormatError || err instanceof AttemptsExhaustedError || err instanceof MissingPieceError)
+      return 'permanent';
     if (err instanceof SearchFailedError) {
       const { cause } = err;
       const permanent = [PartyTimeoutError, FormatError, RangeError].some((c) => cause instanceof c);

@@ -293,12 +293,7 @@ export class MergeDriver implements JobStep {
       return;
     }
     const ctx = await this.context(job, record);
-    // The merge threads do not see the signal: closing them is what cuts the tensors short.
-    const stop = (): void =>
-      void this.release(job.id).catch((err: unknown) =>
-        this.opts.log.warn('cannot close a merge', { jobId: job.id, err }),
-      );
-    signal.addEventListener('abort', stop, { once: true });
+    const stop = this.releaseOnAbort(job.id, signal);
     try {
       signal.throwIfAborted();
       const info = ctx.base.info(tensor.name);
@@ -347,6 +342,17 @@ export class MergeDriver implements JobStep {
     if (written === total) await this.submitCommit(job.id, signal);
   }
 
+  /**
+   * Closes the job's merge threads when `signal` aborts (they do not see it: closing them is what cuts a tensor
+   * short); returns the listener, for the caller to remove once its run is over.
+   */
+  private releaseOnAbort(jobId: string, signal: AbortSignal): () => void {
+    const stop = (): void =>
+      void this.release(jobId).catch((err: unknown) => this.opts.log.warn('cannot close a merge', { jobId, err }));
+    signal.addEventListener('abort', stop, { once: true });
+    return stop;
+  }
+
   private async commit(job: StoredJob, signal: AbortSignal): Promise<void> {
     const record = await this.record(job.id);
     if (countWritten(record) !== record.tensorsTotal) return;
@@ -359,10 +365,14 @@ export class MergeDriver implements JobStep {
     let patch: MergedFileInfo | undefined;
     try {
       if (outputs.patch) patch = await this.commitPatch(job, record, signal);
-    } finally {
-      // Merge threads opened again to make a piece again.
-      await this.release(job.id);
+    } catch (err) {
+      // Merge threads opened again to make a piece again; a failure to close them must not hide the commit's.
+      await this.release(job.id).catch((e: unknown) =>
+        this.opts.log.warn('cannot close a merge', { jobId: job.id, err: e }),
+      );
+      throw err;
     }
+    await this.release(job.id);
     if (outputs.dense) await SharedCheckpointWriter.commit(this.workDir(job.id, record), this.outDir(job.id));
     const files = outputs.dense ? await describeFiles(this.outDir(job.id), known) : [];
     const seconds = (Date.now() - Date.parse(record.startedAt)) / 1000;
@@ -417,7 +427,15 @@ export class MergeDriver implements JobStep {
             dense: false,
             patchPiece: { dir, index },
           };
-          (await ctx.runner.run(task, ctx.base.info(name).numel, signal)).release();
+          const stop = this.releaseOnAbort(job.id, signal);
+          try {
+            signal.throwIfAborted();
+            (await ctx.runner.run(task, ctx.base.info(name).numel, signal)).release();
+          } catch (err) {
+            throw signal.aborted ? signal.reason : err;
+          } finally {
+            signal.removeEventListener('abort', stop);
+          }
         },
       );
     } finally {

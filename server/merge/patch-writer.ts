@@ -60,9 +60,12 @@ export class PatchWriter {
     }
   }
 
-  /** Appends a file of framed records as it is (a tensor's records written apart), streamed, from byte `start`. */
-  async appendFile(file: string, start = 0): Promise<void> {
-    for await (const block of createReadStream(file, { start, highWaterMark: JOIN_BLOCK_BYTES }))
+  /**
+   * Appends a file of framed records as it is (a tensor's records written apart), streamed, from byte `start`,
+   * `blockBytes` at a time (a parameter for test/bench/patch-join.ts).
+   */
+  async appendFile(file: string, start = 0, blockBytes = JOIN_BLOCK_BYTES): Promise<void> {
+    for await (const block of createReadStream(file, { start, highWaterMark: blockBytes }))
       await this.append(block as Buffer);
   }
 

@@ -8,6 +8,7 @@ import { ChecksumError, FormatError } from '../../proto/errors.js';
 import {
   AbortedError,
   AlreadyExistsError,
+  BaseReadError,
   CancelledError,
   DeadlineExceededError,
   FailedPreconditionError,
@@ -52,6 +53,8 @@ const CODES: [new (...args: never[]) => Error, Code][] = [
   [OutOfRangeError, Code.OUT_OF_RANGE],
   [UnimplementedError, Code.UNIMPLEMENTED],
   [UnavailableError, Code.UNAVAILABLE],
+  // The server's copy of the base is damaged: nothing the caller can fix.
+  [BaseReadError, Code.INTERNAL],
   // With --cluster, calls that need NATS while it is away: retry later.
   [NatsUnavailableError, Code.UNAVAILABLE],
   [CancelledError, Code.CANCELLED],
@@ -74,6 +77,7 @@ const CODES: [new (...args: never[]) => Error, Code][] = [
  * @param log - Receives unknown errors with their stack and the reference sent to the caller.
  */
 export function toStatus(err: unknown, log: Logger): RpcStatus {
+  if (err instanceof BaseReadError) log.error('base read failure', { err });
   const known = typedStatus(err);
   if (known !== undefined) return known;
   const storage = storageError(err);

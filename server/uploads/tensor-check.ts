@@ -3,6 +3,7 @@
  * F − B for fine-tuned weights), precision, partitions, no position kept twice. See docs/design/uploads.md.
  */
 import { BaseDeltaError, FormatError } from '../../proto/errors.js';
+import { BaseReadError } from '../errors.js';
 import {
   TensorKind,
   type DeltaHeader,
@@ -46,9 +47,11 @@ export class ContentRules {
     header: DeltaHeader,
     readonly maxAbsValue: number,
     readonly base?: Checkpoint,
-    /** Names the base (its fingerprint) for what is remembered of it across uploads. */
-    readonly baseKey = '',
+    /** Names the base (its path and fingerprint) for what is remembered of it across uploads. */
+    baseKey = '',
   ) {
+    // The opened files' identity too: a base rewritten in place (same path and fingerprint) is read afresh.
+    this.baseKey = base === undefined ? baseKey : `${baseKey}\0${base.identity}`;
     this.dtype = storageDtype(header.valueDtype);
     this.partitions = header.levels.length;
     this.finetuned = ContentRules.needsBase(header) && this.dtype !== undefined;
@@ -56,6 +59,9 @@ export class ContentRules {
     this.limit = this.dtype === undefined ? 0 : magnitudeLimit(this.dtype, this.finetuned ? Infinity : maxAbsValue);
     this.quarterLimit = this.dtype === undefined ? 0 : magnitudeLimit(this.dtype, maxAbsValue / 4);
   }
+
+  /** What is remembered of the base is keyed by: the caller's name for it and its opened files' identity. */
+  readonly baseKey: string;
 
   /** Magnitude bits of a quarter of the bound in the values' dtype: |F| and |B| both within it bound |F − B|. */
   readonly quarterLimit: number;
@@ -93,8 +99,7 @@ export class ContentRules {
       else this.seen.fill(0, 0, bytes);
       seen = this.seen;
     }
-    const toDelta = this.finetuned ? new FinetunedToDelta(this.base!, plan.name) : undefined;
-    return new TensorCheck(plan.name, linear, this, this.limit, seen, toDelta, this.baseKey);
+    return new TensorCheck(plan.name, linear, this, this.limit, seen, this.baseKey);
   }
 }
 
@@ -125,10 +130,12 @@ export class TensorCheck {
     private readonly rules: ContentRules,
     private readonly limit: number,
     private readonly seen: Uint8Array | undefined,
-    private readonly toDelta?: FinetunedToDelta,
     /** Names the base in {@link ContentRules.baseWithinQuarter}'s memory. */
     private readonly baseKey = '',
   ) {}
+
+  /** Forms F − B for the exact check; made the first time the shortcut does not apply (most tensors never need it). */
+  private toDelta: FinetunedToDelta | undefined;
 
   /**
    * Checks a chunk that TensorAssembler has decoded (its positions; its values need not be).
@@ -146,40 +153,47 @@ export class TensorCheck {
         `${label}: partition ${p}, but ${this.linear ? 'a linear' : 'an outside'} tensor's entries are in partition ${allowed}`,
       );
     }
-    const bad = dtype === undefined ? -1 : firstValueBeyond(raw.values, dtype, this.limit);
+    const finetuned = this.rules.finetuned && dtype !== undefined;
+    // Fine-tuned weights: one scan of F for the usual case, every |F| within a quarter of the bound (hence finite).
+    const withinQuarter = finetuned && firstValueBeyond(raw.values, dtype, this.rules.quarterLimit) < 0;
+    const bad = dtype === undefined || withinQuarter ? -1 : firstValueBeyond(raw.values, dtype, this.limit);
     if (bad >= 0 && dtype !== undefined) {
       const size = dtype === 'F32' ? 4 : 2;
       const value = decodeToF32(raw.values.subarray(bad * size, (bad + 1) * size), dtype)[0]!;
-      const bound =
-        this.toDelta === undefined ? ` with magnitude at most ${this.rules.maxAbsValue} (the job's max_abs_value)` : '';
+      const bound = finetuned ? '' : ` with magnitude at most ${this.rules.maxAbsValue} (the job's max_abs_value)`;
       throw this.error(
         `${label}: the value at position ${decoded.positions[bad]} is ${value}; values must be finite${bound}`,
       );
     }
-    if (this.toDelta !== undefined && dtype !== undefined) await this.checkDeltas(label, raw, decoded, dtype);
+    if (finetuned) await this.checkDeltas(label, raw, decoded, dtype, withinQuarter);
     if (this.seen !== undefined) this.mark(label, decoded);
   }
 
   /** Bounds the deltas F − B of a chunk of fine-tuned weights (formed in fp32 as the merge forms them). */
-  private async checkDeltas(label: string, raw: SparseChunk, decoded: DecodedChunk, dtype: Dtype): Promise<void> {
+  private async checkDeltas(
+    label: string,
+    raw: SparseChunk,
+    decoded: DecodedChunk,
+    dtype: Dtype,
+    withinQuarter: boolean,
+  ): Promise<void> {
     // Most chunks: |F| and every |B| of the tensor within a quarter of the bound, so |F − B| is within half of it.
-    if (
-      firstValueBeyond(raw.values, dtype, this.rules.quarterLimit) < 0 &&
-      // A scan that failed (another upload's base closed under it) only means the exact check below.
-      (await this.rules.baseWithinQuarter(this.name, this.baseKey).catch(() => false))
-    )
-      return;
+    // A scan that failed (another upload's base closed under it) only means the exact check below.
+    if (withinQuarter && (await this.rules.baseWithinQuarter(this.name, this.baseKey).catch(() => false))) return;
     const n = decoded.count;
     const rules = this.rules;
     if (rules.values.length < n) rules.values = new Float32Array(n);
     const values = decodeToF32(raw.values, dtype, rules.values.subarray(0, n));
+    this.toDelta ??= new FinetunedToDelta(rules.base!, this.name);
     try {
-      await this.toDelta!.convert({ ...decoded, values });
+      await this.toDelta.convert({ ...decoded, values });
     } catch (err) {
       // F − B not finite: the base is at fault (a non-finite weight, or one beyond fp32 from F), not the party;
-      // the merge fails the job naming it (failure-policy.ts), so the chunk is taken as it is.
+      // the merge fails the job naming it (failure-policy.ts), so the chunk is taken as it is, and the rest of it
+      // goes unchecked on purpose: the job cannot merge anyway.
       if (err instanceof BaseDeltaError) return;
-      throw err;
+      // The base could not be read (truncated or damaged on the server since the job began): not the party's fault.
+      throw BaseReadError.of(this.name, err);
     }
     const max = this.rules.maxAbsValue;
     for (let i = 0; i < n; i++) {

@@ -7,7 +7,13 @@ import { TensorAssembler } from '../../proto/sparse/index.js';
 import { DeltaHeader, type DeltaRecord, type TensorPlan } from '../../proto/gen/dppa/v1/sparse.js';
 import type { UploadRequest, UploadState } from '../../proto/gen/dppa/v1/upload.js';
 import { Checkpoint } from '../../proto/safetensors/index.js';
-import { AbortedError, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError } from '../errors.js';
+import {
+  AbortedError,
+  BaseReadError,
+  FailedPreconditionError,
+  InvalidArgumentError,
+  ResourceExhaustedError,
+} from '../errors.js';
 import type { JobEvents } from '../jobs/job-events.js';
 import type { JobRunner } from '../jobs/job-runner.js';
 import type { JobStore, StoredJob } from '../jobs/job-store.js';
@@ -237,7 +243,16 @@ class UploadSession {
 
   private async acceptHeader(header: DeltaHeader): Promise<void> {
     const job = this.current();
-    checkDeltaHeader(job, this.party, header, await baseShapes(job.basePath));
+    let shapes: Map<string, readonly number[]>;
+    try {
+      // Fine-tuned weights are bounded as deltas F − B: the base is read where their chunks fall.
+      if (ContentRules.needsBase(header)) this.base ??= await Checkpoint.open(job.basePath);
+      shapes = this.base !== undefined ? shapesOf(this.base) : await baseShapes(job.basePath);
+    } catch (err) {
+      // The job's base, checked when the job was created, is no longer readable: the server's fault.
+      throw BaseReadError.of(undefined, err);
+    }
+    checkDeltaHeader(job, this.party, header, shapes);
     const stored = this.spool.header;
     const fresh = stored === undefined || canonical(stored) !== canonical(header);
     if (fresh) {
@@ -250,8 +265,6 @@ class UploadSession {
       await this.spool.saveHeader(header);
     }
     this.header = header;
-    // Fine-tuned weights are bounded as deltas F − B: the base is read where their chunks fall.
-    if (ContentRules.needsBase(header)) this.base ??= await Checkpoint.open(job.basePath);
     this.rules = new ContentRules(header, job.maxAbsValue, this.base, `${job.basePath}\0${job.baseFingerprint}`);
     await this.progress(true);
     // A delta that plans no tensor as sent is complete with its header alone.
@@ -386,18 +399,22 @@ class UploadSession {
 
   /** Discards a tensor left open (error, cancellation, stream cut) and releases the party's upload slot. */
   async close(): Promise<void> {
-    const t = this.tensor;
-    this.tensor = undefined;
-    if (t?.writer !== undefined) {
-      this.spool.pendingBytes -= t.payload;
-      await t.writer.abort();
+    try {
+      const t = this.tensor;
+      this.tensor = undefined;
+      if (t?.writer !== undefined) {
+        this.spool.pendingBytes -= t.payload;
+        await t.writer.abort();
+      }
+      await this.closed();
+      this.spool.upload = undefined;
+      this.deps.metrics.uploadsActive.dec();
+      this.release();
+    } finally {
+      const base = this.base;
+      this.base = undefined;
+      await base?.close();
     }
-    await this.closed();
-    this.spool.upload = undefined;
-    this.deps.metrics.uploadsActive.dec();
-    this.release();
-    await this.base?.close();
-    this.base = undefined;
   }
 }
 
@@ -405,10 +422,14 @@ class UploadSession {
 async function baseShapes(basePath: string): Promise<Map<string, readonly number[]>> {
   const base = await Checkpoint.open(basePath);
   try {
-    return new Map(base.tensors().map((t) => [t.name, t.shape]));
+    return shapesOf(base);
   } finally {
     await base.close();
   }
+}
+
+function shapesOf(base: Checkpoint): Map<string, readonly number[]> {
+  return new Map(base.tensors().map((t) => [t.name, t.shape]));
 }
 
 /** A header as canonical JSON (object keys sorted), for comparing a resumed upload's header with the stored one. */

@@ -27,6 +27,12 @@ export function measureProcess(
   return { seconds: Number(last[0]), cpuSeconds: Number(last[2]), maxRssMiB: Number(last[1]) / 1024 };
 }
 
+/** CPU seconds (user + system, all threads) this process has used so far. */
+export function cpuSeconds(): number {
+  const u = process.cpuUsage();
+  return (u.user + u.system) / 1e6;
+}
+
 /** Median of a list of numbers. */
 export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);

@@ -19,6 +19,8 @@ import { patchHeader } from '../../proto/patch/index.js';
 import { accumulateTensor, mergeTensorOutputs, type TensorTask } from '../../server/merge/tensor-merge.js';
 import { createPieces, PIECE_PREFIX_BYTES } from '../../server/merge/patch-output.js';
 import { PatchWriter } from '../../server/merge/patch-writer.js';
+import { rng } from '../fixtures/family/tasks.js';
+import { cpuSeconds } from './measure.js';
 
 const rounds = Number(process.argv[2] ?? 3);
 const dir = await mkdtemp(join(tmpdir(), 'dppa-patch-kernel-'));
@@ -27,13 +29,9 @@ const TENSORS = [
   { name: 'emb', shape: [32000, 2048], kind: TensorKind.TENSOR_KIND_OUTSIDE },
 ];
 
-let seed = 7;
-const rand = (): number => (seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32;
-
-function cpu(): number {
-  const u = process.cpuUsage();
-  return (u.user + u.system) / 1e6;
-}
+const random = rng(7);
+const rand = (): number => random.next();
+const cpu = cpuSeconds;
 
 try {
   await writeCheckpoint(

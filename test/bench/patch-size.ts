@@ -6,6 +6,7 @@
  *   npx tsx test/bench/patch-size.ts [layers=22] [density=0.277]
  */
 import { PatchSupport, patchTensorRecords } from '../../proto/patch/index.js';
+import { rng } from '../fixtures/family/tasks.js';
 
 const layers = Number(process.argv[2] ?? 22);
 const density = Number(process.argv[3] ?? 0.277);
@@ -22,8 +23,8 @@ const linear: [number, number][] = [
 const whole: number[] = [vocab * hidden, vocab * hidden, hidden];
 const perLayerWhole = [hidden, hidden];
 
-let seed = 12345;
-const rand = (): number => (seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32;
+const random = rng(12345);
+const rand = (): number => random.next();
 
 /** Bytes of one tensor's records in the patch. */
 function tensorBytes(rows: number, cols: number, p: number): number {
