@@ -20,16 +20,14 @@ import { connect } from '@nats-io/transport-node';
 import { DppaClient, DppaRpcError, JobState } from '../client/index.js';
 import type { RetryNotice } from '../client/sdk/retry.js';
 import { loadParty } from '../client/secure/party-store.js';
-import { partitionFactor } from '../proto/algorithm/index.js';
 import { SecurePhase } from '../proto/gen/dppa/v1/jobs.js';
 import { SecureAggregationServiceClient, type MaskedChunk, type MaskedState } from '../proto/gen/dppa/v1/secure.js';
-import { Checkpoint, decodeToF32, encodeFromF32, type Dtype } from '../proto/safetensors/index.js';
-import { fixedPoint, sumErrorBound } from '../proto/secure/index.js';
-import { crc32c, readDeltaTensors, storageDtype } from '../proto/sparse/index.js';
+import { crc32c } from '../proto/sparse/index.js';
 import { JOBS_BUCKET, jobKey } from '../server/nats/subjects.js';
 import { CLUSTER_ADMIN } from './fixtures/cluster-family.js';
 import { startNatsServer, type NatsServer } from './fixtures/nats-server.js';
 import { startServe, type ServeProcess } from './fixtures/serve-process.js';
+import { assertMatchesPlainMerge } from './fixtures/secure-expected.js';
 import { writeLlamaFamily } from './fixtures/synthetic-model.js';
 
 const shape = { layers: 2, hidden: 64, intermediate: 128, vocab: 256 };
@@ -249,15 +247,17 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
     const masked = await admin.getJob(job.id);
     assert.equal(masked.securePhase, SecurePhase.SECURE_PHASE_MASKED_INPUT);
 
-    // Really secure: the spool holds the masked words of math and finance, |U| words each, and nothing of law.
+    // Really secure: the spool holds the masked words of math and finance, |U| words each (and beside each the count
+    // of values it clipped), and nothing of law.
     const words = Number((await maskedState(b, tokens.law!, job.id)).wordsExpected);
     for (const p of ['math', 'finance'])
       await until(`${p}'s whole masked vector`, async () =>
         (await maskedState(a, tokens[p]!, job.id)).complete ? true : undefined,
       );
     const files = await readdir(join(jobDir, 'secure', 'masked'));
-    assert.deepEqual(files.sort(), ['finance.u32', 'math.u32']);
-    for (const f of files) assert.equal((await stat(join(jobDir, 'secure', 'masked', f))).size, 4 * words);
+    assert.deepEqual(files.sort(), ['finance.clipped', 'finance.u32', 'math.clipped', 'math.u32']);
+    for (const f of files.filter((f) => f.endsWith('.u32')))
+      assert.equal((await stat(join(jobDir, 'secure', 'masked', f))).size, 4 * words);
     assert.ok(words > 1000, `|U| = ${words}`);
 
     // law opens a masked stream on A (a zero-word chunk at 0: nothing written, the stream stays open) ...
@@ -366,60 +366,16 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
 async function assertPlainMerge(out: string, jobId: string, work: (p: string) => string): Promise<void> {
   const factors = await Promise.all(parties.map(async (p) => (await loadParty(work(p), jobId, p)).factors!));
   parties.forEach((p, i) => assert.deepEqual(factors[i], FACTORS[p]));
-  const fp = fixedPoint(CLIP, parties.length);
-  const [b, m] = await Promise.all([Checkpoint.open(base), Checkpoint.open(out)]);
-  try {
-    const plain = new Map<string, Float32Array>();
-    for (const [i, p] of parties.entries()) {
-      const ft = await Checkpoint.open(finetuned[i]!);
-      let dtype: Dtype = 'F32';
-      const round = (x: number): number => decodeToF32(encodeFromF32(Float32Array.of(x), dtype), dtype)[0]!;
-      try {
-        for await (const item of readDeltaTensors(join(work(p), 'delta.dppa'))) {
-          if (item.kind === 'header') dtype = storageDtype(item.header.valueDtype)!;
-          if (item.kind !== 'tensor') continue;
-          const name = item.tensor.name;
-          const [fv, bv] = await Promise.all([ft.readF32(name), b.readF32(name)]);
-          const acc = plain.get(name) ?? Float32Array.from(bv);
-          item.tensor.partitions.forEach((e, part) => {
-            const f = partitionFactor(factors[i]!, part, false);
-            for (const pos of e.positions) acc[pos] = acc[pos]! + f * round(fv[pos]! - bv[pos]!);
-          });
-          plain.set(name, acc);
-        }
-      } finally {
-        await ft.close();
-      }
-    }
-    let same = 0;
-    let total = 0;
-    let changed = 0;
-    for (const info of b.tensors()) {
-      const merged = await m.readF32(info.name);
-      const baseValues = await b.readF32(info.name);
-      const expected = plain.get(info.name) ?? baseValues;
-      const e = decodeToF32(encodeFromF32(expected, info.dtype), info.dtype);
-      for (let k = 0; k < e.length; k++) {
-        total++;
-        if (merged[k] !== baseValues[k]) changed++;
-        if (merged[k] === e[k]) {
-          same++;
-          continue;
-        }
-        const allowed =
-          2 ** -8 * Math.abs(expected[k]!) +
-          sumErrorBound(fp) +
-          4 * 2 ** -24 * (Math.abs(baseValues[k]!) + CLIP * parties.length);
-        assert.ok(
-          Math.abs(merged[k]! - expected[k]!) <= allowed,
-          `${info.name}[${k}]: merged ${merged[k]}, plain ${expected[k]} (base ${baseValues[k]})`,
-        );
-      }
-    }
-    assert.ok(changed > total / 20, `the merge changed ${changed} of ${total} weights`);
-    assert.ok(same / total >= 0.9999, `${same} of ${total} identical after bf16 rounding`);
-    console.log(`cluster secure: ${same} of ${total} weights identical after bf16 rounding`);
-  } finally {
-    await Promise.all([b.close(), m.close()]);
-  }
+  const { same, total, changed } = await assertMatchesPlainMerge({
+    base,
+    merged: out,
+    clip: CLIP,
+    parties: parties.map((p, i) => ({
+      finetuned: finetuned[i]!,
+      delta: join(work(p), 'delta.dppa'),
+      factors: factors[i]!,
+    })),
+  });
+  assert.ok(changed > total / 20, `the merge changed ${changed} of ${total} weights`);
+  console.log(`cluster secure: ${same} of ${total} weights identical after bf16 rounding`);
 }

@@ -14,11 +14,8 @@ import { after, before, describe, it } from 'node:test';
 import { applyDelta, DppaClient, JobState, pruneToFile } from '../client/index.js';
 import { shellQuote } from '../client/cli/eval-command.js';
 import { loadParty } from '../client/secure/party-store.js';
-import { partitionFactor } from '../proto/algorithm/index.js';
-import { Checkpoint, decodeToF32, encodeFromF32, type Dtype } from '../proto/safetensors/index.js';
-import { readDeltaTensors, storageDtype } from '../proto/sparse/index.js';
-import { fixedPoint, sumErrorBound } from '../proto/secure/index.js';
 import { freePort } from './fixtures/free-port.js';
+import { assertMatchesPlainMerge } from './fixtures/secure-expected.js';
 import { writeLlamaFamily } from './fixtures/synthetic-model.js';
 
 const ADMIN = 'e2e-secure-admin-token-0123456789';
@@ -206,66 +203,19 @@ describe('secure aggregation through real processes', () => {
       );
       assert.deepEqual(scalings[0]!.factors, [1.2, 1.1], 'math found its optimum locally');
       assert.deepEqual(scalings[1]!.factors, [1, 1]);
-      const fp = fixedPoint(CLIP, parties.length);
-      const [b, m] = await Promise.all([Checkpoint.open(base), Checkpoint.open(out)]);
-      try {
-        // Built from the checkpoints, not from the uploaded values: Δ = F − B in fp32 at each party's kept positions
-        // (only the positions and the value precision are read from its delta file), rounded to that precision as
-        // a delta is, times its partition's factor; weight 1.
-        const plain = new Map<string, Float32Array>();
-        for (const [i, p] of parties.entries()) {
-          const ft = await Checkpoint.open(finetuned[i]!);
-          let dtype: Dtype = 'F32';
-          const round = (x: number): number => decodeToF32(encodeFromF32(Float32Array.of(x), dtype), dtype)[0]!;
-          try {
-            for await (const item of readDeltaTensors(join(work(p), 'delta.dppa'))) {
-              if (item.kind === 'header') dtype = storageDtype(item.header.valueDtype)!;
-              if (item.kind !== 'tensor') continue;
-              const name = item.tensor.name;
-              const [fv, bv] = await Promise.all([ft.readF32(name), b.readF32(name)]);
-              const acc = plain.get(name) ?? Float32Array.from(bv);
-              item.tensor.partitions.forEach((e, part) => {
-                const f = partitionFactor(scalings[i]!.factors, part, false);
-                for (const pos of e.positions) acc[pos] = acc[pos]! + f * round(fv[pos]! - bv[pos]!);
-              });
-              plain.set(name, acc);
-            }
-          } finally {
-            await ft.close();
-          }
-        }
-        let same = 0;
-        let total = 0;
-        for (const info of b.tensors()) {
-          const merged = await m.readF32(info.name);
-          const expected = plain.get(info.name) ?? (await b.readF32(info.name));
-          const e = decodeToF32(encodeFromF32(expected, info.dtype), info.dtype);
-          for (let k = 0; k < e.length; k++) {
-            total++;
-            if (merged[k] === e[k]) {
-              same++;
-              continue;
-            }
-            // Otherwise within the fixed-point bound plus the roundings: bf16 of the result, fp32 of the plain sums
-            // (relative to the base and the values added, so that a sum cancelling to about 0 is covered too).
-            const baseValue = (await b.readF32(info.name))[k]!;
-            const allowed =
-              2 ** -8 * Math.abs(expected[k]!) +
-              sumErrorBound(fp) +
-              4 * 2 ** -24 * (Math.abs(baseValue) + CLIP * parties.length);
-            assert.ok(
-              Math.abs(merged[k]! - expected[k]!) <= allowed,
-              `${info.name}[${k}]: merged ${merged[k]}, plain ${expected[k]} (base ${baseValue})`,
-            );
-          }
-        }
-        assert.ok(same / total >= 0.9999, `${same} of ${total} identical after bf16 rounding`);
-        console.log(
-          `secure e2e: ${same} of ${total} weights identical after bf16 rounding (${((100 * same) / total).toFixed(4)}%)`,
-        );
-      } finally {
-        await Promise.all([b.close(), m.close()]);
-      }
+      const { same, total } = await assertMatchesPlainMerge({
+        base,
+        merged: out,
+        clip: CLIP,
+        parties: parties.map((p, i) => ({
+          finetuned: finetuned[i]!,
+          delta: join(work(p), 'delta.dppa'),
+          factors: scalings[i]!.factors,
+        })),
+      });
+      console.log(
+        `secure e2e: ${same} of ${total} weights identical after bf16 rounding (${((100 * same) / total).toFixed(4)}%)`,
+      );
     } finally {
       admin.close();
     }
