@@ -24,6 +24,8 @@ import {
   stepOf,
   sumErrorBound,
   unionSupport,
+  unionSupportYielding,
+  UNION_SLICE,
 } from '../proto/secure/index.js';
 
 /** All subsets of `k` elements of `items`. */
@@ -302,6 +304,29 @@ describe('supports', () => {
     assert.deepEqual(Array.from(spreadOnUnion(union, s1, [0.5, -1, 2])), [0, 0.5, -1, 0, 2, 0]);
     assert.throws(() => spreadOnUnion(union, Uint32Array.of(2), [1]), ProtocolStateError);
     assert.throws(() => unionSupport([Uint32Array.of(3, 3)]), ProtocolStateError);
+  });
+
+  it('unites supports of several slices with pauses between them, and finds disorder at a slice boundary', async () => {
+    // Every 2nd, every 3rd and every 7th position below 3·UNION_SLICE: longer than a slice each.
+    const limit = 3 * UNION_SLICE;
+    const every = (k: number): Uint32Array => Uint32Array.from({ length: Math.ceil(limit / k) }, (_, i) => i * k);
+    let pauses = 0;
+    const pause = (): Promise<void> => {
+      pauses++;
+      return new Promise((resolve) => setImmediate(resolve));
+    };
+    const union = await unionSupportYielding([every(2), every(3), every(7)], pause);
+    const expected: number[] = [];
+    for (let x = 0; x < limit; x++) if (x % 2 === 0 || x % 3 === 0 || x % 7 === 0) expected.push(x);
+    assert.equal(union.length, expected.length);
+    assert.ok(union.every((x, i) => x === expected[i]));
+    assert.ok(pauses > 3, `${pauses} pauses`);
+    const bad = every(1);
+    bad[UNION_SLICE] = bad[UNION_SLICE - 1]!;
+    await assert.rejects(
+      unionSupportYielding([bad], pause),
+      (e: unknown) => e instanceof ProtocolStateError && e.message.includes(`at ${UNION_SLICE}`),
+    );
   });
 });
 

@@ -64,7 +64,7 @@ export async function* scaledTensors(
       ...entries,
       scale: weight * partitionFactor(scaling.factors, p, scaling.outsideByMax ?? false),
     }));
-    const { positions, values } = mergeRuns(runs);
+    const { positions, values } = await mergeRuns(runs);
     yield { name: t.name, shape: t.shape.map(Number), positions, values };
   }
   if (assembler !== undefined) throw new FormatError('the delta ends inside a tensor', { file: delta });
@@ -80,16 +80,24 @@ export async function* supportOf(
     yield { name: t.name, numel: shapeNumel(t.shape), positions: t.positions };
 }
 
-/** Sorted runs (one per partition; disjoint) merged into one ascending list, each value scaled by its run's scale. */
-function mergeRuns(runs: readonly { positions: Float64Array; values: Float32Array; scale: number }[]): {
+/** Entries merged between two yields of {@link mergeRuns}. */
+const SLICE = 1 << 20;
+
+/**
+ * Sorted runs (one per partition; disjoint) merged into one ascending list, each value scaled by its run's scale:
+ * in slices, yielding between them, so that a tensor of millions of entries does not block the event loop (an
+ * upload whose keepalive pings go unanswered is dropped by the server).
+ */
+async function mergeRuns(runs: readonly { positions: Float64Array; values: Float32Array; scale: number }[]): Promise<{
   positions: Float64Array;
   values: Float64Array;
-} {
+}> {
   const total = runs.reduce((n, r) => n + r.positions.length, 0);
   const positions = new Float64Array(total);
   const values = new Float64Array(total);
   const at = runs.map(() => 0);
   for (let n = 0; n < total; n++) {
+    if (n % SLICE === SLICE - 1) await new Promise((resolve) => setImmediate(resolve));
     let best = -1;
     for (let r = 0; r < runs.length; r++) {
       const i = at[r]!;

@@ -5,10 +5,56 @@
  */
 import { ProtocolStateError } from './errors.js';
 
-function checkSorted(positions: Uint32Array, what: string): void {
+/** Throws unless `positions` increase strictly (`base`: the index of its first entry, in the message). */
+function checkSorted(positions: Uint32Array, what: string, base = 0): void {
   for (let i = 1; i < positions.length; i++) {
     if (positions[i]! <= positions[i - 1]!)
-      throw new ProtocolStateError(`${what}: positions not strictly increasing at ${i}`);
+      throw new ProtocolStateError(`${what}: positions not strictly increasing at ${base + i}`);
+  }
+}
+
+/** Entries merged (or checked) between two yields of {@link unionSupportYielding}. */
+export const UNION_SLICE = 1 << 20;
+
+/** The union of increasing `a` and `b`, merged `budget` entries per call of `step` (the one merge kernel). */
+class UnionMerge {
+  private i = 0;
+  private j = 0;
+  private n = 0;
+  private readonly out: Uint32Array;
+  constructor(
+    private readonly a: Uint32Array,
+    private readonly b: Uint32Array,
+  ) {
+    this.out = new Uint32Array(a.length + b.length);
+  }
+
+  /** Merges up to `budget` more entries; true once both inputs are consumed. */
+  step(budget: number): boolean {
+    const { a, b, out } = this;
+    let { i, j, n } = this;
+    const stop = Math.min(n + budget, out.length);
+    while (n < stop && (i < a.length || j < b.length)) {
+      const x = i < a.length ? a[i]! : Infinity;
+      const y = j < b.length ? b[j]! : Infinity;
+      if (x <= y) {
+        out[n++] = x;
+        i++;
+        if (x === y) j++;
+      } else {
+        out[n++] = y;
+        j++;
+      }
+    }
+    this.i = i;
+    this.j = j;
+    this.n = n;
+    return i === a.length && j === b.length;
+  }
+
+  /** The union (a copy of its length: the larger buffer is freed). */
+  result(): Uint32Array {
+    return this.out.slice(0, this.n);
   }
 }
 
@@ -17,23 +63,33 @@ export function unionSupport(supports: readonly Uint32Array[]): Uint32Array {
   supports.forEach((s, i) => checkSorted(s, `support ${i}`));
   let union: Uint32Array = new Uint32Array(0);
   for (const s of supports) {
-    const out = new Uint32Array(union.length + s.length);
-    let a = 0;
-    let b = 0;
-    let n = 0;
-    while (a < union.length || b < s.length) {
-      const x = a < union.length ? union[a]! : Infinity;
-      const y = b < s.length ? s[b]! : Infinity;
-      if (x <= y) {
-        out[n++] = x;
-        a++;
-        if (x === y) b++;
-      } else {
-        out[n++] = y;
-        b++;
-      }
+    const m = new UnionMerge(union, s);
+    m.step(Infinity);
+    union = m.result();
+  }
+  return union;
+}
+
+/**
+ * {@link unionSupport} in slices of {@link UNION_SLICE} entries with `pause()` awaited between them (a server passes
+ * `setImmediate` so that it keeps answering calls and keepalive pings over tensors of millions of positions).
+ */
+export async function unionSupportYielding(
+  supports: readonly Uint32Array[],
+  pause: () => Promise<unknown>,
+): Promise<Uint32Array> {
+  for (const [k, s] of supports.entries())
+    for (let i = 0; i < s.length; i += UNION_SLICE) {
+      // Overlapping by one entry, so that every neighbouring pair is checked.
+      const from = Math.max(0, i - 1);
+      checkSorted(s.subarray(from, i + UNION_SLICE), `support ${k}`, from);
+      await pause();
     }
-    union = out.slice(0, n);
+  let union: Uint32Array = new Uint32Array(0);
+  for (const s of supports) {
+    const m = new UnionMerge(union, s);
+    while (!m.step(UNION_SLICE)) await pause();
+    union = m.result();
   }
   return union;
 }

@@ -10,7 +10,7 @@ import { shapeNumel } from '../../proto/sparse/index.js';
 import { PermissionDeniedError } from '../errors.js';
 import type { JobStore } from '../jobs/job-store.js';
 import type { SecureJobs } from '../secure/secure-jobs.js';
-import { unionPositions } from '../secure/union.js';
+import { pause, unionPositions } from '../secure/union.js';
 import type { Authenticator } from './auth.js';
 import type { RpcWrapper } from './handler.js';
 
@@ -23,6 +23,8 @@ export interface SecureServiceDeps {
 
 /** Positions per support chunk sent. */
 const SUPPORT_CHUNK_ENTRIES = 1 << 18;
+/** Positions encoded between two yields of GetSupport (whole chunks). */
+const SUPPORT_SLICE = 4 * SUPPORT_CHUNK_ENTRIES;
 
 /** The SecureAggregationService implementation. */
 export function secureService(deps: SecureServiceDeps, rpc: RpcWrapper): SecureAggregationServiceServer {
@@ -71,23 +73,29 @@ export function secureService(deps: SecureServiceDeps, rpc: RpcWrapper): SecureA
       party(ctx.metadata, req.jobId);
       const u = await secure.union(req.jobId);
       for (const t of u.tensors) {
-        const positions = Float64Array.from(await unionPositions(u, t));
+        const all = await unionPositions(u, t);
         let offset = t.offset;
-        const chunks = encodeChunks(t.name, 0, positions, new Float32Array(0), {
-          valueDtype: ValueDtype.VALUE_DTYPE_NONE,
-          maxChunkEntries: SUPPORT_CHUNK_ENTRIES,
-          numel: shapeNumel(t.shape),
-        });
-        for (const chunk of chunks) {
-          ctx.signal.throwIfAborted();
-          const msg: SupportChunk = {
-            chunk,
-            unionOffset: BigInt(offset),
-            unionSize: BigInt(u.size),
-            tensorSize: BigInt(shapeNumel(t.shape)),
-          };
-          await send(msg);
-          offset += chunk.count;
+        // Encoded slice by slice (whole chunks each, the same chunks and indices as one pass), yielding between them.
+        for (let start = 0; start < all.length; start += SUPPORT_SLICE) {
+          const positions = Float64Array.from(all.subarray(start, start + SUPPORT_SLICE));
+          const chunks = encodeChunks(t.name, 0, positions, new Float32Array(0), {
+            valueDtype: ValueDtype.VALUE_DTYPE_NONE,
+            maxChunkEntries: SUPPORT_CHUNK_ENTRIES,
+            firstIndex: start / SUPPORT_CHUNK_ENTRIES,
+            numel: shapeNumel(t.shape),
+          });
+          for (const chunk of chunks) {
+            ctx.signal.throwIfAborted();
+            const msg: SupportChunk = {
+              chunk,
+              unionOffset: BigInt(offset),
+              unionSize: BigInt(u.size),
+              tensorSize: BigInt(shapeNumel(t.shape)),
+            };
+            await send(msg);
+            offset += chunk.count;
+          }
+          await pause();
         }
       }
     }),

@@ -10,7 +10,7 @@ import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { syncFolder } from '../../proto/fs-sync.js';
 import { readDeltaTensors } from '../../proto/sparse/index.js';
-import { unionSupport } from '../../proto/secure/index.js';
+import { UNION_SLICE, unionSupportYielding } from '../../proto/secure/index.js';
 import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
 import { secureDir } from '../uploads/masked-spool.js';
 
@@ -37,6 +37,19 @@ export interface SpooledSupport {
   file: string;
 }
 
+/** Awaited between slices of work over a whole tensor: the server keeps answering calls and keepalive pings. */
+export const pause = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+
+/** True when `a` is non-decreasing (checked in slices, `pause` between them). */
+async function sortedYielding(a: Uint32Array): Promise<boolean> {
+  for (let i = 1; i < a.length; i += UNION_SLICE) {
+    const end = Math.min(a.length, i + UNION_SLICE);
+    for (let j = i; j < end; j++) if (a[j]! < a[j - 1]!) return false;
+    await pause();
+  }
+  return true;
+}
+
 /** Positions of one spooled one-tensor file, all partitions, increasing. */
 async function filePositions(file: string): Promise<{ name: string; shape: number[]; positions: Uint32Array }> {
   for await (const item of readDeltaTensors(file)) {
@@ -46,13 +59,18 @@ async function filePositions(file: string): Promise<{ name: string; shape: numbe
     const all = new Uint32Array(t.partitions.reduce((n, p) => n + p.positions.length, 0));
     let k = 0;
     for (const p of t.partitions)
-      for (let j = 0; j < p.positions.length; j++) {
-        const x = p.positions[j]!;
-        if (x > 0xffffffff)
-          throw new Error(`${file}: tensor "${t.name}" has positions beyond 2^32, which secure jobs do not support`);
-        all[k++] = x;
+      for (let j = 0; j < p.positions.length; j += UNION_SLICE) {
+        const end = Math.min(p.positions.length, j + UNION_SLICE);
+        for (let i = j; i < end; i++) {
+          const x = p.positions[i]!;
+          if (x > 0xffffffff)
+            throw new Error(`${file}: tensor "${t.name}" has positions beyond 2^32, which secure jobs do not support`);
+          all[k++] = x;
+        }
+        await pause();
       }
-    all.sort();
+    // Partitions come in position order: the sort (synchronous, long over millions) only when they do not.
+    if (!(await sortedYielding(all))) all.sort();
     return { name: t.name, shape: t.shape.map(Number), positions: all };
   }
   throw new Error(`${file}: no tensor`);
@@ -93,7 +111,7 @@ export async function buildUnion(
         shape = got.shape;
         supports.push(got.positions);
       }
-      const part = unionSupport(supports);
+      const part = await unionSupportYielding(supports, pause);
       await fh.write(Buffer.from(part.buffer, part.byteOffset, part.byteLength));
       tensors.push({ name, shape, count: part.length, offset });
       offset += part.length;
