@@ -54,7 +54,7 @@ export class ContentRules {
     this.baseKey = base === undefined ? baseKey : `${baseKey}\0${base.identity}`;
     this.dtype = storageDtype(header.valueDtype);
     this.partitions = header.levels.length;
-    this.finetuned = ContentRules.needsBase(header) && this.dtype !== undefined;
+    this.finetuned = ContentRules.needsBase(header);
     if (this.finetuned && base === undefined) throw new Error('ContentRules: fine-tuned values need the base');
     this.limit = this.dtype === undefined ? 0 : magnitudeLimit(this.dtype, this.finetuned ? Infinity : maxAbsValue);
     this.quarterLimit = this.dtype === undefined ? 0 : magnitudeLimit(this.dtype, maxAbsValue / 4);
@@ -83,9 +83,9 @@ export class ContentRules {
     return known;
   }
 
-  /** Whether an upload with this header is checked against the base (its values are fine-tuned weights). */
+  /** Whether an upload with this header is checked against the base (it carries values, and they are fine-tuned weights). */
   static needsBase(header: DeltaHeader): boolean {
-    return carriesFinetuned(header);
+    return carriesFinetuned(header) && storageDtype(header.valueDtype) !== undefined;
   }
 
   /** A check of one tensor's records, which arrive in order. */
