@@ -419,7 +419,8 @@ export class MergeDriver implements JobStep {
         },
         async ({ name, index }) => {
           this.opts.log.warn('a merged-patch piece is unusable; its tensor is merged again', { jobId: job.id, name });
-          const ctx = await this.context(job, record);
+          // For the piece only: no dense writer, no hash of the dense output (the commit took that already).
+          const ctx = await this.context(job, record, true);
           const task = {
             name,
             contributions: contributionsTo(name, ctx.parties),
@@ -447,13 +448,16 @@ export class MergeDriver implements JobStep {
     return this.opts.tasks().submit([{ task: { kind: 'commit', jobId }, id: `${jobId}.commit` }], signal);
   }
 
-  /** Opens (once) what this server needs to merge the job's tensors. */
-  private context(job: StoredJob, record: MergeRecord): Promise<JobContext> {
+  /**
+   * Opens (once) what this server needs to merge the job's tensors; `piecesOnly` for the commit's pieces made again,
+   * once every tensor is written (no tensor task opens a context then; the commit releases this one).
+   */
+  private context(job: StoredJob, record: MergeRecord, piecesOnly = false): Promise<JobContext> {
     // After close() nothing may open merge threads again: they would keep the process alive.
     if (this.closed) return Promise.reject(new UnavailableError('the server is stopping'));
     let ctx = this.contexts.get(job.id);
     if (ctx === undefined) {
-      const opening = this.openContext(job, record);
+      const opening = this.openContext(job, record, piecesOnly);
       this.contexts.set(job.id, opening);
       // Only this context: the job may have been released and opened again meanwhile.
       void opening.catch(() => this.contexts.get(job.id) === opening && this.contexts.delete(job.id));
@@ -462,7 +466,7 @@ export class MergeDriver implements JobStep {
     return ctx;
   }
 
-  private async openContext(job: StoredJob, record: MergeRecord): Promise<JobContext> {
+  private async openContext(job: StoredJob, record: MergeRecord, piecesOnly: boolean): Promise<JobContext> {
     // Uploads may have landed on every replica (they no longer change once the job merges).
     await this.opts.spool.ofJob(job.id);
     const parties = mergeParties(job, this.opts.spool, this.opts.store.dir(job.id));
@@ -475,9 +479,10 @@ export class MergeDriver implements JobStep {
         }
       }
       const outputs = mergeOutputs(job.merge.output);
-      const writer = outputs.dense
-        ? await SharedCheckpointWriter.open(this.workDir(job.id, record), this.outDir(job.id), base.layout)
-        : undefined;
+      const writer =
+        outputs.dense && !piecesOnly
+          ? await SharedCheckpointWriter.open(this.workDir(job.id, record), this.outDir(job.id), base.layout)
+          : undefined;
       const pieces = outputs.patch ? piecesDir(this.workDir(job.id, record)) : undefined;
       if (writer !== undefined) {
         const hash = new WrittenFilesHash(this.workDir(job.id, record), this.outDir(job.id), base.layout);

@@ -1,7 +1,8 @@
 /**
  * What the server's receiving thread does per party, without gRPC: the CPU seconds of one stage of the upload over one
  * `.dppa` file (docs/performance.md, "Where the upload's CPU goes").
- *   npx tsx test/bench/upload-stages.ts FILE decode|crc|assemble|check|spool|all
+ *   npx tsx test/bench/upload-stages.ts FILE decode|crc|assemble|check|spool|all [--base DIR]
+ * `--base` (the base checkpoint) is needed for fine-tuned values (DP and magnitude deltas by default): the check reads it.
  */
 import { mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -15,13 +16,26 @@ import {
   readDeltaHeader,
   TensorAssembler,
 } from '../../proto/sparse/index.js';
+import { Checkpoint } from '../../proto/safetensors/index.js';
 import { receivedEncoding, UploadServiceKeepingRecords } from '../../server/uploads/received-record.js';
 import { ContentRules, type TensorCheck } from '../../server/uploads/tensor-check.js';
 
-const [file, mode = 'all'] = process.argv.slice(2);
+const USAGE = 'usage: upload-stages.ts FILE decode|crc|assemble|check|spool|all [--base DIR]';
+const args = process.argv.slice(2);
+const baseArg = args.indexOf('--base');
+const basePath = baseArg === -1 ? undefined : args[baseArg + 1];
+if (baseArg !== -1 && basePath === undefined) throw new Error(`${USAGE}: --base needs a directory`);
+if (baseArg !== -1) args.splice(baseArg, 2);
+const [file, mode = 'all'] = args;
 if (file === undefined || !['decode', 'crc', 'assemble', 'check', 'spool', 'all'].includes(mode))
-  throw new Error('usage: upload-stages.ts FILE decode|crc|assemble|check|spool|all');
+  throw new Error(USAGE);
 const header = await readDeltaHeader(file);
+const checks = mode === 'check' || mode === 'all';
+const spools = mode === 'spool' || mode === 'all';
+if (checks && basePath === undefined && ContentRules.needsBase(header))
+  throw new Error(`${USAGE}: ${file} carries fine-tuned values, whose check reads the base: give it with --base DIR`);
+// As the upload session opens it: the job's base, keyed by its path (the session adds the base's fingerprint).
+const base = basePath === undefined ? undefined : await Checkpoint.open(basePath);
 const whole = readFileSync(file);
 // Each record as the message grpc-js would deliver: an UploadRequest (field 2) in memory of its own.
 const messages: Buffer[] = [];
@@ -43,9 +57,8 @@ for (let at = DELTA_FILE_MAGIC.length; ;) {
   messages.push(message);
   at += length;
 }
-const checks = mode === 'check' || mode === 'all';
-const spools = mode === 'spool' || mode === 'all';
-const rules = new ContentRules(header, DEFAULT_MAX_ABS_VALUE);
+// Only where the check runs: fine-tuned values need the base.
+const rules = checks ? new ContentRules(header, DEFAULT_MAX_ABS_VALUE, base, basePath ?? '') : undefined;
 const out = join(tmpdir(), `upload-stages-${process.pid}`);
 mkdirSync(out, { recursive: true });
 const closing: Promise<void>[] = [];
@@ -69,7 +82,7 @@ try {
       assembler = new TensorAssembler({ entries: 'stream', maxPartition: header.levels.length, values: false });
       assembler.push(r);
       const plan = header.tensors.find((t) => t.name === r.tensorBegin!.name)!;
-      check = rules.tensor(plan);
+      check = rules?.tensor(plan);
       if (spools) {
         writer = await DeltaFileWriter.create(join(out, `${files++}.dppa`));
         await writer.write({ header: { ...header, options: {}, tensors: [plan], producer: 'upload-stages' } });
@@ -95,4 +108,5 @@ try {
   );
 } finally {
   rmSync(out, { recursive: true, force: true });
+  await base?.close();
 }
