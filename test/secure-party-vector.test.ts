@@ -4,9 +4,9 @@
  * rounds), unmasked sum applied to the base, against the plain merge of the same scaled deltas.
  */
 import assert from 'node:assert/strict';
-import { mkdtemp, rm, stat } from 'node:fs/promises';
+import { chmod, mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { pruneToFile } from '../client/index.js';
 import {
@@ -280,5 +280,36 @@ describe('secure party vector', () => {
       collect(maskedChunks(party(), fp, unionInMemory(missing), scaledTensors(deltas[0]!, SCALINGS[0]!))),
       new RegExp(`kept position ${kept.at(-2)} is not in the union the server sent`),
     );
+    // Small ranges of 7 words: a position removed at either side of a range boundary (the last word of a range, the
+    // first of the next), in the first tensor and in the last, is refused too.
+    for (const t of [0, last])
+      for (const k of [6, 7, 13, 14]) {
+        const all = Array.from(inOrder[t]!.positions);
+        assert.ok(all.length > 15, `tensor ${t} has ${all.length} positions`);
+        const without = [...inOrder];
+        without[t] = { name: inOrder[t]!.name, positions: all.filter((_, j) => j !== k) };
+        await assert.rejects(
+          collect(
+            maskedChunks(party(), fp, unionInMemory(without), scaledTensors(deltas[0]!, SCALINGS[0]!), {
+              chunkWords: 7,
+            }),
+          ),
+          new RegExp(`kept position ${all[k]} is not in the union the server sent`),
+          `tensor ${t}, position ${k}`,
+        );
+      }
+  });
+
+  it('the spooled union is private to its owner even when a file was there before (mode 0600)', async () => {
+    const file = join(await mkdtemp(join(tmpdir(), 'dppa-union-mode-')), 'union.bin');
+    try {
+      await writeFile(file, 'left before', { mode: 0o644 });
+      await chmod(file, 0o644);
+      const u = await spoolUnion(file, [{ tensor: 't', positions: [2, 3, 5] }]);
+      assert.equal((await stat(file)).mode & 0o777, 0o600);
+      assert.deepEqual(Array.from(await u.positions(0)), [2, 3, 5]);
+    } finally {
+      await rm(dirname(file), { recursive: true, force: true });
+    }
   });
 });

@@ -238,14 +238,17 @@ export async function pushSecure(
   }
 
   // Round 2: the masked vector on U.
-  if (party.phase === 'input' && stored.maskedComplete !== true) {
-    const unionFile = join(s.workDir, 'union.bin');
+  // U is downloaded afresh by each run: a copy an earlier run left (it stopped or crashed) is of no use.
+  const unionFile = join(s.workDir, 'union.bin');
+  await rm(unionFile, { force: true });
+  const factors = stored.factors; // (narrowed here, not in the closure)
+  const sendMasked = async (): Promise<void> => {
     const union = await readUnion(conn, job.id, unionFile, scope);
     const total = union.tensors.reduce((n, u) => n + u.count, 0);
     progress({ step: 'union', words: total });
     const fp = fixedPoint(job.clipBound, job.parties.length);
     const scaling = {
-      factors: stored.factors,
+      factors,
       weight: s.weight ?? 1,
       outsideByMax: s.outsideByMax ?? false,
     };
@@ -327,8 +330,22 @@ export async function pushSecure(
     }
     stored.maskedComplete = true;
     await save(stored);
-    await rm(unionFile, { force: true });
     progress({ step: 'maskedComplete', wordsTotal: total, clipped: stored.clipped });
+  };
+  if (party.phase === 'input' && stored.maskedComplete !== true) {
+    const held = await maskedState(conn, job.id, scope);
+    if (held.complete) {
+      // An earlier run sent the whole vector and stopped before saving so: nothing to download or send.
+      stored.maskedComplete = true;
+      await save(stored);
+      progress({ step: 'maskedComplete', wordsTotal: Number(held.wordsExpected), clipped: stored.clipped });
+    } else
+      try {
+        await sendMasked();
+      } finally {
+        // On success and on any exit from here (an error, exclusion, abort): U is not kept.
+        await rm(unionFile, { force: true }).catch(() => undefined);
+      }
   }
 
   // Round 3: unmask.

@@ -4,6 +4,7 @@
  * the party never holds more of U than one tensor's positions.
  */
 import { open } from 'node:fs/promises';
+import { readWordsAt } from '../../proto/safetensors/fs-util.js';
 import type { PartyUnion } from './masked-vector.js';
 
 /** One piece of U as it arrives: positions of one tensor, in order. */
@@ -25,6 +26,8 @@ export async function spoolUnion(
   let size = 0;
   const fh = await open(path, 'w', 0o600);
   try {
+    // The mode given to open applies only when it creates the file: a file already there keeps its own.
+    await fh.chmod(0o600);
     for await (const p of pieces) {
       if (tensors.at(-1)?.name !== p.tensor) {
         tensors.push({ name: p.tensor, count: 0 });
@@ -40,20 +43,12 @@ export async function spoolUnion(
   }
   return {
     tensors,
-    positions: async (k) => {
-      const out = new Uint32Array(tensors[k]!.count);
-      const buf = Buffer.from(out.buffer, out.byteOffset, out.byteLength);
-      const r = await open(path, 'r');
-      try {
-        for (let done = 0; done < buf.length;) {
-          const { bytesRead } = await r.read(buf, done, buf.length - done, offsets[k]! * 4 + done);
-          if (bytesRead === 0) throw new Error(`${path}: ends before tensor ${tensors[k]!.name}`);
-          done += bytesRead;
-        }
-      } finally {
-        await r.close();
-      }
-      return out;
-    },
+    positions: (k) =>
+      readWordsAt(
+        path,
+        offsets[k]!,
+        tensors[k]!.count,
+        () => new Error(`${path}: ends before tensor ${tensors[k]!.name}`),
+      ),
   };
 }

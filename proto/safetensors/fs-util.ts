@@ -1,5 +1,5 @@
 /**
- * Small file-system helpers for writing checkpoints durably.
+ * Small file-system helpers: writing checkpoints durably, reading words at an offset.
  */
 
 import { copyFile, open, readdir, stat, type FileHandle } from 'node:fs/promises';
@@ -35,6 +35,32 @@ export async function writeAllAt(fh: FileHandle, bytes: Uint8Array, position: nu
     );
     done += bytesWritten;
   }
+}
+
+/**
+ * Reads `count` uint32 words (little-endian, the host's order) of the file at `path` from word `offset` on, looping
+ * over short reads.
+ * @param short - The error thrown when the file ends before the last word.
+ */
+export async function readWordsAt(
+  path: string,
+  offset: number,
+  count: number,
+  short: () => Error,
+): Promise<Uint32Array> {
+  const out = new Uint32Array(count);
+  const buf = new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
+  const fh = await open(path, 'r');
+  try {
+    for (let done = 0; done < buf.byteLength;) {
+      const { bytesRead } = await fh.read(buf, done, buf.byteLength - done, offset * 4 + done);
+      if (bytesRead === 0) throw short();
+      done += bytesRead;
+    }
+  } finally {
+    await fh.close();
+  }
+  return out;
 }
 
 /** fsyncs a file or folder by path (a folder's fsync makes renames in it durable). */

@@ -505,6 +505,7 @@ export class SecureJobs {
     const next = (phase + 1) as SecurePhase;
     const claim = await this.claim(job.id, phase);
     let unionSize = r.unionSize;
+    let built: Union | undefined;
     let change: (rec: SecureRecord) => void;
     switch (phase) {
       case SecurePhase.SECURE_PHASE_SUPPORT: {
@@ -513,8 +514,11 @@ export class SecureJobs {
         const files = answered.map((p) =>
           [...spools.get(p)!.held.values()].map((t) => ({ name: t.name, file: t.file })),
         );
-        const union = await buildUnion(dir, files, await tensorOrder(job.basePath));
-        this.unions.set(job.id, union);
+        // The claim is checked again before union.bin replaces what is there (a build may outlast the lease).
+        const union = await buildUnion(dir, files, await tensorOrder(job.basePath), () =>
+          this.checkClaim(job.id, phase, claim),
+        );
+        built = union;
         unionSize = union.size;
         change = (rec) => {
           rec.unionSize = union.size;
@@ -560,25 +564,33 @@ export class SecureJobs {
     }
     const seconds = (Date.now() - Date.parse(r.phaseSince)) / 1000;
     let clipped = 0;
-    await store.update(job.id, (j) => {
-      const rec = secureOf(j);
-      if (phaseOf(rec) !== phase) throw new StateConflictError(`job ${job.id} left ${phaseName(phase)} meanwhile`);
-      if (claim !== undefined && rec.closing?.id !== claim)
-        throw new StateConflictError(`job ${job.id}: another server took over closing ${phaseName(phase)}`);
-      delete rec.closing;
-      if (phase === SecurePhase.SECURE_PHASE_MASKED_INPUT) delete rec.maskedClaims;
-      if (phase !== SecurePhase.SECURE_PHASE_SUPPORT) {
-        // Messages accepted since the snapshot count: the event tells what the committed record holds.
-        const now = messagesIn(j, rec, phase);
-        answered = now.answered;
-        missing = now.waited.filter((p) => !answered.includes(p));
-      }
-      // The counts of U3 as the committed record holds them.
-      if (phase === SecurePhase.SECURE_PHASE_MASKED_INPUT)
-        clipped = answered.reduce((n, p) => n + (rec.clipped?.[p] ?? 0), 0);
-      change(rec);
-      setPhase(rec, next);
-    });
+    try {
+      await store.update(job.id, (j) => {
+        const rec = secureOf(j);
+        if (phaseOf(rec) !== phase) throw new StateConflictError(`job ${job.id} left ${phaseName(phase)} meanwhile`);
+        if (claim !== undefined && rec.closing?.id !== claim)
+          throw new StateConflictError(`job ${job.id}: another server took over closing ${phaseName(phase)}`);
+        delete rec.closing;
+        if (phase === SecurePhase.SECURE_PHASE_MASKED_INPUT) delete rec.maskedClaims;
+        if (phase !== SecurePhase.SECURE_PHASE_SUPPORT) {
+          // Messages accepted since the snapshot count: the event tells what the committed record holds.
+          const now = messagesIn(j, rec, phase);
+          answered = now.answered;
+          missing = now.waited.filter((p) => !answered.includes(p));
+        }
+        // The counts of U3 as the committed record holds them.
+        if (phase === SecurePhase.SECURE_PHASE_MASKED_INPUT)
+          clipped = answered.reduce((n, p) => n + (rec.clipped?.[p] ?? 0), 0);
+        change(rec);
+        setPhase(rec, next);
+      });
+    } catch (err) {
+      // Another replica may have built (and renamed) its own union.bin meanwhile: read U again from the folder.
+      if (err instanceof StateConflictError) this.unions.delete(job.id);
+      throw err;
+    }
+    // Cached only once the phase committed with this build: its tensor list matches the union.bin it renamed.
+    if (built !== undefined) this.unions.set(job.id, built);
     metrics.securePhaseSeconds.observe({ phase: PHASE_LABEL[phase]! }, seconds);
     if (clipped > 0) metrics.secureClipped.inc(clipped);
     await events.append(job.id, {
@@ -627,6 +639,19 @@ export class SecureJobs {
       rec.closing = { phase: rec.phase, id, until: new Date(Date.now() + CLOSE_LEASE_MS).toISOString() };
     });
     return id;
+  }
+
+  /**
+   * @throws StateConflictError when the closing claim `claim` of `phase` is no longer this server's (lapsed and taken
+   * over, or the phase closed); nothing on a store of one server.
+   */
+  private async checkClaim(jobId: string, phase: SecurePhase, claim: string | undefined): Promise<void> {
+    const { store } = this.deps;
+    if (store.fresh === undefined || claim === undefined) return;
+    const rec = secureOf(await store.fresh(jobId));
+    if (phaseOf(rec) !== phase) throw new StateConflictError(`job ${jobId} left ${phaseName(phase)} meanwhile`);
+    if (rec.closing?.id !== claim)
+      throw new StateConflictError(`job ${jobId}: another server took over closing ${phaseName(phase)}`);
   }
 
   private schedule(jobId: string, at: number): void {

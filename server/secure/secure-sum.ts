@@ -24,9 +24,9 @@ export function sumDir(jobDir: string): string {
 }
 
 /**
- * Deletes a job's masked vectors and unmasked sum (the sum at a position only one party kept is that party's
- * value): called once the job merged or failed, whatever `--keep-uploads` says. The mark `secure/discarded` is
- * written first: a masked upload still open (on this server or another replica) writes nothing after it.
+ * Deletes a job's masked vectors, unmasked sum (the sum at a position only one party kept is that party's
+ * value) and union U (`union.bin`/`union.json`, 4 bytes a position): called once the job merged or failed, whatever
+ * `--keep-uploads` says. The mark `secure/discarded` is written first: a masked upload still open (on this server or another replica) writes nothing after it.
  * @returns True when there was something to delete.
  */
 export async function discardSecureData(jobDir: string): Promise<boolean> {
@@ -36,7 +36,9 @@ export async function discardSecureData(jobDir: string): Promise<boolean> {
     await writeFileDurably(discardedMark(jobDir), `${new Date().toISOString()}\n`);
   }
   let found = false;
-  for (const d of [join(secureDir(jobDir), 'masked'), sumDir(jobDir)]) {
+  // U goes last: the merge reads `union.json` (secureSumFiles) until the job merged, and nothing after.
+  const dir = secureDir(jobDir);
+  for (const d of [join(dir, 'masked'), sumDir(jobDir), join(dir, 'union.bin'), join(dir, 'union.json')]) {
     if (!(await exists(d))) continue;
     found = true;
     await rm(d, { recursive: true, force: true });

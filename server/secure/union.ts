@@ -6,9 +6,10 @@
  * server never holds more of U than one tensor's positions.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { syncFolder } from '../../proto/fs-sync.js';
+import { readWordsAt } from '../../proto/safetensors/fs-util.js';
 import { readDeltaTensors } from '../../proto/sparse/index.js';
 import { UNION_SLICE, unionSupportYielding } from '../../proto/secure/index.js';
 import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
@@ -81,12 +82,14 @@ async function filePositions(file: string): Promise<{ name: string; shape: numbe
  * union are held at a time).
  * @param files - Per supporter, its spool files (one tensor each), with their tensor names.
  * @param baseOrder - The base checkpoint's tensor names in its order (U's tensor order).
+ * @param beforeRename - Awaited once the file is written, before it replaces `union.bin`: throws to give the build up.
  * @throws Error for a spooled tensor the base lacks (the upload's header check refuses those).
  */
 export async function buildUnion(
   jobDir: string,
   files: readonly (readonly SpooledSupport[])[],
   baseOrder: readonly string[],
+  beforeRename?: () => Promise<void>,
 ): Promise<Union> {
   const byTensor = new Map<string, string[]>();
   for (const party of files) for (const f of party) byTensor.set(f.name, [...(byTensor.get(f.name) ?? []), f.file]);
@@ -97,6 +100,7 @@ export async function buildUnion(
   const dir = secureDir(jobDir);
   await mkdir(dir, { recursive: true });
   const bin = join(dir, 'union.bin');
+  await removeStaleUnionTemps(dir);
   const tmp = `${bin}${TEMP_MARK}${randomBytes(6).toString('hex')}`;
   const fh = await open(tmp, 'wx');
   const tensors: UnionTensor[] = [];
@@ -118,6 +122,7 @@ export async function buildUnion(
     }
     await fh.sync();
     await fh.close();
+    await beforeRename?.();
     await rename(tmp, bin);
   } catch (err) {
     await fh.close().catch(() => undefined);
@@ -127,6 +132,22 @@ export async function buildUnion(
   await syncFolder(dir);
   await writeFileDurably(join(dir, 'union.json'), `${JSON.stringify({ tensors, size: offset })}\n`);
   return { jobDir, tensors, size: offset };
+}
+
+/** A union temp file untouched this long was left by a build that died (a live build writes one tensor at a time). */
+const STALE_UNION_TEMP_MS = 10 * 60 * 1000;
+
+/**
+ * Deletes the `union.*.tmp-*` files a build that crashed left (up to 4 bytes a position each), before a new build:
+ * only those untouched for {@link STALE_UNION_TEMP_MS}, since another replica may be building right now.
+ */
+async function removeStaleUnionTemps(dir: string): Promise<void> {
+  for (const name of await readdir(dir)) {
+    if (!name.startsWith('union.') || !name.includes(TEMP_MARK)) continue;
+    const file = join(dir, name);
+    const st = await stat(file).catch(() => undefined);
+    if (st !== undefined && Date.now() - st.mtimeMs >= STALE_UNION_TEMP_MS) await rm(file, { force: true });
+  }
 }
 
 /** U as stored by {@link buildUnion} (its tensor list; the positions are read tensor by tensor). */
@@ -140,21 +161,12 @@ export async function readUnion(jobDir: string): Promise<Union> {
 }
 
 /** The positions of U in tensor `t`, read from `union.bin`. */
-export async function unionPositions(union: Union, t: UnionTensor): Promise<Uint32Array> {
+export function unionPositions(union: Union, t: UnionTensor): Promise<Uint32Array> {
   const file = join(secureDir(union.jobDir), 'union.bin');
-  const out = new Uint32Array(t.count);
-  const buf = Buffer.from(out.buffer, out.byteOffset, out.byteLength);
-  const fh = await open(file, 'r');
-  try {
-    let done = 0;
-    while (done < buf.length) {
-      const { bytesRead } = await fh.read(buf, done, buf.length - done, t.offset * 4 + done);
-      if (bytesRead === 0)
-        throw new Error(`${file}: ends before tensor "${t.name}" (${t.count} positions at ${t.offset})`);
-      done += bytesRead;
-    }
-  } finally {
-    await fh.close();
-  }
-  return out;
+  return readWordsAt(
+    file,
+    t.offset,
+    t.count,
+    () => new Error(`${file}: ends before tensor "${t.name}" (${t.count} positions at ${t.offset})`),
+  );
 }

@@ -368,9 +368,9 @@ export class Spool {
     if (job?.secure === undefined) return;
     try {
       if (await discardSecureData(this.store.dir(jobId)))
-        this.log.info('masked vectors and unmasked sum of a secure job deleted', { jobId });
+        this.log.info('masked vectors, unmasked sum and union of a secure job deleted', { jobId });
     } catch (err) {
-      this.log.warn('could not delete the masked vectors and unmasked sum of a secure job', { jobId, err });
+      this.log.warn('could not delete the masked vectors, unmasked sum and union of a secure job', { jobId, err });
     }
   }
 
