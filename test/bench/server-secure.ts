@@ -187,15 +187,19 @@ try {
   const closed = atEvents.filter((e) => e.event.type === 'securePhaseClosed');
   const merged = atEvents.find((e) => e.event.type === 'merged')!;
   const unionSize = closed.find((e) => e.event.phase === 'support')!.event.unionSize!;
-  const lineAt = (i: number, re: RegExp): number => {
-    const hit = stamped[i]!.find((s) => re.test(s.line));
-    if (hit === undefined) throw new Error(`party ${PARTIES[i]}: no line ${re} in\n${pushed[i]!.stderr}`);
+  // When party i printed its `dppa push --json` progress line of this step.
+  const stepAt = (i: number, step: string): number => {
+    const hit = stamped[i]!.find(
+      (s) => s.line.startsWith('{') && (JSON.parse(s.line) as { step?: string }).step === step,
+    );
+    if (hit === undefined)
+      throw new Error(`party ${PARTIES[i]}: no progress line of step "${step}" in\n${pushed[i]!.stderr}`);
     return hit.at;
   };
-  const partyPhase = (from: RegExp, to: RegExp): number[] =>
-    PARTIES.map((_, i) => (lineAt(i, to) - lineAt(i, from)) / 1000);
-  const unionDownload = partyPhase(/^shares received/, /^union of the supports/);
-  const maskedUpload = partyPhase(/^union of the supports/, /^masked vector held/);
+  const partyPhase = (from: string, to: string): number[] =>
+    PARTIES.map((_, i) => (stepAt(i, to) - stepAt(i, from)) / 1000);
+  const unionDownload = partyPhase('received', 'union');
+  const maskedUpload = partyPhase('union', 'maskedComplete');
   const lastUnmask = closed.find((e) => e.event.phase === 'unmask')!;
   const mergeSeconds = (Date.parse(merged.event.time) - Date.parse(lastUnmask.event.time)) / 1000;
   const cpuAt = [before.get('process_cpu_seconds_total')!, ...closed.map((e) => e.cpu), merged.cpu];
