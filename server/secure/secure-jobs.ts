@@ -39,6 +39,8 @@ export interface SecureJobsDeps {
   poke: (jobId: string) => void;
   /** The lease of a masked-upload claim on a store shared by replicas, ms (tests shorten it). @default 60000 */
   maskedLeaseMs?: number | undefined;
+  /** Awaited before a replica claims the closing of SUPPORT or UNMASK (tests make replicas race there). @default none */
+  beforeCloseClaim?: ((jobId: string, phase: string) => Promise<void>) | undefined;
 }
 
 /** Longest grace period a phase open across a restart gets after the server starts. */
@@ -623,7 +625,9 @@ export class SecureJobs {
   private async claim(jobId: string, phase: SecurePhase): Promise<string | undefined> {
     const writes = phase === SecurePhase.SECURE_PHASE_SUPPORT || phase === SecurePhase.SECURE_PHASE_UNMASK;
     if (this.deps.store.fresh === undefined || !writes) return undefined;
+    await this.deps.beforeCloseClaim?.(jobId, phaseName(phase));
     const id = randomUUID();
+    let until = '';
     await this.deps.store.update(jobId, (j) => {
       const rec = secureOf(j);
       if (phaseOf(rec) !== phase) throw new StateConflictError(`job ${jobId} left ${phaseName(phase)} meanwhile`);
@@ -636,8 +640,10 @@ export class SecureJobs {
         });
         throw new StateConflictError(`job ${jobId}: another server is closing ${phaseName(phase)}`);
       }
-      rec.closing = { phase: rec.phase, id, until: new Date(Date.now() + CLOSE_LEASE_MS).toISOString() };
+      until = new Date(Date.now() + CLOSE_LEASE_MS).toISOString();
+      rec.closing = { phase: rec.phase, id, until };
     });
+    this.deps.log.debug('secure phase claimed for closing', { jobId, phase: phaseName(phase), until });
     return id;
   }
 
