@@ -4,6 +4,8 @@
  * both replicas. While law's masked upload is open on one replica (holding its claim), a second stream for law on the
  * other replica is refused (ALREADY_EXISTS); law then resumes there. The merged checkpoint equals the plain merge of
  * the same scaled deltas (formed from the checkpoints, as test/secure-e2e.test.ts) within the fixed-point step.
+ * Then two replicas race to close SUPPORT and UNMASK (each held before its claim until the other came,
+ * fixtures/close-barrier.ts): one claims and closes each phase, the other adopts it, and the merge is the same.
  * The replicas' masked-upload lease is short ({@link LEASE_MS}); where the test needs a claim to stay current it
  * sets its end far ahead in the bucket, and a claim lapses when the test says so: nothing waits on the lease to run
  * out under load.
