@@ -375,7 +375,8 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
   });
 });
 
-describe('two replicas racing to close a secure phase', () => {
+// A replica that never came to the barrier would hold the other (and the job) there: the test fails instead.
+describe('two replicas racing to close a secure phase', { timeout: 180_000 }, () => {
   it('both try to claim SUPPORT and UNMASK at once: one claims and writes, the other adopts; the merge is right', async () => {
     // Only the two replicas of this test sweep the shared bucket.
     await Promise.all(replicas.map((r) => r.kill()));
