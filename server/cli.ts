@@ -140,7 +140,10 @@ class BadConfiguration extends Error {
  * @param internal - Server options no flag sets (test fixtures).
  * @returns The exit code, once the server has stopped.
  */
-export async function main(argv: string[], internal: Pick<ServerOptions, 'maskedLeaseMs'> = {}): Promise<number> {
+export async function main(
+  argv: string[],
+  internal: Pick<ServerOptions, 'maskedLeaseMs' | 'beforeCloseClaim'> = {},
+): Promise<number> {
   const args = argv[0] === 'serve' ? argv.slice(1) : argv;
   let server: DppaServer;
   let values: FlagValues<typeof flags> | undefined;

@@ -126,6 +126,13 @@ export interface ServerOptions {
    * @default 60000
    */
   maskedLeaseMs?: number;
+  /**
+   * Internal (no flag; tests only): with `cluster`, awaited by a replica right before it claims the closing of a
+   * secure job's SUPPORT or UNMASK phase (the phases that write files), with the job and the phase (`SUPPORT`,
+   * `UNMASK`). test/cluster-secure.test.ts holds two replicas there until both arrived, so that they race for the
+   * claim. @default none
+   */
+  beforeCloseClaim?: (jobId: string, phase: string) => Promise<void>;
   /** Where the server logs. @default JSON lines on stderr at level info */
   logger?: Logger;
 }
@@ -155,6 +162,7 @@ export interface ResolvedServerOptions {
   storageRetryMs: number;
   /** Undefined: the default of SecureJobs. */
   maskedLeaseMs: number | undefined;
+  beforeCloseClaim: ((jobId: string, phase: string) => Promise<void>) | undefined;
   logger: Logger;
 }
 
@@ -188,6 +196,7 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
     taskAttempts: opts.taskAttempts ?? DEFAULT_TASK_ATTEMPTS,
     storageRetryMs: opts.storageRetryMs ?? DEFAULT_STORAGE_RETRY_MS,
     maskedLeaseMs: opts.maskedLeaseMs,
+    beforeCloseClaim: opts.beforeCloseClaim,
     logger: opts.logger ?? createLogger(),
   };
   if (typeof r.adminToken !== 'string' || r.adminToken.trim() === '') {

@@ -183,6 +183,7 @@ export class DppaServer {
       log,
       poke: (jobId) => runner.poke(jobId),
       maskedLeaseMs: o.maskedLeaseMs,
+      beforeCloseClaim: o.beforeCloseClaim,
     });
     closers.push('secure phase timers', () => secure.stop());
     const runner = new JobRunner({

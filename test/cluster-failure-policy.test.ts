@@ -1,11 +1,12 @@
 // The one failure policy (server/jobs/failure-policy.ts) on both backends, with servers in this process: the JetStream
 // backend on a real nats-server, and the local one. A merge task that keeps failing with an error that is neither
 // damaged input nor storage (an extra file of the base that cannot be read) fails its job after --task-attempts runs,
-// with the same reason on both, and leaves no task queued; a full disk (a real tmpfs, needs root) pauses a cluster job
-// (Job.pause) as it does an embedded one, without counting against the attempts, with one `paused` event however
-// many of its tasks meet the full disk, and it merges once room is back.
+// with the same reason on both, and leaves no task queued; so does a secure job whose SUPPORT phase cannot close (on a
+// cluster the closing's claim is given up at each failure, not held for its lease); a full disk (a real tmpfs, needs
+// root) pauses a cluster job (Job.pause) as it does an embedded one, without counting against the attempts, with one
+// `paused` event however many of its tasks meet the full disk, and it merges once room is back.
 import assert from 'node:assert/strict';
-import { cp, mkdir, mkdtemp, rm, symlink } from 'node:fs/promises';
+import { cp, mkdir, mkdtemp, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -13,7 +14,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { type ServiceError, status } from '@grpc/grpc-js';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { connect } from '@nats-io/transport-node';
-import { JobState, type Job, type JobEvent } from '../proto/gen/dppa/v1/jobs.js';
+import { DppaClient } from '../client/index.js';
+import { JobState, Privacy, SecurePhase, type Job, type JobEvent } from '../proto/gen/dppa/v1/jobs.js';
 import type { DeltaRecord } from '../proto/gen/dppa/v1/sparse.js';
 import type { ServerOptions } from '../server/config.js';
 import { TASKS_STREAM, taskSubject } from '../server/nats/subjects.js';
@@ -41,6 +43,7 @@ const ROOM_FOR_AN_UPLOAD = 1_100_000;
 const dir = await mkdtemp(join(tmpdir(), 'dppa-failure-policy-'));
 const tmpfs = mountTmpfsDisk(join(dir, 'disk'), 16 * 1024 * 1024);
 let base: string;
+let finetuned: string;
 /** The base with an extra file (tokenizer.json) that cannot be read: a dangling link. */
 let brokenBase: string;
 let records: DeltaRecord[];
@@ -49,6 +52,7 @@ const servers: NatsServer[] = [];
 before(async () => {
   const fam = await writeLlamaFamily(join(dir, 'family'), { shape: SHAPE, seed: 33, finetunes: 1 });
   base = fam.base;
+  finetuned = fam.finetuned[0]!;
   records = await pruneRecords({ base, finetuned: fam.finetuned[0]!, rate: 0.9 });
   brokenBase = join(dir, 'broken-base');
   await cp(base, brokenBase, { recursive: true });
@@ -159,6 +163,54 @@ describe('a merge task that keeps failing with an error that may pass', { timeou
     assert.equal(cluster.state, embedded.state);
     assert.equal(cluster.failureReason, embedded.failureReason);
   });
+});
+
+describe('a secure phase whose closing keeps failing with an unexpected error', { timeout: 120_000 }, () => {
+  for (const mode of ['cluster', 'embedded'] as const) {
+    it(`fails its job after --task-attempts runs, the phase left open (${mode})`, async () => {
+      const data = join(dir, `data-secure-${mode}`);
+      const h = await serve(mode, data, { taskAttempts: 2, mergeWorkers: 0 });
+      const clients: DppaClient[] = [];
+      try {
+        const parties = ['a', 'b'];
+        const r = await call(
+          h.jobs,
+          'createJob',
+          createJobRequest({ basePath: base, parties, privacy: Privacy.PRIVACY_SECURE, threshold: 2, clipBound: 1 }),
+          ADMIN,
+        );
+        const jobId = r.job!.id;
+        const failed = nextEvent(h, jobId, (e) => e.failed !== undefined);
+        // A file where the job's secure folder goes: building U fails (ENOTDIR), closing SUPPORT each time it runs.
+        await writeFile(join(data, 'jobs', jobId, 'secure'), 'not a folder');
+        // Both parties upload their supports (the same fine-tune), then wait for KEYS until the job fails.
+        const pushes = parties.map((party) => {
+          const c = new DppaClient({ address: h.address, token: r.tokens[party]! });
+          clients.push(c);
+          const workDir = join(dir, `secure-${mode}-${party}`);
+          const pushed = c.push({ jobId, party, base, finetuned, workers: 1, secure: { workDir, pollMs: 50 } });
+          // Awaited below; handled here too, as a failure before then would be an unhandled rejection.
+          pushed.catch(() => undefined);
+          return pushed;
+        });
+        // Two attempts 1 s apart: a minute is ample under load (a closing claim left by the first would hold the
+        // phase for its 10-minute lease).
+        const event = await Promise.race([
+          failed,
+          sleep(60_000, undefined, { ref: false }).then(() => assert.fail('the job did not fail within a minute')),
+        ]);
+        const job = await call(h.jobs, 'getJob', { jobId }, ADMIN);
+        assert.equal(job.state, JobState.JOB_STATE_FAILED);
+        assert.equal(job.failureReason, event.failed!.reason);
+        assert.match(job.failureReason, /^secure aggregation failed after 2 attempts: /);
+        assert.equal(job.securePhase, SecurePhase.SECURE_PHASE_SUPPORT);
+        for (const p of pushes) await assert.rejects(p, /job \S+ failed: secure aggregation failed after 2 attempts/);
+      } finally {
+        for (const c of clients) c.close();
+        await h.close();
+      }
+    });
+  }
 });
 
 describe(

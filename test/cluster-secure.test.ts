@@ -4,6 +4,8 @@
  * both replicas. While law's masked upload is open on one replica (holding its claim), a second stream for law on the
  * other replica is refused (ALREADY_EXISTS); law then resumes there. The merged checkpoint equals the plain merge of
  * the same scaled deltas (formed from the checkpoints, as test/secure-e2e.test.ts) within the fixed-point step.
+ * Then two replicas race to close SUPPORT and UNMASK (each held before its claim until the other came,
+ * fixtures/close-barrier.ts): one claims and closes each phase, the other adopts it, and the merge is the same.
  * The replicas' masked-upload lease is short ({@link LEASE_MS}); where the test needs a claim to stay current it
  * sets its end far ahead in the bucket, and a claim lapses when the test says so: nothing waits on the lease to run
  * out under load.
@@ -26,7 +28,8 @@ import { crc32c } from '../proto/sparse/index.js';
 import { JOBS_BUCKET, jobKey } from '../server/nats/subjects.js';
 import { CLUSTER_ADMIN } from './fixtures/cluster-family.js';
 import { startNatsServer, type NatsServer } from './fixtures/nats-server.js';
-import { startServe, type ServeProcess } from './fixtures/serve-process.js';
+import { metricValue, startServe, type ServeProcess } from './fixtures/serve-process.js';
+import { cameToBarrier } from './fixtures/close-barrier.js';
 import { assertMatchesPlainMerge } from './fixtures/secure-expected.js';
 import { writeLlamaFamily } from './fixtures/synthetic-model.js';
 
@@ -36,6 +39,9 @@ const FACTORS: Record<(typeof parties)[number], number[]> = { math: [1.2, 1.1], 
 const CLIP = 1;
 /** The replicas' masked-upload lease, ms: a stream renews its claim once half of it has passed. */
 const LEASE_MS = 4000;
+/** GetSupport calls a replica started (its gRPC metric). */
+const GET_SUPPORT_CALLS =
+  'grpc_server_started_total{grpc_type="server_stream",grpc_service="dppa.v1.SecureAggregationService",grpc_method="GetSupport"}';
 /** A claim's end far ahead (the test makes it lapse itself). */
 const FAR = (): string => new Date(Date.now() + 3_600_000).toISOString();
 
@@ -45,10 +51,11 @@ let base: string;
 let finetuned: string[];
 const replicas: ServeProcess[] = [];
 
-function replica(): Promise<ServeProcess> {
+/** A `dppa serve --cluster` replica on the shared data folder, `extra` added to its environment. */
+function replica(extra: Record<string, string> = {}): Promise<ServeProcess> {
   const args = ['--data', join(dir, 'data'), '--grpc-port', '0', '--metrics-port', '0', '--nats', nats.url];
-  // At debug level a replica logs each time it leaves a phase's closing to the holder of the claim (a sweep).
-  const env = { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN, DPPA_TEST_MASKED_LEASE_MS: String(LEASE_MS) };
+  // At debug level a replica logs each time it claims a phase's closing or leaves it to the holder of the claim.
+  const env = { DPPA_ADMIN_TOKEN: CLUSTER_ADMIN, DPPA_TEST_MASKED_LEASE_MS: String(LEASE_MS), ...extra };
   return startServe([...args, '--cluster', '--log-level', 'debug'], env).then((r) => {
     replicas.push(r);
     return r;
@@ -58,6 +65,33 @@ function replica(): Promise<ServeProcess> {
 function client(r: ServeProcess, token: string, onRetry?: (n: RetryNotice) => void): DppaClient {
   const retry = { attempts: 30, initialDelayMs: 100, maxDelayMs: 1000 };
   return new DppaClient({ address: r.address, token, retry, ...(onRetry === undefined ? {} : { onRetry }) });
+}
+
+/**
+ * Party `p`'s push (its fixed factors) of job `jobId` through replica `r`, its private state in `workDir`; `onUnion`
+ * is called once it has U.
+ */
+function push(
+  r: ServeProcess,
+  jobId: string,
+  token: string,
+  p: (typeof parties)[number],
+  workDir: string,
+  o: { signal?: AbortSignal; onUnion?: () => void; onRetry?: (n: RetryNotice) => void } = {},
+): Promise<unknown> {
+  const c = client(r, token, o.onRetry);
+  return c
+    .push(
+      {
+        jobId,
+        party: p,
+        base,
+        finetuned: finetuned[parties.indexOf(p)]!,
+        secure: { workDir, factors: FACTORS[p], pollMs: 50 },
+      },
+      { ...(o.signal === undefined ? {} : { signal: o.signal }), onSecure: (s) => s.step === 'union' && o.onUnion?.() },
+    )
+    .finally(() => c.close());
 }
 
 function bearer(token: string): Metadata {
@@ -190,38 +224,19 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
     });
     const jobDir = join(dir, 'data', 'jobs', job.id);
     const work = (p: string): string => join(dir, `work-${p}`);
-    const push = (
-      r: ServeProcess,
-      p: (typeof parties)[number],
-      signal?: AbortSignal,
-      onUnion?: () => void,
-      onRetry?: (n: RetryNotice) => void,
-    ) => {
-      const c = client(r, tokens[p]!, onRetry);
-      const i = parties.indexOf(p);
-      return c
-        .push(
-          {
-            jobId: job.id,
-            party: p,
-            base,
-            finetuned: finetuned[i]!,
-            secure: { workDir: work(p), factors: FACTORS[p], pollMs: 50 },
-          },
-          { ...(signal === undefined ? {} : { signal }), onSecure: (s) => s.step === 'union' && onUnion?.() },
-        )
-        .finally(() => c.close());
-    };
 
     // A replica that died while closing SUPPORT left its claim (planted here): the others leave the phase alone.
     const dead = { phase: 'SECURE_PHASE_SUPPORT', id: 'a-replica-that-died', until: new Date(Date.now() + 600_000) };
     await rewriteSecure(job.id, (sec) => (sec.closing = { ...dead, until: dead.until.toISOString() }));
 
     // math on A, finance on B; law on A stops once it has U, before any masked word.
-    const math = push(a, 'math');
-    const finance = push(b, 'finance');
+    const math = push(a, job.id, tokens.math!, 'math', work('math'));
+    const finance = push(b, job.id, tokens.finance!, 'finance', work('finance'));
     const stopLaw = new AbortController();
-    const lawStops = push(a, 'law', stopLaw.signal, () => stopLaw.abort(new Error('law stops')));
+    const lawStops = push(a, job.id, tokens.law!, 'law', work('law'), {
+      signal: stopLaw.signal,
+      onUnion: () => stopLaw.abort(new Error('law stops')),
+    });
     // Awaited below; handled here too so that a failure before then does not also leave an unhandled rejection.
     for (const p of [math, finance, lawStops]) p.catch(() => undefined);
 
@@ -329,10 +344,12 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
     // law's push on B reaches UploadMasked, is refused and waits (the SDK's retry notice says why) ...
     let refused!: () => void;
     const waits = new Promise<void>((resolve) => (refused = resolve));
-    const law = push(b, 'law', undefined, undefined, (n) => {
-      const e = n.error;
-      if (e instanceof DppaRpcError && e.code === status.ALREADY_EXISTS && /on another server/.test(e.details))
-        refused();
+    const law = push(b, job.id, tokens.law!, 'law', work('law'), {
+      onRetry: (n) => {
+        const e = n.error;
+        if (e instanceof DppaRpcError && e.code === status.ALREADY_EXISTS && /on another server/.test(e.details))
+          refused();
+      },
     });
     law.catch(() => undefined);
     await waits;
@@ -350,6 +367,74 @@ describe('secure aggregation on two replicas sharing one NATS and one data folde
       assert.equal(await exists(join(jobDir, 'secure', 'masked')), false);
       assert.equal(await exists(join(jobDir, 'secure', 'discarded')), true);
       const out = join(dir, 'merged');
+      await admin.pull({ jobId: job.id, out });
+      await assertPlainMerge(out, job.id, work);
+    } finally {
+      admin.close();
+    }
+  });
+});
+
+// A replica that never came to the barrier would hold the other (and the job) there: the test fails instead.
+describe('two replicas racing to close a secure phase', { timeout: 180_000 }, () => {
+  it('both try to claim SUPPORT and UNMASK at once: one claims and writes, the other adopts; the merge is right', async () => {
+    // Only the two replicas of this test sweep the shared bucket.
+    await Promise.all(replicas.map((r) => r.kill()));
+    // Each replica about to claim a closing waits there until the other came too (fixtures/close-barrier.ts).
+    const barrier = await mkdtemp(join(dir, 'barrier-'));
+    const [a, b] = await Promise.all([0, 1].map(() => replica({ DPPA_TEST_CLOSE_BARRIER: `2:${barrier}` })));
+    const admin = client(a!, CLUSTER_ADMIN);
+    try {
+      const { job, tokens } = await admin.createJob({
+        basePath: base,
+        parties: [...parties],
+        rate: 0.8,
+        secure: { threshold: 2, clipBound: CLIP, phaseSeconds: 300 },
+      });
+      const work = (p: string): string => join(dir, `race-work-${p}`);
+      // Parties on both replicas: each serves U, whichever built it.
+      await Promise.all([
+        push(a!, job.id, tokens.math!, 'math', work('math')),
+        push(b!, job.id, tokens.finance!, 'finance', work('finance')),
+        push(b!, job.id, tokens.law!, 'law', work('law')),
+      ]);
+      const closed = [];
+      for await (const e of admin.watchJob(job.id)) {
+        if (e.securePhaseClosed !== undefined) closed.push(e.securePhaseClosed.phase);
+        if (e.merged !== undefined || e.failed !== undefined) break;
+      }
+      const final = await admin.getJob(job.id);
+      assert.equal(final.state, JobState.JOB_STATE_MERGED, final.failureReason);
+      // Each phase closed once.
+      assert.deepEqual(closed, [
+        SecurePhase.SECURE_PHASE_SUPPORT,
+        SecurePhase.SECURE_PHASE_KEYS,
+        SecurePhase.SECURE_PHASE_SHARES,
+        SecurePhase.SECURE_PHASE_MASKED_INPUT,
+        SecurePhase.SECURE_PHASE_UNMASK,
+      ]);
+
+      const pids = [a!, b!].map((r) => r.child.pid!).sort();
+      const lines = (r: ServeProcess, msg: string, phase: string): number =>
+        r
+          .stderr()
+          .split('\n')
+          .filter(
+            (l) =>
+              l.includes(`"msg":"${msg}"`) && l.includes(`"jobId":"${job.id}"`) && l.includes(`"phase":"${phase}"`),
+          ).length;
+      for (const phase of ['SUPPORT', 'UNMASK']) {
+        // Both replicas came to claim the closing, and neither had claimed it before the other came ...
+        assert.deepEqual((await cameToBarrier(barrier, job.id, phase)).sort(), pids, phase);
+        // ... yet one replica alone claimed it, and that one closed the phase (wrote U, or the sum).
+        const claimed = [a!, b!].map((r) => lines(r, 'secure phase claimed for closing', phase));
+        const closers = [a!, b!].map((r) => lines(r, 'secure phase closed', phase));
+        assert.deepEqual([...claimed].sort(), [0, 1], `${phase}: claims per replica ${claimed.join(', ')}`);
+        assert.deepEqual(closers, claimed, `${phase}: closings per replica ${closers.join(', ')}`);
+      }
+      // The replica that did not build U served it too, as the other built it: every party's vector is on one U.
+      for (const r of [a!, b!]) assert.ok((await metricValue(r.metricsPort, GET_SUPPORT_CALLS)) >= 1, 'GetSupport');
+      const out = join(dir, 'race-merged');
       await admin.pull({ jobId: job.id, out });
       await assertPlainMerge(out, job.id, work);
     } finally {

@@ -39,6 +39,8 @@ export interface SecureJobsDeps {
   poke: (jobId: string) => void;
   /** The lease of a masked-upload claim on a store shared by replicas, ms (tests shorten it). @default 60000 */
   maskedLeaseMs?: number | undefined;
+  /** Awaited before a replica claims the closing of SUPPORT or UNMASK (tests make replicas race there). @default none */
+  beforeCloseClaim?: ((jobId: string, phase: string) => Promise<void>) | undefined;
 }
 
 /** Longest grace period a phase open across a restart gets after the server starts. */
@@ -390,19 +392,31 @@ export class SecureJobs {
     return started + lease / 2;
   }
 
-  /** Gives the claim up (if still held; no write otherwise); logged, not thrown: a claim left behind lapses. */
-  private async releaseMasked(jobId: string, party: string, id: string): Promise<void> {
+  /** Gives the claim `id` on `party`'s masked upload up (see {@link release}). */
+  private releaseMasked(jobId: string, party: string, id: string): Promise<void> {
+    return this.release(jobId, 'on a masked upload', { party }, (r) => {
+      if (r.maskedClaims?.[party]?.id !== id) throw new ClaimGone();
+      const rest = { ...r.maskedClaims };
+      delete rest[party];
+      r.maskedClaims = rest;
+    });
+  }
+
+  /**
+   * Gives a claim up by `drop`, which throws ClaimGone when the claim is no longer this server's (then nothing is
+   * written); logged, not thrown: a claim left behind lapses.
+   */
+  private async release(
+    jobId: string,
+    what: string,
+    fields: Record<string, string>,
+    drop: (r: SecureRecord) => void,
+  ): Promise<void> {
     try {
-      await this.deps.store.update(jobId, (j) => {
-        const r = secureOf(j);
-        if (r.maskedClaims?.[party]?.id !== id) throw new ClaimGone();
-        const rest = { ...r.maskedClaims };
-        delete rest[party];
-        r.maskedClaims = rest;
-      });
+      await this.deps.store.update(jobId, (j) => drop(secureOf(j)));
     } catch (err) {
       if (err instanceof ClaimGone) return;
-      this.deps.log.warn('could not release the claim on a masked upload; it lapses', { jobId, party, err });
+      this.deps.log.warn(`could not release the claim ${what}; it lapses`, { jobId, ...fields, err });
     }
   }
 
@@ -492,6 +506,7 @@ export class SecureJobs {
     };
   }
 
+  /** Closes `phase`, under a claim on a store shared by replicas ({@link claim}), given up if the closing fails. */
   private async close(
     job: StoredJob,
     r: SecureRecord,
@@ -500,10 +515,32 @@ export class SecureJobs {
     missing: string[],
     signal: AbortSignal,
   ): Promise<void> {
+    const claim = await this.claim(job.id, phase);
+    try {
+      await this.closeClaimed(job, r, phase, answered, missing, signal, claim);
+    } catch (err) {
+      // Otherwise the closing's next attempt, on this replica as on another, would wait for the claim's lease.
+      if (claim !== undefined)
+        await this.release(job.id, 'to close a secure phase', { phase: phaseName(phase) }, (rec) => {
+          if (rec.closing?.id !== claim) throw new ClaimGone();
+          delete rec.closing;
+        });
+      throw err;
+    }
+  }
+
+  private async closeClaimed(
+    job: StoredJob,
+    r: SecureRecord,
+    phase: SecurePhase,
+    answered: string[],
+    missing: string[],
+    signal: AbortSignal,
+    claim: string | undefined,
+  ): Promise<void> {
     const { store, metrics, events } = this.deps;
     const dir = store.dir(job.id);
     const next = (phase + 1) as SecurePhase;
-    const claim = await this.claim(job.id, phase);
     let unionSize = r.unionSize;
     let built: Union | undefined;
     let change: (rec: SecureRecord) => void;
@@ -623,7 +660,9 @@ export class SecureJobs {
   private async claim(jobId: string, phase: SecurePhase): Promise<string | undefined> {
     const writes = phase === SecurePhase.SECURE_PHASE_SUPPORT || phase === SecurePhase.SECURE_PHASE_UNMASK;
     if (this.deps.store.fresh === undefined || !writes) return undefined;
+    await this.deps.beforeCloseClaim?.(jobId, phaseName(phase));
     const id = randomUUID();
+    let until = '';
     await this.deps.store.update(jobId, (j) => {
       const rec = secureOf(j);
       if (phaseOf(rec) !== phase) throw new StateConflictError(`job ${jobId} left ${phaseName(phase)} meanwhile`);
@@ -636,8 +675,10 @@ export class SecureJobs {
         });
         throw new StateConflictError(`job ${jobId}: another server is closing ${phaseName(phase)}`);
       }
-      rec.closing = { phase: rec.phase, id, until: new Date(Date.now() + CLOSE_LEASE_MS).toISOString() };
+      until = new Date(Date.now() + CLOSE_LEASE_MS).toISOString();
+      rec.closing = { phase: rec.phase, id, until };
     });
+    this.deps.log.debug('secure phase claimed for closing', { jobId, phase: phaseName(phase), until });
     return id;
   }
 
