@@ -159,13 +159,13 @@ export async function readUnion(jobDir: string): Promise<Union> {
   return { jobDir, tensors: meta.tensors, size: meta.size };
 }
 
-/** The positions of U in tensor `t`, read from `union.bin`. */
-export function unionPositions(union: Union, t: UnionTensor): Promise<Uint32Array> {
+/** Positions `from`..`from + count` − 1 of U in tensor `t` (all of them by default), read from `union.bin`. */
+export function unionPositions(union: Union, t: UnionTensor, from = 0, count = t.count - from): Promise<Uint32Array> {
   const file = join(secureDir(union.jobDir), 'union.bin');
   return readWordsAt(
     file,
-    t.offset,
-    t.count,
+    t.offset + from,
+    count,
     () => new Error(`${file}: ends before tensor "${t.name}" (${t.count} positions at ${t.offset})`),
   );
 }
