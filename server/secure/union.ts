@@ -3,7 +3,7 @@
  * closes, stored as `<job>/secure/union.json` (tensors in the base checkpoint's order, the order of every delta, with
  * their shapes and counts) and `union.bin` (their positions, uint32 little-endian, tensor after tensor). Word j of
  * every masked vector is the j-th position of U in that order. Built as the supports are read, a window of U at a
- * time, whatever the tensors' sizes; served and read one tensor at a time.
+ * time, and read back in slices ({@link unionPositions}): the server never holds a whole tensor's positions.
  */
 import { randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
@@ -133,7 +133,7 @@ export async function buildUnion(
   return { jobDir, tensors, size: offset };
 }
 
-/** A union temp file untouched this long was left by a build that died (a live build writes one tensor at a time). */
+/** A union temp file untouched this long was left by a build that died (a live build writes a window of U at a time). */
 const STALE_UNION_TEMP_MS = 10 * 60 * 1000;
 
 /**
