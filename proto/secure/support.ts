@@ -30,7 +30,7 @@ export interface PositionPiece {
  * The union of k increasing position streams, each fed a piece at a time (the one merge kernel): it holds one piece
  * per stream, whatever the streams' lengths, and checks that each stream increases strictly and stays below 2^32.
  */
-export class UnionMerge {
+class UnionMerge {
   /** Each stream's current piece; undefined once used up (or ended). */
   private readonly pieces: (PositionPiece | undefined)[];
   /** Index in its piece of each stream's next position. */
