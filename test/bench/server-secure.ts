@@ -194,8 +194,9 @@ try {
   };
   const partyPhase = (from: RegExp, to: RegExp): number[] =>
     PARTIES.map((_, i) => (lineAt(i, to) - lineAt(i, from)) / 1000);
-  const unionDownload = partyPhase(/^shares received/, /^union of the supports/);
-  const maskedUpload = partyPhase(/^union of the supports/, /^masked vector held/);
+  // `dppa push --json` progress lines: {"step":"received"} (shares), {"step":"union"}, {"step":"maskedComplete"}.
+  const unionDownload = partyPhase(/"step":"received"/, /"step":"union"/);
+  const maskedUpload = partyPhase(/"step":"union"/, /"step":"maskedComplete"/);
   const lastUnmask = closed.find((e) => e.event.phase === 'unmask')!;
   const mergeSeconds = (Date.parse(merged.event.time) - Date.parse(lastUnmask.event.time)) / 1000;
   const cpuAt = [before.get('process_cpu_seconds_total')!, ...closed.map((e) => e.cpu), merged.cpu];
