@@ -24,8 +24,9 @@ import {
   stepOf,
   sumErrorBound,
   unionSupport,
-  unionSupportYielding,
+  unionStreams,
   UNION_SLICE,
+  type PositionPiece,
 } from '../proto/secure/index.js';
 
 /** All subsets of `k` elements of `items`. */
@@ -306,26 +307,68 @@ describe('supports', () => {
     assert.throws(() => unionSupport([Uint32Array.of(3, 3)]), ProtocolStateError);
   });
 
-  it('unites supports of several slices with pauses between them, and finds disorder at a slice boundary', async () => {
-    // Every 2nd, every 3rd and every 7th position below 3·UNION_SLICE: longer than a slice each.
+  it('unites streams of pieces a window at a time with pauses between, and finds disorder across pieces', async () => {
+    // Every 2nd and every 7th position below 3·UNION_SLICE in pieces of 1000 positions, runs of 100 positions every
+    // 1000 as RANGE pieces (the positions they imply), and one range beyond: longer than a window together.
     const limit = 3 * UNION_SLICE;
     const every = (k: number): Uint32Array => Uint32Array.from({ length: Math.ceil(limit / k) }, (_, i) => i * k);
+    // Each piece handed over after a turn of the microtask queue, as a file's reader does.
+    async function* stream(items: Iterable<PositionPiece>): AsyncGenerator<PositionPiece> {
+      for (const item of items) yield await Promise.resolve(item);
+    }
+    function* pieces(s: Uint32Array): Generator<PositionPiece> {
+      for (let i = 0; i < s.length; i += 1000) {
+        const part = s.subarray(i, i + 1000);
+        yield { first: 0, count: part.length, positions: part };
+      }
+    }
+    function* runs(): Generator<PositionPiece> {
+      for (let x = 0; x < limit; x += 1000) yield { first: x, count: 100, positions: undefined };
+    }
     let pauses = 0;
     const pause = (): Promise<void> => {
       pauses++;
       return new Promise((resolve) => setImmediate(resolve));
     };
-    const union = await unionSupportYielding([every(2), every(3), every(7)], pause);
+    const written: Uint32Array[] = [];
+    const write = (w: Uint32Array): Promise<void> => {
+      written.push(w.slice());
+      return Promise.resolve();
+    };
+    const range = (): AsyncGenerator<PositionPiece> => stream([{ first: limit + 5, count: 10, positions: undefined }]);
+    const total = await unionStreams(
+      [stream(pieces(every(2))), stream(runs()), stream(pieces(every(7))), range()],
+      write,
+      pause,
+    );
     const expected: number[] = [];
-    for (let x = 0; x < limit; x++) if (x % 2 === 0 || x % 3 === 0 || x % 7 === 0) expected.push(x);
-    assert.equal(union.length, expected.length);
-    assert.ok(union.every((x, i) => x === expected[i]));
-    assert.ok(pauses > 3, `${pauses} pauses`);
+    for (let x = 0; x < limit; x++) if (x % 2 === 0 || x % 1000 < 100 || x % 7 === 0) expected.push(x);
+    for (let x = limit + 5; x < limit + 15; x++) expected.push(x);
+    assert.equal(total, expected.length);
+    assert.ok(written.slice(0, -1).every((w) => w.length === UNION_SLICE));
+    let at = 0;
+    for (const w of written) for (const x of w) assert.ok(x === expected[at++], `position ${at - 1}`);
+    assert.equal(at, expected.length);
+    assert.equal(written.length, Math.ceil(total / UNION_SLICE));
+    assert.ok(pauses >= written.length - 1, `${pauses} pauses`);
+    // A position repeated across two pieces of one stream, at index UNION_SLICE of it.
     const bad = every(1);
     bad[UNION_SLICE] = bad[UNION_SLICE - 1]!;
     await assert.rejects(
-      unionSupportYielding([bad], pause),
+      unionStreams([stream(pieces(bad))], write, pause),
       (e: unknown) => e instanceof ProtocolStateError && e.message.includes(`at ${UNION_SLICE}`),
+    );
+    await assert.rejects(
+      unionStreams(
+        [
+          range(),
+          stream(pieces(Uint32Array.of(1, 2))),
+          stream([{ first: 2 ** 32 - 1, count: 2, positions: undefined }]),
+        ],
+        write,
+        pause,
+      ),
+      (e: unknown) => e instanceof ProtocolStateError && /support 2: position 4294967296 is beyond/.test(e.message),
     );
   });
 });

@@ -19,6 +19,7 @@ import {
   MAX_GOLOMB_M,
   TensorAssembler,
   tensorRecords,
+  TensorRecordStream,
   type PartitionEntries,
 } from '../proto/sparse/index.js';
 
@@ -526,6 +527,26 @@ void describe('tensor records', () => {
     assert.equal(viaRuns[699], 0.5);
   });
 
+  void it('decodes a RANGE chunk of a whole large tensor without growing the scratch until its positions are read', () => {
+    const numel = 1 << 26;
+    const [chunk] = [
+      ...encodeChunks('whole', 0, Float64Array.of(0, numel - 1), new Float32Array(0), {
+        valueDtype: ValueDtype.VALUE_DTYPE_NONE,
+      }),
+    ];
+    // A RANGE chunk as any client may send one (count = the tensor's size, no position bytes).
+    const range = { ...chunk!, positionCoding: PositionCoding.POSITION_CODING_RANGE, positions: Buffer.alloc(0) };
+    range.count = numel;
+    range.golombM = 0;
+    range.crc32c = chunkChecksum(range);
+    const scratch = { positions: new Float64Array(0), values: new Float32Array(0) };
+    const c = decodeChunk(range, { numel, skipValues: true }, scratch);
+    assert.equal(c.count, numel);
+    assert.equal(scratch.positions.length, 0);
+    assert.equal(c.positions[numel - 1], numel - 1);
+    assert.equal(scratch.positions.length, numel);
+  });
+
   void it('checks a chunk without decoding positions (checkChunk), leaving a malformed bit stream to the decoder', () => {
     // A bit stream padded with extra bytes, re-checksummed: only a decoder can tell.
     const chunk = records.find((r) => r.chunk !== undefined && r.chunk.positions.length > 0)!.chunk!;
@@ -547,6 +568,28 @@ void describe('tensor records', () => {
     assert.throws(() => {
       for (const r of records) a.push(r);
     }, /partition 2, but there are 1 partition/);
+  });
+
+  void it('gives the same records from pieces of whole chunks (TensorRecordStream), a valid tensor from any pieces', () => {
+    const fromPieces = (size: number): DeltaRecord[] => {
+      const stream = new TensorRecordStream(name, shape, opts);
+      const out = [stream.begin()];
+      for (const [p, e] of partitions.entries())
+        for (let at = 0; at < e.positions.length; at += size) {
+          const piece = { positions: e.positions.subarray(at, at + size), values: e.values.subarray(at, at + size) };
+          out.push(...stream.chunks(p, piece));
+        }
+      out.push(stream.end(partitions.length));
+      return out;
+    };
+    assert.deepEqual(fromPieces(3 * opts.maxChunkEntries), records);
+    const uneven = fromPieces(2500);
+    assert.ok(uneven.length > records.length);
+    const t = assembleTensor(uneven);
+    for (const [p, entries] of partitions.entries()) {
+      assert.deepEqual(t.partitions[p]!.positions, entries.positions);
+      assert.deepEqual(t.partitions[p]!.values, entries.values);
+    }
   });
 
   void it('describes an empty tensor with a begin and an end saying 0', () => {

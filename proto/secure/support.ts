@@ -13,85 +13,170 @@ function checkSorted(positions: Uint32Array, what: string, base = 0): void {
   }
 }
 
-/** Entries merged (or checked) between two yields of {@link unionSupportYielding}. */
+/** Union positions written out between two yields of {@link unionStreams} (4 MiB of uint32). */
 export const UNION_SLICE = 1 << 20;
 
-/** The union of increasing `a` and `b`, merged `budget` entries per call of `step` (the one merge kernel). */
+/**
+ * A run of increasing positions: `positions[0..count)`, or when `positions` is undefined the `count` positions from
+ * `first` on (a RANGE chunk's, never written out).
+ */
+export interface PositionPiece {
+  first: number;
+  count: number;
+  positions: ArrayLike<number> | undefined;
+}
+
+/**
+ * The union of k increasing position streams, each fed a piece at a time (the one merge kernel): it holds one piece
+ * per stream, whatever the streams' lengths, and checks that each stream increases strictly and stays below 2^32.
+ */
 class UnionMerge {
-  private i = 0;
-  private j = 0;
-  private n = 0;
-  private readonly out: Uint32Array;
-  constructor(
-    private readonly a: Uint32Array,
-    private readonly b: Uint32Array,
-  ) {
-    this.out = new Uint32Array(a.length + b.length);
+  /** Each stream's current piece; undefined once used up (or ended). */
+  private readonly pieces: (PositionPiece | undefined)[];
+  /** Index in its piece of each stream's next position. */
+  private readonly at: Float64Array;
+  /** Each stream's next position (Infinity without a piece). */
+  private readonly heads: Float64Array;
+  /** The last position taken from each stream, −1 before its first. */
+  private readonly last: Float64Array;
+  /** Positions taken from each stream so far (for messages). */
+  private readonly taken: Float64Array;
+  private readonly ended: boolean[];
+
+  constructor(streams: number) {
+    this.pieces = new Array<PositionPiece | undefined>(streams).fill(undefined);
+    this.at = new Float64Array(streams);
+    this.heads = new Float64Array(streams).fill(Infinity);
+    this.last = new Float64Array(streams).fill(-1);
+    this.taken = new Float64Array(streams);
+    this.ended = new Array<boolean>(streams).fill(false);
   }
 
-  /** Merges up to `budget` more entries; true once both inputs are consumed. */
-  step(budget: number): boolean {
-    const { a, b, out } = this;
-    let { i, j, n } = this;
-    const stop = Math.min(n + budget, out.length);
-    while (n < stop && (i < a.length || j < b.length)) {
-      const x = i < a.length ? a[i]! : Infinity;
-      const y = j < b.length ? b[j]! : Infinity;
-      if (x <= y) {
-        out[n++] = x;
-        i++;
-        if (x === y) j++;
-      } else {
-        out[n++] = y;
-        j++;
+  /** A stream whose piece is used up and that has not ended (feed it next), or −1 when there is none. */
+  wanting(): number {
+    for (let k = 0; k < this.pieces.length; k++) if (this.pieces[k] === undefined && !this.ended[k]) return k;
+    return -1;
+  }
+
+  /** True once every stream ended. */
+  get done(): boolean {
+    return this.ended.every((e) => e);
+  }
+
+  /**
+   * Gives stream `k` its next piece (held until used up; an empty one is skipped), or ends it (undefined).
+   * @throws ProtocolStateError for a position at or beyond 2^32, or one not above the stream's last
+   */
+  feed(k: number, piece: PositionPiece | undefined): void {
+    if (piece === undefined) {
+      this.ended[k] = true;
+      return;
+    }
+    if (piece.count === 0) return;
+    const last = piece.positions === undefined ? piece.first + piece.count - 1 : piece.positions[piece.count - 1]!;
+    if (last > 0xffffffff) throw new ProtocolStateError(`support ${k}: position ${last} is beyond 2^32 − 1`);
+    this.pieces[k] = piece;
+    this.at[k] = 0;
+    this.advance(k);
+  }
+
+  /** Moves stream `k` to the next position of its piece, which must be above the last one taken. */
+  private advance(k: number): void {
+    const p = this.pieces[k]!;
+    const i = this.at[k]!;
+    if (i === p.count) {
+      this.pieces[k] = undefined;
+      this.heads[k] = Infinity;
+      return;
+    }
+    const x = p.positions === undefined ? p.first + i : p.positions[i]!;
+    if (x <= this.last[k]!)
+      throw new ProtocolStateError(`support ${k}: positions not strictly increasing at ${this.taken[k]}`);
+    this.heads[k] = x;
+  }
+
+  /**
+   * Writes the next union positions into `out` from index `from` on, until `out` is full, a stream wants a piece
+   * ({@link wanting}) or every stream ended.
+   * @returns The index after the last position written.
+   * @throws ProtocolStateError when a stream does not increase strictly
+   */
+  fill(out: Uint32Array, from: number): number {
+    const { pieces, heads, at, last, taken } = this;
+    const k = pieces.length;
+    let n = from;
+    while (n < out.length) {
+      let min = Infinity;
+      for (let s = 0; s < k; s++) {
+        if (pieces[s] === undefined && !this.ended[s]) return n;
+        if (heads[s]! < min) min = heads[s]!;
+      }
+      if (min === Infinity) return n;
+      out[n++] = min;
+      for (let s = 0; s < k; s++) {
+        if (heads[s] !== min) continue;
+        last[s] = min;
+        at[s]!++;
+        taken[s]!++;
+        this.advance(s);
       }
     }
-    this.i = i;
-    this.j = j;
-    this.n = n;
-    return i === a.length && j === b.length;
-  }
-
-  /** The union (a copy of its length: the larger buffer is freed). */
-  result(): Uint32Array {
-    return this.out.slice(0, this.n);
+    return n;
   }
 }
 
 /** The sorted union of sorted supports. */
 export function unionSupport(supports: readonly Uint32Array[]): Uint32Array {
-  supports.forEach((s, i) => checkSorted(s, `support ${i}`));
-  let union: Uint32Array = new Uint32Array(0);
-  for (const s of supports) {
-    const m = new UnionMerge(union, s);
-    m.step(Infinity);
-    union = m.result();
+  const merge = new UnionMerge(supports.length);
+  supports.forEach((s, k) => merge.feed(k, { first: 0, count: s.length, positions: s }));
+  const out = new Uint32Array(supports.reduce((n, s) => n + s.length, 0));
+  let n = 0;
+  while (!merge.done) {
+    // Each support is one piece: used up, it has ended.
+    for (let k = merge.wanting(); k >= 0; k = merge.wanting()) merge.feed(k, undefined);
+    n = merge.fill(out, n);
   }
-  return union;
+  return out.slice(0, n);
 }
 
 /**
- * {@link unionSupport} in slices of {@link UNION_SLICE} entries with `pause()` awaited between them (a server passes
- * `setImmediate` so that it keeps answering calls and keepalive pings over tensors of millions of positions).
+ * The union of increasing position streams, in bounded memory: one piece per stream and a window of `window` words
+ * (their sizes, not the streams', bound it). `write` gets each full window (a view of one reused buffer, valid until
+ * its promise settles), then `pause()` is awaited (a server passes `setImmediate` so that it keeps answering calls and
+ * keepalive pings over tensors of millions of positions). A stream's piece is held until used up, then the next
+ * one is asked for.
+ * @returns The number of positions written.
+ * @throws ProtocolStateError when a stream does not increase strictly or reaches 2^32; what a stream throws
  */
-export async function unionSupportYielding(
-  supports: readonly Uint32Array[],
+export async function unionStreams(
+  streams: readonly AsyncIterable<PositionPiece>[],
+  write: (words: Uint32Array) => Promise<unknown>,
   pause: () => Promise<unknown>,
-): Promise<Uint32Array> {
-  for (const [k, s] of supports.entries())
-    for (let i = 0; i < s.length; i += UNION_SLICE) {
-      // Overlapping by one entry, so that every neighbouring pair is checked.
-      const from = Math.max(0, i - 1);
-      checkSorted(s.subarray(from, i + UNION_SLICE), `support ${k}`, from);
+  window = UNION_SLICE,
+): Promise<number> {
+  const iterators = streams.map((s) => s[Symbol.asyncIterator]());
+  const merge = new UnionMerge(streams.length);
+  const out = new Uint32Array(window);
+  let n = 0;
+  let total = 0;
+  try {
+    for (;;) {
+      for (let k = merge.wanting(); k >= 0; k = merge.wanting()) {
+        const next = await iterators[k]!.next();
+        merge.feed(k, next.done === true ? undefined : next.value);
+      }
+      n = merge.fill(out, n);
+      if (n < out.length && !merge.done) continue;
+      if (n > 0) await write(out.subarray(0, n));
+      total += n;
+      n = 0;
+      if (merge.done) return total;
       await pause();
     }
-  let union: Uint32Array = new Uint32Array(0);
-  for (const s of supports) {
-    const m = new UnionMerge(union, s);
-    while (!m.step(UNION_SLICE)) await pause();
-    union = m.result();
+  } finally {
+    // Closes the streams left unfinished by an error (their files).
+    for (const it of iterators) await it.return?.();
   }
-  return union;
 }
 
 /**

@@ -304,7 +304,6 @@ export function decodeChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}, sc
   const label = `chunk ${chunk.index}`;
   const { count } = checked;
   const skip = ctx.skipValues === true;
-  if (scratch !== undefined && scratch.positions.length < count) scratch.positions = new Float64Array(count);
   if (scratch !== undefined && !skip && scratch.values.length < count) scratch.values = new Float32Array(count);
   const values = skip ? NO_VALUES : scratch === undefined ? new Float32Array(count) : scratch.values.subarray(0, count);
   // A positions-only chunk decodes with every value 0.
@@ -314,20 +313,20 @@ export function decodeChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}, sc
     else decodeValues(chunk.values, dtype, values);
   }
   if (checked.range && scratch !== undefined) {
-    // checkChunk has bounded the last position already.
+    // checkChunk has bounded the last position already. The scratch grows for them only when they are read: a RANGE
+    // chunk may span a whole tensor in a few bytes.
     const { firstPosition } = checked;
-    const into = scratch.positions;
     let filled: Float64Array | undefined;
     return {
       ...checked,
       values,
       get positions(): Float64Array {
-        filled ??= fillRange(into.subarray(0, count), firstPosition);
+        filled ??= fillRange(scratchPositions(scratch, count), firstPosition);
         return filled;
       },
     };
   }
-  const positions = scratch === undefined ? new Float64Array(count) : scratch.positions.subarray(0, count);
+  const positions = scratch === undefined ? new Float64Array(count) : scratchPositions(scratch, count);
   decodePositions(chunk, checked.firstPosition, positions, label, where);
   const last = positions[count - 1]!;
   if (last > Number.MAX_SAFE_INTEGER) {
@@ -340,6 +339,12 @@ export function decodeChunk(chunk: SparseChunk, ctx: DecodeChunkContext = {}, sc
 }
 
 const NO_VALUES = new Float32Array(0);
+
+/** The first `count` entries of the scratch's positions, grown to hold them. */
+function scratchPositions(scratch: DecodeScratch, count: number): Float64Array {
+  if (scratch.positions.length < count) scratch.positions = new Float64Array(count);
+  return scratch.positions.subarray(0, count);
+}
 
 /** Decodes the positions of a chunk {@link checkChunk} accepted into `out` (exactly `count` long). */
 function decodePositions(

@@ -18,7 +18,13 @@ export {
 } from './chunk-codec.js';
 export { DEFAULT_VALUE_DTYPE, storageDtype } from './value-dtype.js';
 export { DEFAULT_MAX_ABS_VALUE, firstValueBeyond, magnitudeLimit } from './value-bound.js';
-export { shapeNumel, tensorRecords, type PartitionEntries, type TensorRecordOptions } from './tensor-records.js';
+export {
+  shapeNumel,
+  tensorRecords,
+  TensorRecordStream,
+  type PartitionEntries,
+  type TensorRecordOptions,
+} from './tensor-records.js';
 export {
   assembleTensor,
   TensorAssembler,

@@ -64,28 +64,70 @@ export function* tensorRecords(
   partitions: readonly PartitionEntries[],
   opts: TensorRecordOptions = {},
 ): Generator<DeltaRecord, void, undefined> {
-  const numel = shapeNumel(shape);
-  const begin: TensorBegin = { name, shape: shape.map((d) => BigInt(d)) };
-  yield { tensorBegin: begin };
-  let index = 0;
-  let crc = 0;
-  const kept: bigint[] = [];
-  for (const [p, entries] of partitions.entries()) {
+  const records = new TensorRecordStream(name, shape, opts);
+  yield records.begin();
+  for (const [p, entries] of partitions.entries()) yield* records.chunks(p, entries);
+  yield records.end(partitions.length);
+}
+
+/**
+ * The records of one tensor ({@link tensorRecords}) for entries given a piece at a time, so that a writer holds one
+ * piece: {@link begin}, the {@link chunks} of each piece (partitions in order; within a partition, each piece's
+ * positions after the last piece's), {@link end}. A piece starts a new chunk.
+ */
+export class TensorRecordStream {
+  private readonly numel: number;
+  private index = 0;
+  private crc = 0;
+  private readonly kept: bigint[] = [];
+
+  /**
+   * @param name - Tensor name.
+   * @param shape - Tensor shape; positions must be below the product.
+   * @param opts - Value precision and chunk size.
+   * @throws RangeError for an invalid shape.
+   */
+  constructor(
+    private readonly name: string,
+    private readonly shape: readonly (number | bigint)[],
+    private readonly opts: TensorRecordOptions = {},
+  ) {
+    this.numel = shapeNumel(shape);
+  }
+
+  /** The `tensorBegin` record. */
+  begin(): DeltaRecord {
+    const begin: TensorBegin = { name: this.name, shape: this.shape.map((d) => BigInt(d)) };
+    return { tensorBegin: begin };
+  }
+
+  /**
+   * The chunk records of the next piece of partition `partition`'s entries.
+   * @throws FormatError (naming the tensor) for invalid positions, as {@link encodeChunks}.
+   * @throws RangeError for an invalid option.
+   */
+  *chunks(partition: number, entries: PartitionEntries): Generator<DeltaRecord, void, undefined> {
     const chunkOpts = {
-      valueDtype: opts.valueDtype,
-      maxChunkEntries: opts.maxChunkEntries,
-      firstIndex: index,
-      numel: numel === Infinity ? undefined : numel,
+      valueDtype: this.opts.valueDtype,
+      maxChunkEntries: this.opts.maxChunkEntries,
+      firstIndex: this.index,
+      numel: this.numel === Infinity ? undefined : this.numel,
     };
-    for (const chunk of encodeChunks(name, p, entries.positions, entries.values, chunkOpts)) {
-      crc = foldChunkCrc(crc, chunk.crc32c);
-      index++;
+    for (const chunk of encodeChunks(this.name, partition, entries.positions, entries.values, chunkOpts)) {
+      this.crc = foldChunkCrc(this.crc, chunk.crc32c);
+      this.index++;
       yield { chunk };
     }
-    kept.push(BigInt(entries.positions.length));
+    while (this.kept.length <= partition) this.kept.push(0n);
+    this.kept[partition]! += BigInt(entries.positions.length);
   }
-  const end: TensorEnd = { name, chunkCount: index, keptPerPartition: kept, crc32c: crc };
-  yield { tensorEnd: end };
+
+  /** The `tensorEnd` record of a tensor with partitions 0..`partitions` − 1. */
+  end(partitions: number): DeltaRecord {
+    const kept = Array.from({ length: partitions }, (_, p) => this.kept[p] ?? 0n);
+    const end: TensorEnd = { name: this.name, chunkCount: this.index, keptPerPartition: kept, crc32c: this.crc };
+    return { tensorEnd: end };
+  }
 }
 
 /** Which field of a record is set, for messages. */

@@ -73,11 +73,12 @@ export function secureService(deps: SecureServiceDeps, rpc: RpcWrapper): SecureA
       party(ctx.metadata, req.jobId);
       const u = await secure.union(req.jobId);
       for (const t of u.tensors) {
-        const all = await unionPositions(u, t);
         let offset = t.offset;
-        // Encoded slice by slice (whole chunks each, the same chunks and indices as one pass), yielding between them.
-        for (let start = 0; start < all.length; start += SUPPORT_SLICE) {
-          const positions = Float64Array.from(all.subarray(start, start + SUPPORT_SLICE));
+        // Read and encoded slice by slice (whole chunks each, the same chunks and indices as one pass), yielding
+        // between them.
+        for (let start = 0; start < t.count; start += SUPPORT_SLICE) {
+          const slice = await unionPositions(u, t, start, Math.min(SUPPORT_SLICE, t.count - start));
+          const positions = Float64Array.from(slice);
           const chunks = encodeChunks(t.name, 0, positions, new Float32Array(0), {
             valueDtype: ValueDtype.VALUE_DTYPE_NONE,
             maxChunkEntries: SUPPORT_CHUNK_ENTRIES,

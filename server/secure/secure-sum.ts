@@ -10,12 +10,12 @@ import { OutsidePolicy, PruneMethod } from '../../proto/gen/dppa/v1/algorithm.js
 import { TensorKind, ValueDtype, ValueKind, type DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
 import { addInto, decodeSum, removeMasks, type FixedPoint, type MaskRemoval } from '../../proto/secure/index.js';
 import { exists } from '../../proto/safetensors/fs-util.js';
-import { DELTA_FORMAT_VERSION, DeltaFileWriter, tensorRecords } from '../../proto/sparse/index.js';
+import { DELTA_FORMAT_VERSION, DeltaFileWriter, TensorRecordStream } from '../../proto/sparse/index.js';
 import { discardedMark, readMasked, secureDataDiscarded, secureDir } from '../uploads/masked-spool.js';
 import { writeFileDurably } from '../durable-write.js';
 import { unionPositions, type Union } from './union.js';
 
-/** Words unmasked at a time. */
+/** Words unmasked at a time: 4 chunks of the default size. */
 const RANGE_WORDS = 1 << 20;
 
 /** Folder of the unmasked sum's tensor files. */
@@ -74,15 +74,6 @@ export async function writeSum(
   for (const [i, t] of union.tensors.entries()) {
     signal.throwIfAborted();
     await refuseIfDiscarded(jobDir);
-    const values = new Float32Array(t.count);
-    for (let start = 0; start < t.count; start += RANGE_WORDS) {
-      const n = Math.min(RANGE_WORDS, t.count - start);
-      const sum = new Uint32Array(n);
-      for (const party of survivors) addInto(sum, await readMasked(jobDir, party, t.offset + start, n));
-      removeMasks(sum, removal, t.offset + start);
-      decodeSum(sum, fp, values.subarray(start, start + n));
-    }
-    const positions = Float64Array.from(await unionPositions(union, t));
     const header: DeltaHeader = {
       formatVersion: DELTA_FORMAT_VERSION,
       baseFingerprint,
@@ -110,10 +101,19 @@ export async function writeSum(
     const w = await DeltaFileWriter.create(join(sumDir(jobDir), `${i}.dppa`));
     try {
       await w.write({ header });
-      for (const r of tensorRecords(t.name, t.shape, [{ positions, values }], {
-        valueDtype: ValueDtype.VALUE_DTYPE_F32,
-      }))
-        await w.write(r);
+      const records = new TensorRecordStream(t.name, t.shape, { valueDtype: ValueDtype.VALUE_DTYPE_F32 });
+      await w.write(records.begin());
+      // A range of U at a time, whole chunks each (the same chunks as one pass over the tensor).
+      for (let start = 0; start < t.count; start += RANGE_WORDS) {
+        const n = Math.min(RANGE_WORDS, t.count - start);
+        const sum = new Uint32Array(n);
+        for (const party of survivors) addInto(sum, await readMasked(jobDir, party, t.offset + start, n));
+        removeMasks(sum, removal, t.offset + start);
+        const values = decodeSum(sum, fp, new Float32Array(n));
+        const positions = Float64Array.from(await unionPositions(union, t, start, n));
+        for (const r of records.chunks(0, { positions, values })) await w.write(r);
+      }
+      await w.write(records.end(1));
       await w.close();
     } catch (err) {
       await w.abort();

@@ -2,16 +2,17 @@
  * The union U of a secure job's supports: built from the parties' spooled positions-only uploads when SUPPORT
  * closes, stored as `<job>/secure/union.json` (tensors in the base checkpoint's order, the order of every delta, with
  * their shapes and counts) and `union.bin` (their positions, uint32 little-endian, tensor after tensor). Word j of
- * every masked vector is the j-th position of U in that order. Built, served and read one tensor at a time: the
- * server never holds more of U than one tensor's positions.
+ * every masked vector is the j-th position of U in that order. Built as the supports are read, a window of U at a
+ * time, and read back in slices ({@link unionPositions}): the server never holds a whole tensor's positions.
  */
 import { randomBytes } from 'node:crypto';
 import { mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { syncFolder } from '../../proto/fs-sync.js';
 import { readWordsAt } from '../../proto/safetensors/fs-util.js';
-import { readDeltaTensors } from '../../proto/sparse/index.js';
-import { UNION_SLICE, unionSupportYielding } from '../../proto/secure/index.js';
+import { TensorKind } from '../../proto/gen/dppa/v1/sparse.js';
+import { readDeltaFile, readDeltaHeader, TensorAssembler } from '../../proto/sparse/index.js';
+import { unionStreams, type PositionPiece } from '../../proto/secure/index.js';
 import { TEMP_MARK, writeFileDurably } from '../durable-write.js';
 import { secureDir } from '../uploads/masked-spool.js';
 
@@ -41,45 +42,41 @@ export interface SpooledSupport {
 /** Awaited between slices of work over a whole tensor: the server keeps answering calls and keepalive pings. */
 export const pause = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
 
-/** True when `a` is non-decreasing (checked in slices, `pause` between them). */
-async function sortedYielding(a: Uint32Array): Promise<boolean> {
-  for (let i = 1; i < a.length; i += UNION_SLICE) {
-    const end = Math.min(a.length, i + UNION_SLICE);
-    for (let j = i; j < end; j++) if (a[j]! < a[j - 1]!) return false;
-    await pause();
+/**
+ * The positions of partition `partition` of a spooled one-tensor support file, a chunk at a time (each checked as
+ * {@link TensorAssembler} checks them, a RANGE chunk never expanded), valid until the next is asked for.
+ */
+async function* chunkPositions(file: string, partition: number): AsyncGenerator<PositionPiece> {
+  const assembler = new TensorAssembler({ file, entries: 'stream', values: false });
+  for await (const record of readDeltaFile(file, { transient: true })) {
+    if (record.header !== undefined) continue;
+    const c = assembler.push(record);
+    if (c?.partition === partition)
+      yield { first: c.firstPosition, count: c.count, positions: c.range ? undefined : c.positions };
   }
-  return true;
-}
-
-/** Positions of one spooled one-tensor file, all partitions, increasing. */
-async function filePositions(file: string): Promise<{ name: string; shape: number[]; positions: Uint32Array }> {
-  for await (const item of readDeltaTensors(file)) {
-    if (item.kind !== 'tensor') continue;
-    const t = item.tensor;
-    // uint32 from the start (the positions' numbers, checked): half the bytes of a Float64Array copy.
-    const all = new Uint32Array(t.partitions.reduce((n, p) => n + p.positions.length, 0));
-    let k = 0;
-    for (const p of t.partitions)
-      for (let j = 0; j < p.positions.length; j += UNION_SLICE) {
-        const end = Math.min(p.positions.length, j + UNION_SLICE);
-        for (let i = j; i < end; i++) {
-          const x = p.positions[i]!;
-          if (x > 0xffffffff)
-            throw new Error(`${file}: tensor "${t.name}" has positions beyond 2^32, which secure jobs do not support`);
-          all[k++] = x;
-        }
-        await pause();
-      }
-    // Partitions come in position order: the sort (synchronous, long over millions) only when they do not.
-    if (!(await sortedYielding(all))) all.sort();
-    return { name: t.name, shape: t.shape.map(Number), positions: all };
-  }
-  throw new Error(`${file}: no tensor`);
+  if (!assembler.complete) throw new Error(`${file}: no complete tensor`);
 }
 
 /**
- * Builds U from the supporters' spooled tensor files and stores it, tensor by tensor (only one tensor's supports and
- * union are held at a time).
+ * The streams of one spooled support file to unite, one per partition its tensor may have (each partition's
+ * positions increase; partitions need not follow each other in position order), and the tensor's shape.
+ */
+async function supportStreams(
+  file: string,
+  name: string,
+): Promise<{ shape: number[]; streams: AsyncIterable<PositionPiece>[] }> {
+  const header = await readDeltaHeader(file);
+  const plan = header.tensors[0];
+  if (plan?.name !== name) throw new Error(`${file}: holds tensor "${plan?.name}", expected "${name}"`);
+  // A linear tensor's entries are in partitions 1..P (one for the reference client), an outside one's in 0.
+  const partitions = plan.kind === TensorKind.TENSOR_KIND_LINEAR ? header.levels.map((_, i) => i + 1) : [0];
+  return { shape: plan.shape.map(Number), streams: partitions.map((p) => chunkPositions(file, p)) };
+}
+
+/**
+ * Builds U from the supporters' spooled tensor files and stores it, tensor by tensor, each tensor's supports merged
+ * as they are read and its union written as it is formed: the memory held is one chunk and one read buffer per
+ * supporter and a window of U ({@link unionStreams}), whatever the tensors' sizes.
  * @param files - Per supporter, its spool files (one tensor each), with their tensor names.
  * @param baseOrder - The base checkpoint's tensor names in its order (U's tensor order).
  * @param beforeRename - Awaited once the file is written, before it replaces `union.bin`: throws to give the build up.
@@ -108,17 +105,19 @@ export async function buildUnion(
   try {
     for (const name of names) {
       let shape: number[] = [];
-      const supports: Uint32Array[] = [];
+      const streams: AsyncIterable<PositionPiece>[] = [];
       for (const file of byTensor.get(name)!) {
-        const got = await filePositions(file);
-        if (got.name !== name) throw new Error(`${file}: holds tensor "${got.name}", expected "${name}"`);
+        const got = await supportStreams(file, name);
         shape = got.shape;
-        supports.push(got.positions);
+        streams.push(...got.streams);
       }
-      const part = await unionSupportYielding(supports, pause);
-      await fh.write(Buffer.from(part.buffer, part.byteOffset, part.byteLength));
-      tensors.push({ name, shape, count: part.length, offset });
-      offset += part.length;
+      const count = await unionStreams(
+        streams,
+        (words) => fh.write(Buffer.from(words.buffer, words.byteOffset, words.byteLength)),
+        pause,
+      );
+      tensors.push({ name, shape, count, offset });
+      offset += count;
     }
     await fh.sync();
     await fh.close();
@@ -134,7 +133,7 @@ export async function buildUnion(
   return { jobDir, tensors, size: offset };
 }
 
-/** A union temp file untouched this long was left by a build that died (a live build writes one tensor at a time). */
+/** A union temp file untouched this long was left by a build that died (a live build writes a window of U at a time). */
 const STALE_UNION_TEMP_MS = 10 * 60 * 1000;
 
 /**
@@ -160,13 +159,13 @@ export async function readUnion(jobDir: string): Promise<Union> {
   return { jobDir, tensors: meta.tensors, size: meta.size };
 }
 
-/** The positions of U in tensor `t`, read from `union.bin`. */
-export function unionPositions(union: Union, t: UnionTensor): Promise<Uint32Array> {
+/** Positions `from`..`from + count` − 1 of U in tensor `t` (all of them by default), read from `union.bin`. */
+export function unionPositions(union: Union, t: UnionTensor, from = 0, count = t.count - from): Promise<Uint32Array> {
   const file = join(secureDir(union.jobDir), 'union.bin');
   return readWordsAt(
     file,
-    t.offset,
-    t.count,
+    t.offset + from,
+    count,
     () => new Error(`${file}: ends before tensor "${t.name}" (${t.count} positions at ${t.offset})`),
   );
 }
