@@ -17,7 +17,7 @@ import {
   UsageError,
   type FlagValues,
 } from '../proto/cli/flag-table.js';
-import { logLevelFrom, optionsFromFlags, type ServerOptions } from './config.js';
+import { logLevelFrom, optionsFromFlags, type InternalServerOptions } from './config.js';
 import { ConfigError } from './errors.js';
 import { createLogger, LOG_LEVELS, type Logger } from './log.js';
 import { DppaServer, GrpcBindError } from './server.js';
@@ -137,13 +137,10 @@ class BadConfiguration extends Error {
 
 /**
  * Runs `dppa serve` with `argv` (with or without the leading `serve`).
- * @param internal - Server options no flag sets (test fixtures).
+ * @param internal - Test hooks no flag sets (test/fixtures/serve-cli.ts).
  * @returns The exit code, once the server has stopped.
  */
-export async function main(
-  argv: string[],
-  internal: Pick<ServerOptions, 'maskedLeaseMs' | 'beforeCloseClaim'> = {},
-): Promise<number> {
+export async function main(argv: string[], internal: InternalServerOptions = {}): Promise<number> {
   const args = argv[0] === 'serve' ? argv.slice(1) : argv;
   let server: DppaServer;
   let values: FlagValues<typeof flags> | undefined;
@@ -175,7 +172,7 @@ export async function main(
       taskAckWaitMs: v['task-ack-wait-ms'],
       taskAttempts: v['task-attempts'],
     });
-    server = new DppaServer({ ...options, ...internal, logger: log });
+    server = new DppaServer({ ...options, logger: log }, internal);
   } catch (err) {
     const bad = badConfiguration(err, values);
     if (bad === undefined) throw err;

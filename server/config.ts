@@ -12,6 +12,7 @@ import { DEFAULT_TASK_ATTEMPTS } from './jobs/failure-policy.js';
 import { DEFAULT_STORAGE_RETRY_MS } from './jobs/storage-pauses.js';
 import { createLogger, LOG_LEVELS, type Logger } from './log.js';
 import { DEFAULT_HTTP2_WINDOW, MAX_HTTP2_WINDOW } from './rpc/receive-window.js';
+import type { ClosingPhase } from './secure/secure-jobs.js';
 import { messageOf } from '../proto/errors.js';
 
 /** TLS files of the gRPC listener. */
@@ -120,24 +121,32 @@ export interface ServerOptions {
    * @default 5000
    */
   storageRetryMs?: number;
-  /**
-   * Internal (no flag; tests shorten it): with `cluster`, how long a replica's claim on a party's masked upload
-   * keeps the other replicas' streams for that party away (renewed after half of it while the stream writes).
-   * @default 60000
-   */
-  maskedLeaseMs?: number;
-  /**
-   * Internal (no flag; tests only): with `cluster`, awaited by a replica right before it claims the closing of a
-   * secure job's SUPPORT or UNMASK phase (the phases that write files), with the job and the phase (`SUPPORT`,
-   * `UNMASK`). test/cluster-secure.test.ts holds two replicas there until both arrived, so that they race for the
-   * claim. @default none
-   */
-  beforeCloseClaim?: (jobId: string, phase: string) => Promise<void>;
   /** Where the server logs. @default JSON lines on stderr at level info */
   logger?: Logger;
 }
 
-/** {@link ServerOptions} with every default filled in. */
+/**
+ * Test hooks of {@link DppaServer}: no flag and no field of {@link ServerOptions} sets them, and index.ts does not
+ * export them. Only `dppa serve`'s `main` passes them on (test/fixtures/serve-cli.ts sets them from
+ * `DPPA_TEST_MASKED_LEASE_MS` and `DPPA_TEST_CLOSE_BARRIER`).
+ */
+export interface InternalServerOptions {
+  /**
+   * With `cluster`: how long a replica's claim on a party's masked upload keeps the other replicas' streams for that
+   * party away (renewed after half of it while the stream writes); tests shorten it.
+   * @default 60000
+   */
+  maskedLeaseMs?: number;
+  /**
+   * With `cluster`: awaited by a replica right before it claims the closing of a secure job's SUPPORT or UNMASK phase
+   * (the phases that write files). test/cluster-secure.test.ts holds two replicas there until both arrived, so that
+   * they race for the claim.
+   * @default none
+   */
+  beforeCloseClaim?: (jobId: string, phase: ClosingPhase) => Promise<void>;
+}
+
+/** {@link ServerOptions} and {@link InternalServerOptions} with every default filled in. */
 export interface ResolvedServerOptions {
   adminToken: string;
   dataDir: string;
@@ -162,7 +171,7 @@ export interface ResolvedServerOptions {
   storageRetryMs: number;
   /** Undefined: the default of SecureJobs. */
   maskedLeaseMs: number | undefined;
-  beforeCloseClaim: ((jobId: string, phase: string) => Promise<void>) | undefined;
+  beforeCloseClaim: ((jobId: string, phase: ClosingPhase) => Promise<void>) | undefined;
   logger: Logger;
 }
 
@@ -173,7 +182,7 @@ const MIN_ADMIN_TOKEN_LENGTH = 16;
  * Fills in defaults and checks every option.
  * @throws ConfigError naming the option that is missing or wrong.
  */
-export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
+export function withDefaults(opts: ServerOptions, internal: InternalServerOptions = {}): ResolvedServerOptions {
   const r: ResolvedServerOptions = {
     adminToken: opts.adminToken,
     dataDir: resolve(opts.dataDir ?? './dppa-data'),
@@ -195,8 +204,8 @@ export function withDefaults(opts: ServerOptions): ResolvedServerOptions {
     taskAckWaitMs: opts.taskAckWaitMs ?? 30_000,
     taskAttempts: opts.taskAttempts ?? DEFAULT_TASK_ATTEMPTS,
     storageRetryMs: opts.storageRetryMs ?? DEFAULT_STORAGE_RETRY_MS,
-    maskedLeaseMs: opts.maskedLeaseMs,
-    beforeCloseClaim: opts.beforeCloseClaim,
+    maskedLeaseMs: internal.maskedLeaseMs,
+    beforeCloseClaim: internal.beforeCloseClaim,
     logger: opts.logger ?? createLogger(),
   };
   if (typeof r.adminToken !== 'string' || r.adminToken.trim() === '') {

@@ -16,7 +16,7 @@ import { JetStreamBackend } from './backend/jetstream.js';
 import { LocalBackend } from './backend/local.js';
 import { buildInfo } from './build-info.js';
 import { Closers, type CloseContext } from './closers.js';
-import { withDefaults, type ResolvedServerOptions, type ServerOptions } from './config.js';
+import { withDefaults, type InternalServerOptions, type ResolvedServerOptions, type ServerOptions } from './config.js';
 import { RemoteEvaluators } from './dpa/remote-evaluators.js';
 import { UnavailableError } from './errors.js';
 import type { JobEvents } from './jobs/job-events.js';
@@ -82,9 +82,12 @@ export class DppaServer {
   /** How the pending stop closes what is left; a second, not graceful, stop makes it not graceful. */
   private stopContext: CloseContext | undefined;
 
-  /** @throws ConfigError naming the option that is wrong. */
-  constructor(options: ServerOptions) {
-    this.opts = withDefaults(options);
+  /**
+   * @param internal - Test hooks, not part of the API: only `dppa serve`'s `main` passes them (config.ts).
+   * @throws ConfigError naming the option that is wrong.
+   */
+  constructor(options: ServerOptions, internal: InternalServerOptions = {}) {
+    this.opts = withDefaults(options, internal);
   }
 
   /** Host both listeners bind to. */

@@ -40,8 +40,11 @@ export interface SecureJobsDeps {
   /** The lease of a masked-upload claim on a store shared by replicas, ms (tests shorten it). @default 60000 */
   maskedLeaseMs?: number | undefined;
   /** Awaited before a replica claims the closing of SUPPORT or UNMASK (tests make replicas race there). @default none */
-  beforeCloseClaim?: ((jobId: string, phase: string) => Promise<void>) | undefined;
+  beforeCloseClaim?: ((jobId: string, phase: ClosingPhase) => Promise<void>) | undefined;
 }
+
+/** The phases whose closing writes files (the union, the sum), so that replicas claim it first. */
+export type ClosingPhase = 'SUPPORT' | 'UNMASK';
 
 /** Longest grace period a phase open across a restart gets after the server starts. */
 const RESTART_GRACE_MS = 60_000;
@@ -109,6 +112,13 @@ class ClaimGone extends Error {}
 
 function phaseName(p: SecurePhase): string {
   return securePhaseToJSON(p).replace(/^SECURE_PHASE_/, '');
+}
+
+/** `p` as a {@link ClosingPhase}; undefined for a phase whose closing writes nothing. */
+function closingPhase(p: SecurePhase): ClosingPhase | undefined {
+  if (p === SecurePhase.SECURE_PHASE_SUPPORT) return 'SUPPORT';
+  if (p === SecurePhase.SECURE_PHASE_UNMASK) return 'UNMASK';
+  return undefined;
 }
 
 /** Secure jobs of this server. */
@@ -658,9 +668,9 @@ export class SecureJobs {
    * @throws StateConflictError when another replica holds the claim or the phase closed meanwhile.
    */
   private async claim(jobId: string, phase: SecurePhase): Promise<string | undefined> {
-    const writes = phase === SecurePhase.SECURE_PHASE_SUPPORT || phase === SecurePhase.SECURE_PHASE_UNMASK;
-    if (this.deps.store.fresh === undefined || !writes) return undefined;
-    await this.deps.beforeCloseClaim?.(jobId, phaseName(phase));
+    const closing = closingPhase(phase);
+    if (this.deps.store.fresh === undefined || closing === undefined) return undefined;
+    await this.deps.beforeCloseClaim?.(jobId, closing);
     const id = randomUUID();
     let until = '';
     await this.deps.store.update(jobId, (j) => {
