@@ -171,6 +171,8 @@ describe('a secure phase whose closing keeps failing with an unexpected error', 
       const data = join(dir, `data-secure-${mode}`);
       const h = await serve(mode, data, { taskAttempts: 2, mergeWorkers: 0 });
       const clients: DppaClient[] = [];
+      /** Ends the wait for the failure below once the test is over. */
+      const patience = new AbortController();
       try {
         const parties = ['a', 'b'];
         const r = await call(
@@ -194,10 +196,13 @@ describe('a secure phase whose closing keeps failing with an unexpected error', 
           return pushed;
         });
         // Two attempts 1 s apart: a minute is ample under load (a closing claim left by the first would hold the
-        // phase for its 10-minute lease).
+        // phase for its 10-minute lease). Bounded here rather than by the suite's timeout, which would leave the
+        // server open (this finally not run) and the test file's process with it.
         const event = await Promise.race([
           failed,
-          sleep(60_000, undefined, { ref: false }).then(() => assert.fail('the job did not fail within a minute')),
+          sleep(60_000, undefined, { signal: patience.signal }).then(() =>
+            assert.fail('the job did not fail within a minute'),
+          ),
         ]);
         const job = await call(h.jobs, 'getJob', { jobId }, ADMIN);
         assert.equal(job.state, JobState.JOB_STATE_FAILED);
@@ -206,6 +211,7 @@ describe('a secure phase whose closing keeps failing with an unexpected error', 
         assert.equal(job.securePhase, SecurePhase.SECURE_PHASE_SUPPORT);
         for (const p of pushes) await assert.rejects(p, /job \S+ failed: secure aggregation failed after 2 attempts/);
       } finally {
+        patience.abort();
         for (const c of clients) c.close();
         await h.close();
       }
