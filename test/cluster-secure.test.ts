@@ -28,10 +28,11 @@ import { crc32c } from '../proto/sparse/index.js';
 import { JOBS_BUCKET, jobKey } from '../server/nats/subjects.js';
 import { CLUSTER_ADMIN } from './fixtures/cluster-family.js';
 import { startNatsServer, type NatsServer } from './fixtures/nats-server.js';
-import { metricValue, startServe, type ServeProcess } from './fixtures/serve-process.js';
+import { GET_SUPPORT_CALLS, metricValue, startServe, type ServeProcess } from './fixtures/serve-process.js';
 import { cameToBarrier } from './fixtures/close-barrier.js';
 import { assertMatchesPlainMerge } from './fixtures/secure-expected.js';
 import { writeLlamaFamily } from './fixtures/synthetic-model.js';
+import { until } from './fixtures/until.js';
 
 const shape = { layers: 2, hidden: 64, intermediate: 128, vocab: 256 };
 const parties = ['math', 'finance', 'law'] as const;
@@ -39,9 +40,6 @@ const FACTORS: Record<(typeof parties)[number], number[]> = { math: [1.2, 1.1], 
 const CLIP = 1;
 /** The replicas' masked-upload lease, ms: a stream renews its claim once half of it has passed. */
 const LEASE_MS = 4000;
-/** GetSupport calls a replica started (its gRPC metric). */
-const GET_SUPPORT_CALLS =
-  'grpc_server_started_total{grpc_type="server_stream",grpc_service="dppa.v1.SecureAggregationService",grpc_method="GetSupport"}';
 /** A claim's end far ahead (the test makes it lapse itself). */
 const FAR = (): string => new Date(Date.now() + 3_600_000).toISOString();
 
@@ -184,15 +182,6 @@ function claimUntil(jobId: string, party: string, until: string): Promise<void> 
 
 function lapse(jobId: string, party: string): Promise<void> {
   return claimUntil(jobId, party, new Date(0).toISOString());
-}
-
-async function until<T>(what: string, probe: () => Promise<T | undefined>): Promise<T> {
-  for (let i = 0; i < 3000; i++) {
-    const v = await probe();
-    if (v !== undefined) return v;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  throw new Error(`timed out waiting for ${what}`);
 }
 
 const exists = (p: string): Promise<boolean> =>

@@ -17,8 +17,10 @@ import { loadParty, saveParty } from '../client/secure/party-store.js';
 import { SecurePhase } from '../proto/gen/dppa/v1/jobs.js';
 import { ADMIN, startHarness, type Harness } from './fixtures/grpc-harness.js';
 import { assertMatchesPlainMerge } from './fixtures/secure-expected.js';
+import { GET_SUPPORT_CALLS, metricValue } from './fixtures/serve-process.js';
 import { SlowProxy } from './fixtures/slow-proxy.js';
 import { writeLlamaFamily } from './fixtures/synthetic-model.js';
+import { until } from './fixtures/until.js';
 
 const shape = { layers: 2, hidden: 32, intermediate: 64, vocab: 64 };
 const CLIP = 1;
@@ -42,24 +44,13 @@ after(async () => {
 });
 
 /** GetSupport calls the server started so far (its own gRPC metric). */
-async function getSupportCalls(): Promise<number> {
-  const text = await (await fetch(`http://127.0.0.1:${h.server.metricsPort}/metrics`)).text();
-  const line = /^grpc_server_started_total\{[^}]*grpc_method="GetSupport"[^}]*\} (\d+)$/m.exec(text);
-  return line === null ? 0 : Number(line[1]);
+function getSupportCalls(): Promise<number> {
+  return metricValue(h.server.metricsPort, GET_SUPPORT_CALLS);
 }
 
 /** The files of a working folder that hold U or a piece of it (`union.bin`, or any temporary copy). */
 async function unionFiles(workDir: string): Promise<string[]> {
   return (await readdir(workDir)).filter((f) => f.startsWith('union'));
-}
-
-async function until<T>(what: string, probe: () => Promise<T | undefined>): Promise<T> {
-  for (let i = 0; i < 3000; i++) {
-    const v = await probe();
-    if (v !== undefined) return v;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  throw new Error(`timed out waiting for ${what}`);
 }
 
 /** One party's push of job `jobId` (fine-tune `i`, factors 1) through `address`, its steps recorded in `steps`. */
@@ -93,7 +84,7 @@ function push(
     .finally(() => client.close());
 }
 
-describe('the union on the party’s side', () => {
+describe('the union on the party’s side', { timeout: 120_000 }, () => {
   it('a party whose masked vector the server holds does not download U again, and finishes', async () => {
     const parties = ['p1', 'p2', 'p3'];
     const { job, tokens } = await admin.createJob({
