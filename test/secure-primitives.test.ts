@@ -371,6 +371,47 @@ describe('supports', () => {
       (e: unknown) => e instanceof ProtocolStateError && /support 2: position 4294967296 is beyond/.test(e.message),
     );
   });
+
+  it('closes every stream after an error, whatever one closing throws, and keeps the error', async () => {
+    const piece = (...xs: number[]): PositionPiece => ({ first: 0, count: xs.length, positions: xs });
+    const closed: string[] = [];
+    async function* failing(): AsyncGenerator<PositionPiece> {
+      yield await Promise.resolve(piece(0));
+      throw new Error('read failed');
+    }
+    // Suspended after their first piece when the first stream fails: return() runs their finally.
+    async function* refusingClose(): AsyncGenerator<PositionPiece> {
+      try {
+        yield await Promise.resolve(piece(1, 5));
+        yield piece(6);
+      } finally {
+        closed.push('refusing');
+        // eslint-disable-next-line no-unsafe-finally -- a stream whose closing fails, as under test
+        throw new Error('close failed');
+      }
+    }
+    async function* closing(): AsyncGenerator<PositionPiece> {
+      try {
+        yield await Promise.resolve(piece(2, 7));
+        yield piece(8);
+      } finally {
+        closed.push('closing');
+      }
+    }
+    const none = (): Promise<void> => Promise.resolve();
+    await assert.rejects(unionStreams([failing(), refusingClose(), closing()], none, none), /^Error: read failed$/);
+    assert.deepEqual(closed.sort(), ['closing', 'refusing']);
+    // With no error before, a failing closing is thrown (after every stream was closed).
+    closed.length = 0;
+    const done = {
+      [Symbol.asyncIterator]: () => ({
+        next: () => Promise.resolve({ done: true as const, value: undefined }),
+        return: () => Promise.reject(new Error('close failed')),
+      }),
+    };
+    await assert.rejects(unionStreams([done, closing()], none, none), /^Error: close failed$/);
+    assert.deepEqual(closed, ['closing']);
+  });
 });
 
 /** A double as an exact M·2^E with integer M. */
