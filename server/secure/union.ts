@@ -80,8 +80,9 @@ async function supportStreams(
 
 /**
  * Builds U from the supporters' spooled tensor files and stores it, tensor by tensor, each tensor's supports merged
- * as they are read and its union written as it is formed: the memory held is one chunk and one read buffer per
- * supporter and a window of U ({@link unionStreams}), whatever the tensors' sizes.
+ * as they are read and its union written as it is formed: the memory held is one chunk and one read buffer per stream
+ * (per supporter and partition: each partition of a linear tensor is read as a stream of its own over the file) and
+ * a window of U ({@link unionStreams}), whatever the tensors' sizes.
  * @param files - Per supporter, its spool files (one tensor each), with their tensor names.
  * @param baseOrder - The base checkpoint's tensor names in its order (U's tensor order).
  * @param beforeRename - Awaited once the file is written, before it replaces `union.bin`: throws to give the build up.
