@@ -316,9 +316,9 @@ describe('supports', () => {
     async function* stream(items: Iterable<PositionPiece>): AsyncGenerator<PositionPiece> {
       for (const item of items) yield await Promise.resolve(item);
     }
-    function* pieces(s: Uint32Array): Generator<PositionPiece> {
-      for (let i = 0; i < s.length; i += 1000) {
-        const part = s.subarray(i, i + 1000);
+    function* pieces(s: Uint32Array, size = 1000): Generator<PositionPiece> {
+      for (let i = 0; i < s.length; i += size) {
+        const part = s.subarray(i, i + size);
         yield { first: 0, count: part.length, positions: part };
       }
     }
@@ -351,11 +351,13 @@ describe('supports', () => {
     assert.equal(at, expected.length);
     assert.equal(written.length, Math.ceil(total / UNION_SLICE));
     assert.ok(pauses >= written.length - 1, `${pauses} pauses`);
-    // A position repeated across two pieces of one stream, at index UNION_SLICE of it.
+    // A position repeated across two pieces of one stream, at index UNION_SLICE of it: the last of one piece of 1024
+    // and the first of the next (pieces of 1000 would hold both).
     const bad = every(1);
     bad[UNION_SLICE] = bad[UNION_SLICE - 1]!;
+    assert.equal(UNION_SLICE % 1024, 0);
     await assert.rejects(
-      unionStreams([stream(pieces(bad))], write, pause),
+      unionStreams([stream(pieces(bad, 1024))], write, pause),
       (e: unknown) => e instanceof ProtocolStateError && e.message.includes(`at ${UNION_SLICE}`),
     );
     await assert.rejects(
