@@ -316,9 +316,9 @@ describe('supports', () => {
     async function* stream(items: Iterable<PositionPiece>): AsyncGenerator<PositionPiece> {
       for (const item of items) yield await Promise.resolve(item);
     }
-    function* pieces(s: Uint32Array): Generator<PositionPiece> {
-      for (let i = 0; i < s.length; i += 1000) {
-        const part = s.subarray(i, i + 1000);
+    function* pieces(s: Uint32Array, size = 1000): Generator<PositionPiece> {
+      for (let i = 0; i < s.length; i += size) {
+        const part = s.subarray(i, i + size);
         yield { first: 0, count: part.length, positions: part };
       }
     }
@@ -351,11 +351,13 @@ describe('supports', () => {
     assert.equal(at, expected.length);
     assert.equal(written.length, Math.ceil(total / UNION_SLICE));
     assert.ok(pauses >= written.length - 1, `${pauses} pauses`);
-    // A position repeated across two pieces of one stream, at index UNION_SLICE of it.
+    // A position repeated across two pieces of one stream, at index UNION_SLICE of it: the last of one piece of 1024
+    // and the first of the next (pieces of 1000 would hold both).
     const bad = every(1);
     bad[UNION_SLICE] = bad[UNION_SLICE - 1]!;
+    assert.equal(UNION_SLICE % 1024, 0);
     await assert.rejects(
-      unionStreams([stream(pieces(bad))], write, pause),
+      unionStreams([stream(pieces(bad, 1024))], write, pause),
       (e: unknown) => e instanceof ProtocolStateError && e.message.includes(`at ${UNION_SLICE}`),
     );
     await assert.rejects(
@@ -370,6 +372,47 @@ describe('supports', () => {
       ),
       (e: unknown) => e instanceof ProtocolStateError && /support 2: position 4294967296 is beyond/.test(e.message),
     );
+  });
+
+  it('closes every stream after an error, whatever one closing throws, and keeps the error', async () => {
+    const piece = (...xs: number[]): PositionPiece => ({ first: 0, count: xs.length, positions: xs });
+    const closed: string[] = [];
+    async function* failing(): AsyncGenerator<PositionPiece> {
+      yield await Promise.resolve(piece(0));
+      throw new Error('read failed');
+    }
+    // Suspended after their first piece when the first stream fails: return() runs their finally.
+    async function* refusingClose(): AsyncGenerator<PositionPiece> {
+      try {
+        yield await Promise.resolve(piece(1, 5));
+        yield piece(6);
+      } finally {
+        closed.push('refusing');
+        // eslint-disable-next-line no-unsafe-finally -- a stream whose closing fails, as under test
+        throw new Error('close failed');
+      }
+    }
+    async function* closing(): AsyncGenerator<PositionPiece> {
+      try {
+        yield await Promise.resolve(piece(2, 7));
+        yield piece(8);
+      } finally {
+        closed.push('closing');
+      }
+    }
+    const none = (): Promise<void> => Promise.resolve();
+    await assert.rejects(unionStreams([failing(), refusingClose(), closing()], none, none), /^Error: read failed$/);
+    assert.deepEqual(closed.sort(), ['closing', 'refusing']);
+    // With no error before, a failing closing is thrown (after every stream was closed).
+    closed.length = 0;
+    const done = {
+      [Symbol.asyncIterator]: () => ({
+        next: () => Promise.resolve({ done: true as const, value: undefined }),
+        return: () => Promise.reject(new Error('close failed')),
+      }),
+    };
+    await assert.rejects(unionStreams([done, closing()], none, none), /^Error: close failed$/);
+    assert.deepEqual(closed, ['closing']);
   });
 });
 

@@ -1,17 +1,18 @@
 /**
  * The unmasked sum's files (server/secure/secure-sum.ts `writeSum`), written a range of U at a time: for tensors of
  * U longer than a range, each file holds U's positions of its tensor with the decoded sum of the survivors' words,
- * checked against the words summed here modulo 2^32 and scaled by the fixed-point step.
+ * checked against the words summed here modulo 2^32 and scaled by the fixed-point step; a job stopped between two
+ * ranges of a tensor stops there.
  */
 import assert from 'node:assert/strict';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { fixedPoint, stepOf } from '../proto/secure/index.js';
-import { readDeltaTensors } from '../proto/sparse/index.js';
+import { DEFAULT_MAX_CHUNK_ENTRIES, readDeltaTensors } from '../proto/sparse/index.js';
 import { maskedFile, secureDir } from '../server/uploads/masked-spool.js';
-import { secureSumFiles, writeSum } from '../server/secure/secure-sum.js';
+import { secureSumFiles, sumDir, writeSum } from '../server/secure/secure-sum.js';
 import { readUnion, unionPositions } from '../server/secure/union.js';
 
 const root = await mkdtemp(join(tmpdir(), 'dppa-sum-file-'));
@@ -71,5 +72,40 @@ describe('the unmasked sum of a secure job', () => {
       }
       assert.equal(seen, 1, t.name);
     }
+  });
+
+  it('stops between two ranges of a tensor once the job is stopped, and leaves no file of it', async () => {
+    const jobDir = join(root, 'stopped');
+    const dir = secureDir(jobDir);
+    await mkdir(join(dir, 'masked'), { recursive: true });
+    // One tensor of U a little longer than a range (4 chunks of the default size), then a short one.
+    const count = 4 * DEFAULT_MAX_CHUNK_ENTRIES + 10;
+    const tensors = [
+      { name: 'long', shape: [count], count, offset: 0 },
+      { name: 'short', shape: [4], count: 2, offset: count },
+    ];
+    await writeFile(join(dir, 'union.json'), JSON.stringify({ tensors, size: count + 2 }));
+    const positions = Uint32Array.from({ length: count + 2 }, (_, j) => (j < count ? j : j - count));
+    await writeFile(join(dir, 'union.bin'), new Uint8Array(positions.buffer));
+    await writeFile(maskedFile(jobDir, 'p1'), new Uint8Array(4 * (count + 2)));
+    const union = await readUnion(jobDir);
+    // The job is stopped once two checks of the signal passed: the one before the first tensor and, with the check per
+    // range, the one before its first range; without it, the one before the second tensor (which is then written).
+    const controller = new AbortController();
+    const { signal } = controller;
+    const check = signal.throwIfAborted.bind(signal);
+    let checks = 0;
+    signal.throwIfAborted = () => {
+      checks++;
+      check();
+      if (checks === 2) controller.abort(new Error('job stopped'));
+    };
+    await assert.rejects(
+      writeSum(jobDir, union, ['p1'], { selfKeys: [], pairs: [] }, fixedPoint(0.05, 2), 'base', signal),
+      /^Error: job stopped$/,
+    );
+    // Stopped at the second range of the first tensor: neither file is left.
+    assert.equal(checks, 3);
+    assert.deepEqual(await readdir(sumDir(jobDir)), []);
   });
 });

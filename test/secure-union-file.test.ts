@@ -236,4 +236,37 @@ describe('the union built from spooled supports', () => {
     await assert.rejects(buildUnion(jobDir, [[{ name: 'y', file }]], ['y']), /holds tensor "x", expected "y"/);
     assert.deepEqual(await readdir(secureDir(jobDir)), []);
   });
+
+  it('refuses a position at or beyond 2^32 naming the spooled file and tensor (a Golomb chunk, a RANGE chunk)', async () => {
+    const spool = join(root, 'wide-spool');
+    await mkdir(spool, { recursive: true });
+    // More than 2^32 elements, so that the file itself is valid.
+    const shape = [65537, 65536];
+    const cases: [string, SupportTensor][] = [
+      ['golomb', { name: 'wide', shape, linear: false, partitions: [[1, 2 ** 32 + 3]] }],
+      // 2^32 − 2 … 2^32 + 1 in partition 2 (the first chunk of partition 1 is below 2^32).
+      [
+        'range',
+        { name: 'wide', shape, linear: true, partitions: [[], [5, 9], [0, 1, 2, 3].map((i) => 2 ** 32 - 2 + i)] },
+      ],
+    ];
+    for (const [label, t] of cases) {
+      const jobDir = join(root, `wide-${label}`);
+      const file = await writeSupport(join(spool, `${label}.dppa`), t);
+      const ok = await writeSupport(join(spool, `${label}-ok.dppa`), {
+        ...t,
+        shape: [100],
+        linear: false,
+        partitions: [[4, 7]],
+      });
+      await assert.rejects(
+        buildUnion(jobDir, [[{ name: 'wide', file }], [{ name: 'wide', file: ok }]], ['wide']),
+        (e: unknown) =>
+          e instanceof Error &&
+          e.message === `${file}: tensor "wide" has positions beyond 2^32 − 1, which secure jobs do not support`,
+        label,
+      );
+      assert.deepEqual(await readdir(secureDir(jobDir)), [], label);
+    }
+  });
 });

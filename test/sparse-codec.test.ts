@@ -592,6 +592,36 @@ void describe('tensor records', () => {
     }
   });
 
+  void it('TensorRecordStream refuses partitions out of order, a piece not after its partition’s last, an end too short', () => {
+    const piece = (...xs: number[]): PartitionEntries => ({
+      positions: Float64Array.from(xs),
+      values: new Float32Array(xs.length),
+    });
+    const refuses = (fn: () => unknown, pattern: RegExp): void =>
+      assert.throws(
+        fn,
+        (e: unknown) => e instanceof RangeError && pattern.test(e.message) && e.message.includes('"t"'),
+      );
+    const s = new TensorRecordStream('t', [100], opts);
+    const out = [s.begin(), ...s.chunks(0, piece(5, 9)), ...s.chunks(0, piece()), ...s.chunks(0, piece(10))];
+    // The empty piece did not forget 10; a position repeated or going back across pieces is refused.
+    refuses(() => [...s.chunks(0, piece(10, 11))], /partition 0's piece starts at position 10, expected above 10/);
+    refuses(() => [...s.chunks(0, piece(3))], /starts at position 3, expected above 10/);
+    // A new partition starts anywhere; an earlier one, even empty, is refused.
+    out.push(...s.chunks(2, piece(0, 50)), ...s.chunks(2, piece(51)));
+    refuses(() => [...s.chunks(1, piece())], /a piece of partition 1 after partition 2, expected partitions in order/);
+    refuses(() => [...s.chunks(0, piece(99))], /a piece of partition 0 after partition 2/);
+    refuses(() => [...s.chunks(2, piece(51))], /expected above 51/);
+    // An end for fewer partitions than a piece named would drop that partition's count.
+    refuses(() => s.end(2), /2 partitions, expected an integer above 2/);
+    refuses(() => s.end(-1), /-1 partitions/);
+    out.push(s.end(4));
+    const t = assembleTensor(out);
+    assert.deepEqual(t.keptPerPartition, [3, 0, 3, 0]);
+    assert.deepEqual(Array.from(t.partitions[0]!.positions), [5, 9, 10]);
+    assert.deepEqual(Array.from(t.partitions[2]!.positions), [0, 50, 51]);
+  });
+
   void it('describes an empty tensor with a begin and an end saying 0', () => {
     const empty = { positions: new Float64Array(0), values: new Float32Array(0) };
     const rs = [...tensorRecords('e', [4, 4], [empty, empty, empty])];

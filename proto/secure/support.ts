@@ -146,7 +146,8 @@ export function unionSupport(supports: readonly Uint32Array[]): Uint32Array {
  * keepalive pings over tensors of millions of positions). A stream's piece is held until used up, then the next
  * one is asked for.
  * @returns The number of positions written.
- * @throws ProtocolStateError when a stream does not increase strictly or reaches 2^32; what a stream throws
+ * @throws ProtocolStateError when a stream does not increase strictly or reaches 2^32; what a stream (its `next()`,
+ *   else its `return()`) throws
  */
 export async function unionStreams(
   streams: readonly AsyncIterable<PositionPiece>[],
@@ -170,13 +171,23 @@ export async function unionStreams(
       if (n > 0) await write(out.subarray(0, n));
       total += n;
       n = 0;
-      if (merge.done) return total;
+      if (merge.done) break;
       await pause();
     }
-  } finally {
-    // Closes the streams left unfinished by an error (their files).
-    for (const it of iterators) await it.return?.();
+  } catch (err) {
+    // The streams an error left unfinished are closed (their files); the error stays the one thrown.
+    await closeAll(iterators);
+    throw err;
   }
+  const refused = await closeAll(iterators);
+  if (refused !== undefined) throw refused.reason;
+  return total;
+}
+
+/** Closes every iterator, whatever another's `return()` does. @returns The first that failed, if any. */
+async function closeAll(iterators: readonly AsyncIterator<unknown>[]): Promise<PromiseRejectedResult | undefined> {
+  const closed = await Promise.allSettled(iterators.map(async (it) => it.return?.()));
+  return closed.find((c): c is PromiseRejectedResult => c.status === 'rejected');
 }
 
 /**

@@ -73,13 +73,19 @@ export function* tensorRecords(
 /**
  * The records of one tensor ({@link tensorRecords}) for entries given a piece at a time, so that a writer holds one
  * piece: {@link begin}, the {@link chunks} of each piece (partitions in order; within a partition, each piece's
- * positions after the last piece's), {@link end}. A piece starts a new chunk.
+ * positions after the last piece's), {@link end} (with more partitions than any piece named). A piece starts a new
+ * chunk. That order is checked: a piece or an end out of it is a RangeError saying what was expected.
  */
 export class TensorRecordStream {
   private readonly numel: number;
   private index = 0;
   private crc = 0;
-  private readonly kept: bigint[] = [];
+  /** Entries sent per partition (partition numbers are the caller's: a Map, not an array as long as the highest). */
+  private readonly kept = new Map<number, bigint>();
+  /** The partition of the last piece, −1 before the first. */
+  private lastPartition = -1;
+  /** The last position sent in {@link lastPartition}, −1 before its first. */
+  private lastPosition = -1;
 
   /**
    * @param name - Tensor name.
@@ -104,27 +110,47 @@ export class TensorRecordStream {
   /**
    * The chunk records of the next piece of partition `partition`'s entries.
    * @throws FormatError (naming the tensor) for invalid positions, as {@link encodeChunks}.
-   * @throws RangeError for an invalid option.
+   * @throws RangeError for a partition below the last piece's, a piece whose first position is not above the last
+   *   piece's of the same partition, or an invalid partition or option.
    */
   *chunks(partition: number, entries: PartitionEntries): Generator<DeltaRecord, void, undefined> {
+    const { positions } = entries;
+    if (partition < this.lastPartition)
+      throw new RangeError(
+        `tensor "${this.name}": a piece of partition ${partition} after partition ${this.lastPartition}, expected partitions in order`,
+      );
+    const first = positions[0];
+    if (partition === this.lastPartition && first !== undefined && first <= this.lastPosition)
+      throw new RangeError(
+        `tensor "${this.name}": partition ${partition}'s piece starts at position ${first}, expected above ${this.lastPosition} (the last position of its previous piece)`,
+      );
     const chunkOpts = {
       valueDtype: this.opts.valueDtype,
       maxChunkEntries: this.opts.maxChunkEntries,
       firstIndex: this.index,
       numel: this.numel === Infinity ? undefined : this.numel,
     };
-    for (const chunk of encodeChunks(this.name, partition, entries.positions, entries.values, chunkOpts)) {
+    for (const chunk of encodeChunks(this.name, partition, positions, entries.values, chunkOpts)) {
       this.crc = foldChunkCrc(this.crc, chunk.crc32c);
       this.index++;
       yield { chunk };
     }
-    while (this.kept.length <= partition) this.kept.push(0n);
-    this.kept[partition]! += BigInt(entries.positions.length);
+    if (partition !== this.lastPartition) this.lastPosition = -1;
+    this.lastPartition = partition;
+    if (positions.length > 0) this.lastPosition = positions[positions.length - 1]!;
+    this.kept.set(partition, (this.kept.get(partition) ?? 0n) + BigInt(positions.length));
   }
 
-  /** The `tensorEnd` record of a tensor with partitions 0..`partitions` − 1. */
+  /**
+   * The `tensorEnd` record of a tensor with partitions 0..`partitions` − 1.
+   * @throws RangeError when a piece was given for partition `partitions` or above (its entries would go uncounted).
+   */
   end(partitions: number): DeltaRecord {
-    const kept = Array.from({ length: partitions }, (_, p) => this.kept[p] ?? 0n);
+    if (!Number.isSafeInteger(partitions) || partitions <= this.lastPartition)
+      throw new RangeError(
+        `tensor "${this.name}": ${partitions} partitions, expected an integer above ${this.lastPartition} (the last piece's partition)`,
+      );
+    const kept = Array.from({ length: partitions }, (_, p) => this.kept.get(p) ?? 0n);
     const end: TensorEnd = { name: this.name, chunkCount: this.index, keptPerPartition: kept, crc32c: this.crc };
     return { tensorEnd: end };
   }

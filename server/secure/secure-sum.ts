@@ -10,13 +10,18 @@ import { OutsidePolicy, PruneMethod } from '../../proto/gen/dppa/v1/algorithm.js
 import { TensorKind, ValueDtype, ValueKind, type DeltaHeader } from '../../proto/gen/dppa/v1/sparse.js';
 import { addInto, decodeSum, removeMasks, type FixedPoint, type MaskRemoval } from '../../proto/secure/index.js';
 import { exists } from '../../proto/safetensors/fs-util.js';
-import { DELTA_FORMAT_VERSION, DeltaFileWriter, TensorRecordStream } from '../../proto/sparse/index.js';
+import {
+  DEFAULT_MAX_CHUNK_ENTRIES,
+  DELTA_FORMAT_VERSION,
+  DeltaFileWriter,
+  TensorRecordStream,
+} from '../../proto/sparse/index.js';
 import { discardedMark, readMasked, secureDataDiscarded, secureDir } from '../uploads/masked-spool.js';
 import { writeFileDurably } from '../durable-write.js';
 import { unionPositions, type Union } from './union.js';
 
-/** Words unmasked at a time: 4 chunks of the default size. */
-const RANGE_WORDS = 1 << 20;
+/** Words unmasked at a time: 4 whole chunks of the default size, so that the ranges' chunks are one pass's. */
+const RANGE_WORDS = 4 * DEFAULT_MAX_CHUNK_ENTRIES;
 
 /** Folder of the unmasked sum's tensor files. */
 export function sumDir(jobDir: string): string {
@@ -105,6 +110,8 @@ export async function writeSum(
       await w.write(records.begin());
       // A range of U at a time, whole chunks each (the same chunks as one pass over the tensor).
       for (let start = 0; start < t.count; start += RANGE_WORDS) {
+        // A tensor of U may take many ranges: a job stopped meanwhile stops here, not at the next tensor.
+        signal.throwIfAborted();
         const n = Math.min(RANGE_WORDS, t.count - start);
         const sum = new Uint32Array(n);
         for (const party of survivors) addInto(sum, await readMasked(jobDir, party, t.offset + start, n));

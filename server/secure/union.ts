@@ -43,16 +43,21 @@ export interface SpooledSupport {
 export const pause = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
 
 /**
- * The positions of partition `partition` of a spooled one-tensor support file, a chunk at a time (each checked as
- * {@link TensorAssembler} checks them, a RANGE chunk never expanded), valid until the next is asked for.
+ * The positions of partition `partition` of a spooled one-tensor support file holding tensor `name`, a chunk at a time
+ * (each checked as {@link TensorAssembler} checks them, a RANGE chunk never expanded), valid until the next is asked
+ * for.
+ * @throws Error naming the file and tensor for a position at or beyond 2^32 (U's positions are uint32)
  */
-async function* chunkPositions(file: string, partition: number): AsyncGenerator<PositionPiece> {
+async function* chunkPositions(file: string, name: string, partition: number): AsyncGenerator<PositionPiece> {
   const assembler = new TensorAssembler({ file, entries: 'stream', values: false });
   for await (const record of readDeltaFile(file, { transient: true })) {
     if (record.header !== undefined) continue;
     const c = assembler.push(record);
-    if (c?.partition === partition)
-      yield { first: c.firstPosition, count: c.count, positions: c.range ? undefined : c.positions };
+    if (c?.partition !== partition) continue;
+    const last = c.range ? c.lastPositionAtLeast : c.positions[c.count - 1]!;
+    if (last > 0xffffffff)
+      throw new Error(`${file}: tensor "${name}" has positions beyond 2^32 − 1, which secure jobs do not support`);
+    yield { first: c.firstPosition, count: c.count, positions: c.range ? undefined : c.positions };
   }
   if (!assembler.complete) throw new Error(`${file}: no complete tensor`);
 }
@@ -70,13 +75,14 @@ async function supportStreams(
   if (plan?.name !== name) throw new Error(`${file}: holds tensor "${plan?.name}", expected "${name}"`);
   // A linear tensor's entries are in partitions 1..P (one for the reference client), an outside one's in 0.
   const partitions = plan.kind === TensorKind.TENSOR_KIND_LINEAR ? header.levels.map((_, i) => i + 1) : [0];
-  return { shape: plan.shape.map(Number), streams: partitions.map((p) => chunkPositions(file, p)) };
+  return { shape: plan.shape.map(Number), streams: partitions.map((p) => chunkPositions(file, name, p)) };
 }
 
 /**
  * Builds U from the supporters' spooled tensor files and stores it, tensor by tensor, each tensor's supports merged
- * as they are read and its union written as it is formed: the memory held is one chunk and one read buffer per
- * supporter and a window of U ({@link unionStreams}), whatever the tensors' sizes.
+ * as they are read and its union written as it is formed: the memory held is one chunk and one read buffer per stream
+ * (per supporter and partition: each partition of a linear tensor is read as a stream of its own over the file) and
+ * a window of U ({@link unionStreams}), whatever the tensors' sizes.
  * @param files - Per supporter, its spool files (one tensor each), with their tensor names.
  * @param baseOrder - The base checkpoint's tensor names in its order (U's tensor order).
  * @param beforeRename - Awaited once the file is written, before it replaces `union.bin`: throws to give the build up.
