@@ -82,13 +82,15 @@ describe('merges in memory', () => {
     let differ = 0;
     for (const [name, want] of math) {
       const got = merged.get(name)!;
+      const b = base.get(name)!;
       for (let i = 0; i < want.length; i++) {
         if (got[i] === want[i]) continue;
         differ++;
-        // F − B in fp32 can lose low bits (spec: the delta is computed in fp32); B + Δ is then one BF16 step off.
+        // F − B in fp32 can lose low bits (spec: the delta is computed in fp32): two fp32 roundings, each within half
+        // an fp32 step of |F| + |B|. Relative to F alone the error is unbounded when F is tiny next to B.
         assert.ok(
-          Math.abs(got[i]! - want[i]!) <= Math.abs(want[i]!) * 2 ** -7,
-          `${name}[${i}]: ${got[i]} against ${want[i]}`,
+          Math.abs(got[i]! - want[i]!) <= (Math.abs(want[i]!) + Math.abs(b[i]!)) * 2 ** -23,
+          `${name}[${i}]: ${got[i]} against ${want[i]} (base ${b[i]})`,
         );
       }
     }
