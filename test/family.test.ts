@@ -233,7 +233,14 @@ describe('model family fixture', () => {
 
   let merges: MergeRatios | undefined;
   const measured = async (): Promise<MergeRatios> =>
-    (merges ??= await measureMerges(FAMILY_DIR, lm, allSplits(SETTINGS), SETTINGS.pruneRate, SETTINGS.maxNewTokens));
+    (merges ??= await measureMerges(
+      FAMILY_DIR,
+      lm,
+      allSplits(SETTINGS),
+      family.accuracy,
+      SETTINGS.pruneRate,
+      SETTINGS.maxNewTokens,
+    ));
 
   it('meets goal 2 on the committed checkpoints: the dense sum keeps every domain', async () => {
     const got = await measured();
@@ -241,17 +248,21 @@ describe('model family fixture', () => {
     for (const d of DOMAINS) assert.ok(got.dense[d]! >= 0.8, `dense sum, ${d}: Domain-Ratio ${got.dense[d]}`);
   });
 
-  it(
-    'meets goal 3 on the committed checkpoints: magnitude and DARE at 90% keep part of one delta',
-    { todo: 'issue #13 goal 3 fails for law (magnitude 0.06, DARE 0.99) and, at DARE seed 0, math (DARE 0.956)' },
-    async () => {
-      const got = await measured();
-      for (const d of DOMAINS) {
-        for (const m of ['magnitude', 'dare'] as const)
-          assert.ok(got[m][d]! >= 0.2 && got[m][d]! <= 0.95, `${m} at 90%, ${d}: Domain-Ratio ${got[m][d]}`);
-      }
-    },
-  );
+  // Goal 3 (one delta pruned at 90%, added to the base alone, keeps 0.2-0.95 of its domain) holds for magnitude in
+  // every domain and for DARE (mean over seeds 0-4) in math and finance. Law's DARE at 90% keeps ≥ 0.95 of law: the
+  // unmet part of goal 3 (docs/model-family.md). That is asserted too, so that a change either way fails here.
+  it("meets goal 3 except law's DARE: magnitude at 90% keeps 0.2-0.95 of every domain, DARE of math and finance; DARE keeps ≥ 0.95 of law", async () => {
+    const got = await measured();
+    const inRange = (x: number | undefined): boolean => x !== undefined && x >= 0.2 && x <= 0.95;
+    for (const d of DOMAINS)
+      assert.ok(inRange(got.magnitude[d]), `magnitude at 90%, ${d}: Domain-Ratio ${got.magnitude[d]}`);
+    for (const d of ['math', 'finance'])
+      assert.ok(inRange(got.dare[d]), `DARE at 90% (seeds 0-4), ${d}: Domain-Ratio ${got.dare[d]}`);
+    assert.ok(
+      got.dare.law! >= 0.95,
+      `DARE at 90% (seeds 0-4), law: Domain-Ratio ${got.dare.law}, now below 0.95: update this test and docs/model-family.md`,
+    );
+  });
 
   it('meets goal 4: deltas small next to the weights, as in the paper', () => {
     const base = weights.get('base')!;

@@ -37,6 +37,16 @@ export function domainTaskFiles(domain: Domain, split: Split): Record<string, st
   return Object.fromEntries(DOMAINS[domain].map((t) => [t, taskFile(domain, t, split)]));
 }
 
+/** DARE drops entries at random: every DARE figure of the family (`family.json`, `npm run repro`) is the mean over these seeds. */
+export const DARE_SEEDS: readonly number[] = [0, 1, 2, 3, 4];
+
+/** The mean of `f(seed)` over `seeds`, one seed after another. */
+export async function meanOverSeeds(seeds: readonly number[], f: (seed: number) => Promise<number>): Promise<number> {
+  let sum = 0;
+  for (const seed of seeds) sum += await f(seed);
+  return sum / seeds.length;
+}
+
 /** Float32 values of a checkpoint's tensors, by name. */
 export type Weights = ReadonlyMap<string, Float32Array>;
 

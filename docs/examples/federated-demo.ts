@@ -87,8 +87,8 @@ const root = fileURLToPath(new URL('../..', import.meta.url));
 const RATE = 0.9;
 /** Secure jobs: shares needed to unmask (2 of the 3 parties), and the clipping bound of the scaled values f·Δ. */
 const THRESHOLD = 2;
-// The family's deltas reach 0.4 in magnitude (docs/results.md, Table 4) and a factor may go up to the search's upper
-// bound, 10: nothing is clipped.
+// The family's deltas reach 0.044 in magnitude (family.json `deltas`, docs/results.md Table 4) and a factor may go up
+// to the search's upper bound, 10: nothing is clipped.
 const CLIP_BOUND = 4;
 const started = Date.now();
 const clock = (): string => `${((Date.now() - started) / 1000).toFixed(1).padStart(5)} s`;
