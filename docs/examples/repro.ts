@@ -709,7 +709,7 @@ function discussion(r: Results): string[] {
     `- **${verdict(t3Holds)}: DPA ${t3Holds ? 'improves' : 'does not improve'} DARE at 90% (Table 3).** DARE + DPA is ` +
       `above DARE in ${dpaOverDare.of} domains (the paper: ${paperOverDare} of 3)` +
       (keptOne > 0
-        ? `; in ${keptOne} its downward search kept the factor 1 for every seed, which is DARE itself`
+        ? `; in ${keptOne} of them its downward search kept the factor 1 on every seed, which is DARE itself`
         : '') +
       `. It is below DPPA in ${dpaUnderDppa.of} (the paper: ${paperUnderDppa} of 3).`,
   );
