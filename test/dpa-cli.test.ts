@@ -156,8 +156,8 @@ describe('dppa push --eval-cmd and dppa evaluate', () => {
     assert.equal(l.code, 0, l.stderr);
     assert.match(m.stdout, /upload to job .* complete/);
     assert.match(m.stdout, /^evaluating factors 1\.2, 1\.1$/m);
-    assert.match(m.stdout, /search over \(8 candidate\(s\) evaluated/);
-    assert.deepEqual(JSON.parse(l.stdout.trim().split('\n').at(-1)!), { evaluated: 9, answered: 9 });
+    assert.match(m.stdout, /search over \(7 candidate\(s\) evaluated/);
+    assert.deepEqual(JSON.parse(l.stdout.trim().split('\n').at(-1)!), { evaluated: 8, answered: 8 });
 
     const status = await dppa(['job', 'status', '--server', h.address, '--job', jobId, '--json'], {
       DPPA_ADMIN_TOKEN: ADMIN,
@@ -178,20 +178,20 @@ describe('dppa push --eval-cmd and dppa evaluate', () => {
     };
     assert.equal(job.failureReason, null);
     const expected = {
+      // The default search, Method 2: every partition at 1 from the start, f1 then f2 climbed in steps of 0.1 until
+      // the score drops ([1.2, 1] ends f1's climb and starts f2's, so it is scored once).
       math: [
-        [1, 0],
-        [1.1, 0],
-        [1.2, 0],
-        [1.3, 0],
+        [1, 1],
+        [1.1, 1],
         [1.2, 1],
+        [1.3, 1],
         [1.2, 1.1],
         [1.2, 1.2],
       ],
       law: [
-        [1, 0],
-        [1.1, 0],
-        [1.2, 0],
+        [1, 1],
         [1.1, 1],
+        [1.2, 1],
         [1.1, 1.1],
         [1.1, 1.2],
         [1.1, 1.3],
@@ -214,10 +214,10 @@ describe('dppa push --eval-cmd and dppa evaluate', () => {
       );
     }
     const text = await dppa(['job', 'status', '--server', h.address, '--job', jobId], { DPPA_ADMIN_TOKEN: ADMIN });
-    assert.match(text.stdout, /^ {2}evaluations 17$/m);
+    assert.match(text.stdout, /^ {2}evaluations 15$/m);
     assert.match(text.stdout, /^ {4}party +# +candidate +domain ratio +scores$/m);
     assert.match(text.stdout, /^ {4}math +1 +dense reference +100\.00% +near=\S+ steady=0\.5$/m);
-    assert.match(text.stdout, /^ {4}law +8 +1\.1, 1\.3 +\d+\.\d\d% +near=1 steady=0\.5$/m);
+    assert.match(text.stdout, /^ {4}law +7 +1\.1, 1\.3 +\d+\.\d\d% +near=1 steady=0\.5$/m);
 
     const admin = new DppaClient({ address: h.address, token: ADMIN });
     try {

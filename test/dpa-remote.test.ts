@@ -28,7 +28,7 @@ import {
   type EvaluationReply,
   type EvaluationRequest,
 } from '../proto/gen/dppa/v1/evaluation.js';
-import { JobState } from '../proto/gen/dppa/v1/jobs.js';
+import { JobState, SearchMethod } from '../proto/gen/dppa/v1/jobs.js';
 import { CuttingProxy } from './fixtures/cutting-proxy.js';
 import { assertMerged } from './fixtures/expected-merge.js';
 import { ADMIN, auth, startHarness, type Harness } from './fixtures/grpc-harness.js';
@@ -119,7 +119,7 @@ describe('DPA search with the remote evaluator', () => {
       basePath: base,
       parties: ['math', 'law'],
       rate: 0.8,
-      dpa: { search: { upper: 3 } },
+      dpa: { search: { method: SearchMethod.SEARCH_METHOD_PROGRESSIVE, upper: 3 } },
       merge: { weights: { math: 1, law: 0.5 } },
     });
     const deltas = { math: join(dir, 'math.dppa'), law: join(dir, 'law.dppa') };
@@ -300,7 +300,7 @@ describe('EvaluationService rules', () => {
       basePath: base,
       parties: [name],
       rate: 0.8,
-      dpa: { search: { upper: 3, partyTimeoutSeconds } },
+      dpa: { search: { method: SearchMethod.SEARCH_METHOD_PROGRESSIVE, upper: 3, partyTimeoutSeconds } },
     });
     return { job, token: tokens[name]! };
   }
@@ -494,7 +494,7 @@ describe('EvaluationService rules', () => {
       basePath: base,
       parties: ['math', 'oops'],
       rate: 0.8,
-      dpa: { search: { upper: 3, partyTimeoutSeconds: 30 } },
+      dpa: { search: { method: SearchMethod.SEARCH_METHOD_PROGRESSIVE, upper: 3, partyTimeoutSeconds: 30 } },
     });
     const deltas = { math: join(dir, 'both-math.dppa'), oops: join(dir, 'both-oops.dppa') };
     await pruneToFile({ base, finetuned: fts[1]!, rate: 0.8, out: deltas.oops, workers: 1 });

@@ -9,7 +9,14 @@ import { readFile, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { DppaClient, JobState, pruneToFile, type EvaluateFn, type EvaluationCandidate } from '../client/index.js';
+import {
+  DppaClient,
+  JobState,
+  pruneToFile,
+  SearchMethod,
+  type EvaluateFn,
+  type EvaluationCandidate,
+} from '../client/index.js';
 import { assertMerged } from './fixtures/expected-merge.js';
 import { ADMIN, startHarness, type Harness } from './fixtures/grpc-harness.js';
 import { TINY, writeLlamaFamily } from './fixtures/synthetic-model.js';
@@ -44,6 +51,7 @@ function score(c: EvaluationCandidate): Record<string, number> {
   return { t: Math.exp(-((c.factors[0]! - 1.3) ** 2) - (c.factors[1]! - 1.2) ** 2) };
 }
 
+/** Method 1's candidates (the job sets `method: SEARCH_METHOD_PROGRESSIVE`) towards the top (1.3, 1.2). */
 const EXPECTED = [
   [1, 0],
   [1.1, 0],
@@ -69,7 +77,7 @@ describe('DPA search across a server restart', () => {
       basePath: base,
       parties: ['p'],
       rate: 0.8,
-      dpa: { search: { upper: 3, partyTimeoutSeconds: 60 } },
+      dpa: { search: { method: SearchMethod.SEARCH_METHOD_PROGRESSIVE, upper: 3, partyTimeoutSeconds: 60 } },
     });
     const party = new DppaClient({
       address,

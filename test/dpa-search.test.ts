@@ -1,6 +1,15 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { domainRatio, factorKey, memoised, searchFactors, type FactorSearchOptions } from '../proto/algorithm/index.js';
+import {
+  domainRatio,
+  factorKey,
+  memoised,
+  searchDefaults,
+  searchFactors,
+  searchOptions,
+  type FactorSearchOptions,
+} from '../proto/algorithm/index.js';
+import { SearchConfig, SearchMethod } from '../proto/gen/dppa/v1/jobs.js';
 
 /** A separable, unimodal score with its maximum at `opt`; records every candidate asked for. */
 function synthetic(opt: number[]): { score: (f: number[]) => Promise<number>; asked: number[][] } {
@@ -45,6 +54,19 @@ describe('factor search', () => {
     // Climbing upward from 1.8 cannot reach 1.3: the greedy climb stops at its start, as the released code does.
     assert.deepEqual(r.factors, [1.8, 1.1, 1]);
     assert.equal(new Set(s.asked.map(factorKey)).size, s.asked.length);
+  });
+
+  it('Method 2 is the default: of searchFactors, and of a job whose SearchConfig leaves the method unset', async () => {
+    assert.equal(searchDefaults({ partitions: 2 }).method, 'whole');
+    const method = (m: SearchMethod): FactorSearchOptions['method'] =>
+      searchOptions({ ...SearchConfig.fromPartial({}), method: m }, 2).method;
+    assert.equal(method(SearchMethod.SEARCH_METHOD_UNSPECIFIED), 'whole');
+    assert.equal(method(SearchMethod.SEARCH_METHOD_WHOLE), 'whole');
+    assert.equal(method(SearchMethod.SEARCH_METHOD_PROGRESSIVE), 'progressive');
+    // The unset method searches as Method 2 does: [1, 1] first, not Method 1's [1, 0].
+    const s = synthetic([1.3, 1.1]);
+    await searchFactors({ partitions: 2 }, s.score);
+    assert.deepEqual(s.asked[0], [1, 1]);
   });
 
   it('lands within one step of an optimum between grid points', async () => {

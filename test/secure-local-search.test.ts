@@ -40,7 +40,7 @@ after(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
-/** The candidates progressive greedy search visits from [1, 0] towards the optimum [1.3, 1.2]. */
+/** The candidates Method 1's greedy search (`progressive`) visits from [1, 0] towards the optimum [1.3, 1.2]. */
 const VISITS = [
   [1, 0],
   [1.1, 0],
@@ -61,7 +61,7 @@ describe('local factor search', () => {
       finetuned,
       delta,
       workDir: join(dir, 'work-sdk'),
-      search: {},
+      search: { method: 'progressive' },
       evaluate: async (modelDir, c) => {
         seen.push(c);
         return nearScore(modelDir, target);
@@ -94,7 +94,7 @@ describe('local factor search', () => {
         finetuned,
         delta,
         workDir,
-        search: {},
+        search: { method: 'progressive' },
         retries: 0,
         evaluate: async (modelDir) => {
           if (++calls === 4) throw new Error('the GPU fell off');
@@ -109,7 +109,7 @@ describe('local factor search', () => {
       finetuned,
       delta,
       workDir,
-      search: {},
+      search: { method: 'progressive' },
       evaluate: async (modelDir, c) => {
         again.push(c.factors);
         return nearScore(modelDir, target);
@@ -132,7 +132,7 @@ describe('local factor search', () => {
       finetuned,
       delta,
       workDir: join(dir, 'work-cmd'),
-      search: { tuner: 'golden', budget: 4, upper: 2 },
+      search: { method: 'progressive', tuner: 'golden', budget: 4, upper: 2 },
       evaluate,
     });
     // Golden section on [1, 2] with 4 evaluations per factor visits 1, 1 + φ², 1 + φ and then 1 + φ − φ² (1.236),

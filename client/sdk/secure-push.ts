@@ -45,7 +45,7 @@ export interface SecurePushOptions {
   workDir: string;
   /** Scores a candidate, as for a federated search: the party's factors are searched locally with it. @default no search: factors 1 (or `factors`) */
   evaluate?: EvaluateFn;
-  /** Search settings. @default progressive, greedy from 1 in steps of 0.1 (the server's defaults) */
+  /** Search settings. @default whole (Method 2), greedy from 1 in steps of 0.1 (the server's defaults) */
   search?: Omit<FactorSearchOptions, 'partitions'>;
   /** The party's own factors, one per partition, instead of a search. */
   factors?: number[];

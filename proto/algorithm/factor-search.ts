@@ -13,7 +13,7 @@ export type Tuner = 'greedy' | 'golden';
 export interface FactorSearchOptions {
   /** Number of partitions P (one factor each). */
   partitions: number;
-  /** @default 'progressive' (Method 1) */
+  /** @default 'whole' (Method 2; docs/dpa.md says why) */
   method?: SearchMethod;
   /** @default 'greedy' */
   tuner?: Tuner;
@@ -51,7 +51,7 @@ type Resolved = Required<FactorSearchOptions>;
 export function searchDefaults(o: FactorSearchOptions): Resolved {
   const r: Resolved = {
     partitions: o.partitions,
-    method: o.method ?? 'progressive',
+    method: o.method ?? 'whole',
     tuner: o.tuner ?? 'greedy',
     start: o.start ?? 1,
     step: o.step ?? 0.1,

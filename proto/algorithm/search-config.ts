@@ -15,7 +15,8 @@ import type { FactorSearchOptions } from './factor-search.js';
 export function searchOptions(s: SearchConfig, partitions: number): FactorSearchOptions {
   const o: FactorSearchOptions = {
     partitions,
-    method: s.method === SearchMethod.SEARCH_METHOD_WHOLE ? 'whole' : 'progressive',
+    // Unset (0) is Method 2, the default since docs/results.md found it at least Method 1 everywhere (docs/dpa.md).
+    method: s.method === SearchMethod.SEARCH_METHOD_PROGRESSIVE ? 'progressive' : 'whole',
     tuner: s.tuner === Tuner.TUNER_GOLDEN ? 'golden' : 'greedy',
     lower: s.lower,
     downward: s.downward,

@@ -64,7 +64,8 @@ dppa push, so --dpa search, the evaluator flags, --weights and
   fixed:F1,F2,...          the same factors for every party, partition 1 first
   fixed:a=F1,F2;b=F1,F2    factors per party (a leading F1,F2; sets the others)
   search[:K=V,...]         factors searched per party; settings:
-                           method=progressive|whole, tuner=greedy|golden,
+                           method=whole|progressive (default whole),
+                           tuner=greedy|golden,
                            start, step, upper, lower, budget, downward,
                            party-timeout (seconds a search waits for a
                            disconnected party, default 600)`,

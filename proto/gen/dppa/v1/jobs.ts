@@ -97,7 +97,7 @@ export function jobStateToJSON(object: JobState): string {
 
 /** How DPA progresses through the partitions. */
 export enum SearchMethod {
-  /** SEARCH_METHOD_UNSPECIFIED - Not set: use the default, PROGRESSIVE. */
+  /** SEARCH_METHOD_UNSPECIFIED - Not set: use the default, WHOLE (Method 2; docs/dpa.md says why). */
   SEARCH_METHOD_UNSPECIFIED = 0,
   /** SEARCH_METHOD_PROGRESSIVE - Method 1: partition 1 alone first, then add partitions one by one. */
   SEARCH_METHOD_PROGRESSIVE = 1,
