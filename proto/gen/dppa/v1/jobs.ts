@@ -452,7 +452,7 @@ export interface TaskFiles_TasksEntry {
 
 /** Factor search settings; unset fields take the defaults shown. */
 export interface SearchConfig {
-  /** Default PROGRESSIVE. */
+  /** Default WHOLE (Method 2; docs/dpa.md). */
   method: SearchMethod;
   /** Default GREEDY. */
   tuner: Tuner;
