@@ -9,7 +9,7 @@ import { UsageError } from '../client/cli/exit-codes.js';
 import { execFileSync } from 'node:child_process';
 import { parseScores, shellQuote } from '../client/cli/eval-command.js';
 import { parseDpa, parseEvaluator, parseParties, parseWeights } from '../client/cli/job-flags.js';
-import { eventJson, eventText, jobJson } from '../client/cli/job-view.js';
+import { eventJson, eventText, jobJson, jobText } from '../client/cli/job-view.js';
 import { createJobRequest, jobStateName } from '../client/sdk/jobs.js';
 import { DpaConfig, EvaluatorKind, Job, JobState, SearchMethod, Tuner } from '../proto/gen/dppa/v1/jobs.js';
 
@@ -277,6 +277,23 @@ describe('JSON views', () => {
     // Every value survives JSON (no bigint left).
     assert.doesNotThrow(() => JSON.stringify(j));
     assert.equal(jobJson(Job.fromPartial({ id: 'j2', state: JobState.JOB_STATE_MERGED })).failureReason, null);
+  });
+
+  it('an unset search method or tuner is shown with the default it stands for', () => {
+    const dpaLine = (dpa: DpaConfig): string =>
+      jobText(Job.fromPartial({ id: 'j3', dpa }))
+        .split('\n')
+        .find((l) => l.startsWith('  dpa'))!;
+    assert.equal(
+      dpaLine(DpaConfig.fromPartial(parseDpa('search', parties))),
+      '  dpa         search (default (whole), default (greedy), evaluator default)',
+    );
+    assert.equal(
+      dpaLine(DpaConfig.fromPartial(parseDpa('search:method=progressive,tuner=golden', parties))),
+      '  dpa         search (progressive, golden, evaluator default)',
+    );
+    const j = jobJson(Job.fromPartial({ id: 'j3', dpa: parseDpa('search', parties) })).dpa as Record<string, unknown>;
+    assert.deepEqual([j.method, j.tuner], ['default (whole)', 'default (greedy)']);
   });
 
   it('events as one JSON object and one line each', () => {

@@ -2,7 +2,7 @@
  * How jobs and job events are printed: as JSON (stable field names, states
  * and enums as lower-case words, 64-bit counts as numbers) and as text.
  */
-import { DEFAULT_PRUNE_METHOD, pruneMethodFromWire } from '../../proto/algorithm/index.js';
+import { DEFAULT_PRUNE_METHOD, pruneMethodFromWire, searchDefaults } from '../../proto/algorithm/index.js';
 import {
   evaluatorKindToJSON,
   searchMethodToJSON,
@@ -19,10 +19,14 @@ import { jobStateName } from '../sdk/jobs.js';
 import { securePhaseName } from '../sdk/secure-push.js';
 import { formatBytes } from './progress.js';
 
-/** `SEARCH_METHOD_WHOLE` → `whole`; the zero value → `default`. */
-function word(json: string, prefix: string): string {
+/** The search's defaults, shown beside an unset method or tuner. */
+const SEARCH_DEFAULTS = searchDefaults({ partitions: 1 });
+
+/** `SEARCH_METHOD_WHOLE` → `whole`; the zero value → `default`, or `default (whole)` given the default's name. */
+function word(json: string, prefix: string, dflt?: string): string {
   const w = json.startsWith(prefix) ? json.slice(prefix.length).toLowerCase() : json.toLowerCase();
-  return w === 'unspecified' ? 'default' : w;
+  if (w !== 'unspecified') return w;
+  return dflt === undefined ? 'default' : `default (${dflt})`;
 }
 
 /** DpaConfig as JSON: `{ mode: 'off' | 'fixed' | 'search' | 'unset', … }`. */
@@ -38,8 +42,8 @@ export function dpaJson(dpa: DpaConfig | undefined): Record<string, unknown> {
     const s = dpa.search;
     return {
       mode: 'search',
-      method: word(searchMethodToJSON(s.method), 'SEARCH_METHOD_'),
-      tuner: word(tunerToJSON(s.tuner), 'TUNER_'),
+      method: word(searchMethodToJSON(s.method), 'SEARCH_METHOD_', SEARCH_DEFAULTS.method),
+      tuner: word(tunerToJSON(s.tuner), 'TUNER_', SEARCH_DEFAULTS.tuner),
       start: s.start,
       step: s.step,
       upper: s.upper,
