@@ -30,7 +30,7 @@ import { buildOnnx } from './fixtures/family/onnx-graph.js';
 import { OnnxLm, readWeights } from './fixtures/family/onnx-eval.js';
 import { SETTINGS } from './fixtures/family/settings.js';
 import { BOS, DOMAINS, TASKS, encode, rng, tokenizerJson, type Example } from './fixtures/family/tasks.js';
-import { greedyTf, toTensors, useBackend } from './fixtures/family/train.js';
+import { greedyTf, toTensors, useBackend } from './fixtures/family/tfjs-eval.js';
 
 const cfg = SETTINGS.config;
 /** Greedy answers may differ where two logits tie within float error: PyTorch and ONNX Runtime add in other orders. */
