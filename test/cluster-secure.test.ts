@@ -21,7 +21,6 @@ import { Kvm } from '@nats-io/kv';
 import { connect } from '@nats-io/transport-node';
 import { DppaClient, DppaRpcError, JobState } from '../client/index.js';
 import type { RetryNotice } from '../client/sdk/retry.js';
-import { loadParty } from '../client/secure/party-store.js';
 import { SecurePhase } from '../proto/gen/dppa/v1/jobs.js';
 import { SecureAggregationServiceClient, type MaskedChunk, type MaskedState } from '../proto/gen/dppa/v1/secure.js';
 import { crc32c } from '../proto/sparse/index.js';
@@ -30,7 +29,7 @@ import { CLUSTER_ADMIN } from './fixtures/cluster-family.js';
 import { startNatsServer, type NatsServer } from './fixtures/nats-server.js';
 import { GET_SUPPORT_CALLS, metricValue, startServe, type ServeProcess } from './fixtures/serve-process.js';
 import { cameToBarrier } from './fixtures/close-barrier.js';
-import { assertMatchesPlainMerge } from './fixtures/secure-expected.js';
+import { assertMatchesPlainMerge, pushedParty } from './fixtures/secure-expected.js';
 import { writeLlamaFamily } from './fixtures/synthetic-model.js';
 import { until } from './fixtures/until.js';
 
@@ -438,18 +437,9 @@ describe('two replicas racing to close a secure phase', { timeout: 180_000 }, ()
  * party stored; weight 1. After bf16 rounding ≥ 99.99% identical, every other weight within the bound.
  */
 async function assertPlainMerge(out: string, jobId: string, work: (p: string) => string): Promise<void> {
-  const factors = await Promise.all(parties.map(async (p) => (await loadParty(work(p), jobId, p)).factors!));
-  parties.forEach((p, i) => assert.deepEqual(factors[i], FACTORS[p]));
-  const { same, total, changed } = await assertMatchesPlainMerge({
-    base,
-    merged: out,
-    clip: CLIP,
-    parties: parties.map((p, i) => ({
-      finetuned: finetuned[i]!,
-      delta: join(work(p), 'delta.dppa'),
-      factors: factors[i]!,
-    })),
-  });
+  const pushed = await Promise.all(parties.map((p, i) => pushedParty(finetuned[i]!, work(p), jobId, p)));
+  parties.forEach((p, i) => assert.deepEqual(pushed[i]!.factors, FACTORS[p]));
+  const { same, total, changed } = await assertMatchesPlainMerge({ base, merged: out, clip: CLIP, parties: pushed });
   assert.ok(changed > total / 20, `the merge changed ${changed} of ${total} weights`);
   console.log(`cluster secure: ${same} of ${total} weights identical after bf16 rounding`);
 }

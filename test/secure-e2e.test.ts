@@ -15,7 +15,7 @@ import { applyDelta, DppaClient, JobState, pruneToFile } from '../client/index.j
 import { shellQuote } from '../client/cli/eval-command.js';
 import { loadParty } from '../client/secure/party-store.js';
 import { freePort } from './fixtures/free-port.js';
-import { assertMatchesPlainMerge } from './fixtures/secure-expected.js';
+import { assertMatchesPlainMerge, pushedParty } from './fixtures/secure-expected.js';
 import { writeLlamaFamily } from './fixtures/synthetic-model.js';
 
 const ADMIN = 'e2e-secure-admin-token-0123456789';
@@ -198,21 +198,10 @@ describe('secure aggregation through real processes', () => {
       await admin.pull({ jobId, out });
 
       // The plain merge: each party's factors from its own state, weight 1.
-      const scalings = await Promise.all(
-        parties.map(async (p) => ({ factors: (await loadParty(work(p), jobId, p)).factors! })),
-      );
-      assert.deepEqual(scalings[0]!.factors, [1.2, 1.1], 'math found its optimum locally');
-      assert.deepEqual(scalings[1]!.factors, [1, 1]);
-      const { same, total } = await assertMatchesPlainMerge({
-        base,
-        merged: out,
-        clip: CLIP,
-        parties: parties.map((p, i) => ({
-          finetuned: finetuned[i]!,
-          delta: join(work(p), 'delta.dppa'),
-          factors: scalings[i]!.factors,
-        })),
-      });
+      const pushed = await Promise.all(parties.map((p, i) => pushedParty(finetuned[i]!, work(p), jobId, p)));
+      assert.deepEqual(pushed[0]!.factors, [1.2, 1.1], 'math found its optimum locally');
+      assert.deepEqual(pushed[1]!.factors, [1, 1]);
+      const { same, total } = await assertMatchesPlainMerge({ base, merged: out, clip: CLIP, parties: pushed });
       console.log(
         `secure e2e: ${same} of ${total} weights identical after bf16 rounding (${((100 * same) / total).toFixed(4)}%)`,
       );

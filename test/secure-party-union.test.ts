@@ -16,7 +16,7 @@ import { DppaClient, DppaRpcError, JobState, type SecureProgress } from '../clie
 import { loadParty, saveParty } from '../client/secure/party-store.js';
 import { SecurePhase } from '../proto/gen/dppa/v1/jobs.js';
 import { ADMIN, startHarness, type Harness } from './fixtures/grpc-harness.js';
-import { assertMatchesPlainMerge } from './fixtures/secure-expected.js';
+import { assertMatchesPlainMerge, pushedParty } from './fixtures/secure-expected.js';
 import { GET_SUPPORT_CALLS, metricValue } from './fixtures/serve-process.js';
 import { SlowProxy } from './fixtures/slow-proxy.js';
 import { writeLlamaFamily } from './fixtures/synthetic-model.js';
@@ -84,16 +84,21 @@ function push(
     .finally(() => client.close());
 }
 
+/** A secure job (t = 2) of `parties`, their tokens, and each party's working folder for it. */
+async function secureJob(parties: string[]) {
+  const { job, tokens } = await admin.createJob({
+    basePath: base,
+    parties,
+    rate: 0.8,
+    secure: { threshold: 2, clipBound: CLIP, phaseSeconds: 300 },
+  });
+  return { job, tokens, work: (p: string): string => join(dir, `work-${job.id}-${p}`) };
+}
+
 describe('the union on the party’s side', { timeout: 120_000 }, () => {
   it('a party whose masked vector the server holds does not download U again, and finishes', async () => {
     const parties = ['p1', 'p2', 'p3'];
-    const { job, tokens } = await admin.createJob({
-      basePath: base,
-      parties,
-      rate: 0.8,
-      secure: { threshold: 2, clipBound: CLIP, phaseSeconds: 300 },
-    });
-    const work = (p: string): string => join(dir, `work-${job.id}-${p}`);
+    const { job, tokens, work } = await secureJob(parties);
     const calls0 = await getSupportCalls();
     // p2 and p3 push to the end; p1 stops once the server holds its whole vector.
     const others = parties.slice(1).map((p, k) => push(h.address, job.id, p, tokens[p]!, k + 1));
@@ -159,25 +164,13 @@ describe('the union on the party’s side', { timeout: 120_000 }, () => {
       base,
       merged: out,
       clip: CLIP,
-      parties: await Promise.all(
-        parties.map(async (p, i) => ({
-          finetuned: finetuned[i]!,
-          delta: join(work(p), 'delta.dppa'),
-          factors: (await loadParty(work(p), job.id, p)).factors!,
-        })),
-      ),
+      parties: await Promise.all(parties.map((p, i) => pushedParty(finetuned[i]!, work(p), job.id, p))),
     });
   });
 
   it('a push that ends in an error leaves no union.bin: stopped mid-upload, refused once the job failed', async () => {
     const parties = ['a', 'b'];
-    const { job, tokens } = await admin.createJob({
-      basePath: base,
-      parties,
-      rate: 0.8,
-      secure: { threshold: 2, clipBound: CLIP, phaseSeconds: 300 },
-    });
-    const work = (p: string): string => join(dir, `work-${job.id}-${p}`);
+    const { job, tokens, work } = await secureJob(parties);
     const union = join(work('a'), 'union.bin');
     const b = push(h.address, job.id, 'b', tokens.b!, 1);
     b.catch(() => undefined);
